@@ -1,0 +1,1 @@
+"""The broker: aiohttp app, topic state machine, reaper, discovery, RESP."""

@@ -1,0 +1,1 @@
+"""The client side: async SDK (and sync wrapper), discovery, Worker."""

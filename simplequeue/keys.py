@@ -1,0 +1,42 @@
+"""Every storage key simplequeue reads or writes, in one place.
+
+Keys are relative to the store's root (an S3 prefix or a directory). Topic names
+are validated here before they can become part of a key.
+"""
+
+from __future__ import annotations
+
+import re
+
+from simplequeue.errors import InvalidRequest
+
+BROKER = "broker.json"
+TOPICS_PREFIX = "topics/"
+HEAD_SUFFIX = ".json"
+
+TOPIC_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def check_topic(topic: str) -> str:
+    """Return `topic` if it is a valid name, else raise InvalidRequest."""
+    if not isinstance(topic, str) or not TOPIC_RE.fullmatch(topic):
+        raise InvalidRequest("topic names are 1-128 characters of [A-Za-z0-9_-]")
+    return topic
+
+
+def head(topic: str) -> str:
+    """The head object of a topic: counters, cursors, claimed set, inline tail."""
+    return f"{TOPICS_PREFIX}{check_topic(topic)}{HEAD_SUFFIX}"
+
+
+def segment(topic: str, segment_id: str) -> str:
+    """An immutable segment object that a topic's head references."""
+    return f"{TOPICS_PREFIX}{check_topic(topic)}/seg-{segment_id}.json"
+
+
+def topic_of_head(key: str) -> str | None:
+    """The topic whose head is `key`, or None when `key` is not a head key."""
+    if not key.startswith(TOPICS_PREFIX) or not key.endswith(HEAD_SUFFIX):
+        return None
+    name = key[len(TOPICS_PREFIX) : -len(HEAD_SUFFIX)]
+    return name if TOPIC_RE.fullmatch(name) else None

@@ -1,0 +1,95 @@
+"""The ObjectStore interface: the one seam between simplequeue and its storage.
+
+Backends implement get/put/put_if/delete/list/close and raise only the store
+errors of simplequeue.errors. Nothing above this seam knows which backend runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from types import TracebackType
+
+from simplequeue.errors import StoreError
+
+# Keys are relative paths: no empty, "." or ".." components, no leading dot on a
+# component (localfs keeps its temp and lock files there), printable ASCII only.
+_KEY_PART = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+class InvalidKey(StoreError, ValueError):
+    """A key that no backend may store (traversal, empty parts, odd characters)."""
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is safe for every backend, else raise InvalidKey."""
+    parts = key.split("/")
+    if not key or len(key) > 1024 or not all(_KEY_PART.fullmatch(p) for p in parts):
+        raise InvalidKey(f"invalid object key {key!r}")
+    return key
+
+
+def content_etag(data: bytes) -> str:
+    """The ETag memfs and localfs give `data`: its MD5, as S3 does for simple PUTs.
+
+    Deriving the ETag from the bytes means the two can never disagree, even
+    after a crash. Like S3's, it repeats when identical bytes are written again;
+    simplequeue's own objects carry a unique write id, so they never do.
+    """
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+class ObjectStore(ABC):
+    """Async key/value object storage with compare-and-set on ETags."""
+
+    #: A URL that store_from_url() would open to reach the same data.
+    url: str = ""
+
+    @abstractmethod
+    async def get(self, key: str) -> tuple[bytes, str]:
+        """Return (data, etag). Raise ObjectNotFound when the key is missing."""
+
+    @abstractmethod
+    async def put(self, key: str, data: bytes) -> str:
+        """Write `data` unconditionally; return the new ETag."""
+
+    @abstractmethod
+    async def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Write `data` only if the current ETag is `if_match`, or (with
+        `if_none_match`) only if the key does not exist. Return the new ETag;
+        raise PreconditionFailed when the condition does not hold."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove the key. Removing a missing key is not an error."""
+
+    @abstractmethod
+    async def list(self, prefix: str = "") -> list[str]:
+        """Every key that starts with `prefix`, sorted."""
+
+    async def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
+        """Release connections and files. The store is unusable afterwards."""
+
+    async def __aenter__(self) -> ObjectStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @staticmethod
+    def _check_condition(if_match: str | None, if_none_match: bool) -> None:
+        if (if_match is None) == (not if_none_match):
+            raise ValueError("put_if takes exactly one of if_match or if_none_match=True")

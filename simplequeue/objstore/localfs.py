@@ -1,0 +1,183 @@
+"""localfs: objects as files in a directory, durable and safe across processes.
+
+Every write goes to a temp file that is fsynced, renamed over the key and then
+the directory is fsynced, so a crash leaves either the old or the new object.
+Compare-and-write holds an OS file lock, so several processes (brokers) may
+share one directory. The ETag is derived from the bytes, so it cannot disagree
+with them. All file I/O runs in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
+from simplequeue.objstore.base import ObjectStore, check_key, content_etag
+
+# Lock files are striped by key hash: bounded in number however many keys come
+# and go, and two keys rarely share a stripe.
+LOCK_STRIPES = 256
+_META_DIR = ".simplequeue"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class LocalStore(ObjectStore):
+    """Objects under `root`; the key "a/b.json" is the file root/a/b.json."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.url = f"file://{self.root}"
+        self._locks = self.root / _META_DIR / "locks"
+        self._ready = False
+
+    def _prepare(self) -> None:
+        if not self._ready:
+            self._locks.mkdir(parents=True, exist_ok=True)
+            self._ready = True
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (ObjectNotFound, PreconditionFailed):
+            raise
+        except OSError as exc:
+            raise StoreUnavailable(f"localfs {self.root}: {exc}") from exc
+
+    # --- the blocking half, run in threads -------------------------------------
+
+    def _lock(self, key: str) -> int:
+        self._prepare()
+        stripe = hashlib.blake2b(key.encode(), digest_size=4).digest()
+        n = int.from_bytes(stripe, "big") % LOCK_STRIPES
+        fd = os.open(self._locks / f"{n:03d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _unlock(fd: int) -> None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+    def _read(self, key: str) -> tuple[bytes, str]:
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        return data, content_etag(data)
+
+    def _current_etag(self, path: Path) -> str | None:
+        try:
+            return content_etag(path.read_bytes())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _write(self, path: Path, data: bytes) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._fsync_dir(path.parent)
+        return content_etag(data)
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _put_sync(
+        self, key: str, data: bytes, if_match: str | None, if_none_match: bool, conditional: bool
+    ) -> str:
+        path = self._path(key)
+        fd = self._lock(key)
+        try:
+            if conditional:
+                current = self._current_etag(path)
+                if if_none_match and current is not None:
+                    raise PreconditionFailed(f"{key} exists")
+                if if_match is not None and current != if_match:
+                    raise PreconditionFailed(f"{key} changed")
+            return self._write(path, data)
+        finally:
+            self._unlock(fd)
+
+    def _delete_sync(self, key: str) -> None:
+        path = self._path(key)
+        fd = self._lock(key)
+        try:
+            path.unlink()
+            self._fsync_dir(path.parent)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        finally:
+            self._unlock(fd)
+
+    def _list_sync(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        if not self.root.is_dir():
+            return keys
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = os.path.relpath(dirpath, self.root)
+            base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            if not (base.startswith(prefix) or prefix.startswith(base)):
+                dirnames[:] = []
+                continue
+            names = (base + f for f in filenames if not f.startswith("."))
+            keys.extend(k for k in names if k.startswith(prefix))
+        return sorted(keys)
+
+    # --- the async interface ----------------------------------------------------
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        return await self._run(self._read, check_key(key))
+
+    async def put(self, key: str, data: bytes) -> str:
+        return await self._run(self._put_sync, check_key(key), bytes(data), None, False, False)
+
+    async def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        self._check_condition(if_match, if_none_match)
+        return await self._run(
+            self._put_sync, check_key(key), bytes(data), if_match, if_none_match, True
+        )
+
+    async def delete(self, key: str) -> None:
+        await self._run(self._delete_sync, check_key(key))
+
+    async def list(self, prefix: str = "") -> list[str]:
+        return await self._run(self._list_sync, prefix)

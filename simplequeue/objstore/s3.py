@@ -1,0 +1,242 @@
+"""s3: objects in an S3 bucket (AWS, LocalStack, MinIO) through aiobotocore.
+
+Compare-and-set is PutObject with IfMatch / IfNoneMatch='*'. Every way S3 says
+"the condition did not hold" (412, 409 ConditionalRequestConflict, 404 on an
+If-Match whose object vanished) becomes PreconditionFailed. Transient failures
+are retried here with tenacity, bounded and jittered, then StoreUnavailable.
+botocore's own retries are off so that only one retry policy applies.
+
+A retried conditional PUT whose first attempt landed unseen answers 412: the
+committer above resolves that by reading back the write id in the object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
+from simplequeue.objstore.base import ObjectStore, check_key
+
+T = TypeVar("T")
+
+_LOST_RACE_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+}
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the bucket is and how patiently to talk to it."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    connect_timeout: float = 3.0
+    read_timeout: float = 10.0
+    max_attempts: int = 6
+    retry_budget: float = 20.0
+    max_connections: int = 64
+
+
+def _status(exc: ClientError) -> int:
+    status: int = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status
+
+
+def _code(exc: ClientError) -> str:
+    code: str = exc.response.get("Error", {}).get("Code", "")
+    return code
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: 5xx, throttling, timeouts, lost connections."""
+    if isinstance(exc, ClientError):
+        return _status(exc) >= 500 or _status(exc) == 429 or _code(exc) in _THROTTLE_CODES
+    return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)
+
+
+def is_lost_race(exc: ClientError, conditional_on_etag: bool) -> bool:
+    """True when S3 says a conditional write's condition did not hold."""
+    status, code = _status(exc), _code(exc)
+    if status in (409, 412) or code in _LOST_RACE_CODES:
+        return True
+    # If-Match on a key that no longer exists: the object we matched is gone.
+    return conditional_on_etag and (status == 404 or code in _MISSING_CODES)
+
+
+class S3Store(ObjectStore):
+    """Objects under `s3://bucket/prefix/`; the client opens on first use."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
+        prefix = settings.prefix.strip("/")
+        self._prefix = f"{prefix}/" if prefix else ""
+        query = []
+        if settings.endpoint_url:
+            query.append(f"endpoint_url={settings.endpoint_url}")
+        if settings.region:
+            query.append(f"region={settings.region}")
+        self.url = f"s3://{settings.bucket}/{prefix}" + ("?" + "&".join(query) if query else "")
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._opening = asyncio.Lock()
+
+    async def _s3(self) -> Any:
+        if self._client is None:
+            async with self._opening:
+                if self._client is None:
+                    s = self.settings
+                    config = AioConfig(
+                        connect_timeout=s.connect_timeout,
+                        read_timeout=s.read_timeout,
+                        retries={"total_max_attempts": 1, "mode": "standard"},
+                        max_pool_connections=s.max_connections,
+                    )
+                    self._client = await self._stack.enter_async_context(
+                        get_session().create_client(
+                            "s3",
+                            endpoint_url=s.endpoint_url,
+                            region_name=s.region,
+                            config=config,
+                        )
+                    )
+        return self._client
+
+    async def _call(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `op(client)` with bounded, jittered retries of transient failures."""
+        s = self.settings
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(is_transient),
+                stop=stop_after_attempt(s.max_attempts) | stop_after_delay(s.retry_budget),
+                wait=wait_random_exponential(multiplier=0.05, max=2.0),
+                reraise=False,
+            ):
+                with attempt:
+                    return await op(await self._s3())
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            raise StoreUnavailable(f"{self.url}: {last!r}") from last
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _key(self, key: str) -> str:
+        return self._prefix + check_key(key)
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        async def op(client: Any) -> tuple[bytes, str]:
+            resp = await client.get_object(Bucket=self.settings.bucket, Key=self._key(key))
+            async with resp["Body"] as stream:
+                data: bytes = await stream.read()
+            return data, resp["ETag"]
+
+        try:
+            return await self._call(op)
+        except ClientError as exc:
+            if _status(exc) == 404 and _code(exc) in _MISSING_CODES:
+                raise ObjectNotFound(key) from None
+            raise self._unexpected(exc) from exc
+
+    async def put(self, key: str, data: bytes) -> str:
+        return await self._put(key, data, {})
+
+    async def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        self._check_condition(if_match, if_none_match)
+        cond = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
+        return await self._put(key, data, cond)
+
+    async def _put(self, key: str, data: bytes, cond: dict[str, str]) -> str:
+        async def op(client: Any) -> str:
+            resp = await client.put_object(
+                Bucket=self.settings.bucket, Key=self._key(key), Body=bytes(data), **cond
+            )
+            etag: str = resp["ETag"]
+            return etag
+
+        try:
+            return await self._call(op)
+        except ClientError as exc:
+            if cond and is_lost_race(exc, "IfMatch" in cond):
+                raise PreconditionFailed(f"{key}: {_code(exc) or _status(exc)}") from None
+            raise self._unexpected(exc) from exc
+
+    async def delete(self, key: str) -> None:
+        async def op(client: Any) -> None:
+            await client.delete_object(Bucket=self.settings.bucket, Key=self._key(key))
+
+        try:
+            await self._call(op)
+        except ClientError as exc:
+            raise self._unexpected(exc) from exc
+
+    async def list(self, prefix: str = "") -> list[str]:
+        async def op(client: Any) -> list[str]:
+            keys: list[str] = []
+            paginator = client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(
+                Bucket=self.settings.bucket, Prefix=self._prefix + prefix
+            ):
+                keys.extend(o["Key"][len(self._prefix) :] for o in page.get("Contents", []))
+            return sorted(keys)
+
+        try:
+            return await self._call(op)
+        except ClientError as exc:
+            raise self._unexpected(exc) from exc
+
+    async def create_bucket(self) -> None:
+        """Create the bucket if it does not exist (for LocalStack, MinIO and tests)."""
+
+        async def op(client: Any) -> None:
+            try:
+                await client.head_bucket(Bucket=self.settings.bucket)
+            except ClientError as exc:
+                if _status(exc) != 404:
+                    raise
+                await client.create_bucket(Bucket=self.settings.bucket)
+
+        try:
+            await self._call(op)
+        except ClientError as exc:
+            raise self._unexpected(exc) from exc
+
+    def _unexpected(self, exc: ClientError) -> StoreUnavailable:
+        # Access denied, no such bucket and the like: retrying will not help,
+        # and the broker cannot serve until an operator fixes it.
+        return StoreUnavailable(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None

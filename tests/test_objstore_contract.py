@@ -1,0 +1,189 @@
+"""The ObjectStore contract, run against memfs, localfs and LocalStack S3 alike."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from simplequeue.objstore import (
+    InvalidKey,
+    ObjectNotFound,
+    ObjectStore,
+    PreconditionFailed,
+    store_from_url,
+)
+from tests.conftest import OpenStore
+
+
+async def test_get_missing_key_raises_object_not_found(store: ObjectStore) -> None:
+    with pytest.raises(ObjectNotFound):
+        await store.get("topics/nothing.json")
+
+
+async def test_put_then_get_returns_bytes_and_same_etag(store: ObjectStore) -> None:
+    data = bytes(range(256)) * 10
+    etag = await store.put("a/b.json", data)
+    assert await store.get("a/b.json") == (data, etag)
+
+
+async def test_put_overwrites_and_changes_etag(store: ObjectStore) -> None:
+    first = await store.put("k", b"one")
+    second = await store.put("k", b"two")
+    assert first != second
+    assert await store.get("k") == (b"two", second)
+
+
+async def test_create_only_succeeds_on_missing_key(store: ObjectStore) -> None:
+    etag = await store.put_if("k", b"v1", if_none_match=True)
+    assert await store.get("k") == (b"v1", etag)
+
+
+async def test_create_only_fails_on_existing_key_and_keeps_data(store: ObjectStore) -> None:
+    etag = await store.put("k", b"v1")
+    with pytest.raises(PreconditionFailed):
+        await store.put_if("k", b"v2", if_none_match=True)
+    assert await store.get("k") == (b"v1", etag)
+
+
+async def test_if_match_with_current_etag_writes(store: ObjectStore) -> None:
+    etag = await store.put("k", b"v1")
+    new = await store.put_if("k", b"v2", if_match=etag)
+    assert new != etag
+    assert await store.get("k") == (b"v2", new)
+
+
+async def test_if_match_with_stale_etag_fails_and_keeps_data(store: ObjectStore) -> None:
+    stale = await store.put("k", b"v1")
+    current = await store.put_if("k", b"v2", if_match=stale)
+    with pytest.raises(PreconditionFailed):
+        await store.put_if("k", b"v3", if_match=stale)
+    assert await store.get("k") == (b"v2", current)
+
+
+async def test_if_match_on_missing_key_fails(store: ObjectStore) -> None:
+    etag = await store.put("k", b"v1")
+    await store.delete("k")
+    with pytest.raises(PreconditionFailed):
+        await store.put_if("k", b"v2", if_match=etag)
+    with pytest.raises(ObjectNotFound):
+        await store.get("k")
+
+
+async def test_put_if_needs_exactly_one_condition(store: ObjectStore) -> None:
+    with pytest.raises(ValueError):
+        await store.put_if("k", b"v")
+    with pytest.raises(ValueError):
+        await store.put_if("k", b"v", if_match="x", if_none_match=True)
+    with pytest.raises(ObjectNotFound):
+        await store.get("k")
+
+
+async def test_delete_removes_and_tolerates_missing(store: ObjectStore) -> None:
+    await store.put("k", b"v")
+    await store.delete("k")
+    await store.delete("k")
+    with pytest.raises(ObjectNotFound):
+        await store.get("k")
+
+
+async def test_list_filters_by_prefix_and_sorts(store: ObjectStore) -> None:
+    for key in ["topics/b.json", "topics/a.json", "topics/a/seg-1.json", "broker.json"]:
+        await store.put(key, b"{}")
+    assert await store.list("topics/") == [
+        "topics/a.json",
+        "topics/a/seg-1.json",
+        "topics/b.json",
+    ]
+    assert await store.list("topics/a/") == ["topics/a/seg-1.json"]
+    assert await store.list("nothing/") == []
+    assert "broker.json" in await store.list()
+
+
+@pytest.mark.parametrize("key", ["", "../x", "/abs", "a//b", "a/../b", ".hidden", "a/.b", "a b"])
+async def test_unsafe_keys_are_rejected_and_nothing_is_written(
+    store: ObjectStore, key: str
+) -> None:
+    with pytest.raises(InvalidKey):
+        await store.put(key, b"v")
+    with pytest.raises(InvalidKey):
+        await store.get(key)
+    assert await store.list() == []
+
+
+async def test_twenty_concurrent_conditional_writers_one_winner_per_round(
+    open_store: OpenStore,
+) -> None:
+    # Each writer has its own handle, as separate brokers would.
+    handles = [await open_store() for _ in range(20)]
+    etag = await handles[0].put("race", b"round-0")
+    for round_no in range(1, 6):
+
+        async def attempt(i: int, h: ObjectStore, expected: str, r: int = round_no) -> str | None:
+            try:
+                return await h.put_if("race", f"round-{r}-w{i}".encode(), if_match=expected)
+            except PreconditionFailed:
+                return None
+
+        results = await asyncio.gather(*(attempt(i, h, etag) for i, h in enumerate(handles)))
+        winners = [(i, e) for i, e in enumerate(results) if e is not None]
+        assert len(winners) == 1, f"round {round_no}: {len(winners)} winners"
+        winner, new_etag = winners[0]
+        assert await handles[0].get("race") == (
+            f"round-{round_no}-w{winner}".encode(),
+            new_etag,
+        )
+        etag = new_etag
+
+
+async def test_concurrent_create_only_has_one_winner(open_store: OpenStore) -> None:
+    handles = [await open_store() for _ in range(20)]
+
+    async def attempt(i: int, h: ObjectStore) -> bool:
+        try:
+            await h.put_if("once", f"w{i}".encode(), if_none_match=True)
+            return True
+        except PreconditionFailed:
+            return False
+
+    wins = await asyncio.gather(*(attempt(i, h) for i, h in enumerate(handles)))
+    assert sum(wins) == 1
+    data, _ = await handles[0].get("once")
+    assert data == f"w{wins.index(True)}".encode()
+
+
+async def test_second_handle_sees_first_handles_writes(open_store: OpenStore) -> None:
+    a, b = await open_store(), await open_store()
+    etag = await a.put("shared", b"hello")
+    assert await b.get("shared") == (b"hello", etag)
+
+
+def test_store_from_url_picks_backend_by_scheme(tmp_path: object) -> None:
+    from simplequeue.objstore.localfs import LocalStore
+    from simplequeue.objstore.memfs import MemStore
+    from simplequeue.objstore.s3 import S3Store
+
+    assert isinstance(store_from_url("mem://"), MemStore)
+    assert isinstance(store_from_url(f"file://{tmp_path}"), LocalStore)
+    s3 = store_from_url("s3://bucket/some/prefix?endpoint_url=http://127.0.0.1:1&region=eu-west-1")
+    assert isinstance(s3, S3Store)
+    assert s3.settings.bucket == "bucket"
+    assert s3.settings.prefix == "some/prefix"
+    assert s3.settings.endpoint_url == "http://127.0.0.1:1"
+    assert s3.settings.region == "eu-west-1"
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://x", "file://relative/dir", "s3://", "s3://b/p?colour=red", "nothing"]
+)
+def test_store_from_url_rejects_bad_urls(url: str) -> None:
+    with pytest.raises(ValueError):
+        store_from_url(url)
+
+
+async def test_named_mem_stores_share_data_and_anonymous_ones_do_not() -> None:
+    a, b = store_from_url("mem://shared-test"), store_from_url("mem://shared-test")
+    await a.put("k", b"v")
+    assert (await b.get("k"))[0] == b"v"
+    with pytest.raises(ObjectNotFound):
+        await store_from_url("mem://").get("k")

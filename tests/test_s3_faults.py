@@ -1,0 +1,153 @@
+"""The s3 backend when S3 misbehaves: outages, hangs, throttling, lost races.
+
+Outages and hangs use real sockets on 127.0.0.1. The error codes LocalStack never
+sends (409 ConditionalRequestConflict, SlowDown) are covered at unit level by a
+client stand-in that raises what botocore would raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from simplequeue.errors import PreconditionFailed, StoreUnavailable
+from simplequeue.objstore.s3 import S3Settings, S3Store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def quick(endpoint: str) -> S3Settings:
+    return S3Settings(
+        bucket="b",
+        endpoint_url=endpoint,
+        region="us-east-1",
+        connect_timeout=0.5,
+        read_timeout=0.5,
+        max_attempts=4,
+        retry_budget=5.0,
+    )
+
+
+@pytest.fixture(autouse=True)
+def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+
+
+async def test_nobody_listening_gives_store_unavailable_after_bounded_retries() -> None:
+    store = S3Store(quick(f"http://127.0.0.1:{free_port()}"))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.put_if("k", b"v", if_none_match=True), 30)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.get("k"), 30)
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[str]:
+    """A server that accepts connections and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    for w in held:
+        w.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_server_that_never_answers_gives_store_unavailable_not_a_hang(
+    silent_server: str,
+) -> None:
+    store = S3Store(quick(silent_server))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.get("k"), 30)
+    finally:
+        await store.close()
+
+
+def client_error(status: int, code: str) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
+
+
+class ScriptedClient:
+    """Stands in for the aiobotocore client: raises the scripted errors in turn,
+    then succeeds."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def put_object(self, **kwargs: Any) -> dict[str, str]:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return {"ETag": '"new"'}
+
+
+def scripted(client: ScriptedClient) -> S3Store:
+    store = S3Store(quick("http://127.0.0.1:1"))
+    store._client = client
+    return store
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(412, "PreconditionFailed"), (409, "ConditionalRequestConflict")],
+)
+async def test_lost_race_answers_raise_precondition_failed_without_retry(
+    status: int, code: str
+) -> None:
+    client = ScriptedClient(client_error(status, code))
+    with pytest.raises(PreconditionFailed):
+        await scripted(client).put_if("k", b"v", if_match='"old"')
+    assert client.calls == 1
+
+
+async def test_if_match_on_vanished_object_is_a_lost_race() -> None:
+    client = ScriptedClient(client_error(404, "NoSuchKey"))
+    with pytest.raises(PreconditionFailed):
+        await scripted(client).put_if("k", b"v", if_match='"old"')
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(503, "SlowDown"), (500, "InternalError"), (429, "TooManyRequests")],
+)
+async def test_transient_errors_are_retried_then_succeed(status: int, code: str) -> None:
+    client = ScriptedClient(client_error(status, code), client_error(status, code))
+    assert await scripted(client).put_if("k", b"v", if_none_match=True) == '"new"'
+    assert client.calls == 3
+
+
+async def test_transient_errors_past_the_bound_give_store_unavailable() -> None:
+    client = ScriptedClient(*[client_error(503, "SlowDown") for _ in range(10)])
+    with pytest.raises(StoreUnavailable):
+        await scripted(client).put("k", b"v")
+    assert client.calls == 4
+
+
+async def test_permanent_errors_are_not_retried() -> None:
+    client = ScriptedClient(client_error(403, "AccessDenied"))
+    with pytest.raises(StoreUnavailable, match="AccessDenied"):
+        await scripted(client).put("k", b"v")
+    assert client.calls == 1
