@@ -1,0 +1,175 @@
+"""The engine: the queue operations that the HTTP and RESP layers call.
+
+Each operation validates the topic name, turns the request into a mutation of
+the topic state machine and hands it to the group committer (or, for reads, a
+query of the last committed state). It never touches storage itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from simplequeue import keys
+from simplequeue.broker.topic import Job, TopicState
+from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+from simplequeue.groupcommit import GroupCommitter
+
+MAX_WAIT = 60.0  # seconds a claim may long-poll
+# A long poll re-reads the store this often, to see jobs that other brokers
+# enqueued; jobs enqueued through this broker wake it at once.
+POLL_INTERVAL = 1.0
+
+_ACK_FAILURES = {JobNotFound: "not_found", LeaseLost: "conflict", InvalidRequest: "invalid"}
+
+
+def public(job: Job, status: str) -> dict[str, Any]:
+    """A job as the API shows it: every field of SPEC section 3, no internals."""
+    out = {k: v for k, v in job.items() if k not in ("seq", "died_at")}
+    out["status"] = status
+    for name in (
+        "claimed_by",
+        "claimed_at",
+        "heartbeat_at",
+        "lease_expires_at",
+        "lease_token",
+        "last_error",
+        "result",
+    ):
+        out.setdefault(name, None)
+    return out
+
+
+class Engine:
+    """Queue operations over a GroupCommitter."""
+
+    def __init__(self, committer: GroupCommitter) -> None:
+        self.committer = committer
+
+    async def enqueue(self, topic: str, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Enqueue jobs; each answer is {"id", "duplicate"}."""
+        keys.check_topic(topic)
+        return await self.committer.submit(topic, lambda s, now: s.enqueue(specs, now))
+
+    async def claim(
+        self,
+        topic: str,
+        worker_id: str,
+        *,
+        lease: float | None = None,
+        count: int = 1,
+        wait: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """Claim up to `count` jobs, long-polling up to `wait` seconds for one."""
+        keys.check_topic(topic)
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= MAX_WAIT:
+            raise InvalidRequest(f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}")
+        deadline = time.monotonic() + wait
+
+        def undo(jobs: list[Job]) -> Any:
+            # The caller went away: give the claims back instead of letting them
+            # sit until their leases expire.
+            def give_back(s: TopicState, now: float) -> None:
+                for job in jobs:
+                    s.unclaim(job["id"], job["lease_token"], now)
+
+            return give_back if jobs else None
+
+        while True:
+            jobs = await self.committer.submit(
+                topic, lambda s, now: s.claim(worker_id, lease, count, now), undo
+            )
+            left = deadline - time.monotonic()
+            if jobs or left <= 0:
+                return [public(j, "claimed") for j in jobs]
+            await self.committer.wait_changed(topic, min(left, POLL_INTERVAL))
+
+    async def ack(
+        self, topic: str, job_id: Any, lease_token: Any = None, result: Any = None
+    ) -> dict[str, Any]:
+        keys.check_topic(topic)
+        return await self.committer.submit(
+            topic, lambda s, now: s.ack(job_id, lease_token, result, now)
+        )
+
+    async def ack_many(self, topic: str, acks: Any) -> list[dict[str, Any]]:
+        """Acknowledge several jobs in one batch; each answer says ok or why not."""
+        keys.check_topic(topic)
+        if not isinstance(acks, list) or not acks or not all(isinstance(a, dict) for a in acks):
+            raise InvalidRequest("acks must be a non-empty list of objects")
+        limit = self.committer.settings.limits.max_batch
+        if len(acks) > limit:
+            raise InvalidRequest(f"at most {limit} acks per request")
+
+        async def one(a: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return await self.ack(topic, a.get("job_id"), a.get("lease_token"), a.get("result"))
+            except (JobNotFound, LeaseLost, InvalidRequest) as exc:
+                return {
+                    "id": a.get("job_id"),
+                    "status": _ACK_FAILURES[type(exc)],
+                    "error": str(exc),
+                }
+
+        return list(await asyncio.gather(*(one(a) for a in acks)))
+
+    async def nack(
+        self,
+        topic: str,
+        job_id: Any,
+        lease_token: Any = None,
+        delay: Any = None,
+        error: Any = None,
+    ) -> dict[str, Any]:
+        keys.check_topic(topic)
+        return await self.committer.submit(
+            topic, lambda s, now: s.nack(job_id, lease_token, delay, error, now)
+        )
+
+    async def heartbeat(
+        self, topic: str, job_id: Any, lease_token: Any = None, lease: Any = None
+    ) -> dict[str, Any]:
+        keys.check_topic(topic)
+        return await self.committer.submit(
+            topic, lambda s, now: s.heartbeat(job_id, lease_token, lease, now)
+        )
+
+    async def status(self, topic: str) -> dict[str, int]:
+        keys.check_topic(topic)
+        return await self.committer.read(topic, lambda s, now: s.counts(now))
+
+    async def job(self, topic: str, job_id: str) -> dict[str, Any]:
+        keys.check_topic(topic)
+        found = await self.committer.read(topic, lambda s, now: s.find(job_id))
+        if found is None:
+            raise JobNotFound(f"no job {job_id!r} in topic {topic!r}")
+        status, job = found
+        return public(job, status)
+
+    async def dead(self, topic: str) -> list[dict[str, Any]]:
+        keys.check_topic(topic)
+        jobs = await self.committer.read(topic, lambda s, now: s.dead_jobs())
+        return [public(j, "dead") for j in jobs]
+
+    async def requeue(self, topic: str, job_ids: Any = None) -> list[str]:
+        keys.check_topic(topic)
+        return await self.committer.submit(topic, lambda s, now: s.requeue(job_ids, now))
+
+    async def purge(self, topic: str, job_ids: Any = None) -> list[str]:
+        keys.check_topic(topic)
+        return await self.committer.submit(topic, lambda s, now: s.purge(job_ids, now))
+
+    async def topics(self) -> dict[str, dict[str, int]]:
+        """Every topic in the store with its counts."""
+        names = await self.committer.topics()
+        counts = await asyncio.gather(*(self.status(t) for t in names))
+        return dict(zip(names, counts, strict=True))
+
+    async def reap_all(self) -> dict[str, int]:
+        """Reap expired leases in every topic of the store."""
+        total = {"pending": 0, "dead": 0}
+        for topic in await self.committer.topics():
+            for k, v in (await self.committer.reap(topic)).items():
+                total[k] += v
+        return total

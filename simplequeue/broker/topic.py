@@ -1,0 +1,650 @@
+"""The topic state machine: pure functions over a topic's state. No I/O, ever.
+
+A topic's state is its head object (counters, cursors, the claimed set, recent
+records, bounded inline lists) plus immutable segment objects the head refers
+to. The group committer loads both, calls these functions for each mutation of
+a batch, then `seal()` to spill what outgrew the head into new segments, and
+writes. The functions mutate the state in place: a batch whose write fails is
+thrown away with the state it touched and re-applied to a freshly read one.
+
+Pending jobs live in lanes, one per priority. A lane is a set of runs, each
+sorted by (run_at, seq): the inline run in the head, and spilled segment runs
+consumed through a cursor. A claim takes the highest-priority lane's earliest
+due front, so "priority, then oldest eligible" holds without a per-job index.
+"""
+
+from __future__ import annotations
+
+import bisect
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+
+FORMAT = 1
+
+MAX_ERROR = 4096  # characters of an error message kept with a job
+
+Job = dict[str, Any]
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep every head write small, and the broker's defaults."""
+
+    inline_pending_bytes: int = 96 * 1024  # spill lanes' inline runs past this
+    inline_records_bytes: int = 48 * 1024  # spill retained records past this
+    inline_dead_bytes: int = 48 * 1024  # spill dead jobs past this
+    retention: float = 3600.0  # seconds a completed/dead record is kept
+    dead_limit: int = 10_000  # dead jobs kept; beyond it the oldest are dropped
+    max_attempts: int = 5  # default for jobs that do not say (0 = unlimited)
+    default_lease: float = 30.0
+    max_lease: float = 12 * 3600.0
+    max_batch: int = 1000  # jobs in one enqueue / claim / ack request
+    recent_writes: int = 64  # write ids kept to resolve ambiguous writes
+
+
+# --- segments ----------------------------------------------------------------
+
+
+class SegmentMissing(Exception):
+    """The state machine needs a segment that the caller has not loaded yet."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class Segments:
+    """Immutable segment contents, by key, as loaded by the committer.
+
+    Segments never change once written, so entries never go stale; the head
+    decides which of them are still referenced and how far each was consumed.
+    A job id may stand in several segments (claimed from one run, nacked and
+    spilled into another, then retained): every location is kept.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, list[Any]] = {}
+        self._ids: dict[str, list[tuple[str, int]]] = {}  # job id -> [(segment key, index)]
+
+    def add(self, key: str, items: list[Any]) -> None:
+        if key in self._items:
+            return
+        self._items[key] = items
+        for i, item in enumerate(items):
+            self._ids.setdefault(item["id"], []).append((key, i))
+
+    def get(self, key: str) -> list[Any]:
+        try:
+            return self._items[key]
+        except KeyError:
+            raise SegmentMissing(key) from None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def locate(self, job_id: str) -> list[tuple[str, int]]:
+        return self._ids.get(job_id, [])
+
+    def keep_only(self, keys: Iterable[str]) -> None:
+        """Forget segments the head no longer references."""
+        keep = set(keys)
+        for key in [k for k in self._items if k not in keep]:
+            for item in self._items.pop(key):
+                places = [p for p in self._ids.get(item["id"], []) if p[0] != key]
+                if places:
+                    self._ids[item["id"]] = places
+                else:
+                    self._ids.pop(item["id"], None)
+
+
+def encode_segment(items: list[Any]) -> bytes:
+    return orjson.dumps({"format": FORMAT, "items": items})
+
+
+def decode_segment(data: bytes) -> list[Any]:
+    items: list[Any] = orjson.loads(data)["items"]
+    return items
+
+
+# --- the state ---------------------------------------------------------------
+
+
+def new_head(topic: str) -> dict[str, Any]:
+    """The state of a topic that has never been written."""
+    return {
+        "format": FORMAT,
+        "topic": topic,
+        "writer": None,
+        "write_id": None,
+        "recent_writes": [],
+        "seq": 0,
+        "counters": {"enqueued": 0, "completed": 0, "dead": 0, "dead_dropped": 0},
+        "lanes": {},
+        "claimed": {},
+        "retained": {"inline": [], "segs": []},
+        "dead": {"inline": [], "segs": []},
+    }
+
+
+@dataclass
+class Sealed:
+    """What a batch must write besides the head, and may delete after it lands."""
+
+    new_segments: dict[str, bytes] = field(default_factory=dict)
+    unreferenced: list[str] = field(default_factory=list)
+
+
+def _size(value: Any) -> int:
+    return len(orjson.dumps(value))
+
+
+def _key(job: Job) -> tuple[float, int]:
+    return (job["run_at"], job["seq"])
+
+
+class TopicState:
+    """One topic's head plus access to its loaded segments.
+
+    Every public method is one mutation or query; mutations validate fully
+    before they change anything, so a rejected mutation leaves no trace.
+    """
+
+    def __init__(self, head: dict[str, Any], segments: Segments, limits: Limits) -> None:
+        if head.get("format") != FORMAT:
+            raise ValueError(f"unsupported topic format {head.get('format')!r}")
+        self.head = head
+        self.segments = segments
+        self.limits = limits
+        self._unreferenced: list[str] = []
+        self.dirty = False  # set by every mutation that changed something
+
+    @property
+    def topic(self) -> str:
+        topic: str = self.head["topic"]
+        return topic
+
+    # --- reading ------------------------------------------------------------------
+
+    def segment_keys(self) -> list[str]:
+        """Every segment the head references."""
+        h = self.head
+        keys = [r["key"] for lane in h["lanes"].values() for r in lane["runs"]]
+        keys += [s["key"] for s in h["retained"]["segs"]]
+        keys += [s["key"] for s in h["dead"]["segs"]]
+        return keys
+
+    def _runs(self, lane: dict[str, Any]) -> Iterator[tuple[list[Job], int, dict[str, Any] | None]]:
+        """(items, position, run ref or None for inline) of each run of a lane."""
+        yield lane["inline"], 0, None
+        for run in lane["runs"]:
+            yield self.segments.get(run["key"]), run["pos"], run
+
+    def pending_jobs(self) -> Iterator[Job]:
+        for lane in self.head["lanes"].values():
+            for items, pos, _ in self._runs(lane):
+                yield from items[pos:]
+
+    def dead_jobs(self) -> list[Job]:
+        dead = self.head["dead"]
+        jobs: list[Job] = []
+        for seg in dead["segs"]:
+            jobs.extend(self.segments.get(seg["key"])[seg["pos"] :])
+        jobs.extend(dead["inline"])
+        return jobs
+
+    def _retained_records(self) -> Iterator[Record]:
+        for seg in self.head["retained"]["segs"]:
+            yield from self.segments.get(seg["key"])
+        yield from self.head["retained"]["inline"]
+
+    def counts(self, now: float) -> dict[str, int]:
+        pending = delayed = 0
+        for lane in self.head["lanes"].values():
+            for items, pos, _ in self._runs(lane):
+                n = len(items) - pos
+                pending += n
+                # Runs are sorted by run_at: the not-yet-due ones are a suffix.
+                due = bisect.bisect_right(items, now, lo=pos, key=lambda j: j["run_at"]) - pos
+                delayed += n - due
+        claimed = len(self.head["claimed"])
+        dead = self._dead_count()
+        c = self.head["counters"]
+        return {
+            "pending": pending,
+            "delayed": delayed,
+            "claimed": claimed,
+            "completed": c["completed"],
+            "dead": dead,
+            "enqueued": c["enqueued"],
+            "total": pending + claimed + c["completed"] + dead,
+        }
+
+    def _dead_count(self) -> int:
+        dead = self.head["dead"]
+        segs: list[dict[str, int]] = dead["segs"]
+        return len(dead["inline"]) + sum(s["n"] - s["pos"] for s in segs)
+
+    def find(self, job_id: str) -> tuple[str, Job | Record] | None:
+        """(status, job or retained record) for `job_id`, or None."""
+        h = self.head
+        if job_id in h["claimed"]:
+            return "claimed", h["claimed"][job_id]
+        for lane in h["lanes"].values():
+            for job in lane["inline"]:
+                if job["id"] == job_id:
+                    return "pending", job
+        for job in h["dead"]["inline"]:
+            if job["id"] == job_id:
+                return "dead", job
+        for record in reversed(h["retained"]["inline"]):
+            if record["id"] == job_id:
+                return record["status"], record
+        places = self.segments.locate(job_id)
+        if not places:
+            return None
+        runs = {r["key"]: r["pos"] for lane in h["lanes"].values() for r in lane["runs"]}
+        dead = {s["key"]: s["pos"] for s in h["dead"]["segs"]}
+        retained = {s["key"] for s in h["retained"]["segs"]}
+        for key, index in places:
+            if key in runs and index >= runs[key]:
+                return "pending", self.segments.get(key)[index]
+            if key in dead and index >= dead[key]:
+                return "dead", self.segments.get(key)[index]
+        for key, index in reversed(places):
+            if key in retained:
+                record = self.segments.get(key)[index]
+                return record["status"], record
+        return None
+
+    # --- enqueue --------------------------------------------------------------------
+
+    def enqueue(self, specs: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+        """Add jobs; answer {"id", "duplicate"} for each. Duplicates (an id live or
+        retained in the topic, or twice in this call) are not added again."""
+        if not specs:
+            raise InvalidRequest("no jobs to enqueue")
+        if len(specs) > self.limits.max_batch:
+            raise InvalidRequest(f"at most {self.limits.max_batch} jobs per enqueue")
+        jobs = [self._validate_spec(spec) for spec in specs]  # all or nothing
+        answers: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for spec, job_id in jobs:
+            if job_id is not None and (job_id in seen or self.find(job_id) is not None):
+                answers.append({"id": job_id, "duplicate": True})
+                continue
+            seq = self.head["seq"]
+            self.head["seq"] = seq + 1
+            if job_id is None:
+                job_id = uuid.uuid4().hex
+            seen.add(job_id)
+            delay = spec.get("delay", 0) or 0
+            max_attempts = spec.get("max_attempts")
+            job: Job = {
+                "id": job_id,
+                "seq": seq,
+                "payload": spec["payload"],
+                "priority": spec.get("priority", 0) or 0,
+                "run_at": now + delay,
+                "created_at": now,
+                "attempts": 0,
+                "max_attempts": self.limits.max_attempts if max_attempts is None else max_attempts,
+                "last_error": None,
+            }
+            self._push_pending(job)
+            self.head["counters"]["enqueued"] += 1
+            answers.append({"id": job_id, "duplicate": False})
+        return answers
+
+    @staticmethod
+    def _validate_spec(spec: Any) -> tuple[dict[str, Any], str | None]:
+        if not isinstance(spec, dict):
+            raise InvalidRequest("each job must be a JSON object")
+        unknown = set(spec) - {"id", "payload", "priority", "delay", "max_attempts"}
+        if unknown:
+            raise InvalidRequest(f"unknown job fields: {', '.join(sorted(unknown))}")
+        if "payload" not in spec:
+            raise InvalidRequest("a job needs a payload")
+        job_id = spec.get("id")
+        if job_id is not None and (
+            not isinstance(job_id, str) or not 1 <= len(job_id) <= 256 or not job_id.isprintable()
+        ):
+            raise InvalidRequest("id must be a printable string of 1-256 characters")
+        _check_int(spec, "priority", -(2**31), 2**31 - 1)
+        _check_number(spec, "delay", 0, 366 * 86400)
+        _check_int(spec, "max_attempts", 0, 1_000_000)
+        return spec, job_id
+
+    def _push_pending(self, job: Job) -> None:
+        self.dirty = True
+        lanes = self.head["lanes"]
+        lane = lanes.get(str(job["priority"]))
+        if lane is None:
+            lane = lanes[str(job["priority"])] = {"inline": [], "runs": []}
+        inline: list[Job] = lane["inline"]
+        if not inline or _key(inline[-1]) <= _key(job):
+            inline.append(job)
+        else:
+            bisect.insort(inline, job, key=_key)
+
+    # --- claim ------------------------------------------------------------------------
+
+    def claim(self, worker_id: str, lease: float | None, count: int, now: float) -> list[Job]:
+        """Claim up to `count` due jobs, highest priority then earliest run_at."""
+        if not isinstance(worker_id, str) or not 1 <= len(worker_id) <= 256:
+            raise InvalidRequest("worker_id must be a string of 1-256 characters")
+        lease = self._lease(lease)
+        if (
+            not isinstance(count, int)
+            or isinstance(count, bool)
+            or not 1 <= count <= (self.limits.max_batch)
+        ):
+            raise InvalidRequest(f"count must be an integer from 1 to {self.limits.max_batch}")
+        claimed: list[Job] = []
+        lanes = sorted(self.head["lanes"].items(), key=lambda kv: -int(kv[0]))
+        for _priority, lane in lanes:
+            while len(claimed) < count:
+                job = self._take_front(lane, now)
+                if job is None:
+                    break
+                job = dict(job)  # segment items are shared and immutable
+                job.update(
+                    attempts=job["attempts"] + 1,
+                    claimed_by=worker_id,
+                    claimed_at=now,
+                    heartbeat_at=now,
+                    lease_expires_at=now + lease,
+                    lease_token=uuid.uuid4().hex,
+                )
+                self.head["claimed"][job["id"]] = job
+                claimed.append(job)
+                self.dirty = True
+        self._drop_empty_lanes()
+        return claimed
+
+    def _take_front(self, lane: dict[str, Any], now: float) -> Job | None:
+        best: tuple[float, int] | None = None
+        best_run: dict[str, Any] | None = None
+        found = False
+        for items, pos, run in self._runs(lane):
+            if pos < len(items) and items[pos]["run_at"] <= now:
+                k = _key(items[pos])
+                if best is None or k < best:
+                    best, best_run, found = k, run, True
+        if not found:
+            return None
+        if best_run is None:
+            job: Job = lane["inline"].pop(0)
+            return job
+        job = self.segments.get(best_run["key"])[best_run["pos"]]
+        best_run["pos"] += 1
+        if best_run["pos"] >= best_run["n"]:
+            lane["runs"].remove(best_run)
+            self._unreferenced.append(best_run["key"])
+        return job
+
+    def _drop_empty_lanes(self) -> None:
+        lanes = self.head["lanes"]
+        for name in [n for n, lane in lanes.items() if not lane["inline"] and not lane["runs"]]:
+            del lanes[name]
+
+    def _lease(self, lease: Any) -> float:
+        if lease is None:
+            return self.limits.default_lease
+        if (
+            not isinstance(lease, int | float)
+            or isinstance(lease, bool)
+            or not 0 < lease <= self.limits.max_lease
+        ):
+            raise InvalidRequest(
+                f"lease must be a number of seconds in (0, {self.limits.max_lease}]"
+            )
+        return float(lease)
+
+    # --- settle: ack, nack, heartbeat -----------------------------------------------
+
+    def _holder(self, job_id: Any, token: Any) -> Job:
+        """The claimed job `job_id`, if the caller (with `token`, if given) holds it."""
+        if not isinstance(job_id, str) or not job_id:
+            raise InvalidRequest("job_id must be a non-empty string")
+        if token is not None and not isinstance(token, str):
+            raise InvalidRequest("lease_token must be a string")
+        job: Job | None = self.head["claimed"].get(job_id)
+        if job is None:
+            if self.find(job_id) is None:
+                raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
+            raise LeaseLost(f"job {job_id!r} is not claimed")
+        if token is not None and token != job["lease_token"]:
+            raise LeaseLost(f"job {job_id!r} is claimed under another lease")
+        return job
+
+    def ack(self, job_id: Any, token: Any, result: Any, now: float) -> dict[str, Any]:
+        job = self._holder(job_id, token)
+        self.dirty = True
+        del self.head["claimed"][job_id]
+        self.head["counters"]["completed"] += 1
+        self._retain(job, "completed", now, result=result)
+        return {"id": job_id, "status": "completed"}
+
+    def nack(self, job_id: Any, token: Any, delay: Any, error: Any, now: float) -> dict[str, Any]:
+        if delay is not None:
+            _check_number({"delay": delay}, "delay", 0, 366 * 86400)
+        if error is not None and not isinstance(error, str):
+            error = orjson.dumps(error).decode()
+        if error is not None:
+            error = error[:MAX_ERROR]
+        job = self._holder(job_id, token)
+        del self.head["claimed"][job_id]
+        status = self._release(job, now + (delay or 0), error, now)
+        return {"id": job_id, "status": status}
+
+    def heartbeat(self, job_id: Any, token: Any, lease: Any, now: float) -> dict[str, Any]:
+        """Extend the lease by `lease` seconds, or by the claim's own lease."""
+        lease_s = self._lease(lease) if lease is not None else None
+        job = self._holder(job_id, token)
+        if lease_s is None:
+            lease_s = job["lease_expires_at"] - job["heartbeat_at"]
+        self.dirty = True
+        job["heartbeat_at"] = now
+        job["lease_expires_at"] = now + lease_s
+        return {"id": job_id, "lease_expires_at": job["lease_expires_at"]}
+
+    def _release(self, job: Job, run_at: float, error: str | None, now: float) -> str:
+        """Back to pending at `run_at`, or dead when its attempts are spent."""
+        job = {k: v for k, v in job.items() if k not in _CLAIM_FIELDS}
+        job["last_error"] = error if error is not None else job.get("last_error")
+        if job["max_attempts"] and job["attempts"] >= job["max_attempts"]:
+            self.dirty = True
+            job["died_at"] = now
+            self.head["dead"]["inline"].append(job)
+            self.head["counters"]["dead"] += 1
+            self._enforce_dead_limit()
+            return "dead"
+        job["run_at"] = run_at
+        self._push_pending(job)
+        return "pending"
+
+    def unclaim(self, job_id: str, token: str, now: float) -> bool:
+        """Give back a claim whose caller went away before it was answered: the
+        job is pending again at once and the attempt does not count."""
+        job = self.head["claimed"].get(job_id)
+        if job is None or job["lease_token"] != token:
+            return False
+        del self.head["claimed"][job_id]
+        job = {k: v for k, v in job.items() if k not in _CLAIM_FIELDS}
+        job["attempts"] -= 1
+        job["run_at"] = min(job["run_at"], now)
+        self._push_pending(job)
+        return True
+
+    # --- reaper ------------------------------------------------------------------------
+
+    def expired(self, now: float) -> bool:
+        return any(j["lease_expires_at"] <= now for j in self.head["claimed"].values())
+
+    def reap(self, now: float) -> dict[str, int]:
+        """Expired leases back to pending, or dead when attempts are spent."""
+        out = {"pending": 0, "dead": 0}
+        claimed = self.head["claimed"]
+        for job_id in [i for i, j in claimed.items() if j["lease_expires_at"] <= now]:
+            job = claimed.pop(job_id)
+            out[self._release(job, now, job.get("last_error") or "lease expired", now)] += 1
+        return out
+
+    # --- dead letters ------------------------------------------------------------------
+
+    def requeue(self, job_ids: Any, now: float) -> list[str]:
+        """Dead jobs (all, or those named) back to pending with fresh attempts."""
+        return [job["id"] for job in self._take_dead(job_ids, now, requeue=True)]
+
+    def purge(self, job_ids: Any, now: float) -> list[str]:
+        """Forget dead jobs (all, or those named)."""
+        return [job["id"] for job in self._take_dead(job_ids, now, requeue=False)]
+
+    def _take_dead(self, job_ids: Any, now: float, requeue: bool) -> list[Job]:
+        if job_ids is not None and (
+            not isinstance(job_ids, list)
+            or not all(isinstance(i, str) for i in job_ids)
+            or len(job_ids) > self.limits.dead_limit
+        ):
+            raise InvalidRequest("job_ids must be a list of job id strings")
+        wanted = None if job_ids is None else set(job_ids)
+        dead = self.head["dead"]
+        taken: list[Job] = []
+        keep_segs = []
+        for seg in dead["segs"]:
+            items = self.segments.get(seg["key"])[seg["pos"] :]
+            hit = [j for j in items if wanted is None or j["id"] in wanted]
+            if not hit:
+                keep_segs.append(seg)
+                continue
+            taken.extend(hit)
+            rest = [j for j in items if not (wanted is None or j["id"] in wanted)]
+            self._unreferenced.append(seg["key"])
+            if rest:  # rewritten without the taken jobs at seal()
+                dead["inline"][:0] = rest
+        dead["segs"] = keep_segs
+        hit = [j for j in dead["inline"] if wanted is None or j["id"] in wanted]
+        dead["inline"] = [j for j in dead["inline"] if not (wanted is None or j["id"] in wanted)]
+        taken.extend(hit)
+        self.dirty = self.dirty or bool(taken)
+        for job in taken:
+            if requeue:
+                fresh = {k: v for k, v in job.items() if k != "died_at"}
+                fresh.update(attempts=0, run_at=now)
+                self._push_pending(fresh)
+            else:  # its record stays for lookups and duplicate detection
+                self._retain(job, "dead", now)
+        return taken
+
+    def _enforce_dead_limit(self) -> None:
+        dead = self.head["dead"]
+        excess = self._dead_count() - self.limits.dead_limit
+        while excess > 0:
+            if dead["segs"]:
+                seg = dead["segs"][0]
+                drop = min(excess, seg["n"] - seg["pos"])
+                seg["pos"] += drop
+                if seg["pos"] >= seg["n"]:
+                    dead["segs"].pop(0)
+                    self._unreferenced.append(seg["key"])
+            else:
+                drop = excess
+                del dead["inline"][:drop]
+            self.head["counters"]["dead_dropped"] += drop
+            excess -= drop
+
+    # --- retention -----------------------------------------------------------------------
+
+    def _retain(self, job: Job, status: str, now: float, result: Any = None) -> None:
+        self.head["retained"]["inline"].append(
+            {
+                "id": job["id"],
+                "status": status,
+                "result": result,
+                "last_error": job.get("last_error"),
+                "attempts": job["attempts"],
+                "created_at": job["created_at"],
+                "finished_at": now,
+            }
+        )
+
+    def _expire_retained(self, now: float) -> None:
+        horizon = now - self.limits.retention
+        retained = self.head["retained"]
+        while retained["segs"] and retained["segs"][0]["newest"] < horizon:
+            self._unreferenced.append(retained["segs"].pop(0)["key"])
+        inline = retained["inline"]
+        cut = 0
+        while cut < len(inline) and inline[cut]["finished_at"] < horizon:
+            cut += 1
+        del inline[:cut]
+
+    # --- sealing a batch ----------------------------------------------------------------
+
+    def seal(self, writer: dict[str, Any], write_id: str, now: float) -> Sealed:
+        """Finish a batch: expire records, spill what outgrew the head into new
+        segments, and stamp the write. Returns the segments to create first."""
+        self._expire_retained(now)
+        sealed = Sealed()
+        h = self.head
+        pending_bytes = sum(_size(lane["inline"]) for lane in h["lanes"].values())
+        if pending_bytes > self.limits.inline_pending_bytes:
+            for priority, lane in h["lanes"].items():
+                if lane["inline"]:
+                    key = self._new_segment(sealed, write_id, f"p{priority}", lane["inline"])
+                    lane["runs"].append({"key": key, "n": len(lane["inline"]), "pos": 0})
+                    lane["inline"] = []
+        retained = h["retained"]
+        if retained["inline"] and _size(retained["inline"]) > self.limits.inline_records_bytes:
+            key = self._new_segment(sealed, write_id, "r", retained["inline"])
+            newest = retained["inline"][-1]["finished_at"]
+            retained["segs"].append({"key": key, "n": len(retained["inline"]), "newest": newest})
+            retained["inline"] = []
+        dead = h["dead"]
+        if dead["inline"] and _size(dead["inline"]) > self.limits.inline_dead_bytes:
+            key = self._new_segment(sealed, write_id, "d", dead["inline"])
+            dead["segs"].append({"key": key, "n": len(dead["inline"]), "pos": 0})
+            dead["inline"] = []
+        h["writer"] = writer
+        h["write_id"] = write_id
+        h["recent_writes"] = [*h["recent_writes"], write_id][-self.limits.recent_writes :]
+        referenced = set(self.segment_keys())
+        sealed.unreferenced = [k for k in dict.fromkeys(self._unreferenced) if k not in referenced]
+        self._unreferenced = []
+        return sealed
+
+    def _new_segment(self, sealed: Sealed, write_id: str, kind: str, items: list[Any]) -> str:
+        from simplequeue import keys
+
+        key = keys.segment(self.topic, f"{kind}-{write_id}")
+        sealed.new_segments[key] = encode_segment(items)
+        self.segments.add(key, items)
+        return key
+
+
+_CLAIM_FIELDS = frozenset(
+    {"claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token"}
+)
+
+
+def _check_int(spec: dict[str, Any], name: str, lo: int, hi: int) -> None:
+    value = spec.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
+
+
+def _check_number(spec: dict[str, Any], name: str, lo: float, hi: float) -> None:
+    value = spec.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidRequest(f"{name} must be a number from {lo} to {hi}")

@@ -1,0 +1,419 @@
+"""The group committer: the only code that writes topic objects.
+
+Per topic, at most one write is in flight; mutations that arrive meanwhile form
+the next batch, which is applied to the cached state and written with one
+conditional PUT of the head (after create-only PUTs of any segments it spilled).
+No mutation is answered before the write that holds it landed. A lost race or
+an ambiguous write is resolved by reading the head back: each write carries a
+unique id, so a batch is never applied twice nor reported failed once it landed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import orjson
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from simplequeue import keys
+from simplequeue.broker.topic import (
+    Limits,
+    Segments,
+    TopicState,
+    decode_segment,
+    new_head,
+)
+from simplequeue.errors import (
+    Contended,
+    JobNotFound,
+    LeaseLost,
+    ObjectNotFound,
+    PreconditionFailed,
+    SimpleQueueError,
+    StoreUnavailable,
+)
+from simplequeue.objstore import ObjectStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: A mutation: applied to the state at commit time, and again to a fresh state
+#: after a lost race, so it must decide everything from the state it is given.
+Mutation = Callable[[TopicState, float], T]
+
+# Answers that depend on what the state holds; they are final only when the
+# state they were computed on is known to be current.
+_STATE_DEPENDENT = (JobNotFound, LeaseLost)
+
+
+@dataclass(frozen=True)
+class CommitSettings:
+    """How a broker's committer behaves."""
+
+    limits: Limits = field(default_factory=Limits)
+    budget: float = 10.0  # seconds to keep retrying lost races before Contended
+    max_age: float = 0.25  # seconds a cached state may answer status and lookups
+    backoff_min: float = 0.002
+    backoff_max: float = 0.25
+
+
+@dataclass
+class CommitStats:
+    """Counters the broker exports as metrics."""
+
+    batches: int = 0
+    mutations: int = 0
+    writes: int = 0
+    bytes_written: int = 0
+    conflicts: int = 0
+    ambiguous: int = 0
+    reloads: int = 0
+    segments_written: int = 0
+    segments_deleted: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class _LostRace(Exception):
+    """The head moved under this attempt; re-read and re-apply."""
+
+
+@dataclass
+class _Entry(Generic[T]):
+    mutation: Mutation[T]
+    future: asyncio.Future[T]
+    undo: Callable[[T], Mutation[Any] | None] | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Outcome:
+    """What one attempt of a batch computed, kept until we know if it landed."""
+
+    write_id: str
+    results: list[tuple[bool, Any]]  # (ok, result or exception) per live entry
+    entries: list[_Entry[Any]]
+    new_segments: list[str]
+
+
+class _Topic:
+    """A topic's cached state and its queue of mutations waiting to commit."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.head_key = keys.head(name)
+        self.queue: list[_Entry[Any]] = []
+        self.flusher: asyncio.Task[None] | None = None
+        self.segments = Segments()
+        self.state: TopicState | None = None
+        self.etag: str | None = None  # None with a state: the head does not exist yet
+        # When the cached state was last known current: the monotonic time the
+        # GET that read it, or the PUT that wrote it, was sent.
+        self.checked_at = -1e18
+        self.committed: bytes | None = None  # the head as it landed, for readers
+        self.reader: TopicState | None = None
+        self.changed = asyncio.Event()
+        self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
+
+
+class GroupCommitter:
+    """Batches mutations per topic into conditional writes of the topic's head."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        broker_id: str,
+        epoch: int = 0,
+        settings: CommitSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.broker_id = broker_id
+        self.epoch = epoch
+        self.settings = settings or CommitSettings()
+        self.clock = clock
+        self.stats = CommitStats()
+        self.fenced_by: dict[str, Any] | None = None  # a newer writer seen in a head
+        self._topics: dict[str, _Topic] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # --- public interface -------------------------------------------------------
+
+    async def submit(
+        self,
+        topic: str,
+        mutation: Mutation[T],
+        undo: Callable[[T], Mutation[Any] | None] | None = None,
+    ) -> T:
+        """Apply `mutation` in the topic's next batch; return its result once the
+        write holding it landed. If the caller goes away after the mutation was
+        applied, `undo(result)` (when given) is committed in a later batch."""
+        if self._closing:
+            raise StoreUnavailable("broker is shutting down")
+        t = self._topic(topic)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        t.queue.append(_Entry(mutation, future, undo))
+        if t.flusher is None or t.flusher.done():
+            t.flusher = asyncio.create_task(self._flush(t), name=f"commit:{topic}")
+        return await future
+
+    async def read(self, topic: str, query: Callable[[TopicState, float], T]) -> T:
+        """Answer `query` from the last committed state, refreshed when stale.
+        Readers never see a batch that has not landed."""
+        t = self._topic(topic)
+        if time.monotonic() - t.checked_at > self.settings.max_age:
+            async with t.lock:  # waits for a batch in flight, whose landing refreshes
+                if time.monotonic() - t.checked_at > self.settings.max_age:
+                    await self._load(t)
+        if t.reader is None:
+            head = orjson.loads(t.committed) if t.committed else new_head(topic)
+            t.reader = TopicState(head, t.segments, self.settings.limits)
+        return query(t.reader, self.clock())
+
+    async def wait_changed(self, topic: str, seconds: float) -> None:
+        """Return when a batch lands on `topic` in this broker, or after `seconds`."""
+        event = self._topic(topic).changed
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await event.wait()
+
+    async def topics(self) -> list[str]:
+        """Every topic in the store."""
+        found = (keys.topic_of_head(k) for k in await self.store.list(keys.TOPICS_PREFIX))
+        return sorted(t for t in found if t is not None)
+
+    async def reap(self, topic: str) -> dict[str, int]:
+        """Return expired claims of `topic` to pending (or dead), in a batch."""
+        expired = await self.read(topic, lambda s, now: s.expired(now))
+        if not expired:
+            return {"pending": 0, "dead": 0}
+        return await self.submit(topic, lambda s, now: s.reap(now))
+
+    async def close(self) -> None:
+        """Stop taking mutations and wait for batches in flight to land."""
+        self._closing = True
+        flushers = [t.flusher for t in self._topics.values() if t.flusher]
+        await asyncio.gather(*flushers, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    @property
+    def writer(self) -> dict[str, Any]:
+        return {"broker_id": self.broker_id, "epoch": self.epoch}
+
+    # --- batching ---------------------------------------------------------------
+
+    def _topic(self, name: str) -> _Topic:
+        t = self._topics.get(name)
+        if t is None:
+            t = self._topics[name] = _Topic(name)
+        return t
+
+    async def _flush(self, t: _Topic) -> None:
+        while t.queue:
+            batch, t.queue = t.queue, []
+            try:
+                async with t.lock:
+                    await self._commit(t, batch)
+            except BaseException as exc:  # answer everyone, whatever happened
+                if not isinstance(exc, SimpleQueueError):
+                    log.exception("commit of %d mutations to %s failed", len(batch), t.name)
+                    exc = StoreUnavailable(f"commit failed: {exc!r}")
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+                t.state = None
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+    async def _commit(self, t: _Topic, batch: list[_Entry[Any]]) -> None:
+        self.stats.batches += 1
+        self.stats.mutations += len(batch)
+        self.stats.batch_sizes.append(len(batch))
+        del self.stats.batch_sizes[:-1000]
+        outcomes: list[_Outcome] = []  # every attempt; at most one of them lands
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_LostRace),
+            stop=stop_after_delay(self.settings.budget),
+            wait=wait_random_exponential(
+                multiplier=self.settings.backoff_min, max=self.settings.backoff_max
+            ),
+            reraise=False,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._attempt(t, batch, outcomes)
+        except RetryError:
+            # Segments of failed attempts are left for the orphan sweep: a PUT
+            # that timed out here might still land at S3, and must find them.
+            raise Contended(
+                f"topic {t.name!r}: lost {len(outcomes)} races in {self.settings.budget:.0f} s"
+            ) from None
+
+    async def _attempt(self, t: _Topic, batch: list[_Entry[Any]], outcomes: list[_Outcome]) -> None:
+        entries = [e for e in batch if not e.future.done()]  # skip callers gone before apply
+        if not entries:
+            return
+        while True:
+            if t.state is None:
+                await self._load(t)
+            state = t.state
+            assert state is not None
+            now = self.clock()
+            results, changed, verify_since = self._apply(state, entries, now)
+            if verify_since <= t.checked_at:
+                break
+            # "Not found", "not claimed", "nothing to claim" or "duplicate",
+            # computed on a state read before the request came, may miss what
+            # another broker wrote meanwhile: read again (once) and re-apply.
+            t.state = None
+        if not changed:
+            self._answer(t, entries, results)
+            return
+
+        write_id = uuid.uuid4().hex
+        sealed = state.seal(self.writer, write_id, now)
+        data = orjson.dumps(state.head)
+        sent_at = time.monotonic()
+        outcome = _Outcome(write_id, results, entries, list(sealed.new_segments))
+        outcomes.append(outcome)
+        try:
+            for key, body in sealed.new_segments.items():
+                # The key embeds this write's id: if it exists, an earlier try of ours landed.
+                with contextlib.suppress(PreconditionFailed):
+                    await self.store.put_if(key, body, if_none_match=True)
+                self.stats.segments_written += 1
+            if t.etag is None:
+                etag = await self.store.put_if(t.head_key, data, if_none_match=True)
+            else:
+                etag = await self.store.put_if(t.head_key, data, if_match=t.etag)
+        except (PreconditionFailed, StoreUnavailable) as exc:
+            self.stats.ambiguous += isinstance(exc, StoreUnavailable)
+            t.state = None
+            # Whatever the error said, the head tells whether one of our tries
+            # landed (a retried PUT whose first try landed answers 412). If the
+            # store is down we cannot tell, and the batch fails StoreUnavailable.
+            await self._load(t)
+            assert t.state is not None
+            recent = set(t.state.head["recent_writes"])
+            landed = next((o for o in outcomes if o.write_id in recent), None)
+            if landed is None:
+                self.stats.conflicts += 1
+                raise _LostRace() from None
+            self._finish(t, landed, data=None)
+            return
+        self.stats.writes += 1
+        self.stats.bytes_written += len(data) + sum(map(len, sealed.new_segments.values()))
+        t.etag, t.checked_at = etag, sent_at
+        t.segments.keep_only(state.segment_keys())
+        self._finish(t, outcome, data=data)
+        self._delete_later(sealed.unreferenced)
+        for other in outcomes:
+            if other is not outcome:
+                self._delete_later(other.new_segments)
+
+    @staticmethod
+    def _apply(
+        state: TopicState, entries: list[_Entry[Any]], now: float
+    ) -> tuple[list[tuple[bool, Any]], bool, float]:
+        """Apply each entry; return (ok, result or error) per entry, whether the
+        state changed, and the latest submit time of an answer that must be
+        computed on a state read after it was asked for."""
+        results: list[tuple[bool, Any]] = []
+        changed = False
+        verify_since = -1e18
+        for entry in entries:
+            state.dirty = False
+            try:
+                results.append((True, entry.mutation(state, now)))
+                depends_on_state = not state.dirty  # a no-op: nothing to claim, duplicate
+            except SimpleQueueError as exc:
+                results.append((False, exc))
+                depends_on_state = isinstance(exc, _STATE_DEPENDENT)
+            if depends_on_state:
+                verify_since = max(verify_since, entry.submitted)
+            changed = changed or state.dirty
+        state.dirty = changed
+        return results, changed, verify_since
+
+    def _finish(self, t: _Topic, outcome: _Outcome, data: bytes | None) -> None:
+        if data is not None:
+            t.committed, t.reader = data, None
+        self._answer(t, outcome.entries, outcome.results)
+        t.changed.set()
+        t.changed = asyncio.Event()
+
+    def _answer(
+        self, t: _Topic, entries: list[_Entry[Any]], results: list[tuple[bool, Any]]
+    ) -> None:
+        for entry, (ok, result) in zip(entries, results, strict=True):
+            if entry.future.done():  # the caller went away after the mutation applied
+                if ok and entry.undo is not None:
+                    undo = entry.undo(result)
+                    if undo is not None:
+                        self._spawn(self._undo(t.name, undo))
+            elif ok:
+                entry.future.set_result(result)
+            else:
+                entry.future.set_exception(result)
+
+    async def _undo(self, topic: str, mutation: Mutation[Any]) -> None:
+        try:
+            await self.submit(topic, mutation)
+        except SimpleQueueError as exc:
+            log.warning("could not undo an abandoned mutation on %s: %s", topic, exc)
+
+    # --- loading and cleaning ------------------------------------------------------
+
+    async def _load(self, t: _Topic) -> None:
+        """Read the head and every segment it references that is not cached."""
+        self.stats.reloads += 1
+        sent_at = time.monotonic()
+        try:
+            data, etag = await self.store.get(t.head_key)
+            head = orjson.loads(data)
+        except ObjectNotFound:
+            data, etag, head = None, None, new_head(t.name)
+        state = TopicState(head, t.segments, self.settings.limits)
+        missing = [k for k in state.segment_keys() if k not in t.segments]
+        bodies = await asyncio.gather(*(self.store.get(k) for k in missing))
+        for key, (body, _) in zip(missing, bodies, strict=True):
+            t.segments.add(key, decode_segment(body))
+        t.segments.keep_only(state.segment_keys())
+        writer = head.get("writer") or {}
+        if writer.get("broker_id") != self.broker_id and writer.get("epoch", 0) > self.epoch:
+            self.fenced_by = writer
+        t.state, t.etag, t.checked_at = state, etag, sent_at
+        t.committed, t.reader = data, None
+
+    def _delete_later(self, segment_keys: list[str]) -> None:
+        if segment_keys:
+            self._spawn(self._delete(segment_keys))
+
+    async def _delete(self, segment_keys: list[str]) -> None:
+        for key in segment_keys:
+            try:
+                await self.store.delete(key)
+                self.stats.segments_deleted += 1
+            except StoreUnavailable as exc:  # an orphan costs storage, not correctness
+                log.warning("could not delete segment %s: %s", key, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

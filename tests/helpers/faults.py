@@ -1,0 +1,79 @@
+"""An ObjectStore wrapper that counts requests and injects faults on demand."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+
+from simplequeue.errors import PreconditionFailed, StoreUnavailable
+from simplequeue.objstore import ObjectStore
+
+# A fault runs around one put_if of a head: it gets the key and a callable that
+# performs the real write, and decides what the caller sees.
+Fault = Callable[[str, Callable[[], "asyncio.Future[str]"]], "asyncio.Future[str]"]
+
+
+class FaultyStore(ObjectStore):
+    """Delegates to `inner`; `faults` is a queue of behaviours for the next
+    conditional writes of keys that match `target` (default: topic heads)."""
+
+    def __init__(self, inner: ObjectStore, target: str = "topics/") -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.target = target
+        self.calls: Counter[str] = Counter()
+        self.put_sizes: list[int] = []
+        self.faults: list[str] = []
+        self.gate: asyncio.Event | None = None  # when set, head PUTs wait for it
+        self.put_started = asyncio.Event()
+        self.get_down = False
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        self.calls["get"] += 1
+        if self.get_down:
+            raise StoreUnavailable("injected: store down")
+        return await self.inner.get(key)
+
+    async def put(self, key: str, data: bytes) -> str:
+        self.calls["put"] += 1
+        self.put_sizes.append(len(data))
+        return await self.inner.put(key, data)
+
+    async def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        self.calls["put"] += 1
+        self.put_sizes.append(len(data))
+        is_head = key.startswith(self.target) and key.count("/") == 1
+        if is_head:
+            self.put_started.set()
+            if self.gate is not None:
+                await self.gate.wait()
+        fault = self.faults.pop(0) if is_head and self.faults else None
+        if fault == "fail":  # the write never happens
+            raise StoreUnavailable("injected: PUT failed")
+        if fault == "conflict":  # someone else won the race
+            raise PreconditionFailed("injected: lost race")
+        etag = await self.inner.put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+        if fault == "lose-answer":  # landed, but the answer never arrived
+            raise StoreUnavailable("injected: answer lost")
+        if fault == "landed-412":  # landed; a retry of the same PUT then saw 412
+            raise PreconditionFailed("injected: retry after a landed PUT")
+        return etag
+
+    async def delete(self, key: str) -> None:
+        self.calls["delete"] += 1
+        await self.inner.delete(key)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        self.calls["list"] += 1
+        return await self.inner.list(prefix)
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -1,0 +1,88 @@
+"""Several committers (as several brokers would be) hammering one store:
+every job completed exactly once, none lost, never two valid holders at once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter, defaultdict
+from typing import Any
+
+from simplequeue.broker.engine import Engine
+from simplequeue.errors import LeaseLost
+from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from tests.conftest import OpenStore
+
+N_JOBS = 240
+BROKERS = 3
+WORKERS = 6
+
+
+async def test_three_committers_complete_every_job_exactly_once(open_store: OpenStore) -> None:
+    engines = [
+        Engine(
+            GroupCommitter(
+                await open_store(), broker_id=f"b{i}", epoch=1, settings=CommitSettings(budget=30)
+            )
+        )
+        for i in range(BROKERS)
+    ]
+    rng = random.Random(7)
+    completed: Counter[str] = Counter()
+    claims: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    stale_refused = 0
+
+    async def produce(start: int) -> None:
+        for first in range(start, N_JOBS, 30):
+            batch = [
+                {"id": f"job-{i}", "payload": {"n": i}, "max_attempts": 0}
+                for i in range(first, min(first + 10, N_JOBS))
+            ]
+            answers = await rng.choice(engines).enqueue("t", batch)
+            assert not any(a["duplicate"] for a in answers)
+
+    async def work(w: int) -> None:
+        nonlocal stale_refused
+        idle = 0
+        while sum(completed.values()) < N_JOBS and idle < 400:
+            q = rng.choice(engines)
+            jobs = await q.claim("t", f"w{w}", lease=30, count=rng.randint(1, 3))
+            if not jobs:
+                idle += 1
+                await q.committer.wait_changed("t", 0.02)
+                continue
+            idle = 0
+            for job in jobs:
+                claims[job["id"]].append(job)
+                q = rng.choice(engines)
+                if rng.random() < 0.15:
+                    await q.nack("t", job["id"], job["lease_token"], error="retry me")
+                    job["released"] = True
+                    try:  # the old token must never commit now
+                        await rng.choice(engines).ack("t", job["id"], job["lease_token"])
+                    except LeaseLost:
+                        stale_refused += 1
+                    else:
+                        completed[job["id"]] += 1
+                else:
+                    await q.ack("t", job["id"], job["lease_token"], result={"w": w})
+                    completed[job["id"]] += 1
+
+    await asyncio.gather(
+        *(produce(s) for s in range(0, 30, 10)), *(work(w) for w in range(WORKERS))
+    )
+
+    assert sorted(completed) == sorted(f"job-{i}" for i in range(N_JOBS)), "a job was lost"
+    assert set(completed.values()) == {1}, "a job was completed twice"
+    assert stale_refused > 0
+    for job_id, held in claims.items():
+        tokens = [c["lease_token"] for c in held]
+        assert len(set(tokens)) == len(tokens), f"{job_id}: a lease token was handed out twice"
+        for earlier in held[:-1]:  # every claim but the last was given back by a nack
+            assert earlier.get("released"), f"{job_id}: two valid holders at once"
+    fresh = Engine(GroupCommitter(await open_store(), broker_id="check"))
+    counts = await fresh.status("t")
+    assert counts["completed"] == counts["enqueued"] == counts["total"] == N_JOBS
+    assert counts["pending"] == counts["claimed"] == 0
+    for e in engines:
+        await e.committer.close()

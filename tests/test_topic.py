@@ -1,0 +1,278 @@
+"""The topic state machine, without I/O: the rules of SPEC section 3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from simplequeue.broker.topic import Limits, Segments, TopicState, decode_segment, new_head
+from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+
+T0 = 1_000_000.0
+
+
+def fresh(**limits: Any) -> TopicState:
+    return TopicState(new_head("t"), Segments(), Limits(**limits))
+
+
+def reload(state: TopicState, now: float = T0) -> TopicState:
+    """Seal, serialise and parse the state, as a write and a re-read would."""
+    sealed = state.seal({"broker_id": "b", "epoch": 1}, f"w{now}", now)
+    segments = Segments()
+    for key, body in sealed.new_segments.items():
+        segments.add(key, decode_segment(body))
+    for key in state.segment_keys():
+        if key not in segments:
+            segments.add(key, state.segments.get(key))
+    return TopicState(orjson.loads(orjson.dumps(state.head)), segments, state.limits)
+
+
+def ids(jobs: list[dict[str, Any]]) -> list[str]:
+    return [j["id"] for j in jobs]
+
+
+def test_enqueue_then_claim_returns_the_job_with_a_lease() -> None:
+    s = fresh()
+    [answer] = s.enqueue([{"payload": {"n": 1}}], T0)
+    assert answer["duplicate"] is False
+    [job] = s.claim("w1", 10, 1, T0 + 1)
+    assert job["id"] == answer["id"]
+    assert job["payload"] == {"n": 1}
+    assert job["attempts"] == 1
+    assert job["claimed_by"] == "w1"
+    assert job["lease_expires_at"] == T0 + 11
+    assert job["lease_token"]
+
+
+def test_claim_on_empty_topic_returns_nothing_and_changes_nothing() -> None:
+    s = fresh()
+    assert s.claim("w", None, 1, T0) == []
+    assert s.dirty is False
+
+
+def test_claim_order_is_priority_then_oldest() -> None:
+    s = fresh()
+    s.enqueue([{"id": "low-old", "payload": 0, "priority": -1}], T0)
+    s.enqueue([{"id": "mid-old", "payload": 0}], T0 + 1)
+    s.enqueue([{"id": "high", "payload": 0, "priority": 5}], T0 + 2)
+    s.enqueue([{"id": "mid-new", "payload": 0}], T0 + 3)
+    got = s.claim("w", None, 10, T0 + 4)
+    assert ids(got) == ["high", "mid-old", "mid-new", "low-old"]
+
+
+def test_delayed_job_is_not_claimable_before_run_at() -> None:
+    s = fresh()
+    s.enqueue([{"id": "later", "payload": 0, "delay": 60}], T0)
+    s.enqueue([{"id": "now", "payload": 0}], T0)
+    assert ids(s.claim("w", None, 10, T0 + 1)) == ["now"]
+    assert s.counts(T0 + 1)["delayed"] == 1
+    assert s.claim("w", None, 10, T0 + 59) == []
+    assert ids(s.claim("w", None, 10, T0 + 60)) == ["later"]
+
+
+def test_duplicate_id_is_not_enqueued_again_live_or_retained() -> None:
+    s = fresh()
+    s.enqueue([{"id": "a", "payload": 1}], T0)
+    assert s.enqueue([{"id": "a", "payload": 2}], T0) == [{"id": "a", "duplicate": True}]
+    [job] = s.claim("w", None, 1, T0)
+    s.ack("a", job["lease_token"], None, T0)
+    assert s.enqueue([{"id": "a", "payload": 3}], T0)[0]["duplicate"] is True
+    assert s.counts(T0)["enqueued"] == 1
+
+
+def test_duplicates_within_one_batch_are_caught() -> None:
+    s = fresh()
+    answers = s.enqueue([{"id": "x", "payload": 1}, {"id": "x", "payload": 2}], T0)
+    assert [a["duplicate"] for a in answers] == [False, True]
+    assert s.counts(T0)["pending"] == 1
+
+
+def test_retained_record_expires_and_id_can_be_reused_after_retention() -> None:
+    s = fresh(retention=100)
+    s.enqueue([{"id": "a", "payload": 1}], T0)
+    [job] = s.claim("w", None, 1, T0)
+    s.ack("a", job["lease_token"], {"ok": True}, T0)
+    assert s.find("a") is not None
+    s.seal({}, "w1", T0 + 101)
+    assert s.find("a") is None
+    assert s.enqueue([{"id": "a", "payload": 1}], T0 + 101)[0]["duplicate"] is False
+
+
+def test_ack_with_current_token_completes_and_keeps_result() -> None:
+    s = fresh()
+    s.enqueue([{"id": "a", "payload": 1}], T0)
+    [job] = s.claim("w", None, 1, T0)
+    s.ack("a", job["lease_token"], {"r": 42}, T0 + 1)
+    status, record = s.find("a") or ("", {})
+    assert status == "completed"
+    assert record["result"] == {"r": 42}
+    c = s.counts(T0 + 1)
+    assert (c["completed"], c["claimed"], c["pending"], c["total"]) == (1, 0, 0, 1)
+
+
+def test_stale_token_is_refused_and_changes_nothing() -> None:
+    s = fresh()
+    s.enqueue([{"id": "a", "payload": 1}], T0)
+    [first] = s.claim("w1", 5, 1, T0)
+    s.reap(T0 + 6)
+    [second] = s.claim("w2", 5, 1, T0 + 6)
+    assert first["lease_token"] != second["lease_token"]
+    before = orjson.dumps(s.head)
+    for op in (
+        lambda: s.ack("a", first["lease_token"], None, T0 + 7),
+        lambda: s.nack("a", first["lease_token"], 0, "x", T0 + 7),
+        lambda: s.heartbeat("a", first["lease_token"], None, T0 + 7),
+    ):
+        with pytest.raises(LeaseLost):
+            op()
+    assert orjson.dumps(s.head) == before
+    s.ack("a", second["lease_token"], None, T0 + 7)
+
+
+def test_ack_without_token_needs_the_job_claimed() -> None:
+    s = fresh()
+    s.enqueue([{"id": "a", "payload": 1}], T0)
+    with pytest.raises(LeaseLost):
+        s.ack("a", None, None, T0)
+    s.claim("w", None, 1, T0)
+    s.ack("a", None, None, T0)
+
+
+def test_unknown_job_is_job_not_found() -> None:
+    s = fresh()
+    with pytest.raises(JobNotFound):
+        s.ack("nope", None, None, T0)
+    with pytest.raises(JobNotFound):
+        s.heartbeat("nope", None, None, T0)
+
+
+def test_nack_returns_to_pending_after_delay_with_error() -> None:
+    s = fresh()
+    s.enqueue([{"id": "a", "payload": 1}], T0)
+    [job] = s.claim("w", None, 1, T0)
+    assert s.nack("a", job["lease_token"], 30, "boom", T0)["status"] == "pending"
+    assert s.claim("w", None, 1, T0 + 29) == []
+    [again] = s.claim("w", None, 1, T0 + 30)
+    assert again["attempts"] == 2
+    assert again["last_error"] == "boom"
+
+
+def test_nack_past_max_attempts_goes_dead_with_whole_record() -> None:
+    s = fresh()
+    s.enqueue([{"id": "a", "payload": {"big": "data"}, "max_attempts": 2}], T0)
+    for i in range(2):
+        [job] = s.claim("w", None, 1, T0 + i)
+        s.nack("a", job["lease_token"], 0, f"fail {i}", T0 + i)
+    [dead] = s.dead_jobs()
+    assert dead["payload"] == {"big": "data"}
+    assert dead["last_error"] == "fail 1"
+    assert s.counts(T0 + 2)["dead"] == 1
+    assert s.claim("w", None, 1, T0 + 3) == []
+
+
+def test_zero_max_attempts_means_unlimited() -> None:
+    s = fresh()
+    s.enqueue([{"id": "a", "payload": 1, "max_attempts": 0}], T0)
+    for i in range(50):
+        [job] = s.claim("w", None, 1, T0 + i)
+        assert s.nack("a", job["lease_token"], 0, "again", T0 + i)["status"] == "pending"
+
+
+def test_heartbeat_extends_the_lease_and_keeps_it_from_reaping() -> None:
+    s = fresh()
+    s.enqueue([{"id": "a", "payload": 1}], T0)
+    [job] = s.claim("w", 10, 1, T0)
+    assert s.heartbeat("a", job["lease_token"], None, T0 + 8)["lease_expires_at"] == T0 + 18
+    assert s.reap(T0 + 12) == {"pending": 0, "dead": 0}
+    assert s.reap(T0 + 18) == {"pending": 1, "dead": 0}
+
+
+def test_reap_sends_spent_jobs_dead() -> None:
+    s = fresh()
+    s.enqueue([{"id": "a", "payload": 1, "max_attempts": 1}], T0)
+    s.claim("w", 5, 1, T0)
+    assert s.reap(T0 + 5) == {"pending": 0, "dead": 1}
+    assert s.dead_jobs()[0]["last_error"] == "lease expired"
+
+
+def test_requeue_and_purge_dead_jobs() -> None:
+    s = fresh()
+    s.enqueue([{"id": i, "payload": 1, "max_attempts": 1} for i in "abc"], T0)
+    for job in s.claim("w", None, 3, T0):
+        s.nack(job["id"], job["lease_token"], 0, "x", T0)
+    assert s.requeue(["b"], T0 + 1) == ["b"]
+    [job] = s.claim("w", None, 5, T0 + 1)
+    assert (job["id"], job["attempts"]) == ("b", 1)
+    assert sorted(s.purge(None, T0 + 2)) == ["a", "c"]
+    assert s.dead_jobs() == []
+    assert s.find("a") == ("dead", s.find("a")[1])  # type: ignore[index]
+
+
+def test_dead_limit_drops_the_oldest_and_counts_them() -> None:
+    s = fresh(dead_limit=3)
+    s.enqueue([{"id": str(i), "payload": i, "max_attempts": 1} for i in range(5)], T0)
+    for job in s.claim("w", None, 5, T0):
+        s.nack(job["id"], job["lease_token"], 0, None, T0)
+    assert ids(s.dead_jobs()) == ["2", "3", "4"]
+    assert s.head["counters"]["dead_dropped"] == 2
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "not an object",
+        {},
+        {"payload": 1, "priority": "high"},
+        {"payload": 1, "priority": True},
+        {"payload": 1, "delay": -1},
+        {"payload": 1, "max_attempts": -1},
+        {"payload": 1, "id": ""},
+        {"payload": 1, "id": 7},
+        {"payload": 1, "colour": "red"},
+    ],
+)
+def test_bad_job_spec_rejects_the_whole_batch(spec: Any) -> None:
+    s = fresh()
+    with pytest.raises(InvalidRequest):
+        s.enqueue([{"id": "ok", "payload": 1}, spec], T0)
+    assert s.dirty is False
+    assert s.find("ok") is None
+
+
+@pytest.mark.parametrize(
+    ("worker", "lease", "count"),
+    [("", None, 1), ("w", 0, 1), ("w", -5, 1), ("w", None, 0), ("w", None, 10_000), ("w", "x", 1)],
+)
+def test_bad_claim_arguments_are_rejected(worker: str, lease: Any, count: Any) -> None:
+    s = fresh()
+    s.enqueue([{"payload": 1}], T0)
+    with pytest.raises(InvalidRequest):
+        s.claim(worker, lease, count, T0)
+    assert s.counts(T0)["claimed"] == 0
+
+
+def test_pending_spills_into_segments_and_claims_follow_them_in_order() -> None:
+    s = fresh(inline_pending_bytes=2000)
+    n = 0
+    for batch in range(20):
+        s.enqueue([{"id": f"j{n + i:04d}", "payload": "x" * 50} for i in range(10)], T0 + batch)
+        n += 10
+        s = reload(s, T0 + batch)
+    assert s.head["lanes"]["0"]["runs"], "expected spilled segments"
+    assert len(orjson.dumps(s.head)) < 4000
+    got: list[str] = []
+    for i in range(25):
+        got += ids(s.claim("w", None, 8, T0 + 100 + i))
+        s = reload(s, T0 + 100 + i)
+    assert got == [f"j{i:04d}" for i in range(200)]
+
+
+def test_jobs_in_segments_are_found_and_deduplicated() -> None:
+    s = fresh(inline_pending_bytes=500)
+    s.enqueue([{"id": f"a{i}", "payload": i} for i in range(30)], T0)
+    s = reload(s)
+    assert s.head["lanes"]["0"]["runs"]
+    assert s.find("a3") == ("pending", s.find("a3")[1])  # type: ignore[index]
+    assert s.enqueue([{"id": "a3", "payload": 0}], T0)[0]["duplicate"] is True

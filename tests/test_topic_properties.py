@@ -1,0 +1,168 @@
+"""Property-based tests of the topic state machine: any sequence of operations
+keeps the invariants (one state per job, stale tokens never commit, counters
+add up, retention and the head stay bounded), across spills and re-reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from simplequeue.broker.topic import Limits, Segments, TopicState, decode_segment, new_head
+from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+
+IDS = st.sampled_from([f"j{i}" for i in range(12)])
+
+
+class TopicMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.limits = Limits(
+            inline_pending_bytes=600,
+            inline_records_bytes=400,
+            inline_dead_bytes=400,
+            retention=50,
+            dead_limit=4,
+            max_attempts=3,
+        )
+        self.state = TopicState(new_head("t"), Segments(), self.limits)
+        self.now = 1000.0
+        self.sealed_at = self.now
+        self.writes = 0
+        self.enqueued = 0
+        self.completed = 0
+        self.tokens: dict[str, str] = {}  # job id -> token of its current claim
+        self.stale: list[tuple[str, str]] = []  # (job id, token) no longer valid
+
+    # --- operations ----------------------------------------------------------
+
+    @rule(
+        job_id=st.one_of(st.none(), IDS),
+        priority=st.integers(-2, 2),
+        delay=st.sampled_from([0, 0, 5, 30]),
+    )
+    def enqueue(self, job_id: str | None, priority: int, delay: int) -> None:
+        spec: dict[str, Any] = {"payload": {"p": priority}, "priority": priority, "delay": delay}
+        if job_id is not None:
+            spec["id"] = job_id
+        [answer] = self.state.enqueue([spec], self.now)
+        if not answer["duplicate"]:
+            self.enqueued += 1
+
+    @rule(count=st.integers(1, 4))
+    def claim(self, count: int) -> None:
+        before = self.state.counts(self.now)
+        jobs = self.state.claim("w", 10, count, self.now)
+        assert len(jobs) == min(count, before["pending"] - before["delayed"])
+        priorities = [j["priority"] for j in jobs]
+        assert priorities == sorted(priorities, reverse=True)
+        for job in jobs:
+            assert job["run_at"] <= self.now
+            assert job["id"] not in self.tokens
+            self.tokens[job["id"]] = job["lease_token"]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), how=st.sampled_from(["ack", "nack", "heartbeat"]))
+    def settle(self, data: st.DataObject, how: str) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        token = self.tokens[job_id]
+        if how == "ack":
+            self.state.ack(job_id, token, {"ok": job_id}, self.now)
+            self.completed += 1
+        elif how == "nack":
+            self.state.nack(job_id, token, data.draw(st.sampled_from([0, 3])), "err", self.now)
+        else:
+            self.state.heartbeat(job_id, token, 10, self.now)
+            return
+        del self.tokens[job_id]
+        self.stale.append((job_id, token))
+
+    @precondition(lambda self: self.stale)
+    @rule(data=st.data())
+    def stale_token_never_commits(self, data: st.DataObject) -> None:
+        job_id, token = data.draw(st.sampled_from(self.stale))
+        before = orjson.dumps(self.state.head)
+        with pytest.raises((LeaseLost, JobNotFound)):
+            self.state.ack(job_id, token, "late", self.now)
+        assert orjson.dumps(self.state.head) == before
+
+    @rule(seconds=st.sampled_from([1, 4, 11, 60]))
+    def time_passes(self, seconds: int) -> None:
+        self.now += seconds
+        reaped = self.state.reap(self.now)
+        for job_id in [j for j in self.tokens if j not in self.state.head["claimed"]]:
+            self.stale.append((job_id, self.tokens.pop(job_id)))
+        assert sum(reaped.values()) >= 0
+
+    @rule(all_=st.booleans(), data=st.data())
+    def requeue_or_purge(self, all_: bool, data: st.DataObject) -> None:
+        dead = [j["id"] for j in self.state.dead_jobs()]
+        ids = (
+            None if all_ else data.draw(st.lists(st.sampled_from(dead), max_size=2)) if dead else []
+        )
+        if data.draw(st.booleans()):
+            self.state.requeue(ids, self.now)
+        else:
+            self.state.purge(ids, self.now)
+
+    @rule(bad=st.sampled_from([{"payload": 1, "priority": "x"}, {"nope": 1}, 7]))
+    def bad_input_changes_nothing(self, bad: Any) -> None:
+        before = orjson.dumps(self.state.head)
+        with pytest.raises(InvalidRequest):
+            self.state.enqueue([{"payload": "fine"}, bad], self.now)
+        assert orjson.dumps(self.state.head) == before
+
+    @rule()
+    def write_and_reread(self) -> None:
+        """Seal as a commit would, then continue from the parsed bytes."""
+        self.writes += 1
+        self.sealed_at = self.now
+        sealed = self.state.seal({"broker_id": "b", "epoch": 1}, f"w{self.writes}", self.now)
+        segments = Segments()
+        for key, body in sealed.new_segments.items():
+            segments.add(key, decode_segment(body))
+        for key in self.state.segment_keys():
+            if key not in segments:
+                segments.add(key, self.state.segments.get(key))
+        assert not set(sealed.unreferenced) & set(self.state.segment_keys())
+        self.state = TopicState(orjson.loads(orjson.dumps(self.state.head)), segments, self.limits)
+
+    # --- invariants ----------------------------------------------------------
+
+    @invariant()
+    def each_job_is_in_exactly_one_state(self) -> None:
+        pending = [j["id"] for j in self.state.pending_jobs()]
+        claimed = list(self.state.head["claimed"])
+        dead = [j["id"] for j in self.state.dead_jobs()]
+        everything = pending + claimed + dead
+        assert len(everything) == len(set(everything)), "a job is in two places"
+        assert set(claimed) == set(self.tokens)
+
+    @invariant()
+    def counters_add_up(self) -> None:
+        c = self.state.counts(self.now)
+        assert c["total"] == c["pending"] + c["claimed"] + c["completed"] + c["dead"]
+        assert c["enqueued"] == self.enqueued
+        assert c["completed"] == self.completed
+        assert 0 <= c["delayed"] <= c["pending"]
+        assert c["dead"] <= self.limits.dead_limit
+        dropped = self.state.head["counters"]["dead_dropped"]
+        purged_or_requeued_or_dead = c["enqueued"] - c["pending"] - c["claimed"] - c["completed"]
+        assert c["dead"] <= purged_or_requeued_or_dead + dropped
+
+    @invariant()
+    def retained_records_are_within_retention(self) -> None:
+        # Records expire when a batch is sealed; none older than retention survives it.
+        horizon = self.sealed_at - self.limits.retention
+        for record in self.state.head["retained"]["inline"]:
+            assert record["finished_at"] >= horizon
+        for seg in self.state.head["retained"]["segs"]:
+            assert seg["newest"] >= horizon
+
+
+TopicMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_topic_state_machine = TopicMachine.TestCase
