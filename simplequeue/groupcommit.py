@@ -31,6 +31,7 @@ from tenacity import (
 from simplequeue import keys
 from simplequeue.broker.topic import (
     Limits,
+    SegmentMissing,
     Segments,
     TopicState,
     decode_segment,
@@ -66,7 +67,10 @@ class CommitSettings:
 
     limits: Limits = field(default_factory=Limits)
     budget: float = 10.0  # seconds to keep retrying lost races before Contended
-    max_age: float = 0.25  # seconds a cached state may answer status and lookups
+    # How old (seconds) a cached state may be when it answers a read (status, a
+    # lookup). 0: a read sees every write that landed before it was asked,
+    # whichever broker wrote it, at the cost of one GET of the head.
+    max_age: float = 0.0
     backoff_min: float = 0.002
     backoff_max: float = 0.25
 
@@ -84,7 +88,6 @@ class CommitStats:
     reloads: int = 0
     segments_written: int = 0
     segments_deleted: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class _LostRace(Exception):
@@ -148,6 +151,8 @@ class GroupCommitter:
         self.clock = clock
         self.stats = CommitStats()
         self.fenced_by: dict[str, Any] | None = None  # a newer writer seen in a head
+        self.on_batch: Callable[[int], None] | None = None  # told each batch's size
+        self.on_fenced: Callable[[dict[str, Any]], None] | None = None
         self._topics: dict[str, _Topic] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -176,9 +181,10 @@ class GroupCommitter:
         """Answer `query` from the last committed state, refreshed when stale.
         Readers never see a batch that has not landed."""
         t = self._topic(topic)
-        if time.monotonic() - t.checked_at > self.settings.max_age:
-            async with t.lock:  # waits for a batch in flight, whose landing refreshes
-                if time.monotonic() - t.checked_at > self.settings.max_age:
+        asked = time.monotonic() - self.settings.max_age
+        if t.checked_at < asked:
+            async with t.lock:  # waits for a batch in flight, whose landing may do
+                if t.checked_at < asked:
                     await self._load(t)
         if t.reader is None:
             head = orjson.loads(t.committed) if t.committed else new_head(topic)
@@ -210,6 +216,20 @@ class GroupCommitter:
         flushers = [t.flusher for t in self._topics.values() if t.flusher]
         await asyncio.gather(*flushers, return_exceptions=True)
         await asyncio.gather(*self._background, return_exceptions=True)
+
+    def cached_counts(self) -> dict[str, dict[str, int]]:
+        """Counts of every topic this broker has loaded, from its cache (no I/O)."""
+        out: dict[str, dict[str, int]] = {}
+        now = self.clock()
+        for name, t in self._topics.items():
+            if t.committed is None:
+                continue
+            if t.reader is None:
+                head = orjson.loads(t.committed)
+                t.reader = TopicState(head, t.segments, self.settings.limits)
+            with contextlib.suppress(SegmentMissing):
+                out[name] = t.reader.counts(now)
+        return out
 
     @property
     def writer(self) -> dict[str, Any]:
@@ -243,8 +263,8 @@ class GroupCommitter:
     async def _commit(self, t: _Topic, batch: list[_Entry[Any]]) -> None:
         self.stats.batches += 1
         self.stats.mutations += len(batch)
-        self.stats.batch_sizes.append(len(batch))
-        del self.stats.batch_sizes[:-1000]
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         outcomes: list[_Outcome] = []  # every attempt; at most one of them lands
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_LostRace),
@@ -398,6 +418,8 @@ class GroupCommitter:
         writer = head.get("writer") or {}
         if writer.get("broker_id") != self.broker_id and writer.get("epoch", 0) > self.epoch:
             self.fenced_by = writer
+            if self.on_fenced is not None:
+                self.on_fenced(writer)
         t.state, t.etag, t.checked_at = state, etag, sent_at
         t.committed, t.reader = data, None
 

@@ -8,9 +8,12 @@ in which case they fail: CI must never pass by skipping S3.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +89,102 @@ async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
 async def store(open_store: OpenStore) -> ObjectStore:
     """One empty store of each backend."""
     return await open_store()
+
+
+# --- brokers ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def start_broker() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Starts in-process brokers on free 127.0.0.1 ports; stops them all after."""
+    from simplequeue.broker.server import Broker
+    from simplequeue.broker.settings import BrokerSettings
+
+    started: list[Broker] = []
+
+    async def start(store: ObjectStore | None = None, **settings: Any) -> Broker:
+        store = store or MemStore()
+        broker = Broker(BrokerSettings(store_url=store.url, addr="127.0.0.1:0", **settings), store)
+        await broker.start()
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in reversed(started):
+        await broker.stop()
+
+
+class BrokerProcess:
+    """A `simplequeued` subprocess; its URL is read from its first line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "simplequeue.broker", "--addr", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.stop()
+            raise RuntimeError(f"broker did not start: {line!r}")
+        self.url = line.split("listening on ")[1].split()[0]
+        self.broker_id = line.split()[1]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM, then SIGKILL if it does not leave in time; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        code = self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+        return code
+
+
+@pytest.fixture
+def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
+    """Starts `simplequeued` subprocesses; stops every one of them (by PID) after."""
+    started: list[BrokerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+        started.append(BrokerProcess(*args, env=env))
+        return started[-1]
+
+    yield start
+    for b in started:
+        b.stop()
+
+
+def s3_broker_args(prefix: str) -> list[str]:
+    """simplequeued flags for this run's LocalStack bucket under `prefix`."""
+    return [
+        "--backend",
+        "s3",
+        "--bucket",
+        RUN_BUCKET,
+        "--prefix",
+        prefix,
+        "--endpoint-url",
+        s3_endpoint(),
+        "--region",
+        "us-east-1",
+        "--create-bucket",
+    ]

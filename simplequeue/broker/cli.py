@@ -1,11 +1,186 @@
-"""simplequeued: the broker's command line."""
+"""simplequeued: run a broker. Click options build one BrokerSettings."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
 import click
 
+from simplequeue.broker.settings import BrokerSettings, parse_addr
+from simplequeue.broker.topic import Limits
+from simplequeue.objstore import ObjectStore
 
-@click.command()
-def main() -> None:
-    """Run a simplequeue broker (not yet: the broker lands with issue 4)."""
-    raise click.ClickException("the broker is not built yet")
+
+def open_store(
+    backend: str,
+    directory: str,
+    bucket: str | None,
+    prefix: str,
+    endpoint_url: str | None,
+    region: str | None,
+) -> tuple[ObjectStore, str]:
+    """The store the flags name, and a URL that describes it."""
+    if backend == "memfs":
+        from simplequeue.objstore.memfs import MemStore
+
+        store: ObjectStore = MemStore()
+    elif backend == "localfs":
+        from simplequeue.objstore.localfs import LocalStore
+
+        store = LocalStore(Path(directory).absolute())
+    else:
+        from simplequeue.objstore.s3 import S3Settings, S3Store
+
+        if not bucket:
+            raise click.UsageError("--backend s3 needs --bucket")
+        store = S3Store(
+            S3Settings(bucket=bucket, prefix=prefix, endpoint_url=endpoint_url, region=region)
+        )
+    return store, store.url
+
+
+def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        parse_addr(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+@click.command(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE", "show_default": True})
+@click.option(
+    "--addr",
+    default="127.0.0.1:8080",
+    callback=_addr,
+    help="HTTP listen address (HOST:PORT; port 0 picks a free one).",
+)
+@click.option("--broker-id", default=None, help="This broker's id [default: host-random].")
+@click.option(
+    "--advertise-url",
+    default=None,
+    help="URL clients use to reach this broker [default: from --addr].",
+)
+@click.option("--backend", type=click.Choice(["localfs", "memfs", "s3"]), default="localfs")
+@click.option("--dir", "directory", default="./simplequeue-data", help="localfs directory.")
+@click.option("--bucket", default=None, help="s3 bucket.")
+@click.option("--prefix", default="", help="s3 key prefix.")
+@click.option("--endpoint-url", default=None, help="s3 endpoint (LocalStack, MinIO).")
+@click.option("--region", default=None, help="s3 region.")
+@click.option("--create-bucket", is_flag=True, help="Create the s3 bucket if it is missing.")
+@click.option(
+    "--token",
+    default=None,
+    show_default=False,
+    help="Require 'Authorization: Bearer TOKEN' (env SIMPLEQUEUE_TOKEN).",
+)
+@click.option(
+    "--lease", type=click.FloatRange(min=0.001), default=30.0, help="Default claim lease, seconds."
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=0),
+    default=5,
+    help="Default attempts before a job goes dead (0 = unlimited).",
+)
+@click.option(
+    "--retention",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    help="Seconds completed and dead records are kept for lookups and dedup.",
+)
+@click.option(
+    "--dead-limit",
+    type=click.IntRange(min=1),
+    default=10_000,
+    help="Dead jobs kept per topic; beyond it the oldest are dropped.",
+)
+@click.option(
+    "--max-body",
+    type=click.IntRange(min=1024),
+    default=1024 * 1024,
+    help="Largest request body, bytes.",
+)
+@click.option(
+    "--broker-lease",
+    type=click.FloatRange(min=0.5),
+    default=15.0,
+    help="Seconds after which a silent active broker is replaced in broker.json.",
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
+)
+def main(
+    addr: str,
+    broker_id: str | None,
+    advertise_url: str | None,
+    backend: str,
+    directory: str,
+    bucket: str | None,
+    prefix: str,
+    endpoint_url: str | None,
+    region: str | None,
+    create_bucket: bool,
+    token: str | None,
+    lease: float,
+    max_attempts: int,
+    retention: float,
+    dead_limit: int,
+    max_body: int,
+    broker_lease: float,
+    log_level: str,
+) -> None:
+    """Run a simplequeue broker until SIGTERM or Ctrl-C."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    store, url = open_store(backend, directory, bucket, prefix, endpoint_url, region)
+    limits = Limits(
+        default_lease=lease, max_attempts=max_attempts, retention=retention, dead_limit=dead_limit
+    )
+    settings = BrokerSettings(
+        store_url=url,
+        addr=addr,
+        advertise_url=advertise_url,
+        token=token or None,
+        limits=limits,
+        max_body=max_body,
+        broker_lease=broker_lease,
+    )
+    if broker_id:
+        settings = dataclasses.replace(settings, broker_id=broker_id)
+    try:
+        asyncio.run(_serve(settings, store, create_bucket))
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bool) -> None:
+    from simplequeue.broker.server import Broker
+
+    if create_bucket:
+        from simplequeue.objstore.s3 import S3Store
+
+        if isinstance(store, S3Store):
+            await store.create_bucket()
+    broker = Broker(settings, store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await broker.start()
+    click.echo(
+        f"simplequeued {settings.broker_id} listening on {broker.url} "
+        f"(store {settings.store_url}, pid {os.getpid()})"
+    )
+    sys.stdout.flush()
+    await stop.wait()
+    logging.getLogger(__name__).info("stopping: finishing in-flight writes")
+    await broker.stop()

@@ -1,0 +1,168 @@
+"""Prometheus metrics of one broker: HTTP requests, store requests, commits, jobs.
+
+Each broker has its own registry (several may share a process in tests). The
+store is wrapped so that every request to it is counted and timed; job counts
+are read at scrape time from the committer's cached states, never from storage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from simplequeue.errors import ObjectNotFound, PreconditionFailed
+from simplequeue.objstore import ObjectStore
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    """The broker's metrics and its registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "simplequeue_http_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.http_seconds = Histogram(
+            "simplequeue_http_request_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+        )
+        self.store_requests = Counter(
+            "simplequeue_store_requests",
+            "Object store requests by kind (get, put, put_if, delete, list) and outcome",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.store_seconds = Histogram(
+            "simplequeue_store_request_seconds",
+            "Object store request latency by kind",
+            ["kind"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.batch_sizes = Histogram(
+            "simplequeue_batch_mutations",
+            "Mutations per committed batch",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+        )
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class CallbackCollector(Collector):
+    """Metrics computed at scrape time by a function returning metric families."""
+
+    def __init__(self, collect: Callable[[], Iterator[Any]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._collect()
+
+
+def commit_families(stats: Any, counts: dict[str, dict[str, int]]) -> Iterator[Any]:
+    """Committer counters and per-topic job counts as metric families."""
+    for name, help_text in (
+        ("batches", "Batches committed or answered"),
+        ("mutations", "Mutations submitted"),
+        ("writes", "Head writes that landed"),
+        ("bytes_written", "Bytes written (heads and segments)"),
+        ("conflicts", "Compare-and-set races lost"),
+        ("ambiguous", "Writes whose outcome had to be read back"),
+        ("reloads", "Head reads"),
+        ("segments_written", "Segments written"),
+        ("segments_deleted", "Segments deleted"),
+    ):
+        value = getattr(stats, name)
+        yield CounterMetricFamily(f"simplequeue_commit_{name}", help_text, value=value)
+    jobs = GaugeMetricFamily(
+        "simplequeue_jobs", "Jobs by topic and state", labels=["topic", "state"]
+    )
+    for topic, c in sorted(counts.items()):
+        for state in ("pending", "delayed", "claimed", "dead"):
+            jobs.add_metric([topic, state], c[state])
+    yield jobs
+    done = CounterMetricFamily(
+        "simplequeue_jobs_total",
+        "Jobs ever enqueued or completed, by topic",
+        labels=["topic", "outcome"],
+    )
+    for topic, c in sorted(counts.items()):
+        done.add_metric([topic, "completed"], c["completed"])
+        done.add_metric([topic, "enqueued"], c["enqueued"])
+    yield done
+
+
+class InstrumentedStore(ObjectStore):
+    """An ObjectStore that counts and times every request to the one it wraps."""
+
+    def __init__(self, inner: ObjectStore, metrics: Metrics) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self._metrics = metrics
+
+    def _observe(self, kind: str, started: float, outcome: str) -> None:
+        self._metrics.store_requests.labels(kind, outcome).inc()
+        self._metrics.store_seconds.labels(kind).observe(time.perf_counter() - started)
+
+    async def _timed(self, kind: str, call: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            result = await call
+        except PreconditionFailed:
+            self._observe(kind, started, "precondition_failed")
+            raise
+        except ObjectNotFound:
+            self._observe(kind, started, "not_found")
+            raise
+        except Exception:
+            self._observe(kind, started, "error")
+            raise
+        self._observe(kind, started, "ok")
+        return result
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        result: tuple[bytes, str] = await self._timed("get", self.inner.get(key))
+        return result
+
+    async def put(self, key: str, data: bytes) -> str:
+        etag: str = await self._timed("put", self.inner.put(key, data))
+        return etag
+
+    async def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        call = self.inner.put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+        etag: str = await self._timed("put_if", call)
+        return etag
+
+    async def delete(self, key: str) -> None:
+        await self._timed("delete", self.inner.delete(key))
+
+    async def list(self, prefix: str = "") -> list[str]:
+        keys: list[str] = await self._timed("list", self.inner.list(prefix))
+        return keys
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -1,0 +1,44 @@
+"""The broker's settings: one value, built by the command line or by tests."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from simplequeue.broker.topic import Limits
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """'host:port' (or ':port', or '[v6]:port') -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {addr!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def default_advertise_url(host: str, port: int) -> str:
+    """A URL clients can use: a wildcard bind is advertised by this host's name."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn() or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Everything a broker needs to know to run."""
+
+    store_url: str
+    addr: str = "127.0.0.1:8080"
+    redis_addr: str | None = None
+    broker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+    advertise_url: str | None = None
+    token: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_body: int = 1024 * 1024
+    commit_budget: float = 10.0
+    reap_interval: float = 1.0  # seconds between reaps of every topic
+    topic_scan_interval: float = 10.0  # seconds between listings of the store's topics
+    broker_lease: float = 15.0  # broker.json: a silent active broker is replaced after this

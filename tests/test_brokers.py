@@ -1,0 +1,215 @@
+"""Broker processes (`simplequeued` subprocesses) sharing one store: load across
+three brokers, failover of broker.json, restarts, graceful shutdown, reaping."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from simplequeue.broker.discovery import read_record
+from simplequeue.objstore.localfs import LocalStore
+from tests.conftest import s3_broker_args
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async with s.post(url, json=body) as r:
+        return r.status, await r.json()
+
+
+async def get(s: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with s.get(url) as r:
+        return r.status, await r.json()
+
+
+async def run_load(urls: list[str], n_jobs: int) -> Counter[str]:
+    """Enqueue n_jobs through random brokers while workers claim and ack through
+    random brokers; return how many times each job was acknowledged."""
+    rng = random.Random(3)
+    acked: Counter[str] = Counter()
+    async with aiohttp.ClientSession() as s:
+
+        async def produce(offset: int) -> None:
+            for first in range(offset, n_jobs, 40):
+                jobs = [
+                    {"id": f"j{i}", "payload": i} for i in range(first, min(first + 20, n_jobs))
+                ]
+                status, _ = await post(s, f"{rng.choice(urls)}/topics/load/enqueue", {"jobs": jobs})
+                assert status == 201
+
+        async def work(w: int) -> None:
+            misses = 0
+            while len(acked) < n_jobs and misses < 200:
+                status, body = await post(
+                    s,
+                    f"{rng.choice(urls)}/topics/load/claim",
+                    {"worker_id": f"w{w}", "count": 5, "wait": 0.2},
+                )
+                if status == 404:
+                    misses += 1
+                    continue
+                assert status == 200, body
+                for job in body["jobs"]:
+                    status, _ = await post(
+                        s,
+                        f"{rng.choice(urls)}/topics/load/ack",
+                        {"job_id": job["id"], "lease_token": job["lease_token"]},
+                    )
+                    assert status == 200
+                    acked[job["id"]] += 1
+
+        await asyncio.gather(produce(0), produce(20), *(work(w) for w in range(8)))
+    return acked
+
+
+async def check_exactly_once(url: str, acked: Counter[str], n_jobs: int) -> None:
+    assert sorted(acked) == sorted(f"j{i}" for i in range(n_jobs)), "a job was lost"
+    assert set(acked.values()) == {1}, "a job was acknowledged twice"
+    async with aiohttp.ClientSession() as s:
+        status, counts = await get(s, f"{url}/topics/load/status")
+    assert status == 200
+    assert counts["completed"] == counts["enqueued"] == n_jobs
+    assert counts["pending"] == counts["claimed"] == 0
+
+
+async def test_three_brokers_on_one_directory_complete_each_job_once(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    brokers = [broker_process("--dir", str(tmp_path)) for _ in range(3)]
+    acked = await run_load([b.url for b in brokers], 300)
+    await check_exactly_once(brokers[0].url, acked, 300)
+
+
+@pytest.mark.s3
+async def test_three_brokers_on_one_bucket_complete_each_job_once(broker_process: Any) -> None:
+    args = s3_broker_args(uuid.uuid4().hex[:12])
+    brokers = [broker_process(*args) for _ in range(3)]
+    acked = await run_load([b.url for b in brokers], 150)
+    await check_exactly_once(brokers[0].url, acked, 150)
+
+
+async def wait_for_record(store: LocalStore, predicate: Any, within: float) -> Any:
+    """Poll broker.json until predicate(record) holds (the standby's takeover is
+    an event in another process; reading the store is how it shows)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        current = await read_record(store)
+        if current and predicate(current[0]):
+            return current[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"broker.json never matched; last: {current}")
+
+
+async def test_standby_takes_over_broker_json_when_the_active_one_is_killed(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path)
+    active = broker_process("--dir", str(tmp_path), "--broker-lease", "1.5")
+    first = await wait_for_record(store, lambda r: r.broker_id == active.broker_id, 10)
+    standby = broker_process("--dir", str(tmp_path), "--broker-lease", "1.5")
+    async with aiohttp.ClientSession() as s:  # the standby serves while standing by
+        assert (await post(s, f"{standby.url}/topics/t/enqueue", {"payload": 1}))[0] == 201
+        assert (await get(s, f"{standby.url}/healthz"))[1]["active"] is False
+    active.kill()
+    record = await wait_for_record(store, lambda r: r.broker_id == standby.broker_id, 20)
+    assert record.url == standby.url
+    assert record.epoch == first.epoch + 1
+    async with aiohttp.ClientSession() as s:
+        assert (await get(s, f"{standby.url}/healthz"))[1]["active"] is True
+
+
+async def test_restarted_broker_sees_every_acknowledged_job(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    first = broker_process("--dir", str(tmp_path))
+    async with aiohttp.ClientSession() as s:
+        ids = []
+        for i in range(30):
+            status, body = await post(s, f"{first.url}/topics/t/enqueue", {"payload": i})
+            assert status == 201
+            ids.append(body["id"])
+        _, claimed = await post(s, f"{first.url}/topics/t/claim", {"worker_id": "w", "count": 5})
+        for job in claimed["jobs"][:3]:
+            await post(
+                s,
+                f"{first.url}/topics/t/ack",
+                {"job_id": job["id"], "lease_token": job["lease_token"]},
+            )
+    first.kill()
+    second = broker_process("--dir", str(tmp_path))
+    async with aiohttp.ClientSession() as s:
+        status, counts = await get(s, f"{second.url}/topics/t/status")
+        assert counts == {
+            "pending": 25,
+            "delayed": 0,
+            "claimed": 2,
+            "completed": 3,
+            "dead": 0,
+            "enqueued": 30,
+            "total": 30,
+        }
+        for job_id in ids:
+            assert (await get(s, f"{second.url}/topics/t/jobs/{job_id}"))[0] == 200
+
+
+async def test_sigterm_drains_and_hands_broker_json_over(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path)
+    broker = broker_process("--dir", str(tmp_path))
+    await wait_for_record(store, lambda r: r.broker_id == broker.broker_id, 10)
+    async with aiohttp.ClientSession() as s:
+        await post(s, f"{broker.url}/topics/t/enqueue", {"payload": 1})
+    assert broker.stop() == 0
+    record = await read_record(store)
+    assert record is not None and record[0].heartbeat_at == 0.0  # resigned: take over now
+
+
+async def test_a_broker_reaps_topics_it_never_touched(broker_process: Any, tmp_path: Path) -> None:
+    worker_side = broker_process("--dir", str(tmp_path))
+    async with aiohttp.ClientSession() as s:
+        await post(s, f"{worker_side.url}/topics/orphans/enqueue", {"id": "o", "payload": 1})
+        status, _ = await post(
+            s, f"{worker_side.url}/topics/orphans/claim", {"worker_id": "doomed", "lease": 1}
+        )
+        assert status == 200
+    worker_side.kill()
+    reaper = broker_process("--dir", str(tmp_path))
+    async with aiohttp.ClientSession() as s:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            _, job = await get(s, f"{reaper.url}/topics/orphans/jobs/o")
+            if job["status"] == "pending":
+                break
+            await asyncio.sleep(0.2)
+        assert job["status"] == "pending"
+        assert job["last_error"] == "lease expired"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--backend", "s3"], "--bucket"),
+        (["--addr", "nonsense"], "HOST:PORT"),
+        (["--lease", "-1"], "--lease"),
+    ],
+)
+def test_simplequeued_rejects_bad_flags_with_a_clear_message(args: list[str], says: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "simplequeue.broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,424 @@
+"""The HTTP API over a real socket: every route, its statuses, bad input, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yarl
+
+from simplequeue.objstore.memfs import MemStore
+from tests.helpers.faults import FaultyStore
+
+Answer = tuple[int, Any]
+
+
+class Api:
+    """A thin HTTP client for tests: (status, parsed JSON or text)."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, token: str | None = None) -> None:
+        self.session, self.url, self.token = session, url, token
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
+        hdrs = dict(headers or {})
+        if self.token and "Authorization" not in hdrs:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+        url = yarl.URL(self.url + path, encoded=True)  # send paths as written, unnormalised
+        async with self.session.request(method, url, data=data, headers=hdrs) as r:
+            text = await r.read()
+            if r.content_type == "application/json":
+                return r.status, orjson.loads(text)
+            return r.status, text.decode()
+
+    async def post(self, path: str, body: Any = None, **kw: Any) -> Answer:
+        return await self.call("POST", path, body, **kw)
+
+    async def get(self, path: str, **kw: Any) -> Answer:
+        return await self.call("GET", path, **kw)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+async def api(start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession) -> Api:
+    broker = await start_broker(MemStore())
+    return Api(session, broker.url)
+
+
+async def enqueue_and_claim(api: Api, topic: str = "t", **job: Any) -> dict[str, Any]:
+    status, _ = await api.post(f"/topics/{topic}/enqueue", {"payload": {"x": 1}, **job})
+    assert status == 201
+    status, body = await api.post(f"/topics/{topic}/claim", {"worker_id": "w"})
+    assert status == 200
+    claimed: dict[str, Any] = body["job"]
+    return claimed
+
+
+# --- every route -------------------------------------------------------------------
+
+
+async def test_enqueue_answers_201_with_id_and_200_for_a_duplicate(api: Api) -> None:
+    assert await api.post("/topics/t/enqueue", {"id": "a", "payload": [1, 2]}) == (201, {"id": "a"})
+    status, body = await api.post("/topics/t/enqueue", {"id": "a", "payload": "other"})
+    assert (status, body) == (200, {"id": "a", "duplicate": True})
+    assert (await api.get("/topics/t/status"))[1]["pending"] == 1
+
+
+async def test_enqueue_batch_answers_ids_in_order(api: Api) -> None:
+    jobs = [{"id": f"j{i}", "payload": i, "priority": i % 3} for i in range(5)]
+    status, body = await api.post("/topics/t/enqueue", {"jobs": jobs})
+    assert status == 201
+    assert body == {"ids": [f"j{i}" for i in range(5)], "duplicates": []}
+    status, body = await api.post("/topics/t/enqueue", {"jobs": jobs[:2]})
+    assert (status, body["duplicates"]) == (200, ["j0", "j1"])
+
+
+async def test_claim_returns_the_job_with_lease_and_token(api: Api) -> None:
+    await api.post("/topics/t/enqueue", {"id": "a", "payload": {"k": "v"}, "max_attempts": 7})
+    before = time.time()
+    status, body = await api.post("/topics/t/claim", {"worker_id": "w1", "lease": 12})
+    assert status == 200
+    job = body["job"]
+    assert (job["id"], job["payload"], job["status"], job["attempts"]) == (
+        "a",
+        {"k": "v"},
+        "claimed",
+        1,
+    )
+    assert job["max_attempts"] == 7
+    assert job["claimed_by"] == "w1"
+    assert job["lease_token"]
+    assert before + 11 < job["lease_expires_at"] < time.time() + 13
+
+
+async def test_claim_with_count_answers_a_list(api: Api) -> None:
+    await api.post("/topics/t/enqueue", {"jobs": [{"payload": i} for i in range(5)]})
+    status, body = await api.post("/topics/t/claim", {"worker_id": "w", "count": 3})
+    assert status == 200
+    assert [j["payload"] for j in body["jobs"]] == [0, 1, 2]
+
+
+async def test_claim_on_empty_topic_is_404(api: Api) -> None:
+    status, body = await api.post("/topics/t/claim", {"worker_id": "w"})
+    assert status == 404
+    assert "error" in body
+
+
+async def test_long_poll_returns_a_job_that_becomes_due_while_waiting(api: Api) -> None:
+    await api.post("/topics/t/enqueue", {"id": "soon", "payload": 1, "delay": 1.0})
+    assert (await api.post("/topics/t/claim", {"worker_id": "w"}))[0] == 404
+    status, body = await api.post("/topics/t/claim", {"worker_id": "w", "wait": 10})
+    assert (status, body["job"]["id"]) == (200, "soon")
+
+
+async def test_long_poll_is_woken_by_an_enqueue_in_this_broker(
+    start_broker: Callable[..., Awaitable[Any]],
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from simplequeue.broker import engine
+
+    monkeypatch.setattr(engine, "POLL_INTERVAL", 60.0)  # only a wake-up can end the wait
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    claim = asyncio.create_task(api.post("/topics/t/claim", {"worker_id": "w", "wait": 30}))
+    while broker.committer.stats.mutations < 1:  # the claim found nothing and now waits
+        await broker.committer.wait_changed("t", 0.01)
+    started = time.monotonic()
+    await api.post("/topics/t/enqueue", {"id": "x", "payload": 1})
+    status, body = await claim
+    assert (status, body["job"]["id"]) == (200, "x")
+    assert time.monotonic() - started < 30
+
+
+async def test_long_poll_sees_a_job_enqueued_through_another_broker(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    shared = MemStore("long-poll-shared")
+    a, b = await start_broker(shared), await start_broker(MemStore("long-poll-shared"))
+    claim = asyncio.create_task(
+        Api(session, a.url).post("/topics/t/claim", {"worker_id": "w", "wait": 20})
+    )
+    while a.committer.stats.mutations < 1:
+        await a.committer.wait_changed("t", 0.01)
+    await Api(session, b.url).post("/topics/t/enqueue", {"id": "via-b", "payload": 1})
+    status, body = await claim
+    assert (status, body["job"]["id"]) == (200, "via-b")
+
+
+async def test_ack_completes_once_and_keeps_the_result(api: Api) -> None:
+    job = await enqueue_and_claim(api)
+    body = {"job_id": job["id"], "lease_token": job["lease_token"], "result": {"ok": 1}}
+    assert (await api.post("/topics/t/ack", body))[0] == 200
+    assert (await api.post("/topics/t/ack", body))[0] == 409
+    status, record = await api.get(f"/topics/t/jobs/{job['id']}")
+    assert (status, record["status"], record["result"]) == (200, "completed", {"ok": 1})
+
+
+async def test_ack_with_a_stale_token_is_409_and_commits_nothing(api: Api) -> None:
+    job = await enqueue_and_claim(api)
+    body = {"job_id": job["id"], "lease_token": "not-the-token"}
+    assert (await api.post("/topics/t/ack", body))[0] == 409
+    assert (await api.get("/topics/t/status"))[1]["claimed"] == 1
+
+
+async def test_ack_of_an_unknown_job_is_404(api: Api) -> None:
+    assert (await api.post("/topics/t/ack", {"job_id": "ghost"}))[0] == 404
+
+
+async def test_batch_ack_answers_each(api: Api) -> None:
+    await api.post("/topics/t/enqueue", {"jobs": [{"payload": i} for i in range(3)]})
+    _, body = await api.post("/topics/t/claim", {"worker_id": "w", "count": 3})
+    acks = [{"job_id": j["id"], "lease_token": j["lease_token"]} for j in body["jobs"]]
+    acks.append({"job_id": "ghost"})
+    status, body = await api.post("/topics/t/ack", {"acks": acks})
+    assert status == 200
+    assert [r["status"] for r in body["results"]] == ["completed"] * 3 + ["not_found"]
+    assert (await api.get("/topics/t/status"))[1]["completed"] == 3
+
+
+async def test_nack_returns_the_job_with_its_error(api: Api) -> None:
+    job = await enqueue_and_claim(api)
+    status, body = await api.post(
+        "/topics/t/nack", {"job_id": job["id"], "lease_token": job["lease_token"], "error": "boom"}
+    )
+    assert (status, body["status"]) == (200, "pending")
+    _, again = await api.post("/topics/t/claim", {"worker_id": "w"})
+    assert (again["job"]["attempts"], again["job"]["last_error"]) == (2, "boom")
+
+
+async def test_nack_past_max_attempts_goes_dead_then_requeue_and_purge(api: Api) -> None:
+    job = await enqueue_and_claim(api, id="d", max_attempts=1)
+    await api.post(
+        "/topics/t/nack", {"job_id": "d", "lease_token": job["lease_token"], "error": "fatal"}
+    )
+    status, body = await api.get("/topics/t/dead")
+    assert status == 200
+    assert [(j["id"], j["last_error"], j["payload"]) for j in body["jobs"]] == [
+        ("d", "fatal", {"x": 1})
+    ]
+    assert await api.post("/topics/t/requeue", {"job_ids": ["d"]}) == (200, {"requeued": ["d"]})
+    job = (await api.post("/topics/t/claim", {"worker_id": "w"}))[1]["job"]
+    await api.post("/topics/t/nack", {"job_id": "d", "lease_token": job["lease_token"]})
+    assert await api.call("DELETE", "/topics/t/dead", {}) == (200, {"purged": ["d"]})
+    assert (await api.get("/topics/t/dead"))[1] == {"jobs": []}
+    assert (await api.get("/topics/t/status"))[1]["dead"] == 0
+
+
+async def test_heartbeat_extends_the_lease(api: Api) -> None:
+    job = await enqueue_and_claim(api)
+    status, body = await api.post(
+        "/topics/t/heartbeat",
+        {"job_id": job["id"], "lease_token": job["lease_token"], "lease": 100},
+    )
+    assert status == 200
+    assert body["lease_expires_at"] > job["lease_expires_at"] + 50
+    stale = {"job_id": job["id"], "lease_token": "old"}
+    assert (await api.post("/topics/t/heartbeat", stale))[0] == 409
+    assert (await api.post("/topics/t/heartbeat", {"job_id": "ghost"}))[0] == 404
+
+
+async def test_status_counts_every_state(api: Api) -> None:
+    await api.post("/topics/t/enqueue", {"jobs": [{"payload": i} for i in range(4)]})
+    await api.post("/topics/t/enqueue", {"payload": "later", "delay": 300})
+    job = (await api.post("/topics/t/claim", {"worker_id": "w"}))[1]["job"]
+    await api.post("/topics/t/ack", {"job_id": job["id"], "lease_token": job["lease_token"]})
+    await api.post("/topics/t/claim", {"worker_id": "w"})
+    status, counts = await api.get("/topics/t/status")
+    assert status == 200
+    assert counts == {
+        "pending": 3,
+        "delayed": 1,
+        "claimed": 1,
+        "completed": 1,
+        "dead": 0,
+        "enqueued": 5,
+        "total": 5,
+    }
+
+
+async def test_job_lookup_and_404(api: Api) -> None:
+    await api.post("/topics/t/enqueue", {"id": "a", "payload": 1})
+    status, job = await api.get("/topics/t/jobs/a")
+    assert (status, job["status"], job["payload"]) == (200, "pending", 1)
+    assert (await api.get("/topics/t/jobs/nope"))[0] == 404
+
+
+async def test_topics_lists_every_topic_with_counts(api: Api) -> None:
+    await api.post("/topics/alpha/enqueue", {"payload": 1})
+    await api.post("/topics/beta/enqueue", {"jobs": [{"payload": 1}, {"payload": 2}]})
+    status, body = await api.get("/topics")
+    assert status == 200
+    assert {k: v["pending"] for k, v in body["topics"].items()} == {"alpha": 1, "beta": 2}
+
+
+async def test_healthz_metrics_and_openapi(api: Api) -> None:
+    await api.post("/topics/t/enqueue", {"payload": 1})
+    status, body = await api.get("/healthz")
+    assert (status, body["ok"]) == (200, True)
+    status, text = await api.get("/metrics")
+    assert status == 200
+    for name in (
+        "simplequeue_http_requests_total",
+        "simplequeue_store_requests_total",
+        "simplequeue_commit_conflicts_total",
+        "simplequeue_batch_mutations_bucket",
+        'simplequeue_jobs{state="pending",topic="t"} 1.0',
+    ):
+        assert name in text, name
+    status, spec = await api.get("/openapi.json")
+    assert status == 200
+    assert spec["openapi"].startswith("3.")
+    assert "/topics/{topic}/enqueue" in spec["paths"]
+
+
+async def test_healthz_is_503_when_the_store_is_down(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store)
+    store.get_down = True
+    status, body = await Api(session, broker.url).get("/healthz")
+    assert status == 503
+    assert "error" in body
+
+
+async def test_store_outage_is_503_and_loses_nothing(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    store = FaultyStore(MemStore())
+    api = Api(session, (await start_broker(store)).url)
+    assert (await api.post("/topics/t/enqueue", {"id": "kept", "payload": 1}))[0] == 201
+    store.get_down, store.faults = True, ["fail"]
+    assert (await api.post("/topics/t/enqueue", {"id": "refused", "payload": 2}))[0] == 503
+    store.get_down = False
+    assert (await api.get("/topics/t/jobs/kept"))[0] == 200
+    assert (await api.get("/topics/t/jobs/refused"))[0] == 404
+
+
+# --- bad input ------------------------------------------------------------------------
+
+BAD_INPUT = [
+    ("POST", "/topics/t/enqueue", b"{not json", 400),
+    ("POST", "/topics/t/enqueue", b"[1, 2]", 400),
+    ("POST", "/topics/t/enqueue", b'"just a string"', 400),
+    ("POST", "/topics/t/enqueue", b"", 400),
+    ("POST", "/topics/t/enqueue", b'{"priority": 1}', 400),
+    ("POST", "/topics/t/enqueue", b'{"payload": 1, "priority": "high"}', 400),
+    ("POST", "/topics/t/enqueue", b'{"payload": 1, "delay": -3}', 400),
+    ("POST", "/topics/t/enqueue", b'{"payload": 1, "id": 12}', 400),
+    ("POST", "/topics/t/enqueue", b'{"payload": 1, "colour": "red"}', 400),
+    ("POST", "/topics/t/enqueue", b'{"jobs": "no"}', 400),
+    ("POST", "/topics/t/enqueue", b'{"jobs": []}', 400),
+    ("POST", "/topics/t/enqueue", b'{"jobs": [{"payload": 1}], "payload": 2}', 400),
+    ("POST", "/topics/t/enqueue", orjson.dumps({"jobs": [{"payload": 1}] * 1001}), 400),
+    ("POST", "/topics/a.b/enqueue", b'{"payload": 1}', 400),
+    ("POST", "/topics/" + "x" * 129 + "/enqueue", b'{"payload": 1}', 400),
+    ("POST", "/topics/%2e%2e/enqueue", b'{"payload": 1}', 400),
+    ("POST", "/topics/caf%C3%A9/enqueue", b'{"payload": 1}', 400),
+    ("POST", "/topics/t/claim", b"{}", 400),
+    ("POST", "/topics/t/claim", b'{"worker_id": 5}', 400),
+    ("POST", "/topics/t/claim", b'{"worker_id": "w", "wait": 61}', 400),
+    ("POST", "/topics/t/claim", b'{"worker_id": "w", "lease": -1}', 400),
+    ("POST", "/topics/t/claim", b'{"worker_id": "w", "count": 0}', 400),
+    ("POST", "/topics/t/ack", b'{"job_id": 5}', 400),
+    ("POST", "/topics/t/ack", b'{"acks": "x"}', 400),
+    ("POST", "/topics/t/nack", b'{"job_id": "a", "delay": "soon"}', 400),
+    ("POST", "/topics/t/heartbeat", b'{"job_id": "a", "lease": 0}', 400),
+    ("POST", "/topics/t/requeue", b'{"job_ids": "a"}', 400),
+    ("DELETE", "/topics/t/dead", b'{"job_ids": [1]}', 400),
+    ("GET", "/nothing/here", None, 404),
+    ("GET", "/topics/t/enqueue", None, 405),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "raw", "expected"), BAD_INPUT)
+async def test_bad_input_gets_a_clear_error_and_changes_nothing(
+    start_broker: Callable[..., Awaitable[Any]],
+    session: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    raw: bytes | None,
+    expected: int,
+) -> None:
+    store = MemStore()
+    api = Api(session, (await start_broker(store)).url)
+    await api.post("/topics/t/enqueue", {"id": "a", "payload": 1})
+    before = {k: (await store.get(k))[0] for k in await store.list("topics/")}
+    status, body = await api.call(method, path, raw=raw)
+    assert status == expected
+    assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"]
+    after = {k: (await store.get(k))[0] for k in await store.list("topics/")}
+    assert after == before
+
+
+async def test_oversized_body_is_413(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    store = MemStore()
+    api = Api(session, (await start_broker(store, max_body=4096)).url)
+    status, body = await api.post("/topics/t/enqueue", {"payload": "x" * 5000})
+    assert status == 413
+    assert "4096" in body["error"]
+    assert await store.list("topics/") == []
+
+
+# --- auth ------------------------------------------------------------------------------
+
+ROUTES = [
+    ("POST", "/topics/t/enqueue", {"payload": 1}),
+    ("POST", "/topics/t/claim", {"worker_id": "w"}),
+    ("POST", "/topics/t/ack", {"job_id": "a"}),
+    ("POST", "/topics/t/nack", {"job_id": "a"}),
+    ("POST", "/topics/t/heartbeat", {"job_id": "a"}),
+    ("GET", "/topics/t/status", None),
+    ("GET", "/topics/t/jobs/a", None),
+    ("GET", "/topics/t/dead", None),
+    ("POST", "/topics/t/requeue", {}),
+    ("DELETE", "/topics/t/dead", {}),
+    ("GET", "/topics", None),
+    ("GET", "/metrics", None),
+    ("GET", "/openapi.json", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+async def test_with_a_token_every_route_but_healthz_needs_it(
+    start_broker: Callable[..., Awaitable[Any]],
+    session: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    body: Any,
+) -> None:
+    store = MemStore()
+    broker = await start_broker(store, token="s3cret")
+    anonymous, wrong = Api(session, broker.url), Api(session, broker.url, token="guess")
+    assert (await anonymous.call(method, path, body))[0] == 401
+    assert (await wrong.call(method, path, body))[0] == 401
+    assert await store.list("topics/") == []
+    status, _ = await Api(session, broker.url, token="s3cret").call(method, path, body)
+    assert status not in (401, 403)
+    assert (await anonymous.get("/healthz"))[0] == 200
+
+
+async def test_without_a_token_no_route_asks_for_one(api: Api) -> None:
+    for method, path, body in ROUTES:
+        assert (await api.call(method, path, body))[0] != 401, path
