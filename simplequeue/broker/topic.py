@@ -16,6 +16,7 @@ due front, so "priority, then oldest eligible" holds without a per-job index.
 from __future__ import annotations
 
 import bisect
+import heapq
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -164,6 +165,8 @@ class TopicState:
         self.limits = limits
         self._unreferenced: list[str] = []
         self.dirty = False  # set by every mutation that changed something
+        self._heaps: dict[str, list[tuple[float, int, str]]] = {}  # see _fronts()
+        self._run_refs: dict[str, dict[str, dict[str, Any]]] = {}
 
     @property
     def topic(self) -> str:
@@ -348,9 +351,9 @@ class TopicState:
             raise InvalidRequest(f"count must be an integer from 1 to {self.limits.max_batch}")
         claimed: list[Job] = []
         lanes = sorted(self.head["lanes"].items(), key=lambda kv: -int(kv[0]))
-        for _priority, lane in lanes:
+        for name, lane in lanes:
             while len(claimed) < count:
-                job = self._take_front(lane, now)
+                job = self._take_front(name, lane, now)
                 if job is None:
                     break
                 job = dict(job)  # segment items are shared and immutable
@@ -368,31 +371,56 @@ class TopicState:
         self._drop_empty_lanes()
         return claimed
 
-    def _take_front(self, lane: dict[str, Any], now: float) -> Job | None:
-        best: tuple[float, int] | None = None
-        best_run: dict[str, Any] | None = None
-        found = False
-        for items, pos, run in self._runs(lane):
-            if pos < len(items) and items[pos]["run_at"] <= now:
-                k = _key(items[pos])
-                if best is None or k < best:
-                    best, best_run, found = k, run, True
-        if not found:
-            return None
-        if best_run is None:
-            job: Job = lane["inline"].pop(0)
+    def _fronts(self, name: str, lane: dict[str, Any]) -> list[tuple[float, int, str]]:
+        """A heap of (run_at, seq, run key) of the front job of each segment run
+        of a lane, so a claim does not scan every run. Entries go stale when a
+        run advances; the run's new front is pushed then, so stale ones are
+        skipped lazily. Rebuilt when the lane's runs change otherwise."""
+        heap = self._heaps.get(name)
+        if heap is None:
+            heap = []
+            for run in lane["runs"]:
+                heap.append((*_key(self.segments.get(run["key"])[run["pos"]]), run["key"]))
+            heapq.heapify(heap)
+            self._heaps[name] = heap
+            self._run_refs[name] = {run["key"]: run for run in lane["runs"]}
+        return heap
+
+    def _take_front(self, name: str, lane: dict[str, Any], now: float) -> Job | None:
+        heap = self._fronts(name, lane)
+        refs = self._run_refs[name]
+        while heap:
+            run_at, seq, key = heap[0]
+            run = refs.get(key)
+            if run is not None and _key(self.segments.get(key)[run["pos"]]) == (run_at, seq):
+                break
+            heapq.heappop(heap)  # stale: that run moved on, or is gone
+        inline: list[Job] = lane["inline"]
+        inline_due = bool(inline) and inline[0]["run_at"] <= now
+        run_due = bool(heap) and heap[0][0] <= now
+        if inline_due and (not run_due or _key(inline[0]) < heap[0][:2]):
+            job: Job = inline.pop(0)
             return job
-        job = self.segments.get(best_run["key"])[best_run["pos"]]
-        best_run["pos"] += 1
-        if best_run["pos"] >= best_run["n"]:
-            lane["runs"].remove(best_run)
-            self._unreferenced.append(best_run["key"])
+        if not run_due:
+            return None
+        _, _, key = heapq.heappop(heap)
+        run = refs[key]
+        items = self.segments.get(key)
+        job = items[run["pos"]]
+        run["pos"] += 1
+        if run["pos"] < run["n"]:
+            heapq.heappush(heap, (*_key(items[run["pos"]]), key))
+        else:
+            lane["runs"].remove(run)
+            del refs[key]
+            self._unreferenced.append(key)
         return job
 
     def _drop_empty_lanes(self) -> None:
         lanes = self.head["lanes"]
         for name in [n for n, lane in lanes.items() if not lane["inline"] and not lane["runs"]]:
             del lanes[name]
+            self._heaps.pop(name, None)
 
     def _lease(self, lease: Any) -> float:
         if lease is None:
@@ -601,6 +629,7 @@ class TopicState:
                     key = self._new_segment(sealed, write_id, f"p{priority}", lane["inline"])
                     lane["runs"].append({"key": key, "n": len(lane["inline"]), "pos": 0})
                     lane["inline"] = []
+                    self._heaps.pop(priority, None)
         retained = h["retained"]
         if retained["inline"] and _size(retained["inline"]) > self.limits.inline_records_bytes:
             key = self._new_segment(sealed, write_id, "r", retained["inline"])
