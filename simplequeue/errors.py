@@ -8,7 +8,9 @@
     ├── InvalidRequest          bad input; nothing was changed                 -> 400
     ├── JobNotFound             no such job in the topic                       -> 404
     ├── LeaseLost               stale lease token, or the job is not claimed   -> 409
-    └── Contended               a commit kept losing races until its budget ran out -> 503
+    ├── Contended               a commit kept losing races until its budget ran out -> 503
+    ├── Unauthorized            missing or wrong bearer token                  -> 401
+    └── BrokerUnavailable       (client side) no broker answered after retries and re-discovery
 
 The HTTP and RESP layers map each class to one status or RESP error in one table.
 """
@@ -50,3 +52,11 @@ class LeaseLost(SimpleQueueError):
 
 class Contended(SimpleQueueError):
     """A commit kept losing compare-and-set races until its time budget was spent."""
+
+
+class Unauthorized(SimpleQueueError):
+    """The broker wants a bearer token and did not get the right one."""
+
+
+class BrokerUnavailable(SimpleQueueError):
+    """No broker answered (client side), after retries and re-discovery."""

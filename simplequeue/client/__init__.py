@@ -1,1 +1,8 @@
 """The client side: async SDK (and sync wrapper), discovery, Worker."""
+
+from simplequeue.client.client import Client
+from simplequeue.client.job import Job
+from simplequeue.client.sync import SyncClient
+from simplequeue.client.worker import Backoff, Worker
+
+__all__ = ["Backoff", "Client", "Job", "SyncClient", "Worker"]

@@ -1,10 +1,390 @@
-"""simplequeue: the client's command line."""
+"""simplequeue: the command line client (SPEC section 7).
+
+Data is printed as JSON (one document per command), `status` and `topics` as
+tables unless --json. Any failure exits 1 with one line on stderr; `claim`
+exits 1 with "no job is claimable" when the topic is empty.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TextIO, TypeVar
+
 import click
+import orjson
+
+from simplequeue.client.client import Client
+from simplequeue.client.job import Job
+from simplequeue.errors import SimpleQueueError
+
+T = TypeVar("T")
+BATCH = 500  # jobs per request with enqueue --file
 
 
-@click.group()
-def main() -> None:
-    """Talk to a simplequeue broker (not yet: the CLI lands with issue 5)."""
+class Settings:
+    """What the group's options say about reaching a broker."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    async def client(self) -> Client:
+        o = self.options
+        common = {"topic": o["topic"], "token": o["token"]}
+        if o["discover"]:
+            from simplequeue.broker.cli import open_store
+
+            store, _ = open_store(
+                o["backend"], o["dir"], o["bucket"], o["prefix"], o["endpoint_url"], o["region"]
+            )
+            client = await Client.discover(store, max_age=o["max_age"], **common)
+            client._owns_store = True
+            return client
+        return Client(o["broker"], **common)
+
+
+def run(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async command with a client; failures become one line and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        settings = click.get_current_context().find_object(Settings)
+        assert settings is not None
+
+        async def main() -> None:
+            async with await settings.client() as client:
+                await fn(client, *args, **kwargs)
+
+        try:
+            asyncio.run(main())
+        except SimpleQueueError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130) from None
+
+    return wrapper
+
+
+def emit(data: Any) -> None:
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(job)
+
+
+def parse_payload(text: str) -> Any:
+    """JSON if it parses as JSON, else the text itself as a string."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def parse_json_option(text: str | None, name: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from None
+
+
+@click.group(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE"})
+@click.option(
+    "--broker",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="Broker URL (env SIMPLEQUEUE_BROKER).",
+)
+@click.option(
+    "--discover",
+    is_flag=True,
+    help="Find the broker through broker.json in the store the flags below name.",
+)
+@click.option(
+    "--backend", type=click.Choice(["localfs", "s3"]), default="localfs", show_default=True
+)
+@click.option("--dir", default="./simplequeue-data", show_default=True)
+@click.option("--bucket", default=None)
+@click.option("--prefix", default="")
+@click.option("--endpoint-url", default=None)
+@click.option("--region", default=None)
+@click.option(
+    "--max-age",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="With --discover: refuse a broker.json heartbeat older than this (s).",
+)
+@click.option("--topic", default="default", show_default=True, help="env SIMPLEQUEUE_TOPIC")
+@click.option("--token", default=None, help="Bearer token (env SIMPLEQUEUE_TOKEN).")
+@click.pass_context
+def main(ctx: click.Context, /, **options: Any) -> None:
+    """Talk to a simplequeue broker."""
+    ctx.obj = Settings(**options)
+
+
+@main.command()
+@click.argument("payload", required=False)
+@click.option("--id", "job_id", default=None, help="Job id (duplicates are not enqueued).")
+@click.option("--priority", type=int, default=0)
+@click.option("--delay", type=click.FloatRange(min=0), default=0.0)
+@click.option("--max-attempts", type=click.IntRange(min=0), default=None)
+@click.option(
+    "--file",
+    "jobs_file",
+    type=click.File("r"),
+    default=None,
+    help="JSON lines, one payload per line ('-' for stdin), sent in batches.",
+)
+@run
+async def enqueue(
+    client: Client,
+    payload: str | None,
+    job_id: str | None,
+    priority: int,
+    delay: float,
+    max_attempts: int | None,
+    jobs_file: TextIO | None,
+) -> None:
+    """Enqueue PAYLOAD (JSON, or else a string), or every line of --file."""
+    if (payload is None) == (jobs_file is None):
+        raise click.UsageError("give a PAYLOAD or --file, not both")
+    if jobs_file is None:
+        assert payload is not None
+        new_id = await client.enqueue(parse_payload(payload), job_id, priority, delay, max_attempts)
+        emit({"id": new_id})
+        return
+    ids = await enqueue_file(client, jobs_file, priority, delay, max_attempts)
+    emit({"enqueued": len(ids)})
+
+
+async def enqueue_file(
+    client: Client, lines: TextIO, priority: int, delay: float, max_attempts: int | None
+) -> list[str]:
+    payloads = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                payloads.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                raise click.ClickException(f"line {number}: not valid JSON: {exc}") from None
+    ids: list[str] = []
+    extra: dict[str, Any] = {"priority": priority, "delay": delay}
+    if max_attempts is not None:
+        extra["max_attempts"] = max_attempts
+    with click.progressbar(length=len(payloads), label="enqueue", file=sys.stderr) as bar:
+        for batch in chunks(payloads, BATCH):
+            ids += await client.enqueue_many([{"payload": p, **extra} for p in batch])
+            bar.update(len(batch))
+    return ids
+
+
+def chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@main.command()
+@click.argument("worker_id")
+@click.option("--wait", type=click.FloatRange(0, 60), default=0.0, help="Long-poll seconds.")
+@click.option("--lease", type=click.FloatRange(min=0.001), default=30.0)
+@run
+async def claim(client: Client, worker_id: str, wait: float, lease: float) -> None:
+    """Claim the next job and print it (with its lease_token)."""
+    job = await client.claim(worker_id, lease=lease, wait=wait)
+    if job is None:
+        raise click.ClickException("no job is claimable")
+    emit(job_json(job))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--lease-token", default=None)
+@click.option("--result", default=None, help="JSON result to keep with the job.")
+@run
+async def ack(client: Client, job_id: str, lease_token: str | None, result: str | None) -> None:
+    """Complete JOB_ID."""
+    value = parse_json_option(result, "--result")
+    await client.ack(Job(job_id, lease_token=lease_token), value)
+    emit({"id": job_id, "status": "completed"})
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--lease-token", default=None)
+@click.option("--delay", type=click.FloatRange(min=0), default=0.0)
+@click.option("--error", default=None)
+@run
+async def nack(
+    client: Client, job_id: str, lease_token: str | None, delay: float, error: str | None
+) -> None:
+    """Give JOB_ID back (pending after --delay, or dead when its attempts are spent)."""
+    status = await client.nack(Job(job_id, lease_token=lease_token), delay, error)
+    emit({"id": job_id, "status": status})
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--lease-token", default=None)
+@click.option("--lease", type=click.FloatRange(min=0.001), default=None)
+@run
+async def heartbeat(
+    client: Client, job_id: str, lease_token: str | None, lease: float | None
+) -> None:
+    """Extend JOB_ID's lease."""
+    expires = await client.heartbeat(Job(job_id, lease_token=lease_token), lease)
+    emit({"id": job_id, "lease_expires_at": expires})
+
+
+COUNT_COLUMNS = ["pending", "delayed", "claimed", "completed", "dead", "enqueued", "total"]
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@run
+async def status(client: Client, as_json: bool) -> None:
+    """Counts of the topic's jobs."""
+    counts = await client.status()
+    if as_json:
+        emit(counts)
+    else:
+        click.echo(
+            table(
+                [
+                    ["topic", *COUNT_COLUMNS],
+                    [client.topic, *(str(counts[c]) for c in COUNT_COLUMNS)],
+                ]
+            )
+        )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@run
+async def topics(client: Client, as_json: bool) -> None:
+    """Every topic in the store with its counts."""
+    found = await client.topics()
+    if as_json:
+        emit(found)
+        return
+    rows = [["topic", *COUNT_COLUMNS]]
+    rows += [[name, *(str(c[k]) for k in COUNT_COLUMNS)] for name, c in sorted(found.items())]
+    click.echo(table(rows))
+
+
+@main.command()
+@click.argument("job_id")
+@run
+async def job(client: Client, job_id: str) -> None:
+    """A job, or its retained record."""
+    emit(job_json(await client.job(job_id)))
+
+
+@main.command()
+@run
+async def dead(client: Client) -> None:
+    """The topic's dead jobs."""
+    emit([job_json(j) for j in await client.dead()])
+
+
+@main.command()
+@click.argument("job_ids", nargs=-1)
+@run
+async def requeue(client: Client, job_ids: tuple[str, ...]) -> None:
+    """Dead jobs (all, or JOB_IDS) back to pending."""
+    emit({"requeued": await client.requeue(list(job_ids) or None)})
+
+
+@main.command()
+@click.argument("job_ids", nargs=-1)
+@run
+async def purge(client: Client, job_ids: tuple[str, ...]) -> None:
+    """Forget dead jobs (all, or JOB_IDS)."""
+    emit({"purged": await client.purge(list(job_ids) or None)})
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--worker-id", default=None)
+@click.option("--lease", type=click.FloatRange(min=1), default=30.0, show_default=True)
+@click.option(
+    "--max-jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many jobs (for scripts and tests).",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@run
+async def work(
+    client: Client,
+    concurrency: int,
+    worker_id: str | None,
+    lease: float,
+    max_jobs: int | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND once per job: the payload as JSON on stdin; exit 0 acks with
+    stdout as the result (JSON if it parses, else text); non-zero nacks with
+    stderr as the error. Ctrl-C or SIGTERM drains running commands."""
+    from simplequeue.client.worker import Worker
+
+    worker: Worker | None = None
+
+    async def handler(job: Job) -> Any:
+        result = await run_command(command, job)
+        if (
+            max_jobs is not None
+            and worker is not None
+            and (worker.processed + worker.failed + 1 >= max_jobs)
+        ):
+            worker.request_stop()
+        return result
+
+    worker = Worker(
+        client, handler, concurrency=concurrency, worker_id=worker_id, lease=lease, wait=5.0
+    )
+    click.echo(f"working on {client.topic} with {' '.join(command)}", err=True)
+    await worker.run()
+    click.echo(f"done: {worker.processed} acked, {worker.failed} nacked", err=True)
+
+
+class CommandFailed(Exception):
+    """The job's command exited non-zero; the message is its stderr."""
+
+
+async def run_command(command: tuple[str, ...], job: Job) -> Any:
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=None,
+    )
+    try:
+        out, err = await proc.communicate(orjson.dumps(job.payload))
+    except asyncio.CancelledError:  # lease lost or shutting down hard: do not leave it
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        text = err.decode(errors="replace").strip()[-4000:]
+        raise CommandFailed(text or f"exit status {proc.returncode}")
+    return parse_payload(out.decode(errors="replace").strip())

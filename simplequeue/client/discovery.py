@@ -1,0 +1,25 @@
+"""Finding the active broker through broker.json, as a client."""
+
+from __future__ import annotations
+
+import time
+
+from simplequeue.broker.discovery import read_record
+from simplequeue.errors import BrokerUnavailable
+from simplequeue.objstore import ObjectStore
+
+
+async def find_broker(store: ObjectStore, max_age: float) -> str:
+    """The URL of the broker that broker.json names; BrokerUnavailable when there
+    is none, or its heartbeat is older than `max_age` seconds."""
+    current = await read_record(store)
+    if current is None:
+        raise BrokerUnavailable("no broker.json in the store: no broker has run here")
+    record, _ = current
+    age = record.age(time.time())
+    if age > max_age:
+        raise BrokerUnavailable(
+            f"broker.json names {record.url} but its heartbeat is {age:.0f} s old "
+            f"(max_age {max_age:.0f} s)"
+        )
+    return record.url

@@ -1,0 +1,131 @@
+"""SyncClient: the async Client's methods for scripts, on a private event loop.
+
+The loop runs in a daemon thread of its own, so a SyncClient works from any
+thread, including one that already runs an event loop of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterable
+from types import TracebackType
+from typing import Any, TypeVar
+
+from simplequeue.client.client import Client
+from simplequeue.client.job import Job
+from simplequeue.objstore import ObjectStore
+
+T = TypeVar("T")
+
+
+class SyncClient:
+    """Blocking twin of Client: same methods, same arguments, same errors."""
+
+    def __init__(self, url: str | None = None, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="simplequeue-sync-client", daemon=True
+        )
+        self._thread.start()
+        self._client = Client(url, **options) if url is not None or options.get("store") else None
+
+    @classmethod
+    def discover(
+        cls,
+        store: ObjectStore | str,
+        *,
+        max_age: float = 30.0,
+        topic: str = "default",
+        **options: Any,
+    ) -> SyncClient:
+        client = cls.__new__(cls)
+        cls.__init__(client)
+        client._client = client._run(
+            Client.discover(store, max_age=max_age, topic=topic, **options)
+        )
+        return client
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def client(self) -> Client:
+        assert self._client is not None, "SyncClient needs a URL, or SyncClient.discover()"
+        return self._client
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    def enqueue(
+        self,
+        payload: Any,
+        id: str | None = None,
+        priority: int = 0,
+        delay: float = 0,
+        max_attempts: int | None = None,
+    ) -> str:
+        return self._run(self.client.enqueue(payload, id, priority, delay, max_attempts))
+
+    def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
+        return self._run(self.client.enqueue_many(list(jobs)))
+
+    def claim(self, worker_id: str, lease: float = 30, wait: float = 0) -> Job | None:
+        return self._run(self.client.claim(worker_id, lease, wait))
+
+    def claim_many(
+        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+    ) -> list[Job]:
+        return self._run(self.client.claim_many(worker_id, count, lease, wait))
+
+    def ack(self, job: Job | str, result: Any = None) -> None:
+        self._run(self.client.ack(job, result))
+
+    def ack_many(self, acks: Iterable[tuple[Job | str, Any]]) -> list[dict[str, Any]]:
+        return self._run(self.client.ack_many(list(acks)))
+
+    def nack(self, job: Job | str, delay: float = 0, error: str | None = None) -> str:
+        return self._run(self.client.nack(job, delay, error))
+
+    def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
+        return self._run(self.client.heartbeat(job, lease))
+
+    def status(self) -> dict[str, int]:
+        return self._run(self.client.status())
+
+    def job(self, job_id: str) -> Job:
+        return self._run(self.client.job(job_id))
+
+    def dead(self) -> list[Job]:
+        return self._run(self.client.dead())
+
+    def requeue(self, job_ids: list[str] | None = None) -> list[str]:
+        return self._run(self.client.requeue(job_ids))
+
+    def purge(self, job_ids: list[str] | None = None) -> list[str]:
+        return self._run(self.client.purge(job_ids))
+
+    def topics(self) -> dict[str, dict[str, int]]:
+        return self._run(self.client.topics())
+
+    def close(self) -> None:
+        """Close the client and stop its loop thread."""
+        if self._loop.is_closed():
+            return
+        if self._client is not None:
+            self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,219 @@
+"""The `simplequeue` command line, run as a subprocess against a live broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from simplequeue.client import Client
+from simplequeue.objstore.localfs import LocalStore
+from simplequeue.objstore.memfs import MemStore
+
+StartBroker = Callable[..., Awaitable[Any]]
+
+
+class Cli:
+    def __init__(self, *base: str, env: dict[str, str] | None = None) -> None:
+        self.base = base
+        self.env = {**os.environ, **(env or {})}
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "simplequeue.client", *self.base, *args]
+
+    async def __call__(
+        self, *args: str, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        # In a thread: the broker under test runs on this event loop.
+        return await asyncio.to_thread(
+            subprocess.run,
+            self.argv(*args),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env,
+        )
+
+    async def json(self, *args: str) -> Any:
+        done = await self(*args)
+        assert done.returncode == 0, done.stderr
+        return orjson.loads(done.stdout)
+
+
+@pytest.fixture
+async def broker(start_broker: StartBroker) -> Any:
+    return await start_broker(MemStore())
+
+
+@pytest.fixture
+def cli(broker: Any) -> Cli:
+    return Cli("--broker", broker.url, "--topic", "jobs")
+
+
+def failed_with(done: subprocess.CompletedProcess[str], text: str) -> bool:
+    lines = done.stderr.strip().splitlines()
+    return done.returncode == 1 and len(lines) == 1 and text in lines[0]
+
+
+async def test_enqueue_json_and_plain_text_payloads(cli: Cli) -> None:
+    first = (await cli.json("enqueue", '{"item": "book"}', "--id", "j1"))["id"]
+    second = (await cli.json("enqueue", "hello world", "--priority", "5"))["id"]
+    assert first == "j1"
+    job = await cli.json("job", second)
+    assert (job["payload"], job["priority"]) == ("hello world", 5)
+    assert (await cli.json("job", "j1"))["payload"] == {"item": "book"}
+
+
+async def test_enqueue_file_sends_batches_with_a_progress_bar(cli: Cli, tmp_path: Path) -> None:
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text("\n".join(orjson.dumps({"n": i}).decode() for i in range(1203)) + "\n")
+    done = await cli("enqueue", "--file", str(lines))
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == {"enqueued": 1203}
+    assert "enqueue" in done.stderr  # the progress bar
+    assert (await cli.json("status", "--json"))["pending"] == 1203
+
+
+async def test_enqueue_file_with_a_bad_line_fails_before_sending(cli: Cli, tmp_path: Path) -> None:
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"ok": 1}\n{broken\n')
+    done = await cli("enqueue", "--file", str(lines))
+    assert failed_with(done, "line 2")
+    assert (await cli.json("status", "--json"))["pending"] == 0
+
+
+async def test_claim_ack_with_token_and_result(cli: Cli) -> None:
+    await cli.json("enqueue", '{"n": 1}', "--id", "a")
+    job = await cli.json("claim", "worker-1", "--lease", "60")
+    assert (job["id"], job["claimed_by"]) == ("a", "worker-1")
+    stale = await cli("ack", "a", "--lease-token", "stale")
+    assert failed_with(stale, "LeaseLost")
+    ok = await cli.json("ack", "a", "--lease-token", job["lease_token"], "--result", '{"r": 2}')
+    assert ok == {"id": "a", "status": "completed"}
+    assert (await cli.json("job", "a"))["result"] == {"r": 2}
+
+
+async def test_claim_on_an_empty_topic_fails_with_one_line(cli: Cli) -> None:
+    assert failed_with(await cli("claim", "w"), "no job is claimable")
+
+
+async def test_nack_heartbeat_dead_requeue_purge(cli: Cli) -> None:
+    await cli.json("enqueue", "x", "--id", "a", "--max-attempts", "1")
+    job = await cli.json("claim", "w")
+    beat = await cli.json("heartbeat", "a", "--lease-token", job["lease_token"], "--lease", "90")
+    assert beat["lease_expires_at"] > job["lease_expires_at"]
+    nacked = await cli.json("nack", "a", "--lease-token", job["lease_token"], "--error", "bad")
+    assert nacked == {"id": "a", "status": "dead"}
+    [dead] = await cli.json("dead")
+    assert (dead["id"], dead["last_error"]) == ("a", "bad")
+    assert await cli.json("requeue", "a") == {"requeued": ["a"]}
+    job = await cli.json("claim", "w")
+    await cli.json("nack", "a", "--lease-token", job["lease_token"])
+    assert await cli.json("purge") == {"purged": ["a"]}
+
+
+async def test_status_and_topics_print_tables_or_json(cli: Cli) -> None:
+    await cli.json("enqueue", "1")
+    table = await cli("status")
+    assert table.returncode == 0
+    header, row = table.stdout.strip().splitlines()
+    assert header.split()[:3] == ["topic", "pending", "delayed"]
+    assert row.split()[:2] == ["jobs", "1"]
+    assert (await cli.json("topics", "--json"))["jobs"]["pending"] == 1
+    assert "jobs" in (await cli("topics")).stdout
+
+
+async def test_bad_input_fails_with_one_line_and_no_traceback(cli: Cli) -> None:
+    for args, text in [
+        (("enqueue", "1", "--delay", "-5"), "--delay"),
+        (("ack", "a", "--result", "{nope"), "not valid JSON"),
+        (("job", "ghost"), "JobNotFound"),
+        (("--topic", "bad.name", "status"), "InvalidRequest"),
+    ]:
+        done = await cli(*args)
+        assert done.returncode != 0, args
+        assert text in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+async def test_unreachable_broker_fails_with_one_line() -> None:
+    done = await Cli("--broker", "http://127.0.0.1:9")("status")
+    assert failed_with(done, "BrokerUnavailable")
+
+
+async def test_token_from_the_environment(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore(), token="t0k")
+    assert failed_with(await Cli("--broker", broker.url)("status"), "Unauthorized")
+    ok = await Cli("--broker", broker.url, env={"SIMPLEQUEUE_TOKEN": "t0k"})("status", "--json")
+    assert ok.returncode == 0, ok.stderr
+
+
+async def test_discover_through_broker_json(start_broker: StartBroker, tmp_path: Path) -> None:
+    await start_broker(LocalStore(tmp_path))
+    cli = Cli("--discover", "--dir", str(tmp_path), "--topic", "found")
+    await cli.json("enqueue", "via discovery")
+    assert (await cli.json("status", "--json"))["pending"] == 1
+
+
+# --- work ----------------------------------------------------------------------------
+
+
+async def test_work_acks_with_stdout_and_nacks_with_stderr(cli: Cli, broker: Any) -> None:
+    await cli.json("enqueue", '{"n": 1}', "--id", "ok")
+    await cli.json("enqueue", '{"n": 2}', "--id", "fails", "--max-attempts", "1")
+    await cli.json("enqueue", '{"n": 3}', "--id", "text")
+    script = (
+        "import json, sys\n"
+        "job = json.load(sys.stdin)\n"
+        "if job['n'] == 2: sys.exit('it broke')\n"
+        "print('not json {' if job['n'] == 3 else json.dumps({'double': job['n'] * 2}))\n"
+    )
+    done = await cli(
+        "work", "--concurrency", "2", "--max-jobs", "3", "--", sys.executable, "-c", script
+    )
+    assert done.returncode == 0, done.stderr
+    assert (await cli.json("job", "ok"))["result"] == {"double": 2}
+    assert (await cli.json("job", "text"))["result"] == "not json {"
+    dead = await cli.json("job", "fails")
+    assert dead["status"] == "dead"
+    assert "it broke" in dead["last_error"]
+
+
+async def test_work_drains_on_ctrl_c(cli: Cli, broker: Any) -> None:
+    await cli.json("enqueue", '"slow"', "--id", "s")
+    flag = Path(os.environ.get("TMPDIR", "/tmp")) / f"sq-drain-{os.getpid()}"
+    flag.unlink(missing_ok=True)
+    # The command waits for a file the test creates after sending SIGINT.
+    script = (
+        f"import os, sys, time\nsys.stdin.read()\n"
+        f"while not os.path.exists({str(flag)!r}): time.sleep(0.02)\nprint('drained')\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *cli.argv("work", "--", sys.executable, "-c", script),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(30), Client(broker.url, topic="jobs") as q:
+            while (await q.status())["claimed"] == 0:
+                await broker.committer.wait_changed("jobs", 1.0)
+            proc.send_signal(signal.SIGINT)
+            flag.touch()
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        flag.unlink(missing_ok=True)
+    assert code == 0
+    job = await cli.json("job", "s")
+    assert (job["status"], job["result"]) == ("completed", "drained")

@@ -1,0 +1,171 @@
+"""The Worker against a real broker: heartbeats, acks, nacks with backoff,
+dead letters after max_attempts, batch claims, stop() and drain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from simplequeue.client import Backoff, Client, Job, Worker
+from simplequeue.objstore.memfs import MemStore
+
+StartBroker = Callable[..., Awaitable[Any]]
+FAST = Backoff(base=0.01, cap=0.05)
+
+
+@pytest.fixture
+async def broker(start_broker: StartBroker) -> Any:
+    return await start_broker(MemStore())
+
+
+@pytest.fixture
+async def q(broker: Any) -> Any:
+    async with Client(broker.url, topic="w") as client:
+        yield client
+
+
+async def run_until(worker: Worker, broker: Any, done: Callable[[], Awaitable[bool]]) -> None:
+    """Run the worker until `done()` holds, checked each time a batch lands on
+    the broker, then stop it."""
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(30):
+            while not await done():
+                await broker.committer.wait_changed("w", 1.0)
+    finally:
+        await worker.stop()
+        await task
+
+
+async def test_worker_acks_with_the_handlers_return_value(q: Client, broker: Any) -> None:
+    ids = await q.enqueue_many([{"n": i} for i in range(20)])
+
+    async def double(job: Job) -> int:
+        return int(job.payload["n"]) * 2
+
+    worker = Worker(q, double, concurrency=4, wait=0.5, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 20))
+    assert worker.processed == 20
+    for i, job_id in enumerate(ids):
+        assert (await q.job(job_id)).result == i * 2
+
+
+async def _completed(q: Client, n: int) -> bool:
+    return (await q.status())["completed"] >= n
+
+
+async def test_heartbeats_keep_a_long_job_from_redelivery(q: Client, broker: Any) -> None:
+    job_id = await q.enqueue("slow")
+    release = asyncio.Event()
+    deliveries = 0
+
+    async def slow(job: Job) -> str:
+        nonlocal deliveries
+        deliveries += 1
+        await release.wait()
+        return "finished"
+
+    worker = Worker(q, slow, lease=1.0, heartbeat_every=0.2, wait=0.2, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+    # Hold the job until its lease has been renewed past three original leases.
+    first_expiry = None
+    async with asyncio.timeout(30):
+        while True:
+            job = await q.job(job_id)
+            if job.status == "claimed":
+                first_expiry = first_expiry or job.lease_expires_at
+                assert first_expiry is not None and job.lease_expires_at is not None
+                if job.lease_expires_at > first_expiry + 3:
+                    break
+            await broker.committer.wait_changed("w", 1.0)  # the next heartbeat
+    assert await q.claim("thief") is None  # never re-delivered while it runs
+    release.set()
+    await run_until(worker, broker, lambda: _completed(q, 1))
+    await task
+    job = await q.job(job_id)
+    assert (job.status, job.result, job.attempts, deliveries) == ("completed", "finished", 1, 1)
+
+
+async def test_a_raising_handler_ends_dead_after_max_attempts(q: Client, broker: Any) -> None:
+    job_id = await q.enqueue("poison", max_attempts=3)
+    calls = 0
+
+    async def boom(job: Job) -> None:
+        nonlocal calls
+        calls += 1
+        raise ValueError(f"cannot handle attempt {job.attempts}")
+
+    worker = Worker(q, boom, wait=0.2, backoff=FAST, handle_signals=False)
+
+    async def dead() -> bool:
+        return (await q.status())["dead"] == 1
+
+    await run_until(worker, broker, dead)
+    [job] = await q.dead()
+    assert (job.id, job.attempts, calls) == (job_id, 3, 3)
+    assert job.last_error is not None and "ValueError: cannot handle attempt 3" in job.last_error
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    b = Backoff(base=1, cap=60, jitter=0.5)
+    for attempts, full in [(1, 1), (2, 2), (3, 4), (7, 60), (30, 60)]:
+        delays = [b.delay(attempts) for _ in range(200)]
+        assert all(full * 0.5 <= d <= full for d in delays)
+        assert len(set(delays)) > 1
+
+
+async def test_stop_drains_running_jobs(q: Client) -> None:
+    await q.enqueue_many(["a", "b", "c"])
+    started = asyncio.Event()
+    release = asyncio.Event()
+    running = 0
+
+    async def hold(job: Job) -> str:
+        nonlocal running
+        running += 1
+        if running == 3:
+            started.set()
+        await release.wait()
+        return job.payload  # type: ignore[no-any-return]
+
+    worker = Worker(q, hold, concurrency=3, wait=0.2, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+    await started.wait()
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0)
+    assert not stopping.done()  # it waits for the three running jobs
+    release.set()
+    await stopping
+    await task
+    assert (await q.status())["completed"] == 3
+
+
+class CountingClient(Client):
+    """Records how many jobs each batch claim returned."""
+
+    batches: list[int]
+
+    async def claim_many(
+        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+    ) -> list[Job]:
+        jobs = await super().claim_many(worker_id, count, lease, wait)
+        self.batches.append(len(jobs))
+        return jobs
+
+
+async def test_worker_claims_in_batches(broker: Any) -> None:
+    async with CountingClient(broker.url, topic="w") as q:
+        q.batches = []
+        await q.enqueue_many(list(range(40)))
+        seen: list[int] = []
+
+        async def record(job: Job) -> None:
+            seen.append(job.payload)
+
+        worker = Worker(q, record, concurrency=8, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 40))
+    assert sorted(seen) == list(range(40))
+    assert max(q.batches) == 8  # free slots are filled by one claim
