@@ -130,6 +130,7 @@ class _Topic:
         self.reader: TopicState | None = None
         self.changed = asyncio.Event()
         self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
+        self.orphans: set[str] = set()  # unreferenced segments seen by the last sweep
 
 
 class GroupCommitter:
@@ -216,6 +217,23 @@ class GroupCommitter:
         flushers = [t.flusher for t in self._topics.values() if t.flusher]
         await asyncio.gather(*flushers, return_exceptions=True)
         await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def sweep(self, topic: str) -> list[str]:
+        """Delete the topic's orphan segments: those no head references, seen
+        unreferenced by the previous sweep too. Orphans come from attempts that
+        failed after writing their segments, or a broker that died between its
+        segment and head writes. Call it far less often than any write can take
+        (minutes): a segment is only deleted once it was an orphan that long."""
+        t = self._topic(topic)
+        listed = set(await self.store.list(keys.segments_prefix(topic)))
+        referenced = set(await self.read(topic, lambda s, now: s.segment_keys()))
+        orphans = listed - referenced
+        doomed = sorted(orphans & t.orphans)
+        t.orphans = orphans - set(doomed)
+        for key in doomed:
+            await self.store.delete(key)
+            self.stats.segments_deleted += 1
+        return doomed
 
     def cached_counts(self) -> dict[str, dict[str, int]]:
         """Counts of every topic this broker has loaded, from its cache (no I/O)."""

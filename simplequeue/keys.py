@@ -34,6 +34,11 @@ def segment(topic: str, segment_id: str) -> str:
     return f"{TOPICS_PREFIX}{check_topic(topic)}/seg-{segment_id}.json"
 
 
+def segments_prefix(topic: str) -> str:
+    """The prefix under which every segment of a topic lives."""
+    return f"{TOPICS_PREFIX}{check_topic(topic)}/"
+
+
 def topic_of_head(key: str) -> str | None:
     """The topic whose head is `key`, or None when `key` is not a head key."""
     if not key.startswith(TOPICS_PREFIX) or not key.endswith(HEAD_SUFFIX):

@@ -216,3 +216,16 @@ async def test_bounded_writes_with_a_deep_queue() -> None:
     await asyncio.gather(*(q.claim("t", "w") for _ in range(10)))
     assert max(store.put_sizes) < 256 * 1024
     assert len(orjson.dumps(await head_of(store))) < 256 * 1024
+
+
+async def test_sweep_deletes_orphan_segments_only_after_two_sweeps() -> None:
+    store = MemStore()
+    q = engine_on(store, limits=Limits(inline_pending_bytes=500))
+    await q.enqueue("t", [{"payload": "x" * 100} for _ in range(20)])  # spills a segment
+    referenced = await store.list("topics/t/")
+    assert referenced
+    await store.put("topics/t/seg-p0-orphan.json", b'{"format": 1, "items": []}')
+    assert await q.committer.sweep("t") == []  # first sighting: kept
+    assert await q.committer.sweep("t") == ["topics/t/seg-p0-orphan.json"]
+    assert await store.list("topics/t/") == referenced
+    assert (await q.status("t"))["pending"] == 20
