@@ -71,6 +71,8 @@ class CommitSettings:
     # lookup). 0: a read sees every write that landed before it was asked,
     # whichever broker wrote it, at the cost of one GET of the head.
     max_age: float = 0.0
+    reap_every: float = 1.0  # seconds a cached state may answer the reaper
+    reap_idle: float = 5.0  # seconds between re-reads of a topic with no known lease due
     backoff_min: float = 0.002
     backoff_max: float = 0.25
 
@@ -131,6 +133,7 @@ class _Topic:
         self.changed = asyncio.Event()
         self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
         self.orphans: set[str] = set()  # unreferenced segments seen by the last sweep
+        self.next_reap = 0.0  # monotonic time before which reap() need not look
 
 
 class GroupCommitter:
@@ -178,11 +181,14 @@ class GroupCommitter:
             t.flusher = asyncio.create_task(self._flush(t), name=f"commit:{topic}")
         return await future
 
-    async def read(self, topic: str, query: Callable[[TopicState, float], T]) -> T:
-        """Answer `query` from the last committed state, refreshed when stale.
-        Readers never see a batch that has not landed."""
+    async def read(
+        self, topic: str, query: Callable[[TopicState, float], T], max_age: float | None = None
+    ) -> T:
+        """Answer `query` from the last committed state, refreshed when older
+        than `max_age` (default: the settings'). Readers never see a batch that
+        has not landed."""
         t = self._topic(topic)
-        asked = time.monotonic() - self.settings.max_age
+        asked = time.monotonic() - (self.settings.max_age if max_age is None else max_age)
         if t.checked_at < asked:
             async with t.lock:  # waits for a batch in flight, whose landing may do
                 if t.checked_at < asked:
@@ -205,8 +211,21 @@ class GroupCommitter:
         return sorted(t for t in found if t is not None)
 
     async def reap(self, topic: str) -> dict[str, int]:
-        """Return expired claims of `topic` to pending (or dead), in a batch."""
-        expired = await self.read(topic, lambda s, now: s.expired(now))
+        """Return expired claims of `topic` to pending (or dead), in a batch.
+
+        Cheap to call often: it reads a cached state up to `reap_every` old and
+        re-reads a topic only when its earliest known lease runs out, or after
+        `reap_idle` seconds for claims other brokers may have made meanwhile."""
+        t = self._topic(topic)
+        if time.monotonic() < t.next_reap:
+            return {"pending": 0, "dead": 0}
+        expired, earliest = await self.read(
+            topic, lambda s, now: (s.expired(now), s.earliest_expiry()), self.settings.reap_every
+        )
+        wait = self.settings.reap_idle
+        if earliest is not None:
+            wait = min(wait, max(0.0, earliest - self.clock()))
+        t.next_reap = time.monotonic() + wait
         if not expired:
             return {"pending": 0, "dead": 0}
         return await self.submit(topic, lambda s, now: s.reap(now))
@@ -358,6 +377,7 @@ class GroupCommitter:
         self.stats.writes += 1
         self.stats.bytes_written += len(data) + sum(map(len, sealed.new_segments.values()))
         t.etag, t.checked_at = etag, sent_at
+        t.next_reap = 0.0  # it may hold new claims: let the reaper look at its leases
         t.segments.keep_only(state.segment_keys())
         self._finish(t, outcome, data=data)
         self._delete_later(sealed.unreferenced)

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from simplequeue import keys
+from simplequeue.broker import page
 from simplequeue.broker.metrics import CONTENT_TYPE
 from simplequeue.errors import (
     Contended,
@@ -92,7 +93,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[BROKER].settings.token
-    if token and request.path != "/healthz":
+    if token and request.path != "/healthz" and not page.is_public(request.path):
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return error("missing or wrong bearer token", 401, **{"WWW-Authenticate": "Bearer"})
@@ -297,4 +298,5 @@ def build_app(broker: Broker) -> web.Application:
             web.get("/openapi.json", openapi),
         ]
     )
+    page.setup(app, broker)
     return app

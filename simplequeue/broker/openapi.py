@@ -210,6 +210,12 @@ def spec() -> dict[str, Any]:
                 },
             }
         },
+        "/ui/overview": {
+            "get": {
+                "summary": "Everything the status page at / shows",
+                "responses": _answers({"type": "object"}),
+            }
+        },
         "/openapi.json": {
             "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}
         },

@@ -194,6 +194,21 @@ class TopicState:
             for items, pos, _ in self._runs(lane):
                 yield from items[pos:]
 
+    def oldest_due_created(self, now: float, scan: int) -> float | None:
+        """The enqueue time of the oldest due pending job, looking at no more
+        than `scan` due jobs at the front of each run (runs are sorted by
+        run_at, so due jobs are a prefix; a re-queued job may be older than
+        its place)."""
+        oldest: float | None = None
+        for lane in self.head["lanes"].values():
+            for items, pos, _ in self._runs(lane):
+                for job in items[pos : pos + scan]:
+                    if job["run_at"] > now:
+                        break
+                    if oldest is None or job["created_at"] < oldest:
+                        oldest = job["created_at"]
+        return oldest
+
     def dead_jobs(self) -> list[Job]:
         dead = self.head["dead"]
         jobs: list[Job] = []
@@ -515,6 +530,11 @@ class TopicState:
 
     def expired(self, now: float) -> bool:
         return any(j["lease_expires_at"] <= now for j in self.head["claimed"].values())
+
+    def earliest_expiry(self) -> float | None:
+        """When the first lease of the claimed set runs out, if any is claimed."""
+        claimed = self.head["claimed"].values()
+        return min((j["lease_expires_at"] for j in claimed), default=None)
 
     def reap(self, now: float) -> dict[str, int]:
         """Expired leases back to pending, or dead when attempts are spent."""

@@ -1,0 +1,325 @@
+"""The live status page: `GET /` (a static shell, its script and styles, served
+without auth because they hold no data) and `GET /ui/overview`, the JSON the
+page polls (behind the token like every other route). Everything here reads:
+it never mutates a topic (the page's requeue button calls the public API) and
+never touches storage except through the committer's reads and listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from simplequeue.broker.topic import Job, SegmentMissing, TopicState
+from simplequeue.errors import SimpleQueueError
+
+if TYPE_CHECKING:
+    from simplequeue.broker.server import Broker
+
+log = logging.getLogger(__name__)
+
+OVERVIEW_PATH = "/ui/overview"
+STATIC_PREFIX = "/static/"
+
+MAX_TOPICS = 200  # topics in one overview (alphabetical); the rest are counted
+MAX_LISTED = 100  # claimed and dead jobs listed per topic; the rest are counted
+OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
+PREVIEW_CHARS = 240  # characters of a payload shown
+ERROR_CHARS = 1000  # characters of an error shown
+LIST_EVERY = 2.0  # seconds an overview reuses the store's topic listing
+# Open tabs poll every 2 s; overviews asked within this many seconds of each
+# other share one computation, so ten tabs cost the store what one does.
+REUSE_FOR = 1.0
+
+# Rates: counters are sampled at most every SAMPLE_EVERY seconds, by the
+# overview itself and by a background sampler that the first overview starts
+# (it reads the committer's cache, never the store); WINDOW seconds are kept.
+SAMPLE_EVERY = 5.0
+WINDOW = 600.0
+
+# The page and its assets: name -> content type. Nothing else is served.
+ASSETS = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+
+# The page runs only its own script: even if some text slipped through as
+# markup, an injected <script> or inline handler would not run.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+def is_public(path: str) -> bool:
+    """The page and its assets carry no data: they are served without the token."""
+    return path == "/" or path.startswith(STATIC_PREFIX)
+
+
+# --- rates ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # time.monotonic()
+    enqueued: int
+    completed: int
+
+
+class RateBook:
+    """Per topic, a ring of counter samples, from which enqueue and completion
+    rates are derived. Lives in the broker process only: a restarted broker
+    starts a new history."""
+
+    def __init__(self, every: float = SAMPLE_EVERY, window: float = WINDOW) -> None:
+        self.every = every
+        self.window = window
+        self._rings: dict[str, deque[Sample]] = {}
+
+    def record(self, topic: str, at: float, enqueued: int, completed: int) -> None:
+        ring = self._rings.get(topic)
+        if ring is None:
+            ring = self._rings[topic] = deque(maxlen=int(self.window / self.every) + 2)
+        if ring and at - ring[-1].at < self.every:
+            return
+        ring.append(Sample(at, enqueued, completed))
+
+    def rates(self, topic: str, now: float) -> list[dict[str, float]]:
+        """Points {"ago", "span", "enqueued", "completed"}: per-second rates over
+        the `span` seconds that end `ago` seconds before `now`, oldest first."""
+        ring = self._rings.get(topic)
+        if not ring:
+            return []
+        points: list[dict[str, float]] = []
+        samples = [s for s in ring if now - s.at <= self.window + self.every]
+        for before, after in itertools.pairwise(samples):
+            span = after.at - before.at
+            if span <= 0:
+                continue
+            points.append(
+                {
+                    "ago": round(now - after.at, 3),
+                    "span": round(span, 3),
+                    # A counter that went down (the topic was recreated) is no rate.
+                    "enqueued": max(0, after.enqueued - before.enqueued) / span,
+                    "completed": max(0, after.completed - before.completed) / span,
+                }
+            )
+        return points
+
+    def forget_except(self, topics: set[str]) -> None:
+        for name in [t for t in self._rings if t not in topics]:
+            del self._rings[name]
+
+
+# --- what one topic shows ---------------------------------------------------------------
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
+    """A job payload as JSON text, cut to `limit` characters."""
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _cut(value: Any, limit: int = ERROR_CHARS) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def topic_view(state: TopicState, now: float) -> dict[str, Any]:
+    """Everything the page shows of one topic; bounded work whatever its size."""
+    oldest = state.oldest_due_created(now, OLDEST_SCAN)
+    claimed_all: dict[str, Job] = state.head["claimed"]
+    soonest = heapq.nsmallest(MAX_LISTED, claimed_all.values(), key=lambda j: j["lease_expires_at"])
+    dead_all = state.dead_jobs()  # at most --dead-limit jobs
+    newest_dead = dead_all[-MAX_LISTED:][::-1]
+    return {
+        "name": state.topic,
+        "counts": state.counts(now),
+        "oldest_pending_age": None if oldest is None else max(0.0, now - oldest),
+        "claimed": [
+            {
+                "id": j["id"],
+                "worker": j.get("claimed_by"),
+                "attempts": j.get("attempts"),
+                "lease_left": j["lease_expires_at"] - now,
+                "claimed_for": now - j.get("claimed_at", now),
+                "payload": preview(j.get("payload")),
+            }
+            for j in soonest
+        ],
+        "claimed_more": max(0, len(claimed_all) - len(soonest)),
+        "dead": [
+            {
+                "id": j["id"],
+                "last_error": _cut(j.get("last_error")),
+                "attempts": j.get("attempts"),
+                "died_ago": now - j["died_at"] if "died_at" in j else None,
+                "payload": preview(j.get("payload")),
+            }
+            for j in newest_dead
+        ],
+        "dead_more": max(0, len(dead_all) - len(newest_dead)),
+    }
+
+
+# --- the handlers ----------------------------------------------------------------------
+
+
+class StatusPage:
+    """The page's routes and its in-memory rate history, for one broker."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.rates = RateBook(SAMPLE_EVERY, WINDOW)
+        self._assets: dict[str, tuple[bytes, str, str]] = {}
+        folder = resources.files("simplequeue.broker") / "static"
+        for name, content_type in ASSETS.items():
+            body = (folder / name).read_bytes()
+            etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
+            self._assets[name] = (body, content_type, etag)
+        self._listed: list[str] = []
+        self._listed_at = -1e18
+        self._sampler: asyncio.Task[None] | None = None
+        self._computing = asyncio.Lock()
+        self._last: tuple[float, dict[str, Any]] | None = None
+
+    def setup(self, app: web.Application) -> None:
+        app.router.add_routes(
+            [
+                web.get("/", self.index),
+                web.get(STATIC_PREFIX + "{name}", self.asset),
+                web.get(OVERVIEW_PATH, self.overview),
+            ]
+        )
+        app.on_cleanup.append(self._close)
+
+    # --- static --------------------------------------------------------------------
+
+    def _serve(self, request: web.Request, name: str) -> web.Response:
+        body, content_type, etag = self._assets[name]
+        headers = {**SECURITY_HEADERS, "Cache-Control": "no-cache", "ETag": etag}
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+        headers["Content-Type"] = content_type
+        return web.Response(body=body, headers=headers)
+
+    async def index(self, request: web.Request) -> web.Response:
+        return self._serve(request, "index.html")
+
+    async def asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._assets or name == "index.html":
+            raise web.HTTPNotFound(reason="no such asset")
+        return self._serve(request, name)
+
+    # --- data ------------------------------------------------------------------------
+
+    async def overview(self, request: web.Request) -> web.Response:
+        async with self._computing:
+            if self._last is None or time.monotonic() - self._last[0] >= REUSE_FOR:
+                self._last = (time.monotonic(), await self.compute())
+            data = self._last[1]
+        return web.Response(
+            body=orjson.dumps(data),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def compute(self) -> dict[str, Any]:
+        """The whole overview: broker.json, this broker, and every topic."""
+        self._start_sampler()
+        broker = self.broker
+        committer = broker.committer
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._listed_at >= LIST_EVERY:
+            self._listed = await committer.topics()
+            self._listed_at = loop.time()
+        # Topics this broker wrote since the last listing show at once.
+        names = sorted(set(self._listed) | set(committer.cached_counts()))
+        shown = names[:MAX_TOPICS]
+        views = await asyncio.gather(*(committer.read(t, topic_view) for t in shown))
+        at = time.monotonic()
+        for view in views:
+            c = view["counts"]
+            self.rates.record(view["name"], at, c["enqueued"], c["completed"])
+            view["rates"] = self.rates.rates(view["name"], at)
+        self.rates.forget_except(set(names))
+        announcer = broker.announcer
+        record = announcer.seen
+        now = committer.clock()
+        return {
+            "broker": {
+                "id": broker.settings.broker_id,
+                "url": broker.url,
+                "epoch": announcer.epoch,
+                "active": announcer.active,
+            },
+            "record": None
+            if record is None
+            else {
+                "broker_id": record.broker_id,
+                "url": record.url,
+                "epoch": record.epoch,
+                "heartbeat_age": max(0.0, record.age(now)),
+                "lease_s": record.lease_s,
+                "stale": record.age(now) > record.lease_s,
+            },
+            "topics": views,
+            "topics_total": len(names),
+            "sample_every": self.rates.every,
+            "window": self.rates.window,
+        }
+
+    # --- the background sampler ---------------------------------------------------------
+
+    def _start_sampler(self) -> None:
+        if self._sampler is None or self._sampler.done():
+            self._sampler = asyncio.create_task(self._sample_forever(), name="status-page-rates")
+
+    async def _sample_forever(self) -> None:
+        """Keeps the rate history going while no page is open, from the
+        committer's cache (which the reaper keeps fresh): no store I/O."""
+        while True:
+            await asyncio.sleep(self.rates.every)
+            try:
+                at = time.monotonic()
+                for topic, c in self.broker.committer.cached_counts().items():
+                    self.rates.record(topic, at, c["enqueued"], c["completed"])
+            except (SegmentMissing, SimpleQueueError) as exc:  # keep sampling
+                log.warning("status page sampler: %s", exc)
+
+    async def _close(self, app: web.Application) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+
+
+def setup(app: web.Application, broker: Broker) -> None:
+    """Register the status page's routes on the broker's app."""
+    StatusPage(broker).setup(app)

@@ -1,0 +1,459 @@
+"""The live status page (`GET /`), driven in headless Chromium against a live
+in-process broker, plus its JSON endpoint and rate history without a browser.
+
+The browser is Debian's /usr/bin/chromium (bin/install-chromium installs it),
+driven by Playwright, which never downloads a browser of its own. Without it
+the browser tests skip, unless SIMPLEQUEUE_REQUIRE_BROWSER=1 (bin/test sets
+it), in which case they fail. The screenshot lands in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+import pytest
+
+from simplequeue.broker import page as status_page
+from simplequeue.broker.page import RateBook
+from simplequeue.objstore.memfs import MemStore
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, Page
+
+CHROMIUM = Path(os.environ.get("SIMPLEQUEUE_CHROMIUM", "/usr/bin/chromium"))
+# As the machine's notes prescribe; without the background-networking flags
+# Chromium keeps dialling out of a closed network.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+WAIT_MS = 10_000  # the page polls every 2 s; a condition gets a few polls
+
+StartBroker = Callable[..., Awaitable[Any]]
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+class Api:
+    """Just enough of the HTTP API to set the scene: raises on an error status."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, token: str | None = None) -> None:
+        self.session, self.url = session, url
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = orjson.dumps(body) if body is not None else None
+        async with self.session.request(
+            method, self.url + path, data=data, headers=self.headers
+        ) as r:
+            answer = orjson.loads(await r.read())
+            assert r.status < 400, (method, path, r.status, answer)
+            return answer
+
+    async def enqueue(self, topic: str, **job: Any) -> str:
+        job.setdefault("payload", {"n": 1})
+        answer = await self.call("POST", f"/topics/{topic}/enqueue", job)
+        job_id: str = answer["id"]
+        return job_id
+
+    async def claim(self, topic: str, worker: str, count: int = 1) -> list[dict[str, Any]]:
+        body = {"worker_id": worker, "count": count}
+        jobs: list[dict[str, Any]] = (await self.call("POST", f"/topics/{topic}/claim", body))[
+            "jobs"
+        ]
+        return jobs
+
+    async def ack(self, topic: str, job: dict[str, Any]) -> None:
+        body = {"job_id": job["id"], "lease_token": job["lease_token"]}
+        await self.call("POST", f"/topics/{topic}/ack", body)
+
+    async def fail(self, topic: str, job: dict[str, Any], error: str) -> None:
+        body = {"job_id": job["id"], "lease_token": job["lease_token"], "error": error}
+        await self.call("POST", f"/topics/{topic}/nack", body)
+
+    async def status(self, topic: str) -> dict[str, int]:
+        counts: dict[str, int] = await self.call("GET", f"/topics/{topic}/status")
+        return counts
+
+    async def kill(self, topic: str, error: str, **job: Any) -> str:
+        """Enqueue a job that dies on its first failure, and fail it."""
+        job_id = await self.enqueue(topic, max_attempts=1, **job)
+        [claimed] = await self.claim(topic, "doomed-worker")
+        assert claimed["id"] == job_id
+        await self.fail(topic, claimed, error)
+        return job_id
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def require_browser() -> None:
+    """Skip without Chromium or Playwright; fail instead under
+    SIMPLEQUEUE_REQUIRE_BROWSER=1, so that CI never passes by skipping."""
+    missing = ""
+    if not os.access(CHROMIUM, os.X_OK):
+        missing = f"{CHROMIUM} is missing: run bin/install-chromium"
+    else:
+        try:
+            import playwright.async_api  # noqa: F401
+        except ImportError:
+            missing = "the playwright package is missing: pip install -e '.[test]'"
+    if missing:
+        if os.environ.get("SIMPLEQUEUE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{missing} (SIMPLEQUEUE_REQUIRE_BROWSER=1)")
+        pytest.skip(missing)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    require_browser()
+    from playwright.async_api import async_playwright, expect
+
+    expect.set_options(timeout=WAIT_MS)
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+PageErrors = list[str]
+
+
+@pytest.fixture
+async def tab(browser: Browser) -> AsyncIterator[tuple[Page, PageErrors]]:
+    """A fresh tab (own context: own sessionStorage) and the script errors it raised."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = await context.new_page()
+    errors: PageErrors = []
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield opened, errors
+    await context.close()
+
+
+def row(page: Page, topic: str) -> Any:
+    return page.locator(f'#topics tr[data-topic="{topic}"]')
+
+
+def count_cell(page: Page, topic: str, name: str) -> Any:
+    return row(page, topic).locator(f'[data-count="{name}"]')
+
+
+def card(page: Page, topic: str) -> Any:
+    return page.locator(f'#details section[data-topic="{topic}"]')
+
+
+async def expect_counts(page: Page, topic: str, **counts: int) -> None:
+    from playwright.async_api import expect
+
+    for name, value in counts.items():
+        await expect(count_cell(page, topic, name)).to_have_text(f"{value:,}")
+
+
+# --- the page in a browser -------------------------------------------------------------------
+
+
+async def test_page_shows_every_topic_its_counts_jobs_and_the_broker(
+    start_broker: StartBroker,
+    session: aiohttp.ClientSession,
+    tab: tuple[Page, PageErrors],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from playwright.async_api import expect
+
+    monkeypatch.setattr(status_page, "SAMPLE_EVERY", 0.5)  # a chart within seconds
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    await api.kill("orders", "ValueError: card declined", id="order-bad", payload={"sku": 9})
+    for n in range(1, 5):
+        await api.enqueue("orders", id=f"order-{n}", payload={"sku": n, "qty": 2})
+    await api.enqueue("orders", id="order-later", delay=300)
+    first, held = await api.claim("orders", "worker-7", count=2)
+    await api.ack("orders", first)
+    await api.enqueue("emails", payload={"to": "ops@example.com"})
+    await api.enqueue("emails", payload={"to": "dev@example.com"})
+
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    await expect(page).to_have_title(re.compile("simplequeue"))
+    await expect_counts(page, "orders", pending=3, delayed=1, claimed=1, completed=1, dead=1)
+    await expect_counts(page, "emails", pending=2, delayed=0, claimed=0, completed=0, dead=0)
+    await expect(row(page, "orders").locator('[data-field="oldest"]')).to_have_text(
+        re.compile(r"^\d+s$")
+    )
+
+    orders = card(page, "orders")
+    claimed = orders.locator(f'table.claimed tr[data-job="{held["id"]}"]')
+    await expect(claimed.locator('[data-field="worker"]')).to_have_text("worker-7")
+    await expect(claimed.locator('[data-field="lease"]')).to_have_text(re.compile(r"^[23]\ds$"))
+    dead = orders.locator('table.dead tr[data-job="order-bad"]')
+    await expect(dead.locator('[data-field="error"]')).to_have_text("ValueError: card declined")
+    await expect(dead.locator('[data-field="payload"]')).to_have_text('{"sku":9}')
+
+    mine = page.locator('[data-role="this-broker"]')
+    await expect(mine.locator('[data-field="broker-id"]')).to_have_text(broker.settings.broker_id)
+    await expect(mine.locator('[data-field="broker-epoch"]')).to_have_text("1")
+    await expect(mine).to_contain_text("active")
+    record = page.locator('[data-role="broker-json"]')
+    await expect(record.locator('[data-field="active-id"]')).to_have_text(broker.settings.broker_id)
+    await expect(record).to_contain_text(broker.url)
+
+    # Traffic while the page watches, so that the rate charts have something to draw.
+    await api.call("POST", "/topics/emails/enqueue", {"jobs": [{"payload": i} for i in range(40)]})
+    await expect_counts(page, "emails", pending=42)
+    for job in await api.claim("emails", "mailer-1", count=25):
+        await api.ack("emails", job)
+    await expect_counts(page, "emails", pending=17, completed=25)
+    enq_line = card(page, "emails").locator("svg.big path.enqueued")
+    await expect(enq_line).to_have_attribute("d", re.compile(r"^M.*L.*L"))
+    await expect(card(page, "emails").locator('[data-field="rates-now"]')).to_contain_text("/s")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "status-page.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert errors == []
+
+
+async def test_page_updates_by_itself_when_jobs_are_enqueued_claimed_and_acked(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    await expect(page.locator("#no-topics")).to_be_visible()
+
+    await api.enqueue("live", id="job-1")
+    await expect_counts(page, "live", pending=1, claimed=0, completed=0)
+    await expect(page.locator("#no-topics")).to_be_hidden()
+
+    [job] = await api.claim("live", "worker-blue")
+    await expect_counts(page, "live", pending=0, claimed=1)
+    claimed_row = card(page, "live").locator('table.claimed tr[data-job="job-1"]')
+    await expect(claimed_row.locator('[data-field="worker"]')).to_have_text("worker-blue")
+
+    await api.ack("live", job)
+    await expect_counts(page, "live", pending=0, claimed=0, completed=1)
+    await expect(claimed_row).to_have_count(0)
+    await expect(card(page, "live").locator('[data-empty="claimed"]')).to_be_visible()
+    assert errors == []
+
+
+async def test_requeue_button_moves_a_dead_job_back_to_pending(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    await api.kill("billing", "timeout talking to the bank", id="invoice-42")
+    await api.kill("billing", "still broken", id="invoice-43")
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    await expect_counts(page, "billing", pending=0, dead=2)
+
+    dead = card(page, "billing").locator('table.dead tr[data-job="invoice-42"]')
+    await dead.get_by_role("button", name="Requeue").click()
+    await expect_counts(page, "billing", pending=1, dead=1)
+    await expect(dead).to_have_count(0)
+    await expect(
+        card(page, "billing").locator('table.dead tr[data-job="invoice-43"]')
+    ).to_have_count(1)
+    counts = await api.status("billing")
+    assert (counts["pending"], counts["dead"]) == (1, 1)
+    [again] = await api.claim("billing", "w")
+    assert (again["id"], again["attempts"]) == ("invoice-42", 1)  # attempts start afresh
+    assert errors == []
+
+
+async def test_payloads_errors_and_ids_with_markup_are_shown_as_text(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    evil_id = '<img src=x onerror="window.__pwned=1">'
+    evil_payload = {"html": "<script>window.__pwned=2</script>"}
+    evil_error = "</td></tr><script>window.__pwned=3</script><b>bold</b>"
+    await api.kill("inbox", evil_error, id=evil_id, payload=evil_payload)
+    await api.enqueue("inbox", id="<svg onload=window.__pwned=4>", payload="<script>x()</script>")
+    await api.claim("inbox", "<i>worker</i>")
+
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    inbox = card(page, "inbox")
+    dead = inbox.locator("table.dead tbody tr")
+    await expect(dead.locator("td.id")).to_have_text(evil_id)
+    await expect(dead.locator('[data-field="error"]')).to_have_text(evil_error)
+    await expect(dead.locator('[data-field="payload"]')).to_have_text(
+        orjson.dumps(evil_payload).decode()
+    )
+    claimed = inbox.locator("table.claimed tbody tr")
+    await expect(claimed.locator("td.id")).to_have_text("<svg onload=window.__pwned=4>")
+    await expect(claimed.locator('[data-field="worker"]')).to_have_text("<i>worker</i>")
+    await expect(claimed.locator('[data-field="payload"]')).to_have_text('"<script>x()</script>"')
+
+    assert await page.evaluate("window.__pwned") is None
+    # Nothing from the jobs became an element: only the page's own script,
+    # no <img>, <b>, <i> or <svg onload>.
+    assert await page.locator("script").count() == 1
+    assert await page.locator("img, b, i, svg[onload]").count() == 0
+    assert errors == []
+
+
+async def test_with_a_token_the_page_asks_once_and_keeps_it_for_the_tab(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore(), token="s3cret")
+    api = Api(session, broker.url, token="s3cret")
+    await api.kill("guarded", "boom", id="guarded-dead")
+    await api.enqueue("guarded", payload={"secret": True})
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    await expect(page.locator("#login")).to_be_visible()
+    await expect(page.locator("#content")).to_be_hidden()
+
+    await page.locator("#token").fill("guess")
+    await page.get_by_role("button", name="Show status").click()
+    await expect(page.locator("#login-error")).to_contain_text("refused")
+
+    await page.locator("#token").fill("s3cret")
+    await page.get_by_role("button", name="Show status").click()
+    await expect_counts(page, "guarded", pending=1)
+    await expect(page.locator("#login")).to_be_hidden()
+    assert await page.evaluate("sessionStorage.getItem('simplequeue.token')") == "s3cret"
+
+    await page.reload()  # the same tab: no second prompt
+    await expect_counts(page, "guarded", pending=1, dead=1)
+    await expect(page.locator("#login")).to_be_hidden()
+    assert "s3cret" not in page.url
+
+    # The requeue button sends the same bearer token.
+    await card(page, "guarded").get_by_role("button", name="Requeue").click()
+    await expect_counts(page, "guarded", pending=2, dead=0)
+
+    other = await page.context.browser.new_page()  # type: ignore[union-attr]
+    try:  # another tab (a fresh context) is asked again
+        await other.goto(broker.url + "/")
+        await expect(other.locator("#login")).to_be_visible()
+    finally:
+        await other.close()
+    assert errors == []
+
+
+# --- the endpoints, without a browser -----------------------------------------------------
+
+
+async def test_the_page_is_public_but_its_data_needs_the_token(
+    start_broker: StartBroker, session: aiohttp.ClientSession
+) -> None:
+    broker = await start_broker(MemStore(), token="s3cret")
+    for path, kind in [
+        ("/", "text/html"),
+        ("/static/app.js", "text/javascript"),
+        ("/static/style.css", "text/css"),
+        ("/static/favicon.svg", "image/svg+xml"),
+    ]:
+        async with session.get(broker.url + path) as r:
+            assert r.status == 200, path
+            assert r.content_type == kind
+            assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+            etag = r.headers["ETag"]
+        async with session.get(broker.url + path, headers={"If-None-Match": etag}) as r:
+            assert r.status == 304
+    async with session.get(broker.url + "/static/nope.js") as r:
+        assert r.status == 404
+        assert "error" in await r.json()
+    async with session.get(broker.url + "/ui/overview") as r:
+        assert r.status == 401
+    overview = await Api(session, broker.url, token="s3cret").call("GET", "/ui/overview")
+    assert overview["topics"] == []
+    assert overview["broker"]["id"] == broker.settings.broker_id
+
+
+async def test_the_page_script_never_writes_markup() -> None:
+    script = (Path(status_page.__file__).parent / "static" / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script
+
+
+async def test_overview_lists_counts_ages_claims_and_dead_jobs_within_bounds(
+    start_broker: StartBroker, session: aiohttp.ClientSession
+) -> None:
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    started = time.time()
+    extra = 5
+    jobs = [{"id": f"j{i:03d}", "payload": i} for i in range(status_page.MAX_LISTED + extra)]
+    await api.call("POST", "/topics/big/enqueue", {"jobs": jobs})
+    await api.claim("big", "w", count=len(jobs))
+    await api.kill("big", "x" * 5000, id="dead-1")
+    await api.enqueue("big", id="waiting")
+    await api.enqueue("later", delay=600)
+
+    overview = await api.call("GET", "/ui/overview")
+    by_name = {t["name"]: t for t in overview["topics"]}
+    assert sorted(by_name) == ["big", "later"]
+    big = by_name["big"]
+    assert big["counts"]["claimed"] == len(jobs)
+    assert len(big["claimed"]) == status_page.MAX_LISTED
+    assert big["claimed_more"] == extra
+    assert {c["worker"] for c in big["claimed"]} == {"w"}
+    assert all(0 < c["lease_left"] <= 30 for c in big["claimed"])
+    assert 0 <= big["oldest_pending_age"] <= time.time() - started + 1
+    [dead] = big["dead"]
+    assert dead["id"] == "dead-1"
+    assert len(dead["last_error"]) == status_page.ERROR_CHARS
+    assert by_name["later"]["oldest_pending_age"] is None  # only delayed jobs
+    assert overview["record"]["broker_id"] == broker.settings.broker_id
+    assert overview["record"]["stale"] is False
+    assert overview["broker"]["active"] is True
+
+
+def test_rate_book_turns_counter_samples_into_rates() -> None:
+    book = RateBook(every=5, window=60)
+    book.record("t", 100.0, enqueued=0, completed=0)
+    book.record("t", 102.0, enqueued=99, completed=99)  # too soon: ignored
+    book.record("t", 110.0, enqueued=50, completed=20)
+    book.record("t", 120.0, enqueued=50, completed=70)
+    assert book.rates("t", now=120.0) == [
+        {"ago": 10.0, "span": 10.0, "enqueued": 5.0, "completed": 2.0},
+        {"ago": 0.0, "span": 10.0, "enqueued": 0.0, "completed": 5.0},
+    ]
+    book.record("t", 130.0, enqueued=3, completed=3)  # the topic was recreated
+    assert book.rates("t", now=130.0)[-1] == {
+        "ago": 0.0,
+        "span": 10.0,
+        "enqueued": 0.0,
+        "completed": 0.0,
+    }
+    assert book.rates("t", now=1000.0) == []  # older than the window
+    book.forget_except(set())
+    assert book.rates("t", now=130.0) == []
