@@ -205,6 +205,10 @@ class GroupCommitter:
             async with asyncio.timeout(seconds):
                 await event.wait()
 
+    def known_topics(self) -> list[str]:
+        """The topics this broker has read or written since it started."""
+        return [name for name, t in self._topics.items() if t.committed is not None]
+
     async def topics(self) -> list[str]:
         """Every topic in the store."""
         found = (keys.topic_of_head(k) for k in await self.store.list(keys.TOPICS_PREFIX))

@@ -119,6 +119,7 @@ class BrokerProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.args = args
+        self.stderr_tail = ""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "simplequeue.broker", "--addr", "127.0.0.1:0", *args],
             stdout=subprocess.PIPE,
@@ -129,8 +130,8 @@ class BrokerProcess:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if "listening on" not in line:
-            self.stop()
-            raise RuntimeError(f"broker did not start: {line!r}")
+            self.stop(timeout=5)
+            raise RuntimeError(f"broker did not start: {line!r}; stderr: {self.stderr_tail}")
         self.url = line.split("listening on ")[1].split()[0]
         self.broker_id = line.split()[1]
 
@@ -153,6 +154,8 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         code = self.proc.wait()
+        if self.proc.stderr and not self.proc.stderr.closed:
+            self.stderr_tail = self.proc.stderr.read()[-2000:]
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream:
                 stream.close()

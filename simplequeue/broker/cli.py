@@ -14,6 +14,7 @@ import click
 
 from simplequeue.broker.settings import BrokerSettings, parse_addr
 from simplequeue.broker.topic import Limits
+from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
 
 
@@ -61,6 +62,12 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     default="127.0.0.1:8080",
     callback=_addr,
     help="HTTP listen address (HOST:PORT; port 0 picks a free one).",
+)
+@click.option(
+    "--redis-addr",
+    default=None,
+    callback=_addr,
+    help="Also speak the Redis protocol (RESP) on HOST:PORT [default: off].",
 )
 @click.option("--broker-id", default=None, help="This broker's id [default: host-random].")
 @click.option(
@@ -119,6 +126,7 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 )
 def main(
     addr: str,
+    redis_addr: str | None,
     broker_id: str | None,
     advertise_url: str | None,
     backend: str,
@@ -148,6 +156,7 @@ def main(
     settings = BrokerSettings(
         store_url=url,
         addr=addr,
+        redis_addr=redis_addr,
         advertise_url=advertise_url,
         token=token or None,
         limits=limits,
@@ -158,7 +167,7 @@ def main(
         settings = dataclasses.replace(settings, broker_id=broker_id)
     try:
         asyncio.run(_serve(settings, store, create_bucket))
-    except OSError as exc:
+    except (OSError, SimpleQueueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -180,6 +189,8 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
         f"simplequeued {settings.broker_id} listening on {broker.url} "
         f"(store {settings.store_url}, pid {os.getpid()})"
     )
+    if broker.redis is not None:
+        click.echo(f"simplequeued resp listening on {broker.redis.addr}")
     sys.stdout.flush()
     await stop.wait()
     logging.getLogger(__name__).info("stopping: finishing in-flight writes")

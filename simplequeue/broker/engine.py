@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from simplequeue import keys
@@ -41,6 +42,21 @@ def public(job: Job, status: str) -> dict[str, Any]:
     return out
 
 
+def _unclaim_all(jobs: list[Job]) -> Callable[[TopicState, float], None]:
+    """A mutation giving back claims (pending again, the attempt uncounted)."""
+
+    def give_back(s: TopicState, now: float) -> None:
+        for job in jobs:
+            s.unclaim(job["id"], job["lease_token"], now)
+
+    return give_back
+
+
+def _check_wait(wait: Any) -> None:
+    if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= MAX_WAIT:
+        raise InvalidRequest(f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}")
+
+
 class Engine:
     """Queue operations over a GroupCommitter."""
 
@@ -63,26 +79,47 @@ class Engine:
     ) -> list[dict[str, Any]]:
         """Claim up to `count` jobs, long-polling up to `wait` seconds for one."""
         keys.check_topic(topic)
-        if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= MAX_WAIT:
-            raise InvalidRequest(f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}")
+        _check_wait(wait)
+        jobs = await self._poll(
+            topic,
+            wait,
+            lambda s, now: s.claim(worker_id, lease, count, now),
+            # The caller went away: give the claims back rather than let them
+            # sit until their leases run out.
+            undo=lambda jobs: _unclaim_all(jobs) if jobs else None,
+        )
+        return [public(j, "claimed") for j in jobs]
+
+    async def pop(
+        self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """Claim and complete up to `count` jobs in one commit (Redis pop
+        semantics), long-polling up to `wait` seconds for one."""
+        keys.check_topic(topic)
+        _check_wait(wait)
+        jobs = await self._poll(topic, wait, lambda s, now: s.pop(worker_id, count, now))
+        return [public(j, "completed") for j in jobs]
+
+    async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None:
+        """Give back claims this broker handed out but could not deliver: pending
+        again at once, the attempt uncounted."""
+        keys.check_topic(topic)
+        await self.committer.submit(topic, _unclaim_all(jobs))
+
+    async def _poll(
+        self,
+        topic: str,
+        wait: float,
+        mutation: Any,
+        undo: Any = None,
+    ) -> list[Job]:
+        """Submit `mutation` until it returns jobs or `wait` seconds pass."""
         deadline = time.monotonic() + wait
-
-        def undo(jobs: list[Job]) -> Any:
-            # The caller went away: give the claims back instead of letting them
-            # sit until their leases expire.
-            def give_back(s: TopicState, now: float) -> None:
-                for job in jobs:
-                    s.unclaim(job["id"], job["lease_token"], now)
-
-            return give_back if jobs else None
-
         while True:
-            jobs = await self.committer.submit(
-                topic, lambda s, now: s.claim(worker_id, lease, count, now), undo
-            )
+            jobs: list[Job] = await self.committer.submit(topic, mutation, undo)
             left = deadline - time.monotonic()
             if jobs or left <= 0:
-                return [public(j, "claimed") for j in jobs]
+                return jobs
             await self.committer.wait_changed(topic, min(left, POLL_INTERVAL))
 
     async def ack(

@@ -52,6 +52,12 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
+        self.resp_commands = Counter(
+            "simplequeue_resp_commands",
+            "Redis-protocol commands by name and outcome (ok, error)",
+            ["command", "outcome"],
+            registry=self.registry,
+        )
         self.batch_sizes = Histogram(
             "simplequeue_batch_mutations",
             "Mutations per committed batch",

@@ -24,6 +24,7 @@ from simplequeue.broker.metrics import (
     Metrics,
     commit_families,
 )
+from simplequeue.broker.resp import RespServer
 from simplequeue.broker.settings import BrokerSettings, default_advertise_url, parse_addr
 from simplequeue.errors import ObjectNotFound, SimpleQueueError, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
@@ -58,6 +59,7 @@ class Broker:
             self.store, broker_id=settings.broker_id, url="", lease_s=settings.broker_lease
         )
         self._runner: web.AppRunner | None = None
+        self.redis: RespServer | None = None  # the RESP listener, with --redis-addr
         self._tasks: list[asyncio.Task[Any]] = []
         self._known_topics: list[str] = []
 
@@ -75,6 +77,13 @@ class Broker:
         self.announcer.url = self.url
         self.announcer.on_epoch = self._set_epoch
         self.committer.on_fenced = lambda writer: self.announcer.poke()
+        if self.settings.redis_addr:
+            self.redis = RespServer(self)
+            try:
+                await self.redis.start(self.settings.redis_addr)
+            except OSError:
+                await self._runner.cleanup()  # leave nothing listening behind
+                raise
         await self._announce_once()
         self._tasks = [
             asyncio.create_task(self.announcer.run(), name="announcer"),
@@ -91,16 +100,22 @@ class Broker:
             log.warning("could not read broker.json at start: %s", exc)
 
     async def _reap_forever(self) -> None:
-        """Reap every topic in the store, listing the store now and then."""
+        """Reap every topic: those in the store (listed now and then) and those
+        this broker has touched since. Sweep orphan segments now and then."""
         loop = asyncio.get_running_loop()
-        listed_at = -1e18
+        listed_at, swept_at = -1e18, loop.time()
         while True:
             try:
                 if loop.time() - listed_at >= self.settings.topic_scan_interval:
                     self._known_topics = await self.committer.topics()
                     listed_at = loop.time()
-                for topic in self._known_topics:
+                topics = sorted({*self._known_topics, *self.committer.known_topics()})
+                for topic in topics:
                     await self.committer.reap(topic)
+                if loop.time() - swept_at >= self.settings.sweep_interval:
+                    swept_at = loop.time()
+                    for topic in topics:
+                        await self.committer.sweep(topic)
             except SimpleQueueError as exc:
                 log.warning("reaper: %s", exc)
             await asyncio.sleep(self.settings.reap_interval)
@@ -112,6 +127,8 @@ class Broker:
 
     async def stop(self) -> None:
         """Stop listening, let in-flight batches land, resign broker.json."""
+        if self.redis is not None:
+            await self.redis.stop()
         if self._runner is not None:
             await self._runner.cleanup()  # stop accepting; let handlers finish
         for task in self._tasks:

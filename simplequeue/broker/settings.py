@@ -41,4 +41,5 @@ class BrokerSettings:
     commit_budget: float = 10.0
     reap_interval: float = 1.0  # seconds between reaps of every topic
     topic_scan_interval: float = 10.0  # seconds between listings of the store's topics
+    sweep_interval: float = 600.0  # seconds between sweeps of orphan segments
     broker_lease: float = 15.0  # broker.json: a silent active broker is replaced after this

@@ -386,6 +386,14 @@ class TopicState:
         self._drop_empty_lanes()
         return claimed
 
+    def pop(self, worker_id: str, count: int, now: float) -> list[Job]:
+        """Claim and complete up to `count` jobs at once (Redis LPOP semantics):
+        whoever pops a job has done it, and nobody else will see it again."""
+        jobs = self.claim(worker_id, None, count, now)
+        for job in jobs:
+            self.ack(job["id"], job["lease_token"], None, now)
+        return jobs
+
     def _fronts(self, name: str, lane: dict[str, Any]) -> list[tuple[float, int, str]]:
         """A heap of (run_at, seq, run key) of the front job of each segment run
         of a lane, so a claim does not scan every run. Entries go stale when a

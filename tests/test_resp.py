@@ -1,0 +1,838 @@
+"""The Redis protocol listener over real sockets, driven by the real clients:
+redis-py (redis.asyncio) with its defaults (RESP3 since 8.0) and with protocol=2,
+redis-cli as a subprocess, and a raw socket where the wire itself is the point.
+
+redis-cli comes from Debian's redis-tools (bin/install-redis-tools). Without it
+these tests skip, unless SIMPLEQUEUE_REQUIRE_REDIS_CLI=1 (bin/test sets it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import hiredis
+import orjson
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
+
+from simplequeue import __version__
+from simplequeue.broker.resp import COMMANDS, RespServer
+from simplequeue.broker.server import Broker
+from simplequeue.broker.topic import Limits
+from simplequeue.objstore.memfs import MemStore
+
+StartBroker = Callable[..., Awaitable[Broker]]
+TOKEN = "s3cret-token"
+
+# redis-py with its defaults (it sends HELLO 3 when it connects), and with RESP2.
+PROTOCOLS = [pytest.param({}, id="redis-py-default"), pytest.param({"protocol": 2}, id="resp2")]
+
+
+# --- fixtures and helpers --------------------------------------------------------------
+
+
+@pytest.fixture
+async def broker(start_broker: StartBroker) -> Broker:
+    return await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+
+
+def port_of(broker: Broker) -> int:
+    assert broker.redis is not None
+    return broker.redis.port
+
+
+def connect(broker: Broker, **kw: Any) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=port_of(broker), **kw)
+
+
+@pytest.fixture(params=PROTOCOLS)
+async def r(request: pytest.FixtureRequest, broker: Broker) -> AsyncIterator[redis.Redis]:
+    client = connect(broker, **request.param)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def other(broker: Broker) -> AsyncIterator[redis.Redis]:
+    """A second client, on its own connections."""
+    client = connect(broker)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def http(broker: Broker) -> AsyncIterator[Http]:
+    async with aiohttp.ClientSession() as session:
+        yield Http(session, broker.url)
+
+
+class Http:
+    """The broker's HTTP API, for checks across the two wires."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session, self.url = session, url
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = orjson.dumps(body) if body is not None else None
+        async with self.session.request(method, self.url + path, data=data) as response:
+            return response.status, orjson.loads(await response.read())
+
+    async def status(self, topic: str) -> dict[str, int]:
+        code, body = await self.call("GET", f"/topics/{topic}/status")
+        assert code == 200
+        return dict(body)
+
+    async def job(self, topic: str, job_id: str) -> dict[str, Any]:
+        code, body = await self.call("GET", f"/topics/{topic}/jobs/{job_id}")
+        assert code == 200, body
+        return dict(body)
+
+
+class Raw:
+    """A bare socket speaking RESP, for what the wire itself must look like."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Raw:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def send(self, *args: str | bytes) -> None:
+        self.writer.write(hiredis.pack_command(args))
+        await self.writer.drain()
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def reply_bytes(self) -> bytes:
+        """The bytes of the next whole reply."""
+        parser, data = hiredis.Reader(), b""
+        while True:
+            chunk = await asyncio.wait_for(self.reader.read(1), 10)
+            assert chunk, f"connection closed after {data!r}"
+            data += chunk
+            parser.feed(chunk)
+            if parser.gets() is not False:
+                return data
+
+    async def call(self, *args: str | bytes) -> Any:
+        await self.send(*args)
+        parser = hiredis.Reader()
+        parser.feed(await self.reply_bytes())
+        return parser.gets()
+
+    async def rest(self) -> bytes:
+        """Everything until the server closes the connection."""
+        return await asyncio.wait_for(self.reader.read(), 10)
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+@pytest.fixture
+async def raw(broker: Broker) -> AsyncIterator[Raw]:
+    conn = await Raw.open(port_of(broker))
+    yield conn
+    await conn.close()
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait for a condition that has no event to await (another process's state)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def blocked(broker: Broker, n: int = 1) -> None:
+    """Until `n` connections are inside a command (a blocking one, in these tests)."""
+    assert broker.redis is not None
+    server = broker.redis
+    await until(lambda: sum(c.busy for c in server.connections) >= n)
+
+
+@pytest.fixture(scope="session")
+def redis_cli() -> str:
+    path = shutil.which("redis-cli")
+    if path is None:
+        if os.environ.get("SIMPLEQUEUE_REQUIRE_REDIS_CLI") == "1":
+            pytest.fail("redis-cli is missing but required: run bin/install-redis-tools")
+        pytest.skip("redis-cli is missing: bin/install-redis-tools installs it")
+    return path
+
+
+Cli = Callable[..., Awaitable[tuple[int, str]]]
+
+
+@pytest.fixture
+def cli(redis_cli: str, broker: Broker) -> Cli:
+    """Runs redis-cli against the broker: (exit code, stdout)."""
+
+    async def run(*args: str, stdin: bytes | None = None, flags: tuple[str, ...] = ()) -> Any:
+        proc = await asyncio.create_subprocess_exec(
+            redis_cli,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port_of(broker)),
+            *flags,
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(stdin), 30)
+        return proc.returncode, out.decode()
+
+    return run
+
+
+# --- connection commands ---------------------------------------------------------------
+
+
+async def test_ping_echo_and_select_0(r: redis.Redis) -> None:
+    assert await r.ping() is True
+    assert await r.echo("hello") == b"hello"
+    assert await r.execute_command("SELECT", 0) in (True, b"OK")
+
+
+async def test_select_of_another_db_is_an_error(r: redis.Redis) -> None:
+    with pytest.raises(ResponseError, match="DB index is out of range"):
+        await r.execute_command("SELECT", 1)
+
+
+async def test_connections_start_in_resp2(raw: Raw) -> None:
+    assert await raw.call("PING", "msg") == b"msg"
+    hello = await raw.call("HELLO")
+    assert hello[:6] == [b"server", b"simplequeue", b"version", __version__.encode(), b"proto", 2]
+    await raw.send("BLPOP", "nothing", "0.01")
+    assert await raw.reply_bytes() == b"*-1\r\n"
+    await raw.send("LPOP", "nothing")
+    assert await raw.reply_bytes() == b"$-1\r\n"
+
+
+async def test_hello_3_switches_the_connection_to_resp3_and_answers_a_map(raw: Raw) -> None:
+    await raw.send("HELLO", "3")
+    reply = await raw.reply_bytes()
+    assert reply.startswith(b"%7\r\n")
+    parser = hiredis.Reader()
+    parser.feed(reply)
+    hello = parser.gets()
+    assert hello[b"proto"] == 3 and hello[b"server"] == b"simplequeue"
+    assert hello[b"mode"] == b"standalone" and hello[b"role"] == b"master"
+    await raw.send("LPOP", "nothing")
+    assert await raw.reply_bytes() == b"_\r\n"
+    await raw.call("XADD", "s", "*", "f", "v")
+    await raw.send("XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">")
+    assert (await raw.reply_bytes()).startswith(b"%1\r\n$1\r\ns\r\n*1\r\n")
+    await raw.send("HELLO", "2")
+    assert (await raw.reply_bytes()).startswith(b"*14\r\n")
+
+
+async def test_hello_with_an_unsupported_version_is_noproto(raw: Raw) -> None:
+    reply = await raw.call("HELLO", "4")
+    assert isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOPROTO")
+
+
+async def test_hello_setname_and_client_commands(r: redis.Redis, raw: Raw) -> None:
+    await raw.call("HELLO", "2", "SETNAME", "worker-7")
+    assert await raw.call("CLIENT", "GETNAME") == b"worker-7"
+    assert await raw.call("CLIENT", "SETNAME", "w8") == b"OK"
+    assert await raw.call("CLIENT", "GETNAME") == b"w8"
+    assert isinstance(await raw.call("CLIENT", "SETNAME", "has space"), hiredis.ReplyError)
+    assert await raw.call("CLIENT", "SETINFO", "LIB-NAME", "x") == b"OK"
+    assert isinstance(await raw.call("CLIENT", "ID"), int)
+    assert await r.client_setname("named") is True
+    assert await r.client_getname() in ("named", b"named")
+
+
+async def test_command_describes_the_commands(r: redis.Redis, raw: Raw) -> None:
+    assert await r.command_count() == len(COMMANDS)
+    commands = await r.command()
+    assert commands["lpush"]["arity"] == -3 and commands["llen"]["arity"] == 2
+    assert "blocking" in commands["blpop"]["flags"]
+    info = await raw.call("COMMAND", "INFO", "LLEN", "NOPE")
+    assert info[0][:2] == [b"llen", 2] and info[1] is None
+    assert await raw.call("COMMAND", "DOCS") == []  # redis-cli then uses its own help
+
+
+async def test_unknown_command_is_an_error_and_the_connection_goes_on(r: redis.Redis) -> None:
+    with pytest.raises(ResponseError, match="unknown command 'FLUSHALL'"):
+        await r.execute_command("FLUSHALL")
+    assert await r.ping() is True
+
+
+async def test_wrong_number_of_arguments_is_an_error(r: redis.Redis) -> None:
+    with pytest.raises(ResponseError, match="wrong number of arguments for 'llen'"):
+        await r.execute_command("LLEN")
+    with pytest.raises(ResponseError, match="wrong number of arguments for 'xadd'"):
+        await r.execute_command("XADD", "s", "*", "lonely-field")
+
+
+async def test_a_bad_topic_name_is_an_error_and_reaches_no_storage(
+    r: redis.Redis, broker: Broker
+) -> None:
+    with pytest.raises(ResponseError, match="topic names"):
+        await r.lpush("../escape", "x")
+    with pytest.raises(ResponseError, match="topic names"):
+        await r.xadd("a/b", {"f": "v"})
+    assert not any("escape" in k or "a/b" in k for k in await broker.store.list(""))
+
+
+async def test_quit_answers_ok_and_closes(raw: Raw) -> None:
+    await raw.send("QUIT")
+    assert await raw.rest() == b"+OK\r\n"
+
+
+async def test_multi_refuses_what_is_queued_and_exec_aborts(r: redis.Redis) -> None:
+    async with r.pipeline(transaction=True) as tx:
+        tx.rpush("q", "never")
+        with pytest.raises(ResponseError):
+            await tx.execute()
+    assert await r.llen("q") == 0
+
+
+# --- lists -----------------------------------------------------------------------------
+
+
+async def test_lpush_enqueues_every_value_in_order_and_answers_the_pending_count(
+    r: redis.Redis,
+) -> None:
+    assert await r.lpush("q", "a", "b") == 2
+    assert await r.rpush("q", "c") == 3
+    assert await r.llen("q") == 3
+    assert [await r.lpop("q"), await r.rpop("q"), await r.lpop("q")] == [b"a", b"b", b"c"]
+
+
+async def test_pop_completes_the_job(r: redis.Redis, http: Http) -> None:
+    await r.rpush("q", "work")
+    assert await r.lpop("q") == b"work"
+    counts = await http.status("q")
+    assert (counts["pending"], counts["claimed"], counts["completed"]) == (0, 0, 1)
+
+
+async def test_pop_with_count_answers_a_list(r: redis.Redis) -> None:
+    await r.rpush("q", *[str(i) for i in range(5)])
+    assert await r.lpop("q", 3) == [b"0", b"1", b"2"]
+    assert await r.rpop("q", 10) == [b"3", b"4"]
+    assert await r.lpop("q", 2) is None
+    assert await r.lpop("q") is None
+
+
+async def test_pop_answers_json_for_payloads_that_are_not_strings(
+    r: redis.Redis, http: Http
+) -> None:
+    await http.call("POST", "/topics/q/enqueue", {"payload": {"item": "book", "n": 2}})
+    assert orjson.loads(await r.lpop("q")) == {"item": "book", "n": 2}
+
+
+async def test_pop_takes_the_highest_priority_first(r: redis.Redis, http: Http) -> None:
+    await r.rpush("q", "low")
+    await http.call("POST", "/topics/q/enqueue", {"payload": "high", "priority": 5})
+    assert await r.lpop("q") == b"high"
+
+
+async def test_llen_counts_pending_jobs_not_claimed_ones(r: redis.Redis, http: Http) -> None:
+    await r.rpush("q", "a", "b")
+    await http.call("POST", "/topics/q/claim", {"worker_id": "w"})
+    assert await r.llen("q") == 1
+
+
+async def test_blpop_times_out_with_nil(r: redis.Redis) -> None:
+    started = time.monotonic()
+    assert await r.blpop(["q"], timeout=0.3) is None
+    assert time.monotonic() - started >= 0.29
+
+
+async def test_blpop_is_woken_by_an_lpush_from_another_connection(
+    r: redis.Redis, other: redis.Redis, broker: Broker
+) -> None:
+    waiting = asyncio.create_task(r.blpop(["q"], timeout=20))
+    await blocked(broker)
+    assert not waiting.done()
+    started = time.monotonic()
+    await other.lpush("q", "wake")
+    assert await asyncio.wait_for(waiting, 5) in ([b"q", b"wake"], (b"q", b"wake"))
+    assert time.monotonic() - started < 2
+
+
+async def test_brpop_takes_the_first_key_in_order_that_has_a_job(r: redis.Redis) -> None:
+    await r.rpush("b", "from-b")
+    await r.rpush("c", "from-c")
+    assert tuple(await r.brpop(["a", "b", "c"], timeout=1)) == (b"b", b"from-b")
+
+
+async def test_blpop_on_several_keys_is_woken_by_any_and_leaves_the_others_alone(
+    r: redis.Redis, other: redis.Redis, broker: Broker
+) -> None:
+    waiting = asyncio.create_task(r.blpop(["a", "b"], timeout=20))
+    await blocked(broker)
+    await other.rpush("b", "x")
+    assert tuple(await asyncio.wait_for(waiting, 5)) == (b"b", b"x")
+    await other.rpush("a", "y")
+    assert await other.llen("a") == 1  # the cancelled wait on "a" claimed nothing
+    assert await other.lpop("a") == b"y"
+
+
+async def test_a_client_that_leaves_during_blpop_takes_no_job(
+    broker: Broker, raw: Raw, other: redis.Redis, http: Http
+) -> None:
+    await raw.send("BLPOP", "q", "20")
+    await blocked(broker)
+    await raw.close()
+    assert broker.redis is not None
+    server = broker.redis
+    await until(lambda: not server.connections)
+    await other.rpush("q", "kept")
+    assert await other.lpop("q") == b"kept"
+
+
+# --- streams ---------------------------------------------------------------------------
+
+
+async def test_xadd_enqueues_the_object_of_the_fields(r: redis.Redis, http: Http) -> None:
+    job_id = (await r.xadd("s", {"item": "book", "qty": "2"})).decode()
+    job = await http.job("s", job_id)
+    assert (job["status"], job["payload"]) == ("pending", {"item": "book", "qty": "2"})
+
+
+async def test_xadd_with_an_explicit_id_enqueues_once(r: redis.Redis) -> None:
+    assert await r.xadd("s", {"f": "1"}, id="order-17") == b"order-17"
+    assert await r.xadd("s", {"f": "2"}, id="order-17") == b"order-17"
+    assert await r.xlen("s") == 1
+
+
+async def test_xadd_trimming_options_are_refused(r: redis.Redis) -> None:
+    with pytest.raises(ResponseError, match="MAXLEN is not supported"):
+        await r.xadd("s", {"f": "v"}, maxlen=10)
+
+
+async def test_xreadgroup_claims_with_the_broker_lease_and_answers_the_fields(
+    r: redis.Redis, http: Http
+) -> None:
+    job_id = await r.xadd("s", {"item": "book"})
+    await r.xgroup_create("s", "g", id="0", mkstream=True)
+    before = time.time()
+    got = await r.xreadgroup("g", "consumer-1", {"s": ">"}, count=10)
+    assert got == [[b"s", [(job_id, {b"item": b"book"})]]]
+    job = await http.job("s", job_id.decode())
+    assert (job["status"], job["claimed_by"]) == ("claimed", "consumer-1")
+    assert before + 29 < job["lease_expires_at"] < time.time() + 31
+
+
+async def test_xreadgroup_with_nothing_to_read_answers_empty(r: redis.Redis) -> None:
+    assert await r.xreadgroup("g", "c", {"s": ">"}) == []
+    assert await r.xreadgroup("g", "c", {"s": ">"}, block=50) == []
+
+
+async def test_xreadgroup_count_caps_the_claims(r: redis.Redis) -> None:
+    for i in range(5):
+        await r.xadd("s", {"n": str(i)})
+    got = await r.xreadgroup("g", "c", {"s": ">"}, count=2)
+    assert [fields[b"n"] for _, fields in got[0][1]] == [b"0", b"1"]
+    assert await r.llen("s") == 3
+
+
+async def test_xreadgroup_block_is_woken_by_an_xadd(
+    r: redis.Redis, other: redis.Redis, broker: Broker
+) -> None:
+    waiting = asyncio.create_task(r.xreadgroup("g", "c", {"s": ">"}, count=1, block=20_000))
+    await blocked(broker)
+    assert not waiting.done()
+    started = time.monotonic()
+    job_id = await other.xadd("s", {"wake": "up"})
+    assert await asyncio.wait_for(waiting, 5) == [[b"s", [(job_id, {b"wake": b"up"})]]]
+    assert time.monotonic() - started < 2
+
+
+async def test_xreadgroup_reads_a_payload_that_is_no_object_as_field_payload(
+    r: redis.Redis, http: Http
+) -> None:
+    await r.rpush("s", "plain")
+    await http.call("POST", "/topics/s/enqueue", {"payload": [1, 2]})
+    got = await r.xreadgroup("g", "c", {"s": ">"})
+    assert [fields for _, fields in got[0][1]] == [{b"payload": b"plain"}, {b"payload": b"[1,2]"}]
+
+
+async def test_xreadgroup_only_reads_new_entries(r: redis.Redis) -> None:
+    with pytest.raises(ResponseError, match="only the '>' id is supported"):
+        await r.xreadgroup("g", "c", {"s": "0"})
+
+
+async def test_xack_completes_the_claim_once(r: redis.Redis, http: Http) -> None:
+    job_id = await r.xadd("s", {"f": "v"})
+    await r.xreadgroup("g", "c", {"s": ">"})
+    assert await r.xack("s", "g", job_id) == 1
+    assert await r.xack("s", "g", job_id) == 0
+    assert await r.xack("s", "g", "no-such-id") == 0
+    assert (await http.job("s", job_id.decode()))["status"] == "completed"
+
+
+async def test_xack_carries_the_lease_token_so_a_claim_that_moved_on_is_not_acked(
+    start_broker: StartBroker,
+) -> None:
+    broker = await start_broker(
+        MemStore(),
+        redis_addr="127.0.0.1:0",
+        limits=Limits(default_lease=0.3),
+        reap_interval=0.05,
+        topic_scan_interval=0.05,  # so that the reaper soon knows the new topic
+    )
+    first, second = connect(broker, single_connection_client=True), connect(broker)
+    try:
+        job_id = await first.xadd("s", {"f": "v"})
+        assert await first.xreadgroup("g", "slow", {"s": ">"})
+        # The lease runs out; the job goes to another consumer.
+        got = await second.xreadgroup("g", "fast", {"s": ">"}, block=5000)
+        assert got[0][1][0][0] == job_id
+        assert await first.xack("s", "g", job_id) == 0  # its token is stale
+        assert await second.xack("s", "g", job_id) == 1
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_xreadgroup_noack_completes_at_once(r: redis.Redis, http: Http) -> None:
+    job_id = await r.xadd("s", {"f": "v"})
+    got = await r.xreadgroup("g", "c", {"s": ">"}, noack=True)
+    assert got[0][1][0][0] == job_id
+    assert (await http.job("s", job_id.decode()))["status"] == "completed"
+
+
+async def test_xlen_and_xinfo_count_entries_not_yet_acknowledged(r: redis.Redis) -> None:
+    for i in range(3):
+        await r.xadd("s", {"n": str(i)})
+    read = await r.xreadgroup("g", "c", {"s": ">"}, count=2)
+    await r.xack("s", "g", read[0][1][0][0])
+    assert await r.xlen("s") == 2
+    info = await r.xinfo_stream("s")
+    assert (info["length"], info["groups"], info["entries-added"]) == (2, 1, 3)
+    assert info["first-entry"] is None and info["last-entry"] is None
+
+
+# --- both wires ------------------------------------------------------------------------
+
+
+async def test_jobs_pushed_over_resp_are_claimed_and_acked_over_http(
+    r: redis.Redis, http: Http
+) -> None:
+    await r.rpush("q", "from-redis")
+    job_id = (await r.xadd("q", {"k": "v"})).decode()
+    code, body = await http.call("POST", "/topics/q/claim", {"worker_id": "w", "count": 2})
+    assert code == 200
+    assert [j["payload"] for j in body["jobs"]] == ["from-redis", {"k": "v"}]
+    assert body["jobs"][1]["id"] == job_id
+    for job in body["jobs"]:
+        ack = {"job_id": job["id"], "lease_token": job["lease_token"]}
+        assert (await http.call("POST", "/topics/q/ack", ack))[0] == 200
+
+
+async def test_jobs_enqueued_over_http_are_read_and_acked_over_resp(
+    r: redis.Redis, http: Http
+) -> None:
+    code, body = await http.call("POST", "/topics/q/enqueue", {"payload": {"item": "book"}})
+    assert code == 201
+    got = await r.xreadgroup("g", "c", {"q": ">"})
+    assert got == [[b"q", [(body["id"].encode(), {b"item": b"book"})]]]
+    assert await r.xack("q", "g", body["id"]) == 1
+    assert (await http.job("q", body["id"]))["status"] == "completed"
+
+
+# --- pipelining and concurrency --------------------------------------------------------
+
+
+async def test_a_pipeline_is_answered_in_order(r: redis.Redis) -> None:
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(100):
+            pipe.rpush("q", str(i))
+        pipe.llen("q")
+        pipe.lpop("q", 3)
+        pipe.ping()
+        answers = await pipe.execute()
+    assert answers[:100] == list(range(1, 101))
+    assert answers[100:] == [100, [b"0", b"1", b"2"], True]
+
+
+async def test_requests_split_anyhow_across_writes_are_all_answered(raw: Raw) -> None:
+    stream = b"".join(hiredis.pack_command(("RPUSH", "q", f"v{i}")) for i in range(20))
+    stream += b"\r\n" + hiredis.pack_command(("ECHO", "end"))  # as redis-cli --pipe ends
+    for i in range(0, len(stream), 7):
+        await raw.write(stream[i : i + 7])
+    expected = b"".join(b":%d\r\n" % n for n in range(1, 21)) + b"$3\r\nend\r\n"
+    got = b""
+    while len(got) < len(expected):
+        got += await asyncio.wait_for(raw.reader.read(4096), 10)
+    assert got == expected
+
+
+async def test_many_concurrent_connections(broker: Broker) -> None:
+    clients = [connect(broker, single_connection_client=True) for _ in range(40)]
+    try:
+        await asyncio.gather(*(c.rpush("q", f"{i}-a", f"{i}-b") for i, c in enumerate(clients)))
+        assert await clients[0].llen("q") == 80
+        popped = await asyncio.gather(*(c.lpop("q", 2) for c in clients))
+        values = [v for pair in popped for v in pair]
+        assert sorted(values) == sorted(f"{i}-{s}".encode() for i in range(40) for s in "ab")
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+
+
+# --- bad bytes -------------------------------------------------------------------------
+
+
+async def test_garbage_closes_that_connection_while_another_keeps_working(
+    broker: Broker, r: redis.Redis, other: redis.Redis
+) -> None:
+    waiting = asyncio.create_task(r.blpop(["q"], timeout=20))
+    await blocked(broker)
+    garbage = await Raw.open(port_of(broker))
+    await garbage.write(b"\x00\xff\xfe GET / HTTP/1.1\r\n\r\n")
+    reply = await garbage.rest()
+    assert reply.startswith(b"-ERR Protocol error") and reply.endswith(b"\r\n")
+    await garbage.close()
+    await other.rpush("q", "still-served")
+    assert tuple(await asyncio.wait_for(waiting, 5)) == (b"q", b"still-served")
+    assert await other.ping() is True
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"*1\r\n:5\r\n",  # an integer where a bulk string belongs
+        b"*1\r\n*1\r\n$4\r\nPING\r\n",  # nested arrays
+        b"*1\r\n$4\r\nPINGxx\r\n",  # a bulk string longer than it said
+        b"*-5\r\n",
+        b"+PING\r\n",
+    ],
+    ids=["integer", "nested", "bad-length", "negative-count", "simple-string"],
+)
+async def test_malformed_frames_are_answered_with_an_error_and_closed(
+    raw: Raw, r: redis.Redis, frame: bytes
+) -> None:
+    await raw.write(frame)
+    assert (await raw.rest()).startswith(b"-ERR Protocol error")
+    assert await r.ping() is True
+
+
+async def test_an_oversized_request_is_refused_and_nothing_is_enqueued(
+    start_broker: StartBroker,
+) -> None:
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0", max_body=4096)
+    conn = await Raw.open(port_of(broker))
+    await conn.write(hiredis.pack_command(("RPUSH", "q", "x" * 10_000)))
+    assert (await conn.rest()).startswith(b"-ERR Protocol error: request larger than 4096")
+    await conn.close()
+    announced = await Raw.open(port_of(broker))  # a length far past the limit, then data
+    await announced.write(b"*3\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n$999999999\r\n" + b"y" * 8192)
+    assert (await announced.rest()).startswith(b"-ERR Protocol error")
+    await announced.close()
+    client = connect(broker)
+    assert await client.llen("q") == 0
+    await client.aclose()
+
+
+# --- auth ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def secured(start_broker: StartBroker) -> Broker:
+    return await start_broker(MemStore(), redis_addr="127.0.0.1:0", token=TOKEN)
+
+
+async def test_auth_is_enforced_when_a_token_is_set(secured: Broker) -> None:
+    conn = await Raw.open(port_of(secured))
+    try:
+        assert str(await conn.call("PING")).startswith("NOAUTH")
+        assert str(await conn.call("LPUSH", "q", "x")).startswith("NOAUTH")
+        assert str(await conn.call("AUTH", "wrong")).startswith("WRONGPASS")
+        assert await conn.call("AUTH", TOKEN) == b"OK"
+        assert await conn.call("PING") == b"PONG"
+        assert await conn.call("AUTH", "default", TOKEN) == b"OK"
+    finally:
+        await conn.close()
+
+
+async def test_hello_authenticates_with_auth_inside(secured: Broker) -> None:
+    conn = await Raw.open(port_of(secured))
+    try:
+        assert str(await conn.call("HELLO", "3")).startswith("NOAUTH")
+        assert str(await conn.call("HELLO", "3", "AUTH", "default", "no")).startswith("WRONGPASS")
+        hello = await conn.call("HELLO", "3", "AUTH", "default", TOKEN)
+        assert hello[b"proto"] == 3
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("kw", PROTOCOLS)
+async def test_redis_py_authenticates_with_the_token(secured: Broker, kw: dict[str, Any]) -> None:
+    client = connect(secured, password=TOKEN, **kw)
+    try:
+        assert await client.rpush("q", "x") == 1
+        assert await client.lpop("q") == b"x"
+    finally:
+        await client.aclose()
+    anonymous = connect(secured, retry=Retry(NoBackoff(), 0), **kw)  # fail fast
+    try:
+        with pytest.raises(AuthenticationError):
+            await anonymous.rpush("q", "x")
+    finally:
+        await anonymous.aclose()
+
+
+async def test_auth_without_a_token_configured_is_an_error_as_in_redis(raw: Raw) -> None:
+    assert "without any password configured" in str(await raw.call("AUTH", "x"))
+    assert await raw.call("AUTH", "default", "anything") == b"OK"  # a nopass default user
+
+
+# --- the listener ----------------------------------------------------------------------
+
+
+async def test_stop_closes_idle_and_blocked_connections(broker: Broker) -> None:
+    server = RespServer(broker)
+    await server.start("127.0.0.1:0")
+    idle, waiting = await Raw.open(server.port), await Raw.open(server.port)
+    assert await idle.call("PING") == b"PONG"
+    await waiting.send("BLPOP", "q", "30")
+    await until(lambda: any(c.busy for c in server.connections))
+    started = time.monotonic()
+    await server.stop()
+    assert time.monotonic() - started < 3
+    assert await idle.rest() == b"" and await waiting.rest() == b""
+    await idle.close()
+    await waiting.close()
+
+
+async def test_simplequeued_prints_the_resp_address_and_serves_it(
+    broker_process: Callable[..., Any], redis_cli: str
+) -> None:
+    proc = broker_process("--backend", "memfs", "--redis-addr", "127.0.0.1:0")
+    line = await asyncio.to_thread(proc.proc.stdout.readline)
+    assert line.startswith("simplequeued resp listening on 127.0.0.1:")
+    port = line.rsplit(":", 1)[1].strip()
+    run = await asyncio.create_subprocess_exec(
+        redis_cli, "-p", port, "RPUSH", "q", "hi", stdout=asyncio.subprocess.PIPE
+    )
+    assert (await run.communicate())[0] == b"1\n"
+
+
+def test_simplequeued_refuses_a_bad_redis_addr() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "simplequeue.broker", "--redis-addr", "no-port"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--redis-addr" in proc.stderr and "HOST:PORT" in proc.stderr
+
+
+# --- redis-cli -------------------------------------------------------------------------
+
+
+CLI_SESSION = [
+    (("PING",), "PONG"),
+    (("ECHO", "hello"), "hello"),
+    (("SELECT", "0"), "OK"),
+    (("RPUSH", "q", "a", "b", "c"), "3"),
+    (("LPUSH", "q", "d"), "4"),
+    (("LLEN", "q"), "4"),
+    (("LPOP", "q"), "a"),
+    (("RPOP", "q", "2"), "b\nc"),
+    (("BLPOP", "q", "1"), "q\nd"),
+    (("BRPOP", "q", "0.1"), ""),
+    (("LPOP", "q"), ""),
+    (("XADD", "s", "order-1", "item", "book"), "order-1"),
+    (("XLEN", "s"), "1"),
+    (
+        ("XREADGROUP", "GROUP", "g", "c", "COUNT", "5", "STREAMS", "s", ">"),
+        "s\norder-1\nitem\nbook",
+    ),
+    (("XACK", "s", "g", "order-1"), "1"),
+    (("XINFO", "STREAM", "s"), None),
+    (("COMMAND", "COUNT"), str(len(COMMANDS))),
+    (("CLIENT", "SETNAME", "cli"), "OK"),
+    (("NOSUCHCOMMAND",), "ERR unknown command 'NOSUCHCOMMAND'"),
+]
+
+
+async def test_redis_cli_runs_every_command(cli: Cli) -> None:
+    for args, expected in CLI_SESSION:
+        code, out = await cli(*args)
+        assert code == 0, (args, out)
+        if expected is not None:
+            assert out.strip() == expected, args
+    code, out = await cli("XINFO", "STREAM", "s")
+    assert "length\n0\n" in out and "entries-added\n1\n" in out
+
+
+async def test_redis_cli_in_resp3_mode(cli: Cli) -> None:
+    await cli("XADD", "s", "e-1", "f", "v")
+    code, out = await cli("XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">", flags=("-3",))
+    assert (code, out.split()) == (0, ["s", "e-1", "f", "v"])
+    code, out = await cli("HELLO", flags=("-3",))
+    assert "proto 3" in out
+
+
+async def test_redis_cli_blpop_is_woken_by_an_lpush(
+    cli: Cli, other: redis.Redis, broker: Broker
+) -> None:
+    waiting = asyncio.create_task(cli("BLPOP", "q", "20"))
+    await blocked(broker)
+    await other.lpush("q", "wake")
+    code, out = await asyncio.wait_for(waiting, 10)
+    assert (code, out.split()) == (0, ["q", "wake"])
+
+
+async def test_redis_cli_pipe_mode(cli: Cli, other: redis.Redis) -> None:
+    data = b"".join(hiredis.pack_command(("RPUSH", "bulk", str(i))) for i in range(500))
+    code, out = await cli("--pipe", stdin=data)
+    assert code == 0, out
+    assert "errors: 0, replies: 500" in out
+    assert await other.llen("bulk") == 500
+
+
+async def test_redis_cli_with_and_without_the_token(redis_cli: str, secured: Broker) -> None:
+    async def run(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            redis_cli,
+            "-p",
+            str(port_of(secured)),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        return (await proc.communicate())[0].decode().strip()
+
+    assert (await run("RPUSH", "q", "x")).startswith("NOAUTH")
+    assert await run("--no-auth-warning", "-a", TOKEN, "RPUSH", "q", "x") == "1"
+    assert (await run("--no-auth-warning", "-a", "wrong", "PING")).startswith("AUTH failed")
+
+
+async def test_resp_commands_are_counted_in_metrics(r: redis.Redis, broker: Broker) -> None:
+    await r.rpush("metered", "a")
+    with pytest.raises(redis.ResponseError):
+        await r.execute_command("NOSUCHCOMMAND")
+    text = broker.metrics.render().decode()
+    assert 'simplequeue_resp_commands_total{command="RPUSH",outcome="ok"}' in text
+    assert 'simplequeue_resp_commands_total{command="unknown",outcome="error"}' in text
+
+
+async def test_a_pop_is_one_commit(r: redis.Redis, broker: Broker) -> None:
+    await r.rpush("onecommit", "x")
+    writes = broker.committer.stats.writes
+    assert await r.lpop("onecommit") == b"x"
+    assert broker.committer.stats.writes == writes + 1
