@@ -55,6 +55,7 @@ def _op(
 def spec() -> dict[str, Any]:
     """The API description (built once)."""
     number = {"type": "number", "minimum": 0}
+    positive = {"type": "number", "minimum": 0, "exclusiveMinimum": True}  # OpenAPI 3.0 form
     job_spec = {
         "type": "object",
         "properties": {
@@ -106,7 +107,7 @@ def spec() -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "worker_id": {"type": "string", "minLength": 1},
-                        "lease": {"type": "number", "exclusiveMinimum": 0},
+                        "lease": positive,
                         "wait": {"type": "number", "minimum": 0, "maximum": 60},
                         "count": {"type": "integer", "minimum": 1},
                     },
@@ -152,7 +153,7 @@ def spec() -> dict[str, Any]:
                 ),
                 {
                     "type": "object",
-                    "properties": {**settle, "lease": {"type": "number", "exclusiveMinimum": 0}},
+                    "properties": {**settle, "lease": positive},
                     "required": ["job_id"],
                     "additionalProperties": False,
                 },

@@ -357,7 +357,7 @@ class Connection:
 
     # --- connection commands -----------------------------------------------------------
 
-    @command("PING", 0, 1)
+    @command("PING", 0, 1, flags=("no_auth",))  # a liveness probe needs no secret
     async def ping(self, args: list[bytes]) -> Reply:
         return args[0] if args else Simple("PONG")
 

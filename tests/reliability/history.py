@@ -1,0 +1,68 @@
+"""A history of every operation a campaign sent and what it was answered, and
+the checks run over it at the end.
+
+Outcomes are definite (the broker answered) or indeterminate (a timeout, a
+dropped connection, a 503: the operation may or may not have landed).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class History:
+    """What happened, as the clients saw it."""
+
+    enqueued: set[str] = field(default_factory=set)  # ids whose enqueue was answered 2xx
+    enqueue_attempts: int = 0
+    # job id -> (claimed_at by the broker's clock, lease token) of each claim answered
+    claims: dict[str, list[tuple[float, str]]] = field(default_factory=lambda: defaultdict(list))
+    acked: Counter[str] = field(default_factory=Counter)  # id -> acks answered 200
+    ack_unknown: set[str] = field(default_factory=set)  # acks whose outcome is unknown
+    stale_acks: int = 0  # acks sent with a token known to be stale
+    stale_refused: int = 0  # ... and refused, as they must be
+    stale_committed: list[tuple[str, str]] = field(default_factory=list)
+    nacked: int = 0
+    abandoned: int = 0  # claims a "dying" worker never settled
+    errors: Counter[str] = field(default_factory=Counter)  # indeterminate outcomes by kind
+    operations: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    kills: int = 0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] += 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "operations": self.operations,
+            "enqueued": len(self.enqueued),
+            "claims": sum(len(t) for t in self.claims.values()),
+            "acked": sum(self.acked.values()),
+            "nacked": self.nacked,
+            "abandoned_claims": self.abandoned,
+            "stale_acks_tried": self.stale_acks,
+            "indeterminate": sum(self.errors.values()),
+            "faults": sum(self.faults.values()),
+            "kills": self.kills,
+        }
+
+
+def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> dict[str, int]:
+    """Assert the campaign's invariants; return lost and double-committed counts
+    (both must be 0). `final` maps each enqueued id to its record (GET /jobs)."""
+    lost = [i for i in history.enqueued if final.get(i, {}).get("status") != "completed"]
+    double = [i for i, n in history.acked.items() if n > 1]
+    assert not lost, f"{len(lost)} acknowledged enqueues never completed: {lost[:5]}"
+    assert not double, f"{len(double)} jobs committed twice: {double[:5]}"
+    assert not history.stale_committed, f"stale tokens committed: {history.stale_committed[:5]}"
+    assert history.stale_refused == history.stale_acks
+    # Every job whose ack was answered 200 is completed, and nothing else is.
+    assert set(history.acked) <= history.enqueued
+    assert counts["enqueued"] == len(history.enqueued), (counts, len(history.enqueued))
+    assert counts["completed"] == len(history.enqueued), counts
+    assert counts["pending"] == counts["claimed"] == counts["dead"] == 0, counts
+    assert counts["total"] == counts["completed"]
+    return {"lost": len(lost), "double_committed": len(double)}

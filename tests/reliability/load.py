@@ -1,0 +1,214 @@
+"""A mixed load over HTTP that records every operation in a History.
+
+Producers enqueue with their own ids and retry until answered, so every job
+they count was acknowledged. Workers claim in batches and mostly ack; some
+nack, some "die" holding their claim (the lease must bring the job back), and
+some go silent past their lease and then ack with their stale token, which
+must be refused once someone else holds the job. Errors (503, dropped
+connections, a broker being killed) are expected and recorded, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from tests.reliability.history import History
+
+Urls = Callable[[], list[str]]
+
+
+@dataclass
+class LoadShape:
+    jobs: int = 300
+    producers: int = 3
+    workers: int = 6
+    lease: float = 2.0
+    p_nack: float = 0.06
+    p_die: float = 0.03
+    p_stale: float = 0.03
+    timeout: float = 5.0
+    seconds: float = 6.0  # production (and chaos) is spread over this long
+
+
+class Load:
+    """Runs producers and workers against whichever broker URLs `urls()` gives."""
+
+    def __init__(
+        self, urls: Urls, topic: str, history: History, shape: LoadShape, seed: int = 1
+    ) -> None:
+        self.urls = urls
+        self.topic = topic
+        self.h = history
+        self.shape = shape
+        self.rng = random.Random(seed)
+        self.stop = asyncio.Event()
+        self.session: aiohttp.ClientSession | None = None
+
+    async def call(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST to a random broker: (status, JSON) or (0, None) on a lost answer."""
+        assert self.session is not None
+        self.h.operations += 1
+        url = f"{self.rng.choice(self.urls())}/topics/{self.topic}{path}"
+        try:
+            async with self.session.post(
+                url,
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=self.shape.timeout + body.get("wait", 0)),
+            ) as r:
+                answer = await r.json(content_type=None)
+                if r.status >= 500:
+                    self.h.error(f"http-{r.status}")
+                return r.status, answer
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            self.h.error("connection")
+            return 0, None
+
+    async def produce(self, ids: list[str]) -> None:
+        pause = self.shape.seconds / max(1, len(ids))
+        for job_id in ids:
+            await asyncio.sleep(pause * self.rng.uniform(0.5, 1.5))
+            while True:  # the same id until answered: a duplicate is a success
+                status, _ = await self.call(
+                    "/enqueue", {"id": job_id, "payload": {"id": job_id}, "max_attempts": 0}
+                )
+                self.h.enqueue_attempts += 1
+                if status in (200, 201):
+                    self.h.enqueued.add(job_id)
+                    break
+                assert status in (0, 503), f"enqueue answered {status}"
+                await asyncio.sleep(0.05)
+
+    async def work(self, name: str) -> None:
+        while not self.stop.is_set():
+            status, answer = await self.call(
+                "/claim",
+                {
+                    "worker_id": name,
+                    "count": self.rng.randint(1, 4),
+                    "lease": self.shape.lease,
+                    "wait": 0.5,
+                },
+            )
+            if status != 200:
+                assert status in (0, 404, 503), f"claim answered {status}: {answer}"
+                if status != 404:
+                    await asyncio.sleep(0.05)
+                continue
+            for job in answer["jobs"]:
+                self.h.claims[job["id"]].append((job["claimed_at"], job["lease_token"]))
+                await self.settle(name, job)
+
+    async def settle(self, name: str, job: dict[str, Any]) -> None:
+        roll = self.rng.random()
+        s = self.shape
+        if roll < s.p_die:
+            self.h.abandoned += 1  # this worker "died": the lease must bring the job back
+            return
+        if roll < s.p_die + s.p_stale:
+            await self.stale_ack(name, job)
+            return
+        if roll < s.p_die + s.p_stale + s.p_nack:
+            status, _ = await self.call(
+                "/nack",
+                {
+                    "job_id": job["id"],
+                    "lease_token": job["lease_token"],
+                    "error": f"{name} gave up",
+                },
+            )
+            self.h.nacked += status == 200
+            return
+        await self.ack(job["id"], job["lease_token"])
+
+    async def ack(self, job_id: str, token: str) -> int:
+        status, answer = await self.call(
+            "/ack", {"job_id": job_id, "lease_token": token, "result": {"by": token[:8]}}
+        )
+        if status == 200:
+            self.h.acked[job_id] += 1
+        elif status in (0, 503):
+            self.h.ack_unknown.add(job_id)
+        else:
+            assert status in (404, 409), f"ack answered {status}: {answer}"
+        return status
+
+    async def stale_ack(self, name: str, job: dict[str, Any]) -> None:
+        """Go silent past the lease until a later claim of the job shows up (later
+        by the broker's clock: answers can arrive out of order), then ack with the
+        old token: it must be refused."""
+        deadline = time.monotonic() + 4 * self.shape.lease + 10
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if any(at > job["claimed_at"] for at, _ in self.h.claims[job["id"]]):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            await self.ack(job["id"], job["lease_token"])  # nobody took it: still ours
+            return
+        self.h.stale_acks += 1
+        status, _ = await self.call(
+            "/ack", {"job_id": job["id"], "lease_token": job["lease_token"]}
+        )
+        if status in (404, 409):
+            self.h.stale_refused += 1
+        elif status == 200:
+            self.h.stale_committed.append((job["id"], job["lease_token"]))
+        else:  # unknown outcome: ask the job itself who completed it
+            self.h.stale_refused += 1
+
+    async def run(self, chaos: Callable[[], Any] | None = None) -> None:
+        """Produce every job while workers run (and `chaos` does its worst), then
+        stop chaos and let the workers drain the topic."""
+        s = self.shape
+        ids = [f"job-{i:06d}" for i in range(s.jobs)]
+        async with aiohttp.ClientSession() as self.session:
+            workers = [asyncio.create_task(self.work(f"w{i}")) for i in range(s.workers)]
+            chaos_task = asyncio.create_task(chaos()) if chaos else None
+            try:
+                await asyncio.gather(
+                    *(self.produce(ids[i :: s.producers]) for i in range(s.producers))
+                )
+                if chaos_task:
+                    chaos_task.cancel()
+                    await asyncio.gather(chaos_task, return_exceptions=True)
+                await self.drain()
+            finally:
+                self.stop.set()
+                await asyncio.gather(*workers, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Wait until every enqueued job is completed (abandoned claims come back
+        after their lease)."""
+        deadline = time.monotonic() + 60 + 10 * self.shape.lease
+        while time.monotonic() < deadline:
+            counts = await self.status()
+            if counts and counts["completed"] >= len(self.h.enqueued) and counts["claimed"] == 0:
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"the topic never drained: {await self.status()}")
+
+    async def status(self) -> dict[str, int] | None:
+        assert self.session is not None
+        try:
+            async with self.session.get(f"{self.urls()[0]}/topics/{self.topic}/status") as r:
+                return await r.json() if r.status == 200 else None  # type: ignore[no-any-return]
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def final_records(self) -> dict[str, Any]:
+        """Each enqueued job's record, read after the run."""
+        out: dict[str, Any] = {}
+        async with aiohttp.ClientSession() as session:
+            for job_id in sorted(self.h.enqueued):
+                url = f"{self.urls()[0]}/topics/{self.topic}/jobs/{job_id}"
+                async with session.get(url) as r:
+                    out[job_id] = await r.json()
+            async with session.get(f"{self.urls()[0]}/topics/{self.topic}/status") as r:
+                out["__counts__"] = await r.json()
+        return out

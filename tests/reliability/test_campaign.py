@@ -1,0 +1,180 @@
+"""Crash, failover, store-fault and worker campaigns: a mixed load runs while
+things go wrong, every operation and answer is recorded, and at the end the
+history is checked: every acknowledged enqueue completed, nothing committed
+twice, no stale lease token committed, counters match."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simplequeue.objstore.localfs import LocalStore
+from tests.conftest import BrokerProcess, open_s3, s3_broker_args, s3_endpoint
+from tests.reliability.chaos_store import ChaosStore
+from tests.reliability.history import History, check
+from tests.reliability.load import Load, LoadShape
+from tests.reliability.proxy import FaultProxy, Odds
+
+pytestmark = pytest.mark.campaign
+
+Record = Callable[[dict[str, Any]], None]
+
+
+def store_args(backend: str, tmp_path: Path) -> list[str]:
+    if backend == "localfs":
+        return ["--dir", str(tmp_path / "store")]
+    return s3_broker_args(uuid.uuid4().hex[:12])
+
+
+async def finish(load: Load, history: History, record: Record, **extra: Any) -> None:
+    final = await load.final_records()
+    counts = final.pop("__counts__")
+    verdict = check(history, final, counts)
+    record({**history.summary(), **verdict, **extra})
+
+
+class Fleet:
+    """Broker processes on one store, restartable on their own ports."""
+
+    def __init__(self, start: Callable[..., BrokerProcess], args: list[str], n: int) -> None:
+        self.start, self.args = start, args
+        self.brokers = [start(*args) for _ in range(n)]
+
+    def urls(self) -> list[str]:
+        return [b.url for b in self.brokers]
+
+    async def kill_and_restart(self, i: int) -> None:
+        victim = self.brokers[i]
+        victim.kill()
+        port = victim.url.rsplit(":", 1)[1]
+        self.brokers[i] = await asyncio.to_thread(
+            self.start, *self.args, "--addr", f"127.0.0.1:{port}"
+        )
+
+
+@pytest.mark.parametrize("backend", ["localfs", pytest.param("s3", marks=pytest.mark.s3)])
+async def test_kill_9_under_load_then_restart(
+    broker_process: Any, tmp_path: Path, backend: str, scale: int, record_figures: Record
+) -> None:
+    history = History()
+    fleet = Fleet(broker_process, store_args(backend, tmp_path), 1)
+    load = Load(fleet.urls, "crash", history, LoadShape(jobs=150 * scale, seconds=4))
+    rng = random.Random(11)
+
+    async def chaos() -> None:
+        while True:
+            await asyncio.sleep(rng.uniform(0.4, 1.2))
+            await fleet.kill_and_restart(0)
+            history.kills += 1
+
+    await load.run(chaos)
+    assert history.kills >= 1
+    await finish(load, history, record_figures, backend=backend, scenario="kill -9 + restart")
+
+
+@pytest.mark.parametrize("backend", ["localfs", pytest.param("s3", marks=pytest.mark.s3)])
+async def test_three_brokers_one_killed_and_restarted_repeatedly(
+    broker_process: Any, tmp_path: Path, backend: str, scale: int, record_figures: Record
+) -> None:
+    history = History()
+    fleet = Fleet(broker_process, store_args(backend, tmp_path), 3)
+    load = Load(fleet.urls, "fleet", history, LoadShape(jobs=200 * scale, workers=9, seconds=4))
+    rng = random.Random(12)
+
+    async def chaos() -> None:
+        while True:
+            await asyncio.sleep(rng.uniform(0.3, 1.0))
+            await fleet.kill_and_restart(rng.randrange(3))
+            history.kills += 1
+
+    await load.run(chaos)
+    assert history.kills >= 1
+    await finish(load, history, record_figures, backend=backend, scenario="3 brokers, kills")
+
+
+@pytest.mark.s3
+async def test_s3_faults_and_outages_lose_nothing(
+    broker_process: Any, scale: int, record_figures: Record
+) -> None:
+    bucket_store = await open_s3()  # creates this run's bucket
+    await bucket_store.close()
+    proxy = FaultProxy(
+        s3_endpoint(), Odds(slowdown=0.04, drop=0.03, lose_answer=0.03, delay=0.05, delay_s=0.3)
+    )
+    await proxy.start()
+    history = History()
+    try:
+        args = s3_broker_args(uuid.uuid4().hex[:12])
+        args[args.index("--endpoint-url") + 1] = proxy.url
+        # In a thread: the proxy serves on this loop while the brokers start.
+        fleet = await asyncio.to_thread(Fleet, broker_process, args, 2)
+        load = Load(
+            fleet.urls, "faults", history, LoadShape(jobs=150 * scale, timeout=30, seconds=4)
+        )
+        rng = random.Random(13)
+
+        async def chaos() -> None:
+            while True:
+                await asyncio.sleep(rng.uniform(1.0, 2.0))
+                await proxy.outage(rng.uniform(0.5, 1.5))  # the store is gone, then back
+
+        await load.run(chaos)
+        proxy.odds = Odds()  # read the verdict through a clean path
+        history.faults.update(proxy.injected)
+        await finish(
+            load,
+            history,
+            record_figures,
+            backend="s3",
+            scenario="S3 faults via proxy + outages",
+            proxy_forwarded=proxy.forwarded,
+        )
+    finally:
+        await proxy.stop()
+    assert sum(history.faults.values()) > 0
+    assert history.errors, "the faults never reached a client: the test proves nothing"
+
+
+async def test_localfs_faults_and_outages_lose_nothing(
+    start_broker: Callable[..., Awaitable[Any]], tmp_path: Path, scale: int, record_figures: Record
+) -> None:
+    stores = [
+        ChaosStore(LocalStore(tmp_path), fail=0.03, lose=0.03, slow=0.05, seed=s) for s in (1, 2)
+    ]
+    brokers = [await start_broker(s, commit_budget=20.0) for s in stores]
+    history = History()
+    load = Load(
+        lambda: [b.url for b in brokers],
+        "faults",
+        history,
+        LoadShape(jobs=150 * scale, timeout=30, seconds=4),
+    )
+    rng = random.Random(14)
+
+    async def chaos() -> None:
+        while True:
+            await asyncio.sleep(rng.uniform(0.5, 1.5))
+            for s in stores:
+                s.down = True
+            await asyncio.sleep(rng.uniform(0.3, 1.0))
+            for s in stores:
+                s.down = False
+
+    await load.run(chaos)
+    for s in stores:
+        s.fail = s.lose = s.slow = 0.0
+        history.faults.update(s.injected)
+    await finish(
+        load,
+        history,
+        record_figures,
+        backend="localfs",
+        scenario="store faults (wrapper) + outages",
+    )
+    assert history.faults["lose_answer"] > 0 and history.faults["outage"] > 0
