@@ -73,6 +73,10 @@ class CommitSettings:
     max_age: float = 0.0
     reap_every: float = 1.0  # seconds a cached state may answer the reaper
     reap_idle: float = 5.0  # seconds between re-reads of a topic with no known lease due
+    # After a batch lands, wait up to linger x its write time (at most
+    # linger_max seconds) for as many mutations as it held: see _linger().
+    linger: float = 0.5
+    linger_max: float = 0.005
     backoff_min: float = 0.002
     backoff_max: float = 0.25
 
@@ -131,6 +135,7 @@ class _Topic:
         self.committed: bytes | None = None  # the head as it landed, for readers
         self.reader: TopicState | None = None
         self.changed = asyncio.Event()
+        self.arrived = asyncio.Event()  # a mutation was queued (see _linger)
         self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
         self.orphans: set[str] = set()  # unreferenced segments seen by the last sweep
         self.next_reap = 0.0  # monotonic time before which reap() need not look
@@ -177,6 +182,7 @@ class GroupCommitter:
         t = self._topic(topic)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         t.queue.append(_Entry(mutation, future, undo))
+        t.arrived.set()
         if t.flusher is None or t.flusher.done():
             t.flusher = asyncio.create_task(self._flush(t), name=f"commit:{topic}")
         return await future
@@ -285,11 +291,14 @@ class GroupCommitter:
         return t
 
     async def _flush(self, t: _Topic) -> None:
+        loop = asyncio.get_running_loop()
         while t.queue:
             batch, t.queue = t.queue, []
+            started = loop.time()
             try:
                 async with t.lock:
                     await self._commit(t, batch)
+                await self._linger(t, len(batch), loop.time() - started)
             except BaseException as exc:  # answer everyone, whatever happened
                 if not isinstance(exc, SimpleQueueError):
                     log.exception("commit of %d mutations to %s failed", len(batch), t.name)
@@ -300,6 +309,21 @@ class GroupCommitter:
                 t.state = None
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+
+    async def _linger(self, t: _Topic, last: int, took: float) -> None:
+        """Callers answered by the last batch come straight back with their next
+        request. Without a pause they would split into two halves, each riding
+        every other write; waiting a fraction of a write's time for the queue
+        to hold as many as the last batch keeps batches whole."""
+        if last < 2 or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self.settings.linger_max, self.settings.linger * took)
+        while len(t.queue) < last and (left := deadline - loop.time()) > 0:
+            t.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await t.arrived.wait()
 
     async def _commit(self, t: _Topic, batch: list[_Entry[Any]]) -> None:
         self.stats.batches += 1
@@ -349,7 +373,7 @@ class GroupCommitter:
 
         write_id = uuid.uuid4().hex
         sealed = state.seal(self.writer, write_id, now)
-        data = orjson.dumps(state.head)
+        data = sealed.head
         sent_at = time.monotonic()
         outcome = _Outcome(write_id, results, entries, list(sealed.new_segments))
         outcomes.append(outcome)

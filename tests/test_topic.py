@@ -276,3 +276,19 @@ def test_jobs_in_segments_are_found_and_deduplicated() -> None:
     assert s.head["lanes"]["0"]["runs"]
     assert s.find("a3") == ("pending", s.find("a3")[1])  # type: ignore[index]
     assert s.enqueue([{"id": "a3", "payload": 0}], T0)[0]["duplicate"] is True
+
+
+def test_an_id_spilled_then_expired_can_be_enqueued_again_in_the_same_state() -> None:
+    # The committer keeps its state object across writes: the duplicate index
+    # must follow records into segments and out of the topic.
+    s = fresh(inline_records_bytes=300, retention=100)
+    s.enqueue([{"id": f"r{i}", "payload": i} for i in range(6)], T0)
+    for job in s.claim("w", None, 6, T0):
+        s.ack(job["id"], job["lease_token"], None, T0)
+    assert s.exists("r0")
+    s.seal({}, "w1", T0)  # spills the retained records into a segment
+    assert s.head["retained"]["segs"] and s.exists("r0")
+    s.seal({}, "w2", T0 + 101)  # the segment expires
+    assert not s.head["retained"]["segs"]
+    assert not s.exists("r0") and s.find("r0") is None
+    assert s.enqueue([{"id": "r0", "payload": "again"}], T0 + 101)[0]["duplicate"] is False

@@ -131,6 +131,14 @@ class TopicMachine(RuleBasedStateMachine):
         assert not set(sealed.unreferenced) & set(self.state.segment_keys())
         self.state = TopicState(orjson.loads(orjson.dumps(self.state.head)), segments, self.limits)
 
+    @rule()
+    def write_and_keep_going(self) -> None:
+        """Seal and go on with the same object, as the committer does after a
+        write lands (its caches must stay right across spills)."""
+        self.writes += 1
+        self.sealed_at = self.now
+        self.state.seal({"broker_id": "b", "epoch": 1}, f"w{self.writes}", self.now)
+
     # --- invariants ----------------------------------------------------------
 
     @invariant()
@@ -141,6 +149,13 @@ class TopicMachine(RuleBasedStateMachine):
         everything = pending + claimed + dead
         assert len(everything) == len(set(everything)), "a job is in two places"
         assert set(claimed) == set(self.tokens)
+
+    @invariant()
+    def exists_agrees_with_find(self) -> None:
+        # exists() is the indexed duplicate check; find() scans: they must agree.
+        for i in range(12):
+            job_id = f"j{i}"
+            assert self.state.exists(job_id) == (self.state.find(job_id) is not None), job_id
 
     @invariant()
     def counters_add_up(self) -> None:
@@ -164,5 +179,5 @@ class TopicMachine(RuleBasedStateMachine):
             assert seg["newest"] >= horizon
 
 
-TopicMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TopicMachine.TestCase.settings = settings(max_examples=500, stateful_step_count=50, deadline=None)
 test_topic_state_machine = TopicMachine.TestCase

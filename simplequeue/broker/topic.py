@@ -38,9 +38,11 @@ Record = dict[str, Any]
 class Limits:
     """Bounds that keep every head write small, and the broker's defaults."""
 
-    inline_pending_bytes: int = 96 * 1024  # spill lanes' inline runs past this
-    inline_records_bytes: int = 48 * 1024  # spill retained records past this
-    inline_dead_bytes: int = 48 * 1024  # spill dead jobs past this
+    # Every batch rewrites the head, so its inline parts are kept small; what
+    # outgrows them spills into segments, written once.
+    inline_pending_bytes: int = 32 * 1024  # spill lanes' inline runs past this
+    inline_records_bytes: int = 16 * 1024  # spill retained records past this
+    inline_dead_bytes: int = 16 * 1024  # spill dead jobs past this
     retention: float = 3600.0  # seconds a completed/dead record is kept
     dead_limit: int = 10_000  # dead jobs kept; beyond it the oldest are dropped
     max_attempts: int = 5  # default for jobs that do not say (0 = unlimited)
@@ -136,8 +138,10 @@ def new_head(topic: str) -> dict[str, Any]:
 
 @dataclass
 class Sealed:
-    """What a batch must write besides the head, and may delete after it lands."""
+    """A sealed batch: the head to write, the segments to create before it, and
+    the segments that may be deleted once it landed."""
 
+    head: bytes = b""
     new_segments: dict[str, bytes] = field(default_factory=dict)
     unreferenced: list[str] = field(default_factory=list)
 
@@ -165,6 +169,7 @@ class TopicState:
         self.limits = limits
         self._unreferenced: list[str] = []
         self.dirty = False  # set by every mutation that changed something
+        self._ids: set[str] | None = None  # ids in the head's inline lists: see exists()
         self._heaps: dict[str, list[tuple[float, int, str]]] = {}  # see _fronts()
         self._run_refs: dict[str, dict[str, dict[str, Any]]] = {}
 
@@ -264,6 +269,10 @@ class TopicState:
         for record in reversed(h["retained"]["inline"]):
             if record["id"] == job_id:
                 return record["status"], record
+        return self._find_in_segments(job_id)
+
+    def _find_in_segments(self, job_id: str) -> tuple[str, Job | Record] | None:
+        h = self.head
         places = self.segments.locate(job_id)
         if not places:
             return None
@@ -281,6 +290,26 @@ class TopicState:
                 return record["status"], record
         return None
 
+    def exists(self, job_id: str) -> bool:
+        """Whether the topic holds `job_id`, live or retained: find() without the
+        scans, for duplicate detection on every enqueue."""
+        if self._ids is None:
+            h = self.head
+            ids = {j["id"] for lane in h["lanes"].values() for j in lane["inline"]}
+            ids.update(j["id"] for j in h["dead"]["inline"])
+            ids.update(r["id"] for r in h["retained"]["inline"])
+            self._ids = ids
+        return (
+            job_id in self.head["claimed"]
+            or job_id in self._ids
+            or self._find_in_segments(job_id) is not None
+        )
+
+    def _noted(self, job_id: str) -> None:
+        """An id went into one of the head's inline lists."""
+        if self._ids is not None:
+            self._ids.add(job_id)
+
     # --- enqueue --------------------------------------------------------------------
 
     def enqueue(self, specs: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
@@ -292,16 +321,14 @@ class TopicState:
             raise InvalidRequest(f"at most {self.limits.max_batch} jobs per enqueue")
         jobs = [self._validate_spec(spec) for spec in specs]  # all or nothing
         answers: list[dict[str, Any]] = []
-        seen: set[str] = set()
         for spec, job_id in jobs:
-            if job_id is not None and (job_id in seen or self.find(job_id) is not None):
+            if job_id is not None and self.exists(job_id):
                 answers.append({"id": job_id, "duplicate": True})
                 continue
             seq = self.head["seq"]
             self.head["seq"] = seq + 1
             if job_id is None:
                 job_id = uuid.uuid4().hex
-            seen.add(job_id)
             delay = spec.get("delay", 0) or 0
             max_attempts = spec.get("max_attempts")
             job: Job = {
@@ -341,6 +368,7 @@ class TopicState:
 
     def _push_pending(self, job: Job) -> None:
         self.dirty = True
+        self._noted(job["id"])
         lanes = self.head["lanes"]
         lane = lanes.get(str(job["priority"]))
         if lane is None:
@@ -514,6 +542,7 @@ class TopicState:
             self.dirty = True
             job["died_at"] = now
             self.head["dead"]["inline"].append(job)
+            self._noted(job["id"])
             self.head["counters"]["dead"] += 1
             self._enforce_dead_limit()
             return "dead"
@@ -590,6 +619,7 @@ class TopicState:
         dead["inline"] = [j for j in dead["inline"] if not (wanted is None or j["id"] in wanted)]
         taken.extend(hit)
         self.dirty = self.dirty or bool(taken)
+        self._ids = None  # ids left the head's lists: rebuild the index when next needed
         for job in taken:
             if requeue:
                 fresh = {k: v for k, v in job.items() if k != "died_at"}
@@ -613,12 +643,14 @@ class TopicState:
             else:
                 drop = excess
                 del dead["inline"][:drop]
+                self._ids = None
             self.head["counters"]["dead_dropped"] += drop
             excess -= drop
 
     # --- retention -----------------------------------------------------------------------
 
     def _retain(self, job: Job, status: str, now: float, result: Any = None) -> None:
+        self._noted(job["id"])
         self.head["retained"]["inline"].append(
             {
                 "id": job["id"],
@@ -640,38 +672,58 @@ class TopicState:
         cut = 0
         while cut < len(inline) and inline[cut]["finished_at"] < horizon:
             cut += 1
-        del inline[:cut]
+        if cut:
+            del inline[:cut]
+            self._ids = None
 
     # --- sealing a batch ----------------------------------------------------------------
 
     def seal(self, writer: dict[str, Any], write_id: str, now: float) -> Sealed:
-        """Finish a batch: expire records, spill what outgrew the head into new
-        segments, and stamp the write. Returns the segments to create first."""
+        """Finish a batch: expire records, stamp the write, spill what outgrew the
+        head into new segments, and serialise the head (Sealed.head)."""
         self._expire_retained(now)
         sealed = Sealed()
-        h = self.head
-        pending_bytes = sum(_size(lane["inline"]) for lane in h["lanes"].values())
-        if pending_bytes > self.limits.inline_pending_bytes:
-            for priority, lane in h["lanes"].items():
+        h, limits = self.head, self.limits
+        h["writer"] = writer
+        h["write_id"] = write_id
+        h["recent_writes"] = [*h["recent_writes"], write_id][-limits.recent_writes :]
+        data = orjson.dumps(h)
+        # A part can outgrow its bound only if the whole head did: measure the
+        # parts only then, so a small head costs one serialisation.
+        spilled = False
+        lanes = h["lanes"]
+        if len(data) > limits.inline_pending_bytes and (
+            sum(_size(lane["inline"]) for lane in lanes.values()) > limits.inline_pending_bytes
+        ):
+            for priority, lane in lanes.items():
                 if lane["inline"]:
                     key = self._new_segment(sealed, write_id, f"p{priority}", lane["inline"])
                     lane["runs"].append({"key": key, "n": len(lane["inline"]), "pos": 0})
                     lane["inline"] = []
                     self._heaps.pop(priority, None)
+            spilled = True
         retained = h["retained"]
-        if retained["inline"] and _size(retained["inline"]) > self.limits.inline_records_bytes:
+        if len(data) > limits.inline_records_bytes and (
+            retained["inline"] and _size(retained["inline"]) > limits.inline_records_bytes
+        ):
             key = self._new_segment(sealed, write_id, "r", retained["inline"])
             newest = retained["inline"][-1]["finished_at"]
             retained["segs"].append({"key": key, "n": len(retained["inline"]), "newest": newest})
             retained["inline"] = []
+            spilled = True
         dead = h["dead"]
-        if dead["inline"] and _size(dead["inline"]) > self.limits.inline_dead_bytes:
+        if len(data) > limits.inline_dead_bytes and (
+            dead["inline"] and _size(dead["inline"]) > limits.inline_dead_bytes
+        ):
             key = self._new_segment(sealed, write_id, "d", dead["inline"])
             dead["segs"].append({"key": key, "n": len(dead["inline"]), "pos": 0})
             dead["inline"] = []
-        h["writer"] = writer
-        h["write_id"] = write_id
-        h["recent_writes"] = [*h["recent_writes"], write_id][-self.limits.recent_writes :]
+            spilled = True
+        if spilled:
+            sealed.head = orjson.dumps(h)
+            self._ids = None  # spilled ids are found through the segments now
+        else:
+            sealed.head = data
         referenced = set(self.segment_keys())
         sealed.unreferenced = [k for k in dict.fromkeys(self._unreferenced) if k not in referenced]
         self._unreferenced = []

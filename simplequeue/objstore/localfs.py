@@ -13,7 +13,9 @@ import asyncio
 import fcntl
 import hashlib
 import os
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -30,6 +32,55 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+class _WrittenFiles:
+    """The files this store wrote last, each held open with its ETag.
+
+    Holding the descriptor keeps the inode alive, so its number cannot be
+    reused: if the key's path still names that inode, nobody has replaced the
+    file (every write is a rename of a new file), and the ETag is still ours.
+    That spares a compare-and-write reading back and hashing the whole object.
+    """
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._files: OrderedDict[Path, tuple[int, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, path: Path, fd: int, etag: str) -> None:
+        with self._lock:
+            old = self._files.pop(path, None)
+            self._files[path] = (fd, etag)
+            evicted = [old] if old else []
+            while len(self._files) > self.LIMIT:
+                evicted.append(self._files.popitem(last=False)[1])
+        for stale_fd, _ in evicted:
+            os.close(stale_fd)
+
+    def etag_if_same(self, path: Path, linked: os.stat_result) -> str | None:
+        with self._lock:
+            entry = self._files.get(path)
+            if entry is None:
+                return None
+            held = os.fstat(entry[0])
+            if (held.st_ino, held.st_dev) == (linked.st_ino, linked.st_dev):
+                self._files.move_to_end(path)
+                return entry[1]
+            return None
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            entry = self._files.pop(path, None)
+        if entry:
+            os.close(entry[0])
+
+    def close(self) -> None:
+        with self._lock:
+            entries, self._files = list(self._files.values()), OrderedDict()
+        for fd, _ in entries:
+            os.close(fd)
+
+
 class LocalStore(ObjectStore):
     """Objects under `root`; the key "a/b.json" is the file root/a/b.json."""
 
@@ -38,6 +89,7 @@ class LocalStore(ObjectStore):
         self.url = f"file://{self.root}"
         self._locks = self.root / _META_DIR / "locks"
         self._ready = False
+        self._written = _WrittenFiles()
 
     def _prepare(self) -> None:
         if not self._ready:
@@ -81,29 +133,41 @@ class LocalStore(ObjectStore):
         return data, content_etag(data)
 
     def _current_etag(self, path: Path) -> str | None:
+        """The ETag of what `path` holds now. When it is still the very file this
+        store last wrote there, the ETag is known without reading it back."""
+        try:
+            linked = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        known = self._written.etag_if_same(path, linked)
+        if known is not None:
+            return known
         try:
             return content_etag(path.read_bytes())
         except (FileNotFoundError, NotADirectoryError):
             return None
 
     def _write(self, path: Path, data: bytes) -> str:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:  # the key's first object in a new directory
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        etag = content_etag(data)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
             os.replace(tmp, path)
         except BaseException:
+            os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
         self._fsync_dir(path.parent)
-        return content_etag(data)
+        self._written.remember(path, fd, etag)  # keeps fd open, or closes it
+        return etag
 
     @staticmethod
     def _fsync_dir(directory: Path) -> None:
@@ -132,6 +196,7 @@ class LocalStore(ObjectStore):
     def _delete_sync(self, key: str) -> None:
         path = self._path(key)
         fd = self._lock(key)
+        self._written.forget(path)
         try:
             path.unlink()
             self._fsync_dir(path.parent)
@@ -181,3 +246,6 @@ class LocalStore(ObjectStore):
 
     async def list(self, prefix: str = "") -> list[str]:
         return await self._run(self._list_sync, prefix)
+
+    async def close(self) -> None:
+        self._written.close()
