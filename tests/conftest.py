@@ -8,6 +8,7 @@ in which case they fail: CI must never pass by skipping S3.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import uuid
@@ -128,7 +129,9 @@ class BrokerProcess:
             env={**os.environ, **(env or {})},
         )
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        # Never wait for ever on a broker that neither starts nor exits.
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        line = self.proc.stdout.readline() if ready else ""
         if "listening on" not in line:
             self.stop(timeout=5)
             raise RuntimeError(f"broker did not start: {line!r}; stderr: {self.stderr_tail}")

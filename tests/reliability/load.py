@@ -191,12 +191,16 @@ class Load:
             if counts and counts["completed"] >= len(self.h.enqueued) and counts["claimed"] == 0:
                 return
             await asyncio.sleep(0.2)
-        raise AssertionError(f"the topic never drained: {await self.status()}")
+        raise AssertionError(
+            f"the topic never drained: {await self.status()}; "
+            f"errors {dict(self.h.errors)}; urls {self.urls()}"
+        )
 
     async def status(self) -> dict[str, int] | None:
         assert self.session is not None
         try:
-            async with self.session.get(f"{self.urls()[0]}/topics/{self.topic}/status") as r:
+            url = f"{self.urls()[0]}/topics/{self.topic}/status"
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
                 return await r.json() if r.status == 200 else None  # type: ignore[no-any-return]
         except (aiohttp.ClientError, TimeoutError):
             return None
@@ -204,7 +208,7 @@ class Load:
     async def final_records(self) -> dict[str, Any]:
         """Each enqueued job's record, read after the run."""
         out: dict[str, Any] = {}
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             for job_id in sorted(self.h.enqueued):
                 url = f"{self.urls()[0]}/topics/{self.topic}/jobs/{job_id}"
                 async with session.get(url) as r:

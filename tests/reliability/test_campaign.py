@@ -21,7 +21,7 @@ from tests.reliability.history import History, check
 from tests.reliability.load import Load, LoadShape
 from tests.reliability.proxy import FaultProxy, Odds
 
-pytestmark = pytest.mark.campaign
+pytestmark = [pytest.mark.campaign, pytest.mark.timeout(600)]
 
 Record = Callable[[dict[str, Any]], None]
 
@@ -53,8 +53,17 @@ class Fleet:
         victim = self.brokers[i]
         victim.kill()
         port = victim.url.rsplit(":", 1)[1]
-        self.brokers[i] = await asyncio.to_thread(
-            self.start, *self.args, "--addr", f"127.0.0.1:{port}"
+
+        def restart() -> None:  # in a thread; it records the new broker even if the
+            # chaos that asked for it is cancelled meanwhile
+            self.brokers[i] = self.start(*self.args, "--addr", f"127.0.0.1:{port}")
+
+        await asyncio.to_thread(restart)
+
+    def describe(self) -> str:
+        return "; ".join(
+            f"{b.url} pid {b.pid} exit {b.proc.poll()} {b.stderr_tail[-300:]!r}"
+            for b in self.brokers
         )
 
 

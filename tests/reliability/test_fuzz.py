@@ -21,7 +21,7 @@ from hypothesis.errors import Unsatisfiable
 from simplequeue.broker.resp import COMMANDS
 from tests.conftest import BrokerProcess
 
-pytestmark = pytest.mark.campaign
+pytestmark = [pytest.mark.campaign, pytest.mark.timeout(600)]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
