@@ -201,3 +201,22 @@ async def test_sync_discover(start_broker: StartBroker, tmp_path: Path) -> None:
             return q.url
 
     assert await asyncio.to_thread(script) == broker.url
+
+
+async def test_concurrent_enqueues_share_requests(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="burst") as q:
+        ids = await asyncio.gather(*(q.enqueue({"n": i}) for i in range(200)))
+        assert len(set(ids)) == 200
+        assert (await q.status())["pending"] == 200
+    # one mutation per HTTP request: far fewer than one per job
+    assert broker.committer.stats.mutations < 100
+
+
+async def test_a_bad_job_in_a_burst_fails_only_its_own_call(q: Client) -> None:
+    results = await asyncio.gather(
+        *(q.enqueue(i, delay=-1 if i == 3 else 0) for i in range(10)), return_exceptions=True
+    )
+    assert isinstance(results[3], InvalidRequest)
+    assert all(isinstance(r, str) for i, r in enumerate(results) if i != 3)
+    assert (await q.status())["pending"] == 9

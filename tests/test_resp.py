@@ -836,3 +836,18 @@ async def test_a_pop_is_one_commit(r: redis.Redis, broker: Broker) -> None:
     writes = broker.committer.stats.writes
     assert await r.lpop("onecommit") == b"x"
     assert broker.committer.stats.writes == writes + 1
+
+
+async def test_a_pipeline_of_writes_shares_commits_and_keeps_its_order(
+    r: redis.Redis, broker: Broker
+) -> None:
+    writes = broker.committer.stats.writes
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(50):
+            pipe.rpush("piped", f"v{i}")
+        for _ in range(50):
+            pipe.lpop("piped")
+        replies = await pipe.execute()
+    assert replies[:50] == list(range(1, 51))  # each push saw the ones before it
+    assert replies[50:] == [f"v{i}".encode() for i in range(50)]  # FIFO, after the pushes
+    assert broker.committer.stats.writes - writes < 20  # not one commit per command

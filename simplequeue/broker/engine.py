@@ -68,6 +68,17 @@ class Engine:
         keys.check_topic(topic)
         return await self.committer.submit(topic, lambda s, now: s.enqueue(specs, now))
 
+    async def push(self, topic: str, specs: list[dict[str, Any]]) -> int:
+        """Enqueue jobs and answer the topic's pending count just after them, as
+        the batch that held them left it (no read of the store)."""
+        keys.check_topic(topic)
+
+        def push(s: TopicState, now: float) -> int:
+            s.enqueue(specs, now)
+            return s.counts(now)["pending"]
+
+        return await self.committer.submit(topic, push)
+
     async def claim(
         self,
         topic: str,

@@ -26,6 +26,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.http_requests = Counter(
             "simplequeue_http_requests",
             "HTTP requests by route, method and status",
@@ -64,6 +65,19 @@ class Metrics:
             registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
         )
+
+    def http_children(self, route: str, method: str, status: int) -> tuple[Any, Any]:
+        """The request counter and latency histogram for these labels, cached:
+        resolving labels is a measurable share of a request's cost."""
+        key = (route, method, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (
+                self.http_requests.labels(route, method, str(status)),
+                self.http_seconds.labels(route),
+            )
+            self._http_children[key] = children
+        return children
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

@@ -193,6 +193,11 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 
+# Commands that may run together when pipelined: writes that go straight to the
+# committer (which keeps their order) and never block.
+PIPELINED = frozenset({"LPUSH", "RPUSH", "LPOP", "RPOP", "XADD", "XACK"})
+MAX_GROUP = 256
+
 
 def command(
     names: str | tuple[str, ...],
@@ -262,21 +267,37 @@ class Connection:
         frames: asyncio.Queue[list[bytes] | RespError | None] = asyncio.Queue(QUEUED_FRAMES)
         reading = asyncio.create_task(self._read(frames), name=f"resp-read-{self.id}")
         try:
-            while (frame := await frames.get()) is not None:
+            ahead: list[list[bytes] | RespError | None] = []  # taken from frames, not run
+            while (frame := ahead.pop(0) if ahead else await frames.get()) is not None:
                 if isinstance(frame, RespError):  # unparseable: answer, then hang up
                     self._send(frame)
                     break
+                group = [frame]
+                # Pipelined writes run together, so they share commits: they reach
+                # the committer in order, and their replies go out in order.
+                while upper(group[-1][0]) in PIPELINED and len(group) < MAX_GROUP:
+                    if not ahead and frames.empty():
+                        break
+                    nxt = ahead.pop(0) if ahead else frames.get_nowait()
+                    if nxt is None or isinstance(nxt, RespError) or upper(nxt[0]) not in PIPELINED:
+                        ahead.insert(0, nxt)
+                        break
+                    group.append(nxt)
                 self.busy = True
                 try:
-                    reply = await self._dispatch(frame)
+                    if len(group) == 1:
+                        replies = [await self._dispatch(frame)]
+                    else:
+                        replies = list(await asyncio.gather(*map(self._dispatch, group)))
                 except Hangup:
                     break
                 finally:
                     self.busy = False
-                self._send(reply)
+                for reply in replies:
+                    self._send(reply)
                 if self.quitting or self.stopping:
                     break
-                if frames.empty():  # a pipeline's replies go out together
+                if frames.empty() and not ahead:  # a pipeline's replies go out together
                     await self.writer.drain()
             await self.writer.drain()
         finally:
@@ -486,8 +507,7 @@ class Connection:
     async def lpush(self, args: list[bytes]) -> Reply:
         """LPUSH and RPUSH both enqueue, in argument order; the reply is LLEN after."""
         topic = topic_of(args[0])
-        await self.engine.enqueue(topic, [{"payload": text(v, "values")} for v in args[1:]])
-        return await self.llen(args[:1])
+        return await self.engine.push(topic, [{"payload": text(v, "values")} for v in args[1:]])
 
     @command(("LPOP", "RPOP"), 1, 2, flags=("write",), first_key=1)
     async def lpop(self, args: list[bytes]) -> Reply:

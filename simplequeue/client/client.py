@@ -9,6 +9,7 @@ first try landed is answered as a duplicate, never enqueued twice.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
@@ -91,6 +92,8 @@ class Client:
         self.max_age = max_age
         self._session: aiohttp.ClientSession | None = None
         self._owns_store = False
+        self._enqueues: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
+        self._enqueuer: asyncio.Task[None] | None = None
 
     @classmethod
     async def discover(
@@ -220,11 +223,45 @@ class Client:
         delay: float = 0,
         max_attempts: int | None = None,
     ) -> str:
-        """Enqueue one job; return its id (the existing one for a duplicate)."""
+        """Enqueue one job; return its id (the existing one for a duplicate).
+
+        Calls made while another enqueue of this client is in flight go out
+        together as one batch request, like the broker's own group commit."""
         spec = _spec(payload, id, priority, delay, max_attempts)
-        _, answer, _ = await self.request("POST", self._t("/enqueue"), spec)
-        job_id: str = answer["id"]
-        return job_id
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._enqueues.append((spec, future))
+        if self._enqueuer is None or self._enqueuer.done():
+            self._enqueuer = asyncio.create_task(self._send_enqueues())
+        return await future
+
+    async def _send_enqueues(self) -> None:
+        while self._enqueues:
+            batch, self._enqueues = self._enqueues[:BATCH], self._enqueues[BATCH:]
+            try:
+                ids = await self._enqueue_batch([spec for spec, _ in batch])
+            except InvalidRequest as exc:
+                if len(batch) == 1:
+                    _settle_all(batch, exc=exc)
+                    continue
+                # One bad job must not fail the others: send each on its own.
+                for spec, future in batch:
+                    try:
+                        _settle_all([(spec, future)], ids=await self._enqueue_batch([spec]))
+                    except SimpleQueueError as exc:
+                        _settle_all([(spec, future)], exc=exc)
+                continue
+            except SimpleQueueError as exc:
+                _settle_all(batch, exc=exc)
+                continue
+            _settle_all(batch, ids=ids)
+
+    async def _enqueue_batch(self, specs: list[dict[str, Any]]) -> list[str]:
+        if len(specs) == 1:
+            _, answer, _ = await self.request("POST", self._t("/enqueue"), specs[0])
+            return [answer["id"]]
+        _, answer, _ = await self.request("POST", self._t("/enqueue"), {"jobs": specs})
+        ids: list[str] = answer["ids"]
+        return ids
 
     async def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
         """Enqueue a batch in one request. Items are payloads, or dicts with a
@@ -349,6 +386,23 @@ class Client:
         _, answer, _ = await self.request("GET", "/topics")
         topics: dict[str, dict[str, int]] = answer["topics"]
         return topics
+
+
+BATCH = 1000  # jobs per enqueue request, the broker's limit
+
+
+def _settle_all(
+    batch: list[tuple[dict[str, Any], asyncio.Future[str]]],
+    ids: list[str] | None = None,
+    exc: BaseException | None = None,
+) -> None:
+    for i, (_, future) in enumerate(batch):
+        if future.done():  # its caller went away
+            continue
+        if ids is not None:
+            future.set_result(ids[i])
+        else:
+            future.set_exception(exc or RuntimeError("enqueue failed"))
 
 
 class _Replayed(Exception):

@@ -1,9 +1,10 @@
 """Worker: claims jobs and runs a handler on each, concurrently.
 
 Batch claims fill free slots; each job's lease is renewed by heartbeats while
-its handler runs; a return value acks it, an exception nacks it with the error
-text and a jittered exponential backoff (the broker sends it dead when its
-attempts are spent). stop(), SIGTERM or SIGINT stop claiming and drain.
+its handler runs; a return value acks it (acks go out in batches, and the slot
+is free at once), an exception nacks it with the error text and a jittered
+exponential backoff (the broker sends it dead when its attempts are spent).
+stop(), SIGTERM or SIGINT stop claiming and drain.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._claiming: asyncio.Task[list[Job]] | None = None
         self._done = asyncio.Event()
+        self._acks = _AckBatcher(client)
 
     async def run(self) -> None:
         """Claim and process until stop() or a signal; then drain and return."""
@@ -93,6 +95,7 @@ class Worker:
         finally:
             if self._running:
                 await asyncio.gather(*self._running, return_exceptions=True)
+            await self._acks.flush()
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self._done.set()
@@ -163,7 +166,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await beats
         self.processed += 1
-        await self._settle(job, self.client.ack(job, result))
+        self._acks.add(job, result)  # the slot is free now; the ack rides the next batch
 
     async def _settle(self, job: Job, call: Awaitable[Any]) -> None:
         try:
@@ -184,3 +187,37 @@ class Worker:
                 return
             except SimpleQueueError as exc:
                 log.warning("job %s: heartbeat failed: %s", job.id, exc)
+
+
+class _AckBatcher:
+    """Acknowledges finished jobs in batches: one request carries every ack that
+    came in while the previous one was in flight (group commit, client side)."""
+
+    BATCH = 1000
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.pending: list[tuple[Job, Any]] = []
+        self.sender: asyncio.Task[None] | None = None
+
+    def add(self, job: Job, result: Any) -> None:
+        self.pending.append((job, result))
+        if self.sender is None or self.sender.done():
+            self.sender = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[: self.BATCH], self.pending[self.BATCH :]
+            try:
+                answers = await self.client.ack_many(batch)
+            except SimpleQueueError as exc:
+                log.error("%d acks failed (their jobs will be redelivered): %s", len(batch), exc)
+                continue
+            for answer in answers:
+                if answer.get("status") != "completed":
+                    log.warning("job %s: could not ack: %s", answer.get("id"), answer.get("error"))
+
+    async def flush(self) -> None:
+        """Wait until every ack added so far was sent."""
+        while self.sender is not None and not self.sender.done():
+            await self.sender
