@@ -1,0 +1,543 @@
+"""The load generator: a process of its own, driven by bench/run.py over a pipe.
+
+It reads one JSON command per line on stdin and answers one JSON line on stdout:
+HTTP rounds (enqueue; claim + ack cycles) with a bare aiohttp client, RESP rounds
+with redis-py pipelines, and end-to-end runs through simplequeue's SDK Worker, Huey
+and arq. Every answer carries this process's own CPU time over what it measured, so
+that the report can tell when the client, not the server, was the limit.
+
+    python -m bench.loadgen    # then: {"cmd": "http", ...} per line; {"cmd": "quit"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+
+from simplequeue.client import Client, Worker
+from simplequeue.client.job import Job
+from simplequeue.errors import JobNotFound, LeaseLost
+
+JSON = {"Content-Type": "application/json"}
+PAD = "x" * 64  # a small, realistic payload: ~100 bytes of JSON
+
+
+def payload(n: int) -> dict[str, Any]:
+    return {"kind": "bench", "n": n, "pad": PAD}
+
+
+@dataclass
+class Window:
+    """What one measured window saw: operations, errors, per-request latencies."""
+
+    ops: int = 0
+    errors: int = 0
+    empty: int = 0  # claims or pops that found nothing
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    started: float = 0.0
+    ended: float = 0.0
+    cpu: float = 0.0
+    server_cpu: float | None = None  # the server's CPU seconds over the window, if asked
+
+    def record(self, name: str, seconds: float) -> None:
+        self.latencies.setdefault(name, []).append(seconds)
+
+    def answer(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "ops": self.ops,
+            "errors": self.errors,
+            "empty": self.empty,
+            "elapsed": max(self.ended - self.started, 1e-9),
+            "cpu": self.cpu,
+            "server_cpu": self.server_cpu,
+            "lat": {k: [round(v * 1000, 3) for v in vs] for k, vs in self.latencies.items()},
+            **extra,
+        }
+
+
+class Budget:
+    """At most `ops` operations begun, none after `seconds`."""
+
+    def __init__(self, ops: int, seconds: float) -> None:
+        self.left = ops
+        self.deadline = time.perf_counter() + seconds
+
+    def take(self, n: int = 1) -> int:
+        """How many of `n` operations may begin now (0: stop)."""
+        if self.left <= 0 or time.perf_counter() >= self.deadline:
+            return 0
+        n = min(n, self.left)
+        self.left -= n
+        return n
+
+
+def process_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of process `pid` (all its threads), 0 without one."""
+    if not pid:
+        return 0.0
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
+
+
+async def measure(
+    window: Window, loops: Iterable[Awaitable[None]], server_pid: int | None = None
+) -> Window:
+    """Run the loops together; the window spans their start to the last one's end.
+    With `server_pid`, the server's CPU over the same window is taken too."""
+    server0 = process_cpu(server_pid)
+    cpu0 = time.process_time()
+    window.started = time.perf_counter()
+    await asyncio.gather(*loops)
+    window.ended = time.perf_counter()
+    window.cpu = time.process_time() - cpu0
+    if server_pid:
+        window.server_cpu = process_cpu(server_pid) - server0
+    return window
+
+
+# --- HTTP rounds ---------------------------------------------------------------------------
+
+
+async def warm_up(session: aiohttp.ClientSession, base: str, n: int) -> None:
+    """Open `n` keep-alive connections (GET /metrics touches no store)."""
+
+    async def one() -> None:
+        async with session.get(base + "/metrics") as r:
+            await r.read()
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def http_round(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`concurrency` loops of single enqueues, or of claim + ack cycles."""
+    base, topic, c = cfg["url"], cfg["topic"], int(cfg["concurrency"])
+    budget_ops, seconds = int(cfg["max_ops"]), float(cfg["seconds"])
+    enqueue_url = f"{base}/topics/{topic}/enqueue"
+    claim_url, ack_url = f"{base}/topics/{topic}/claim", f"{base}/topics/{topic}/ack"
+    w = Window()
+    connector = aiohttp.TCPConnector(limit=c)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await warm_up(session, base, c)
+        budget = Budget(budget_ops, seconds)
+        counter = itertools.count()
+
+        async def enqueue_loop(i: int) -> None:
+            while budget.take():
+                body = orjson.dumps({"id": uuid.uuid4().hex, "payload": payload(next(counter))})
+                t0 = time.perf_counter()
+                async with session.post(enqueue_url, data=body, headers=JSON) as r:
+                    await r.read()
+                    ok = r.status in (200, 201)
+                w.record("enqueue", time.perf_counter() - t0)
+                w.ops += ok
+                w.errors += not ok
+
+        async def cycle_loop(i: int) -> None:
+            claim_body = orjson.dumps({"worker_id": f"bench-{i}", "lease": 60})
+            while budget.take():
+                t0 = time.perf_counter()
+                async with session.post(claim_url, data=claim_body, headers=JSON) as r:
+                    raw = await r.read()
+                    status = r.status
+                t1 = time.perf_counter()
+                w.record("claim", t1 - t0)
+                if status == 404:
+                    w.empty += 1
+                    return
+                if status != 200:
+                    w.errors += 1
+                    continue
+                job = orjson.loads(raw)["job"]
+                ack = orjson.dumps({"job_id": job["id"], "lease_token": job["lease_token"]})
+                async with session.post(ack_url, data=ack, headers=JSON) as r:
+                    await r.read()
+                    ok = r.status == 200
+                t2 = time.perf_counter()
+                w.record("ack", t2 - t1)
+                w.record("cycle", t2 - t0)
+                w.ops += ok
+                w.errors += not ok
+
+        loop = enqueue_loop if cfg["op"] == "enqueue" else cycle_loop
+        await measure(w, (loop(i) for i in range(c)), cfg.get("server_pid"))
+    return w.answer()
+
+
+async def prefill(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Enqueue `n` jobs in batches of `batch`, a few requests at a time."""
+    base, topic, n, batch = cfg["url"], cfg["topic"], int(cfg["n"]), int(cfg.get("batch", 1000))
+    url = f"{base}/topics/{topic}/enqueue"
+    starts = iter(range(0, n, batch))
+    w = Window()
+
+    async with aiohttp.ClientSession() as session:
+
+        async def loop() -> None:
+            for start in starts:
+                jobs = [
+                    {"id": uuid.uuid4().hex, "payload": payload(i)}
+                    for i in range(start, min(n, start + batch))
+                ]
+                t0 = time.perf_counter()
+                async with session.post(url, data=orjson.dumps({"jobs": jobs}), headers=JSON) as r:
+                    await r.read()
+                    if r.status != 201:
+                        raise RuntimeError(f"prefill: HTTP {r.status}")
+                w.record("batch", time.perf_counter() - t0)
+                w.ops += len(jobs)
+
+        await measure(w, (loop() for _ in range(int(cfg.get("concurrency", 2)))))
+    return w.answer()
+
+
+async def drain(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Claim and ack what is left in the topic, 1000 at a time (not measured)."""
+    base, topic = cfg["url"], cfg["topic"]
+    w = Window()
+    async with aiohttp.ClientSession() as session:
+
+        async def loop() -> None:
+            body = orjson.dumps({"worker_id": "bench-drain", "count": 1000, "lease": 60})
+            while True:
+                async with session.post(f"{base}/topics/{topic}/claim", data=body) as r:
+                    raw = await r.read()
+                    if r.status == 404:
+                        return
+                    if r.status != 200:
+                        raise RuntimeError(f"drain: claim answered HTTP {r.status}")
+                jobs = orjson.loads(raw)["jobs"]
+                acks = [{"job_id": j["id"], "lease_token": j["lease_token"]} for j in jobs]
+                url = f"{base}/topics/{topic}/ack"
+                async with session.post(url, data=orjson.dumps({"acks": acks})) as r:
+                    await r.read()
+                w.ops += len(jobs)
+
+        await measure(w, [loop()])
+    return w.answer()
+
+
+# --- RESP rounds ---------------------------------------------------------------------------
+
+
+async def resp_round(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`connections` redis-py clients, each executing pipelines of `pipeline`
+    commands: LPUSH, RPOP, XADD, or XREADGROUP COUNT 1 then XACK of what it read."""
+    import redis.asyncio as aioredis
+
+    key, op = cfg["key"], cfg["op"]
+    conns, depth = int(cfg["connections"]), int(cfg["pipeline"])
+    budget = Budget(int(cfg["max_ops"]), float(cfg["seconds"]))
+    clients = [aioredis.Redis(host="127.0.0.1", port=int(cfg["port"])) for _ in range(conns)]
+    value = orjson.dumps(payload(0)).decode()
+    w = Window()
+    try:
+        await asyncio.gather(*(c.ping() for c in clients))  # connect before measuring
+        if op == "xcycle":
+            await clients[0].xgroup_create(key, "bench", id="0", mkstream=True)
+
+        async def loop(i: int) -> None:
+            client = clients[i]
+            while n := budget.take(depth):
+                t0 = time.perf_counter()
+                pipe = client.pipeline(transaction=False)
+                if op == "lpush":
+                    for _ in range(n):
+                        pipe.lpush(key, value)
+                elif op == "xadd":
+                    for k in range(n):
+                        pipe.xadd(key, {"kind": "bench", "n": str(k), "pad": PAD})
+                elif op == "rpop":
+                    for _ in range(n):
+                        pipe.rpop(key)
+                else:
+                    for _ in range(n):
+                        pipe.xreadgroup("bench", f"bench-{i}", {key: ">"}, count=1)
+                replies = await pipe.execute(raise_on_error=False)
+                t1 = time.perf_counter()
+                w.record(op, t1 - t0)
+                bad = [r for r in replies if isinstance(r, Exception)]
+                w.errors += len(bad)
+                if op in ("lpush", "xadd"):
+                    w.ops += n - len(bad)
+                    continue
+                if op == "rpop":
+                    got = sum(r is not None and not isinstance(r, Exception) for r in replies)
+                    w.ops += got
+                    w.empty += n - got - len(bad)
+                    if got < n:
+                        return
+                    continue
+                ids = [
+                    entry[0]
+                    for r in replies
+                    if r and not isinstance(r, Exception)
+                    for _stream, entries in r
+                    for entry in entries
+                ]
+                w.empty += n - len(ids) - len(bad)
+                if ids:
+                    pipe = client.pipeline(transaction=False)
+                    for job_id in ids:
+                        pipe.xack(key, "bench", job_id)
+                    acked = await pipe.execute(raise_on_error=False)
+                    w.ops += sum(a == 1 for a in acked)
+                    w.errors += sum(a != 1 for a in acked)
+                    w.record("xack", time.perf_counter() - t1)
+                if len(ids) < n:
+                    return
+
+        await measure(w, (loop(i) for i in range(conns)), cfg.get("server_pid"))
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+    return w.answer()
+
+
+# --- end to end: simplequeue's SDK ----------------------------------------------------------
+
+
+class BatchAckClient(Client):
+    """A Client whose ack() joins the next ack_many: while one batch of acks is in
+    flight, later acks gather for the next (group commit on the client side). The
+    SDK Worker has no batch-ack option; handing it this client gives it one."""
+
+    def __init__(self, *args: Any, max_batch: int = 1000, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_batch = max_batch
+        self.batches = 0
+        self._acks: list[tuple[Job | str, Any, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def ack(self, job: Job | str, result: Any = None) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.append((job, result, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._acks:
+            batch, self._acks = self._acks[: self.max_batch], self._acks[self.max_batch :]
+            self.batches += 1
+            try:
+                answers = await self.ack_many((job, result) for job, result, _ in batch)
+            except Exception as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), answer in zip(batch, answers, strict=True):
+                if future.done():
+                    continue
+                if "error" not in answer:
+                    future.set_result(None)
+                elif answer.get("status") == "not_found":
+                    future.set_exception(JobNotFound(answer["error"]))
+                else:
+                    future.set_exception(LeaseLost(answer["error"]))
+
+
+async def run_tasks(n: int, concurrency: int, one: Callable[[int], Awaitable[Any]]) -> None:
+    """one(0) .. one(n - 1), `concurrency` at a time."""
+    counter = iter(range(n))
+
+    async def loop() -> None:
+        for i in counter:
+            await one(i)
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+
+
+async def sq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Enqueue `n` jobs through the SDK (one per call, or `enqueue_batch` per
+    enqueue_many), then process them with the SDK Worker and a no-op handler."""
+    n, c, wc = int(cfg["n"]), int(cfg["concurrency"]), int(cfg["worker_concurrency"])
+    batch = int(cfg.get("enqueue_batch", 1))
+    cls = BatchAckClient if cfg.get("ack_batch") else Client
+    async with cls(cfg["url"], topic=cfg["topic"]) as q:
+        await q.status()  # connect, and load the topic, before measuring
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        if batch == 1:
+            await run_tasks(n, c, lambda i: q.enqueue(payload(i)))
+        else:
+            chunks = [list(range(s, min(n, s + batch))) for s in range(0, n, batch)]
+            await run_tasks(
+                len(chunks), c, lambda k: q.enqueue_many([payload(i) for i in chunks[k]])
+            )
+        cpu1, t1 = time.process_time(), time.perf_counter()
+        done = 0
+        all_done = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            nonlocal done
+            done += 1
+            if done >= n:
+                all_done.set()
+
+        worker = Worker(q, handler, concurrency=wc, wait=1.0, handle_signals=False)
+        running = asyncio.create_task(worker.run())
+        finished = asyncio.ensure_future(all_done.wait())
+        await asyncio.wait([finished, running], timeout=600, return_when=asyncio.FIRST_COMPLETED)
+        finished.cancel()
+        await worker.stop()  # drains: the last acks land before this returns
+        await running
+        cpu2, t2 = time.process_time(), time.perf_counter()
+        ack_requests = q.batches if isinstance(q, BatchAckClient) else worker.processed
+    return {
+        "enqueue_s": t1 - t0,
+        "process_s": t2 - t1,
+        "enqueue_cpu": cpu1 - cpu0,
+        "process_cpu": cpu2 - cpu1,
+        "processed": done,
+        "ack_requests": ack_requests,
+    }
+
+
+# --- end to end: Huey on SQLite and arq on Redis ----------------------------------------------
+
+
+def huey_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Enqueue `n` no-op tasks into SqliteHuey from `concurrency` threads, then run a
+    thread consumer with `worker_concurrency` workers until all ran."""
+    from huey import SqliteHuey
+
+    n, c, wc = int(cfg["n"]), int(cfg["concurrency"]), int(cfg["worker_concurrency"])
+    huey = SqliteHuey("bench", filename=cfg["db"])
+    lock = threading.Lock()
+    all_done = threading.Event()
+    done = 0
+
+    def noop(i: int) -> None:
+        nonlocal done
+        with lock:
+            done += 1
+            if done >= n:
+                all_done.set()
+
+    task = huey.task(name="noop")(noop)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    if c == 1:
+        for i in range(n):
+            task(i)
+    else:
+        with ThreadPoolExecutor(c) as pool:
+            list(pool.map(task, range(n)))
+    cpu1, t1 = time.process_time(), time.perf_counter()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    consumer = huey.create_consumer(
+        workers=wc,
+        worker_type="thread",
+        periodic=False,
+        initial_delay=0.01,
+        max_delay=0.1,
+        check_worker_health=False,
+    )
+    consumer.start()
+    all_done.wait(600)
+    cpu2, t2 = time.process_time(), time.perf_counter()
+    consumer.stop(graceful=True)
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    huey.storage.close()
+    return {
+        "enqueue_s": t1 - t0,
+        "process_s": t2 - t1,
+        "enqueue_cpu": cpu1 - cpu0,
+        "process_cpu": cpu2 - cpu1,
+        "processed": done,
+    }
+
+
+async def arq_noop(ctx: dict[str, Any], i: int) -> None:
+    return None
+
+
+async def arq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Enqueue `n` no-op jobs with arq from `concurrency` tasks, then run an arq
+    Worker (max_jobs = `worker_concurrency`, burst) until the queue is empty."""
+    from arq import create_pool
+    from arq.connections import RedisSettings
+    from arq.worker import Worker as ArqWorker
+    from arq.worker import func
+
+    n, c, wc = int(cfg["n"]), int(cfg["concurrency"]), int(cfg["worker_concurrency"])
+    settings = RedisSettings(host="127.0.0.1", port=int(cfg["port"]))
+    pool = await create_pool(settings)
+    try:
+        await pool.flushall()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await run_tasks(n, c, lambda i: pool.enqueue_job("noop", i))
+        cpu1, t1 = time.process_time(), time.perf_counter()
+        worker = ArqWorker(
+            functions=[func(arq_noop, name="noop")],
+            redis_settings=settings,
+            burst=True,
+            max_jobs=wc,
+            poll_delay=0.005,  # the default 0.5 s would idle between polls
+            handle_signals=False,
+        )
+        await worker.main()
+        cpu2, t2 = time.process_time(), time.perf_counter()
+        processed = worker.jobs_complete
+        await worker.close()
+    finally:
+        await pool.aclose()
+    return {
+        "enqueue_s": t1 - t0,
+        "process_s": t2 - t1,
+        "enqueue_cpu": cpu1 - cpu0,
+        "process_cpu": cpu2 - cpu1,
+        "processed": processed,
+    }
+
+
+# --- the command loop -----------------------------------------------------------------------
+
+ASYNC_COMMANDS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+    "http": http_round,
+    "prefill": prefill,
+    "drain": drain,
+    "resp": resp_round,
+    "sq_e2e": sq_e2e,
+    "arq_e2e": arq_e2e,
+}
+SYNC_COMMANDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"huey_e2e": huey_e2e}
+
+
+async def serve() -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line.strip():
+            return
+        cfg = orjson.loads(line)
+        if cfg["cmd"] == "quit":
+            return
+        try:
+            if cfg["cmd"] in SYNC_COMMANDS:
+                answer = SYNC_COMMANDS[cfg["cmd"]](cfg)
+            else:
+                answer = await ASYNC_COMMANDS[cfg["cmd"]](cfg)
+        except Exception as exc:
+            answer = {"failed": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.buffer.write(orjson.dumps(answer) + b"\n")
+        sys.stdout.buffer.flush()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())

@@ -1,0 +1,748 @@
+"""The five parts of issue 8's benchmark, each a function (Plan, Context) -> Section.
+
+Every comparison is a ratio of figures measured in the same run, with the things
+compared interleaved round by round (A B A B), because the machines are shared and
+noisy. Each figure comes with the load generator's own CPU share (and the server's),
+so a reader can tell a client-bound figure from a server-bound one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.measure import (
+    Cell,
+    LoadGen,
+    Log,
+    delta,
+    per_write,
+    run_round,
+    store_requests,
+    timed_call,
+)
+from bench.report import Section, Target, ms, num, pct, ratio, table
+from bench.servers import (
+    Server,
+    redis_server_path,
+    resp_available,
+    start_ceiling,
+    start_localstack,
+    start_redis,
+    start_simplequeued,
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how hard each part runs."""
+
+    quick: bool
+    http_seconds: float  # per round, at most
+    http_rounds: int
+    http_round_ops: int  # per round, at most
+    e2e_jobs: int
+    e2e_rounds: int
+    depth_rounds: int
+    depth_round_ops: int
+    cost_jobs: int
+    cost_idle: float  # seconds the S3 broker is watched idle
+    resp_seconds: float
+    resp_rounds: int
+    concurrencies: tuple[int, ...] = (1, 16, 64)
+    e2e_producers: int = 16  # enqueues in flight, for every system
+    e2e_workers: int = 16  # jobs in flight in the worker, for every system
+    depths: tuple[int, ...] = (1_000, 10_000, 100_000)
+    depth_concurrency: int = 64
+    cost_concurrency: int = 64
+    cost_enqueue_batch: int = 10  # as SQS's SendMessageBatch
+    cost_workers: int = 64
+    resp_connections: int = 8
+    resp_pipeline: int = 8  # 8 x 8 = 64 commands in flight, as HTTP at concurrency 64
+    http_concurrency: int = 64  # part 5's HTTP reference
+
+
+FULL = Plan(
+    quick=False,
+    http_seconds=2.0,
+    http_rounds=4,
+    http_round_ops=100_000,
+    e2e_jobs=5_000,
+    e2e_rounds=3,
+    depth_rounds=6,
+    depth_round_ops=1_000,
+    cost_jobs=5_000,
+    cost_idle=5.0,
+    resp_seconds=2.0,
+    resp_rounds=4,
+)
+QUICK = Plan(
+    quick=True,
+    http_seconds=0.4,
+    http_rounds=2,
+    http_round_ops=100_000,
+    e2e_jobs=1_000,
+    e2e_rounds=2,
+    depth_rounds=2,
+    depth_round_ops=500,
+    cost_jobs=1_000,
+    cost_idle=1.0,
+    resp_seconds=0.4,
+    resp_rounds=2,
+)
+
+
+@dataclass
+class Context:
+    """What every part shares: the load generator, scratch space, logging."""
+
+    gen: LoadGen
+    tmp: Path
+    log: Log
+    # Brokers run under pyinstrument (figures are then distorted, and /metrics is
+    # not scraped between rounds, so that its rendering stays out of the profiles).
+    profile: bool = False
+
+    @property
+    def logs(self) -> Path:
+        return self.tmp / "logs"
+
+    def profile_path(self, name: str) -> Path | None:
+        return self.tmp / "profiles" / f"{name}.pstats" if self.profile else None
+
+
+Part = Callable[[Plan, Context], Section]
+
+PRICE_PUT = 5.0 / 1e6  # S3 PUT, COPY, POST, LIST: $0.005 per 1,000
+PRICE_GET = 0.4 / 1e6  # S3 GET and the rest: $0.0004 per 1,000
+SQS_BATCHED = 0.12  # $ per million jobs: send, receive, delete in batches of 10 at $0.40/M
+
+
+def lat(cell: Cell, name: str) -> str:
+    return f"{ms(cell.p(name, 50))} / {ms(cell.p(name, 99))}"
+
+
+def cycle_lat(cell: Cell) -> str:
+    return f"claim {lat(cell, 'claim')}; ack {lat(cell, 'ack')}"
+
+
+def writes(cell: Cell) -> str:
+    """Mutations per head write and mean conditional-PUT time, from /metrics deltas."""
+    if not cell.counters:
+        return "-"
+    mutations, put_s = per_write(cell.counters)
+    return f"{mutations:.1f}, {ms(put_s * 1000)}"
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return ""
+    return f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+
+
+# --- 1. HTTP against the ceiling -----------------------------------------------------------
+
+
+def part_http(plan: Plan, ctx: Context) -> Section:
+    """Single enqueues and claim + ack cycles over HTTP at each concurrency, against
+    simplequeued (localfs) and the bare aiohttp ceiling, rounds interleaved."""
+    cells: dict[tuple[str, int, str], Cell] = defaultdict(Cell)
+    pair: dict[tuple[str, int], list[float]] = defaultdict(list)
+    with (
+        start_simplequeued(
+            "part1", ctx.logs, data_dir=ctx.tmp / "part1", profile=ctx.profile_path("part1")
+        ) as sq,
+        start_ceiling(ctx.logs) as ceiling,
+    ):
+        for c in plan.concurrencies:
+            topic = f"http-c{c}"
+            for r in range(plan.http_rounds):
+                made = 0  # jobs the simplequeue enqueue round of this round left
+                for op in ("enqueue", "cycle"):
+                    rates: dict[str, float] = {}
+                    for server in (sq, ceiling):
+                        cap = made if op == "cycle" and server is sq else plan.http_round_ops
+                        cell = cells[(op, c, server.name)]
+                        ops = run_round(
+                            cell,
+                            ctx.gen,
+                            server,
+                            "http",
+                            broker=server is sq and not ctx.profile,
+                            url=server.url,
+                            topic=topic,
+                            op=op,
+                            concurrency=c,
+                            seconds=plan.http_seconds,
+                            max_ops=cap,
+                        )
+                        rates[server.name] = cell.rates[-1]
+                        if op == "enqueue" and server is sq:
+                            made = ops
+                    pair[(op, c)].append(rates[sq.name] / rates[ceiling.name])
+                    ctx.log(
+                        f"part 1: c={c} round {r + 1}/{plan.http_rounds} {op}: "
+                        f"simplequeue {num(rates[sq.name])}/s, ceiling "
+                        f"{num(rates[ceiling.name])}/s"
+                    )
+                ctx.gen.call("drain", url=sq.url, topic=topic)  # every round starts empty
+
+    section = Section("1. HTTP on localfs against a bare aiohttp ceiling")
+    rows = []
+    aims = {"enqueue": 0.7, "cycle": 0.6}
+    for op in ("enqueue", "cycle"):
+        for c in plan.concurrencies:
+            s, ce = cells[(op, c, "part1")], cells[(op, c, "ceiling")]
+            x = s.rate / ce.rate
+            latency = lat if op == "enqueue" else (lambda cell, _: cycle_lat(cell))
+            rows.append(
+                [
+                    op,
+                    str(c),
+                    num(s.rate),
+                    num(ce.rate),
+                    ratio(x) + spread(pair[(op, c)]),
+                    f">= {aims[op]}x",
+                    latency(s, "enqueue"),
+                    latency(ce, "enqueue"),
+                    f"{pct(s.gen_share)} / {pct(ce.gen_share)}",
+                    f"{pct(s.srv_share)}, {num(s.srv_us)} / {pct(ce.srv_share)}, {num(ce.srv_us)}",
+                    writes(s),
+                ]
+            )
+            section.targets.append(
+                Target(
+                    f"1. HTTP {op} at concurrency {c}",
+                    f">= {aims[op]}x ceiling",
+                    ratio(x),
+                    x >= aims[op],
+                )
+            )
+            if s.errors or s.empty:
+                section.lines.append(f"- {op} c={c}: {s.errors} errors, {s.empty} empty claims")
+    section.lines[:0] = [
+        *table(
+            [
+                "operation",
+                "concurrency",
+                "simplequeue jobs/s",
+                "ceiling jobs/s",
+                "ratio (per round)",
+                "target",
+                "simplequeue p50 / p99 ms",
+                "ceiling p50 / p99 ms",
+                "generator CPU (sq / ceiling)",
+                "server CPU, µs per job (sq / ceiling)",
+                "sq mutations per write, write ms",
+            ],
+            rows,
+        ),
+        "",
+        f"{plan.http_rounds} rounds of at most {plan.http_seconds} s per cell, simplequeue "
+        "and the ceiling alternating. A cycle is one claim plus one ack (two requests); each "
+        "round starts from an empty topic. CPU is a share of one core over the measured "
+        "window (a generator near 100% means the client, not the server, was the limit) "
+        "and, for the server, also CPU microseconds per job, which moves less with the "
+        "machine's load than throughput does. Mutations per write and the mean conditional "
+        "PUT time come from the broker's /metrics.",
+    ]
+    return section
+
+
+# --- 2. End to end against Huey and arq -----------------------------------------------------
+
+E2E_SYSTEMS = {
+    "simplequeue": "simplequeued, localfs (fsync per batch)",
+    "simplequeue, batch acks": "simplequeued, localfs (fsync per batch)",
+    "huey": "SQLite (WAL, synchronous=FULL)",
+    "arq": "redis-server (AOF, fsync every second)",
+}
+
+
+def part_e2e(plan: Plan, ctx: Context) -> Section:
+    """`e2e_jobs` no-op jobs enqueued one per call, then processed by each system's
+    worker, rounds interleaved: simplequeue's Worker (acks one by one, as it is),
+    the same with batched acks, Huey on SQLite, arq on Redis."""
+    n = plan.e2e_jobs
+    results: dict[str, list[tuple[dict[str, Any], float, float]]] = defaultdict(list)
+    common = {
+        "n": n,
+        "concurrency": plan.e2e_producers,
+        "worker_concurrency": plan.e2e_workers,
+    }
+    with contextlib.ExitStack() as stack:
+        sq = stack.enter_context(start_simplequeued("part2", ctx.logs, data_dir=ctx.tmp / "part2"))
+        redis: Server | None = None
+        if redis_server_path():
+            redis = stack.enter_context(start_redis(ctx.tmp / "redis"))
+        for r in range(plan.e2e_rounds):
+            for system in E2E_SYSTEMS:
+                if system.startswith("simplequeue"):
+                    batch = system != "simplequeue"
+                    topic = f"e2e-{r}-{'batch' if batch else 'single'}"
+                    got = timed_call(
+                        ctx.gen, sq, "sq_e2e", url=sq.url, topic=topic, ack_batch=batch, **common
+                    )
+                elif system == "huey":
+                    db = ctx.tmp / f"huey-{r}.db"
+                    got = timed_call(ctx.gen, None, "huey_e2e", db=str(db), **common)
+                elif redis is not None:
+                    got = timed_call(ctx.gen, redis, "arq_e2e", port=redis.extra["port"], **common)
+                else:
+                    continue
+                results[system].append(got)
+                answer = got[0]
+                ctx.log(
+                    f"part 2: round {r + 1}/{plan.e2e_rounds} {system}: enqueue "
+                    f"{answer['enqueue_s']:.2f} s, process {answer['process_s']:.2f} s, "
+                    f"{answer['processed']} processed"
+                )
+
+    def total(system: str, key: str) -> float:
+        return float(sum(a[key] for a, _, _ in results[system]))
+
+    def rate(system: str, key: str) -> float:
+        t = total(system, key)
+        return n * len(results[system]) / t if t else math.nan
+
+    for system in results:
+        for a, _, _ in results[system]:
+            a["total_s"] = a["enqueue_s"] + a["process_s"]
+    rivals = [s for s in ("huey", "arq") if results[s]]
+    best = max(rivals, key=lambda s: rate(s, "total_s")) if rivals else None
+    rows = []
+    for system in results:
+        runs = results[system]
+        srv_cpu = sum(c for _, c, _ in runs) / sum(w for _, _, w in runs)
+        vs = rate(system, "total_s") / rate(best, "total_s") if best else math.nan
+        gen_enq = total(system, "enqueue_cpu") / total(system, "enqueue_s")
+        gen_proc = total(system, "process_cpu") / total(system, "process_s")
+        rows.append(
+            [
+                system,
+                E2E_SYSTEMS[system],
+                num(rate(system, "enqueue_s")),
+                num(rate(system, "process_s")),
+                num(rate(system, "total_s")),
+                f"{total(system, 'total_s') / len(runs):.2f}",
+                ratio(vs),
+                f"{pct(gen_enq)} / {pct(gen_proc)}",
+                pct(srv_cpu) if system not in ("huey",) else "(in process)",
+            ]
+        )
+    section = Section("2. End to end through the SDK Worker, against Huey and arq")
+    section.lines += table(
+        [
+            "system",
+            "store",
+            "enqueue jobs/s",
+            "process jobs/s",
+            "end to end jobs/s",
+            "s per run",
+            f"vs best rival ({best})",
+            "generator CPU (enqueue / process)",
+            "server CPU",
+        ],
+        rows,
+    )
+    section.lines += [
+        "",
+        f"{plan.e2e_rounds} rounds of {n:,} no-op jobs per system, systems alternating. "
+        f"Enqueue: one job per call, {plan.e2e_producers} in flight (asyncio tasks; threads "
+        f"for Huey). Process: each system's own worker with {plan.e2e_workers} jobs in flight "
+        "(simplequeue `Worker(concurrency=16)`, which claims with claim_many and acks one by "
+        "one; Huey's thread consumer with 16 workers; arq `Worker(max_jobs=16, burst=True, "
+        "poll_delay=0.005)`), until every job is done as that system defines it (acked; "
+        "Huey: returned). The batch-ack row hands the same Worker a Client whose ack() "
+        "joins the next ack_many (bench/loadgen.py `BatchAckClient`). Huey runs in the "
+        "generator process (SQLite is a library), so its CPU is all in the generator column.",
+    ]
+    if redis is None and not results["arq"]:
+        section.lines.append("- arq: skipped, no redis-server on this machine")
+    if best:
+        for system in ("simplequeue", "simplequeue, batch acks"):
+            if results[system]:
+                x = rate(system, "total_s") / rate(best, "total_s")
+                section.targets.append(
+                    Target(f"2. end to end, {system}", f">= 3x {best}", ratio(x), x >= 3)
+                )
+    return section
+
+
+# --- 3. Depth ----------------------------------------------------------------------------------
+
+
+def part_depth(plan: Plan, ctx: Context) -> Section:
+    """Enqueue and cycle rounds at concurrency 64 on topics pre-filled with 1k, 10k
+    and 100k jobs, one broker per depth, depths interleaved."""
+    cells: dict[tuple[str, int], Cell] = defaultdict(Cell)
+    highest: dict[int, int] = {}
+    with contextlib.ExitStack() as stack:
+        brokers = {
+            d: stack.enter_context(
+                start_simplequeued(
+                    f"part3-{d}",
+                    ctx.logs,
+                    data_dir=ctx.tmp / f"part3-{d}",
+                    profile=ctx.profile_path(f"part3-{d}"),
+                )
+            )
+            for d in plan.depths
+        }
+        for d, broker in brokers.items():
+            t0 = time.perf_counter()
+            ctx.gen.call("prefill", url=broker.url, topic="depth", n=d)
+            ctx.log(f"part 3: pre-filled {d:,} jobs in {time.perf_counter() - t0:.1f} s")
+        for r in range(plan.depth_rounds):
+            made: dict[int, int] = {}
+            for op in ("enqueue", "cycle"):
+                for d, broker in brokers.items():
+                    cell = cells[(op, d)]
+                    made[d] = run_round(
+                        cell,
+                        ctx.gen,
+                        broker,
+                        "http",
+                        broker=not ctx.profile,
+                        url=broker.url,
+                        topic="depth",
+                        op=op,
+                        concurrency=plan.depth_concurrency,
+                        seconds=30.0,
+                        max_ops=plan.depth_round_ops if op == "enqueue" else made[d],
+                    )
+                    if op == "enqueue":
+                        highest[d] = max(highest.get(d, d), d + made[d])
+                    ctx.log(
+                        f"part 3: round {r + 1}/{plan.depth_rounds} depth {d:,} {op}: "
+                        f"{num(cell.rates[-1])}/s"
+                    )
+
+    base = plan.depths[0]
+    rows = []
+    section = Section("3. Depth: throughput and latency with jobs already pending")
+    for d in plan.depths:
+        e, c = cells[("enqueue", d)], cells[("cycle", d)]
+        rows.append(
+            [
+                f"{d:,}",
+                f"{d:,}-{highest.get(d, d):,}",
+                num(e.rate),
+                ratio(e.rate / cells[("enqueue", base)].rate),
+                lat(e, "enqueue"),
+                num(c.rate),
+                ratio(c.rate / cells[("cycle", base)].rate),
+                cycle_lat(c),
+                f"{pct(e.gen_share)} / {pct(c.gen_share)}",
+                f"{pct(e.srv_share)}, {num(e.srv_us)} / {pct(c.srv_share)}, {num(c.srv_us)}",
+                f"{writes(e)} / {writes(c)}",
+            ]
+        )
+    section.lines += table(
+        [
+            "pre-filled",
+            "pending during rounds",
+            "enqueue jobs/s",
+            f"vs {base:,}",
+            "enqueue p50 / p99 ms",
+            "cycle jobs/s",
+            f"vs {base:,}",
+            "cycle p50 / p99 ms",
+            "generator CPU (enq / cycle)",
+            "server CPU, µs per job (enq / cycle)",
+            "mutations per write, write ms (enq / cycle)",
+        ],
+        rows,
+    )
+    section.lines += [
+        "",
+        f"Concurrency {plan.depth_concurrency}; {plan.depth_rounds} rounds per depth, each "
+        f"{plan.depth_round_ops:,} single enqueues then as many claim + ack cycles (which "
+        "take the oldest, pre-filled jobs), depths alternating. One broker (localfs) per depth, "
+        "pre-filled with batch enqueues of 1,000 before anything is measured.",
+    ]
+    deepest = plan.depths[-1]
+    if deepest >= 100_000:
+        for op in ("enqueue", "cycle"):
+            x = cells[(op, deepest)].rate / cells[(op, base)].rate
+            section.targets.append(
+                Target(
+                    f"3. {op} throughput at {deepest:,} pending",
+                    f">= 0.5x the figure at {base:,}",
+                    ratio(x),
+                    x >= 0.5,
+                )
+            )
+        worst = max(
+            cells[("enqueue", deepest)].p("enqueue", 99),
+            cells[("cycle", deepest)].p("claim", 99),
+            cells[("cycle", deepest)].p("ack", 99),
+        )
+        section.targets.append(
+            Target(
+                f"3. p99 at {deepest:,} pending (enqueue, claim, ack)",
+                "<= 250 ms",
+                f"{ms(worst)} ms (worst of the three)",
+                worst <= 250,
+            )
+        )
+    return section
+
+
+# --- 4. Cost on LocalStack S3 -----------------------------------------------------------------
+
+
+def dollars_per_million(requests: dict[str, float], jobs: int) -> float:
+    put_like = requests["PUT"] + requests["LIST"]
+    return (put_like * PRICE_PUT + requests["GET"] * PRICE_GET) / jobs * 1e6
+
+
+def part_cost(plan: Plan, ctx: Context) -> Section:
+    """Store requests per operation and per job on LocalStack S3, from the broker's
+    own /metrics: single-operation HTTP at concurrency 64, and the SDK Worker."""
+    n = plan.cost_jobs
+    bucket = f"sq-bench-{uuid.uuid4().hex[:10]}"
+    rows: list[list[str]] = []
+    section = Section("4. Cost: store requests per job on LocalStack S3")
+    with (
+        start_localstack(ctx.tmp / "localstack") as endpoint,
+        start_simplequeued(
+            "part4", ctx.logs, s3={"bucket": bucket, "endpoint_url": endpoint}
+        ) as sq,
+    ):
+        before = store_requests(sq.url)
+        time.sleep(plan.cost_idle)
+        idle = {k: v / plan.cost_idle for k, v in delta(store_requests(sq.url), before).items()}
+
+        def row(label: str, ops: int, unit: str, jobs: int, req: dict[str, float]) -> None:
+            per_op = req["PUT"] / ops if ops else math.nan
+            mutations, put_s = per_write(req)
+            rows.append(
+                [
+                    label,
+                    f"{ops:,} {unit}",
+                    f"{mutations:.1f}",
+                    ms(put_s * 1000),
+                    num(req["PUT"]),
+                    num(req["GET"]),
+                    num(req["LIST"]),
+                    f"{per_op:.4f}",
+                    f"{req['PUT'] / jobs:.4f}" if jobs else "-",
+                    f"{req['GET'] / jobs:.4f}" if jobs else "-",
+                    f"${dollars_per_million(req, jobs):.3f}" if jobs else "-",
+                ]
+            )
+
+        single = {"url": sq.url, "topic": "cost-single", "concurrency": plan.cost_concurrency}
+        m0 = store_requests(sq.url)
+        enq = ctx.gen.call("http", op="enqueue", seconds=600.0, max_ops=n, **single)
+        m1 = store_requests(sq.url)
+        cyc = ctx.gen.call("http", op="cycle", seconds=600.0, max_ops=enq["ops"], **single)
+        m2 = store_requests(sq.url)
+        ctx.log(f"part 4: single operations: {enq['ops']} enqueues, {cyc['ops']} cycles")
+        d_enq, d_cyc, d_all = delta(m1, m0), delta(m2, m1), delta(m2, m0)
+        requests = enq["ops"] + 2 * cyc["ops"]
+        row("single enqueue, c=64", enq["ops"], "requests", 0, d_enq)
+        row("single claim + ack, c=64", 2 * cyc["ops"], "requests", 0, d_cyc)
+        row("single operations, per job", requests, "requests", cyc["ops"], d_all)
+        per_op = d_all["PUT"] / requests
+        section.targets.append(
+            Target(
+                "4. PUT per single operation at c=64",
+                "<= 0.025 (floor 1/64 = 0.0156)",
+                f"{per_op:.4f}",
+                per_op <= 0.025,
+            )
+        )
+        for batch in (False, True):
+            label = "SDK Worker, batch acks" if batch else "SDK Worker, acks one by one"
+            m3 = store_requests(sq.url)
+            got = ctx.gen.call(
+                "sq_e2e",
+                url=sq.url,
+                topic=f"cost-sdk-{'batch' if batch else 'single'}",
+                n=n,
+                concurrency=16,
+                enqueue_batch=plan.cost_enqueue_batch,
+                worker_concurrency=plan.cost_workers,
+                ack_batch=batch,
+            )
+            d = delta(store_requests(sq.url), m3)
+            ctx.log(f"part 4: {label}: {got['processed']} processed")
+            row(label, got["processed"], "jobs", got["processed"], d)
+            cost = dollars_per_million(d, got["processed"])
+            section.targets.append(
+                Target(
+                    f"4. $ per million jobs, {label}",
+                    f"< ${SQS_BATCHED} (SQS, batches of 10)",
+                    f"${cost:.3f}",
+                    cost < SQS_BATCHED,
+                )
+            )
+    section.lines += table(
+        [
+            "load",
+            "operations",
+            "mutations per write",
+            "mean PUT ms",
+            "PUT",
+            "GET",
+            "LIST",
+            "PUT per operation",
+            "PUT per job",
+            "GET per job",
+            "$ per million jobs",
+        ],
+        rows,
+    )
+    section.lines += [
+        "",
+        f"{n:,} jobs per load, counted from `simplequeue_store_requests_total` on the broker's "
+        "/metrics (every outcome: S3 bills failed conditional writes too). Prices: PUT and "
+        "LIST $5 per million, GET $0.40 per million, DELETE free. Single operations: "
+        f"{plan.cost_concurrency} requests in flight, one job each. SDK: enqueue_many of "
+        f"{plan.cost_enqueue_batch} from 16 tasks, then `Worker(concurrency="
+        f"{plan.cost_workers})`. SQS with 10-message batches costs ${SQS_BATCHED} per million "
+        "jobs (send, receive and delete, each $0.40 per million requests).",
+        f"- background while idle (reaper, broker.json): {idle['GET']:.2f} GET/s, "
+        f"{idle['PUT']:.2f} PUT/s, {idle['LIST']:.2f} LIST/s; it is included above",
+    ]
+    return section
+
+
+# --- 5. RESP ---------------------------------------------------------------------------------
+
+
+RESP_ENQUEUE = {"HTTP enqueue": "http", "RESP LPUSH": "lpush", "RESP XADD": "xadd"}
+RESP_CYCLE = {
+    "HTTP claim + ack": ("http", "HTTP enqueue"),
+    "RESP RPOP": ("rpop", "RESP LPUSH"),
+    "RESP XREADGROUP + XACK": ("xcycle", "RESP XADD"),
+}
+
+
+def part_resp(plan: Plan, ctx: Context) -> Section:
+    """The RESP listener with redis-py pipelines against HTTP, on one broker, rounds
+    interleaved: LPUSH and XADD against HTTP enqueue; RPOP and XREADGROUP + XACK
+    against HTTP claim + ack."""
+    section = Section("5. RESP (redis-py pipelines) against HTTP")
+    if not resp_available():
+        section.lines.append("not available: this simplequeued has no `--redis-addr`")
+        return section
+    cells: dict[str, Cell] = defaultdict(Cell)
+    topics = {"HTTP enqueue": "resp-http", "RESP LPUSH": "resp-list", "RESP XADD": "resp-stream"}
+    with start_simplequeued(
+        "part5", ctx.logs, data_dir=ctx.tmp / "part5", resp=True, profile=ctx.profile_path("part5")
+    ) as sq:
+        port = sq.extra["resp_port"]
+
+        def run(label: str, op: str, topic: str, cap: int) -> int:
+            common: dict[str, Any] = {"seconds": plan.resp_seconds, "max_ops": cap}
+            if op in ("http", "cycle"):
+                return run_round(
+                    cells[label],
+                    ctx.gen,
+                    sq,
+                    "http",
+                    broker=not ctx.profile,
+                    url=sq.url,
+                    topic=topic,
+                    op="enqueue" if op == "http" else "cycle",
+                    concurrency=plan.http_concurrency,
+                    **common,
+                )
+            return run_round(
+                cells[label],
+                ctx.gen,
+                sq,
+                "resp",
+                broker=not ctx.profile,
+                port=port,
+                key=topic,
+                op=op,
+                connections=plan.resp_connections,
+                pipeline=plan.resp_pipeline,
+                **common,
+            )
+
+        for r in range(plan.resp_rounds):
+            made: dict[str, int] = {}
+            for label, op in RESP_ENQUEUE.items():
+                made[label] = run(label, op, topics[label], plan.http_round_ops)
+            for label, (op, source) in RESP_CYCLE.items():
+                run(label, "cycle" if op == "http" else op, topics[source], made[source])
+            for topic in topics.values():
+                ctx.gen.call("drain", url=sq.url, topic=topic)
+            ctx.log(
+                f"part 5: round {r + 1}/{plan.resp_rounds}: "
+                + ", ".join(f"{k} {num(c.rates[-1])}/s" for k, c in cells.items())
+            )
+    rows = []
+    for label, cell in cells.items():
+        reference = cells["HTTP enqueue" if label in RESP_ENQUEUE else "HTTP claim + ack"]
+        if label.startswith("HTTP"):
+            latency = lat(cell, "enqueue") if label in RESP_ENQUEUE else cycle_lat(cell)
+        else:
+            op = RESP_ENQUEUE.get(label) or RESP_CYCLE[label][0]
+            latency = f"pipeline {lat(cell, op)}"
+            if op == "xcycle":
+                latency += f"; XACK pipeline {lat(cell, 'xack')}"
+        rows.append(
+            [
+                label,
+                num(cell.rate),
+                ratio(cell.rate / reference.rate) + spread(_pair(cell, reference)),
+                latency,
+                pct(cell.gen_share),
+                f"{pct(cell.srv_share)}, {num(cell.srv_us)}",
+                writes(cell),
+                f"{cell.counters.get('GET', 0.0) / cell.ops:.2f}" if cell.ops else "-",
+                str(cell.errors + cell.empty) if cell.errors or cell.empty else "0",
+            ]
+        )
+    section.lines += table(
+        [
+            "path",
+            "jobs/s",
+            "vs HTTP (per round)",
+            "p50 / p99 ms",
+            "generator CPU",
+            "server CPU, µs per job",
+            "mutations per write, write ms",
+            "store GET per job",
+            "errors + empty",
+        ],
+        rows,
+    )
+    section.lines += [
+        "",
+        f"{plan.resp_rounds} rounds of at most {plan.resp_seconds} s per path, paths "
+        f"alternating, one broker (localfs) with both listeners. HTTP: "
+        f"{plan.http_concurrency} requests in flight. RESP: {plan.resp_connections} redis-py "
+        f"asyncio connections, each executing pipelines of {plan.resp_pipeline} commands "
+        f"({plan.resp_connections * plan.resp_pipeline} in flight); latencies are per "
+        "pipeline. RPOP is claim and complete in one command; XREADGROUP COUNT 1 claims, then "
+        "one pipeline of XACKs completes what it read. Mutations per write and store GETs "
+        "come from the broker's /metrics.",
+    ]
+    return section
+
+
+def _pair(cell: Cell, reference: Cell) -> list[float]:
+    return [a / b for a, b in zip(cell.rates, reference.rates, strict=False) if b]
+
+
+PARTS: dict[int, Part] = {
+    1: part_http,
+    2: part_e2e,
+    3: part_depth,
+    4: part_cost,
+    5: part_resp,
+}

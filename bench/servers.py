@@ -1,0 +1,274 @@
+"""The servers a benchmark runs against, each a child process started and stopped by PID.
+
+simplequeued (localfs or s3, optionally with its RESP listener), the bare aiohttp
+ceiling (bench/ceiling.py), Debian's redis-server and LocalStack's S3. Every
+`start_*` is a context manager whose exit stops what it started, whatever happened;
+nothing here ever signals a process it did not start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+AWS_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child: ours, unbuffered, plus `extra`."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+@dataclass
+class Server:
+    """A running child process and where it listens."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process (all its threads) so far."""
+        try:
+            t = psutil.Process(self.proc.pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(t.user + t.system)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: this one PID only."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(5)
+
+
+def _read_lines(proc: subprocess.Popen[bytes], want: int, timeout: float, what: str) -> list[str]:
+    """The first `want` lines of the child's stdout, within `timeout` seconds."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    buf = b""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    try:
+        while len(lines) < want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{what} did not start within {timeout:.0f} s")
+            if not sel.select(left):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"{what} exited during startup (code {proc.wait()})")
+            buf += chunk
+            while b"\n" in buf and len(lines) < want:
+                line, buf = buf.split(b"\n", 1)
+                lines.append(line.decode(errors="replace"))
+    finally:
+        sel.close()
+    return lines
+
+
+def _profiler(profile: Path | None) -> list[str]:
+    """Interpreter arguments that run a module under pyinstrument, when profiling."""
+    if profile is None:
+        return []
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    return ["-m", "pyinstrument", "-i", "0.0005", "--show-all", "-r", "pstats", "-o", str(profile)]
+
+
+@contextlib.contextmanager
+def start_simplequeued(
+    name: str,
+    log_dir: Path,
+    *,
+    data_dir: Path | None = None,
+    s3: dict[str, str] | None = None,
+    resp: bool = False,
+    extra_args: tuple[str, ...] = (),
+    profile: Path | None = None,
+) -> Iterator[Server]:
+    """A broker on a free port: localfs in `data_dir`, or s3 with `s3` = {bucket,
+    endpoint_url}. With `resp`, also the RESP listener (extra["resp_port"]). With
+    `profile`, it runs under pyinstrument, which writes pstats there when it stops."""
+    args = [sys.executable, *_profiler(profile), "-m", "simplequeue.broker"]
+    args += ["--addr", "127.0.0.1:0"]
+    args += ["--log-level", "warning", *extra_args]
+    if s3 is not None:
+        args += ["--backend", "s3", "--bucket", s3["bucket"], "--create-bucket"]
+        args += ["--endpoint-url", s3["endpoint_url"], "--region", "us-east-1"]
+    else:
+        assert data_dir is not None
+        args += ["--backend", "localfs", "--dir", str(data_dir)]
+    if resp:
+        args += ["--redis-addr", "127.0.0.1:0"]
+    env = child_env()
+    if s3 is not None:  # LocalStack takes any credentials; keep the caller's if set
+        for key, value in AWS_TEST_CREDENTIALS.items():
+            env.setdefault(key, value)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=log, cwd=REPO, env=env, start_new_session=True
+        )
+    try:
+        lines = _read_lines(proc, 2 if resp else 1, 60, f"simplequeued ({name})")
+        found = re.search(r"listening on (http://\S+)", lines[0])
+        if not found:
+            raise RuntimeError(f"simplequeued said: {lines[0]!r}")
+        server = Server(name, proc, found.group(1))
+        if resp:
+            port = re.search(r"resp listening on \S*:(\d+)", lines[1])
+            if not port:
+                raise RuntimeError(f"simplequeued said: {lines[1]!r}")
+            server.extra["resp_port"] = port.group(1)
+        yield server
+    finally:
+        stop_process(proc)
+
+
+def resp_available() -> bool:
+    """Whether this simplequeued has a RESP listener (`--redis-addr`)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "simplequeue.broker", "--help"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--redis-addr" in out
+
+
+@contextlib.contextmanager
+def start_ceiling(log_dir: Path, profile: Path | None = None) -> Iterator[Server]:
+    """The bare aiohttp server of bench/ceiling.py on a free port (under
+    pyinstrument, writing pstats to `profile`, when given)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "ceiling.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *_profiler(profile), "-m", "bench.ceiling"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            cwd=REPO,
+            env=child_env(),
+            start_new_session=True,
+        )
+    try:
+        [line] = _read_lines(proc, 1, 60, "ceiling")
+        found = re.search(r"listening on (http://\S+)", line)
+        if not found:
+            raise RuntimeError(f"ceiling said: {line!r}")
+        yield Server("ceiling", proc, found.group(1))
+    finally:
+        stop_process(proc)
+
+
+def redis_server_path() -> str | None:
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+
+
+@contextlib.contextmanager
+def start_redis(data_dir: Path) -> Iterator[Server]:
+    """Debian's redis-server on a free port, AOF with fsync every second (Redis's
+    recommended durable setting), no RDB snapshots, data in `data_dir`."""
+    binary = redis_server_path()
+    if binary is None:
+        raise RuntimeError("redis-server is not installed")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
+    args += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
+    args += ["--daemonize", "no", "--logfile", str(data_dir / "redis.log")]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        client.close()
+        yield Server("redis", proc, f"redis://127.0.0.1:{port}", {"port": str(port)})
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def start_localstack(state_dir: Path) -> Iterator[str]:
+    """LocalStack's S3 through localstack/start.sh; yields its endpoint URL and
+    stops it with localstack/stop.sh PID."""
+    env = child_env(SIMPLEQUEUE_LOCALSTACK_STATE=str(state_dir))
+    out = subprocess.run(
+        [str(REPO / "localstack" / "start.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+        check=False,
+    )
+    found = dict(re.findall(r"^(LOCALSTACK_PID|LOCALSTACK_ENDPOINT)=(\S+)$", out.stdout, re.M))
+    if out.returncode != 0 or len(found) != 2:
+        raise RuntimeError(f"localstack/start.sh failed: {out.stderr.strip()[-2000:]}")
+    try:
+        yield found["LOCALSTACK_ENDPOINT"]
+    finally:
+        subprocess.run(
+            [str(REPO / "localstack" / "stop.sh"), found["LOCALSTACK_PID"]],
+            capture_output=True,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
