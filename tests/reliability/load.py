@@ -50,6 +50,7 @@ class Load:
         self.rng = random.Random(seed)
         self.stop = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
+        self.chaos_error: BaseException | None = None
 
     async def call(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """POST to a random broker: (status, JSON) or (0, None) on a lost answer."""
@@ -72,9 +73,13 @@ class Load:
 
     async def produce(self, ids: list[str]) -> None:
         pause = self.shape.seconds / max(1, len(ids))
+        deadline = time.monotonic() + self.shape.seconds + 120
         for job_id in ids:
             await asyncio.sleep(pause * self.rng.uniform(0.5, 1.5))
             while True:  # the same id until answered: a duplicate is a success
+                if self.chaos_error is not None:
+                    raise AssertionError(f"the chaos itself failed: {self.chaos_error!r}")
+                assert time.monotonic() < deadline, f"enqueue of {job_id} never answered"
                 status, _ = await self.call(
                     "/enqueue", {"id": job_id, "payload": {"id": job_id}, "max_attempts": 0}
                 )
@@ -169,7 +174,7 @@ class Load:
         ids = [f"job-{i:06d}" for i in range(s.jobs)]
         async with aiohttp.ClientSession() as self.session:
             workers = [asyncio.create_task(self.work(f"w{i}")) for i in range(s.workers)]
-            chaos_task = asyncio.create_task(chaos()) if chaos else None
+            chaos_task = asyncio.create_task(self._guard(chaos)) if chaos else None
             try:
                 await asyncio.gather(
                     *(self.produce(ids[i :: s.producers]) for i in range(s.producers))
@@ -181,6 +186,17 @@ class Load:
             finally:
                 self.stop.set()
                 await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _guard(self, chaos: Callable[[], Any]) -> None:
+        """Run the chaos; if it breaks (a broker that will not restart), say so
+        instead of leaving the load to wait for a broker that never comes."""
+        try:
+            await chaos()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.chaos_error = exc
+            raise
 
     async def drain(self) -> None:
         """Wait until every enqueued job is completed (abandoned claims come back
