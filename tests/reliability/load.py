@@ -51,6 +51,8 @@ class Load:
         self.stop = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
         self.chaos_error: BaseException | None = None
+        self.workers: list[asyncio.Task[None]] = []
+        self.sleepers: set[asyncio.Task[None]] = set()  # workers gone silent, see stale_ack
 
     async def call(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """POST to a random broker: (status, JSON) or (0, None) on a lost answer."""
@@ -73,9 +75,9 @@ class Load:
 
     async def produce(self, ids: list[str]) -> None:
         pause = self.shape.seconds / max(1, len(ids))
-        deadline = time.monotonic() + self.shape.seconds + 120
         for job_id in ids:
             await asyncio.sleep(pause * self.rng.uniform(0.5, 1.5))
+            deadline = time.monotonic() + 120  # for this job: answered, or broken
             while True:  # the same id until answered: a duplicate is a success
                 if self.chaos_error is not None:
                     raise AssertionError(f"the chaos itself failed: {self.chaos_error!r}")
@@ -117,7 +119,11 @@ class Load:
             self.h.abandoned += 1  # this worker "died": the lease must bring the job back
             return
         if roll < s.p_die + s.p_stale:
-            await self.stale_ack(name, job)
+            # In a task of its own: a silent worker must not stop the others
+            # (nor this one) from claiming, or nobody would ever take its job.
+            task = asyncio.create_task(self.stale_ack(name, job))
+            self.sleepers.add(task)
+            task.add_done_callback(self.sleepers.discard)
             return
         if roll < s.p_die + s.p_stale + s.p_nack:
             status, _ = await self.call(
@@ -174,6 +180,7 @@ class Load:
         ids = [f"job-{i:06d}" for i in range(s.jobs)]
         async with aiohttp.ClientSession() as self.session:
             workers = [asyncio.create_task(self.work(f"w{i}")) for i in range(s.workers)]
+            self.workers = workers
             chaos_task = asyncio.create_task(self._guard(chaos)) if chaos else None
             try:
                 await asyncio.gather(
@@ -183,9 +190,10 @@ class Load:
                     chaos_task.cancel()
                     await asyncio.gather(chaos_task, return_exceptions=True)
                 await self.drain()
+                await asyncio.gather(*self.sleepers)  # their verdicts are part of the history
             finally:
                 self.stop.set()
-                await asyncio.gather(*workers, return_exceptions=True)
+                await asyncio.gather(*workers, *self.sleepers, return_exceptions=True)
 
     async def _guard(self, chaos: Callable[[], Any]) -> None:
         """Run the chaos; if it breaks (a broker that will not restart), say so
@@ -201,8 +209,11 @@ class Load:
     async def drain(self) -> None:
         """Wait until every enqueued job is completed (abandoned claims come back
         after their lease)."""
-        deadline = time.monotonic() + 60 + 10 * self.shape.lease
+        deadline = time.monotonic() + 60 + 10 * self.shape.lease + self.shape.jobs / 10
         while time.monotonic() < deadline:
+            for worker in self.workers:  # a worker that broke says why
+                if worker.done() and worker.exception() is not None:
+                    raise worker.exception()  # type: ignore[misc]
             counts = await self.status()
             if counts and counts["completed"] >= len(self.h.enqueued) and counts["claimed"] == 0:
                 return

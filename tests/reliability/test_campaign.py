@@ -85,57 +85,47 @@ class Fleet:
         )
 
 
-@pytest.mark.parametrize("backend", ["localfs", pytest.param("s3", marks=pytest.mark.s3)])
-async def test_kill_9_under_load_then_restart(
-    store_flags: list[str],
-    broker_process: Any,
-    tmp_path: Path,
-    backend: str,
-    scale: int,
-    record_figures: Record,
-) -> None:
+async def kill_campaign(
+    start: Callable[..., BrokerProcess],
+    flags: list[str],
+    brokers: int,
+    shape: LoadShape,
+    pause: tuple[float, float],
+    seed: int,
+) -> tuple[Load, History]:
+    """Run the load on `brokers` broker processes while a random one of them is
+    SIGKILLed and restarted on its port every `pause` seconds."""
     history = History()
-    fleet = await asyncio.to_thread(
-        Fleet, broker_process, store_flags, 1
-    )  # the proxy serves meanwhile
-    load = Load(fleet.urls, "crash", history, LoadShape(jobs=150 * scale, seconds=4))
-    rng = random.Random(11)
+    fleet = await asyncio.to_thread(Fleet, start, flags, brokers)  # a proxy may serve meanwhile
+    load = Load(fleet.urls, f"kill{brokers}", history, shape)
+    rng = random.Random(seed)
 
     async def chaos() -> None:
         while True:
-            await asyncio.sleep(rng.uniform(0.4, 1.2))
-            await fleet.kill_and_restart(0)
+            await asyncio.sleep(rng.uniform(*pause))
+            await fleet.kill_and_restart(rng.randrange(brokers))
             history.kills += 1
 
     await load.run(chaos)
     assert history.kills >= 1
+    return load, history
+
+
+@pytest.mark.parametrize("backend", ["localfs", pytest.param("s3", marks=pytest.mark.s3)])
+async def test_kill_9_under_load_then_restart(
+    store_flags: list[str], broker_process: Any, backend: str, scale: int, record_figures: Record
+) -> None:
+    shape = LoadShape(jobs=150 * scale, seconds=4)
+    load, history = await kill_campaign(broker_process, store_flags, 1, shape, (0.4, 1.2), 11)
     await finish(load, history, record_figures, backend=backend, scenario="kill -9 + restart")
 
 
 @pytest.mark.parametrize("backend", ["localfs", pytest.param("s3", marks=pytest.mark.s3)])
 async def test_three_brokers_one_killed_and_restarted_repeatedly(
-    store_flags: list[str],
-    broker_process: Any,
-    tmp_path: Path,
-    backend: str,
-    scale: int,
-    record_figures: Record,
+    store_flags: list[str], broker_process: Any, backend: str, scale: int, record_figures: Record
 ) -> None:
-    history = History()
-    fleet = await asyncio.to_thread(
-        Fleet, broker_process, store_flags, 3
-    )  # the proxy serves meanwhile
-    load = Load(fleet.urls, "fleet", history, LoadShape(jobs=200 * scale, workers=9, seconds=4))
-    rng = random.Random(12)
-
-    async def chaos() -> None:
-        while True:
-            await asyncio.sleep(rng.uniform(0.3, 1.0))
-            await fleet.kill_and_restart(rng.randrange(3))
-            history.kills += 1
-
-    await load.run(chaos)
-    assert history.kills >= 1
+    shape = LoadShape(jobs=200 * scale, workers=9, seconds=4)
+    load, history = await kill_campaign(broker_process, store_flags, 3, shape, (0.3, 1.0), 12)
     await finish(load, history, record_figures, backend=backend, scenario="3 brokers, kills")
 
 
