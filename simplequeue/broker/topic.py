@@ -222,11 +222,6 @@ class TopicState:
         jobs.extend(dead["inline"])
         return jobs
 
-    def _retained_records(self) -> Iterator[Record]:
-        for seg in self.head["retained"]["segs"]:
-            yield from self.segments.get(seg["key"])
-        yield from self.head["retained"]["inline"]
-
     def counts(self, now: float) -> dict[str, int]:
         pending = delayed = 0
         for lane in self.head["lanes"].values():

@@ -40,9 +40,7 @@ class Settings:
             store, _ = open_store(
                 o["backend"], o["dir"], o["bucket"], o["prefix"], o["endpoint_url"], o["region"]
             )
-            client = await Client.discover(store, max_age=o["max_age"], **common)
-            client._owns_store = True
-            return client
+            return await Client.discover(store, max_age=o["max_age"], close_store=True, **common)
         return Client(o["broker"], **common)
 
 

@@ -102,11 +102,13 @@ class Client:
         *,
         max_age: float = 30.0,
         topic: str = "default",
+        close_store: bool | None = None,
         **options: Any,
     ) -> Client:
         """A client of the broker that broker.json names, refusing a record whose
-        heartbeat is older than `max_age` seconds."""
-        owns = isinstance(store, str)
+        heartbeat is older than `max_age` seconds. close() closes the store too
+        when `close_store` says so (by default: when it was given as a URL)."""
+        owns = isinstance(store, str) if close_store is None else close_store
         handle = store_from_url(store) if isinstance(store, str) else store
         url = await find_broker(handle, max_age)
         client = cls(url, topic=topic, store=handle, max_age=max_age, **options)
