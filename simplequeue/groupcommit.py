@@ -313,13 +313,16 @@ class GroupCommitter:
     async def _linger(self, t: _Topic, last: int, took: float) -> None:
         """Callers answered by the last batch come straight back with their next
         request. Without a pause they would split into two halves, each riding
-        every other write; waiting a fraction of a write's time for the queue
-        to hold as many as the last batch keeps batches whole."""
+        every other write; waiting a fraction of a write's time for them to
+        join the mutations queued meanwhile keeps batches whole."""
         if last < 2 or self._closing:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(self.settings.linger_max, self.settings.linger * took)
-        while len(t.queue) < last and (left := deadline - loop.time()) > 0:
+        # The queue already holds what arrived during the write; the callers
+        # just answered come on top of it.
+        want = len(t.queue) + last
+        while len(t.queue) < want and (left := deadline - loop.time()) > 0:
             t.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):

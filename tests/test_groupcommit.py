@@ -80,6 +80,34 @@ async def test_mutations_arriving_during_a_slow_write_form_one_next_batch() -> N
     assert (await q.status("t"))["pending"] == 52
 
 
+async def test_callers_answered_by_a_write_join_the_batch_queued_during_it() -> None:
+    # Closed-loop callers (each sends its next request as soon as it has its
+    # answer) must not split into two halves riding alternate writes: after a
+    # write lands, the committer waits for the callers it answered to join
+    # what queued meanwhile. A generous linger keeps the test off the clock;
+    # the wait ends as soon as they are all back.
+    store = FaultyStore(MemStore())
+    q = engine_on(store, linger=100.0, linger_max=5.0)
+    await q.enqueue("t", [{"payload": "first"}])
+    sizes: list[int] = []
+    q.committer.on_batch = sizes.append
+    store.gate = asyncio.Event()
+    store.put_started.clear()
+
+    async def twice(i: int) -> None:
+        for round_ in range(2):
+            await q.enqueue("t", [{"payload": [i, round_]}])
+
+    first_half = [asyncio.create_task(twice(i)) for i in range(32)]
+    await store.put_started.wait()  # the first half is in the write, held
+    second_half = [asyncio.create_task(q.enqueue("t", [{"payload": i}])) for i in range(32)]
+    await asyncio.sleep(0)  # let them queue behind it
+    store.gate.set()
+    await asyncio.gather(*first_half, *second_half)
+    assert sizes == [32, 64]
+    assert (await q.status("t"))["pending"] == 1 + 32 * 3
+
+
 async def test_lost_race_reapplies_claims_and_never_returns_the_failed_pick() -> None:
     shared = MemStore()
     a, b = engine_on(shared, "a"), engine_on(shared, "b")

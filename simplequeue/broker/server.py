@@ -33,6 +33,22 @@ from simplequeue.objstore import ObjectStore, store_from_url
 log = logging.getLogger(__name__)
 
 
+def commit_settings(settings: BrokerSettings, store_url: str) -> CommitSettings:
+    """The committer's settings. On S3, where writes are slow and billed, the
+    pause after a write for its callers' next requests (group commit's linger)
+    is longer: a write's time, at most 25 ms; elsewhere half of it, at most 5 ms."""
+    on_s3 = store_url.startswith("s3://")
+    linger, linger_max = (1.0, 0.025) if on_s3 else (0.5, 0.005)
+    if settings.batch_wait is not None:
+        linger_max = settings.batch_wait
+    return CommitSettings(
+        limits=settings.limits,
+        budget=settings.commit_budget,
+        linger=linger,
+        linger_max=linger_max,
+    )
+
+
 class Broker:
     """One simplequeue broker process's worth of services."""
 
@@ -45,7 +61,7 @@ class Broker:
         self.committer = GroupCommitter(
             self.store,
             broker_id=settings.broker_id,
-            settings=CommitSettings(limits=settings.limits, budget=settings.commit_budget),
+            settings=commit_settings(settings, self.store.url),
         )
         self.committer.on_batch = self.metrics.batch_sizes.observe
         self.engine = Engine(self.committer)

@@ -39,6 +39,10 @@ class BrokerSettings:
     limits: Limits = field(default_factory=Limits)
     max_body: int = 1024 * 1024
     commit_budget: float = 10.0
+    # Longest pause (seconds) after a write for the callers it answered to come
+    # back and share the next one; None: 5 ms, or 25 ms on S3 where a write
+    # takes ~10 ms or more and each one is billed.
+    batch_wait: float | None = None
     reap_interval: float = 1.0  # seconds between reaps of every topic
     topic_scan_interval: float = 10.0  # seconds between listings of the store's topics
     sweep_interval: float = 600.0  # seconds between sweeps of orphan segments
