@@ -168,4 +168,63 @@ async def test_worker_claims_in_batches(broker: Any) -> None:
         worker = Worker(q, record, concurrency=8, wait=0.2, handle_signals=False)
         await run_until(worker, broker, lambda: _completed(q, 40))
     assert sorted(seen) == list(range(40))
-    assert max(q.batches) == 8  # free slots are filled by one claim
+    assert q.batches[0] == 16  # free slots and the prefetch buffer are filled by one claim
+
+
+async def test_worker_without_prefetch_claims_only_free_slots(broker: Any) -> None:
+    async with CountingClient(broker.url, topic="w") as q:
+        q.batches = []
+        await q.enqueue_many(list(range(20)))
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, concurrency=4, prefetch=0, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 20))
+    assert max(q.batches) == 4
+
+
+async def test_prefetched_jobs_keep_their_leases_and_are_run_by_the_drain(
+    q: Client, broker: Any
+) -> None:
+    ids = await q.enqueue_many(["first", "second", "third"])
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def one_at_a_time(job: Job) -> None:
+        ran.append(job.payload)
+        await release.wait()
+
+    worker = Worker(
+        q,
+        one_at_a_time,
+        concurrency=1,
+        prefetch=2,
+        lease=1.0,
+        heartbeat_every=0.2,
+        wait=0.2,
+        handle_signals=False,
+    )
+    task = asyncio.create_task(worker.run())
+    # The first job runs; the other two wait in the buffer, their leases renewed
+    # well past the first one's end.
+    first_expiry: float | None = None
+    async with asyncio.timeout(30):
+        while True:
+            waiting = await q.job(ids[2])
+            if waiting.status == "claimed":
+                assert waiting.lease_expires_at is not None
+                first_expiry = first_expiry or waiting.lease_expires_at
+                if waiting.lease_expires_at > first_expiry + 2:
+                    break
+            await broker.committer.wait_changed("w", 1.0)
+    assert ran == ["first"]
+    assert await q.claim("thief") is None  # nothing was given back meanwhile
+    stopping = asyncio.create_task(worker.stop())
+    release.set()
+    await stopping
+    await task
+    assert sorted(ran) == ["first", "second", "third"]
+    for job_id in ids:
+        job = await q.job(job_id)
+        assert (job.status, job.attempts) == ("completed", 1)

@@ -356,7 +356,13 @@ async def work(
         return result
 
     worker = Worker(
-        client, handler, concurrency=concurrency, worker_id=worker_id, lease=lease, wait=5.0
+        client,
+        handler,
+        concurrency=concurrency,
+        prefetch=0,  # a command runs for a while: claim only what can start now
+        worker_id=worker_id,
+        lease=lease,
+        wait=5.0,
     )
     click.echo(f"working on {client.topic} with {' '.join(command)}", err=True)
     await worker.run()

@@ -1,15 +1,20 @@
 """Worker: claims jobs and runs a handler on each, concurrently.
 
-Batch claims fill free slots; each job's lease is renewed by heartbeats while
-its handler runs; a return value acks it (acks go out in batches, and the slot
-is free at once), an exception nacks it with the error text and a jittered
-exponential backoff (the broker sends it dead when its attempts are spent).
-stop(), SIGTERM or SIGINT stop claiming and drain.
+Batch claims fill free slots and, ahead of need, a prefetch buffer of up to
+`prefetch` more jobs, so that the next jobs are at hand when a slot frees
+rather than one claim round trip away. Each claimed job's lease is renewed by
+heartbeats from the moment it is claimed (waiting in the buffer included);
+a return value acks it (acks go out in batches, and the slot is free at
+once), an exception nacks it with the error text and a jittered exponential
+backoff (the broker sends it dead when its attempts are spent). stop(),
+SIGTERM or SIGINT stop claiming and drain: every job already claimed, the
+buffered ones included, is run to its end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -44,8 +49,20 @@ class Backoff:
         return raw * (1 - self.jitter * random.random())
 
 
+class _Claimed:
+    """A job this worker holds: waiting in the buffer, then running."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.work: asyncio.Future[Any] | None = None  # the handler, once started
+        self.lost = False  # a heartbeat found the lease gone
+        self.beats: asyncio.Task[None] | None = None
+
+
 class Worker:
-    """Runs `handler` on the client's topic's jobs, `concurrency` at a time."""
+    """Runs `handler` on the client's topic's jobs, `concurrency` at a time,
+    holding up to `prefetch` more claimed (default: as many as `concurrency`;
+    0 for long jobs, so that none waits here while another worker is idle)."""
 
     def __init__(
         self,
@@ -53,6 +70,7 @@ class Worker:
         handler: Handler,
         *,
         concurrency: int = 16,
+        prefetch: int | None = None,
         worker_id: str | None = None,
         lease: float = 30.0,
         heartbeat_every: float | None = None,
@@ -62,9 +80,12 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if prefetch is not None and prefetch < 0:
+            raise ValueError("prefetch must be 0 or more")
         self.client = client
         self.handler = handler
         self.concurrency = concurrency
+        self.prefetch = concurrency if prefetch is None else prefetch
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.lease = lease
         self.heartbeat_every = heartbeat_every or lease / 3
@@ -74,8 +95,10 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self._running: set[asyncio.Task[None]] = set()
+        self._ready: collections.deque[_Claimed] = collections.deque()  # claimed, not started
         self._stopping = asyncio.Event()
-        self._slot_free = asyncio.Event()
+        self._room = asyncio.Event()  # a job started or finished: maybe time to claim
+        self._idle = asyncio.Event()  # nothing running and nothing buffered
         self._claiming: asyncio.Task[list[Job]] | None = None
         self._done = asyncio.Event()
         self._acks = _AckBatcher(client)
@@ -93,15 +116,20 @@ class Worker:
         try:
             await self._claim_loop()
         finally:
-            if self._running:
-                await asyncio.gather(*self._running, return_exceptions=True)
+            while self._running or self._ready:  # drain: finishing jobs start buffered ones
+                self._idle.clear()
+                await self._idle.wait()
             await self._acks.flush()
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self._done.set()
 
     def _on_signal(self) -> None:
-        log.info("signal received: draining %d running jobs", len(self._running))
+        log.info(
+            "signal received: draining %d running and %d claimed jobs",
+            len(self._running),
+            len(self._ready),
+        )
         self.request_stop()
 
     def request_stop(self) -> None:
@@ -111,19 +139,27 @@ class Worker:
             self._claiming.cancel()  # the broker gives back a claim it had not answered
 
     async def stop(self) -> None:
-        """Stop claiming, wait for running jobs to finish, return."""
+        """Stop claiming, wait for claimed jobs to finish, return."""
         self.request_stop()
         await self._done.wait()
 
+    def _wanted(self) -> int:
+        """How many jobs to claim now: none while the buffer is more than half
+        full, so that claims come in batches rather than one per finished job."""
+        held = len(self._running) + len(self._ready)
+        room = self.concurrency + self.prefetch - held
+        starving = not self._ready and len(self._running) < self.concurrency
+        return room if starving or room * 2 >= self.prefetch + 1 else 0
+
     async def _claim_loop(self) -> None:
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._running)
-            if free <= 0:
-                self._slot_free.clear()
-                await self._slot_free.wait()
+            count = self._wanted()
+            if count <= 0:
+                self._room.clear()
+                await self._room.wait()
                 continue
             self._claiming = asyncio.create_task(
-                self.client.claim_many(self.worker_id, free, lease=self.lease, wait=self.wait)
+                self.client.claim_many(self.worker_id, count, lease=self.lease, wait=self.wait)
             )
             try:
                 jobs = await self._claiming
@@ -140,17 +176,28 @@ class Worker:
             finally:
                 self._claiming = None
             for job in jobs:
-                task = asyncio.create_task(self._process(job), name=f"job:{job.id}")
-                self._running.add(task)
-                task.add_done_callback(self._finished)
+                held = _Claimed(job)
+                held.beats = asyncio.create_task(self._heartbeats(held))
+                self._ready.append(held)
+            self._start_ready()
+
+    def _start_ready(self) -> None:
+        while self._ready and len(self._running) < self.concurrency:
+            held = self._ready.popleft()
+            task = asyncio.create_task(self._process(held), name=f"job:{held.job.id}")
+            self._running.add(task)
+            task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        self._slot_free.set()
+        self._start_ready()
+        self._room.set()
+        if not self._running and not self._ready:
+            self._idle.set()
 
-    async def _process(self, job: Job) -> None:
-        work: asyncio.Future[Any] = asyncio.ensure_future(self.handler(job))
-        beats = asyncio.create_task(self._heartbeats(job, work))
+    async def _process(self, held: _Claimed) -> None:
+        job = held.job
+        work = held.work = asyncio.ensure_future(self.handler(job))
         try:
             result = await work
         except asyncio.CancelledError:
@@ -162,11 +209,16 @@ class Worker:
             await self._settle(job, self.client.nack(job, self.backoff.delay(job.attempts), error))
             return
         finally:
-            beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beats
+            await self._stop_beats(held)
         self.processed += 1
         self._acks.add(job, result)  # the slot is free now; the ack rides the next batch
+
+    @staticmethod
+    async def _stop_beats(held: _Claimed) -> None:
+        if held.beats is not None and not held.beats.done():
+            held.beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await held.beats
 
     async def _settle(self, job: Job, call: Awaitable[Any]) -> None:
         try:
@@ -176,17 +228,26 @@ class Worker:
         except SimpleQueueError as exc:
             log.error("job %s: could not settle (it will be redelivered): %s", job.id, exc)
 
-    async def _heartbeats(self, job: Job, work: asyncio.Future[Any]) -> None:
-        """Renew the lease while the handler runs; cancel it if the lease is lost."""
+    async def _heartbeats(self, held: _Claimed) -> None:
+        """Renew the lease from the claim on, waiting in the buffer included;
+        if the lease is lost, drop the job or cancel its handler."""
         while True:
             await asyncio.sleep(self.heartbeat_every)
             try:
-                await self.client.heartbeat(job, self.lease)
+                await self.client.heartbeat(held.job, self.lease)
             except (LeaseLost, JobNotFound):
-                work.cancel()
+                held.lost = True
+                if held.work is not None:
+                    held.work.cancel()
+                else:
+                    log.warning("job %s: lost its lease before it started", held.job.id)
+                    self._ready.remove(held)
+                    self._room.set()
+                    if not self._running and not self._ready:
+                        self._idle.set()
                 return
             except SimpleQueueError as exc:
-                log.warning("job %s: heartbeat failed: %s", job.id, exc)
+                log.warning("job %s: heartbeat failed: %s", held.job.id, exc)
 
 
 class _AckBatcher:
