@@ -183,6 +183,7 @@ BILLED_AS = {"put_if": "PUT", "put": "PUT", "get": "GET", "list": "LIST", "delet
 _COUNTERS = {
     "mutations": "simplequeue_commit_mutations_total",
     "writes": "simplequeue_commit_writes_total",
+    "segments": "simplequeue_commit_segments_written_total",
     "put_if_seconds": 'simplequeue_store_request_seconds_sum{kind="put_if"}',
     "put_if_count": 'simplequeue_store_request_seconds_count{kind="put_if"}',
 }
