@@ -257,3 +257,15 @@ async def test_sweep_deletes_orphan_segments_only_after_two_sweeps() -> None:
     assert await q.committer.sweep("t") == ["topics/t/seg-p0-orphan.json"]
     assert await store.list("topics/t/") == referenced
     assert (await q.status("t"))["pending"] == 20
+
+
+def test_brokers_on_s3_wait_longer_for_callers_to_share_a_write() -> None:
+    from simplequeue.broker.server import commit_settings
+    from simplequeue.broker.settings import BrokerSettings
+
+    local = commit_settings(BrokerSettings(store_url="file:///q"), "file:///q")
+    s3 = commit_settings(BrokerSettings(store_url="s3://b/p"), "s3://b/p")
+    told = commit_settings(BrokerSettings(store_url="s3://b/p", batch_wait=0.1), "s3://b/p")
+    assert (local.linger, local.linger_max) == (0.5, 0.005)
+    assert (s3.linger, s3.linger_max) == (2.0, 0.025)  # writes are slow, and each is billed
+    assert told.linger_max == 0.1

@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 def commit_settings(settings: BrokerSettings, store_url: str) -> CommitSettings:
     """The committer's settings. On S3, where writes are slow and billed, the
     pause after a write for its callers' next requests (group commit's linger)
-    is longer: a write's time, at most 25 ms; elsewhere half of it, at most 5 ms."""
+    is longer: twice a write's time, at most 25 ms; elsewhere half of it, at most 5 ms."""
     on_s3 = store_url.startswith("s3://")
-    linger, linger_max = (1.0, 0.025) if on_s3 else (0.5, 0.005)
+    linger, linger_max = (2.0, 0.025) if on_s3 else (0.5, 0.005)
     if settings.batch_wait is not None:
         linger_max = settings.batch_wait
     return CommitSettings(
