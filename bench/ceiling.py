@@ -19,6 +19,8 @@ import uuid
 import orjson
 from aiohttp import web
 
+from simplequeue.broker.cli import event_loop_runner
+
 NOW = time.time()
 JOB_ID = uuid.uuid4().hex
 # A claimed job as the broker answers it (simplequeue.broker.engine.public).
@@ -101,7 +103,11 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
-    asyncio.run(serve(parser.parse_args().port))
+    port = parser.parse_args().port
+    # The same event loop as simplequeued's (uvloop where installed), so that the
+    # ceiling is the fastest this machine and this client can go.
+    with event_loop_runner() as runner:
+        runner.run(serve(port))
 
 
 if __name__ == "__main__":
