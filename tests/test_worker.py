@@ -228,3 +228,38 @@ async def test_prefetched_jobs_keep_their_leases_and_are_run_by_the_drain(
     for job_id in ids:
         job = await q.job(job_id)
         assert (job.status, job.attempts) == ("completed", 1)
+
+
+async def test_a_prefetched_job_whose_lease_is_lost_is_dropped_not_run(
+    q: Client, broker: Any
+) -> None:
+    first, second = await q.enqueue_many(["first", "second"])
+    release = asyncio.Event()
+    runs: list[tuple[str, int]] = []
+
+    async def hold_the_first(job: Job) -> None:
+        runs.append((job.payload, job.attempts))
+        if job.payload == "first":
+            await release.wait()
+
+    worker = Worker(
+        q,
+        hold_the_first,
+        concurrency=1,
+        prefetch=1,
+        heartbeat_every=0.05,
+        wait=0.2,
+        handle_signals=False,
+    )
+    task = asyncio.create_task(worker.run())
+    async with asyncio.timeout(30):
+        while (await q.job(second)).status != "claimed":
+            await broker.committer.wait_changed("w", 1.0)
+        await q.nack(second)  # someone else gives it back while it waits in the buffer
+        # The worker's next heartbeat finds it lost; it claims it afresh.
+        while (await q.job(second)).attempts < 2 or (await q.job(second)).status != "claimed":
+            await broker.committer.wait_changed("w", 1.0)
+    release.set()
+    await run_until(worker, broker, lambda: _completed(q, 2))
+    await task
+    assert runs == [("first", 1), ("second", 2)]  # never run on the lease it lost
