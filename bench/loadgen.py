@@ -29,7 +29,6 @@ import psutil
 
 from simplequeue.client import Client, Worker
 from simplequeue.client.job import Job
-from simplequeue.errors import JobNotFound, LeaseLost
 
 JSON = {"Content-Type": "application/json"}
 PAD = "x" * 64  # a small, realistic payload: ~100 bytes of JSON
@@ -312,47 +311,6 @@ async def resp_round(cfg: dict[str, Any]) -> dict[str, Any]:
 # --- end to end: simplequeue's SDK ----------------------------------------------------------
 
 
-class BatchAckClient(Client):
-    """A Client whose ack() joins the next ack_many: while one batch of acks is in
-    flight, later acks gather for the next (group commit on the client side). The
-    SDK Worker has no batch-ack option; handing it this client gives it one."""
-
-    def __init__(self, *args: Any, max_batch: int = 1000, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_batch = max_batch
-        self.batches = 0
-        self._acks: list[tuple[Job | str, Any, asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def ack(self, job: Job | str, result: Any = None) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks.append((job, result, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        await future
-
-    async def _flush(self) -> None:
-        while self._acks:
-            batch, self._acks = self._acks[: self.max_batch], self._acks[self.max_batch :]
-            self.batches += 1
-            try:
-                answers = await self.ack_many((job, result) for job, result, _ in batch)
-            except Exception as exc:
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, _, future), answer in zip(batch, answers, strict=True):
-                if future.done():
-                    continue
-                if "error" not in answer:
-                    future.set_result(None)
-                elif answer.get("status") == "not_found":
-                    future.set_exception(JobNotFound(answer["error"]))
-                else:
-                    future.set_exception(LeaseLost(answer["error"]))
-
-
 async def run_tasks(n: int, concurrency: int, one: Callable[[int], Awaitable[Any]]) -> None:
     """one(0) .. one(n - 1), `concurrency` at a time."""
     counter = iter(range(n))
@@ -369,8 +327,7 @@ async def sq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
     enqueue_many), then process them with the SDK Worker and a no-op handler."""
     n, c, wc = int(cfg["n"]), int(cfg["concurrency"]), int(cfg["worker_concurrency"])
     batch = int(cfg.get("enqueue_batch", 1))
-    cls = BatchAckClient if cfg.get("ack_batch") else Client
-    async with cls(cfg["url"], topic=cfg["topic"]) as q:
+    async with Client(cfg["url"], topic=cfg["topic"]) as q:
         await q.status()  # connect, and load the topic, before measuring
         cpu0, t0 = time.process_time(), time.perf_counter()
         if batch == 1:
@@ -398,14 +355,12 @@ async def sq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
         await worker.stop()  # drains: the last acks land before this returns
         await running
         cpu2, t2 = time.process_time(), time.perf_counter()
-        ack_requests = q.batches if isinstance(q, BatchAckClient) else worker.processed
     return {
         "enqueue_s": t1 - t0,
         "process_s": t2 - t1,
         "enqueue_cpu": cpu1 - cpu0,
         "process_cpu": cpu2 - cpu1,
         "processed": done,
-        "ack_requests": ack_requests,
     }
 
 

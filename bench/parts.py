@@ -260,7 +260,6 @@ def part_http(plan: Plan, ctx: Context) -> Section:
 
 E2E_SYSTEMS = {
     "simplequeue": "simplequeued, localfs (fsync per batch)",
-    "simplequeue, batch acks": "simplequeued, localfs (fsync per batch)",
     "huey": "SQLite (WAL, synchronous=FULL)",
     "arq": "redis-server (AOF, fsync every second)",
 }
@@ -268,8 +267,8 @@ E2E_SYSTEMS = {
 
 def part_e2e(plan: Plan, ctx: Context) -> Section:
     """`e2e_jobs` no-op jobs enqueued one per call, then processed by each system's
-    worker, rounds interleaved: simplequeue's Worker (acks one by one, as it is),
-    the same with batched acks, Huey on SQLite, arq on Redis."""
+    worker, rounds interleaved: simplequeue's Worker as it is (batch claims with a
+    prefetch buffer, batched acks), Huey on SQLite, arq on Redis."""
     n = plan.e2e_jobs
     results: dict[str, list[tuple[dict[str, Any], float, float]]] = defaultdict(list)
     common = {
@@ -284,12 +283,8 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
             redis = stack.enter_context(start_redis(ctx.tmp / "redis"))
         for r in range(plan.e2e_rounds):
             for system in E2E_SYSTEMS:
-                if system.startswith("simplequeue"):
-                    batch = system != "simplequeue"
-                    topic = f"e2e-{r}-{'batch' if batch else 'single'}"
-                    got = timed_call(
-                        ctx.gen, sq, "sq_e2e", url=sq.url, topic=topic, ack_batch=batch, **common
-                    )
+                if system == "simplequeue":
+                    got = timed_call(ctx.gen, sq, "sq_e2e", url=sq.url, topic=f"e2e-{r}", **common)
                 elif system == "huey":
                     db = ctx.tmp / f"huey-{r}.db"
                     got = timed_call(ctx.gen, None, "huey_e2e", db=str(db), **common)
@@ -357,22 +352,19 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
         f"{plan.e2e_rounds} rounds of {n:,} no-op jobs per system, systems alternating. "
         f"Enqueue: one job per call, {plan.e2e_producers} in flight (asyncio tasks; threads "
         f"for Huey). Process: each system's own worker with {plan.e2e_workers} jobs in flight "
-        "(simplequeue `Worker(concurrency=16)`, which claims with claim_many and acks one by "
-        "one; Huey's thread consumer with 16 workers; arq `Worker(max_jobs=16, burst=True, "
-        "poll_delay=0.005)`), until every job is done as that system defines it (acked; "
-        "Huey: returned). The batch-ack row hands the same Worker a Client whose ack() "
-        "joins the next ack_many (bench/loadgen.py `BatchAckClient`). Huey runs in the "
+        "(simplequeue `Worker(concurrency=16)` with its defaults: batch claims, a prefetch "
+        "buffer of 16 more claimed jobs, acks batched; Huey's thread consumer with 16 "
+        "workers; arq `Worker(max_jobs=16, burst=True, poll_delay=0.005)`), until every job "
+        "is done as that system defines it (acked; Huey: returned). Huey runs in the "
         "generator process (SQLite is a library), so its CPU is all in the generator column.",
     ]
     if redis is None and not results["arq"]:
         section.lines.append("- arq: skipped, no redis-server on this machine")
-    if best:
-        for system in ("simplequeue", "simplequeue, batch acks"):
-            if results[system]:
-                x = rate(system, "total_s") / rate(best, "total_s")
-                section.targets.append(
-                    Target(f"2. end to end, {system}", f">= 3x {best}", ratio(x), x >= 3)
-                )
+    if best and results["simplequeue"]:
+        x = rate("simplequeue", "total_s") / rate(best, "total_s")
+        section.targets.append(
+            Target("2. end to end, simplequeue", f">= 3x {best}", ratio(x), x >= 3)
+        )
     return section
 
 
@@ -561,31 +553,29 @@ def part_cost(plan: Plan, ctx: Context) -> Section:
                 per_op <= 0.025,
             )
         )
-        for batch in (False, True):
-            label = "SDK Worker, batch acks" if batch else "SDK Worker, acks one by one"
-            m3 = store_requests(sq.url)
-            got = ctx.gen.call(
-                "sq_e2e",
-                url=sq.url,
-                topic=f"cost-sdk-{'batch' if batch else 'single'}",
-                n=n,
-                concurrency=16,
-                enqueue_batch=plan.cost_enqueue_batch,
-                worker_concurrency=plan.cost_workers,
-                ack_batch=batch,
+        label = "SDK Worker"
+        m3 = store_requests(sq.url)
+        got = ctx.gen.call(
+            "sq_e2e",
+            url=sq.url,
+            topic="cost-sdk",
+            n=n,
+            concurrency=16,
+            enqueue_batch=plan.cost_enqueue_batch,
+            worker_concurrency=plan.cost_workers,
+        )
+        d = delta(store_requests(sq.url), m3)
+        ctx.log(f"part 4: {label}: {got['processed']} processed")
+        row(label, got["processed"], "jobs", got["processed"], d)
+        cost = dollars_per_million(d, got["processed"])
+        section.targets.append(
+            Target(
+                f"4. $ per million jobs, {label}",
+                f"< ${SQS_BATCHED} (SQS, batches of 10)",
+                f"${cost:.3f}",
+                cost < SQS_BATCHED,
             )
-            d = delta(store_requests(sq.url), m3)
-            ctx.log(f"part 4: {label}: {got['processed']} processed")
-            row(label, got["processed"], "jobs", got["processed"], d)
-            cost = dollars_per_million(d, got["processed"])
-            section.targets.append(
-                Target(
-                    f"4. $ per million jobs, {label}",
-                    f"< ${SQS_BATCHED} (SQS, batches of 10)",
-                    f"${cost:.3f}",
-                    cost < SQS_BATCHED,
-                )
-            )
+        )
     section.lines += table(
         [
             "load",

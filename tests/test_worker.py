@@ -233,7 +233,7 @@ async def test_prefetched_jobs_keep_their_leases_and_are_run_by_the_drain(
 async def test_a_prefetched_job_whose_lease_is_lost_is_dropped_not_run(
     q: Client, broker: Any
 ) -> None:
-    first, second = await q.enqueue_many(["first", "second"])
+    _first, second = await q.enqueue_many(["first", "second"])
     release = asyncio.Event()
     runs: list[tuple[str, int]] = []
 
