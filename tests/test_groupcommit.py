@@ -259,7 +259,7 @@ async def test_sweep_deletes_orphan_segments_only_after_two_sweeps() -> None:
     assert (await q.status("t"))["pending"] == 20
 
 
-def test_brokers_on_s3_wait_longer_for_callers_to_share_a_write() -> None:
+def test_brokers_on_s3_batch_longer_and_spill_less() -> None:
     from simplequeue.broker.server import commit_settings
     from simplequeue.broker.settings import BrokerSettings
 
@@ -269,3 +269,7 @@ def test_brokers_on_s3_wait_longer_for_callers_to_share_a_write() -> None:
     assert (local.linger, local.linger_max) == (0.5, 0.005)
     assert (s3.linger, s3.linger_max) == (2.0, 0.025)  # writes are slow, and each is billed
     assert told.linger_max == 0.1
+    # S3 bills requests, not bytes: larger heads, half as many segment PUTs.
+    assert local.limits == Limits()
+    assert s3.limits.inline_pending_bytes == 2 * Limits().inline_pending_bytes
+    assert s3.limits.inline_records_bytes == 2 * Limits().inline_records_bytes

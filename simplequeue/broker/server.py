@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -41,8 +42,18 @@ def commit_settings(settings: BrokerSettings, store_url: str) -> CommitSettings:
     linger, linger_max = (2.0, 0.025) if on_s3 else (0.5, 0.005)
     if settings.batch_wait is not None:
         linger_max = settings.batch_wait
+    limits = settings.limits
+    if on_s3:
+        # S3 bills requests, not bytes: heads twice as large spill half as
+        # many segments, each one PUT.
+        limits = dataclasses.replace(
+            limits,
+            inline_pending_bytes=2 * limits.inline_pending_bytes,
+            inline_records_bytes=2 * limits.inline_records_bytes,
+            inline_dead_bytes=2 * limits.inline_dead_bytes,
+        )
     return CommitSettings(
-        limits=settings.limits,
+        limits=limits,
         budget=settings.commit_budget,
         linger=linger,
         linger_max=linger_max,
