@@ -353,7 +353,7 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
         f"Enqueue: one job per call, {plan.e2e_producers} in flight (asyncio tasks; threads "
         f"for Huey). Process: each system's own worker with {plan.e2e_workers} jobs in flight "
         "(simplequeue `Worker(concurrency=16)` with its defaults: batch claims, a prefetch "
-        "buffer of 16 more claimed jobs, acks batched; Huey's thread consumer with 16 "
+        "buffer of 32 more claimed jobs, acks batched; Huey's thread consumer with 16 "
         "workers; arq `Worker(max_jobs=16, burst=True, poll_delay=0.005)`), until every job "
         "is done as that system defines it (acked; Huey: returned). Huey runs in the "
         "generator process (SQLite is a library), so its CPU is all in the generator column.",

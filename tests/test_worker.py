@@ -168,7 +168,8 @@ async def test_worker_claims_in_batches(broker: Any) -> None:
         worker = Worker(q, record, concurrency=8, wait=0.2, handle_signals=False)
         await run_until(worker, broker, lambda: _completed(q, 40))
     assert sorted(seen) == list(range(40))
-    assert q.batches[0] == 16  # free slots and the prefetch buffer are filled by one claim
+    # Free slots and the prefetch buffer (twice the concurrency) are filled by one claim.
+    assert q.batches[0] == 8 + 16
 
 
 async def test_worker_without_prefetch_claims_only_free_slots(broker: Any) -> None:
