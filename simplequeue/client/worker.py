@@ -251,6 +251,9 @@ class Worker:
                 log.warning("job %s: heartbeat failed: %s", held.job.id, exc)
 
 
+ACK_GATHER_TURNS = 3
+
+
 class _AckBatcher:
     """Acknowledges finished jobs in batches: one request carries every ack that
     came in while the previous one was in flight (group commit, client side)."""
@@ -268,6 +271,11 @@ class _AckBatcher:
             self.sender = asyncio.create_task(self._send())
 
     async def _send(self) -> None:
+        # Short jobs end in bursts, over a few turns of the event loop (each
+        # one that ends starts the next from the buffer): let the burst's acks
+        # gather first, so that it takes one request and one write, not two.
+        for _ in range(ACK_GATHER_TURNS):
+            await asyncio.sleep(0)
         while self.pending:
             batch, self.pending = self.pending[: self.BATCH], self.pending[self.BATCH :]
             try:
