@@ -201,6 +201,8 @@ async def test_a_broker_reaps_topics_it_never_touched(broker_process: Any, tmp_p
         (["--backend", "s3"], "--bucket"),
         (["--addr", "nonsense"], "HOST:PORT"),
         (["--lease", "-1"], "--lease"),
+        (["--batch-wait", "-5"], "--batch-wait"),
+        (["--batch-wait", "soon"], "--batch-wait"),
     ],
 )
 def test_simplequeued_rejects_bad_flags_with_a_clear_message(args: list[str], says: str) -> None:
