@@ -145,8 +145,9 @@ class Worker:
         await self._done.wait()
 
     def _wanted(self) -> int:
-        """How many jobs to claim now: none while the buffer is more than half
-        full, so that claims come in batches rather than one per finished job."""
+        """How many jobs to claim now: all the room there is, once more than half
+        a buffer's worth of it is free or a slot would otherwise idle, so that
+        claims come in batches rather than one per finished job."""
         held = len(self._running) + len(self._ready)
         room = self.concurrency + self.prefetch - held
         starving = not self._ready and len(self._running) < self.concurrency
@@ -198,6 +199,9 @@ class Worker:
 
     async def _process(self, held: _Claimed) -> None:
         job = held.job
+        if held.lost:
+            log.warning("job %s: lost its lease before it started", job.id)
+            return
         work = held.work = asyncio.ensure_future(self.handler(job))
         try:
             result = await work
@@ -240,12 +244,13 @@ class Worker:
                 held.lost = True
                 if held.work is not None:
                     held.work.cancel()
-                else:
+                elif held in self._ready:
                     log.warning("job %s: lost its lease before it started", held.job.id)
                     self._ready.remove(held)
                     self._room.set()
                     if not self._running and not self._ready:
                         self._idle.set()
+                # else: its task is about to start; _process sees `lost` and skips it
                 return
             except SimpleQueueError as exc:
                 log.warning("job %s: heartbeat failed: %s", held.job.id, exc)
