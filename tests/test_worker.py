@@ -168,8 +168,8 @@ async def test_worker_claims_in_batches(broker: Any) -> None:
         worker = Worker(q, record, concurrency=8, wait=0.2, handle_signals=False)
         await run_until(worker, broker, lambda: _completed(q, 40))
     assert sorted(seen) == list(range(40))
-    # Free slots and the prefetch buffer (twice the concurrency) are filled by one claim.
-    assert q.batches[0] == 8 + 16
+    # Each claim asks for half the capacity: 8 slots plus a buffer of twice that.
+    assert q.batches[0] == (8 + 16) // 2
 
 
 async def test_worker_without_prefetch_claims_only_free_slots(broker: Any) -> None:
@@ -264,3 +264,90 @@ async def test_a_prefetched_job_whose_lease_is_lost_is_dropped_not_run(
     await run_until(worker, broker, lambda: _completed(q, 2))
     await task
     assert runs == [("first", 1), ("second", 2)]  # never run on the lease it lost
+
+
+class GatedClient(Client):
+    """Holds every claim until `gate` opens; records how many were in flight."""
+
+    gate: asyncio.Event
+    two_in_flight: asyncio.Event
+    in_flight = 0
+    most_in_flight = 0
+    asked: list[int]
+
+    async def claim_many(
+        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+    ) -> list[Job]:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        if self.in_flight == 2:
+            self.two_in_flight.set()
+        self.asked.append(count)
+        try:
+            await self.gate.wait()
+            return await super().claim_many(worker_id, count, lease, wait)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_second_claim_is_on_its_way_while_the_first_is_answered(broker: Any) -> None:
+    async with GatedClient(broker.url, topic="w") as q:
+        q.gate, q.two_in_flight, q.asked = asyncio.Event(), asyncio.Event(), []
+        await q.enqueue_many(list(range(100)))
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, concurrency=8, wait=0.2, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        async with asyncio.timeout(30):
+            await q.two_in_flight.wait()
+        assert q.asked == [12, 12]  # each half of the capacity (8 running + 16 buffered)
+        q.gate.set()
+        await run_until(worker, broker, lambda: _completed(q, 100))
+        await task
+    assert q.most_in_flight == 2  # never more
+    assert worker.processed == 100
+
+
+class LateFirstAnswerClient(Client):
+    """The first claim is answered by the broker first, but its answer reaches
+    the worker after the second claim's."""
+
+    calls = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.first_answered = asyncio.Event()
+        self.second_returned = asyncio.Event()
+
+    async def claim_many(
+        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+    ) -> list[Job]:
+        self.calls += 1
+        if self.calls == 1:
+            jobs = await super().claim_many(worker_id, count, lease, wait)
+            self.first_answered.set()
+            await self.second_returned.wait()
+            return jobs
+        if self.calls == 2:
+            await self.first_answered.wait()
+            jobs = await super().claim_many(worker_id, count, lease, wait)
+            self.second_returned.set()
+            return jobs
+        return await super().claim_many(worker_id, count, lease, wait)
+
+
+async def test_claims_in_flight_hand_their_jobs_over_in_the_order_they_were_sent(
+    broker: Any,
+) -> None:
+    async with LateFirstAnswerClient(broker.url, topic="w") as q:
+        await q.enqueue_many(list(range(6)))
+        order: list[int] = []
+
+        async def record(job: Job) -> None:
+            order.append(job.payload)
+
+        worker = Worker(q, record, concurrency=1, prefetch=1, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 6))
+    assert order == list(range(6))  # oldest first, though the first answer came last

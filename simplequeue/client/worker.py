@@ -2,7 +2,9 @@
 
 Batch claims fill free slots and, ahead of need, a prefetch buffer of up to
 `prefetch` more jobs, so that the next jobs are at hand when a slot frees
-rather than one claim round trip away. Each claimed job's lease is renewed by
+rather than one claim round trip away. With a buffer, each claim asks for half
+the capacity and two can be in flight; their jobs are buffered in the order
+the claims were sent. Each claimed job's lease is renewed by
 heartbeats from the moment it is claimed (waiting in the buffer included);
 a return value acks it (acks go out in batches, and the slot is free at
 once), an exception nacks it with the error text and a jittered exponential
@@ -47,6 +49,9 @@ class Backoff:
     def delay(self, attempts: int) -> float:
         raw: float = min(self.cap, self.base * 2.0 ** max(0, attempts - 1))
         return raw * (1 - self.jitter * random.random())
+
+
+CLAIMS_IN_FLIGHT = 2
 
 
 class _Claimed:
@@ -100,7 +105,12 @@ class Worker:
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # a job started or finished: maybe time to claim
         self._idle = asyncio.Event()  # nothing running and nothing buffered
-        self._claiming: asyncio.Task[list[Job]] | None = None
+        self._claims: set[asyncio.Task[None]] = set()  # claims in flight
+        self._asked = 0  # jobs asked for by claims whose answers are not in the buffer yet
+        # Answers go into the buffer in the order their claims were sent.
+        self._sent = 0
+        self._delivered = 0
+        self._answers: dict[int, tuple[int, list[Job]]] = {}
         self._done = asyncio.Event()
         self._acks = _AckBatcher(client)
 
@@ -136,8 +146,9 @@ class Worker:
     def request_stop(self) -> None:
         """Stop claiming (safe from signal handlers and callbacks); run() then drains."""
         self._stopping.set()
-        if self._claiming is not None:
-            self._claiming.cancel()  # the broker gives back a claim it had not answered
+        self._room.set()  # wake the claim loop, so that it returns
+        for claim in self._claims:
+            claim.cancel()  # the broker gives back a claim it had not answered
 
     async def stop(self) -> None:
         """Stop claiming, wait for claimed jobs to finish, return."""
@@ -148,40 +159,69 @@ class Worker:
         """How many jobs to claim now: all the room there is, once more than half
         a buffer's worth of it is free or a slot would otherwise idle, so that
         claims come in batches rather than one per finished job."""
-        held = len(self._running) + len(self._ready)
+        held = len(self._running) + len(self._ready) + self._asked
         room = self.concurrency + self.prefetch - held
-        starving = not self._ready and len(self._running) < self.concurrency
-        return room if starving or room * 2 >= self.prefetch + 1 else 0
+        starving = not self._ready and not self._asked and len(self._running) < self.concurrency
+        if not starving and room * 2 < self.prefetch:
+            return 0
+        if not self.prefetch:
+            return room
+        # With a buffer, half the capacity at most, so that a second claim can
+        # be on its way while the first one's jobs run.
+        return min(room, (self.concurrency + self.prefetch + 1) // 2)
 
     async def _claim_loop(self) -> None:
-        while not self._stopping.is_set():
-            count = self._wanted()
-            if count <= 0:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            self._claiming = asyncio.create_task(
-                self.client.claim_many(self.worker_id, count, lease=self.lease, wait=self.wait)
+        """Send claims, up to CLAIMS_IN_FLIGHT at once: with short jobs, the next
+        claim is on its way while the last one's jobs run, and the broker commits
+        the two in successive writes instead of one after the other's answer."""
+        try:
+            while not self._stopping.is_set():
+                count = self._wanted()
+                if count <= 0 or len(self._claims) >= CLAIMS_IN_FLIGHT:
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
+                self._asked += count
+                claim = asyncio.create_task(self._claim(self._sent, count))
+                self._sent += 1
+                self._claims.add(claim)
+                claim.add_done_callback(self._claims.discard)
+        finally:
+            for claim in self._claims:
+                claim.cancel()
+            await asyncio.gather(*self._claims, return_exceptions=True)
+
+    async def _claim(self, seq: int, count: int) -> None:
+        jobs: list[Job] = []
+        failed = False
+        try:
+            jobs = await self.client.claim_many(
+                self.worker_id, count, lease=self.lease, wait=self.wait
             )
-            try:
-                jobs = await self._claiming
-            except asyncio.CancelledError:
-                if self._stopping.is_set():
-                    return
-                raise
-            except SimpleQueueError as exc:
-                log.warning("claim failed: %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._stopping.wait()
-                continue
-            finally:
-                self._claiming = None
+        except SimpleQueueError as exc:
+            log.warning("claim failed: %s", exc)
+            failed = True
+        finally:  # answered, failed or cancelled: later claims must not wait for it
+            self._answers[seq] = (count, jobs)
+            self._deliver()
+        if failed:
+            with contextlib.suppress(TimeoutError):  # hold this claim's place a while
+                async with asyncio.timeout(1.0):
+                    await self._stopping.wait()
+            self._room.set()
+
+    def _deliver(self) -> None:
+        """Buffer the jobs of every answered claim sent before any unanswered one."""
+        while self._delivered in self._answers:
+            count, jobs = self._answers.pop(self._delivered)
+            self._delivered += 1
+            self._asked -= count
             for job in jobs:
                 held = _Claimed(job)
                 held.beats = asyncio.create_task(self._heartbeats(held))
                 self._ready.append(held)
-            self._start_ready()
+        self._start_ready()
+        self._room.set()
 
     def _start_ready(self) -> None:
         while self._ready and len(self._running) < self.concurrency:
