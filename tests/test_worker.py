@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from simplequeue.client import Backoff, Client, Job, Worker
+from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
 
 StartBroker = Callable[..., Awaitable[Any]]
@@ -351,3 +352,30 @@ async def test_claims_in_flight_hand_their_jobs_over_in_the_order_they_were_sent
         worker = Worker(q, record, concurrency=1, prefetch=1, wait=0.2, handle_signals=False)
         await run_until(worker, broker, lambda: _completed(q, 6))
     assert order == list(range(6))  # oldest first, though the first answer came last
+
+
+class FailingFirstClient(Client):
+    """Its first `failures` claims fail as if the broker were away."""
+
+    failures = 0
+
+    async def claim_many(
+        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+    ) -> list[Job]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise BrokerUnavailable("injected: no broker")
+        return await super().claim_many(worker_id, count, lease, wait)
+
+
+async def test_the_worker_claims_again_after_both_claims_in_flight_failed(broker: Any) -> None:
+    async with FailingFirstClient(broker.url, topic="w") as q:
+        q.failures = 2  # both claims in flight at the start
+        await q.enqueue_many(list(range(10)))
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, concurrency=2, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 10))
+    assert (q.failures, worker.processed) == (0, 10)

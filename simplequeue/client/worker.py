@@ -185,7 +185,7 @@ class Worker:
                 claim = asyncio.create_task(self._claim(self._sent, count))
                 self._sent += 1
                 self._claims.add(claim)
-                claim.add_done_callback(self._claims.discard)
+                claim.add_done_callback(self._claim_done)
         finally:
             for claim in self._claims:
                 claim.cancel()
@@ -208,7 +208,10 @@ class Worker:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
                 async with asyncio.timeout(1.0):
                     await self._stopping.wait()
-            self._room.set()
+
+    def _claim_done(self, claim: asyncio.Task[None]) -> None:
+        self._claims.discard(claim)
+        self._room.set()  # its place is free: the loop may send another
 
     def _deliver(self) -> None:
         """Buffer the jobs of every answered claim sent before any unanswered one."""
