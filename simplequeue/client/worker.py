@@ -156,9 +156,10 @@ class Worker:
         await self._done.wait()
 
     def _wanted(self) -> int:
-        """How many jobs to claim now: all the room there is, once more than half
-        a buffer's worth of it is free or a slot would otherwise idle, so that
-        claims come in batches rather than one per finished job."""
+        """How many jobs to claim now: nothing until half a buffer's worth of
+        room is free (or a slot would idle), so that claims come in batches
+        rather than one per finished job; then all the room, or with a buffer
+        half the capacity at most."""
         held = len(self._running) + len(self._ready) + self._asked
         room = self.concurrency + self.prefetch - held
         starving = not self._ready and not self._asked and len(self._running) < self.concurrency
