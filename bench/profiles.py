@@ -20,7 +20,7 @@ AREAS = (
     ("asyncio/", "asyncio"),
     ("simplequeue/broker/http.py", "simplequeue HTTP handlers and middlewares"),
     ("simplequeue/broker/metrics.py", "simplequeue metrics"),
-    ("simplequeue/broker/topic.py", "simplequeue topic state machine"),
+    ("simplequeue/state/", "simplequeue topic state machine"),
     ("simplequeue/groupcommit.py", "simplequeue group committer"),
     ("simplequeue/", "simplequeue, other"),
 )

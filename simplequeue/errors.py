@@ -1,29 +1,48 @@
-"""Every exception simplequeue raises on purpose, in one small tree.
+"""Every exception simplequeue raises on purpose, in one small tree, each class
+with the HTTP status and the RESP error code it is answered with.
 
-    SimpleQueueError
-    ├── StoreError              the object store failed in a way callers can act on
-    │   ├── PreconditionFailed  a conditional write lost its race (stale ETag, key exists)
+    SimpleQueueError                                              HTTP  RESP
+    ├── StoreError          the object store failed               503   TRYAGAIN
+    │   ├── PreconditionFailed  a conditional write lost its race
     │   ├── ObjectNotFound      the key does not exist
     │   └── StoreUnavailable    the store did not answer; bounded retries are spent
-    ├── InvalidRequest          bad input; nothing was changed                 -> 400
-    ├── JobNotFound             no such job in the topic                       -> 404
-    ├── LeaseLost               stale lease token, or the job is not claimed   -> 409
-    ├── Contended               a commit kept losing races until its budget ran out -> 503
-    ├── Unauthorized            missing or wrong bearer token                  -> 401
-    └── BrokerUnavailable       (client side) no broker answered after retries and re-discovery
+    ├── InvalidRequest      bad input; nothing was changed        400   ERR
+    │   └── PayloadTooLarge     a request over --max-body         413   ERR
+    ├── JobNotFound         no such job in the topic              404   ERR
+    ├── NothingToClaim      no job is claimable (after the wait)  404   (nil)
+    ├── LeaseLost           stale token, or the job is not claimed 409  ERR
+    ├── Contended           kept losing races for the whole budget 503  TRYAGAIN
+    ├── Unauthorized        missing or wrong bearer token         401   NOAUTH
+    └── client side only:
+        ├── BrokerUnavailable   no broker answered, after retries and re-discovery
+        └── BrokerError         an answer the SDK did not expect (carries its status)
 
-The HTTP and RESP layers map each class to one status or RESP error in one table.
+The HTTP layer, the RESP layer and the SDK derive their mappings from the class
+attributes here (`http_status`, `resp_code`, `for_status`): there is no other table.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class SimpleQueueError(Exception):
     """Base class of every error simplequeue raises on purpose."""
 
+    #: The HTTP status this error is answered with.
+    http_status: ClassVar[int] = 500
+    #: The RESP error code (the first word of a `-CODE message` reply).
+    resp_code: ClassVar[str] = "ERR"
+
+    def __str__(self) -> str:
+        return super().__str__() or type(self).__name__
+
 
 class StoreError(SimpleQueueError):
     """The object store could not do what was asked."""
+
+    http_status = 503
+    resp_code = "TRYAGAIN"
 
 
 class PreconditionFailed(StoreError):
@@ -41,22 +60,77 @@ class StoreUnavailable(StoreError):
 class InvalidRequest(SimpleQueueError):
     """The request is malformed or out of range; nothing was changed."""
 
+    http_status = 400
+
+
+class PayloadTooLarge(InvalidRequest):
+    """The request is larger than the broker accepts (--max-body)."""
+
+    http_status = 413
+
 
 class JobNotFound(SimpleQueueError):
     """The topic has no job (live or retained) with that id."""
+
+    http_status = 404
+
+
+class NothingToClaim(SimpleQueueError):
+    """No job was claimable, after waiting as long as the claim asked."""
+
+    http_status = 404
 
 
 class LeaseLost(SimpleQueueError):
     """The caller does not hold the claim: stale lease token, or the job is not claimed."""
 
+    http_status = 409
+
 
 class Contended(SimpleQueueError):
     """A commit kept losing compare-and-set races until its time budget was spent."""
+
+    http_status = 503
+    resp_code = "TRYAGAIN"
 
 
 class Unauthorized(SimpleQueueError):
     """The broker wants a bearer token and did not get the right one."""
 
+    http_status = 401
+    resp_code = "NOAUTH"
+
 
 class BrokerUnavailable(SimpleQueueError):
     """No broker answered (client side), after retries and re-discovery."""
+
+    http_status = 503
+    resp_code = "TRYAGAIN"
+
+
+class BrokerError(SimpleQueueError):
+    """The broker (or something between it and the client) answered what the SDK
+    did not expect: an unknown status, or a body that is not the API's."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: The classes a broker's error answers are turned back into, by their status
+#: (404 is JobNotFound: a claim's "nothing to claim" is told apart by the SDK).
+_ANSWERED = (
+    InvalidRequest,
+    PayloadTooLarge,
+    Unauthorized,
+    JobNotFound,
+    LeaseLost,
+    StoreUnavailable,
+)
+_BY_STATUS = {cls.http_status: cls for cls in _ANSWERED}
+
+
+def for_status(status: int) -> type[SimpleQueueError] | None:
+    """The error class behind a broker's answer of `status`, or None for a status
+    that no error of the API has (the SDK raises BrokerError for those)."""
+    return _BY_STATUS.get(status)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -29,14 +30,7 @@ from tenacity import (
 )
 
 from simplequeue import keys
-from simplequeue.broker.topic import (
-    Limits,
-    SegmentMissing,
-    Segments,
-    TopicState,
-    decode_segment,
-    new_head,
-)
+from simplequeue.batching import Batcher, Linger, Pending
 from simplequeue.errors import (
     Contended,
     JobNotFound,
@@ -47,6 +41,15 @@ from simplequeue.errors import (
     StoreUnavailable,
 )
 from simplequeue.objstore import ObjectStore
+from simplequeue.state import (
+    Bounds,
+    Policy,
+    SegmentMissing,
+    Segments,
+    TopicState,
+    decode_segment,
+    new_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ _STATE_DEPENDENT = (JobNotFound, LeaseLost)
 class CommitSettings:
     """How a broker's committer behaves."""
 
-    limits: Limits = field(default_factory=Limits)
+    bounds: Bounds = field(default_factory=Bounds)
+    policy: Policy = field(default_factory=Policy)
     budget: float = 10.0  # seconds to keep retrying lost races before Contended
     # How old (seconds) a cached state may be when it answers a read (status, a
     # lookup). 0: a read sees every write that landed before it was asked,
@@ -74,7 +78,7 @@ class CommitSettings:
     reap_every: float = 1.0  # seconds a cached state may answer the reaper
     reap_idle: float = 5.0  # seconds between re-reads of a topic with no known lease due
     # After a batch lands, wait up to linger x its write time (at most
-    # linger_max seconds) for as many mutations as it held: see _linger().
+    # linger_max seconds) for as many mutations as it held: see batching.Linger.
     linger: float = 0.5
     linger_max: float = 0.005
     backoff_min: float = 0.002
@@ -100,12 +104,15 @@ class _LostRace(Exception):
     """The head moved under this attempt; re-read and re-apply."""
 
 
-@dataclass
-class _Entry(Generic[T]):
+@dataclass(frozen=True)
+class _Op(Generic[T]):
+    """A mutation, and what undoes it if its caller goes away after it applied."""
+
     mutation: Mutation[T]
-    future: asyncio.Future[T]
     undo: Callable[[T], Mutation[Any] | None] | None = None
-    submitted: float = field(default_factory=time.monotonic)
+
+
+_Entry = Pending[_Op[Any], Any]
 
 
 @dataclass
@@ -114,18 +121,18 @@ class _Outcome:
 
     write_id: str
     results: list[tuple[bool, Any]]  # (ok, result or exception) per live entry
-    entries: list[_Entry[Any]]
+    entries: list[_Entry]
     new_segments: list[str]
 
 
 class _Topic:
     """A topic's cached state and its queue of mutations waiting to commit."""
 
+    batcher: Batcher[_Op[Any], Any]
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.head_key = keys.head(name)
-        self.queue: list[_Entry[Any]] = []
-        self.flusher: asyncio.Task[None] | None = None
         self.segments = Segments()
         self.state: TopicState | None = None
         self.etag: str | None = None  # None with a state: the head does not exist yet
@@ -135,7 +142,6 @@ class _Topic:
         self.committed: bytes | None = None  # the head as it landed, for readers
         self.reader: TopicState | None = None
         self.changed = asyncio.Event()
-        self.arrived = asyncio.Event()  # a mutation was queued (see _linger)
         self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
         self.orphans: set[str] = set()  # unreferenced segments seen by the last sweep
         self.next_reap = 0.0  # monotonic time before which reap() need not look
@@ -179,13 +185,8 @@ class GroupCommitter:
         applied, `undo(result)` (when given) is committed in a later batch."""
         if self._closing:
             raise StoreUnavailable("broker is shutting down")
-        t = self._topic(topic)
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        t.queue.append(_Entry(mutation, future, undo))
-        t.arrived.set()
-        if t.flusher is None or t.flusher.done():
-            t.flusher = asyncio.create_task(self._flush(t), name=f"commit:{topic}")
-        return await future
+        result: T = await self._topic(topic).batcher.submit(_Op(mutation, undo))
+        return result
 
     async def read(
         self, topic: str, query: Callable[[TopicState, float], T], max_age: float | None = None
@@ -201,7 +202,7 @@ class GroupCommitter:
                     await self._load(t)
         if t.reader is None:
             head = orjson.loads(t.committed) if t.committed else new_head(topic)
-            t.reader = TopicState(head, t.segments, self.settings.limits)
+            t.reader = self._state(head, t.segments)
         return query(t.reader, self.clock())
 
     async def wait_changed(self, topic: str, seconds: float) -> None:
@@ -240,11 +241,17 @@ class GroupCommitter:
             return {"pending": 0, "dead": 0}
         return await self.submit(topic, lambda s, now: s.reap(now))
 
+    async def check_store(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        with contextlib.suppress(ObjectNotFound):
+            await self.store.get(keys.BROKER)
+
     async def close(self) -> None:
         """Stop taking mutations and wait for batches in flight to land."""
         self._closing = True
-        flushers = [t.flusher for t in self._topics.values() if t.flusher]
-        await asyncio.gather(*flushers, return_exceptions=True)
+        await asyncio.gather(
+            *(t.batcher.close() for t in self._topics.values()), return_exceptions=True
+        )
         await asyncio.gather(*self._background, return_exceptions=True)
 
     async def sweep(self, topic: str) -> list[str]:
@@ -272,8 +279,7 @@ class GroupCommitter:
             if t.committed is None:
                 continue
             if t.reader is None:
-                head = orjson.loads(t.committed)
-                t.reader = TopicState(head, t.segments, self.settings.limits)
+                t.reader = self._state(orjson.loads(t.committed), t.segments)
             with contextlib.suppress(SegmentMissing):
                 out[name] = t.reader.counts(now)
         return out
@@ -288,47 +294,34 @@ class GroupCommitter:
         t = self._topics.get(name)
         if t is None:
             t = self._topics[name] = _Topic(name)
+            t.batcher = Batcher(
+                functools.partial(self._commit, t),
+                max_batch=1_000_000,  # a batch is whatever queued during the last write
+                linger=Linger(self.settings.linger, self.settings.linger_max),
+                name=f"commit:{name}",
+            )
         return t
 
-    async def _flush(self, t: _Topic) -> None:
-        loop = asyncio.get_running_loop()
-        while t.queue:
-            batch, t.queue = t.queue, []
-            started = loop.time()
-            try:
-                async with t.lock:
-                    await self._commit(t, batch)
-                await self._linger(t, len(batch), loop.time() - started)
-            except BaseException as exc:  # answer everyone, whatever happened
-                if not isinstance(exc, SimpleQueueError):
-                    log.exception("commit of %d mutations to %s failed", len(batch), t.name)
-                    exc = StoreUnavailable(f"commit failed: {exc!r}")
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
-                t.state = None
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+    def _state(self, head: dict[str, Any], segments: Segments) -> TopicState:
+        return TopicState(head, segments, self.settings.bounds, self.settings.policy)
 
-    async def _linger(self, t: _Topic, last: int, took: float) -> None:
-        """Callers answered by the last batch come straight back with their next
-        request. Without a pause they would split into two halves, each riding
-        every other write; waiting a fraction of a write's time for them to
-        join the mutations queued meanwhile keeps batches whole."""
-        if last < 2 or self._closing:
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(self.settings.linger_max, self.settings.linger * took)
-        # The queue already holds what arrived during the write; the callers
-        # just answered come on top of it.
-        want = len(t.queue) + last
-        while len(t.queue) < want and (left := deadline - loop.time()) > 0:
-            t.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await t.arrived.wait()
+    async def _commit(self, t: _Topic, batch: list[_Entry]) -> list[Any]:
+        """Commit a batch; every entry's outcome (a result or its exception)."""
+        try:
+            async with t.lock:
+                return await self._commit_batch(t, batch)
+        except asyncio.CancelledError:
+            t.state = None
+            raise
+        except SimpleQueueError:
+            t.state = None
+            raise
+        except Exception as exc:
+            t.state = None
+            log.exception("commit of %d mutations to %s failed", len(batch), t.name)
+            raise StoreUnavailable(f"commit failed: {exc!r}") from exc
 
-    async def _commit(self, t: _Topic, batch: list[_Entry[Any]]) -> None:
+    async def _commit_batch(self, t: _Topic, batch: list[_Entry]) -> list[Any]:
         self.stats.batches += 1
         self.stats.mutations += len(batch)
         if self.on_batch is not None:
@@ -342,21 +335,27 @@ class GroupCommitter:
             ),
             reraise=False,
         )
+        answered: tuple[list[_Entry], list[tuple[bool, Any]]] = ([], [])
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._attempt(t, batch, outcomes)
+                    answered = await self._attempt(t, batch, outcomes)
         except RetryError:
             # Segments of failed attempts are left for the orphan sweep: a PUT
             # that timed out here might still land at S3, and must find them.
             raise Contended(
                 f"topic {t.name!r}: lost {len(outcomes)} races in {self.settings.budget:.0f} s"
             ) from None
+        return self._outcomes(t, batch, *answered)
 
-    async def _attempt(self, t: _Topic, batch: list[_Entry[Any]], outcomes: list[_Outcome]) -> None:
-        entries = [e for e in batch if not e.future.done()]  # skip callers gone before apply
+    async def _attempt(
+        self, t: _Topic, batch: list[_Entry], outcomes: list[_Outcome]
+    ) -> tuple[list[_Entry], list[tuple[bool, Any]]]:
+        """One try at writing the batch: the entries it applied and their
+        (ok, result or error), once they are final. Raises _LostRace."""
+        entries = [e for e in batch if not e.abandoned]  # skip callers gone before apply
         if not entries:
-            return
+            return [], []
         while True:
             if t.state is None:
                 await self._load(t)
@@ -371,8 +370,7 @@ class GroupCommitter:
             # another broker wrote meanwhile: read again (once) and re-apply.
             t.state = None
         if not changed:
-            self._answer(t, entries, results)
-            return
+            return entries, results
 
         write_id = uuid.uuid4().hex
         sealed = state.seal(self.writer, write_id, now)
@@ -403,22 +401,21 @@ class GroupCommitter:
             if landed is None:
                 self.stats.conflicts += 1
                 raise _LostRace() from None
-            self._finish(t, landed, data=None)
-            return
+            return self._landed(t, landed, data=None)
         self.stats.writes += 1
         self.stats.bytes_written += len(data) + sum(map(len, sealed.new_segments.values()))
         t.etag, t.checked_at = etag, sent_at
         t.next_reap = 0.0  # it may hold new claims: let the reaper look at its leases
         t.segments.keep_only(state.segment_keys())
-        self._finish(t, outcome, data=data)
         self._delete_later(sealed.unreferenced)
         for other in outcomes:
             if other is not outcome:
                 self._delete_later(other.new_segments)
+        return self._landed(t, outcome, data=data)
 
     @staticmethod
     def _apply(
-        state: TopicState, entries: list[_Entry[Any]], now: float
+        state: TopicState, entries: list[_Entry], now: float
     ) -> tuple[list[tuple[bool, Any]], bool, float]:
         """Apply each entry; return (ok, result or error) per entry, whether the
         state changed, and the latest submit time of an answer that must be
@@ -429,7 +426,7 @@ class GroupCommitter:
         for entry in entries:
             state.dirty = False
             try:
-                results.append((True, entry.mutation(state, now)))
+                results.append((True, entry.item.mutation(state, now)))
                 depends_on_state = not state.dirty  # a no-op: nothing to claim, duplicate
             except SimpleQueueError as exc:
                 results.append((False, exc))
@@ -440,26 +437,34 @@ class GroupCommitter:
         state.dirty = changed
         return results, changed, verify_since
 
-    def _finish(self, t: _Topic, outcome: _Outcome, data: bytes | None) -> None:
+    def _landed(
+        self, t: _Topic, outcome: _Outcome, data: bytes | None
+    ) -> tuple[list[_Entry], list[tuple[bool, Any]]]:
         if data is not None:
             t.committed, t.reader = data, None
-        self._answer(t, outcome.entries, outcome.results)
         t.changed.set()
         t.changed = asyncio.Event()
+        return outcome.entries, outcome.results
 
-    def _answer(
-        self, t: _Topic, entries: list[_Entry[Any]], results: list[tuple[bool, Any]]
-    ) -> None:
-        for entry, (ok, result) in zip(entries, results, strict=True):
-            if entry.future.done():  # the caller went away after the mutation applied
-                if ok and entry.undo is not None:
-                    undo = entry.undo(result)
-                    if undo is not None:
-                        self._spawn(self._undo(t.name, undo))
-            elif ok:
-                entry.future.set_result(result)
-            else:
-                entry.future.set_exception(result)
+    def _outcomes(
+        self,
+        t: _Topic,
+        batch: list[_Entry],
+        entries: list[_Entry],
+        results: list[tuple[bool, Any]],
+    ) -> list[Any]:
+        """Each entry's result or error, in batch order. A mutation whose caller
+        went away after it applied is undone in a later batch (its undo says how)."""
+        answered = {id(e): r for e, r in zip(entries, results, strict=True)}
+        out: list[Any] = []
+        for entry in batch:
+            ok, result = answered.get(id(entry), (False, None))
+            if entry.abandoned and ok and entry.item.undo is not None:
+                undo = entry.item.undo(result)
+                if undo is not None:
+                    self._spawn(self._undo(t.name, undo))
+            out.append(result)
+        return out
 
     async def _undo(self, topic: str, mutation: Mutation[Any]) -> None:
         try:
@@ -478,7 +483,7 @@ class GroupCommitter:
             head = orjson.loads(data)
         except ObjectNotFound:
             data, etag, head = None, None, new_head(t.name)
-        state = TopicState(head, t.segments, self.settings.limits)
+        state = self._state(head, t.segments)
         missing = [k for k in state.segment_keys() if k not in t.segments]
         bodies = await asyncio.gather(*(self.store.get(k) for k in missing))
         for key, (body, _) in zip(missing, bodies, strict=True):

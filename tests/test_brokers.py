@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from simplequeue.broker.discovery import read_record
 from simplequeue.objstore.localfs import LocalStore
+from simplequeue.records import read_record
 from tests.conftest import s3_broker_args
 
 

@@ -10,10 +10,10 @@ import orjson
 import pytest
 
 from simplequeue.broker.engine import Engine
-from simplequeue.broker.topic import Limits
 from simplequeue.errors import Contended, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Bounds
 from tests.helpers.faults import FaultyStore
 
 
@@ -234,7 +234,7 @@ async def test_not_found_on_a_stale_cache_rereads_before_answering() -> None:
 
 async def test_bounded_writes_with_a_deep_queue() -> None:
     store = FaultyStore(MemStore())
-    q = engine_on(store, limits=Limits())
+    q = engine_on(store)
     payload = {"order": "x" * 40}
     for _ in range(100):  # 100,000 jobs pending
         await q.enqueue("t", [{"payload": payload} for _ in range(1000)])
@@ -248,7 +248,7 @@ async def test_bounded_writes_with_a_deep_queue() -> None:
 
 async def test_sweep_deletes_orphan_segments_only_after_two_sweeps() -> None:
     store = MemStore()
-    q = engine_on(store, limits=Limits(inline_pending_bytes=500))
+    q = engine_on(store, bounds=Bounds(inline_pending_bytes=500))
     await q.enqueue("t", [{"payload": "x" * 100} for _ in range(20)])  # spills a segment
     referenced = await store.list("topics/t/")
     assert referenced
@@ -270,6 +270,6 @@ def test_brokers_on_s3_batch_longer_and_spill_less() -> None:
     assert (s3.linger, s3.linger_max) == (2.0, 0.025)  # writes are slow, and each is billed
     assert told.linger_max == 0.1
     # S3 bills requests, not bytes: larger heads, half as many segment PUTs.
-    assert local.limits == Limits()
-    assert s3.limits.inline_pending_bytes == 2 * Limits().inline_pending_bytes
-    assert s3.limits.inline_records_bytes == 2 * Limits().inline_records_bytes
+    assert local.bounds == Bounds()
+    assert s3.bounds.inline_pending_bytes == 2 * Bounds().inline_pending_bytes
+    assert s3.bounds.inline_records_bytes == 2 * Bounds().inline_records_bytes

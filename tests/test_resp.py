@@ -27,10 +27,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
 from simplequeue import __version__
-from simplequeue.broker.resp import COMMANDS, RespServer
+from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings
 from simplequeue.broker.server import Broker
-from simplequeue.broker.topic import Limits
 from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Policy
 
 StartBroker = Callable[..., Awaitable[Broker]]
 TOKEN = "s3cret-token"
@@ -488,7 +488,7 @@ async def test_xack_carries_the_lease_token_so_a_claim_that_moved_on_is_not_acke
     broker = await start_broker(
         MemStore(),
         redis_addr="127.0.0.1:0",
-        limits=Limits(default_lease=0.3),
+        policy=Policy(default_lease=0.3),
         reap_interval=0.05,
         topic_scan_interval=0.05,  # so that the reaper soon knows the new topic
     )
@@ -702,7 +702,7 @@ async def test_auth_without_a_token_configured_is_an_error_as_in_redis(raw: Raw)
 
 
 async def test_stop_closes_idle_and_blocked_connections(broker: Broker) -> None:
-    server = RespServer(broker)
+    server = RespServer(broker.engine, broker.metrics, RespSettings())
     await server.start("127.0.0.1:0")
     idle, waiting = await Raw.open(server.port), await Raw.open(server.port)
     assert await idle.call("PING") == b"PONG"

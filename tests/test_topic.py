@@ -7,14 +7,15 @@ from typing import Any
 import orjson
 import pytest
 
-from simplequeue.broker.topic import Limits, Segments, TopicState, decode_segment, new_head
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+from simplequeue.state import Segments, TopicState, decode_segment, new_head
+from tests.helpers.states import configured
 
 T0 = 1_000_000.0
 
 
 def fresh(**limits: Any) -> TopicState:
-    return TopicState(new_head("t"), Segments(), Limits(**limits))
+    return TopicState(new_head("t"), Segments(), *configured(**limits))
 
 
 def reload(state: TopicState, now: float = T0) -> TopicState:
@@ -26,7 +27,7 @@ def reload(state: TopicState, now: float = T0) -> TopicState:
     for key in state.segment_keys():
         if key not in segments:
             segments.add(key, state.segments.get(key))
-    return TopicState(orjson.loads(orjson.dumps(state.head)), segments, state.limits)
+    return TopicState(orjson.loads(orjson.dumps(state.head)), segments, state.bounds, state.policy)
 
 
 def ids(jobs: list[dict[str, Any]]) -> list[str]:

@@ -12,8 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from simplequeue.broker.topic import Limits, Segments, TopicState, decode_segment, new_head
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+from simplequeue.state import Segments, TopicState, decode_segment, new_head
+from tests.helpers.states import configured
 
 IDS = st.sampled_from([f"j{i}" for i in range(12)])
 
@@ -21,7 +22,7 @@ IDS = st.sampled_from([f"j{i}" for i in range(12)])
 class TopicMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.limits = Limits(
+        self.bounds, self.policy = configured(
             inline_pending_bytes=600,
             inline_records_bytes=400,
             inline_dead_bytes=400,
@@ -29,7 +30,7 @@ class TopicMachine(RuleBasedStateMachine):
             dead_limit=4,
             max_attempts=3,
         )
-        self.state = TopicState(new_head("t"), Segments(), self.limits)
+        self.state = TopicState(new_head("t"), Segments(), self.bounds, self.policy)
         self.now = 1000.0
         self.sealed_at = self.now
         self.writes = 0
@@ -129,7 +130,9 @@ class TopicMachine(RuleBasedStateMachine):
             if key not in segments:
                 segments.add(key, self.state.segments.get(key))
         assert not set(sealed.unreferenced) & set(self.state.segment_keys())
-        self.state = TopicState(orjson.loads(orjson.dumps(self.state.head)), segments, self.limits)
+        self.state = TopicState(
+            orjson.loads(orjson.dumps(self.state.head)), segments, self.bounds, self.policy
+        )
 
     @rule()
     def write_and_keep_going(self) -> None:
@@ -164,7 +167,7 @@ class TopicMachine(RuleBasedStateMachine):
         assert c["enqueued"] == self.enqueued
         assert c["completed"] == self.completed
         assert 0 <= c["delayed"] <= c["pending"]
-        assert c["dead"] <= self.limits.dead_limit
+        assert c["dead"] <= self.policy.dead_limit
         dropped = self.state.head["counters"]["dead_dropped"]
         purged_or_requeued_or_dead = c["enqueued"] - c["pending"] - c["claimed"] - c["completed"]
         assert c["dead"] <= purged_or_requeued_or_dead + dropped
@@ -172,7 +175,7 @@ class TopicMachine(RuleBasedStateMachine):
     @invariant()
     def retained_records_are_within_retention(self) -> None:
         # Records expire when a batch is sealed; none older than retention survives it.
-        horizon = self.sealed_at - self.limits.retention
+        horizon = self.sealed_at - self.policy.retention
         for record in self.state.head["retained"]["inline"]:
             assert record["finished_at"] >= horizon
         for seg in self.state.head["retained"]["segs"]:

@@ -8,42 +8,15 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
+from typing import Any
 
 import click
 
 from simplequeue.broker.settings import BrokerSettings, parse_addr
-from simplequeue.broker.topic import Limits
 from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
-
-
-def open_store(
-    backend: str,
-    directory: str,
-    bucket: str | None,
-    prefix: str,
-    endpoint_url: str | None,
-    region: str | None,
-) -> tuple[ObjectStore, str]:
-    """The store the flags name, and a URL that describes it."""
-    if backend == "memfs":
-        from simplequeue.objstore.memfs import MemStore
-
-        store: ObjectStore = MemStore()
-    elif backend == "localfs":
-        from simplequeue.objstore.localfs import LocalStore
-
-        store = LocalStore(Path(directory).absolute())
-    else:
-        from simplequeue.objstore.s3 import S3Settings, S3Store
-
-        if not bucket:
-            raise click.UsageError("--backend s3 needs --bucket")
-        store = S3Store(
-            S3Settings(bucket=bucket, prefix=prefix, endpoint_url=endpoint_url, region=region)
-        )
-    return store, store.url
+from simplequeue.state import Policy
+from simplequeue.storeflags import StoreFlags, store_options
 
 
 def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -75,12 +48,7 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     default=None,
     help="URL clients use to reach this broker [default: from --addr].",
 )
-@click.option("--backend", type=click.Choice(["localfs", "memfs", "s3"]), default="localfs")
-@click.option("--dir", "directory", default="./simplequeue-data", help="localfs directory.")
-@click.option("--bucket", default=None, help="s3 bucket.")
-@click.option("--prefix", default="", help="s3 key prefix.")
-@click.option("--endpoint-url", default=None, help="s3 endpoint (LocalStack, MinIO).")
-@click.option("--region", default=None, help="s3 region.")
+@store_options()
 @click.option("--create-bucket", is_flag=True, help="Create the s3 bucket if it is missing.")
 @click.option(
     "--token",
@@ -136,12 +104,6 @@ def main(
     redis_addr: str | None,
     broker_id: str | None,
     advertise_url: str | None,
-    backend: str,
-    directory: str,
-    bucket: str | None,
-    prefix: str,
-    endpoint_url: str | None,
-    region: str | None,
     create_bucket: bool,
     token: str | None,
     lease: float,
@@ -152,13 +114,15 @@ def main(
     broker_lease: float,
     batch_wait: float | None,
     log_level: str,
+    **store_flags: Any,
 ) -> None:
     """Run a simplequeue broker until SIGTERM or Ctrl-C."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    store, url = open_store(backend, directory, bucket, prefix, endpoint_url, region)
-    limits = Limits(
+    store = StoreFlags.take(store_flags).open()
+    url = store.url
+    policy = Policy(
         default_lease=lease, max_attempts=max_attempts, retention=retention, dead_limit=dead_limit
     )
     settings = BrokerSettings(
@@ -167,7 +131,7 @@ def main(
         redis_addr=redis_addr,
         advertise_url=advertise_url,
         token=token or None,
-        limits=limits,
+        policy=policy,
         max_body=max_body,
         broker_lease=broker_lease,
         batch_wait=None if batch_wait is None else batch_wait / 1000,

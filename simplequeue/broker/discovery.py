@@ -13,52 +13,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-
-import orjson
 
 from simplequeue import keys
 from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
 from simplequeue.objstore import ObjectStore
+from simplequeue.records import BrokerRecord, read_record
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BrokerRecord:
-    """The content of broker.json."""
-
-    broker_id: str
-    url: str
-    epoch: int
-    heartbeat_at: float
-    lease_s: float
-
-    def age(self, now: float) -> float:
-        return now - self.heartbeat_at
-
-    def encode(self) -> bytes:
-        return orjson.dumps(asdict(self))
-
-    @classmethod
-    def decode(cls, data: bytes) -> BrokerRecord:
-        raw = orjson.loads(data)
-        return cls(
-            broker_id=str(raw["broker_id"]),
-            url=str(raw["url"]),
-            epoch=int(raw["epoch"]),
-            heartbeat_at=float(raw["heartbeat_at"]),
-            lease_s=float(raw["lease_s"]),
-        )
-
-
-async def read_record(store: ObjectStore) -> tuple[BrokerRecord, str] | None:
-    """The current broker.json and its ETag, or None when no broker ever ran."""
-    try:
-        data, etag = await store.get(keys.BROKER)
-    except ObjectNotFound:
-        return None
-    return BrokerRecord.decode(data), etag
 
 
 class Announcer:

@@ -8,14 +8,17 @@ query of the last committed state). It never touches storage itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from simplequeue import keys
-from simplequeue.broker.topic import Job, TopicState
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
 from simplequeue.groupcommit import GroupCommitter
+from simplequeue.state import Job, TopicState
+
+log = logging.getLogger(__name__)
 
 MAX_WAIT = 60.0  # seconds a claim may long-poll
 # A long poll re-reads the store this often, to see jobs that other brokers
@@ -146,7 +149,7 @@ class Engine:
         keys.check_topic(topic)
         if not isinstance(acks, list) or not acks or not all(isinstance(a, dict) for a in acks):
             raise InvalidRequest("acks must be a non-empty list of objects")
-        limit = self.committer.settings.limits.max_batch
+        limit = self.committer.settings.policy.max_batch
         if len(acks) > limit:
             raise InvalidRequest(f"at most {limit} acks per request")
 
@@ -214,10 +217,68 @@ class Engine:
         counts = await asyncio.gather(*(self.status(t) for t in names))
         return dict(zip(names, counts, strict=True))
 
-    async def reap_all(self) -> dict[str, int]:
-        """Reap expired leases in every topic of the store."""
+    # --- what operators see (status page, metrics): reads only ---------------------
+
+    async def topic_names(self) -> list[str]:
+        """Every topic in the store (one listing)."""
+        return await self.committer.topics()
+
+    def known_topics(self) -> list[str]:
+        """The topics this broker has read or written since it started."""
+        return self.committer.known_topics()
+
+    def cached_counts(self) -> dict[str, dict[str, int]]:
+        """Counts of the topics this broker has loaded, from its cache: no I/O."""
+        return self.committer.cached_counts()
+
+    async def inspect(self, topic: str, *, listed: int, scan: int) -> dict[str, Any]:
+        """What an operator sees of a topic, in bounded work whatever its size:
+        counts, the enqueue time of the oldest due job (looking at `scan` jobs
+        per run), the `listed` claims that run out first and the `listed`
+        newest dead jobs, with how many more of each there are."""
+        keys.check_topic(topic)
+
+        def view(s: TopicState, now: float) -> dict[str, Any]:
+            claimed, dead = s.claimed_soonest(listed), s.dead_newest(listed)
+            return {
+                "now": now,
+                "counts": s.counts(now),
+                "oldest_due_created": s.oldest_due_created(now, scan),
+                "claimed": claimed,
+                "claimed_more": max(0, s.claimed_count() - len(claimed)),
+                "dead": dead,
+                "dead_more": max(0, s.dead_count() - len(dead)),
+            }
+
+        return await self.committer.read(topic, view)
+
+    async def check_store(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        await self.committer.check_store()
+
+    # --- upkeep: the reaper's and the sweeper's door --------------------------------
+
+    async def reap_all(self, topics: list[str]) -> dict[str, int]:
+        """Reap expired leases in each of `topics`. One topic that fails (a
+        corrupt head, a store error) is logged and skipped; the rest are reaped."""
         total = {"pending": 0, "dead": 0}
-        for topic in await self.committer.topics():
-            for k, v in (await self.committer.reap(topic)).items():
+        for topic in topics:
+            try:
+                reaped = await self.committer.reap(topic)
+            except Exception:
+                log.exception("reaper: topic %s failed", topic)
+                continue
+            for k, v in reaped.items():
                 total[k] += v
         return total
+
+    async def sweep_all(self, topics: list[str]) -> list[str]:
+        """Delete orphan segments of `topics`; what was deleted. Failures are
+        logged per topic, as for reap_all."""
+        deleted: list[str] = []
+        for topic in topics:
+            try:
+                deleted += await self.committer.sweep(topic)
+            except Exception:
+                log.exception("sweeper: topic %s failed", topic)
+        return deleted

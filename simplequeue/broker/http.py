@@ -1,7 +1,7 @@
 """The HTTP API of SPEC section 5: parse, call the engine, answer.
 
 Handlers never touch storage. Every error is answered as {"error": "..."} with
-the status ERRORS gives its class; anything unexpected is logged with its
+its class's `http_status` (simplequeue.errors); anything unexpected is logged with its
 context and answered 500 with a one-line message, never a traceback.
 """
 
@@ -11,48 +11,35 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from simplequeue import keys
 from simplequeue.broker import page
-from simplequeue.broker.metrics import CONTENT_TYPE
-from simplequeue.errors import (
-    Contended,
-    InvalidRequest,
-    JobNotFound,
-    LeaseLost,
-    SimpleQueueError,
-    StoreError,
-    StoreUnavailable,
-)
-
-if TYPE_CHECKING:
-    from simplequeue.broker.server import Broker
+from simplequeue.broker.engine import Engine
+from simplequeue.broker.metrics import CONTENT_TYPE, Metrics
+from simplequeue.errors import InvalidRequest, SimpleQueueError
 
 log = logging.getLogger(__name__)
 
-#: One status per error class; the first match along the class's MRO wins.
-ERRORS: dict[type[Exception], int] = {
-    InvalidRequest: 400,
-    JobNotFound: 404,
-    LeaseLost: 409,
-    Contended: 503,
-    StoreUnavailable: 503,
-    StoreError: 503,
-}
 
-BROKER: web.AppKey[Broker] = web.AppKey("broker")
+@dataclass(frozen=True)
+class HttpServices:
+    """What the HTTP face of a broker uses, and nothing more."""
+
+    engine: Engine
+    metrics: Metrics
+    token: str | None  # with one, every route but /healthz and the page's shell needs it
+    max_body: int  # bytes
+    about: Callable[[], dict[str, Any]]  # this broker, for /healthz
+    presence: Callable[[], dict[str, Any]]  # this broker and broker.json, for the page
+
+
+SERVICES: web.AppKey[HttpServices] = web.AppKey("services")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def status_of(exc: SimpleQueueError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in ERRORS:
-            return ERRORS[cls]
-    return 500
 
 
 def reply(data: Any, status: int = 200) -> web.Response:
@@ -73,18 +60,20 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     """Auth, errors as {"error"}, and metrics, in one pass: every request runs
     through it, so it is kept to one frame and cached metric children."""
     started = time.perf_counter()
-    broker = request.app[BROKER]
-    response = await _answer(request, handler, broker)
+    services = request.app[SERVICES]
+    response = await _answer(request, handler, services)
     info = request.match_info
     route = info.route.resource.canonical if info.route.resource else "unmatched"
-    counter, timer = broker.metrics.http_children(route, request.method, response.status)
+    counter, timer = services.metrics.http_children(route, request.method, response.status)
     counter.inc()
     timer.observe(time.perf_counter() - started)
     return response
 
 
-async def _answer(request: web.Request, handler: Handler, broker: Broker) -> web.StreamResponse:
-    token = broker.settings.token
+async def _answer(
+    request: web.Request, handler: Handler, services: HttpServices
+) -> web.StreamResponse:
+    token = services.token
     if token and request.path != "/healthz" and not page.is_public(request.path):
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -92,10 +81,10 @@ async def _answer(request: web.Request, handler: Handler, broker: Broker) -> web
     try:
         return await handler(request)
     except SimpleQueueError as exc:
-        return error(str(exc) or type(exc).__name__, status_of(exc))
+        return error(str(exc), exc.http_status)
     except web.HTTPException as exc:
         if exc.status == 413:
-            return error(f"request body is larger than {broker.settings.max_body} bytes", 413)
+            return error(f"request body is larger than {services.max_body} bytes", 413)
         if exc.status < 400:
             raise
         return error(
@@ -134,8 +123,8 @@ def topic_of(request: web.Request) -> str:
     return keys.check_topic(request.match_info["topic"])
 
 
-def broker_of(request: web.Request) -> Broker:
-    return request.app[BROKER]
+def engine_of(request: web.Request) -> Engine:
+    return request.app[SERVICES].engine
 
 
 JOB_FIELDS = {"id", "payload", "priority", "delay", "max_attempts"}
@@ -147,7 +136,7 @@ JOB_FIELDS = {"id", "payload", "priority", "delay", "max_attempts"}
 async def enqueue(request: web.Request) -> web.Response:
     topic = topic_of(request)
     body = await body_of(request, JOB_FIELDS | {"jobs"})
-    engine = broker_of(request).engine
+    engine = engine_of(request)
     if "jobs" in body:
         if set(body) != {"jobs"}:
             raise InvalidRequest('a batch is {"jobs": [...]} and nothing else')
@@ -169,7 +158,7 @@ async def claim(request: web.Request) -> web.Response:
     body = await body_of(request, {"worker_id", "lease", "wait", "count"})
     if "worker_id" not in body:
         raise InvalidRequest("worker_id is required")
-    jobs = await broker_of(request).engine.claim(
+    jobs = await engine_of(request).claim(
         topic,
         body["worker_id"],
         lease=body.get("lease"),
@@ -184,7 +173,7 @@ async def claim(request: web.Request) -> web.Response:
 async def ack(request: web.Request) -> web.Response:
     topic = topic_of(request)
     body = await body_of(request, {"job_id", "lease_token", "result", "acks"})
-    engine = broker_of(request).engine
+    engine = engine_of(request)
     if "acks" in body:
         if set(body) != {"acks"}:
             raise InvalidRequest('a batch is {"acks": [...]} and nothing else')
@@ -198,7 +187,7 @@ async def nack(request: web.Request) -> web.Response:
     topic = topic_of(request)
     body = await body_of(request, {"job_id", "lease_token", "delay", "error"})
     return reply(
-        await broker_of(request).engine.nack(
+        await engine_of(request).nack(
             topic, body.get("job_id"), body.get("lease_token"), body.get("delay"), body.get("error")
         )
     )
@@ -208,53 +197,51 @@ async def heartbeat(request: web.Request) -> web.Response:
     topic = topic_of(request)
     body = await body_of(request, {"job_id", "lease_token", "lease"})
     return reply(
-        await broker_of(request).engine.heartbeat(
+        await engine_of(request).heartbeat(
             topic, body.get("job_id"), body.get("lease_token"), body.get("lease")
         )
     )
 
 
 async def status(request: web.Request) -> web.Response:
-    return reply(await broker_of(request).engine.status(topic_of(request)))
+    return reply(await engine_of(request).status(topic_of(request)))
 
 
 async def job(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    return reply(await broker_of(request).engine.job(topic, request.match_info["job_id"]))
+    return reply(await engine_of(request).job(topic, request.match_info["job_id"]))
 
 
 async def dead(request: web.Request) -> web.Response:
-    return reply({"jobs": await broker_of(request).engine.dead(topic_of(request))})
+    return reply({"jobs": await engine_of(request).dead(topic_of(request))})
 
 
 async def requeue(request: web.Request) -> web.Response:
     topic = topic_of(request)
     body = await body_of(request, {"job_ids"}, required=False)
-    ids = await broker_of(request).engine.requeue(topic, body.get("job_ids"))
+    ids = await engine_of(request).requeue(topic, body.get("job_ids"))
     return reply({"requeued": ids})
 
 
 async def purge(request: web.Request) -> web.Response:
     topic = topic_of(request)
     body = await body_of(request, {"job_ids"}, required=False)
-    ids = await broker_of(request).engine.purge(topic, body.get("job_ids"))
+    ids = await engine_of(request).purge(topic, body.get("job_ids"))
     return reply({"purged": ids})
 
 
 async def topics(request: web.Request) -> web.Response:
-    return reply({"topics": await broker_of(request).engine.topics()})
+    return reply({"topics": await engine_of(request).topics()})
 
 
 async def healthz(request: web.Request) -> web.Response:
-    broker = broker_of(request)
-    await broker.check_store()
-    return reply(
-        {"ok": True, "broker_id": broker.settings.broker_id, "active": broker.announcer.active}
-    )
+    services = request.app[SERVICES]
+    await services.engine.check_store()
+    return reply({"ok": True, **services.about()})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = broker_of(request).metrics.render()
+    body = request.app[SERVICES].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -264,13 +251,10 @@ async def openapi(request: web.Request) -> web.Response:
     return reply(spec())
 
 
-def build_app(broker: Broker) -> web.Application:
+def build_app(services: HttpServices) -> web.Application:
     """The aiohttp application of one broker."""
-    app = web.Application(
-        middlewares=[middleware],
-        client_max_size=broker.settings.max_body,
-    )
-    app[BROKER] = broker
+    app = web.Application(middlewares=[middleware], client_max_size=services.max_body)
+    app[SERVICES] = services
     t = "/topics/{topic}"
     app.router.add_routes(
         [
@@ -290,5 +274,5 @@ def build_app(broker: Broker) -> web.Application:
             web.get("/openapi.json", openapi),
         ]
     )
-    page.setup(app, broker)
+    page.setup(app, services.engine, services.presence)
     return app

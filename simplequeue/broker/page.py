@@ -2,7 +2,7 @@
 without auth because they hold no data) and `GET /ui/overview`, the JSON the
 page polls (behind the token like every other route). Everything here reads:
 it never mutates a topic (the page's requeue button calls the public API) and
-never touches storage except through the committer's reads and listing.
+never touches storage or topic state except through the Engine's reads.
 """
 
 from __future__ import annotations
@@ -10,23 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import heapq
 import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from simplequeue.broker.topic import Job, SegmentMissing, TopicState
-from simplequeue.errors import SimpleQueueError
-
-if TYPE_CHECKING:
-    from simplequeue.broker.server import Broker
+from simplequeue.broker.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +146,13 @@ def _cut(value: Any, limit: int = ERROR_CHARS) -> str | None:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def topic_view(state: TopicState, now: float) -> dict[str, Any]:
-    """Everything the page shows of one topic; bounded work whatever its size."""
-    oldest = state.oldest_due_created(now, OLDEST_SCAN)
-    claimed_all: dict[str, Job] = state.head["claimed"]
-    soonest = heapq.nsmallest(MAX_LISTED, claimed_all.values(), key=lambda j: j["lease_expires_at"])
-    dead_all = state.dead_jobs()  # at most --dead-limit jobs
-    newest_dead = dead_all[-MAX_LISTED:][::-1]
+def topic_view(name: str, seen: dict[str, Any]) -> dict[str, Any]:
+    """Everything the page shows of one topic, from Engine.inspect's answer."""
+    now = seen["now"]
+    oldest = seen["oldest_due_created"]
     return {
-        "name": state.topic,
-        "counts": state.counts(now),
+        "name": name,
+        "counts": seen["counts"],
         "oldest_pending_age": None if oldest is None else max(0.0, now - oldest),
         "claimed": [
             {
@@ -170,9 +163,9 @@ def topic_view(state: TopicState, now: float) -> dict[str, Any]:
                 "claimed_for": now - j.get("claimed_at", now),
                 "payload": preview(j.get("payload")),
             }
-            for j in soonest
+            for j in seen["claimed"]
         ],
-        "claimed_more": max(0, len(claimed_all) - len(soonest)),
+        "claimed_more": seen["claimed_more"],
         "dead": [
             {
                 "id": j["id"],
@@ -181,9 +174,9 @@ def topic_view(state: TopicState, now: float) -> dict[str, Any]:
                 "died_ago": now - j["died_at"] if "died_at" in j else None,
                 "payload": preview(j.get("payload")),
             }
-            for j in newest_dead
+            for j in seen["dead"]
         ],
-        "dead_more": max(0, len(dead_all) - len(newest_dead)),
+        "dead_more": seen["dead_more"],
     }
 
 
@@ -193,8 +186,9 @@ def topic_view(state: TopicState, now: float) -> dict[str, Any]:
 class StatusPage:
     """The page's routes and its in-memory rate history, for one broker."""
 
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+    def __init__(self, engine: Engine, presence: Callable[[], dict[str, Any]]) -> None:
+        self.engine = engine
+        self.presence = presence  # this broker and broker.json, as the page shows them
         self.rates = RateBook(SAMPLE_EVERY, WINDOW)
         self._assets: dict[str, tuple[bytes, str, str]] = {}
         folder = resources.files("simplequeue.broker") / "static"
@@ -253,42 +247,34 @@ class StatusPage:
     async def compute(self) -> dict[str, Any]:
         """The whole overview: broker.json, this broker, and every topic."""
         self._start_sampler()
-        broker = self.broker
-        committer = broker.committer
         loop = asyncio.get_running_loop()
         if loop.time() - self._listed_at >= LIST_EVERY:
-            self._listed = await committer.topics()
+            self._listed = await self.engine.topic_names()
             self._listed_at = loop.time()
         # Topics this broker wrote since the last listing show at once.
-        names = sorted(set(self._listed) | set(committer.cached_counts()))
+        names = sorted(set(self._listed) | set(self.engine.cached_counts()))
         shown = names[:MAX_TOPICS]
-        views = await asyncio.gather(*(committer.read(t, topic_view) for t in shown))
+        seen = await asyncio.gather(
+            *(self.engine.inspect(t, listed=MAX_LISTED, scan=OLDEST_SCAN) for t in shown),
+            return_exceptions=True,
+        )
+        views = []
         at = time.monotonic()
-        for view in views:
+        for name, got in zip(shown, seen, strict=True):
+            if isinstance(got, BaseException):  # one bad topic does not blank the page
+                if not isinstance(got, Exception):
+                    raise got
+                log.warning("status page: topic %s: %s", name, got)
+                views.append({"name": name, "error": str(got)})
+                continue
+            view = topic_view(name, got)
             c = view["counts"]
-            self.rates.record(view["name"], at, c["enqueued"], c["completed"])
-            view["rates"] = self.rates.rates(view["name"], at)
+            self.rates.record(name, at, c["enqueued"], c["completed"])
+            view["rates"] = self.rates.rates(name, at)
+            views.append(view)
         self.rates.forget_except(set(names))
-        announcer = broker.announcer
-        record = announcer.seen
-        now = committer.clock()
         return {
-            "broker": {
-                "id": broker.settings.broker_id,
-                "url": broker.url,
-                "epoch": announcer.epoch,
-                "active": announcer.active,
-            },
-            "record": None
-            if record is None
-            else {
-                "broker_id": record.broker_id,
-                "url": record.url,
-                "epoch": record.epoch,
-                "heartbeat_age": max(0.0, record.age(now)),
-                "lease_s": record.lease_s,
-                "stale": record.age(now) > record.lease_s,
-            },
+            **self.presence(),
             "topics": views,
             "topics_total": len(names),
             "sample_every": self.rates.every,
@@ -308,9 +294,9 @@ class StatusPage:
             await asyncio.sleep(self.rates.every)
             try:
                 at = time.monotonic()
-                for topic, c in self.broker.committer.cached_counts().items():
+                for topic, c in self.engine.cached_counts().items():
                     self.rates.record(topic, at, c["enqueued"], c["completed"])
-            except (SegmentMissing, SimpleQueueError) as exc:  # keep sampling
+            except Exception as exc:  # keep sampling
                 log.warning("status page sampler: %s", exc)
 
     async def _close(self, app: web.Application) -> None:
@@ -320,6 +306,6 @@ class StatusPage:
                 await self._sampler
 
 
-def setup(app: web.Application, broker: Broker) -> None:
+def setup(app: web.Application, engine: Engine, presence: Callable[[], dict[str, Any]]) -> None:
     """Register the status page's routes on the broker's app."""
-    StatusPage(broker).setup(app)
+    StatusPage(engine, presence).setup(app)

@@ -18,13 +18,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import hiredis
 import orjson
 
 from simplequeue import __version__, keys
-from simplequeue.broker.engine import MAX_WAIT
+from simplequeue.broker.engine import MAX_WAIT, Engine
+from simplequeue.broker.metrics import Metrics
 from simplequeue.broker.settings import parse_addr
 from simplequeue.errors import (
     Contended,
@@ -34,10 +35,6 @@ from simplequeue.errors import (
     SimpleQueueError,
     StoreError,
 )
-
-if TYPE_CHECKING:
-    from simplequeue.broker.engine import Engine
-    from simplequeue.broker.server import Broker
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +250,7 @@ class Connection:
 
     @property
     def engine(self) -> Engine:
-        return self.server.broker.engine
+        return self.server.engine
 
     @property
     def worker_id(self) -> str:
@@ -315,7 +312,7 @@ class Connection:
         await frames.put(None)
 
     async def _read_requests(self, frames: asyncio.Queue[list[bytes] | RespError | None]) -> None:
-        requests = Requests(self.server.broker.settings.max_body)
+        requests = Requests(self.server.settings.max_body)
         while data := await self.reader.read(READ_CHUNK):
             for request in requests.feed(data):
                 await frames.put(request)
@@ -330,7 +327,7 @@ class Connection:
         reply = await self._run(name, frame)
         known = name if name in COMMANDS else "unknown"
         outcome = "error" if isinstance(reply, RespError) else "ok"
-        self.server.broker.metrics.resp_commands.labels(known, outcome).inc()
+        self.server.metrics.resp_commands.labels(known, outcome).inc()
         return reply
 
     async def _run(self, name: str, frame: list[bytes]) -> Reply:
@@ -525,7 +522,7 @@ class Connection:
 
     async def _pop(self, topic: str, count: int, wait: float = 0.0) -> list[bytes | str]:
         """Claim and complete in one commit: a popped job is done."""
-        limit = self.server.broker.settings.limits.max_batch
+        limit = self.server.settings.max_batch
         jobs = await self.engine.pop(topic, self.worker_id, count=min(count, limit), wait=wait)
         return [value_of(j["payload"]) for j in jobs]
 
@@ -635,7 +632,7 @@ class Connection:
     async def xreadgroup(self, args: list[bytes]) -> Reply:
         """XREADGROUP GROUP g c [COUNT n] [BLOCK ms] [NOACK] STREAMS key [key ...] > [> ...]:
         claims with the broker's lease; the consumer name is the worker id."""
-        read = StreamRead.parse(args, self.server.broker.settings.limits.max_batch)
+        read = StreamRead.parse(args, self.server.settings.max_batch)
         deadline = time.monotonic() + read.block
         got: dict[str, list[Any]] = {}
         for topic in read.topics:  # what is there now
@@ -679,7 +676,7 @@ class Connection:
         as Redis does, by whoever holds it."""
         topic = topic_of(args[0])
         ids = [text(a, "ids") for a in args[2:]]
-        limit = self.server.broker.settings.limits.max_batch
+        limit = self.server.settings.max_batch
         acked = 0
         for start in range(0, len(ids), limit):
             chunk = ids[start : start + limit]
@@ -879,13 +876,21 @@ def _block(arg: bytes) -> float:
 # --- the listener -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RespSettings:
+    token: str | None = None  # with one, AUTH first
+    max_body: int = 1024 * 1024  # bytes a request may take
+    max_batch: int = 1000  # jobs per engine call
+
+
 class RespServer:
     """The RESP TCP listener of one broker, beside its HTTP listener."""
 
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        token = broker.settings.token
-        self.token: bytes | None = token.encode() if token else None
+    def __init__(self, engine: Engine, metrics: Metrics, settings: RespSettings) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.settings = settings
+        self.token: bytes | None = settings.token.encode() if settings.token else None
         self.port = 0
         self.addr = ""
         self._server: asyncio.Server | None = None

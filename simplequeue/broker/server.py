@@ -8,28 +8,27 @@ the broker resigns broker.json so that a standby takes over at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from simplequeue import keys
 from simplequeue.broker.discovery import Announcer
 from simplequeue.broker.engine import Engine
-from simplequeue.broker.http import build_app
+from simplequeue.broker.http import HttpServices, build_app
 from simplequeue.broker.metrics import (
     CallbackCollector,
     InstrumentedStore,
     Metrics,
     commit_families,
 )
-from simplequeue.broker.resp import RespServer
+from simplequeue.broker.reaper import Reaper, ReaperSettings
+from simplequeue.broker.resp import RespServer, RespSettings
 from simplequeue.broker.settings import BrokerSettings, default_advertise_url, parse_addr
-from simplequeue.errors import ObjectNotFound, SimpleQueueError, StoreUnavailable
+from simplequeue.errors import StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore import ObjectStore, store_from_url
+from simplequeue.state import Bounds
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +41,12 @@ def commit_settings(settings: BrokerSettings, store_url: str) -> CommitSettings:
     linger, linger_max = (2.0, 0.025) if on_s3 else (0.5, 0.005)
     if settings.batch_wait is not None:
         linger_max = settings.batch_wait
-    limits = settings.limits
-    if on_s3:
-        # S3 bills requests, not bytes: heads twice as large spill half as
-        # many segments, each one PUT.
-        limits = dataclasses.replace(
-            limits,
-            inline_pending_bytes=2 * limits.inline_pending_bytes,
-            inline_records_bytes=2 * limits.inline_records_bytes,
-            inline_dead_bytes=2 * limits.inline_dead_bytes,
-        )
+    # S3 bills requests, not bytes: heads twice as large spill half as many
+    # segments, each one PUT.
+    bounds = Bounds().scaled(2) if on_s3 else Bounds()
     return CommitSettings(
-        limits=limits,
+        bounds=bounds,
+        policy=settings.policy,
         budget=settings.commit_budget,
         linger=linger,
         linger_max=linger_max,
@@ -85,16 +78,59 @@ class Broker:
         self.announcer: Announcer = Announcer(
             self.store, broker_id=settings.broker_id, url="", lease_s=settings.broker_lease
         )
+        self.reaper = Reaper(
+            self.engine,
+            ReaperSettings(
+                reap_interval=settings.reap_interval,
+                topic_scan_interval=settings.topic_scan_interval,
+                sweep_interval=settings.sweep_interval,
+            ),
+        )
         self._runner: web.AppRunner | None = None
         self.redis: RespServer | None = None  # the RESP listener, with --redis-addr
         self._tasks: list[asyncio.Task[Any]] = []
-        self._known_topics: list[str] = []
+
+    def about(self) -> dict[str, Any]:
+        """Who this broker is, for /healthz."""
+        return {"broker_id": self.settings.broker_id, "active": self.announcer.active}
+
+    def presence(self) -> dict[str, Any]:
+        """This broker and the broker.json record it last saw, for the status page."""
+        announcer = self.announcer
+        record = announcer.seen
+        now = self.committer.clock()
+        return {
+            "broker": {
+                "id": self.settings.broker_id,
+                "url": self.url,
+                "epoch": announcer.epoch,
+                "active": announcer.active,
+            },
+            "record": None
+            if record is None
+            else {
+                "broker_id": record.broker_id,
+                "url": record.url,
+                "epoch": record.epoch,
+                "heartbeat_age": max(0.0, record.age(now)),
+                "lease_s": record.lease_s,
+                "stale": record.age(now) > record.lease_s,
+            },
+        }
 
     async def start(self) -> None:
         """Listen, announce, and start the reaper."""
         host, port = parse_addr(self.settings.addr)
+        services = HttpServices(
+            engine=self.engine,
+            metrics=self.metrics,
+            token=self.settings.token,
+            max_body=self.settings.max_body,
+            about=self.about,
+            presence=self.presence,
+        )
         self._runner = web.AppRunner(
-            build_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=5
+            build_app(services), handler_cancellation=True, access_log=None, shutdown_timeout=5
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
@@ -105,7 +141,15 @@ class Broker:
         self.announcer.on_epoch = self._set_epoch
         self.committer.on_fenced = lambda writer: self.announcer.poke()
         if self.settings.redis_addr:
-            self.redis = RespServer(self)
+            self.redis = RespServer(
+                self.engine,
+                self.metrics,
+                RespSettings(
+                    token=self.settings.token,
+                    max_body=self.settings.max_body,
+                    max_batch=self.settings.policy.max_batch,
+                ),
+            )
             try:
                 await self.redis.start(self.settings.redis_addr)
             except OSError:
@@ -114,7 +158,7 @@ class Broker:
         await self._announce_once()
         self._tasks = [
             asyncio.create_task(self.announcer.run(), name="announcer"),
-            asyncio.create_task(self._reap_forever(), name="reaper"),
+            asyncio.create_task(self.reaper.run(), name="reaper"),
         ]
 
     def _set_epoch(self, epoch: int) -> None:
@@ -125,32 +169,6 @@ class Broker:
             await self.announcer.step()
         except StoreUnavailable as exc:  # serve anyway; the announcer keeps trying
             log.warning("could not read broker.json at start: %s", exc)
-
-    async def _reap_forever(self) -> None:
-        """Reap every topic: those in the store (listed now and then) and those
-        this broker has touched since. Sweep orphan segments now and then."""
-        loop = asyncio.get_running_loop()
-        listed_at, swept_at = -1e18, loop.time()
-        while True:
-            try:
-                if loop.time() - listed_at >= self.settings.topic_scan_interval:
-                    self._known_topics = await self.committer.topics()
-                    listed_at = loop.time()
-                topics = sorted({*self._known_topics, *self.committer.known_topics()})
-                for topic in topics:
-                    await self.committer.reap(topic)
-                if loop.time() - swept_at >= self.settings.sweep_interval:
-                    swept_at = loop.time()
-                    for topic in topics:
-                        await self.committer.sweep(topic)
-            except SimpleQueueError as exc:
-                log.warning("reaper: %s", exc)
-            await asyncio.sleep(self.settings.reap_interval)
-
-    async def check_store(self) -> None:
-        """Raise StoreUnavailable unless the store answers."""
-        with contextlib.suppress(ObjectNotFound):
-            await self.store.get(keys.BROKER)
 
     async def stop(self) -> None:
         """Stop listening, let in-flight batches land, resign broker.json."""

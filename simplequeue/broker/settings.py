@@ -6,7 +6,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-from simplequeue.broker.topic import Limits
+from simplequeue.state import Policy
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -36,7 +36,7 @@ class BrokerSettings:
     broker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     advertise_url: str | None = None
     token: str | None = None
-    limits: Limits = field(default_factory=Limits)
+    policy: Policy = field(default_factory=Policy)
     max_body: int = 1024 * 1024
     commit_budget: float = 10.0
     # Longest pause (seconds) after a write for the callers it answered to come

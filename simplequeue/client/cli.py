@@ -20,6 +20,7 @@ import orjson
 from simplequeue.client.client import Client
 from simplequeue.client.job import Job
 from simplequeue.errors import SimpleQueueError
+from simplequeue.storeflags import StoreFlags, store_options
 
 T = TypeVar("T")
 BATCH = 500  # jobs per request with enqueue --file
@@ -35,11 +36,7 @@ class Settings:
         o = self.options
         common = {"topic": o["topic"], "token": o["token"]}
         if o["discover"]:
-            from simplequeue.broker.cli import open_store
-
-            store, _ = open_store(
-                o["backend"], o["dir"], o["bucket"], o["prefix"], o["endpoint_url"], o["region"]
-            )
+            store = o["store"].open()
             return await Client.discover(store, max_age=o["max_age"], close_store=True, **common)
         return Client(o["broker"], **common)
 
@@ -105,14 +102,7 @@ def parse_json_option(text: str | None, name: str) -> Any:
     is_flag=True,
     help="Find the broker through broker.json in the store the flags below name.",
 )
-@click.option(
-    "--backend", type=click.Choice(["localfs", "s3"]), default="localfs", show_default=True
-)
-@click.option("--dir", default="./simplequeue-data", show_default=True)
-@click.option("--bucket", default=None)
-@click.option("--prefix", default="")
-@click.option("--endpoint-url", default=None)
-@click.option("--region", default=None)
+@store_options(backends=("localfs", "s3"))
 @click.option(
     "--max-age",
     type=float,
@@ -125,7 +115,8 @@ def parse_json_option(text: str | None, name: str) -> Any:
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> None:
     """Talk to a simplequeue broker."""
-    ctx.obj = Settings(**options)
+    store = StoreFlags.take(options)
+    ctx.obj = Settings(store=store, **options)
 
 
 @main.command()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from simplequeue.broker.discovery import read_record
 from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore import ObjectStore
+from simplequeue.records import read_record
 
 
 async def find_broker(store: ObjectStore, max_age: float) -> str:

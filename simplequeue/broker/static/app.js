@@ -339,6 +339,13 @@
   }
 
   function updateTopicRow(row, topic, window) {
+    if (topic.error) {  // this topic could not be read: say why, keep the others
+      for (const name of COUNTS) setText(row.querySelector(`[data-count="${name}"]`), "—");
+      const cell = row.querySelector('[data-field="oldest"]');
+      setText(cell, topic.error);
+      setClass(cell, "alert", true);
+      return;
+    }
     for (const name of COUNTS) {
       const cell = row.querySelector(`[data-count="${name}"]`);
       const n = topic.counts[name];
@@ -454,6 +461,8 @@
   }
 
   function updateCard(card, topic, window) {
+    card.hidden = Boolean(topic.error);
+    if (topic.error) return;
     const c = topic.counts;
     setText(card.querySelector('[data-field="claimed-count"]'), fmtCount(c.claimed));
     setText(card.querySelector('[data-field="dead-count"]'), fmtCount(c.dead));

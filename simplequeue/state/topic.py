@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+from simplequeue.state.limits import Bounds, Policy
 
 FORMAT = 1
 
@@ -32,24 +33,6 @@ MAX_ERROR = 4096  # characters of an error message kept with a job
 
 Job = dict[str, Any]
 Record = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds that keep every head write small, and the broker's defaults."""
-
-    # Every batch rewrites the head, so its inline parts are kept small; what
-    # outgrows them spills into segments, written once.
-    inline_pending_bytes: int = 32 * 1024  # spill lanes' inline runs past this
-    inline_records_bytes: int = 16 * 1024  # spill retained records past this
-    inline_dead_bytes: int = 16 * 1024  # spill dead jobs past this
-    retention: float = 3600.0  # seconds a completed/dead record is kept
-    dead_limit: int = 10_000  # dead jobs kept; beyond it the oldest are dropped
-    max_attempts: int = 5  # default for jobs that do not say (0 = unlimited)
-    default_lease: float = 30.0
-    max_lease: float = 12 * 3600.0
-    max_batch: int = 1000  # jobs in one enqueue / claim / ack request
-    recent_writes: int = 64  # write ids kept to resolve ambiguous writes
 
 
 # --- segments ----------------------------------------------------------------
@@ -161,12 +144,15 @@ class TopicState:
     before they change anything, so a rejected mutation leaves no trace.
     """
 
-    def __init__(self, head: dict[str, Any], segments: Segments, limits: Limits) -> None:
+    def __init__(
+        self, head: dict[str, Any], segments: Segments, bounds: Bounds, policy: Policy
+    ) -> None:
         if head.get("format") != FORMAT:
             raise ValueError(f"unsupported topic format {head.get('format')!r}")
         self.head = head
         self.segments = segments
-        self.limits = limits
+        self.bounds = bounds
+        self.policy = policy
         self._unreferenced: list[str] = []
         self.dirty = False  # set by every mutation that changed something
         self._ids: set[str] | None = None  # ids in the head's inline lists: see exists()
@@ -214,6 +200,18 @@ class TopicState:
                         oldest = job["created_at"]
         return oldest
 
+    def claimed_soonest(self, n: int) -> list[Job]:
+        """The `n` claimed jobs whose leases run out first."""
+        claimed = self.head["claimed"].values()
+        return heapq.nsmallest(n, claimed, key=lambda j: j["lease_expires_at"])
+
+    def claimed_count(self) -> int:
+        return len(self.head["claimed"])
+
+    def dead_newest(self, n: int) -> list[Job]:
+        """The `n` jobs that died last, newest first."""
+        return self.dead_jobs()[-n:][::-1] if n else []
+
     def dead_jobs(self) -> list[Job]:
         dead = self.head["dead"]
         jobs: list[Job] = []
@@ -232,7 +230,7 @@ class TopicState:
                 due = bisect.bisect_right(items, now, lo=pos, key=lambda j: j["run_at"]) - pos
                 delayed += n - due
         claimed = len(self.head["claimed"])
-        dead = self._dead_count()
+        dead = self.dead_count()
         c = self.head["counters"]
         return {
             "pending": pending,
@@ -244,7 +242,7 @@ class TopicState:
             "total": pending + claimed + c["completed"] + dead,
         }
 
-    def _dead_count(self) -> int:
+    def dead_count(self) -> int:
         dead = self.head["dead"]
         segs: list[dict[str, int]] = dead["segs"]
         return len(dead["inline"]) + sum(s["n"] - s["pos"] for s in segs)
@@ -312,8 +310,8 @@ class TopicState:
         retained in the topic, or twice in this call) are not added again."""
         if not specs:
             raise InvalidRequest("no jobs to enqueue")
-        if len(specs) > self.limits.max_batch:
-            raise InvalidRequest(f"at most {self.limits.max_batch} jobs per enqueue")
+        if len(specs) > self.policy.max_batch:
+            raise InvalidRequest(f"at most {self.policy.max_batch} jobs per enqueue")
         jobs = [self._validate_spec(spec) for spec in specs]  # all or nothing
         answers: list[dict[str, Any]] = []
         for spec, job_id in jobs:
@@ -334,7 +332,7 @@ class TopicState:
                 "run_at": now + delay,
                 "created_at": now,
                 "attempts": 0,
-                "max_attempts": self.limits.max_attempts if max_attempts is None else max_attempts,
+                "max_attempts": self.policy.max_attempts if max_attempts is None else max_attempts,
                 # no "last_error" until there is one: 19 bytes a job, head and segments
             }
             self._push_pending(job)
@@ -384,9 +382,9 @@ class TopicState:
         if (
             not isinstance(count, int)
             or isinstance(count, bool)
-            or not 1 <= count <= (self.limits.max_batch)
+            or not 1 <= count <= (self.policy.max_batch)
         ):
-            raise InvalidRequest(f"count must be an integer from 1 to {self.limits.max_batch}")
+            raise InvalidRequest(f"count must be an integer from 1 to {self.policy.max_batch}")
         claimed: list[Job] = []
         lanes = sorted(self.head["lanes"].items(), key=lambda kv: -int(kv[0]))
         for name, lane in lanes:
@@ -470,14 +468,14 @@ class TopicState:
 
     def _lease(self, lease: Any) -> float:
         if lease is None:
-            return self.limits.default_lease
+            return self.policy.default_lease
         if (
             not isinstance(lease, int | float)
             or isinstance(lease, bool)
-            or not 0 < lease <= self.limits.max_lease
+            or not 0 < lease <= self.policy.max_lease
         ):
             raise InvalidRequest(
-                f"lease must be a number of seconds in (0, {self.limits.max_lease}]"
+                f"lease must be a number of seconds in (0, {self.policy.max_lease}]"
             )
         return float(lease)
 
@@ -591,7 +589,7 @@ class TopicState:
         if job_ids is not None and (
             not isinstance(job_ids, list)
             or not all(isinstance(i, str) for i in job_ids)
-            or len(job_ids) > self.limits.dead_limit
+            or len(job_ids) > self.policy.dead_limit
         ):
             raise InvalidRequest("job_ids must be a list of job id strings")
         wanted = None if job_ids is None else set(job_ids)
@@ -626,7 +624,7 @@ class TopicState:
 
     def _enforce_dead_limit(self) -> None:
         dead = self.head["dead"]
-        excess = self._dead_count() - self.limits.dead_limit
+        excess = self.dead_count() - self.policy.dead_limit
         while excess > 0:
             if dead["segs"]:
                 seg = dead["segs"][0]
@@ -662,7 +660,7 @@ class TopicState:
         self.head["retained"]["inline"].append(record)
 
     def _expire_retained(self, now: float) -> None:
-        horizon = now - self.limits.retention
+        horizon = now - self.policy.retention
         retained = self.head["retained"]
         while retained["segs"] and retained["segs"][0]["newest"] < horizon:
             self._unreferenced.append(retained["segs"].pop(0)["key"])
@@ -681,17 +679,17 @@ class TopicState:
         head into new segments, and serialise the head (Sealed.head)."""
         self._expire_retained(now)
         sealed = Sealed()
-        h, limits = self.head, self.limits
+        h, bounds = self.head, self.bounds
         h["writer"] = writer
         h["write_id"] = write_id
-        h["recent_writes"] = [*h["recent_writes"], write_id][-limits.recent_writes :]
+        h["recent_writes"] = [*h["recent_writes"], write_id][-bounds.recent_writes :]
         data = orjson.dumps(h)
         # A part can outgrow its bound only if the whole head did: measure the
         # parts only then, so a small head costs one serialisation.
         spilled = False
         lanes = h["lanes"]
-        if len(data) > limits.inline_pending_bytes and (
-            sum(_size(lane["inline"]) for lane in lanes.values()) > limits.inline_pending_bytes
+        if len(data) > bounds.inline_pending_bytes and (
+            sum(_size(lane["inline"]) for lane in lanes.values()) > bounds.inline_pending_bytes
         ):
             for priority, lane in lanes.items():
                 if lane["inline"]:
@@ -701,8 +699,8 @@ class TopicState:
                     self._heaps.pop(priority, None)
             spilled = True
         retained = h["retained"]
-        if len(data) > limits.inline_records_bytes and (
-            retained["inline"] and _size(retained["inline"]) > limits.inline_records_bytes
+        if len(data) > bounds.inline_records_bytes and (
+            retained["inline"] and _size(retained["inline"]) > bounds.inline_records_bytes
         ):
             key = self._new_segment(sealed, write_id, "r", retained["inline"])
             newest = retained["inline"][-1]["finished_at"]
@@ -710,8 +708,8 @@ class TopicState:
             retained["inline"] = []
             spilled = True
         dead = h["dead"]
-        if len(data) > limits.inline_dead_bytes and (
-            dead["inline"] and _size(dead["inline"]) > limits.inline_dead_bytes
+        if len(data) > bounds.inline_dead_bytes and (
+            dead["inline"] and _size(dead["inline"]) > bounds.inline_dead_bytes
         ):
             key = self._new_segment(sealed, write_id, "d", dead["inline"])
             dead["segs"].append({"key": key, "n": len(dead["inline"]), "pos": 0})

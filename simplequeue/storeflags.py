@@ -1,0 +1,86 @@
+"""The store flags (--backend, --dir, --bucket, --prefix, --endpoint-url,
+--region), defined once for both command lines: simplequeued serves the store
+they name, `simplequeue --discover` finds its broker in it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from simplequeue.objstore import ObjectStore
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+BACKENDS = ("localfs", "memfs", "s3")
+
+
+@dataclass(frozen=True)
+class StoreFlags:
+    """Where a store is, as the flags say."""
+
+    backend: str = "localfs"
+    dir: str = "./simplequeue-data"
+    bucket: str | None = None
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def take(cls, options: dict[str, Any]) -> StoreFlags:
+        """The flags' values, removed from a command's keyword arguments."""
+        return cls(**{f.name: options.pop(f.name) for f in fields(cls) if f.name in options})
+
+    def open(self) -> ObjectStore:
+        """A handle on the store (not yet connected)."""
+        if self.backend == "memfs":
+            from simplequeue.objstore.memfs import MemStore
+
+            return MemStore()
+        if self.backend == "localfs":
+            from simplequeue.objstore.localfs import LocalStore
+
+            return LocalStore(Path(self.dir).absolute())
+        from simplequeue.objstore.s3 import S3Settings, S3Store
+
+        if not self.bucket:
+            raise click.UsageError("--backend s3 needs --bucket")
+        return S3Store(
+            S3Settings(
+                bucket=self.bucket,
+                prefix=self.prefix,
+                endpoint_url=self.endpoint_url,
+                region=self.region,
+            )
+        )
+
+
+def store_options(backends: tuple[str, ...] = BACKENDS) -> Callable[[F], F]:
+    """Click options for the store flags; the command receives them as keyword
+    arguments, which StoreFlags.take() gathers."""
+    options = [
+        click.option(
+            "--backend",
+            type=click.Choice(backends),
+            default="localfs",
+            show_default=True,
+            help="Where topics are stored.",
+        ),
+        click.option(
+            "--dir", default="./simplequeue-data", show_default=True, help="localfs directory."
+        ),
+        click.option("--bucket", default=None, help="s3 bucket."),
+        click.option("--prefix", default="", help="s3 key prefix."),
+        click.option("--endpoint-url", default=None, help="s3 endpoint (LocalStack, MinIO)."),
+        click.option("--region", default=None, help="s3 region."),
+    ]
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
