@@ -27,14 +27,7 @@ from simplequeue import __version__, keys
 from simplequeue.broker.engine import MAX_WAIT, Engine
 from simplequeue.broker.metrics import Metrics
 from simplequeue.broker.settings import parse_addr
-from simplequeue.errors import (
-    Contended,
-    InvalidRequest,
-    JobNotFound,
-    LeaseLost,
-    SimpleQueueError,
-    StoreError,
-)
+from simplequeue.errors import SimpleQueueError
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +71,9 @@ Reply: TypeAlias = (
     "int | str | bytes | RespError | _NullArray | list[Reply] | dict[str, Reply] | None"
 )
 
-#: One RESP error code per error class; the first match along the class's MRO wins.
-ERRORS: dict[type[Exception], str] = {
-    InvalidRequest: "ERR",
-    JobNotFound: "ERR",
-    LeaseLost: "ERR",
-    Contended: "TRYAGAIN",
-    StoreError: "TRYAGAIN",
-}
-
-
 def error_of(exc: SimpleQueueError) -> RespError:
-    code = next((ERRORS[c] for c in type(exc).__mro__ if c in ERRORS), "ERR")
-    return RespError(code, str(exc) or type(exc).__name__)
+    """The reply for one of our errors: its class's RESP code (simplequeue.errors)."""
+    return RespError(exc.resp_code, str(exc))
 
 
 def _line(text: str) -> bytes:
