@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simplequeue.api import JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore import ObjectStore
@@ -133,13 +134,13 @@ class Baseline:
         self.pending: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.claimed: dict[str, dict[str, Any]] = {}
 
-    async def enqueue(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def enqueue(self, specs: list[JobSpec]) -> list[dict[str, Any]]:
         async with self.lock:
             await asyncio.sleep(0)
             out = []
             for spec in specs:
                 job_id = uuid.uuid4().hex
-                self.pending[job_id] = {"id": job_id, "payload": spec["payload"]}
+                self.pending[job_id] = {"id": job_id, "payload": spec.payload}
                 out.append({"id": job_id, "duplicate": False})
             return out
 
@@ -199,8 +200,8 @@ class Probe:
             self.active = False
 
 
-def job_spec(n: int) -> dict[str, Any]:
-    return {"payload": {"kind": "bench", "n": n, "pad": PAYLOAD_PAD}}
+def job_spec(n: int) -> JobSpec:
+    return JobSpec({"kind": "bench", "n": n, "pad": PAYLOAD_PAD})
 
 
 Op = Callable[[int], Awaitable[None]]

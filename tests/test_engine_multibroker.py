@@ -8,6 +8,7 @@ import random
 from collections import Counter, defaultdict
 from typing import Any
 
+from simplequeue.api import JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.errors import LeaseLost
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
@@ -35,7 +36,7 @@ async def test_three_committers_complete_every_job_exactly_once(open_store: Open
     async def produce(start: int) -> None:
         for first in range(start, N_JOBS, 30):
             batch = [
-                {"id": f"job-{i}", "payload": {"n": i}, "max_attempts": 0}
+                JobSpec({"n": i}, id=f"job-{i}", max_attempts=0)
                 for i in range(first, min(first + 10, N_JOBS))
             ]
             answers = await rng.choice(engines).enqueue("t", batch)

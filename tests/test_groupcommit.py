@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from simplequeue.api import JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.errors import Contended, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
@@ -32,7 +33,7 @@ async def head_of(store: Any, topic: str = "t") -> dict[str, Any]:
 async def test_concurrent_mutations_share_writes() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)
-    answers = await asyncio.gather(*(q.enqueue("t", [{"payload": i}]) for i in range(200)))
+    answers = await asyncio.gather(*(q.enqueue("t", [JobSpec(i)]) for i in range(200)))
     assert len({a[0]["id"] for a in answers}) == 200
     assert store.calls["put"] < 50, store.calls
     assert (await q.status("t"))["pending"] == 200
@@ -41,10 +42,10 @@ async def test_concurrent_mutations_share_writes() -> None:
 async def test_steady_state_writes_are_one_put_and_no_get() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)
-    await q.enqueue("t", [{"payload": 0}])
+    await q.enqueue("t", [JobSpec(0)])
     gets, puts = store.calls["get"], store.calls["put"]
     for i in range(10):
-        await q.enqueue("t", [{"payload": i}])
+        await q.enqueue("t", [JobSpec(i)])
     assert store.calls["get"] == gets
     assert store.calls["put"] == puts + 10
 
@@ -53,7 +54,7 @@ async def test_no_answer_before_the_write_landed() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)
     store.gate = asyncio.Event()
-    task = asyncio.create_task(q.enqueue("t", [{"id": "a", "payload": 1}]))
+    task = asyncio.create_task(q.enqueue("t", [JobSpec(1, id="a")]))
     await store.put_started.wait()
     assert not task.done()
     with pytest.raises(Exception):  # noqa: B017 - nothing landed yet
@@ -66,13 +67,13 @@ async def test_no_answer_before_the_write_landed() -> None:
 async def test_mutations_arriving_during_a_slow_write_form_one_next_batch() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)
-    await q.enqueue("t", [{"payload": "first"}])
+    await q.enqueue("t", [JobSpec("first")])
     store.gate = asyncio.Event()
     store.put_started.clear()
-    first = asyncio.create_task(q.enqueue("t", [{"payload": "slow"}]))
+    first = asyncio.create_task(q.enqueue("t", [JobSpec("slow")]))
     await store.put_started.wait()
     puts = store.calls["put"]
-    rest = [asyncio.create_task(q.enqueue("t", [{"payload": i}])) for i in range(50)]
+    rest = [asyncio.create_task(q.enqueue("t", [JobSpec(i)])) for i in range(50)]
     await asyncio.sleep(0)  # let them queue behind the write in flight
     store.gate.set()
     await asyncio.gather(first, *rest)
@@ -88,7 +89,7 @@ async def test_callers_answered_by_a_write_join_the_batch_queued_during_it() -> 
     # the wait ends as soon as they are all back.
     store = FaultyStore(MemStore())
     q = engine_on(store, linger=100.0, linger_max=5.0)
-    await q.enqueue("t", [{"payload": "first"}])
+    await q.enqueue("t", [JobSpec("first")])
     sizes: list[int] = []
     q.committer.on_batch = sizes.append
     store.gate = asyncio.Event()
@@ -96,11 +97,11 @@ async def test_callers_answered_by_a_write_join_the_batch_queued_during_it() -> 
 
     async def twice(i: int) -> None:
         for round_ in range(2):
-            await q.enqueue("t", [{"payload": [i, round_]}])
+            await q.enqueue("t", [JobSpec([i, round_])])
 
     first_half = [asyncio.create_task(twice(i)) for i in range(32)]
     await store.put_started.wait()  # the first half is in the write, held
-    second_half = [asyncio.create_task(q.enqueue("t", [{"payload": i}])) for i in range(32)]
+    second_half = [asyncio.create_task(q.enqueue("t", [JobSpec(i)])) for i in range(32)]
     await asyncio.sleep(0)  # let them queue behind it
     store.gate.set()
     await asyncio.gather(*first_half, *second_half)
@@ -111,7 +112,7 @@ async def test_callers_answered_by_a_write_join_the_batch_queued_during_it() -> 
 async def test_lost_race_reapplies_claims_and_never_returns_the_failed_pick() -> None:
     shared = MemStore()
     a, b = engine_on(shared, "a"), engine_on(shared, "b")
-    await a.enqueue("t", [{"id": "only", "payload": 1}])
+    await a.enqueue("t", [JobSpec(1, id="only")])
     await a.status("t")  # a's cache now holds the job as pending
     [won] = await b.claim("t", "worker-b")
     assert won["id"] == "only"
@@ -125,9 +126,9 @@ async def test_lost_race_reapplies_claims_and_never_returns_the_failed_pick() ->
 async def test_lost_race_keeps_every_mutation_of_the_batch() -> None:
     shared = MemStore()
     a, b = engine_on(shared, "a"), engine_on(shared, "b")
-    await a.enqueue("t", [{"payload": "seed"}])
-    await b.enqueue("t", [{"payload": "from-b"}])  # a's ETag is now stale
-    await asyncio.gather(*(a.enqueue("t", [{"payload": i}]) for i in range(20)))
+    await a.enqueue("t", [JobSpec("seed")])
+    await b.enqueue("t", [JobSpec("from-b")])  # a's ETag is now stale
+    await asyncio.gather(*(a.enqueue("t", [JobSpec(i)]) for i in range(20)))
     counts = await engine_on(shared, "c").status("t")
     assert counts["pending"] == counts["enqueued"] == 22
 
@@ -138,9 +139,9 @@ async def test_write_that_landed_unseen_is_answered_once_and_not_applied_twice(
 ) -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)
-    await q.enqueue("t", [{"payload": "seed"}])
+    await q.enqueue("t", [JobSpec("seed")])
     store.faults = [fault]
-    [answer] = await q.enqueue("t", [{"payload": "once"}])
+    [answer] = await q.enqueue("t", [JobSpec("once")])
     assert answer["duplicate"] is False
     head = await head_of(store)
     assert head["counters"]["enqueued"] == 2
@@ -151,9 +152,9 @@ async def test_write_that_landed_unseen_is_answered_once_and_not_applied_twice(
 async def test_failed_write_is_retried_when_the_read_back_shows_it_did_not_land() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)
-    await q.enqueue("t", [{"payload": "seed"}])
+    await q.enqueue("t", [JobSpec("seed")])
     store.faults = ["fail"]
-    [answer] = await q.enqueue("t", [{"payload": "retried"}])
+    [answer] = await q.enqueue("t", [JobSpec("retried")])
     assert (await head_of(store))["counters"]["enqueued"] == 2
     assert (await q.job("t", answer["id"]))["status"] == "pending"
 
@@ -161,38 +162,38 @@ async def test_failed_write_is_retried_when_the_read_back_shows_it_did_not_land(
 async def test_store_outage_answers_unavailable_and_loses_nothing_acknowledged() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)
-    [kept] = await q.enqueue("t", [{"payload": "acknowledged"}])
+    [kept] = await q.enqueue("t", [JobSpec("acknowledged")])
     store.faults = ["fail"]
     store.get_down = True
     with pytest.raises(StoreUnavailable):
-        await q.enqueue("t", [{"id": "unacknowledged", "payload": 2}])
+        await q.enqueue("t", [JobSpec(2, id="unacknowledged")])
     store.get_down = False
     head = await head_of(store)
     assert head["counters"]["enqueued"] == 1
     assert (await q.job("t", kept["id"]))["payload"] == "acknowledged"
     # and the broker recovers by itself
-    await q.enqueue("t", [{"id": "after", "payload": 3}])
+    await q.enqueue("t", [JobSpec(3, id="after")])
     assert (await q.status("t"))["pending"] == 2
 
 
 async def test_endless_lost_races_end_in_contended_within_the_budget() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store, budget=0.3)
-    await q.enqueue("t", [{"payload": "seed"}])
+    await q.enqueue("t", [JobSpec("seed")])
     store.faults = ["conflict"] * 10_000
     with pytest.raises(Contended):
-        await q.enqueue("t", [{"payload": "never"}])
+        await q.enqueue("t", [JobSpec("never")])
     assert (await head_of(store))["counters"]["enqueued"] == 1
 
 
 async def test_caller_that_goes_away_does_not_fail_its_batch_and_its_claim_is_returned() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)
-    await q.enqueue("t", [{"id": "j1", "payload": 1}, {"id": "j2", "payload": 2}])
+    await q.enqueue("t", [JobSpec(1, id="j1"), JobSpec(2, id="j2")])
     store.gate = asyncio.Event()
     store.put_started.clear()
     leaving = asyncio.create_task(q.claim("t", "leaver"))
-    staying = asyncio.create_task(q.enqueue("t", [{"id": "j3", "payload": 3}]))
+    staying = asyncio.create_task(q.enqueue("t", [JobSpec(3, id="j3")]))
     await store.put_started.wait()
     leaving.cancel()
     store.gate.set()
@@ -212,19 +213,19 @@ async def test_caller_that_goes_away_does_not_fail_its_batch_and_its_claim_is_re
 async def test_replaced_broker_learns_it_from_the_next_conflicting_write() -> None:
     shared = MemStore()
     old, new = engine_on(shared, "old", epoch=1), engine_on(shared, "new", epoch=2)
-    await old.enqueue("t", [{"payload": 1}])
-    await new.enqueue("t", [{"payload": 2}])
+    await old.enqueue("t", [JobSpec(1)])
+    await new.enqueue("t", [JobSpec(2)])
     assert (await head_of(shared))["writer"] == {"broker_id": "new", "epoch": 2}
     assert old.committer.fenced_by is None
-    await old.enqueue("t", [{"payload": 3}])
+    await old.enqueue("t", [JobSpec(3)])
     assert old.committer.fenced_by == {"broker_id": "new", "epoch": 2}
 
 
 async def test_not_found_on_a_stale_cache_rereads_before_answering() -> None:
     shared = MemStore()
     a, b = engine_on(shared, "a"), engine_on(shared, "b")
-    await a.enqueue("t", [{"payload": "seed"}])
-    [job] = await b.enqueue("t", [{"payload": "via-b"}])
+    await a.enqueue("t", [JobSpec("seed")])
+    [job] = await b.enqueue("t", [JobSpec("via-b")])
     [claimed] = await b.claim("t", "w", count=1)
     # a has never seen the second job nor the claim; its ack must still work.
     if claimed["id"] != job["id"]:
@@ -237,10 +238,10 @@ async def test_bounded_writes_with_a_deep_queue() -> None:
     q = engine_on(store)
     payload = {"order": "x" * 40}
     for _ in range(100):  # 100,000 jobs pending
-        await q.enqueue("t", [{"payload": payload} for _ in range(1000)])
+        await q.enqueue("t", [JobSpec(payload) for _ in range(1000)])
     assert (await q.status("t"))["pending"] == 100_000
     store.put_sizes.clear()
-    await asyncio.gather(*(q.enqueue("t", [{"payload": payload}]) for _ in range(10)))
+    await asyncio.gather(*(q.enqueue("t", [JobSpec(payload)]) for _ in range(10)))
     await asyncio.gather(*(q.claim("t", "w") for _ in range(10)))
     assert max(store.put_sizes) < 256 * 1024
     assert len(orjson.dumps(await head_of(store))) < 256 * 1024
@@ -249,7 +250,7 @@ async def test_bounded_writes_with_a_deep_queue() -> None:
 async def test_sweep_deletes_orphan_segments_only_after_two_sweeps() -> None:
     store = MemStore()
     q = engine_on(store, bounds=Bounds(inline_pending_bytes=500))
-    await q.enqueue("t", [{"payload": "x" * 100} for _ in range(20)])  # spills a segment
+    await q.enqueue("t", [JobSpec("x" * 100) for _ in range(20)])  # spills a segment
     referenced = await store.list("topics/t/")
     assert referenced
     await store.put("topics/t/seg-p0-orphan.json", b'{"format": 1, "items": []}')

@@ -244,8 +244,9 @@ async def test_status_counts_every_state(api: Api) -> None:
     await api.post("/topics/t/claim", {"worker_id": "w"})
     status, counts = await api.get("/topics/t/status")
     assert status == 200
+    # The counts never overlap (SPEC section 3): pending is claimable now only.
     assert counts == {
-        "pending": 3,
+        "pending": 2,
         "delayed": 1,
         "claimed": 1,
         "completed": 1,
@@ -326,6 +327,9 @@ BAD_INPUT = [
     ("POST", "/topics/t/enqueue", b'{"payload": 1, "delay": -3}', 400),
     ("POST", "/topics/t/enqueue", b'{"payload": 1, "id": 12}', 400),
     ("POST", "/topics/t/enqueue", b'{"payload": 1, "colour": "red"}', 400),
+    ("POST", "/topics/t/enqueue", b'{"payload": 1, "id": "two\\nlines"}', 400),
+    ("POST", "/topics/t/enqueue", b'{"payload": ' + b"[" * 300 + b"]" * 300 + b"}", 400),
+    ("POST", "/topics/t/enqueue", b'{"payload": 123456789012345678901234567890}', 400),
     ("POST", "/topics/t/enqueue", b'{"jobs": "no"}', 400),
     ("POST", "/topics/t/enqueue", b'{"jobs": []}', 400),
     ("POST", "/topics/t/enqueue", b'{"jobs": [{"payload": 1}], "payload": 2}', 400),

@@ -7,7 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
-from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+from simplequeue.api import JobSpec
+from simplequeue.errors import JobNotFound, LeaseLost
 from simplequeue.state import Segments, TopicState, decode_segment, new_head
 from tests.helpers.states import configured
 
@@ -36,7 +37,7 @@ def ids(jobs: list[dict[str, Any]]) -> list[str]:
 
 def test_enqueue_then_claim_returns_the_job_with_a_lease() -> None:
     s = fresh()
-    [answer] = s.enqueue([{"payload": {"n": 1}}], T0)
+    [answer] = s.enqueue([JobSpec({"n": 1})], T0)
     assert answer["duplicate"] is False
     [job] = s.claim("w1", 10, 1, T0 + 1)
     assert job["id"] == answer["id"]
@@ -55,18 +56,18 @@ def test_claim_on_empty_topic_returns_nothing_and_changes_nothing() -> None:
 
 def test_claim_order_is_priority_then_oldest() -> None:
     s = fresh()
-    s.enqueue([{"id": "low-old", "payload": 0, "priority": -1}], T0)
-    s.enqueue([{"id": "mid-old", "payload": 0}], T0 + 1)
-    s.enqueue([{"id": "high", "payload": 0, "priority": 5}], T0 + 2)
-    s.enqueue([{"id": "mid-new", "payload": 0}], T0 + 3)
+    s.enqueue([JobSpec(0, id="low-old", priority=-1)], T0)
+    s.enqueue([JobSpec(0, id="mid-old")], T0 + 1)
+    s.enqueue([JobSpec(0, id="high", priority=5)], T0 + 2)
+    s.enqueue([JobSpec(0, id="mid-new")], T0 + 3)
     got = s.claim("w", None, 10, T0 + 4)
     assert ids(got) == ["high", "mid-old", "mid-new", "low-old"]
 
 
 def test_delayed_job_is_not_claimable_before_run_at() -> None:
     s = fresh()
-    s.enqueue([{"id": "later", "payload": 0, "delay": 60}], T0)
-    s.enqueue([{"id": "now", "payload": 0}], T0)
+    s.enqueue([JobSpec(0, id="later", delay=60)], T0)
+    s.enqueue([JobSpec(0, id="now")], T0)
     assert ids(s.claim("w", None, 10, T0 + 1)) == ["now"]
     assert s.counts(T0 + 1)["delayed"] == 1
     assert s.claim("w", None, 10, T0 + 59) == []
@@ -75,35 +76,35 @@ def test_delayed_job_is_not_claimable_before_run_at() -> None:
 
 def test_duplicate_id_is_not_enqueued_again_live_or_retained() -> None:
     s = fresh()
-    s.enqueue([{"id": "a", "payload": 1}], T0)
-    assert s.enqueue([{"id": "a", "payload": 2}], T0) == [{"id": "a", "duplicate": True}]
+    s.enqueue([JobSpec(1, id="a")], T0)
+    assert s.enqueue([JobSpec(2, id="a")], T0) == [{"id": "a", "duplicate": True}]
     [job] = s.claim("w", None, 1, T0)
     s.ack("a", job["lease_token"], None, T0)
-    assert s.enqueue([{"id": "a", "payload": 3}], T0)[0]["duplicate"] is True
+    assert s.enqueue([JobSpec(3, id="a")], T0)[0]["duplicate"] is True
     assert s.counts(T0)["enqueued"] == 1
 
 
 def test_duplicates_within_one_batch_are_caught() -> None:
     s = fresh()
-    answers = s.enqueue([{"id": "x", "payload": 1}, {"id": "x", "payload": 2}], T0)
+    answers = s.enqueue([JobSpec(1, id="x"), JobSpec(2, id="x")], T0)
     assert [a["duplicate"] for a in answers] == [False, True]
     assert s.counts(T0)["pending"] == 1
 
 
 def test_retained_record_expires_and_id_can_be_reused_after_retention() -> None:
     s = fresh(retention=100)
-    s.enqueue([{"id": "a", "payload": 1}], T0)
+    s.enqueue([JobSpec(1, id="a")], T0)
     [job] = s.claim("w", None, 1, T0)
     s.ack("a", job["lease_token"], {"ok": True}, T0)
     assert s.find("a") is not None
     s.seal({}, "w1", T0 + 101)
     assert s.find("a") is None
-    assert s.enqueue([{"id": "a", "payload": 1}], T0 + 101)[0]["duplicate"] is False
+    assert s.enqueue([JobSpec(1, id="a")], T0 + 101)[0]["duplicate"] is False
 
 
 def test_ack_with_current_token_completes_and_keeps_result() -> None:
     s = fresh()
-    s.enqueue([{"id": "a", "payload": 1}], T0)
+    s.enqueue([JobSpec(1, id="a")], T0)
     [job] = s.claim("w", None, 1, T0)
     s.ack("a", job["lease_token"], {"r": 42}, T0 + 1)
     status, record = s.find("a") or ("", {})
@@ -115,7 +116,7 @@ def test_ack_with_current_token_completes_and_keeps_result() -> None:
 
 def test_stale_token_is_refused_and_changes_nothing() -> None:
     s = fresh()
-    s.enqueue([{"id": "a", "payload": 1}], T0)
+    s.enqueue([JobSpec(1, id="a")], T0)
     [first] = s.claim("w1", 5, 1, T0)
     s.reap(T0 + 6)
     [second] = s.claim("w2", 5, 1, T0 + 6)
@@ -134,7 +135,7 @@ def test_stale_token_is_refused_and_changes_nothing() -> None:
 
 def test_ack_without_token_needs_the_job_claimed() -> None:
     s = fresh()
-    s.enqueue([{"id": "a", "payload": 1}], T0)
+    s.enqueue([JobSpec(1, id="a")], T0)
     with pytest.raises(LeaseLost):
         s.ack("a", None, None, T0)
     s.claim("w", None, 1, T0)
@@ -151,7 +152,7 @@ def test_unknown_job_is_job_not_found() -> None:
 
 def test_nack_returns_to_pending_after_delay_with_error() -> None:
     s = fresh()
-    s.enqueue([{"id": "a", "payload": 1}], T0)
+    s.enqueue([JobSpec(1, id="a")], T0)
     [job] = s.claim("w", None, 1, T0)
     assert s.nack("a", job["lease_token"], 30, "boom", T0)["status"] == "pending"
     assert s.claim("w", None, 1, T0 + 29) == []
@@ -162,7 +163,7 @@ def test_nack_returns_to_pending_after_delay_with_error() -> None:
 
 def test_nack_past_max_attempts_goes_dead_with_whole_record() -> None:
     s = fresh()
-    s.enqueue([{"id": "a", "payload": {"big": "data"}, "max_attempts": 2}], T0)
+    s.enqueue([JobSpec({"big": "data"}, id="a", max_attempts=2)], T0)
     for i in range(2):
         [job] = s.claim("w", None, 1, T0 + i)
         s.nack("a", job["lease_token"], 0, f"fail {i}", T0 + i)
@@ -175,7 +176,7 @@ def test_nack_past_max_attempts_goes_dead_with_whole_record() -> None:
 
 def test_zero_max_attempts_means_unlimited() -> None:
     s = fresh()
-    s.enqueue([{"id": "a", "payload": 1, "max_attempts": 0}], T0)
+    s.enqueue([JobSpec(1, id="a", max_attempts=0)], T0)
     for i in range(50):
         [job] = s.claim("w", None, 1, T0 + i)
         assert s.nack("a", job["lease_token"], 0, "again", T0 + i)["status"] == "pending"
@@ -183,7 +184,7 @@ def test_zero_max_attempts_means_unlimited() -> None:
 
 def test_heartbeat_extends_the_lease_and_keeps_it_from_reaping() -> None:
     s = fresh()
-    s.enqueue([{"id": "a", "payload": 1}], T0)
+    s.enqueue([JobSpec(1, id="a")], T0)
     [job] = s.claim("w", 10, 1, T0)
     assert s.heartbeat("a", job["lease_token"], None, T0 + 8)["lease_expires_at"] == T0 + 18
     assert s.reap(T0 + 12) == {"pending": 0, "dead": 0}
@@ -192,7 +193,7 @@ def test_heartbeat_extends_the_lease_and_keeps_it_from_reaping() -> None:
 
 def test_reap_sends_spent_jobs_dead() -> None:
     s = fresh()
-    s.enqueue([{"id": "a", "payload": 1, "max_attempts": 1}], T0)
+    s.enqueue([JobSpec(1, id="a", max_attempts=1)], T0)
     s.claim("w", 5, 1, T0)
     assert s.reap(T0 + 5) == {"pending": 0, "dead": 1}
     assert s.dead_jobs()[0]["last_error"] == "lease expired"
@@ -200,7 +201,7 @@ def test_reap_sends_spent_jobs_dead() -> None:
 
 def test_requeue_and_purge_dead_jobs() -> None:
     s = fresh()
-    s.enqueue([{"id": i, "payload": 1, "max_attempts": 1} for i in "abc"], T0)
+    s.enqueue([JobSpec(1, id=i, max_attempts=1) for i in "abc"], T0)
     for job in s.claim("w", None, 3, T0):
         s.nack(job["id"], job["lease_token"], 0, "x", T0)
     assert s.requeue(["b"], T0 + 1) == ["b"]
@@ -213,52 +214,18 @@ def test_requeue_and_purge_dead_jobs() -> None:
 
 def test_dead_limit_drops_the_oldest_and_counts_them() -> None:
     s = fresh(dead_limit=3)
-    s.enqueue([{"id": str(i), "payload": i, "max_attempts": 1} for i in range(5)], T0)
+    s.enqueue([JobSpec(i, id=str(i), max_attempts=1) for i in range(5)], T0)
     for job in s.claim("w", None, 5, T0):
         s.nack(job["id"], job["lease_token"], 0, None, T0)
     assert ids(s.dead_jobs()) == ["2", "3", "4"]
     assert s.head["counters"]["dead_dropped"] == 2
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        "not an object",
-        {},
-        {"payload": 1, "priority": "high"},
-        {"payload": 1, "priority": True},
-        {"payload": 1, "delay": -1},
-        {"payload": 1, "max_attempts": -1},
-        {"payload": 1, "id": ""},
-        {"payload": 1, "id": 7},
-        {"payload": 1, "colour": "red"},
-    ],
-)
-def test_bad_job_spec_rejects_the_whole_batch(spec: Any) -> None:
-    s = fresh()
-    with pytest.raises(InvalidRequest):
-        s.enqueue([{"id": "ok", "payload": 1}, spec], T0)
-    assert s.dirty is False
-    assert s.find("ok") is None
-
-
-@pytest.mark.parametrize(
-    ("worker", "lease", "count"),
-    [("", None, 1), ("w", 0, 1), ("w", -5, 1), ("w", None, 0), ("w", None, 10_000), ("w", "x", 1)],
-)
-def test_bad_claim_arguments_are_rejected(worker: str, lease: Any, count: Any) -> None:
-    s = fresh()
-    s.enqueue([{"payload": 1}], T0)
-    with pytest.raises(InvalidRequest):
-        s.claim(worker, lease, count, T0)
-    assert s.counts(T0)["claimed"] == 0
-
-
 def test_pending_spills_into_segments_and_claims_follow_them_in_order() -> None:
     s = fresh(inline_pending_bytes=2000)
     n = 0
     for batch in range(20):
-        s.enqueue([{"id": f"j{n + i:04d}", "payload": "x" * 50} for i in range(10)], T0 + batch)
+        s.enqueue([JobSpec("x" * 50, id=f"j{n + i:04d}") for i in range(10)], T0 + batch)
         n += 10
         s = reload(s, T0 + batch)
     assert s.head["lanes"]["0"]["runs"], "expected spilled segments"
@@ -272,18 +239,18 @@ def test_pending_spills_into_segments_and_claims_follow_them_in_order() -> None:
 
 def test_jobs_in_segments_are_found_and_deduplicated() -> None:
     s = fresh(inline_pending_bytes=500)
-    s.enqueue([{"id": f"a{i}", "payload": i} for i in range(30)], T0)
+    s.enqueue([JobSpec(i, id=f"a{i}") for i in range(30)], T0)
     s = reload(s)
     assert s.head["lanes"]["0"]["runs"]
     assert s.find("a3") == ("pending", s.find("a3")[1])  # type: ignore[index]
-    assert s.enqueue([{"id": "a3", "payload": 0}], T0)[0]["duplicate"] is True
+    assert s.enqueue([JobSpec(0, id="a3")], T0)[0]["duplicate"] is True
 
 
 def test_an_id_spilled_then_expired_can_be_enqueued_again_in_the_same_state() -> None:
     # The committer keeps its state object across writes: the duplicate index
     # must follow records into segments and out of the topic.
     s = fresh(inline_records_bytes=300, retention=100)
-    s.enqueue([{"id": f"r{i}", "payload": i} for i in range(6)], T0)
+    s.enqueue([JobSpec(i, id=f"r{i}") for i in range(6)], T0)
     for job in s.claim("w", None, 6, T0):
         s.ack(job["id"], job["lease_token"], None, T0)
     assert s.exists("r0")
@@ -292,4 +259,4 @@ def test_an_id_spilled_then_expired_can_be_enqueued_again_in_the_same_state() ->
     s.seal({}, "w2", T0 + 101)  # the segment expires
     assert not s.head["retained"]["segs"]
     assert not s.exists("r0") and s.find("r0") is None
-    assert s.enqueue([{"id": "r0", "payload": "again"}], T0 + 101)[0]["duplicate"] is False
+    assert s.enqueue([JobSpec("again", id="r0")], T0 + 101)[0]["duplicate"] is False

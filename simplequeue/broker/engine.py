@@ -13,35 +13,37 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from simplequeue import keys
+import orjson
+
+from simplequeue import api, keys
+from simplequeue.api import AckRequest, JobSpec
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
 from simplequeue.groupcommit import GroupCommitter
 from simplequeue.state import Job, TopicState
 
 log = logging.getLogger(__name__)
 
-MAX_WAIT = 60.0  # seconds a claim may long-poll
+MAX_WAIT = api.MAX_WAIT  # seconds a claim may long-poll
 # A long poll re-reads the store this often, to see jobs that other brokers
 # enqueued; jobs enqueued through this broker wake it at once.
 POLL_INTERVAL = 1.0
 
 _ACK_FAILURES = {JobNotFound: "not_found", LeaseLost: "conflict", InvalidRequest: "invalid"}
+_CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
 
 
 def public(job: Job, status: str) -> dict[str, Any]:
-    """A job as the API shows it: every field of SPEC section 3, no internals."""
+    """A job as the API shows it (api.Job): the fields of SPEC section 3 that it
+    has, no internals. A live job shows every field, null where unset; a
+    finished job's record shows what was kept of it."""
     out = {k: v for k, v in job.items() if k not in ("seq", "died_at")}
     out["status"] = status
-    for name in (
-        "claimed_by",
-        "claimed_at",
-        "heartbeat_at",
-        "lease_expires_at",
-        "lease_token",
-        "last_error",
-        "result",
-    ):
-        out.setdefault(name, None)
+    if status in ("completed", "cancelled") or "finished_at" in job:
+        out.setdefault("result", None)
+    else:
+        for name in _CLAIM_FIELDS:
+            out.setdefault(name, None)
+    out.setdefault("last_error", None)
     return out
 
 
@@ -55,30 +57,40 @@ def _unclaim_all(jobs: list[Job]) -> Callable[[TopicState, float], None]:
     return give_back
 
 
-def _check_wait(wait: Any) -> None:
-    if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= MAX_WAIT:
-        raise InvalidRequest(f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}")
+def _error_text(error: Any) -> str | None:
+    """A nack's error as kept with the job: text, anything else as its JSON, cut
+    to api.MAX_ERROR characters."""
+    if error is None:
+        return None
+    text = error if isinstance(error, str) else orjson.dumps(error).decode()
+    return text[: api.MAX_ERROR]
 
 
 class Engine:
-    """Queue operations over a GroupCommitter."""
+    """Queue operations over a GroupCommitter. Arguments arrive validated (as the
+    types of simplequeue.api); the engine checks that values can be stored and
+    that topic names are names, and never touches storage itself."""
 
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
 
-    async def enqueue(self, topic: str, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Enqueue jobs; each answer is {"id", "duplicate"}."""
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        """Enqueue jobs; each answer is {"id", "duplicate"}. All or nothing: one
+        payload that cannot be stored rejects the request, and nothing else."""
         keys.check_topic(topic)
+        _check_specs(specs)
         return await self.committer.submit(topic, lambda s, now: s.enqueue(specs, now))
 
-    async def push(self, topic: str, specs: list[dict[str, Any]]) -> int:
-        """Enqueue jobs and answer the topic's pending count just after them, as
-        the batch that held them left it (no read of the store)."""
+    async def push(self, topic: str, specs: list[JobSpec]) -> int:
+        """Enqueue jobs and answer the topic's pending and delayed count just
+        after them, as the batch that held them left it (no read of the store)."""
         keys.check_topic(topic)
+        _check_specs(specs)
 
         def push(s: TopicState, now: float) -> int:
             s.enqueue(specs, now)
-            return s.counts(now)["pending"]
+            counts = s.counts(now)
+            return counts["pending"] + counts["delayed"]
 
         return await self.committer.submit(topic, push)
 
@@ -93,10 +105,9 @@ class Engine:
     ) -> list[dict[str, Any]]:
         """Claim up to `count` jobs, long-polling up to `wait` seconds for one."""
         keys.check_topic(topic)
-        _check_wait(wait)
         jobs = await self._poll(
             topic,
-            wait,
+            min(wait, MAX_WAIT),
             lambda s, now: s.claim(worker_id, lease, count, now),
             # The caller went away: give the claims back rather than let them
             # sit until their leases run out.
@@ -110,8 +121,9 @@ class Engine:
         """Claim and complete up to `count` jobs in one commit (Redis pop
         semantics), long-polling up to `wait` seconds for one."""
         keys.check_topic(topic)
-        _check_wait(wait)
-        jobs = await self._poll(topic, wait, lambda s, now: s.pop(worker_id, count, now))
+        jobs = await self._poll(
+            topic, min(wait, MAX_WAIT), lambda s, now: s.pop(worker_id, count, now)
+        )
         return [public(j, "completed") for j in jobs]
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None:
@@ -137,49 +149,42 @@ class Engine:
             await self.committer.wait_changed(topic, min(left, POLL_INTERVAL))
 
     async def ack(
-        self, topic: str, job_id: Any, lease_token: Any = None, result: Any = None
+        self, topic: str, job_id: str, lease_token: str | None = None, result: Any = None
     ) -> dict[str, Any]:
         keys.check_topic(topic)
+        api.check_storable(result, "the result")
         return await self.committer.submit(
             topic, lambda s, now: s.ack(job_id, lease_token, result, now)
         )
 
-    async def ack_many(self, topic: str, acks: Any) -> list[dict[str, Any]]:
+    async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]:
         """Acknowledge several jobs in one batch; each answer says ok or why not."""
         keys.check_topic(topic)
-        if not isinstance(acks, list) or not acks or not all(isinstance(a, dict) for a in acks):
-            raise InvalidRequest("acks must be a non-empty list of objects")
-        limit = self.committer.settings.policy.max_batch
-        if len(acks) > limit:
-            raise InvalidRequest(f"at most {limit} acks per request")
 
-        async def one(a: dict[str, Any]) -> dict[str, Any]:
+        async def one(a: AckRequest) -> dict[str, Any]:
             try:
-                return await self.ack(topic, a.get("job_id"), a.get("lease_token"), a.get("result"))
+                return await self.ack(topic, a.job_id, a.lease_token, a.result)
             except (JobNotFound, LeaseLost, InvalidRequest) as exc:
-                return {
-                    "id": a.get("job_id"),
-                    "status": _ACK_FAILURES[type(exc)],
-                    "error": str(exc),
-                }
+                return {"id": a.job_id, "status": _ACK_FAILURES[type(exc)], "error": str(exc)}
 
         return list(await asyncio.gather(*(one(a) for a in acks)))
 
     async def nack(
         self,
         topic: str,
-        job_id: Any,
-        lease_token: Any = None,
-        delay: Any = None,
+        job_id: str,
+        lease_token: str | None = None,
+        delay: float = 0.0,
         error: Any = None,
     ) -> dict[str, Any]:
         keys.check_topic(topic)
+        text = _error_text(error)
         return await self.committer.submit(
-            topic, lambda s, now: s.nack(job_id, lease_token, delay, error, now)
+            topic, lambda s, now: s.nack(job_id, lease_token, delay, text, now)
         )
 
     async def heartbeat(
-        self, topic: str, job_id: Any, lease_token: Any = None, lease: Any = None
+        self, topic: str, job_id: str, lease_token: str | None = None, lease: float | None = None
     ) -> dict[str, Any]:
         keys.check_topic(topic)
         return await self.committer.submit(
@@ -192,10 +197,12 @@ class Engine:
 
     async def job(self, topic: str, job_id: str) -> dict[str, Any]:
         keys.check_topic(topic)
-        found = await self.committer.read(topic, lambda s, now: s.find(job_id))
+        found, now = await self.committer.read(topic, lambda s, now: (s.find(job_id), now))
         if found is None:
             raise JobNotFound(f"no job {job_id!r} in topic {topic!r}")
         status, job = found
+        if status == "pending" and job["run_at"] > now:
+            status = "delayed"
         return public(job, status)
 
     async def dead(self, topic: str) -> list[dict[str, Any]]:
@@ -203,11 +210,11 @@ class Engine:
         jobs = await self.committer.read(topic, lambda s, now: s.dead_jobs())
         return [public(j, "dead") for j in jobs]
 
-    async def requeue(self, topic: str, job_ids: Any = None) -> list[str]:
+    async def requeue(self, topic: str, job_ids: list[str] | None = None) -> list[str]:
         keys.check_topic(topic)
         return await self.committer.submit(topic, lambda s, now: s.requeue(job_ids, now))
 
-    async def purge(self, topic: str, job_ids: Any = None) -> list[str]:
+    async def purge(self, topic: str, job_ids: list[str] | None = None) -> list[str]:
         keys.check_topic(topic)
         return await self.committer.submit(topic, lambda s, now: s.purge(job_ids, now))
 
@@ -282,3 +289,12 @@ class Engine:
             except Exception:
                 log.exception("sweeper: topic %s failed", topic)
         return deleted
+
+
+def _check_specs(specs: list[JobSpec]) -> None:
+    if not specs:
+        raise InvalidRequest("no jobs to enqueue")
+    if len(specs) > api.MAX_BATCH:
+        raise InvalidRequest(f"at most {api.MAX_BATCH} jobs per request")
+    for spec in specs:
+        api.check_storable(spec.payload, "the payload")

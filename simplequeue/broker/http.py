@@ -12,18 +12,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
-from simplequeue import keys
+from simplequeue import api, keys
 from simplequeue.broker import page
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.metrics import CONTENT_TYPE, Metrics
-from simplequeue.errors import InvalidRequest, SimpleQueueError
+from simplequeue.errors import SimpleQueueError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,23 +102,13 @@ async def _answer(
 # --- parsing -----------------------------------------------------------------------
 
 
-async def body_of(request: web.Request, allowed: set[str], required: bool = True) -> dict[str, Any]:
-    """The JSON object in the body, with only `allowed` keys."""
+async def body_of(request: web.Request, kind: type[T], required: bool = True) -> T:
+    """The body, decoded and validated as `kind` (a type of simplequeue.api). An
+    empty body is `kind()` when the request may have none."""
     raw = await request.read()
-    if not raw.strip():
-        if required:
-            raise InvalidRequest("the body must be a JSON object")
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    unknown = set(body) - allowed
-    if unknown:
-        raise InvalidRequest(f"unknown fields: {', '.join(sorted(unknown))}")
-    return body
+    if not required and not raw.strip():
+        return kind()
+    return api.decode(raw, kind)
 
 
 def topic_of(request: web.Request) -> str:
@@ -127,22 +119,15 @@ def engine_of(request: web.Request) -> Engine:
     return request.app[SERVICES].engine
 
 
-JOB_FIELDS = {"id", "payload", "priority", "delay", "max_attempts"}
-
-
 # --- handlers -------------------------------------------------------------------------
 
 
 async def enqueue(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    body = await body_of(request, JOB_FIELDS | {"jobs"})
+    body = api.decode_either(await request.read(), api.JobSpec, api.EnqueueBatch, "jobs")
     engine = engine_of(request)
-    if "jobs" in body:
-        if set(body) != {"jobs"}:
-            raise InvalidRequest('a batch is {"jobs": [...]} and nothing else')
-        if not isinstance(body["jobs"], list):
-            raise InvalidRequest("jobs must be a list of job objects")
-        answers = await engine.enqueue(topic, body["jobs"])
+    if isinstance(body, api.EnqueueBatch):
+        answers = await engine.enqueue(topic, body.jobs)
         ids = [a["id"] for a in answers]
         duplicates = [a["id"] for a in answers if a["duplicate"]]
         fresh = len(duplicates) < len(answers)
@@ -155,51 +140,37 @@ async def enqueue(request: web.Request) -> web.Response:
 
 async def claim(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    body = await body_of(request, {"worker_id", "lease", "wait", "count"})
-    if "worker_id" not in body:
-        raise InvalidRequest("worker_id is required")
+    body = await body_of(request, api.ClaimRequest)
     jobs = await engine_of(request).claim(
-        topic,
-        body["worker_id"],
-        lease=body.get("lease"),
-        count=body.get("count", 1),
-        wait=body.get("wait", 0) or 0,
+        topic, body.worker_id, lease=body.lease, count=body.count or 1, wait=body.wait
     )
     if not jobs:
         return error("no job is claimable", 404)
-    return reply({"jobs": jobs} if "count" in body else {"job": jobs[0]})
+    return reply({"jobs": jobs} if body.count is not None else {"job": jobs[0]})
 
 
 async def ack(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    body = await body_of(request, {"job_id", "lease_token", "result", "acks"})
+    body = api.decode_either(await request.read(), api.AckRequest, api.AckBatch, "acks")
     engine = engine_of(request)
-    if "acks" in body:
-        if set(body) != {"acks"}:
-            raise InvalidRequest('a batch is {"acks": [...]} and nothing else')
-        return reply({"results": await engine.ack_many(topic, body["acks"])})
-    return reply(
-        await engine.ack(topic, body.get("job_id"), body.get("lease_token"), body.get("result"))
-    )
+    if isinstance(body, api.AckBatch):
+        return reply({"results": await engine.ack_many(topic, body.acks)})
+    return reply(await engine.ack(topic, body.job_id, body.lease_token, body.result))
 
 
 async def nack(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    body = await body_of(request, {"job_id", "lease_token", "delay", "error"})
+    body = await body_of(request, api.NackRequest)
     return reply(
-        await engine_of(request).nack(
-            topic, body.get("job_id"), body.get("lease_token"), body.get("delay"), body.get("error")
-        )
+        await engine_of(request).nack(topic, body.job_id, body.lease_token, body.delay, body.error)
     )
 
 
 async def heartbeat(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    body = await body_of(request, {"job_id", "lease_token", "lease"})
+    body = await body_of(request, api.HeartbeatRequest)
     return reply(
-        await engine_of(request).heartbeat(
-            topic, body.get("job_id"), body.get("lease_token"), body.get("lease")
-        )
+        await engine_of(request).heartbeat(topic, body.job_id, body.lease_token, body.lease)
     )
 
 
@@ -218,15 +189,15 @@ async def dead(request: web.Request) -> web.Response:
 
 async def requeue(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    body = await body_of(request, {"job_ids"}, required=False)
-    ids = await engine_of(request).requeue(topic, body.get("job_ids"))
+    body = await body_of(request, api.JobIdsRequest, required=False)
+    ids = await engine_of(request).requeue(topic, body.job_ids)
     return reply({"requeued": ids})
 
 
 async def purge(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    body = await body_of(request, {"job_ids"}, required=False)
-    ids = await engine_of(request).purge(topic, body.get("job_ids"))
+    body = await body_of(request, api.JobIdsRequest, required=False)
+    ids = await engine_of(request).purge(topic, body.job_ids)
     return reply({"purged": ids})
 
 

@@ -1,228 +1,245 @@
-"""The OpenAPI 3 description of the HTTP API, served at /openapi.json."""
+"""The OpenAPI 3.1 description of the HTTP API, served at /openapi.json.
+
+Every schema is generated from the types in simplequeue.api, the same ones the
+handlers decode request bodies into: the description cannot drift from what
+the broker accepts. Only the routes and their statuses are written here.
+"""
 
 from __future__ import annotations
 
 from functools import cache
 from typing import Any
 
-from simplequeue import __version__
+import msgspec
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
+from simplequeue import __version__, api
+
+_REF = "#/components/schemas/{name}"
+
+#: Every type whose schema the description holds.
+_TYPES: tuple[type[Any], ...] = (
+    api.JobSpec,
+    api.EnqueueBatch,
+    api.ClaimRequest,
+    api.AckRequest,
+    api.AckBatch,
+    api.NackRequest,
+    api.HeartbeatRequest,
+    api.JobIdsRequest,
+    api.Job,
+    api.Counts,
+    api.Enqueued,
+    api.EnqueuedBatch,
+    api.Claimed,
+    api.ClaimedBatch,
+    api.Settled,
+    api.AckedBatch,
+    api.Renewed,
+    api.DeadJobs,
+    api.Requeued,
+    api.Purged,
+    api.Topics,
+    api.Health,
+    api.Error,
+)
+
+_REASONS = {
+    400: "bad input; nothing changed",
+    401: "missing or wrong bearer token",
+    404: "not found",
+    409: "the caller does not hold the claim",
+    413: "body too large",
+    503: "the store is unavailable or contended; nothing was lost",
+}
+
+
+def _ref(kind: type[Any]) -> dict[str, Any]:
+    return {"$ref": _REF.format(name=kind.__name__)}
+
+
+def _one_of(*kinds: type[Any]) -> dict[str, Any]:
+    return {"oneOf": [_ref(k) for k in kinds]}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def _answers(ok: dict[str, Any], *codes: int, ok_code: str = "200") -> dict[str, Any]:
-    out: dict[str, Any] = {ok_code: {"description": "success", **_json(ok)}}
-    reasons = {
-        400: "bad input; nothing changed",
-        401: "missing or wrong bearer token",
-        404: "not found",
-        409: "the caller does not hold the claim",
-        413: "body too large",
-        503: "the store is unavailable or contended; nothing was lost",
-    }
-    for code in (400, 401, *codes, 503):
-        out[str(code)] = {"description": reasons[code], **_json(_ERROR)}
-    return out
-
-
 def _op(
-    summary: str, answers: dict[str, Any], body: dict[str, Any] | None = None, job_id: bool = False
+    operation_id: str,
+    summary: str,
+    ok: dict[str, Any],
+    *errors: int,
+    body: dict[str, Any] | None = None,
+    body_required: bool = True,
+    ok_codes: tuple[str, ...] = ("200",),
+    topic: bool = True,
+    job_id: bool = False,
 ) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": answers}
-    params = [
-        {
-            "name": "topic",
-            "in": "path",
-            "required": True,
-            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
-        }
-    ]
+    responses: dict[str, Any] = {c: {"description": "success", **_json(ok)} for c in ok_codes}
+    for code in sorted({400, 401, *errors, 503}):
+        responses[str(code)] = {"description": _REASONS[code], **_json(_ref(api.Error))}
+    op: dict[str, Any] = {"operationId": operation_id, "summary": summary, "responses": responses}
+    params = []
+    if topic:
+        params.append(
+            {
+                "name": "topic",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
+            }
+        )
     if job_id:
         params.append(
             {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
         )
-    op["parameters"] = params
+    if params:
+        op["parameters"] = params
     if body is not None:
-        op["requestBody"] = {"required": True, **_json(body)}
+        op["requestBody"] = {"required": body_required, **_json(body)}
     return op
 
 
 @cache
 def spec() -> dict[str, Any]:
     """The API description (built once)."""
-    number = {"type": "number", "minimum": 0}
-    positive = {"type": "number", "minimum": 0, "exclusiveMinimum": True}  # OpenAPI 3.0 form
-    job_spec = {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string", "minLength": 1, "maxLength": 256},
-            "payload": {},
-            "priority": {"type": "integer"},
-            "delay": number,
-            "max_attempts": {"type": "integer", "minimum": 0},
-        },
-        "required": ["payload"],
-        "additionalProperties": False,
-    }
-    settle = {
-        "job_id": {"type": "string"},
-        "lease_token": {"type": "string"},
-    }
-    ids = {"type": "array", "items": {"type": "string"}}
-    ref = {"$ref": "#/components/schemas/Job"}
+    _, schemas = msgspec.json.schema_components(_TYPES, ref_template=_REF)
     t = "/topics/{topic}"
     paths: dict[str, Any] = {
         f"{t}/enqueue": {
             "post": _op(
+                "enqueue",
                 "Enqueue one job, or a batch as {jobs: [...]}",
-                _answers({"type": "object"}, 413, ok_code="201"),
-                {
-                    "oneOf": [
-                        job_spec,
-                        {
-                            "type": "object",
-                            "properties": {"jobs": {"type": "array", "items": job_spec}},
-                            "required": ["jobs"],
-                            "additionalProperties": False,
-                        },
-                    ]
-                },
+                _one_of(api.Enqueued, api.EnqueuedBatch),
+                413,
+                body=_one_of(api.JobSpec, api.EnqueueBatch),
+                ok_codes=("201", "200"),
             )
         },
         f"{t}/claim": {
             "post": _op(
+                "claim",
                 "Claim the next job (or count jobs), long-polling up to wait seconds",
-                _answers(
-                    {
-                        "type": "object",
-                        "properties": {"job": ref, "jobs": {"type": "array", "items": ref}},
-                    },
-                    404,
-                ),
-                {
-                    "type": "object",
-                    "properties": {
-                        "worker_id": {"type": "string", "minLength": 1},
-                        "lease": positive,
-                        "wait": {"type": "number", "minimum": 0, "maximum": 60},
-                        "count": {"type": "integer", "minimum": 1},
-                    },
-                    "required": ["worker_id"],
-                    "additionalProperties": False,
-                },
+                _one_of(api.Claimed, api.ClaimedBatch),
+                404,
+                413,
+                body=_ref(api.ClaimRequest),
             )
         },
         f"{t}/ack": {
             "post": _op(
+                "ack",
                 "Complete a claimed job (or several, as {acks: [...]})",
-                _answers({"type": "object"}, 404, 409),
-                {
-                    "type": "object",
-                    "properties": {
-                        **settle,
-                        "result": {},
-                        "acks": {"type": "array", "items": {"type": "object"}},
-                    },
-                    "additionalProperties": False,
-                },
+                _one_of(api.Settled, api.AckedBatch),
+                404,
+                409,
+                413,
+                body=_one_of(api.AckRequest, api.AckBatch),
             )
         },
         f"{t}/nack": {
             "post": _op(
+                "nack",
                 "Return a claimed job to pending after delay seconds, or dead when spent",
-                _answers({"type": "object"}, 404, 409),
-                {
-                    "type": "object",
-                    "properties": {**settle, "delay": number, "error": {}},
-                    "required": ["job_id"],
-                    "additionalProperties": False,
-                },
+                _ref(api.Settled),
+                404,
+                409,
+                413,
+                body=_ref(api.NackRequest),
             )
         },
         f"{t}/heartbeat": {
             "post": _op(
+                "heartbeat",
                 "Extend a claim's lease",
-                _answers(
-                    {"type": "object", "properties": {"lease_expires_at": {"type": "number"}}},
-                    404,
-                    409,
-                ),
-                {
-                    "type": "object",
-                    "properties": {**settle, "lease": positive},
-                    "required": ["job_id"],
-                    "additionalProperties": False,
-                },
+                _ref(api.Renewed),
+                404,
+                409,
+                413,
+                body=_ref(api.HeartbeatRequest),
             )
         },
         f"{t}/status": {
-            "get": _op(
-                "Counts of the topic's jobs", _answers({"$ref": "#/components/schemas/Counts"})
-            )
+            "get": _op("getStatus", "Counts of the topic's jobs", _ref(api.Counts)),
         },
         t + "/jobs/{job_id}": {
-            "get": _op("A job, or its retained record", _answers(ref, 404), job_id=True)
+            "get": _op("getJob", "A job, or its retained record", _ref(api.Job), 404, job_id=True),
         },
         f"{t}/dead": {
-            "get": _op(
-                "Dead jobs",
-                _answers(
-                    {"type": "object", "properties": {"jobs": {"type": "array", "items": ref}}}
-                ),
-            ),
+            "get": _op("listDead", "Dead jobs", _ref(api.DeadJobs)),
             "delete": _op(
+                "purgeDead",
                 "Purge dead jobs (all, or job_ids)",
-                _answers({"type": "object"}),
-                {"type": "object", "properties": {"job_ids": ids}, "additionalProperties": False},
+                _ref(api.Purged),
+                413,
+                body=_ref(api.JobIdsRequest),
+                body_required=False,
             ),
         },
         f"{t}/requeue": {
             "post": _op(
+                "requeueDead",
                 "Dead jobs (all, or job_ids) back to pending",
-                _answers({"type": "object"}),
-                {"type": "object", "properties": {"job_ids": ids}, "additionalProperties": False},
+                _ref(api.Requeued),
+                413,
+                body=_ref(api.JobIdsRequest),
+                body_required=False,
             )
         },
         "/topics": {
-            "get": {
-                "summary": "Every topic in the store with its counts",
-                "responses": _answers({"type": "object"}),
-            }
+            "get": _op(
+                "listTopics",
+                "Every topic in the store with its counts",
+                _ref(api.Topics),
+                topic=False,
+            )
         },
         "/healthz": {
             "get": {
+                "operationId": "healthz",
                 "summary": "200 when the store answers",
                 "security": [],
                 "responses": {
-                    "200": {"description": "ok"},
-                    "503": {"description": "store unavailable"},
+                    "200": {"description": "ok", **_json(_ref(api.Health))},
+                    "503": {"description": _REASONS[503], **_json(_ref(api.Error))},
                 },
             }
         },
         "/metrics": {
             "get": {
+                "operationId": "metrics",
                 "summary": "Prometheus metrics",
                 "responses": {
-                    "200": {"description": "Prometheus text format", "content": {"text/plain": {}}}
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": {"description": _REASONS[401], **_json(_ref(api.Error))},
                 },
             }
         },
         "/ui/overview": {
-            "get": {
-                "summary": "Everything the status page at / shows",
-                "responses": _answers({"type": "object"}),
-            }
+            "get": _op(
+                "uiOverview",
+                "Everything the status page at / shows",
+                {"type": "object"},
+                topic=False,
+            )
         },
         "/openapi.json": {
-            "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1", **_json({"type": "object"})},
+                    "401": {"description": _REASONS[401], **_json(_ref(api.Error))},
+                },
+            }
         },
     }
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "simplequeue",
             "version": __version__,
@@ -231,45 +248,7 @@ def spec() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "properties": {"error": {"type": "string"}},
-                    "required": ["error"],
-                },
-                "Counts": {
-                    "type": "object",
-                    "properties": {
-                        k: {"type": "integer"}
-                        for k in (
-                            "pending",
-                            "delayed",
-                            "claimed",
-                            "completed",
-                            "dead",
-                            "enqueued",
-                            "total",
-                        )
-                    },
-                },
-                "Job": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "string"},
-                        "payload": {},
-                        "status": {
-                            "type": "string",
-                            "enum": ["pending", "claimed", "completed", "dead"],
-                        },
-                        "priority": {"type": "integer"},
-                        "run_at": {"type": "number"},
-                        "attempts": {"type": "integer"},
-                        "max_attempts": {"type": "integer"},
-                        "created_at": {"type": "number"},
-                        "lease_token": {"type": "string", "nullable": True},
-                    },
-                },
-            },
+            "schemas": schemas,
         },
         "security": [{"bearer": []}],
     }

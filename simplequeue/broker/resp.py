@@ -23,7 +23,7 @@ from typing import Any, TypeAlias
 import hiredis
 import orjson
 
-from simplequeue import __version__, keys
+from simplequeue import __version__, api, keys
 from simplequeue.broker.engine import MAX_WAIT, Engine
 from simplequeue.broker.metrics import Metrics
 from simplequeue.broker.settings import parse_addr
@@ -70,6 +70,7 @@ class RespError(Exception):
 Reply: TypeAlias = (
     "int | str | bytes | RespError | _NullArray | list[Reply] | dict[str, Reply] | None"
 )
+
 
 def error_of(exc: SimpleQueueError) -> RespError:
     """The reply for one of our errors: its class's RESP code (simplequeue.errors)."""
@@ -487,7 +488,7 @@ class Connection:
     async def lpush(self, args: list[bytes]) -> Reply:
         """LPUSH and RPUSH both enqueue, in argument order; the reply is LLEN after."""
         topic = topic_of(args[0])
-        return await self.engine.push(topic, [{"payload": text(v, "values")} for v in args[1:]])
+        return await self.engine.push(topic, [api.JobSpec(text(v, "values")) for v in args[1:]])
 
     @command(("LPOP", "RPOP"), 1, 2, flags=("write",), first_key=1)
     async def lpop(self, args: list[bytes]) -> Reply:
@@ -514,7 +515,7 @@ class Connection:
         fails is not handed out; its lease runs out and it is delivered again."""
         if not jobs:
             return []
-        acks = [{"job_id": j["id"], "lease_token": j["lease_token"]} for j in jobs]
+        acks = [api.AckRequest(j["id"], j["lease_token"]) for j in jobs]
         answers = await self.engine.ack_many(topic, acks)
         done = {a["id"] for a in answers if "error" not in a}
         return [value_of(j["payload"]) for j in jobs if j["id"] in done]
@@ -591,7 +592,7 @@ class Connection:
     async def llen(self, args: list[bytes]) -> Reply:
         """The topic's pending jobs (delayed ones included), as SPEC section 6 says."""
         counts: dict[str, int] = await self.engine.status(topic_of(args[0]))
-        return counts["pending"]
+        return counts["pending"] + counts["delayed"]
 
     # --- streams: entries are jobs, consumer groups share one queue ---------------------
 
@@ -608,7 +609,7 @@ class Connection:
         spec: dict[str, Any] = {"payload": payload}
         if job_id != "*":
             spec["id"] = job_id
-        answers = await self.engine.enqueue(topic, [spec])
+        answers = await self.engine.enqueue(topic, [api.convert(spec, api.JobSpec)])
         return str(answers[0]["id"])
 
     @command("XREADGROUP", 6, None, flags=("write", "blocking"))
@@ -642,7 +643,7 @@ class Connection:
         return [[topic, entries] for topic, entries in streams.items()]
 
     async def _complete_ids(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
-        acks = [{"job_id": j["id"], "lease_token": j["lease_token"]} for j in jobs]
+        acks = [api.AckRequest(j["id"], j["lease_token"]) for j in jobs]
         return [a["id"] for a in await self.engine.ack_many(topic, acks) if "error" not in a]
 
     def _remember(self, topic: str, jobs: list[dict[str, Any]]) -> None:
@@ -663,9 +664,10 @@ class Connection:
         acked = 0
         for start in range(0, len(ids), limit):
             chunk = ids[start : start + limit]
-            acks = [{"job_id": i, "lease_token": self.tokens.get((topic, i))} for i in chunk]
-            answers = await self.engine.ack_many(topic, acks)
-            acked += sum("error" not in a for a in answers)
+            acks = [a for i in chunk if (a := _ack_of(i, self.tokens.get((topic, i))))]
+            if acks:
+                answers = await self.engine.ack_many(topic, acks)
+                acked += sum("error" not in a for a in answers)
             for i in chunk:
                 self.tokens.pop((topic, i), None)
         return acked
@@ -674,7 +676,7 @@ class Connection:
     async def xlen(self, args: list[bytes]) -> Reply:
         """Entries not yet acknowledged: pending and claimed jobs."""
         counts = await self.engine.status(topic_of(args[0]))
-        return int(counts["pending"] + counts["claimed"])
+        return int(counts["pending"] + counts["delayed"] + counts["claimed"])
 
     @command("XINFO", 1, None)
     async def xinfo(self, args: list[bytes]) -> Reply:
@@ -685,7 +687,7 @@ class Connection:
             raise RespError("ERR", "XINFO STREAM takes one key (FULL is not supported)")
         counts: dict[str, int] = await self.engine.status(topic_of(args[1]))
         return {
-            "length": counts["pending"] + counts["claimed"],
+            "length": counts["pending"] + counts["delayed"] + counts["claimed"],
             "groups": 1,  # every group reads the one queue
             "entries-added": counts["enqueued"],
             # Peeking at jobs is no engine operation: the ends are not shown.
@@ -702,6 +704,14 @@ class Connection:
             raise RespError("ERR", f"XGROUP {upper(args[0])} is not supported (CREATE is)")
         topic_of(args[1])
         return OK
+
+
+def _ack_of(job_id: str, token: str | None) -> api.AckRequest | None:
+    """The ack of an XACK id, or None for an id no job can have (it acks nothing)."""
+    try:
+        return api.convert({"job_id": job_id, "lease_token": token}, api.AckRequest)
+    except SimpleQueueError:
+        return None
 
 
 def _hello_options(args: list[bytes]) -> tuple[bytes | None, str | None]:

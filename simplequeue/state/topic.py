@@ -24,12 +24,11 @@ from typing import Any
 
 import orjson
 
-from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+from simplequeue.api import JobSpec
+from simplequeue.errors import JobNotFound, LeaseLost
 from simplequeue.state.limits import Bounds, Policy
 
 FORMAT = 1
-
-MAX_ERROR = 4096  # characters of an error message kept with a job
 
 Job = dict[str, Any]
 Record = dict[str, Any]
@@ -221,14 +220,14 @@ class TopicState:
         return jobs
 
     def counts(self, now: float) -> dict[str, int]:
+        """Jobs by status (api.Counts); the counts never overlap."""
         pending = delayed = 0
         for lane in self.head["lanes"].values():
             for items, pos, _ in self._runs(lane):
-                n = len(items) - pos
-                pending += n
                 # Runs are sorted by run_at: the not-yet-due ones are a suffix.
                 due = bisect.bisect_right(items, now, lo=pos, key=lambda j: j["run_at"]) - pos
-                delayed += n - due
+                pending += due
+                delayed += len(items) - pos - due
         claimed = len(self.head["claimed"])
         dead = self.dead_count()
         c = self.head["counters"]
@@ -239,7 +238,7 @@ class TopicState:
             "completed": c["completed"],
             "dead": dead,
             "enqueued": c["enqueued"],
-            "total": pending + claimed + c["completed"] + dead,
+            "total": pending + delayed + claimed + c["completed"] + dead,
         }
 
     def dead_count(self) -> int:
@@ -305,16 +304,12 @@ class TopicState:
 
     # --- enqueue --------------------------------------------------------------------
 
-    def enqueue(self, specs: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    def enqueue(self, specs: list[JobSpec], now: float) -> list[dict[str, Any]]:
         """Add jobs; answer {"id", "duplicate"} for each. Duplicates (an id live or
         retained in the topic, or twice in this call) are not added again."""
-        if not specs:
-            raise InvalidRequest("no jobs to enqueue")
-        if len(specs) > self.policy.max_batch:
-            raise InvalidRequest(f"at most {self.policy.max_batch} jobs per enqueue")
-        jobs = [self._validate_spec(spec) for spec in specs]  # all or nothing
         answers: list[dict[str, Any]] = []
-        for spec, job_id in jobs:
+        for spec in specs:
+            job_id = spec.id
             if job_id is not None and self.exists(job_id):
                 answers.append({"id": job_id, "duplicate": True})
                 continue
@@ -322,14 +317,13 @@ class TopicState:
             self.head["seq"] = seq + 1
             if job_id is None:
                 job_id = uuid.uuid4().hex
-            delay = spec.get("delay", 0) or 0
-            max_attempts = spec.get("max_attempts")
+            max_attempts = spec.max_attempts
             job: Job = {
                 "id": job_id,
                 "seq": seq,
-                "payload": spec["payload"],
-                "priority": spec.get("priority", 0) or 0,
-                "run_at": now + delay,
+                "payload": spec.payload,
+                "priority": spec.priority,
+                "run_at": now + spec.delay,
                 "created_at": now,
                 "attempts": 0,
                 "max_attempts": self.policy.max_attempts if max_attempts is None else max_attempts,
@@ -339,25 +333,6 @@ class TopicState:
             self.head["counters"]["enqueued"] += 1
             answers.append({"id": job_id, "duplicate": False})
         return answers
-
-    @staticmethod
-    def _validate_spec(spec: Any) -> tuple[dict[str, Any], str | None]:
-        if not isinstance(spec, dict):
-            raise InvalidRequest("each job must be a JSON object")
-        unknown = set(spec) - {"id", "payload", "priority", "delay", "max_attempts"}
-        if unknown:
-            raise InvalidRequest(f"unknown job fields: {', '.join(sorted(unknown))}")
-        if "payload" not in spec:
-            raise InvalidRequest("a job needs a payload")
-        job_id = spec.get("id")
-        if job_id is not None and (
-            not isinstance(job_id, str) or not 1 <= len(job_id) <= 256 or not job_id.isprintable()
-        ):
-            raise InvalidRequest("id must be a printable string of 1-256 characters")
-        _check_int(spec, "priority", -(2**31), 2**31 - 1)
-        _check_number(spec, "delay", 0, 366 * 86400)
-        _check_int(spec, "max_attempts", 0, 1_000_000)
-        return spec, job_id
 
     def _push_pending(self, job: Job) -> None:
         self.dirty = True
@@ -375,16 +350,9 @@ class TopicState:
     # --- claim ------------------------------------------------------------------------
 
     def claim(self, worker_id: str, lease: float | None, count: int, now: float) -> list[Job]:
-        """Claim up to `count` due jobs, highest priority then earliest run_at."""
-        if not isinstance(worker_id, str) or not 1 <= len(worker_id) <= 256:
-            raise InvalidRequest("worker_id must be a string of 1-256 characters")
-        lease = self._lease(lease)
-        if (
-            not isinstance(count, int)
-            or isinstance(count, bool)
-            or not 1 <= count <= (self.policy.max_batch)
-        ):
-            raise InvalidRequest(f"count must be an integer from 1 to {self.policy.max_batch}")
+        """Claim up to `count` due jobs, highest priority then earliest run_at, for
+        `lease` seconds (None: the policy's default)."""
+        lease = self.policy.default_lease if lease is None else lease
         claimed: list[Job] = []
         lanes = sorted(self.head["lanes"].items(), key=lambda kv: -int(kv[0]))
         for name, lane in lanes:
@@ -466,27 +434,10 @@ class TopicState:
             del lanes[name]
             self._heaps.pop(name, None)
 
-    def _lease(self, lease: Any) -> float:
-        if lease is None:
-            return self.policy.default_lease
-        if (
-            not isinstance(lease, int | float)
-            or isinstance(lease, bool)
-            or not 0 < lease <= self.policy.max_lease
-        ):
-            raise InvalidRequest(
-                f"lease must be a number of seconds in (0, {self.policy.max_lease}]"
-            )
-        return float(lease)
-
     # --- settle: ack, nack, heartbeat -----------------------------------------------
 
-    def _holder(self, job_id: Any, token: Any) -> Job:
+    def _holder(self, job_id: str, token: str | None) -> Job:
         """The claimed job `job_id`, if the caller (with `token`, if given) holds it."""
-        if not isinstance(job_id, str) or not job_id:
-            raise InvalidRequest("job_id must be a non-empty string")
-        if token is not None and not isinstance(token, str):
-            raise InvalidRequest("lease_token must be a string")
         job: Job | None = self.head["claimed"].get(job_id)
         if job is None:
             if self.find(job_id) is None:
@@ -496,7 +447,7 @@ class TopicState:
             raise LeaseLost(f"job {job_id!r} is claimed under another lease")
         return job
 
-    def ack(self, job_id: Any, token: Any, result: Any, now: float) -> dict[str, Any]:
+    def ack(self, job_id: str, token: str | None, result: Any, now: float) -> dict[str, Any]:
         job = self._holder(job_id, token)
         self.dirty = True
         del self.head["claimed"][job_id]
@@ -504,21 +455,20 @@ class TopicState:
         self._retain(job, "completed", now, result=result)
         return {"id": job_id, "status": "completed"}
 
-    def nack(self, job_id: Any, token: Any, delay: Any, error: Any, now: float) -> dict[str, Any]:
-        if delay is not None:
-            _check_number({"delay": delay}, "delay", 0, 366 * 86400)
-        if error is not None and not isinstance(error, str):
-            error = orjson.dumps(error).decode()
-        if error is not None:
-            error = error[:MAX_ERROR]
+    def nack(
+        self, job_id: str, token: str | None, delay: float, error: str | None, now: float
+    ) -> dict[str, Any]:
+        """Back to pending after `delay` seconds, or dead when its attempts are spent."""
         job = self._holder(job_id, token)
         del self.head["claimed"][job_id]
-        status = self._release(job, now + (delay or 0), error, now)
+        status = self._release(job, now + delay, error, now)
         return {"id": job_id, "status": status}
 
-    def heartbeat(self, job_id: Any, token: Any, lease: Any, now: float) -> dict[str, Any]:
+    def heartbeat(
+        self, job_id: str, token: str | None, lease: float | None, now: float
+    ) -> dict[str, Any]:
         """Extend the lease by `lease` seconds, or by the claim's own lease."""
-        lease_s = self._lease(lease) if lease is not None else None
+        lease_s = lease
         job = self._holder(job_id, token)
         if lease_s is None:
             lease_s = job["lease_expires_at"] - job["heartbeat_at"]
@@ -577,21 +527,15 @@ class TopicState:
 
     # --- dead letters ------------------------------------------------------------------
 
-    def requeue(self, job_ids: Any, now: float) -> list[str]:
+    def requeue(self, job_ids: list[str] | None, now: float) -> list[str]:
         """Dead jobs (all, or those named) back to pending with fresh attempts."""
         return [job["id"] for job in self._take_dead(job_ids, now, requeue=True)]
 
-    def purge(self, job_ids: Any, now: float) -> list[str]:
+    def purge(self, job_ids: list[str] | None, now: float) -> list[str]:
         """Forget dead jobs (all, or those named)."""
         return [job["id"] for job in self._take_dead(job_ids, now, requeue=False)]
 
-    def _take_dead(self, job_ids: Any, now: float, requeue: bool) -> list[Job]:
-        if job_ids is not None and (
-            not isinstance(job_ids, list)
-            or not all(isinstance(i, str) for i in job_ids)
-            or len(job_ids) > self.policy.dead_limit
-        ):
-            raise InvalidRequest("job_ids must be a list of job id strings")
+    def _take_dead(self, job_ids: list[str] | None, now: float, requeue: bool) -> list[Job]:
         wanted = None if job_ids is None else set(job_ids)
         dead = self.head["dead"]
         taken: list[Job] = []
@@ -737,19 +681,3 @@ class TopicState:
 _CLAIM_FIELDS = frozenset(
     {"claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token"}
 )
-
-
-def _check_int(spec: dict[str, Any], name: str, lo: int, hi: int) -> None:
-    value = spec.get(name)
-    if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
-
-
-def _check_number(spec: dict[str, Any], name: str, lo: float, hi: float) -> None:
-    value = spec.get(name)
-    if value is None:
-        return
-    if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi:
-        raise InvalidRequest(f"{name} must be a number from {lo} to {hi}")

@@ -17,6 +17,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+)
 
 from simplequeue.broker.resp import COMMANDS
 from tests.conftest import BrokerProcess
@@ -80,6 +84,10 @@ def test_openapi_cases_get_no_5xx_and_rejections_change_nothing(
             tried[f"{status // 100}xx"] = tried.get(f"{status // 100}xx", 0) + 1
             where = f"{operation.label} -> {status}: {response.text[:200]}"
             assert status < 500, where
+            # Every answer, success or error, is what /openapi.json says it is.
+            case.validate_response(
+                response, checks=[response_schema_conformance, content_type_conformance]
+            )
             if status >= 400:
                 assert isinstance(response.json().get("error"), str), where
                 assert snapshot(store) == before, f"a rejected request changed state: {where}"

@@ -1,0 +1,278 @@
+"""The HTTP API's types: every request body and every answer, as msgspec Structs.
+
+The broker decodes and validates request bodies into these at the edge (and the
+RESP face builds the same types), /openapi.json is generated from them, and the
+SDK encodes its requests and decodes the broker's answers with them. Nothing
+here does I/O or knows the broker or the client: both import it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+import orjson
+from msgspec import Meta, Struct
+
+from simplequeue.errors import InvalidRequest
+
+T = TypeVar("T")
+
+MAX_BATCH = 1000  # jobs, claims or acks in one request
+MAX_WAIT = 60.0  # seconds a long poll may wait
+MAX_LEASE = 12 * 3600.0  # seconds
+MAX_DELAY = 366 * 86400.0  # seconds
+MAX_ERROR = 4096  # characters of an error message kept with a job
+# JSON values (payloads, results, errors) are stored inside the topic's objects,
+# whose encoder stops at 254 levels: a value may nest at most this deep.
+MAX_DEPTH = 200
+
+# Ids and names: printable, no control characters (they end up in logs and tables).
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+JobId = Annotated[str, Meta(min_length=1, max_length=256, pattern=_PRINTABLE)]
+WorkerId = Annotated[str, Meta(min_length=1, max_length=256, pattern=_PRINTABLE)]
+LeaseToken = Annotated[str, Meta(min_length=1, max_length=256)]
+Priority = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
+Delay = Annotated[float, Meta(ge=0, le=MAX_DELAY)]
+Attempts = Annotated[int, Meta(ge=0, le=1_000_000)]
+Lease = Annotated[float, Meta(gt=0, le=MAX_LEASE)]
+Wait = Annotated[float, Meta(ge=0, le=MAX_WAIT)]
+Count = Annotated[int, Meta(ge=1, le=MAX_BATCH)]
+JobIds = Annotated[list[JobId], Meta(max_length=100_000)]
+
+Status = Literal["pending", "delayed", "claimed", "completed", "dead", "cancelled"]
+
+
+class _Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Request bodies: unknown fields are an error, not ignored."""
+
+
+# --- requests --------------------------------------------------------------------
+
+
+class JobSpec(_Request):
+    """One job to enqueue. Without an id, the broker makes one."""
+
+    payload: Any
+    id: JobId | None = None
+    priority: Priority = 0
+    delay: Delay = 0.0
+    max_attempts: Attempts | None = None  # None: the broker's --max-attempts
+
+
+class EnqueueBatch(_Request):
+    jobs: Annotated[list[JobSpec], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class ClaimRequest(_Request):
+    worker_id: WorkerId
+    lease: Lease | None = None  # None: the broker's --lease
+    wait: Wait = 0.0  # long-poll up to this many seconds for a job
+    count: Count | None = None  # given: answer {"jobs": [...]}; else {"job": ...}
+
+
+class AckRequest(_Request):
+    job_id: JobId
+    lease_token: LeaseToken | None = None
+    result: Any = None
+
+
+class AckBatch(_Request):
+    acks: Annotated[list[AckRequest], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class NackRequest(_Request):
+    job_id: JobId
+    lease_token: LeaseToken | None = None
+    delay: Delay = 0.0
+    error: Any = None  # text; anything else is kept as its JSON
+
+
+class HeartbeatRequest(_Request):
+    job_id: JobId
+    lease_token: LeaseToken | None = None
+    lease: Lease | None = None  # None: the claim's own lease
+
+
+class JobIdsRequest(_Request):
+    job_ids: JobIds | None = None  # None: every dead job
+
+
+# --- answers ---------------------------------------------------------------------
+
+
+class _Answer(Struct, omit_defaults=True):
+    """Answers: fields this SDK does not know are ignored, so brokers may add some."""
+
+
+class Job(_Answer):
+    """A job, or the record kept of it once it finished (SPEC section 3). A
+    record has no payload, priority, run_at, max_attempts or claim fields:
+    those are None."""
+
+    id: str
+    status: Status
+    payload: Any = None
+    priority: int | None = None
+    run_at: float | None = None
+    attempts: int | None = None
+    max_attempts: int | None = None
+    created_at: float | None = None
+    claimed_by: str | None = None
+    claimed_at: float | None = None
+    heartbeat_at: float | None = None
+    lease_expires_at: float | None = None
+    lease_token: str | None = None
+    last_error: str | None = None
+    result: Any = None
+    finished_at: float | None = None
+
+
+class Counts(_Answer):
+    """A topic's jobs by status. The counts never overlap: pending (claimable
+    now), delayed (not yet due), claimed and dead are now; completed and
+    cancelled are ever; total is their sum; enqueued counts every job ever
+    enqueued, duplicates excluded."""
+
+    pending: int
+    delayed: int
+    claimed: int
+    completed: int
+    dead: int
+    enqueued: int
+    total: int
+
+
+class Enqueued(_Answer):
+    id: str
+    duplicate: bool = False
+
+
+class EnqueuedBatch(_Answer):
+    ids: list[str]
+    duplicates: list[str]
+
+
+class Claimed(_Answer):
+    job: Job
+
+
+class ClaimedBatch(_Answer):
+    jobs: list[Job]
+
+
+class Settled(_Answer):
+    """The answer to an ack or a nack: the job's status after it."""
+
+    id: str
+    status: str
+
+
+class AckResult(_Answer):
+    """One ack of a batch: status "completed", or "not_found", "conflict" or
+    "invalid" with the error."""
+
+    id: str | None
+    status: str
+    error: str | None = None
+
+
+class AckedBatch(_Answer):
+    results: list[AckResult]
+
+
+class Renewed(_Answer):
+    id: str
+    lease_expires_at: float
+
+
+class DeadJobs(_Answer):
+    jobs: list[Job]
+
+
+class Requeued(_Answer):
+    requeued: list[str]
+
+
+class Purged(_Answer):
+    purged: list[str]
+
+
+class Topics(_Answer):
+    topics: dict[str, Counts]
+
+
+class Health(_Answer):
+    ok: bool
+    broker_id: str
+    active: bool
+
+
+class Error(_Answer):
+    error: str
+
+
+# --- decoding at the edge ----------------------------------------------------------
+
+
+def decode(raw: bytes, kind: type[T]) -> T:
+    """`raw` (a JSON body) as `kind`, or InvalidRequest saying what is wrong."""
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"malformed JSON: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def convert(value: Any, kind: type[T]) -> T:
+    """A Python value (what the RESP face parsed, say) as `kind`, validated as a
+    JSON body would be."""
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+_Shape = dict[str, msgspec.Raw]
+
+
+def decode_either(raw: bytes, single: type[T], batch: type[Any], key: str) -> T | Any:
+    """A body that is `single`, or `batch` when it has the field `key` (as
+    {"jobs": [...]} or {"acks": [...]}). The fields are looked at without
+    decoding their values, then the body is decoded as the type it is."""
+    shape = decode(raw, _Shape)
+    if key in shape:
+        if len(shape) != 1:
+            raise InvalidRequest(f'a batch is {{"{key}": [...]}} and nothing else')
+        return decode(raw, batch)
+    return decode(raw, single)
+
+
+def check_storable(value: Any, what: str) -> None:
+    """Raise InvalidRequest unless `value` can be stored: the topic's encoder
+    takes integers of at most 64 bits and nesting up to MAX_DEPTH (with room
+    for the objects it is stored in)."""
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError as exc:
+        raise InvalidRequest(f"{what} cannot be stored: {exc}") from None
+    # Nesting deeper than MAX_DEPTH takes more than 2 x MAX_DEPTH bytes.
+    if len(encoded) > 2 * MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise InvalidRequest(f"{what} is nested deeper than {MAX_DEPTH} levels")
+
+
+def _depth(value: Any) -> int:
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            return depth
+        stack.extend((child, depth + 1) for child in item)
+    return deepest

@@ -1,0 +1,207 @@
+"""The API's types at the edge: what they accept, what cannot be stored, and the
+OpenAPI description generated from them (read by a generated client)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from simplequeue import api
+from simplequeue.broker.openapi import spec
+from simplequeue.errors import InvalidRequest
+from simplequeue.objstore.memfs import MemStore
+
+
+def nested(depth: int) -> Any:
+    value: Any = "core"
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+# --- what cannot be stored is refused at the edge --------------------------------------
+
+
+def test_depth_up_to_the_limit_is_storable_and_one_more_is_not() -> None:
+    api.check_storable(nested(api.MAX_DEPTH), "payload")
+    with pytest.raises(InvalidRequest, match=f"deeper than {api.MAX_DEPTH}"):
+        api.check_storable(nested(api.MAX_DEPTH + 1), "payload")
+
+
+def test_integers_beyond_64_bits_are_not_storable() -> None:
+    api.check_storable(2**63 - 1, "payload")
+    with pytest.raises(InvalidRequest, match="cannot be stored"):
+        api.check_storable({"n": 2**70}, "payload")
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    async with session.post(url, data=orjson.dumps(body)) as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize("bad", [nested(300), {"n": 2**70}], ids=["300 deep", "2**70"])
+async def test_a_payload_the_store_cannot_encode_is_rejected_alone(
+    start_broker: Callable[..., Awaitable[Any]], bad: Any
+) -> None:
+    """It used to pass parsing, then fail its whole group-commit batch with 503."""
+    broker = await start_broker(MemStore())
+    url = broker.url + "/topics/t/enqueue"
+    async with aiohttp.ClientSession() as session:
+        answers = await asyncio.gather(
+            session.post(url, data=b'{"id": "bad", "payload": ' + _json(bad) + b"}"),
+            *(post(session, url, {"payload": i}) for i in range(20)),
+        )
+        refused = answers[0]
+        assert refused.status == 400
+        assert "payload" in (await refused.json())["error"]
+        refused.release()
+        assert [status for status, _ in answers[1:]] == [201] * 20
+        async with session.get(broker.url + "/topics/t/status") as r:
+            assert (await r.json())["pending"] == 20
+
+
+def _json(value: Any) -> bytes:
+    """JSON of values orjson will not write (too deep, too large), by hand."""
+    if isinstance(value, dict):
+        return b"{" + b",".join(orjson.dumps(k) + b":" + _json(v) for k, v in value.items()) + b"}"
+    if isinstance(value, list):
+        return b"[" + b",".join(_json(v) for v in value) + b"]"
+    return str(value).encode() if isinstance(value, int) else orjson.dumps(value)
+
+
+async def test_a_result_the_store_cannot_encode_is_refused_and_the_job_stays_claimed(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    broker = await start_broker(MemStore())
+    base = broker.url + "/topics/t"
+    async with aiohttp.ClientSession() as session:
+        await post(session, base + "/enqueue", {"id": "a", "payload": 1})
+        _, claimed = await post(session, base + "/claim", {"worker_id": "w"})
+        token = claimed["job"]["lease_token"]
+        body = b'{"job_id":"a","lease_token":"' + token.encode() + b'","result":'
+        async with session.post(base + "/ack", data=body + _json(nested(300)) + b"}") as r:
+            assert r.status == 400
+        async with session.get(base + "/jobs/a") as r:
+            assert (await r.json())["status"] == "claimed"
+
+
+def test_a_deep_payload_within_the_limit_survives_a_round_trip() -> None:
+    spec_ = api.decode(orjson.dumps({"payload": nested(api.MAX_DEPTH)}), api.JobSpec)
+    assert spec_.payload == nested(api.MAX_DEPTH)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"payload": 1, "id": "a\\nb"}',  # a control character in an id
+        b'{"payload": 1, "id": ""}',
+        b'{"payload": 1, "priority": true}',
+        b'{"payload": 1, "max_attempts": 1.5}',
+    ],
+)
+def test_job_specs_are_strict(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        api.decode(raw, api.JobSpec)
+
+
+def test_a_batch_is_its_field_and_nothing_else() -> None:
+    body = api.decode_either(b'{"jobs": [{"payload": 1}]}', api.JobSpec, api.EnqueueBatch, "jobs")
+    assert isinstance(body, api.EnqueueBatch)
+    with pytest.raises(InvalidRequest, match="nothing else"):
+        api.decode_either(
+            b'{"jobs": [{"payload": 1}], "id": "x"}', api.JobSpec, api.EnqueueBatch, "jobs"
+        )
+
+
+# --- the OpenAPI description ------------------------------------------------------------
+
+
+def operations() -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (path, method, op)
+        for path, methods in spec()["paths"].items()
+        for method, op in methods.items()
+    ]
+
+
+def test_every_route_has_one_operation_id_of_its_own() -> None:
+    ids = [op.get("operationId") for _, _, op in operations()]
+    assert all(ids) and len(set(ids)) == len(ids)
+
+
+def test_every_reference_resolves() -> None:
+    schemas = spec()["components"]["schemas"]
+    refs = {
+        ref.rsplit("/", 1)[1] for ref in _refs(spec()) if ref.startswith("#/components/schemas/")
+    }
+    assert refs and refs <= set(schemas)
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if "$ref" in node else []
+        return found + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_the_job_schema_has_every_field_of_spec_section_3() -> None:
+    job = spec()["components"]["schemas"]["Job"]["properties"]
+    wanted = "id payload status priority run_at attempts max_attempts created_at claimed_by "
+    wanted += "claimed_at heartbeat_at lease_expires_at lease_token last_error result finished_at"
+    assert set(wanted.split()) <= set(job)
+
+
+def test_request_schemas_are_those_of_the_types_that_validate_requests() -> None:
+    claim = spec()["paths"]["/topics/{topic}/claim"]["post"]["requestBody"]
+    assert claim["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ClaimRequest"
+    }
+    schema = spec()["components"]["schemas"]["ClaimRequest"]
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["wait"]["maximum"] == api.MAX_WAIT
+
+
+async def test_the_served_description_is_the_generated_one(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    broker = await start_broker(MemStore())
+    async with aiohttp.ClientSession() as session, session.get(broker.url + "/openapi.json") as r:
+        assert await r.json() == orjson.loads(orjson.dumps(spec()))
+
+
+def test_a_generated_client_reads_a_jobs_result_as_a_field(tmp_path: Path) -> None:
+    """openapi-python-client, run on /openapi.json: its Job model has `result`."""
+    tool = Path(sys.executable).parent / "openapi-python-client"
+    if not tool.exists():
+        pytest.fail("openapi-python-client is not installed (bin/test installs it)")
+    (tmp_path / "openapi.json").write_bytes(orjson.dumps(spec()))
+    env = {**os.environ, "PATH": f"{tool.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    generate = ["generate", "--path", "openapi.json", "--output-path", "sqclient", "--meta", "none"]
+    subprocess.run(
+        [str(tool), *generate],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    code = (
+        "from sqclient.models.job import Job\n"
+        "job = Job.from_dict({'id': 'a', 'status': 'completed', 'result': {'ok': True}})\n"
+        "assert job.result == {'ok': True}, job.result\n"
+        "from sqclient.api.default import claim, enqueue, ack, get_job\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60)
+    shutil.rmtree(tmp_path / "sqclient")
