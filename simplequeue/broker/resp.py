@@ -71,6 +71,7 @@ Reply: TypeAlias = (
     "int | str | bytes | RespError | _NullArray | list[Reply] | dict[str, Reply] | None"
 )
 
+
 def error_of(exc: SimpleQueueError) -> RespError:
     """The reply for one of our errors: its class's RESP code (simplequeue.errors)."""
     return RespError(exc.resp_code, str(exc))
