@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -183,3 +184,33 @@ async def test_at_the_cap_with_every_connection_in_a_request_a_new_one_is_closed
         finally:
             release.set()
             await asyncio.gather(*claims, return_exceptions=True)
+
+
+async def test_a_broker_with_few_descriptors_serves_past_hundreds_of_idle_sockets(
+    broker_process: Any, connect: Connect, tmp_path: Path
+) -> None:
+    """The measured fault: idle sockets took every descriptor, so clients were
+    refused and the store failed with "Too many open files"."""
+    broker = broker_process("--dir", str(tmp_path), nofile=256)
+    url = broker.url
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        for _ in range(4):
+            await connect(url, 100)
+            # A fresh connection, accepted after the idle ones before it: so the
+            # listen queue never overflows (a client would wait a second for it).
+            async with s.get(f"{url}/healthz") as r:
+                assert r.status == 200
+        async with s.post(f"{url}/topics/t/enqueue", json={"payload": {"n": 1}}) as r:
+            assert r.status == 201
+            job_id = (await r.json())["id"]
+        async with s.post(f"{url}/topics/t/claim", json={"worker_id": "w"}) as r:
+            assert r.status == 200
+            job = (await r.json())["job"]
+        assert job["id"] == job_id
+        ack = {"job_id": job_id, "lease_token": job["lease_token"]}
+        async with s.post(f"{url}/topics/t/ack", json=ack) as r:
+            assert r.status == 200
+        async with s.get(f"{url}/topics/t/status") as r:
+            assert (await r.json())["completed"] == 1
+    assert broker.stop() == 0
+    assert "Too many open files" not in broker.stderr_tail
