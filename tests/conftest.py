@@ -115,14 +115,29 @@ async def start_broker() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
         await broker.stop()
 
 
-class BrokerProcess:
-    """A `simplequeued` subprocess; its URL is read from its first line."""
+# simplequeued with its descriptor limit (ulimit -n) lowered by the child itself,
+# before the broker starts: preexec_fn is unsafe in a parent that has threads.
+UNDER_NOFILE = (
+    "import resource, sys; n = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+    "from simplequeue.broker.cli import main; main()"
+)
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+
+class BrokerProcess:
+    """A `simplequeued` subprocess; its URL is read from its first line. With
+    `nofile`, it runs with that soft and hard limit on open descriptors."""
+
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+    ) -> None:
         self.args = args
         self.stderr_tail = ""
+        launch = (
+            ["-m", "simplequeue.broker"] if nofile is None else ["-c", UNDER_NOFILE, str(nofile)]
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "simplequeue.broker", "--addr", "127.0.0.1:0", *args],
+            [sys.executable, *launch, "--addr", "127.0.0.1:0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -170,8 +185,10 @@ def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
     """Starts `simplequeued` subprocesses; stops every one of them (by PID) after."""
     started: list[BrokerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
-        started.append(BrokerProcess(*args, env=env))
+    def start(
+        *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+    ) -> BrokerProcess:
+        started.append(BrokerProcess(*args, env=env, nofile=nofile))
         return started[-1]
 
     yield start

@@ -97,6 +97,26 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     "and share the next write (fewer PUTs, a little latency) [default: 5; 25 on s3].",
 )
 @click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    help="Seconds a client may take to send a request's headers, from connecting (or from "
+    "the first byte of a later request); then the connection is closed.",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=15.0,
+    help="Seconds an idle keep-alive HTTP connection is kept open after a response.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most HTTP connections open at once; at the cap a new one closes the one idle "
+    "longest [default: the soft descriptor limit (ulimit -n) - 256, within 16..10000].",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
 def main(
@@ -113,6 +133,9 @@ def main(
     max_body: int,
     broker_lease: float,
     batch_wait: float | None,
+    header_timeout: float,
+    keepalive_timeout: float,
+    max_connections: int | None,
     log_level: str,
     **store_flags: Any,
 ) -> None:
@@ -135,6 +158,9 @@ def main(
         max_body=max_body,
         broker_lease=broker_lease,
         batch_wait=None if batch_wait is None else batch_wait / 1000,
+        header_timeout=header_timeout,
+        keepalive_timeout=keepalive_timeout,
+        max_connections=max_connections,
     )
     if broker_id:
         settings = dataclasses.replace(settings, broker_id=broker_id)

@@ -11,11 +11,10 @@ import asyncio
 import logging
 from typing import Any
 
-from aiohttp import web
-
 from simplequeue.broker.discovery import Announcer
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.http import HttpServices, build_app
+from simplequeue.broker.listener import HttpListener, Limits
 from simplequeue.broker.metrics import (
     CallbackCollector,
     InstrumentedStore,
@@ -86,7 +85,7 @@ class Broker:
                 sweep_interval=settings.sweep_interval,
             ),
         )
-        self._runner: web.AppRunner | None = None
+        self.http: HttpListener | None = None  # the HTTP listener, once started
         self.redis: RespServer | None = None  # the RESP listener, with --redis-addr
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -129,14 +128,20 @@ class Broker:
             about=self.about,
             presence=self.presence,
         )
-        self._runner = web.AppRunner(
-            build_app(services), handler_cancellation=True, access_log=None, shutdown_timeout=5
+        limits = Limits(
+            header_timeout=self.settings.header_timeout,
+            keepalive_timeout=self.settings.keepalive_timeout,
+            max_connections=self.settings.max_connections,
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        bound_port = int(self._runner.addresses[0][1])
-        self.url = self.settings.advertise_url or default_advertise_url(host, bound_port)
+        self.http = HttpListener(
+            build_app(services),
+            limits,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=5,
+        )
+        await self.http.start(host, port)
+        self.url = self.settings.advertise_url or default_advertise_url(host, self.http.port)
         self.announcer.url = self.url
         self.announcer.on_epoch = self._set_epoch
         self.committer.on_fenced = lambda writer: self.announcer.poke()
@@ -153,7 +158,7 @@ class Broker:
             try:
                 await self.redis.start(self.settings.redis_addr)
             except OSError:
-                await self._runner.cleanup()  # leave nothing listening behind
+                await self.http.stop()  # leave nothing listening behind
                 raise
         await self._announce_once()
         self._tasks = [
@@ -174,8 +179,8 @@ class Broker:
         """Stop listening, let in-flight batches land, resign broker.json."""
         if self.redis is not None:
             await self.redis.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()  # stop accepting; let handlers finish
+        if self.http is not None:
+            await self.http.stop()  # stop accepting; let handlers finish
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

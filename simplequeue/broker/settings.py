@@ -47,3 +47,9 @@ class BrokerSettings:
     topic_scan_interval: float = 10.0  # seconds between listings of the store's topics
     sweep_interval: float = 600.0  # seconds between sweeps of orphan segments
     broker_lease: float = 15.0  # broker.json: a silent active broker is replaced after this
+    # HTTP connections (simplequeue.broker.listener): seconds a client may take
+    # to send a request's headers, seconds a keep-alive connection may idle, and
+    # how many may be open (None: from the descriptor limit, RLIMIT_NOFILE).
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 15.0
+    max_connections: int | None = None

@@ -1,0 +1,262 @@
+"""The HTTP listener: the TCP server in front of the aiohttp application, and the
+connection limits aiohttp lacks. It owns each connection's life outside its
+requests: how long a client may take to send a request's headers, how long it may
+idle between requests, and how many connections may be open at once. It never
+reads, answers or times out a request in progress; aiohttp parses and answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+log = logging.getLogger(__name__)
+
+# The default cap on open HTTP connections: the process' soft RLIMIT_NOFILE less
+# HEADROOM descriptors, within [MIN_CONNECTIONS, MAX_CONNECTIONS]. The headroom
+# is BACKLOG for a burst of connections the event loop accepts in one go, before
+# it can close any to make room, and 128 for the rest of the process: the store
+# (localfs opens files per write, s3 keeps a connection pool), the RESP listener
+# and the interpreter's own.
+BACKLOG = 128  # the listen queue; aiohttp's TCPSite uses the same
+HEADROOM = BACKLOG + 128
+MIN_CONNECTIONS = 16
+MAX_CONNECTIONS = 10_000
+WARN_EVERY = 60.0  # seconds between warnings that the cap is closing connections
+
+
+def default_max_connections() -> int:
+    """The cap on open HTTP connections for this process' descriptor limit."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: no descriptor limit to derive it from
+        return MAX_CONNECTIONS
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, soft - HEADROOM))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The listener's limits, in seconds and connections."""
+
+    # From a connection's opening, or from the first byte of a later request,
+    # until the request's header block is complete.
+    header_timeout: float = 10.0
+    # From the end of a response until the next request's headers are complete:
+    # aiohttp's keepalive_timeout. aiohttp also starts it when a connection
+    # opens, so a new connection gets the shorter of the two timeouts.
+    keepalive_timeout: float = 15.0
+    max_connections: int | None = None  # None: default_max_connections()
+
+
+class HttpListener:
+    """Serves one aiohttp application on one TCP address within `Limits`.
+
+    Connections are aiohttp's own protocol (RequestHandler) behind a thin
+    `_Connection` that forwards every event to it; a middleware tells the
+    connection when a request starts and ends. Idle keep-alive connections are
+    closed by aiohttp itself (keepalive_timeout)."""
+
+    def __init__(self, app: web.Application, limits: Limits, **runner_options: Any) -> None:
+        app.middlewares.insert(0, track_requests)  # outermost: it sees every request
+        self.limits = limits
+        self.max_connections = (
+            default_max_connections() if limits.max_connections is None else limits.max_connections
+        )
+        self._runner = web.AppRunner(
+            app, keepalive_timeout=limits.keepalive_timeout, **runner_options
+        )
+        self._tcp: asyncio.Server | None = None
+        self._open: set[_Connection] = set()
+        # Open connections not in a request, the one idle longest first: those
+        # waiting for their first request, and keep-alive ones between requests.
+        self._idle: OrderedDict[_Connection, None] = OrderedDict()
+        self._warned_at = -float("inf")
+        self.port = 0
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    async def start(self, host: str, port: int) -> None:
+        """Set the application up and listen; `port` 0 picks a free one."""
+        await self._runner.setup()
+        server = self._runner.server
+        assert server is not None  # set by setup()
+        try:
+            self._tcp = await asyncio.get_running_loop().create_server(
+                lambda: _Connection(self, server),
+                host,
+                port,
+                reuse_address=True,
+                backlog=BACKLOG,
+            )
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self.port = int(self._tcp.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop accepting, close idle connections, let requests in flight finish
+        (aiohttp's shutdown_timeout), then clean the application up."""
+        if self._tcp is not None:
+            self._tcp.close()
+        await self._runner.cleanup()
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+            self._tcp = None
+
+    # --- the connections' bookkeeping ---------------------------------------------
+
+    def _admit(self, connection: _Connection) -> bool:
+        """Make room for a new connection at the cap by closing the one idle
+        longest; False if every open connection is in a request."""
+        if len(self._open) >= self.max_connections:
+            victim = next((c for c in self._idle if not c.sending), None)
+            if victim is None:
+                self._warn("all in requests: refusing new ones")
+                return False
+            self._warn("closing the connections idle longest to make room")
+            victim.close("idle longest at the connection cap")
+        self._open.add(connection)
+        self._idle[connection] = None
+        return True
+
+    def _busy(self, connection: _Connection) -> None:
+        self._idle.pop(connection, None)
+
+    def _done(self, connection: _Connection) -> None:
+        if connection in self._open:
+            self._idle[connection] = None  # at the end: idle for the shortest time
+
+    def _forget(self, connection: _Connection) -> None:
+        self._open.discard(connection)
+        self._idle.pop(connection, None)
+
+    def _warn(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY:
+            self._warned_at = now
+            log.warning("HTTP connections at the cap (%d), %s", self.max_connections, what)
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP connection: aiohttp's RequestHandler, which it forwards every
+    transport event to, and the clock on the headers of the request to come."""
+
+    __slots__ = ("_handler", "_listener", "_server", "_timer", "busy", "transport")
+
+    def __init__(self, listener: HttpListener, server: web.Server) -> None:
+        self._listener = listener
+        self._server = server
+        self._handler: web.RequestHandler | None = None
+        self._timer: asyncio.TimerHandle | None = None  # set while headers are awaited
+        self.busy = False  # in a request: from its handler's start to its end
+        self.transport: asyncio.Transport | None = None
+
+    @property
+    def sending(self) -> bool:
+        """A response is still on its way out (a slow reader): not idle."""
+        return self.transport is not None and self.transport.get_write_buffer_size() > 0
+
+    # --- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
+        self.transport = transport
+        if not self._listener._admit(self):
+            transport.close()
+            return
+        self._handler = self._server()
+        self._handler.connection_made(transport)
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is None:
+            return
+        if not self.busy and self._timer is None:
+            self._await_headers()  # the first bytes of the next request
+        self._handler.data_received(data)
+
+    def eof_received(self) -> None:
+        if self._handler is not None:
+            self._handler.eof_received()  # returns None: the transport closes itself
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._listener._forget(self)
+        self._stop_clock()
+        self.transport = None
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
+
+    # --- requests --------------------------------------------------------------------
+
+    def request_started(self) -> None:
+        self.busy = True
+        self._stop_clock()
+        self._listener._busy(self)
+
+    def request_ended(self) -> None:
+        self.busy = False
+        self._listener._done(self)
+
+    def close(self, why: str) -> None:
+        """Close as aiohttp closes an idle connection; it no longer counts."""
+        log.debug("closing HTTP connection %s: %s", self._peer(), why)
+        self._listener._forget(self)
+        self._stop_clock()
+        if self._handler is not None:
+            self._handler.force_close()
+
+    def _await_headers(self) -> None:
+        timeout = self._listener.limits.header_timeout
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._timer = None
+        if not self.busy:
+            self.close("request headers not received in time")
+
+    def _stop_clock(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _peer(self) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info("peername")
+
+
+@web.middleware
+async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tells a request's connection when the request starts and ends, so that its
+    header clock stops and it is never taken for idle while in a request."""
+    transport = request.transport
+    connection = None if transport is None else transport.get_protocol()
+    if not isinstance(connection, _Connection):
+        return await handler(request)
+    connection.request_started()
+    try:
+        return await handler(request)
+    finally:
+        connection.request_ended()

@@ -1,0 +1,216 @@
+"""The HTTP listener's limits, over real sockets (issue #13): a client gets so long
+to send a request's headers, an idle keep-alive connection so long to send the
+next one, and at the cap on open connections the one idle longest makes room,
+so that idle or slow clients never lock busy ones out nor exhaust descriptors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yarl
+
+from simplequeue.objstore.memfs import MemStore
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Connect = Callable[[str, int], Awaitable[list[Stream]]]
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Opens raw TCP connections to a broker's URL, one after the other; closes
+    every one of them after the test."""
+    opened: list[asyncio.StreamWriter] = []
+
+    async def open_many(url: str, n: int) -> list[Stream]:
+        address = yarl.URL(url)
+        assert address.host is not None and address.port is not None
+        streams = []
+        for _ in range(n):
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            opened.append(writer)
+            streams.append((reader, writer))
+        return streams
+
+    yield open_many
+    for writer in opened:
+        writer.close()
+    for writer in opened:
+        with contextlib.suppress(OSError):  # closed by the broker first
+            await writer.wait_closed()
+
+
+async def read_to_eof(reader: asyncio.StreamReader, within: float = 4.0) -> bytes:
+    """Everything the broker sends until it closes the connection (a reset, when
+    the client was still sending, is a close too)."""
+    received = b""
+
+    async def drain() -> None:
+        nonlocal received
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await reader.read(65536):
+                received += chunk
+
+    await asyncio.wait_for(drain(), within)
+    return received
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length: its status and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 4)
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(
+        int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length:")
+    )
+    return int(lines[0].split()[1]), await reader.readexactly(length)
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
+    start_broker: Any, connect: Connect
+) -> None:
+    broker = await start_broker(header_timeout=0.5)
+    [(reader, _)] = await connect(broker.url, 1)
+    opened = asyncio.get_running_loop().time()
+    assert await read_to_eof(reader) == b""
+    assert asyncio.get_running_loop().time() - opened >= 0.45
+
+
+async def test_headers_trickled_slower_than_the_header_timeout_are_cut_off(
+    start_broker: Any, connect: Connect
+) -> None:
+    broker = await start_broker(header_timeout=0.5)
+    [(reader, writer)] = await connect(broker.url, 1)
+    # A whole request, one byte every 20 ms: complete after 2 s, were it let in.
+    request = HEALTHZ[:-2] + b"X-Slow: " + b"z" * 50 + b"\r\n\r\n"
+
+    async def trickle() -> None:
+        for byte in request:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.02)  # the pace under test
+
+    sender = asyncio.create_task(trickle())
+    try:
+        assert await read_to_eof(reader) == b""  # closed, never answered
+        assert not sender.done() or sender.exception() is not None
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
+    start_broker: Any, connect: Connect
+) -> None:
+    broker = await start_broker(keepalive_timeout=0.5)
+    [(reader, writer)] = await connect(broker.url, 1)
+    writer.write(HEALTHZ)
+    assert (await read_response(reader))[0] == 200
+    answered = asyncio.get_running_loop().time()
+    assert await read_to_eof(reader) == b""
+    assert asyncio.get_running_loop().time() - answered >= 0.45
+
+
+async def test_a_keep_alive_connection_may_idle_longer_than_the_header_timeout(
+    start_broker: Any, connect: Connect
+) -> None:
+    # The header clock of a later request starts at its first byte; the wait for
+    # that byte is the keep-alive timeout's.
+    broker = await start_broker(header_timeout=0.3, keepalive_timeout=5)
+    [(reader, writer)] = await connect(broker.url, 1)
+    writer.write(HEALTHZ)
+    assert (await read_response(reader))[0] == 200
+    await asyncio.sleep(0.8)  # the idle time under test
+    writer.write(HEALTHZ)
+    assert (await read_response(reader))[0] == 200
+
+
+async def test_a_request_in_progress_outlives_the_header_timeout(start_broker: Any) -> None:
+    broker = await start_broker(MemStore(), header_timeout=0.3)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{broker.url}/topics/t/claim", json={"worker_id": "w", "wait": 1.0}) as r,
+    ):
+        assert r.status == 404  # nothing to claim after the long poll, not a dropped connection
+
+
+async def test_at_the_cap_the_connections_idle_longest_make_room_for_a_client(
+    start_broker: Any, connect: Connect
+) -> None:
+    broker = await start_broker(max_connections=20)
+    idle = await connect(broker.url, 70)
+    async with aiohttp.ClientSession() as session, session.get(f"{broker.url}/healthz") as r:
+        assert r.status == 200
+    for reader, _ in idle[:50]:
+        assert await read_to_eof(reader, within=1) == b""
+    assert broker.http.open_connections <= 20
+
+
+async def test_at_the_cap_with_every_connection_in_a_request_a_new_one_is_closed_at_once(
+    start_broker: Any, connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = await start_broker(max_connections=3)
+    claiming, all_claiming, release = 0, asyncio.Event(), asyncio.Event()
+
+    async def held_claim(*args: Any, **kwargs: Any) -> list[Any]:
+        nonlocal claiming
+        claiming += 1
+        if claiming == 3:
+            all_claiming.set()
+        await release.wait()
+        return []
+
+    monkeypatch.setattr(broker.engine, "claim", held_claim)
+    async with aiohttp.ClientSession() as session:
+
+        async def claim() -> int:
+            url = f"{broker.url}/topics/t/claim"
+            async with session.post(url, json={"worker_id": "w"}) as r:
+                return r.status
+
+        claims = [asyncio.create_task(claim()) for _ in range(3)]
+        try:
+            await asyncio.wait_for(all_claiming.wait(), 4)
+            [(reader, _)] = await connect(broker.url, 1)
+            assert await read_to_eof(reader, within=0.5) == b""
+            release.set()
+            assert await asyncio.gather(*claims) == [404, 404, 404]  # answered, not dropped
+        finally:
+            release.set()
+            await asyncio.gather(*claims, return_exceptions=True)
+
+
+async def test_a_broker_with_few_descriptors_serves_past_hundreds_of_idle_sockets(
+    broker_process: Any, connect: Connect, tmp_path: Path
+) -> None:
+    """The measured fault: idle sockets took every descriptor, so clients were
+    refused and the store failed with "Too many open files"."""
+    broker = broker_process("--dir", str(tmp_path), nofile=256)
+    url = broker.url
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        for _ in range(4):
+            await connect(url, 100)
+            # A fresh connection, accepted after the idle ones before it: so the
+            # listen queue never overflows (a client would wait a second for it).
+            async with s.get(f"{url}/healthz") as r:
+                assert r.status == 200
+        async with s.post(f"{url}/topics/t/enqueue", json={"payload": {"n": 1}}) as r:
+            assert r.status == 201
+            job_id = (await r.json())["id"]
+        async with s.post(f"{url}/topics/t/claim", json={"worker_id": "w"}) as r:
+            assert r.status == 200
+            job = (await r.json())["job"]
+        assert job["id"] == job_id
+        ack = {"job_id": job_id, "lease_token": job["lease_token"]}
+        async with s.post(f"{url}/topics/t/ack", json=ack) as r:
+            assert r.status == 200
+        async with s.get(f"{url}/topics/t/status") as r:
+            assert (await r.json())["completed"] == 1
+    assert broker.stop() == 0
+    assert "Too many open files" not in broker.stderr_tail
