@@ -656,12 +656,22 @@ async def secured(start_broker: StartBroker) -> Broker:
 async def test_auth_is_enforced_when_a_token_is_set(secured: Broker) -> None:
     conn = await Raw.open(port_of(secured))
     try:
-        assert await conn.call("PING") == b"PONG"  # a liveness probe needs no secret
         assert str(await conn.call("LPUSH", "q", "x")).startswith("NOAUTH")
         assert str(await conn.call("AUTH", "wrong")).startswith("WRONGPASS")
         assert await conn.call("AUTH", TOKEN) == b"OK"
         assert await conn.call("PING") == b"PONG"
         assert await conn.call("AUTH", "default", TOKEN) == b"OK"
+    finally:
+        await conn.close()
+
+
+async def test_with_a_token_even_ping_is_refused_until_auth(secured: Broker) -> None:
+    conn = await Raw.open(port_of(secured))
+    try:
+        assert str(await conn.call("PING")) == "NOAUTH Authentication required."
+        assert str(await conn.call("PING", "hello")) == "NOAUTH Authentication required."
+        assert await conn.call("AUTH", TOKEN) == b"OK"
+        assert await conn.call("PING") == b"PONG"
     finally:
         await conn.close()
 
@@ -818,6 +828,7 @@ async def test_redis_cli_with_and_without_the_token(redis_cli: str, secured: Bro
         return (await proc.communicate())[0].decode().strip()
 
     assert (await run("RPUSH", "q", "x")).startswith("NOAUTH")
+    assert (await run("PING")).startswith("NOAUTH")
     assert await run("--no-auth-warning", "-a", TOKEN, "RPUSH", "q", "x") == "1"
     assert (await run("--no-auth-warning", "-a", "wrong", "PING")).startswith("AUTH failed")
 

@@ -212,7 +212,7 @@ def _left(deadline: float) -> float:
 # --- connection commands -----------------------------------------------------------
 
 
-@command("PING", 0, 1, flags=("no_auth",))  # a liveness probe needs no secret
+@command("PING", 0, 1)  # with --token, a probe authenticates too (or uses /healthz)
 async def ping(session: Session, args: list[bytes]) -> Reply:
     return args[0] if args else Simple("PONG")
 
