@@ -270,6 +270,51 @@ async def test_command_describes_the_commands(r: redis.Redis, raw: Raw) -> None:
     assert await raw.call("COMMAND", "DOCS") == []  # redis-cli then uses its own help
 
 
+async def test_info_answers_redis_fields_that_clients_parse(r: redis.Redis, broker: Broker) -> None:
+    info = await r.info()
+    assert info["redis_version"] == "7.2.0"  # clients that compare versions see Redis 7
+    assert info["redis_mode"] == "standalone"
+    assert info["simplequeue_version"] == __version__
+    assert info["tcp_port"] == port_of(broker)
+    assert info["process_id"] == os.getpid()  # the broker runs in this process
+    assert info["arch_bits"] in (32, 64) and isinstance(info["os"], str)
+    assert info["uptime_in_seconds"] >= 0
+    assert info["connected_clients"] >= 1
+    assert (info["loading"], info["async_loading"]) == (0, 0)  # ioredis' ready check
+
+
+async def test_info_is_redis_text_in_sections(raw: Raw) -> None:
+    everything = (await raw.call("INFO")).decode()
+    assert everything.startswith("# Server\r\nredis_version:7.2.0\r\n")
+    assert "\r\n\r\n# Clients\r\nconnected_clients:" in everything
+    assert "\r\n\r\n# Persistence\r\nloading:0\r\nasync_loading:0\r\n" in everything
+    assert everything.endswith("\r\n\r\n# Keyspace\r\n")  # no keys to show
+    for line in everything.split("\r\n"):  # a title, a field, or the blank between
+        assert line.startswith("# ") or ":" in line or line == "", line
+
+
+@pytest.mark.parametrize(
+    ("args", "titles"),
+    [
+        ((), ["Server", "Clients", "Persistence", "Replication", "Keyspace"]),
+        (("everything",), ["Server", "Clients", "Persistence", "Replication", "Keyspace"]),
+        (("ALL",), ["Server", "Clients", "Persistence", "Replication", "Keyspace"]),
+        (("server",), ["Server"]),
+        (("persistence", "Server"), ["Server", "Persistence"]),  # in Redis' order
+        (("keyspace",), ["Keyspace"]),
+        (("nosuchsection",), []),
+    ],
+)
+async def test_info_answers_the_sections_asked_for(
+    raw: Raw, args: tuple[str, ...], titles: list[str]
+) -> None:
+    answer = (await raw.call("INFO", *args)).decode()
+    shown = [line[2:] for line in answer.split("\r\n") if line.startswith("# ")]
+    assert shown == titles
+    if not titles:
+        assert answer == ""  # an unknown section is empty, as in Redis
+
+
 async def test_unknown_command_is_an_error_and_the_connection_goes_on(r: redis.Redis) -> None:
     with pytest.raises(ResponseError, match="unknown command 'FLUSHALL'"):
         await r.execute_command("FLUSHALL")
@@ -787,6 +832,15 @@ async def test_redis_cli_runs_every_command(cli: Cli) -> None:
             assert out.strip() == expected, args
     code, out = await cli("XINFO", "STREAM", "s")
     assert "length\n0\n" in out and "entries-added\n1\n" in out
+
+
+async def test_redis_cli_info(cli: Cli) -> None:
+    code, out = await cli("INFO")
+    assert code == 0
+    assert "# Server" in out and "redis_version:7.2.0" in out
+    assert "# Persistence" in out and "loading:0" in out
+    code, out = await cli("INFO", "clients")
+    assert (code, out.split()[:2]) == (0, ["#", "Clients"])
 
 
 async def test_redis_cli_in_resp3_mode(cli: Cli) -> None:

@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import hmac
 import math
+import os
+import platform
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from simplequeue.broker.engine import MAX_WAIT, Engine
 from simplequeue.broker.resp.wire import NULL_ARRAY, OK, Reply, RespError, Simple, upper
 from simplequeue.errors import SimpleQueueError
 
+REDIS_VERSION = "7.2.0"  # INFO's redis_version: the Redis whose commands we answer
 TOKENS_KEPT = 10_000  # stream-read lease tokens remembered per connection
 XADD_OPTIONS = {"NOMKSTREAM", "MAXLEN", "MINID", "LIMIT"}
 INTEGER = re.compile(rb"-?[0-9]{1,18}")
@@ -45,6 +49,18 @@ class Listener(Protocol):
     @property
     def max_batch(self) -> int:
         """Jobs one engine call may take."""
+
+    @property
+    def port(self) -> int:
+        """The TCP port it listens on."""
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since it was made (with the broker)."""
+
+    @property
+    def client_count(self) -> int:
+        """Client connections open now."""
 
 
 @dataclass
@@ -333,6 +349,43 @@ async def command_(session: Session, args: list[bytes]) -> Reply:
         # No docs: redis-cli then builds its hints from its own table.
         return {}
     raise RespError("ERR", f"unknown subcommand '{sub}'. Try COMMAND HELP.")
+
+
+@command("INFO", 0, None)
+async def info(session: Session, args: list[bytes]) -> Reply:
+    """INFO [section ...]: Redis' INFO text, with the sections clients and monitoring
+    tools read (ioredis waits for `loading:0`). A section we do not have is empty."""
+    asked = {upper(a) for a in args} or {"DEFAULT"}
+    everything = not asked.isdisjoint({"DEFAULT", "ALL", "EVERYTHING"})
+    sections = _info_sections(session.listener)
+    return "\r\n".join(
+        f"# {title}\r\n" + "".join(f"{key}:{value}\r\n" for key, value in fields.items())
+        for title, fields in sections.items()
+        if everything or title.upper() in asked
+    )
+
+
+def _info_sections(listener: Listener) -> dict[str, dict[str, str | int]]:
+    """INFO's sections, in Redis' order, each a title and its fields."""
+    uptime = int(listener.uptime)
+    system = platform.uname()
+    return {
+        "Server": {
+            "redis_version": REDIS_VERSION,
+            "redis_mode": "standalone",
+            "os": f"{system.system} {system.release} {system.machine}",
+            "arch_bits": 64 if sys.maxsize > 2**32 else 32,
+            "process_id": os.getpid(),
+            "tcp_port": listener.port,
+            "uptime_in_seconds": uptime,
+            "uptime_in_days": uptime // 86400,
+            "simplequeue_version": __version__,
+        },
+        "Clients": {"connected_clients": listener.client_count},
+        "Persistence": {"loading": 0, "async_loading": 0},  # never loading: no dataset
+        "Replication": {"role": "master", "connected_slaves": 0},
+        "Keyspace": {},  # topics are no Redis databases
+    }
 
 
 # simplequeue has no transactions. MULTI is accepted so that what a client

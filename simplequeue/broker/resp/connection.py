@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,10 +198,19 @@ class RespServer:
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], Connection] = {}
         self._ids = itertools.count(1)
+        self._started = time.monotonic()
 
     @property
     def max_batch(self) -> int:
         return self.settings.max_batch
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._started
+
+    @property
+    def client_count(self) -> int:
+        return len(self._connections)
 
     async def start(self, addr: str) -> None:
         """Listen on HOST:PORT (port 0 picks a free one); `port` and `addr` say where."""
