@@ -732,6 +732,50 @@ async def test_hello_authenticates_with_auth_inside(secured: Broker) -> None:
         await conn.close()
 
 
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        pytest.param(("AUTH", "wrong"), id="auth"),
+        pytest.param(("AUTH", "default", "wrong"), id="auth-user"),
+        pytest.param(("HELLO", "3", "AUTH", "default", "wrong"), id="hello-auth"),
+    ],
+)
+async def test_three_failed_auths_close_the_connection_and_others_can_still_auth(
+    secured: Broker, attempt: tuple[str, ...]
+) -> None:
+    guesser = await Raw.open(port_of(secured))
+    try:
+        for _ in range(3):
+            assert str(await guesser.call(*attempt)).startswith("WRONGPASS")
+        assert await asyncio.wait_for(guesser.reader.read(1), 5) == b""  # closed
+    finally:
+        await guesser.close()
+    client = await Raw.open(port_of(secured))
+    try:
+        assert await client.call("AUTH", TOKEN) == b"OK"
+        assert await client.call("PING") == b"PONG"
+    finally:
+        await client.close()
+
+
+async def test_a_failed_auth_waits_longer_each_time_without_holding_up_others(
+    secured: Broker,
+) -> None:
+    guesser, other = await Raw.open(port_of(secured)), await Raw.open(port_of(secured))
+    try:
+        started = time.monotonic()
+        assert str(await guesser.call("AUTH", "wrong")).startswith("WRONGPASS")
+        assert time.monotonic() - started >= 0.1
+        second = asyncio.create_task(guesser.call("AUTH", "wrong"))  # waits 0.2 s
+        assert await other.call("AUTH", TOKEN) == b"OK"  # answered meanwhile
+        assert not second.done()
+        assert str(await second).startswith("WRONGPASS")
+        assert time.monotonic() - started >= 0.1 + 0.2
+    finally:
+        await guesser.close()
+        await other.close()
+
+
 @pytest.mark.parametrize("kw", PROTOCOLS)
 async def test_redis_py_authenticates_with_the_token(secured: Broker, kw: dict[str, Any]) -> None:
     client = connect(secured, password=TOKEN, **kw)

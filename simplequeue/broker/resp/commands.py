@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import math
 import os
 import platform
@@ -27,10 +28,14 @@ from simplequeue.broker.engine import MAX_WAIT, Engine
 from simplequeue.broker.resp.wire import NULL_ARRAY, OK, Reply, RespError, Simple, upper
 from simplequeue.errors import SimpleQueueError
 
+log = logging.getLogger(__name__)
+
 REDIS_VERSION = "7.2.0"  # INFO's redis_version: the Redis whose commands we answer
 TOKENS_KEPT = 10_000  # stream-read lease tokens remembered per connection
 XADD_OPTIONS = {"NOMKSTREAM", "MAXLEN", "MINID", "LIMIT"}
 INTEGER = re.compile(rb"-?[0-9]{1,18}")
+AUTH_ATTEMPTS = 3  # failed AUTHs a connection may make; the last one closes it
+AUTH_DELAY = 0.1  # seconds a failed AUTH waits per failure so far, before answering
 
 
 # --- what a command sees of its connection and its server -----------------------------
@@ -74,7 +79,8 @@ class Session:
     authed: bool = False
     protocol: int = 2
     name: str | None = None
-    quitting: bool = False  # close the connection once this reply is sent
+    closing: bool = False  # close once this reply is sent: QUIT, or AUTH failed too often
+    failed_auths: int = 0  # wrong passwords so far (AUTH, HELLO AUTH)
     in_multi: bool = False  # between MULTI and EXEC/DISCARD: commands are refused
     # (topic, job id) -> lease token of the claims XREADGROUP answered on this
     # connection, so that XACK commits with the token (at most once).
@@ -240,7 +246,7 @@ async def echo(session: Session, args: list[bytes]) -> Reply:
 
 @command("QUIT", 0, None, flags=("no_auth",))
 async def quit_(session: Session, args: list[bytes]) -> Reply:
-    session.quitting = True
+    session.closing = True
     return OK
 
 
@@ -259,16 +265,24 @@ async def auth(session: Session, args: list[bytes]) -> Reply:
             "AUTH <password> called without any password configured for the default "
             "user. Are you sure your configuration is correct?",
         )
-    _authenticate(session, args[-1])
+    await _authenticate(session, args[-1])
     return OK
 
 
-def _authenticate(session: Session, password: bytes) -> None:
-    """The username is ignored: the broker's --token is the only credential."""
+async def _authenticate(session: Session, password: bytes) -> None:
+    """The username is ignored: the broker's --token is the only credential. Each
+    failure waits longer before it is answered, and the last one allowed closes
+    the connection, so that guessing the token is slow; other connections go on."""
     token = session.listener.token
-    if token is not None and not hmac.compare_digest(password, token):
-        raise RespError("WRONGPASS", "invalid username-password pair or user is disabled.")
-    session.authed = True
+    if token is None or hmac.compare_digest(password, token):
+        session.authed = True
+        return
+    session.failed_auths += 1
+    await asyncio.sleep(AUTH_DELAY * session.failed_auths)
+    if session.failed_auths >= AUTH_ATTEMPTS:
+        log.warning("RESP client %d: %d failed AUTH, closing", session.id, AUTH_ATTEMPTS)
+        session.closing = True
+    raise RespError("WRONGPASS", "invalid username-password pair or user is disabled.")
 
 
 @command("HELLO", 0, None, flags=("no_auth",))
@@ -278,7 +292,7 @@ async def hello(session: Session, args: list[bytes]) -> Reply:
         raise RespError("NOPROTO", "unsupported protocol version")
     password, name = _hello_options(args[1:])
     if password is not None:
-        _authenticate(session, password)
+        await _authenticate(session, password)
     elif not session.authed:
         raise RespError(
             "NOAUTH",

@@ -60,7 +60,8 @@ class Connection:
         return self.session.id
 
     async def run(self) -> None:
-        """Execute requests in order until the client leaves, QUITs or sends garbage."""
+        """Execute requests in order until the client leaves or sends garbage, or a
+        command closes the connection (QUIT, the last failed AUTH allowed)."""
         self.writer.transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER)
         frames: asyncio.Queue[Frame] = asyncio.Queue(QUEUED_FRAMES)
         reading = asyncio.create_task(self._read(frames), name=f"resp-read-{self.id}")
@@ -80,7 +81,7 @@ class Connection:
                     self.busy = False
                 for reply in replies:
                     self._send(reply)
-                if self.session.quitting or self.stopping:
+                if self.session.closing or self.stopping:
                     break
                 if frames.empty() and not ahead:  # a pipeline's replies go out together
                     await self.writer.drain()
