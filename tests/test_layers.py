@@ -92,6 +92,21 @@ def test_handlers_never_reach_storage_or_the_committer() -> None:
     assert not offenders
 
 
+def test_the_resp_layers_import_only_the_ones_below() -> None:
+    """wire < commands < connection: the wire knows no command, and the commands
+    know their connection only through the Session and Listener they define."""
+    order = ["wire", "commands", "connection"]
+    offenders = {
+        f"{m} imports {i}"
+        for n, layer in enumerate(order)
+        for m in [f"simplequeue.broker.resp.{layer}"]
+        for i in GRAPH[m]
+        if under(i, "simplequeue.broker.resp")
+        and i.removeprefix("simplequeue.broker.resp.") not in order[:n]
+    }
+    assert not offenders
+
+
 def test_there_are_no_import_circles() -> None:
     cycles: list[list[str]] = []
     state: dict[str, int] = {}  # 1: on the path, 2: done

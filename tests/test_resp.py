@@ -270,6 +270,51 @@ async def test_command_describes_the_commands(r: redis.Redis, raw: Raw) -> None:
     assert await raw.call("COMMAND", "DOCS") == []  # redis-cli then uses its own help
 
 
+async def test_info_answers_redis_fields_that_clients_parse(r: redis.Redis, broker: Broker) -> None:
+    info = await r.info()
+    assert info["redis_version"] == "7.2.0"  # clients that compare versions see Redis 7
+    assert info["redis_mode"] == "standalone"
+    assert info["simplequeue_version"] == __version__
+    assert info["tcp_port"] == port_of(broker)
+    assert info["process_id"] == os.getpid()  # the broker runs in this process
+    assert info["arch_bits"] in (32, 64) and isinstance(info["os"], str)
+    assert info["uptime_in_seconds"] >= 0
+    assert info["connected_clients"] >= 1
+    assert (info["loading"], info["async_loading"]) == (0, 0)  # ioredis' ready check
+
+
+async def test_info_is_redis_text_in_sections(raw: Raw) -> None:
+    everything = (await raw.call("INFO")).decode()
+    assert everything.startswith("# Server\r\nredis_version:7.2.0\r\n")
+    assert "\r\n\r\n# Clients\r\nconnected_clients:" in everything
+    assert "\r\n\r\n# Persistence\r\nloading:0\r\nasync_loading:0\r\n" in everything
+    assert everything.endswith("\r\n\r\n# Keyspace\r\n")  # no keys to show
+    for line in everything.split("\r\n"):  # a title, a field, or the blank between
+        assert line.startswith("# ") or ":" in line or line == "", line
+
+
+@pytest.mark.parametrize(
+    ("args", "titles"),
+    [
+        ((), ["Server", "Clients", "Persistence", "Replication", "Keyspace"]),
+        (("everything",), ["Server", "Clients", "Persistence", "Replication", "Keyspace"]),
+        (("ALL",), ["Server", "Clients", "Persistence", "Replication", "Keyspace"]),
+        (("server",), ["Server"]),
+        (("persistence", "Server"), ["Server", "Persistence"]),  # in Redis' order
+        (("keyspace",), ["Keyspace"]),
+        (("nosuchsection",), []),
+    ],
+)
+async def test_info_answers_the_sections_asked_for(
+    raw: Raw, args: tuple[str, ...], titles: list[str]
+) -> None:
+    answer = (await raw.call("INFO", *args)).decode()
+    shown = [line[2:] for line in answer.split("\r\n") if line.startswith("# ")]
+    assert shown == titles
+    if not titles:
+        assert answer == ""  # an unknown section is empty, as in Redis
+
+
 async def test_unknown_command_is_an_error_and_the_connection_goes_on(r: redis.Redis) -> None:
     with pytest.raises(ResponseError, match="unknown command 'FLUSHALL'"):
         await r.execute_command("FLUSHALL")
@@ -656,12 +701,22 @@ async def secured(start_broker: StartBroker) -> Broker:
 async def test_auth_is_enforced_when_a_token_is_set(secured: Broker) -> None:
     conn = await Raw.open(port_of(secured))
     try:
-        assert await conn.call("PING") == b"PONG"  # a liveness probe needs no secret
         assert str(await conn.call("LPUSH", "q", "x")).startswith("NOAUTH")
         assert str(await conn.call("AUTH", "wrong")).startswith("WRONGPASS")
         assert await conn.call("AUTH", TOKEN) == b"OK"
         assert await conn.call("PING") == b"PONG"
         assert await conn.call("AUTH", "default", TOKEN) == b"OK"
+    finally:
+        await conn.close()
+
+
+async def test_with_a_token_even_ping_is_refused_until_auth(secured: Broker) -> None:
+    conn = await Raw.open(port_of(secured))
+    try:
+        assert str(await conn.call("PING")) == "NOAUTH Authentication required."
+        assert str(await conn.call("PING", "hello")) == "NOAUTH Authentication required."
+        assert await conn.call("AUTH", TOKEN) == b"OK"
+        assert await conn.call("PING") == b"PONG"
     finally:
         await conn.close()
 
@@ -675,6 +730,50 @@ async def test_hello_authenticates_with_auth_inside(secured: Broker) -> None:
         assert hello[b"proto"] == 3
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        pytest.param(("AUTH", "wrong"), id="auth"),
+        pytest.param(("AUTH", "default", "wrong"), id="auth-user"),
+        pytest.param(("HELLO", "3", "AUTH", "default", "wrong"), id="hello-auth"),
+    ],
+)
+async def test_three_failed_auths_close_the_connection_and_others_can_still_auth(
+    secured: Broker, attempt: tuple[str, ...]
+) -> None:
+    guesser = await Raw.open(port_of(secured))
+    try:
+        for _ in range(3):
+            assert str(await guesser.call(*attempt)).startswith("WRONGPASS")
+        assert await asyncio.wait_for(guesser.reader.read(1), 5) == b""  # closed
+    finally:
+        await guesser.close()
+    client = await Raw.open(port_of(secured))
+    try:
+        assert await client.call("AUTH", TOKEN) == b"OK"
+        assert await client.call("PING") == b"PONG"
+    finally:
+        await client.close()
+
+
+async def test_a_failed_auth_waits_longer_each_time_without_holding_up_others(
+    secured: Broker,
+) -> None:
+    guesser, other = await Raw.open(port_of(secured)), await Raw.open(port_of(secured))
+    try:
+        started = time.monotonic()
+        assert str(await guesser.call("AUTH", "wrong")).startswith("WRONGPASS")
+        assert time.monotonic() - started >= 0.1
+        second = asyncio.create_task(guesser.call("AUTH", "wrong"))  # waits 0.2 s
+        assert await other.call("AUTH", TOKEN) == b"OK"  # answered meanwhile
+        assert not second.done()
+        assert str(await second).startswith("WRONGPASS")
+        assert time.monotonic() - started >= 0.1 + 0.2
+    finally:
+        await guesser.close()
+        await other.close()
 
 
 @pytest.mark.parametrize("kw", PROTOCOLS)
@@ -779,6 +878,15 @@ async def test_redis_cli_runs_every_command(cli: Cli) -> None:
     assert "length\n0\n" in out and "entries-added\n1\n" in out
 
 
+async def test_redis_cli_info(cli: Cli) -> None:
+    code, out = await cli("INFO")
+    assert code == 0
+    assert "# Server" in out and "redis_version:7.2.0" in out
+    assert "# Persistence" in out and "loading:0" in out
+    code, out = await cli("INFO", "clients")
+    assert (code, out.split()[:2]) == (0, ["#", "Clients"])
+
+
 async def test_redis_cli_in_resp3_mode(cli: Cli) -> None:
     await cli("XADD", "s", "e-1", "f", "v")
     code, out = await cli("XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">", flags=("-3",))
@@ -818,6 +926,7 @@ async def test_redis_cli_with_and_without_the_token(redis_cli: str, secured: Bro
         return (await proc.communicate())[0].decode().strip()
 
     assert (await run("RPUSH", "q", "x")).startswith("NOAUTH")
+    assert (await run("PING")).startswith("NOAUTH")
     assert await run("--no-auth-warning", "-a", TOKEN, "RPUSH", "q", "x") == "1"
     assert (await run("--no-auth-warning", "-a", "wrong", "PING")).startswith("AUTH failed")
 

@@ -1,0 +1,737 @@
+"""The RESP commands of SPEC section 6: the command table and every handler.
+
+A handler reads its arguments, makes the same Engine calls the HTTP API makes and
+answers a Reply; what it knows of its connection is a Session, and of the server
+a Listener, both defined here. It never touches sockets, storage or topic state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from simplequeue import __version__, api, keys
+from simplequeue.broker.engine import MAX_WAIT, Engine
+from simplequeue.broker.resp.wire import NULL_ARRAY, OK, Reply, RespError, Simple, upper
+from simplequeue.errors import SimpleQueueError
+
+log = logging.getLogger(__name__)
+
+REDIS_VERSION = "7.2.0"  # INFO's redis_version: the Redis whose commands we answer
+TOKENS_KEPT = 10_000  # stream-read lease tokens remembered per connection
+XADD_OPTIONS = {"NOMKSTREAM", "MAXLEN", "MINID", "LIMIT"}
+INTEGER = re.compile(rb"-?[0-9]{1,18}")
+AUTH_ATTEMPTS = 3  # failed AUTHs a connection may make; the last one closes it
+AUTH_DELAY = 0.1  # seconds a failed AUTH waits per failure so far, before answering
+
+
+# --- what a command sees of its connection and its server -----------------------------
+
+
+class Listener(Protocol):
+    """The server that accepted the connection, as far as the commands use it."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def token(self) -> bytes | None:
+        """The password AUTH wants (--token); None: none is needed."""
+
+    @property
+    def max_batch(self) -> int:
+        """Jobs one engine call may take."""
+
+    @property
+    def port(self) -> int:
+        """The TCP port it listens on."""
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since it was made (with the broker)."""
+
+    @property
+    def client_count(self) -> int:
+        """Client connections open now."""
+
+
+@dataclass
+class Session:
+    """One client connection as its commands see it: what the client has said so far
+    (protocol, auth, name, MULTI) and the lease tokens of its stream reads. The
+    connection holds one and sends its replies; the commands read and change it."""
+
+    id: int
+    listener: Listener
+    authed: bool = False
+    protocol: int = 2
+    name: str | None = None
+    closing: bool = False  # close once this reply is sent: QUIT, or AUTH failed too often
+    failed_auths: int = 0  # wrong passwords so far (AUTH, HELLO AUTH)
+    in_multi: bool = False  # between MULTI and EXEC/DISCARD: commands are refused
+    # (topic, job id) -> lease token of the claims XREADGROUP answered on this
+    # connection, so that XACK commits with the token (at most once).
+    tokens: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    @property
+    def engine(self) -> Engine:
+        return self.listener.engine
+
+    @property
+    def worker_id(self) -> str:
+        return self.name or f"resp-{self.id}"
+
+
+# --- the command table ------------------------------------------------------------------
+
+Handler = Callable[[Session, list[bytes]], Awaitable[Reply]]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command's handler and what the dispatcher checks before calling it."""
+
+    handler: Handler
+    min_args: int  # arguments after the command's name
+    max_args: int | None  # None: no limit
+    flags: tuple[str, ...] = ()  # "blocking", "no_auth", "write" as COMMAND reports them
+    first_key: int = 0  # position of the first key (COMMAND INFO), 0 for none
+
+    @property
+    def blocking(self) -> bool:
+        """It may wait for a job: the connection gives up on it when the client leaves."""
+        return "blocking" in self.flags
+
+
+COMMANDS: dict[str, Command] = {}
+
+# Commands that may run together when pipelined: writes that go straight to the
+# committer (which keeps their order) and never block.
+PIPELINED = frozenset({"LPUSH", "RPUSH", "LPOP", "RPOP", "XADD", "XACK"})
+
+
+def command(
+    names: str | tuple[str, ...],
+    min_args: int,
+    max_args: int | None = -1,
+    *,
+    flags: tuple[str, ...] = (),
+    first_key: int = 0,
+) -> Callable[[Handler], Handler]:
+    """Register a function as the handler of `names`; max_args -1 = min_args."""
+
+    def register(handler: Handler) -> Handler:
+        top = min_args if max_args == -1 else max_args
+        for name in (names,) if isinstance(names, str) else names:
+            COMMANDS[name] = Command(handler, min_args, top, flags, first_key)
+        return handler
+
+    return register
+
+
+def admitted(session: Session, name: str, args: list[bytes]) -> Command:
+    """The command `name`, if the session may run it now with `args`; else RespError."""
+    spec = COMMANDS.get(name)
+    if spec is None:
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise RespError("ERR", f"unknown command '{shown}'")
+    if not session.authed and "no_auth" not in spec.flags:
+        raise RespError("NOAUTH", "Authentication required.")
+    if session.in_multi and name not in ("EXEC", "DISCARD", "MULTI", "QUIT"):
+        raise RespError(
+            "ERR", "transactions are not supported: not queued (use a pipeline without one)"
+        )
+    if len(args) < spec.min_args or (spec.max_args is not None and len(args) > spec.max_args):
+        raise RespError("ERR", f"wrong number of arguments for '{name.lower()}' command")
+    return spec
+
+
+def command_info(name: str, spec: Command) -> list[Reply]:
+    """An entry of COMMAND / COMMAND INFO, in Redis 7's shape."""
+    exact = spec.max_args == spec.min_args
+    arity = spec.min_args + 1 if exact else -(spec.min_args + 1)
+    flags: list[Reply] = [Simple(f) for f in spec.flags]
+    key, step = spec.first_key, 1 if spec.first_key else 0
+    return [name.lower(), arity, flags, key, key, step, [], [], [], []]
+
+
+# --- arguments -----------------------------------------------------------------------------
+
+
+def text(arg: bytes, what: str = "arguments") -> str:
+    try:
+        return arg.decode()
+    except UnicodeDecodeError:
+        raise RespError("ERR", f"{what} must be UTF-8 text") from None
+
+
+def topic_of(arg: bytes) -> str:
+    """A key names a topic (SPEC section 3): anything else never reaches the engine."""
+    return keys.check_topic(text(arg, "keys"))
+
+
+def integer(arg: bytes) -> int:
+    if not INTEGER.fullmatch(arg):
+        raise RespError("ERR", "value is not an integer or out of range")
+    return int(arg)
+
+
+def timeout_of(arg: bytes) -> float:
+    """BLPOP's timeout in seconds; 0, which in Redis means forever, is math.inf."""
+    try:
+        seconds = float(arg)
+    except ValueError:
+        raise RespError("ERR", "timeout is not a float or out of range") from None
+    if math.isnan(seconds) or seconds < 0:
+        raise RespError("ERR", "timeout is negative")
+    return seconds or math.inf
+
+
+def client_name(arg: bytes) -> str:
+    name = text(arg, "client names")
+    if len(name) > 256 or any(not c.isprintable() or c.isspace() for c in name):
+        raise RespError(
+            "ERR", "Client names cannot contain spaces, newlines or special characters."
+        )
+    return name
+
+
+def value_of(payload: Any) -> bytes | str:
+    """A payload as one Redis value: a string as it is, anything else as JSON."""
+    return payload if isinstance(payload, str) else orjson.dumps(payload)
+
+
+def fields_of(payload: Any) -> list[Reply]:
+    """A payload as a stream entry's flat field list."""
+    if not isinstance(payload, dict):
+        return ["payload", value_of(payload)]
+    return [item for k, v in payload.items() for item in (k, value_of(v))]
+
+
+def _pairs(items: list[bytes]) -> Iterable[tuple[bytes, bytes]]:
+    return zip(items[::2], items[1::2], strict=True)
+
+
+def _left(deadline: float) -> float:
+    """Seconds a long poll may wait now: at most the engine's limit, so that a
+    deadline of math.inf (block forever) is served in rounds of that limit."""
+    return min(MAX_WAIT, deadline - time.monotonic())
+
+
+# --- connection commands -----------------------------------------------------------
+
+
+@command("PING", 0, 1)  # with --token, a probe authenticates too (or uses /healthz)
+async def ping(session: Session, args: list[bytes]) -> Reply:
+    return args[0] if args else Simple("PONG")
+
+
+@command("ECHO", 1)
+async def echo(session: Session, args: list[bytes]) -> Reply:
+    return args[0]
+
+
+@command("QUIT", 0, None, flags=("no_auth",))
+async def quit_(session: Session, args: list[bytes]) -> Reply:
+    session.closing = True
+    return OK
+
+
+@command("SELECT", 1)
+async def select(session: Session, args: list[bytes]) -> Reply:
+    if integer(args[0]) != 0:
+        raise RespError("ERR", "DB index is out of range (simplequeue has only db 0)")
+    return OK
+
+
+@command("AUTH", 1, 2, flags=("no_auth",))
+async def auth(session: Session, args: list[bytes]) -> Reply:
+    if session.listener.token is None and len(args) == 1:
+        raise RespError(
+            "ERR",
+            "AUTH <password> called without any password configured for the default "
+            "user. Are you sure your configuration is correct?",
+        )
+    await _authenticate(session, args[-1])
+    return OK
+
+
+async def _authenticate(session: Session, password: bytes) -> None:
+    """The username is ignored: the broker's --token is the only credential. Each
+    failure waits longer before it is answered, and the last one allowed closes
+    the connection, so that guessing the token is slow; other connections go on."""
+    token = session.listener.token
+    if token is None or hmac.compare_digest(password, token):
+        session.authed = True
+        return
+    session.failed_auths += 1
+    await asyncio.sleep(AUTH_DELAY * session.failed_auths)
+    if session.failed_auths >= AUTH_ATTEMPTS:
+        log.warning("RESP client %d: %d failed AUTH, closing", session.id, AUTH_ATTEMPTS)
+        session.closing = True
+    raise RespError("WRONGPASS", "invalid username-password pair or user is disabled.")
+
+
+@command("HELLO", 0, None, flags=("no_auth",))
+async def hello(session: Session, args: list[bytes]) -> Reply:
+    proto = integer(args[0]) if args else session.protocol
+    if proto not in (2, 3):
+        raise RespError("NOPROTO", "unsupported protocol version")
+    password, name = _hello_options(args[1:])
+    if password is not None:
+        await _authenticate(session, password)
+    elif not session.authed:
+        raise RespError(
+            "NOAUTH",
+            "HELLO must be called with the client already authenticated, otherwise the "
+            "HELLO <proto> AUTH <user> <pass> option can be used to authenticate the "
+            "client and select the RESP protocol version at the same time",
+        )
+    if name is not None:
+        session.name = name or None
+    session.protocol = proto
+    return {
+        "server": "simplequeue",
+        "version": __version__,
+        "proto": proto,
+        "id": session.id,
+        "mode": "standalone",
+        "role": "master",
+        "modules": [],
+    }
+
+
+def _ack_of(job_id: str, token: str | None) -> api.AckRequest | None:
+    """The ack of an XACK id, or None for an id no job can have (it acks nothing)."""
+    try:
+        return api.convert({"job_id": job_id, "lease_token": token}, api.AckRequest)
+    except SimpleQueueError:
+        return None
+
+
+def _hello_options(args: list[bytes]) -> tuple[bytes | None, str | None]:
+    """HELLO's [AUTH user pass] [SETNAME name]: (password, name)."""
+    password: bytes | None = None
+    name: str | None = None
+    i = 0
+    while i < len(args):
+        option = upper(args[i])
+        if option == "AUTH" and i + 2 < len(args):
+            password, i = args[i + 2], i + 3
+        elif option == "SETNAME" and i + 1 < len(args):
+            name, i = client_name(args[i + 1]), i + 2
+        else:
+            raise RespError("ERR", f"Syntax error in HELLO option '{text(args[i])}'")
+    return password, name
+
+
+@command("CLIENT", 1, None)
+async def client(session: Session, args: list[bytes]) -> Reply:
+    sub = upper(args[0])
+    if sub == "SETINFO" and len(args) == 3:
+        if upper(args[1]) not in ("LIB-NAME", "LIB-VER"):
+            raise RespError("ERR", f"Unrecognized option '{text(args[1])}'")
+        return OK
+    if sub == "SETNAME" and len(args) == 2:
+        session.name = client_name(args[1]) or None
+        return OK
+    if sub == "GETNAME" and len(args) == 1:
+        return session.name
+    if sub == "ID" and len(args) == 1:
+        return session.id
+    raise RespError("ERR", f"unknown subcommand or wrong number of arguments for '{sub}'")
+
+
+@command("COMMAND", 0, None)
+async def command_(session: Session, args: list[bytes]) -> Reply:
+    sub = upper(args[0]) if args else ""
+    names = [upper(a) for a in args[1:]]
+    if not args:
+        return [command_info(n, c) for n, c in COMMANDS.items()]
+    if sub == "COUNT":
+        return len(COMMANDS)
+    if sub == "LIST":
+        return [n.lower() for n in COMMANDS]
+    if sub == "INFO":
+        return [command_info(n, COMMANDS[n]) if n in COMMANDS else None for n in names]
+    if sub == "DOCS":
+        # No docs: redis-cli then builds its hints from its own table.
+        return {}
+    raise RespError("ERR", f"unknown subcommand '{sub}'. Try COMMAND HELP.")
+
+
+@command("INFO", 0, None)
+async def info(session: Session, args: list[bytes]) -> Reply:
+    """INFO [section ...]: Redis' INFO text, with the sections clients and monitoring
+    tools read (ioredis waits for `loading:0`). A section we do not have is empty."""
+    asked = {upper(a) for a in args} or {"DEFAULT"}
+    everything = not asked.isdisjoint({"DEFAULT", "ALL", "EVERYTHING"})
+    sections = _info_sections(session.listener)
+    return "\r\n".join(
+        f"# {title}\r\n" + "".join(f"{key}:{value}\r\n" for key, value in fields.items())
+        for title, fields in sections.items()
+        if everything or title.upper() in asked
+    )
+
+
+def _info_sections(listener: Listener) -> dict[str, dict[str, str | int]]:
+    """INFO's sections, in Redis' order, each a title and its fields."""
+    uptime = int(listener.uptime)
+    system = platform.uname()
+    return {
+        "Server": {
+            "redis_version": REDIS_VERSION,
+            "redis_mode": "standalone",
+            "os": f"{system.system} {system.release} {system.machine}",
+            "arch_bits": 64 if sys.maxsize > 2**32 else 32,
+            "process_id": os.getpid(),
+            "tcp_port": listener.port,
+            "uptime_in_seconds": uptime,
+            "uptime_in_days": uptime // 86400,
+            "simplequeue_version": __version__,
+        },
+        "Clients": {"connected_clients": listener.client_count},
+        "Persistence": {"loading": 0, "async_loading": 0},  # never loading: no dataset
+        "Replication": {"role": "master", "connected_slaves": 0},
+        "Keyspace": {},  # topics are no Redis databases
+    }
+
+
+# simplequeue has no transactions. MULTI is accepted so that what a client
+# queues after it is refused, not run: EXEC then aborts, as Redis aborts a
+# transaction in which a command failed to queue.
+
+
+@command("MULTI", 0)
+async def multi(session: Session, args: list[bytes]) -> Reply:
+    if session.in_multi:
+        raise RespError("ERR", "MULTI calls can not be nested")
+    session.in_multi = True
+    return OK
+
+
+@command("EXEC", 0)
+async def exec_(session: Session, args: list[bytes]) -> Reply:
+    if not session.in_multi:
+        raise RespError("ERR", "EXEC without MULTI")
+    session.in_multi = False
+    raise RespError("EXECABORT", "Transaction discarded: simplequeue has no transactions.")
+
+
+@command("DISCARD", 0)
+async def discard(session: Session, args: list[bytes]) -> Reply:
+    if not session.in_multi:
+        raise RespError("ERR", "DISCARD without MULTI")
+    session.in_multi = False
+    return OK
+
+
+# --- lists: a key is a topic, a value a job's payload ----------------------------------
+
+
+@command(("LPUSH", "RPUSH"), 2, None, flags=("write",), first_key=1)
+async def lpush(session: Session, args: list[bytes]) -> Reply:
+    """LPUSH and RPUSH both enqueue, in argument order; the reply is LLEN after."""
+    topic = topic_of(args[0])
+    return await session.engine.push(topic, [api.JobSpec(text(v, "values")) for v in args[1:]])
+
+
+@command(("LPOP", "RPOP"), 1, 2, flags=("write",), first_key=1)
+async def lpop(session: Session, args: list[bytes]) -> Reply:
+    """LPOP and RPOP both take the next claimable job (priority, then FIFO)."""
+    topic = topic_of(args[0])
+    if len(args) == 1:
+        values = await _pop(session, topic, 1)
+        return values[0] if values else None
+    count = integer(args[1])
+    if count < 0:
+        raise RespError("ERR", "value is out of range, must be positive")
+    if count == 0:
+        return []
+    return list(await _pop(session, topic, count)) or NULL_ARRAY
+
+
+async def _pop(session: Session, topic: str, count: int, wait: float = 0.0) -> list[bytes | str]:
+    """Claim and complete in one commit: a popped job is done."""
+    limit = session.listener.max_batch
+    jobs = await session.engine.pop(topic, session.worker_id, count=min(count, limit), wait=wait)
+    return [value_of(j["payload"]) for j in jobs]
+
+
+async def _complete(session: Session, topic: str, jobs: list[dict[str, Any]]) -> list[bytes | str]:
+    """Pop semantics: a job is completed once it is handed out. A job whose ack
+    fails is not handed out; its lease runs out and it is delivered again."""
+    if not jobs:
+        return []
+    acks = [api.AckRequest(j["id"], j["lease_token"]) for j in jobs]
+    answers = await session.engine.ack_many(topic, acks)
+    done = {a["id"] for a in answers if "error" not in a}
+    return [value_of(j["payload"]) for j in jobs if j["id"] in done]
+
+
+@command(("BLPOP", "BRPOP"), 2, None, flags=("write", "blocking"), first_key=1)
+async def blpop(session: Session, args: list[bytes]) -> Reply:
+    """BLPOP key [key ...] timeout: the first key in order with a job wins."""
+    topics = list(dict.fromkeys(topic_of(a) for a in args[:-1]))
+    deadline = time.monotonic() + timeout_of(args[-1])
+    if len(topics) == 1:  # the usual case: one pop, long-polled, one commit
+        while True:
+            values = await _pop(session, topics[0], 1, max(0.0, _left(deadline)))
+            if values:
+                return [topics[0], values[0]]
+            if _left(deadline) <= 0:
+                return NULL_ARRAY
+    while True:
+        found = await _claim_one(session, topics, deadline)
+        if found is None:
+            return NULL_ARRAY
+        topic, job = found
+        values = await _complete(session, topic, [job])
+        if values:
+            return [topic, values[0]]
+
+
+async def _claim_one(
+    session: Session, topics: list[str], deadline: float
+) -> tuple[str, dict[str, Any]] | None:
+    for topic in topics:  # what is there now, in key order
+        jobs = await session.engine.claim(topic, session.worker_id)
+        if jobs:
+            return topic, jobs[0]
+    while (wait := _left(deadline)) > 0:
+        got = await _race(session, topics, 1, wait)
+        if got:
+            first, *others = (t for t in topics if t in got)
+            # Two keys won at once: one answer; the rest go back uncounted.
+            for topic in others:
+                await _give_back(session, topic, got[topic])
+            return first, got[first][0]
+    return None
+
+
+async def _race(
+    session: Session, topics: list[str], count: int, wait: float
+) -> dict[str, list[Any]]:
+    """Long-poll every topic at once; the claims that won by the time the first
+    did. The others are cancelled, and the engine gives back a cancelled claim."""
+    engine, worker = session.engine, session.worker_id
+    if len(topics) == 1:
+        jobs = await engine.claim(topics[0], worker, count=count, wait=wait)
+        return {topics[0]: jobs} if jobs else {}
+    tasks = {
+        t: asyncio.ensure_future(engine.claim(t, worker, count=count, wait=wait)) for t in topics
+    }
+    try:
+        pending: set[asyncio.Future[Any]] = set(tasks.values())
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(d.exception() is not None or d.result() for d in done):
+                break
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
+    got = {t: r for t, r in zip(tasks, outcomes, strict=True) if isinstance(r, list) and r}
+    failed = [r for r in outcomes if isinstance(r, Exception)]
+    if not got and failed:
+        raise failed[0]
+    return got
+
+
+async def _give_back(session: Session, topic: str, jobs: list[dict[str, Any]]) -> None:
+    with contextlib.suppress(SimpleQueueError):
+        await session.engine.release(topic, jobs)
+
+
+@command("LLEN", 1, first_key=1)
+async def llen(session: Session, args: list[bytes]) -> Reply:
+    """The topic's pending jobs (delayed ones included), as SPEC section 6 says."""
+    counts: dict[str, int] = await session.engine.status(topic_of(args[0]))
+    return counts["pending"] + counts["delayed"]
+
+
+# --- streams: entries are jobs, consumer groups share one queue ---------------------
+
+
+@command("XADD", 4, None, flags=("write",), first_key=1)
+async def xadd(session: Session, args: list[bytes]) -> Reply:
+    """XADD key * field value ...: the payload is the object of the fields. An id
+    other than * becomes the job's id, so a repeated XADD enqueues once."""
+    topic, job_id = topic_of(args[0]), text(args[1], "ids")
+    if job_id.upper() in XADD_OPTIONS:
+        raise RespError("ERR", f"XADD {job_id.upper()} is not supported: a topic is a queue")
+    if len(args) % 2:
+        raise RespError("ERR", "wrong number of arguments for 'xadd' command")
+    payload = {text(f, "fields"): text(v, "values") for f, v in _pairs(args[2:])}
+    spec: dict[str, Any] = {"payload": payload}
+    if job_id != "*":
+        spec["id"] = job_id
+    answers = await session.engine.enqueue(topic, [api.convert(spec, api.JobSpec)])
+    return str(answers[0]["id"])
+
+
+@command("XREADGROUP", 6, None, flags=("write", "blocking"))
+async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
+    """XREADGROUP GROUP g c [COUNT n] [BLOCK ms] [NOACK] STREAMS key [key ...] > [> ...]:
+    claims with the broker's lease; the consumer name is the worker id."""
+    read = StreamRead.parse(args, session.listener.max_batch)
+    deadline = time.monotonic() + read.block
+    got: dict[str, list[Any]] = {}
+    for topic in read.topics:  # what is there now
+        jobs = await session.engine.claim(topic, read.consumer, count=read.count)
+        if jobs:
+            got[topic] = jobs
+    while not got and (wait := _left(deadline)) > 0:
+        got = await _race(session, read.topics, read.count, wait)
+    if not got:
+        return NULL_ARRAY
+    return await _entries(session, got, read.noack)
+
+
+@dataclass(frozen=True)
+class StreamRead:
+    """XREADGROUP's arguments."""
+
+    consumer: str
+    topics: list[str]
+    count: int
+    block: float  # seconds to block; 0: do not, math.inf: forever
+    noack: bool
+
+    @classmethod
+    def parse(cls, args: list[bytes], max_count: int) -> StreamRead:
+        if upper(args[0]) != "GROUP":
+            raise RespError("ERR", "syntax error: XREADGROUP GROUP group consumer ...")
+        text(args[1], "group names")  # every group reads the one queue
+        consumer = text(args[2], "consumer names")
+        count, block, noack, i = max_count, 0.0, False, 3
+        while i < len(args) and upper(args[i]) != "STREAMS":
+            option = upper(args[i])
+            if option == "COUNT" and i + 1 < len(args):
+                count, i = min(max(integer(args[i + 1]), 1), max_count), i + 2
+            elif option == "BLOCK" and i + 1 < len(args):
+                block, i = _block(args[i + 1]), i + 2
+            elif option == "NOACK":
+                noack, i = True, i + 1
+            else:
+                raise RespError("ERR", f"syntax error near '{text(args[i])}'")
+        streams = args[i + 1 :]
+        if i >= len(args) or not streams or len(streams) % 2:
+            raise RespError(
+                "ERR",
+                "Unbalanced 'xreadgroup' list of streams: for each stream key an ID "
+                "or '>' must be specified.",
+            )
+        half = len(streams) // 2
+        if any(s != b">" for s in streams[half:]):
+            raise RespError(
+                "ERR",
+                "only the '>' id is supported: a claim whose lease runs out is "
+                "delivered again, there is no per-consumer history to re-read",
+            )
+        topics = list(dict.fromkeys(topic_of(k) for k in streams[:half]))
+        return cls(consumer, topics, count, block, noack)
+
+
+def _block(arg: bytes) -> float:
+    """BLOCK's milliseconds, as seconds; 0 (forever) is math.inf."""
+    ms = integer(arg)
+    if ms < 0:
+        raise RespError("ERR", "timeout is negative")
+    return ms / 1000 if ms else math.inf
+
+
+async def _entries(session: Session, got: dict[str, list[Any]], noack: bool) -> Reply:
+    streams: dict[str, Reply] = {}
+    for topic, jobs in got.items():
+        if noack:  # NOACK: nothing to acknowledge later, so complete now
+            done = set(await _complete_ids(session, topic, jobs))
+            jobs = [j for j in jobs if j["id"] in done]
+        else:
+            _remember(session, topic, jobs)
+        streams[topic] = [[j["id"], fields_of(j["payload"])] for j in jobs]
+    if session.protocol == 3:
+        return streams
+    return [[topic, entries] for topic, entries in streams.items()]
+
+
+async def _complete_ids(session: Session, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
+    acks = [api.AckRequest(j["id"], j["lease_token"]) for j in jobs]
+    return [a["id"] for a in await session.engine.ack_many(topic, acks) if "error" not in a]
+
+
+def _remember(session: Session, topic: str, jobs: list[dict[str, Any]]) -> None:
+    for job in jobs:
+        session.tokens[(topic, job["id"])] = job["lease_token"]
+    while len(session.tokens) > TOKENS_KEPT:  # the oldest claims are acked without token
+        del session.tokens[next(iter(session.tokens))]
+
+
+@command("XACK", 3, None, flags=("write",), first_key=1)
+async def xack(session: Session, args: list[bytes]) -> Reply:
+    """XACK key group id [id ...]: the number of claims completed. A claim this
+    connection read is acked with its lease token, so a claim whose lease ran
+    out and went to someone else is not completed twice; any other id is acked
+    as Redis does, by whoever holds it."""
+    topic = topic_of(args[0])
+    ids = [text(a, "ids") for a in args[2:]]
+    limit = session.listener.max_batch
+    acked = 0
+    for start in range(0, len(ids), limit):
+        chunk = ids[start : start + limit]
+        acks = [a for i in chunk if (a := _ack_of(i, session.tokens.get((topic, i))))]
+        if acks:
+            answers = await session.engine.ack_many(topic, acks)
+            acked += sum("error" not in a for a in answers)
+        for i in chunk:
+            session.tokens.pop((topic, i), None)
+    return acked
+
+
+@command("XLEN", 1, first_key=1)
+async def xlen(session: Session, args: list[bytes]) -> Reply:
+    """Entries not yet acknowledged: pending and claimed jobs."""
+    counts = await session.engine.status(topic_of(args[0]))
+    return int(counts["pending"] + counts["delayed"] + counts["claimed"])
+
+
+@command("XINFO", 1, None)
+async def xinfo(session: Session, args: list[bytes]) -> Reply:
+    sub = upper(args[0])
+    if sub != "STREAM":
+        raise RespError("ERR", f"XINFO {sub} is not supported (XINFO STREAM key is)")
+    if len(args) != 2:
+        raise RespError("ERR", "XINFO STREAM takes one key (FULL is not supported)")
+    counts: dict[str, int] = await session.engine.status(topic_of(args[1]))
+    return {
+        "length": counts["pending"] + counts["delayed"] + counts["claimed"],
+        "groups": 1,  # every group reads the one queue
+        "entries-added": counts["enqueued"],
+        # Peeking at jobs is no engine operation: the ends are not shown.
+        "first-entry": None,
+        "last-entry": None,
+        "queue": dict(counts),
+    }
+
+
+@command("XGROUP", 1, None)
+async def xgroup(session: Session, args: list[bytes]) -> Reply:
+    """XGROUP CREATE succeeds so that programs written for Redis run: groups
+    need no creating here, every group reads the one queue."""
+    if upper(args[0]) != "CREATE" or len(args) < 4:
+        raise RespError("ERR", f"XGROUP {upper(args[0])} is not supported (CREATE is)")
+    topic_of(args[1])
+    return OK

@@ -1,0 +1,269 @@
+"""The RESP listener of SPEC section 6 (`--redis-addr`) and its client connections.
+
+It owns sockets and their lifecycle: the read loop, dispatch in order, pipelined
+writes run together, blocking commands given up on a hangup, and shutdown. It
+never decides what a command does (commands.py does), and one client's bad bytes
+never reach another connection: they end that connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+from simplequeue.broker.engine import Engine
+from simplequeue.broker.metrics import Metrics
+from simplequeue.broker.resp.commands import COMMANDS, PIPELINED, Session, admitted
+from simplequeue.broker.resp.wire import Reply, Requests, RespError, encode, error_of, upper
+from simplequeue.broker.settings import parse_addr
+from simplequeue.errors import SimpleQueueError
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64 * 1024
+QUEUED_FRAMES = 128  # parsed requests waiting per connection; beyond it we stop reading
+OUTPUT_HIGH_WATER = 64 * 1024 * 1024  # replies buffered for a client that does not read
+SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
+MAX_GROUP = 256  # pipelined writes run together at most
+
+Frame = list[bytes] | RespError | None  # a request, an unparseable one, or the end
+
+
+class Hangup(Exception):
+    """A blocking command gave up: the client left, or the server is stopping."""
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+@dataclass
+class Connection:
+    """One client connection: its socket, its read loop, and its Session."""
+
+    server: RespServer
+    session: Session
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    busy: bool = False  # a command is being executed
+    stopping: bool = False  # the server is stopping: no command after this one
+    # Set when the client leaves or the server stops: blocking commands give up.
+    hangup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> int:
+        return self.session.id
+
+    async def run(self) -> None:
+        """Execute requests in order until the client leaves or sends garbage, or a
+        command closes the connection (QUIT, the last failed AUTH allowed)."""
+        self.writer.transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER)
+        frames: asyncio.Queue[Frame] = asyncio.Queue(QUEUED_FRAMES)
+        reading = asyncio.create_task(self._read(frames), name=f"resp-read-{self.id}")
+        try:
+            ahead: list[Frame] = []  # taken from frames, not run
+            while (frame := ahead.pop(0) if ahead else await frames.get()) is not None:
+                if isinstance(frame, RespError):  # unparseable: answer, then hang up
+                    self._send(frame)
+                    break
+                group = _pipelined_group(frame, frames, ahead)
+                self.busy = True
+                try:
+                    replies = await self._execute(group)
+                except Hangup:
+                    break
+                finally:
+                    self.busy = False
+                for reply in replies:
+                    self._send(reply)
+                if self.session.closing or self.stopping:
+                    break
+                if frames.empty() and not ahead:  # a pipeline's replies go out together
+                    await self.writer.drain()
+            await self.writer.drain()
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+
+    async def _execute(self, group: list[list[bytes]]) -> list[Reply]:
+        if len(group) == 1:
+            return [await self._dispatch(group[0])]
+        return list(await asyncio.gather(*map(self._dispatch, group)))
+
+    async def _read(self, frames: asyncio.Queue[Frame]) -> None:
+        try:
+            await self._read_requests(frames)
+        except (ConnectionError, OSError):
+            pass  # the client went away
+        except RespError as exc:
+            await frames.put(exc)
+        self.hangup.set()
+        await frames.put(None)
+
+    async def _read_requests(self, frames: asyncio.Queue[Frame]) -> None:
+        requests = Requests(self.server.settings.max_body)
+        while data := await self.reader.read(READ_CHUNK):
+            for request in requests.feed(data):
+                await frames.put(request)
+
+    def _send(self, reply: Reply) -> None:
+        out = bytearray()
+        encode(reply, self.session.protocol, out)
+        self.writer.write(out)
+
+    async def _dispatch(self, frame: list[bytes]) -> Reply:
+        name = upper(frame[0])
+        reply = await self._run(name, frame[1:])
+        known = name if name in COMMANDS else "unknown"
+        outcome = "error" if isinstance(reply, RespError) else "ok"
+        self.server.metrics.resp_commands.labels(known, outcome).inc()
+        return reply
+
+    async def _run(self, name: str, args: list[bytes]) -> Reply:
+        try:
+            spec = admitted(self.session, name, args)
+            if spec.blocking:
+                return await self._until_hangup(spec.handler(self.session, args))
+            return await spec.handler(self.session, args)
+        except Hangup:
+            raise
+        except RespError as exc:
+            return exc
+        except SimpleQueueError as exc:
+            return error_of(exc)
+        except Exception:
+            log.exception("RESP %s from client %d failed", name, self.id)
+            return RespError("ERR", "internal error")
+
+    async def _until_hangup(self, work: Awaitable[Reply]) -> Reply:
+        """Run a blocking command, cancelling it on a hangup: the engine gives back
+        a cancelled claim."""
+        task = asyncio.ensure_future(work)
+        hangup = asyncio.create_task(self.hangup.wait())
+        try:
+            await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise Hangup
+        finally:
+            for t in (task, hangup):
+                t.cancel()
+            await asyncio.gather(task, hangup, return_exceptions=True)
+
+
+def _pipelined_group(
+    first: list[bytes], frames: asyncio.Queue[Frame], ahead: list[Frame]
+) -> list[list[bytes]]:
+    """`first`, and the pipelined writes that follow it and have arrived already.
+    They run together, so they share commits: they reach the committer in order,
+    and their replies go out in order. A frame that does not belong is put back
+    at the front of `ahead`."""
+    group = [first]
+    while upper(group[-1][0]) in PIPELINED and len(group) < MAX_GROUP:
+        if not ahead and frames.empty():
+            break
+        nxt = ahead.pop(0) if ahead else frames.get_nowait()
+        if nxt is None or isinstance(nxt, RespError) or upper(nxt[0]) not in PIPELINED:
+            ahead.insert(0, nxt)
+            break
+        group.append(nxt)
+    return group
+
+
+# --- the listener -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RespSettings:
+    token: str | None = None  # with one, AUTH first
+    max_body: int = 1024 * 1024  # bytes a request may take
+    max_batch: int = 1000  # jobs per engine call
+
+
+class RespServer:
+    """The RESP TCP listener of one broker, beside its HTTP listener. It is the
+    Listener its connections' commands see."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, settings: RespSettings) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.settings = settings
+        self.token: bytes | None = settings.token.encode() if settings.token else None
+        self.port = 0
+        self.addr = ""
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[Any], Connection] = {}
+        self._ids = itertools.count(1)
+        self._started = time.monotonic()
+
+    @property
+    def max_batch(self) -> int:
+        return self.settings.max_batch
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._started
+
+    @property
+    def client_count(self) -> int:
+        return len(self._connections)
+
+    async def start(self, addr: str) -> None:
+        """Listen on HOST:PORT (port 0 picks a free one); `port` and `addr` say where."""
+        host, port = parse_addr(addr)
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.addr = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The client connections open now."""
+        return list(self._connections.values())
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection: idle and blocked ones at once,
+        a command in flight once it is answered (or after SHUTDOWN_GRACE)."""
+        if self._server is not None:
+            self._server.close()
+        handlers = dict(self._connections)
+        for task, conn in handlers.items():
+            conn.stopping = True
+            conn.hangup.set()
+            if not conn.busy:
+                task.cancel()
+        if handlers:
+            _, late = await asyncio.wait(handlers, timeout=SHUTDOWN_GRACE)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(next(self._ids), self, authed=self.token is None)
+        conn = Connection(self, session, reader, writer)
+        # A task of our own, so that stop() can cancel it without asyncio's stream
+        # callback reporting the cancellation as an error.
+        task = asyncio.create_task(self._handle(conn), name=f"resp-client-{conn.id}")
+        self._connections[task] = conn
+        try:
+            await asyncio.wait({task})
+        finally:
+            del self._connections[task]
+
+    async def _handle(self, conn: Connection) -> None:
+        try:
+            await conn.run()
+        except (ConnectionError, OSError):
+            pass  # the client went away while we answered
+        except Exception:
+            log.exception("RESP client %d failed", conn.id)
+        finally:
+            conn.writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await conn.writer.wait_closed()

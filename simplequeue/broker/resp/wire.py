@@ -1,0 +1,149 @@
+"""The RESP wire: requests out of a client's bytes (hiredis), replies into bytes.
+
+It owns the reply types (Simple, NULL_ARRAY, RespError), their encoding in RESP2
+and RESP3, and the framing of requests. It never knows what a command means, and
+never awaits anything: bytes in, values out, and the reverse.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import hiredis
+
+from simplequeue.errors import SimpleQueueError
+
+# --- replies and errors ---------------------------------------------------------------
+
+
+class Simple(str):
+    """A RESP simple string (`+OK`)."""
+
+
+class _NullArray:
+    """A null array: `*-1` in RESP2 (BLPOP timed out, nothing to read), `_` in RESP3."""
+
+
+NULL_ARRAY = _NullArray()
+OK = Simple("OK")
+
+
+class RespError(Exception):
+    """An error reply: `-CODE message`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code, self.message = code, message
+
+
+Reply: TypeAlias = (
+    "int | str | bytes | RespError | _NullArray | list[Reply] | dict[str, Reply] | None"
+)
+
+
+def error_of(exc: SimpleQueueError) -> RespError:
+    """The reply for one of our errors: its class's RESP code (simplequeue.errors)."""
+    return RespError(exc.resp_code, str(exc))
+
+
+def _line(text: str) -> bytes:
+    """Text for a simple string or an error: one line, whatever it held."""
+    return text.replace("\r", " ").replace("\n", " ").encode()
+
+
+def encode(value: Reply, proto: int, out: bytearray) -> None:
+    """Append `value` to `out` as RESP `proto` (2 or 3)."""
+    if value is None:
+        out += b"_\r\n" if proto == 3 else b"$-1\r\n"
+    elif isinstance(value, _NullArray):
+        out += b"_\r\n" if proto == 3 else b"*-1\r\n"
+    elif isinstance(value, RespError):
+        out += b"-" + _line(str(value)) + b"\r\n"
+    elif isinstance(value, Simple):
+        out += b"+" + _line(value) + b"\r\n"
+    elif isinstance(value, int):
+        out += b":%d\r\n" % value
+    elif isinstance(value, str | bytes):
+        data = value.encode() if isinstance(value, str) else value
+        out += b"$%d\r\n%b\r\n" % (len(data), data)
+    elif isinstance(value, list):
+        out += b"*%d\r\n" % len(value)
+        for item in value:
+            encode(item, proto, out)
+    else:
+        out += (b"%%%d\r\n" % len(value)) if proto == 3 else (b"*%d\r\n" % (2 * len(value)))
+        for key, item in value.items():
+            encode(key, proto, out)
+            encode(item, proto, out)
+
+
+# --- requests -----------------------------------------------------------------------------
+
+
+def upper(arg: bytes) -> str:
+    """A keyword (a command's name, a subcommand, an option) as upper-case text."""
+    return arg.decode("ascii", "replace").upper()
+
+
+class Requests:
+    """Splits a client's byte stream into requests. hiredis parses; a request must
+    be exactly the canonical encoding of what was parsed, an array of bulk strings
+    (what every client sends), which also says where the next request starts.
+    Blank lines between requests are skipped, as redis-cli --pipe sends them.
+    Anything else raises RespError: the connection is beyond repair."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # bytes a request may take (--max-body)
+        self.buffer = bytearray()  # from the start of the next request on
+        self.parser = hiredis.Reader()
+        self.fed = 0  # bytes of `buffer` the parser has been given
+
+    def feed(self, data: bytes) -> list[list[bytes]]:
+        self.buffer += data
+        requests: list[list[bytes]] = []
+        while (request := self._next()) is not None:
+            if request:  # an empty array is ignored, as Redis does
+                requests.append(request)
+        self._check_size(len(self.buffer))  # what is left is one unfinished request
+        return requests
+
+    def _check_size(self, size: int) -> None:
+        if size > self.limit:
+            raise RespError("ERR", f"Protocol error: request larger than {self.limit} bytes")
+
+    def _next(self) -> list[bytes] | None:
+        while True:
+            if self.fed == 0:
+                self._skip_blank_lines()
+                if not self.buffer:
+                    return None
+                if self.buffer[0] != ord("*"):
+                    raise RespError("ERR", "Protocol error: expected '*', an array of bulk strings")
+            if self.fed < len(self.buffer):
+                self.parser.feed(bytes(self.buffer[self.fed :]))
+                self.fed = len(self.buffer)
+            try:
+                frame = self.parser.gets()
+            except hiredis.ProtocolError as exc:
+                if self.buffer.startswith((b"\r", b"\n")):  # a blank line after a request
+                    self.parser, self.fed = hiredis.Reader(), 0
+                    continue
+                raise RespError("ERR", f"Protocol error: {exc}") from None
+            if frame is False:
+                return None
+            return self._consume(frame)
+
+    def _skip_blank_lines(self) -> None:
+        blank = len(self.buffer) - len(self.buffer.lstrip(b"\r\n"))
+        del self.buffer[:blank]
+
+    def _consume(self, frame: Any) -> list[bytes]:
+        if not isinstance(frame, list) or not all(isinstance(a, bytes) for a in frame):
+            raise RespError("ERR", "Protocol error: expected an array of bulk strings")
+        encoded = hiredis.pack_command(tuple(frame))
+        self._check_size(len(encoded))
+        if not self.buffer.startswith(encoded):
+            raise RespError("ERR", "Protocol error: expected an array of bulk strings")
+        del self.buffer[: len(encoded)]
+        self.fed -= len(encoded)
+        return frame
