@@ -111,7 +111,7 @@ class Job(_Answer):
     those are None."""
 
     id: str
-    status: Status
+    status: Status = "pending"
     payload: Any = None
     priority: int | None = None
     run_at: float | None = None

@@ -1,22 +1,29 @@
 """The async client: every operation of the HTTP API, typed, over one aiohttp session.
 
-Connection failures and 503s are retried with tenacity (bounded, jittered);
-a client made by `Client.discover` re-reads broker.json when its broker stops
-answering. HTTP statuses become simplequeue.errors exceptions in one table.
+It never waits for ever and never takes a failure for success, whatever the
+broker or anything between them answers:
+- connection failures, timeouts, bodies cut short and 502/503/504 answers are
+  retried with tenacity (bounded, jittered); a client made by `discover`
+  re-reads broker.json when its broker stops answering;
+- every other failure raises an error of simplequeue.errors: the class the
+  broker's status stands for (errors.for_status), or BrokerError with the
+  status for anything the API does not answer (a proxy's 500, an HTML page);
+- answers are decoded into the API's types (simplequeue.api): one that is not
+  what the route answers is a BrokerError, never a KeyError;
+- cancellation is never caught.
 Enqueue sends a client-made id when none is given, so a retried enqueue whose
 first try landed is answered as a duplicate, never enqueued twice.
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
-import orjson
+import msgspec
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -26,36 +33,37 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from simplequeue import api, errors
+from simplequeue.api import Job
+from simplequeue.batching import Batcher, Pending
 from simplequeue.client.discovery import find_broker
-from simplequeue.client.job import Job
 from simplequeue.errors import (
+    BrokerError,
     BrokerUnavailable,
     InvalidRequest,
     JobNotFound,
     LeaseLost,
     SimpleQueueError,
-    StoreUnavailable,
-    Unauthorized,
 )
 from simplequeue.objstore import ObjectStore, store_from_url
 
-#: One exception class per HTTP status the broker answers with.
-STATUS_ERRORS: dict[int, type[SimpleQueueError]] = {
-    400: InvalidRequest,
-    401: Unauthorized,
-    404: JobNotFound,
-    409: LeaseLost,
-    413: InvalidRequest,
-    503: StoreUnavailable,
-}
+A = TypeVar("A")
+
+#: Statuses worth another try: the broker, or a proxy before it, could not
+#: answer now (the store was down, the broker restarting).
+RETRIED_STATUSES = frozenset({502, 503, 504})
 
 
 class _Retry(Exception):
-    """A transient failure: the broker was unreachable or answered 503."""
+    """A transient failure: the broker was unreachable or could not answer now."""
 
     def __init__(self, error: SimpleQueueError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+class _Replayed(Exception):
+    """A retried settle answered 409: its first try may have landed."""
 
 
 def _job_or_id(job: Job | str) -> tuple[str, str | None]:
@@ -92,8 +100,10 @@ class Client:
         self.max_age = max_age
         self._session: aiohttp.ClientSession | None = None
         self._owns_store = False
-        self._enqueues: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
-        self._enqueuer: asyncio.Task[None] | None = None
+        # Concurrent enqueue() calls share requests: see enqueue().
+        self._enqueues: Batcher[api.JobSpec, str] = Batcher(
+            self._send_enqueues, max_batch=api.MAX_BATCH, name="client-enqueue"
+        )
 
     @classmethod
     async def discover(
@@ -139,10 +149,26 @@ class Client:
         return self._session
 
     async def request(
-        self, method: str, path: str, body: Any = None, *, wait: float = 0.0
-    ) -> tuple[int, Any, int]:
-        """(status, JSON answer, attempts made). Raises for the statuses of
-        STATUS_ERRORS but 404 and 409, whose meaning depends on the call."""
+        self, method: str, path: str, answer: type[A], body: Any = None, *, wait: float = 0.0
+    ) -> A:
+        """The broker's answer to a request, decoded as `answer`; every failure raises."""
+        _, got, _ = await self.call(method, path, answer, body, wait=wait)
+        assert got is not None  # no status was expected
+        return got
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        answer: type[A],
+        body: Any = None,
+        *,
+        wait: float = 0.0,
+        expected: frozenset[int] = frozenset(),
+    ) -> tuple[int, A | None, int]:
+        """(status, answer decoded as `answer`, attempts made). A status in
+        `expected` (404 or 409, whose meaning depends on the call) is returned
+        with no answer instead of raised; every other failure raises."""
         attempts = 0
         try:
             async for attempt in AsyncRetrying(
@@ -153,38 +179,53 @@ class Client:
             ):
                 with attempt:
                     attempts += 1
-                    status, answer = await self._send(method, path, body, wait)
-                    if status == 503:
-                        raise _Retry(StoreUnavailable(_message(answer, status)))
-                    if status in STATUS_ERRORS and status not in (404, 409):
-                        raise STATUS_ERRORS[status](_message(answer, status))
-                    return status, answer, attempts
+                    status, raw = await self._send(method, path, body, wait)
+                    return status, self._answer(status, raw, answer, expected), attempts
         except RetryError as exc:
             last = exc.last_attempt.exception()
             assert isinstance(last, _Retry)
             raise last.error from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _send(self, method: str, path: str, body: Any, wait: float) -> tuple[int, Any]:
+    def _answer(
+        self, status: int, raw: bytes, answer: type[A], expected: frozenset[int]
+    ) -> A | None:
+        """The answer of a 2xx, None for an expected status; else raise."""
+        if 200 <= status < 300:
+            try:
+                return msgspec.json.decode(raw, type=answer)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise BrokerError(
+                    f"{self.url}: an answer that is not the API's ({exc}): {_snippet(raw)}",
+                    status,
+                ) from None
+        message = _error_message(raw)
+        if status in RETRIED_STATUSES:
+            error = errors.for_status(status) if message is not None else None
+            cause = (error or BrokerUnavailable)(message or f"{self.url}: HTTP {status}")
+            raise _Retry(cause)
+        if status in expected:
+            return None
+        error_class = errors.for_status(status)
+        if message is None or error_class is None:
+            raise BrokerError(f"{self.url}: HTTP {status}: {message or _snippet(raw)}", status)
+        raise error_class(message)
+
+    async def _send(self, method: str, path: str, body: Any, wait: float) -> tuple[int, bytes]:
         if not self.url:
             await self._rediscover()
-        data = orjson.dumps(body) if body is not None else None
+        data = msgspec.json.encode(body) if body is not None else None
         timeout = aiohttp.ClientTimeout(total=self.timeout + wait)
         headers = {"Content-Type": "application/json"} if data is not None else None
         try:
             async with self._http().request(
                 method, self.url + path, data=data, timeout=timeout, headers=headers
             ) as response:
-                raw = await response.read()
-                status = response.status
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, cut short
             await self._rediscover()
             reason = str(exc) or type(exc).__name__
             raise _Retry(BrokerUnavailable(f"{self.url or 'broker'}: {reason}")) from exc
-        try:
-            return status, orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            return status, {"error": raw[:200].decode(errors="replace")}
 
     async def _rediscover(self) -> None:
         """Follow broker.json to the active broker, if this client can."""
@@ -196,6 +237,7 @@ class Client:
             raise _Retry(BrokerUnavailable(f"no broker: {exc}")) from exc
 
     async def close(self) -> None:
+        await self._enqueues.close()
         if self._session is not None:
             await self._session.close()
         if self._owns_store and self.store is not None:
@@ -229,41 +271,34 @@ class Client:
 
         Calls made while another enqueue of this client is in flight go out
         together as one batch request, like the broker's own group commit."""
-        spec = _spec(payload, id, priority, delay, max_attempts)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._enqueues.append((spec, future))
-        if self._enqueuer is None or self._enqueuer.done():
-            self._enqueuer = asyncio.create_task(self._send_enqueues())
-        return await future
+        return await self._enqueues.submit(_spec(payload, id, priority, delay, max_attempts))
 
-    async def _send_enqueues(self) -> None:
-        while self._enqueues:
-            batch, self._enqueues = self._enqueues[:BATCH], self._enqueues[BATCH:]
+    async def _send_enqueues(self, batch: list[Pending[api.JobSpec, str]]) -> list[Any]:
+        specs = [p.item for p in batch]
+        try:
+            return list(await self._enqueue_batch(specs))
+        except InvalidRequest as exc:
+            if len(specs) == 1:
+                return [exc]
+        # One bad job must not fail the others: send each on its own.
+        outcomes: list[Any] = []
+        for spec in specs:
             try:
-                ids = await self._enqueue_batch([spec for spec, _ in batch])
-            except InvalidRequest as exc:
-                if len(batch) == 1:
-                    _settle_all(batch, exc=exc)
-                    continue
-                # One bad job must not fail the others: send each on its own.
-                for spec, future in batch:
-                    try:
-                        _settle_all([(spec, future)], ids=await self._enqueue_batch([spec]))
-                    except SimpleQueueError as exc:
-                        _settle_all([(spec, future)], exc=exc)
-                continue
+                outcomes += await self._enqueue_batch([spec])
             except SimpleQueueError as exc:
-                _settle_all(batch, exc=exc)
-                continue
-            _settle_all(batch, ids=ids)
+                outcomes.append(exc)
+        return outcomes
 
-    async def _enqueue_batch(self, specs: list[dict[str, Any]]) -> list[str]:
+    async def _enqueue_batch(self, specs: list[api.JobSpec]) -> list[str]:
         if len(specs) == 1:
-            _, answer, _ = await self.request("POST", self._t("/enqueue"), specs[0])
-            return [answer["id"]]
-        _, answer, _ = await self.request("POST", self._t("/enqueue"), {"jobs": specs})
-        ids: list[str] = answer["ids"]
-        return ids
+            one = await self.request("POST", self._t("/enqueue"), api.Enqueued, specs[0])
+            return [one.id]
+        many = await self.request(
+            "POST", self._t("/enqueue"), api.EnqueuedBatch, api.EnqueueBatch(specs)
+        )
+        if len(many.ids) != len(specs):
+            raise BrokerError(f"{len(many.ids)} ids for {len(specs)} jobs")
+        return many.ids
 
     async def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
         """Enqueue a batch in one request. Items are payloads, or dicts with a
@@ -280,151 +315,137 @@ class Client:
             else _spec(j, None, 0, 0, None)
             for j in jobs
         ]
-        _, answer, _ = await self.request("POST", self._t("/enqueue"), {"jobs": specs})
-        ids: list[str] = answer["ids"]
-        return ids
+        return await self._enqueue_batch(specs)
 
-    async def claim(self, worker_id: str, lease: float = 30, wait: float = 0) -> Job | None:
-        """Claim the next job, long-polling up to `wait` seconds; None when empty."""
-        status, answer, _ = await self.request(
-            "POST",
-            self._t("/claim"),
-            {"worker_id": worker_id, "lease": lease, "wait": wait},
-            wait=wait,
+    async def claim(
+        self, worker_id: str, lease: float | None = None, wait: float = 0
+    ) -> Job | None:
+        """Claim the next job, long-polling up to `wait` seconds; None when empty.
+        `lease=None`: the broker's --lease."""
+        body = api.ClaimRequest(worker_id, lease=lease, wait=wait)
+        _, answer, _ = await self.call(
+            "POST", self._t("/claim"), api.Claimed, body, wait=wait, expected=_EMPTY
         )
-        return None if status == 404 else Job.from_api(answer["job"])
+        return None if answer is None else answer.job
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         """Claim up to `count` jobs in one request."""
-        body = {"worker_id": worker_id, "lease": lease, "wait": wait, "count": count}
-        status, answer, _ = await self.request("POST", self._t("/claim"), body, wait=wait)
-        return [] if status == 404 else [Job.from_api(j) for j in answer["jobs"]]
+        body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
+        _, answer, _ = await self.call(
+            "POST", self._t("/claim"), api.ClaimedBatch, body, wait=wait, expected=_EMPTY
+        )
+        return [] if answer is None else answer.jobs
 
     async def ack(self, job: Job | str, result: Any = None) -> None:
         """Complete a claimed job with `result` (carrying its lease token)."""
         job_id, token = _job_or_id(job)
         try:
-            await self._settle("/ack", {"job_id": job_id, "lease_token": token, "result": result})
+            await self._settle("/ack", api.AckRequest(job_id, token, result), api.Settled)
         except _Replayed:
             # A retried ack whose first try may have landed: done, unless it is not.
             if (await self.job(job_id)).status != "completed":
                 raise LeaseLost(f"job {job_id!r} is no longer held by this client") from None
 
     async def ack_many(self, acks: Iterable[tuple[Job | str, Any]]) -> list[dict[str, Any]]:
-        """Complete several jobs in one request; each answer says whether it did."""
-        body = []
-        for job, result in acks:
-            job_id, token = _job_or_id(job)
-            body.append({"job_id": job_id, "lease_token": token, "result": result})
-        _, answer, _ = await self.request("POST", self._t("/ack"), {"acks": body})
-        results: list[dict[str, Any]] = answer["results"]
-        return results
+        """Complete several jobs in one request; each answer says whether it did
+        ({"id", "status", "error"?})."""
+        body = [api.AckRequest(*_job_or_id(job), result) for job, result in acks]
+        answer = await self.request("POST", self._t("/ack"), api.AckedBatch, api.AckBatch(body))
+        if len(answer.results) != len(body):
+            raise BrokerError(f"{len(answer.results)} answers for {len(body)} acks")
+        return [msgspec.structs.asdict(r) for r in answer.results]
 
     async def nack(self, job: Job | str, delay: float = 0, error: str | None = None) -> str:
         """Give a job back: pending again after `delay` s, or dead when spent.
         Returns the job's new status."""
         job_id, token = _job_or_id(job)
-        body = {"job_id": job_id, "lease_token": token, "delay": delay, "error": error}
+        body = api.NackRequest(job_id, token, delay=delay, error=error)
         try:
-            answer = await self._settle("/nack", body)
+            answer: api.Settled = await self._settle("/nack", body, api.Settled)
         except _Replayed:
             now = await self.job(job_id)  # a retried nack whose first try may have landed
             if now.status == "claimed" and (token is None or now.lease_token == token):
                 raise LeaseLost(f"job {job_id!r}: nack did not take") from None
             return now.status
-        status: str = answer["status"]
-        return status
+        return answer.status
 
     async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
         """Extend the claim; return the new lease expiry (Unix seconds)."""
         job_id, token = _job_or_id(job)
-        answer = await self._settle(
-            "/heartbeat", {"job_id": job_id, "lease_token": token, "lease": lease}
-        )
-        expires: float = answer["lease_expires_at"]
-        return expires
+        body = api.HeartbeatRequest(job_id, token, lease=lease)
+        try:
+            answer: api.Renewed = await self._settle("/heartbeat", body, api.Renewed)
+        except _Replayed:
+            # A retry with the same token renews a lease still held: a 409 on
+            # it means the lease is gone, whether or not the first try landed.
+            raise LeaseLost(f"job {job_id!r} is no longer held by this client") from None
+        return answer.lease_expires_at
 
-    async def _settle(self, path: str, body: dict[str, Any]) -> Any:
-        body = {k: v for k, v in body.items() if v is not None or k == "result"}
-        status, answer, attempts = await self.request("POST", self._t(path), body)
-        if status == 404:
-            raise JobNotFound(_message(answer, 404))
+    async def _settle(self, path: str, body: Any, answer: type[A]) -> A:
+        status, got, attempts = await self.call(
+            "POST", self._t(path), answer, body, expected=_SETTLE_FAILURES
+        )
+        if got is not None:
+            return got
+        if status == 409 and attempts > 1:
+            raise _Replayed()
         if status == 409:
-            if attempts > 1:
-                raise _Replayed()
-            raise LeaseLost(_message(answer, 409))
-        return answer
+            raise LeaseLost(f"job {body.job_id!r} is not claimed under this lease")
+        raise JobNotFound(f"no job {body.job_id!r} in topic {self.topic!r}")
 
     async def status(self) -> dict[str, int]:
-        _, answer, _ = await self.request("GET", self._t("/status"))
-        counts: dict[str, int] = answer
-        return counts
+        counts = await self.request("GET", self._t("/status"), api.Counts)
+        return msgspec.structs.asdict(counts)
 
     async def job(self, job_id: str) -> Job:
-        status, answer, _ = await self.request("GET", self._t(f"/jobs/{job_id}"))
-        if status == 404:
-            raise JobNotFound(_message(answer, 404))
-        return Job.from_api(answer)
+        _, job, _ = await self.call("GET", self._t(f"/jobs/{job_id}"), Job, expected=_MISSING)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
+        return job
 
     async def dead(self) -> list[Job]:
-        _, answer, _ = await self.request("GET", self._t("/dead"))
-        return [Job.from_api(j) for j in answer["jobs"]]
+        return (await self.request("GET", self._t("/dead"), api.DeadJobs)).jobs
 
     async def requeue(self, job_ids: list[str] | None = None) -> list[str]:
-        body = {"job_ids": job_ids} if job_ids is not None else {}
-        _, answer, _ = await self.request("POST", self._t("/requeue"), body)
-        ids: list[str] = answer["requeued"]
-        return ids
+        body = api.JobIdsRequest(job_ids)
+        return (await self.request("POST", self._t("/requeue"), api.Requeued, body)).requeued
 
     async def purge(self, job_ids: list[str] | None = None) -> list[str]:
-        body = {"job_ids": job_ids} if job_ids is not None else {}
-        _, answer, _ = await self.request("DELETE", self._t("/dead"), body)
-        ids: list[str] = answer["purged"]
-        return ids
+        body = api.JobIdsRequest(job_ids)
+        return (await self.request("DELETE", self._t("/dead"), api.Purged, body)).purged
 
     async def topics(self) -> dict[str, dict[str, int]]:
-        _, answer, _ = await self.request("GET", "/topics")
-        topics: dict[str, dict[str, int]] = answer["topics"]
-        return topics
+        answer = await self.request("GET", "/topics", api.Topics)
+        return {name: msgspec.structs.asdict(c) for name, c in answer.topics.items()}
 
 
-BATCH = 1000  # jobs per enqueue request, the broker's limit
-
-
-def _settle_all(
-    batch: list[tuple[dict[str, Any], asyncio.Future[str]]],
-    ids: list[str] | None = None,
-    exc: BaseException | None = None,
-) -> None:
-    for i, (_, future) in enumerate(batch):
-        if future.done():  # its caller went away
-            continue
-        if ids is not None:
-            future.set_result(ids[i])
-        else:
-            future.set_exception(exc or RuntimeError("enqueue failed"))
-
-
-class _Replayed(Exception):
-    """A retried settle answered 409: its first try may have landed."""
+_EMPTY = frozenset({404})  # a claim that found nothing
+_MISSING = frozenset({404})
+_SETTLE_FAILURES = frozenset({404, 409})
 
 
 def _spec(
     payload: Any, job_id: str | None, priority: int, delay: float, max_attempts: int | None
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {"id": job_id or uuid.uuid4().hex, "payload": payload}
-    if priority:
-        spec["priority"] = priority
-    if delay:
-        spec["delay"] = delay
-    if max_attempts is not None:
-        spec["max_attempts"] = max_attempts
-    return spec
+) -> api.JobSpec:
+    return api.JobSpec(
+        payload,
+        id=job_id or uuid.uuid4().hex,
+        priority=priority,
+        delay=delay,
+        max_attempts=max_attempts,
+    )
 
 
-def _message(answer: Any, status: int) -> str:
-    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
-        return str(answer["error"])
-    return f"HTTP {status}"
+def _error_message(raw: bytes) -> str | None:
+    """The API's {"error": "..."} message, or None when the body is not one."""
+    try:
+        return msgspec.json.decode(raw, type=api.Error).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _snippet(raw: bytes) -> str:
+    text = raw[:200].decode(errors="replace").strip()
+    return text or "(empty body)"

@@ -71,11 +71,11 @@ class SyncClient:
     def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
         return self._run(self.client.enqueue_many(list(jobs)))
 
-    def claim(self, worker_id: str, lease: float = 30, wait: float = 0) -> Job | None:
+    def claim(self, worker_id: str, lease: float | None = None, wait: float = 0) -> Job | None:
         return self._run(self.client.claim(worker_id, lease, wait))
 
     def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         return self._run(self.client.claim_many(worker_id, count, lease, wait))
 

@@ -255,7 +255,9 @@ class Worker:
         except Exception as exc:
             self.failed += 1
             error = "".join(traceback.format_exception_only(exc)).strip()
-            await self._settle(job, self.client.nack(job, self.backoff.delay(job.attempts), error))
+            await self._settle(
+                job, self.client.nack(job, self.backoff.delay(job.attempts or 1), error)
+            )
             return
         finally:
             await self._stop_beats(held)

@@ -1,0 +1,220 @@
+"""The SDK never hangs and never fakes success, whatever a proxy in front of the
+broker answers: 5xx pages, HTML where JSON belongs, bodies cut short. Each
+case here hung, returned a wrong answer or raised KeyError before."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from simplequeue.client import Client
+from simplequeue.errors import BrokerError, BrokerUnavailable, LeaseLost
+from simplequeue.objstore.memfs import MemStore
+from tests.helpers.fault_proxy import FaultProxy
+
+# Every call in this file must end well within this: none may hang.
+PROMPT = 15.0
+
+
+@pytest.fixture
+async def proxied(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> AsyncIterator[tuple[FaultProxy, Client, Client]]:
+    """(proxy, a client through it, a client straight to the broker)."""
+    broker = await start_broker(MemStore())
+    async with FaultProxy(broker.url).running() as proxy:
+        through = Client(proxy.url, topic="t", retries=4, retry_budget=5)
+        direct = Client(broker.url, topic="t")
+        try:
+            yield proxy, through, direct
+        finally:
+            await through.close()
+            await direct.close()
+
+
+async def prompt(call: Awaitable[Any]) -> Any:
+    return await asyncio.wait_for(call, PROMPT)
+
+
+# --- enqueue ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["502", "503", "504", "landed-502", "cut"])
+async def test_a_transient_failure_on_enqueue_is_retried_and_enqueues_once(
+    proxied: tuple[FaultProxy, Client, Client], fault: str
+) -> None:
+    proxy, q, direct = proxied
+    proxy.fail("/enqueue", fault)
+    job_id = await prompt(q.enqueue({"n": 1}))
+    assert (await direct.job(job_id)).payload == {"n": 1}
+    assert (await direct.status())["enqueued"] == 1  # the retry was a duplicate
+
+
+@pytest.mark.parametrize("fault", ["500", "html"])
+async def test_an_answer_that_is_not_the_apis_fails_the_enqueue_with_its_status(
+    proxied: tuple[FaultProxy, Client, Client], fault: str
+) -> None:
+    proxy, q, _ = proxied
+    proxy.fail("/enqueue", fault)
+    with pytest.raises(BrokerError) as caught:
+        await prompt(q.enqueue({"n": 1}))
+    assert caught.value.status == (500 if fault == "500" else 200)
+    assert await prompt(q.enqueue({"n": 2}))  # the client goes on working
+
+
+async def test_every_coalesced_enqueue_is_settled_when_their_request_fails(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    proxy, q, _ = proxied
+    proxy.fail("/enqueue", "500", "500")
+    outcomes = await prompt(
+        asyncio.gather(*(q.enqueue(i) for i in range(10)), return_exceptions=True)
+    )
+    assert all(isinstance(o, BrokerError | str) for o in outcomes), outcomes
+    assert any(isinstance(o, BrokerError) for o in outcomes)
+
+
+async def test_enqueue_many_raises_a_typed_error_on_a_bad_gateway_page(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    proxy, q, direct = proxied
+    proxy.fail("/enqueue", "500")
+    with pytest.raises(BrokerError):
+        await prompt(q.enqueue_many([1, 2, 3]))
+    assert (await direct.status())["enqueued"] == 0
+
+
+# --- claim, ack, heartbeat, status -------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["500", "html"])
+async def test_claim_raises_a_typed_error_not_key_error(
+    proxied: tuple[FaultProxy, Client, Client], fault: str
+) -> None:
+    proxy, q, direct = proxied
+    await direct.enqueue(1)
+    proxy.fail("/claim", fault)
+    with pytest.raises(BrokerError):
+        await prompt(q.claim("w"))
+    proxy.fail("/claim", fault)
+    with pytest.raises(BrokerError):
+        await prompt(q.claim_many("w", 5))
+
+
+async def test_a_claim_whose_answer_was_cut_short_is_retried(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    proxy, q, direct = proxied
+    for i in range(2):
+        await direct.enqueue(i)
+    proxy.fail("/claim", "cut")
+    job = await prompt(q.claim("w"))
+    assert job is not None and job.lease_token  # the first claim's job waits out its lease
+
+
+@pytest.mark.parametrize("fault", ["502", "landed-502", "cut"])
+async def test_ack_after_a_transient_failure_completes_the_job(
+    proxied: tuple[FaultProxy, Client, Client], fault: str
+) -> None:
+    """A 502 on /ack used to return as if it worked, the job still claimed."""
+    proxy, q, direct = proxied
+    await direct.enqueue(1, id="a")
+    job = await direct.claim("w")
+    assert job is not None
+    proxy.fail("/ack", fault)
+    await prompt(q.ack(job, result="done"))
+    done = await direct.job("a")
+    assert (done.status, done.result) == ("completed", "done")
+
+
+async def test_ack_that_keeps_failing_raises_instead_of_returning(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    proxy, q, direct = proxied
+    await direct.enqueue(1, id="a")
+    job = await direct.claim("w")
+    assert job is not None
+    proxy.always["/ack"] = "502"
+    with pytest.raises(BrokerUnavailable):
+        await prompt(q.ack(job))
+    assert (await direct.job("a")).status == "claimed"
+
+
+async def test_a_500_on_ack_raises_with_the_status(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    proxy, q, direct = proxied
+    await direct.enqueue(1, id="a")
+    job = await direct.claim("w")
+    assert job is not None
+    proxy.fail("/ack", "500")
+    with pytest.raises(BrokerError) as caught:
+        await prompt(q.ack(job))
+    assert caught.value.status == 500
+    proxy.fail("/ack", "500")
+    with pytest.raises(BrokerError):
+        await prompt(q.ack_many([(job, None)]))
+
+
+async def test_heartbeat_rides_out_a_502_and_raises_typed_errors_otherwise(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    proxy, q, direct = proxied
+    await direct.enqueue(1, id="a")
+    job = await direct.claim("w", lease=30)
+    assert job is not None
+    proxy.fail("/heartbeat", "502")
+    assert await prompt(q.heartbeat(job)) > 0
+    proxy.fail("/heartbeat", "html")
+    with pytest.raises(BrokerError):
+        await prompt(q.heartbeat(job))
+
+
+async def test_a_retried_heartbeat_of_a_lost_lease_raises_lease_lost(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """The 409 of a retry used to escape as the SDK's private _Replayed."""
+    proxy, q, direct = proxied
+    await direct.enqueue(1, id="a")
+    job = await direct.claim("w")
+    assert job is not None
+    await direct.ack(job)
+    proxy.fail("/heartbeat", "502")
+    with pytest.raises(LeaseLost):
+        await prompt(q.heartbeat(job))
+
+
+@pytest.mark.parametrize("fault", ["500", "html"])
+async def test_status_never_takes_an_error_page_for_counts(
+    proxied: tuple[FaultProxy, Client, Client], fault: str
+) -> None:
+    proxy, q, _ = proxied
+    proxy.fail("/status", fault)
+    with pytest.raises(BrokerError):
+        await prompt(q.status())
+
+
+async def test_a_cut_body_is_retried_not_raised_as_an_aiohttp_error(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    proxy, q, _ = proxied
+    proxy.fail("/status", "cut")
+    assert (await prompt(q.status()))["total"] == 0
+
+
+# --- cancellation ------------------------------------------------------------------------
+
+
+async def test_cancelling_a_call_cancels_it_and_nothing_else(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    proxy, q, _ = proxied
+    waiting = asyncio.ensure_future(q.claim("w", wait=30))
+    await prompt(proxy.arrived.wait())  # the long poll is at the broker
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await prompt(q.enqueue(1))
