@@ -271,9 +271,11 @@ class GroupCommitter:
             self.stats.segments_deleted += 1
         return doomed
 
-    def cached_counts(self) -> dict[str, dict[str, int]]:
-        """Counts of every topic this broker has loaded, from its cache (no I/O)."""
-        out: dict[str, dict[str, int]] = {}
+    def cached(self, query: Callable[[TopicState, float], T]) -> dict[str, T]:
+        """`query` answered for every topic this broker has loaded, from its
+        cache as last committed (no I/O). A topic whose answer would need a
+        segment not in the cache is left out."""
+        out: dict[str, T] = {}
         now = self.clock()
         for name, t in self._topics.items():
             if t.committed is None:
@@ -281,7 +283,7 @@ class GroupCommitter:
             if t.reader is None:
                 t.reader = self._state(orjson.loads(t.committed), t.segments)
             with contextlib.suppress(SegmentMissing):
-                out[name] = t.reader.counts(now)
+                out[name] = query(t.reader, now)
         return out
 
     @property

@@ -291,6 +291,29 @@ async def test_healthz_metrics_and_openapi(api: Api) -> None:
     assert "/topics/{topic}/enqueue" in spec["paths"]
 
 
+async def test_metrics_count_what_each_topic_did_and_how_long_its_oldest_job_waits(
+    api: Api,
+) -> None:
+    for i in range(3):
+        await api.post("/topics/t/enqueue", {"id": f"j{i}", "payload": i, "max_attempts": 1})
+    job = (await api.post("/topics/t/claim", {"worker_id": "w"}))[1]["job"]
+    await api.post("/topics/t/nack", {"job_id": job["id"], "lease_token": job["lease_token"]})
+    job = (await api.post("/topics/t/claim", {"worker_id": "w"}))[1]["job"]
+    await api.post("/topics/t/nack", {"job_id": job["id"], "lease_token": job["lease_token"]})
+    await api.get("/topics/t/status")  # the scrape reads the broker's cache
+    status, text = await api.get("/metrics")
+    assert status == 200
+    samples = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert samples['simplequeue_job_outcomes_total{outcome="nacked",topic="t"}'] == "2.0"
+    assert samples['simplequeue_job_outcomes_total{outcome="dead",topic="t"}'] == "2.0"
+    assert samples['simplequeue_job_outcomes_total{outcome="enqueued",topic="t"}'] == "3.0"
+    assert float(samples['simplequeue_oldest_pending_age_seconds{topic="t"}']) >= 0
+    # One series per counter: no *_created twins (they doubled every scrape).
+    assert not any(name.split("{")[0].endswith("_created") for name in samples)
+
+
 async def test_healthz_is_503_when_the_store_is_down(
     start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
 ) -> None:

@@ -27,6 +27,7 @@ MAX_WAIT = api.MAX_WAIT  # seconds a claim may long-poll
 # A long poll re-reads the store this often, to see jobs that other brokers
 # enqueued; jobs enqueued through this broker wake it at once.
 POLL_INTERVAL = 1.0
+OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
 
 _ACK_FAILURES = {JobNotFound: "not_found", LeaseLost: "conflict", InvalidRequest: "invalid"}
 _CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
@@ -236,7 +237,21 @@ class Engine:
 
     def cached_counts(self) -> dict[str, dict[str, int]]:
         """Counts of the topics this broker has loaded, from its cache: no I/O."""
-        return self.committer.cached_counts()
+        return self.committer.cached(lambda s, now: s.counts(now))
+
+    def cached_gauges(self) -> dict[str, dict[str, Any]]:
+        """For /metrics, from the cache (no I/O): per topic its counts, what it
+        ever did (totals) and the age of its oldest due job (None if none)."""
+
+        def gauges(s: TopicState, now: float) -> dict[str, Any]:
+            oldest = s.oldest_due_created(now, OLDEST_SCAN)
+            return {
+                "counts": s.counts(now),
+                "totals": s.totals(),
+                "oldest_pending_age": None if oldest is None else max(0.0, now - oldest),
+            }
+
+        return self.committer.cached(gauges)
 
     async def inspect(self, topic: str, *, listed: int, scan: int) -> dict[str, Any]:
         """What an operator sees of a topic, in bounded work whatever its size:

@@ -70,7 +70,7 @@ class Broker:
         self.engine = Engine(self.committer)
         self.metrics.add_collector(
             CallbackCollector(
-                lambda: commit_families(self.committer.stats, self.committer.cached_counts())
+                lambda: commit_families(self.committer.stats, self.engine.cached_gauges())
             )
         )
         self.url = ""

@@ -110,7 +110,7 @@ def new_head(topic: str) -> dict[str, Any]:
         "write_id": None,
         "recent_writes": [],
         "seq": 0,
-        "counters": {"enqueued": 0, "completed": 0, "dead": 0, "dead_dropped": 0},
+        "counters": {"enqueued": 0, "completed": 0, "nacked": 0, "dead": 0, "dead_dropped": 0},
         "lanes": {},
         "claimed": {},
         "retained": {"inline": [], "segs": []},
@@ -240,6 +240,13 @@ class TopicState:
             "enqueued": c["enqueued"],
             "total": pending + delayed + claimed + c["completed"] + dead,
         }
+
+    def totals(self) -> dict[str, int]:
+        """What the topic ever did: jobs enqueued, completed, nacked, gone dead,
+        and dead jobs dropped over the dead limit."""
+        c = self.head["counters"]
+        names = ("enqueued", "completed", "nacked", "dead", "dead_dropped")
+        return {name: c.get(name, 0) for name in names}
 
     def dead_count(self) -> int:
         dead = self.head["dead"]
@@ -461,6 +468,8 @@ class TopicState:
         """Back to pending after `delay` seconds, or dead when its attempts are spent."""
         job = self._holder(job_id, token)
         del self.head["claimed"][job_id]
+        counters = self.head["counters"]
+        counters["nacked"] = counters.get("nacked", 0) + 1
         status = self._release(job, now + delay, error, now)
         return {"id": job_id, "status": status}
 
