@@ -5,7 +5,9 @@ with the HTTP status and the RESP error code it is answered with.
     ├── StoreError          the object store failed               503   TRYAGAIN
     │   ├── PreconditionFailed  a conditional write lost its race
     │   ├── ObjectNotFound      the key does not exist
-    │   └── StoreUnavailable    the store did not answer; bounded retries are spent
+    │   ├── StoreUnavailable    the store did not answer; bounded retries are spent
+    │   │   └── AmbiguousWrite  a conditional write got no answer: it may have landed
+    │   └── StorageFull         no room left (a full disk)                 507   ERR
     ├── InvalidRequest      bad input; nothing was changed        400   ERR
     │   └── PayloadTooLarge     a request over --max-body         413   ERR
     ├── JobNotFound         no such job in the topic              404   ERR
@@ -13,6 +15,7 @@ with the HTTP status and the RESP error code it is answered with.
     ├── LeaseLost           stale token, or the job is not claimed 409  ERR
     ├── Contended           kept losing races for the whole budget 503  TRYAGAIN
     ├── Unauthorized        missing or wrong bearer token         401   NOAUTH
+    ├── CorruptData         an object in the store cannot be read 500   ERR
     └── client side only:
         ├── BrokerUnavailable   no broker answered, after retries and re-discovery
         └── BrokerError         an answer the SDK did not expect (carries its status)
@@ -55,6 +58,18 @@ class ObjectNotFound(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store did not answer (outage, timeouts, throttling) after bounded retries."""
+
+
+class AmbiguousWrite(StoreUnavailable):
+    """A conditional write was sent and no answer came back (a timeout, a lost
+    connection): it may or may not have landed. The committer reads back."""
+
+
+class StorageFull(StoreError):
+    """The store has no room for the write (a full disk): nothing was written."""
+
+    http_status = 507
+    resp_code = "ERR"
 
 
 class InvalidRequest(SimpleQueueError):
@@ -101,6 +116,18 @@ class Unauthorized(SimpleQueueError):
     resp_code = "NOAUTH"
 
 
+class CorruptData(SimpleQueueError):
+    """An object in the store is not one simplequeue can read (truncated, not
+    JSON, foreign, of a future format): the topic it belongs to cannot be served
+    until an operator restores or removes it. Carries the object's key."""
+
+    http_status = 500
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{key} cannot be read: {why}")
+        self.key, self.why = key, why
+
+
 class BrokerUnavailable(SimpleQueueError):
     """No broker answered (client side), after retries and re-discovery."""
 
@@ -125,6 +152,8 @@ _ANSWERED = (
     Unauthorized,
     JobNotFound,
     LeaseLost,
+    CorruptData,
+    StorageFull,
     StoreUnavailable,
 )
 _BY_STATUS = {cls.http_status: cls for cls in _ANSWERED}

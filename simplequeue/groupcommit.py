@@ -2,10 +2,16 @@
 
 Per topic, at most one write is in flight; mutations that arrive meanwhile form
 the next batch, which is applied to the cached state and written with one
-conditional PUT of the head (after create-only PUTs of any segments it spilled).
+conditional PUT of the head (after create-only PUTs of any objects it spilled).
 No mutation is answered before the write that holds it landed. A lost race or
 an ambiguous write is resolved by reading the head back: each write carries a
-unique id, so a batch is never applied twice nor reported failed once it landed.
+unique id and the head keeps each broker's latest, so a batch is never applied
+twice nor reported failed once it landed.
+
+Objects a state needs are fetched on demand into the shared ObjectCache: the
+state machine raises SegmentMissing, the batch is applied again once they are
+in. Objects are deleted only by the sweep, once unreferenced for two sweeps, so
+a broker that read an older head never finds its objects gone under it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import orjson
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -31,25 +36,20 @@ from tenacity import (
 
 from simplequeue import keys
 from simplequeue.batching import Batcher, Linger, Pending
+from simplequeue.cache import ObjectCache
 from simplequeue.errors import (
     Contended,
+    CorruptData,
     JobNotFound,
     LeaseLost,
     ObjectNotFound,
     PreconditionFailed,
     SimpleQueueError,
+    StorageFull,
     StoreUnavailable,
 )
 from simplequeue.objstore import ObjectStore
-from simplequeue.state import (
-    Bounds,
-    Policy,
-    SegmentMissing,
-    Segments,
-    TopicState,
-    decode_segment,
-    new_head,
-)
+from simplequeue.state import Bounds, Policy, SegmentMissing, TopicState, decode_head, new_head
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ Mutation = Callable[[TopicState, float], T]
 # Answers that depend on what the state holds; they are final only when the
 # state they were computed on is known to be current.
 _STATE_DEPENDENT = (JobNotFound, LeaseLost)
+
+# Objects one batch may find missing, one fetch round each, before the cache
+# is deemed too small for what the batch needs.
+_MAX_FETCH_ROUNDS = 64
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,11 @@ class CommitSettings:
     linger_max: float = 0.005
     backoff_min: float = 0.002
     backoff_max: float = 0.25
+    cache_bytes: int = 256 * 1024 * 1024  # the object cache's budget (--cache-mb)
+    # Topics idle this long (seconds) leave the broker's memory once it holds
+    # more than topics_kept of them.
+    idle_after: float = 60.0
+    topics_kept: int = 1000
 
 
 @dataclass
@@ -93,11 +102,13 @@ class CommitStats:
     mutations: int = 0
     writes: int = 0
     bytes_written: int = 0
+    head_bytes_written: int = 0
     conflicts: int = 0
     ambiguous: int = 0
     reloads: int = 0
     segments_written: int = 0
     segments_deleted: int = 0
+    fetch_rounds: int = 0
 
 
 class _LostRace(Exception):
@@ -122,7 +133,7 @@ class _Outcome:
     write_id: str
     results: list[tuple[bool, Any]]  # (ok, result or exception) per live entry
     entries: list[_Entry]
-    new_segments: list[str]
+    new_objects: dict[str, bytes]
 
 
 class _Topic:
@@ -133,8 +144,7 @@ class _Topic:
     def __init__(self, name: str) -> None:
         self.name = name
         self.head_key = keys.head(name)
-        self.segments = Segments()
-        self.state: TopicState | None = None
+        self.state: TopicState | None = None  # the writers' state: what the next batch changes
         self.etag: str | None = None  # None with a state: the head does not exist yet
         # When the cached state was last known current: the monotonic time the
         # GET that read it, or the PUT that wrote it, was sent.
@@ -143,8 +153,10 @@ class _Topic:
         self.reader: TopicState | None = None
         self.changed = asyncio.Event()
         self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
-        self.orphans: set[str] = set()  # unreferenced segments seen by the last sweep
+        self.orphans: set[str] = set()  # unreferenced objects seen by the last sweep
         self.next_reap = 0.0  # monotonic time before which reap() need not look
+        self.used_at = time.monotonic()
+        self.waiters = 0  # long polls waiting for a change
 
 
 class GroupCommitter:
@@ -158,12 +170,14 @@ class GroupCommitter:
         epoch: int = 0,
         settings: CommitSettings | None = None,
         clock: Callable[[], float] = time.time,
+        cache: ObjectCache | None = None,
     ) -> None:
         self.store = store
         self.broker_id = broker_id
         self.epoch = epoch
         self.settings = settings or CommitSettings()
         self.clock = clock
+        self.cache = cache or ObjectCache(store, self.settings.cache_bytes)
         self.stats = CommitStats()
         self.fenced_by: dict[str, Any] | None = None  # a newer writer seen in a head
         self.on_batch: Callable[[int], None] | None = None  # told each batch's size
@@ -171,6 +185,7 @@ class GroupCommitter:
         self._topics: dict[str, _Topic] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._corrupt_logged: set[str] = set()
 
     # --- public interface -------------------------------------------------------
 
@@ -200,20 +215,33 @@ class GroupCommitter:
             async with t.lock:  # waits for a batch in flight, whose landing may do
                 if t.checked_at < asked:
                     await self._load(t)
+        for _ in range(_MAX_FETCH_ROUNDS):
+            reader = self._reader(t)
+            try:
+                return query(reader, self.clock())
+            except SegmentMissing as miss:
+                async with t.lock:
+                    await self._fetch(t, reader, miss.key)
+        raise StoreUnavailable(f"topic {topic!r}: the object cache is too small for this read")
+
+    def _reader(self, t: _Topic) -> TopicState:
         if t.reader is None:
-            head = orjson.loads(t.committed) if t.committed else new_head(topic)
-            t.reader = self._state(head, t.segments)
-        return query(t.reader, self.clock())
+            t.reader = self._from_bytes(t.name, t.committed)
+        return t.reader
 
     async def wait_changed(self, topic: str, seconds: float) -> None:
         """Return when a batch lands on `topic` in this broker, or after `seconds`."""
-        event = self._topic(topic).changed
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await event.wait()
+        t = self._topic(topic)
+        t.waiters += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await t.changed.wait()
+        finally:
+            t.waiters -= 1
 
     def known_topics(self) -> list[str]:
-        """The topics this broker has read or written since it started."""
+        """The topics this broker holds in memory (read or written lately)."""
         return [name for name, t in self._topics.items() if t.committed is not None]
 
     async def topics(self) -> list[str]:
@@ -255,35 +283,36 @@ class GroupCommitter:
         await asyncio.gather(*self._background, return_exceptions=True)
 
     async def sweep(self, topic: str) -> list[str]:
-        """Delete the topic's orphan segments: those no head references, seen
-        unreferenced by the previous sweep too. Orphans come from attempts that
-        failed after writing their segments, or a broker that died between its
-        segment and head writes. Call it far less often than any write can take
-        (minutes): a segment is only deleted once it was an orphan that long."""
+        """Delete the topic's orphan objects: those no head references (nor any
+        claimed job's payload), seen unreferenced by the previous sweep too.
+        Orphans are what consumed and compacted segments leave behind, attempts
+        that failed after writing their objects, and a broker that died between
+        its object and head writes. Call it far less often than any write takes
+        and any broker keeps a head (minutes): an object is only deleted once
+        it was an orphan that long, so no broker still reading it loses it."""
         t = self._topic(topic)
         listed = set(await self.store.list(keys.segments_prefix(topic)))
-        referenced = set(await self.read(topic, lambda s, now: s.segment_keys()))
+        referenced = set(await self.read(topic, lambda s, now: s.referenced()))
         orphans = listed - referenced
         doomed = sorted(orphans & t.orphans)
         t.orphans = orphans - set(doomed)
         for key in doomed:
             await self.store.delete(key)
             self.stats.segments_deleted += 1
+        self.cache.forget(doomed)
         return doomed
 
     def cached(self, query: Callable[[TopicState, float], T]) -> dict[str, T]:
-        """`query` answered for every topic this broker has loaded, from its
-        cache as last committed (no I/O). A topic whose answer would need a
-        segment not in the cache is left out."""
+        """`query` answered for every topic this broker holds, from its cache as
+        last committed (no I/O). A topic whose answer would need an object not
+        in the cache, or that cannot be read, is left out."""
         out: dict[str, T] = {}
         now = self.clock()
-        for name, t in self._topics.items():
+        for name, t in list(self._topics.items()):
             if t.committed is None:
                 continue
-            if t.reader is None:
-                t.reader = self._state(orjson.loads(t.committed), t.segments)
-            with contextlib.suppress(SegmentMissing):
-                out[name] = query(t.reader, now)
+            with contextlib.suppress(SegmentMissing, SimpleQueueError):
+                out[name] = query(self._reader(t), now)
         return out
 
     @property
@@ -295,6 +324,7 @@ class GroupCommitter:
     def _topic(self, name: str) -> _Topic:
         t = self._topics.get(name)
         if t is None:
+            self._forget_idle()
             t = self._topics[name] = _Topic(name)
             t.batcher = Batcher(
                 functools.partial(self._commit, t),
@@ -302,10 +332,31 @@ class GroupCommitter:
                 linger=Linger(self.settings.linger, self.settings.linger_max),
                 name=f"commit:{name}",
             )
+        t.used_at = time.monotonic()
         return t
 
-    def _state(self, head: dict[str, Any], segments: Segments) -> TopicState:
-        return TopicState(head, segments, self.settings.bounds, self.settings.policy)
+    def _forget_idle(self) -> None:
+        """Past topics_kept topics, those idle for idle_after seconds leave
+        memory (the least recently used first); they are read again if asked."""
+        s = self.settings
+        excess = len(self._topics) - s.topics_kept
+        if excess < 0:
+            return
+        horizon = time.monotonic() - s.idle_after
+        idle = sorted(
+            (t for t in self._topics.values() if t.used_at < horizon and self._is_idle(t)),
+            key=lambda t: t.used_at,
+        )
+        for t in idle[: excess + 1]:
+            del self._topics[t.name]
+
+    @staticmethod
+    def _is_idle(t: _Topic) -> bool:
+        return not t.batcher.busy and not t.lock.locked() and not t.waiters
+
+    def _from_bytes(self, topic: str, data: bytes | None) -> TopicState:
+        head = decode_head(topic, keys.head(topic), data) if data else new_head(topic)
+        return TopicState(head, self.cache, self.settings.bounds, self.settings.policy)
 
     async def _commit(self, t: _Topic, batch: list[_Entry]) -> list[Any]:
         """Commit a batch; every entry's outcome (a result or its exception)."""
@@ -315,6 +366,10 @@ class GroupCommitter:
         except asyncio.CancelledError:
             t.state = None
             raise
+        except CorruptData as exc:
+            t.state = None
+            self._log_corrupt(t.name, exc)
+            raise
         except SimpleQueueError:
             t.state = None
             raise
@@ -322,6 +377,11 @@ class GroupCommitter:
             t.state = None
             log.exception("commit of %d mutations to %s failed", len(batch), t.name)
             raise StoreUnavailable(f"commit failed: {exc!r}") from exc
+
+    def _log_corrupt(self, topic: str, exc: CorruptData) -> None:
+        if exc.key not in self._corrupt_logged:  # once per object, not per request
+            self._corrupt_logged.add(exc.key)
+            log.error("topic %s cannot be served: %s", topic, exc)
 
     async def _commit_batch(self, t: _Topic, batch: list[_Entry]) -> list[Any]:
         self.stats.batches += 1
@@ -343,7 +403,7 @@ class GroupCommitter:
                 with attempt:
                     answered = await self._attempt(t, batch, outcomes)
         except RetryError:
-            # Segments of failed attempts are left for the orphan sweep: a PUT
+            # Objects of failed attempts are left for the orphan sweep: a PUT
             # that timed out here might still land at S3, and must find them.
             raise Contended(
                 f"topic {t.name!r}: lost {len(outcomes)} races in {self.settings.budget:.0f} s"
@@ -358,31 +418,39 @@ class GroupCommitter:
         entries = [e for e in batch if not e.abandoned]  # skip callers gone before apply
         if not entries:
             return [], []
-        while True:
+        for _ in range(_MAX_FETCH_ROUNDS):
             if t.state is None:
                 await self._load(t)
             state = t.state
             assert state is not None
             now = self.clock()
-            results, changed, verify_since = self._apply(state, entries, now)
-            if verify_since <= t.checked_at:
-                break
-            # "Not found", "not claimed", "nothing to claim" or "duplicate",
-            # computed on a state read before the request came, may miss what
-            # another broker wrote meanwhile: read again (once) and re-apply.
-            t.state = None
-        if not changed:
-            return entries, results
-
-        write_id = uuid.uuid4().hex
-        sealed = state.seal(self.writer, write_id, now)
+            try:
+                results, changed, verify_since = self._apply(state, entries, now)
+                if verify_since > t.checked_at:
+                    # "Not found", "not claimed", "nothing to claim" or "duplicate",
+                    # computed on a state read before the request came, may miss
+                    # what another broker wrote meanwhile: read again (once).
+                    t.state = None
+                    await self._load(t, keep_if_same=False)
+                    continue
+                if not changed:
+                    return entries, results
+                write_id = uuid.uuid4().hex
+                sealed = state.seal(self.writer, write_id, now)
+            except SegmentMissing as miss:
+                t.state = None  # the batch half-applied: start again once it is here
+                await self._fetch(t, state, miss.key)
+                continue
+            break
+        else:
+            raise StoreUnavailable(f"topic {t.name!r}: the object cache is too small")
         data = sealed.head
         sent_at = time.monotonic()
-        outcome = _Outcome(write_id, results, entries, list(sealed.new_segments))
+        outcome = _Outcome(write_id, results, entries, sealed.new_objects)
         outcomes.append(outcome)
         try:
-            for key, body in sealed.new_segments.items():
-                # The key embeds this write's id: if it exists, an earlier try of ours landed.
+            for key, body in sealed.new_objects.items():
+                # The key embeds this attempt's id: if it exists, an earlier try of ours landed.
                 with contextlib.suppress(PreconditionFailed):
                     await self.store.put_if(key, body, if_none_match=True)
                 self.stats.segments_written += 1
@@ -390,30 +458,35 @@ class GroupCommitter:
                 etag = await self.store.put_if(t.head_key, data, if_none_match=True)
             else:
                 etag = await self.store.put_if(t.head_key, data, if_match=t.etag)
+        except StorageFull:
+            raise  # nothing landed: the store said so before writing anything
         except (PreconditionFailed, StoreUnavailable) as exc:
             self.stats.ambiguous += isinstance(exc, StoreUnavailable)
             t.state = None
             # Whatever the error said, the head tells whether one of our tries
-            # landed (a retried PUT whose first try landed answers 412). If the
-            # store is down we cannot tell, and the batch fails StoreUnavailable.
-            await self._load(t)
+            # landed: it keeps our latest write id. If the store is down we
+            # cannot tell, and the batch fails StoreUnavailable.
+            await self._load(t, keep_if_same=False)
             assert t.state is not None
-            recent = set(t.state.head["recent_writes"])
-            landed = next((o for o in outcomes if o.write_id in recent), None)
+            ours = t.state.head["writers"].get(self.broker_id)
+            landed = next((o for o in outcomes if o.write_id == ours), None)
             if landed is None:
                 self.stats.conflicts += 1
                 raise _LostRace() from None
+            self._keep(landed.new_objects)
             return self._landed(t, landed, data=None)
         self.stats.writes += 1
-        self.stats.bytes_written += len(data) + sum(map(len, sealed.new_segments.values()))
+        self.stats.head_bytes_written += len(data)
+        self.stats.bytes_written += len(data) + sum(len(b) for b in sealed.new_objects.values())
         t.etag, t.checked_at = etag, sent_at
         t.next_reap = 0.0  # it may hold new claims: let the reaper look at its leases
-        t.segments.keep_only(state.segment_keys())
-        self._delete_later(sealed.unreferenced)
-        for other in outcomes:
-            if other is not outcome:
-                self._delete_later(other.new_segments)
+        self._keep(sealed.new_objects)
         return self._landed(t, outcome, data=data)
+
+    def _keep(self, objects: dict[str, bytes]) -> None:
+        """Objects this broker wrote go into the cache: no one reads them back."""
+        for key, body in objects.items():
+            self.cache.add(key, body)
 
     @staticmethod
     def _apply(
@@ -430,6 +503,8 @@ class GroupCommitter:
             try:
                 results.append((True, entry.item.mutation(state, now)))
                 depends_on_state = not state.dirty  # a no-op: nothing to claim, duplicate
+            except SegmentMissing:
+                raise
             except SimpleQueueError as exc:
                 results.append((False, exc))
                 depends_on_state = isinstance(exc, _STATE_DEPENDENT)
@@ -474,24 +549,28 @@ class GroupCommitter:
         except SimpleQueueError as exc:
             log.warning("could not undo an abandoned mutation on %s: %s", topic, exc)
 
-    # --- loading and cleaning ------------------------------------------------------
+    # --- loading -------------------------------------------------------------------
 
-    async def _load(self, t: _Topic) -> None:
-        """Read the head and every segment it references that is not cached."""
+    async def _load(self, t: _Topic, keep_if_same: bool = True) -> None:
+        """Read the head. When it is the one cached (same ETag), the states built
+        on it are kept (with `keep_if_same`), so a reader's GET does not make
+        the next batch build its indexes again."""
         self.stats.reloads += 1
         sent_at = time.monotonic()
         try:
+            data: bytes | None
             data, etag = await self.store.get(t.head_key)
-            head = orjson.loads(data)
         except ObjectNotFound:
-            data, etag, head = None, None, new_head(t.name)
-        state = self._state(head, t.segments)
-        missing = [k for k in state.segment_keys() if k not in t.segments]
-        bodies = await asyncio.gather(*(self.store.get(k) for k in missing))
-        for key, (body, _) in zip(missing, bodies, strict=True):
-            t.segments.add(key, decode_segment(body))
-        t.segments.keep_only(state.segment_keys())
-        writer = head.get("writer") or {}
+            data, etag = None, None
+        if keep_if_same and t.state is not None and etag == t.etag and data == t.committed:
+            t.checked_at = sent_at
+            return
+        try:
+            state = self._from_bytes(t.name, data)
+        except CorruptData as exc:
+            self._log_corrupt(t.name, exc)
+            raise
+        writer = state.head.get("writer") or {}
         if writer.get("broker_id") != self.broker_id and writer.get("epoch", 0) > self.epoch:
             self.fenced_by = writer
             if self.on_fenced is not None:
@@ -499,17 +578,24 @@ class GroupCommitter:
         t.state, t.etag, t.checked_at = state, etag, sent_at
         t.committed, t.reader = data, None
 
-    def _delete_later(self, segment_keys: list[str]) -> None:
-        if segment_keys:
-            self._spawn(self._delete(segment_keys))
-
-    async def _delete(self, segment_keys: list[str]) -> None:
-        for key in segment_keys:
-            try:
-                await self.store.delete(key)
-                self.stats.segments_deleted += 1
-            except StoreUnavailable as exc:  # an orphan costs storage, not correctness
-                log.warning("could not delete segment %s: %s", key, exc)
+    async def _fetch(self, t: _Topic, state: TopicState, key: str) -> None:
+        """Fetch `key` (and what tends to be wanted with it) into the cache; the
+        caller holds the topic's lock. An object the head names that is gone
+        means the head moved on (a sweep deleted what it no longer referenced):
+        read the head again. If it has not moved, the object is lost, and the
+        topic cannot be served."""
+        self.stats.fetch_rounds += 1
+        try:
+            await self.cache.fetch(state.prefetch(key))
+            return
+        except ObjectNotFound as exc:
+            missing = str(exc.args[0]) if exc.args else key
+        before = t.etag
+        await self._load(t, keep_if_same=False)
+        if t.etag == before:
+            error = CorruptData(missing, f"referenced by {t.head_key}, but not in the store")
+            self._log_corrupt(t.name, error)
+            raise error
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -9,26 +9,15 @@ import pytest
 
 from simplequeue.api import JobSpec
 from simplequeue.errors import JobNotFound, LeaseLost
-from simplequeue.state import Segments, TopicState, decode_segment, new_head
-from tests.helpers.states import configured
+from simplequeue.state import TopicState
+from tests.helpers.states import fresh, reread, seal
 
 T0 = 1_000_000.0
 
 
-def fresh(**limits: Any) -> TopicState:
-    return TopicState(new_head("t"), Segments(), *configured(**limits))
-
-
 def reload(state: TopicState, now: float = T0) -> TopicState:
     """Seal, serialise and parse the state, as a write and a re-read would."""
-    sealed = state.seal({"broker_id": "b", "epoch": 1}, f"w{now}", now)
-    segments = Segments()
-    for key, body in sealed.new_segments.items():
-        segments.add(key, decode_segment(body))
-    for key in state.segment_keys():
-        if key not in segments:
-            segments.add(key, state.segments.get(key))
-    return TopicState(orjson.loads(orjson.dumps(state.head)), segments, state.bounds, state.policy)
+    return reread(state, now)
 
 
 def ids(jobs: list[dict[str, Any]]) -> list[str]:
@@ -97,7 +86,7 @@ def test_retained_record_expires_and_id_can_be_reused_after_retention() -> None:
     [job] = s.claim("w", None, 1, T0)
     s.ack("a", job["lease_token"], {"ok": True}, T0)
     assert s.find("a") is not None
-    s.seal({}, "w1", T0 + 101)
+    seal(s, "w1", T0 + 101)
     assert s.find("a") is None
     assert s.enqueue([JobSpec(1, id="a")], T0 + 101)[0]["duplicate"] is False
 
@@ -254,9 +243,9 @@ def test_an_id_spilled_then_expired_can_be_enqueued_again_in_the_same_state() ->
     for job in s.claim("w", None, 6, T0):
         s.ack(job["id"], job["lease_token"], None, T0)
     assert s.exists("r0")
-    s.seal({}, "w1", T0)  # spills the retained records into a segment
+    seal(s, "w1", T0)  # spills the retained records into a segment
     assert s.head["retained"]["segs"] and s.exists("r0")
-    s.seal({}, "w2", T0 + 101)  # the segment expires
+    seal(s, "w2", T0 + 101)  # the segment expires
     assert not s.head["retained"]["segs"]
     assert not s.exists("r0") and s.find("r0") is None
     assert s.enqueue([JobSpec("again", id="r0")], T0 + 101)[0]["duplicate"] is False

@@ -12,8 +12,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from simplequeue.api import JobSpec
 from simplequeue.errors import JobNotFound, LeaseLost
-from simplequeue.state import Segments, TopicState, decode_segment, new_head
-from tests.helpers.states import configured
+from simplequeue.state import TopicState
+from tests.helpers.states import fresh, reread, seal
 
 IDS = st.sampled_from([f"j{i}" for i in range(12)])
 
@@ -21,15 +21,22 @@ IDS = st.sampled_from([f"j{i}" for i in range(12)])
 class TopicMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.bounds, self.policy = configured(
+        # Tiny bounds, so that a few steps spill every chain, give them
+        # manifests, rewrite those for their holes, compact leases, merge runs.
+        self.state: TopicState = fresh(
             inline_pending_bytes=600,
+            inline_leases_bytes=500,
             inline_records_bytes=400,
             inline_dead_bytes=400,
+            loose_max=2,
+            holes_max=3,
+            runs_max=2,
+            merge_bytes=3000,
             retention=50,
             dead_limit=4,
             max_attempts=3,
         )
-        self.state = TopicState(new_head("t"), Segments(), self.bounds, self.policy)
+        self.policy = self.state.policy
         self.now = 1000.0
         self.sealed_at = self.now
         self.writes = 0
@@ -92,7 +99,8 @@ class TopicMachine(RuleBasedStateMachine):
     def time_passes(self, seconds: int) -> None:
         self.now += seconds
         reaped = self.state.reap(self.now)
-        for job_id in [j for j in self.tokens if j not in self.state.head["claimed"]]:
+        claimed = self.claimed()
+        for job_id in [j for j in self.tokens if j not in claimed]:
             self.stale.append((job_id, self.tokens.pop(job_id)))
         assert sum(reaped.values()) >= 0
 
@@ -112,17 +120,7 @@ class TopicMachine(RuleBasedStateMachine):
         """Seal as a commit would, then continue from the parsed bytes."""
         self.writes += 1
         self.sealed_at = self.now
-        sealed = self.state.seal({"broker_id": "b", "epoch": 1}, f"w{self.writes}", self.now)
-        segments = Segments()
-        for key, body in sealed.new_segments.items():
-            segments.add(key, decode_segment(body))
-        for key in self.state.segment_keys():
-            if key not in segments:
-                segments.add(key, self.state.segments.get(key))
-        assert not set(sealed.unreferenced) & set(self.state.segment_keys())
-        self.state = TopicState(
-            orjson.loads(orjson.dumps(self.state.head)), segments, self.bounds, self.policy
-        )
+        self.state = reread(self.state, self.now, self.writes)
 
     @rule()
     def write_and_keep_going(self) -> None:
@@ -130,14 +128,17 @@ class TopicMachine(RuleBasedStateMachine):
         write lands (its caches must stay right across spills)."""
         self.writes += 1
         self.sealed_at = self.now
-        self.state.seal({"broker_id": "b", "epoch": 1}, f"w{self.writes}", self.now)
+        seal(self.state, f"{self.writes:012d}", self.now)
+
+    def claimed(self) -> set[str]:
+        return {j["id"] for j in self.state.claimed_soonest(10**6)}
 
     # --- invariants ----------------------------------------------------------
 
     @invariant()
     def each_job_is_in_exactly_one_state(self) -> None:
         pending = [j["id"] for j in self.state.pending_jobs()]
-        claimed = list(self.state.head["claimed"])
+        claimed = list(self.claimed())
         dead = [j["id"] for j in self.state.dead_jobs()]
         everything = pending + claimed + dead
         assert len(everything) == len(set(everything)), "a job is in two places"
@@ -165,12 +166,34 @@ class TopicMachine(RuleBasedStateMachine):
 
     @invariant()
     def retained_records_are_within_retention(self) -> None:
-        # Records expire when a batch is sealed; none older than retention survives it.
+        # Records expire when a batch is sealed: whole segments once their newest
+        # record is older than retention, inline ones once no segment is left.
         horizon = self.sealed_at - self.policy.retention
-        for record in self.state.head["retained"]["inline"]:
-            assert record["finished_at"] >= horizon
-        for seg in self.state.head["retained"]["segs"]:
-            assert seg["newest"] >= horizon
+        retained = self.state.head["retained"]
+        for ref in retained["segs"] + retained["mans"]:
+            assert ref["hi"] >= horizon
+        if not retained["segs"] and not retained["mans"]:
+            assert all(r["finished_at"] >= horizon for r in retained["in"])
+
+    @invariant()
+    def every_chain_counts_what_it_holds(self) -> None:
+        """The live counts kept in the head (which status answers from) are what
+        reading every object finds."""
+        s = self.state
+        chains = [s.leases, s.retained, s.dead]
+        for lane in s.head["lanes"].values():
+            chains += [s._chain(run) for run in lane["runs"]]
+        for chain in chains:
+            assert chain.count == len(list(chain.places())), chain.d
+            for ref in chain.d["segs"]:
+                live = ref["n"] - len(set(ref.get("holes", ())))
+                live -= chain.d["pos"] if ref is chain.d["segs"][0] and not chain.d["mans"] else 0
+                assert ref["live"] == live or ref is chain.d["segs"][0], (ref, chain.d)
+
+    @invariant()
+    def the_head_stays_bounded(self) -> None:
+        # With these bounds a head holds a few KB of jobs, whatever the history.
+        assert len(orjson.dumps(self.state.head)) < 12_000
 
 
 TopicMachine.TestCase.settings = settings(max_examples=500, stateful_step_count=50, deadline=None)

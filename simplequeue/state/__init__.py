@@ -5,26 +5,31 @@ topic's state, applies each mutation of a batch, seals and writes it.
 """
 
 from simplequeue.state.limits import Bounds, Policy
-from simplequeue.state.topic import (
-    Job,
-    Record,
-    Sealed,
+from simplequeue.state.segments import (
+    Loaded,
+    Manifest,
+    Segment,
     SegmentMissing,
-    Segments,
-    TopicState,
+    SegmentView,
+    decode_manifest,
     decode_segment,
-    new_head,
 )
+from simplequeue.state.topic import Job, Record, Sealed, TopicState, decode_head, new_head
 
 __all__ = [
     "Bounds",
     "Job",
+    "Loaded",
+    "Manifest",
     "Policy",
     "Record",
     "Sealed",
+    "Segment",
     "SegmentMissing",
-    "Segments",
+    "SegmentView",
     "TopicState",
+    "decode_head",
+    "decode_manifest",
     "decode_segment",
     "new_head",
 ]

@@ -9,32 +9,42 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Bounds:
-    """How much of a topic's state its head holds inline before spilling.
+    """How much of a topic's state its head holds inline before spilling, and
+    how many references it keeps before grouping them.
 
     Every batch rewrites the head, so its inline parts are kept small; what
     outgrows them spills into segments, written once."""
 
-    inline_pending_bytes: int = 32 * 1024  # spill lanes' inline runs past this
-    inline_records_bytes: int = 16 * 1024  # spill retained records past this
-    inline_dead_bytes: int = 16 * 1024  # spill dead jobs past this
-    recent_writes: int = 64  # write ids kept to resolve ambiguous writes
+    inline_pending_bytes: int = 24 * 1024  # spill lanes' inline jobs past this
+    inline_leases_bytes: int = 12 * 1024  # spill leases (claims) past this
+    inline_records_bytes: int = 8 * 1024  # spill retained records past this
+    inline_dead_bytes: int = 8 * 1024  # spill dead jobs past this
+    loose_max: int = 16  # segment refs of a chain before the oldest half get a manifest
+    holes_max: int = 512  # holes kept for manifested segments before a manifest is rewritten
+    runs_max: int = 8  # runs of a lane before small ones are merged
+    merge_bytes: int = 64 * 1024  # the most a seal writes merging runs
+    writers_max: int = 64  # brokers whose latest write id the head keeps
 
     def scaled(self, factor: int) -> Bounds:
         """The same bounds with `factor` times as much inline."""
         return Bounds(
             inline_pending_bytes=factor * self.inline_pending_bytes,
+            inline_leases_bytes=factor * self.inline_leases_bytes,
             inline_records_bytes=factor * self.inline_records_bytes,
             inline_dead_bytes=factor * self.inline_dead_bytes,
-            recent_writes=self.recent_writes,
+            loose_max=self.loose_max,
+            holes_max=self.holes_max,
+            runs_max=self.runs_max,
+            merge_bytes=self.merge_bytes,
+            writers_max=self.writers_max,
         )
 
 
 @dataclass(frozen=True)
 class Policy:
-    """The queue's defaults and request limits, as the broker's flags set them."""
+    """The queue's defaults, as the broker's flags set them."""
 
     default_lease: float = 30.0  # seconds, for claims that do not say
-    max_lease: float = 12 * 3600.0
     max_attempts: int = 5  # default for jobs that do not say (0 = unlimited)
     retention: float = 3600.0  # seconds a completed/dead record is kept
     dead_limit: int = 10_000  # dead jobs kept; beyond it the oldest are dropped

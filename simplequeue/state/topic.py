@@ -1,104 +1,62 @@
-"""The topic state machine: pure functions over a topic's state. No I/O, ever.
+"""The topic state machine: the rules of a queue (SPEC section 3) as pure
+functions over a topic's state. No I/O, ever.
 
-A topic's state is its head object (counters, cursors, the claimed set, recent
-records, bounded inline lists) plus immutable segment objects the head refers
-to. The group committer loads both, calls these functions for each mutation of
-a batch, then `seal()` to spill what outgrew the head into new segments, and
-writes. The functions mutate the state in place: a batch whose write fails is
-thrown away with the state it touched and re-applied to a freshly read one.
+A topic's state is its head object plus the immutable objects it refers to,
+read through a SegmentView. The group committer loads the head, calls these
+methods for each mutation of a batch, then `seal()`, which spills what outgrew
+the head into new objects, and writes. Methods change the state in place: a
+batch whose write fails, or that needs an object not loaded yet
+(SegmentMissing), is thrown away with the state it touched and applied again
+to a fresh one.
 
-Pending jobs live in lanes, one per priority. A lane is a set of runs, each
-sorted by (run_at, seq): the inline run in the head, and spilled segment runs
-consumed through a cursor. A claim takes the highest-priority lane's earliest
-due front, so "priority, then oldest eligible" holds without a per-job index.
+What a head holds (format 2; docs/STORAGE.md draws it):
+- lanes, one per priority: an inline list of pending jobs sorted by
+  (run_at, seq), and runs, chains of segments each sorted the same way. A
+  claim takes the earliest due front among them: priority, then the job that
+  became claimable first.
+- leases: a chain of claimed jobs' records. A record carries its payload while
+  it is inline, and where the payload is once it spilled (`src`), so payloads
+  are never copied into the claimed set.
+- retained: a chain of finished jobs' records, in the order they finished.
+- dead: a chain of dead jobs, in the order they died.
+- writers: each broker's latest write id, which resolves an ambiguous write.
+Everything that grows is a chain (simplequeue.state.chain), so the head stays
+bounded whatever the load.
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from simplequeue import keys
 from simplequeue.api import JobSpec
-from simplequeue.errors import JobNotFound, LeaseLost
+from simplequeue.errors import CorruptData, JobNotFound, LeaseLost
+from simplequeue.state.chain import Chain, NewObject, Place, new_chain
 from simplequeue.state.limits import Bounds, Policy
-
-FORMAT = 1
+from simplequeue.state.segments import (
+    FORMAT,
+    Manifest,
+    Segment,
+    SegmentMissing,
+    SegmentView,
+    decode_manifest,
+    decode_segment,
+    encode_manifest,
+    encode_segment,
+)
+from simplequeue.state.upgrade import upgrade
 
 Job = dict[str, Any]
 Record = dict[str, Any]
 
-
-# --- segments ----------------------------------------------------------------
-
-
-class SegmentMissing(Exception):
-    """The state machine needs a segment that the caller has not loaded yet."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-class Segments:
-    """Immutable segment contents, by key, as loaded by the committer.
-
-    Segments never change once written, so entries never go stale; the head
-    decides which of them are still referenced and how far each was consumed.
-    A job id may stand in several segments (claimed from one run, nacked and
-    spilled into another, then retained): every location is kept.
-    """
-
-    def __init__(self) -> None:
-        self._items: dict[str, list[Any]] = {}
-        self._ids: dict[str, list[tuple[str, int]]] = {}  # job id -> [(segment key, index)]
-
-    def add(self, key: str, items: list[Any]) -> None:
-        if key in self._items:
-            return
-        self._items[key] = items
-        for i, item in enumerate(items):
-            self._ids.setdefault(item["id"], []).append((key, i))
-
-    def get(self, key: str) -> list[Any]:
-        try:
-            return self._items[key]
-        except KeyError:
-            raise SegmentMissing(key) from None
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._items
-
-    def locate(self, job_id: str) -> list[tuple[str, int]]:
-        return self._ids.get(job_id, [])
-
-    def keep_only(self, keys: Iterable[str]) -> None:
-        """Forget segments the head no longer references."""
-        keep = set(keys)
-        for key in [k for k in self._items if k not in keep]:
-            for item in self._items.pop(key):
-                places = [p for p in self._ids.get(item["id"], []) if p[0] != key]
-                if places:
-                    self._ids[item["id"]] = places
-                else:
-                    self._ids.pop(item["id"], None)
-
-
-def encode_segment(items: list[Any]) -> bytes:
-    return orjson.dumps({"format": FORMAT, "items": items})
-
-
-def decode_segment(data: bytes) -> list[Any]:
-    items: list[Any] = orjson.loads(data)["items"]
-    return items
-
-
-# --- the state ---------------------------------------------------------------
+CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
+_CLAIM_FIELDS = frozenset(CLAIM_FIELDS)
 
 
 def new_head(topic: str) -> dict[str, Any]:
@@ -108,28 +66,43 @@ def new_head(topic: str) -> dict[str, Any]:
         "topic": topic,
         "writer": None,
         "write_id": None,
-        "recent_writes": [],
+        "writers": {},
         "seq": 0,
+        "next": 0,
         "counters": {"enqueued": 0, "completed": 0, "nacked": 0, "dead": 0, "dead_dropped": 0},
         "lanes": {},
-        "claimed": {},
-        "retained": {"inline": [], "segs": []},
-        "dead": {"inline": [], "segs": []},
+        "leases": new_chain(),
+        "retained": new_chain(),
+        "dead": new_chain(),
     }
+
+
+def decode_head(topic: str, key: str, data: bytes) -> dict[str, Any]:
+    """A head's bytes as its dict in the current format (an earlier format is
+    upgraded in memory, and written in the current one by the next batch).
+    CorruptObject for bytes that are not a head of this topic."""
+    try:
+        head = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptData(key, f"not JSON ({exc})") from None
+    if not isinstance(head, dict) or not isinstance(head.get("counters"), dict):
+        raise CorruptData(key, "not a topic head")
+    if head.get("format") == 1:
+        head = upgrade(head)
+    if head.get("format") != FORMAT:
+        raise CorruptData(key, f"format {head.get('format')!r}, which this broker cannot read")
+    if head.get("topic") != topic:
+        raise CorruptData(key, f"the head of topic {head.get('topic')!r}, not of {topic!r}")
+    upgraded: dict[str, Any] = head
+    return upgraded
 
 
 @dataclass
 class Sealed:
-    """A sealed batch: the head to write, the segments to create before it, and
-    the segments that may be deleted once it landed."""
+    """A sealed batch: the head to write, and the objects to create before it."""
 
     head: bytes = b""
-    new_segments: dict[str, bytes] = field(default_factory=dict)
-    unreferenced: list[str] = field(default_factory=list)
-
-
-def _size(value: Any) -> int:
-    return len(orjson.dumps(value))
+    new_objects: dict[str, bytes] = field(default_factory=dict)
 
 
 def _key(job: Job) -> tuple[float, int]:
@@ -137,52 +110,123 @@ def _key(job: Job) -> tuple[float, int]:
 
 
 class TopicState:
-    """One topic's head plus access to its loaded segments.
+    """One topic's head, and its objects through `view`.
 
-    Every public method is one mutation or query; mutations validate fully
-    before they change anything, so a rejected mutation leaves no trace.
+    Every public method is one mutation or query. Arguments arrive validated
+    (simplequeue.api); a mutation that raises one of our errors has changed
+    nothing.
     """
 
     def __init__(
-        self, head: dict[str, Any], segments: Segments, bounds: Bounds, policy: Policy
+        self, head: dict[str, Any], view: SegmentView, bounds: Bounds, policy: Policy
     ) -> None:
         if head.get("format") != FORMAT:
             raise ValueError(f"unsupported topic format {head.get('format')!r}")
         self.head = head
-        self.segments = segments
+        self.view = view
+        self._view = _Overlay(view)  # what chains read through: the view, and this seal's own
         self.bounds = bounds
         self.policy = policy
-        self._unreferenced: list[str] = []
         self.dirty = False  # set by every mutation that changed something
-        self._ids: set[str] | None = None  # ids in the head's inline lists: see exists()
-        self._heaps: dict[str, list[tuple[float, int, str]]] = {}  # see _fronts()
-        self._run_refs: dict[str, dict[str, dict[str, Any]]] = {}
+        self._leases: dict[str, Place] | None = None  # claimed job id -> its record
+        self._inline_ids: set[str] | None = None  # ids in the inline lists: see exists()
 
     @property
     def topic(self) -> str:
         topic: str = self.head["topic"]
         return topic
 
-    # --- reading ------------------------------------------------------------------
+    def _chain(self, d: dict[str, Any]) -> Chain:
+        return Chain(d, self.topic, self._view)
 
-    def segment_keys(self) -> list[str]:
-        """Every segment the head references."""
-        h = self.head
-        keys = [r["key"] for lane in h["lanes"].values() for r in lane["runs"]]
-        keys += [s["key"] for s in h["retained"]["segs"]]
-        keys += [s["key"] for s in h["dead"]["segs"]]
-        return keys
+    @property
+    def leases(self) -> Chain:
+        return self._chain(self.head["leases"])
 
-    def _runs(self, lane: dict[str, Any]) -> Iterator[tuple[list[Job], int, dict[str, Any] | None]]:
-        """(items, position, run ref or None for inline) of each run of a lane."""
-        yield lane["inline"], 0, None
-        for run in lane["runs"]:
-            yield self.segments.get(run["key"]), run["pos"], run
+    @property
+    def retained(self) -> Chain:
+        return self._chain(self.head["retained"])
+
+    @property
+    def dead(self) -> Chain:
+        return self._chain(self.head["dead"])
+
+    def _runs(self, lane: dict[str, Any]) -> list[Chain]:
+        return [self._chain(run) for run in lane["runs"]]
+
+    def _payload(self, record: Job) -> Any:
+        """A claimed or pending job's payload, wherever it is kept."""
+        if "src" not in record:
+            return record.get("payload")
+        seg_id, index = record["src"]
+        return self._chain(new_chain()).segment(seg_id).items[index]["payload"]
+
+    # --- the claimed set -------------------------------------------------------------
+
+    def _lease_index(self) -> dict[str, Place]:
+        """Where every claimed job's record is (reads every lease segment)."""
+        if self._leases is None:
+            self._leases = {p.item["id"]: p for p in self.leases.places()}
+        return self._leases
+
+    def _lease_of(self, job_id: str) -> Place | None:
+        return self._lease_index().get(job_id)
+
+    def _add_lease(self, record: Job) -> None:
+        index = self._lease_index()
+        self.leases.append(record)
+        index[record["id"]] = Place(None, 0, record)
+
+    def _drop_lease(self, place: Place) -> None:
+        self.leases.remove(place)
+        del self._lease_index()[place.item["id"]]
+
+    # --- reading ---------------------------------------------------------------------
+
+    def referenced(self) -> list[str]:
+        """Keys of every object this state needs, payloads of claimed jobs
+        included (opens manifests, reads lease segments)."""
+        ids: list[str] = []
+        for lane in self.head["lanes"].values():
+            for run in self._runs(lane):
+                ids += run.object_ids()
+        for chain in (self.leases, self.retained, self.dead):
+            ids += chain.object_ids()
+        ids += [p.item["src"][0] for p in self._lease_index().values() if "src" in p.item]
+        return sorted({keys.segment(self.topic, i) for i in ids})
+
+    def direct_keys(self) -> list[str]:
+        """Keys of the objects the head names itself: what reading it whole
+        starts with (manifests and loose segments)."""
+        ids: list[str] = []
+        for lane in self.head["lanes"].values():
+            for run in self._runs(lane):
+                ids += run.direct_ids()
+        for chain in (self.leases, self.retained, self.dead):
+            ids += chain.direct_ids()
+        return [keys.segment(self.topic, i) for i in ids]
+
+    def prefetch(self, missing: str) -> list[str]:
+        """What to fetch when `missing` is wanted: it, every object the head names
+        itself, and the segments of loaded lease manifests (a claimed job's record
+        may be in any of them). Fetched together, one miss costs one round trip
+        instead of one per object."""
+        wanted = [missing, *self.direct_keys()]
+        leases = self.leases
+        for mref in leases.d["mans"]:
+            try:
+                refs = leases.manifest(mref["k"]).refs
+            except SegmentMissing:
+                continue
+            wanted += [keys.segment(self.topic, r["k"]) for r in refs]
+        return wanted
 
     def pending_jobs(self) -> Iterator[Job]:
         for lane in self.head["lanes"].values():
-            for items, pos, _ in self._runs(lane):
-                yield from items[pos:]
+            yield from lane["in"]
+            for run in self._runs(lane):
+                for place in run.places():
+                    yield place.item
 
     def oldest_due_created(self, now: float, scan: int) -> float | None:
         """The enqueue time of the oldest due pending job, looking at no more
@@ -190,47 +234,58 @@ class TopicState:
         run_at, so due jobs are a prefix; a re-queued job may be older than
         its place)."""
         oldest: float | None = None
+
+        def look(jobs: Iterator[Job] | list[Job]) -> None:
+            nonlocal oldest
+            for n, job in enumerate(jobs):
+                if n >= scan or job["run_at"] > now:
+                    break
+                if oldest is None or job["created_at"] < oldest:
+                    oldest = job["created_at"]
+
         for lane in self.head["lanes"].values():
-            for items, pos, _ in self._runs(lane):
-                for job in items[pos : pos + scan]:
-                    if job["run_at"] > now:
-                        break
-                    if oldest is None or job["created_at"] < oldest:
-                        oldest = job["created_at"]
+            look(lane["in"])
+            for run in self._runs(lane):
+                look(p.item for p in run.places())
         return oldest
 
     def claimed_soonest(self, n: int) -> list[Job]:
-        """The `n` claimed jobs whose leases run out first."""
-        claimed = self.head["claimed"].values()
-        return heapq.nsmallest(n, claimed, key=lambda j: j["lease_expires_at"])
+        """The `n` claimed jobs whose leases run out first, with their payloads."""
+        records = sorted(
+            (p.item for p in self._lease_index().values()),
+            key=lambda r: r["lease_expires_at"],
+        )
+        return [self._with_payload(r) for r in records[:n]]
+
+    def _with_payload(self, record: Job) -> Job:
+        job = {k: v for k, v in record.items() if k != "src"}
+        job["payload"] = self._payload(record)
+        return job
 
     def claimed_count(self) -> int:
-        return len(self.head["claimed"])
+        return self.leases.count
 
     def dead_newest(self, n: int) -> list[Job]:
         """The `n` jobs that died last, newest first."""
         return self.dead_jobs()[-n:][::-1] if n else []
 
     def dead_jobs(self) -> list[Job]:
-        dead = self.head["dead"]
-        jobs: list[Job] = []
-        for seg in dead["segs"]:
-            jobs.extend(self.segments.get(seg["key"])[seg["pos"] :])
-        jobs.extend(dead["inline"])
-        return jobs
+        return [p.item for p in self.dead.places()]
 
     def counts(self, now: float) -> dict[str, int]:
         """Jobs by status (api.Counts); the counts never overlap."""
         pending = delayed = 0
         for lane in self.head["lanes"].values():
-            for items, pos, _ in self._runs(lane):
-                # Runs are sorted by run_at: the not-yet-due ones are a suffix.
-                due = bisect.bisect_right(items, now, lo=pos, key=lambda j: j["run_at"]) - pos
+            inline = lane["in"]
+            due = bisect.bisect_right(inline, now, key=lambda j: j["run_at"])
+            pending += due
+            delayed += len(inline) - due
+            for run in self._runs(lane):
+                due = self._due_in_run(run, now)
                 pending += due
-                delayed += len(items) - pos - due
-        claimed = len(self.head["claimed"])
-        dead = self.dead_count()
+                delayed += run.count - due
         c = self.head["counters"]
+        claimed, dead = self.leases.count, self.dead.count
         return {
             "pending": pending,
             "delayed": delayed,
@@ -241,6 +296,27 @@ class TopicState:
             "total": pending + delayed + claimed + c["completed"] + dead,
         }
 
+    def _due_in_run(self, run: Chain, now: float) -> int:
+        """Live jobs of a run due by `now`. Refs carry their jobs' run_at bounds,
+        so only a segment that straddles `now` is read."""
+        if run.d.get("lo", -1e300) > now:
+            return 0
+        if run.d.get("top", 1e300) <= now:
+            return run.count
+        due = 0
+        for ref, _, start in run.units():
+            if ref.get("hi", 1e300) <= now:
+                due += ref["n"] - start - len([h for h in run.holes_of(ref) if h >= start])
+                continue
+            if ref.get("lo", -1e300) > now:
+                break
+            holes = run.holes_of(ref)
+            items = run.segment(ref["k"]).items
+            due += sum(
+                1 for i in range(start, ref["n"]) if i not in holes and items[i]["run_at"] <= now
+            )
+        return due
+
     def totals(self) -> dict[str, int]:
         """What the topic ever did: jobs enqueued, completed, nacked, gone dead,
         and dead jobs dropped over the dead limit."""
@@ -249,67 +325,47 @@ class TopicState:
         return {name: c.get(name, 0) for name in names}
 
     def dead_count(self) -> int:
-        dead = self.head["dead"]
-        segs: list[dict[str, int]] = dead["segs"]
-        return len(dead["inline"]) + sum(s["n"] - s["pos"] for s in segs)
+        return self.dead.count
 
     def find(self, job_id: str) -> tuple[str, Job | Record] | None:
         """(status, job or retained record) for `job_id`, or None."""
-        h = self.head
-        if job_id in h["claimed"]:
-            return "claimed", h["claimed"][job_id]
-        for lane in h["lanes"].values():
-            for job in lane["inline"]:
+        lease = self._lease_of(job_id)
+        if lease is not None:
+            return "claimed", self._with_payload(lease.item)
+        for lane in self.head["lanes"].values():
+            for job in lane["in"]:
                 if job["id"] == job_id:
                     return "pending", job
-        for job in h["dead"]["inline"]:
-            if job["id"] == job_id:
-                return "dead", job
-        for record in reversed(h["retained"]["inline"]):
-            if record["id"] == job_id:
-                return record["status"], record
-        return self._find_in_segments(job_id)
-
-    def _find_in_segments(self, job_id: str) -> tuple[str, Job | Record] | None:
-        h = self.head
-        places = self.segments.locate(job_id)
-        if not places:
-            return None
-        runs = {r["key"]: r["pos"] for lane in h["lanes"].values() for r in lane["runs"]}
-        dead = {s["key"]: s["pos"] for s in h["dead"]["segs"]}
-        retained = {s["key"] for s in h["retained"]["segs"]}
-        for key, index in places:
-            if key in runs and index >= runs[key]:
-                return "pending", self.segments.get(key)[index]
-            if key in dead and index >= dead[key]:
-                return "dead", self.segments.get(key)[index]
-        for key, index in reversed(places):
-            if key in retained:
-                record = self.segments.get(key)[index]
-                return record["status"], record
+            for run in self._runs(lane):
+                places = run.locate(job_id)
+                if places:
+                    return "pending", places[0].item
+        places = self.dead.locate(job_id)
+        if places:
+            return "dead", places[-1].item
+        places = self.retained.locate(job_id)
+        if places:
+            record = places[-1].item
+            return record["status"], record
         return None
 
     def exists(self, job_id: str) -> bool:
-        """Whether the topic holds `job_id`, live or retained: find() without the
-        scans, for duplicate detection on every enqueue."""
-        if self._ids is None:
+        """Whether the topic holds `job_id`, live or retained (duplicate detection:
+        inline lists through a set, the rest through find())."""
+        if self._inline_ids is None:
             h = self.head
-            ids = {j["id"] for lane in h["lanes"].values() for j in lane["inline"]}
-            ids.update(j["id"] for j in h["dead"]["inline"])
-            ids.update(r["id"] for r in h["retained"]["inline"])
-            self._ids = ids
-        return (
-            job_id in self.head["claimed"]
-            or job_id in self._ids
-            or self._find_in_segments(job_id) is not None
-        )
+            ids = {j["id"] for lane in h["lanes"].values() for j in lane["in"]}
+            ids.update(j["id"] for j in h["dead"]["in"])
+            ids.update(r["id"] for r in h["retained"]["in"])
+            self._inline_ids = ids
+        return job_id in self._inline_ids or self.find(job_id) is not None
 
     def _noted(self, job_id: str) -> None:
         """An id went into one of the head's inline lists."""
-        if self._ids is not None:
-            self._ids.add(job_id)
+        if self._inline_ids is not None:
+            self._inline_ids.add(job_id)
 
-    # --- enqueue --------------------------------------------------------------------
+    # --- enqueue -----------------------------------------------------------------------
 
     def enqueue(self, specs: list[JobSpec], now: float) -> list[dict[str, Any]]:
         """Add jobs; answer {"id", "duplicate"} for each. Duplicates (an id live or
@@ -347,28 +403,33 @@ class TopicState:
         lanes = self.head["lanes"]
         lane = lanes.get(str(job["priority"]))
         if lane is None:
-            lane = lanes[str(job["priority"])] = {"inline": [], "runs": []}
-        inline: list[Job] = lane["inline"]
+            lane = lanes[str(job["priority"])] = {"in": [], "runs": []}
+        inline: list[Job] = lane["in"]
         if not inline or _key(inline[-1]) <= _key(job):
             inline.append(job)
         else:
             bisect.insort(inline, job, key=_key)
 
-    # --- claim ------------------------------------------------------------------------
+    # --- claim -------------------------------------------------------------------------
 
     def claim(self, worker_id: str, lease: float | None, count: int, now: float) -> list[Job]:
         """Claim up to `count` due jobs, highest priority then earliest run_at, for
-        `lease` seconds (None: the policy's default)."""
+        `lease` seconds (None: the policy's default). The answers carry payloads."""
         lease = self.policy.default_lease if lease is None else lease
         claimed: list[Job] = []
         lanes = sorted(self.head["lanes"].items(), key=lambda kv: -int(kv[0]))
         for name, lane in lanes:
             while len(claimed) < count:
-                job = self._take_front(name, lane, now)
-                if job is None:
+                taken = self._take_front(lane, now)
+                if taken is None:
                     break
-                job = dict(job)  # segment items are shared and immutable
-                job.update(
+                job, src = taken
+                record = {k: v for k, v in job.items() if k != "payload"}
+                if src is None:
+                    record["payload"] = job["payload"]  # it moves with the claim
+                else:
+                    record["src"] = src
+                record.update(
                     attempts=job["attempts"] + 1,
                     claimed_by=worker_id,
                     claimed_at=now,
@@ -376,11 +437,38 @@ class TopicState:
                     lease_expires_at=now + lease,
                     lease_token=uuid.uuid4().hex,
                 )
-                self.head["claimed"][job["id"]] = job
-                claimed.append(job)
+                self._add_lease(record)
+                claimed.append({**record, "payload": job["payload"]} if src else dict(record))
                 self.dirty = True
-        self._drop_empty_lanes()
+            if not lane["in"] and not lane["runs"]:
+                del self.head["lanes"][name]
+        for job in claimed:
+            job.pop("src", None)
         return claimed
+
+    def _take_front(self, lane: dict[str, Any], now: float) -> tuple[Job, list[Any] | None] | None:
+        """The lane's earliest due job, taken out: (job, where its payload stays:
+        [segment id, index], or None when the job came from the head)."""
+        best: tuple[float, int] | None = None
+        best_run: Chain | None = None
+        for run in self._runs(lane):
+            place = run.first()
+            if place is None:
+                continue
+            key = _key(place.item)
+            if key[0] <= now and (best is None or key < best):
+                best, best_run = key, run
+        inline: list[Job] = lane["in"]
+        if inline and inline[0]["run_at"] <= now and (best is None or _key(inline[0]) < best):
+            return inline.pop(0), None
+        if best_run is None:
+            return None
+        place = best_run.first()
+        assert place is not None and place.seg is not None
+        best_run.pop_front()
+        if best_run.count == 0:
+            lane["runs"].remove(best_run.d)
+        return place.item, [place.seg, place.index]
 
     def pop(self, worker_id: str, count: int, now: float) -> list[Job]:
         """Claim and complete up to `count` jobs at once (Redis LPOP semantics):
@@ -390,84 +478,35 @@ class TopicState:
             self.ack(job["id"], job["lease_token"], None, now)
         return jobs
 
-    def _fronts(self, name: str, lane: dict[str, Any]) -> list[tuple[float, int, str]]:
-        """A heap of (run_at, seq, run key) of the front job of each segment run
-        of a lane, so a claim does not scan every run. Entries go stale when a
-        run advances; the run's new front is pushed then, so stale ones are
-        skipped lazily. Rebuilt when the lane's runs change otherwise."""
-        heap = self._heaps.get(name)
-        if heap is None:
-            heap = []
-            for run in lane["runs"]:
-                heap.append((*_key(self.segments.get(run["key"])[run["pos"]]), run["key"]))
-            heapq.heapify(heap)
-            self._heaps[name] = heap
-            self._run_refs[name] = {run["key"]: run for run in lane["runs"]}
-        return heap
+    # --- settle: ack, nack, heartbeat ------------------------------------------------------
 
-    def _take_front(self, name: str, lane: dict[str, Any], now: float) -> Job | None:
-        heap = self._fronts(name, lane)
-        refs = self._run_refs[name]
-        while heap:
-            run_at, seq, key = heap[0]
-            run = refs.get(key)
-            if run is not None and _key(self.segments.get(key)[run["pos"]]) == (run_at, seq):
-                break
-            heapq.heappop(heap)  # stale: that run moved on, or is gone
-        inline: list[Job] = lane["inline"]
-        inline_due = bool(inline) and inline[0]["run_at"] <= now
-        run_due = bool(heap) and heap[0][0] <= now
-        if inline_due and (not run_due or _key(inline[0]) < heap[0][:2]):
-            job: Job = inline.pop(0)
-            return job
-        if not run_due:
-            return None
-        _, _, key = heapq.heappop(heap)
-        run = refs[key]
-        items = self.segments.get(key)
-        job = items[run["pos"]]
-        run["pos"] += 1
-        if run["pos"] < run["n"]:
-            heapq.heappush(heap, (*_key(items[run["pos"]]), key))
-        else:
-            lane["runs"].remove(run)
-            del refs[key]
-            self._unreferenced.append(key)
-        return job
-
-    def _drop_empty_lanes(self) -> None:
-        lanes = self.head["lanes"]
-        for name in [n for n, lane in lanes.items() if not lane["inline"] and not lane["runs"]]:
-            del lanes[name]
-            self._heaps.pop(name, None)
-
-    # --- settle: ack, nack, heartbeat -----------------------------------------------
-
-    def _holder(self, job_id: str, token: str | None) -> Job:
-        """The claimed job `job_id`, if the caller (with `token`, if given) holds it."""
-        job: Job | None = self.head["claimed"].get(job_id)
-        if job is None:
+    def _holder(self, job_id: str, token: str | None) -> Place:
+        """The claimed job `job_id`'s record, if the caller (with `token`, if
+        given) holds it."""
+        place = self._lease_of(job_id)
+        if place is None:
             if self.find(job_id) is None:
                 raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
             raise LeaseLost(f"job {job_id!r} is not claimed")
-        if token is not None and token != job["lease_token"]:
+        if token is not None and token != place.item["lease_token"]:
             raise LeaseLost(f"job {job_id!r} is claimed under another lease")
-        return job
+        return place
 
     def ack(self, job_id: str, token: str | None, result: Any, now: float) -> dict[str, Any]:
-        job = self._holder(job_id, token)
+        place = self._holder(job_id, token)
         self.dirty = True
-        del self.head["claimed"][job_id]
+        self._drop_lease(place)
         self.head["counters"]["completed"] += 1
-        self._retain(job, "completed", now, result=result)
+        self._retain(place.item, "completed", now, result=result)
         return {"id": job_id, "status": "completed"}
 
     def nack(
         self, job_id: str, token: str | None, delay: float, error: str | None, now: float
     ) -> dict[str, Any]:
         """Back to pending after `delay` seconds, or dead when its attempts are spent."""
-        job = self._holder(job_id, token)
-        del self.head["claimed"][job_id]
+        place = self._holder(job_id, token)
+        job = self._with_payload(place.item)  # before anything changes: may need a segment
+        self._drop_lease(place)
         counters = self.head["counters"]
         counters["nacked"] = counters.get("nacked", 0) + 1
         status = self._release(job, now + delay, error, now)
@@ -477,23 +516,28 @@ class TopicState:
         self, job_id: str, token: str | None, lease: float | None, now: float
     ) -> dict[str, Any]:
         """Extend the lease by `lease` seconds, or by the claim's own lease."""
-        lease_s = lease
-        job = self._holder(job_id, token)
-        if lease_s is None:
-            lease_s = job["lease_expires_at"] - job["heartbeat_at"]
+        place = self._holder(job_id, token)
+        record = place.item
+        own = record["lease_expires_at"] - record["heartbeat_at"]
+        lease_s = own if lease is None else lease
         self.dirty = True
-        job["heartbeat_at"] = now
-        job["lease_expires_at"] = now + lease_s
-        return {"id": job_id, "lease_expires_at": job["lease_expires_at"]}
+        if place.seg is not None:  # spilled: a fresh inline record takes its place
+            self._drop_lease(place)
+            record = dict(record)
+            self._add_lease(record)
+        record["heartbeat_at"] = now
+        record["lease_expires_at"] = now + lease_s
+        return {"id": job_id, "lease_expires_at": record["lease_expires_at"]}
 
     def _release(self, job: Job, run_at: float, error: str | None, now: float) -> str:
         """Back to pending at `run_at`, or dead when its attempts are spent."""
         job = {k: v for k, v in job.items() if k not in _CLAIM_FIELDS}
-        job["last_error"] = error if error is not None else job.get("last_error")
+        if error is not None:
+            job["last_error"] = error
         if job["max_attempts"] and job["attempts"] >= job["max_attempts"]:
             self.dirty = True
             job["died_at"] = now
-            self.head["dead"]["inline"].append(job)
+            self.dead.append(job)
             self._noted(job["id"])
             self.head["counters"]["dead"] += 1
             self._enforce_dead_limit()
@@ -505,36 +549,38 @@ class TopicState:
     def unclaim(self, job_id: str, token: str, now: float) -> bool:
         """Give back a claim whose caller went away before it was answered: the
         job is pending again at once and the attempt does not count."""
-        job = self.head["claimed"].get(job_id)
-        if job is None or job["lease_token"] != token:
+        place = self._lease_of(job_id)
+        if place is None or place.item["lease_token"] != token:
             return False
-        del self.head["claimed"][job_id]
+        job = self._with_payload(place.item)
+        self._drop_lease(place)
         job = {k: v for k, v in job.items() if k not in _CLAIM_FIELDS}
         job["attempts"] -= 1
         job["run_at"] = min(job["run_at"], now)
         self._push_pending(job)
         return True
 
-    # --- reaper ------------------------------------------------------------------------
+    # --- reaper -------------------------------------------------------------------------
 
     def expired(self, now: float) -> bool:
-        return any(j["lease_expires_at"] <= now for j in self.head["claimed"].values())
+        return any(p.item["lease_expires_at"] <= now for p in self._lease_index().values())
 
     def earliest_expiry(self) -> float | None:
         """When the first lease of the claimed set runs out, if any is claimed."""
-        claimed = self.head["claimed"].values()
-        return min((j["lease_expires_at"] for j in claimed), default=None)
+        leases = self._lease_index().values()
+        return min((p.item["lease_expires_at"] for p in leases), default=None)
 
     def reap(self, now: float) -> dict[str, int]:
         """Expired leases back to pending, or dead when attempts are spent."""
         out = {"pending": 0, "dead": 0}
-        claimed = self.head["claimed"]
-        for job_id in [i for i, j in claimed.items() if j["lease_expires_at"] <= now]:
-            job = claimed.pop(job_id)
+        expired = [p for p in self._lease_index().values() if p.item["lease_expires_at"] <= now]
+        jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
+        for place, job in zip(expired, jobs, strict=True):
+            self._drop_lease(place)
             out[self._release(job, now, job.get("last_error") or "lease expired", now)] += 1
         return out
 
-    # --- dead letters ------------------------------------------------------------------
+    # --- dead letters ----------------------------------------------------------------------
 
     def requeue(self, job_ids: list[str] | None, now: float) -> list[str]:
         """Dead jobs (all, or those named) back to pending with fresh attempts."""
@@ -545,27 +591,17 @@ class TopicState:
         return [job["id"] for job in self._take_dead(job_ids, now, requeue=False)]
 
     def _take_dead(self, job_ids: list[str] | None, now: float, requeue: bool) -> list[Job]:
-        wanted = None if job_ids is None else set(job_ids)
-        dead = self.head["dead"]
-        taken: list[Job] = []
-        keep_segs = []
-        for seg in dead["segs"]:
-            items = self.segments.get(seg["key"])[seg["pos"] :]
-            hit = [j for j in items if wanted is None or j["id"] in wanted]
-            if not hit:
-                keep_segs.append(seg)
-                continue
-            taken.extend(hit)
-            rest = [j for j in items if not (wanted is None or j["id"] in wanted)]
-            self._unreferenced.append(seg["key"])
-            if rest:  # rewritten without the taken jobs at seal()
-                dead["inline"][:0] = rest
-        dead["segs"] = keep_segs
-        hit = [j for j in dead["inline"] if wanted is None or j["id"] in wanted]
-        dead["inline"] = [j for j in dead["inline"] if not (wanted is None or j["id"] in wanted)]
-        taken.extend(hit)
-        self.dirty = self.dirty or bool(taken)
-        self._ids = None  # ids left the head's lists: rebuild the index when next needed
+        dead = self.dead
+        if job_ids is None:
+            places = list(dead.places())
+        else:
+            places = [p for job_id in dict.fromkeys(job_ids) for p in dead.locate(job_id)]
+        # The others keep their order (death order): taking leaves holes.
+        for place in places:
+            dead.remove(place)
+        self.dirty = self.dirty or bool(places)
+        self._inline_ids = None
+        taken = [p.item for p in places]
         for job in taken:
             if requeue:
                 fresh = {k: v for k, v in job.items() if k != "died_at"}
@@ -576,24 +612,13 @@ class TopicState:
         return taken
 
     def _enforce_dead_limit(self) -> None:
-        dead = self.head["dead"]
-        excess = self.dead_count() - self.policy.dead_limit
-        while excess > 0:
-            if dead["segs"]:
-                seg = dead["segs"][0]
-                drop = min(excess, seg["n"] - seg["pos"])
-                seg["pos"] += drop
-                if seg["pos"] >= seg["n"]:
-                    dead["segs"].pop(0)
-                    self._unreferenced.append(seg["key"])
-            else:
-                drop = excess
-                del dead["inline"][:drop]
-                self._ids = None
-            self.head["counters"]["dead_dropped"] += drop
-            excess -= drop
+        dead = self.dead
+        while dead.count > self.policy.dead_limit:
+            dead.pop_front()
+            self.head["counters"]["dead_dropped"] += 1
+            self._inline_ids = None
 
-    # --- retention -----------------------------------------------------------------------
+    # --- retention --------------------------------------------------------------------------
 
     def _retain(self, job: Job, status: str, now: float, result: Any = None) -> None:
         self._noted(job["id"])
@@ -610,83 +635,220 @@ class TopicState:
             record["result"] = result
         if job.get("last_error") is not None:
             record["last_error"] = job["last_error"]
-        self.head["retained"]["inline"].append(record)
+        self.retained.append(record)
 
     def _expire_retained(self, now: float) -> None:
         horizon = now - self.policy.retention
-        retained = self.head["retained"]
-        while retained["segs"] and retained["segs"][0]["newest"] < horizon:
-            self._unreferenced.append(retained["segs"].pop(0)["key"])
-        inline = retained["inline"]
-        cut = 0
-        while cut < len(inline) and inline[cut]["finished_at"] < horizon:
-            cut += 1
-        if cut:
-            del inline[:cut]
-            self._ids = None
+        retained = self.retained
+        retained.drop_front_while(lambda ref: ref.get("hi", 1e300) < horizon)
+        spilled = retained.d["segs"] or retained.d["mans"]
+        if not spilled and retained.take_inline_while(lambda r: r["finished_at"] < horizon):
+            self._inline_ids = None
 
-    # --- sealing a batch ----------------------------------------------------------------
+    # --- sealing a batch ---------------------------------------------------------------------
 
     def seal(self, writer: dict[str, Any], write_id: str, now: float) -> Sealed:
-        """Finish a batch: expire records, stamp the write, spill what outgrew the
-        head into new segments, and serialise the head (Sealed.head)."""
+        """Finish a batch: expire records, stamp the write, spill what outgrew
+        the head into new objects, and serialise the head (Sealed.head)."""
         self._expire_retained(now)
-        sealed = Sealed()
         h, bounds = self.head, self.bounds
         h["writer"] = writer
         h["write_id"] = write_id
-        h["recent_writes"] = [*h["recent_writes"], write_id][-bounds.recent_writes :]
+        writers: dict[str, str] = h["writers"]
+        writers.pop(writer["broker_id"], None)
+        writers[writer["broker_id"]] = write_id  # the newest last
+        while len(writers) > bounds.writers_max:
+            del writers[next(iter(writers))]
+        sealed = Sealed()
+        self._view.fresh.clear()  # the last seal's objects are in the view by now
         data = orjson.dumps(h)
+        smallest = min(
+            bounds.inline_pending_bytes,
+            bounds.inline_leases_bytes,
+            bounds.inline_records_bytes,
+            bounds.inline_dead_bytes,
+        )
         # A part can outgrow its bound only if the whole head did: measure the
         # parts only then, so a small head costs one serialisation.
-        spilled = False
-        lanes = h["lanes"]
-        if len(data) > bounds.inline_pending_bytes and (
-            sum(_size(lane["inline"]) for lane in lanes.values()) > bounds.inline_pending_bytes
-        ):
-            for priority, lane in lanes.items():
-                if lane["inline"]:
-                    key = self._new_segment(sealed, write_id, f"p{priority}", lane["inline"])
-                    lane["runs"].append({"key": key, "n": len(lane["inline"]), "pos": 0})
-                    lane["inline"] = []
-                    self._heaps.pop(priority, None)
-            spilled = True
-        retained = h["retained"]
-        if len(data) > bounds.inline_records_bytes and (
-            retained["inline"] and _size(retained["inline"]) > bounds.inline_records_bytes
-        ):
-            key = self._new_segment(sealed, write_id, "r", retained["inline"])
-            newest = retained["inline"][-1]["finished_at"]
-            retained["segs"].append({"key": key, "n": len(retained["inline"]), "newest": newest})
-            retained["inline"] = []
-            spilled = True
-        dead = h["dead"]
-        if len(data) > bounds.inline_dead_bytes and (
-            dead["inline"] and _size(dead["inline"]) > bounds.inline_dead_bytes
-        ):
-            key = self._new_segment(sealed, write_id, "d", dead["inline"])
-            dead["segs"].append({"key": key, "n": len(dead["inline"]), "pos": 0})
-            dead["inline"] = []
-            spilled = True
-        if spilled:
-            sealed.head = orjson.dumps(h)
-            self._ids = None  # spilled ids are found through the segments now
-        else:
-            sealed.head = data
-        referenced = set(self.segment_keys())
-        sealed.unreferenced = [k for k in dict.fromkeys(self._unreferenced) if k not in referenced]
-        self._unreferenced = []
+        if len(data) > smallest or self._needs_upkeep():
+            _Sealer(self, sealed, write_id).run()
+            data = orjson.dumps(h)
+            self._inline_ids = None  # spilled ids are found through the segments now
+        sealed.head = data
         return sealed
 
-    def _new_segment(self, sealed: Sealed, write_id: str, kind: str, items: list[Any]) -> str:
-        from simplequeue import keys
+    def _needs_upkeep(self) -> bool:
+        """Whether a chain has too many loose segments or kept holes, or a lane
+        too many runs (which a seal tidies whatever the head's size)."""
+        h, b = self.head, self.bounds
+        chains = [h["leases"], h["retained"], h["dead"]]
+        chains += [run for lane in h["lanes"].values() for run in lane["runs"]]
+        sparse = any(r["live"] * 2 <= r["n"] for r in h["leases"]["segs"])
+        crowded = any(len(c["segs"]) > b.loose_max or len(c["holes"]) > b.holes_max for c in chains)
+        return sparse or crowded or any(len(ln["runs"]) > b.runs_max for ln in h["lanes"].values())
 
-        key = keys.segment(self.topic, f"{kind}-{write_id}")
-        sealed.new_segments[key] = encode_segment(items)
-        self.segments.add(key, items)
-        return key
+
+class _Overlay:
+    """A SegmentView that also holds the objects the current seal made, which
+    the committer adds to its cache only once they are written."""
+
+    def __init__(self, view: SegmentView) -> None:
+        self.view = view
+        self.fresh: dict[str, Segment | Manifest] = {}
+
+    def keep(self, key: str, data: bytes) -> None:
+        is_manifest = key.rsplit("/", 1)[-1].startswith("seg-m")
+        self.fresh[key] = decode_manifest(key, data) if is_manifest else decode_segment(key, data)
+
+    def segment(self, key: str) -> Segment:
+        obj = self.fresh.get(key)
+        return obj if isinstance(obj, Segment) else self.view.segment(key)
+
+    def manifest(self, key: str) -> Manifest:
+        obj = self.fresh.get(key)
+        return obj if isinstance(obj, Manifest) else self.view.manifest(key)
 
 
-_CLAIM_FIELDS = frozenset(
-    {"claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token"}
-)
+class _Sealer:
+    """The spilling, folding and merging of one seal."""
+
+    def __init__(self, state: TopicState, sealed: Sealed, write_id: str) -> None:
+        self.s = state
+        self.sealed = sealed
+        self.attempt = write_id[:12]
+        self.bounds = state.bounds
+
+    def _new_id(self, kind: str) -> str:
+        n = self.s.head["next"]
+        self.s.head["next"] = n + 1
+        return f"{kind}{n}-{self.attempt}"
+
+    def _add(self, obj: NewObject) -> None:
+        key = keys.segment(self.s.topic, obj.id)
+        self.sealed.new_objects[key] = obj.data
+        self.s._view.keep(key, obj.data)  # the rest of this seal may read it
+
+    def run(self) -> None:
+        h, b = self.s.head, self.bounds
+        lanes = h["lanes"]
+        if sum(len(orjson.dumps(lane["in"])) for lane in lanes.values()) > b.inline_pending_bytes:
+            for lane in lanes.values():
+                if lane["in"]:
+                    self._spill_lane(lane)
+        if len(orjson.dumps(h["leases"]["in"])) > b.inline_leases_bytes:
+            self._spill_leases()
+        for name, bound, kind in (
+            ("retained", b.inline_records_bytes, "r"),
+            ("dead", b.inline_dead_bytes, "d"),
+        ):
+            chain = self.s._chain(h[name])
+            if chain.d["in"] and len(orjson.dumps(chain.d["in"])) > bound:
+                self._spill(chain, kind, self._bounds_of(name, chain.d["in"]))
+        self._compact_leases()
+        for lane in lanes.values():
+            if len(lane["runs"]) > b.runs_max:
+                self._merge_runs(lane)
+        chains = [self.s.leases, self.s.retained, self.s.dead]
+        chains += [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
+        for chain in chains:
+            if len(chain.d["segs"]) > b.loose_max:
+                self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
+            if len(chain.d["holes"]) > b.holes_max:
+                self._rewrite_holey_manifest(chain)
+
+    @staticmethod
+    def _bounds_of(name: str, items: list[Any]) -> dict[str, Any]:
+        if name == "retained":
+            return {"hi": max(r["finished_at"] for r in items)}
+        return {}
+
+    def _spill(self, chain: Chain, kind: str, meta: dict[str, Any]) -> None:
+        seg_id = self._new_id(kind)
+        self._add(chain.spill(seg_id, encode_segment(kind, chain.d["in"]), meta))
+
+    def _spill_lane(self, lane: dict[str, Any]) -> None:
+        """The lane's inline jobs become a segment at the end of the run whose last
+        job comes before the first of them, or a run of their own."""
+        jobs: list[Job] = lane["in"]
+        first = _key(jobs[0])
+        fits = [r for r in lane["runs"] if tuple(r.get("last", (1e300, 0))) <= first]
+        if fits:
+            run = max(fits, key=lambda r: tuple(r["last"]))
+        else:
+            run = new_chain()
+            lane["runs"].append(run)
+        meta = {"lo": jobs[0]["run_at"], "hi": max(j["run_at"] for j in jobs)}
+        run["lo"] = min(run.get("lo", meta["lo"]), meta["lo"])
+        run["top"] = max(run.get("top", meta["hi"]), meta["hi"])
+        run["last"] = list(_key(jobs[-1]))
+        # The jobs move from the lane into the run's chain, and on into a segment.
+        run["n"] += len(jobs)
+        run["in"], lane["in"] = jobs, []
+        self._spill(self.s._chain(run), "p", meta)
+
+    def _spill_leases(self) -> None:
+        """Spilled leases keep no payload: those that carry one (jobs claimed
+        from the head) leave it in a payload segment and point there."""
+        leases = self.s.leases
+        records: list[Job] = leases.d["in"]
+        carried = [r for r in records if "payload" in r]
+        if carried:
+            x_id = self._new_id("x")
+            payloads = [{"id": r["id"], "payload": r["payload"]} for r in carried]
+            self._add(NewObject(x_id, encode_segment("x", payloads)))
+            for i, record in enumerate(carried):
+                del record["payload"]
+                record["src"] = [x_id, i]
+        self._spill(leases, "l", {})
+        self.s._leases = None  # records moved: re-read where they are
+
+    def _compact_leases(self) -> None:
+        """Leases are resolved anywhere (acks, heartbeats of spilled ones): a
+        loose segment or a manifest with half its records resolved or more has
+        its live records taken inline again (they are small: payloads stay
+        where they are), so resolved ones stop taking space. A few a seal."""
+        leases = self.s.leases
+        sparse = [r for r in leases.d["segs"] if r["live"] * 2 <= r["n"]]
+        sparse += [m for m in leases.d["mans"] if m["live"] * 2 <= m.get("total", 0)]
+        for unit in sparse[:2]:
+            places = [p for p in leases.places() if (p.man or p.seg) == unit["k"]]
+            for place in places:
+                leases.remove(place)
+                leases.append(dict(place.item))
+        if sparse:
+            self.s._leases = None
+
+    def _merge_runs(self, lane: dict[str, Any]) -> None:
+        """More runs than runs_max: the smallest two are merged into one, if
+        their live jobs fit in merge_bytes (written once); else they stay."""
+        runs = sorted(lane["runs"], key=lambda r: r["n"])
+        a, b = runs[0], runs[1]
+        jobs = [p.item for run in (a, b) for p in self.s._chain(run).places()]
+        data = encode_segment("p", sorted(jobs, key=_key))
+        if len(data) > self.bounds.merge_bytes:
+            return
+        jobs.sort(key=_key)
+        lane["runs"].remove(a)
+        lane["runs"].remove(b)
+        run = new_chain()
+        run.update(
+            lo=jobs[0]["run_at"], top=max(j["run_at"] for j in jobs), last=list(_key(jobs[-1]))
+        )
+        lane["runs"].append(run)
+        run["in"], run["n"] = jobs, len(jobs)
+        meta = {"lo": jobs[0]["run_at"], "hi": run["top"]}
+        self._add(self.s._chain(run).spill(self._new_id("p"), data, meta))
+
+    def _rewrite_holey_manifest(self, chain: Chain) -> None:
+        holes: dict[str, list[int]] = chain.d["holes"]
+        by_manifest: dict[int, int] = {}
+        for m, mref in enumerate(chain.d["mans"]):
+            for ref in chain.manifest(mref["k"]).refs:
+                if ref["k"] in holes:
+                    by_manifest[m] = by_manifest.get(m, 0) + len(holes[ref["k"]])
+        if not by_manifest:
+            return
+        worst = max(by_manifest, key=lambda m: by_manifest[m])
+        obj = chain.rewrite_manifest(worst, self._new_id("m"), encode_manifest)
+        if obj is not None:
+            self._add(obj)

@@ -1,0 +1,108 @@
+"""The broker's cache of immutable objects (segments and manifests), shared by
+every topic, fetched on demand and kept within a byte budget (least recently
+used first out). Objects never change once written, so what it holds is
+never stale; what it drops is fetched again when wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from simplequeue.errors import CorruptData, ObjectNotFound
+from simplequeue.objstore import ObjectStore
+from simplequeue.state import (
+    Manifest,
+    Segment,
+    SegmentMissing,
+    decode_manifest,
+    decode_segment,
+)
+
+log = logging.getLogger(__name__)
+
+# Decoded objects take more memory than their bytes: Python dicts and strings.
+# The budget counts stored bytes times this, a rough but steady measure.
+DECODED_PER_BYTE = 4
+MAX_PARALLEL_FETCHES = 16
+
+
+def is_manifest(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith("seg-m")
+
+
+class ObjectCache:
+    """Segments and manifests by key: the state machine's SegmentView."""
+
+    def __init__(self, store: ObjectStore, budget_bytes: int = 256 * 1024 * 1024) -> None:
+        self.store = store
+        self.budget = budget_bytes
+        self.used = 0
+        self.fetched = 0  # objects read from the store
+        self._objects: OrderedDict[str, Segment | Manifest] = OrderedDict()
+        self._limit = asyncio.Semaphore(MAX_PARALLEL_FETCHES)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._objects
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def _get(self, key: str) -> Segment | Manifest:
+        obj = self._objects.get(key)
+        if obj is None:
+            raise SegmentMissing(key)
+        self._objects.move_to_end(key)
+        return obj
+
+    def segment(self, key: str) -> Segment:
+        obj = self._get(key)
+        if not isinstance(obj, Segment):
+            raise CorruptData(key, "a manifest where a segment was expected")
+        return obj
+
+    def manifest(self, key: str) -> Manifest:
+        obj = self._get(key)
+        if not isinstance(obj, Manifest):
+            raise CorruptData(key, "a segment where a manifest was expected")
+        return obj
+
+    def add(self, key: str, data: bytes) -> None:
+        """Decode and keep an object (one this broker just wrote, say)."""
+        obj: Segment | Manifest
+        obj = decode_manifest(key, data) if is_manifest(key) else decode_segment(key, data)
+        if key in self._objects:
+            return
+        self._objects[key] = obj
+        self.used += obj.size * DECODED_PER_BYTE
+        self._shrink()
+
+    def _shrink(self) -> None:
+        # The newest object stays even alone over budget: it is wanted now.
+        while self.used > self.budget and len(self._objects) > 1:
+            _, old = self._objects.popitem(last=False)
+            self.used -= old.size * DECODED_PER_BYTE
+
+    async def fetch(self, keys: list[str]) -> None:
+        """Read the objects not held yet, in parallel. ObjectNotFound for one
+        that is missing (the caller decides what that means); CorruptData for
+        one that cannot be read."""
+        wanted = [k for k in dict.fromkeys(keys) if k not in self._objects]
+        if wanted:
+            await asyncio.gather(*(self._fetch(k) for k in wanted))
+
+    async def _fetch(self, key: str) -> None:
+        async with self._limit:
+            try:
+                data, _ = await self.store.get(key)
+            except ObjectNotFound:
+                raise ObjectNotFound(key) from None
+            self.fetched += 1
+            self.add(key, data)
+
+    def forget(self, keys: list[str]) -> None:
+        for key in keys:
+            obj = self._objects.pop(key, None)
+            if obj is not None:
+                self.used -= obj.size * DECODED_PER_BYTE

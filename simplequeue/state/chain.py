@@ -1,0 +1,350 @@
+"""A chain: items in order, the newest inline in the head, older ones in
+immutable segments, the oldest segments grouped under manifests. Every list
+that grows in a topic (each run of pending jobs, the leases, the retained
+records, the dead jobs) is a chain, so the head stays bounded however long the
+list gets:
+
+    head ── chain ─┬─ mans: [m-4, m-9]        manifest refs, oldest first
+                   │     m-4 ──> [s-1 s-2 ... s-8]    segment refs + id index
+                   ├─ segs: [s-31, s-32]      loose segment refs
+                   └─ in:   [item, item]      inline items, newest last
+
+A chain is consumed from its front: `mpos` segments of the first manifest and
+`pos` items of the first remaining segment are gone. It may also lose items
+anywhere (holes): a loose segment's ref keeps its own, and holes in manifested
+segments are kept by segment id under `holes` until their manifest is
+rewritten. Live counts are kept per ref and for the whole chain (`n`), so
+counting never reads a segment.
+
+Pure: no I/O. Objects are read through a SegmentView, which raises
+SegmentMissing for one that is not loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from simplequeue import keys
+from simplequeue.state.segments import Manifest, Segment, SegmentView, encode_index
+
+Item = dict[str, Any]
+
+
+def new_chain() -> dict[str, Any]:
+    return {"n": 0, "in": [], "segs": [], "mans": [], "mpos": 0, "pos": 0, "holes": {}}
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a live item stands: inline (`seg` None; `item` is the very dict) or
+    at `index` of segment `seg` (a segment id), under manifest `man` (an id) or
+    loose (`man` None)."""
+
+    seg: str | None
+    index: int
+    item: Item
+    man: str | None = None
+
+
+@dataclass
+class NewObject:
+    """An object a seal creates: its id (what refs name) and its bytes."""
+
+    id: str
+    data: bytes
+
+
+class Chain:
+    """Operations over one chain's dict in the head (changed in place)."""
+
+    def __init__(self, d: dict[str, Any], topic: str, view: SegmentView) -> None:
+        self.d = d
+        self.topic = topic
+        self.view = view
+
+    # --- reading -------------------------------------------------------------------
+
+    def segment(self, seg_id: str) -> Segment:
+        return self.view.segment(keys.segment(self.topic, seg_id))
+
+    def manifest(self, man_id: str) -> Manifest:
+        return self.view.manifest(keys.segment(self.topic, man_id))
+
+    def holes_of(self, ref: dict[str, Any]) -> set[int]:
+        holes = set(ref.get("holes", ()))
+        holes.update(self.d["holes"].get(ref["k"], ()))
+        return holes
+
+    @property
+    def count(self) -> int:
+        """Live items, from the head alone."""
+        n: int = self.d["n"]
+        return n
+
+    def units(self) -> Iterator[tuple[dict[str, Any], str | None, int]]:
+        """(segment ref, manifest id or None, first index not consumed) of every
+        segment, in order. Opens manifests (SegmentMissing if one is not loaded)."""
+        first = True
+        for m, mref in enumerate(self.d["mans"]):
+            refs = self.manifest(mref["k"]).refs
+            for ref in refs[self.d["mpos"] if m == 0 else 0 :]:
+                yield ref, mref["k"], self.d["pos"] if first else 0
+                first = False
+        for ref in self.d["segs"]:
+            yield ref, None, self.d["pos"] if first else 0
+            first = False
+
+    def places(self) -> Iterator[Place]:
+        """Every live item, in order (reads every segment)."""
+        for ref, man, start in self.units():
+            holes = self.holes_of(ref)
+            seg = self.segment(ref["k"])
+            for i in range(start, ref["n"]):
+                if i not in holes:
+                    yield Place(ref["k"], i, seg.items[i], man)
+        for item in self.d["in"]:
+            yield Place(None, 0, item)
+
+    def first(self) -> Place | None:
+        """The first live item (reads the segments up to it)."""
+        return next(self.places(), None)
+
+    def locate(self, job_id: str) -> list[Place]:
+        """Every live item with id `job_id`, in order. Manifested segments are
+        searched through their id index, loose ones read."""
+        found: list[Place] = []
+        for m, mref in enumerate(self.d["mans"]):
+            manifest = self.manifest(mref["k"])
+            skip = self.d["mpos"] if m == 0 else 0
+            for n in manifest.candidates(job_id):
+                if n >= skip:
+                    start = self.d["pos"] if (m == 0 and n == skip) else 0
+                    found += self._find(manifest.refs[n], job_id, start, mref["k"])
+        for s, ref in enumerate(self.d["segs"]):
+            start = self.d["pos"] if (not self.d["mans"] and s == 0) else 0
+            found += self._find(ref, job_id, start, None)
+        found += [Place(None, 0, i) for i in self.d["in"] if i["id"] == job_id]
+        return found
+
+    def _find(self, ref: dict[str, Any], job_id: str, start: int, man: str | None) -> list[Place]:
+        seg = self.segment(ref["k"])
+        holes = self.holes_of(ref)
+        return [
+            Place(ref["k"], i, seg.items[i], man)
+            for i in seg.positions(job_id)
+            if i >= start and i not in holes
+        ]
+
+    def direct_ids(self) -> list[str]:
+        """Ids of the objects the head names itself (manifests, loose segments)."""
+        return [r["k"] for r in self.d["mans"]] + [r["k"] for r in self.d["segs"]]
+
+    def object_ids(self) -> list[str]:
+        """Ids of every object the chain references, manifested segments
+        included (opens manifests)."""
+        out: list[str] = []
+        for mref in self.d["mans"]:
+            out.append(mref["k"])
+            out += [r["k"] for r in self.manifest(mref["k"]).refs]
+        return out + [r["k"] for r in self.d["segs"]]
+
+    # --- changing --------------------------------------------------------------------
+
+    def append(self, item: Item) -> None:
+        self.d["in"].append(item)
+        self.d["n"] += 1
+
+    def remove(self, place: Place) -> None:
+        """Take one live item out, wherever it stands."""
+        self.d["n"] -= 1
+        if place.seg is None:
+            inline: list[Item] = self.d["in"]
+            for i, item in enumerate(inline):
+                if item is place.item:
+                    del inline[i]
+                    return
+            raise ValueError("that item is not inline in this chain")
+        unit = self._unit(place)
+        unit["live"] -= 1
+        if place.man is None:
+            unit.setdefault("holes", []).append(place.index)
+        else:
+            self.d["holes"].setdefault(place.seg, []).append(place.index)
+        self._settle_front()
+        if unit["live"] == 0:  # nothing left in it, wherever it stands: forget it
+            self._forget(unit, place.man is not None)
+
+    def _forget(self, unit: dict[str, Any], is_manifest: bool) -> None:
+        units = self.d["mans"] if is_manifest else self.d["segs"]
+        if not any(u is unit for u in units):
+            return  # already gone with the front
+        first = units[0] is unit and (is_manifest or not self.d["mans"])
+        units[:] = [u for u in units if u is not unit]
+        if is_manifest:
+            for ref in self.manifest(unit["k"]).refs:
+                self.d["holes"].pop(ref["k"], None)
+        if first:
+            self.d["pos"] = 0
+            if is_manifest:
+                self.d["mpos"] = 0
+            self._settle_front()
+
+    def pop_front(self) -> Item | None:
+        """Take the first live item out."""
+        place = self.first()
+        if place is None:
+            return None
+        self.d["n"] -= 1
+        if place.seg is None:
+            item: Item = self.d["in"].pop(0)
+            return item
+        self._unit(place)["live"] -= 1
+        self.d["pos"] = place.index + 1
+        self._settle_front()
+        return place.item
+
+    def _unit(self, place: Place) -> dict[str, Any]:
+        """The head's ref that counts `place`: its manifest's, or its own."""
+        refs = self.d["segs"] if place.man is None else self.d["mans"]
+        key = place.seg if place.man is None else place.man
+        return next(r for r in refs if r["k"] == key)
+
+    def _settle_front(self) -> None:
+        """Keep the cursor tidy: holes it passed are forgotten, and front segments
+        with nothing live left are dropped (manifests with them)."""
+        while (front := self._front()) is not None:
+            ref, man = front
+            holes = self.holes_of(ref)
+            pos = self.d["pos"]
+            while pos < ref["n"] and pos in holes:
+                pos += 1
+            self.d["pos"] = pos
+            if pos < ref["n"]:
+                self._forget_holes_before(ref, man, pos)
+                return
+            self._drop_front(ref, man)
+
+    def _front(self) -> tuple[dict[str, Any], str | None] | None:
+        if self.d["mans"]:
+            mref = self.d["mans"][0]
+            return self.manifest(mref["k"]).refs[self.d["mpos"]], mref["k"]
+        if self.d["segs"]:
+            return self.d["segs"][0], None
+        return None
+
+    def _forget_holes_before(self, ref: dict[str, Any], man: str | None, pos: int) -> None:
+        if man is None:
+            if "holes" in ref:
+                ref["holes"] = [h for h in ref["holes"] if h >= pos]
+        elif ref["k"] in self.d["holes"]:
+            kept = [h for h in self.d["holes"][ref["k"]] if h >= pos]
+            if kept:
+                self.d["holes"][ref["k"]] = kept
+            else:
+                del self.d["holes"][ref["k"]]
+
+    def _drop_front(self, ref: dict[str, Any], man: str | None) -> None:
+        """The front segment is used up (its live count is 0 by now)."""
+        self.d["pos"] = 0
+        self.d["holes"].pop(ref["k"], None)
+        if man is None:
+            self.d["segs"].pop(0)
+            return
+        self.d["mpos"] += 1
+        if self.d["mpos"] >= self.d["mans"][0]["segs"]:
+            self.d["mans"].pop(0)
+            self.d["mpos"] = 0
+
+    def drop_front_while(self, old: Callable[[dict[str, Any]], bool]) -> None:
+        """Drop whole front manifests, then front loose segments, whose ref says
+        they are old (`old(ref)`), with their items (retention)."""
+        while self.d["mans"] and old(self.d["mans"][0]):
+            mref = self.d["mans"].pop(0)
+            self.d["n"] -= mref["live"]
+            for ref in self.manifest(mref["k"]).refs:
+                self.d["holes"].pop(ref["k"], None)
+            self.d["pos"] = self.d["mpos"] = 0
+        if self.d["mans"]:
+            return
+        while self.d["segs"] and old(self.d["segs"][0]):
+            self.d["n"] -= self.d["segs"].pop(0)["live"]
+            self.d["pos"] = 0
+
+    def take_inline_while(self, old: Callable[[Item], bool]) -> int:
+        """Drop inline items from the front while `old(item)`; how many."""
+        inline: list[Item] = self.d["in"]
+        cut = 0
+        while cut < len(inline) and old(inline[cut]):
+            cut += 1
+        if cut:
+            del inline[:cut]
+            self.d["n"] -= cut
+        return cut
+
+    # --- sealing ----------------------------------------------------------------------
+
+    def spill(self, seg_id: str, data: bytes, meta: dict[str, Any]) -> NewObject:
+        """The inline items (whose encoding is `data`) become a new loose segment;
+        `meta` goes into its ref (what it holds: bounds, say)."""
+        n = len(self.d["in"])
+        self.d["in"] = []
+        self.d["segs"].append({"k": seg_id, "n": n, "live": n, **meta})
+        return NewObject(seg_id, data)
+
+    def fold(
+        self, man_id: str, count: int, encode: Callable[[list[dict[str, Any]]], bytes]
+    ) -> NewObject:
+        """The oldest `count` loose segments go under a new manifest, each with the
+        id index of its items (reads them). The cursor, if it is in the first of
+        them and no manifest came before, stays where it is."""
+        taken = self.d["segs"][:count]
+        refs = []
+        for ref in taken:
+            entry = {k: v for k, v in ref.items() if k != "live"}
+            entry["ix"] = encode_index(i["id"] for i in self.segment(ref["k"]).items)
+            refs.append(entry)
+        del self.d["segs"][:count]
+        mref: dict[str, Any] = {
+            "k": man_id,
+            "segs": len(taken),
+            "live": sum(r["live"] for r in taken),
+            "total": sum(r["n"] for r in taken),
+        }
+        for bound, pick in (("lo", min), ("hi", max)):
+            values = [r[bound] for r in taken if bound in r]
+            if values:
+                mref[bound] = pick(values)
+        self.d["mans"].append(mref)
+        return NewObject(man_id, encode(refs))
+
+    def rewrite_manifest(
+        self, index: int, man_id: str, encode: Callable[[list[dict[str, Any]]], bytes]
+    ) -> NewObject | None:
+        """Write manifest `index` again with the holes kept for its segments in
+        the head, leaving out segments (and the consumed ones of the first) that
+        hold nothing live any more. None when nothing of it is live: it is gone."""
+        mref = self.d["mans"][index]
+        old = self.manifest(mref["k"]).refs
+        start = self.d["mpos"] if index == 0 else 0
+        refs = []
+        for n, ref in enumerate(old[start:]):
+            holes = sorted(self.holes_of(ref))
+            self.d["holes"].pop(ref["k"], None)
+            first = index == 0 and n == 0
+            live = ref["n"] - (self.d["pos"] if first else 0)
+            live -= len([h for h in holes if h >= (self.d["pos"] if first else 0)])
+            if live <= 0 and not first:
+                continue
+            entry = {k: v for k, v in ref.items() if k != "holes"}
+            if holes:
+                entry["holes"] = holes
+            refs.append(entry)
+        if index == 0:
+            self.d["mpos"] = 0
+        if not refs:
+            del self.d["mans"][index]
+            return None
+        mref.update(k=man_id, segs=len(refs))
+        return NewObject(man_id, encode(refs))
