@@ -56,6 +56,10 @@ class ObjectCache:
         self._objects.move_to_end(key)
         return obj
 
+    def held(self, key: str) -> Segment | Manifest:
+        """The object, whichever kind it is (SegmentMissing if not held)."""
+        return self._get(key)
+
     def segment(self, key: str) -> Segment:
         obj = self._get(key)
         if not isinstance(obj, Segment):

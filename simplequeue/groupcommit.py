@@ -157,6 +157,9 @@ class _Topic:
         self.next_reap = 0.0  # monotonic time before which reap() need not look
         self.used_at = time.monotonic()
         self.waiters = 0  # long polls waiting for a change
+        # Objects the batch being committed has read: its states hold on to
+        # them, so a cache too small for one batch costs fetches, not a loop.
+        self.seen: dict[str, Any] = {}
 
 
 class GroupCommitter:
@@ -354,15 +357,20 @@ class GroupCommitter:
     def _is_idle(t: _Topic) -> bool:
         return not t.batcher.busy and not t.lock.locked() and not t.waiters
 
-    def _from_bytes(self, topic: str, data: bytes | None) -> TopicState:
+    def _from_bytes(
+        self, topic: str, data: bytes | None, seen: dict[str, Any] | None = None
+    ) -> TopicState:
         head = decode_head(topic, keys.head(topic), data) if data else new_head(topic)
-        return TopicState(head, self.cache, self.settings.bounds, self.settings.policy)
+        return TopicState(head, self.cache, self.settings.bounds, self.settings.policy, seen)
 
     async def _commit(self, t: _Topic, batch: list[_Entry]) -> list[Any]:
         """Commit a batch; every entry's outcome (a result or its exception)."""
         try:
             async with t.lock:
-                return await self._commit_batch(t, batch)
+                try:
+                    return await self._commit_batch(t, batch)
+                finally:
+                    t.seen.clear()
         except asyncio.CancelledError:
             t.state = None
             raise
@@ -566,7 +574,7 @@ class GroupCommitter:
             t.checked_at = sent_at
             return
         try:
-            state = self._from_bytes(t.name, data)
+            state = self._from_bytes(t.name, data, t.seen)
         except CorruptData as exc:
             self._log_corrupt(t.name, exc)
             raise
@@ -586,10 +594,20 @@ class GroupCommitter:
         topic cannot be served."""
         self.stats.fetch_rounds += 1
         try:
-            await self.cache.fetch(state.prefetch(key))
+            await self.cache.fetch([key])
+        except ObjectNotFound:
+            pass
+        else:
+            # Prefetching may push it out of the cache: the states hold on to it.
+            obj = self.cache.held(key)
+            t.seen[key] = obj
+            state.hold(key, obj)
+            # What tends to be wanted with it, as the committed head names it
+            # (`state` may be half a batch in: it names objects not written yet).
+            with contextlib.suppress(ObjectNotFound, CorruptData):
+                await self.cache.fetch(self._from_bytes(t.name, t.committed).prefetch(key))
             return
-        except ObjectNotFound as exc:
-            missing = str(exc.args[0]) if exc.args else key
+        missing = key
         before = t.etag
         await self._load(t, keep_if_same=False)
         if t.etag == before:

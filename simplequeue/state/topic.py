@@ -118,13 +118,20 @@ class TopicState:
     """
 
     def __init__(
-        self, head: dict[str, Any], view: SegmentView, bounds: Bounds, policy: Policy
+        self,
+        head: dict[str, Any],
+        view: SegmentView,
+        bounds: Bounds,
+        policy: Policy,
+        seen: dict[str, Segment | Manifest] | None = None,
     ) -> None:
         if head.get("format") != FORMAT:
             raise ValueError(f"unsupported topic format {head.get('format')!r}")
         self.head = head
         self.view = view
-        self._view = _Overlay(view)  # what chains read through: the view, and this seal's own
+        # What chains read through: the view, this seal's own objects, and what
+        # was read already (see _Overlay).
+        self._view = _Overlay(view, {} if seen is None else seen)
         self.bounds = bounds
         self.policy = policy
         self.dirty = False  # set by every mutation that changed something
@@ -205,6 +212,10 @@ class TopicState:
         for chain in (self.leases, self.retained, self.dead):
             ids += chain.direct_ids()
         return [keys.segment(self.topic, i) for i in ids]
+
+    def hold(self, key: str, obj: Segment | Manifest) -> None:
+        """Keep `obj` for this state's reads, whatever its cache does."""
+        self._view.seen[key] = obj
 
     def prefetch(self, missing: str) -> list[str]:
         """What to fetch when `missing` is wanted: it, every object the head names
@@ -689,24 +700,34 @@ class TopicState:
 
 
 class _Overlay:
-    """A SegmentView that also holds the objects the current seal made, which
-    the committer adds to its cache only once they are written."""
+    """A SegmentView that also holds the objects the current seal made (the
+    committer adds them to its cache only once they are written), and every
+    object read through it (`seen`, which the caller may share between the
+    states it builds for one batch and clear after: so that a cache smaller
+    than what one batch needs only costs fetches, never a loop of them)."""
 
-    def __init__(self, view: SegmentView) -> None:
+    def __init__(self, view: SegmentView, seen: dict[str, Segment | Manifest]) -> None:
         self.view = view
         self.fresh: dict[str, Segment | Manifest] = {}
+        self.seen = seen
 
     def keep(self, key: str, data: bytes) -> None:
         is_manifest = key.rsplit("/", 1)[-1].startswith("seg-m")
         self.fresh[key] = decode_manifest(key, data) if is_manifest else decode_segment(key, data)
 
     def segment(self, key: str) -> Segment:
-        obj = self.fresh.get(key)
-        return obj if isinstance(obj, Segment) else self.view.segment(key)
+        obj = self.fresh.get(key) or self.seen.get(key)
+        if isinstance(obj, Segment):
+            return obj
+        found = self.seen[key] = self.view.segment(key)
+        return found
 
     def manifest(self, key: str) -> Manifest:
-        obj = self.fresh.get(key)
-        return obj if isinstance(obj, Manifest) else self.view.manifest(key)
+        obj = self.fresh.get(key) or self.seen.get(key)
+        if isinstance(obj, Manifest):
+            return obj
+        found = self.seen[key] = self.view.manifest(key)
+        return found
 
 
 class _Sealer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from simplequeue.errors import PreconditionFailed, StoreUnavailable
 from simplequeue.objstore import ObjectStore
@@ -28,6 +28,9 @@ class FaultyStore(ObjectStore):
         self.gate: asyncio.Event | None = None  # when set, head PUTs wait for it
         self.put_started = asyncio.Event()
         self.get_down = False
+        # Awaited after a "lose-answer" write landed, before its caller hears:
+        # what other brokers do while an ambiguous write waits for its answer.
+        self.meanwhile: Callable[[], Awaitable[None]] | None = None
 
     async def get(self, key: str) -> tuple[bytes, str]:
         self.calls["get"] += 1
@@ -62,6 +65,8 @@ class FaultyStore(ObjectStore):
             raise PreconditionFailed("injected: lost race")
         etag = await self.inner.put_if(key, data, if_match=if_match, if_none_match=if_none_match)
         if fault == "lose-answer":  # landed, but the answer never arrived
+            if self.meanwhile is not None:
+                await self.meanwhile()
             raise StoreUnavailable("injected: answer lost")
         if fault == "landed-412":  # landed; a retry of the same PUT then saw 412
             raise PreconditionFailed("injected: retry after a landed PUT")

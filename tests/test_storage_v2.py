@@ -1,0 +1,240 @@
+"""Storage engine v2 under the committer: the faults of the format-1 core, each
+closed, and the bounds that must hold (SPEC 4.1, 4.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+import pytest
+
+from simplequeue import keys
+from simplequeue.api import AckRequest, JobSpec
+from simplequeue.broker.engine import Engine
+from simplequeue.errors import CorruptData
+from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Bounds
+from tests.helpers.faults import FaultyStore
+
+SMALL = Bounds(
+    inline_pending_bytes=2000,
+    inline_leases_bytes=2000,
+    inline_records_bytes=1000,
+    inline_dead_bytes=1000,
+    loose_max=4,
+)
+
+
+def engine_on(store: Any, broker_id: str = "b1", **settings: Any) -> Engine:
+    settings.setdefault("bounds", SMALL)
+    return Engine(GroupCommitter(store, broker_id=broker_id, settings=CommitSettings(**settings)))
+
+
+async def head_of(store: Any, topic: str = "t") -> dict[str, Any]:
+    data, _ = await store.get(keys.head(topic))
+    head: dict[str, Any] = orjson.loads(data)
+    return head
+
+
+def jobs(n: int, prefix: str = "j", size: int = 100) -> list[JobSpec]:
+    return [JobSpec({"n": i, "pad": "x" * size}, id=f"{prefix}{i:05d}") for i in range(n)]
+
+
+# --- ambiguous writes -----------------------------------------------------------------
+
+
+async def test_an_ambiguous_write_is_resolved_however_many_writes_others_made() -> None:
+    """The head kept the last 64 write ids of all brokers: while one broker's
+    answer was lost, others wrote 64 times, the landed batch was judged not
+    landed and applied again (here: a second job claimed)."""
+    shared = MemStore()
+    store = FaultyStore(shared)
+    a, b = engine_on(store, "a"), engine_on(shared, "b")
+    await a.enqueue("t", jobs(10))
+
+    async def others_write_a_hundred_times() -> None:
+        for i in range(100):
+            await b.enqueue("t", [JobSpec(i)])
+
+    store.meanwhile = others_write_a_hundred_times
+    store.faults = ["lose-answer"]
+    [claimed] = await a.claim("t", "w")
+    counts = await b.status("t")
+    assert counts["claimed"] == 1, "the claim was applied twice"
+    assert (await b.job("t", claimed["id"]))["lease_token"] == claimed["lease_token"]
+    assert (await head_of(shared))["writers"]["a"]  # each broker's latest write id
+
+
+# --- deletion is deferred to the sweep ---------------------------------------------------
+
+
+async def test_a_broker_holding_an_older_head_still_finds_its_segments() -> None:
+    """Segments used to be deleted right after the commit that unreferenced them,
+    while another broker that had just read the older head still wanted them."""
+    store = MemStore()
+    writer, consumer = engine_on(store, "w"), engine_on(store, "c")
+    for i in range(4):
+        await writer.enqueue("t", jobs(20, prefix=f"b{i}-"))
+    stale = engine_on(store, "s", max_age=3600)
+    assert (await stale.status("t"))["pending"] == 80  # it read the head, not the segments
+    assert (await head_of(store))["lanes"]["0"]["runs"]
+    while await consumer.claim("t", "w", count=50):  # consumes every segment
+        pass
+    # The stale broker's head still names the consumed segments: they are there.
+    found = await stale.committer.read("t", lambda s, now: s.find("b0-00003"), max_age=3600)
+    assert found is not None
+    # And a claim through it finds the head moved and claims nothing twice.
+    assert await stale.claim("t", "w") == []
+
+
+async def test_a_segment_gone_after_the_sweep_means_the_head_moved_not_an_error() -> None:
+    store = MemStore()
+    writer = engine_on(store, "w")
+    for i in range(4):
+        await writer.enqueue("t", jobs(20, prefix=f"b{i}-"))
+    old_reader = engine_on(store, "r", max_age=3600)
+    assert (await old_reader.status("t"))["pending"] == 80
+    while claimed := await writer.claim("t", "w", count=50):  # done: nothing pins them
+        await writer.ack_many("t", [AckRequest(j["id"], j["lease_token"]) for j in claimed])
+    assert await writer.committer.sweep("t") == []  # first sighting: kept
+    assert await writer.committer.sweep("t")  # second: the consumed segments go
+    # The old reader's head names deleted segments: it reads the head again.
+    assert await old_reader.claim("t", "w") == []
+    assert (await old_reader.status("t"))["completed"] == 80
+
+
+# --- one bad object -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x01 not json",
+        b'{"format": 2, "topic": "t", "lan',  # truncated
+        b'{"hello": "world"}',  # foreign
+        b'{"format": 99, "topic": "t", "counters": {}}',  # from the future
+        b'{"format": 2, "topic": "other", "counters": {}}',  # another topic's head
+    ],
+    ids=["binary", "truncated", "foreign", "future", "other-topic"],
+)
+async def test_a_corrupt_head_is_a_clear_error_naming_it_logged_once(
+    garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemStore()
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec(1)])
+    await q.enqueue("fine", [JobSpec(1)])
+    await store.put("topics/t.json", garbage)
+    fresh = engine_on(store, "b2")
+    with caplog.at_level(logging.ERROR, logger="simplequeue.groupcommit"):
+        for _ in range(3):
+            with pytest.raises(CorruptData, match=r"topics/t\.json"):
+                await fresh.status("t")
+            with pytest.raises(CorruptData, match=r"topics/t\.json"):
+                await fresh.enqueue("t", [JobSpec(2)])
+    logged = [r for r in caplog.records if "topics/t.json" in r.getMessage()]
+    assert len(logged) == 1
+    assert (await fresh.status("fine"))["pending"] == 1  # every other topic works
+    assert await store.get("topics/t.json") == (garbage, (await store.get("topics/t.json"))[1])
+
+
+async def test_a_corrupt_segment_is_a_clear_error_naming_it() -> None:
+    store = MemStore()
+    q = engine_on(store)
+    await q.enqueue("t", jobs(40))
+    [segment] = [k for k in await store.list("topics/t/") if "seg-p" in k][:1]
+    await store.put(segment, b"garbage")
+    fresh = engine_on(store, "b2")
+    with pytest.raises(CorruptData, match=segment):
+        await fresh.claim("t", "w", count=40)
+
+
+async def test_a_referenced_segment_that_is_gone_is_a_clear_error_when_the_head_has_not_moved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemStore()
+    q = engine_on(store)
+    await q.enqueue("t", jobs(40))
+    segment = next(k for k in await store.list("topics/t/") if "seg-p" in k)
+    await store.delete(segment)
+    fresh = engine_on(store, "b2")
+    with pytest.raises(CorruptData, match="not in the store"):
+        await fresh.claim("t", "w", count=40)
+
+
+# --- cancellation ----------------------------------------------------------------------
+
+
+async def test_cancelling_the_committer_task_cancels_it_instead_of_being_swallowed() -> None:
+    store = FaultyStore(MemStore())
+    committer = GroupCommitter(store, broker_id="b")
+    q = Engine(committer)
+    await q.enqueue("t", [JobSpec("seed")])
+    store.gate = asyncio.Event()
+    store.put_started.clear()
+    waiting = asyncio.create_task(q.enqueue("t", [JobSpec("stuck")]))
+    await store.put_started.wait()
+    task = committer._topics["t"].batcher._task
+    assert task is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert task.cancelled()
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+async def test_idle_topics_leave_the_brokers_memory() -> None:
+    store = MemStore()
+    q = engine_on(store, topics_kept=5, idle_after=0.0)
+    for i in range(50):
+        await q.enqueue(f"t{i}", [JobSpec(i)])
+    assert len(q.committer._topics) <= 6
+    assert (await q.status("t3"))["pending"] == 1  # read again when asked
+
+
+async def test_a_tiny_object_cache_still_serves_a_deep_queue_in_order() -> None:
+    store = MemStore()
+    q = engine_on(store, cache_bytes=64 * 1024)
+    for i in range(20):
+        await q.enqueue("t", jobs(100, prefix=f"b{i:02d}-"))
+    got: list[str] = []
+    while batch := await q.claim("t", "w", count=150):
+        got += [j["id"] for j in batch]
+        await q.ack_many("t", [AckRequest(j["id"], j["lease_token"]) for j in batch])
+    assert got == [f"b{i:02d}-{n:05d}" for i in range(20) for n in range(100)]
+    assert q.committer.cache.used <= 64 * 1024 * 1.5
+
+
+# --- leases ----------------------------------------------------------------------------
+
+
+async def test_thousands_of_claims_keep_the_head_small_and_stay_exact() -> None:
+    store = FaultyStore(MemStore())
+    q = engine_on(store, bounds=Bounds())  # the real bounds
+    for i in range(5):
+        await q.enqueue("t", jobs(1000, prefix=f"b{i}-", size=1000))
+    held = []
+    while len(held) < 4000:
+        held += await q.claim("t", "holder", count=500, lease=3600)
+    head = await head_of(store)
+    assert len(orjson.dumps(head)) < 64 * 1024
+    assert all("payload" not in r for r in head["leases"]["in"] if "src" in r)
+    # Every lease still answers for itself: heartbeat, ack; a stale token does not.
+    token = held[123]["lease_token"]
+    assert (await q.heartbeat("t", held[123]["id"], token, 600))["lease_expires_at"]
+    assert (await q.ack("t", held[7]["id"], held[7]["lease_token"], "ok"))["status"] == "completed"
+    fresh = engine_on(store, "b2", bounds=Bounds())  # reads it all from the store
+    assert (await fresh.status("t"))["claimed"] == 3999
+    job = await fresh.job("t", held[2000]["id"])
+    assert job["status"] == "claimed" and job["payload"]["n"] == held[2000]["payload"]["n"]
+    nacked = await fresh.nack("t", held[3000]["id"], held[3000]["lease_token"])
+    assert nacked["status"] == "pending"
+    rest = await fresh.claim("t", "w2", count=1000) + await fresh.claim("t", "w2", count=1000)
+    assert len(rest) == 1001  # the 1,000 never claimed, then the one given back
+    again = rest[-1]
+    assert again["id"] == held[3000]["id"] and again["payload"] == held[3000]["payload"]
