@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from simplequeue.errors import PreconditionFailed, StoreUnavailable
+from simplequeue.errors import AmbiguousWrite, PreconditionFailed, StoreUnavailable
 from simplequeue.objstore.s3 import S3Settings, S3Store
 
 
@@ -149,5 +149,48 @@ async def test_transient_errors_past_the_bound_give_store_unavailable() -> None:
 async def test_permanent_errors_are_not_retried() -> None:
     client = ScriptedClient(client_error(403, "AccessDenied"))
     with pytest.raises(StoreUnavailable, match="AccessDenied"):
+        await scripted(client).put("k", b"v")
+    assert client.calls == 1
+
+
+# --- conditional writes whose answer never came ------------------------------------------
+
+
+async def test_a_conditional_put_without_an_answer_is_ambiguous_at_once_not_retried(
+    silent_server: str,
+) -> None:
+    """It used to be retried for up to the whole retry budget (20 s by default)
+    while other brokers wrote; the committer now reads back at once."""
+    store = S3Store(quick(silent_server))
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(AmbiguousWrite):
+            await asyncio.wait_for(store.put_if("k", b"v", if_match='"old"'), 30)
+        # One try's deadline (connect + read + 2 s = 3 s), not four tries.
+        assert asyncio.get_running_loop().time() - started < 4.5
+    finally:
+        await store.close()
+
+
+async def test_a_read_timeout_on_a_conditional_put_is_not_retried() -> None:
+    from botocore.exceptions import ReadTimeoutError
+
+    client = ScriptedClient(ReadTimeoutError(endpoint_url="http://s3"))
+    with pytest.raises(AmbiguousWrite):
+        await scripted(client).put_if("k", b"v", if_match='"old"')
+    assert client.calls == 1
+
+
+async def test_a_conditional_put_that_could_not_connect_is_retried() -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    client = ScriptedClient(EndpointConnectionError(endpoint_url="http://s3"))
+    assert await scripted(client).put_if("k", b"v", if_match='"old"') == '"new"'
+    assert client.calls == 2
+
+
+async def test_a_skewed_clock_fails_at_once_with_a_message_that_says_so() -> None:
+    client = ScriptedClient(*[client_error(403, "RequestTimeTooSkewed") for _ in range(5)])
+    with pytest.raises(StoreUnavailable, match="clock"):
         await scripted(client).put("k", b"v")
     assert client.calls == 1

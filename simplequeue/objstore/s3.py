@@ -6,8 +6,12 @@ If-Match whose object vanished) becomes PreconditionFailed. Transient failures
 are retried here with tenacity, bounded and jittered, then StoreUnavailable.
 botocore's own retries are off so that only one retry policy applies.
 
-A retried conditional PUT whose first attempt landed unseen answers 412: the
-committer above resolves that by reading back the write id in the object.
+A conditional PUT whose answer never came (a read timeout, a connection cut
+after the request went out) is not retried here: it raises AmbiguousWrite at
+once, and the committer resolves it by reading the head back (the write id
+in it says whether it landed). Only failures before the request was sent,
+and answers S3 gave, are retried. A retried conditional PUT whose first
+attempt landed unseen answers 412, which the committer resolves the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -31,7 +36,12 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
+from simplequeue.errors import (
+    AmbiguousWrite,
+    ObjectNotFound,
+    PreconditionFailed,
+    StoreUnavailable,
+)
 from simplequeue.objstore.base import ObjectStore, check_key
 
 T = TypeVar("T")
@@ -43,7 +53,6 @@ _THROTTLE_CODES = {
     "Throttling",
     "ThrottlingException",
     "RequestTimeout",
-    "RequestTimeTooSkewed",
     "InternalError",
     "ServiceUnavailable",
 }
@@ -79,6 +88,17 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ClientError):
         return _status(exc) >= 500 or _status(exc) == 429 or _code(exc) in _THROTTLE_CODES
     return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)
+
+
+def is_unsent(exc: BaseException) -> bool:
+    """True for failures that happened before the request reached S3 (it could
+    not connect): retrying cannot write anything twice."""
+    return isinstance(exc, BotoConnectionError | aiohttp.ClientConnectorError)
+
+
+def is_answered(exc: BaseException) -> bool:
+    """True when S3 itself answered (an error status): the request is settled."""
+    return isinstance(exc, ClientError)
 
 
 def is_lost_race(exc: ClientError, conditional_on_etag: bool) -> bool:
@@ -128,21 +148,39 @@ class S3Store(ObjectStore):
                     )
         return self._client
 
-    async def _call(self, op: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `op(client)` with bounded, jittered retries of transient failures."""
+    async def _call(self, op: Callable[[Any], Awaitable[T]], conditional: bool = False) -> T:
+        """Run `op(client)` with bounded, jittered retries of transient failures.
+        A `conditional` write is retried only when it surely was not applied:
+        an answer from S3, or a connection that never opened."""
+
+        def retried(exc: BaseException) -> bool:
+            if not is_transient(exc):
+                return False
+            return not conditional or is_unsent(exc) or is_answered(exc)
+
         s = self.settings
         try:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(is_transient),
+                retry=retry_if_exception(retried),
                 stop=stop_after_attempt(s.max_attempts) | stop_after_delay(s.retry_budget),
                 wait=wait_random_exponential(multiplier=0.05, max=2.0),
                 reraise=False,
             ):
                 with attempt:
-                    return await op(await self._s3())
+                    # botocore's read timeout does not cover every wait (a PUT
+                    # waiting for its "100 Continue" hangs for ever): each try
+                    # has a deadline of its own.
+                    async with asyncio.timeout(s.connect_timeout + s.read_timeout + 2):
+                        return await op(await self._s3())
         except RetryError as exc:
             last = exc.last_attempt.exception()
             raise StoreUnavailable(f"{self.url}: {last!r}") from last
+        except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            if conditional and is_transient(exc):
+                raise AmbiguousWrite(
+                    f"{self.url}: no answer to a conditional write: {exc!r}"
+                ) from exc
+            raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _key(self, key: str) -> str:
@@ -186,7 +224,7 @@ class S3Store(ObjectStore):
             return etag
 
         try:
-            return await self._call(op)
+            return await self._call(op, conditional=bool(cond))
         except ClientError as exc:
             if cond and is_lost_race(exc, "IfMatch" in cond):
                 raise PreconditionFailed(f"{key}: {_code(exc) or _status(exc)}") from None
@@ -235,6 +273,12 @@ class S3Store(ObjectStore):
     def _unexpected(self, exc: ClientError) -> StoreUnavailable:
         # Access denied, no such bucket and the like: retrying will not help,
         # and the broker cannot serve until an operator fixes it.
+        if _code(exc) == "RequestTimeTooSkewed":
+            return StoreUnavailable(
+                f"{self.url}: S3 refuses requests from this machine because its clock "
+                f"is more than 15 minutes off S3's (RequestTimeTooSkewed): set the "
+                f"clock right (NTP) and the broker recovers by itself"
+            )
         return StoreUnavailable(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
 
     async def close(self) -> None:
