@@ -314,6 +314,22 @@ async def test_metrics_count_what_each_topic_did_and_how_long_its_oldest_job_wai
     assert not any(name.split("{")[0].endswith("_created") for name in samples)
 
 
+async def test_a_full_disk_is_507_at_once_and_the_next_write_works(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    """It was "lost 82 races in 10 s", answered 503 after the whole budget."""
+    store = FaultyStore(MemStore())
+    api = Api(session, (await start_broker(store)).url)
+    await api.post("/topics/t/enqueue", {"payload": 1})
+    store.faults = ["full"]
+    started = time.monotonic()
+    status, body = await api.post("/topics/t/enqueue", {"payload": 2})
+    assert (status, "no space left" in body["error"]) == (507, True)
+    assert time.monotonic() - started < 2
+    assert (await api.post("/topics/t/enqueue", {"payload": 3}))[0] == 201
+    assert (await api.get("/topics/t/status"))[1]["pending"] == 2
+
+
 async def test_healthz_is_503_when_the_store_is_down(
     start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
 ) -> None:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from simplequeue.objstore import content_etag
 from simplequeue.objstore.localfs import LocalStore
 from tests.helpers.crash_writer import check
@@ -75,3 +77,83 @@ async def test_directory_with_foreign_files_lists_only_keys(tmp_path: Path) -> N
     await store.put("topics/a.json", b"{}")
     (tmp_path / "topics" / ".a.json.123.tmp").write_bytes(b"partial")
     assert await store.list() == ["topics/a.json"]
+
+
+# --- what an operator does to the files, and a full disk -------------------------------
+
+
+async def test_a_head_restored_in_place_is_seen_not_overwritten(tmp_path: Path) -> None:
+    """`cp backup topics/t.json` keeps the inode: the ETag this store remembered
+    for it must not be taken as current (it used to, until restart)."""
+    import shutil
+
+    import pytest
+
+    from simplequeue.errors import PreconditionFailed
+
+    store = LocalStore(tmp_path)
+    first = await store.put_if("topics/t.json", b'{"v": 1}', if_none_match=True)
+    (tmp_path / "backup.json").write_bytes(b'{"v": 1}')
+    second = await store.put_if("topics/t.json", b'{"v": 2, "more": true}', if_match=first)
+    shutil.copyfile(tmp_path / "backup.json", tmp_path / "topics" / "t.json")  # same inode
+    with pytest.raises(PreconditionFailed):
+        await store.put_if("topics/t.json", b'{"v": 3}', if_match=second)
+    assert (await store.get("topics/t.json")) == (b'{"v": 1}', first)
+    await store.put_if("topics/t.json", b'{"v": 3}', if_match=first)
+    await store.close()
+
+
+async def test_a_broker_serves_a_restored_head_after_one_lost_race(tmp_path: Path) -> None:
+    import shutil
+
+    from simplequeue.api import JobSpec
+    from simplequeue.broker.engine import Engine
+    from simplequeue.groupcommit import GroupCommitter
+
+    q = Engine(GroupCommitter(LocalStore(tmp_path), broker_id="b"))
+    await q.enqueue("t", [JobSpec(1, id="a")])
+    shutil.copyfile(tmp_path / "topics" / "t.json", tmp_path / "saved.json")
+    await q.enqueue("t", [JobSpec(2, id="b")])
+    shutil.copyfile(tmp_path / "saved.json", tmp_path / "topics" / "t.json")
+    await q.enqueue("t", [JobSpec(3, id="c")])
+    assert q.committer.stats.conflicts == 1
+    counts = await q.status("t")
+    assert counts["pending"] == 2  # "b" went with the restore; "a" and "c" are there
+    assert (await q.job("t", "c"))["payload"] == 3
+
+
+async def test_a_full_disk_is_storage_full_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import pytest
+
+    from simplequeue.errors import StorageFull
+    from simplequeue.objstore import localfs
+
+    store = LocalStore(tmp_path)
+    await store.put("seed", b"x")
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(localfs.os, "write", full)
+    with pytest.raises(StorageFull, match="no space left"):
+        await store.put_if("topics/t.json", b"{}", if_none_match=True)
+    monkeypatch.undo()
+    assert await store.list("") == ["seed"]  # no temp file left behind, nothing half written
+    await store.close()
+
+
+async def test_a_new_directory_is_made_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(LocalStore, "_fsync_dir", staticmethod(synced.append))
+    store = LocalStore(tmp_path)
+    await store.put_if("topics/t/seg-p0-x.json", b"{}", if_none_match=True)
+    # topics/ and topics/t/ were created: each entry is fsynced in its parent,
+    # then the file's own entry in topics/t/.
+    assert synced == [tmp_path, tmp_path / "topics", tmp_path / "topics" / "t"]
+    await store.close()

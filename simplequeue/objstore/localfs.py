@@ -10,8 +10,11 @@ with them. All file I/O runs in worker threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import hashlib
+import logging
 import os
 import threading
 import uuid
@@ -20,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
+from simplequeue.errors import ObjectNotFound, PreconditionFailed, StorageFull, StoreUnavailable
 from simplequeue.objstore.base import ObjectStore, check_key, content_etag
 
 # Lock files are striped by key hash: bounded in number however many keys come
@@ -28,33 +31,39 @@ from simplequeue.objstore.base import ObjectStore, check_key, content_etag
 LOCK_STRIPES = 256
 _META_DIR = ".simplequeue"
 
+log = logging.getLogger(__name__)
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
 class _WrittenFiles:
-    """The files this store wrote last, each held open with its ETag.
+    """The files this store wrote last, each held open with its ETag and the
+    stamp the file had then (inode, size, modification and change times).
 
     Holding the descriptor keeps the inode alive, so its number cannot be
-    reused: if the key's path still names that inode, nobody has replaced the
-    file (every write is a rename of a new file), and the ETag is still ours.
-    That spares a compare-and-write reading back and hashing the whole object.
+    reused. If the key's path still names that inode with the same stamp,
+    nobody has replaced it (every write is a rename of a new file) nor written
+    into it (`cp backup topics/t.json` keeps the inode but changes the times),
+    and the ETag is still ours. That spares a compare-and-write reading back
+    and hashing the whole object.
     """
 
     LIMIT = 256
 
     def __init__(self) -> None:
-        self._files: OrderedDict[Path, tuple[int, str]] = OrderedDict()
+        self._files: OrderedDict[Path, tuple[int, str, tuple[int, ...]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def remember(self, path: Path, fd: int, etag: str) -> None:
+        stamp = _stamp(os.fstat(fd))
         with self._lock:
             old = self._files.pop(path, None)
-            self._files[path] = (fd, etag)
+            self._files[path] = (fd, etag, stamp)
             evicted = [old] if old else []
             while len(self._files) > self.LIMIT:
                 evicted.append(self._files.popitem(last=False)[1])
-        for stale_fd, _ in evicted:
+        for stale_fd, _, _ in evicted:
             os.close(stale_fd)
 
     def etag_if_same(self, path: Path, linked: os.stat_result) -> str | None:
@@ -62,8 +71,7 @@ class _WrittenFiles:
             entry = self._files.get(path)
             if entry is None:
                 return None
-            held = os.fstat(entry[0])
-            if (held.st_ino, held.st_dev) == (linked.st_ino, linked.st_dev):
+            if _stamp(linked) == entry[2]:
                 self._files.move_to_end(path)
                 return entry[1]
             return None
@@ -77,8 +85,12 @@ class _WrittenFiles:
     def close(self) -> None:
         with self._lock:
             entries, self._files = list(self._files.values()), OrderedDict()
-        for fd, _ in entries:
+        for fd, _, _ in entries:
             os.close(fd)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class LocalStore(ObjectStore):
@@ -105,6 +117,9 @@ class LocalStore(ObjectStore):
         except (ObjectNotFound, PreconditionFailed):
             raise
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("localfs %s: no space left: %s", self.root, exc)
+                raise StorageFull(f"localfs {self.root}: no space left on the device") from exc
             raise StoreUnavailable(f"localfs {self.root}: {exc}") from exc
 
     # --- the blocking half, run in threads -------------------------------------
@@ -152,7 +167,7 @@ class LocalStore(ObjectStore):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError:  # the key's first object in a new directory
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_dirs(path.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         etag = content_etag(data)
         try:
@@ -168,6 +183,18 @@ class LocalStore(ObjectStore):
         self._fsync_dir(path.parent)
         self._written.remember(path, fd, etag)  # keeps fd open, or closes it
         return etag
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create `directory` and the parents it lacks, each made durable: a new
+        directory's entry lives in its parent, which is fsynced after it."""
+        missing = []
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        for new in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                new.mkdir()
+            self._fsync_dir(new.parent)
 
     @staticmethod
     def _fsync_dir(directory: Path) -> None:

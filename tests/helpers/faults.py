@@ -6,7 +6,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from simplequeue.errors import PreconditionFailed, StoreUnavailable
+from simplequeue.errors import PreconditionFailed, StorageFull, StoreUnavailable
 from simplequeue.objstore import ObjectStore
 
 # A fault runs around one put_if of a head: it gets the key and a callable that
@@ -63,6 +63,8 @@ class FaultyStore(ObjectStore):
             raise StoreUnavailable("injected: PUT failed")
         if fault == "conflict":  # someone else won the race
             raise PreconditionFailed("injected: lost race")
+        if fault == "full":  # no room: nothing written
+            raise StorageFull("injected: no space left on the device")
         etag = await self.inner.put_if(key, data, if_match=if_match, if_none_match=if_none_match)
         if fault == "lose-answer":  # landed, but the answer never arrived
             if self.meanwhile is not None:
