@@ -199,7 +199,11 @@ class Purged(_Answer):
 
 
 class Topics(_Answer):
+    """Every topic's counts; a topic that cannot be read (a corrupt head) is
+    under `errors` with why, instead."""
+
     topics: dict[str, Counts]
+    errors: dict[str, str] = {}
 
 
 class Health(_Answer):

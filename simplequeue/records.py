@@ -5,17 +5,14 @@ clients should use. Its format is defined here once; the broker writes it
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-import orjson
+import msgspec
 
 from simplequeue import keys
-from simplequeue.errors import ObjectNotFound
+from simplequeue.errors import CorruptData, ObjectNotFound
 from simplequeue.objstore import ObjectStore
 
 
-@dataclass(frozen=True)
-class BrokerRecord:
+class BrokerRecord(msgspec.Struct, frozen=True):
     """The content of broker.json."""
 
     broker_id: str
@@ -28,24 +25,33 @@ class BrokerRecord:
         return now - self.heartbeat_at
 
     def encode(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return msgspec.json.encode(self)
 
     @classmethod
-    def decode(cls, data: bytes) -> BrokerRecord:
-        raw = orjson.loads(data)
-        return cls(
-            broker_id=str(raw["broker_id"]),
-            url=str(raw["url"]),
-            epoch=int(raw["epoch"]),
-            heartbeat_at=float(raw["heartbeat_at"]),
-            lease_s=float(raw["lease_s"]),
-        )
+    def decode(cls, data: bytes, key: str = keys.BROKER) -> BrokerRecord:
+        try:
+            return msgspec.json.decode(data, type=cls)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise CorruptData(key, f"not a broker record ({exc})") from None
+
+
+class CorruptRecord(CorruptData):
+    """broker.json is there but cannot be read; `etag` is the object's, so that a
+    broker can replace it by a conditional write."""
+
+    def __init__(self, key: str, why: str, etag: str) -> None:
+        super().__init__(key, why)
+        self.etag = etag
 
 
 async def read_record(store: ObjectStore) -> tuple[BrokerRecord, str] | None:
-    """The current broker.json and its ETag, or None when no broker ever ran."""
+    """The current broker.json and its ETag, or None when no broker ever ran.
+    CorruptRecord when it cannot be read."""
     try:
         data, etag = await store.get(keys.BROKER)
     except ObjectNotFound:
         return None
-    return BrokerRecord.decode(data), etag
+    try:
+        return BrokerRecord.decode(data), etag
+    except CorruptData as exc:
+        raise CorruptRecord(exc.key, exc.why, etag) from None

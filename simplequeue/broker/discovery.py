@@ -17,7 +17,7 @@ from collections.abc import Callable
 from simplequeue import keys
 from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
 from simplequeue.objstore import ObjectStore
-from simplequeue.records import BrokerRecord, read_record
+from simplequeue.records import BrokerRecord, CorruptRecord, read_record
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class Announcer:
         self.active = False
         self.epoch = 0
         self.seen: BrokerRecord | None = None  # the record as last read or written
+        self._corrupt_logged = False
         self._wake = asyncio.Event()
 
     def _record(self, epoch: int, heartbeat_at: float) -> BrokerRecord:
@@ -53,7 +54,18 @@ class Announcer:
         """One round: register if there is no record, renew ours, take over a
         stale one, or stand by."""
         now = self.clock()
-        current = await read_record(self.store)
+        try:
+            current = await read_record(self.store)
+        except CorruptRecord as exc:
+            # A record that cannot be read names no live broker: replace it.
+            if not self._corrupt_logged:
+                log.error("%s; this broker replaces it", exc)
+                self._corrupt_logged = True
+            with contextlib.suppress(PreconditionFailed):
+                mine = self._record(self.epoch + 1, now)
+                await self.store.put_if(keys.BROKER, mine.encode(), if_match=exc.etag)
+                self._became(mine, "replaced an unreadable broker.json")
+            return
         try:
             if current is None:
                 mine = self._record(1, now)
@@ -105,7 +117,9 @@ class Announcer:
         """On a clean shutdown: age our record so that a standby takes over at once."""
         if not self.active:
             return
-        with contextlib.suppress(PreconditionFailed, StoreUnavailable, ObjectNotFound):
+        with contextlib.suppress(
+            PreconditionFailed, StoreUnavailable, ObjectNotFound, CorruptRecord
+        ):
             current = await read_record(self.store)
             if current and current[0].broker_id == self.broker_id:
                 gone = self._record(self.epoch, 0.0)

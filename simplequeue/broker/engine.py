@@ -17,7 +17,7 @@ import orjson
 
 from simplequeue import api, keys
 from simplequeue.api import AckRequest, JobSpec
-from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost, SimpleQueueError
 from simplequeue.groupcommit import GroupCommitter
 from simplequeue.state import Job, TopicState
 
@@ -219,11 +219,21 @@ class Engine:
         keys.check_topic(topic)
         return await self.committer.submit(topic, lambda s, now: s.purge(job_ids, now))
 
-    async def topics(self) -> dict[str, dict[str, int]]:
-        """Every topic in the store with its counts."""
+    async def topics(self) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+        """Every topic in the store with its counts, and the error of each topic
+        that cannot be read (a corrupt head): one bad topic spoils no listing."""
         names = await self.committer.topics()
-        counts = await asyncio.gather(*(self.status(t) for t in names))
-        return dict(zip(names, counts, strict=True))
+        found = await asyncio.gather(*(self.status(t) for t in names), return_exceptions=True)
+        counts: dict[str, dict[str, int]] = {}
+        errors: dict[str, str] = {}
+        for name, got in zip(names, found, strict=True):
+            if isinstance(got, SimpleQueueError):
+                errors[name] = str(got)
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                counts[name] = got
+        return counts, errors
 
     # --- what operators see (status page, metrics): reads only ---------------------
 

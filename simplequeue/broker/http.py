@@ -202,7 +202,8 @@ async def purge(request: web.Request) -> web.Response:
 
 
 async def topics(request: web.Request) -> web.Response:
-    return reply({"topics": await engine_of(request).topics()})
+    counts, errors = await engine_of(request).topics()
+    return reply({"topics": counts, "errors": errors})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from simplequeue.errors import BrokerUnavailable
+from simplequeue.errors import BrokerUnavailable, CorruptData
 from simplequeue.objstore import ObjectStore
 from simplequeue.records import read_record
 
@@ -12,7 +12,10 @@ from simplequeue.records import read_record
 async def find_broker(store: ObjectStore, max_age: float) -> str:
     """The URL of the broker that broker.json names; BrokerUnavailable when there
     is none, or its heartbeat is older than `max_age` seconds."""
-    current = await read_record(store)
+    try:
+        current = await read_record(store)
+    except CorruptData as exc:
+        raise BrokerUnavailable(f"no broker to find: {exc}") from None
     if current is None:
         raise BrokerUnavailable("no broker.json in the store: no broker has run here")
     record, _ = current

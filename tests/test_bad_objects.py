@@ -1,0 +1,88 @@
+"""One bad object stops nothing (SPEC 4.1): a corrupt head answers a clear
+error for its own topic, while every other topic, the listing, the status page,
+the reaper and the broker's start-up carry on; a bad broker.json is replaced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from simplequeue import keys
+from simplequeue.client import Client
+from simplequeue.objstore.memfs import MemStore
+from simplequeue.records import read_record
+
+StartBroker = Callable[..., Awaitable[Any]]
+GARBAGE = b"\x00 this is not a head"
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with session.get(url) as r:
+        return r.status, await r.json()
+
+
+async def test_a_corrupt_topic_answers_its_own_error_and_nothing_else_breaks(
+    start_broker: StartBroker,
+) -> None:
+    store = MemStore()
+    broker = await start_broker(store)
+    async with Client(broker.url, topic="good") as good, Client(broker.url, topic="bad") as bad:
+        await good.enqueue(1)
+        await bad.enqueue(1)
+    await store.put(keys.head("bad"), GARBAGE)
+    fresh = await start_broker(store)  # one that has cached nothing
+    async with aiohttp.ClientSession() as session:
+        status, body = await get(session, fresh.url + "/topics/bad/status")
+        assert status == 500 and "topics/bad.json" in body["error"]
+        status, body = await get(session, fresh.url + "/topics")
+        assert status == 200
+        assert body["topics"]["good"]["pending"] == 1
+        assert "topics/bad.json" in body["errors"]["bad"]
+        status, overview = await get(session, fresh.url + "/ui/overview")
+        assert status == 200
+        views = {v["name"]: v for v in overview["topics"]}
+        assert "topics/bad.json" in views["bad"]["error"]
+        assert views["good"]["counts"]["pending"] == 1
+
+
+async def test_the_reaper_goes_on_past_a_corrupt_topic(start_broker: StartBroker) -> None:
+    """One bad head used to end lease expiry for every topic, even after a restart."""
+    store = MemStore()
+    seed = await start_broker(store)
+    async with Client(seed.url, topic="aaa-bad") as bad, Client(seed.url, topic="zzz") as q:
+        await bad.enqueue(1)
+        await q.enqueue("x", id="j")
+        assert await q.claim("w", lease=0.3)
+    await store.put(keys.head("aaa-bad"), GARBAGE)  # listed first by the reaper
+    broker = await start_broker(store, reap_interval=0.05, topic_scan_interval=0.05)
+    async with Client(broker.url, topic="zzz") as q:
+        for _ in range(200):
+            if (await q.status())["pending"] == 1:
+                break
+            await broker.committer.wait_changed("zzz", 0.05)
+        assert (await q.status())["pending"] == 1, "the expired lease was not reaped"
+
+
+async def test_a_bad_broker_json_is_replaced_and_discovery_works(start_broker: StartBroker) -> None:
+    store = MemStore()
+    await store.put(keys.BROKER, b'{"broker_id": 7}')
+    broker = await start_broker(store)  # starts, and replaces it
+    record = await read_record(store)
+    assert record is not None and record[0].broker_id == broker.settings.broker_id
+    async with await Client.discover(store, topic="t") as q:
+        assert q.url == broker.url
+        assert await q.enqueue(1)
+
+
+async def test_discovery_through_a_bad_broker_json_is_a_clear_error() -> None:
+    import pytest
+
+    from simplequeue.errors import BrokerUnavailable
+
+    store = MemStore()
+    await store.put(keys.BROKER, b"garbage")
+    with pytest.raises(BrokerUnavailable, match=r"broker\.json"):
+        await asyncio.wait_for(Client.discover(store, topic="t"), 10)
