@@ -4,6 +4,7 @@ dead letters after max_attempts, batch claims, stop() and drain."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -379,3 +380,73 @@ async def test_the_worker_claims_again_after_both_claims_in_flight_failed(broker
         worker = Worker(q, nothing, concurrency=2, wait=0.2, handle_signals=False)
         await run_until(worker, broker, lambda: _completed(q, 10))
     assert (q.failures, worker.processed) == (0, 10)
+
+
+# --- acks -------------------------------------------------------------------------------
+
+
+class AckCountingClient(Client):
+    """Records the size of every ack request."""
+
+    ack_batches: list[int]
+
+    async def ack_many(self, acks: Any) -> list[dict[str, Any]]:
+        acks = list(acks)
+        self.ack_batches.append(len(acks))
+        return await super().ack_many(acks)
+
+
+async def test_acks_of_jobs_that_end_together_share_a_request(broker: Any) -> None:
+    async with AckCountingClient(broker.url, topic="w") as q:
+        q.ack_batches = []
+        await q.enqueue_many(list(range(30)))
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, concurrency=30, prefetch=0, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 30))
+    assert sum(q.ack_batches) == 30
+    assert len(q.ack_batches) < 30 and max(q.ack_batches) > 1
+
+
+class FirstAckRequestBreaks(Client):
+    """The first ack request is held until the job `other` has ended (so that its
+    ack is queued behind it), then fails with an error that is not the SDK's."""
+
+    other = ""
+    broke = False
+    acking: asyncio.Event
+
+    async def ack_many(self, acks: Any) -> list[dict[str, Any]]:
+        acks = list(acks)
+        if not self.broke:
+            self.broke = True
+            self.acking.set()
+            [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"job:{self.other}"]
+            await asyncio.wait([task])
+            raise RuntimeError("injected: the ack request broke")
+        return await super().ack_many(acks)
+
+
+async def test_a_failed_ack_request_is_logged_and_the_acks_queued_behind_it_still_go(
+    broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FirstAckRequestBreaks(broker.url, topic="w") as q:
+        first, second = await q.enqueue_many(["first", "second"])
+        q.other, q.acking = second, asyncio.Event()
+
+        async def handle(job: Job) -> str:
+            if job.payload == "second":
+                await q.acking.wait()  # the first job's ack request is on its way
+            return str(job.payload)
+
+        worker = Worker(q, handle, concurrency=2, prefetch=0, wait=0.2, handle_signals=False)
+
+        async def second_done() -> bool:
+            return (await q.job(second)).status == "completed"
+
+        with caplog.at_level(logging.ERROR):
+            await run_until(worker, broker, second_done)
+        assert (await q.job(first)).status == "claimed"  # its ack was lost: redelivered later
+    assert any("1 acks failed" in r.getMessage() for r in caplog.records)

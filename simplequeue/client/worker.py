@@ -6,9 +6,9 @@ rather than one claim round trip away. With a buffer, each claim asks for half
 the capacity and two can be in flight; their jobs are buffered in the order
 the claims were sent. Each claimed job's lease is renewed by
 heartbeats from the moment it is claimed (waiting in the buffer included);
-a return value acks it (acks go out in batches, and the slot is free at
-once), an exception nacks it with the error text and a jittered exponential
-backoff (the broker sends it dead when its attempts are spent). stop(),
+a return value acks it (acks go out in batches, through batching.Batcher,
+and the slot is free at once), an exception nacks it with the error text and
+a jittered exponential backoff (the broker sends it dead when its attempts are spent). stop(),
 SIGTERM or SIGINT stop claiming and drain: every job already claimed, the
 buffered ones included, is run to its end.
 """
@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from simplequeue import api
+from simplequeue.batching import Batcher, Pending
 from simplequeue.client.client import Client
 from simplequeue.client.job import Job
 from simplequeue.errors import JobNotFound, LeaseLost, SimpleQueueError
@@ -112,7 +114,14 @@ class Worker:
         self._delivered = 0
         self._answers: dict[int, tuple[int, list[Job]]] = {}
         self._done = asyncio.Event()
-        self._acks = _AckBatcher(client)
+        # Acks in batches: one request carries every ack that came in while the
+        # previous one was in flight (group commit, client side).
+        self._acks: Batcher[tuple[Job, Any], str] = Batcher(
+            self._send_acks,
+            max_batch=api.MAX_BATCH,
+            before=_let_a_burst_gather,
+            name="worker-acks",
+        )
 
     async def run(self) -> None:
         """Claim and process until stop() or a signal; then drain and return."""
@@ -262,7 +271,7 @@ class Worker:
         finally:
             await self._stop_beats(held)
         self.processed += 1
-        self._acks.add(job, result)  # the slot is free now; the ack rides the next batch
+        self._acks.post((job, result))  # the slot is free now; the ack rides the next batch
 
     @staticmethod
     async def _stop_beats(held: _Claimed) -> None:
@@ -278,6 +287,27 @@ class Worker:
             log.warning("job %s: could not settle: %s", job.id, exc)
         except SimpleQueueError as exc:
             log.error("job %s: could not settle (it will be redelivered): %s", job.id, exc)
+
+    async def _send_acks(
+        self, batch: list[Pending[tuple[Job, Any], str]]
+    ) -> list[str | BaseException]:
+        """One ack request for the batch; each ack's outcome is the status the
+        broker answered it with. Nobody waits on them: failures are logged here."""
+        acks = [pending.item for pending in batch]
+        try:
+            answers = await self.client.ack_many(acks)
+        except Exception as exc:
+            log.error(
+                "%d acks failed (their jobs will be redelivered): %s",
+                len(acks),
+                exc,
+                exc_info=not isinstance(exc, SimpleQueueError),
+            )
+            return [exc] * len(acks)
+        for answer in answers:
+            if answer.get("status") != "completed":
+                log.warning("job %s: could not ack: %s", answer.get("id"), answer.get("error"))
+        return [str(answer.get("status")) for answer in answers]
 
     async def _heartbeats(self, held: _Claimed) -> None:
         """Renew the lease from the claim on, waiting in the buffer included;
@@ -305,40 +335,9 @@ class Worker:
 ACK_GATHER_TURNS = 3
 
 
-class _AckBatcher:
-    """Acknowledges finished jobs in batches: one request carries every ack that
-    came in while the previous one was in flight (group commit, client side)."""
-
-    BATCH = 1000
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.pending: list[tuple[Job, Any]] = []
-        self.sender: asyncio.Task[None] | None = None
-
-    def add(self, job: Job, result: Any) -> None:
-        self.pending.append((job, result))
-        if self.sender is None or self.sender.done():
-            self.sender = asyncio.create_task(self._send())
-
-    async def _send(self) -> None:
-        # Short jobs end in bursts, over a few turns of the event loop (each
-        # one that ends starts the next from the buffer): let the burst's acks
-        # gather first, so that it takes one request and one write, not two.
-        for _ in range(ACK_GATHER_TURNS):
-            await asyncio.sleep(0)
-        while self.pending:
-            batch, self.pending = self.pending[: self.BATCH], self.pending[self.BATCH :]
-            try:
-                answers = await self.client.ack_many(batch)
-            except SimpleQueueError as exc:
-                log.error("%d acks failed (their jobs will be redelivered): %s", len(batch), exc)
-                continue
-            for answer in answers:
-                if answer.get("status") != "completed":
-                    log.warning("job %s: could not ack: %s", answer.get("id"), answer.get("error"))
-
-    async def flush(self) -> None:
-        """Wait until every ack added so far was sent."""
-        while self.sender is not None and not self.sender.done():
-            await self.sender
+async def _let_a_burst_gather() -> None:
+    """Short jobs end in bursts, over a few turns of the event loop (each one
+    that ends starts the next from the buffer): let the burst's acks gather
+    before a batch is taken, so that it takes one request and one write, not two."""
+    for _ in range(ACK_GATHER_TURNS):
+        await asyncio.sleep(0)
