@@ -217,3 +217,16 @@ async def test_work_drains_on_ctrl_c(cli: Cli, broker: Any) -> None:
     assert code == 0
     job = await cli.json("job", "s")
     assert (job["status"], job["result"]) == ("completed", "drained")
+
+
+async def test_work_logs_each_failed_command_on_one_line(cli: Cli) -> None:
+    await cli.json("enqueue", '"bad"', "--id", "bad", "--max-attempts", "1")
+    await cli.json("enqueue", '"good"', "--id", "good")
+    script = "import json, sys\nif json.load(sys.stdin) == 'bad': sys.exit('it broke')\n"
+    done = await cli(
+        "work", "--concurrency", "1", "--max-jobs", "2", "--", sys.executable, "-c", script
+    )
+    assert done.returncode == 0, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "job bad" in line]
+    assert "failed on attempt 1" in line and line.endswith("it broke")
+    assert "Traceback" not in done.stderr

@@ -450,3 +450,36 @@ async def test_a_failed_ack_request_is_logged_and_the_acks_queued_behind_it_stil
             await run_until(worker, broker, second_done)
         assert (await q.job(first)).status == "claimed"  # its ack was lost: redelivered later
     assert any("1 acks failed" in r.getMessage() for r in caplog.records)
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+def failures_logged(caplog: pytest.LogCaptureFixture, job_id: str) -> list[logging.LogRecord]:
+    """Records of `job_id`'s handler failures on the simplequeue.worker logger."""
+    return [
+        r
+        for r in caplog.records
+        if r.name == "simplequeue.worker" and job_id in r.getMessage() and r.exc_info
+    ]
+
+
+async def test_a_handler_failure_is_logged_with_its_traceback(
+    q: Client, broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await q.enqueue("poison", max_attempts=1)
+
+    async def boom(job: Job) -> None:
+        raise ValueError("no such item")
+
+    worker = Worker(q, boom, wait=0.2, handle_signals=False)
+    with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+        await run_until(worker, broker, lambda: _dead(q, 1))
+    [record] = failures_logged(caplog, job_id)
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+    assert "ValueError: no such item" in caplog.text
+    assert "Traceback" in caplog.text and "in boom" in caplog.text
+
+
+async def _dead(q: Client, n: int) -> bool:
+    return (await q.status())["dead"] >= n

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TextIO, TypeVar
@@ -356,9 +357,27 @@ async def work(
         lease=lease,
         wait=5.0,
     )
+    log_worker_to_stderr()
     click.echo(f"working on {client.topic} with {' '.join(command)}", err=True)
     await worker.run()
     click.echo(f"done: {worker.processed} acked, {worker.failed} nacked", err=True)
+
+
+class OneLine(logging.Formatter):
+    """A record on one line, without the traceback: a failed command's error is
+    its stderr, already in the message, and the Worker's traceback of it would
+    only say where run_command raised."""
+
+    def formatException(self, ei: Any) -> str:
+        return ""
+
+
+def log_worker_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine("%(levelname)s %(message)s"))
+    logger = logging.getLogger("simplequeue.worker")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 class CommandFailed(Exception):

@@ -8,8 +8,9 @@ the claims were sent. Each claimed job's lease is renewed by
 heartbeats from the moment it is claimed (waiting in the buffer included);
 a return value acks it (acks go out in batches, through batching.Batcher,
 and the slot is free at once), an exception nacks it with the error text and
-a jittered exponential backoff (the broker sends it dead when its attempts are spent). stop(),
-SIGTERM or SIGINT stop claiming and drain: every job already claimed, the
+a jittered exponential backoff (the broker sends it dead when its attempts
+are spent), and is logged with its traceback on the `simplequeue.worker`
+logger. stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed, the
 buffered ones included, is run to its end.
 """
 
@@ -34,7 +35,9 @@ from simplequeue.client.client import Client
 from simplequeue.client.job import Job
 from simplequeue.errors import JobNotFound, LeaseLost, SimpleQueueError
 
-log = logging.getLogger(__name__)
+# One name for the Worker's log, wherever the module lives: applications and the
+# CLI configure "simplequeue.worker".
+log = logging.getLogger("simplequeue.worker")
 
 Handler = Callable[[Job], Awaitable[Any]]
 
@@ -262,16 +265,20 @@ class Worker:
             log.warning("job %s: lost its lease; its handler was cancelled", job.id)
             return
         except Exception as exc:
-            self.failed += 1
-            error = "".join(traceback.format_exception_only(exc)).strip()
-            await self._settle(
-                job, self.client.nack(job, self.backoff.delay(job.attempts or 1), error)
-            )
+            await self._fail(job, exc)
             return
         finally:
             await self._stop_beats(held)
         self.processed += 1
         self._acks.post((job, result))  # the slot is free now; the ack rides the next batch
+
+    async def _fail(self, job: Job, exc: Exception) -> None:
+        """Log the handler's failure with its traceback and nack the job with the
+        error, to run again after the backoff (or go dead when its attempts are spent)."""
+        self.failed += 1
+        error = "".join(traceback.format_exception_only(exc)).strip()
+        log.error("job %s failed on attempt %s: %s", job.id, job.attempts, error, exc_info=exc)
+        await self._settle(job, self.client.nack(job, self.backoff.delay(job.attempts or 1), error))
 
     @staticmethod
     async def _stop_beats(held: _Claimed) -> None:
