@@ -13,6 +13,7 @@ import pytest
 from simplequeue.client import Backoff, Client, Job, Worker
 from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
+from tests.helpers.fault_proxy import FaultProxy
 
 StartBroker = Callable[..., Awaitable[Any]]
 FAST = Backoff(base=0.01, cap=0.05)
@@ -483,3 +484,71 @@ async def test_a_handler_failure_is_logged_with_its_traceback(
 
 async def _dead(q: Client, n: int) -> bool:
     return (await q.status())["dead"] >= n
+
+
+# --- heartbeats -------------------------------------------------------------------------
+
+
+async def test_a_heartbeat_that_meets_a_500_is_logged_and_the_next_one_goes_out(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await start_broker(MemStore(), reap_interval=0.05)
+    async with FaultProxy(broker.url).running() as proxy, Client(proxy.url, topic="w") as q:
+        job_id = await q.enqueue("long")
+        proxy.fail("/heartbeat", "500")  # a status the client does not retry
+        runs = 0
+
+        async def long(job: Job) -> str:
+            nonlocal runs
+            runs += 1
+            # Several heartbeat intervals: three leases' worth.
+            while proxy.requests["/topics/w/heartbeat"] < 9:
+                await broker.committer.wait_changed("w", 1.0)
+            return "done"
+
+        worker = Worker(q, long, lease=0.6, heartbeat_every=0.2, wait=0.2, handle_signals=False)
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            await run_until(worker, broker, lambda: _completed(q, 1))
+        job = await q.job(job_id)
+    assert (job.status, job.result, job.attempts, runs) == ("completed", "done", 1, 1)
+    assert "heartbeat failed" in caplog.text and "500" in caplog.text
+
+
+class OneHeartbeatBreaks(Client):
+    """Its first heartbeat fails with an error that is not the SDK's; it counts
+    the heartbeats that land after it."""
+
+    broke = False
+    landed = 0
+    three_landed: asyncio.Event
+
+    async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
+        if not self.broke:
+            self.broke = True
+            raise OSError("injected: not an error of the SDK")
+        expires = await super().heartbeat(job, lease)
+        self.landed += 1
+        if self.landed == 3:
+            self.three_landed.set()
+        return expires
+
+
+async def test_heartbeats_go_on_after_a_failure_that_is_not_the_sdks(
+    start_broker: StartBroker,
+) -> None:
+    broker = await start_broker(MemStore(), reap_interval=0.05)
+    async with OneHeartbeatBreaks(broker.url, topic="w") as q:
+        q.three_landed = asyncio.Event()
+        job_id = await q.enqueue("long")
+        runs = 0
+
+        async def long(job: Job) -> str:
+            nonlocal runs
+            runs += 1
+            await q.three_landed.wait()  # past the lease the first heartbeat would have renewed
+            return "done"
+
+        worker = Worker(q, long, lease=0.3, heartbeat_every=0.1, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 1))
+        job = await q.job(job_id)
+    assert (job.status, job.attempts, runs) == ("completed", 1, 1)

@@ -318,7 +318,10 @@ class Worker:
 
     async def _heartbeats(self, held: _Claimed) -> None:
         """Renew the lease from the claim on, waiting in the buffer included;
-        if the lease is lost, drop the job or cancel its handler."""
+        if the lease is lost, drop the job or cancel its handler. Any other
+        failure is logged and the next heartbeat goes out on time: the lease is
+        still this worker's until it runs out, and a loop that ended here would
+        let it run out while the handler runs on (the job then ran twice)."""
         while True:
             await asyncio.sleep(self.heartbeat_every)
             try:
@@ -335,8 +338,14 @@ class Worker:
                         self._idle.set()
                 # else: its task is about to start; _process sees `lost` and skips it
                 return
-            except SimpleQueueError as exc:
-                log.warning("job %s: heartbeat failed: %s", held.job.id, exc)
+            except Exception as exc:
+                log.warning(
+                    "job %s: heartbeat failed (the next in %.3g s): %s",
+                    held.job.id,
+                    self.heartbeat_every,
+                    exc,
+                    exc_info=not isinstance(exc, SimpleQueueError),
+                )
 
 
 ACK_GATHER_TURNS = 3
