@@ -30,14 +30,18 @@ async def q(broker: Any) -> Any:
         yield client
 
 
+async def wait_until(broker: Any, done: Callable[[], Awaitable[bool]]) -> None:
+    """Return once `done()` holds, checked each time a batch lands on the broker."""
+    async with asyncio.timeout(30):
+        while not await done():
+            await broker.committer.wait_changed("w", 1.0)
+
+
 async def run_until(worker: Worker, broker: Any, done: Callable[[], Awaitable[bool]]) -> None:
-    """Run the worker until `done()` holds, checked each time a batch lands on
-    the broker, then stop it."""
+    """Run the worker until `done()` holds, then stop it."""
     task = asyncio.create_task(worker.run())
     try:
-        async with asyncio.timeout(30):
-            while not await done():
-                await broker.committer.wait_changed("w", 1.0)
+        await wait_until(broker, done)
     finally:
         await worker.stop()
         await task
@@ -86,7 +90,8 @@ async def test_heartbeats_keep_a_long_job_from_redelivery(q: Client, broker: Any
             await broker.committer.wait_changed("w", 1.0)  # the next heartbeat
     assert await q.claim("thief") is None  # never re-delivered while it runs
     release.set()
-    await run_until(worker, broker, lambda: _completed(q, 1))
+    await wait_until(broker, lambda: _completed(q, 1))
+    await worker.stop()
     await task
     job = await q.job(job_id)
     assert (job.status, job.result, job.attempts, deliveries) == ("completed", "finished", 1, 1)
@@ -264,7 +269,8 @@ async def test_a_prefetched_job_whose_lease_is_lost_is_dropped_not_run(
         while (await q.job(second)).attempts < 2 or (await q.job(second)).status != "claimed":
             await broker.committer.wait_changed("w", 1.0)
     release.set()
-    await run_until(worker, broker, lambda: _completed(q, 2))
+    await wait_until(broker, lambda: _completed(q, 2))
+    await worker.stop()
     await task
     assert runs == [("first", 1), ("second", 2)]  # never run on the lease it lost
 
@@ -552,3 +558,69 @@ async def test_heartbeats_go_on_after_a_failure_that_is_not_the_sdks(
         await run_until(worker, broker, lambda: _completed(q, 1))
         job = await q.job(job_id)
     assert (job.status, job.attempts, runs) == ("completed", 1, 1)
+
+
+# --- cancellation -----------------------------------------------------------------------
+
+
+def job_task(job_id: str) -> asyncio.Task[Any]:
+    """The Worker's task running `job_id` (it names them so)."""
+    [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"job:{job_id}"]
+    return task
+
+
+async def test_a_job_cancelled_from_outside_is_cancelled_not_taken_for_a_lost_lease(
+    q: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await q.enqueue("held")
+    started = asyncio.Event()
+
+    async def hold(job: Job) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    worker = Worker(q, hold, wait=0.2, handle_signals=False)
+    run = asyncio.create_task(worker.run())
+    with caplog.at_level(logging.INFO, logger="simplequeue.worker"):
+        async with asyncio.timeout(30):
+            await started.wait()
+        task = job_task(job_id)
+        task.cancel()
+        await asyncio.wait([task])
+        await worker.stop()
+        await run
+    assert task.cancelled()  # the cancellation went through, it was not swallowed
+    assert "lost its lease" not in caplog.text
+    job = await q.job(job_id)
+    assert (job.status, job.attempts) == ("claimed", 1)  # left to its lease
+
+
+async def test_a_handler_whose_lease_is_lost_is_cancelled_and_the_job_runs_again(
+    q: Client, broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await q.enqueue("taken")
+    started = asyncio.Event()
+    cancelled: list[int] = []
+
+    async def hold_the_first_attempt(job: Job) -> str:
+        if job.attempts == 1:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(job.attempts)
+                raise
+        return "second time"
+
+    worker = Worker(q, hold_the_first_attempt, heartbeat_every=0.05, wait=0.2, handle_signals=False)
+    run = asyncio.create_task(worker.run())
+    with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+        async with asyncio.timeout(30):
+            await started.wait()
+        await q.nack(job_id)  # someone else gives it back: the next heartbeat finds it lost
+        await wait_until(broker, lambda: _completed(q, 1))
+        await worker.stop()
+        await run
+    job = await q.job(job_id)
+    assert (job.status, job.result, job.attempts, cancelled) == ("completed", "second time", 2, [1])
+    assert f"job {job_id}: lost its lease" in caplog.text

@@ -11,7 +11,9 @@ and the slot is free at once), an exception nacks it with the error text and
 a jittered exponential backoff (the broker sends it dead when its attempts
 are spent), and is logged with its traceback on the `simplequeue.worker`
 logger. stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed, the
-buffered ones included, is run to its end.
+buffered ones included, is run to its end. Cancellation is never swallowed:
+only a handler cancelled because its heartbeat found the lease lost is
+handled here.
 """
 
 from __future__ import annotations
@@ -262,8 +264,14 @@ class Worker:
         try:
             result = await work
         except asyncio.CancelledError:
-            log.warning("job %s: lost its lease; its handler was cancelled", job.id)
-            return
+            # Only the cancellation a heartbeat sends when it finds the lease
+            # lost is ours to handle; any other (this task cancelled, the
+            # handler cancelled by something it awaited) goes on up, the job
+            # left to its lease.
+            if held.lost and not _cancelled_from_outside():
+                log.warning("job %s: lost its lease; its handler was cancelled", job.id)
+                return
+            raise
         except Exception as exc:
             await self._fail(job, exc)
             return
@@ -284,8 +292,9 @@ class Worker:
     async def _stop_beats(held: _Claimed) -> None:
         if held.beats is not None and not held.beats.done():
             held.beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await held.beats
+            # wait(), not await: the heartbeats' CancelledError is theirs, and a
+            # cancellation of this task meanwhile must not be swallowed with it.
+            await asyncio.wait([held.beats])
 
     async def _settle(self, job: Job, call: Awaitable[Any]) -> None:
         try:
@@ -346,6 +355,13 @@ class Worker:
                     exc,
                     exc_info=not isinstance(exc, SimpleQueueError),
                 )
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the running task was asked to cancel (its own cancellation, not
+    that of a task or future it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 ACK_GATHER_TURNS = 3
