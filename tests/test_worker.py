@@ -4,7 +4,9 @@ dead letters after max_attempts, batch claims, stop() and drain."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -490,6 +492,141 @@ async def test_a_handler_failure_is_logged_with_its_traceback(
 
 async def _dead(q: Client, n: int) -> bool:
     return (await q.status())["dead"] >= n
+
+
+async def test_a_plain_function_runs_in_a_thread_and_its_return_value_acks(
+    q: Client, broker: Any
+) -> None:
+    ids = await q.enqueue_many([1, 2, 3])
+    loop_thread = threading.get_ident()
+    threads: set[int] = set()
+
+    def triple(job: Job) -> int:  # blocking code is welcome here
+        threads.add(threading.get_ident())
+        return int(job.payload) * 3
+
+    worker = Worker(q, triple, wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 3))
+    assert [(await q.job(i)).result for i in ids] == [3, 6, 9]
+    assert threads and loop_thread not in threads
+
+
+async def test_a_partial_of_a_plain_function_runs_in_a_thread_too(q: Client, broker: Any) -> None:
+    job_id = await q.enqueue(5)
+
+    def scale(factor: int, job: Job) -> int:
+        assert threading.get_ident() != loop_thread
+        return factor * int(job.payload)
+
+    loop_thread = threading.get_ident()
+    worker = Worker(q, functools.partial(scale, 10), wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 1))
+    assert (await q.job(job_id)).result == 50
+
+
+async def test_a_plain_function_that_returns_a_coroutine_has_it_awaited(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue(4)
+
+    async def square(job: Job) -> int:
+        return int(job.payload) ** 2
+
+    worker = Worker(q, lambda job: square(job), wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 1))
+    assert (await q.job(job_id)).result == 16
+
+
+async def test_a_plain_function_that_raises_fails_the_job_with_its_error(
+    q: Client, broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await q.enqueue("x", max_attempts=1)
+
+    def refuse(job: Job) -> None:
+        raise PermissionError("not today")
+
+    worker = Worker(q, refuse, wait=0.2, handle_signals=False)
+    with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+        await run_until(worker, broker, lambda: _dead(q, 1))
+    [job] = await q.dead()
+    assert (job.id, job.last_error) == (job_id, "PermissionError: not today")
+    assert failures_logged(caplog, job_id)
+
+
+async def test_a_handler_that_cannot_be_called_fails_the_job_at_once(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue("x", max_attempts=1)
+
+    async def takes_nothing() -> None:
+        return None
+
+    worker = Worker(q, takes_nothing, wait=0.2, handle_signals=False)  # type: ignore[arg-type]
+    await run_until(worker, broker, lambda: _dead(q, 1))
+    [job] = await q.dead()
+    assert job.id == job_id and job.last_error is not None
+    assert job.last_error.startswith("TypeError:") and "argument" in job.last_error
+
+
+class Counter:
+    """A callable object that is no coroutine function and returns a plain value."""
+
+    def __call__(self, job: Job) -> int:
+        return 1
+
+
+class AsyncDoubler:
+    async def __call__(self, job: Job) -> int:
+        return 2 * int(job.payload)
+
+
+class Dispatcher:
+    """A callable object that returns an awaitable (as a task registry does)."""
+
+    def __call__(self, job: Job) -> Awaitable[int]:
+        return AsyncDoubler()(job)
+
+
+async def test_a_callable_that_returns_no_awaitable_fails_the_job_at_once(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue("x", max_attempts=1)
+    worker = Worker(q, Counter(), wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _dead(q, 1))
+    [job] = await q.dead()
+    assert job.id == job_id and job.last_error is not None
+    assert "returned int, not an awaitable" in job.last_error
+
+
+async def test_callable_objects_that_are_or_return_coroutines_ack(q: Client, broker: Any) -> None:
+    for n, handler in enumerate([AsyncDoubler(), Dispatcher()], 1):
+        job_id = await q.enqueue(n)
+        worker = Worker(q, handler, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, functools.partial(_completed, q, n))
+        assert (await q.job(job_id)).result == 2 * n
+
+
+async def test_a_result_that_cannot_be_sent_fails_its_job_not_the_ack_batch(
+    q: Client, broker: Any
+) -> None:
+    good = await q.enqueue("good")
+    bad = await q.enqueue("bad", max_attempts=1)
+
+    async def answer(job: Job) -> Any:
+        return object() if job.payload == "bad" else "fine"
+
+    # Both jobs end in the same turns of the loop: their acks would share a batch.
+    worker = Worker(q, answer, concurrency=2, prefetch=0, wait=0.2, handle_signals=False)
+
+    async def settled() -> bool:
+        counts = await q.status()
+        return (counts["completed"], counts["dead"]) == (1, 1)
+
+    await run_until(worker, broker, settled)
+    assert (await q.job(good)).result == "fine"
+    failed = await q.job(bad)
+    assert failed.status == "dead" and failed.last_error is not None
+    assert "cannot be sent as JSON" in failed.last_error
 
 
 # --- heartbeats -------------------------------------------------------------------------

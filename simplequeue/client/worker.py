@@ -4,16 +4,19 @@ Batch claims fill free slots and, ahead of need, a prefetch buffer of up to
 `prefetch` more jobs, so that the next jobs are at hand when a slot frees
 rather than one claim round trip away. With a buffer, each claim asks for half
 the capacity and two can be in flight; their jobs are buffered in the order
-the claims were sent. Each claimed job's lease is renewed by
-heartbeats from the moment it is claimed (waiting in the buffer included);
-a return value acks it (acks go out in batches, through batching.Batcher,
-and the slot is free at once), an exception nacks it with the error text and
-a jittered exponential backoff (the broker sends it dead when its attempts
-are spent), and is logged with its traceback on the `simplequeue.worker`
-logger. stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed, the
-buffered ones included, is run to its end. Cancellation is never swallowed:
-only a handler cancelled because its heartbeat found the lease lost is
-handled here.
+the claims were sent. Each claimed job's lease is renewed by heartbeats from
+the moment it is claimed (waiting in the buffer included).
+
+The handler is a coroutine function, a plain function (run in a thread,
+asyncio.to_thread) or a callable that returns an awaitable. Its return value
+acks the job (acks go out in batches, through batching.Batcher, and the slot
+is free at once); an exception, from the call on, or a result that cannot be
+sent as JSON nacks it with the error text and a jittered exponential backoff
+(the broker sends it dead when its attempts are spent), and is logged with its
+traceback on the `simplequeue.worker` logger. stop(), SIGTERM or SIGINT stop
+claiming and drain: every job already claimed, the buffered ones included, is
+run to its end. Cancellation is never swallowed: only a handler cancelled
+because its heartbeat found the lease lost is handled here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import random
@@ -30,6 +35,8 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from simplequeue import api
 from simplequeue.batching import Batcher, Pending
@@ -41,7 +48,9 @@ from simplequeue.errors import JobNotFound, LeaseLost, SimpleQueueError
 # CLI configure "simplequeue.worker".
 log = logging.getLogger("simplequeue.worker")
 
-Handler = Callable[[Job], Awaitable[Any]]
+#: A coroutine function, a plain function (run in a thread), or any other
+#: callable that returns an awaitable; what it returns acks the job.
+Handler = Callable[[Job], Any]
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class Worker:
             raise ValueError("prefetch must be 0 or more")
         self.client = client
         self.handler = handler
+        self._in_thread = _is_plain_function(handler)
         self.concurrency = concurrency
         self.prefetch = 2 * concurrency if prefetch is None else prefetch
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -260,9 +270,10 @@ class Worker:
         if held.lost:
             log.warning("job %s: lost its lease before it started", job.id)
             return
-        work = held.work = asyncio.ensure_future(self.handler(job))
+        work = held.work = asyncio.ensure_future(self._handle(job))
         try:
             result = await work
+            _check_sendable(result)
         except asyncio.CancelledError:
             # Only the cancellation a heartbeat sends when it finds the lease
             # lost is ours to handle; any other (this task cancelled, the
@@ -279,6 +290,22 @@ class Worker:
             await self._stop_beats(held)
         self.processed += 1
         self._acks.post((job, result))  # the slot is free now; the ack rides the next batch
+
+    async def _handle(self, job: Job) -> Any:
+        """The handler's result for `job`. Whatever it raises, from the call on,
+        fails the job."""
+        if self._in_thread:
+            result = await asyncio.to_thread(self.handler, job)
+            # A plain function may hand back a coroutine (a lambda around an
+            # async def): acking with the coroutine object would send nothing.
+            return await result if inspect.isawaitable(result) else result
+        started = self.handler(job)
+        if not inspect.isawaitable(started):
+            raise TypeError(
+                f"the handler returned {type(started).__name__}, not an awaitable: a handler"
+                " is an async def, a plain def (run in a thread), or returns an awaitable"
+            )
+        return await started
 
     async def _fail(self, job: Job, exc: Exception) -> None:
         """Log the handler's failure with its traceback and nack the job with the
@@ -355,6 +382,28 @@ class Worker:
                     exc,
                     exc_info=not isinstance(exc, SimpleQueueError),
                 )
+
+
+def _is_plain_function(handler: Handler) -> bool:
+    """Whether `handler` is a function or method written with a plain `def` (or a
+    functools.partial of one): it runs in a thread. Coroutine functions, and
+    objects whose __call__ is one, run on the event loop; so does any other
+    callable, which must then return an awaitable."""
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__):
+        return False
+    return inspect.isfunction(target) or inspect.ismethod(target)
+
+
+def _check_sendable(result: Any) -> None:
+    """Raise unless `result` can be encoded into the ack request: a result that
+    cannot would fail every ack of the batch it rides in, not just its own."""
+    try:
+        msgspec.json.encode(result)
+    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+        raise TypeError(f"the handler's result cannot be sent as JSON: {exc}") from None
 
 
 def _cancelled_from_outside() -> bool:
