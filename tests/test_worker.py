@@ -629,6 +629,46 @@ async def test_a_result_that_cannot_be_sent_fails_its_job_not_the_ack_batch(
     assert "cannot be sent as JSON" in failed.last_error
 
 
+async def test_a_handler_that_overruns_its_timeout_is_cancelled_and_the_job_failed(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue("stuck", max_attempts=2)
+    cancelled: list[int] = []
+
+    async def stuck(job: Job) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(job.attempts or 0)
+            raise
+
+    worker = Worker(q, stuck, timeout=0.2, backoff=FAST, wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _dead(q, 1))
+    [job] = await q.dead()
+    assert (job.id, job.attempts, cancelled) == (job_id, 2, [1, 2])  # each attempt counted
+    assert job.last_error is not None and "timed out after 0.2 s" in job.last_error
+    assert worker.failed == 2
+
+
+async def test_a_plain_function_that_overruns_its_timeout_fails_the_job(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue("blocked", max_attempts=1)
+    release = threading.Event()
+
+    def blocked(job: Job) -> None:
+        release.wait(30)  # a thread cannot be stopped: it runs on, its result unused
+
+    worker = Worker(q, blocked, timeout=0.2, wait=0.2, handle_signals=False)
+    try:
+        await run_until(worker, broker, lambda: _dead(q, 1))
+    finally:
+        release.set()
+    [job] = await q.dead()
+    assert job.id == job_id and job.last_error is not None
+    assert "timed out after 0.2 s" in job.last_error
+
+
 # --- heartbeats -------------------------------------------------------------------------
 
 

@@ -10,13 +10,14 @@ the moment it is claimed (waiting in the buffer included).
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
 acks the job (acks go out in batches, through batching.Batcher, and the slot
-is free at once); an exception, from the call on, or a result that cannot be
-sent as JSON nacks it with the error text and a jittered exponential backoff
-(the broker sends it dead when its attempts are spent), and is logged with its
-traceback on the `simplequeue.worker` logger. stop(), SIGTERM or SIGINT stop
-claiming and drain: every job already claimed, the buffered ones included, is
-run to its end. Cancellation is never swallowed: only a handler cancelled
-because its heartbeat found the lease lost is handled here.
+is free at once); an exception, from the call on, a result that cannot be
+sent as JSON, or overrunning `timeout` nacks it with the error text and a
+jittered exponential backoff (the broker sends it dead when its attempts are
+spent), and is logged with its traceback on the `simplequeue.worker` logger.
+stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed,
+the buffered ones included, is run to its end. Cancellation is never
+swallowed: only a handler cancelled because its heartbeat found the lease lost
+is handled here.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ class Worker:
     """Runs `handler` on the client's topic's jobs, `concurrency` at a time,
     holding up to `prefetch` more claimed (default: twice `concurrency`, so
     that short jobs are claimed in large batches, few requests and writes per
-    job; 0 for long jobs, so that none waits here while another worker is idle)."""
+    job; 0 for long jobs, so that none waits here while another worker is idle).
+    A handler still running `timeout` seconds after it started is cancelled and
+    its job failed (a plain function's thread cannot be stopped: it runs on, its
+    result unused, while its slot takes another job)."""
 
     def __init__(
         self,
@@ -98,12 +102,15 @@ class Worker:
         heartbeat_every: float | None = None,
         wait: float = 5.0,
         backoff: Backoff | None = None,
+        timeout: float | None = None,
         handle_signals: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if prefetch is not None and prefetch < 0:
             raise ValueError("prefetch must be 0 or more")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be more than 0 seconds")
         self.client = client
         self.handler = handler
         self._in_thread = _is_plain_function(handler)
@@ -114,6 +121,7 @@ class Worker:
         self.heartbeat_every = heartbeat_every or lease / 3
         self.wait = wait
         self.backoff = backoff or Backoff()
+        self.timeout = timeout
         self.handle_signals = handle_signals
         self.processed = 0
         self.failed = 0
@@ -272,7 +280,7 @@ class Worker:
             return
         work = held.work = asyncio.ensure_future(self._handle(job))
         try:
-            result = await work
+            result = await self._within_timeout(work)
             _check_sendable(result)
         except asyncio.CancelledError:
             # Only the cancellation a heartbeat sends when it finds the lease
@@ -290,6 +298,20 @@ class Worker:
             await self._stop_beats(held)
         self.processed += 1
         self._acks.post((job, result))  # the slot is free now; the ack rides the next batch
+
+    async def _within_timeout(self, work: asyncio.Future[Any]) -> Any:
+        """`work`'s result; TimeoutError saying so once it has run `timeout` s
+        (it is cancelled then). A TimeoutError of the handler's own passes as is."""
+        if self.timeout is None:
+            return await work
+        budget = asyncio.timeout(self.timeout)
+        try:
+            async with budget:
+                return await work
+        except TimeoutError:
+            if budget.expired():
+                raise TimeoutError(f"the handler timed out after {self.timeout:g} s") from None
+            raise
 
     async def _handle(self, job: Job) -> Any:
         """The handler's result for `job`. Whatever it raises, from the call on,
