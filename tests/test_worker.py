@@ -15,6 +15,7 @@ import pytest
 from simplequeue.client import Backoff, Client, Job, Worker
 from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
 
 StartBroker = Callable[..., Awaitable[Any]]
@@ -735,6 +736,47 @@ async def test_heartbeats_go_on_after_a_failure_that_is_not_the_sdks(
         await run_until(worker, broker, lambda: _completed(q, 1))
         job = await q.job(job_id)
     assert (job.status, job.attempts, runs) == ("completed", 1, 1)
+
+
+class TimedHeartbeats(Client):
+    """Records when each heartbeat was sent, and what lease it asked for."""
+
+    sent: list[float]
+    leases: list[float | None]
+    six_sent: asyncio.Event
+
+    async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
+        self.sent.append(asyncio.get_running_loop().time())
+        self.leases.append(lease)
+        if len(self.sent) == 6:
+            self.six_sent.set()
+        return await super().heartbeat(job, lease)
+
+
+async def test_without_a_lease_the_brokers_is_used_and_renewed_every_third_of_it(
+    start_broker: StartBroker,
+) -> None:
+    lease = 0.9
+    broker = await start_broker(MemStore(), policy=Policy(default_lease=lease), reap_interval=0.05)
+    async with TimedHeartbeats(broker.url, topic="w") as q:
+        q.sent, q.leases, q.six_sent = [], [], asyncio.Event()
+        job_id = await q.enqueue("long")
+        held: list[float] = []
+
+        async def long(job: Job) -> str:
+            assert job.lease_expires_at is not None and job.claimed_at is not None
+            held.append(job.lease_expires_at - job.claimed_at)
+            await q.six_sent.wait()  # two leases' worth of heartbeats
+            return "done"
+
+        worker = Worker(q, long, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 1))
+        job = await q.job(job_id)
+    assert held == [pytest.approx(lease)]  # the broker's lease, not one the worker chose
+    assert set(q.leases) == {None}  # each heartbeat renews the claim's own lease
+    gaps = [b - a for a, b in zip(q.sent, q.sent[1:], strict=False)]
+    assert min(gaps) >= lease / 3 * 0.9  # a third of the lease apart (never much faster)
+    assert (job.status, job.attempts) == ("completed", 1)  # never reaped
 
 
 # --- cancellation -----------------------------------------------------------------------

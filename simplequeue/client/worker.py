@@ -4,8 +4,9 @@ Batch claims fill free slots and, ahead of need, a prefetch buffer of up to
 `prefetch` more jobs, so that the next jobs are at hand when a slot frees
 rather than one claim round trip away. With a buffer, each claim asks for half
 the capacity and two can be in flight; their jobs are buffered in the order
-the claims were sent. Each claimed job's lease is renewed by heartbeats from
-the moment it is claimed (waiting in the buffer included).
+the claims were sent. Each claimed job's lease (the broker's --lease unless
+`lease` says) is renewed by heartbeats every third of it, from the moment it
+is claimed (waiting in the buffer included).
 
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
@@ -69,6 +70,9 @@ class Backoff:
 
 
 CLAIMS_IN_FLIGHT = 2
+# The lease assumed for a job whose claim times the broker did not send: its
+# default --lease.
+FALLBACK_LEASE = 30.0
 
 
 class _Claimed:
@@ -98,7 +102,7 @@ class Worker:
         concurrency: int = 16,
         prefetch: int | None = None,
         worker_id: str | None = None,
-        lease: float = 30.0,
+        lease: float | None = None,
         heartbeat_every: float | None = None,
         wait: float = 5.0,
         backoff: Backoff | None = None,
@@ -109,16 +113,21 @@ class Worker:
             raise ValueError("concurrency must be at least 1")
         if prefetch is not None and prefetch < 0:
             raise ValueError("prefetch must be 0 or more")
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be more than 0 seconds")
+        for name, value in (
+            ("lease", lease),
+            ("heartbeat_every", heartbeat_every),
+            ("timeout", timeout),
+        ):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be more than 0 seconds")
         self.client = client
         self.handler = handler
         self._in_thread = _is_plain_function(handler)
         self.concurrency = concurrency
         self.prefetch = 2 * concurrency if prefetch is None else prefetch
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.lease = lease
-        self.heartbeat_every = heartbeat_every or lease / 3
+        self.lease = lease  # None: the broker's --lease
+        self.heartbeat_every = heartbeat_every  # None: a third of each job's lease
         self.wait = wait
         self.backoff = backoff or Backoff()
         self.timeout = timeout
@@ -374,14 +383,26 @@ class Worker:
                 log.warning("job %s: could not ack: %s", answer.get("id"), answer.get("error"))
         return [str(answer.get("status")) for answer in answers]
 
+    def _heartbeat_interval(self, job: Job) -> float:
+        """`heartbeat_every`, or a third of the lease the broker gave `job`, in
+        the broker's own clock (so that no clock skew enters it)."""
+        if self.heartbeat_every is not None:
+            return self.heartbeat_every
+        lease = self.lease or FALLBACK_LEASE
+        expires, claimed = job.lease_expires_at, job.claimed_at
+        if expires is not None and claimed is not None and expires > claimed:
+            lease = expires - claimed
+        return lease / 3
+
     async def _heartbeats(self, held: _Claimed) -> None:
         """Renew the lease from the claim on, waiting in the buffer included;
         if the lease is lost, drop the job or cancel its handler. Any other
         failure is logged and the next heartbeat goes out on time: the lease is
         still this worker's until it runs out, and a loop that ended here would
         let it run out while the handler runs on (the job then ran twice)."""
+        every = self._heartbeat_interval(held.job)
         while True:
-            await asyncio.sleep(self.heartbeat_every)
+            await asyncio.sleep(every)
             try:
                 await self.client.heartbeat(held.job, self.lease)
             except (LeaseLost, JobNotFound):
@@ -400,7 +421,7 @@ class Worker:
                 log.warning(
                     "job %s: heartbeat failed (the next in %.3g s): %s",
                     held.job.id,
-                    self.heartbeat_every,
+                    every,
                     exc,
                     exc_info=not isinstance(exc, SimpleQueueError),
                 )
