@@ -843,3 +843,66 @@ async def test_a_handler_whose_lease_is_lost_is_cancelled_and_the_job_runs_again
     job = await q.job(job_id)
     assert (job.status, job.result, job.attempts, cancelled) == ("completed", "second time", 2, [1])
     assert f"job {job_id}: lost its lease" in caplog.text
+
+
+# --- burst and max_jobs -----------------------------------------------------------------
+
+
+async def test_a_burst_worker_returns_once_the_topic_is_empty(q: Client) -> None:
+    await q.enqueue_many(list(range(7)))
+
+    async def nothing(job: Job) -> None:
+        return None
+
+    # A long poll would hold the last claim for `wait`; a burst worker does not wait.
+    worker = Worker(q, nothing, concurrency=2, wait=30, burst=True, handle_signals=False)
+    async with asyncio.timeout(10):
+        await worker.run()
+    assert worker.processed == 7
+    assert (await q.status())["completed"] == 7
+
+
+async def test_a_burst_worker_on_an_empty_topic_returns_at_once(q: Client) -> None:
+    async def never(job: Job) -> None:
+        raise AssertionError("no job to run")
+
+    worker = Worker(q, never, wait=30, burst=True, handle_signals=False)
+    async with asyncio.timeout(10):
+        await worker.run()
+    assert (worker.processed, worker.failed) == (0, 0)
+
+
+async def test_a_burst_worker_runs_again_what_a_running_job_gave_back(q: Client) -> None:
+    job_id = await q.enqueue("flaky")
+
+    async def fail_once(job: Job) -> str:
+        if job.attempts == 1:
+            raise RuntimeError("first try")
+        return "second try"
+
+    # With a buffer, a second claim is on its way, and finds nothing, while the
+    # first attempt runs; its nack (no delay) puts the job back before the end.
+    worker = Worker(
+        q, fail_once, concurrency=1, backoff=Backoff(base=0), burst=True, handle_signals=False
+    )
+    async with asyncio.timeout(10):
+        await worker.run()
+    job = await q.job(job_id)
+    assert (job.status, job.result, job.attempts) == ("completed", "second try", 2)
+
+
+async def test_max_jobs_stops_after_that_many_jobs_whatever_their_outcome(q: Client) -> None:
+    await q.enqueue_many(list(range(6)))
+
+    async def odd_fails(job: Job) -> None:
+        if job.payload % 2:
+            raise ValueError("odd")
+
+    worker = Worker(
+        q, odd_fails, concurrency=2, max_jobs=3, backoff=Backoff(base=60), handle_signals=False
+    )
+    async with asyncio.timeout(10):
+        await worker.run()
+    assert worker.processed + worker.failed == 3
+    counts = await q.status()
+    assert counts["completed"] + counts["delayed"] == 3 and counts["pending"] == 3

@@ -92,7 +92,12 @@ class Worker:
     job; 0 for long jobs, so that none waits here while another worker is idle).
     A handler still running `timeout` seconds after it started is cancelled and
     its job failed (a plain function's thread cannot be stopped: it runs on, its
-    result unused, while its slot takes another job)."""
+    result unused, while its slot takes another job).
+
+    run() returns after stop() or a signal; with `burst`, also once the topic is
+    empty (a claim found nothing while nothing ran or waited here; burst claims
+    do not long-poll); with `max_jobs`, once that many jobs were claimed, whatever
+    their outcome. Either way it drains first."""
 
     def __init__(
         self,
@@ -107,12 +112,16 @@ class Worker:
         wait: float = 5.0,
         backoff: Backoff | None = None,
         timeout: float | None = None,
+        burst: bool = False,
+        max_jobs: int | None = None,
         handle_signals: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if prefetch is not None and prefetch < 0:
             raise ValueError("prefetch must be 0 or more")
+        if max_jobs is not None and max_jobs < 1:
+            raise ValueError("max_jobs must be at least 1")
         for name, value in (
             ("lease", lease),
             ("heartbeat_every", heartbeat_every),
@@ -131,6 +140,8 @@ class Worker:
         self.wait = wait
         self.backoff = backoff or Backoff()
         self.timeout = timeout
+        self.burst = burst
+        self.max_jobs = max_jobs
         self.handle_signals = handle_signals
         self.processed = 0
         self.failed = 0
@@ -141,10 +152,12 @@ class Worker:
         self._idle = asyncio.Event()  # nothing running and nothing buffered
         self._claims: set[asyncio.Task[None]] = set()  # claims in flight
         self._asked = 0  # jobs asked for by claims whose answers are not in the buffer yet
+        self._taken = 0  # jobs claimed so far (max_jobs counts them)
+        self._dry = False  # burst: a claim found nothing; claim again once a job ends
         # Answers go into the buffer in the order their claims were sent.
         self._sent = 0
         self._delivered = 0
-        self._answers: dict[int, tuple[int, list[Job]]] = {}
+        self._answers: dict[int, tuple[int, list[Job] | None]] = {}
         self._done = asyncio.Event()
         # Acks in batches: one request carries every ack that came in while the
         # previous one was in flight (group commit, client side).
@@ -200,17 +213,20 @@ class Worker:
         """How many jobs to claim now: nothing until half a buffer's worth of
         room is free (or a slot would idle), so that claims come in batches
         rather than one per finished job; then all the room, or with a buffer
-        half the capacity at most."""
+        half the capacity at most; never more than max_jobs leaves."""
+        if self._dry:
+            return 0
         held = len(self._running) + len(self._ready) + self._asked
         room = self.concurrency + self.prefetch - held
         starving = not self._ready and not self._asked and len(self._running) < self.concurrency
         if not starving and room * 2 < self.prefetch:
             return 0
-        if not self.prefetch:
-            return room
         # With a buffer, half the capacity at most, so that a second claim can
         # be on its way while the first one's jobs run.
-        return min(room, (self.concurrency + self.prefetch + 1) // 2)
+        count = min(room, (self.concurrency + self.prefetch + 1) // 2) if self.prefetch else room
+        if self.max_jobs is not None:
+            count = min(count, self.max_jobs - self._taken - self._asked)
+        return count
 
     async def _claim_loop(self) -> None:
         """Send claims, up to CLAIMS_IN_FLIGHT at once: with short jobs, the next
@@ -234,19 +250,17 @@ class Worker:
             await asyncio.gather(*self._claims, return_exceptions=True)
 
     async def _claim(self, seq: int, count: int) -> None:
-        jobs: list[Job] = []
-        failed = False
+        jobs: list[Job] | None = None  # None: the claim failed, or was cancelled
         try:
             jobs = await self.client.claim_many(
-                self.worker_id, count, lease=self.lease, wait=self.wait
+                self.worker_id, count, lease=self.lease, wait=0.0 if self.burst else self.wait
             )
         except SimpleQueueError as exc:
             log.warning("claim failed: %s", exc)
-            failed = True
         finally:  # answered, failed or cancelled: later claims must not wait for it
             self._answers[seq] = (count, jobs)
             self._deliver()
-        if failed:
+        if jobs is None:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
                 async with asyncio.timeout(1.0):
                     await self._stopping.wait()
@@ -256,17 +270,33 @@ class Worker:
         self._room.set()  # its place is free: the loop may send another
 
     def _deliver(self) -> None:
-        """Buffer the jobs of every answered claim sent before any unanswered one."""
+        """Buffer the jobs of every answered claim sent before any unanswered one;
+        then stop if the topic is empty (burst) or max_jobs were claimed."""
+        found_nothing = False
         while self._delivered in self._answers:
             count, jobs = self._answers.pop(self._delivered)
             self._delivered += 1
             self._asked -= count
+            if jobs is None:  # a failed claim says nothing of the topic
+                self._dry = False
+                continue
+            found_nothing = found_nothing or not jobs
+            self._taken += len(jobs)
             for job in jobs:
                 held = _Claimed(job)
                 held.beats = asyncio.create_task(self._heartbeats(held))
                 self._ready.append(held)
         self._start_ready()
         self._room.set()
+        if self.burst and found_nothing:
+            # A job still running may give its job back (a nack): claim again
+            # when one ends, and stop only once nothing runs or waits here.
+            self._dry = True
+            if not (self._running or self._ready or self._asked):
+                log.info("the topic is empty: stopping (burst)")
+                self.request_stop()
+        if self.max_jobs is not None and self._taken >= self.max_jobs:
+            self.request_stop()
 
     def _start_ready(self) -> None:
         while self._ready and len(self._running) < self.concurrency:
@@ -277,6 +307,7 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._dry = False
         self._start_ready()
         self._room.set()
         if not self._running and not self._ready:
