@@ -160,7 +160,7 @@ class CountingClient(Client):
     batches: list[int]
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         jobs = await super().claim_many(worker_id, count, lease, wait)
         self.batches.append(len(jobs))
@@ -288,7 +288,7 @@ class GatedClient(Client):
     asked: list[int]
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -334,7 +334,7 @@ class LateFirstAnswerClient(Client):
         self.second_returned = asyncio.Event()
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         self.calls += 1
         if self.calls == 1:
@@ -371,7 +371,7 @@ class FailingFirstClient(Client):
     failures = 0
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         if self.failures > 0:
             self.failures -= 1
@@ -390,6 +390,37 @@ async def test_the_worker_claims_again_after_both_claims_in_flight_failed(broker
         worker = Worker(q, nothing, concurrency=2, wait=0.2, handle_signals=False)
         await run_until(worker, broker, lambda: _completed(q, 10))
     assert (q.failures, worker.processed) == (0, 10)
+
+
+class FirstClaimBreaks(Client):
+    """Its first claim fails with an error that is not the SDK's."""
+
+    broke = False
+
+    async def claim_many(
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
+    ) -> list[Job]:
+        if not self.broke:
+            self.broke = True
+            raise RuntimeError("injected: not an error of the SDK")
+        return await super().claim_many(worker_id, count, lease, wait)
+
+
+async def test_a_claim_failing_with_an_error_not_the_sdks_is_logged_and_claiming_goes_on(
+    broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FirstClaimBreaks(broker.url, topic="w") as q:
+        await q.enqueue_many(list(range(3)))
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, concurrency=1, prefetch=0, wait=0.2, handle_signals=False)
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            await run_until(worker, broker, lambda: _completed(q, 3))
+    [record] = [r for r in caplog.records if "claim failed" in r.getMessage()]
+    assert record.name == "simplequeue.worker" and record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
 
 
 # --- acks -------------------------------------------------------------------------------

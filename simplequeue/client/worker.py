@@ -255,8 +255,8 @@ class Worker:
             jobs = await self.client.claim_many(
                 self.worker_id, count, lease=self.lease, wait=0.0 if self.burst else self.wait
             )
-        except SimpleQueueError as exc:
-            log.warning("claim failed: %s", exc)
+        except Exception as exc:  # logged, and the claim's place held a while: see below
+            log.warning("claim failed: %s", exc, exc_info=not isinstance(exc, SimpleQueueError))
         finally:  # answered, failed or cancelled: later claims must not wait for it
             self._answers[seq] = (count, jobs)
             self._deliver()
