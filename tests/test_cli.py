@@ -30,7 +30,7 @@ class Cli:
         return [sys.executable, "-m", "simplequeue.client", *self.base, *args]
 
     async def __call__(
-        self, *args: str, stdin: str | None = None
+        self, *args: str, stdin: str | None = None, within: float = 60
     ) -> subprocess.CompletedProcess[str]:
         # In a thread: the broker under test runs on this event loop.
         return await asyncio.to_thread(
@@ -39,7 +39,7 @@ class Cli:
             input=stdin,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=within,
             env=self.env,
         )
 
@@ -230,3 +230,23 @@ async def test_work_logs_each_failed_command_on_one_line(cli: Cli) -> None:
     [line] = [line for line in done.stderr.splitlines() if "job bad" in line]
     assert "failed on attempt 1" in line and line.endswith("it broke")
     assert "Traceback" not in done.stderr
+
+
+async def test_work_max_jobs_stops_after_that_many_jobs_even_when_they_fail(cli: Cli) -> None:
+    ids = [(await cli.json("enqueue", str(n)))["id"] for n in range(3)]
+    done = await cli(
+        "work",
+        "--concurrency",
+        "2",
+        "--max-jobs",
+        "2",
+        "--",
+        sys.executable,
+        "-c",
+        "import sys; sys.exit('no')",
+        within=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "0 acked, 2 nacked" in done.stderr
+    attempts = [(await cli.json("job", i))["attempts"] for i in ids]
+    assert sorted(attempts) == [0, 1, 1]  # exactly two ran

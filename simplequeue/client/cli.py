@@ -319,7 +319,7 @@ async def purge(client: Client, job_ids: tuple[str, ...]) -> None:
     "--max-jobs",
     type=click.IntRange(min=1),
     default=None,
-    help="Stop after this many jobs (for scripts and tests).",
+    help="Stop after this many jobs, whatever their outcome (for scripts and tests).",
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @run
@@ -336,17 +336,8 @@ async def work(
     stderr as the error. Ctrl-C or SIGTERM drains running commands."""
     from simplequeue.client.worker import Worker
 
-    worker: Worker | None = None
-
     async def handler(job: Job) -> Any:
-        result = await run_command(command, job)
-        if (
-            max_jobs is not None
-            and worker is not None
-            and (worker.processed + worker.failed + 1 >= max_jobs)
-        ):
-            worker.request_stop()
-        return result
+        return await run_command(command, job)
 
     worker = Worker(
         client,
@@ -356,6 +347,7 @@ async def work(
         worker_id=worker_id,
         lease=lease,
         wait=5.0,
+        max_jobs=max_jobs,
     )
     log_worker_to_stderr()
     click.echo(f"working on {client.topic} with {' '.join(command)}", err=True)
