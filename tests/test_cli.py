@@ -250,3 +250,38 @@ async def test_work_max_jobs_stops_after_that_many_jobs_even_when_they_fail(cli:
     assert "0 acked, 2 nacked" in done.stderr
     attempts = [(await cli.json("job", i))["attempts"] for i in ids]
     assert sorted(attempts) == [0, 1, 1]  # exactly two ran
+
+
+@pytest.mark.parametrize("kind", ["missing", "not executable"])
+async def test_work_with_a_command_that_cannot_run_fails_at_once_and_claims_nothing(
+    cli: Cli, broker: Any, tmp_path: Path, kind: str
+) -> None:
+    job_id = (await cli.json("enqueue", "1"))["id"]
+    program = tmp_path / "tool"
+    if kind == "not executable":
+        program.write_text("#!/bin/sh\necho hi\n")
+        program.chmod(0o644)
+    done = await cli("work", "--", str(program), within=30)
+    reason = "not found" if kind == "missing" else kind
+    assert failed_with(done, f"cannot run {str(program)!r}: {reason}")
+    async with Client(broker.url, topic="jobs") as q:
+        job = await q.job(job_id)
+    assert (job.status, job.attempts) == ("pending", 0)  # never claimed
+
+
+async def test_work_whose_command_fails_to_start_gives_the_job_back_at_once_and_exits(
+    cli: Cli, broker: Any, tmp_path: Path
+) -> None:
+    job_id = (await cli.json("enqueue", "1"))["id"]
+    program = tmp_path / "garbage"  # executable, but no program the system can start
+    program.write_bytes(b"\x00\x01\x02 not a program\n")
+    program.chmod(0o755)
+    done = await cli("work", "--", str(program), within=30)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"Error: cannot run {str(program)!r}: Exec format error"
+    async with Client(broker.url, topic="jobs") as q:
+        job = await q.job(job_id)
+    # Given back with the error and no delay: another worker may run it now.
+    assert (job.status, job.attempts) == ("pending", 1)
+    assert job.last_error is not None and "Exec format error" in job.last_error

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import shutil
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TextIO, TypeVar
@@ -21,6 +23,7 @@ import orjson
 
 from simplequeue.client.client import Client
 from simplequeue.client.job import Job
+from simplequeue.client.worker import Worker
 from simplequeue.errors import SimpleQueueError
 from simplequeue.storeflags import StoreFlags, store_options
 
@@ -333,13 +336,20 @@ async def work(
 ) -> None:
     """Run COMMAND once per job: the payload as JSON on stdin; exit 0 acks with
     stdout as the result (JSON if it parses, else text); non-zero nacks with
-    stderr as the error. Ctrl-C or SIGTERM drains running commands."""
-    from simplequeue.client.worker import Worker
+    stderr as the error. Ctrl-C or SIGTERM drains running commands. A COMMAND
+    that cannot be started stops the worker with exit status 1."""
+    check_runnable(command[0])
+    cannot_start: list[CommandUnstartable] = []
 
     async def handler(job: Job) -> Any:
-        return await run_command(command, job)
+        try:
+            return await run_command(command, job)
+        except CommandUnstartable as exc:
+            cannot_start.append(exc)
+            worker.request_stop()  # every job would fail the same way
+            raise
 
-    worker = Worker(
+    worker = CommandWorker(
         client,
         handler,
         concurrency=concurrency,
@@ -353,12 +363,41 @@ async def work(
     click.echo(f"working on {client.topic} with {' '.join(command)}", err=True)
     await worker.run()
     click.echo(f"done: {worker.processed} acked, {worker.failed} nacked", err=True)
+    if cannot_start:
+        raise click.ClickException(str(cannot_start[0]))
+
+
+def check_runnable(program: str) -> None:
+    """Fail before claiming anything when `program` is not there to run."""
+    if shutil.which(program) is not None:
+        return
+    there = os.sep in program and os.path.exists(program)
+    raise click.ClickException(
+        f"cannot run {program!r}: {'not executable' if there else 'not found'}"
+    )
+
+
+class CommandUnstartable(Exception):
+    """The job's command could not be started (it vanished, or the system cannot
+    execute it): no fault of the job's."""
+
+
+class CommandWorker(Worker):
+    """A job whose command could not start is given back at once (nacked with the
+    error and no delay) rather than left to its lease: another worker, whose
+    command can start, may take it now, and its last_error says why it came back.
+    The attempt is spent either way, as a lease running out would spend it."""
+
+    def retry_delay(self, job: Job, error: Exception) -> float:
+        if isinstance(error, CommandUnstartable):
+            return 0.0
+        return super().retry_delay(job, error)
 
 
 class OneLine(logging.Formatter):
-    """A record on one line, without the traceback: a failed command's error is
-    its stderr, already in the message, and the Worker's traceback of it would
-    only say where run_command raised."""
+    """A record without its traceback: a failed command's error is its stderr,
+    already in the message, and the Worker's traceback of it would only say
+    where run_command raised."""
 
     def formatException(self, ei: Any) -> str:
         return ""
@@ -377,13 +416,16 @@ class CommandFailed(Exception):
 
 
 async def run_command(command: tuple[str, ...], job: Job) -> Any:
-    proc = await asyncio.create_subprocess_exec(
-        *command,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=None,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=None,
+        )
+    except OSError as exc:
+        raise CommandUnstartable(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
     try:
         out, err = await proc.communicate(orjson.dumps(job.payload))
     except asyncio.CancelledError:  # lease lost or shutting down hard: do not leave it

@@ -375,7 +375,13 @@ class Worker:
         self.failed += 1
         error = "".join(traceback.format_exception_only(exc)).strip()
         log.error("job %s failed on attempt %s: %s", job.id, job.attempts, error, exc_info=exc)
-        await self._settle(job, self.client.nack(job, self.backoff.delay(job.attempts or 1), error))
+        await self._settle(job, self.client.nack(job, self.retry_delay(job, exc), error))
+
+    def retry_delay(self, job: Job, error: Exception) -> float:
+        """Seconds before a failed job may run again: the backoff's for its
+        attempt. A subclass may choose by the error (the CLI gives back at once
+        a job whose command could not start: the fault is the worker's)."""
+        return self.backoff.delay(job.attempts or 1)
 
     @staticmethod
     async def _stop_beats(held: _Claimed) -> None:
