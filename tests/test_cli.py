@@ -285,3 +285,17 @@ async def test_work_whose_command_fails_to_start_gives_the_job_back_at_once_and_
     # Given back with the error and no delay: another worker may run it now.
     assert (job.status, job.attempts) == ("pending", 1)
     assert job.last_error is not None and "Exec format error" in job.last_error
+
+
+async def test_work_passes_the_jobs_id_and_attempt_in_the_environment(broker: Any) -> None:
+    cli = Cli("--broker", broker.url, "--topic", "jobs", env={"SQ_TEST_INHERITED": "kept"})
+    job_id = (await cli.json("enqueue", '"x"', "--id", "env-job"))["id"]
+    script = (
+        "import json, os\n"
+        "print(json.dumps([os.environ.get(k) for k in"
+        " ('SIMPLEQUEUE_JOB_ID', 'SIMPLEQUEUE_ATTEMPT', 'SQ_TEST_INHERITED')]))\n"
+    )
+    done = await cli("work", "--max-jobs", "1", "--", sys.executable, "-c", script, within=30)
+    assert done.returncode == 0, done.stderr
+    async with Client(broker.url, topic="jobs") as q:
+        assert (await q.job(job_id)).result == ["env-job", "1", "kept"]

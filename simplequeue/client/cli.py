@@ -334,7 +334,8 @@ async def work(
     max_jobs: int | None,
     command: tuple[str, ...],
 ) -> None:
-    """Run COMMAND once per job: the payload as JSON on stdin; exit 0 acks with
+    """Run COMMAND once per job: the payload as JSON on stdin, the job's id and
+    attempt in SIMPLEQUEUE_JOB_ID and SIMPLEQUEUE_ATTEMPT; exit 0 acks with
     stdout as the result (JSON if it parses, else text); non-zero nacks with
     stderr as the error. Ctrl-C or SIGTERM drains running commands. A COMMAND
     that cannot be started stops the worker with exit status 1."""
@@ -415,6 +416,14 @@ class CommandFailed(Exception):
     """The job's command exited non-zero; the message is its stderr."""
 
 
+def command_env(job: Job) -> dict[str, str]:
+    """This process's environment, and the job's id and attempt."""
+    env = {**os.environ, "SIMPLEQUEUE_JOB_ID": job.id}
+    if job.attempts is not None:
+        env["SIMPLEQUEUE_ATTEMPT"] = str(job.attempts)
+    return env
+
+
 async def run_command(command: tuple[str, ...], job: Job) -> Any:
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -422,7 +431,7 @@ async def run_command(command: tuple[str, ...], job: Job) -> Any:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=None,
+            env=command_env(job),
         )
     except OSError as exc:
         raise CommandUnstartable(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
