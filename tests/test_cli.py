@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -299,3 +300,28 @@ async def test_work_passes_the_jobs_id_and_attempt_in_the_environment(broker: An
     assert done.returncode == 0, done.stderr
     async with Client(broker.url, topic="jobs") as q:
         assert (await q.job(job_id)).result == ["env-job", "1", "kept"]
+
+
+async def test_job_prints_the_brokers_json_as_it_came(cli: Cli, broker: Any) -> None:
+    await cli.json("enqueue", '"first"', "--id", "done")
+    await cli.json("enqueue", '"second"', "--id", "waiting")
+    async with Client(broker.url, topic="jobs") as q:
+        job = await q.claim("w")
+        assert job is not None and job.id == "done"
+        await q.ack(job)  # no result: the record says null
+    async with aiohttp.ClientSession() as http:
+        for job_id in ("done", "waiting"):
+            async with http.get(f"{broker.url}/topics/jobs/jobs/{job_id}") as answer:
+                assert await cli.json("job", job_id) == await answer.json()
+    record = await cli.json("job", "done")
+    assert set(record) == {
+        "id",
+        "status",
+        "attempts",
+        "created_at",
+        "finished_at",
+        "result",
+        "last_error",
+    }
+    assert (record["status"], record["result"], record["last_error"]) == ("completed", None, None)
+    assert (await cli.json("job", "waiting"))["status"] == "pending"

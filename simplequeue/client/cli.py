@@ -287,8 +287,8 @@ async def topics(client: Client, as_json: bool) -> None:
 @click.argument("job_id")
 @run
 async def job(client: Client, job_id: str) -> None:
-    """A job, or its retained record."""
-    emit(job_json(await client.job(job_id)))
+    """A job, or its retained record, as the broker sent it."""
+    emit(await client.job_dict(job_id))
 
 
 @main.command()

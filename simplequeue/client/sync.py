@@ -97,6 +97,9 @@ class SyncClient:
     def job(self, job_id: str) -> Job:
         return self._run(self.client.job(job_id))
 
+    def job_dict(self, job_id: str) -> dict[str, Any]:
+        return self._run(self.client.job_dict(job_id))
+
     def dead(self) -> list[Job]:
         return self._run(self.client.dead())
 
