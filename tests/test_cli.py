@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
+from simplequeue import __version__
 from simplequeue.client import Client
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
@@ -325,3 +326,11 @@ async def test_job_prints_the_brokers_json_as_it_came(cli: Cli, broker: Any) -> 
     }
     assert (record["status"], record["result"], record["last_error"]) == ("completed", None, None)
     assert (await cli.json("job", "waiting"))["status"] == "pending"
+
+
+@pytest.mark.parametrize("module", ["simplequeue.client", "simplequeue.broker"])
+def test_version_on_both_commands(module: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (0, f"simplequeue {__version__}\n"), done.stderr

@@ -21,6 +21,7 @@ import click
 import msgspec
 import orjson
 
+from simplequeue import __version__
 from simplequeue.client.client import Client
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
@@ -96,6 +97,7 @@ def parse_json_option(text: str | None, name: str) -> Any:
 
 
 @click.group(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE"})
+@click.version_option(__version__, prog_name="simplequeue", message="%(prog)s %(version)s")
 @click.option(
     "--broker",
     default="http://127.0.0.1:8080",
