@@ -19,6 +19,7 @@ from simplequeue import __version__
 from simplequeue.client import Client
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Policy
 
 StartBroker = Callable[..., Awaitable[Any]]
 
@@ -334,3 +335,29 @@ def test_version_on_both_commands(module: str) -> None:
         [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60
     )
     assert (done.returncode, done.stdout) == (0, f"simplequeue {__version__}\n"), done.stderr
+
+
+async def test_claim_without_lease_takes_the_brokers(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore(), policy=Policy(default_lease=123.0))
+    cli = Cli("--broker", broker.url, "--topic", "jobs")
+    await cli.json("enqueue", "1")
+    job = await cli.json("claim", "w")
+    assert job["lease_expires_at"] - job["claimed_at"] == pytest.approx(123.0)
+
+
+async def test_work_without_lease_takes_the_brokers(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore(), policy=Policy(default_lease=7.0))
+    cli = Cli("--broker", broker.url, "--topic", "jobs")
+    job_id = (await cli.json("enqueue", "1"))["id"]
+    # The command looks its own job up while it holds it.
+    script = (
+        "import os\n"
+        "from simplequeue.client import SyncClient\n"
+        f"with SyncClient({broker.url!r}, topic='jobs') as q:\n"
+        "    job = q.job(os.environ['SIMPLEQUEUE_JOB_ID'])\n"
+        "print(job.lease_expires_at - job.claimed_at)\n"
+    )
+    done = await cli("work", "--max-jobs", "1", "--", sys.executable, "-c", script, within=30)
+    assert done.returncode == 0, done.stderr
+    async with Client(broker.url, topic="jobs") as q:
+        assert (await q.job(job_id)).result == pytest.approx(7.0)

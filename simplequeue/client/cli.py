@@ -190,9 +190,14 @@ def chunks(items: list[T], size: int) -> Iterator[list[T]]:
 @main.command()
 @click.argument("worker_id")
 @click.option("--wait", type=click.FloatRange(0, 60), default=0.0, help="Long-poll seconds.")
-@click.option("--lease", type=click.FloatRange(min=0.001), default=30.0)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0.001),
+    default=None,
+    help="Lease seconds [default: the broker's --lease].",
+)
 @run
-async def claim(client: Client, worker_id: str, wait: float, lease: float) -> None:
+async def claim(client: Client, worker_id: str, wait: float, lease: float | None) -> None:
     """Claim the next job and print it (with its lease_token)."""
     job = await client.claim(worker_id, lease=lease, wait=wait)
     if job is None:
@@ -319,7 +324,12 @@ async def purge(client: Client, job_ids: tuple[str, ...]) -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--worker-id", default=None)
-@click.option("--lease", type=click.FloatRange(min=1), default=30.0, show_default=True)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Lease seconds for each job [default: the broker's --lease].",
+)
 @click.option(
     "--max-jobs",
     type=click.IntRange(min=1),
@@ -332,7 +342,7 @@ async def work(
     client: Client,
     concurrency: int,
     worker_id: str | None,
-    lease: float,
+    lease: float | None,
     max_jobs: int | None,
     command: tuple[str, ...],
 ) -> None:
