@@ -701,6 +701,36 @@ async def test_a_plain_function_that_overruns_its_timeout_fails_the_job(
     assert "timed out after 0.2 s" in job.last_error
 
 
+class NackBreaks(Client):
+    """Every nack fails with an error that is not the SDK's."""
+
+    async def nack(self, job: Job | str, delay: float = 0, error: str | None = None) -> str:
+        raise RuntimeError("injected: the nack broke")
+
+
+async def test_a_nack_failing_with_an_error_not_the_sdks_is_logged(
+    broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with NackBreaks(broker.url, topic="w") as q:
+        job_id = await q.enqueue("x")
+        failed = asyncio.Event()
+
+        async def boom(job: Job) -> None:
+            failed.set()
+            raise ValueError("boom")
+
+        worker = Worker(q, boom, wait=0.2, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            async with asyncio.timeout(30):
+                await failed.wait()
+            await worker.stop()
+            await run
+    [record] = [r for r in caplog.records if "could not settle" in r.getMessage()]
+    assert job_id in record.getMessage() and record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
+
+
 # --- heartbeats -------------------------------------------------------------------------
 
 

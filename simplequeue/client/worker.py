@@ -396,8 +396,13 @@ class Worker:
             await call
         except (LeaseLost, JobNotFound) as exc:
             log.warning("job %s: could not settle: %s", job.id, exc)
-        except SimpleQueueError as exc:
-            log.error("job %s: could not settle (it will be redelivered): %s", job.id, exc)
+        except Exception as exc:
+            log.error(
+                "job %s: could not settle (it will be redelivered): %s",
+                job.id,
+                exc,
+                exc_info=not isinstance(exc, SimpleQueueError),
+            )
 
     async def _send_acks(
         self, batch: list[Pending[tuple[Job, Any], str]]
