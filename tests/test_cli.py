@@ -11,12 +11,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
+from simplequeue import __version__
 from simplequeue.client import Client
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Policy
 
 StartBroker = Callable[..., Awaitable[Any]]
 
@@ -30,7 +33,7 @@ class Cli:
         return [sys.executable, "-m", "simplequeue.client", *self.base, *args]
 
     async def __call__(
-        self, *args: str, stdin: str | None = None
+        self, *args: str, stdin: str | None = None, within: float = 60
     ) -> subprocess.CompletedProcess[str]:
         # In a thread: the broker under test runs on this event loop.
         return await asyncio.to_thread(
@@ -39,7 +42,7 @@ class Cli:
             input=stdin,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=within,
             env=self.env,
         )
 
@@ -217,3 +220,144 @@ async def test_work_drains_on_ctrl_c(cli: Cli, broker: Any) -> None:
     assert code == 0
     job = await cli.json("job", "s")
     assert (job["status"], job["result"]) == ("completed", "drained")
+
+
+async def test_work_logs_each_failed_command_on_one_line(cli: Cli) -> None:
+    await cli.json("enqueue", '"bad"', "--id", "bad", "--max-attempts", "1")
+    await cli.json("enqueue", '"good"', "--id", "good")
+    script = "import json, sys\nif json.load(sys.stdin) == 'bad': sys.exit('it broke')\n"
+    done = await cli(
+        "work", "--concurrency", "1", "--max-jobs", "2", "--", sys.executable, "-c", script
+    )
+    assert done.returncode == 0, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "job bad" in line]
+    assert "failed on attempt 1" in line and line.endswith("it broke")
+    assert "Traceback" not in done.stderr
+
+
+async def test_work_max_jobs_stops_after_that_many_jobs_even_when_they_fail(cli: Cli) -> None:
+    ids = [(await cli.json("enqueue", str(n)))["id"] for n in range(3)]
+    done = await cli(
+        "work",
+        "--concurrency",
+        "2",
+        "--max-jobs",
+        "2",
+        "--",
+        sys.executable,
+        "-c",
+        "import sys; sys.exit('no')",
+        within=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "0 acked, 2 nacked" in done.stderr
+    attempts = [(await cli.json("job", i))["attempts"] for i in ids]
+    assert sorted(attempts) == [0, 1, 1]  # exactly two ran
+
+
+@pytest.mark.parametrize("kind", ["missing", "not executable"])
+async def test_work_with_a_command_that_cannot_run_fails_at_once_and_claims_nothing(
+    cli: Cli, broker: Any, tmp_path: Path, kind: str
+) -> None:
+    job_id = (await cli.json("enqueue", "1"))["id"]
+    program = tmp_path / "tool"
+    if kind == "not executable":
+        program.write_text("#!/bin/sh\necho hi\n")
+        program.chmod(0o644)
+    done = await cli("work", "--", str(program), within=30)
+    reason = "not found" if kind == "missing" else kind
+    assert failed_with(done, f"cannot run {str(program)!r}: {reason}")
+    async with Client(broker.url, topic="jobs") as q:
+        job = await q.job(job_id)
+    assert (job.status, job.attempts) == ("pending", 0)  # never claimed
+
+
+async def test_work_whose_command_fails_to_start_gives_the_job_back_at_once_and_exits(
+    cli: Cli, broker: Any, tmp_path: Path
+) -> None:
+    job_id = (await cli.json("enqueue", "1"))["id"]
+    program = tmp_path / "garbage"  # executable, but no program the system can start
+    program.write_bytes(b"\x00\x01\x02 not a program\n")
+    program.chmod(0o755)
+    done = await cli("work", "--", str(program), within=30)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"Error: cannot run {str(program)!r}: Exec format error"
+    async with Client(broker.url, topic="jobs") as q:
+        job = await q.job(job_id)
+    # Given back with the error and no delay: another worker may run it now.
+    assert (job.status, job.attempts) == ("pending", 1)
+    assert job.last_error is not None and "Exec format error" in job.last_error
+
+
+async def test_work_passes_the_jobs_id_and_attempt_in_the_environment(broker: Any) -> None:
+    cli = Cli("--broker", broker.url, "--topic", "jobs", env={"SQ_TEST_INHERITED": "kept"})
+    job_id = (await cli.json("enqueue", '"x"', "--id", "env-job"))["id"]
+    script = (
+        "import json, os\n"
+        "print(json.dumps([os.environ.get(k) for k in"
+        " ('SIMPLEQUEUE_JOB_ID', 'SIMPLEQUEUE_ATTEMPT', 'SQ_TEST_INHERITED')]))\n"
+    )
+    done = await cli("work", "--max-jobs", "1", "--", sys.executable, "-c", script, within=30)
+    assert done.returncode == 0, done.stderr
+    async with Client(broker.url, topic="jobs") as q:
+        assert (await q.job(job_id)).result == ["env-job", "1", "kept"]
+
+
+async def test_job_prints_the_brokers_json_as_it_came(cli: Cli, broker: Any) -> None:
+    await cli.json("enqueue", '"first"', "--id", "done")
+    await cli.json("enqueue", '"second"', "--id", "waiting")
+    async with Client(broker.url, topic="jobs") as q:
+        job = await q.claim("w")
+        assert job is not None and job.id == "done"
+        await q.ack(job)  # no result: the record says null
+    async with aiohttp.ClientSession() as http:
+        for job_id in ("done", "waiting"):
+            async with http.get(f"{broker.url}/topics/jobs/jobs/{job_id}") as answer:
+                assert await cli.json("job", job_id) == await answer.json()
+    record = await cli.json("job", "done")
+    assert set(record) == {
+        "id",
+        "status",
+        "attempts",
+        "created_at",
+        "finished_at",
+        "result",
+        "last_error",
+    }
+    assert (record["status"], record["result"], record["last_error"]) == ("completed", None, None)
+    assert (await cli.json("job", "waiting"))["status"] == "pending"
+
+
+@pytest.mark.parametrize("module", ["simplequeue.client", "simplequeue.broker"])
+def test_version_on_both_commands(module: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (0, f"simplequeue {__version__}\n"), done.stderr
+
+
+async def test_claim_without_lease_takes_the_brokers(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore(), policy=Policy(default_lease=123.0))
+    cli = Cli("--broker", broker.url, "--topic", "jobs")
+    await cli.json("enqueue", "1")
+    job = await cli.json("claim", "w")
+    assert job["lease_expires_at"] - job["claimed_at"] == pytest.approx(123.0)
+
+
+async def test_work_without_lease_takes_the_brokers(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore(), policy=Policy(default_lease=7.0))
+    cli = Cli("--broker", broker.url, "--topic", "jobs")
+    job_id = (await cli.json("enqueue", "1"))["id"]
+    # The command looks its own job up while it holds it.
+    script = (
+        "import os\n"
+        "from simplequeue.client import SyncClient\n"
+        f"with SyncClient({broker.url!r}, topic='jobs') as q:\n"
+        "    job = q.job(os.environ['SIMPLEQUEUE_JOB_ID'])\n"
+        "print(job.lease_expires_at - job.claimed_at)\n"
+    )
+    done = await cli("work", "--max-jobs", "1", "--", sys.executable, "-c", script, within=30)
+    assert done.returncode == 0, done.stderr
+    async with Client(broker.url, topic="jobs") as q:
+        assert (await q.job(job_id)).result == pytest.approx(7.0)

@@ -4,6 +4,7 @@ errors, the sync client, discovery and re-discovery."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,19 @@ async def test_sync_client_raises_the_same_errors(start_broker: StartBroker) -> 
     await asyncio.to_thread(script)
 
 
+async def test_sync_client_for_topic_and_job_dict(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore())
+
+    def script() -> dict[str, Any]:
+        with SyncClient(broker.url, topic="a") as q, q.for_topic("b") as other:
+            job_id = other.enqueue("x")
+            assert q.status()["pending"] == 0
+            return other.job_dict(job_id)
+
+    job = await asyncio.to_thread(script)
+    assert (job["payload"], job["status"]) == ("x", "pending")
+
+
 # --- discovery ------------------------------------------------------------------------
 
 
@@ -220,3 +234,20 @@ async def test_a_bad_job_in_a_burst_fails_only_its_own_call(q: Client) -> None:
     assert isinstance(results[3], InvalidRequest)
     assert all(isinstance(r, str) for i, r in enumerate(results) if i != 3)
     assert (await q.status())["pending"] == 9
+
+
+def _parameters(method: Any) -> list[tuple[str, Any, Any]]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()]
+
+
+def test_sync_client_has_every_method_of_client_with_the_same_parameters() -> None:
+    public = [
+        name
+        for name, member in inspect.getmembers(Client, callable)
+        if not name.startswith("_") or name == "__init__"
+    ]
+    assert "job_dict" in public and "claim" in public
+    for name in public:
+        twin = getattr(SyncClient, name, None)
+        assert twin is not None, f"SyncClient has no {name}()"
+        assert _parameters(twin) == _parameters(getattr(Client, name)), name

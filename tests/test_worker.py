@@ -4,6 +4,9 @@ dead letters after max_attempts, batch claims, stop() and drain."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,6 +15,8 @@ import pytest
 from simplequeue.client import Backoff, Client, Job, Worker
 from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Policy
+from tests.helpers.fault_proxy import FaultProxy
 
 StartBroker = Callable[..., Awaitable[Any]]
 FAST = Backoff(base=0.01, cap=0.05)
@@ -28,14 +33,18 @@ async def q(broker: Any) -> Any:
         yield client
 
 
+async def wait_until(broker: Any, done: Callable[[], Awaitable[bool]]) -> None:
+    """Return once `done()` holds, checked each time a batch lands on the broker."""
+    async with asyncio.timeout(30):
+        while not await done():
+            await broker.committer.wait_changed("w", 1.0)
+
+
 async def run_until(worker: Worker, broker: Any, done: Callable[[], Awaitable[bool]]) -> None:
-    """Run the worker until `done()` holds, checked each time a batch lands on
-    the broker, then stop it."""
+    """Run the worker until `done()` holds, then stop it."""
     task = asyncio.create_task(worker.run())
     try:
-        async with asyncio.timeout(30):
-            while not await done():
-                await broker.committer.wait_changed("w", 1.0)
+        await wait_until(broker, done)
     finally:
         await worker.stop()
         await task
@@ -84,7 +93,8 @@ async def test_heartbeats_keep_a_long_job_from_redelivery(q: Client, broker: Any
             await broker.committer.wait_changed("w", 1.0)  # the next heartbeat
     assert await q.claim("thief") is None  # never re-delivered while it runs
     release.set()
-    await run_until(worker, broker, lambda: _completed(q, 1))
+    await wait_until(broker, lambda: _completed(q, 1))
+    await worker.stop()
     await task
     job = await q.job(job_id)
     assert (job.status, job.result, job.attempts, deliveries) == ("completed", "finished", 1, 1)
@@ -150,7 +160,7 @@ class CountingClient(Client):
     batches: list[int]
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         jobs = await super().claim_many(worker_id, count, lease, wait)
         self.batches.append(len(jobs))
@@ -262,7 +272,8 @@ async def test_a_prefetched_job_whose_lease_is_lost_is_dropped_not_run(
         while (await q.job(second)).attempts < 2 or (await q.job(second)).status != "claimed":
             await broker.committer.wait_changed("w", 1.0)
     release.set()
-    await run_until(worker, broker, lambda: _completed(q, 2))
+    await wait_until(broker, lambda: _completed(q, 2))
+    await worker.stop()
     await task
     assert runs == [("first", 1), ("second", 2)]  # never run on the lease it lost
 
@@ -277,7 +288,7 @@ class GatedClient(Client):
     asked: list[int]
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -323,7 +334,7 @@ class LateFirstAnswerClient(Client):
         self.second_returned = asyncio.Event()
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         self.calls += 1
         if self.calls == 1:
@@ -360,7 +371,7 @@ class FailingFirstClient(Client):
     failures = 0
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float = 30, wait: float = 0
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         if self.failures > 0:
             self.failures -= 1
@@ -379,3 +390,580 @@ async def test_the_worker_claims_again_after_both_claims_in_flight_failed(broker
         worker = Worker(q, nothing, concurrency=2, wait=0.2, handle_signals=False)
         await run_until(worker, broker, lambda: _completed(q, 10))
     assert (q.failures, worker.processed) == (0, 10)
+
+
+class FirstClaimBreaks(Client):
+    """Its first claim fails with an error that is not the SDK's."""
+
+    broke = False
+
+    async def claim_many(
+        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
+    ) -> list[Job]:
+        if not self.broke:
+            self.broke = True
+            raise RuntimeError("injected: not an error of the SDK")
+        return await super().claim_many(worker_id, count, lease, wait)
+
+
+async def test_a_claim_failing_with_an_error_not_the_sdks_is_logged_and_claiming_goes_on(
+    broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FirstClaimBreaks(broker.url, topic="w") as q:
+        await q.enqueue_many(list(range(3)))
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, concurrency=1, prefetch=0, wait=0.2, handle_signals=False)
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            await run_until(worker, broker, lambda: _completed(q, 3))
+    [record] = [r for r in caplog.records if "claim failed" in r.getMessage()]
+    assert record.name == "simplequeue.worker" and record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
+
+
+# --- acks -------------------------------------------------------------------------------
+
+
+class AckCountingClient(Client):
+    """Records the size of every ack request."""
+
+    ack_batches: list[int]
+
+    async def ack_many(self, acks: Any) -> list[dict[str, Any]]:
+        acks = list(acks)
+        self.ack_batches.append(len(acks))
+        return await super().ack_many(acks)
+
+
+async def test_acks_of_jobs_that_end_together_share_a_request(broker: Any) -> None:
+    async with AckCountingClient(broker.url, topic="w") as q:
+        q.ack_batches = []
+        await q.enqueue_many(list(range(30)))
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, concurrency=30, prefetch=0, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 30))
+    assert sum(q.ack_batches) == 30
+    assert len(q.ack_batches) < 30 and max(q.ack_batches) > 1
+
+
+class FirstAckRequestBreaks(Client):
+    """The first ack request is held until the job `other` has ended (so that its
+    ack is queued behind it), then fails with an error that is not the SDK's."""
+
+    other = ""
+    broke = False
+    acking: asyncio.Event
+
+    async def ack_many(self, acks: Any) -> list[dict[str, Any]]:
+        acks = list(acks)
+        if not self.broke:
+            self.broke = True
+            self.acking.set()
+            [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"job:{self.other}"]
+            await asyncio.wait([task])
+            raise RuntimeError("injected: the ack request broke")
+        return await super().ack_many(acks)
+
+
+async def test_a_failed_ack_request_is_logged_and_the_acks_queued_behind_it_still_go(
+    broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FirstAckRequestBreaks(broker.url, topic="w") as q:
+        first, second = await q.enqueue_many(["first", "second"])
+        q.other, q.acking = second, asyncio.Event()
+
+        async def handle(job: Job) -> str:
+            if job.payload == "second":
+                await q.acking.wait()  # the first job's ack request is on its way
+            return str(job.payload)
+
+        worker = Worker(q, handle, concurrency=2, prefetch=0, wait=0.2, handle_signals=False)
+
+        async def second_done() -> bool:
+            return (await q.job(second)).status == "completed"
+
+        with caplog.at_level(logging.ERROR):
+            await run_until(worker, broker, second_done)
+        assert (await q.job(first)).status == "claimed"  # its ack was lost: redelivered later
+    assert any("1 acks failed" in r.getMessage() for r in caplog.records)
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+def failures_logged(caplog: pytest.LogCaptureFixture, job_id: str) -> list[logging.LogRecord]:
+    """Records of `job_id`'s handler failures on the simplequeue.worker logger."""
+    return [
+        r
+        for r in caplog.records
+        if r.name == "simplequeue.worker" and job_id in r.getMessage() and r.exc_info
+    ]
+
+
+async def test_a_handler_failure_is_logged_with_its_traceback(
+    q: Client, broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await q.enqueue("poison", max_attempts=1)
+
+    async def boom(job: Job) -> None:
+        raise ValueError("no such item")
+
+    worker = Worker(q, boom, wait=0.2, handle_signals=False)
+    with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+        await run_until(worker, broker, lambda: _dead(q, 1))
+    [record] = failures_logged(caplog, job_id)
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+    assert "ValueError: no such item" in caplog.text
+    assert "Traceback" in caplog.text and "in boom" in caplog.text
+
+
+async def _dead(q: Client, n: int) -> bool:
+    return (await q.status())["dead"] >= n
+
+
+async def test_a_plain_function_runs_in_a_thread_and_its_return_value_acks(
+    q: Client, broker: Any
+) -> None:
+    ids = await q.enqueue_many([1, 2, 3])
+    loop_thread = threading.get_ident()
+    threads: set[int] = set()
+
+    def triple(job: Job) -> int:  # blocking code is welcome here
+        threads.add(threading.get_ident())
+        return int(job.payload) * 3
+
+    worker = Worker(q, triple, wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 3))
+    assert [(await q.job(i)).result for i in ids] == [3, 6, 9]
+    assert threads and loop_thread not in threads
+
+
+async def test_a_partial_of_a_plain_function_runs_in_a_thread_too(q: Client, broker: Any) -> None:
+    job_id = await q.enqueue(5)
+
+    def scale(factor: int, job: Job) -> int:
+        assert threading.get_ident() != loop_thread
+        return factor * int(job.payload)
+
+    loop_thread = threading.get_ident()
+    worker = Worker(q, functools.partial(scale, 10), wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 1))
+    assert (await q.job(job_id)).result == 50
+
+
+async def test_a_plain_function_that_returns_a_coroutine_has_it_awaited(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue(4)
+
+    async def square(job: Job) -> int:
+        return int(job.payload) ** 2
+
+    worker = Worker(q, lambda job: square(job), wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 1))
+    assert (await q.job(job_id)).result == 16
+
+
+async def test_a_plain_function_that_raises_fails_the_job_with_its_error(
+    q: Client, broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await q.enqueue("x", max_attempts=1)
+
+    def refuse(job: Job) -> None:
+        raise PermissionError("not today")
+
+    worker = Worker(q, refuse, wait=0.2, handle_signals=False)
+    with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+        await run_until(worker, broker, lambda: _dead(q, 1))
+    [job] = await q.dead()
+    assert (job.id, job.last_error) == (job_id, "PermissionError: not today")
+    assert failures_logged(caplog, job_id)
+
+
+async def test_a_handler_that_cannot_be_called_fails_the_job_at_once(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue("x", max_attempts=1)
+
+    async def takes_nothing() -> None:
+        return None
+
+    worker = Worker(q, takes_nothing, wait=0.2, handle_signals=False)  # type: ignore[arg-type]
+    await run_until(worker, broker, lambda: _dead(q, 1))
+    [job] = await q.dead()
+    assert job.id == job_id and job.last_error is not None
+    assert job.last_error.startswith("TypeError:") and "argument" in job.last_error
+
+
+class Counter:
+    """A callable object that is no coroutine function and returns a plain value."""
+
+    def __call__(self, job: Job) -> int:
+        return 1
+
+
+class AsyncDoubler:
+    async def __call__(self, job: Job) -> int:
+        return 2 * int(job.payload)
+
+
+class Dispatcher:
+    """A callable object that returns an awaitable (as a task registry does)."""
+
+    def __call__(self, job: Job) -> Awaitable[int]:
+        return AsyncDoubler()(job)
+
+
+async def test_a_callable_that_returns_no_awaitable_fails_the_job_at_once(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue("x", max_attempts=1)
+    worker = Worker(q, Counter(), wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _dead(q, 1))
+    [job] = await q.dead()
+    assert job.id == job_id and job.last_error is not None
+    assert "returned int, not an awaitable" in job.last_error
+
+
+async def test_callable_objects_that_are_or_return_coroutines_ack(q: Client, broker: Any) -> None:
+    for n, handler in enumerate([AsyncDoubler(), Dispatcher()], 1):
+        job_id = await q.enqueue(n)
+        worker = Worker(q, handler, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, functools.partial(_completed, q, n))
+        assert (await q.job(job_id)).result == 2 * n
+
+
+async def test_a_result_that_cannot_be_sent_fails_its_job_not_the_ack_batch(
+    q: Client, broker: Any
+) -> None:
+    good = await q.enqueue("good")
+    bad = await q.enqueue("bad", max_attempts=1)
+
+    async def answer(job: Job) -> Any:
+        return object() if job.payload == "bad" else "fine"
+
+    # Both jobs end in the same turns of the loop: their acks would share a batch.
+    worker = Worker(q, answer, concurrency=2, prefetch=0, wait=0.2, handle_signals=False)
+
+    async def settled() -> bool:
+        counts = await q.status()
+        return (counts["completed"], counts["dead"]) == (1, 1)
+
+    await run_until(worker, broker, settled)
+    assert (await q.job(good)).result == "fine"
+    failed = await q.job(bad)
+    assert failed.status == "dead" and failed.last_error is not None
+    assert "cannot be sent as JSON" in failed.last_error
+
+
+async def test_a_handler_that_overruns_its_timeout_is_cancelled_and_the_job_failed(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue("stuck", max_attempts=2)
+    cancelled: list[int] = []
+
+    async def stuck(job: Job) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(job.attempts or 0)
+            raise
+
+    worker = Worker(q, stuck, timeout=0.2, backoff=FAST, wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _dead(q, 1))
+    [job] = await q.dead()
+    assert (job.id, job.attempts, cancelled) == (job_id, 2, [1, 2])  # each attempt counted
+    assert job.last_error is not None and "timed out after 0.2 s" in job.last_error
+    assert worker.failed == 2
+
+
+async def test_a_plain_function_that_overruns_its_timeout_fails_the_job(
+    q: Client, broker: Any
+) -> None:
+    job_id = await q.enqueue("blocked", max_attempts=1)
+    release = threading.Event()
+
+    def blocked(job: Job) -> None:
+        release.wait(30)  # a thread cannot be stopped: it runs on, its result unused
+
+    worker = Worker(q, blocked, timeout=0.2, wait=0.2, handle_signals=False)
+    try:
+        await run_until(worker, broker, lambda: _dead(q, 1))
+    finally:
+        release.set()
+    [job] = await q.dead()
+    assert job.id == job_id and job.last_error is not None
+    assert "timed out after 0.2 s" in job.last_error
+
+
+class NackBreaks(Client):
+    """Every nack fails with an error that is not the SDK's."""
+
+    async def nack(self, job: Job | str, delay: float = 0, error: str | None = None) -> str:
+        raise RuntimeError("injected: the nack broke")
+
+
+async def test_a_nack_failing_with_an_error_not_the_sdks_is_logged(
+    broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with NackBreaks(broker.url, topic="w") as q:
+        job_id = await q.enqueue("x")
+        failed = asyncio.Event()
+
+        async def boom(job: Job) -> None:
+            failed.set()
+            raise ValueError("boom")
+
+        worker = Worker(q, boom, wait=0.2, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            async with asyncio.timeout(30):
+                await failed.wait()
+            await worker.stop()
+            await run
+    [record] = [r for r in caplog.records if "could not settle" in r.getMessage()]
+    assert job_id in record.getMessage() and record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
+
+
+# --- heartbeats -------------------------------------------------------------------------
+
+
+async def test_a_heartbeat_that_meets_a_500_is_logged_and_the_next_one_goes_out(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await start_broker(MemStore(), reap_interval=0.05)
+    async with FaultProxy(broker.url).running() as proxy, Client(proxy.url, topic="w") as q:
+        job_id = await q.enqueue("long")
+        proxy.fail("/heartbeat", "500")  # a status the client does not retry
+        runs = 0
+
+        async def long(job: Job) -> str:
+            nonlocal runs
+            runs += 1
+            # Several heartbeat intervals: three leases' worth.
+            while proxy.requests["/topics/w/heartbeat"] < 9:
+                await broker.committer.wait_changed("w", 1.0)
+            return "done"
+
+        worker = Worker(q, long, lease=0.6, heartbeat_every=0.2, wait=0.2, handle_signals=False)
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            await run_until(worker, broker, lambda: _completed(q, 1))
+        job = await q.job(job_id)
+    assert (job.status, job.result, job.attempts, runs) == ("completed", "done", 1, 1)
+    assert "heartbeat failed" in caplog.text and "500" in caplog.text
+
+
+class OneHeartbeatBreaks(Client):
+    """Its first heartbeat fails with an error that is not the SDK's; it counts
+    the heartbeats that land after it."""
+
+    broke = False
+    landed = 0
+    three_landed: asyncio.Event
+
+    async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
+        if not self.broke:
+            self.broke = True
+            raise OSError("injected: not an error of the SDK")
+        expires = await super().heartbeat(job, lease)
+        self.landed += 1
+        if self.landed == 3:
+            self.three_landed.set()
+        return expires
+
+
+async def test_heartbeats_go_on_after_a_failure_that_is_not_the_sdks(
+    start_broker: StartBroker,
+) -> None:
+    broker = await start_broker(MemStore(), reap_interval=0.05)
+    async with OneHeartbeatBreaks(broker.url, topic="w") as q:
+        q.three_landed = asyncio.Event()
+        job_id = await q.enqueue("long")
+        runs = 0
+
+        async def long(job: Job) -> str:
+            nonlocal runs
+            runs += 1
+            await q.three_landed.wait()  # past the lease the first heartbeat would have renewed
+            return "done"
+
+        worker = Worker(q, long, lease=0.3, heartbeat_every=0.1, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 1))
+        job = await q.job(job_id)
+    assert (job.status, job.attempts, runs) == ("completed", 1, 1)
+
+
+class TimedHeartbeats(Client):
+    """Records when each heartbeat was sent, and what lease it asked for."""
+
+    sent: list[float]
+    leases: list[float | None]
+    six_sent: asyncio.Event
+
+    async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
+        self.sent.append(asyncio.get_running_loop().time())
+        self.leases.append(lease)
+        if len(self.sent) == 6:
+            self.six_sent.set()
+        return await super().heartbeat(job, lease)
+
+
+async def test_without_a_lease_the_brokers_is_used_and_renewed_every_third_of_it(
+    start_broker: StartBroker,
+) -> None:
+    lease = 0.9
+    broker = await start_broker(MemStore(), policy=Policy(default_lease=lease), reap_interval=0.05)
+    async with TimedHeartbeats(broker.url, topic="w") as q:
+        q.sent, q.leases, q.six_sent = [], [], asyncio.Event()
+        job_id = await q.enqueue("long")
+        held: list[float] = []
+
+        async def long(job: Job) -> str:
+            assert job.lease_expires_at is not None and job.claimed_at is not None
+            held.append(job.lease_expires_at - job.claimed_at)
+            await q.six_sent.wait()  # two leases' worth of heartbeats
+            return "done"
+
+        worker = Worker(q, long, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 1))
+        job = await q.job(job_id)
+    assert held == [pytest.approx(lease)]  # the broker's lease, not one the worker chose
+    assert set(q.leases) == {None}  # each heartbeat renews the claim's own lease
+    gaps = [b - a for a, b in zip(q.sent, q.sent[1:], strict=False)]
+    assert min(gaps) >= lease / 3 * 0.9  # a third of the lease apart (never much faster)
+    assert (job.status, job.attempts) == ("completed", 1)  # never reaped
+
+
+# --- cancellation -----------------------------------------------------------------------
+
+
+def job_task(job_id: str) -> asyncio.Task[Any]:
+    """The Worker's task running `job_id` (it names them so)."""
+    [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"job:{job_id}"]
+    return task
+
+
+async def test_a_job_cancelled_from_outside_is_cancelled_not_taken_for_a_lost_lease(
+    q: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await q.enqueue("held")
+    started = asyncio.Event()
+
+    async def hold(job: Job) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    worker = Worker(q, hold, wait=0.2, handle_signals=False)
+    run = asyncio.create_task(worker.run())
+    with caplog.at_level(logging.INFO, logger="simplequeue.worker"):
+        async with asyncio.timeout(30):
+            await started.wait()
+        task = job_task(job_id)
+        task.cancel()
+        await asyncio.wait([task])
+        await worker.stop()
+        await run
+    assert task.cancelled()  # the cancellation went through, it was not swallowed
+    assert "lost its lease" not in caplog.text
+    job = await q.job(job_id)
+    assert (job.status, job.attempts) == ("claimed", 1)  # left to its lease
+
+
+async def test_a_handler_whose_lease_is_lost_is_cancelled_and_the_job_runs_again(
+    q: Client, broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await q.enqueue("taken")
+    started = asyncio.Event()
+    cancelled: list[int] = []
+
+    async def hold_the_first_attempt(job: Job) -> str:
+        if job.attempts == 1:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(job.attempts)
+                raise
+        return "second time"
+
+    worker = Worker(q, hold_the_first_attempt, heartbeat_every=0.05, wait=0.2, handle_signals=False)
+    run = asyncio.create_task(worker.run())
+    with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+        async with asyncio.timeout(30):
+            await started.wait()
+        await q.nack(job_id)  # someone else gives it back: the next heartbeat finds it lost
+        await wait_until(broker, lambda: _completed(q, 1))
+        await worker.stop()
+        await run
+    job = await q.job(job_id)
+    assert (job.status, job.result, job.attempts, cancelled) == ("completed", "second time", 2, [1])
+    assert f"job {job_id}: lost its lease" in caplog.text
+
+
+# --- burst and max_jobs -----------------------------------------------------------------
+
+
+async def test_a_burst_worker_returns_once_the_topic_is_empty(q: Client) -> None:
+    await q.enqueue_many(list(range(7)))
+
+    async def nothing(job: Job) -> None:
+        return None
+
+    # A long poll would hold the last claim for `wait`; a burst worker does not wait.
+    worker = Worker(q, nothing, concurrency=2, wait=30, burst=True, handle_signals=False)
+    async with asyncio.timeout(10):
+        await worker.run()
+    assert worker.processed == 7
+    assert (await q.status())["completed"] == 7
+
+
+async def test_a_burst_worker_on_an_empty_topic_returns_at_once(q: Client) -> None:
+    async def never(job: Job) -> None:
+        raise AssertionError("no job to run")
+
+    worker = Worker(q, never, wait=30, burst=True, handle_signals=False)
+    async with asyncio.timeout(10):
+        await worker.run()
+    assert (worker.processed, worker.failed) == (0, 0)
+
+
+async def test_a_burst_worker_runs_again_what_a_running_job_gave_back(q: Client) -> None:
+    job_id = await q.enqueue("flaky")
+
+    async def fail_once(job: Job) -> str:
+        if job.attempts == 1:
+            raise RuntimeError("first try")
+        return "second try"
+
+    # With a buffer, a second claim is on its way, and finds nothing, while the
+    # first attempt runs; its nack (no delay) puts the job back before the end.
+    worker = Worker(
+        q, fail_once, concurrency=1, backoff=Backoff(base=0), burst=True, handle_signals=False
+    )
+    async with asyncio.timeout(10):
+        await worker.run()
+    job = await q.job(job_id)
+    assert (job.status, job.result, job.attempts) == ("completed", "second try", 2)
+
+
+async def test_max_jobs_stops_after_that_many_jobs_whatever_their_outcome(q: Client) -> None:
+    await q.enqueue_many(list(range(6)))
+
+    async def odd_fails(job: Job) -> None:
+        if job.payload % 2:
+            raise ValueError("odd")
+
+    worker = Worker(
+        q, odd_fails, concurrency=2, max_jobs=3, backoff=Backoff(base=60), handle_signals=False
+    )
+    async with asyncio.timeout(10):
+        await worker.run()
+    assert worker.processed + worker.failed == 3
+    counts = await q.status()
+    assert counts["completed"] + counts["delayed"] == 3 and counts["pending"] == 3

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from simplequeue import __version__
 from simplequeue.broker.settings import BrokerSettings, parse_addr
 from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
@@ -30,6 +31,7 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 
 
 @click.command(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE", "show_default": True})
+@click.version_option(__version__, prog_name="simplequeue", message="%(prog)s %(version)s")
 @click.option(
     "--addr",
     default="127.0.0.1:8080",

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
+import os
+import shutil
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TextIO, TypeVar
@@ -18,8 +21,10 @@ import click
 import msgspec
 import orjson
 
+from simplequeue import __version__
 from simplequeue.client.client import Client
 from simplequeue.client.job import Job
+from simplequeue.client.worker import Worker
 from simplequeue.errors import SimpleQueueError
 from simplequeue.storeflags import StoreFlags, store_options
 
@@ -92,6 +97,7 @@ def parse_json_option(text: str | None, name: str) -> Any:
 
 
 @click.group(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE"})
+@click.version_option(__version__, prog_name="simplequeue", message="%(prog)s %(version)s")
 @click.option(
     "--broker",
     default="http://127.0.0.1:8080",
@@ -184,9 +190,14 @@ def chunks(items: list[T], size: int) -> Iterator[list[T]]:
 @main.command()
 @click.argument("worker_id")
 @click.option("--wait", type=click.FloatRange(0, 60), default=0.0, help="Long-poll seconds.")
-@click.option("--lease", type=click.FloatRange(min=0.001), default=30.0)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0.001),
+    default=None,
+    help="Lease seconds [default: the broker's --lease].",
+)
 @run
-async def claim(client: Client, worker_id: str, wait: float, lease: float) -> None:
+async def claim(client: Client, worker_id: str, wait: float, lease: float | None) -> None:
     """Claim the next job and print it (with its lease_token)."""
     job = await client.claim(worker_id, lease=lease, wait=wait)
     if job is None:
@@ -283,8 +294,8 @@ async def topics(client: Client, as_json: bool) -> None:
 @click.argument("job_id")
 @run
 async def job(client: Client, job_id: str) -> None:
-    """A job, or its retained record."""
-    emit(job_json(await client.job(job_id)))
+    """A job, or its retained record, as the broker sent it."""
+    emit(await client.job_dict(job_id))
 
 
 @main.command()
@@ -313,12 +324,17 @@ async def purge(client: Client, job_ids: tuple[str, ...]) -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--worker-id", default=None)
-@click.option("--lease", type=click.FloatRange(min=1), default=30.0, show_default=True)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Lease seconds for each job [default: the broker's --lease].",
+)
 @click.option(
     "--max-jobs",
     type=click.IntRange(min=1),
     default=None,
-    help="Stop after this many jobs (for scripts and tests).",
+    help="Stop after this many jobs, whatever their outcome (for scripts and tests).",
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @run
@@ -326,28 +342,27 @@ async def work(
     client: Client,
     concurrency: int,
     worker_id: str | None,
-    lease: float,
+    lease: float | None,
     max_jobs: int | None,
     command: tuple[str, ...],
 ) -> None:
-    """Run COMMAND once per job: the payload as JSON on stdin; exit 0 acks with
+    """Run COMMAND once per job: the payload as JSON on stdin, the job's id and
+    attempt in SIMPLEQUEUE_JOB_ID and SIMPLEQUEUE_ATTEMPT; exit 0 acks with
     stdout as the result (JSON if it parses, else text); non-zero nacks with
-    stderr as the error. Ctrl-C or SIGTERM drains running commands."""
-    from simplequeue.client.worker import Worker
-
-    worker: Worker | None = None
+    stderr as the error. Ctrl-C or SIGTERM drains running commands. A COMMAND
+    that cannot be started stops the worker with exit status 1."""
+    check_runnable(command[0])
+    cannot_start: list[CommandUnstartable] = []
 
     async def handler(job: Job) -> Any:
-        result = await run_command(command, job)
-        if (
-            max_jobs is not None
-            and worker is not None
-            and (worker.processed + worker.failed + 1 >= max_jobs)
-        ):
-            worker.request_stop()
-        return result
+        try:
+            return await run_command(command, job)
+        except CommandUnstartable as exc:
+            cannot_start.append(exc)
+            worker.request_stop()  # every job would fail the same way
+            raise
 
-    worker = Worker(
+    worker = CommandWorker(
         client,
         handler,
         concurrency=concurrency,
@@ -355,24 +370,83 @@ async def work(
         worker_id=worker_id,
         lease=lease,
         wait=5.0,
+        max_jobs=max_jobs,
     )
+    log_worker_to_stderr()
     click.echo(f"working on {client.topic} with {' '.join(command)}", err=True)
     await worker.run()
     click.echo(f"done: {worker.processed} acked, {worker.failed} nacked", err=True)
+    if cannot_start:
+        raise click.ClickException(str(cannot_start[0]))
+
+
+def check_runnable(program: str) -> None:
+    """Fail before claiming anything when `program` is not there to run."""
+    if shutil.which(program) is not None:
+        return
+    there = os.sep in program and os.path.exists(program)
+    raise click.ClickException(
+        f"cannot run {program!r}: {'not executable' if there else 'not found'}"
+    )
+
+
+class CommandUnstartable(Exception):
+    """The job's command could not be started (it vanished, or the system cannot
+    execute it): no fault of the job's."""
+
+
+class CommandWorker(Worker):
+    """A job whose command could not start is given back at once (nacked with the
+    error and no delay) rather than left to its lease: another worker, whose
+    command can start, may take it now, and its last_error says why it came back.
+    The attempt is spent either way, as a lease running out would spend it."""
+
+    def retry_delay(self, job: Job, error: Exception) -> float:
+        if isinstance(error, CommandUnstartable):
+            return 0.0
+        return super().retry_delay(job, error)
+
+
+class OneLine(logging.Formatter):
+    """A record without its traceback: a failed command's error is its stderr,
+    already in the message, and the Worker's traceback of it would only say
+    where run_command raised."""
+
+    def formatException(self, ei: Any) -> str:
+        return ""
+
+
+def log_worker_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine("%(levelname)s %(message)s"))
+    logger = logging.getLogger("simplequeue.worker")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 class CommandFailed(Exception):
     """The job's command exited non-zero; the message is its stderr."""
 
 
+def command_env(job: Job) -> dict[str, str]:
+    """This process's environment, and the job's id and attempt."""
+    env = {**os.environ, "SIMPLEQUEUE_JOB_ID": job.id}
+    if job.attempts is not None:
+        env["SIMPLEQUEUE_ATTEMPT"] = str(job.attempts)
+    return env
+
+
 async def run_command(command: tuple[str, ...], job: Job) -> Any:
-    proc = await asyncio.create_subprocess_exec(
-        *command,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=None,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=command_env(job),
+        )
+    except OSError as exc:
+        raise CommandUnstartable(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
     try:
         out, err = await proc.communicate(orjson.dumps(job.payload))
     except asyncio.CancelledError:  # lease lost or shutting down hard: do not leave it

@@ -405,6 +405,16 @@ class Client:
             raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
         return job
 
+    async def job_dict(self, job_id: str) -> dict[str, Any]:
+        """The job, or its record, as the broker sent it: every field it sent
+        and no other (a Job has every field, None where the answer had none)."""
+        _, job, _ = await self.call(
+            "GET", self._t(f"/jobs/{job_id}"), dict[str, Any], expected=_MISSING
+        )
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
+        return job
+
     async def dead(self) -> list[Job]:
         return (await self.request("GET", self._t("/dead"), api.DeadJobs)).jobs
 

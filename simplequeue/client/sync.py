@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -17,18 +17,49 @@ from simplequeue.client.job import Job
 from simplequeue.objstore import ObjectStore
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 class SyncClient:
-    """Blocking twin of Client: same methods, same arguments, same errors."""
+    """Blocking twin of Client: same methods, same arguments and defaults, same
+    errors (tests/test_client.py checks that the signatures match)."""
 
-    def __init__(self, url: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        topic: str = "default",
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 5,
+        retry_budget: float = 30.0,
+        store: ObjectStore | None = None,
+        max_age: float = 30.0,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="simplequeue-sync-client", daemon=True
         )
         self._thread.start()
-        self._client = Client(url, **options) if url is not None or options.get("store") else None
+        self._client: Client | None = None
+        if url is not None or store is not None:
+            self._client = Client(
+                url,
+                topic=topic,
+                token=token,
+                timeout=timeout,
+                retries=retries,
+                retry_budget=retry_budget,
+                store=store,
+                max_age=max_age,
+            )
+
+    @classmethod
+    def _wrapping(cls, make: Callable[[], Coroutine[Any, Any, Client]]) -> SyncClient:
+        """A SyncClient, on a loop of its own, of the Client `make` builds there."""
+        client = cls()
+        client._client = client._run(make())
+        return client
 
     @classmethod
     def discover(
@@ -37,14 +68,22 @@ class SyncClient:
         *,
         max_age: float = 30.0,
         topic: str = "default",
+        close_store: bool | None = None,
         **options: Any,
     ) -> SyncClient:
-        client = cls.__new__(cls)
-        cls.__init__(client)
-        client._client = client._run(
-            Client.discover(store, max_age=max_age, topic=topic, **options)
+        return cls._wrapping(
+            lambda: Client.discover(
+                store, max_age=max_age, topic=topic, close_store=close_store, **options
+            )
         )
-        return client
+
+    def for_topic(self, topic: str) -> SyncClient:
+        """A client of another topic on the same broker (its own session and loop)."""
+
+        async def make() -> Client:
+            return self.client.for_topic(topic)
+
+        return SyncClient._wrapping(make)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -57,6 +96,23 @@ class SyncClient:
     @property
     def url(self) -> str:
         return self.client.url
+
+    def request(
+        self, method: str, path: str, answer: type[A], body: Any = None, *, wait: float = 0.0
+    ) -> A:
+        return self._run(self.client.request(method, path, answer, body, wait=wait))
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        answer: type[A],
+        body: Any = None,
+        *,
+        wait: float = 0.0,
+        expected: frozenset[int] = frozenset(),
+    ) -> tuple[int, A | None, int]:
+        return self._run(self.client.call(method, path, answer, body, wait=wait, expected=expected))
 
     def enqueue(
         self,
@@ -96,6 +152,9 @@ class SyncClient:
 
     def job(self, job_id: str) -> Job:
         return self._run(self.client.job(job_id))
+
+    def job_dict(self, job_id: str) -> dict[str, Any]:
+        return self._run(self.client.job_dict(job_id))
 
     def dead(self) -> list[Job]:
         return self._run(self.client.dead())

@@ -4,13 +4,21 @@ Batch claims fill free slots and, ahead of need, a prefetch buffer of up to
 `prefetch` more jobs, so that the next jobs are at hand when a slot frees
 rather than one claim round trip away. With a buffer, each claim asks for half
 the capacity and two can be in flight; their jobs are buffered in the order
-the claims were sent. Each claimed job's lease is renewed by
-heartbeats from the moment it is claimed (waiting in the buffer included);
-a return value acks it (acks go out in batches, and the slot is free at
-once), an exception nacks it with the error text and a jittered exponential
-backoff (the broker sends it dead when its attempts are spent). stop(),
-SIGTERM or SIGINT stop claiming and drain: every job already claimed, the
-buffered ones included, is run to its end.
+the claims were sent. Each claimed job's lease (the broker's --lease unless
+`lease` says) is renewed by heartbeats every third of it, from the moment it
+is claimed (waiting in the buffer included).
+
+The handler is a coroutine function, a plain function (run in a thread,
+asyncio.to_thread) or a callable that returns an awaitable. Its return value
+acks the job (acks go out in batches, through batching.Batcher, and the slot
+is free at once); an exception, from the call on, a result that cannot be
+sent as JSON, or overrunning `timeout` nacks it with the error text and a
+jittered exponential backoff (the broker sends it dead when its attempts are
+spent), and is logged with its traceback on the `simplequeue.worker` logger.
+stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed,
+the buffered ones included, is run to its end. Cancellation is never
+swallowed: only a handler cancelled because its heartbeat found the lease lost
+is handled here.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import random
@@ -28,13 +38,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
+from simplequeue import api
+from simplequeue.batching import Batcher, Pending
 from simplequeue.client.client import Client
 from simplequeue.client.job import Job
 from simplequeue.errors import JobNotFound, LeaseLost, SimpleQueueError
 
-log = logging.getLogger(__name__)
+# One name for the Worker's log, wherever the module lives: applications and the
+# CLI configure "simplequeue.worker".
+log = logging.getLogger("simplequeue.worker")
 
-Handler = Callable[[Job], Awaitable[Any]]
+#: A coroutine function, a plain function (run in a thread), or any other
+#: callable that returns an awaitable; what it returns acks the job.
+Handler = Callable[[Job], Any]
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,9 @@ class Backoff:
 
 
 CLAIMS_IN_FLIGHT = 2
+# The lease assumed for a job whose claim times the broker did not send: its
+# default --lease.
+FALLBACK_LEASE = 30.0
 
 
 class _Claimed:
@@ -68,7 +89,15 @@ class Worker:
     """Runs `handler` on the client's topic's jobs, `concurrency` at a time,
     holding up to `prefetch` more claimed (default: twice `concurrency`, so
     that short jobs are claimed in large batches, few requests and writes per
-    job; 0 for long jobs, so that none waits here while another worker is idle)."""
+    job; 0 for long jobs, so that none waits here while another worker is idle).
+    A handler still running `timeout` seconds after it started is cancelled and
+    its job failed (a plain function's thread cannot be stopped: it runs on, its
+    result unused, while its slot takes another job).
+
+    run() returns after stop() or a signal; with `burst`, also once the topic is
+    empty (a claim found nothing while nothing ran or waited here; burst claims
+    do not long-poll); with `max_jobs`, once that many jobs were claimed, whatever
+    their outcome. Either way it drains first."""
 
     def __init__(
         self,
@@ -78,25 +107,41 @@ class Worker:
         concurrency: int = 16,
         prefetch: int | None = None,
         worker_id: str | None = None,
-        lease: float = 30.0,
+        lease: float | None = None,
         heartbeat_every: float | None = None,
         wait: float = 5.0,
         backoff: Backoff | None = None,
+        timeout: float | None = None,
+        burst: bool = False,
+        max_jobs: int | None = None,
         handle_signals: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if prefetch is not None and prefetch < 0:
             raise ValueError("prefetch must be 0 or more")
+        if max_jobs is not None and max_jobs < 1:
+            raise ValueError("max_jobs must be at least 1")
+        for name, value in (
+            ("lease", lease),
+            ("heartbeat_every", heartbeat_every),
+            ("timeout", timeout),
+        ):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be more than 0 seconds")
         self.client = client
         self.handler = handler
+        self._in_thread = _is_plain_function(handler)
         self.concurrency = concurrency
         self.prefetch = 2 * concurrency if prefetch is None else prefetch
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.lease = lease
-        self.heartbeat_every = heartbeat_every or lease / 3
+        self.lease = lease  # None: the broker's --lease
+        self.heartbeat_every = heartbeat_every  # None: a third of each job's lease
         self.wait = wait
         self.backoff = backoff or Backoff()
+        self.timeout = timeout
+        self.burst = burst
+        self.max_jobs = max_jobs
         self.handle_signals = handle_signals
         self.processed = 0
         self.failed = 0
@@ -107,12 +152,21 @@ class Worker:
         self._idle = asyncio.Event()  # nothing running and nothing buffered
         self._claims: set[asyncio.Task[None]] = set()  # claims in flight
         self._asked = 0  # jobs asked for by claims whose answers are not in the buffer yet
+        self._taken = 0  # jobs claimed so far (max_jobs counts them)
+        self._dry = False  # burst: a claim found nothing; claim again once a job ends
         # Answers go into the buffer in the order their claims were sent.
         self._sent = 0
         self._delivered = 0
-        self._answers: dict[int, tuple[int, list[Job]]] = {}
+        self._answers: dict[int, tuple[int, list[Job] | None]] = {}
         self._done = asyncio.Event()
-        self._acks = _AckBatcher(client)
+        # Acks in batches: one request carries every ack that came in while the
+        # previous one was in flight (group commit, client side).
+        self._acks: Batcher[tuple[Job, Any], str] = Batcher(
+            self._send_acks,
+            max_batch=api.MAX_BATCH,
+            before=_let_a_burst_gather,
+            name="worker-acks",
+        )
 
     async def run(self) -> None:
         """Claim and process until stop() or a signal; then drain and return."""
@@ -159,17 +213,20 @@ class Worker:
         """How many jobs to claim now: nothing until half a buffer's worth of
         room is free (or a slot would idle), so that claims come in batches
         rather than one per finished job; then all the room, or with a buffer
-        half the capacity at most."""
+        half the capacity at most; never more than max_jobs leaves."""
+        if self._dry:
+            return 0
         held = len(self._running) + len(self._ready) + self._asked
         room = self.concurrency + self.prefetch - held
         starving = not self._ready and not self._asked and len(self._running) < self.concurrency
         if not starving and room * 2 < self.prefetch:
             return 0
-        if not self.prefetch:
-            return room
         # With a buffer, half the capacity at most, so that a second claim can
         # be on its way while the first one's jobs run.
-        return min(room, (self.concurrency + self.prefetch + 1) // 2)
+        count = min(room, (self.concurrency + self.prefetch + 1) // 2) if self.prefetch else room
+        if self.max_jobs is not None:
+            count = min(count, self.max_jobs - self._taken - self._asked)
+        return count
 
     async def _claim_loop(self) -> None:
         """Send claims, up to CLAIMS_IN_FLIGHT at once: with short jobs, the next
@@ -193,19 +250,17 @@ class Worker:
             await asyncio.gather(*self._claims, return_exceptions=True)
 
     async def _claim(self, seq: int, count: int) -> None:
-        jobs: list[Job] = []
-        failed = False
+        jobs: list[Job] | None = None  # None: the claim failed, or was cancelled
         try:
             jobs = await self.client.claim_many(
-                self.worker_id, count, lease=self.lease, wait=self.wait
+                self.worker_id, count, lease=self.lease, wait=0.0 if self.burst else self.wait
             )
-        except SimpleQueueError as exc:
-            log.warning("claim failed: %s", exc)
-            failed = True
+        except Exception as exc:  # logged, and the claim's place held a while: see below
+            log.warning("claim failed: %s", exc, exc_info=not isinstance(exc, SimpleQueueError))
         finally:  # answered, failed or cancelled: later claims must not wait for it
             self._answers[seq] = (count, jobs)
             self._deliver()
-        if failed:
+        if jobs is None:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
                 async with asyncio.timeout(1.0):
                     await self._stopping.wait()
@@ -215,17 +270,33 @@ class Worker:
         self._room.set()  # its place is free: the loop may send another
 
     def _deliver(self) -> None:
-        """Buffer the jobs of every answered claim sent before any unanswered one."""
+        """Buffer the jobs of every answered claim sent before any unanswered one;
+        then stop if the topic is empty (burst) or max_jobs were claimed."""
+        found_nothing = False
         while self._delivered in self._answers:
             count, jobs = self._answers.pop(self._delivered)
             self._delivered += 1
             self._asked -= count
+            if jobs is None:  # a failed claim says nothing of the topic
+                self._dry = False
+                continue
+            found_nothing = found_nothing or not jobs
+            self._taken += len(jobs)
             for job in jobs:
                 held = _Claimed(job)
                 held.beats = asyncio.create_task(self._heartbeats(held))
                 self._ready.append(held)
         self._start_ready()
         self._room.set()
+        if self.burst and found_nothing:
+            # A job still running may give its job back (a nack): claim again
+            # when one ends, and stop only once nothing runs or waits here.
+            self._dry = True
+            if not (self._running or self._ready or self._asked):
+                log.info("the topic is empty: stopping (burst)")
+                self.request_stop()
+        if self.max_jobs is not None and self._taken >= self.max_jobs:
+            self.request_stop()
 
     def _start_ready(self) -> None:
         while self._ready and len(self._running) < self.concurrency:
@@ -236,6 +307,7 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._dry = False
         self._start_ready()
         self._room.set()
         if not self._running and not self._ready:
@@ -246,44 +318,133 @@ class Worker:
         if held.lost:
             log.warning("job %s: lost its lease before it started", job.id)
             return
-        work = held.work = asyncio.ensure_future(self.handler(job))
+        work = held.work = asyncio.ensure_future(self._handle(job))
         try:
-            result = await work
+            result = await self._within_timeout(work)
+            _check_sendable(result)
         except asyncio.CancelledError:
-            log.warning("job %s: lost its lease; its handler was cancelled", job.id)
-            return
+            # Only the cancellation a heartbeat sends when it finds the lease
+            # lost is ours to handle; any other (this task cancelled, the
+            # handler cancelled by something it awaited) goes on up, the job
+            # left to its lease.
+            if held.lost and not _cancelled_from_outside():
+                log.warning("job %s: lost its lease; its handler was cancelled", job.id)
+                return
+            raise
         except Exception as exc:
-            self.failed += 1
-            error = "".join(traceback.format_exception_only(exc)).strip()
-            await self._settle(
-                job, self.client.nack(job, self.backoff.delay(job.attempts or 1), error)
-            )
+            await self._fail(job, exc)
             return
         finally:
             await self._stop_beats(held)
         self.processed += 1
-        self._acks.add(job, result)  # the slot is free now; the ack rides the next batch
+        self._acks.post((job, result))  # the slot is free now; the ack rides the next batch
+
+    async def _within_timeout(self, work: asyncio.Future[Any]) -> Any:
+        """`work`'s result; TimeoutError saying so once it has run `timeout` s
+        (it is cancelled then). A TimeoutError of the handler's own passes as is."""
+        if self.timeout is None:
+            return await work
+        budget = asyncio.timeout(self.timeout)
+        try:
+            async with budget:
+                return await work
+        except TimeoutError:
+            if budget.expired():
+                raise TimeoutError(f"the handler timed out after {self.timeout:g} s") from None
+            raise
+
+    async def _handle(self, job: Job) -> Any:
+        """The handler's result for `job`. Whatever it raises, from the call on,
+        fails the job."""
+        if self._in_thread:
+            result = await asyncio.to_thread(self.handler, job)
+            # A plain function may hand back a coroutine (a lambda around an
+            # async def): acking with the coroutine object would send nothing.
+            return await result if inspect.isawaitable(result) else result
+        started = self.handler(job)
+        if not inspect.isawaitable(started):
+            raise TypeError(
+                f"the handler returned {type(started).__name__}, not an awaitable: a handler"
+                " is an async def, a plain def (run in a thread), or returns an awaitable"
+            )
+        return await started
+
+    async def _fail(self, job: Job, exc: Exception) -> None:
+        """Log the handler's failure with its traceback and nack the job with the
+        error, to run again after the backoff (or go dead when its attempts are spent)."""
+        self.failed += 1
+        error = "".join(traceback.format_exception_only(exc)).strip()
+        log.error("job %s failed on attempt %s: %s", job.id, job.attempts, error, exc_info=exc)
+        await self._settle(job, self.client.nack(job, self.retry_delay(job, exc), error))
+
+    def retry_delay(self, job: Job, error: Exception) -> float:
+        """Seconds before a failed job may run again: the backoff's for its
+        attempt. A subclass may choose by the error (the CLI gives back at once
+        a job whose command could not start: the fault is the worker's)."""
+        return self.backoff.delay(job.attempts or 1)
 
     @staticmethod
     async def _stop_beats(held: _Claimed) -> None:
         if held.beats is not None and not held.beats.done():
             held.beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await held.beats
+            # wait(), not await: the heartbeats' CancelledError is theirs, and a
+            # cancellation of this task meanwhile must not be swallowed with it.
+            await asyncio.wait([held.beats])
 
     async def _settle(self, job: Job, call: Awaitable[Any]) -> None:
         try:
             await call
         except (LeaseLost, JobNotFound) as exc:
             log.warning("job %s: could not settle: %s", job.id, exc)
-        except SimpleQueueError as exc:
-            log.error("job %s: could not settle (it will be redelivered): %s", job.id, exc)
+        except Exception as exc:
+            log.error(
+                "job %s: could not settle (it will be redelivered): %s",
+                job.id,
+                exc,
+                exc_info=not isinstance(exc, SimpleQueueError),
+            )
+
+    async def _send_acks(
+        self, batch: list[Pending[tuple[Job, Any], str]]
+    ) -> list[str | BaseException]:
+        """One ack request for the batch; each ack's outcome is the status the
+        broker answered it with. Nobody waits on them: failures are logged here."""
+        acks = [pending.item for pending in batch]
+        try:
+            answers = await self.client.ack_many(acks)
+        except Exception as exc:
+            log.error(
+                "%d acks failed (their jobs will be redelivered): %s",
+                len(acks),
+                exc,
+                exc_info=not isinstance(exc, SimpleQueueError),
+            )
+            return [exc] * len(acks)
+        for answer in answers:
+            if answer.get("status") != "completed":
+                log.warning("job %s: could not ack: %s", answer.get("id"), answer.get("error"))
+        return [str(answer.get("status")) for answer in answers]
+
+    def _heartbeat_interval(self, job: Job) -> float:
+        """`heartbeat_every`, or a third of the lease the broker gave `job`, in
+        the broker's own clock (so that no clock skew enters it)."""
+        if self.heartbeat_every is not None:
+            return self.heartbeat_every
+        lease = self.lease or FALLBACK_LEASE
+        expires, claimed = job.lease_expires_at, job.claimed_at
+        if expires is not None and claimed is not None and expires > claimed:
+            lease = expires - claimed
+        return lease / 3
 
     async def _heartbeats(self, held: _Claimed) -> None:
         """Renew the lease from the claim on, waiting in the buffer included;
-        if the lease is lost, drop the job or cancel its handler."""
+        if the lease is lost, drop the job or cancel its handler. Any other
+        failure is logged and the next heartbeat goes out on time: the lease is
+        still this worker's until it runs out, and a loop that ended here would
+        let it run out while the handler runs on (the job then ran twice)."""
+        every = self._heartbeat_interval(held.job)
         while True:
-            await asyncio.sleep(self.heartbeat_every)
+            await asyncio.sleep(every)
             try:
                 await self.client.heartbeat(held.job, self.lease)
             except (LeaseLost, JobNotFound):
@@ -298,47 +459,51 @@ class Worker:
                         self._idle.set()
                 # else: its task is about to start; _process sees `lost` and skips it
                 return
-            except SimpleQueueError as exc:
-                log.warning("job %s: heartbeat failed: %s", held.job.id, exc)
+            except Exception as exc:
+                log.warning(
+                    "job %s: heartbeat failed (the next in %.3g s): %s",
+                    held.job.id,
+                    every,
+                    exc,
+                    exc_info=not isinstance(exc, SimpleQueueError),
+                )
+
+
+def _is_plain_function(handler: Handler) -> bool:
+    """Whether `handler` is a function or method written with a plain `def` (or a
+    functools.partial of one): it runs in a thread. Coroutine functions, and
+    objects whose __call__ is one, run on the event loop; so does any other
+    callable, which must then return an awaitable."""
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__):
+        return False
+    return inspect.isfunction(target) or inspect.ismethod(target)
+
+
+def _check_sendable(result: Any) -> None:
+    """Raise unless `result` can be encoded into the ack request: a result that
+    cannot would fail every ack of the batch it rides in, not just its own."""
+    try:
+        msgspec.json.encode(result)
+    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+        raise TypeError(f"the handler's result cannot be sent as JSON: {exc}") from None
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the running task was asked to cancel (its own cancellation, not
+    that of a task or future it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 ACK_GATHER_TURNS = 3
 
 
-class _AckBatcher:
-    """Acknowledges finished jobs in batches: one request carries every ack that
-    came in while the previous one was in flight (group commit, client side)."""
-
-    BATCH = 1000
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.pending: list[tuple[Job, Any]] = []
-        self.sender: asyncio.Task[None] | None = None
-
-    def add(self, job: Job, result: Any) -> None:
-        self.pending.append((job, result))
-        if self.sender is None or self.sender.done():
-            self.sender = asyncio.create_task(self._send())
-
-    async def _send(self) -> None:
-        # Short jobs end in bursts, over a few turns of the event loop (each
-        # one that ends starts the next from the buffer): let the burst's acks
-        # gather first, so that it takes one request and one write, not two.
-        for _ in range(ACK_GATHER_TURNS):
-            await asyncio.sleep(0)
-        while self.pending:
-            batch, self.pending = self.pending[: self.BATCH], self.pending[self.BATCH :]
-            try:
-                answers = await self.client.ack_many(batch)
-            except SimpleQueueError as exc:
-                log.error("%d acks failed (their jobs will be redelivered): %s", len(batch), exc)
-                continue
-            for answer in answers:
-                if answer.get("status") != "completed":
-                    log.warning("job %s: could not ack: %s", answer.get("id"), answer.get("error"))
-
-    async def flush(self) -> None:
-        """Wait until every ack added so far was sent."""
-        while self.sender is not None and not self.sender.done():
-            await self.sender
+async def _let_a_burst_gather() -> None:
+    """Short jobs end in bursts, over a few turns of the event loop (each one
+    that ends starts the next from the buffer): let the burst's acks gather
+    before a batch is taken, so that it takes one request and one write, not two."""
+    for _ in range(ACK_GATHER_TURNS):
+        await asyncio.sleep(0)
