@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,18 @@ def test_simplequeued_rejects_bad_flags_with_a_clear_message(args: list[str], sa
     assert done.returncode != 0
     assert says in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_simplequeued_flags_reach_the_running_broker(
+    broker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    """--cache-mb (MB) is converted and used, as /metrics shows."""
+    broker = broker_process("--dir", str(tmp_path), "--cache-mb", "3")
+    async with aiohttp.ClientSession() as s, s.get(f"{broker.url}/metrics") as r:
+        text = await r.text()
+    budget = next(
+        line
+        for line in text.splitlines()
+        if line.startswith('simplequeue_cache_bytes{kind="budget"}')
+    )
+    assert float(budget.split()[-1]) == 3 * 1024 * 1024

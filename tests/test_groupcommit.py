@@ -270,6 +270,8 @@ def test_brokers_on_s3_batch_longer_and_spill_less() -> None:
     assert (local.linger, local.linger_max) == (0.5, 0.005)
     assert (s3.linger, s3.linger_max) == (2.0, 0.025)  # writes are slow, and each is billed
     assert told.linger_max == 0.1
+    small = commit_settings(BrokerSettings(store_url="file:///q", cache_bytes=2**20), "file:///q")
+    assert small.cache_bytes == 2**20
     # S3 bills requests, not bytes: larger heads, half as many segment PUTs.
     assert local.bounds == Bounds()
     assert s3.bounds.inline_pending_bytes == 2 * Bounds().inline_pending_bytes

@@ -99,6 +99,13 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     "and share the next write (fewer PUTs, a little latency) [default: 5; 25 on s3].",
 )
 @click.option(
+    "--cache-mb",
+    type=click.IntRange(min=1),
+    default=256,
+    help="Memory for the segments and manifests topics are read from (cached, the least "
+    "recently used dropped first), in MB.",
+)
+@click.option(
     "--header-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
@@ -135,6 +142,7 @@ def main(
     max_body: int,
     broker_lease: float,
     batch_wait: float | None,
+    cache_mb: int,
     header_timeout: float,
     keepalive_timeout: float,
     max_connections: int | None,
@@ -160,6 +168,7 @@ def main(
         max_body=max_body,
         broker_lease=broker_lease,
         batch_wait=None if batch_wait is None else batch_wait / 1000,
+        cache_bytes=cache_mb * 1024 * 1024,
         header_timeout=header_timeout,
         keepalive_timeout=keepalive_timeout,
         max_connections=max_connections,

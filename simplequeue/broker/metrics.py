@@ -106,6 +106,20 @@ class CallbackCollector(Collector):
         yield from self._collect()
 
 
+def cache_families(used: int, budget: int, fetched: int) -> Iterator[Any]:
+    """The object cache: bytes held (as decoded, roughly) and its budget, and
+    objects fetched from the store."""
+    held = GaugeMetricFamily(
+        "simplequeue_cache_bytes", "Object cache: bytes held and budget", labels=["kind"]
+    )
+    held.add_metric(["used"], used)
+    held.add_metric(["budget"], budget)
+    yield held
+    yield CounterMetricFamily(
+        "simplequeue_cache_fetches", "Objects fetched into the cache from the store", value=fetched
+    )
+
+
 def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[Any]:
     """Committer counters, and per topic its jobs by state, what it ever did and
     the age of its oldest due job, as metric families (Engine.cached_gauges)."""
@@ -117,6 +131,8 @@ def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[A
         ("conflicts", "Compare-and-set races lost"),
         ("ambiguous", "Writes whose outcome had to be read back"),
         ("reloads", "Head reads"),
+        ("head_bytes_written", "Bytes of heads written"),
+        ("fetch_rounds", "Times a batch or a read waited for objects to be fetched"),
         ("segments_written", "Segments written"),
         ("segments_deleted", "Segments deleted"),
     ):

@@ -19,6 +19,7 @@ from simplequeue.broker.metrics import (
     CallbackCollector,
     InstrumentedStore,
     Metrics,
+    cache_families,
     commit_families,
 )
 from simplequeue.broker.reaper import Reaper, ReaperSettings
@@ -49,6 +50,7 @@ def commit_settings(settings: BrokerSettings, store_url: str) -> CommitSettings:
         budget=settings.commit_budget,
         linger=linger,
         linger_max=linger_max,
+        cache_bytes=settings.cache_bytes,
     )
 
 
@@ -72,6 +74,10 @@ class Broker:
             CallbackCollector(
                 lambda: commit_families(self.committer.stats, self.engine.cached_gauges())
             )
+        )
+        cache = self.committer.cache
+        self.metrics.add_collector(
+            CallbackCollector(lambda: cache_families(cache.used, cache.budget, cache.fetched))
         )
         self.url = ""
         self.announcer: Announcer = Announcer(

@@ -43,6 +43,7 @@ class BrokerSettings:
     # back and share the next one; None: 5 ms, or 25 ms on S3 where a write
     # takes ~10 ms or more and each one is billed.
     batch_wait: float | None = None
+    cache_bytes: int = 256 * 1024 * 1024  # the object cache's budget (--cache-mb)
     reap_interval: float = 1.0  # seconds between reaps of every topic
     topic_scan_interval: float = 10.0  # seconds between listings of the store's topics
     sweep_interval: float = 600.0  # seconds between sweeps of orphan segments

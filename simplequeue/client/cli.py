@@ -211,10 +211,11 @@ async def claim(client: Client, worker_id: str, wait: float, lease: float | None
 @click.option("--result", default=None, help="JSON result to keep with the job.")
 @run
 async def ack(client: Client, job_id: str, lease_token: str | None, result: str | None) -> None:
-    """Complete JOB_ID."""
+    """Complete JOB_ID ("-": the job `claim` printed, read from stdin)."""
     value = parse_json_option(result, "--result")
-    await client.ack(Job(job_id, lease_token=lease_token), value)
-    emit({"id": job_id, "status": "completed"})
+    job = held_job(job_id, lease_token)
+    await client.ack(job, value)
+    emit({"id": job.id, "status": "completed"})
 
 
 @main.command()
@@ -226,9 +227,11 @@ async def ack(client: Client, job_id: str, lease_token: str | None, result: str 
 async def nack(
     client: Client, job_id: str, lease_token: str | None, delay: float, error: str | None
 ) -> None:
-    """Give JOB_ID back (pending after --delay, or dead when its attempts are spent)."""
-    status = await client.nack(Job(job_id, lease_token=lease_token), delay, error)
-    emit({"id": job_id, "status": status})
+    """Give JOB_ID back (pending after --delay, or dead when its attempts are
+    spent). "-": the job `claim` printed, read from stdin."""
+    job = held_job(job_id, lease_token)
+    status = await client.nack(job, delay, error)
+    emit({"id": job.id, "status": status})
 
 
 @main.command()
@@ -239,9 +242,24 @@ async def nack(
 async def heartbeat(
     client: Client, job_id: str, lease_token: str | None, lease: float | None
 ) -> None:
-    """Extend JOB_ID's lease."""
-    expires = await client.heartbeat(Job(job_id, lease_token=lease_token), lease)
-    emit({"id": job_id, "lease_expires_at": expires})
+    """Extend JOB_ID's lease ("-": the job `claim` printed, read from stdin)."""
+    job = held_job(job_id, lease_token)
+    expires = await client.heartbeat(job, lease)
+    emit({"id": job.id, "lease_expires_at": expires})
+
+
+def held_job(job_id: str, lease_token: str | None) -> Job:
+    """The job a settle command names: JOB_ID with --lease-token, or with "-" the
+    JSON `simplequeue claim` printed, on stdin (its id and lease_token)."""
+    if job_id != "-":
+        return Job(job_id, lease_token=lease_token)
+    try:
+        claimed = msgspec.json.decode(sys.stdin.buffer.read(), type=Job)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise click.BadParameter(
+            f"stdin is not a job as `simplequeue claim` prints it: {exc}", param_hint="JOB_ID"
+        ) from None
+    return Job(claimed.id, lease_token=lease_token or claimed.lease_token)
 
 
 COUNT_COLUMNS = ["pending", "delayed", "claimed", "completed", "dead", "enqueued", "total"]
