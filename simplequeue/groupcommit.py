@@ -357,6 +357,11 @@ class GroupCommitter:
     def _is_idle(t: _Topic) -> bool:
         return not t.batcher.busy and not t.lock.locked() and not t.waiters
 
+    def _head_of(self, t: _Topic) -> dict[str, Any]:
+        """The committed head, freshly decoded."""
+        data = t.committed
+        return decode_head(t.name, t.head_key, data) if data else new_head(t.name)
+
     def _from_bytes(
         self, topic: str, data: bytes | None, seen: dict[str, Any] | None = None
     ) -> TopicState:
@@ -432,6 +437,7 @@ class GroupCommitter:
             state = t.state
             assert state is not None
             now = self.clock()
+            state.begin()
             try:
                 results, changed, verify_since = self._apply(state, entries, now)
                 if verify_since > t.checked_at:
@@ -446,8 +452,12 @@ class GroupCommitter:
                 write_id = uuid.uuid4().hex
                 sealed = state.seal(self.writer, write_id, now)
             except SegmentMissing as miss:
-                t.state = None  # the batch half-applied: start again once it is here
+                # The batch half-applied: undo it, fetch, and apply it again.
+                t.state = None
                 await self._fetch(t, state, miss.key)
+                if t.state is None:  # the head has not moved: the state can go on
+                    state.rollback(self._head_of(t))
+                    t.state = state
                 continue
             break
         else:

@@ -249,3 +249,25 @@ def test_an_id_spilled_then_expired_can_be_enqueued_again_in_the_same_state() ->
     assert not s.head["retained"]["segs"]
     assert not s.exists("r0") and s.find("r0") is None
     assert s.enqueue([JobSpec("again", id="r0")], T0 + 101)[0]["duplicate"] is False
+
+
+def test_rollback_undoes_a_half_applied_batch_and_keeps_the_lease_index() -> None:
+    """The committer rolls a batch back when it finds an object missing, and applies
+    it again: the claimed set must be as it was, without reading it all again."""
+    s = fresh(inline_leases_bytes=300)
+    s.enqueue([JobSpec(i, id=f"j{i}") for i in range(20)], T0)
+    held = {j["id"]: j["lease_token"] for j in s.claim("w", None, 20, T0)}
+    s = reload(s)  # the leases spilled
+    assert s.head["leases"]["segs"]
+    s.ack("j3", held["j3"], None, T0)  # the index is built, then j3 leaves it
+    began = orjson.dumps(s.head)  # the head the batch starts from
+    s.begin()
+    s.ack("j5", held["j5"], None, T0)  # a spilled lease leaves a hole
+    s.heartbeat("j7", held["j7"], 60, T0)  # and another moves inline
+    s.rollback(orjson.loads(began))
+    for job_id in ("j5", "j7"):
+        assert s.find(job_id) is not None and s.find(job_id)[0] == "claimed"  # type: ignore[index]
+    assert s.find("j3") is not None and s.find("j3")[0] == "completed"  # type: ignore[index]
+    assert s.ack("j5", held["j5"], None, T0)["status"] == "completed"
+    assert s.heartbeat("j7", held["j7"], 60, T0)["lease_expires_at"] == T0 + 60
+    assert s.counts(T0)["claimed"] == 18

@@ -4,6 +4,9 @@ add up, retention and the head stay bounded), across spills and re-reads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import orjson
 import pytest
 from hypothesis import settings
@@ -12,8 +15,41 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from simplequeue.api import JobSpec
 from simplequeue.errors import JobNotFound, LeaseLost
-from simplequeue.state import TopicState
-from tests.helpers.states import fresh, reread, seal
+from simplequeue.state import Manifest, Segment, SegmentMissing, TopicState, decode_head
+from tests.helpers.states import WRITER, View, fresh
+
+T = TypeVar("T")
+
+
+class Forgetful:
+    """A view that, while `forgetting`, answers SegmentMissing for every third
+    object it is asked for and has not granted since the last seal: a cache under
+    its byte budget. (The test's own checks read without it.)"""
+
+    def __init__(self, inner: View) -> None:
+        self.inner = inner
+        self.granted: set[str] = set()
+        self.asked = 0
+        self.forgetting = False
+
+    def _check(self, key: str) -> None:
+        if self.forgetting and key not in self.granted:
+            self.asked += 1
+            if self.asked % 3 == 0:
+                raise SegmentMissing(key)
+            self.granted.add(key)
+
+    def segment(self, key: str) -> Segment:
+        self._check(key)
+        return self.inner.segment(key)
+
+    def manifest(self, key: str) -> Manifest:
+        self._check(key)
+        return self.inner.manifest(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.inner.put(key, data)
+
 
 IDS = st.sampled_from([f"j{i}" for i in range(12)])
 
@@ -37,6 +73,11 @@ class TopicMachine(RuleBasedStateMachine):
             max_attempts=3,
         )
         self.policy = self.state.policy
+        self.view = Forgetful(self.state.view)
+        self.seen: dict[str, Any] = {}  # what a batch read, kept as the committer does
+        self.state = TopicState(
+            self.state.head, self.view, self.state.bounds, self.policy, self.seen
+        )
         self.now = 1000.0
         self.sealed_at = self.now
         self.writes = 0
@@ -54,14 +95,14 @@ class TopicMachine(RuleBasedStateMachine):
     )
     def enqueue(self, job_id: str | None, priority: int, delay: int) -> None:
         spec = JobSpec({"p": priority}, id=job_id, priority=priority, delay=delay)
-        [answer] = self.state.enqueue([spec], self.now)
+        [answer] = self.apply(lambda s: s.enqueue([spec], self.now))
         if not answer["duplicate"]:
             self.enqueued += 1
 
     @rule(count=st.integers(1, 4))
     def claim(self, count: int) -> None:
         before = self.state.counts(self.now)
-        jobs = self.state.claim("w", 10, count, self.now)
+        jobs = self.apply(lambda s: s.claim("w", 10, count, self.now))
         assert len(jobs) == min(count, before["pending"])
         priorities = [j["priority"] for j in jobs]
         assert priorities == sorted(priorities, reverse=True)
@@ -76,12 +117,13 @@ class TopicMachine(RuleBasedStateMachine):
         job_id = data.draw(st.sampled_from(list(self.tokens)))  # insertion order: reproducible
         token = self.tokens[job_id]
         if how == "ack":
-            self.state.ack(job_id, token, {"ok": job_id}, self.now)
+            self.apply(lambda s: s.ack(job_id, token, {"ok": job_id}, self.now))
             self.completed += 1
         elif how == "nack":
-            self.state.nack(job_id, token, data.draw(st.sampled_from([0, 3])), "err", self.now)
+            delay = data.draw(st.sampled_from([0, 3]))
+            self.apply(lambda s: s.nack(job_id, token, delay, "err", self.now))
         else:
-            self.state.heartbeat(job_id, token, 10, self.now)
+            self.apply(lambda s: s.heartbeat(job_id, token, 10, self.now))
             return
         del self.tokens[job_id]
         self.stale.append((job_id, token))
@@ -98,7 +140,7 @@ class TopicMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([1, 4, 11, 60]))
     def time_passes(self, seconds: int) -> None:
         self.now += seconds
-        reaped = self.state.reap(self.now)
+        reaped = self.apply(lambda s: s.reap(self.now))
         claimed = self.claimed()
         for job_id in [j for j in self.tokens if j not in claimed]:
             self.stale.append((job_id, self.tokens.pop(job_id)))
@@ -111,24 +153,51 @@ class TopicMachine(RuleBasedStateMachine):
             None if all_ else data.draw(st.lists(st.sampled_from(dead), max_size=2)) if dead else []
         )
         if data.draw(st.booleans()):
-            self.state.requeue(ids, self.now)
+            self.apply(lambda s: s.requeue(ids, self.now))
         else:
-            self.state.purge(ids, self.now)
+            self.apply(lambda s: s.purge(ids, self.now))
+
+    def _seal(self) -> bytes:
+        self.writes += 1
+        self.sealed_at = self.now
+        write_id = f"{self.writes:012d}"
+        sealed = self.apply(lambda s: s.seal(WRITER, write_id, self.now))
+        for key, data in sealed.new_objects.items():
+            self.view.put(key, data)
+        self.view.granted.clear()  # a cache drops things in time
+        return sealed.head
 
     @rule()
     def write_and_reread(self) -> None:
         """Seal as a commit would, then continue from the parsed bytes."""
-        self.writes += 1
-        self.sealed_at = self.now
-        self.state = reread(self.state, self.now, self.writes)
+        head = decode_head("t", "topics/t.json", self._seal())
+        self.state = TopicState(head, self.view, self.state.bounds, self.policy, self.seen)
 
     @rule()
     def write_and_keep_going(self) -> None:
         """Seal and go on with the same object, as the committer does after a
         write lands (its caches must stay right across spills)."""
-        self.writes += 1
-        self.sealed_at = self.now
-        seal(self.state, f"{self.writes:012d}", self.now)
+        self._seal()
+
+    def apply(self, mutation: Callable[[TopicState], T]) -> T:
+        """Apply a mutation as the committer does: the view forgets objects now and
+        then (as a cache under its budget), and a mutation that finds one missing
+        is rolled back to the head it began from and applied again."""
+        state = self.state
+        began = orjson.dumps(state.head)
+        self.seen.clear()  # a new batch: what the last one read may be gone
+        self.view.forgetting = True
+        try:
+            for _ in range(10_000):
+                state.begin()
+                try:
+                    return mutation(state)
+                except SegmentMissing as miss:
+                    self.view.granted.add(miss.key)
+                    state.rollback(orjson.loads(began))
+        finally:
+            self.view.forgetting = False
+        raise AssertionError("no progress")
 
     def claimed(self) -> set[str]:
         return {j["id"] for j in self.state.claimed_soonest(10**6)}

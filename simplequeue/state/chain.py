@@ -107,6 +107,33 @@ class Chain:
         for item in self.d["in"]:
             yield Place(None, 0, item)
 
+    def places_in(self, key: str) -> list[Place]:
+        """The live items of one loose segment, or of every segment of one
+        manifest (`key` names either)."""
+        for ref in self.d["segs"]:
+            if ref["k"] == key:
+                return self._live(ref, None, self._start_of(ref, None))
+        for mref in self.d["mans"]:
+            if mref["k"] == key:
+                out: list[Place] = []
+                for ref in self.manifest(key).refs:
+                    out += self._live(ref, key, self._start_of(ref, key))
+                return out
+        return []
+
+    def _start_of(self, ref: dict[str, Any], man: str | None) -> int:
+        front = self._front()
+        return self.d["pos"] if front is not None and front[0]["k"] == ref["k"] else 0
+
+    def _live(self, ref: dict[str, Any], man: str | None, start: int) -> list[Place]:
+        holes = self.holes_of(ref)
+        items = self.segment(ref["k"]).items
+        return [Place(ref["k"], i, items[i], man) for i in range(start, ref["n"]) if i not in holes]
+
+    def manifest_of(self) -> dict[str, str]:
+        """Which manifest each manifested segment is under (opens manifests)."""
+        return {r["k"]: m["k"] for m in self.d["mans"] for r in self.manifest(m["k"]).refs}
+
     def first(self) -> Place | None:
         """The first live item (reads the segments up to it)."""
         return next(self.places(), None)

@@ -135,7 +135,13 @@ class TopicState:
         self.bounds = bounds
         self.policy = policy
         self.dirty = False  # set by every mutation that changed something
-        self._leases: dict[str, Place] | None = None  # claimed job id -> its record
+        # Where each claimed job's record is: those in segments (items never
+        # change, so these Places outlive a rollback, see begin()), and those
+        # inline (the head's own dicts, found again after a rollback).
+        self._spilled: dict[str, Place] | None = None
+        self._inline: dict[str, Job] | None = None
+        self._journal: list[tuple[str, Place | None]] | None = None
+        self._lease_mans: tuple[tuple[str, ...], dict[str, str]] = ((), {})
         self._inline_ids: set[str] | None = None  # ids in the inline lists: see exists()
 
     @property
@@ -170,23 +176,94 @@ class TopicState:
 
     # --- the claimed set -------------------------------------------------------------
 
-    def _lease_index(self) -> dict[str, Place]:
-        """Where every claimed job's record is (reads every lease segment)."""
-        if self._leases is None:
-            self._leases = {p.item["id"]: p for p in self.leases.places()}
-        return self._leases
+    def _spilled_index(self) -> dict[str, Place]:
+        """Claimed jobs whose records are in segments (reads every lease segment)."""
+        if self._spilled is None:
+            leases = self.leases
+            spilled = {}
+            for ref, man, start in leases.units():
+                holes = leases.holes_of(ref)
+                items = leases.segment(ref["k"]).items
+                for i in range(start, ref["n"]):
+                    if i not in holes:
+                        spilled[items[i]["id"]] = Place(ref["k"], i, items[i], man)
+            self._spilled = spilled
+        return self._spilled
+
+    def _inline_index(self) -> dict[str, Job]:
+        if self._inline is None:
+            self._inline = {r["id"]: r for r in self.head["leases"]["in"]}
+        return self._inline
+
+    def _set_spilled(self, job_id: str, place: Place | None) -> None:
+        """Change the spilled index, noting the old entry while a batch runs."""
+        index = self._spilled_index()
+        if self._journal is not None:
+            self._journal.append((job_id, index.get(job_id)))
+        if place is None:
+            index.pop(job_id, None)
+        else:
+            index[job_id] = place
 
     def _lease_of(self, job_id: str) -> Place | None:
-        return self._lease_index().get(job_id)
+        record = self._inline_index().get(job_id)
+        if record is not None:
+            return Place(None, 0, record)
+        return self._spilled_index().get(job_id)
+
+    def _leased(self) -> Iterator[Place]:
+        """Every claimed job's record."""
+        for record in self.head["leases"]["in"]:
+            yield Place(None, 0, record)
+        yield from self._spilled_index().values()
 
     def _add_lease(self, record: Job) -> None:
-        index = self._lease_index()
+        self._spilled_index()  # built before the claimed set changes
         self.leases.append(record)
-        index[record["id"]] = Place(None, 0, record)
+        self._inline_index()[record["id"]] = record
 
     def _drop_lease(self, place: Place) -> None:
-        self.leases.remove(place)
-        del self._lease_index()[place.item["id"]]
+        inline = self._inline_index()  # built before the record leaves the head
+        self.leases.remove(self._placed(place))
+        if place.seg is None:
+            del inline[place.item["id"]]
+        else:
+            self._set_spilled(place.item["id"], None)
+
+    # --- batches: begin, and roll back ----------------------------------------------------
+
+    def begin(self) -> None:
+        """A batch starts: note what changes, so that rollback() can undo it."""
+        self._journal = []
+
+    def rollback(self, head: dict[str, Any]) -> None:
+        """Undo the batch since begin(): `head` is the head it started from, freshly
+        decoded. The spilled index is put back as it was (rebuilding it would read
+        every lease segment); the rest is derived again when wanted. The batch
+        waited for an object, most likely: applying it again finds it."""
+        if self._journal is not None and self._spilled is not None:
+            for job_id, old in reversed(self._journal):
+                if old is None:
+                    self._spilled.pop(job_id, None)
+                else:
+                    self._spilled[job_id] = old
+        self.head = head
+        self._journal = [] if self._journal is not None else None
+        self._inline = None
+        self._inline_ids = None
+        self._lease_mans = ((), {})
+        self._view.fresh.clear()
+        self.dirty = False
+
+    def _placed(self, place: Place) -> Place:
+        """`place` with the manifest its segment is under now: the lease index is
+        kept across seals, which fold segments under manifests."""
+        if place.seg is None:
+            return place
+        mans = tuple(m["k"] for m in self.head["leases"]["mans"])
+        if mans != self._lease_mans[0]:
+            self._lease_mans = (mans, self.leases.manifest_of())
+        return Place(place.seg, place.index, place.item, self._lease_mans[1].get(place.seg))
 
     # --- reading ---------------------------------------------------------------------
 
@@ -199,7 +276,7 @@ class TopicState:
                 ids += run.object_ids()
         for chain in (self.leases, self.retained, self.dead):
             ids += chain.object_ids()
-        ids += [p.item["src"][0] for p in self._lease_index().values() if "src" in p.item]
+        ids += [p.item["src"][0] for p in self._leased() if "src" in p.item]
         return sorted({keys.segment(self.topic, i) for i in ids})
 
     def direct_keys(self) -> list[str]:
@@ -263,7 +340,7 @@ class TopicState:
     def claimed_soonest(self, n: int) -> list[Job]:
         """The `n` claimed jobs whose leases run out first, with their payloads."""
         records = sorted(
-            (p.item for p in self._lease_index().values()),
+            (p.item for p in self._leased()),
             key=lambda r: r["lease_expires_at"],
         )
         return [self._with_payload(r) for r in records[:n]]
@@ -574,17 +651,16 @@ class TopicState:
     # --- reaper -------------------------------------------------------------------------
 
     def expired(self, now: float) -> bool:
-        return any(p.item["lease_expires_at"] <= now for p in self._lease_index().values())
+        return any(p.item["lease_expires_at"] <= now for p in self._leased())
 
     def earliest_expiry(self) -> float | None:
         """When the first lease of the claimed set runs out, if any is claimed."""
-        leases = self._lease_index().values()
-        return min((p.item["lease_expires_at"] for p in leases), default=None)
+        return min((p.item["lease_expires_at"] for p in self._leased()), default=None)
 
     def reap(self, now: float) -> dict[str, int]:
         """Expired leases back to pending, or dead when attempts are spent."""
         out = {"pending": 0, "dead": 0}
-        expired = [p for p in self._lease_index().values() if p.item["lease_expires_at"] <= now]
+        expired = [p for p in self._leased() if p.item["lease_expires_at"] <= now]
         jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
         for place, job in zip(expired, jobs, strict=True):
             self._drop_lease(place)
@@ -820,8 +896,12 @@ class _Sealer:
             for i, record in enumerate(carried):
                 del record["payload"]
                 record["src"] = [x_id, i]
-        self._spill(leases, "l", {})
-        self.s._leases = None  # records moved: re-read where they are
+        self.s._spilled_index()  # built before the records move
+        seg_id = self._new_id("l")
+        self._add(leases.spill(seg_id, encode_segment("l", records), {}))
+        self.s._inline = None
+        for i, record in enumerate(records):  # the records moved: say where they are now
+            self.s._set_spilled(record["id"], Place(seg_id, i, record))
 
     def _compact_leases(self) -> None:
         """Leases are resolved anywhere (acks, heartbeats of spilled ones): a
@@ -832,12 +912,9 @@ class _Sealer:
         sparse = [r for r in leases.d["segs"] if r["live"] * 2 <= r["n"]]
         sparse += [m for m in leases.d["mans"] if m["live"] * 2 <= m.get("total", 0)]
         for unit in sparse[:2]:
-            places = [p for p in leases.places() if (p.man or p.seg) == unit["k"]]
-            for place in places:
-                leases.remove(place)
-                leases.append(dict(place.item))
-        if sparse:
-            self.s._leases = None
+            for place in leases.places_in(unit["k"]):
+                self.s._drop_lease(place)
+                self.s._add_lease(dict(place.item))
 
     def _merge_runs(self, lane: dict[str, Any]) -> None:
         """More runs than runs_max: the smallest two are merged into one, if
