@@ -444,8 +444,10 @@ class GroupCommitter:
                     # "Not found", "not claimed", "nothing to claim" or "duplicate",
                     # computed on a state read before the request came, may miss
                     # what another broker wrote meanwhile: read again (once).
-                    t.state = None
-                    await self._load(t, keep_if_same=False)
+                    # Undone, the state is the committed head's again: if the
+                    # store still has that head, it is current, and is kept.
+                    state.rollback(self._head_of(t))
+                    await self._load(t)
                     continue
                 if not changed:
                     return entries, results
@@ -502,9 +504,12 @@ class GroupCommitter:
         return self._landed(t, outcome, data=data)
 
     def _keep(self, objects: dict[str, bytes]) -> None:
-        """Objects this broker wrote go into the cache: no one reads them back."""
+        """Objects this broker wrote go into the cache: no one reads them back.
+        Not the payloads of spilled leases (x): they are wanted only if their job
+        fails or is looked up, and would push out what every enqueue reads."""
         for key, body in objects.items():
-            self.cache.add(key, body)
+            if not key.rsplit("/", 1)[-1].startswith("seg-x"):
+                self.cache.add(key, body)
 
     @staticmethod
     def _apply(

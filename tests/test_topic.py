@@ -271,3 +271,32 @@ def test_rollback_undoes_a_half_applied_batch_and_keeps_the_lease_index() -> Non
     assert s.ack("j5", held["j5"], None, T0)["status"] == "completed"
     assert s.heartbeat("j7", held["j7"], 60, T0)["lease_expires_at"] == T0 + 60
     assert s.counts(T0)["claimed"] == 18
+
+
+def test_dead_jobs_keep_their_death_order_across_segments_after_a_partial_purge() -> None:
+    """A partial purge or requeue across dead segments used to reverse their order,
+    and the dead limit then dropped the newest instead of the oldest."""
+    s = fresh(inline_dead_bytes=200, dead_limit=12)
+    order = [f"d{i:02d}" for i in range(12)]
+    for job_id in order:
+        s.enqueue([JobSpec(1, id=job_id, max_attempts=1)], T0)
+        [job] = s.claim("w", None, 1, T0)
+        s.nack(job_id, job["lease_token"], 0, None, T0)
+        s = reload(s)
+    assert s.head["dead"]["segs"], "the dead jobs spilled"
+    s.purge(["d01", "d05", "d09"], T0)
+    s.requeue(["d03"], T0)
+    s = reload(s)
+    kept = [i for i in order if i not in ("d01", "d03", "d05", "d09")]
+    assert [j["id"] for j in s.dead_jobs()] == kept
+    for job_id in ("n0", "n1", "n2", "n3", "n4"):  # past the limit: the oldest go
+        s.enqueue([JobSpec(1, id=job_id, max_attempts=1)], T0)
+        [job] = s.claim("w", None, 1, T0)
+        if job["id"] != job_id:  # d03, requeued, comes first
+            s.nack(job["id"], job["lease_token"], 0, None, T0)
+            [job] = s.claim("w", None, 1, T0)
+        s.nack(job_id, job["lease_token"], 0, None, T0)
+    # In death order (d03 died again, first), the two oldest over the limit dropped.
+    died = [*kept, "d03", "n0", "n1", "n2", "n3", "n4"]
+    assert [j["id"] for j in s.dead_jobs()] == died[-12:]
+    assert s.head["counters"]["dead_dropped"] == 2

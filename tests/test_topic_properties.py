@@ -65,6 +65,8 @@ class TopicMachine(RuleBasedStateMachine):
             inline_records_bytes=400,
             inline_dead_bytes=400,
             loose_max=2,
+            manifests_max=2,
+            manifest_bytes=4000,
             holes_max=3,
             runs_max=2,
             merge_bytes=3000,

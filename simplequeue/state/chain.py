@@ -352,26 +352,47 @@ class Chain:
         """Write manifest `index` again with the holes kept for its segments in
         the head, leaving out segments (and the consumed ones of the first) that
         hold nothing live any more. None when nothing of it is live: it is gone."""
-        mref = self.d["mans"][index]
-        old = self.manifest(mref["k"]).refs
-        start = self.d["mpos"] if index == 0 else 0
+        return self.merge_manifests(index, 1, man_id, encode)
+
+    def merge_manifests(
+        self,
+        index: int,
+        count: int,
+        man_id: str,
+        encode: Callable[[list[dict[str, Any]]], bytes],
+    ) -> NewObject | None:
+        """Write manifests `index` .. `index + count - 1` again as one, with the
+        holes kept for their segments in the head, leaving out segments that hold
+        nothing live (and the consumed ones of the first manifest). None when
+        nothing of them is live: they are gone."""
+        mrefs = self.d["mans"][index : index + count]
         refs = []
-        for n, ref in enumerate(old[start:]):
-            holes = sorted(self.holes_of(ref))
-            self.d["holes"].pop(ref["k"], None)
-            first = index == 0 and n == 0
-            live = ref["n"] - (self.d["pos"] if first else 0)
-            live -= len([h for h in holes if h >= (self.d["pos"] if first else 0)])
-            if live <= 0 and not first:
-                continue
-            entry = {k: v for k, v in ref.items() if k != "holes"}
-            if holes:
-                entry["holes"] = holes
-            refs.append(entry)
+        for m, mref in enumerate(mrefs):
+            first_manifest = index == 0 and m == 0
+            start = self.d["mpos"] if first_manifest else 0
+            for n, ref in enumerate(self.manifest(mref["k"]).refs[start:]):
+                holes = sorted(self.holes_of(ref))
+                self.d["holes"].pop(ref["k"], None)
+                first = first_manifest and n == 0
+                consumed = self.d["pos"] if first else 0
+                live = ref["n"] - consumed - len([h for h in holes if h >= consumed])
+                if live <= 0 and not first:
+                    continue
+                entry = {k: v for k, v in ref.items() if k != "holes"}
+                if holes:
+                    entry["holes"] = holes
+                refs.append(entry)
         if index == 0:
             self.d["mpos"] = 0
-        if not refs:
-            del self.d["mans"][index]
-            return None
-        mref.update(k=man_id, segs=len(refs))
-        return NewObject(man_id, encode(refs))
+        merged: dict[str, Any] = {
+            "k": man_id,
+            "segs": len(refs),
+            "live": sum(m["live"] for m in mrefs),
+            "total": sum(m.get("total", 0) for m in mrefs),
+        }
+        for bound, pick in (("lo", min), ("hi", max)):
+            values = [m[bound] for m in mrefs if bound in m]
+            if values:
+                merged[bound] = pick(values)
+        self.d["mans"][index : index + count] = [merged] if refs else []
+        return NewObject(man_id, encode(refs)) if refs else None

@@ -20,6 +20,8 @@ class Bounds:
     inline_records_bytes: int = 8 * 1024  # spill retained records past this
     inline_dead_bytes: int = 8 * 1024  # spill dead jobs past this
     loose_max: int = 16  # segment refs of a chain before the oldest half get a manifest
+    manifests_max: int = 16  # manifests of a chain before two are merged into one
+    manifest_bytes: int = 192 * 1024  # the largest manifest a merge writes
     holes_max: int = 512  # holes kept for manifested segments before a manifest is rewritten
     runs_max: int = 8  # runs of a lane before small ones are merged
     merge_bytes: int = 64 * 1024  # the most a seal writes merging runs
@@ -33,6 +35,8 @@ class Bounds:
             inline_records_bytes=factor * self.inline_records_bytes,
             inline_dead_bytes=factor * self.inline_dead_bytes,
             loose_max=self.loose_max,
+            manifests_max=self.manifests_max,
+            manifest_bytes=self.manifest_bytes,
             holes_max=self.holes_max,
             runs_max=self.runs_max,
             merge_bytes=self.merge_bytes,

@@ -771,7 +771,12 @@ class TopicState:
         chains = [h["leases"], h["retained"], h["dead"]]
         chains += [run for lane in h["lanes"].values() for run in lane["runs"]]
         sparse = any(r["live"] * 2 <= r["n"] for r in h["leases"]["segs"])
-        crowded = any(len(c["segs"]) > b.loose_max or len(c["holes"]) > b.holes_max for c in chains)
+        crowded = any(
+            len(c["segs"]) > b.loose_max
+            or len(c["holes"]) > b.holes_max
+            or len(c["mans"]) > b.manifests_max
+            for c in chains
+        )
         return sparse or crowded or any(len(ln["runs"]) > b.runs_max for ln in h["lanes"].values())
 
 
@@ -852,6 +857,8 @@ class _Sealer:
                 self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
             if len(chain.d["holes"]) > b.holes_max:
                 self._rewrite_holey_manifest(chain)
+            if len(chain.d["mans"]) > b.manifests_max:
+                self._merge_manifests(chain)
 
     @staticmethod
     def _bounds_of(name: str, items: list[Any]) -> dict[str, Any]:
@@ -936,6 +943,21 @@ class _Sealer:
         run["in"], run["n"] = jobs, len(jobs)
         meta = {"lo": jobs[0]["run_at"], "hi": run["top"]}
         self._add(self.s._chain(run).spill(self._new_id("p"), data, meta))
+
+    def _merge_manifests(self, chain: Chain) -> None:
+        """Too many manifests: the two neighbours with the fewest segments become
+        one, if it stays under manifest_bytes (a manifest is rewritten whole, and
+        a batch writes a bounded amount); so a chain of a million items keeps a
+        few dozen manifest refs in the head, and a lookup opens that many."""
+        mans = chain.d["mans"]
+        pairs = sorted(range(len(mans) - 1), key=lambda i: mans[i]["segs"] + mans[i + 1]["segs"])
+        for i in pairs:
+            sizes = sum(chain.manifest(m["k"]).size for m in mans[i : i + 2])
+            if sizes <= self.bounds.manifest_bytes:
+                obj = chain.merge_manifests(i, 2, self._new_id("m"), encode_manifest)
+                if obj is not None:
+                    self._add(obj)
+                return
 
     def _rewrite_holey_manifest(self, chain: Chain) -> None:
         holes: dict[str, list[int]] = chain.d["holes"]
