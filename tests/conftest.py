@@ -1,8 +1,11 @@
-"""Shared fixtures: object stores of every backend, LocalStack S3 included.
+"""Shared fixtures: object stores of every backend, LocalStack S3 and moto included.
 
-bin/test starts LocalStack and exports SIMPLEQUEUE_TEST_S3_ENDPOINT. Without it
-the s3 cases skip, unless SIMPLEQUEUE_REQUIRE_S3=1 (set by bin/test and CI),
-in which case they fail: CI must never pass by skipping S3.
+bin/test starts LocalStack and moto's S3 server and exports
+SIMPLEQUEUE_TEST_S3_ENDPOINT and SIMPLEQUEUE_TEST_MOTO_ENDPOINT. Without one,
+its cases skip, unless SIMPLEQUEUE_REQUIRE_S3=1 / SIMPLEQUEUE_REQUIRE_MOTO=1
+(set by bin/test and CI), in which case they fail: CI must never pass by
+skipping S3. moto is a second S3 implementation of conditional writes, so that
+the s3 backend is not only ever checked against one emulator.
 """
 
 from __future__ import annotations
@@ -23,20 +26,35 @@ from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 
 S3_ENDPOINT = os.environ.get("SIMPLEQUEUE_TEST_S3_ENDPOINT", "")
+MOTO_ENDPOINT = os.environ.get("SIMPLEQUEUE_TEST_MOTO_ENDPOINT", "")
 RUN_BUCKET = f"sq-test-{uuid.uuid4().hex[:12]}"
-BACKENDS = ["memfs", "localfs", "s3"]
+MOTO_BUCKET = f"sq-moto-{uuid.uuid4().hex[:12]}"
+BACKENDS = ["memfs", "localfs", "s3", "moto"]
+
+
+def _endpoint(url: str, variable: str, required: str, what: str) -> str:
+    if not url:
+        if os.environ.get(required) == "1":
+            pytest.fail(f"{variable} is not set but {what} tests are required")
+        pytest.skip(f"no {what}: set {variable} (bin/test does)")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    return url
 
 
 def s3_endpoint() -> str:
     """The LocalStack endpoint, or skip (fail under SIMPLEQUEUE_REQUIRE_S3=1)."""
-    if not S3_ENDPOINT:
-        if os.environ.get("SIMPLEQUEUE_REQUIRE_S3") == "1":
-            pytest.fail("SIMPLEQUEUE_TEST_S3_ENDPOINT is not set but S3 tests are required")
-        pytest.skip("no LocalStack: set SIMPLEQUEUE_TEST_S3_ENDPOINT (bin/test does)")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    return S3_ENDPOINT
+    return _endpoint(
+        S3_ENDPOINT, "SIMPLEQUEUE_TEST_S3_ENDPOINT", "SIMPLEQUEUE_REQUIRE_S3", "LocalStack"
+    )
+
+
+def moto_endpoint() -> str:
+    """moto's S3 server endpoint, or skip (fail under SIMPLEQUEUE_REQUIRE_MOTO=1)."""
+    return _endpoint(
+        MOTO_ENDPOINT, "SIMPLEQUEUE_TEST_MOTO_ENDPOINT", "SIMPLEQUEUE_REQUIRE_MOTO", "moto"
+    )
 
 
 def s3_url(prefix: str | None = None) -> str:
@@ -45,13 +63,16 @@ def s3_url(prefix: str | None = None) -> str:
     return f"s3://{RUN_BUCKET}/{prefix}?endpoint_url={s3_endpoint()}&region=us-east-1"
 
 
-async def open_s3(prefix: str | None = None, **overrides: object) -> ObjectStore:
+async def open_s3(
+    prefix: str | None = None, *, moto: bool = False, **overrides: object
+) -> ObjectStore:
+    """A store on this run's LocalStack bucket (or, with `moto`, its moto bucket)."""
     from simplequeue.objstore.s3 import S3Settings, S3Store
 
     settings = S3Settings(
-        bucket=RUN_BUCKET,
+        bucket=MOTO_BUCKET if moto else RUN_BUCKET,
         prefix=prefix or uuid.uuid4().hex[:12],
-        endpoint_url=s3_endpoint(),
+        endpoint_url=moto_endpoint() if moto else s3_endpoint(),
         region="us-east-1",
         **overrides,  # type: ignore[arg-type]
     )
@@ -77,7 +98,7 @@ async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         elif backend == "localfs":
             handle = LocalStore(tmp_path / "store")
         else:
-            handle = await open_s3(prefix)
+            handle = await open_s3(prefix, moto=backend == "moto")
         opened.append(handle)
         return handle
 

@@ -1,4 +1,4 @@
-"""The ObjectStore contract, run against memfs, localfs and LocalStack S3 alike."""
+"""The ObjectStore contract, run against memfs, localfs, LocalStack S3 and moto alike."""
 
 from __future__ import annotations
 
