@@ -27,6 +27,8 @@ class History:
     stale_committed: list[tuple[str, str]] = field(default_factory=list)
     nacked: int = 0
     abandoned: int = 0  # claims a "dying" worker never settled
+    held: int = 0  # claims kept a while with heartbeats before their ack
+    heartbeats: int = 0
     errors: Counter[str] = field(default_factory=Counter)  # indeterminate outcomes by kind
     operations: int = 0
     faults: Counter[str] = field(default_factory=Counter)
@@ -43,6 +45,8 @@ class History:
             "acked": sum(self.acked.values()),
             "nacked": self.nacked,
             "abandoned_claims": self.abandoned,
+            "held_claims": self.held,
+            "heartbeats": self.heartbeats,
             "stale_acks_tried": self.stale_acks,
             "indeterminate": sum(self.errors.values()),
             "faults": sum(self.faults.values()),

@@ -33,6 +33,10 @@ class LoadShape:
     p_nack: float = 0.06
     p_die: float = 0.03
     p_stale: float = 0.03
+    # Held: heartbeat the claim `hold_beats` times, a third of the lease apart,
+    # then ack. With many held at once, the claimed set spills out of the head.
+    p_hold: float = 0.0
+    hold_beats: int = 3
     timeout: float = 5.0
     seconds: float = 6.0  # production (and chaos) is spread over this long
 
@@ -115,6 +119,11 @@ class Load:
     async def settle(self, name: str, job: dict[str, Any]) -> None:
         roll = self.rng.random()
         s = self.shape
+        if self.rng.random() < s.p_hold:
+            task = asyncio.create_task(self.hold(job))
+            self.sleepers.add(task)
+            task.add_done_callback(self.sleepers.discard)
+            return
         if roll < s.p_die:
             self.h.abandoned += 1  # this worker "died": the lease must bring the job back
             return
@@ -149,6 +158,21 @@ class Load:
         else:
             assert status in (404, 409), f"ack answered {status}: {answer}"
         return status
+
+    async def hold(self, job: dict[str, Any]) -> None:
+        """Keep the claim for a while with heartbeats, then ack. A heartbeat that
+        finds the lease gone (a broker was down past it) ends the hold: the ack
+        that follows must then be refused, which the history checks."""
+        self.h.held += 1
+        for _ in range(self.shape.hold_beats):
+            await asyncio.sleep(self.shape.lease / 3)
+            status, _ = await self.call(
+                "/heartbeat", {"job_id": job["id"], "lease_token": job["lease_token"]}
+            )
+            self.h.heartbeats += 1
+            if status in (404, 409):
+                break
+        await self.ack(job["id"], job["lease_token"])
 
     async def stale_ack(self, name: str, job: dict[str, Any]) -> None:
         """Go silent past the lease until a later claim of the job shows up (later

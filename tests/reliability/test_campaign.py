@@ -129,6 +129,27 @@ async def test_three_brokers_one_killed_and_restarted_repeatedly(
     await finish(load, history, record_figures, backend=backend, scenario="3 brokers, kills")
 
 
+async def test_kill_9_with_hundreds_of_jobs_held_claimed(
+    tmp_path: Path, broker_process: Any, scale: int, record_figures: Record
+) -> None:
+    """In-flight heavy: most claims are held for three heartbeats before their
+    ack, so hundreds are claimed at once and the claimed set spills out of the
+    head into lease segments, while the broker is SIGKILLed and restarted."""
+    flags = ["--dir", str(tmp_path / "store")]
+    shape = LoadShape(jobs=600 * scale, workers=12, lease=3.0, p_hold=0.7, seconds=4)
+    load, history = await kill_campaign(broker_process, flags, 1, shape, (0.8, 1.6), 13)
+    spilled = list((tmp_path / "store" / "topics" / "kill1").glob("seg-l*.json"))
+    assert spilled, "the claimed set never spilled: the campaign did not test what it says"
+    await finish(
+        load,
+        history,
+        record_figures,
+        backend="localfs",
+        scenario="kill -9, hundreds held claimed",
+        lease_segments=len(spilled),
+    )
+
+
 @pytest.mark.s3
 async def test_s3_faults_and_outages_lose_nothing(
     broker_process: Any, scale: int, record_figures: Record
