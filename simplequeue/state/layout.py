@@ -1,0 +1,527 @@
+"""A topic's storage layout (format 2; docs/STORAGE.md draws it): its head, the
+chains in it, and what a seal does to keep the head bounded (spill, fold,
+merge, compact). Pure, no I/O: objects are read through a SegmentView.
+
+simplequeue.state.topic builds the queue's rules on top (TopicState extends
+Layout); nothing here knows what a claim or an ack means beyond where the
+records of claimed jobs are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from simplequeue import keys
+from simplequeue.errors import CorruptData
+from simplequeue.state.chain import Chain, NewObject, Place, new_chain
+from simplequeue.state.limits import Bounds
+from simplequeue.state.segments import (
+    FORMAT,
+    Manifest,
+    Segment,
+    SegmentMissing,
+    SegmentView,
+    decode_manifest,
+    decode_segment,
+    encode_manifest,
+    encode_segment,
+)
+from simplequeue.state.upgrade import upgrade
+
+Job = dict[str, Any]
+Record = dict[str, Any]
+
+CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
+
+
+def new_head(topic: str) -> dict[str, Any]:
+    """The state of a topic that has never been written."""
+    return {
+        "format": FORMAT,
+        "topic": topic,
+        "writer": None,
+        "write_id": None,
+        "writers": {},
+        "seq": 0,
+        "next": 0,
+        "counters": {"enqueued": 0, "completed": 0, "nacked": 0, "dead": 0, "dead_dropped": 0},
+        "lanes": {},
+        "leases": new_chain(),
+        "retained": new_chain(),
+        "dead": new_chain(),
+    }
+
+
+def decode_head(topic: str, key: str, data: bytes) -> dict[str, Any]:
+    """A head's bytes as its dict in the current format (an earlier format is
+    upgraded in memory, and written in the current one by the next batch).
+    CorruptObject for bytes that are not a head of this topic."""
+    try:
+        head = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptData(key, f"not JSON ({exc})") from None
+    if not isinstance(head, dict) or not isinstance(head.get("counters"), dict):
+        raise CorruptData(key, "not a topic head")
+    if head.get("format") == 1:
+        head = upgrade(head)
+    if head.get("format") != FORMAT:
+        raise CorruptData(key, f"format {head.get('format')!r}, which this broker cannot read")
+    if head.get("topic") != topic:
+        raise CorruptData(key, f"the head of topic {head.get('topic')!r}, not of {topic!r}")
+    upgraded: dict[str, Any] = head
+    return upgraded
+
+
+@dataclass
+class Sealed:
+    """A sealed batch: the head to write, and the objects to create before it."""
+
+    head: bytes = b""
+    new_objects: dict[str, bytes] = field(default_factory=dict)
+
+
+def job_key(job: Job) -> tuple[float, int]:
+    return (job["run_at"], job["seq"])
+
+
+class Layout:
+    """One topic's head, and its objects through `view`: the chains, where the
+    claimed jobs' records are, batches (begin, rollback) and sealing."""
+
+    def __init__(
+        self,
+        head: dict[str, Any],
+        view: SegmentView,
+        bounds: Bounds,
+        seen: dict[str, Segment | Manifest] | None = None,
+    ) -> None:
+        if head.get("format") != FORMAT:
+            raise ValueError(f"unsupported topic format {head.get('format')!r}")
+        self.head = head
+        self.view = view
+        # What chains read through: the view, this seal's own objects, and what
+        # was read already (see _Overlay).
+        self._view = _Overlay(view, {} if seen is None else seen)
+        self.bounds = bounds
+        self.dirty = False  # set by every mutation that changed something
+        # Where each claimed job's record is: those in segments (items never
+        # change, so these Places outlive a rollback, see begin()), and those
+        # inline (the head's own dicts, found again after a rollback).
+        self._spilled: dict[str, Place] | None = None
+        self._inline: dict[str, Job] | None = None
+        self._journal: list[tuple[str, Place | None]] | None = None
+        self._lease_mans: tuple[tuple[str, ...], dict[str, str]] = ((), {})
+        self._inline_ids: set[str] | None = None  # ids in the inline lists (duplicates)
+
+    @property
+    def topic(self) -> str:
+        topic: str = self.head["topic"]
+        return topic
+
+    def _chain(self, d: dict[str, Any]) -> Chain:
+        return Chain(d, self.topic, self._view)
+
+    @property
+    def leases(self) -> Chain:
+        return self._chain(self.head["leases"])
+
+    @property
+    def retained(self) -> Chain:
+        return self._chain(self.head["retained"])
+
+    @property
+    def dead(self) -> Chain:
+        return self._chain(self.head["dead"])
+
+    def _runs(self, lane: dict[str, Any]) -> list[Chain]:
+        return [self._chain(run) for run in lane["runs"]]
+
+    def _payload(self, record: Job) -> Any:
+        """A claimed or pending job's payload, wherever it is kept."""
+        if "src" not in record:
+            return record.get("payload")
+        seg_id, index = record["src"]
+        return self._chain(new_chain()).segment(seg_id).items[index]["payload"]
+
+    # --- the claimed set -------------------------------------------------------------
+
+    def _spilled_index(self) -> dict[str, Place]:
+        """Claimed jobs whose records are in segments (reads every lease segment)."""
+        if self._spilled is None:
+            leases = self.leases
+            spilled = {}
+            for ref, man, start in leases.units():
+                holes = leases.holes_of(ref)
+                items = leases.segment(ref["k"]).items
+                for i in range(start, ref["n"]):
+                    if i not in holes:
+                        spilled[items[i]["id"]] = Place(ref["k"], i, items[i], man)
+            self._spilled = spilled
+        return self._spilled
+
+    def _inline_index(self) -> dict[str, Job]:
+        if self._inline is None:
+            self._inline = {r["id"]: r for r in self.head["leases"]["in"]}
+        return self._inline
+
+    def _set_spilled(self, job_id: str, place: Place | None) -> None:
+        """Change the spilled index, noting the old entry while a batch runs."""
+        index = self._spilled_index()
+        if self._journal is not None:
+            self._journal.append((job_id, index.get(job_id)))
+        if place is None:
+            index.pop(job_id, None)
+        else:
+            index[job_id] = place
+
+    def _lease_of(self, job_id: str) -> Place | None:
+        record = self._inline_index().get(job_id)
+        if record is not None:
+            return Place(None, 0, record)
+        return self._spilled_index().get(job_id)
+
+    def _leased(self) -> Iterator[Place]:
+        """Every claimed job's record."""
+        for record in self.head["leases"]["in"]:
+            yield Place(None, 0, record)
+        yield from self._spilled_index().values()
+
+    def _add_lease(self, record: Job) -> None:
+        self._spilled_index()  # built before the claimed set changes
+        self.leases.append(record)
+        self._inline_index()[record["id"]] = record
+
+    def _drop_lease(self, place: Place) -> None:
+        inline = self._inline_index()  # built before the record leaves the head
+        self.leases.remove(self._placed(place))
+        if place.seg is None:
+            del inline[place.item["id"]]
+        else:
+            self._set_spilled(place.item["id"], None)
+
+    # --- batches: begin, and roll back ----------------------------------------------------
+
+    def begin(self) -> None:
+        """A batch starts: note what changes, so that rollback() can undo it."""
+        self._journal = []
+
+    def rollback(self, head: dict[str, Any]) -> None:
+        """Undo the batch since begin(): `head` is the head it started from, freshly
+        decoded. The spilled index is put back as it was (rebuilding it would read
+        every lease segment); the rest is derived again when wanted. The batch
+        waited for an object, most likely: applying it again finds it."""
+        if self._journal is not None and self._spilled is not None:
+            for job_id, old in reversed(self._journal):
+                if old is None:
+                    self._spilled.pop(job_id, None)
+                else:
+                    self._spilled[job_id] = old
+        self.head = head
+        self._journal = [] if self._journal is not None else None
+        self._inline = None
+        self._inline_ids = None
+        self._lease_mans = ((), {})
+        self._view.fresh.clear()
+        self.dirty = False
+
+    def _placed(self, place: Place) -> Place:
+        """`place` with the manifest its segment is under now: the lease index is
+        kept across seals, which fold segments under manifests."""
+        if place.seg is None:
+            return place
+        mans = tuple(m["k"] for m in self.head["leases"]["mans"])
+        if mans != self._lease_mans[0]:
+            self._lease_mans = (mans, self.leases.manifest_of())
+        return Place(place.seg, place.index, place.item, self._lease_mans[1].get(place.seg))
+
+    # --- the objects it needs ---------------------------------------------------------------------
+
+    def referenced(self) -> list[str]:
+        """Keys of every object this state needs, payloads of claimed jobs
+        included (opens manifests, reads lease segments)."""
+        ids: list[str] = []
+        for lane in self.head["lanes"].values():
+            for run in self._runs(lane):
+                ids += run.object_ids()
+        for chain in (self.leases, self.retained, self.dead):
+            ids += chain.object_ids()
+        ids += [p.item["src"][0] for p in self._leased() if "src" in p.item]
+        return sorted({keys.segment(self.topic, i) for i in ids})
+
+    def direct_keys(self) -> list[str]:
+        """Keys of the objects the head names itself: what reading it whole
+        starts with (manifests and loose segments)."""
+        ids: list[str] = []
+        for lane in self.head["lanes"].values():
+            for run in self._runs(lane):
+                ids += run.direct_ids()
+        for chain in (self.leases, self.retained, self.dead):
+            ids += chain.direct_ids()
+        return [keys.segment(self.topic, i) for i in ids]
+
+    def hold(self, key: str, obj: Segment | Manifest) -> None:
+        """Keep `obj` for this state's reads, whatever its cache does."""
+        self._view.seen[key] = obj
+
+    def prefetch(self, missing: str) -> list[str]:
+        """What to fetch when `missing` is wanted: it, every object the head names
+        itself, and the segments of loaded lease manifests (a claimed job's record
+        may be in any of them). Fetched together, one miss costs one round trip
+        instead of one per object."""
+        wanted = [missing, *self.direct_keys()]
+        leases = self.leases
+        for mref in leases.d["mans"]:
+            try:
+                refs = leases.manifest(mref["k"]).refs
+            except SegmentMissing:
+                continue
+            wanted += [keys.segment(self.topic, r["k"]) for r in refs]
+        return wanted
+
+    def expire(self, now: float) -> None:
+        """What the rules drop before a seal (retention): nothing, here."""
+
+    # --- sealing a batch ---------------------------------------------------------------------
+
+    def seal(self, writer: dict[str, Any], write_id: str, now: float) -> Sealed:
+        """Finish a batch: expire records, stamp the write, spill what outgrew
+        the head into new objects, and serialise the head (Sealed.head)."""
+        self.expire(now)
+        h, bounds = self.head, self.bounds
+        h["writer"] = writer
+        h["write_id"] = write_id
+        writers: dict[str, str] = h["writers"]
+        writers.pop(writer["broker_id"], None)
+        writers[writer["broker_id"]] = write_id  # the newest last
+        while len(writers) > bounds.writers_max:
+            del writers[next(iter(writers))]
+        sealed = Sealed()
+        self._view.fresh.clear()  # the last seal's objects are in the view by now
+        data = orjson.dumps(h)
+        smallest = min(
+            bounds.inline_pending_bytes,
+            bounds.inline_leases_bytes,
+            bounds.inline_records_bytes,
+            bounds.inline_dead_bytes,
+        )
+        # A part can outgrow its bound only if the whole head did: measure the
+        # parts only then, so a small head costs one serialisation.
+        if len(data) > smallest or self._needs_upkeep():
+            _Sealer(self, sealed, write_id).run()
+            data = orjson.dumps(h)
+            self._inline_ids = None  # spilled ids are found through the segments now
+        sealed.head = data
+        return sealed
+
+    def _needs_upkeep(self) -> bool:
+        """Whether a chain has too many loose segments or kept holes, or a lane
+        too many runs (which a seal tidies whatever the head's size)."""
+        h, b = self.head, self.bounds
+        chains = [h["leases"], h["retained"], h["dead"]]
+        chains += [run for lane in h["lanes"].values() for run in lane["runs"]]
+        sparse = any(r["live"] * 2 <= r["n"] for r in h["leases"]["segs"])
+        crowded = any(
+            len(c["segs"]) > b.loose_max
+            or len(c["holes"]) > b.holes_max
+            or len(c["mans"]) > b.manifests_max
+            for c in chains
+        )
+        return sparse or crowded or any(len(ln["runs"]) > b.runs_max for ln in h["lanes"].values())
+
+
+class _Overlay:
+    """A SegmentView that also holds the objects the current seal made (the
+    committer adds them to its cache only once they are written), and every
+    object read through it (`seen`, which the caller may share between the
+    states it builds for one batch and clear after: so that a cache smaller
+    than what one batch needs only costs fetches, never a loop of them)."""
+
+    def __init__(self, view: SegmentView, seen: dict[str, Segment | Manifest]) -> None:
+        self.view = view
+        self.fresh: dict[str, Segment | Manifest] = {}
+        self.seen = seen
+
+    def keep(self, key: str, data: bytes) -> None:
+        is_manifest = key.rsplit("/", 1)[-1].startswith("seg-m")
+        self.fresh[key] = decode_manifest(key, data) if is_manifest else decode_segment(key, data)
+
+    def segment(self, key: str) -> Segment:
+        obj = self.fresh.get(key) or self.seen.get(key)
+        if isinstance(obj, Segment):
+            return obj
+        found = self.seen[key] = self.view.segment(key)
+        return found
+
+    def manifest(self, key: str) -> Manifest:
+        obj = self.fresh.get(key) or self.seen.get(key)
+        if isinstance(obj, Manifest):
+            return obj
+        found = self.seen[key] = self.view.manifest(key)
+        return found
+
+
+class _Sealer:
+    """The spilling, folding and merging of one seal."""
+
+    def __init__(self, state: Layout, sealed: Sealed, write_id: str) -> None:
+        self.s = state
+        self.sealed = sealed
+        self.attempt = write_id[:12]
+        self.bounds = state.bounds
+
+    def _new_id(self, kind: str) -> str:
+        n = self.s.head["next"]
+        self.s.head["next"] = n + 1
+        return f"{kind}{n}-{self.attempt}"
+
+    def _add(self, obj: NewObject) -> None:
+        key = keys.segment(self.s.topic, obj.id)
+        self.sealed.new_objects[key] = obj.data
+        self.s._view.keep(key, obj.data)  # the rest of this seal may read it
+
+    def run(self) -> None:
+        h, b = self.s.head, self.bounds
+        lanes = h["lanes"]
+        if sum(len(orjson.dumps(lane["in"])) for lane in lanes.values()) > b.inline_pending_bytes:
+            for lane in lanes.values():
+                if lane["in"]:
+                    self._spill_lane(lane)
+        if len(orjson.dumps(h["leases"]["in"])) > b.inline_leases_bytes:
+            self._spill_leases()
+        for name, bound, kind in (
+            ("retained", b.inline_records_bytes, "r"),
+            ("dead", b.inline_dead_bytes, "d"),
+        ):
+            chain = self.s._chain(h[name])
+            if chain.d["in"] and len(orjson.dumps(chain.d["in"])) > bound:
+                self._spill(chain, kind, self._bounds_of(name, chain.d["in"]))
+        self._compact_leases()
+        for lane in lanes.values():
+            if len(lane["runs"]) > b.runs_max:
+                self._merge_runs(lane)
+        chains = [self.s.leases, self.s.retained, self.s.dead]
+        chains += [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
+        for chain in chains:
+            if len(chain.d["segs"]) > b.loose_max:
+                self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
+            if len(chain.d["holes"]) > b.holes_max:
+                self._rewrite_holey_manifest(chain)
+            if len(chain.d["mans"]) > b.manifests_max:
+                self._merge_manifests(chain)
+
+    @staticmethod
+    def _bounds_of(name: str, items: list[Any]) -> dict[str, Any]:
+        if name == "retained":
+            return {"hi": max(r["finished_at"] for r in items)}
+        return {}
+
+    def _spill(self, chain: Chain, kind: str, meta: dict[str, Any]) -> None:
+        seg_id = self._new_id(kind)
+        self._add(chain.spill(seg_id, encode_segment(kind, chain.d["in"]), meta))
+
+    def _spill_lane(self, lane: dict[str, Any]) -> None:
+        """The lane's inline jobs become a segment at the end of the run whose last
+        job comes before the first of them, or a run of their own."""
+        jobs: list[Job] = lane["in"]
+        first = job_key(jobs[0])
+        fits = [r for r in lane["runs"] if tuple(r.get("last", (1e300, 0))) <= first]
+        if fits:
+            run = max(fits, key=lambda r: tuple(r["last"]))
+        else:
+            run = new_chain()
+            lane["runs"].append(run)
+        meta = {"lo": jobs[0]["run_at"], "hi": max(j["run_at"] for j in jobs)}
+        run["lo"] = min(run.get("lo", meta["lo"]), meta["lo"])
+        run["top"] = max(run.get("top", meta["hi"]), meta["hi"])
+        run["last"] = list(job_key(jobs[-1]))
+        # The jobs move from the lane into the run's chain, and on into a segment.
+        run["n"] += len(jobs)
+        run["in"], lane["in"] = jobs, []
+        self._spill(self.s._chain(run), "p", meta)
+
+    def _spill_leases(self) -> None:
+        """Spilled leases keep no payload: those that carry one (jobs claimed
+        from the head) leave it in a payload segment and point there."""
+        leases = self.s.leases
+        records: list[Job] = leases.d["in"]
+        carried = [r for r in records if "payload" in r]
+        if carried:
+            x_id = self._new_id("x")
+            payloads = [{"id": r["id"], "payload": r["payload"]} for r in carried]
+            self._add(NewObject(x_id, encode_segment("x", payloads)))
+            for i, record in enumerate(carried):
+                del record["payload"]
+                record["src"] = [x_id, i]
+        self.s._spilled_index()  # built before the records move
+        seg_id = self._new_id("l")
+        self._add(leases.spill(seg_id, encode_segment("l", records), {}))
+        self.s._inline = None
+        for i, record in enumerate(records):  # the records moved: say where they are now
+            self.s._set_spilled(record["id"], Place(seg_id, i, record))
+
+    def _compact_leases(self) -> None:
+        """Leases are resolved anywhere (acks, heartbeats of spilled ones): a
+        loose segment or a manifest with half its records resolved or more has
+        its live records taken inline again (they are small: payloads stay
+        where they are), so resolved ones stop taking space. A few a seal."""
+        leases = self.s.leases
+        sparse = [r for r in leases.d["segs"] if r["live"] * 2 <= r["n"]]
+        sparse += [m for m in leases.d["mans"] if m["live"] * 2 <= m.get("total", 0)]
+        for unit in sparse[:2]:
+            for place in leases.places_in(unit["k"]):
+                self.s._drop_lease(place)
+                self.s._add_lease(dict(place.item))
+
+    def _merge_runs(self, lane: dict[str, Any]) -> None:
+        """More runs than runs_max: the smallest two are merged into one, if
+        their live jobs fit in merge_bytes (written once); else they stay."""
+        runs = sorted(lane["runs"], key=lambda r: r["n"])
+        a, b = runs[0], runs[1]
+        jobs = [p.item for run in (a, b) for p in self.s._chain(run).places()]
+        data = encode_segment("p", sorted(jobs, key=job_key))
+        if len(data) > self.bounds.merge_bytes:
+            return
+        jobs.sort(key=job_key)
+        lane["runs"].remove(a)
+        lane["runs"].remove(b)
+        run = new_chain()
+        run.update(
+            lo=jobs[0]["run_at"], top=max(j["run_at"] for j in jobs), last=list(job_key(jobs[-1]))
+        )
+        lane["runs"].append(run)
+        run["in"], run["n"] = jobs, len(jobs)
+        meta = {"lo": jobs[0]["run_at"], "hi": run["top"]}
+        self._add(self.s._chain(run).spill(self._new_id("p"), data, meta))
+
+    def _merge_manifests(self, chain: Chain) -> None:
+        """Too many manifests: the two neighbours with the fewest segments become
+        one, if it stays under manifest_bytes (a manifest is rewritten whole, and
+        a batch writes a bounded amount); so a chain of a million items keeps a
+        few dozen manifest refs in the head, and a lookup opens that many."""
+        mans = chain.d["mans"]
+        pairs = sorted(range(len(mans) - 1), key=lambda i: mans[i]["segs"] + mans[i + 1]["segs"])
+        for i in pairs:
+            sizes = sum(chain.manifest(m["k"]).size for m in mans[i : i + 2])
+            if sizes <= self.bounds.manifest_bytes:
+                obj = chain.merge_manifests(i, 2, self._new_id("m"), encode_manifest)
+                if obj is not None:
+                    self._add(obj)
+                return
+
+    def _rewrite_holey_manifest(self, chain: Chain) -> None:
+        holes: dict[str, list[int]] = chain.d["holes"]
+        by_manifest: dict[int, int] = {}
+        for m, mref in enumerate(chain.d["mans"]):
+            for ref in chain.manifest(mref["k"]).refs:
+                if ref["k"] in holes:
+                    by_manifest[m] = by_manifest.get(m, 0) + len(holes[ref["k"]])
+        if not by_manifest:
+            return
+        worst = max(by_manifest, key=lambda m: by_manifest[m])
+        obj = chain.rewrite_manifest(worst, self._new_id("m"), encode_manifest)
+        if obj is not None:
+            self._add(obj)
