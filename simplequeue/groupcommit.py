@@ -218,13 +218,19 @@ class GroupCommitter:
             async with t.lock:  # waits for a batch in flight, whose landing may do
                 if t.checked_at < asked:
                     await self._load(t)
-        for _ in range(_MAX_FETCH_ROUNDS):
-            reader = self._reader(t)
-            try:
-                return query(reader, self.clock())
-            except SegmentMissing as miss:
-                async with t.lock:
-                    await self._fetch(t, reader, miss.key)
+        reader = self._reader(t)
+        try:
+            for _ in range(_MAX_FETCH_ROUNDS):
+                reader = self._reader(t)
+                try:
+                    return query(reader, self.clock())
+                except SegmentMissing as miss:
+                    async with t.lock:
+                        await self._fetch(t, reader, miss.key, for_batch=False)
+        finally:
+            # What this read held on to goes back to the cache's budget: a
+            # reader lives until the next write, which may be long in coming.
+            reader.release()
         raise StoreUnavailable(f"topic {topic!r}: the object cache is too small for this read")
 
     def _reader(self, t: _Topic) -> TopicState:
@@ -601,7 +607,7 @@ class GroupCommitter:
         t.state, t.etag, t.checked_at = state, etag, sent_at
         t.committed, t.reader = data, None
 
-    async def _fetch(self, t: _Topic, state: TopicState, key: str) -> None:
+    async def _fetch(self, t: _Topic, state: TopicState, key: str, for_batch: bool = True) -> None:
         """Fetch `key` (and what tends to be wanted with it) into the cache; the
         caller holds the topic's lock. An object the head names that is gone
         means the head moved on (a sweep deleted what it no longer referenced):
@@ -615,7 +621,8 @@ class GroupCommitter:
         else:
             # Prefetching may push it out of the cache: the states hold on to it.
             obj = self.cache.held(key)
-            t.seen[key] = obj
+            if for_batch:
+                t.seen[key] = obj
             state.hold(key, obj)
             # What tends to be wanted with it, as the committed head names it
             # (`state` may be half a batch in: it names objects not written yet).

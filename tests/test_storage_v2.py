@@ -238,3 +238,22 @@ async def test_thousands_of_claims_keep_the_head_small_and_stay_exact() -> None:
     assert len(rest) == 1001  # the 1,000 never claimed, then the one given back
     again = rest[-1]
     assert again["id"] == held[3000]["id"] and again["payload"] == held[3000]["payload"]
+
+
+async def test_reads_between_writes_hold_nothing_past_the_cache_budget() -> None:
+    """Reads fetched objects into the reader's and the batch's working sets, which
+    only a write cleared: looking up old ids on a topic nobody wrote to grew the
+    broker's memory past its cache (590 MB with a 64 MB cache, bin/bench part 7)."""
+    store = MemStore()
+    q = engine_on(store, cache_bytes=32 * 1024)
+    for i in range(20):
+        await q.enqueue("t", jobs(100, prefix=f"b{i:02d}-", size=10))
+        batch = await q.claim("t", "w", count=100)
+        await q.ack_many("t", [AckRequest(j["id"], j["lease_token"]) for j in batch])
+    reader = engine_on(store, "r", cache_bytes=32 * 1024)
+    for i in range(20):
+        assert (await reader.job("t", f"b{i:02d}-00042"))["status"] == "completed"
+    t = reader.committer._topics["t"]
+    assert t.seen == {}
+    assert t.reader is not None and t.reader._view.seen == {}
+    assert reader.committer.cache.used <= 32 * 1024 * 2

@@ -267,6 +267,10 @@ class Layout:
         """Keep `obj` for this state's reads, whatever its cache does."""
         self._view.seen[key] = obj
 
+    def release(self) -> None:
+        """Let go of what this state held on to (its reads are done for now)."""
+        self._view.seen.clear()
+
     def prefetch(self, missing: str) -> list[str]:
         """What to fetch when `missing` is wanted: it, every object the head names
         itself, and the segments of loaded lease manifests (a claimed job's record
