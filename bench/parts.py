@@ -1,4 +1,6 @@
-"""The five parts of issue 8's benchmark, each a function (Plan, Context) -> Section.
+"""The parts of bin/bench, each a function (Plan, Context) -> Section: issue 8's
+five (HTTP, end to end, depth, cost, RESP), then SPEC 4.1's bounded-state figures
+(6 in-flight depth).
 
 Every comparison is a ratio of figures measured in the same run, with the things
 compared interleaved round by round (A B A B), because the machines are shared and
@@ -38,6 +40,7 @@ from bench.servers import (
     start_redis,
     start_simplequeued,
 )
+from simplequeue import keys
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class Plan:
     cost_idle: float  # seconds the S3 broker is watched idle
     resp_seconds: float
     resp_rounds: int
+    inflight_pending: int  # jobs pending on the deep topic of part 6 ...
+    inflight_claimed: int  # ... and claimed on it, with a lease that outlasts the run
+    inflight_rounds: int  # per concurrency
+    inflight_round_ops: int
     concurrencies: tuple[int, ...] = (1, 16, 64)
     e2e_producers: int = 16  # enqueues in flight, for every system
     e2e_workers: int = 16  # jobs in flight in the worker, for every system
@@ -67,6 +74,9 @@ class Plan:
     resp_connections: int = 8
     resp_pipeline: int = 8  # 8 x 8 = 64 commands in flight, as HTTP at concurrency 64
     http_concurrency: int = 64  # part 5's HTTP reference
+    inflight_concurrencies: tuple[int, ...] = (16, 64)
+    inflight_payload: int = 1024  # bytes of JSON per job, pre-filled and measured
+    inflight_lease: float = 3600.0
 
 
 FULL = Plan(
@@ -82,6 +92,10 @@ FULL = Plan(
     cost_idle=5.0,
     resp_seconds=2.0,
     resp_rounds=4,
+    inflight_pending=100_000,
+    inflight_claimed=100_000,
+    inflight_rounds=5,
+    inflight_round_ops=2_000,
 )
 QUICK = Plan(
     quick=True,
@@ -96,6 +110,10 @@ QUICK = Plan(
     cost_idle=1.0,
     resp_seconds=0.4,
     resp_rounds=2,
+    inflight_pending=10_000,
+    inflight_claimed=10_000,
+    inflight_rounds=2,
+    inflight_round_ops=1_000,
 )
 
 
@@ -729,10 +747,228 @@ def _pair(cell: Cell, reference: Cell) -> list[float]:
     return [a / b for a, b in zip(cell.rates, reference.rates, strict=False) if b]
 
 
+def kb(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x / 1024:,.1f}"
+
+
+def mb(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x / 2**20:,.0f}"
+
+
+def head_size(data_dir: Path, topic: str) -> int:
+    """Bytes of the topic's head object in a localfs store (0 before it exists)."""
+    try:
+        return (data_dir / keys.head(topic)).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def per_batch(cell: Cell, key: str) -> float:
+    """A /metrics counter's delta over the cell's rounds, per head write."""
+    writes_ = cell.counters.get("writes", 0.0)
+    return cell.counters.get(key, math.nan) / writes_ if writes_ else math.nan
+
+
+# --- 6. In-flight depth ------------------------------------------------------------------------
+
+# What SPEC 4.1 lets a batch write beyond twice its own payloads, on average.
+ALLOWANCE = 64 * 1024
+
+
+def part_inflight(plan: Plan, ctx: Context) -> Section:
+    """SPEC 4.1's first figure (issue 14): enqueue and cycle rounds against a topic
+    holding `inflight_pending` pending and `inflight_claimed` claimed jobs of 1 KB,
+    and against an empty topic, one broker each, rounds interleaved; what each
+    batch writes (from /metrics) and the head's size (from the data directory)."""
+    size, topic = plan.inflight_payload, "inflight"
+    pending, claimed = plan.inflight_pending, plan.inflight_claimed
+    dirs = {"empty": ctx.tmp / "part6-empty", "deep": ctx.tmp / "part6-deep"}
+    cells: dict[tuple[str, int, str], Cell] = defaultdict(Cell)
+    heads: dict[tuple[str, int, str], list[int]] = defaultdict(list)
+    enqueued: dict[int, int] = defaultdict(int)  # jobs the deep topic's enqueue rounds made
+    with contextlib.ExitStack() as stack:
+        brokers = {
+            name: stack.enter_context(
+                start_simplequeued(
+                    f"part6-{name}",
+                    ctx.logs,
+                    data_dir=d,
+                    profile=ctx.profile_path(f"part6-{name}"),
+                )
+            )
+            for name, d in dirs.items()
+        }
+        deep = brokers["deep"]
+        t0 = time.perf_counter()
+        # Batches of 500: 1,000 jobs of 1 KB would pass the broker's --max-body (1 MB).
+        common = {"url": deep.url, "topic": topic, "payload_bytes": size}
+        ctx.gen.call("prefill", n=pending + claimed, batch=500, **common)
+        t1 = time.perf_counter()
+        ctx.gen.call(
+            "prefill_claimed", url=deep.url, topic=topic, n=claimed, lease=plan.inflight_lease
+        )
+        prefilled_head = head_size(dirs["deep"], topic)
+        ctx.log(
+            f"part 6: pre-filled {pending + claimed:,} jobs in {t1 - t0:.1f} s, claimed "
+            f"{claimed:,} in {time.perf_counter() - t1:.1f} s; head {kb(prefilled_head)} KB"
+        )
+        for c in plan.inflight_concurrencies:
+            for r in range(plan.inflight_rounds):
+                made: dict[str, int] = {}
+                for op in ("enqueue", "cycle"):
+                    for name, broker in brokers.items():
+                        cell = cells[(op, c, name)]
+                        made[name] = run_round(
+                            cell,
+                            ctx.gen,
+                            broker,
+                            "http",
+                            broker=not ctx.profile,
+                            url=broker.url,
+                            topic=topic,
+                            op=op,
+                            concurrency=c,
+                            seconds=60.0,
+                            max_ops=plan.inflight_round_ops if op == "enqueue" else made[name],
+                            payload_bytes=size,
+                        )
+                        heads[(op, c, name)].append(head_size(dirs[name], topic))
+                        if op == "enqueue" and name == "deep":
+                            enqueued[c] += made[name]
+                    ctx.log(
+                        f"part 6: c={c} round {r + 1}/{plan.inflight_rounds} {op}: empty "
+                        f"{num(cells[(op, c, 'empty')].rates[-1])}/s, in flight "
+                        f"{num(cells[(op, c, 'deep')].rates[-1])}/s, head "
+                        f"{kb(heads[(op, c, 'deep')][-1])} KB"
+                    )
+
+    section = Section(f"6. In-flight depth: {pending:,} pending and {claimed:,} claimed jobs")
+    speed, written = [], []
+    for op in ("enqueue", "cycle"):
+        for c in plan.inflight_concurrencies:
+            e, d = cells[(op, c, "empty")], cells[(op, c, "deep")]
+            x = d.rate / e.rate
+            latency = lat if op == "enqueue" else (lambda cell, _: cycle_lat(cell))
+            speed.append(
+                [
+                    op,
+                    str(c),
+                    num(e.rate),
+                    num(d.rate),
+                    ratio(x) + spread(_pair(d, e)),
+                    latency(e, "enqueue"),
+                    latency(d, "enqueue"),
+                    f"{pct(e.srv_share)}, {num(e.srv_us)} / {pct(d.srv_share)}, {num(d.srv_us)}",
+                    f"{pct(e.gen_share)} / {pct(d.gen_share)}",
+                ]
+            )
+            section.targets.append(
+                Target(
+                    f"6. {op} throughput at c={c}, {pending:,} + {claimed:,} in flight",
+                    ">= 0.5x the empty topic",
+                    ratio(x),
+                    x >= 0.5,
+                )
+            )
+            # The payload bytes the deep topic's enqueue batches brought, per batch.
+            batches = d.counters.get("writes", math.nan)
+            own = size * enqueued[c] / batches if op == "enqueue" else 0.0
+            written.append(
+                [
+                    op,
+                    str(c),
+                    f"{num(e.counters.get('writes', math.nan))} / "
+                    f"{num(d.counters.get('writes', math.nan))}",
+                    f"{per_batch(e, 'mutations'):.1f} / {per_batch(d, 'mutations'):.1f}",
+                    f"{kb(per_batch(e, 'bytes_written'))} / {kb(per_batch(d, 'bytes_written'))}",
+                    f"{kb(per_batch(e, 'head_bytes'))} / {kb(per_batch(d, 'head_bytes'))}",
+                    f"{per_batch(d, 'segments'):.2f}",
+                    kb(own),
+                    kb(2 * own + ALLOWANCE),
+                    f"{kb(max(heads[(op, c, 'empty')]))} / {kb(max(heads[(op, c, 'deep')]))}",
+                ]
+            )
+    biggest = max([prefilled_head, *(v for k, vs in heads.items() if k[2] == "deep" for v in vs)])
+    section.targets.insert(
+        0,
+        Target(
+            f"6. head size, {pending:,} pending + {claimed:,} claimed",
+            "< 256 KB",
+            f"{kb(biggest)} KB (largest seen)",
+            biggest < 256 * 1024,
+        ),
+    )
+    if not ctx.profile:
+        for op in ("enqueue", "cycle"):
+            rounds = [cells[(op, c, "deep")] for c in plan.inflight_concurrencies]
+            batches = sum(cell.counters["writes"] for cell in rounds)
+            total = sum(cell.counters["bytes_written"] for cell in rounds)
+            own_total = size * sum(enqueued.values()) if op == "enqueue" else 0
+            got, limit = total / batches, (2 * own_total + batches * ALLOWANCE) / batches
+            section.targets.insert(
+                1 if op == "enqueue" else 2,
+                Target(
+                    f"6. bytes per {op} batch in flight ({num(batches)} batches)",
+                    "<= 2 x own payloads + 64 KB, on average",
+                    f"{kb(got)} KB (limit {kb(limit)} KB)",
+                    got <= limit,
+                ),
+            )
+    section.lines += table(
+        [
+            "operation",
+            "concurrency",
+            "empty jobs/s",
+            "in-flight jobs/s",
+            "vs empty (per round)",
+            "empty p50 / p99 ms",
+            "in-flight p50 / p99 ms",
+            "server CPU, µs per job (empty / in flight)",
+            "generator CPU (empty / in flight)",
+        ],
+        speed,
+    )
+    section.lines += [
+        "",
+        *table(
+            [
+                "operation",
+                "concurrency",
+                "batches (empty / in flight)",
+                "mutations per batch",
+                "KB written per batch",
+                "head KB per batch",
+                "segments per batch (in flight)",
+                "own payload KB per batch (in flight)",
+                "limit KB (2 x own + 64)",
+                "head KB, largest (empty / in flight)",
+            ],
+            written,
+        ),
+        "",
+        f"Two brokers (localfs): one on an empty topic, one on a topic pre-filled with "
+        f"{pending + claimed:,} jobs of {size:,} B of JSON (batch enqueues of 500) of which "
+        f"{claimed:,} were then claimed by batch claims of 1,000 with a "
+        f"{plan.inflight_lease:,.0f} s lease and never acked, so they stay in flight. Per "
+        f"concurrency, {plan.inflight_rounds} rounds of {plan.inflight_round_ops:,} single "
+        f"enqueues ({size:,} B payloads) then as many claim + ack cycles, the two brokers "
+        f"alternating; the deep topic keeps {pending:,}-{pending + plan.inflight_round_ops:,} "
+        f"pending and {claimed:,} claimed (cycles take the oldest pending jobs, which are in "
+        "segments). A batch is one head write that landed (`simplequeue_commit_writes_total`); "
+        "KB written counts heads and segments (`simplequeue_commit_bytes_written_total`), head "
+        "KB only the heads (`simplequeue_commit_head_bytes_written_total`), both as deltas over "
+        "the rounds. Own payload bytes: jobs enqueued in the rounds x payload size / batches (0 "
+        f"for cycles). The head's size is `topics/{topic}.json` in each broker's data directory "
+        f"after every round (after the pre-fill: {kb(prefilled_head)} KB).",
+    ]
+    return section
+
+
 PARTS: dict[int, Part] = {
     1: part_http,
     2: part_e2e,
     3: part_depth,
     4: part_cost,
     5: part_resp,
+    6: part_inflight,
 }
