@@ -1,8 +1,8 @@
 """The load generator: a process of its own, driven by bench/run.py over a pipe.
 
 It reads one JSON command per line on stdin and answers one JSON line on stdout:
-HTTP rounds (enqueue; claim + ack cycles) with a bare aiohttp client, fills that
-are not measured (pending and claimed jobs), RESP rounds
+HTTP rounds (enqueue; claim + ack cycles; checked probes of ids) with a bare aiohttp
+client, fills that are not measured (pending, claimed, completed jobs), RESP rounds
 with redis-py pipelines, and end-to-end runs through simplequeue's SDK Worker, Huey
 and arq. Every answer carries this process's own CPU time over what it measured, so
 that the report can tell when the client, not the server, was the limit.
@@ -268,6 +268,90 @@ async def prefill_claimed(cfg: dict[str, Any]) -> dict[str, Any]:
     return w.answer()
 
 
+async def fill_completed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Push `n` jobs through to completion, ids `prefix` + number from `start`:
+    per `batch`, one batch enqueue (with the ids), one batch claim and one batch
+    ack, `concurrency` batches at a time. Their records are kept as long as the
+    broker's --retention; `ops` counts jobs completed."""
+    base, topic, prefix = cfg["url"], cfg["topic"], cfg["prefix"]
+    first, n, batch = int(cfg.get("start", 0)), int(cfg["n"]), int(cfg.get("batch", 1000))
+    url = f"{base}/topics/{topic}/enqueue"
+    starts = iter(range(first, first + n, batch))
+    w = Window()
+    async with aiohttp.ClientSession() as session:
+
+        async def loop(i: int) -> None:
+            for start in starts:
+                jobs = [
+                    {"id": f"{prefix}{k}", "payload": payload(k)}
+                    for k in range(start, min(first + n, start + batch))
+                ]
+                t0 = time.perf_counter()
+                async with session.post(url, data=orjson.dumps({"jobs": jobs}), headers=JSON) as r:
+                    raw = await r.read()
+                    if r.status != 201 or orjson.loads(raw)["duplicates"]:
+                        raise RuntimeError(f"fill_completed: enqueue answered HTTP {r.status}")
+                # Each loop claims as many as it enqueued, after enqueueing them,
+                # so the claims always find enough (in whichever loop's batch).
+                left = len(jobs)
+                while left:
+                    claimed = await claim_batch(session, base, topic, f"bench-fill-{i}", left, 600)
+                    if not claimed:
+                        raise RuntimeError(f"fill_completed: {topic} had nothing to claim")
+                    done = await ack_batch(session, base, topic, claimed)
+                    w.ops += done
+                    w.errors += len(claimed) - done
+                    left -= len(claimed)
+                w.record("batch", time.perf_counter() - t0)
+
+        await measure(w, (loop(i) for i in range(int(cfg.get("concurrency", 2)))))
+    return w.answer()
+
+
+async def probe_round(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One request per id of `ids`, `concurrency` at a time, each checked: `op`
+    "duplicate" enqueues the id again (the topic has its record: the answer must
+    be 200 with duplicate), "get" reads GET /topics/<t>/jobs/<id> (must be 200,
+    completed), "new" enqueues a fresh id (must be 201). `ops` counts answers as
+    they must be, `errors` the others (the first few are in `wrong`)."""
+    base, topic, op = cfg["url"], cfg["topic"], cfg["op"]
+    ids = iter(cfg["ids"])
+    w = Window()
+    wrong: list[str] = []
+    connector = aiohttp.TCPConnector(limit=int(cfg["concurrency"]))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await warm_up(session, base, int(cfg["concurrency"]))
+
+        async def one(job_id: str) -> tuple[int, Any]:
+            if op == "get":
+                request = session.get(f"{base}/topics/{topic}/jobs/{job_id}")
+            else:
+                body = orjson.dumps({"id": job_id, "payload": payload(0)})
+                request = session.post(f"{base}/topics/{topic}/enqueue", data=body, headers=JSON)
+            async with request as r:
+                return r.status, orjson.loads(await r.read())
+
+        async def loop() -> None:
+            for given in ids:
+                job_id = uuid.uuid4().hex if op == "new" else given
+                t0 = time.perf_counter()
+                status, body = await one(job_id)
+                w.record(op, time.perf_counter() - t0)
+                if op == "duplicate":
+                    ok = status == 200 and body.get("duplicate") is True
+                elif op == "get":
+                    ok = status == 200 and body["id"] == job_id and body["status"] == "completed"
+                else:
+                    ok = status == 201
+                w.ops += ok
+                w.errors += not ok
+                if not ok and len(wrong) < 5:
+                    wrong.append(f"{job_id}: HTTP {status} {str(body)[:120]}")
+
+        await measure(w, (loop() for _ in range(int(cfg["concurrency"]))), cfg.get("server_pid"))
+    return w.answer(wrong=wrong)
+
+
 async def drain(cfg: dict[str, Any]) -> dict[str, Any]:
     """Claim and ack what is left in the topic, 1000 at a time (not measured)."""
     base, topic = cfg["url"], cfg["topic"]
@@ -518,6 +602,8 @@ ASYNC_COMMANDS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]
     "http": http_round,
     "prefill": prefill,
     "prefill_claimed": prefill_claimed,
+    "fill_completed": fill_completed,
+    "probe": probe_round,
     "drain": drain,
     "resp": resp_round,
     "sq_e2e": sq_e2e,
