@@ -1,6 +1,6 @@
 """The parts of bin/bench, each a function (Plan, Context) -> Section: issue 8's
 five (HTTP, end to end, depth, cost, RESP), then SPEC 4.1's bounded-state figures
-(6 in-flight depth).
+(6 in-flight depth, 7 retention).
 
 Every comparison is a ratio of figures measured in the same run, with the things
 compared interleaved round by round (A B A B), because the machines are shared and
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 import uuid
 from collections import defaultdict
@@ -63,6 +64,9 @@ class Plan:
     inflight_claimed: int  # ... and claimed on it, with a lease that outlasts the run
     inflight_rounds: int  # per concurrency
     inflight_round_ops: int
+    retention_records: int  # completed records part 7 pushes one topic to
+    retention_rounds: int
+    retention_probes: int  # requests per operation, topic and round
     concurrencies: tuple[int, ...] = (1, 16, 64)
     e2e_producers: int = 16  # enqueues in flight, for every system
     e2e_workers: int = 16  # jobs in flight in the worker, for every system
@@ -77,6 +81,10 @@ class Plan:
     inflight_concurrencies: tuple[int, ...] = (16, 64)
     inflight_payload: int = 1024  # bytes of JSON per job, pre-filled and measured
     inflight_lease: float = 3600.0
+    retention_baseline: int = 1_000  # records of the baseline topic
+    retention_seconds: float = 86_400.0
+    retention_cache_mb: int = 64
+    retention_concurrency: int = 16
 
 
 FULL = Plan(
@@ -96,6 +104,9 @@ FULL = Plan(
     inflight_claimed=100_000,
     inflight_rounds=5,
     inflight_round_ops=2_000,
+    retention_records=1_000_000,
+    retention_rounds=3,
+    retention_probes=2_000,
 )
 QUICK = Plan(
     quick=True,
@@ -114,6 +125,9 @@ QUICK = Plan(
     inflight_claimed=10_000,
     inflight_rounds=2,
     inflight_round_ops=1_000,
+    retention_records=100_000,
+    retention_rounds=2,
+    retention_probes=500,
 )
 
 
@@ -964,6 +978,194 @@ def part_inflight(plan: Plan, ctx: Context) -> Section:
     return section
 
 
+# --- 7. Retention ------------------------------------------------------------------------------
+
+PROBES = {
+    "duplicate": "enqueue an old id again (must answer duplicate)",
+    "new": "enqueue a new id",
+    "get": "GET /topics/t/jobs/<old id> (must answer completed)",
+}
+
+
+def part_retention(plan: Plan, ctx: Context) -> Section:
+    """SPEC 4.1's second figure: one broker (--retention, --cache-mb) pushes a
+    topic to `retention_records` completed records, its RSS sampled on the way;
+    then duplicate detection, new enqueues and lookups of random old ids, against
+    the same operations on a topic of `retention_baseline` records, interleaved."""
+    n, base_n = plan.retention_records, plan.retention_baseline
+    marks = (n // 10, 3 * n // 10, n)
+    topics = {"big": ("retained", "r-", n), "baseline": ("baseline", "b-", base_n)}
+    data_dir = ctx.tmp / "part7"
+    rng = random.Random(7)
+    cells: dict[tuple[str, str], Cell] = defaultdict(Cell)
+    memory: list[list[str]] = []
+    rss: dict[int, int] = {}
+    args = (
+        "--retention",
+        f"{plan.retention_seconds:.0f}",
+        "--cache-mb",
+        str(plan.retention_cache_mb),
+    )
+
+    with start_simplequeued(
+        "part7", ctx.logs, data_dir=data_dir, extra_args=args, profile=ctx.profile_path("part7")
+    ) as sq:
+
+        def sample(label: str, records: int, rate: float) -> dict[str, int]:
+            time.sleep(1.0)  # let the last answers' garbage go before reading the RSS
+            got = sq.memory()
+            cache = store_requests(sq.url)["cache_used"]
+            memory.append(
+                [
+                    label,
+                    f"{records:,}",
+                    kb(head_size(data_dir, topics["big"][0])),
+                    num(rate),
+                    mb(got.get("VmRSS", math.nan)),
+                    mb(got.get("VmHWM", math.nan)),
+                    mb(cache),
+                ]
+            )
+            return got
+
+        def fill(which: str, start: int, stop: int) -> float:
+            topic, prefix, _ = topics[which]
+            answer = ctx.gen.call(
+                "fill_completed",
+                url=sq.url,
+                topic=topic,
+                prefix=prefix,
+                start=start,
+                n=stop - start,
+            )
+            if answer["errors"] or answer["ops"] != stop - start:
+                raise RuntimeError(f"{topic}: {answer['ops']} of {stop - start} completed")
+            rate = float(answer["ops"]) / float(answer["elapsed"])
+            ctx.log(f"part 7: {topic}: {stop:,} records ({num(rate)} jobs/s)")
+            return rate
+
+        sample("started", 0, math.nan)
+        sample("baseline topic filled", 0, fill("baseline", 0, base_n))
+        done = 0
+        for mark in marks:
+            rate = fill("big", done, mark)
+            done = mark
+            rss[mark] = sample(f"{mark:,} records", mark, rate).get("VmRSS", 0)
+        for r in range(plan.retention_rounds):
+            for op in PROBES:
+                for which, (topic, prefix, count) in topics.items():
+                    ids = [f"{prefix}{rng.randrange(count)}" for _ in range(plan.retention_probes)]
+                    cell = cells[(op, which)]
+                    run_round(
+                        cell,
+                        ctx.gen,
+                        sq,
+                        "probe",
+                        broker=not ctx.profile,
+                        url=sq.url,
+                        topic=topic,
+                        op=op,
+                        ids=ids,
+                        concurrency=plan.retention_concurrency,
+                    )
+                ctx.log(
+                    f"part 7: round {r + 1}/{plan.retention_rounds} {op}: "
+                    f"{num(cells[(op, 'big')].rates[-1])}/s at {n:,} records, "
+                    f"{num(cells[(op, 'baseline')].rates[-1])}/s at {base_n:,}"
+                )
+        sample("after the probes", n, math.nan)
+
+    section = Section(f"7. Retention: {n:,} completed records in one topic")
+    rows = []
+    for op, what in PROBES.items():
+        for which in topics:
+            cell, ref = cells[(op, which)], cells[(op, "baseline")]
+            asked = cell.ops + cell.errors
+            gets = cell.counters.get("GET", math.nan) / asked if asked else math.nan
+            rows.append(
+                [
+                    what if which == "big" else "",
+                    f"{topics[which][2]:,} records",
+                    f"{asked:,}",
+                    f"{cell.ops:,} ({100 * cell.ops / asked:.1f}%)" if asked else "-",
+                    num(cell.rate),
+                    lat(cell, op),
+                    f"{ratio(cell.p(op, 50) / ref.p(op, 50))} / "
+                    f"{ratio(cell.p(op, 99) / ref.p(op, 99))}",
+                    f"{pct(cell.srv_share)}, {num(cell.srv_us)}",
+                    f"{gets:.2f}",
+                ]
+            )
+    section.lines += table(
+        [
+            "operation",
+            "topic",
+            "requests",
+            "answered as they must",
+            "requests/s",
+            "p50 / p99 ms",
+            "vs baseline (p50 / p99)",
+            "server CPU, µs per request",
+            "store GETs per request",
+        ],
+        rows,
+    )
+    section.lines += [
+        "",
+        *table(
+            [
+                "when",
+                f"records in {topics['big'][0]}",
+                "its head KB",
+                "fill jobs/s",
+                "RSS MB",
+                "peak RSS MB",
+                "cache held MB",
+            ],
+            memory,
+        ),
+        "",
+        f"One broker (localfs, `--retention {plan.retention_seconds:.0f} --cache-mb "
+        f"{plan.retention_cache_mb}`). Filling: batch enqueues of 1,000 jobs with ids "
+        '(~100 B payloads), batch claims of 1,000 and batch acks (`{"acks": [...]}`), two '
+        f"batches in flight; first the baseline topic ({base_n:,} records), then the big one "
+        f"to {', '.join(f'{m:,}' for m in marks)} records. RSS is the broker's VmRSS (peak: "
+        "VmHWM) from /proc/<pid>/status, read 1 s after each stage; cache held is "
+        '`simplequeue_cache_bytes{kind="used"}`, the cache\'s own estimate of what it '
+        f"holds. Then {plan.retention_rounds} rounds of {plan.retention_probes:,} requests per "
+        f"operation and topic, {plan.retention_concurrency} in flight, the two topics "
+        f"alternating; old ids are drawn at random (seeded) from each topic's whole history. "
+        'Store GETs per request are `simplequeue_store_requests_total{kind="get"}` deltas: '
+        "segments and manifests the cache did not hold.",
+    ]
+    dup, got = cells[("duplicate", "big")], cells[("get", "big")]
+    for label, cell, aim in (
+        ("duplicate detection", dup, "100% exact"),
+        ("lookups of old ids", got, "every one answers, completed"),
+    ):
+        asked = cell.ops + cell.errors
+        share = cell.ops / asked if asked else math.nan
+        section.targets.append(
+            Target(
+                f"7. {label} at {n:,} records",
+                aim,
+                f"{100 * share:.2f}% ({cell.ops:,} of {asked:,})",
+                asked > 0 and cell.ops == asked,
+            )
+        )
+    first, last = marks[0], marks[-1]
+    x = rss[last] / rss[first] if rss.get(first) else math.nan
+    section.targets.append(
+        Target(
+            f"7. broker RSS at {last:,} records vs {first:,}",
+            "<= 1.5x (flat)",
+            f"{ratio(x)} ({mb(rss.get(last, math.nan))} vs {mb(rss.get(first, math.nan))} MB)",
+            x <= 1.5,
+        )
+    )
+    return section
+
+
 PARTS: dict[int, Part] = {
     1: part_http,
     2: part_e2e,
@@ -971,4 +1173,5 @@ PARTS: dict[int, Part] = {
     4: part_cost,
     5: part_resp,
     6: part_inflight,
+    7: part_retention,
 }
