@@ -1073,7 +1073,8 @@ def part_retention(plan: Plan, ctx: Context) -> Section:
                     f"{num(cells[(op, 'big')].rates[-1])}/s at {n:,} records, "
                     f"{num(cells[(op, 'baseline')].rates[-1])}/s at {base_n:,}"
                 )
-        sample("after the probes", n, math.nan)
+        # The peak covers the lookups, whichever operation came last.
+        peak = sample("after the probes", n, math.nan).get("VmHWM", 0)
 
     section = Section(f"7. Retention: {n:,} completed records in one topic")
     rows = []
@@ -1161,6 +1162,15 @@ def part_retention(plan: Plan, ctx: Context) -> Section:
             "<= 1.5x (flat)",
             f"{ratio(x)} ({mb(rss.get(last, math.nan))} vs {mb(rss.get(first, math.nan))} MB)",
             x <= 1.5,
+        )
+    )
+    y = peak / rss[first] if rss.get(first) else math.nan
+    section.targets.append(
+        Target(
+            f"7. broker peak RSS through the probes at {last:,} records vs RSS at {first:,}",
+            "<= 1.5x (flat while lookups answer)",
+            f"{ratio(y)} ({mb(peak)} vs {mb(rss.get(first, math.nan))} MB)",
+            y <= 1.5,
         )
     )
     return section
