@@ -1,7 +1,8 @@
 """The load generator: a process of its own, driven by bench/run.py over a pipe.
 
 It reads one JSON command per line on stdin and answers one JSON line on stdout:
-HTTP rounds (enqueue; claim + ack cycles) with a bare aiohttp client, RESP rounds
+HTTP rounds (enqueue; claim + ack cycles; checked probes of ids) with a bare aiohttp
+client, fills that are not measured (pending, claimed, completed jobs), RESP rounds
 with redis-py pipelines, and end-to-end runs through simplequeue's SDK Worker, Huey
 and arq. Every answer carries this process's own CPU time over what it measured, so
 that the report can tell when the client, not the server, was the limit.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import signal
 import sys
 import threading
@@ -34,8 +36,13 @@ JSON = {"Content-Type": "application/json"}
 PAD = "x" * 64  # a small, realistic payload: ~100 bytes of JSON
 
 
-def payload(n: int) -> dict[str, Any]:
-    return {"kind": "bench", "n": n, "pad": PAD}
+def payload(n: int, size: int = 0) -> dict[str, Any]:
+    """Job n's payload: ~100 bytes of JSON, or `size` bytes when that is more."""
+    body = {"kind": "bench", "n": n, "pad": PAD}
+    if size:
+        short = size - len(orjson.dumps({**body, "pad": ""}))
+        body["pad"] = "x" * max(0, short)
+    return body
 
 
 @dataclass
@@ -128,6 +135,7 @@ async def http_round(cfg: dict[str, Any]) -> dict[str, Any]:
     """`concurrency` loops of single enqueues, or of claim + ack cycles."""
     base, topic, c = cfg["url"], cfg["topic"], int(cfg["concurrency"])
     budget_ops, seconds = int(cfg["max_ops"]), float(cfg["seconds"])
+    size = int(cfg.get("payload_bytes", 0))
     enqueue_url = f"{base}/topics/{topic}/enqueue"
     claim_url, ack_url = f"{base}/topics/{topic}/claim", f"{base}/topics/{topic}/ack"
     w = Window()
@@ -139,7 +147,8 @@ async def http_round(cfg: dict[str, Any]) -> dict[str, Any]:
 
         async def enqueue_loop(i: int) -> None:
             while budget.take():
-                body = orjson.dumps({"id": uuid.uuid4().hex, "payload": payload(next(counter))})
+                job = {"id": uuid.uuid4().hex, "payload": payload(next(counter), size)}
+                body = orjson.dumps(job)
                 t0 = time.perf_counter()
                 async with session.post(enqueue_url, data=body, headers=JSON) as r:
                     await r.read()
@@ -180,8 +189,10 @@ async def http_round(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 async def prefill(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Enqueue `n` jobs in batches of `batch`, a few requests at a time."""
+    """Enqueue `n` jobs in batches of `batch`, a few requests at a time (payloads
+    of `payload_bytes` when given: a batch must stay under the broker's --max-body)."""
     base, topic, n, batch = cfg["url"], cfg["topic"], int(cfg["n"]), int(cfg.get("batch", 1000))
+    size = int(cfg.get("payload_bytes", 0))
     url = f"{base}/topics/{topic}/enqueue"
     starts = iter(range(0, n, batch))
     w = Window()
@@ -191,7 +202,7 @@ async def prefill(cfg: dict[str, Any]) -> dict[str, Any]:
         async def loop() -> None:
             for start in starts:
                 jobs = [
-                    {"id": uuid.uuid4().hex, "payload": payload(i)}
+                    {"id": uuid.uuid4().hex, "payload": payload(i, size)}
                     for i in range(start, min(n, start + batch))
                 ]
                 t0 = time.perf_counter()
@@ -206,6 +217,141 @@ async def prefill(cfg: dict[str, Any]) -> dict[str, Any]:
     return w.answer()
 
 
+async def claim_batch(
+    session: aiohttp.ClientSession, base: str, topic: str, worker: str, count: int, lease: float
+) -> list[dict[str, Any]]:
+    """One batch claim of up to `count` jobs; [] when nothing is claimable."""
+    body = orjson.dumps({"worker_id": worker, "count": count, "lease": lease})
+    async with session.post(f"{base}/topics/{topic}/claim", data=body, headers=JSON) as r:
+        raw = await r.read()
+        if r.status == 404:
+            return []
+        if r.status != 200:
+            raise RuntimeError(f"claim answered HTTP {r.status}: {raw[:200]!r}")
+    jobs: list[dict[str, Any]] = orjson.loads(raw)["jobs"]
+    return jobs
+
+
+async def ack_batch(
+    session: aiohttp.ClientSession, base: str, topic: str, jobs: list[dict[str, Any]]
+) -> int:
+    """One batch ack ({"acks": [...]}) of claimed `jobs`; how many completed."""
+    acks = [{"job_id": j["id"], "lease_token": j["lease_token"]} for j in jobs]
+    url = f"{base}/topics/{topic}/ack"
+    async with session.post(url, data=orjson.dumps({"acks": acks}), headers=JSON) as r:
+        raw = await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"ack answered HTTP {r.status}: {raw[:200]!r}")
+    return sum(a["status"] == "completed" for a in orjson.loads(raw)["results"])
+
+
+async def prefill_claimed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Claim `n` of the jobs pending in the topic, by batch claims of `batch`
+    with a long `lease`, and leave them claimed: an in-flight set that outlasts
+    the run (not measured)."""
+    base, topic, n = cfg["url"], cfg["topic"], int(cfg["n"])
+    batch, lease = int(cfg.get("batch", 1000)), float(cfg.get("lease", 3600))
+    budget = Budget(n, math.inf)
+    w = Window()
+    async with aiohttp.ClientSession() as session:
+
+        async def loop(i: int) -> None:
+            while k := budget.take(batch):
+                t0 = time.perf_counter()
+                jobs = await claim_batch(session, base, topic, f"bench-inflight-{i}", k, lease)
+                w.record("batch", time.perf_counter() - t0)
+                if len(jobs) < k:
+                    raise RuntimeError(f"prefill_claimed: {topic} ran out of pending jobs")
+                w.ops += len(jobs)
+
+        await measure(w, (loop(i) for i in range(int(cfg.get("concurrency", 2)))))
+    return w.answer()
+
+
+async def fill_completed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Push `n` jobs through to completion, ids `prefix` + number from `start`:
+    per `batch`, one batch enqueue (with the ids), one batch claim and one batch
+    ack, `concurrency` batches at a time. Their records are kept as long as the
+    broker's --retention; `ops` counts jobs completed."""
+    base, topic, prefix = cfg["url"], cfg["topic"], cfg["prefix"]
+    first, n, batch = int(cfg.get("start", 0)), int(cfg["n"]), int(cfg.get("batch", 1000))
+    url = f"{base}/topics/{topic}/enqueue"
+    starts = iter(range(first, first + n, batch))
+    w = Window()
+    async with aiohttp.ClientSession() as session:
+
+        async def loop(i: int) -> None:
+            for start in starts:
+                jobs = [
+                    {"id": f"{prefix}{k}", "payload": payload(k)}
+                    for k in range(start, min(first + n, start + batch))
+                ]
+                t0 = time.perf_counter()
+                async with session.post(url, data=orjson.dumps({"jobs": jobs}), headers=JSON) as r:
+                    raw = await r.read()
+                    if r.status != 201 or orjson.loads(raw)["duplicates"]:
+                        raise RuntimeError(f"fill_completed: enqueue answered HTTP {r.status}")
+                # Each loop claims as many as it enqueued, after enqueueing them,
+                # so the claims always find enough (in whichever loop's batch).
+                left = len(jobs)
+                while left:
+                    claimed = await claim_batch(session, base, topic, f"bench-fill-{i}", left, 600)
+                    if not claimed:
+                        raise RuntimeError(f"fill_completed: {topic} had nothing to claim")
+                    done = await ack_batch(session, base, topic, claimed)
+                    w.ops += done
+                    w.errors += len(claimed) - done
+                    left -= len(claimed)
+                w.record("batch", time.perf_counter() - t0)
+
+        await measure(w, (loop(i) for i in range(int(cfg.get("concurrency", 2)))))
+    return w.answer()
+
+
+async def probe_round(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One request per id of `ids`, `concurrency` at a time, each checked: `op`
+    "duplicate" enqueues the id again (the topic has its record: the answer must
+    be 200 with duplicate), "get" reads GET /topics/<t>/jobs/<id> (must be 200,
+    completed), "new" enqueues a fresh id (must be 201). `ops` counts answers as
+    they must be, `errors` the others (the first few are in `wrong`)."""
+    base, topic, op = cfg["url"], cfg["topic"], cfg["op"]
+    ids = iter(cfg["ids"])
+    w = Window()
+    wrong: list[str] = []
+    connector = aiohttp.TCPConnector(limit=int(cfg["concurrency"]))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await warm_up(session, base, int(cfg["concurrency"]))
+
+        async def one(job_id: str) -> tuple[int, Any]:
+            if op == "get":
+                request = session.get(f"{base}/topics/{topic}/jobs/{job_id}")
+            else:
+                body = orjson.dumps({"id": job_id, "payload": payload(0)})
+                request = session.post(f"{base}/topics/{topic}/enqueue", data=body, headers=JSON)
+            async with request as r:
+                return r.status, orjson.loads(await r.read())
+
+        async def loop() -> None:
+            for given in ids:
+                job_id = uuid.uuid4().hex if op == "new" else given
+                t0 = time.perf_counter()
+                status, body = await one(job_id)
+                w.record(op, time.perf_counter() - t0)
+                if op == "duplicate":
+                    ok = status == 200 and body.get("duplicate") is True
+                elif op == "get":
+                    ok = status == 200 and body["id"] == job_id and body["status"] == "completed"
+                else:
+                    ok = status == 201
+                w.ops += ok
+                w.errors += not ok
+                if not ok and len(wrong) < 5:
+                    wrong.append(f"{job_id}: HTTP {status} {str(body)[:120]}")
+
+        await measure(w, (loop() for _ in range(int(cfg["concurrency"]))), cfg.get("server_pid"))
+    return w.answer(wrong=wrong)
+
+
 async def drain(cfg: dict[str, Any]) -> dict[str, Any]:
     """Claim and ack what is left in the topic, 1000 at a time (not measured)."""
     base, topic = cfg["url"], cfg["topic"]
@@ -213,20 +359,8 @@ async def drain(cfg: dict[str, Any]) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
 
         async def loop() -> None:
-            body = orjson.dumps({"worker_id": "bench-drain", "count": 1000, "lease": 60})
-            while True:
-                async with session.post(f"{base}/topics/{topic}/claim", data=body) as r:
-                    raw = await r.read()
-                    if r.status == 404:
-                        return
-                    if r.status != 200:
-                        raise RuntimeError(f"drain: claim answered HTTP {r.status}")
-                jobs = orjson.loads(raw)["jobs"]
-                acks = [{"job_id": j["id"], "lease_token": j["lease_token"]} for j in jobs]
-                url = f"{base}/topics/{topic}/ack"
-                async with session.post(url, data=orjson.dumps({"acks": acks})) as r:
-                    await r.read()
-                w.ops += len(jobs)
+            while jobs := await claim_batch(session, base, topic, "bench-drain", 1000, 60):
+                w.ops += await ack_batch(session, base, topic, jobs)
 
         await measure(w, [loop()])
     return w.answer()
@@ -467,6 +601,9 @@ async def arq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
 ASYNC_COMMANDS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "http": http_round,
     "prefill": prefill,
+    "prefill_claimed": prefill_claimed,
+    "fill_completed": fill_completed,
+    "probe": probe_round,
     "drain": drain,
     "resp": resp_round,
     "sq_e2e": sq_e2e,

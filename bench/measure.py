@@ -184,6 +184,9 @@ _COUNTERS = {
     "mutations": "simplequeue_commit_mutations_total",
     "writes": "simplequeue_commit_writes_total",
     "segments": "simplequeue_commit_segments_written_total",
+    "bytes_written": "simplequeue_commit_bytes_written_total",  # heads and segments
+    "head_bytes": "simplequeue_commit_head_bytes_written_total",
+    "cache_used": 'simplequeue_cache_bytes{kind="used"}',  # a gauge: its delta means little
     "put_if_seconds": 'simplequeue_store_request_seconds_sum{kind="put_if"}',
     "put_if_count": 'simplequeue_store_request_seconds_count{kind="put_if"}',
 }
@@ -192,7 +195,8 @@ _COUNTERS = {
 def store_requests(url: str) -> dict[str, float]:
     """A broker's counters from its /metrics: store requests so far by billed kind
     (PUT, GET, LIST, DELETE; every outcome, as S3 bills failed conditional writes
-    too), committed mutations and head writes, and conditional-PUT latency."""
+    too), committed mutations, head writes and the bytes they wrote, conditional-PUT
+    latency, and the object cache's bytes held."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(url + "/metrics", timeout=30) as r:
         text = r.read().decode()

@@ -1,4 +1,6 @@
-"""The five parts of issue 8's benchmark, each a function (Plan, Context) -> Section.
+"""The parts of bin/bench, each a function (Plan, Context) -> Section: issue 8's
+five (HTTP, end to end, depth, cost, RESP), then SPEC 4.1's bounded-state figures
+(6 in-flight depth, 7 retention).
 
 Every comparison is a ratio of figures measured in the same run, with the things
 compared interleaved round by round (A B A B), because the machines are shared and
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 import uuid
 from collections import defaultdict
@@ -38,6 +41,7 @@ from bench.servers import (
     start_redis,
     start_simplequeued,
 )
+from simplequeue import keys
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,13 @@ class Plan:
     cost_idle: float  # seconds the S3 broker is watched idle
     resp_seconds: float
     resp_rounds: int
+    inflight_pending: int  # jobs pending on the deep topic of part 6 ...
+    inflight_claimed: int  # ... and claimed on it, with a lease that outlasts the run
+    inflight_rounds: int  # per concurrency
+    inflight_round_ops: int
+    retention_records: int  # completed records part 7 pushes one topic to
+    retention_rounds: int
+    retention_probes: int  # requests per operation, topic and round
     concurrencies: tuple[int, ...] = (1, 16, 64)
     e2e_producers: int = 16  # enqueues in flight, for every system
     e2e_workers: int = 16  # jobs in flight in the worker, for every system
@@ -67,6 +78,13 @@ class Plan:
     resp_connections: int = 8
     resp_pipeline: int = 8  # 8 x 8 = 64 commands in flight, as HTTP at concurrency 64
     http_concurrency: int = 64  # part 5's HTTP reference
+    inflight_concurrencies: tuple[int, ...] = (16, 64)
+    inflight_payload: int = 1024  # bytes of JSON per job, pre-filled and measured
+    inflight_lease: float = 3600.0
+    retention_baseline: int = 1_000  # records of the baseline topic
+    retention_seconds: float = 86_400.0
+    retention_cache_mb: int = 64
+    retention_concurrency: int = 16
 
 
 FULL = Plan(
@@ -82,6 +100,13 @@ FULL = Plan(
     cost_idle=5.0,
     resp_seconds=2.0,
     resp_rounds=4,
+    inflight_pending=100_000,
+    inflight_claimed=100_000,
+    inflight_rounds=5,
+    inflight_round_ops=2_000,
+    retention_records=1_000_000,
+    retention_rounds=3,
+    retention_probes=2_000,
 )
 QUICK = Plan(
     quick=True,
@@ -96,6 +121,13 @@ QUICK = Plan(
     cost_idle=1.0,
     resp_seconds=0.4,
     resp_rounds=2,
+    inflight_pending=10_000,
+    inflight_claimed=10_000,
+    inflight_rounds=2,
+    inflight_round_ops=1_000,
+    retention_records=100_000,
+    retention_rounds=2,
+    retention_probes=500,
 )
 
 
@@ -729,10 +761,427 @@ def _pair(cell: Cell, reference: Cell) -> list[float]:
     return [a / b for a, b in zip(cell.rates, reference.rates, strict=False) if b]
 
 
+def kb(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x / 1024:,.1f}"
+
+
+def mb(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x / 2**20:,.0f}"
+
+
+def head_size(data_dir: Path, topic: str) -> int:
+    """Bytes of the topic's head object in a localfs store (0 before it exists)."""
+    try:
+        return (data_dir / keys.head(topic)).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def per_batch(cell: Cell, key: str) -> float:
+    """A /metrics counter's delta over the cell's rounds, per head write."""
+    writes_ = cell.counters.get("writes", 0.0)
+    return cell.counters.get(key, math.nan) / writes_ if writes_ else math.nan
+
+
+# --- 6. In-flight depth ------------------------------------------------------------------------
+
+# What SPEC 4.1 lets a batch write beyond twice its own payloads, on average.
+ALLOWANCE = 64 * 1024
+
+
+def part_inflight(plan: Plan, ctx: Context) -> Section:
+    """SPEC 4.1's first figure (issue 14): enqueue and cycle rounds against a topic
+    holding `inflight_pending` pending and `inflight_claimed` claimed jobs of 1 KB,
+    and against an empty topic, one broker each, rounds interleaved; what each
+    batch writes (from /metrics) and the head's size (from the data directory)."""
+    size, topic = plan.inflight_payload, "inflight"
+    pending, claimed = plan.inflight_pending, plan.inflight_claimed
+    dirs = {"empty": ctx.tmp / "part6-empty", "deep": ctx.tmp / "part6-deep"}
+    cells: dict[tuple[str, int, str], Cell] = defaultdict(Cell)
+    heads: dict[tuple[str, int, str], list[int]] = defaultdict(list)
+    enqueued: dict[int, int] = defaultdict(int)  # jobs the deep topic's enqueue rounds made
+    with contextlib.ExitStack() as stack:
+        brokers = {
+            name: stack.enter_context(
+                start_simplequeued(
+                    f"part6-{name}",
+                    ctx.logs,
+                    data_dir=d,
+                    profile=ctx.profile_path(f"part6-{name}"),
+                )
+            )
+            for name, d in dirs.items()
+        }
+        deep = brokers["deep"]
+        t0 = time.perf_counter()
+        # Batches of 500: 1,000 jobs of 1 KB would pass the broker's --max-body (1 MB).
+        common = {"url": deep.url, "topic": topic, "payload_bytes": size}
+        ctx.gen.call("prefill", n=pending + claimed, batch=500, **common)
+        t1 = time.perf_counter()
+        ctx.gen.call(
+            "prefill_claimed", url=deep.url, topic=topic, n=claimed, lease=plan.inflight_lease
+        )
+        prefilled_head = head_size(dirs["deep"], topic)
+        ctx.log(
+            f"part 6: pre-filled {pending + claimed:,} jobs in {t1 - t0:.1f} s, claimed "
+            f"{claimed:,} in {time.perf_counter() - t1:.1f} s; head {kb(prefilled_head)} KB"
+        )
+        for c in plan.inflight_concurrencies:
+            for r in range(plan.inflight_rounds):
+                made: dict[str, int] = {}
+                for op in ("enqueue", "cycle"):
+                    for name, broker in brokers.items():
+                        cell = cells[(op, c, name)]
+                        made[name] = run_round(
+                            cell,
+                            ctx.gen,
+                            broker,
+                            "http",
+                            broker=not ctx.profile,
+                            url=broker.url,
+                            topic=topic,
+                            op=op,
+                            concurrency=c,
+                            seconds=60.0,
+                            max_ops=plan.inflight_round_ops if op == "enqueue" else made[name],
+                            payload_bytes=size,
+                        )
+                        heads[(op, c, name)].append(head_size(dirs[name], topic))
+                        if op == "enqueue" and name == "deep":
+                            enqueued[c] += made[name]
+                    ctx.log(
+                        f"part 6: c={c} round {r + 1}/{plan.inflight_rounds} {op}: empty "
+                        f"{num(cells[(op, c, 'empty')].rates[-1])}/s, in flight "
+                        f"{num(cells[(op, c, 'deep')].rates[-1])}/s, head "
+                        f"{kb(heads[(op, c, 'deep')][-1])} KB"
+                    )
+
+    section = Section(f"6. In-flight depth: {pending:,} pending and {claimed:,} claimed jobs")
+    speed, written = [], []
+    for op in ("enqueue", "cycle"):
+        for c in plan.inflight_concurrencies:
+            e, d = cells[(op, c, "empty")], cells[(op, c, "deep")]
+            x = d.rate / e.rate
+            latency = lat if op == "enqueue" else (lambda cell, _: cycle_lat(cell))
+            speed.append(
+                [
+                    op,
+                    str(c),
+                    num(e.rate),
+                    num(d.rate),
+                    ratio(x) + spread(_pair(d, e)),
+                    latency(e, "enqueue"),
+                    latency(d, "enqueue"),
+                    f"{pct(e.srv_share)}, {num(e.srv_us)} / {pct(d.srv_share)}, {num(d.srv_us)}",
+                    f"{pct(e.gen_share)} / {pct(d.gen_share)}",
+                ]
+            )
+            section.targets.append(
+                Target(
+                    f"6. {op} throughput at c={c}, {pending:,} + {claimed:,} in flight",
+                    ">= 0.5x the empty topic",
+                    ratio(x),
+                    x >= 0.5,
+                )
+            )
+            # The payload bytes the deep topic's enqueue batches brought, per batch.
+            batches = d.counters.get("writes", math.nan)
+            own = size * enqueued[c] / batches if op == "enqueue" else 0.0
+            written.append(
+                [
+                    op,
+                    str(c),
+                    f"{num(e.counters.get('writes', math.nan))} / "
+                    f"{num(d.counters.get('writes', math.nan))}",
+                    f"{per_batch(e, 'mutations'):.1f} / {per_batch(d, 'mutations'):.1f}",
+                    f"{kb(per_batch(e, 'bytes_written'))} / {kb(per_batch(d, 'bytes_written'))}",
+                    f"{kb(per_batch(e, 'head_bytes'))} / {kb(per_batch(d, 'head_bytes'))}",
+                    f"{per_batch(d, 'segments'):.2f}",
+                    kb(own),
+                    kb(2 * own + ALLOWANCE),
+                    f"{kb(max(heads[(op, c, 'empty')]))} / {kb(max(heads[(op, c, 'deep')]))}",
+                ]
+            )
+    biggest = max([prefilled_head, *(v for k, vs in heads.items() if k[2] == "deep" for v in vs)])
+    section.targets.insert(
+        0,
+        Target(
+            f"6. head size, {pending:,} pending + {claimed:,} claimed",
+            "< 256 KB",
+            f"{kb(biggest)} KB (largest seen)",
+            biggest < 256 * 1024,
+        ),
+    )
+    if not ctx.profile:
+        for op in ("enqueue", "cycle"):
+            rounds = [cells[(op, c, "deep")] for c in plan.inflight_concurrencies]
+            batches = sum(cell.counters["writes"] for cell in rounds)
+            total = sum(cell.counters["bytes_written"] for cell in rounds)
+            own_total = size * sum(enqueued.values()) if op == "enqueue" else 0
+            got, limit = total / batches, (2 * own_total + batches * ALLOWANCE) / batches
+            section.targets.insert(
+                1 if op == "enqueue" else 2,
+                Target(
+                    f"6. bytes per {op} batch in flight ({num(batches)} batches)",
+                    "<= 2 x own payloads + 64 KB, on average",
+                    f"{kb(got)} KB (limit {kb(limit)} KB)",
+                    got <= limit,
+                ),
+            )
+    section.lines += table(
+        [
+            "operation",
+            "concurrency",
+            "empty jobs/s",
+            "in-flight jobs/s",
+            "vs empty (per round)",
+            "empty p50 / p99 ms",
+            "in-flight p50 / p99 ms",
+            "server CPU, µs per job (empty / in flight)",
+            "generator CPU (empty / in flight)",
+        ],
+        speed,
+    )
+    section.lines += [
+        "",
+        *table(
+            [
+                "operation",
+                "concurrency",
+                "batches (empty / in flight)",
+                "mutations per batch",
+                "KB written per batch",
+                "head KB per batch",
+                "segments per batch (in flight)",
+                "own payload KB per batch (in flight)",
+                "limit KB (2 x own + 64)",
+                "head KB, largest (empty / in flight)",
+            ],
+            written,
+        ),
+        "",
+        f"Two brokers (localfs): one on an empty topic, one on a topic pre-filled with "
+        f"{pending + claimed:,} jobs of {size:,} B of JSON (batch enqueues of 500) of which "
+        f"{claimed:,} were then claimed by batch claims of 1,000 with a "
+        f"{plan.inflight_lease:,.0f} s lease and never acked, so they stay in flight. Per "
+        f"concurrency, {plan.inflight_rounds} rounds of {plan.inflight_round_ops:,} single "
+        f"enqueues ({size:,} B payloads) then as many claim + ack cycles, the two brokers "
+        f"alternating; the deep topic keeps {pending:,}-{pending + plan.inflight_round_ops:,} "
+        f"pending and {claimed:,} claimed (cycles take the oldest pending jobs, which are in "
+        "segments). A batch is one head write that landed (`simplequeue_commit_writes_total`); "
+        "KB written counts heads and segments (`simplequeue_commit_bytes_written_total`), head "
+        "KB only the heads (`simplequeue_commit_head_bytes_written_total`), both as deltas over "
+        "the rounds. Own payload bytes: jobs enqueued in the rounds x payload size / batches (0 "
+        f"for cycles). The head's size is `topics/{topic}.json` in each broker's data directory "
+        f"after every round (after the pre-fill: {kb(prefilled_head)} KB).",
+    ]
+    return section
+
+
+# --- 7. Retention ------------------------------------------------------------------------------
+
+PROBES = {
+    "duplicate": "enqueue an old id again (must answer duplicate)",
+    "new": "enqueue a new id",
+    "get": "GET /topics/t/jobs/<old id> (must answer completed)",
+}
+
+
+def part_retention(plan: Plan, ctx: Context) -> Section:
+    """SPEC 4.1's second figure: one broker (--retention, --cache-mb) pushes a
+    topic to `retention_records` completed records, its RSS sampled on the way;
+    then duplicate detection, new enqueues and lookups of random old ids, against
+    the same operations on a topic of `retention_baseline` records, interleaved."""
+    n, base_n = plan.retention_records, plan.retention_baseline
+    marks = (n // 10, 3 * n // 10, n)
+    topics = {"big": ("retained", "r-", n), "baseline": ("baseline", "b-", base_n)}
+    data_dir = ctx.tmp / "part7"
+    rng = random.Random(7)
+    cells: dict[tuple[str, str], Cell] = defaultdict(Cell)
+    memory: list[list[str]] = []
+    rss: dict[int, int] = {}
+    args = (
+        "--retention",
+        f"{plan.retention_seconds:.0f}",
+        "--cache-mb",
+        str(plan.retention_cache_mb),
+    )
+
+    with start_simplequeued(
+        "part7", ctx.logs, data_dir=data_dir, extra_args=args, profile=ctx.profile_path("part7")
+    ) as sq:
+
+        def sample(label: str, records: int, rate: float) -> dict[str, int]:
+            time.sleep(1.0)  # let the last answers' garbage go before reading the RSS
+            got = sq.memory()
+            cache = store_requests(sq.url)["cache_used"]
+            memory.append(
+                [
+                    label,
+                    f"{records:,}",
+                    kb(head_size(data_dir, topics["big"][0])),
+                    num(rate),
+                    mb(got.get("VmRSS", math.nan)),
+                    mb(got.get("VmHWM", math.nan)),
+                    mb(cache),
+                ]
+            )
+            return got
+
+        def fill(which: str, start: int, stop: int) -> float:
+            topic, prefix, _ = topics[which]
+            answer = ctx.gen.call(
+                "fill_completed",
+                url=sq.url,
+                topic=topic,
+                prefix=prefix,
+                start=start,
+                n=stop - start,
+            )
+            if answer["errors"] or answer["ops"] != stop - start:
+                raise RuntimeError(f"{topic}: {answer['ops']} of {stop - start} completed")
+            rate = float(answer["ops"]) / float(answer["elapsed"])
+            ctx.log(f"part 7: {topic}: {stop:,} records ({num(rate)} jobs/s)")
+            return rate
+
+        sample("started", 0, math.nan)
+        sample("baseline topic filled", 0, fill("baseline", 0, base_n))
+        done = 0
+        for mark in marks:
+            rate = fill("big", done, mark)
+            done = mark
+            rss[mark] = sample(f"{mark:,} records", mark, rate).get("VmRSS", 0)
+        for r in range(plan.retention_rounds):
+            for op in PROBES:
+                for which, (topic, prefix, count) in topics.items():
+                    ids = [f"{prefix}{rng.randrange(count)}" for _ in range(plan.retention_probes)]
+                    cell = cells[(op, which)]
+                    run_round(
+                        cell,
+                        ctx.gen,
+                        sq,
+                        "probe",
+                        broker=not ctx.profile,
+                        url=sq.url,
+                        topic=topic,
+                        op=op,
+                        ids=ids,
+                        concurrency=plan.retention_concurrency,
+                    )
+                ctx.log(
+                    f"part 7: round {r + 1}/{plan.retention_rounds} {op}: "
+                    f"{num(cells[(op, 'big')].rates[-1])}/s at {n:,} records, "
+                    f"{num(cells[(op, 'baseline')].rates[-1])}/s at {base_n:,}"
+                )
+        # The peak covers the lookups, whichever operation came last.
+        peak = sample("after the probes", n, math.nan).get("VmHWM", 0)
+
+    section = Section(f"7. Retention: {n:,} completed records in one topic")
+    rows = []
+    for op, what in PROBES.items():
+        for which in topics:
+            cell, ref = cells[(op, which)], cells[(op, "baseline")]
+            asked = cell.ops + cell.errors
+            gets = cell.counters.get("GET", math.nan) / asked if asked else math.nan
+            rows.append(
+                [
+                    what if which == "big" else "",
+                    f"{topics[which][2]:,} records",
+                    f"{asked:,}",
+                    f"{cell.ops:,} ({100 * cell.ops / asked:.1f}%)" if asked else "-",
+                    num(cell.rate),
+                    lat(cell, op),
+                    f"{ratio(cell.p(op, 50) / ref.p(op, 50))} / "
+                    f"{ratio(cell.p(op, 99) / ref.p(op, 99))}",
+                    f"{pct(cell.srv_share)}, {num(cell.srv_us)}",
+                    f"{gets:.2f}",
+                ]
+            )
+    section.lines += table(
+        [
+            "operation",
+            "topic",
+            "requests",
+            "answered as they must",
+            "requests/s",
+            "p50 / p99 ms",
+            "vs baseline (p50 / p99)",
+            "server CPU, µs per request",
+            "store GETs per request",
+        ],
+        rows,
+    )
+    section.lines += [
+        "",
+        *table(
+            [
+                "when",
+                f"records in {topics['big'][0]}",
+                "its head KB",
+                "fill jobs/s",
+                "RSS MB",
+                "peak RSS MB",
+                "cache held MB",
+            ],
+            memory,
+        ),
+        "",
+        f"One broker (localfs, `--retention {plan.retention_seconds:.0f} --cache-mb "
+        f"{plan.retention_cache_mb}`). Filling: batch enqueues of 1,000 jobs with ids "
+        '(~100 B payloads), batch claims of 1,000 and batch acks (`{"acks": [...]}`), two '
+        f"batches in flight; first the baseline topic ({base_n:,} records), then the big one "
+        f"to {', '.join(f'{m:,}' for m in marks)} records. RSS is the broker's VmRSS (peak: "
+        "VmHWM) from /proc/<pid>/status, read 1 s after each stage; cache held is "
+        '`simplequeue_cache_bytes{kind="used"}`, the cache\'s own estimate of what it '
+        f"holds. Then {plan.retention_rounds} rounds of {plan.retention_probes:,} requests per "
+        f"operation and topic, {plan.retention_concurrency} in flight, the two topics "
+        f"alternating; old ids are drawn at random (seeded) from each topic's whole history. "
+        'Store GETs per request are `simplequeue_store_requests_total{kind="get"}` deltas: '
+        "segments and manifests the cache did not hold.",
+    ]
+    dup, got = cells[("duplicate", "big")], cells[("get", "big")]
+    for label, cell, aim in (
+        ("duplicate detection", dup, "100% exact"),
+        ("lookups of old ids", got, "every one answers, completed"),
+    ):
+        asked = cell.ops + cell.errors
+        share = cell.ops / asked if asked else math.nan
+        section.targets.append(
+            Target(
+                f"7. {label} at {n:,} records",
+                aim,
+                f"{100 * share:.2f}% ({cell.ops:,} of {asked:,})",
+                asked > 0 and cell.ops == asked,
+            )
+        )
+    first, last = marks[0], marks[-1]
+    x = rss[last] / rss[first] if rss.get(first) else math.nan
+    section.targets.append(
+        Target(
+            f"7. broker RSS at {last:,} records vs {first:,}",
+            "<= 1.5x (flat)",
+            f"{ratio(x)} ({mb(rss.get(last, math.nan))} vs {mb(rss.get(first, math.nan))} MB)",
+            x <= 1.5,
+        )
+    )
+    y = peak / rss[first] if rss.get(first) else math.nan
+    section.targets.append(
+        Target(
+            f"7. broker peak RSS through the probes at {last:,} records vs RSS at {first:,}",
+            "<= 1.5x (flat while lookups answer)",
+            f"{ratio(y)} ({mb(peak)} vs {mb(rss.get(first, math.nan))} MB)",
+            y <= 1.5,
+        )
+    )
+    return section
+
+
 PARTS: dict[int, Part] = {
     1: part_http,
     2: part_e2e,
     3: part_depth,
     4: part_cost,
     5: part_resp,
+    6: part_inflight,
+    7: part_retention,
 }

@@ -3,7 +3,9 @@ and SQS's price, on this machine, every comparison a ratio measured in the same 
 
 Parts: 1 HTTP (localfs) against the ceiling; 2 end to end through the SDK Worker
 against Huey (SQLite) and arq (Redis); 3 depth (1k, 10k, 100k pending); 4 store
-requests and dollars per job on LocalStack S3; 5 the RESP listener against HTTP.
+requests and dollars per job on LocalStack S3; 5 the RESP listener against HTTP;
+6 a topic with 100k jobs pending and 100k in flight against an empty one; 7 a topic
+with 1M retained records against one with 1k (SPEC section 4.1's first two figures).
 Prints markdown; a full run of every part also writes bench/RESULTS.md. Run it
 through bin/bench, which installs what it needs:
 
@@ -32,6 +34,8 @@ PART_NAMES = {
     3: "depth",
     4: "cost on LocalStack S3",
     5: "RESP against HTTP",
+    6: "in-flight depth",
+    7: "retention",
 }
 
 
@@ -91,12 +95,12 @@ def render(sections: list[Section], command: str, quick: bool, wall: float) -> s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="small counts, about 3 minutes")
     parser.add_argument(
         "--parts",
         type=parse_parts,
         default=sorted(PARTS),
-        help="comma-separated parts to run (default: 1,2,3,4,5)",
+        help="comma-separated parts to run (default: all, 1 to 7)",
     )
     parser.add_argument(
         "--out",
@@ -107,7 +111,7 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="run the brokers of parts 1, 3 and 5 under pyinstrument and print where "
+        help="run the brokers of parts 1, 3, 5, 6 and 7 under pyinstrument and print where "
         "they spend their time (figures are distorted by it)",
     )
     args = parser.parse_args()

@@ -58,6 +58,16 @@ class Server:
             return 0.0
         return float(t.user + t.system)
 
+    def memory(self) -> dict[str, int]:
+        """The process's resident set now and its peak (VmRSS, VmHWM), in bytes,
+        from /proc/<pid>/status; {} when it cannot be read."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return {}
+        found = re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB$", text, re.M)
+        return {name: int(kb) * 1024 for name, kb in found}
+
 
 def free_port() -> int:
     with socket.socket() as s:
