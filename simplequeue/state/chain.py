@@ -96,6 +96,33 @@ class Chain:
             yield ref, None, self.d["pos"] if first else 0
             first = False
 
+    def bounded_units(
+        self, wanted: Callable[[dict[str, Any]], bool]
+    ) -> Iterator[tuple[dict[str, Any], str | None, int, dict[str, Any] | None]]:
+        """Like units(), with the manifest's ref last, for the segments whose ref
+        is `wanted` (by its bounds, say) under manifests whose ref is wanted too:
+        a manifest that is not wanted is not opened."""
+        first = True
+        for m, mref in enumerate(self.d["mans"]):
+            if not wanted(mref):
+                first = False
+                continue
+            refs = self.manifest(mref["k"]).refs
+            for ref in refs[self.d["mpos"] if m == 0 else 0 :]:
+                start = self.d["pos"] if first else 0
+                first = False
+                if wanted(ref):
+                    yield ref, mref["k"], start, mref
+        for ref in self.d["segs"]:
+            start = self.d["pos"] if first else 0
+            first = False
+            if wanted(ref):
+                yield ref, None, start, None
+
+    def live_in(self, ref: dict[str, Any], man: str | None) -> list[Place]:
+        """The live items of one segment, by its ref (under manifest `man`)."""
+        return self._live(ref, man, self._start_of(ref, man))
+
     def places(self) -> Iterator[Place]:
         """Every live item, in order (reads every segment)."""
         for ref, man, start in self.units():
@@ -312,12 +339,11 @@ class Chain:
 
     # --- sealing ----------------------------------------------------------------------
 
-    def spill(self, seg_id: str, data: bytes, meta: dict[str, Any]) -> NewObject:
-        """The inline items (whose encoding is `data`) become a new loose segment;
-        `meta` goes into its ref (what it holds: bounds, say)."""
-        n = len(self.d["in"])
-        self.d["in"] = []
-        self.d["segs"].append({"k": seg_id, "n": n, "live": n, **meta})
+    def spill(self, seg_id: str, count: int, data: bytes, meta: dict[str, Any]) -> NewObject:
+        """The first `count` inline items (whose encoding is `data`) become a new
+        loose segment; `meta` goes into its ref (what it holds: bounds, say)."""
+        del self.d["in"][:count]
+        self.d["segs"].append({"k": seg_id, "n": count, "live": count, **meta})
         return NewObject(seg_id, data)
 
     def fold(

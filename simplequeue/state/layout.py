@@ -9,7 +9,8 @@ records of claimed jobs are kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import heapq
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,6 @@ from simplequeue.state.segments import (
     FORMAT,
     Manifest,
     Segment,
-    SegmentMissing,
     SegmentView,
     decode_manifest,
     decode_segment,
@@ -108,13 +108,11 @@ class Layout:
         self._view = _Overlay(view, {} if seen is None else seen)
         self.bounds = bounds
         self.dirty = False  # set by every mutation that changed something
-        # Where each claimed job's record is: those in segments (items never
-        # change, so these Places outlive a rollback, see begin()), and those
-        # inline (the head's own dicts, found again after a rollback).
-        self._spilled: dict[str, Place] | None = None
+        # The claimed jobs whose records are inline, by id (the head's own
+        # dicts). Records in segments are found through the chain (manifests'
+        # id indexes, loose segments read): no index of them is kept, so
+        # memory does not grow with the number of jobs claimed.
         self._inline: dict[str, Job] | None = None
-        self._journal: list[tuple[str, Place | None]] | None = None
-        self._lease_mans: tuple[tuple[str, ...], dict[str, str]] = ((), {})
         self._inline_ids: set[str] | None = None  # ids in the inline lists (duplicates)
 
     @property
@@ -149,94 +147,125 @@ class Layout:
 
     # --- the claimed set -------------------------------------------------------------
 
-    def _spilled_index(self) -> dict[str, Place]:
-        """Claimed jobs whose records are in segments (reads every lease segment)."""
-        if self._spilled is None:
-            leases = self.leases
-            spilled = {}
-            for ref, man, start in leases.units():
-                holes = leases.holes_of(ref)
-                items = leases.segment(ref["k"]).items
-                for i in range(start, ref["n"]):
-                    if i not in holes:
-                        spilled[items[i]["id"]] = Place(ref["k"], i, items[i], man)
-            self._spilled = spilled
-        return self._spilled
-
     def _inline_index(self) -> dict[str, Job]:
         if self._inline is None:
             self._inline = {r["id"]: r for r in self.head["leases"]["in"]}
         return self._inline
 
-    def _set_spilled(self, job_id: str, place: Place | None) -> None:
-        """Change the spilled index, noting the old entry while a batch runs."""
-        index = self._spilled_index()
-        if self._journal is not None:
-            self._journal.append((job_id, index.get(job_id)))
-        if place is None:
-            index.pop(job_id, None)
-        else:
-            index[job_id] = place
-
     def _lease_of(self, job_id: str) -> Place | None:
+        """Where the claimed job `job_id`'s record is, if it is claimed."""
         record = self._inline_index().get(job_id)
         if record is not None:
             return Place(None, 0, record)
-        return self._spilled_index().get(job_id)
+        spilled = [p for p in self.leases.locate(job_id) if p.seg is not None]
+        return spilled[-1] if spilled else None
 
     def _leased(self) -> Iterator[Place]:
-        """Every claimed job's record."""
-        for record in self.head["leases"]["in"]:
-            yield Place(None, 0, record)
-        yield from self._spilled_index().values()
+        """Every claimed job's record (reads every lease segment)."""
+        return self.leases.places()
 
     def _add_lease(self, record: Job) -> None:
-        self._spilled_index()  # built before the claimed set changes
         self.leases.append(record)
         self._inline_index()[record["id"]] = record
 
     def _drop_lease(self, place: Place) -> None:
         inline = self._inline_index()  # built before the record leaves the head
-        self.leases.remove(self._placed(place))
+        self.leases.remove(place)
         if place.seg is None:
             del inline[place.item["id"]]
-        else:
-            self._set_spilled(place.item["id"], None)
+
+    def next_expiry(self) -> float | None:
+        """No lease runs out before this (None: nothing is claimed), from the
+        head alone: inline records, and the bound each lease segment's ref (or
+        manifest's) keeps of its records' expiries. A bound may be early (its
+        record was acked or heartbeated since): due_leases() tightens it."""
+        d = self.head["leases"]
+        times = [r["lease_expires_at"] for r in d["in"]]
+        times += [u.get("lo", -1e300) for u in d["segs"] + d["mans"]]
+        return min(times, default=None)
+
+    def due_leases(self, now: float) -> list[Place]:
+        """The claimed jobs whose leases ran out by `now`. Reads only the lease
+        segments whose bound says they may hold one, and tightens the bounds of
+        what it read to the leases that are left (metadata only: a bound is
+        never later than a lease it covers, so the next write may carry it)."""
+        leases = self.leases
+        due = [Place(None, 0, r) for r in leases.d["in"] if r["lease_expires_at"] <= now]
+
+        def maybe(ref: dict[str, Any]) -> bool:
+            lo: float = ref.get("lo", -1e300)
+            return lo <= now
+
+        lows: dict[str, float] = {}  # unit key (loose segment or manifest) -> new bound
+        for ref, man, start, mref in leases.bounded_units(maybe):
+            holes = leases.holes_of(ref)
+            items = leases.segment(ref["k"]).items
+            left = 1e300
+            for i in range(start, ref["n"]):
+                if i in holes:
+                    continue
+                expires = items[i]["lease_expires_at"]
+                if expires <= now:
+                    due.append(Place(ref["k"], i, items[i], man))
+                else:
+                    left = min(left, expires)
+            key = ref["k"] if mref is None else mref["k"]
+            lows[key] = min(lows.get(key, 1e300), left)
+        for unit in leases.d["segs"]:
+            if unit["k"] in lows:
+                unit["lo"] = lows[unit["k"]]
+        for mref in leases.d["mans"]:
+            if mref["k"] in lows:
+                unscanned = [
+                    r.get("lo", -1e300)
+                    for r in leases.manifest(mref["k"]).refs
+                    if r.get("lo", -1e300) > now
+                ]
+                mref["lo"] = min([lows[mref["k"]], *unscanned])
+        return due
+
+    def soonest_leases(self, n: int) -> list[Job]:
+        """The `n` claim records whose leases run out first. Lease segments are
+        read in the order of their bounds, and only while one may hold a record
+        that runs out sooner than the n-th found so far."""
+        leases = self.leases
+        found = sorted(leases.d["in"], key=lambda r: r["lease_expires_at"])[:n]
+        # (bound, tie-breaker, segment ref or manifest ref, its manifest or None)
+        todo: list[tuple[float, int, dict[str, Any], str | None, bool]] = []
+        for mref in leases.d["mans"]:
+            todo.append((mref.get("lo", -1e300), len(todo), mref, None, True))
+        for ref in leases.d["segs"]:
+            todo.append((ref.get("lo", -1e300), len(todo), ref, None, False))
+        heapq.heapify(todo)
+        tie = len(todo)
+        while todo:
+            lo, _, unit, man, is_manifest = heapq.heappop(todo)
+            if len(found) >= n and lo >= found[-1]["lease_expires_at"]:
+                break
+            if is_manifest:
+                for ref in leases.manifest(unit["k"]).refs:
+                    tie += 1
+                    heapq.heappush(todo, (ref.get("lo", -1e300), tie, ref, unit["k"], False))
+                continue
+            found += [p.item for p in leases.live_in(unit, man)]
+            found = sorted(found, key=lambda r: r["lease_expires_at"])[:n]
+        return found
 
     # --- batches: begin, and roll back ----------------------------------------------------
 
     def begin(self) -> None:
-        """A batch starts: note what changes, so that rollback() can undo it."""
-        self._journal = []
+        """A batch starts (nothing to note: every index is derived from the head)."""
 
     def rollback(self, head: dict[str, Any]) -> None:
-        """Undo the batch since begin(): `head` is the head it started from, freshly
-        decoded. The spilled index is put back as it was (rebuilding it would read
-        every lease segment); the rest is derived again when wanted. The batch
-        waited for an object, most likely: applying it again finds it."""
-        if self._journal is not None and self._spilled is not None:
-            for job_id, old in reversed(self._journal):
-                if old is None:
-                    self._spilled.pop(job_id, None)
-                else:
-                    self._spilled[job_id] = old
+        """Undo the batch since begin(): `head` is the head it started from,
+        freshly decoded; what is derived from the head is derived again when
+        wanted. The batch waited for an object, most likely: applying it again
+        finds it."""
         self.head = head
-        self._journal = [] if self._journal is not None else None
         self._inline = None
         self._inline_ids = None
-        self._lease_mans = ((), {})
         self._view.fresh.clear()
         self.dirty = False
-
-    def _placed(self, place: Place) -> Place:
-        """`place` with the manifest its segment is under now: the lease index is
-        kept across seals, which fold segments under manifests."""
-        if place.seg is None:
-            return place
-        mans = tuple(m["k"] for m in self.head["leases"]["mans"])
-        if mans != self._lease_mans[0]:
-            self._lease_mans = (mans, self.leases.manifest_of())
-        return Place(place.seg, place.index, place.item, self._lease_mans[1].get(place.seg))
 
     # --- the objects it needs ---------------------------------------------------------------------
 
@@ -272,19 +301,10 @@ class Layout:
         self._view.seen.clear()
 
     def prefetch(self, missing: str) -> list[str]:
-        """What to fetch when `missing` is wanted: it, every object the head names
-        itself, and the segments of loaded lease manifests (a claimed job's record
-        may be in any of them). Fetched together, one miss costs one round trip
-        instead of one per object."""
-        wanted = [missing, *self.direct_keys()]
-        leases = self.leases
-        for mref in leases.d["mans"]:
-            try:
-                refs = leases.manifest(mref["k"]).refs
-            except SegmentMissing:
-                continue
-            wanted += [keys.segment(self.topic, r["k"]) for r in refs]
-        return wanted
+        """What to fetch when `missing` is wanted: it, and every object the head
+        names itself (manifests, loose segments). Fetched together, one miss
+        costs one round trip instead of one per object."""
+        return [missing, *self.direct_keys()]
 
     def expire(self, now: float) -> None:
         """What the rules drop before a seal (retention): nothing, here."""
@@ -402,7 +422,7 @@ class _Sealer:
         ):
             chain = self.s._chain(h[name])
             if chain.d["in"] and len(orjson.dumps(chain.d["in"])) > bound:
-                self._spill(chain, kind, self._bounds_of(name, chain.d["in"]))
+                self._spill(chain, kind, self._bounds_of(name))
         self._compact_leases()
         for lane in lanes.values():
             if len(lane["runs"]) > b.runs_max:
@@ -410,22 +430,45 @@ class _Sealer:
         chains = [self.s.leases, self.s.retained, self.s.dead]
         chains += [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
         for chain in chains:
-            if len(chain.d["segs"]) > b.loose_max:
+            # A batch may spill several segments into one chain: fold until the
+            # head holds no more loose refs than its bound.
+            while len(chain.d["segs"]) > b.loose_max:
                 self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
             if len(chain.d["holes"]) > b.holes_max:
                 self._rewrite_holey_manifest(chain)
-            if len(chain.d["mans"]) > b.manifests_max:
-                self._merge_manifests(chain)
+            while len(chain.d["mans"]) > b.manifests_max and self._merge_manifests(chain):
+                pass
 
     @staticmethod
-    def _bounds_of(name: str, items: list[Any]) -> dict[str, Any]:
+    def _bounds_of(name: str) -> Callable[[list[Any]], dict[str, Any]]:
+        """What a spilled segment's ref keeps of its items, by chain."""
         if name == "retained":
-            return {"hi": max(r["finished_at"] for r in items)}
-        return {}
+            return lambda records: {"hi": max(r["finished_at"] for r in records)}
+        return lambda items: {}
 
-    def _spill(self, chain: Chain, kind: str, meta: dict[str, Any]) -> None:
-        seg_id = self._new_id(kind)
-        self._add(chain.spill(seg_id, encode_segment(kind, chain.d["in"]), meta))
+    def _chunks(self, items: list[Any]) -> Iterator[list[Any]]:
+        """`items` cut into runs that each encode to at most segment_bytes (one
+        item at least): objects stay small enough to cache and fetch whole,
+        however large the batch that spills them."""
+        limit = self.bounds.segment_bytes
+        chunk: list[Any] = []
+        size = 0
+        for item in items:
+            n = len(orjson.dumps(item)) + 1
+            if chunk and size + n > limit:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(item)
+            size += n
+        if chunk:
+            yield chunk
+
+    def _spill(self, chain: Chain, kind: str, meta: Callable[[list[Any]], dict[str, Any]]) -> None:
+        """The chain's inline items become new loose segments, in order, each
+        under segment_bytes; `meta(items)` says what each one's ref keeps."""
+        for chunk in list(self._chunks(chain.d["in"])):
+            seg_id = self._new_id(kind)
+            self._add(chain.spill(seg_id, len(chunk), encode_segment(kind, chunk), meta(chunk)))
 
     def _spill_lane(self, lane: dict[str, Any]) -> None:
         """The lane's inline jobs become a segment at the end of the run whose last
@@ -438,34 +481,38 @@ class _Sealer:
         else:
             run = new_chain()
             lane["runs"].append(run)
-        meta = {"lo": jobs[0]["run_at"], "hi": max(j["run_at"] for j in jobs)}
-        run["lo"] = min(run.get("lo", meta["lo"]), meta["lo"])
-        run["top"] = max(run.get("top", meta["hi"]), meta["hi"])
+        lo, hi = jobs[0]["run_at"], max(j["run_at"] for j in jobs)
+        run["lo"] = min(run.get("lo", lo), lo)
+        run["top"] = max(run.get("top", hi), hi)
         run["last"] = list(job_key(jobs[-1]))
-        # The jobs move from the lane into the run's chain, and on into a segment.
+        # The jobs move from the lane into the run's chain, and on into segments.
         run["n"] += len(jobs)
         run["in"], lane["in"] = jobs, []
-        self._spill(self.s._chain(run), "p", meta)
+        self._spill(
+            self.s._chain(run),
+            "p",
+            lambda chunk: {"lo": chunk[0]["run_at"], "hi": max(j["run_at"] for j in chunk)},
+        )
 
     def _spill_leases(self) -> None:
         """Spilled leases keep no payload: those that carry one (jobs claimed
-        from the head) leave it in a payload segment and point there."""
+        from the head) leave it in a payload segment and point there. Each
+        lease segment's ref bounds its records' expiries (`lo`)."""
         leases = self.s.leases
         records: list[Job] = leases.d["in"]
         carried = [r for r in records if "payload" in r]
         if carried:
-            x_id = self._new_id("x")
             payloads = [{"id": r["id"], "payload": r["payload"]} for r in carried]
-            self._add(NewObject(x_id, encode_segment("x", payloads)))
-            for i, record in enumerate(carried):
-                del record["payload"]
-                record["src"] = [x_id, i]
-        self.s._spilled_index()  # built before the records move
-        seg_id = self._new_id("l")
-        self._add(leases.spill(seg_id, encode_segment("l", records), {}))
+            at = 0
+            for chunk in self._chunks(payloads):
+                x_id = self._new_id("x")
+                self._add(NewObject(x_id, encode_segment("x", chunk)))
+                for i, record in enumerate(carried[at : at + len(chunk)]):
+                    del record["payload"]
+                    record["src"] = [x_id, i]
+                at += len(chunk)
+        self._spill(leases, "l", lambda rs: {"lo": min(r["lease_expires_at"] for r in rs)})
         self.s._inline = None
-        for i, record in enumerate(records):  # the records moved: say where they are now
-            self.s._set_spilled(record["id"], Place(seg_id, i, record))
 
     def _compact_leases(self) -> None:
         """Leases are resolved anywhere (acks, heartbeats of spilled ones): a
@@ -499,9 +546,9 @@ class _Sealer:
         lane["runs"].append(run)
         run["in"], run["n"] = jobs, len(jobs)
         meta = {"lo": jobs[0]["run_at"], "hi": run["top"]}
-        self._add(self.s._chain(run).spill(self._new_id("p"), data, meta))
+        self._add(self.s._chain(run).spill(self._new_id("p"), len(jobs), data, meta))
 
-    def _merge_manifests(self, chain: Chain) -> None:
+    def _merge_manifests(self, chain: Chain) -> bool:
         """Too many manifests: the two neighbours with the fewest segments become
         one, if it stays under manifest_bytes (a manifest is rewritten whole, and
         a batch writes a bounded amount); so a chain of a million items keeps a
@@ -514,7 +561,8 @@ class _Sealer:
                 obj = chain.merge_manifests(i, 2, self._new_id("m"), encode_manifest)
                 if obj is not None:
                     self._add(obj)
-                return
+                return True
+        return False
 
     def _rewrite_holey_manifest(self, chain: Chain) -> None:
         holes: dict[str, list[int]] = chain.d["holes"]

@@ -4,6 +4,7 @@ that a broker's flags set (lease, attempts, retention, request sizes)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -19,6 +20,7 @@ class Bounds:
     inline_leases_bytes: int = 12 * 1024  # spill leases (claims) past this
     inline_records_bytes: int = 8 * 1024  # spill retained records past this
     inline_dead_bytes: int = 8 * 1024  # spill dead jobs past this
+    segment_bytes: int = 128 * 1024  # the largest segment a spill writes (one item at least)
     loose_max: int = 16  # segment refs of a chain before the oldest half get a manifest
     manifests_max: int = 16  # manifests of a chain before two are merged into one
     manifest_bytes: int = 192 * 1024  # the largest manifest a merge writes
@@ -29,18 +31,12 @@ class Bounds:
 
     def scaled(self, factor: int) -> Bounds:
         """The same bounds with `factor` times as much inline."""
-        return Bounds(
+        return dataclasses.replace(
+            self,
             inline_pending_bytes=factor * self.inline_pending_bytes,
             inline_leases_bytes=factor * self.inline_leases_bytes,
             inline_records_bytes=factor * self.inline_records_bytes,
             inline_dead_bytes=factor * self.inline_dead_bytes,
-            loose_max=self.loose_max,
-            manifests_max=self.manifests_max,
-            manifest_bytes=self.manifest_bytes,
-            holes_max=self.holes_max,
-            runs_max=self.runs_max,
-            merge_bytes=self.merge_bytes,
-            writers_max=self.writers_max,
         )
 
 

@@ -90,11 +90,7 @@ class TopicState(Layout):
 
     def claimed_soonest(self, n: int) -> list[Job]:
         """The `n` claimed jobs whose leases run out first, with their payloads."""
-        records = sorted(
-            (p.item for p in self._leased()),
-            key=lambda r: r["lease_expires_at"],
-        )
-        return [self._with_payload(r) for r in records[:n]]
+        return [self._with_payload(r) for r in self.soonest_leases(n)]
 
     def _with_payload(self, record: Job) -> Job:
         job = {k: v for k, v in record.items() if k != "src"}
@@ -402,16 +398,17 @@ class TopicState(Layout):
     # --- reaper -------------------------------------------------------------------------
 
     def expired(self, now: float) -> bool:
-        return any(p.item["lease_expires_at"] <= now for p in self._leased())
+        """Whether a lease ran out by `now` (reads what next_expiry() says may)."""
+        return bool(self.due_leases(now))
 
     def earliest_expiry(self) -> float | None:
-        """When the first lease of the claimed set runs out, if any is claimed."""
-        return min((p.item["lease_expires_at"] for p in self._leased()), default=None)
+        """No lease runs out before this; None when nothing is claimed."""
+        return self.next_expiry()
 
     def reap(self, now: float) -> dict[str, int]:
         """Expired leases back to pending, or dead when attempts are spent."""
         out = {"pending": 0, "dead": 0}
-        expired = [p for p in self._leased() if p.item["lease_expires_at"] <= now]
+        expired = self.due_leases(now)
         jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
         for place, job in zip(expired, jobs, strict=True):
             self._drop_lease(place)
