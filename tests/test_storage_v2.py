@@ -117,8 +117,22 @@ async def test_a_segment_gone_after_the_sweep_means_the_head_moved_not_an_error(
         b'{"hello": "world"}',  # foreign
         b'{"format": 99, "topic": "t", "counters": {}}',  # from the future
         b'{"format": 2, "topic": "other", "counters": {}}',  # another topic's head
+        b'{"format": 2, "topic": "t", "counters": {}}',  # JSON, a head's header, no body
+        b'{"format": 1, "topic": "t", "counters": {}, "lanes": {"0": 7}}',  # a bad format 1
+        b'{"format": 2, "topic": "t", "writer": null, "write_id": null, "writers": {},'
+        b' "seq": 0, "next": 0, "counters": {}, "lanes": {"0": []},'
+        b' "leases": {}, "retained": {}, "dead": {}}',  # a lane that is no lane
     ],
-    ids=["binary", "truncated", "foreign", "future", "other-topic"],
+    ids=[
+        "binary",
+        "truncated",
+        "foreign",
+        "future",
+        "other-topic",
+        "no-body",
+        "bad-format-1",
+        "bad-lane",
+    ],
 )
 async def test_a_corrupt_head_is_a_clear_error_naming_it_logged_once(
     garbage: bytes, caplog: pytest.LogCaptureFixture
@@ -150,6 +164,21 @@ async def test_a_corrupt_segment_is_a_clear_error_naming_it() -> None:
     fresh = engine_on(store, "b2")
     with pytest.raises(CorruptData, match=segment):
         await fresh.claim("t", "w", count=40)
+
+
+async def test_a_segment_whose_items_are_not_jobs_is_a_clear_error_naming_it() -> None:
+    """JSON of the right outer shape, items without the fields a job has: a
+    KeyError deep in the state machine before (answered 503 by the committer)."""
+    store = MemStore()
+    q = engine_on(store)
+    await q.enqueue("t", jobs(40))
+    [segment] = [k for k in await store.list("topics/t/") if "seg-p" in k][:1]
+    await store.put(segment, b'{"format": 2, "kind": "p", "items": [{"id": "j00000"}]}')
+    fresh = engine_on(store, "b2")
+    with pytest.raises(CorruptData, match=segment):
+        await fresh.claim("t", "w", count=40)
+    with pytest.raises(CorruptData, match=segment):
+        await fresh.enqueue("t", [JobSpec("x", id="new")])
 
 
 async def test_a_referenced_segment_that_is_gone_is_a_clear_error_when_the_head_has_not_moved(

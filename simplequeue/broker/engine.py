@@ -229,6 +229,9 @@ class Engine:
         for name, got in zip(names, found, strict=True):
             if isinstance(got, SimpleQueueError):
                 errors[name] = str(got)
+            elif isinstance(got, Exception):  # a fault of ours: that topic's alone
+                log.error("topic %s cannot be listed", name, exc_info=got)
+                errors[name] = f"internal error: {got!r}"
             elif isinstance(got, BaseException):
                 raise got
             else:

@@ -18,6 +18,7 @@ import orjson
 
 from simplequeue import keys
 from simplequeue.errors import CorruptData
+from simplequeue.state import schema
 from simplequeue.state.chain import Chain, NewObject, Place, new_chain
 from simplequeue.state.limits import Bounds
 from simplequeue.state.segments import (
@@ -67,11 +68,15 @@ def decode_head(topic: str, key: str, data: bytes) -> dict[str, Any]:
     if not isinstance(head, dict) or not isinstance(head.get("counters"), dict):
         raise CorruptData(key, "not a topic head")
     if head.get("format") == 1:
-        head = upgrade(head)
+        try:
+            head = upgrade(head)
+        except (KeyError, TypeError, ValueError, AttributeError, AssertionError) as exc:
+            raise CorruptData(key, f"not a well-formed format-1 head ({exc!r})") from None
     if head.get("format") != FORMAT:
         raise CorruptData(key, f"format {head.get('format')!r}, which this broker cannot read")
     if head.get("topic") != topic:
         raise CorruptData(key, f"the head of topic {head.get('topic')!r}, not of {topic!r}")
+    schema.check_head(key, head)
     upgraded: dict[str, Any] = head
     return upgraded
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import orjson
 
 from simplequeue.errors import CorruptData
+from simplequeue.state import schema
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)  # segments written by format 1 are read as they are
@@ -123,13 +124,19 @@ def _parse(key: str, data: bytes) -> dict[str, Any]:
     return obj
 
 
+def kind_of(key: str) -> str:
+    """A segment's kind, from its key: seg-<kind><n>-... (seg-p0-..., seg-r-... in
+    format 1)."""
+    name = key.rsplit("/", 1)[-1]
+    return name[4:5] if name.startswith("seg-") else ""
+
+
 def decode_segment(key: str, data: bytes) -> Segment:
     obj = _parse(key, data)
     items = obj.get("items")
-    if not isinstance(items, list) or not all(
-        isinstance(i, dict) and isinstance(i.get("id"), str) for i in items
-    ):
+    if not isinstance(items, list):
         raise CorruptData(key, "not a segment")
+    schema.check_items(key, kind_of(key), items)
     return Segment(key, items, len(data))
 
 
@@ -138,6 +145,7 @@ def decode_manifest(key: str, data: bytes) -> Manifest:
     refs = obj.get("segs")
     if obj.get("kind") != "m" or not isinstance(refs, list):
         raise CorruptData(key, "not a manifest")
+    schema.check_manifest(key, refs)
     return Manifest(key, refs, len(data))
 
 

@@ -1,0 +1,214 @@
+"""The shape of what a topic stores (format 2): heads, chains, refs and the
+items of each kind, as TypedDicts. An object is checked against them once,
+when it is read from the store (decode_head, decode_segment), so that a head
+or segment that is JSON but not ours is CorruptData naming its key, never a
+KeyError deep in the state machine. Checking keeps the object as it is: fields
+these types do not name are allowed (and kept).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+import msgspec
+
+from simplequeue.errors import CorruptData
+
+
+class Writer(TypedDict):
+    broker_id: str
+    epoch: int
+
+
+class PendingJob(TypedDict):
+    id: str
+    seq: int
+    payload: Any
+    priority: int
+    run_at: float
+    created_at: float
+    attempts: int
+    max_attempts: int
+    last_error: NotRequired[str]
+
+
+class DeadJob(PendingJob):
+    died_at: float
+
+
+class Lease(TypedDict):
+    """A claimed job's record: its payload inline, or where it is (`src`)."""
+
+    id: str
+    seq: int
+    priority: int
+    run_at: float
+    created_at: float
+    attempts: int
+    max_attempts: int
+    claimed_by: str
+    heartbeat_at: float
+    lease_expires_at: float
+    lease_token: str
+    claimed_at: NotRequired[float]
+    payload: NotRequired[Any]
+    src: NotRequired[tuple[str, int]]
+    last_error: NotRequired[str]
+
+
+class Record(TypedDict):
+    """What is retained of a finished job."""
+
+    id: str
+    status: str
+    attempts: int
+    created_at: float
+    finished_at: float
+    result: NotRequired[Any]
+    last_error: NotRequired[str]
+
+
+class Payload(TypedDict):
+    """An item of an `x` segment: the payload of a spilled lease."""
+
+    id: str
+    payload: Any
+
+
+class SegmentRef(TypedDict):
+    k: str
+    n: int
+    live: int
+    holes: NotRequired[list[int]]
+    lo: NotRequired[float]
+    hi: NotRequired[float]
+
+
+class ManifestRef(TypedDict):
+    k: str
+    segs: int
+    live: int
+    total: NotRequired[int]
+    lo: NotRequired[float]
+    hi: NotRequired[float]
+
+
+class IndexedRef(TypedDict):
+    """A segment's ref in a manifest, with the id index of its items (its live
+    count is kept by the manifest's ref in the head)."""
+
+    k: str
+    n: int
+    ix: str
+    holes: NotRequired[list[int]]
+    lo: NotRequired[float]
+    hi: NotRequired[float]
+
+
+# Chains hold their inline items under "in", a Python keyword: these are
+# declared in TypedDict's functional form.
+Run = TypedDict(
+    "Run",
+    {
+        "n": int,
+        "segs": list[SegmentRef],
+        "mans": list[ManifestRef],
+        "mpos": int,
+        "pos": int,
+        "holes": dict[str, list[int]],
+        "in": list[PendingJob],
+        "lo": NotRequired[float],
+        "top": NotRequired[float],
+        "last": NotRequired[tuple[float, int]],
+    },
+)
+Lane = TypedDict("Lane", {"in": list[PendingJob], "runs": list[Run]})
+Leases = TypedDict(
+    "Leases",
+    {
+        "n": int,
+        "segs": list[SegmentRef],
+        "mans": list[ManifestRef],
+        "mpos": int,
+        "pos": int,
+        "holes": dict[str, list[int]],
+        "in": list[Lease],
+    },
+)
+Records = TypedDict(
+    "Records",
+    {
+        "n": int,
+        "segs": list[SegmentRef],
+        "mans": list[ManifestRef],
+        "mpos": int,
+        "pos": int,
+        "holes": dict[str, list[int]],
+        "in": list[Record],
+    },
+)
+DeadJobs = TypedDict(
+    "DeadJobs",
+    {
+        "n": int,
+        "segs": list[SegmentRef],
+        "mans": list[ManifestRef],
+        "mpos": int,
+        "pos": int,
+        "holes": dict[str, list[int]],
+        "in": list[DeadJob],
+    },
+)
+
+
+class Head(TypedDict):
+    format: int
+    topic: str
+    writer: Writer | None
+    write_id: str | None
+    writers: dict[str, str]
+    seq: int
+    next: int
+    counters: dict[str, int]
+    lanes: dict[str, Lane]
+    leases: Leases
+    retained: Records
+    dead: DeadJobs
+
+
+_ITEMS: dict[str, Any] = {
+    "p": list[PendingJob],
+    "l": list[Lease],
+    "x": list[Payload],
+    "r": list[Record],
+    "d": list[DeadJob],
+}
+
+
+def check_head(key: str, head: dict[str, Any]) -> None:
+    """CorruptData naming `key` unless `head` has the shape of a format-2 head."""
+    try:
+        msgspec.convert(head, Head)
+        for name in head["lanes"]:
+            int(name)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise CorruptData(key, f"not a well-formed head ({exc})") from None
+
+
+def check_items(key: str, kind: str, items: list[Any]) -> None:
+    """CorruptData naming `key` unless `items` are items of a `kind` segment
+    (p pending jobs, l leases, x payloads, r records, d dead jobs)."""
+    shape = _ITEMS.get(kind)
+    if shape is None:
+        raise CorruptData(key, f"a segment of unknown kind {kind!r}")
+    try:
+        msgspec.convert(items, shape)
+    except msgspec.ValidationError as exc:
+        raise CorruptData(key, f"not a well-formed {kind} segment ({exc})") from None
+
+
+def check_manifest(key: str, refs: list[Any]) -> None:
+    try:
+        msgspec.convert(refs, list[IndexedRef])
+    except msgspec.ValidationError as exc:
+        raise CorruptData(key, f"not a well-formed manifest ({exc})") from None
