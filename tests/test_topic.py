@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from simplequeue.api import JobSpec
-from simplequeue.errors import JobNotFound, LeaseLost
+from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
 from simplequeue.state import TopicState
 from tests.helpers.states import fresh, reread, seal
 
@@ -300,3 +300,18 @@ def test_dead_jobs_keep_their_death_order_across_segments_after_a_partial_purge(
     died = [*kept, "d03", "n0", "n1", "n2", "n3", "n4"]
     assert [j["id"] for j in s.dead_jobs()] == died[-12:]
     assert s.head["counters"]["dead_dropped"] == 2
+
+
+def test_pending_jobs_hold_at_most_lanes_max_distinct_priorities() -> None:
+    """Each priority is a lane in the head: 10,000 distinct ones made a 2 MB
+    head. Past the bound an enqueue is refused whole, and changes nothing."""
+    s = fresh(lanes_max=4)
+    s.enqueue([JobSpec(p, priority=p) for p in range(4)], T0)
+    before = orjson.dumps(s.head)
+    with pytest.raises(InvalidRequest, match="more than 4 distinct priorities"):
+        s.enqueue([JobSpec("a", priority=0), JobSpec("b", priority=9)], T0)
+    assert orjson.dumps(s.head) == before
+    s.enqueue([JobSpec("c", priority=3)], T0)  # a lane there takes more
+    assert len(s.claim("w", 30, 5, T0)) == 5
+    s.enqueue([JobSpec(p, priority=100 + p) for p in range(4)], T0)  # lanes emptied
+    assert len(s.head["lanes"]) == 4

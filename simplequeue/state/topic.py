@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from simplequeue.api import JobSpec
-from simplequeue.errors import JobNotFound, LeaseLost
+from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
 from simplequeue.state.chain import Chain, Place
 from simplequeue.state.layout import (
     CLAIM_FIELDS,
@@ -204,7 +204,16 @@ class TopicState(Layout):
 
     def enqueue(self, specs: list[JobSpec], now: float) -> list[dict[str, Any]]:
         """Add jobs; answer {"id", "duplicate"} for each. Duplicates (an id live or
-        retained in the topic, or twice in this call) are not added again."""
+        retained in the topic, or twice in this call) are not added again. A
+        topic holds jobs of at most `lanes_max` distinct priorities at once
+        (each is a lane in the head): past it the call is refused whole."""
+        lanes = self.head["lanes"]
+        fresh = {s.priority for s in specs if str(s.priority) not in lanes}
+        if fresh and len(lanes) + len(fresh) > self.bounds.lanes_max:
+            raise InvalidRequest(
+                f"topic {self.topic!r} would hold jobs of more than {self.bounds.lanes_max} "
+                "distinct priorities at once"
+            )
         answers: list[dict[str, Any]] = []
         for spec in specs:
             job_id = spec.id
