@@ -189,11 +189,12 @@ class Layout:
         times += [u.get("lo", -1e300) for u in d["segs"] + d["mans"]]
         return min(times, default=None)
 
-    def due_leases(self, now: float) -> list[Place]:
+    def due_leases(self, now: float, taking: bool = False) -> list[Place]:
         """The claimed jobs whose leases ran out by `now`. Reads only the lease
-        segments whose bound says they may hold one, and tightens the bounds of
-        what it read to the leases that are left (metadata only: a bound is
-        never later than a lease it covers, so the next write may carry it)."""
+        segments whose bound says they may hold one. When `taking` (the caller
+        takes every one of them out), tightens the bounds of what it read to
+        the leases left (metadata only: a bound is never later than a lease it
+        covers, so the next write may carry it)."""
         leases = self.leases
         due = [Place(None, 0, r) for r in leases.d["in"] if r["lease_expires_at"] <= now]
 
@@ -216,6 +217,8 @@ class Layout:
                     left = min(left, expires)
             key = ref["k"] if mref is None else mref["k"]
             lows[key] = min(lows.get(key, 1e300), left)
+        if not taking:
+            return due
         for unit in leases.d["segs"]:
             if unit["k"] in lows:
                 unit["lo"] = lows[unit["k"]]
@@ -248,7 +251,10 @@ class Layout:
             if len(found) >= n and lo >= found[-1]["lease_expires_at"]:
                 break
             if is_manifest:
-                for ref in leases.manifest(unit["k"]).refs:
+                refs = leases.manifest(unit["k"]).refs
+                if unit is leases.d["mans"][0]:
+                    refs = refs[leases.d["mpos"] :]  # those before are used up
+                for ref in refs:
                     tie += 1
                     heapq.heappush(todo, (ref.get("lo", -1e300), tie, ref, unit["k"], False))
                 continue

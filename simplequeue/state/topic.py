@@ -417,7 +417,7 @@ class TopicState(Layout):
     def reap(self, now: float) -> dict[str, int]:
         """Expired leases back to pending, or dead when attempts are spent."""
         out = {"pending": 0, "dead": 0}
-        expired = self.due_leases(now)
+        expired = self.due_leases(now, taking=True)
         jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
         for place, job in zip(expired, jobs, strict=True):
             self._drop_lease(place)
