@@ -95,6 +95,26 @@ async def test_a_result_the_store_cannot_encode_is_refused_and_the_job_stays_cla
             assert (await r.json())["status"] == "claimed"
 
 
+@pytest.mark.parametrize("bad", [nested(300), {"n": 2**70}], ids=["300 deep", "2**70"])
+async def test_a_nack_error_the_store_cannot_encode_is_refused_and_the_job_stays_claimed(
+    start_broker: Callable[..., Awaitable[Any]], bad: Any
+) -> None:
+    """It used to raise TypeError while cutting the error to text: a 500."""
+    broker = await start_broker(MemStore())
+    base = broker.url + "/topics/t"
+    async with aiohttp.ClientSession() as session:
+        await post(session, base + "/enqueue", {"id": "a", "payload": 1})
+        _, claimed = await post(session, base + "/claim", {"worker_id": "w"})
+        token = claimed["job"]["lease_token"]
+        body = b'{"job_id":"a","lease_token":"' + token.encode() + b'","error":'
+        async with session.post(base + "/nack", data=body + _json(bad) + b"}") as r:
+            assert r.status == 400
+            assert (await r.json())["error"].startswith("the error")
+        async with session.get(base + "/jobs/a") as r:
+            job = await r.json()
+        assert (job["status"], job["attempts"], job["last_error"]) == ("claimed", 1, None)
+
+
 def test_a_deep_payload_within_the_limit_survives_a_round_trip() -> None:
     spec_ = api.decode(orjson.dumps({"payload": nested(api.MAX_DEPTH)}), api.JobSpec)
     assert spec_.payload == nested(api.MAX_DEPTH)

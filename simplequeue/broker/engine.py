@@ -60,9 +60,11 @@ def _unclaim_all(jobs: list[Job]) -> Callable[[TopicState, float], None]:
 
 def _error_text(error: Any) -> str | None:
     """A nack's error as kept with the job: text, anything else as its JSON, cut
-    to api.MAX_ERROR characters."""
+    to api.MAX_ERROR characters. InvalidRequest for a value the store could not
+    encode either, as for payloads and results: one rule for every JSON value."""
     if error is None:
         return None
+    api.check_storable(error, "the error")
     text = error if isinstance(error, str) else orjson.dumps(error).decode()
     return text[: api.MAX_ERROR]
 
