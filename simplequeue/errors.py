@@ -146,13 +146,14 @@ class BrokerError(SimpleQueueError):
 
 #: The classes a broker's error answers are turned back into, by their status
 #: (404 is JobNotFound: a claim's "nothing to claim" is told apart by the SDK).
+#: 500 is not one: CorruptData and any unexpected error share it, so the SDK
+#: cannot tell which it was and answers BrokerError with the broker's message.
 _ANSWERED = (
     InvalidRequest,
     PayloadTooLarge,
     Unauthorized,
     JobNotFound,
     LeaseLost,
-    CorruptData,
     StorageFull,
     StoreUnavailable,
 )
