@@ -36,28 +36,29 @@ from simplequeue.errors import (
 )
 from simplequeue.objstore.memfs import MemStore
 
-# class: (HTTP status, RESP code, what the SDK raises for that status). The SDK
-# retries 503s and then raises StoreUnavailable; a 500 is a CorruptData or an
+# class: (HTTP status, RESP code, what the SDK raises for that status, the
+# status of one failed ack in a batch, None where it fails the whole batch). The
+# SDK retries 503s and then raises StoreUnavailable; a 500 is a CorruptData or an
 # unexpected error, which it cannot tell apart: BrokerError with the status and
 # the broker's message.
-TABLE: dict[type[SimpleQueueError], tuple[int, str, type[SimpleQueueError]]] = {
-    SimpleQueueError: (500, "ERR", BrokerError),
-    StoreError: (503, "TRYAGAIN", StoreUnavailable),
-    PreconditionFailed: (503, "TRYAGAIN", StoreUnavailable),
-    ObjectNotFound: (503, "TRYAGAIN", StoreUnavailable),
-    StoreUnavailable: (503, "TRYAGAIN", StoreUnavailable),
-    AmbiguousWrite: (503, "TRYAGAIN", StoreUnavailable),
-    StorageFull: (507, "ERR", StorageFull),
-    InvalidRequest: (400, "ERR", InvalidRequest),
-    PayloadTooLarge: (413, "ERR", PayloadTooLarge),
-    JobNotFound: (404, "ERR", JobNotFound),
-    NothingToClaim: (404, "ERR", JobNotFound),
-    LeaseLost: (409, "ERR", LeaseLost),
-    Contended: (503, "TRYAGAIN", StoreUnavailable),
-    Unauthorized: (401, "NOAUTH", Unauthorized),
-    CorruptData: (500, "ERR", BrokerError),
-    BrokerUnavailable: (503, "TRYAGAIN", StoreUnavailable),
-    BrokerError: (500, "ERR", BrokerError),
+TABLE: dict[type[SimpleQueueError], tuple[int, str, type[SimpleQueueError], str | None]] = {
+    SimpleQueueError: (500, "ERR", BrokerError, None),
+    StoreError: (503, "TRYAGAIN", StoreUnavailable, None),
+    PreconditionFailed: (503, "TRYAGAIN", StoreUnavailable, None),
+    ObjectNotFound: (503, "TRYAGAIN", StoreUnavailable, None),
+    StoreUnavailable: (503, "TRYAGAIN", StoreUnavailable, None),
+    AmbiguousWrite: (503, "TRYAGAIN", StoreUnavailable, None),
+    StorageFull: (507, "ERR", StorageFull, None),
+    InvalidRequest: (400, "ERR", InvalidRequest, "invalid"),
+    PayloadTooLarge: (413, "ERR", PayloadTooLarge, "invalid"),
+    JobNotFound: (404, "ERR", JobNotFound, "not_found"),
+    NothingToClaim: (404, "ERR", JobNotFound, None),
+    LeaseLost: (409, "ERR", LeaseLost, "conflict"),
+    Contended: (503, "TRYAGAIN", StoreUnavailable, None),
+    Unauthorized: (401, "NOAUTH", Unauthorized, None),
+    CorruptData: (500, "ERR", BrokerError, None),
+    BrokerUnavailable: (503, "TRYAGAIN", StoreUnavailable, None),
+    BrokerError: (500, "ERR", BrokerError, None),
 }
 
 
@@ -74,10 +75,11 @@ def test_the_table_has_every_class_of_the_module() -> None:
 
 @pytest.mark.parametrize("cls", list(TABLE), ids=lambda c: c.__name__)
 def test_each_class_carries_its_status_code_and_sdk_class(cls: type[SimpleQueueError]) -> None:
-    status, code, sdk = TABLE[cls]
+    status, code, sdk, acked = TABLE[cls]
     assert cls.http_status == status
     assert error_of(instance(cls)).code == code
     assert (errors.for_status(status) or BrokerError) is sdk
+    assert cls.ack_status == acked
 
 
 @pytest.mark.parametrize("cls", list(TABLE), ids=lambda c: c.__name__)
@@ -87,7 +89,7 @@ async def test_every_face_answers_an_error_as_its_class_says(
     cls: type[SimpleQueueError],
 ) -> None:
     """The same engine failure, met through HTTP, RESP and the SDK."""
-    status, code, sdk = TABLE[cls]
+    status, code, sdk, _ = TABLE[cls]
     broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
     raised = instance(cls)
 

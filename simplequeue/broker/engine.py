@@ -17,7 +17,7 @@ import orjson
 
 from simplequeue import api, keys
 from simplequeue.api import AckRequest, JobSpec
-from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost, SimpleQueueError
+from simplequeue.errors import InvalidRequest, JobNotFound, SimpleQueueError
 from simplequeue.groupcommit import GroupCommitter
 from simplequeue.state import Job, TopicState
 
@@ -29,7 +29,6 @@ MAX_WAIT = api.MAX_WAIT  # seconds a claim may long-poll
 POLL_INTERVAL = 1.0
 OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
 
-_ACK_FAILURES = {JobNotFound: "not_found", LeaseLost: "conflict", InvalidRequest: "invalid"}
 _CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
 
 
@@ -167,8 +166,10 @@ class Engine:
         async def one(a: AckRequest) -> dict[str, Any]:
             try:
                 return await self.ack(topic, a.job_id, a.lease_token, a.result)
-            except (JobNotFound, LeaseLost, InvalidRequest) as exc:
-                return {"id": a.job_id, "status": _ACK_FAILURES[type(exc)], "error": str(exc)}
+            except SimpleQueueError as exc:
+                if exc.ack_status is None:  # not this ack's fault: the batch fails
+                    raise
+                return {"id": a.job_id, "status": exc.ack_status, "error": str(exc)}
 
         return list(await asyncio.gather(*(one(a) for a in acks)))
 
