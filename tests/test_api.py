@@ -16,9 +16,9 @@ import aiohttp
 import orjson
 import pytest
 
-from simplequeue import api
+from simplequeue import api, errors
 from simplequeue.broker.openapi import spec
-from simplequeue.errors import InvalidRequest
+from simplequeue.errors import InvalidRequest, SimpleQueueError, Unauthorized
 from simplequeue.objstore.memfs import MemStore
 
 
@@ -174,6 +174,32 @@ def _refs(node: Any) -> list[str]:
     if isinstance(node, list):
         return [r for v in node for r in _refs(v)]
     return []
+
+
+def test_error_answers_are_those_of_the_error_classes() -> None:
+    """Every route may meet a wrong token (but /healthz), every topic route a
+    corrupt object (500), bad input (400) and the store (503), every write a full
+    disk (507); each status documented is an error class's, described by it."""
+    statuses = {
+        c.http_status
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, SimpleQueueError)
+    }
+    for path, method, op in operations():
+        answered = {int(code) for code in op["responses"] if int(code) >= 400}
+        assert answered <= statuses, (path, method)
+        assert (401 in answered) == (path != "/healthz"), (path, method)
+        assert 503 in answered or path in ("/metrics", "/openapi.json"), (path, method)
+        if path.startswith("/topics/{topic}"):
+            assert {400, 500, 503} <= answered, (path, method)
+        if method in ("post", "delete"):
+            assert 507 in answered, (path, method)
+        for code in answered:
+            assert op["responses"][str(code)]["content"] == {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+            }
+    unauthorized = spec()["paths"]["/topics"]["get"]["responses"]["401"]["description"]
+    assert unauthorized.startswith(str(Unauthorized.__doc__).strip())
 
 
 def test_the_job_schema_has_every_field_of_spec_section_3() -> None:
