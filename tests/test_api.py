@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 import pytest
 
 from simplequeue import api, errors
+from simplequeue.broker import page
 from simplequeue.broker.openapi import spec
 from simplequeue.errors import InvalidRequest, SimpleQueueError, Unauthorized
 from simplequeue.objstore.memfs import MemStore
@@ -225,6 +227,26 @@ async def test_the_served_description_is_the_generated_one(
     broker = await start_broker(MemStore())
     async with aiohttp.ClientSession() as session, session.get(broker.url + "/openapi.json") as r:
         assert await r.json() == orjson.loads(orjson.dumps(spec()))
+
+
+async def test_the_status_pages_overview_is_described_by_the_type_it_is_encoded_from(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    ok = spec()["paths"]["/ui/overview"]["get"]["responses"]["200"]
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Overview"}
+    broker = await start_broker(MemStore())
+    async with aiohttp.ClientSession() as session:
+        base = broker.url + "/topics/t"
+        await post(session, base + "/enqueue", {"jobs": [{"payload": i} for i in range(3)]})
+        _, claimed = await post(session, base + "/claim", {"worker_id": "w"})
+        async with session.get(broker.url + "/ui/overview") as r:
+            raw = await r.read()
+    overview = msgspec.json.decode(raw, type=page.Overview, strict=True)
+    [topic] = overview.topics
+    assert isinstance(topic, page.TopicView)
+    assert (topic.name, topic.counts.pending, topic.counts.claimed) == ("t", 2, 1)
+    assert [c.id for c in topic.claimed] == [claimed["job"]["id"]]
+    assert overview.broker.id == broker.settings.broker_id
 
 
 def test_a_generated_client_reads_a_jobs_result_as_a_field(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ class HttpServices:
     token: str | None  # with one, every route but /healthz and the page's shell needs it
     max_body: int  # bytes
     about: Callable[[], dict[str, Any]]  # this broker, for /healthz
-    presence: Callable[[], dict[str, Any]]  # this broker and broker.json, for the page
+    presence: Callable[[], page.Presence]  # this broker and broker.json, for the page
 
 
 SERVICES: web.AppKey[HttpServices] = web.AppKey("services")

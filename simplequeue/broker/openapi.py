@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from simplequeue import __version__, api
+from simplequeue.broker.page import Overview
 from simplequeue.errors import (
     Contended,
     CorruptData,
@@ -56,6 +57,7 @@ _TYPES: tuple[type[Any], ...] = (
     api.Topics,
     api.Health,
     api.Error,
+    Overview,
 )
 
 Errors = tuple[type[SimpleQueueError], ...]
@@ -257,7 +259,7 @@ def spec() -> dict[str, Any]:
             "get": _op(
                 "uiOverview",
                 "Everything the status page at / shows",
-                {"type": "object"},
+                _ref(Overview),
                 _LISTING,
                 topic=False,
             )
