@@ -159,7 +159,6 @@ class Broker:
                 RespSettings(
                     token=self.settings.token,
                     max_body=self.settings.max_body,
-                    max_batch=self.settings.policy.max_batch,
                 ),
             )
             try:
