@@ -170,7 +170,7 @@ class Settled(_Answer):
 
 class AckResult(_Answer):
     """One ack of a batch: status "completed", or "not_found", "conflict" or
-    "invalid" with the error."""
+    "invalid" with the error (the failing error class's `ack_status`)."""
 
     id: str | None
     status: str

@@ -1,18 +1,18 @@
 """Every exception simplequeue raises on purpose, in one small tree, each class
 with the HTTP status and the RESP error code it is answered with.
 
-    SimpleQueueError                                              HTTP  RESP
+    SimpleQueueError                                              HTTP  RESP      batch ack
     ├── StoreError          the object store failed               503   TRYAGAIN
     │   ├── PreconditionFailed  a conditional write lost its race
     │   ├── ObjectNotFound      the key does not exist
     │   ├── StoreUnavailable    the store did not answer; bounded retries are spent
     │   │   └── AmbiguousWrite  a conditional write got no answer: it may have landed
     │   └── StorageFull         no room left (a full disk)                 507   ERR
-    ├── InvalidRequest      bad input; nothing was changed        400   ERR
-    │   └── PayloadTooLarge     a request over --max-body         413   ERR
-    ├── JobNotFound         no such job in the topic              404   ERR
+    ├── InvalidRequest      bad input; nothing was changed        400   ERR       invalid
+    │   └── PayloadTooLarge     a request over --max-body         413   ERR       invalid
+    ├── JobNotFound         no such job in the topic              404   ERR       not_found
     ├── NothingToClaim      no job is claimable (after the wait)  404   (nil)
-    ├── LeaseLost           stale token, or the job is not claimed 409  ERR
+    ├── LeaseLost           stale token, or the job is not claimed 409  ERR       conflict
     ├── Contended           kept losing races for the whole budget 503  TRYAGAIN
     ├── Unauthorized        missing or wrong bearer token         401   NOAUTH
     ├── CorruptData         an object in the store cannot be read 500   ERR
@@ -20,8 +20,9 @@ with the HTTP status and the RESP error code it is answered with.
         ├── BrokerUnavailable   no broker answered, after retries and re-discovery
         └── BrokerError         an answer the SDK did not expect (carries its status)
 
-The HTTP layer, the RESP layer and the SDK derive their mappings from the class
-attributes here (`http_status`, `resp_code`, `for_status`): there is no other table.
+The HTTP layer, the RESP layer, the batch ack and the SDK derive their mappings
+from the class attributes here (`http_status`, `resp_code`, `ack_status`,
+`for_status`): there is no other table.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class SimpleQueueError(Exception):
     http_status: ClassVar[int] = 500
     #: The RESP error code (the first word of a `-CODE message` reply).
     resp_code: ClassVar[str] = "ERR"
+    #: The status one ack of a batch is answered with when it fails so (api.AckResult);
+    #: None: the error fails the whole batch.
+    ack_status: ClassVar[str | None] = None
 
     def __str__(self) -> str:
         return super().__str__() or type(self).__name__
@@ -76,6 +80,7 @@ class InvalidRequest(SimpleQueueError):
     """The request is malformed or out of range; nothing was changed."""
 
     http_status = 400
+    ack_status = "invalid"
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -88,6 +93,7 @@ class JobNotFound(SimpleQueueError):
     """The topic has no job (live or retained) with that id."""
 
     http_status = 404
+    ack_status = "not_found"
 
 
 class NothingToClaim(SimpleQueueError):
@@ -100,6 +106,7 @@ class LeaseLost(SimpleQueueError):
     """The caller does not hold the claim: stale lease token, or the job is not claimed."""
 
     http_status = 409
+    ack_status = "conflict"
 
 
 class Contended(SimpleQueueError):
@@ -146,13 +153,14 @@ class BrokerError(SimpleQueueError):
 
 #: The classes a broker's error answers are turned back into, by their status
 #: (404 is JobNotFound: a claim's "nothing to claim" is told apart by the SDK).
+#: 500 is not one: CorruptData and any unexpected error share it, so the SDK
+#: cannot tell which it was and answers BrokerError with the broker's message.
 _ANSWERED = (
     InvalidRequest,
     PayloadTooLarge,
     Unauthorized,
     JobNotFound,
     LeaseLost,
-    CorruptData,
     StorageFull,
     StoreUnavailable,
 )

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 import pytest
 
-from simplequeue import api
+from simplequeue import api, errors
+from simplequeue.broker import page
 from simplequeue.broker.openapi import spec
-from simplequeue.errors import InvalidRequest
+from simplequeue.errors import InvalidRequest, SimpleQueueError, Unauthorized
 from simplequeue.objstore.memfs import MemStore
 
 
@@ -95,6 +97,26 @@ async def test_a_result_the_store_cannot_encode_is_refused_and_the_job_stays_cla
             assert (await r.json())["status"] == "claimed"
 
 
+@pytest.mark.parametrize("bad", [nested(300), {"n": 2**70}], ids=["300 deep", "2**70"])
+async def test_a_nack_error_the_store_cannot_encode_is_refused_and_the_job_stays_claimed(
+    start_broker: Callable[..., Awaitable[Any]], bad: Any
+) -> None:
+    """It used to raise TypeError while cutting the error to text: a 500."""
+    broker = await start_broker(MemStore())
+    base = broker.url + "/topics/t"
+    async with aiohttp.ClientSession() as session:
+        await post(session, base + "/enqueue", {"id": "a", "payload": 1})
+        _, claimed = await post(session, base + "/claim", {"worker_id": "w"})
+        token = claimed["job"]["lease_token"]
+        body = b'{"job_id":"a","lease_token":"' + token.encode() + b'","error":'
+        async with session.post(base + "/nack", data=body + _json(bad) + b"}") as r:
+            assert r.status == 400
+            assert (await r.json())["error"].startswith("the error")
+        async with session.get(base + "/jobs/a") as r:
+            job = await r.json()
+        assert (job["status"], job["attempts"], job["last_error"]) == ("claimed", 1, None)
+
+
 def test_a_deep_payload_within_the_limit_survives_a_round_trip() -> None:
     spec_ = api.decode(orjson.dumps({"payload": nested(api.MAX_DEPTH)}), api.JobSpec)
     assert spec_.payload == nested(api.MAX_DEPTH)
@@ -156,6 +178,32 @@ def _refs(node: Any) -> list[str]:
     return []
 
 
+def test_error_answers_are_those_of_the_error_classes() -> None:
+    """Every route may meet a wrong token (but /healthz), every topic route a
+    corrupt object (500), bad input (400) and the store (503), every write a full
+    disk (507); each status documented is an error class's, described by it."""
+    statuses = {
+        c.http_status
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, SimpleQueueError)
+    }
+    for path, method, op in operations():
+        answered = {int(code) for code in op["responses"] if int(code) >= 400}
+        assert answered <= statuses, (path, method)
+        assert (401 in answered) == (path != "/healthz"), (path, method)
+        assert 503 in answered or path in ("/metrics", "/openapi.json"), (path, method)
+        if path.startswith("/topics/{topic}"):
+            assert {400, 500, 503} <= answered, (path, method)
+        if method in ("post", "delete"):
+            assert 507 in answered, (path, method)
+        for code in answered:
+            assert op["responses"][str(code)]["content"] == {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+            }
+    unauthorized = spec()["paths"]["/topics"]["get"]["responses"]["401"]["description"]
+    assert unauthorized.startswith(str(Unauthorized.__doc__).strip())
+
+
 def test_the_job_schema_has_every_field_of_spec_section_3() -> None:
     job = spec()["components"]["schemas"]["Job"]["properties"]
     wanted = "id payload status priority run_at attempts max_attempts created_at claimed_by "
@@ -179,6 +227,26 @@ async def test_the_served_description_is_the_generated_one(
     broker = await start_broker(MemStore())
     async with aiohttp.ClientSession() as session, session.get(broker.url + "/openapi.json") as r:
         assert await r.json() == orjson.loads(orjson.dumps(spec()))
+
+
+async def test_the_status_pages_overview_is_described_by_the_type_it_is_encoded_from(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    ok = spec()["paths"]["/ui/overview"]["get"]["responses"]["200"]
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Overview"}
+    broker = await start_broker(MemStore())
+    async with aiohttp.ClientSession() as session:
+        base = broker.url + "/topics/t"
+        await post(session, base + "/enqueue", {"jobs": [{"payload": i} for i in range(3)]})
+        _, claimed = await post(session, base + "/claim", {"worker_id": "w"})
+        async with session.get(broker.url + "/ui/overview") as r:
+            raw = await r.read()
+    overview = msgspec.json.decode(raw, type=page.Overview, strict=True)
+    [topic] = overview.topics
+    assert isinstance(topic, page.TopicView)
+    assert (topic.name, topic.counts.pending, topic.counts.claimed) == ("t", 2, 1)
+    assert [c.id for c in topic.claimed] == [claimed["job"]["id"]]
+    assert overview.broker.id == broker.settings.broker_id
 
 
 def test_a_generated_client_reads_a_jobs_result_as_a_field(tmp_path: Path) -> None:

@@ -104,6 +104,33 @@ async def test_claim_raises_a_typed_error_not_key_error(
         await prompt(q.claim_many("w", 5))
 
 
+async def test_a_proxys_404_page_on_claim_is_an_error_not_an_empty_topic(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """A 404 used to be taken for "nothing to claim" whatever its body."""
+    proxy, q, direct = proxied
+    await direct.enqueue(1)
+    proxy.fail("/claim", "404")
+    with pytest.raises(BrokerError) as caught:
+        await prompt(q.claim("w"))
+    assert caught.value.status == 404
+    proxy.fail("/claim", "404")
+    with pytest.raises(BrokerError):
+        await prompt(q.claim_many("w", 5))
+    assert await prompt(q.claim("w")) is not None  # the job was there all along
+
+
+async def test_a_502_on_claim_is_retried_and_the_claim_succeeds(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    proxy, q, direct = proxied
+    await direct.enqueue(1, id="a")
+    proxy.fail("/claim", "502")
+    job = await prompt(q.claim("w"))
+    assert job is not None and job.id == "a"
+    assert proxy.requests["/topics/t/claim"] == 2
+
+
 async def test_a_claim_whose_answer_was_cut_short_is_retried(
     proxied: tuple[FaultProxy, Client, Client],
 ) -> None:
@@ -113,6 +140,17 @@ async def test_a_claim_whose_answer_was_cut_short_is_retried(
     proxy.fail("/claim", "cut")
     job = await prompt(q.claim("w"))
     assert job is not None and job.lease_token  # the first claim's job waits out its lease
+
+
+@pytest.mark.parametrize("fault", ["502", "landed-502"])
+async def test_enqueue_many_after_a_502_is_retried_and_enqueues_once(
+    proxied: tuple[FaultProxy, Client, Client], fault: str
+) -> None:
+    proxy, q, direct = proxied
+    proxy.fail("/enqueue", fault)
+    ids = await prompt(q.enqueue_many([1, 2, 3]))
+    assert [(await direct.job(i)).payload for i in ids] == [1, 2, 3]
+    assert (await direct.status())["enqueued"] == 3  # the retry's were duplicates
 
 
 @pytest.mark.parametrize("fault", ["502", "landed-502", "cut"])
@@ -141,6 +179,23 @@ async def test_ack_that_keeps_failing_raises_instead_of_returning(
     with pytest.raises(BrokerUnavailable):
         await prompt(q.ack(job))
     assert (await direct.job("a")).status == "claimed"
+
+
+async def test_a_proxys_409_page_on_ack_is_an_error_not_a_lost_lease(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """A 409 used to be taken for LeaseLost whatever its body."""
+    proxy, q, direct = proxied
+    await direct.enqueue(1, id="a")
+    job = await direct.claim("w")
+    assert job is not None
+    proxy.fail("/ack", "409")
+    with pytest.raises(BrokerError) as caught:
+        await prompt(q.ack(job))
+    assert caught.value.status == 409 and not isinstance(caught.value, LeaseLost)
+    assert (await direct.job("a")).status == "claimed"
+    await prompt(q.ack(job))  # the lease was held all along
+    assert (await direct.job("a")).status == "completed"
 
 
 async def test_a_500_on_ack_raises_with_the_status(
@@ -203,6 +258,17 @@ async def test_a_cut_body_is_retried_not_raised_as_an_aiohttp_error(
     proxy, q, _ = proxied
     proxy.fail("/status", "cut")
     assert (await prompt(q.status()))["total"] == 0
+
+
+@pytest.mark.parametrize("call", ["status", "claim"])
+async def test_a_body_cut_short_on_every_try_raises_broker_unavailable(
+    proxied: tuple[FaultProxy, Client, Client], call: str
+) -> None:
+    proxy, q, _ = proxied
+    proxy.always["/" + call] = "cut"
+    with pytest.raises(BrokerUnavailable):
+        await prompt(q.status() if call == "status" else q.claim("w"))
+    assert proxy.requests[f"/topics/t/{call}"] == q.retries
 
 
 # --- cancellation ------------------------------------------------------------------------

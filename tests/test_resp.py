@@ -9,6 +9,7 @@ these tests skip, unless SIMPLEQUEUE_REQUIRE_REDIS_CLI=1 (bin/test sets it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
-from simplequeue import __version__
+from simplequeue import __version__, api
 from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings
 from simplequeue.broker.server import Broker
 from simplequeue.objstore.memfs import MemStore
@@ -376,6 +377,19 @@ async def test_pop_with_count_answers_a_list(r: redis.Redis) -> None:
     assert await r.rpop("q", 10) == [b"3", b"4"]
     assert await r.lpop("q", 2) is None
     assert await r.lpop("q") is None
+
+
+async def test_a_pop_takes_at_most_the_apis_batch_and_no_policy_sets_another(
+    r: redis.Redis, http: Http
+) -> None:
+    """The batch limit is api.MAX_BATCH, for HTTP and RESP alike; Policy used to
+    carry a second one that only RESP read."""
+    assert "max_batch" not in {f.name for f in dataclasses.fields(Policy)}
+    jobs = [{"payload": i} for i in range(api.MAX_BATCH)]
+    await http.call("POST", "/topics/q/enqueue", {"jobs": jobs})
+    await http.call("POST", "/topics/q/enqueue", {"payload": "one more"})
+    assert len(await r.lpop("q", api.MAX_BATCH + 1)) == api.MAX_BATCH
+    assert await r.lpop("q", api.MAX_BATCH + 1) == [b"one more"]
 
 
 async def test_pop_answers_json_for_payloads_that_are_not_strings(

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from simplequeue.broker import page as status_page
-from simplequeue.broker.page import RateBook
+from simplequeue.broker.page import RateBook, RatePoint
 from simplequeue.objstore.memfs import MemStore
 
 if TYPE_CHECKING:
@@ -444,16 +444,13 @@ def test_rate_book_turns_counter_samples_into_rates() -> None:
     book.record("t", 110.0, enqueued=50, completed=20)
     book.record("t", 120.0, enqueued=50, completed=70)
     assert book.rates("t", now=120.0) == [
-        {"ago": 10.0, "span": 10.0, "enqueued": 5.0, "completed": 2.0},
-        {"ago": 0.0, "span": 10.0, "enqueued": 0.0, "completed": 5.0},
+        RatePoint(ago=10.0, span=10.0, enqueued=5.0, completed=2.0),
+        RatePoint(ago=0.0, span=10.0, enqueued=0.0, completed=5.0),
     ]
     book.record("t", 130.0, enqueued=3, completed=3)  # the topic was recreated
-    assert book.rates("t", now=130.0)[-1] == {
-        "ago": 0.0,
-        "span": 10.0,
-        "enqueued": 0.0,
-        "completed": 0.0,
-    }
+    assert book.rates("t", now=130.0)[-1] == RatePoint(
+        ago=0.0, span=10.0, enqueued=0.0, completed=0.0
+    )
     assert book.rates("t", now=1000.0) == []  # older than the window
     book.forget_except(set())
     assert book.rates("t", now=130.0) == []

@@ -1,1 +1,5 @@
-"""The broker: aiohttp app, topic state machine, reaper, discovery, RESP."""
+"""The broker process: the engine (queue operations over the group committer),
+its faces (HTTP, RESP, the status page, metrics), discovery (broker.json), the
+reaper, and the composition root that wires them (server.py). The topic state
+machine lives in simplequeue.state; topic objects are written only by
+simplequeue.groupcommit, never from here."""

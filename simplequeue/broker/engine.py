@@ -17,7 +17,7 @@ import orjson
 
 from simplequeue import api, keys
 from simplequeue.api import AckRequest, JobSpec
-from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost, SimpleQueueError
+from simplequeue.errors import InvalidRequest, JobNotFound, SimpleQueueError
 from simplequeue.groupcommit import GroupCommitter
 from simplequeue.state import Job, TopicState
 
@@ -29,7 +29,6 @@ MAX_WAIT = api.MAX_WAIT  # seconds a claim may long-poll
 POLL_INTERVAL = 1.0
 OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
 
-_ACK_FAILURES = {JobNotFound: "not_found", LeaseLost: "conflict", InvalidRequest: "invalid"}
 _CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
 
 
@@ -60,9 +59,11 @@ def _unclaim_all(jobs: list[Job]) -> Callable[[TopicState, float], None]:
 
 def _error_text(error: Any) -> str | None:
     """A nack's error as kept with the job: text, anything else as its JSON, cut
-    to api.MAX_ERROR characters."""
+    to api.MAX_ERROR characters. InvalidRequest for a value the store could not
+    encode either, as for payloads and results: one rule for every JSON value."""
     if error is None:
         return None
+    api.check_storable(error, "the error")
     text = error if isinstance(error, str) else orjson.dumps(error).decode()
     return text[: api.MAX_ERROR]
 
@@ -165,8 +166,10 @@ class Engine:
         async def one(a: AckRequest) -> dict[str, Any]:
             try:
                 return await self.ack(topic, a.job_id, a.lease_token, a.result)
-            except (JobNotFound, LeaseLost, InvalidRequest) as exc:
-                return {"id": a.job_id, "status": _ACK_FAILURES[type(exc)], "error": str(exc)}
+            except SimpleQueueError as exc:
+                if exc.ack_status is None:  # not this ack's fault: the batch fails
+                    raise
+                return {"id": a.job_id, "status": exc.ack_status, "error": str(exc)}
 
         return list(await asyncio.gather(*(one(a) for a in acks)))
 

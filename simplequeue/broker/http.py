@@ -21,7 +21,7 @@ from simplequeue import api, keys
 from simplequeue.broker import page
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.metrics import CONTENT_TYPE, Metrics
-from simplequeue.errors import SimpleQueueError
+from simplequeue.errors import NothingToClaim, PayloadTooLarge, SimpleQueueError, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class HttpServices:
     token: str | None  # with one, every route but /healthz and the page's shell needs it
     max_body: int  # bytes
     about: Callable[[], dict[str, Any]]  # this broker, for /healthz
-    presence: Callable[[], dict[str, Any]]  # this broker and broker.json, for the page
+    presence: Callable[[], page.Presence]  # this broker and broker.json, for the page
 
 
 SERVICES: web.AppKey[HttpServices] = web.AppKey("services")
@@ -79,14 +79,16 @@ async def _answer(
     if token and request.path != "/healthz" and not page.is_public(request.path):
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return error("missing or wrong bearer token", 401, **{"WWW-Authenticate": "Bearer"})
+            refused = Unauthorized("missing or wrong bearer token")
+            return error(str(refused), refused.http_status, **{"WWW-Authenticate": "Bearer"})
     try:
         return await handler(request)
     except SimpleQueueError as exc:
         return error(str(exc), exc.http_status)
+    except web.HTTPRequestEntityTooLarge:  # aiohttp's, past client_max_size
+        too_large = PayloadTooLarge(f"request body is larger than {services.max_body} bytes")
+        return error(str(too_large), too_large.http_status)
     except web.HTTPException as exc:
-        if exc.status == 413:
-            return error(f"request body is larger than {services.max_body} bytes", 413)
         if exc.status < 400:
             raise
         return error(
@@ -96,7 +98,7 @@ async def _answer(
         )
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        return error("internal error", 500)
+        return error("internal error", SimpleQueueError.http_status)
 
 
 # --- parsing -----------------------------------------------------------------------
@@ -145,7 +147,7 @@ async def claim(request: web.Request) -> web.Response:
         topic, body.worker_id, lease=body.lease, count=body.count or 1, wait=body.wait
     )
     if not jobs:
-        return error("no job is claimable", 404)
+        raise NothingToClaim("no job is claimable")
     return reply({"jobs": jobs} if body.count is not None else {"job": jobs[0]})
 
 

@@ -87,10 +87,6 @@ class HttpListener:
     def open_connections(self) -> int:
         return len(self._open)
 
-    @property
-    def idle_connections(self) -> int:
-        return len(self._idle)
-
     async def start(self, host: str, port: int) -> None:
         """Set the application up and listen; `port` 0 picks a free one."""
         await self._runner.setup()

@@ -1,8 +1,10 @@
 """The OpenAPI 3.1 description of the HTTP API, served at /openapi.json.
 
 Every schema is generated from the types in simplequeue.api, the same ones the
-handlers decode request bodies into: the description cannot drift from what
-the broker accepts. Only the routes and their statuses are written here.
+handlers decode request bodies into, and every error answer from the classes of
+simplequeue.errors (status and description): the description cannot drift from
+what the broker accepts and answers. Only the routes, and which errors each may
+meet, are written here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,20 @@ from typing import Any
 import msgspec
 
 from simplequeue import __version__, api
+from simplequeue.broker.page import Overview
+from simplequeue.errors import (
+    Contended,
+    CorruptData,
+    InvalidRequest,
+    JobNotFound,
+    LeaseLost,
+    NothingToClaim,
+    PayloadTooLarge,
+    SimpleQueueError,
+    StorageFull,
+    StoreError,
+    Unauthorized,
+)
 
 _REF = "#/components/schemas/{name}"
 
@@ -41,16 +57,17 @@ _TYPES: tuple[type[Any], ...] = (
     api.Topics,
     api.Health,
     api.Error,
+    Overview,
 )
 
-_REASONS = {
-    400: "bad input; nothing changed",
-    401: "missing or wrong bearer token",
-    404: "not found",
-    409: "the caller does not hold the claim",
-    413: "body too large",
-    503: "the store is unavailable or contended; nothing was lost",
-}
+Errors = tuple[type[SimpleQueueError], ...]
+
+# What a route may meet, by what it does. Unauthorized only with --token, but a
+# client cannot tell: every route but /healthz lists it.
+_LISTING: Errors = (Unauthorized, StoreError)
+_READ: Errors = (Unauthorized, InvalidRequest, CorruptData, StoreError)
+_WRITE: Errors = (*_READ, PayloadTooLarge, Contended, StorageFull)
+_SETTLE: Errors = (*_WRITE, JobNotFound, LeaseLost)
 
 
 def _ref(kind: type[Any]) -> dict[str, Any]:
@@ -65,11 +82,31 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
+def _described(cls: type[SimpleQueueError]) -> str:
+    """The first paragraph of the class's docstring, on one line."""
+    return " ".join(str(cls.__doc__).strip().split("\n\n")[0].split())
+
+
+def _error_responses(errors: Errors) -> dict[str, Any]:
+    """The answers of `errors`, one per status: the classes that share a status
+    (503: the store, contention) are described together."""
+    by_status: dict[int, list[type[SimpleQueueError]]] = {}
+    for cls in errors:
+        by_status.setdefault(cls.http_status, []).append(cls)
+    return {
+        str(status): {
+            "description": " Or: ".join(_described(c) for c in classes),
+            **_json(_ref(api.Error)),
+        }
+        for status, classes in sorted(by_status.items())
+    }
+
+
 def _op(
     operation_id: str,
     summary: str,
     ok: dict[str, Any],
-    *errors: int,
+    errors: Errors,
     body: dict[str, Any] | None = None,
     body_required: bool = True,
     ok_codes: tuple[str, ...] = ("200",),
@@ -77,8 +114,7 @@ def _op(
     job_id: bool = False,
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {c: {"description": "success", **_json(ok)} for c in ok_codes}
-    for code in sorted({400, 401, *errors, 503}):
-        responses[str(code)] = {"description": _REASONS[code], **_json(_ref(api.Error))}
+    responses.update(_error_responses(errors))
     op: dict[str, Any] = {"operationId": operation_id, "summary": summary, "responses": responses}
     params = []
     if topic:
@@ -112,7 +148,7 @@ def spec() -> dict[str, Any]:
                 "enqueue",
                 "Enqueue one job, or a batch as {jobs: [...]}",
                 _one_of(api.Enqueued, api.EnqueuedBatch),
-                413,
+                _WRITE,
                 body=_one_of(api.JobSpec, api.EnqueueBatch),
                 ok_codes=("201", "200"),
             )
@@ -122,8 +158,7 @@ def spec() -> dict[str, Any]:
                 "claim",
                 "Claim the next job (or count jobs), long-polling up to wait seconds",
                 _one_of(api.Claimed, api.ClaimedBatch),
-                404,
-                413,
+                (*_WRITE, NothingToClaim),
                 body=_ref(api.ClaimRequest),
             )
         },
@@ -132,9 +167,7 @@ def spec() -> dict[str, Any]:
                 "ack",
                 "Complete a claimed job (or several, as {acks: [...]})",
                 _one_of(api.Settled, api.AckedBatch),
-                404,
-                409,
-                413,
+                _SETTLE,
                 body=_one_of(api.AckRequest, api.AckBatch),
             )
         },
@@ -143,9 +176,7 @@ def spec() -> dict[str, Any]:
                 "nack",
                 "Return a claimed job to pending after delay seconds, or dead when spent",
                 _ref(api.Settled),
-                404,
-                409,
-                413,
+                _SETTLE,
                 body=_ref(api.NackRequest),
             )
         },
@@ -154,25 +185,29 @@ def spec() -> dict[str, Any]:
                 "heartbeat",
                 "Extend a claim's lease",
                 _ref(api.Renewed),
-                404,
-                409,
-                413,
+                _SETTLE,
                 body=_ref(api.HeartbeatRequest),
             )
         },
         f"{t}/status": {
-            "get": _op("getStatus", "Counts of the topic's jobs", _ref(api.Counts)),
+            "get": _op("getStatus", "Counts of the topic's jobs", _ref(api.Counts), _READ),
         },
         t + "/jobs/{job_id}": {
-            "get": _op("getJob", "A job, or its retained record", _ref(api.Job), 404, job_id=True),
+            "get": _op(
+                "getJob",
+                "A job, or its retained record",
+                _ref(api.Job),
+                (*_READ, JobNotFound),
+                job_id=True,
+            ),
         },
         f"{t}/dead": {
-            "get": _op("listDead", "Dead jobs", _ref(api.DeadJobs)),
+            "get": _op("listDead", "Dead jobs", _ref(api.DeadJobs), _READ),
             "delete": _op(
                 "purgeDead",
                 "Purge dead jobs (all, or job_ids)",
                 _ref(api.Purged),
-                413,
+                _WRITE,
                 body=_ref(api.JobIdsRequest),
                 body_required=False,
             ),
@@ -182,7 +217,7 @@ def spec() -> dict[str, Any]:
                 "requeueDead",
                 "Dead jobs (all, or job_ids) back to pending",
                 _ref(api.Requeued),
-                413,
+                _WRITE,
                 body=_ref(api.JobIdsRequest),
                 body_required=False,
             )
@@ -192,6 +227,7 @@ def spec() -> dict[str, Any]:
                 "listTopics",
                 "Every topic in the store with its counts",
                 _ref(api.Topics),
+                _LISTING,
                 topic=False,
             )
         },
@@ -202,7 +238,7 @@ def spec() -> dict[str, Any]:
                 "security": [],
                 "responses": {
                     "200": {"description": "ok", **_json(_ref(api.Health))},
-                    "503": {"description": _REASONS[503], **_json(_ref(api.Error))},
+                    **_error_responses((StoreError,)),
                 },
             }
         },
@@ -215,7 +251,7 @@ def spec() -> dict[str, Any]:
                         "description": "Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
-                    "401": {"description": _REASONS[401], **_json(_ref(api.Error))},
+                    **_error_responses((Unauthorized,)),
                 },
             }
         },
@@ -223,7 +259,8 @@ def spec() -> dict[str, Any]:
             "get": _op(
                 "uiOverview",
                 "Everything the status page at / shows",
-                {"type": "object"},
+                _ref(Overview),
+                _LISTING,
                 topic=False,
             )
         },
@@ -233,7 +270,7 @@ def spec() -> dict[str, Any]:
                 "summary": "This document",
                 "responses": {
                     "200": {"description": "OpenAPI 3.1", **_json({"type": "object"})},
-                    "401": {"description": _REASONS[401], **_json(_ref(api.Error))},
+                    **_error_responses((Unauthorized,)),
                 },
             }
         },

@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import web
+from msgspec import Struct
 
+from simplequeue import api
 from simplequeue.broker.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,89 @@ def is_public(path: str) -> bool:
     return path == "/" or path.startswith(STATIC_PREFIX)
 
 
+# --- what the page is sent: /ui/overview, described in /openapi.json -------------------
+
+
+class BrokerView(Struct):
+    """This broker."""
+
+    id: str
+    url: str
+    epoch: int
+    active: bool
+
+
+class RecordView(Struct):
+    """The broker.json record this broker last saw."""
+
+    broker_id: str
+    url: str
+    epoch: int
+    heartbeat_age: float  # seconds
+    lease_s: float
+    stale: bool  # older than its lease: no broker is active
+
+
+class Presence(Struct):
+    broker: BrokerView
+    record: RecordView | None  # None: no record yet
+
+
+class ClaimedView(Struct):
+    id: str
+    worker: str | None
+    attempts: int | None
+    lease_left: float  # seconds
+    claimed_for: float  # seconds
+    payload: str  # its JSON, cut to PREVIEW_CHARS
+
+
+class DeadView(Struct):
+    id: str
+    last_error: str | None  # cut to ERROR_CHARS
+    attempts: int | None
+    died_ago: float | None  # seconds
+    payload: str
+
+
+class RatePoint(Struct):
+    """Per-second rates over the `span` seconds that end `ago` seconds ago."""
+
+    ago: float
+    span: float
+    enqueued: float
+    completed: float
+
+
+class TopicView(Struct, tag_field="kind", tag="topic"):
+    name: str
+    counts: api.Counts
+    oldest_pending_age: float | None  # seconds; None: no due job
+    claimed: list[ClaimedView]  # the MAX_LISTED whose leases run out first
+    claimed_more: int
+    dead: list[DeadView]  # the MAX_LISTED newest
+    dead_more: int
+    rates: list[RatePoint]  # oldest first
+
+
+class TopicUnreadable(Struct, tag_field="kind", tag="unreadable"):
+    """A topic that could not be read (a corrupt head): why, instead."""
+
+    name: str
+    error: str
+
+
+class Overview(Struct):
+    """Everything the page shows: broker.json, this broker, and every topic."""
+
+    broker: BrokerView
+    record: RecordView | None
+    topics: list[TopicView | TopicUnreadable]  # the first MAX_TOPICS, by name
+    topics_total: int
+    sample_every: float  # seconds between rate samples
+    window: float  # seconds of rates kept
+
+
 # --- rates ---------------------------------------------------------------------------
 
 
@@ -99,26 +185,25 @@ class RateBook:
             return
         ring.append(Sample(at, enqueued, completed))
 
-    def rates(self, topic: str, now: float) -> list[dict[str, float]]:
-        """Points {"ago", "span", "enqueued", "completed"}: per-second rates over
-        the `span` seconds that end `ago` seconds before `now`, oldest first."""
+    def rates(self, topic: str, now: float) -> list[RatePoint]:
+        """The topic's rates up to `now`, oldest first."""
         ring = self._rings.get(topic)
         if not ring:
             return []
-        points: list[dict[str, float]] = []
+        points: list[RatePoint] = []
         samples = [s for s in ring if now - s.at <= self.window + self.every]
         for before, after in itertools.pairwise(samples):
             span = after.at - before.at
             if span <= 0:
                 continue
             points.append(
-                {
-                    "ago": round(now - after.at, 3),
-                    "span": round(span, 3),
+                RatePoint(
+                    ago=round(now - after.at, 3),
+                    span=round(span, 3),
                     # A counter that went down (the topic was recreated) is no rate.
-                    "enqueued": max(0, after.enqueued - before.enqueued) / span,
-                    "completed": max(0, after.completed - before.completed) / span,
-                }
+                    enqueued=max(0, after.enqueued - before.enqueued) / span,
+                    completed=max(0, after.completed - before.completed) / span,
+                )
             )
         return points
 
@@ -146,38 +231,39 @@ def _cut(value: Any, limit: int = ERROR_CHARS) -> str | None:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def topic_view(name: str, seen: dict[str, Any]) -> dict[str, Any]:
+def topic_view(name: str, seen: dict[str, Any], rates: list[RatePoint]) -> TopicView:
     """Everything the page shows of one topic, from Engine.inspect's answer."""
     now = seen["now"]
     oldest = seen["oldest_due_created"]
-    return {
-        "name": name,
-        "counts": seen["counts"],
-        "oldest_pending_age": None if oldest is None else max(0.0, now - oldest),
-        "claimed": [
-            {
-                "id": j["id"],
-                "worker": j.get("claimed_by"),
-                "attempts": j.get("attempts"),
-                "lease_left": j["lease_expires_at"] - now,
-                "claimed_for": now - j.get("claimed_at", now),
-                "payload": preview(j.get("payload")),
-            }
+    return TopicView(
+        name=name,
+        counts=api.Counts(**seen["counts"]),
+        oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+        claimed=[
+            ClaimedView(
+                id=j["id"],
+                worker=j.get("claimed_by"),
+                attempts=j.get("attempts"),
+                lease_left=j["lease_expires_at"] - now,
+                claimed_for=now - j.get("claimed_at", now),
+                payload=preview(j.get("payload")),
+            )
             for j in seen["claimed"]
         ],
-        "claimed_more": seen["claimed_more"],
-        "dead": [
-            {
-                "id": j["id"],
-                "last_error": _cut(j.get("last_error")),
-                "attempts": j.get("attempts"),
-                "died_ago": now - j["died_at"] if "died_at" in j else None,
-                "payload": preview(j.get("payload")),
-            }
+        claimed_more=seen["claimed_more"],
+        dead=[
+            DeadView(
+                id=j["id"],
+                last_error=_cut(j.get("last_error")),
+                attempts=j.get("attempts"),
+                died_ago=now - j["died_at"] if "died_at" in j else None,
+                payload=preview(j.get("payload")),
+            )
             for j in seen["dead"]
         ],
-        "dead_more": seen["dead_more"],
-    }
+        dead_more=seen["dead_more"],
+        rates=rates,
+    )
 
 
 # --- the handlers ----------------------------------------------------------------------
@@ -186,7 +272,7 @@ def topic_view(name: str, seen: dict[str, Any]) -> dict[str, Any]:
 class StatusPage:
     """The page's routes and its in-memory rate history, for one broker."""
 
-    def __init__(self, engine: Engine, presence: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, engine: Engine, presence: Callable[[], Presence]) -> None:
         self.engine = engine
         self.presence = presence  # this broker and broker.json, as the page shows them
         self.rates = RateBook(SAMPLE_EVERY, WINDOW)
@@ -200,7 +286,7 @@ class StatusPage:
         self._listed_at = -1e18
         self._sampler: asyncio.Task[None] | None = None
         self._computing = asyncio.Lock()
-        self._last: tuple[float, dict[str, Any]] | None = None
+        self._last: tuple[float, bytes] | None = None
 
     def setup(self, app: web.Application) -> None:
         app.router.add_routes(
@@ -236,15 +322,15 @@ class StatusPage:
     async def overview(self, request: web.Request) -> web.Response:
         async with self._computing:
             if self._last is None or time.monotonic() - self._last[0] >= REUSE_FOR:
-                self._last = (time.monotonic(), await self.compute())
-            data = self._last[1]
+                self._last = (time.monotonic(), msgspec.json.encode(await self.compute()))
+            body = self._last[1]
         return web.Response(
-            body=orjson.dumps(data),
+            body=body,
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )
 
-    async def compute(self) -> dict[str, Any]:
+    async def compute(self) -> Overview:
         """The whole overview: broker.json, this broker, and every topic."""
         self._start_sampler()
         loop = asyncio.get_running_loop()
@@ -258,28 +344,28 @@ class StatusPage:
             *(self.engine.inspect(t, listed=MAX_LISTED, scan=OLDEST_SCAN) for t in shown),
             return_exceptions=True,
         )
-        views = []
+        views: list[TopicView | TopicUnreadable] = []
         at = time.monotonic()
         for name, got in zip(shown, seen, strict=True):
             if isinstance(got, BaseException):  # one bad topic does not blank the page
                 if not isinstance(got, Exception):
                     raise got
                 log.warning("status page: topic %s: %s", name, got)
-                views.append({"name": name, "error": str(got)})
+                views.append(TopicUnreadable(name=name, error=str(got)))
                 continue
-            view = topic_view(name, got)
-            c = view["counts"]
+            c = got["counts"]
             self.rates.record(name, at, c["enqueued"], c["completed"])
-            view["rates"] = self.rates.rates(name, at)
-            views.append(view)
+            views.append(topic_view(name, got, self.rates.rates(name, at)))
         self.rates.forget_except(set(names))
-        return {
-            **self.presence(),
-            "topics": views,
-            "topics_total": len(names),
-            "sample_every": self.rates.every,
-            "window": self.rates.window,
-        }
+        presence = self.presence()
+        return Overview(
+            broker=presence.broker,
+            record=presence.record,
+            topics=views,
+            topics_total=len(names),
+            sample_every=self.rates.every,
+            window=self.rates.window,
+        )
 
     # --- the background sampler ---------------------------------------------------------
 
@@ -306,6 +392,6 @@ class StatusPage:
                 await self._sampler
 
 
-def setup(app: web.Application, engine: Engine, presence: Callable[[], dict[str, Any]]) -> None:
+def setup(app: web.Application, engine: Engine, presence: Callable[[], Presence]) -> None:
     """Register the status page's routes on the broker's app."""
     StatusPage(engine, presence).setup(app)

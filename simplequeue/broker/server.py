@@ -22,6 +22,7 @@ from simplequeue.broker.metrics import (
     cache_families,
     commit_families,
 )
+from simplequeue.broker.page import BrokerView, Presence, RecordView
 from simplequeue.broker.reaper import Reaper, ReaperSettings
 from simplequeue.broker.resp import RespServer, RespSettings
 from simplequeue.broker.settings import BrokerSettings, default_advertise_url, parse_addr
@@ -99,29 +100,29 @@ class Broker:
         """Who this broker is, for /healthz."""
         return {"broker_id": self.settings.broker_id, "active": self.announcer.active}
 
-    def presence(self) -> dict[str, Any]:
+    def presence(self) -> Presence:
         """This broker and the broker.json record it last saw, for the status page."""
         announcer = self.announcer
         record = announcer.seen
         now = self.committer.clock()
-        return {
-            "broker": {
-                "id": self.settings.broker_id,
-                "url": self.url,
-                "epoch": announcer.epoch,
-                "active": announcer.active,
-            },
-            "record": None
+        return Presence(
+            broker=BrokerView(
+                id=self.settings.broker_id,
+                url=self.url,
+                epoch=announcer.epoch,
+                active=announcer.active,
+            ),
+            record=None
             if record is None
-            else {
-                "broker_id": record.broker_id,
-                "url": record.url,
-                "epoch": record.epoch,
-                "heartbeat_age": max(0.0, record.age(now)),
-                "lease_s": record.lease_s,
-                "stale": record.age(now) > record.lease_s,
-            },
-        }
+            else RecordView(
+                broker_id=record.broker_id,
+                url=record.url,
+                epoch=record.epoch,
+                heartbeat_age=max(0.0, record.age(now)),
+                lease_s=record.lease_s,
+                stale=record.age(now) > record.lease_s,
+            ),
+        )
 
     async def start(self) -> None:
         """Listen, announce, and start the reaper."""
@@ -158,7 +159,6 @@ class Broker:
                 RespSettings(
                     token=self.settings.token,
                     max_body=self.settings.max_body,
-                    max_batch=self.settings.policy.max_batch,
                 ),
             )
             try:

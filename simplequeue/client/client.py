@@ -167,8 +167,9 @@ class Client:
         expected: frozenset[int] = frozenset(),
     ) -> tuple[int, A | None, int]:
         """(status, answer decoded as `answer`, attempts made). A status in
-        `expected` (404 or 409, whose meaning depends on the call) is returned
-        with no answer instead of raised; every other failure raises."""
+        `expected` (404 or 409, whose meaning depends on the call) with the
+        API's {"error"} body is returned with no answer instead of raised;
+        every other failure raises."""
         attempts = 0
         try:
             async for attempt in AsyncRetrying(
@@ -190,7 +191,8 @@ class Client:
     def _answer(
         self, status: int, raw: bytes, answer: type[A], expected: frozenset[int]
     ) -> A | None:
-        """The answer of a 2xx, None for an expected status; else raise."""
+        """The answer of a 2xx, None for an expected status that carries the
+        API's error body; else raise."""
         if 200 <= status < 300:
             try:
                 return msgspec.json.decode(raw, type=answer)
@@ -204,11 +206,12 @@ class Client:
             error = errors.for_status(status) if message is not None else None
             cause = (error or BrokerUnavailable)(message or f"{self.url}: HTTP {status}")
             raise _Retry(cause)
-        if status in expected:
-            return None
         error_class = errors.for_status(status)
         if message is None or error_class is None:
+            # An expected status too: a proxy's 404 page is no empty topic.
             raise BrokerError(f"{self.url}: HTTP {status}: {message or _snippet(raw)}", status)
+        if status in expected:
+            return None
         raise error_class(message)
 
     async def _send(self, method: str, path: str, body: Any, wait: float) -> tuple[int, bytes]:

@@ -1,6 +1,7 @@
 """The two value classes the state machine is configured with: the bounds that
 keep every write of a topic small (its storage layout), and the queue policy
-that a broker's flags set (lease, attempts, retention, request sizes)."""
+that a broker's flags set (lease, attempts, retention). Request sizes are the
+API's (simplequeue.api), not policy."""
 
 from __future__ import annotations
 
@@ -49,4 +50,3 @@ class Policy:
     max_attempts: int = 5  # default for jobs that do not say (0 = unlimited)
     retention: float = 3600.0  # seconds a completed/dead record is kept
     dead_limit: int = 10_000  # dead jobs kept; beyond it the oldest are dropped
-    max_batch: int = 1000  # jobs in one enqueue / claim / ack request

@@ -14,10 +14,12 @@ from aiohttp import web
 
 HTML = "<html><body><h1>Bad Gateway</h1></body></html>"
 
-# Faults: "502", "500", "503", "504" (answered by the proxy, the broker never
-# sees the request); "landed-502" (forwarded, then 502); "html" (200, HTML);
-# "cut" (forwarded, then half the body and the connection closed).
-FAULTS = {"500", "502", "503", "504", "landed-502", "html", "cut"}
+# Faults: "404", "409", "500", "502", "503", "504" (that status with an HTML
+# page, answered by the proxy: the broker never sees the request); "landed-502"
+# (forwarded, then 502); "html" (200, HTML); "cut" (forwarded, then half the
+# body and the connection closed).
+PAGES = {"404", "409", "500", "502", "503", "504"}
+FAULTS = {*PAGES, "landed-502", "html", "cut"}
 
 
 class FaultProxy:
@@ -45,7 +47,7 @@ class FaultProxy:
         self.requests[request.path] += 1
         self.arrived.set()
         fault = self._fault(request.path)
-        if fault in ("500", "502", "503", "504"):
+        if fault in PAGES:
             return web.Response(status=int(fault), text=HTML, content_type="text/html")
         if fault == "html":
             return web.Response(status=200, text=HTML, content_type="text/html")

@@ -17,6 +17,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+from simplequeue import api
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.metrics import Metrics
 from simplequeue.broker.resp.commands import COMMANDS, PIPELINED, Session, admitted
@@ -182,7 +183,7 @@ def _pipelined_group(
 class RespSettings:
     token: str | None = None  # with one, AUTH first
     max_body: int = 1024 * 1024  # bytes a request may take
-    max_batch: int = 1000  # jobs per engine call
+    max_batch: int = api.MAX_BATCH  # jobs per engine call
 
 
 class RespServer:
