@@ -18,9 +18,9 @@ import orjson
 
 from simplequeue import keys
 from simplequeue.errors import CorruptData
-from simplequeue.state import schema
 from simplequeue.state.chain import Chain, NewObject, Place, new_chain
 from simplequeue.state.limits import Bounds
+from simplequeue.state.schema import check_head
 from simplequeue.state.segments import (
     FORMAT,
     Manifest,
@@ -76,7 +76,7 @@ def decode_head(topic: str, key: str, data: bytes) -> dict[str, Any]:
         raise CorruptData(key, f"format {head.get('format')!r}, which this broker cannot read")
     if head.get("topic") != topic:
         raise CorruptData(key, f"the head of topic {head.get('topic')!r}, not of {topic!r}")
-    schema.check_head(key, head)
+    check_head(key, head)
     upgraded: dict[str, Any] = head
     return upgraded
 

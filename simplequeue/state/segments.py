@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import orjson
 
 from simplequeue.errors import CorruptData
-from simplequeue.state import schema
+from simplequeue.state.schema import check_items, check_manifest
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)  # segments written by format 1 are read as they are
@@ -136,7 +136,7 @@ def decode_segment(key: str, data: bytes) -> Segment:
     items = obj.get("items")
     if not isinstance(items, list):
         raise CorruptData(key, "not a segment")
-    schema.check_items(key, kind_of(key), items)
+    check_items(key, kind_of(key), items)
     return Segment(key, items, len(data))
 
 
@@ -145,7 +145,7 @@ def decode_manifest(key: str, data: bytes) -> Manifest:
     refs = obj.get("segs")
     if obj.get("kind") != "m" or not isinstance(refs, list):
         raise CorruptData(key, "not a manifest")
-    schema.check_manifest(key, refs)
+    check_manifest(key, refs)
     return Manifest(key, refs, len(data))
 
 
