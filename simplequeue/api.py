@@ -8,6 +8,7 @@ here does I/O or knows the broker or the client: both import it.
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -17,6 +18,15 @@ from msgspec import Meta, Struct
 from simplequeue.errors import InvalidRequest
 
 T = TypeVar("T")
+
+#: On a topic's answer: the URL of the broker that served it (its owner), where
+#: a client may send the topic's next requests itself (SPEC 4.3).
+OWNER_HEADER = "Simplequeue-Owner"
+#: On an answer: the request went to a broker that did not answer, then to the
+#: one that answered; the first may have carried it out too.
+REPLAYED_HEADER = "Simplequeue-Replayed"
+#: On a request a broker passes on to another: who passed it (it is served there).
+FORWARDED_HEADER = "Simplequeue-Forwarded"
 
 MAX_BATCH = 1000  # jobs, claims or acks in one request
 MAX_WAIT = 60.0  # seconds a long poll may wait
@@ -94,6 +104,20 @@ class HeartbeatRequest(_Request):
     lease: Lease | None = None  # None: the claim's own lease
 
 
+class Held(_Request):
+    """A claim, by its job and lease token."""
+
+    job_id: JobId
+    lease_token: LeaseToken
+
+
+class ReleaseRequest(_Request):
+    """Claims to give back: pending again at once, the attempt uncounted (a
+    broker that claimed for a client that went away before the answer)."""
+
+    claims: Annotated[list[Held], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
 class JobIdsRequest(_Request):
     job_ids: JobIds | None = None  # None: every dead job
 
@@ -151,6 +175,16 @@ class Enqueued(_Answer):
 class EnqueuedBatch(_Answer):
     ids: list[str]
     duplicates: list[str]
+
+
+class Pushed(_Answer):
+    """A push's answer: the topic's pending and delayed jobs just after it (LPUSH's reply)."""
+
+    length: int
+
+
+class Released(_Answer):
+    released: int
 
 
 class Claimed(_Answer):
@@ -212,6 +246,10 @@ class Health(_Answer):
     active: bool
 
 
+class Ok(_Answer):
+    ok: bool
+
+
 class Error(_Answer):
     error: str
 
@@ -251,6 +289,14 @@ def decode_either(raw: bytes, single: type[T], batch: type[Any], key: str) -> T 
             raise InvalidRequest(f'a batch is {{"{key}": [...]}} and nothing else')
         return decode(raw, batch)
     return decode(raw, single)
+
+
+def with_ids(specs: list[JobSpec]) -> list[JobSpec]:
+    """`specs`, each with an id (a fresh one where it had none): a request sent
+    again, to the same broker or the next, is then a duplicate, never a second job."""
+    return [
+        s if s.id is not None else msgspec.structs.replace(s, id=uuid.uuid4().hex) for s in specs
+    ]
 
 
 def check_storable(value: Any, what: str) -> None:

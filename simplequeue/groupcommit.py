@@ -79,8 +79,6 @@ class CommitSettings:
     # lookup). 0: a read sees every write that landed before it was asked,
     # whichever broker wrote it, at the cost of one GET of the head.
     max_age: float = 0.0
-    reap_every: float = 1.0  # seconds a cached state may answer the reaper
-    reap_idle: float = 5.0  # seconds between re-reads of a topic with no known lease due
     # After a batch lands, wait up to linger x its write time (at most
     # linger_max seconds) for as many mutations as it held: see batching.Linger.
     linger: float = 0.5
@@ -92,6 +90,7 @@ class CommitSettings:
     # more than topics_kept of them.
     idle_after: float = 60.0
     topics_kept: int = 1000
+    idle_max: float = 600.0  # seconds after which an idle topic leaves memory whatever the count
 
 
 @dataclass
@@ -154,7 +153,6 @@ class _Topic:
         self.changed = asyncio.Event()
         self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
         self.orphans: set[str] = set()  # unreferenced objects seen by the last sweep
-        self.next_reap = 0.0  # monotonic time before which reap() need not look
         self.used_at = time.monotonic()
         self.waiters = 0  # long polls waiting for a change
         # Objects the batch being committed has read: its states hold on to
@@ -185,6 +183,12 @@ class GroupCommitter:
         self.fenced_by: dict[str, Any] | None = None  # a newer writer seen in a head
         self.on_batch: Callable[[int], None] | None = None  # told each batch's size
         self.on_fenced: Callable[[dict[str, Any]], None] | None = None
+        # Told of every write of this broker that landed, with the state it left;
+        # of every head read from the store, with its state; and of every batch
+        # whose outcome is unknown here (the store failed while it was written).
+        self.on_landed: Callable[[str, TopicState], None] | None = None
+        self.on_loaded: Callable[[str, TopicState], None] | None = None
+        self.on_failed: Callable[[str], None] | None = None
         self._topics: dict[str, _Topic] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -258,25 +262,31 @@ class GroupCommitter:
         found = (keys.topic_of_head(k) for k in await self.store.list(keys.TOPICS_PREFIX))
         return sorted(t for t in found if t is not None)
 
-    async def reap(self, topic: str) -> dict[str, int]:
-        """Return expired claims of `topic` to pending (or dead), in a batch.
+    async def peek(self, topic: str, query: Callable[[TopicState, float], T]) -> T:
+        """Answer `query` from the topic's head as the store has it now, without
+        keeping anything in memory when the topic is not in use here (an owner
+        looking at each of thousands of topics it took over). A query that
+        needs more than the head is answered by read()."""
+        if topic in self._topics:
+            return await self.read(topic, query)
+        key = keys.head(topic)
+        try:
+            data: bytes | None = (await self.store.get(key))[0]
+        except ObjectNotFound:
+            data = None
+        try:
+            return query(self._from_bytes(topic, data, {}), self.clock())
+        except SegmentMissing:
+            return await self.read(topic, query)
 
-        Cheap to call often: it reads a cached state up to `reap_every` old and
-        re-reads a topic only when its earliest known lease runs out, or after
-        `reap_idle` seconds for claims other brokers may have made meanwhile."""
-        t = self._topic(topic)
-        if time.monotonic() < t.next_reap:
-            return {"pending": 0, "dead": 0}
-        expired, earliest = await self.read(
-            topic, lambda s, now: (s.expired(now), s.earliest_expiry()), self.settings.reap_every
-        )
-        wait = self.settings.reap_idle
-        if earliest is not None:
-            wait = min(wait, max(0.0, earliest - self.clock()))
-        t.next_reap = time.monotonic() + wait
-        if not expired:
-            return {"pending": 0, "dead": 0}
-        return await self.submit(topic, lambda s, now: s.reap(now))
+    async def invalidate(self, topic: str) -> None:
+        """The topic's head changed in the store (another broker wrote it): its
+        next batch, read and state-dependent answer start from a fresh GET."""
+        t = self._topics.get(topic)
+        if t is None:
+            return
+        async with t.lock:
+            t.state, t.checked_at = None, -1e18
 
     async def check_store(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
@@ -333,7 +343,8 @@ class GroupCommitter:
     def _topic(self, name: str) -> _Topic:
         t = self._topics.get(name)
         if t is None:
-            self._forget_idle()
+            if len(self._topics) >= self.settings.topics_kept:
+                self.forget_idle()
             t = self._topics[name] = _Topic(name)
             t.batcher = Batcher(
                 functools.partial(self._commit, t),
@@ -344,20 +355,25 @@ class GroupCommitter:
         t.used_at = time.monotonic()
         return t
 
-    def _forget_idle(self) -> None:
-        """Past topics_kept topics, those idle for idle_after seconds leave
-        memory (the least recently used first); they are read again if asked."""
+    def forget_idle(self) -> int:
+        """Topics idle for idle_after seconds leave memory (they are read again
+        if asked): past topics_kept topics, the least recently used first; and
+        whatever the count, those idle for idle_max. How many left."""
         s = self.settings
-        excess = len(self._topics) - s.topics_kept
-        if excess < 0:
-            return
-        horizon = time.monotonic() - s.idle_after
+        now = time.monotonic()
         idle = sorted(
-            (t for t in self._topics.values() if t.used_at < horizon and self._is_idle(t)),
+            (
+                t
+                for t in self._topics.values()
+                if t.used_at < now - s.idle_after and self._is_idle(t)
+            ),
             key=lambda t: t.used_at,
         )
-        for t in idle[: excess + 1]:
+        excess = max(0, len(self._topics) - s.topics_kept + 1)
+        doomed = idle[:excess] + [t for t in idle[excess:] if t.used_at < now - s.idle_max]
+        for t in doomed:
             del self._topics[t.name]
+        return len(doomed)
 
     @staticmethod
     def _is_idle(t: _Topic) -> bool:
@@ -384,6 +400,7 @@ class GroupCommitter:
                     t.seen.clear()
         except asyncio.CancelledError:
             t.state = None
+            self._tell(self.on_failed, t.name)
             raise
         except CorruptData as exc:
             t.state = None
@@ -391,9 +408,11 @@ class GroupCommitter:
             raise
         except SimpleQueueError:
             t.state = None
+            self._tell(self.on_failed, t.name)  # it may have landed unseen
             raise
         except Exception as exc:
             t.state = None
+            self._tell(self.on_failed, t.name)
             log.exception("commit of %d mutations to %s failed", len(batch), t.name)
             raise StoreUnavailable(f"commit failed: {exc!r}") from exc
 
@@ -505,7 +524,6 @@ class GroupCommitter:
         self.stats.head_bytes_written += len(data)
         self.stats.bytes_written += len(data) + sum(len(b) for b in sealed.new_objects.values())
         t.etag, t.checked_at = etag, sent_at
-        t.next_reap = 0.0  # it may hold new claims: let the reaper look at its leases
         self._keep(sealed.new_objects)
         return self._landed(t, outcome, data=data)
 
@@ -550,7 +568,18 @@ class GroupCommitter:
             t.committed, t.reader = data, None
         t.changed.set()
         t.changed = asyncio.Event()
+        if t.state is not None:
+            self._tell(self.on_landed, t.name, t.state)
         return outcome.entries, outcome.results
+
+    @staticmethod
+    def _tell(listener: Callable[..., None] | None, *args: Any) -> None:
+        """A listener's fault never fails the commit or read that told it."""
+        if listener is not None:
+            try:
+                listener(*args)
+            except Exception:
+                log.exception("a committer listener failed for %s", args[0])
 
     def _outcomes(
         self,
@@ -606,6 +635,7 @@ class GroupCommitter:
                 self.on_fenced(writer)
         t.state, t.etag, t.checked_at = state, etag, sent_at
         t.committed, t.reader = data, None
+        self._tell(self.on_loaded, t.name, state)
 
     async def _fetch(self, t: _Topic, state: TopicState, key: str, for_batch: bool = True) -> None:
         """Fetch `key` (and what tends to be wanted with it) into the cache; the

@@ -11,10 +11,12 @@ import re
 from simplequeue.errors import InvalidRequest
 
 BROKER = "broker.json"
+BROKERS_PREFIX = "brokers/"
 TOPICS_PREFIX = "topics/"
 HEAD_SUFFIX = ".json"
 
 TOPIC_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+BROKER_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def check_topic(topic: str) -> str:
@@ -45,3 +47,25 @@ def topic_of_head(key: str) -> str | None:
         return None
     name = key[len(TOPICS_PREFIX) : -len(HEAD_SUFFIX)]
     return name if TOPIC_RE.fullmatch(name) else None
+
+
+def check_broker_id(broker_id: str) -> str:
+    """Return `broker_id` if it can name a registration, else raise InvalidRequest."""
+    if not BROKER_ID_RE.fullmatch(broker_id):
+        raise InvalidRequest(
+            "broker ids are 1-128 characters of [A-Za-z0-9_.-], not starting with . or -"
+        )
+    return broker_id
+
+
+def registration(broker_id: str) -> str:
+    """A broker's record in the registry (SPEC 4.3)."""
+    return f"{BROKERS_PREFIX}{check_broker_id(broker_id)}.json"
+
+
+def broker_of(key: str) -> str | None:
+    """The broker whose registration is `key`, or None."""
+    if not key.startswith(BROKERS_PREFIX) or not key.endswith(HEAD_SUFFIX):
+        return None
+    name = key[len(BROKERS_PREFIX) : -len(HEAD_SUFFIX)]
+    return name if BROKER_ID_RE.fullmatch(name) else None

@@ -24,6 +24,11 @@ class BrokerRecord(msgspec.Struct, frozen=True):
     def age(self, now: float) -> float:
         return now - self.heartbeat_at
 
+    @property
+    def resigned(self) -> bool:
+        """Its broker stopped cleanly and handed the record over."""
+        return self.heartbeat_at <= 0
+
     def encode(self) -> bytes:
         return msgspec.json.encode(self)
 

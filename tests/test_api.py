@@ -194,7 +194,7 @@ def test_error_answers_are_those_of_the_error_classes() -> None:
         assert 503 in answered or path in ("/metrics", "/openapi.json"), (path, method)
         if path.startswith("/topics/{topic}"):
             assert {400, 500, 503} <= answered, (path, method)
-        if method in ("post", "delete"):
+        if method in ("post", "delete") and not path.endswith("/refresh"):  # it only reads
             assert 507 in answered, (path, method)
         for code in answered:
             assert op["responses"][str(code)]["content"] == {

@@ -57,7 +57,7 @@ async def test_the_reaper_goes_on_past_a_corrupt_topic(start_broker: StartBroker
         await q.enqueue("x", id="j")
         assert await q.claim("w", lease=0.3)
     await store.put(keys.head("aaa-bad"), GARBAGE)  # listed first by the reaper
-    broker = await start_broker(store, reap_interval=0.05, topic_scan_interval=0.05)
+    broker = await start_broker(store)
     async with Client(broker.url, topic="zzz") as q:
         for _ in range(200):
             if (await q.status())["pending"] == 1:

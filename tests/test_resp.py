@@ -548,8 +548,6 @@ async def test_xack_carries_the_lease_token_so_a_claim_that_moved_on_is_not_acke
         MemStore(),
         redis_addr="127.0.0.1:0",
         policy=Policy(default_lease=0.3),
-        reap_interval=0.05,
-        topic_scan_interval=0.05,  # so that the reaper soon knows the new topic
     )
     first, second = connect(broker, single_connection_client=True), connect(broker)
     try:

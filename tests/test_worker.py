@@ -737,7 +737,7 @@ async def test_a_nack_failing_with_an_error_not_the_sdks_is_logged(
 async def test_a_heartbeat_that_meets_a_500_is_logged_and_the_next_one_goes_out(
     start_broker: StartBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    broker = await start_broker(MemStore(), reap_interval=0.05)
+    broker = await start_broker(MemStore())
     async with FaultProxy(broker.url).running() as proxy, Client(proxy.url, topic="w") as q:
         job_id = await q.enqueue("long")
         proxy.fail("/heartbeat", "500")  # a status the client does not retry
@@ -781,7 +781,7 @@ class OneHeartbeatBreaks(Client):
 async def test_heartbeats_go_on_after_a_failure_that_is_not_the_sdks(
     start_broker: StartBroker,
 ) -> None:
-    broker = await start_broker(MemStore(), reap_interval=0.05)
+    broker = await start_broker(MemStore())
     async with OneHeartbeatBreaks(broker.url, topic="w") as q:
         q.three_landed = asyncio.Event()
         job_id = await q.enqueue("long")
@@ -818,7 +818,7 @@ async def test_without_a_lease_the_brokers_is_used_and_renewed_every_third_of_it
     start_broker: StartBroker,
 ) -> None:
     lease = 0.9
-    broker = await start_broker(MemStore(), policy=Policy(default_lease=lease), reap_interval=0.05)
+    broker = await start_broker(MemStore(), policy=Policy(default_lease=lease))
     async with TimedHeartbeats(broker.url, topic="w") as q:
         q.sent, q.leases, q.six_sent = [], [], asyncio.Event()
         job_id = await q.enqueue("long")

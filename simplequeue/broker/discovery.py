@@ -1,9 +1,13 @@
 """broker.json: which broker is active, and how clients find it.
 
-The active broker renews its record by conditional write; a standby takes over
-when the record's heartbeat is older than its lease, bumping the epoch. Every
-broker serves correctly whether or not it is active; the record only tells
-clients where to go, and the epoch fences a replaced broker's topic writes.
+The active broker renews its record by conditional write (no read: its last
+ETag is the condition); a standby reads it every third of the lease and takes
+it over, bumping the epoch, once it has seen it unchanged for the record's
+lease on its own monotonic clock: the heartbeat written in the record is never
+compared with this broker's wall clock, so skewed clocks neither steal the
+record from a healthy broker nor keep a dead one's. Every broker serves
+correctly whether or not it is active; the record only tells clients where to
+go, and the epoch fences a replaced broker's topic writes.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class Announcer:
         self.active = False
         self.epoch = 0
         self.seen: BrokerRecord | None = None  # the record as last read or written
+        self._etag: str | None = None  # of our own record, while active
+        self._sighting: tuple[str, float] | None = None  # (ETag, monotonic time first seen)
         self._corrupt_logged = False
         self._wake = asyncio.Event()
 
@@ -54,6 +60,16 @@ class Announcer:
         """One round: register if there is no record, renew ours, take over a
         stale one, or stand by."""
         now = self.clock()
+        if self.active and self._etag is not None:
+            mine = self._record(self.epoch, now)
+            try:
+                self._etag = await self.store.put_if(
+                    keys.BROKER, mine.encode(), if_match=self._etag
+                )
+                self.seen = mine
+                return
+            except PreconditionFailed:
+                self._etag = None  # someone else wrote it: read it, below
         try:
             current = await read_record(self.store)
         except CorruptRecord as exc:
@@ -63,25 +79,26 @@ class Announcer:
                 self._corrupt_logged = True
             with contextlib.suppress(PreconditionFailed):
                 mine = self._record(self.epoch + 1, now)
-                await self.store.put_if(keys.BROKER, mine.encode(), if_match=exc.etag)
-                self._became(mine, "replaced an unreadable broker.json")
+                etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=exc.etag)
+                self._became(mine, etag, "replaced an unreadable broker.json")
             return
         try:
             if current is None:
                 mine = self._record(1, now)
-                await self.store.put_if(keys.BROKER, mine.encode(), if_none_match=True)
-                self._became(mine, "registered")
+                etag = await self.store.put_if(keys.BROKER, mine.encode(), if_none_match=True)
+                self._became(mine, etag, "registered")
                 return
             record, etag = current
             self.seen = record
             if record.broker_id == self.broker_id and record.epoch == self.epoch:
                 mine = self._record(self.epoch, now)
-                await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
+                self._etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
                 self.seen, self.active = mine, True
-            elif record.age(now) > record.lease_s:
+            elif record.resigned or self._unchanged_for(etag) > record.lease_s:
                 mine = self._record(record.epoch + 1, now)
-                await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
-                self._became(mine, f"took over from {record.broker_id} (epoch {record.epoch})")
+                new_etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
+                how = f"took over from {record.broker_id} (epoch {record.epoch})"
+                self._became(mine, new_etag, how)
             else:
                 if self.active:
                     log.warning("replaced by %s (epoch %d)", record.broker_id, record.epoch)
@@ -90,11 +107,20 @@ class Announcer:
             self.active = False  # someone else wrote it first; look again next round
             self.poke()
 
-    def _became(self, record: BrokerRecord, how: str) -> None:
+    def _unchanged_for(self, etag: str) -> float:
+        """Seconds this broker has seen broker.json as `etag`, on its own
+        monotonic clock (0 the first time it sees it)."""
+        mono = time.monotonic()
+        if self._sighting is None or self._sighting[0] != etag:
+            self._sighting = (etag, mono)
+        return mono - self._sighting[1]
+
+    def _became(self, record: BrokerRecord, etag: str, how: str) -> None:
         log.info(
             "active broker %s at %s, epoch %d: %s", self.broker_id, self.url, record.epoch, how
         )
         self.seen, self.active, self.epoch = record, True, record.epoch
+        self._etag = etag
         self.on_epoch(record.epoch)
 
     def poke(self) -> None:
@@ -114,7 +140,8 @@ class Announcer:
                     await self._wake.wait()
 
     async def resign(self) -> None:
-        """On a clean shutdown: age our record so that a standby takes over at once."""
+        """On a clean shutdown: mark our record resigned (a heartbeat of 0), so
+        that a standby takes over at its next round."""
         if not self.active:
             return
         with contextlib.suppress(

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -66,6 +66,35 @@ def _error_text(error: Any) -> str | None:
     api.check_storable(error, "the error")
     text = error if isinstance(error, str) else orjson.dumps(error).decode()
     return text[: api.MAX_ERROR]
+
+
+class TopicOps(Protocol):
+    """The operations a wire makes on a topic, whoever serves them: the Engine
+    here, or the topic's owner (simplequeue.broker.forwarding.Router)."""
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]: ...
+
+    async def push(self, topic: str, specs: list[JobSpec]) -> int: ...
+
+    async def claim(
+        self,
+        topic: str,
+        worker_id: str,
+        *,
+        lease: float | None = None,
+        count: int = 1,
+        wait: float = 0.0,
+    ) -> list[dict[str, Any]]: ...
+
+    async def pop(
+        self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
+    ) -> list[dict[str, Any]]: ...
+
+    async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None: ...
+
+    async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]: ...
+
+    async def status(self, topic: str) -> dict[str, int]: ...
 
 
 class Engine:
@@ -296,19 +325,26 @@ class Engine:
 
     # --- upkeep: the reaper's and the sweeper's door --------------------------------
 
-    async def reap_all(self, topics: list[str]) -> dict[str, int]:
-        """Reap expired leases in each of `topics`. One topic that fails (a
-        corrupt head, a store error) is logged and skipped; the rest are reaped."""
-        total = {"pending": 0, "dead": 0}
-        for topic in topics:
-            try:
-                reaped = await self.committer.reap(topic)
-            except Exception:
-                log.exception("reaper: topic %s failed", topic)
-                continue
-            for k, v in reaped.items():
-                total[k] += v
-        return total
+    async def reap(self, topic: str) -> tuple[dict[str, int], float | None]:
+        """Expired leases of `topic` back to pending (or dead), in a batch; with
+        when the next lease may run out (None: nothing is claimed)."""
+        keys.check_topic(topic)
+        return await self.committer.submit(topic, lambda s, now: (s.reap(now), s.next_due()))
+
+    async def next_due(self, topic: str) -> float | None:
+        """When `topic` next wants its owner (a lease may run out), from its head
+        as the store has it, keeping nothing in memory for an idle topic."""
+        keys.check_topic(topic)
+        return await self.committer.peek(topic, lambda s, now: s.next_due())
+
+    def forget_idle(self) -> int:
+        """Topics idle for a while leave this broker's memory; how many left."""
+        return self.committer.forget_idle()
+
+    async def refresh(self, topic: str) -> None:
+        """`topic` changed in the store behind this broker's back: read it again."""
+        keys.check_topic(topic)
+        await self.committer.invalidate(topic)
 
     async def sweep_all(self, topics: list[str]) -> list[str]:
         """Delete orphan segments of `topics`; what was deleted. Failures are

@@ -14,18 +14,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 import orjson
 from aiohttp import web
 
 from simplequeue import api, keys
 from simplequeue.broker import page
 from simplequeue.broker.engine import Engine
+from simplequeue.broker.forwarding import FORWARDED, OWNER, REPLAYED, Forwarder
 from simplequeue.broker.metrics import CONTENT_TYPE, Metrics
 from simplequeue.errors import NothingToClaim, PayloadTooLarge, SimpleQueueError, Unauthorized
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+async def _nothing(topic: str) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,9 @@ class HttpServices:
     max_body: int  # bytes
     about: Callable[[], dict[str, Any]]  # this broker, for /healthz
     presence: Callable[[], page.Presence]  # this broker and broker.json, for the page
+    url: Callable[[], str] = lambda: ""  # this broker's advertised URL
+    forwarder: Forwarder | None = None  # sends a topic's requests to its owner
+    refresh: Callable[[str], Awaitable[None]] = _nothing  # a topic changed behind our back
 
 
 SERVICES: web.AppKey[HttpServices] = web.AppKey("services")
@@ -82,6 +91,8 @@ async def _answer(
             refused = Unauthorized("missing or wrong bearer token")
             return error(str(refused), refused.http_status, **{"WWW-Authenticate": "Bearer"})
     try:
+        if "topic" in request.match_info:
+            return await _routed(request, handler, services)
         return await handler(request)
     except SimpleQueueError as exc:
         return error(str(exc), exc.http_status)
@@ -99,6 +110,49 @@ async def _answer(
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error("internal error", SimpleQueueError.http_status)
+
+
+async def _routed(
+    request: web.Request, handler: Handler, services: HttpServices
+) -> web.StreamResponse:
+    """A topic's request, served by its owner (SPEC 4.3): here, or forwarded
+    to it. Either way the answer names who served it (Simplequeue-Owner), so
+    that a client sends the topic's next requests there itself."""
+    forwarder = services.forwarder
+    if forwarder is None or FORWARDED in request.headers:
+        response = await handler(request)
+        response.headers[OWNER] = services.url()
+        return response
+    topic = topic_of(request)
+    body = await request.read()
+    wait = 0.0
+    name = request.match_info.route.name
+    if name in ("claim", "pop"):
+        wait = api.decode(body, api.ClaimRequest).wait
+    elif name == "enqueue":
+        body = _with_ids(body)
+    got = await forwarder.route(topic, request.method, request.path_qs, body or None, wait=wait)
+    if got is None:  # this broker's turn: its owner, or the next when those before did not answer
+        response = await handler(request)
+        response.headers[OWNER] = services.url()
+        return response
+    answered = web.Response(body=got.body, status=got.status, headers=got.headers)
+    answered.headers["Content-Type"] = got.content_type
+    answered.headers[OWNER] = got.served_by.url
+    if got.replayed:
+        answered.headers[REPLAYED] = "1"
+    return answered
+
+
+def _with_ids(body: bytes) -> bytes:
+    """An enqueue's body with an id for every job (api.with_ids), so that it can
+    be sent on to the next broker when the first did not answer."""
+    spec = api.decode_either(body, api.JobSpec, api.EnqueueBatch, "jobs")
+    if isinstance(spec, api.JobSpec):
+        return body if spec.id is not None else msgspec.json.encode(api.with_ids([spec])[0])
+    if all(j.id is not None for j in spec.jobs):
+        return body
+    return msgspec.json.encode(api.EnqueueBatch(api.with_ids(spec.jobs)))
 
 
 # --- parsing -----------------------------------------------------------------------
@@ -149,6 +203,37 @@ async def claim(request: web.Request) -> web.Response:
     if not jobs:
         raise NothingToClaim("no job is claimable")
     return reply({"jobs": jobs} if body.count is not None else {"job": jobs[0]})
+
+
+async def pop(request: web.Request) -> web.Response:
+    topic = topic_of(request)
+    body = await body_of(request, api.ClaimRequest)
+    jobs = await engine_of(request).pop(
+        topic, body.worker_id, count=body.count or 1, wait=body.wait
+    )
+    if not jobs:
+        raise NothingToClaim("no job is claimable")
+    return reply({"jobs": jobs})
+
+
+async def push(request: web.Request) -> web.Response:
+    topic = topic_of(request)
+    body = await body_of(request, api.EnqueueBatch)
+    return reply({"length": await engine_of(request).push(topic, body.jobs)})
+
+
+async def release(request: web.Request) -> web.Response:
+    topic = topic_of(request)
+    body = await body_of(request, api.ReleaseRequest)
+    held = [{"id": c.job_id, "lease_token": c.lease_token} for c in body.claims]
+    await engine_of(request).release(topic, held)
+    return reply({"released": len(held)})
+
+
+async def refresh(request: web.Request) -> web.Response:
+    topic = topic_of(request)
+    await request.app[SERVICES].refresh(topic)
+    return reply({"ok": True})
 
 
 async def ack(request: web.Request) -> web.Response:
@@ -232,8 +317,12 @@ def build_app(services: HttpServices) -> web.Application:
     t = "/topics/{topic}"
     app.router.add_routes(
         [
-            web.post(f"{t}/enqueue", enqueue),
-            web.post(f"{t}/claim", claim),
+            web.post(f"{t}/enqueue", enqueue, name="enqueue"),
+            web.post(f"{t}/claim", claim, name="claim"),
+            web.post(f"{t}/pop", pop, name="pop"),
+            web.post(f"{t}/push", push),
+            web.post(f"{t}/release", release),
+            web.post(f"{t}/refresh", refresh),
             web.post(f"{t}/ack", ack),
             web.post(f"{t}/nack", nack),
             web.post(f"{t}/heartbeat", heartbeat),

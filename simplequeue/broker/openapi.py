@@ -37,6 +37,7 @@ _TYPES: tuple[type[Any], ...] = (
     api.JobSpec,
     api.EnqueueBatch,
     api.ClaimRequest,
+    api.ReleaseRequest,
     api.AckRequest,
     api.AckBatch,
     api.NackRequest,
@@ -46,6 +47,8 @@ _TYPES: tuple[type[Any], ...] = (
     api.Counts,
     api.Enqueued,
     api.EnqueuedBatch,
+    api.Pushed,
+    api.Released,
     api.Claimed,
     api.ClaimedBatch,
     api.Settled,
@@ -56,6 +59,7 @@ _TYPES: tuple[type[Any], ...] = (
     api.Purged,
     api.Topics,
     api.Health,
+    api.Ok,
     api.Error,
     Overview,
 )
@@ -160,6 +164,41 @@ def spec() -> dict[str, Any]:
                 _one_of(api.Claimed, api.ClaimedBatch),
                 (*_WRITE, NothingToClaim),
                 body=_ref(api.ClaimRequest),
+            )
+        },
+        f"{t}/pop": {
+            "post": _op(
+                "pop",
+                "Claim and complete up to count jobs in one commit (Redis LPOP semantics)",
+                _ref(api.ClaimedBatch),
+                (*_WRITE, NothingToClaim),
+                body=_ref(api.ClaimRequest),
+            )
+        },
+        f"{t}/push": {
+            "post": _op(
+                "push",
+                "Enqueue a batch; answer the pending and delayed count after it (LPUSH)",
+                _ref(api.Pushed),
+                _WRITE,
+                body=_ref(api.EnqueueBatch),
+            )
+        },
+        f"{t}/release": {
+            "post": _op(
+                "release",
+                "Give claims back: pending again at once, the attempt uncounted",
+                _ref(api.Released),
+                _WRITE,
+                body=_ref(api.ReleaseRequest),
+            )
+        },
+        f"{t}/refresh": {
+            "post": _op(
+                "refresh",
+                "Broker to broker: the topic changed elsewhere; its owner reads it again",
+                _ref(api.Ok),
+                _READ,
             )
         },
         f"{t}/ack": {

@@ -12,9 +12,12 @@ import logging
 from typing import Any
 
 from simplequeue.broker.discovery import Announcer
+from simplequeue.broker.duties import Duties, DutySettings
 from simplequeue.broker.engine import Engine
+from simplequeue.broker.forwarding import Forwarder, Router
 from simplequeue.broker.http import HttpServices, build_app
 from simplequeue.broker.listener import HttpListener, Limits
+from simplequeue.broker.membership import Membership, Peer
 from simplequeue.broker.metrics import (
     CallbackCollector,
     InstrumentedStore,
@@ -23,7 +26,6 @@ from simplequeue.broker.metrics import (
     commit_families,
 )
 from simplequeue.broker.page import BrokerView, Presence, RecordView
-from simplequeue.broker.reaper import Reaper, ReaperSettings
 from simplequeue.broker.resp import RespServer, RespSettings
 from simplequeue.broker.settings import BrokerSettings, default_advertise_url, parse_addr
 from simplequeue.errors import StoreUnavailable
@@ -84,14 +86,27 @@ class Broker:
         self.announcer: Announcer = Announcer(
             self.store, broker_id=settings.broker_id, url="", lease_s=settings.broker_lease
         )
-        self.reaper = Reaper(
-            self.engine,
-            ReaperSettings(
-                reap_interval=settings.reap_interval,
-                topic_scan_interval=settings.topic_scan_interval,
-                sweep_interval=settings.sweep_interval,
-            ),
+        self.membership = Membership(
+            self.store,
+            broker_id=settings.broker_id,
+            url="",
+            lease_s=settings.broker_lease,
+            clock=self.committer.clock,
         )
+        self.forwarder = Forwarder(
+            self.membership, token=settings.token, answer_within=settings.forward_timeout
+        )
+        self.duties = Duties(
+            self.engine,
+            self.membership,
+            DutySettings(sweep_interval=settings.sweep_interval),
+            clock=self.committer.clock,
+            hand_over=self._hand_over,
+        )
+        self.membership.on_change = self.duties.view_changed
+        self.committer.on_landed = lambda topic, state: self.duties.wrote(topic, state.next_due())
+        self.committer.on_loaded = lambda topic, state: self.duties.loaded(topic, state.next_due())
+        self.committer.on_failed = self.duties.failed
         self.http: HttpListener | None = None  # the HTTP listener, once started
         self.redis: RespServer | None = None  # the RESP listener, with --redis-addr
         self._tasks: list[asyncio.Task[Any]] = []
@@ -125,7 +140,7 @@ class Broker:
         )
 
     async def start(self) -> None:
-        """Listen, announce, and start the reaper."""
+        """Listen, announce, register, and take over the topics this broker owns."""
         host, port = parse_addr(self.settings.addr)
         services = HttpServices(
             engine=self.engine,
@@ -134,6 +149,9 @@ class Broker:
             max_body=self.settings.max_body,
             about=self.about,
             presence=self.presence,
+            url=lambda: self.url,
+            forwarder=self.forwarder,
+            refresh=self._refresh,
         )
         limits = Limits(
             header_timeout=self.settings.header_timeout,
@@ -150,11 +168,12 @@ class Broker:
         await self.http.start(host, port)
         self.url = self.settings.advertise_url or default_advertise_url(host, self.http.port)
         self.announcer.url = self.url
+        self.membership.set_url(self.url)
         self.announcer.on_epoch = self._set_epoch
         self.committer.on_fenced = lambda writer: self.announcer.poke()
         if self.settings.redis_addr:
             self.redis = RespServer(
-                self.engine,
+                Router(self.engine, self.forwarder),
                 self.metrics,
                 RespSettings(
                     token=self.settings.token,
@@ -167,13 +186,34 @@ class Broker:
                 await self.http.stop()  # leave nothing listening behind
                 raise
         await self._announce_once()
+        await self._join()
+        self.duties.start_owning()
         self._tasks = [
             asyncio.create_task(self.announcer.run(), name="announcer"),
-            asyncio.create_task(self.reaper.run(), name="reaper"),
+            asyncio.create_task(self.membership.run(), name="membership"),
+            asyncio.create_task(self.duties.run(), name="duties"),
         ]
+
+    async def _hand_over(self, topic: str, owner: Peer) -> bool:
+        """Tell `topic`'s owner to read it again (this broker wrote it while the
+        owner did not answer); whether it answered."""
+        return await self.forwarder.tell(owner, f"/topics/{topic}/refresh")
+
+    async def _refresh(self, topic: str) -> None:
+        await self.engine.refresh(topic)
+        self.duties.refresh(topic)
 
     def _set_epoch(self, epoch: int) -> None:
         self.committer.epoch = epoch
+
+    async def _join(self) -> None:
+        """Register, and learn which brokers are live, before serving topics as
+        their owner."""
+        try:
+            await self.membership.register()
+            await self.membership.step()
+        except StoreUnavailable as exc:  # serve anyway; the registry keeps trying
+            log.warning("could not register at start: %s", exc)
 
     async def _announce_once(self) -> None:
         try:
@@ -191,5 +231,7 @@ class Broker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.committer.close()
+        await self.membership.leave()
         await self.announcer.resign()
+        await self.forwarder.close()
         await self.store.close()

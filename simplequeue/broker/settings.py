@@ -44,10 +44,11 @@ class BrokerSettings:
     # takes ~10 ms or more and each one is billed.
     batch_wait: float | None = None
     cache_bytes: int = 256 * 1024 * 1024  # the object cache's budget (--cache-mb)
-    reap_interval: float = 1.0  # seconds between reaps of every topic
-    topic_scan_interval: float = 10.0  # seconds between listings of the store's topics
     sweep_interval: float = 600.0  # seconds between sweeps of orphan segments
-    broker_lease: float = 15.0  # broker.json: a silent active broker is replaced after this
+    # broker.json and brokers/<id>.json: a broker whose record did not change
+    # for this long is taken for dead (an active one is replaced).
+    broker_lease: float = 15.0
+    forward_timeout: float = 1.0  # seconds a topic's owner has to answer a forwarded request
     # HTTP connections (simplequeue.broker.listener): seconds a client may take
     # to send a request's headers, seconds a keep-alive connection may idle, and
     # how many may be open (None: from the descriptor limit, RLIMIT_NOFILE).

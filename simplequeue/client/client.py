@@ -99,6 +99,7 @@ class Client:
         self.store = store
         self.max_age = max_age
         self._session: aiohttp.ClientSession | None = None
+        self._owner: str | None = None  # the topic's owner, as a broker named it
         self._owns_store = False
         # Concurrent enqueue() calls share requests: see enqueue().
         self._enqueues: Batcher[api.JobSpec, str] = Batcher(
@@ -165,8 +166,10 @@ class Client:
         *,
         wait: float = 0.0,
         expected: frozenset[int] = frozenset(),
-    ) -> tuple[int, A | None, int]:
-        """(status, answer decoded as `answer`, attempts made). A status in
+    ) -> tuple[int, A | None, bool]:
+        """(status, answer decoded as `answer`, whether the request may have been
+        carried out more than once: it was retried, or a broker passed it on to
+        the next when the first did not answer). A status in
         `expected` (404 or 409, whose meaning depends on the call) with the
         API's {"error"} body is returned with no answer instead of raised;
         every other failure raises."""
@@ -180,8 +183,9 @@ class Client:
             ):
                 with attempt:
                     attempts += 1
-                    status, raw = await self._send(method, path, body, wait)
-                    return status, self._answer(status, raw, answer, expected), attempts
+                    status, raw, replayed = await self._send(method, path, body, wait)
+                    got = self._answer(status, raw, answer, expected)
+                    return status, got, attempts > 1 or replayed
         except RetryError as exc:
             last = exc.last_attempt.exception()
             assert isinstance(last, _Retry)
@@ -214,21 +218,35 @@ class Client:
             return None
         raise error_class(message)
 
-    async def _send(self, method: str, path: str, body: Any, wait: float) -> tuple[int, bytes]:
+    async def _send(
+        self, method: str, path: str, body: Any, wait: float
+    ) -> tuple[int, bytes, bool]:
+        """(status, body, whether a broker passed the request on after another
+        did not answer). A topic's request goes to its owner once a broker named
+        it (the Simplequeue-Owner header); if the owner stops answering, back to
+        the broker this client was given, which routes it."""
         if not self.url:
             await self._rediscover()
         data = msgspec.json.encode(body) if body is not None else None
         timeout = aiohttp.ClientTimeout(total=self.timeout + wait)
         headers = {"Content-Type": "application/json"} if data is not None else None
+        base = self._owner if self._owner and path.startswith("/topics/") else self.url
         try:
             async with self._http().request(
-                method, self.url + path, data=data, timeout=timeout, headers=headers
+                method, base + path, data=data, timeout=timeout, headers=headers
             ) as response:
-                return response.status, await response.read()
+                raw = await response.read()
+                owner = response.headers.get(api.OWNER_HEADER)
+                if owner and path.startswith("/topics/"):
+                    self._owner = owner.rstrip("/")
+                return response.status, raw, response.headers.get(api.REPLAYED_HEADER) == "1"
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, cut short
-            await self._rediscover()
+            if base == self._owner and self._owner != self.url:
+                self._owner = None  # the owner went away: the broker given routes again
+            else:
+                await self._rediscover()
             reason = str(exc) or type(exc).__name__
-            raise _Retry(BrokerUnavailable(f"{self.url or 'broker'}: {reason}")) from exc
+            raise _Retry(BrokerUnavailable(f"{base or 'broker'}: {reason}")) from exc
 
     async def _rediscover(self) -> None:
         """Follow broker.json to the active broker, if this client can."""
@@ -387,12 +405,12 @@ class Client:
         return answer.lease_expires_at
 
     async def _settle(self, path: str, body: Any, answer: type[A]) -> A:
-        status, got, attempts = await self.call(
+        status, got, repeated = await self.call(
             "POST", self._t(path), answer, body, expected=_SETTLE_FAILURES
         )
         if got is not None:
             return got
-        if status == 409 and attempts > 1:
+        if status == 409 and repeated:
             raise _Replayed()
         if status == 409:
             raise LeaseLost(f"job {body.job_id!r} is not claimed under this lease")

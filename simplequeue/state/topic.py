@@ -410,8 +410,9 @@ class TopicState(Layout):
         """Whether a lease ran out by `now` (reads what next_expiry() says may)."""
         return bool(self.due_leases(now))
 
-    def earliest_expiry(self) -> float | None:
-        """No lease runs out before this; None when nothing is claimed."""
+    def next_due(self) -> float | None:
+        """When the topic next wants its owner: no lease runs out before this
+        (None: nothing to do until something changes). From the head alone."""
         return self.next_expiry()
 
     def reap(self, now: float) -> dict[str, int]:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import orjson
 
 from simplequeue import __version__, api, keys
-from simplequeue.broker.engine import MAX_WAIT, Engine
+from simplequeue.broker.engine import MAX_WAIT, TopicOps
 from simplequeue.broker.resp.wire import NULL_ARRAY, OK, Reply, RespError, Simple, upper
 from simplequeue.errors import SimpleQueueError
 
@@ -45,7 +45,7 @@ class Listener(Protocol):
     """The server that accepted the connection, as far as the commands use it."""
 
     @property
-    def engine(self) -> Engine: ...
+    def engine(self) -> TopicOps: ...
 
     @property
     def token(self) -> bytes | None:
@@ -87,7 +87,7 @@ class Session:
     tokens: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> TopicOps:
         return self.listener.engine
 
     @property

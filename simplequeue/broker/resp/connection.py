@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simplequeue import api
-from simplequeue.broker.engine import Engine
+from simplequeue.broker.engine import TopicOps
 from simplequeue.broker.metrics import Metrics
 from simplequeue.broker.resp.commands import COMMANDS, PIPELINED, Session, admitted
 from simplequeue.broker.resp.wire import Reply, Requests, RespError, encode, error_of, upper
@@ -190,7 +190,7 @@ class RespServer:
     """The RESP TCP listener of one broker, beside its HTTP listener. It is the
     Listener its connections' commands see."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, settings: RespSettings) -> None:
+    def __init__(self, engine: TopicOps, metrics: Metrics, settings: RespSettings) -> None:
         self.engine = engine
         self.metrics = metrics
         self.settings = settings

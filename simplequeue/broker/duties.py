@@ -1,0 +1,221 @@
+"""What a topic's owner does in the background (SPEC 4.3): expired leases back
+to pending when they run out, orphan objects swept, and the broker's memory
+kept to the topics in use. Everything goes through the Engine.
+
+Reaping is driven by the lease expiries this broker knows, never by re-reading
+every head: every write of this broker that lands says when the topic's next
+lease may run out, and a broker that takes topics over (it started, or the
+live brokers changed) reads each head it newly owns once. An idle broker makes
+no store request here, however many topics the store holds. A topic that is
+due but owned by another broker (this one served it while the owner did not
+answer) is handed to its owner, who reads it again; if the owner does not
+answer, this broker reaps it itself: the head's conditional write keeps that
+correct.
+
+A supervisor loop: a topic that fails is logged and left, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from simplequeue.broker.engine import Engine
+from simplequeue.broker.membership import Membership, Peer, rendezvous
+from simplequeue.errors import CorruptData, SimpleQueueError
+
+log = logging.getLogger(__name__)
+
+ACQUIRE_PARALLEL = 16  # heads read at once when topics are taken over
+
+
+@dataclass(frozen=True)
+class DutySettings:
+    sweep_interval: float = 600.0  # seconds between sweeps of orphan objects
+    idle_check: float = 30.0  # seconds between evictions of idle topics from memory
+    retry_failed: float = 5.0  # seconds before a topic whose reap failed is looked at again
+
+
+class Duties:
+    """Reaps the topics this broker owns when their leases run out; sweeps them;
+    forgets idle ones."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        membership: Membership,
+        settings: DutySettings,
+        clock: Callable[[], float],
+        hand_over: Callable[[str, Peer], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.membership = membership
+        self.settings = settings
+        self.clock = clock  # the store's: what lease expiries are written in
+        self.hand_over = hand_over  # tells a topic's owner to read it again
+        self._due: dict[str, float] = {}  # topic -> no lease of it runs out before
+        self._heap: list[tuple[float, str]] = []
+        self._written: dict[str, float] = {}  # topic -> monotonic time of this broker's last write
+        self._wake = asyncio.Event()
+        self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
+        self.reaped = 0
+        self.acquired = 0  # heads read to take topics over
+
+    # --- what the rest of the broker tells it ---------------------------------------
+
+    def note(self, topic: str, due: float | None) -> None:
+        """`topic` next wants its owner at `due` (store time; None: not until it
+        changes)."""
+        if due is None:
+            self._due.pop(topic, None)
+            return
+        if self._due.get(topic) == due:
+            return
+        self._due[topic] = due
+        heapq.heappush(self._heap, (due, topic))
+        self._wake.set()
+
+    def wrote(self, topic: str, due: float | None) -> None:
+        """A write of this broker landed on `topic` (the committer's on_landed)."""
+        self._written[topic] = time.monotonic()
+        self.note(topic, due)
+
+    def loaded(self, topic: str, due: float | None) -> None:
+        """A head of `topic` was read from the store: what it says is current."""
+        self.note(topic, due)
+
+    def failed(self, topic: str) -> None:
+        """A batch of `topic` failed unseen (it may have landed, claims and
+        all): look at the topic again in a while."""
+        self.note(
+            topic, min(self._due.get(topic, 1e300), self.clock() + self.settings.retry_failed)
+        )
+
+    def refresh(self, topic: str) -> None:
+        """Another broker wrote `topic` (it served it while this broker, its
+        owner, did not answer): read it again and look at its leases now."""
+        self.note(topic, -1e300)
+
+    def view_changed(self, old: tuple[Peer, ...], new: tuple[Peer, ...]) -> None:
+        """The live brokers changed: the topics this broker now owns and did not
+        before are read once, for their leases."""
+        first = old if self._acquire is None else self._acquire[0]
+        self._acquire = (first, new)
+        self._wake.set()
+
+    def start_owning(self) -> None:
+        """At start-up: every topic this broker owns is taken over."""
+        self._acquire = ((), self.membership.live)
+        self._wake.set()
+
+    # --- the loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        swept_at = idle_at = loop.time()
+        while True:
+            try:
+                if self._acquire is not None:
+                    await self._take_over()
+                await self._reap_due()
+                if loop.time() - idle_at >= self.settings.idle_check:
+                    idle_at = loop.time()
+                    self.engine.forget_idle()
+                if loop.time() - swept_at >= self.settings.sweep_interval:
+                    swept_at = loop.time()
+                    await self._sweep()
+            except Exception:
+                log.exception("owner duties: round failed")
+            s = self.settings
+            await self._sleep(
+                min(swept_at + s.sweep_interval, idle_at + s.idle_check) - loop.time()
+            )
+
+    async def _sleep(self, most: float) -> None:
+        if self._heap:
+            most = min(most, self._heap[0][0] - self.clock())
+        if self._acquire is not None:  # a take-over that failed: again soon
+            most = min(most, self.settings.retry_failed)
+        self._wake.clear()
+        if most <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(most):
+                await self._wake.wait()
+
+    async def _reap_due(self) -> None:
+        now = self.clock()
+        while self._heap and self._heap[0][0] <= now:
+            due, topic = heapq.heappop(self._heap)
+            if self._due.get(topic) != due:
+                continue  # superseded by a later note
+            del self._due[topic]
+            await self._reap(topic)
+
+    async def _reap(self, topic: str) -> None:
+        owner = self.membership.owner(topic)
+        if owner != self.membership.me and self.hand_over is not None:
+            with contextlib.suppress(Exception):
+                if await self.hand_over(topic, owner):
+                    return  # its owner reads it again and takes it from here
+        try:
+            reaped, due = await self.engine.reap(topic)
+        except CorruptData:
+            return  # logged once by the committer; nothing to do until it is mended
+        except SimpleQueueError as exc:
+            log.warning("owner duties: reaping %s failed (%s); again in a while", topic, exc)
+            self.note(topic, self.clock() + self.settings.retry_failed)
+            return
+        self.reaped += sum(reaped.values())
+        self.note(topic, due)
+
+    async def _take_over(self) -> None:
+        assert self._acquire is not None
+        old, new = self._acquire
+        me = self.membership.me
+        names = await self.engine.topic_names()  # if it fails, the next round tries again
+        if self._acquire == (old, new):
+            self._acquire = None
+        else:  # the view changed again meanwhile: take over from `old` to the newest
+            self._acquire = (old, self._acquire[1])
+        mine = [t for t in names if _owner(t, new) == me and _owner(t, old) != me]
+        limit = asyncio.Semaphore(ACQUIRE_PARALLEL)
+
+        async def look(topic: str) -> None:
+            async with limit:
+                try:
+                    due = await self.engine.next_due(topic)
+                except CorruptData:
+                    return
+                except SimpleQueueError as exc:
+                    log.warning("owner duties: cannot read %s (%s); again in a while", topic, exc)
+                    due = self.clock() + self.settings.retry_failed
+                self.acquired += 1
+                if due is not None:
+                    # Whoever wrote a lease stamped it with the store's clock, as
+                    # this broker does: its expiry needs no restarting here.
+                    self.note(topic, min(due, self._due.get(topic, due)))
+
+        await asyncio.gather(*(look(t) for t in mine))
+        if mine:
+            log.info("took over %d topics", len(mine))
+
+    async def _sweep(self) -> None:
+        """Sweep the topics this broker owns and wrote within two sweeps (an
+        orphan is deleted at its second sighting; a topic nobody writes makes
+        none)."""
+        horizon = time.monotonic() - 2 * self.settings.sweep_interval
+        self._written = {t: at for t, at in self._written.items() if at >= horizon}
+        owned = [t for t in sorted(self._written) if self.membership.owns(t)]
+        await self.engine.sweep_all(owned)
+
+
+def _owner(topic: str, live: tuple[Peer, ...]) -> Peer | None:
+    if not live:
+        return None
+    return max(live, key=lambda p: rendezvous(topic, p.broker_id))

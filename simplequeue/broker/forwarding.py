@@ -1,0 +1,259 @@
+"""Requests for a topic this broker does not own go to its owner (SPEC 4.3).
+
+The Forwarder sends a topic's request to the brokers in the topic's order
+(simplequeue.broker.membership), over one keep-alive pool, until one answers:
+its owner, or when the owner does not answer within a second, the next; when
+this broker's turn comes it serves the request itself. A broker that did not
+answer is routed around for a few seconds. A forwarded request carries
+`Simplequeue-Forwarded` and is always served where it lands, so requests never
+loop. The Router gives the RESP face the same routing through the engine's
+own calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+
+from simplequeue import api, errors
+from simplequeue.api import AckRequest, JobSpec
+from simplequeue.broker.engine import Engine
+from simplequeue.broker.membership import Membership, Peer
+from simplequeue.errors import BrokerError, NothingToClaim
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FORWARDED = api.FORWARDED_HEADER
+OWNER = api.OWNER_HEADER
+REPLAYED = api.REPLAYED_HEADER
+
+ANSWER_WITHIN = 1.0  # seconds a broker has to answer a forwarded request
+SUSPECT_FOR = 3.0  # seconds a broker that did not answer is routed around
+
+
+@dataclass
+class Answer:
+    """What the broker that served a forwarded request answered."""
+
+    status: int
+    body: bytes
+    content_type: str
+    served_by: Peer
+    replayed: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Unreachable(Exception):
+    def __init__(self, why: str, sent: bool) -> None:
+        super().__init__(why)
+        self.sent = sent  # the request went out: the broker may have done it
+
+
+class Forwarder:
+    """Sends topic requests to the brokers that own them."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        *,
+        token: str | None,
+        answer_within: float = ANSWER_WITHIN,
+        suspect_for: float = SUSPECT_FOR,
+    ) -> None:
+        self.membership = membership
+        self.token = token
+        self.answer_within = answer_within
+        self.suspect_for = suspect_for
+        self.forwarded = 0  # requests sent to another broker
+        self.fallbacks = 0  # times a broker did not answer and the next one was tried
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def me(self) -> Peer:
+        return self.membership.me
+
+    async def route(
+        self,
+        topic: str,
+        method: str,
+        path_qs: str,
+        body: bytes | None,
+        *,
+        wait: float = 0.0,
+        content_type: str = "application/json",
+    ) -> Answer | None:
+        """The answer of the first broker in `topic`'s order that answers, or
+        None when this broker's turn comes first (it serves the request)."""
+        replayed = False
+        for peer in self.membership.order(topic):
+            if peer == self.me:
+                return None
+            try:
+                answer = await self._send(peer, method, path_qs, body, wait, content_type)
+            except _Unreachable as exc:
+                self.fallbacks += 1
+                self.membership.suspect(peer.broker_id, self.suspect_for)
+                log.warning("%s did not answer for %s (%s): trying the next", peer.url, topic, exc)
+                replayed = replayed or exc.sent
+                continue
+            answer.replayed = replayed
+            return answer
+        return None
+
+    async def tell(self, peer: Peer, path: str) -> bool:
+        """POST `path` to `peer` (broker to broker); whether it answered 2xx."""
+        try:
+            answer = await self._send(peer, "POST", path, b"{}", 0.0, "application/json")
+        except _Unreachable:
+            return False
+        return 200 <= answer.status < 300
+
+    async def _send(
+        self,
+        peer: Peer,
+        method: str,
+        path_qs: str,
+        body: bytes | None,
+        wait: float,
+        content_type: str,
+    ) -> Answer:
+        headers = {FORWARDED: self.me.broker_id, "Content-Type": content_type}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        timeout = aiohttp.ClientTimeout(
+            total=self.answer_within + wait, sock_connect=self.answer_within
+        )
+        self.forwarded += 1
+        try:
+            async with self._http().request(
+                method, peer.url + path_qs, data=body, headers=headers, timeout=timeout
+            ) as response:
+                data = await response.read()
+                kept = {k: v for k, v in response.headers.items() if k in ("Allow", "Retry-After")}
+                return Answer(
+                    response.status,
+                    data,
+                    response.headers.get("Content-Type", "application/json"),
+                    peer,
+                    headers=kept,
+                )
+        except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
+            raise _Unreachable(str(exc) or type(exc).__name__, sent=False) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _Unreachable(str(exc) or type(exc).__name__, sent=True) from exc
+
+
+class Router:
+    """The topic operations the RESP face calls, each served by the topic's
+    owner: this broker's engine, or another broker over HTTP."""
+
+    def __init__(self, engine: Engine, forwarder: Forwarder) -> None:
+        self.engine = engine
+        self.forwarder = forwarder
+
+    async def _route(
+        self, topic: str, method: str, path: str, body: Any, wait: float = 0.0
+    ) -> Answer | None:
+        data = None if body is None else msgspec.json.encode(body)
+        return await self.forwarder.route(topic, method, f"/topics/{topic}{path}", data, wait=wait)
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        body = api.EnqueueBatch(api.with_ids(specs))
+        got = await self._route(topic, "POST", "/enqueue", body)
+        if got is None:
+            return await self.engine.enqueue(topic, specs)
+        answer = _decode(got, api.EnqueuedBatch)
+        duplicates = set(answer.duplicates)
+        return [{"id": i, "duplicate": i in duplicates} for i in answer.ids]
+
+    async def push(self, topic: str, specs: list[JobSpec]) -> int:
+        got = await self._route(topic, "POST", "/push", api.EnqueueBatch(api.with_ids(specs)))
+        if got is None:
+            return await self.engine.push(topic, specs)
+        return _decode(got, api.Pushed).length
+
+    async def claim(
+        self,
+        topic: str,
+        worker_id: str,
+        *,
+        lease: float | None = None,
+        count: int = 1,
+        wait: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
+        got = await self._route(topic, "POST", "/claim", body, wait)
+        if got is None:
+            return await self.engine.claim(topic, worker_id, lease=lease, count=count, wait=wait)
+        if got.status == NothingToClaim.http_status:
+            return []
+        return _decode(got, _Jobs)["jobs"]
+
+    async def pop(
+        self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
+    ) -> list[dict[str, Any]]:
+        body = api.ClaimRequest(worker_id, wait=wait, count=count)
+        got = await self._route(topic, "POST", "/pop", body, wait)
+        if got is None:
+            return await self.engine.pop(topic, worker_id, count=count, wait=wait)
+        if got.status == NothingToClaim.http_status:
+            return []
+        return _decode(got, _Jobs)["jobs"]
+
+    async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None:
+        body = api.ReleaseRequest([api.Held(j["id"], j["lease_token"]) for j in jobs])
+        got = await self._route(topic, "POST", "/release", body)
+        if got is None:
+            await self.engine.release(topic, jobs)
+        else:
+            _decode(got, dict[str, Any])
+
+    async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]:
+        got = await self._route(topic, "POST", "/ack", api.AckBatch(acks))
+        if got is None:
+            return await self.engine.ack_many(topic, acks)
+        return _decode(got, dict[str, list[dict[str, Any]]])["results"]
+
+    async def status(self, topic: str) -> dict[str, int]:
+        got = await self._route(topic, "GET", "/status", None)
+        if got is None:
+            return await self.engine.status(topic)
+        return _decode(got, dict[str, int])
+
+
+_Jobs = dict[str, list[dict[str, Any]]]
+
+
+def _decode(got: Answer, kind: type[T]) -> T:
+    """A broker's 2xx answer as `kind`; the error it stands for otherwise."""
+    if 200 <= got.status < 300:
+        try:
+            return msgspec.json.decode(got.body, type=kind)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise BrokerError(f"{got.served_by.url}: {exc}", got.status) from None
+    try:
+        message: str | None = msgspec.json.decode(got.body, type=api.Error).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        message = None
+    cls = errors.for_status(got.status)
+    if message is None or cls is None:
+        raise BrokerError(f"{got.served_by.url}: HTTP {got.status}: {message}", got.status)
+    raise cls(message)

@@ -1,0 +1,217 @@
+"""Brokers and who owns which topic (SPEC 4.3).
+
+Each broker registers in brokers/<id>.json and renews it every third of its
+lease; each reads the others' records and counts a broker live while it has
+seen its record change within the record's lease, on its own monotonic clock:
+the times written in records are never compared with this broker's clock, so
+brokers whose wall clocks disagree still agree on who is alive. A topic's owner
+is the live broker with the highest rendezvous hash of (topic, broker id); the
+rest of that order says who serves the topic when those before it do not
+answer. Ownership is routing, not a lock: the head's conditional write keeps
+brokers that disagree about it correct, only slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from simplequeue import keys
+from simplequeue.errors import (
+    CorruptData,
+    ObjectNotFound,
+    PreconditionFailed,
+    SimpleQueueError,
+    StoreUnavailable,
+)
+from simplequeue.objstore import ObjectStore
+from simplequeue.records import BrokerRecord
+
+log = logging.getLogger(__name__)
+
+# A record nobody renewed for this many of its leases is deleted by whoever
+# sees it: a broker killed without a goodbye leaves one behind.
+FORGET_AFTER_LEASES = 10
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A broker, as routing knows it."""
+
+    broker_id: str
+    url: str
+
+
+def rendezvous(topic: str, broker_id: str) -> int:
+    """The weight of `broker_id` for `topic`: the highest owns it."""
+    digest = hashlib.blake2b(f"{topic}\x00{broker_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+@dataclass
+class _Sighting:
+    etag: str
+    changed_at: float  # monotonic: when this broker first saw this version
+    record: BrokerRecord
+
+
+class Membership:
+    """This broker's registration, and the live brokers as it sees them."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        broker_id: str,
+        url: str,
+        lease_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        keys.check_broker_id(broker_id)
+        self.store = store
+        self.me = Peer(broker_id, url)
+        self.lease_s = lease_s
+        self.clock = clock  # the store's, in a broker: what records are stamped with
+        self.on_change: Callable[[tuple[Peer, ...], tuple[Peer, ...]], None] | None = None
+        self.live: tuple[Peer, ...] = (self.me,)  # sorted by broker id
+        self._seen: dict[str, _Sighting] = {}
+        self._etag: str | None = None
+        self._beats = 0
+        # Brokers that did not answer a forwarded request: passed over until then.
+        self._suspect: dict[str, float] = {}
+        self._wake = asyncio.Event()
+
+    def set_url(self, url: str) -> None:
+        """This broker's URL, once it listens."""
+        self.me = Peer(self.me.broker_id, url)
+        self.live = tuple(self.me if p.broker_id == self.me.broker_id else p for p in self.live)
+
+    @property
+    def key(self) -> str:
+        return keys.registration(self.me.broker_id)
+
+    def _record(self) -> BrokerRecord:
+        # `epoch` counts this registration's renewals: every renewal changes it.
+        return BrokerRecord(self.me.broker_id, self.me.url, self._beats, self.clock(), self.lease_s)
+
+    # --- routing ---------------------------------------------------------------------
+
+    def order(self, topic: str) -> list[Peer]:
+        """Live brokers in the order they serve `topic`: its owner first. Brokers
+        that lately did not answer go last (this one never does)."""
+        now = time.monotonic()
+        ranked = sorted(self.live, key=lambda p: rendezvous(topic, p.broker_id), reverse=True)
+        return sorted(ranked, key=lambda p: self._suspect.get(p.broker_id, 0.0) > now)
+
+    def owner(self, topic: str) -> Peer:
+        return self.order(topic)[0]
+
+    def owns(self, topic: str) -> bool:
+        return self.owner(topic) == self.me
+
+    def suspect(self, broker_id: str, seconds: float) -> None:
+        """`broker_id` did not answer: route around it for `seconds`."""
+        if broker_id != self.me.broker_id:
+            self._suspect[broker_id] = time.monotonic() + seconds
+
+    def peer(self, broker_id: str) -> Peer | None:
+        return next((p for p in self.live if p.broker_id == broker_id), None)
+
+    # --- the registry ------------------------------------------------------------------
+
+    async def register(self) -> None:
+        """Write this broker's record (a restarted broker of the same id takes
+        over its own record)."""
+        self._beats += 1
+        self._etag = await self.store.put(self.key, self._record().encode())
+
+    async def step(self) -> None:
+        """Renew this broker's record, read the others', and see who is live."""
+        await self._renew()
+        listed = await self.store.list(keys.BROKERS_PREFIX)
+        mono = time.monotonic()
+        ids = {b for b in (keys.broker_of(k) for k in listed) if b and b != self.me.broker_id}
+        for gone in set(self._seen) - ids:
+            del self._seen[gone]
+        for broker_id in sorted(ids):
+            await self._look_at(broker_id, mono)
+        live = [self.me]
+        for broker_id, seen in self._seen.items():
+            age = mono - seen.changed_at
+            if age < seen.record.lease_s:
+                live.append(Peer(broker_id, seen.record.url))
+            elif age > FORGET_AFTER_LEASES * seen.record.lease_s:
+                await self._forget(broker_id)
+        self._set_live(tuple(sorted(live, key=lambda p: p.broker_id)))
+
+    async def _renew(self) -> None:
+        self._beats += 1
+        record = self._record().encode()
+        try:
+            if self._etag is None:
+                raise PreconditionFailed("not registered")
+            self._etag = await self.store.put_if(self.key, record, if_match=self._etag)
+        except (PreconditionFailed, ObjectNotFound):
+            # Deleted as stale (this broker was paused for long), or never written.
+            log.info("registering %s at %s", self.me.broker_id, self.me.url)
+            self._etag = await self.store.put(self.key, record)
+
+    async def _look_at(self, broker_id: str, mono: float) -> None:
+        key = keys.registration(broker_id)
+        try:
+            data, etag = await self.store.get(key)
+        except ObjectNotFound:
+            self._seen.pop(broker_id, None)
+            return
+        seen = self._seen.get(broker_id)
+        if seen is not None and seen.etag == etag:
+            return  # unchanged: it ages
+        try:
+            record = BrokerRecord.decode(data, key)
+        except CorruptData as exc:
+            if seen is None or seen.etag != etag:
+                log.error("%s; it names no live broker", exc)
+            self._seen.pop(broker_id, None)
+            return
+        self._seen[broker_id] = _Sighting(etag, mono, record)
+
+    async def _forget(self, broker_id: str) -> None:
+        log.info("forgetting %s: its record was not renewed for long", broker_id)
+        self._seen.pop(broker_id, None)
+        with contextlib.suppress(SimpleQueueError):
+            await self.store.delete(keys.registration(broker_id))
+
+    def _set_live(self, live: tuple[Peer, ...]) -> None:
+        old, self.live = self.live, live
+        if old != live:
+            log.info("live brokers: %s", ", ".join(p.broker_id for p in live))
+            if self.on_change is not None:
+                self.on_change(old, live)
+
+    async def run(self) -> None:
+        """Rounds every third of the lease until cancelled."""
+        while True:
+            try:
+                await self.step()
+            except StoreUnavailable as exc:
+                log.warning("broker registry: store unavailable: %s", exc)
+            except Exception:
+                log.exception("broker registry: round failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.lease_s / 3):
+                    await self._wake.wait()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def leave(self) -> None:
+        """On a clean shutdown: remove this broker's record, so that the others
+        stop routing to it at their next round."""
+        with contextlib.suppress(SimpleQueueError):
+            await self.store.delete(self.key)

@@ -1,0 +1,285 @@
+"""Topic ownership across brokers (SPEC 4.3): one owner per topic writes it,
+any broker answers for it, clients follow the owner, only the owner reaps, and
+an idle broker reads no heads. Brokers here run in this process, on one store;
+tests/test_brokers.py and the campaigns kill and pause real ones."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from simplequeue import keys
+from simplequeue.broker.membership import Membership, rendezvous
+from simplequeue.client import Client
+from simplequeue.objstore import ObjectStore
+from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Policy
+
+StartBroker = Callable[..., Awaitable[Any]]
+
+
+async def cluster(
+    start_broker: StartBroker, store: ObjectStore, n: int, **settings: Any
+) -> list[Any]:
+    """`n` brokers on `store` that know each other."""
+    brokers = [await start_broker(store, broker_id=f"b{i}", **settings) for i in range(n)]
+    for b in brokers:  # one round each: every broker sees every other
+        await b.membership.step()
+    return brokers
+
+
+def owner_of(brokers: list[Any], topic: str) -> Any:
+    return max(brokers, key=lambda b: rendezvous(topic, b.settings.broker_id))
+
+
+async def head(store: ObjectStore, topic: str) -> dict[str, Any]:
+    data, _ = await store.get(keys.head(topic))
+    got: dict[str, Any] = orjson.loads(data)
+    return got
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any, Any]:
+    async with s.post(url, json=body) as r:
+        return r.status, await r.json(), r.headers
+
+
+# --- routing ----------------------------------------------------------------------------
+
+
+async def test_any_broker_answers_for_a_topic_and_only_its_owner_writes_it(
+    start_broker: StartBroker,
+) -> None:
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 3)
+    owner = owner_of(brokers, "hot")
+    async with aiohttp.ClientSession() as s:
+        for i in range(30):
+            b = brokers[i % 3]
+            status, _, headers = await post(s, f"{b.url}/topics/hot/enqueue", {"payload": i})
+            assert status == 201
+            assert headers["Simplequeue-Owner"] == owner.url
+        for i in range(30):
+            b = brokers[i % 3]
+            status, body, _ = await post(s, f"{b.url}/topics/hot/claim", {"worker_id": "w"})
+            assert status == 200
+            job = body["job"]
+            ack = {"job_id": job["id"], "lease_token": job["lease_token"]}
+            status, _, _ = await post(s, f"{brokers[(i + 1) % 3].url}/topics/hot/ack", ack)
+            assert status == 200
+    written = await head(store, "hot")
+    assert list(written["writers"]) == [owner.settings.broker_id]
+    assert written["counters"]["completed"] == 30
+    assert sum(b.committer.stats.conflicts for b in brokers) == 0
+
+
+async def test_an_enqueue_without_ids_is_passed_on_with_ids(start_broker: StartBroker) -> None:
+    """A forwarded enqueue may be sent on to the next broker when the first does
+    not answer: it must then be a duplicate there, so the forwarder gives every
+    job an id before it sends it."""
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2)
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(
+            s, f"{other.url}/topics/t/enqueue", {"jobs": [{"payload": 1}, {"payload": 2}]}
+        )
+        assert status == 201 and len(set(body["ids"])) == 2
+        again = {"jobs": [{"id": i, "payload": 0} for i in body["ids"]]}
+        status, body, _ = await post(s, f"{owner.url}/topics/t/enqueue", again)
+        assert status == 200 and len(body["duplicates"]) == 2
+
+
+async def test_the_sdk_sends_a_topics_requests_straight_to_its_owner(
+    start_broker: StartBroker,
+) -> None:
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 3)
+    owner = owner_of(brokers, "orders")
+    other = next(b for b in brokers if b is not owner)
+    async with Client(other.url, topic="orders") as q:
+        await q.enqueue("first")  # through `other`, which names the owner
+        passed_on = other.forwarder.forwarded
+        for n in range(20):
+            await q.enqueue(n)
+        while job := await q.claim("w"):
+            await q.ack(job)
+        assert other.forwarder.forwarded == passed_on, "later requests went through `other`"
+        assert (await q.status())["completed"] == 21
+
+
+async def test_the_sdk_goes_back_to_its_broker_when_the_owner_stops(
+    start_broker: StartBroker,
+) -> None:
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, broker_lease=3.0)
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    async with Client(other.url, topic="t") as q:
+        await q.enqueue("a")
+        await owner.stop()  # its record goes; `other` serves the topic now
+        await other.membership.step()
+        await q.enqueue("b")
+        assert (await q.status())["pending"] == 2
+
+
+async def test_redis_clients_get_the_same_answers_through_any_broker(
+    start_broker: StartBroker,
+) -> None:
+    import redis.asyncio as redis
+
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, redis_addr="127.0.0.1:0")
+    owner = owner_of(brokers, "emails")
+    other = next(b for b in brokers if b is not owner)
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        assert await r.rpush("emails", "a", "b", "c") == 3
+        assert await r.llen("emails") == 3
+        assert await r.lpop("emails") == b"a"
+        job_id = await r.xadd("emails", {"to": "x"})
+        got = await r.xreadgroup("g", "c1", {"emails": ">"}, count=5)
+        ids = [entry[0] for entry in got[0][1]]
+        assert job_id in ids and len(ids) == 3
+        assert await r.xack("emails", "g", *ids) == 3
+        assert await r.blpop(["emails"], timeout=0.2) is None
+    finally:
+        await r.aclose()
+    assert list((await head(store, "emails"))["writers"]) == [owner.settings.broker_id]
+
+
+# --- reaping ----------------------------------------------------------------------------
+
+
+async def test_only_the_owner_reaps_and_it_reaps_what_it_was_told_of(
+    start_broker: StartBroker,
+) -> None:
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, policy=Policy(default_lease=0.3))
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    async with Client(other.url, topic="t") as q:
+        await q.enqueue("x", id="j")
+        assert await q.claim("w")
+        for _ in range(100):  # the lease runs out; the owner's duties wake for it
+            if (await q.job("j")).status == "pending":
+                break
+            await owner.committer.wait_changed("t", 0.1)
+        assert (await q.job("j")).status == "pending"
+    assert owner.duties.reaped == 1 and other.duties.reaped == 0
+
+
+async def test_a_broker_that_takes_topics_over_reaps_their_leases(
+    start_broker: StartBroker,
+) -> None:
+    """Leases written before a broker started (or before it owned the topic)
+    are found by reading each head it now owns, once."""
+    store = MemStore()
+    first = await start_broker(store, broker_id="first", policy=Policy(default_lease=0.5))
+    async with Client(first.url, topic="t") as q:
+        await q.enqueue("x", id="j")
+        assert await q.claim("w")
+    await first.stop()
+    later = await start_broker(store, broker_id="later")
+    async with Client(later.url, topic="t") as q:
+        for _ in range(100):
+            if (await q.job("j")).status == "pending":
+                break
+            await later.committer.wait_changed("t", 0.1)
+        assert (await q.job("j")).status == "pending"
+    assert later.duties.acquired >= 1
+
+
+class Counting(MemStore):
+    """A memfs store that counts requests by kind and key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[tuple[str, str]] = Counter()
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        self.calls["get", key] += 1
+        return await super().get(key)
+
+    async def put(self, key: str, data: bytes) -> str:
+        self.calls["put", key] += 1
+        return await super().put(key, data)
+
+    async def put_if(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        self.calls["put", key] += 1
+        return await super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        self.calls["list", prefix] += 1
+        return await super().list(prefix)
+
+
+async def test_an_idle_broker_reads_no_heads_however_many_topics(
+    start_broker: StartBroker,
+) -> None:
+    counting = Counting()
+    brokers = await cluster(start_broker, counting, 2)
+    async with aiohttp.ClientSession() as s:
+        for i in range(300):
+            b = brokers[i % 2]
+            status, _, _ = await post(s, f"{b.url}/topics/t{i}/enqueue", {"payload": i})
+            assert status == 201
+    before = Counter(counting.calls)
+    # Longer than a registry round and the old reaper's 5 s re-read of every head.
+    await asyncio.sleep(6)
+    made = Counter(counting.calls) - before
+    heads = sum(n for (op, key), n in made.items() if key.startswith(keys.TOPICS_PREFIX))
+    assert heads == 0, made
+    assert sum(made.values()) <= 3 * 6, made  # the registry and broker.json only
+
+
+# --- the registry -----------------------------------------------------------------------
+
+
+async def test_a_broker_is_live_while_its_record_changes_whatever_its_clock_says() -> None:
+    store = MemStore()
+    skewed = Membership(
+        store, broker_id="skewed", url="http://s", lease_s=0.6, clock=lambda: 1000.0
+    )
+    me = Membership(store, broker_id="me", url="http://m", lease_s=0.6)
+    await skewed.register()
+    await me.register()
+    await me.step()
+    assert [p.broker_id for p in me.live] == ["me", "skewed"]
+    for _ in range(4):  # renewed, with a heartbeat from 1970: live all the same
+        await asyncio.sleep(0.2)
+        await skewed.step()
+        await me.step()
+        assert [p.broker_id for p in me.live] == ["me", "skewed"]
+    await asyncio.sleep(0.7)  # no renewal for longer than its lease
+    await me.step()
+    assert [p.broker_id for p in me.live] == ["me"]
+
+
+async def test_a_broker_that_leaves_is_dropped_at_the_next_round() -> None:
+    store = MemStore()
+    a = Membership(store, broker_id="a", url="http://a", lease_s=60)
+    b = Membership(store, broker_id="b", url="http://b", lease_s=60)
+    for m in (a, b):
+        await m.register()
+    await a.step()
+    assert len(a.live) == 2
+    await b.leave()
+    await a.step()
+    assert [p.broker_id for p in a.live] == ["a"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "", ".hidden", "a" * 200, "a/b"])
+def test_broker_ids_must_be_able_to_name_a_record(bad: str) -> None:
+    from simplequeue.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest):
+        keys.registration(bad)
