@@ -5,6 +5,9 @@ the directory is fsynced, so a crash leaves either the old or the new object.
 Compare-and-write holds an OS file lock, so several processes (brokers) may
 share one directory. The ETag is derived from the bytes, so it cannot disagree
 with them. All file I/O runs in worker threads, never on the event loop.
+The store's clock is the kernel's, read from the mtime it gives each file we
+write (a process's own time.time() may be faked or skewed; the kernel's is
+what every process on the host, and an NFS server, stamps with).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,6 +34,9 @@ from simplequeue.objstore.base import ObjectStore, check_key, content_etag
 # and go, and two keys rarely share a stripe.
 LOCK_STRIPES = 256
 _META_DIR = ".simplequeue"
+# Filesystems stamp files from the kernel's coarse clock, which lags the true
+# time by up to one timer tick (10 ms at the slowest common HZ of 100).
+MTIME_RESOLUTION = 0.01
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +104,7 @@ class LocalStore(ObjectStore):
     """Objects under `root`; the key "a/b.json" is the file root/a/b.json."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        super().__init__()
         self.root = Path(root).absolute()
         self.url = f"file://{self.root}"
         self._locks = self.root / _META_DIR / "locks"
@@ -164,6 +172,7 @@ class LocalStore(ObjectStore):
 
     def _write(self, path: Path, data: bytes) -> str:
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        sent = time.monotonic()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError:  # the key's first object in a new directory
@@ -174,6 +183,10 @@ class LocalStore(ObjectStore):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            # Creating and writing the file stamped its mtime, between `sent`
+            # and now: a sample of the kernel's clock (fstat is not a write).
+            received = time.monotonic()
+            self.clock.observe(sent, received, os.fstat(fd).st_mtime_ns / 1e9, MTIME_RESOLUTION)
             os.fsync(fd)
             os.replace(tmp, path)
         except BaseException:
