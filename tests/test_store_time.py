@@ -37,8 +37,9 @@ async def test_localfs_takes_each_written_files_mtime_as_a_sample(tmp_path: Path
     await store.put("a", b"x")
     await store.put_if("topics/t.json", b"{}", if_none_match=True)
     assert store.clock.samples == 2
-    assert store.clock.uncertainty is not None and store.clock.uncertainty < 0.05
-    assert abs(store.now() - time.time()) < 0.1
+    # A 10 ms stamp bounded by how long the write took: tight, even on a busy machine.
+    assert store.clock.uncertainty is not None and store.clock.uncertainty < 0.25
+    assert abs(store.now() - time.time()) < 0.5
     await store.close()
 
 
@@ -79,7 +80,7 @@ async def test_s3_takes_the_date_of_answers_and_of_errors_as_samples(moto: bool)
         await store.put("k", b"v")
         assert store.clock.samples == 2
         # One-second stamps, each bounded by its round trip.
-        assert store.clock.uncertainty is not None and store.clock.uncertainty < 0.75
+        assert store.clock.uncertainty is not None and store.clock.uncertainty < 1
         assert abs(store.now() - time.time()) < 2
     finally:
         await store.close()
