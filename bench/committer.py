@@ -84,6 +84,7 @@ class CountingStore(ObjectStore):
     def __init__(self, inner: ObjectStore) -> None:
         self.inner = inner
         self.url = inner.url
+        self.clock = inner.clock  # the wrapped store's time, fed by its requests
         self.calls: collections.Counter[str] = collections.Counter()
         self.bytes_put = 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from simplequeue.errors import PreconditionFailed
 from simplequeue.objstore import content_etag
 from simplequeue.objstore.localfs import LocalStore
 from tests.helpers.crash_writer import check
@@ -156,4 +157,89 @@ async def test_a_new_directory_is_made_durable_in_its_parent(
     # topics/ and topics/t/ were created: each entry is fsynced in its parent,
     # then the file's own entry in topics/t/.
     assert synced == [tmp_path, tmp_path / "topics", tmp_path / "topics" / "t"]
+    await store.close()
+
+
+# --- a broker paused while it holds a lock (SPEC 4.3) -----------------------------------
+
+
+def temp_files(directory: Path) -> list[str]:
+    return [name for name in os.listdir(directory) if name.endswith(".tmp")]
+
+
+async def test_a_lock_held_by_a_stopped_process_is_store_unavailable_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    from simplequeue.errors import StoreUnavailable
+
+    key = "topics/t.json"
+    store = LocalStore(tmp_path, lock_timeout=0.5)
+    await store.put("topics/seed.json", b"{}")
+    holder = spawn("hold_lock.py", str(tmp_path), key)
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 30) == "locked\n"
+        _, status = await asyncio.to_thread(os.waitpid, holder.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        loop = asyncio.get_running_loop()
+        for attempt in (
+            lambda: store.put_if(key, b"{}", if_none_match=True),
+            lambda: store.put(key, b"{}"),
+            lambda: store.delete(key),
+        ):
+            started = loop.time()
+            with pytest.raises(StoreUnavailable, match=r"topics/t\.json.*held.*0\.5 s"):
+                await asyncio.wait_for(attempt(), 5)
+            assert loop.time() - started < 2
+        assert temp_files(tmp_path / "topics") == []
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        if holder.stdout:
+            holder.stdout.close()
+    # The lock died with its holder: writes go through again.
+    await store.put_if(key, b"{}", if_none_match=True)
+    await store.close()
+
+
+async def test_the_temp_file_is_written_and_fsynced_before_the_lock_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the compare and the rename are done under the lock; the directory
+    fsync comes after it is released, before the answer."""
+    import stat
+
+    from simplequeue.objstore import localfs
+
+    events: list[str] = []
+    real_fsync, real_lock, real_unlock = os.fsync, LocalStore._lock, LocalStore._unlock
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+
+    def lock(self: LocalStore, key: str) -> int:
+        events.append("lock")
+        return real_lock(self, key)
+
+    def unlock(fd: int) -> None:
+        events.append("unlock")
+        real_unlock(fd)
+
+    store = LocalStore(tmp_path)
+    await store.put("topics/seed.json", b"{}")
+    etag = await store.put("topics/t.json", b"v1")
+    monkeypatch.setattr(localfs.os, "fsync", fsync)
+    monkeypatch.setattr(LocalStore, "_lock", lock)
+    monkeypatch.setattr(LocalStore, "_unlock", staticmethod(unlock))
+    await store.put_if("topics/t.json", b"v2", if_match=etag)
+    assert events == ["fsync file", "lock", "unlock", "fsync dir"]
+    events.clear()
+    with pytest.raises(PreconditionFailed):
+        await store.put_if("topics/t.json", b"v3", if_match=etag)
+    assert events == ["fsync file", "lock", "unlock"]
+    assert temp_files(tmp_path / "topics") == []
+    monkeypatch.undo()
+    assert (await store.get("topics/t.json"))[0] == b"v2"
     await store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -109,6 +110,14 @@ async def test_unsafe_keys_are_rejected_and_nothing_is_written(
     with pytest.raises(InvalidKey):
         await store.get(key)
     assert await store.list() == []
+
+
+async def test_now_is_the_stores_time_which_agrees_with_ours_on_one_machine(
+    store: ObjectStore,
+) -> None:
+    await store.put("k", b"v")
+    assert abs(store.now() - time.time()) < 2
+    assert store.now() <= store.now()
 
 
 async def test_twenty_concurrent_conditional_writers_one_winner_per_round(

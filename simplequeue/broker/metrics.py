@@ -168,6 +168,7 @@ class InstrumentedStore(ObjectStore):
     def __init__(self, inner: ObjectStore, metrics: Metrics) -> None:
         self.inner = inner
         self.url = inner.url
+        self.clock = inner.clock  # the wrapped store's time, fed by its requests
         self._metrics = metrics
 
     def _observe(self, kind: str, started: float, outcome: str) -> None:

@@ -2,6 +2,8 @@
 
 Backends implement get/put/put_if/delete/list/close and raise only the store
 errors of simplequeue.errors. Nothing above this seam knows which backend runs.
+Every store also tells the time on its own clock (now()), the one clock that
+brokers whose wall clocks disagree share: times written to the store use it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 
 from simplequeue.errors import StoreError
+from simplequeue.objstore.clock import StoreClock
 
 # Keys are relative paths: no empty, "." or ".." components, no leading dot on a
 # component (localfs keeps its temp and lock files there), printable ASCII only.
@@ -41,10 +44,28 @@ def content_etag(data: bytes) -> str:
 
 
 class ObjectStore(ABC):
-    """Async key/value object storage with compare-and-set on ETags."""
+    """Async key/value object storage with compare-and-set on ETags, and a clock.
+
+    now() is the store's time in Unix seconds, estimated by `clock` from the
+    stamps the store puts on the requests this handle makes (S3's Date header,
+    the mtime the kernel gives a file written to localfs). Every handle on one
+    store agrees on it to within a second or so, whatever the local wall
+    clocks say. Before its first request a handle can only guess: now() is the
+    local wall clock until then. A wrapper around a store shares its clock.
+    """
 
     #: A URL that store_from_url() would open to reach the same data.
     url: str = ""
+    #: Fed by the backend from every answer that carries the store's time.
+    clock: StoreClock
+
+    def __init__(self) -> None:
+        self.clock = StoreClock()
+
+    def now(self) -> float:
+        """The store's time in Unix seconds: cheap (no request), never going
+        backwards once the store has answered; the local wall clock before."""
+        return self.clock.now()
 
     @abstractmethod
     async def get(self, key: str) -> tuple[bytes, str]:

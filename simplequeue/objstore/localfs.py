@@ -2,9 +2,14 @@
 
 Every write goes to a temp file that is fsynced, renamed over the key and then
 the directory is fsynced, so a crash leaves either the old or the new object.
-Compare-and-write holds an OS file lock, so several processes (brokers) may
-share one directory. The ETag is derived from the bytes, so it cannot disagree
-with them. All file I/O runs in worker threads, never on the event loop.
+Compare-and-rename holds an OS file lock, so several processes (brokers) may
+share one directory; the lock is held for nothing else, and waited for only
+`lock_timeout`, so a process paused while holding it stalls no one for long.
+The ETag is derived from the bytes, so it cannot disagree with them. All file
+I/O runs in worker threads, never on the event loop. The store's clock is the
+kernel's, read from the mtime it gives each file we write (a process's own
+time.time() may be faked or skewed; the kernel's is what every process on the
+host, and an NFS server, stamps with).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,6 +36,13 @@ from simplequeue.objstore.base import ObjectStore, check_key, content_etag
 # and go, and two keys rarely share a stripe.
 LOCK_STRIPES = 256
 _META_DIR = ".simplequeue"
+# How long a writer waits for a lock stripe before it answers StoreUnavailable:
+# well inside the committer's 10 s write budget. Held only around a compare and
+# a rename, a lock is busy that long only when its holder is stopped or stuck.
+LOCK_TIMEOUT = 5.0
+# Filesystems stamp files from the kernel's coarse clock, which lags the true
+# time by up to one timer tick (10 ms at the slowest common HZ of 100).
+MTIME_RESOLUTION = 0.01
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +107,14 @@ def _stamp(st: os.stat_result) -> tuple[int, ...]:
 
 
 class LocalStore(ObjectStore):
-    """Objects under `root`; the key "a/b.json" is the file root/a/b.json."""
+    """Objects under `root`; the key "a/b.json" is the file root/a/b.json.
+    A write or delete that cannot get its key's lock within `lock_timeout`
+    seconds raises StoreUnavailable."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, lock_timeout: float = LOCK_TIMEOUT) -> None:
+        super().__init__()
         self.root = Path(root).absolute()
+        self.lock_timeout = lock_timeout
         self.url = f"file://{self.root}"
         self._locks = self.root / _META_DIR / "locks"
         self._ready = False
@@ -130,11 +147,34 @@ class LocalStore(ObjectStore):
         n = int.from_bytes(stripe, "big") % LOCK_STRIPES
         fd = os.open(self._locks / f"{n:03d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._wait_for_lock(fd, key)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _wait_for_lock(self, fd: int, key: str) -> None:
+        # A blocking flock would wait for ever on a holder that is SIGSTOPped:
+        # poll instead, so that the wait is bounded and the thread comes back.
+        deadline = time.monotonic() + self.lock_timeout
+        pause = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+        log.warning(
+            "localfs %s: the lock of %s stayed taken for %g s", self.root, key, self.lock_timeout
+        )
+        raise StoreUnavailable(
+            f"localfs {self.root}: the lock of {key} has been held by another process "
+            f"for {self.lock_timeout:g} s (is a broker paused or stuck?)"
+        )
 
     @staticmethod
     def _unlock(fd: int) -> None:
@@ -162,27 +202,30 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def _write(self, path: Path, data: bytes) -> str:
+    def _write_temp(self, path: Path, data: bytes) -> tuple[Path, int, str]:
+        """Write `data` to a new temp file beside `path` and fsync it: (its path,
+        its open descriptor, the ETag). Needs no lock: nobody else knows it."""
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        sent = time.monotonic()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError:  # the key's first object in a new directory
             self._make_dirs(path.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        etag = content_etag(data)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            # Creating and writing the file stamped its mtime, between `sent`
+            # and now: a sample of the kernel's clock (fstat is not a write).
+            received = time.monotonic()
+            self.clock.observe(sent, received, os.fstat(fd).st_mtime_ns / 1e9, MTIME_RESOLUTION)
             os.fsync(fd)
-            os.replace(tmp, path)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        self._fsync_dir(path.parent)
-        self._written.remember(path, fd, etag)  # keeps fd open, or closes it
-        return etag
+        return tmp, fd, content_etag(data)
 
     def _make_dirs(self, directory: Path) -> None:
         """Create `directory` and the parents it lacks, each made durable: a new
@@ -208,29 +251,52 @@ class LocalStore(ObjectStore):
         self, key: str, data: bytes, if_match: str | None, if_none_match: bool, conditional: bool
     ) -> str:
         path = self._path(key)
-        fd = self._lock(key)
+        # The slow, pause-prone part (writing and fsyncing the data) is done
+        # before the lock: under it are only the compare and the rename.
+        tmp, fd, etag = self._write_temp(path, data)
         try:
-            if conditional:
-                current = self._current_etag(path)
-                if if_none_match and current is not None:
-                    raise PreconditionFailed(f"{key} exists")
-                if if_match is not None and current != if_match:
-                    raise PreconditionFailed(f"{key} changed")
-            return self._write(path, data)
-        finally:
-            self._unlock(fd)
+            lock = self._lock(key)
+            try:
+                if conditional:
+                    current = self._current_etag(path)
+                    if if_none_match and current is not None:
+                        raise PreconditionFailed(f"{key} exists")
+                    if if_match is not None and current != if_match:
+                        raise PreconditionFailed(f"{key} changed")
+                os.replace(tmp, path)
+            finally:
+                self._unlock(lock)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        # The rename is durable only once the directory is fsynced, and that is
+        # done after the lock is released. Safe: nobody has been answered yet
+        # (we answer after this fsync), and whoever sees the renamed file
+        # before then and builds on it (a writer whose If-Match is our ETag)
+        # fsyncs this same directory before answering, which makes its rename
+        # and ours durable. Readers never took the lock, so they could always
+        # see a rename before its directory fsync.
+        try:
+            self._fsync_dir(path.parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._written.remember(path, fd, etag)  # keeps fd open, or closes it
+        return etag
 
     def _delete_sync(self, key: str) -> None:
         path = self._path(key)
-        fd = self._lock(key)
-        self._written.forget(path)
+        lock = self._lock(key)
         try:
-            path.unlink()
-            self._fsync_dir(path.parent)
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+            self._written.forget(path)
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                return
         finally:
-            self._unlock(fd)
+            self._unlock(lock)
+        self._fsync_dir(path.parent)  # after the release, as for a write
 
     def _list_sync(self, prefix: str) -> list[str]:
         keys: list[str] = []

@@ -1,7 +1,8 @@
 """memfs: an in-process object store. Nothing survives the process.
 
 For tests and throwaway brokers. It honours the same contract as the durable
-backends, so code above the seam cannot tell it apart.
+backends, so code above the seam cannot tell it apart. Its clock is the
+process's own wall clock: every handle on it lives in one process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class MemStore(ObjectStore):
     is atomic with respect to other coroutines."""
 
     def __init__(self, name: str = "") -> None:
+        super().__init__()  # a clock never fed a sample: now() is time.time()
         self.url = f"mem://{name}"
         self._objects: dict[str, tuple[bytes, str]] = _NAMED.setdefault(name, {}) if name else {}
 

@@ -12,14 +12,21 @@ once, and the committer resolves it by reading the head back (the write id
 in it says whether it landed). Only failures before the request was sent,
 and answers S3 gave, are retried. A retried conditional PUT whose first
 attempt landed unseen answers 412, which the committer resolves the same way.
+
+The store's clock is S3's: the Date header of every answer, errors included,
+is a sample for it, bounded by the monotonic times the call was made and
+answered (botocore's before-call and after-call events on our client).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import aiohttp
@@ -45,6 +52,12 @@ from simplequeue.errors import (
 from simplequeue.objstore.base import ObjectStore, check_key
 
 T = TypeVar("T")
+
+# An HTTP Date header counts whole seconds.
+DATE_RESOLUTION = 1.0
+# Where the before-call hook leaves the monotonic time a call set out, in the
+# request context botocore hands to both hooks of one call.
+_SENT = "simplequeue_sent"
 
 _LOST_RACE_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -83,6 +96,19 @@ def _code(exc: ClientError) -> str:
     return code
 
 
+def date_of(response: Mapping[str, Any]) -> float | None:
+    """The Date header of a botocore response (or of a ClientError's
+    `response`) in Unix seconds; None when it is missing or unreadable."""
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    try:
+        date = parsedate_to_datetime(headers["date"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if date.tzinfo is None:  # "-0000": UTC, says RFC 5322, with no source zone
+        date = date.replace(tzinfo=UTC)
+    return date.timestamp()
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: 5xx, throttling, timeouts, lost connections."""
     if isinstance(exc, ClientError):
@@ -114,6 +140,7 @@ class S3Store(ObjectStore):
     """Objects under `s3://bucket/prefix/`; the client opens on first use."""
 
     def __init__(self, settings: S3Settings) -> None:
+        super().__init__()
         self.settings = settings
         prefix = settings.prefix.strip("/")
         self._prefix = f"{prefix}/" if prefix else ""
@@ -138,7 +165,7 @@ class S3Store(ObjectStore):
                         retries={"total_max_attempts": 1, "mode": "standard"},
                         max_pool_connections=s.max_connections,
                     )
-                    self._client = await self._stack.enter_async_context(
+                    client = await self._stack.enter_async_context(
                         get_session().create_client(
                             "s3",
                             endpoint_url=s.endpoint_url,
@@ -146,7 +173,24 @@ class S3Store(ObjectStore):
                             config=config,
                         )
                     )
+                    # Every call of every operation, each page of a listing and
+                    # each retry, passes these two events, answered or refused;
+                    # _call only sees what the operation made of the answer.
+                    client.meta.events.register("before-call.s3", self._call_sent)
+                    client.meta.events.register("after-call.s3", self._call_answered)
+                    self._client = client
         return self._client
+
+    @staticmethod
+    def _call_sent(context: dict[str, Any], **_: Any) -> None:
+        context[_SENT] = time.monotonic()
+
+    def _call_answered(self, parsed: Mapping[str, Any], context: dict[str, Any], **_: Any) -> None:
+        received = time.monotonic()
+        sent = context.get(_SENT)
+        stamp = date_of(parsed)
+        if sent is not None and stamp is not None:
+            self.clock.observe(sent, received, stamp, DATE_RESOLUTION)
 
     async def _call(self, op: Callable[[Any], Awaitable[T]], conditional: bool = False) -> T:
         """Run `op(client)` with bounded, jittered retries of transient failures.

@@ -1,0 +1,107 @@
+"""The store's clock, estimated from the times the store stamps on our requests.
+
+Brokers' wall clocks may disagree by any amount; the store's clock is the one
+they share. StoreClock keeps an interval holding (store time - local monotonic
+time) from samples (an S3 Date header, a file's mtime) and answers now() from
+it. Pure arithmetic: it never does I/O and never reads the store itself.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+class _Sample(NamedTuple):
+    received: float  # local monotonic time the answer came back
+    low: float  # bounds of (store time - local monotonic time) this sample allows
+    high: float
+
+
+class StoreClock:
+    """An estimate of the store's time in Unix seconds.
+
+    Each sample says: the store stamped `stamp` (truncated to `resolution`) at
+    some instant between `sent` and `received` on our monotonic clock, so the
+    offset lies in [stamp - received, stamp + resolution - sent]. The estimate
+    is the intersection of the recent samples that agree with the newest one
+    (at most `window` of them, none older than `horizon` seconds before it);
+    a sample that contradicts older ones (the store's clock was set, or our
+    monotonic clock drifted) wins and the older ones are dropped.
+
+    now() is monotonic time plus the middle of that interval, and never goes
+    backwards once a sample exists: a store whose clock is set back leaves
+    now() standing until the store catches up. Before the first sample, now()
+    is the local wall clock (time.time()), a guess that the first sample
+    replaces, forwards or backwards.
+
+    Thread-safe: localfs observes from worker threads while the loop reads.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = 64,
+        horizon: float = 300.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._window = window
+        self._horizon = horizon
+        self._monotonic = monotonic
+        self._wall = wall
+        self._samples: deque[_Sample] = deque()
+        self._low = self._high = 0.0
+        self._last = -float("inf")
+        self._lock = threading.Lock()
+
+    def observe(self, sent: float, received: float, stamp: float, resolution: float) -> None:
+        """Add a sample: the store's time was in [stamp, stamp + resolution) at
+        an instant between the local monotonic times `sent` and `received`."""
+        if received < sent or resolution < 0:
+            raise ValueError(
+                f"a sample needs sent <= received and resolution >= 0, "
+                f"got sent={sent}, received={received}, resolution={resolution}"
+            )
+        new = _Sample(received, stamp - received, stamp + resolution - sent)
+        with self._lock:
+            if not self._samples:
+                self._last = -float("inf")  # the wall-clock guess gives way
+            kept, low, high = [new], new.low, new.high
+            for old in reversed(self._samples):
+                if len(kept) >= self._window or new.received - old.received > self._horizon:
+                    break
+                narrower = max(low, old.low), min(high, old.high)
+                if narrower[0] > narrower[1]:
+                    break  # this one and all before it disagree with the newer ones
+                low, high = narrower
+                kept.append(old)
+            kept.reverse()
+            self._samples = deque(kept)
+            self._low, self._high = low, high
+
+    def now(self) -> float:
+        """The store's time in Unix seconds (the local wall clock before any sample)."""
+        with self._lock:
+            if self._samples:
+                estimate = self._monotonic() + (self._low + self._high) / 2
+            else:
+                estimate = self._wall()
+            self._last = max(self._last, estimate)
+            return self._last
+
+    @property
+    def uncertainty(self) -> float | None:
+        """Half the width of the interval the offset lies in (seconds); None
+        before the first sample."""
+        with self._lock:
+            return (self._high - self._low) / 2 if self._samples else None
+
+    @property
+    def samples(self) -> int:
+        """How many samples the current estimate rests on."""
+        with self._lock:
+            return len(self._samples)

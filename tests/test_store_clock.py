@@ -1,0 +1,188 @@
+"""StoreClock: the store's time estimated from stamps the store put on our requests.
+
+Every case drives the clock with fake monotonic and wall clocks, so the numbers
+are exact and nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from simplequeue.objstore.clock import StoreClock
+
+
+class FakeTime:
+    """A local monotonic clock that only moves when told, and a wall clock."""
+
+    def __init__(self, mono: float = 100.0, wall: float = 1_700_000_000.0) -> None:
+        self.mono, self.wall = mono, wall
+
+    def clock(self, **kwargs: float | int) -> StoreClock:
+        return StoreClock(monotonic=lambda: self.mono, wall=lambda: self.wall, **kwargs)
+
+
+def request(
+    clock: StoreClock, t: FakeTime, store_offset: float, rtt: float, resolution: float, at: float
+) -> None:
+    """One request sent at local `t.mono`, answered `rtt` later; the store stamped
+    it at the fraction `at` of the way, truncated to `resolution` (as a Date
+    header truncates to the second)."""
+    sent = t.mono
+    served = sent + at * rtt + store_offset
+    stamp = math.floor(served / resolution) * resolution
+    t.mono += rtt
+    clock.observe(sent, t.mono, stamp, resolution)
+
+
+def test_without_samples_now_is_the_local_wall_clock() -> None:
+    t = FakeTime()
+    clock = t.clock()
+    assert clock.now() == t.wall
+    assert clock.uncertainty is None
+    assert clock.samples == 0
+
+
+def test_one_sample_bounds_the_offset_by_its_round_trip_and_resolution() -> None:
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    clock.observe(sent=100.0, received=100.2, stamp=5000.0, resolution=1.0)
+    # offset in [5000 - 100.2, 5001 - 100.0] = [4899.8, 4901.0]
+    assert clock.uncertainty == pytest.approx(0.6)
+    t.mono = 110.0
+    assert clock.now() == pytest.approx(110.0 + 4900.4)
+    assert clock.samples == 1
+
+
+def test_samples_are_intersected() -> None:
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    clock.observe(sent=100.0, received=100.2, stamp=5000.0, resolution=1.0)  # [4899.8, 4901.0]
+    clock.observe(sent=101.5, received=101.6, stamp=5001.0, resolution=1.0)  # [4899.4, 4900.5]
+    assert clock.uncertainty == pytest.approx(0.35)  # [4899.8, 4900.5]
+    t.mono = 102.0
+    assert clock.now() == pytest.approx(102.0 + 4900.15)
+    assert clock.samples == 2
+
+
+def test_one_second_stamps_converge_to_well_under_a_second() -> None:
+    rng = random.Random(7)
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    offset = 1_700_000_123.456 - 100.0  # the store is ahead of local monotonic by this
+    for _ in range(64):
+        t.mono += rng.uniform(0.0, 2.0)  # requests at every phase of the store's second
+        request(clock, t, offset, rtt=rng.uniform(0.002, 0.02), resolution=1.0, at=rng.random())
+    assert clock.uncertainty is not None and clock.uncertainty < 0.05
+    assert abs(clock.now() - (t.mono + offset)) < 0.05
+
+
+def test_localfs_like_samples_converge_to_their_resolution() -> None:
+    rng = random.Random(8)
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    offset = 1_700_000_000.0
+    for _ in range(20):
+        t.mono += rng.uniform(0.0, 0.5)
+        request(clock, t, offset, rtt=rng.uniform(0.0001, 0.002), resolution=0.01, at=rng.random())
+    assert clock.uncertainty is not None and clock.uncertainty < 0.01
+    assert abs(clock.now() - (t.mono + offset)) < 0.01
+
+
+def test_a_jump_of_the_store_clock_starts_again_from_the_newest_sample() -> None:
+    rng = random.Random(9)
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    offset = 5000.0
+    for _ in range(30):
+        t.mono += 1.0
+        request(clock, t, offset, rtt=0.01, resolution=1.0, at=rng.random())
+    assert clock.samples == 30
+    offset += 30.0  # someone set the store's clock forward
+    t.mono += 1.0
+    request(clock, t, offset, rtt=0.01, resolution=1.0, at=0.5)
+    assert clock.samples == 1
+    assert abs(clock.now() - (t.mono + offset)) <= 0.51
+    for _ in range(30):
+        t.mono += rng.uniform(0.0, 2.0)
+        request(clock, t, offset, rtt=0.01, resolution=1.0, at=rng.random())
+    assert clock.samples == 31
+    assert abs(clock.now() - (t.mono + offset)) < 0.05
+
+
+def test_a_sample_that_disagrees_only_with_old_ones_keeps_the_recent_ones() -> None:
+    # Local monotonic drifting against the store: the newest samples still agree
+    # with each other; only the oldest ones no longer fit.
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=0.01)  # [4900, 4900.01]
+    clock.observe(sent=101.0, received=101.0, stamp=5001.005, resolution=0.01)  # [4900.005, ...]
+    clock.observe(sent=102.0, received=102.0, stamp=5002.012, resolution=0.01)  # [4900.012, ...]
+    assert clock.samples == 2
+    assert clock.uncertainty == pytest.approx(0.0015)  # [4900.012, 4900.015]
+
+
+def test_now_never_goes_backwards() -> None:
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=1.0)  # mid 4900.5
+    before = clock.now()
+    # The store's clock was set back 10 s: the estimate moves back, now() waits for it.
+    clock.observe(sent=100.0, received=100.0, stamp=4990.0, resolution=1.0)
+    assert clock.samples == 1
+    assert clock.now() == before
+    t.mono += 5.0
+    assert clock.now() == before
+    t.mono += 10.0
+    assert clock.now() == pytest.approx(t.mono + 4890.5)
+    assert clock.now() > before
+
+
+def test_a_narrowing_interval_does_not_move_now_backwards() -> None:
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=1.0)  # [4900, 4901]
+    first = clock.now()  # 100 + 4900.5
+    clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=0.1)  # [4900, 4900.1]
+    assert clock.now() == first
+    t.mono += 1.0
+    assert clock.now() == pytest.approx(101.0 + 4900.05)
+
+
+def test_the_first_sample_replaces_the_wall_clock_guess_even_behind_it() -> None:
+    t = FakeTime(mono=100.0, wall=6000.0)
+    clock = t.clock()
+    assert clock.now() == 6000.0
+    clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=1.0)
+    assert clock.now() == pytest.approx(5000.5)
+
+
+def test_the_wall_clock_fallback_is_monotone_too() -> None:
+    t = FakeTime(wall=6000.0)
+    clock = t.clock()
+    assert clock.now() == 6000.0
+    t.wall = 5990.0  # NTP stepped the local clock back
+    assert clock.now() == 6000.0
+
+
+def test_the_window_is_bounded_in_count_and_age() -> None:
+    t = FakeTime(mono=100.0)
+    clock = t.clock(window=8, horizon=60.0)
+    for _ in range(20):
+        t.mono += 1.0
+        request(clock, t, 5000.0, rtt=0.0, resolution=1.0, at=0.0)
+    assert clock.samples == 8
+    t.mono += 100.0  # everything before is now older than the horizon
+    request(clock, t, 5000.0, rtt=0.0, resolution=1.0, at=0.0)
+    assert clock.samples == 1
+
+
+def test_a_sample_received_before_it_was_sent_is_refused() -> None:
+    clock = FakeTime().clock()
+    with pytest.raises(ValueError):
+        clock.observe(sent=2.0, received=1.0, stamp=5000.0, resolution=1.0)
+    with pytest.raises(ValueError):
+        clock.observe(sent=1.0, received=2.0, stamp=5000.0, resolution=-1.0)
+    assert clock.samples == 0

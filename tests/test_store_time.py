@@ -1,0 +1,171 @@
+"""ObjectStore.now(): every backend tells the store's time, taken from the stamps
+the store puts on our requests (S3's Date header, a written file's mtime), so
+that a process whose own clock is wrong still agrees with the others.
+
+The proof runs a process under libfaketime with its wall clock moved back 60 s.
+Without the `faketime` command that case skips, unless
+SIMPLEQUEUE_REQUIRE_FAKETIME=1 (bin/test sets it after bin/install-faketime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simplequeue.objstore import ObjectNotFound
+from simplequeue.objstore.localfs import LocalStore
+from simplequeue.objstore.s3 import S3Store, date_of
+from tests.conftest import open_s3
+
+HELPERS = Path(__file__).parent / "helpers"
+ROOT = Path(__file__).parent.parent
+
+
+# --- localfs: the kernel's stamp on the file just written ----------------------------
+
+
+async def test_localfs_takes_each_written_files_mtime_as_a_sample(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    await store.put("a", b"x")
+    await store.put_if("topics/t.json", b"{}", if_none_match=True)
+    assert store.clock.samples == 2
+    # A 10 ms stamp bounded by how long the write took: tight, even on a busy machine.
+    assert store.clock.uncertainty is not None and store.clock.uncertainty < 0.25
+    assert abs(store.now() - time.time()) < 0.5
+    await store.close()
+
+
+async def test_a_localfs_store_that_never_wrote_tells_the_wall_clock(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    with pytest.raises(ObjectNotFound):
+        await store.get("a")
+    assert store.clock.samples == 0
+    assert abs(store.now() - time.time()) < 0.1
+
+
+async def test_the_brokers_instrumented_store_tells_the_wrapped_stores_time(
+    tmp_path: Path,
+) -> None:
+    from simplequeue.broker.metrics import InstrumentedStore, Metrics
+
+    inner = LocalStore(tmp_path)
+    store = InstrumentedStore(inner, Metrics())
+    await store.put("a", b"x")
+    assert store.clock is inner.clock
+    assert inner.clock.samples == 1
+    await store.close()
+
+
+# --- s3: the Date header of every answer, errors too --------------------------------------
+
+
+@pytest.mark.parametrize("moto", [False, True], ids=["localstack", "moto"])
+async def test_s3_takes_the_date_of_answers_and_of_errors_as_samples(moto: bool) -> None:
+    seeded = await open_s3(moto=moto)  # makes the bucket
+    await seeded.close()
+    assert isinstance(seeded, S3Store)
+    store = S3Store(seeded.settings)
+    try:
+        with pytest.raises(ObjectNotFound):
+            await store.get("missing")  # a 404: botocore raises, the Date still counts
+        assert store.clock.samples == 1
+        await store.put("k", b"v")
+        assert store.clock.samples == 2
+        # One-second stamps, each bounded by its round trip.
+        assert store.clock.uncertainty is not None and store.clock.uncertainty < 1
+        assert abs(store.now() - time.time()) < 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (
+            {"ResponseMetadata": {"HTTPHeaders": {"date": "Wed, 02 Dec 2026 11:58:24 GMT"}}},
+            1796212704.0,
+        ),
+        (
+            {"ResponseMetadata": {"HTTPHeaders": {"date": "Wed, 02 Dec 2026 11:58:24 -0000"}}},
+            1796212704.0,
+        ),
+        ({"ResponseMetadata": {"HTTPHeaders": {"date": "yesterday"}}}, None),
+        ({"ResponseMetadata": {"HTTPHeaders": {"date": ""}}}, None),
+        ({"ResponseMetadata": {"HTTPHeaders": {}}}, None),
+        ({"ResponseMetadata": {}}, None),
+        ({}, None),
+    ],
+)
+def test_a_missing_or_unreadable_date_is_ignored(
+    response: dict[str, Any], expected: float | None
+) -> None:
+    assert date_of(response) == expected
+
+
+# --- the proof: a process with its clock moved ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def faketime() -> str:
+    path = shutil.which("faketime")
+    if path is None:
+        if os.environ.get("SIMPLEQUEUE_REQUIRE_FAKETIME") == "1":
+            pytest.fail("faketime is missing but required: run bin/install-faketime")
+        pytest.skip("faketime is missing: bin/install-faketime installs it")
+    return path
+
+
+async def test_a_process_whose_clock_is_60_s_behind_still_tells_the_stores_time(
+    faketime: str, tmp_path: Path
+) -> None:
+    seeded = await open_s3()
+    await seeded.close()
+    assert isinstance(seeded, S3Store)
+    s = seeded.settings
+    assert s.endpoint_url is not None
+    env = {
+        **os.environ,
+        # asyncio and our clock samples run on the monotonic clock: keep it real.
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        # Some libfaketime builds shift the times stat() returns by the same
+        # offset: a tool artifact, a machine whose clock is off sees the kernel's.
+        "NO_FAKE_STAT": "1",
+    }
+    child = await asyncio.create_subprocess_exec(
+        faketime,
+        "-f",
+        "-60s",
+        sys.executable,
+        str(HELPERS / "store_now.py"),
+        str(tmp_path),
+        s.endpoint_url,
+        s.bucket,
+        s.prefix,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 60)
+        ours, our_monotonic = time.time(), time.monotonic()
+        if not line:
+            raise AssertionError(f"the child printed nothing: {await child.stderr.read()!r}")
+        theirs = json.loads(line)
+    finally:
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
+    assert abs(theirs["time"] - (ours - 60)) < 2, "the child's wall clock was not moved"
+    assert abs(theirs["monotonic"] - our_monotonic) < 2, "the child's monotonic clock moved"
+    assert abs(theirs["localfs_now"] - ours) < 2
+    assert abs(theirs["s3_now"] - ours) < 2
