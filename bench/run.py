@@ -97,7 +97,7 @@ def render(sections: list[Section], command: str, quick: bool, wall: float) -> s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, about 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="small counts, about 4 minutes")
     parser.add_argument(
         "--parts",
         type=parse_parts,
