@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -90,8 +91,11 @@ class Budget:
         return n
 
 
-def process_cpu(pid: int | None) -> float:
-    """User + system CPU seconds of process `pid` (all its threads), 0 without one."""
+def process_cpu(pid: int | list[int] | None) -> float:
+    """User + system CPU seconds of process `pid` (all its threads), or of every
+    process of a list of pids together; 0 without one."""
+    if isinstance(pid, list):
+        return sum(process_cpu(p) for p in pid)
     if not pid:
         return 0.0
     try:
@@ -102,10 +106,11 @@ def process_cpu(pid: int | None) -> float:
 
 
 async def measure(
-    window: Window, loops: Iterable[Awaitable[None]], server_pid: int | None = None
+    window: Window, loops: Iterable[Awaitable[None]], server_pid: int | list[int] | None = None
 ) -> Window:
     """Run the loops together; the window spans their start to the last one's end.
-    With `server_pid`, the server's CPU over the same window is taken too."""
+    With `server_pid` (one pid or a list: several brokers), the server's CPU over
+    the same window is taken too."""
     server0 = process_cpu(server_pid)
     cpu0 = time.process_time()
     window.started = time.perf_counter()
@@ -132,20 +137,29 @@ async def warm_up(session: aiohttp.ClientSession, base: str, n: int) -> None:
 
 
 async def http_round(cfg: dict[str, Any]) -> dict[str, Any]:
-    """`concurrency` loops of single enqueues, or of claim + ack cycles."""
-    base, topic, c = cfg["url"], cfg["topic"], int(cfg["concurrency"])
+    """`concurrency` loops of single enqueues, or of claim + ack cycles. With
+    `urls` (several brokers) and `topics`, loop i sends to urls[i % len(urls)]
+    and topic topics[i % len(topics)]; else to `url` and `topic`. Answers other
+    than the expected ones are counted by status in `statuses`."""
+    urls: list[str] = cfg.get("urls") or [cfg["url"]]
+    topics: list[str] = cfg.get("topics") or [cfg["topic"]]
+    c = int(cfg["concurrency"])
     budget_ops, seconds = int(cfg["max_ops"]), float(cfg["seconds"])
     size = int(cfg.get("payload_bytes", 0))
-    enqueue_url = f"{base}/topics/{topic}/enqueue"
-    claim_url, ack_url = f"{base}/topics/{topic}/claim", f"{base}/topics/{topic}/ack"
     w = Window()
+    statuses: Counter[str] = Counter()
     connector = aiohttp.TCPConnector(limit=c)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await warm_up(session, base, c)
+        for base in urls:
+            await warm_up(session, base, -(-c // len(urls)))
         budget = Budget(budget_ops, seconds)
         counter = itertools.count()
 
+        def route(i: int, verb: str) -> str:
+            return f"{urls[i % len(urls)]}/topics/{topics[i % len(topics)]}/{verb}"
+
         async def enqueue_loop(i: int) -> None:
+            enqueue_url = route(i, "enqueue")
             while budget.take():
                 job = {"id": uuid.uuid4().hex, "payload": payload(next(counter), size)}
                 body = orjson.dumps(job)
@@ -156,8 +170,11 @@ async def http_round(cfg: dict[str, Any]) -> dict[str, Any]:
                 w.record("enqueue", time.perf_counter() - t0)
                 w.ops += ok
                 w.errors += not ok
+                if not ok:
+                    statuses[f"enqueue {r.status}"] += 1
 
         async def cycle_loop(i: int) -> None:
+            claim_url, ack_url = route(i, "claim"), route(i, "ack")
             claim_body = orjson.dumps({"worker_id": f"bench-{i}", "lease": 60})
             while budget.take():
                 t0 = time.perf_counter()
@@ -171,6 +188,7 @@ async def http_round(cfg: dict[str, Any]) -> dict[str, Any]:
                     return
                 if status != 200:
                     w.errors += 1
+                    statuses[f"claim {status}"] += 1
                     continue
                 job = orjson.loads(raw)["job"]
                 ack = orjson.dumps({"job_id": job["id"], "lease_token": job["lease_token"]})
@@ -182,9 +200,33 @@ async def http_round(cfg: dict[str, Any]) -> dict[str, Any]:
                 w.record("cycle", t2 - t0)
                 w.ops += ok
                 w.errors += not ok
+                if not ok:
+                    statuses[f"ack {r.status}"] += 1
 
         loop = enqueue_loop if cfg["op"] == "enqueue" else cycle_loop
         await measure(w, (loop(i) for i in range(c)), cfg.get("server_pid"))
+    return w.answer(statuses=dict(statuses))
+
+
+async def seed_topics(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One enqueue into each of `topics`, through `urls` in turn, `concurrency` at
+    a time: topics that exist in the store (not measured)."""
+    urls, topics = cfg["urls"], cfg["topics"]
+    todo = iter(enumerate(topics))
+    w = Window()
+    async with aiohttp.ClientSession() as session:
+
+        async def loop() -> None:
+            for i, topic in todo:
+                url = f"{urls[i % len(urls)]}/topics/{topic}/enqueue"
+                body = orjson.dumps({"payload": payload(i)})
+                async with session.post(url, data=body, headers=JSON) as r:
+                    await r.read()
+                    if r.status != 201:
+                        raise RuntimeError(f"seed_topics: {topic}: HTTP {r.status}")
+                w.ops += 1
+
+        await measure(w, (loop() for _ in range(int(cfg.get("concurrency", 16)))))
     return w.answer()
 
 
@@ -353,16 +395,17 @@ async def probe_round(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 async def drain(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Claim and ack what is left in the topic, 1000 at a time (not measured)."""
-    base, topic = cfg["url"], cfg["topic"]
+    """Claim and ack what is left in the topic (or in each of `topics`, all at
+    once), 1000 at a time (not measured)."""
+    base = cfg["url"]
     w = Window()
     async with aiohttp.ClientSession() as session:
 
-        async def loop() -> None:
+        async def loop(topic: str) -> None:
             while jobs := await claim_batch(session, base, topic, "bench-drain", 1000, 60):
                 w.ops += await ack_batch(session, base, topic, jobs)
 
-        await measure(w, [loop()])
+        await measure(w, [loop(t) for t in cfg.get("topics") or [cfg["topic"]]])
     return w.answer()
 
 
@@ -605,6 +648,7 @@ ASYNC_COMMANDS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]
     "fill_completed": fill_completed,
     "probe": probe_round,
     "drain": drain,
+    "seed_topics": seed_topics,
     "resp": resp_round,
     "sq_e2e": sq_e2e,
     "arq_e2e": arq_e2e,

@@ -3,7 +3,8 @@
 `LoadGen` is the orchestrator's handle on a bench/loadgen.py process (one JSON
 command per line, one JSON answer per line). `Cell` adds up the rounds of one
 measurement (operations, time, latencies, the generator's and the server's CPU).
-`store_requests` reads a broker's store-request counters from its /metrics.
+`store_requests` reads a broker's store-request counters from its /metrics;
+`proxy_counts` what bench/s3proxy.py counted.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ _COUNTERS = {
     "segments": "simplequeue_commit_segments_written_total",
     "bytes_written": "simplequeue_commit_bytes_written_total",  # heads and segments
     "head_bytes": "simplequeue_commit_head_bytes_written_total",
+    "conflicts": "simplequeue_commit_conflicts_total",  # compare-and-set races lost
     "cache_used": 'simplequeue_cache_bytes{kind="used"}',  # a gauge: its delta means little
     "put_if_seconds": 'simplequeue_store_request_seconds_sum{kind="put_if"}',
     "put_if_count": 'simplequeue_store_request_seconds_count{kind="put_if"}',
@@ -209,6 +211,23 @@ def store_requests(url: str) -> dict[str, float]:
             if name == metric:
                 out[key] = float(value)
     return out
+
+
+def proxy_counts(url: str) -> dict[str, dict[str, float]]:
+    """The answers bench/s3proxy.py passed on so far: {bucket: {"PUT 412": n, ...}}."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url + "/_bench/counts", timeout=30) as r:
+        got: dict[str, dict[str, float]] = json.loads(r.read())
+    return got
+
+
+def proxy_latencies(url: str) -> dict[str, dict[str, dict[str, float]]]:
+    """The latencies bench/s3proxy.py served so far, and LocalStack's own part of
+    them, by operation: {"served": {"PUT": {"n", "p50", "p99"}}, "upstream": {...}}."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url + "/_bench/profiles", timeout=30) as r:
+        got: dict[str, dict[str, dict[str, float]]] = json.loads(r.read())
+    return {"served": got["served"], "upstream": got["upstream"]}
 
 
 def per_write(d: dict[str, float]) -> tuple[float, float]:

@@ -1,6 +1,6 @@
 """The parts of bin/bench, each a function (Plan, Context) -> Section: issue 8's
 five (HTTP, end to end, depth, cost, RESP), then SPEC 4.1's bounded-state figures
-(6 in-flight depth, 7 retention).
+(6 in-flight depth, 7 retention), then S3's latency (8, in bench/s3latency.py).
 
 Every comparison is a ratio of figures measured in the same run, with the things
 compared interleaved round by round (A B A B), because the machines are shared and
@@ -32,6 +32,7 @@ from bench.measure import (
     timed_call,
 )
 from bench.report import Section, Target, ms, num, pct, ratio, table
+from bench.s3latency import part_s3_latency
 from bench.servers import (
     Server,
     redis_server_path,
@@ -67,6 +68,10 @@ class Plan:
     retention_records: int  # completed records part 7 pushes one topic to
     retention_rounds: int
     retention_probes: int  # requests per operation, topic and round
+    s3lat_seconds: float  # part 8: per round, at most
+    s3lat_rounds: int  # per load
+    s3lat_idle: float  # seconds the idle set-up is watched ...
+    s3lat_idle_settle: float  # ... after this long
     concurrencies: tuple[int, ...] = (1, 16, 64)
     e2e_producers: int = 16  # enqueues in flight, for every system
     e2e_workers: int = 16  # jobs in flight in the worker, for every system
@@ -85,6 +90,11 @@ class Plan:
     retention_seconds: float = 86_400.0
     retention_cache_mb: int = 64
     retention_concurrency: int = 16
+    s3lat_concurrencies: tuple[int, ...] = (64, 256)
+    s3lat_brokers: int = 3
+    s3lat_topics: int = 16
+    s3lat_idle_brokers: int = 2
+    s3lat_idle_topics: int = 300
 
 
 FULL = Plan(
@@ -107,6 +117,10 @@ FULL = Plan(
     retention_records=1_000_000,
     retention_rounds=3,
     retention_probes=2_000,
+    s3lat_seconds=5.0,
+    s3lat_rounds=3,
+    s3lat_idle=30.0,
+    s3lat_idle_settle=12.0,
 )
 QUICK = Plan(
     quick=True,
@@ -128,6 +142,10 @@ QUICK = Plan(
     retention_records=100_000,
     retention_rounds=2,
     retention_probes=500,
+    s3lat_seconds=1.0,
+    s3lat_rounds=2,
+    s3lat_idle=4.0,
+    s3lat_idle_settle=0.0,
 )
 
 
@@ -1184,4 +1202,5 @@ PARTS: dict[int, Part] = {
     5: part_resp,
     6: part_inflight,
     7: part_retention,
+    8: part_s3_latency,
 }

@@ -5,7 +5,8 @@ Parts: 1 HTTP (localfs) against the ceiling; 2 end to end through the SDK Worker
 against Huey (SQLite) and arq (Redis); 3 depth (1k, 10k, 100k pending); 4 store
 requests and dollars per job on LocalStack S3; 5 the RESP listener against HTTP;
 6 a topic with 100k jobs pending and 100k in flight against an empty one; 7 a topic
-with 1M retained records against one with 1k (SPEC section 4.1's first two figures).
+with 1M retained records against one with 1k (SPEC section 4.1's first two figures);
+8 LocalStack behind a proxy adding S3's latency, one broker against three.
 Prints markdown; a full run of every part also writes bench/RESULTS.md. Run it
 through bin/bench, which installs what it needs:
 
@@ -36,6 +37,7 @@ PART_NAMES = {
     5: "RESP against HTTP",
     6: "in-flight depth",
     7: "retention",
+    8: "S3 latency, 1 broker against 3",
 }
 
 
@@ -95,12 +97,12 @@ def render(sections: list[Section], command: str, quick: bool, wall: float) -> s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, about 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="small counts, about 4 minutes")
     parser.add_argument(
         "--parts",
         type=parse_parts,
         default=sorted(PARTS),
-        help="comma-separated parts to run (default: all, 1 to 7)",
+        help="comma-separated parts to run (default: all, 1 to 8)",
     )
     parser.add_argument(
         "--out",

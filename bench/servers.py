@@ -1,7 +1,8 @@
 """The servers a benchmark runs against, each a child process started and stopped by PID.
 
 simplequeued (localfs or s3, optionally with its RESP listener), the bare aiohttp
-ceiling (bench/ceiling.py), Debian's redis-server and LocalStack's S3. Every
+ceiling (bench/ceiling.py), Debian's redis-server, LocalStack's S3 and the
+latency-injecting proxy in front of it (bench/s3proxy.py). Every
 `start_*` is a context manager whose exit stops what it started, whatever happened;
 nothing here ever signals a process it did not start.
 """
@@ -211,6 +212,30 @@ def start_ceiling(log_dir: Path, profile: Path | None = None) -> Iterator[Server
         if not found:
             raise RuntimeError(f"ceiling said: {line!r}")
         yield Server("ceiling", proc, found.group(1))
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def start_s3proxy(log_dir: Path, upstream: str, seed: int = 8) -> Iterator[Server]:
+    """bench/s3proxy.py on a free port in front of `upstream` (LocalStack): S3
+    latencies added, answers counted (`proxy_counts`)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "s3proxy.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.s3proxy", "--upstream", upstream, "--seed", str(seed)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            cwd=REPO,
+            env=child_env(),
+            start_new_session=True,
+        )
+    try:
+        [line] = _read_lines(proc, 1, 60, "s3proxy")
+        found = re.search(r"listening on (http://\S+)", line)
+        if not found:
+            raise RuntimeError(f"s3proxy said: {line!r}")
+        yield Server("s3proxy", proc, found.group(1))
     finally:
         stop_process(proc)
 
