@@ -66,10 +66,14 @@ class Broker:
         self.store: ObjectStore = InstrumentedStore(
             store or store_from_url(settings.store_url), self.metrics
         )
+        # Every time this broker writes into the store (lease expiries, records,
+        # heartbeats) is on the store's clock: brokers whose own clocks disagree
+        # agree on it (SPEC 4.3; docs/RELIABILITY.md, "Clocks").
         self.committer = GroupCommitter(
             self.store,
             broker_id=settings.broker_id,
             settings=commit_settings(settings, self.store.url),
+            clock=self.store.now,
         )
         self.committer.on_batch = self.metrics.batch_sizes.observe
         self.engine = Engine(self.committer)
@@ -84,7 +88,11 @@ class Broker:
         )
         self.url = ""
         self.announcer: Announcer = Announcer(
-            self.store, broker_id=settings.broker_id, url="", lease_s=settings.broker_lease
+            self.store,
+            broker_id=settings.broker_id,
+            url="",
+            lease_s=settings.broker_lease,
+            clock=self.store.now,
         )
         self.membership = Membership(
             self.store,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from simplequeue.errors import BrokerUnavailable, CorruptData
 from simplequeue.objstore import ObjectStore
 from simplequeue.records import read_record
@@ -11,7 +9,9 @@ from simplequeue.records import read_record
 
 async def find_broker(store: ObjectStore, max_age: float) -> str:
     """The URL of the broker that broker.json names; BrokerUnavailable when there
-    is none, or its heartbeat is older than `max_age` seconds."""
+    is none, or its heartbeat is older than `max_age` seconds by the store's
+    clock (its answer to the read stamps it), so a client whose own clock is
+    off still finds a healthy broker."""
     try:
         current = await read_record(store)
     except CorruptData as exc:
@@ -19,7 +19,7 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
     if current is None:
         raise BrokerUnavailable("no broker.json in the store: no broker has run here")
     record, _ = current
-    age = record.age(time.time())
+    age = record.age(store.now())  # the heartbeat is on the store's clock too
     if age > max_age:
         raise BrokerUnavailable(
             f"broker.json names {record.url} but its heartbeat is {age:.0f} s old "
