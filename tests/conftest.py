@@ -10,6 +10,7 @@ the s3 backend is not only ever checked against one emulator.
 
 from __future__ import annotations
 
+import glob
 import os
 import select
 import subprocess
@@ -150,7 +151,10 @@ class BrokerProcess:
     `nofile`, it runs with that soft and hard limit on open descriptors."""
 
     def __init__(
-        self, *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.args = args
         self.stderr_tail = ""
@@ -207,7 +211,9 @@ def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
     started: list[BrokerProcess] = []
 
     def start(
-        *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+        *args: str,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
     ) -> BrokerProcess:
         started.append(BrokerProcess(*args, env=env, nofile=nofile))
         return started[-1]
@@ -215,6 +221,26 @@ def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
     yield start
     for b in started:
         b.stop()
+
+
+def faketime_env(offset: str) -> dict[str, str]:
+    """The environment that runs a process with its wall clock moved by
+    `offset` ("+60s", "-60s") and its monotonic clock untouched (asyncio runs on
+    it): Debian's libfaketime, preloaded into the process itself (the faketime
+    command would stand between it and its parent, which then could not
+    signal it). Skips without libfaketime, unless SIMPLEQUEUE_REQUIRE_FAKETIME=1
+    (bin/test), when it fails."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+    if not found:
+        if os.environ.get("SIMPLEQUEUE_REQUIRE_FAKETIME") == "1":
+            pytest.fail("libfaketime is missing but required: run bin/install-faketime")
+        pytest.skip("libfaketime is missing: bin/install-faketime installs it")
+    return {
+        "LD_PRELOAD": found[0],
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "NO_FAKE_STAT": "1",
+    }
 
 
 def s3_broker_args(prefix: str) -> list[str]:

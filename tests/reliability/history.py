@@ -33,6 +33,10 @@ class History:
     operations: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     kills: int = 0
+    pauses: int = 0
+    # Held claims refused (409/404) while their last renewal was still well
+    # inside its lease, by the client's monotonic clock: (job id, seconds since).
+    live_taken: list[tuple[str, float]] = field(default_factory=list)
 
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -51,6 +55,7 @@ class History:
             "indeterminate": sum(self.errors.values()),
             "faults": sum(self.faults.values()),
             "kills": self.kills,
+            "pauses": self.pauses,
         }
 
 
@@ -62,6 +67,7 @@ def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> di
     assert not lost, f"{len(lost)} acknowledged enqueues never completed: {lost[:5]}"
     assert not double, f"{len(double)} jobs committed twice: {double[:5]}"
     assert not history.stale_committed, f"stale tokens committed: {history.stale_committed[:5]}"
+    assert not history.live_taken, f"live leases taken: {history.live_taken[:5]}"
     assert history.stale_refused == history.stale_acks
     # Every job whose ack was answered 200 is completed, and nothing else is.
     assert set(history.acked) <= history.enqueued
@@ -69,4 +75,8 @@ def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> di
     assert counts["completed"] == len(history.enqueued), counts
     assert counts["pending"] == counts["claimed"] == counts["dead"] == 0, counts
     assert counts["total"] == counts["completed"]
-    return {"lost": len(lost), "double_committed": len(double)}
+    return {
+        "lost": len(lost),
+        "double_committed": len(double),
+        "live_leases_taken": len(history.live_taken),
+    }

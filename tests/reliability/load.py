@@ -37,6 +37,9 @@ class LoadShape:
     # then ack. With many held at once, the claimed set spills out of the head.
     p_hold: float = 0.0
     hold_beats: int = 3
+    # A held claim refused sooner than lease - lease_margin after its last
+    # renewal counts as a live lease taken (History.live_taken).
+    lease_margin: float = 2.5
     timeout: float = 5.0
     seconds: float = 6.0  # production (and chaos) is spread over this long
 
@@ -98,6 +101,7 @@ class Load:
 
     async def work(self, name: str) -> None:
         while not self.stop.is_set():
+            sent = time.monotonic()
             status, answer = await self.call(
                 "/claim",
                 {
@@ -114,13 +118,14 @@ class Load:
                 continue
             for job in answer["jobs"]:
                 self.h.claims[job["id"]].append((job["claimed_at"], job["lease_token"]))
-                await self.settle(name, job)
+                await self.settle(name, job, sent)
 
-    async def settle(self, name: str, job: dict[str, Any]) -> None:
+    async def settle(self, name: str, job: dict[str, Any], claimed: float) -> None:
+        """Settle a claim sent at `claimed` (monotonic): its lease began later."""
         roll = self.rng.random()
         s = self.shape
         if self.rng.random() < s.p_hold:
-            task = asyncio.create_task(self.hold(job))
+            task = asyncio.create_task(self.hold(job, claimed))
             self.sleepers.add(task)
             task.add_done_callback(self.sleepers.discard)
             return
@@ -159,20 +164,35 @@ class Load:
             assert status in (404, 409), f"ack answered {status}: {answer}"
         return status
 
-    async def hold(self, job: dict[str, Any]) -> None:
+    async def hold(self, job: dict[str, Any], claimed: float) -> None:
         """Keep the claim for a while with heartbeats, then ack. A heartbeat that
         finds the lease gone (a broker was down past it) ends the hold: the ack
         that follows must then be refused, which the history checks."""
         self.h.held += 1
+        renewed = claimed  # when the claim was sent: its lease began later
         for _ in range(self.shape.hold_beats):
             await asyncio.sleep(self.shape.lease / 3)
+            sent = time.monotonic()
             status, _ = await self.call(
                 "/heartbeat", {"job_id": job["id"], "lease_token": job["lease_token"]}
             )
             self.h.heartbeats += 1
+            if status == 200:
+                renewed = sent
             if status in (404, 409):
+                self._lease_refused(job["id"], sent - renewed)
                 break
-        await self.ack(job["id"], job["lease_token"])
+        sent = time.monotonic()
+        if await self.ack(job["id"], job["lease_token"]) in (404, 409):
+            self._lease_refused(job["id"], sent - renewed)
+
+    def _lease_refused(self, job_id: str, since_renewed: float) -> None:
+        """A held claim was refused `since_renewed` seconds after its last renewal
+        was sent. Within the lease, less a margin for an answer that waited on a
+        broker that did not answer (1 s, then the next), that is a live lease
+        taken: its holder heartbeated in time."""
+        if since_renewed < self.shape.lease - self.shape.lease_margin:
+            self.h.live_taken.append((job_id, round(since_renewed, 2)))
 
     async def stale_ack(self, name: str, job: dict[str, Any]) -> None:
         """Go silent past the lease until a later claim of the job shows up (later

@@ -6,7 +6,9 @@ twice, no stale lease token committed, counters match."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from simplequeue.objstore.localfs import LocalStore
-from tests.conftest import BrokerProcess, open_s3, s3_broker_args, s3_endpoint
+from tests.conftest import BrokerProcess, faketime_env, open_s3, s3_broker_args, s3_endpoint
 from tests.reliability.chaos_store import ChaosStore
 from tests.reliability.history import History, check
 from tests.reliability.load import Load, LoadShape
@@ -58,11 +60,25 @@ async def finish(load: Load, history: History, record: Record, **extra: Any) -> 
 
 
 class Fleet:
-    """Broker processes on one store, restartable on their own ports."""
+    """Broker processes on one store, restartable on their own ports; with
+    `clocks`, broker i runs with its wall clock moved by clocks[i] ("+60s")."""
 
-    def __init__(self, start: Callable[..., BrokerProcess], args: list[str], n: int) -> None:
+    def __init__(
+        self,
+        start: Callable[..., BrokerProcess],
+        args: list[str],
+        n: int,
+        clocks: list[str | None] | None = None,
+    ) -> None:
         self.start, self.args = start, args
-        self.brokers = [start(*args) for _ in range(n)]
+        self.clocks = clocks or [None] * n
+        self.brokers = [self._start(i) for i in range(n)]
+
+    def _start(self, i: int, *more: str) -> BrokerProcess:
+        offset = self.clocks[i]
+        if offset is None:
+            return self.start(*self.args, *more)
+        return self.start(*self.args, *more, env=faketime_env(offset))
 
     def urls(self) -> list[str]:
         return [b.url for b in self.brokers]
@@ -74,7 +90,7 @@ class Fleet:
 
         def restart() -> None:  # in a thread; it records the new broker even if the
             # chaos that asked for it is cancelled meanwhile
-            self.brokers[i] = self.start(*self.args, "--addr", f"127.0.0.1:{port}")
+            self.brokers[i] = self._start(i, "--addr", f"127.0.0.1:{port}")
 
         await asyncio.to_thread(restart)
 
@@ -147,6 +163,49 @@ async def test_kill_9_with_hundreds_of_jobs_held_claimed(
         backend="localfs",
         scenario="kill -9, hundreds held claimed",
         lease_segments=len(spilled),
+    )
+
+
+@pytest.mark.parametrize("backend", ["localfs", pytest.param("s3", marks=pytest.mark.s3)])
+async def test_three_brokers_clocks_apart_one_killed_one_paused(
+    store_flags: list[str], broker_process: Any, backend: str, scale: int, record_figures: Record
+) -> None:
+    """SPEC 4.3's campaign: three brokers whose wall clocks are a minute ahead,
+    a minute behind and right; one is SIGKILLed and restarted, another
+    SIGSTOPped for longer than a forwarded request may wait, then let go, again
+    and again. Claims are held with heartbeats (none may be taken while live),
+    records are kept only 30 s (a broker ahead must not expire them early: the
+    final lookups would miss them), and nothing is lost or committed twice."""
+    flags = [*store_flags, "--retention", "30", "--broker-lease", "3"]
+    fleet = await asyncio.to_thread(Fleet, broker_process, flags, 3, ["+60s", "-60s", None])
+    history = History()
+    shape = LoadShape(jobs=200 * scale, workers=9, lease=6.0, p_hold=0.3, seconds=6, timeout=10)
+    load = Load(fleet.urls, "clocks", history, shape)
+    rng = random.Random(15)
+
+    async def chaos() -> None:
+        while True:
+            await asyncio.sleep(rng.uniform(0.8, 1.5))
+            victim, paused = rng.sample(range(3), 2)
+            stopped = fleet.brokers[paused]
+            os.kill(stopped.pid, signal.SIGSTOP)
+            try:
+                await fleet.kill_and_restart(victim)
+                history.kills += 1
+                await asyncio.sleep(rng.uniform(1.5, 3.0))
+            finally:
+                os.kill(stopped.pid, signal.SIGCONT)
+            history.pauses += 1
+
+    await load.run(chaos)
+    assert history.kills >= 1 and history.pauses >= 1
+    assert history.held > 0 and history.heartbeats > 0
+    await finish(
+        load,
+        history,
+        record_figures,
+        backend=backend,
+        scenario="3 brokers, clocks +-60 s, kill -9 and SIGSTOP",
     )
 
 
