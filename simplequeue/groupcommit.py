@@ -279,6 +279,14 @@ class GroupCommitter:
         except SegmentMissing:
             return await self.read(topic, query)
 
+    def forget(self, topics: list[str]) -> None:
+        """Drop the cached state of `topics` (those not in use right now): this
+        broker stopped owning them, and another writes them now."""
+        for name in topics:
+            t = self._topics.get(name)
+            if t is not None and self._is_idle(t):
+                del self._topics[name]
+
     async def invalidate(self, topic: str) -> None:
         """The topic's head changed in the store (another broker wrote it): its
         next batch, read and state-dependent answer start from a fresh GET."""

@@ -106,6 +106,10 @@ class Duties:
         before are read once, for their leases."""
         first = old if self._acquire is None else self._acquire[0]
         self._acquire = (first, new)
+        me = self.membership.me
+        # What this broker held of topics it no longer owns goes: the new owner
+        # writes them, and a state kept here would only lose races later.
+        self.engine.forget([t for t in self.engine.known_topics() if _owner(t, new) != me])
         self._wake.set()
 
     def start_owning(self) -> None:

@@ -337,6 +337,10 @@ class Engine:
         keys.check_topic(topic)
         return await self.committer.peek(topic, lambda s, now: s.next_due())
 
+    def forget(self, topics: list[str]) -> None:
+        """Drop what this broker holds of `topics` (another owns them now)."""
+        self.committer.forget(topics)
+
     def forget_idle(self) -> int:
         """Topics idle for a while leave this broker's memory; how many left."""
         return self.committer.forget_idle()
