@@ -168,7 +168,7 @@ class Duties:
                 if await self.hand_over(topic, owner):
                     return  # its owner reads it again and takes it from here
         try:
-            reaped, due = await self.engine.reap(topic)
+            reaped, due = await self.engine.tend(topic)
         except CorruptData:
             return  # logged once by the committer; nothing to do until it is mended
         except SimpleQueueError as exc:

@@ -325,11 +325,12 @@ class Engine:
 
     # --- upkeep: the reaper's and the sweeper's door --------------------------------
 
-    async def reap(self, topic: str) -> tuple[dict[str, int], float | None]:
-        """Expired leases of `topic` back to pending (or dead), in a batch; with
-        when the next lease may run out (None: nothing is claimed)."""
+    async def tend(self, topic: str) -> tuple[dict[str, int], float | None]:
+        """What `topic`'s owner does when it is due (TopicState.tend: expired
+        leases back to pending or dead), in a batch; with when it is next due
+        (None: not until something changes)."""
         keys.check_topic(topic)
-        return await self.committer.submit(topic, lambda s, now: (s.reap(now), s.next_due()))
+        return await self.committer.submit(topic, lambda s, now: (s.tend(now), s.next_due()))
 
     async def next_due(self, topic: str) -> float | None:
         """When `topic` next wants its owner (a lease may run out), from its head

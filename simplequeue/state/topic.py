@@ -415,6 +415,11 @@ class TopicState(Layout):
         (None: nothing to do until something changes). From the head alone."""
         return self.next_expiry()
 
+    def tend(self, now: float) -> dict[str, int]:
+        """What the topic's owner does when next_due() comes: expired leases
+        back to pending (or dead). What it did, by kind."""
+        return self.reap(now)
+
     def reap(self, now: float) -> dict[str, int]:
         """Expired leases back to pending, or dead when attempts are spent."""
         out = {"pending": 0, "dead": 0}
