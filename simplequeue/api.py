@@ -50,6 +50,8 @@ Wait = Annotated[float, Meta(ge=0, le=MAX_WAIT)]
 Count = Annotated[int, Meta(ge=1, le=MAX_BATCH)]
 JobIds = Annotated[list[JobId], Meta(max_length=100_000)]
 
+TopicName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+
 Status = Literal["pending", "delayed", "claimed", "completed", "dead", "cancelled"]
 
 
@@ -81,10 +83,21 @@ class ClaimRequest(_Request):
     count: Count | None = None  # given: answer {"jobs": [...]}; else {"job": ...}
 
 
+class FollowUpSpec(JobSpec):
+    """A job an ack enqueues when, and only when, it commits (SPEC 9): a job
+    spec, for this topic or `topic`. Without an id it gets one derived from the
+    acked job's (`<job id>:<index>`), so that delivering it twice is a duplicate."""
+
+    topic: TopicName | None = None  # None: the acked job's topic
+
+
 class AckRequest(_Request):
     job_id: JobId
     lease_token: LeaseToken | None = None
     result: Any = None
+    # Follow-up jobs, enqueued with the ack's commit (same topic) or delivered
+    # from it (other topics, through the acked topic's outbox).
+    enqueue: Annotated[list[FollowUpSpec], Meta(max_length=MAX_BATCH)] | None = None
 
 
 class AckBatch(_Request):
@@ -116,6 +129,12 @@ class ReleaseRequest(_Request):
     broker that claimed for a client that went away before the answer)."""
 
     claims: Annotated[list[Held], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class WaitQuery(_Request):
+    """GET /topics/{t}/jobs/{id}?wait=S: seconds to wait for the job to finish."""
+
+    wait: Wait = 0.0
 
 
 class JobIdsRequest(_Request):
@@ -196,10 +215,12 @@ class ClaimedBatch(_Answer):
 
 
 class Settled(_Answer):
-    """The answer to an ack or a nack: the job's status after it."""
+    """The answer to an ack or a nack: the job's status after it, and the ids
+    of the follow-up jobs an ack enqueued (or will deliver to other topics)."""
 
     id: str
     status: str
+    enqueued: list[str] | None = None
 
 
 class AckResult(_Answer):

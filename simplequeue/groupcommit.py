@@ -120,6 +120,9 @@ class _Op(Generic[T]):
 
     mutation: Mutation[T]
     undo: Callable[[T], Mutation[Any] | None] | None = None
+    # Whether an answer that depends on the state (nothing changed, not found)
+    # must be computed on a state read after the mutation was submitted.
+    verify: bool = True
 
 
 _Entry = Pending[_Op[Any], Any]
@@ -201,13 +204,17 @@ class GroupCommitter:
         topic: str,
         mutation: Mutation[T],
         undo: Callable[[T], Mutation[Any] | None] | None = None,
+        verify: bool = True,
     ) -> T:
         """Apply `mutation` in the topic's next batch; return its result once the
         write holding it landed. If the caller goes away after the mutation was
-        applied, `undo(result)` (when given) is committed in a later batch."""
+        applied, `undo(result)` (when given) is committed in a later batch.
+        Without `verify`, a mutation that changes nothing is answered from the
+        cached state, however old (the owner's upkeep: a state another broker
+        changed meanwhile is handed to it or read at its next write)."""
         if self._closing:
             raise StoreUnavailable("broker is shutting down")
-        result: T = await self._topic(topic).batcher.submit(_Op(mutation, undo))
+        result: T = await self._topic(topic).batcher.submit(_Op(mutation, undo, verify))
         return result
 
     async def read(
@@ -242,14 +249,17 @@ class GroupCommitter:
             t.reader = self._from_bytes(t.name, t.committed)
         return t.reader
 
-    async def wait_changed(self, topic: str, seconds: float) -> None:
-        """Return when a batch lands on `topic` in this broker, or after `seconds`."""
+    async def wait_changed(self, topic: str, seconds: float) -> bool:
+        """Return True when a batch lands on `topic` in this broker, False after
+        `seconds` without one."""
         t = self._topic(topic)
         t.waiters += 1
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    await t.changed.wait()
+            async with asyncio.timeout(seconds):
+                await t.changed.wait()
+            return True
+        except TimeoutError:
+            return False
         finally:
             t.waiters -= 1
 
@@ -563,7 +573,7 @@ class GroupCommitter:
             except SimpleQueueError as exc:
                 results.append((False, exc))
                 depends_on_state = isinstance(exc, _STATE_DEPENDENT)
-            if depends_on_state:
+            if depends_on_state and entry.item.verify:
                 verify_since = max(verify_since, entry.submitted)
             changed = changed or state.dirty
         state.dirty = changed

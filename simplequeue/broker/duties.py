@@ -24,14 +24,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from simplequeue.broker.engine import Engine
+from simplequeue.api import JobSpec
+from simplequeue.broker.engine import Engine, TopicOps
 from simplequeue.broker.membership import Membership, Peer, rendezvous
 from simplequeue.errors import CorruptData, SimpleQueueError
 
 log = logging.getLogger(__name__)
 
 ACQUIRE_PARALLEL = 16  # heads read at once when topics are taken over
+DELIVER_BATCH = 500  # follow-ups delivered per round
+DELIVER_ROUNDS = 8  # rounds per wake-up, before other topics get their turn
 
 
 @dataclass(frozen=True)
@@ -52,18 +56,21 @@ class Duties:
         settings: DutySettings,
         clock: Callable[[], float],
         hand_over: Callable[[str, Peer], Awaitable[bool]] | None = None,
+        deliver_to: TopicOps | None = None,
     ) -> None:
         self.engine = engine
         self.membership = membership
         self.settings = settings
         self.clock = clock  # the store's: what lease expiries are written in
         self.hand_over = hand_over  # tells a topic's owner to read it again
+        self.deliver_to = deliver_to  # enqueues follow-ups into their topics, wherever owned
         self._due: dict[str, float] = {}  # topic -> no lease of it runs out before
         self._heap: list[tuple[float, str]] = []
         self._written: dict[str, float] = {}  # topic -> monotonic time of this broker's last write
         self._wake = asyncio.Event()
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         self.reaped = 0
+        self.delivered = 0  # follow-ups enqueued into their topics
         self.acquired = 0  # heads read to take topics over
 
     # --- what the rest of the broker tells it ---------------------------------------
@@ -159,9 +166,9 @@ class Duties:
             if self._due.get(topic) != due:
                 continue  # superseded by a later note
             del self._due[topic]
-            await self._reap(topic)
+            await self._tend(topic)
 
-    async def _reap(self, topic: str) -> None:
+    async def _tend(self, topic: str) -> None:
         owner = self.membership.owner(topic)
         if owner != self.membership.me and self.hand_over is not None:
             with contextlib.suppress(Exception):
@@ -169,14 +176,57 @@ class Duties:
                     return  # its owner reads it again and takes it from here
         try:
             reaped, due = await self.engine.tend(topic)
+            self.reaped += sum(reaped.values())
+            if self.deliver_to is not None:
+                due = await self._deliver(topic, due)
         except CorruptData:
             return  # logged once by the committer; nothing to do until it is mended
         except SimpleQueueError as exc:
-            log.warning("owner duties: reaping %s failed (%s); again in a while", topic, exc)
+            log.warning("owner duties: tending %s failed (%s); again in a while", topic, exc)
             self.note(topic, self.clock() + self.settings.retry_failed)
             return
-        self.reaped += sum(reaped.values())
         self.note(topic, due)
+
+    async def _deliver(self, topic: str, due: float | None) -> float | None:
+        """Enqueue the follow-ups `topic`'s outbox holds into their topics (each
+        has its id: one delivered twice, after a crash, is a duplicate there),
+        then take them out; when the topic is next due. A topic that does not
+        take its follow-ups now is tried again in a while; the others go on."""
+        assert self.deliver_to is not None
+        for _ in range(DELIVER_ROUNDS):
+            front = await self.engine.outbox(topic, DELIVER_BATCH)
+            if not front:
+                return due
+            by_topic: dict[str, list[dict[str, Any]]] = {}
+            for item in front:
+                by_topic.setdefault(item["topic"], []).append(item)
+            done: list[str] = []
+            failed = False
+            now = self.clock()
+            for target, items in by_topic.items():
+                specs = [
+                    JobSpec(
+                        i["payload"],
+                        i["id"],
+                        i.get("priority", 0),
+                        max(0.0, i["at"] + i.get("delay", 0.0) - now),  # it began at the ack
+                        i.get("max_attempts"),
+                    )
+                    for i in items
+                ]
+                try:
+                    await self.deliver_to.enqueue(target, specs)
+                except SimpleQueueError as exc:
+                    log.warning("follow-ups of %s for %s: %s; again in a while", topic, target, exc)
+                    failed = True
+                    continue
+                done += [i["id"] for i in items]
+            if done:
+                due = await self.engine.delivered(topic, done)
+                self.delivered += len(done)
+            if failed:
+                return self.clock() + self.settings.retry_failed
+        return due
 
     async def _take_over(self) -> None:
         assert self._acquire is not None

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
 
 from simplequeue import api, keys
-from simplequeue.api import AckRequest, JobSpec
+from simplequeue.api import AckRequest, FollowUpSpec, JobSpec
 from simplequeue.errors import InvalidRequest, JobNotFound, SimpleQueueError
 from simplequeue.groupcommit import GroupCommitter
 from simplequeue.state import Job, TopicState
@@ -28,6 +28,11 @@ MAX_WAIT = api.MAX_WAIT  # seconds a claim may long-poll
 # enqueued; jobs enqueued through this broker wake it at once.
 POLL_INTERVAL = 1.0
 OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
+# How old a cached state may be to answer right after this broker's own commit
+# woke the reader (it is the newest this broker knows; the store is re-read
+# every POLL_INTERVAL for other brokers' writes).
+READ_AFTER_COMMIT = 3600.0
+FINISHED = frozenset({"completed", "dead", "cancelled"})
 
 _CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
 
@@ -180,12 +185,21 @@ class Engine:
             await self.committer.wait_changed(topic, min(left, POLL_INTERVAL))
 
     async def ack(
-        self, topic: str, job_id: str, lease_token: str | None = None, result: Any = None
+        self,
+        topic: str,
+        job_id: str,
+        lease_token: str | None = None,
+        result: Any = None,
+        enqueue: list[FollowUpSpec] | None = None,
     ) -> dict[str, Any]:
+        """Complete a claimed job; with `enqueue`, its follow-up jobs commit with
+        it (SPEC 9), or none of them when the ack fails."""
         keys.check_topic(topic)
         api.check_storable(result, "the result")
+        if enqueue:
+            _check_specs(enqueue)
         return await self.committer.submit(
-            topic, lambda s, now: s.ack(job_id, lease_token, result, now)
+            topic, lambda s, now: s.ack(job_id, lease_token, result, now, enqueue)
         )
 
     async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]:
@@ -194,7 +208,7 @@ class Engine:
 
         async def one(a: AckRequest) -> dict[str, Any]:
             try:
-                return await self.ack(topic, a.job_id, a.lease_token, a.result)
+                return await self.ack(topic, a.job_id, a.lease_token, a.result, a.enqueue)
             except SimpleQueueError as exc:
                 if exc.ack_status is None:  # not this ack's fault: the batch fails
                     raise
@@ -228,11 +242,28 @@ class Engine:
         keys.check_topic(topic)
         return await self.committer.read(topic, lambda s, now: s.counts(now))
 
-    async def job(self, topic: str, job_id: str) -> dict[str, Any]:
+    async def job(self, topic: str, job_id: str, wait: float = 0.0) -> dict[str, Any]:
+        """The job, or its record; with `wait`, once it is finished (completed,
+        dead, cancelled) or `wait` seconds passed, whichever comes first: a long
+        poll woken by this broker's commits to the topic (its owner makes them
+        all, in the steady state), re-reading the store every POLL_INTERVAL for
+        what other brokers wrote. A job that does not exist yet is waited for
+        too (a follow-up on its way); JobNotFound if it still does not."""
         keys.check_topic(topic)
-        found, now = await self.committer.read(topic, lambda s, now: (s.find(job_id), now))
-        if found is None:
-            raise JobNotFound(f"no job {job_id!r} in topic {topic!r}")
+        deadline = time.monotonic() + min(wait, MAX_WAIT)
+        max_age: float | None = None  # the first look reads the store
+        while True:
+            found, now = await self.committer.read(
+                topic, lambda s, now: (s.find(job_id), now), max_age
+            )
+            left = deadline - time.monotonic()
+            if found is not None and (found[0] in FINISHED or left <= 0):
+                break
+            if left <= 0:
+                raise JobNotFound(f"no job {job_id!r} in topic {topic!r}")
+            changed = await self.committer.wait_changed(topic, min(left, POLL_INTERVAL))
+            # Woken by a commit here, the cached state is current; else read.
+            max_age = READ_AFTER_COMMIT if changed else None
         status, job = found
         if status == "pending" and job["run_at"] > now:
             status = "delayed"
@@ -290,10 +321,13 @@ class Engine:
 
         def gauges(s: TopicState, now: float) -> dict[str, Any]:
             oldest = s.oldest_due_created(now, OLDEST_SCAN)
+            waiting = s.outbox_oldest()
             return {
                 "counts": s.counts(now),
                 "totals": s.totals(),
                 "oldest_pending_age": None if oldest is None else max(0.0, now - oldest),
+                "outbox": s.outbox_size(),
+                "outbox_lag": None if waiting is None else max(0.0, now - waiting),
             }
 
         return self.committer.cached(gauges)
@@ -330,13 +364,30 @@ class Engine:
         leases back to pending or dead), in a batch; with when it is next due
         (None: not until something changes)."""
         keys.check_topic(topic)
-        return await self.committer.submit(topic, lambda s, now: (s.tend(now), s.next_due()))
+        return await self.committer.submit(
+            topic, lambda s, now: (s.tend(now), s.next_due()), verify=False
+        )
 
     async def next_due(self, topic: str) -> float | None:
         """When `topic` next wants its owner (a lease may run out), from its head
         as the store has it, keeping nothing in memory for an idle topic."""
         keys.check_topic(topic)
         return await self.committer.peek(topic, lambda s, now: s.next_due())
+
+    async def outbox(self, topic: str, n: int) -> list[dict[str, Any]]:
+        """The first `n` follow-ups `topic` holds for other topics, as this
+        broker last wrote or read it (a stale answer only delivers one twice,
+        which its id makes a duplicate)."""
+        keys.check_topic(topic)
+        return await self.committer.read(topic, lambda s, now: s.outbox_front(n), READ_AFTER_COMMIT)
+
+    async def delivered(self, topic: str, ids: list[str]) -> float | None:
+        """Follow-ups enqueued in their topics leave `topic`'s outbox; when the
+        topic is next due."""
+        keys.check_topic(topic)
+        return await self.committer.submit(
+            topic, lambda s, now: (s.outbox_delivered(ids), s.next_due())[1]
+        )
 
     def forget(self, topics: list[str]) -> None:
         """Drop what this broker holds of `topics` (another owns them now)."""
@@ -363,7 +414,7 @@ class Engine:
         return deleted
 
 
-def _check_specs(specs: list[JobSpec]) -> None:
+def _check_specs(specs: Sequence[JobSpec]) -> None:
     if not specs:
         raise InvalidRequest("no jobs to enqueue")
     if len(specs) > api.MAX_BATCH:

@@ -23,7 +23,13 @@ from simplequeue.broker import page
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import FORWARDED, OWNER, REPLAYED, Forwarder
 from simplequeue.broker.metrics import CONTENT_TYPE, Metrics
-from simplequeue.errors import NothingToClaim, PayloadTooLarge, SimpleQueueError, Unauthorized
+from simplequeue.errors import (
+    InvalidRequest,
+    NothingToClaim,
+    PayloadTooLarge,
+    SimpleQueueError,
+    Unauthorized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +135,8 @@ async def _routed(
     name = request.match_info.route.name
     if name in ("claim", "pop"):
         wait = api.decode(body, api.ClaimRequest).wait
+    elif name == "job":
+        wait = wait_of(request)
     elif name == "enqueue":
         body = _with_ids(body)
     got = await forwarder.route(topic, request.method, request.path_qs, body or None, wait=wait)
@@ -242,7 +250,7 @@ async def ack(request: web.Request) -> web.Response:
     engine = engine_of(request)
     if isinstance(body, api.AckBatch):
         return reply({"results": await engine.ack_many(topic, body.acks)})
-    return reply(await engine.ack(topic, body.job_id, body.lease_token, body.result))
+    return reply(await engine.ack(topic, body.job_id, body.lease_token, body.result, body.enqueue))
 
 
 async def nack(request: web.Request) -> web.Response:
@@ -267,7 +275,23 @@ async def status(request: web.Request) -> web.Response:
 
 async def job(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    return reply(await engine_of(request).job(topic, request.match_info["job_id"]))
+    wait = wait_of(request)
+    return reply(await engine_of(request).job(topic, request.match_info["job_id"], wait))
+
+
+def wait_of(request: web.Request) -> float:
+    """The `wait` query parameter (seconds a long poll may wait), validated."""
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    return api.convert(_number(raw), api.WaitQuery).wait
+
+
+def _number(raw: str) -> dict[str, Any]:
+    try:
+        return {"wait": float(raw)}
+    except ValueError:
+        raise InvalidRequest(f"wait must be a number of seconds, not {raw!r}") from None
 
 
 async def dead(request: web.Request) -> web.Response:
@@ -327,7 +351,7 @@ def build_app(services: HttpServices) -> web.Application:
             web.post(f"{t}/nack", nack),
             web.post(f"{t}/heartbeat", heartbeat),
             web.get(f"{t}/status", status),
-            web.get(t + "/jobs/{job_id}", job),
+            web.get(t + "/jobs/{job_id}", job, name="job"),
             web.get(f"{t}/dead", dead),
             web.post(f"{t}/requeue", requeue),
             web.delete(f"{t}/dead", purge),

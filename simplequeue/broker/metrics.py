@@ -143,12 +143,23 @@ def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[A
     )
     ever = CounterMetricFamily(
         "simplequeue_job_outcomes",
-        "Jobs ever enqueued, completed, nacked, gone dead, or dropped over the dead limit",
+        "Jobs ever enqueued, completed, nacked, gone dead, dropped over the dead limit, "
+        "or delivered as follow-ups into other topics",
         labels=["topic", "outcome"],
     )
     oldest = GaugeMetricFamily(
         "simplequeue_oldest_pending_age_seconds",
         "Seconds the oldest due job of a topic has waited (0 when none waits)",
+        labels=["topic"],
+    )
+    outbox = GaugeMetricFamily(
+        "simplequeue_outbox_jobs",
+        "Follow-up jobs a topic's acks recorded for other topics, not delivered yet",
+        labels=["topic"],
+    )
+    lag = GaugeMetricFamily(
+        "simplequeue_outbox_lag_seconds",
+        "Seconds the oldest undelivered follow-up of a topic has waited (0 when none)",
         labels=["topic"],
     )
     for topic, g in sorted(topics.items()):
@@ -157,9 +168,13 @@ def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[A
         for outcome, value in g["totals"].items():
             ever.add_metric([topic, outcome], value)
         oldest.add_metric([topic], g["oldest_pending_age"] or 0.0)
+        outbox.add_metric([topic], g["outbox"])
+        lag.add_metric([topic], g["outbox_lag"] or 0.0)
     yield jobs
     yield ever
     yield oldest
+    yield outbox
+    yield lag
 
 
 class InstrumentedStore(ObjectStore):

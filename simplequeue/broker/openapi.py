@@ -141,6 +141,22 @@ def _op(
     return op
 
 
+def _waiting(op: dict[str, Any]) -> dict[str, Any]:
+    """`op` with the `wait` query parameter of a long poll."""
+    wait = msgspec.json.schema(api.WaitQuery)
+    schema = wait.get("$defs", {}).get("WaitQuery", wait)["properties"]["wait"]
+    op["parameters"].append(
+        {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "description": "seconds to wait for the job to finish (completed, dead, cancelled)",
+            "schema": schema,
+        }
+    )
+    return op
+
+
 @cache
 def spec() -> dict[str, Any]:
     """The API description (built once)."""
@@ -232,12 +248,14 @@ def spec() -> dict[str, Any]:
             "get": _op("getStatus", "Counts of the topic's jobs", _ref(api.Counts), _READ),
         },
         t + "/jobs/{job_id}": {
-            "get": _op(
-                "getJob",
-                "A job, or its retained record",
-                _ref(api.Job),
-                (*_READ, JobNotFound),
-                job_id=True,
+            "get": _waiting(
+                _op(
+                    "getJob",
+                    "A job, or its retained record; with wait, once it is finished",
+                    _ref(api.Job),
+                    (*_READ, JobNotFound),
+                    job_id=True,
+                )
             ),
         },
         f"{t}/dead": {

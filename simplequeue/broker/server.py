@@ -110,6 +110,7 @@ class Broker:
             DutySettings(sweep_interval=settings.sweep_interval),
             clock=self.committer.clock,
             hand_over=self._hand_over,
+            deliver_to=Router(self.engine, self.forwarder),
         )
         self.membership.on_change = self.duties.view_changed
         self.committer.on_landed = lambda topic, state: self.duties.wrote(topic, state.next_due())

@@ -54,6 +54,7 @@ def new_head(topic: str) -> dict[str, Any]:
         "leases": new_chain(),
         "retained": new_chain(),
         "dead": new_chain(),
+        "outbox": new_chain(),
     }
 
 
@@ -76,6 +77,7 @@ def decode_head(topic: str, key: str, data: bytes) -> dict[str, Any]:
         raise CorruptData(key, f"format {head.get('format')!r}, which this broker cannot read")
     if head.get("topic") != topic:
         raise CorruptData(key, f"the head of topic {head.get('topic')!r}, not of {topic!r}")
+    head.setdefault("outbox", new_chain())  # heads written before follow-ups had none
     check_head(key, head)
     upgraded: dict[str, Any] = head
     return upgraded
@@ -139,6 +141,16 @@ class Layout:
     @property
     def dead(self) -> Chain:
         return self._chain(self.head["dead"])
+
+    @property
+    def outbox(self) -> Chain:
+        """Follow-up jobs for other topics, recorded by acks, waiting for their
+        owner to enqueue them there (SPEC 9)."""
+        return self._chain(self.head["outbox"])
+
+    def _chains(self) -> list[Chain]:
+        """Every chain but the lanes' runs."""
+        return [self.leases, self.retained, self.dead, self.outbox]
 
     def _runs(self, lane: dict[str, Any]) -> list[Chain]:
         return [self._chain(run) for run in lane["runs"]]
@@ -287,7 +299,7 @@ class Layout:
         for lane in self.head["lanes"].values():
             for run in self._runs(lane):
                 ids += run.object_ids()
-        for chain in (self.leases, self.retained, self.dead):
+        for chain in self._chains():
             ids += chain.object_ids()
         ids += [p.item["src"][0] for p in self._leased() if "src" in p.item]
         return sorted({keys.segment(self.topic, i) for i in ids})
@@ -299,7 +311,7 @@ class Layout:
         for lane in self.head["lanes"].values():
             for run in self._runs(lane):
                 ids += run.direct_ids()
-        for chain in (self.leases, self.retained, self.dead):
+        for chain in self._chains():
             ids += chain.direct_ids()
         return [keys.segment(self.topic, i) for i in ids]
 
@@ -342,6 +354,7 @@ class Layout:
             bounds.inline_leases_bytes,
             bounds.inline_records_bytes,
             bounds.inline_dead_bytes,
+            bounds.inline_outbox_bytes,
         )
         # A part can outgrow its bound only if the whole head did: measure the
         # parts only then, so a small head costs one serialisation.
@@ -356,7 +369,7 @@ class Layout:
         """Whether a chain has too many loose segments or kept holes, or a lane
         too many runs (which a seal tidies whatever the head's size)."""
         h, b = self.head, self.bounds
-        chains = [h["leases"], h["retained"], h["dead"]]
+        chains = [h["leases"], h["retained"], h["dead"], h["outbox"]]
         chains += [run for lane in h["lanes"].values() for run in lane["runs"]]
         sparse = any(r["live"] * 2 <= r["n"] for r in h["leases"]["segs"])
         crowded = any(
@@ -430,6 +443,7 @@ class _Sealer:
         for name, bound, kind in (
             ("retained", b.inline_records_bytes, "r"),
             ("dead", b.inline_dead_bytes, "d"),
+            ("outbox", b.inline_outbox_bytes, "o"),
         ):
             chain = self.s._chain(h[name])
             if chain.d["in"] and len(orjson.dumps(chain.d["in"])) > bound:
@@ -438,7 +452,7 @@ class _Sealer:
         for lane in lanes.values():
             if len(lane["runs"]) > b.runs_max:
                 self._merge_runs(lane)
-        chains = [self.s.leases, self.s.retained, self.s.dead]
+        chains = self.s._chains()
         chains += [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
         for chain in chains:
             # A batch may spill several segments into one chain: fold until the

@@ -21,6 +21,7 @@ class Bounds:
     inline_leases_bytes: int = 12 * 1024  # spill leases (claims) past this
     inline_records_bytes: int = 8 * 1024  # spill retained records past this
     inline_dead_bytes: int = 8 * 1024  # spill dead jobs past this
+    inline_outbox_bytes: int = 8 * 1024  # spill follow-ups waiting for delivery past this
     segment_bytes: int = 128 * 1024  # the largest segment a spill writes (one item at least)
     loose_max: int = 16  # segment refs of a chain before the oldest half get a manifest
     manifests_max: int = 16  # manifests of a chain before two are merged into one
@@ -39,6 +40,7 @@ class Bounds:
             inline_leases_bytes=factor * self.inline_leases_bytes,
             inline_records_bytes=factor * self.inline_records_bytes,
             inline_dead_bytes=factor * self.inline_dead_bytes,
+            inline_outbox_bytes=factor * self.inline_outbox_bytes,
         )
 
 

@@ -68,6 +68,19 @@ class Record(TypedDict):
     last_error: NotRequired[str]
 
 
+class FollowUp(TypedDict):
+    """A job an ack recorded for another topic, until its owner enqueues it
+    there (the outbox). Its id is given, or derived from the source job's."""
+
+    id: str
+    topic: str
+    payload: Any
+    at: float  # when the ack that recorded it landed
+    priority: NotRequired[int]
+    delay: NotRequired[float]
+    max_attempts: NotRequired[int | None]
+
+
 class Payload(TypedDict):
     """An item of an `x` segment: the payload of a spilled lease."""
 
@@ -147,6 +160,18 @@ Records = TypedDict(
         "in": list[Record],
     },
 )
+Outbox = TypedDict(
+    "Outbox",
+    {
+        "n": int,
+        "segs": list[SegmentRef],
+        "mans": list[ManifestRef],
+        "mpos": int,
+        "pos": int,
+        "holes": dict[str, list[int]],
+        "in": list[FollowUp],
+    },
+)
 DeadJobs = TypedDict(
     "DeadJobs",
     {
@@ -174,6 +199,7 @@ class Head(TypedDict):
     leases: Leases
     retained: Records
     dead: DeadJobs
+    outbox: Outbox
 
 
 _ITEMS: dict[str, Any] = {
@@ -182,6 +208,7 @@ _ITEMS: dict[str, Any] = {
     "x": list[Payload],
     "r": list[Record],
     "d": list[DeadJob],
+    "o": list[FollowUp],
 }
 
 
@@ -197,7 +224,7 @@ def check_head(key: str, head: dict[str, Any]) -> None:
 
 def check_items(key: str, kind: str, items: list[Any]) -> None:
     """CorruptData naming `key` unless `items` are items of a `kind` segment
-    (p pending jobs, l leases, x payloads, r records, d dead jobs)."""
+    (p pending jobs, l leases, x payloads, r records, d dead jobs, o follow-ups)."""
     shape = _ITEMS.get(kind)
     if shape is None:
         raise CorruptData(key, f"a segment of unknown kind {kind!r}")

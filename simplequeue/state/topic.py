@@ -14,11 +14,12 @@ write is rolled back or thrown away, and applied again.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from simplequeue.api import JobSpec
+from simplequeue.api import FollowUpSpec, JobSpec
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
 from simplequeue.state.chain import Chain, Place
 from simplequeue.state.layout import (
@@ -154,9 +155,10 @@ class TopicState(Layout):
 
     def totals(self) -> dict[str, int]:
         """What the topic ever did: jobs enqueued, completed, nacked, gone dead,
-        and dead jobs dropped over the dead limit."""
+        dead jobs dropped over the dead limit, and follow-ups delivered into
+        other topics."""
         c = self.head["counters"]
-        names = ("enqueued", "completed", "nacked", "dead", "dead_dropped")
+        names = ("enqueued", "completed", "nacked", "dead", "dead_dropped", "delivered")
         return {name: c.get(name, 0) for name in names}
 
     def dead_count(self) -> int:
@@ -336,13 +338,41 @@ class TopicState(Layout):
             raise LeaseLost(f"job {job_id!r} is claimed under another lease")
         return place
 
-    def ack(self, job_id: str, token: str | None, result: Any, now: float) -> dict[str, Any]:
+    def ack(
+        self,
+        job_id: str,
+        token: str | None,
+        result: Any,
+        now: float,
+        enqueue: list[FollowUpSpec] | None = None,
+    ) -> dict[str, Any]:
+        """Complete a claimed job, and with the same commit enqueue its follow-up
+        jobs (SPEC 9): those for this topic into it, those for other topics
+        into the outbox, from which this topic's owner delivers them. An ack
+        that fails (not the holder) records nothing."""
         place = self._holder(job_id, token)
+        here: list[JobSpec] = []
+        elsewhere: list[dict[str, Any]] = []
+        for i, spec in enumerate(enqueue or ()):
+            follow_id = spec.id if spec.id is not None else follow_up_id(job_id, i)
+            if spec.topic is None or spec.topic == self.topic:
+                here.append(
+                    JobSpec(spec.payload, follow_id, spec.priority, spec.delay, spec.max_attempts)
+                )
+            else:
+                elsewhere.append(_follow_up(spec, follow_id, now))
+        if here:
+            self.enqueue(here, now)  # raises before it changes anything
         self.dirty = True
         self._drop_lease(place)
         self.head["counters"]["completed"] += 1
         self._retain(place.item, "completed", now, result=result)
-        return {"id": job_id, "status": "completed"}
+        for item in elsewhere:
+            self.outbox.append(item)
+        answer: dict[str, Any] = {"id": job_id, "status": "completed"}
+        if enqueue:
+            answer["enqueued"] = [s.id for s in here] + [f["id"] for f in elsewhere]
+        return answer
 
     def nack(
         self, job_id: str, token: str | None, delay: float, error: str | None, now: float
@@ -411,9 +441,11 @@ class TopicState(Layout):
         return bool(self.due_leases(now))
 
     def next_due(self) -> float | None:
-        """When the topic next wants its owner: no lease runs out before this
-        (None: nothing to do until something changes). From the head alone."""
-        return self.next_expiry()
+        """When the topic next wants its owner: no lease runs out before this,
+        and follow-ups wait for delivery since then (None: nothing to do until
+        something changes). From the head, and the outbox's front segment."""
+        times = [t for t in (self.next_expiry(), self.outbox_oldest()) if t is not None]
+        return min(times, default=None)
 
     def tend(self, now: float) -> dict[str, int]:
         """What the topic's owner does when next_due() comes: expired leases
@@ -429,6 +461,43 @@ class TopicState(Layout):
             self._drop_lease(place)
             out[self._release(job, now, job.get("last_error") or "lease expired", now)] += 1
         return out
+
+    # --- the outbox: follow-ups for other topics -------------------------------------------
+
+    def outbox_front(self, n: int) -> list[dict[str, Any]]:
+        """The first `n` follow-ups waiting for delivery, oldest first."""
+        front: list[dict[str, Any]] = []
+        for place in self.outbox.places():
+            if len(front) >= n:
+                break
+            front.append(place.item)
+        return front
+
+    def outbox_delivered(self, ids: list[str]) -> int:
+        """Follow-ups enqueued in their topics leave the outbox; how many did
+        (one delivered twice, or already gone, is not counted again)."""
+        wanted = set(ids)
+        places = []
+        for place in self.outbox.places():
+            if not wanted:
+                break
+            if place.item["id"] in wanted:
+                wanted.discard(place.item["id"])
+                places.append(place)
+        for place in places:
+            self.outbox.remove(place)
+        counters = self.head["counters"]
+        counters["delivered"] = counters.get("delivered", 0) + len(places)
+        self.dirty = self.dirty or bool(places)
+        return len(places)
+
+    def outbox_size(self) -> int:
+        return self.outbox.count
+
+    def outbox_oldest(self) -> float | None:
+        """When the oldest follow-up waiting for delivery was recorded."""
+        place = self.outbox.first() if self.outbox.count else None
+        return None if place is None else float(place.item["at"])
 
     # --- dead letters ----------------------------------------------------------------------
 
@@ -471,6 +540,7 @@ class TopicState(Layout):
     # --- retention --------------------------------------------------------------------------
 
     def _retain(self, job: Job, status: str, now: float, result: Any = None) -> None:
+        """Keep a finished job's record (for lookups and duplicates)."""
         self._noted(job["id"])
         record: Record = {
             "id": job["id"],
@@ -497,3 +567,29 @@ class TopicState(Layout):
 
     def expire(self, now: float) -> None:
         self._expire_retained(now)
+
+
+def follow_up_id(job_id: str, index: int) -> str:
+    """The id of an acked job's follow-up number `index` that has none of its
+    own: `<job id>:<index>` (a long id by its hash, so that the result stays a
+    valid id), the same however often it is delivered."""
+    if len(job_id) > 200:
+        job_id = hashlib.blake2b(job_id.encode(), digest_size=16).hexdigest()
+    return f"{job_id}:{index}"
+
+
+def _follow_up(spec: FollowUpSpec, follow_id: str, now: float) -> dict[str, Any]:
+    """A follow-up for another topic, as the outbox keeps it (schema.FollowUp)."""
+    item: dict[str, Any] = {
+        "id": follow_id,
+        "topic": spec.topic,
+        "payload": spec.payload,
+        "at": now,
+    }
+    if spec.priority:
+        item["priority"] = spec.priority
+    if spec.delay:
+        item["delay"] = spec.delay
+    if spec.max_attempts is not None:
+        item["max_attempts"] = spec.max_attempts
+    return item

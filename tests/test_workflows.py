@@ -1,0 +1,175 @@
+"""Follow-up jobs committed with the ack (SPEC 9) and waiting for a job to
+finish (GET /jobs/{id}?wait=S), through brokers on one store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from simplequeue import keys
+from simplequeue.api import AckRequest, FollowUpSpec, JobSpec
+from simplequeue.broker.engine import Engine
+from simplequeue.errors import InvalidRequest, LeaseLost
+from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Bounds
+from simplequeue.state.topic import follow_up_id
+from tests.test_ownership import cluster, owner_of
+
+StartBroker = Callable[..., Awaitable[Any]]
+
+
+async def head(store: MemStore, topic: str) -> dict[str, Any]:
+    data, _ = await store.get(keys.head(topic))
+    got: dict[str, Any] = orjson.loads(data)
+    return got
+
+
+async def claimed(q: Engine, topic: str, job_id: str) -> dict[str, Any]:
+    await q.enqueue(topic, [JobSpec({"step": 1}, id=job_id)])
+    [job] = await q.claim(topic, "w")
+    return job
+
+
+# --- the state machine and the engine ---------------------------------------------------
+
+
+async def test_follow_ups_for_the_same_topic_are_in_the_acks_own_write() -> None:
+    store = MemStore()
+    q = Engine(GroupCommitter(store, broker_id="b"))
+    job = await claimed(q, "t", "src")
+    answer = await q.ack(
+        "t", "src", job["lease_token"], "ok", [FollowUpSpec("next"), FollowUpSpec("x", id="mine")]
+    )
+    assert answer["enqueued"] == ["src:0", "mine"]
+    written = await head(store, "t")  # one write: the ack and its follow-ups
+    assert written["counters"]["completed"] == 1 and written["counters"]["enqueued"] == 3
+    assert written["outbox"]["n"] == 0
+    assert (await q.job("t", "src:0"))["payload"] == "next"
+
+
+async def test_follow_ups_for_other_topics_wait_in_the_outbox_of_the_same_write() -> None:
+    store = MemStore()
+    q = Engine(GroupCommitter(store, broker_id="b"))
+    job = await claimed(q, "t", "src")
+    await q.ack("t", "src", job["lease_token"], None, [FollowUpSpec("o", topic="other")])
+    written = await head(store, "t")
+    [item] = written["outbox"]["in"]
+    assert item["id"] == "src:0" and item["topic"] == "other" and item["payload"] == "o"
+    assert await q.outbox("t", 10) == [item]
+    assert await q.delivered("t", ["src:0"]) is None  # nothing else due
+    assert await q.delivered("t", ["src:0"]) is None  # twice: nothing more taken
+    assert (await head(store, "t"))["outbox"]["n"] == 0
+    assert (await head(store, "t"))["counters"]["delivered"] == 1
+
+
+async def test_an_ack_that_fails_enqueues_nothing() -> None:
+    store = MemStore()
+    q = Engine(GroupCommitter(store, broker_id="b"))
+    job = await claimed(q, "t", "src")
+    before = await head(store, "t")
+    follow = [FollowUpSpec("here"), FollowUpSpec("there", topic="other")]
+    with pytest.raises(LeaseLost):
+        await q.ack("t", "src", "not-the-token", None, follow)
+    with pytest.raises(InvalidRequest):  # a follow-up that cannot be stored
+        await q.ack("t", "src", job["lease_token"], None, [FollowUpSpec({"n": 2**70})])
+    assert await head(store, "t") == before
+    assert (await q.status("t"))["claimed"] == 1
+
+
+def test_derived_ids_are_valid_ids_whatever_the_source_id() -> None:
+    assert follow_up_id("a", 3) == "a:3"
+    long = follow_up_id("x" * 256, 999)
+    assert len(long) <= 256 and long.endswith(":999")
+    assert long == follow_up_id("x" * 256, 999)
+
+
+async def test_the_outbox_spills_like_everything_else() -> None:
+    store = MemStore()
+    bounds = Bounds(inline_outbox_bytes=2000, loose_max=4)
+    q = Engine(GroupCommitter(store, broker_id="b", settings=CommitSettings(bounds=bounds)))
+    await q.enqueue("t", [JobSpec(i, id=f"s{i}") for i in range(300)])
+    jobs = await q.claim("t", "w", count=300)
+    acks = [
+        AckRequest(j["id"], j["lease_token"], enqueue=[FollowUpSpec({"pad": "x" * 100}, topic="o")])
+        for j in jobs
+    ]
+    await q.ack_many("t", acks)
+    written = await head(store, "t")
+    assert len(orjson.dumps(written)) < 16 * 1024
+    assert written["outbox"]["n"] == 300 and (
+        written["outbox"]["mans"] or written["outbox"]["segs"]
+    )
+    front = await q.outbox("t", 1000)
+    assert [f["id"] for f in front] == [f"s{i}:0" for i in range(300)]  # in the order acked
+    await q.delivered("t", [f["id"] for f in front[:150]])
+    assert [f["id"] for f in await q.outbox("t", 1000)] == [f"s{i}:0" for i in range(150, 300)]
+
+
+# --- through brokers ----------------------------------------------------------------------
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    async with s.post(url, json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_a_follow_up_reaches_a_topic_another_broker_owns_within_a_second(
+    start_broker: StartBroker,
+) -> None:
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 3)
+    url = brokers[0].url
+    async with aiohttp.ClientSession() as s:
+        for i in range(10):
+            await post(s, f"{url}/topics/src/enqueue", {"id": f"j{i}", "payload": i})
+        status, body = await post(s, f"{url}/topics/src/claim", {"worker_id": "w", "count": 10})
+        acks = [
+            {
+                "job_id": j["id"],
+                "lease_token": j["lease_token"],
+                "enqueue": [{"topic": f"dst{n}", "payload": j["payload"]} for n in range(3)],
+            }
+            for j in body["jobs"]
+        ]
+        started = time.monotonic()
+        status, body = await post(s, f"{url}/topics/src/ack", {"acks": acks})
+        assert status == 200 and all(r["status"] == "completed" for r in body["results"])
+        for n in range(3):
+            owner = owner_of(brokers, f"dst{n}")
+            while (await owner.engine.status(f"dst{n}"))["pending"] < 10:
+                assert time.monotonic() - started < 1.5, f"dst{n} still waits"
+                await owner.committer.wait_changed(f"dst{n}", 0.1)
+    source = owner_of(brokers, "src")
+    while source.duties.delivered < 30:  # taken out of the outbox after delivery
+        assert time.monotonic() - started < 3, source.duties.delivered
+        await source.committer.wait_changed("src", 0.1)
+    assert sum(b.duties.delivered for b in brokers) == 30
+
+
+async def test_waiting_for_a_job_answers_when_it_finishes(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore())
+    async with aiohttp.ClientSession() as s:
+        await post(s, f"{broker.url}/topics/t/enqueue", {"id": "j", "payload": 1})
+        _, claim = await post(s, f"{broker.url}/topics/t/claim", {"worker_id": "w"})
+        waiting = asyncio.ensure_future(s.get(f"{broker.url}/topics/t/jobs/j?wait=30"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # it waits: the job is claimed
+        started = time.monotonic()
+        ack = {"job_id": "j", "lease_token": claim["job"]["lease_token"], "result": [42]}
+        await post(s, f"{broker.url}/topics/t/ack", ack)
+        async with await waiting as r:
+            job = await r.json()
+        assert time.monotonic() - started < 1.0  # woken by the commit, not a poll
+        assert job["status"] == "completed" and job["result"] == [42]
+        async with s.get(f"{broker.url}/topics/t/jobs/nope?wait=0.3") as r:
+            assert r.status == 404
+        for bad in ("-1", "61", "soon"):
+            async with s.get(f"{broker.url}/topics/t/jobs/j?wait={bad}") as r:
+                assert r.status == 400, bad
