@@ -22,7 +22,7 @@ from hypothesis.stateful import (
 )
 
 from simplequeue import keys
-from simplequeue.api import JobSpec
+from simplequeue.api import FollowUpSpec, JobSpec
 from simplequeue.errors import JobNotFound, LeaseLost
 from simplequeue.state import Manifest, Segment, SegmentMissing, TopicState, decode_head
 from tests.helpers.states import WRITER, View, fresh
@@ -75,6 +75,7 @@ class TopicMachine(RuleBasedStateMachine):
             inline_leases_bytes=500,
             inline_records_bytes=400,
             inline_dead_bytes=400,
+            inline_outbox_bytes=300,
             loose_max=2,
             manifests_max=2,
             manifest_bytes=4000,
@@ -97,6 +98,7 @@ class TopicMachine(RuleBasedStateMachine):
         self.enqueued = 0
         self.completed = 0
         self.tokens: dict[str, str] = {}  # job id -> token of its current claim
+        self.recorded: list[str] = []  # follow-ups in the outbox, in order
         self.stale: list[tuple[str, str]] = []  # (job id, token) no longer valid
 
     @initialize(from_format_1=st.booleans())
@@ -144,13 +146,23 @@ class TopicMachine(RuleBasedStateMachine):
             self.tokens[job["id"]] = job["lease_token"]
 
     @precondition(lambda self: self.tokens)
-    @rule(data=st.data(), how=st.sampled_from(["ack", "nack", "heartbeat"]))
+    @rule(data=st.data(), how=st.sampled_from(["ack", "ack+follow", "nack", "heartbeat"]))
     def settle(self, data: st.DataObject, how: str) -> None:
         job_id = data.draw(st.sampled_from(list(self.tokens)))  # insertion order: reproducible
         token = self.tokens[job_id]
         if how == "ack":
             self.apply(lambda s: s.ack(job_id, token, {"ok": job_id}, self.now))
             self.completed += 1
+        elif how == "ack+follow":
+            # One follow-up for another topic (into the outbox), one for this
+            # one (enqueued with the ack, unless its derived id is taken).
+            follow = [FollowUpSpec({"after": job_id}, topic="elsewhere"), FollowUpSpec(1)]
+            taken = self.state.exists(f"{job_id}:1")  # then it is a duplicate
+            answer = self.apply(lambda s: s.ack(job_id, token, None, self.now, follow))
+            assert answer["enqueued"] == [f"{job_id}:1", f"{job_id}:0"]
+            self.completed += 1
+            self.enqueued += not taken
+            self.recorded.append(f"{job_id}:0")
         elif how == "nack":
             delay = data.draw(st.sampled_from([0, 3]))
             self.apply(lambda s: s.nack(job_id, token, delay, "err", self.now))
@@ -180,6 +192,17 @@ class TopicMachine(RuleBasedStateMachine):
             self.stale.append((job_id, self.tokens.pop(job_id)))
         assert (sum(reaped.values()) > 0) == expired
         assert not self.state.expired(self.now)
+
+    @precondition(lambda self: self.state.outbox_size())
+    @rule(data=st.data())
+    def deliver(self, data: st.DataObject) -> None:
+        """The owner delivered some of the outbox's front (or all of it)."""
+        front = [f["id"] for f in self.apply(lambda s: s.outbox_front(5))]
+        n = data.draw(st.integers(1, len(front)))
+        taken = self.apply(lambda s: s.outbox_delivered(front[:n]))
+        assert taken == n
+        assert front[:n] == self.recorded[:n]  # in the order they were recorded
+        del self.recorded[:n]
 
     @rule(all_=st.booleans(), data=st.data())
     def requeue_or_purge(self, all_: bool, data: st.DataObject) -> None:
@@ -250,6 +273,12 @@ class TopicMachine(RuleBasedStateMachine):
         everything = pending + claimed + dead
         assert len(everything) == len(set(everything)), "a job is in two places"
         assert set(claimed) == set(self.tokens)
+
+    @invariant()
+    def the_outbox_holds_what_acks_recorded_in_order(self) -> None:
+        held = [f["id"] for f in self.state.outbox_front(10**6)]
+        assert held == self.recorded
+        assert self.state.outbox_size() == len(held)
 
     @invariant()
     def exists_agrees_with_find(self) -> None:
