@@ -37,6 +37,10 @@ class History:
     # Held claims refused (409/404) while their last renewal was still well
     # inside its lease, by the client's monotonic clock: (job id, seconds since).
     live_taken: list[tuple[str, float]] = field(default_factory=list)
+    # Acks with a follow-up: per job, the tokens of acks that succeeded or may
+    # have (unknown outcome), and those refused at once (they record nothing).
+    follow_tokens: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    refused_tokens: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -80,3 +84,21 @@ def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> di
         "double_committed": len(double),
         "live_leases_taken": len(history.live_taken),
     }
+
+
+def check_follow_ups(history: History, follow: dict[str, Any]) -> dict[str, int]:
+    """Every completed source job has exactly one follow-up, made by an ack that
+    succeeded (or may have), never by one that was refused; none is missing or
+    doubled. `follow` maps each source id to its follow-up job (None: none)."""
+    counts = follow.pop("__counts__")
+    missing = [i for i in history.enqueued if follow.get(i) is None]
+    assert not missing, f"{len(missing)} completed jobs without their follow-up: {missing[:5]}"
+    assert counts["enqueued"] == len(history.enqueued), (counts, len(history.enqueued))
+    wrong = [
+        (i, job["payload"]["token"])
+        for i, job in follow.items()
+        if job["payload"]["token"] not in history.follow_tokens[i]
+        or job["payload"]["token"] in history.refused_tokens[i]
+    ]
+    assert not wrong, f"follow-ups made by acks that did not succeed: {wrong[:5]}"
+    return {"follow_ups": len(follow), "follow_ups_missing": 0, "follow_ups_doubled": 0}

@@ -40,6 +40,9 @@ class LoadShape:
     # A held claim refused sooner than lease - lease_margin after its last
     # renewal counts as a live lease taken (History.live_taken).
     lease_margin: float = 2.5
+    # Acks carry a follow-up into this topic (SPEC 9), {"from": id, "token": t},
+    # and are sent again with the same token while their outcome is unknown.
+    follow_to: str | None = None
     timeout: float = 5.0
     seconds: float = 6.0  # production (and chaos) is spread over this long
 
@@ -153,15 +156,27 @@ class Load:
         await self.ack(job["id"], job["lease_token"])
 
     async def ack(self, job_id: str, token: str) -> int:
-        status, answer = await self.call(
-            "/ack", {"job_id": job_id, "lease_token": token, "result": {"by": token[:8]}}
-        )
-        if status == 200:
-            self.h.acked[job_id] += 1
-        elif status in (0, 503):
-            self.h.ack_unknown.add(job_id)
-        else:
-            assert status in (404, 409), f"ack answered {status}: {answer}"
+        body: dict[str, Any] = {"job_id": job_id, "lease_token": token, "result": {"by": token[:8]}}
+        follow_to = self.shape.follow_to
+        if follow_to:
+            body["enqueue"] = [{"topic": follow_to, "payload": {"from": job_id, "token": token}}]
+        for tries in range(1, 20 if follow_to else 2):
+            status, answer = await self.call("/ack", body)
+            if status == 200:
+                self.h.acked[job_id] += 1
+                if follow_to:
+                    self.h.follow_tokens[job_id].add(token)
+            elif status in (0, 503):
+                self.h.ack_unknown.add(job_id)
+                if follow_to:  # its follow-up may exist: the token is a good one
+                    self.h.follow_tokens[job_id].add(token)
+                    await asyncio.sleep(0.1 * tries)
+                    continue
+            else:
+                assert status in (404, 409), f"ack answered {status}: {answer}"
+                if follow_to and tries == 1:  # refused at once: it must record nothing
+                    self.h.refused_tokens[job_id].add(token)
+            return status
         return status
 
     async def hold(self, job: dict[str, Any], claimed: float) -> None:
@@ -207,11 +222,15 @@ class Load:
             await self.ack(job["id"], job["lease_token"])  # nobody took it: still ours
             return
         self.h.stale_acks += 1
-        status, _ = await self.call(
-            "/ack", {"job_id": job["id"], "lease_token": job["lease_token"]}
-        )
+        stale: dict[str, Any] = {"job_id": job["id"], "lease_token": job["lease_token"]}
+        if self.shape.follow_to:
+            payload = {"from": job["id"], "token": job["lease_token"]}
+            stale["enqueue"] = [{"topic": self.shape.follow_to, "payload": payload}]
+        status, _ = await self.call("/ack", stale)
         if status in (404, 409):
             self.h.stale_refused += 1
+            if self.shape.follow_to:
+                self.h.refused_tokens[job["id"]].add(job["lease_token"])
         elif status == 200:
             self.h.stale_committed.append((job["id"], job["lease_token"]))
         else:  # unknown outcome: ask the job itself who completed it
@@ -275,6 +294,28 @@ class Load:
                 return await r.json() if r.status == 200 else None  # type: ignore[no-any-return]
         except (aiohttp.ClientError, TimeoutError):
             return None
+
+    async def follow_ups(self) -> dict[str, Any]:
+        """Once delivered, each enqueued job's follow-up (its record or job) in
+        `follow_to`, by source id (None for one that never came), and that
+        topic's counts under "__counts__"."""
+        assert self.shape.follow_to
+        base = f"{self.urls()[0]}/topics/{self.shape.follow_to}"
+        out: dict[str, Any] = {}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            deadline = time.monotonic() + 30  # delivery goes on after the sources drained
+            while time.monotonic() < deadline:
+                async with session.get(f"{base}/status") as r:
+                    counts = await r.json() if r.status == 200 else {}
+                if counts.get("enqueued", 0) >= len(self.h.enqueued):
+                    break
+                await asyncio.sleep(0.2)
+            for job_id in sorted(self.h.enqueued):
+                async with session.get(f"{base}/jobs/{job_id}:0") as r:
+                    out[job_id] = await r.json() if r.status == 200 else None
+            async with session.get(f"{base}/status") as r:
+                out["__counts__"] = await r.json()
+        return out
 
     async def final_records(self) -> dict[str, Any]:
         """Each enqueued job's record, read after the run."""

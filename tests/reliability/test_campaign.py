@@ -19,7 +19,7 @@ import pytest
 from simplequeue.objstore.localfs import LocalStore
 from tests.conftest import BrokerProcess, faketime_env, open_s3, s3_broker_args, s3_endpoint
 from tests.reliability.chaos_store import ChaosStore
-from tests.reliability.history import History, check
+from tests.reliability.history import History, check, check_follow_ups
 from tests.reliability.load import Load, LoadShape
 from tests.reliability.proxy import FaultProxy, Odds
 
@@ -206,6 +206,27 @@ async def test_three_brokers_clocks_apart_one_killed_one_paused(
         record_figures,
         backend=backend,
         scenario="3 brokers, clocks +-60 s, kill -9 and SIGSTOP",
+    )
+
+
+@pytest.mark.parametrize("backend", ["localfs", pytest.param("s3", marks=pytest.mark.s3)])
+async def test_follow_ups_exactly_once_across_kills(
+    store_flags: list[str], broker_process: Any, backend: str, scale: int, record_figures: Record
+) -> None:
+    """SPEC 9: every ack carries a follow-up into another topic; two brokers,
+    one SIGKILLed and restarted again and again; acks whose answer was lost
+    are sent again with the same token. At the end every completed job has
+    exactly one follow-up, made by an ack that succeeded, none doubled, none
+    missing, none from an ack that was refused."""
+    shape = LoadShape(jobs=150 * scale, workers=6, seconds=4, follow_to="next")
+    load, history = await kill_campaign(broker_process, store_flags, 2, shape, (0.4, 1.2), 16)
+    follow = await load.follow_ups()
+    final = await load.final_records()
+    counts = final.pop("__counts__")
+    verdict = check(history, final, counts)
+    verdict.update(check_follow_ups(history, follow))
+    record_figures(
+        {**history.summary(), **verdict, "backend": backend, "scenario": "follow-ups, kills"}
     )
 
 
