@@ -283,3 +283,18 @@ def test_broker_ids_must_be_able_to_name_a_record(bad: str) -> None:
 
     with pytest.raises(InvalidRequest):
         keys.registration(bad)
+
+
+async def test_metrics_say_what_routing_and_owner_duties_did(start_broker: StartBroker) -> None:
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2)
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    async with aiohttp.ClientSession() as s:
+        status, _, _ = await post(s, f"{other.url}/topics/t/enqueue", {"payload": 1})
+        assert status == 201
+        async with s.get(f"{other.url}/metrics") as r:
+            text = await r.text()
+    assert "simplequeue_live_brokers 2.0" in text
+    assert "simplequeue_forwarded_total 1.0" in text
+    assert "simplequeue_forward_fallbacks_total 0.0" in text

@@ -120,6 +120,31 @@ def cache_families(used: int, budget: int, fetched: int) -> Iterator[Any]:
     )
 
 
+def cluster_families(
+    live: int, forwarded: int, fallbacks: int, reaped: int, delivered: int, acquired: int
+) -> Iterator[Any]:
+    """This broker among the others: live brokers it sees, requests it passed to
+    a topic's owner (and times the owner did not answer), and what its owner
+    duties did."""
+    yield GaugeMetricFamily("simplequeue_live_brokers", "Live brokers, as this one sees them", live)
+    for name, help_text, value in (
+        ("forwarded", "Requests passed to the topic's owner", forwarded),
+        (
+            "forward_fallbacks",
+            "Times a topic's owner did not answer and the next was tried",
+            fallbacks,
+        ),
+        ("reaped", "Expired leases returned to pending or dead by this broker", reaped),
+        (
+            "followups_delivered",
+            "Follow-up jobs this broker delivered into their topics",
+            delivered,
+        ),
+        ("topics_taken_over", "Topic heads read when this broker came to own them", acquired),
+    ):
+        yield CounterMetricFamily(f"simplequeue_{name}", help_text, value=value)
+
+
 def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[Any]:
     """Committer counters, and per topic its jobs by state, what it ever did and
     the age of its oldest due job, as metric families (Engine.cached_gauges)."""

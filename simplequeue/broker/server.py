@@ -23,6 +23,7 @@ from simplequeue.broker.metrics import (
     InstrumentedStore,
     Metrics,
     cache_families,
+    cluster_families,
     commit_families,
 )
 from simplequeue.broker.page import BrokerView, Presence, RecordView
@@ -113,6 +114,18 @@ class Broker:
             deliver_to=Router(self.engine, self.forwarder),
         )
         self.membership.on_change = self.duties.view_changed
+        self.metrics.add_collector(
+            CallbackCollector(
+                lambda: cluster_families(
+                    len(self.membership.live),
+                    self.forwarder.forwarded,
+                    self.forwarder.fallbacks,
+                    self.duties.reaped,
+                    self.duties.delivered,
+                    self.duties.acquired,
+                )
+            )
+        )
         self.committer.on_landed = lambda topic, state: self.duties.wrote(topic, state.next_due())
         self.committer.on_loaded = lambda topic, state: self.duties.loaded(topic, state.next_due())
         self.committer.on_failed = self.duties.failed
