@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ACQUIRE_PARALLEL = 16  # heads read at once when topics are taken over
 DELIVER_BATCH = 500  # follow-ups delivered per round
 DELIVER_ROUNDS = 8  # rounds per wake-up, before other topics get their turn
+TEND_PARALLEL = 32  # topics tended at once
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Duties:
         self.clock = clock  # the store's: what lease expiries are written in
         self.hand_over = hand_over  # tells a topic's owner to read it again
         self.deliver_to = deliver_to  # enqueues follow-ups into their topics, wherever owned
-        self._due: dict[str, float] = {}  # topic -> no lease of it runs out before
+        self._due: dict[str, float] = {}  # topic -> when it next wants its owner
+        self._scheduled: dict[str, float] = {}  # topic -> its wake-up in the heap
         self._heap: list[tuple[float, str]] = []
         self._written: dict[str, float] = {}  # topic -> monotonic time of this broker's last write
         self._wake = asyncio.Event()
@@ -77,15 +79,16 @@ class Duties:
 
     def note(self, topic: str, due: float | None) -> None:
         """`topic` next wants its owner at `due` (store time; None: not until it
-        changes)."""
+        changes). The heap holds one wake-up per topic, its earliest: a later
+        due is found when that one comes, and put back."""
         if due is None:
             self._due.pop(topic, None)
             return
-        if self._due.get(topic) == due:
-            return
         self._due[topic] = due
-        heapq.heappush(self._heap, (due, topic))
-        self._wake.set()
+        if due < self._scheduled.get(topic, 1e300):
+            self._scheduled[topic] = due
+            heapq.heappush(self._heap, (due, topic))
+            self._wake.set()
 
     def wrote(self, topic: str, due: float | None) -> None:
         """A write of this broker landed on `topic` (the committer's on_landed)."""
@@ -160,13 +163,31 @@ class Duties:
                 await self._wake.wait()
 
     async def _reap_due(self) -> None:
+        """Tend every topic that is due, TEND_PARALLEL at a time (a write takes
+        a while on S3; one topic does not wait for another's)."""
         now = self.clock()
+        due: list[str] = []
         while self._heap and self._heap[0][0] <= now:
-            due, topic = heapq.heappop(self._heap)
-            if self._due.get(topic) != due:
-                continue  # superseded by a later note
+            at, topic = heapq.heappop(self._heap)
+            if self._scheduled.get(topic) != at:
+                continue  # an earlier wake-up of this topic took its place
+            del self._scheduled[topic]
+            wanted = self._due.get(topic)
+            if wanted is None:
+                continue
+            if wanted > now:  # noted later than this wake-up: wake up then
+                self._scheduled[topic] = wanted
+                heapq.heappush(self._heap, (wanted, topic))
+                continue
             del self._due[topic]
-            await self._tend(topic)
+            due.append(topic)
+        limit = asyncio.Semaphore(TEND_PARALLEL)
+
+        async def tend(topic: str) -> None:
+            async with limit:
+                await self._tend(topic)
+
+        await asyncio.gather(*(tend(t) for t in due))
 
     async def _tend(self, topic: str) -> None:
         owner = self.membership.owner(topic)
