@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # A record nobody renewed for this many of its leases is deleted by whoever
 # sees it: a broker killed without a goodbye leaves one behind.
 FORGET_AFTER_LEASES = 10
+RANKED_KEPT = 10_000  # topics whose broker order is kept between changes of the live set
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,14 @@ class Membership:
         self._beats = 0
         # Brokers that did not answer a forwarded request: passed over until then.
         self._suspect: dict[str, float] = {}
+        self._ranked: dict[str, list[Peer]] = {}  # topic -> live brokers by its hash
         self._wake = asyncio.Event()
 
     def set_url(self, url: str) -> None:
         """This broker's URL, once it listens."""
         self.me = Peer(self.me.broker_id, url)
         self.live = tuple(self.me if p.broker_id == self.me.broker_id else p for p in self.live)
+        self._ranked = {}
 
     @property
     def key(self) -> str:
@@ -104,9 +107,20 @@ class Membership:
     def order(self, topic: str) -> list[Peer]:
         """Live brokers in the order they serve `topic`: its owner first. Brokers
         that lately did not answer go last (this one never does)."""
+        ranked = self._ranked.get(topic)
+        if ranked is None:  # asked on every request: kept until the live set changes
+            if len(self._ranked) >= RANKED_KEPT:
+                self._ranked.clear()
+            ranked = self._ranked[topic] = sorted(
+                self.live, key=lambda p: rendezvous(topic, p.broker_id), reverse=True
+            )
+        if not self._suspect:
+            return ranked
         now = time.monotonic()
-        ranked = sorted(self.live, key=lambda p: rendezvous(topic, p.broker_id), reverse=True)
-        return sorted(ranked, key=lambda p: self._suspect.get(p.broker_id, 0.0) > now)
+        for broker_id, until in list(self._suspect.items()):
+            if until <= now:
+                del self._suspect[broker_id]
+        return sorted(ranked, key=lambda p: p.broker_id in self._suspect)
 
     def owner(self, topic: str) -> Peer:
         return self.order(topic)[0]
@@ -188,6 +202,7 @@ class Membership:
 
     def _set_live(self, live: tuple[Peer, ...]) -> None:
         old, self.live = self.live, live
+        self._ranked = {}
         if old != live:
             log.info("live brokers: %s", ", ".join(p.broker_id for p in live))
             if self.on_change is not None:
