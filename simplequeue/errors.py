@@ -20,7 +20,8 @@ with the HTTP status and the RESP error code it is answered with.
         ├── BrokerUnavailable   no broker answered, after retries and re-discovery
         ├── BrokerError         an answer the SDK did not expect (carries its status)
         ├── JobFailed           Client.result(): the job is dead (carries last_error)
-        └── JobCancelled        Client.result(): the job was cancelled
+        ├── JobCancelled        Client.result(): the job was cancelled
+        └── UnknownTask         a Worker's Tasks: the job names no task it has
 
 The HTTP layer, the RESP layer, the batch ack and the SDK derive their mappings
 from the class attributes here (`http_status`, `resp_code`, `ack_status`,
@@ -170,6 +171,12 @@ class JobCancelled(SimpleQueueError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id!r} was cancelled")
         self.job_id = job_id
+
+
+class UnknownTask(SimpleQueueError):
+    """A job run by a Tasks registry (client side, in a Worker: it fails the
+    job) names a task the registry does not have, or its payload is not a
+    task's at all."""
 
 
 #: The classes a broker's error answers are turned back into, by their status

@@ -35,6 +35,7 @@ from simplequeue.errors import (
     StoreError,
     StoreUnavailable,
     Unauthorized,
+    UnknownTask,
 )
 from simplequeue.objstore.memfs import MemStore
 
@@ -63,6 +64,7 @@ TABLE: dict[type[SimpleQueueError], tuple[int, str, type[SimpleQueueError], str 
     BrokerError: (500, "ERR", BrokerError, None),
     JobFailed: (500, "ERR", BrokerError, None),
     JobCancelled: (500, "ERR", BrokerError, None),
+    UnknownTask: (500, "ERR", BrokerError, None),
 }
 
 
