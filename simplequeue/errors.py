@@ -18,7 +18,10 @@ with the HTTP status and the RESP error code it is answered with.
     ├── CorruptData         an object in the store cannot be read 500   ERR
     └── client side only:
         ├── BrokerUnavailable   no broker answered, after retries and re-discovery
-        └── BrokerError         an answer the SDK did not expect (carries its status)
+        ├── BrokerError         an answer the SDK did not expect (carries its status)
+        ├── JobFailed           Client.result(): the job is dead (carries last_error)
+        ├── JobCancelled        Client.result(): the job was cancelled
+        └── UnknownTask         a Worker's Tasks: the job names no task it has
 
 The HTTP layer, the RESP layer, the batch ack and the SDK derive their mappings
 from the class attributes here (`http_status`, `resp_code`, `ack_status`,
@@ -149,6 +152,31 @@ class BrokerError(SimpleQueueError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class JobFailed(SimpleQueueError):
+    """The job whose result was asked for is dead: it failed and its attempts
+    are spent (client side: a broker never answers it). Carries the job's id and
+    its last error, as the broker recorded it."""
+
+    def __init__(self, job_id: str, last_error: str | None = None) -> None:
+        super().__init__(f"job {job_id!r} is dead: {last_error or 'no error was recorded'}")
+        self.job_id, self.last_error = job_id, last_error
+
+
+class JobCancelled(SimpleQueueError):
+    """The job whose result was asked for was cancelled before it completed
+    (client side: a broker never answers it)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r} was cancelled")
+        self.job_id = job_id
+
+
+class UnknownTask(SimpleQueueError):
+    """A job run by a Tasks registry (client side, in a Worker: it fails the
+    job) names a task the registry does not have, or its payload is not a
+    task's at all."""
 
 
 #: The classes a broker's error answers are turned back into, by their status

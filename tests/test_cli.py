@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from simplequeue.client import Client
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
+from tests.helpers.fault_proxy import FaultProxy
 
 StartBroker = Callable[..., Awaitable[Any]]
 
@@ -361,3 +363,94 @@ async def test_work_without_lease_takes_the_brokers(start_broker: StartBroker) -
     assert done.returncode == 0, done.stderr
     async with Client(broker.url, topic="jobs") as q:
         assert (await q.job(job_id)).result == pytest.approx(7.0)
+
+
+# --- workflows: job --wait, work -Q ------------------------------------------------------
+
+
+async def test_job_wait_prints_the_job_once_it_is_finished(broker: Any) -> None:
+    async with (
+        FaultProxy(broker.url).running() as proxy,
+        Client(broker.url, topic="jobs") as q,
+    ):
+        cli = Cli("--broker", proxy.url, "--topic", "jobs")
+        await q.enqueue("x", id="a")
+        job = await q.claim("w")
+        assert job is not None
+        proxy.arrived.clear()
+        waiting = asyncio.ensure_future(cli.json("job", "a", "--wait", "30"))
+        await proxy.arrived.wait()  # the long poll is at the broker
+        await q.ack(job, result={"n": 1})
+        printed = await waiting
+    assert (printed["status"], printed["result"]) == ("completed", {"n": 1})
+    assert proxy.requests["/topics/jobs/jobs/a"] == 1
+
+
+async def test_job_wait_prints_the_job_as_it_is_when_the_wait_is_over(cli: Cli) -> None:
+    await cli.json("enqueue", '"x"', "--id", "a")
+    started = time.monotonic()
+    assert (await cli.json("job", "a", "--wait", "0.5"))["status"] == "pending"
+    assert time.monotonic() - started >= 0.5
+    assert failed_with(await cli("job", "ghost", "--wait", "0.2"), "JobNotFound")
+
+
+async def until_enqueued(broker: Any, topic: str, n: int) -> dict[str, int]:
+    async with asyncio.timeout(10), Client(broker.url, topic=topic) as q:
+        while (counts := await q.status())["enqueued"] < n:
+            await broker.committer.wait_changed(topic, 1.0)
+    return counts
+
+
+async def test_work_q_enqueues_each_stdout_line_into_the_output_topic_with_the_ack(
+    cli: Cli, broker: Any
+) -> None:
+    await cli.json("enqueue", '{"words": "to be"}', "--id", "s1")
+    await cli.json("enqueue", '{"words": "or not"}', "--id", "s2")
+    script = (
+        "import json, sys\n"
+        "for word in json.load(sys.stdin)['words'].split():\n"
+        "    print(json.dumps({'word': word}))\n"
+        "    print()\n"  # blank lines are skipped
+    )
+    done = await cli(
+        "work", "-Q", "words", "--max-jobs", "2", "--", sys.executable, "-c", script, within=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert "into words" in done.stderr and "2 acked, 0 nacked" in done.stderr
+    assert (await until_enqueued(broker, "words", 4))["pending"] == 4
+    words = Cli("--broker", broker.url, "--topic", "words")
+    # The ack's follow-ups: ids derived from the source job's, one per line.
+    assert (await words.json("job", "s1:0"))["payload"] == {"word": "to"}
+    assert (await words.json("job", "s2:1"))["payload"] == {"word": "not"}
+    source = await cli.json("job", "s1")
+    assert (source["status"], source["result"]) == ("completed", None)
+
+
+@pytest.mark.parametrize(
+    ("output", "error"),
+    [
+        ("print('{\"ok\": 1}'); print('{oops')", "stdout line 2 is not JSON"),
+        ("print('1\\n' * 1001, end='')", "more than 1000 lines"),
+        ("sys.stdout.write('[' + ' ' * (2 << 20) + ']')", "more than 1048576 bytes"),
+    ],
+    ids=["not-json", "too-many-lines", "too-many-bytes"],
+)
+async def test_work_q_fails_a_job_whose_output_cannot_be_enqueued(
+    cli: Cli, broker: Any, output: str, error: str
+) -> None:
+    await cli.json("enqueue", "1", "--id", "bad", "--max-attempts", "1")
+    script = f"import sys\nsys.stdin.read()\n{output}\n"
+    done = await cli(
+        "work", "-Q", "out", "--max-jobs", "1", "--", sys.executable, "-c", script, within=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert "0 acked, 1 nacked" in done.stderr
+    dead = await cli.json("job", "bad")
+    assert dead["status"] == "dead" and error in dead["last_error"]
+    async with Client(broker.url, topic="out") as out:
+        assert (await out.status())["enqueued"] == 0  # the ack never happened: no outbox
+
+
+async def test_work_q_with_a_bad_topic_name_is_a_usage_error(cli: Cli) -> None:
+    done = await cli("work", "-Q", "no.dots", "--", "cat")
+    assert done.returncode == 2 and "is not a topic name" in done.stderr

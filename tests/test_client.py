@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,19 @@ from typing import Any
 import pytest
 
 from simplequeue.client import Client, Job, SyncClient
+from simplequeue.client import client as client_module
 from simplequeue.errors import (
     BrokerUnavailable,
     InvalidRequest,
+    JobCancelled,
+    JobFailed,
     JobNotFound,
     LeaseLost,
     Unauthorized,
 )
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
+from tests.helpers.fault_proxy import FaultProxy
 
 StartBroker = Callable[..., Awaitable[Any]]
 
@@ -251,3 +256,174 @@ def test_sync_client_has_every_method_of_client_with_the_same_parameters() -> No
         twin = getattr(SyncClient, name, None)
         assert twin is not None, f"SyncClient has no {name}()"
         assert _parameters(twin) == _parameters(getattr(Client, name)), name
+
+
+# --- follow-ups (SPEC 9) and waiting for results ----------------------------------------
+
+
+async def until_pending(broker: Any, q: Client, n: int) -> None:
+    """Return once `q`'s topic has `n` pending jobs, checked at each of its commits."""
+    async with asyncio.timeout(10):
+        while (await q.status())["pending"] < n:
+            await broker.committer.wait_changed(q.topic, 1.0)
+
+
+async def test_ack_enqueues_its_follow_ups_here_and_in_other_topics(
+    start_broker: StartBroker,
+) -> None:
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="src") as q, q.for_topic("dst") as dst:
+        await q.enqueue("step 1", id="a")
+        job = await q.claim("w")
+        assert job is not None
+        await q.ack(
+            job,
+            result="ok",
+            enqueue=[
+                "step 2",  # a payload: this topic, an id derived from the job's
+                {"payload": {"n": 3}, "id": "mine", "priority": 7},
+                {"payload": "elsewhere", "topic": "dst", "delay": 0},
+            ],
+        )
+        assert (await q.job("a")).result == "ok"
+        assert (await q.job("a:0")).payload == "step 2"
+        mine = await q.job("mine")
+        assert (mine.payload, mine.priority) == ({"n": 3}, 7)
+        await until_pending(broker, dst, 1)  # delivered by the owner of dst
+        assert (await dst.job("a:2")).payload == "elsewhere"
+        assert (await dst.status())["enqueued"] == 1
+
+
+async def test_an_ack_that_fails_enqueues_none_of_its_follow_ups(q: Client) -> None:
+    await q.enqueue("x", id="a")
+    job = await q.claim("w")
+    assert job is not None
+    with pytest.raises(LeaseLost):
+        await q.ack(Job("a", lease_token="stale"), enqueue=["never"])
+    with pytest.raises(InvalidRequest, match="follow-up 1"):  # checked before it is sent
+        await q.ack(job, enqueue=["fine", {"payload": 1, "topic": "bad.name"}])
+    assert (await q.status())["enqueued"] == 1
+    assert (await q.job("a")).status == "claimed"
+
+
+async def test_ack_many_carries_follow_ups_per_ack(q: Client) -> None:
+    await q.enqueue_many([{"payload": n, "id": f"j{n}"} for n in range(3)])
+    jobs = await q.claim_many("w", 3)
+    results = await q.ack_many(
+        [(jobs[0], "r0", ["after 0"]), (jobs[1], "r1"), (jobs[2], "r2", None)]
+    )
+    assert [r["status"] for r in results] == ["completed"] * 3
+    assert (await q.job("j0:0")).payload == "after 0"
+    assert (await q.status())["enqueued"] == 4
+
+
+@pytest.fixture
+async def watched(start_broker: StartBroker) -> Any:
+    """(broker, a proxy that counts the requests it passes on, a client through it,
+    a client straight to the broker)."""
+    broker = await start_broker(MemStore())
+    async with (
+        FaultProxy(broker.url).running() as proxy,
+        Client(proxy.url, topic="t") as through,
+        Client(broker.url, topic="t") as direct,
+    ):
+        yield broker, proxy, through, direct
+
+
+async def test_result_waits_for_the_job_to_complete_in_one_long_poll(watched: Any) -> None:
+    _, proxy, q, direct = watched
+    await direct.enqueue("x", id="a")
+    job = await direct.claim("w")
+    assert job is not None
+    proxy.arrived.clear()
+    waiting = asyncio.ensure_future(q.result("a", timeout=30))
+    await proxy.arrived.wait()  # the long poll is at the broker
+    assert not waiting.done()
+    await direct.ack(job, result={"total": 3})
+    assert await asyncio.wait_for(waiting, 10) == {"total": 3}
+    assert proxy.requests["/topics/t/jobs/a"] == 1
+
+
+async def test_result_waits_for_a_job_that_does_not_exist_yet(watched: Any) -> None:
+    _, proxy, q, direct = watched
+    proxy.arrived.clear()
+    waiting = asyncio.ensure_future(q.result("later", timeout=30))
+    await proxy.arrived.wait()
+    await direct.enqueue("x", id="later")
+    job = await direct.claim("w")
+    assert job is not None
+    await direct.ack(job, result=1)
+    assert await asyncio.wait_for(waiting, 10) == 1
+
+
+async def test_result_of_a_dead_job_raises_job_failed_with_its_last_error(q: Client) -> None:
+    await q.enqueue("x", id="a", max_attempts=1)
+    job = await q.claim("w")
+    assert job is not None
+    await q.nack(job, error="out of paper")
+    with pytest.raises(JobFailed, match="out of paper") as caught:
+        await q.result("a", timeout=5)
+    assert (caught.value.job_id, caught.value.last_error) == ("a", "out of paper")
+
+
+async def test_result_of_a_cancelled_job_raises_job_cancelled(
+    watched: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker, _, q, _ = watched
+
+    async def cancelled(topic: str, job_id: str, wait: float = 0.0) -> dict[str, Any]:
+        return {"id": job_id, "status": "cancelled", "result": None, "last_error": None}
+
+    monkeypatch.setattr(broker.engine, "job", cancelled)  # as the broker records one (SPEC 10)
+    with pytest.raises(JobCancelled) as caught:
+        await q.result("a", timeout=5)
+    assert caught.value.job_id == "a"
+
+
+async def test_result_raises_timeout_error_when_the_job_is_still_unfinished(q: Client) -> None:
+    await q.enqueue("x", id="a")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="still pending"):
+        await q.result("a", timeout=0.3)
+    assert time.monotonic() - started >= 0.3
+    with pytest.raises(JobNotFound):  # nothing of that id, even after the wait
+        await q.result("ghost", timeout=0.2)
+
+
+async def test_result_long_polls_again_until_its_timeout(
+    watched: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, proxy, q, direct = watched
+    monkeypatch.setattr(client_module, "WAIT_PER_REQUEST", 0.25)
+    await direct.enqueue("x", id="a")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await q.result("a", timeout=1.0)
+    assert 1.0 <= time.monotonic() - started < 5
+    assert proxy.requests["/topics/t/jobs/a"] == 4  # 0.25 s each
+
+
+async def test_a_long_poll_is_not_cut_by_the_clients_http_timeout(
+    start_broker: StartBroker,
+) -> None:
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t", timeout=0.2, retries=1) as q:
+        await q.enqueue("x", id="a")
+        with pytest.raises(TimeoutError):  # not BrokerUnavailable after 0.2 s
+            await q.result("a", timeout=1.0)
+        assert (await q.job("a", wait=0.5)).status == "pending"
+
+
+async def test_sync_client_waits_for_results_too(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore())
+
+    def script() -> Any:
+        with SyncClient(broker.url, topic="sync") as q:
+            q.enqueue("x", id="a")
+            job = q.claim("w")
+            assert job is not None
+            q.ack(job, result="done", enqueue=["next"])
+            assert q.job("a:0").payload == "next"
+            return q.result("a", timeout=5)
+
+    assert await asyncio.to_thread(script) == "done"

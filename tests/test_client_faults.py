@@ -168,6 +168,33 @@ async def test_ack_after_a_transient_failure_completes_the_job(
     assert (done.status, done.result) == ("completed", "done")
 
 
+@pytest.mark.parametrize("fault", ["landed-502", "cut"])
+async def test_a_retried_ack_whose_first_try_landed_enqueues_its_follow_ups_once(
+    start_broker: Callable[..., Awaitable[Any]], fault: str
+) -> None:
+    broker = await start_broker(MemStore())
+    async with (
+        FaultProxy(broker.url).running() as proxy,
+        Client(proxy.url, topic="t", retries=4, retry_budget=5) as q,
+        Client(broker.url, topic="t") as direct,
+        direct.for_topic("next") as after,
+    ):
+        await direct.enqueue(1, id="a")
+        job = await direct.claim("w")
+        assert job is not None
+        proxy.fail("/ack", fault)  # the ack lands; its answer is lost
+        await prompt(q.ack(job, result="done", enqueue=["here", {"payload": 2, "topic": "next"}]))
+        assert proxy.requests["/topics/t/ack"] == 2  # retried: answered 409, the job completed
+        assert (await direct.job("a")).status == "completed"
+        assert (await direct.job("a:0")).payload == "here"
+        assert (await direct.status())["enqueued"] == 2  # a, a:0: nothing twice
+        async with asyncio.timeout(PROMPT):
+            while (await after.status())["pending"] < 1:
+                await broker.committer.wait_changed("next", 1.0)
+        assert (await after.job("a:1")).payload == 2
+        assert (await after.status())["enqueued"] == 1
+
+
 async def test_ack_that_keeps_failing_raises_instead_of_returning(
     proxied: tuple[FaultProxy, Client, Client],
 ) -> None:

@@ -22,6 +22,8 @@ from simplequeue.errors import (
     Contended,
     CorruptData,
     InvalidRequest,
+    JobCancelled,
+    JobFailed,
     JobNotFound,
     LeaseLost,
     NothingToClaim,
@@ -33,6 +35,7 @@ from simplequeue.errors import (
     StoreError,
     StoreUnavailable,
     Unauthorized,
+    UnknownTask,
 )
 from simplequeue.objstore.memfs import MemStore
 
@@ -59,6 +62,9 @@ TABLE: dict[type[SimpleQueueError], tuple[int, str, type[SimpleQueueError], str 
     CorruptData: (500, "ERR", BrokerError, None),
     BrokerUnavailable: (503, "TRYAGAIN", StoreUnavailable, None),
     BrokerError: (500, "ERR", BrokerError, None),
+    JobFailed: (500, "ERR", BrokerError, None),
+    JobCancelled: (500, "ERR", BrokerError, None),
+    UnknownTask: (500, "ERR", BrokerError, None),
 }
 
 

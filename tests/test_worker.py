@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from simplequeue.client import Backoff, Client, Job, Worker
+from simplequeue.client import Backoff, Client, Done, Job, Worker
 from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
@@ -967,3 +967,113 @@ async def test_max_jobs_stops_after_that_many_jobs_whatever_their_outcome(q: Cli
     assert worker.processed + worker.failed == 3
     counts = await q.status()
     assert counts["completed"] + counts["delayed"] == 3 and counts["pending"] == 3
+
+
+# --- Done: acks with follow-up jobs (SPEC 9) --------------------------------------------
+
+
+async def test_a_handler_returning_done_acks_with_its_follow_ups(q: Client, broker: Any) -> None:
+    await q.enqueue({"step": 1}, id="a")
+
+    async def step(job: Job) -> Any:
+        n = job.payload["step"]
+        if n == 3:
+            return "last"  # a plain value: the result, nothing enqueued
+        return Done(f"step {n}", enqueue=[{"step": n + 1}])
+
+    worker = Worker(q, step, wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 3))
+    assert [await q.result(i, timeout=5) for i in ("a", "a:0", "a:0:0")] == [
+        "step 1",
+        "step 2",
+        "last",
+    ]
+    assert (await q.status())["enqueued"] == 3
+
+
+async def test_a_plain_function_may_return_done_with_follow_ups_for_other_topics(
+    q: Client, broker: Any
+) -> None:
+    await q.enqueue("x", id="a")
+
+    def fan_out(job: Job) -> Done:
+        specs = [{"payload": n, "topic": "fanned", "id": f"f{n}", "priority": n} for n in range(3)]
+        return Done(enqueue=specs)
+
+    worker = Worker(q, fan_out, wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 1))
+    async with q.for_topic("fanned") as fanned, asyncio.timeout(10):
+        while (await fanned.status())["pending"] < 3:
+            await broker.committer.wait_changed("fanned", 1.0)
+        job = await fanned.claim("w")
+        assert job is not None and (job.id, job.payload) == ("f2", 2)  # highest priority first
+    assert (await q.job("a")).result is None
+
+
+@pytest.mark.parametrize(
+    ("follow_up", "error"),
+    [
+        ({"payload": 1, "topic": "bad.name"}, "follow-up 0"),
+        ({"payload": 1, "dealy": 5}, "unknown field `dealy`"),
+        (object(), "a follow-up job cannot be sent as JSON"),
+    ],
+)
+async def test_a_done_with_a_follow_up_that_cannot_be_sent_fails_its_job(
+    q: Client, broker: Any, follow_up: Any, error: str
+) -> None:
+    job_id = await q.enqueue("x", max_attempts=1)
+
+    async def bad(job: Job) -> Done:
+        return Done("never", enqueue=[follow_up])
+
+    worker = Worker(q, bad, wait=0.2, handle_signals=False)
+    await run_until(worker, broker, lambda: _dead(q, 1))
+    job = await q.job(job_id)
+    assert job.last_error is not None and error in job.last_error
+    assert (await q.status())["enqueued"] == 1
+    assert (worker.processed, worker.failed) == (0, 1)
+
+
+async def test_an_ack_the_broker_refuses_fails_its_job_and_no_other(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await start_broker(MemStore(), max_body=64 * 1024)
+    async with Client(broker.url, topic="w") as q:
+        await q.enqueue_many(
+            [{"payload": {"size": n}, "id": f"j{n}", "max_attempts": 1} for n in (10, 100_000, 20)]
+        )
+
+        async def echo(job: Job) -> Done:  # j100000's ack is over the broker's --max-body
+            return Done(job.id, enqueue=[{"payload": "x" * job.payload["size"], "topic": "o"}])
+
+        worker = Worker(q, echo, concurrency=3, wait=0.2, handle_signals=False)
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            await run_until(worker, broker, lambda: _settled(q, 3))
+        assert (await q.job("j10")).status == (await q.job("j20")).status == "completed"
+        refused = await q.job("j100000")
+        assert refused.status == "dead" and refused.last_error is not None
+        assert "the broker refused the ack" in refused.last_error
+        assert (worker.processed, worker.failed) == (2, 1)
+        assert "job j100000 failed" in caplog.text
+
+
+async def _settled(q: Client, n: int) -> bool:
+    counts = await q.status()
+    return counts["completed"] + counts["dead"] >= n
+
+
+async def test_a_burst_worker_runs_the_follow_ups_of_its_own_acks_before_it_returns(
+    q: Client,
+) -> None:
+    await q.enqueue(0, id="chain")
+
+    async def next_link(job: Job) -> Any:
+        return Done(job.payload, enqueue=[job.payload + 1]) if job.payload < 4 else "end"
+
+    # Each ack leaves the next job; a claim that finds the topic empty while
+    # the ack is on its way must not end the run.
+    worker = Worker(q, next_link, concurrency=1, burst=True, handle_signals=False)
+    async with asyncio.timeout(10):
+        await worker.run()
+    assert worker.processed == 5
+    assert (await q.status())["completed"] == 5

@@ -14,22 +14,27 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TextIO, TypeVar
 
 import click
 import msgspec
 import orjson
 
-from simplequeue import __version__
+from simplequeue import __version__, api
 from simplequeue.client.client import Client
+from simplequeue.client.followups import Done
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
-from simplequeue.errors import SimpleQueueError
+from simplequeue.errors import InvalidRequest, SimpleQueueError
 from simplequeue.storeflags import StoreFlags, store_options
 
 T = TypeVar("T")
 BATCH = 500  # jobs per request with enqueue --file
+# What one job of `work -Q` may pass on: the follow-ups of one ack (the API's
+# cap), and stdout read, so that a runaway command cannot exhaust the worker.
+MAX_FOLLOW_UPS = api.MAX_BATCH
+MAX_OUTPUT = 1024 * 1024  # bytes
 
 
 class Settings:
@@ -164,7 +169,7 @@ async def enqueue(
 async def enqueue_file(
     client: Client, lines: TextIO, priority: int, delay: float, max_attempts: int | None
 ) -> list[str]:
-    payloads = []
+    payloads: list[Any] = []
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
@@ -310,10 +315,19 @@ async def topics(client: Client, as_json: bool) -> None:
 
 @main.command()
 @click.argument("job_id")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="S",
+    help="Wait up to S seconds for the job to finish (completed, dead or cancelled).",
+)
 @run
-async def job(client: Client, job_id: str) -> None:
-    """A job, or its retained record, as the broker sent it."""
-    emit(await client.job_dict(job_id))
+async def job(client: Client, job_id: str, wait: float) -> None:
+    """A job, or its retained record, as the broker sent it. With --wait, once
+    it is finished, or as it is after S seconds (a job that does not exist yet
+    is waited for too)."""
+    emit(await client.job_dict(job_id, wait))
 
 
 @main.command()
@@ -354,6 +368,14 @@ async def purge(client: Client, job_ids: tuple[str, ...]) -> None:
     default=None,
     help="Stop after this many jobs, whatever their outcome (for scripts and tests).",
 )
+@click.option(
+    "-Q",
+    "--output-topic",
+    default=None,
+    metavar="OUT",
+    callback=lambda ctx, param, value: check_topic(value, param),
+    help="Each non-empty stdout line is a JSON payload enqueued into topic OUT with the ack.",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @run
 async def work(
@@ -362,18 +384,26 @@ async def work(
     worker_id: str | None,
     lease: float | None,
     max_jobs: int | None,
+    output_topic: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND once per job: the payload as JSON on stdin, the job's id and
     attempt in SIMPLEQUEUE_JOB_ID and SIMPLEQUEUE_ATTEMPT; exit 0 acks with
     stdout as the result (JSON if it parses, else text); non-zero nacks with
     stderr as the error. Ctrl-C or SIGTERM drains running commands. A COMMAND
-    that cannot be started stops the worker with exit status 1."""
+    that cannot be started stops the worker with exit status 1.
+
+    With -Q OUT, each non-empty line of stdout is a JSON payload for topic OUT,
+    enqueued with the ack, in the same commit (the result is null); a line
+    that is not JSON, more than 1,000 lines or more than 1 MiB of stdout fail
+    the job instead."""
     check_runnable(command[0])
     cannot_start: list[CommandUnstartable] = []
 
     async def handler(job: Job) -> Any:
         try:
+            if output_topic is not None:
+                return await run_command_into(command, job, output_topic)
             return await run_command(command, job)
         except CommandUnstartable as exc:
             cannot_start.append(exc)
@@ -391,11 +421,26 @@ async def work(
         max_jobs=max_jobs,
     )
     log_worker_to_stderr()
-    click.echo(f"working on {client.topic} with {' '.join(command)}", err=True)
+    into = f" into {output_topic}" if output_topic is not None else ""
+    click.echo(f"working on {client.topic}{into} with {' '.join(command)}", err=True)
     await worker.run()
     click.echo(f"done: {worker.processed} acked, {worker.failed} nacked", err=True)
     if cannot_start:
         raise click.ClickException(str(cannot_start[0]))
+
+
+def check_topic(name: str | None, param: click.Parameter) -> str | None:
+    """`name` if it is a valid topic name (or None), else a usage error now
+    rather than a refused ack after the first job ran."""
+    if name is not None:
+        try:
+            api.convert({"payload": None, "topic": name}, api.FollowUpSpec)
+        except InvalidRequest:
+            raise click.BadParameter(
+                f"{name!r} is not a topic name (letters, digits, '_' and '-', up to 128)",
+                param=param,
+            ) from None
+    return name
 
 
 def check_runnable(program: str) -> None:
@@ -446,6 +491,11 @@ class CommandFailed(Exception):
     """The job's command exited non-zero; the message is its stderr."""
 
 
+class OutputRejected(Exception):
+    """With -Q: the command's stdout is not what may be enqueued (a line that
+    is not JSON, too many lines, too many bytes)."""
+
+
 def command_env(job: Job) -> dict[str, str]:
     """This process's environment, and the job's id and attempt."""
     env = {**os.environ, "SIMPLEQUEUE_JOB_ID": job.id}
@@ -454,9 +504,9 @@ def command_env(job: Job) -> dict[str, str]:
     return env
 
 
-async def run_command(command: tuple[str, ...], job: Job) -> Any:
+async def start_command(command: tuple[str, ...], job: Job) -> asyncio.subprocess.Process:
     try:
-        proc = await asyncio.create_subprocess_exec(
+        return await asyncio.create_subprocess_exec(
             *command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -465,14 +515,93 @@ async def run_command(command: tuple[str, ...], job: Job) -> Any:
         )
     except OSError as exc:
         raise CommandUnstartable(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def killed_if_cancelled(proc: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """Lease lost or shutting down hard: do not leave the command running."""
     try:
-        out, err = await proc.communicate(orjson.dumps(job.payload))
-    except asyncio.CancelledError:  # lease lost or shutting down hard: do not leave it
+        yield
+    except asyncio.CancelledError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
         raise
+
+
+def check_exit(proc: asyncio.subprocess.Process, err: bytes) -> None:
     if proc.returncode != 0:
         text = err.decode(errors="replace").strip()[-4000:]
         raise CommandFailed(text or f"exit status {proc.returncode}")
+
+
+async def run_command(command: tuple[str, ...], job: Job) -> Any:
+    proc = await start_command(command, job)
+    async with killed_if_cancelled(proc):
+        out, err = await proc.communicate(orjson.dumps(job.payload))
+    check_exit(proc, err)
     return parse_payload(out.decode(errors="replace").strip())
+
+
+async def run_command_into(command: tuple[str, ...], job: Job, topic: str) -> Done:
+    """Run the command for `job` (with -Q): its stdout lines are payloads for
+    `topic`, enqueued with the job's ack."""
+    proc = await start_command(command, job)
+    async with killed_if_cancelled(proc):
+        out, err = await communicate_bounded(proc, orjson.dumps(job.payload), MAX_OUTPUT)
+    if out is None:
+        raise OutputRejected(
+            f"the command wrote more than {MAX_OUTPUT} bytes to stdout (it was stopped):"
+            f" with -Q a job may pass on at most {MAX_OUTPUT} bytes"
+        )
+    check_exit(proc, err)
+    return Done(None, enqueue=[{"topic": topic, "payload": p} for p in payloads_of(out)])
+
+
+def payloads_of(out: bytes) -> list[Any]:
+    """The JSON payload of each non-empty line of `out`."""
+    payloads: list[Any] = []
+    for number, line in enumerate(out.splitlines(), 1):
+        if not line.strip():
+            continue
+        if len(payloads) == MAX_FOLLOW_UPS:
+            raise OutputRejected(
+                f"the command printed more than {MAX_FOLLOW_UPS} lines:"
+                f" with -Q a job may enqueue at most {MAX_FOLLOW_UPS} jobs"
+            )
+        try:
+            payloads.append(orjson.loads(line))
+        except orjson.JSONDecodeError as exc:
+            shown = line[:80].decode(errors="replace")
+            raise OutputRejected(f"stdout line {number} is not JSON ({exc}): {shown!r}") from None
+    return payloads
+
+
+async def communicate_bounded(
+    proc: asyncio.subprocess.Process, data: bytes, limit: int
+) -> tuple[bytes | None, bytes]:
+    """(stdout, stderr) of `proc`, fed `data` on stdin, once it exited; stdout
+    is None when it passed `limit` bytes: the process is killed then, rather
+    than read on without bound."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    async def feed() -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it read no more
+            stdin.write(data)
+            await stdin.drain()
+        stdin.close()
+
+    async def read_out() -> bytes | None:
+        out = bytearray()
+        while chunk := await stdout.read(64 * 1024):
+            out += chunk
+            if len(out) > limit:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return None
+        return bytes(out)
+
+    _, out, err = await asyncio.gather(feed(), read_out(), proc.stderr.read())
+    await proc.wait()
+    return out, err

@@ -11,14 +11,18 @@ broker or anything between them answers:
 - answers are decoded into the API's types (simplequeue.api): one that is not
   what the route answers is a BrokerError, never a KeyError;
 - cancellation is never caught.
+A look-up that waits (`job(id, wait=S)`, `result`) is a series of long polls
+of at most api.MAX_WAIT seconds each, every one with an HTTP timeout that
+allows for its wait.
 Enqueue sends a client-made id when none is given, so a retried enqueue whose
 first try landed is answered as a duplicate, never enqueued twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -37,10 +41,13 @@ from simplequeue import api, errors
 from simplequeue.api import Job
 from simplequeue.batching import Batcher, Pending
 from simplequeue.client.discovery import find_broker
+from simplequeue.client.followups import follow_up_specs
 from simplequeue.errors import (
     BrokerError,
     BrokerUnavailable,
     InvalidRequest,
+    JobCancelled,
+    JobFailed,
     JobNotFound,
     LeaseLost,
     SimpleQueueError,
@@ -52,6 +59,14 @@ A = TypeVar("A")
 #: Statuses worth another try: the broker, or a proxy before it, could not
 #: answer now (the store was down, the broker restarting).
 RETRIED_STATUSES = frozenset({502, 503, 504})
+#: The statuses of a job that will not change again: a look-up that waits ends there.
+FINISHED = frozenset({"completed", "dead", "cancelled"})
+#: The longest a single look-up request asks the broker to wait (the API's cap);
+#: longer waits take several requests.
+WAIT_PER_REQUEST = api.MAX_WAIT
+
+#: One ack of Client.ack_many: (job, result) or (job, result, follow-ups).
+AckItem = tuple[Job | str, Any] | tuple[Job | str, Any, Iterable[Any] | None]
 
 
 class _Retry(Exception):
@@ -359,20 +374,29 @@ class Client:
         )
         return [] if answer is None else answer.jobs
 
-    async def ack(self, job: Job | str, result: Any = None) -> None:
-        """Complete a claimed job with `result` (carrying its lease token)."""
+    async def ack(
+        self, job: Job | str, result: Any = None, enqueue: Iterable[Any] | None = None
+    ) -> None:
+        """Complete a claimed job with `result` (carrying its lease token). The
+        jobs in `enqueue` (payloads for this topic, or dicts with "payload" and
+        optional "topic", "id", "priority", "delay", "max_attempts") are
+        enqueued when, and only when, the ack commits (SPEC 9)."""
         job_id, token = _job_or_id(job)
+        body = api.AckRequest(job_id, token, result, enqueue=follow_up_specs(enqueue))
         try:
-            await self._settle("/ack", api.AckRequest(job_id, token, result), api.Settled)
+            # A retry whose first try landed enqueues nothing twice: the
+            # follow-ups' ids are given or derived from the job's by the broker.
+            await self._settle("/ack", body, api.Settled)
         except _Replayed:
             # A retried ack whose first try may have landed: done, unless it is not.
             if (await self.job(job_id)).status != "completed":
                 raise LeaseLost(f"job {job_id!r} is no longer held by this client") from None
 
-    async def ack_many(self, acks: Iterable[tuple[Job | str, Any]]) -> list[dict[str, Any]]:
+    async def ack_many(self, acks: Iterable[AckItem]) -> list[dict[str, Any]]:
         """Complete several jobs in one request; each answer says whether it did
-        ({"id", "status", "error"?})."""
-        body = [api.AckRequest(*_job_or_id(job), result) for job, result in acks]
+        ({"id", "status", "error"?}). An ack is (job, result), or (job, result,
+        follow-ups) with follow-ups as `ack` takes them."""
+        body = [_ack_request(ack) for ack in acks]
         answer = await self.request("POST", self._t("/ack"), api.AckedBatch, api.AckBatch(body))
         if len(answer.results) != len(body):
             raise BrokerError(f"{len(answer.results)} answers for {len(body)} acks")
@@ -420,21 +444,57 @@ class Client:
         counts = await self.request("GET", self._t("/status"), api.Counts)
         return msgspec.structs.asdict(counts)
 
-    async def job(self, job_id: str) -> Job:
-        _, job, _ = await self.call("GET", self._t(f"/jobs/{job_id}"), Job, expected=_MISSING)
-        if job is None:
-            raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
-        return job
+    async def job(self, job_id: str, wait: float = 0) -> Job:
+        """The job, or its record. With `wait`, once it is finished (completed,
+        dead or cancelled) or `wait` seconds passed; a job that does not exist
+        yet (a follow-up on its way) is waited for too."""
+        return await self._look_up(job_id, Job, wait, lambda job: job.status)
 
-    async def job_dict(self, job_id: str) -> dict[str, Any]:
+    async def job_dict(self, job_id: str, wait: float = 0) -> dict[str, Any]:
         """The job, or its record, as the broker sent it: every field it sent
-        and no other (a Job has every field, None where the answer had none)."""
-        _, job, _ = await self.call(
-            "GET", self._t(f"/jobs/{job_id}"), dict[str, Any], expected=_MISSING
-        )
-        if job is None:
+        and no other (a Job has every field, None where the answer had none).
+        `wait` as for job()."""
+        return await self._look_up(job_id, dict[str, Any], wait, lambda job: job.get("status"))
+
+    async def _look_up(
+        self, job_id: str, answer: type[A], wait: float, status: Callable[[A], Any]
+    ) -> A:
+        """GET the job, long-polling (?wait=, at most WAIT_PER_REQUEST s a
+        request) until it is finished or `wait` seconds passed; JobNotFound
+        if it does not exist then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, wait)
+        while True:
+            started = loop.time()
+            step = min(max(0.0, deadline - started), WAIT_PER_REQUEST)
+            path = self._t(f"/jobs/{job_id}") + (f"?wait={step:.3f}" if step > 0 else "")
+            _, got, _ = await self.call("GET", path, answer, wait=step, expected=_MISSING)
+            now = loop.time()
+            if (got is not None and status(got) in FINISHED) or now >= deadline:
+                break
+            # The broker answers an unfinished job early only if it does not
+            # long-poll (an older one): wait out the step here, never spin.
+            await asyncio.sleep(min(deadline, started + step) - now)
+        if got is None:
             raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
-        return job
+        return got
+
+    # `timeout` (SPEC 8's name) is how long the broker is asked to wait, in
+    # long polls; it is not a deadline on the calls, which retry as every call does.
+    async def result(self, job_id: str, timeout: float = 30) -> Any:  # noqa: ASYNC109
+        """The result of the job once it completed, waiting up to `timeout`
+        seconds for it. Raises JobFailed (it is dead; its last_error is on the
+        exception), JobCancelled, TimeoutError when it is still unfinished at
+        `timeout`, or JobNotFound when it does not exist by then (nor does its
+        record: the broker keeps it for --retention)."""
+        job = await self.job(job_id, wait=timeout)
+        if job.status == "completed":
+            return job.result
+        if job.status == "dead":
+            raise JobFailed(job_id, job.last_error)
+        if job.status == "cancelled":
+            raise JobCancelled(job_id)
+        raise TimeoutError(f"job {job_id!r} is still {job.status} after {timeout:g} s")
 
     async def dead(self) -> list[Job]:
         return (await self.request("GET", self._t("/dead"), api.DeadJobs)).jobs
@@ -455,6 +515,13 @@ class Client:
 _EMPTY = frozenset({404})  # a claim that found nothing
 _MISSING = frozenset({404})
 _SETTLE_FAILURES = frozenset({404, 409})
+
+
+def _ack_request(ack: AckItem) -> api.AckRequest:
+    job, result, *follow = ack
+    return api.AckRequest(
+        *_job_or_id(job), result, enqueue=follow_up_specs(follow[0] if follow else None)
+    )
 
 
 def _spec(

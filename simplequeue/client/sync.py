@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from simplequeue.client.client import Client
+from simplequeue.client.client import AckItem, Client
 from simplequeue.client.job import Job
 from simplequeue.objstore import ObjectStore
 
@@ -135,10 +135,10 @@ class SyncClient:
     ) -> list[Job]:
         return self._run(self.client.claim_many(worker_id, count, lease, wait))
 
-    def ack(self, job: Job | str, result: Any = None) -> None:
-        self._run(self.client.ack(job, result))
+    def ack(self, job: Job | str, result: Any = None, enqueue: Iterable[Any] | None = None) -> None:
+        self._run(self.client.ack(job, result, None if enqueue is None else list(enqueue)))
 
-    def ack_many(self, acks: Iterable[tuple[Job | str, Any]]) -> list[dict[str, Any]]:
+    def ack_many(self, acks: Iterable[AckItem]) -> list[dict[str, Any]]:
         return self._run(self.client.ack_many(list(acks)))
 
     def nack(self, job: Job | str, delay: float = 0, error: str | None = None) -> str:
@@ -150,11 +150,14 @@ class SyncClient:
     def status(self) -> dict[str, int]:
         return self._run(self.client.status())
 
-    def job(self, job_id: str) -> Job:
-        return self._run(self.client.job(job_id))
+    def job(self, job_id: str, wait: float = 0) -> Job:
+        return self._run(self.client.job(job_id, wait))
 
-    def job_dict(self, job_id: str) -> dict[str, Any]:
-        return self._run(self.client.job_dict(job_id))
+    def job_dict(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+        return self._run(self.client.job_dict(job_id, wait))
+
+    def result(self, job_id: str, timeout: float = 30) -> Any:
+        return self._run(self.client.result(job_id, timeout))
 
     def dead(self) -> list[Job]:
         return self._run(self.client.dead())

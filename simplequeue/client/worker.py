@@ -11,10 +11,12 @@ is claimed (waiting in the buffer included).
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
 acks the job (acks go out in batches, through batching.Batcher, and the slot
-is free at once); an exception, from the call on, a result that cannot be
-sent as JSON, or overrunning `timeout` nacks it with the error text and a
-jittered exponential backoff (the broker sends it dead when its attempts are
-spent), and is logged with its traceback on the `simplequeue.worker` logger.
+is free at once); a `Done(result, enqueue=[...])` acks it with follow-up jobs
+(SPEC 9). An exception, from the call on, a result or follow-up that cannot be
+sent, overrunning `timeout`, or an ack the broker refuses (a follow-up it
+cannot store, a body over its --max-body) nacks the job with the error text
+and a jittered exponential backoff (the broker sends it dead when its attempts
+are spent), and is logged with its traceback on the `simplequeue.worker` logger.
 stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed,
 the buffered ones included, is run to its end. Cancellation is never
 swallowed: only a handler cancelled because its heartbeat found the lease lost
@@ -43,16 +45,20 @@ import msgspec
 from simplequeue import api
 from simplequeue.batching import Batcher, Pending
 from simplequeue.client.client import Client
+from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
-from simplequeue.errors import JobNotFound, LeaseLost, SimpleQueueError
+from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost, SimpleQueueError
 
 # One name for the Worker's log, wherever the module lives: applications and the
 # CLI configure "simplequeue.worker".
 log = logging.getLogger("simplequeue.worker")
 
 #: A coroutine function, a plain function (run in a thread), or any other
-#: callable that returns an awaitable; what it returns acks the job.
+#: callable that returns an awaitable; what it returns acks the job (a Done:
+#: with follow-up jobs).
 Handler = Callable[[Job], Any]
+#: An ack waiting for its batch: the job, its result, its follow-ups.
+_Ack = tuple[Job, Any, list[api.FollowUpSpec] | None]
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,10 @@ class Worker:
         self._done = asyncio.Event()
         # Acks in batches: one request carries every ack that came in while the
         # previous one was in flight (group commit, client side).
-        self._acks: Batcher[tuple[Job, Any], str] = Batcher(
+        # Acks with follow-ups not yet answered: a burst worker that found the
+        # topic empty claims again once they land (they may have added jobs).
+        self._follow_ups_unsettled = 0
+        self._acks: Batcher[_Ack, str] = Batcher(
             self._send_acks,
             max_batch=api.MAX_BATCH,
             before=_let_a_burst_gather,
@@ -292,7 +301,7 @@ class Worker:
             # A job still running may give its job back (a nack): claim again
             # when one ends, and stop only once nothing runs or waits here.
             self._dry = True
-            if not (self._running or self._ready or self._asked):
+            if not (self._running or self._ready or self._asked or self._follow_ups_unsettled):
                 log.info("the topic is empty: stopping (burst)")
                 self.request_stop()
         if self.max_jobs is not None and self._taken >= self.max_jobs:
@@ -320,8 +329,7 @@ class Worker:
             return
         work = held.work = asyncio.ensure_future(self._handle(job))
         try:
-            result = await self._within_timeout(work)
-            _check_sendable(result)
+            result, follow_ups = _ack_of(await self._within_timeout(work))
         except asyncio.CancelledError:
             # Only the cancellation a heartbeat sends when it finds the lease
             # lost is ours to handle; any other (this task cancelled, the
@@ -337,7 +345,10 @@ class Worker:
         finally:
             await self._stop_beats(held)
         self.processed += 1
-        self._acks.post((job, result))  # the slot is free now; the ack rides the next batch
+        if follow_ups:
+            self._follow_ups_unsettled += 1
+        # The slot is free now; the ack rides the next batch.
+        self._acks.post((job, result, follow_ups))
 
     async def _within_timeout(self, work: asyncio.Future[Any]) -> Any:
         """`work`'s result; TimeoutError saying so once it has run `timeout` s
@@ -404,14 +415,13 @@ class Worker:
                 exc_info=not isinstance(exc, SimpleQueueError),
             )
 
-    async def _send_acks(
-        self, batch: list[Pending[tuple[Job, Any], str]]
-    ) -> list[str | BaseException]:
+    async def _send_acks(self, batch: list[Pending[_Ack, str]]) -> list[str | BaseException]:
         """One ack request for the batch; each ack's outcome is the status the
-        broker answered it with. Nobody waits on them: failures are logged here."""
+        broker answered it with. Nobody waits on them: failures are logged here,
+        and an ack the broker refused as invalid fails its job."""
         acks = [pending.item for pending in batch]
         try:
-            answers = await self.client.ack_many(acks)
+            answers = await self._ack_in_parts(acks)
         except Exception as exc:
             log.error(
                 "%d acks failed (their jobs will be redelivered): %s",
@@ -420,10 +430,42 @@ class Worker:
                 exc_info=not isinstance(exc, SimpleQueueError),
             )
             return [exc] * len(acks)
-        for answer in answers:
+        finally:
+            self._follow_ups_landed(sum(1 for _, _, follow_ups in acks if follow_ups))
+        outcomes: list[str | BaseException] = []
+        for (job, _, _), answer in zip(acks, answers, strict=True):
+            if isinstance(answer, InvalidRequest) or answer.get("status") == "invalid":
+                # Refused, it changed nothing: the job is still held, and
+                # failing it now says why, where waiting out its lease would not.
+                why = str(answer) if isinstance(answer, InvalidRequest) else answer.get("error")
+                self.processed -= 1
+                await self._fail(job, InvalidRequest(f"the broker refused the ack: {why}"))
+                outcomes.append("invalid")
+                continue
             if answer.get("status") != "completed":
                 log.warning("job %s: could not ack: %s", answer.get("id"), answer.get("error"))
-        return [str(answer.get("status")) for answer in answers]
+            outcomes.append(str(answer.get("status")))
+        return outcomes
+
+    async def _ack_in_parts(self, acks: list[_Ack]) -> list[dict[str, Any] | InvalidRequest]:
+        """The broker's answer to each ack. A request it refuses as a whole (a
+        400 or 413: follow-ups too large for its --max-body, say) goes again
+        in halves, so that only the ack at fault fails."""
+        try:
+            return list(await self.client.ack_many(acks))
+        except InvalidRequest as exc:
+            if len(acks) == 1:
+                return [exc]
+        half = len(acks) // 2
+        return [*await self._ack_in_parts(acks[:half]), *await self._ack_in_parts(acks[half:])]
+
+    def _follow_ups_landed(self, count: int) -> None:
+        """`count` acks with follow-ups were answered (or failed): a burst
+        worker that found the topic empty looks again."""
+        if count:
+            self._follow_ups_unsettled -= count
+            self._dry = False
+            self._room.set()
 
     def _heartbeat_interval(self, job: Job) -> float:
         """`heartbeat_every`, or a third of the lease the broker gave `job`, in
@@ -482,13 +524,26 @@ def _is_plain_function(handler: Handler) -> bool:
     return inspect.isfunction(target) or inspect.ismethod(target)
 
 
-def _check_sendable(result: Any) -> None:
+def _ack_of(returned: Any) -> tuple[Any, list[api.FollowUpSpec] | None]:
+    """What a handler's return value acks its job with: (result, follow-ups).
+    Raises (failing the job) for what could not be sent: a result or a
+    follow-up that is not JSON, or a follow-up spec that is not valid."""
+    if isinstance(returned, Done):
+        result, follow_ups = returned.result, follow_up_specs(returned.enqueue)
+        _check_sendable(follow_ups, "a follow-up job")
+    else:
+        result, follow_ups = returned, None
+    _check_sendable(result)
+    return result, follow_ups
+
+
+def _check_sendable(result: Any, what: str = "the handler's result") -> None:
     """Raise unless `result` can be encoded into the ack request: a result that
     cannot would fail every ack of the batch it rides in, not just its own."""
     try:
         msgspec.json.encode(result)
     except (TypeError, ValueError, msgspec.EncodeError) as exc:
-        raise TypeError(f"the handler's result cannot be sent as JSON: {exc}") from None
+        raise TypeError(f"{what} cannot be sent as JSON: {exc}") from None
 
 
 def _cancelled_from_outside() -> bool:

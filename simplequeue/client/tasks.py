@@ -1,0 +1,158 @@
+"""Named tasks: functions registered by name in a `Tasks` registry, enqueued as
+jobs that name them with their arguments, and run by a Worker given the
+registry (`Worker(q, tasks)`), which dispatches on the name.
+
+A task's job payload is JSON, so its arguments must be JSON values too:
+
+    {"task": "send_email", "args": ["a@b.c"], "kwargs": {"subject": "hi"}}
+
+("args" and "kwargs" are always there when this module makes the payload, and
+may be left out by other producers). A payload that is not of this shape, or
+names a task the registry does not have, fails its job with UnknownTask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+import msgspec
+
+from simplequeue.client.client import Client
+from simplequeue.client.job import Job
+from simplequeue.errors import UnknownTask
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class TaskPayload(msgspec.Struct, forbid_unknown_fields=True):
+    """The payload of a task's job; anything else is not a task."""
+
+    task: str
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+
+
+class Task(Generic[P, R]):
+    """A function registered as a task: called as itself (`send_email(...)`),
+    or enqueued as a job (`await send_email.enqueue(q, ...)`), its arguments
+    checked by mypy against the function's."""
+
+    def __init__(self, fn: Callable[P, R], name: str) -> None:
+        functools.update_wrapper(self, fn)  # its __name__, __doc__ and __wrapped__
+        self.fn = fn
+        self.name = name
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r}>"
+
+    def payload(self, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
+        """The payload of a job that runs this task with these arguments (for
+        enqueue_many, or a follow-up: `Done(..., enqueue=[task.payload(...)])`)."""
+        return {"task": self.name, "args": list(args), "kwargs": dict(kwargs)}
+
+    async def enqueue(self, client: Client, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Enqueue a job, into `client`'s topic, that runs this task with these
+        arguments; return its id. For an id, priority or delay: `options()`."""
+        return await client.enqueue(self.payload(*args, **kwargs))
+
+    def options(
+        self,
+        *,
+        id: str | None = None,
+        priority: int = 0,
+        delay: float = 0,
+        max_attempts: int | None = None,
+    ) -> TaskOptions[P]:
+        """This task with the options of the jobs it enqueues, as Client.enqueue
+        takes them: `await send_email.options(id="welcome-42").enqueue(q, ...)`."""
+        return TaskOptions(self.name, id, priority, delay, max_attempts)
+
+
+@dataclass(frozen=True)
+class TaskOptions(Generic[P]):
+    """A task and the options of the job it enqueues (Task.options)."""
+
+    name: str
+    id: str | None = None
+    priority: int = 0
+    delay: float = 0
+    max_attempts: int | None = None
+
+    async def enqueue(self, client: Client, *args: P.args, **kwargs: P.kwargs) -> str:
+        payload = {"task": self.name, "args": list(args), "kwargs": dict(kwargs)}
+        return await client.enqueue(payload, self.id, self.priority, self.delay, self.max_attempts)
+
+
+class Tasks:
+    """A registry of tasks by name, and the Worker handler that runs them: a
+    coroutine function runs on the event loop, a plain one in a thread (as
+    Worker handlers do); what a task returns (a Done too) acks its job."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task[..., Any]] = {}
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, *, name: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
+        """Register a function as a task, named `name` or as the function is:
+        `@tasks.task` or `@tasks.task(name="email.send")`. A name is registered
+        once: a second task of that name is a ValueError."""
+
+        def register(f: Callable[..., Any]) -> Task[..., Any]:
+            task = Task(f, name or f.__name__)
+            if not task.name:
+                raise ValueError("a task's name cannot be empty")
+            if task.name in self._tasks:
+                raise ValueError(f"a task named {task.name!r} is already registered")
+            self._tasks[task.name] = task
+            return task
+
+        return register if fn is None else register(fn)
+
+    def __getitem__(self, name: str) -> Task[..., Any]:
+        return self._tasks[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def __call__(self, job: Job) -> Any:
+        """Run the task `job` names with its arguments (the Worker's handler):
+        UnknownTask when its payload is not a task's or names none of these."""
+        try:
+            call = msgspec.convert(job.payload, TaskPayload)
+        except msgspec.ValidationError as exc:
+            raise UnknownTask(
+                f"job {job.id!r} is not a task: its payload is not"
+                f' {{"task": NAME, "args": [...], "kwargs": {{...}}}} ({exc})'
+            ) from None
+        task = self._tasks.get(call.task)
+        if task is None:
+            known = ", ".join(sorted(self._tasks)) or "none"
+            raise UnknownTask(
+                f"job {job.id!r} names task {call.task!r}, which is not registered"
+                f" with this worker (its tasks: {known})"
+            )
+        if inspect.iscoroutinefunction(task.fn):
+            return await task.fn(*call.args, **call.kwargs)
+        result = await asyncio.to_thread(task.fn, *call.args, **call.kwargs)
+        # A plain function may hand back an awaitable (a lambda around an async def).
+        return await result if inspect.isawaitable(result) else result
