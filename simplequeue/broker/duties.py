@@ -1,10 +1,11 @@
 """What a topic's owner does in the background (SPEC 4.3): expired leases back
-to pending when they run out, orphan objects swept, and the broker's memory
-kept to the topics in use. Everything goes through the Engine.
+to pending when they run out, schedules fired when their slots come, orphan
+objects swept, and the broker's memory kept to the topics in use. Everything
+goes through the Engine.
 
 Reaping is driven by the lease expiries this broker knows, never by re-reading
 every head: every write of this broker that lands says when the topic's next
-lease may run out, and a broker that takes topics over (it started, or the
+lease may run out or schedule slot comes (TopicState.next_due), and a broker that takes topics over (it started, or the
 live brokers changed) reads each head it newly owns once. An idle broker makes
 no store request here, however many topics the store holds. A topic that is
 due but owned by another broker (this one served it while the owner did not
@@ -64,6 +65,7 @@ class Duties:
         self._wake = asyncio.Event()
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         self.reaped = 0
+        self.fired = 0  # jobs enqueued by schedules
         self.acquired = 0  # heads read to take topics over
 
     # --- what the rest of the broker tells it ---------------------------------------
@@ -175,7 +177,8 @@ class Duties:
             log.warning("owner duties: reaping %s failed (%s); again in a while", topic, exc)
             self.note(topic, self.clock() + self.settings.retry_failed)
             return
-        self.reaped += sum(reaped.values())
+        self.reaped += reaped.get("pending", 0) + reaped.get("dead", 0)
+        self.fired += reaped.get("fired", 0)
         self.note(topic, due)
 
     async def _take_over(self) -> None:
