@@ -381,6 +381,8 @@ class Engine:
                 "claimed_more": max(0, s.claimed_count() - len(claimed)),
                 "dead": dead,
                 "dead_more": max(0, s.dead_count() - len(dead)),
+                "schedules": s.schedules(),  # at most Bounds.schedules_max
+                "settings": shown_settings(s),
             }
 
         return await self.committer.read(topic, view)
