@@ -207,3 +207,28 @@ async def test_a_workers_handler_is_cancelled_at_the_heartbeat_that_says_so(
     assert (record.status, record.attempts, record.last_error) == ("cancelled", 1, None)
     assert (worker.processed, worker.failed) == (0, 0)  # neither acked nor nacked
     assert any("long" in r.message and "was cancelled" in r.message for r in caplog.records)
+
+
+async def test_xdel_cancels_over_resp_through_any_broker(start_broker: StartBroker) -> None:
+    import redis.asyncio as redis
+
+    from tests.test_ownership import cluster, owner_of
+
+    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
+    other = next(b for b in brokers if b is not owner_of(brokers, "emails"))
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        first = await r.xadd("emails", {"to": "a"})
+        second = await r.xadd("emails", {"to": "b"})
+        await r.xadd("emails", {"to": "c"}, id="kept")
+        [[_, [(claimed, _)]]] = await r.xreadgroup("g", "c1", {"emails": ">"}, count=1)
+        assert claimed == first
+        assert await r.xdel("emails", first, second, "unknown") == 2
+        assert await r.xlen("emails") == 1
+        assert await r.xack("emails", "g", first) == 0  # the claim was cancelled
+        assert await r.xdel("emails", first) == 0  # finished: nothing to cancel
+    finally:
+        await r.aclose()
+    async with Client(other.url, topic="emails") as q:
+        assert (await q.job(first.decode())).status == "cancelled"
+        assert (await q.status())["cancelled"] == 2

@@ -119,6 +119,8 @@ class TopicOps(Protocol):
 
     async def status(self, topic: str) -> dict[str, int]: ...
 
+    async def cancel(self, topic: str, job_ids: list[str]) -> dict[str, list[str]]: ...
+
 
 class Engine:
     """Queue operations over a GroupCommitter. Arguments arrive validated (as the
@@ -283,6 +285,7 @@ class Engine:
     async def cancel(self, topic: str, job_ids: list[str]) -> dict[str, list[str]]:
         """Cancel jobs; {"cancelled": [...], "not_found": [...]}."""
         keys.check_topic(topic)
+        api.convert({"job_ids": job_ids}, api.CancelRequest)  # as HTTP checks them (RESP)
         return await self.committer.submit(topic, lambda s, now: s.cancel(job_ids, now))
 
     async def put_schedule(self, topic: str, name: str, spec: ScheduleRequest) -> dict[str, Any]:
