@@ -66,6 +66,18 @@ def test_cron_slots_are_computed_in_the_schedules_time_zone() -> None:
     assert next_after({"cron": "*/5 * * * *"}, utc(2026, 1, 1, 0, 4, 59)) == utc(2026, 1, 1, 0, 5)
 
 
+def test_a_cron_schedule_in_a_time_zone_has_its_next_slot_in_that_zone() -> None:
+    s = fresh()
+    spec = ScheduleRequest("report", cron="30 9 * * 1-5", tz="America/New_York")
+    made = s.put_schedule("report", spec, utc(2026, 3, 6, 15))  # Friday, 10:00 EST
+    assert made["next_at"] == utc(2026, 3, 9, 13, 30)  # Monday, 09:30 EDT
+    assert s.next_due() == made["next_at"]
+    assert s.tend(utc(2026, 3, 9, 13, 30))["fired"] == 1
+    assert s.schedules()["report"]["next_at"] == utc(2026, 3, 10, 13, 30)
+    [job] = s.claim("w", 30, 1, utc(2026, 3, 9, 13, 31))
+    assert job["id"] == f"report@{int(utc(2026, 3, 9, 13, 30))}"
+
+
 @pytest.mark.parametrize(
     ("spec", "says"),
     [
