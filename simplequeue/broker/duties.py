@@ -7,12 +7,12 @@ Reaping is driven by the lease expiries this broker knows, never by re-reading
 every head: every write of this broker that lands says when the topic's next
 lease may run out or schedule slot comes (TopicState.next_due), and a broker
 that takes topics over (it started, or the live brokers changed) reads each
-head it newly owns once. An idle broker makes
-no store request here, however many topics the store holds. A topic that is
-due but owned by another broker (this one served it while the owner did not
-answer) is handed to its owner, who reads it again; if the owner does not
-answer, this broker reaps it itself: the head's conditional write keeps that
-correct.
+head it newly owns once. An idle broker makes no store request here, however
+many topics the store holds. A topic that is due but owned by another broker
+(this one served it while the owner did not answer) is handed to its owner,
+who reads it again; if the owner does not answer, this broker tends it
+itself: the head's conditional write keeps that correct (a schedule's slot
+included: the write that fires it moves its next slot on).
 
 A supervisor loop: a topic that fails is logged and left, and the loop goes on.
 """
