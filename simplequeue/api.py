@@ -8,12 +8,13 @@ here does I/O or knows the broker or the client: both import it.
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import orjson
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from simplequeue.errors import InvalidRequest
 
@@ -49,6 +50,15 @@ Lease = Annotated[float, Meta(gt=0, le=MAX_LEASE)]
 Wait = Annotated[float, Meta(ge=0, le=MAX_WAIT)]
 Count = Annotated[int, Meta(ge=1, le=MAX_BATCH)]
 JobIds = Annotated[list[JobId], Meta(max_length=100_000)]
+# Schedules (SPEC 11): a name becomes part of each job id it fires (name@slot).
+SCHEDULE_NAME = r"^[A-Za-z0-9_.-]{1,128}$"
+Every = Annotated[int, Meta(ge=1, le=366 * 86400)]  # seconds between slots
+Cron = Annotated[str, Meta(min_length=9, max_length=256, pattern=_PRINTABLE)]
+TimeZone = Annotated[str, Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
+# Topic settings (SPEC 12).
+Rate = Annotated[float, Meta(gt=0, le=1_000_000)]  # claims per second
+Burst = Annotated[int, Meta(ge=1, le=1_000_000)]  # claims the bucket holds
+MaxClaimed = Annotated[int, Meta(ge=0, le=100_000_000)]  # 0: nothing is claimed (paused)
 
 TopicName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
 
@@ -141,6 +151,38 @@ class JobIdsRequest(_Request):
     job_ids: JobIds | None = None  # None: every dead job
 
 
+class CancelRequest(_Request):
+    """Jobs to cancel: pending and delayed ones at once, claimed ones too (their
+    holders' next heartbeat or ack answers 409, reason "cancelled")."""
+
+    job_ids: Annotated[list[JobId], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class ScheduleRequest(_Request):
+    """A schedule (its name is in the path): every `every` seconds (slots are
+    the multiples of it since the Unix epoch) or at each slot of a five-field
+    `cron` expression in time zone `tz` (default UTC), and the job each slot
+    enqueues, with id "<name>@<slot, Unix seconds>"."""
+
+    payload: Any
+    every: Every | None = None
+    cron: Cron | None = None
+    tz: TimeZone | None = None
+    priority: Priority = 0
+    max_attempts: Attempts | None = None  # None: the topic's default, else the broker's
+
+
+class SettingsRequest(_Request):
+    """Topic settings to change: a field left out stays as it is, a field set to
+    null is removed (the broker's default applies again)."""
+
+    rate: Rate | UnsetType | None = UNSET  # claims per second, across every worker
+    burst: Burst | UnsetType | None = UNSET  # default: max(1, ceil(rate))
+    max_claimed: MaxClaimed | UnsetType | None = UNSET  # jobs claimed at once
+    lease: Lease | UnsetType | None = UNSET  # default lease of a claim that names none
+    max_attempts: Attempts | UnsetType | None = UNSET  # default of an enqueue that names none
+
+
 # --- answers ---------------------------------------------------------------------
 
 
@@ -184,6 +226,7 @@ class Counts(_Answer):
     dead: int
     enqueued: int
     total: int
+    cancelled: int = 0  # a broker before cancellation does not send it
 
 
 class Enqueued(_Answer):
@@ -253,6 +296,50 @@ class Purged(_Answer):
     purged: list[str]
 
 
+class Cancelled(_Answer):
+    """What a cancel did: the jobs it cancelled, and those it could not (finished
+    already, or unknown)."""
+
+    cancelled: list[str]
+    not_found: list[str]
+
+
+class Schedule(_Answer):
+    """A schedule, with its next slot (`next_at`) and the last it fired."""
+
+    name: str
+    payload: Any
+    next_at: float
+    every: int | None = None
+    cron: str | None = None
+    tz: str | None = None
+    priority: int = 0
+    max_attempts: int | None = None
+    created_at: float | None = None
+    last_fired_at: float | None = None  # when it last enqueued a job (None: never)
+    last_job_id: str | None = None  # the id of that job: "<name>@<slot>"
+    last_error: str | None = None  # why its last slot enqueued nothing, if it did not
+
+
+class Schedules(_Answer):
+    schedules: list[Schedule]
+
+
+class Unscheduled(_Answer):
+    deleted: str
+
+
+class Settings(_Answer):
+    """A topic's settings; null: not set (the broker's default applies, and no
+    limit). `burst` is the bucket's size in effect while `rate` is set."""
+
+    rate: float | None = None
+    burst: int | None = None
+    max_claimed: int | None = None
+    lease: float | None = None
+    max_attempts: int | None = None
+
+
 class Topics(_Answer):
     """Every topic's counts; a topic that cannot be read (a corrupt head) is
     under `errors` with why, instead."""
@@ -273,6 +360,9 @@ class Ok(_Answer):
 
 class Error(_Answer):
     error: str
+    # Set where the status alone does not say which error it is (errors.reason):
+    # "cancelled" (409), "no_schedule" (404).
+    reason: str | None = None
 
 
 # --- decoding at the edge ----------------------------------------------------------
@@ -310,6 +400,16 @@ def decode_either(raw: bytes, single: type[T], batch: type[Any], key: str) -> T 
             raise InvalidRequest(f'a batch is {{"{key}": [...]}} and nothing else')
         return decode(raw, batch)
     return decode(raw, single)
+
+
+_SCHEDULE_NAME_RE = re.compile(SCHEDULE_NAME)
+
+
+def check_schedule_name(name: str) -> str:
+    """`name` if it can name a schedule (and the ids of its jobs), else InvalidRequest."""
+    if not _SCHEDULE_NAME_RE.match(name):
+        raise InvalidRequest("schedule names are 1-128 characters of [A-Za-z0-9_.-]")
+    return name
 
 
 def with_ids(specs: list[JobSpec]) -> list[JobSpec]:

@@ -11,8 +11,10 @@ with the HTTP status and the RESP error code it is answered with.
     ├── InvalidRequest      bad input; nothing was changed        400   ERR       invalid
     │   └── PayloadTooLarge     a request over --max-body         413   ERR       invalid
     ├── JobNotFound         no such job in the topic              404   ERR       not_found
+    ├── ScheduleNotFound    no such schedule in the topic         404   ERR
     ├── NothingToClaim      no job is claimable (after the wait)  404   (nil)
     ├── LeaseLost           stale token, or the job is not claimed 409  ERR       conflict
+    │   └── JobCancelled    the job was cancelled (also Client.result()) 409 ERR cancelled
     ├── Contended           kept losing races for the whole budget 503  TRYAGAIN
     ├── Unauthorized        missing or wrong bearer token         401   NOAUTH
     ├── CorruptData         an object in the store cannot be read 500   ERR
@@ -20,12 +22,13 @@ with the HTTP status and the RESP error code it is answered with.
         ├── BrokerUnavailable   no broker answered, after retries and re-discovery
         ├── BrokerError         an answer the SDK did not expect (carries its status)
         ├── JobFailed           Client.result(): the job is dead (carries last_error)
-        ├── JobCancelled        Client.result(): the job was cancelled
         └── UnknownTask         a Worker's Tasks: the job names no task it has
 
 The HTTP layer, the RESP layer, the batch ack and the SDK derive their mappings
 from the class attributes here (`http_status`, `resp_code`, `ack_status`,
-`for_status`): there is no other table.
+`reason`, `for_status`): there is no other table. An error whose status others
+share (404, 409) and that a client must tell apart has a `reason`, sent beside
+the message as {"error": ..., "reason": ...}.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class SimpleQueueError(Exception):
     #: The status one ack of a batch is answered with when it fails so (api.AckResult);
     #: None: the error fails the whole batch.
     ack_status: ClassVar[str | None] = None
+    #: A word that tells this error apart from the others of its status, sent
+    #: in the answer beside the message ({"error", "reason"}); None: not needed.
+    reason: ClassVar[str | None] = None
 
     def __str__(self) -> str:
         return super().__str__() or type(self).__name__
@@ -99,6 +105,13 @@ class JobNotFound(SimpleQueueError):
     ack_status = "not_found"
 
 
+class ScheduleNotFound(SimpleQueueError):
+    """The topic has no schedule of that name."""
+
+    http_status = 404
+    reason = "no_schedule"
+
+
 class NothingToClaim(SimpleQueueError):
     """No job was claimable, after waiting as long as the claim asked."""
 
@@ -110,6 +123,15 @@ class LeaseLost(SimpleQueueError):
 
     http_status = 409
     ack_status = "conflict"
+
+
+class JobCancelled(LeaseLost):
+    """The job was cancelled (POST /topics/{t}/cancel): its claim, if it had one,
+    ended, and it will not run again. Its holder's heartbeat, ack or nack meets
+    this, and so does the SDK's `result()` of it."""
+
+    ack_status = "cancelled"
+    reason = "cancelled"
 
 
 class Contended(SimpleQueueError):
@@ -164,15 +186,6 @@ class JobFailed(SimpleQueueError):
         self.job_id, self.last_error = job_id, last_error
 
 
-class JobCancelled(SimpleQueueError):
-    """The job whose result was asked for was cancelled before it completed
-    (client side: a broker never answers it)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id!r} was cancelled")
-        self.job_id = job_id
-
-
 class UnknownTask(SimpleQueueError):
     """A job run by a Tasks registry (client side, in a Worker: it fails the
     job) names a task the registry does not have, or its payload is not a
@@ -193,9 +206,14 @@ _ANSWERED = (
     StoreUnavailable,
 )
 _BY_STATUS = {cls.http_status: cls for cls in _ANSWERED}
+#: Errors that share a status with another, told apart by the answer's reason.
+_BY_REASON: dict[tuple[int, str | None], type[SimpleQueueError]] = {
+    (cls.http_status, cls.reason): cls for cls in (JobCancelled, ScheduleNotFound)
+}
 
 
-def for_status(status: int) -> type[SimpleQueueError] | None:
-    """The error class behind a broker's answer of `status`, or None for a status
-    that no error of the API has (the SDK raises BrokerError for those)."""
-    return _BY_STATUS.get(status)
+def for_status(status: int, reason: str | None = None) -> type[SimpleQueueError] | None:
+    """The error class behind a broker's answer of `status` (and `reason`, when
+    the answer has one), or None for a status that no error of the API has (the
+    SDK raises BrokerError for those)."""
+    return _BY_REASON.get((status, reason)) or _BY_STATUS.get(status)

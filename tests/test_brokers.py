@@ -155,6 +155,7 @@ async def test_restarted_broker_sees_every_acknowledged_job(
             "claimed": 2,
             "completed": 3,
             "dead": 0,
+            "cancelled": 0,
             "enqueued": 30,
             "total": 30,
         }

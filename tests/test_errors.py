@@ -30,6 +30,7 @@ from simplequeue.errors import (
     ObjectNotFound,
     PayloadTooLarge,
     PreconditionFailed,
+    ScheduleNotFound,
     SimpleQueueError,
     StorageFull,
     StoreError,
@@ -43,7 +44,8 @@ from simplequeue.objstore.memfs import MemStore
 # status of one failed ack in a batch, None where it fails the whole batch). The
 # SDK retries 503s and then raises StoreUnavailable; a 500 is a CorruptData or an
 # unexpected error, which it cannot tell apart: BrokerError with the status and
-# the broker's message.
+# the broker's message. An error that shares its status with another (409, 404)
+# is told apart by the reason its answer carries.
 TABLE: dict[type[SimpleQueueError], tuple[int, str, type[SimpleQueueError], str | None]] = {
     SimpleQueueError: (500, "ERR", BrokerError, None),
     StoreError: (503, "TRYAGAIN", StoreUnavailable, None),
@@ -57,13 +59,14 @@ TABLE: dict[type[SimpleQueueError], tuple[int, str, type[SimpleQueueError], str 
     JobNotFound: (404, "ERR", JobNotFound, "not_found"),
     NothingToClaim: (404, "ERR", JobNotFound, None),
     LeaseLost: (409, "ERR", LeaseLost, "conflict"),
+    JobCancelled: (409, "ERR", JobCancelled, "cancelled"),
+    ScheduleNotFound: (404, "ERR", ScheduleNotFound, None),
     Contended: (503, "TRYAGAIN", StoreUnavailable, None),
     Unauthorized: (401, "NOAUTH", Unauthorized, None),
     CorruptData: (500, "ERR", BrokerError, None),
     BrokerUnavailable: (503, "TRYAGAIN", StoreUnavailable, None),
     BrokerError: (500, "ERR", BrokerError, None),
     JobFailed: (500, "ERR", BrokerError, None),
-    JobCancelled: (500, "ERR", BrokerError, None),
     UnknownTask: (500, "ERR", BrokerError, None),
 }
 
@@ -84,7 +87,7 @@ def test_each_class_carries_its_status_code_and_sdk_class(cls: type[SimpleQueueE
     status, code, sdk, acked = TABLE[cls]
     assert cls.http_status == status
     assert error_of(instance(cls)).code == code
-    assert (errors.for_status(status) or BrokerError) is sdk
+    assert (errors.for_status(status, cls.reason) or BrokerError) is sdk
     assert cls.ack_status == acked
 
 
@@ -105,7 +108,12 @@ async def test_every_face_answers_an_error_as_its_class_says(
     monkeypatch.setattr(broker.engine, "status", fail)
     url = broker.url
     async with aiohttp.ClientSession() as session, session.get(url + "/topics/t/status") as r:
-        assert (r.status, await r.json()) == (status, {"error": str(raised)})
+        said = (
+            {"error": str(raised)}
+            if cls.reason is None
+            else {"error": str(raised), "reason": cls.reason}
+        )
+        assert (r.status, await r.json()) == (status, said)
 
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.redis.port)
     try:

@@ -49,6 +49,7 @@ async def test_a_format_1_store_is_read_as_it_is(tmp_path: Path) -> None:
         "claimed": 2,
         "completed": 26,
         "dead": 18,
+        "cancelled": 0,
         "enqueued": 61,
         "total": 61,
     }

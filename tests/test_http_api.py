@@ -251,6 +251,7 @@ async def test_status_counts_every_state(api: Api) -> None:
         "claimed": 1,
         "completed": 1,
         "dead": 0,
+        "cancelled": 0,
         "enqueued": 5,
         "total": 5,
     }

@@ -356,7 +356,7 @@ async def test_with_a_token_the_page_asks_once_and_keeps_it_for_the_tab(
     assert "s3cret" not in page.url
 
     # The requeue button sends the same bearer token.
-    await card(page, "guarded").get_by_role("button", name="Requeue").click()
+    await card(page, "guarded").get_by_role("button", name="Requeue", exact=True).click()
     await expect_counts(page, "guarded", pending=2, dead=0)
 
     other = await page.context.browser.new_page()  # type: ignore[union-attr]
@@ -454,3 +454,115 @@ def test_rate_book_turns_counter_samples_into_rates() -> None:
     assert book.rates("t", now=1000.0) == []  # older than the window
     book.forget_except(set())
     assert book.rates("t", now=130.0) == []
+
+
+# --- what an operator does from the page (through the public API) ---------------------------
+
+
+async def login(page: Page, url: str, token: str) -> None:
+    await page.goto(url + "/")
+    await page.locator("#token").fill(token)
+    await page.get_by_role("button", name="Show status").click()
+
+
+async def test_an_operator_finds_and_cancels_jobs_and_requeues_and_purges_dead_ones(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore(), token="s3cret")
+    api = Api(session, broker.url, token="s3cret")
+    await api.kill("ops", "boom", id="dead-1")
+    await api.kill("ops", "boom", id="dead-2")
+    await api.enqueue("ops", id="held", payload={"n": 1})
+    [held] = await api.claim("ops", "worker-1")
+    await api.enqueue("ops", id="waiting", payload={"<b>": "x"})
+    page, errors = tab
+    await login(page, broker.url, "s3cret")
+    await expect_counts(page, "ops", pending=1, claimed=1, dead=2, cancelled=0)
+    ops = card(page, "ops")
+
+    finder = ops.locator('form[data-form="find"]')
+    await finder.locator('input[name="job_id"]').fill("waiting")
+    await finder.get_by_role("button", name="Find").click()
+    found = ops.locator('[data-field="found"]')
+    await expect(found.locator('[data-found="status"]')).to_have_text("pending")
+    await expect(found.locator('[data-found="payload"]')).to_have_text('{"<b>":"x"}')
+    await found.get_by_role("button", name="Cancel job").click()
+    await expect(found.locator('[data-found="status"]')).to_have_text("cancelled")
+    await expect(found.get_by_role("button", name="Cancel job")).to_have_count(0)
+
+    await (
+        ops.locator(f'table.claimed tr[data-job="{held["id"]}"]')
+        .get_by_role("button", name="Cancel")
+        .click()
+    )
+    await expect_counts(page, "ops", pending=0, claimed=0, cancelled=2)
+
+    await finder.locator('input[name="job_id"]').fill("no-such-job")
+    await finder.get_by_role("button", name="Find").click()
+    await expect(found.locator('[data-found="error"]')).to_contain_text("no job")
+
+    await ops.get_by_role("button", name="Requeue all").click()
+    await expect_counts(page, "ops", pending=2, dead=0)
+    for job in await api.claim("ops", "w", count=2):
+        await api.fail("ops", job, "boom again")  # max_attempts 1: dead again
+    await expect_counts(page, "ops", pending=0, dead=2)
+    purge = ops.get_by_role("button", name="Purge all")
+    await purge.click()  # arms it
+    await expect(ops.locator('button[data-action="purge-all"]')).to_have_text(
+        "Click again to purge"
+    )
+    assert (await api.status("ops"))["dead"] == 2
+    await ops.locator('button[data-action="purge-all"]').click()
+    await expect_counts(page, "ops", dead=0)
+    counts = await api.status("ops")
+    assert (counts["cancelled"], counts["dead"], counts["pending"]) == (2, 0, 0)
+    assert errors == []
+
+
+async def test_an_operator_edits_settings_and_schedules(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore(), token="s3cret")
+    api = Api(session, broker.url, token="s3cret")
+    await api.enqueue("ops", payload=1)
+    page, errors = tab
+    await login(page, broker.url, "s3cret")
+    ops = card(page, "ops")
+    form = ops.locator('form[data-form="settings"]')
+    await expect(form.locator('input[name="rate"]')).to_have_value("")
+    await form.locator('input[name="rate"]').fill("5")
+    await form.locator('input[name="max_claimed"]').fill("2")
+    await form.get_by_role("button", name="Save settings").click()
+    await expect(ops.locator('[data-field="message"]')).to_have_text("Settings saved.")
+    await expect(form.locator('input[name="burst"]')).to_have_value("5")  # the default burst
+    settings = await api.call("GET", "/topics/ops/settings")
+    assert (settings["rate"], settings["max_claimed"], settings["lease"]) == (5.0, 2, None)
+    await form.locator('input[name="rate"]').fill("")  # empty: removed
+    await form.get_by_role("button", name="Save settings").click()
+    await expect(form.locator('input[name="burst"]')).to_have_value("")
+    assert (await api.call("GET", "/topics/ops/settings"))["rate"] is None
+
+    schedule = ops.locator('form[data-form="schedule"]')
+    await schedule.locator('input[name="name"]').fill("tick")
+    await schedule.locator('input[name="every"]').fill("1")
+    await schedule.locator('input[name="payload"]').fill('{"n": 1}')
+    await schedule.get_by_role("button", name="Save schedule").click()
+    row = ops.locator('table.schedules tr[data-schedule="tick"]')
+    await expect(row.locator('[data-field="when"]')).to_have_text("every 1 s")
+    await expect(row.locator('[data-field="last-job"]')).to_have_text(re.compile(r"^tick@\d+$"))
+    await expect(row.locator('[data-field="last"]')).to_have_text(re.compile(r"ago$"))
+    await schedule.locator('input[name="name"]').fill("bad")
+    await schedule.locator('input[name="cron"]').fill("not a cron")
+    await schedule.get_by_role("button", name="Save schedule").click()
+    await expect(ops.locator('[data-field="message"]')).to_contain_text("failed")
+    await row.get_by_role("button", name="Delete").click()
+    await row.locator('button[data-action="unschedule"]').click()
+    await expect(row).to_have_count(0)
+    assert (await api.call("GET", "/topics/ops/schedules"))["schedules"] == []
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "status-page-control.png"), full_page=True)
+    assert errors == []

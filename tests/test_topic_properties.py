@@ -1,6 +1,9 @@
 """Property-based tests of the topic state machine: any sequence of operations
 keeps the invariants (one state per job, stale tokens never commit, counters
-add up, retention and the head stay bounded), across spills and re-reads."""
+add up, retention and the head stay bounded), across spills and re-reads; and
+so do the operator's controls: cancellation, limits (a claim never takes the
+claimed set past max_claimed, nor more than the rate's tokens) and schedules
+(each slot fired at most once, never before it came)."""
 
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from hypothesis.stateful import (
 )
 
 from simplequeue import keys
-from simplequeue.api import FollowUpSpec, JobSpec
+from simplequeue.api import FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
 from simplequeue.errors import JobNotFound, LeaseLost
 from simplequeue.state import Manifest, Segment, SegmentMissing, TopicState, decode_head
+from simplequeue.state.slots import latest_at
 from tests.helpers.states import WRITER, View, fresh
 
 FORMAT_1 = Path(__file__).parent / "data" / "format1-store"
@@ -100,6 +104,8 @@ class TopicMachine(RuleBasedStateMachine):
         self.tokens: dict[str, str] = {}  # job id -> token of its current claim
         self.recorded: list[str] = []  # follow-ups in the outbox, in order
         self.stale: list[tuple[str, str]] = []  # (job id, token) no longer valid
+        self.cancelled = 0
+        self.fired: set[str] = set()  # ids of the jobs schedules enqueued
 
     @initialize(from_format_1=st.booleans())
     def start(self, from_format_1: bool) -> None:
@@ -136,8 +142,12 @@ class TopicMachine(RuleBasedStateMachine):
     @rule(count=st.integers(1, 4))
     def claim(self, count: int) -> None:
         before = self.state.counts(self.now)
+        allowed = self.state.claimable(self.now)
         jobs = self.apply(lambda s: s.claim("w", 10, count, self.now))
-        assert len(jobs) == min(count, before["pending"])
+        assert len(jobs) == min(count, before["pending"], allowed)
+        limit = self.state.settings().get("max_claimed")
+        if jobs and limit is not None:
+            assert self.state.counts(self.now)["claimed"] <= limit
         priorities = [j["priority"] for j in jobs]
         assert priorities == sorted(priorities, reverse=True)
         for job in jobs:
@@ -181,17 +191,64 @@ class TopicMachine(RuleBasedStateMachine):
             self.state.ack(job_id, token, "late", self.now)
         assert orjson.dumps(self.state.head) == before
 
-    @rule(seconds=st.sampled_from([1, 4, 11, 60]))
-    def time_passes(self, seconds: int) -> None:
+    @rule(seconds=st.sampled_from([0.25, 1, 4, 11, 60]))
+    def time_passes(self, seconds: float) -> None:
         self.now += seconds
         # Looking changes nothing a reap then misses (the bounds it reads by).
         expired = self.apply(lambda s: s.expired(self.now))
-        reaped = self.apply(lambda s: s.reap(self.now))
+        last = {n: s.get("last_slot") for n, s in self.state.schedules().items()}
+        tended = self.apply(lambda s: s.tend(self.now))  # reaps, and fires schedules
         claimed = self.claimed()
         for job_id in [j for j in self.tokens if j not in claimed]:
             self.stale.append((job_id, self.tokens.pop(job_id)))
-        assert (sum(reaped.values()) > 0) == expired
+        assert (tended["pending"] + tended["dead"] > 0) == expired
         assert not self.state.expired(self.now)
+        self.enqueued += tended["fired"]
+        fired = 0
+        for name, schedule in self.state.schedules().items():
+            assert schedule["next_at"] > self.now  # nothing due is left unfired
+            slot = schedule.get("last_slot")
+            if slot != last.get(name):  # it fired: a slot that came, never fired before
+                # ... the latest that came: one catch-up job, however many were missed
+                assert slot is not None and slot == latest_at(schedule, self.now)
+                assert f"{name}@{slot}" not in self.fired
+                self.fired.add(f"{name}@{slot}")
+                fired += 1
+        assert tended["fired"] == fired
+
+    @rule(job_ids=st.lists(IDS, min_size=1, max_size=3))
+    def cancel(self, job_ids: list[str]) -> None:
+        live = {j["id"] for j in self.state.pending_jobs()} | self.claimed()
+        answer = self.apply(lambda s: s.cancel(job_ids, self.now))
+        assert answer["cancelled"] == [j for j in dict.fromkeys(job_ids) if j in live]
+        for job_id in answer["cancelled"]:
+            assert self.state.find(job_id)[0] == "cancelled"  # type: ignore[index]
+            if job_id in self.tokens:
+                self.stale.append((job_id, self.tokens.pop(job_id)))
+        self.cancelled += len(answer["cancelled"])
+
+    @rule(
+        max_claimed=st.sampled_from([None, None, 0, 1, 3]),
+        rate=st.sampled_from([None, None, 0.5, 2.0]),
+        burst=st.sampled_from([None, 1, 3]),
+    )
+    def settings(self, max_claimed: int | None, rate: float | None, burst: int | None) -> None:
+        changes = SettingsRequest(max_claimed=max_claimed, rate=rate, burst=burst)
+        self.apply(lambda s: s.put_settings(changes, self.now))
+
+    @rule(
+        name=st.sampled_from(["s1", "s2"]),
+        every=st.sampled_from([1, 7, 30]),
+        priority=st.integers(-2, 2),
+        delete=st.booleans(),
+    )
+    def schedule(self, name: str, every: int, priority: int, delete: bool) -> None:
+        if delete and name in self.state.schedules():
+            self.apply(lambda s: s.delete_schedule(name))
+            return
+        spec = ScheduleRequest({"s": name}, every=every, priority=priority)
+        made = self.apply(lambda s: s.put_schedule(name, spec, self.now))
+        assert made["next_at"] > self.now and made["next_at"] % every == 0
 
     @precondition(lambda self: self.state.outbox_size())
     @rule(data=st.data())
@@ -291,14 +348,24 @@ class TopicMachine(RuleBasedStateMachine):
     def counters_add_up(self) -> None:
         c = self.state.counts(self.now)
         live = c["pending"] + c["delayed"] + c["claimed"]
-        assert c["total"] == live + c["completed"] + c["dead"]  # no status counted twice
+        # No status counted twice.
+        assert c["total"] == live + c["completed"] + c["dead"] + c["cancelled"]
         assert c["enqueued"] == self.enqueued
         assert c["completed"] == self.completed
+        assert c["cancelled"] == self.cancelled
         assert c["delayed"] >= 0
         assert c["dead"] <= self.policy.dead_limit
         dropped = self.state.head["counters"]["dead_dropped"]
-        purged_or_requeued_or_dead = c["enqueued"] - live - c["completed"]
+        purged_or_requeued_or_dead = c["enqueued"] - live - c["completed"] - c["cancelled"]
         assert c["dead"] <= purged_or_requeued_or_dead + dropped
+
+    @invariant()
+    def next_due_covers_every_slot_and_lease(self) -> None:
+        due = self.state.next_due()
+        for schedule in self.state.schedules().values():
+            assert due is not None and due <= schedule["next_at"]
+        expiry = self.state.next_expiry()
+        assert expiry is None or (due is not None and due <= expiry)
 
     @invariant()
     def retained_records_are_within_retention(self) -> None:

@@ -1,16 +1,18 @@
 """What a topic's owner does in the background (SPEC 4.3): expired leases back
-to pending when they run out, orphan objects swept, and the broker's memory
-kept to the topics in use. Everything goes through the Engine.
+to pending when they run out, schedules fired when their slots come, orphan
+objects swept, and the broker's memory kept to the topics in use. Everything
+goes through the Engine.
 
 Reaping is driven by the lease expiries this broker knows, never by re-reading
 every head: every write of this broker that lands says when the topic's next
-lease may run out, and a broker that takes topics over (it started, or the
-live brokers changed) reads each head it newly owns once. An idle broker makes
-no store request here, however many topics the store holds. A topic that is
-due but owned by another broker (this one served it while the owner did not
-answer) is handed to its owner, who reads it again; if the owner does not
-answer, this broker reaps it itself: the head's conditional write keeps that
-correct.
+lease may run out or schedule slot comes (TopicState.next_due), and a broker
+that takes topics over (it started, or the live brokers changed) reads each
+head it newly owns once. An idle broker makes no store request here, however
+many topics the store holds. A topic that is due but owned by another broker
+(this one served it while the owner did not answer) is handed to its owner,
+who reads it again; if the owner does not answer, this broker tends it
+itself: the head's conditional write keeps that correct (a schedule's slot
+included: the write that fires it moves its next slot on).
 
 A supervisor loop: a topic that fails is logged and left, and the loop goes on.
 """
@@ -73,6 +75,7 @@ class Duties:
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         self.reaped = 0
         self.delivered = 0  # follow-ups enqueued into their topics
+        self.fired = 0  # jobs enqueued by schedules
         self.acquired = 0  # heads read to take topics over
 
     # --- what the rest of the broker tells it ---------------------------------------
@@ -197,7 +200,8 @@ class Duties:
                     return  # its owner reads it again and takes it from here
         try:
             reaped, due = await self.engine.tend(topic)
-            self.reaped += sum(reaped.values())
+            self.reaped += reaped.get("pending", 0) + reaped.get("dead", 0)
+            self.fired += reaped.get("fired", 0)
             if self.deliver_to is not None:
                 due = await self._deliver(topic, due)
         except CorruptData:

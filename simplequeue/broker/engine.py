@@ -11,12 +11,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
 from simplequeue import api, keys
-from simplequeue.api import AckRequest, FollowUpSpec, JobSpec
+from simplequeue.api import AckRequest, FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
 from simplequeue.errors import InvalidRequest, JobNotFound, SimpleQueueError
 from simplequeue.groupcommit import GroupCommitter
 from simplequeue.state import Job, TopicState
@@ -50,6 +51,28 @@ def public(job: Job, status: str) -> dict[str, Any]:
             out.setdefault(name, None)
     out.setdefault("last_error", None)
     return out
+
+
+@dataclass(frozen=True)
+class _Polled:
+    """What one try of a long poll got: jobs, or (none, and the topic's rate
+    holds claims back) how many seconds until the rate lets one through."""
+
+    jobs: list[Job]
+    token_in: float | None = None
+
+
+def _polled(
+    take: Callable[[TopicState, float], list[Job]],
+) -> Callable[[TopicState, float], _Polled]:
+    """A claim mutation that also says, when it got nothing, when a token of
+    the topic's rate comes (a long poll wakes then, not only on commits)."""
+
+    def polled(s: TopicState, now: float) -> _Polled:
+        jobs = take(s, now)
+        return _Polled(jobs, None if jobs else s.token_wait(now))
+
+    return polled
 
 
 def _unclaim_all(jobs: list[Job]) -> Callable[[TopicState, float], None]:
@@ -101,6 +124,8 @@ class TopicOps(Protocol):
 
     async def status(self, topic: str) -> dict[str, int]: ...
 
+    async def cancel(self, topic: str, job_ids: list[str]) -> dict[str, list[str]]: ...
+
 
 class Engine:
     """Queue operations over a GroupCommitter. Arguments arrive validated (as the
@@ -144,10 +169,10 @@ class Engine:
         jobs = await self._poll(
             topic,
             min(wait, MAX_WAIT),
-            lambda s, now: s.claim(worker_id, lease, count, now),
+            _polled(lambda s, now: s.claim(worker_id, lease, count, now)),
             # The caller went away: give the claims back rather than let them
             # sit until their leases run out.
-            undo=lambda jobs: _unclaim_all(jobs) if jobs else None,
+            undo=lambda got: _unclaim_all(got.jobs) if got.jobs else None,
         )
         return [public(j, "claimed") for j in jobs]
 
@@ -158,7 +183,7 @@ class Engine:
         semantics), long-polling up to `wait` seconds for one."""
         keys.check_topic(topic)
         jobs = await self._poll(
-            topic, min(wait, MAX_WAIT), lambda s, now: s.pop(worker_id, count, now)
+            topic, min(wait, MAX_WAIT), _polled(lambda s, now: s.pop(worker_id, count, now))
         )
         return [public(j, "completed") for j in jobs]
 
@@ -172,17 +197,21 @@ class Engine:
         self,
         topic: str,
         wait: float,
-        mutation: Any,
+        mutation: Callable[[TopicState, float], _Polled],
         undo: Any = None,
     ) -> list[Job]:
-        """Submit `mutation` until it returns jobs or `wait` seconds pass."""
+        """Submit `mutation` until it returns jobs or `wait` seconds pass. Between
+        tries, wait for a commit, or for the topic's rate to allow a claim."""
         deadline = time.monotonic() + wait
         while True:
-            jobs: list[Job] = await self.committer.submit(topic, mutation, undo)
+            got: _Polled = await self.committer.submit(topic, mutation, undo)
             left = deadline - time.monotonic()
-            if jobs or left <= 0:
-                return jobs
-            await self.committer.wait_changed(topic, min(left, POLL_INTERVAL))
+            if got.jobs or left <= 0:
+                return got.jobs
+            pause = min(left, POLL_INTERVAL)
+            if got.token_in is not None:
+                pause = min(pause, got.token_in)
+            await self.committer.wait_changed(topic, pause)
 
     async def ack(
         self,
@@ -282,6 +311,46 @@ class Engine:
         keys.check_topic(topic)
         return await self.committer.submit(topic, lambda s, now: s.purge(job_ids, now))
 
+    # --- control: cancellation, schedules, settings (SPEC 10-12) -----------------------
+
+    async def cancel(self, topic: str, job_ids: list[str]) -> dict[str, list[str]]:
+        """Cancel jobs; {"cancelled": [...], "not_found": [...]}."""
+        keys.check_topic(topic)
+        api.convert({"job_ids": job_ids}, api.CancelRequest)  # as HTTP checks them (RESP)
+        return await self.committer.submit(topic, lambda s, now: s.cancel(job_ids, now))
+
+    async def put_schedule(self, topic: str, name: str, spec: ScheduleRequest) -> dict[str, Any]:
+        """Create or replace a schedule; the schedule as api.Schedule shows it."""
+        keys.check_topic(topic)
+        api.check_schedule_name(name)
+        api.check_storable(spec.payload, "the payload")
+        return await self.committer.submit(
+            topic, lambda s, now: shown_schedule(name, s.put_schedule(name, spec, now))
+        )
+
+    async def schedules(self, topic: str) -> list[dict[str, Any]]:
+        keys.check_topic(topic)
+        found = await self.committer.read(topic, lambda s, now: s.schedules())
+        return [shown_schedule(name, found[name]) for name in sorted(found)]
+
+    async def delete_schedule(self, topic: str, name: str) -> None:
+        keys.check_topic(topic)
+        api.check_schedule_name(name)
+        await self.committer.submit(topic, lambda s, now: s.delete_schedule(name))
+
+    async def settings(self, topic: str) -> dict[str, Any]:
+        keys.check_topic(topic)
+        return await self.committer.read(topic, lambda s, now: shown_settings(s))
+
+    async def put_settings(self, topic: str, changes: SettingsRequest) -> dict[str, Any]:
+        keys.check_topic(topic)
+
+        def put(s: TopicState, now: float) -> dict[str, Any]:
+            s.put_settings(changes, now)
+            return shown_settings(s)
+
+        return await self.committer.submit(topic, put)
+
     async def topics(self) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
         """Every topic in the store with its counts, and the error of each topic
         that cannot be read (a corrupt head): one bad topic spoils no listing."""
@@ -349,6 +418,8 @@ class Engine:
                 "claimed_more": max(0, s.claimed_count() - len(claimed)),
                 "dead": dead,
                 "dead_more": max(0, s.dead_count() - len(dead)),
+                "schedules": s.schedules(),  # at most Bounds.schedules_max
+                "settings": shown_settings(s),
             }
 
         return await self.committer.read(topic, view)
@@ -412,6 +483,38 @@ class Engine:
             except Exception:
                 log.exception("sweeper: topic %s failed", topic)
         return deleted
+
+
+SETTINGS = ("rate", "burst", "max_claimed", "lease", "max_attempts")
+
+
+def shown_settings(s: TopicState) -> dict[str, Any]:
+    """A topic's settings as the API shows them (api.Settings): every field,
+    null where unset, and the burst in effect while a rate is set."""
+    kept = s.settings()
+    out = {name: kept.get(name) for name in SETTINGS}
+    out["burst"] = s.burst()
+    return out
+
+
+def shown_schedule(name: str, kept: dict[str, Any]) -> dict[str, Any]:
+    """A schedule as the API shows it (api.Schedule)."""
+    last = kept.get("last_slot")
+    out = {
+        "name": name,
+        "payload": kept["payload"],
+        "next_at": kept["next_at"],
+        "every": kept.get("every"),
+        "cron": kept.get("cron"),
+        "tz": kept.get("tz", "UTC" if "cron" in kept else None),
+        "priority": kept.get("priority", 0),
+        "max_attempts": kept.get("max_attempts"),
+        "created_at": kept.get("created_at"),
+        "last_fired_at": kept.get("last_fired_at"),
+        "last_job_id": None if last is None else f"{name}@{last}",
+        "last_error": kept.get("last_error"),
+    }
+    return out
 
 
 def _check_specs(specs: Sequence[JobSpec]) -> None:

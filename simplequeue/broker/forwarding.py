@@ -238,6 +238,12 @@ class Router:
             return await self.engine.status(topic)
         return _decode(got, dict[str, int])
 
+    async def cancel(self, topic: str, job_ids: list[str]) -> dict[str, list[str]]:
+        got = await self._route(topic, "POST", "/cancel", api.CancelRequest(job_ids))
+        if got is None:
+            return await self.engine.cancel(topic, job_ids)
+        return _decode(got, dict[str, list[str]])
+
 
 _Jobs = dict[str, list[dict[str, Any]]]
 
@@ -250,10 +256,11 @@ def _decode(got: Answer, kind: type[T]) -> T:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise BrokerError(f"{got.served_by.url}: {exc}", got.status) from None
     try:
-        message: str | None = msgspec.json.decode(got.body, type=api.Error).error
+        said: api.Error | None = msgspec.json.decode(got.body, type=api.Error)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        message = None
-    cls = errors.for_status(got.status)
+        said = None
+    message = None if said is None else said.error
+    cls = errors.for_status(got.status, None if said is None else said.reason)
     if message is None or cls is None:
         raise BrokerError(f"{got.served_by.url}: HTTP {got.status}: {message}", got.status)
     raise cls(message)

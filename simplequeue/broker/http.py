@@ -69,6 +69,14 @@ def error(message: str, status: int, **headers: str) -> web.Response:
     return response
 
 
+def error_of(exc: SimpleQueueError) -> web.Response:
+    """Our error's answer: its message, and its reason where its status alone
+    does not tell it apart (a cancelled job's 409)."""
+    if exc.reason is None:
+        return error(str(exc), exc.http_status)
+    return reply({"error": str(exc), "reason": exc.reason}, exc.http_status)
+
+
 # --- the middleware ------------------------------------------------------------------
 
 
@@ -101,7 +109,7 @@ async def _answer(
             return await _routed(request, handler, services)
         return await handler(request)
     except SimpleQueueError as exc:
-        return error(str(exc), exc.http_status)
+        return error_of(exc)
     except web.HTTPRequestEntityTooLarge:  # aiohttp's, past client_max_size
         too_large = PayloadTooLarge(f"request body is larger than {services.max_body} bytes")
         return error(str(too_large), too_large.http_status)
@@ -312,6 +320,40 @@ async def purge(request: web.Request) -> web.Response:
     return reply({"purged": ids})
 
 
+async def cancel(request: web.Request) -> web.Response:
+    topic = topic_of(request)
+    body = await body_of(request, api.CancelRequest)
+    return reply(await engine_of(request).cancel(topic, body.job_ids))
+
+
+async def put_schedule(request: web.Request) -> web.Response:
+    topic = topic_of(request)
+    body = await body_of(request, api.ScheduleRequest)
+    name = request.match_info["name"]
+    return reply(await engine_of(request).put_schedule(topic, name, body))
+
+
+async def schedules(request: web.Request) -> web.Response:
+    return reply({"schedules": await engine_of(request).schedules(topic_of(request))})
+
+
+async def delete_schedule(request: web.Request) -> web.Response:
+    topic = topic_of(request)
+    name = request.match_info["name"]
+    await engine_of(request).delete_schedule(topic, name)
+    return reply({"deleted": name})
+
+
+async def settings(request: web.Request) -> web.Response:
+    return reply(await engine_of(request).settings(topic_of(request)))
+
+
+async def put_settings(request: web.Request) -> web.Response:
+    topic = topic_of(request)
+    body = await body_of(request, api.SettingsRequest)
+    return reply(await engine_of(request).put_settings(topic, body))
+
+
 async def topics(request: web.Request) -> web.Response:
     counts, errors = await engine_of(request).topics()
     return reply({"topics": counts, "errors": errors})
@@ -355,6 +397,12 @@ def build_app(services: HttpServices) -> web.Application:
             web.get(f"{t}/dead", dead),
             web.post(f"{t}/requeue", requeue),
             web.delete(f"{t}/dead", purge),
+            web.post(f"{t}/cancel", cancel),
+            web.get(f"{t}/schedules", schedules),
+            web.put(t + "/schedules/{name}", put_schedule),
+            web.delete(t + "/schedules/{name}", delete_schedule),
+            web.get(f"{t}/settings", settings),
+            web.put(f"{t}/settings", put_settings),
             web.get("/topics", topics),
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),

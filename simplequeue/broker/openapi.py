@@ -20,10 +20,12 @@ from simplequeue.errors import (
     Contended,
     CorruptData,
     InvalidRequest,
+    JobCancelled,
     JobNotFound,
     LeaseLost,
     NothingToClaim,
     PayloadTooLarge,
+    ScheduleNotFound,
     SimpleQueueError,
     StorageFull,
     StoreError,
@@ -43,6 +45,9 @@ _TYPES: tuple[type[Any], ...] = (
     api.NackRequest,
     api.HeartbeatRequest,
     api.JobIdsRequest,
+    api.CancelRequest,
+    api.ScheduleRequest,
+    api.SettingsRequest,
     api.Job,
     api.Counts,
     api.Enqueued,
@@ -57,6 +62,11 @@ _TYPES: tuple[type[Any], ...] = (
     api.DeadJobs,
     api.Requeued,
     api.Purged,
+    api.Cancelled,
+    api.Schedule,
+    api.Schedules,
+    api.Unscheduled,
+    api.Settings,
     api.Topics,
     api.Health,
     api.Ok,
@@ -71,7 +81,7 @@ Errors = tuple[type[SimpleQueueError], ...]
 _LISTING: Errors = (Unauthorized, StoreError)
 _READ: Errors = (Unauthorized, InvalidRequest, CorruptData, StoreError)
 _WRITE: Errors = (*_READ, PayloadTooLarge, Contended, StorageFull)
-_SETTLE: Errors = (*_WRITE, JobNotFound, LeaseLost)
+_SETTLE: Errors = (*_WRITE, JobNotFound, LeaseLost, JobCancelled)
 
 
 def _ref(kind: type[Any]) -> dict[str, Any]:
@@ -116,6 +126,7 @@ def _op(
     ok_codes: tuple[str, ...] = ("200",),
     topic: bool = True,
     job_id: bool = False,
+    name: bool = False,
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {c: {"description": "success", **_json(ok)} for c in ok_codes}
     responses.update(_error_responses(errors))
@@ -133,6 +144,15 @@ def _op(
     if job_id:
         params.append(
             {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        )
+    if name:
+        params.append(
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": api.SCHEDULE_NAME},
+            }
         )
     if params:
         op["parameters"] = params
@@ -278,6 +298,50 @@ def spec() -> dict[str, Any]:
                 body=_ref(api.JobIdsRequest),
                 body_required=False,
             )
+        },
+        f"{t}/cancel": {
+            "post": _op(
+                "cancelJobs",
+                "Cancel jobs: pending and delayed at once, claimed ones' leases end",
+                _ref(api.Cancelled),
+                _WRITE,
+                body=_ref(api.CancelRequest),
+            )
+        },
+        f"{t}/schedules": {
+            "get": _op(
+                "listSchedules",
+                "The topic's schedules, with their next and last slots",
+                _ref(api.Schedules),
+                _READ,
+            )
+        },
+        t + "/schedules/{name}": {
+            "put": _op(
+                "putSchedule",
+                "Create or replace a schedule (every N seconds, or cron in a time zone)",
+                _ref(api.Schedule),
+                _WRITE,
+                body=_ref(api.ScheduleRequest),
+                name=True,
+            ),
+            "delete": _op(
+                "deleteSchedule",
+                "Delete a schedule: it fires no more",
+                _ref(api.Unscheduled),
+                (*_WRITE, ScheduleNotFound),
+                name=True,
+            ),
+        },
+        f"{t}/settings": {
+            "get": _op("getSettings", "The topic's limits and defaults", _ref(api.Settings), _READ),
+            "put": _op(
+                "putSettings",
+                "Change the topic's limits and defaults (null removes one)",
+                _ref(api.Settings),
+                _WRITE,
+                body=_ref(api.SettingsRequest),
+            ),
         },
         "/topics": {
             "get": _op(

@@ -1,8 +1,9 @@
 """The live status page: `GET /` (a static shell, its script and styles, served
 without auth because they hold no data) and `GET /ui/overview`, the JSON the
 page polls (behind the token like every other route). Everything here reads:
-it never mutates a topic (the page's requeue button calls the public API) and
-never touches storage or topic state except through the Engine's reads.
+it never mutates a topic (the page's actions, requeue, purge, cancel, settings
+and schedules, call the public API) and never touches storage or topic state
+except through the Engine's reads.
 """
 
 from __future__ import annotations
@@ -119,6 +120,19 @@ class DeadView(Struct):
     payload: str
 
 
+class ScheduleView(Struct):
+    name: str
+    when: str  # "every 60 s", or the cron expression and its time zone
+    every: int | None
+    cron: str | None
+    tz: str | None
+    next_in: float  # seconds until its next slot
+    last_fired_ago: float | None  # seconds; None: never fired
+    last_job_id: str | None
+    last_error: str | None
+    payload: str  # its JSON, cut to PREVIEW_CHARS
+
+
 class RatePoint(Struct):
     """Per-second rates over the `span` seconds that end `ago` seconds ago."""
 
@@ -137,6 +151,8 @@ class TopicView(Struct, tag_field="kind", tag="topic"):
     dead: list[DeadView]  # the MAX_LISTED newest
     dead_more: int
     rates: list[RatePoint]  # oldest first
+    schedules: list[ScheduleView] = []  # by name
+    settings: api.Settings | None = None
 
 
 class TopicUnreadable(Struct, tag_field="kind", tag="unreadable"):
@@ -263,6 +279,27 @@ def topic_view(name: str, seen: dict[str, Any], rates: list[RatePoint]) -> Topic
         ],
         dead_more=seen["dead_more"],
         rates=rates,
+        schedules=[schedule_view(n, s, now) for n, s in sorted(seen.get("schedules", {}).items())],
+        settings=api.Settings(**seen["settings"]) if "settings" in seen else None,
+    )
+
+
+def schedule_view(name: str, kept: dict[str, Any], now: float) -> ScheduleView:
+    every, cron, tz = kept.get("every"), kept.get("cron"), kept.get("tz")
+    when = f"every {every} s" if every is not None else f"{cron} ({tz or 'UTC'})"
+    fired = kept.get("last_fired_at")
+    last = kept.get("last_slot")
+    return ScheduleView(
+        name=name,
+        when=when,
+        every=every,
+        cron=cron,
+        tz=tz,
+        next_in=max(0.0, kept["next_at"] - now),
+        last_fired_ago=None if fired is None else max(0.0, now - fired),
+        last_job_id=None if last is None else f"{name}@{last}",
+        last_error=_cut(kept.get("last_error")),
+        payload=preview(kept.get("payload")),
     )
 
 

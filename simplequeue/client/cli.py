@@ -1,7 +1,7 @@
 """simplequeue: the command line client (SPEC section 7).
 
-Data is printed as JSON (one document per command), `status` and `topics` as
-tables unless --json. Any failure exits 1 with one line on stderr; `claim`
+Data is printed as JSON (one document per command), `status`, `topics` and
+`schedules` as tables unless --json. Any failure exits 1 with one line on stderr; `claim`
 exits 1 with "no job is claimable" when the topic is empty.
 """
 
@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from datetime import UTC, datetime
 from typing import Any, TextIO, TypeVar
 
 import click
@@ -267,7 +268,16 @@ def held_job(job_id: str, lease_token: str | None) -> Job:
     return Job(claimed.id, lease_token=lease_token or claimed.lease_token)
 
 
-COUNT_COLUMNS = ["pending", "delayed", "claimed", "completed", "dead", "enqueued", "total"]
+COUNT_COLUMNS = [
+    "pending",
+    "delayed",
+    "claimed",
+    "completed",
+    "dead",
+    "cancelled",
+    "enqueued",
+    "total",
+]
 
 
 def table(rows: list[list[str]]) -> str:
@@ -351,6 +361,107 @@ async def requeue(client: Client, job_ids: tuple[str, ...]) -> None:
 async def purge(client: Client, job_ids: tuple[str, ...]) -> None:
     """Forget dead jobs (all, or JOB_IDS)."""
     emit({"purged": await client.purge(list(job_ids) or None)})
+
+
+@main.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@run
+async def cancel(client: Client, job_ids: tuple[str, ...]) -> None:
+    """Cancel JOB_IDS: pending and delayed jobs at once, claimed ones too (their
+    workers are told at their next heartbeat). Prints what was cancelled and
+    what was not found (finished, or unknown)."""
+    emit(await client.cancel(list(job_ids)))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("payload")
+@click.option("--every", type=click.IntRange(min=1), default=None, help="Seconds between slots.")
+@click.option("--cron", default=None, help='Five-field cron expression, e.g. "*/5 * * * *".')
+@click.option("--tz", default=None, help="Time zone of --cron [default: UTC].")
+@click.option("--priority", type=int, default=0)
+@click.option("--max-attempts", type=click.IntRange(min=0), default=None)
+@run
+async def schedule(
+    client: Client,
+    name: str,
+    payload: str,
+    every: int | None,
+    cron: str | None,
+    tz: str | None,
+    priority: int,
+    max_attempts: int | None,
+) -> None:
+    """Create or replace schedule NAME: enqueue PAYLOAD (JSON, or else a string)
+    --every S seconds or at each --cron time; each slot's job is NAME@SLOT."""
+    if (every is None) == (cron is None):
+        raise click.UsageError("give --every or --cron, not both")
+    made = await client.schedule(
+        name, parse_payload(payload), every, cron, tz, priority, max_attempts
+    )
+    emit(msgspec.to_builtins(made))
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@run
+async def schedules(client: Client, as_json: bool) -> None:
+    """The topic's schedules, with their next slot and the last job each fired."""
+    found = await client.schedules()
+    if as_json:
+        emit([msgspec.to_builtins(s) for s in found])
+        return
+    rows = [["name", "when", "next", "last fired", "last job"]]
+    for s in found:
+        when = f"every {s.every} s" if s.every is not None else f"{s.cron} ({s.tz or 'UTC'})"
+        rows.append([s.name, when, _when(s.next_at), _when(s.last_fired_at), s.last_job_id or "-"])
+    click.echo(table(rows))
+
+
+@main.command()
+@click.argument("name")
+@run
+async def unschedule(client: Client, name: str) -> None:
+    """Delete schedule NAME: it fires no more."""
+    await client.unschedule(name)
+    emit({"deleted": name})
+
+
+class OrNone(click.ParamType[Any]):
+    """A number, or "none" to remove the setting."""
+
+    name = "number|none"
+
+    def __init__(self, kind: type[int] | type[float]) -> None:
+        self.kind = kind
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or value == "none":
+            return value
+        try:
+            return self.kind(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or 'none'", param, ctx)
+
+
+@main.command()
+@click.option("--rate", type=OrNone(float), help="Claims per second, across every worker.")
+@click.option("--burst", type=OrNone(int), help="Claims the rate's bucket holds.")
+@click.option("--max-claimed", type=OrNone(int), help="Jobs claimed at once (0: paused).")
+@click.option("--lease", type=OrNone(float), help="Default lease of a claim, seconds.")
+@click.option("--max-attempts", type=OrNone(int), help="Default attempts of a job.")
+@run
+async def settings(client: Client, **limits: Any) -> None:
+    """Show the topic's settings, or change those given ("none" removes one:
+    the broker's default applies again, or no limit)."""
+    changes = {k: None if v == "none" else v for k, v in limits.items() if v is not None}
+    emit(await client.settings(**changes))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

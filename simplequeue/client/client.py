@@ -220,17 +220,19 @@ class Client:
                     f"{self.url}: an answer that is not the API's ({exc}): {_snippet(raw)}",
                     status,
                 ) from None
-        message = _error_message(raw)
+        said = _error_of(raw)
+        message = None if said is None else said.error
         if status in RETRIED_STATUSES:
             error = errors.for_status(status) if message is not None else None
             cause = (error or BrokerUnavailable)(message or f"{self.url}: HTTP {status}")
             raise _Retry(cause)
-        error_class = errors.for_status(status)
+        reason = None if said is None else said.reason
+        error_class = errors.for_status(status, reason)
         if message is None or error_class is None:
             # An expected status too: a proxy's 404 page is no empty topic.
             raise BrokerError(f"{self.url}: HTTP {status}: {message or _snippet(raw)}", status)
-        if status in expected:
-            return None
+        if status in expected and error_class is errors.for_status(status):
+            return None  # the caller says what it means (a 409 with a reason says it here)
         raise error_class(message)
 
     async def _send(
@@ -493,7 +495,7 @@ class Client:
         if job.status == "dead":
             raise JobFailed(job_id, job.last_error)
         if job.status == "cancelled":
-            raise JobCancelled(job_id)
+            raise JobCancelled(f"job {job_id!r} was cancelled")
         raise TimeoutError(f"job {job_id!r} is still {job.status} after {timeout:g} s")
 
     async def dead(self) -> list[Job]:
@@ -510,6 +512,54 @@ class Client:
     async def topics(self) -> dict[str, dict[str, int]]:
         answer = await self.request("GET", "/topics", api.Topics)
         return {name: msgspec.structs.asdict(c) for name, c in answer.topics.items()}
+
+    # --- control: cancellation, schedules, settings ----------------------------------
+
+    async def cancel(self, job_ids: Iterable[str]) -> dict[str, list[str]]:
+        """Cancel jobs: pending and delayed ones at once, claimed ones too (their
+        holders' next heartbeat or ack raises JobCancelled). Answers
+        {"cancelled": [...], "not_found": [...]} (finished or unknown)."""
+        body = api.CancelRequest(list(job_ids))
+        answer = await self.request("POST", self._t("/cancel"), api.Cancelled, body)
+        return {"cancelled": answer.cancelled, "not_found": answer.not_found}
+
+    async def schedule(
+        self,
+        name: str,
+        payload: Any,
+        every: int | None = None,
+        cron: str | None = None,
+        tz: str | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+    ) -> api.Schedule:
+        """Create or replace the schedule `name`: a job with `payload` every
+        `every` seconds, or at each time of the five-field `cron` expression in
+        time zone `tz` (default UTC). Each slot's job has id "<name>@<slot>"."""
+        body = api.ScheduleRequest(
+            payload, every=every, cron=cron, tz=tz, priority=priority, max_attempts=max_attempts
+        )
+        return await self.request("PUT", self._t(f"/schedules/{name}"), api.Schedule, body)
+
+    async def schedules(self) -> list[api.Schedule]:
+        return (await self.request("GET", self._t("/schedules"), api.Schedules)).schedules
+
+    async def unschedule(self, name: str) -> None:
+        """Delete the schedule `name`; ScheduleNotFound if there is none."""
+        await self.request("DELETE", self._t(f"/schedules/{name}"), api.Unscheduled)
+
+    async def settings(self, **limits: Any) -> dict[str, Any]:
+        """The topic's settings (rate, burst, max_claimed, lease, max_attempts);
+        with keyword arguments, change those first (None removes one)."""
+        if not limits:
+            answer = await self.request("GET", self._t("/settings"), api.Settings)
+        else:
+            try:
+                body = api.SettingsRequest(**limits)
+            except TypeError as exc:
+                raise InvalidRequest(str(exc)) from None
+            answer = await self.request("PUT", self._t("/settings"), api.Settings, body)
+        return msgspec.structs.asdict(answer)
 
 
 _EMPTY = frozenset({404})  # a claim that found nothing
@@ -536,10 +586,10 @@ def _spec(
     )
 
 
-def _error_message(raw: bytes) -> str | None:
-    """The API's {"error": "..."} message, or None when the body is not one."""
+def _error_of(raw: bytes) -> api.Error | None:
+    """The API's {"error": "...", "reason"?}, or None when the body is not one."""
     try:
-        return msgspec.json.decode(raw, type=api.Error).error
+        return msgspec.json.decode(raw, type=api.Error)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 

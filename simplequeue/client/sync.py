@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
+from simplequeue import api
 from simplequeue.client.client import AckItem, Client
 from simplequeue.client.job import Job
 from simplequeue.objstore import ObjectStore
@@ -170,6 +171,32 @@ class SyncClient:
 
     def topics(self) -> dict[str, dict[str, int]]:
         return self._run(self.client.topics())
+
+    def cancel(self, job_ids: Iterable[str]) -> dict[str, list[str]]:
+        return self._run(self.client.cancel(list(job_ids)))
+
+    def schedule(
+        self,
+        name: str,
+        payload: Any,
+        every: int | None = None,
+        cron: str | None = None,
+        tz: str | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+    ) -> api.Schedule:
+        return self._run(
+            self.client.schedule(name, payload, every, cron, tz, priority, max_attempts)
+        )
+
+    def schedules(self) -> list[api.Schedule]:
+        return self._run(self.client.schedules())
+
+    def unschedule(self, name: str) -> None:
+        self._run(self.client.unschedule(name))
+
+    def settings(self, **limits: Any) -> dict[str, Any]:
+        return self._run(self.client.settings(**limits))
 
     def close(self) -> None:
         """Close the client and stop its loop thread."""

@@ -20,7 +20,8 @@ are spent), and is logged with its traceback on the `simplequeue.worker` logger.
 stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed,
 the buffered ones included, is run to its end. Cancellation is never
 swallowed: only a handler cancelled because its heartbeat found the lease lost
-is handled here.
+(or the job cancelled, POST /cancel) is handled here, and such a job is
+neither acked nor nacked: it is no longer this worker's.
 """
 
 from __future__ import annotations
@@ -47,7 +48,13 @@ from simplequeue.batching import Batcher, Pending
 from simplequeue.client.client import Client
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
-from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost, SimpleQueueError
+from simplequeue.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobNotFound,
+    LeaseLost,
+    SimpleQueueError,
+)
 
 # One name for the Worker's log, wherever the module lives: applications and the
 # CLI configure "simplequeue.worker".
@@ -88,6 +95,7 @@ class _Claimed:
         self.job = job
         self.work: asyncio.Future[Any] | None = None  # the handler, once started
         self.lost = False  # a heartbeat found the lease gone
+        self.cancelled = False  # ... because the job was cancelled
         self.beats: asyncio.Task[None] | None = None
 
 
@@ -325,7 +333,7 @@ class Worker:
     async def _process(self, held: _Claimed) -> None:
         job = held.job
         if held.lost:
-            log.warning("job %s: lost its lease before it started", job.id)
+            log.warning("job %s: %s before it started", job.id, _why_gone(held))
             return
         work = held.work = asyncio.ensure_future(self._handle(job))
         try:
@@ -336,14 +344,20 @@ class Worker:
             # handler cancelled by something it awaited) goes on up, the job
             # left to its lease.
             if held.lost and not _cancelled_from_outside():
-                log.warning("job %s: lost its lease; its handler was cancelled", job.id)
+                log.warning("job %s: %s; its handler was cancelled", job.id, _why_gone(held))
                 return
             raise
         except Exception as exc:
+            if held.lost:  # the handler ended as it was being cancelled: not ours to fail
+                log.warning("job %s: %s; its handler raised %r", job.id, _why_gone(held), exc)
+                return
             await self._fail(job, exc)
             return
         finally:
             await self._stop_beats(held)
+        if held.lost:  # the handler swallowed its cancellation: its result is not wanted
+            log.warning("job %s: %s; its result is dropped", job.id, _why_gone(held))
+            return
         self.processed += 1
         if follow_ups:
             self._follow_ups_unsettled += 1
@@ -489,12 +503,13 @@ class Worker:
             await asyncio.sleep(every)
             try:
                 await self.client.heartbeat(held.job, self.lease)
-            except (LeaseLost, JobNotFound):
+            except (LeaseLost, JobNotFound) as exc:
                 held.lost = True
+                held.cancelled = isinstance(exc, JobCancelled)
                 if held.work is not None:
                     held.work.cancel()
                 elif held in self._ready:
-                    log.warning("job %s: lost its lease before it started", held.job.id)
+                    log.warning("job %s: %s before it started", held.job.id, _why_gone(held))
                     self._ready.remove(held)
                     self._room.set()
                     if not self._running and not self._ready:
@@ -509,6 +524,10 @@ class Worker:
                     exc,
                     exc_info=not isinstance(exc, SimpleQueueError),
                 )
+
+
+def _why_gone(held: _Claimed) -> str:
+    return "was cancelled" if held.cancelled else "lost its lease"
 
 
 def _is_plain_function(handler: Handler) -> bool:

@@ -31,6 +31,8 @@ class Bounds:
     runs_max: int = 8  # runs of a lane before small ones are merged
     merge_bytes: int = 64 * 1024  # the most a seal writes merging runs
     writers_max: int = 64  # brokers whose latest write id the head keeps
+    schedules_max: int = 100  # schedules of a topic (they live in its head)
+    schedules_bytes: int = 64 * 1024  # all of a topic's schedules, as JSON
 
     def scaled(self, factor: int) -> Bounds:
         """The same bounds with `factor` times as much inline."""

@@ -186,6 +186,39 @@ DeadJobs = TypedDict(
 )
 
 
+class Schedule(TypedDict):
+    """A schedule (SPEC 11): its definition, and the next slot it fires."""
+
+    payload: Any
+    next_at: int
+    created_at: float
+    every: NotRequired[int]
+    cron: NotRequired[str]
+    tz: NotRequired[str]
+    priority: NotRequired[int]
+    max_attempts: NotRequired[int]
+    last_slot: NotRequired[int]
+    last_fired_at: NotRequired[float]
+    last_error: NotRequired[str]
+
+
+class Settings(TypedDict, total=False):
+    """A topic's settings (SPEC 12): limits every claim obeys, and defaults."""
+
+    rate: float
+    burst: int
+    max_claimed: int
+    lease: float
+    max_attempts: int
+
+
+class Bucket(TypedDict):
+    """The token bucket of a topic with a rate: tokens left at `at` (store time)."""
+
+    tokens: float
+    at: float
+
+
 class Head(TypedDict):
     format: int
     topic: str
@@ -200,6 +233,10 @@ class Head(TypedDict):
     retained: Records
     dead: DeadJobs
     outbox: Outbox
+    # Added after format 2 was first written; a head without them has none.
+    schedules: NotRequired[dict[str, Schedule]]
+    settings: NotRequired[Settings]
+    bucket: NotRequired[Bucket]
 
 
 _ITEMS: dict[str, Any] = {

@@ -6,7 +6,9 @@ everything is: lanes of pending jobs (inline, then runs of segments, each
 sorted by (run_at, seq)), the leases of claimed jobs, retained records and dead
 jobs, all chains that spill out of the head. This module says what enqueue,
 claim, ack, nack, heartbeat, reap, requeue and purge do to them, and answers
-counts and lookups. The group committer applies a batch's mutations, then
+counts and lookups; and what an operator controls (SPEC 10-12): cancelling
+jobs, the schedules its owner fires, and the limits every claim obeys. The
+group committer applies a batch's mutations, then
 `seal()`; a batch that finds an object missing (SegmentMissing) or loses its
 write is rolled back or thrown away, and applied again.
 """
@@ -15,12 +17,22 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from simplequeue.api import FollowUpSpec, JobSpec
-from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
+import orjson
+from msgspec import UnsetType
+
+from simplequeue.api import FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
+from simplequeue.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobNotFound,
+    LeaseLost,
+    ScheduleNotFound,
+)
 from simplequeue.state.chain import Chain, Place
 from simplequeue.state.layout import (
     CLAIM_FIELDS,
@@ -34,6 +46,7 @@ from simplequeue.state.layout import (
 )
 from simplequeue.state.limits import Bounds, Policy
 from simplequeue.state.segments import Manifest, Segment, SegmentView
+from simplequeue.state.slots import check_definition, latest_at, next_after
 
 __all__ = ["Job", "Record", "Sealed", "TopicState", "decode_head", "new_head"]
 
@@ -122,14 +135,16 @@ class TopicState(Layout):
                 delayed += run.count - due
         c = self.head["counters"]
         claimed, dead = self.leases.count, self.dead.count
+        cancelled = c.get("cancelled", 0)
         return {
             "pending": pending,
             "delayed": delayed,
             "claimed": claimed,
             "completed": c["completed"],
             "dead": dead,
+            "cancelled": cancelled,
             "enqueued": c["enqueued"],
-            "total": pending + delayed + claimed + c["completed"] + dead,
+            "total": pending + delayed + claimed + c["completed"] + dead + cancelled,
         }
 
     def _due_in_run(self, run: Chain, now: float) -> int:
@@ -155,10 +170,18 @@ class TopicState(Layout):
 
     def totals(self) -> dict[str, int]:
         """What the topic ever did: jobs enqueued, completed, nacked, gone dead,
-        dead jobs dropped over the dead limit, and follow-ups delivered into
-        other topics."""
+        dead jobs dropped over the dead limit, jobs cancelled, and follow-ups
+        delivered into other topics."""
         c = self.head["counters"]
-        names = ("enqueued", "completed", "nacked", "dead", "dead_dropped", "delivered")
+        names = (
+            "enqueued",
+            "completed",
+            "nacked",
+            "dead",
+            "dead_dropped",
+            "cancelled",
+            "delivered",
+        )
         return {name: c.get(name, 0) for name in names}
 
     def dead_count(self) -> int:
@@ -235,7 +258,7 @@ class TopicState(Layout):
                 "run_at": now + spec.delay,
                 "created_at": now,
                 "attempts": 0,
-                "max_attempts": self.policy.max_attempts if max_attempts is None else max_attempts,
+                "max_attempts": self.default_attempts() if max_attempts is None else max_attempts,
                 # no "last_error" until there is one: 19 bytes a job, head and segments
             }
             self._push_pending(job)
@@ -260,9 +283,13 @@ class TopicState(Layout):
 
     def claim(self, worker_id: str, lease: float | None, count: int, now: float) -> list[Job]:
         """Claim up to `count` due jobs, highest priority then earliest run_at, for
-        `lease` seconds (None: the policy's default). The answers carry payloads."""
-        lease = self.policy.default_lease if lease is None else lease
+        `lease` seconds (None: the topic's default, else the policy's), within
+        the topic's limits (fewer jobs, or none). The answers carry payloads."""
+        lease = self.default_lease() if lease is None else lease
+        count = min(count, self.claimable(now))
         claimed: list[Job] = []
+        if count <= 0:
+            return claimed
         lanes = sorted(self.head["lanes"].items(), key=lambda kv: -int(kv[0]))
         for name, lane in lanes:
             while len(claimed) < count:
@@ -290,6 +317,7 @@ class TopicState(Layout):
                 del self.head["lanes"][name]
         for job in claimed:
             job.pop("src", None)
+        self._spend(len(claimed), now)
         return claimed
 
     def _take_front(self, lane: dict[str, Any], now: float) -> tuple[Job, list[Any] | None] | None:
@@ -331,8 +359,11 @@ class TopicState(Layout):
         given) holds it."""
         place = self._lease_of(job_id)
         if place is None:
-            if self.find(job_id) is None:
+            found = self.find(job_id)
+            if found is None:
                 raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
+            if found[0] == "cancelled":
+                raise JobCancelled(f"job {job_id!r} was cancelled")
             raise LeaseLost(f"job {job_id!r} is not claimed")
         if token is not None and token != place.item["lease_token"]:
             raise LeaseLost(f"job {job_id!r} is claimed under another lease")
@@ -442,15 +473,20 @@ class TopicState(Layout):
 
     def next_due(self) -> float | None:
         """When the topic next wants its owner: no lease runs out before this,
-        and follow-ups wait for delivery since then (None: nothing to do until
-        something changes). From the head, and the outbox's front segment."""
-        times = [t for t in (self.next_expiry(), self.outbox_oldest()) if t is not None]
+        no schedule's slot comes before it, and follow-ups wait for delivery
+        since then (None: nothing to do until something changes). From the
+        head, and the outbox's front segment."""
+        times = [s["next_at"] for s in self.head.get("schedules", {}).values()]
+        times += [t for t in (self.next_expiry(), self.outbox_oldest()) if t is not None]
         return min(times, default=None)
 
     def tend(self, now: float) -> dict[str, int]:
         """What the topic's owner does when next_due() comes: expired leases
-        back to pending (or dead). What it did, by kind."""
-        return self.reap(now)
+        back to pending (or dead), and the schedules whose slot came fired.
+        What it did, by kind."""
+        done = self.reap(now)
+        done["fired"] = self.fire(now)
+        return done
 
     def reap(self, now: float) -> dict[str, int]:
         """Expired leases back to pending, or dead when attempts are spent."""
@@ -567,6 +603,228 @@ class TopicState(Layout):
 
     def expire(self, now: float) -> None:
         self._expire_retained(now)
+
+    # --- cancellation (SPEC 10) ------------------------------------------------------------
+
+    def cancel(self, job_ids: list[str], now: float) -> dict[str, list[str]]:
+        """Cancel jobs: a pending or delayed one leaves its lane, a claimed one its
+        lease (its holder's next heartbeat or ack meets JobCancelled); each is
+        retained as a record with status "cancelled" and never claimed again.
+        Finished and unknown jobs are `not_found`."""
+        out: dict[str, list[str]] = {"cancelled": [], "not_found": []}
+        for job_id in dict.fromkeys(job_ids):
+            job = self._take_live(job_id)
+            if job is None:
+                out["not_found"].append(job_id)
+                continue
+            self.dirty = True
+            counters = self.head["counters"]
+            counters["cancelled"] = counters.get("cancelled", 0) + 1
+            self._retain(job, "cancelled", now)
+            out["cancelled"].append(job_id)
+        return out
+
+    def _take_live(self, job_id: str) -> Job | None:
+        """Take the job `job_id` out of the claimed set or its lane (wherever it
+        stands: inline, or a hole in a segment); None if it is neither."""
+        lease = self._lease_of(job_id)
+        if lease is not None:
+            self._drop_lease(lease)
+            return lease.item
+        for name, lane in list(self.head["lanes"].items()):
+            inline: list[Job] = lane["in"]
+            for i, job in enumerate(inline):
+                if job["id"] == job_id:
+                    del inline[i]
+                    self._drop_lane_if_empty(name, lane)
+                    return job
+            for run in self._runs(lane):
+                places = run.locate(job_id)
+                if places:
+                    run.remove(places[0])
+                    if run.count == 0:
+                        lane["runs"].remove(run.d)
+                    self._drop_lane_if_empty(name, lane)
+                    return places[0].item
+        return None
+
+    def _drop_lane_if_empty(self, name: str, lane: dict[str, Any]) -> None:
+        if not lane["in"] and not lane["runs"]:
+            del self.head["lanes"][name]
+
+    # --- schedules (SPEC 11) -----------------------------------------------------------
+
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        """The topic's schedules by name, as kept in its head."""
+        found: dict[str, dict[str, Any]] = self.head.get("schedules", {})
+        return found
+
+    def put_schedule(self, name: str, spec: ScheduleRequest, now: float) -> dict[str, Any]:
+        """Create or replace the schedule `name`; its first slot is the first
+        after `now` (and after the last it fired, when it replaces one: a slot
+        is never fired twice). InvalidRequest past the topic's bounds (number
+        of schedules, their bytes: they live in the head)."""
+        check_definition(spec.every, spec.cron, spec.tz)
+        found = self.schedules()
+        old = found.get(name)
+        if old is None and len(found) >= self.bounds.schedules_max:
+            raise InvalidRequest(
+                f"topic {self.topic!r} has {len(found)} schedules, the most it may hold"
+            )
+        schedule: dict[str, Any] = {"payload": spec.payload, "created_at": now}
+        for field in ("every", "cron", "tz", "max_attempts"):
+            if getattr(spec, field) is not None:
+                schedule[field] = getattr(spec, field)
+        if spec.priority:
+            schedule["priority"] = spec.priority
+        if old is not None and "last_slot" in old:
+            for kept in ("last_slot", "last_fired_at"):
+                schedule[kept] = old[kept]
+        after = max(now, schedule.get("last_slot", now))
+        next_at = next_after(schedule, after)
+        if next_at is None:
+            raise InvalidRequest("the schedule has no slot left to fire")
+        schedule["next_at"] = next_at
+        changed = {**found, name: schedule}
+        size = len(orjson.dumps(changed))
+        if size > self.bounds.schedules_bytes:
+            raise InvalidRequest(
+                f"the schedules of topic {self.topic!r} would take {size} bytes, over "
+                f"{self.bounds.schedules_bytes}: payloads of schedules must stay small"
+            )
+        self.head["schedules"] = changed
+        self.dirty = True
+        return schedule
+
+    def delete_schedule(self, name: str) -> None:
+        """Delete the schedule `name` (it fires no more); ScheduleNotFound if none."""
+        found = self.schedules()
+        if name not in found:
+            raise ScheduleNotFound(f"no schedule {name!r} in topic {self.topic!r}")
+        self.head["schedules"] = {k: v for k, v in found.items() if k != name}
+        if not self.head["schedules"]:
+            del self.head["schedules"]
+        self.dirty = True
+
+    def fire(self, now: float) -> int:
+        """Enqueue a job for each schedule whose slot came: one job, for the
+        latest slot at or before `now`, whatever the number of slots missed
+        meanwhile (a broker down, a topic without owner: one catch-up, not a
+        storm). Its id is "<name>@<slot>": the same whichever broker fires it,
+        and a slot fired is never fired again (the head keeps the next slot,
+        and the record of the job makes a second one a duplicate). How many
+        jobs were enqueued."""
+        fired = 0
+        for name, schedule in self.schedules().items():
+            if schedule["next_at"] > now:
+                continue
+            slot = max(latest_at(schedule, now) or 0, schedule["next_at"])
+            spec = JobSpec(
+                schedule["payload"],
+                id=f"{name}@{slot}",
+                priority=schedule.get("priority", 0),
+                max_attempts=schedule.get("max_attempts"),
+            )
+            self.dirty = True
+            try:
+                [answer] = self.enqueue([spec], now)
+            except InvalidRequest as exc:  # refused whole, changing nothing (lanes_max)
+                schedule["last_error"] = f"slot {slot} not enqueued: {exc}"
+            else:
+                schedule.pop("last_error", None)
+                fired += not answer["duplicate"]
+            schedule["last_slot"] = slot
+            schedule["last_fired_at"] = now
+            schedule["next_at"] = next_after(schedule, max(now, slot)) or _NEVER
+        return fired
+
+    # --- settings and limits (SPEC 12) -----------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """The topic's settings as set (absent: not set)."""
+        found: dict[str, Any] = self.head.get("settings", {})
+        return found
+
+    def put_settings(self, changes: SettingsRequest, now: float) -> dict[str, Any]:
+        """Change the topic's settings: fields set to None are removed, fields
+        left unset stay. The token bucket keeps its tokens (up to a new burst);
+        it starts full when a rate is first set."""
+        settings = dict(self.settings())
+        for field in ("rate", "burst", "max_claimed", "lease", "max_attempts"):
+            value = getattr(changes, field)
+            if value is None:
+                settings.pop(field, None)
+            elif not isinstance(value, UnsetType):
+                settings[field] = value
+        if "rate" not in settings:
+            self.head.pop("bucket", None)
+        if settings:
+            self.head["settings"] = settings
+        else:
+            self.head.pop("settings", None)
+        if "rate" in settings:
+            at = max(now, self.head.get("bucket", {}).get("at", now))
+            self.head["bucket"] = {"tokens": self._tokens(now), "at": at}
+        self.dirty = True
+        return settings
+
+    def default_lease(self) -> float:
+        lease: float = self.settings().get("lease", self.policy.default_lease)
+        return lease
+
+    def default_attempts(self) -> int:
+        attempts: int = self.settings().get("max_attempts", self.policy.max_attempts)
+        return attempts
+
+    def burst(self) -> int | None:
+        """The token bucket's size while a rate is set (default: one second's
+        worth of claims, at least one)."""
+        settings = self.settings()
+        if "rate" not in settings:
+            return None
+        burst: int = settings.get("burst", max(1, math.ceil(settings["rate"])))
+        return burst
+
+    def _tokens(self, now: float) -> float:
+        """Claims the bucket allows at `now`. A writer whose clock is behind the
+        bucket's last update sees no refill until its clock passes it: limits
+        hold on the fastest clock that wrote."""
+        burst = self.burst()
+        if burst is None:
+            return math.inf
+        bucket = self.head.get("bucket")
+        if bucket is None:
+            return float(burst)
+        elapsed = max(0.0, now - bucket["at"])
+        tokens: float = min(float(burst), bucket["tokens"] + elapsed * self.settings()["rate"])
+        return tokens
+
+    def claimable(self, now: float) -> int:
+        """How many jobs the topic's limits let a claim take at `now`."""
+        settings = self.settings()
+        room = math.floor(self._tokens(now)) if "rate" in settings else 1 << 62
+        if "max_claimed" in settings:
+            room = min(room, settings["max_claimed"] - self.leases.count)
+        return max(0, room)
+
+    def _spend(self, claimed: int, now: float) -> None:
+        if claimed and "rate" in self.settings():
+            at = max(now, self.head.get("bucket", {}).get("at", now))
+            self.head["bucket"] = {"tokens": self._tokens(now) - claimed, "at": at}
+
+    def token_wait(self, now: float) -> float | None:
+        """Seconds until the rate lets a claim take a job, when that is what
+        holds claims back now (None: it is not; a commit, an ack, will say when)."""
+        if "rate" not in self.settings():
+            return None
+        tokens = self._tokens(now)
+        if tokens >= 1:
+            return None
+        rate: float = self.settings()["rate"]
+        return (1 - tokens) / rate
+
+
+_NEVER = 2**62  # the next slot of a cron expression that never comes again
 
 
 def follow_up_id(job_id: str, index: int) -> str:

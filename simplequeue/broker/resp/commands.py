@@ -701,6 +701,22 @@ async def xack(session: Session, args: list[bytes]) -> Reply:
     return acked
 
 
+@command("XDEL", 2, None, flags=("write",), first_key=1)
+async def xdel(session: Session, args: list[bytes]) -> Reply:
+    """XDEL key id [id ...]: cancels those jobs (SPEC 10), pending, delayed or
+    claimed (a claim's holder is told at its next heartbeat or ack); the number
+    cancelled, as Redis answers the number of entries deleted. A job that
+    finished already counts 0."""
+    topic = topic_of(args[0])
+    ids = [text(a, "ids") for a in args[1:]]
+    limit = session.listener.max_batch
+    cancelled = 0
+    for start in range(0, len(ids), limit):
+        answer = await session.engine.cancel(topic, ids[start : start + limit])
+        cancelled += len(answer["cancelled"])
+    return cancelled
+
+
 @command("XLEN", 1, first_key=1)
 async def xlen(session: Session, args: list[bytes]) -> Reply:
     """Entries not yet acknowledged: pending and claimed jobs."""

@@ -13,7 +13,8 @@
   const TOKEN_KEY = "simplequeue.token";
   const POLL_MS = 2000;
   const SVG_NS = "http://www.w3.org/2000/svg";
-  const COUNTS = ["pending", "delayed", "claimed", "completed", "dead"];
+  const COUNTS = ["pending", "delayed", "claimed", "completed", "dead", "cancelled"];
+  const SETTINGS = ["rate", "burst", "max_claimed", "lease", "max_attempts"];
   const numbers = new Intl.NumberFormat("en-US");
 
   const $ = (id) => document.getElementById(id);
@@ -196,13 +197,44 @@
     if (!document.hidden && $("login").hidden) refresh();
   });
 
-  // --- requeue ---------------------------------------------------------------------------------
+  // --- actions: every one is a call of the public API ---------------------------------------
+
+  function topicPath(topic, rest) {
+    return `topics/${encodeURIComponent(topic)}/${rest}`;
+  }
+
+  // Runs `call` for a button: disabled meanwhile, `busy` as its text; then the
+  // page refreshes. A failure is said on the card (or asks for the token).
+  async function act(button, busy, call, card) {
+    const idle = button.textContent;
+    button.disabled = true;
+    setText(button, busy);
+    try {
+      const answer = await call();
+      button.disabled = false;
+      setText(button, idle);
+      await refresh();
+      return answer;
+    } catch (error) {
+      button.disabled = false;
+      setText(button, idle);
+      if (error instanceof NeedToken) askForToken(true);
+      else say(card, `${idle} failed: ${error.message}`, true);
+      return undefined;
+    }
+  }
+
+  function say(card, text, bad) {
+    const node = card.querySelector('[data-field="message"]');
+    setText(node, text);
+    setClass(node, "alert", bad);
+  }
 
   async function requeue(button, topic, jobId) {
     button.disabled = true;
     setText(button, "Requeuing…");
     try {
-      await api("POST", `topics/${encodeURIComponent(topic)}/requeue`, { job_ids: [jobId] });
+      await api("POST", topicPath(topic, "requeue"), { job_ids: [jobId] });
       setText(button, "Requeued");
       await refresh();
     } catch (error) {
@@ -210,6 +242,141 @@
       setText(button, "Requeue");
       if (error instanceof NeedToken) askForToken(true);
       else setStatus("error", `requeue of ${jobId} failed: ${error.message}`);
+    }
+  }
+
+  async function cancelJob(button, card, topic, jobId) {
+    const answer = await act(button, "Cancelling…", () =>
+      api("POST", topicPath(topic, "cancel"), { job_ids: [jobId] }), card);
+    if (answer) {
+      say(card, answer.cancelled.length ? `Cancelled ${jobId}.` : `${jobId} had finished already.`, false);
+      if (card.querySelector('[data-field="found"]').dataset.job === jobId) await findJob(card, topic, jobId);
+    }
+  }
+
+  // Destructive: the first click arms the button, the second (within 5 s) acts.
+  function armed(button, armedText, run) {
+    const idle = button.textContent;
+    let timer = null;
+    button.addEventListener("click", async () => {
+      if (button.dataset.armed !== "1") {
+        button.dataset.armed = "1";
+        setText(button, armedText);
+        timer = setTimeout(() => {
+          button.dataset.armed = "";
+          setText(button, idle);
+        }, 5000);
+        return;
+      }
+      clearTimeout(timer);
+      button.dataset.armed = "";
+      setText(button, idle);
+      await run();
+    });
+  }
+
+  // --- find a job ------------------------------------------------------------------------------
+
+  function field(name, value) {
+    return [el("dt", {}, name), el("dd", { "data-found": name }, value)];
+  }
+
+  async function findJob(card, topic, jobId) {
+    const box = card.querySelector('[data-field="found"]');
+    box.hidden = false;
+    box.dataset.job = jobId;
+    try {
+      const job = await api("GET", topicPath(topic, `jobs/${encodeURIComponent(jobId)}`));
+      const list = el("dl", {});
+      const rows = [
+        ["id", job.id],
+        ["status", job.status],
+        ["attempts", job.attempts ?? "—"],
+        ["payload", job.payload === undefined || job.payload === null ? "—" : JSON.stringify(job.payload)],
+        ["result", job.result === undefined || job.result === null ? "—" : JSON.stringify(job.result)],
+        ["last error", job.last_error ?? "—"],
+      ];
+      for (const [name, value] of rows) list.append(...field(name, value));
+      const children = [list];
+      if (["pending", "delayed", "claimed"].includes(job.status)) {
+        const button = el("button", { type: "button", "data-action": "cancel-found" }, "Cancel job");
+        button.addEventListener("click", () => cancelJob(button, card, topic, job.id));
+        children.push(button);
+      }
+      box.replaceChildren(...children);
+    } catch (error) {
+      if (error instanceof NeedToken) {
+        askForToken(true);
+        return;
+      }
+      box.replaceChildren(el("p", { class: "alert", "data-found": "error" }, error.message));
+    }
+  }
+
+  // --- schedules and settings ------------------------------------------------------------------
+
+  function parsePayload(text) {
+    try {
+      return JSON.parse(text);
+    } catch (_) {
+      return text; // as the CLI does: JSON, or else the text itself
+    }
+  }
+
+  function numberOrNull(text, name) {
+    const value = text.trim();
+    if (value === "") return null; // removes the setting
+    const n = Number(value);
+    if (!Number.isFinite(n)) throw new Error(`${name} is not a number`);
+    return n;
+  }
+
+  async function saveSchedule(form, card, topic) {
+    const get = (name) => form.elements.namedItem(name).value.trim();
+    const body = { payload: parsePayload(form.elements.namedItem("payload").value) };
+    try {
+      const every = numberOrNull(get("every"), "every");
+      if (every !== null) body.every = every;
+    } catch (error) {
+      say(card, error.message, true);
+      return;
+    }
+    if (get("cron")) body.cron = get("cron");
+    if (get("tz")) body.tz = get("tz");
+    const name = get("name");
+    const button = form.querySelector("button");
+    const made = await act(button, "Saving…", () =>
+      api("PUT", topicPath(topic, `schedules/${encodeURIComponent(name)}`), body), card);
+    if (made) {
+      form.reset();
+      say(card, `Schedule ${made.name} saved: next in ${fmtAge(made.next_at - Date.now() / 1000)}.`, false);
+    }
+  }
+
+  async function saveSettings(form, card, topic) {
+    const body = {};
+    try {
+      for (const name of SETTINGS) body[name] = numberOrNull(form.elements.namedItem(name).value, name);
+    } catch (error) {
+      say(card, error.message, true);
+      return;
+    }
+    const button = form.querySelector("button");
+    const saved = await act(button, "Saving…", () => api("PUT", topicPath(topic, "settings"), body), card);
+    if (saved) {
+      form.dataset.dirty = "";
+      fillSettings(form, saved);
+      say(card, "Settings saved.", false);
+    }
+  }
+
+  // The form shows the topic's settings, unless someone is editing it.
+  function fillSettings(form, settings) {
+    if (!settings || form.dataset.dirty === "1" || form.contains(document.activeElement)) return;
+    for (const name of SETTINGS) {
+      const input = form.elements.namedItem(name);
+      const value = settings[name] === null || settings[name] === undefined ? "" : String(settings[name]);
+      if (input.value !== value) input.value = value;
     }
   }
 
@@ -348,7 +515,7 @@
     }
     for (const name of COUNTS) {
       const cell = row.querySelector(`[data-count="${name}"]`);
-      const n = topic.counts[name];
+      const n = topic.counts[name] ?? 0; // an answer may leave out a zero
       setText(cell, fmtCount(n));
       setClass(cell, "zero", n === 0);
       setClass(cell, "alert", name === "dead" && n > 0);
@@ -365,19 +532,85 @@
     return el("table", { class: `jobs ${kind}`, "data-list": kind }, el("thead", {}, head), el("tbody", {}));
   }
 
+  function input(name, label, attrs) {
+    return el(
+      "label",
+      { class: "field" },
+      el("span", {}, label),
+      el("input", { name, type: "text", autocomplete: "off", spellcheck: "false", ...attrs }),
+    );
+  }
+
   function createCard(topic) {
-    const card = el("section", { class: "card topic", id: `topic-${topic.name}`, "data-topic": topic.name });
+    const name = topic.name;
+    const card = el("section", { class: "card topic", id: `topic-${name}`, "data-topic": name });
     const head = el(
       "div",
       { class: "card-head" },
-      el("h2", {}, el("span", { class: "muted" }, "topic "), topic.name),
+      el("h2", {}, el("span", { class: "muted" }, "topic "), name),
       el("span", { class: "rates-now", "data-field": "rates-now" }),
     );
     const chart = newChart(640, 140, "big");
-    chart.setAttribute("aria-label", `enqueue and completion rates of ${topic.name}`);
+    chart.setAttribute("aria-label", `enqueue and completion rates of ${name}`);
+
+    const find = el(
+      "form",
+      { class: "inline", "data-form": "find", method: "post", action: "" },
+      input("job_id", "Find a job", { placeholder: "job id", required: "" }),
+      el("button", { type: "submit" }, "Find"),
+    );
+    find.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const jobId = find.elements.namedItem("job_id").value.trim();
+      if (jobId) findJob(card, name, jobId);
+    });
+
+    const requeueAll = el("button", { type: "button", "data-action": "requeue-all" }, "Requeue all");
+    requeueAll.addEventListener("click", () =>
+      act(requeueAll, "Requeuing…", () => api("POST", topicPath(name, "requeue"), {}), card));
+    const purgeAll = el("button", { type: "button", "data-action": "purge-all" }, "Purge all");
+    armed(purgeAll, "Click again to purge", () =>
+      act(purgeAll, "Purging…", () => api("DELETE", topicPath(name, "dead"), {}), card));
+
+    const scheduleForm = el(
+      "form",
+      { class: "inline wrap", "data-form": "schedule", method: "post", action: "" },
+      input("name", "Name", { required: "", placeholder: "nightly-report", size: "14" }),
+      input("every", "Every (s)", { placeholder: "60", size: "6", inputmode: "numeric" }),
+      input("cron", "or cron", { placeholder: "*/5 * * * *", size: "12" }),
+      input("tz", "Time zone", { placeholder: "UTC", size: "12" }),
+      input("payload", "Payload (JSON)", { placeholder: '{"report": "daily"}', size: "24" }),
+      el("button", { type: "submit" }, "Save schedule"),
+    );
+    scheduleForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      saveSchedule(scheduleForm, card, name);
+    });
+
+    const settingsForm = el(
+      "form",
+      { class: "inline wrap", "data-form": "settings", method: "post", action: "" },
+      input("rate", "Rate (claims/s)", { size: "7", inputmode: "decimal" }),
+      input("burst", "Burst", { size: "5", inputmode: "numeric" }),
+      input("max_claimed", "Max claimed", { size: "6", inputmode: "numeric" }),
+      input("lease", "Lease (s)", { size: "6", inputmode: "decimal" }),
+      input("max_attempts", "Max attempts", { size: "5", inputmode: "numeric" }),
+      el("button", { type: "submit" }, "Save settings"),
+    );
+    settingsForm.addEventListener("input", () => {
+      settingsForm.dataset.dirty = "1";
+    });
+    settingsForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      saveSettings(settingsForm, card, name);
+    });
+
     card.append(
       head,
       el("div", { class: "chart-wrap" }, chart),
+      el("p", { class: "message", "data-field": "message", role: "status" }),
+      find,
+      el("div", { class: "found", "data-field": "found", hidden: "" }),
       el("h3", {}, "Claimed ", el("span", { class: "badge", "data-field": "claimed-count" })),
       table("claimed", [
         ["Job"],
@@ -386,28 +619,79 @@
         ["Lease left", "num"],
         ["Claimed for", "num"],
         ["Payload"],
+        [""],
       ]),
       el("p", { class: "empty", "data-empty": "claimed" }, "No job is claimed."),
       el("p", { class: "more", "data-more": "claimed" }),
-      el("h3", {}, "Dead ", el("span", { class: "badge", "data-field": "dead-count" })),
+      el(
+        "div",
+        { class: "section-head" },
+        el("h3", {}, "Dead ", el("span", { class: "badge", "data-field": "dead-count" })),
+        el("span", { class: "actions", "data-field": "dead-actions" }, requeueAll, purgeAll),
+      ),
       table("dead", [["Job"], ["Last error"], ["Attempts", "num"], ["Died", "num"], ["Payload"], [""]]),
       el("p", { class: "empty", "data-empty": "dead" }, "No dead jobs."),
       el("p", { class: "more", "data-more": "dead" }),
+      el("h3", {}, "Schedules ", el("span", { class: "badge", "data-field": "schedule-count" })),
+      table("schedules", [["Name"], ["When"], ["Next", "num"], ["Last fired", "num"], ["Last job"], ["Payload"], [""]]),
+      el("p", { class: "empty", "data-empty": "schedules" }, "No schedules."),
+      scheduleForm,
+      el("h3", {}, "Settings"),
+      settingsForm,
+      el("p", { class: "hint" }, "Limits hold across every worker and broker; an empty field has no limit (or the broker's default)."),
     );
     return card;
   }
 
-  function createClaimedRow(job) {
-    return el(
-      "tr",
-      { "data-job": job.id },
-      el("td", { class: "id" }, el("code", {}, job.id)),
-      el("td", { "data-field": "worker" }),
-      el("td", { class: "num", "data-field": "attempts" }),
-      el("td", { class: "num", "data-field": "lease" }),
-      el("td", { class: "num", "data-field": "claimed-for" }),
-      el("td", { class: "payload" }, el("code", { "data-field": "payload" })),
-    );
+  function createClaimedRow(card, topicName) {
+    return (job) => {
+      const button = el("button", { type: "button", "data-action": "cancel" }, "Cancel");
+      button.addEventListener("click", () => cancelJob(button, card, topicName, job.id));
+      return el(
+        "tr",
+        { "data-job": job.id },
+        el("td", { class: "id" }, el("code", {}, job.id)),
+        el("td", { "data-field": "worker" }),
+        el("td", { class: "num", "data-field": "attempts" }),
+        el("td", { class: "num", "data-field": "lease" }),
+        el("td", { class: "num", "data-field": "claimed-for" }),
+        el("td", { class: "payload" }, el("code", { "data-field": "payload" })),
+        el("td", { class: "action" }, button),
+      );
+    };
+  }
+
+  function createScheduleRow(card, topicName) {
+    return (schedule) => {
+      const button = el("button", { type: "button", "data-action": "unschedule" }, "Delete");
+      armed(button, "Click again to delete", () =>
+        act(button, "Deleting…", () =>
+          api("DELETE", topicPath(topicName, `schedules/${encodeURIComponent(schedule.name)}`)), card));
+      return el(
+        "tr",
+        { "data-schedule": schedule.name },
+        el("td", { class: "id" }, el("code", {}, schedule.name)),
+        el("td", { "data-field": "when" }),
+        el("td", { class: "num", "data-field": "next" }),
+        el("td", { class: "num", "data-field": "last" }),
+        el("td", { class: "id" }, el("code", { "data-field": "last-job" })),
+        el("td", { class: "payload" }, el("code", { "data-field": "payload" })),
+        el("td", { class: "action" }, button),
+      );
+    };
+  }
+
+  function updateScheduleRow(row, schedule) {
+    setText(row.querySelector('[data-field="when"]'), schedule.when);
+    setText(row.querySelector('[data-field="next"]'), `in ${fmtAge(schedule.next_in)}`);
+    const last = row.querySelector('[data-field="last"]');
+    setText(last, schedule.last_fired_ago == null ? "never" : `${fmtAge(schedule.last_fired_ago)} ago`);
+    last.title = schedule.last_error ?? "";
+    setClass(last, "alert", Boolean(schedule.last_error));
+    setText(row.querySelector('[data-field="last-job"]'), schedule.last_job_id ?? "—");
+    const payload = row.querySelector('[data-field="payload"]');
+    setText(payload, schedule.payload);
+    payload.title = schedule.payload;
   }
 
   function updateClaimedRow(row, job) {
@@ -479,8 +763,16 @@
       chart.setAttribute("viewBox", `0 0 ${width} 140`);
     }
     drawChart(chart, topic.rates, window, { width, height: 140, axes: true });
-    updateList(card, "claimed", topic.claimed, topic.claimed_more, createClaimedRow, updateClaimedRow);
+    updateList(card, "claimed", topic.claimed, topic.claimed_more, createClaimedRow(card, topic.name), updateClaimedRow);
     updateList(card, "dead", topic.dead, topic.dead_more, createDeadRow(topic.name), updateDeadRow);
+    card.querySelector('[data-field="dead-actions"]').hidden = c.dead === 0;
+    const schedules = topic.schedules || [];
+    setText(card.querySelector('[data-field="schedule-count"]'), fmtCount(schedules.length));
+    const list = card.querySelector('[data-list="schedules"]');
+    syncChildren(list.tBodies[0], schedules, (s) => s.name, createScheduleRow(card, topic.name), updateScheduleRow);
+    list.hidden = schedules.length === 0;
+    card.querySelector('[data-empty="schedules"]').hidden = schedules.length > 0;
+    fillSettings(card.querySelector('[data-form="settings"]'), topic.settings);
   }
 
   // --- rendering: everything -------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""When a schedule's slots come (SPEC 11): every N seconds, or at the times of a
+five-field cron expression in a time zone. Pure functions of a schedule's
+definition and a time; no I/O, no clock of their own.
+
+Slots are whole Unix seconds, so that a slot names the same job
+("<name>@<slot>") whichever broker computes it. `every: N` slots are the
+multiples of N since the Unix epoch (every: 3600 fires on the hour, UTC), so
+they do not depend on when the schedule was made either. Cron is evaluated by
+cronsim (Debian cron's rules, daylight saving handled: a time that a spring
+shift skips fires once at the first time after it, a repeated one once).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+
+from simplequeue.errors import InvalidRequest
+
+_NEVER = "a cron expression whose days never come"
+
+
+def check_definition(every: int | None, cron: str | None, tz: str | None) -> None:
+    """InvalidRequest unless exactly one of `every` and `cron` is given, `cron`
+    has five fields that cronsim reads and that come round, and `tz` (cron only)
+    names a time zone."""
+    if (every is None) == (cron is None):
+        raise InvalidRequest('a schedule has either "every" (seconds) or "cron", not both')
+    if cron is None:
+        if tz is not None:
+            raise InvalidRequest('"tz" goes with "cron"; "every" slots are Unix seconds')
+        return
+    if len(cron.split()) != 5:
+        raise InvalidRequest("a cron expression has five fields: minute hour day month weekday")
+    zone = _zone(tz)
+    try:
+        CronSim(cron, datetime(2000, 1, 1, tzinfo=zone))
+    except CronSimError as exc:
+        raise InvalidRequest(f"bad cron expression {cron!r}: {exc}") from None
+    if next_after(_definition(every, cron, tz), 0.0) is None:
+        raise InvalidRequest(f"{_NEVER}: {cron!r}")
+
+
+def _definition(every: int | None, cron: str | None, tz: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if every is not None:
+        out["every"] = every
+    if cron is not None:
+        out["cron"] = cron
+    if tz is not None:
+        out["tz"] = tz
+    return out
+
+
+def _zone(tz: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidRequest(f"unknown time zone {tz!r}") from None
+
+
+def next_after(schedule: dict[str, Any], t: float) -> int | None:
+    """The first slot strictly after `t` (None: a cron that never comes again)."""
+    every: int | None = schedule.get("every")
+    if every is not None:
+        return (math.floor(t) // every + 1) * every
+    start = datetime.fromtimestamp(math.floor(t), _zone(schedule.get("tz")))
+    try:
+        return int(next(CronSim(schedule["cron"], start)).timestamp())
+    except (StopIteration, CronSimError):
+        return None
+
+
+def latest_at(schedule: dict[str, Any], t: float) -> int | None:
+    """The last slot at or before `t` (None: none since the epoch)."""
+    every: int | None = schedule.get("every")
+    if every is not None:
+        return math.floor(t) // every * every
+    # Reverse iteration starts strictly before a time without microseconds.
+    start = datetime.fromtimestamp(math.floor(t) + 1, _zone(schedule.get("tz")))
+    try:
+        return int(next(CronSim(schedule["cron"], start, reverse=True)).timestamp())
+    except (StopIteration, CronSimError):
+        return None

@@ -1,0 +1,234 @@
+"""Cancellation (SPEC 10): pending, delayed and claimed jobs cancelled, in the
+state machine and through every face (HTTP, SDK, CLI's client, RESP's XDEL),
+and a Worker whose handler is cancelled at its next heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from simplequeue.api import JobSpec
+from simplequeue.client import Client, Worker
+from simplequeue.client.job import Job
+from simplequeue.errors import JobCancelled, JobNotFound, LeaseLost
+from simplequeue.objstore.memfs import MemStore
+from tests.helpers.states import fresh, reread
+
+T0 = 1_000_000.0
+StartBroker = Callable[..., Awaitable[Any]]
+
+
+# --- the state machine ------------------------------------------------------------------
+
+
+def test_pending_delayed_and_claimed_jobs_are_cancelled_and_never_claimed_again() -> None:
+    s = fresh()
+    s.enqueue([JobSpec(1, id="now"), JobSpec(2, id="later", delay=60), JobSpec(3, id="held")], T0)
+    [held] = s.claim("w", 30, 1, T0)
+    assert held["id"] == "now"
+    s.enqueue([JobSpec(4, id="other")], T0)
+    answer = s.cancel(["now", "later", "held", "nope"], T0 + 1)
+    assert answer == {"cancelled": ["now", "later", "held"], "not_found": ["nope"]}
+    assert [j["id"] for j in s.claim("w", 30, 10, T0 + 100)] == ["other"]
+    for job_id in ("now", "later", "held"):
+        status, record = s.find(job_id)  # type: ignore[misc]
+        assert (status, record["finished_at"]) == ("cancelled", T0 + 1)
+    counts = s.counts(T0 + 100)
+    assert (counts["cancelled"], counts["pending"], counts["delayed"], counts["claimed"]) == (
+        3,
+        0,
+        0,
+        1,
+    )
+    assert counts["total"] == 4 == counts["enqueued"]
+    assert s.totals()["cancelled"] == 3
+
+
+def test_a_cancelled_claims_holder_is_told_it_was_cancelled_and_commits_nothing() -> None:
+    s = fresh()
+    s.enqueue([JobSpec(1, id="a")], T0)
+    [job] = s.claim("w", 30, 1, T0)
+    s.cancel(["a"], T0)
+    before = orjson.dumps(s.head)
+    token = job["lease_token"]
+    for settle in (
+        lambda: s.heartbeat("a", token, None, T0),
+        lambda: s.ack("a", token, "late", T0),
+        lambda: s.nack("a", token, 0, "boom", T0),
+        lambda: s.ack("a", None, "late", T0),
+    ):
+        with pytest.raises(JobCancelled, match="cancelled"):
+            settle()
+    assert orjson.dumps(s.head) == before
+    assert issubclass(JobCancelled, LeaseLost)  # code that catches a lost lease still does
+
+
+def test_finished_jobs_are_not_found_and_a_second_cancel_finds_nothing() -> None:
+    s = fresh(max_attempts=1)
+    s.enqueue([JobSpec(1, id="done"), JobSpec(2, id="dead"), JobSpec(3, id="x")], T0)
+    a, b, _ = s.claim("w", 30, 3, T0)
+    s.ack(a["id"], a["lease_token"], None, T0)
+    s.nack(b["id"], b["lease_token"], 0, "err", T0)
+    assert s.cancel(["x"], T0) == {"cancelled": ["x"], "not_found": []}
+    s.dirty = False
+    assert s.cancel(["done", "dead", "x"], T0) == {
+        "cancelled": [],
+        "not_found": ["done", "dead", "x"],
+    }
+    assert s.dirty is False  # nothing changed: no write
+    assert s.counts(T0)["dead"] == 1
+
+
+def test_jobs_spilled_into_segments_are_cancelled_where_they_stand() -> None:
+    s = fresh(inline_pending_bytes=300, inline_leases_bytes=300)
+    s.enqueue([JobSpec({"n": i}, id=f"j{i}") for i in range(40)], T0)
+    s = reread(s, T0)  # the pending jobs are in segments now
+    claimed = s.claim("w", 30, 10, T0)
+    s = reread(s, T0)  # and so are the claims
+    assert s.head["leases"]["segs"] and any(lane["runs"] for lane in s.head["lanes"].values())
+    doomed = ["j3", "j25", "j39", "j0"]
+    assert s.cancel(doomed, T0)["cancelled"] == doomed
+    s = reread(s, T0)
+    left = [j["id"] for j in s.claim("w", 30, 100, T0)]
+    assert left == [f"j{i}" for i in range(10, 40) if f"j{i}" not in doomed]
+    assert s.counts(T0)["claimed"] == 10 - 2 + len(left)
+    assert {j["id"] for j in claimed} >= {"j3", "j0"}
+
+
+def test_cancelling_every_job_of_a_lane_removes_the_lane() -> None:
+    s = fresh(inline_pending_bytes=200)
+    s.enqueue([JobSpec(i, id=f"j{i}", priority=7) for i in range(20)], T0)
+    s = reread(s, T0)
+    s.cancel([f"j{i}" for i in range(20)], T0)
+    assert s.head["lanes"] == {}
+    assert reread(s, T0).counts(T0)["pending"] == 0
+
+
+# --- through a broker -----------------------------------------------------------------------
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    async with s.post(url, json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_http_cancel_answers_what_it_cancelled_and_the_holder_gets_409_cancelled(
+    start_broker: StartBroker,
+) -> None:
+    broker = await start_broker(MemStore())
+    t = broker.url + "/topics/t"
+    async with aiohttp.ClientSession() as s:
+        await post(
+            s, t + "/enqueue", {"jobs": [{"id": "a", "payload": 1}, {"id": "b", "payload": 2}]}
+        )
+        _, claimed = await post(s, t + "/claim", {"worker_id": "w"})
+        job = claimed["job"]
+        status, answer = await post(s, t + "/cancel", {"job_ids": ["a", "b", "zz"]})
+        assert (status, answer) == (200, {"cancelled": ["a", "b"], "not_found": ["zz"]})
+        held = {"job_id": job["id"], "lease_token": job["lease_token"]}
+        for route in ("/heartbeat", "/ack", "/nack"):
+            status, body = await post(s, t + route, held)
+            assert status == 409
+            assert body["reason"] == "cancelled" and "cancelled" in body["error"]
+        async with s.get(t + "/jobs/a") as r:
+            assert (await r.json())["status"] == "cancelled"
+        async with s.get(t + "/status") as r:
+            counts = await r.json()
+        assert (counts["cancelled"], counts["total"], counts["pending"]) == (2, 2, 0)
+        status, body = await post(s, t + "/cancel", {"job_ids": []})
+        assert status == 400
+        async with s.get(broker.url + "/metrics") as r:
+            text = await r.text()
+        assert 'simplequeue_job_outcomes_total{outcome="cancelled",topic="t"} 2.0' in text
+
+
+async def test_the_sdk_cancels_and_raises_job_cancelled_for_the_holder(
+    start_broker: StartBroker,
+) -> None:
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as q:
+        await q.enqueue("x", id="a")
+        await q.enqueue("y", id="later", delay=600)
+        job = await q.claim("w")
+        assert job is not None
+        assert await q.cancel(["a", "later", "b"]) == {
+            "cancelled": ["a", "later"],
+            "not_found": ["b"],
+        }
+        with pytest.raises(JobCancelled):
+            await q.heartbeat(job)
+        with pytest.raises(JobCancelled):
+            await q.ack(job)
+        with pytest.raises(JobCancelled):
+            await q.nack(job)
+        assert (await q.job("later")).status == "cancelled"
+        assert (await q.status())["cancelled"] == 2
+        [answer] = await q.ack_many([(job, None)])
+        assert answer["status"] == "cancelled"
+        with pytest.raises(JobNotFound):
+            await q.heartbeat("nope")
+
+
+async def test_a_workers_handler_is_cancelled_at_the_heartbeat_that_says_so(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await start_broker(MemStore())
+    started, ended = asyncio.Event(), asyncio.Event()
+    outcome: list[str] = []
+
+    async def handler(job: Job) -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # runs until cancelled
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            ended.set()
+            raise
+        return "never"
+
+    caplog.set_level(logging.INFO, logger="simplequeue.worker")
+    async with Client(broker.url, topic="t") as q:
+        await q.enqueue("work", id="long")
+        worker = Worker(q, handler, concurrency=1, heartbeat_every=0.1, handle_signals=False)
+        running = asyncio.create_task(worker.run())
+        await asyncio.wait_for(started.wait(), 10)
+        assert (await q.cancel(["long"]))["cancelled"] == ["long"]
+        await asyncio.wait_for(ended.wait(), 10)  # the next heartbeat (0.1 s) cancels it
+        await worker.stop()
+        await running
+        record = await q.job("long")
+    assert outcome == ["cancelled"]
+    assert (record.status, record.attempts, record.last_error) == ("cancelled", 1, None)
+    assert (worker.processed, worker.failed) == (0, 0)  # neither acked nor nacked
+    assert any("long" in r.message and "was cancelled" in r.message for r in caplog.records)
+
+
+async def test_xdel_cancels_over_resp_through_any_broker(start_broker: StartBroker) -> None:
+    import redis.asyncio as redis
+
+    from tests.test_ownership import cluster, owner_of
+
+    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
+    other = next(b for b in brokers if b is not owner_of(brokers, "emails"))
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        first = await r.xadd("emails", {"to": "a"})
+        second = await r.xadd("emails", {"to": "b"})
+        await r.xadd("emails", {"to": "c"}, id="kept")
+        [[_, [(claimed, _)]]] = await r.xreadgroup("g", "c1", {"emails": ">"}, count=1)
+        assert claimed == first
+        assert await r.xdel("emails", first, second, "unknown") == 2
+        assert await r.xlen("emails") == 1
+        assert await r.xack("emails", "g", first) == 0  # the claim was cancelled
+        assert await r.xdel("emails", first) == 0  # finished: nothing to cancel
+    finally:
+        await r.aclose()
+    async with Client(other.url, topic="emails") as q:
+        assert (await q.job(first.decode())).status == "cancelled"
+        assert (await q.status())["cancelled"] == 2

@@ -1,0 +1,344 @@
+"""Schedules (SPEC 11): slots computed right (every N seconds, cron in a time
+zone), each slot enqueued at most once whichever broker fires it, one catch-up
+job after downtime; in the state machine, through the API, and with several
+brokers on one store (in process, and as processes killed with SIGKILL)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from simplequeue.api import JobSpec, ScheduleRequest
+from simplequeue.client import Client
+from simplequeue.errors import InvalidRequest, ScheduleNotFound
+from simplequeue.objstore import ObjectStore
+from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Policy
+from simplequeue.state.slots import latest_at, next_after
+from tests.helpers.states import fresh, reread
+from tests.test_ownership import cluster, owner_of
+
+T0 = 1_000_000.0  # a multiple of 10
+StartBroker = Callable[..., Awaitable[Any]]
+
+
+def every(seconds: int, payload: Any = "tick", **more: Any) -> ScheduleRequest:
+    return ScheduleRequest(payload, every=seconds, **more)
+
+
+def utc(*args: int) -> float:
+    return datetime(*args, tzinfo=UTC).timestamp()  # type: ignore[misc]
+
+
+# --- slots ----------------------------------------------------------------------------
+
+
+def test_every_slots_are_multiples_of_the_interval_since_the_epoch() -> None:
+    assert next_after({"every": 10}, T0) == T0 + 10
+    assert next_after({"every": 10}, T0 + 9.99) == T0 + 10
+    assert latest_at({"every": 10}, T0 + 9.99) == T0
+    assert latest_at({"every": 10}, T0 + 10) == T0 + 10
+    assert next_after({"every": 3600}, utc(2026, 5, 1, 12, 59, 59)) == utc(2026, 5, 1, 13)
+
+
+def test_cron_slots_are_computed_in_the_schedules_time_zone() -> None:
+    weekdays = {"cron": "30 9 * * 1-5", "tz": "America/New_York"}
+    # Friday 10:00 in New York: the next 9:30 on a weekday is Monday's, after
+    # the clocks went forward on Sunday (EDT, UTC-4).
+    assert next_after(weekdays, utc(2026, 3, 6, 15)) == utc(2026, 3, 9, 13, 30)
+    assert latest_at(weekdays, utc(2026, 3, 9, 13, 29)) == utc(2026, 3, 6, 14, 30)  # EST
+    # 02:30 does not exist in Berlin on the day the clocks go forward: it
+    # fires once, at the first minute after the gap.
+    nightly = {"cron": "30 2 * * *", "tz": "Europe/Berlin"}
+    first = next_after(nightly, utc(2026, 3, 28, 12))
+    assert first == utc(2026, 3, 29, 1)
+    assert next_after(nightly, first) == utc(2026, 3, 30, 0, 30)
+    assert next_after({"cron": "*/5 * * * *"}, utc(2026, 1, 1, 0, 4, 59)) == utc(2026, 1, 1, 0, 5)
+
+
+def test_a_cron_schedule_in_a_time_zone_has_its_next_slot_in_that_zone() -> None:
+    s = fresh()
+    spec = ScheduleRequest("report", cron="30 9 * * 1-5", tz="America/New_York")
+    made = s.put_schedule("report", spec, utc(2026, 3, 6, 15))  # Friday, 10:00 EST
+    assert made["next_at"] == utc(2026, 3, 9, 13, 30)  # Monday, 09:30 EDT
+    assert s.next_due() == made["next_at"]
+    assert s.tend(utc(2026, 3, 9, 13, 30))["fired"] == 1
+    assert s.schedules()["report"]["next_at"] == utc(2026, 3, 10, 13, 30)
+    [job] = s.claim("w", 30, 1, utc(2026, 3, 9, 13, 31))
+    assert job["id"] == f"report@{int(utc(2026, 3, 9, 13, 30))}"
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        (ScheduleRequest(1), "either"),
+        (ScheduleRequest(1, every=5, cron="* * * * *"), "either"),
+        (ScheduleRequest(1, cron="* * * * * *"), "five fields"),
+        (ScheduleRequest(1, cron="61 * * * *"), "bad cron"),
+        (ScheduleRequest(1, cron="0 0 31 2 *"), "bad cron"),
+        (ScheduleRequest(1, cron="* * * * *", tz="Mars/Olympus"), "time zone"),
+        (ScheduleRequest(1, every=5, tz="UTC"), "tz"),
+    ],
+)
+def test_a_bad_schedule_is_refused_and_changes_nothing(spec: ScheduleRequest, says: str) -> None:
+    s = fresh()
+    before = orjson.dumps(s.head)
+    with pytest.raises(InvalidRequest, match=says):
+        s.put_schedule("s", spec, T0)
+    assert orjson.dumps(s.head) == before
+
+
+# --- the state machine ------------------------------------------------------------------
+
+
+def test_a_schedule_fires_each_slot_once_with_the_slot_in_its_id() -> None:
+    s = fresh()
+    made = s.put_schedule("tick", every(10, {"x": 1}, priority=3, max_attempts=2), T0 + 1)
+    assert made["next_at"] == T0 + 10
+    assert s.next_due() == T0 + 10
+    assert s.tend(T0 + 9.9)["fired"] == 0
+    assert s.tend(T0 + 10)["fired"] == 1
+    assert s.tend(T0 + 10.5)["fired"] == 0  # the same slot: not again
+    s = reread(s, T0 + 10.5)
+    assert s.tend(T0 + 20.1)["fired"] == 1
+    jobs = s.claim("w", 30, 10, T0 + 21)
+    assert [j["id"] for j in jobs] == [f"tick@{int(T0) + 10}", f"tick@{int(T0) + 20}"]
+    assert (jobs[0]["payload"], jobs[0]["priority"], jobs[0]["max_attempts"]) == ({"x": 1}, 3, 2)
+    kept = s.schedules()["tick"]
+    assert (kept["last_slot"], kept["last_fired_at"], kept["next_at"]) == (
+        T0 + 20,
+        T0 + 20.1,
+        T0 + 30,
+    )
+
+
+def test_next_due_is_the_sooner_of_a_lease_expiry_and_a_slot() -> None:
+    s = fresh()
+    s.put_schedule("tick", every(10), T0)
+    s.enqueue([JobSpec(1)], T0)
+    s.claim("w", 5, 1, T0)
+    assert s.next_due() == T0 + 5
+    s.tend(T0 + 6)
+    assert s.next_due() == T0 + 10
+
+
+def test_after_downtime_only_the_latest_missed_slot_fires() -> None:
+    s = fresh()
+    s.put_schedule("tick", every(10), T0)
+    s.tend(T0 + 10)
+    assert s.tend(T0 + 75)["fired"] == 1  # slots 20 .. 70 missed: one job, for 70
+    ids = [j["id"] for j in s.claim("w", 30, 10, T0 + 75)]
+    assert ids == [f"tick@{int(T0) + 10}", f"tick@{int(T0) + 70}"]
+    assert s.schedules()["tick"]["next_at"] == T0 + 80
+
+
+def test_replacing_a_schedule_never_fires_a_slot_it_fired_again() -> None:
+    s = fresh()
+    s.put_schedule("tick", every(10), T0)
+    s.tend(T0 + 10)
+    # Replaced by a writer whose clock is behind the slot it fired.
+    again = s.put_schedule("tick", every(10, "new"), T0 + 5)
+    assert again["next_at"] == T0 + 20
+    assert s.tend(T0 + 10)["fired"] == 0
+
+
+def test_a_deleted_schedule_fires_no_more() -> None:
+    s = fresh()
+    s.put_schedule("tick", every(10), T0)
+    s.delete_schedule("tick")
+    assert s.next_due() is None and "schedules" not in s.head
+    assert s.tend(T0 + 100)["fired"] == 0
+    before = orjson.dumps(s.head)
+    with pytest.raises(ScheduleNotFound):
+        s.delete_schedule("tick")
+    assert orjson.dumps(s.head) == before
+
+
+def test_schedules_are_bounded_in_number_and_bytes() -> None:
+    s = fresh(schedules_max=3, schedules_bytes=600)
+    for n in range(3):
+        s.put_schedule(f"s{n}", every(60), T0)
+    with pytest.raises(InvalidRequest, match="the most"):
+        s.put_schedule("s3", every(60), T0)
+    s.put_schedule("s0", every(30), T0)  # replacing one is fine
+    with pytest.raises(InvalidRequest, match="bytes"):
+        s.put_schedule("s1", every(60, "x" * 500), T0)
+    assert len(reread(s, T0).schedules()) == 3
+
+
+def test_a_slot_that_cannot_be_enqueued_is_skipped_with_its_reason() -> None:
+    s = fresh(lanes_max=1)
+    s.enqueue([JobSpec(1)], T0)  # priority 0 takes the only lane
+    s.put_schedule("urgent", every(10, priority=9), T0)
+    assert s.tend(T0 + 10)["fired"] == 0  # it raises nothing: the tend goes on
+    kept = s.schedules()["urgent"]
+    assert "not enqueued" in kept["last_error"]
+    assert kept["next_at"] == T0 + 20
+
+
+# --- through a broker -----------------------------------------------------------------------
+
+
+async def test_schedules_over_http_and_the_sdk(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore())
+    t = broker.url + "/topics/t"
+    async with aiohttp.ClientSession() as s:
+        body = {"cron": "0 9 * * 1-5", "tz": "Europe/Paris", "payload": {"r": 1}}
+        async with s.put(t + "/schedules/report", json=body) as r:
+            assert r.status == 200
+            made = await r.json()
+        assert made["name"] == "report" and made["next_at"] > time.time()
+        assert datetime.fromtimestamp(made["next_at"], UTC).minute == 0
+        async with s.put(t + "/schedules/bad name", json=body) as r:
+            assert r.status == 400
+        async with s.put(t + "/schedules/x", json={"every": 0, "payload": 1}) as r:
+            assert r.status == 400
+        async with s.delete(t + "/schedules/nope") as r:
+            assert (r.status, (await r.json())["reason"]) == (404, "no_schedule")
+    async with Client(broker.url, topic="t") as q:
+        tick = await q.schedule("tick", "hi", every=60)
+        assert tick.next_at % 60 == 0 and tick.last_fired_at is None
+        assert [x.name for x in await q.schedules()] == ["report", "tick"]
+        await q.unschedule("report")
+        with pytest.raises(ScheduleNotFound):
+            await q.unschedule("report")
+        assert [x.name for x in await q.schedules()] == ["tick"]
+
+
+async def consume(q: Client, seen: list[str], until: float) -> None:
+    """Claim and ack whatever comes until the loop clock passes `until`."""
+    loop = asyncio.get_running_loop()
+    while (left := until - loop.time()) > 0:
+        for job in await q.claim_many("consumer", 10, wait=min(left, 1.0)):
+            seen.append(job.id)
+            await q.ack(job)
+
+
+def slots_of(ids: list[str], name: str = "tick") -> list[int]:
+    assert all(i.startswith(f"{name}@") for i in ids), ids
+    return [int(i.split("@")[1]) for i in ids]
+
+
+async def test_two_brokers_fire_each_slot_exactly_once(start_broker: StartBroker) -> None:
+    """Records expire after a second here, so a slot fired twice would be a
+    second job, not a duplicate. The broker that is not the owner tends the
+    topic over and over too, as one that takes itself for the owner would."""
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, policy=Policy(retention=1.0))
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    seen: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    async def meddle(until: float) -> None:
+        while loop.time() < until:
+            await other.engine.tend("t")
+            await asyncio.sleep(0.01)
+
+    async with Client(other.url, topic="t") as q:
+        made = await q.schedule("tick", {"n": 1}, every=1)
+        until = loop.time() + 5.5
+        await asyncio.gather(consume(q, seen, until), meddle(until))
+        counts = await q.status()
+    slots = slots_of(seen)
+    assert len(slots) >= 4
+    assert slots[0] == made.next_at
+    assert [b - a for a, b in itertools.pairwise(slots)] == [1] * (len(slots) - 1)
+    assert counts["enqueued"] == len(slots)  # no second job for any slot
+    assert owner.duties.fired >= 1
+
+
+async def test_after_downtime_one_catch_up_job_then_every_slot(start_broker: StartBroker) -> None:
+    store = MemStore()
+    first = await start_broker(store, broker_id="first")
+    seen: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with Client(first.url, topic="t") as q:
+        await q.schedule("tick", 1, every=1)
+        await consume(q, seen, loop.time() + 2.5)
+    await first.stop()
+    stopped_at = time.time()
+    await asyncio.sleep(3.5)  # the downtime: nobody fires
+    restarted_at = time.time()
+    later = await start_broker(store, broker_id="later")
+    async with Client(later.url, topic="t") as q:
+        await consume(q, seen, loop.time() + 2.5)
+    slots = slots_of(seen)
+    steps = [b - a for a, b in itertools.pairwise(slots)]
+    # Every slot while a broker ran; over the downtime one jump, not one job
+    # per missed slot: the job after it is the one catch-up, for the latest
+    # slot when the next broker took over.
+    jumps = [n for n, step in enumerate(steps) if step != 1]
+    assert len(jumps) == 1, slots
+    before, caught_up = slots[jumps[0]], slots[jumps[0] + 1]
+    assert before <= stopped_at + 1 and caught_up - before >= 3
+    assert restarted_at - 1 <= caught_up <= restarted_at + 2
+
+
+async def test_a_broker_killed_mid_run_never_makes_a_slot_fire_twice(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    """Two broker processes on one directory; the schedule's owner is SIGKILLed
+    mid-run and started again. Records expire after a second, so a slot fired
+    twice would show as a second job."""
+    flags = ["--dir", str(tmp_path), "--broker-lease", "1.5", "--retention", "1"]
+    a, b = broker_process(*flags), broker_process(*flags)
+    seen: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as s:
+        async with s.put(f"{a.url}/topics/t/schedules/tick", json={"every": 1, "payload": 1}) as r:
+            assert r.status == 200
+            owner_url = r.headers["Simplequeue-Owner"]
+        owner, survivor = (a, b) if owner_url == a.url else (b, a)
+
+        async def consume_via(url: str, until: float) -> None:
+            while (left := until - loop.time()) > 0:
+                body = {"worker_id": "c", "count": 10, "wait": min(left, 1.0)}
+                async with s.post(f"{url}/topics/t/claim", json=body) as r:
+                    if r.status != 200:
+                        continue
+                    jobs = (await r.json())["jobs"]
+                for job in jobs:
+                    seen.append(job["id"])
+                    ack = {"job_id": job["id"], "lease_token": job["lease_token"]}
+                    async with s.post(f"{url}/topics/t/ack", json=ack) as r:
+                        assert r.status == 200
+
+        await consume_via(survivor.url, loop.time() + 3)
+        owner.kill()
+        await consume_via(survivor.url, loop.time() + 4)
+        back = broker_process(*flags)
+        await consume_via(back.url, loop.time() + 3)
+        async with s.get(f"{survivor.url}/topics/t/status") as r:
+            counts = await r.json()
+    slots = slots_of(seen)
+    assert [n for n in Counter(slots).values() if n > 1] == []
+    assert slots == sorted(slots) and len(slots) >= 5
+    assert counts["enqueued"] == len(slots) == counts["completed"]
+
+
+async def test_a_broker_that_takes_topics_over_fires_their_schedules(
+    start_broker: StartBroker,
+) -> None:
+    """The schedule was written before this broker started: it learns of it by
+    reading the heads it owns, once."""
+    store: ObjectStore = MemStore()
+    first = await start_broker(store, broker_id="first")
+    async with Client(first.url, topic="t") as q:
+        await q.schedule("tick", 1, every=1)
+    await first.stop()
+    later = await start_broker(store, broker_id="later")
+    async with Client(later.url, topic="t") as q:
+        job = await q.claim("w", wait=5)
+    assert job is not None and job.id.startswith("tick@")
+    assert later.duties.fired >= 1

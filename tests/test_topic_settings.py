@@ -1,0 +1,246 @@
+"""Topic settings (SPEC 12): a token bucket (rate, burst) and max_claimed that
+every claim obeys at the commit point, and defaults for lease and attempts. In
+the state machine, through the API, and checked by history with many callers
+on two brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from simplequeue.api import JobSpec, SettingsRequest
+from simplequeue.broker import engine as engine_module
+from simplequeue.client import Client
+from simplequeue.objstore.memfs import MemStore
+from tests.helpers.states import fresh, reread
+from tests.test_ownership import cluster
+
+T0 = 1_000_000.0
+StartBroker = Callable[..., Awaitable[Any]]
+
+
+def jobs(n: int) -> list[JobSpec]:
+    return [JobSpec(i, id=f"j{i}") for i in range(n)]
+
+
+# --- the state machine ------------------------------------------------------------------
+
+
+def test_max_claimed_caps_the_jobs_claimed_at_once() -> None:
+    s = fresh()
+    s.enqueue(jobs(10), T0)
+    s.put_settings(SettingsRequest(max_claimed=3), T0)
+    held = s.claim("w", 30, 5, T0)
+    assert len(held) == 3
+    s.dirty = False
+    assert s.claim("w", 30, 5, T0) == [] and s.dirty is False
+    s.ack(held[0]["id"], held[0]["lease_token"], None, T0)
+    assert len(s.claim("w", 30, 5, T0)) == 1
+    s.put_settings(SettingsRequest(max_claimed=0), T0)  # 0: paused
+    s.ack(held[1]["id"], held[1]["lease_token"], None, T0)
+    assert s.claim("w", 30, 5, T0) == []
+    s.put_settings(SettingsRequest(max_claimed=None), T0)  # removed: no limit
+    assert len(s.claim("w", 30, 10, T0)) == 6
+
+
+def test_the_rate_is_a_token_bucket_that_starts_full() -> None:
+    s = fresh()
+    s.enqueue(jobs(50), T0)
+    s.put_settings(SettingsRequest(rate=2.0, burst=3), T0)
+    assert len(s.claim("w", 30, 10, T0)) == 3
+    assert s.claim("w", 30, 10, T0 + 0.4) == []
+    assert s.token_wait(T0 + 0.4) == pytest.approx(0.1)
+    s = reread(s, T0 + 0.4)  # the bucket lives in the head
+    assert len(s.claim("w", 30, 10, T0 + 0.5)) == 1
+    assert s.token_wait(T0 + 0.5) == pytest.approx(0.5)
+    assert len(s.claim("w", 30, 10, T0 + 100)) == 3  # never more than the burst
+    assert s.token_wait(T0 + 100) is not None and s.claimable(T0 + 101) == 2
+
+
+def test_the_burst_defaults_to_a_seconds_worth_of_claims() -> None:
+    s = fresh()
+    s.enqueue(jobs(20), T0)
+    s.put_settings(SettingsRequest(rate=4.5), T0)
+    assert s.burst() == 5
+    assert len(s.claim("w", 30, 20, T0)) == 5
+    s.put_settings(SettingsRequest(rate=None), T0)
+    assert "bucket" not in s.head and s.token_wait(T0) is None
+    assert len(s.claim("w", 30, 20, T0)) == 15
+
+
+def test_a_writer_whose_clock_is_behind_gets_no_tokens_it_has_not_earned() -> None:
+    s = fresh()
+    s.enqueue(jobs(20), T0)
+    s.put_settings(SettingsRequest(rate=1.0, burst=1), T0)
+    assert len(s.claim("w", 30, 5, T0 + 10)) == 1  # a writer 10 s ahead
+    assert s.claim("w", 30, 5, T0 + 1) == []  # one behind it: no refill before T0 + 11
+    assert len(s.claim("w", 30, 5, T0 + 11)) == 1
+
+
+def test_defaults_for_lease_and_attempts_apply_where_a_request_names_none() -> None:
+    s = fresh(default_lease=30, max_attempts=5)
+    s.put_settings(SettingsRequest(lease=7.0, max_attempts=2), T0)
+    s.enqueue([JobSpec(1, id="a"), JobSpec(2, id="b", max_attempts=9)], T0)
+    a, b = s.claim("w", None, 2, T0)
+    assert (a["lease_expires_at"], a["max_attempts"], b["max_attempts"]) == (T0 + 7, 2, 9)
+    [c] = s.enqueue([JobSpec(3, id="c")], T0) and s.claim("w", 60, 1, T0)
+    assert c["lease_expires_at"] == T0 + 60  # a claim that names its lease keeps it
+    s.put_settings(SettingsRequest(lease=None, max_attempts=None), T0)
+    assert "settings" not in s.head
+    s.enqueue([JobSpec(4, id="d")], T0)
+    [d] = s.claim("w", None, 1, T0)
+    assert (d["lease_expires_at"], d["max_attempts"]) == (T0 + 30, 5)
+
+
+def test_fields_left_out_stay_as_they_are() -> None:
+    s = fresh()
+    s.put_settings(SettingsRequest(rate=5.0, max_claimed=2), T0)
+    s.put_settings(SettingsRequest(burst=1), T0)
+    assert reread(s, T0).settings() == {"rate": 5.0, "max_claimed": 2, "burst": 1}
+
+
+# --- through a broker -----------------------------------------------------------------------
+
+
+async def test_settings_over_http_and_the_sdk(start_broker: StartBroker) -> None:
+    broker = await start_broker(MemStore())
+    t = broker.url + "/topics/t/settings"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(t) as r:
+            assert (r.status, await r.json()) == (
+                200,
+                {
+                    "rate": None,
+                    "burst": None,
+                    "max_claimed": None,
+                    "lease": None,
+                    "max_attempts": None,
+                },
+            )
+        async with s.put(t, json={"rate": 10, "max_claimed": 4}) as r:
+            assert (await r.json())["burst"] == 10
+        for bad in ({"rate": 0}, {"max_claimed": -1}, {"lease": "long"}, {"speed": 1}):
+            async with s.put(t, json=bad) as r:
+                assert r.status == 400, bad
+    async with Client(broker.url, topic="t") as q:
+        assert (await q.settings())["max_claimed"] == 4
+        changed = await q.settings(rate=None, lease=12.5)
+        assert changed == {
+            "rate": None,
+            "burst": None,
+            "max_claimed": 4,
+            "lease": 12.5,
+            "max_attempts": None,
+        }
+        await q.enqueue("x")
+        job = await q.claim("w")
+        assert job is not None and job.lease_expires_at == pytest.approx(job.claimed_at + 12.5)
+
+
+async def claimers(
+    urls: list[str], callers: int, seconds: float, hold: Callable[[], float]
+) -> tuple[list[dict[str, Any]], int]:
+    """`callers` callers, each claiming through one of `urls` in turn (count
+    1-3, some long-polling) and acking each job after holding it `hold()`
+    seconds, for `seconds`. Every job claimed, and how many claims got none."""
+    got: list[dict[str, Any]] = []
+    refused = 0
+    rng = random.Random(7)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    async with aiohttp.ClientSession() as s:
+
+        async def caller(n: int) -> None:
+            nonlocal refused
+            for url in itertools.cycle(urls[n % len(urls) :] + urls[: n % len(urls)]):
+                if loop.time() >= until:
+                    return
+                body = {
+                    "worker_id": f"w{n}",
+                    "count": rng.randint(1, 3),
+                    "wait": rng.choice([0, 0.3]),
+                }
+                async with s.post(f"{url}/topics/t/claim", json=body) as r:
+                    if r.status == 404:
+                        refused += 1
+                        continue
+                    assert r.status == 200
+                    claimed = (await r.json())["jobs"]
+                got.extend(claimed)
+                for job in claimed:
+                    await asyncio.sleep(hold())
+                    ack = {"job_id": job["id"], "lease_token": job["lease_token"]}
+                    async with s.post(f"{url}/topics/t/ack", json=ack) as r:
+                        assert r.status == 200
+
+        await asyncio.gather(*(caller(n) for n in range(callers)))
+    return got, refused
+
+
+async def test_many_callers_on_two_brokers_never_beat_the_rate(start_broker: StartBroker) -> None:
+    """History: every claim's commit time (claimed_at, on the store's clock the
+    bucket runs on). Over any stretch [t_i, t_j] between two claims, no more
+    than burst + rate x (t_j - t_i) jobs were claimed."""
+    rate, burst = 8.0, 3
+    brokers = await cluster(start_broker, MemStore(), 2)
+    async with Client(brokers[0].url, topic="t") as q:
+        await q.enqueue_many([{"id": f"j{i}", "payload": i} for i in range(200)])
+        await q.settings(rate=rate, burst=burst)
+    got, refused = await claimers([b.url for b in brokers], 12, 3.0, lambda: 0.0)
+    times = sorted(j["claimed_at"] for j in got)
+    assert len({j["id"] for j in got}) == len(got)
+    for i, start in enumerate(times):
+        for j in range(i, len(times)):
+            assert j - i + 1 <= burst + rate * (times[j] - start) + 1e-6, (i, j, times)
+    assert refused > 0  # the limit held callers back
+
+
+async def test_many_callers_on_two_brokers_never_hold_more_than_max_claimed(
+    start_broker: StartBroker,
+) -> None:
+    """History: each job's claim and ack times (claimed_at, and its record's
+    finished_at: the commits' own times). At no instant are more than
+    max_claimed jobs held."""
+    limit = 3
+    brokers = await cluster(start_broker, MemStore(), 2)
+    async with Client(brokers[1].url, topic="t") as q:
+        await q.enqueue_many([{"id": f"j{i}", "payload": i} for i in range(300)])
+        await q.settings(max_claimed=limit)
+        rng = random.Random(3)
+        got, refused = await claimers(
+            [b.url for b in brokers], 10, 2.5, lambda: rng.uniform(0, 0.05)
+        )
+        spans = [(j["claimed_at"], (await q.job(j["id"])).finished_at) for j in got]
+    assert refused > 0 and len(got) > limit
+    starts = sorted(s for s, _ in spans)
+    ends = sorted(e for _, e in spans)
+    for t in starts:  # the number held just after each claim
+        held = bisect.bisect_right(starts, t) - bisect.bisect_right(ends, t)
+        assert held <= limit, t
+
+
+async def test_a_long_poll_under_a_rate_waits_for_the_next_token(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It wakes when the token is due, not when a commit or the store poll
+    (made 30 s here) would wake it."""
+    monkeypatch.setattr(engine_module, "POLL_INTERVAL", 30.0)
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as q:
+        await q.enqueue_many(["a", "b"])
+        await q.settings(rate=1.0, burst=1)
+        assert await q.claim("w") is not None
+        assert await q.claim("w") is None  # no token: a claim without wait gets nothing
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        job = await q.claim("w", wait=8)
+        waited = loop.time() - asked
+    assert job is not None
+    assert waited < 4  # the token was due within a second; 8 without the wake
