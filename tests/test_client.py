@@ -366,18 +366,12 @@ async def test_result_of_a_dead_job_raises_job_failed_with_its_last_error(q: Cli
     assert (caught.value.job_id, caught.value.last_error) == ("a", "out of paper")
 
 
-async def test_result_of_a_cancelled_job_raises_job_cancelled(
-    watched: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    broker, _, q, _ = watched
-
-    async def cancelled(topic: str, job_id: str, wait: float = 0.0) -> dict[str, Any]:
-        return {"id": job_id, "status": "cancelled", "result": None, "last_error": None}
-
-    monkeypatch.setattr(broker.engine, "job", cancelled)  # as the broker records one (SPEC 10)
-    with pytest.raises(JobCancelled) as caught:
-        await q.result("a", timeout=5)
-    assert caught.value.job_id == "a"
+async def test_result_of_a_cancelled_job_raises_job_cancelled(q: Client) -> None:
+    await q.enqueue("x", id="a")
+    waiting = asyncio.ensure_future(q.result("a", timeout=10))
+    await q.cancel(["a"])  # while the result is waited for (SPEC 10)
+    with pytest.raises(JobCancelled, match="'a'"):
+        await waiting
 
 
 async def test_result_raises_timeout_error_when_the_job_is_still_unfinished(q: Client) -> None:
