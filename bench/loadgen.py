@@ -639,6 +639,82 @@ async def arq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def pgqueuer_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh database of the PostgreSQL at `dsn`, with pgqueuer's schema:
+    enqueue `n` no-op jobs one per call (`Queries.enqueue`) from `concurrency` tasks
+    over an asyncpg pool of as many connections, then run a QueueManager in drain
+    mode with at most `worker_concurrency` jobs picked at once, until the queue is
+    empty and every completion is logged."""
+    import asyncpg
+    from pgqueuer.db import AsyncpgDriver, AsyncpgPoolDriver
+    from pgqueuer.models import Job as PgJob
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.queries import Queries
+    from pgqueuer.types import QueueExecutionMode
+
+    n, c, wc = int(cfg["n"]), int(cfg["concurrency"]), int(cfg["worker_concurrency"])
+    admin_dsn, database = cfg["dsn"], cfg["database"]
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await admin.close()
+    dsn = admin_dsn.rsplit("/", 1)[0] + "/" + database
+    setup = await asyncpg.connect(dsn)
+    try:
+        await Queries(AsyncpgDriver(setup)).install()
+        # pgqueuer's default durability ("durable"): every table logged (WAL). A
+        # PGQUEUER_DURABILITY in the environment could make some UNLOGGED: refuse.
+        unlogged = await setup.fetch(
+            "SELECT relname FROM pg_class WHERE relname LIKE 'pgqueuer%' "
+            "AND relkind = 'r' AND relpersistence <> 'p'"
+        )
+        if unlogged:
+            raise RuntimeError(f"unlogged pgqueuer tables: {[r['relname'] for r in unlogged]}")
+    finally:
+        await setup.close()
+    async with asyncpg.create_pool(dsn, min_size=c, max_size=c) as pool:
+        queries = Queries(AsyncpgPoolDriver(pool))
+        bodies = [orjson.dumps(payload(i)) for i in range(n)]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await run_tasks(n, c, lambda i: queries.enqueue("noop", bodies[i]))
+        cpu1, t1 = time.process_time(), time.perf_counter()
+        done = 0
+        conn = await asyncpg.connect(dsn)
+        try:
+            qm = QueueManager(Queries(AsyncpgDriver(conn)))
+
+            @qm.entrypoint("noop")
+            async def noop(job: PgJob) -> None:
+                nonlocal done
+                done += 1
+
+            await asyncio.wait_for(
+                qm.run(
+                    batch_size=wc // 2,  # the largest its max_concurrent_tasks allows
+                    max_concurrent_tasks=wc,
+                    mode=QueueExecutionMode.drain,
+                ),
+                timeout=600,
+            )
+        finally:
+            await conn.close()
+        cpu2, t2 = time.process_time(), time.perf_counter()
+        left = await pool.fetchval("SELECT count(*) FROM pgqueuer")
+        logged = await pool.fetchval(
+            "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'"
+        )
+    return {
+        "enqueue_s": t1 - t0,
+        "process_s": t2 - t1,
+        "enqueue_cpu": cpu1 - cpu0,
+        "process_cpu": cpu2 - cpu1,
+        "processed": done,
+        "left": left,
+        "logged": logged,
+    }
+
+
 # --- the command loop -----------------------------------------------------------------------
 
 ASYNC_COMMANDS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
@@ -652,6 +728,7 @@ ASYNC_COMMANDS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]
     "resp": resp_round,
     "sq_e2e": sq_e2e,
     "arq_e2e": arq_e2e,
+    "pgqueuer_e2e": pgqueuer_e2e,
 }
 SYNC_COMMANDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"huey_e2e": huey_e2e}
 

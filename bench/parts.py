@@ -35,10 +35,12 @@ from bench.report import Section, Target, ms, num, pct, ratio, table
 from bench.s3latency import part_s3_latency
 from bench.servers import (
     Server,
+    postgres_bindir,
     redis_server_path,
     resp_available,
     start_ceiling,
     start_localstack,
+    start_postgres,
     start_redis,
     start_simplequeued,
 )
@@ -306,19 +308,22 @@ def part_http(plan: Plan, ctx: Context) -> Section:
     return section
 
 
-# --- 2. End to end against Huey and arq -----------------------------------------------------
+# --- 2. End to end against Huey, arq and pgqueuer ----------------------------------------------
 
 E2E_SYSTEMS = {
     "simplequeue": "simplequeued, localfs (fsync per batch)",
     "huey": "SQLite (WAL, synchronous=FULL)",
     "arq": "redis-server (AOF, fsync every second)",
+    "pgqueuer": "PostgreSQL {version} (fsync, synchronous_commit=on: WAL flushed per commit)",
 }
+E2E_RIVALS = ("huey", "arq", "pgqueuer")
 
 
 def part_e2e(plan: Plan, ctx: Context) -> Section:
     """`e2e_jobs` no-op jobs enqueued one per call, then processed by each system's
     worker, rounds interleaved: simplequeue's Worker as it is (batch claims with a
-    prefetch buffer, batched acks), Huey on SQLite, arq on Redis."""
+    prefetch buffer, batched acks), Huey on SQLite, arq on Redis, pgqueuer on
+    PostgreSQL."""
     n = plan.e2e_jobs
     results: dict[str, list[tuple[dict[str, Any], float, float]]] = defaultdict(list)
     common = {
@@ -331,6 +336,13 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
         redis: Server | None = None
         if redis_server_path():
             redis = stack.enter_context(start_redis(ctx.tmp / "redis"))
+        pg: Server | None = None
+        if postgres_bindir():
+            pg = stack.enter_context(start_postgres(ctx.logs))
+            ctx.log(
+                f"part 2: PostgreSQL {pg.extra['version']} on {pg.url}"
+                + (f", run as {pg.extra['user']}" if pg.extra["user"] else "")
+            )
         for r in range(plan.e2e_rounds):
             for system in E2E_SYSTEMS:
                 if system == "simplequeue":
@@ -338,8 +350,17 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
                 elif system == "huey":
                     db = ctx.tmp / f"huey-{r}.db"
                     got = timed_call(ctx.gen, None, "huey_e2e", db=str(db), **common)
-                elif redis is not None:
+                elif system == "arq" and redis is not None:
                     got = timed_call(ctx.gen, redis, "arq_e2e", port=redis.extra["port"], **common)
+                elif system == "pgqueuer" and pg is not None:
+                    got = timed_call(
+                        ctx.gen,
+                        pg,
+                        "pgqueuer_e2e",
+                        dsn=pg.extra["dsn"],
+                        database=f"e2e_{r}",
+                        **common,
+                    )
                 else:
                     continue
                 results[system].append(got)
@@ -348,6 +369,7 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
                     f"part 2: round {r + 1}/{plan.e2e_rounds} {system}: enqueue "
                     f"{answer['enqueue_s']:.2f} s, process {answer['process_s']:.2f} s, "
                     f"{answer['processed']} processed"
+                    + (f", {answer['left']} left in the queue" if "left" in answer else "")
                 )
 
     def total(system: str, key: str) -> float:
@@ -360,7 +382,10 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
     for system in results:
         for a, _, _ in results[system]:
             a["total_s"] = a["enqueue_s"] + a["process_s"]
-    rivals = [s for s in ("huey", "arq") if results[s]]
+    rivals = [s for s in E2E_RIVALS if results[s]]
+    stores = {**E2E_SYSTEMS}
+    if pg is not None:
+        stores["pgqueuer"] = stores["pgqueuer"].format(version=pg.extra["version"])
     best = max(rivals, key=lambda s: rate(s, "total_s")) if rivals else None
     rows = []
     for system in results:
@@ -372,7 +397,7 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
         rows.append(
             [
                 system,
-                E2E_SYSTEMS[system],
+                stores[system],
                 num(rate(system, "enqueue_s")),
                 num(rate(system, "process_s")),
                 num(rate(system, "total_s")),
@@ -382,7 +407,7 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
                 pct(srv_cpu) if system not in ("huey",) else "(in process)",
             ]
         )
-    section = Section("2. End to end through the SDK Worker, against Huey and arq")
+    section = Section("2. End to end through the SDK Worker, against Huey, arq and pgqueuer")
     section.lines += table(
         [
             "system",
@@ -401,15 +426,26 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
         "",
         f"{plan.e2e_rounds} rounds of {n:,} no-op jobs per system, systems alternating. "
         f"Enqueue: one job per call, {plan.e2e_producers} in flight (asyncio tasks; threads "
-        f"for Huey). Process: each system's own worker with {plan.e2e_workers} jobs in flight "
+        f"for Huey; for pgqueuer, `Queries.enqueue` over an asyncpg pool of "
+        f"{plan.e2e_producers} connections). Process: each system's own worker with "
+        f"{plan.e2e_workers} jobs in flight "
         "(simplequeue `Worker(concurrency=16)` with its defaults: batch claims, a prefetch "
         "buffer of 32 more claimed jobs, acks batched; Huey's thread consumer with 16 "
-        "workers; arq `Worker(max_jobs=16, burst=True, poll_delay=0.005)`), until every job "
-        "is done as that system defines it (acked; Huey: returned). Huey runs in the "
-        "generator process (SQLite is a library), so its CPU is all in the generator column.",
+        "workers; arq `Worker(max_jobs=16, burst=True, poll_delay=0.005)`; pgqueuer "
+        "`QueueManager.run(max_concurrent_tasks=16, batch_size=8, mode=drain)` on one "
+        "asyncpg connection, the largest batch its cap allows, completions logged in "
+        "batches), until every job is done as that system defines it (acked; Huey: "
+        "returned; pgqueuer: its row deleted and a `successful` log row written). Huey "
+        "runs in the generator process (SQLite is a library), so its CPU is all in the "
+        "generator column. PostgreSQL's server CPU is the postmaster's and all its "
+        "processes' (a backend per connection, the WAL writer, the checkpointer); each "
+        "pgqueuer round runs in a fresh database with pgqueuer's schema installed, as "
+        "Huey's gets a fresh SQLite file and arq a flushed Redis.",
     ]
     if redis is None and not results["arq"]:
         section.lines.append("- arq: skipped, no redis-server on this machine")
+    if pg is None and not results["pgqueuer"]:
+        section.lines.append("- pgqueuer: skipped, no PostgreSQL on this machine")
     if best and results["simplequeue"]:
         x = rate("simplequeue", "total_s") / rate(best, "total_s")
         section.targets.append(

@@ -1,13 +1,14 @@
-"""The benchmark of issue 8: simplequeue against a bare aiohttp ceiling, Huey, arq
-and SQS's price, on this machine, every comparison a ratio measured in the same run.
+"""The benchmark of issue 8: simplequeue against a bare aiohttp ceiling, Huey, arq,
+pgqueuer and SQS's price, on this machine, every comparison a ratio measured in the
+same run.
 
 Parts: 1 HTTP (localfs) against the ceiling; 2 end to end through the SDK Worker
-against Huey (SQLite) and arq (Redis); 3 depth (1k, 10k, 100k pending); 4 store
-requests and dollars per job on LocalStack S3; 5 the RESP listener against HTTP;
-6 a topic with 100k jobs pending and 100k in flight against an empty one; 7 a topic
-with 1M retained records against one with 1k (SPEC section 4.1's first two figures);
-8 LocalStack behind a proxy adding S3's latency, one broker against three.
-Prints markdown; a full run of every part also writes bench/RESULTS.md. Run it
+against Huey (SQLite), arq (Redis) and pgqueuer (PostgreSQL); 3 depth (1k, 10k,
+100k pending); 4 store requests and dollars per job on LocalStack S3; 5 the RESP
+listener against HTTP; 6 a topic with 100k jobs pending and 100k in flight against
+an empty one; 7 a topic with 1M retained records against one with 1k (SPEC section
+4.1's first two figures); 8 LocalStack behind a proxy adding S3's latency, one
+broker against three. Prints markdown; a full run of every part also writes bench/RESULTS.md. Run it
 through bin/bench, which installs what it needs:
 
     bin/bench [--quick] [--parts 1,3] [--out PATH] [--keep] [--profile]
@@ -31,7 +32,7 @@ from bench.servers import REPO
 BENCH_DIR = REPO / "bench"
 PART_NAMES = {
     1: "HTTP against the ceiling",
-    2: "end to end against Huey and arq",
+    2: "end to end against Huey, arq and pgqueuer",
     3: "depth",
     4: "cost on LocalStack S3",
     5: "RESP against HTTP",

@@ -1,8 +1,8 @@
 """The servers a benchmark runs against, each a child process started and stopped by PID.
 
 simplequeued (localfs or s3, optionally with its RESP listener), the bare aiohttp
-ceiling (bench/ceiling.py), Debian's redis-server, LocalStack's S3 and the
-latency-injecting proxy in front of it (bench/s3proxy.py). Every
+ceiling (bench/ceiling.py), Debian's redis-server and PostgreSQL, LocalStack's S3
+and the latency-injecting proxy in front of it (bench/s3proxy.py). Every
 `start_*` is a context manager whose exit stops what it started, whatever happened;
 nothing here ever signals a process it did not start.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import selectors
 import shutil
@@ -18,10 +19,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -278,6 +281,151 @@ def start_redis(data_dir: Path) -> Iterator[Server]:
         yield Server("redis", proc, f"redis://127.0.0.1:{port}", {"port": str(port)})
     finally:
         stop_process(proc)
+
+
+def postgres_bindir() -> Path | None:
+    """Where postgres, initdb and pg_isready are: Debian's newest
+    /usr/lib/postgresql/VERSION/bin (off the PATH), else postgres's directory on
+    the PATH; None when PostgreSQL is not installed."""
+    found = []
+    for binary in Path("/usr/lib/postgresql").glob("*/bin/postgres"):
+        with contextlib.suppress(ValueError):
+            found.append((tuple(int(p) for p in binary.parent.parent.name.split(".")), binary))
+    if found:
+        return max(found)[1].parent
+    on_path = shutil.which("postgres")
+    return Path(on_path).parent if on_path else None
+
+
+def _postgres_user() -> tuple[str, int, int] | None:
+    """Whom initdb and postgres run as: ourselves (None), unless we are root, which
+    both refuse; then Debian's `postgres` system user, or nobody where there is none."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            return name, entry.pw_uid, entry.pw_gid
+    raise RuntimeError("running as root, and no postgres or nobody user to run PostgreSQL as")
+
+
+@dataclass
+class PostgresServer(Server):
+    """A postmaster: it forks a backend per connection and helpers (checkpointer,
+    WAL writer...), so its CPU is theirs too."""
+
+    def cpu_seconds(self) -> float:
+        """The postmaster's CPU, the children it has reaped (backends of closed
+        connections), and its live children's, so far."""
+        try:
+            parent = psutil.Process(self.proc.pid)
+            t = parent.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in parent.children():
+                with contextlib.suppress(psutil.Error):
+                    c = child.cpu_times()
+                    total += c.user + c.system
+        except psutil.Error:
+            return 0.0
+        return float(total)
+
+
+# What part 2 runs PostgreSQL with, besides the defaults. fsync and synchronous_commit
+# are on by default; they are spelled out because they are the durability compared:
+# every commit waits for its WAL to be flushed (fdatasync), concurrent commits share
+# a flush. full_page_writes (on) keeps a torn page from corrupting the data.
+POSTGRES_SETTINGS = {
+    "listen_addresses": "127.0.0.1",
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "max_connections": "100",
+}
+
+
+def stop_postgres(proc: subprocess.Popen[bytes]) -> None:
+    """PostgreSQL's fast shutdown (SIGINT: clients are disconnected, a checkpoint is
+    written), then its immediate one (SIGQUIT), then SIGKILL: this one PID only, the
+    postmaster, which stops its own children."""
+    for sig, grace in ((signal.SIGINT, 30.0), (signal.SIGQUIT, 10.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+
+
+@contextlib.contextmanager
+def start_postgres(log_dir: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of its own: initdb into a fresh directory under the
+    system's temporary directory (removed on exit), then `postgres` on a free port
+    of 127.0.0.1, its Unix socket in that directory, with POSTGRES_SETTINGS. Trust
+    authentication for the superuser `bench`; extra["dsn"] is the `postgres`
+    database's URL. initdb and postgres refuse to run as root, so when we are root
+    both run as `_postgres_user()` (subprocess switches user, group and clears the
+    supplementary groups before exec), the directory chowned to it."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL is not installed")
+    user = _postgres_user()
+    as_user: dict[str, Any] = {}
+    if user is not None:
+        as_user = {"user": user[1], "group": user[2], "extra_groups": []}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="simplequeue-bench-pg-"))
+    try:
+        if user is not None:
+            os.chown(scratch, user[1], user[2])
+        data = scratch / "data"
+        env = {**child_env(), "LC_ALL": "C", "TZ": "UTC"}
+        with open(log_dir / "postgres.log", "ab") as log:
+            args = [str(bindir / "initdb"), "-D", str(data), "-U", "bench", "--auth=trust"]
+            args += ["--encoding=UTF8", "--locale=C"]
+            initdb = subprocess.run(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=scratch,
+                env=env,
+                timeout=300,
+                check=False,
+                **as_user,
+            )
+            if initdb.returncode != 0:
+                raise RuntimeError(f"initdb failed (code {initdb.returncode}; log: {log.name})")
+            port = free_port()
+            args = [str(bindir / "postgres"), "-D", str(data), "-k", str(scratch), "-p", str(port)]
+            for key, value in POSTGRES_SETTINGS.items():
+                args += ["-c", f"{key}={value}"]
+            proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=scratch,
+                env=env,
+                start_new_session=True,
+                **as_user,
+            )
+        try:
+            ready = [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]
+            ready += ["-U", "bench", "-d", "postgres", "-t", "2"]
+            deadline = time.monotonic() + 60
+            while subprocess.run(ready, cwd=scratch, check=False, timeout=30).returncode != 0:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"postgres did not start (log: {log_dir / 'postgres.log'})")
+                time.sleep(0.1)
+            dsn = f"postgresql://bench@127.0.0.1:{port}/postgres"
+            version = subprocess.run(
+                [str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False
+            ).stdout.split()
+            extra = {"port": str(port), "dsn": dsn, "user": user[0] if user else ""}
+            extra["version"] = version[2] if len(version) > 2 else "?"
+            yield PostgresServer("postgres", proc, dsn, extra)
+        finally:
+            stop_postgres(proc)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextlib.contextmanager
