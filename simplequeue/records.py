@@ -1,6 +1,8 @@
 """The records brokers and clients both read: broker.json, which names the broker
-clients should use. Its format is defined here once; the broker writes it
-(simplequeue.broker.discovery), clients read it (simplequeue.client.discovery).
+clients should use, and each broker's registration (brokers/<id>.json), of the
+same shape. The format is defined here once; brokers write them
+(simplequeue.broker.discovery, simplequeue.broker.membership), clients read
+broker.json (simplequeue.client.discovery).
 """
 
 from __future__ import annotations

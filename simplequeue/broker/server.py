@@ -1,8 +1,11 @@
-"""A broker: the store, the committer, the HTTP (and RESP) listeners, the reaper
-and the broker.json announcer, started and stopped together.
+"""A broker: the store, the committer, the HTTP (and RESP) listeners, its place
+among the brokers (registration, forwarding to topics' owners), the owner
+duties and the broker.json announcer, started and stopped together: the
+composition root, which nothing imports.
 
 Stopping is graceful: listeners close first, then in-flight batches land, then
-the broker resigns broker.json so that a standby takes over at once.
+the broker leaves the registry and resigns broker.json so that the others take
+over its topics and a standby the record.
 """
 
 from __future__ import annotations
