@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from simplequeue import keys
+from simplequeue.api import Job
 from simplequeue.broker.membership import Membership, rendezvous
 from simplequeue.client import Client
 from simplequeue.objstore import ObjectStore
@@ -298,3 +299,53 @@ async def test_metrics_say_what_routing_and_owner_duties_did(start_broker: Start
     assert "simplequeue_live_brokers 2.0" in text
     assert "simplequeue_forwarded_total 1.0" in text
     assert "simplequeue_forward_fallbacks_total 0.0" in text
+
+
+async def test_a_request_the_owner_did_it_but_answered_too_late_says_it_may_be_a_repeat(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner commits an ack, then is too slow to answer: the broker that
+    passed it on serves it itself, and its refusal (the job is no longer
+    claimed) must say Simplequeue-Replayed, or a client takes a landed ack for
+    a refused one. The SDK then finds the ack landed."""
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    slow_ack = owner.engine.ack
+
+    async def ack_then_stall(*args: Any, **kwargs: Any) -> Any:
+        answer = await slow_ack(*args, **kwargs)
+        await asyncio.sleep(1.0)  # landed; the answer comes too late
+        return answer
+
+    monkeypatch.setattr(owner.engine, "ack", ack_then_stall)
+    async with aiohttp.ClientSession() as s:
+        await post(s, f"{owner.url}/topics/t/enqueue", {"id": "j", "payload": 1})
+        _, claim, _ = await post(s, f"{owner.url}/topics/t/claim", {"worker_id": "w"})
+        token = claim["job"]["lease_token"]
+        status, body, headers = await post(
+            s, f"{other.url}/topics/t/ack", {"job_id": "j", "lease_token": token}
+        )
+        assert status == 409, body
+        assert headers.get("Simplequeue-Replayed") == "1"
+        await post(s, f"{owner.url}/topics/t/enqueue", {"id": "k", "payload": 2})
+        _, claim, _ = await post(s, f"{owner.url}/topics/t/claim", {"worker_id": "w"})
+    async with Client(other.url, topic="t") as q:
+        await q.ack(Job("k", lease_token=claim["job"]["lease_token"]))  # no LeaseLost
+    assert (await owner.engine.status("t"))["completed"] == 2
+
+
+async def test_an_earlier_broker_at_this_address_is_not_taken_for_alive() -> None:
+    """A broker SIGKILLed and started again on its port has a new id; its old
+    record looked alive for a whole lease, so topics it owned were routed to
+    this address, and this broker handed them over to itself, reaping nothing
+    (a campaign's topic took a minute to drain)."""
+    store = MemStore()
+    ghost = Membership(store, broker_id="old", url="http://127.0.0.1:9", lease_s=60)
+    await ghost.register()
+    me = Membership(store, broker_id="new", url="http://127.0.0.1:9", lease_s=60)
+    await me.register()
+    await me.step()
+    assert [p.broker_id for p in me.live] == ["new"]
+    assert await store.list(keys.BROKERS_PREFIX) == [keys.registration("new")]

@@ -49,6 +49,15 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Here:
+    """This broker's turn came: it serves the request itself. `replayed`: a
+    broker before it got the request and did not answer, and may have done
+    it (the answer should say so: a refusal may be of a repeat)."""
+
+    replayed: bool = False
+
+
 class _Unreachable(Exception):
     def __init__(self, why: str, sent: bool) -> None:
         super().__init__(why)
@@ -99,13 +108,13 @@ class Forwarder:
         *,
         wait: float = 0.0,
         content_type: str = "application/json",
-    ) -> Answer | None:
+    ) -> Answer | Here:
         """The answer of the first broker in `topic`'s order that answers, or
-        None when this broker's turn comes first (it serves the request)."""
+        Here when this broker's turn comes first (it serves the request)."""
         replayed = False
         for peer in self.membership.order(topic):
             if peer == self.me:
-                return None
+                return Here(replayed)
             try:
                 answer = await self._send(peer, method, path_qs, body, wait, content_type)
             except _Unreachable as exc:
@@ -116,7 +125,7 @@ class Forwarder:
                 continue
             answer.replayed = replayed
             return answer
-        return None
+        return Here(replayed)
 
     async def tell(self, peer: Peer, path: str) -> bool:
         """POST `path` to `peer` (broker to broker); whether it answered 2xx."""
@@ -173,7 +182,9 @@ class Router:
         self, topic: str, method: str, path: str, body: Any, wait: float = 0.0
     ) -> Answer | None:
         data = None if body is None else msgspec.json.encode(body)
-        return await self.forwarder.route(topic, method, f"/topics/{topic}{path}", data, wait=wait)
+        got = await self.forwarder.route(topic, method, f"/topics/{topic}{path}", data, wait=wait)
+        # Served here: a replay cannot be told over RESP, whose answers are counts.
+        return None if isinstance(got, Here) else got
 
     async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
         body = api.EnqueueBatch(api.with_ids(specs))

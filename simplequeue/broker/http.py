@@ -21,7 +21,7 @@ from aiohttp import web
 from simplequeue import api, keys
 from simplequeue.broker import page
 from simplequeue.broker.engine import Engine
-from simplequeue.broker.forwarding import FORWARDED, OWNER, REPLAYED, Forwarder
+from simplequeue.broker.forwarding import FORWARDED, OWNER, REPLAYED, Forwarder, Here
 from simplequeue.broker.metrics import CONTENT_TYPE, Metrics
 from simplequeue.errors import (
     InvalidRequest,
@@ -148,9 +148,16 @@ async def _routed(
     elif name == "enqueue":
         body = _with_ids(body)
     got = await forwarder.route(topic, request.method, request.path_qs, body or None, wait=wait)
-    if got is None:  # this broker's turn: its owner, or the next when those before did not answer
-        response = await handler(request)
+    if isinstance(got, Here):  # its owner, or the next when those before did not answer
+        try:
+            response = await handler(request)
+        except SimpleQueueError as exc:
+            if not got.replayed:
+                raise
+            response = error_of(exc)  # answered here, to say it may be a repeat
         response.headers[OWNER] = services.url()
+        if got.replayed:
+            response.headers[REPLAYED] = "1"
         return response
     answered = web.Response(body=got.body, status=got.status, headers=got.headers)
     answered.headers["Content-Type"] = got.content_type

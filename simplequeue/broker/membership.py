@@ -155,12 +155,18 @@ class Membership:
         for broker_id in sorted(ids):
             await self._look_at(broker_id, mono)
         live = [self.me]
-        for broker_id, seen in self._seen.items():
+        for broker_id, seen in list(self._seen.items()):
             age = mono - seen.changed_at
-            if age < seen.record.lease_s:
+            if seen.record.url == self.me.url:
+                # An earlier broker at this broker's address (it was killed and
+                # this one started in its place): it cannot be alive, and
+                # requests routed to it would come here, which would hand its
+                # topics over to itself.
+                await self._forget(broker_id, "it had this broker's address")
+            elif age < seen.record.lease_s:
                 live.append(Peer(broker_id, seen.record.url))
             elif age > FORGET_AFTER_LEASES * seen.record.lease_s:
-                await self._forget(broker_id)
+                await self._forget(broker_id, "its record was not renewed for long")
         self._set_live(tuple(sorted(live, key=lambda p: p.broker_id)))
 
     async def _renew(self) -> None:
@@ -194,8 +200,8 @@ class Membership:
             return
         self._seen[broker_id] = _Sighting(etag, mono, record)
 
-    async def _forget(self, broker_id: str) -> None:
-        log.info("forgetting %s: its record was not renewed for long", broker_id)
+    async def _forget(self, broker_id: str, why: str) -> None:
+        log.info("forgetting %s: %s", broker_id, why)
         self._seen.pop(broker_id, None)
         with contextlib.suppress(SimpleQueueError):
             await self.store.delete(keys.registration(broker_id))

@@ -41,6 +41,7 @@ class History:
     # have (unknown outcome), and those refused at once (they record nothing).
     follow_tokens: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     refused_tokens: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    refusals: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -100,5 +101,12 @@ def check_follow_ups(history: History, follow: dict[str, Any]) -> dict[str, int]
         if job["payload"]["token"] not in history.follow_tokens[i]
         or job["payload"]["token"] in history.refused_tokens[i]
     ]
-    assert not wrong, f"follow-ups made by acks that did not succeed: {wrong[:5]}"
+    if wrong:
+        job_id, token = wrong[0]
+        raise AssertionError(
+            f"follow-ups made by acks that did not succeed: {wrong[:5]}; the first's claims "
+            f"{history.claims[job_id]}, acks that may have landed "
+            f"{history.follow_tokens[job_id]}, refused {history.refused_tokens[job_id]}, "
+            f"its token is {token}; refusals {history.refusals[job_id]}"
+        )
     return {"follow_ups": len(follow), "follow_ups_missing": 0, "follow_ups_doubled": 0}

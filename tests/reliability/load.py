@@ -78,6 +78,11 @@ class Load:
                 answer = await r.json(content_type=None)
                 if r.status >= 500:
                     self.h.error(f"http-{r.status}")
+                if r.status in (404, 409) and r.headers.get("Simplequeue-Replayed") == "1":
+                    # A broker that did not answer got it first, and may have
+                    # done it: the refusal is of a repeat, the outcome unknown.
+                    self.h.error("replayed")
+                    return 0, None
                 return r.status, answer
         except (aiohttp.ClientError, TimeoutError, ValueError):
             self.h.error("connection")
@@ -176,6 +181,7 @@ class Load:
                 assert status in (404, 409), f"ack answered {status}: {answer}"
                 if follow_to and tries == 1:  # refused at once: it must record nothing
                     self.h.refused_tokens[job_id].add(token)
+                    self.h.refusals[job_id].append((token, status, str(answer)[:120]))
             return status
         return status
 
