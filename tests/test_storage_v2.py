@@ -333,3 +333,16 @@ async def test_a_batch_that_spills_many_segments_keeps_the_head_bounded() -> Non
     for key in segments:
         data, _ = await store.get(key)
         assert len(data) <= Bounds().segment_bytes + 2048, key
+
+
+async def test_topics_idle_for_long_leave_memory_however_few() -> None:
+    """The old reaper read every topic each second, so none was ever idle, and
+    eviction ran only when a new topic came past 1,000: memory held every topic
+    ever touched. Now the owner's duties call forget_idle on a timer."""
+    q = engine_on(MemStore(), idle_after=0.0, idle_max=0.0)
+    for i in range(5):
+        await q.enqueue(f"t{i}", [JobSpec(i)])
+    assert len(q.committer.known_topics()) == 5
+    assert q.forget_idle() == 5
+    assert q.committer.known_topics() == []
+    assert (await q.status("t3"))["pending"] == 1  # read again when asked
