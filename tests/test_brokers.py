@@ -17,7 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from simplequeue import keys
+from simplequeue.broker.discovery import Announcer
 from simplequeue.objstore.localfs import LocalStore
+from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import read_record
 from tests.conftest import s3_broker_args
 
@@ -232,3 +235,56 @@ async def test_simplequeued_flags_reach_the_running_broker(
         if line.startswith('simplequeue_cache_bytes{kind="budget"}')
     )
     assert float(budget.split()[-1]) == 3 * 1024 * 1024
+
+
+class HeldWrite(MemStore):
+    """A memfs store whose next broker.json write, once armed, is held and
+    lands even if its caller was cancelled meanwhile (as a localfs write in a
+    worker thread, or an S3 PUT already sent, does): it lands right after the
+    next read of broker.json, so that reader holds a stale ETag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.held: asyncio.Task[str] | None = None
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        got = await super().get(key)
+        if key == keys.BROKER and self.held is not None:
+            self.release.set()
+            await asyncio.wait([self.held])
+        return got
+
+    async def put_if(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        write = super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+        if not (self.armed and key == keys.BROKER):
+            return await write
+        self.armed = False
+
+        async def held() -> str:
+            await self.release.wait()
+            return await write
+
+        self.held = asyncio.create_task(held())
+        self.entered.set()
+        return await asyncio.shield(self.held)
+
+
+async def test_resign_outlasts_a_renewal_cancelled_mid_write() -> None:
+    store = HeldWrite()
+    announcer = Announcer(store, broker_id="b", url="http://127.0.0.1:1", lease_s=30)
+    await announcer.step()  # registers
+    assert announcer.active
+    store.armed = True
+    renewal = asyncio.create_task(announcer.step())
+    await store.entered.wait()
+    renewal.cancel()  # as stop() cancels the announcer mid-renewal
+    await asyncio.wait([renewal])
+    await announcer.resign()  # its first read lets the renewal land
+    assert store.held is not None and store.held.done() and store.held.exception() is None
+    record = await read_record(store)
+    assert record is not None and record[0].heartbeat_at == 0.0

@@ -25,6 +25,8 @@ from simplequeue.records import BrokerRecord, CorruptRecord, read_record
 
 log = logging.getLogger(__name__)
 
+_RESIGN_TRIES = 5  # reads of a record still ours that another write just replaced
+
 
 class Announcer:
     """Keeps this broker's claim on broker.json: registers, renews, takes over."""
@@ -141,14 +143,21 @@ class Announcer:
 
     async def resign(self) -> None:
         """On a clean shutdown: mark our record resigned (a heartbeat of 0), so
-        that a standby takes over at its next round."""
+        that a standby takes over at its next round. A renewal cancelled by the
+        shutdown may still land after our read (a localfs write finishes in its
+        thread, an S3 PUT already sent is served): then the condition fails and
+        we read again, for as long as the record is still ours."""
         if not self.active:
             return
-        with contextlib.suppress(
-            PreconditionFailed, StoreUnavailable, ObjectNotFound, CorruptRecord
-        ):
-            current = await read_record(self.store)
-            if current and current[0].broker_id == self.broker_id:
+        with contextlib.suppress(StoreUnavailable, ObjectNotFound, CorruptRecord):
+            for _ in range(_RESIGN_TRIES):
+                current = await read_record(self.store)
+                if current is None or current[0].broker_id != self.broker_id:
+                    break
                 gone = self._record(self.epoch, 0.0)
-                await self.store.put_if(keys.BROKER, gone.encode(), if_match=current[1])
+                try:
+                    await self.store.put_if(keys.BROKER, gone.encode(), if_match=current[1])
+                    break
+                except PreconditionFailed:
+                    continue
         self.active = False
