@@ -336,6 +336,37 @@ async def test_a_request_the_owner_did_it_but_answered_too_late_says_it_may_be_a
     assert (await owner.engine.status("t"))["completed"] == 2
 
 
+async def test_an_enqueue_the_owner_landed_but_answered_too_late_is_not_done_twice(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An enqueue without ids is passed on with ids; when the owner lands it but
+    answers too late, the broker that passed it on serves it itself, with the
+    same ids: one job, not two."""
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    slow_enqueue = owner.engine.enqueue
+
+    async def enqueue_then_stall(*args: Any, **kwargs: Any) -> Any:
+        answer = await slow_enqueue(*args, **kwargs)
+        await asyncio.sleep(1.0)  # landed; the answer comes too late
+        return answer
+
+    monkeypatch.setattr(owner.engine, "enqueue", enqueue_then_stall)
+    monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
+    async with aiohttp.ClientSession() as s:
+        status, body, headers = await post(s, f"{other.url}/topics/t/enqueue", {"payload": 1})
+        assert headers.get("Simplequeue-Replayed") == "1"
+        assert status == 200 and body["duplicate"], body
+        status, body, headers = await post(
+            s, f"{other.url}/topics/t/enqueue", {"jobs": [{"payload": 2}, {"payload": 3}]}
+        )
+        assert headers.get("Simplequeue-Replayed") == "1"
+        assert status == 200 and len(body["duplicates"]) == 2, body
+    assert (await owner.engine.status("t"))["total"] == 3
+
+
 async def test_an_earlier_broker_at_this_address_is_not_taken_for_alive() -> None:
     """A broker SIGKILLed and started again on its port has a new id; its old
     record looked alive for a whole lease, so topics it owned were routed to

@@ -56,6 +56,7 @@ class HttpServices:
 
 
 SERVICES: web.AppKey[HttpServices] = web.AppKey("services")
+_BODY = "simplequeue.body"  # a request's body as rewritten before it was passed on
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -133,11 +134,11 @@ async def _routed(
     to it. Either way the answer names who served it (Simplequeue-Owner), so
     that a client sends the topic's next requests there itself."""
     forwarder = services.forwarder
-    if forwarder is None or FORWARDED in request.headers:
-        response = await handler(request)
+    topic = topic_of(request)
+    if forwarder is None or FORWARDED in request.headers or forwarder.membership.owns(topic):
+        response = await handler(request)  # the common case: the body is read once, there
         response.headers[OWNER] = services.url()
         return response
-    topic = topic_of(request)
     body = await request.read()
     wait = 0.0
     name = request.match_info.route.name
@@ -146,7 +147,9 @@ async def _routed(
     elif name == "job":
         wait = wait_of(request)
     elif name == "enqueue":
-        body = _with_ids(body)
+        # Ids go with it, so that a broker that serves it after one that did not
+        # answer (and may have done it) serves the same jobs: duplicates there.
+        request[_BODY] = body = _with_ids(body)
     got = await forwarder.route(topic, request.method, request.path_qs, body or None, wait=wait)
     if isinstance(got, Here):  # its owner, or the next when those before did not answer
         try:
@@ -181,10 +184,16 @@ def _with_ids(body: bytes) -> bytes:
 # --- parsing -----------------------------------------------------------------------
 
 
+async def raw_body(request: web.Request) -> bytes:
+    """The request's body, as _routed rewrote it if it did."""
+    rewritten: bytes | None = request.get(_BODY)
+    return rewritten if rewritten is not None else await request.read()
+
+
 async def body_of(request: web.Request, kind: type[T], required: bool = True) -> T:
     """The body, decoded and validated as `kind` (a type of simplequeue.api). An
     empty body is `kind()` when the request may have none."""
-    raw = await request.read()
+    raw = await raw_body(request)
     if not required and not raw.strip():
         return kind()
     return api.decode(raw, kind)
@@ -203,7 +212,7 @@ def engine_of(request: web.Request) -> Engine:
 
 async def enqueue(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    body = api.decode_either(await request.read(), api.JobSpec, api.EnqueueBatch, "jobs")
+    body = api.decode_either(await raw_body(request), api.JobSpec, api.EnqueueBatch, "jobs")
     engine = engine_of(request)
     if isinstance(body, api.EnqueueBatch):
         answers = await engine.enqueue(topic, body.jobs)
@@ -261,7 +270,7 @@ async def refresh(request: web.Request) -> web.Response:
 
 async def ack(request: web.Request) -> web.Response:
     topic = topic_of(request)
-    body = api.decode_either(await request.read(), api.AckRequest, api.AckBatch, "acks")
+    body = api.decode_either(await raw_body(request), api.AckRequest, api.AckBatch, "acks")
     engine = engine_of(request)
     if isinstance(body, api.AckBatch):
         return reply({"results": await engine.ack_many(topic, body.acks)})
