@@ -367,6 +367,39 @@ async def test_an_enqueue_the_owner_landed_but_answered_too_late_is_not_done_twi
     assert (await owner.engine.status("t"))["total"] == 3
 
 
+async def test_a_redis_enqueue_the_owner_landed_but_answered_too_late_is_not_done_twice(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same over RESP: XADD * and RPUSH are passed on with ids, and served
+    here with those ids when the owner answers too late."""
+    import redis.asyncio as redis
+
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, forward_timeout=0.3, redis_addr="127.0.0.1:0")
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    slow = {name: getattr(owner.engine, name) for name in ("enqueue", "push")}
+
+    def stalling(name: str) -> Callable[..., Awaitable[Any]]:
+        async def then_stall(*args: Any, **kwargs: Any) -> Any:
+            answer = await slow[name](*args, **kwargs)
+            await asyncio.sleep(1.0)  # landed; the answer comes too late
+            return answer
+
+        return then_stall
+
+    for name in slow:
+        monkeypatch.setattr(owner.engine, name, stalling(name))
+    monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        await r.xadd("t", {"to": "x"})
+        await r.rpush("t", "a", "b")
+    finally:
+        await r.aclose()
+    assert (await owner.engine.status("t"))["total"] == 3
+
+
 async def test_an_earlier_broker_at_this_address_is_not_taken_for_alive() -> None:
     """A broker SIGKILLed and started again on its port has a new id; its old
     record looked alive for a whole lease, so topics it owned were routed to

@@ -181,14 +181,20 @@ class Router:
     async def _route(
         self, topic: str, method: str, path: str, body: Any, wait: float = 0.0
     ) -> Answer | None:
+        if self.forwarder.membership.owns(topic):
+            return None
         data = None if body is None else msgspec.json.encode(body)
         got = await self.forwarder.route(topic, method, f"/topics/{topic}{path}", data, wait=wait)
         # Served here: a replay cannot be told over RESP, whose answers are counts.
         return None if isinstance(got, Here) else got
 
     async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
-        body = api.EnqueueBatch(api.with_ids(specs))
-        got = await self._route(topic, "POST", "/enqueue", body)
+        if self.forwarder.membership.owns(topic):
+            return await self.engine.enqueue(topic, specs)
+        # Ids go with it, and stay when it is served here after a broker that
+        # did not answer (and may have done it): duplicates, not new jobs.
+        specs = api.with_ids(specs)
+        got = await self._route(topic, "POST", "/enqueue", api.EnqueueBatch(specs))
         if got is None:
             return await self.engine.enqueue(topic, specs)
         answer = _decode(got, api.EnqueuedBatch)
@@ -196,7 +202,9 @@ class Router:
         return [{"id": i, "duplicate": i in duplicates} for i in answer.ids]
 
     async def push(self, topic: str, specs: list[JobSpec]) -> int:
-        got = await self._route(topic, "POST", "/push", api.EnqueueBatch(api.with_ids(specs)))
+        if not self.forwarder.membership.owns(topic):
+            specs = api.with_ids(specs)  # as enqueue's
+        got = await self._route(topic, "POST", "/push", api.EnqueueBatch(specs))
         if got is None:
             return await self.engine.push(topic, specs)
         return _decode(got, api.Pushed).length
