@@ -22,6 +22,7 @@ SegmentMissing for one that is not loaded.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,16 @@ from simplequeue import keys
 from simplequeue.state.segments import Manifest, Segment, SegmentView, encode_index
 
 Item = dict[str, Any]
+
+
+@functools.lru_cache(maxsize=4096)
+def _segments_prefix(topic: str) -> str:
+    return keys.segments_prefix(topic)  # checks the name: once per topic, not per lookup
+
+
+def _segment_key(topic: str, seg_id: str) -> str:
+    """keys.segment(topic, seg_id), on every lookup's path."""
+    return f"{_segments_prefix(topic)}seg-{seg_id}.json"
 
 
 def new_chain() -> dict[str, Any]:
@@ -67,10 +78,10 @@ class Chain:
     # --- reading -------------------------------------------------------------------
 
     def segment(self, seg_id: str) -> Segment:
-        return self.view.segment(keys.segment(self.topic, seg_id))
+        return self.view.segment(_segment_key(self.topic, seg_id))
 
     def manifest(self, man_id: str) -> Manifest:
-        return self.view.manifest(keys.segment(self.topic, man_id))
+        return self.view.manifest(_segment_key(self.topic, man_id))
 
     def holes_of(self, ref: dict[str, Any]) -> set[int]:
         holes = set(ref.get("holes", ()))
@@ -165,9 +176,10 @@ class Chain:
         """The first live item (reads the segments up to it)."""
         return next(self.places(), None)
 
-    def locate(self, job_id: str) -> list[Place]:
-        """Every live item with id `job_id`, in order. Manifested segments are
-        searched through their id index, loose ones read."""
+    def locate(self, job_id: str, inline: bool = True) -> list[Place]:
+        """Every live item with id `job_id`, in order (only those in segments
+        without `inline`: a caller that indexes the inline items itself).
+        Manifested segments are searched through their id index, loose ones read."""
         found: list[Place] = []
         for m, mref in enumerate(self.d["mans"]):
             manifest = self.manifest(mref["k"])
@@ -179,15 +191,19 @@ class Chain:
         for s, ref in enumerate(self.d["segs"]):
             start = self.d["pos"] if (not self.d["mans"] and s == 0) else 0
             found += self._find(ref, job_id, start, None)
-        found += [Place(None, 0, i) for i in self.d["in"] if i["id"] == job_id]
+        if inline:
+            found += [Place(None, 0, i) for i in self.d["in"] if i["id"] == job_id]
         return found
 
     def _find(self, ref: dict[str, Any], job_id: str, start: int, man: str | None) -> list[Place]:
         seg = self.segment(ref["k"])
+        positions = seg.positions(job_id)
+        if not positions:  # the usual answer: no holes to work out
+            return []
         holes = self.holes_of(ref)
         return [
             Place(ref["k"], i, seg.items[i], man)
-            for i in seg.positions(job_id)
+            for i in positions
             if i >= start and i not in holes
         ]
 

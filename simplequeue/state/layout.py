@@ -174,7 +174,7 @@ class Layout:
         record = self._inline_index().get(job_id)
         if record is not None:
             return Place(None, 0, record)
-        spilled = [p for p in self.leases.locate(job_id) if p.seg is not None]
+        spilled = self.leases.locate(job_id, inline=False)
         return spilled[-1] if spilled else None
 
     def _leased(self) -> Iterator[Place]:

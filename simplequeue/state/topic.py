@@ -218,7 +218,17 @@ class TopicState(Layout):
             ids.update(j["id"] for j in h["dead"]["in"])
             ids.update(r["id"] for r in h["retained"]["in"])
             self._inline_ids = ids
-        return job_id in self._inline_ids or self.find(job_id) is not None
+        if job_id in self._inline_ids or self._lease_of(job_id) is not None:
+            return True
+        # find() without the inline lists the set above covers (runs keep none
+        # of theirs in it, so theirs are searched).
+        for lane in self.head["lanes"].values():
+            for run in self._runs(lane):
+                if run.locate(job_id):
+                    return True
+        return bool(
+            self.dead.locate(job_id, inline=False) or self.retained.locate(job_id, inline=False)
+        )
 
     def _noted(self, job_id: str) -> None:
         """An id went into one of the head's inline lists."""
