@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from simplequeue.client import Backoff, Client, Done, Job, Worker
+from simplequeue.client.worker import ClaimAhead
 from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
@@ -181,6 +182,51 @@ async def test_worker_claims_in_batches(broker: Any) -> None:
     assert sorted(seen) == list(range(40))
     # Each claim asks for half the capacity: 8 slots plus a buffer of twice that.
     assert q.batches[0] == (8 + 16) // 2
+
+
+async def test_short_jobs_are_claimed_far_ahead_and_long_ones_are_not(broker: Any) -> None:
+    """Without a fixed prefetch the buffer grows with the rate jobs end at:
+    no-op jobs are soon claimed in batches larger than a buffer of twice the
+    concurrency allows, which halves the requests and writes per job."""
+    async with CountingClient(broker.url, topic="w") as q:
+        q.batches = []
+        for start in range(0, 3000, 1000):
+            await q.enqueue_many(list(range(start, start + 1000)))
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, concurrency=4, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 3000))
+    fixed_buffer_claim = (4 + 2 * 4 + 1) // 2
+    assert max(q.batches) > fixed_buffer_claim, q.batches
+    assert worker.buffer_size > 2 * 4
+    assert max(q.batches) <= (4 + 16 * 4 + 1) // 2  # never past the cap
+
+
+def test_claim_ahead_sizes_the_buffer_from_the_rate_and_the_round_trip() -> None:
+    now = [0.0]
+    ahead = ClaimAhead(concurrency=4, clock=lambda: now[0])
+    assert ahead.size == 8  # twice the concurrency until something is measured
+
+    def run(jobs_per_s: float, seconds: float) -> None:
+        for _ in range(int(jobs_per_s * seconds)):
+            now[0] += 1 / jobs_per_s
+            ahead.ended()
+
+    ahead.claimed(0.010, asked=6, got=6)
+    run(1_000, 1.0)  # 1,000/s x 10 ms x 4 round trips = 40 jobs
+    assert 38 <= ahead.size <= 42
+    run(4_000, 1.0)  # 160: capped at 16 x 4
+    assert ahead.size == 64
+    run(50, 2.0)  # slow jobs: 50/s x 10 ms x 4 = 2, under the floor
+    assert ahead.size == 8
+    ahead.claimed(5.0, asked=6, got=1)  # a long poll answered short: not a round trip
+    run(1_000, 1.0)
+    assert 38 <= ahead.size <= 42
+    now[0] += 30.0  # a lull, then one job: no rate to learn from it
+    ahead.ended()
+    assert 38 <= ahead.size <= 42
 
 
 async def test_worker_without_prefetch_claims_only_free_slots(broker: Any) -> None:

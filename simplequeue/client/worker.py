@@ -1,8 +1,9 @@
 """Worker: claims jobs and runs a handler on each, concurrently.
 
 Batch claims fill free slots and, ahead of need, a prefetch buffer of up to
-`prefetch` more jobs, so that the next jobs are at hand when a slot frees
-rather than one claim round trip away. With a buffer, each claim asks for half
+`prefetch` more jobs (by default sized to the rate jobs end at: ClaimAhead),
+so that the next jobs are at hand when a slot frees rather than one claim
+round trip away. With a buffer, each claim asks for half
 the capacity and two can be in flight; their jobs are buffered in the order
 the claims were sent. Each claimed job's lease (the broker's --lease unless
 `lease` says) is renewed by heartbeats every third of it, from the moment it
@@ -32,10 +33,12 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import os
 import random
 import signal
 import socket
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -83,9 +86,61 @@ class Backoff:
 
 
 CLAIMS_IN_FLIGHT = 2
+# Without a fixed prefetch, the buffer holds what the slots use up in this many
+# claim round trips at the rate jobs end here, between twice and this many
+# times the concurrency.
+AHEAD_TRIPS = 4
+AHEAD_MAX = 16
 # The lease assumed for a job whose claim times the broker did not send: its
 # default --lease.
 FALLBACK_LEASE = 30.0
+
+
+class ClaimAhead:
+    """The prefetch buffer's size when none was fixed: enough jobs to keep every
+    slot busy for AHEAD_TRIPS claim round trips at the rate jobs end here,
+    never under twice `concurrency` nor over AHEAD_MAX times it. Short jobs
+    then claim in large batches (the broker writes once per batch, so a batch
+    twice the size costs about the same), and long ones keep the small buffer
+    that leaves jobs to the other workers. Round trips are measured only on
+    claims answered in full: one that came back short may have long-polled."""
+
+    WINDOW = 0.05  # seconds of completions per rate sample
+    GAP = 1.0  # seconds: a sample longer than this is dropped
+    WEIGHT = 0.3  # of a new sample in the moving averages
+
+    def __init__(self, concurrency: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.floor = 2 * concurrency
+        self.cap = AHEAD_MAX * concurrency
+        self.size = self.floor
+        self.clock = clock
+        self._trip: float | None = None  # seconds, a claim's round trip
+        self._rate: float | None = None  # jobs ended per second
+        self._since = clock()
+        self._ended = 0
+
+    def claimed(self, seconds: float, asked: int, got: int) -> None:
+        if got >= asked:
+            self._trip = self._average(self._trip, seconds)
+            self._resize()
+
+    def ended(self) -> None:
+        self._ended += 1
+        now = self.clock()
+        took = now - self._since
+        if took >= self.WINDOW:
+            if took <= self.GAP:  # a longer sample spans a lull: no rate to learn from it
+                self._rate = self._average(self._rate, self._ended / took)
+                self._resize()
+            self._since, self._ended = now, 0
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.WEIGHT * (new - old)
+
+    def _resize(self) -> None:
+        if self._trip is not None and self._rate is not None:
+            wanted = math.ceil(self._rate * self._trip * AHEAD_TRIPS)
+            self.size = max(self.floor, min(self.cap, wanted))
 
 
 class _Claimed:
@@ -101,9 +156,11 @@ class _Claimed:
 
 class Worker:
     """Runs `handler` on the client's topic's jobs, `concurrency` at a time,
-    holding up to `prefetch` more claimed (default: twice `concurrency`, so
-    that short jobs are claimed in large batches, few requests and writes per
-    job; 0 for long jobs, so that none waits here while another worker is idle).
+    holding up to `prefetch` more claimed (default: sized as jobs go, see
+    ClaimAhead: twice `concurrency` for jobs that take a while, up to 16 times
+    it for short ones, so that those are claimed in large batches, few
+    requests and writes per job; 0 for long jobs, so that none waits here
+    while another worker is idle).
     A handler still running `timeout` seconds after it started is cancelled and
     its job failed (a plain function's thread cannot be stopped: it runs on, its
     result unused, while its slot takes another job).
@@ -147,7 +204,8 @@ class Worker:
         self.handler = handler
         self._in_thread = _is_plain_function(handler)
         self.concurrency = concurrency
-        self.prefetch = 2 * concurrency if prefetch is None else prefetch
+        self.prefetch = prefetch  # None: ClaimAhead sizes the buffer
+        self.ahead = ClaimAhead(concurrency)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.lease = lease  # None: the broker's --lease
         self.heartbeat_every = heartbeat_every  # None: a third of each job's lease
@@ -226,6 +284,11 @@ class Worker:
         self.request_stop()
         await self._done.wait()
 
+    @property
+    def buffer_size(self) -> int:
+        """Claimed jobs held ahead of the slots, at most: `prefetch`, or as sized now."""
+        return self.ahead.size if self.prefetch is None else self.prefetch
+
     def _wanted(self) -> int:
         """How many jobs to claim now: nothing until half a buffer's worth of
         room is free (or a slot would idle), so that claims come in batches
@@ -233,14 +296,15 @@ class Worker:
         half the capacity at most; never more than max_jobs leaves."""
         if self._dry:
             return 0
+        prefetch = self.buffer_size
         held = len(self._running) + len(self._ready) + self._asked
-        room = self.concurrency + self.prefetch - held
+        room = self.concurrency + prefetch - held
         starving = not self._ready and not self._asked and len(self._running) < self.concurrency
-        if not starving and room * 2 < self.prefetch:
+        if not starving and room * 2 < prefetch:
             return 0
         # With a buffer, half the capacity at most, so that a second claim can
         # be on its way while the first one's jobs run.
-        count = min(room, (self.concurrency + self.prefetch + 1) // 2) if self.prefetch else room
+        count = min(room, (self.concurrency + prefetch + 1) // 2) if prefetch else room
         if self.max_jobs is not None:
             count = min(count, self.max_jobs - self._taken - self._asked)
         return count
@@ -269,9 +333,11 @@ class Worker:
     async def _claim(self, seq: int, count: int) -> None:
         jobs: list[Job] | None = None  # None: the claim failed, or was cancelled
         try:
+            sent = time.monotonic()
             jobs = await self.client.claim_many(
                 self.worker_id, count, lease=self.lease, wait=0.0 if self.burst else self.wait
             )
+            self.ahead.claimed(time.monotonic() - sent, count, len(jobs))
         except Exception as exc:  # logged, and the claim's place held a while: see below
             log.warning("claim failed: %s", exc, exc_info=not isinstance(exc, SimpleQueueError))
         finally:  # answered, failed or cancelled: later claims must not wait for it
@@ -324,6 +390,7 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self.ahead.ended()
         self._dry = False
         self._start_ready()
         self._room.set()
