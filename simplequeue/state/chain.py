@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from simplequeue import keys
-from simplequeue.state.segments import Manifest, Segment, SegmentView, encode_index
+from simplequeue.state.segments import Manifest, Segment, SegmentView, encode_index, id_hash
 
 Item = dict[str, Any]
 
@@ -181,10 +181,11 @@ class Chain:
         without `inline`: a caller that indexes the inline items itself).
         Manifested segments are searched through their id index, loose ones read."""
         found: list[Place] = []
+        hashed = id_hash(job_id) if self.d["mans"] else None  # once, not per manifest
         for m, mref in enumerate(self.d["mans"]):
             manifest = self.manifest(mref["k"])
             skip = self.d["mpos"] if m == 0 else 0
-            for n in manifest.candidates(job_id):
+            for n in manifest.candidates(job_id, hashed):
                 if n >= skip:
                     start = self.d["pos"] if (m == 0 and n == skip) else 0
                     found += self._find(manifest.refs[n], job_id, start, mref["k"])
