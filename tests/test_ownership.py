@@ -346,14 +346,18 @@ async def test_an_enqueue_the_owner_landed_but_answered_too_late_is_not_done_twi
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
     owner = owner_of(brokers, "t")
     other = next(b for b in brokers if b is not owner)
-    slow_enqueue = owner.engine.enqueue
+    slow = {name: getattr(owner.engine, name) for name in ("enqueue", "push")}
 
-    async def enqueue_then_stall(*args: Any, **kwargs: Any) -> Any:
-        answer = await slow_enqueue(*args, **kwargs)
-        await asyncio.sleep(1.0)  # landed; the answer comes too late
-        return answer
+    def stalling(name: str) -> Callable[..., Awaitable[Any]]:
+        async def then_stall(*args: Any, **kwargs: Any) -> Any:
+            answer = await slow[name](*args, **kwargs)
+            await asyncio.sleep(1.0)  # landed; the answer comes too late
+            return answer
 
-    monkeypatch.setattr(owner.engine, "enqueue", enqueue_then_stall)
+        return then_stall
+
+    for name in slow:
+        monkeypatch.setattr(owner.engine, name, stalling(name))
     monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
     async with aiohttp.ClientSession() as s:
         status, body, headers = await post(s, f"{other.url}/topics/t/enqueue", {"payload": 1})
@@ -364,7 +368,11 @@ async def test_an_enqueue_the_owner_landed_but_answered_too_late_is_not_done_twi
         )
         assert headers.get("Simplequeue-Replayed") == "1"
         assert status == 200 and len(body["duplicates"]) == 2, body
-    assert (await owner.engine.status("t"))["total"] == 3
+        status, body, headers = await post(
+            s, f"{other.url}/topics/t/push", {"jobs": [{"payload": 4}]}
+        )
+        assert headers.get("Simplequeue-Replayed") == "1"
+    assert (await owner.engine.status("t"))["total"] == 4
 
 
 async def test_a_redis_enqueue_the_owner_landed_but_answered_too_late_is_not_done_twice(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from simplequeue.api import MAX_BATCH
 from simplequeue.client import Backoff, Client, Done, Job, Worker
 from simplequeue.client.worker import ClaimAhead
 from simplequeue.errors import BrokerUnavailable
@@ -224,9 +225,34 @@ def test_claim_ahead_sizes_the_buffer_from_the_rate_and_the_round_trip() -> None
     ahead.claimed(5.0, asked=6, got=1)  # a long poll answered short: not a round trip
     run(1_000, 1.0)
     assert 38 <= ahead.size <= 42
-    now[0] += 30.0  # a lull, then one job: no rate to learn from it
-    ahead.ended()
-    assert 38 <= ahead.size <= 42
+    run(0.5, 20.0)  # jobs that end seconds apart: the buffer shrinks back
+    assert ahead.size == 8
+
+
+def test_claim_ahead_never_asks_for_more_than_a_claim_may_carry() -> None:
+    """A claim of more than api.MAX_BATCH jobs is refused: a large worker's
+    buffer stops short of it, and so does each claim it sends."""
+    now = [0.0]
+    ahead = ClaimAhead(concurrency=200, clock=lambda: now[0])
+    ahead.claimed(0.25, asked=300, got=300)
+    for _ in range(20_000):
+        now[0] += 1 / 20_000
+        ahead.ended()
+    assert ahead.size == MAX_BATCH
+
+
+async def test_a_large_worker_claims_within_the_apis_batch_limit(broker: Any) -> None:
+    async with CountingClient(broker.url, topic="w") as q:
+        q.batches = []
+        await q.enqueue_many(list(range(1000)))
+        await q.enqueue_many(list(range(1000, 1500)))
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, concurrency=1200, prefetch=0, wait=0.2, handle_signals=False)
+        await run_until(worker, broker, lambda: _completed(q, 1500))
+    assert max(q.batches) == MAX_BATCH
 
 
 async def test_worker_without_prefetch_claims_only_free_slots(broker: Any) -> None:

@@ -146,7 +146,7 @@ async def _routed(
         wait = api.decode(body, api.ClaimRequest).wait
     elif name == "job":
         wait = wait_of(request)
-    elif name == "enqueue":
+    elif name in ("enqueue", "push"):
         # Ids go with it, so that a broker that serves it after one that did not
         # answer (and may have done it) serves the same jobs: duplicates there.
         request[_BODY] = body = _with_ids(body)
@@ -402,7 +402,7 @@ def build_app(services: HttpServices) -> web.Application:
             web.post(f"{t}/enqueue", enqueue, name="enqueue"),
             web.post(f"{t}/claim", claim, name="claim"),
             web.post(f"{t}/pop", pop, name="pop"),
-            web.post(f"{t}/push", push),
+            web.post(f"{t}/push", push, name="push"),
             web.post(f"{t}/release", release),
             web.post(f"{t}/refresh", refresh),
             web.post(f"{t}/ack", ack),

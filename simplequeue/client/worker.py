@@ -91,6 +91,7 @@ CLAIMS_IN_FLIGHT = 2
 # times the concurrency.
 AHEAD_TRIPS = 4
 AHEAD_MAX = 16
+AHEAD_JOBS_MAX = api.MAX_BATCH  # and never more jobs than this (unless 2 x concurrency is)
 # The lease assumed for a job whose claim times the broker did not send: its
 # default --lease.
 FALLBACK_LEASE = 30.0
@@ -99,19 +100,21 @@ FALLBACK_LEASE = 30.0
 class ClaimAhead:
     """The prefetch buffer's size when none was fixed: enough jobs to keep every
     slot busy for AHEAD_TRIPS claim round trips at the rate jobs end here,
-    never under twice `concurrency` nor over AHEAD_MAX times it. Short jobs
+    never under twice `concurrency` nor over AHEAD_MAX times it (nor over
+    AHEAD_JOBS_MAX, past twice `concurrency`). Short jobs
     then claim in large batches (the broker writes once per batch, so a batch
     twice the size costs about the same), and long ones keep the small buffer
     that leaves jobs to the other workers. Round trips are measured only on
-    claims answered in full: one that came back short may have long-polled."""
+    claims answered in full: one that came back short may have long-polled.
+    A rate sample spans at least WINDOW and one job, so when jobs slow down
+    (or stop) the rate falls with them and the buffer shrinks back."""
 
-    WINDOW = 0.05  # seconds of completions per rate sample
-    GAP = 1.0  # seconds: a sample longer than this is dropped
+    WINDOW = 0.05  # seconds of completions per rate sample, at least
     WEIGHT = 0.3  # of a new sample in the moving averages
 
     def __init__(self, concurrency: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.floor = 2 * concurrency
-        self.cap = AHEAD_MAX * concurrency
+        self.cap = max(self.floor, min(AHEAD_MAX * concurrency, AHEAD_JOBS_MAX))
         self.size = self.floor
         self.clock = clock
         self._trip: float | None = None  # seconds, a claim's round trip
@@ -129,9 +132,8 @@ class ClaimAhead:
         now = self.clock()
         took = now - self._since
         if took >= self.WINDOW:
-            if took <= self.GAP:  # a longer sample spans a lull: no rate to learn from it
-                self._rate = self._average(self._rate, self._ended / took)
-                self._resize()
+            self._rate = self._average(self._rate, self._ended / took)
+            self._resize()
             self._since, self._ended = now, 0
 
     def _average(self, old: float | None, new: float) -> float:
@@ -305,6 +307,7 @@ class Worker:
         # With a buffer, half the capacity at most, so that a second claim can
         # be on its way while the first one's jobs run.
         count = min(room, (self.concurrency + prefetch + 1) // 2) if prefetch else room
+        count = min(count, api.MAX_BATCH)  # what one claim may ask for
         if self.max_jobs is not None:
             count = min(count, self.max_jobs - self._taken - self._asked)
         return count
