@@ -121,7 +121,13 @@ def cache_families(used: int, budget: int, fetched: int) -> Iterator[Any]:
 
 
 def cluster_families(
-    live: int, forwarded: int, fallbacks: int, reaped: int, delivered: int, acquired: int
+    live: int,
+    forwarded: int,
+    fallbacks: int,
+    reaped: int,
+    delivered: int,
+    acquired: int,
+    fired: int = 0,
 ) -> Iterator[Any]:
     """This broker among the others: live brokers it sees, requests it passed to
     a topic's owner (and times the owner did not answer), and what its owner
@@ -141,6 +147,7 @@ def cluster_families(
             delivered,
         ),
         ("topics_taken_over", "Topic heads read when this broker came to own them", acquired),
+        ("schedule_jobs_fired", "Jobs this broker enqueued for schedules whose slot came", fired),
     ):
         yield CounterMetricFamily(f"simplequeue_{name}", help_text, value=value)
 

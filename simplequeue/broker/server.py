@@ -126,6 +126,7 @@ class Broker:
                     self.duties.reaped,
                     self.duties.delivered,
                     self.duties.acquired,
+                    self.duties.fired,
                 )
             )
         )
