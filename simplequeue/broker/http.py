@@ -56,7 +56,8 @@ class HttpServices:
 
 
 SERVICES: web.AppKey[HttpServices] = web.AppKey("services")
-_BODY = "simplequeue.body"  # a request's body as rewritten before it was passed on
+# A request's body as rewritten before it was passed on.
+_BODY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -186,7 +187,7 @@ def _with_ids(body: bytes) -> bytes:
 
 async def raw_body(request: web.Request) -> bytes:
     """The request's body, as _routed rewrote it if it did."""
-    rewritten: bytes | None = request.get(_BODY)
+    rewritten = request.get(_BODY)
     return rewritten if rewritten is not None else await request.read()
 
 
