@@ -6,6 +6,7 @@ are validated here before they can become part of a key.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from simplequeue.errors import InvalidRequest
@@ -33,11 +34,13 @@ def head(topic: str) -> str:
 
 def segment(topic: str, segment_id: str) -> str:
     """An immutable segment object that a topic's head references."""
-    return f"{TOPICS_PREFIX}{check_topic(topic)}/seg-{segment_id}.json"
+    return f"{segments_prefix(topic)}seg-{segment_id}.json"
 
 
+@functools.lru_cache(maxsize=4096)
 def segments_prefix(topic: str) -> str:
-    """The prefix under which every segment of a topic lives."""
+    """The prefix under which every segment of a topic lives. Cached: segment
+    keys are made on every lookup, and the name need be checked once."""
     return f"{TOPICS_PREFIX}{check_topic(topic)}/"
 
 

@@ -22,7 +22,6 @@ SegmentMissing for one that is not loaded.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,16 +30,6 @@ from simplequeue import keys
 from simplequeue.state.segments import Manifest, Segment, SegmentView, encode_index, id_hash
 
 Item = dict[str, Any]
-
-
-@functools.lru_cache(maxsize=4096)
-def _segments_prefix(topic: str) -> str:
-    return keys.segments_prefix(topic)  # checks the name: once per topic, not per lookup
-
-
-def _segment_key(topic: str, seg_id: str) -> str:
-    """keys.segment(topic, seg_id), on every lookup's path."""
-    return f"{_segments_prefix(topic)}seg-{seg_id}.json"
 
 
 def new_chain() -> dict[str, Any]:
@@ -78,10 +67,10 @@ class Chain:
     # --- reading -------------------------------------------------------------------
 
     def segment(self, seg_id: str) -> Segment:
-        return self.view.segment(_segment_key(self.topic, seg_id))
+        return self.view.segment(keys.segment(self.topic, seg_id))
 
     def manifest(self, man_id: str) -> Manifest:
-        return self.view.manifest(_segment_key(self.topic, man_id))
+        return self.view.manifest(keys.segment(self.topic, man_id))
 
     def holes_of(self, ref: dict[str, Any]) -> set[int]:
         holes = set(ref.get("holes", ()))
@@ -181,11 +170,11 @@ class Chain:
         without `inline`: a caller that indexes the inline items itself).
         Manifested segments are searched through their id index, loose ones read."""
         found: list[Place] = []
-        hashed = id_hash(job_id) if self.d["mans"] else None  # once, not per manifest
+        hashed = id_hash(job_id) if self.d["mans"] else 0  # once, not per manifest
         for m, mref in enumerate(self.d["mans"]):
             manifest = self.manifest(mref["k"])
             skip = self.d["mpos"] if m == 0 else 0
-            for n in manifest.candidates(job_id, hashed):
+            for n in manifest.candidates(hashed):
                 if n >= skip:
                     start = self.d["pos"] if (m == 0 and n == skip) else 0
                     found += self._find(manifest.refs[n], job_id, start, mref["k"])

@@ -89,16 +89,16 @@ class Manifest:
     size: int
     _index: array.array[int] | None = field(default=None, repr=False)
 
-    def candidates(self, job_id: str, hashed: int | None = None) -> list[int]:
-        """Which of this manifest's segments may hold `job_id` (a false positive
-        is rare: the caller reads the segment to be sure). `hashed`: its
-        id_hash, when the caller already has it."""
+    def candidates(self, hashed: int) -> list[int]:
+        """Which of this manifest's segments may hold the id whose id_hash is
+        `hashed` (a false positive is rare: the caller reads the segment to be
+        sure)."""
         if self._index is None:
             merged = array.array("Q")
             for n, ref in enumerate(self.refs):
                 merged.extend((h << 16) | n for h in decode_index(ref["ix"]))
             self._index = array.array("Q", sorted(merged))
-        h = (id_hash(job_id) if hashed is None else hashed) << 16
+        h = hashed << 16
         lo = bisect.bisect_left(self._index, h)
         hi = bisect.bisect_left(self._index, h + (1 << 16))
         return sorted({v & 0xFFFF for v in self._index[lo:hi]})
