@@ -50,6 +50,22 @@ async def post(s: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any,
         return r.status, await r.json(), r.headers
 
 
+def answer_too_late(monkeypatch: pytest.MonkeyPatch, engine: Any, *names: str) -> None:
+    """Make `engine`'s operations `names` do their work, then answer a second
+    late: past a forwarding broker's timeout (forward_timeout=0.3 here)."""
+
+    def stalling(done: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def then_stall(*args: Any, **kwargs: Any) -> Any:
+            answer = await done(*args, **kwargs)
+            await asyncio.sleep(1.0)  # landed; the answer comes too late
+            return answer
+
+        return then_stall
+
+    for name in names:
+        monkeypatch.setattr(engine, name, stalling(getattr(engine, name)))
+
+
 # --- routing ----------------------------------------------------------------------------
 
 
@@ -312,14 +328,7 @@ async def test_a_request_the_owner_did_it_but_answered_too_late_says_it_may_be_a
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
     owner = owner_of(brokers, "t")
     other = next(b for b in brokers if b is not owner)
-    slow_ack = owner.engine.ack
-
-    async def ack_then_stall(*args: Any, **kwargs: Any) -> Any:
-        answer = await slow_ack(*args, **kwargs)
-        await asyncio.sleep(1.0)  # landed; the answer comes too late
-        return answer
-
-    monkeypatch.setattr(owner.engine, "ack", ack_then_stall)
+    answer_too_late(monkeypatch, owner.engine, "ack")
     async with aiohttp.ClientSession() as s:
         await post(s, f"{owner.url}/topics/t/enqueue", {"id": "j", "payload": 1})
         _, claim, _ = await post(s, f"{owner.url}/topics/t/claim", {"worker_id": "w"})
@@ -346,18 +355,7 @@ async def test_an_enqueue_the_owner_landed_but_answered_too_late_is_not_done_twi
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
     owner = owner_of(brokers, "t")
     other = next(b for b in brokers if b is not owner)
-    slow = {name: getattr(owner.engine, name) for name in ("enqueue", "push")}
-
-    def stalling(name: str) -> Callable[..., Awaitable[Any]]:
-        async def then_stall(*args: Any, **kwargs: Any) -> Any:
-            answer = await slow[name](*args, **kwargs)
-            await asyncio.sleep(1.0)  # landed; the answer comes too late
-            return answer
-
-        return then_stall
-
-    for name in slow:
-        monkeypatch.setattr(owner.engine, name, stalling(name))
+    answer_too_late(monkeypatch, owner.engine, "enqueue", "push")
     monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
     async with aiohttp.ClientSession() as s:
         status, body, headers = await post(s, f"{other.url}/topics/t/enqueue", {"payload": 1})
@@ -386,18 +384,7 @@ async def test_a_redis_enqueue_the_owner_landed_but_answered_too_late_is_not_don
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3, redis_addr="127.0.0.1:0")
     owner = owner_of(brokers, "t")
     other = next(b for b in brokers if b is not owner)
-    slow = {name: getattr(owner.engine, name) for name in ("enqueue", "push")}
-
-    def stalling(name: str) -> Callable[..., Awaitable[Any]]:
-        async def then_stall(*args: Any, **kwargs: Any) -> Any:
-            answer = await slow[name](*args, **kwargs)
-            await asyncio.sleep(1.0)  # landed; the answer comes too late
-            return answer
-
-        return then_stall
-
-    for name in slow:
-        monkeypatch.setattr(owner.engine, name, stalling(name))
+    answer_too_late(monkeypatch, owner.engine, "enqueue", "push")
     monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
     r = redis.Redis(host="127.0.0.1", port=other.redis.port)
     try:

@@ -188,13 +188,19 @@ class Router:
         # Served here: a replay cannot be told over RESP, whose answers are counts.
         return None if isinstance(got, Here) else got
 
-    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+    async def _route_jobs(
+        self, topic: str, path: str, specs: list[JobSpec]
+    ) -> tuple[Answer | None, list[JobSpec]]:
+        """New jobs routed: passed on with ids, which they keep when they are
+        served here after a broker that did not answer (and may have made
+        them): duplicates there, not new jobs. The specs to serve here."""
         if self.forwarder.membership.owns(topic):
-            return await self.engine.enqueue(topic, specs)
-        # Ids go with it, and stay when it is served here after a broker that
-        # did not answer (and may have done it): duplicates, not new jobs.
+            return None, specs
         specs = api.with_ids(specs)
-        got = await self._route(topic, "POST", "/enqueue", api.EnqueueBatch(specs))
+        return await self._route(topic, "POST", path, api.EnqueueBatch(specs)), specs
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        got, specs = await self._route_jobs(topic, "/enqueue", specs)
         if got is None:
             return await self.engine.enqueue(topic, specs)
         answer = _decode(got, api.EnqueuedBatch)
@@ -202,9 +208,7 @@ class Router:
         return [{"id": i, "duplicate": i in duplicates} for i in answer.ids]
 
     async def push(self, topic: str, specs: list[JobSpec]) -> int:
-        if not self.forwarder.membership.owns(topic):
-            specs = api.with_ids(specs)  # as enqueue's
-        got = await self._route(topic, "POST", "/push", api.EnqueueBatch(specs))
+        got, specs = await self._route_jobs(topic, "/push", specs)
         if got is None:
             return await self.engine.push(topic, specs)
         return _decode(got, api.Pushed).length
