@@ -127,7 +127,7 @@ def cluster_families(
     reaped: int,
     delivered: int,
     acquired: int,
-    fired: int = 0,
+    fired: int,
 ) -> Iterator[Any]:
     """This broker among the others: live brokers it sees, requests it passed to
     a topic's owner (and times the owner did not answer), and what its owner
