@@ -466,3 +466,74 @@ async def test_with_a_token_every_route_but_healthz_needs_it(
 async def test_without_a_token_no_route_asks_for_one(api: Api) -> None:
     for method, path, body in ROUTES:
         assert (await api.call(method, path, body))[0] != 401, path
+
+
+# --- routing: what aiohttp's router did, done by the broker's own (simplequeue.broker.http)
+
+
+async def test_a_known_path_with_another_method_is_405_and_says_which_are_allowed(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    broker = await start_broker(MemStore())
+    async with session.get(f"{broker.url}/topics/t/enqueue") as r:
+        assert r.status == 405
+        assert r.headers["Allow"] == "POST"
+    async with session.post(f"{broker.url}/topics/t/dead") as r:
+        assert r.status == 405
+        assert set(r.headers["Allow"].split(",")) == {"DELETE", "GET", "HEAD"}
+
+
+async def test_head_is_answered_as_get_without_a_body(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    broker = await start_broker(MemStore())
+    async with session.head(f"{broker.url}/healthz") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("application/json")
+        assert await r.read() == b""
+
+
+@pytest.mark.parametrize(
+    "path", ["/nothing", "/topics/t", "/topics/t/enqueue/more", "/topics//enqueue", "//"]
+)
+async def test_a_path_no_route_has_is_404_and_needs_the_token_first(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession, path: str
+) -> None:
+    broker = await start_broker(MemStore(), token="s3cret")
+    assert (await Api(session, broker.url).call("GET", path))[0] == 401
+    status, body = await Api(session, broker.url, token="s3cret").call("GET", path)
+    assert (status, body["error"]) == (404, "Not Found")
+
+
+async def test_path_parameters_are_percent_decoded_before_they_are_checked(api: Api) -> None:
+    await api.post("/topics/t/enqueue", {"id": "a b", "payload": 1})
+    status, body = await api.get("/topics/t/jobs/a%20b")
+    assert (status, body["id"]) == (200, "a b")
+    assert (await api.post("/topics/%74/enqueue", {"id": "c", "payload": 1}))[0] == 201
+    assert (await api.get("/topics/t/status"))[1]["pending"] == 2
+
+
+async def test_a_client_that_expects_100_continue_gets_it_before_it_sends_the_body(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """curl sends `Expect: 100-continue` with bodies over 1 KiB and waits a second
+    for the interim answer before it sends the body."""
+    broker = await start_broker(MemStore())
+    address = yarl.URL(broker.url)
+    assert address.host is not None and address.port is not None
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        body = orjson.dumps({"payload": "x" * 2000})
+        writer.write(
+            b"POST /topics/t/enqueue HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 4)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 4)
+        assert head.startswith(b"HTTP/1.1 201 ")
+    finally:
+        writer.close()
+        await writer.wait_closed()

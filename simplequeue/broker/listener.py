@@ -1,8 +1,9 @@
-"""The HTTP listener: the TCP server in front of the aiohttp application, and the
-connection limits aiohttp lacks. It owns each connection's life outside its
-requests: how long a client may take to send a request's headers, how long it may
-idle between requests, and how many connections may be open at once. It never
-reads, answers or times out a request in progress; aiohttp parses and answers.
+"""The HTTP listener: the TCP server in front of aiohttp's low-level server and
+the one request handler it calls, and the connection limits aiohttp lacks. It
+owns each connection's life outside its requests: how long a client may take to
+send a request's headers, how long it may idle between requests, and how many
+connections may be open at once. It never reads, answers or times out a request
+in progress; aiohttp parses, the handler answers.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +59,35 @@ class Limits:
     max_connections: int | None = None  # None: default_max_connections()
 
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
 class HttpListener:
-    """Serves one aiohttp application on one TCP address within `Limits`.
+    """Serves one request handler on one TCP address within `Limits`.
 
     Connections are aiohttp's own protocol (RequestHandler) behind a thin
-    `_Connection` that forwards every event to it; a middleware tells the
-    connection when a request starts and ends. Idle keep-alive connections are
-    closed by aiohttp itself (keepalive_timeout)."""
+    `_Connection` that forwards every event to it; the handler is wrapped to
+    tell the connection when a request starts and ends. Idle keep-alive
+    connections are closed by aiohttp itself (keepalive_timeout)."""
 
-    def __init__(self, app: web.Application, limits: Limits, **runner_options: Any) -> None:
-        app.middlewares.insert(0, track_requests)  # outermost: it sees every request
+    def __init__(
+        self,
+        handler: Handler,
+        limits: Limits,
+        *,
+        max_body: int,
+        shutdown_timeout: float = 5.0,
+        **server_options: Any,
+    ) -> None:
         self.limits = limits
         self.max_connections = (
             default_max_connections() if limits.max_connections is None else limits.max_connections
         )
-        self._runner = web.AppRunner(
-            app, keepalive_timeout=limits.keepalive_timeout, **runner_options
-        )
+        self._handler = handler
+        self._max_body = max_body
+        self._server_options = server_options
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.ServerRunner | None = None
         self._tcp: asyncio.Server | None = None
         self._open: set[_Connection] = set()
         # Open connections not in a request, the one idle longest first: those
@@ -83,15 +96,34 @@ class HttpListener:
         self._warned_at = -float("inf")
         self.port = 0
 
+    def _request(
+        self,
+        message: Any,
+        payload: Any,
+        protocol: Any,
+        writer: Any,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        """A request whose body may be up to `max_body` bytes (aiohttp's default 1 MiB)."""
+        loop = asyncio.get_running_loop()
+        return web.BaseRequest(
+            message, payload, protocol, writer, task, loop, client_max_size=self._max_body
+        )
+
     @property
     def open_connections(self) -> int:
         return len(self._open)
 
     async def start(self, host: str, port: int) -> None:
-        """Set the application up and listen; `port` 0 picks a free one."""
+        """Set the server up and listen; `port` 0 picks a free one."""
+        server = web.Server(
+            track_requests(self._handler),
+            request_factory=self._request,
+            keepalive_timeout=self.limits.keepalive_timeout,
+            **self._server_options,
+        )
+        self._runner = web.ServerRunner(server, shutdown_timeout=self._shutdown_timeout)
         await self._runner.setup()
-        server = self._runner.server
-        assert server is not None  # set by setup()
         try:
             self._tcp = await asyncio.get_running_loop().create_server(
                 lambda: _Connection(self, server),
@@ -110,7 +142,8 @@ class HttpListener:
         (aiohttp's shutdown_timeout), then clean the application up."""
         if self._tcp is not None:
             self._tcp.close()
-        await self._runner.cleanup()
+        if self._runner is not None:
+            await self._runner.cleanup()
         if self._tcp is not None:
             await self._tcp.wait_closed()
             self._tcp = None
@@ -243,16 +276,20 @@ class _Connection(asyncio.Protocol):
         return None if self.transport is None else self.transport.get_extra_info("peername")
 
 
-@web.middleware
-async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tells a request's connection when the request starts and ends, so that its
-    header clock stops and it is never taken for idle while in a request."""
-    transport = request.transport
-    connection = None if transport is None else transport.get_protocol()
-    if not isinstance(connection, _Connection):
-        return await handler(request)
-    connection.request_started()
-    try:
-        return await handler(request)
-    finally:
-        connection.request_ended()
+def track_requests(handler: Handler) -> Handler:
+    """`handler`, telling each request's connection when the request starts and
+    ends, so that its header clock stops and it is never taken for idle while in
+    a request."""
+
+    async def tracked(request: web.BaseRequest) -> web.StreamResponse:
+        transport = request.transport
+        connection = None if transport is None else transport.get_protocol()
+        if not isinstance(connection, _Connection):
+            return await handler(request)
+        connection.request_started()
+        try:
+            return await handler(request)
+        finally:
+            connection.request_ended()
+
+    return tracked

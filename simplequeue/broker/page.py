@@ -70,11 +70,6 @@ SECURITY_HEADERS = {
 }
 
 
-def is_public(path: str) -> bool:
-    """The page and its assets carry no data: they are served without the token."""
-    return path == "/" or path.startswith(STATIC_PREFIX)
-
-
 # --- what the page is sent: /ui/overview, described in /openapi.json -------------------
 
 
@@ -325,19 +320,9 @@ class StatusPage:
         self._computing = asyncio.Lock()
         self._last: tuple[float, bytes] | None = None
 
-    def setup(self, app: web.Application) -> None:
-        app.router.add_routes(
-            [
-                web.get("/", self.index),
-                web.get(STATIC_PREFIX + "{name}", self.asset),
-                web.get(OVERVIEW_PATH, self.overview),
-            ]
-        )
-        app.on_cleanup.append(self._close)
-
     # --- static --------------------------------------------------------------------
 
-    def _serve(self, request: web.Request, name: str) -> web.Response:
+    def _serve(self, request: web.BaseRequest, name: str) -> web.Response:
         body, content_type, etag = self._assets[name]
         headers = {**SECURITY_HEADERS, "Cache-Control": "no-cache", "ETag": etag}
         if request.headers.get("If-None-Match") == etag:
@@ -345,18 +330,17 @@ class StatusPage:
         headers["Content-Type"] = content_type
         return web.Response(body=body, headers=headers)
 
-    async def index(self, request: web.Request) -> web.Response:
+    def index(self, request: web.BaseRequest) -> web.Response:
         return self._serve(request, "index.html")
 
-    async def asset(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    def asset(self, request: web.BaseRequest, name: str) -> web.Response:
         if name not in self._assets or name == "index.html":
             raise web.HTTPNotFound(reason="no such asset")
         return self._serve(request, name)
 
     # --- data ------------------------------------------------------------------------
 
-    async def overview(self, request: web.Request) -> web.Response:
+    async def overview(self) -> web.Response:
         async with self._computing:
             if self._last is None or time.monotonic() - self._last[0] >= REUSE_FOR:
                 self._last = (time.monotonic(), msgspec.json.encode(await self.compute()))
@@ -422,13 +406,8 @@ class StatusPage:
             except Exception as exc:  # keep sampling
                 log.warning("status page sampler: %s", exc)
 
-    async def _close(self, app: web.Application) -> None:
+    async def close(self) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sampler
-
-
-def setup(app: web.Application, engine: Engine, presence: Callable[[], Presence]) -> None:
-    """Register the status page's routes on the broker's app."""
-    StatusPage(engine, presence).setup(app)

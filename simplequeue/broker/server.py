@@ -18,7 +18,7 @@ from simplequeue.broker.discovery import Announcer
 from simplequeue.broker.duties import Duties, DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Forwarder, Router
-from simplequeue.broker.http import HttpServices, build_app
+from simplequeue.broker.http import HttpApi, HttpServices
 from simplequeue.broker.listener import HttpListener, Limits
 from simplequeue.broker.membership import Membership, Peer
 from simplequeue.broker.metrics import (
@@ -134,6 +134,7 @@ class Broker:
         self.committer.on_loaded = lambda topic, state: self.duties.loaded(topic, state.next_due())
         self.committer.on_failed = self.duties.failed
         self.http: HttpListener | None = None  # the HTTP listener, once started
+        self.http_api: HttpApi | None = None  # what it answers with
         self.redis: RespServer | None = None  # the RESP listener, with --redis-addr
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -184,12 +185,14 @@ class Broker:
             keepalive_timeout=self.settings.keepalive_timeout,
             max_connections=self.settings.max_connections,
         )
+        self.http_api = HttpApi(services)
         self.http = HttpListener(
-            build_app(services),
+            self.http_api,
             limits,
+            max_body=self.settings.max_body,
+            shutdown_timeout=5,
             handler_cancellation=True,
             access_log=None,
-            shutdown_timeout=5,
         )
         await self.http.start(host, port)
         self.url = self.settings.advertise_url or default_advertise_url(host, self.http.port)
@@ -210,6 +213,7 @@ class Broker:
                 await self.redis.start(self.settings.redis_addr)
             except OSError:
                 await self.http.stop()  # leave nothing listening behind
+                await self.http_api.close()
                 raise
         await self._announce_once()
         await self._join()
@@ -253,6 +257,8 @@ class Broker:
             await self.redis.stop()
         if self.http is not None:
             await self.http.stop()  # stop accepting; let handlers finish
+        if self.http_api is not None:
+            await self.http_api.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
