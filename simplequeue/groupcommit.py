@@ -181,6 +181,7 @@ class GroupCommitter:
         self.epoch = epoch
         self.settings = settings or CommitSettings()
         self.clock = clock
+        self._clock_sampled = False  # store.sample_clock() done once, before the first apply
         self.cache = cache or ObjectCache(store, self.settings.cache_bytes)
         self.stats = CommitStats()
         self.fenced_by: dict[str, Any] | None = None  # a newer writer seen in a head
@@ -474,6 +475,12 @@ class GroupCommitter:
         entries = [e for e in batch if not e.abandoned]  # skip callers gone before apply
         if not entries:
             return [], []
+        if not self._clock_sampled:
+            # Times go into the store on its clock, never on a guess: a broker
+            # that serves before its first write (a localfs read carries no
+            # stamp) would write its wall clock's leases and expiries.
+            await self.store.sample_clock()
+            self._clock_sampled = True
         for _ in range(_MAX_FETCH_ROUNDS):
             if t.state is None:
                 await self._load(t)

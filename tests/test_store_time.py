@@ -169,3 +169,32 @@ async def test_a_process_whose_clock_is_60_s_behind_still_tells_the_stores_time(
     assert abs(theirs["monotonic"] - our_monotonic) < 2, "the child's monotonic clock moved"
     assert abs(theirs["localfs_now"] - ours) < 2
     assert abs(theirs["s3_now"] - ours) < 2
+
+
+# --- a handle that has not heard from the store yet -----------------------------------
+
+
+async def test_a_committer_that_never_wrote_to_localfs_does_not_judge_leases_by_its_wall_clock(
+    tmp_path: Path,
+) -> None:
+    """The campaign's fault: a broker restarted a minute ahead listens before its
+    registration lands; a claim served in between was judged on its wall clock
+    (localfs reads carry no stamp): a heartbeat a minute late by that clock is
+    refused as expired, and a reap takes the job from its holder."""
+    from simplequeue.api import JobSpec
+    from simplequeue.broker.engine import Engine
+    from simplequeue.groupcommit import GroupCommitter
+    from simplequeue.objstore.clock import StoreClock
+
+    right = LocalStore(tmp_path)
+    holder = Engine(GroupCommitter(right, broker_id="a", clock=right.now))
+    await holder.enqueue("t", [JobSpec(payload=1)])
+    [held] = await holder.claim("t", "w1", lease=30)
+    ahead = LocalStore(tmp_path)
+    ahead.clock = StoreClock(wall=lambda: time.time() + 60)
+    restarted = Engine(GroupCommitter(ahead, broker_id="b", clock=ahead.now))
+    renewed = await restarted.heartbeat("t", held["id"], held["lease_token"], 30)
+    assert renewed["lease_expires_at"] == pytest.approx(time.time() + 30, abs=1)
+    assert ahead.clock.samples >= 1 and abs(ahead.now() - time.time()) < 0.5
+    await right.close()
+    await ahead.close()

@@ -265,5 +265,8 @@ class InstrumentedStore(ObjectStore):
         keys: list[str] = await self._timed("list", self.inner.list(prefix))
         return keys
 
+    async def sample_clock(self) -> None:
+        await self.inner.sample_clock()
+
     async def close(self) -> None:
         await self.inner.close()

@@ -96,6 +96,14 @@ class ObjectStore(ABC):
     async def list(self, prefix: str = "") -> list[str]:
         """Every key that starts with `prefix`, sorted."""
 
+    async def sample_clock(self) -> None:  # noqa: B027 - most answers carry the time
+        """Make sure now() rests on at least one of the store's stamps: a handle
+        that has not heard from the store yet guesses with the local wall clock,
+        which must never be written into the store. Backends whose every answer
+        carries the time (S3's Date, errors too) and the in-memory store (its time
+        is the process's) need nothing; localfs, whose reads carry no stamp,
+        touches a file."""
+
     async def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release connections and files. The store is unusable afterwards."""
 

@@ -227,6 +227,19 @@ class LocalStore(ObjectStore):
             raise
         return tmp, fd, content_etag(data)
 
+    def _touch_clock(self) -> None:
+        """A sample of the kernel's clock without writing an object: the mtime
+        it stamps on a file we touch."""
+        self._prepare()
+        sent = time.monotonic()
+        fd = os.open(self.root / _META_DIR / "clock", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.utime(fd)
+            received = time.monotonic()
+            self.clock.observe(sent, received, os.fstat(fd).st_mtime_ns / 1e9, MTIME_RESOLUTION)
+        finally:
+            os.close(fd)
+
     def _make_dirs(self, directory: Path) -> None:
         """Create `directory` and the parents it lacks, each made durable: a new
         directory's entry lives in its parent, which is fsynced after it."""
@@ -339,6 +352,10 @@ class LocalStore(ObjectStore):
 
     async def list(self, prefix: str = "") -> list[str]:
         return await self._run(self._list_sync, prefix)
+
+    async def sample_clock(self) -> None:
+        if not self.clock.samples:
+            await self._run(self._touch_clock)
 
     async def close(self) -> None:
         self._written.close()

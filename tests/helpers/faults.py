@@ -83,5 +83,8 @@ class FaultyStore(ObjectStore):
         self.calls["list"] += 1
         return await self.inner.list(prefix)
 
+    async def sample_clock(self) -> None:
+        await self.inner.sample_clock()
+
     async def close(self) -> None:
         await self.inner.close()

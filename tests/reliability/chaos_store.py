@@ -75,5 +75,8 @@ class ChaosStore(ObjectStore):
         await self._before()
         return await self.inner.list(prefix)
 
+    async def sample_clock(self) -> None:
+        await self.inner.sample_clock()
+
     async def close(self) -> None:
         await self.inner.close()
