@@ -519,11 +519,7 @@ class GroupCommitter:
         outcome = _Outcome(write_id, results, entries, sealed.new_objects)
         outcomes.append(outcome)
         try:
-            for key, body in sealed.new_objects.items():
-                # The key embeds this attempt's id: if it exists, an earlier try of ours landed.
-                with contextlib.suppress(PreconditionFailed):
-                    await self.store.put_if(key, body, if_none_match=True)
-                self.stats.segments_written += 1
+            await self._put_new(sealed.new_objects)
             if t.etag is None:
                 etag = await self.store.put_if(t.head_key, data, if_none_match=True)
             else:
@@ -551,6 +547,30 @@ class GroupCommitter:
         t.etag, t.checked_at = etag, sent_at
         self._keep(sealed.new_objects)
         return self._landed(t, outcome, data=data)
+
+    async def _put_new(self, objects: dict[str, bytes]) -> None:
+        """Write a batch's new segments, side by side: none refers to another,
+        and the head that refers to them is written only once all landed. On
+        S3 a batch that spills two segments waits one PUT for them, not two."""
+        if not objects:
+            return
+        if len(objects) == 1:
+            [(key, body)] = objects.items()
+            await self._put_segment(key, body)
+            return
+        outcomes = await asyncio.gather(
+            *(self._put_segment(key, body) for key, body in objects.items()),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:  # every PUT has ended: none is left running
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _put_segment(self, key: str, body: bytes) -> None:
+        # The key embeds this attempt's id: if it exists, an earlier try of ours landed.
+        with contextlib.suppress(PreconditionFailed):
+            await self.store.put_if(key, body, if_none_match=True)
+        self.stats.segments_written += 1
 
     def _keep(self, objects: dict[str, bytes]) -> None:
         """Objects this broker wrote go into the cache: no one reads them back.

@@ -4,6 +4,7 @@ ambiguous writes, failing and slow stores, callers that go away, fencing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -276,3 +277,39 @@ def test_brokers_on_s3_batch_longer_and_spill_less() -> None:
     assert local.bounds == Bounds()
     assert s3.bounds.inline_pending_bytes == 2 * Bounds().inline_pending_bytes
     assert s3.bounds.inline_records_bytes == 2 * Bounds().inline_records_bytes
+
+
+class SideBySide(MemStore):
+    """Counts segment PUTs in flight at once; each waits (up to 1 s) for a second
+    one to start, as a slow S3 PUT would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = self.most = 0
+        self.two = asyncio.Event()
+        self.head_saw_in_flight: list[int] = []
+
+    async def put_if(self, key: str, data: bytes, **condition: Any) -> str:
+        if "/seg-" not in key:
+            self.head_saw_in_flight.append(self.in_flight)
+            return await super().put_if(key, data, **condition)
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        if self.in_flight == 2:
+            self.two.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.two.wait(), 1.0)
+            return await super().put_if(key, data, **condition)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_batchs_new_segments_are_written_side_by_side_and_before_its_head() -> None:
+    store = SideBySide()
+    q = engine_on(store, bounds=Bounds(inline_pending_bytes=1024))
+    await q.enqueue("t", [JobSpec("x" * 2000, priority=p) for p in (1, 2)])
+    assert store.most == 2
+    assert store.head_saw_in_flight == [0]  # the head waited for both
+    assert len([k for k in await store.list("topics/t/") if "/seg-" in k]) == 2
+    assert (await q.status("t"))["pending"] == 2
