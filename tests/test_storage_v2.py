@@ -346,3 +346,27 @@ async def test_topics_idle_for_long_leave_memory_however_few() -> None:
     assert q.forget_idle() == 5
     assert q.committer.known_topics() == []
     assert (await q.status("t3"))["pending"] == 1  # read again when asked
+
+
+def test_a_manifests_id_index_names_every_segment_that_may_hold_an_id() -> None:
+    """Manifest.candidates: each id's segment is among its candidates, a hash
+    between, before or past every indexed one has none, and neighbours in the
+    sorted index (hash ± 1) never leak into each other's answer."""
+    import random
+
+    from simplequeue.state.segments import Manifest, encode_index, id_hash
+
+    rng = random.Random(7)
+    ids = [[f"job-{n}-{i}-{rng.random()}" for i in range(50)] for n in range(20)]
+    refs = [{"k": f"s{n}", "ix": encode_index(chunk)} for n, chunk in enumerate(ids)]
+    manifest = Manifest("m", refs, 0)
+    hashes = {id_hash(i): n for n, chunk in enumerate(ids) for i in chunk}
+    for job_id, n in ((i, n) for n, chunk in enumerate(ids) for i in chunk):
+        assert n in manifest.candidates(id_hash(job_id))
+    for h in (0, min(hashes) - 1, max(hashes) + 1, 2**32 - 1):
+        if h not in hashes and h >= 0:
+            assert manifest.candidates(h) == []
+    for h in hashes:
+        for near in (h - 1, h + 1):
+            if near not in hashes and near >= 0:
+                assert manifest.candidates(near) == []

@@ -98,10 +98,12 @@ class Manifest:
             for n, ref in enumerate(self.refs):
                 merged.extend((h << 16) | n for h in decode_index(ref["ix"]))
             self._index = array.array("Q", sorted(merged))
-        h = hashed << 16
-        lo = bisect.bisect_left(self._index, h)
-        hi = bisect.bisect_left(self._index, h + (1 << 16))
-        return sorted({v & 0xFFFF for v in self._index[lo:hi]})
+        index, h = self._index, hashed << 16
+        lo = bisect.bisect_left(index, h)
+        if lo == len(index) or index[lo] >= h + (1 << 16):
+            return []  # the usual answer (a new id): one bisection, no slice
+        hi = bisect.bisect_left(index, h + (1 << 16), lo)
+        return sorted({v & 0xFFFF for v in index[lo:hi]})
 
 
 def encode_segment(kind: str, items: list[Any]) -> bytes:
