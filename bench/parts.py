@@ -204,47 +204,53 @@ def spread(values: list[float]) -> str:
 
 def part_http(plan: Plan, ctx: Context) -> Section:
     """Single enqueues and claim + ack cycles over HTTP at each concurrency, against
-    simplequeued (localfs) and the bare aiohttp ceiling, rounds interleaved."""
+    simplequeued (localfs), the same on memfs (no store writes: what the HTTP path
+    and the engine cost alone) and the bare aiohttp ceiling, rounds interleaved."""
     cells: dict[tuple[str, int, str], Cell] = defaultdict(Cell)
-    pair: dict[tuple[str, int], list[float]] = defaultdict(list)
+    pair: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     with (
         start_simplequeued(
             "part1", ctx.logs, data_dir=ctx.tmp / "part1", profile=ctx.profile_path("part1")
         ) as sq,
+        start_simplequeued("part1-memfs", ctx.logs) as mem,
         start_ceiling(ctx.logs) as ceiling,
     ):
+        brokers = (sq, mem)
         for c in plan.concurrencies:
             topic = f"http-c{c}"
             for r in range(plan.http_rounds):
-                made = 0  # jobs the simplequeue enqueue round of this round left
+                made: dict[str, int] = {}  # jobs each broker's enqueue round left
                 for op in ("enqueue", "cycle"):
                     rates: dict[str, float] = {}
-                    for server in (sq, ceiling):
-                        cap = made if op == "cycle" and server is sq else plan.http_round_ops
+                    for server in (*brokers, ceiling):
+                        is_broker = server in brokers
+                        cap = made[server.name] if op == "cycle" and is_broker else None
                         cell = cells[(op, c, server.name)]
                         ops = run_round(
                             cell,
                             ctx.gen,
                             server,
                             "http",
-                            broker=server is sq and not ctx.profile,
+                            broker=is_broker and not ctx.profile,
                             url=server.url,
                             topic=topic,
                             op=op,
                             concurrency=c,
                             seconds=plan.http_seconds,
-                            max_ops=cap,
+                            max_ops=plan.http_round_ops if cap is None else cap,
                         )
                         rates[server.name] = cell.rates[-1]
-                        if op == "enqueue" and server is sq:
-                            made = ops
-                    pair[(op, c)].append(rates[sq.name] / rates[ceiling.name])
+                        if op == "enqueue" and is_broker:
+                            made[server.name] = ops
+                    for broker in brokers:
+                        pair[(op, c, broker.name)].append(rates[broker.name] / rates[ceiling.name])
                     ctx.log(
                         f"part 1: c={c} round {r + 1}/{plan.http_rounds} {op}: "
-                        f"simplequeue {num(rates[sq.name])}/s, ceiling "
-                        f"{num(rates[ceiling.name])}/s"
+                        f"simplequeue {num(rates[sq.name])}/s (memfs "
+                        f"{num(rates[mem.name])}/s), ceiling {num(rates[ceiling.name])}/s"
                     )
-                ctx.gen.call("drain", url=sq.url, topic=topic)  # every round starts empty
+                for broker in brokers:  # every round starts empty
+                    ctx.gen.call("drain", url=broker.url, topic=topic)
 
     section = Section("1. HTTP on localfs against a bare aiohttp ceiling")
     rows = []
@@ -252,6 +258,7 @@ def part_http(plan: Plan, ctx: Context) -> Section:
     for op in ("enqueue", "cycle"):
         for c in plan.concurrencies:
             s, ce = cells[(op, c, "part1")], cells[(op, c, "ceiling")]
+            m = cells[(op, c, "part1-memfs")]
             x = s.rate / ce.rate
             latency = lat if op == "enqueue" else (lambda cell, _: cycle_lat(cell))
             rows.append(
@@ -260,8 +267,11 @@ def part_http(plan: Plan, ctx: Context) -> Section:
                     str(c),
                     num(s.rate),
                     num(ce.rate),
-                    ratio(x) + spread(pair[(op, c)]),
+                    ratio(x) + spread(pair[(op, c, "part1")]),
                     f">= {aims[op]}x",
+                    f"{num(m.rate)}, {ratio(m.rate / ce.rate)}"
+                    + spread(pair[(op, c, "part1-memfs")])
+                    + f", {num(m.srv_us)} µs",
                     latency(s, "enqueue"),
                     latency(ce, "enqueue"),
                     f"{pct(s.gen_share)} / {pct(ce.gen_share)}",
@@ -288,6 +298,7 @@ def part_http(plan: Plan, ctx: Context) -> Section:
                 "ceiling jobs/s",
                 "ratio (per round)",
                 "target",
+                "on memfs: jobs/s, ratio, server µs per job",
                 "simplequeue p50 / p99 ms",
                 "ceiling p50 / p99 ms",
                 "generator CPU (sq / ceiling)",
@@ -303,7 +314,9 @@ def part_http(plan: Plan, ctx: Context) -> Section:
         "window (a generator near 100% means the client, not the server, was the limit) "
         "and, for the server, also CPU microseconds per job, which moves less with the "
         "machine's load than throughput does. Mutations per write and the mean conditional "
-        "PUT time come from the broker's /metrics.",
+        "PUT time come from the broker's /metrics. The memfs column is a second broker "
+        "keeping topics in memory (no store writes, no durability): what the HTTP path and "
+        "the engine cost alone, so that the rest of the gap is the store's writes.",
     ]
     return section
 

@@ -141,16 +141,18 @@ def start_simplequeued(
     profile: Path | None = None,
 ) -> Iterator[Server]:
     """A broker on a free port: localfs in `data_dir`, or s3 with `s3` = {bucket,
-    endpoint_url}. With `resp`, also the RESP listener (extra["resp_port"]). With
-    `profile`, it runs under pyinstrument, which writes pstats there when it stops."""
+    endpoint_url}, or memfs with neither. With `resp`, also the RESP listener
+    (extra["resp_port"]). With `profile`, it runs under pyinstrument, which writes
+    pstats there when it stops."""
     args = [sys.executable, *_profiler(profile), "-m", "simplequeue.broker"]
     args += ["--addr", "127.0.0.1:0"]
     args += ["--log-level", "warning", *extra_args]
     if s3 is not None:
         args += ["--backend", "s3", "--bucket", s3["bucket"], "--create-bucket"]
         args += ["--endpoint-url", s3["endpoint_url"], "--region", "us-east-1"]
+    elif data_dir is None:  # in memory: the broker without a store's writes
+        args += ["--backend", "memfs"]
     else:
-        assert data_dir is not None
         args += ["--backend", "localfs", "--dir", str(data_dir)]
     if resp:
         args += ["--redis-addr", "127.0.0.1:0"]
