@@ -169,6 +169,9 @@ async def test_a_process_whose_clock_is_60_s_behind_still_tells_the_stores_time(
     assert abs(theirs["monotonic"] - our_monotonic) < 2, "the child's monotonic clock moved"
     assert abs(theirs["localfs_now"] - ours) < 2
     assert abs(theirs["s3_now"] - ours) < 2
+    # A broker samples the clock before its first write (a file it touches):
+    # that stamp too must be the kernel's, not the process's wall clock.
+    assert abs(theirs["localfs_sampled_now"] - ours) < 2
 
 
 # --- a handle that has not heard from the store yet -----------------------------------

@@ -229,12 +229,14 @@ class LocalStore(ObjectStore):
 
     def _touch_clock(self) -> None:
         """A sample of the kernel's clock without writing an object: the mtime
-        it stamps on a file we touch."""
+        it stamps on a file we write a byte to. A write, not utime(): utime()
+        with no times is served from the caller's idea of now by clock shims
+        such as libfaketime, a write's mtime always by the kernel."""
         self._prepare()
         sent = time.monotonic()
         fd = os.open(self.root / _META_DIR / "clock", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            os.utime(fd)
+            os.pwrite(fd, b"\n", 0)
             received = time.monotonic()
             self.clock.observe(sent, received, os.fstat(fd).st_mtime_ns / 1e9, MTIME_RESOLUTION)
         finally:

@@ -1,5 +1,6 @@
-"""Write one object to a localfs store and one to an S3 store, then print one JSON
-line: this process's time.time() and time.monotonic(), and each store's now().
+"""Write one object to a localfs store and one to an S3 store, sample the clock of a
+third handle (localfs) that writes nothing, then print one JSON line: this
+process's time.time() and time.monotonic(), and each store's now().
 Run under libfaketime by tests/test_store_time.py.
 Usage: store_now.py DIR ENDPOINT BUCKET PREFIX"""
 
@@ -16,10 +17,12 @@ from simplequeue.objstore.s3 import S3Settings, S3Store
 
 async def main(root: str, endpoint: str, bucket: str, prefix: str) -> None:
     local = LocalStore(root)
+    sampled = LocalStore(root)
     s3 = S3Store(S3Settings(bucket, prefix, endpoint_url=endpoint, region="us-east-1"))
     try:
         await local.put("k", b"v")
         await s3.put("k", b"v")
+        await sampled.sample_clock()
         print(
             json.dumps(
                 {
@@ -27,12 +30,14 @@ async def main(root: str, endpoint: str, bucket: str, prefix: str) -> None:
                     "monotonic": time.monotonic(),
                     "localfs_now": local.now(),
                     "s3_now": s3.now(),
+                    "localfs_sampled_now": sampled.now(),
                 }
             ),
             flush=True,
         )
     finally:
         await local.close()
+        await sampled.close()
         await s3.close()
 
 
