@@ -216,10 +216,7 @@ class LocalStore(ObjectStore):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            # Creating and writing the file stamped its mtime, between `sent`
-            # and now: a sample of the kernel's clock (fstat is not a write).
-            received = time.monotonic()
-            self.clock.observe(sent, received, os.fstat(fd).st_mtime_ns / 1e9, MTIME_RESOLUTION)
+            self._observe_mtime(fd, sent)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -237,10 +234,16 @@ class LocalStore(ObjectStore):
         fd = os.open(self.root / _META_DIR / "clock", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             os.pwrite(fd, b"\n", 0)
-            received = time.monotonic()
-            self.clock.observe(sent, received, os.fstat(fd).st_mtime_ns / 1e9, MTIME_RESOLUTION)
+            self._observe_mtime(fd, sent)
         finally:
             os.close(fd)
+
+    def _observe_mtime(self, fd: int, sent: float) -> None:
+        """A write to `fd` since the monotonic time `sent` stamped its mtime:
+        a sample of the kernel's clock (taken now, before fstat, which is not
+        a write)."""
+        received = time.monotonic()
+        self.clock.observe(sent, received, os.fstat(fd).st_mtime_ns / 1e9, MTIME_RESOLUTION)
 
     def _make_dirs(self, directory: Path) -> None:
         """Create `directory` and the parents it lacks, each made durable: a new
