@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -217,6 +217,21 @@ class GroupCommitter:
             raise StoreUnavailable("broker is shutting down")
         result: T = await self._topic(topic).batcher.submit(_Op(mutation, undo, verify))
         return result
+
+    async def submit_each(
+        self, topic: str, mutations: Sequence[Mutation[T]]
+    ) -> list[T | BaseException]:
+        """Apply each mutation in the topic's next batch, as many submit() calls
+        would (each is its own entry: it fails alone, and one that changes
+        nothing is verified alone), without a task per mutation; each outcome
+        is its result or the exception it failed with."""
+        if self._closing:
+            raise StoreUnavailable("broker is shutting down")
+        batcher = self._topic(topic).batcher
+        posted = [batcher.post(_Op(mutation, None, True)) for mutation in mutations]
+        # Futures, not coroutines: gather wraps none of them in a task.
+        outcomes: list[T | BaseException] = await asyncio.gather(*posted, return_exceptions=True)
+        return outcomes
 
     async def read(
         self, topic: str, query: Callable[[TopicState, float], T], max_age: float | None = None

@@ -90,6 +90,39 @@ def test_derived_ids_are_valid_ids_whatever_the_source_id() -> None:
     assert long == follow_up_id("x" * 256, 999)
 
 
+async def test_ack_many_answers_each_ack_in_order_and_commits_them_in_one_write() -> None:
+    """Each ack is its own entry of one batch: a bad result, an unknown job and a
+    stale token fail alone, in their places; the good ones land in one write."""
+    store = MemStore()
+    committer = GroupCommitter(store, broker_id="b")
+    q = Engine(committer)
+    await q.enqueue("t", [JobSpec(i, id=f"j{i}") for i in range(4)])
+    jobs = await q.claim("t", "w", count=4)
+    writes = committer.stats.writes
+    answers = await q.ack_many(
+        "t",
+        [
+            AckRequest("j0", jobs[0]["lease_token"], result="done"),
+            AckRequest("j1", jobs[1]["lease_token"], result={"n": 2**70}),  # not storable
+            AckRequest("ghost"),
+            AckRequest("j2", "not-its-token"),
+            AckRequest("j3", jobs[3]["lease_token"], enqueue=[FollowUpSpec("next")]),
+        ],
+    )
+    assert [(a["id"], a["status"]) for a in answers] == [
+        ("j0", "completed"),
+        ("j1", "invalid"),
+        ("ghost", "not_found"),
+        ("j2", "conflict"),
+        ("j3", "completed"),
+    ]
+    assert "cannot be stored" in answers[1]["error"] and answers[4]["enqueued"] == ["j3:0"]
+    assert committer.stats.writes == writes + 1
+    written = await head(store, "t")
+    assert written["counters"]["completed"] == 2 and written["counters"]["enqueued"] == 5
+    assert (await q.job("t", "j1"))["status"] == "claimed"
+
+
 async def test_the_outbox_spills_like_everything_else() -> None:
     store = MemStore()
     bounds = Bounds(inline_outbox_bytes=2000, loose_max=4)

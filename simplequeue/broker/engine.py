@@ -8,18 +8,19 @@ query of the last committed state). It never touches storage itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 
 from simplequeue import api, keys
 from simplequeue.api import AckRequest, FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
 from simplequeue.errors import InvalidRequest, JobNotFound, SimpleQueueError
-from simplequeue.groupcommit import GroupCommitter
+from simplequeue.groupcommit import GroupCommitter, Mutation
 from simplequeue.state import Job, TopicState
 
 log = logging.getLogger(__name__)
@@ -234,16 +235,32 @@ class Engine:
     async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]:
         """Acknowledge several jobs in one batch; each answer says ok or why not."""
         keys.check_topic(topic)
-
-        async def one(a: AckRequest) -> dict[str, Any]:
+        answers: list[dict[str, Any] | None] = []
+        mutations: list[Mutation[dict[str, Any]]] = []
+        for a in acks:
             try:
-                return await self.ack(topic, a.job_id, a.lease_token, a.result, a.enqueue)
-            except SimpleQueueError as exc:
-                if exc.ack_status is None:  # not this ack's fault: the batch fails
-                    raise
-                return {"id": a.job_id, "status": exc.ack_status, "error": str(exc)}
-
-        return list(await asyncio.gather(*(one(a) for a in acks)))
+                api.check_storable(a.result, "the result")
+                if a.enqueue:
+                    _check_specs(a.enqueue)
+            except InvalidRequest as exc:
+                answers.append(_ack_failed(a, exc))
+                continue
+            answers.append(None)
+            mutations.append(functools.partial(_ack, a))
+        if not mutations:
+            return cast(list[dict[str, Any]], answers)
+        outcomes = iter(await self.committer.submit_each(topic, mutations))
+        for i, answer in enumerate(answers):
+            if answer is not None:
+                continue
+            outcome = next(outcomes)
+            if isinstance(outcome, SimpleQueueError) and outcome.ack_status is not None:
+                answers[i] = _ack_failed(acks[i], outcome)
+            elif isinstance(outcome, BaseException):  # not this ack's fault: the batch fails
+                raise outcome
+            else:
+                answers[i] = outcome
+        return cast(list[dict[str, Any]], answers)
 
     async def nack(
         self,
@@ -515,6 +532,15 @@ def shown_schedule(name: str, kept: dict[str, Any]) -> dict[str, Any]:
         "last_error": kept.get("last_error"),
     }
     return out
+
+
+def _ack(a: AckRequest, s: TopicState, now: float) -> dict[str, Any]:
+    return s.ack(a.job_id, a.lease_token, a.result, now, a.enqueue)
+
+
+def _ack_failed(a: AckRequest, exc: SimpleQueueError) -> dict[str, Any]:
+    """The answer to an ack that failed alone (ack_many's other acks go on)."""
+    return {"id": a.job_id, "status": exc.ack_status, "error": str(exc)}
 
 
 def _check_specs(specs: Sequence[JobSpec]) -> None:
