@@ -49,7 +49,15 @@ from simplequeue.errors import (
     StoreUnavailable,
 )
 from simplequeue.objstore import ObjectStore
-from simplequeue.state import Bounds, Policy, SegmentMissing, TopicState, decode_head, new_head
+from simplequeue.state import (
+    Bounds,
+    IdFilter,
+    Policy,
+    SegmentMissing,
+    TopicState,
+    decode_head,
+    new_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +169,9 @@ class _Topic:
         # Objects the batch being committed has read: its states hold on to
         # them, so a cache too small for one batch costs fetches, not a loop.
         self.seen: dict[str, Any] = {}
+        # Which ids the topic's manifests surely lack, kept across its states:
+        # a reloaded state would otherwise rebuild it (see state.idfilter).
+        self.ids = IdFilter()
 
 
 class GroupCommitter:
@@ -419,10 +430,14 @@ class GroupCommitter:
         return decode_head(t.name, t.head_key, data) if data else new_head(t.name)
 
     def _from_bytes(
-        self, topic: str, data: bytes | None, seen: dict[str, Any] | None = None
+        self,
+        topic: str,
+        data: bytes | None,
+        seen: dict[str, Any] | None = None,
+        ids: IdFilter | None = None,
     ) -> TopicState:
         head = decode_head(topic, keys.head(topic), data) if data else new_head(topic)
-        return TopicState(head, self.cache, self.settings.bounds, self.settings.policy, seen)
+        return TopicState(head, self.cache, self.settings.bounds, self.settings.policy, seen, ids)
 
     async def _commit(self, t: _Topic, batch: list[_Entry]) -> list[Any]:
         """Commit a batch; every entry's outcome (a result or its exception)."""
@@ -684,7 +699,7 @@ class GroupCommitter:
             t.checked_at = sent_at
             return
         try:
-            state = self._from_bytes(t.name, data, t.seen)
+            state = self._from_bytes(t.name, data, t.seen, t.ids)
         except CorruptData as exc:
             self._log_corrupt(t.name, exc)
             raise

@@ -313,3 +313,21 @@ async def test_a_batchs_new_segments_are_written_side_by_side_and_before_its_hea
     assert store.head_saw_in_flight == [0]  # the head waited for both
     assert len([k for k in await store.list("topics/t/") if "/seg-" in k]) == 2
     assert (await q.status("t"))["pending"] == 2
+
+
+async def test_a_duplicate_another_broker_spilled_into_a_segment_is_caught() -> None:
+    """Each broker keeps one id filter per topic across its states: after a lost
+    race it must cover the segments the other broker wrote meanwhile."""
+    store = MemStore()
+    bounds = Bounds(inline_pending_bytes=400, loose_max=2, manifests_max=2)
+    a = engine_on(store, "a", bounds=bounds)
+    b = engine_on(store, "b", bounds=bounds)
+    await b.enqueue("t", [JobSpec(i, id=f"b{i}") for i in range(40)])  # b's filter covers these
+    assert [x["duplicate"] for x in await b.enqueue("t", [JobSpec(0, id="b1")])] == [True]
+    for i in range(40):  # "a7" ends up in a segment under a manifest, written by a
+        await a.enqueue("t", [JobSpec(i, id=f"a{i}")])
+    run = (await head_of(store))["lanes"]["0"]["runs"][0]
+    assert run["mans"] and run["segs"]
+    answers = await b.enqueue("t", [JobSpec("again", id=f"a{i}") for i in range(40)])
+    assert all(x["duplicate"] for x in answers)
+    assert (await b.status("t"))["pending"] == 80

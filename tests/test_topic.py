@@ -9,7 +9,7 @@ import pytest
 
 from simplequeue.api import JobSpec
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
-from simplequeue.state import TopicState
+from simplequeue.state import IdFilter, TopicState
 from tests.helpers.states import fresh, reread, seal
 
 T0 = 1_000_000.0
@@ -249,6 +249,86 @@ def test_an_id_spilled_then_expired_can_be_enqueued_again_in_the_same_state() ->
     assert not s.head["retained"]["segs"]
     assert not s.exists("r0") and s.find("r0") is None
     assert s.enqueue([JobSpec("again", id="r0")], T0 + 101)[0]["duplicate"] is False
+
+
+class CountingView:
+    """A view that counts the segments and manifests read through it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reads = 0
+
+    def segment(self, key: str) -> Any:
+        self.reads += 1
+        return self.inner.segment(key)
+
+    def manifest(self, key: str) -> Any:
+        self.reads += 1
+        return self.inner.manifest(key)
+
+
+def spread_state() -> TopicState:
+    """Jobs with ids in every chain exists() searches (runs, leases, retained,
+    dead), each with loose segments and manifests."""
+    s = fresh(
+        inline_pending_bytes=400,
+        inline_leases_bytes=400,
+        inline_records_bytes=300,
+        inline_dead_bytes=300,
+        loose_max=2,
+        manifests_max=3,
+        max_attempts=1,
+        retention=10_000,
+        dead_limit=10_000,
+    )
+    for i in range(240):
+        s.enqueue([JobSpec({"n": i}, id=f"j{i}")], T0)
+        seal(s, f"w{i}", T0)
+    for i in range(0, 180, 3):  # a third completed, a third dead, the rest claimed
+        jobs = s.claim("w", 600, 3, T0)
+        s.ack(jobs[0]["id"], jobs[0]["lease_token"], None, T0)
+        s.nack(jobs[1]["id"], jobs[1]["lease_token"], 0, "boom", T0)
+        seal(s, f"c{i}", T0)
+    h = s.head
+    for chain in (h["leases"], h["retained"], h["dead"], *h["lanes"]["0"]["runs"]):
+        assert chain["segs"] and chain["mans"], chain
+    return s
+
+
+@pytest.mark.parametrize("fresh_filter", [False, True], ids=["kept", "new"])
+def test_exists_finds_every_id_in_every_chain_and_no_other(fresh_filter: bool) -> None:
+    """The id filter covers loose segments as it goes and manifests it has not
+    seen (a new filter: a broker that took the topic over)."""
+    s = spread_state()
+    if fresh_filter:
+        s.ids = IdFilter()
+    assert all(s.exists(f"j{i}") for i in range(240))
+    assert not any(s.exists(f"x{i}") for i in range(240))
+    assert [s.find(f"j{i}") is not None for i in range(240)] == [True] * 240
+
+
+def test_exists_rules_out_a_fresh_id_without_reading_a_segment() -> None:
+    s = spread_state()
+    s.exists("j0")  # covers what is there
+    counting = CountingView(s._view.view)
+    s._view = type(s._view)(counting, {})  # nothing read yet in this batch
+    assert not any(s.exists(f"fresh{i}") for i in range(100))
+    assert counting.reads == 0  # it used to read each segment and manifest, every time
+    assert s.exists("j5") and counting.reads > 0
+
+
+def test_the_id_filter_is_rebuilt_once_it_holds_mostly_ids_that_left() -> None:
+    s = fresh(inline_records_bytes=300, retention=100, loose_max=2)
+    s.ids = IdFilter(stale_floor=0)
+    for round_ in range(6):  # each round's records expire in the next one
+        now = T0 + 101 * round_
+        s.enqueue([JobSpec(i, id=f"r{round_}-{i}") for i in range(30)], now)
+        for job in s.claim("w", None, 30, now):
+            s.ack(job["id"], job["lease_token"], None, now)
+        seal(s, f"w{round_}", now)
+        assert s.exists(f"r{round_}-0")
+        assert not s.exists(f"r{round_ - 1}-0") and s.ids.size <= 4 * 30 + 30
+    assert not s.enqueue([JobSpec(0, id="r0-0")], T0 + 700)[0]["duplicate"]
 
 
 def test_rollback_undoes_a_half_applied_batch_and_keeps_the_lease_index() -> None:

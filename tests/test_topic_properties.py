@@ -27,7 +27,7 @@ from hypothesis.stateful import (
 from simplequeue import keys
 from simplequeue.api import FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
 from simplequeue.errors import JobNotFound, LeaseLost
-from simplequeue.state import Manifest, Segment, SegmentMissing, TopicState, decode_head
+from simplequeue.state import IdFilter, Manifest, Segment, SegmentMissing, TopicState, decode_head
 from simplequeue.state.slots import latest_at
 from tests.helpers.states import WRITER, View, fresh
 
@@ -93,8 +93,11 @@ class TopicMachine(RuleBasedStateMachine):
         self.policy = self.state.policy
         self.view = Forgetful(self.state.view)
         self.seen: dict[str, Any] = {}  # what a batch read, kept as the committer does
+        # One filter across the states, as the committer keeps one per topic;
+        # a small floor, so that it is also rebuilt now and then.
+        self.ids = IdFilter(stale_floor=16)
         self.state = TopicState(
-            self.state.head, self.view, self.state.bounds, self.policy, self.seen
+            self.state.head, self.view, self.state.bounds, self.policy, self.seen, self.ids
         )
         self.now = 1000.0
         self.sealed_at = self.now
@@ -121,7 +124,9 @@ class TopicMachine(RuleBasedStateMachine):
         )
         # Its 18 dead jobs are within a dead limit that fits them.
         self.policy = dataclasses.replace(self.policy, dead_limit=30)
-        self.state = TopicState(head, self.view, self.state.bounds, self.policy, self.seen)
+        self.state = TopicState(
+            head, self.view, self.state.bounds, self.policy, self.seen, self.ids
+        )
         self.now = self.sealed_at = 1_900_000_050.0
         self.enqueued, self.completed = 61, 26
         self.tokens = {r["id"]: r["lease_token"] for r in head["leases"]["in"]}
@@ -285,11 +290,20 @@ class TopicMachine(RuleBasedStateMachine):
         return sealed.head
 
     @rule()
+    def a_new_filter(self) -> None:
+        """Go on with an empty id filter, as a broker that just took the topic
+        over does: it covers the manifests and segments already there."""
+        self.ids = IdFilter(stale_floor=16)
+        self.state.ids = self.ids
+
+    @rule()
     def write_and_reread(self) -> None:
         """Seal as a commit would, then continue from the parsed bytes."""
         topic = self.state.topic
         head = decode_head(topic, keys.head(topic), self._seal())
-        self.state = TopicState(head, self.view, self.state.bounds, self.policy, self.seen)
+        self.state = TopicState(
+            head, self.view, self.state.bounds, self.policy, self.seen, self.ids
+        )
 
     @rule()
     def write_and_keep_going(self) -> None:

@@ -4,6 +4,7 @@ The group committer (simplequeue.groupcommit) is its only caller: it loads a
 topic's state, applies each mutation of a batch, seals and writes it.
 """
 
+from simplequeue.state.idfilter import IdFilter
 from simplequeue.state.limits import Bounds, Policy
 from simplequeue.state.segments import (
     Loaded,
@@ -18,6 +19,7 @@ from simplequeue.state.topic import Job, Record, Sealed, TopicState, decode_head
 
 __all__ = [
     "Bounds",
+    "IdFilter",
     "Job",
     "Loaded",
     "Manifest",

@@ -34,6 +34,7 @@ from simplequeue.errors import (
     ScheduleNotFound,
 )
 from simplequeue.state.chain import Chain, Place
+from simplequeue.state.idfilter import IdFilter
 from simplequeue.state.layout import (
     CLAIM_FIELDS,
     Job,
@@ -45,7 +46,7 @@ from simplequeue.state.layout import (
     new_head,
 )
 from simplequeue.state.limits import Bounds, Policy
-from simplequeue.state.segments import Manifest, Segment, SegmentView
+from simplequeue.state.segments import Manifest, Segment, SegmentView, id_hash
 from simplequeue.state.slots import check_definition, latest_at, next_after
 
 __all__ = ["Job", "Record", "Sealed", "TopicState", "decode_head", "new_head"]
@@ -68,9 +69,13 @@ class TopicState(Layout):
         bounds: Bounds,
         policy: Policy,
         seen: dict[str, Segment | Manifest] | None = None,
+        ids: IdFilter | None = None,
     ) -> None:
         super().__init__(head, view, bounds, seen)
         self.policy = policy
+        # Which ids the topic's manifests surely lack (exists()' fast "no"); its
+        # owner may keep it across the topic's states.
+        self.ids = ids if ids is not None else IdFilter()
 
     # --- reading ---------------------------------------------------------------------
 
@@ -218,17 +223,21 @@ class TopicState(Layout):
             ids.update(j["id"] for j in h["dead"]["in"])
             ids.update(r["id"] for r in h["retained"]["in"])
             self._inline_ids = ids
-        if job_id in self._inline_ids or self._lease_of(job_id) is not None:
+        if job_id in self._inline_ids or job_id in self._inline_index():
             return True
-        # find() without the inline lists the set above covers (runs keep none
-        # of theirs in it, so theirs are searched).
-        for lane in self.head["lanes"].values():
-            for run in self._runs(lane):
-                if run.locate(job_id):
-                    return True
-        return bool(
-            self.dead.locate(job_id, inline=False) or self.retained.locate(job_id, inline=False)
-        )
+        # Runs keep none of theirs in the sets above: their inline items are
+        # searched. Segments only if the filter cannot rule them out (a fresh
+        # id: it nearly always can); then find() without the inline lists the
+        # sets cover.
+        h = self.head
+        runs = [run for lane in h["lanes"].values() for run in lane["runs"]]
+        if any(item["id"] == job_id for run in runs for item in run["in"]):
+            return True
+        chains = [*runs, h["leases"], h["dead"], h["retained"]]
+        self.ids.cover(chains, self.topic, self._view)
+        if not self.ids.may_hold(id_hash(job_id)):
+            return False
+        return any(self._chain(d).locate(job_id, inline=False) for d in chains)
 
     def _noted(self, job_id: str) -> None:
         """An id went into one of the head's inline lists."""
