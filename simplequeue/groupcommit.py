@@ -169,7 +169,7 @@ class _Topic:
         # Objects the batch being committed has read: its states hold on to
         # them, so a cache too small for one batch costs fetches, not a loop.
         self.seen: dict[str, Any] = {}
-        # Which ids the topic's manifests surely lack, kept across its states:
+        # Which ids the topic's segments surely lack, kept across its states:
         # a reloaded state would otherwise rebuild it (see state.idfilter).
         self.ids = IdFilter()
 

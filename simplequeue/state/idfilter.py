@@ -35,8 +35,8 @@ from typing import Any
 from simplequeue import keys
 from simplequeue.state.segments import SegmentView, decode_index, id_hash
 
-# Rebuilt from scratch when it holds this many times the ids its topic's
-# manifests hold now (plus a floor): ids consumed or expired since are dead weight.
+# Rebuilt from scratch when it holds this many times the ids its topic's chains
+# hold in segments now (plus a floor): ids consumed or expired since are dead weight.
 STALE_FACTOR = 4
 STALE_FLOOR = 65536
 
@@ -71,7 +71,7 @@ class _Levels:
 
 
 class IdFilter:
-    """A superset of the id hashes of the manifests it covered (see the module)."""
+    """A superset of the id hashes of the segments it covered (see the module)."""
 
     def __init__(self, stale_floor: int = STALE_FLOOR) -> None:
         self.stale_floor = stale_floor

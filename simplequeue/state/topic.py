@@ -73,7 +73,7 @@ class TopicState(Layout):
     ) -> None:
         super().__init__(head, view, bounds, seen)
         self.policy = policy
-        # Which ids the topic's manifests surely lack (exists()' fast "no"); its
+        # Which ids the topic's segments surely lack (exists()' fast "no"); its
         # owner may keep it across the topic's states.
         self.ids = ids if ids is not None else IdFilter()
 
