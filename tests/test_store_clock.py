@@ -186,3 +186,21 @@ def test_a_sample_received_before_it_was_sent_is_refused() -> None:
     with pytest.raises(ValueError):
         clock.observe(sent=1.0, received=2.0, stamp=5000.0, resolution=-1.0)
     assert clock.samples == 0
+
+
+def test_samples_closer_than_the_spacing_are_kept_only_if_they_say_something_new() -> None:
+    t = FakeTime(mono=100.0)
+    clock = t.clock(spacing=0.02)
+    clock.observe(sent=100.0, received=100.001, stamp=5000.0, resolution=0.01)
+    assert clock.uncertainty == pytest.approx(0.0055)  # [4899.999, 4900.01]
+    for i in range(1, 16):  # a write a millisecond, each holding that interval
+        received = 100.001 + i / 1000
+        clock.observe(sent=received - 0.0005, received=received, stamp=5000.0, resolution=0.05)
+    assert clock.samples == 1  # none was worth a pass over the window
+    clock.observe(sent=100.010, received=100.011, stamp=5000.010, resolution=0.001)  # narrower
+    assert clock.samples == 2 and clock.uncertainty == pytest.approx(0.001)
+    clock.observe(sent=100.012, received=100.013, stamp=5010.0, resolution=0.01)  # set forward
+    assert clock.samples == 1 and clock.now() > 100.013 + 4909
+    # 37 ms after the newest kept: kept, whatever it says.
+    clock.observe(sent=100.04, received=100.05, stamp=5010.0, resolution=1.0)
+    assert clock.samples == 2

@@ -38,6 +38,11 @@ class StoreClock:
     is the local wall clock (time.time()), a guess that the first sample
     replaces, forwards or backwards.
 
+    A sample received less than `spacing` seconds after the newest one kept is
+    dropped when it neither narrows the interval nor contradicts it: it would
+    change nothing now, and keeping every one costs a pass over the window
+    (a write or request each, on a busy broker).
+
     Thread-safe: localfs observes from worker threads while the loop reads.
     """
 
@@ -46,11 +51,13 @@ class StoreClock:
         *,
         window: int = 64,
         horizon: float = 300.0,
+        spacing: float = 0.0,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._window = window
         self._horizon = horizon
+        self._spacing = spacing
         self._monotonic = monotonic
         self._wall = wall
         self._samples: deque[_Sample] = deque()
@@ -68,6 +75,13 @@ class StoreClock:
             )
         new = _Sample(received, stamp - received, stamp + resolution - sent)
         with self._lock:
+            if (
+                self._samples
+                and received - self._samples[-1].received < self._spacing
+                and new.low <= self._low
+                and new.high >= self._high  # it holds the interval: no news
+            ):
+                return
             if not self._samples:
                 self._last = -float("inf")  # the wall-clock guess gives way
             kept, low, high = [new], new.low, new.high
