@@ -7,9 +7,11 @@ from typing import Any
 import orjson
 import pytest
 
+from simplequeue import keys
 from simplequeue.api import JobSpec
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
-from simplequeue.state import IdFilter, TopicState
+from simplequeue.state import IdFilter, Loaded, Segment, TopicState
+from simplequeue.state.chain import Chain, new_chain
 from tests.helpers.states import fresh, reread, seal
 
 T0 = 1_000_000.0
@@ -329,6 +331,26 @@ def test_the_id_filter_is_rebuilt_once_it_holds_mostly_ids_that_left() -> None:
         assert s.exists(f"r{round_}-0")
         assert not s.exists(f"r{round_ - 1}-0") and s.ids.size <= 4 * 30 + 30
     assert not s.enqueue([JobSpec(0, id="r0-0")], T0 + 700)[0]["duplicate"]
+
+
+def test_first_skips_holes_past_the_cursor_and_reads_no_segment_it_does_not_need() -> None:
+    """The head keeps the cursor on a live item, so first() meets no hole in
+    practice; it must still skip them as places() does, and not read a
+    segment with nothing live past the cursor."""
+    view = Loaded()
+    key = keys.segment("t", "s2")
+    view.add(Segment(key, [{"id": "a"}, {"id": "b"}, {"id": "c"}], 100))
+    d = new_chain()
+    d["segs"] = [
+        {"k": "s1", "n": 2, "live": 0, "holes": [0, 1]},  # not loaded: must not be read
+        {"k": "s2", "n": 3, "live": 1, "holes": [0, 1]},
+    ]
+    d["n"] = 1
+    chain = Chain(d, "t", view)
+    place = chain.first()
+    assert place is not None and (place.seg, place.index, place.item["id"]) == ("s2", 2, "c")
+    d["pos"] = 2  # the cursor in the first segment: only s2's items from 0 count
+    assert chain.first() == place
 
 
 def test_rollback_undoes_a_half_applied_batch_and_keeps_the_lease_index() -> None:

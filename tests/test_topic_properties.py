@@ -352,6 +352,15 @@ class TopicMachine(RuleBasedStateMachine):
         assert self.state.outbox_size() == len(held)
 
     @invariant()
+    def first_is_the_first_of_places(self) -> None:
+        # first() finds the front itself (no copy of a manifest's refs): it must
+        # be what a walk over every place finds first.
+        s = self.state
+        chains = [s._chain(run) for lane in s.head["lanes"].values() for run in lane["runs"]]
+        for chain in [*chains, s.leases, s.retained, s.dead, s.outbox]:
+            assert chain.first() == next(chain.places(), None)
+
+    @invariant()
     def exists_agrees_with_find(self) -> None:
         # exists() is the indexed duplicate check; find() scans: they must agree.
         for i in range(12):

@@ -162,8 +162,30 @@ class Chain:
         return {r["k"]: m["k"] for m in self.d["mans"] for r in self.manifest(m["k"]).refs}
 
     def first(self) -> Place | None:
-        """The first live item (reads the segments up to it)."""
-        return next(self.places(), None)
+        """The first live item (reads the segments up to it): places()' first,
+        without copying the first manifest's refs from the cursor on."""
+        d = self.d
+        start = d["pos"]
+        for m, mref in enumerate(d["mans"]):
+            refs = self.manifest(mref["k"]).refs
+            for n in range(d["mpos"] if m == 0 else 0, len(refs)):
+                place = self._first_live(refs[n], mref["k"], start)
+                if place is not None:
+                    return place
+                start = 0
+        for ref in d["segs"]:
+            place = self._first_live(ref, None, start)
+            if place is not None:
+                return place
+            start = 0
+        return Place(None, 0, d["in"][0]) if d["in"] else None
+
+    def _first_live(self, ref: dict[str, Any], man: str | None, start: int) -> Place | None:
+        holes = self.holes_of(ref)
+        for i in range(start, ref["n"]):
+            if i not in holes:
+                return Place(ref["k"], i, self.segment(ref["k"]).items[i], man)
+        return None
 
     def locate(self, job_id: str, inline: bool = True) -> list[Place]:
         """Every live item with id `job_id`, in order (only those in segments
@@ -251,9 +273,11 @@ class Chain:
                 self.d["mpos"] = 0
             self._settle_front()
 
-    def pop_front(self) -> Item | None:
-        """Take the first live item out."""
-        place = self.first()
+    def pop_front(self, place: Place | None = None) -> Item | None:
+        """Take the first live item out (`place`: where first() found it, if
+        the caller asked already and changed nothing since)."""
+        if place is None:
+            place = self.first()
         if place is None:
             return None
         self.d["n"] -= 1

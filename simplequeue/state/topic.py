@@ -344,21 +344,22 @@ class TopicState(Layout):
         [segment id, index], or None when the job came from the head)."""
         best: tuple[float, int] | None = None
         best_run: Chain | None = None
+        best_place: Place | None = None
         for run in self._runs(lane):
             place = run.first()
             if place is None:
                 continue
             key = job_key(place.item)
             if key[0] <= now and (best is None or key < best):
-                best, best_run = key, run
+                best, best_run, best_place = key, run, place
         inline: list[Job] = lane["in"]
         if inline and inline[0]["run_at"] <= now and (best is None or job_key(inline[0]) < best):
             return inline.pop(0), None
         if best_run is None:
             return None
-        place = best_run.first()
+        place = best_place
         assert place is not None and place.seg is not None
-        best_run.pop_front()
+        best_run.pop_front(place)
         if best_run.count == 0:
             lane["runs"].remove(best_run.d)
         return place.item, [place.seg, place.index]
