@@ -136,14 +136,15 @@ class Chain:
 
     def places_in(self, key: str) -> list[Place]:
         """The live items of one loose segment, or of every segment of one
-        manifest (`key` names either)."""
+        manifest (`key` names either): of the first manifest, only those from
+        its cursor on (`mpos`: the segments before it are consumed)."""
         for ref in self.d["segs"]:
             if ref["k"] == key:
                 return self._live(ref, None, self._start_of(ref, None))
-        for mref in self.d["mans"]:
+        for m, mref in enumerate(self.d["mans"]):
             if mref["k"] == key:
                 out: list[Place] = []
-                for ref in self.manifest(key).refs:
+                for ref in self.manifest(key).refs[self.d["mpos"] if m == 0 else 0 :]:
                     out += self._live(ref, key, self._start_of(ref, key))
                 return out
         return []
