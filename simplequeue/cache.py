@@ -73,9 +73,14 @@ class ObjectCache:
         return obj
 
     def add(self, key: str, data: bytes) -> None:
-        """Decode and keep an object (one this broker just wrote, say)."""
+        """Decode and keep an object (one read from the store, say)."""
         obj: Segment | Manifest
         obj = decode_manifest(key, data) if is_manifest(key) else decode_segment(key, data)
+        self.keep(obj)
+
+    def keep(self, obj: Segment | Manifest) -> None:
+        """Keep an object already decoded (one this broker just wrote)."""
+        key = obj.key
         if key in self._objects:
             return
         self._objects[key] = obj

@@ -52,7 +52,9 @@ from simplequeue.objstore import ObjectStore
 from simplequeue.state import (
     Bounds,
     IdFilter,
+    Manifest,
     Policy,
+    Segment,
     SegmentMissing,
     TopicState,
     decode_head,
@@ -143,7 +145,7 @@ class _Outcome:
     write_id: str
     results: list[tuple[bool, Any]]  # (ok, result or exception) per live entry
     entries: list[_Entry]
-    new_objects: dict[str, bytes]
+    new_objects: dict[str, Segment | Manifest]  # decoded, for the cache once it landed
 
 
 class _Topic:
@@ -546,7 +548,7 @@ class GroupCommitter:
             raise StoreUnavailable(f"topic {t.name!r}: the object cache is too small")
         data = sealed.head
         sent_at = time.monotonic()
-        outcome = _Outcome(write_id, results, entries, sealed.new_objects)
+        outcome = _Outcome(write_id, results, entries, sealed.decoded)
         outcomes.append(outcome)
         try:
             await self._put_new(sealed.new_objects)
@@ -575,7 +577,7 @@ class GroupCommitter:
         self.stats.head_bytes_written += len(data)
         self.stats.bytes_written += len(data) + sum(len(b) for b in sealed.new_objects.values())
         t.etag, t.checked_at = etag, sent_at
-        self._keep(sealed.new_objects)
+        self._keep(sealed.decoded)
         return self._landed(t, outcome, data=data)
 
     async def _put_new(self, objects: dict[str, bytes]) -> None:
@@ -602,13 +604,14 @@ class GroupCommitter:
             await self.store.put_if(key, body, if_none_match=True)
         self.stats.segments_written += 1
 
-    def _keep(self, objects: dict[str, bytes]) -> None:
-        """Objects this broker wrote go into the cache: no one reads them back.
-        Not the payloads of spilled leases (x): they are wanted only if their job
-        fails or is looked up, and would push out what every enqueue reads."""
-        for key, body in objects.items():
+    def _keep(self, objects: dict[str, Segment | Manifest]) -> None:
+        """Objects this broker wrote go into the cache (as its seal decoded
+        them): no one reads them back. Not the payloads of spilled leases (x):
+        they are wanted only if their job fails or is looked up, and would push
+        out what every enqueue reads."""
+        for key, obj in objects.items():
             if not key.rsplit("/", 1)[-1].startswith("seg-x"):
-                self.cache.add(key, body)
+                self.cache.keep(obj)
 
     @staticmethod
     def _apply(

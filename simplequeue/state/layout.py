@@ -89,6 +89,9 @@ class Sealed:
 
     head: bytes = b""
     new_objects: dict[str, bytes] = field(default_factory=dict)
+    # The same objects decoded (as this seal read them): a cache takes these,
+    # rather than decoding the bytes again.
+    decoded: dict[str, Segment | Manifest] = field(default_factory=dict)
 
 
 def job_key(job: Job) -> tuple[float, int]:
@@ -393,9 +396,11 @@ class _Overlay:
         self.fresh: dict[str, Segment | Manifest] = {}
         self.seen = seen
 
-    def keep(self, key: str, data: bytes) -> None:
+    def keep(self, key: str, data: bytes) -> Segment | Manifest:
         is_manifest = key.rsplit("/", 1)[-1].startswith("seg-m")
-        self.fresh[key] = decode_manifest(key, data) if is_manifest else decode_segment(key, data)
+        obj = decode_manifest(key, data) if is_manifest else decode_segment(key, data)
+        self.fresh[key] = obj
+        return obj
 
     def segment(self, key: str) -> Segment:
         obj = self.fresh.get(key) or self.seen.get(key)
@@ -429,7 +434,7 @@ class _Sealer:
     def _add(self, obj: NewObject) -> None:
         key = keys.segment(self.s.topic, obj.id)
         self.sealed.new_objects[key] = obj.data
-        self.s._view.keep(key, obj.data)  # the rest of this seal may read it
+        self.sealed.decoded[key] = self.s._view.keep(key, obj.data)  # the rest of the seal reads it
 
     def run(self) -> None:
         h, b = self.s.head, self.bounds
