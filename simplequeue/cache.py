@@ -12,13 +12,7 @@ from collections import OrderedDict
 
 from simplequeue.errors import CorruptData, ObjectNotFound
 from simplequeue.objstore import ObjectStore
-from simplequeue.state import (
-    Manifest,
-    Segment,
-    SegmentMissing,
-    decode_manifest,
-    decode_segment,
-)
+from simplequeue.state import Manifest, Segment, SegmentMissing, decode_object
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +20,6 @@ log = logging.getLogger(__name__)
 # The budget counts stored bytes times this, a rough but steady measure.
 DECODED_PER_BYTE = 4
 MAX_PARALLEL_FETCHES = 16
-
-
-def is_manifest(key: str) -> bool:
-    return key.rsplit("/", 1)[-1].startswith("seg-m")
 
 
 class ObjectCache:
@@ -74,9 +64,7 @@ class ObjectCache:
 
     def add(self, key: str, data: bytes) -> None:
         """Decode and keep an object (one read from the store, say)."""
-        obj: Segment | Manifest
-        obj = decode_manifest(key, data) if is_manifest(key) else decode_segment(key, data)
-        self.keep(obj)
+        self.keep(decode_object(key, data))
 
     def keep(self, obj: Segment | Manifest) -> None:
         """Keep an object already decoded (one this broker just wrote)."""

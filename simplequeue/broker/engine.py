@@ -225,9 +225,7 @@ class Engine:
         """Complete a claimed job; with `enqueue`, its follow-up jobs commit with
         it (SPEC 9), or none of them when the ack fails."""
         keys.check_topic(topic)
-        api.check_storable(result, "the result")
-        if enqueue:
-            _check_specs(enqueue)
+        _check_ack(result, enqueue)
         return await self.committer.submit(
             topic, lambda s, now: s.ack(job_id, lease_token, result, now, enqueue)
         )
@@ -239,9 +237,7 @@ class Engine:
         mutations: list[Mutation[dict[str, Any]]] = []
         for a in acks:
             try:
-                api.check_storable(a.result, "the result")
-                if a.enqueue:
-                    _check_specs(a.enqueue)
+                _check_ack(a.result, a.enqueue)
             except InvalidRequest as exc:
                 answers.append(_ack_failed(a, exc))
                 continue
@@ -532,6 +528,13 @@ def shown_schedule(name: str, kept: dict[str, Any]) -> dict[str, Any]:
         "last_error": kept.get("last_error"),
     }
     return out
+
+
+def _check_ack(result: Any, enqueue: list[FollowUpSpec] | None) -> None:
+    """InvalidRequest unless the ack's result and follow-ups can be stored."""
+    api.check_storable(result, "the result")
+    if enqueue:
+        _check_specs(enqueue)
 
 
 def _ack(a: AckRequest, s: TopicState, now: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from simplequeue.state.segments import (
     SegmentMissing,
     SegmentView,
     decode_manifest,
+    decode_object,
     decode_segment,
 )
 from simplequeue.state.topic import Job, Record, Sealed, TopicState, decode_head, new_head
@@ -32,6 +33,7 @@ __all__ = [
     "TopicState",
     "decode_head",
     "decode_manifest",
+    "decode_object",
     "decode_segment",
     "new_head",
 ]

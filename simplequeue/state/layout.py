@@ -26,8 +26,7 @@ from simplequeue.state.segments import (
     Manifest,
     Segment,
     SegmentView,
-    decode_manifest,
-    decode_segment,
+    decode_object,
     encode_manifest,
     encode_segment,
 )
@@ -397,9 +396,7 @@ class _Overlay:
         self.seen = seen
 
     def keep(self, key: str, data: bytes) -> Segment | Manifest:
-        is_manifest = key.rsplit("/", 1)[-1].startswith("seg-m")
-        obj = decode_manifest(key, data) if is_manifest else decode_segment(key, data)
-        self.fresh[key] = obj
+        obj = self.fresh[key] = decode_object(key, data)
         return obj
 
     def segment(self, key: str) -> Segment:

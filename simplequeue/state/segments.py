@@ -143,6 +143,11 @@ def decode_segment(key: str, data: bytes) -> Segment:
     return Segment(key, items, len(data))
 
 
+def decode_object(key: str, data: bytes) -> Segment | Manifest:
+    """A segment or a manifest, whichever its key names."""
+    return decode_manifest(key, data) if kind_of(key) == "m" else decode_segment(key, data)
+
+
 def decode_manifest(key: str, data: bytes) -> Manifest:
     obj = _parse(key, data)
     refs = obj.get("segs")
