@@ -21,7 +21,6 @@ first try landed is answered as a duplicate, never enqueued twice.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -579,7 +578,7 @@ def _spec(
 ) -> api.JobSpec:
     return api.JobSpec(
         payload,
-        id=job_id or uuid.uuid4().hex,
+        id=job_id or api.new_id(),
         priority=priority,
         delay=delay,
         max_attempts=max_attempts,

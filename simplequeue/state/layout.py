@@ -396,7 +396,9 @@ class _Overlay:
         self.seen = seen
 
     def keep(self, key: str, data: bytes) -> Segment | Manifest:
-        obj = self.fresh[key] = decode_object(key, data)
+        # Decoded from its bytes, not built from the seal's items, so that it
+        # shares no dict with the head; not validated: the seal made it.
+        obj = self.fresh[key] = decode_object(key, data, check=False)
         return obj
 
     def segment(self, key: str) -> Segment:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from msgspec import UnsetType
 
-from simplequeue.api import FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
+from simplequeue.api import FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest, new_id
 from simplequeue.errors import (
     InvalidRequest,
     JobCancelled,
@@ -267,7 +266,7 @@ class TopicState(Layout):
             seq = self.head["seq"]
             self.head["seq"] = seq + 1
             if job_id is None:
-                job_id = uuid.uuid4().hex
+                job_id = new_id()
             max_attempts = spec.max_attempts
             job: Job = {
                 "id": job_id,
@@ -327,7 +326,7 @@ class TopicState(Layout):
                     claimed_at=now,
                     heartbeat_at=now,
                     lease_expires_at=now + lease,
-                    lease_token=uuid.uuid4().hex,
+                    lease_token=new_id(),
                 )
                 self._add_lease(record)
                 claimed.append({**record, "payload": job["payload"]} if src else dict(record))
