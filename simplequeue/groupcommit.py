@@ -551,11 +551,16 @@ class GroupCommitter:
         outcome = _Outcome(write_id, results, entries, sealed.decoded)
         outcomes.append(outcome)
         try:
-            await self._put_new(sealed.new_objects)
-            if t.etag is None:
-                etag = await self.store.put_if(t.head_key, data, if_none_match=True)
-            else:
-                etag = await self.store.put_if(t.head_key, data, if_match=t.etag)
+            # The new objects first (side by side), the head that names them
+            # once all landed: on S3 a batch that spills two segments waits one
+            # PUT for them, not two; on localfs all is one trip to a thread.
+            etag = await self.store.put_if_after(
+                sealed.new_objects,
+                t.head_key,
+                data,
+                if_match=t.etag,
+                if_none_match=t.etag is None,
+            )
         except StorageFull:
             raise  # nothing landed: the store said so before writing anything
         except (PreconditionFailed, StoreUnavailable) as exc:
@@ -574,35 +579,12 @@ class GroupCommitter:
             self._keep(landed.new_objects)
             return self._landed(t, landed, data=None)
         self.stats.writes += 1
+        self.stats.segments_written += len(sealed.new_objects)
         self.stats.head_bytes_written += len(data)
         self.stats.bytes_written += len(data) + sum(len(b) for b in sealed.new_objects.values())
         t.etag, t.checked_at = etag, sent_at
         self._keep(sealed.decoded)
         return self._landed(t, outcome, data=data)
-
-    async def _put_new(self, objects: dict[str, bytes]) -> None:
-        """Write a batch's new segments, side by side: none refers to another,
-        and the head that refers to them is written only once all landed. On
-        S3 a batch that spills two segments waits one PUT for them, not two."""
-        if not objects:
-            return
-        if len(objects) == 1:
-            [(key, body)] = objects.items()
-            await self._put_segment(key, body)
-            return
-        outcomes = await asyncio.gather(
-            *(self._put_segment(key, body) for key, body in objects.items()),
-            return_exceptions=True,
-        )
-        for outcome in outcomes:  # every PUT has ended: none is left running
-            if isinstance(outcome, BaseException):
-                raise outcome
-
-    async def _put_segment(self, key: str, body: bytes) -> None:
-        # The key embeds this attempt's id: if it exists, an earlier try of ours landed.
-        with contextlib.suppress(PreconditionFailed):
-            await self.store.put_if(key, body, if_none_match=True)
-        self.stats.segments_written += 1
 
     def _keep(self, objects: dict[str, Segment | Manifest]) -> None:
         """Objects this broker wrote go into the cache (as its seal decoded

@@ -243,3 +243,64 @@ async def test_the_temp_file_is_written_and_fsynced_before_the_lock_is_taken(
     monkeypatch.undo()
     assert (await store.get("topics/t.json"))[0] == b"v2"
     await store.close()
+
+
+async def test_put_if_after_makes_the_objects_durable_before_the_head_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each object is written and fsynced, then renamed; their directory is
+    fsynced once; only then is the head written, renamed and its directory
+    fsynced. A crash anywhere leaves the old head, or the new one with every
+    object it names."""
+    import stat
+
+    from simplequeue.objstore import localfs
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        events.append("fsync dir" if is_dir else "fsync file")
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        real_replace(src, dst)
+        events.append(f"rename {Path(dst).name}")
+
+    store = LocalStore(tmp_path)
+    await store.put("topics/t/seed.json", b"{}")  # the directories exist
+    await store.put("topics/seed.json", b"{}")
+    monkeypatch.setattr(localfs.os, "fsync", fsync)
+    monkeypatch.setattr(localfs.os, "replace", replace)
+    objects = {"topics/t/seg-a.json": b"a", "topics/t/seg-b.json": b"b"}
+    await store.put_if_after(objects, "topics/t.json", b"head", if_none_match=True)
+    assert events == [
+        "fsync file",
+        "rename seg-a.json",
+        "fsync file",
+        "rename seg-b.json",
+        "fsync dir",  # topics/t/, once for both
+        "fsync file",
+        "rename t.json",
+        "fsync dir",  # topics/
+    ]
+    monkeypatch.undo()
+    await store.close()
+
+
+async def test_put_if_after_writes_no_head_when_an_object_fails(tmp_path: Path) -> None:
+    from simplequeue.errors import StoreUnavailable
+
+    store = LocalStore(tmp_path)
+    (tmp_path / "topics" / "t" / "seg-b.json").mkdir(parents=True)  # cannot be renamed over
+    with pytest.raises(StoreUnavailable):
+        await store.put_if_after(
+            {"topics/t/seg-a.json": b"a", "topics/t/seg-b.json": b"b"},
+            "topics/t.json",
+            b"head",
+            if_none_match=True,
+        )
+    assert await store.list("topics/") == ["topics/t/seg-a.json"]  # an orphan, for the sweep
+    assert temp_files(tmp_path / "topics" / "t") == []
+    await store.close()

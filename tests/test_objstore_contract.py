@@ -14,6 +14,7 @@ from simplequeue.objstore import (
     PreconditionFailed,
     store_from_url,
 )
+from simplequeue.objstore.base import content_etag
 from tests.conftest import OpenStore
 
 
@@ -78,6 +79,52 @@ async def test_put_if_needs_exactly_one_condition(store: ObjectStore) -> None:
         await store.put_if("k", b"v", if_match="x", if_none_match=True)
     with pytest.raises(ObjectNotFound):
         await store.get("k")
+
+
+async def test_put_if_after_writes_the_objects_then_the_key(store: ObjectStore) -> None:
+    objects = {"t/seg-a.json": b"a" * 3000, "t/seg-b.json": b"b", "u/seg-c.json": b"c"}
+    etag = await store.put_if_after(objects, "t.json", b"head1", if_none_match=True)
+    assert await store.get("t.json") == (b"head1", etag)
+    for key, body in objects.items():
+        assert (await store.get(key))[0] == body
+    again = await store.put_if_after({}, "t.json", b"head2", if_match=etag)
+    assert await store.get("t.json") == (b"head2", again)
+
+
+async def test_put_if_after_leaves_an_existing_object_as_it_is(store: ObjectStore) -> None:
+    """An object that exists was written by an earlier try: kept, and the key
+    is still written."""
+    kept = await store.put("t/seg-a.json", b"first")
+    etag = await store.put_if_after(
+        {"t/seg-a.json": b"second", "t/seg-b.json": b"b"}, "t.json", b"head", if_none_match=True
+    )
+    assert await store.get("t/seg-a.json") == (b"first", kept)
+    assert (await store.get("t/seg-b.json"))[0] == b"b"
+    assert await store.get("t.json") == (b"head", etag)
+
+
+async def test_put_if_after_fails_on_the_keys_condition_alone(store: ObjectStore) -> None:
+    """PreconditionFailed is about the key: the objects were written, the
+    key keeps its bytes."""
+    current = await store.put("t.json", b"head1")
+    with pytest.raises(PreconditionFailed):
+        await store.put_if_after(
+            {"t/seg-a.json": b"a"}, "t.json", b"head2", if_match=content_etag(b"other")
+        )
+    with pytest.raises(PreconditionFailed):
+        await store.put_if_after({"t/seg-b.json": b"b"}, "t.json", b"head3", if_none_match=True)
+    assert await store.get("t.json") == (b"head1", current)
+    assert (await store.get("t/seg-a.json"))[0] == b"a"
+    assert (await store.get("t/seg-b.json"))[0] == b"b"
+
+
+async def test_put_if_after_with_a_bad_object_key_writes_nothing(store: ObjectStore) -> None:
+    with pytest.raises(InvalidKey):
+        await store.put_if_after({"../x": b"a"}, "t.json", b"head", if_none_match=True)
+    with pytest.raises(ValueError):
+        await store.put_if_after({"t/seg-a.json": b"a"}, "t.json", b"head")
+    with pytest.raises(ObjectNotFound):
+        await store.get("t.json")
 
 
 async def test_delete_removes_and_tolerates_missing(store: ObjectStore) -> None:

@@ -8,7 +8,7 @@ are read at scrape time from the committer's cached states, never from storage.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -256,6 +256,37 @@ class InstrumentedStore(ObjectStore):
     ) -> str:
         call = self.inner.put_if(key, data, if_match=if_match, if_none_match=if_none_match)
         etag: str = await self._timed("put_if", call)
+        return etag
+
+    async def put_if_after(
+        self,
+        objects: Mapping[str, bytes],
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        if type(self.inner).put_if_after is ObjectStore.put_if_after:
+            # Request by request (S3's): each is counted and timed as a put_if.
+            return await super().put_if_after(
+                objects, key, data, if_match=if_match, if_none_match=if_none_match
+            )
+        # Done in one go (localfs): timed as one request, counted as the
+        # put_ifs it makes.
+        call = self.inner.put_if_after(
+            objects, key, data, if_match=if_match, if_none_match=if_none_match
+        )
+        landed = "error"  # the objects' outcome: unknown when the call failed
+        try:
+            etag: str = await self._timed("put_if", call)
+            landed = "ok"
+        except PreconditionFailed:
+            landed = "ok"  # the condition is the head's: the objects were written
+            raise
+        finally:
+            if objects:
+                self._metrics.store_requests.labels("put_if", landed).inc(len(objects))
         return etag
 
     async def delete(self, key: str) -> None:

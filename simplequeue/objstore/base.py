@@ -8,12 +8,15 @@ brokers whose wall clocks disagree share: times written to the store use it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from types import TracebackType
 
-from simplequeue.errors import StoreError
+from simplequeue.errors import PreconditionFailed, StoreError
 from simplequeue.objstore.clock import StoreClock
 
 # Keys are relative paths: no empty, "." or ".." components, no leading dot on a
@@ -88,6 +91,36 @@ class ObjectStore(ABC):
         """Write `data` only if the current ETag is `if_match`, or (with
         `if_none_match`) only if the key does not exist. Return the new ETag;
         raise PreconditionFailed when the condition does not hold."""
+
+    async def put_if_after(
+        self,
+        objects: Mapping[str, bytes],
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Write each of `objects`, then, once every one of them is durable,
+        `key` as put_if does; return its ETag. The objects are new and
+        immutable: one that exists already (an earlier try wrote it) is left
+        as it is. If one of them fails, `key` is not written and the error is
+        raised; PreconditionFailed is about `key` alone. The objects are
+        written side by side, none waiting for another; a backend that can do
+        the whole in fewer round trips (localfs: one) overrides this."""
+        self._check_condition(if_match, if_none_match)
+        if objects:
+            outcomes = await asyncio.gather(
+                *(self._put_new(k, body) for k, body in objects.items()), return_exceptions=True
+            )
+            for outcome in outcomes:  # every PUT has ended: none is left running
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        return await self.put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+
+    async def _put_new(self, key: str, data: bytes) -> None:
+        with contextlib.suppress(PreconditionFailed):
+            await self.put_if(key, data, if_none_match=True)
 
     @abstractmethod
     async def delete(self, key: str) -> None:
