@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from simplequeue import keys
-from simplequeue.api import Job
+from simplequeue.api import REPLAYED_HEADER, Job
 from simplequeue.broker.membership import Membership, rendezvous
 from simplequeue.client import Client
 from simplequeue.objstore import ObjectStore
@@ -247,8 +247,10 @@ async def test_an_idle_broker_reads_no_heads_however_many_topics(
     async with aiohttp.ClientSession() as s:
         for i in range(300):
             b = brokers[i % 2]
-            status, _, _ = await post(s, f"{b.url}/topics/t{i}/enqueue", {"payload": i})
-            assert status == 201
+            status, body, headers = await post(s, f"{b.url}/topics/t{i}/enqueue", {"payload": i})
+            # Enqueued; on a loaded machine the owner may answer a forward late
+            # and the next broker replay it: a duplicate then, and said so.
+            assert status == 201 or (status == 200 and headers.get(REPLAYED_HEADER) == "1"), body
     before = Counter(counting.calls)
     # Longer than a registry round and the old reaper's 5 s re-read of every head.
     await asyncio.sleep(6)
