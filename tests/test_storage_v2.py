@@ -16,7 +16,7 @@ from simplequeue.broker.engine import Engine
 from simplequeue.errors import CorruptData
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
-from simplequeue.state import Bounds
+from simplequeue.state import Bounds, Manifest, Policy, Segment, decode_object
 from tests.helpers.faults import FaultyStore
 
 SMALL = Bounds(
@@ -370,3 +370,45 @@ def test_a_manifests_id_index_names_every_segment_that_may_hold_an_id() -> None:
         for near in (h - 1, h + 1):
             if near not in hashes and near >= 0:
                 assert manifest.candidates(near) == []
+
+
+# --- the objects a seal keeps ----------------------------------------------------------
+
+
+async def test_every_segment_the_committer_holds_is_what_the_store_holds() -> None:
+    """A spill hands its items to the segment it makes as they are (they are
+    not decoded from the bytes again): whatever comes after (claims, acks,
+    nacks, heartbeats, retries, deaths, retention) must change none of them,
+    and they must be what the bytes say, down to their types."""
+    store = MemStore()
+    e = engine_on(store, policy=Policy(max_attempts=2, default_lease=60.0))
+    committer = e.committer
+    for round_ in range(6):
+        specs = jobs(30, prefix=f"r{round_}-", size=60)
+        specs += [
+            JobSpec({"late": i, "list": [1, 2.5, None, True]}, delay=0.0, priority=i % 3)
+            for i in range(10)
+        ]
+        await e.enqueue("t", specs)
+        claimed = await e.claim("t", "w", count=25)
+        for job in claimed[:5]:
+            await e.heartbeat("t", job["id"], job["lease_token"])
+        for job in claimed[5:10]:
+            await e.nack("t", job["id"], job["lease_token"], error={"why": ["x", 1]})
+        await e.ack_many(
+            "t",
+            [AckRequest(j["id"], j["lease_token"], result={"ok": [round_]}) for j in claimed[10:]],
+        )
+    await e.cancel("t", [f"r5-{i:05d}" for i in range(3)])
+    checked = 0
+    for key in await store.list(keys.segments_prefix("t")):
+        if key in committer.cache:
+            held, stored = committer.cache.held(key), decode_object(key, (await store.get(key))[0])
+            # repr: types too (1 is not 1.0, a tuple is not a list)
+            if isinstance(held, Segment):
+                assert isinstance(stored, Segment) and repr(held.items) == repr(stored.items), key
+            else:
+                assert isinstance(stored, Manifest) and repr(held.refs) == repr(stored.refs), key
+            checked += 1
+    assert checked >= 10  # spilled segments of every kind were looked at
+    await committer.close()

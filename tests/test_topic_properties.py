@@ -27,7 +27,16 @@ from hypothesis.stateful import (
 from simplequeue import keys
 from simplequeue.api import FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
 from simplequeue.errors import JobNotFound, LeaseLost
-from simplequeue.state import IdFilter, Manifest, Segment, SegmentMissing, TopicState, decode_head
+from simplequeue.state import (
+    IdFilter,
+    Manifest,
+    Segment,
+    SegmentMissing,
+    TopicState,
+    decode_head,
+    decode_manifest,
+    decode_segment,
+)
 from simplequeue.state.slots import latest_at
 from tests.helpers.states import WRITER, View, fresh
 
@@ -109,6 +118,7 @@ class TopicMachine(RuleBasedStateMachine):
         self.stale: list[tuple[str, str]] = []  # (job id, token) no longer valid
         self.cancelled = 0
         self.fired: set[str] = set()  # ids of the jobs schedules enqueued
+        self.written: dict[str, bytes] = {}  # every object a seal wrote, as bytes
 
     @initialize(from_format_1=st.booleans())
     def start(self, from_format_1: bool) -> None:
@@ -285,7 +295,10 @@ class TopicMachine(RuleBasedStateMachine):
         # With these bounds a head as written holds a few KB, whatever the history.
         assert len(sealed.head) < 12_000
         for key, data in sealed.new_objects.items():
-            self.view.put(key, data)
+            # The objects as the seal made them, as the committer keeps them
+            # (a spill's segment holds the very items the head let go of).
+            self.view.inner.add(sealed.decoded[key])
+            self.written[key] = data
         self.view.granted.clear()  # a cache drops things in time
         return sealed.head
 
@@ -335,6 +348,17 @@ class TopicMachine(RuleBasedStateMachine):
         return {j["id"] for j in self.state.claimed_soonest(10**6)}
 
     # --- invariants ----------------------------------------------------------
+
+    @invariant()
+    def every_object_held_is_what_was_written(self) -> None:
+        # Nothing that came after a seal changed what it made (repr: types too).
+        for key, data in self.written.items():
+            held = self.view.inner.objects[key]
+            if isinstance(held, Segment):
+                assert repr(held.items) == repr(decode_segment(key, data).items), key
+            else:
+                assert isinstance(held, Manifest)
+                assert repr(held.refs) == repr(decode_manifest(key, data).refs), key
 
     @invariant()
     def each_job_is_in_exactly_one_state(self) -> None:

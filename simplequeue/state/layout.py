@@ -395,10 +395,16 @@ class _Overlay:
         self.fresh: dict[str, Segment | Manifest] = {}
         self.seen = seen
 
-    def keep(self, key: str, data: bytes) -> Segment | Manifest:
-        # Decoded from its bytes, not built from the seal's items, so that it
-        # shares no dict with the head; not validated: the seal made it.
-        obj = self.fresh[key] = decode_object(key, data, check=False)
+    def keep(self, key: str, data: bytes, items: list[Any] | None = None) -> Segment | Manifest:
+        """A new object of the seal, `data` as written: the segment of `items`
+        when given (items nothing else holds: segments are never changed, and
+        the head has let go of them), else decoded from `data` (unchecked:
+        the seal made it)."""
+        if items is not None:
+            obj: Segment | Manifest = Segment(key, items, len(data))
+        else:
+            obj = decode_object(key, data, check=False)
+        self.fresh[key] = obj
         return obj
 
     def segment(self, key: str) -> Segment:
@@ -430,10 +436,13 @@ class _Sealer:
         self.s.head["next"] = n + 1
         return f"{kind}{n}-{self.attempt}"
 
-    def _add(self, obj: NewObject) -> None:
+    def _add(self, obj: NewObject, items: list[Any] | None = None) -> None:
+        """`obj` is written with the head; the rest of the seal reads it. With
+        `items`, it is the segment of those items, which the head has let go
+        of (spilled): they become its items as they are, not decoded again."""
         key = keys.segment(self.s.topic, obj.id)
         self.sealed.new_objects[key] = obj.data
-        self.sealed.decoded[key] = self.s._view.keep(key, obj.data)  # the rest of the seal reads it
+        self.sealed.decoded[key] = self.s._view.keep(key, obj.data, items)
 
     def run(self) -> None:
         h, b = self.s.head, self.bounds
@@ -497,7 +506,8 @@ class _Sealer:
         under segment_bytes; `meta(items)` says what each one's ref keeps."""
         for chunk in list(self._chunks(chain.d["in"])):
             seg_id = self._new_id(kind)
-            self._add(chain.spill(seg_id, len(chunk), encode_segment(kind, chunk), meta(chunk)))
+            data = encode_segment(kind, chunk)
+            self._add(chain.spill(seg_id, len(chunk), data, meta(chunk)), chunk)
 
     def _spill_lane(self, lane: dict[str, Any]) -> None:
         """The lane's inline jobs become a segment at the end of the run whose last
@@ -535,7 +545,7 @@ class _Sealer:
             at = 0
             for chunk in self._chunks(payloads):
                 x_id = self._new_id("x")
-                self._add(NewObject(x_id, encode_segment("x", chunk)))
+                self._add(NewObject(x_id, encode_segment("x", chunk)), chunk)
                 for i, record in enumerate(carried[at : at + len(chunk)]):
                     del record["payload"]
                     record["src"] = [x_id, i]
