@@ -23,6 +23,7 @@ SegmentMissing for one that is not loaded.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from simplequeue import keys
 from simplequeue.state.segments import Manifest, Segment, SegmentView, encode_index, id_hash
 
 Item = dict[str, Any]
+_NO_HOLES: frozenset[int] = frozenset()
 
 
 def new_chain() -> dict[str, Any]:
@@ -72,9 +74,13 @@ class Chain:
     def manifest(self, man_id: str) -> Manifest:
         return self.view.manifest(keys.segment(self.topic, man_id))
 
-    def holes_of(self, ref: dict[str, Any]) -> set[int]:
-        holes = set(ref.get("holes", ()))
-        holes.update(self.d["holes"].get(ref["k"], ()))
+    def holes_of(self, ref: dict[str, Any]) -> AbstractSet[int]:
+        """The consumed positions of the segment `ref` names (read only)."""
+        own, kept = ref.get("holes"), self.d["holes"].get(ref["k"])
+        if not own and not kept:
+            return _NO_HOLES  # the usual answer, asked on every claim: no set made
+        holes = set(own or ())
+        holes.update(kept or ())
         return holes
 
     @property
@@ -183,6 +189,8 @@ class Chain:
 
     def _first_live(self, ref: dict[str, Any], man: str | None, start: int) -> Place | None:
         holes = self.holes_of(ref)
+        if not holes and start < ref["n"]:
+            return Place(ref["k"], start, self.segment(ref["k"]).items[start], man)
         for i in range(start, ref["n"]):
             if i not in holes:
                 return Place(ref["k"], i, self.segment(ref["k"]).items[i], man)
@@ -292,8 +300,10 @@ class Chain:
 
     def _unit(self, place: Place) -> dict[str, Any]:
         """The head's ref that counts `place`: its manifest's, or its own."""
-        refs = self.d["segs"] if place.man is None else self.d["mans"]
+        refs: list[dict[str, Any]] = self.d["segs"] if place.man is None else self.d["mans"]
         key = place.seg if place.man is None else place.man
+        if refs and refs[0]["k"] == key:  # the front's: every claim's
+            return refs[0]
         return next(r for r in refs if r["k"] == key)
 
     def _settle_front(self) -> None:
