@@ -1150,3 +1150,51 @@ async def test_a_burst_worker_runs_the_follow_ups_of_its_own_acks_before_it_retu
         await worker.run()
     assert worker.processed == 5
     assert (await q.status())["completed"] == 5
+
+
+class HangingHeartbeat(Client):
+    """Its heartbeats hang until cancelled; a nack records how many were still
+    in flight when it went out."""
+
+    in_flight = 0
+    in_flight_at_nack: list[int]
+    beating: asyncio.Event
+
+    async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
+        self.in_flight += 1
+        self.beating.set()
+        try:
+            await asyncio.Event().wait()  # never answered
+        finally:
+            self.in_flight -= 1
+        raise AssertionError("unreachable")
+
+    async def nack(self, job: Job | str, delay: float = 0, error: str | None = None) -> str:
+        self.in_flight_at_nack.append(self.in_flight)
+        return await super().nack(job, delay, error)
+
+
+async def test_a_failed_jobs_heartbeats_stop_before_its_nack_goes_out(
+    start_broker: StartBroker,
+) -> None:
+    """A heartbeat still in flight when the nack lands is answered LeaseLost
+    (logged as a lost lease, for a job the worker itself gave back): the
+    heartbeats are stopped first."""
+    broker = await start_broker(MemStore())
+    async with HangingHeartbeat(broker.url, topic="w") as q:
+        q.in_flight_at_nack, q.beating = [], asyncio.Event()
+        await q.enqueue("x")
+
+        async def fails_mid_heartbeat(job: Job) -> None:
+            await q.beating.wait()
+            raise RuntimeError("boom")
+
+        worker = Worker(
+            q, fails_mid_heartbeat, heartbeat_every=0.01, backoff=FAST, handle_signals=False
+        )
+        await run_until(worker, broker, lambda: _nacked(q))
+    assert q.in_flight_at_nack == [0]
+
+
+async def _nacked(q: HangingHeartbeat) -> bool:
+    return bool(q.in_flight_at_nack)

@@ -414,6 +414,7 @@ class Worker:
             log.warning("job %s: %s before it started", job.id, _why_gone(held))
             return
         work = held.work = asyncio.ensure_future(self._handle(job))
+        failure: Exception | None = None
         try:
             result, follow_ups = _ack_of(await self._within_timeout(work))
         except asyncio.CancelledError:
@@ -426,13 +427,17 @@ class Worker:
                 return
             raise
         except Exception as exc:
-            if held.lost:  # the handler ended as it was being cancelled: not ours to fail
-                log.warning("job %s: %s; its handler raised %r", job.id, _why_gone(held), exc)
-                return
-            await self._fail(job, exc)
-            return
+            failure = exc
         finally:
+            # Before the nack or the ack: a heartbeat still out when the job is
+            # given back would be answered LeaseLost.
             await self._stop_beats(held)
+        if failure is not None:
+            if held.lost:  # the handler ended as it was being cancelled: not ours to fail
+                log.warning("job %s: %s; its handler raised %r", job.id, _why_gone(held), failure)
+                return
+            await self._fail(job, failure)
+            return
         if held.lost:  # the handler swallowed its cancellation: its result is not wanted
             log.warning("job %s: %s; its result is dropped", job.id, _why_gone(held))
             return
