@@ -304,3 +304,69 @@ async def test_put_if_after_writes_no_head_when_an_object_fails(tmp_path: Path) 
     assert await store.list("topics/") == ["topics/t/seg-a.json"]  # an orphan, for the sweep
     assert temp_files(tmp_path / "topics" / "t") == []
     await store.close()
+
+
+async def test_a_full_disk_after_the_rename_is_not_storage_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """StorageFull promises that nothing was written. A directory fsync that
+    fails after the rename (the new object is in place, its durability
+    unknown) is StoreUnavailable: the committer then reads the head back to
+    learn whether its write landed, instead of failing a batch that did."""
+    import errno
+
+    from simplequeue.errors import StoreUnavailable
+
+    store = LocalStore(tmp_path)
+    etag = await store.put("topics/t.json", b"v1")
+    await store.put("topics/t/seed.json", b"{}")
+    real = LocalStore._fsync_dir
+
+    def full_after_rename(directory: Path) -> None:
+        if directory == tmp_path / "topics":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(directory)
+
+    monkeypatch.setattr(LocalStore, "_fsync_dir", staticmethod(full_after_rename))
+    with pytest.raises(StoreUnavailable, match="renamed"):
+        await store.put_if("topics/t.json", b"v2", if_match=etag)
+    with pytest.raises(StoreUnavailable, match="renamed"):
+        await store.put_if_after(
+            {"topics/t/seg-a.json": b"a"}, "topics/t.json", b"v3", if_match=content_etag(b"v2")
+        )
+    monkeypatch.undo()
+    assert (await store.get("topics/t.json"))[0] == b"v3"
+    assert temp_files(tmp_path / "topics") == []
+    await store.close()
+
+
+async def test_a_batch_whose_head_landed_before_the_disk_filled_is_answered_as_landed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head's directory fsync fails after its rename: the committer reads
+    the head back, finds its write there, and answers the enqueue as done
+    (it used to fail it with StorageFull, for a job that was enqueued)."""
+    import errno
+
+    from simplequeue.api import JobSpec
+    from simplequeue.broker.engine import Engine
+    from simplequeue.groupcommit import GroupCommitter
+
+    store = LocalStore(tmp_path)
+    engine = Engine(GroupCommitter(store, broker_id="b"))
+    await engine.enqueue("t", [JobSpec("first", id="a")])
+    real, failed = LocalStore._fsync_dir, []
+
+    def full_once_after_rename(directory: Path) -> None:
+        if directory == tmp_path / "topics" and not failed:
+            failed.append(directory)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(directory)
+
+    monkeypatch.setattr(LocalStore, "_fsync_dir", staticmethod(full_once_after_rename))
+    [answer] = await engine.enqueue("t", [JobSpec("second", id="b")])
+    assert failed and answer == {"id": "b", "duplicate": False}
+    monkeypatch.undo()
+    assert (await engine.status("t"))["pending"] == 2
+    await engine.committer.close()
+    await store.close()

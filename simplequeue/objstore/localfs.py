@@ -282,8 +282,15 @@ class LocalStore(ObjectStore):
         # see a rename before its directory fsync.
         try:
             self._fsync_dir(path.parent)
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
+            if isinstance(exc, OSError):
+                # Not StorageFull (ENOSPC) nor any other "nothing was written":
+                # the new object is in place, its durability unknown.
+                raise StoreUnavailable(
+                    f"localfs {self.root}: {key} was renamed into place, but its "
+                    f"directory could not be synced: {exc}"
+                ) from exc
             raise
         self._written.remember(path, fd, etag)  # keeps fd open, or closes it
         return etag
