@@ -14,7 +14,7 @@ import pytest
 
 from simplequeue.api import MAX_BATCH
 from simplequeue.client import Backoff, Client, Done, Job, Worker
-from simplequeue.client.worker import ClaimAhead
+from simplequeue.client.worker import AHEAD_MAX, ClaimAhead
 from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
@@ -203,7 +203,7 @@ async def test_short_jobs_are_claimed_far_ahead(broker: Any) -> None:
     fixed_buffer_claim = (4 + 2 * 4 + 1) // 2
     assert max(q.batches) > fixed_buffer_claim, q.batches
     assert worker.buffer_size > 2 * 4
-    assert max(q.batches) <= (4 + 16 * 4 + 1) // 2  # never past the cap
+    assert max(q.batches) <= (4 + AHEAD_MAX * 4 + 1) // 2  # never past the cap
 
 
 def test_claim_ahead_sizes_the_buffer_from_the_rate_and_the_round_trip() -> None:
@@ -219,8 +219,10 @@ def test_claim_ahead_sizes_the_buffer_from_the_rate_and_the_round_trip() -> None
     ahead.claimed(0.010, asked=6, got=6)
     run(1_000, 1.0)  # 1,000/s x 10 ms x 4 round trips = 40 jobs
     assert 38 <= ahead.size <= 42
-    run(4_000, 1.0)  # 160: capped at 16 x 4
-    assert ahead.size == 64
+    run(4_000, 1.0)  # 160
+    assert 155 <= ahead.size <= 165
+    run(20_000, 1.0)  # 800: capped at AHEAD_MAX x 4
+    assert ahead.size == AHEAD_MAX * 4
     run(50, 2.0)  # slow jobs: 50/s x 10 ms x 4 = 2, under the floor
     assert ahead.size == 8
     ahead.claimed(5.0, asked=6, got=1)  # a long poll answered short: not a round trip

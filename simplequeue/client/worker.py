@@ -90,7 +90,7 @@ CLAIMS_IN_FLIGHT = 2
 # claim round trips at the rate jobs end here, between twice and this many
 # times the concurrency.
 AHEAD_TRIPS = 4
-AHEAD_MAX = 16
+AHEAD_MAX = 64
 AHEAD_JOBS_MAX = api.MAX_BATCH  # and never more jobs than this (unless 2 x concurrency is)
 # The lease assumed for a job whose claim times the broker did not send: its
 # default --lease.
@@ -164,7 +164,7 @@ class _Claimed:
 class Worker:
     """Runs `handler` on the client's topic's jobs, `concurrency` at a time,
     holding up to `prefetch` more claimed (default: sized as jobs go, see
-    ClaimAhead: twice `concurrency` for jobs that take a while, up to 16 times
+    ClaimAhead: twice `concurrency` for jobs that take a while, up to 64 times
     it for short ones, so that those are claimed in large batches, few
     requests and writes per job; 0 for long jobs, so that none waits here
     while another worker is idle).
