@@ -109,7 +109,7 @@ class ClaimAhead:
     A rate sample spans at least WINDOW and one job, so when jobs slow down
     (or stop) the rate falls with them and the buffer shrinks back."""
 
-    WINDOW = 0.05  # seconds of completions per rate sample, at least
+    WINDOW = 0.02  # seconds of completions per rate sample, at least
     WEIGHT = 0.3  # of a new sample in the moving averages
 
     def __init__(self, concurrency: int, clock: Callable[[], float] = time.monotonic) -> None:
