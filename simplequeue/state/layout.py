@@ -123,6 +123,10 @@ class Layout:
         # memory does not grow with the number of jobs claimed.
         self._inline: dict[str, Job] | None = None
         self._inline_ids: set[str] | None = None  # ids in the inline lists (duplicates)
+        # Whether the id filter has covered every segment the head names. Only
+        # a seal makes objects (so new refs), and a rollback changes the head:
+        # both clear it, and one cover serves every duplicate check between.
+        self._ids_covered = False
 
     @property
     def topic(self) -> str:
@@ -289,6 +293,7 @@ class Layout:
         self.head = head
         self._inline = None
         self._inline_ids = None
+        self._ids_covered = False
         self._view.fresh.clear()
         self.dirty = False
 
@@ -364,6 +369,7 @@ class Layout:
             _Sealer(self, sealed, write_id).run()
             data = orjson.dumps(h)
             self._inline_ids = None  # spilled ids are found through the segments now
+            self._ids_covered = False  # and the filter has not seen their segments
         sealed.head = data
         return sealed
 

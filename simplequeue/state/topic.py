@@ -76,6 +76,15 @@ class TopicState(Layout):
         # owner may keep it across the topic's states.
         self.ids = ids if ids is not None else IdFilter()
 
+    @property
+    def ids(self) -> IdFilter:
+        return self._ids
+
+    @ids.setter
+    def ids(self, ids: IdFilter) -> None:
+        self._ids = ids
+        self._ids_covered = False  # a new filter has covered nothing of this head
+
     # --- reading ---------------------------------------------------------------------
 
     def pending_jobs(self) -> Iterator[Job]:
@@ -233,7 +242,9 @@ class TopicState(Layout):
         if any(item["id"] == job_id for run in runs for item in run["in"]):
             return True
         chains = [*runs, h["leases"], h["dead"], h["retained"]]
-        self.ids.cover(chains, self.topic, self._view)
+        if not self._ids_covered:
+            self.ids.cover(chains, self.topic, self._view)
+            self._ids_covered = True
         if not self.ids.may_hold(id_hash(job_id)):
             return False
         return any(self._chain(d).locate(job_id, inline=False) for d in chains)
