@@ -34,11 +34,9 @@ from simplequeue.state import (
     SegmentMissing,
     TopicState,
     decode_head,
-    decode_manifest,
-    decode_segment,
 )
 from simplequeue.state.slots import latest_at
-from tests.helpers.states import WRITER, View, fresh
+from tests.helpers.states import WRITER, View, assert_held_as_written, fresh
 
 FORMAT_1 = Path(__file__).parent / "data" / "format1-store"
 
@@ -353,12 +351,7 @@ class TopicMachine(RuleBasedStateMachine):
     def every_object_held_is_what_was_written(self) -> None:
         # Nothing that came after a seal changed what it made (repr: types too).
         for key, data in self.written.items():
-            held = self.view.inner.objects[key]
-            if isinstance(held, Segment):
-                assert repr(held.items) == repr(decode_segment(key, data).items), key
-            else:
-                assert isinstance(held, Manifest)
-                assert repr(held.refs) == repr(decode_manifest(key, data).refs), key
+            assert_held_as_written(self.view.inner.objects[key], key, data)
 
     @invariant()
     def each_job_is_in_exactly_one_state(self) -> None:

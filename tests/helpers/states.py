@@ -11,15 +11,28 @@ from simplequeue import keys
 from simplequeue.state import (
     Bounds,
     Loaded,
+    Manifest,
     Policy,
+    Segment,
     TopicState,
     decode_head,
     decode_manifest,
+    decode_object,
     decode_segment,
     new_head,
 )
 
 WRITER = {"broker_id": "b", "epoch": 1}
+
+
+def assert_held_as_written(held: Segment | Manifest, key: str, data: bytes) -> None:
+    """`held`, an object kept in memory, is what its bytes `data` decode to,
+    types included (repr: 1 is not 1.0, a tuple is not a list)."""
+    stored = decode_object(key, data)
+    if isinstance(held, Segment):
+        assert isinstance(stored, Segment) and repr(held.items) == repr(stored.items), key
+    else:
+        assert isinstance(stored, Manifest) and repr(held.refs) == repr(stored.refs), key
 
 
 def configured(**limits: Any) -> tuple[Bounds, Policy]:
