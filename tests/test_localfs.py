@@ -206,8 +206,9 @@ async def test_a_lock_held_by_a_stopped_process_is_store_unavailable_within_the_
 async def test_the_temp_file_is_written_and_fsynced_before_the_lock_is_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Only the compare and the rename are done under the lock; the directory
-    fsync comes after it is released, before the answer."""
+    """The classic way (no journal): only the compare and the rename are done
+    under the lock; the directory fsync comes after it is released, before
+    the answer."""
     import stat
 
     from simplequeue.objstore import localfs
@@ -227,7 +228,7 @@ async def test_the_temp_file_is_written_and_fsynced_before_the_lock_is_taken(
         events.append("unlock")
         real_unlock(fd)
 
-    store = LocalStore(tmp_path)
+    store = LocalStore(tmp_path, journal=False)
     await store.put("topics/seed.json", b"{}")
     etag = await store.put("topics/t.json", b"v1")
     monkeypatch.setattr(localfs.os, "fsync", fsync)
@@ -317,7 +318,7 @@ async def test_a_full_disk_after_the_rename_is_not_storage_full(
 
     from simplequeue.errors import StoreUnavailable
 
-    store = LocalStore(tmp_path)
+    store = LocalStore(tmp_path, journal=False)  # the journal's own: test_localfs_journal
     etag = await store.put("topics/t.json", b"v1")
     await store.put("topics/t/seed.json", b"{}")
     real = LocalStore._fsync_dir
@@ -352,7 +353,7 @@ async def test_a_batch_whose_head_landed_before_the_disk_filled_is_answered_as_l
     from simplequeue.broker.engine import Engine
     from simplequeue.groupcommit import GroupCommitter
 
-    store = LocalStore(tmp_path)
+    store = LocalStore(tmp_path, journal=False)
     engine = Engine(GroupCommitter(store, broker_id="b"))
     await engine.enqueue("t", [JobSpec("first", id="a")])
     real, failed = LocalStore._fsync_dir, []

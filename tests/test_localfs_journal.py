@@ -1,0 +1,260 @@
+"""localfs's journal: an object rewritten with If-Match is made durable by one
+fdatasync of a record beside it, and brought back from that record when the
+machine restarts having lost what its page cache held.
+
+A restart is played with another boot id, and a lost page cache by writing
+back, under the store, what the disk may hold after one: an older version of
+the object (the rename of the temp file was not durable yet)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
+from simplequeue.objstore import content_etag, localfs
+from simplequeue.objstore.localfs import JOURNAL_SIZE, LocalStore, journal_path
+
+BOOT, NEXT_BOOT = b"\x01" * 16, b"\x02" * 16
+KEY = "topics/t.json"
+
+
+def restarted(root: Path) -> LocalStore:
+    return LocalStore(root, boot_id=NEXT_BOOT)
+
+
+def lose_page_cache(root: Path, on_disk: bytes = b"v1") -> None:
+    """What a machine's crash may leave: the object as it was at its last
+    classic (fsynced) write."""
+    (root / KEY).write_bytes(on_disk)
+
+
+async def busy_key(store: LocalStore) -> str:
+    """KEY written, then rewritten once the classic way: v1, durable on the
+    disk. Its next rewrite within JOURNAL_AFTER makes its journal."""
+    await store.put(KEY, b"v0")
+    return await rewrite(store, b"v1")
+
+
+async def rewrite(store: LocalStore, *versions: bytes) -> str:
+    """Each version written over the last with If-Match; the last ETag."""
+    _, etag = await store.get(KEY)
+    for data in versions:
+        etag = await store.put_if(KEY, data, if_match=etag)
+    return etag
+
+
+async def test_a_rewrite_is_made_durable_by_one_fdatasync_of_its_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fsync of the temp file nor of the directory: the record is appended
+    and fdatasynced under the lock, then the temp file is renamed, still under
+    the lock, so that the object is always the journal's last record."""
+    events: list[str] = []
+    real = {"fsync": os.fsync, "fdatasync": os.fdatasync, "replace": os.replace}
+    real_lock, real_unlock = LocalStore._lock, LocalStore._unlock
+
+    def fsync(fd: int) -> None:
+        real["fsync"](fd)
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+
+    def fdatasync(fd: int) -> None:
+        real["fdatasync"](fd)
+        events.append("fdatasync")
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        real["replace"](src, dst)
+        events.append(f"rename {Path(dst).name}")
+
+    def lock(self: LocalStore, key: str) -> int:
+        events.append("lock")
+        return real_lock(self, key)
+
+    def unlock(fd: int) -> None:
+        events.append("unlock")
+        real_unlock(fd)
+
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await store.put(KEY, b"v0")
+    await rewrite(store, b"v1")
+    assert not journal_path(tmp_path / KEY).exists(), "one rewrite is no busy key"
+    await rewrite(store, b"v1.5")  # makes the journal
+    assert journal_path(tmp_path / KEY).stat().st_size == JOURNAL_SIZE
+    monkeypatch.setattr(localfs.os, "fsync", fsync)
+    monkeypatch.setattr(localfs.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(localfs.os, "replace", replace)
+    monkeypatch.setattr(LocalStore, "_lock", lock)
+    monkeypatch.setattr(LocalStore, "_unlock", staticmethod(unlock))
+    await rewrite(store, b"v2")
+    assert events == ["lock", "fdatasync", "rename t.json", "unlock"]
+    monkeypatch.undo()
+    assert (await store.get(KEY))[0] == b"v2"
+    assert await store.list() == [KEY], "the journal is no key"
+    await store.close()
+
+
+async def test_after_a_restart_the_journal_brings_back_what_the_page_cache_lost(
+    tmp_path: Path,
+) -> None:
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    etag = await rewrite(store, b"v2", b"v3")
+    await store.close()
+    lose_page_cache(tmp_path)
+
+    after = restarted(tmp_path)
+    assert await after.get(KEY) == (b"v3", etag)
+    # v4 durable the classic way (the restart's first rewrite); v5 journaled again.
+    await rewrite(after, b"v4", b"v5")
+    await after.close()
+    lose_page_cache(tmp_path, b"v4")
+    assert (await LocalStore(tmp_path, boot_id=b"\x03" * 16).get(KEY))[0] == b"v5"
+
+
+async def test_a_writer_after_a_restart_compares_with_what_the_journal_brought_back(
+    tmp_path: Path,
+) -> None:
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    etag = await rewrite(store, b"v2")
+    await store.close()
+    lose_page_cache(tmp_path)
+
+    after = restarted(tmp_path)
+    with pytest.raises(PreconditionFailed):
+        await after.put_if(KEY, b"from v1", if_match=content_etag(b"v1"))
+    await after.put_if(KEY, b"v3", if_match=etag)
+    assert (await after.get(KEY))[0] == b"v3"
+    await after.close()
+
+
+async def test_a_record_torn_by_the_crash_was_never_acknowledged(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    await rewrite(store, b"v2", b"v3")
+    await store.close()
+    journal = journal_path(tmp_path / KEY)
+    blob = bytearray(journal.read_bytes())
+    last = bytes(blob).rindex(b"v3")
+    blob[last] ^= 0xFF  # v3's record, half on the disk
+    journal.write_bytes(bytes(blob))
+    lose_page_cache(tmp_path)
+
+    assert (await restarted(tmp_path).get(KEY))[0] == b"v2"
+
+
+async def test_a_classic_write_over_a_journaled_object_starts_its_journal_over(
+    tmp_path: Path,
+) -> None:
+    """Else a restart would bring back the journal's last record over a newer
+    object written without it."""
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    await rewrite(store, b"v2")
+    await store.put(KEY, b"unconditional")
+    await store.close()
+
+    assert (await restarted(tmp_path).get(KEY))[0] == b"unconditional"
+
+
+async def test_a_full_journal_writes_the_classic_way_and_starts_over(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await store.put(KEY, b"v0")
+    # The 1st is written the classic way, the 2nd makes the journal and the
+    # 2nd to 7th are its records; the 8th does not fit, is written the
+    # classic way and starts the journal over; the 9th to 13th are records.
+    big = [bytes([n]) * 40_000 for n in range(1, 14)]
+    await rewrite(store, *big)
+    await store.close()
+    lose_page_cache(tmp_path, big[7])
+
+    assert (await restarted(tmp_path).get(KEY))[0] == big[-1]
+
+
+async def test_an_object_too_big_for_the_journal_is_written_the_classic_way(
+    tmp_path: Path,
+) -> None:
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await store.put(KEY, b"v0")
+    await rewrite(store, b"v1", b"x" * JOURNAL_SIZE)
+    await store.close()
+
+    assert (await restarted(tmp_path).get(KEY))[0] == b"x" * JOURNAL_SIZE
+
+
+async def test_a_deleted_object_stays_deleted_after_a_restart(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    await rewrite(store, b"v2")
+    assert journal_path(tmp_path / KEY).exists()
+    await store.delete(KEY)
+    assert not journal_path(tmp_path / KEY).exists()
+    await store.close()
+
+    with pytest.raises(ObjectNotFound):
+        await restarted(tmp_path).get(KEY)
+
+
+async def test_two_handles_taking_turns_append_after_each_other(tmp_path: Path) -> None:
+    """A handle trusts where it left the journal only while the object is the
+    file it wrote; after another's write it reads the journal again."""
+    first, second = LocalStore(tmp_path, boot_id=BOOT), LocalStore(tmp_path, boot_id=BOOT)
+    await first.put(KEY, b"v0")
+    versions = [f"v{n}".encode() * (9 - n) for n in range(1, 9)]  # of different lengths
+    for n, data in enumerate(versions):
+        await rewrite(second if n % 2 else first, data)
+    await first.close()
+    await second.close()
+    lose_page_cache(tmp_path, versions[1])  # the journal is made by the 3rd
+
+    assert (await restarted(tmp_path).get(KEY))[0] == versions[-1]
+
+
+async def test_a_torn_header_is_a_start_over_that_found_the_object_durable(
+    tmp_path: Path,
+) -> None:
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    await rewrite(store, b"v2")
+    await store.close()
+    journal = journal_path(tmp_path / KEY)
+    blob = bytearray(journal.read_bytes())
+    blob[9] ^= 0xFF
+    journal.write_bytes(bytes(blob))
+
+    after = LocalStore(tmp_path, boot_id=BOOT)
+    assert (await after.get(KEY))[0] == b"v2"
+    assert not journal.exists(), "a journal whose header is torn is dropped"
+    await rewrite(after, b"v3", b"v4")  # v3 the classic way, v4 journaled
+    await after.close()
+    lose_page_cache(tmp_path, b"v3")
+    assert (await restarted(tmp_path).get(KEY))[0] == b"v4"
+
+
+async def test_a_failed_append_is_unknown_not_storage_full_and_renames_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record may be on the disk: StoreUnavailable, whose outcome the
+    committer reads back, not StorageFull, which says nothing was written."""
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await store.put(KEY, b"v0")
+    etag = await rewrite(store, b"v1")
+    real = os.fdatasync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(localfs.os, "fdatasync", full)
+    with pytest.raises(StoreUnavailable, match="journal"):
+        await store.put_if(KEY, b"v2", if_match=etag)
+    monkeypatch.setattr(localfs.os, "fdatasync", real)
+    assert (await store.get(KEY))[0] == b"v1"
+    etag = await store.put_if(KEY, b"v3", if_match=etag)
+    await store.close()
+    lose_page_cache(tmp_path)
+    assert (await restarted(tmp_path).get(KEY))[0] == b"v3"
+    assert [n for n in os.listdir(tmp_path / "topics") if n.endswith(".tmp")] == []
