@@ -513,6 +513,8 @@ class LocalStore(ObjectStore):
                     if if_match is not None and current != if_match:
                         raise PreconditionFailed(f"{key} changed")
                 if journal is None:
+                    if journal_data is not None:
+                        os.fsync(fd)  # written for a journal the key has not got
                     os.replace(tmp, path)
                     return False
                 if journal_data is not None and self._append(path, journal, journal_data):
