@@ -51,9 +51,9 @@ async def rewrite(store: LocalStore, *versions: bytes) -> str:
 async def test_a_rewrite_is_made_durable_by_one_fdatasync_of_its_journal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No fsync of the temp file nor of the directory: the record is appended
-    and fdatasynced under the lock, then the temp file is renamed, still under
-    the lock, so that the object is always the journal's last record."""
+    """No fsync of the temp file nor of the directory: under the lock the temp
+    file is renamed, then the record is appended and fdatasynced, so that a
+    record always holds a version that was in place."""
     events: list[str] = []
     real = {"fsync": os.fsync, "fdatasync": os.fdatasync, "replace": os.replace}
     real_lock, real_unlock = LocalStore._lock, LocalStore._unlock
@@ -94,7 +94,7 @@ async def test_a_rewrite_is_made_durable_by_one_fdatasync_of_its_journal(
     assert journal_path(tmp_path / KEY).stat().st_size == JOURNAL_SIZE
     events.clear()
     await rewrite(store, b"v2")
-    assert events == ["lock", "fdatasync", "rename t.json", "unlock"]
+    assert events == ["lock", "rename t.json", "fdatasync", "unlock"]
     monkeypatch.undo()
     assert (await store.get(KEY))[0] == b"v2"
     assert await store.list() == [KEY], "the journal is no key"
@@ -151,7 +151,7 @@ async def test_a_record_torn_by_the_crash_was_never_acknowledged(tmp_path: Path)
     assert (await restarted(tmp_path).get(KEY))[0] == b"v2"
 
 
-async def test_a_classic_write_over_a_journaled_object_starts_its_journal_over(
+async def test_a_classic_write_over_a_journaled_object_drops_its_journal(
     tmp_path: Path,
 ) -> None:
     """Else a restart would bring back the journal's last record over a newer
@@ -160,21 +160,27 @@ async def test_a_classic_write_over_a_journaled_object_starts_its_journal_over(
     await busy_key(store)
     await rewrite(store, b"v2")
     await store.put(KEY, b"unconditional")
+    assert not journal_path(tmp_path / KEY).exists()
     await store.close()
 
     assert (await restarted(tmp_path).get(KEY))[0] == b"unconditional"
 
 
-async def test_a_full_journal_writes_the_classic_way_and_starts_over(tmp_path: Path) -> None:
+async def test_a_full_journal_is_replaced_by_one_holding_the_write(tmp_path: Path) -> None:
     store = LocalStore(tmp_path, boot_id=BOOT)
     await store.put(KEY, b"v0")
     # The 1st is written the classic way, the 2nd makes the journal and the
-    # 2nd to 7th are its records; the 8th does not fit, is written the
-    # classic way and starts the journal over; the 9th to 13th are records.
+    # 2nd to 7th are its records; the 8th does not fit, and a new journal
+    # holding it replaces the full one; the 9th to 13th are its records.
     big = [bytes([n]) * 40_000 for n in range(1, 14)]
-    await rewrite(store, *big)
+    inode = None
+    for n, data in enumerate(big):
+        await rewrite(store, data)
+        if n == 1:
+            inode = journal_path(tmp_path / KEY).stat().st_ino
+    assert journal_path(tmp_path / KEY).stat().st_ino != inode
     await store.close()
-    lose_page_cache(tmp_path, big[7])
+    lose_page_cache(tmp_path, big[0])
 
     assert (await restarted(tmp_path).get(KEY))[0] == big[-1]
 
@@ -239,26 +245,61 @@ async def test_a_torn_header_is_a_start_over_that_found_the_object_durable(
     assert (await restarted(tmp_path).get(KEY))[0] == b"v4"
 
 
-async def test_a_failed_append_is_unknown_not_storage_full_and_renames_nothing(
+async def test_a_failed_append_falls_back_to_the_classic_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The record may be on the disk: StoreUnavailable, whose outcome the
-    committer reads back, not StorageFull, which says nothing was written."""
+    """The object is in place, whether its record reached the disk unknown:
+    the write is made durable the classic way and the journal dropped, so
+    that no record of it, nor an older one, can be brought back over it."""
     store = LocalStore(tmp_path, boot_id=BOOT)
-    await store.put(KEY, b"v0")
-    etag = await rewrite(store, b"v1")
-    real = os.fdatasync
+    await busy_key(store)
+    etag = await rewrite(store, b"v2")
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(localfs.os, "fdatasync", failing)
+    etag = await store.put_if(KEY, b"v3", if_match=etag)
+    monkeypatch.undo()
+    assert not journal_path(tmp_path / KEY).exists()
+    await rewrite(store, b"v4", b"v5")  # v4 the classic way; v5 makes a new journal
+    assert journal_path(tmp_path / KEY).exists()
+    await store.close()
+    lose_page_cache(tmp_path, b"v4")
+    assert (await restarted(tmp_path).get(KEY))[0] == b"v5"
+    assert [n for n in os.listdir(tmp_path / "topics") if n.endswith(".tmp")] == []
+
+
+async def test_a_journal_and_disk_failing_after_the_rename_is_unknown_not_storage_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """StorageFull promises that nothing was written: the object is in place."""
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    etag = await rewrite(store, b"v2")
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(localfs.os, "fdatasync", full)
-    with pytest.raises(StoreUnavailable, match="journal"):
-        await store.put_if(KEY, b"v2", if_match=etag)
-    monkeypatch.setattr(localfs.os, "fdatasync", real)
-    assert (await store.get(KEY))[0] == b"v1"
-    etag = await store.put_if(KEY, b"v3", if_match=etag)
+    monkeypatch.setattr(localfs.os, "fsync", full)
+    with pytest.raises(StoreUnavailable, match="renamed"):
+        await store.put_if(KEY, b"v3", if_match=etag)
+    monkeypatch.undo()
+    assert (await store.get(KEY))[0] == b"v3"
     await store.close()
-    lose_page_cache(tmp_path)
-    assert (await restarted(tmp_path).get(KEY))[0] == b"v3"
-    assert [n for n in os.listdir(tmp_path / "topics") if n.endswith(".tmp")] == []
+
+
+async def test_a_write_never_appends_to_a_journal_unlinked_under_it(tmp_path: Path) -> None:
+    """A journal removed while this store knows where it ends (an operator,
+    another process's recovery) is not written to: that would acknowledge
+    records no restart can find."""
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    await rewrite(store, b"v2")
+    journal_path(tmp_path / KEY).unlink()
+    await rewrite(store, b"v3", b"v4")
+    await store.close()
+    assert journal_path(tmp_path / KEY).exists()
+    lose_page_cache(tmp_path, b"v3")
+    assert (await restarted(tmp_path).get(KEY))[0] == b"v4"

@@ -161,33 +161,51 @@ def journal_path(path: Path) -> Path:
 
 @dataclass
 class _Journal:
-    """The journal of one object rewritten with If-Match, open.
+    """The journal of one object rewritten with If-Match, open for one write.
 
-    What makes such a write durable is its record: appended here and
-    fdatasynced under the key's lock, before the temp file (not fsynced) is
-    renamed over the key, still under the lock. So outside the lock the object
-    is the journal's last record, and a crash of the process leaves the two
-    agreeing. A crash of the machine may lose what the page cache held, the
-    rename or the temp file's bytes; the first process to touch the key after
-    the restart (the header names the boot it was written in) writes the last
-    record back the classic way and starts a new journal. A record torn by the
-    crash fails its CRC and was never acknowledged: the one before it is then
-    the last.
+    What makes such a write durable is its record. Under the key's lock the
+    temp file (not fsynced) is renamed over the key, then the record is
+    appended here and fdatasynced, and only then is the write answered. So a
+    record always holds a version that was in place, and the last one the
+    newest acknowledged. A crash of the machine may lose what the page cache
+    held: the rename, or the object's bytes. The first process to touch the
+    key after the restart (the header names the boot it was written in)
+    writes the last record back the classic way if the object is not that
+    record, and gives the key a new journal. A record torn by the crash fails
+    its CRC and was never acknowledged: the one before it is then the last.
+    A process killed between the rename and the append leaves a version in
+    place that no record holds, unacknowledged; a later write supersedes it,
+    and a restart before any would take the key back to the last record.
 
-    Records of one generation lie end to end from _RECORDS_START. Starting
-    over, once the object is durable the classic way, writes generation + 1
-    into the header, which disowns every record before. A torn header can only
-    come from starting over, when the object was durable: it is then ignored.
+    Records of one generation lie end to end from _RECORDS_START. Nothing is
+    ever written past the tail of the newest generation but by the writer that
+    holds the lock and knows the tail, so a valid-looking record after it can
+    only be of an older generation. A journal is never started over in place:
+    when it is full, a new one holding the write's record replaces it (renamed
+    over it, made durable first), and a key written the classic way loses its
+    journal first.
     """
 
     fd: int
     generation: int
     tail: int  # where the next record goes
+    inode: tuple[int, int]
+
+
+@dataclass
+class _Place:
+    """Where a store left a journal: right while the object is still the file
+    that store wrote last (nobody else can have appended since) and the
+    journal is the same file."""
+
+    inode: tuple[int, int]
+    generation: int
+    tail: int
 
 
 @dataclass
 class _Scanned:
-    """What a journal holds: None for a header torn or not ours."""
+    """What a journal holds."""
 
     generation: int
     boot: bytes
@@ -196,6 +214,7 @@ class _Scanned:
 
 
 def _scan_journal(blob: bytes) -> _Scanned | None:
+    """None for a header that is torn or not a journal's."""
     if len(blob) < _HEADER.size:
         return None
     magic, generation, boot, crc = _HEADER.unpack_from(blob)
@@ -221,49 +240,40 @@ def _journal_header(generation: int, boot: bytes) -> bytes:
 
 
 def _journal_record(generation: int, data: bytes) -> bytes:
+    """A record's header; the record is this and `data`."""
     head = _RECORD.pack(generation, len(data), 0)[:12]
     return head + struct.pack(">I", zlib.crc32(data, zlib.crc32(head)))
 
 
-class _Journals:
-    """The journals this store has open, each trusted only while the object
-    beside it is still the file this store last wrote (nobody else can have
-    appended since): bounded, like _WrittenFiles."""
+class _Places:
+    """Where this store left each journal, for the next write to append
+    without reading the journal again: bounded, like _WrittenFiles. Holds no
+    descriptor: a write opens the journal by its name, so it never appends to
+    one that was unlinked or replaced."""
 
-    LIMIT = 256
+    LIMIT = 4096
 
     def __init__(self) -> None:
-        self._open: OrderedDict[Path, _Journal] = OrderedDict()
+        self._places: OrderedDict[Path, _Place] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> _Journal | None:
+    def get(self, path: Path) -> _Place | None:
         with self._lock:
-            journal = self._open.get(path)
-            if journal is not None:
-                self._open.move_to_end(path)
-            return journal
+            place = self._places.get(path)
+            if place is not None:
+                self._places.move_to_end(path)
+            return place
 
     def keep(self, path: Path, journal: _Journal) -> None:
         with self._lock:
-            old = self._open.pop(path, None)
-            self._open[path] = journal
-            evicted = [old] if old else []
-            while len(self._open) > self.LIMIT:
-                evicted.append(self._open.popitem(last=False)[1])
-        for stale in evicted:
-            os.close(stale.fd)
+            self._places.pop(path, None)
+            self._places[path] = _Place(journal.inode, journal.generation, journal.tail)
+            while len(self._places) > self.LIMIT:
+                self._places.popitem(last=False)
 
     def forget(self, path: Path) -> None:
         with self._lock:
-            journal = self._open.pop(path, None)
-        if journal:
-            os.close(journal.fd)
-
-    def close(self) -> None:
-        with self._lock:
-            journals, self._open = list(self._open.values()), OrderedDict()
-        for journal in journals:
-            os.close(journal.fd)
+            self._places.pop(path, None)
 
 
 class LocalStore(ObjectStore):
@@ -289,7 +299,7 @@ class LocalStore(ObjectStore):
         self._ready = False
         self._written = _WrittenFiles()
         self._boot = (boot_id or machine_boot_id()) if journal else None
-        self._journals = _Journals()
+        self._places = _Places()
         # Keys whose journal is known not to be from an earlier boot.
         self._checked: set[Path] = set()
         # When each key without a journal was last rewritten with If-Match.
@@ -494,44 +504,38 @@ class LocalStore(ObjectStore):
         """Rename the temp file `tmp` (open as `fd`) over `key` if the condition
         holds, under the key's lock; else close and remove it, and raise.
 
-        With `journal_data` (the temp file is not fsynced), its record is
-        appended to the key's journal first. Without, or when the journal has
-        no room, the temp file must be fsynced, and a journal the key has is
-        started over once the rename is durable, still under the lock: its
-        records must not outlive a write they do not hold. Return whether the
-        write is durable already; if not, the caller fsyncs the directory."""
+        With `journal_data` (the temp file is not fsynced) the write's record
+        then goes to the key's journal, or, when the key has none, the temp
+        file is fsynced first. Without, a journal the key has is dropped before
+        the rename: its records must not outlive a write they do not hold.
+        Return whether the write is durable already; if not, the caller
+        fsyncs the directory."""
         try:
             lock = self._lock(key)
             try:
-                # The journal first: after a restart, its recovery may rewrite the object.
                 ours = self._written.etag_if_same(path, _stat_or_none(path)) is not None
+                # The journal first: after a restart, its recovery may rewrite the object.
                 journal = self._journal(key, path, ours, create=journal_data is not None)
-                current, _ = self._current_etag(path)
-                if conditional:
-                    if if_none_match and current is not None:
-                        raise PreconditionFailed(f"{key} exists")
-                    if if_match is not None and current != if_match:
-                        raise PreconditionFailed(f"{key} changed")
-                if journal is None:
-                    if journal_data is not None:
-                        os.fsync(fd)  # written for a journal the key has not got
-                    os.replace(tmp, path)
-                    return False
-                if journal_data is not None and self._append(path, journal, journal_data):
-                    os.replace(tmp, path)
-                    return True
-                if journal_data is not None:
-                    os.fsync(fd)
-                os.replace(tmp, path)
                 try:
-                    self._fsync_dir(path.parent)
-                    self._start_over(journal)
-                except BaseException as exc:
-                    self._journals.forget(path)
-                    if isinstance(exc, OSError):
-                        raise _renamed_but(key, self.root, exc) from exc
-                    raise
-                return True
+                    current, _ = self._current_etag(path)
+                    if conditional:
+                        if if_none_match and current is not None:
+                            raise PreconditionFailed(f"{key} exists")
+                        if if_match is not None and current != if_match:
+                            raise PreconditionFailed(f"{key} changed")
+                    if journal is None or journal_data is None:
+                        if journal is not None:
+                            self._drop_journal(path)
+                        elif journal_data is not None:
+                            os.fsync(fd)  # written for a journal the key has not got
+                        os.replace(tmp, path)
+                        return False
+                    os.replace(tmp, path)
+                    self._journal_write(key, path, fd, journal, journal_data)
+                    return True
+                finally:
+                    if journal is not None:
+                        os.close(journal.fd)
             finally:
                 self._unlock(lock)
         except BaseException:
@@ -541,26 +545,53 @@ class LocalStore(ObjectStore):
 
     # --- the journal, under the key's lock --------------------------------------
 
+    def _journal_write(self, key: str, path: Path, fd: int, journal: _Journal, data: bytes) -> None:
+        """Make the write just renamed into place durable: its record appended
+        to `journal`, or a new journal holding it when this one is full. If
+        that fails, the classic way, the journal dropped."""
+        try:
+            if not self._append(journal, data):
+                journal = self._new_journal(journal_path(path), data)
+                os.close(journal.fd)
+            self._places.keep(path, journal)
+        except OSError as exc:
+            # Whether the record reached the disk, and where the journal ends,
+            # are now unknown; never StorageFull: the new object is in place.
+            self._places.forget(path)
+            log.warning(
+                "localfs %s: the journal of %s failed (%s): written the classic way",
+                self.root,
+                key,
+                exc,
+            )
+            try:
+                os.fsync(fd)
+                journal_path(path).unlink(missing_ok=True)
+                self._fsync_dir(path.parent)  # the rename and the unlink
+            except OSError as again:
+                raise _renamed_but(key, self.root, again) from again
+
     def _journal(self, key: str, path: Path, ours: bool, *, create: bool) -> _Journal | None:
-        """The journal of `key` (at `path`), or None if it has none and `create`
-        is false. Recovered first when an earlier boot of the machine wrote it.
-        `ours`: the object is still the file this store wrote last, so the
-        journal open since is still right."""
-        if ours:
-            journal = self._journals.get(path)
-            if journal is not None:
-                return journal
+        """The journal of `key` (at `path`), open (the caller closes it), or None
+        if it has none and `create` is false or the key is not busy. Recovered
+        first when an earlier boot of the machine wrote it. `ours`: the object
+        is still the file this store wrote last, so where it left the journal
+        is still right if the journal is the same file."""
         jpath = journal_path(path)
         try:
             fd = os.open(jpath, os.O_RDWR)
         except (FileNotFoundError, NotADirectoryError):
             self._remember_checked(path)
+            self._places.forget(path)
             if not create or not path.exists() or not self._busy(path):
                 return None
-            journal = self._new_journal(jpath)
-            self._journals.keep(path, journal)
-            return journal
+            return self._new_journal(jpath)
         try:
+            st = os.fstat(fd)
+            inode = (st.st_ino, st.st_dev)
+            place = self._places.get(path) if ours else None
+            if place is not None and place.inode == inode:
+                return _Journal(fd, place.generation, place.tail, inode)
             scanned = _scan_journal(os.pread(fd, JOURNAL_SIZE, 0))
         except BaseException:
             os.close(fd)
@@ -569,89 +600,106 @@ class LocalStore(ObjectStore):
             os.close(fd)
             return self._recover(key, path, jpath, scanned, create=create)
         self._remember_checked(path)
-        journal = _Journal(fd, scanned.generation, scanned.tail)
-        self._journals.keep(path, journal)
-        return journal
+        return _Journal(fd, scanned.generation, scanned.tail, inode)
 
     def _recover(
         self, key: str, path: Path, jpath: Path, scanned: _Scanned | None, *, create: bool
     ) -> _Journal | None:
         """The machine restarted since this journal was written, or its header
-        is torn (it was being started over: the object was durable). Write its
+        is torn (only an operator or a failing disk can do that). Write its
         last record back the classic way if the object is not that record (the
-        page cache lost the rename or the bytes), and give the key a new
-        journal, or none."""
-        self._journals.forget(path)
+        page cache lost the rename or the bytes), else make the object durable
+        as it is; then give the key a new journal, or none."""
+        self._places.forget(path)
         self._written.forget(path)
-        if scanned is not None and scanned.last is not None and path.exists():
+        if path.exists():
             try:
                 on_disk: str | None = content_etag(path.read_bytes())
             except OSError:
                 on_disk = None
-            if on_disk != content_etag(scanned.last):
-                log.warning(
-                    "localfs %s: %s restored from its journal after a restart", self.root, key
-                )
-                tmp, fd, _ = self._write_temp(path, scanned.last)
+            last = scanned.last if scanned is not None else None
+            if last is not None and on_disk != content_etag(last):
+                log.warning("localfs %s: %s restored from its journal", self.root, key)
+                tmp, fd, _ = self._write_temp(path, last)
                 try:
                     os.replace(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
                 finally:
                     os.close(fd)
-                self._fsync_dir(path.parent)
-        self._remember_checked(path)
-        if not create or not path.exists():
-            jpath.unlink(missing_ok=True)
+            else:
+                self._fsync_file(path)
             self._fsync_dir(path.parent)
-            return None
-        journal = self._new_journal(jpath)
-        self._journals.keep(path, journal)
-        return journal
+        self._remember_checked(path)
+        if create and path.exists():
+            return self._new_journal(jpath)
+        jpath.unlink(missing_ok=True)
+        self._fsync_dir(path.parent)
+        return None
 
-    def _new_journal(self, jpath: Path) -> _Journal:
-        """A new journal at `jpath` (replacing any there), durable before it is
-        used: written whole, zeros included, fsynced, renamed, its directory
-        fsynced."""
+    def _new_journal(self, jpath: Path, first: bytes | None = None) -> _Journal:
+        """A new journal at `jpath`, holding `first`'s record if given, written
+        whole (zeros included), fsynced and renamed over any journal there,
+        its directory fsynced: durable before it is answered on. Open (the
+        caller closes it)."""
         assert self._boot is not None
         tmp = jpath.with_name(f"{jpath.name}.{uuid.uuid4().hex}.tmp")
+        blob = bytearray(JOURNAL_SIZE)
+        header = _journal_header(1, self._boot)
+        blob[: len(header)] = header
+        tail = _RECORDS_START
+        if first is not None:
+            record = _journal_record(1, first) + first
+            blob[tail : tail + len(record)] = record
+            tail += len(record)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.pwrite(fd, _journal_header(1, self._boot).ljust(JOURNAL_SIZE, b"\0"), 0)
+            _write_all(fd, blob, 0)
             os.fsync(fd)
             os.replace(tmp, jpath)
             self._fsync_dir(jpath.parent)
+            st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        return _Journal(fd, 1, _RECORDS_START)
+        return _Journal(fd, 1, tail, (st.st_ino, st.st_dev))
 
-    def _append(self, path: Path, journal: _Journal, data: bytes) -> bool:
+    @staticmethod
+    def _append(journal: _Journal, data: bytes) -> bool:
         """Append `data`'s record and fdatasync it; False if it does not fit."""
         head = _journal_record(journal.generation, data)
         if journal.tail + len(head) + len(data) > JOURNAL_SIZE:
             return False
-        try:
-            os.pwritev(journal.fd, [head, data], journal.tail)
-            os.fdatasync(journal.fd)
-        except BaseException as exc:
-            # Where the journal ends is now unknown; whether the record is
-            # durable too, so this is no "nothing was written" (StorageFull).
-            self._journals.forget(path)
-            if isinstance(exc, OSError):
-                raise StoreUnavailable(
-                    f"localfs {self.root}: the journal of {path.name} could not be written: {exc}"
-                ) from exc
-            raise
+        if os.pwritev(journal.fd, [head, data], journal.tail) != len(head) + len(data):
+            _write_all(journal.fd, head + data, journal.tail)
+        os.fdatasync(journal.fd)
         journal.tail += len(head) + len(data)
         return True
 
-    def _start_over(self, journal: _Journal) -> None:
-        """The object is durable the classic way: disown every record."""
-        assert self._boot is not None
-        journal.generation += 1
-        journal.tail = _RECORDS_START
-        os.pwrite(journal.fd, _journal_header(journal.generation, self._boot), 0)
-        os.fdatasync(journal.fd)
+    def _drop_journal(self, path: Path) -> None:
+        """Before the object at `path` is written the classic way or deleted:
+        its journal goes, durably, or a restart could bring back its last
+        record. That record may be the object's only durable copy, so the
+        object is made durable first."""
+        self._places.forget(path)
+        jpath = journal_path(path)
+        if not jpath.exists():
+            return
+        if path.exists():
+            self._fsync_file(path)
+        self._fsync_dir(path.parent)
+        jpath.unlink(missing_ok=True)
+        self._fsync_dir(path.parent)
+
+    @staticmethod
+    def _fsync_file(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _check_journal(self, key: str, path: Path) -> None:
         """Before a read: recover `key` if its journal is from an earlier boot."""
@@ -669,7 +717,9 @@ class LocalStore(ObjectStore):
             return
         lock = self._lock(key)
         try:
-            self._journal(key, path, False, create=False)
+            journal = self._journal(key, path, False, create=False)
+            if journal is not None:
+                os.close(journal.fd)
         finally:
             self._unlock(lock)
 
@@ -677,9 +727,8 @@ class LocalStore(ObjectStore):
         """Whether `path` was rewritten with If-Match within JOURNAL_AFTER (now
         is one such rewrite)."""
         now = time.monotonic()
-        last = self._rewritten.get(path)
+        last = self._rewritten.pop(path, None)
         if last is not None and now - last < JOURNAL_AFTER:
-            del self._rewritten[path]
             return True
         if len(self._rewritten) >= _CHECKED_LIMIT:
             self._rewritten.clear()
@@ -723,21 +772,7 @@ class LocalStore(ObjectStore):
         lock = self._lock(key)
         try:
             self._written.forget(path)
-            self._journals.forget(path)
-            jpath = journal_path(path)
-            if jpath.exists():
-                # The journal goes first, and durably, or a restart could bring
-                # the object back from it; but the object's last write may be
-                # durable only in the journal, so it is made durable first.
-                with contextlib.suppress(FileNotFoundError):
-                    fd = os.open(path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                self._fsync_dir(path.parent)
-                jpath.unlink()
-                self._fsync_dir(path.parent)
+            self._drop_journal(path)
             try:
                 path.unlink()
             except (FileNotFoundError, NotADirectoryError):
@@ -811,7 +846,13 @@ class LocalStore(ObjectStore):
 
     async def close(self) -> None:
         self._written.close()
-        self._journals.close()
+
+
+def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _renamed_but(key: str, root: Path, exc: OSError) -> StoreUnavailable:
