@@ -17,7 +17,7 @@ import pytest
 
 from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
 from simplequeue.objstore import content_etag, localfs
-from simplequeue.objstore.localfs import JOURNAL_SIZE, LocalStore, journal_path
+from simplequeue.objstore.localfs import _RECORDS_START, JOURNAL_SIZE, LocalStore, journal_path
 
 BOOT, NEXT_BOOT = b"\x01" * 16, b"\x02" * 16
 KEY = "topics/t.json"
@@ -303,3 +303,152 @@ async def test_a_write_never_appends_to_a_journal_unlinked_under_it(tmp_path: Pa
     assert journal_path(tmp_path / KEY).exists()
     lose_page_cache(tmp_path, b"v3")
     assert (await restarted(tmp_path).get(KEY))[0] == b"v4"
+
+
+# --- found by an adversarial review of 72fe53e: a crash at one instruction ---------
+
+
+class Killed(BaseException):
+    """The process dies here (nothing after runs)."""
+
+
+def test_a_journals_first_write_cannot_lose_the_object_it_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new journal holds no record. The next write renames its temp file,
+    NOT fsynced, over the object (the acknowledged v1's only durable copy),
+    then dies (or the machine crashes) before the record's fdatasync. After
+    the crash the disk may hold the rename but not the temp file's bytes (XFS:
+    a zero-length file; ext4 with noauto_da_alloc or data=writeback: the
+    same). Recovery finds no record (last is None), so it fsyncs the empty
+    object as it is: v1, acknowledged, is gone, and a read returns bytes
+    that were never written."""
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    store._put_sync(KEY, b"v0", None, False, False)
+    v1 = store._put_sync(KEY, b"v1", content_etag(b"v0"), False, True)  # classic, acked
+
+    synced: set[int] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.add(os.fstat(fd).st_ino)
+
+    def killed(fd: int) -> None:
+        raise Killed
+
+    monkeypatch.setattr(localfs.os, "fsync", fsync)
+    monkeypatch.setattr(localfs.os, "fdatasync", killed)
+    with pytest.raises(Killed):
+        store._put_sync(KEY, b"v2", v1, False, True)  # busy: makes the journal
+    monkeypatch.undo()
+    # The crash: the record never reached the disk; the rename did, and the
+    # renamed file's bytes only if it was fsynced.
+    jpath = journal_path(tmp_path / KEY)
+    blob = bytearray(jpath.read_bytes())
+    blob[_RECORDS_START:] = bytes(len(blob) - _RECORDS_START)
+    jpath.write_bytes(bytes(blob))
+    if (tmp_path / KEY).stat().st_ino not in synced:
+        (tmp_path / KEY).write_bytes(b"")
+
+    after = LocalStore(tmp_path, boot_id=NEXT_BOOT)
+    data, _ = after._read(KEY)
+    assert data in (b"v1", b"v2"), f"acknowledged v1 lost; read {data!r}, never written"
+
+
+def test_a_new_journal_reusing_an_inode_number_is_not_taken_for_the_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store A (one broker) knows where it left the journal. Store B (another
+    broker on the host) drops it for a classic write whose rename then fails,
+    then, with a stale If-Match, makes a new empty journal and loses the
+    compare: the object is still A's file, so A trusts its place if the new
+    journal has the old one's inode number (ext4 hands a freed number out
+    again at once). A appends its record past the zeros at a tail no scan
+    reaches, and acknowledges. After a crash the record is not found."""
+    a = LocalStore(tmp_path, boot_id=BOOT)
+    b = LocalStore(tmp_path, boot_id=BOOT)
+    a._put_sync(KEY, b"v0", None, False, False)
+    etag = content_etag(b"v0")
+    for v in (b"v1", b"v2", b"v3"):  # v1 classic; v2 makes the journal; v3 a record
+        etag = a._put_sync(KEY, v, etag, False, True)
+    jpath = journal_path(tmp_path / KEY)
+    old_inode = jpath.stat().st_ino
+
+    # B: a classic write (unconditional put) whose rename fails after the drop.
+    real_replace = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if Path(dst) == tmp_path / KEY:
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(localfs.os, "replace", replace)
+    with pytest.raises(OSError):
+        b._put_sync(KEY, b"B's", None, False, False)
+    monkeypatch.undo()
+    assert not jpath.exists()
+    # B again, twice within a second with a stale If-Match: the second makes a
+    # new (empty) journal before it loses the compare.
+    for _ in range(2):
+        with pytest.raises(PreconditionFailed):
+            b._put_sync(KEY, b"B's", content_etag(b"stale"), False, True)
+    assert jpath.exists()
+    if jpath.stat().st_ino != old_inode:
+        pytest.skip("the filesystem did not hand the inode number out again this time")
+
+    v4 = a._put_sync(KEY, b"v4", etag, False, True)  # acknowledged
+    assert content_etag(b"v4") == v4
+    # The crash: the object as its last durable version (v3, fsynced by B's drop).
+    (tmp_path / KEY).write_bytes(b"v3")
+    data, _ = LocalStore(tmp_path, boot_id=NEXT_BOOT)._read(KEY)
+    assert data == b"v4", f"acknowledged v4 rolled back to {data!r}"
+
+
+def test_a_delete_after_a_restart_recovers_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a crash lost the page cache, a delete is the first to touch the
+    key. _delete_sync never recovers: _drop_journal fsyncs the stale object
+    as it is and unlinks the journal (its only copy of the acknowledged v3),
+    durably. Killed before the object's unlink (or the unlink fails), the
+    delete is unanswered, yet the key now holds v1: acknowledged v2 and v3
+    are rolled back for good."""
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    store._put_sync(KEY, b"v0", None, False, False)
+    etag = content_etag(b"v0")
+    for v in (b"v1", b"v2", b"v3"):
+        etag = store._put_sync(KEY, v, etag, False, True)
+    (tmp_path / KEY).write_bytes(b"v1")  # the crash lost the renames
+
+    after = LocalStore(tmp_path, boot_id=NEXT_BOOT)
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == tmp_path / KEY:
+            raise Killed
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(Killed):
+        after._delete_sync(KEY)
+    monkeypatch.undo()
+    data, _ = LocalStore(tmp_path, boot_id=b"\x03" * 16)._read(KEY)
+    assert data in (b"v3",), f"neither deleted nor v3: {data!r}"
+
+
+async def test_a_busy_key_on_a_disk_too_full_for_a_journal_is_written_the_classic_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+
+    def no_room(self: LocalStore, jpath: Path, first: bytes | None = None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalStore, "_new_journal", no_room)
+    await rewrite(store, b"v2")
+    monkeypatch.undo()
+    assert not journal_path(tmp_path / KEY).exists()
+    assert (await store.get(KEY))[0] == b"v2"
+    await store.close()

@@ -177,13 +177,19 @@ class _Journal:
     place that no record holds, unacknowledged; a later write supersedes it,
     and a restart before any would take the key back to the last record.
 
-    Records of one generation lie end to end from _RECORDS_START. Nothing is
-    ever written past the tail of the newest generation but by the writer that
-    holds the lock and knows the tail, so a valid-looking record after it can
-    only be of an older generation. A journal is never started over in place:
-    when it is full, a new one holding the write's record replaces it (renamed
-    over it, made durable first), and a key written the classic way loses its
-    journal first.
+    A journal's first write has no record before it to fall back on, so its
+    temp file is fsynced before the rename: a record torn, or never written,
+    then leaves the object durable as it was or as it became.
+
+    Records lie end to end from _RECORDS_START, each stamped with the
+    journal's generation: a random number drawn when the journal is made, so
+    that no other journal's records, nor stale bytes, pass for its own. A
+    journal is never started over in place: when it is full, a new one
+    holding the write's record replaces it (renamed over it, made durable
+    first), and a key written the classic way, or deleted, loses its journal
+    first. A handle trusts where it left the tail only while the object is the
+    file it wrote last and the journal's header still has the generation it
+    knows (an inode number alone is no identity: a new file may reuse it).
     """
 
     fd: int
@@ -196,7 +202,7 @@ class _Journal:
 class _Place:
     """Where a store left a journal: right while the object is still the file
     that store wrote last (nobody else can have appended since) and the
-    journal is the same file."""
+    journal is the same one (same inode and generation)."""
 
     inode: tuple[int, int]
     generation: int
@@ -530,6 +536,8 @@ class LocalStore(ObjectStore):
                             os.fsync(fd)  # written for a journal the key has not got
                         os.replace(tmp, path)
                         return False
+                    if journal.tail == _RECORDS_START:
+                        os.fsync(fd)  # no record holds the version it replaces
                     os.replace(tmp, path)
                     self._journal_write(key, path, fd, journal, journal_data)
                     return True
@@ -585,12 +593,20 @@ class LocalStore(ObjectStore):
             self._places.forget(path)
             if not create or not path.exists() or not self._busy(path):
                 return None
-            return self._new_journal(jpath)
+            try:
+                return self._new_journal(jpath)
+            except OSError as exc:  # a full disk may still take the classic write
+                log.warning("localfs %s: no journal for %s: %s", self.root, key, exc)
+                return None
         try:
             st = os.fstat(fd)
             inode = (st.st_ino, st.st_dev)
             place = self._places.get(path) if ours else None
-            if place is not None and place.inode == inode:
+            if (
+                place is not None
+                and place.inode == inode
+                and _HEADER.unpack_from(os.pread(fd, _HEADER.size, 0))[1] == place.generation
+            ):
                 return _Journal(fd, place.generation, place.tail, inode)
             scanned = _scan_journal(os.pread(fd, JOURNAL_SIZE, 0))
         except BaseException:
@@ -609,7 +625,8 @@ class LocalStore(ObjectStore):
         is torn (only an operator or a failing disk can do that). Write its
         last record back the classic way if the object is not that record (the
         page cache lost the rename or the bytes), else make the object durable
-        as it is; then give the key a new journal, or none."""
+        as it is (with no record, it is: a journal's first write is fsynced);
+        then give the key a new journal, or none."""
         self._places.forget(path)
         self._written.forget(path)
         if path.exists():
@@ -646,11 +663,12 @@ class LocalStore(ObjectStore):
         assert self._boot is not None
         tmp = jpath.with_name(f"{jpath.name}.{uuid.uuid4().hex}.tmp")
         blob = bytearray(JOURNAL_SIZE)
-        header = _journal_header(1, self._boot)
+        generation = int.from_bytes(os.urandom(8), "big")
+        header = _journal_header(generation, self._boot)
         blob[: len(header)] = header
         tail = _RECORDS_START
         if first is not None:
-            record = _journal_record(1, first) + first
+            record = _journal_record(generation, first) + first
             blob[tail : tail + len(record)] = record
             tail += len(record)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -664,7 +682,7 @@ class LocalStore(ObjectStore):
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        return _Journal(fd, 1, tail, (st.st_ino, st.st_dev))
+        return _Journal(fd, generation, tail, (st.st_ino, st.st_dev))
 
     @staticmethod
     def _append(journal: _Journal, data: bytes) -> bool:
@@ -772,6 +790,10 @@ class LocalStore(ObjectStore):
         lock = self._lock(key)
         try:
             self._written.forget(path)
+            if self._boot is not None:  # recovered first, as a write would be
+                journal = self._journal(key, path, False, create=False)
+                if journal is not None:
+                    os.close(journal.fd)
             self._drop_journal(path)
             try:
                 path.unlink()
