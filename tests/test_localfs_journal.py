@@ -258,9 +258,18 @@ async def test_a_failed_append_falls_back_to_the_classic_way(
     def failing(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
+    synced: set[int] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.add(os.fstat(fd).st_ino)
+
     monkeypatch.setattr(localfs.os, "fdatasync", failing)
+    monkeypatch.setattr(localfs.os, "fsync", fsync)
     etag = await store.put_if(KEY, b"v3", if_match=etag)
     monkeypatch.undo()
+    assert (tmp_path / KEY).stat().st_ino in synced, "v3's bytes, the classic way"
     assert not journal_path(tmp_path / KEY).exists()
     await rewrite(store, b"v4", b"v5")  # v4 the classic way; v5 makes a new journal
     assert journal_path(tmp_path / KEY).exists()
