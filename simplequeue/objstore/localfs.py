@@ -6,9 +6,10 @@ classic way: the temp file is fsynced before the rename, the directory after.
 An object rewritten with If-Match (a topic's head, hundreds of times a second)
 is made durable by one fdatasync instead: its bytes are appended to a journal
 beside it (see _Journal), and the rename is left to the page cache.
-Compare-and-rename holds an OS file lock, so several processes (brokers) may
-share one directory; the lock is held for nothing else, and waited for only
-`lock_timeout`, so a process paused while holding it stalls no one for long.
+Compare-and-rename (and a journal's writes) hold an OS file lock, so several
+processes (brokers) on one machine may share one directory; the lock is held
+for nothing else, and waited for only `lock_timeout`, so a process paused
+while holding it stalls no one for long.
 The ETag is derived from the bytes, so it cannot disagree with them. All file
 I/O runs in worker threads, never on the event loop. The store's clock is the
 kernel's, read from the mtime it gives each file we write (a process's own
@@ -54,14 +55,14 @@ MTIME_RESOLUTION = 0.01
 # The journal beside an object rewritten with If-Match: preallocated (zeros,
 # written and fsynced once), so that appending a record and fdatasyncing it
 # changes no metadata. That costs a fifth of the two fsyncs of a rename (0.1
-# against 0.5 ms on the disks measured). Records that do not fit any more make
-# the write take the classic path and start the journal over.
+# against 0.5 ms on the disks measured). A write whose record does not fit any
+# more replaces the journal with a new one holding it; an object too big for
+# any journal is written the classic way.
 JOURNAL_SIZE = 256 * 1024
 _JOURNAL_MAGIC = b"SQJRNL01"
 _HEADER = struct.Struct(">8sQ16sI")  # magic, generation, boot id, CRC-32 of the three
 _RECORD = struct.Struct(">QII")  # generation, length, CRC-32 of these two and the bytes
-# The header owns the first sector, so that starting the journal over (its
-# generation + 1, written in place) is one sector's write and touches no record.
+# The header owns the first sector; records start after it.
 _RECORDS_START = 512
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # How many keys a store remembers having checked for a journal left by an
