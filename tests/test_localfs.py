@@ -15,6 +15,7 @@ from simplequeue.errors import PreconditionFailed
 from simplequeue.objstore import content_etag
 from simplequeue.objstore.localfs import LocalStore
 from tests.helpers.crash_writer import check
+from tests.helpers.fs_events import record_disk_events
 
 HELPERS = Path(__file__).parent / "helpers"
 ROOT = Path(__file__).parent.parent
@@ -209,33 +210,12 @@ async def test_the_temp_file_is_written_and_fsynced_before_the_lock_is_taken(
     """The classic way (no journal): only the compare and the rename are done
     under the lock; the directory fsync comes after it is released, before
     the answer."""
-    import stat
-
-    from simplequeue.objstore import localfs
-
-    events: list[str] = []
-    real_fsync, real_lock, real_unlock = os.fsync, LocalStore._lock, LocalStore._unlock
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-
-    def lock(self: LocalStore, key: str) -> int:
-        events.append("lock")
-        return real_lock(self, key)
-
-    def unlock(fd: int) -> None:
-        events.append("unlock")
-        real_unlock(fd)
-
     store = LocalStore(tmp_path, journal=False)
     await store.put("topics/seed.json", b"{}")
     etag = await store.put("topics/t.json", b"v1")
-    monkeypatch.setattr(localfs.os, "fsync", fsync)
-    monkeypatch.setattr(LocalStore, "_lock", lock)
-    monkeypatch.setattr(LocalStore, "_unlock", staticmethod(unlock))
+    events = record_disk_events(monkeypatch)
     await store.put_if("topics/t.json", b"v2", if_match=etag)
-    assert events == ["fsync file", "lock", "unlock", "fsync dir"]
+    assert events == ["fsync file", "lock", "rename t.json", "unlock", "fsync dir"]
     events.clear()
     with pytest.raises(PreconditionFailed):
         await store.put_if("topics/t.json", b"v3", if_match=etag)
@@ -253,30 +233,13 @@ async def test_put_if_after_makes_the_objects_durable_before_the_head_is_renamed
     fsynced once; only then is the head written, renamed and its directory
     fsynced. A crash anywhere leaves the old head, or the new one with every
     object it names."""
-    import stat
-
-    from simplequeue.objstore import localfs
-
-    events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-        events.append("fsync dir" if is_dir else "fsync file")
-
-    def replace(src: str | Path, dst: str | Path) -> None:
-        real_replace(src, dst)
-        events.append(f"rename {Path(dst).name}")
-
     store = LocalStore(tmp_path)
     await store.put("topics/t/seed.json", b"{}")  # the directories exist
     await store.put("topics/seed.json", b"{}")
-    monkeypatch.setattr(localfs.os, "fsync", fsync)
-    monkeypatch.setattr(localfs.os, "replace", replace)
+    events = record_disk_events(monkeypatch)
     objects = {"topics/t/seg-a.json": b"a", "topics/t/seg-b.json": b"b"}
     await store.put_if_after(objects, "topics/t.json", b"head", if_none_match=True)
-    assert events == [
+    assert [e for e in events if e not in ("lock", "unlock")] == [
         "fsync file",
         "rename seg-a.json",
         "fsync file",

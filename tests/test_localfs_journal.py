@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
 from simplequeue.objstore import content_etag, localfs
 from simplequeue.objstore.localfs import _RECORDS_START, JOURNAL_SIZE, LocalStore, journal_path
+from tests.helpers.fs_events import record_disk_events
 
 BOOT, NEXT_BOOT = b"\x01" * 16, b"\x02" * 16
 KEY = "topics/t.json"
@@ -54,37 +54,9 @@ async def test_a_rewrite_is_made_durable_by_one_fdatasync_of_its_journal(
     """No fsync of the temp file nor of the directory: under the lock the temp
     file is renamed, then the record is appended and fdatasynced, so that a
     record always holds a version that was in place."""
-    events: list[str] = []
-    real = {"fsync": os.fsync, "fdatasync": os.fdatasync, "replace": os.replace}
-    real_lock, real_unlock = LocalStore._lock, LocalStore._unlock
-
-    def fsync(fd: int) -> None:
-        real["fsync"](fd)
-        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-
-    def fdatasync(fd: int) -> None:
-        real["fdatasync"](fd)
-        events.append("fdatasync")
-
-    def replace(src: str | Path, dst: str | Path) -> None:
-        real["replace"](src, dst)
-        events.append(f"rename {Path(dst).name}")
-
-    def lock(self: LocalStore, key: str) -> int:
-        events.append("lock")
-        return real_lock(self, key)
-
-    def unlock(fd: int) -> None:
-        events.append("unlock")
-        real_unlock(fd)
-
     store = LocalStore(tmp_path, boot_id=BOOT)
     await store.put(KEY, b"v0")
-    monkeypatch.setattr(localfs.os, "fsync", fsync)
-    monkeypatch.setattr(localfs.os, "fdatasync", fdatasync)
-    monkeypatch.setattr(localfs.os, "replace", replace)
-    monkeypatch.setattr(LocalStore, "_lock", lock)
-    monkeypatch.setattr(LocalStore, "_unlock", staticmethod(unlock))
+    events = record_disk_events(monkeypatch)
     await rewrite(store, b"v1")
     # One rewrite is no busy key: the classic way, the temp file fsynced
     # under the lock (it was written in the hope of a journal).
