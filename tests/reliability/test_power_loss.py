@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -206,6 +207,7 @@ class Campaign:
         self.monkeypatch.undo()
         for store in self.handles:
             store._written.close()
+        shutil.rmtree(self.root)  # the disk before the cut: only the image lives on
         self._open(into)
 
     def check(self, *, cut: bool) -> None:
