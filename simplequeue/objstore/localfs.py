@@ -258,7 +258,9 @@ class _Places:
     descriptor: a write opens the journal by its name, so it never appends to
     one that was unlinked or replaced."""
 
-    LIMIT = 4096
+    # A place is trusted only while the object is a file _WrittenFiles still
+    # holds: keeping more would keep places no write can use.
+    LIMIT = _WrittenFiles.LIMIT
 
     def __init__(self) -> None:
         self._places: OrderedDict[Path, _Place] = OrderedDict()
@@ -382,21 +384,20 @@ class LocalStore(ObjectStore):
             raise ObjectNotFound(key) from None
         return data, content_etag(data)
 
-    def _current_etag(self, path: Path) -> tuple[str | None, bool]:
-        """The ETag of what `path` holds now (None: nothing), and whether it is
-        still the very file this store last wrote there: then the ETag is known
-        without reading it back, and nobody else has written the key since."""
-        try:
-            linked = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None, False
+    def _current_etag(self, path: Path) -> str | None:
+        """The ETag of what `path` holds now (None: nothing). When it is still
+        the very file this store last wrote there, the ETag is known without
+        reading it back."""
+        linked = _stat_or_none(path)
+        if linked is None:
+            return None
         known = self._written.etag_if_same(path, linked)
         if known is not None:
-            return known, True
+            return known
         try:
-            return content_etag(path.read_bytes()), False
+            return content_etag(path.read_bytes())
         except (FileNotFoundError, NotADirectoryError):
-            return None, False
+            return None
 
     def _write_temp(self, path: Path, data: bytes, *, sync: bool = True) -> tuple[Path, int, str]:
         """Write `data` to a new temp file beside `path` and (with `sync`) fsync
@@ -457,11 +458,7 @@ class LocalStore(ObjectStore):
 
     @staticmethod
     def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(directory, os.O_DIRECTORY)
 
     def _put_sync(
         self, key: str, data: bytes, if_match: str | None, if_none_match: bool, conditional: bool
@@ -524,7 +521,7 @@ class LocalStore(ObjectStore):
                 # The journal first: after a restart, its recovery may rewrite the object.
                 journal = self._journal(key, path, ours, create=journal_data is not None)
                 try:
-                    current, _ = self._current_etag(path)
+                    current = self._current_etag(path)
                     if conditional:
                         if if_none_match and current is not None:
                             raise PreconditionFailed(f"{key} exists")
@@ -647,7 +644,7 @@ class LocalStore(ObjectStore):
                 finally:
                     os.close(fd)
             else:
-                self._fsync_file(path)
+                _fsync(path)
             self._fsync_dir(path.parent)
         self._remember_checked(path)
         if create and path.exists():
@@ -707,18 +704,10 @@ class LocalStore(ObjectStore):
         if not jpath.exists():
             return
         if path.exists():
-            self._fsync_file(path)
+            _fsync(path)
         self._fsync_dir(path.parent)
         jpath.unlink(missing_ok=True)
         self._fsync_dir(path.parent)
-
-    @staticmethod
-    def _fsync_file(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _check_journal(self, key: str, path: Path) -> None:
         """Before a read: recover `key` if its journal is from an earlier boot."""
@@ -736,11 +725,15 @@ class LocalStore(ObjectStore):
             return
         lock = self._lock(key)
         try:
-            journal = self._journal(key, path, False, create=False)
-            if journal is not None:
-                os.close(journal.fd)
+            self._recover_if_rebooted(key, path)
         finally:
             self._unlock(lock)
+
+    def _recover_if_rebooted(self, key: str, path: Path) -> None:
+        """Under the key's lock: recover `key` if an earlier boot wrote its journal."""
+        journal = self._journal(key, path, False, create=False)
+        if journal is not None:
+            os.close(journal.fd)
 
     def _busy(self, path: Path) -> bool:
         """Whether `path` was rewritten with If-Match within JOURNAL_AFTER (now
@@ -792,9 +785,7 @@ class LocalStore(ObjectStore):
         try:
             self._written.forget(path)
             if self._boot is not None:  # recovered first, as a write would be
-                journal = self._journal(key, path, False, create=False)
-                if journal is not None:
-                    os.close(journal.fd)
+                self._recover_if_rebooted(key, path)
             self._drop_journal(path)
             try:
                 path.unlink()
@@ -869,6 +860,15 @@ class LocalStore(ObjectStore):
 
     async def close(self) -> None:
         self._written.close()
+
+
+def _fsync(path: Path, flags: int = 0) -> None:
+    """fsync the file (or, with O_DIRECTORY, the directory) at `path`."""
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
