@@ -56,25 +56,18 @@ class ShadowDisk:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             directory = Path(os.readlink(f"/proc/self/fd/{fd}"))
-            names: dict[str, int] = {}
-            for name in os.listdir(fd):
-                with_stat = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                names[name] = with_stat.st_ino
-            self.entries[directory] = names
+            self.entries[directory] = _listing(directory)
         else:
             with open(f"/proc/self/fd/{fd}", "rb") as again:
                 self.data[st.st_ino] = again.read()
 
     def seed(self) -> None:
         """Everything on the disk now is durable (the campaign's start)."""
-        for dirpath, _, _filenames in os.walk(self.root):
+        for dirpath, _, filenames in os.walk(self.root):
             directory = Path(dirpath)
-            self.entries[directory] = {}
-            for name in os.listdir(directory):
-                st = os.stat(directory / name, follow_symlinks=False)
-                self.entries[directory][name] = st.st_ino
-                if stat.S_ISREG(st.st_mode):
-                    self.data[st.st_ino] = (directory / name).read_bytes()
+            self.entries[directory] = _listing(directory)
+            for name in filenames:
+                self.data[self.entries[directory][name]] = (directory / name).read_bytes()
 
     def image(self, into: Path, rng: random.Random) -> None:
         """The disk after the power cut, written out under `into`."""
@@ -84,19 +77,18 @@ class ShadowDisk:
         into.mkdir(parents=True, exist_ok=True)
         entries = self.entries.get(directory, {})
         if rng.random() < 0.5 and directory.is_dir():  # committed by the kernel
-            entries = {
-                name: os.stat(directory / name, follow_symlinks=False).st_ino
-                for name in os.listdir(directory)
-            }
+            entries = _listing(directory)
         for name, inode in entries.items():
             source = directory / name
-            if (directory / name) in self.entries or self._was_dir(source):
+            if source in self.entries or source.is_dir():
                 self._copy(source, into / name, rng)
             else:
                 (into / name).write_bytes(self.data.get(inode, b""))
 
-    def _was_dir(self, path: Path) -> bool:
-        return path.is_dir() and not path.is_symlink()
+
+def _listing(directory: Path) -> dict[str, int]:
+    """Each name in `directory`, with the inode it links to now."""
+    return {name: (directory / name).lstat().st_ino for name in os.listdir(directory)}
 
 
 class Campaign:
