@@ -49,6 +49,7 @@ from simplequeue.errors import (
     StoreUnavailable,
 )
 from simplequeue.objstore import ObjectStore
+from simplequeue.retrying import first_then_retrying
 from simplequeue.state import (
     Bounds,
     IdFilter,
@@ -478,19 +479,20 @@ class GroupCommitter:
         if self.on_batch is not None:
             self.on_batch(len(batch))
         outcomes: list[_Outcome] = []  # every attempt; at most one of them lands
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_LostRace),
-            stop=stop_after_delay(self.settings.budget),
-            wait=wait_random_exponential(
-                multiplier=self.settings.backoff_min, max=self.settings.backoff_max
-            ),
-            reraise=False,
-        )
-        answered: tuple[list[_Entry], list[tuple[bool, Any]]] = ([], [])
+        s = self.settings
+
+        def retrying(elapsed: float) -> AsyncRetrying:
+            return AsyncRetrying(
+                retry=retry_if_exception_type(_LostRace),
+                stop=stop_after_delay(max(0.0, s.budget - elapsed)),
+                wait=wait_random_exponential(multiplier=s.backoff_min, max=s.backoff_max),
+                reraise=False,
+            )
+
         try:
-            async for attempt in retrying:
-                with attempt:
-                    answered = await self._attempt(t, batch, outcomes)
+            answered = await first_then_retrying(
+                lambda: self._attempt(t, batch, outcomes), retrying
+            )
         except RetryError:
             # Objects of failed attempts are left for the orphan sweep: a PUT
             # that timed out here might still land at S3, and must find them.

@@ -58,6 +58,7 @@ def under(module: str, *packages: str) -> bool:
         ("simplequeue.state", ("simplequeue.groupcommit", "simplequeue.objstore")),
         ("simplequeue.groupcommit", ("simplequeue.broker", "simplequeue.client")),
         ("simplequeue.batching", ("simplequeue.broker", "simplequeue.client")),
+        ("simplequeue.retrying", ("simplequeue.broker", "simplequeue.client")),
         ("simplequeue.records", ("simplequeue.broker", "simplequeue.client")),
         ("simplequeue.storeflags", ("simplequeue.broker", "simplequeue.client")),
         ("simplequeue.api", ("simplequeue.broker", "simplequeue.client")),

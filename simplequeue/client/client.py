@@ -52,6 +52,7 @@ from simplequeue.errors import (
     SimpleQueueError,
 )
 from simplequeue.objstore import ObjectStore, store_from_url
+from simplequeue.retrying import first_then_retrying
 
 A = TypeVar("A")
 
@@ -188,23 +189,29 @@ class Client:
         API's {"error"} body is returned with no answer instead of raised;
         every other failure raises."""
         attempts = 0
-        try:
-            async for attempt in AsyncRetrying(
+
+        async def once() -> tuple[int, A | None, bool]:
+            nonlocal attempts
+            attempts += 1
+            status, raw, replayed = await self._send(method, path, body, wait)
+            got = self._answer(status, raw, answer, expected)
+            return status, got, attempts > 1 or replayed
+
+        def retrying(elapsed: float) -> AsyncRetrying:
+            return AsyncRetrying(
                 retry=retry_if_exception_type(_Retry),
-                stop=stop_after_attempt(self.retries) | stop_after_delay(self.retry_budget),
+                stop=stop_after_attempt(self.retries)
+                | stop_after_delay(max(0.0, self.retry_budget - elapsed)),
                 wait=wait_random_exponential(multiplier=0.1, max=2.0),
                 reraise=False,
-            ):
-                with attempt:
-                    attempts += 1
-                    status, raw, replayed = await self._send(method, path, body, wait)
-                    got = self._answer(status, raw, answer, expected)
-                    return status, got, attempts > 1 or replayed
+            )
+
+        try:
+            return await first_then_retrying(once, retrying)
         except RetryError as exc:
             last = exc.last_attempt.exception()
             assert isinstance(last, _Retry)
             raise last.error from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _answer(
         self, status: int, raw: bytes, answer: type[A], expected: frozenset[int]
