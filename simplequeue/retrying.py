@@ -23,7 +23,9 @@ async def first_then_retrying(
     first try took, for a stop measured from the start), which is handed the
     failure as its first attempt. So an error it does not retry is raised as
     is, the first retry waits what the loop's second attempt waits, and a loop
-    that stops raises tenacity's RetryError as it would have."""
+    that stops raises tenacity's RetryError as it would have. (Tenacity's
+    `before`/`after` callbacks and statistics would not see the first try as
+    its own: neither caller uses them.)"""
     started = time.monotonic()  # the clock tenacity's stops measure with
     try:
         return await once()
@@ -33,6 +35,9 @@ async def first_then_retrying(
         with attempt:
             if first is not None:
                 error, first = first, None
-                raise error
+                try:
+                    raise error
+                finally:
+                    del error  # its traceback holds this frame: no cycle keeps it alive
             return await once()
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises

@@ -3,6 +3,9 @@ policy, as if it had made that first try itself."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from tenacity import (
     AsyncRetrying,
@@ -93,3 +96,18 @@ async def test_the_first_try_counts_towards_the_loops_stop() -> None:
         await first_then_retrying(once, loop)
     assert once.calls == 3
     assert raised.value.last_attempt.exception() is last
+
+
+async def test_the_first_failure_is_let_go_once_a_retry_succeeds() -> None:
+    # Its traceback holds the frames of the failed try (the committer's: the
+    # batch's sealed bytes): no reference cycle may keep it until a gc pass.
+    first = Flaky("first")
+    gone = weakref.ref(first)
+    once, loop = Script(first), Loop()
+    del first
+    gc.disable()
+    try:
+        assert await first_then_retrying(once, loop) == 2
+        assert gone() is None
+    finally:
+        gc.enable()
