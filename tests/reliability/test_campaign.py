@@ -174,9 +174,13 @@ async def test_three_brokers_clocks_apart_one_killed_one_paused(
     a minute behind and right; one is SIGKILLed and restarted, another
     SIGSTOPped for longer than a forwarded request may wait, then let go, again
     and again. Claims are held with heartbeats (none may be taken while live),
-    records are kept only 30 s (a broker ahead must not expire them early: the
-    final lookups would miss them), and nothing is lost or committed twice."""
-    flags = [*store_flags, "--retention", "30", "--broker-lease", "3"]
+    records are kept only 55 s (a broker ahead must not expire them early: the
+    final lookups would miss them), and nothing is lost or committed twice.
+    55 s: less than the minute a broker's clock is ahead, so one that expired
+    records by its own clock would drop every one of them; more than the
+    campaign lasts on a loaded machine (with 30 s, a full suite on a slow
+    machine saw the first 57 of 200 records expire as they should have)."""
+    flags = [*store_flags, "--retention", "55", "--broker-lease", "3"]
     fleet = await asyncio.to_thread(Fleet, broker_process, flags, 3, ["+60s", "-60s", None])
     history = History()
     shape = LoadShape(jobs=200 * scale, workers=9, lease=6.0, p_hold=0.3, seconds=6, timeout=10)
