@@ -212,7 +212,7 @@ class Chain:
         for s, ref in enumerate(self.d["segs"]):
             # Most loose segments do not hold it (an ack's lease is in one of
             # up to 16): ask the segment's index before working out places.
-            if job_id not in self.segment(ref["k"]).ids():
+            if not self.segment(ref["k"]).positions(job_id):
                 continue
             start = self.d["pos"] if (not self.d["mans"] and s == 0) else 0
             found += self._find(ref, job_id, start, None)

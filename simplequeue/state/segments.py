@@ -71,16 +71,12 @@ class Segment:
     _where: dict[str, list[int]] | None = None
 
     def positions(self, job_id: str) -> list[int]:
-        return self.ids().get(job_id, [])
-
-    def ids(self) -> dict[str, list[int]]:
-        """Each id the segment holds, and its positions."""
         if self._where is None:
             where: dict[str, list[int]] = {}
             for i, item in enumerate(self.items):
                 where.setdefault(item["id"], []).append(i)
             self._where = where
-        return self._where
+        return self._where.get(job_id, [])
 
 
 @dataclass
