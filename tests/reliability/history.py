@@ -11,6 +11,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+Claim = tuple[int, float, str]
+
 
 @dataclass
 class History:
@@ -18,8 +20,9 @@ class History:
 
     enqueued: set[str] = field(default_factory=set)  # ids whose enqueue was answered 2xx
     enqueue_attempts: int = 0
-    # job id -> (claimed_at by the broker's clock, lease token) of each claim answered
-    claims: dict[str, list[tuple[float, str]]] = field(default_factory=lambda: defaultdict(list))
+    # job id -> (attempts, claimed_at by the broker's clock, lease token) of
+    # each claim answered
+    claims: dict[str, list[Claim]] = field(default_factory=lambda: defaultdict(list))
     acked: Counter[str] = field(default_factory=Counter)  # id -> acks answered 200
     ack_unknown: set[str] = field(default_factory=set)  # acks whose outcome is unknown
     stale_acks: int = 0  # acks sent with a token known to be stale

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.reliability.history import History
+from tests.reliability.history import Claim, History
 
 Urls = Callable[[], list[str]]
 
@@ -45,6 +45,15 @@ class LoadShape:
     follow_to: str | None = None
     timeout: float = 5.0
     seconds: float = 6.0  # production (and chaos) is spread over this long
+
+
+def superseded(job: dict[str, Any], claims: list[Claim]) -> bool:
+    """Whether a later claim of `job` was answered, which makes its token stale.
+    Later by attempt, which each claim's commit counts up on the head: answers
+    arrive out of order, and claimed_at is by the clock of whichever broker
+    committed the claim (on S3, its estimate of the store's clock, which
+    another broker's may put up to a second apart)."""
+    return any(attempts > job["attempts"] for attempts, _, _ in claims)
 
 
 class Load:
@@ -125,7 +134,9 @@ class Load:
                     await asyncio.sleep(0.05)
                 continue
             for job in answer["jobs"]:
-                self.h.claims[job["id"]].append((job["claimed_at"], job["lease_token"]))
+                self.h.claims[job["id"]].append(
+                    (job["attempts"], job["claimed_at"], job["lease_token"])
+                )
                 await self.settle(name, job, sent)
 
     async def settle(self, name: str, job: dict[str, Any], claimed: float) -> None:
@@ -216,12 +227,11 @@ class Load:
             self.h.live_taken.append((job_id, round(since_renewed, 2)))
 
     async def stale_ack(self, name: str, job: dict[str, Any]) -> None:
-        """Go silent past the lease until a later claim of the job shows up (later
-        by the broker's clock: answers can arrive out of order), then ack with the
-        old token: it must be refused."""
+        """Go silent past the lease until a later claim of the job shows up, then
+        ack with the old token: it must be refused."""
         deadline = time.monotonic() + 4 * self.shape.lease + 10
         while time.monotonic() < deadline and not self.stop.is_set():
-            if any(at > job["claimed_at"] for at, _ in self.h.claims[job["id"]]):
+            if superseded(job, self.h.claims[job["id"]]):
                 break
             await asyncio.sleep(0.1)
         else:
