@@ -13,6 +13,13 @@ from typing import Any
 
 Claim = tuple[int, float, str]
 
+# How far apart two brokers' estimates of the store's clock may be (seconds):
+# on S3 each rests on Date headers of 1 s resolution (objstore/clock.py) and is
+# the middle of the interval its samples leave, which is over a second wide for
+# a broker just restarted (one sample, and its round trip). One broker stamps a
+# lease's expiry and another may reap it.
+CLOCK_TOLERANCE = 1.5
+
 
 @dataclass
 class History:
@@ -40,6 +47,12 @@ class History:
     # Held claims refused (409/404) while their last renewal was still well
     # inside its lease, by the client's monotonic clock: (job id, seconds since).
     live_taken: list[tuple[str, float]] = field(default_factory=list)
+    # Held claims: per job, (attempts, lease_expires_at) of the claim and of
+    # each renewal answered 200, by the store's clock as the broker that made
+    # it estimated it. No later claim may come before one of them runs out.
+    held_leases: dict[str, list[tuple[int, float]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     # Acks with a follow-up: per job, the tokens of acks that succeeded or may
     # have (unknown outcome), and those refused at once (they record nothing).
     follow_tokens: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
@@ -76,6 +89,8 @@ def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> di
     assert not double, f"{len(double)} jobs committed twice: {double[:5]}"
     assert not history.stale_committed, f"stale tokens committed: {history.stale_committed[:5]}"
     assert not history.live_taken, f"live leases taken: {history.live_taken[:5]}"
+    early = claimed_early(history)
+    assert not early, f"held leases claimed before they ran out: {early[:5]}"
     assert history.stale_refused == history.stale_acks
     # Every job whose ack was answered 200 is completed, and nothing else is.
     assert set(history.acked) <= history.enqueued
@@ -88,6 +103,23 @@ def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> di
         "double_committed": len(double),
         "live_leases_taken": len(history.live_taken),
     }
+
+
+def claimed_early(history: History) -> list[tuple[str, int, float, float]]:
+    """Claims that came while a held lease was live, by the store's clock: (job
+    id, the claim's attempts, its claimed_at, the lease's expiry), where the
+    claim came more than CLOCK_TOLERANCE before that expiry. What the holder
+    saw does not matter here: a lease taken while its holder was away (its
+    heartbeat waited in a paused broker) is caught too."""
+    early = []
+    for job_id, leases in history.held_leases.items():
+        for attempts, expires in leases:
+            early += [
+                (job_id, later, round(at, 3), round(expires, 3))
+                for later, at, _ in history.claims[job_id]
+                if later > attempts and at < expires - CLOCK_TOLERANCE
+            ]
+    return early
 
 
 def check_follow_ups(history: History, follow: dict[str, Any]) -> dict[str, int]:

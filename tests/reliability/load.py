@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.reliability.history import Claim, History
+from tests.reliability.history import CLOCK_TOLERANCE, Claim, History
 
 Urls = Callable[[], list[str]]
 
@@ -37,9 +37,11 @@ class LoadShape:
     # then ack. With many held at once, the claimed set spills out of the head.
     p_hold: float = 0.0
     hold_beats: int = 3
-    # A held claim refused sooner than lease - lease_margin after its last
-    # renewal counts as a live lease taken (History.live_taken).
-    lease_margin: float = 2.5
+    # A held claim whose refusal came back sooner than lease - lease_margin
+    # after its last renewal was sent counts as a live lease taken
+    # (History.live_taken). The margin is for the store's clock as two brokers
+    # estimate it, one stamping the lease and one reaping it (CLOCK_TOLERANCE).
+    lease_margin: float = CLOCK_TOLERANCE
     # Acks carry a follow-up into this topic (SPEC 9), {"from": id, "token": t},
     # and are sent again with the same token while their outcome is unknown.
     follow_to: str | None = None
@@ -201,28 +203,33 @@ class Load:
         finds the lease gone (a broker was down past it) ends the hold: the ack
         that follows must then be refused, which the history checks."""
         self.h.held += 1
+        leases = self.h.held_leases[job["id"]]
+        leases.append((job["attempts"], job["lease_expires_at"]))
         renewed = claimed  # when the claim was sent: its lease began later
         for _ in range(self.shape.hold_beats):
             await asyncio.sleep(self.shape.lease / 3)
             sent = time.monotonic()
-            status, _ = await self.call(
+            status, answer = await self.call(
                 "/heartbeat", {"job_id": job["id"], "lease_token": job["lease_token"]}
             )
             self.h.heartbeats += 1
             if status == 200:
                 renewed = sent
+                leases.append((job["attempts"], answer["lease_expires_at"]))
             if status in (404, 409):
-                self._lease_refused(job["id"], sent - renewed)
+                self._lease_refused(job["id"], time.monotonic() - renewed)
                 break
-        sent = time.monotonic()
         if await self.ack(job["id"], job["lease_token"]) in (404, 409):
-            self._lease_refused(job["id"], sent - renewed)
+            self._lease_refused(job["id"], time.monotonic() - renewed)
 
     def _lease_refused(self, job_id: str, since_renewed: float) -> None:
-        """A held claim was refused `since_renewed` seconds after its last renewal
-        was sent. Within the lease, less a margin for an answer that waited on a
-        broker that did not answer (1 s, then the next), that is a live lease
-        taken: its holder heartbeated in time."""
+        """A held claim's refusal came back `since_renewed` seconds after its
+        last renewal was sent. The refusal was made before it came back, and
+        the lease began after the renewal was sent: sooner than the lease (less
+        the margin for two brokers' estimates of the store's clock), a live
+        lease was taken. Timed by when the refusal came back, not when it was
+        sent: a request that waited in a SIGSTOPped broker may rightly arrive
+        after the lease it would have renewed ran out."""
         if since_renewed < self.shape.lease - self.shape.lease_margin:
             self.h.live_taken.append((job_id, round(since_renewed, 2)))
 

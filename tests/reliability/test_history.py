@@ -3,6 +3,7 @@ faults behind flakes, so its rules are tested on histories built by hand."""
 
 from __future__ import annotations
 
+from tests.reliability.history import CLOCK_TOLERANCE, History, claimed_early
 from tests.reliability.load import superseded
 
 
@@ -20,3 +21,17 @@ def test_a_claim_committed_later_supersedes_whatever_its_clock_says() -> None:
 def test_a_claim_alone_is_not_superseded() -> None:
     job = {"id": "j", "attempts": 3, "claimed_at": 5.0, "lease_token": "c"}
     assert not superseded(job, [(3, 5.0, "c")])
+
+
+def test_a_claim_before_a_held_lease_ran_out_is_caught() -> None:
+    history = History()
+    history.held_leases["j"] += [(1, 106.0), (1, 110.0)]  # claimed, then renewed
+    history.claims["j"] += [(1, 100.0, "a"), (2, 104.0, "b")]
+    assert claimed_early(history) == [("j", 2, 104.0, 106.0), ("j", 2, 104.0, 110.0)]
+
+
+def test_a_claim_after_the_lease_ran_out_by_the_clocks_tolerance_is_not() -> None:
+    history = History()
+    history.held_leases["j"] += [(1, 110.0)]
+    history.claims["j"] += [(1, 100.0, "a"), (2, 110.0 - CLOCK_TOLERANCE + 0.01, "b")]
+    assert claimed_early(history) == []
