@@ -237,6 +237,21 @@ async def test_simplequeued_flags_reach_the_running_broker(
     assert float(budget.split()[-1]) == 3 * 1024 * 1024
 
 
+async def test_metrics_say_how_far_the_store_clock_may_be_off(
+    broker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Leases are lengthened by the estimate's error (docs/RELIABILITY.md,
+    "Clocks"): /metrics shows it. On localfs, a written file's mtime: a few ms."""
+    broker = broker_process("--dir", str(tmp_path))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{broker.url}/topics/t/enqueue", json={"payload": 1}) as r:
+            assert r.status == 201
+        async with s.get(f"{broker.url}/metrics") as r:
+            text = await r.text()
+    [line] = [x for x in text.splitlines() if x.startswith("simplequeue_store_clock_error_seconds")]
+    assert 0 < float(line.split()[-1]) < 0.5
+
+
 class HeldWrite(MemStore):
     """A memfs store whose next broker.json write, once armed, is held and
     lands even if its caller was cancelled meanwhile (as a localfs write in a

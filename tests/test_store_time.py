@@ -201,3 +201,53 @@ async def test_a_committer_that_never_wrote_to_localfs_does_not_judge_leases_by_
     assert ahead.clock.samples >= 1 and abs(ahead.now() - time.time()) < 0.5
     await right.close()
     await ahead.close()
+
+
+# --- estimates that disagree ------------------------------------------------------------
+
+
+async def test_a_lease_is_not_ended_early_by_two_brokers_estimates_of_the_stores_clock() -> None:
+    """On S3 each broker's estimate of the store's clock rests on Date headers
+    of 1 s resolution: two may each be right to within half a second and still
+    disagree by most of a second. The S3 clock campaign saw a held job claimed
+    again 0.26 s before the expiry its last heartbeat was answered with. Here
+    one broker's estimate is 0.4 s behind the store's time and the other's
+    0.4 s ahead, each within its error of 0.5 s: a lease stamped by the first
+    and reaped by the second still lasts its whole length, and is reaped once
+    it ran out."""
+    from simplequeue.api import JobSpec
+    from simplequeue.broker.engine import Engine
+    from simplequeue.groupcommit import GroupCommitter
+    from simplequeue.objstore.memfs import MemStore
+
+    true = [1000.0]  # the store's time
+    store = MemStore()
+    behind = Engine(
+        GroupCommitter(store, broker_id="a", clock=lambda: true[0] - 0.4, clock_error=lambda: 0.5)
+    )
+    ahead = Engine(
+        GroupCommitter(store, broker_id="b", clock=lambda: true[0] + 0.4, clock_error=lambda: 0.5)
+    )
+    await behind.enqueue("t", [JobSpec(payload=1, id="acked"), JobSpec(payload=2, id="left")])
+    claimed = {j["id"]: j for j in await behind.claim("t", "w1", lease=2, count=2)}
+    true[0] = 1001.95  # 50 ms of the lease left
+    reaped, due = await ahead.tend("t")
+    assert reaped["pending"] == 0, "a live lease was reaped"
+    assert due is not None and due > true[0] + 0.4
+    await behind.ack("t", "acked", claimed["acked"]["lease_token"])
+    true[0] = 1002.25  # the reaper's estimate less its error is past the expiry
+    reaped, _ = await ahead.tend("t")
+    assert reaped["pending"] == 1
+    assert (await ahead.job("t", "left"))["status"] == "pending"
+    # A heartbeat counts the same way.
+    true[0] += 1.0  # the reaper set run_at by its estimate, ahead of the other's
+    [again] = await behind.claim("t", "w1", lease=2)
+    true[0] += 1.0
+    await behind.heartbeat("t", "left", again["lease_token"])  # the lease counts anew
+    await ahead.refresh("t")  # as Duties.refresh() has it read when another broker wrote
+    true[0] += 1.95
+    reaped, _ = await ahead.tend("t")
+    assert reaped["pending"] == 0, "a renewed lease was reaped"
+    true[0] += 0.35
+    reaped, _ = await ahead.tend("t")
+    assert reaped["pending"] == 1

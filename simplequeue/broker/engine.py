@@ -167,10 +167,11 @@ class Engine:
     ) -> list[dict[str, Any]]:
         """Claim up to `count` jobs, long-polling up to `wait` seconds for one."""
         keys.check_topic(topic)
+        error = self.committer.clock_error
         jobs = await self._poll(
             topic,
             min(wait, MAX_WAIT),
-            _polled(lambda s, now: s.claim(worker_id, lease, count, now)),
+            _polled(lambda s, now: s.claim(worker_id, lease, count, now, error())),
             # The caller went away: give the claims back rather than let them
             # sit until their leases run out.
             undo=lambda got: _unclaim_all(got.jobs) if got.jobs else None,
@@ -276,8 +277,9 @@ class Engine:
         self, topic: str, job_id: str, lease_token: str | None = None, lease: float | None = None
     ) -> dict[str, Any]:
         keys.check_topic(topic)
+        error = self.committer.clock_error
         return await self.committer.submit(
-            topic, lambda s, now: s.heartbeat(job_id, lease_token, lease, now)
+            topic, lambda s, now: s.heartbeat(job_id, lease_token, lease, now, error())
         )
 
     async def status(self, topic: str) -> dict[str, int]:
@@ -448,15 +450,19 @@ class Engine:
         leases back to pending or dead), in a batch; with when it is next due
         (None: not until something changes)."""
         keys.check_topic(topic)
-        return await self.committer.submit(
-            topic, lambda s, now: (s.tend(now), s.next_due()), verify=False
-        )
+
+        def tend(s: TopicState, now: float) -> tuple[dict[str, int], float | None]:
+            error = self.committer.clock_error()
+            return s.tend(now, error), s.next_due(error)
+
+        return await self.committer.submit(topic, tend, verify=False)
 
     async def next_due(self, topic: str) -> float | None:
         """When `topic` next wants its owner (a lease may run out), from its head
         as the store has it, keeping nothing in memory for an idle topic."""
         keys.check_topic(topic)
-        return await self.committer.peek(topic, lambda s, now: s.next_due())
+        error = self.committer.clock_error
+        return await self.committer.peek(topic, lambda s, now: s.next_due(error()))
 
     async def outbox(self, topic: str, n: int) -> list[dict[str, Any]]:
         """The first `n` follow-ups `topic` holds for other topics, as this
@@ -469,8 +475,9 @@ class Engine:
         """Follow-ups enqueued in their topics leave `topic`'s outbox; when the
         topic is next due."""
         keys.check_topic(topic)
+        error = self.committer.clock_error
         return await self.committer.submit(
-            topic, lambda s, now: (s.outbox_delivered(ids), s.next_due())[1]
+            topic, lambda s, now: (s.outbox_delivered(ids), s.next_due(error()))[1]
         )
 
     def forget(self, topics: list[str]) -> None:

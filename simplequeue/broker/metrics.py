@@ -120,6 +120,17 @@ def cache_families(used: int, budget: int, fetched: int) -> Iterator[Any]:
     )
 
 
+def clock_families(error: float) -> Iterator[Any]:
+    """The store's clock as this broker estimates it: how far off it may be
+    (leases count from the latest it may be, and are reaped after the earliest:
+    by this much each)."""
+    yield GaugeMetricFamily(
+        "simplequeue_store_clock_error_seconds",
+        "How far this broker's estimate of the store's clock may be off, either way",
+        value=error,
+    )
+
+
 def cluster_families(
     live: int,
     forwarded: int,

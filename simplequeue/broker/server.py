@@ -26,6 +26,7 @@ from simplequeue.broker.metrics import (
     InstrumentedStore,
     Metrics,
     cache_families,
+    clock_families,
     cluster_families,
     commit_families,
 )
@@ -78,6 +79,7 @@ class Broker:
             broker_id=settings.broker_id,
             settings=commit_settings(settings, self.store.url),
             clock=self.store.now,
+            clock_error=self.store.clock_error,
         )
         self.committer.on_batch = self.metrics.batch_sizes.observe
         self.engine = Engine(self.committer)
@@ -86,6 +88,8 @@ class Broker:
                 lambda: commit_families(self.committer.stats, self.engine.cached_gauges())
             )
         )
+        store = self.store
+        self.metrics.add_collector(CallbackCollector(lambda: clock_families(store.clock_error())))
         cache = self.committer.cache
         self.metrics.add_collector(
             CallbackCollector(lambda: cache_families(cache.used, cache.budget, cache.fetched))
@@ -130,8 +134,9 @@ class Broker:
                 )
             )
         )
-        self.committer.on_landed = lambda topic, state: self.duties.wrote(topic, state.next_due())
-        self.committer.on_loaded = lambda topic, state: self.duties.loaded(topic, state.next_due())
+        error = self.committer.clock_error
+        self.committer.on_landed = lambda t, state: self.duties.wrote(t, state.next_due(error()))
+        self.committer.on_loaded = lambda t, state: self.duties.loaded(t, state.next_due(error()))
         self.committer.on_failed = self.duties.failed
         self.http: HttpListener | None = None  # the HTTP listener, once started
         self.http_api: HttpApi | None = None  # what it answers with

@@ -71,6 +71,15 @@ class ObjectStore(ABC):
         backwards once the store has answered; the local wall clock before."""
         return self.clock.now()
 
+    def clock_error(self) -> float:
+        """How far now() may be from the store's time, either way (seconds): half
+        the interval the store's stamps leave. On S3, whose Date headers count
+        whole seconds, half a second and a round trip after one answer, tens of
+        milliseconds after a few; on localfs, a few milliseconds. 0.0 before
+        the first stamp, when now() is a guess that nothing is written with
+        (sample_clock() comes first)."""
+        return self.clock.uncertainty or 0.0
+
     @abstractmethod
     async def get(self, key: str) -> tuple[bytes, str]:
         """Return (data, etag). Raise ObjectNotFound when the key is missing."""

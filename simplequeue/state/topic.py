@@ -310,11 +310,18 @@ class TopicState(Layout):
 
     # --- claim -------------------------------------------------------------------------
 
-    def claim(self, worker_id: str, lease: float | None, count: int, now: float) -> list[Job]:
+    def claim(
+        self, worker_id: str, lease: float | None, count: int, now: float, clock_error: float = 0.0
+    ) -> list[Job]:
         """Claim up to `count` due jobs, highest priority then earliest run_at, for
         `lease` seconds (None: the topic's default, else the policy's), within
-        the topic's limits (fewer jobs, or none). The answers carry payloads."""
+        the topic's limits (fewer jobs, or none). The answers carry payloads.
+
+        The lease counts from `now + clock_error` (its heartbeat_at): `now` is
+        an estimate of the store's clock that may be `clock_error` behind it,
+        and a lease must not end early whoever reaps it (see reap())."""
         lease = self.default_lease() if lease is None else lease
+        start = now + clock_error
         count = min(count, self.claimable(now))
         claimed: list[Job] = []
         if count <= 0:
@@ -335,8 +342,8 @@ class TopicState(Layout):
                     attempts=job["attempts"] + 1,
                     claimed_by=worker_id,
                     claimed_at=now,
-                    heartbeat_at=now,
-                    lease_expires_at=now + lease,
+                    heartbeat_at=start,
+                    lease_expires_at=start + lease,
                     lease_token=new_id(),
                 )
                 self._add_lease(record)
@@ -448,9 +455,15 @@ class TopicState(Layout):
         return {"id": job_id, "status": status}
 
     def heartbeat(
-        self, job_id: str, token: str | None, lease: float | None, now: float
+        self,
+        job_id: str,
+        token: str | None,
+        lease: float | None,
+        now: float,
+        clock_error: float = 0.0,
     ) -> dict[str, Any]:
-        """Extend the lease by `lease` seconds, or by the claim's own lease."""
+        """Extend the lease by `lease` seconds, or by the claim's own lease,
+        counted from `now + clock_error` (as claim() does)."""
         place = self._holder(job_id, token)
         record = place.item
         own = record["lease_expires_at"] - record["heartbeat_at"]
@@ -460,8 +473,8 @@ class TopicState(Layout):
             self._drop_lease(place)
             record = dict(record)
             self._add_lease(record)
-        record["heartbeat_at"] = now
-        record["lease_expires_at"] = now + lease_s
+        record["heartbeat_at"] = now + clock_error
+        record["lease_expires_at"] = now + clock_error + lease_s
         return {"id": job_id, "lease_expires_at": record["lease_expires_at"]}
 
     def _release(self, job: Job, run_at: float, error: str | None, now: float) -> str:
@@ -501,31 +514,46 @@ class TopicState(Layout):
         """Whether a lease ran out by `now` (reads what next_expiry() says may)."""
         return bool(self.due_leases(now))
 
-    def next_due(self) -> float | None:
-        """When the topic next wants its owner: no lease runs out before this,
-        no schedule's slot comes before it, and follow-ups wait for delivery
-        since then (None: nothing to do until something changes). From the
-        head, and the outbox's front segment."""
+    def next_due(self, clock_error: float = 0.0) -> float | None:
+        """When the topic next wants its owner: no lease runs out before this
+        (reaped as tend() is, with `clock_error`), no schedule's slot comes
+        before it, and follow-ups wait for delivery since then (None: nothing
+        to do until something changes). From the head, and the outbox's front
+        segment."""
         times = [s["next_at"] for s in self.head.get("schedules", {}).values()]
-        times += [t for t in (self.next_expiry(), self.outbox_oldest()) if t is not None]
+        expiry = self.next_expiry()
+        if expiry is not None:
+            times.append(expiry + clock_error)
+        outbox = self.outbox_oldest()
+        if outbox is not None:
+            times.append(outbox)
         return min(times, default=None)
 
-    def tend(self, now: float) -> dict[str, int]:
+    def tend(self, now: float, clock_error: float = 0.0) -> dict[str, int]:
         """What the topic's owner does when next_due() comes: expired leases
         back to pending (or dead), and the schedules whose slot came fired.
         What it did, by kind."""
-        done = self.reap(now)
+        done = self.reap(now, clock_error)
         done["fired"] = self.fire(now)
         return done
 
-    def reap(self, now: float) -> dict[str, int]:
-        """Expired leases back to pending, or dead when attempts are spent."""
+    def reap(self, now: float, clock_error: float = 0.0) -> dict[str, int]:
+        """Expired leases back to pending, or dead when attempts are spent.
+
+        A lease is expired when it ran out by `now - clock_error`: `now` is an
+        estimate of the store's clock that may be `clock_error` ahead of it.
+        With the lease counted from an estimate no earlier than the store's
+        time (claim()), no estimate's error ends a lease early, whichever
+        brokers stamped and reap it."""
         out = {"pending": 0, "dead": 0}
-        expired = self.due_leases(now, taking=True)
+        expired = self.due_leases(now - clock_error, taking=True)
         jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
+        # Due again from the earliest the store's time may be: a broker whose
+        # estimate is behind this one's claims it at once too.
+        due = now - clock_error
         for place, job in zip(expired, jobs, strict=True):
             self._drop_lease(place)
-            out[self._release(job, now, job.get("last_error") or "lease expired", now)] += 1
+            out[self._release(job, due, job.get("last_error") or "lease expired", now)] += 1
         return out
 
     # --- the outbox: follow-ups for other topics -------------------------------------------
