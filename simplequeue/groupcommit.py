@@ -188,16 +188,16 @@ class GroupCommitter:
         epoch: int = 0,
         settings: CommitSettings | None = None,
         clock: Callable[[], float] = time.time,
-        clock_error: Callable[[], float] = lambda: 0.0,
+        clock_error: Callable[[float], float] = lambda now: 0.0,
         cache: ObjectCache | None = None,
     ) -> None:
         self.store = store
         self.broker_id = broker_id
         self.epoch = epoch
         self.settings = settings or CommitSettings()
-        # How far `clock` may be from the store's time, either way (seconds):
-        # leases count from clock() + clock_error() and are reaped by
-        # clock() - clock_error(), so that no error ends one early.
+        # How far a time `clock` gave may be from the store's, either way
+        # (seconds): leases count from now + clock_error(now) and are reaped
+        # by now - clock_error(now), so that no error ends one early.
         self.clock_error = clock_error
         self.clock = clock
         self._clock_sampled = False  # store.sample_clock() done once, before the first apply

@@ -204,3 +204,33 @@ def test_samples_closer_than_the_spacing_are_kept_only_if_they_say_something_new
     # 37 ms after the newest kept: kept, whatever it says.
     clock.observe(sent=100.04, received=100.05, stamp=5010.0, resolution=1.0)
     assert clock.samples == 2
+
+
+def test_the_error_of_a_time_now_gave_covers_now_staying_ahead_of_a_narrowed_interval() -> None:
+    """A sample that narrows the interval from above moves its middle down, but
+    now() does not go backwards: it stays ahead of the store's time by more
+    than half the new width. The error of the time now() gave is measured
+    from that time, so now - error never passes the store's time (a reaper
+    that took half the width reaped a live lease ~0.4 s early)."""
+    t = FakeTime(mono=0.0)
+    clock = t.clock()
+    offset = 1000.02  # the store's time is mono + offset
+    clock.observe(sent=0.0, received=0.0, stamp=1000.0, resolution=1.0)  # [1000, 1001]
+    t.mono = 0.89
+    clock.now()  # read often, as a busy broker does: 1001.39
+    clock.observe(sent=0.9, received=0.9, stamp=1000.0, resolution=1.0)  # [999.1, 1000.1]
+    t.mono = 0.9
+    now = clock.now()
+    true = t.mono + offset
+    assert now - true == pytest.approx(0.47)
+    assert clock.uncertainty is not None and now - clock.uncertainty > true + 0.4
+    assert now - clock.error(now) <= true <= now + clock.error(now)
+    t.mono = 5.0  # time caught up: the error is the interval's again
+    now = clock.now()
+    assert clock.error(now) == pytest.approx(0.05)
+    assert now - clock.error(now) <= t.mono + offset <= now + clock.error(now)
+
+
+def test_the_error_is_nothing_before_the_first_sample() -> None:
+    clock = FakeTime().clock()
+    assert clock.error(clock.now()) == 0.0

@@ -223,10 +223,14 @@ async def test_a_lease_is_not_ended_early_by_two_brokers_estimates_of_the_stores
     true = [1000.0]  # the store's time
     store = MemStore()
     behind = Engine(
-        GroupCommitter(store, broker_id="a", clock=lambda: true[0] - 0.4, clock_error=lambda: 0.5)
+        GroupCommitter(
+            store, broker_id="a", clock=lambda: true[0] - 0.4, clock_error=lambda now: 0.5
+        )
     )
     ahead = Engine(
-        GroupCommitter(store, broker_id="b", clock=lambda: true[0] + 0.4, clock_error=lambda: 0.5)
+        GroupCommitter(
+            store, broker_id="b", clock=lambda: true[0] + 0.4, clock_error=lambda now: 0.5
+        )
     )
     await behind.enqueue("t", [JobSpec(payload=1, id="acked"), JobSpec(payload=2, id="left")])
     claimed = {j["id"]: j for j in await behind.claim("t", "w1", lease=2, count=2)}

@@ -915,6 +915,33 @@ async def test_without_a_lease_the_brokers_is_used_and_renewed_every_third_of_it
     assert (job.status, job.attempts) == ("completed", 1)  # never reaped
 
 
+class ErringClock(MemStore):
+    """A store whose clock a broker knows only to within 0.3 s, as one on S3
+    does after its first answer (Date headers count whole seconds)."""
+
+    def clock_error(self, now: float) -> float:
+        return 0.3
+
+
+async def test_a_third_of_the_lease_is_counted_from_when_the_lease_counts(
+    start_broker: StartBroker,
+) -> None:
+    """A broker counts a lease from a little after the claim (heartbeat_at: the
+    claim's time plus its clock's error), so that no error shortens it: the
+    Worker beats every third of the lease, not of the lease and that error."""
+    lease = 0.9
+    broker = await start_broker(ErringClock(), policy=Policy(default_lease=lease))
+    async with Client(broker.url, topic="w") as q:
+        await q.enqueue("long")
+        job = await q.claim("w1")
+        assert job is not None and job.claimed_at is not None and job.heartbeat_at is not None
+        assert job.lease_expires_at is not None
+        assert job.heartbeat_at - job.claimed_at == pytest.approx(0.3)
+        assert job.lease_expires_at - job.heartbeat_at == pytest.approx(lease)
+        worker = Worker(q, lambda job: None, handle_signals=False)
+        assert worker._heartbeat_interval(job) == pytest.approx(lease / 3)
+
+
 # --- cancellation -----------------------------------------------------------------------
 
 

@@ -171,7 +171,7 @@ class Engine:
         jobs = await self._poll(
             topic,
             min(wait, MAX_WAIT),
-            _polled(lambda s, now: s.claim(worker_id, lease, count, now, error())),
+            _polled(lambda s, now: s.claim(worker_id, lease, count, now, error(now))),
             # The caller went away: give the claims back rather than let them
             # sit until their leases run out.
             undo=lambda got: _unclaim_all(got.jobs) if got.jobs else None,
@@ -279,7 +279,7 @@ class Engine:
         keys.check_topic(topic)
         error = self.committer.clock_error
         return await self.committer.submit(
-            topic, lambda s, now: s.heartbeat(job_id, lease_token, lease, now, error())
+            topic, lambda s, now: s.heartbeat(job_id, lease_token, lease, now, error(now))
         )
 
     async def status(self, topic: str) -> dict[str, int]:
@@ -452,7 +452,7 @@ class Engine:
         keys.check_topic(topic)
 
         def tend(s: TopicState, now: float) -> tuple[dict[str, int], float | None]:
-            error = self.committer.clock_error()
+            error = self.committer.clock_error(now)
             return s.tend(now, error), s.next_due(error)
 
         return await self.committer.submit(topic, tend, verify=False)
@@ -462,7 +462,7 @@ class Engine:
         as the store has it, keeping nothing in memory for an idle topic."""
         keys.check_topic(topic)
         error = self.committer.clock_error
-        return await self.committer.peek(topic, lambda s, now: s.next_due(error()))
+        return await self.committer.peek(topic, lambda s, now: s.next_due(error(now)))
 
     async def outbox(self, topic: str, n: int) -> list[dict[str, Any]]:
         """The first `n` follow-ups `topic` holds for other topics, as this
@@ -477,7 +477,7 @@ class Engine:
         keys.check_topic(topic)
         error = self.committer.clock_error
         return await self.committer.submit(
-            topic, lambda s, now: (s.outbox_delivered(ids), s.next_due(error()))[1]
+            topic, lambda s, now: (s.outbox_delivered(ids), s.next_due(error(now)))[1]
         )
 
     def forget(self, topics: list[str]) -> None:

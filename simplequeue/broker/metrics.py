@@ -310,5 +310,8 @@ class InstrumentedStore(ObjectStore):
     async def sample_clock(self) -> None:
         await self.inner.sample_clock()
 
+    def clock_error(self, now: float) -> float:
+        return self.inner.clock_error(now)
+
     async def close(self) -> None:
         await self.inner.close()

@@ -36,7 +36,7 @@ from simplequeue.broker.settings import BrokerSettings, default_advertise_url, p
 from simplequeue.errors import StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore import ObjectStore, store_from_url
-from simplequeue.state import Bounds
+from simplequeue.state import Bounds, TopicState
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ class Broker:
             )
         )
         store = self.store
-        self.metrics.add_collector(CallbackCollector(lambda: clock_families(store.clock_error())))
+        self.metrics.add_collector(
+            CallbackCollector(lambda: clock_families(store.clock_error(store.now())))
+        )
         cache = self.committer.cache
         self.metrics.add_collector(
             CallbackCollector(lambda: cache_families(cache.used, cache.budget, cache.fetched))
@@ -134,9 +136,8 @@ class Broker:
                 )
             )
         )
-        error = self.committer.clock_error
-        self.committer.on_landed = lambda t, state: self.duties.wrote(t, state.next_due(error()))
-        self.committer.on_loaded = lambda t, state: self.duties.loaded(t, state.next_due(error()))
+        self.committer.on_landed = lambda t, state: self.duties.wrote(t, self._next_due(state))
+        self.committer.on_loaded = lambda t, state: self.duties.loaded(t, self._next_due(state))
         self.committer.on_failed = self.duties.failed
         self.http: HttpListener | None = None  # the HTTP listener, once started
         self.http_api: HttpApi | None = None  # what it answers with
@@ -228,6 +229,12 @@ class Broker:
             asyncio.create_task(self.membership.run(), name="membership"),
             asyncio.create_task(self.duties.run(), name="duties"),
         ]
+
+    def _next_due(self, state: TopicState) -> float | None:
+        """When the topic `state` holds next wants its owner (leases reaped as
+        Engine.tend reaps them, after the clock's error)."""
+        now = self.committer.clock()
+        return state.next_due(self.committer.clock_error(now))
 
     async def _hand_over(self, topic: str, owner: Peer) -> bool:
         """Tell `topic`'s owner to read it again (this broker wrote it while the

@@ -569,13 +569,16 @@ class Worker:
 
     def _heartbeat_interval(self, job: Job) -> float:
         """`heartbeat_every`, or a third of the lease the broker gave `job`, in
-        the broker's own clock (so that no clock skew enters it)."""
+        the broker's own clock (so that no clock skew enters it): from when the
+        lease counts (heartbeat_at, which a broker sets a little after
+        claimed_at, by its clock's error) to when it ends."""
         if self.heartbeat_every is not None:
             return self.heartbeat_every
         lease = self.lease or FALLBACK_LEASE
-        expires, claimed = job.lease_expires_at, job.claimed_at
-        if expires is not None and claimed is not None and expires > claimed:
-            lease = expires - claimed
+        expires = job.lease_expires_at
+        start = job.heartbeat_at if job.heartbeat_at is not None else job.claimed_at
+        if expires is not None and start is not None and expires > start:
+            lease = expires - start
         return lease / 3
 
     def _start_beats(self, held: _Claimed) -> None:

@@ -71,14 +71,14 @@ class ObjectStore(ABC):
         backwards once the store has answered; the local wall clock before."""
         return self.clock.now()
 
-    def clock_error(self) -> float:
-        """How far now() may be from the store's time, either way (seconds): half
-        the interval the store's stamps leave. On S3, whose Date headers count
-        whole seconds, half a second and a round trip after one answer, tens of
-        milliseconds after a few; on localfs, a few milliseconds. 0.0 before
-        the first stamp, when now() is a guess that nothing is written with
-        (sample_clock() comes first)."""
-        return self.clock.uncertainty or 0.0
+    def clock_error(self, now: float) -> float:
+        """How far `now`, a time now() returned a moment ago, may be from the
+        store's time, either way (seconds; StoreClock.error). On S3, whose Date
+        headers count whole seconds, half a second and a round trip after one
+        answer, tens of milliseconds after a few; on localfs, a few
+        milliseconds. 0.0 before the first stamp, when now() is a guess that
+        nothing is written with (sample_clock() comes first)."""
+        return self.clock.error(now)
 
     @abstractmethod
     async def get(self, key: str) -> tuple[bytes, str]:

@@ -107,6 +107,20 @@ class StoreClock:
             self._last = max(self._last, estimate)
             return self._last
 
+    def error(self, at: float) -> float:
+        """How far `at`, a time now() returned a moment ago, may be from the
+        store's time at this moment, either way: its distance to the far end
+        of the interval the samples leave. Not `uncertainty`: now() does not
+        go backwards, so after a sample narrows the interval from above it
+        stays ahead of the interval's middle (by up to half the old width)
+        until time catches up. 0.0 before the first sample (now() is then a
+        guess, which is not written into the store)."""
+        with self._lock:
+            if not self._samples:
+                return 0.0
+            mono = self._monotonic()
+            return max(at - (mono + self._low), mono + self._high - at, 0.0)
+
     @property
     def uncertainty(self) -> float | None:
         """Half the width of the interval the offset lies in (seconds); None
