@@ -549,7 +549,7 @@ class TopicState(Layout):
         expired = self.due_leases(now - clock_error, taking=True)
         jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
         # Due again from the earliest the store's time may be: a broker whose
-        # estimate is behind this one's claims it at once too.
+        # estimate is behind this one's does not see it as delayed for long.
         due = now - clock_error
         for place, job in zip(expired, jobs, strict=True):
             self._drop_lease(place)
