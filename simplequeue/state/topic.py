@@ -546,14 +546,15 @@ class TopicState(Layout):
         time (claim()), no estimate's error ends a lease early, whichever
         brokers stamped and reap it."""
         out = {"pending": 0, "dead": 0}
-        expired = self.due_leases(now - clock_error, taking=True)
+        # The earliest the store's time may be. A reaped job is due again from
+        # it too: a broker whose estimate is behind this one's does not see it
+        # as delayed for long.
+        earliest = now - clock_error
+        expired = self.due_leases(earliest, taking=True)
         jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
-        # Due again from the earliest the store's time may be: a broker whose
-        # estimate is behind this one's does not see it as delayed for long.
-        due = now - clock_error
         for place, job in zip(expired, jobs, strict=True):
             self._drop_lease(place)
-            out[self._release(job, due, job.get("last_error") or "lease expired", now)] += 1
+            out[self._release(job, earliest, job.get("last_error") or "lease expired", now)] += 1
         return out
 
     # --- the outbox: follow-ups for other topics -------------------------------------------
