@@ -210,7 +210,8 @@ async def test_a_lease_is_not_ended_early_by_two_brokers_estimates_of_the_stores
     """On S3 each broker's estimate of the store's clock rests on Date headers
     of 1 s resolution: two may each be right to within half a second and still
     disagree by most of a second. The S3 clock campaign saw a held job claimed
-    again 0.26 s before the expiry its last heartbeat was answered with. Here
+    again at least 0.24 s (by the client's clock) before the lease its last
+    heartbeat renewed could have run out. Here
     one broker's estimate is 0.4 s behind the store's time and the other's
     0.4 s ahead, each within its error of 0.5 s: a lease stamped by the first
     and reaped by the second still lasts its whole length, and is reaped once
