@@ -140,27 +140,30 @@ async def start_broker() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
 # simplequeued with its descriptor limit (ulimit -n) lowered by the child itself,
 # before the broker starts: preexec_fn is unsafe in a parent that has threads.
 UNDER_NOFILE = (
-    "import resource, sys; n = int(sys.argv.pop(1)); "
-    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+    "import resource, sys; soft, hard = map(int, sys.argv.pop(1).split(',')); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)); "
     "from simplequeue.broker.cli import main; main()"
 )
 
 
 class BrokerProcess:
     """A `simplequeued` subprocess; its URL is read from its first line. With
-    `nofile`, it runs with that soft and hard limit on open descriptors."""
+    `nofile`, it runs with that soft and hard limit on open descriptors (or
+    that (soft, hard) pair)."""
 
     def __init__(
         self,
         *args: str,
         env: dict[str, str] | None = None,
-        nofile: int | None = None,
+        nofile: int | tuple[int, int] | None = None,
     ) -> None:
         self.args = args
         self.stderr_tail = ""
-        launch = (
-            ["-m", "simplequeue.broker"] if nofile is None else ["-c", UNDER_NOFILE, str(nofile)]
-        )
+        if nofile is None:
+            launch = ["-m", "simplequeue.broker"]
+        else:
+            soft, hard = (nofile, nofile) if isinstance(nofile, int) else nofile
+            launch = ["-c", UNDER_NOFILE, f"{soft},{hard}"]
         self.proc = subprocess.Popen(
             [sys.executable, *launch, "--addr", "127.0.0.1:0", *args],
             stdout=subprocess.PIPE,
@@ -213,7 +216,7 @@ def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
     def start(
         *args: str,
         env: dict[str, str] | None = None,
-        nofile: int | None = None,
+        nofile: int | tuple[int, int] | None = None,
     ) -> BrokerProcess:
         started.append(BrokerProcess(*args, env=env, nofile=nofile))
         return started[-1]

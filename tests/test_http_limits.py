@@ -214,3 +214,39 @@ async def test_a_broker_with_few_descriptors_serves_past_hundreds_of_idle_socket
             assert (await r.json())["completed"] == 1
     assert broker.stop() == 0
     assert "Too many open files" not in broker.stderr_tail
+
+
+async def test_the_connection_cap_leaves_room_for_the_files_localfs_holds_open(
+    broker_process: Any, connect: Connect, tmp_path: Path
+) -> None:
+    """localfs keeps up to 512 files open between writes (each busy topic's
+    head and journal). The cap on connections counted none of them: at 800
+    descriptors it let 544 connections in, and with a few hundred busy topics
+    the store's writes then failed with "Too many open files"."""
+    broker = broker_process("--dir", str(tmp_path), nofile=800)
+    url = broker.url
+    async with aiohttp.ClientSession() as s:
+
+        async def busy(n: int) -> None:
+            for i in range(3):  # the third write within a second makes a journal
+                async with s.post(f"{url}/topics/t{n}/enqueue", json={"payload": i}) as r:
+                    assert r.status == 201, await r.text()
+
+        for start in range(0, 300, 20):
+            await asyncio.gather(*(busy(n) for n in range(start, start + 20)))
+        await connect(url, 600)  # idle: at the cap, the ones idle longest are closed
+        for n in (0, 299, 300):
+            async with s.post(f"{url}/topics/t{n}/enqueue", json={"payload": "last"}) as r:
+                assert r.status == 201, await r.text()
+    assert broker.stop() == 0
+    assert "Too many open files" not in broker.stderr_tail
+
+
+def test_a_broker_raises_its_soft_descriptor_limit_to_the_hard_one(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    """Run with the common soft limit of 1024 it would take 256 connections
+    on localfs; it raises the limit to the hard one it may reach (4096)."""
+    broker = broker_process("--dir", str(tmp_path), nofile=(1024, 4096))
+    assert broker.stop() == 0
+    assert "at most 3328 HTTP connections at once (512 descriptors held" in broker.stderr_tail

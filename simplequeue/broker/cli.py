@@ -180,11 +180,36 @@ def main(
     # default 5 ms switch interval a busy event loop holds it that long each
     # time, and one write of a few system calls took 4 ms instead of 1.
     sys.setswitchinterval(0.0005)
+    raise_descriptor_limit()
     try:
         with event_loop_runner() as runner:
             runner.run(_serve(settings, store, create_bucket))
     except (OSError, SimpleQueueError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+# The most descriptors raise_descriptor_limit() asks for: MAX_CONNECTIONS and
+# room to spare.
+DESCRIPTORS_WANTED = 65536
+
+
+def raise_descriptor_limit() -> None:
+    """Raise this process' soft limit on open descriptors to its hard limit
+    (at most DESCRIPTORS_WANTED), as Go's runtime and most servers do. HTTP
+    connections and the files and connections the store keeps open all draw
+    on it, and 1024, a common soft limit, would cap a localfs broker at 256
+    connections. Where it cannot be raised, the cap follows what it is."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = DESCRIPTORS_WANTED if hard == resource.RLIM_INFINITY else min(hard, DESCRIPTORS_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger(__name__).warning("could not raise the descriptor limit: %s", exc)
 
 
 def event_loop_runner() -> asyncio.Runner:
@@ -219,6 +244,12 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
     if broker.redis is not None:
         click.echo(f"simplequeued resp listening on {broker.redis.addr}")
     sys.stdout.flush()
+    if broker.http is not None:
+        logging.getLogger(__name__).info(
+            "at most %d HTTP connections at once (%d descriptors held for the store)",
+            broker.http.max_connections,
+            store.held_descriptors,
+        )
     await stop.wait()
     logging.getLogger(__name__).info("stopping: finishing in-flight writes")
     await broker.stop()

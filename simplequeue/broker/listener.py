@@ -21,10 +21,11 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 # The default cap on open HTTP connections: the process' soft RLIMIT_NOFILE less
-# HEADROOM descriptors, within [MIN_CONNECTIONS, MAX_CONNECTIONS]. The headroom
-# is BACKLOG for a burst of connections the event loop accepts in one go, before
-# it can close any to make room, and 128 for the rest of the process: the store
-# (localfs opens files per write, s3 keeps a connection pool), the RESP listener
+# HEADROOM descriptors and those the store may hold (ObjectStore.held_descriptors:
+# s3's connection pool, the files localfs keeps open), within [MIN_CONNECTIONS,
+# MAX_CONNECTIONS]. The headroom is BACKLOG for a burst of connections the event
+# loop accepts in one go, before it can close any to make room, and 128 for the
+# rest of the process: files a store opens for one request, the RESP listener
 # and the interpreter's own.
 BACKLOG = 128  # the listen queue; aiohttp's TCPSite uses the same
 HEADROOM = BACKLOG + 128
@@ -33,8 +34,9 @@ MAX_CONNECTIONS = 10_000
 WARN_EVERY = 60.0  # seconds between warnings that the cap is closing connections
 
 
-def default_max_connections() -> int:
-    """The cap on open HTTP connections for this process' descriptor limit."""
+def default_max_connections(reserved: int = 0) -> int:
+    """The cap on open HTTP connections for this process' descriptor limit,
+    `reserved` descriptors being the store's."""
     try:
         import resource
     except ImportError:  # not on Unix: no descriptor limit to derive it from
@@ -42,7 +44,7 @@ def default_max_connections() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS
-    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, soft - HEADROOM))
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, soft - HEADROOM - reserved))
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class Limits:
     # aiohttp's keepalive_timeout. aiohttp also starts it when a connection
     # opens, so a new connection gets the shorter of the two timeouts.
     keepalive_timeout: float = 15.0
-    max_connections: int | None = None  # None: default_max_connections()
+    # None: default_max_connections(), with nothing reserved for a store.
+    max_connections: int | None = None
 
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]

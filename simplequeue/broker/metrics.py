@@ -226,6 +226,7 @@ class InstrumentedStore(ObjectStore):
     def __init__(self, inner: ObjectStore, metrics: Metrics) -> None:
         self.inner = inner
         self.url = inner.url
+        self.held_descriptors = inner.held_descriptors
         self.clock = inner.clock  # the wrapped store's time, fed by its requests
         self._metrics = metrics
 

@@ -19,7 +19,7 @@ from simplequeue.broker.duties import Duties, DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Forwarder, Router
 from simplequeue.broker.http import HttpApi, HttpServices
-from simplequeue.broker.listener import HttpListener, Limits
+from simplequeue.broker.listener import HttpListener, Limits, default_max_connections
 from simplequeue.broker.membership import Membership, Peer
 from simplequeue.broker.metrics import (
     CallbackCollector,
@@ -189,7 +189,11 @@ class Broker:
         limits = Limits(
             header_timeout=self.settings.header_timeout,
             keepalive_timeout=self.settings.keepalive_timeout,
-            max_connections=self.settings.max_connections,
+            max_connections=(
+                default_max_connections(reserved=self.store.held_descriptors)
+                if self.settings.max_connections is None
+                else self.settings.max_connections
+            ),
         )
         self.http_api = HttpApi(services)
         self.http = HttpListener(

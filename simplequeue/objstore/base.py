@@ -59,6 +59,10 @@ class ObjectStore(ABC):
 
     #: A URL that store_from_url() would open to reach the same data.
     url: str = ""
+    #: How many file descriptors the store may keep open between requests (its
+    #: connection pool, files it holds for the next write), for a process to
+    #: leave room for under its descriptor limit.
+    held_descriptors: int = 0
     #: Fed by the backend from every answer that carries the store's time.
     clock: StoreClock
 

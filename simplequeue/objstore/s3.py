@@ -150,6 +150,7 @@ class S3Store(ObjectStore):
         if settings.region:
             query.append(f"region={settings.region}")
         self.url = f"s3://{settings.bucket}/{prefix}" + ("?" + "&".join(query) if query else "")
+        self.held_descriptors = settings.max_connections
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._opening = asyncio.Lock()

@@ -21,6 +21,7 @@ class FaultyStore(ObjectStore):
     def __init__(self, inner: ObjectStore, target: str = "topics/") -> None:
         self.inner = inner
         self.url = inner.url
+        self.held_descriptors = inner.held_descriptors
         self.clock = inner.clock  # the wrapped store's time, fed by its requests
         self.target = target
         self.calls: Counter[str] = Counter()

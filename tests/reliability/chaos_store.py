@@ -23,6 +23,7 @@ class ChaosStore(ObjectStore):
     ) -> None:
         self.inner = inner
         self.url = inner.url
+        self.held_descriptors = inner.held_descriptors
         self.clock = inner.clock  # the wrapped store's time, fed by its requests
         self.fail, self.lose, self.slow = fail, lose, slow
         self.rng = random.Random(seed)
