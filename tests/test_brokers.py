@@ -303,3 +303,21 @@ async def test_resign_outlasts_a_renewal_cancelled_mid_write() -> None:
     assert store.held is not None and store.held.done() and store.held.exception() is None
     record = await read_record(store)
     assert record is not None and record[0].heartbeat_at == 0.0
+
+
+async def test_a_broker_whose_store_stopped_answering_still_stops(
+    start_broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Saying goodbye (its membership record, broker.json) is bounded: with a
+    store that never answers, stop() waited for ever (on S3, for its client's
+    timeouts, 15 s a request), past the grace a supervisor gives before SIGKILL."""
+    from simplequeue.broker.server import FAREWELL_TIMEOUT
+    from tests.helpers.faults import FaultyStore
+
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store)
+    assert broker.announcer.active
+    store.silent = True
+    await asyncio.wait_for(broker.stop(), FAREWELL_TIMEOUT + 10)
+    assert "stopping without resigning" in caplog.text
+    store.silent = False  # for the fixture's own stop()

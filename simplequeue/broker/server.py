@@ -40,6 +40,14 @@ from simplequeue.state import Bounds, TopicState
 
 log = logging.getLogger(__name__)
 
+# The most a stopping broker waits to say goodbye (remove its membership record,
+# resign broker.json). A courtesy: the other brokers take both over once they
+# stop being renewed, within broker_lease. Unbounded, a store that stopped
+# answering kept a stopping broker up for ever (for its client's timeouts on
+# S3: 15 s a request, and resigning takes two), past the grace a supervisor
+# gives it (Kubernetes: 30 s) before SIGKILL.
+FAREWELL_TIMEOUT = 5.0
+
 
 def commit_settings(settings: BrokerSettings, store_url: str) -> CommitSettings:
     """The committer's settings. On S3, where writes are slow and billed, the
@@ -268,7 +276,8 @@ class Broker:
             log.warning("could not read broker.json at start: %s", exc)
 
     async def stop(self) -> None:
-        """Stop listening, let in-flight batches land, resign broker.json."""
+        """Stop listening, let in-flight batches land, leave the membership
+        and resign broker.json (for at most FAREWELL_TIMEOUT)."""
         if self.redis is not None:
             await self.redis.stop()
         if self.http is not None:
@@ -279,7 +288,15 @@ class Broker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.committer.close()
-        await self.membership.leave()
-        await self.announcer.resign()
+        try:
+            async with asyncio.timeout(FAREWELL_TIMEOUT):
+                await asyncio.gather(self.membership.leave(), self.announcer.resign())
+        except TimeoutError:
+            log.warning(
+                "the store did not answer within %g s: stopping without resigning; "
+                "the other brokers take over within %g s",
+                FAREWELL_TIMEOUT,
+                self.settings.broker_lease,
+            )
         await self.forwarder.close()
         await self.store.close()

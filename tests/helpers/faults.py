@@ -30,17 +30,25 @@ class FaultyStore(ObjectStore):
         self.gate: asyncio.Event | None = None  # when set, head PUTs wait for it
         self.put_started = asyncio.Event()
         self.get_down = False
+        # When set, every request waits for ever: a store that stopped answering.
+        self.silent = False
         # Awaited after a "lose-answer" write landed, before its caller hears:
         # what other brokers do while an ambiguous write waits for its answer.
         self.meanwhile: Callable[[], Awaitable[None]] | None = None
 
+    async def _answer(self) -> None:
+        if self.silent:
+            await asyncio.Event().wait()
+
     async def get(self, key: str) -> tuple[bytes, str]:
+        await self._answer()
         self.calls["get"] += 1
         if self.get_down:
             raise StoreUnavailable("injected: store down")
         return await self.inner.get(key)
 
     async def put(self, key: str, data: bytes) -> str:
+        await self._answer()
         self.calls["put"] += 1
         self.put_sizes.append(len(data))
         return await self.inner.put(key, data)
@@ -53,6 +61,7 @@ class FaultyStore(ObjectStore):
         if_match: str | None = None,
         if_none_match: bool = False,
     ) -> str:
+        await self._answer()
         self.calls["put"] += 1
         self.put_sizes.append(len(data))
         is_head = key.startswith(self.target) and key.count("/") == 1
@@ -77,10 +86,12 @@ class FaultyStore(ObjectStore):
         return etag
 
     async def delete(self, key: str) -> None:
+        await self._answer()
         self.calls["delete"] += 1
         await self.inner.delete(key)
 
     async def list(self, prefix: str = "") -> list[str]:
+        await self._answer()
         self.calls["list"] += 1
         return await self.inner.list(prefix)
 
