@@ -8,8 +8,10 @@ the object (the rename of the temp file was not durable yet)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -329,6 +331,67 @@ async def test_a_busy_keys_journal_stays_open_and_what_is_held_is_bounded(
     assert (await restarted_store.get("topics/t0.json"))[0] == b"v3"
     assert (await restarted_store.get("topics/t19.json"))[0] == b"v4"
     await restarted_store.close()
+
+
+# --- found by an adversarial review of da81be1 (journals held open) ------------------
+
+
+async def test_a_held_journal_written_over_in_place_is_not_appended_to(tmp_path: Path) -> None:
+    """Same inode, other header (a failing disk, an operator's cp): a restart
+    finds no record in it, so a write appended there would be lost."""
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    etag = await rewrite(store, b"v2")  # the journal made, and held
+    with journal_path(tmp_path / KEY).open("r+b") as f:
+        f.seek(9)  # in the generation
+        byte = f.read(1)[0]
+        f.seek(9)
+        f.write(bytes([byte ^ 0xFF]))
+    await store.put_if(KEY, b"v3", if_match=etag)  # acknowledged
+    await store.close()
+    lose_page_cache(tmp_path, b"v1")
+    assert (await restarted(tmp_path).get(KEY))[0] == b"v3"
+
+
+async def test_a_held_journal_is_closed_whatever_befalls_the_write(tmp_path: Path) -> None:
+    """Its name made unstattable (a symlink loop): the write fails, and the
+    descriptor it took out goes with it."""
+    before = open_descriptors()
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    etag = await rewrite(store, b"v2")
+    jpath = journal_path(tmp_path / KEY)
+    jpath.unlink()
+    jpath.symlink_to(jpath.name)
+    with pytest.raises(StoreUnavailable):
+        await store.put_if(KEY, b"v3", if_match=etag)
+    await store.close()
+    assert open_descriptors() == before
+
+
+async def test_a_write_finishing_after_close_keeps_nothing_open(tmp_path: Path) -> None:
+    """A broker closes its store while a write's thread may still run (its
+    farewell timed out): that write's journal and file are closed, not kept."""
+    before = open_descriptors()
+    store = LocalStore(tmp_path, boot_id=BOOT)
+    await busy_key(store)
+    etag = await rewrite(store, b"v2")
+    entered, release = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def held_fdatasync(fd: int) -> None:
+        entered.set()
+        release.wait(10)
+        real(fd)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(localfs.os, "fdatasync", held_fdatasync)
+        write = asyncio.create_task(store.put_if(KEY, b"v3", if_match=etag))
+        assert await asyncio.to_thread(entered.wait, 10)
+        await store.close()
+        release.set()
+        await write
+    assert open_descriptors() == before
 
 
 # --- found by an adversarial review of 72fe53e: a crash at one instruction ---------

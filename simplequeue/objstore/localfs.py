@@ -96,10 +96,15 @@ class _WrittenFiles:
     def __init__(self) -> None:
         self._files: OrderedDict[Path, tuple[int, str, tuple[int, ...]]] = OrderedDict()
         self._lock = threading.Lock()
+        # After close(), a write still finishing in its thread keeps nothing open.
+        self._closed = False
 
     def remember(self, path: Path, fd: int, etag: str) -> None:
         stamp = _stamp(os.fstat(fd))
         with self._lock:
+            if self._closed:
+                os.close(fd)
+                return
             old = self._files.pop(path, None)
             self._files[path] = (fd, etag, stamp)
             evicted = [old] if old else []
@@ -131,6 +136,7 @@ class _WrittenFiles:
     def close(self) -> None:
         with self._lock:
             entries, self._files = list(self._files.values()), OrderedDict()
+            self._closed = True
         for fd, _, _ in entries:
             os.close(fd)
 
@@ -189,28 +195,33 @@ class _Journal:
     holding the write's record replaces it (renamed over it, made durable
     first), and a key written the classic way, or deleted, loses its journal
     first. A store trusts where it left the tail only while the object is the
-    file it wrote last and the journal's name still links to the file it
-    holds open (see _Place).
+    file it wrote last, the journal's name still links to the file it holds
+    open and its header is still the one it read or wrote (see _Place).
     """
 
     fd: int
     generation: int
     tail: int  # where the next record goes
     inode: tuple[int, int]
+    header: bytes  # its first _HEADER.size bytes
 
 
 @dataclass
 class _Place:
     """A journal this store left open, and where it left its tail: right
     while the object is still the file that store wrote last (nobody else can
-    have appended since) and the journal's name still links to `fd`'s inode
-    (held open, so its number cannot be reused; a journal is never started
-    over in place, so the same inode is the same generation)."""
+    have appended since), the journal's name still links to `fd`'s inode
+    (held open, so its number cannot be reused) and its header is unchanged
+    (no simplequeue process starts a journal over in place, but a failing
+    disk or an operator's `cp` may write over it: a restart would then find
+    no record). Held, a journal that another process unlinked or replaced
+    keeps its 256 KiB until this store writes that key again or evicts it."""
 
     fd: int
     inode: tuple[int, int]
     generation: int
     tail: int
+    header: bytes
 
 
 @dataclass
@@ -271,6 +282,7 @@ class _Places:
     def __init__(self) -> None:
         self._places: OrderedDict[Path, _Place] = OrderedDict()
         self._lock = threading.Lock()
+        self._closed = False  # as _WrittenFiles._closed
 
     def take(self, path: Path) -> _Place | None:
         """The key's place, now the caller's (it closes or keeps the descriptor)."""
@@ -279,14 +291,18 @@ class _Places:
 
     def keep(self, path: Path, journal: _Journal) -> None:
         """Keep `journal` open for the key's next write: its descriptor is now ours."""
+        kept = _Place(journal.fd, journal.inode, journal.generation, journal.tail, journal.header)
         evicted = []
         with self._lock:
-            old = self._places.pop(path, None)
-            if old is not None and old.fd != journal.fd:
-                evicted.append(old)
-            self._places[path] = _Place(journal.fd, journal.inode, journal.generation, journal.tail)
-            while len(self._places) > self.LIMIT:
-                evicted.append(self._places.popitem(last=False)[1])
+            if self._closed:
+                evicted.append(kept)
+            else:
+                old = self._places.pop(path, None)
+                if old is not None and old.fd != journal.fd:
+                    evicted.append(old)
+                self._places[path] = kept
+                while len(self._places) > self.LIMIT:
+                    evicted.append(self._places.popitem(last=False)[1])
         for place in evicted:
             os.close(place.fd)
 
@@ -299,6 +315,7 @@ class _Places:
     def close(self) -> None:
         with self._lock:
             places, self._places = list(self._places.values()), OrderedDict()
+            self._closed = True
         for place in places:
             os.close(place.fd)
 
@@ -614,9 +631,22 @@ class LocalStore(ObjectStore):
         jpath = journal_path(path)
         place = self._places.take(path)
         if place is not None:
-            linked = _stat_or_none(jpath)
-            if ours and linked is not None and (linked.st_ino, linked.st_dev) == place.inode:
-                return _Journal(place.fd, place.generation, place.tail, place.inode)
+            try:
+                linked = _stat_or_none(jpath) if ours else None
+                if (
+                    linked is not None
+                    and (linked.st_ino, linked.st_dev) == place.inode
+                    # Still its header: a failing disk or an operator's cp may
+                    # have written over it in place, and a restart would then
+                    # find no record.
+                    and os.pread(place.fd, _HEADER.size, 0) == place.header
+                ):
+                    return _Journal(
+                        place.fd, place.generation, place.tail, place.inode, place.header
+                    )
+            except BaseException:
+                os.close(place.fd)
+                raise
             os.close(place.fd)
         try:
             fd = os.open(jpath, os.O_RDWR)
@@ -632,7 +662,8 @@ class LocalStore(ObjectStore):
         try:
             st = os.fstat(fd)
             inode = (st.st_ino, st.st_dev)
-            scanned = _scan_journal(os.pread(fd, JOURNAL_SIZE, 0))
+            blob = os.pread(fd, JOURNAL_SIZE, 0)
+            scanned = _scan_journal(blob)
         except BaseException:
             os.close(fd)
             raise
@@ -640,7 +671,7 @@ class LocalStore(ObjectStore):
             os.close(fd)
             return self._recover(key, path, jpath, scanned, create=create)
         self._remember_checked(path)
-        return _Journal(fd, scanned.generation, scanned.tail, inode)
+        return _Journal(fd, scanned.generation, scanned.tail, inode, blob[: _HEADER.size])
 
     def _recover(
         self, key: str, path: Path, jpath: Path, scanned: _Scanned | None, *, create: bool
@@ -706,7 +737,7 @@ class LocalStore(ObjectStore):
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        return _Journal(fd, generation, tail, (st.st_ino, st.st_dev))
+        return _Journal(fd, generation, tail, (st.st_ino, st.st_dev), header)
 
     @staticmethod
     def _append(journal: _Journal, data: bytes) -> bool:
