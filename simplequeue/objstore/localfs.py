@@ -268,13 +268,13 @@ def _journal_record(generation: int, data: bytes) -> bytes:
 
 class _Places:
     """The journals this store appended to last, held open with where it left
-    them, so that the next write of a busy key appends without
-    opening its journal again (open, fstat, pread and close became a stat and
-    a pread of the header: 25.4 system calls per head write became 22.4,
-    futex aside). Bounded, like
-    _WrittenFiles; each holds a descriptor. A write takes its key's place out
-    for as long as it holds the key's lock and gives it back after, so that
-    evicting another key's place never closes a descriptor in use."""
+    them, so that the next write of a busy key appends without opening its
+    journal again (open, fstat, pread and close became a stat and a pread of
+    the header: 25.4 system calls per head write became 22.4, futex aside).
+    Bounded, like _WrittenFiles; each holds a descriptor. A write takes its
+    key's place out for as long as it holds the key's lock and gives it back
+    after, so that evicting another key's place never closes a descriptor in
+    use."""
 
     # A place is trusted only while the object is a file _WrittenFiles still
     # holds: keeping more would keep places no write can use.
