@@ -306,18 +306,29 @@ async def test_resign_outlasts_a_renewal_cancelled_mid_write() -> None:
 
 
 async def test_a_broker_whose_store_stopped_answering_still_stops(
-    start_broker: Any, caplog: pytest.LogCaptureFixture
+    start_broker: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Saying goodbye (its membership record, broker.json) is bounded: with a
-    store that never answers, stop() waited for ever (on S3, for its client's
-    timeouts, 15 s a request), past the grace a supervisor gives before SIGKILL."""
-    from simplequeue.broker.server import FAREWELL_TIMEOUT
+    """Landing the writes in flight and saying goodbye (its membership record,
+    broker.json) are bounded: with a store that never answers, stop() waited
+    for ever (on S3, for its client's timeouts, 15 s a request), past the
+    grace a supervisor gives before SIGKILL."""
+    from simplequeue.api import JobSpec
+    from simplequeue.broker import server
     from tests.helpers.faults import FaultyStore
 
+    monkeypatch.setattr(server, "FAREWELL_TIMEOUT", 0.5)
     store = FaultyStore(MemStore())
-    broker = await start_broker(store)
+    broker = await start_broker(store, commit_budget=1.0)
     assert broker.announcer.active
+    await broker.engine.enqueue("t", [JobSpec(0)])  # the topic loaded: next, a head write
     store.silent = True
-    await asyncio.wait_for(broker.stop(), FAREWELL_TIMEOUT + 10)
+    store.put_started.clear()
+    # Straight to the engine: a request in progress would hold the listener's
+    # stop for 10 s (aiohttp's 5 s for the handler, then 5 s for its cancel).
+    enqueue = asyncio.create_task(broker.engine.enqueue("t", [JobSpec(1)]))
+    await asyncio.wait_for(store.put_started.wait(), 10)  # the head's write in flight
+    await asyncio.wait_for(broker.stop(), 1.0 + 0.5 + 5)
+    assert "writes still in flight" in caplog.text
     assert "stopping without resigning" in caplog.text
+    enqueue.cancel()
     store.silent = False  # for the fixture's own stop()

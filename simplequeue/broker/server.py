@@ -276,8 +276,9 @@ class Broker:
             log.warning("could not read broker.json at start: %s", exc)
 
     async def stop(self) -> None:
-        """Stop listening, let in-flight batches land, leave the membership
-        and resign broker.json (for at most FAREWELL_TIMEOUT)."""
+        """Stop listening, let in-flight batches land (for at most the commit
+        budget), leave the membership and resign broker.json (for at most
+        FAREWELL_TIMEOUT): bounded whatever the store does."""
         if self.redis is not None:
             await self.redis.stop()
         if self.http is not None:
@@ -287,7 +288,17 @@ class Broker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.committer.close()
+        try:
+            # As long as a mutation is retried: a write that has not landed by
+            # then is one whose answer the store keeps back. It landed whole or
+            # not at all, and its callers, cut off by the listener's stop, retry.
+            async with asyncio.timeout(self.settings.commit_budget):
+                await self.committer.close()
+        except TimeoutError:
+            log.warning(
+                "writes still in flight after %g s: stopping without their answers",
+                self.settings.commit_budget,
+            )
         try:
             async with asyncio.timeout(FAREWELL_TIMEOUT):
                 await asyncio.gather(self.membership.leave(), self.announcer.resign())

@@ -41,16 +41,16 @@ class FaultyStore(ObjectStore):
             await asyncio.Event().wait()
 
     async def get(self, key: str) -> tuple[bytes, str]:
-        await self._answer()
         self.calls["get"] += 1
+        await self._answer()
         if self.get_down:
             raise StoreUnavailable("injected: store down")
         return await self.inner.get(key)
 
     async def put(self, key: str, data: bytes) -> str:
-        await self._answer()
         self.calls["put"] += 1
         self.put_sizes.append(len(data))
+        await self._answer()
         return await self.inner.put(key, data)
 
     async def put_if(
@@ -61,14 +61,14 @@ class FaultyStore(ObjectStore):
         if_match: str | None = None,
         if_none_match: bool = False,
     ) -> str:
-        await self._answer()
         self.calls["put"] += 1
         self.put_sizes.append(len(data))
         is_head = key.startswith(self.target) and key.count("/") == 1
         if is_head:
             self.put_started.set()
-            if self.gate is not None:
-                await self.gate.wait()
+        await self._answer()
+        if is_head and self.gate is not None:
+            await self.gate.wait()
         fault = self.faults.pop(0) if is_head and self.faults else None
         if fault == "fail":  # the write never happens
             raise StoreUnavailable("injected: PUT failed")
@@ -86,13 +86,13 @@ class FaultyStore(ObjectStore):
         return etag
 
     async def delete(self, key: str) -> None:
-        await self._answer()
         self.calls["delete"] += 1
+        await self._answer()
         await self.inner.delete(key)
 
     async def list(self, prefix: str = "") -> list[str]:
-        await self._answer()
         self.calls["list"] += 1
+        await self._answer()
         return await self.inner.list(prefix)
 
     async def sample_clock(self) -> None:
