@@ -76,6 +76,7 @@ class Batcher(Generic[I, O]):
         self._task: asyncio.Task[None] | None = None
         self._arrived = asyncio.Event()
         self.closing = False  # no lingering once set: close() wants the last batch out
+        self._aborted: BaseException | None = None  # what abort() fails the items with
 
     def __len__(self) -> int:
         """Items waiting for a batch (not counting the one in flight)."""
@@ -111,6 +112,16 @@ class Batcher(Generic[I, O]):
         self._arrived.set()
         await self.flush()
 
+    async def abort(self, error: BaseException) -> None:
+        """Cancel the batch being sent and those queued, their items failing
+        with `error`, and wait until that is done."""
+        self.closing = True
+        self._aborted = error
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
@@ -126,7 +137,10 @@ class Batcher(Generic[I, O]):
                     )
             except asyncio.CancelledError:
                 for pending in [*batch, *self._queue]:
-                    pending.future.cancel()
+                    if self._aborted is None:
+                        pending.future.cancel()
+                    else:
+                        _settle(pending.future, self._aborted)
                 self._queue = []
                 raise
             except BaseException as exc:  # every item of the batch fails with it

@@ -354,6 +354,23 @@ class GroupCommitter:
         )
         await asyncio.gather(*self._background, return_exceptions=True)
 
+    async def abort(self) -> None:
+        """Stop taking mutations and cancel the batches in flight and queued,
+        for a stop that cannot wait for the store any longer. Their callers'
+        futures are cancelled. A write already sent may still land: it lands
+        whole or not at all, and nothing of this committer's runs after."""
+        self._closing = True
+        for task in self._background:
+            task.cancel()
+        error = StoreUnavailable(
+            "the broker stopped before the store answered: the write may or may not have landed"
+        )
+        await asyncio.gather(
+            *(t.batcher.abort(error) for t in self._topics.values()),
+            *self._background,
+            return_exceptions=True,
+        )
+
     async def sweep(self, topic: str) -> list[str]:
         """Delete the topic's orphan objects: those no head references (nor any
         claimed job's payload), seen unreferenced by the previous sweep too.

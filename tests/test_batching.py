@@ -193,3 +193,25 @@ async def test_linger_keeps_closed_loop_callers_in_one_batch(linger: Linger | No
         assert max(batches[1:]) < 4
     else:
         assert batches == [4, 4, 4]
+
+
+async def test_abort_fails_the_batch_in_flight_and_those_queued_and_stops() -> None:
+    """For a stop that cannot wait for a send any longer: every item fails with
+    the error given, and no task is left to send anything after."""
+    started = asyncio.Event()
+
+    async def never_answers(batch: list[Pending[int, int]]) -> list[int | BaseException]:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    batcher: Batcher[int, int] = Batcher(never_answers, max_batch=1, name="stuck")
+    first = batcher.post(1)
+    await started.wait()
+    second = batcher.post(2)  # queued behind the first
+    await batcher.abort(TimeoutError("gave up"))
+    for future in (first, second):
+        with pytest.raises(TimeoutError, match="gave up"):
+            await future
+    assert not batcher.busy
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "stuck"]

@@ -314,6 +314,7 @@ async def test_a_broker_whose_store_stopped_answering_still_stops(
     grace a supervisor gives before SIGKILL."""
     from simplequeue.api import JobSpec
     from simplequeue.broker import server
+    from simplequeue.errors import StoreUnavailable
     from tests.helpers.faults import FaultyStore
 
     monkeypatch.setattr(server, "FAREWELL_TIMEOUT", 0.5)
@@ -330,5 +331,9 @@ async def test_a_broker_whose_store_stopped_answering_still_stops(
     await asyncio.wait_for(broker.stop(), 1.0 + 0.5 + 5)
     assert "writes still in flight" in caplog.text
     assert "stopping without resigning" in caplog.text
-    enqueue.cancel()
+    # Nothing of the committer runs on to write after the store was closed.
+    left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("commit:")]
+    assert left == []
+    with pytest.raises(StoreUnavailable, match="may or may not have landed"):
+        await enqueue
     store.silent = False  # for the fixture's own stop()

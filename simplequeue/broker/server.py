@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 # S3: 15 s a request, and resigning takes two), past the grace a supervisor
 # gives it (Kubernetes: 30 s) before SIGKILL.
 FAREWELL_TIMEOUT = 5.0
+# The most a stopping broker waits to close the forwarder's and the store's
+# connections.
+CLOSE_TIMEOUT = 1.0
 
 
 def commit_settings(settings: BrokerSettings, store_url: str) -> CommitSettings:
@@ -277,12 +280,12 @@ class Broker:
 
     async def stop(self) -> None:
         """Stop listening, let in-flight batches land (for at most the commit
-        budget), leave the membership and resign broker.json (for at most
-        FAREWELL_TIMEOUT): bounded whatever the store does."""
-        if self.redis is not None:
-            await self.redis.stop()
-        if self.http is not None:
-            await self.http.stop()  # stop accepting; let handlers finish
+        budget, then cancel them), leave the membership and resign broker.json
+        (for at most FAREWELL_TIMEOUT) and close the connections (CLOSE_TIMEOUT
+        each): bounded whatever the store does."""
+        # Stop accepting and let handlers finish: both listeners at once (each
+        # may wait 5 s for a request in progress, aiohttp's twice).
+        await asyncio.gather(*(s.stop() for s in (self.redis, self.http) if s is not None))
         if self.http_api is not None:
             await self.http_api.close()
         for task in self._tasks:
@@ -290,7 +293,7 @@ class Broker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             # As long as a mutation is retried: a write that has not landed by
-            # then is one whose answer the store keeps back. It landed whole or
+            # then is one whose answer the store keeps back. It lands whole or
             # not at all, and its callers, cut off by the listener's stop, retry.
             async with asyncio.timeout(self.settings.commit_budget):
                 await self.committer.close()
@@ -299,9 +302,14 @@ class Broker:
                 "writes still in flight after %g s: stopping without their answers",
                 self.settings.commit_budget,
             )
+            await self.committer.abort()  # nothing of it writes after the store is closed
         try:
             async with asyncio.timeout(FAREWELL_TIMEOUT):
-                await asyncio.gather(self.membership.leave(), self.announcer.resign())
+                farewell = await asyncio.gather(
+                    self.membership.leave(), self.announcer.resign(), return_exceptions=True
+                )
+            for failed in (f for f in farewell if isinstance(f, BaseException)):
+                log.warning("stopping without a goodbye: %s", failed)
         except TimeoutError:
             log.warning(
                 "the store did not answer within %g s: stopping without resigning; "
@@ -309,5 +317,10 @@ class Broker:
                 FAREWELL_TIMEOUT,
                 self.settings.broker_lease,
             )
-        await self.forwarder.close()
-        await self.store.close()
+        for closing in (self.forwarder.close, self.store.close):
+            try:
+                # A connection whose peer stopped reading closes only once TCP gives up.
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await closing()
+            except TimeoutError:
+                log.warning("%s did not finish within %g s", closing.__qualname__, CLOSE_TIMEOUT)
