@@ -121,6 +121,10 @@ class Batcher(Generic[I, O]):
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])
+        # Those a cancel outside a send left queued (in `before`, or a linger).
+        for pending in self._queue:
+            _settle(pending.future, error)
+        self._queue = []
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

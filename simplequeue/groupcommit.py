@@ -356,8 +356,8 @@ class GroupCommitter:
 
     async def abort(self) -> None:
         """Stop taking mutations and cancel the batches in flight and queued,
-        for a stop that cannot wait for the store any longer. Their callers'
-        futures are cancelled. A write already sent may still land: it lands
+        for a stop that cannot wait for the store any longer. Their callers
+        get StoreUnavailable. A write already sent may still land: it lands
         whole or not at all, and nothing of this committer's runs after."""
         self._closing = True
         for task in self._background:

@@ -215,3 +215,19 @@ async def test_abort_fails_the_batch_in_flight_and_those_queued_and_stops() -> N
             await future
     assert not batcher.busy
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "stuck"]
+
+
+async def test_abort_while_lingering_fails_what_is_queued() -> None:
+    """Cancelled between batches (lingering for more callers), the items
+    queued meanwhile fail too: none is left waiting for ever."""
+    recorder = Recorder()
+    recorder.release.set()
+    batcher: Batcher[int, int] = Batcher(
+        recorder, linger=Linger(fraction=1e9, max_s=60.0), name="lingering"
+    )
+    assert await asyncio.gather(batcher.post(1), batcher.post(2)) == [2, 4]
+    queued = batcher.post(3)  # the batcher lingers for a second caller
+    await batcher.abort(TimeoutError("gave up"))
+    with pytest.raises(TimeoutError, match="gave up"):
+        await queued
+    assert not batcher.busy
