@@ -473,8 +473,9 @@ class TopicState(Layout):
             self._drop_lease(place)
             record = dict(record)
             self._add_lease(record)
-        record["heartbeat_at"] = now + clock_error
-        record["lease_expires_at"] = now + clock_error + lease_s
+        start = now + clock_error
+        record["heartbeat_at"] = start
+        record["lease_expires_at"] = start + lease_s
         return {"id": job_id, "lease_expires_at": record["lease_expires_at"]}
 
     def _release(self, job: Job, run_at: float, error: str | None, now: float) -> str:
