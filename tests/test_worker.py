@@ -4,6 +4,7 @@ dead letters after max_attempts, batch claims, stop() and drain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
@@ -872,6 +873,108 @@ async def test_heartbeats_go_on_after_a_failure_that_is_not_the_sdks(
         await run_until(worker, broker, lambda: _completed(q, 1))
         job = await q.job(job_id)
     assert (job.status, job.attempts, runs) == ("completed", 1, 1)
+
+
+class FirstHeartbeatHangs(Client):
+    """Its first heartbeat is never answered; it counts those that land after."""
+
+    hung = False
+    landed = 0
+    three_landed: asyncio.Event
+
+    async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
+        if not self.hung:
+            self.hung = True
+            await asyncio.Event().wait()  # no answer, ever (until cancelled)
+        expires = await super().heartbeat(job, lease)
+        self.landed += 1
+        if self.landed == 3:
+            self.three_landed.set()
+        return expires
+
+
+async def test_a_heartbeat_left_unanswered_does_not_hold_back_the_next(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each heartbeat has until the next is due. Awaited for the client's
+    timeout (30 s, a whole default lease), one unanswered heartbeat let the
+    lease run out while the handler ran on: the job ran twice."""
+    broker = await start_broker(MemStore())
+    async with FirstHeartbeatHangs(broker.url, topic="w") as q:
+        q.three_landed = asyncio.Event()
+        job_id = await q.enqueue("long")
+        runs = 0
+
+        async def long(job: Job) -> str:
+            nonlocal runs
+            runs += 1
+            # Past the lease the hung heartbeat would have renewed (bounded:
+            # without the fix no heartbeat lands again, and the job fails).
+            await asyncio.wait_for(q.three_landed.wait(), 3)
+            return "done"
+
+        worker = Worker(
+            q, long, lease=0.3, heartbeat_every=0.1, wait=0.2, backoff=FAST, handle_signals=False
+        )
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            await run_until(worker, broker, lambda: _completed(q, 1))
+        job = await q.job(job_id)
+    assert (job.status, job.attempts, runs) == ("completed", 1, 1)
+    assert "no answer in 0.1 s" in caplog.text
+
+
+class SlowFirstAck(Client):
+    """Holds its first ack request until three heartbeats have landed since
+    (at most 3 s, ten leases of the test), then sends it."""
+
+    acking = False
+    beats_since = 0
+    renewed: asyncio.Event
+
+    async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
+        expires = await super().heartbeat(job, lease)
+        if self.acking:
+            self.beats_since += 1
+            if self.beats_since == 3:
+                self.renewed.set()
+        return expires
+
+    async def ack_many(self, acks: Any) -> list[dict[str, Any]]:
+        acks = list(acks)
+        if not self.acking:
+            self.acking = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.renewed.wait(), 3)
+        return await super().ack_many(acks)
+
+
+async def test_the_lease_is_renewed_until_the_ack_is_answered(start_broker: StartBroker) -> None:
+    """The heartbeats stopped when the handler returned, before its ack was
+    sent: an ack queued or slow past the lease let the job be claimed again
+    and run twice."""
+    broker = await start_broker(MemStore())
+    async with SlowFirstAck(broker.url, topic="w") as q:
+        q.renewed = asyncio.Event()
+        job_id = await q.enqueue("quick")
+        runs = 0
+
+        async def quick(job: Job) -> str:
+            nonlocal runs
+            runs += 1
+            return "done"
+
+        worker = Worker(
+            q, quick, lease=0.3, heartbeat_every=0.1, prefetch=0, wait=0.2, handle_signals=False
+        )
+        await run_until(worker, broker, lambda: _completed(q, 1))
+        job = await q.job(job_id)
+    assert (job.status, job.attempts, runs) == ("completed", 1, 1)
+    assert q.renewed.is_set()
+
+
+async def test_stop_of_a_worker_that_never_ran_returns(q: Client) -> None:
+    worker = Worker(q, lambda job: None, handle_signals=False)
+    await asyncio.wait_for(worker.stop(), 5)  # waited for ever
 
 
 class TimedHeartbeats(Client):

@@ -7,7 +7,9 @@ round trip away. With a buffer, each claim asks for half
 the capacity and two can be in flight; their jobs are buffered in the order
 the claims were sent. Each claimed job's lease (the broker's --lease unless
 `lease` says) is renewed by heartbeats every third of it, from the moment it
-is claimed (waiting in the buffer included).
+is claimed (waiting in the buffer included) until its ack is answered; each
+heartbeat has until the next is due, so one left unanswered never holds back
+the next.
 
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
@@ -238,6 +240,8 @@ class Worker:
         self._delivered = 0
         self._answers: dict[int, tuple[int, list[Job] | None]] = {}
         self._done = asyncio.Event()
+        self._done.set()  # not running: stop() returns at once
+        self._acking: set[_Claimed] = set()  # jobs whose ack is not answered yet
         # Acks in batches: one request carries every ack that came in while the
         # previous one was in flight (group commit, client side).
         # Acks with follow-ups not yet answered: a burst worker that found the
@@ -267,6 +271,9 @@ class Worker:
                 self._idle.clear()
                 await self._idle.wait()
             await self._acks.flush()
+            for held in list(self._acking):  # their callbacks may not have run yet
+                self._acking.discard(held)
+                await self._stop_beats(held)
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self._done.set()
@@ -415,8 +422,10 @@ class Worker:
             return
         work = held.work = asyncio.ensure_future(self._handle(job))
         failure: Exception | None = None
+        acking = False
         try:
             result, follow_ups = _ack_of(await self._within_timeout(work))
+            acking = not held.lost
         except asyncio.CancelledError:
             # Only the cancellation a heartbeat sends when it finds the lease
             # lost is ours to handle; any other (this task cancelled, the
@@ -429,9 +438,11 @@ class Worker:
         except Exception as exc:
             failure = exc
         finally:
-            # Before the nack or the ack: a heartbeat still out when the job is
-            # given back would be answered LeaseLost.
-            await self._stop_beats(held)
+            # Before a nack: a heartbeat still out when the job is given back
+            # would be answered LeaseLost. Not before an ack: the lease is
+            # renewed until the ack is answered (below).
+            if not acking:
+                await self._stop_beats(held)
         if failure is not None:
             if held.lost:  # the handler ended as it was being cancelled: not ours to fail
                 log.warning("job %s: %s; its handler raised %r", job.id, _why_gone(held), failure)
@@ -444,8 +455,22 @@ class Worker:
         self.processed += 1
         if follow_ups:
             self._follow_ups_unsettled += 1
-        # The slot is free now; the ack rides the next batch.
-        self._acks.post((job, result, follow_ups))
+        # The slot is free now; the ack rides the next batch. Until it is
+        # answered the heartbeats go on: an ack queued or slow past the lease
+        # would let the job be claimed and run again. (One out when the ack
+        # lands is answered LeaseLost, which is then nobody's concern.)
+        self._acking.add(held)
+        self._acks.post((job, result, follow_ups)).add_done_callback(lambda _: self._acked(held))
+
+    def _acked(self, held: _Claimed) -> None:
+        """`held`'s ack was answered, or failed: its lease is no longer ours to keep."""
+        if held in self._acking:
+            self._acking.discard(held)
+            if held.first_beat is not None:
+                held.first_beat.cancel()
+                held.first_beat = None
+            if held.beats is not None:
+                held.beats.cancel()
 
     async def _within_timeout(self, work: asyncio.Future[Any]) -> Any:
         """`work`'s result; TimeoutError saying so once it has run `timeout` s
@@ -594,9 +619,16 @@ class Worker:
         and a loop that ended here would let it run out while the handler runs
         on (the job then ran twice)."""
         every = self._heartbeat_interval(held.job)
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + every
             try:
-                await self.client.heartbeat(held.job, self.lease)
+                # Each heartbeat has until the next is due: one left unanswered
+                # (a lost packet, a stuck proxy) must not hold back those after
+                # it while the lease runs out (the client's own timeout, 30 s,
+                # is a whole default lease).
+                async with asyncio.timeout(every):
+                    await self.client.heartbeat(held.job, self.lease)
             except (LeaseLost, JobNotFound) as exc:
                 held.lost = True
                 held.cancelled = isinstance(exc, JobCancelled)
@@ -611,14 +643,15 @@ class Worker:
                 # else: its task is about to start; _process sees `lost` and skips it
                 return
             except Exception as exc:
+                unanswered = isinstance(exc, TimeoutError) and loop.time() >= due
                 log.warning(
                     "job %s: heartbeat failed (the next in %.3g s): %s",
                     held.job.id,
-                    every,
-                    exc,
-                    exc_info=not isinstance(exc, SimpleQueueError),
+                    max(0.0, due - loop.time()),
+                    f"no answer in {every:.3g} s" if unanswered else exc,
+                    exc_info=not isinstance(exc, SimpleQueueError | TimeoutError),
                 )
-            await asyncio.sleep(every)
+            await asyncio.sleep(max(0.0, due - loop.time()))
 
 
 def _why_gone(held: _Claimed) -> str:
