@@ -59,6 +59,33 @@ async def test_enqueue_with_an_existing_id_returns_it_without_a_second_job(q: Cl
     assert (await q.status())["enqueued"] == 1
 
 
+@pytest.mark.parametrize("job_id", ["order#2", "a?b=1", "a/b", "..", ".", "x%41"])
+async def test_a_job_is_looked_up_by_its_own_id_whatever_its_characters(
+    q: Client, job_id: str
+) -> None:
+    """Ids went into the URL as they were: "order#2" asked for job "order"
+    (and answered its result), "a?b=1", "a/b" and ".." for none."""
+    await q.enqueue({"who": "order"}, id="order")
+    await q.enqueue({"who": job_id}, id=job_id)
+    pending = await q.job(job_id)
+    assert (pending.id, pending.payload) == (job_id, {"who": job_id})
+    job = await q.claim("w1")
+    while job is not None and job.id != job_id:
+        await q.ack(job, result="not this one")
+        job = await q.claim("w1")
+    assert job is not None
+    await q.ack(job, result={"for": job_id})
+    assert await q.result(job_id) == {"for": job_id}
+
+
+async def test_schedules_named_dot_and_dot_dot_are_theirs(q: Client) -> None:
+    for name in (".", ".."):
+        await q.schedule(name, name, every=3600)
+    assert sorted(s.name for s in await q.schedules()) == [".", ".."]
+    await q.unschedule("..")
+    assert [s.name for s in await q.schedules()] == ["."]
+
+
 async def test_enqueue_many_and_claim_many(q: Client) -> None:
     ids = await q.enqueue_many([{"payload": "a", "id": "x1"}, "b", {"payload": {"c": 3}}])
     assert ids[0] == "x1" and len(ids) == 3

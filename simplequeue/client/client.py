@@ -24,6 +24,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -35,6 +36,7 @@ from tenacity import (
     stop_after_delay,
     wait_random_exponential,
 )
+from yarl import URL
 
 from simplequeue import api, errors
 from simplequeue.api import Job
@@ -255,8 +257,11 @@ class Client:
         headers = {"Content-Type": "application/json"} if data is not None else None
         base = self._owner if self._owner and path.startswith("/topics/") else self.url
         try:
+            # `path` is %-encoded already (_segment): sent as it is, not
+            # normalised (an id ".." is no step up).
+            url = URL(base + path, encoded=True)
             async with self._http().request(
-                method, base + path, data=data, timeout=timeout, headers=headers
+                method, url, data=data, timeout=timeout, headers=headers
             ) as response:
                 raw = await response.read()
                 owner = response.headers.get(api.OWNER_HEADER)
@@ -301,6 +306,8 @@ class Client:
     # --- operations ----------------------------------------------------------------
 
     def _t(self, path: str) -> str:
+        """The path of this topic's `path` (whose parts of the user's own, job
+        ids and schedule names, went through _segment)."""
         return f"/topics/{self.topic}{path}"
 
     async def enqueue(
@@ -475,7 +482,7 @@ class Client:
         while True:
             started = loop.time()
             step = min(max(0.0, deadline - started), WAIT_PER_REQUEST)
-            path = self._t(f"/jobs/{job_id}") + (f"?wait={step:.3f}" if step > 0 else "")
+            path = self._t(f"/jobs/{_segment(job_id)}") + (f"?wait={step:.3f}" if step > 0 else "")
             _, got, _ = await self.call("GET", path, answer, wait=step, expected=_MISSING)
             now = loop.time()
             if (got is not None and status(got) in FINISHED) or now >= deadline:
@@ -545,14 +552,15 @@ class Client:
         body = api.ScheduleRequest(
             payload, every=every, cron=cron, tz=tz, priority=priority, max_attempts=max_attempts
         )
-        return await self.request("PUT", self._t(f"/schedules/{name}"), api.Schedule, body)
+        path = self._t(f"/schedules/{_segment(name)}")
+        return await self.request("PUT", path, api.Schedule, body)
 
     async def schedules(self) -> list[api.Schedule]:
         return (await self.request("GET", self._t("/schedules"), api.Schedules)).schedules
 
     async def unschedule(self, name: str) -> None:
         """Delete the schedule `name`; ScheduleNotFound if there is none."""
-        await self.request("DELETE", self._t(f"/schedules/{name}"), api.Unscheduled)
+        await self.request("DELETE", self._t(f"/schedules/{_segment(name)}"), api.Unscheduled)
 
     async def settings(self, **limits: Any) -> dict[str, Any]:
         """The topic's settings (rate, burst, max_claimed, lease, max_attempts);
@@ -603,3 +611,11 @@ def _error_of(raw: bytes) -> api.Error | None:
 def _snippet(raw: bytes) -> str:
     text = raw[:200].decode(errors="replace").strip()
     return text or "(empty body)"
+
+
+def _segment(text: str) -> str:
+    """`text` (a job id, a schedule name: any printable text) as one segment of
+    a URL's path: "#", "?", "/" and the rest %-encoded, and "." or ".." too,
+    which a URL would otherwise take for steps in the path."""
+    quoted = quote(text, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
