@@ -212,6 +212,21 @@ def test_dead_limit_drops_the_oldest_and_counts_them() -> None:
     assert s.head["counters"]["dead_dropped"] == 2
 
 
+def test_a_dead_job_dropped_over_the_limit_keeps_its_record_as_a_purged_one_does() -> None:
+    """Dropped, it left no record: within retention its id was unknown to
+    lookups and admitted again (SPEC 3)."""
+    s = fresh(dead_limit=1, retention=3600)
+    s.enqueue([JobSpec(i, id=str(i), max_attempts=1) for i in range(2)], T0)
+    for job in s.claim("w", None, 2, T0):
+        s.nack(job["id"], job["lease_token"], 0, "boom", T0)
+    assert ids(s.dead_jobs()) == ["1"]
+    found = s.find("0")
+    assert found is not None and found[0] == "dead"
+    [again] = s.enqueue([JobSpec("again", id="0")], T0 + 1)
+    assert again["duplicate"] is True
+    assert s.counts(T0 + 1)["pending"] == 0
+
+
 def test_pending_spills_into_segments_and_claims_follow_them_in_order() -> None:
     s = fresh(inline_pending_bytes=2000)
     n = 0

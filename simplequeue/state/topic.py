@@ -489,7 +489,7 @@ class TopicState(Layout):
             self.dead.append(job)
             self._noted(job["id"])
             self.head["counters"]["dead"] += 1
-            self._enforce_dead_limit()
+            self._enforce_dead_limit(now)
             return "dead"
         job["run_at"] = run_at
         self._push_pending(job)
@@ -626,10 +626,14 @@ class TopicState(Layout):
                 self._retain(job, "dead", now)
         return taken
 
-    def _enforce_dead_limit(self) -> None:
+    def _enforce_dead_limit(self, now: float) -> None:
+        """Past --dead-limit the oldest dead jobs are dropped, and counted; each
+        keeps its record, as a purged one does (for lookups and duplicates)."""
         dead = self.dead
         while dead.count > self.policy.dead_limit:
-            dead.pop_front()
+            dropped = dead.pop_front()
+            if dropped is not None:
+                self._retain(dropped, "dead", now)
             self.head["counters"]["dead_dropped"] += 1
             self._inline_ids = None
 
