@@ -25,7 +25,7 @@ from simplequeue.objstore import ObjectStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from simplequeue.state.slots import latest_at, next_after
-from tests.helpers.states import fresh, reread
+from tests.helpers.states import fresh, reread, seal
 from tests.test_ownership import cluster, owner_of
 
 T0 = 1_000_000.0  # a multiple of 10
@@ -130,6 +130,41 @@ def test_next_due_is_the_sooner_of_a_lease_expiry_and_a_slot() -> None:
     assert s.next_due() == T0 + 5
     s.tend(T0 + 6)
     assert s.next_due() == T0 + 10
+
+
+def test_in_a_fall_backs_repeated_hour_slots_are_never_in_the_past() -> None:
+    """On the day Berlin's clocks go back, 02:xx comes twice (CEST, then CET);
+    in the second pass cronsim answered slots of the first, already past."""
+    twice_at_two = {"cron": "15,45 2 * * *", "tz": "Europe/Berlin"}
+    second_pass = utc(2024, 10, 27, 1, 20)  # 02:20 CET
+    assert next_after(twice_at_two, second_pass) == utc(2024, 10, 28, 1, 15)  # was 00:45 UTC
+    assert latest_at(twice_at_two, second_pass) == utc(2024, 10, 27, 0, 45)  # 02:45 CEST
+    s = fresh()
+    made = s.put_schedule("tick", ScheduleRequest(1, **twice_at_two), second_pass)
+    assert made["next_at"] > second_pass
+
+
+def test_an_owner_tending_through_a_fall_back_fires_each_slot_once() -> None:
+    """Down over the first pass of the repeated hour, the owner fired the
+    first pass's slots again in the second, and left next_at in the past (a
+    head written at every tend)."""
+    s = fresh(retention=1200)  # a slot fired twice after its record went: a second job
+    now, down = utc(2024, 10, 26, 12), (utc(2024, 10, 27, 0, 40), utc(2024, 10, 27, 1, 5))
+    s.put_schedule("tick", ScheduleRequest(1, cron="15,45 2 * * *", tz="Europe/Berlin"), now)
+    fired: list[str] = []
+    behind = 0
+    for write in range(1, 15 * 60):
+        now += 60
+        if down[0] <= now < down[1]:
+            continue
+        if s.tend(now)["fired"]:
+            fired.append(s.schedules()["tick"]["last_slot"])
+        behind += s.schedules()["tick"]["next_at"] <= now
+        for job in s.claim("w", 30, 10, now):
+            s.ack(job["id"], job["lease_token"], None, now)
+        seal(s, f"{write:012d}", now)  # drops records past retention
+    assert len(fired) == len(set(fired)) == 2
+    assert behind == 0
 
 
 def test_after_downtime_only_the_latest_missed_slot_fires() -> None:

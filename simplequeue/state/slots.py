@@ -7,7 +7,9 @@ Slots are whole Unix seconds, so that a slot names the same job
 multiples of N since the Unix epoch (every: 3600 fires on the hour, UTC), so
 they do not depend on when the schedule was made either. Cron is evaluated by
 cronsim (Debian cron's rules, daylight saving handled: a time that a spring
-shift skips fires once at the first time after it, a repeated one once).
+shift skips fires once at the first time after it, a repeated one once, in
+its first pass; slots cronsim answers before the time asked are skipped, as
+it reads a time in a fall-back's second pass as the first).
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def _zone(tz: str | None) -> ZoneInfo:
         raise InvalidRequest(f"unknown time zone {tz!r}") from None
 
 
+# How many slots a search steps through, at most, to leave a daylight-saving
+# fall-back's repeated hour (a slot a minute: 60) before it gives up.
+_STEPS = 1_000
+
+
 def next_after(schedule: dict[str, Any], t: float) -> int | None:
     """The first slot strictly after `t` (None: a cron that never comes again)."""
     every: int | None = schedule.get("every")
@@ -70,9 +77,15 @@ def next_after(schedule: dict[str, Any], t: float) -> int | None:
         return (math.floor(t) // every + 1) * every
     start = datetime.fromtimestamp(math.floor(t), _zone(schedule.get("tz")))
     try:
-        return int(next(CronSim(schedule["cron"], start)).timestamp())
-    except (StopIteration, CronSimError):
-        return None
+        # In the second pass of a fall-back's repeated hour, cronsim reads the
+        # start as the first pass and answers slots that are already past:
+        # skipped, so that no slot comes twice.
+        for _, slot in zip(range(_STEPS), CronSim(schedule["cron"], start), strict=False):
+            if slot.timestamp() > t:
+                return int(slot.timestamp())
+    except CronSimError:
+        pass
+    return None
 
 
 def latest_at(schedule: dict[str, Any], t: float) -> int | None:
@@ -82,7 +95,23 @@ def latest_at(schedule: dict[str, Any], t: float) -> int | None:
         return math.floor(t) // every * every
     # Reverse iteration starts strictly before a time without microseconds.
     start = datetime.fromtimestamp(math.floor(t) + 1, _zone(schedule.get("tz")))
+    latest = None
     try:
-        return int(next(CronSim(schedule["cron"], start, reverse=True)).timestamp())
-    except (StopIteration, CronSimError):
+        for _, slot in zip(
+            range(_STEPS), CronSim(schedule["cron"], start, reverse=True), strict=False
+        ):
+            if slot.timestamp() <= t:
+                latest = int(slot.timestamp())
+                break
+    except CronSimError:
+        pass
+    if latest is None:
         return None
+    # Around a fall-back, the reverse walk can land a pass early: step forward
+    # to the last slot that is not after `t`.
+    for _ in range(_STEPS):
+        following = next_after(schedule, latest)
+        if following is None or following > t:
+            break
+        latest = following
+    return latest
