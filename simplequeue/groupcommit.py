@@ -511,9 +511,10 @@ class GroupCommitter:
                 reraise=False,
             )
 
+        deadline = time.monotonic() + s.budget
         try:
             answered = await first_then_retrying(
-                lambda: self._attempt(t, batch, outcomes), retrying
+                lambda: self._attempt(t, batch, outcomes, deadline), retrying
             )
         except RetryError:
             # Objects of failed attempts are left for the orphan sweep: a PUT
@@ -524,7 +525,7 @@ class GroupCommitter:
         return self._outcomes(t, batch, *answered)
 
     async def _attempt(
-        self, t: _Topic, batch: list[_Entry], outcomes: list[_Outcome]
+        self, t: _Topic, batch: list[_Entry], outcomes: list[_Outcome], deadline: float
     ) -> tuple[list[_Entry], list[tuple[bool, Any]]]:
         """One try at writing the batch: the entries it applied and their
         (ok, result or error), once they are final. Raises _LostRace."""
@@ -591,9 +592,8 @@ class GroupCommitter:
             self.stats.ambiguous += isinstance(exc, StoreUnavailable)
             t.state = None
             # Whatever the error said, the head tells whether one of our tries
-            # landed: it keeps our latest write id. If the store is down we
-            # cannot tell, and the batch fails StoreUnavailable.
-            await self._load(t, keep_if_same=False)
+            # landed: it keeps our latest write id.
+            await self._read_back(t, deadline)
             assert t.state is not None
             ours = t.state.head["writers"].get(self.broker_id)
             landed = next((o for o in outcomes if o.write_id == ours), None)
@@ -609,6 +609,29 @@ class GroupCommitter:
         t.etag, t.checked_at = etag, sent_at
         self._keep(sealed.decoded)
         return self._landed(t, outcome, data=data)
+
+    async def _read_back(self, t: _Topic, deadline: float) -> None:
+        """Read the head after a write whose answer is unknown, retrying a store
+        that does not answer until the batch's budget is spent: a blip there
+        must not fail a batch that landed (its callers would take a done pop,
+        say, for undone). If the store stays down, the batch fails
+        StoreUnavailable, saying that it may have landed."""
+        s = self.settings
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(StoreUnavailable),
+            stop=stop_after_delay(max(0.0, deadline - time.monotonic())),
+            wait=wait_random_exponential(multiplier=s.backoff_min, max=s.backoff_max),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._load(t, keep_if_same=False)
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(
+                f"topic {t.name!r}: a write's answer was lost and the head could not be "
+                f"read back ({exc}): it may or may not have landed"
+            ) from exc
 
     def _keep(self, objects: dict[str, Segment | Manifest]) -> None:
         """Objects this broker wrote go into the cache (as its seal decoded

@@ -162,11 +162,11 @@ async def test_failed_write_is_retried_when_the_read_back_shows_it_did_not_land(
 
 async def test_store_outage_answers_unavailable_and_loses_nothing_acknowledged() -> None:
     store = FaultyStore(MemStore())
-    q = engine_on(store)
+    q = engine_on(store, budget=0.3)
     [kept] = await q.enqueue("t", [JobSpec("acknowledged")])
     store.faults = ["fail"]
     store.get_down = True
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailable, match="may or may not have landed"):
         await q.enqueue("t", [JobSpec(2, id="unacknowledged")])
     store.get_down = False
     head = await head_of(store)
@@ -175,6 +175,25 @@ async def test_store_outage_answers_unavailable_and_loses_nothing_acknowledged()
     # and the broker recovers by itself
     await q.enqueue("t", [JobSpec(3, id="after")])
     assert (await q.status("t"))["pending"] == 2
+
+
+async def test_a_landed_write_whose_read_back_meets_a_blip_is_answered_as_landed() -> None:
+    """The write landed, its answer was lost, and the GET that tells whether
+    it landed met the store down for 50 ms: the batch failed StoreUnavailable,
+    and a pop's caller took a job done (completed) for undone."""
+    store = FaultyStore(MemStore())
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec("x", id="j1")])
+
+    async def blip() -> None:
+        store.get_down = True
+        asyncio.get_running_loop().call_later(0.05, setattr, store, "get_down", False)
+
+    store.meanwhile = blip
+    store.faults = ["lose-answer"]
+    [popped] = await q.pop("t", "w")
+    assert popped["id"] == "j1"
+    assert (await head_of(store))["counters"]["completed"] == 1
 
 
 async def test_endless_lost_races_end_in_contended_within_the_budget() -> None:
