@@ -397,6 +397,55 @@ async def test_a_redis_enqueue_the_owner_landed_but_answered_too_late_is_not_don
     assert (await owner.engine.status("t"))["total"] == 3
 
 
+async def test_a_pop_the_owner_did_but_answered_too_late_is_not_done_again(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pop has no id to tell a repeat and no undo: served again by the broker
+    that passed it on, it handed out a second job while the first, completed
+    by the owner, went to nobody (lost). It is answered 503 "may have done"
+    instead, and only the owner's pop is done."""
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    answer_too_late(monkeypatch, owner.engine, "pop")
+    async with aiohttp.ClientSession() as s:
+        for job_id in ("j1", "j2", "j3"):
+            await post(s, f"{owner.url}/topics/t/enqueue", {"id": job_id, "payload": job_id})
+        status, body, _ = await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
+    assert status == 503 and "may have done" in body["error"], body
+    assert (await owner.engine.status("t"))["completed"] == 1
+
+
+async def test_redis_pops_and_acks_the_owner_did_but_answered_too_late_are_not_done_again(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LPOP through a broker whose owner answers too late popped twice (one
+    job lost); XACK answered 0 for an ack that landed."""
+    import redis.asyncio as redis
+    from redis.exceptions import ResponseError
+
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, forward_timeout=0.3, redis_addr="127.0.0.1:0")
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    answer_too_late(monkeypatch, owner.engine, "pop", "ack_many")
+    monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
+    async with Client(owner.url, topic="t") as q:
+        await q.enqueue_many(["a", "b", "c"])
+        claimed = await q.claim("w")
+    assert claimed is not None
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        with pytest.raises(ResponseError, match="may have done"):
+            await r.lpop("t")
+        with pytest.raises(ResponseError, match="may have done"):
+            await r.xack("t", "g", claimed.id)
+    finally:
+        await r.aclose()
+    assert (await owner.engine.status("t"))["completed"] == 2  # one pop, one ack
+
+
 async def test_an_earlier_broker_at_this_address_is_not_taken_for_alive() -> None:
     """A broker SIGKILLed and started again on its port has a new id; its old
     record looked alive for a whole lease, so topics it owned were routed to

@@ -23,7 +23,7 @@ from simplequeue import api, errors
 from simplequeue.api import AckRequest, JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.membership import Membership, Peer
-from simplequeue.errors import BrokerError, NothingToClaim
+from simplequeue.errors import AmbiguousWrite, BrokerError, NothingToClaim
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,13 @@ class Forwarder:
         *,
         wait: float = 0.0,
         content_type: str = "application/json",
+        repeatable: bool = True,
     ) -> Answer | Here:
         """The answer of the first broker in `topic`'s order that answers, or
-        Here when this broker's turn comes first (it serves the request)."""
+        Here when this broker's turn comes first (it serves the request).
+        A request that is not `repeatable` (a pop: no id tells a repeat, and
+        done twice it hands out one job and loses another) is not passed on
+        once a broker got it without answering: AmbiguousWrite."""
         replayed = False
         for peer in self.membership.order(topic):
             if peer == self.me:
@@ -120,6 +124,12 @@ class Forwarder:
             except _Unreachable as exc:
                 self.fallbacks += 1
                 self.membership.suspect(peer.broker_id, self.suspect_for)
+                if exc.sent and not repeatable:
+                    log.warning("%s did not answer for %s (%s)", peer.url, topic, exc)
+                    raise AmbiguousWrite(
+                        f"topic {topic!r}: its owner {peer.url} did not answer ({exc}); "
+                        "it may have done the request, which is not done again here"
+                    ) from None
                 log.warning("%s did not answer for %s (%s): trying the next", peer.url, topic, exc)
                 replayed = replayed or exc.sent
                 continue
@@ -179,12 +189,21 @@ class Router:
         self.forwarder = forwarder
 
     async def _route(
-        self, topic: str, method: str, path: str, body: Any, wait: float = 0.0
+        self,
+        topic: str,
+        method: str,
+        path: str,
+        body: Any,
+        wait: float = 0.0,
+        repeatable: bool = True,
     ) -> Answer | None:
         if self.forwarder.membership.owns(topic):
             return None
         data = None if body is None else msgspec.json.encode(body)
-        got = await self.forwarder.route(topic, method, f"/topics/{topic}{path}", data, wait=wait)
+        path = f"/topics/{topic}{path}"
+        got = await self.forwarder.route(
+            topic, method, path, data, wait=wait, repeatable=repeatable
+        )
         # Served here: a replay cannot be told over RESP, whose answers are counts.
         return None if isinstance(got, Here) else got
 
@@ -234,7 +253,7 @@ class Router:
         self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
     ) -> list[dict[str, Any]]:
         body = api.ClaimRequest(worker_id, wait=wait, count=count)
-        got = await self._route(topic, "POST", "/pop", body, wait)
+        got = await self._route(topic, "POST", "/pop", body, wait, repeatable=False)
         if got is None:
             return await self.engine.pop(topic, worker_id, count=count, wait=wait)
         if got.status == NothingToClaim.http_status:
@@ -250,7 +269,9 @@ class Router:
             _decode(got, dict[str, Any])
 
     async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]:
-        got = await self._route(topic, "POST", "/ack", api.AckBatch(acks))
+        # Not repeated: done here after an owner that did it, an ack answers
+        # conflict, and a pop (BLPOP on several keys) would not hand its job out.
+        got = await self._route(topic, "POST", "/ack", api.AckBatch(acks), repeatable=False)
         if got is None:
             return await self.engine.ack_many(topic, acks)
         return _decode(got, dict[str, list[dict[str, Any]]])["results"]

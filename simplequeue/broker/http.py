@@ -290,7 +290,14 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         # Ids go with it, so that a broker that serves it after one that did not
         # answer (and may have done it) serves the same jobs: duplicates there.
         call.body = body = _with_ids(body)
-    got = await forwarder.route(topic, request.method, request.path_qs, body or None, wait=wait)
+    got = await forwarder.route(
+        topic,
+        request.method,
+        request.path_qs,
+        body or None,
+        wait=wait,
+        repeatable=name != "pop",  # done twice, one job handed out, another lost
+    )
     if isinstance(got, Here):  # its owner, or the next when those before did not answer
         try:
             response = await handler(call)
