@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from simplequeue import keys
-from simplequeue.api import REPLAYED_HEADER, Job
+from simplequeue.api import REPLAYED_HEADER, Job, JobSpec
 from simplequeue.broker.membership import Membership, rendezvous
 from simplequeue.client import Client
 from simplequeue.objstore import ObjectStore
@@ -211,6 +211,37 @@ async def test_a_broker_that_takes_topics_over_reaps_their_leases(
             await later.committer.wait_changed("t", 0.1)
         assert (await q.job("j")).status == "pending"
     assert later.duties.acquired >= 1
+
+
+async def test_leases_a_leaving_broker_wrote_before_it_saw_the_owner_are_reaped(
+    start_broker: StartBroker,
+) -> None:
+    """A rolling restart: B starts and owns t, but A, which has not seen B
+    yet, serves a claim on t, then leaves. B owned t all along, so it never
+    read t again: the lease only A knew of was reaped by no broker (until
+    something touched t)."""
+    store = MemStore()
+    a = await start_broker(store, broker_id="A")
+    topic = next(
+        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "B") > rendezvous(t, "A")
+    )
+    await a.engine.enqueue(topic, [JobSpec("p", id="j")])
+    b = await start_broker(store, broker_id="B")
+    await b.membership.step()
+    async with asyncio.timeout(10):  # B has read t, as it took its topics over
+        await b.duties.taken_over.wait()
+    assert b.duties.acquired >= 1
+    assert b.membership.owns(topic) and a.membership.owns(topic)  # A has not seen B
+    [claimed] = await a.engine.claim(topic, "w", lease=0.3)
+    await a.stop()
+    await b.membership.step()  # A is gone
+    for _ in range(100):  # the lease runs out; the owner's duties wake for it
+        if b.duties.reaped:
+            break
+        await b.committer.wait_changed(topic, 0.1)
+    status = await b.engine.status(topic)
+    assert (status["claimed"], status["pending"], b.duties.reaped) == (0, 1, 1)
+    assert claimed["id"] == "j"
 
 
 class Counting(MemStore):

@@ -7,8 +7,10 @@ Reaping is driven by the lease expiries this broker knows, never by re-reading
 every head: every write of this broker that lands says when the topic's next
 lease may run out or schedule slot comes (TopicState.next_due), and a broker
 that takes topics over (it started, or the live brokers changed) reads each
-head it newly owns once. An idle broker makes no store request here, however
-many topics the store holds. A topic that is due but owned by another broker
+head it newly owns once, and every head it owns when a broker left (one that
+had not seen it yet may have written leases there that only it knew of). An
+idle broker makes no store request here, however many topics the store
+holds. A topic that is due but owned by another broker
 (this one served it while the owner did not answer) is handed to its owner,
 who reads it again; if the owner does not answer, this broker tends it
 itself: the head's conditional write keeps that correct (a schedule's slot
@@ -73,6 +75,9 @@ class Duties:
         self._written: dict[str, float] = {}  # topic -> monotonic time of this broker's last write
         self._wake = asyncio.Event()
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
+        # Set while no take-over is pending: the heads of the live brokers'
+        # latest view that this broker had to read were read.
+        self.taken_over = asyncio.Event()
         self.reaped = 0
         self.delivered = 0  # follow-ups enqueued into their topics
         self.fired = 0  # jobs enqueued by schedules
@@ -116,9 +121,11 @@ class Duties:
 
     def view_changed(self, old: tuple[Peer, ...], new: tuple[Peer, ...]) -> None:
         """The live brokers changed: the topics this broker now owns and did not
-        before are read once, for their leases."""
+        before are read once, for their leases; when a broker left, every topic
+        this broker owns is."""
         first = old if self._acquire is None else self._acquire[0]
         self._acquire = (first, new)
+        self.taken_over.clear()
         me = self.membership.me
         # What this broker held of topics it no longer owns goes: the new owner
         # writes them, and a state kept here would only lose races later.
@@ -128,6 +135,7 @@ class Duties:
     def start_owning(self) -> None:
         """At start-up: every topic this broker owns is taken over."""
         self._acquire = ((), self.membership.live)
+        self.taken_over.clear()
         self._wake.set()
 
     # --- the loop --------------------------------------------------------------------
@@ -262,7 +270,12 @@ class Duties:
             self._acquire = None
         else:  # the view changed again meanwhile: take over from `old` to the newest
             self._acquire = (old, self._acquire[1])
-        mine = [t for t in names if _owner(t, new) == me and _owner(t, old) != me]
+        departed = {p.broker_id for p in old} - {p.broker_id for p in new}
+        # Newly owned topics are read once. So, when a broker left, are all
+        # the others this broker owns: one that had not yet seen this broker
+        # took itself for their owner and may have written leases and
+        # schedules there that only it knew of (a rolling restart).
+        mine = [t for t in names if _owner(t, new) == me and (departed or _owner(t, old) != me)]
         limit = asyncio.Semaphore(ACQUIRE_PARALLEL)
 
         async def look(topic: str) -> None:
@@ -283,6 +296,8 @@ class Duties:
         await asyncio.gather(*(look(t) for t in mine))
         if mine:
             log.info("took over %d topics", len(mine))
+        if self._acquire is None:
+            self.taken_over.set()
 
     async def _sweep(self) -> None:
         """Sweep the topics this broker owns and wrote within two sweeps (an
