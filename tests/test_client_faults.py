@@ -39,6 +39,22 @@ async def prompt(call: Awaitable[Any]) -> Any:
     return await asyncio.wait_for(call, PROMPT)
 
 
+async def test_a_request_left_unanswered_is_tried_again_with_the_default_budget(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """The retry budget was 30 s, as was the timeout: a first try that timed
+    out had spent the budget, and no retry followed, whatever the docs say."""
+    async with Client("http://127.0.0.1:9", timeout=45) as slow:
+        assert slow.retry_budget > slow.timeout  # it was 30 s, whatever the timeout
+    broker = await start_broker(MemStore())
+    async with FaultProxy(broker.url).running() as proxy:
+        proxy.fail("/status", "silent")
+        async with Client(proxy.url, topic="t", timeout=0.5) as q:
+            counts = await prompt(q.status())
+    assert counts["pending"] == 0
+    assert proxy.requests["/topics/t/status"] == 2
+
+
 # --- enqueue ----------------------------------------------------------------------------
 
 

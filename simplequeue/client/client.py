@@ -3,7 +3,8 @@
 It never waits for ever and never takes a failure for success, whatever the
 broker or anything between them answers:
 - connection failures, timeouts, bodies cut short and 502/503/504 answers are
-  retried with tenacity (bounded, jittered); a client made by `discover`
+  retried with tenacity (bounded, jittered: `retries` tries, each started
+  within `retry_budget`, by default twice `timeout`); a client made by `discover`
   re-reads broker.json when its broker stops answering;
 - every other failure raises an error of simplequeue.errors: the class the
   broker's status stands for (errors.for_status), or BrokerError with the
@@ -101,7 +102,7 @@ class Client:
         token: str | None = None,
         timeout: float = 30.0,
         retries: int = 5,
-        retry_budget: float = 30.0,
+        retry_budget: float | None = None,
         store: ObjectStore | None = None,
         max_age: float = 30.0,
     ) -> None:
@@ -112,7 +113,9 @@ class Client:
         self.token = token
         self.timeout = timeout
         self.retries = retries
-        self.retry_budget = retry_budget
+        # Retries start within this many seconds of a call's start. Twice the
+        # timeout by default, so that a try that timed out is tried again.
+        self.retry_budget = 2 * timeout if retry_budget is None else retry_budget
         self.store = store
         self.max_age = max_age
         self._session: aiohttp.ClientSession | None = None

@@ -33,7 +33,7 @@ class SyncClient:
         token: str | None = None,
         timeout: float = 30.0,
         retries: int = 5,
-        retry_budget: float = 30.0,
+        retry_budget: float | None = None,
         store: ObjectStore | None = None,
         max_age: float = 30.0,
     ) -> None:

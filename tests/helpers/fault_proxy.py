@@ -17,9 +17,10 @@ HTML = "<html><body><h1>Bad Gateway</h1></body></html>"
 # Faults: "404", "409", "500", "502", "503", "504" (that status with an HTML
 # page, answered by the proxy: the broker never sees the request); "landed-502"
 # (forwarded, then 502); "html" (200, HTML); "cut" (forwarded, then half the
-# body and the connection closed).
+# body and the connection closed); "silent" (never answered, never forwarded:
+# held until the proxy stops).
 PAGES = {"404", "409", "500", "502", "503", "504"}
-FAULTS = {*PAGES, "landed-502", "html", "cut"}
+FAULTS = {*PAGES, "landed-502", "html", "cut", "silent"}
 
 
 class FaultProxy:
@@ -31,6 +32,7 @@ class FaultProxy:
         self.requests: collections.Counter[str] = collections.Counter()
         self.arrived = asyncio.Event()  # set by every request
         self._session: aiohttp.ClientSession | None = None
+        self._stopping = asyncio.Event()  # releases the requests held "silent"
 
     def fail(self, suffix: str, *faults: str) -> None:
         """The next requests whose path ends with `suffix` meet `faults`, in order."""
@@ -51,6 +53,9 @@ class FaultProxy:
             return web.Response(status=int(fault), text=HTML, content_type="text/html")
         if fault == "html":
             return web.Response(status=200, text=HTML, content_type="text/html")
+        if fault == "silent":
+            await self._stopping.wait()
+            return web.Response(status=504, text=HTML, content_type="text/html")
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host",)}
         async with self._session.request(
@@ -88,5 +93,6 @@ class FaultProxy:
         try:
             yield self
         finally:
+            self._stopping.set()
             await runner.cleanup()
             await self._session.close()
