@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -873,6 +874,61 @@ async def test_heartbeats_go_on_after_a_failure_that_is_not_the_sdks(
         await run_until(worker, broker, lambda: _completed(q, 1))
         job = await q.job(job_id)
     assert (job.status, job.attempts, runs) == ("completed", 1, 1)
+
+
+TWO_WORKERS_AND_SIGTERM = """
+import asyncio, os, signal, sys
+from simplequeue.client import Client, Worker
+
+async def main(url, own_handler):
+    loop = asyncio.get_running_loop()
+    told = asyncio.Event()
+    if own_handler:
+        loop.add_signal_handler(signal.SIGTERM, told.set)
+    clients = [Client(url, topic=t) for t in ("a", "b")]
+    workers = [Worker(q, lambda job: None, wait=0.2) for q in clients]
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    await asyncio.sleep(0)  # both run(): their signal handling is set up
+    os.kill(os.getpid(), signal.SIGTERM)
+    if own_handler:
+        await asyncio.wait_for(told.wait(), 10)  # the application's, not replaced
+        told.clear()
+        for w in workers:
+            await w.stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # still the application's
+        await asyncio.wait_for(told.wait(), 10)
+    else:
+        await asyncio.wait_for(asyncio.gather(*runs), 10)  # every one drains
+    for q in clients:
+        await q.close()
+    print("ok")
+
+asyncio.run(main(sys.argv[1], sys.argv[2] == "own"))
+"""
+
+
+@pytest.mark.parametrize("handler", ["workers", "own"])
+async def test_sigterm_stops_every_worker_of_a_process_and_an_own_handler_is_kept(
+    broker: Any, handler: str
+) -> None:
+    """Each Worker installed its own SIGTERM handler, replacing the one before:
+    only the last Worker drained, and the application's handler was gone."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        TWO_WORKERS_AND_SIGTERM,
+        broker.url,
+        handler,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert (proc.returncode, out.decode().strip()) == (0, "ok"), err.decode()[-2000:]
 
 
 class FirstHeartbeatHangs(Client):

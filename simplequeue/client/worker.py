@@ -21,7 +21,9 @@ cannot store, a body over its --max-body) nacks the job with the error text
 and a jittered exponential backoff (the broker sends it dead when its attempts
 are spent), and is logged with its traceback on the `simplequeue.worker` logger.
 stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed,
-the buffered ones included, is run to its end. Cancellation is never
+the buffered ones included, is run to its end. A signal stops every Worker of
+the event loop; one the application handles itself is left to it (its handler
+calls stop()). Cancellation is never
 swallowed: only a handler cancelled because its heartbeat found the lease lost
 (or the job cancelled, POST /cancel) is handled here, and such a job is
 neither acked nor nacked: it is no longer this worker's.
@@ -258,12 +260,8 @@ class Worker:
         """Claim and process until stop() or a signal; then drain and return."""
         self._done.clear()
         loop = asyncio.get_running_loop()
-        installed = []
         if self.handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, self._on_signal)
-                    installed.append(sig)
+            _signals.join(loop, self)
         try:
             await self._claim_loop()
         finally:
@@ -274,8 +272,7 @@ class Worker:
             for held in list(self._acking):  # their callbacks may not have run yet
                 self._acking.discard(held)
                 await self._stop_beats(held)
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+            _signals.leave(loop, self)
             self._done.set()
 
     def _on_signal(self) -> None:
@@ -652,6 +649,61 @@ class Worker:
                     exc_info=not isinstance(exc, SimpleQueueError | TimeoutError),
                 )
             await asyncio.sleep(max(0.0, due - loop.time()))
+
+
+class _Signals:
+    """SIGTERM and SIGINT stop every Worker running on an event loop: one
+    handler per signal and loop, installed when the first Worker starts and
+    removed when the last returns. A signal the application handles already
+    (its own handler, or SIG_IGN) is left to it: it calls stop() itself."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self._workers: dict[asyncio.AbstractEventLoop, set[Worker]] = {}
+        self._installed: dict[asyncio.AbstractEventLoop, list[signal.Signals]] = {}
+
+    def join(self, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+        if loop not in self._workers:
+            installed = []
+            for sig in self.SIGNALS:
+                if _handled_already(sig):
+                    log.info("%s has a handler already: it is left to it", sig.name)
+                    continue
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, self._stop_all, loop)
+                    installed.append(sig)
+            self._workers[loop], self._installed[loop] = set(), installed
+        self._workers[loop].add(worker)
+
+    def leave(self, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+        workers = self._workers.get(loop)
+        if workers is None:
+            return
+        workers.discard(worker)
+        if not workers:
+            del self._workers[loop]
+            for sig in self._installed.pop(loop):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+
+    def _stop_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        for worker in list(self._workers.get(loop, ())):
+            worker._on_signal()
+
+
+def _handled_already(sig: signal.Signals) -> bool:
+    """Whether the application has its own handler for `sig` (or ignores it).
+    Python's default SIGINT handler, and asyncio.run()'s, are no one's."""
+    current = signal.getsignal(sig)
+    if current in (signal.SIG_DFL, signal.default_int_handler, None):
+        return False
+    while isinstance(current, functools.partial):  # asyncio.run()'s is one
+        current = current.func
+    return not isinstance(getattr(current, "__self__", None), asyncio.Runner)
+
+
+_signals = _Signals()
 
 
 def _why_gone(held: _Claimed) -> str:
