@@ -367,7 +367,10 @@ async def test_a_broker_killed_mid_run_never_makes_a_slot_fire_twice(
     slots = slots_of(seen)
     assert [n for n in Counter(slots).values() if n > 1] == []
     assert slots == sorted(slots) and len(slots) >= 5
-    assert counts["enqueued"] == len(slots) == counts["completed"]
+    assert counts["completed"] == len(slots)
+    # A slot may fire after the last claim and before the status is read (it
+    # made this test flaky): not yet seen, not a second job.
+    assert 0 <= counts["enqueued"] - counts["completed"] <= 1 + counts["claimed"]
 
 
 async def test_a_broker_that_takes_topics_over_fires_their_schedules(
