@@ -95,6 +95,15 @@ async def test_enqueue_many_and_claim_many(q: Client) -> None:
     assert [r["status"] for r in results] == ["completed"] * 3
 
 
+async def test_enqueue_many_refuses_a_job_with_a_key_it_does_not_know(q: Client) -> None:
+    """A dict with "payload" lost its other keys (a typo such as "priorty"
+    too) and was enqueued without them."""
+    with pytest.raises(InvalidRequest, match=r"job 1: .*unknown field `priorty`"):
+        await q.enqueue_many(["a", {"payload": "b", "priorty": 5}])
+    assert (await q.status())["pending"] == 0
+    assert await q.enqueue_many([]) == []  # was a malformed request
+
+
 async def test_delay_is_respected(q: Client) -> None:
     await q.enqueue("later", delay=60)
     assert await q.claim("w") is None

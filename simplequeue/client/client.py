@@ -355,20 +355,13 @@ class Client:
         return many.ids
 
     async def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
-        """Enqueue a batch in one request. Items are payloads, or dicts with a
-        "payload" key and optional id/priority/delay/max_attempts."""
-        specs = [
-            _spec(
-                j["payload"],
-                j.get("id"),
-                j.get("priority", 0),
-                j.get("delay", 0),
-                j.get("max_attempts"),
-            )
-            if isinstance(j, dict) and "payload" in j
-            else _spec(j, None, 0, 0, None)
-            for j in jobs
-        ]
+        """Enqueue a batch in one request (none: no request, []). Items are
+        payloads, or dicts with a "payload" key and optional id, priority,
+        delay and max_attempts: any other key is InvalidRequest (a payload
+        that is itself such a dict goes as {"payload": {...}})."""
+        specs = [_spec_of(n, j) for n, j in enumerate(jobs)]
+        if not specs:
+            return []
         return await self._enqueue_batch(specs)
 
     async def claim(
@@ -589,6 +582,17 @@ def _ack_request(ack: AckItem) -> api.AckRequest:
     return api.AckRequest(
         *_job_or_id(job), result, enqueue=follow_up_specs(follow[0] if follow else None)
     )
+
+
+def _spec_of(index: int, item: Any) -> api.JobSpec:
+    """Item `index` of enqueue_many: a payload, or a job's fields (strictly)."""
+    if not (isinstance(item, dict) and "payload" in item):
+        return _spec(item, None, 0, 0, None)
+    try:
+        spec = api.convert(item, api.JobSpec)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"job {index}: {exc}") from None
+    return _spec(spec.payload, spec.id, spec.priority, spec.delay, spec.max_attempts)
 
 
 def _spec(
