@@ -211,6 +211,29 @@ async def test_a_retried_ack_whose_first_try_landed_enqueues_its_follow_ups_once
         assert (await after.status())["enqueued"] == 1
 
 
+async def test_retried_batch_acks_cancels_and_requeues_whose_first_try_landed_say_done(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """The first try of each landed and its answer was lost (a 502 after the
+    broker): the retry found the work done and said it was not (acks
+    "conflict", cancel "not_found", requeue nothing)."""
+    proxy, through, direct = proxied
+    ids = await direct.enqueue_many(["a", "b", "c"])
+    claimed = await direct.claim_many("w", 2)
+    proxy.fail("/ack", "landed-502")
+    acked = await prompt(through.ack_many([(job, "done") for job in claimed]))
+    assert [(r["id"], r["status"]) for r in acked] == [(j.id, "completed") for j in claimed]
+    proxy.fail("/cancel", "landed-502")
+    assert await prompt(through.cancel([ids[2]])) == {"cancelled": [ids[2]], "not_found": []}
+    [dead] = await direct.enqueue_many([{"payload": "d", "max_attempts": 1}])
+    job = await direct.claim("w")
+    assert job is not None and job.id == dead
+    assert await direct.nack(job) == "dead"
+    proxy.fail("/requeue", "landed-502")
+    assert await prompt(through.requeue([dead])) == [dead]
+    assert proxy.requests["/topics/t/ack"] == proxy.requests["/topics/t/requeue"] == 2
+
+
 async def test_ack_that_keeps_failing_raises_instead_of_returning(
     proxied: tuple[FaultProxy, Client, Client],
 ) -> None:

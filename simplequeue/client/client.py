@@ -408,10 +408,28 @@ class Client:
         ({"id", "status", "error"?}). An ack is (job, result), or (job, result,
         follow-ups) with follow-ups as `ack` takes them."""
         body = [_ack_request(ack) for ack in acks]
-        answer = await self.request("POST", self._t("/ack"), api.AckedBatch, api.AckBatch(body))
+        _, answer, repeated = await self.call(
+            "POST", self._t("/ack"), api.AckedBatch, api.AckBatch(body)
+        )
+        assert answer is not None  # nothing is `expected`: a 2xx, or raised
         if len(answer.results) != len(body):
             raise BrokerError(f"{len(answer.results)} answers for {len(body)} acks")
-        return [msgspec.structs.asdict(r) for r in answer.results]
+        results = [msgspec.structs.asdict(r) for r in answer.results]
+        if repeated:  # a retry whose first try may have landed: as ack() does
+            for result in results:
+                if result["status"] == "conflict" and await self._is(result["id"], "completed"):
+                    result["status"] = "completed"
+                    result.pop("error", None)
+        return results
+
+    async def _is(self, job_id: str | None, status: str) -> bool:
+        """Whether job `job_id` is `status` now (after a repeated request)."""
+        if job_id is None:
+            return False
+        try:
+            return (await self.job(job_id)).status == status
+        except JobNotFound:
+            return False
 
     async def nack(self, job: Job | str, delay: float = 0, error: str | None = None) -> str:
         """Give a job back: pending again after `delay` s, or dead when spent.
@@ -511,8 +529,15 @@ class Client:
         return (await self.request("GET", self._t("/dead"), api.DeadJobs)).jobs
 
     async def requeue(self, job_ids: list[str] | None = None) -> list[str]:
+        """Dead jobs (those named, or all) back to pending; the ids requeued."""
         body = api.JobIdsRequest(job_ids)
-        return (await self.request("POST", self._t("/requeue"), api.Requeued, body)).requeued
+        _, answer, repeated = await self.call("POST", self._t("/requeue"), api.Requeued, body)
+        assert answer is not None
+        requeued = list(answer.requeued)
+        if repeated and job_ids is not None:  # a retry whose first try landed
+            missing = [i for i in dict.fromkeys(job_ids) if i not in set(requeued)]
+            requeued += [i for i in missing if await self._is(i, "pending")]
+        return requeued
 
     async def purge(self, job_ids: list[str] | None = None) -> list[str]:
         body = api.JobIdsRequest(job_ids)
@@ -529,8 +554,16 @@ class Client:
         holders' next heartbeat or ack raises JobCancelled). Answers
         {"cancelled": [...], "not_found": [...]} (finished or unknown)."""
         body = api.CancelRequest(list(job_ids))
-        answer = await self.request("POST", self._t("/cancel"), api.Cancelled, body)
-        return {"cancelled": answer.cancelled, "not_found": answer.not_found}
+        _, answer, repeated = await self.call("POST", self._t("/cancel"), api.Cancelled, body)
+        assert answer is not None
+        cancelled, not_found = list(answer.cancelled), []
+        for job_id in answer.not_found:
+            # A retry whose first try landed finds its jobs cancelled already.
+            if repeated and await self._is(job_id, "cancelled"):
+                cancelled.append(job_id)
+            else:
+                not_found.append(job_id)
+        return {"cancelled": cancelled, "not_found": not_found}
 
     async def schedule(
         self,
