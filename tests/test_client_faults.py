@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from simplequeue.client import Client
-from simplequeue.errors import BrokerError, BrokerUnavailable, LeaseLost
+from simplequeue.errors import BrokerError, BrokerUnavailable, LeaseLost, ScheduleNotFound
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.fault_proxy import FaultProxy
 
@@ -211,12 +211,13 @@ async def test_a_retried_ack_whose_first_try_landed_enqueues_its_follow_ups_once
         assert (await after.status())["enqueued"] == 1
 
 
-async def test_retried_batch_acks_cancels_and_requeues_whose_first_try_landed_say_done(
+async def test_retried_acks_cancels_requeues_and_unschedules_whose_first_try_landed_say_done(
     proxied: tuple[FaultProxy, Client, Client],
 ) -> None:
     """The first try of each landed and its answer was lost (a 502 after the
     broker): the retry found the work done and said it was not (acks
-    "conflict", cancel "not_found", requeue nothing)."""
+    "conflict", cancel "not_found", requeue nothing, unschedule
+    ScheduleNotFound)."""
     proxy, through, direct = proxied
     ids = await direct.enqueue_many(["a", "b", "c"])
     claimed = await direct.claim_many("w", 2)
@@ -232,6 +233,12 @@ async def test_retried_batch_acks_cancels_and_requeues_whose_first_try_landed_sa
     proxy.fail("/requeue", "landed-502")
     assert await prompt(through.requeue([dead])) == [dead]
     assert proxy.requests["/topics/t/ack"] == proxy.requests["/topics/t/requeue"] == 2
+    await direct.schedule("nightly", "x", every=86_400)
+    proxy.fail("/schedules/nightly", "landed-502")
+    await prompt(through.unschedule("nightly"))  # raised ScheduleNotFound
+    assert await direct.schedules() == []
+    with pytest.raises(ScheduleNotFound):  # a first try's 404 is still one
+        await prompt(through.unschedule("nightly"))
 
 
 async def test_ack_that_keeps_failing_raises_instead_of_returning(

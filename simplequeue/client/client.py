@@ -52,6 +52,7 @@ from simplequeue.errors import (
     JobFailed,
     JobNotFound,
     LeaseLost,
+    ScheduleNotFound,
     SimpleQueueError,
 )
 from simplequeue.objstore import ObjectStore, store_from_url
@@ -186,21 +187,29 @@ class Client:
         *,
         wait: float = 0.0,
         expected: frozenset[int] = frozenset(),
+        done_if_repeated: type[SimpleQueueError] | None = None,
     ) -> tuple[int, A | None, bool]:
         """(status, answer decoded as `answer`, whether the request may have been
         carried out more than once: it was retried, or a broker passed it on to
         the next when the first did not answer). A status in
         `expected` (404 or 409, whose meaning depends on the call) with the
         API's {"error"} body is returned with no answer instead of raised;
-        every other failure raises."""
+        every other failure raises. `done_if_repeated`: that error, answered to
+        a try that may repeat one that landed (a DELETE's 404), is success."""
         attempts = 0
 
         async def once() -> tuple[int, A | None, bool]:
             nonlocal attempts
             attempts += 1
             status, raw, replayed = await self._send(method, path, body, wait)
-            got = self._answer(status, raw, answer, expected)
-            return status, got, attempts > 1 or replayed
+            repeated = attempts > 1 or replayed
+            try:
+                got = self._answer(status, raw, answer, expected)
+            except SimpleQueueError as exc:
+                if repeated and done_if_repeated is not None and type(exc) is done_if_repeated:
+                    return status, None, True
+                raise
+            return status, got, repeated
 
         def retrying(elapsed: float) -> AsyncRetrying:
             return AsyncRetrying(
@@ -588,8 +597,10 @@ class Client:
         return (await self.request("GET", self._t("/schedules"), api.Schedules)).schedules
 
     async def unschedule(self, name: str) -> None:
-        """Delete the schedule `name`; ScheduleNotFound if there is none."""
-        await self.request("DELETE", self._t(f"/schedules/{_segment(name)}"), api.Unscheduled)
+        """Delete the schedule `name`; ScheduleNotFound if there is none (not
+        when a retried try finds it gone: its first try deleted it)."""
+        path = self._t(f"/schedules/{_segment(name)}")
+        await self.call("DELETE", path, api.Unscheduled, done_if_repeated=ScheduleNotFound)
 
     async def settings(self, **limits: Any) -> dict[str, Any]:
         """The topic's settings (rate, burst, max_claimed, lease, max_attempts);

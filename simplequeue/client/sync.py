@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from simplequeue import api
 from simplequeue.client.client import AckItem, Client
 from simplequeue.client.job import Job
+from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
 
 T = TypeVar("T")
@@ -112,8 +113,19 @@ class SyncClient:
         *,
         wait: float = 0.0,
         expected: frozenset[int] = frozenset(),
-    ) -> tuple[int, A | None, int]:
-        return self._run(self.client.call(method, path, answer, body, wait=wait, expected=expected))
+        done_if_repeated: type[SimpleQueueError] | None = None,
+    ) -> tuple[int, A | None, bool]:
+        return self._run(
+            self.client.call(
+                method,
+                path,
+                answer,
+                body,
+                wait=wait,
+                expected=expected,
+                done_if_repeated=done_if_repeated,
+            )
+        )
 
     def enqueue(
         self,
