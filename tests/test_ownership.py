@@ -16,6 +16,7 @@ import pytest
 
 from simplequeue import keys
 from simplequeue.api import REPLAYED_HEADER, Job, JobSpec
+from simplequeue.broker.duties import DutySettings
 from simplequeue.broker.membership import Membership, rendezvous
 from simplequeue.client import Client
 from simplequeue.objstore import ObjectStore
@@ -190,6 +191,33 @@ async def test_only_the_owner_reaps_and_it_reaps_what_it_was_told_of(
             await owner.committer.wait_changed("t", 0.1)
         assert (await q.job("j")).status == "pending"
     assert owner.duties.reaped == 1 and other.duties.reaped == 0
+
+
+async def test_a_topic_whose_tending_failed_unexpectedly_is_tended_again(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error not of simplequeue's (a bug) in a topic's tending failed the
+    whole round, and the topic left the duties: its leases were reaped by no
+    one."""
+    broker = await start_broker(MemStore(), policy=Policy(default_lease=0.3))
+    monkeypatch.setattr(broker.duties, "settings", DutySettings(retry_failed=0.1))
+    tend, failed = broker.duties.engine.tend, []
+
+    async def tend_broken_once(topic: str) -> Any:
+        if not failed:
+            failed.append(topic)
+            raise RuntimeError("injected: a bug")
+        return await tend(topic)
+
+    monkeypatch.setattr(broker.duties.engine, "tend", tend_broken_once)
+    async with Client(broker.url, topic="t") as q:
+        await q.enqueue("x", id="j")
+        assert await q.claim("w")
+        for _ in range(100):  # the lease runs out; tending fails once, then reaps
+            if broker.duties.reaped:
+                break
+            await broker.committer.wait_changed("t", 0.1)
+    assert (failed, broker.duties.reaped) == (["t"], 1)
 
 
 async def test_a_broker_that_takes_topics_over_reaps_their_leases(

@@ -16,7 +16,8 @@ who reads it again; if the owner does not answer, this broker tends it
 itself: the head's conditional write keeps that correct (a schedule's slot
 included: the write that fires it moves its next slot on).
 
-A supervisor loop: a topic that fails is logged and left, and the loop goes on.
+A supervisor loop: a topic that fails is logged and looked at again in a
+while (retry_failed), and the loop goes on.
 """
 
 from __future__ import annotations
@@ -216,6 +217,12 @@ class Duties:
             return  # logged once by the committer; nothing to do until it is mended
         except SimpleQueueError as exc:
             log.warning("owner duties: tending %s failed (%s); again in a while", topic, exc)
+            self.note(topic, self.clock() + self.settings.retry_failed)
+            return
+        except Exception:
+            # Not ours to expect, but the topic is not dropped from the duties
+            # for it: its leases would be reaped by no one.
+            log.exception("owner duties: tending %s failed; again in a while", topic)
             self.note(topic, self.clock() + self.settings.retry_failed)
             return
         self.note(topic, due)
