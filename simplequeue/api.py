@@ -39,7 +39,8 @@ MAX_ERROR = 4096  # characters of an error message kept with a job
 MAX_DEPTH = 200
 
 # Ids and names: printable, no control characters (they end up in logs and tables).
-_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+# Patterns end in \Z, not $: "$" also matches before a final newline.
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+\Z"
 JobId = Annotated[str, Meta(min_length=1, max_length=256, pattern=_PRINTABLE)]
 WorkerId = Annotated[str, Meta(min_length=1, max_length=256, pattern=_PRINTABLE)]
 LeaseToken = Annotated[str, Meta(min_length=1, max_length=256)]
@@ -51,7 +52,7 @@ Wait = Annotated[float, Meta(ge=0, le=MAX_WAIT)]
 Count = Annotated[int, Meta(ge=1, le=MAX_BATCH)]
 JobIds = Annotated[list[JobId], Meta(max_length=100_000)]
 # Schedules (SPEC 11): a name becomes part of each job id it fires (name@slot).
-SCHEDULE_NAME = r"^[A-Za-z0-9_.-]{1,128}$"
+SCHEDULE_NAME = r"^[A-Za-z0-9_.-]{1,128}\Z"
 Every = Annotated[int, Meta(ge=1, le=366 * 86400)]  # seconds between slots
 Cron = Annotated[str, Meta(min_length=9, max_length=256, pattern=_PRINTABLE)]
 TimeZone = Annotated[str, Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
@@ -60,7 +61,7 @@ Rate = Annotated[float, Meta(gt=0, le=1_000_000)]  # claims per second
 Burst = Annotated[int, Meta(ge=1, le=1_000_000)]  # claims the bucket holds
 MaxClaimed = Annotated[int, Meta(ge=0, le=100_000_000)]  # 0: nothing is claimed (paused)
 
-TopicName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+TopicName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}\Z")]
 
 Status = Literal["pending", "delayed", "claimed", "completed", "dead", "cancelled"]
 
@@ -372,10 +373,10 @@ def decode(raw: bytes, kind: type[T]) -> T:
     """`raw` (a JSON body) as `kind`, or InvalidRequest saying what is wrong."""
     try:
         return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:  # first: it is a DecodeError too
+        raise InvalidRequest(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(str(exc)) from None
 
 
 def convert(value: Any, kind: type[T]) -> T:

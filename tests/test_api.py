@@ -136,6 +136,36 @@ def test_job_specs_are_strict(raw: bytes) -> None:
         api.decode(raw, api.JobSpec)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"payload": 1, "topic": "out\\n"}',  # a follow-up no topic can take
+        b'{"payload": 1, "id": "x\\n"}',
+    ],
+)
+def test_a_name_or_id_ending_in_a_newline_is_refused(raw: bytes) -> None:
+    """The patterns ended in "$", which also matches before a final newline:
+    a follow-up for "out\\n" passed the ack, then clogged the outbox for ever
+    (delivery refuses the name)."""
+    with pytest.raises(InvalidRequest):
+        api.decode(raw, api.FollowUpSpec)
+
+
+def test_a_schedule_name_ending_in_a_newline_is_refused() -> None:
+    with pytest.raises(InvalidRequest):
+        api.check_schedule_name("nightly\n")
+    with pytest.raises(InvalidRequest):
+        api.decode(b'{"worker_id": "w\\n"}', api.ClaimRequest)
+
+
+def test_a_well_formed_body_that_breaks_a_rule_is_not_called_malformed_json() -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        api.decode(b'{"worker_id": "w", "wait": 1000}', api.ClaimRequest)
+    assert "malformed" not in str(refused.value) and "wait" in str(refused.value)
+    with pytest.raises(InvalidRequest, match="malformed JSON"):
+        api.decode(b'{"worker_id": ', api.ClaimRequest)
+
+
 def test_a_batch_is_its_field_and_nothing_else() -> None:
     body = api.decode_either(b'{"jobs": [{"payload": 1}]}', api.JobSpec, api.EnqueueBatch, "jobs")
     assert isinstance(body, api.EnqueueBatch)
