@@ -702,6 +702,19 @@ async def test_an_oversized_request_is_refused_and_nothing_is_enqueued(
     await client.aclose()
 
 
+async def test_a_header_announcing_billions_of_elements_is_refused_and_the_connection_closed(
+    raw: Raw, broker: Broker
+) -> None:
+    """Before any AUTH: hiredis tried to make a list of 4e9 elements and raised
+    MemoryError, which killed the connection's reader unseen: no answer, and
+    the connection held open for ever, even after the client left."""
+    await raw.write(b"*4000000000\r\n")
+    assert (await raw.rest()).startswith(b"-ERR Protocol error: request larger than")
+    client = connect(broker)
+    assert await client.ping()
+    await client.aclose()
+
+
 # --- auth ------------------------------------------------------------------------------
 
 

@@ -103,6 +103,8 @@ class Connection:
             pass  # the client went away
         except RespError as exc:
             await frames.put(exc)
+        except Exception:  # not expected: the connection ends, it does not hang
+            log.exception("RESP connection %s: reading its requests failed", self.id)
         self.hangup.set()
         await frames.put(None)
 

@@ -119,6 +119,8 @@ class Requests:
                     return None
                 if self.buffer[0] != ord("*"):
                     raise RespError("ERR", "Protocol error: expected '*', an array of bulk strings")
+            if self.fed == 0:
+                self._check_count()
             if self.fed < len(self.buffer):
                 self.parser.feed(bytes(self.buffer[self.fed :]))
                 self.fed = len(self.buffer)
@@ -129,9 +131,19 @@ class Requests:
                     self.parser, self.fed = hiredis.Reader(), 0
                     continue
                 raise RespError("ERR", f"Protocol error: {exc}") from None
+            except Exception as exc:  # MemoryError, say: the connection cannot go on
+                raise RespError("ERR", f"Protocol error: {type(exc).__name__}") from None
             if frame is False:
                 return None
             return self._consume(frame)
+
+    def _check_count(self) -> None:
+        """Refuse a request whose header announces more elements than its size
+        limit can hold (each takes at least 4 bytes), before the parser makes
+        room for them: "*4000000000" asked hiredis for a 32 GB list."""
+        end = self.buffer.find(b"\r\n", 0, 24)
+        if end > 1 and self.buffer[1:end].isdigit() and int(self.buffer[1:end]) > self.limit // 4:
+            raise RespError("ERR", f"Protocol error: request larger than {self.limit} bytes")
 
     def _skip_blank_lines(self) -> None:
         blank = len(self.buffer) - len(self.buffer.lstrip(b"\r\n"))
