@@ -463,6 +463,24 @@ async def test_with_a_token_every_route_but_healthz_needs_it(
     assert (await anonymous.get("/healthz"))[0] == 200
 
 
+async def test_an_authorization_header_that_is_not_utf8_is_a_401_not_a_500(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    broker = await start_broker(MemStore(), token="s3cret")
+    host, port = broker.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /topics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), answer  # was aiohttp's text 500
+    assert orjson.loads(body)["error"]
+
+
 async def test_without_a_token_no_route_asks_for_one(api: Api) -> None:
     for method, path, body in ROUTES:
         assert (await api.call(method, path, body))[0] != 401, path

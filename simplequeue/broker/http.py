@@ -220,7 +220,8 @@ class HttpApi:
         if not token or (route is not None and route.public):
             return None
         given = request.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # Bytes as they came (a header that is not UTF-8 arrives surrogate-escaped).
+        if hmac.compare_digest(given.encode(errors="surrogateescape"), f"Bearer {token}".encode()):
             return None
         refused = Unauthorized("missing or wrong bearer token")
         return error(str(refused), refused.http_status, **{"WWW-Authenticate": "Bearer"})
