@@ -78,6 +78,19 @@ async def test_a_job_is_looked_up_by_its_own_id_whatever_its_characters(
     assert await q.result(job_id) == {"for": job_id}
 
 
+@pytest.mark.parametrize("topic", ["b/enqueue?", "a/b", "", "a/../b", "t\n"])
+async def test_a_topic_that_no_topic_can_be_called_is_refused_before_any_request(
+    q: Client, topic: str
+) -> None:
+    """The topic went into the path unchecked: "b/enqueue?" enqueued into
+    topic "b", the others met a route's 404 ("no job")."""
+    with pytest.raises(InvalidRequest, match="topic names"):
+        Client(q.url, topic=topic)
+    with pytest.raises(InvalidRequest, match="topic names"):
+        q.for_topic(topic)
+    assert await q.topics() == {}
+
+
 async def test_schedules_named_dot_and_dot_dot_are_theirs(q: Client) -> None:
     for name in (".", ".."):
         await q.schedule(name, name, every=3600)

@@ -110,7 +110,7 @@ class Client:
         if url is None and store is None:
             raise ValueError("Client needs a broker URL, or a store to discover one in")
         self.url = url.rstrip("/") if url else ""
-        self.topic = topic
+        self.topic = _checked_topic(topic)
         self.token = token
         self.timeout = timeout
         self.retries = retries
@@ -626,6 +626,17 @@ def _ack_request(ack: AckItem) -> api.AckRequest:
     return api.AckRequest(
         *_job_or_id(job), result, enqueue=follow_up_specs(follow[0] if follow else None)
     )
+
+
+def _checked_topic(topic: str) -> str:
+    """`topic` if it can name a topic, else InvalidRequest: it goes into every
+    path, where "b/enqueue?" reached another route."""
+    try:
+        return api.convert(topic, api.TopicName)
+    except InvalidRequest:
+        raise InvalidRequest(
+            f"topic names are 1-128 characters of [A-Za-z0-9_-], not {topic!r}"
+        ) from None
 
 
 def _spec_of(index: int, item: Any) -> api.JobSpec:
