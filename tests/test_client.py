@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -89,6 +90,14 @@ async def test_a_topic_that_no_topic_can_be_called_is_refused_before_any_request
     with pytest.raises(InvalidRequest, match="topic names"):
         q.for_topic(topic)
     assert await q.topics() == {}
+
+
+async def test_settings_of_nan_or_inf_are_refused_not_sent_as_null(q: Client) -> None:
+    await q.settings(rate=5.0)
+    for bad in ({"rate": math.nan}, {"lease": math.inf}):
+        with pytest.raises(InvalidRequest):
+            await q.settings(**bad)
+    assert (await q.settings())["rate"] == 5.0  # "rate": null would have removed it
 
 
 async def test_schedules_named_dot_and_dot_dot_are_theirs(q: Client) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import shutil
 import sys
@@ -102,6 +103,17 @@ def parse_json_option(text: str | None, name: str) -> Any:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from None
 
 
+class FiniteRange(click.FloatRange):
+    """click.FloatRange without nan and inf, which JSON sends as null (nan
+    passes every bound)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 @click.group(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE"})
 @click.version_option(__version__, prog_name="simplequeue", message="%(prog)s %(version)s")
 @click.option(
@@ -136,7 +148,7 @@ def main(ctx: click.Context, /, **options: Any) -> None:
 @click.argument("payload", required=False)
 @click.option("--id", "job_id", default=None, help="Job id (duplicates are not enqueued).")
 @click.option("--priority", type=int, default=0)
-@click.option("--delay", type=click.FloatRange(min=0), default=0.0)
+@click.option("--delay", type=FiniteRange(min=0), default=0.0)
 @click.option("--max-attempts", type=click.IntRange(min=0), default=None)
 @click.option(
     "--file",
@@ -195,10 +207,10 @@ def chunks(items: list[T], size: int) -> Iterator[list[T]]:
 
 @main.command()
 @click.argument("worker_id")
-@click.option("--wait", type=click.FloatRange(0, 60), default=0.0, help="Long-poll seconds.")
+@click.option("--wait", type=FiniteRange(0, 60), default=0.0, help="Long-poll seconds.")
 @click.option(
     "--lease",
-    type=click.FloatRange(min=0.001),
+    type=FiniteRange(min=0.001),
     default=None,
     help="Lease seconds [default: the broker's --lease].",
 )
@@ -227,7 +239,7 @@ async def ack(client: Client, job_id: str, lease_token: str | None, result: str 
 @main.command()
 @click.argument("job_id")
 @click.option("--lease-token", default=None)
-@click.option("--delay", type=click.FloatRange(min=0), default=0.0)
+@click.option("--delay", type=FiniteRange(min=0), default=0.0)
 @click.option("--error", default=None)
 @run
 async def nack(
@@ -243,7 +255,7 @@ async def nack(
 @main.command()
 @click.argument("job_id")
 @click.option("--lease-token", default=None)
-@click.option("--lease", type=click.FloatRange(min=0.001), default=None)
+@click.option("--lease", type=FiniteRange(min=0.001), default=None)
 @run
 async def heartbeat(
     client: Client, job_id: str, lease_token: str | None, lease: float | None
@@ -327,7 +339,7 @@ async def topics(client: Client, as_json: bool) -> None:
 @click.argument("job_id")
 @click.option(
     "--wait",
-    type=click.FloatRange(min=0),
+    type=FiniteRange(min=0),
     default=0.0,
     metavar="S",
     help="Wait up to S seconds for the job to finish (completed, dead or cancelled).",
@@ -445,9 +457,12 @@ class OrNone(click.ParamType[Any]):
         if value is None or value == "none":
             return value
         try:
-            return self.kind(value)
+            number = self.kind(value)
         except ValueError:
             self.fail(f"{value!r} is not a number or 'none'", param, ctx)
+        if not math.isfinite(number):  # sent, it is JSON null: "remove the setting"
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 @main.command()
@@ -469,7 +484,7 @@ async def settings(client: Client, **limits: Any) -> None:
 @click.option("--worker-id", default=None)
 @click.option(
     "--lease",
-    type=click.FloatRange(min=1),
+    type=FiniteRange(min=1),
     default=None,
     help="Lease seconds for each job [default: the broker's --lease].",
 )

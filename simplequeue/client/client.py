@@ -608,10 +608,8 @@ class Client:
         if not limits:
             answer = await self.request("GET", self._t("/settings"), api.Settings)
         else:
-            try:
-                body = api.SettingsRequest(**limits)
-            except TypeError as exc:
-                raise InvalidRequest(str(exc)) from None
+            # Checked here: nan or inf would go as JSON null, "remove it".
+            body = api.convert(limits, api.SettingsRequest)
             answer = await self.request("PUT", self._t("/settings"), api.Settings, body)
         return msgspec.structs.asdict(answer)
 
