@@ -100,6 +100,14 @@ async def test_settings_of_nan_or_inf_are_refused_not_sent_as_null(q: Client) ->
     assert (await q.settings())["rate"] == 5.0  # "rate": null would have removed it
 
 
+async def test_an_empty_id_is_refused_not_replaced_by_a_random_one(q: Client) -> None:
+    with pytest.raises(InvalidRequest):
+        await q.enqueue("x", id="")
+    with pytest.raises(InvalidRequest):
+        await q.enqueue_many([{"payload": "y", "id": ""}])
+    assert (await q.status())["pending"] == 0
+
+
 async def test_schedules_named_dot_and_dot_dot_are_theirs(q: Client) -> None:
     for name in (".", ".."):
         await q.schedule(name, name, every=3600)

@@ -653,7 +653,7 @@ def _spec(
 ) -> api.JobSpec:
     return api.JobSpec(
         payload,
-        id=job_id or api.new_id(),
+        id=api.new_id() if job_id is None else job_id,
         priority=priority,
         delay=delay,
         max_attempts=max_attempts,
