@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
-from simplequeue import __version__
+from simplequeue import __version__, keys
 from simplequeue.client import Client
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
@@ -62,6 +62,24 @@ async def broker(start_broker: StartBroker) -> Any:
 @pytest.fixture
 def cli(broker: Any) -> Cli:
     return Cli("--broker", broker.url, "--topic", "jobs")
+
+
+async def test_topics_says_which_topic_cannot_be_read_and_fails(start_broker: StartBroker) -> None:
+    """An unreadable topic (a corrupt head) was left out of the table and the
+    JSON, and the command exited 0."""
+    store = MemStore()
+    broker = await start_broker(store)
+    async with Client(broker.url, topic="good") as good, Client(broker.url, topic="bad") as bad:
+        await good.enqueue(1)
+        await bad.enqueue(1)
+    await store.put(keys.head("bad"), b"\x00 not a head")
+    fresh = await start_broker(store)  # one that has cached nothing
+    cli = Cli("--broker", fresh.url)
+    for args in (("topics",), ("topics", "--json")):
+        done = await cli(*args)
+        assert done.returncode == 1, done
+        assert "good" in done.stdout
+        assert "topic bad cannot be read" in done.stderr and "topics/bad.json" in done.stderr
 
 
 def failed_with(done: subprocess.CompletedProcess[str], text: str) -> bool:

@@ -325,14 +325,20 @@ async def status(client: Client, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @run
 async def topics(client: Client, as_json: bool) -> None:
-    """Every topic in the store with its counts."""
-    found = await client.topics()
+    """Every topic in the store with its counts. A topic that cannot be read
+    is said on stderr (the exit status is then 1), not left out."""
+    answer = await client.request("GET", "/topics", api.Topics)
+    found = {name: msgspec.structs.asdict(c) for name, c in answer.topics.items()}
     if as_json:
         emit(found)
-        return
-    rows = [["topic", *COUNT_COLUMNS]]
-    rows += [[name, *(str(c[k]) for k in COUNT_COLUMNS)] for name, c in sorted(found.items())]
-    click.echo(table(rows))
+    else:
+        rows = [["topic", *COUNT_COLUMNS]]
+        rows += [[name, *(str(c[k]) for k in COUNT_COLUMNS)] for name, c in sorted(found.items())]
+        click.echo(table(rows))
+    for name, why in sorted(answer.errors.items()):
+        click.echo(f"Error: topic {name} cannot be read: {why}", err=True)
+    if answer.errors:
+        raise click.exceptions.Exit(1)
 
 
 @main.command()

@@ -553,6 +553,8 @@ class Client:
         return (await self.request("DELETE", self._t("/dead"), api.Purged, body)).purged
 
     async def topics(self) -> dict[str, dict[str, int]]:
+        """Every readable topic's counts. The broker names those it cannot read
+        (a corrupt head) apart: request("GET", "/topics", api.Topics).errors."""
         answer = await self.request("GET", "/topics", api.Topics)
         return {name: msgspec.structs.asdict(c) for name, c in answer.topics.items()}
 
