@@ -6,6 +6,7 @@ tests/test_brokers.py and the campaigns kill and pause real ones."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -503,6 +504,40 @@ async def test_redis_pops_and_acks_the_owner_did_but_answered_too_late_are_not_d
     finally:
         await r.aclose()
     assert (await owner.engine.status("t"))["completed"] == 2  # one pop, one ack
+
+
+async def test_a_redis_pipeline_through_a_broker_that_does_not_own_the_topic_keeps_its_order(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline's writes ran together; passed on to the owner, each is a
+    request of its own, and they reached it in any order: RPUSHes out of
+    order, an LPOP before the RPUSH sent ahead of it."""
+    import redis.asyncio as redis
+
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, redis_addr="127.0.0.1:0")
+    owner = owner_of(brokers, "t")
+    other = next(b for b in brokers if b is not owner)
+    send, sent = other.forwarder._send, itertools.count()
+
+    async def with_jitter(*args: Any) -> Any:  # every other request takes longer
+        if next(sent) % 2 == 0:
+            await asyncio.sleep(0.02)
+        return await send(*args)
+
+    monkeypatch.setattr(other.forwarder, "_send", with_jitter)
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        pipe = r.pipeline(transaction=False)
+        for n in range(30):
+            pipe.rpush("t", str(n))
+        for _ in range(30):
+            pipe.lpop("t")
+        replies = await pipe.execute()
+    finally:
+        await r.aclose()
+    assert replies[:30] == list(range(1, 31))  # each RPUSH saw those before it
+    assert replies[30:] == [str(n).encode() for n in range(30)]
 
 
 async def test_an_earlier_broker_at_this_address_is_not_taken_for_alive() -> None:

@@ -127,6 +127,11 @@ class TopicOps(Protocol):
 
     async def cancel(self, topic: str, job_ids: list[str]) -> dict[str, list[str]]: ...
 
+    def served_here(self, topic: str) -> bool:
+        """Whether `topic`'s operations are this broker's own commits (in the
+        order they are made), not requests to another broker."""
+        ...
+
 
 class Engine:
     """Queue operations over a GroupCommitter. Arguments arrive validated (as the
@@ -327,6 +332,9 @@ class Engine:
         return await self.committer.submit(topic, lambda s, now: s.purge(job_ids, now))
 
     # --- control: cancellation, schedules, settings (SPEC 10-12) -----------------------
+
+    def served_here(self, topic: str) -> bool:
+        return True
 
     async def cancel(self, topic: str, job_ids: list[str]) -> dict[str, list[str]]:
         """Cancel jobs; {"cancelled": [...], "not_found": [...]}."""

@@ -188,6 +188,9 @@ class Router:
         self.engine = engine
         self.forwarder = forwarder
 
+    def served_here(self, topic: str) -> bool:
+        return self.forwarder.membership.owns(topic)
+
     async def _route(
         self,
         topic: str,

@@ -94,7 +94,19 @@ class Connection:
     async def _execute(self, group: list[list[bytes]]) -> list[Reply]:
         if len(group) == 1:
             return [await self._dispatch(group[0])]
-        return list(await asyncio.gather(*map(self._dispatch, group)))
+        if all(self._served_here(frame) for frame in group):
+            # Together: they reach this broker's committer in order, and share commits.
+            return list(await asyncio.gather(*map(self._dispatch, group)))
+        # Passed on to another broker, each is a request of its own, which would
+        # reach it in any order (an LPOP before the RPUSH sent ahead of it).
+        return [await self._dispatch(frame) for frame in group]
+
+    def _served_here(self, frame: list[bytes]) -> bool:
+        try:
+            topic = frame[1].decode()
+        except (IndexError, UnicodeDecodeError):
+            return True  # refused before it reaches a topic
+        return self.session.engine.served_here(topic)
 
     async def _read(self, frames: asyncio.Queue[Frame]) -> None:
         try:
