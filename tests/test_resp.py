@@ -702,6 +702,17 @@ async def test_an_oversized_request_is_refused_and_nothing_is_enqueued(
     await client.aclose()
 
 
+async def test_requests_before_a_malformed_one_in_the_same_read_are_run_and_answered(
+    raw: Raw, r: redis.Redis
+) -> None:
+    """They were dropped with the error: whether an RPUSH ran depended on how
+    TCP cut the bytes. Redis runs them, then answers the error."""
+    await raw.write(hiredis.pack_command(("RPUSH", "q", "x")) + b"PING\r\nGARBAGE\r\n")
+    rest = await raw.rest()
+    assert rest.startswith(b":1\r\n") and b"-ERR Protocol error" in rest, rest
+    assert await r.llen("q") == 1
+
+
 async def test_a_header_announcing_billions_of_elements_is_refused_and_the_connection_closed(
     raw: Raw, broker: Broker
 ) -> None:

@@ -125,6 +125,8 @@ class Connection:
         while data := await self.reader.read(READ_CHUNK):
             for request in requests.feed(data):
                 await frames.put(request)
+            if requests.failed is not None:  # after the requests before it
+                raise requests.failed
 
     def _send(self, reply: Reply) -> None:
         out = bytearray()

@@ -97,14 +97,23 @@ class Requests:
         self.buffer = bytearray()  # from the start of the next request on
         self.parser = hiredis.Reader()
         self.fed = 0  # bytes of `buffer` the parser has been given
+        self.failed: RespError | None = None  # a malformed request after those fed
 
     def feed(self, data: bytes) -> list[list[bytes]]:
+        """The whole requests `data` completes. When a malformed one follows
+        some, those come first and the error is kept in `failed` (Redis runs
+        them, then answers the error); alone, it raises."""
         self.buffer += data
         requests: list[list[bytes]] = []
-        while (request := self._next()) is not None:
-            if request:  # an empty array is ignored, as Redis does
-                requests.append(request)
-        self._check_size(len(self.buffer))  # what is left is one unfinished request
+        try:
+            while (request := self._next()) is not None:
+                if request:  # an empty array is ignored, as Redis does
+                    requests.append(request)
+            self._check_size(len(self.buffer))  # what is left is one unfinished request
+        except RespError as exc:
+            if not requests:
+                raise
+            self.failed = exc
         return requests
 
     def _check_size(self, size: int) -> None:
