@@ -346,7 +346,8 @@ async def test_store_outage_is_503_and_loses_nothing(
     start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
 ) -> None:
     store = FaultyStore(MemStore())
-    api = Api(session, (await start_broker(store)).url)
+    # The read-back after the failed write retries for the commit budget.
+    api = Api(session, (await start_broker(store, commit_budget=0.3)).url)
     assert (await api.post("/topics/t/enqueue", {"id": "kept", "payload": 1}))[0] == 201
     store.get_down, store.faults = True, ["fail"]
     assert (await api.post("/topics/t/enqueue", {"id": "refused", "payload": 2}))[0] == 503
