@@ -39,7 +39,7 @@ from tenacity import (
 )
 from yarl import URL
 
-from simplequeue import api, errors
+from simplequeue import api, errors, keys
 from simplequeue.api import Job
 from simplequeue.batching import Batcher, Pending
 from simplequeue.client.discovery import find_broker
@@ -110,7 +110,8 @@ class Client:
         if url is None and store is None:
             raise ValueError("Client needs a broker URL, or a store to discover one in")
         self.url = url.rstrip("/") if url else ""
-        self.topic = _checked_topic(topic)
+        # It goes into every path, where "b/enqueue?" reached another route.
+        self.topic = keys.check_topic(topic)
         self.token = token
         self.timeout = timeout
         self.retries = retries
@@ -544,7 +545,8 @@ class Client:
         assert answer is not None
         requeued = list(answer.requeued)
         if repeated and job_ids is not None:  # a retry whose first try landed
-            missing = [i for i in dict.fromkeys(job_ids) if i not in set(requeued)]
+            done = set(requeued)
+            missing = [i for i in dict.fromkeys(job_ids) if i not in done]
             requeued += [i for i in missing if await self._is(i, "pending")]
         return requeued
 
@@ -626,17 +628,6 @@ def _ack_request(ack: AckItem) -> api.AckRequest:
     return api.AckRequest(
         *_job_or_id(job), result, enqueue=follow_up_specs(follow[0] if follow else None)
     )
-
-
-def _checked_topic(topic: str) -> str:
-    """`topic` if it can name a topic, else InvalidRequest: it goes into every
-    path, where "b/enqueue?" reached another route."""
-    try:
-        return api.convert(topic, api.TopicName)
-    except InvalidRequest:
-        raise InvalidRequest(
-            f"topic names are 1-128 characters of [A-Za-z0-9_-], not {topic!r}"
-        ) from None
 
 
 def _spec_of(index: int, item: Any) -> api.JobSpec:
