@@ -43,7 +43,7 @@ from simplequeue import api, errors, keys
 from simplequeue.api import Job
 from simplequeue.batching import Batcher, Pending
 from simplequeue.client.discovery import find_broker
-from simplequeue.client.followups import follow_up_specs
+from simplequeue.client.followups import follow_up_specs, job_spec
 from simplequeue.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -631,14 +631,9 @@ def _ack_request(ack: AckItem) -> api.AckRequest:
 
 
 def _spec_of(index: int, item: Any) -> api.JobSpec:
-    """Item `index` of enqueue_many: a payload, or a job's fields (strictly)."""
-    if not (isinstance(item, dict) and "payload" in item):
-        return _spec(item, None, 0, 0, None)
-    try:
-        spec = api.convert(item, api.JobSpec)
-    except InvalidRequest as exc:
-        raise InvalidRequest(f"job {index}: {exc}") from None
-    return _spec(spec.payload, spec.id, spec.priority, spec.delay, spec.max_attempts)
+    """Item `index` of enqueue_many, with an id of the client's if it has none."""
+    spec = job_spec(item, api.JobSpec, f"job {index}")
+    return spec if spec.id is not None else msgspec.structs.replace(spec, id=api.new_id())
 
 
 def _spec(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from simplequeue import api
 from simplequeue.errors import InvalidRequest
@@ -45,9 +45,18 @@ def follow_up_specs(items: Iterable[Any] | None) -> list[api.FollowUpSpec] | Non
 def _spec(item: Any, index: int) -> api.FollowUpSpec:
     if isinstance(item, api.FollowUpSpec):
         return item
+    return job_spec(item, api.FollowUpSpec, f"follow-up {index}")
+
+
+S = TypeVar("S", bound=api.JobSpec)
+
+
+def job_spec(item: Any, kind: type[S], what: str) -> S:
+    """An enqueue item as `kind`: a payload, or a dict with "payload" and the
+    job's other fields, checked strictly (InvalidRequest, naming `what`)."""
     if not (isinstance(item, dict) and "payload" in item):
-        return api.FollowUpSpec(item)
+        return kind(item)
     try:
-        return api.convert(item, api.FollowUpSpec)
+        return api.convert(item, kind)
     except InvalidRequest as exc:
-        raise InvalidRequest(f"follow-up {index}: {exc}") from None
+        raise InvalidRequest(f"{what}: {exc}") from None
