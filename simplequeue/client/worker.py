@@ -463,11 +463,7 @@ class Worker:
         """`held`'s ack was answered, or failed: its lease is no longer ours to keep."""
         if held in self._acking:
             self._acking.discard(held)
-            if held.first_beat is not None:
-                held.first_beat.cancel()
-                held.first_beat = None
-            if held.beats is not None:
-                held.beats.cancel()
+            _cancel_beats(held)
 
     async def _within_timeout(self, work: asyncio.Future[Any]) -> Any:
         """`work`'s result; TimeoutError saying so once it has run `timeout` s
@@ -515,14 +511,11 @@ class Worker:
 
     @staticmethod
     async def _stop_beats(held: _Claimed) -> None:
-        if held.first_beat is not None:
-            held.first_beat.cancel()
-            held.first_beat = None
-        if held.beats is not None and not held.beats.done():
-            held.beats.cancel()
+        beats = _cancel_beats(held)
+        if beats is not None:
             # wait(), not await: the heartbeats' CancelledError is theirs, and a
             # cancellation of this task meanwhile must not be swallowed with it.
-            await asyncio.wait([held.beats])
+            await asyncio.wait([beats])
 
     async def _settle(self, job: Job, call: Awaitable[Any]) -> None:
         try:
@@ -704,6 +697,18 @@ def _handled_already(sig: signal.Signals) -> bool:
 
 
 _signals = _Signals()
+
+
+def _cancel_beats(held: _Claimed) -> asyncio.Task[None] | None:
+    """Cancel `held`'s first-heartbeat timer and its heartbeats; the task of
+    those, if it was running (it ends at its next step)."""
+    if held.first_beat is not None:
+        held.first_beat.cancel()
+        held.first_beat = None
+    if held.beats is None or held.beats.done():
+        return None
+    held.beats.cancel()
+    return held.beats
 
 
 def _why_gone(held: _Claimed) -> str:
