@@ -41,6 +41,12 @@ def owner_of(brokers: list[Any], topic: str) -> Any:
     return max(brokers, key=lambda b: rendezvous(topic, b.settings.broker_id))
 
 
+def owner_and_other(brokers: list[Any], topic: str) -> tuple[Any, Any]:
+    """`topic`'s owner among two brokers, and the one that passes its requests on."""
+    owner = owner_of(brokers, topic)
+    return owner, next(b for b in brokers if b is not owner)
+
+
 async def head(store: ObjectStore, topic: str) -> dict[str, Any]:
     data, _ = await store.get(keys.head(topic))
     got: dict[str, Any] = orjson.loads(data)
@@ -103,8 +109,7 @@ async def test_an_enqueue_without_ids_is_passed_on_with_ids(start_broker: StartB
     job an id before it sends it."""
     store = MemStore()
     brokers = await cluster(start_broker, store, 2)
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "t")
     async with aiohttp.ClientSession() as s:
         status, body, _ = await post(
             s, f"{other.url}/topics/t/enqueue", {"jobs": [{"payload": 1}, {"payload": 2}]}
@@ -120,8 +125,7 @@ async def test_the_sdk_sends_a_topics_requests_straight_to_its_owner(
 ) -> None:
     store = MemStore()
     brokers = await cluster(start_broker, store, 3)
-    owner = owner_of(brokers, "orders")
-    other = next(b for b in brokers if b is not owner)
+    _, other = owner_and_other(brokers, "orders")
     async with Client(other.url, topic="orders") as q:
         await q.enqueue("first")  # through `other`, which names the owner
         passed_on = other.forwarder.forwarded
@@ -138,8 +142,7 @@ async def test_the_sdk_goes_back_to_its_broker_when_the_owner_stops(
 ) -> None:
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, broker_lease=3.0)
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "t")
     async with Client(other.url, topic="t") as q:
         await q.enqueue("a")
         await owner.stop()  # its record goes; `other` serves the topic now
@@ -155,8 +158,7 @@ async def test_redis_clients_get_the_same_answers_through_any_broker(
 
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, redis_addr="127.0.0.1:0")
-    owner = owner_of(brokers, "emails")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "emails")
     r = redis.Redis(host="127.0.0.1", port=other.redis.port)
     try:
         assert await r.rpush("emails", "a", "b", "c") == 3
@@ -181,8 +183,7 @@ async def test_only_the_owner_reaps_and_it_reaps_what_it_was_told_of(
 ) -> None:
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, policy=Policy(default_lease=0.3))
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "t")
     async with Client(other.url, topic="t") as q:
         await q.enqueue("x", id="j")
         assert await q.claim("w")
@@ -367,8 +368,7 @@ def test_broker_ids_must_be_able_to_name_a_record(bad: str) -> None:
 async def test_metrics_say_what_routing_and_owner_duties_did(start_broker: StartBroker) -> None:
     store = MemStore()
     brokers = await cluster(start_broker, store, 2)
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    _, other = owner_and_other(brokers, "t")
     async with aiohttp.ClientSession() as s:
         status, _, _ = await post(s, f"{other.url}/topics/t/enqueue", {"payload": 1})
         assert status == 201
@@ -388,8 +388,7 @@ async def test_a_request_the_owner_did_it_but_answered_too_late_says_it_may_be_a
     a refused one. The SDK then finds the ack landed."""
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "t")
     answer_too_late(monkeypatch, owner.engine, "ack")
     async with aiohttp.ClientSession() as s:
         await post(s, f"{owner.url}/topics/t/enqueue", {"id": "j", "payload": 1})
@@ -415,8 +414,7 @@ async def test_an_enqueue_the_owner_landed_but_answered_too_late_is_not_done_twi
     same ids: one job, not two."""
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "t")
     answer_too_late(monkeypatch, owner.engine, "enqueue", "push")
     monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
     async with aiohttp.ClientSession() as s:
@@ -444,8 +442,7 @@ async def test_a_redis_enqueue_the_owner_landed_but_answered_too_late_is_not_don
 
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3, redis_addr="127.0.0.1:0")
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "t")
     answer_too_late(monkeypatch, owner.engine, "enqueue", "push")
     monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
     r = redis.Redis(host="127.0.0.1", port=other.redis.port)
@@ -466,8 +463,7 @@ async def test_a_pop_the_owner_did_but_answered_too_late_is_not_done_again(
     instead, and only the owner's pop is done."""
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "t")
     answer_too_late(monkeypatch, owner.engine, "pop")
     async with aiohttp.ClientSession() as s:
         for job_id in ("j1", "j2", "j3"):
@@ -487,8 +483,7 @@ async def test_redis_pops_and_acks_the_owner_did_but_answered_too_late_are_not_d
 
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3, redis_addr="127.0.0.1:0")
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "t")
     answer_too_late(monkeypatch, owner.engine, "pop", "ack_many")
     monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
     async with Client(owner.url, topic="t") as q:
@@ -516,8 +511,7 @@ async def test_a_redis_pipeline_through_a_broker_that_does_not_own_the_topic_kee
 
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, redis_addr="127.0.0.1:0")
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    _, other = owner_and_other(brokers, "t")
     send, sent = other.forwarder._send, itertools.count()
 
     async def with_jitter(*args: Any) -> Any:  # every other request takes longer

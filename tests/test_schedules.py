@@ -26,7 +26,7 @@ from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from simplequeue.state.slots import latest_at, next_after
 from tests.helpers.states import fresh, reread, seal
-from tests.test_ownership import cluster, owner_of
+from tests.test_ownership import cluster, owner_and_other
 
 T0 = 1_000_000.0  # a multiple of 10
 StartBroker = Callable[..., Awaitable[Any]]
@@ -270,8 +270,7 @@ async def test_two_brokers_fire_each_slot_exactly_once(start_broker: StartBroker
     topic over and over too, as one that takes itself for the owner would."""
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, policy=Policy(retention=1.0))
-    owner = owner_of(brokers, "t")
-    other = next(b for b in brokers if b is not owner)
+    owner, other = owner_and_other(brokers, "t")
     seen: list[str] = []
     loop = asyncio.get_running_loop()
 
