@@ -230,6 +230,34 @@ async def test_caller_that_goes_away_does_not_fail_its_batch_and_its_claim_is_re
     assert (await q.job("t", "j1"))["attempts"] == 0
 
 
+async def test_a_pop_whose_caller_went_away_mid_commit_is_given_back_not_done() -> None:
+    """A pop completes its job in the commit that takes it; a caller that
+    left before the answer (a BLPOP's client hanging up) never got the job,
+    so the commit is undone: pending again, not completed, attempt uncounted."""
+    store = FaultyStore(MemStore())
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec("x", id="j1")])
+    store.gate = asyncio.Event()
+    store.put_started.clear()
+    leaving = asyncio.create_task(q.pop("t", "leaver"))
+    await store.put_started.wait()
+    leaving.cancel()
+    store.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    for _ in range(100):
+        if (await q.status("t"))["pending"] == 1:
+            break
+        await q.committer.wait_changed("t", 0.05)
+    counts = await q.status("t")
+    assert (counts["pending"], counts["completed"], counts["total"]) == (1, 0, 1)
+    job = await q.job("t", "j1")
+    assert (job["status"], job["attempts"], job["payload"]) == ("pending", 0, "x")
+    [popped] = await q.pop("t", "stayer")
+    assert (popped["id"], popped["attempts"]) == ("j1", 1)
+    assert (await q.status("t"))["completed"] == 1
+
+
 async def test_replaced_broker_learns_it_from_the_next_conflicting_write() -> None:
     shared = MemStore()
     old, new = engine_on(shared, "old", epoch=1), engine_on(shared, "new", epoch=2)

@@ -32,6 +32,7 @@ from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings
 from simplequeue.broker.server import Broker
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
+from tests.helpers.faults import FaultyStore
 
 StartBroker = Callable[..., Awaitable[Broker]]
 TOKEN = "s3cret-token"
@@ -458,6 +459,41 @@ async def test_a_client_that_leaves_during_blpop_takes_no_job(
     await until(lambda: not server.connections)
     await other.rpush("q", "kept")
     assert await other.lpop("q") == b"kept"
+
+
+async def test_a_client_that_leaves_while_its_blpop_commits_loses_no_job(
+    start_broker: StartBroker,
+) -> None:
+    """The pop that takes the job is being written when the client hangs up:
+    the job was never answered to anyone, so it is pending again, not done."""
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
+        assert code == 201
+        store.gate = asyncio.Event()
+        store.put_started.clear()
+        leaver = await Raw.open(port_of(broker))
+        await leaver.send("BLPOP", "q", "20")
+        await store.put_started.wait()  # its pop is being written
+        await leaver.close()
+        assert broker.redis is not None
+        server = broker.redis
+        await until(lambda: not server.connections)  # the broker saw it leave
+        store.gate.set()
+        deadline = time.monotonic() + 10
+        while (await http.status("q"))["pending"] != 1:
+            assert time.monotonic() < deadline, "the popped job was not given back"
+            await asyncio.sleep(0.01)
+        job = await http.job("q", "j1")
+        assert (job["status"], job["attempts"]) == ("pending", 0)
+        assert (await http.status("q"))["completed"] == 0
+    staying = connect(broker)
+    try:
+        assert await staying.blpop(["q"], timeout=5) == (b"q", b"x")
+    finally:
+        await staying.aclose()
 
 
 # --- streams ---------------------------------------------------------------------------

@@ -268,6 +268,34 @@ def test_an_id_spilled_then_expired_can_be_enqueued_again_in_the_same_state() ->
     assert s.enqueue([JobSpec("again", id="r0")], T0 + 101)[0]["duplicate"] is False
 
 
+def test_unpop_gives_back_a_pop_whose_record_spilled_meanwhile() -> None:
+    s = fresh(inline_records_bytes=300, retention=100)
+    s.enqueue([JobSpec(i, id=f"r{i}") for i in range(6)], T0)
+    popped = s.pop("w", 6, T0)
+    seal(s, "w1", T0)  # the pop's records spill into a segment
+    assert s.head["retained"]["segs"]
+    s = reload(s, T0 + 1)
+    assert s.unpop(popped[2], T0 + 1)
+    assert s.find("r2") == ("pending", s.find("r2")[1])  # type: ignore[index]
+    counts = s.counts(T0 + 1)
+    assert (counts["pending"], counts["completed"], counts["total"]) == (1, 5, 6)
+    s = reload(s, T0 + 2)
+    [again] = s.pop("w", 1, T0 + 2)
+    assert (again["id"], again["payload"], again["attempts"]) == ("r2", 2, 1)
+
+
+def test_unpop_of_an_id_a_new_job_took_changes_nothing() -> None:
+    s = fresh(retention=10)
+    s.enqueue([JobSpec("old", id="x")], T0)
+    [popped] = s.pop("w", 1, T0)
+    s.expire(T0 + 11)  # its record expires, and the id is free again
+    s.enqueue([JobSpec("new", id="x")], T0 + 11)
+    assert s.unpop(popped, T0 + 12) is False
+    counts = s.counts(T0 + 12)
+    assert (counts["pending"], counts["completed"]) == (1, 1)
+    assert s.find("x")[1]["payload"] == "new"  # type: ignore[index]
+
+
 class CountingView:
     """A view that counts the segments and manifests read through it."""
 

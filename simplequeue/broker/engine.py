@@ -86,6 +86,17 @@ def _unclaim_all(jobs: list[Job]) -> Callable[[TopicState, float], None]:
     return give_back
 
 
+def _unpop_all(jobs: list[Job]) -> Callable[[TopicState, float], None]:
+    """A mutation giving back popped jobs (pending again, not completed, the
+    attempt uncounted)."""
+
+    def give_back(s: TopicState, now: float) -> None:
+        for job in jobs:
+            s.unpop(job, now)
+
+    return give_back
+
+
 def _error_text(error: Any) -> str | None:
     """A nack's error as kept with the job: text, anything else as its JSON, cut
     to api.MAX_ERROR characters. InvalidRequest for a value the store could not
@@ -190,7 +201,12 @@ class Engine:
         semantics), long-polling up to `wait` seconds for one."""
         keys.check_topic(topic)
         jobs = await self._poll(
-            topic, min(wait, MAX_WAIT), _polled(lambda s, now: s.pop(worker_id, count, now))
+            topic,
+            min(wait, MAX_WAIT),
+            _polled(lambda s, now: s.pop(worker_id, count, now)),
+            # The caller went away (a BLPOP's client hung up): it was never
+            # answered, so nobody has the jobs. They go back, not done.
+            undo=lambda got: _unpop_all(got.jobs) if got.jobs else None,
         )
         return [public(j, "completed") for j in jobs]
 

@@ -509,6 +509,26 @@ class TopicState(Layout):
         self._push_pending(job)
         return True
 
+    def unpop(self, job: Job, now: float) -> bool:
+        """Give back a popped job (as pop() answered it) whose caller went away
+        before it was answered: its completion is forgotten, and it is pending
+        again at once with the attempt uncounted. False, changing nothing, when
+        its id stands for something else by now (its record expired, and a new
+        job took the id)."""
+        job_id = job["id"]
+        records = [p for p in self.retained.locate(job_id) if p.item["status"] == "completed"]
+        if records:
+            self.retained.remove(records[-1])
+            self.head["counters"]["completed"] -= 1
+        elif self.exists(job_id):
+            return False
+        self.dirty = True
+        job = {k: v for k, v in job.items() if k not in _CLAIM_FIELDS}
+        job["attempts"] -= 1
+        job["run_at"] = min(job["run_at"], now)
+        self._push_pending(job)
+        return True
+
     # --- reaper -------------------------------------------------------------------------
 
     def expired(self, now: float) -> bool:
