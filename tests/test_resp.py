@@ -9,6 +9,7 @@ these tests skip, unless SIMPLEQUEUE_REQUIRE_REDIS_CLI=1 (bin/test sets it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -28,7 +29,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
 from simplequeue import __version__, api
-from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings
+from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, connection
+from simplequeue.broker.resp.connection import QUEUED_FRAMES
 from simplequeue.broker.server import Broker
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
@@ -494,6 +496,37 @@ async def test_a_client_that_leaves_while_its_blpop_commits_loses_no_job(
         assert await staying.blpop(["q"], timeout=5) == (b"q", b"x")
     finally:
         await staying.aclose()
+
+
+async def test_a_client_that_leaves_with_requests_queued_behind_its_blpop_takes_no_job(
+    broker: Broker, raw: Raw, other: redis.Redis
+) -> None:
+    """More requests behind the BLPOP than the connection queues: reading
+    goes on behind a blocking command, so the broker still sees the client
+    leave, and the BLPOP does not take a job for nobody."""
+    pings = b"".join(hiredis.pack_command(("PING",)) for _ in range(QUEUED_FRAMES * 2))
+    await raw.write(hiredis.pack_command(("BLPOP", "q", "20")) + pings)
+    await blocked(broker)
+    await raw.close()
+    assert broker.redis is not None
+    server = broker.redis
+    await until(lambda: not server.connections)
+    await other.rpush("q", "kept")
+    assert await other.lpop("q") == b"kept"
+
+
+async def test_a_client_queuing_too_much_behind_a_blocking_command_is_closed(
+    broker: Broker, raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "QUEUED_BEHIND_BLOCKING", 256 * 1024)
+    await raw.send("BLPOP", "q", "20")
+    await blocked(broker)
+    echo = hiredis.pack_command(("ECHO", "x" * 1024))
+    with contextlib.suppress(ConnectionError):
+        for _ in range(400):  # 400 KiB
+            await raw.write(echo)
+    assert await raw.rest() == b""  # closed, the BLPOP unanswered
+    await raw.close()
 
 
 # --- streams ---------------------------------------------------------------------------

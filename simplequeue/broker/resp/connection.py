@@ -28,7 +28,11 @@ from simplequeue.errors import SimpleQueueError
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
-QUEUED_FRAMES = 128  # parsed requests waiting per connection; beyond it we stop reading
+QUEUED_FRAMES = 128  # parsed requests waiting per connection (and one read's worth more)
+# ... except behind a blocking command, which must see its client leave: then
+# reading goes on, and a client with more than this queued behind it is closed
+# (as Redis closes one past its client-query-buffer-limit).
+QUEUED_BEHIND_BLOCKING = 64 * 1024 * 1024  # bytes of requests
 OUTPUT_HIGH_WATER = 64 * 1024 * 1024  # replies buffered for a client that does not read
 SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
 MAX_GROUP = 256  # pipelined writes run together at most
@@ -52,9 +56,14 @@ class Connection:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     busy: bool = False  # a command is being executed
+    blocking: bool = False  # that command is a blocking one: keep reading
     stopping: bool = False  # the server is stopping: no command after this one
     # Set when the client leaves or the server stops: blocking commands give up.
     hangup: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the read loop may queue more: frames were taken, or a blocking
+    # command started.
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    read_while_blocked: int = 0  # bytes read since the blocking command began
 
     @property
     def id(self) -> int:
@@ -64,11 +73,12 @@ class Connection:
         """Execute requests in order until the client leaves or sends garbage, or a
         command closes the connection (QUIT, the last failed AUTH allowed)."""
         self.writer.transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER)
-        frames: asyncio.Queue[Frame] = asyncio.Queue(QUEUED_FRAMES)
+        frames: asyncio.Queue[Frame] = asyncio.Queue()  # bounded by _read_requests
         reading = asyncio.create_task(self._read(frames), name=f"resp-read-{self.id}")
         try:
             ahead: list[Frame] = []  # taken from frames, not run
             while (frame := ahead.pop(0) if ahead else await frames.get()) is not None:
+                self.room.set()
                 if isinstance(frame, RespError):  # unparseable: answer, then hang up
                     self._send(frame)
                     break
@@ -123,10 +133,20 @@ class Connection:
     async def _read_requests(self, frames: asyncio.Queue[Frame]) -> None:
         requests = Requests(self.server.settings.max_body)
         while data := await self.reader.read(READ_CHUNK):
+            if self.blocking:
+                self.read_while_blocked += len(data)
+                if self.read_while_blocked > QUEUED_BEHIND_BLOCKING:
+                    raise RespError("ERR", "too many requests queued behind a blocking one")
             for request in requests.feed(data):
-                await frames.put(request)
+                frames.put_nowait(request)
             if requests.failed is not None:  # after the requests before it
                 raise requests.failed
+            # Up to QUEUED_FRAMES, then wait for the run loop to take some:
+            # unless it is in a blocking command, which needs this loop to see
+            # the client leave (a job it took then would be lost).
+            while frames.qsize() >= QUEUED_FRAMES and not self.blocking:
+                self.room.clear()
+                await self.room.wait()
 
     def _send(self, reply: Reply) -> None:
         out = bytearray()
@@ -162,12 +182,15 @@ class Connection:
         a cancelled claim."""
         task = asyncio.ensure_future(work)
         hangup = asyncio.create_task(self.hangup.wait())
+        self.blocking, self.read_while_blocked = True, 0
+        self.room.set()
         try:
             await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
                 return task.result()
             raise Hangup
         finally:
+            self.blocking = False
             for t in (task, hangup):
                 t.cancel()
             await asyncio.gather(task, hangup, return_exceptions=True)
