@@ -142,6 +142,14 @@ class ReleaseRequest(_Request):
     claims: Annotated[list[Held], Meta(min_length=1, max_length=MAX_BATCH)]
 
 
+class CompleteRequest(_Request):
+    """Claims to complete as a pop does (a BLPOP on several keys, XREADGROUP
+    NOACK): no result, and undone, pending again, when the caller goes away
+    before the answer (it was never handed the jobs)."""
+
+    claims: Annotated[list[Held], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
 class WaitQuery(_Request):
     """GET /topics/{t}/jobs/{id}?wait=S: seconds to wait for the job to finish."""
 
@@ -248,6 +256,10 @@ class Pushed(_Answer):
 
 class Released(_Answer):
     released: int
+
+
+class Completed(_Answer):
+    completed: list[str]  # the ids completed; the others were not held
 
 
 class Claimed(_Answer):

@@ -170,6 +170,12 @@ async def test_redis_clients_get_the_same_answers_through_any_broker(
         assert job_id in ids and len(ids) == 3
         assert await r.xack("emails", "g", *ids) == 3
         assert await r.blpop(["emails"], timeout=0.2) is None
+        # completed by the owner as pops (/complete): on several keys, NOACK
+        await r.rpush("emails", "d", "e")
+        assert list(await r.blpop(["none", "emails"], timeout=5)) == [b"emails", b"d"]
+        got = await r.xreadgroup("g", "c1", {"emails": ">"}, noack=True)
+        assert [fields for _, fields in got[0][1]] == [{b"payload": b"e"}]
+        assert await r.llen("emails") == 0 and await r.xlen("emails") == 0
     finally:
         await r.aclose()
     assert list((await head(store, "emails"))["writers"]) == [owner.settings.broker_id]

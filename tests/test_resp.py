@@ -28,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
-from simplequeue import __version__, api
+from simplequeue import __version__, api, keys
 from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, connection
 from simplequeue.broker.resp.connection import QUEUED_FRAMES
 from simplequeue.broker.server import Broker
@@ -496,6 +496,44 @@ async def test_a_client_that_leaves_while_its_blpop_commits_loses_no_job(
         assert await staying.blpop(["q"], timeout=5) == (b"q", b"x")
     finally:
         await staying.aclose()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("BLPOP", "a", "b", "20"),
+        ("XREADGROUP", "GROUP", "g", "c", "NOACK", "BLOCK", "20000", "STREAMS", "a", "b", ">", ">"),
+    ],
+    ids=["blpop-keys", "xreadgroup-noack"],
+)
+async def test_a_client_that_leaves_while_its_claim_is_completed_loses_no_job(
+    start_broker: StartBroker, command: tuple[str, ...]
+) -> None:
+    """On several keys, and for NOACK, a job is claimed, then completed in a
+    second commit. The client hangs up during that one: never answered, the
+    job is pending again, not done."""
+    store = FaultyStore(MemStore(), target=keys.head("b"))
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        code, _ = await http.call("POST", "/topics/b/enqueue", {"payload": {"n": 1}, "id": "j1"})
+        assert code == 201
+        store.faults = ["ok", "held"]  # the claim lands, its completion is held
+        leaver = await Raw.open(port_of(broker))
+        await leaver.send(*command)
+        await store.holding.wait()
+        await leaver.close()
+        assert broker.redis is not None
+        server = broker.redis
+        await until(lambda: not server.connections)  # the broker saw it leave
+        store.held.set()
+        deadline = time.monotonic() + 10
+        while (await http.status("b"))["pending"] != 1:
+            assert time.monotonic() < deadline, "the completed job was not given back"
+            await asyncio.sleep(0.01)
+        job = await http.job("b", "j1")
+        assert (job["status"], job["attempts"]) == ("pending", 0)
+        assert (await http.status("b"))["completed"] == 0
 
 
 async def test_a_client_that_leaves_with_requests_queued_behind_its_blpop_takes_no_job(

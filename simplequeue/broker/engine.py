@@ -132,6 +132,8 @@ class TopicOps(Protocol):
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None: ...
 
+    async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]: ...
+
     async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]: ...
 
     async def status(self, topic: str) -> dict[str, int]: ...
@@ -215,6 +217,22 @@ class Engine:
         again at once, the attempt uncounted."""
         keys.check_topic(topic)
         await self.committer.submit(topic, _unclaim_all(jobs))
+
+    async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
+        """Complete claims as a pop does, for a caller that has no ack to send
+        (a BLPOP on several keys, XREADGROUP NOACK); the ids completed, the
+        others not held any more. Undone, as a pop is, when the caller goes
+        away before the answer: it was never handed the jobs."""
+        keys.check_topic(topic)
+
+        def complete(s: TopicState, now: float) -> list[Job]:
+            done = (s.complete_claim(j["id"], j["lease_token"], now) for j in jobs)
+            return [job for job in done if job is not None]
+
+        done = await self.committer.submit(
+            topic, complete, undo=lambda done: _unpop_all(done) if done else None
+        )
+        return [job["id"] for job in done]
 
     async def _poll(
         self,

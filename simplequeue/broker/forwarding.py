@@ -271,6 +271,14 @@ class Router:
         else:
             _decode(got, dict[str, Any])
 
+    async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
+        # Not repeated: done here after an owner that did it, it completes nothing.
+        body = api.CompleteRequest([api.Held(j["id"], j["lease_token"]) for j in jobs])
+        got = await self._route(topic, "POST", "/complete", body, repeatable=False)
+        if got is None:
+            return await self.engine.complete(topic, jobs)
+        return _decode(got, api.Completed).completed
+
     async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]:
         # Not repeated: done here after an owner that did it, an ack answers
         # conflict, and a pop (BLPOP on several keys) would not hand its job out.

@@ -394,6 +394,13 @@ async def release(call: Call) -> web.Response:
     return reply({"released": len(held)})
 
 
+async def complete(call: Call) -> web.Response:
+    topic = call.topic
+    body = await body_of(call, api.CompleteRequest)
+    held = [{"id": c.job_id, "lease_token": c.lease_token} for c in body.claims]
+    return reply({"completed": await call.engine.complete(topic, held)})
+
+
 async def refresh(call: Call) -> web.Response:
     topic = call.topic
     await call.services.refresh(topic)
@@ -541,6 +548,7 @@ def _routes(status_page: page.StatusPage) -> list[Route]:
         Route("POST", f"{t}/pop", pop),
         Route("POST", f"{t}/push", push),
         Route("POST", f"{t}/release", release),
+        Route("POST", f"{t}/complete", complete),
         Route("POST", f"{t}/refresh", refresh),
         Route("POST", f"{t}/ack", ack),
         Route("POST", f"{t}/nack", nack),

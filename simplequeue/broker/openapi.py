@@ -40,6 +40,7 @@ _TYPES: tuple[type[Any], ...] = (
     api.EnqueueBatch,
     api.ClaimRequest,
     api.ReleaseRequest,
+    api.CompleteRequest,
     api.AckRequest,
     api.AckBatch,
     api.NackRequest,
@@ -54,6 +55,7 @@ _TYPES: tuple[type[Any], ...] = (
     api.EnqueuedBatch,
     api.Pushed,
     api.Released,
+    api.Completed,
     api.Claimed,
     api.ClaimedBatch,
     api.Settled,
@@ -227,6 +229,15 @@ def spec() -> dict[str, Any]:
                 _ref(api.Released),
                 _WRITE,
                 body=_ref(api.ReleaseRequest),
+            )
+        },
+        f"{t}/complete": {
+            "post": _op(
+                "complete",
+                "Complete claims as a pop does: undone when the caller goes away",
+                _ref(api.Completed),
+                _WRITE,
+                body=_ref(api.CompleteRequest),
             )
         },
         f"{t}/refresh": {

@@ -389,6 +389,16 @@ class TopicState(Layout):
             self.ack(job["id"], job["lease_token"], None, now)
         return jobs
 
+    def complete_claim(self, job_id: str, token: str, now: float) -> Job | None:
+        """Complete a claim as pop() does, answering the job as pop() would
+        (for unpop()); None, changing nothing, when `token` does not hold it."""
+        place = self._lease_of(job_id)
+        if place is None or place.item["lease_token"] != token:
+            return None
+        job = self._with_payload(place.item)
+        self.ack(job_id, token, None, now)
+        return job
+
     # --- settle: ack, nack, heartbeat ------------------------------------------------------
 
     def _holder(self, job_id: str, token: str | None) -> Place:

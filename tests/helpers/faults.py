@@ -16,7 +16,8 @@ Fault = Callable[[str, Callable[[], "asyncio.Future[str]"]], "asyncio.Future[str
 
 class FaultyStore(ObjectStore):
     """Delegates to `inner`; `faults` is a queue of behaviours for the next
-    conditional writes of keys that match `target` (default: topic heads)."""
+    conditional writes of keys that match `target` (default: topic heads);
+    "ok" is none."""
 
     def __init__(self, inner: ObjectStore, target: str = "topics/") -> None:
         self.inner = inner
@@ -28,6 +29,9 @@ class FaultyStore(ObjectStore):
         self.put_sizes: list[int] = []
         self.faults: list[str] = []
         self.gate: asyncio.Event | None = None  # when set, head PUTs wait for it
+        # The fault "held": that PUT says so in `holding`, and waits for `held`.
+        self.holding = asyncio.Event()
+        self.held = asyncio.Event()
         self.put_started = asyncio.Event()
         self.get_down = False
         # When set, every request waits for ever: a store that stopped answering.
@@ -70,6 +74,9 @@ class FaultyStore(ObjectStore):
         if is_head and self.gate is not None:
             await self.gate.wait()
         fault = self.faults.pop(0) if is_head and self.faults else None
+        if fault == "held":
+            self.holding.set()
+            await self.held.wait()
         if fault == "fail":  # the write never happens
             raise StoreUnavailable("injected: PUT failed")
         if fault == "conflict":  # someone else won the race

@@ -472,13 +472,11 @@ async def _pop(session: Session, topic: str, count: int, wait: float = 0.0) -> l
 
 
 async def _complete(session: Session, topic: str, jobs: list[dict[str, Any]]) -> list[bytes | str]:
-    """Pop semantics: a job is completed once it is handed out. A job whose ack
-    fails is not handed out; its lease runs out and it is delivered again."""
+    """Pop semantics: a job is completed as it is handed out (and given back
+    if the client leaves first). A claim no longer held is not handed out."""
     if not jobs:
         return []
-    acks = [api.AckRequest(j["id"], j["lease_token"]) for j in jobs]
-    answers = await session.engine.ack_many(topic, acks)
-    done = {a["id"] for a in answers if "error" not in a}
+    done = set(await session.engine.complete(topic, jobs))
     return [value_of(j["payload"]) for j in jobs if j["id"] in done]
 
 
@@ -658,7 +656,7 @@ async def _entries(session: Session, got: dict[str, list[Any]], noack: bool) -> 
     streams: dict[str, Reply] = {}
     for topic, jobs in got.items():
         if noack:  # NOACK: nothing to acknowledge later, so complete now
-            done = set(await _complete_ids(session, topic, jobs))
+            done = set(await session.engine.complete(topic, jobs))
             jobs = [j for j in jobs if j["id"] in done]
         else:
             _remember(session, topic, jobs)
@@ -666,11 +664,6 @@ async def _entries(session: Session, got: dict[str, list[Any]], noack: bool) -> 
     if session.protocol == 3:
         return streams
     return [[topic, entries] for topic, entries in streams.items()]
-
-
-async def _complete_ids(session: Session, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
-    acks = [api.AckRequest(j["id"], j["lease_token"]) for j in jobs]
-    return [a["id"] for a in await session.engine.ack_many(topic, acks) if "error" not in a]
 
 
 def _remember(session: Session, topic: str, jobs: list[dict[str, Any]]) -> None:
