@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -179,6 +180,27 @@ async def test_redis_clients_get_the_same_answers_through_any_broker(
     finally:
         await r.aclose()
     assert list((await head(store, "emails"))["writers"]) == [owner.settings.broker_id]
+
+
+async def test_a_pop_passed_on_after_an_idle_spell_as_long_as_the_keepalive_is_answered(
+    start_broker: StartBroker,
+) -> None:
+    """The owner's server closes a connection idle for --keepalive-timeout. A
+    pop passed on over it just as that happens met "server disconnected": an
+    AmbiguousWrite (TRYAGAIN to a Redis client), and a healthy owner suspected.
+    Here the request is written before the owner's close is due to run (the
+    loop is held past it), which is the race made certain."""
+    keepalive = 0.2
+    brokers = await cluster(start_broker, MemStore(), 2, keepalive_timeout=keepalive)
+    _, other = owner_and_other(brokers, "t")
+    pop = ("t", "POST", "/topics/t/pop", b'{"worker_id": "w"}')
+    assert (await other.forwarder.route(*pop, repeatable=False)).status == 404
+    await asyncio.sleep(keepalive * 0.9)
+    # Hold the loop: the owner's close is due, and has not run yet.
+    time.sleep(keepalive * 0.2)  # noqa: ASYNC251
+    answer = await other.forwarder.route(*pop, repeatable=False)
+    assert answer.status == 404  # nothing to pop, answered
+    assert other.forwarder.fallbacks == 0
 
 
 # --- reaping ----------------------------------------------------------------------------

@@ -74,8 +74,14 @@ class Forwarder:
         token: str | None,
         answer_within: float = ANSWER_WITHIN,
         suspect_for: float = SUSPECT_FOR,
+        peers_keepalive: float = 15.0,
     ) -> None:
         self.membership = membership
+        # An idle connection is dropped well before its peer's server closes it
+        # (`peers_keepalive`, the brokers' --keepalive-timeout): a request sent
+        # as the peer closes meets "server disconnected", which for a pop is
+        # AmbiguousWrite, and marks a healthy peer suspect.
+        self.keepalive = peers_keepalive / 2
         self.token = token
         self.answer_within = answer_within
         self.suspect_for = suspect_for
@@ -86,7 +92,7 @@ class Forwarder:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=self.keepalive),
                 auto_decompress=False,
             )
         return self._session

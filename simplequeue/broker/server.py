@@ -123,7 +123,10 @@ class Broker:
             clock=self.committer.clock,
         )
         self.forwarder = Forwarder(
-            self.membership, token=settings.token, answer_within=settings.forward_timeout
+            self.membership,
+            token=settings.token,
+            answer_within=settings.forward_timeout,
+            peers_keepalive=settings.keepalive_timeout,
         )
         self.duties = Duties(
             self.engine,
