@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 import orjson
 from msgspec import UNSET, Meta, Struct, UnsetType
+from yarl import URL
 
 from simplequeue.errors import InvalidRequest
 
@@ -423,6 +424,32 @@ def check_schedule_name(name: str) -> str:
     if not _SCHEDULE_NAME_RE.match(name):
         raise InvalidRequest("schedule names are 1-128 characters of [A-Za-z0-9_.-]")
     return name
+
+
+# A bearer token travels in an HTTP header and in RESP's AUTH: visible ASCII.
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+\Z")
+
+
+def check_token(token: str) -> str:
+    """`token` if a client can send it (visible ASCII characters, no spaces),
+    else ValueError: a newline in it would split the request's headers."""
+    if not _TOKEN_RE.match(token):
+        raise ValueError(
+            "a token is visible ASCII characters, without spaces or control characters"
+        )
+    return token
+
+
+def check_broker_url(url: str) -> str:
+    """`url` without its trailing slash if it can name a broker (http or https,
+    with a host), else ValueError."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a URL: {url!r} ({exc})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"not a broker URL: {url!r} (wanted http://HOST:PORT)")
+    return url.rstrip("/")
 
 
 def new_id() -> str:

@@ -1,6 +1,7 @@
 """The store flags (--backend, --dir, --bucket, --prefix, --endpoint-url,
 --region), defined once for both command lines: simplequeued serves the store
-they name, `simplequeue --discover` finds its broker in it."""
+they name, `simplequeue --discover` finds its broker in it. Also `checked`,
+which both use to check other flags' values (a token, a broker URL)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,24 @@ import click
 from simplequeue.objstore import ObjectStore
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def checked(
+    check: Callable[[str], str],
+) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """A click callback passing a flag's value through `check`, whose
+    ValueError becomes a usage error (exit 2, one line) naming the flag."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if not value:
+            return value
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
+
 
 BACKENDS = ("localfs", "memfs", "s3")
 

@@ -208,6 +208,8 @@ async def test_a_broker_reaps_topics_it_never_touched(broker_process: Any, tmp_p
         (["--lease", "-1"], "--lease"),
         (["--batch-wait", "-5"], "--batch-wait"),
         (["--batch-wait", "soon"], "--batch-wait"),
+        (["--token", "has space"], "--token"),  # no client could send it
+        (["--advertise-url", "127.0.0.1:8080"], "--advertise-url"),  # no scheme
     ],
 )
 def test_simplequeued_rejects_bad_flags_with_a_clear_message(args: list[str], says: str) -> None:

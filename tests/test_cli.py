@@ -155,17 +155,29 @@ async def test_status_and_topics_print_tables_or_json(cli: Cli) -> None:
     assert "jobs" in (await cli("topics")).stdout
 
 
-async def test_bad_input_fails_with_one_line_and_no_traceback(cli: Cli) -> None:
+async def test_bad_input_fails_with_one_line_and_no_traceback(
+    cli: Cli, broker: Any, tmp_path: Path
+) -> None:
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes(b'{"ok": 1}\n"caf\xe9"\n')
     for args, text in [
         (("enqueue", "1", "--delay", "-5"), "--delay"),
         (("ack", "a", "--result", "{nope"), "not valid JSON"),
         (("job", "ghost"), "JobNotFound"),
         (("--topic", "bad.name", "status"), "InvalidRequest"),
+        (("enqueue", "--file", str(not_utf8)), "line 2: not valid JSON"),
+        (("--broker", "http://[::1", "status"), "Invalid value for '--broker'"),
+        (("--broker", "localhost:8080", "status"), "Invalid value for '--broker'"),
+        (("--token", "two\nlines", "status"), "Invalid value for '--token'"),
+        # An integer past 64 bits stays one (not a float, another value) and
+        # is refused by the broker with its reason.
+        (("enqueue", '{"n": ' + "9" * 30 + "}"), "cannot be stored"),
     ]:
         done = await cli(*args)
         assert done.returncode != 0, args
         assert text in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
+    assert (await cli.json("status", "--json"))["pending"] == 0
 
 
 async def test_unreachable_broker_fails_with_one_line() -> None:
@@ -450,8 +462,9 @@ async def test_work_q_enqueues_each_stdout_line_into_the_output_topic_with_the_a
         ("print('{\"ok\": 1}'); print('{oops')", "stdout line 2 is not JSON"),
         ("print('1\\n' * 1001, end='')", "more than 1000 lines"),
         ("sys.stdout.write('[' + ' ' * (2 << 20) + ']')", "more than 1048576 bytes"),
+        ("print('{\"n\": ' + '9' * 30 + '}')", "stdout line 1 cannot be stored"),
     ],
-    ids=["not-json", "too-many-lines", "too-many-bytes"],
+    ids=["not-json", "too-many-lines", "too-many-bytes", "integer-past-64-bits"],
 )
 async def test_work_q_fails_a_job_whose_output_cannot_be_enqueued(
     cli: Cli, broker: Any, output: str, error: str

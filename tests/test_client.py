@@ -134,6 +134,25 @@ async def test_enqueue_many_refuses_a_job_with_a_key_it_does_not_know(q: Client)
     assert await q.enqueue_many([]) == []  # was a malformed request
 
 
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"url": "http://[::1"}, "not a URL"),
+        ({"url": "127.0.0.1:8080"}, "not a broker URL"),
+        ({"url": "ftp://host"}, "not a broker URL"),
+        ({"url": "http://127.0.0.1:8080", "token": "two\nlines"}, "a token is visible ASCII"),
+        ({"url": "http://127.0.0.1:8080", "token": "caf\u00e9"}, "a token is visible ASCII"),
+    ],
+)
+def test_a_client_refuses_a_url_or_token_it_could_not_send(
+    options: dict[str, str], says: str
+) -> None:
+    """Told at once, not as a ValueError from aiohttp's header writer or
+    yarl on the first call."""
+    with pytest.raises(ValueError, match=says):
+        Client(**options)
+
+
 async def test_delay_is_respected(q: Client) -> None:
     await q.enqueue("later", delay=60)
     assert await q.claim("w") is None

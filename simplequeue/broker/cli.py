@@ -12,12 +12,12 @@ from typing import Any
 
 import click
 
-from simplequeue import __version__
+from simplequeue import __version__, api
 from simplequeue.broker.settings import BrokerSettings, parse_addr
 from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
 from simplequeue.state import Policy
-from simplequeue.storeflags import StoreFlags, store_options
+from simplequeue.storeflags import StoreFlags, checked, store_options
 
 
 def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -48,6 +48,7 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 @click.option(
     "--advertise-url",
     default=None,
+    callback=checked(api.check_broker_url),
     help="URL clients use to reach this broker [default: from --addr].",
 )
 @store_options()
@@ -56,6 +57,7 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     "--token",
     default=None,
     show_default=False,
+    callback=checked(api.check_token),
     help="Require 'Authorization: Bearer TOKEN' (env SIMPLEQUEUE_TOKEN).",
 )
 @click.option(

@@ -17,7 +17,7 @@ import shutil
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
-from typing import Any, TextIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import click
 import msgspec
@@ -29,7 +29,7 @@ from simplequeue.client.followups import Done
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
 from simplequeue.errors import InvalidRequest, SimpleQueueError
-from simplequeue.storeflags import StoreFlags, store_options
+from simplequeue.storeflags import StoreFlags, checked, store_options
 
 T = TypeVar("T")
 BATCH = 500  # jobs per request with enqueue --file
@@ -86,11 +86,18 @@ def job_json(job: Job) -> dict[str, Any]:
     return data
 
 
+# JSON as the user wrote it: msgspec keeps integers of any size (orjson would
+# make a float of one past 64 bits: another value, silently); the broker then
+# refuses what it cannot store, with a reason.
+loads = msgspec.json.decode
+NOT_JSON = (msgspec.DecodeError, msgspec.ValidationError)
+
+
 def parse_payload(text: str) -> Any:
     """JSON if it parses as JSON, else the text itself as a string."""
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
+        return loads(text)
+    except NOT_JSON:
         return text
 
 
@@ -98,8 +105,8 @@ def parse_json_option(text: str | None, name: str) -> Any:
     if text is None:
         return None
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
+        return loads(text)
+    except NOT_JSON as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from None
 
 
@@ -120,6 +127,7 @@ class FiniteRange(click.FloatRange):
     "--broker",
     default="http://127.0.0.1:8080",
     show_default=True,
+    callback=checked(api.check_broker_url),
     help="Broker URL (env SIMPLEQUEUE_BROKER).",
 )
 @click.option(
@@ -136,7 +144,12 @@ class FiniteRange(click.FloatRange):
     help="With --discover: refuse a broker.json heartbeat older than this (s).",
 )
 @click.option("--topic", default="default", show_default=True, help="env SIMPLEQUEUE_TOPIC")
-@click.option("--token", default=None, help="Bearer token (env SIMPLEQUEUE_TOKEN).")
+@click.option(
+    "--token",
+    default=None,
+    callback=checked(api.check_token),
+    help="Bearer token (env SIMPLEQUEUE_TOKEN).",
+)
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> None:
     """Talk to a simplequeue broker."""
@@ -153,7 +166,7 @@ def main(ctx: click.Context, /, **options: Any) -> None:
 @click.option(
     "--file",
     "jobs_file",
-    type=click.File("r"),
+    type=click.File("rb"),  # bytes: a line that is not UTF-8 is refused as not JSON
     default=None,
     help="JSON lines, one payload per line ('-' for stdin), sent in batches.",
 )
@@ -165,7 +178,7 @@ async def enqueue(
     priority: int,
     delay: float,
     max_attempts: int | None,
-    jobs_file: TextIO | None,
+    jobs_file: BinaryIO | None,
 ) -> None:
     """Enqueue PAYLOAD (JSON, or else a string), or every line of --file."""
     if (payload is None) == (jobs_file is None):
@@ -180,14 +193,14 @@ async def enqueue(
 
 
 async def enqueue_file(
-    client: Client, lines: TextIO, priority: int, delay: float, max_attempts: int | None
+    client: Client, lines: BinaryIO, priority: int, delay: float, max_attempts: int | None
 ) -> list[str]:
     payloads: list[Any] = []
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                payloads.append(orjson.loads(line))
-            except orjson.JSONDecodeError as exc:
+                payloads.append(loads(line))
+            except NOT_JSON as exc:  # or not UTF-8
                 raise click.ClickException(f"line {number}: not valid JSON: {exc}") from None
     ids: list[str] = []
     extra: dict[str, Any] = {"priority": priority, "delay": delay}
@@ -702,10 +715,14 @@ def payloads_of(out: bytes) -> list[Any]:
                 f" with -Q a job may enqueue at most {MAX_FOLLOW_UPS} jobs"
             )
         try:
-            payloads.append(orjson.loads(line))
-        except orjson.JSONDecodeError as exc:
+            payload = loads(line)
+            api.check_storable(payload, f"stdout line {number}")  # an integer past 64 bits
+        except NOT_JSON as exc:
             shown = line[:80].decode(errors="replace")
             raise OutputRejected(f"stdout line {number} is not JSON ({exc}): {shown!r}") from None
+        except InvalidRequest as exc:
+            raise OutputRejected(str(exc)) from None
+        payloads.append(payload)
     return payloads
 
 

@@ -109,10 +109,10 @@ class Client:
     ) -> None:
         if url is None and store is None:
             raise ValueError("Client needs a broker URL, or a store to discover one in")
-        self.url = url.rstrip("/") if url else ""
+        self.url = api.check_broker_url(url) if url else ""
         # It goes into every path, where "b/enqueue?" reached another route.
         self.topic = keys.check_topic(topic)
-        self.token = token
+        self.token = api.check_token(token) if token else None
         self.timeout = timeout
         self.retries = retries
         # Retries start within this many seconds of a call's start. Twice the
@@ -294,7 +294,7 @@ class Client:
         if self.store is None:
             return
         try:
-            self.url = (await find_broker(self.store, self.max_age)).rstrip("/")
+            self.url = await find_broker(self.store, self.max_age)
         except SimpleQueueError as exc:
             raise _Retry(BrokerUnavailable(f"no broker: {exc}")) from exc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from simplequeue import api
 from simplequeue.errors import BrokerUnavailable, CorruptData
 from simplequeue.objstore import ObjectStore
 from simplequeue.records import read_record
@@ -25,4 +26,7 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
             f"broker.json names {record.url} but its heartbeat is {age:.0f} s old "
             f"(max_age {max_age:.0f} s)"
         )
-    return record.url
+    try:
+        return api.check_broker_url(record.url)
+    except ValueError as exc:
+        raise BrokerUnavailable(f"broker.json names no broker: {exc}") from None
