@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.servers import REPO, Server, child_env, stop_process
+from bench.servers import REPO, Server, child_env, pin, stop_process
 
 
 class LoadGenFailed(RuntimeError):
@@ -44,6 +44,7 @@ class LoadGen:
                 env=child_env(),
                 start_new_session=True,
             )
+        pin(self.proc, "generator")
 
     def call(self, cmd: str, **cfg: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None

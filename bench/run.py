@@ -17,6 +17,7 @@ through bin/bench, which installs what it needs:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -24,6 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
+from bench import servers
 from bench.measure import loadgen
 from bench.parts import FULL, PARTS, QUICK, Context, Plan
 from bench.report import Section, machine, targets_table
@@ -112,6 +114,12 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="servers on CPU 0, the load generator on CPU 1: neither takes the other's core "
+        "(needs 2 CPUs)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="run the brokers of parts 1, 3, 5, 6 and 7 under pyinstrument and print where "
@@ -121,11 +129,15 @@ def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so every server started is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     plan = QUICK if args.quick else FULL
+    if args.pin:
+        if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
+            parser.error("--pin needs CPUs 0 and 1")
+        servers.PINNED.update(server={0}, generator={1})
     complete = args.parts == sorted(PARTS) and not args.quick and not args.profile
     out = args.out or (str(BENCH_DIR / "RESULTS.md") if complete else None)
     tmp = BENCH_DIR / ".tmp" / time.strftime("run-%Y%m%d-%H%M%S")
     tmp.mkdir(parents=True, exist_ok=True)
-    command = "bin/bench" + (" --quick" if args.quick else "")
+    command = "bin/bench" + (" --quick" if args.quick else "") + (" --pin" if args.pin else "")
     if args.parts != sorted(PARTS):
         command += " --parts " + ",".join(map(str, args.parts))
     started = time.perf_counter()

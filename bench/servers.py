@@ -36,6 +36,19 @@ AWS_TEST_CREDENTIALS = {
 }
 
 
+#: With `bin/bench --pin`: the CPUs each role's processes run on ("server":
+#: brokers, the ceiling, Redis, PostgreSQL, the S3 proxy; "generator": the load
+#: generator, with the SDK's and the rivals' workers). Empty: the kernel's choice.
+PINNED: dict[str, set[int]] = {}
+
+
+def pin(proc: subprocess.Popen[bytes], role: str) -> None:
+    """Bind a process just started (before it starts threads or forks, which
+    inherit it) to its role's CPUs, when the run pins."""
+    if role in PINNED:
+        os.sched_setaffinity(proc.pid, PINNED[role])
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of a child: ours, unbuffered, plus `extra`."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
@@ -165,6 +178,7 @@ def start_simplequeued(
         proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=log, cwd=REPO, env=env, start_new_session=True
         )
+        pin(proc, "server")
     try:
         lines = _read_lines(proc, 2 if resp else 1, 60, f"simplequeued ({name})")
         found = re.search(r"listening on (http://\S+)", lines[0])
@@ -211,6 +225,7 @@ def start_ceiling(log_dir: Path, profile: Path | None = None) -> Iterator[Server
             env=child_env(),
             start_new_session=True,
         )
+        pin(proc, "server")
     try:
         [line] = _read_lines(proc, 1, 60, "ceiling")
         found = re.search(r"listening on (http://\S+)", line)
@@ -235,6 +250,7 @@ def start_s3proxy(log_dir: Path, upstream: str, seed: int = 8) -> Iterator[Serve
             env=child_env(),
             start_new_session=True,
         )
+        pin(proc, "server")
     try:
         [line] = _read_lines(proc, 1, 60, "s3proxy")
         found = re.search(r"listening on (http://\S+)", line)
@@ -266,6 +282,7 @@ def start_redis(data_dir: Path) -> Iterator[Server]:
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
+    pin(proc, "server")
     try:
         import redis
 
@@ -409,6 +426,7 @@ def start_postgres(log_dir: Path) -> Iterator[PostgresServer]:
                 start_new_session=True,
                 **as_user,
             )
+            pin(proc, "server")
         try:
             ready = [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]
             ready += ["-U", "bench", "-d", "postgres", "-t", "2"]
