@@ -347,12 +347,17 @@ class GroupCommitter:
             await self.store.get(keys.BROKER)
 
     async def close(self) -> None:
-        """Stop taking mutations and wait for batches in flight to land."""
+        """Stop taking mutations and wait for batches in flight to land, and
+        for the undos of those whose callers went away (a stop cancels its
+        blocked callers: their claims and pops go back)."""
         self._closing = True
-        await asyncio.gather(
-            *(t.batcher.close() for t in self._topics.values()), return_exceptions=True
-        )
-        await asyncio.gather(*self._background, return_exceptions=True)
+        while True:
+            await asyncio.gather(
+                *(t.batcher.close() for t in self._topics.values()), return_exceptions=True
+            )
+            if not self._background:
+                return
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def abort(self) -> None:
         """Stop taking mutations and cancel the batches in flight and queued,
@@ -709,8 +714,9 @@ class GroupCommitter:
         return out
 
     async def _undo(self, topic: str, mutation: Mutation[Any]) -> None:
+        """Commit an undo, closing or not: close() waits for it."""
         try:
-            await self.submit(topic, mutation)
+            await self._topic(topic).batcher.submit(_Op(mutation, None, True))
         except SimpleQueueError as exc:
             log.warning("could not undo an abandoned mutation on %s: %s", topic, exc)
 

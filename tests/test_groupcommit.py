@@ -258,6 +258,29 @@ async def test_a_pop_whose_caller_went_away_mid_commit_is_given_back_not_done() 
     assert (await q.status("t"))["completed"] == 1
 
 
+async def test_a_pop_abandoned_as_the_broker_stops_is_given_back_before_it_stops() -> None:
+    """A stop cancels blocked callers (a BLPOP whose pop is being written),
+    then closes the committer: the pop's undo is committed before close()
+    returns, not refused as "shutting down" (the job done for nobody)."""
+    store = FaultyStore(MemStore())
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec("x", id="j1")])
+    store.gate = asyncio.Event()
+    store.put_started.clear()
+    leaving = asyncio.create_task(q.pop("t", "leaver"))
+    await store.put_started.wait()
+    leaving.cancel()
+    closing = asyncio.create_task(q.committer.close())
+    await asyncio.sleep(0)  # close() began
+    store.gate.set()
+    await closing
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    after = engine_on(store.inner, "next", epoch=2)  # the broker after this one
+    assert (await after.job("t", "j1"))["status"] == "pending"
+    assert (await after.status("t"))["completed"] == 0
+
+
 async def test_replaced_broker_learns_it_from_the_next_conflicting_write() -> None:
     shared = MemStore()
     old, new = engine_on(shared, "old", epoch=1), engine_on(shared, "new", epoch=2)

@@ -498,6 +498,38 @@ async def test_a_client_that_leaves_while_its_blpop_commits_loses_no_job(
         await staying.aclose()
 
 
+async def test_a_broker_stopping_while_a_blpop_commits_gives_the_job_back(
+    start_broker: StartBroker,
+) -> None:
+    """A stop cancels the BLPOP whose pop is being written, and the write
+    lands as the committer closes: the pop's undo lands too, before the stop
+    ends (it was refused as "shutting down": the job done for nobody)."""
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    async with aiohttp.ClientSession() as session:
+        code, _ = await Http(session, broker.url).call(
+            "POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"}
+        )
+        assert code == 201
+    store.gate = asyncio.Event()
+    store.put_started.clear()
+    client = await Raw.open(port_of(broker))
+    await client.send("BLPOP", "q", "20")
+    await store.put_started.wait()  # its pop is being written
+    stopping = asyncio.create_task(broker.stop())
+    assert broker.redis is not None
+    server = broker.redis
+    await until(lambda: not server.connections)  # the BLPOP was cancelled
+    store.gate.set()
+    await stopping
+    assert await client.rest() == b""  # never handed the job
+    await client.close()
+    after = await start_broker(store.inner)
+    async with aiohttp.ClientSession() as session:
+        job = await Http(session, after.url).job("q", "j1")
+    assert (job["status"], job["attempts"]) == ("pending", 0)
+
+
 @pytest.mark.parametrize(
     "command",
     [

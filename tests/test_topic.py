@@ -284,16 +284,31 @@ def test_unpop_gives_back_a_pop_whose_record_spilled_meanwhile() -> None:
     assert (again["id"], again["payload"], again["attempts"]) == ("r2", 2, 1)
 
 
-def test_unpop_of_an_id_a_new_job_took_changes_nothing() -> None:
+@pytest.mark.parametrize("new_one_popped", [False, True])
+def test_unpop_of_an_id_a_new_job_took_changes_nothing(new_one_popped: bool) -> None:
     s = fresh(retention=10)
     s.enqueue([JobSpec("old", id="x")], T0)
     [popped] = s.pop("w", 1, T0)
     s.expire(T0 + 11)  # its record expires, and the id is free again
     s.enqueue([JobSpec("new", id="x")], T0 + 11)
+    if new_one_popped:  # the new job's record is not the old one's
+        assert s.pop("w2", 1, T0 + 11)[0]["payload"] == "new"
     assert s.unpop(popped, T0 + 12) is False
     counts = s.counts(T0 + 12)
-    assert (counts["pending"], counts["completed"]) == (1, 1)
-    assert s.find("x")[1]["payload"] == "new"  # type: ignore[index]
+    assert (counts["pending"], counts["completed"]) == (0, 2) if new_one_popped else (1, 1)
+    assert s.find("x")[0] == ("completed" if new_one_popped else "pending")  # type: ignore[index]
+
+
+def test_unpop_after_the_record_expired_takes_back_the_completion() -> None:
+    """With a short retention (0 expires it at the next write), the record is
+    gone before the undo lands: the completion is not counted either."""
+    s = fresh(retention=10)
+    s.enqueue([JobSpec("p", id="x")], T0)
+    [popped] = s.pop("w", 1, T0)
+    s.expire(T0 + 11)
+    assert s.unpop(popped, T0 + 12) is True
+    counts = s.counts(T0 + 12)
+    assert (counts["pending"], counts["completed"], counts["total"]) == (1, 0, 1)
 
 
 class CountingView:

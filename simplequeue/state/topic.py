@@ -521,17 +521,21 @@ class TopicState(Layout):
 
     def unpop(self, job: Job, now: float) -> bool:
         """Give back a popped job (as pop() answered it) whose caller went away
-        before it was answered: its completion is forgotten, and it is pending
-        again at once with the attempt uncounted. False, changing nothing, when
-        its id stands for something else by now (its record expired, and a new
-        job took the id)."""
+        before it was answered: its completion is forgotten (its record, if not
+        expired yet, and its count), and it is pending again at once with the
+        attempt uncounted. False, changing nothing, when its id stands for
+        another job by now (the record expired, and a new job took the id)."""
         job_id = job["id"]
-        records = [p for p in self.retained.locate(job_id) if p.item["status"] == "completed"]
+        records = [
+            p
+            for p in self.retained.locate(job_id)
+            if p.item["status"] == "completed" and p.item["created_at"] == job["created_at"]
+        ]
         if records:
             self.retained.remove(records[-1])
-            self.head["counters"]["completed"] -= 1
         elif self.exists(job_id):
             return False
+        self.head["counters"]["completed"] -= 1
         self.dirty = True
         job = {k: v for k, v in job.items() if k not in _CLAIM_FIELDS}
         job["attempts"] -= 1
