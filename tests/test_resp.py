@@ -568,6 +568,49 @@ async def test_a_client_that_leaves_while_its_claim_is_completed_loses_no_job(
         assert (await http.status("b"))["completed"] == 0
 
 
+async def test_xreadgroup_noack_on_several_streams_answers_one_so_a_hangup_loses_none(
+    start_broker: StartBroker,
+) -> None:
+    """Streams completed one after another could not all be given back: the
+    first completed and answered, a hangup during the next one's completion
+    left it done for nobody. A NOACK reply holds the first stream in order
+    with entries; the other streams' jobs stay pending."""
+    store = FaultyStore(MemStore(), target=keys.head("a"))
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    read = ("XREADGROUP", "GROUP", "g", "c", "NOACK", "STREAMS", "a", "b", ">", ">")
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        for topic in ("a", "b", "a", "b"):
+            code, _ = await http.call("POST", f"/topics/{topic}/enqueue", {"payload": {"t": topic}})
+            assert code == 201
+        r = connect(broker, protocol=2)
+        try:
+            [[stream, entries]] = await r.execute_command(*read)
+        finally:
+            await r.aclose()
+        assert (stream, len(entries)) == (b"a", 2)
+        b = await http.status("b")
+        assert (b["pending"], b["claimed"]) == (2, 0)
+        # The client leaves while a's completion is being written.
+        for topic in ("a", "b"):
+            await http.call("POST", f"/topics/{topic}/enqueue", {"payload": {"t": topic}})
+        store.faults = ["ok", "held"]  # a's claim lands, its completion is held
+        leaver = await Raw.open(port_of(broker))
+        await leaver.send(*read)
+        await store.holding.wait()
+        await leaver.close()
+        assert broker.redis is not None
+        server = broker.redis
+        await until(lambda: not server.connections)
+        store.held.set()
+        deadline = time.monotonic() + 10
+        while (await http.status("a"))["pending"] != 1:
+            assert time.monotonic() < deadline, "a's job was not given back"
+            await asyncio.sleep(0.01)
+        b = await http.status("b")
+        assert (b["pending"], b["claimed"], b["completed"]) == (3, 0, 0)
+
+
 async def test_a_client_that_leaves_with_requests_queued_behind_its_blpop_takes_no_job(
     broker: Broker, raw: Raw, other: redis.Redis
 ) -> None:

@@ -592,10 +592,20 @@ async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
         jobs = await session.engine.claim(topic, read.consumer, count=read.count)
         if jobs:
             got[topic] = jobs
+            if read.noack:  # one stream per NOACK reply: see below
+                break
     while not got and (wait := _left(deadline)) > 0:
         got = await _race(session, read.topics, read.count, wait)
     if not got:
         return NULL_ARRAY
+    if read.noack:
+        # Its entries are completed as they are handed out, in one commit that
+        # is undone if the client leaves first. Streams completed one after
+        # another could not all be undone: the first in order is answered, the
+        # others' claims go back, uncounted.
+        _, *others = (t for t in read.topics if t in got)
+        for topic in others:
+            await _give_back(session, topic, got.pop(topic))
     return await _entries(session, got, read.noack)
 
 
