@@ -642,6 +642,25 @@ async def test_a_client_queuing_too_much_behind_a_blocking_command_is_closed(
     await raw.close()
 
 
+async def test_the_queue_behind_blocking_commands_is_capped_across_them(
+    raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Short BLPOPs one after another, each with less than the cap sent
+    during it: what waits behind them all still counts."""
+    monkeypatch.setattr(connection, "QUEUED_BEHIND_BLOCKING", 128 * 1024)
+    waits = 12
+    await raw.write(b"".join(hiredis.pack_command(("BLPOP", "q", "0.05")) for _ in range(waits)))
+    echoes = hiredis.pack_command(("ECHO", "x" * 1024)) * 48  # ~58 KiB queued each time
+    answered = 0
+    with contextlib.suppress(ConnectionError, AssertionError):
+        for _ in range(waits):
+            await raw.write(echoes)
+            await raw.reply_bytes()  # that BLPOP timed out (or the connection closed)
+            answered += 1
+    assert answered < waits
+    await raw.close()
+
+
 # --- streams ---------------------------------------------------------------------------
 
 

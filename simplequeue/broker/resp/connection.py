@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 64 * 1024
 QUEUED_FRAMES = 128  # parsed requests waiting per connection (and one read's worth more)
 # ... except behind a blocking command, which must see its client leave: then
-# reading goes on, and a client with more than this queued behind it is closed
-# (as Redis closes one past its client-query-buffer-limit).
-QUEUED_BEHIND_BLOCKING = 64 * 1024 * 1024  # bytes of requests
+# reading goes on, and a client with more than this queued (in bytes of memory,
+# the requests' own and about as much again for small ones' objects) is closed,
+# as Redis closes one past its client-query-buffer-limit.
+QUEUED_BEHIND_BLOCKING = 64 * 1024 * 1024
 OUTPUT_HIGH_WATER = 64 * 1024 * 1024  # replies buffered for a client that does not read
 SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
 MAX_GROUP = 256  # pipelined writes run together at most
@@ -42,6 +43,41 @@ Frame = list[bytes] | RespError | None  # a request, an unparseable one, or the 
 
 class Hangup(Exception):
     """A blocking command gave up: the client left, or the server is stopping."""
+
+
+class Frames:
+    """The requests one connection's read loop parsed and its run loop has not
+    taken yet, with the memory they hold."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[tuple[Frame, int]] = asyncio.Queue()
+        self.bytes = 0
+
+    def put(self, frame: Frame) -> None:
+        size = _size(frame)
+        self.bytes += size
+        self._queue.put_nowait((frame, size))
+
+    async def get(self) -> Frame:
+        frame, size = await self._queue.get()
+        self.bytes -= size
+        return frame
+
+    def get_nowait(self) -> Frame:
+        frame, size = self._queue.get_nowait()
+        self.bytes -= size
+        return frame
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+    def __len__(self) -> int:
+        return self._queue.qsize()
+
+
+def _size(frame: Frame) -> int:
+    """About the memory a parsed request holds: its arguments, and their objects."""
+    return 0 if not isinstance(frame, list) else 56 + sum(len(arg) + 41 for arg in frame)
 
 
 # --- connections ---------------------------------------------------------------------------
@@ -63,7 +99,6 @@ class Connection:
     # Set when the read loop may queue more: frames were taken, or a blocking
     # command started.
     room: asyncio.Event = field(default_factory=asyncio.Event)
-    read_while_blocked: int = 0  # bytes read since the blocking command began
 
     @property
     def id(self) -> int:
@@ -73,7 +108,7 @@ class Connection:
         """Execute requests in order until the client leaves or sends garbage, or a
         command closes the connection (QUIT, the last failed AUTH allowed)."""
         self.writer.transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER)
-        frames: asyncio.Queue[Frame] = asyncio.Queue()  # bounded by _read_requests
+        frames = Frames()  # bounded by _read_requests
         reading = asyncio.create_task(self._read(frames), name=f"resp-read-{self.id}")
         try:
             ahead: list[Frame] = []  # taken from frames, not run
@@ -118,35 +153,33 @@ class Connection:
             return True  # refused before it reaches a topic
         return self.session.engine.served_here(topic)
 
-    async def _read(self, frames: asyncio.Queue[Frame]) -> None:
+    async def _read(self, frames: Frames) -> None:
         try:
             await self._read_requests(frames)
         except (ConnectionError, OSError):
             pass  # the client went away
         except RespError as exc:
-            await frames.put(exc)
+            frames.put(exc)
         except Exception:  # not expected: the connection ends, it does not hang
             log.exception("RESP connection %s: reading its requests failed", self.id)
         self.hangup.set()
-        await frames.put(None)
+        frames.put(None)
 
-    async def _read_requests(self, frames: asyncio.Queue[Frame]) -> None:
+    async def _read_requests(self, frames: Frames) -> None:
         requests = Requests(self.server.settings.max_body)
         while data := await self.reader.read(READ_CHUNK):
-            if self.blocking:
-                self.read_while_blocked += len(data)
-                if self.read_while_blocked > QUEUED_BEHIND_BLOCKING:
-                    raise RespError("ERR", "too many requests queued behind a blocking one")
             for request in requests.feed(data):
-                frames.put_nowait(request)
+                frames.put(request)
             if requests.failed is not None:  # after the requests before it
                 raise requests.failed
             # Up to QUEUED_FRAMES, then wait for the run loop to take some:
             # unless it is in a blocking command, which needs this loop to see
             # the client leave (a job it took then would be lost).
-            while frames.qsize() >= QUEUED_FRAMES and not self.blocking:
+            while len(frames) >= QUEUED_FRAMES and not self.blocking:
                 self.room.clear()
                 await self.room.wait()
+            if self.blocking and frames.bytes > QUEUED_BEHIND_BLOCKING:
+                raise RespError("ERR", "too many requests queued behind a blocking one")
 
     def _send(self, reply: Reply) -> None:
         out = bytearray()
@@ -182,7 +215,7 @@ class Connection:
         a cancelled claim."""
         task = asyncio.ensure_future(work)
         hangup = asyncio.create_task(self.hangup.wait())
-        self.blocking, self.read_while_blocked = True, 0
+        self.blocking = True
         self.room.set()
         try:
             await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -196,9 +229,7 @@ class Connection:
             await asyncio.gather(task, hangup, return_exceptions=True)
 
 
-def _pipelined_group(
-    first: list[bytes], frames: asyncio.Queue[Frame], ahead: list[Frame]
-) -> list[list[bytes]]:
+def _pipelined_group(first: list[bytes], frames: Frames, ahead: list[Frame]) -> list[list[bytes]]:
     """`first`, and the pipelined writes that follow it and have arrived already.
     They run together, so they share commits: they reach the committer in order,
     and their replies go out in order. A frame that does not belong is put back
