@@ -208,7 +208,7 @@ async def test_a_broker_reaps_topics_it_never_touched(broker_process: Any, tmp_p
         (["--lease", "-1"], "--lease"),
         (["--batch-wait", "-5"], "--batch-wait"),
         (["--batch-wait", "soon"], "--batch-wait"),
-        (["--token", "has space"], "--token"),  # no client could send it
+        (["--token", "two\nlines"], "--token"),  # no client could send it
         (["--advertise-url", "127.0.0.1:8080"], "--advertise-url"),  # no scheme
     ],
 )

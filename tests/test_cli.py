@@ -169,6 +169,9 @@ async def test_bad_input_fails_with_one_line_and_no_traceback(
         (("--broker", "http://[::1", "status"), "Invalid value for '--broker'"),
         (("--broker", "localhost:8080", "status"), "Invalid value for '--broker'"),
         (("--token", "two\nlines", "status"), "Invalid value for '--token'"),
+        # Bytes that are not UTF-8, as a shell passes them (os.fsdecode: surrogates)
+        (("ack", "a", "--result", os.fsdecode(b"\xe9")), "not UTF-8"),
+        (("enqueue", os.fsdecode(b"caf\xe9")), "not UTF-8"),
         # An integer past 64 bits stays one (not a float, another value) and
         # is refused by the broker with its reason.
         (("enqueue", '{"n": ' + "9" * 30 + "}"), "cannot be stored"),

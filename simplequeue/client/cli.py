@@ -95,8 +95,9 @@ NOT_JSON = (msgspec.DecodeError, msgspec.ValidationError)
 
 def parse_payload(text: str) -> Any:
     """JSON if it parses as JSON, else the text itself as a string."""
+    data = utf8(text, "PAYLOAD")
     try:
-        return loads(text)
+        return loads(data)
     except NOT_JSON:
         return text
 
@@ -105,9 +106,18 @@ def parse_json_option(text: str | None, name: str) -> Any:
     if text is None:
         return None
     try:
-        return loads(text)
+        return loads(utf8(text, name))
     except NOT_JSON as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from None
+
+
+def utf8(text: str, name: str) -> bytes:
+    """An argument as UTF-8; a usage error for one that is not (Python keeps
+    the bytes it could not decode as surrogates, which nothing can send)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise click.BadParameter("not UTF-8 text", param_hint=name) from None
 
 
 class FiniteRange(click.FloatRange):
