@@ -485,10 +485,11 @@ async def test_a_redis_enqueue_the_owner_landed_but_answered_too_late_is_not_don
 async def test_a_pop_the_owner_did_but_answered_too_late_is_not_done_again(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A pop has no id to tell a repeat and no undo: served again by the broker
-    that passed it on, it handed out a second job while the first, completed
-    by the owner, went to nobody (lost). It is answered 503 "may have done"
-    instead, and only the owner's pop is done."""
+    """A pop has no id to tell a repeat (and its undo covers only a caller
+    gone before it landed): served again by the broker that passed it on, it
+    handed out a second job while the first, completed by the owner, went to
+    nobody (lost). It is answered 503 "may have done" instead, and only the
+    owner's pop is done."""
     store = MemStore()
     brokers = await cluster(start_broker, store, 2, forward_timeout=0.3)
     owner, other = owner_and_other(brokers, "t")
@@ -499,6 +500,49 @@ async def test_a_pop_the_owner_did_but_answered_too_late_is_not_done_again(
         status, body, _ = await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
     assert status == 503 and "may have done" in body["error"], body
     assert (await owner.engine.status("t"))["completed"] == 1
+
+
+async def test_a_complete_the_owner_did_but_answered_too_late_is_not_done_again(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Served again by the broker it was sent to, a complete of claims the
+    owner completed answered "none completed": its caller (a BLPOP on several
+    keys) handed the job to nobody."""
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    answer_too_late(monkeypatch, owner.engine, "complete")
+    async with Client(owner.url, topic="t") as q:
+        await q.enqueue("x", id="j1")
+        claimed = await q.claim("w")
+    assert claimed is not None
+    held = {"claims": [{"job_id": "j1", "lease_token": claimed.lease_token}]}
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(s, f"{other.url}/topics/t/complete", held)
+    assert status == 503 and "may have done" in body["error"], body
+    assert (await owner.engine.job("t", "j1"))["status"] == "completed"
+
+
+async def test_claims_are_completed_through_an_owner_older_than_complete(
+    start_broker: StartBroker,
+) -> None:
+    """During a rolling upgrade the owner may not know POST /complete yet (a
+    404): the claims are acked instead, as before it."""
+    import redis.asyncio as redis
+
+    from simplequeue.broker.http import Routes, _routes
+
+    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
+    owner, other = owner_and_other(brokers, "t")
+    api = owner.http_api
+    api.routes = Routes([r for r in _routes(api.page) if not r.path.endswith("/complete")])
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        await r.rpush("t", "a")
+        assert list(await r.blpop(["none", "t"], timeout=5)) == [b"t", b"a"]
+    finally:
+        await r.aclose()
+    counts = await owner.engine.status("t")
+    assert (counts["completed"], counts["claimed"]) == (1, 0)
 
 
 async def test_redis_pops_and_acks_the_owner_did_but_answered_too_late_are_not_done_again(

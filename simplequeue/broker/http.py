@@ -297,7 +297,9 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         request.path_qs,
         body or None,
         wait=wait,
-        repeatable=name != "pop",  # done twice, one job handed out, another lost
+        # Done twice, a pop hands out one job and loses another, a complete
+        # answers "not held" for the job it completed.
+        repeatable=name not in ("pop", "complete"),
     )
     if isinstance(got, Here):  # its owner, or the next when those before did not answer
         try:
