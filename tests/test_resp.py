@@ -568,6 +568,41 @@ async def test_a_client_that_leaves_while_its_claim_is_completed_loses_no_job(
         assert (await http.status("b"))["completed"] == 0
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("BLPOP", "a", "b", "20"), ("XREADGROUP", "GROUP", "g", "c", "NOACK", "STREAMS", "b", ">")],
+    ids=["blpop-keys", "xreadgroup-noack"],
+)
+async def test_a_claim_whose_client_leaves_before_its_completion_commits_goes_back(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, http: Http, command: tuple[str, ...]
+) -> None:
+    """Claimed, then the client leaves while the completing commit waits its
+    turn (not applied, so there is nothing to undo): the claim went to nobody
+    and held the job for its whole lease, an attempt spent."""
+    assert broker.redis is not None
+    server = broker.redis
+    waiting = asyncio.Event()
+
+    async def queued(topic: str, jobs: list[dict[str, Any]]) -> list[str]:
+        waiting.set()
+        await asyncio.Event().wait()  # behind a batch that never ends
+        raise AssertionError("unreachable")
+
+    code, _ = await http.call("POST", "/topics/b/enqueue", {"payload": {"n": 1}, "id": "j1"})
+    assert code == 201
+    monkeypatch.setattr(server.engine, "complete", queued)
+    leaver = await Raw.open(port_of(broker))
+    await leaver.send(*command)
+    await waiting.wait()
+    await leaver.close()
+    await until(lambda: not server.connections)
+    deadline = time.monotonic() + 10
+    while (await http.status("b"))["pending"] != 1:
+        assert time.monotonic() < deadline, "the claim was not given back"
+        await asyncio.sleep(0.01)
+    assert (await http.job("b", "j1"))["attempts"] == 0
+
+
 async def test_xreadgroup_noack_on_several_streams_answers_one_so_a_hangup_loses_none(
     start_broker: StartBroker,
 ) -> None:

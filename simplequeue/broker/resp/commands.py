@@ -17,7 +17,7 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -497,7 +497,8 @@ async def blpop(session: Session, args: list[bytes]) -> Reply:
         if found is None:
             return NULL_ARRAY
         topic, job = found
-        values = await _complete(session, topic, [job])
+        with _or_given_back(session, {topic: [job]}):
+            values = await _complete(session, topic, [job])
         if values:
             return [topic, values[0]]
 
@@ -514,8 +515,9 @@ async def _claim_one(
         if got:
             first, *others = (t for t in topics if t in got)
             # Two keys won at once: one answer; the rest go back uncounted.
-            for topic in others:
-                await _give_back(session, topic, got[topic])
+            with _or_given_back(session, got):
+                for topic in others:
+                    await _give_back(session, topic, got[topic])
             return first, got[first][0]
     return None
 
@@ -532,18 +534,25 @@ async def _race(
     tasks = {
         t: asyncio.ensure_future(engine.claim(t, worker, count=count, wait=wait)) for t in topics
     }
+
+    async def settle() -> tuple[dict[str, list[Any]], list[BaseException]]:
+        for task in tasks.values():
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        got = {t: r for t, r in zip(tasks, outcomes, strict=True) if isinstance(r, list) and r}
+        return got, [r for r in outcomes if isinstance(r, Exception)]
+
     try:
         pending: set[asyncio.Future[Any]] = set(tasks.values())
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if any(d.exception() is not None or d.result() for d in done):
                 break
-    finally:
-        for task in tasks.values():
-            task.cancel()
-        outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
-    got = {t: r for t, r in zip(tasks, outcomes, strict=True) if isinstance(r, list) and r}
-    failed = [r for r in outcomes if isinstance(r, Exception)]
+    except BaseException:  # cancelled: the client left; what was claimed goes back
+        got, _ = await settle()
+        _give_back_later(session, got)
+        raise
+    got, failed = await settle()
     if not got and failed:
         raise failed[0]
     return got
@@ -552,6 +561,32 @@ async def _race(
 async def _give_back(session: Session, topic: str, jobs: list[dict[str, Any]]) -> None:
     with contextlib.suppress(SimpleQueueError):
         await session.engine.release(topic, jobs)
+
+
+_giving_back: set[asyncio.Task[Any]] = set()  # referenced until done
+
+
+def _give_back_later(session: Session, got: dict[str, list[dict[str, Any]]]) -> None:
+    """Give claims back in the background: the command that took them is
+    ending (its client left), and its connection need not wait for a write."""
+    for topic, jobs in got.items():
+        task = asyncio.create_task(_give_back(session, topic, jobs))
+        _giving_back.add(task)
+        task.add_done_callback(_giving_back.discard)
+
+
+@contextlib.contextmanager
+def _or_given_back(session: Session, got: dict[str, list[dict[str, Any]]]) -> Iterator[None]:
+    """Claims a command hands out in the block: if it fails or is cancelled
+    (the client left), they go back to pending, uncounted. A claim completed
+    meanwhile is not held any more and is left alone (the engine undoes a
+    completion nobody was answered)."""
+    held = dict(got)  # as they are now: the block may take some out
+    try:
+        yield
+    except BaseException:
+        _give_back_later(session, held)
+        raise
 
 
 @command("LLEN", 1, first_key=1)
@@ -598,15 +633,16 @@ async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
         got = await _race(session, read.topics, read.count, wait)
     if not got:
         return NULL_ARRAY
-    if read.noack:
-        # Its entries are completed as they are handed out, in one commit that
-        # is undone if the client leaves first. Streams completed one after
-        # another could not all be undone: the first in order is answered, the
-        # others' claims go back, uncounted.
-        _, *others = (t for t in read.topics if t in got)
-        for topic in others:
-            await _give_back(session, topic, got.pop(topic))
-    return await _entries(session, got, read.noack)
+    with _or_given_back(session, got):
+        if read.noack:
+            # Its entries are completed as they are handed out, in one commit
+            # that is undone if the client leaves first. Streams completed one
+            # after another could not all be undone: the first in order is
+            # answered, the others' claims go back, uncounted.
+            _, *others = (t for t in read.topics if t in got)
+            for topic in others:
+                await _give_back(session, topic, got.pop(topic))
+        return await _entries(session, got, read.noack)
 
 
 @dataclass(frozen=True)
