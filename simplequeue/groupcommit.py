@@ -215,6 +215,7 @@ class GroupCommitter:
         self._topics: dict[str, _Topic] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._aborted = False  # abort(): nothing of this committer runs after it
         self._corrupt_logged: set[str] = set()
 
     # --- public interface -------------------------------------------------------
@@ -364,7 +365,7 @@ class GroupCommitter:
         for a stop that cannot wait for the store any longer. Their callers
         get StoreUnavailable. A write already sent may still land: it lands
         whole or not at all, and nothing of this committer's runs after."""
-        self._closing = True
+        self._closing = self._aborted = True
         for task in self._background:
             task.cancel()
         error = StoreUnavailable(
@@ -714,7 +715,10 @@ class GroupCommitter:
         return out
 
     async def _undo(self, topic: str, mutation: Mutation[Any]) -> None:
-        """Commit an undo, closing or not: close() waits for it."""
+        """Commit an undo, closing or not: close() waits for it (abort() not)."""
+        if self._aborted:
+            log.warning("not undoing an abandoned mutation on %s: the broker stopped", topic)
+            return
         try:
             await self._topic(topic).batcher.submit(_Op(mutation, None, True))
         except SimpleQueueError as exc:

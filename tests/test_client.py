@@ -151,6 +151,8 @@ async def test_a_token_with_inner_spaces_or_beyond_ascii_is_sent(
         ({"url": "ftp://host"}, "not a broker URL"),
         ({"url": "http://127.0.0.1:8080", "token": "two\nlines"}, "no control characters"),
         ({"url": "http://127.0.0.1:8080", "token": "spaced "}, "no space at either end"),
+        # an argument or variable whose bytes were not UTF-8 (surrogates)
+        ({"url": "http://127.0.0.1:8080", "token": "tok\udcff"}, "UTF-8 text"),
     ],
 )
 def test_a_client_refuses_a_url_or_token_it_could_not_send(

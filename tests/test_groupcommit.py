@@ -281,6 +281,30 @@ async def test_a_pop_abandoned_as_the_broker_stops_is_given_back_before_it_stops
     assert (await after.status("t"))["completed"] == 0
 
 
+async def test_an_undo_due_as_the_committer_aborts_writes_nothing_after() -> None:
+    """close() ran out of time with a pop's write in flight; abort() began as
+    that write was answered: the pop's undo was still posted, and written
+    after abort() returned (after the broker closed its store)."""
+    store = FaultyStore(MemStore())
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec("x", id="j1")])
+    store.gate = asyncio.Event()
+    store.put_started.clear()
+    leaving = asyncio.create_task(q.pop("t", "leaver"))
+    await store.put_started.wait()
+    leaving.cancel()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):  # Broker.stop's commit budget
+            await q.committer.close()
+    store.gate.set()  # the pop's write is answered as abort() begins
+    store.gate = later = asyncio.Event()  # a head write after it would wait here
+    store.put_started.clear()
+    await q.committer.abort()
+    await asyncio.sleep(0.1)  # what a stray undo needs to reach the store
+    later.set()
+    assert not store.put_started.is_set(), "an undo was written after abort()"
+
+
 async def test_replaced_broker_learns_it_from_the_next_conflicting_write() -> None:
     shared = MemStore()
     old, new = engine_on(shared, "old", epoch=1), engine_on(shared, "new", epoch=2)
