@@ -230,18 +230,25 @@ async def test_caller_that_goes_away_does_not_fail_its_batch_and_its_claim_is_re
     assert (await q.job("t", "j1"))["attempts"] == 0
 
 
-async def test_a_pop_whose_caller_went_away_mid_commit_is_given_back_not_done() -> None:
-    """A pop completes its job in the commit that takes it; a caller that
-    left before the answer (a BLPOP's client hanging up) never got the job,
-    so the commit is undone: pending again, not completed, attempt uncounted."""
-    store = FaultyStore(MemStore())
-    q = engine_on(store)
+async def pop_left_mid_write(q: Engine, store: FaultyStore) -> asyncio.Task[Any]:
+    """A pop of job j1 ("x"), cancelled while its write is held at the store
+    (store.gate: set it to let the write land); the cancelled task."""
     await q.enqueue("t", [JobSpec("x", id="j1")])
     store.gate = asyncio.Event()
     store.put_started.clear()
     leaving = asyncio.create_task(q.pop("t", "leaver"))
     await store.put_started.wait()
     leaving.cancel()
+    return leaving
+
+
+async def test_a_pop_whose_caller_went_away_mid_commit_is_given_back_not_done() -> None:
+    """A pop completes its job in the commit that takes it; a caller that
+    left before the answer (a BLPOP's client hanging up) never got the job,
+    so the commit is undone: pending again, not completed, attempt uncounted."""
+    store = FaultyStore(MemStore())
+    q = engine_on(store)
+    leaving = await pop_left_mid_write(q, store)
     store.gate.set()
     with pytest.raises(asyncio.CancelledError):
         await leaving
@@ -264,12 +271,7 @@ async def test_a_pop_abandoned_as_the_broker_stops_is_given_back_before_it_stops
     returns, not refused as "shutting down" (the job done for nobody)."""
     store = FaultyStore(MemStore())
     q = engine_on(store)
-    await q.enqueue("t", [JobSpec("x", id="j1")])
-    store.gate = asyncio.Event()
-    store.put_started.clear()
-    leaving = asyncio.create_task(q.pop("t", "leaver"))
-    await store.put_started.wait()
-    leaving.cancel()
+    leaving = await pop_left_mid_write(q, store)
     closing = asyncio.create_task(q.committer.close())
     await asyncio.sleep(0)  # close() began
     store.gate.set()
@@ -287,12 +289,7 @@ async def test_an_undo_due_as_the_committer_aborts_writes_nothing_after() -> Non
     after abort() returned (after the broker closed its store)."""
     store = FaultyStore(MemStore())
     q = engine_on(store)
-    await q.enqueue("t", [JobSpec("x", id="j1")])
-    store.gate = asyncio.Event()
-    store.put_started.clear()
-    leaving = asyncio.create_task(q.pop("t", "leaver"))
-    await store.put_started.wait()
-    leaving.cancel()
+    leaving = await pop_left_mid_write(q, store)
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.05):  # Broker.stop's commit budget
             await q.committer.close()
@@ -303,6 +300,8 @@ async def test_an_undo_due_as_the_committer_aborts_writes_nothing_after() -> Non
     await asyncio.sleep(0.1)  # what a stray undo needs to reach the store
     later.set()
     assert not store.put_started.is_set(), "an undo was written after abort()"
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
 
 
 async def test_replaced_broker_learns_it_from_the_next_conflicting_write() -> None:

@@ -169,6 +169,23 @@ async def blocked(broker: Broker, n: int = 1) -> None:
     await until(lambda: sum(c.busy for c in server.connections) >= n)
 
 
+async def hang_up(broker: Broker, client: Raw) -> None:
+    """Close `client`'s connection, and wait until the broker saw it go."""
+    await client.close()
+    assert broker.redis is not None
+    server = broker.redis
+    await until(lambda: not server.connections)
+
+
+async def pending_again(http: Http, topic: str, count: int = 1) -> None:
+    """Until `topic` has `count` pending jobs: what a client that left took,
+    given back (by a commit of its own, after the one that took it)."""
+    deadline = time.monotonic() + 10
+    while (await http.status(topic))["pending"] != count:
+        assert time.monotonic() < deadline, f"{topic}: the job was not given back"
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture(scope="session")
 def redis_cli() -> str:
     path = shutil.which("redis-cli")
@@ -450,15 +467,17 @@ async def test_blpop_on_several_keys_is_woken_by_any_and_leaves_the_others_alone
     assert await other.lpop("a") == b"y"
 
 
+@pytest.mark.parametrize("behind", [0, QUEUED_FRAMES * 2], ids=["alone", "requests-behind"])
 async def test_a_client_that_leaves_during_blpop_takes_no_job(
-    broker: Broker, raw: Raw, other: redis.Redis, http: Http
+    broker: Broker, raw: Raw, other: redis.Redis, behind: int
 ) -> None:
-    await raw.send("BLPOP", "q", "20")
+    """With more requests behind the BLPOP than the connection queues too:
+    reading goes on behind a blocking command, so the broker still sees the
+    client leave (it stopped reading, and the BLPOP took a job for nobody)."""
+    pings = b"".join(hiredis.pack_command(("PING",)) for _ in range(behind))
+    await raw.write(hiredis.pack_command(("BLPOP", "q", "20")) + pings)
     await blocked(broker)
-    await raw.close()
-    assert broker.redis is not None
-    server = broker.redis
-    await until(lambda: not server.connections)
+    await hang_up(broker, raw)
     await other.rpush("q", "kept")
     assert await other.lpop("q") == b"kept"
 
@@ -479,15 +498,9 @@ async def test_a_client_that_leaves_while_its_blpop_commits_loses_no_job(
         leaver = await Raw.open(port_of(broker))
         await leaver.send("BLPOP", "q", "20")
         await store.put_started.wait()  # its pop is being written
-        await leaver.close()
-        assert broker.redis is not None
-        server = broker.redis
-        await until(lambda: not server.connections)  # the broker saw it leave
+        await hang_up(broker, leaver)
         store.gate.set()
-        deadline = time.monotonic() + 10
-        while (await http.status("q"))["pending"] != 1:
-            assert time.monotonic() < deadline, "the popped job was not given back"
-            await asyncio.sleep(0.01)
+        await pending_again(http, "q")
         job = await http.job("q", "j1")
         assert (job["status"], job["attempts"]) == ("pending", 0)
         assert (await http.status("q"))["completed"] == 0
@@ -554,15 +567,9 @@ async def test_a_client_that_leaves_while_its_claim_is_completed_loses_no_job(
         leaver = await Raw.open(port_of(broker))
         await leaver.send(*command)
         await store.holding.wait()
-        await leaver.close()
-        assert broker.redis is not None
-        server = broker.redis
-        await until(lambda: not server.connections)  # the broker saw it leave
+        await hang_up(broker, leaver)
         store.held.set()
-        deadline = time.monotonic() + 10
-        while (await http.status("b"))["pending"] != 1:
-            assert time.monotonic() < deadline, "the completed job was not given back"
-            await asyncio.sleep(0.01)
+        await pending_again(http, "b")
         job = await http.job("b", "j1")
         assert (job["status"], job["attempts"]) == ("pending", 0)
         assert (await http.status("b"))["completed"] == 0
@@ -594,12 +601,8 @@ async def test_a_claim_whose_client_leaves_before_its_completion_commits_goes_ba
     leaver = await Raw.open(port_of(broker))
     await leaver.send(*command)
     await waiting.wait()
-    await leaver.close()
-    await until(lambda: not server.connections)
-    deadline = time.monotonic() + 10
-    while (await http.status("b"))["pending"] != 1:
-        assert time.monotonic() < deadline, "the claim was not given back"
-        await asyncio.sleep(0.01)
+    await hang_up(broker, leaver)
+    await pending_again(http, "b")
     assert (await http.job("b", "j1"))["attempts"] == 0
 
 
@@ -633,34 +636,11 @@ async def test_xreadgroup_noack_on_several_streams_answers_one_so_a_hangup_loses
         leaver = await Raw.open(port_of(broker))
         await leaver.send(*read)
         await store.holding.wait()
-        await leaver.close()
-        assert broker.redis is not None
-        server = broker.redis
-        await until(lambda: not server.connections)
+        await hang_up(broker, leaver)
         store.held.set()
-        deadline = time.monotonic() + 10
-        while (await http.status("a"))["pending"] != 1:
-            assert time.monotonic() < deadline, "a's job was not given back"
-            await asyncio.sleep(0.01)
+        await pending_again(http, "a")
         b = await http.status("b")
         assert (b["pending"], b["claimed"], b["completed"]) == (3, 0, 0)
-
-
-async def test_a_client_that_leaves_with_requests_queued_behind_its_blpop_takes_no_job(
-    broker: Broker, raw: Raw, other: redis.Redis
-) -> None:
-    """More requests behind the BLPOP than the connection queues: reading
-    goes on behind a blocking command, so the broker still sees the client
-    leave, and the BLPOP does not take a job for nobody."""
-    pings = b"".join(hiredis.pack_command(("PING",)) for _ in range(QUEUED_FRAMES * 2))
-    await raw.write(hiredis.pack_command(("BLPOP", "q", "20")) + pings)
-    await blocked(broker)
-    await raw.close()
-    assert broker.redis is not None
-    server = broker.redis
-    await until(lambda: not server.connections)
-    await other.rpush("q", "kept")
-    assert await other.lpop("q") == b"kept"
 
 
 async def test_a_client_queuing_too_much_behind_a_blocking_command_is_closed(
