@@ -436,17 +436,11 @@ def check_token(token: str) -> str:
     """`token` if a client can send it in a header, else ValueError."""
     if not _TOKEN_RE.match(token):
         raise ValueError("a token has no control characters, and no space at either end")
-    if not _encodable(token):  # bytes that were not UTF-8, kept as surrogates
-        raise ValueError("a token is UTF-8 text")
-    return token
-
-
-def _encodable(text: str) -> bool:
     try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+        token.encode()
+    except UnicodeEncodeError:  # bytes that were not UTF-8, kept as surrogates
+        raise ValueError("a token is UTF-8 text") from None
+    return token
 
 
 def check_broker_url(url: str) -> str:

@@ -270,7 +270,7 @@ class Router:
         return _decode(got, _Jobs)["jobs"]
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None:
-        body = api.ReleaseRequest([api.Held(j["id"], j["lease_token"]) for j in jobs])
+        body = api.ReleaseRequest(_held(jobs))
         got = await self._route(topic, "POST", "/release", body)
         if got is None:
             await self.engine.release(topic, jobs)
@@ -279,7 +279,7 @@ class Router:
 
     async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
         # Not repeated: done here after an owner that did it, it completes nothing.
-        body = api.CompleteRequest([api.Held(j["id"], j["lease_token"]) for j in jobs])
+        body = api.CompleteRequest(_held(jobs))
         got = await self._route(topic, "POST", "/complete", body, repeatable=False)
         if got is None:
             return await self.engine.complete(topic, jobs)
@@ -310,6 +310,11 @@ class Router:
 
 
 _Jobs = dict[str, list[dict[str, Any]]]
+
+
+def _held(jobs: list[dict[str, Any]]) -> list[api.Held]:
+    """Claims as a request names them (http.py's _claims reads them back)."""
+    return [api.Held(j["id"], j["lease_token"]) for j in jobs]
 
 
 def _decode(got: Answer, kind: type[T]) -> T:

@@ -391,7 +391,7 @@ async def push(call: Call) -> web.Response:
 async def release(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.ReleaseRequest)
-    held = [{"id": c.job_id, "lease_token": c.lease_token} for c in body.claims]
+    held = _claims(body.claims)
     await call.engine.release(topic, held)
     return reply({"released": len(held)})
 
@@ -399,8 +399,12 @@ async def release(call: Call) -> web.Response:
 async def complete(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.CompleteRequest)
-    held = [{"id": c.job_id, "lease_token": c.lease_token} for c in body.claims]
-    return reply({"completed": await call.engine.complete(topic, held)})
+    return reply({"completed": await call.engine.complete(topic, _claims(body.claims))})
+
+
+def _claims(held: list[api.Held]) -> list[dict[str, Any]]:
+    """A request's claims as the engine takes them (claimed jobs' id and token)."""
+    return [{"id": c.job_id, "lease_token": c.lease_token} for c in held]
 
 
 async def refresh(call: Call) -> web.Response:

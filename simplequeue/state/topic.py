@@ -392,8 +392,8 @@ class TopicState(Layout):
     def complete_claim(self, job_id: str, token: str, now: float) -> Job | None:
         """Complete a claim as pop() does, answering the job as pop() would
         (for unpop()); None, changing nothing, when `token` does not hold it."""
-        place = self._lease_of(job_id)
-        if place is None or place.item["lease_token"] != token:
+        place = self._held(job_id, token)
+        if place is None:
             return None
         job = self._with_payload(place.item)
         self.ack(job_id, token, None, now)
@@ -508,16 +508,27 @@ class TopicState(Layout):
     def unclaim(self, job_id: str, token: str, now: float) -> bool:
         """Give back a claim whose caller went away before it was answered: the
         job is pending again at once and the attempt does not count."""
-        place = self._lease_of(job_id)
-        if place is None or place.item["lease_token"] != token:
+        place = self._held(job_id, token)
+        if place is None:
             return False
         job = self._with_payload(place.item)
         self._drop_lease(place)
+        self._undelivered(job, now)
+        return True
+
+    def _held(self, job_id: str, token: str) -> Place | None:
+        """The lease of `job_id` if `token` holds it, else None (unlike
+        _holder(), no error: the caller gives up quietly)."""
+        place = self._lease_of(job_id)
+        return place if place is not None and place.item["lease_token"] == token else None
+
+    def _undelivered(self, job: Job, now: float) -> None:
+        """A job handed to nobody after all, pending again at once: its claim's
+        fields gone, the attempt uncounted."""
         job = {k: v for k, v in job.items() if k not in _CLAIM_FIELDS}
         job["attempts"] -= 1
         job["run_at"] = min(job["run_at"], now)
         self._push_pending(job)
-        return True
 
     def unpop(self, job: Job, now: float) -> bool:
         """Give back a popped job (as pop() answered it) whose caller went away
@@ -536,11 +547,7 @@ class TopicState(Layout):
         elif self.exists(job_id):
             return False
         self.head["counters"]["completed"] -= 1
-        self.dirty = True
-        job = {k: v for k, v in job.items() if k not in _CLAIM_FIELDS}
-        job["attempts"] -= 1
-        job["run_at"] = min(job["run_at"], now)
-        self._push_pending(job)
+        self._undelivered(job, now)
         return True
 
     # --- reaper -------------------------------------------------------------------------

@@ -513,11 +513,8 @@ async def _claim_one(
     while (wait := _left(deadline)) > 0:
         got = await _race(session, topics, 1, wait)
         if got:
-            first, *others = (t for t in topics if t in got)
-            # Two keys won at once: one answer; the rest go back uncounted.
             with _or_given_back(session, got):
-                for topic in others:
-                    await _give_back(session, topic, got[topic])
+                first = await _keep_first(session, topics, got)
             return first, got[first][0]
     return None
 
@@ -556,6 +553,15 @@ async def _race(
     if not got and failed:
         raise failed[0]
     return got
+
+
+async def _keep_first(session: Session, topics: list[str], got: dict[str, list[Any]]) -> str:
+    """Several topics won at once: the first of `topics` in `got` is kept (one
+    answer); the others' claims are taken out of `got` and go back uncounted."""
+    first, *others = (t for t in topics if t in got)
+    for topic in others:
+        await _give_back(session, topic, got.pop(topic))
+    return first
 
 
 async def _give_back(session: Session, topic: str, jobs: list[dict[str, Any]]) -> None:
@@ -637,11 +643,8 @@ async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
         if read.noack:
             # Its entries are completed as they are handed out, in one commit
             # that is undone if the client leaves first. Streams completed one
-            # after another could not all be undone: the first in order is
-            # answered, the others' claims go back, uncounted.
-            _, *others = (t for t in read.topics if t in got)
-            for topic in others:
-                await _give_back(session, topic, got.pop(topic))
+            # after another could not all be undone: one stream is answered.
+            await _keep_first(session, read.topics, got)
         return await _entries(session, got, read.noack)
 
 
