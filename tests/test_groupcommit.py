@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -206,6 +207,17 @@ async def test_endless_lost_races_end_in_contended_within_the_budget() -> None:
     assert (await head_of(store))["counters"]["enqueued"] == 1
 
 
+async def counts_once(q: Engine, ready: Callable[[dict[str, int]], bool]) -> dict[str, int]:
+    """Topic t's counts once `ready` says so (an undo lands in a later
+    commit, woken by it), or as they are after 5 s."""
+    for _ in range(100):
+        counts = await q.status("t")
+        if ready(counts):
+            return counts
+        await q.committer.wait_changed("t", 0.05)
+    return await q.status("t")
+
+
 async def test_caller_that_goes_away_does_not_fail_its_batch_and_its_claim_is_returned() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)
@@ -221,11 +233,7 @@ async def test_caller_that_goes_away_does_not_fail_its_batch_and_its_claim_is_re
     with pytest.raises(asyncio.CancelledError):
         await leaving
     # the abandoned claim is given back, with its attempt uncounted
-    for _ in range(100):
-        if (await q.status("t"))["claimed"] == 0:
-            break
-        await q.committer.wait_changed("t", 0.05)
-    counts = await q.status("t")
+    counts = await counts_once(q, lambda c: c["claimed"] == 0)
     assert (counts["claimed"], counts["pending"]) == (0, 3)
     assert (await q.job("t", "j1"))["attempts"] == 0
 
@@ -252,11 +260,7 @@ async def test_a_pop_whose_caller_went_away_mid_commit_is_given_back_not_done() 
     store.gate.set()
     with pytest.raises(asyncio.CancelledError):
         await leaving
-    for _ in range(100):
-        if (await q.status("t"))["pending"] == 1:
-            break
-        await q.committer.wait_changed("t", 0.05)
-    counts = await q.status("t")
+    counts = await counts_once(q, lambda c: c["pending"] == 1)
     assert (counts["pending"], counts["completed"], counts["total"]) == (1, 0, 1)
     job = await q.job("t", "j1")
     assert (job["status"], job["attempts"], job["payload"]) == ("pending", 0, "x")

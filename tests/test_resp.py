@@ -482,24 +482,46 @@ async def test_a_client_that_leaves_during_blpop_takes_no_job(
     assert await other.lpop("q") == b"kept"
 
 
+async def leave_while_completed(broker: Broker, store: FaultyStore, command: Any) -> None:
+    """A client sends `command`, whose claim lands (the next write of the
+    store's target), and leaves while the write completing it is held; then
+    that write lands."""
+    store.faults = ["ok", "held"]
+    leaver = await Raw.open(port_of(broker))
+    await leaver.send(*command)
+    await store.holding.wait()
+    await hang_up(broker, leaver)
+    store.held.set()
+
+
+async def blpop_being_written(start_broker: StartBroker) -> tuple[Broker, FaultyStore, Raw]:
+    """A broker whose topic q holds job j1 ("x"), and a client whose BLPOP's
+    pop of it is being written (held until store.gate is set)."""
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    async with aiohttp.ClientSession() as session:
+        code, _ = await Http(session, broker.url).call(
+            "POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"}
+        )
+        assert code == 201
+    store.gate = asyncio.Event()
+    store.put_started.clear()
+    client = await Raw.open(port_of(broker))
+    await client.send("BLPOP", "q", "20")
+    await store.put_started.wait()
+    return broker, store, client
+
+
 async def test_a_client_that_leaves_while_its_blpop_commits_loses_no_job(
     start_broker: StartBroker,
 ) -> None:
     """The pop that takes the job is being written when the client hangs up:
     the job was never answered to anyone, so it is pending again, not done."""
-    store = FaultyStore(MemStore())
-    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    broker, store, leaver = await blpop_being_written(start_broker)
+    await hang_up(broker, leaver)
+    store.gate.set()
     async with aiohttp.ClientSession() as session:
         http = Http(session, broker.url)
-        code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
-        assert code == 201
-        store.gate = asyncio.Event()
-        store.put_started.clear()
-        leaver = await Raw.open(port_of(broker))
-        await leaver.send("BLPOP", "q", "20")
-        await store.put_started.wait()  # its pop is being written
-        await hang_up(broker, leaver)
-        store.gate.set()
         await pending_again(http, "q")
         job = await http.job("q", "j1")
         assert (job["status"], job["attempts"]) == ("pending", 0)
@@ -517,18 +539,7 @@ async def test_a_broker_stopping_while_a_blpop_commits_gives_the_job_back(
     """A stop cancels the BLPOP whose pop is being written, and the write
     lands as the committer closes: the pop's undo lands too, before the stop
     ends (it was refused as "shutting down": the job done for nobody)."""
-    store = FaultyStore(MemStore())
-    broker = await start_broker(store, redis_addr="127.0.0.1:0")
-    async with aiohttp.ClientSession() as session:
-        code, _ = await Http(session, broker.url).call(
-            "POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"}
-        )
-        assert code == 201
-    store.gate = asyncio.Event()
-    store.put_started.clear()
-    client = await Raw.open(port_of(broker))
-    await client.send("BLPOP", "q", "20")
-    await store.put_started.wait()  # its pop is being written
+    broker, store, client = await blpop_being_written(start_broker)
     stopping = asyncio.create_task(broker.stop())
     assert broker.redis is not None
     server = broker.redis
@@ -563,12 +574,7 @@ async def test_a_client_that_leaves_while_its_claim_is_completed_loses_no_job(
         http = Http(session, broker.url)
         code, _ = await http.call("POST", "/topics/b/enqueue", {"payload": {"n": 1}, "id": "j1"})
         assert code == 201
-        store.faults = ["ok", "held"]  # the claim lands, its completion is held
-        leaver = await Raw.open(port_of(broker))
-        await leaver.send(*command)
-        await store.holding.wait()
-        await hang_up(broker, leaver)
-        store.held.set()
+        await leave_while_completed(broker, store, command)
         await pending_again(http, "b")
         job = await http.job("b", "j1")
         assert (job["status"], job["attempts"]) == ("pending", 0)
@@ -632,12 +638,7 @@ async def test_xreadgroup_noack_on_several_streams_answers_one_so_a_hangup_loses
         # The client leaves while a's completion is being written.
         for topic in ("a", "b"):
             await http.call("POST", f"/topics/{topic}/enqueue", {"payload": {"t": topic}})
-        store.faults = ["ok", "held"]  # a's claim lands, its completion is held
-        leaver = await Raw.open(port_of(broker))
-        await leaver.send(*read)
-        await store.holding.wait()
-        await hang_up(broker, leaver)
-        store.held.set()
+        await leave_while_completed(broker, store, read)  # a's claim, then its completion
         await pending_again(http, "a")
         b = await http.status("b")
         assert (b["pending"], b["claimed"], b["completed"]) == (3, 0, 0)
