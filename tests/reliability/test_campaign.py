@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from simplequeue.objstore.localfs import LocalStore
 from tests.conftest import BrokerProcess, faketime_env, open_s3, s3_broker_args, s3_endpoint
@@ -57,6 +59,21 @@ async def finish(load: Load, history: History, record: Record, **extra: Any) -> 
     counts = final.pop("__counts__")
     verdict = check(history, final, counts)
     record({**history.summary(), **verdict, **extra})
+
+
+async def commits_read_back(urls: list[str]) -> float:
+    """How many head writes the brokers at `urls` had to read back, their answer
+    lost or refused (simplequeue_commit_ambiguous in /metrics)."""
+    total = 0.0
+    async with aiohttp.ClientSession() as s:
+        for url in urls:
+            async with s.get(f"{url}/metrics") as r:
+                assert r.status == 200, url
+                text = await r.text()
+            for family in text_string_to_metric_families(text):
+                if family.name == "simplequeue_commit_ambiguous":
+                    total += sum(sample.value for sample in family.samples)
+    return total
 
 
 class Fleet:
@@ -263,6 +280,7 @@ async def test_s3_faults_and_outages_lose_nothing(
         await load.run(chaos)
         proxy.odds = Odds()  # read the verdict through a clean path
         history.faults.update(proxy.injected)
+        read_back = await commits_read_back(fleet.urls())
         await finish(
             load,
             history,
@@ -270,11 +288,17 @@ async def test_s3_faults_and_outages_lose_nothing(
             backend="s3",
             scenario="S3 faults via proxy + outages",
             proxy_forwarded=proxy.forwarded,
+            commits_read_back=read_back,
         )
     finally:
         await proxy.stop()
     assert sum(history.faults.values()) > 0
-    assert history.errors, "the faults never reached a client: the test proves nothing"
+    # The brokers hide most faults from their clients: a write whose answer was
+    # lost is read back, one refused by an outage is tried again for the whole
+    # commit budget. Whether a client still sees one (a 503, a replay) depends
+    # on timing (none did in one CI run). That the faults reached the commits
+    # does not:
+    assert read_back > 0, "no fault reached a commit: the test proves nothing"
 
 
 async def test_localfs_faults_and_outages_lose_nothing(
