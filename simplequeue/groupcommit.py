@@ -397,6 +397,11 @@ class GroupCommitter:
         self.cache.forget(doomed)
         return doomed
 
+    async def sweep_leftovers(self, older_than: float) -> int:
+        """Remove the store's leftovers of writes cut short, untouched for
+        `older_than` seconds (ObjectStore.sweep_leftovers); how many."""
+        return await self.store.sweep_leftovers(older_than)
+
     def cached(self, query: Callable[[TopicState, float], T]) -> dict[str, T]:
         """`query` answered for every topic this broker holds, from its cache as
         last committed (no I/O). A topic whose answer would need an object not

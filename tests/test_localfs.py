@@ -7,15 +7,20 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from simplequeue.errors import PreconditionFailed
 from simplequeue.objstore import content_etag
-from simplequeue.objstore.localfs import LocalStore
+from simplequeue.objstore.localfs import LocalStore, journal_path
 from tests.helpers.crash_writer import check
 from tests.helpers.fs_events import record_disk_events
+from tests.helpers.until import until
 
 HELPERS = Path(__file__).parent / "helpers"
 ROOT = Path(__file__).parent.parent
@@ -79,6 +84,58 @@ async def test_directory_with_foreign_files_lists_only_keys(tmp_path: Path) -> N
     await store.put("topics/a.json", b"{}")
     (tmp_path / "topics" / ".a.json.123.tmp").write_bytes(b"partial")
     assert await store.list() == ["topics/a.json"]
+
+
+def cut_short(store: LocalStore, key: str) -> Path:
+    """What a process killed between writing its temp file and renaming it
+    leaves beside `key`: the temp file (the kernel closes its descriptor)."""
+    tmp, fd, _ = store._write_temp(store.root / key, b'{"half": ')
+    os.close(fd)
+    return tmp
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+async def test_the_sweep_removes_what_writes_cut_short_left_once_it_is_old(
+    tmp_path: Path,
+) -> None:
+    """Temp files of writes whose process died stayed for ever (they are never
+    keys, so no sweep saw them). sweep_leftovers removes those untouched for
+    `older_than`; a write in progress, the objects and foreign files stay."""
+    store = LocalStore(tmp_path)
+    await store.put_if("topics/t.json", b"{}", if_none_match=True)
+    old, fresh = cut_short(store, "topics/t.json"), cut_short(store, "topics/t.json")
+    journal = journal_path(tmp_path / "topics" / "t.json")
+    new_journal = journal.with_name(f"{journal.name}.{uuid.uuid4().hex}.tmp")  # as _new_journal
+    new_journal.write_bytes(bytes(4096))
+    foreign = tmp_path / "topics" / ".t.json.123.tmp"  # not a name this store gives
+    foreign.write_bytes(b"someone else's")
+    for path in (old, new_journal, foreign):
+        age(path, 2 * 3600)
+
+    assert await store.sweep_leftovers(3600) == 2
+    assert not old.exists() and not new_journal.exists()
+    assert fresh.exists() and foreign.exists()
+    assert await store.get("topics/t.json") == (b"{}", content_etag(b"{}"))
+    assert await store.list() == ["topics/t.json"]
+
+
+async def test_a_broker_sweeps_the_leftovers_of_writes_cut_short(
+    start_broker: Callable[..., Awaitable[Any]], tmp_path: Path
+) -> None:
+    """Whichever process left them (a broker killed mid-write that never came
+    back), a broker's periodic sweep removes them once an hour old."""
+    store = LocalStore(tmp_path)
+    await store.put("scratch/obj", b"{}")
+    old, fresh = cut_short(store, "scratch/obj"), cut_short(store, "scratch/obj")
+    age(old, 2 * 3600)
+    age(fresh, 30 * 60)
+    await start_broker(LocalStore(tmp_path), sweep_interval=0.05)
+    await until(lambda: not old.exists())
+    assert fresh.exists()
 
 
 # --- what an operator does to the files, and a full disk -------------------------------

@@ -148,6 +148,14 @@ async def test_list_filters_by_prefix_and_sorts(store: ObjectStore) -> None:
     assert "broker.json" in await store.list()
 
 
+async def test_sweeping_leftovers_removes_no_key(store: ObjectStore) -> None:
+    keys = ["topics/a.json", "topics/a/seg-1.json", "broker.json"]
+    for key in keys:
+        await store.put(key, b"{}")
+    assert await store.sweep_leftovers(0.0) == 0  # no write was cut short
+    assert await store.list() == sorted(keys)
+
+
 @pytest.mark.parametrize("key", ["", "../x", "/abs", "a//b", "a/../b", ".hidden", "a/.b", "a b"])
 async def test_unsafe_keys_are_rejected_and_nothing_is_written(
     store: ObjectStore, key: str

@@ -35,6 +35,7 @@ from simplequeue.broker.server import Broker
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.faults import FaultyStore
+from tests.helpers.until import until
 
 StartBroker = Callable[..., Awaitable[Broker]]
 TOKEN = "s3cret-token"
@@ -152,14 +153,6 @@ async def raw(broker: Broker) -> AsyncIterator[Raw]:
     conn = await Raw.open(port_of(broker))
     yield conn
     await conn.close()
-
-
-async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
-    """Wait for a condition that has no event to await (another process's state)."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def blocked(broker: Broker, n: int = 1) -> None:

@@ -47,6 +47,9 @@ TEND_PARALLEL = 32  # topics tended at once
 @dataclass(frozen=True)
 class DutySettings:
     sweep_interval: float = 600.0  # seconds between sweeps of orphan objects
+    # Age at which a sweep removes a write's leftover temp file: no write takes
+    # that long, and one whose process was stopped that long fails unanswered.
+    leftover_age: float = 3600.0
     idle_check: float = 30.0  # seconds between evictions of idle topics from memory
     retry_failed: float = 5.0  # seconds before a topic whose reap failed is looked at again
 
@@ -309,11 +312,13 @@ class Duties:
     async def _sweep(self) -> None:
         """Sweep the topics this broker owns and wrote within two sweeps (an
         orphan is deleted at its second sighting; a topic nobody writes makes
-        none)."""
+        none), then the store's leftovers of writes cut short (whichever
+        broker's: one killed may never come back)."""
         horizon = time.monotonic() - 2 * self.settings.sweep_interval
         self._written = {t: at for t, at in self._written.items() if at >= horizon}
         owned = [t for t in sorted(self._written) if self.membership.owns(t)]
         await self.engine.sweep_all(owned)
+        await self.engine.sweep_leftovers(self.settings.leftover_age)
 
 
 def _owner(topic: str, live: tuple[Peer, ...]) -> Peer | None:

@@ -546,6 +546,11 @@ class Engine:
                 log.exception("sweeper: topic %s failed", topic)
         return deleted
 
+    async def sweep_leftovers(self, older_than: float) -> int:
+        """Remove what writes cut short left in the store (a broker killed
+        mid-write on localfs), untouched for `older_than` seconds; how many."""
+        return await self.committer.sweep_leftovers(older_than)
+
 
 SETTINGS = ("rate", "burst", "max_claimed", "lease", "max_attempts")
 

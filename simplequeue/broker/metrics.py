@@ -308,6 +308,9 @@ class InstrumentedStore(ObjectStore):
         keys: list[str] = await self._timed("list", self.inner.list(prefix))
         return keys
 
+    async def sweep_leftovers(self, older_than: float) -> int:
+        return await self.inner.sweep_leftovers(older_than)
+
     async def sample_clock(self) -> None:
         await self.inner.sample_clock()
 

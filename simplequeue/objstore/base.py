@@ -143,6 +143,15 @@ class ObjectStore(ABC):
     async def list(self, prefix: str = "") -> list[str]:
         """Every key that starts with `prefix`, sorted."""
 
+    async def sweep_leftovers(self, older_than: float) -> int:
+        """Remove what writes cut short left behind (the temp file of a process
+        killed mid-write) that has not been touched for `older_than` seconds of
+        the store's time; how many. A write that old is no longer in progress:
+        if its process is only stopped, it fails when it resumes, unanswered.
+        Leftovers are never keys: list() does not show them. S3's and memfs'
+        writes leave none."""
+        return 0
+
     async def sample_clock(self) -> None:  # noqa: B027 - most answers carry the time
         """Make sure now() rests on at least one of the store's stamps: a handle
         that has not heard from the store yet guesses with the local wall clock,

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -72,6 +73,10 @@ _CHECKED_LIMIT = 100_000
 # many seconds (a busy topic's head): one rewritten less often (an idle
 # topic's, a membership record) is not worth its JOURNAL_SIZE of disk.
 JOURNAL_AFTER = 1.0
+
+# A write's temp file beside its key or journal (_write_temp, _new_journal):
+# what a process killed mid-write leaves. Never a key (a dot file).
+_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
 
 log = logging.getLogger(__name__)
 
@@ -868,6 +873,26 @@ class LocalStore(ObjectStore):
             keys.extend(k for k in names if k.startswith(prefix))
         return sorted(keys)
 
+    def _sweep_leftovers_sync(self, older_than: float) -> int:
+        if not self.root.is_dir():
+            return 0
+        self._touch_clock()  # the cutoff by the kernel's clock, which stamps mtimes
+        cutoff = self.clock.now() - older_than
+        removed = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if d != _META_DIR]
+            for name in filenames:
+                if not _LEFTOVER.fullmatch(name):
+                    continue
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):  # its write just ended
+                    if os.lstat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+        if removed:
+            log.info("localfs %s: removed %d files of writes cut short", self.root, removed)
+        return removed
+
     # --- the async interface ----------------------------------------------------
 
     async def get(self, key: str) -> tuple[bytes, str]:
@@ -911,6 +936,9 @@ class LocalStore(ObjectStore):
 
     async def list(self, prefix: str = "") -> list[str]:
         return await self._run(self._list_sync, prefix)
+
+    async def sweep_leftovers(self, older_than: float) -> int:
+        return await self._run(self._sweep_leftovers_sync, older_than)
 
     async def sample_clock(self) -> None:
         if not self.clock.samples:
