@@ -30,6 +30,22 @@ REPLAYED_HEADER = "Simplequeue-Replayed"
 #: On a request a broker passes on to another: who passed it (it is served there).
 FORWARDED_HEADER = "Simplequeue-Forwarded"
 
+#: Seconds a broker keeps an idle keep-alive connection (its default
+#: --keepalive-timeout).
+BROKER_KEEPALIVE = 15.0
+
+
+def client_keepalive(brokers_keepalive: float = BROKER_KEEPALIVE) -> float:
+    """The keep-alive to give an aiohttp client's connector so that it drops an
+    idle connection before a broker that keeps them `brokers_keepalive`
+    seconds closes it: else a request sent just as the broker closes one meets
+    "server disconnected". aiohttp looks for idle connections once per its
+    keep-alive, so one lives up to twice that (a connection used again just
+    after the look was scheduled), and a keep-alive of 5 s or more is rounded
+    up to a whole second: a quarter of the broker's stays well inside it."""
+    return brokers_keepalive / 4
+
+
 MAX_BATCH = 1000  # jobs, claims or acks in one request
 MAX_WAIT = 60.0  # seconds a long poll may wait
 MAX_LEASE = 12 * 3600.0  # seconds

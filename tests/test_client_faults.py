@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 
+from simplequeue import api
 from simplequeue.client import Client
+from simplequeue.client import client as client_module
 from simplequeue.errors import BrokerError, BrokerUnavailable, LeaseLost, ScheduleNotFound
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.until import until
 
 # Every call in this file must end well within this: none may hang.
 PROMPT = 15.0
@@ -357,3 +360,25 @@ async def test_cancelling_a_call_cancels_it_and_nothing_else(
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert await prompt(q.enqueue(1))
+
+
+async def test_the_sdk_lets_an_idle_connection_go_before_the_broker_would(
+    start_broker: Callable[..., Awaitable[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK kept an idle connection as long as the broker did (aiohttp's
+    15 s, the brokers' default --keepalive-timeout), so a request could be
+    sent just as the broker closed it: "server disconnected", retried, or
+    with retries=1 failed. Here, scaled down, the broker sees the SDK close
+    its connection first, also when it was used twice in a row (aiohttp
+    then keeps it up to twice its keep-alive: half the broker's was not
+    enough)."""
+    scale = 1.0 / api.BROKER_KEEPALIVE  # the brokers' default as 1 s
+    monkeypatch.setattr(client_module, "KEEPALIVE", client_module.KEEPALIVE * scale)
+    broker = await start_broker(MemStore(), keepalive_timeout=api.BROKER_KEEPALIVE * scale)
+    assert broker.http is not None
+    async with Client(broker.url, topic="t", retries=1) as q:
+        await q.enqueue("x", id="j")
+        assert (await prompt(q.status()))["pending"] == 1
+        assert broker.http.open_connections == 1
+        await until(lambda: broker.http.open_connections == 0, within=0.9)
+        assert (await prompt(q.status()))["pending"] == 1

@@ -24,6 +24,7 @@ from simplequeue.client import Client
 from simplequeue.objstore import ObjectStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
+from tests.helpers.until import until
 
 StartBroker = Callable[..., Awaitable[Any]]
 
@@ -200,6 +201,25 @@ async def test_a_pop_passed_on_after_an_idle_spell_as_long_as_the_keepalive_is_a
     time.sleep(keepalive * 0.2)  # noqa: ASYNC251
     answer = await other.forwarder.route(*pop, repeatable=False)
     assert answer.status == 404  # nothing to pop, answered
+    assert other.forwarder.fallbacks == 0
+
+
+async def test_a_broker_lets_its_idle_connection_to_the_owner_go_before_the_owner_would(
+    start_broker: StartBroker,
+) -> None:
+    """83d13d1 gave the forwarder half the brokers' keep-alive, but aiohttp
+    keeps an idle connection up to twice its own (its cleanup runs once per
+    keep-alive): a connection used twice in a row lived as long as the
+    owner's, and the race was back. The owner now sees it closed first."""
+    keepalive = 1.0
+    brokers = await cluster(start_broker, MemStore(), 2, keepalive_timeout=keepalive)
+    owner, other = owner_and_other(brokers, "t")
+    pop = ("t", "POST", "/topics/t/pop", b'{"worker_id": "w"}')
+    for _ in range(2):
+        assert (await other.forwarder.route(*pop, repeatable=False)).status == 404
+    assert owner.http.open_connections == 1
+    await until(lambda: owner.http.open_connections == 0, within=0.9 * keepalive)
+    assert (await other.forwarder.route(*pop, repeatable=False)).status == 404
     assert other.forwarder.fallbacks == 0
 
 

@@ -74,14 +74,14 @@ class Forwarder:
         token: str | None,
         answer_within: float = ANSWER_WITHIN,
         suspect_for: float = SUSPECT_FOR,
-        peers_keepalive: float = 15.0,
+        peers_keepalive: float = api.BROKER_KEEPALIVE,
     ) -> None:
         self.membership = membership
         # An idle connection is dropped well before its peer's server closes it
         # (`peers_keepalive`, the brokers' --keepalive-timeout): a request sent
         # as the peer closes meets "server disconnected", which for a pop is
         # AmbiguousWrite, and marks a healthy peer suspect.
-        self.keepalive = peers_keepalive / 2
+        self.keepalive = api.client_keepalive(peers_keepalive)
         self.token = token
         self.answer_within = answer_within
         self.suspect_for = suspect_for

@@ -6,6 +6,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from simplequeue import api
 from simplequeue.state import Policy
 
 
@@ -53,5 +54,5 @@ class BrokerSettings:
     # to send a request's headers, seconds a keep-alive connection may idle, and
     # how many may be open (None: from the descriptor limit, RLIMIT_NOFILE).
     header_timeout: float = 10.0
-    keepalive_timeout: float = 15.0
+    keepalive_timeout: float = api.BROKER_KEEPALIVE
     max_connections: int | None = None

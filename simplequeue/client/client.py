@@ -63,6 +63,11 @@ A = TypeVar("A")
 #: Statuses worth another try: the broker, or a proxy before it, could not
 #: answer now (the store was down, the broker restarting).
 RETRIED_STATUSES = frozenset({502, 503, 504})
+#: Seconds an idle connection to a broker is kept for the next request, for
+#: brokers with the default --keepalive-timeout (api.client_keepalive). Kept as
+#: long as the broker keeps it, a request sent just as the broker closes it is
+#: lost ("server disconnected"): retried, or failed with retries=1.
+KEEPALIVE = api.client_keepalive()
 #: The statuses of a job that will not change again: a look-up that waits ends there.
 FINISHED = frozenset({"completed", "dead", "cancelled"})
 #: The longest a single look-up request asks the broker to wait (the API's cap);
@@ -167,7 +172,8 @@ class Client:
         if self._session is None or self._session.closed:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
             self._session = aiohttp.ClientSession(
-                headers=headers, connector=aiohttp.TCPConnector(limit=256)
+                headers=headers,
+                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEPALIVE),
             )
         return self._session
 
