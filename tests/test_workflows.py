@@ -14,8 +14,9 @@ import pytest
 
 from simplequeue import keys
 from simplequeue.api import AckRequest, FollowUpSpec, JobSpec
+from simplequeue.broker.duties import DutySettings
 from simplequeue.broker.engine import Engine
-from simplequeue.errors import InvalidRequest, LeaseLost
+from simplequeue.errors import InvalidRequest, LeaseLost, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Bounds
@@ -63,8 +64,8 @@ async def test_follow_ups_for_other_topics_wait_in_the_outbox_of_the_same_write(
     [item] = written["outbox"]["in"]
     assert item["id"] == "src:0" and item["topic"] == "other" and item["payload"] == "o"
     assert await q.outbox("t", 10) == [item]
-    assert await q.delivered("t", ["src:0"]) is None  # nothing else due
-    assert await q.delivered("t", ["src:0"]) is None  # twice: nothing more taken
+    assert await q.delivered("t", [("other", "src:0")]) is None  # nothing else due
+    assert await q.delivered("t", [("other", "src:0")]) is None  # twice: nothing more taken
     assert (await head(store, "t"))["outbox"]["n"] == 0
     assert (await head(store, "t"))["counters"]["delivered"] == 1
 
@@ -141,7 +142,7 @@ async def test_the_outbox_spills_like_everything_else() -> None:
     )
     front = await q.outbox("t", 1000)
     assert [f["id"] for f in front] == [f"s{i}:0" for i in range(300)]  # in the order acked
-    await q.delivered("t", [f["id"] for f in front[:150]])
+    await q.delivered("t", [(f["topic"], f["id"]) for f in front[:150]])
     assert [f["id"] for f in await q.outbox("t", 1000)] == [f"s{i}:0" for i in range(150, 300)]
 
 
@@ -206,3 +207,127 @@ async def test_waiting_for_a_job_answers_when_it_finishes(start_broker: StartBro
         for bad in ("-1", "61", "soon"):
             async with s.get(f"{broker.url}/topics/t/jobs/j?wait={bad}") as r:
                 assert r.status == 400, bad
+
+
+# --- delivery that does not go through at once ---------------------------------------------
+
+
+async def until_true(
+    broker: Any, topic: str, check: Callable[[], Awaitable[object]], within: float = 5.0
+) -> None:
+    """Until `check()` holds, looking again whenever `topic` changes on `broker`."""
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "not delivered in time"
+        await broker.committer.wait_changed(topic, 0.1)
+
+
+async def pending(engine: Engine, topic: str) -> int:
+    return int((await engine.status(topic))["pending"])
+
+
+async def acked_with(
+    s: aiohttp.ClientSession, url: str, follow_ups: list[list[dict[str, Any]]]
+) -> None:
+    """One job of topic src per entry of `follow_ups`, claimed and acked with them."""
+    n = len(follow_ups)
+    jobs = [{"id": f"j{i}", "payload": i} for i in range(n)]
+    assert (await post(s, f"{url}/topics/src/enqueue", {"jobs": jobs}))[0] == 201
+    _, claim = await post(s, f"{url}/topics/src/claim", {"worker_id": "w", "count": n})
+    for job, enqueue in zip(claim["jobs"], follow_ups, strict=True):
+        ack = {"job_id": job["id"], "lease_token": job["lease_token"], "enqueue": enqueue}
+        status, body = await post(s, f"{url}/topics/src/ack", ack)
+        assert status == 200, body
+
+
+async def test_one_id_sent_to_two_topics_is_delivered_to_each(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids are a topic's: one ack may send "order-42" to topic a and to b.
+    Delivered items left the outbox by id alone: when b took its job and a
+    did not (yet), a's item was taken out, and a never got its job."""
+    broker = await start_broker(MemStore())
+    monkeypatch.setattr(broker.duties, "settings", DutySettings(retry_failed=0.1))
+    url, engine = broker.url, broker.engine
+    async with aiohttp.ClientSession() as s:
+        # a holds jobs of 64 priorities: one of a 65th waits until one drains.
+        full = [{"id": f"p{p}", "payload": p, "priority": p} for p in range(64)]
+        assert (await post(s, f"{url}/topics/a/enqueue", {"jobs": full}))[0] == 201
+        follow_ups = [
+            {"topic": "a", "id": "order-42", "payload": "for a", "priority": 100},
+            {"topic": "b", "id": "order-42", "payload": "for b"},
+        ]
+        await acked_with(s, url, [follow_ups])
+        await until_true(broker, "b", lambda: pending(engine, "b"), within=3)
+        assert (await post(s, f"{url}/topics/a/claim", {"worker_id": "w", "count": 64}))[0] == 200
+        await until_true(broker, "a", lambda: pending(engine, "a"), within=3)
+    assert (await engine.job("a", "order-42"))["payload"] == "for a"
+    assert (await engine.status("b"))["enqueued"] == 1
+
+
+async def test_a_corrupt_target_holds_back_no_other_topics_follow_ups(
+    start_broker: StartBroker,
+) -> None:
+    """A delivery round read the outbox's first 500 follow-ups: 500 for a
+    topic whose head is corrupt held back those for every other topic."""
+    store = MemStore()
+    await store.put(keys.head("bad"), b"this is not a head")
+    broker = await start_broker(store)
+    async with aiohttp.ClientSession() as s:
+        to_bad = [{"topic": "bad", "payload": i} for i in range(500)]
+        await acked_with(s, broker.url, [to_bad, [{"topic": "good", "payload": "x"}]])
+        await until_true(broker, "good", lambda: pending(broker.engine, "good"), within=3)
+    assert len(await broker.engine.outbox("src", 1000)) == 500  # those wait for "bad"
+
+
+class Unreachable:
+    """Where follow-ups go while their topic's owner cannot be reached."""
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        raise StoreUnavailable(f"{topic}'s owner does not answer")
+
+
+async def test_follow_ups_bigger_together_than_max_body_reach_a_topic_another_broker_owns(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follow-ups for a topic another broker owns went in one request per
+    round: six acks' 300 KB each (a backlog, built while that owner could not
+    be reached) were refused there as larger than --max-body, every round."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    source = owner_of(brokers, "src")
+    dst = next(f"dst{i}" for i in range(100) if owner_of(brokers, f"dst{i}") is not source)
+    target = owner_of(brokers, dst)
+    monkeypatch.setattr(source.duties, "deliver_to", Unreachable())
+    async with aiohttp.ClientSession() as s:
+        await acked_with(s, source.url, [[{"topic": dst, "payload": "x" * 300_000}]] * 6)
+    assert len(await source.engine.outbox("src", 10)) == 6
+    monkeypatch.undo()  # reachable again
+    source.duties.note("src", 0.0)
+
+    async def all_six() -> bool:
+        return await pending(target.engine, dst) == 6
+
+    async def taken_out() -> bool:
+        return await source.engine.outbox("src", 10) == []
+
+    await until_true(target, dst, all_six, within=3)
+    await until_true(source, "src", taken_out, within=3)
+
+
+async def test_follow_ups_of_more_priorities_than_a_topic_holds_at_once_are_delivered(
+    start_broker: StartBroker,
+) -> None:
+    """65 follow-ups of 65 priorities for another topic: the ack was answered
+    200, and then every delivery round was refused as a whole (a topic holds
+    jobs of at most 64 priorities at once): none was ever delivered. Now
+    those that fit go, and the last when a priority drains."""
+    broker = await start_broker(MemStore())
+    async with aiohttp.ClientSession() as s:
+        await acked_with(
+            s, broker.url, [[{"topic": "dst", "payload": p, "priority": p} for p in range(65)]]
+        )
+
+        async def all_but_one() -> bool:
+            return await pending(broker.engine, "dst") == 64
+
+        await until_true(broker, "dst", all_but_one, within=3)

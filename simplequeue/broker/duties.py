@@ -27,14 +27,16 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from simplequeue.api import JobSpec
 from simplequeue.broker.engine import Engine, TopicOps
 from simplequeue.broker.membership import Membership, Peer, rendezvous
-from simplequeue.errors import CorruptData, SimpleQueueError
+from simplequeue.errors import CorruptData, InvalidRequest, SimpleQueueError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ ACQUIRE_PARALLEL = 16  # heads read at once when topics are taken over
 DELIVER_BATCH = 500  # follow-ups delivered per round
 DELIVER_ROUNDS = 8  # rounds per wake-up, before other topics get their turn
 TEND_PARALLEL = 32  # topics tended at once
+FOLLOW_UP_FIELDS = 512  # bytes of a follow-up's JSON besides its payload, at most (id, ...)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class DutySettings:
     leftover_age: float = 3600.0
     idle_check: float = 30.0  # seconds between evictions of idle topics from memory
     retry_failed: float = 5.0  # seconds before a topic whose reap failed is looked at again
+    # Bytes of follow-ups passed on in one request: well inside the brokers'
+    # --max-body (the server sets half of it).
+    deliver_bytes: int = 512 * 1024
 
 
 class Duties:
@@ -234,42 +240,80 @@ class Duties:
         """Enqueue the follow-ups `topic`'s outbox holds into their topics (each
         has its id: one delivered twice, after a crash, is a duplicate there),
         then take them out; when the topic is next due. A topic that does not
-        take its follow-ups now is tried again in a while; the others go on."""
-        assert self.deliver_to is not None
+        take all of its follow-ups now is tried again in a while, and holds
+        back no other topic's."""
+        failing: set[str] = set()
         for _ in range(DELIVER_ROUNDS):
-            front = await self.engine.outbox(topic, DELIVER_BATCH)
+            front = await self.engine.outbox(topic, DELIVER_BATCH, frozenset(failing))
             if not front:
-                return due
+                break
             by_topic: dict[str, list[dict[str, Any]]] = {}
             for item in front:
                 by_topic.setdefault(item["topic"], []).append(item)
-            done: list[str] = []
-            failed = False
+            done: list[tuple[str, str]] = []
             now = self.clock()
             for target, items in by_topic.items():
-                specs = [
-                    JobSpec(
-                        i["payload"],
-                        i["id"],
-                        i.get("priority", 0),
-                        max(0.0, i["at"] + i.get("delay", 0.0) - now),  # it began at the ack
-                        i.get("max_attempts"),
-                    )
-                    for i in items
-                ]
-                try:
-                    await self.deliver_to.enqueue(target, specs)
-                except SimpleQueueError as exc:
-                    log.warning("follow-ups of %s for %s: %s; again in a while", topic, target, exc)
-                    failed = True
-                    continue
-                done += [i["id"] for i in items]
+                taken = await self._deliver_into(topic, target, items, now)
+                done += [(target, i["id"]) for i in taken]
+                if len(taken) < len(items):
+                    failing.add(target)
             if done:
                 due = await self.engine.delivered(topic, done)
                 self.delivered += len(done)
-            if failed:
-                return self.clock() + self.settings.retry_failed
-        return due
+        else:
+            return due  # more to deliver: again at once, after the other topics' turn
+        if not failing:
+            return due
+        # `due` may be the oldest follow-up's time, past: theirs is `again`.
+        again = self.clock() + self.settings.retry_failed
+        return again if due is None or due <= self.clock() else min(due, again)
+
+    async def _deliver_into(
+        self, source: str, target: str, items: list[dict[str, Any]], now: float
+    ) -> list[dict[str, Any]]:
+        """Those of `items` (follow-ups of `source`) that `target` took, sent in
+        requests of at most `deliver_bytes`: many acks' follow-ups together may
+        pass what one request may carry (--max-body), each of them alone not."""
+        taken: list[dict[str, Any]] = []
+        for part in _parts(items, self.settings.deliver_bytes):
+            try:
+                taken += await self._enqueue_halving(target, part, now)
+            except SimpleQueueError as exc:
+                log.warning("follow-ups of %s for %s: %s; again in a while", source, target, exc)
+                break
+        return taken
+
+    async def _enqueue_halving(
+        self, target: str, items: list[dict[str, Any]], now: float
+    ) -> list[dict[str, Any]]:
+        """Those of `items` that `target` took. A request it refuses as a whole
+        (a topic holds jobs of at most 64 priorities at once, say) goes again
+        in halves; a follow-up refused alone stays in the outbox for later.
+        Other errors are raised."""
+        assert self.deliver_to is not None
+        specs = [
+            JobSpec(
+                i["payload"],
+                i["id"],
+                i.get("priority", 0),
+                max(0.0, i["at"] + i.get("delay", 0.0) - now),  # it began at the ack
+                i.get("max_attempts"),
+            )
+            for i in items
+        ]
+        try:
+            await self.deliver_to.enqueue(target, specs)
+        except InvalidRequest as exc:
+            if len(items) == 1:
+                item = items[0]["id"]
+                log.warning("follow-up %s for %s: %s; again in a while", item, target, exc)
+                return []
+            half = len(items) // 2
+            return [
+                *await self._enqueue_halving(target, items[:half], now),
+                *await self._enqueue_halving(target, items[half:], now),
+            ]
+        return items
 
     async def _take_over(self) -> None:
         assert self._acquire is not None
@@ -319,6 +363,22 @@ class Duties:
         owned = [t for t in sorted(self._written) if self.membership.owns(t)]
         await self.engine.sweep_all(owned)
         await self.engine.sweep_leftovers(self.settings.leftover_age)
+
+
+def _parts(items: list[dict[str, Any]], limit: int) -> Iterator[list[dict[str, Any]]]:
+    """`items` (follow-ups) in order, in parts whose payloads and fields come to
+    at most `limit` bytes of JSON (one bigger than that alone)."""
+    part: list[dict[str, Any]] = []
+    size = 0
+    for item in items:
+        n = len(msgspec.json.encode(item["payload"])) + FOLLOW_UP_FIELDS
+        if part and size + n > limit:
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += n
+    if part:
+        yield part
 
 
 def _owner(topic: str, live: tuple[Peer, ...]) -> Peer | None:

@@ -506,20 +506,24 @@ class Engine:
         error = self.committer.clock_error
         return await self.committer.peek(topic, lambda s, now: s.next_due(error(now)))
 
-    async def outbox(self, topic: str, n: int) -> list[dict[str, Any]]:
-        """The first `n` follow-ups `topic` holds for other topics, as this
-        broker last wrote or read it (a stale answer only delivers one twice,
-        which its id makes a duplicate)."""
+    async def outbox(
+        self, topic: str, n: int, skip: frozenset[str] = frozenset()
+    ) -> list[dict[str, Any]]:
+        """The first `n` follow-ups `topic` holds for other topics but those in
+        `skip`, as this broker last wrote or read it (a stale answer only
+        delivers one twice, which its id makes a duplicate)."""
         keys.check_topic(topic)
-        return await self.committer.read(topic, lambda s, now: s.outbox_front(n), READ_AFTER_COMMIT)
+        return await self.committer.read(
+            topic, lambda s, now: s.outbox_front(n, skip), READ_AFTER_COMMIT
+        )
 
-    async def delivered(self, topic: str, ids: list[str]) -> float | None:
-        """Follow-ups enqueued in their topics leave `topic`'s outbox; when the
-        topic is next due."""
+    async def delivered(self, topic: str, delivered: list[tuple[str, str]]) -> float | None:
+        """Follow-ups enqueued in their topics, as (topic, id), leave `topic`'s
+        outbox; when the topic is next due."""
         keys.check_topic(topic)
         error = self.committer.clock_error
         return await self.committer.submit(
-            topic, lambda s, now: (s.outbox_delivered(ids), s.next_due(error(now)))[1]
+            topic, lambda s, now: (s.outbox_delivered(delivered), s.next_due(error(now)))[1]
         )
 
     def forget(self, topics: list[str]) -> None:

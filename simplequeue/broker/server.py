@@ -131,7 +131,9 @@ class Broker:
         self.duties = Duties(
             self.engine,
             self.membership,
-            DutySettings(sweep_interval=settings.sweep_interval),
+            DutySettings(
+                sweep_interval=settings.sweep_interval, deliver_bytes=settings.max_body // 2
+            ),
             clock=self.committer.clock,
             hand_over=self._hand_over,
             deliver_to=Router(self.engine, self.forwarder),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +52,10 @@ from simplequeue.state.slots import check_definition, latest_at, next_after
 __all__ = ["Job", "Record", "Sealed", "TopicState", "decode_head", "new_head"]
 
 _CLAIM_FIELDS = frozenset(CLAIM_FIELDS)
+# Follow-ups outbox_front() looks through for those of topics it is not told
+# to skip: bounds what one delivery round reads behind a topic that does not
+# take its follow-ups (a corrupt head).
+OUTBOX_SCAN = 50_000
 
 
 class TopicState(Layout):
@@ -601,25 +606,35 @@ class TopicState(Layout):
 
     # --- the outbox: follow-ups for other topics -------------------------------------------
 
-    def outbox_front(self, n: int) -> list[dict[str, Any]]:
-        """The first `n` follow-ups waiting for delivery, oldest first."""
+    def outbox_front(
+        self, n: int, skip: frozenset[str] = frozenset(), scan: int = OUTBOX_SCAN
+    ) -> list[dict[str, Any]]:
+        """The first `n` follow-ups waiting for delivery, oldest first, leaving
+        out those for the topics in `skip` (which did not take theirs just
+        now: they hold back no other topic's), among the first `scan`."""
         front: list[dict[str, Any]] = []
-        for place in self.outbox.places():
-            if len(front) >= n:
+        for looked, place in enumerate(self.outbox.places()):
+            if len(front) >= n or looked >= scan:
                 break
-            front.append(place.item)
+            if place.item["topic"] not in skip:
+                front.append(place.item)
         return front
 
-    def outbox_delivered(self, ids: list[str]) -> int:
-        """Follow-ups enqueued in their topics leave the outbox; how many did
-        (one delivered twice, or already gone, is not counted again)."""
-        wanted = set(ids)
+    def outbox_delivered(self, delivered: list[tuple[str, str]]) -> int:
+        """Follow-ups enqueued in their topics, as (topic, id), leave the
+        outbox, the oldest first: one id may go to several topics, and one
+        (topic, id) be there twice (two acks named it: the second delivery
+        is a duplicate). How many left (one already gone is not counted)."""
+        wanted = Counter(delivered)
         places = []
         for place in self.outbox.places():
             if not wanted:
                 break
-            if place.item["id"] in wanted:
-                wanted.discard(place.item["id"])
+            key = (place.item["topic"], place.item["id"])
+            if wanted[key] > 0:
+                wanted[key] -= 1
+                if not wanted[key]:
+                    del wanted[key]
                 places.append(place)
         for place in places:
             self.outbox.remove(place)
