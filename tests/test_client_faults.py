@@ -382,3 +382,46 @@ async def test_the_sdk_lets_an_idle_connection_go_before_the_broker_would(
         assert broker.http.open_connections == 1
         await until(lambda: broker.http.open_connections == 0, within=0.9)
         assert (await prompt(q.status()))["pending"] == 1
+
+
+async def test_a_long_poll_whose_answer_is_cut_short_is_retried(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """The retry budget (twice the timeout) counted from the call's start, its
+    wait included: a look-up that waited longer than that was not retried
+    when its answer was cut short, and result() raised BrokerUnavailable for
+    a job that had completed (with the defaults, every full 60 s poll)."""
+    broker = await start_broker(MemStore())
+    async with (
+        FaultProxy(broker.url).running() as proxy,
+        Client(broker.url, topic="t") as direct,
+        Client(proxy.url, topic="t", timeout=0.2) as q,
+    ):
+        await direct.enqueue("x", id="j")
+        job = await direct.claim("w")
+        assert job is not None
+        proxy.fail("/jobs/j", "cut")  # the first answer, when the job completes
+        looking = asyncio.create_task(q.result("j", timeout=10))
+        await until(lambda: proxy.requests["/topics/t/jobs/j"] == 1)
+        await asyncio.sleep(2 * q.retry_budget)  # the look-up waits past its budget
+        await direct.ack(job, result="done")
+        assert await prompt(looking) == "done"
+    assert proxy.requests["/topics/t/jobs/j"] == 2
+
+
+async def test_a_payload_json_cannot_hold_fails_its_own_enqueue_not_its_batchs(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """Enqueues made while one is in flight go out as one request. One
+    payload that cannot be encoded (an object of the caller's class) failed
+    every enqueue of its batch with its TypeError: the others' jobs were
+    never enqueued."""
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as q:
+        results = await asyncio.gather(
+            *(q.enqueue(object() if i == 3 else i, id=f"j{i}") for i in range(10)),
+            return_exceptions=True,
+        )
+        assert isinstance(results.pop(3), TypeError)
+        assert results == [f"j{i}" for i in range(10) if i != 3]
+        assert (await q.status())["pending"] == 9

@@ -4,7 +4,8 @@ It never waits for ever and never takes a failure for success, whatever the
 broker or anything between them answers:
 - connection failures, timeouts, bodies cut short and 502/503/504 answers are
   retried with tenacity (bounded, jittered: `retries` tries, each started
-  within `retry_budget`, by default twice `timeout`); a client made by `discover`
+  within `retry_budget`, by default twice `timeout`, of the call's start and
+  the wait it asked for, if any); a client made by `discover`
   re-reads broker.json when its broker stops answering;
 - every other failure raises an error of simplequeue.errors: the class the
   broker's status stands for (errors.for_status), or BrokerError with the
@@ -68,6 +69,9 @@ RETRIED_STATUSES = frozenset({502, 503, 504})
 #: long as the broker keeps it, a request sent just as the broker closes it is
 #: lost ("server disconnected"): retried, or failed with retries=1.
 KEEPALIVE = api.client_keepalive()
+#: What encoding a value that JSON cannot hold raises (an object of a class
+#: of the caller's, say).
+UNSENDABLE = (TypeError, ValueError, msgspec.EncodeError)
 #: The statuses of a job that will not change again: a look-up that waits ends there.
 FINISHED = frozenset({"completed", "dead", "cancelled"})
 #: The longest a single look-up request asks the broker to wait (the API's cap);
@@ -120,8 +124,9 @@ class Client:
         self.token = api.check_token(token) if token else None
         self.timeout = timeout
         self.retries = retries
-        # Retries start within this many seconds of a call's start. Twice the
-        # timeout by default, so that a try that timed out is tried again.
+        # Retries start within this many seconds of a call's start and its
+        # long poll's wait. Twice the timeout by default, so that a try that
+        # timed out is tried again.
         self.retry_budget = 2 * timeout if retry_budget is None else retry_budget
         self.store = store
         self.max_age = max_age
@@ -222,7 +227,8 @@ class Client:
             return AsyncRetrying(
                 retry=retry_if_exception_type(_Retry),
                 stop=stop_after_attempt(self.retries)
-                | stop_after_delay(max(0.0, self.retry_budget - elapsed)),
+                # A long poll's answer comes after its wait: the budget then.
+                | stop_after_delay(max(0.0, self.retry_budget + wait - elapsed)),
                 wait=wait_random_exponential(multiplier=0.1, max=2.0),
                 reraise=False,
             )
@@ -347,15 +353,16 @@ class Client:
         specs = [p.item for p in batch]
         try:
             return list(await self._enqueue_batch(specs))
-        except InvalidRequest as exc:
+        except (InvalidRequest, *UNSENDABLE) as exc:
             if len(specs) == 1:
                 return [exc]
-        # One bad job must not fail the others: send each on its own.
+        # One bad job (refused, or a payload JSON cannot hold) must not fail
+        # the others: send each on its own.
         outcomes: list[Any] = []
         for spec in specs:
             try:
                 outcomes += await self._enqueue_batch([spec])
-            except SimpleQueueError as exc:
+            except (SimpleQueueError, *UNSENDABLE) as exc:
                 outcomes.append(exc)
         return outcomes
 

@@ -52,7 +52,7 @@ import msgspec
 
 from simplequeue import api
 from simplequeue.batching import Batcher, Pending
-from simplequeue.client.client import Client
+from simplequeue.client.client import UNSENDABLE, Client
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
 from simplequeue.errors import (
@@ -746,7 +746,7 @@ def _check_sendable(result: Any, what: str = "the handler's result") -> None:
     cannot would fail every ack of the batch it rides in, not just its own."""
     try:
         msgspec.json.encode(result)
-    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+    except UNSENDABLE as exc:
         raise TypeError(f"{what} cannot be sent as JSON: {exc}") from None
 
 
