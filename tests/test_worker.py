@@ -158,6 +158,22 @@ async def test_stop_drains_running_jobs(q: Client) -> None:
     assert (await q.status())["completed"] == 3
 
 
+async def test_a_handler_that_stops_its_worker_is_acked_and_run_returns(q: Client) -> None:
+    """`await worker.stop()` from a handler (a job that says "stop") waited
+    for the jobs to finish, its own handler among them: it never returned,
+    run() neither, and the job stayed claimed until its lease ran out."""
+    await q.enqueue("stop", id="pill")
+    worker: Worker
+
+    async def handler(job: Job) -> str:
+        await worker.stop()
+        return "stopped"
+
+    worker = Worker(q, handler, wait=0.2, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 10)
+    assert (await q.job("pill")).status == "completed"
+
+
 class CountingClient(Client):
     """Records how many jobs each batch claim returned."""
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -291,8 +292,12 @@ class Worker:
             claim.cancel()  # the broker gives back a claim it had not answered
 
     async def stop(self) -> None:
-        """Stop claiming, wait for claimed jobs to finish, return."""
+        """Stop claiming, wait for claimed jobs to finish, return. From one of
+        this worker's handlers (a job that says "stop"), it returns at once:
+        the jobs' finishing includes that handler's."""
         self.request_stop()
+        if _handling.get() is self:
+            return
         await self._done.wait()
 
     @property
@@ -482,6 +487,7 @@ class Worker:
     async def _handle(self, job: Job) -> Any:
         """The handler's result for `job`. Whatever it raises, from the call on,
         fails the job."""
+        _handling.set(self)  # in the handler's task alone (and those it starts)
         if self._in_thread:
             result = await asyncio.to_thread(self.handler, job)
             # A plain function may hand back a coroutine (a lambda around an
@@ -748,6 +754,12 @@ def _check_sendable(result: Any, what: str = "the handler's result") -> None:
         msgspec.json.encode(result)
     except UNSENDABLE as exc:
         raise TypeError(f"{what} cannot be sent as JSON: {exc}") from None
+
+
+#: In a handler's task: the worker running it.
+_handling: contextvars.ContextVar[Worker | None] = contextvars.ContextVar(
+    "simplequeue_handling", default=None
+)
 
 
 def _cancelled_from_outside() -> bool:
