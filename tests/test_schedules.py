@@ -187,6 +187,25 @@ def test_replacing_a_schedule_never_fires_a_slot_it_fired_again() -> None:
     assert s.tend(T0 + 10)["fired"] == 0
 
 
+def test_replacing_a_schedule_whose_slot_came_unfired_fires_that_slot() -> None:
+    """A schedule PUT again (a deploy re-applying its schedules after every
+    broker was down across a slot) before any broker fired the slot that had
+    come lost that slot: its next slot was the first after the PUT."""
+    s = fresh()
+    s.put_schedule("tick", every(10), T0)
+    again = s.put_schedule("tick", every(10, "new"), T0 + 10.5)  # slot 10 came, unfired
+    assert again["next_at"] == T0 + 10
+    assert s.tend(T0 + 11)["fired"] == 1
+    [job] = s.claim("w", 30, 10, T0 + 11)
+    assert job["id"] == f"tick@{int(T0) + 10}" and job["payload"] == "new"
+    assert s.schedules()["tick"]["next_at"] == T0 + 20
+    # Replaced before its slot came, or with it fired, it waits for the next.
+    assert s.put_schedule("tick", every(10), T0 + 15)["next_at"] == T0 + 20
+    assert s.put_schedule("tick", every(10), T0 + 21)["next_at"] == T0 + 20
+    assert s.tend(T0 + 21)["fired"] == 1
+    assert s.put_schedule("tick", every(10), T0 + 21)["next_at"] == T0 + 30
+
+
 def test_a_deleted_schedule_fires_no_more() -> None:
     s = fresh()
     s.put_schedule("tick", every(10), T0)

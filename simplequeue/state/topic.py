@@ -782,8 +782,11 @@ class TopicState(Layout):
     def put_schedule(self, name: str, spec: ScheduleRequest, now: float) -> dict[str, Any]:
         """Create or replace the schedule `name`; its first slot is the first
         after `now` (and after the last it fired, when it replaces one: a slot
-        is never fired twice). InvalidRequest past the topic's bounds (number
-        of schedules, their bytes: they live in the head)."""
+        is never fired twice). A replaced schedule whose slot came and was not
+        fired yet (no broker ran, or it was about to) keeps that due: the
+        latest slot of the new definition since then fires, as after downtime.
+        InvalidRequest past the topic's bounds (number of schedules, their
+        bytes: they live in the head)."""
         check_definition(spec.every, spec.cron, spec.tz)
         found = self.schedules()
         old = found.get(name)
@@ -804,6 +807,11 @@ class TopicState(Layout):
         next_at = next_after(schedule, after)
         if next_at is None:
             raise InvalidRequest("the schedule has no slot left to fire")
+        if old is not None and old["next_at"] <= now:
+            missed = latest_at(schedule, now)
+            fired = schedule.get("last_slot", -1)
+            if missed is not None and missed >= old["next_at"] and missed > fired:
+                next_at = missed  # due: the next tend fires it
         schedule["next_at"] = next_at
         changed = {**found, name: schedule}
         size = len(orjson.dumps(changed))
