@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 
 from simplequeue import keys
 from simplequeue.api import FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
-from simplequeue.errors import JobNotFound, LeaseLost
+from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
 from simplequeue.state import (
     IdFilter,
     Manifest,
@@ -247,6 +247,12 @@ class TopicMachine(RuleBasedStateMachine):
     )
     def settings(self, max_claimed: int | None, rate: float | None, burst: int | None) -> None:
         changes = SettingsRequest(max_claimed=max_claimed, rate=rate, burst=burst)
+        if burst is not None and rate is None:  # a burst is a rate's: refused alone
+            before = orjson.dumps(self.state.head)
+            with pytest.raises(InvalidRequest, match="burst"):
+                self.state.put_settings(changes, self.now)
+            assert orjson.dumps(self.state.head) == before
+            return
         self.apply(lambda s: s.put_settings(changes, self.now))
 
     @rule(

@@ -13,11 +13,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from simplequeue.api import JobSpec, SettingsRequest
 from simplequeue.broker import engine as engine_module
 from simplequeue.client import Client
+from simplequeue.errors import InvalidRequest
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.states import fresh, reread
 from tests.test_ownership import cluster
@@ -73,6 +75,24 @@ def test_the_burst_defaults_to_a_seconds_worth_of_claims() -> None:
     s.put_settings(SettingsRequest(rate=None), T0)
     assert "bucket" not in s.head and s.token_wait(T0) is None
     assert len(s.claim("w", 30, 20, T0)) == 15
+
+
+def test_a_burst_goes_with_its_rate_and_is_refused_without_one() -> None:
+    """A rate cleared kept its burst, shown as not set: the next rate then
+    used it, not the default. A burst set with no rate was kept likewise."""
+    s = fresh()
+    s.put_settings(SettingsRequest(rate=10.0, burst=2), T0)
+    s.put_settings(SettingsRequest(rate=None), T0)
+    assert "settings" not in s.head
+    s.put_settings(SettingsRequest(rate=100.0), T0)
+    assert s.burst() == 100
+    s.put_settings(SettingsRequest(rate=None), T0)
+    before = orjson.dumps(s.head)
+    with pytest.raises(InvalidRequest, match="burst"):
+        s.put_settings(SettingsRequest(burst=5, max_claimed=3), T0)
+    assert orjson.dumps(s.head) == before
+    s.put_settings(SettingsRequest(burst=None, max_claimed=3), T0)  # clearing it is fine
+    assert s.settings() == {"max_claimed": 3}
 
 
 def test_a_writer_whose_clock_is_behind_gets_no_tokens_it_has_not_earned() -> None:

@@ -876,7 +876,8 @@ class TopicState(Layout):
     def put_settings(self, changes: SettingsRequest, now: float) -> dict[str, Any]:
         """Change the topic's settings: fields set to None are removed, fields
         left unset stay. The token bucket keeps its tokens (up to a new burst);
-        it starts full when a rate is first set."""
+        it starts full when a rate is first set. A burst is its rate's: it goes
+        with it, and is refused without one (InvalidRequest, nothing changed)."""
         settings = dict(self.settings())
         for field in ("rate", "burst", "max_claimed", "lease", "max_attempts"):
             value = getattr(changes, field)
@@ -885,6 +886,9 @@ class TopicState(Layout):
             elif not isinstance(value, UnsetType):
                 settings[field] = value
         if "rate" not in settings:
+            if not isinstance(changes.burst, UnsetType) and changes.burst is not None:
+                raise InvalidRequest("burst is the size of a rate's bucket: set a rate with it")
+            settings.pop("burst", None)  # hidden, it came back with the next rate
             self.head.pop("bucket", None)
         if settings:
             self.head["settings"] = settings
