@@ -3,6 +3,10 @@
 
 pyinstrument samples the event-loop thread's wall clock: time waiting in epoll is
 idle, everything else is the loop being busy (or preempted, on a busy machine).
+Under uvloop (the broker's loop where it is installed) the loop is C code that
+pyinstrument cannot see into: its epoll waits, socket calls and callback
+dispatch all show as the self time of asyncio's Runner.run, so idle cannot be
+told from that work, and "busy" then includes the idle time.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from bench.report import Section, table
 
 #: Which area a function belongs to, by the first matching piece of its file path.
 AREAS = (
+    ("asyncio/runners.py", "uvloop's loop, in C (socket I/O, callbacks; and idle)"),
     ("prometheus_client/", "prometheus-client (metrics)"),
     ("aiohttp/", "aiohttp"),
     ("asyncio/", "asyncio"),
