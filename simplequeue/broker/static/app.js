@@ -357,6 +357,7 @@
     const body = {};
     try {
       for (const name of SETTINGS) body[name] = numberOrNull(form.elements.namedItem(name).value, name);
+      if (body.rate === null) body.burst = null; // a burst is its rate's: it goes with it
     } catch (error) {
       say(card, error.message, true);
       return;
