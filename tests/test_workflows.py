@@ -21,6 +21,7 @@ from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Bounds
 from simplequeue.state.topic import follow_up_id
+from tests.helpers.until import until
 from tests.test_ownership import cluster, owner_of
 
 StartBroker = Callable[..., Awaitable[Any]]
@@ -297,12 +298,12 @@ async def test_follow_ups_bigger_together_than_max_body_reach_a_topic_another_br
     source = owner_of(brokers, "src")
     dst = next(f"dst{i}" for i in range(100) if owner_of(brokers, f"dst{i}") is not source)
     target = owner_of(brokers, dst)
-    monkeypatch.setattr(source.duties, "deliver_to", Unreachable())
+    monkeypatch.setattr(source.duties, "settings", DutySettings(retry_failed=0.2))
+    reachable, source.duties.deliver_to = source.duties.deliver_to, Unreachable()
     async with aiohttp.ClientSession() as s:
         await acked_with(s, source.url, [[{"topic": dst, "payload": "x" * 300_000}]] * 6)
     assert len(await source.engine.outbox("src", 10)) == 6
-    monkeypatch.undo()  # reachable again
-    source.duties.note("src", 0.0)
+    source.duties.deliver_to = reachable
 
     async def all_six() -> bool:
         return await pending(target.engine, dst) == 6
@@ -331,3 +332,79 @@ async def test_follow_ups_of_more_priorities_than_a_topic_holds_at_once_are_deli
             return await pending(broker.engine, "dst") == 64
 
         await until_true(broker, "dst", all_but_one, within=3)
+
+
+class Counting:
+    """Where follow-ups go (`inner`, or nowhere: a store that does not answer),
+    counting the requests."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner, self.calls = inner, 0
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        self.calls += 1
+        if self.inner is None:
+            raise StoreUnavailable(f"{topic}: the store does not answer")
+        got: list[dict[str, Any]] = await self.inner.enqueue(topic, specs)
+        return got
+
+
+async def test_delivery_waits_between_tries_when_many_topics_fail(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With eight topics failing, each delivery round found one more and the
+    rounds ran out: "more to deliver" sent the topic round again at once, for
+    ever (hundreds of requests a second, no pause)."""
+    broker = await start_broker(MemStore())
+    failing = Counting()
+    monkeypatch.setattr(broker.duties, "deliver_to", failing)
+    async with aiohttp.ClientSession() as s:
+        fan_out = [[{"topic": f"t{k}", "payload": i} for i in range(500)] for k in range(8)]
+        await acked_with(s, broker.url, fan_out)
+    await until(lambda: failing.calls >= 8)
+    tried = failing.calls
+    await asyncio.sleep(0.5)  # time passes: within retry_failed (5 s), no more tries
+    assert failing.calls == tried
+
+
+async def test_follow_ups_refused_wait_for_their_retry_however_often_the_source_is_written(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 follow-ups a topic refused (it holds 64 priorities; theirs is a
+    65th) were split down to single ones on every try, ~1,000 requests, and
+    every write of the source topic started another try."""
+    broker = await start_broker(MemStore())
+    counting = Counting(broker.duties.deliver_to)
+    monkeypatch.setattr(broker.duties, "deliver_to", counting)
+    url = broker.url
+    async with aiohttp.ClientSession() as s:
+        full = [{"id": f"p{p}", "payload": p, "priority": p} for p in range(64)]
+        assert (await post(s, f"{url}/topics/a/enqueue", {"jobs": full}))[0] == 201
+        await acked_with(
+            s, url, [[{"topic": "a", "payload": i, "priority": 100} for i in range(500)]]
+        )
+        await until(lambda: counting.calls >= 1)
+        for i in range(10):  # writes of the source: each wakes its duties
+            assert (await post(s, f"{url}/topics/src/enqueue", {"payload": i}))[0] == 201
+    assert counting.calls == 1
+    assert len(await broker.engine.outbox("src", 1000)) == 500
+
+
+async def test_follow_ups_a_topic_takes_are_not_held_back_by_those_it_refuses(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 refused follow-ups of a topic filled every round's front: one for
+    the same topic that it would take, behind them, was never sent."""
+    broker = await start_broker(MemStore())
+    url, engine = broker.url, broker.engine
+    async with aiohttp.ClientSession() as s:
+        full = [{"id": f"p{p}", "payload": p, "priority": p} for p in range(64)]
+        assert (await post(s, f"{url}/topics/a/enqueue", {"jobs": full}))[0] == 201
+        refused = [{"topic": "a", "payload": i, "priority": 100} for i in range(500)]
+        fits = [{"topic": "a", "id": "fits", "payload": "x", "priority": 0}]
+        await acked_with(s, url, [refused, fits])
+
+        async def delivered() -> bool:
+            return await pending(engine, "a") == 65
+
+        await until_true(broker, "a", delivered, within=3)

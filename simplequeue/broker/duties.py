@@ -28,7 +28,7 @@ import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -83,6 +83,7 @@ class Duties:
         self._scheduled: dict[str, float] = {}  # topic -> its wake-up in the heap
         self._heap: list[tuple[float, str]] = []
         self._written: dict[str, float] = {}  # topic -> monotonic time of this broker's last write
+        self._held_back: dict[str, _HeldBack] = {}  # topic -> what its delivery holds back
         self._wake = asyncio.Event()
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         # Set while no take-over is pending: the heads of the live brokers'
@@ -239,57 +240,72 @@ class Duties:
     async def _deliver(self, topic: str, due: float | None) -> float | None:
         """Enqueue the follow-ups `topic`'s outbox holds into their topics (each
         has its id: one delivered twice, after a crash, is a duplicate there),
-        then take them out; when the topic is next due. A topic that does not
-        take all of its follow-ups now is tried again in a while, and holds
-        back no other topic's."""
-        failing: set[str] = set()
+        then take them out; when the topic is next due. A topic that fails
+        (its head corrupt, its owner gone), and follow-ups a topic refuses (of
+        a 65th priority, say), are held back for `retry_failed`, however often
+        the source is written meanwhile, and hold back no others."""
+        back = self._held_back.setdefault(topic, _HeldBack())
+        progressed = False
         for _ in range(DELIVER_ROUNDS):
-            front = await self.engine.outbox(topic, DELIVER_BATCH, frozenset(failing))
+            now = self.clock()
+            targets, items = back.now(now)
+            front = await self.engine.outbox(topic, DELIVER_BATCH, targets, items)
             if not front:
                 break
             by_topic: dict[str, list[dict[str, Any]]] = {}
             for item in front:
                 by_topic.setdefault(item["topic"], []).append(item)
             done: list[tuple[str, str]] = []
-            now = self.clock()
-            for target, items in by_topic.items():
-                taken = await self._deliver_into(topic, target, items, now)
+            until = now + self.settings.retry_failed
+            for target, waiting in by_topic.items():
+                taken, refused, failed = await self._deliver_into(topic, target, waiting, now)
                 done += [(target, i["id"]) for i in taken]
-                if len(taken) < len(items):
-                    failing.add(target)
+                back.items.update({(target, i["id"]): until for i in refused})
+                if failed:
+                    back.targets[target] = until
             if done:
                 due = await self.engine.delivered(topic, done)
                 self.delivered += len(done)
+            progressed = bool(done)
         else:
-            return due  # more to deliver: again at once, after the other topics' turn
-        if not failing:
+            if progressed:
+                return due  # more to deliver: again at once, after the other topics' turn
+        retry = back.next(self.clock())
+        if retry is None:
+            del self._held_back[topic]
             return due
-        # `due` may be the oldest follow-up's time, past: theirs is `again`.
-        again = self.clock() + self.settings.retry_failed
-        return again if due is None or due <= self.clock() else min(due, again)
+        # What is left waits for `retry`; `due` may be the oldest follow-up's
+        # time, past, and is only wanted if it is another thing's, sooner.
+        return retry if due is None or due <= self.clock() else min(due, retry)
 
     async def _deliver_into(
         self, source: str, target: str, items: list[dict[str, Any]], now: float
-    ) -> list[dict[str, Any]]:
-        """Those of `items` (follow-ups of `source`) that `target` took, sent in
-        requests of at most `deliver_bytes`: many acks' follow-ups together may
-        pass what one request may carry (--max-body), each of them alone not."""
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+        """(those of `items`, follow-ups of `source`, that `target` took, those it
+        refused, whether it failed). They go in requests of at most
+        `deliver_bytes` (many acks' follow-ups together may pass --max-body,
+        each alone not); a request refused whole goes again by priority, as
+        a topic holds jobs of at most 64 priorities at once."""
         taken: list[dict[str, Any]] = []
+        refused: list[dict[str, Any]] = []
         for part in _parts(items, self.settings.deliver_bytes):
             try:
-                taken += await self._enqueue_halving(target, part, now)
+                if await self._enqueue(target, part, now):
+                    taken += part
+                    continue
+                for group in _by_priority(part):
+                    if len(group) < len(part) and await self._enqueue(target, group, now):
+                        taken += group
+                    else:
+                        refused += group
             except SimpleQueueError as exc:
                 log.warning("follow-ups of %s for %s: %s; again in a while", source, target, exc)
-                break
-        return taken
+                return taken, refused, True
+        return taken, refused, False
 
-    async def _enqueue_halving(
-        self, target: str, items: list[dict[str, Any]], now: float
-    ) -> list[dict[str, Any]]:
-        """Those of `items` that `target` took. A request it refuses as a whole
-        (a topic holds jobs of at most 64 priorities at once, say) goes again
-        in halves; a follow-up refused alone stays in the outbox for later.
-        Other errors are raised."""
+    async def _enqueue(self, target: str, items: list[dict[str, Any]], now: float) -> bool:
+        """Whether `target` took `items` (False: it refused them, InvalidRequest;
+        other errors are raised)."""
         assert self.deliver_to is not None
         specs = [
             JobSpec(
@@ -304,16 +320,9 @@ class Duties:
         try:
             await self.deliver_to.enqueue(target, specs)
         except InvalidRequest as exc:
-            if len(items) == 1:
-                item = items[0]["id"]
-                log.warning("follow-up %s for %s: %s; again in a while", item, target, exc)
-                return []
-            half = len(items) // 2
-            return [
-                *await self._enqueue_halving(target, items[:half], now),
-                *await self._enqueue_halving(target, items[half:], now),
-            ]
-        return items
+            log.warning("%d follow-ups for %s: %s; again in a while", len(items), target, exc)
+            return False
+        return True
 
     async def _take_over(self) -> None:
         assert self._acquire is not None
@@ -363,6 +372,34 @@ class Duties:
         owned = [t for t in sorted(self._written) if self.membership.owns(t)]
         await self.engine.sweep_all(owned)
         await self.engine.sweep_leftovers(self.settings.leftover_age)
+
+
+@dataclass
+class _HeldBack:
+    """What a topic's delivery holds back, and until when (store time): the
+    topics that failed, and the follow-ups, as (topic, id), refused."""
+
+    targets: dict[str, float] = field(default_factory=dict)
+    items: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def now(self, now: float) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
+        """What is held back at `now` (what is no longer is forgotten)."""
+        self.targets = {k: t for k, t in self.targets.items() if t > now}
+        self.items = {k: t for k, t in self.items.items() if t > now}
+        return frozenset(self.targets), frozenset(self.items)
+
+    def next(self, now: float) -> float | None:
+        """When the first thing held back at `now` may go again (None: nothing)."""
+        self.now(now)
+        return min([*self.targets.values(), *self.items.values()], default=None)
+
+
+def _by_priority(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`items` (follow-ups) grouped by priority, in the order of each's first."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault(item.get("priority", 0), []).append(item)
+    return list(groups.values())
 
 
 def _parts(items: list[dict[str, Any]], limit: int) -> Iterator[list[dict[str, Any]]]:

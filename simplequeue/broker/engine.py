@@ -507,14 +507,19 @@ class Engine:
         return await self.committer.peek(topic, lambda s, now: s.next_due(error(now)))
 
     async def outbox(
-        self, topic: str, n: int, skip: frozenset[str] = frozenset()
+        self,
+        topic: str,
+        n: int,
+        skip_topics: frozenset[str] = frozenset(),
+        skip: frozenset[tuple[str, str]] = frozenset(),
     ) -> list[dict[str, Any]]:
-        """The first `n` follow-ups `topic` holds for other topics but those in
-        `skip`, as this broker last wrote or read it (a stale answer only
-        delivers one twice, which its id makes a duplicate)."""
+        """The first `n` follow-ups `topic` holds for other topics but those for
+        `skip_topics` and those in `skip` (as (topic, id)), as this broker last
+        wrote or read it (a stale answer only delivers one twice, which its id
+        makes a duplicate)."""
         keys.check_topic(topic)
         return await self.committer.read(
-            topic, lambda s, now: s.outbox_front(n, skip), READ_AFTER_COMMIT
+            topic, lambda s, now: s.outbox_front(n, skip_topics, skip), READ_AFTER_COMMIT
         )
 
     async def delivered(self, topic: str, delivered: list[tuple[str, str]]) -> float | None:

@@ -607,17 +607,23 @@ class TopicState(Layout):
     # --- the outbox: follow-ups for other topics -------------------------------------------
 
     def outbox_front(
-        self, n: int, skip: frozenset[str] = frozenset(), scan: int = OUTBOX_SCAN
+        self,
+        n: int,
+        skip_topics: frozenset[str] = frozenset(),
+        skip: frozenset[tuple[str, str]] = frozenset(),
+        scan: int = OUTBOX_SCAN,
     ) -> list[dict[str, Any]]:
         """The first `n` follow-ups waiting for delivery, oldest first, leaving
-        out those for the topics in `skip` (which did not take theirs just
-        now: they hold back no other topic's), among the first `scan`."""
+        out those for the topics in `skip_topics` and those in `skip`, as
+        (topic, id), held back for now (they hold back no others), among the
+        first `scan`."""
         front: list[dict[str, Any]] = []
         for looked, place in enumerate(self.outbox.places()):
             if len(front) >= n or looked >= scan:
                 break
-            if place.item["topic"] not in skip:
-                front.append(place.item)
+            item = place.item
+            if item["topic"] not in skip_topics and (item["topic"], item["id"]) not in skip:
+                front.append(item)
         return front
 
     def outbox_delivered(self, delivered: list[tuple[str, str]]) -> int:
