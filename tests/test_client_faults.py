@@ -425,3 +425,11 @@ async def test_a_payload_json_cannot_hold_fails_its_own_enqueue_not_its_batchs(
         assert isinstance(results.pop(3), TypeError)
         assert results == [f"j{i}" for i in range(10) if i != 3]
         assert (await q.status())["pending"] == 9
+        itself: list[Any] = []
+        itself.append(itself)  # msgspec: RecursionError
+        results = await asyncio.gather(
+            *(q.enqueue(itself if i == 3 else i, id=f"k{i}") for i in range(10)),
+            return_exceptions=True,
+        )
+        assert isinstance(results.pop(3), RecursionError)
+        assert results == [f"k{i}" for i in range(10) if i != 3]

@@ -123,6 +123,29 @@ async def test_the_sweep_removes_what_writes_cut_short_left_once_it_is_old(
     assert await store.list() == ["topics/t.json"]
 
 
+async def test_a_leftover_the_sweep_cannot_remove_stops_it_for_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One leftover whose removal failed (EPERM: another user's, an immutable
+    file) failed the whole sweep, every time: the others were never removed."""
+    store = LocalStore(tmp_path)
+    await store.put("a/x", b"{}")
+    await store.put("b/y", b"{}")
+    stuck, other = cut_short(store, "a/x"), cut_short(store, "b/y")
+    for path in (stuck, other):
+        age(path, 2 * 3600)
+    unlink = os.unlink
+
+    def refusing(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path) == str(stuck):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refusing)
+    assert await store.sweep_leftovers(3600) == 1
+    assert stuck.exists() and not other.exists()
+
+
 async def test_a_broker_sweeps_the_leftovers_of_writes_cut_short(
     start_broker: Callable[..., Awaitable[Any]], tmp_path: Path
 ) -> None:

@@ -21,6 +21,7 @@ from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.until import until
 
 StartBroker = Callable[..., Awaitable[Any]]
 FAST = Backoff(base=0.01, cap=0.05)
@@ -172,6 +173,34 @@ async def test_a_handler_that_stops_its_worker_is_acked_and_run_returns(q: Clien
     worker = Worker(q, handler, wait=0.2, handle_signals=False)
     await asyncio.wait_for(worker.run(), 10)
     assert (await q.job("pill")).status == "completed"
+
+
+async def test_stop_from_a_task_a_handler_started_waits_for_the_jobs(q: Client) -> None:
+    """Tasks a handler starts copy its context: stop() there returned at once
+    too, with jobs still running (their acks then failed under a client
+    closed next). Only the handler's own task is spared the wait."""
+    await q.enqueue("slow", id="slow")
+    await q.enqueue("stop", id="pill")
+    release = asyncio.Event()
+    spawned: list[asyncio.Task[None]] = []
+    worker: Worker
+
+    async def handler(job: Job) -> str:
+        if job.payload == "stop":
+            spawned.append(asyncio.create_task(worker.stop()))
+            return "stopping"
+        await release.wait()
+        return "slow done"
+
+    worker = Worker(q, handler, concurrency=2, wait=0.2, handle_signals=False)
+    run = asyncio.create_task(worker.run())
+    await until(lambda: bool(spawned))
+    done, _ = await asyncio.wait(spawned, timeout=0.3)
+    assert not done  # it waits: the slow job runs
+    release.set()
+    await asyncio.wait_for(run, 10)
+    await spawned[0]
+    assert worker.processed == 2 and (await q.job("slow")).status == "completed"
 
 
 class CountingClient(Client):

@@ -70,8 +70,8 @@ RETRIED_STATUSES = frozenset({502, 503, 504})
 #: lost ("server disconnected"): retried, or failed with retries=1.
 KEEPALIVE = api.client_keepalive()
 #: What encoding a value that JSON cannot hold raises (an object of a class
-#: of the caller's, say).
-UNSENDABLE = (TypeError, ValueError, msgspec.EncodeError)
+#: of the caller's, say; a list that holds itself).
+UNSENDABLE = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
 #: The statuses of a job that will not change again: a look-up that waits ends there.
 FINISHED = frozenset({"completed", "dead", "cancelled"})
 #: The longest a single look-up request asks the broker to wait (the API's cap);

@@ -296,7 +296,7 @@ class Worker:
         this worker's handlers (a job that says "stop"), it returns at once:
         the jobs' finishing includes that handler's."""
         self.request_stop()
-        if _handling.get() is self:
+        if _handling.get() == (self, asyncio.current_task()):
             return
         await self._done.wait()
 
@@ -487,7 +487,8 @@ class Worker:
     async def _handle(self, job: Job) -> Any:
         """The handler's result for `job`. Whatever it raises, from the call on,
         fails the job."""
-        _handling.set(self)  # in the handler's task alone (and those it starts)
+        # Set in the handler's task (tasks it starts copy it, with another task).
+        _handling.set((self, asyncio.current_task()))
         if self._in_thread:
             result = await asyncio.to_thread(self.handler, job)
             # A plain function may hand back a coroutine (a lambda around an
@@ -756,9 +757,9 @@ def _check_sendable(result: Any, what: str = "the handler's result") -> None:
         raise TypeError(f"{what} cannot be sent as JSON: {exc}") from None
 
 
-#: In a handler's task: the worker running it.
-_handling: contextvars.ContextVar[Worker | None] = contextvars.ContextVar(
-    "simplequeue_handling", default=None
+#: In a handler's task: the worker running it, and that task.
+_handling: contextvars.ContextVar[tuple[Worker, asyncio.Task[Any] | None] | None] = (
+    contextvars.ContextVar("simplequeue_handling", default=None)
 )
 
 

@@ -885,10 +885,14 @@ class LocalStore(ObjectStore):
                 if not _LEFTOVER.fullmatch(name):
                     continue
                 path = os.path.join(dirpath, name)
-                with contextlib.suppress(FileNotFoundError):  # its write just ended
+                try:
                     if os.lstat(path).st_mtime < cutoff:
                         os.unlink(path)
                         removed += 1
+                except FileNotFoundError:  # its write just ended
+                    pass
+                except OSError as exc:  # another user's, a read-only directory: the rest go on
+                    log.warning("localfs %s: cannot remove %s: %s", self.root, path, exc)
         if removed:
             log.info("localfs %s: removed %d files of writes cut short", self.root, removed)
         return removed
