@@ -226,6 +226,28 @@ async def test_a_broker_lets_its_idle_connection_to_the_owner_go_before_the_owne
 # --- reaping ----------------------------------------------------------------------------
 
 
+async def test_the_claims_of_a_broker_that_stopped_before_the_others_saw_it_are_reaped(
+    start_broker: StartBroker,
+) -> None:
+    """A broker that started, took a topic, handed out a claim and stopped
+    cleanly, all before another broker's next look at the registry: that one
+    saw no departure, never read the topic again, and the claim stayed
+    claimed past its lease while the topic was idle. The stopping broker now
+    tells the next owner of each topic it has something due on."""
+    store = MemStore()
+    a = await start_broker(store, broker_id="A", broker_lease=60.0)  # looks every 20 s
+    topic = next(
+        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "B") > rendezvous(t, "A")
+    )
+    await a.engine.enqueue(topic, [JobSpec("p", id="j")])
+    b = await start_broker(store, broker_id="B", broker_lease=60.0)
+    assert b.membership.owns(topic) and not a.membership.peer("B")
+    await b.engine.claim(topic, "w", lease=0.3)
+    await b.stop()
+    await until(lambda: a.duties.reaped == 1, within=5)
+    assert (await a.engine.job(topic, "j"))["status"] == "pending"
+
+
 async def test_only_the_owner_reaps_and_it_reaps_what_it_was_told_of(
     start_broker: StartBroker,
 ) -> None:

@@ -125,6 +125,11 @@ class Duties:
             topic, min(self._due.get(topic, 1e300), self.clock() + self.settings.retry_failed)
         )
 
+    def due_topics(self) -> list[str]:
+        """The topics this broker has something due on: a lease, a schedule's
+        slot, follow-ups to deliver."""
+        return list(self._due)
+
     def refresh(self, topic: str) -> None:
         """Another broker wrote `topic` (it served it while this broker, its
         owner, did not answer): read it again and look at its leases now."""

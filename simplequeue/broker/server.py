@@ -11,6 +11,7 @@ over its topics and a standby the record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 # S3: 15 s a request, and resigning takes two), past the grace a supervisor
 # gives it (Kubernetes: 30 s) before SIGKILL.
 FAREWELL_TIMEOUT = 5.0
+# Before that, the most it spends telling the next owners of the topics it has
+# something due on to read them (Broker._hand_over_due), so many at once.
+HAND_OVER_TIMEOUT = 2.0
+HAND_OVER_PARALLEL = 16
 # The most a stopping broker waits to close the forwarder's and the store's
 # connections.
 CLOSE_TIMEOUT = 1.0
@@ -261,6 +266,23 @@ class Broker:
         owner did not answer); whether it answered."""
         return await self.forwarder.tell(owner, f"/topics/{topic}/refresh")
 
+    async def _hand_over_due(self) -> None:
+        """Before leaving: tell the broker that owns each topic after this one,
+        and that this broker has something due on (a lease, a slot), to read it.
+        One that has not seen this broker yet sees no departure, and would
+        leave the topic alone until something wrote it."""
+        me = self.membership.me
+
+        async def one(topic: str) -> None:
+            heir = next((p for p in self.membership.order(topic) if p != me), None)
+            if heir is not None:
+                with contextlib.suppress(Exception):  # it learns of it later, or not
+                    await self._hand_over(topic, heir)
+
+        topics = [t for t in self.duties.due_topics() if self.membership.owns(t)]
+        for start in range(0, len(topics), HAND_OVER_PARALLEL):
+            await asyncio.gather(*(one(t) for t in topics[start : start + HAND_OVER_PARALLEL]))
+
     async def _refresh(self, topic: str) -> None:
         await self.engine.refresh(topic)
         self.duties.refresh(topic)
@@ -308,6 +330,9 @@ class Broker:
                 self.settings.commit_budget,
             )
             await self.committer.abort()  # nothing of it writes after the store is closed
+        with contextlib.suppress(TimeoutError):  # a courtesy too
+            async with asyncio.timeout(HAND_OVER_TIMEOUT):
+                await self._hand_over_due()
         try:
             async with asyncio.timeout(FAREWELL_TIMEOUT):
                 farewell = await asyncio.gather(
