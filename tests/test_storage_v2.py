@@ -408,3 +408,37 @@ async def test_every_segment_the_committer_holds_is_what_the_store_holds() -> No
             checked += 1
     assert checked >= 10  # spilled segments of every kind were looked at
     await committer.close()
+
+
+async def fill_dead(q: Engine, topic: str, n: int, size: int = 1024) -> None:
+    """`n` dead jobs of `size`-byte payloads (max_attempts 1: one nack each)."""
+    for start in range(0, n, 1000):
+        ids = range(start, min(n, start + 1000))
+        await q.enqueue(topic, [JobSpec("x" * size, id=f"j{i}") for i in ids])
+        got = await q.claim(topic, "w", count=len(ids))
+        await asyncio.gather(*(q.nack(topic, j["id"], j["lease_token"]) for j in got))
+
+
+@pytest.mark.parametrize("whole", ["requeue", "purge"])
+async def test_the_whole_dead_letter_queue_is_listed_requeued_and_purged_from_a_cold_cache(
+    whole: str,
+) -> None:
+    """10,000 dead jobs of 1 KB (the default --dead-limit) spill into ~90
+    segments. A broker that did not write them (restarted, or a new owner)
+    fetched them one round trip each, and gave up after 64: listing, requeueing
+    or purging them all answered 503 "the object cache is too small" with
+    256 MB of cache and 10 MB of jobs. The segments after a missing one in its
+    manifest now come with it."""
+    store = MemStore()
+    policy = CommitSettings(policy=Policy(max_attempts=1))
+    writer = Engine(GroupCommitter(store, broker_id="w", settings=policy))
+    await fill_dead(writer, "t", 10_000)
+    assert (await writer.status("t"))["dead"] == 10_000
+    cold = Engine(GroupCommitter(store, broker_id="cold"))
+    assert len(await cold.dead("t")) == 10_000
+    assert cold.committer.stats.fetch_rounds < 20
+    again = Engine(GroupCommitter(store, broker_id="again"))
+    taken = await (again.requeue("t") if whole == "requeue" else again.purge("t"))
+    assert len(taken) == 10_000
+    counts = await again.status("t")
+    assert (counts["dead"], counts["pending"]) == (0, 10_000 if whole == "requeue" else 0)

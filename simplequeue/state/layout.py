@@ -25,6 +25,7 @@ from simplequeue.state.segments import (
     FORMAT,
     Manifest,
     Segment,
+    SegmentMissing,
     SegmentView,
     decode_object,
     encode_manifest,
@@ -36,6 +37,8 @@ Job = dict[str, Any]
 Record = dict[str, Any]
 
 CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
+# Segments of a manifest fetched with one that is missing: those after it.
+PREFETCH_FOLLOWING = 16
 
 
 def new_head(topic: str) -> dict[str, Any]:
@@ -331,10 +334,31 @@ class Layout:
         self._view.seen.clear()
 
     def prefetch(self, missing: str) -> list[str]:
-        """What to fetch when `missing` is wanted: it, and every object the head
-        names itself (manifests, loose segments). Fetched together, one miss
-        costs one round trip instead of one per object."""
-        return [missing, *self.direct_keys()]
+        """What to fetch when `missing` is wanted: it, the segments after it in
+        its manifest (PREFETCH_FOLLOWING of them: a chain read through, as the
+        dead-letter queue's listing or purge does, then costs a round trip per
+        so many segments, not one each), and every object the head names
+        itself (manifests, loose segments). Fetched together, one miss costs
+        one round trip instead of one per object."""
+        return [missing, *self._following(missing), *self.direct_keys()]
+
+    def _following(self, missing: str) -> list[str]:
+        """The keys of the segments after `missing` in the manifest that names
+        it, if that manifest is at hand (none otherwise)."""
+        chains = [*self._chains()]
+        for lane in self.head["lanes"].values():
+            chains += self._runs(lane)
+        for chain in chains:
+            for mref in chain.d["mans"]:
+                try:
+                    refs = chain.manifest(mref["k"]).refs
+                except SegmentMissing:
+                    continue
+                names = [keys.segment(self.topic, ref["k"]) for ref in refs]
+                if missing in names:
+                    at = names.index(missing) + 1
+                    return names[at : at + PREFETCH_FOLLOWING]
+        return []
 
     def expire(self, now: float) -> None:
         """What the rules drop before a seal (retention): nothing, here."""
