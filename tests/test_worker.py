@@ -175,6 +175,30 @@ async def test_a_handler_that_stops_its_worker_is_acked_and_run_returns(q: Clien
     assert (await q.job("pill")).status == "completed"
 
 
+@pytest.mark.parametrize("how", ["shield", "wait_for", "gather"])
+async def test_a_handler_that_awaits_stop_through_another_task_is_acked_and_run_returns(
+    q: Client, how: str
+) -> None:
+    """shield, wait_for and gather run stop() in a task of their own: 5eeb458
+    spared only the handler's own task the wait, and those waited for every
+    job, the handler awaiting them among them: run() never returned."""
+    await q.enqueue("stop", id="pill")
+    worker: Worker
+
+    async def handler(job: Job) -> str:
+        if how == "shield":
+            await asyncio.shield(worker.stop())
+        elif how == "wait_for":
+            await asyncio.wait_for(worker.stop(), 5)
+        else:
+            await asyncio.gather(worker.stop(), asyncio.sleep(0))
+        return "stopped"
+
+    worker = Worker(q, handler, wait=0.2, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 10)
+    assert (await q.job("pill")).status == "completed"
+
+
 async def test_stop_from_a_task_a_handler_started_waits_for_the_jobs(q: Client) -> None:
     """Tasks a handler starts copy its context: stop() there returned at once
     too, with jobs still running (their acks then failed under a client

@@ -234,6 +234,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # a job started or finished: maybe time to claim
         self._idle = asyncio.Event()  # nothing running and nothing buffered
+        self._one_finished = asyncio.Event()  # a job's task ended (stop() from a job)
         self._claims: set[asyncio.Task[None]] = set()  # claims in flight
         self._asked = 0  # jobs asked for by claims whose answers are not in the buffer yet
         self._taken = 0  # jobs claimed so far (max_jobs counts them)
@@ -293,12 +294,21 @@ class Worker:
 
     async def stop(self) -> None:
         """Stop claiming, wait for claimed jobs to finish, return. From one of
-        this worker's handlers (a job that says "stop"), it returns at once:
-        the jobs' finishing includes that handler's."""
+        this worker's jobs (a handler that says "stop", or a task it started),
+        it waits for the other jobs and their acks, not for that one."""
         self.request_stop()
-        if _handling.get() == (self, asyncio.current_task()):
+        handling = _handling.get()
+        if handling is None or handling[0] is not self:
+            await self._done.wait()
             return
-        await self._done.wait()
+        # From one of this worker's jobs (its handler, or a task it started or
+        # awaits through): waiting for that job too would never end. Wait for
+        # the others, and their acks.
+        own = handling[1]
+        while any(task is not own for task in self._running):
+            self._one_finished.clear()
+            await self._one_finished.wait()
+        await self._acks.flush()
 
     @property
     def buffer_size(self) -> int:
@@ -410,6 +420,7 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._one_finished.set()
         self.ahead.ended()
         self._dry = False
         self._start_ready()
@@ -422,6 +433,7 @@ class Worker:
         if held.lost:
             log.warning("job %s: %s before it started", job.id, _why_gone(held))
             return
+        _handling.set((self, asyncio.current_task()))  # the handler's task copies it
         work = held.work = asyncio.ensure_future(self._handle(job))
         failure: Exception | None = None
         acking = False
@@ -487,8 +499,6 @@ class Worker:
     async def _handle(self, job: Job) -> Any:
         """The handler's result for `job`. Whatever it raises, from the call on,
         fails the job."""
-        # Set in the handler's task (tasks it starts copy it, with another task).
-        _handling.set((self, asyncio.current_task()))
         if self._in_thread:
             result = await asyncio.to_thread(self.handler, job)
             # A plain function may hand back a coroutine (a lambda around an
@@ -757,7 +767,7 @@ def _check_sendable(result: Any, what: str = "the handler's result") -> None:
         raise TypeError(f"{what} cannot be sent as JSON: {exc}") from None
 
 
-#: In a handler's task: the worker running it, and that task.
+#: In a job's task, and the tasks of its handler: the worker, and that task.
 _handling: contextvars.ContextVar[tuple[Worker, asyncio.Task[Any] | None] | None] = (
     contextvars.ContextVar("simplequeue_handling", default=None)
 )
