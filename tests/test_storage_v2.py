@@ -436,9 +436,40 @@ async def test_the_whole_dead_letter_queue_is_listed_requeued_and_purged_from_a_
     assert (await writer.status("t"))["dead"] == 10_000
     cold = Engine(GroupCommitter(store, broker_id="cold"))
     assert len(await cold.dead("t")) == 10_000
-    assert cold.committer.stats.fetch_rounds < 20
+    # One round per manifest and per 16 segments, not one per segment.
+    assert cold.committer.stats.fetch_rounds < 32
     again = Engine(GroupCommitter(store, broker_id="again"))
     taken = await (again.requeue("t") if whole == "requeue" else again.purge("t"))
     assert len(taken) == 10_000
     counts = await again.status("t")
     assert (counts["dead"], counts["pending"]) == (0, 10_000 if whole == "requeue" else 0)
+
+
+class CountingStore(MemStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: list[str] = []
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        self.gets.append(key)
+        return await super().get(key)
+
+
+async def test_one_job_looked_up_from_a_cold_cache_costs_one_segment_beyond_the_heads() -> None:
+    """Prefetching the segments after a missing one is for chains read through:
+    on every miss, one look-up fetched 16 segments it did not want."""
+    store = CountingStore()
+    writer = Engine(GroupCommitter(store, broker_id="w"))
+    for start in range(0, 30_000, 1000):
+        await writer.enqueue(
+            "t", [JobSpec("x" * 1024, id=f"j{i}") for i in range(start, start + 1000)]
+        )
+    cold = Engine(GroupCommitter(store, broker_id="cold"))
+    await cold.status("t")
+    state = cold.committer._topics["t"].state
+    assert state is not None
+    direct = set(state.direct_keys())
+    store.gets.clear()
+    assert (await cold.job("t", "j20000"))["id"] == "j20000"
+    beyond = [k for k in store.gets if "/seg-" in k and k not in direct]
+    assert len(beyond) <= 1, beyond

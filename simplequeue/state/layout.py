@@ -335,16 +335,19 @@ class Layout:
 
     def prefetch(self, missing: str) -> list[str]:
         """What to fetch when `missing` is wanted: it, the segments after it in
-        its manifest (PREFETCH_FOLLOWING of them: a chain read through, as the
-        dead-letter queue's listing or purge does, then costs a round trip per
-        so many segments, not one each), and every object the head names
-        itself (manifests, loose segments). Fetched together, one miss costs
-        one round trip instead of one per object."""
+        its manifest when the one before it is at hand (PREFETCH_FOLLOWING of
+        them: a chain read through, as the dead-letter queue's listing or
+        purge does, then costs a round trip per so many segments, not one
+        each), and every object the head names itself (manifests, loose
+        segments). Fetched together, one miss costs one round trip instead of
+        one per object."""
         return [missing, *self._following(missing), *self.direct_keys()]
 
     def _following(self, missing: str) -> list[str]:
         """The keys of the segments after `missing` in the manifest that names
-        it, if that manifest is at hand (none otherwise)."""
+        it, when the chain is being read through: that manifest is at hand,
+        and so is the segment before `missing` (none otherwise: a look-up of
+        one job wants one segment)."""
         chains = [*self._chains()]
         for lane in self.head["lanes"].values():
             chains += self._runs(lane)
@@ -355,9 +358,16 @@ class Layout:
                 except SegmentMissing:
                     continue
                 names = [keys.segment(self.topic, ref["k"]) for ref in refs]
-                if missing in names:
-                    at = names.index(missing) + 1
-                    return names[at : at + PREFETCH_FOLLOWING]
+                if missing not in names:
+                    continue
+                at = names.index(missing)
+                try:
+                    if at == 0:
+                        return []
+                    chain.segment(refs[at - 1]["k"])
+                except SegmentMissing:
+                    return []
+                return names[at + 1 : at + 1 + PREFETCH_FOLLOWING]
         return []
 
     def expire(self, now: float) -> None:
