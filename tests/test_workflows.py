@@ -16,6 +16,7 @@ from simplequeue import keys
 from simplequeue.api import AckRequest, FollowUpSpec, JobSpec
 from simplequeue.broker.duties import DutySettings
 from simplequeue.broker.engine import Engine
+from simplequeue.broker.membership import rendezvous
 from simplequeue.errors import InvalidRequest, LeaseLost, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
@@ -408,3 +409,147 @@ async def test_follow_ups_a_topic_takes_are_not_held_back_by_those_it_refuses(
             return await pending(engine, "a") == 65
 
         await until_true(broker, "a", delivered, within=3)
+
+
+class SlowFailing:
+    """Where follow-ups go when their topic's store fails only after `delay` s;
+    when each try started."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.starts = delay, list[float]()
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        self.starts.append(time.monotonic())
+        await asyncio.sleep(self.delay)
+        raise StoreUnavailable(f"{topic}: no answer within {self.delay} s")
+
+
+async def test_a_topic_that_fails_slowly_is_still_given_its_pause_between_tries(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pause counted from the round's start: a try that took longer than
+    retry_failed had used it up, and the next came at once, rounds on end,
+    holding up every other topic's duties meanwhile."""
+    broker = await start_broker(MemStore())
+    monkeypatch.setattr(broker.duties, "settings", DutySettings(retry_failed=0.3))
+    slow = SlowFailing(0.4)
+    monkeypatch.setattr(broker.duties, "deliver_to", slow)
+    async with aiohttp.ClientSession() as s:
+        await acked_with(s, broker.url, [[{"topic": "dst", "payload": 1}]])
+    await until(lambda: len(slow.starts) >= 3, within=5)
+    pauses = [b - (a + slow.delay) for a, b in zip(slow.starts, slow.starts[1:], strict=False)]
+    assert min(pauses) >= 0.25, pauses
+
+
+async def test_follow_ups_reach_a_broker_whose_max_body_is_smaller(
+    start_broker: StartBroker,
+) -> None:
+    """Parts are cut at half of this broker's --max-body: for an owner with a
+    smaller one, a part refused as too large (413) was held back whole, and
+    refused again at every try."""
+    store = MemStore()
+    big = await start_broker(store, broker_id="A", max_body=4 * 1024 * 1024)
+    small = await start_broker(store, broker_id="B")
+    for b in (big, small):
+        await b.membership.step()
+    src = next(f"src{i}" for i in range(100) if big.membership.owns(f"src{i}"))
+    dst = next(f"dst{i}" for i in range(100) if small.membership.owns(f"dst{i}"))
+    # This broker's parts are cut at 2 MB, over the other's --max-body.
+    big.duties.settings = DutySettings(retry_failed=0.1, deliver_bytes=2 * 1024 * 1024)
+    reachable, big.duties.deliver_to = big.duties.deliver_to, Unreachable()  # a backlog
+    n = 6
+    async with aiohttp.ClientSession() as s:
+        jobs = [{"id": f"j{i}", "payload": i} for i in range(n)]
+        assert (await post(s, f"{big.url}/topics/{src}/enqueue", {"jobs": jobs}))[0] == 201
+        _, claim = await post(s, f"{big.url}/topics/{src}/claim", {"worker_id": "w", "count": n})
+        for job in claim["jobs"]:
+            ack = {
+                "job_id": job["id"],
+                "lease_token": job["lease_token"],
+                "enqueue": [{"topic": dst, "payload": "x" * 300_000}],
+            }
+            assert (await post(s, f"{big.url}/topics/{src}/ack", ack))[0] == 200
+    big.duties.deliver_to = reachable
+
+    async def all_six() -> bool:
+        return await pending(small.engine, dst) == n
+
+    await until_true(small, dst, all_six, within=4)
+
+
+async def test_rounds_that_end_on_held_back_follow_ups_do_not_put_off_the_rest(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the last round's progress counted: when it met refused
+    follow-ups only, those that would go behind them waited retry_failed."""
+    from simplequeue.broker import duties
+
+    monkeypatch.setattr(duties, "DELIVER_BATCH", 2)
+    monkeypatch.setattr(duties, "DELIVER_ROUNDS", 2)
+    broker = await start_broker(MemStore())
+    monkeypatch.setattr(broker.duties, "settings", DutySettings(retry_failed=0.5))
+    url, engine = broker.url, broker.engine
+    reachable, broker.duties.deliver_to = broker.duties.deliver_to, Unreachable()
+    async with aiohttp.ClientSession() as s:
+        full = [{"id": f"p{p}", "payload": p, "priority": p} for p in range(64)]
+        assert (await post(s, f"{url}/topics/a/enqueue", {"jobs": full}))[0] == 201
+        await acked_with(
+            s,
+            url,
+            [
+                [{"topic": "ok", "payload": i} for i in range(2)],
+                [{"topic": "a", "payload": i, "priority": 100} for i in range(2)],
+                [{"topic": "late", "payload": "x"}],
+            ],
+        )
+    broker.duties.deliver_to = reachable
+    await asyncio.sleep(0.5)  # the pause of the topics that failed passes
+    broker.duties.note("src", 0.0)
+
+    async def late_delivered() -> bool:
+        return await pending(engine, "late") == 1
+
+    # Well within the pause that "a"'s refused follow-ups get from now on.
+    await until_true(broker, "late", late_delivered, within=0.4)
+
+
+async def test_a_lease_is_reaped_on_time_while_follow_ups_are_held_back(
+    start_broker: StartBroker,
+) -> None:
+    """While follow-ups were held back, the topic's next wake-up was their
+    retry, 5 s away: a lease running out sooner was reaped that late."""
+    broker = await start_broker(MemStore())
+    engine = broker.engine
+    await engine.enqueue("a", [JobSpec(p, id=f"p{p}", priority=p) for p in range(64)])
+    await engine.enqueue("src", [JobSpec("j", id="j"), JobSpec("k", id="k")])
+    [job] = await engine.claim("src", "w")
+    await engine.ack(
+        "src", "j", job["lease_token"], None, [FollowUpSpec(1, topic="a", priority=100)]
+    )
+    await until(lambda: "src" in broker.duties._held_back)
+    await engine.claim("src", "w2", lease=0.3)
+    started = time.monotonic()
+    await until(lambda: broker.duties.reaped == 1, within=4)
+    assert time.monotonic() - started < 2.0
+
+
+async def test_what_was_held_back_for_topics_owned_elsewhere_now_is_let_go(
+    start_broker: StartBroker,
+) -> None:
+    """What a topic's delivery held back stayed in memory for good once
+    another broker owned the topic (ownership moves at every restart)."""
+    store = MemStore()
+    a = await start_broker(store, broker_id="A")
+    sources = [t for t in (f"s{i}" for i in range(200)) if rendezvous(t, "B") > rendezvous(t, "A")]
+    sources = sources[:5]
+    await a.engine.enqueue("a", [JobSpec(p, id=f"p{p}", priority=p) for p in range(64)])
+    for src in sources:
+        await a.engine.enqueue(src, [JobSpec("j", id="j")])
+        [job] = await a.engine.claim(src, "w")
+        await a.engine.ack(
+            src, "j", job["lease_token"], None, [FollowUpSpec(1, topic="a", priority=100)]
+        )
+    await until(lambda: all(s in a.duties._held_back for s in sources))
+    await start_broker(store, broker_id="B")
+    await a.membership.step()
+    assert not any(s in a.duties._held_back for s in sources)

@@ -36,7 +36,7 @@ import msgspec
 from simplequeue.api import JobSpec
 from simplequeue.broker.engine import Engine, TopicOps
 from simplequeue.broker.membership import Membership, Peer, rendezvous
-from simplequeue.errors import CorruptData, InvalidRequest, SimpleQueueError
+from simplequeue.errors import CorruptData, InvalidRequest, PayloadTooLarge, SimpleQueueError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,11 @@ class Duties:
         owner, did not answer): read it again and look at its leases now."""
         self.note(topic, -1e300)
 
+    def _let_go(self, topic: str) -> None:
+        """`topic` is not this broker's to deliver for any more: what its
+        delivery held back goes."""
+        self._held_back.pop(topic, None)
+
     def view_changed(self, old: tuple[Peer, ...], new: tuple[Peer, ...]) -> None:
         """The live brokers changed: the topics this broker now owns and did not
         before are read once, for their leases; when a broker left, every topic
@@ -146,6 +151,8 @@ class Duties:
         # What this broker held of topics it no longer owns goes: the new owner
         # writes them, and a state kept here would only lose races later.
         self.engine.forget([t for t in self.engine.known_topics() if _owner(t, new) != me])
+        for topic in [t for t in self._held_back if _owner(t, new) != me]:
+            self._let_go(topic)
         self._wake.set()
 
     def start_owning(self) -> None:
@@ -221,6 +228,7 @@ class Duties:
         if owner != self.membership.me and self.hand_over is not None:
             with contextlib.suppress(Exception):
                 if await self.hand_over(topic, owner):
+                    self._let_go(topic)
                     return  # its owner reads it again and takes it from here
         try:
             reaped, due = await self.engine.tend(topic)
@@ -229,6 +237,7 @@ class Duties:
             if self.deliver_to is not None:
                 due = await self._deliver(topic, due)
         except CorruptData:
+            self._let_go(topic)
             return  # logged once by the committer; nothing to do until it is mended
         except SimpleQueueError as exc:
             log.warning("owner duties: tending %s failed (%s); again in a while", topic, exc)
@@ -261,17 +270,19 @@ class Duties:
             for item in front:
                 by_topic.setdefault(item["topic"], []).append(item)
             done: list[tuple[str, str]] = []
-            until = now + self.settings.retry_failed
             for target, waiting in by_topic.items():
                 taken, refused, failed = await self._deliver_into(topic, target, waiting, now)
                 done += [(target, i["id"]) for i in taken]
+                # From when the try ended: one that took long must not have
+                # used up its pause already.
+                until = self.clock() + self.settings.retry_failed
                 back.items.update({(target, i["id"]): until for i in refused})
                 if failed:
                     back.targets[target] = until
             if done:
                 due = await self.engine.delivered(topic, done)
                 self.delivered += len(done)
-            progressed = bool(done)
+            progressed = progressed or bool(done)
         else:
             if progressed:
                 return due  # more to deliver: again at once, after the other topics' turn
@@ -279,9 +290,11 @@ class Duties:
         if retry is None:
             del self._held_back[topic]
             return due
-        # What is left waits for `retry`; `due` may be the oldest follow-up's
-        # time, past, and is only wanted if it is another thing's, sooner.
-        return retry if due is None or due <= self.clock() else min(due, retry)
+        if due is not None and due <= self.clock():
+            # The oldest follow-up's time, past: what waits is held back until
+            # `retry`. A lease or a slot may come sooner.
+            due = await self.engine.next_due(topic, outbox=False)
+        return retry if due is None else min(due, retry)
 
     async def _deliver_into(
         self, source: str, target: str, items: list[dict[str, Any]], now: float
@@ -289,28 +302,27 @@ class Duties:
         """(those of `items`, follow-ups of `source`, that `target` took, those it
         refused, whether it failed). They go in requests of at most
         `deliver_bytes` (many acks' follow-ups together may pass --max-body,
-        each alone not); a request refused whole goes again by priority, as
-        a topic holds jobs of at most 64 priorities at once."""
+        each alone not)."""
         taken: list[dict[str, Any]] = []
         refused: list[dict[str, Any]] = []
         for part in _parts(items, self.settings.deliver_bytes):
             try:
-                if await self._enqueue(target, part, now):
-                    taken += part
-                    continue
-                for group in _by_priority(part):
-                    if len(group) < len(part) and await self._enqueue(target, group, now):
-                        taken += group
-                    else:
-                        refused += group
+                took, not_taken = await self._taking(target, part, now)
             except SimpleQueueError as exc:
                 log.warning("follow-ups of %s for %s: %s; again in a while", source, target, exc)
                 return taken, refused, True
+            taken += took
+            refused += not_taken
         return taken, refused, False
 
-    async def _enqueue(self, target: str, items: list[dict[str, Any]], now: float) -> bool:
-        """Whether `target` took `items` (False: it refused them, InvalidRequest;
-        other errors are raised)."""
+    async def _taking(
+        self, target: str, items: list[dict[str, Any]], now: float
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(those of `items` that `target` took, those it refused). A request
+        refused as too large (the target's --max-body is smaller than this
+        broker's) goes again in halves; one refused otherwise, once per
+        priority it holds (a topic holds jobs of at most 64 at once). Errors
+        other than a refusal are raised."""
         assert self.deliver_to is not None
         specs = [
             JobSpec(
@@ -324,10 +336,24 @@ class Duties:
         ]
         try:
             await self.deliver_to.enqueue(target, specs)
+            return items, []
+        except PayloadTooLarge as exc:
+            if len(items) == 1:
+                log.warning("a follow-up for %s: %s; again in a while", target, exc)
+                return [], items
+            parts = [items[: len(items) // 2], items[len(items) // 2 :]]
         except InvalidRequest as exc:
-            log.warning("%d follow-ups for %s: %s; again in a while", len(items), target, exc)
-            return False
-        return True
+            parts = _by_priority(items)
+            if len(parts) == 1:
+                log.warning("%d follow-ups for %s: %s; again in a while", len(items), target, exc)
+                return [], items
+        taken: list[dict[str, Any]] = []
+        refused: list[dict[str, Any]] = []
+        for part in parts:
+            took, not_taken = await self._taking(target, part, now)
+            taken += took
+            refused += not_taken
+        return taken, refused
 
     async def _take_over(self) -> None:
         assert self._acquire is not None

@@ -499,12 +499,13 @@ class Engine:
 
         return await self.committer.submit(topic, tend, verify=False)
 
-    async def next_due(self, topic: str) -> float | None:
+    async def next_due(self, topic: str, outbox: bool = True) -> float | None:
         """When `topic` next wants its owner (a lease may run out), from its head
-        as the store has it, keeping nothing in memory for an idle topic."""
+        as the store has it, keeping nothing in memory for an idle topic; with
+        `outbox` False, leaving out follow-ups waiting for delivery."""
         keys.check_topic(topic)
         error = self.committer.clock_error
-        return await self.committer.peek(topic, lambda s, now: s.next_due(error(now)))
+        return await self.committer.peek(topic, lambda s, now: s.next_due(error(now), outbox))
 
     async def outbox(
         self,

@@ -561,19 +561,19 @@ class TopicState(Layout):
         """Whether a lease ran out by `now` (reads what next_expiry() says may)."""
         return bool(self.due_leases(now))
 
-    def next_due(self, clock_error: float = 0.0) -> float | None:
+    def next_due(self, clock_error: float = 0.0, outbox: bool = True) -> float | None:
         """When the topic next wants its owner: no lease runs out before this
         (reaped as tend() is, with `clock_error`), no schedule's slot comes
-        before it, and follow-ups wait for delivery since then (None: nothing
-        to do until something changes). From the head, and the outbox's front
-        segment."""
+        before it, and (with `outbox`) follow-ups wait for delivery since then
+        (None: nothing to do until something changes). From the head, and the
+        outbox's front segment."""
         times = [s["next_at"] for s in self.head.get("schedules", {}).values()]
         expiry = self.next_expiry()
         if expiry is not None:
             times.append(expiry + clock_error)
-        outbox = self.outbox_oldest()
-        if outbox is not None:
-            times.append(outbox)
+        oldest = self.outbox_oldest() if outbox else None
+        if oldest is not None:
+            times.append(oldest)
         return min(times, default=None)
 
     def tend(self, now: float, clock_error: float = 0.0) -> dict[str, int]:
