@@ -199,6 +199,52 @@ async def test_a_handler_that_awaits_stop_through_another_task_is_acked_and_run_
     assert (await q.job("pill")).status == "completed"
 
 
+async def test_two_handlers_that_stop_the_worker_at_once_are_both_acked(q: Client) -> None:
+    """Each stop() from a job waited for every job but its own: two at once
+    waited for each other, for ever."""
+    await q.enqueue("stop", id="pill1")
+    await q.enqueue("stop", id="pill2")
+    both = asyncio.Event()
+    started = 0
+    worker: Worker
+
+    async def handler(job: Job) -> str:
+        nonlocal started
+        started += 1
+        if started == 2:
+            both.set()
+        await both.wait()
+        await worker.stop()
+        return "stopped"
+
+    worker = Worker(q, handler, concurrency=2, wait=0.2, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 10)
+    assert [(await q.job(j)).status for j in ("pill1", "pill2")] == ["completed"] * 2
+
+
+async def test_stop_from_a_handler_returns_once_the_jobs_claimed_ahead_ran(q: Client) -> None:
+    """With one slot, the jobs claimed ahead could not start while the
+    handler waiting in stop() held it: stop() returned before them, and the
+    caller's clean-up (closing its client) ran under them."""
+    await q.enqueue("stop", id="pill")
+    await q.enqueue_many(["a", "b", "c"])
+    events: list[str] = []
+    worker: Worker
+
+    async def handler(job: Job) -> str:
+        if job.payload == "stop":
+            await until(lambda: len(worker._ready) == 3)  # claimed ahead, waiting for the slot
+            await worker.stop()
+            events.append("stop returned")
+            return "stopped"
+        events.append(f"ran {job.payload}")
+        return "ok"
+
+    worker = Worker(q, handler, concurrency=1, prefetch=3, wait=0.2, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 10)
+    assert events == ["ran a", "ran b", "ran c", "stop returned"]
+
+
 async def test_stop_from_a_task_a_handler_started_waits_for_the_jobs(q: Client) -> None:
     """Tasks a handler starts copy its context: stop() there returned at once
     too, with jobs still running (their acks then failed under a client

@@ -553,3 +553,40 @@ async def test_what_was_held_back_for_topics_owned_elsewhere_now_is_let_go(
     await start_broker(store, broker_id="B")
     await a.membership.step()
     assert not any(s in a.duties._held_back for s in sources)
+
+
+class Gated:
+    """Where follow-ups go once `gate` opens; `waiting` says one is held there."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.gate, self.waiting = inner, asyncio.Event(), asyncio.Event()
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        self.waiting.set()
+        await self.gate.wait()
+        got: list[dict[str, Any]] = await self.inner.enqueue(topic, specs)
+        return got
+
+
+async def test_a_change_of_owner_during_a_delivery_fails_nothing(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The topic went to another broker while its delivery was under way: what
+    it held back was let go of meanwhile, and the delivery's end failed on it
+    (KeyError: "tending failed", a traceback, the wake-up put off)."""
+    store = MemStore()
+    a = await start_broker(store, broker_id="A")
+    src = next(t for t in (f"s{i}" for i in range(200)) if rendezvous(t, "B") > rendezvous(t, "A"))
+    gated = Gated(a.duties.deliver_to)
+    a.duties.deliver_to = gated
+    await a.engine.enqueue(src, [JobSpec("j", id="j")])
+    [job] = await a.engine.claim(src, "w")
+    await a.engine.ack(src, "j", job["lease_token"], None, [FollowUpSpec(1, topic="dst")])
+    await asyncio.wait_for(gated.waiting.wait(), 5)  # the delivery is under way
+    await start_broker(store, broker_id="B")
+    await a.membership.step()  # B owns the source now: A lets go of it
+    caplog.clear()
+    gated.gate.set()
+    await until(lambda: a.duties.delivered == 1)
+    await a.committer.wait_changed(src, 0.2)  # up to 0.2 s: the tending ends meanwhile
+    assert not [r for r in caplog.records if "tending" in r.getMessage()]

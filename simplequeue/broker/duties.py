@@ -288,7 +288,7 @@ class Duties:
                 return due  # more to deliver: again at once, after the other topics' turn
         retry = back.next(self.clock())
         if retry is None:
-            del self._held_back[topic]
+            self._held_back.pop(topic, None)  # let go of meanwhile, maybe
             return due
         if due is not None and due <= self.clock():
             # The oldest follow-up's time, past: what waits is held back until

@@ -235,6 +235,7 @@ class Worker:
         self._room = asyncio.Event()  # a job started or finished: maybe time to claim
         self._idle = asyncio.Event()  # nothing running and nothing buffered
         self._one_finished = asyncio.Event()  # a job's task ended (stop() from a job)
+        self._parked: set[asyncio.Task[Any] | None] = set()  # jobs waiting in stop()
         self._claims: set[asyncio.Task[None]] = set()  # claims in flight
         self._asked = 0  # jobs asked for by claims whose answers are not in the buffer yet
         self._taken = 0  # jobs claimed so far (max_jobs counts them)
@@ -295,19 +296,28 @@ class Worker:
     async def stop(self) -> None:
         """Stop claiming, wait for claimed jobs to finish, return. From one of
         this worker's jobs (a handler that says "stop", or a task it started),
-        it waits for the other jobs and their acks, not for that one."""
+        it waits for the other jobs (those claimed ahead too: the waiting job
+        lends them its slot) and their acks, not for that one nor for others
+        waiting in stop() too."""
         self.request_stop()
         handling = _handling.get()
         if handling is None or handling[0] is not self:
             await self._done.wait()
             return
         # From one of this worker's jobs (its handler, or a task it started or
-        # awaits through): waiting for that job too would never end. Wait for
-        # the others, and their acks.
+        # awaits through): waiting for that job too would never end, nor for
+        # another job that waits here too. Wait for the others, and their acks.
         own = handling[1]
-        while any(task is not own for task in self._running):
-            self._one_finished.clear()
-            await self._one_finished.wait()
+        if own is not None and own in self._running:
+            self._parked.add(own)  # its slot is lent to the jobs claimed ahead
+            self._one_finished.set()  # another job waiting in stop() looks again
+            self._start_ready()
+        try:
+            while self._ready or any(t not in self._parked for t in self._running):
+                self._one_finished.clear()
+                await self._one_finished.wait()
+        finally:
+            self._parked.discard(own)
         await self._acks.flush()
 
     @property
@@ -412,7 +422,7 @@ class Worker:
             self.request_stop()
 
     def _start_ready(self) -> None:
-        while self._ready and len(self._running) < self.concurrency:
+        while self._ready and len(self._running - self._parked) < self.concurrency:
             held = self._ready.popleft()
             task = asyncio.create_task(self._process(held), name=f"job:{held.job.id}")
             self._running.add(task)
@@ -420,6 +430,7 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._parked.discard(task)
         self._one_finished.set()
         self.ahead.ended()
         self._dry = False
