@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -185,3 +185,19 @@ def _consume(future: asyncio.Future[Any]) -> None:
     that nobody awaits is logged at debug level instead of warned about at exit."""
     if not future.cancelled() and (exc := future.exception()) is not None:
         log.debug("batched item failed: %r", exc)
+
+
+def runs_within(items: Iterable[I], size_of: Callable[[I], int], limit: int) -> Iterator[list[I]]:
+    """`items` in order, in runs whose sizes (`size_of` each) add up to at most
+    `limit`; an item bigger than that alone."""
+    run: list[I] = []
+    size = 0
+    for item in items:
+        n = size_of(item)
+        if run and size + n > limit:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += n
+    if run:
+        yield run

@@ -204,15 +204,10 @@ async def test_two_handlers_that_stop_the_worker_at_once_are_both_acked(q: Clien
     waited for each other, for ever."""
     await q.enqueue("stop", id="pill1")
     await q.enqueue("stop", id="pill2")
-    both = asyncio.Event()
-    started = 0
+    both = asyncio.Barrier(2)  # the two handlers call stop() together
     worker: Worker
 
     async def handler(job: Job) -> str:
-        nonlocal started
-        started += 1
-        if started == 2:
-            both.set()
         await both.wait()
         await worker.stop()
         return "stopped"

@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from simplequeue.api import JobSpec
+from simplequeue.batching import runs_within
 from simplequeue.broker.engine import Engine, TopicOps
 from simplequeue.broker.membership import Membership, Peer, rendezvous
 from simplequeue.errors import CorruptData, InvalidRequest, PayloadTooLarge, SimpleQueueError
@@ -436,17 +437,11 @@ def _by_priority(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def _parts(items: list[dict[str, Any]], limit: int) -> Iterator[list[dict[str, Any]]]:
     """`items` (follow-ups) in order, in parts whose payloads and fields come to
     at most `limit` bytes of JSON (one bigger than that alone)."""
-    part: list[dict[str, Any]] = []
-    size = 0
-    for item in items:
-        n = len(msgspec.json.encode(item["payload"])) + FOLLOW_UP_FIELDS
-        if part and size + n > limit:
-            yield part
-            part, size = [], 0
-        part.append(item)
-        size += n
-    if part:
-        yield part
+
+    def size(item: dict[str, Any]) -> int:
+        return len(msgspec.json.encode(item["payload"])) + FOLLOW_UP_FIELDS
+
+    return runs_within(items, size, limit)
 
 
 def _owner(topic: str, live: tuple[Peer, ...]) -> Peer | None:

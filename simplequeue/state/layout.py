@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from simplequeue import keys
+from simplequeue.batching import runs_within
 from simplequeue.errors import CorruptData
 from simplequeue.state.chain import Chain, NewObject, Place, new_chain
 from simplequeue.state.limits import Bounds
@@ -528,18 +529,9 @@ class _Sealer:
         """`items` cut into runs that each encode to at most segment_bytes (one
         item at least): objects stay small enough to cache and fetch whole,
         however large the batch that spills them."""
-        limit = self.bounds.segment_bytes
-        chunk: list[Any] = []
-        size = 0
-        for item in items:
-            n = len(orjson.dumps(item)) + 1
-            if chunk and size + n > limit:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(item)
-            size += n
-        if chunk:
-            yield chunk
+        return runs_within(
+            items, lambda item: len(orjson.dumps(item)) + 1, self.bounds.segment_bytes
+        )
 
     def _spill(self, chain: Chain, kind: str, meta: Callable[[list[Any]], dict[str, Any]]) -> None:
         """The chain's inline items become new loose segments, in order, each
