@@ -240,6 +240,76 @@ async def test_stop_from_a_handler_returns_once_the_jobs_claimed_ahead_ran(q: Cl
     assert events == ["ran a", "ran b", "ran c", "stop returned"]
 
 
+async def test_one_job_that_calls_stop_twice_at_once_while_another_runs(q: Client) -> None:
+    """The first of a job's two stop() calls to return unparked the job: the
+    other then waited for that job, its own, for ever."""
+    await q.enqueue("slow", id="slow")
+    await q.enqueue("stop", id="pill")
+    release = asyncio.Event()
+    worker: Worker
+
+    async def handler(job: Job) -> str:
+        if job.payload == "slow":
+            await release.wait()
+            return "slow done"
+        asyncio.get_running_loop().call_later(0.2, release.set)
+        await asyncio.gather(worker.stop(), worker.stop())
+        return "stopped"
+
+    worker = Worker(q, handler, concurrency=2, wait=0.2, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 10)
+    assert [(await q.job(j)).status for j in ("slow", "pill")] == ["completed"] * 2
+
+
+async def test_two_jobs_whose_stop_returned_do_not_wait_for_each_other(q: Client) -> None:
+    """A job whose stop() returned was waited for again by another job's
+    stop(): each then waited for what the other did next."""
+    await q.enqueue("stop", id="pill1")
+    await q.enqueue("stop", id="pill2")
+    back = asyncio.Barrier(2)  # each waits for the other once back from stop()
+    worker: Worker
+
+    async def handler(job: Job) -> str:
+        if job.id == "pill2":
+            await until(lambda: len(worker._parked) == 1)  # pill1 waits in stop()
+        await worker.stop()
+        await back.wait()
+        return "stopped"
+
+    worker = Worker(q, handler, concurrency=2, wait=0.2, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 10)
+    assert [(await q.job(j)).status for j in ("pill1", "pill2")] == ["completed"] * 2
+
+
+async def test_a_stop_from_a_task_a_handler_started_keeps_to_the_concurrency(q: Client) -> None:
+    """stop() in a task the handler started lent the job's slot to the jobs
+    claimed ahead while the handler went on working: with concurrency=1, two
+    handlers ran at once."""
+    await q.enqueue("stop", id="pill")
+    await q.enqueue_many(["a", "b"])
+    now = most = 0
+    stopping: list[asyncio.Task[None]] = []
+    worker: Worker
+
+    async def handler(job: Job) -> str:
+        nonlocal now, most
+        now += 1
+        most = max(most, now)
+        try:
+            if job.payload == "stop":
+                await until(lambda: len(worker._ready) == 2)
+                stopping.append(asyncio.create_task(worker.stop()))
+            await asyncio.sleep(0.2)  # still working
+            return "ok"
+        finally:
+            now -= 1
+
+    worker = Worker(q, handler, concurrency=1, prefetch=2, wait=0.2, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 10)
+    await stopping[0]
+    assert most == 1
+
+
 async def test_stop_from_a_task_a_handler_started_waits_for_the_jobs(q: Client) -> None:
     """Tasks a handler starts copy its context: stop() there returned at once
     too, with jobs still running (their acks then failed under a client

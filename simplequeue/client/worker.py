@@ -235,7 +235,10 @@ class Worker:
         self._room = asyncio.Event()  # a job started or finished: maybe time to claim
         self._idle = asyncio.Event()  # nothing running and nothing buffered
         self._one_finished = asyncio.Event()  # a job's task ended (stop() from a job)
-        self._parked: set[asyncio.Task[Any] | None] = set()  # jobs waiting in stop()
+        # Jobs that called stop(): no stop() waits for them; and those whose
+        # handler waits in it, whose slot the jobs claimed ahead may take.
+        self._parked: set[asyncio.Task[Any] | None] = set()
+        self._lent: set[asyncio.Task[Any] | None] = set()
         self._claims: set[asyncio.Task[None]] = set()  # claims in flight
         self._asked = 0  # jobs asked for by claims whose answers are not in the buffer yet
         self._taken = 0  # jobs claimed so far (max_jobs counts them)
@@ -295,29 +298,36 @@ class Worker:
 
     async def stop(self) -> None:
         """Stop claiming, wait for claimed jobs to finish, return. From one of
-        this worker's jobs (a handler that says "stop", or a task it started),
-        it waits for the other jobs (those claimed ahead too: the waiting job
-        lends them its slot) and their acks, not for that one nor for others
-        waiting in stop() too."""
+        this worker's jobs (its handler, or a task it started or awaits
+        through), it waits for the other jobs and their acks, not for that
+        one nor for other jobs that called it too. Awaited by the handler
+        itself, the job lends its slot to the jobs claimed ahead and waits
+        for them too; from another task (shield, wait_for, a task it started)
+        with every slot taken, those run after it returns. The time a job
+        waits here counts against its `timeout`."""
         self.request_stop()
         handling = _handling.get()
         if handling is None or handling[0] is not self:
             await self._done.wait()
             return
-        # From one of this worker's jobs (its handler, or a task it started or
-        # awaits through): waiting for that job too would never end, nor for
-        # another job that waits here too. Wait for the others, and their acks.
-        own = handling[1]
-        if own is not None and own in self._running:
-            self._parked.add(own)  # its slot is lent to the jobs claimed ahead
-            self._one_finished.set()  # another job waiting in stop() looks again
+        _, own, held = handling
+        # Waiting for that job too would never end, nor for another job that
+        # waits here too: a job that called stop() is waited for by none.
+        self._parked.add(own)
+        self._one_finished.set()  # another job waiting in stop() looks again
+        # Its slot goes to the jobs claimed ahead only while its handler is
+        # blocked here: one that goes on working keeps it.
+        lend = asyncio.current_task() in (own, held.work)
+        if lend:
+            self._lent.add(own)
             self._start_ready()
         try:
-            while self._ready or any(t not in self._parked for t in self._running):
+            while (lend and self._ready) or any(t not in self._parked for t in self._running):
                 self._one_finished.clear()
                 await self._one_finished.wait()
         finally:
-            self._parked.discard(own)
+            if lend:
+                self._lent.discard(own)
         await self._acks.flush()
 
     @property
@@ -422,7 +432,7 @@ class Worker:
             self.request_stop()
 
     def _start_ready(self) -> None:
-        while self._ready and len(self._running - self._parked) < self.concurrency:
+        while self._ready and len(self._running - self._lent) < self.concurrency:
             held = self._ready.popleft()
             task = asyncio.create_task(self._process(held), name=f"job:{held.job.id}")
             self._running.add(task)
@@ -431,6 +441,7 @@ class Worker:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._parked.discard(task)
+        self._lent.discard(task)
         self._one_finished.set()
         self.ahead.ended()
         self._dry = False
@@ -444,7 +455,7 @@ class Worker:
         if held.lost:
             log.warning("job %s: %s before it started", job.id, _why_gone(held))
             return
-        _handling.set((self, asyncio.current_task()))  # the handler's task copies it
+        _handling.set((self, asyncio.current_task(), held))  # the handler's task copies it
         work = held.work = asyncio.ensure_future(self._handle(job))
         failure: Exception | None = None
         acking = False
@@ -778,8 +789,8 @@ def _check_sendable(result: Any, what: str = "the handler's result") -> None:
         raise TypeError(f"{what} cannot be sent as JSON: {exc}") from None
 
 
-#: In a job's task, and the tasks of its handler: the worker, and that task.
-_handling: contextvars.ContextVar[tuple[Worker, asyncio.Task[Any] | None] | None] = (
+#: In a job's task, and the tasks of its handler: the worker, that task, the job.
+_handling: contextvars.ContextVar[tuple[Worker, asyncio.Task[Any] | None, _Claimed] | None] = (
     contextvars.ContextVar("simplequeue_handling", default=None)
 )
 
