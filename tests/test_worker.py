@@ -199,17 +199,25 @@ async def test_a_handler_that_awaits_stop_through_another_task_is_acked_and_run_
     assert (await q.job("pill")).status == "completed"
 
 
-async def test_two_handlers_that_stop_the_worker_at_once_are_both_acked(q: Client) -> None:
-    """Each stop() from a job waited for every job but its own: two at once
-    waited for each other, for ever."""
+@pytest.mark.parametrize("meet", ["before stop", "after stop"])
+async def test_two_jobs_that_stop_the_worker_are_both_acked(q: Client, meet: str) -> None:
+    """Each stop() from a job waited for every job but its own: two calling
+    it at once waited for each other, for ever ("before stop"). And a job
+    whose stop() returned was waited for again by the other's stop(): each
+    then waited for what the other did next ("after stop")."""
     await q.enqueue("stop", id="pill1")
     await q.enqueue("stop", id="pill2")
-    both = asyncio.Barrier(2)  # the two handlers call stop() together
+    meeting = asyncio.Barrier(2)  # the two handlers wait for each other there
     worker: Worker
 
     async def handler(job: Job) -> str:
-        await both.wait()
+        if meet == "before stop":
+            await meeting.wait()
+        elif job.id == "pill2":
+            await until(lambda: len(worker._parked) == 1)  # pill1 waits in stop()
         await worker.stop()
+        if meet == "after stop":
+            await meeting.wait()
         return "stopped"
 
     worker = Worker(q, handler, concurrency=2, wait=0.2, handle_signals=False)
@@ -259,26 +267,6 @@ async def test_one_job_that_calls_stop_twice_at_once_while_another_runs(q: Clien
     worker = Worker(q, handler, concurrency=2, wait=0.2, handle_signals=False)
     await asyncio.wait_for(worker.run(), 10)
     assert [(await q.job(j)).status for j in ("slow", "pill")] == ["completed"] * 2
-
-
-async def test_two_jobs_whose_stop_returned_do_not_wait_for_each_other(q: Client) -> None:
-    """A job whose stop() returned was waited for again by another job's
-    stop(): each then waited for what the other did next."""
-    await q.enqueue("stop", id="pill1")
-    await q.enqueue("stop", id="pill2")
-    back = asyncio.Barrier(2)  # each waits for the other once back from stop()
-    worker: Worker
-
-    async def handler(job: Job) -> str:
-        if job.id == "pill2":
-            await until(lambda: len(worker._parked) == 1)  # pill1 waits in stop()
-        await worker.stop()
-        await back.wait()
-        return "stopped"
-
-    worker = Worker(q, handler, concurrency=2, wait=0.2, handle_signals=False)
-    await asyncio.wait_for(worker.run(), 10)
-    assert [(await q.job(j)).status for j in ("pill1", "pill2")] == ["completed"] * 2
 
 
 async def test_a_stop_from_a_task_a_handler_started_keeps_to_the_concurrency(q: Client) -> None:

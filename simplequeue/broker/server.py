@@ -272,16 +272,16 @@ class Broker:
         One that has not seen this broker yet sees no departure, and would
         leave the topic alone until something wrote it."""
         me = self.membership.me
+        limit = asyncio.Semaphore(HAND_OVER_PARALLEL)
 
         async def one(topic: str) -> None:
             heir = next((p for p in self.membership.order(topic) if p != me), None)
             if heir is not None:
-                with contextlib.suppress(Exception):  # it learns of it later, or not
-                    await self._hand_over(topic, heir)
+                async with limit:
+                    with contextlib.suppress(Exception):  # it learns of it later, or not
+                        await self._hand_over(topic, heir)
 
-        topics = [t for t in self.duties.due_topics() if self.membership.owns(t)]
-        for start in range(0, len(topics), HAND_OVER_PARALLEL):
-            await asyncio.gather(*(one(t) for t in topics[start : start + HAND_OVER_PARALLEL]))
+        await asyncio.gather(*(one(t) for t in self.duties.due_topics() if self.membership.owns(t)))
 
     async def _refresh(self, topic: str) -> None:
         await self.engine.refresh(topic)

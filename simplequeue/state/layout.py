@@ -362,9 +362,9 @@ class Layout:
                 if missing not in names:
                     continue
                 at = names.index(missing)
+                if at == 0:
+                    return []
                 try:
-                    if at == 0:
-                        return []
                     chain.segment(refs[at - 1]["k"])
                 except SegmentMissing:
                     return []
