@@ -279,6 +279,7 @@ def test_unpop_gives_back_a_pop_whose_record_spilled_meanwhile() -> None:
     assert s.find("r2") == ("pending", s.find("r2")[1])  # type: ignore[index]
     counts = s.counts(T0 + 1)
     assert (counts["pending"], counts["completed"], counts["total"]) == (1, 5, 6)
+    assert s.head["prios"] == {"0": 1}  # held again
     s = reload(s, T0 + 2)
     [again] = s.pop("w", 1, T0 + 2)
     assert (again["id"], again["payload"], again["attempts"]) == ("r2", 2, 1)
@@ -502,6 +503,106 @@ def test_pending_jobs_hold_at_most_lanes_max_distinct_priorities() -> None:
         s.enqueue([JobSpec("a", priority=0), JobSpec("b", priority=9)], T0)
     assert orjson.dumps(s.head) == before
     s.enqueue([JobSpec("c", priority=3)], T0)  # a lane there takes more
-    assert len(s.claim("w", 30, 5, T0)) == 5
-    s.enqueue([JobSpec(p, priority=100 + p) for p in range(4)], T0)  # lanes emptied
+    claimed = s.claim("w", 30, 5, T0)
+    assert len(claimed) == 5
+    for job in claimed:
+        s.ack(job["id"], job["lease_token"], None, T0)
+    s.enqueue([JobSpec(p, priority=100 + p) for p in range(4)], T0)  # all done
     assert len(s.head["lanes"]) == 4
+
+
+def test_priorities_of_claimed_and_dead_jobs_count_against_lanes_max() -> None:
+    """A topic held pending jobs of at most lanes_max priorities, but claimed
+    and dead ones were not counted: claim them, enqueue others, and their
+    nacks, reaps and requeues opened a lane each (2,000 made a 519 KB head,
+    past SPEC 4.1's 256 KB). Every job the topic holds counts now, so no job
+    coming back opens a lane past the bound."""
+    s = fresh(lanes_max=4, max_attempts=0)
+    s.enqueue([JobSpec(p, priority=p) for p in range(2)], T0)
+    s.claim("w", 30, 2, T0)  # two priorities claimed
+    s.enqueue([JobSpec(10, priority=2, max_attempts=1)], T0)
+    [dead] = s.claim("w", 30, 1, T0)
+    s.nack(dead["id"], dead["lease_token"], 0, "boom", T0)  # one priority dead
+    s.enqueue([JobSpec(3, priority=3)], T0)  # one pending: four in all
+    before = orjson.dumps(s.head)
+    with pytest.raises(InvalidRequest, match="more than 4 distinct priorities"):
+        s.enqueue([JobSpec(9, priority=9)], T0)
+    assert orjson.dumps(s.head) == before
+    s.enqueue([JobSpec("again", priority=1)], T0)  # a priority held takes more
+    s.reap(T0 + 31)  # the two claims come back
+    s.requeue(None, T0 + 31)
+    assert len(s.head["lanes"]) == 4
+    with pytest.raises(InvalidRequest, match="more than 4 distinct priorities"):
+        reload(s, T0 + 31).enqueue([JobSpec(9, priority=9)], T0 + 31)
+
+
+def test_a_priority_is_free_again_once_no_job_of_it_is_held() -> None:
+    """Ack, cancel, purge and the dead limit each let go of the last job of a
+    priority: another may take its place."""
+    s = fresh(lanes_max=2, max_attempts=1, dead_limit=1)
+    s.enqueue([JobSpec("a", id="a", priority=1), JobSpec("b", id="b", priority=2)], T0)
+
+    def full() -> None:
+        with pytest.raises(InvalidRequest, match="more than 2 distinct priorities"):
+            s.enqueue([JobSpec("x", priority=99)], T0)
+
+    full()
+    s.cancel(["a"], T0)
+    s.enqueue([JobSpec("c", id="c", priority=3)], T0)  # a's place
+    full()
+    [b, c] = s.claim("w", 30, 2, T0)
+    s.ack(b["id"], b["lease_token"], None, T0)
+    s.enqueue([JobSpec("d", id="d", priority=4)], T0)  # b's place
+    full()
+    s.nack(c["id"], c["lease_token"], 0, "x", T0)  # c dead
+    [d] = s.claim("w", 30, 1, T0)
+    s.nack(d["id"], d["lease_token"], 0, "x", T0)  # d dead, c dropped (dead limit)
+    s.enqueue([JobSpec("e", id="e", priority=5)], T0)  # c's place
+    full()
+    s.purge(None, T0)
+    s.enqueue([JobSpec("f", id="f", priority=6)], T0)  # d's place
+    full()
+    s = reload(s)
+    full()
+    assert s.head["prios"] == {"5": 1, "6": 1}
+
+
+def test_a_head_written_before_priorities_were_counted_has_them_counted() -> None:
+    """A head without "prios" (written by an earlier version) gets them counted
+    from its lanes, leases and dead jobs, segments included, when an enqueue
+    first needs them."""
+    s = fresh(lanes_max=3, max_attempts=1, inline_leases_bytes=512, inline_dead_bytes=512)
+    s.enqueue([JobSpec("x" * 100, priority=p % 2) for p in range(40)], T0)
+    claimed = s.claim("w", 30, 40, T0)
+    for job in claimed[30:]:
+        s.nack(job["id"], job["lease_token"], 0, "x", T0)
+    s.enqueue([JobSpec("p", priority=7)], T0)
+    s = reload(s)
+    assert s.head["leases"]["segs"] and s.head["dead"]["segs"]  # spilled
+    expected = s.head.pop("prios")
+    assert expected == {"0": 20, "1": 20, "7": 1}
+    old = reload(s)
+    assert "prios" not in old.head
+    with pytest.raises(InvalidRequest, match="more than 3 distinct priorities"):
+        old.enqueue([JobSpec("y", priority=8)], T0)
+    old.enqueue([JobSpec("z", priority=7)], T0)
+    assert old.head["prios"] == {**expected, "7": 2}
+
+
+def test_counts_a_broker_of_an_earlier_version_wrote_past_are_counted_again() -> None:
+    """A broker that keeps no count keeps the field as it is when it writes the
+    head (a rolling upgrade): its acks would leave priorities held for good.
+    Counts from before its write are dropped, and counted again."""
+    s = fresh(lanes_max=2)
+    s.enqueue([JobSpec("a", priority=1), JobSpec("b", priority=2)], T0)
+    s = reload(s)
+    [b] = s.claim("w", 30, 1, T0)
+    head = orjson.loads(orjson.dumps(reload(s).head))
+    assert head["prios"] == {"1": 1, "2": 1} and head["leases"]["in"] == [b]
+    head["leases"].update({"in": [], "n": 0})  # an earlier version's ack of b
+    head["write_id"] = "000000000009-by-an-earlier-version"
+    s = TopicState(head, s.view, s.bounds, s.policy)
+    assert "prios" not in s.head
+    s.enqueue([JobSpec("c", priority=3)], T0)
+    assert s.head["prios"] == {"1": 1, "3": 1}
+    assert reload(s).head["prios"] == {"1": 1, "3": 1}

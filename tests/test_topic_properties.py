@@ -8,6 +8,7 @@ claimed set past max_claimed, nor more than the rate's tokens) and schedules
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -389,6 +390,18 @@ class TopicMachine(RuleBasedStateMachine):
         for i in range(12):
             job_id = f"j{i}"
             assert self.state.exists(job_id) == (self.state.find(job_id) is not None), job_id
+
+    @invariant()
+    def priorities_held_are_counted(self) -> None:
+        # What lanes_max bounds: every job held (pending, delayed, claimed,
+        # dead), by priority; a head from before they were kept has none yet.
+        prios = self.state.head.get("prios")
+        if prios is None:
+            return
+        s = self.state
+        held = [*s.pending_jobs(), *s.claimed_soonest(10**6), *s.dead_jobs()]
+        assert prios == dict(Counter(str(j["priority"]) for j in held))
+        assert set(s.head["lanes"]) <= set(prios)
 
     @invariant()
     def counters_add_up(self) -> None:

@@ -261,7 +261,10 @@ async def test_one_id_sent_to_two_topics_is_delivered_to_each(
         ]
         await acked_with(s, url, [follow_ups])
         await until_true(broker, "b", lambda: pending(engine, "b"), within=3)
-        assert (await post(s, f"{url}/topics/a/claim", {"worker_id": "w", "count": 64}))[0] == 200
+        status, claimed = await post(s, f"{url}/topics/a/claim", {"worker_id": "w", "count": 64})
+        assert status == 200
+        acks = [{"job_id": j["id"], "lease_token": j["lease_token"]} for j in claimed["jobs"]]
+        assert (await post(s, f"{url}/topics/a/ack", {"acks": acks}))[0] == 200
         await until_true(broker, "a", lambda: pending(engine, "a"), within=3)
     assert (await engine.job("a", "order-42"))["payload"] == "for a"
     assert (await engine.status("b"))["enqueued"] == 1

@@ -54,6 +54,7 @@ def new_head(topic: str) -> dict[str, Any]:
         "next": 0,
         "counters": {"enqueued": 0, "completed": 0, "nacked": 0, "dead": 0, "dead_dropped": 0},
         "lanes": {},
+        "prios": {},
         "leases": new_chain(),
         "retained": new_chain(),
         "dead": new_chain(),
@@ -388,6 +389,8 @@ class Layout:
         writers[writer["broker_id"]] = write_id  # the newest last
         while len(writers) > bounds.writers_max:
             del writers[next(iter(writers))]
+        if "prios" in h:  # counted up to this write (TopicState._prios)
+            h["prios_at"] = write_id
         sealed = Sealed()
         self._view.fresh.clear()  # the last seal's objects are in the view by now
         data = orjson.dumps(h)

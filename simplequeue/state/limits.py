@@ -27,7 +27,7 @@ class Bounds:
     manifests_max: int = 16  # manifests of a chain before two are merged into one
     manifest_bytes: int = 192 * 1024  # the largest manifest a merge writes
     holes_max: int = 512  # holes kept for manifested segments before a manifest is rewritten
-    lanes_max: int = 64  # distinct priorities pending at once (each is a lane in the head)
+    lanes_max: int = 64  # distinct priorities of the jobs held at once (each may need a lane)
     runs_max: int = 8  # runs of a lane before small ones are merged
     merge_bytes: int = 64 * 1024  # the most a seal writes merging runs
     writers_max: int = 64  # brokers whose latest write id the head keeps

@@ -237,6 +237,8 @@ class Head(TypedDict):
     schedules: NotRequired[dict[str, Schedule]]
     settings: NotRequired[Settings]
     bucket: NotRequired[Bucket]
+    prios: NotRequired[dict[str, int]]  # jobs held by priority (lanes_max)
+    prios_at: NotRequired[str]  # the write that counted them last
 
 
 _ITEMS: dict[str, Any] = {
@@ -253,7 +255,7 @@ def check_head(key: str, head: dict[str, Any]) -> None:
     """CorruptData naming `key` unless `head` has the shape of a format-2 head."""
     try:
         msgspec.convert(head, Head)
-        for name in head["lanes"]:
+        for name in [*head["lanes"], *head.get("prios", ())]:
             int(name)
     except (msgspec.ValidationError, ValueError) as exc:
         raise CorruptData(key, f"not a well-formed head ({exc})") from None

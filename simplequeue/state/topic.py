@@ -77,6 +77,11 @@ class TopicState(Layout):
     ) -> None:
         super().__init__(head, view, bounds, seen)
         self.policy = policy
+        if head.get("prios_at") != head.get("write_id"):
+            # Written since by a broker that keeps no count (an earlier
+            # version): counted again when next needed.
+            head.pop("prios", None)
+            head.pop("prios_at", None)
         # Which ids the topic's segments surely lack (exists()' fast "no"); its
         # owner may keep it across the topic's states.
         self.ids = ids if ids is not None else IdFilter()
@@ -265,10 +270,11 @@ class TopicState(Layout):
         """Add jobs; answer {"id", "duplicate"} for each. Duplicates (an id live or
         retained in the topic, or twice in this call) are not added again. A
         topic holds jobs of at most `lanes_max` distinct priorities at once
-        (each is a lane in the head): past it the call is refused whole."""
-        lanes = self.head["lanes"]
-        fresh = {s.priority for s in specs if str(s.priority) not in lanes}
-        if fresh and len(lanes) + len(fresh) > self.bounds.lanes_max:
+        (pending, delayed, claimed or dead: each may need a lane in the head
+        again): past it the call is refused whole."""
+        prios = self._prios()
+        fresh = {str(s.priority) for s in specs} - prios.keys()
+        if fresh and len(prios) + len(fresh) > self.bounds.lanes_max:
             raise InvalidRequest(
                 f"topic {self.topic!r} would hold jobs of more than {self.bounds.lanes_max} "
                 "distinct priorities at once"
@@ -296,9 +302,44 @@ class TopicState(Layout):
                 # no "last_error" until there is one: 19 bytes a job, head and segments
             }
             self._push_pending(job)
+            self._hold(job)
             self.head["counters"]["enqueued"] += 1
             answers.append({"id": job_id, "duplicate": False})
         return answers
+
+    def _prios(self) -> dict[str, int]:
+        """How many jobs of each priority the topic holds (pending, delayed,
+        claimed, dead), by priority: what `lanes_max` bounds, so that no job
+        coming back (a nack, a reap, a requeue) opens a lane past it. A head
+        written before they were kept has them counted here, once (its leases
+        and dead jobs read through)."""
+        prios: dict[str, int] | None = self.head.get("prios")
+        if prios is None:
+            counted: Counter[str] = Counter()
+            for name, lane in self.head["lanes"].items():
+                counted[name] += len(lane["in"]) + sum(run.count for run in self._runs(lane))
+            for chain in (self.leases, self.dead):
+                counted.update(str(place.item["priority"]) for place in chain.places())
+            prios = self.head["prios"] = {name: n for name, n in counted.items() if n > 0}
+        return prios
+
+    def _hold(self, job: Job) -> None:
+        """A job came into the topic (kept until _let_go())."""
+        prios: dict[str, int] | None = self.head.get("prios")
+        if prios is not None:  # else counted when next needed
+            name = str(job["priority"])
+            prios[name] = prios.get(name, 0) + 1
+
+    def _let_go(self, job: Job) -> None:
+        """A job the topic held left it (completed, cancelled, purged, dropped)."""
+        prios: dict[str, int] | None = self.head.get("prios")
+        if prios is not None:
+            name = str(job["priority"])
+            left = prios.get(name, 0) - 1
+            if left > 0:
+                prios[name] = left
+            else:
+                prios.pop(name, None)
 
     def _push_pending(self, job: Job) -> None:
         self.dirty = True
@@ -448,6 +489,7 @@ class TopicState(Layout):
             self.enqueue(here, now)  # raises before it changes anything
         self.dirty = True
         self._drop_lease(place)
+        self._let_go(place.item)
         self.head["counters"]["completed"] += 1
         self._retain(place.item, "completed", now, result=result)
         for item in elsewhere:
@@ -552,6 +594,7 @@ class TopicState(Layout):
         elif self.exists(job_id):
             return False
         self.head["counters"]["completed"] -= 1
+        self._hold(job)
         self._undelivered(job, now)
         return True
 
@@ -685,6 +728,7 @@ class TopicState(Layout):
                 fresh.update(attempts=0, run_at=now)
                 self._push_pending(fresh)
             else:  # its record stays for lookups and duplicate detection
+                self._let_go(job)
                 self._retain(job, "dead", now)
         return taken
 
@@ -695,6 +739,7 @@ class TopicState(Layout):
         while dead.count > self.policy.dead_limit:
             dropped = dead.pop_front()
             if dropped is not None:
+                self._let_go(dropped)
                 self._retain(dropped, "dead", now)
             self.head["counters"]["dead_dropped"] += 1
             self._inline_ids = None
@@ -744,6 +789,7 @@ class TopicState(Layout):
                 out["not_found"].append(job_id)
                 continue
             self.dirty = True
+            self._let_go(job)
             counters = self.head["counters"]
             counters["cancelled"] = counters.get("cancelled", 0) + 1
             self._retain(job, "cancelled", now)
