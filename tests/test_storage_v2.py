@@ -227,6 +227,42 @@ async def test_idle_topics_leave_the_brokers_memory() -> None:
     assert (await q.status("t3"))["pending"] == 1  # read again when asked
 
 
+class SlowGets(MemStore):
+    """A MemStore whose reads take a moment, counting how many are in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = self.most_in_flight = 0
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            return await super().get(key)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_listing_every_topic_keeps_none_of_them_and_reads_a_few_at_a_time() -> None:
+    """GET /topics read every head at once and kept each topic in memory: with
+    2,000 topics, 2,000 reads in flight and 2,000 topics held past
+    topics_kept (SPEC 4.1: memory follows the topics in use, not the store's)."""
+    store = SlowGets()
+    writer = engine_on(store, broker_id="w")
+    for i in range(2000):
+        await writer.enqueue(f"t{i:04d}", [JobSpec(i)])
+    await writer.ack("t0007", (await writer.claim("t0007", "w"))[0]["id"], None, None)
+    await store.put(keys.head("t0009"), b"not a head")
+    q = engine_on(store, topics_kept=50, idle_after=0.0)
+    counts, errors = await q.topics()
+    assert list(counts) == [f"t{i:04d}" for i in range(2000) if i != 9]
+    assert counts["t0001"]["pending"] == 1 and counts["t0007"]["completed"] == 1
+    assert list(errors) == ["t0009"]
+    assert len(q.committer._topics) <= 50
+    assert store.most_in_flight <= 64
+
+
 async def test_a_tiny_object_cache_still_serves_a_deep_queue_in_order() -> None:
     store = MemStore()
     q = engine_on(store, cache_bytes=64 * 1024)
