@@ -606,3 +606,30 @@ def test_counts_a_broker_of_an_earlier_version_wrote_past_are_counted_again() ->
     s.enqueue([JobSpec("c", priority=3)], T0)
     assert s.head["prios"] == {"1": 1, "3": 1}
     assert reload(s).head["prios"] == {"1": 1, "3": 1}
+
+
+def test_the_newest_dead_jobs_and_a_page_of_them_read_only_their_segments() -> None:
+    """The status page's newest dead jobs read every dead segment (10,000 dead
+    jobs: all of them, each refresh). Pages of dead jobs skip what comes
+    before them by the refs' live counts."""
+    s = fresh(inline_dead_bytes=300, loose_max=2, manifests_max=3, max_attempts=1)
+    for i in range(200):
+        s.enqueue([JobSpec(i, id=f"d{i:03d}")], T0)
+        [job] = s.claim("w", 30, 1, T0)
+        s.nack(job["id"], job["lease_token"], 0, None, T0)
+        if i % 10 == 9:
+            s = reload(s)
+    s.purge(["d005", "d150"], T0)  # holes, loose and manifested
+    s = reload(s)
+    assert s.head["dead"]["mans"] and len(s.head["dead"]["segs"]) >= 1
+    everything = [j["id"] for j in s.dead_jobs()]
+    assert len(everything) == 198
+    counting = CountingView(s.view)
+    s = TopicState(s.head, counting, s.bounds, s.policy)
+    assert [j["id"] for j in s.dead_newest(3)] == everything[-3:][::-1]
+    assert counting.reads <= 2
+    counting.reads = 0
+    assert [j["id"] for j in s.dead_jobs(100, 20)] == everything[100:120]
+    assert counting.reads <= 4
+    assert [j["id"] for j in s.dead_jobs(190, 50)] == everything[190:]
+    assert s.dead_jobs(198, 5) == [] and s.dead_newest(0) == []

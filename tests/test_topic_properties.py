@@ -385,6 +385,17 @@ class TopicMachine(RuleBasedStateMachine):
             assert chain.first() == next(chain.places(), None)
 
     @invariant()
+    def a_window_is_a_slice_of_places(self) -> None:
+        # window() skips by live counts what places() walks: they must agree.
+        s = self.state
+        for chain in [s.retained, s.dead]:
+            every = list(chain.places())
+            n = len(every)
+            for offset in {0, 1, 2, n // 3, n // 2, n - 2, n - 1, n, n + 1}:
+                for limit in (1, 3, n + 1):
+                    assert chain.window(offset, limit) == every[offset : offset + limit]
+
+    @invariant()
     def exists_agrees_with_find(self) -> None:
         # exists() is the indexed duplicate check; find() scans: they must agree.
         for i in range(12):

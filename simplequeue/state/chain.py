@@ -140,6 +140,45 @@ class Chain:
         for item in self.d["in"]:
             yield Place(None, 0, item)
 
+    def window(self, offset: int, limit: int) -> list[Place]:
+        """Up to `limit` live items from the `offset`-th on, in order. What comes
+        before is skipped by the refs' live counts: only the manifests and
+        segments the window falls in are read."""
+        out: list[Place] = []
+        first = True
+
+        def take(ref: dict[str, Any], man: str | None, live: int) -> bool:
+            """Skip or take the segment `ref`; whether the window is full."""
+            nonlocal offset, first
+            start = self.d["pos"] if first else 0
+            first = False
+            if offset >= live:
+                offset -= live
+                return False
+            out.extend(self._live(ref, man, start)[offset : offset + limit - len(out)])
+            offset = 0
+            return len(out) >= limit
+
+        if limit <= 0:
+            return out
+        for m, mref in enumerate(self.d["mans"]):
+            if offset >= mref["live"]:
+                offset -= mref["live"]
+                first = False
+                continue
+            for ref in self.manifest(mref["k"]).refs[self.d["mpos"] if m == 0 else 0 :]:
+                start = self.d["pos"] if first else 0
+                holes = self.holes_of(ref)
+                live = ref["n"] - start - sum(1 for h in holes if start <= h < ref["n"])
+                if take(ref, mref["k"], live):
+                    return out
+        for ref in self.d["segs"]:
+            if take(ref, None, ref["live"]):
+                return out
+        inline = self.d["in"][offset : offset + limit - len(out)]
+        out.extend(Place(None, 0, item) for item in inline)
+        return out
+
     def places_in(self, key: str) -> list[Place]:
         """The live items of one loose segment, or of every segment of one
         manifest (`key` names either): of the first manifest, only those from

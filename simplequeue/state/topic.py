@@ -138,11 +138,16 @@ class TopicState(Layout):
         return self.leases.count
 
     def dead_newest(self, n: int) -> list[Job]:
-        """The `n` jobs that died last, newest first."""
-        return self.dead_jobs()[-n:][::-1] if n else []
+        """The `n` jobs that died last, newest first (reading only their segments)."""
+        return self.dead_jobs(max(0, self.dead.count - n), n)[::-1]
 
-    def dead_jobs(self) -> list[Job]:
-        return [p.item for p in self.dead.places()]
+    def dead_jobs(self, offset: int = 0, limit: int | None = None) -> list[Job]:
+        """Dead jobs in the order they died: all, or up to `limit` from the
+        `offset`-th on (reading only the segments those are in)."""
+        if limit is None and offset == 0:
+            return [p.item for p in self.dead.places()]
+        limit = self.dead.count if limit is None else limit
+        return [p.item for p in self.dead.window(offset, limit)]
 
     def counts(self, now: float) -> dict[str, int]:
         """Jobs by status (api.Counts); the counts never overlap."""
