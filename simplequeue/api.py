@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -173,6 +174,14 @@ class WaitQuery(_Request):
     wait: Wait = 0.0
 
 
+class DeadQuery(_Request):
+    """GET /topics/{t}/dead?offset=K&limit=N: a page of the dead jobs, in the
+    order they died (without limit: every one from the offset-th on)."""
+
+    offset: Annotated[int, Meta(ge=0)] = 0
+    limit: Annotated[int, Meta(ge=1)] | None = None
+
+
 class JobIdsRequest(_Request):
     job_ids: JobIds | None = None  # None: every dead job
 
@@ -316,6 +325,7 @@ class Renewed(_Answer):
 
 class DeadJobs(_Answer):
     jobs: list[Job]
+    dead: int | None = None  # how many there are (None: a broker that does not say)
 
 
 class Requeued(_Answer):
@@ -415,6 +425,15 @@ def convert(value: Any, kind: type[T]) -> T:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def from_query(query: Mapping[str, str], kind: type[T]) -> T:
+    """A request's query parameters as `kind`: numbers from their text,
+    validated as a JSON body would be; an unknown parameter is an error."""
+    try:
+        return msgspec.convert(dict(query), kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"query: {exc}") from None
 
 
 _Shape = dict[str, msgspec.Raw]

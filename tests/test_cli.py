@@ -138,6 +138,8 @@ async def test_nack_heartbeat_dead_requeue_purge(cli: Cli) -> None:
     assert nacked == {"id": "a", "status": "dead"}
     [dead] = await cli.json("dead")
     assert (dead["id"], dead["last_error"]) == ("a", "bad")
+    assert await cli.json("dead", "--offset", "1") == []
+    assert [j["id"] for j in await cli.json("dead", "--limit", "1")] == ["a"]
     assert await cli.json("requeue", "a") == {"requeued": ["a"]}
     job = await cli.json("claim", "w")
     await cli.json("nack", "a", "--lease-token", job["lease_token"])

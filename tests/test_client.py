@@ -185,6 +185,18 @@ async def test_nack_then_dead_then_requeue_and_purge(q: Client) -> None:
     assert await q.dead() == []
 
 
+async def test_dead_jobs_in_pages(q: Client) -> None:
+    ids = [await q.enqueue(i, max_attempts=1) for i in range(4)]
+    for _ in ids:
+        job = await q.claim("w")
+        assert job is not None
+        await q.nack(job)
+    assert [j.id for j in await q.dead(offset=1, limit=2)] == ids[1:3]
+    assert [j.id for j in await q.dead(offset=3)] == ids[3:]
+    with pytest.raises(InvalidRequest):
+        await q.dead(limit=0)
+
+
 async def test_heartbeat_extends_the_lease(q: Client) -> None:
     await q.enqueue("x")
     job = await q.claim("w", lease=5)

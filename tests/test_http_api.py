@@ -219,8 +219,25 @@ async def test_nack_past_max_attempts_goes_dead_then_requeue_and_purge(api: Api)
     job = (await api.post("/topics/t/claim", {"worker_id": "w"}))[1]["job"]
     await api.post("/topics/t/nack", {"job_id": "d", "lease_token": job["lease_token"]})
     assert await api.call("DELETE", "/topics/t/dead", {}) == (200, {"purged": ["d"]})
-    assert (await api.get("/topics/t/dead"))[1] == {"jobs": []}
+    assert (await api.get("/topics/t/dead"))[1] == {"jobs": [], "dead": 0}
     assert (await api.get("/topics/t/status"))[1]["dead"] == 0
+
+
+async def test_dead_jobs_come_in_pages_and_bad_pages_are_400(api: Api) -> None:
+    """10,000 dead jobs (the default --dead-limit) came in one answer, every
+    one read: a page reads the segments it is in."""
+    jobs = [{"id": f"d{i}", "payload": i, "max_attempts": 1} for i in range(5)]
+    await api.post("/topics/t/enqueue", {"jobs": jobs})
+    _, claimed = await api.post("/topics/t/claim", {"worker_id": "w", "count": 5})
+    for job in claimed["jobs"]:
+        await api.post("/topics/t/nack", {"job_id": job["id"], "lease_token": job["lease_token"]})
+    status, page = await api.get("/topics/t/dead?offset=1&limit=2")
+    assert (status, [j["id"] for j in page["jobs"]], page["dead"]) == (200, ["d1", "d2"], 5)
+    assert [j["id"] for j in (await api.get("/topics/t/dead?offset=3"))[1]["jobs"]] == ["d3", "d4"]
+    assert (await api.get("/topics/t/dead?offset=9"))[1] == {"jobs": [], "dead": 5}
+    for bad in ("limit=0", "offset=-1", "offset=x", "limit=1.5", "page=2"):
+        status, body = await api.get(f"/topics/t/dead?{bad}")
+        assert status == 400 and "query" in body["error"], bad
 
 
 async def test_heartbeat_extends_the_lease(api: Api) -> None:

@@ -354,10 +354,16 @@ class Engine:
             status = "delayed"
         return public(job, status)
 
-    async def dead(self, topic: str) -> list[dict[str, Any]]:
+    async def dead(
+        self, topic: str, offset: int = 0, limit: int | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Dead jobs in the order they died: every one, or up to `limit` from
+        the `offset`-th on (reading only their segments); and how many there are."""
         keys.check_topic(topic)
-        jobs = await self.committer.read(topic, lambda s, now: s.dead_jobs())
-        return [public(j, "dead") for j in jobs]
+        jobs, count = await self.committer.read(
+            topic, lambda s, now: (s.dead_jobs(offset, limit), s.dead_count())
+        )
+        return [public(j, "dead") for j in jobs], count
 
     async def requeue(self, topic: str, job_ids: list[str] | None = None) -> list[str]:
         keys.check_topic(topic)

@@ -462,7 +462,9 @@ def _number(raw: str) -> dict[str, Any]:
 
 
 async def dead(call: Call) -> web.Response:
-    return reply({"jobs": await call.engine.dead(call.topic)})
+    query = api.from_query(call.request.query, api.DeadQuery)
+    jobs, count = await call.engine.dead(call.topic, query.offset, query.limit)
+    return reply({"jobs": jobs, "dead": count})
 
 
 async def requeue(call: Call) -> web.Response:

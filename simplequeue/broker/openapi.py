@@ -179,6 +179,21 @@ def _waiting(op: dict[str, Any]) -> dict[str, Any]:
     return op
 
 
+def _paged(op: dict[str, Any]) -> dict[str, Any]:
+    """`op` with the `offset` and `limit` query parameters of a page."""
+    query = msgspec.json.schema(api.DeadQuery)
+    fields = query.get("$defs", {}).get("DeadQuery", query)["properties"]
+    for name, what in (
+        ("offset", "the first to answer, counting from the oldest (0)"),
+        ("limit", "how many to answer at most (without it: every one from the offset on)"),
+    ):
+        op["parameters"].append(
+            {"name": name, "in": "query", "required": False, "description": what}
+            | {"schema": fields[name]}
+        )
+    return op
+
+
 @cache
 def spec() -> dict[str, Any]:
     """The API description (built once)."""
@@ -290,7 +305,7 @@ def spec() -> dict[str, Any]:
             ),
         },
         f"{t}/dead": {
-            "get": _op("listDead", "Dead jobs", _ref(api.DeadJobs), _READ),
+            "get": _paged(_op("listDead", "Dead jobs, oldest first", _ref(api.DeadJobs), _READ)),
             "delete": _op(
                 "purgeDead",
                 "Purge dead jobs (all, or job_ids)",

@@ -382,10 +382,16 @@ async def job(client: Client, job_id: str, wait: float) -> None:
 
 
 @main.command()
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, metavar="K", help="Skip the K oldest."
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, metavar="N", help="At most N jobs."
+)
 @run
-async def dead(client: Client) -> None:
-    """The topic's dead jobs."""
-    emit([job_json(j) for j in await client.dead()])
+async def dead(client: Client, offset: int, limit: int | None) -> None:
+    """The topic's dead jobs, oldest first: every one, or a page of them."""
+    emit([job_json(j) for j in await client.dead(offset, limit)])
 
 
 @main.command()

@@ -548,8 +548,12 @@ class Client:
             raise JobCancelled(f"job {job_id!r} was cancelled")
         raise TimeoutError(f"job {job_id!r} is still {job.status} after {timeout:g} s")
 
-    async def dead(self) -> list[Job]:
-        return (await self.request("GET", self._t("/dead"), api.DeadJobs)).jobs
+    async def dead(self, offset: int = 0, limit: int | None = None) -> list[Job]:
+        """Dead jobs in the order they died: every one, or a page of at most
+        `limit` from the `offset`-th on (a queue of dead jobs too large for
+        one answer is read in pages)."""
+        query = f"?offset={offset}" + ("" if limit is None else f"&limit={limit}")
+        return (await self.request("GET", self._t("/dead") + query, api.DeadJobs)).jobs
 
     async def requeue(self, job_ids: list[str] | None = None) -> list[str]:
         """Dead jobs (those named, or all) back to pending; the ids requeued."""

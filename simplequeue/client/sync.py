@@ -172,8 +172,8 @@ class SyncClient:
     def result(self, job_id: str, timeout: float = 30) -> Any:
         return self._run(self.client.result(job_id, timeout))
 
-    def dead(self) -> list[Job]:
-        return self._run(self.client.dead())
+    def dead(self, offset: int = 0, limit: int | None = None) -> list[Job]:
+        return self._run(self.client.dead(offset, limit))
 
     def requeue(self, job_ids: list[str] | None = None) -> list[str]:
         return self._run(self.client.requeue(job_ids))
