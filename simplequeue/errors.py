@@ -6,7 +6,8 @@ with the HTTP status and the RESP error code it is answered with.
     │   ├── PreconditionFailed  a conditional write lost its race
     │   ├── ObjectNotFound      the key does not exist
     │   ├── StoreUnavailable    the store did not answer; bounded retries are spent
-    │   │   └── AmbiguousWrite  a conditional write got no answer: it may have landed
+    │   │   ├── AmbiguousWrite  a conditional write got no answer: it may have landed
+    │   │   └── CacheTooSmall   a read or batch needs more objects than the cache holds
     │   └── StorageFull         no room left (a full disk)                 507   ERR
     ├── InvalidRequest      bad input; nothing was changed        400   ERR       invalid
     │   └── PayloadTooLarge     a request over --max-body         413   ERR       invalid
@@ -76,6 +77,11 @@ class StoreUnavailable(StoreError):
 class AmbiguousWrite(StoreUnavailable):
     """A conditional write was sent and no answer came back (a timeout, a lost
     connection): it may or may not have landed. The committer reads back."""
+
+
+class CacheTooSmall(StoreUnavailable):
+    """A read or a batch needs more objects at once than the broker's object
+    cache (--cache-mb) holds."""
 
 
 class StorageFull(StoreError):

@@ -38,6 +38,7 @@ from simplequeue import keys
 from simplequeue.batching import Batcher, Linger, Pending
 from simplequeue.cache import ObjectCache
 from simplequeue.errors import (
+    CacheTooSmall,
     Contended,
     CorruptData,
     JobNotFound,
@@ -278,7 +279,7 @@ class GroupCommitter:
             # What this read held on to goes back to the cache's budget: a
             # reader lives until the next write, which may be long in coming.
             reader.release()
-        raise StoreUnavailable(f"topic {topic!r}: the object cache is too small for this read")
+        raise CacheTooSmall(f"topic {topic!r}: the object cache is too small for this read")
 
     def _reader(self, t: _Topic) -> TopicState:
         if t.reader is None:
@@ -581,7 +582,7 @@ class GroupCommitter:
                 continue
             break
         else:
-            raise StoreUnavailable(f"topic {t.name!r}: the object cache is too small")
+            raise CacheTooSmall(f"topic {t.name!r}: the object cache is too small")
         data = sealed.head
         sent_at = time.monotonic()
         outcome = _Outcome(write_id, results, entries, sealed.decoded)

@@ -13,7 +13,7 @@ import pytest
 from simplequeue import keys
 from simplequeue.api import AckRequest, JobSpec
 from simplequeue.broker.engine import Engine
-from simplequeue.errors import CorruptData
+from simplequeue.errors import CorruptData, InvalidRequest
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Bounds, Policy
@@ -471,7 +471,7 @@ async def test_the_whole_dead_letter_queue_is_listed_requeued_and_purged_from_a_
     await fill_dead(writer, "t", 10_000)
     assert (await writer.status("t"))["dead"] == 10_000
     cold = Engine(GroupCommitter(store, broker_id="cold"))
-    assert len(await cold.dead("t")) == 10_000
+    assert len((await cold.dead("t"))[0]) == 10_000
     # One round per manifest and per 16 segments, not one per segment.
     assert cold.committer.stats.fetch_rounds < 32
     again = Engine(GroupCommitter(store, broker_id="again"))
@@ -479,6 +479,35 @@ async def test_the_whole_dead_letter_queue_is_listed_requeued_and_purged_from_a_
     assert len(taken) == 10_000
     counts = await again.status("t")
     assert (counts["dead"], counts["pending"]) == (0, 10_000 if whole == "requeue" else 0)
+
+
+@pytest.mark.parametrize("whole", ["requeue", "purge"])
+async def test_a_dead_letter_queue_larger_than_the_cache_is_requeued_purged_and_paged(
+    whole: str,
+) -> None:
+    """2,000 dead jobs of 1 KB in ~250 segments, a 256 KB cache: requeueing or
+    purging them all, one batch needing every segment, answered 503 "the object
+    cache is too small" for ever. They now go in parts (500 jobs from 16
+    segments at most, a commit each). A whole listing is a clear 400 that
+    says to read pages, which work."""
+    store = MemStore()
+    settings: dict[str, Any] = {"bounds": Bounds(), "policy": Policy(max_attempts=1)}
+    writer = engine_on(store, broker_id="w", **settings)
+    await writer.enqueue("t", [JobSpec("x" * 1024, id=f"j{i}") for i in range(1000)])
+    await writer.enqueue("t", [JobSpec("x" * 1024, id=f"j{i}") for i in range(1000, 2000)])
+    for job in await writer.claim("t", "w", count=2000):
+        await writer.nack("t", job["id"], job["lease_token"])  # a commit each: small segments
+    ids = [j["id"] for j in (await writer.dead("t"))[0]]
+    dead = (await head_of(store))["dead"]
+    assert len(ids) == 2000 and sum(m["segs"] for m in dead["mans"]) + len(dead["segs"]) > 64
+    small = engine_on(store, broker_id="small", cache_bytes=256 * 1024, **settings)
+    with pytest.raises(InvalidRequest, match="pages"):
+        await small.dead("t")
+    assert [j["id"] for j in (await small.dead("t", 1500, 100))[0]] == ids[1500:1600]
+    taken = await (small.requeue("t") if whole == "requeue" else small.purge("t"))
+    assert taken == ids
+    counts = await small.status("t")
+    assert (counts["dead"], counts["pending"]) == (0, 2000 if whole == "requeue" else 0)
 
 
 class CountingStore(MemStore):

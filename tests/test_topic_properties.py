@@ -394,6 +394,8 @@ class TopicMachine(RuleBasedStateMachine):
             for offset in {0, 1, 2, n // 3, n // 2, n - 2, n - 1, n, n + 1}:
                 for limit in (1, 3, n + 1):
                     assert chain.window(offset, limit) == every[offset : offset + limit]
+            front = chain.window(0, n + 1, segments=1)  # one segment's, or the inline ones
+            assert front == every[: len(front)] and bool(front) == bool(every)
 
     @invariant()
     def exists_agrees_with_find(self) -> None:

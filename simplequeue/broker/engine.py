@@ -19,7 +19,7 @@ import orjson
 
 from simplequeue import api, keys
 from simplequeue.api import AckRequest, FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
-from simplequeue.errors import InvalidRequest, JobNotFound, SimpleQueueError
+from simplequeue.errors import CacheTooSmall, InvalidRequest, JobNotFound, SimpleQueueError
 from simplequeue.groupcommit import GroupCommitter, Mutation
 from simplequeue.state import Job, TopicState
 
@@ -29,6 +29,9 @@ MAX_WAIT = api.MAX_WAIT  # seconds a claim may long-poll
 # A long poll re-reads the store this often, to see jobs that other brokers
 # enqueued; jobs enqueued through this broker wake it at once.
 POLL_INTERVAL = 1.0
+# Dead jobs requeued or purged per commit when all of them are, and the
+# segments they come from at most: a part reads only its own segments.
+DEAD_PART = (500, 16)
 # Heads read at once when listing every topic (GET /topics).
 LISTING_READERS = 32
 OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
@@ -360,18 +363,46 @@ class Engine:
         """Dead jobs in the order they died: every one, or up to `limit` from
         the `offset`-th on (reading only their segments); and how many there are."""
         keys.check_topic(topic)
-        jobs, count = await self.committer.read(
-            topic, lambda s, now: (s.dead_jobs(offset, limit), s.dead_count())
-        )
+        try:
+            jobs, count = await self.committer.read(
+                topic, lambda s, now: (s.dead_jobs(offset, limit), s.dead_count())
+            )
+        except CacheTooSmall:
+            raise InvalidRequest(
+                f"topic {topic!r} holds more dead jobs than one answer can read with this "
+                "broker's --cache-mb: read them in pages (?offset=K&limit=N)"
+            ) from None
         return [public(j, "dead") for j in jobs], count
 
     async def requeue(self, topic: str, job_ids: list[str] | None = None) -> list[str]:
+        """Dead jobs (those named, or all) back to pending; the ids requeued."""
         keys.check_topic(topic)
+        if job_ids is None:
+            return await self._every_dead(topic, lambda s, now: s.requeue(None, now, DEAD_PART))
         return await self.committer.submit(topic, lambda s, now: s.requeue(job_ids, now))
 
     async def purge(self, topic: str, job_ids: list[str] | None = None) -> list[str]:
+        """Forget dead jobs (those named, or all); the ids purged."""
         keys.check_topic(topic)
+        if job_ids is None:
+            return await self._every_dead(topic, lambda s, now: s.purge(None, now, DEAD_PART))
         return await self.committer.submit(topic, lambda s, now: s.purge(job_ids, now))
+
+    async def _every_dead(self, topic: str, take: Mutation[list[str]]) -> list[str]:
+        """Every dead job through `take` (which takes the DEAD_PART oldest), a
+        commit per part: a dead-letter queue larger than the object cache goes
+        too, each part reading only its own segments. Jobs that die meanwhile
+        are left for the next call."""
+        done: list[str] = []
+        left: int | None = None
+        while True:
+            part, after = await self.committer.submit(
+                topic, lambda s, now: (take(s, now), s.dead_count())
+            )
+            done += part
+            left = (len(part) + after if left is None else left) - len(part)
+            if not part or left <= 0:
+                return done
 
     # --- control: cancellation, schedules, settings (SPEC 10-12) -----------------------
 

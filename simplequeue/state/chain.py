@@ -140,16 +140,18 @@ class Chain:
         for item in self.d["in"]:
             yield Place(None, 0, item)
 
-    def window(self, offset: int, limit: int) -> list[Place]:
-        """Up to `limit` live items from the `offset`-th on, in order. What comes
-        before is skipped by the refs' live counts: only the manifests and
-        segments the window falls in are read."""
+    def window(self, offset: int, limit: int, segments: int | None = None) -> list[Place]:
+        """Up to `limit` live items from the `offset`-th on, in order, from at
+        most `segments` segments. What comes before is skipped by the refs'
+        live counts: only the manifests and segments the window falls in are
+        read."""
         out: list[Place] = []
         first = True
+        read = 0
 
         def take(ref: dict[str, Any], man: str | None, live: int) -> bool:
             """Skip or take the segment `ref`; whether the window is full."""
-            nonlocal offset, first
+            nonlocal offset, first, read
             start = self.d["pos"] if first else 0
             first = False
             if offset >= live:
@@ -157,7 +159,8 @@ class Chain:
                 return False
             out.extend(self._live(ref, man, start)[offset : offset + limit - len(out)])
             offset = 0
-            return len(out) >= limit
+            read += 1
+            return len(out) >= limit or read == segments
 
         if limit <= 0:
             return out

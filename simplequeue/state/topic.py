@@ -707,18 +707,26 @@ class TopicState(Layout):
 
     # --- dead letters ----------------------------------------------------------------------
 
-    def requeue(self, job_ids: list[str] | None, now: float) -> list[str]:
-        """Dead jobs (all, or those named) back to pending with fresh attempts."""
-        return [job["id"] for job in self._take_dead(job_ids, now, requeue=True)]
+    def requeue(
+        self, job_ids: list[str] | None, now: float, part: tuple[int, int] | None = None
+    ) -> list[str]:
+        """Dead jobs (those named; else all, or a `part`) back to pending with
+        fresh attempts."""
+        return [job["id"] for job in self._take_dead(job_ids, now, True, part)]
 
-    def purge(self, job_ids: list[str] | None, now: float) -> list[str]:
-        """Forget dead jobs (all, or those named)."""
-        return [job["id"] for job in self._take_dead(job_ids, now, requeue=False)]
+    def purge(
+        self, job_ids: list[str] | None, now: float, part: tuple[int, int] | None = None
+    ) -> list[str]:
+        """Forget dead jobs (those named; else all, or a `part`)."""
+        return [job["id"] for job in self._take_dead(job_ids, now, False, part)]
 
-    def _take_dead(self, job_ids: list[str] | None, now: float, requeue: bool) -> list[Job]:
+    def _take_dead(
+        self, job_ids: list[str] | None, now: float, requeue: bool, part: tuple[int, int] | None
+    ) -> list[Job]:
+        """`part`: (n, k), the n oldest dead jobs at most, from k segments at most."""
         dead = self.dead
         if job_ids is None:
-            places = list(dead.places())
+            places = list(dead.places() if part is None else dead.window(0, *part))
         else:
             places = [p for job_id in dict.fromkeys(job_ids) for p in dead.locate(job_id)]
         # The others keep their order (death order): taking leaves holes.
