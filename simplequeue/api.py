@@ -168,6 +168,12 @@ class CompleteRequest(_Request):
     claims: Annotated[list[Held], Meta(min_length=1, max_length=MAX_BATCH)]
 
 
+class WorkerName(_Request):
+    """A worker id alone (an XREADGROUP consumer's, checked as a claim's)."""
+
+    worker_id: WorkerId
+
+
 class WaitQuery(_Request):
     """GET /topics/{t}/jobs/{id}?wait=S: seconds to wait for the job to finish."""
 

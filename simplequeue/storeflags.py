@@ -1,10 +1,12 @@
 """The store flags (--backend, --dir, --bucket, --prefix, --endpoint-url,
 --region), defined once for both command lines: simplequeued serves the store
 they name, `simplequeue --discover` finds its broker in it. Also `checked`,
-which both use to check other flags' values (a token, a broker URL)."""
+which both use to check other flags' values (a token, a broker URL), and
+`FiniteRange`, their type for numbers of seconds."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +17,17 @@ import click
 from simplequeue.objstore import ObjectStore
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange without nan and inf (nan passes every bound; JSON
+    sends both as null, and a head holding one cannot be read back)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def checked(

@@ -708,6 +708,23 @@ async def test_xreadgroup_with_nothing_to_read_answers_empty(r: redis.Redis) -> 
     assert await r.xreadgroup("g", "c", {"s": ">"}, block=50) == []
 
 
+@pytest.mark.parametrize("consumer", ["bad\nname\x00", "", "c" * 300, "c" * 500_000])
+async def test_xreadgroup_refuses_a_consumer_name_http_refuses_as_a_worker_id(
+    r: redis.Redis, http: Http, broker: Broker, consumer: str
+) -> None:
+    """The consumer name became every claim's worker id unchecked: control
+    characters in claimed_by, and a 500 KB name copied into each of 100
+    lease records made one batch write 50 MB (SPEC 4.1: 256 KB plus its own
+    payloads)."""
+    await http.call("POST", "/topics/s/enqueue", {"jobs": [{"payload": i} for i in range(100)]})
+    assert (await http.call("POST", "/topics/s/claim", {"worker_id": consumer}))[0] == 400
+    with pytest.raises(ResponseError, match="consumer names"):
+        await r.execute_command(
+            "XREADGROUP", "GROUP", "g", consumer, "COUNT", "100", "STREAMS", "s", ">"
+        )
+    assert (await http.status("s"))["claimed"] == 0
+
+
 async def test_xreadgroup_count_caps_the_claims(r: redis.Redis) -> None:
     for i in range(5):
         await r.xadd("s", {"n": str(i)})

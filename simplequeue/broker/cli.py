@@ -17,7 +17,7 @@ from simplequeue.broker.settings import BrokerSettings, parse_addr
 from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
 from simplequeue.state import Policy
-from simplequeue.storeflags import StoreFlags, checked, store_options
+from simplequeue.storeflags import FiniteRange, StoreFlags, checked, store_options
 
 
 def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -61,7 +61,10 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     help="Require 'Authorization: Bearer TOKEN' (env SIMPLEQUEUE_TOKEN).",
 )
 @click.option(
-    "--lease", type=click.FloatRange(min=0.001), default=30.0, help="Default claim lease, seconds."
+    "--lease",
+    type=FiniteRange(min=0.001, max=api.MAX_LEASE),
+    default=30.0,
+    help="Default claim lease, seconds.",
 )
 @click.option(
     "--max-attempts",
@@ -71,7 +74,7 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 )
 @click.option(
     "--retention",
-    type=click.FloatRange(min=0),
+    type=FiniteRange(min=0),
     default=3600.0,
     help="Seconds completed and dead records are kept for lookups and dedup.",
 )
@@ -89,13 +92,13 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 )
 @click.option(
     "--broker-lease",
-    type=click.FloatRange(min=0.5),
+    type=FiniteRange(min=0.5),
     default=15.0,
     help="Seconds after which a silent active broker is replaced in broker.json.",
 )
 @click.option(
     "--batch-wait",
-    type=click.FloatRange(min=0, max=1000),
+    type=FiniteRange(min=0, max=1000),
     default=None,
     help="Longest pause after a write, in ms, for the callers it answered to come back "
     "and share the next write (fewer PUTs, a little latency) [default: 5; 25 on s3].",
@@ -109,14 +112,14 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 )
 @click.option(
     "--header-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteRange(min=0, min_open=True),
     default=10.0,
     help="Seconds a client may take to send a request's headers, from connecting (or from "
     "the first byte of a later request); then the connection is closed.",
 )
 @click.option(
     "--keepalive-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteRange(min=0, min_open=True),
     default=api.BROKER_KEEPALIVE,
     help="Seconds an idle keep-alive HTTP connection is kept open after a response. The "
     "SDK drops its idle connections within 7.5 s, other brokers within half of this: "

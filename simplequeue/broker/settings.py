@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -56,3 +57,19 @@ class BrokerSettings:
     header_timeout: float = 10.0
     keepalive_timeout: float = api.BROKER_KEEPALIVE
     max_connections: int | None = None
+
+    def __post_init__(self) -> None:
+        # Seconds that are nan or inf would pass every comparison, or be
+        # written into broker.json as null; the command line refuses them too.
+        for name in (
+            "commit_budget",
+            "batch_wait",
+            "sweep_interval",
+            "broker_lease",
+            "forward_timeout",
+            "header_timeout",
+            "keepalive_timeout",
+        ):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"BrokerSettings.{name} must be finite and >= 0, not {value!r}")

@@ -29,7 +29,7 @@ from simplequeue.client.followups import Done
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
 from simplequeue.errors import InvalidRequest, SimpleQueueError
-from simplequeue.storeflags import StoreFlags, checked, store_options
+from simplequeue.storeflags import FiniteRange, StoreFlags, checked, store_options
 
 T = TypeVar("T")
 BATCH = 500  # jobs per request with enqueue --file
@@ -120,17 +120,6 @@ def utf8(text: str, name: str) -> bytes:
         raise click.BadParameter("not UTF-8 text", param_hint=name) from None
 
 
-class FiniteRange(click.FloatRange):
-    """click.FloatRange without nan and inf, which JSON sends as null (nan
-    passes every bound)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if number is not None and not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
-
-
 @click.group(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE"})
 @click.version_option(__version__, prog_name="simplequeue", message="%(prog)s %(version)s")
 @click.option(
@@ -148,7 +137,7 @@ class FiniteRange(click.FloatRange):
 @store_options(backends=("localfs", "s3"))
 @click.option(
     "--max-age",
-    type=float,
+    type=FiniteRange(min=0),
     default=30.0,
     show_default=True,
     help="With --discover: refuse a broker.json heartbeat older than this (s).",

@@ -23,6 +23,7 @@ first try landed is answered as a duplicate, never enqueued twice.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -72,6 +73,33 @@ KEEPALIVE = api.client_keepalive()
 #: What encoding a value that JSON cannot hold raises (an object of a class
 #: of the caller's, say; a list that holds itself).
 UNSENDABLE = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
+
+
+def encode(body: Any) -> bytes:
+    """`body` as JSON. ValueError for nan or infinity: JSON has neither, and
+    msgspec writes them as null, which means something else (no lease, no
+    payload)."""
+    data = msgspec.json.encode(body)
+    if b"null" in data and _non_finite(msgspec.to_builtins(body)):
+        raise ValueError("nan and infinity cannot be sent as JSON")
+    return data
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether `value` (built-in types) holds a float that is nan or infinite."""
+    left = [value]
+    while left:
+        item = left.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            left.extend(item.values())
+        elif isinstance(item, list | tuple):
+            left.extend(item)
+    return False
+
+
 #: The statuses of a job that will not change again: a look-up that waits ends there.
 FINISHED = frozenset({"completed", "dead", "cancelled"})
 #: The longest a single look-up request asks the broker to wait (the API's cap);
@@ -277,7 +305,7 @@ class Client:
         the broker this client was given, which routes it."""
         if not self.url:
             await self._rediscover()
-        data = msgspec.json.encode(body) if body is not None else None
+        data = encode(body) if body is not None else None
         timeout = aiohttp.ClientTimeout(total=self.timeout + wait)
         headers = {"Content-Type": "application/json"} if data is not None else None
         base = self._owner if self._owner and path.startswith("/topics/") else self.url

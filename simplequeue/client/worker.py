@@ -49,11 +49,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
 from simplequeue import api
 from simplequeue.batching import Batcher, Pending
-from simplequeue.client.client import UNSENDABLE, Client
+from simplequeue.client.client import UNSENDABLE, Client, encode
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
 from simplequeue.errors import (
@@ -210,8 +208,8 @@ class Worker:
             ("heartbeat_every", heartbeat_every),
             ("timeout", timeout),
         ):
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be more than 0 seconds")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number of seconds, more than 0")
         self.client = client
         self.handler = handler
         self._in_thread = _is_plain_function(handler)
@@ -784,7 +782,7 @@ def _check_sendable(result: Any, what: str = "the handler's result") -> None:
     """Raise unless `result` can be encoded into the ack request: a result that
     cannot would fail every ack of the batch it rides in, not just its own."""
     try:
-        msgspec.json.encode(result)
+        encode(result)
     except UNSENDABLE as exc:
         raise TypeError(f"{what} cannot be sent as JSON: {exc}") from None
 

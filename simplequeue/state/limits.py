@@ -6,6 +6,7 @@ API's (simplequeue.api), not policy."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -54,3 +55,11 @@ class Policy:
     max_attempts: int = 5  # default for jobs that do not say (0 = unlimited)
     retention: float = 3600.0  # seconds a completed/dead record is kept
     dead_limit: int = 10_000  # dead jobs kept; beyond it the oldest are dropped
+
+    def __post_init__(self) -> None:
+        # A lease or retention of nan or inf would be written into heads as
+        # null (JSON has neither), and a head holding one cannot be read back.
+        for name in ("default_lease", "retention"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"Policy.{name} must be a finite number >= 0, not {value!r}")

@@ -26,7 +26,7 @@ import orjson
 from simplequeue import __version__, api, keys
 from simplequeue.broker.engine import MAX_WAIT, TopicOps
 from simplequeue.broker.resp.wire import NULL_ARRAY, OK, Reply, RespError, Simple, upper
-from simplequeue.errors import SimpleQueueError
+from simplequeue.errors import InvalidRequest, SimpleQueueError
 
 log = logging.getLogger(__name__)
 
@@ -664,6 +664,12 @@ class StreamRead:
             raise RespError("ERR", "syntax error: XREADGROUP GROUP group consumer ...")
         text(args[1], "group names")  # every group reads the one queue
         consumer = text(args[2], "consumer names")
+        try:  # the worker id of its claims: as HTTP checks one
+            api.convert({"worker_id": consumer}, api.WorkerName)
+        except InvalidRequest:
+            raise RespError(
+                "ERR", "consumer names are 1 to 256 characters, none of them control ones"
+            ) from None
         count, block, noack, i = max_count, 0.0, False, 3
         while i < len(args) and upper(args[i]) != "STREAMS":
             option = upper(args[i])
