@@ -424,6 +424,17 @@ async def test_llen_counts_pending_jobs_not_claimed_ones(r: redis.Redis, http: H
     assert await r.llen("q") == 1
 
 
+@pytest.mark.parametrize(
+    ("seconds", "error"),
+    [("nan", "not a float"), ("x", "not a float"), ("-1", "negative")],
+)
+async def test_blpop_with_a_bad_timeout_is_refused_as_redis_refuses_it(
+    r: redis.Redis, seconds: str, error: str
+) -> None:
+    with pytest.raises(ResponseError, match=error):
+        await r.execute_command("BLPOP", "q", seconds)
+
+
 async def test_blpop_times_out_with_nil(r: redis.Redis) -> None:
     started = time.monotonic()
     assert await r.blpop(["q"], timeout=0.3) is None

@@ -194,8 +194,10 @@ def timeout_of(arg: bytes) -> float:
     try:
         seconds = float(arg)
     except ValueError:
-        raise RespError("ERR", "timeout is not a float or out of range") from None
-    if math.isnan(seconds) or seconds < 0:
+        seconds = math.nan
+    if math.isnan(seconds):  # as Redis answers: "nan" is no float to it
+        raise RespError("ERR", "timeout is not a float or out of range")
+    if seconds < 0:
         raise RespError("ERR", "timeout is negative")
     return seconds or math.inf
 
