@@ -57,7 +57,7 @@ async def test_a_format_1_store_is_read_as_it_is(tmp_path: Path) -> None:
     assert (await q.job("orders", "o049"))["payload"]["n"] == 49
     assert (await q.job("orders", "o008"))["status"] == "completed"  # a record inline
     assert (await q.job("orders", "o000"))["status"] == "completed"  # a record spilled
-    dead = await q.dead("orders")
+    dead, _ = await q.dead("orders")
     assert len(dead) == 18 and all(j["last_error"].startswith("boom") for j in dead)
     # Reading wrote nothing: the store is still format 1.
     assert head_of(root, "orders")["format"] == 1

@@ -31,7 +31,7 @@ MAX_WAIT = api.MAX_WAIT  # seconds a claim may long-poll
 POLL_INTERVAL = 1.0
 # Dead jobs requeued or purged per commit when all of them are, and the
 # segments they come from at most: a part reads only its own segments.
-DEAD_PART = (500, 16)
+DEAD_PART = (500, 2)
 # Heads read at once when listing every topic (GET /topics).
 LISTING_READERS = 32
 OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one

@@ -40,6 +40,9 @@ Record = dict[str, Any]
 CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
 # Segments of a manifest fetched with one that is missing: those after it.
 PREFETCH_FOLLOWING = 16
+# Manifests a seal rewrites at most to take the holes the head keeps past
+# holes_max (each rewrite is one manifest object, at most manifest_bytes).
+REWRITES_PER_SEAL = 4
 
 
 def new_head(topic: str) -> dict[str, Any]:
@@ -96,6 +99,11 @@ class Sealed:
     # The same objects decoded (as this seal read them): a cache takes these,
     # rather than decoding the bytes again.
     decoded: dict[str, Segment | Manifest] = field(default_factory=dict)
+
+
+def holes_kept(chain: dict[str, Any]) -> int:
+    """How many holes of manifested segments a chain keeps in the head."""
+    return sum(len(kept) for kept in chain["holes"].values())
 
 
 def job_key(job: Job) -> tuple[float, int]:
@@ -420,7 +428,7 @@ class Layout:
         sparse = any(r["live"] * 2 <= r["n"] for r in h["leases"]["segs"])
         crowded = any(
             len(c["segs"]) > b.loose_max
-            or len(c["holes"]) > b.holes_max
+            or holes_kept(c) > b.holes_max
             or len(c["mans"]) > b.manifests_max
             for c in chains
         )
@@ -495,6 +503,9 @@ class _Sealer:
             for lane in lanes.values():
                 if lane["in"]:
                     self._spill_lane(lane)
+        # Compacted first: the records it takes inline go out again below
+        # when they are too many for the head.
+        self._compact_leases()
         if len(orjson.dumps(h["leases"]["in"])) > b.inline_leases_bytes:
             self._spill_leases()
         for name, bound, kind in (
@@ -505,7 +516,6 @@ class _Sealer:
             chain = self.s._chain(h[name])
             if chain.d["in"] and len(orjson.dumps(chain.d["in"])) > bound:
                 self._spill(chain, kind, self._bounds_of(name))
-        self._compact_leases()
         for lane in lanes.values():
             if len(lane["runs"]) > b.runs_max:
                 self._merge_runs(lane)
@@ -516,8 +526,11 @@ class _Sealer:
             # head holds no more loose refs than its bound.
             while len(chain.d["segs"]) > b.loose_max:
                 self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
-            if len(chain.d["holes"]) > b.holes_max:
-                self._rewrite_holey_manifest(chain)
+            rewrites = 0
+            while holes_kept(chain.d) > b.holes_max and rewrites < REWRITES_PER_SEAL:
+                if not self._rewrite_holey_manifest(chain):
+                    break
+                rewrites += 1
             while len(chain.d["mans"]) > b.manifests_max and self._merge_manifests(chain):
                 pass
 
@@ -638,7 +651,9 @@ class _Sealer:
                 return True
         return False
 
-    def _rewrite_holey_manifest(self, chain: Chain) -> None:
+    def _rewrite_holey_manifest(self, chain: Chain) -> bool:
+        """The manifest whose segments have the most holes kept in the head takes
+        them (rewritten); whether there was one."""
         holes: dict[str, list[int]] = chain.d["holes"]
         by_manifest: dict[int, int] = {}
         for m, mref in enumerate(chain.d["mans"]):
@@ -646,8 +661,9 @@ class _Sealer:
                 if ref["k"] in holes:
                     by_manifest[m] = by_manifest.get(m, 0) + len(holes[ref["k"]])
         if not by_manifest:
-            return
+            return False
         worst = max(by_manifest, key=lambda m: by_manifest[m])
         obj = chain.rewrite_manifest(worst, self._new_id("m"), encode_manifest)
         if obj is not None:
             self._add(obj)
+        return True
