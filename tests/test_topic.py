@@ -603,6 +603,9 @@ def test_counts_a_broker_of_an_earlier_version_wrote_past_are_counted_again() ->
     head["write_id"] = "000000000009-by-an-earlier-version"
     s = TopicState(head, s.view, s.bounds, s.policy)
     assert "prios" not in s.head
+    s.begin()  # a batch rolled back to the head as read (a missing segment)
+    s.rollback(orjson.loads(orjson.dumps(head | {"prios": {"1": 1, "2": 1}})))
+    assert "prios" not in s.head
     s.enqueue([JobSpec("c", priority=3)], T0)
     assert s.head["prios"] == {"1": 1, "3": 1}
     assert reload(s).head["prios"] == {"1": 1, "3": 1}

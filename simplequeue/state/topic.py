@@ -77,11 +77,7 @@ class TopicState(Layout):
     ) -> None:
         super().__init__(head, view, bounds, seen)
         self.policy = policy
-        if head.get("prios_at") != head.get("write_id"):
-            # Written since by a broker that keeps no count (an earlier
-            # version): counted again when next needed.
-            head.pop("prios", None)
-            head.pop("prios_at", None)
+        _drop_stale_prios(head)
         # Which ids the topic's segments surely lack (exists()' fast "no"); its
         # owner may keep it across the topic's states.
         self.ids = ids if ids is not None else IdFilter()
@@ -311,6 +307,10 @@ class TopicState(Layout):
             self.head["counters"]["enqueued"] += 1
             answers.append({"id": job_id, "duplicate": False})
         return answers
+
+    def rollback(self, head: dict[str, Any]) -> None:
+        super().rollback(head)
+        _drop_stale_prios(head)  # a head read again, as __init__ reads one
 
     def _prios(self) -> dict[str, int]:
         """How many jobs of each priority the topic holds (pending, delayed,
@@ -1022,6 +1022,15 @@ class TopicState(Layout):
 
 
 _NEVER = 2**62  # the next slot of a cron expression that never comes again
+
+
+def _drop_stale_prios(head: dict[str, Any]) -> None:
+    """Counts by priority from before a write by a broker that keeps none (an
+    earlier version, which keeps the fields as they are): counted again when
+    next needed (TopicState._prios)."""
+    if head.get("prios_at") != head.get("write_id"):
+        head.pop("prios", None)
+        head.pop("prios_at", None)
 
 
 def follow_up_id(job_id: str, index: int) -> str:
