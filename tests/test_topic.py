@@ -536,6 +536,38 @@ def test_priorities_of_claimed_and_dead_jobs_count_against_lanes_max() -> None:
         reload(s, T0 + 31).enqueue([JobSpec(9, priority=9)], T0 + 31)
 
 
+def test_duplicates_count_for_no_priority() -> None:
+    """An enqueue counted the priorities of every spec, duplicates too: at the
+    bound, the SDK's retry of a batch that had landed (every id a duplicate)
+    was refused instead of answered "duplicate", and refused again each time."""
+    s = fresh(lanes_max=2)
+    s.enqueue([JobSpec("a", id="a", priority=1), JobSpec("b", id="b", priority=2)], T0)
+    answers = s.enqueue([JobSpec("a", id="a", priority=9), JobSpec("b", id="b", priority=8)], T0)
+    assert answers == [{"id": "a", "duplicate": True}, {"id": "b", "duplicate": True}]
+    twice = s.enqueue([JobSpec("c", id="c", priority=1), JobSpec("c", id="c", priority=7)], T0)
+    assert twice == [{"id": "c", "duplicate": False}, {"id": "c", "duplicate": True}]
+    assert s.head["prios"] == {"1": 2, "2": 1}
+    with pytest.raises(InvalidRequest, match="more than 2 distinct priorities"):
+        s.enqueue([JobSpec("d", id="d", priority=7), JobSpec("a", id="a", priority=1)], T0)
+
+
+def test_a_pop_given_back_comes_back_though_its_priority_was_taken() -> None:
+    """A pop whose caller went away is given back in a later batch; meanwhile
+    another priority may have taken its place. The job is not lost for the
+    bound: it comes back (the bound passed by its priority, documented), and
+    no new priority is taken until jobs leave."""
+    s = fresh(lanes_max=1)
+    s.enqueue([JobSpec("a", id="a", priority=1)], T0)
+    [popped] = s.pop("w", 1, T0)
+    s.enqueue([JobSpec("b", id="b", priority=2)], T0)  # a's place
+    assert s.unpop(popped, T0)
+    assert s.head["prios"] == {"1": 1, "2": 1}
+    with pytest.raises(InvalidRequest, match="more than 1 distinct priorities"):
+        s.enqueue([JobSpec("c", id="c", priority=3)], T0)
+    assert [j["id"] for j in s.pop("w", 2, T0)] == ["b", "a"]
+    s.enqueue([JobSpec("c", id="c", priority=3)], T0)
+
+
 def test_a_priority_is_free_again_once_no_job_of_it_is_held() -> None:
     """Ack, cancel, purge and the dead limit each let go of the last job of a
     priority: another may take its place."""

@@ -273,17 +273,23 @@ class TopicState(Layout):
         topic holds jobs of at most `lanes_max` distinct priorities at once
         (pending, delayed, claimed or dead: each may need a lane in the head
         again): past it the call is refused whole."""
+        added: list[bool] = []  # duplicates add nothing, and count for no priority
+        named: set[str] = set()
+        for spec in specs:
+            added.append(spec.id is None or (spec.id not in named and not self.exists(spec.id)))
+            if spec.id is not None:
+                named.add(spec.id)
         prios = self._prios()
-        fresh = {str(s.priority) for s in specs} - prios.keys()
+        fresh = {str(s.priority) for s, new in zip(specs, added, strict=True) if new} - prios.keys()
         if fresh and len(prios) + len(fresh) > self.bounds.lanes_max:
             raise InvalidRequest(
                 f"topic {self.topic!r} would hold jobs of more than {self.bounds.lanes_max} "
                 "distinct priorities at once"
             )
         answers: list[dict[str, Any]] = []
-        for spec in specs:
+        for spec, new in zip(specs, added, strict=True):
             job_id = spec.id
-            if job_id is not None and self.exists(job_id):
+            if not new:
                 answers.append({"id": job_id, "duplicate": True})
                 continue
             seq = self.head["seq"]
