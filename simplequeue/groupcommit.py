@@ -312,19 +312,42 @@ class GroupCommitter:
     async def peek(self, topic: str, query: Callable[[TopicState, float], T]) -> T:
         """Answer `query` from the topic's head as the store has it now, without
         keeping anything in memory when the topic is not in use here (an owner
-        looking at each of thousands of topics it took over). A query that
-        needs more than the head is answered by read()."""
+        looking at each of thousands of topics it took over, a listing of every
+        topic). The segments a query needs beyond the head are fetched into the
+        shared cache, as a read's are, and the topic is not kept."""
         if topic in self._topics:
             return await self.read(topic, query)
         key = keys.head(topic)
+        data = await self._get_or_none(key)
+        state = self._from_bytes(topic, data, {})
         try:
-            data: bytes | None = (await self.store.get(key))[0]
+            for _ in range(_MAX_FETCH_ROUNDS):
+                try:
+                    return query(state, self.clock())
+                except SegmentMissing as miss:
+                    try:
+                        await self.cache.fetch([miss.key])
+                    except ObjectNotFound:
+                        # The head moved on (a sweep deleted what it no longer
+                        # names), or the object is lost.
+                        again = await self._get_or_none(key)
+                        if again == data:
+                            error = CorruptData(miss.key, f"referenced by {key}, not in the store")
+                            self._log_corrupt(topic, error)
+                            raise error from None
+                        state.release()
+                        data, state = again, self._from_bytes(topic, again, {})
+                    else:
+                        state.hold(miss.key, self.cache.held(miss.key))
+        finally:
+            state.release()
+        raise CacheTooSmall(f"topic {topic!r}: the object cache is too small for this read")
+
+    async def _get_or_none(self, key: str) -> bytes | None:
+        try:
+            return (await self.store.get(key))[0]
         except ObjectNotFound:
-            data = None
-        try:
-            return query(self._from_bytes(topic, data, {}), self.clock())
-        except SegmentMissing:
-            return await self.read(topic, query)
+            return None
 
     def forget(self, topics: list[str]) -> None:
         """Drop the cached state of `topics` (those not in use right now): this

@@ -385,6 +385,31 @@ async def test_topics_idle_for_long_leave_memory_however_few() -> None:
     assert (await q.status("t3"))["pending"] == 1  # read again when asked
 
 
+async def test_a_listing_keeps_no_topic_whose_counts_read_a_segment() -> None:
+    """GET /topics peeks at heads without keeping them. A topic whose delayed
+    jobs spilled into segments that straddle now has its counts read from
+    those segments: the peek fell back to a read, which kept the topic in the
+    listing broker's memory (one per such topic, however many it lists)."""
+    store = MemStore()
+    q = engine_on(store, bounds=Bounds())
+    for b in range(12):  # every segment holds jobs due now and in an hour
+        specs = [
+            JobSpec({"n": i, "pad": "x" * 1000}, id=f"b{b}-{i}", delay=3600.0 * (i % 2))
+            for i in range(1000)
+        ]
+        await q.enqueue("t", specs)
+    head = await head_of(store)
+    assert any(lane["runs"] for lane in head["lanes"].values())  # it spilled
+
+    lister = engine_on(store, "b2", bounds=Bounds())  # an empty cache
+    counts, errors = await lister.topics()
+    assert errors == {}
+    assert counts["t"]["pending"] == 6000
+    assert counts["t"]["delayed"] == 6000
+    assert lister.committer.known_topics() == []
+    assert "t" not in lister.committer._topics
+
+
 def test_a_manifests_id_index_names_every_segment_that_may_hold_an_id() -> None:
     """Manifest.candidates: each id's segment is among its candidates, a hash
     between, before or past every indexed one has none, and neighbours in the
