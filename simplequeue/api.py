@@ -8,6 +8,7 @@ here does I/O or knows the broker or the client: both import it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -494,6 +495,21 @@ def check_broker_url(url: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"not a broker URL: {url!r} (wanted http://HOST:PORT)")
     return url.rstrip("/")
+
+
+def check_seconds(
+    what: str, value: float, *, above_zero: bool = False, at_most: float | None = None
+) -> float:
+    """`value` if it is a number of seconds for `what` (finite; >= 0, or > 0
+    with `above_zero`; up to `at_most`), else ValueError. Seconds of nan pass
+    every comparison, and JSON has neither nan nor inf (they are sent, and
+    written in heads and broker.json, as null)."""
+    low = "> 0" if above_zero else ">= 0"
+    ok = math.isfinite(value) and (value > 0 if above_zero else value >= 0)
+    if not ok or (at_most is not None and value > at_most):
+        high = "" if at_most is None else f" and <= {at_most:g}"
+        raise ValueError(f"{what} must be a finite number of seconds {low}{high}, not {value!r}")
+    return value
 
 
 def new_id() -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import click
 import pytest
 
-from simplequeue import keys
+from simplequeue import api, keys
 from simplequeue.broker.cli import main as broker_main
 from simplequeue.broker.server import Broker
 from simplequeue.broker.settings import BrokerSettings
@@ -91,6 +91,25 @@ async def test_a_worker_refuses_heartbeat_every_that_is_not_finite(
         for name in ("heartbeat_every", "lease", "timeout"):
             with pytest.raises(ValueError, match=name):
                 Worker(q, lambda job: None, handle_signals=False, **{name: value})
+
+
+@pytest.mark.parametrize("value", [*NON_FINITE, -1.0, api.MAX_WAIT + 1])
+async def test_a_worker_refuses_a_wait_the_broker_would_refuse(value: float) -> None:
+    """wait=nan or 61 was taken, and every claim of run() failed on it."""
+    async with Client("http://127.0.0.1:9", topic="wk") as q:
+        with pytest.raises(ValueError, match="wait"):
+            Worker(q, lambda job: None, handle_signals=False, wait=value)
+
+
+@pytest.mark.parametrize("value", [*NON_FINITE, -1.0])
+def test_a_client_refuses_seconds_that_are_not_finite(value: float) -> None:
+    """Client(timeout=nan) gave aiohttp a timeout of nan; retry_budget=inf
+    retried a broker that was down for ever."""
+    for name in ("timeout", "retry_budget", "max_age"):
+        with pytest.raises(ValueError, match=name):
+            Client("http://127.0.0.1:9", **{name: value})
+    with pytest.raises(ValueError, match="timeout"):
+        Client("http://127.0.0.1:9", timeout=0.0)
 
 
 def returns_nan(job: Any) -> float:

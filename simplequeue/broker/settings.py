@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -71,5 +70,5 @@ class BrokerSettings:
             "keepalive_timeout",
         ):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"BrokerSettings.{name} must be finite and >= 0, not {value!r}")
+            if value is not None:
+                api.check_seconds(f"BrokerSettings.{name}", value)

@@ -150,14 +150,16 @@ class Client:
         # It goes into every path, where "b/enqueue?" reached another route.
         self.topic = keys.check_topic(topic)
         self.token = api.check_token(token) if token else None
-        self.timeout = timeout
+        self.timeout = api.check_seconds("timeout", timeout, above_zero=True)
         self.retries = retries
         # Retries start within this many seconds of a call's start and its
         # long poll's wait. Twice the timeout by default, so that a try that
         # timed out is tried again.
-        self.retry_budget = 2 * timeout if retry_budget is None else retry_budget
+        self.retry_budget = (
+            2 * timeout if retry_budget is None else api.check_seconds("retry_budget", retry_budget)
+        )
         self.store = store
-        self.max_age = max_age
+        self.max_age = api.check_seconds("max_age", max_age)
         self._session: aiohttp.ClientSession | None = None
         self._owner: str | None = None  # the topic's owner, as a broker named it
         self._owns_store = False

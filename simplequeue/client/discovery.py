@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from simplequeue import api
 from simplequeue.errors import BrokerUnavailable, CorruptData
 from simplequeue.objstore import ObjectStore
@@ -15,8 +13,7 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
     is none, or its heartbeat is older than `max_age` seconds by the store's
     clock (its answer to the read stamps it), so a client whose own clock is
     off still finds a healthy broker."""
-    if not (math.isfinite(max_age) and max_age >= 0):
-        raise ValueError(f"max_age must be a finite number of seconds >= 0, not {max_age!r}")
+    api.check_seconds("max_age", max_age)
     try:
         current = await read_record(store)
     except CorruptData as exc:

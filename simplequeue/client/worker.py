@@ -208,8 +208,9 @@ class Worker:
             ("heartbeat_every", heartbeat_every),
             ("timeout", timeout),
         ):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number of seconds, more than 0")
+            if value is not None:
+                api.check_seconds(name, value, above_zero=True)
+        api.check_seconds("wait", wait, at_most=api.MAX_WAIT)  # a claim's long poll
         self.client = client
         self.handler = handler
         self._in_thread = _is_plain_function(handler)

@@ -6,8 +6,9 @@ API's (simplequeue.api), not policy."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
+
+from simplequeue.api import check_seconds
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,4 @@ class Policy:
         # A lease or retention of nan or inf would be written into heads as
         # null (JSON has neither), and a head holding one cannot be read back.
         for name in ("default_lease", "retention"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"Policy.{name} must be a finite number >= 0, not {value!r}")
+            check_seconds(f"Policy.{name}", getattr(self, name))
