@@ -66,6 +66,26 @@ def test_the_rate_is_a_token_bucket_that_starts_full() -> None:
     assert s.token_wait(T0 + 100) is not None and s.claimable(T0 + 101) == 2
 
 
+def test_a_claim_handed_to_nobody_gives_its_token_back() -> None:
+    """A claim whose caller went away (a long poll's client hung up, a pop's
+    BLPOP client gone) is given back, the attempt uncounted; its token stayed
+    spent, so a rate of 1 a minute lost a minute to a hang-up."""
+    s = fresh()
+    s.enqueue(jobs(5), T0)
+    s.put_settings(SettingsRequest(rate=1 / 60, burst=2), T0)
+    claimed = s.claim("w", 30, 2, T0)
+    assert s.claimable(T0) == 0
+    assert s.unclaim(claimed[0]["id"], claimed[0]["lease_token"], T0)
+    assert s.claimable(T0) == 1
+    [popped] = s.pop("w", 1, T0)
+    assert s.claimable(T0) == 0
+    assert s.unpop(popped, T0)
+    assert s.unclaim(claimed[1]["id"], claimed[1]["lease_token"], T0)
+    assert s.claimable(T0) == 2  # never past the burst
+    assert s.unclaim(claimed[1]["id"], claimed[1]["lease_token"], T0) is False
+    assert s.claimable(T0) == 2
+
+
 def test_the_burst_defaults_to_a_seconds_worth_of_claims() -> None:
     s = fresh()
     s.enqueue(jobs(20), T0)

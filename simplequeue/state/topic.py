@@ -572,6 +572,7 @@ class TopicState(Layout):
         job = self._with_payload(place.item)
         self._drop_lease(place)
         self._undelivered(job, now)
+        self._spend(-1, now)  # nobody had the job: its token is not spent either
         return True
 
     def _held(self, job_id: str, token: str) -> Place | None:
@@ -607,6 +608,7 @@ class TopicState(Layout):
         self.head["counters"]["completed"] -= 1
         self._hold(job)
         self._undelivered(job, now)
+        self._spend(-1, now)
         return True
 
     # --- reaper -------------------------------------------------------------------------
@@ -1011,9 +1013,13 @@ class TopicState(Layout):
         return max(0, room)
 
     def _spend(self, claimed: int, now: float) -> None:
-        if claimed and "rate" in self.settings():
+        """Take `claimed` tokens from the bucket (a negative number gives them
+        back, up to the burst: claims handed to nobody)."""
+        burst = self.burst()
+        if claimed and burst is not None:
             at = max(now, self.head.get("bucket", {}).get("at", now))
-            self.head["bucket"] = {"tokens": self._tokens(now) - claimed, "at": at}
+            tokens = min(float(burst), self._tokens(now) - claimed)
+            self.head["bucket"] = {"tokens": tokens, "at": at}
 
     def token_wait(self, now: float) -> float | None:
         """Seconds until the rate lets a claim take a job, when that is what
