@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -646,6 +647,27 @@ async def test_a_redis_pipeline_through_a_broker_that_does_not_own_the_topic_kee
         await r.aclose()
     assert replies[:30] == list(range(1, 31))  # each RPUSH saw those before it
     assert replies[30:] == [str(n).encode() for n in range(30)]
+
+
+async def test_two_live_brokers_at_one_address_are_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two brokers given one --advertise-url (a load balancer's) took each
+    other for a dead predecessor and deleted each other's record every round,
+    silently: both owned every topic and contended on every write. The one
+    that sees the other come back says so, once, as an error."""
+    store = MemStore()
+    a = Membership(store, broker_id="a", url="http://127.0.0.1:9", lease_s=60)
+    b = Membership(store, broker_id="b", url="http://127.0.0.1:9", lease_s=60)
+    await a.register()
+    await b.register()
+    with caplog.at_level(logging.INFO, logger="simplequeue.broker.membership"):
+        for _ in range(4):
+            await a.step()
+            await b.step()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2, errors  # one from each, once
+    assert "advertises this broker's URL http://127.0.0.1:9 too" in errors[0]
 
 
 async def test_an_earlier_broker_at_this_address_is_not_taken_for_alive() -> None:

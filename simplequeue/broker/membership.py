@@ -87,6 +87,9 @@ class Membership:
         self._suspect: dict[str, float] = {}
         self._ranked: dict[str, list[Peer]] = {}  # topic -> live brokers by its hash
         self._wake = asyncio.Event()
+        # Brokers forgotten for having this broker's address, and whether one
+        # that came back (alive: two brokers advertise one URL) was reported.
+        self._at_my_address: dict[str, bool] = {}
 
     def set_url(self, url: str) -> None:
         """This broker's URL, once it listens."""
@@ -162,12 +165,30 @@ class Membership:
                 # this one started in its place): it cannot be alive, and
                 # requests routed to it would come here, which would hand its
                 # topics over to itself.
+                self._same_address(broker_id)
                 await self._forget(broker_id, "it had this broker's address")
             elif age < seen.record.lease_s:
                 live.append(Peer(broker_id, seen.record.url))
             elif age > FORGET_AFTER_LEASES * seen.record.lease_s:
                 await self._forget(broker_id, "its record was not renewed for long")
         self._set_live(tuple(sorted(live, key=lambda p: p.broker_id)))
+
+    def _same_address(self, broker_id: str) -> None:
+        """A broker forgotten for having this broker's address registered again:
+        it is alive, and the two advertise one URL (a load balancer's, or a
+        copied --advertise-url). Each takes the other for dead and owns every
+        topic: correct (conditional writes), but they contend on every write.
+        Said once, as an error: the operator must give each its own URL."""
+        if broker_id not in self._at_my_address:
+            self._at_my_address[broker_id] = False
+        elif not self._at_my_address[broker_id]:
+            self._at_my_address[broker_id] = True
+            log.error(
+                "broker %s, alive, advertises this broker's URL %s too: give each "
+                "broker its own --advertise-url (until then both serve every topic)",
+                broker_id,
+                self.me.url,
+            )
 
     async def _renew(self) -> None:
         self._beats += 1
