@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import orjson
@@ -668,3 +669,78 @@ def test_the_newest_dead_jobs_and_a_page_of_them_read_only_their_segments() -> N
     assert counting.reads <= 4
     assert [j["id"] for j in s.dead_jobs(190, 50)] == everything[190:]
     assert s.dead_jobs(198, 5) == [] and s.dead_newest(0) == []
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_merged_runs_keep_the_claim_order_and_every_job(seed: int) -> None:
+    """Runs of one lane merge a part a seal (tiny bounds: merges start and go
+    on over many seals), while jobs come with random delays, some are claimed
+    and some cancelled, and the head is read back now and then: each claim
+    takes the earliest due job, and every job comes out exactly once."""
+    rng = random.Random(seed)
+    s = fresh(inline_pending_bytes=400, loose_max=2, manifests_max=2, runs_max=2, merge_bytes=900)
+    now, n = T0, 0
+    live: dict[str, tuple[float, int]] = {}  # id -> (run_at, seq) of jobs not yet out
+    merged = 0
+    for writes in range(1, 301):
+        op = rng.random()
+        if op < 0.5:
+            delays = [rng.choice([0, rng.uniform(0, 50)]) for _ in range(rng.randint(1, 6))]
+            specs = [JobSpec(i, id=f"j{n + i}", delay=d) for i, d in enumerate(delays)]
+            s.enqueue(specs, now)
+            for spec in specs:
+                job = s.find(spec.id or "")
+                assert job is not None
+                live[spec.id or ""] = (job[1]["run_at"], job[1]["seq"])
+            n += len(specs)
+        elif op < 0.75:
+            for job in s.claim("w", 1e6, rng.randint(1, 4), now):
+                key = live.pop(job["id"])
+                due = [k for k in live.values() if k[0] <= now]
+                assert not due or key <= min(due), "a later job was claimed first"
+        elif op < 0.8 and live:
+            victim = rng.choice(sorted(live))
+            if s.cancel([victim], now)["cancelled"]:
+                del live[victim]
+        else:
+            now += rng.uniform(0, 5)
+        merged += any("merge" in r for lane in s.head["lanes"].values() for r in lane["runs"])
+        if rng.random() < 0.2:
+            s = reread(s, now, writes)
+        else:
+            seal(s, f"{writes:012d}", now)
+    assert merged  # merges were under way
+    now += 100
+    while jobs := s.claim("w", 1e6, 7, now):
+        for job in jobs:
+            key = live.pop(job["id"])
+            assert not live or key <= min(live.values())
+    assert live == {}
+
+
+def test_a_run_written_past_by_a_broker_that_knows_no_merges_is_merged_into_no_more() -> None:
+    """A broker of an earlier version keeps a run's "merge" mark as it is and
+    may append a spill to the run merged into: later parts of the merge would
+    have gone after jobs later than theirs. They go to a new run instead."""
+    s = fresh(inline_pending_bytes=300, runs_max=2, merge_bytes=200)
+    rng = random.Random(3)
+    for i in range(60):
+        s.enqueue([JobSpec(i, id=f"j{i}", delay=rng.uniform(0, 100))], T0)
+        seal(s, f"{i:012d}", T0)
+        runs = s.head["lanes"]["0"]["runs"]
+        if any(r.get("merge") == "from" for r in runs) and any(
+            r.get("merge") == "into" for r in runs
+        ):
+            break
+    else:
+        pytest.fail("no merge under way")
+    [into] = [r for r in runs if r.get("merge") == "into"]
+    into["last"] = [T0 + 10**6, 0]  # as that broker's spill of a job due later leaves it
+    seal(s, "past", T0)
+    assert "merge" not in into
+    assert [r for r in s.head["lanes"]["0"]["runs"] if r.get("merge") == "into"] != []
+    claimed = [j for j in s.claim("w", 30, 100, T0 + 200)]
+    assert len(claimed) == i + 1
+    assert [(j["run_at"], j["seq"]) for j in claimed] == sorted(
+        (j["run_at"], j["seq"]) for j in claimed
+    )

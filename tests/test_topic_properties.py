@@ -36,6 +36,7 @@ from simplequeue.state import (
     TopicState,
     decode_head,
 )
+from simplequeue.state.layout import job_key
 from simplequeue.state.slots import latest_at
 from tests.helpers.states import WRITER, View, assert_held_as_written, fresh
 
@@ -145,7 +146,7 @@ class TopicMachine(RuleBasedStateMachine):
     @rule(
         job_id=st.one_of(st.none(), IDS),
         priority=st.integers(-2, 2),
-        delay=st.sampled_from([0, 0, 5, 30]),
+        delay=st.sampled_from([0, 0, 5, 30, 17, 2]),  # runs that interleave, merged
     )
     def enqueue(self, job_id: str | None, priority: int, delay: int) -> None:
         spec = JobSpec({"p": priority}, id=job_id, priority=priority, delay=delay)
@@ -383,6 +384,25 @@ class TopicMachine(RuleBasedStateMachine):
         chains = [s._chain(run) for lane in s.head["lanes"].values() for run in lane["runs"]]
         for chain in [*chains, s.leases, s.retained, s.dead, s.outbox]:
             assert chain.first() == next(chain.places(), None)
+
+    @invariant()
+    def runs_stay_sorted_through_merges(self) -> None:
+        # A merge moves a part of its runs' fronts each seal: every run stays
+        # sorted, within its `last`, and the run merged into holds no job
+        # later than the front of any run merging into it.
+        for lane in self.state.head["lanes"].values():
+            fronts, into_last = [], None
+            for run in lane["runs"]:
+                found = [job_key(p.item) for p in self.state._chain(run).places()]
+                assert found == sorted(found)
+                if found and "last" in run:
+                    assert found[-1] <= tuple(run["last"])
+                if found and run.get("merge") == "from":
+                    fronts.append(found[0])
+                if found and run.get("merge") == "into":
+                    into_last = found[-1]
+            if into_last is not None and fronts:
+                assert into_last <= min(fronts)
 
     @invariant()
     def a_window_is_a_slice_of_places(self) -> None:

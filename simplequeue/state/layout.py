@@ -43,6 +43,12 @@ PREFETCH_FOLLOWING = 16
 # Manifests a seal rewrites at most to take the holes the head keeps past
 # holes_max (each rewrite is one manifest object, at most manifest_bytes).
 REWRITES_PER_SEAL = 4
+# Runs merged into one at most (the fewer, the more often a job is rewritten).
+MERGE_FAN_IN = 8
+# A seal may write merging runs up to merge_bytes, and as much again at most
+# for this many times the pending jobs it spilled: so merges keep up with the
+# spills of small batches, and a batch writes a bounded amount.
+MERGE_PER_SPILLED = 4
 
 
 def new_head(topic: str) -> dict[str, Any]:
@@ -108,6 +114,29 @@ def holes_kept(chain: dict[str, Any]) -> int:
 
 def job_key(job: Job) -> tuple[float, int]:
     return (job["run_at"], job["seq"])
+
+
+def _merging(lane: dict[str, Any]) -> bool:
+    return any("merge" in run for run in lane["runs"])
+
+
+def _alike(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs to merge: the smallest (by live jobs) of two to MERGE_FAN_IN
+    runs next to one another by size, none more than twice the rest of them
+    together (so a job is rewritten only into a run at least half as large
+    again: a few times in all, however many jobs come); none if no runs are
+    that alike (then sizes grow at least threefold run to run, and runs are
+    few: a dozen for a million spills)."""
+    ordered = sorted(runs, key=lambda r: r["n"])
+    for i in range(len(ordered) - 1):
+        total, best = ordered[i]["n"], 0
+        for j in range(i + 1, min(i + MERGE_FAN_IN, len(ordered))):
+            if ordered[j]["n"] <= 2 * total:
+                best = j
+            total += ordered[j]["n"]
+        if best:
+            return ordered[i : best + 1]
+    return []
 
 
 class Layout:
@@ -421,7 +450,8 @@ class Layout:
 
     def _needs_upkeep(self) -> bool:
         """Whether a chain has too many loose segments or kept holes, or a lane
-        too many runs (which a seal tidies whatever the head's size)."""
+        too many runs or a merge under way (which a seal tidies, or takes a
+        part further, whatever the head's size)."""
         h, b = self.head, self.bounds
         chains = [h["leases"], h["retained"], h["dead"], h["outbox"]]
         chains += [run for lane in h["lanes"].values() for run in lane["runs"]]
@@ -432,7 +462,10 @@ class Layout:
             or len(c["mans"]) > b.manifests_max
             for c in chains
         )
-        return sparse or crowded or any(len(ln["runs"]) > b.runs_max for ln in h["lanes"].values())
+        lanes = h["lanes"].values()
+        return (
+            sparse or crowded or any(len(ln["runs"]) > b.runs_max or _merging(ln) for ln in lanes)
+        )
 
 
 class _Overlay:
@@ -499,9 +532,12 @@ class _Sealer:
     def run(self) -> None:
         h, b = self.s.head, self.bounds
         lanes = h["lanes"]
-        if sum(len(orjson.dumps(lane["in"])) for lane in lanes.values()) > b.inline_pending_bytes:
-            for lane in lanes.values():
+        spilled = 0
+        inline = {name: len(orjson.dumps(lane["in"])) for name, lane in lanes.items()}
+        if sum(inline.values()) > b.inline_pending_bytes:
+            for name, lane in lanes.items():
                 if lane["in"]:
+                    spilled += inline[name]
                     self._spill_lane(lane)
         # Compacted first: the records it takes inline go out again below
         # when they are too many for the head.
@@ -516,9 +552,9 @@ class _Sealer:
             chain = self.s._chain(h[name])
             if chain.d["in"] and len(orjson.dumps(chain.d["in"])) > bound:
                 self._spill(chain, kind, self._bounds_of(name))
-        for lane in lanes.values():
-            if len(lane["runs"]) > b.runs_max:
-                self._merge_runs(lane)
+        budget = b.merge_bytes + min(MERGE_PER_SPILLED * spilled, b.merge_bytes)
+        for lane in sorted(lanes.values(), key=lambda ln: not _merging(ln)):  # under way first
+            budget -= self._merge_runs(lane, budget)
         chains = self.s._chains()
         chains += [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
         for chain in chains:
@@ -562,19 +598,31 @@ class _Sealer:
         job comes before the first of them, or a run of their own."""
         jobs: list[Job] = lane["in"]
         first = job_key(jobs[0])
-        fits = [r for r in lane["runs"] if tuple(r.get("last", (1e300, 0))) <= first]
+        # Not runs being merged: one merged into must hold jobs no later than
+        # what is left of those merged into it.
+        fits = [
+            r
+            for r in lane["runs"]
+            if "merge" not in r and tuple(r.get("last", (1e300, 0))) <= first
+        ]
         if fits:
             run = max(fits, key=lambda r: tuple(r["last"]))
         else:
             run = new_chain()
             lane["runs"].append(run)
+        lane["in"] = []
+        self._append_to_run(run, jobs)
+
+    def _append_to_run(self, run: dict[str, Any], jobs: list[Job]) -> None:
+        """`jobs` (sorted, none before the run's last) become segments at the
+        end of `run`."""
         lo, hi = jobs[0]["run_at"], max(j["run_at"] for j in jobs)
         run["lo"] = min(run.get("lo", lo), lo)
         run["top"] = max(run.get("top", hi), hi)
         run["last"] = list(job_key(jobs[-1]))
-        # The jobs move from the lane into the run's chain, and on into segments.
+        # The jobs move into the run's chain, and on into segments.
         run["n"] += len(jobs)
-        run["in"], lane["in"] = jobs, []
+        run["in"] = jobs
         self._spill(
             self.s._chain(run),
             "p",
@@ -614,26 +662,64 @@ class _Sealer:
                 self.s._drop_lease(place)
                 self.s._add_lease(dict(place.item))
 
-    def _merge_runs(self, lane: dict[str, Any]) -> None:
-        """More runs than runs_max: the smallest two are merged into one, if
-        their live jobs fit in merge_bytes (written once); else they stay."""
-        runs = sorted(lane["runs"], key=lambda r: r["n"])
-        a, b = runs[0], runs[1]
-        jobs = [p.item for run in (a, b) for p in self.s._chain(run).places()]
-        data = encode_segment("p", sorted(jobs, key=job_key))
-        if len(data) > self.bounds.merge_bytes:
-            return
-        jobs.sort(key=job_key)
-        lane["runs"].remove(a)
-        lane["runs"].remove(b)
-        run = new_chain()
-        run.update(
-            lo=jobs[0]["run_at"], top=max(j["run_at"] for j in jobs), last=list(job_key(jobs[-1]))
-        )
-        lane["runs"].append(run)
-        run["in"], run["n"] = jobs, len(jobs)
-        meta = {"lo": jobs[0]["run_at"], "hi": run["top"]}
-        self._add(self.s._chain(run).spill(self._new_id("p"), len(jobs), data, meta))
+    def _merge_runs(self, lane: dict[str, Any], budget: int) -> int:
+        """A lane keeps few runs (runs_max) however its jobs come: past it, runs
+        of like sizes are merged into one, a part each seal. A part is their
+        earliest jobs, up to `budget` bytes, appended to the run they merge
+        into: it holds no job later than what is left of them, so every run
+        stays sorted, those merged consumed from their fronts as claims
+        consume them. A merge goes on over seals until they are empty (the
+        head marks them "merge": "from", and that run "into"). The bytes
+        written."""
+        runs: list[dict[str, Any]] = lane["runs"]
+        sources = [r for r in runs if r.get("merge") == "from"]
+        into = next((r for r in runs if r.get("merge") == "into"), None)
+        if not sources:
+            if into is not None:
+                del into["merge"]  # its sources were claimed empty meanwhile
+            if len(runs) <= self.bounds.runs_max or budget <= 0:
+                return 0
+            sources = _alike(runs)
+            if not sources:
+                return 0  # sizes apart: runs are as few as merging is worth
+            for run in sources:
+                run["merge"] = "from"
+            into = None
+        if budget <= 0:
+            return 0
+        chains = [self.s._chain(run) for run in sources]
+        fronts: list[tuple[tuple[float, int], int, Place]] = []
+        for i, chain in enumerate(chains):
+            if (place := chain.first()) is not None:
+                fronts.append((job_key(place.item), i, place))
+        heapq.heapify(fronts)
+        moved: list[Job] = []
+        size = 0
+        while fronts:
+            _, i, place = fronts[0]
+            cost = len(orjson.dumps(place.item)) + 1
+            if moved and size + cost > budget:
+                break
+            heapq.heappop(fronts)
+            chains[i].pop_front(place)
+            moved.append(dict(place.item))
+            size += cost
+            if (place := chains[i].first()) is not None:
+                heapq.heappush(fronts, (job_key(place.item), i, place))
+        for run, chain in zip(sources, chains, strict=True):
+            if chain.count == 0:
+                runs.remove(run)
+        if moved:
+            if into is None or tuple(into.get("last", (-1e300, 0))) > job_key(moved[0]):
+                if into is not None:  # written past by a broker that knew no merges
+                    del into["merge"]
+                into = new_chain()
+                into["merge"] = "into"
+                runs.append(into)
+            self._append_to_run(into, moved)
+        if into is not None and not any(r.get("merge") == "from" for r in runs):
+            del into["merge"]
+        return size
 
     def _merge_manifests(self, chain: Chain) -> bool:
         """Too many manifests: the two neighbours with the fewest segments become

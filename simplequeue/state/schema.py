@@ -8,7 +8,7 @@ these types do not name are allowed (and kept).
 
 from __future__ import annotations
 
-from typing import Any, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import msgspec
 
@@ -133,6 +133,7 @@ Run = TypedDict(
         "lo": NotRequired[float],
         "top": NotRequired[float],
         "last": NotRequired[tuple[float, int]],
+        "merge": NotRequired[Literal["from", "into"]],  # a merge under way (layout)
     },
 )
 Lane = TypedDict("Lane", {"in": list[PendingJob], "runs": list[Run]})
