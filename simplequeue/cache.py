@@ -81,22 +81,34 @@ class ObjectCache:
             _, old = self._objects.popitem(last=False)
             self.used -= old.size * DECODED_PER_BYTE
 
-    async def fetch(self, keys: list[str]) -> None:
-        """Read the objects not held yet, in parallel. ObjectNotFound for one
-        that is missing (the caller decides what that means); CorruptData for
-        one that cannot be read."""
-        wanted = [k for k in dict.fromkeys(keys) if k not in self._objects]
+    async def fetch(self, keys: list[str]) -> dict[str, Segment | Manifest]:
+        """The objects, those not held yet read in parallel: what the caller
+        holds on to, as other fetches meanwhile may have pushed them out of
+        the cache. ObjectNotFound for one that is missing (the caller decides
+        what that means); CorruptData for one that cannot be read."""
+        found: dict[str, Segment | Manifest] = {}
+        wanted: list[str] = []
+        for key in dict.fromkeys(keys):
+            obj = self._objects.get(key)
+            if obj is None:
+                wanted.append(key)
+            else:
+                found[key] = obj
         if wanted:
-            await asyncio.gather(*(self._fetch(k) for k in wanted))
+            objs = await asyncio.gather(*(self._fetch(k) for k in wanted))
+            found.update(zip(wanted, objs, strict=True))
+        return found
 
-    async def _fetch(self, key: str) -> None:
+    async def _fetch(self, key: str) -> Segment | Manifest:
         async with self._limit:
             try:
                 data, _ = await self.store.get(key)
             except ObjectNotFound:
                 raise ObjectNotFound(key) from None
             self.fetched += 1
-            self.add(key, data)
+            obj = decode_object(key, data)
+            self.keep(obj)
+            return obj
 
     def forget(self, keys: list[str]) -> None:
         for key in keys:

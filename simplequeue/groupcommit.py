@@ -313,35 +313,43 @@ class GroupCommitter:
         """Answer `query` from the topic's head as the store has it now, without
         keeping anything in memory when the topic is not in use here (an owner
         looking at each of thousands of topics it took over, a listing of every
-        topic). The segments a query needs beyond the head are fetched into the
-        shared cache, as a read's are, and the topic is not kept."""
+        topic). The objects a query needs beyond the head are fetched as a
+        read's are (with what tends to be wanted with them), held by the state
+        until it answers, and the topic is not kept."""
         if topic in self._topics:
             return await self.read(topic, query)
         key = keys.head(topic)
         data = await self._get_or_none(key)
         state = self._from_bytes(topic, data, {})
+        moves = 0
         try:
-            for _ in range(_MAX_FETCH_ROUNDS):
+            while True:
                 try:
                     return query(state, self.clock())
                 except SegmentMissing as miss:
+                    self.stats.fetch_rounds += 1
                     try:
-                        await self.cache.fetch([miss.key])
+                        fetched = await self.cache.fetch([miss.key])
                     except ObjectNotFound:
                         # The head moved on (a sweep deleted what it no longer
                         # names), or the object is lost.
                         again = await self._get_or_none(key)
-                        if again == data:
+                        moves += 1
+                        if again == data or moves > _MAX_FETCH_ROUNDS:
                             error = CorruptData(miss.key, f"referenced by {key}, not in the store")
                             self._log_corrupt(topic, error)
                             raise error from None
                         state.release()
                         data, state = again, self._from_bytes(topic, again, {})
-                    else:
-                        state.hold(miss.key, self.cache.held(miss.key))
+                        continue
+                    with contextlib.suppress(ObjectNotFound, CorruptData):
+                        fetched.update(await self.cache.fetch(state.prefetch(miss.key)))
+                    # Held by the state (each object once: every round makes
+                    # progress, and a head names finitely many).
+                    for held_key, obj in fetched.items():
+                        state.hold(held_key, obj)
         finally:
             state.release()
-        raise CacheTooSmall(f"topic {topic!r}: the object cache is too small for this read")
 
     async def _get_or_none(self, key: str) -> bytes | None:
         try:
@@ -791,12 +799,12 @@ class GroupCommitter:
         topic cannot be served."""
         self.stats.fetch_rounds += 1
         try:
-            await self.cache.fetch([key])
+            fetched = await self.cache.fetch([key])
         except ObjectNotFound:
             pass
         else:
             # Prefetching may push it out of the cache: the states hold on to it.
-            obj = self.cache.held(key)
+            obj = fetched[key]
             if for_batch:
                 t.seen[key] = obj
             state.hold(key, obj)

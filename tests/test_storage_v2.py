@@ -410,6 +410,44 @@ async def test_a_listing_keeps_no_topic_whose_counts_read_a_segment() -> None:
     assert "t" not in lister.committer._topics
 
 
+async def spill_straddling(q: Engine, topic: str, priorities: int) -> None:
+    """Jobs of each priority spilled into segments that straddle now."""
+    for p in range(priorities):
+        specs = [
+            JobSpec({"n": i, "pad": "x" * 200}, id=f"p{p}-{i}", priority=p, delay=3600.0 * (i % 2))
+            for i in range(40)
+        ]
+        await q.enqueue(topic, specs)
+
+
+async def test_a_listing_counts_a_topic_whose_counts_read_many_segments() -> None:
+    """The peek fetched one object a round, up to 64 rounds: a topic with 64
+    lanes, each with a segment straddling now, was listed as an error (the
+    cache 'too small'). It fetches what a read fetches with each miss now."""
+    store = MemStore()
+    await spill_straddling(engine_on(store), "t", 64)
+    expected = await engine_on(store, "b3").status("t")
+    lister = engine_on(store, "b2")
+    counts, errors = await lister.topics()
+    assert errors == {}
+    assert counts["t"] == expected
+    assert lister.committer.stats.fetch_rounds <= 2
+
+
+async def test_a_listing_on_a_small_cache_counts_every_topic() -> None:
+    """32 readers peek at once: an object fetched for one could be pushed out
+    of the cache by another's fetch before it was held, and its topic was
+    listed as an internal error. What a fetch answers is held, not looked up."""
+    store = MemStore()
+    writer = engine_on(store)
+    for n in range(4):
+        await spill_straddling(writer, f"t{n}", 1)
+    counts, errors = await engine_on(store, "b2", cache_bytes=1).topics()
+    assert errors == {}
+    assert sorted(counts) == ["t0", "t1", "t2", "t3"]
+    assert all(c["pending"] == 20 and c["delayed"] == 20 for c in counts.values())
+
+
 def test_a_manifests_id_index_names_every_segment_that_may_hold_an_id() -> None:
     """Manifest.candidates: each id's segment is among its candidates, a hash
     between, before or past every indexed one has none, and neighbours in the
