@@ -6,6 +6,7 @@ else (no lease, no payload)."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +20,7 @@ from simplequeue.broker.server import Broker
 from simplequeue.broker.settings import BrokerSettings
 from simplequeue.client import Client, Worker
 from simplequeue.client.discovery import find_broker
+from simplequeue.client.sync import SyncClient
 from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import BrokerRecord
@@ -110,6 +112,26 @@ def test_a_client_refuses_seconds_that_are_not_finite(value: float) -> None:
             Client("http://127.0.0.1:9", **{name: value})
     with pytest.raises(ValueError, match="timeout"):
         Client("http://127.0.0.1:9", timeout=0.0)
+
+
+def test_a_client_budget_from_a_finite_timeout_is_finite() -> None:
+    with pytest.raises(ValueError, match="retry_budget"):
+        Client("http://127.0.0.1:9", timeout=1e308)  # twice that is inf
+
+
+def test_a_sync_client_refused_leaves_no_thread_running() -> None:
+    """SyncClient started its loop's thread, then built its Client: refused
+    arguments left the thread and its loop running."""
+
+    def threads() -> int:
+        return sum(t.name == "simplequeue-sync-client" for t in threading.enumerate())
+
+    before = threads()
+    with pytest.raises(ValueError, match="timeout"):
+        SyncClient("http://127.0.0.1:9", timeout=0)
+    with pytest.raises(ValueError, match="max_age"):
+        SyncClient.discover(MemStore(), max_age=math.nan)
+    assert threads() == before
 
 
 def returns_nan(job: Any) -> float:

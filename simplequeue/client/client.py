@@ -155,9 +155,8 @@ class Client:
         # Retries start within this many seconds of a call's start and its
         # long poll's wait. Twice the timeout by default, so that a try that
         # timed out is tried again.
-        self.retry_budget = (
-            2 * timeout if retry_budget is None else api.check_seconds("retry_budget", retry_budget)
-        )
+        budget = 2 * timeout if retry_budget is None else retry_budget
+        self.retry_budget = api.check_seconds("retry_budget", budget)
         self.store = store
         self.max_age = api.check_seconds("max_age", max_age)
         self._session: aiohttp.ClientSession | None = None

@@ -38,11 +38,7 @@ class SyncClient:
         store: ObjectStore | None = None,
         max_age: float = 30.0,
     ) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="simplequeue-sync-client", daemon=True
-        )
-        self._thread.start()
+        # The client first: arguments it refuses leave no thread running.
         self._client: Client | None = None
         if url is not None or store is not None:
             self._client = Client(
@@ -55,12 +51,22 @@ class SyncClient:
                 store=store,
                 max_age=max_age,
             )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="simplequeue-sync-client", daemon=True
+        )
+        self._thread.start()
 
     @classmethod
     def _wrapping(cls, make: Callable[[], Coroutine[Any, Any, Client]]) -> SyncClient:
-        """A SyncClient, on a loop of its own, of the Client `make` builds there."""
+        """A SyncClient, on a loop of its own, of the Client `make` builds there
+        (its loop stopped if `make` fails)."""
         client = cls()
-        client._client = client._run(make())
+        try:
+            client._client = client._run(make())
+        except BaseException:
+            client.close()
+            raise
         return client
 
     @classmethod
