@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from simplequeue.api import JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.errors import LeaseLost
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from simplequeue.state import Bounds, TopicState
 from tests.conftest import OpenStore
 
 N_JOBS = 240
@@ -20,15 +22,45 @@ WORKERS = 6
 
 
 async def test_three_committers_complete_every_job_exactly_once(open_store: OpenStore) -> None:
+    await three_committers(open_store, CommitSettings(budget=30), delay=lambda rng: 0.0)
+
+
+async def test_three_committers_merging_runs_complete_every_job_exactly_once(
+    open_store: OpenStore,
+) -> None:
+    """Jobs due in random order, on bounds so small that every few batches
+    spill a run and merges go on across the brokers' writes (each writer
+    takes a merge further from the marks the head carries)."""
+    bounds = Bounds(
+        inline_pending_bytes=600,
+        inline_leases_bytes=800,
+        inline_records_bytes=800,
+        inline_dead_bytes=800,
+        loose_max=2,
+        manifests_max=2,
+        runs_max=2,
+        merge_bytes=500,
+    )
+    await three_committers(
+        open_store,
+        CommitSettings(budget=30, bounds=bounds),
+        delay=lambda rng: rng.choice([0.0, rng.uniform(0, 0.3)]),
+        merges=True,
+    )
+
+
+async def three_committers(
+    open_store: OpenStore,
+    settings: CommitSettings,
+    delay: Callable[[random.Random], float],
+    merges: bool = False,
+) -> None:
     engines = [
-        Engine(
-            GroupCommitter(
-                await open_store(), broker_id=f"b{i}", epoch=1, settings=CommitSettings(budget=30)
-            )
-        )
+        Engine(GroupCommitter(await open_store(), broker_id=f"b{i}", epoch=1, settings=settings))
         for i in range(BROKERS)
     ]
     rng = random.Random(7)
+    merged = 0
     completed: Counter[str] = Counter()
     claims: dict[str, list[dict[str, Any]]] = defaultdict(list)
     stale_refused = 0
@@ -36,17 +68,18 @@ async def test_three_committers_complete_every_job_exactly_once(open_store: Open
     async def produce(start: int) -> None:
         for first in range(start, N_JOBS, 30):
             batch = [
-                JobSpec({"n": i}, id=f"job-{i}", max_attempts=0)
+                JobSpec({"n": i}, id=f"job-{i}", max_attempts=0, delay=delay(rng))
                 for i in range(first, min(first + 10, N_JOBS))
             ]
             answers = await rng.choice(engines).enqueue("t", batch)
             assert not any(a["duplicate"] for a in answers)
 
     async def work(w: int) -> None:
-        nonlocal stale_refused
+        nonlocal stale_refused, merged
         idle = 0
         while sum(completed.values()) < N_JOBS and idle < 400:
             q = rng.choice(engines)
+            merged += await q.committer.read("t", lambda s, now: _merging(s))
             jobs = await q.claim("t", f"w{w}", lease=30, count=rng.randint(1, 3))
             if not jobs:
                 idle += 1
@@ -76,6 +109,7 @@ async def test_three_committers_complete_every_job_exactly_once(open_store: Open
     assert sorted(completed) == sorted(f"job-{i}" for i in range(N_JOBS)), "a job was lost"
     assert set(completed.values()) == {1}, "a job was completed twice"
     assert stale_refused > 0
+    assert merged > 0 or not merges, "no merge was under way"
     for job_id, held in claims.items():
         tokens = [c["lease_token"] for c in held]
         assert len(set(tokens)) == len(tokens), f"{job_id}: a lease token was handed out twice"
@@ -87,3 +121,7 @@ async def test_three_committers_complete_every_job_exactly_once(open_store: Open
     assert counts["pending"] == counts["claimed"] == 0
     for e in engines:
         await e.committer.close()
+
+
+def _merging(s: TopicState) -> bool:
+    return any("merge" in run for lane in s.head["lanes"].values() for run in lane["runs"])
