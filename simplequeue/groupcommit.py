@@ -274,7 +274,7 @@ class GroupCommitter:
                     return query(reader, self.clock())
                 except SegmentMissing as miss:
                     async with t.lock:
-                        await self._fetch(t, reader, miss.key, for_batch=False)
+                        await self._fetch(t, reader, miss.key, False, miss.also)
         finally:
             # What this read held on to goes back to the cache's budget: a
             # reader lives until the next write, which may be long in coming.
@@ -606,7 +606,7 @@ class GroupCommitter:
             except SegmentMissing as miss:
                 # The batch half-applied: undo it, fetch, and apply it again.
                 t.state = None
-                await self._fetch(t, state, miss.key)
+                await self._fetch(t, state, miss.key, also=miss.also)
                 if t.state is None:  # the head has not moved: the state can go on
                     state.rollback(self._head_of(t))
                     t.state = state
@@ -791,9 +791,16 @@ class GroupCommitter:
         t.committed, t.reader = data, None
         self._tell(self.on_loaded, t.name, state)
 
-    async def _fetch(self, t: _Topic, state: TopicState, key: str, for_batch: bool = True) -> None:
-        """Fetch `key` (and what tends to be wanted with it) into the cache; the
-        caller holds the topic's lock. An object the head names that is gone
+    async def _fetch(
+        self,
+        t: _Topic,
+        state: TopicState,
+        key: str,
+        for_batch: bool = True,
+        also: tuple[str, ...] = (),
+    ) -> None:
+        """Fetch `key` (and `also`, and what tends to be wanted with them) into
+        the cache; the caller holds the topic's lock. An object the head names that is gone
         means the head moved on (a sweep deleted what it no longer referenced):
         read the head again. If it has not moved, the object is lost, and the
         topic cannot be served."""
@@ -803,11 +810,14 @@ class GroupCommitter:
         except ObjectNotFound:
             pass
         else:
-            # Prefetching may push it out of the cache: the states hold on to it.
-            obj = fetched[key]
-            if for_batch:
-                t.seen[key] = obj
-            state.hold(key, obj)
+            if also:
+                with contextlib.suppress(ObjectNotFound, CorruptData):
+                    fetched.update(await self.cache.fetch(list(also)))
+            # Prefetching may push them out of the cache: the states hold on to them.
+            for got, obj in fetched.items():
+                if for_batch:
+                    t.seen[got] = obj
+                state.hold(got, obj)
             # What tends to be wanted with it, as the committed head names it
             # (`state` may be half a batch in: it names objects not written yet).
             with contextlib.suppress(ObjectNotFound, CorruptData):

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import random
 
+from simplequeue import keys
 from simplequeue.api import JobSpec
-from simplequeue.broker.engine import DEAD_PART
+from simplequeue.broker.engine import DEAD_PART, Engine
+from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Sealed, TopicState
 from simplequeue.state.layout import holes_kept
 from tests.helpers.states import WRITER, fresh
@@ -160,3 +163,84 @@ def test_runs_stay_few_when_batches_come_due_in_reverse() -> None:
     assert d.largest_head < 64 * 1024
     assert d.largest_batch <= BATCH_MAX
     _drained_in_order(d, 60_000)
+
+
+def test_a_merge_part_does_not_rewrite_a_large_job_into_an_unrelated_batch() -> None:
+    """A part always moved its first job, however large: a 900 KB job was
+    rewritten by a batch that enqueued a byte. A job larger than merge_bytes
+    never goes: its run leaves the merge."""
+    d = Driver()
+    for i in range(9):  # nine one-job runs, each due before the last; the first is 900 KB
+        pad = "x" * (900_000 if i == 0 else 30_000)
+        d.s.enqueue([JobSpec({"pad": pad}, id=f"j{i}", delay=1000 - i)], d.now)
+        d.seal()
+    for k in range(5):
+        d.s.enqueue([JobSpec(k, id=f"small{k}", delay=5000)], d.now)
+        written = sum(len(v) for v in d.seal().new_objects.values())
+        assert written <= BATCH_MAX, f"write {k}: {written} bytes for a small job"
+    _drained_in_order(d, 14)
+
+
+def test_a_long_merge_in_one_lane_does_not_stop_the_others_merging() -> None:
+    """A merge of eight runs of 600 jobs took every seal's whole budget for
+    some 40 writes, while 63 other priorities each added a run a write and
+    none could merge: a 441 KB head. Lanes share the budget now."""
+    d = Driver()
+    pad = "x" * 1000
+    for b in range(9):  # nine bulk loads, each due before the one before: like runs
+        d.s.enqueue(
+            [
+                JobSpec({"pad": pad}, id=f"b{b}-{i}", delay=10_000 - 10 * b + i / 1000)
+                for i in range(600)
+            ],
+            d.now,
+        )
+        d.seal()
+    d.reset()
+    for w in range(40):
+        d.now += 1
+        d.s.enqueue(
+            [
+                JobSpec({"pad": "y" * 300}, id=f"w{w}-{p}", priority=p, delay=3600 - 2 * w)
+                for p in range(1, 64)
+            ],
+            d.now,
+        )
+        head = len(d.seal().head)
+        most = max(len(lane["runs"]) for lane in d.s.head["lanes"].values())
+        assert head < HEAD_MAX, f"write {w}: a {head}-byte head, up to {most} runs in a lane"
+        assert d.largest_batch <= BATCH_MAX + 63 * 400  # plus the batch's own jobs
+
+
+async def test_a_broker_taking_a_topic_over_mid_merge_can_write_to_it() -> None:
+    """Each source's front cost a fetch round of its own: eight sources of
+    one-job segments (a quiet priority spilling beside a busy one) needed 73
+    rounds on a cold cache, and the committer gave up at 64 (503). The fronts
+    a part needs are fetched in one round now."""
+    d = Driver()
+    objects: dict[str, bytes] = {}
+    big = "x" * 25_000  # lane 0: every write spills; lane 1: one tiny job a spill
+    for i in range(8 * 300):
+        d.now += 0.01
+        d.s.enqueue(
+            [
+                JobSpec({"pad": big}, id=f"big{i}"),
+                JobSpec(1, id=f"t{i}", priority=1, delay=1000 - i % 8),
+            ],
+            d.now,
+        )
+        objects.update(d.seal().new_objects)
+    d.s.enqueue([JobSpec({"pad": big}, id="bigx"), JobSpec(1, id="tx", priority=1, delay=0)], d.now)
+    sealed = d.seal()  # a ninth run in lane 1: its merge starts
+    objects.update(sealed.new_objects)
+    assert any(r.get("merge") == "from" for r in d.s.head["lanes"]["1"]["runs"])
+    store = MemStore()
+    for key, data in objects.items():
+        await store.put(key, data)
+    await store.put(keys.head("t"), sealed.head)
+    q = Engine(GroupCommitter(store, broker_id="b2", epoch=2, settings=CommitSettings()))
+    for n in range(5):
+        [answer] = await q.enqueue("t", [JobSpec(n, id=f"after-takeover-{n}")])
+        assert answer["duplicate"] is False
+    assert q.committer.stats.fetch_rounds <= 5 * 3
+    await q.committer.close()

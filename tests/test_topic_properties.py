@@ -388,21 +388,24 @@ class TopicMachine(RuleBasedStateMachine):
     @invariant()
     def runs_stay_sorted_through_merges(self) -> None:
         # A merge moves a part of its runs' fronts each seal: every run stays
-        # sorted, within its `last`, and the run merged into holds no job
-        # later than the front of any run merging into it.
+        # sorted, within its `last`, and the run a merge goes into holds no
+        # job later than the front of any run merging into it.
         for lane in self.state.head["lanes"].values():
-            fronts, into_last = [], None
+            fronts: dict[int, list[tuple[float, int]]] = {}
+            into_last: dict[int, tuple[float, int]] = {}
             for run in lane["runs"]:
                 found = [job_key(p.item) for p in self.state._chain(run).places()]
                 assert found == sorted(found)
                 if found and "last" in run:
                     assert found[-1] <= tuple(run["last"])
+                group = run.get("group", 0)
                 if found and run.get("merge") == "from":
-                    fronts.append(found[0])
+                    fronts.setdefault(group, []).append(found[0])
                 if found and run.get("merge") == "into":
-                    into_last = found[-1]
-            if into_last is not None and fronts:
-                assert into_last <= min(fronts)
+                    assert group not in into_last, "two runs merged into"
+                    into_last[group] = found[-1]
+            for group, last in into_last.items():
+                assert last <= min(fronts.get(group, [last]))
 
     @invariant()
     def a_window_is_a_slice_of_places(self) -> None:

@@ -120,6 +120,20 @@ def _merging(lane: dict[str, Any]) -> bool:
     return any("merge" in run for run in lane["runs"])
 
 
+def _groups(lane: dict[str, Any], kind: str | None = None) -> set[int]:
+    """The lane's merges under way (of runs marked `kind`, else any)."""
+    return {
+        r.get("group", 0)
+        for r in lane["runs"]
+        if "merge" in r and (kind is None or r["merge"] == kind)
+    }
+
+
+def _unmark(run: dict[str, Any]) -> None:
+    run.pop("merge", None)
+    run.pop("group", None)
+
+
 def _alike(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The runs to merge: the smallest (by live jobs) of two to MERGE_FAN_IN
     runs next to one another by size, none more than twice the rest of them
@@ -552,9 +566,7 @@ class _Sealer:
             chain = self.s._chain(h[name])
             if chain.d["in"] and len(orjson.dumps(chain.d["in"])) > bound:
                 self._spill(chain, kind, self._bounds_of(name))
-        budget = b.merge_bytes + min(MERGE_PER_SPILLED * spilled, b.merge_bytes)
-        for lane in sorted(lanes.values(), key=lambda ln: not _merging(ln)):  # under way first
-            budget -= self._merge_runs(lane, budget)
+        self._merge_runs(b.merge_bytes + min(MERGE_PER_SPILLED * spilled, b.merge_bytes))
         chains = self.s._chains()
         chains += [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
         for chain in chains:
@@ -662,63 +674,119 @@ class _Sealer:
                 self.s._drop_lease(place)
                 self.s._add_lease(dict(place.item))
 
-    def _merge_runs(self, lane: dict[str, Any], budget: int) -> int:
+    def _merge_runs(self, budget: int) -> None:
         """A lane keeps few runs (runs_max) however its jobs come: past it, runs
         of like sizes are merged into one, a part each seal. A part is their
-        earliest jobs, up to `budget` bytes, appended to the run they merge
-        into: it holds no job later than what is left of them, so every run
-        stays sorted, those merged consumed from their fronts as claims
-        consume them. A merge goes on over seals until they are empty (the
-        head marks them "merge": "from", and that run "into"). The bytes
-        written."""
+        earliest jobs, appended to the run they merge into: it holds no job
+        later than what is left of them, so every run stays sorted, those
+        merged consumed from their fronts as claims consume them. A merge goes
+        on over seals until they are empty (the head marks them "merge":
+        "from", and that run "into", with the merge's "group"). The lanes
+        merging share `budget` bytes a seal, their turns rotating; within a
+        lane, the oldest merge goes first (finished, it makes runs fewer)."""
+        merging: list[dict[str, Any]] = []
+        for lane in self.s.head["lanes"].values():
+            self._start_merge(lane)
+            if _groups(lane):
+                merging.append(lane)
+        if not merging:
+            return
+        turn = self.s.head["next"] % len(merging)
+        share = max(1, budget // len(merging))
+        for lane in merging[turn:] + merging[:turn]:
+            left = share
+            for group in sorted(_groups(lane)):
+                if budget <= 0 or left <= 0:
+                    break
+                spent = self._merge_part(lane, group, left, budget)
+                left -= spent
+                budget -= spent
+
+    def _start_merge(self, lane: dict[str, Any]) -> None:
+        """Past runs_max runs (past twice that in no merge, while merges are
+        under way: runs that piled up during a long one), mark runs of like
+        sizes (_alike) in no merge to merge: one more merge of the lane."""
         runs: list[dict[str, Any]] = lane["runs"]
-        sources = [r for r in runs if r.get("merge") == "from"]
-        into = next((r for r in runs if r.get("merge") == "into"), None)
-        if not sources:
-            if into is not None:
-                del into["merge"]  # its sources were claimed empty meanwhile
-            if len(runs) <= self.bounds.runs_max or budget <= 0:
-                return 0
-            sources = _alike(runs)
-            if not sources:
-                return 0  # sizes apart: runs are as few as merging is worth
+        free = [r for r in runs if "merge" not in r]
+        busy = len(free) < len(runs)
+        if len(free) <= 2 * self.bounds.runs_max if busy else len(runs) <= self.bounds.runs_max:
+            return
+        for run in runs:
+            if "stay" in run:  # its front too large to merge: until it is claimed
+                front = self.s._chain(run).first()
+                if front is None or job_key(front.item) != tuple(run["stay"]):
+                    del run["stay"]
+        sources = _alike([r for r in free if "stay" not in r])
+        if sources:
+            group = max((r.get("group", 0) for r in runs if "merge" in r), default=0) + 1
             for run in sources:
-                run["merge"] = "from"
-            into = None
-        if budget <= 0:
-            return 0
+                run["merge"], run["group"] = "from", group
+
+    def _merge_part(self, lane: dict[str, Any], group: int, share: int, allow: int) -> int:
+        """Take the merge `group` of `lane` a part further: its sources'
+        earliest jobs, `share` bytes of them (more, up to `allow`, for a first
+        job that is larger), to the end of the run it merges into. A job
+        larger than merge_bytes never goes: its run leaves the merge. The
+        bytes written."""
+        runs: list[dict[str, Any]] = lane["runs"]
+        sources = [r for r in runs if r.get("merge") == "from" and r.get("group", 0) == group]
+        into = next(
+            (r for r in runs if r.get("merge") == "into" and r.get("group", 0) == group), None
+        )
         chains = [self.s._chain(run) for run in sources]
+        # Every source's front at once: the objects missing are fetched in one round.
         fronts: list[tuple[tuple[float, int], int, Place]] = []
+        missing: list[str] = []
         for i, chain in enumerate(chains):
-            if (place := chain.first()) is not None:
+            try:
+                place = chain.first()
+            except SegmentMissing as miss:
+                missing.append(miss.key)
+                continue
+            if place is not None:
                 fronts.append((job_key(place.item), i, place))
+        if missing:
+            raise SegmentMissing(missing[0], tuple(missing[1:]))
         heapq.heapify(fronts)
         moved: list[Job] = []
         size = 0
         while fronts:
-            _, i, place = fronts[0]
+            key, i, place = fronts[0]
             cost = len(orjson.dumps(place.item)) + 1
-            if moved and size + cost > budget:
+            if cost > self.bounds.merge_bytes:
+                heapq.heappop(fronts)
+                _unmark(sources[i])
+                sources[i]["stay"] = list(key)
+                if into is None and not moved and len(fronts) < 2:
+                    for _, j, _ in fronts:  # one run left: merging it is a rewrite
+                        _unmark(sources[j])
+                    return 0
+                continue
+            if size + cost > share and (moved or cost > allow):
                 break
             heapq.heappop(fronts)
             chains[i].pop_front(place)
             moved.append(dict(place.item))
             size += cost
-            if (place := chains[i].first()) is not None:
-                heapq.heappush(fronts, (job_key(place.item), i, place))
+            try:
+                place_next = chains[i].first()
+            except SegmentMissing:
+                break  # its next job is not known here: the next part goes on
+            if place_next is not None:
+                heapq.heappush(fronts, (job_key(place_next.item), i, place_next))
         for run, chain in zip(sources, chains, strict=True):
             if chain.count == 0:
                 runs.remove(run)
         if moved:
             if into is None or tuple(into.get("last", (-1e300, 0))) > job_key(moved[0]):
                 if into is not None:  # written past by a broker that knew no merges
-                    del into["merge"]
+                    _unmark(into)
                 into = new_chain()
-                into["merge"] = "into"
+                into["merge"], into["group"] = "into", group
                 runs.append(into)
             self._append_to_run(into, moved)
-        if into is not None and not any(r.get("merge") == "from" for r in runs):
-            del into["merge"]
+        if into is not None and group not in _groups(lane, "from"):
+            _unmark(into)
         return size
 
     def _merge_manifests(self, chain: Chain) -> bool:

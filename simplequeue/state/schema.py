@@ -134,6 +134,8 @@ Run = TypedDict(
         "top": NotRequired[float],
         "last": NotRequired[tuple[float, int]],
         "merge": NotRequired[Literal["from", "into"]],  # a merge under way (layout)
+        "group": NotRequired[int],  # which one, of the lane's merges under way
+        "stay": NotRequired[tuple[float, int]],  # its front job, too large to merge
     },
 )
 Lane = TypedDict("Lane", {"in": list[PendingJob], "runs": list[Run]})

@@ -31,9 +31,10 @@ class SegmentMissing(Exception):
     """The state machine needs an object (segment or manifest) that the caller
     has not loaded yet."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, also: tuple[str, ...] = ()) -> None:
         super().__init__(key)
         self.key = key
+        self.also = also  # other objects it will need: fetched in the same round
 
 
 # --- the id index -------------------------------------------------------------------
