@@ -818,10 +818,12 @@ class GroupCommitter:
                 if for_batch:
                     t.seen[got] = obj
                 state.hold(got, obj)
-            # What tends to be wanted with it, as the committed head names it
+            # What tends to be wanted with them, as the committed head names it
             # (`state` may be half a batch in: it names objects not written yet).
+            committed = self._from_bytes(t.name, t.committed)
+            wanted = [k for missed in (key, *also) for k in committed.prefetch(missed)]
             with contextlib.suppress(ObjectNotFound, CorruptData):
-                await self.cache.fetch(self._from_bytes(t.name, t.committed).prefetch(key))
+                await self.cache.fetch(wanted)
             return
         missing = key
         before = t.etag

@@ -129,6 +129,14 @@ def _groups(lane: dict[str, Any], kind: str | None = None) -> set[int]:
     }
 
 
+def _probe(chain: Chain, missing: list[str]) -> None:
+    """Read the chain's front, or say what it takes."""
+    try:
+        chain.first()
+    except SegmentMissing as miss:
+        missing.append(miss.key)
+
+
 def _unmark(run: dict[str, Any]) -> None:
     run.pop("merge", None)
     run.pop("group", None)
@@ -684,28 +692,38 @@ class _Sealer:
         "from", and that run "into", with the merge's "group"). The lanes
         merging share `budget` bytes a seal, their turns rotating; within a
         lane, the oldest merge goes first (finished, it makes runs fewer)."""
-        merging: list[dict[str, Any]] = []
-        for lane in self.s.head["lanes"].values():
-            self._start_merge(lane)
-            if _groups(lane):
-                merging.append(lane)
+        lanes = self.s.head["lanes"]
+        missing: list[str] = []
+        for lane in lanes.values():
+            self._start_merge(lane, missing)
+        merging = [lane for lane in lanes.values() if _groups(lane)]
+        # Every part's fronts, before any part moves a job: the objects
+        # missing, whatever the lanes and merges, are fetched in one round.
+        for lane in merging:
+            for run in lane["runs"]:
+                if run.get("merge") == "from":
+                    _probe(self.s._chain(run), missing)
+        if missing:
+            raise SegmentMissing(missing[0], tuple(missing[1:]))
         if not merging:
             return
-        turn = self.s.head["next"] % len(merging)
+        turn = self.s.head["merged"] = self.s.head.get("merged", 0) + 1
+        turn %= len(merging)
         share = max(1, budget // len(merging))
         for lane in merging[turn:] + merging[:turn]:
-            left = share
+            left = min(share, budget)
             for group in sorted(_groups(lane)):
-                if budget <= 0 or left <= 0:
+                if left <= 0:
                     break
                 spent = self._merge_part(lane, group, left, budget)
                 left -= spent
                 budget -= spent
 
-    def _start_merge(self, lane: dict[str, Any]) -> None:
+    def _start_merge(self, lane: dict[str, Any], missing: list[str]) -> None:
         """Past runs_max runs (past twice that in no merge, while merges are
         under way: runs that piled up during a long one), mark runs of like
-        sizes (_alike) in no merge to merge: one more merge of the lane."""
+        sizes (_alike) in no merge to merge: one more merge of the lane. The
+        objects it would read and cannot go to `missing`."""
         runs: list[dict[str, Any]] = lane["runs"]
         free = [r for r in runs if "merge" not in r]
         busy = len(free) < len(runs)
@@ -713,7 +731,11 @@ class _Sealer:
             return
         for run in runs:
             if "stay" in run:  # its front too large to merge: until it is claimed
-                front = self.s._chain(run).first()
+                try:
+                    front = self.s._chain(run).first()
+                except SegmentMissing as miss:
+                    missing.append(miss.key)
+                    continue
                 if front is None or job_key(front.item) != tuple(run["stay"]):
                     del run["stay"]
         sources = _alike([r for r in free if "stay" not in r])

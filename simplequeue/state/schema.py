@@ -242,6 +242,7 @@ class Head(TypedDict):
     bucket: NotRequired[Bucket]
     prios: NotRequired[dict[str, int]]  # jobs held by priority (lanes_max)
     prios_at: NotRequired[str]  # the write that counted them last
+    merged: NotRequired[int]  # seals that merged runs: whose turn it is (layout)
 
 
 _ITEMS: dict[str, Any] = {
