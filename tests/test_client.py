@@ -306,6 +306,40 @@ async def test_discover_with_no_broker_ever(tmp_path: Path) -> None:
         await Client.discover(LocalStore(tmp_path))
 
 
+class _Counted(MemStore):
+    """A store that counts its reads and whether it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = self.closed = 0
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        self.reads += 1
+        return await super().get(key)
+
+    async def close(self) -> None:
+        self.closed += 1
+        await super().close()
+
+
+async def test_discover_checks_its_options_first_and_closes_what_it_owns() -> None:
+    """discover() read broker.json before its options were checked (a bad
+    topic cost a request), and a store it was to close (opened from a URL)
+    was left open when it failed."""
+    store = _Counted()
+    with pytest.raises(InvalidRequest):
+        await Client.discover(store, topic="a/b", close_store=True)
+    assert (store.reads, store.closed) == (0, 1)
+    store = _Counted()
+    with pytest.raises(BrokerUnavailable):
+        await Client.discover(store, close_store=True)
+    assert store.closed == 1
+    store = _Counted()
+    with pytest.raises(BrokerUnavailable):
+        await Client.discover(store)  # not its own: left open
+    assert store.closed == 0
+
+
 async def test_client_rediscovers_when_its_broker_dies(broker_process: Any, tmp_path: Path) -> None:
     first = broker_process("--dir", str(tmp_path), "--broker-lease", "1")
     async with await Client.discover(

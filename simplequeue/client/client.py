@@ -182,8 +182,14 @@ class Client:
         when `close_store` says so (by default: when it was given as a URL)."""
         owns = isinstance(store, str) if close_store is None else close_store
         handle = store_from_url(store) if isinstance(store, str) else store
-        url = await find_broker(handle, max_age)
-        client = cls(url, topic=topic, store=handle, max_age=max_age, **options)
+        try:
+            # The options checked before any I/O: a bad one costs no request.
+            client = cls(None, topic=topic, store=handle, max_age=max_age, **options)
+            client.url = api.check_broker_url(await find_broker(handle, max_age))
+        except BaseException:
+            if owns:  # nobody else will close it
+                await handle.close()
+            raise
         client._owns_store = owns
         return client
 
