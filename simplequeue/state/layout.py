@@ -726,8 +726,10 @@ class _Sealer:
         objects it would read and cannot go to `missing`."""
         runs: list[dict[str, Any]] = lane["runs"]
         free = [r for r in runs if "merge" not in r]
-        busy = len(free) < len(runs)
-        if len(free) <= 2 * self.bounds.runs_max if busy else len(runs) <= self.bounds.runs_max:
+        if len(free) < len(runs):  # merges under way
+            if len(free) <= 2 * self.bounds.runs_max:
+                return
+        elif len(runs) <= self.bounds.runs_max:
             return
         for run in runs:
             if "stay" in run:  # its front too large to merge: until it is claimed
@@ -756,19 +758,10 @@ class _Sealer:
             (r for r in runs if r.get("merge") == "into" and r.get("group", 0) == group), None
         )
         chains = [self.s._chain(run) for run in sources]
-        # Every source's front at once: the objects missing are fetched in one round.
         fronts: list[tuple[tuple[float, int], int, Place]] = []
-        missing: list[str] = []
-        for i, chain in enumerate(chains):
-            try:
-                place = chain.first()
-            except SegmentMissing as miss:
-                missing.append(miss.key)
-                continue
-            if place is not None:
+        for i, chain in enumerate(chains):  # read already (_merge_runs' probe)
+            if (place := chain.first()) is not None:
                 fronts.append((job_key(place.item), i, place))
-        if missing:
-            raise SegmentMissing(missing[0], tuple(missing[1:]))
         heapq.heapify(fronts)
         moved: list[Job] = []
         size = 0
