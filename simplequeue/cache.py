@@ -81,11 +81,12 @@ class ObjectCache:
             _, old = self._objects.popitem(last=False)
             self.used -= old.size * DECODED_PER_BYTE
 
-    async def fetch(self, keys: list[str]) -> dict[str, Segment | Manifest]:
+    async def fetch(self, keys: list[str], lenient: bool = False) -> dict[str, Segment | Manifest]:
         """The objects, those not held yet read in parallel: what the caller
         holds on to, as other fetches meanwhile may have pushed them out of
         the cache. ObjectNotFound for one that is missing (the caller decides
-        what that means); CorruptData for one that cannot be read."""
+        what that means); CorruptData for one that cannot be read; with
+        `lenient`, those are left out of the answer instead."""
         found: dict[str, Segment | Manifest] = {}
         wanted: list[str] = []
         for key in dict.fromkeys(keys):
@@ -95,8 +96,13 @@ class ObjectCache:
             else:
                 found[key] = obj
         if wanted:
-            objs = await asyncio.gather(*(self._fetch(k) for k in wanted))
-            found.update(zip(wanted, objs, strict=True))
+            objs = await asyncio.gather(*(self._fetch(k) for k in wanted), return_exceptions=True)
+            for key, got in zip(wanted, objs, strict=True):
+                if isinstance(got, ObjectNotFound | CorruptData) and lenient:
+                    continue
+                if isinstance(got, BaseException):
+                    raise got
+                found[key] = got
         return found
 
     async def _fetch(self, key: str) -> Segment | Manifest:

@@ -328,6 +328,7 @@ class GroupCommitter:
                     return query(state, self.clock())
                 except SegmentMissing as miss:
                     self.stats.fetch_rounds += 1
+                    wanted = state.prefetch(miss.key, *miss.also)  # while they are missing
                     try:
                         fetched = await self.cache.fetch([miss.key])
                     except ObjectNotFound:
@@ -342,8 +343,7 @@ class GroupCommitter:
                         state.release()
                         data, state = again, self._from_bytes(topic, again, {})
                         continue
-                    with contextlib.suppress(ObjectNotFound, CorruptData):
-                        fetched.update(await self.cache.fetch(state.prefetch(miss.key)))
+                    fetched.update(await self.cache.fetch(wanted, lenient=True))
                     # Held by the state (each object once: every round makes
                     # progress, and a head names finitely many).
                     for held_key, obj in fetched.items():
@@ -805,25 +805,24 @@ class GroupCommitter:
         read the head again. If it has not moved, the object is lost, and the
         topic cannot be served."""
         self.stats.fetch_rounds += 1
+        # What tends to be wanted with them, as the committed head names it
+        # (`state` may be half a batch in: it names objects not written yet),
+        # while they are still missing (a miss at a run's front means every
+        # run's, say).
+        wanted = self._from_bytes(t.name, t.committed).prefetch(key, *also)
         try:
             fetched = await self.cache.fetch([key])
         except ObjectNotFound:
             pass
         else:
-            if also:
-                with contextlib.suppress(ObjectNotFound, CorruptData):
-                    fetched.update(await self.cache.fetch(list(also)))
+            if also:  # one of them gone (the head moved on) spoils none of the others
+                fetched.update(await self.cache.fetch(list(also), lenient=True))
             # Prefetching may push them out of the cache: the states hold on to them.
             for got, obj in fetched.items():
                 if for_batch:
                     t.seen[got] = obj
                 state.hold(got, obj)
-            # What tends to be wanted with them, as the committed head names it
-            # (`state` may be half a batch in: it names objects not written yet).
-            committed = self._from_bytes(t.name, t.committed)
-            wanted = [k for missed in (key, *also) for k in committed.prefetch(missed)]
-            with contextlib.suppress(ObjectNotFound, CorruptData):
-                await self.cache.fetch(wanted)
+            await self.cache.fetch(wanted, lenient=True)
             return
         missing = key
         before = t.etag

@@ -394,15 +394,37 @@ class Layout:
         """Let go of what this state held on to (its reads are done for now)."""
         self._view.seen.clear()
 
-    def prefetch(self, missing: str) -> list[str]:
+    def prefetch(self, missing: str, *more: str) -> list[str]:
         """What to fetch when `missing` is wanted: it, the segments after it in
         its manifest when the one before it is at hand (PREFETCH_FOLLOWING of
         them: a chain read through, as the dead-letter queue's listing or
         purge does, then costs a round trip per so many segments, not one
         each), and every object the head names itself (manifests, loose
-        segments). Fetched together, one miss costs one round trip instead of
-        one per object."""
-        return [missing, *self._following(missing), *self.direct_keys()]
+        segments), and when `missing` is at the front of a run, the front
+        segment of every run (a claim, a count, a listing reads them all).
+        Fetched together, one miss costs one round trip instead of one per
+        object. With `more` missing too: them as well (not what follows them:
+        finding it reads every manifest once a key)."""
+        every = [missing, *more]
+        fronts = self._missing_fronts()
+        run_manifests = {
+            keys.segment(self.topic, run["mans"][0]["k"])
+            for lane in self.head["lanes"].values()
+            for run in lane["runs"]
+            if run["mans"]
+        }
+        at_front = any(k in run_manifests for k in every) or bool(set(every) & set(fronts))
+        wanted = [*every, *self._following(missing), *self.direct_keys()]
+        return wanted + fronts if at_front else wanted
+
+    def _missing_fronts(self) -> list[str]:
+        """The objects the runs' fronts take that are not at hand (a front under
+        a manifest not at hand: that manifest)."""
+        missing: list[str] = []
+        for lane in self.head["lanes"].values():
+            for run in self._runs(lane):
+                _probe(run, missing)
+        return missing
 
     def _following(self, missing: str) -> list[str]:
         """The keys of the segments after `missing` in the manifest that names
