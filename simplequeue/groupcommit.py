@@ -815,14 +815,15 @@ class GroupCommitter:
         except ObjectNotFound:
             pass
         else:
-            if also:  # one of them gone (the head moved on) spoils none of the others
-                fetched.update(await self.cache.fetch(list(also), lenient=True))
+            # `also` with the rest: one of them gone (the head moved on) spoils
+            # none of the others.
+            prefetched = await self.cache.fetch(wanted, lenient=True)
+            fetched.update((k, prefetched[k]) for k in also if k in prefetched)
             # Prefetching may push them out of the cache: the states hold on to them.
             for got, obj in fetched.items():
                 if for_batch:
                     t.seen[got] = obj
                 state.hold(got, obj)
-            await self.cache.fetch(wanted, lenient=True)
             return
         missing = key
         before = t.etag

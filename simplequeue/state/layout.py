@@ -404,18 +404,12 @@ class Layout:
         segment of every run (a claim, a count, a listing reads them all).
         Fetched together, one miss costs one round trip instead of one per
         object. With `more` missing too: them as well (not what follows them:
-        finding it reads every manifest once a key)."""
+        finding it reads every manifest once a key). Asked while they are
+        missing: a run's front is known by being missing too."""
         every = [missing, *more]
         fronts = self._missing_fronts()
-        run_manifests = {
-            keys.segment(self.topic, run["mans"][0]["k"])
-            for lane in self.head["lanes"].values()
-            for run in lane["runs"]
-            if run["mans"]
-        }
-        at_front = any(k in run_manifests for k in every) or bool(set(every) & set(fronts))
         wanted = [*every, *self._following(missing), *self.direct_keys()]
-        return wanted + fronts if at_front else wanted
+        return wanted + fronts if set(every) & set(fronts) else wanted
 
     def _missing_fronts(self) -> list[str]:
         """The objects the runs' fronts take that are not at hand (a front under
