@@ -15,6 +15,7 @@ import os
 import select
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -158,7 +159,13 @@ class BrokerProcess:
         nofile: int | tuple[int, int] | None = None,
     ) -> None:
         self.args = args
-        self.stderr_tail = ""
+        # A file, not a pipe: readable while the broker runs (a campaign that
+        # fails says what its brokers logged), and never full (a broker that
+        # logs past a pipe's 64 KB, unread, would block on its next line).
+        # Appended to (O_APPEND): the reader's seeks never move the broker's writes.
+        # Closed by stop().
+        self._stderr = tempfile.TemporaryFile("a+", encoding="utf-8", errors="replace")  # noqa: SIM115
+        self._logged = ""  # what it logged, once stopped
         if nofile is None:
             launch = ["-m", "simplequeue.broker"]
         else:
@@ -167,7 +174,7 @@ class BrokerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, *launch, "--addr", "127.0.0.1:0", *args],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
             env={**os.environ, **(env or {})},
         )
@@ -200,12 +207,25 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         code = self.proc.wait()
-        if self.proc.stderr and not self.proc.stderr.closed:
-            self.stderr_tail = self.proc.stderr.read()[-2000:]
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        if not self._stderr.closed:
+            self._logged = self.log()
+            self._stderr.close()
         return code
+
+    @property
+    def stderr_tail(self) -> str:
+        """The last 2,000 characters the broker logged so far."""
+        return self.log()[-2000:]
+
+    def log(self) -> str:
+        """Everything the broker logged so far (stderr)."""
+        if self._stderr.closed:
+            return self._logged
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read()
 
 
 @pytest.fixture

@@ -62,9 +62,16 @@ class Load:
     """Runs producers and workers against whichever broker URLs `urls()` gives."""
 
     def __init__(
-        self, urls: Urls, topic: str, history: History, shape: LoadShape, seed: int = 1
+        self,
+        urls: Urls,
+        topic: str,
+        history: History,
+        shape: LoadShape,
+        seed: int = 1,
+        describe: Callable[[], str] = lambda: "",
     ) -> None:
         self.urls = urls
+        self.describe = describe  # the brokers, for a failure to say what became of them
         self.topic = topic
         self.h = history
         self.shape = shape
@@ -306,7 +313,7 @@ class Load:
             await asyncio.sleep(0.2)
         raise AssertionError(
             f"the topic never drained: {await self.status()}; "
-            f"errors {dict(self.h.errors)}; urls {self.urls()}"
+            f"errors {dict(self.h.errors)}; urls {self.urls()}; brokers: {self.describe()}"
         )
 
     async def status(self) -> dict[str, int] | None:

@@ -112,8 +112,9 @@ class Fleet:
         await asyncio.to_thread(restart)
 
     def describe(self) -> str:
+        """Each broker: its URL, PID, exit code (None: running), last log lines."""
         return "; ".join(
-            f"{b.url} pid {b.pid} exit {b.proc.poll()} {b.stderr_tail[-300:]!r}"
+            f"{b.url} pid {b.pid} exit {b.proc.poll()} {b.stderr_tail[-1500:]!r}"
             for b in self.brokers
         )
 
@@ -130,7 +131,7 @@ async def kill_campaign(
     SIGKILLed and restarted on its port every `pause` seconds."""
     history = History()
     fleet = await asyncio.to_thread(Fleet, start, flags, brokers)  # a proxy may serve meanwhile
-    load = Load(fleet.urls, f"kill{brokers}", history, shape)
+    load = Load(fleet.urls, f"kill{brokers}", history, shape, describe=fleet.describe)
     rng = random.Random(seed)
 
     async def chaos() -> None:
@@ -201,7 +202,7 @@ async def test_three_brokers_clocks_apart_one_killed_one_paused(
     fleet = await asyncio.to_thread(Fleet, broker_process, flags, 3, ["+60s", "-60s", None])
     history = History()
     shape = LoadShape(jobs=200 * scale, workers=9, lease=6.0, p_hold=0.3, seconds=6, timeout=10)
-    load = Load(fleet.urls, "clocks", history, shape)
+    load = Load(fleet.urls, "clocks", history, shape, describe=fleet.describe)
     rng = random.Random(15)
 
     async def chaos() -> None:
@@ -267,9 +268,8 @@ async def test_s3_faults_and_outages_lose_nothing(
         args[args.index("--endpoint-url") + 1] = proxy.url
         # In a thread: the proxy serves on this loop while the brokers start.
         fleet = await asyncio.to_thread(Fleet, broker_process, args, 2)
-        load = Load(
-            fleet.urls, "faults", history, LoadShape(jobs=150 * scale, timeout=30, seconds=4)
-        )
+        shape = LoadShape(jobs=150 * scale, timeout=30, seconds=4)
+        load = Load(fleet.urls, "faults", history, shape, describe=fleet.describe)
         rng = random.Random(13)
 
         async def chaos() -> None:
