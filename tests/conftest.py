@@ -176,7 +176,8 @@ class BrokerProcess:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
-            env={**os.environ, **(env or {})},
+            # PYTHONFAULTHANDLER: a crash in C code (a segfault) says where.
+            env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
         )
         assert self.proc.stdout is not None
         # Never wait for ever on a broker that neither starts nor exits.
