@@ -293,6 +293,54 @@ async def test_a_topic_whose_tending_failed_unexpectedly_is_tended_again(
     assert (failed, broker.duties.reaped) == (["t"], 1)
 
 
+class GatedHeads(MemStore):
+    """Writes of topic t's head wait while `gate` is clear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.held = 0  # head writes waiting at the gate
+
+    async def put_if(self, key: str, data: bytes, **kwargs: Any) -> str:
+        if key == keys.head("t"):
+            self.held += 1
+            await self.gate.wait()
+            self.held -= 1
+        return await super().put_if(key, data, **kwargs)
+
+
+async def test_a_claim_batched_after_the_owners_reap_keeps_its_lease_reaped(
+    start_broker: StartBroker,
+) -> None:
+    """The owner's reap said when the topic was next due as the state stood
+    when it was applied: with a claim after it in the same batch, that was
+    before the claim's lease, and it overwrote the due the batch's landing had
+    noted. The owner forgot the topic, and the claim's lease was never reaped
+    (seen in CI: a kill -9 campaign left one job claimed for good)."""
+    store = GatedHeads()
+    broker = await start_broker(store)
+    engine = broker.engine
+    await engine.enqueue("t", [JobSpec(1, id="a"), JobSpec(2, id="b")])
+    await engine.claim("t", "w1", lease=0.3)  # its worker dies: the owner reaps it
+    store.gate.clear()
+    blocked = asyncio.create_task(engine.enqueue("t", [JobSpec(3, id="c")]))
+    await until(lambda: store.held == 1, within=5)  # a write in flight meanwhile
+    batcher = broker.committer._topics["t"].batcher
+    await until(lambda: len(batcher) == 1, within=5)  # the reap, queued behind it
+    claim = asyncio.create_task(engine.claim("t", "w2", lease=0.3))
+    await until(lambda: len(batcher) == 2, within=5)  # a claim after it: one batch
+    store.gate.set()
+    await blocked
+    assert len(await claim) == 1  # and its worker dies too
+    for _ in range(100):  # its lease runs out; the owner's duties wake for it
+        if (await engine.status("t"))["claimed"] == 0:
+            break
+        await broker.committer.wait_changed("t", 0.1)
+    assert (await engine.status("t"))["claimed"] == 0
+    await until(lambda: broker.duties.reaped == 2, within=5)  # counted once it returns
+
+
 async def test_a_broker_that_takes_topics_over_reaps_their_leases(
     start_broker: StartBroker,
 ) -> None:

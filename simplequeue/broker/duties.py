@@ -250,7 +250,12 @@ class Duties:
             log.exception("owner duties: tending %s failed; again in a while", topic)
             self.note(topic, self.clock() + self.settings.retry_failed)
             return
-        self.note(topic, due)
+        # The due the tend computed is the state's as its mutation was applied:
+        # later ones in its batch (a claim, say) may have added leases since.
+        # What the landings noted meanwhile (its batch's among them: _reap_due
+        # took the topic's due out before tending it) is newer; an early
+        # wake-up costs one tend that finds nothing.
+        self.note(topic, _earliest(due, self._due.get(topic)))
 
     async def _deliver(self, topic: str, due: float | None) -> float | None:
         """Enqueue the follow-ups `topic`'s outbox holds into their topics (each
@@ -424,6 +429,11 @@ class _HeldBack:
         """When the first thing held back at `now` may go again (None: nothing)."""
         self.now(now)
         return min([*self.targets.values(), *self.items.values()], default=None)
+
+
+def _earliest(*times: float | None) -> float | None:
+    """The earliest of `times` that is not None (None: all are)."""
+    return min((t for t in times if t is not None), default=None)
 
 
 def _by_priority(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
