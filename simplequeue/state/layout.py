@@ -40,6 +40,13 @@ Record = dict[str, Any]
 CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", "lease_token")
 # Segments of a manifest fetched with one that is missing: those after it.
 PREFETCH_FOLLOWING = 16
+# A read past a run's front into a small segment (of at most AHEAD_ITEMS jobs)
+# fetches what holds the first AHEAD_ITEMS jobs of every run in small segments,
+# AHEAD_KEYS objects at most: a claim of many jobs, or a count or a listing,
+# over many runs of small segments then costs a few rounds, not one per run.
+AHEAD_ITEMS = 8
+AHEAD_LANE_ITEMS = 64  # the same, in the lane read past its fronts
+AHEAD_KEYS = 512
 # Manifests a seal rewrites at most to take the holes the head keeps past
 # holes_max (each rewrite is one manifest object, at most manifest_bytes).
 REWRITES_PER_SEAL = 4
@@ -135,6 +142,27 @@ def _probe(chain: Chain, missing: list[str]) -> None:
         chain.first()
     except SegmentMissing as miss:
         missing.append(miss.key)
+
+
+def _ahead(chain: Chain, items: int) -> list[str]:
+    """What the chain's next `items` jobs not at hand take, while they are in
+    small segments (of at most AHEAD_ITEMS jobs each): segments, and a
+    manifest not at hand that names the next ones."""
+    missing: list[str] = []
+    try:
+        for ref, _man, start in chain.units():
+            if items <= 0:
+                break
+            try:
+                chain.segment(ref["k"])
+            except SegmentMissing as miss:
+                if ref["n"] > AHEAD_ITEMS:
+                    break
+                missing.append(miss.key)
+                items -= ref["n"] - start
+    except SegmentMissing as miss:  # a manifest
+        missing.append(miss.key)
+    return missing
 
 
 def _unmark(run: dict[str, Any]) -> None:
@@ -401,15 +429,20 @@ class Layout:
         purge does, then costs a round trip per so many segments, not one
         each), and every object the head names itself (manifests, loose
         segments), and when `missing` is at the front of a run, the front
-        segment of every run (a claim, a count, a listing reads them all).
-        Fetched together, one miss costs one round trip instead of one per
-        object. With `more` missing too: them as well (not what follows them:
-        finding it reads every manifest once a key). Asked while they are
-        missing: a run's front is known by being missing too."""
+        segment of every run (a claim, a count, a listing reads them all);
+        when it is past a run's front in small segments, what holds the next
+        jobs of every run (_missing_ahead: a claim of many, or a listing,
+        reads on in every run of the lane). Fetched together, one miss costs
+        one round trip instead of one per object. With `more` missing too:
+        them as well (not what follows them: finding it reads every manifest
+        once a key). Asked while they are missing: a run's front, or its next
+        segments, are known by being missing too."""
         every = [missing, *more]
         fronts = self._missing_fronts()
         wanted = [*every, *self._following(missing), *self.direct_keys()]
-        return wanted + fronts if set(every) & set(fronts) else wanted
+        if set(every) & set(fronts):
+            return wanted + fronts
+        return wanted + self._missing_ahead(missing)
 
     def _missing_fronts(self) -> list[str]:
         """The objects the runs' fronts take that are not at hand (a front under
@@ -419,6 +452,26 @@ class Layout:
             for run in self._runs(lane):
                 _probe(run, missing)
         return missing
+
+    def _missing_ahead(self, missing: str) -> list[str]:
+        """When `missing` is among what the runs' next jobs not at hand take
+        (AHEAD_ITEMS of each run's, in small segments): those of every run,
+        each run's first before any run's second, and deeper (AHEAD_LANE_ITEMS)
+        in the lane of `missing`, first (a claim reads a lane through); at most
+        AHEAD_KEYS in all. Else nothing."""
+        runs = [[*self._runs(lane)] for lane in self.head["lanes"].values()]
+        lanes = [[_ahead(run, AHEAD_ITEMS) for run in lane] for lane in runs]
+        at = next((i for i, lane in enumerate(lanes) if any(missing in r for r in lane)), None)
+        if at is None:
+            return []
+        first = [_ahead(run, AHEAD_LANE_ITEMS) for run in runs[at]]
+        wanted: list[str] = []
+        for per_run in (first, [r for i, lane in enumerate(lanes) if i != at for r in lane]):
+            for depth in range(max(map(len, per_run), default=0)):
+                wanted += [found[depth] for found in per_run if depth < len(found)]
+                if len(wanted) >= AHEAD_KEYS:
+                    return wanted[:AHEAD_KEYS]
+        return wanted
 
     def _following(self, missing: str) -> list[str]:
         """The keys of the segments after `missing` in the manifest that names
