@@ -341,6 +341,28 @@ async def test_a_claim_batched_after_the_owners_reap_keeps_its_lease_reaped(
     await until(lambda: broker.duties.reaped == 2, within=5)  # counted once it returns
 
 
+async def test_a_due_the_owner_lost_is_found_at_its_next_idle_check(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reaping is driven by what landings and reads note. A note lost (as the
+    one above was, by a fault) left its lease unreaped for good; the owner now
+    looks at the topics it holds every idle_check, from its cache, and tends
+    one that is due unnoticed (and says so)."""
+    broker = await start_broker(MemStore())
+    broker.duties.settings = DutySettings(idle_check=0.2)
+    await broker.engine.enqueue("t", [JobSpec(1, id="a")])
+    await broker.engine.claim("t", "w", lease=0.3)
+    assert broker.duties.due_topics() == ["t"]
+    broker.duties.note("t", None)  # the fault: the owner forgets the lease
+    for _ in range(100):  # the lease runs out; the next idle check finds it
+        if broker.duties.reaped:
+            break
+        await broker.committer.wait_changed("t", 0.1)
+    assert broker.duties.reaped == 1
+    assert (await broker.engine.status("t"))["claimed"] == 0
+    assert "t was due unnoticed" in caplog.text
+
+
 async def test_a_broker_that_takes_topics_over_reaps_their_leases(
     start_broker: StartBroker,
 ) -> None:

@@ -10,7 +10,9 @@ that takes topics over (it started, or the live brokers changed) reads each
 head it newly owns once, and every head it owns when a broker left (one that
 had not seen it yet may have written leases there that only it knew of). An
 idle broker makes no store request here, however many topics the store
-holds. A topic that is due but owned by another broker
+holds. Every idle_check, the topics held in memory are looked at from the
+cache (no I/O), and one due that the duties do not know of is tended (and
+logged: its note was lost). A topic that is due but owned by another broker
 (this one served it while the owner did not answer) is handed to its owner,
 who reads it again; if the owner does not answer, this broker tends it
 itself: the head's conditional write keeps that correct (a schedule's slot
@@ -85,6 +87,7 @@ class Duties:
         self._heap: list[tuple[float, str]] = []
         self._written: dict[str, float] = {}  # topic -> monotonic time of this broker's last write
         self._held_back: dict[str, _HeldBack] = {}  # topic -> what its delivery holds back
+        self._corrupt: set[str] = set()  # topics whose tending found an object corrupt
         self._wake = asyncio.Event()
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         # Set while no take-over is pending: the heads of the live brokers'
@@ -113,10 +116,12 @@ class Duties:
     def wrote(self, topic: str, due: float | None) -> None:
         """A write of this broker landed on `topic` (the committer's on_landed)."""
         self._written[topic] = time.monotonic()
+        self._corrupt.discard(topic)
         self.note(topic, due)
 
     def loaded(self, topic: str, due: float | None) -> None:
         """A head of `topic` was read from the store: what it says is current."""
+        self._corrupt.discard(topic)
         self.note(topic, due)
 
     def failed(self, topic: str) -> None:
@@ -174,6 +179,7 @@ class Duties:
                 await self._reap_due()
                 if loop.time() - idle_at >= self.settings.idle_check:
                     idle_at = loop.time()
+                    self._recheck()
                     self.engine.forget_idle()
                 if loop.time() - swept_at >= self.settings.sweep_interval:
                     swept_at = loop.time()
@@ -184,6 +190,21 @@ class Duties:
             await self._sleep(
                 min(swept_at + s.sweep_interval, idle_at + s.idle_check) - loop.time()
             )
+
+    def _recheck(self) -> None:
+        """Note the topics this broker owns and holds whose committed state
+        says something is due (a lease, a slot, follow-ups) that the duties
+        do not know of: from the cache, no I/O. Every landing and read notes
+        its topic's due, so this finds only a note that was lost (a fault,
+        logged: one lost this way left a lease unreaped for good), within
+        idle_check rather than never."""
+        for topic, due in self.engine.cached_dues().items():
+            if due is None or topic in self._due or topic in self._corrupt:
+                continue
+            if not self.membership.owns(topic):
+                continue
+            log.warning("owner duties: %s was due unnoticed (since %.3f); tending it", topic, due)
+            self.note(topic, due)
 
     async def _sleep(self, most: float) -> None:
         if self._heap:
@@ -239,6 +260,7 @@ class Duties:
                 due = await self._deliver(topic, due)
         except CorruptData:
             self._let_go(topic)
+            self._corrupt.add(topic)  # not tended again until written or read anew
             return  # logged once by the committer; nothing to do until it is mended
         except SimpleQueueError as exc:
             log.warning("owner duties: tending %s failed (%s); again in a while", topic, exc)

@@ -490,6 +490,12 @@ class Engine:
         """Counts of the topics this broker has loaded, from its cache: no I/O."""
         return self.committer.cached(lambda s, now: s.counts(now))
 
+    def cached_dues(self) -> dict[str, float | None]:
+        """When each topic this broker holds next wants its owner (as next_due()
+        says), from its cache as last committed: no I/O."""
+        error = self.committer.clock_error
+        return self.committer.cached(lambda s, now: s.next_due(error(now)))
+
     def cached_gauges(self) -> dict[str, dict[str, Any]]:
         """For /metrics, from the cache (no I/O): per topic its counts, what it
         ever did (totals) and the age of its oldest due job (None if none)."""
