@@ -62,6 +62,11 @@ class ObjectCache:
             raise CorruptData(key, "a segment where a manifest was expected")
         return obj
 
+    def how_many(self, size: int, fraction: float) -> int:
+        """How many objects of `size` bytes (as stored) take at most `fraction`
+        of the budget."""
+        return int(self.budget * fraction) // max(1, size * DECODED_PER_BYTE)
+
     def add(self, key: str, data: bytes) -> None:
         """Decode and keep an object (one read from the store, say)."""
         self.keep(decode_object(key, data))

@@ -78,6 +78,8 @@ _STATE_DEPENDENT = (JobNotFound, LeaseLost)
 # Objects one batch may find missing, one fetch round each, before the cache
 # is deemed too small for what the batch needs.
 _MAX_FETCH_ROUNDS = 64
+# What reading ahead past runs' fronts may fill of the object cache, at most.
+READ_AHEAD_SHARE = 1 / 16
 
 
 @dataclass(frozen=True)
@@ -809,12 +811,18 @@ class GroupCommitter:
         # (`state` may be half a batch in: it names objects not written yet),
         # while they are still missing (a miss at a run's front means every
         # run's, say).
-        wanted = self._from_bytes(t.name, t.committed).prefetch(key, *also)
+        committed = self._from_bytes(t.name, t.committed)
+        wanted = committed.prefetch(key, *also)
+        ahead = committed.read_ahead(key)
         try:
             fetched = await self.cache.fetch([key])
         except ObjectNotFound:
             pass
         else:
+            # Read ahead as many as READ_AHEAD_SHARE of the cache holds, each
+            # taken to be the size of `key`'s: more would push out what they
+            # are fetched for (and other topics' objects) before it is read.
+            wanted += ahead[: self.cache.how_many(fetched[key].size, READ_AHEAD_SHARE)]
             # `also` with the rest: one of them gone (the head moved on) spoils
             # none of the others.
             prefetched = await self.cache.fetch(wanted, lenient=True)

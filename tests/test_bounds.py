@@ -335,6 +335,47 @@ async def test_a_cold_broker_inspects_a_topic_of_many_runs() -> None:
         await q.committer.close()
 
 
+class CountingStore(MemStore):
+    """Counts the bytes its gets answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = 0
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        data, etag = await super().get(key)
+        self.read += len(data)
+        return data, etag
+
+
+async def test_small_claims_of_big_jobs_do_not_thrash_a_small_cache() -> None:
+    """Jobs of 100 KB have a segment each. Claimed 2 at a time through a cache
+    that holds about 20 of them, a read past the run's front fetched 64
+    segments ahead: more than the cache holds, so they pushed out the next
+    claim's own, and every claim fetched them again (206 MB read for a 20 MB
+    topic; found by review). Reading ahead takes a share of the cache now."""
+    d = Driver()
+    objects: dict[str, bytes] = {}
+    for b in range(0, 200, 20):
+        d.now += 0.01
+        d.s.enqueue([JobSpec({"pad": "x" * 100_000}, id=f"j{i}") for i in range(b, b + 20)], d.now)
+        objects.update(d.seal().new_objects)
+    sealed = d.seal()
+    objects.update(sealed.new_objects)
+    store = CountingStore()
+    for key, data in objects.items():
+        await store.put(key, data)
+    await store.put(keys.head("t"), sealed.head)
+    settings = CommitSettings(cache_bytes=8 << 20)
+    q = Engine(GroupCommitter(store, broker_id="b2", epoch=2, settings=settings))
+    try:
+        for _ in range(25):
+            assert len(await q.claim("t", "w", count=2)) == 2
+        assert store.read <= sum(len(data) for data in objects.values())
+    finally:
+        await q.committer.close()
+
+
 def test_lanes_merging_together_write_no_more_than_the_seals_budget() -> None:
     """A lane that took a job larger than its share was followed by lanes
     that still took a whole share: 82 KB of merges a seal on a 64 KB budget."""

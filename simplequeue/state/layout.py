@@ -41,12 +41,14 @@ CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", 
 # Segments of a manifest fetched with one that is missing: those after it.
 PREFETCH_FOLLOWING = 16
 # A read past a run's front into a small segment (of at most AHEAD_ITEMS jobs)
-# fetches what holds the first AHEAD_ITEMS jobs of every run in small segments,
-# AHEAD_KEYS objects at most: a claim of many jobs, or a count or a listing,
-# over many runs of small segments then costs a few rounds, not one per run.
+# fetches what holds the next AHEAD_ITEMS jobs of every run in small segments,
+# AHEAD_KEYS objects at most, as many as the cache spares (read_ahead): a claim
+# of many jobs, or a count or a listing, over many runs of small segments then
+# costs a few rounds, not one per run.
 AHEAD_ITEMS = 8
 AHEAD_LANE_ITEMS = 64  # the same, in the lane read past its fronts
 AHEAD_KEYS = 512
+AHEAD_WALK = 1024  # segments of a run looked at, at hand or not, at most
 # Manifests a seal rewrites at most to take the holes the head keeps past
 # holes_max (each rewrite is one manifest object, at most manifest_bytes).
 REWRITES_PER_SEAL = 4
@@ -150,8 +152,8 @@ def _ahead(chain: Chain, items: int) -> list[str]:
     manifest not at hand that names the next ones."""
     missing: list[str] = []
     try:
-        for ref, _man, start in chain.units():
-            if items <= 0:
+        for walked, (ref, _man, start) in enumerate(chain.units()):
+            if items <= 0 or walked >= AHEAD_WALK:
                 break
             try:
                 chain.segment(ref["k"])
@@ -429,20 +431,25 @@ class Layout:
         purge does, then costs a round trip per so many segments, not one
         each), and every object the head names itself (manifests, loose
         segments), and when `missing` is at the front of a run, the front
-        segment of every run (a claim, a count, a listing reads them all);
-        when it is past a run's front in small segments, what holds the next
-        jobs of every run (_missing_ahead: a claim of many, or a listing,
-        reads on in every run of the lane). Fetched together, one miss costs
-        one round trip instead of one per object. With `more` missing too:
-        them as well (not what follows them: finding it reads every manifest
-        once a key). Asked while they are missing: a run's front, or its next
-        segments, are known by being missing too."""
+        segment of every run (a claim, a count, a listing reads them all).
+        Fetched together, one miss costs one round trip instead of one per
+        object. With `more` missing too: them as well (not what follows them:
+        finding it reads every manifest once a key). Asked while they are
+        missing: a run's front is known by being missing too."""
         every = [missing, *more]
         fronts = self._missing_fronts()
         wanted = [*every, *self._following(missing), *self.direct_keys()]
-        if set(every) & set(fronts):
-            return wanted + fronts
-        return wanted + self._missing_ahead(missing)
+        return wanted + fronts if set(every) & set(fronts) else wanted
+
+    def read_ahead(self, missing: str) -> list[str]:
+        """When `missing` is the first object not at hand past a run's front,
+        in small segments (a read goes on through the runs: a claim of many,
+        a count, a listing): what holds the next jobs of every run, the
+        earliest first (AHEAD_ITEMS of each, AHEAD_LANE_ITEMS of each in the
+        lane of `missing`, which a claim reads through). Else nothing. The
+        caller fetches as many of them as its cache can spare. Asked while
+        `missing` is missing."""
+        return self._missing_ahead(missing)
 
     def _missing_fronts(self) -> list[str]:
         """The objects the runs' fronts take that are not at hand (a front under
@@ -454,14 +461,16 @@ class Layout:
         return missing
 
     def _missing_ahead(self, missing: str) -> list[str]:
-        """When `missing` is among what the runs' next jobs not at hand take
-        (AHEAD_ITEMS of each run's, in small segments): those of every run,
+        """When `missing` is the first of what a run's next jobs not at hand
+        take (in small segments): what the next AHEAD_ITEMS take, of every run,
         each run's first before any run's second, and deeper (AHEAD_LANE_ITEMS)
         in the lane of `missing`, first (a claim reads a lane through); at most
         AHEAD_KEYS in all. Else nothing."""
         runs = [[*self._runs(lane)] for lane in self.head["lanes"].values()]
         lanes = [[_ahead(run, AHEAD_ITEMS) for run in lane] for lane in runs]
-        at = next((i for i, lane in enumerate(lanes) if any(missing in r for r in lane)), None)
+        at = next(
+            (i for i, lane in enumerate(lanes) if any(r[:1] == [missing] for r in lane)), None
+        )
         if at is None:
             return []
         first = [_ahead(run, AHEAD_LANE_ITEMS) for run in runs[at]]
