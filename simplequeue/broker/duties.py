@@ -264,13 +264,17 @@ class Duties:
             return  # logged once by the committer; nothing to do until it is mended
         except SimpleQueueError as exc:
             log.warning("owner duties: tending %s failed (%s); again in a while", topic, exc)
-            self.note(topic, self.clock() + self.settings.retry_failed)
+            self.note(
+                topic, _earliest(self.clock() + self.settings.retry_failed, self._due.get(topic))
+            )
             return
         except Exception:
             # Not ours to expect, but the topic is not dropped from the duties
             # for it: its leases would be reaped by no one.
             log.exception("owner duties: tending %s failed; again in a while", topic)
-            self.note(topic, self.clock() + self.settings.retry_failed)
+            self.note(
+                topic, _earliest(self.clock() + self.settings.retry_failed, self._due.get(topic))
+            )
             return
         # The due the tend computed is the state's as its mutation was applied:
         # later ones in its batch (a claim, say) may have added leases since.
