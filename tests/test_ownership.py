@@ -363,6 +363,40 @@ async def test_a_due_the_owner_lost_is_found_at_its_next_idle_check(
     assert "t was due unnoticed" in caplog.text
 
 
+async def test_a_topic_whose_leases_are_corrupt_is_not_tended_in_a_loop(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tend that found a corrupt object dropped the topic's state; the next
+    read of its head noted its due again, long past, and the owner tended it
+    again at once, a head and an object read each time: thousands a second
+    (found by review). It is tended again when something reads it."""
+    store = MemStore()
+    broker = await start_broker(store)
+    for b in range(0, 3000, 1000):
+        await broker.engine.enqueue("t", [JobSpec(i, id=f"j{i:05d}") for i in range(b, b + 1000)])
+    while await broker.engine.claim("t", "w", count=100, lease=0.3):
+        pass  # the leases go into lease segments
+    leases = orjson.loads((await store.get(keys.head("t")))[0])["leases"]
+    units = [keys.segment("t", u["k"]) for u in leases["segs"] + leases["mans"]]
+    assert units
+    for key in units:
+        await store.put(key, b"garbage")
+    broker.committer.cache.forget(units)
+    broker.engine.forget(["t"])  # read from the store from now on
+    tends = 0
+    tend = broker.engine.tend
+
+    async def counted(topic: str) -> Any:
+        nonlocal tends
+        tends += 1
+        return await tend(topic)
+
+    monkeypatch.setattr(broker.engine, "tend", counted)
+    await until(lambda: tends >= 1, within=5)  # the leases ran out
+    await asyncio.sleep(1.0)  # a window in which no tend may come
+    assert tends == 1
+
+
 async def test_a_broker_that_takes_topics_over_reaps_their_leases(
     start_broker: StartBroker,
 ) -> None:

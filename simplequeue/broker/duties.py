@@ -259,9 +259,13 @@ class Duties:
             if self.deliver_to is not None:
                 due = await self._deliver(topic, due)
         except CorruptData:
+            # Logged once by the committer; nothing to do until it is mended.
+            # The tend read the head again, which noted its due (past): not
+            # tended again until something else reads or writes it.
             self._let_go(topic)
-            self._corrupt.add(topic)  # not tended again until written or read anew
-            return  # logged once by the committer; nothing to do until it is mended
+            self._corrupt.add(topic)
+            self.note(topic, None)
+            return
         except SimpleQueueError as exc:
             log.warning("owner duties: tending %s failed (%s); again in a while", topic, exc)
             self.note(
