@@ -449,6 +449,8 @@ class Layout:
         lane of `missing`, which a claim reads through). Else nothing. The
         caller fetches as many of them as its cache can spare. Asked while
         `missing` is missing."""
+        if missing in self._missing_fronts():
+            return []  # prefetch() fetches every run's front with it
         return self._missing_ahead(missing)
 
     def _missing_fronts(self) -> list[str]:
