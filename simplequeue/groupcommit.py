@@ -329,10 +329,8 @@ class GroupCommitter:
                 try:
                     return query(state, self.clock())
                 except SegmentMissing as miss:
-                    self.stats.fetch_rounds += 1
-                    wanted = state.prefetch(miss.key, *miss.also)  # while they are missing
                     try:
-                        fetched = await self.cache.fetch([miss.key])
+                        fetched = await self._fetch_round(state, miss.key, miss.also)
                     except ObjectNotFound:
                         # The head moved on (a sweep deleted what it no longer
                         # names), or the object is lost.
@@ -345,7 +343,6 @@ class GroupCommitter:
                         state.release()
                         data, state = again, self._from_bytes(topic, again, {})
                         continue
-                    fetched.update(await self.cache.fetch(wanted, lenient=True))
                     # Held by the state (each object once: every round makes
                     # progress, and a head names finitely many).
                     for held_key, obj in fetched.items():
@@ -806,32 +803,20 @@ class GroupCommitter:
         means the head moved on (a sweep deleted what it no longer referenced):
         read the head again. If it has not moved, the object is lost, and the
         topic cannot be served."""
-        self.stats.fetch_rounds += 1
-        # What tends to be wanted with them, as the committed head names it
-        # (`state` may be half a batch in: it names objects not written yet),
-        # while they are still missing (a miss at a run's front means every
-        # run's, say).
+        # What tends to be wanted with them as the committed head names them
+        # (`state` may be half a batch in: it names objects not written yet).
         committed = self._from_bytes(t.name, t.committed)
-        wanted = committed.prefetch(key, *also)
-        ahead = committed.read_ahead(key)
         try:
-            fetched = await self.cache.fetch([key])
+            fetched = await self._fetch_round(committed, key, also)
         except ObjectNotFound:
             pass
         else:
-            # Read ahead as many as READ_AHEAD_SHARE of the cache holds, each
-            # taken to be the size of `key`'s: more would push out what they
-            # are fetched for (and other topics' objects) before it is read.
-            wanted += ahead[: self.cache.how_many(fetched[key].size, READ_AHEAD_SHARE)]
-            # `also` with the rest: one of them gone (the head moved on) spoils
-            # none of the others.
-            prefetched = await self.cache.fetch(wanted, lenient=True)
-            fetched.update((k, prefetched[k]) for k in also if k in prefetched)
             # Prefetching may push them out of the cache: the states hold on to them.
-            for got, obj in fetched.items():
-                if for_batch:
-                    t.seen[got] = obj
-                state.hold(got, obj)
+            for got in (key, *also):
+                if (obj := fetched.get(got)) is not None:
+                    if for_batch:
+                        t.seen[got] = obj
+                    state.hold(got, obj)
             return
         missing = key
         before = t.etag
@@ -840,6 +825,23 @@ class GroupCommitter:
             error = CorruptData(missing, f"referenced by {t.head_key}, but not in the store")
             self._log_corrupt(t.name, error)
             raise error
+
+    async def _fetch_round(
+        self, names: TopicState, key: str, also: tuple[str, ...]
+    ) -> dict[str, Segment | Manifest]:
+        """One fetch round: `key`, then, together, `also` and what `names` (a
+        state whose head names them, asked while they are missing) says tends
+        to be wanted with them, reading ahead as many as READ_AHEAD_SHARE of
+        the cache holds, each taken to be the size of `key`'s (more would push
+        out what they are fetched for, and other topics' objects, before it is
+        read). One of those gone (the head moved on) or unreadable spoils none
+        of the others. Every object fetched; ObjectNotFound if `key` is gone."""
+        self.stats.fetch_rounds += 1
+        wanted, ahead = names.prefetch(key, *also)
+        fetched = await self.cache.fetch([key])
+        wanted += ahead[: self.cache.how_many(fetched[key].size, READ_AHEAD_SHARE)]
+        fetched.update(await self.cache.fetch(wanted, lenient=True))
+        return fetched
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -42,7 +42,7 @@ CLAIM_FIELDS = ("claimed_by", "claimed_at", "heartbeat_at", "lease_expires_at", 
 PREFETCH_FOLLOWING = 16
 # A read past a run's front into a small segment (of at most AHEAD_ITEMS jobs)
 # fetches what holds the next AHEAD_ITEMS jobs of every run in small segments,
-# AHEAD_KEYS objects at most, as many as the cache spares (read_ahead): a claim
+# AHEAD_KEYS objects at most, as many as the cache spares (prefetch): a claim
 # of many jobs, or a count or a listing, over many runs of small segments then
 # costs a few rounds, not one per run.
 AHEAD_ITEMS = 8
@@ -424,34 +424,34 @@ class Layout:
         """Let go of what this state held on to (its reads are done for now)."""
         self._view.seen.clear()
 
-    def prefetch(self, missing: str, *more: str) -> list[str]:
-        """What to fetch when `missing` is wanted: it, the segments after it in
-        its manifest when the one before it is at hand (PREFETCH_FOLLOWING of
-        them: a chain read through, as the dead-letter queue's listing or
-        purge does, then costs a round trip per so many segments, not one
-        each), and every object the head names itself (manifests, loose
-        segments), and when `missing` is at the front of a run, the front
-        segment of every run (a claim, a count, a listing reads them all).
-        Fetched together, one miss costs one round trip instead of one per
-        object. With `more` missing too: them as well (not what follows them:
-        finding it reads every manifest once a key). Asked while they are
-        missing: a run's front is known by being missing too."""
+    def prefetch(self, missing: str, *more: str) -> tuple[list[str], list[str]]:
+        """What to fetch when `missing` is wanted, and what to read ahead.
+
+        To fetch: it, the segments after it in its manifest when the one
+        before it is at hand (PREFETCH_FOLLOWING of them: a chain read
+        through, as the dead-letter queue's listing or purge does, then costs
+        a round trip per so many segments, not one each), and every object
+        the head names itself (manifests, loose segments), and when `missing`
+        is at the front of a run, the front segment of every run (a claim, a
+        count, a listing reads them all). Fetched together, one miss costs
+        one round trip instead of one per object. With `more` missing too:
+        them as well (not what follows them: finding it reads every manifest
+        once a key).
+
+        To read ahead, when `missing` is the first object not at hand past a
+        run's front, in small segments (a read goes on through the runs: a
+        claim of many, a count, a listing): what holds the next jobs of every
+        run, the earliest first (_missing_ahead); the caller takes as many as
+        its cache can spare. Else nothing.
+
+        Asked while they are missing: a run's front, or its next segments,
+        are known by being missing too."""
         every = [missing, *more]
         fronts = self._missing_fronts()
         wanted = [*every, *self._following(missing), *self.direct_keys()]
-        return wanted + fronts if set(every) & set(fronts) else wanted
-
-    def read_ahead(self, missing: str) -> list[str]:
-        """When `missing` is the first object not at hand past a run's front,
-        in small segments (a read goes on through the runs: a claim of many,
-        a count, a listing): what holds the next jobs of every run, the
-        earliest first (AHEAD_ITEMS of each, AHEAD_LANE_ITEMS of each in the
-        lane of `missing`, which a claim reads through). Else nothing. The
-        caller fetches as many of them as its cache can spare. Asked while
-        `missing` is missing."""
-        if missing in self._missing_fronts():
-            return []  # prefetch() fetches every run's front with it
-        return self._missing_ahead(missing)
+        if set(every) & set(fronts):
+            return wanted + fronts, []
+        return wanted, self._missing_ahead(missing)
 
     def _missing_fronts(self) -> list[str]:
         """The objects the runs' fronts take that are not at hand (a front under
