@@ -126,10 +126,9 @@ class Duties:
 
     def failed(self, topic: str) -> None:
         """A batch of `topic` failed unseen (it may have landed, claims and
-        all): look at the topic again in a while."""
-        self.note(
-            topic, min(self._due.get(topic, 1e300), self.clock() + self.settings.retry_failed)
-        )
+        all), or its tending failed: look at the topic again in a while (or
+        when it is due, if sooner)."""
+        self.note(topic, _earliest(self.clock() + self.settings.retry_failed, self._due.get(topic)))
 
     def due_topics(self) -> list[str]:
         """The topics this broker has something due on: a lease, a schedule's
@@ -268,17 +267,13 @@ class Duties:
             return
         except SimpleQueueError as exc:
             log.warning("owner duties: tending %s failed (%s); again in a while", topic, exc)
-            self.note(
-                topic, _earliest(self.clock() + self.settings.retry_failed, self._due.get(topic))
-            )
+            self.failed(topic)
             return
         except Exception:
             # Not ours to expect, but the topic is not dropped from the duties
             # for it: its leases would be reaped by no one.
             log.exception("owner duties: tending %s failed; again in a while", topic)
-            self.note(
-                topic, _earliest(self.clock() + self.settings.retry_failed, self._due.get(topic))
-            )
+            self.failed(topic)
             return
         # The due the tend computed is the state's as its mutation was applied:
         # later ones in its batch (a claim, say) may have added leases since.
@@ -421,7 +416,7 @@ class Duties:
                 if due is not None:
                     # Whoever wrote a lease stamped it with the store's clock, as
                     # this broker does: its expiry needs no restarting here.
-                    self.note(topic, min(due, self._due.get(topic, due)))
+                    self.note(topic, _earliest(due, self._due.get(topic)))
 
         await asyncio.gather(*(look(t) for t in mine))
         if mine:
