@@ -671,13 +671,17 @@ def test_the_newest_dead_jobs_and_a_page_of_them_read_only_their_segments() -> N
     assert s.dead_jobs(198, 5) == [] and s.dead_newest(0) == []
 
 
+@pytest.mark.parametrize("big", [False, True], ids=["small", "big"])
 @pytest.mark.parametrize("seed", range(12))
-def test_merged_runs_keep_the_claim_order_and_every_job(seed: int) -> None:
+def test_merged_runs_keep_the_claim_order_and_every_job(seed: int, big: bool) -> None:
     """Runs of one lane merge a part a seal (tiny bounds: merges start and go
     on over many seals), while jobs come with random delays, some are claimed
     and some cancelled, and the head is read back now and then: each claim
-    takes the earliest due job, and every job comes out exactly once."""
+    takes the earliest due job, and every job comes out exactly once, as it
+    went in. With `big`, some jobs are larger than merge_bytes: merges move
+    their segments whole, or leave their runs."""
     rng = random.Random(seed)
+    payloads: dict[str, object] = {}
     s = fresh(inline_pending_bytes=400, loose_max=2, manifests_max=2, runs_max=2, merge_bytes=900)
     now, n = T0, 0
     live: dict[str, tuple[float, int]] = {}  # id -> (run_at, seq) of jobs not yet out
@@ -686,7 +690,15 @@ def test_merged_runs_keep_the_claim_order_and_every_job(seed: int) -> None:
         op = rng.random()
         if op < 0.5:
             delays = [rng.choice([0, rng.uniform(0, 50)]) for _ in range(rng.randint(1, 6))]
-            specs = [JobSpec(i, id=f"j{n + i}", delay=d) for i, d in enumerate(delays)]
+            specs = [
+                JobSpec(
+                    {"big": f"{n + i}" * 1000} if big and rng.random() < 0.3 else n + i,
+                    id=f"j{n + i}",
+                    delay=d,
+                )
+                for i, d in enumerate(delays)
+            ]
+            payloads.update((spec.id or "", spec.payload) for spec in specs)
             s.enqueue(specs, now)
             for spec in specs:
                 job = s.find(spec.id or "")
@@ -698,6 +710,7 @@ def test_merged_runs_keep_the_claim_order_and_every_job(seed: int) -> None:
                 key = live.pop(job["id"])
                 due = [k for k in live.values() if k[0] <= now]
                 assert not due or key <= min(due), "a later job was claimed first"
+                assert job["payload"] == payloads[job["id"]]
         elif op < 0.8 and live:
             victim = rng.choice(sorted(live))
             if s.cancel([victim], now)["cancelled"]:
@@ -715,6 +728,7 @@ def test_merged_runs_keep_the_claim_order_and_every_job(seed: int) -> None:
         for job in jobs:
             key = live.pop(job["id"])
             assert not live or key <= min(live.values())
+            assert job["payload"] == payloads[job["id"]]
     assert live == {}
 
 

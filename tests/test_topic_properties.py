@@ -78,6 +78,9 @@ class Forgetful:
 IDS = st.sampled_from([f"j{i}" for i in range(12)])
 
 
+BIG_PAD = "x" * 3200  # a payload larger than the machine's merge_bytes
+
+
 class TopicMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -147,9 +150,14 @@ class TopicMachine(RuleBasedStateMachine):
         job_id=st.one_of(st.none(), IDS),
         priority=st.integers(-2, 2),
         delay=st.sampled_from([0, 0, 5, 30, 17, 2]),  # runs that interleave, merged
+        # Larger than merge_bytes: a merge moves its segment whole, if it can.
+        big=st.sampled_from([False, False, False, True]),
     )
-    def enqueue(self, job_id: str | None, priority: int, delay: int) -> None:
-        spec = JobSpec({"p": priority}, id=job_id, priority=priority, delay=delay)
+    def enqueue(self, job_id: str | None, priority: int, delay: int, big: bool) -> None:
+        payload: dict[str, Any] = {"p": priority}
+        if big:
+            payload["big"] = BIG_PAD
+        spec = JobSpec(payload, id=job_id, priority=priority, delay=delay)
         [answer] = self.apply(lambda s: s.enqueue([spec], self.now))
         if not answer["duplicate"]:
             self.enqueued += 1
@@ -167,6 +175,8 @@ class TopicMachine(RuleBasedStateMachine):
         assert priorities == sorted(priorities, reverse=True)
         for job in jobs:
             assert job["run_at"] <= self.now
+            if isinstance(job["payload"], dict):  # not a follow-up's
+                assert job["payload"].get("big", BIG_PAD) == BIG_PAD
             assert job["id"] not in self.tokens
             self.tokens[job["id"]] = job["lease_token"]
 

@@ -344,6 +344,32 @@ class Chain:
         self._settle_front()
         return place.item
 
+    def front_segment(self) -> tuple[dict[str, Any], list[Place]] | None:
+        """The front segment's ref and its live items, in order (None when
+        the chain's front is inline, or it is empty)."""
+        front = self._front()
+        if front is None:
+            return None
+        ref, man = front
+        return ref, self._live(ref, man, self.d["pos"])
+
+    def take_front_segment(self) -> dict[str, Any]:
+        """The front segment leaves the chain with its live items, the object
+        as it is: the loose ref another chain keeps it by (its consumed
+        positions are holes there)."""
+        front = self.front_segment()
+        if front is None:
+            raise ValueError("the chain's front is not a segment")
+        ref, live = front
+        for place in live:
+            self.pop_front(place)
+        kept = {place.index for place in live}
+        moved: dict[str, Any] = {"k": ref["k"], "n": ref["n"], "live": len(live)}
+        holes = [i for i in range(ref["n"]) if i not in kept]
+        if holes:
+            moved["holes"] = holes
+        return moved
+
     def _unit(self, place: Place) -> dict[str, Any]:
         """The head's ref that counts `place`: its manifest's, or its own."""
         refs: list[dict[str, Any]] = self.d["segs"] if place.man is None else self.d["mans"]

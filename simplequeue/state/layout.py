@@ -58,6 +58,13 @@ MERGE_FAN_IN = 8
 # for this many times the pending jobs it spilled: so merges keep up with the
 # spills of small batches, and a batch writes a bounded amount.
 MERGE_PER_SPILLED = 4
+# A job larger than merge_bytes is merged by moving its segment whole into the
+# run merged into (the object as it is, its ref in that run), when the
+# segment's live jobs come before the other runs' fronts and at most this many
+# of its positions are consumed (holes in the ref moved). A move counts as
+# MOVE_COST bytes of the seal's merge budget (it adds a ref to the head).
+MOVE_HOLES_MAX = 32
+MOVE_COST = 2048
 
 
 def new_head(topic: str) -> dict[str, Any]:
@@ -830,8 +837,9 @@ class _Sealer:
         """Take the merge `group` of `lane` a part further: its sources'
         earliest jobs, `share` bytes of them (more, up to `allow`, for a first
         job that is larger), to the end of the run it merges into. A job
-        larger than merge_bytes never goes: its run leaves the merge. The
-        bytes written."""
+        larger than merge_bytes is not rewritten: its segment moves whole
+        (_movable), or else its run leaves the merge ("stay"). The bytes
+        written (MOVE_COST for a segment moved)."""
         runs: list[dict[str, Any]] = lane["runs"]
         sources = [r for r in runs if r.get("merge") == "from" and r.get("group", 0) == group]
         into = next(
@@ -848,6 +856,26 @@ class _Sealer:
         while fronts:
             key, i, place = fronts[0]
             cost = len(orjson.dumps(place.item)) + 1
+            if cost > self.bounds.merge_bytes:
+                rest = min((f[0] for f in fronts[1:]), default=None)
+                whole = self._movable(chains[i], rest)
+                if whole is not None:
+                    if size and size + MOVE_COST > share:
+                        break
+                    heapq.heappop(fronts)
+                    into = self._into(lane, group, into, moved or whole)
+                    if moved:
+                        self._append_to_run(into, moved)
+                        moved = []
+                    self._append_segment(into, chains[i].take_front_segment(), whole)
+                    size += MOVE_COST
+                    try:
+                        place_next = chains[i].first()
+                    except SegmentMissing:
+                        break
+                    if place_next is not None:
+                        heapq.heappush(fronts, (job_key(place_next.item), i, place_next))
+                    continue
             if cost > self.bounds.merge_bytes:
                 heapq.heappop(fronts)
                 _unmark(sources[i])
@@ -873,16 +901,51 @@ class _Sealer:
             if chain.count == 0:
                 runs.remove(run)
         if moved:
-            if into is None or tuple(into.get("last", (-1e300, 0))) > job_key(moved[0]):
-                if into is not None:  # written past by a broker that knew no merges
-                    _unmark(into)
-                into = new_chain()
-                into["merge"], into["group"] = "into", group
-                runs.append(into)
+            into = self._into(lane, group, into, moved)
             self._append_to_run(into, moved)
         if into is not None and group not in _groups(lane, "from"):
             _unmark(into)
         return size
+
+    @staticmethod
+    def _into(
+        lane: dict[str, Any], group: int, into: dict[str, Any] | None, jobs: list[Job]
+    ) -> dict[str, Any]:
+        """The run merge `group` appends `jobs` (sorted) to: `into`, unless
+        it has none or its last job is past their first."""
+        if into is None or tuple(into.get("last", (-1e300, 0))) > job_key(jobs[0]):
+            if into is not None:  # written past by a broker that knew no merges
+                _unmark(into)
+            into = new_chain()
+            into["merge"], into["group"] = "into", group
+            lane["runs"].append(into)
+        return into
+
+    def _movable(self, chain: Chain, rest: tuple[float, int] | None) -> list[Job] | None:
+        """The live jobs of the chain's front segment, when the segment may
+        move whole into the run merged into (by reference: no byte of it
+        rewritten): none of them after `rest` (the other fronts' earliest),
+        and few positions of it consumed (they are holes in the ref moved)."""
+        front = chain.front_segment()
+        if front is None:
+            return None
+        ref, live = front
+        if ref["n"] - len(live) > MOVE_HOLES_MAX:
+            return None
+        jobs = [place.item for place in live]
+        if rest is not None and job_key(jobs[-1]) > rest:
+            return None
+        return jobs
+
+    def _append_segment(self, run: dict[str, Any], ref: dict[str, Any], jobs: list[Job]) -> None:
+        """The segment `ref` (moved whole from another run) goes at the end of
+        `run`; `jobs` are its live jobs, sorted, none before the run's last."""
+        lo, hi = jobs[0]["run_at"], max(j["run_at"] for j in jobs)
+        run["lo"] = min(run.get("lo", lo), lo)
+        run["top"] = max(run.get("top", hi), hi)
+        run["last"] = list(job_key(jobs[-1]))
+        run["n"] += len(jobs)
+        run["segs"].append({**ref, "lo": lo, "hi": hi})
 
     def _merge_manifests(self, chain: Chain) -> bool:
         """Too many manifests: the two neighbours with the fewest segments become
