@@ -442,8 +442,12 @@ class GroupCommitter:
         for name, t in list(self._topics.items()):
             if t.committed is None:
                 continue
-            with contextlib.suppress(SegmentMissing, SimpleQueueError):
-                out[name] = query(self._reader(t), now)
+            reader = self._reader(t)
+            try:
+                with contextlib.suppress(SegmentMissing, SimpleQueueError):
+                    out[name] = query(reader, now)
+            finally:
+                reader.release()  # a reader lives until the next write
         return out
 
     @property

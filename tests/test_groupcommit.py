@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from simplequeue.api import JobSpec
+from simplequeue import keys
+from simplequeue.api import FollowUpSpec, JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.errors import Contended, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
@@ -428,3 +429,39 @@ async def test_a_duplicate_another_broker_spilled_into_a_segment_is_caught() -> 
     answers = await b.enqueue("t", [JobSpec("again", id=f"a{i}") for i in range(40)])
     assert all(x["duplicate"] for x in answers)
     assert (await b.status("t"))["pending"] == 80
+
+
+async def test_cached_dues_name_a_topic_whose_outbox_front_is_not_at_hand() -> None:
+    """The owner's idle check (Duties._recheck) finds lost notes from
+    cached_dues(), which reads no object: a topic whose due needed its
+    outbox's front segment, not in the cache, was left out, so a lost note of
+    it (follow-ups waiting, a lease running out) was never found. It is due
+    now instead (its tend reads what it needs)."""
+    store = MemStore()
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec(i, id=f"j{i}") for i in range(40)])
+    for job in await q.claim("t", "w", count=40, lease=600):
+        follow = [FollowUpSpec({"pad": "x" * 500}, topic="other")]
+        await q.ack("t", job["id"], job["lease_token"], enqueue=follow)
+    outbox = (await head_of(store))["outbox"]
+    assert outbox["segs"], "the follow-ups spilled into an outbox segment"
+    q.committer.cache.forget([keys.segment("t", ref["k"]) for ref in outbox["segs"]])
+    before = q.committer.clock()
+    due = q.cached_dues()["t"]
+    assert due is not None and due <= q.committer.clock()
+    assert due >= before - 1
+
+
+async def test_cached_queries_let_go_of_what_they_read() -> None:
+    """cached() answers from a reader kept until the topic's next write; the
+    objects its query read were held by that reader (whatever the cache's
+    budget) until then."""
+    store = MemStore()
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec(i, id=f"j{i}") for i in range(40)])
+    for job in await q.claim("t", "w", count=40, lease=600):
+        follow = [FollowUpSpec({"pad": "x" * 500}, topic="other")]
+        await q.ack("t", job["id"], job["lease_token"], enqueue=follow)
+    assert q.cached_dues()["t"] is not None  # read the outbox's front
+    reader = q.committer._reader(q.committer._topic("t"))
+    assert reader._view.seen == {}

@@ -21,7 +21,7 @@ from simplequeue import api, keys
 from simplequeue.api import AckRequest, FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
 from simplequeue.errors import CacheTooSmall, InvalidRequest, JobNotFound, SimpleQueueError
 from simplequeue.groupcommit import GroupCommitter, Mutation
-from simplequeue.state import Job, TopicState
+from simplequeue.state import Job, SegmentMissing, TopicState
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +494,15 @@ class Engine:
         """When each topic this broker holds next wants its owner (as next_due()
         says), from its cache as last committed: no I/O."""
         error = self.committer.clock_error
-        return self.committer.cached(lambda s, now: s.next_due(error(now)))
+
+        def due(s: TopicState, now: float) -> float | None:
+            try:
+                return s.next_due(error(now))
+            except SegmentMissing:  # the outbox's front: follow-ups wait, since when is not known
+                held = s.next_due(error(now), outbox=False)
+                return now if held is None else min(held, now)
+
+        return self.committer.cached(due)
 
     def cached_gauges(self) -> dict[str, dict[str, Any]]:
         """For /metrics, from the cache (no I/O): per topic its counts, what it
