@@ -423,3 +423,37 @@ def test_runs_of_jobs_too_large_to_merge_stay_few() -> None:
     jobs = d.s.claim("w", 30, 1000, d.now)
     assert [j["id"] for j in jobs] == [f"big{i}" for i in reversed(range(100))]
     assert all(j["payload"] == payloads[j["id"]] for j in jobs)
+
+
+def test_a_large_job_spilled_with_later_small_ones_moves_by_reference() -> None:
+    """Batches of a 70 KB job due early and a small one due late: each spill
+    is a segment of both. The segment could not move whole (the small job is
+    later than other runs' fronts), so the run left the merge ("stay") until
+    the large job was claimed: 100 such batches kept 100 runs, 99 of them
+    stuck. The large job moves by reference now; the segment stays in its run
+    for the small one, two runs sharing it. Every job comes out once, in
+    order, payloads intact, and a job in a shared segment is found and
+    cancelled as any other."""
+    d = Driver()
+    for i in range(100):
+        big = JobSpec({"pad": f"{i}" + "x" * 70_000}, id=f"big{i}", delay=100_000 - i)
+        small = JobSpec({"small": i}, id=f"small{i}", delay=200_000 + i)
+        d.s.enqueue([big, small], d.now)
+        d.seal()
+    runs = d.s.head["lanes"]["0"]["runs"]
+    assert len(runs) <= 4 * d.s.bounds.runs_max, (len(runs), sum("stay" in r for r in runs))
+    assert d.s.find("small7") is not None and d.s.find("big7") is not None
+    assert d.s.cancel(["small7", "big8"], d.now)["cancelled"] == ["small7", "big8"]
+    d.seal()
+    d.now += 300_000
+    out: list[dict[str, object]] = []
+    while jobs := d.s.claim("w", 30, 64, d.now):
+        out += jobs
+        d.seal()
+    expected = [f"big{i}" for i in reversed(range(100)) if i != 8]
+    expected += [f"small{i}" for i in range(100) if i != 7]
+    assert [j["id"] for j in out] == expected
+    for job in out:
+        i = int(str(job["id"]).removeprefix("big").removeprefix("small"))
+        want = {"pad": f"{i}" + "x" * 70_000} if str(job["id"]).startswith("big") else {"small": i}
+        assert job["payload"] == want

@@ -58,11 +58,11 @@ MERGE_FAN_IN = 8
 # for this many times the pending jobs it spilled: so merges keep up with the
 # spills of small batches, and a batch writes a bounded amount.
 MERGE_PER_SPILLED = 4
-# A job larger than merge_bytes is merged by moving its segment whole into the
-# run merged into (the object as it is, its ref in that run), when the
-# segment's live jobs come before the other runs' fronts and at most this many
-# of its positions are consumed (holes in the ref moved). A move counts as
-# MOVE_COST bytes of the seal's merge budget (it adds a ref to the head).
+# A job larger than merge_bytes is merged by reference: its segment goes into
+# the run merged into as it is (a ref there to the jobs moved, from the job on
+# up to the other runs' fronts), when at most this many of its positions are
+# not moved (holes in the ref). A move counts as MOVE_COST bytes of the seal's
+# merge budget (it adds a ref to the head).
 MOVE_HOLES_MAX = 32
 MOVE_COST = 2048
 
@@ -837,9 +837,10 @@ class _Sealer:
         """Take the merge `group` of `lane` a part further: its sources'
         earliest jobs, `share` bytes of them (more, up to `allow`, for a first
         job that is larger), to the end of the run it merges into. A job
-        larger than merge_bytes is not rewritten: its segment moves whole
-        (_movable), or else its run leaves the merge ("stay"). The bytes
-        written (MOVE_COST for a segment moved)."""
+        larger than merge_bytes is not rewritten: it moves by reference, with
+        what follows it in its segment up to the other fronts (_movable), or
+        else its run leaves the merge ("stay"). The bytes written (MOVE_COST
+        for jobs moved by reference)."""
         runs: list[dict[str, Any]] = lane["runs"]
         sources = [r for r in runs if r.get("merge") == "from" and r.get("group", 0) == group]
         into = next(
@@ -858,16 +859,17 @@ class _Sealer:
             cost = len(orjson.dumps(place.item)) + 1
             if cost > self.bounds.merge_bytes:
                 rest = min((f[0] for f in fronts[1:]), default=None)
-                whole = self._movable(chains[i], rest)
-                if whole is not None:
+                taking = self._movable(chains[i], rest, into)
+                if taking is not None:
                     if size and size + MOVE_COST > share:
                         break
                     heapq.heappop(fronts)
-                    into = self._into(lane, group, into, moved or whole)
+                    into = self._into(lane, group, into, moved or taking)
                     if moved:
                         self._append_to_run(into, moved)
                         moved = []
-                    self._append_segment(into, chains[i].take_front_segment(), whole)
+                    ref = chains[i].take_front_segment(len(taking))
+                    self._append_segment(into, ref, taking)
                     size += MOVE_COST
                     try:
                         place_next = chains[i].first()
@@ -885,7 +887,7 @@ class _Sealer:
                         _unmark(sources[j])
                     return 0
                 continue
-            if size + cost > share and (moved or cost > allow):
+            if size + cost > share and (size or cost > allow):
                 break
             heapq.heappop(fronts)
             chains[i].pop_front(place)
@@ -921,20 +923,28 @@ class _Sealer:
             lane["runs"].append(into)
         return into
 
-    def _movable(self, chain: Chain, rest: tuple[float, int] | None) -> list[Job] | None:
-        """The live jobs of the chain's front segment, when the segment may
-        move whole into the run merged into (by reference: no byte of it
-        rewritten): none of them after `rest` (the other fronts' earliest),
-        and few positions of it consumed (they are holes in the ref moved)."""
+    def _movable(
+        self, chain: Chain, rest: tuple[float, int] | None, into: dict[str, Any] | None
+    ) -> list[Job] | None:
+        """The jobs of the chain's front segment that may move into the run
+        merged into by reference (no byte of them rewritten): its live jobs
+        from its front on up to `rest` (the other fronts' earliest), when the
+        ref they move by keeps few holes (the segment's other positions). A
+        segment runs share (`sh`: some of its jobs moved before, some stayed)
+        does not move into a run that names it already (`into`)."""
         front = chain.front_segment()
         if front is None:
             return None
         ref, live = front
-        if ref["n"] - len(live) > MOVE_HOLES_MAX:
-            return None
+        if ref.get("sh") and into is not None and ref["k"] in self.s._chain(into).object_ids():
+            return None  # that run has some of it already: a chain names a segment once
         jobs = [place.item for place in live]
-        if rest is not None and job_key(jobs[-1]) > rest:
+        if rest is not None:
+            jobs = [job for job in jobs if job_key(job) <= rest]
+        if not jobs or ref["n"] - len(jobs) > MOVE_HOLES_MAX:
             return None
+        if len(jobs) < len(live) and live[0].man is not None:
+            return None  # it would be shared, and its ref is in a manifest: not marked
         return jobs
 
     def _append_segment(self, run: dict[str, Any], ref: dict[str, Any], jobs: list[Job]) -> None:

@@ -95,6 +95,7 @@ class SegmentRef(TypedDict):
     holes: NotRequired[list[int]]
     lo: NotRequired[float]
     hi: NotRequired[float]
+    sh: NotRequired[bool]  # other runs name the segment too (a job moved by reference)
 
 
 class ManifestRef(TypedDict):
@@ -116,6 +117,7 @@ class IndexedRef(TypedDict):
     holes: NotRequired[list[int]]
     lo: NotRequired[float]
     hi: NotRequired[float]
+    sh: NotRequired[bool]
 
 
 # Chains hold their inline items under "in", a Python keyword: these are
