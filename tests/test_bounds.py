@@ -5,6 +5,10 @@ past them. The state machine alone, sealed as the committer seals it."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 from simplequeue import keys
 from simplequeue.api import JobSpec
@@ -425,35 +429,68 @@ def test_runs_of_jobs_too_large_to_merge_stay_few() -> None:
     assert all(j["payload"] == payloads[j["id"]] for j in jobs)
 
 
-def test_a_large_job_spilled_with_later_small_ones_moves_by_reference() -> None:
-    """Batches of a 70 KB job due early and a small one due late: each spill
-    is a segment of both. The segment could not move whole (the small job is
-    later than other runs' fronts), so the run left the merge ("stay") until
-    the large job was claimed: 100 such batches kept 100 runs, 99 of them
-    stuck. The large job moves by reference now; the segment stays in its run
-    for the small one, two runs sharing it. Every job comes out once, in
-    order, payloads intact, and a job in a shared segment is found and
-    cancelled as any other."""
-    d = Driver()
+def _large(i: int, delay: float, tag: str = "big", size: int = 70_000) -> JobSpec:
+    return JobSpec({"pad": f"{tag}{i}-" + "x" * size}, id=f"{tag}{i}", delay=delay)
+
+
+def _small(i: int, k: int, delay: float) -> JobSpec:
+    return JobSpec({"small": [i, k]}, id=f"small{i}-{k}", delay=delay)
+
+
+# Batches of a large job and others, each batch's large job due before the
+# last one's: (a name, the batch, the Driver's limits).
+LARGE_WITH_OTHERS: list[tuple[str, Callable[[int], list[JobSpec]], dict[str, int]]] = [
+    ("one small due late", lambda i: [_large(i, 1e5 - i), _small(i, 0, 2e5 + i)], {}),
+    (
+        "33 small due late",
+        lambda i: [_large(i, 1e5 - i)] + [_small(i, k, 2e5 + i) for k in range(33)],
+        {},
+    ),
+    (
+        "33 small due just before",
+        lambda i: [_small(i, k, 1e5 - i - 0.5) for k in range(33)] + [_large(i, 1e5 - i)],
+        {},
+    ),
+    (
+        "two large, one due late (segments of two)",
+        lambda i: [_large(i, 1e5 - i, size=6000), _large(i, 2e5 + i, "late", 6000)],
+        {"merge_bytes": 5000, "inline_pending_bytes": 10_000},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("batch", "limits"),
+    [pytest.param(b, lim, id=name) for name, b, lim in LARGE_WITH_OTHERS],
+)
+def test_a_large_job_spilled_with_others_moves_by_reference(
+    batch: Callable[[int], list[JobSpec]], limits: dict[str, int]
+) -> None:
+    """Batches of a 70 KB job due early and small ones: each spill was a
+    segment of them all, which could not move whole (a small job later than
+    other runs' fronts), so the run left the merge ("stay") until the large
+    job was claimed: 100 such batches kept 100 runs, 99 stuck (review). A job
+    larger than merge_bytes is spilled into a segment of its own now, which
+    moves whole. Every job comes out once, in order, payloads intact, and
+    jobs in moved segments are found and cancelled."""
+    d = Driver(**limits)
+    specs: dict[str, JobSpec] = {}
     for i in range(100):
-        big = JobSpec({"pad": f"{i}" + "x" * 70_000}, id=f"big{i}", delay=100_000 - i)
-        small = JobSpec({"small": i}, id=f"small{i}", delay=200_000 + i)
-        d.s.enqueue([big, small], d.now)
+        jobs = batch(i)
+        specs.update((job.id or "", job) for job in jobs)
+        d.s.enqueue(jobs, d.now)
         d.seal()
     runs = d.s.head["lanes"]["0"]["runs"]
     assert len(runs) <= 4 * d.s.bounds.runs_max, (len(runs), sum("stay" in r for r in runs))
-    assert d.s.find("small7") is not None and d.s.find("big7") is not None
-    assert d.s.cancel(["small7", "big8"], d.now)["cancelled"] == ["small7", "big8"]
+    cancel = [spec_id for spec_id in specs if spec_id.endswith(("7", "7-0"))][:2]
+    assert all(d.s.find(job_id) is not None for job_id in cancel)
+    assert d.s.cancel(cancel, d.now)["cancelled"] == cancel
     d.seal()
     d.now += 300_000
-    out: list[dict[str, object]] = []
+    out: list[dict[str, Any]] = []
     while jobs := d.s.claim("w", 30, 64, d.now):
         out += jobs
         d.seal()
-    expected = [f"big{i}" for i in reversed(range(100)) if i != 8]
-    expected += [f"small{i}" for i in range(100) if i != 7]
-    assert [j["id"] for j in out] == expected
-    for job in out:
-        i = int(str(job["id"]).removeprefix("big").removeprefix("small"))
-        want = {"pad": f"{i}" + "x" * 70_000} if str(job["id"]).startswith("big") else {"small": i}
-        assert job["payload"] == want
+    assert sorted(j["id"] for j in out) == sorted(set(specs) - set(cancel))
+    assert [(j["run_at"], j["seq"]) for j in out] == sorted((j["run_at"], j["seq"]) for j in out)
+    assert all(j["payload"] == specs[j["id"]].payload for j in out)

@@ -353,29 +353,18 @@ class Chain:
         ref, man = front
         return ref, self._live(ref, man, self.d["pos"])
 
-    def take_front_segment(self, count: int) -> dict[str, Any]:
-        """The front segment's first `count` live items leave the chain, the
-        object as it is: the loose ref another chain keeps them by (every
-        other position of it is a hole there). The segment stays in this
-        chain while it holds live items after them (only a loose one may):
-        chains then share it, each with its own items, and each of their refs
-        says so (`sh`: a chain it moves into again is checked first, so that
-        no chain names it twice)."""
+    def take_front_segment(self) -> dict[str, Any]:
+        """The front segment leaves the chain with its live items, the object
+        as it is: the loose ref another chain keeps it by (its consumed
+        positions are holes there)."""
         front = self.front_segment()
-        if front is None or count > len(front[1]):
-            raise ValueError("the chain's front segment does not hold that many items")
+        if front is None:
+            raise ValueError("the chain's front is not a segment")
         ref, live = front
-        taken = live[:count]
-        moved: dict[str, Any] = {"k": ref["k"], "n": ref["n"], "live": count}
-        if count < len(live):  # shared from now on: both refs say so
-            if taken[0].man is not None:
-                raise ValueError("a manifested segment moves whole or not at all")
-            ref["sh"] = True
-        if ref.get("sh"):
-            moved["sh"] = True
-        for place in taken:
+        for place in live:
             self.pop_front(place)
-        kept = {place.index for place in taken}
+        kept = {place.index for place in live}
+        moved: dict[str, Any] = {"k": ref["k"], "n": ref["n"], "live": len(live)}
         holes = [i for i in range(ref["n"]) if i not in kept]
         if holes:
             moved["holes"] = holes

@@ -58,11 +58,11 @@ MERGE_FAN_IN = 8
 # for this many times the pending jobs it spilled: so merges keep up with the
 # spills of small batches, and a batch writes a bounded amount.
 MERGE_PER_SPILLED = 4
-# A job larger than merge_bytes is merged by reference: its segment goes into
-# the run merged into as it is (a ref there to the jobs moved, from the job on
-# up to the other runs' fronts), when at most this many of its positions are
-# not moved (holes in the ref). A move counts as MOVE_COST bytes of the seal's
-# merge budget (it adds a ref to the head).
+# A job larger than merge_bytes is merged by moving its segment whole into the
+# run merged into (the object as it is, its ref in that run), when the
+# segment's live jobs come before the other runs' fronts and at most this many
+# of its positions are consumed (holes in the ref moved). A move counts as
+# MOVE_COST bytes of the seal's merge budget (it adds a ref to the head).
 MOVE_HOLES_MAX = 32
 MOVE_COST = 2048
 
@@ -684,18 +684,38 @@ class _Sealer:
             return lambda records: {"hi": max(r["finished_at"] for r in records)}
         return lambda items: {}
 
-    def _chunks(self, items: list[Any]) -> Iterator[list[Any]]:
+    def _chunks(self, items: list[Any], alone: int | None = None) -> Iterator[list[Any]]:
         """`items` cut into runs that each encode to at most segment_bytes (one
         item at least): objects stay small enough to cache and fetch whole,
-        however large the batch that spills them."""
-        return runs_within(
-            items, lambda item: len(orjson.dumps(item)) + 1, self.bounds.segment_bytes
-        )
+        however large the batch that spills them. With `alone`, an item
+        larger than that is a run of its own."""
+        sizes = [len(orjson.dumps(item)) + 1 for item in items]
+        limit = self.bounds.segment_bytes
+        if alone is None or max(sizes, default=0) <= alone:
+            for run in runs_within(range(len(items)), sizes.__getitem__, limit):
+                yield items[run[0] : run[-1] + 1]
+            return
+        start = 0
+        for i, size in enumerate(sizes):
+            if size > alone:
+                for run in runs_within(range(start, i), sizes.__getitem__, limit):
+                    yield items[run[0] : run[-1] + 1]
+                yield [items[i]]
+                start = i + 1
+        for run in runs_within(range(start, len(items)), sizes.__getitem__, limit):
+            yield items[run[0] : run[-1] + 1]
 
-    def _spill(self, chain: Chain, kind: str, meta: Callable[[list[Any]], dict[str, Any]]) -> None:
+    def _spill(
+        self,
+        chain: Chain,
+        kind: str,
+        meta: Callable[[list[Any]], dict[str, Any]],
+        alone: int | None = None,
+    ) -> None:
         """The chain's inline items become new loose segments, in order, each
-        under segment_bytes; `meta(items)` says what each one's ref keeps."""
-        for chunk in list(self._chunks(chain.d["in"])):
+        under segment_bytes (and each item larger than `alone` in a segment
+        of its own); `meta(items)` says what each one's ref keeps."""
+        for chunk in list(self._chunks(chain.d["in"], alone)):
             seg_id = self._new_id(kind)
             data = encode_segment(kind, chunk)
             self._add(chain.spill(seg_id, len(chunk), data, meta(chunk)), chunk)
@@ -730,10 +750,13 @@ class _Sealer:
         # The jobs move into the run's chain, and on into segments.
         run["n"] += len(jobs)
         run["in"] = jobs
+        # A job too large for a merge to rewrite is a segment of its own: a
+        # merge moves it by reference, its segment whole (_movable).
         self._spill(
             self.s._chain(run),
             "p",
             lambda chunk: {"lo": chunk[0]["run_at"], "hi": max(j["run_at"] for j in chunk)},
+            alone=self.bounds.merge_bytes,
         )
 
     def _spill_leases(self) -> None:
@@ -837,10 +860,9 @@ class _Sealer:
         """Take the merge `group` of `lane` a part further: its sources'
         earliest jobs, `share` bytes of them (more, up to `allow`, for a first
         job that is larger), to the end of the run it merges into. A job
-        larger than merge_bytes is not rewritten: it moves by reference, with
-        what follows it in its segment up to the other fronts (_movable), or
-        else its run leaves the merge ("stay"). The bytes written (MOVE_COST
-        for jobs moved by reference)."""
+        larger than merge_bytes is not rewritten: its segment moves whole
+        (_movable), or else its run leaves the merge ("stay"). The bytes
+        written (MOVE_COST for a segment moved)."""
         runs: list[dict[str, Any]] = lane["runs"]
         sources = [r for r in runs if r.get("merge") == "from" and r.get("group", 0) == group]
         into = next(
@@ -859,17 +881,16 @@ class _Sealer:
             cost = len(orjson.dumps(place.item)) + 1
             if cost > self.bounds.merge_bytes:
                 rest = min((f[0] for f in fronts[1:]), default=None)
-                taking = self._movable(chains[i], rest, into)
-                if taking is not None:
+                whole = self._movable(chains[i], rest)
+                if whole is not None:
                     if size and size + MOVE_COST > share:
                         break
                     heapq.heappop(fronts)
-                    into = self._into(lane, group, into, moved or taking)
+                    into = self._into(lane, group, into, moved or whole)
                     if moved:
                         self._append_to_run(into, moved)
                         moved = []
-                    ref = chains[i].take_front_segment(len(taking))
-                    self._append_segment(into, ref, taking)
+                    self._append_segment(into, chains[i].take_front_segment(), whole)
                     size += MOVE_COST
                     try:
                         place_next = chains[i].first()
@@ -923,28 +944,20 @@ class _Sealer:
             lane["runs"].append(into)
         return into
 
-    def _movable(
-        self, chain: Chain, rest: tuple[float, int] | None, into: dict[str, Any] | None
-    ) -> list[Job] | None:
-        """The jobs of the chain's front segment that may move into the run
-        merged into by reference (no byte of them rewritten): its live jobs
-        from its front on up to `rest` (the other fronts' earliest), when the
-        ref they move by keeps few holes (the segment's other positions). A
-        segment runs share (`sh`: some of its jobs moved before, some stayed)
-        does not move into a run that names it already (`into`)."""
+    def _movable(self, chain: Chain, rest: tuple[float, int] | None) -> list[Job] | None:
+        """The live jobs of the chain's front segment, when the segment may
+        move whole into the run merged into (by reference: no byte of it
+        rewritten): none of them after `rest` (the other fronts' earliest),
+        and few positions of it consumed (they are holes in the ref moved)."""
         front = chain.front_segment()
         if front is None:
             return None
         ref, live = front
-        if ref.get("sh") and into is not None and ref["k"] in self.s._chain(into).object_ids():
-            return None  # that run has some of it already: a chain names a segment once
-        jobs = [place.item for place in live]
-        if rest is not None:
-            jobs = [job for job in jobs if job_key(job) <= rest]
-        if not jobs or ref["n"] - len(jobs) > MOVE_HOLES_MAX:
+        if ref["n"] - len(live) > MOVE_HOLES_MAX:
             return None
-        if len(jobs) < len(live) and live[0].man is not None:
-            return None  # it would be shared, and its ref is in a manifest: not marked
+        jobs = [place.item for place in live]
+        if rest is not None and job_key(jobs[-1]) > rest:
+            return None
         return jobs
 
     def _append_segment(self, run: dict[str, Any], ref: dict[str, Any], jobs: list[Job]) -> None:

@@ -95,7 +95,6 @@ class SegmentRef(TypedDict):
     holes: NotRequired[list[int]]
     lo: NotRequired[float]
     hi: NotRequired[float]
-    sh: NotRequired[bool]  # other runs name the segment too (a job moved by reference)
 
 
 class ManifestRef(TypedDict):
@@ -117,7 +116,6 @@ class IndexedRef(TypedDict):
     holes: NotRequired[list[int]]
     lo: NotRequired[float]
     hi: NotRequired[float]
-    sh: NotRequired[bool]
 
 
 # Chains hold their inline items under "in", a Python keyword: these are
