@@ -899,8 +899,7 @@ class _Sealer:
                     if place_next is not None:
                         heapq.heappush(fronts, (job_key(place_next.item), i, place_next))
                     continue
-            if cost > self.bounds.merge_bytes:
-                heapq.heappop(fronts)
+                heapq.heappop(fronts)  # it cannot move: its run leaves the merge
                 _unmark(sources[i])
                 sources[i]["stay"] = list(key)
                 if into is None and not moved and len(fronts) < 2:
