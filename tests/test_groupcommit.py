@@ -431,6 +431,17 @@ async def test_a_duplicate_another_broker_spilled_into_a_segment_is_caught() -> 
     assert (await b.status("t"))["pending"] == 80
 
 
+async def follow_ups_waiting(store: MemStore) -> Engine:
+    """An engine on `store` whose topic "t" holds 40 follow-ups for another
+    topic, spilled into its outbox's segments (nobody delivers them)."""
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec(i, id=f"j{i}") for i in range(40)])
+    for job in await q.claim("t", "w", count=40, lease=600):
+        follow = [FollowUpSpec({"pad": "x" * 500}, topic="other")]
+        await q.ack("t", job["id"], job["lease_token"], enqueue=follow)
+    return q
+
+
 async def test_cached_dues_name_a_topic_whose_outbox_front_is_not_at_hand() -> None:
     """The owner's idle check (Duties._recheck) finds lost notes from
     cached_dues(), which reads no object: a topic whose due needed its
@@ -438,11 +449,7 @@ async def test_cached_dues_name_a_topic_whose_outbox_front_is_not_at_hand() -> N
     it (follow-ups waiting, a lease running out) was never found. It is due
     now instead (its tend reads what it needs)."""
     store = MemStore()
-    q = engine_on(store)
-    await q.enqueue("t", [JobSpec(i, id=f"j{i}") for i in range(40)])
-    for job in await q.claim("t", "w", count=40, lease=600):
-        follow = [FollowUpSpec({"pad": "x" * 500}, topic="other")]
-        await q.ack("t", job["id"], job["lease_token"], enqueue=follow)
+    q = await follow_ups_waiting(store)
     outbox = (await head_of(store))["outbox"]
     assert outbox["segs"], "the follow-ups spilled into an outbox segment"
     q.committer.cache.forget([keys.segment("t", ref["k"]) for ref in outbox["segs"]])
@@ -456,12 +463,7 @@ async def test_cached_queries_let_go_of_what_they_read() -> None:
     """cached() answers from a reader kept until the topic's next write; the
     objects its query read were held by that reader (whatever the cache's
     budget) until then."""
-    store = MemStore()
-    q = engine_on(store)
-    await q.enqueue("t", [JobSpec(i, id=f"j{i}") for i in range(40)])
-    for job in await q.claim("t", "w", count=40, lease=600):
-        follow = [FollowUpSpec({"pad": "x" * 500}, topic="other")]
-        await q.ack("t", job["id"], job["lease_token"], enqueue=follow)
+    q = await follow_ups_waiting(MemStore())
     assert q.cached_dues()["t"] is not None  # read the outbox's front
     reader = q.committer._reader(q.committer._topic("t"))
     assert reader._view.seen == {}
