@@ -145,7 +145,8 @@ class Raw:
 
     async def close(self) -> None:
         self.writer.close()
-        await self.writer.wait_closed()
+        with contextlib.suppress(ConnectionError):  # the server closed it first
+            await self.writer.wait_closed()
 
 
 @pytest.fixture
@@ -658,7 +659,11 @@ async def test_a_client_queuing_too_much_behind_a_blocking_command_is_closed(
     with contextlib.suppress(ConnectionError):
         for _ in range(400):  # 400 KiB
             await raw.write(echo)
-    assert await raw.rest() == b""  # closed, the BLPOP unanswered
+    try:
+        rest = await raw.rest()
+    except ConnectionResetError:  # closed with our ECHOs unread: the kernel resets
+        rest = b""
+    assert rest == b""  # closed, the BLPOP unanswered
     await raw.close()
 
 
