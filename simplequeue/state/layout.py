@@ -690,20 +690,14 @@ class _Sealer:
         however large the batch that spills them. With `alone`, an item
         larger than that is a run of its own."""
         sizes = [len(orjson.dumps(item)) + 1 for item in items]
-        limit = self.bounds.segment_bytes
-        if alone is None or max(sizes, default=0) <= alone:
-            for run in runs_within(range(len(items)), sizes.__getitem__, limit):
-                yield items[run[0] : run[-1] + 1]
-            return
+        cuts = [] if alone is None else [i for i, size in enumerate(sizes) if size > alone]
         start = 0
-        for i, size in enumerate(sizes):
-            if size > alone:
-                for run in runs_within(range(start, i), sizes.__getitem__, limit):
-                    yield items[run[0] : run[-1] + 1]
-                yield [items[i]]
-                start = i + 1
-        for run in runs_within(range(start, len(items)), sizes.__getitem__, limit):
-            yield items[run[0] : run[-1] + 1]
+        for cut in [*cuts, len(items)]:
+            for run in runs_within(range(start, cut), sizes.__getitem__, self.bounds.segment_bytes):
+                yield items[run[0] : run[-1] + 1]
+            if cut < len(items):
+                yield [items[cut]]
+            start = cut + 1
 
     def _spill(
         self,
