@@ -734,15 +734,22 @@ class _Sealer:
         lane["in"] = []
         self._append_to_run(run, jobs)
 
-    def _append_to_run(self, run: dict[str, Any], jobs: list[Job]) -> None:
-        """`jobs` (sorted, none before the run's last) become segments at the
-        end of `run`."""
+    @staticmethod
+    def _extend_run(run: dict[str, Any], jobs: list[Job]) -> tuple[float, float]:
+        """`run`'s bounds and count take in `jobs` (sorted, none before its
+        last), appended to it; their earliest and latest run_at."""
         lo, hi = jobs[0]["run_at"], max(j["run_at"] for j in jobs)
         run["lo"] = min(run.get("lo", lo), lo)
         run["top"] = max(run.get("top", hi), hi)
         run["last"] = list(job_key(jobs[-1]))
-        # The jobs move into the run's chain, and on into segments.
         run["n"] += len(jobs)
+        return lo, hi
+
+    def _append_to_run(self, run: dict[str, Any], jobs: list[Job]) -> None:
+        """`jobs` (sorted, none before the run's last) become segments at the
+        end of `run`."""
+        self._extend_run(run, jobs)
+        # The jobs move into the run's chain, and on into segments.
         run["in"] = jobs
         # A job too large for a merge to rewrite is a segment of its own: a
         # merge moves it by reference, its segment whole (_movable).
@@ -868,6 +875,18 @@ class _Sealer:
             if (place := chain.first()) is not None:
                 fronts.append((job_key(place.item), i, place))
         heapq.heapify(fronts)
+
+        def next_front(i: int) -> bool:
+            """Source `i`'s next job joins the fronts; False when it is not
+            known here (not at hand: the next part goes on)."""
+            try:
+                front = chains[i].first()
+            except SegmentMissing:
+                return False
+            if front is not None:
+                heapq.heappush(fronts, (job_key(front.item), i, front))
+            return True
+
         moved: list[Job] = []
         size = 0
         while fronts:
@@ -886,12 +905,8 @@ class _Sealer:
                         moved = []
                     self._append_segment(into, chains[i].take_front_segment(), whole)
                     size += MOVE_COST
-                    try:
-                        place_next = chains[i].first()
-                    except SegmentMissing:
+                    if not next_front(i):
                         break
-                    if place_next is not None:
-                        heapq.heappush(fronts, (job_key(place_next.item), i, place_next))
                     continue
                 heapq.heappop(fronts)  # it cannot move: its run leaves the merge
                 _unmark(sources[i])
@@ -907,12 +922,8 @@ class _Sealer:
             chains[i].pop_front(place)
             moved.append(dict(place.item))
             size += cost
-            try:
-                place_next = chains[i].first()
-            except SegmentMissing:
-                break  # its next job is not known here: the next part goes on
-            if place_next is not None:
-                heapq.heappush(fronts, (job_key(place_next.item), i, place_next))
+            if not next_front(i):
+                break
         for run, chain in zip(sources, chains, strict=True):
             if chain.count == 0:
                 runs.remove(run)
@@ -956,11 +967,7 @@ class _Sealer:
     def _append_segment(self, run: dict[str, Any], ref: dict[str, Any], jobs: list[Job]) -> None:
         """The segment `ref` (moved whole from another run) goes at the end of
         `run`; `jobs` are its live jobs, sorted, none before the run's last."""
-        lo, hi = jobs[0]["run_at"], max(j["run_at"] for j in jobs)
-        run["lo"] = min(run.get("lo", lo), lo)
-        run["top"] = max(run.get("top", hi), hi)
-        run["last"] = list(job_key(jobs[-1]))
-        run["n"] += len(jobs)
+        lo, hi = self._extend_run(run, jobs)
         run["segs"].append({**ref, "lo": lo, "hi": hi})
 
     def _merge_manifests(self, chain: Chain) -> bool:
