@@ -363,6 +363,25 @@ async def test_a_due_the_owner_lost_is_found_at_its_next_idle_check(
     assert "t was due unnoticed" in caplog.text
 
 
+async def test_a_topic_handed_back_to_its_owner_leaves_this_brokers_cache(
+    start_broker: StartBroker,
+) -> None:
+    """A broker that wrote a topic while its owner did not answer hands it back
+    when something on it falls due. What it held of the topic goes then: kept,
+    that copy went stale as the owner wrote on, and the next time the owner
+    did not answer, the copy's long-past lease passed for a due this broker
+    had lost (a false "due unnoticed" warning, and a needless tend)."""
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2)
+    owner, other = owner_and_other(brokers, "t")
+    other.membership.suspect(owner.settings.broker_id, 0.2)  # this broker writes it a while
+    await other.engine.enqueue("t", [JobSpec(1, id="a")])
+    await other.engine.claim("t", "w", lease=0.5)
+    assert other.membership.owns("t") and "t" in other.duties.due_topics()
+    await until(lambda: owner.duties.reaped == 1, within=10)  # handed back, reaped there
+    await until(lambda: "t" not in other.engine.known_topics(), within=5)
+
+
 async def test_a_topic_whose_leases_are_corrupt_is_not_tended_in_a_loop(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

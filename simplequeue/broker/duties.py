@@ -249,8 +249,12 @@ class Duties:
         if owner != self.membership.me and self.hand_over is not None:
             with contextlib.suppress(Exception):
                 if await self.hand_over(topic, owner):
+                    # Its owner reads it again and takes it from here. What this
+                    # broker held of it goes: it would go stale as the owner
+                    # writes on, and its past dues pass for lost ones here.
                     self._let_go(topic)
-                    return  # its owner reads it again and takes it from here
+                    self.engine.forget([topic])
+                    return
         try:
             reaped, due = await self.engine.tend(topic)
             self.reaped += reaped.get("pending", 0) + reaped.get("dead", 0)
