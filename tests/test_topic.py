@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from simplequeue import keys
-from simplequeue.api import JobSpec
+from simplequeue.api import FollowUpSpec, JobSpec
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
 from simplequeue.state import IdFilter, Loaded, Segment, TopicState
 from simplequeue.state.chain import Chain, new_chain
@@ -598,6 +598,37 @@ def test_a_priority_is_free_again_once_no_job_of_it_is_held() -> None:
     s = reload(s)
     full()
     assert s.head["prios"] == {"5": 1, "6": 1}
+
+
+@pytest.mark.parametrize("counted", [True, False], ids=["counted", "head-without-counts"])
+def test_an_acks_follow_up_may_take_the_priority_the_acked_job_frees(counted: bool) -> None:
+    """The acked job is the last of its priority in a topic at lanes_max, and
+    its follow-up (same topic) has a new priority: after the ack the topic
+    holds lanes_max priorities again. The follow-up was counted before the
+    acked job left, so the ack was refused ("more than 2 distinct
+    priorities") and the job could never be acked with it (a Worker nacks it
+    and runs it again). A refused ack still changes nothing."""
+    s = fresh(lanes_max=2)
+    s.enqueue([JobSpec(1, id="a", priority=1), JobSpec(2, id="b", priority=2)], T0)
+    [b] = s.claim("w", 30, 1, T0)
+    if not counted:  # as an earlier version wrote it: counted when first needed
+        del s.head["prios"]
+    before = orjson.dumps(s.head)
+    with pytest.raises(InvalidRequest, match="more than 2 distinct priorities"):
+        s.ack(
+            "b",
+            b["lease_token"],
+            None,
+            T0,
+            [FollowUpSpec(3, priority=3), FollowUpSpec(4, priority=4)],
+        )
+    if counted:  # else the counts, counted, may stay
+        assert orjson.dumps(s.head) == before
+    assert s.head.get("prios", {"1": 1, "2": 1}) == {"1": 1, "2": 1}
+    answer = s.ack("b", b["lease_token"], None, T0, [FollowUpSpec("next", priority=3)])
+    assert answer == {"id": "b", "status": "completed", "enqueued": ["b:0"]}
+    assert s.head["prios"] == {"1": 1, "3": 1}
+    assert sorted(j["priority"] for j in s.pending_jobs()) == [1, 3]
 
 
 def test_a_head_written_before_priorities_were_counted_has_them_counted() -> None:

@@ -497,10 +497,19 @@ class TopicState(Layout):
             else:
                 elsewhere.append(_follow_up(spec, follow_id, now))
         if here:
-            self.enqueue(here, now)  # raises before it changes anything
+            # The acked job's priority is free for them: the last of it acked
+            # with a follow-up of a new one keeps a topic at lanes_max.
+            self._prios()  # counted with the acked job, if the head has no counts
+            self._let_go(place.item)
+            try:
+                self.enqueue(here, now)  # raises before it changes anything
+            except Exception:
+                self._hold(place.item)  # nor does the ack
+                raise
+        else:
+            self._let_go(place.item)
         self.dirty = True
         self._drop_lease(place)
-        self._let_go(place.item)
         self.head["counters"]["completed"] += 1
         self._retain(place.item, "completed", now, result=result)
         for item in elsewhere:
