@@ -87,6 +87,8 @@ def test_a_cron_schedule_in_a_time_zone_has_its_next_slot_in_that_zone() -> None
         (ScheduleRequest(1, cron="61 * * * *"), "bad cron"),
         (ScheduleRequest(1, cron="0 0 31 2 *"), "bad cron"),
         (ScheduleRequest(1, cron="* * * * *", tz="Mars/Olympus"), "time zone"),
+        (ScheduleRequest(1, cron="* * * * *", tz="localtime"), "time zone 'localtime'"),
+        (ScheduleRequest(1, cron="* * * * *", tz="Factory"), "time zone 'Factory'"),
         (ScheduleRequest(1, every=5, tz="UTC"), "tz"),
     ],
 )

@@ -38,6 +38,11 @@ def check_definition(every: int | None, cron: str | None, tz: str | None) -> Non
         return
     if len(cron.split()) != 5:
         raise InvalidRequest("a cron expression has five fields: minute hour day month weekday")
+    if tz in _HOSTS_OWN:
+        raise InvalidRequest(
+            f"time zone {tz!r} is not a zone but a host's setting (brokers may differ): "
+            "name one, such as 'Europe/Paris'"
+        )
     zone = _zone(tz)
     try:
         CronSim(cron, datetime(2000, 1, 1, tzinfo=zone))
@@ -45,6 +50,11 @@ def check_definition(every: int | None, cron: str | None, tz: str | None) -> Non
         raise InvalidRequest(f"bad cron expression {cron!r}: {exc}") from None
     if next_after(_definition(every, cron, tz), 0.0) is None:
         raise InvalidRequest(f"{_NEVER}: {cron!r}")
+
+
+# Names tzdata may hold that are not a place's zone: "localtime" is the host's
+# (brokers on two hosts would fire a schedule at two times), "Factory" none.
+_HOSTS_OWN = frozenset({"localtime", "Factory", "posixrules"})
 
 
 def _definition(every: int | None, cron: str | None, tz: str | None) -> dict[str, Any]:
