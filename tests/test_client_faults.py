@@ -433,3 +433,34 @@ async def test_a_payload_json_cannot_hold_fails_its_own_enqueue_not_its_batchs(
         )
         assert isinstance(results.pop(3), RecursionError)
         assert results == [f"k{i}" for i in range(10) if i != 3]
+
+
+@pytest.mark.parametrize("owner", ["http://127.0.0.1:99999", "http://[::1"])
+async def test_an_owner_no_url_can_name_is_not_followed(owner: str) -> None:
+    """A broker (or a proxy rewriting headers) named a topic's owner with a
+    port past 65535 or a bracket left open: the client kept it, and every
+    later request of the topic raised a bare ValueError (building its URL)
+    for the life of the client. Such an owner is not followed."""
+    from aiohttp import web
+
+    counts = dict.fromkeys(api.Counts.__struct_fields__, 0)
+    seen: list[str] = []
+
+    async def status(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response(counts, headers={api.OWNER_HEADER: owner})
+
+    app = web.Application()
+    app.add_routes([web.get("/topics/{t}/status", status)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with Client(url, topic="t") as q:
+            for _ in range(3):
+                assert (await prompt(q.status()))["pending"] == 0
+        assert seen == ["/topics/t/status"] * 3
+    finally:
+        await runner.cleanup()

@@ -326,7 +326,7 @@ class Client:
                 raw = await response.read()
                 owner = response.headers.get(api.OWNER_HEADER)
                 if owner and path.startswith("/topics/"):
-                    self._owner = owner.rstrip("/")
+                    self._owner = _broker_url_or_none(owner)
                 return response.status, raw, response.headers.get(api.REPLAYED_HEADER) == "1"
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, cut short
             if base == self._owner and self._owner != self.url:
@@ -705,6 +705,16 @@ def _error_of(raw: bytes) -> api.Error | None:
     try:
         return msgspec.json.decode(raw, type=api.Error)
     except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _broker_url_or_none(url: str) -> str | None:
+    """`url` if it can name a broker, else None: an owner named by a broker
+    that says what no URL can (a port past 65535) is not followed, and every
+    request of the topic goes on through the broker given."""
+    try:
+        return api.check_broker_url(url)
+    except ValueError:
         return None
 
 
