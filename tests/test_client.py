@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -281,6 +283,24 @@ async def test_sync_client_for_topic_and_job_dict(start_broker: StartBroker) -> 
 
     job = await asyncio.to_thread(script)
     assert (job["payload"], job["status"]) == ("x", "pending")
+
+
+def test_an_interrupted_sync_call_stops_in_its_loop_too(broker_process: Any) -> None:
+    """Ctrl-C in a script interrupted SyncClient's wait, not its call: the
+    claim long-polled on in the client's loop thread, took the next job
+    enqueued and dropped it (claimed by nobody until its lease ran out)."""
+    broker = broker_process("--backend", "memfs")
+    with SyncClient(broker.url, topic="t") as q, SyncClient(broker.url, topic="t") as other:
+        main = threading.main_thread().ident
+        assert main is not None
+        ctrl_c = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+        ctrl_c.start()
+        with pytest.raises(KeyboardInterrupt):
+            q.claim("w", lease=60, wait=30)
+        ctrl_c.join()
+        other.enqueue("x", id="x")
+        job = other.claim("w2", wait=10)
+        assert job is not None and job.id == "x"
 
 
 # --- discovery ------------------------------------------------------------------------

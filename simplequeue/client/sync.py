@@ -94,7 +94,14 @@ class SyncClient:
         return SyncClient._wrapping(make)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted (Ctrl-C): the call stops in the loop too, as an
+            # async caller's cancelled call does, and does not go on unseen.
+            future.cancel()
+            raise
 
     @property
     def client(self) -> Client:
