@@ -197,6 +197,15 @@ async def test_token_from_the_environment(start_broker: StartBroker) -> None:
     assert ok.returncode == 0, ok.stderr
 
 
+async def test_work_with_a_wrong_token_fails_and_says_why(start_broker: StartBroker) -> None:
+    """It logged "claim failed" every second and never exited. (Its banner and
+    the worker's log come before the error's line.)"""
+    broker = await start_broker(MemStore(), token="t0k")
+    done = await Cli("--broker", broker.url, "--token", "wrong")("work", "--", "cat", within=30)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == "Error: Unauthorized: missing or wrong bearer token"
+
+
 async def test_discover_through_broker_json(start_broker: StartBroker, tmp_path: Path) -> None:
     await start_broker(LocalStore(tmp_path))
     cli = Cli("--discover", "--dir", str(tmp_path), "--topic", "found")

@@ -17,7 +17,7 @@ import pytest
 from simplequeue.api import MAX_BATCH
 from simplequeue.client import Backoff, Client, Done, Job, Worker
 from simplequeue.client.worker import AHEAD_MAX, ClaimAhead
-from simplequeue.errors import BrokerUnavailable
+from simplequeue.errors import BrokerUnavailable, Unauthorized
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
@@ -666,6 +666,40 @@ async def test_a_claim_failing_with_an_error_not_the_sdks_is_logged_and_claiming
     [record] = [r for r in caplog.records if "claim failed" in r.getMessage()]
     assert record.name == "simplequeue.worker" and record.exc_info is not None
     assert isinstance(record.exc_info[1], RuntimeError)
+
+
+async def test_a_worker_whose_claims_are_refused_for_good_stops_and_raises_why(
+    start_broker: StartBroker,
+) -> None:
+    """A claim refused for good (a wrong token, a 400) was logged as failed
+    and sent again every second, for ever: run() never returned, no job ran,
+    and nothing said so but the log. The worker now stops claiming, runs what
+    it holds, and raises the refusal."""
+    broker = await start_broker(MemStore(), token="t0k")
+    async with Client(broker.url, topic="w", token="wrong") as q:
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        with pytest.raises(Unauthorized):
+            await asyncio.wait_for(Worker(q, nothing, handle_signals=False).run(), 15)
+        with pytest.raises(ValueError, match="lease"):  # the broker refuses past 12 h
+            Worker(q, nothing, lease=86_400, handle_signals=False)
+
+
+async def test_a_burst_worker_raises_when_no_broker_answers() -> None:
+    """A burst worker returns once the topic is empty; with no broker to say
+    so it claimed again every second, for ever (a script draining a queue
+    hung). A claim that no broker answered, after the client's retries, ends
+    its run with BrokerUnavailable."""
+    async with Client("http://127.0.0.1:9", topic="w", retries=2, retry_budget=1) as q:
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, burst=True, handle_signals=False)
+        with pytest.raises(BrokerUnavailable):
+            await asyncio.wait_for(worker.run(), 15)
 
 
 # --- acks -------------------------------------------------------------------------------

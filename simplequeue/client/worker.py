@@ -55,11 +55,13 @@ from simplequeue.client.client import UNSENDABLE, Client, encode
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
 from simplequeue.errors import (
+    BrokerUnavailable,
     InvalidRequest,
     JobCancelled,
     JobNotFound,
     LeaseLost,
     SimpleQueueError,
+    Unauthorized,
 )
 
 # One name for the Worker's log, wherever the module lives: applications and the
@@ -210,6 +212,8 @@ class Worker:
         ):
             if value is not None:
                 api.check_seconds(name, value, above_zero=True)
+        if lease is not None:  # the broker refuses longer ones, every claim
+            api.check_seconds("lease", lease, above_zero=True, at_most=api.MAX_LEASE)
         api.check_seconds("wait", wait, at_most=api.MAX_WAIT)  # a claim's long poll
         self.client = client
         self.handler = handler
@@ -242,6 +246,7 @@ class Worker:
         self._asked = 0  # jobs asked for by claims whose answers are not in the buffer yet
         self._taken = 0  # jobs claimed so far (max_jobs counts them)
         self._dry = False  # burst: a claim found nothing; claim again once a job ends
+        self._failed: SimpleQueueError | None = None  # what no claim will get past: run() raises it
         # Answers go into the buffer in the order their claims were sent.
         self._sent = 0
         self._delivered = 0
@@ -264,6 +269,7 @@ class Worker:
     async def run(self) -> None:
         """Claim and process until stop() or a signal; then drain and return."""
         self._done.clear()
+        self._failed = None
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             _signals.join(loop, self)
@@ -279,6 +285,8 @@ class Worker:
                 await self._stop_beats(held)
             _signals.leave(loop, self)
             self._done.set()
+        if self._failed is not None:
+            raise self._failed
 
     def _on_signal(self) -> None:
         log.info(
@@ -385,7 +393,12 @@ class Worker:
             )
             self.ahead.claimed(time.monotonic() - sent, count, len(jobs))
         except Exception as exc:  # logged, and the claim's place held a while: see below
-            log.warning("claim failed: %s", exc, exc_info=not isinstance(exc, SimpleQueueError))
+            if isinstance(exc, InvalidRequest | Unauthorized):
+                self._give_up(exc)  # every claim would be refused so
+            elif self.burst and isinstance(exc, BrokerUnavailable):
+                self._give_up(exc)  # whether the topic is empty cannot be known
+            else:
+                log.warning("claim failed: %s", exc, exc_info=not isinstance(exc, SimpleQueueError))
         finally:  # answered, failed or cancelled: later claims must not wait for it
             self._answers[seq] = (count, jobs)
             self._deliver()
@@ -393,6 +406,14 @@ class Worker:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
                 async with asyncio.timeout(1.0):
                     await self._stopping.wait()
+
+    def _give_up(self, exc: SimpleQueueError) -> None:
+        """Stop claiming for good: run() drains the jobs in hand, then raises `exc`."""
+        log.error("claim failed: %s; stopping", exc)
+        if self._failed is None:
+            self._failed = exc
+        self._stopping.set()
+        self._room.set()
 
     def _claim_done(self, claim: asyncio.Task[None]) -> None:
         self._claims.discard(claim)
