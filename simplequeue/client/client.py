@@ -6,7 +6,9 @@ broker or anything between them answers:
   retried with tenacity (bounded, jittered: `retries` tries, each started
   within `retry_budget`, by default twice `timeout`, of the call's start and
   the wait it asked for, if any); a client made by `discover`
-  re-reads broker.json when its broker stops answering;
+  re-reads broker.json when its broker stops answering, and while it names
+  no live broker (a hand-over under way) those tries count against the
+  budget, not against `retries`;
 - every other failure raises an error of simplequeue.errors: the class the
   broker's status stands for (errors.for_status), or BrokerError with the
   status for anything the API does not answer (a proxy's 500, an HTML page);
@@ -35,7 +37,6 @@ from tenacity import (
     AsyncRetrying,
     RetryError,
     retry_if_exception_type,
-    stop_after_attempt,
     stop_after_delay,
     wait_random_exponential,
 )
@@ -111,11 +112,15 @@ AckItem = tuple[Job | str, Any] | tuple[Job | str, Any, Iterable[Any] | None]
 
 
 class _Retry(Exception):
-    """A transient failure: the broker was unreachable or could not answer now."""
+    """A transient failure: the broker was unreachable or could not answer now.
+    `tried`: False when there was no broker to try (broker.json names none
+    alive: a hand-over under way), which counts against the retry budget but
+    not as one of the `retries` tries."""
 
-    def __init__(self, error: SimpleQueueError) -> None:
+    def __init__(self, error: SimpleQueueError, *, tried: bool = True) -> None:
         super().__init__(str(error))
         self.error = error
+        self.tried = tried
 
 
 class _Replayed(Exception):
@@ -243,12 +248,16 @@ class Client:
         API's {"error"} body is returned with no answer instead of raised;
         every other failure raises. `done_if_repeated`: that error, answered to
         a try that may repeat one that landed (a DELETE's 404), is success."""
-        attempts = 0
+        attempts = untried = 0
 
         async def once() -> tuple[int, A | None, bool]:
-            nonlocal attempts
+            nonlocal attempts, untried
             attempts += 1
-            status, raw, replayed = await self._send(method, path, body, wait)
+            try:
+                status, raw, replayed = await self._send(method, path, body, wait)
+            except _Retry as retry:
+                untried += not retry.tried
+                raise
             repeated = attempts > 1 or replayed
             try:
                 got = self._answer(status, raw, answer, expected)
@@ -259,11 +268,11 @@ class Client:
             return status, got, repeated
 
         def retrying(elapsed: float) -> AsyncRetrying:
+            # A long poll's answer comes after its wait: the budget then.
+            spent = stop_after_delay(max(0.0, self.retry_budget + wait - elapsed))
             return AsyncRetrying(
                 retry=retry_if_exception_type(_Retry),
-                stop=stop_after_attempt(self.retries)
-                # A long poll's answer comes after its wait: the budget then.
-                | stop_after_delay(max(0.0, self.retry_budget + wait - elapsed)),
+                stop=lambda state: spent(state) or attempts - untried >= self.retries,
                 wait=wait_random_exponential(multiplier=0.1, max=2.0),
                 reraise=False,
             )
@@ -343,7 +352,7 @@ class Client:
         try:
             self.url = await find_broker(self.store, self.max_age)
         except SimpleQueueError as exc:
-            raise _Retry(BrokerUnavailable(f"no broker: {exc}")) from exc
+            raise _Retry(BrokerUnavailable(f"no broker: {exc}"), tried=False) from exc
 
     async def close(self) -> None:
         await self._enqueues.close()

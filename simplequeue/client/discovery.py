@@ -21,6 +21,11 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
     if current is None:
         raise BrokerUnavailable("no broker.json in the store: no broker has run here")
     record, _ = current
+    if record.resigned:
+        raise BrokerUnavailable(
+            f"broker.json names {record.url}, which stopped: no broker is active "
+            "(a standby takes it over within a third of its --broker-lease)"
+        )
     age = record.age(store.now())  # the heartbeat is on the store's clock too
     if age > max_age:
         raise BrokerUnavailable(
