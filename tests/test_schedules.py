@@ -269,6 +269,11 @@ async def test_schedules_over_http_and_the_sdk(start_broker: StartBroker) -> Non
         with pytest.raises(ScheduleNotFound):
             await q.unschedule("report")
         assert [x.name for x in await q.schedules()] == ["tick"]
+        # "" made the path /schedules/, no route: answered as a missing *job*.
+        with pytest.raises(InvalidRequest, match="schedule names are"):
+            await q.unschedule("")
+        with pytest.raises(InvalidRequest, match="schedule names are"):
+            await q.schedule("", "hi", every=60)
 
 
 async def consume(q: Client, seen: list[str], until: float) -> None:

@@ -655,7 +655,7 @@ class Client:
         body = api.ScheduleRequest(
             payload, every=every, cron=cron, tz=tz, priority=priority, max_attempts=max_attempts
         )
-        path = self._t(f"/schedules/{_segment(name)}")
+        path = self._t(f"/schedules/{_segment(api.check_schedule_name(name))}")
         return await self.request("PUT", path, api.Schedule, body)
 
     async def schedules(self) -> list[api.Schedule]:
@@ -664,7 +664,7 @@ class Client:
     async def unschedule(self, name: str) -> None:
         """Delete the schedule `name`; ScheduleNotFound if there is none (not
         when a retried try finds it gone: its first try deleted it)."""
-        path = self._t(f"/schedules/{_segment(name)}")
+        path = self._t(f"/schedules/{_segment(api.check_schedule_name(name))}")
         await self.call("DELETE", path, api.Unscheduled, done_if_repeated=ScheduleNotFound)
 
     async def settings(self, **limits: Any) -> dict[str, Any]:
