@@ -270,6 +270,25 @@ async def test_one_id_sent_to_two_topics_is_delivered_to_each(
     assert (await engine.status("b"))["enqueued"] == 1
 
 
+async def test_follow_ups_two_topics_send_one_with_one_derived_id_are_not_lost_unseen(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Job ids are a topic's: topics a and b may both hold "order-1", and each
+    acked with a follow-up for "notify" derives "order-1:0" (SPEC 9: from the
+    source job's id and its index). notify takes the second for a repeat of
+    the first. Nothing said so; the delivering owner now logs it, with what
+    to do (the README says it too)."""
+    broker = await start_broker(MemStore())
+    for source in ("a", "b"):
+        job = await claimed(broker.engine, source, "order-1")
+        follow_up = FollowUpSpec(f"from {source}", topic="notify")
+        await broker.engine.ack(source, "order-1", job["lease_token"], None, [follow_up])
+    await until(lambda: broker.duties.delivered == 2, within=5)
+    assert (await broker.engine.status("notify"))["enqueued"] == 1
+    [said] = [r.getMessage() for r in caplog.records if "in notify already" in r.getMessage()]
+    assert said.endswith("need ids of their own") and ": order-1:0." in said
+
+
 async def test_a_corrupt_target_holds_back_no_other_topics_follow_ups(
     start_broker: StartBroker,
 ) -> None:

@@ -342,7 +342,7 @@ class Duties:
         refused: list[dict[str, Any]] = []
         for part in _parts(items, self.settings.deliver_bytes):
             try:
-                took, not_taken = await self._taking(target, part, now)
+                took, not_taken = await self._taking(source, target, part, now)
             except SimpleQueueError as exc:
                 log.warning("follow-ups of %s for %s: %s; again in a while", source, target, exc)
                 return taken, refused, True
@@ -351,7 +351,7 @@ class Duties:
         return taken, refused, False
 
     async def _taking(
-        self, target: str, items: list[dict[str, Any]], now: float
+        self, source: str, target: str, items: list[dict[str, Any]], now: float
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(those of `items` that `target` took, those it refused). A request
         refused as too large (the target's --max-body is smaller than this
@@ -370,7 +370,18 @@ class Duties:
             for i in items
         ]
         try:
-            await self.deliver_to.enqueue(target, specs)
+            answers = await self.deliver_to.enqueue(target, specs)
+            if already := [a["id"] for a in answers if a["duplicate"]]:
+                log.warning(
+                    "follow-ups of %s were in %s already, not enqueued again: %s. Each is "
+                    "a delivery repeated after a fault, or another job's follow-up of the "
+                    "same id: an id derived from the acked job's (<job id>:<index>) is "
+                    "unique in its own topic only, so follow-ups that several topics send "
+                    "to one need ids of their own",
+                    source,
+                    target,
+                    ", ".join(already[:10]),
+                )
             return items, []
         except PayloadTooLarge as exc:
             if len(items) == 1:
@@ -385,7 +396,7 @@ class Duties:
         taken: list[dict[str, Any]] = []
         refused: list[dict[str, Any]] = []
         for part in parts:
-            took, not_taken = await self._taking(target, part, now)
+            took, not_taken = await self._taking(source, target, part, now)
             taken += took
             refused += not_taken
         return taken, refused
