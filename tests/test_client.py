@@ -4,11 +4,13 @@ errors, the sync client, discovery and re-discovery."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -268,6 +270,23 @@ async def test_sync_client_raises_the_same_errors(start_broker: StartBroker) -> 
     def script() -> None:
         with SyncClient(broker.url) as q, pytest.raises(JobNotFound):
             q.job("ghost")
+
+    await asyncio.to_thread(script)
+
+
+async def test_a_closed_sync_client_says_so(start_broker: StartBroker) -> None:
+    """A call after close() raised "Event loop is closed" and warned of a
+    coroutine never awaited."""
+    broker = await start_broker(MemStore())
+
+    def script() -> None:
+        q = SyncClient(broker.url, topic="t")
+        q.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "never awaited"
+            with pytest.raises(RuntimeError, match="this SyncClient is closed"):
+                q.status()
+            gc.collect()
 
     await asyncio.to_thread(script)
 

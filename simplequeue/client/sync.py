@@ -94,6 +94,9 @@ class SyncClient:
         return SyncClient._wrapping(make)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()  # never to run: no "never awaited" warning
+            raise RuntimeError("this SyncClient is closed")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result()
