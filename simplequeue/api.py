@@ -51,6 +51,7 @@ def client_keepalive(brokers_keepalive: float = BROKER_KEEPALIVE) -> float:
 MAX_BATCH = 1000  # jobs, claims or acks in one request
 MAX_WAIT = 60.0  # seconds a long poll may wait
 MAX_LEASE = 12 * 3600.0  # seconds
+CLAIM_ATTEMPTS_KEPT_S = 300.0  # how long a claim's answer is kept for its retries
 MAX_DELAY = 366 * 86400.0  # seconds
 MAX_ERROR = 4096  # characters of an error message kept with a job
 # JSON values (payloads, results, errors) are stored inside the topic's objects,
@@ -63,6 +64,7 @@ _PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+\Z"
 JobId = Annotated[str, Meta(min_length=1, max_length=256, pattern=_PRINTABLE)]
 WorkerId = Annotated[str, Meta(min_length=1, max_length=256, pattern=_PRINTABLE)]
 LeaseToken = Annotated[str, Meta(min_length=1, max_length=256)]
+AttemptId = Annotated[str, Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
 Priority = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
 Delay = Annotated[float, Meta(ge=0, le=MAX_DELAY)]
 Attempts = Annotated[int, Meta(ge=0, le=1_000_000)]
@@ -111,6 +113,12 @@ class ClaimRequest(_Request):
     lease: Lease | None = None  # None: the broker's --lease
     wait: Wait = 0.0  # long-poll up to this many seconds for a job
     count: Count | None = None  # given: answer {"jobs": [...]}; else {"job": ...}
+    # The caller's name for this claim, the same on each of its retries: a
+    # retry of a claim whose answer was lost after it landed gets the jobs it
+    # claimed again (those it still holds) rather than more (the owner keeps
+    # answers CLAIM_ATTEMPTS_KEPT_S, in memory: best effort, as SQS's
+    # ReceiveRequestAttemptId). The SDK sends one with every claim.
+    attempt_id: AttemptId | None = None
 
 
 class FollowUpSpec(JobSpec):

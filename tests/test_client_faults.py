@@ -150,6 +150,28 @@ async def test_a_502_on_claim_is_retried_and_the_claim_succeeds(
     assert proxy.requests["/topics/t/claim"] == 2
 
 
+async def test_a_retried_claim_whose_first_try_landed_gets_that_tries_job(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """A claim's answer lost after it landed (a 502 after the broker) was
+    retried like any call, and the retry claimed another job: the first lay
+    claimed by nobody until its lease ran out, an attempt spent (with
+    max_attempts=1, dead without ever being run). The retry names the same
+    attempt, and gets the job the first try claimed."""
+    proxy, through, direct = proxied
+    await direct.enqueue_many([{"payload": n, "id": f"j{n}", "max_attempts": 1} for n in range(3)])
+    proxy.fail("/claim", "landed-502")
+    job = await prompt(through.claim("w", lease=60))
+    assert proxy.requests["/topics/t/claim"] == 2  # retried
+    assert job is not None and job.id == "j0"
+    assert (await direct.status())["claimed"] == 1
+    proxy.fail("/claim", "landed-502")
+    jobs = await prompt(through.claim_many("w", 2, lease=60))
+    assert [j.id for j in jobs] == ["j1", "j2"]
+    assert (await direct.status())["claimed"] == 3
+    await through.ack(job)  # with the token the retry answered
+
+
 async def test_a_claim_whose_answer_was_cut_short_is_retried(
     proxied: tuple[FaultProxy, Client, Client],
 ) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -151,6 +152,19 @@ class TopicOps(Protocol):
         ...
 
 
+# Claimed jobs kept for their claims' retries (api.ClaimRequest.attempt_id), at
+# most (about 100 bytes each): the oldest claims' answers go first.
+CLAIM_ATTEMPTS_KEPT = 100_000
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """A claim's answer, kept for its retries until `until` (monotonic)."""
+
+    until: float
+    jobs: list[tuple[str, str]]  # (job id, lease token)
+
+
 class Engine:
     """Queue operations over a GroupCommitter. Arguments arrive validated (as the
     types of simplequeue.api); the engine checks that values can be stored and
@@ -158,6 +172,11 @@ class Engine:
 
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
+        # Claims answered lately, by topic, worker and the caller's attempt id
+        # (api.ClaimRequest.attempt_id). Oldest first.
+        self._answered: OrderedDict[tuple[str, str, str], _Answered] = OrderedDict()
+        self._answered_jobs = 0  # in all of them
+        self.claims_answered_again = 0
 
     async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
         """Enqueue jobs; each answer is {"id", "duplicate"}. All or nothing: one
@@ -187,9 +206,16 @@ class Engine:
         lease: float | None = None,
         count: int = 1,
         wait: float = 0.0,
+        attempt_id: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Claim up to `count` jobs, long-polling up to `wait` seconds for one."""
+        """Claim up to `count` jobs, long-polling up to `wait` seconds for one.
+        With `attempt_id`, a claim this broker answered lately under the same
+        id (by the same worker) is answered again with the jobs it still
+        holds, if any, instead of claiming more (a retry whose first try's
+        answer was lost)."""
         keys.check_topic(topic)
+        if attempt_id is not None and (again := await self._again(topic, worker_id, attempt_id)):
+            return again
         error = self.committer.clock_error
         jobs = await self._poll(
             topic,
@@ -199,7 +225,36 @@ class Engine:
             # sit until their leases run out.
             undo=lambda got: _unclaim_all(got.jobs) if got.jobs else None,
         )
+        if attempt_id is not None and jobs:
+            self._remember(topic, attempt_id, worker_id, jobs)
         return [public(j, "claimed") for j in jobs]
+
+    def _remember(self, topic: str, attempt_id: str, worker_id: str, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        answered, key = self._answered, (topic, worker_id, attempt_id)
+        if (old := answered.pop(key, None)) is not None:
+            self._answered_jobs -= len(old.jobs)
+        answered[key] = _Answered(
+            now + api.CLAIM_ATTEMPTS_KEPT_S, [(j["id"], j["lease_token"]) for j in jobs]
+        )
+        self._answered_jobs += len(jobs)
+        while answered and (
+            self._answered_jobs > CLAIM_ATTEMPTS_KEPT or next(iter(answered.values())).until < now
+        ):
+            self._answered_jobs -= len(answered.popitem(last=False)[1].jobs)
+
+    async def _again(self, topic: str, worker_id: str, attempt_id: str) -> list[dict[str, Any]]:
+        """The jobs that claim `attempt_id` of `worker_id` was answered with here
+        lately and that it still holds (under the tokens it was given)."""
+        answered = self._answered.get((topic, worker_id, attempt_id))
+        if answered is None or answered.until < time.monotonic():
+            return []
+        held = await self.committer.read(
+            topic, lambda s, now: [s.held(job_id, token) for job_id, token in answered.jobs]
+        )
+        again = [public(j, "claimed") for j in held if j is not None]
+        self.claims_answered_again += bool(again)
+        return again
 
     async def pop(
         self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0

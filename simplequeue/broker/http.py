@@ -366,7 +366,12 @@ async def claim(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.ClaimRequest)
     jobs = await call.engine.claim(
-        topic, body.worker_id, lease=body.lease, count=body.count or 1, wait=body.wait
+        topic,
+        body.worker_id,
+        lease=body.lease,
+        count=body.count or 1,
+        wait=body.wait,
+        attempt_id=body.attempt_id,
     )
     if not jobs:
         raise NothingToClaim("no job is claimable")

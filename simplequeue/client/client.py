@@ -436,7 +436,8 @@ class Client:
     ) -> Job | None:
         """Claim the next job, long-polling up to `wait` seconds; None when empty.
         `lease=None`: the broker's --lease."""
-        body = api.ClaimRequest(worker_id, lease=lease, wait=wait)
+        # Its retries name it: one whose first try landed gets that try's job.
+        body = api.ClaimRequest(worker_id, lease=lease, wait=wait, attempt_id=api.new_id())
         _, answer, _ = await self.call(
             "POST", self._t("/claim"), api.Claimed, body, wait=wait, expected=_EMPTY
         )
@@ -446,7 +447,9 @@ class Client:
         self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         """Claim up to `count` jobs in one request."""
-        body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
+        body = api.ClaimRequest(
+            worker_id, lease=lease, wait=wait, count=count, attempt_id=api.new_id()
+        )
         _, answer, _ = await self.call(
             "POST", self._t("/claim"), api.ClaimedBatch, body, wait=wait, expected=_EMPTY
         )

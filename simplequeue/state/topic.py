@@ -473,6 +473,11 @@ class TopicState(Layout):
             raise LeaseLost(f"job {job_id!r} is claimed under another lease")
         return place
 
+    def held(self, job_id: str, token: str) -> Job | None:
+        """Job `job_id`'s lease record if it is claimed under `token` (a read)."""
+        place = self._lease_of(job_id)
+        return place.item if place is not None and place.item["lease_token"] == token else None
+
     def ack(
         self,
         job_id: str,
