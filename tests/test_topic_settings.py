@@ -146,6 +146,19 @@ def test_fields_left_out_stay_as_they_are() -> None:
     assert reread(s, T0).settings() == {"rate": 5.0, "max_claimed": 2, "burst": 1}
 
 
+async def test_settings_that_change_nothing_write_nothing(start_broker: StartBroker) -> None:
+    """`PUT /topics/t/settings {}` (or the settings as they are) wrote a head:
+    a topic nobody had enqueued to sprang into existence, listed with no jobs."""
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as q:
+        assert not any((await q.settings(rate=None)).values())
+        assert "t" not in await q.topics()
+        await q.settings(rate=5.0)
+        writes = broker.committer.stats.writes
+        assert (await q.settings(rate=5.0))["rate"] == 5.0
+        assert broker.committer.stats.writes == writes
+
+
 # --- through a broker -----------------------------------------------------------------------
 
 

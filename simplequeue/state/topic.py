@@ -965,7 +965,8 @@ class TopicState(Layout):
         left unset stay. The token bucket keeps its tokens (up to a new burst);
         it starts full when a rate is first set. A burst is its rate's: it goes
         with it, and is refused without one (InvalidRequest, nothing changed)."""
-        settings = dict(self.settings())
+        before = self.settings()
+        settings = dict(before)
         for field in ("rate", "burst", "max_claimed", "lease", "max_attempts"):
             value = getattr(changes, field)
             if value is None:
@@ -977,6 +978,8 @@ class TopicState(Layout):
                 raise InvalidRequest("burst is the size of a rate's bucket: set a rate with it")
             settings.pop("burst", None)  # hidden, it came back with the next rate
             self.head.pop("bucket", None)
+        if settings == before:
+            return settings  # nothing to write: no topic springs into existence for it
         if settings:
             self.head["settings"] = settings
         else:
