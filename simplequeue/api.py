@@ -115,9 +115,10 @@ class ClaimRequest(_Request):
     count: Count | None = None  # given: answer {"jobs": [...]}; else {"job": ...}
     # The caller's name for this claim, the same on each of its retries: a
     # retry of a claim whose answer was lost after it landed gets the jobs it
-    # claimed again (those it still holds) rather than more (the owner keeps
-    # answers CLAIM_ATTEMPTS_KEPT_S, in memory: best effort, as SQS's
-    # ReceiveRequestAttemptId). The SDK sends one with every claim.
+    # claimed again (those it still holds, leases unexpired) rather than more
+    # (the owner keeps answers CLAIM_ATTEMPTS_KEPT_S in memory, bounded: best
+    # effort, as SQS's ReceiveRequestAttemptId). The SDK sends one with every
+    # claim (and none to a broker older than it, which refuses the field).
     attempt_id: AttemptId | None = None
 
 

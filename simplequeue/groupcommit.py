@@ -302,6 +302,11 @@ class GroupCommitter:
         finally:
             t.waiters -= 1
 
+    def waiting(self, topic: str) -> int:
+        """How many long polls wait for a change of `topic` now."""
+        t = self._topics.get(topic)
+        return 0 if t is None else t.waiters
+
     def known_topics(self) -> list[str]:
         """The topics this broker holds in memory (read or written lately)."""
         return [name for name, t in self._topics.items() if t.committed is not None]

@@ -681,8 +681,11 @@ async def test_a_worker_whose_claims_are_refused_for_good_stops_and_raises_why(
         async def nothing(job: Job) -> None:
             return None
 
+        worker = Worker(q, nothing, handle_signals=False)
         with pytest.raises(Unauthorized):
-            await asyncio.wait_for(Worker(q, nothing, handle_signals=False).run(), 15)
+            await asyncio.wait_for(worker.run(), 15)
+        with pytest.raises(Unauthorized):  # again, not a run that claims nothing
+            await asyncio.wait_for(worker.run(), 15)
         with pytest.raises(ValueError, match="lease"):  # the broker refuses past 12 h
             Worker(q, nothing, lease=86_400, handle_signals=False)
 

@@ -153,16 +153,17 @@ class TopicOps(Protocol):
 
 
 # Claimed jobs kept for their claims' retries (api.ClaimRequest.attempt_id), at
-# most (about 100 bytes each): the oldest claims' answers go first.
-CLAIM_ATTEMPTS_KEPT = 100_000
+# most: the oldest claims' answers go first. About 450 bytes each with the
+# SDK's ids and a job a claim (130 with 100 a claim), so 23 MB at most.
+CLAIM_ATTEMPTS_KEPT = 50_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Answered:
     """A claim's answer, kept for its retries until `until` (monotonic)."""
 
     until: float
-    jobs: list[tuple[str, str]]  # (job id, lease token)
+    jobs: tuple[str, ...]  # "<job id>\0<lease token>" (ids hold no NUL: printable)
 
 
 class Engine:
@@ -176,7 +177,6 @@ class Engine:
         # (api.ClaimRequest.attempt_id). Oldest first.
         self._answered: OrderedDict[tuple[str, str, str], _Answered] = OrderedDict()
         self._answered_jobs = 0  # in all of them
-        self.claims_answered_again = 0
 
     async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
         """Enqueue jobs; each answer is {"id", "duplicate"}. All or nothing: one
@@ -214,8 +214,16 @@ class Engine:
         holds, if any, instead of claiming more (a retry whose first try's
         answer was lost)."""
         keys.check_topic(topic)
-        if attempt_id is not None and (again := await self._again(topic, worker_id, attempt_id)):
+        attempt = None if attempt_id is None else (topic, worker_id, attempt_id)
+        if attempt is not None and (again := await self._again(attempt)):
             return again
+        before = None if attempt is None else self._answered.get(attempt)
+
+        def answered_meanwhile() -> bool:
+            # By another try of this claim, still polling (its caller gone unseen).
+            now = None if attempt is None else self._answered.get(attempt)
+            return now is not None and now is not before
+
         error = self.committer.clock_error
         jobs = await self._poll(
             topic,
@@ -224,37 +232,42 @@ class Engine:
             # The caller went away: give the claims back rather than let them
             # sit until their leases run out.
             undo=lambda got: _unclaim_all(got.jobs) if got.jobs else None,
+            answered=None if attempt is None else answered_meanwhile,
         )
-        if attempt_id is not None and jobs:
-            self._remember(topic, attempt_id, worker_id, jobs)
+        if attempt is not None and answered_meanwhile():
+            if jobs:  # one try's jobs are the claim's: this one's go back
+                await self.committer.submit(topic, _unclaim_all(jobs))
+            return await self._again(attempt)
+        if attempt is not None and jobs:
+            self._remember(attempt, jobs)
         return [public(j, "claimed") for j in jobs]
 
-    def _remember(self, topic: str, attempt_id: str, worker_id: str, jobs: list[Job]) -> None:
+    def _remember(self, attempt: tuple[str, str, str], jobs: list[Job]) -> None:
+        """Keep what the claim `attempt` (topic, worker, attempt id) was answered."""
         now = time.monotonic()
-        answered, key = self._answered, (topic, worker_id, attempt_id)
-        if (old := answered.pop(key, None)) is not None:
-            self._answered_jobs -= len(old.jobs)
-        answered[key] = _Answered(
-            now + api.CLAIM_ATTEMPTS_KEPT_S, [(j["id"], j["lease_token"]) for j in jobs]
-        )
-        self._answered_jobs += len(jobs)
+        answered = self._answered
+        if (before := answered.pop(attempt, None)) is not None:
+            self._answered_jobs -= len(before.jobs)
+        held = tuple(f"{j['id']}\0{j['lease_token']}" for j in jobs)
+        answered[attempt] = _Answered(now + api.CLAIM_ATTEMPTS_KEPT_S, held)
+        self._answered_jobs += len(held)
         while answered and (
             self._answered_jobs > CLAIM_ATTEMPTS_KEPT or next(iter(answered.values())).until < now
         ):
             self._answered_jobs -= len(answered.popitem(last=False)[1].jobs)
 
-    async def _again(self, topic: str, worker_id: str, attempt_id: str) -> list[dict[str, Any]]:
-        """The jobs that claim `attempt_id` of `worker_id` was answered with here
-        lately and that it still holds (under the tokens it was given)."""
-        answered = self._answered.get((topic, worker_id, attempt_id))
+    async def _again(self, attempt: tuple[str, str, str]) -> list[dict[str, Any]]:
+        """The jobs the claim `attempt` was answered with here lately that its
+        caller still holds, under the tokens it was given (a read of the head:
+        another broker may have reaped them)."""
+        answered = self._answered.get(attempt)
         if answered is None or answered.until < time.monotonic():
             return []
-        held = await self.committer.read(
-            topic, lambda s, now: [s.held(job_id, token) for job_id, token in answered.jobs]
+        held = [tuple(h.split("\0", 1)) for h in answered.jobs]
+        found = await self.committer.read(
+            attempt[0], lambda s, now: [s.held(job_id, token, now) for job_id, token in held]
         )
-        again = [public(j, "claimed") for j in held if j is not None]
-        self.claims_answered_again += bool(again)
-        return again
+        return [public(j, "claimed") for j in found if j is not None]
 
     async def pop(
         self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
@@ -300,14 +313,16 @@ class Engine:
         wait: float,
         mutation: Callable[[TopicState, float], _Polled],
         undo: Any = None,
+        answered: Callable[[], bool] | None = None,
     ) -> list[Job]:
-        """Submit `mutation` until it returns jobs or `wait` seconds pass. Between
-        tries, wait for a commit, or for the topic's rate to allow a claim."""
+        """Submit `mutation` until it returns jobs, `wait` seconds pass or
+        `answered()` says so. Between tries, wait for a commit, or for the
+        topic's rate to allow a claim."""
         deadline = time.monotonic() + wait
         while True:
             got: _Polled = await self.committer.submit(topic, mutation, undo)
             left = deadline - time.monotonic()
-            if got.jobs or left <= 0:
+            if got.jobs or left <= 0 or (answered is not None and answered()):
                 return got.jobs
             pause = min(left, POLL_INTERVAL)
             if got.token_in is not None:

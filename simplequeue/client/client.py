@@ -166,6 +166,7 @@ class Client:
         self.max_age = api.check_seconds("max_age", max_age)
         self._session: aiohttp.ClientSession | None = None
         self._owner: str | None = None  # the topic's owner, as a broker named it
+        self._attempt_ids = True  # False: a broker refused them (older than they are)
         self._owns_store = False
         # Concurrent enqueue() calls share requests: see enqueue().
         self._enqueues: Batcher[api.JobSpec, str] = Batcher(
@@ -436,24 +437,34 @@ class Client:
     ) -> Job | None:
         """Claim the next job, long-polling up to `wait` seconds; None when empty.
         `lease=None`: the broker's --lease."""
-        # Its retries name it: one whose first try landed gets that try's job.
-        body = api.ClaimRequest(worker_id, lease=lease, wait=wait, attempt_id=api.new_id())
-        _, answer, _ = await self.call(
-            "POST", self._t("/claim"), api.Claimed, body, wait=wait, expected=_EMPTY
-        )
+        body = api.ClaimRequest(worker_id, lease=lease, wait=wait)
+        answer = await self._claim(body, api.Claimed)
         return None if answer is None else answer.job
 
     async def claim_many(
         self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
     ) -> list[Job]:
         """Claim up to `count` jobs in one request."""
-        body = api.ClaimRequest(
-            worker_id, lease=lease, wait=wait, count=count, attempt_id=api.new_id()
-        )
-        _, answer, _ = await self.call(
-            "POST", self._t("/claim"), api.ClaimedBatch, body, wait=wait, expected=_EMPTY
-        )
+        body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
+        answer = await self._claim(body, api.ClaimedBatch)
         return [] if answer is None else answer.jobs
+
+    async def _claim(self, body: api.ClaimRequest, answer: type[A]) -> A | None:
+        """The claim's answer, None when nothing was claimable. Its retries name
+        its attempt: one whose first try landed gets that try's jobs. A broker
+        older than attempt ids refuses the field: asked again without."""
+        if self._attempt_ids:
+            body = msgspec.structs.replace(body, attempt_id=api.new_id())
+        try:
+            _, got, _ = await self.call(
+                "POST", self._t("/claim"), answer, body, wait=body.wait, expected=_EMPTY
+            )
+        except InvalidRequest as exc:
+            if body.attempt_id is None or "attempt_id" not in str(exc):
+                raise
+            self._attempt_ids = False
+            return await self._claim(msgspec.structs.replace(body, attempt_id=None), answer)
+        return got
 
     async def ack(
         self, job: Job | str, result: Any = None, enqueue: Iterable[Any] | None = None

@@ -268,8 +268,9 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and process until stop() or a signal; then drain and return."""
+        if self._failed is not None:  # it gave up for good: a new Worker may do better
+            raise self._failed
         self._done.clear()
-        self._failed = None
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             _signals.join(loop, self)

@@ -473,10 +473,13 @@ class TopicState(Layout):
             raise LeaseLost(f"job {job_id!r} is claimed under another lease")
         return place
 
-    def held(self, job_id: str, token: str) -> Job | None:
-        """Job `job_id`'s lease record if it is claimed under `token` (a read)."""
+    def held(self, job_id: str, token: str, now: float) -> Job | None:
+        """Job `job_id` as its claim answered it, if it is claimed under `token`
+        and its lease has not run out by `now` (a read)."""
         place = self._lease_of(job_id)
-        return place.item if place is not None and place.item["lease_token"] == token else None
+        if place is None or place.item["lease_token"] != token:
+            return None
+        return self._with_payload(place.item) if place.item["lease_expires_at"] > now else None
 
     def ack(
         self,
