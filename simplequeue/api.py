@@ -424,6 +424,9 @@ class Error(_Answer):
 # --- decoding at the edge ----------------------------------------------------------
 
 
+TOO_DEEP = "JSON nested too deeply (a payload or result may nest 200 levels)"
+
+
 def decode(raw: bytes, kind: type[T]) -> T:
     """`raw` (a JSON body) as `kind`, or InvalidRequest saying what is wrong."""
     try:
@@ -432,6 +435,8 @@ def decode(raw: bytes, kind: type[T]) -> T:
         raise InvalidRequest(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:  # ~1,000 levels: a 2 KB body
+        raise InvalidRequest(TOO_DEEP) from None
 
 
 def convert(value: Any, kind: type[T]) -> T:
@@ -441,6 +446,8 @@ def convert(value: Any, kind: type[T]) -> T:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(str(exc)) from None
+    except RecursionError:
+        raise InvalidRequest(TOO_DEEP) from None
 
 
 def from_query(query: Mapping[str, str], kind: type[T]) -> T:

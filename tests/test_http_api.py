@@ -409,6 +409,16 @@ BAD_INPUT = [
     ("DELETE", "/topics/t/dead", b'{"job_ids": [1]}', 400),
     ("GET", "/nothing/here", None, 404),
     ("GET", "/topics/t/enqueue", None, 405),
+    # Nested past the decoder's recursion (a 500 with a traceback, logged, before):
+    ("POST", "/topics/t/enqueue", b'{"payload": %s}' % (b"[" * 50_000 + b"]" * 50_000), 400),
+    ("POST", "/topics/t/enqueue", b'{"jobs": [{"payload": %s}]}' % (b"[" * 50_000), 400),
+    (
+        "POST",
+        "/topics/t/ack",
+        b'{"job_id": "a", "result": %s}' % (b"[" * 50_000 + b"]" * 50_000),
+        400,
+    ),
+    ("POST", "/topics/t/nack", b'{"job_id": "a", "error": %s}' % (b"[" * 50_000), 400),
 ]
 
 
