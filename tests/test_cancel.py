@@ -209,6 +209,25 @@ async def test_a_workers_handler_is_cancelled_at_the_heartbeat_that_says_so(
     assert any("long" in r.message and "was cancelled" in r.message for r in caplog.records)
 
 
+async def test_an_xdel_refused_cancels_nothing(start_broker: StartBroker) -> None:
+    """XDEL cancels in parts of --max-batch ids, and a bad id after the first
+    part was refused only after that part was cancelled (XLEN 1,100 -> 100)."""
+    import redis.asyncio as redis
+
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    r = redis.Redis(host="127.0.0.1", port=broker.redis.port)
+    try:
+        ids = [f"id{i}" for i in range(1100)]
+        for part in (ids[:600], ids[600:]):
+            await broker.engine.enqueue("s", [JobSpec(0, id=i) for i in part])
+        with pytest.raises(redis.ResponseError, match="job_ids"):
+            await r.execute_command("XDEL", "s", *ids, "bad\x01id")
+        assert await r.xlen("s") == 1100
+        assert await r.xdel("s", *ids) == 1100
+    finally:
+        await r.aclose()
+
+
 async def test_xdel_cancels_over_resp_through_any_broker(start_broker: StartBroker) -> None:
     import redis.asyncio as redis
 

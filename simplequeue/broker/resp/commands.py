@@ -463,13 +463,15 @@ async def lpop(session: Session, args: list[bytes]) -> Reply:
         raise RespError("ERR", "value is out of range, must be positive")
     if count == 0:
         return []
+    if count > (limit := session.listener.max_batch):
+        # Fewer than asked for would pass for a list that ran short.
+        raise RespError("ERR", f"at most {limit} values a pop (--max-batch): pop in parts")
     return list(await _pop(session, topic, count)) or NULL_ARRAY
 
 
 async def _pop(session: Session, topic: str, count: int, wait: float = 0.0) -> list[bytes | str]:
     """Claim and complete in one commit: a popped job is done."""
-    limit = session.listener.max_batch
-    jobs = await session.engine.pop(topic, session.worker_id, count=min(count, limit), wait=wait)
+    jobs = await session.engine.pop(topic, session.worker_id, count=count, wait=wait)
     return [value_of(j["payload"]) for j in jobs]
 
 
@@ -760,10 +762,12 @@ async def xdel(session: Session, args: list[bytes]) -> Reply:
     topic = topic_of(args[0])
     ids = [text(a, "ids") for a in args[1:]]
     limit = session.listener.max_batch
+    chunks = [ids[start : start + limit] for start in range(0, len(ids), limit)]
+    for chunk in chunks:  # every id checked before any is cancelled: refused, none is
+        api.convert({"job_ids": chunk}, api.CancelRequest)
     cancelled = 0
-    for start in range(0, len(ids), limit):
-        answer = await session.engine.cancel(topic, ids[start : start + limit])
-        cancelled += len(answer["cancelled"])
+    for chunk in chunks:
+        cancelled += len((await session.engine.cancel(topic, chunk))["cancelled"])
     return cancelled
 
 
