@@ -250,3 +250,24 @@ def test_a_broker_raises_its_soft_descriptor_limit_to_the_hard_one(
     broker = broker_process("--dir", str(tmp_path), nofile=(1024, 4096))
     assert broker.stop() == 0
     assert "at most 3328 HTTP connections at once (512 descriptors held" in broker.stderr_tail
+
+
+async def test_idle_resp_sockets_leave_the_http_listener_its_descriptors(
+    broker_process: Any, connect: Connect, tmp_path: Path
+) -> None:
+    """The RESP listener took every connection, token or not: 400 idle sockets
+    under a limit of 256 descriptors and /healthz was reset. RESP clients get
+    a quarter of what is left for connections (512 - 256: 64); past it, a new
+    one is told so and closed, as Redis does at maxclients."""
+    broker = broker_process(
+        "--backend", "memfs", "--redis-addr", "127.0.0.1:0", "--token", "t0ken", nofile=512
+    )
+    resp = broker.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+    streams = await connect(f"http://{resp}", 300)
+    answers = await asyncio.gather(*(read_to_eof(reader, within=5) for reader, _ in streams[-5:]))
+    assert answers == [b"-ERR max number of clients reached\r\n"] * 5
+    async with aiohttp.ClientSession() as s, s.get(f"{broker.url}/healthz") as r:
+        assert r.status == 200
+    assert broker.stop() == 0
+    assert "RESP: 64 clients connected: refusing more" in broker.stderr_tail
+    assert "Too many open files" not in broker.stderr_tail

@@ -257,6 +257,10 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
             broker.http.max_connections,
             store.held_descriptors,
         )
+    if broker.redis is not None:
+        logging.getLogger(__name__).info(
+            "at most %d RESP clients at once", broker.redis.settings.max_clients
+        )
     await stop.wait()
     logging.getLogger(__name__).info("stopping: finishing in-flight writes")
     await broker.stop()

@@ -20,7 +20,12 @@ from simplequeue.broker.duties import Duties, DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Forwarder, Router
 from simplequeue.broker.http import HttpApi, HttpServices
-from simplequeue.broker.listener import HttpListener, Limits, default_max_connections
+from simplequeue.broker.listener import (
+    MIN_CONNECTIONS,
+    HttpListener,
+    Limits,
+    default_max_connections,
+)
 from simplequeue.broker.membership import Membership, Peer
 from simplequeue.broker.metrics import (
     CallbackCollector,
@@ -207,11 +212,15 @@ class Broker:
             forwarder=self.forwarder,
             refresh=self._refresh,
         )
+        # The descriptors left for connections: a quarter for RESP clients, if
+        # it listens, and the rest (or --max-connections) for HTTP.
+        sockets = default_max_connections(reserved=self.store.held_descriptors)
+        resp_clients = max(MIN_CONNECTIONS, sockets // 4) if self.settings.redis_addr else 0
         limits = Limits(
             header_timeout=self.settings.header_timeout,
             keepalive_timeout=self.settings.keepalive_timeout,
             max_connections=(
-                default_max_connections(reserved=self.store.held_descriptors)
+                max(MIN_CONNECTIONS, sockets - resp_clients)
                 if self.settings.max_connections is None
                 else self.settings.max_connections
             ),
@@ -238,6 +247,7 @@ class Broker:
                 RespSettings(
                     token=self.settings.token,
                     max_body=self.settings.max_body,
+                    max_clients=resp_clients,
                 ),
             )
             try:

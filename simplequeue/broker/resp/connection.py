@@ -27,6 +27,8 @@ from simplequeue.errors import SimpleQueueError
 
 log = logging.getLogger(__name__)
 
+CAP_WARN_EVERY = 60.0  # seconds between warnings that clients are refused
+
 READ_CHUNK = 64 * 1024
 QUEUED_FRAMES = 128  # parsed requests waiting per connection (and one read's worth more)
 # ... except behind a blocking command, which must see its client leave: then
@@ -254,6 +256,10 @@ class RespSettings:
     token: str | None = None  # with one, AUTH first
     max_body: int = 1024 * 1024  # bytes a request may take
     max_batch: int = api.MAX_BATCH  # jobs per engine call
+    # Clients connected at once, at most (Redis' maxclients): past it a new one
+    # is told so and closed, so that RESP sockets never take the descriptors
+    # the HTTP listener and the store need.
+    max_clients: int = 10_000
 
 
 class RespServer:
@@ -271,6 +277,7 @@ class RespServer:
         self._connections: dict[asyncio.Task[Any], Connection] = {}
         self._ids = itertools.count(1)
         self._started = time.monotonic()
+        self._warned_at = -CAP_WARN_EVERY
 
     @property
     def max_batch(self) -> int:
@@ -316,6 +323,16 @@ class RespServer:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self.settings.max_clients:
+            now = time.monotonic()
+            if now - self._warned_at >= CAP_WARN_EVERY:
+                self._warned_at = now
+                log.warning("RESP: %d clients connected: refusing more", len(self._connections))
+            with contextlib.suppress(ConnectionError, OSError):
+                writer.write(b"-ERR max number of clients reached\r\n")
+                writer.close()
+                await writer.wait_closed()
+            return
         session = Session(next(self._ids), self, authed=self.token is None)
         conn = Connection(self, session, reader, writer)
         # A task of our own, so that stop() can cancel it without asyncio's stream
