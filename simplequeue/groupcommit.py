@@ -216,6 +216,7 @@ class GroupCommitter:
         self.on_loaded: Callable[[str, TopicState], None] | None = None
         self.on_failed: Callable[[str], None] | None = None
         self._topics: dict[str, _Topic] = {}
+        self._rescan_at = 0  # topics held before forget_idle() is tried again on a new one
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._aborted = False  # abort(): nothing of this committer runs after it
@@ -464,7 +465,7 @@ class GroupCommitter:
     def _topic(self, name: str) -> _Topic:
         t = self._topics.get(name)
         if t is None:
-            if len(self._topics) >= self.settings.topics_kept:
+            if len(self._topics) >= max(self.settings.topics_kept, self._rescan_at):
                 self.forget_idle()
             t = self._topics[name] = _Topic(name)
             t.batcher = Batcher(
@@ -494,6 +495,11 @@ class GroupCommitter:
         doomed = idle[:excess] + [t for t in idle[excess:] if t.used_at < now - s.idle_max]
         for t in doomed:
             del self._topics[t.name]
+        # Still past topics_kept, too few idle (many new topics at once: a BLPOP
+        # on 20,000 keys): a new topic does not scan every one again (that was
+        # quadratic), until an eighth more have come or this is called again.
+        n = len(self._topics)
+        self._rescan_at = n + max(1, n // 8) if n >= s.topics_kept else 0
         return len(doomed)
 
     @staticmethod

@@ -4,6 +4,7 @@ closed, and the bounds that must hold (SPEC 4.1, 4.2)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -261,6 +262,34 @@ async def test_listing_every_topic_keeps_none_of_them_and_reads_a_few_at_a_time(
     assert list(errors) == ["t0009"]
     assert len(q.committer._topics) <= 50
     assert store.most_in_flight <= 64
+
+
+async def test_many_new_topics_at_once_do_not_each_rescan_every_topic_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past topics_kept, each new topic scanned every topic held for idle ones:
+    with none idle yet (a BLPOP on 20,000 keys) that was quadratic, 12.6 s for
+    one command. Still past it after a scan, the next comes an eighth more
+    topics later; once topics go idle, they leave as before."""
+    q = engine_on(MemStore(), topics_kept=100, idle_after=3600.0)
+    scans = 0
+    forget_idle = q.committer.forget_idle
+
+    def counted() -> int:
+        nonlocal scans
+        scans += 1
+        return forget_idle()
+
+    monkeypatch.setattr(q.committer, "forget_idle", counted)
+    for n in range(2000):
+        await q.enqueue(f"t{n}", [JobSpec(n)])
+    assert len(q.committer.known_topics()) == 2000  # none idle: all held
+    assert scans <= 30  # 1,901 before
+    q.committer.settings = dataclasses.replace(q.committer.settings, idle_after=0.0)
+    q.forget_idle()  # as the owner's duties do every idle_check
+    for n in range(50):
+        await q.enqueue(f"more{n}", [JobSpec(n)])
+    assert len(q.committer.known_topics()) <= 100
 
 
 async def test_a_tiny_object_cache_still_serves_a_deep_queue_in_order() -> None:
