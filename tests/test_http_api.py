@@ -509,6 +509,24 @@ async def test_an_authorization_header_that_is_not_utf8_is_a_401_not_a_500(
     assert orjson.loads(body)["error"]
 
 
+async def test_the_bearer_schemes_name_is_taken_in_any_case_and_the_token_exactly(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    """RFC 9110: an auth scheme's name is case-insensitive; "bearer s3cret"
+    was refused. The token itself is not."""
+    broker = await start_broker(MemStore(), token="s3cret")
+    for header, expected in [
+        ("bearer s3cret", 200),
+        ("BEARER s3cret", 200),
+        ("Bearer S3CRET", 401),
+        ("Bearer  s3cret", 401),
+        ("Basic s3cret", 401),
+        ("s3cret", 401),
+    ]:
+        async with session.get(f"{broker.url}/topics", headers={"Authorization": header}) as r:
+            assert r.status == expected, header
+
+
 async def test_without_a_token_no_route_asks_for_one(api: Api) -> None:
     for method, path, body in ROUTES:
         assert (await api.call(method, path, body))[0] != 401, path

@@ -219,9 +219,12 @@ class HttpApi:
         token = self.services.token
         if not token or (route is not None and route.public):
             return None
-        given = request.headers.get("Authorization", "")
-        # Bytes as they came (a header that is not UTF-8 arrives surrogate-escaped).
-        if hmac.compare_digest(given.encode(errors="surrogateescape"), f"Bearer {token}".encode()):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # Bytes as they came (a header that is not UTF-8 arrives surrogate-escaped);
+        # the scheme's name in any case (RFC 9110), the token exactly.
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.encode(errors="surrogateescape"), token.encode()
+        ):
             return None
         refused = Unauthorized("missing or wrong bearer token")
         return error(str(refused), refused.http_status, **{"WWW-Authenticate": "Bearer"})
