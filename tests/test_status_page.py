@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 import pytest
 
+from simplequeue.api import JobSpec
 from simplequeue.broker import page as status_page
 from simplequeue.broker.page import RateBook, RatePoint
 from simplequeue.objstore.memfs import MemStore
@@ -435,6 +436,71 @@ async def test_overview_lists_counts_ages_claims_and_dead_jobs_within_bounds(
     assert overview["record"]["broker_id"] == broker.settings.broker_id
     assert overview["record"]["stale"] is False
     assert overview["broker"]["active"] is True
+
+
+def store_requests(broker: Any, kind: str) -> float:
+    """The broker's count of store requests of `kind` that succeeded."""
+    for line in broker.metrics.render().decode().splitlines():
+        if line.startswith("simplequeue_store_requests_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            if labels.get("kind") == kind and labels.get("outcome") == "ok":
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_page_left_open_does_not_read_every_topics_head_at_each_refresh(
+    start_broker: StartBroker,
+) -> None:
+    """Each refresh (every 2 s) read the head of every topic shown from the
+    store, cached or not: 50 GETs a refresh for 50 idle topics, some 100 a
+    second for the 200 a page shows (SPEC 4.1). A head read lately is not
+    read again for READ_EVERY seconds."""
+    broker = await start_broker(MemStore())
+    names = [f"t{i:03d}" for i in range(50)]
+    for name in names:
+        await broker.engine.enqueue(name, [JobSpec(1)])
+    page = broker.http_api.page
+    await page.compute()
+    before = store_requests(broker, "get")
+    overview = await page.compute()
+    assert store_requests(broker, "get") == before
+    assert [t.name for t in overview.topics] == names
+
+
+async def test_metrics_report_only_the_topics_this_broker_owns(
+    start_broker: StartBroker,
+) -> None:
+    """A's page read topic t, which B owns, into A's cache; B went on writing
+    it, and A's /metrics reported t's jobs as they were when the page looked
+    (for up to idle_max, ten minutes), while A's status of t said otherwise."""
+    from tests.test_ownership import cluster, owner_and_other
+
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec(1)])
+    await other.http_api.page.compute()  # an operator opens the other's page
+    await owner.engine.enqueue("t", [JobSpec(n) for n in range(5)])
+    assert 'topic="t"' not in other.metrics.render().decode()
+    assert 'simplequeue_jobs{state="pending",topic="t"} 6.0' in owner.metrics.render().decode()
+
+
+async def test_the_rate_history_of_a_topic_leaves_memory_with_it(
+    start_broker: StartBroker,
+) -> None:
+    """Once a page was opened, the sampler kept a ring of samples (about 24 KB
+    full) for every topic the broker held, for good: it forgot a topic only
+    when an overview found it gone from the store (SPEC 4.1: memory follows
+    the topics in use)."""
+    broker = await start_broker(MemStore())
+    page = broker.http_api.page
+    names = [f"x{i}" for i in range(50)]
+    for name in names:
+        await broker.engine.enqueue(name, [JobSpec(1)])
+    page.sample()
+    assert set(names) <= set(page.rates._rings)
+    broker.engine.forget(names[1:])  # idle, or owned elsewhere now
+    page.sample()
+    assert set(page.rates._rings) & set(names) == {"x0"}
 
 
 def test_rate_book_turns_counter_samples_into_rates() -> None:

@@ -591,11 +591,14 @@ class Engine:
 
         return self.committer.cached(gauges)
 
-    async def inspect(self, topic: str, *, listed: int, scan: int) -> dict[str, Any]:
+    async def inspect(
+        self, topic: str, *, listed: int, scan: int, max_age: float | None = None
+    ) -> dict[str, Any]:
         """What an operator sees of a topic, in bounded work whatever its size:
         counts, the enqueue time of the oldest due job (looking at `scan` jobs
         per run), the `listed` claims that run out first and the `listed`
-        newest dead jobs, with how many more of each there are."""
+        newest dead jobs, with how many more of each there are. From a state
+        at most `max_age` seconds old (default: the committer's, 0)."""
         keys.check_topic(topic)
 
         def view(s: TopicState, now: float) -> dict[str, Any]:
@@ -612,7 +615,7 @@ class Engine:
                 "settings": shown_settings(s),
             }
 
-        return await self.committer.read(topic, view)
+        return await self.committer.read(topic, view, max_age)
 
     async def check_store(self) -> None:
         """Raise StoreUnavailable unless the store answers."""

@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -39,6 +39,10 @@ OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
 PREVIEW_CHARS = 240  # characters of a payload shown
 ERROR_CHARS = 1000  # characters of an error shown
 LIST_EVERY = 2.0  # seconds an overview reuses the store's topic listing
+# Seconds a topic's head is taken as read, at most: each refresh (every 2 s)
+# read every topic shown (200 at most) again, 100 GETs a second for one tab.
+# A topic this broker writes is current in its cache whatever this says.
+READ_EVERY = 10.0
 # Open tabs poll every 2 s; overviews asked within this many seconds of each
 # other share one computation, so ten tabs cost the store what one does.
 REUSE_FOR = 1.0
@@ -218,7 +222,7 @@ class RateBook:
             )
         return points
 
-    def forget_except(self, topics: set[str]) -> None:
+    def forget_except(self, topics: Set[str]) -> None:
         for name in [t for t in self._rings if t not in topics]:
             del self._rings[name]
 
@@ -317,6 +321,7 @@ class StatusPage:
         self._listed: list[str] = []
         self._listed_at = -1e18
         self._sampler: asyncio.Task[None] | None = None
+        self._shown: set[str] = set()  # the topics the last overview showed
         self._computing = asyncio.Lock()
         self._last: tuple[float, bytes] | None = None
 
@@ -362,7 +367,10 @@ class StatusPage:
         names = sorted(set(self._listed) | set(self.engine.cached_counts()))
         shown = names[:MAX_TOPICS]
         seen = await asyncio.gather(
-            *(self.engine.inspect(t, listed=MAX_LISTED, scan=OLDEST_SCAN) for t in shown),
+            *(
+                self.engine.inspect(t, listed=MAX_LISTED, scan=OLDEST_SCAN, max_age=READ_EVERY)
+                for t in shown
+            ),
             return_exceptions=True,
         )
         views: list[TopicView | TopicUnreadable] = []
@@ -377,7 +385,8 @@ class StatusPage:
             c = got["counts"]
             self.rates.record(name, at, c["enqueued"], c["completed"])
             views.append(topic_view(name, got, self.rates.rates(name, at)))
-        self.rates.forget_except(set(names))
+        self._shown = set(shown)
+        self.rates.forget_except(self._shown | self.engine.cached_counts().keys())
         presence = self.presence()
         return Overview(
             broker=presence.broker,
@@ -400,11 +409,19 @@ class StatusPage:
         while True:
             await asyncio.sleep(self.rates.every)
             try:
-                at = time.monotonic()
-                for topic, c in self.engine.cached_counts().items():
-                    self.rates.record(topic, at, c["enqueued"], c["completed"])
+                self.sample()
             except Exception as exc:  # keep sampling
                 log.warning("status page sampler: %s", exc)
+
+    def sample(self) -> None:
+        """One round of the sampler: the rates of the topics held."""
+        at = time.monotonic()
+        held = self.engine.cached_counts()
+        for topic, c in held.items():
+            self.rates.record(topic, at, c["enqueued"], c["completed"])
+        # A topic that left this broker's memory (idle, or owned elsewhere
+        # now) takes its history along, unless a page shows it.
+        self.rates.forget_except(held.keys() | self._shown)
 
     async def close(self) -> None:
         if self._sampler is not None:

@@ -105,9 +105,7 @@ class Broker:
         self.committer.on_batch = self.metrics.batch_sizes.observe
         self.engine = Engine(self.committer)
         self.metrics.add_collector(
-            CallbackCollector(
-                lambda: commit_families(self.committer.stats, self.engine.cached_gauges())
-            )
+            CallbackCollector(lambda: commit_families(self.committer.stats, self._owned_gauges()))
         )
         store = self.store
         self.metrics.add_collector(
@@ -264,6 +262,13 @@ class Broker:
             asyncio.create_task(self.membership.run(), name="membership"),
             asyncio.create_task(self.duties.run(), name="duties"),
         ]
+
+    def _owned_gauges(self) -> dict[str, dict[str, Any]]:
+        """Per-topic figures for /metrics: of the topics this broker owns. Others
+        it holds (its status page read them, or it wrote them while their owner
+        did not answer) are as they were then: their owner reports them."""
+        gauges = self.engine.cached_gauges()
+        return {t: g for t, g in gauges.items() if self.membership.owns(t)}
 
     def _next_due(self, state: TopicState) -> float | None:
         """When the topic `state` holds next wants its owner (leases reaped as
