@@ -314,7 +314,7 @@ class GroupCommitter:
 
     async def topics(self) -> list[str]:
         """Every topic in the store."""
-        found = (keys.topic_of_head(k) for k in await self.store.list(keys.TOPICS_PREFIX))
+        found = (keys.topic_of_head(k) for k in await self.store.list_top(keys.TOPICS_PREFIX))
         return sorted(t for t in found if t is not None)
 
     async def peek(self, topic: str, query: Callable[[TopicState, float], T]) -> T:

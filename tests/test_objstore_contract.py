@@ -148,6 +148,20 @@ async def test_list_filters_by_prefix_and_sorts(store: ObjectStore) -> None:
     assert "broker.json" in await store.list()
 
 
+async def test_list_top_leaves_out_what_is_under_a_further_slash(store: ObjectStore) -> None:
+    """A listing of topics listed every segment of every topic (a LIST request
+    per 1,000 objects on S3, every 2 s with a status page open, and at every
+    take-over): list_top lists a folder's own objects, as S3's delimiter does."""
+    keys = ["topics/b.json", "topics/a.json", "topics/a/seg-1.json", "topics/a/x/y.json"]
+    for key in [*keys, "topics-not/c.json", "broker.json"]:
+        await store.put(key, b"{}")
+    assert await store.list_top("topics/") == ["topics/a.json", "topics/b.json"]
+    assert await store.list_top("topics/a") == ["topics/a.json"]
+    assert await store.list_top("topics/a/") == ["topics/a/seg-1.json"]
+    assert await store.list_top("nothing/") == []
+    assert await store.list_top("") == ["broker.json"]
+
+
 async def test_sweeping_leftovers_removes_no_key(store: ObjectStore) -> None:
     keys = ["topics/a.json", "topics/a/seg-1.json", "broker.json"]
     for key in keys:

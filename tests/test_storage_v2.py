@@ -292,6 +292,35 @@ async def test_many_new_topics_at_once_do_not_each_rescan_every_topic_held(
     assert len(q.committer.known_topics()) <= 100
 
 
+async def test_listing_topics_lists_their_heads_not_their_segments() -> None:
+    """A listing of topics (GET /topics, the status page every 2 s, a take-over)
+    listed every object under topics/: every segment of every topic, a LIST
+    request per 1,000 of them on S3, growing with the queues' depth."""
+
+    class Listed(MemStore):
+        keys = 0
+
+        async def list(self, prefix: str = "") -> list[str]:
+            found = await super().list(prefix)
+            self.keys += len(found)
+            return found
+
+        async def list_top(self, prefix: str) -> list[str]:
+            found = await super().list_top(prefix)
+            self.keys += len(found)
+            return found
+
+    store = Listed()
+    q = engine_on(store)
+    for i in range(10):
+        await q.enqueue("deep", jobs(50, prefix=f"b{i}-"))
+    await q.enqueue("small", jobs(1))
+    assert len(await store.list(keys.segments_prefix("deep"))) > 5
+    store.keys = 0
+    assert await q.topic_names() == ["deep", "small"]
+    assert store.keys == 2
+
+
 async def test_a_tiny_object_cache_still_serves_a_deep_queue_in_order() -> None:
     store = MemStore()
     q = engine_on(store, cache_bytes=64 * 1024)

@@ -7,6 +7,7 @@ are read at scrape time from the committer's cached states, never from storage.
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -306,6 +307,10 @@ class InstrumentedStore(ObjectStore):
 
     async def list(self, prefix: str = "") -> list[str]:
         keys: list[str] = await self._timed("list", self.inner.list(prefix))
+        return keys
+
+    async def list_top(self, prefix: str) -> builtins.list[str]:
+        keys: builtins.list[str] = await self._timed("list", self.inner.list_top(prefix))
         return keys
 
     async def sweep_leftovers(self, older_than: float) -> int:

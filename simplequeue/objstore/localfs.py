@@ -20,6 +20,7 @@ host, and an NFS server, stamps with).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -873,6 +874,20 @@ class LocalStore(ObjectStore):
             keys.extend(k for k in names if k.startswith(prefix))
         return sorted(keys)
 
+    def _list_top_sync(self, prefix: str) -> builtins.list[str]:
+        """One directory read: the files in the prefix's folder (none below it)."""
+        folder, _, start = prefix.rpartition("/")
+        base = f"{folder}/" if folder else ""
+        try:
+            entries = list(os.scandir(self.root / folder if folder else self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(
+            base + e.name
+            for e in entries
+            if e.name.startswith(start) and not e.name.startswith(".") and e.is_file()
+        )
+
     def _sweep_leftovers_sync(self, older_than: float) -> int:
         if not self.root.is_dir():
             return 0
@@ -940,6 +955,9 @@ class LocalStore(ObjectStore):
 
     async def list(self, prefix: str = "") -> list[str]:
         return await self._run(self._list_sync, prefix)
+
+    async def list_top(self, prefix: str) -> builtins.list[str]:
+        return await self._run(self._list_top_sync, prefix)
 
     async def sweep_leftovers(self, older_than: float) -> int:
         return await self._run(self._sweep_leftovers_sync, older_than)

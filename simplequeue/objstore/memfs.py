@@ -7,6 +7,8 @@ process's own wall clock: every handle on it lives in one process.
 
 from __future__ import annotations
 
+import builtins
+
 from simplequeue.errors import ObjectNotFound, PreconditionFailed
 from simplequeue.objstore.base import ObjectStore, check_key, content_etag
 
@@ -56,3 +58,8 @@ class MemStore(ObjectStore):
 
     async def list(self, prefix: str = "") -> list[str]:
         return sorted(k for k in self._objects if k.startswith(prefix))
+
+    async def list_top(self, prefix: str) -> builtins.list[str]:
+        return sorted(
+            k for k in self._objects if k.startswith(prefix) and "/" not in k[len(prefix) :]
+        )

@@ -21,6 +21,7 @@ answered (botocore's before-call and after-call events on our client).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
@@ -285,11 +286,18 @@ class S3Store(ObjectStore):
             raise self._unexpected(exc) from exc
 
     async def list(self, prefix: str = "") -> list[str]:
+        return await self._list(prefix, {})
+
+    async def list_top(self, prefix: str) -> builtins.list[str]:
+        # Keys under a "/" after the prefix come back as CommonPrefixes, one each.
+        return await self._list(prefix, {"Delimiter": "/"})
+
+    async def _list(self, prefix: str, options: dict[str, str]) -> builtins.list[str]:
         async def op(client: Any) -> list[str]:
             keys: list[str] = []
             paginator = client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(
-                Bucket=self.settings.bucket, Prefix=self._prefix + prefix
+                Bucket=self.settings.bucket, Prefix=self._prefix + prefix, **options
             ):
                 keys.extend(o["Key"][len(self._prefix) :] for o in page.get("Contents", []))
             return sorted(keys)
