@@ -311,6 +311,10 @@ def test_unpop_after_the_record_expired_takes_back_the_completion() -> None:
     assert s.unpop(popped, T0 + 12) is True
     counts = s.counts(T0 + 12)
     assert (counts["pending"], counts["completed"], counts["total"]) == (1, 0, 1)
+    # The completion was counted down, and /metrics exports what the topic ever
+    # did as Prometheus counters: one that went down reads as a reset.
+    totals = s.totals()
+    assert (totals["completed"], totals["given_back"]) == (1, 1)
 
 
 class CountingView:

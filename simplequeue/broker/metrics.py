@@ -188,7 +188,8 @@ def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[A
     ever = CounterMetricFamily(
         "simplequeue_job_outcomes",
         "Jobs ever enqueued, completed, nacked, gone dead, dropped over the dead limit, "
-        "or delivered as follow-ups into other topics",
+        "cancelled, delivered as follow-ups into other topics, or given back after a "
+        "pop whose caller left (completed, then not)",
         labels=["topic", "outcome"],
     )
     oldest = GaugeMetricFamily(

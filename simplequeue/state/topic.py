@@ -160,15 +160,16 @@ class TopicState(Layout):
         c = self.head["counters"]
         claimed, dead = self.leases.count, self.dead.count
         cancelled = c.get("cancelled", 0)
+        completed = c["completed"] - c.get("given_back", 0)
         return {
             "pending": pending,
             "delayed": delayed,
             "claimed": claimed,
-            "completed": c["completed"],
+            "completed": completed,
             "dead": dead,
             "cancelled": cancelled,
             "enqueued": c["enqueued"],
-            "total": pending + delayed + claimed + c["completed"] + dead + cancelled,
+            "total": pending + delayed + claimed + completed + dead + cancelled,
         }
 
     def _due_in_run(self, run: Chain, now: float) -> int:
@@ -194,8 +195,9 @@ class TopicState(Layout):
 
     def totals(self) -> dict[str, int]:
         """What the topic ever did: jobs enqueued, completed, nacked, gone dead,
-        dead jobs dropped over the dead limit, jobs cancelled, and follow-ups
-        delivered into other topics."""
+        dead jobs dropped over the dead limit, jobs cancelled, follow-ups
+        delivered into other topics, and pops given back (completed, then not:
+        their callers left before the answer). Each only ever grows."""
         c = self.head["counters"]
         names = (
             "enqueued",
@@ -205,6 +207,7 @@ class TopicState(Layout):
             "dead_dropped",
             "cancelled",
             "delivered",
+            "given_back",
         )
         return {name: c.get(name, 0) for name in names}
 
@@ -622,7 +625,9 @@ class TopicState(Layout):
             self.retained.remove(records[-1])
         elif self.exists(job_id):
             return False
-        self.head["counters"]["completed"] -= 1
+        # Counted apart: "completed" only ever grows (a Prometheus counter).
+        counters = self.head["counters"]
+        counters["given_back"] = counters.get("given_back", 0) + 1
         self._hold(job)
         self._undelivered(job, now)
         self._spend(-1, now)
