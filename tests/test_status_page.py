@@ -369,6 +369,54 @@ async def test_with_a_token_the_page_asks_once_and_keeps_it_for_the_tab(
     assert errors == []
 
 
+async def test_a_token_a_browser_cannot_send_is_refused_at_once_and_an_accented_one_works(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """A token pasted with a curly quote made fetch() throw before sending: the
+    page said "broker unreachable", kept the token and polled on, for good
+    (even a reload kept it). A token with an accented letter, which the API
+    takes as UTF-8, was refused to the page: a browser sends headers as
+    ISO-8859-1."""
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore(), token="café")
+    await Api(session, broker.url, token="café").enqueue("inbox")
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    await page.locator("#token").fill("café\u2019")
+    await page.get_by_role("button", name="Show status").click()
+    await expect(page.locator("#login-error")).to_contain_text("cannot send")
+    assert await page.evaluate("sessionStorage.getItem('simplequeue.token')") is None
+    await page.locator("#token").fill("café")
+    await page.get_by_role("button", name="Show status").click()
+    await expect_counts(page, "inbox", pending=1)
+    assert errors == []
+
+
+async def test_a_topic_read_again_after_an_error_loses_its_alarm(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """An unreadable topic's oldest-pending cell turned red and stayed red once
+    its head was mended, for as long as the tab stayed open."""
+    from playwright.async_api import expect
+
+    store = MemStore()
+    broker = await start_broker(store)
+    await Api(session, broker.url).enqueue("mended")
+    good, _ = await store.get("topics/mended.json")
+    page, _ = tab
+    await page.goto(broker.url + "/")
+    await expect_counts(page, "mended", pending=1)
+    cell = row(page, "mended").locator('[data-field="oldest"]')
+    await store.put("topics/mended.json", b"{not json")
+    await broker.engine.refresh("mended")
+    await expect(cell).to_have_class("num alert")
+    await store.put("topics/mended.json", good)
+    await broker.engine.refresh("mended")
+    await expect_counts(page, "mended", pending=1)
+    await expect(cell).not_to_have_class("num alert")
+
+
 # --- the endpoints, without a browser -----------------------------------------------------
 
 

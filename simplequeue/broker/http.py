@@ -13,6 +13,7 @@ topic's owner, errors and metrics in one frame.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import time
@@ -177,6 +178,15 @@ def error_of(exc: SimpleQueueError) -> web.Response:
 # --- the one request handler -------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def _encodings(token: str) -> tuple[bytes, ...]:
+    """The bytes a client may send `token` as: UTF-8, and ISO-8859-1 if it can."""
+    try:
+        return (token.encode(), token.encode("latin-1"))
+    except UnicodeEncodeError:
+        return (token.encode(),)
+
+
 class HttpApi:
     """The broker's HTTP face: every request aiohttp parsed comes here.
 
@@ -221,9 +231,11 @@ class HttpApi:
             return None
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # Bytes as they came (a header that is not UTF-8 arrives surrogate-escaped);
-        # the scheme's name in any case (RFC 9110), the token exactly.
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            given.encode(errors="surrogateescape"), token.encode()
+        # the scheme's name in any case (RFC 9110), the token exactly: as UTF-8,
+        # or as ISO-8859-1, which is how a browser sends a header (the page).
+        sent = given.encode(errors="surrogateescape")
+        if scheme.lower() == "bearer" and any(
+            hmac.compare_digest(sent, encoded) for encoded in _encodings(token)
         ):
             return None
         refused = Unauthorized("missing or wrong bearer token")

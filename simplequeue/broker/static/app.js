@@ -101,7 +101,8 @@
   // --- talking to the broker -----------------------------------------------------------
 
   function token() {
-    return sessionStorage.getItem(TOKEN_KEY);
+    const t = sessionStorage.getItem(TOKEN_KEY);
+    return t !== null && SENDABLE.test(t) ? t : null; // one kept from before: asked again
   }
 
   async function api(method, path, body) {
@@ -150,10 +151,18 @@
     $("token").focus();
   }
 
+  // A header carries ISO-8859-1 only: fetch() refuses any other character
+  // before sending, which would read as "broker unreachable" for ever.
+  const SENDABLE = /^[\x20-\x7e\xa0-\xff]+$/;
+
   $("login-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const value = $("token").value.trim();
     if (!value) return;
+    if (!SENDABLE.test(value)) {
+      setText($("login-error"), "That token has a character a browser cannot send (a curly quote?). Try again.");
+      return;
+    }
     sessionStorage.setItem(TOKEN_KEY, value);
     $("token").value = "";
     $("login").hidden = true;
@@ -521,7 +530,9 @@
       setClass(cell, "zero", n === 0);
       setClass(cell, "alert", name === "dead" && n > 0);
     }
-    setText(row.querySelector('[data-field="oldest"]'), fmtAge(topic.oldest_pending_age));
+    const oldest = row.querySelector('[data-field="oldest"]');
+    setText(oldest, fmtAge(topic.oldest_pending_age));
+    setClass(oldest, "alert", false); // read again after an error: no longer one
     drawChart(row.querySelector("svg.spark"), topic.rates, window, { width: 180, height: 34, axes: false });
   }
 
