@@ -386,7 +386,7 @@ class StatusPage:
             self.rates.record(name, at, c["enqueued"], c["completed"])
             views.append(topic_view(name, got, self.rates.rates(name, at)))
         self._shown = set(shown)
-        self.rates.forget_except(self._shown | self.engine.cached_counts().keys())
+        self.rates.forget_except(self._shown | set(self.engine.known_topics()))
         presence = self.presence()
         return Overview(
             broker=presence.broker,
