@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from simplequeue.objstore.clock import StoreClock
+from simplequeue.objstore.clock import CONFIRM_JUMP, StoreClock
 
 
 class FakeTime:
@@ -101,15 +101,37 @@ def test_a_jump_of_the_store_clock_starts_again_from_the_newest_sample() -> None
         request(clock, t, offset, rtt=0.01, resolution=1.0, at=rng.random())
     assert clock.samples == 30
     offset += 30.0  # someone set the store's clock forward
+    for _ in range(CONFIRM_JUMP - 1):  # not taken until CONFIRM_JUMP answers say so
+        t.mono += 1.0
+        request(clock, t, offset, rtt=0.01, resolution=1.0, at=0.5)
+        assert clock.samples == 30 and abs(clock.now() - (t.mono + offset - 30.0)) < 1.0
     t.mono += 1.0
     request(clock, t, offset, rtt=0.01, resolution=1.0, at=0.5)
-    assert clock.samples == 1
+    assert clock.samples == CONFIRM_JUMP
     assert abs(clock.now() - (t.mono + offset)) <= 0.51
     for _ in range(30):
         t.mono += rng.uniform(0.0, 2.0)
         request(clock, t, offset, rtt=0.01, resolution=1.0, at=rng.random())
-    assert clock.samples == 31
+    assert clock.samples == 30 + CONFIRM_JUMP
     assert abs(clock.now() - (t.mono + offset)) < 0.05
+
+
+@pytest.mark.parametrize("wrong_by", [86_400.0, -3600.0, 2.5])
+def test_one_answer_off_among_good_ones_does_not_move_the_clock(wrong_by: float) -> None:
+    """One answer stamped a day ahead (a proxy's error page with its own Date,
+    one node of a store set apart) won over the 30 before it, and now() never
+    goes back: the broker ran a day ahead, and retention dropped finished
+    jobs' records (their ids free to be enqueued again) a day early."""
+    rng = random.Random(3)
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    for n in range(40):
+        t.mono += 1.0
+        off = wrong_by if n in (20, 30, 31) else 0.0  # one alone, then two in a row
+        request(clock, t, 5000.0 + off, rtt=0.01, resolution=1.0, at=rng.random())
+        clock.now()  # a broker reads it at every batch: once read, it never goes back
+    assert abs(clock.now() - (t.mono + 5000.0)) < 0.5
+    assert clock.samples >= 8
 
 
 def test_a_sample_that_disagrees_only_with_old_ones_keeps_the_recent_ones() -> None:
@@ -129,9 +151,11 @@ def test_now_never_goes_backwards() -> None:
     clock = t.clock()
     clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=1.0)  # mid 4900.5
     before = clock.now()
-    # The store's clock was set back 10 s: the estimate moves back, now() waits for it.
-    clock.observe(sent=100.0, received=100.0, stamp=4990.0, resolution=1.0)
-    assert clock.samples == 1
+    # The store's clock was set back 10 s: the estimate moves back (once enough
+    # answers say so), now() waits for it.
+    for _ in range(CONFIRM_JUMP):
+        clock.observe(sent=100.0, received=100.0, stamp=4990.0, resolution=1.0)
+    assert clock.samples == CONFIRM_JUMP
     assert clock.now() == before
     t.mono += 5.0
     assert clock.now() == before
@@ -199,11 +223,13 @@ def test_samples_closer_than_the_spacing_are_kept_only_if_they_say_something_new
     assert clock.samples == 1  # none was worth a pass over the window
     clock.observe(sent=100.010, received=100.011, stamp=5000.010, resolution=0.001)  # narrower
     assert clock.samples == 2 and clock.uncertainty == pytest.approx(0.001)
-    clock.observe(sent=100.012, received=100.013, stamp=5010.0, resolution=0.01)  # set forward
-    assert clock.samples == 1 and clock.now() > 100.013 + 4909
+    for i in range(CONFIRM_JUMP):  # set forward, as that many answers say
+        at = 100.012 + i / 1000
+        clock.observe(sent=at, received=at + 0.001, stamp=5010.0, resolution=0.01)
+    assert clock.samples == CONFIRM_JUMP and clock.now() > 100.013 + 4909
     # 37 ms after the newest kept: kept, whatever it says.
     clock.observe(sent=100.04, received=100.05, stamp=5010.0, resolution=1.0)
-    assert clock.samples == 2
+    assert clock.samples == CONFIRM_JUMP + 1
 
 
 def test_the_error_of_a_time_now_gave_covers_now_staying_ahead_of_a_narrowed_interval() -> None:

@@ -14,6 +14,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
+# Answers in a row that must agree on a store time the estimate does not allow
+# before it moves there (the store's clock was set).
+CONFIRM_JUMP = 3
+
 
 class _Sample(NamedTuple):
     received: float  # local monotonic time the answer came back
@@ -29,8 +33,10 @@ class StoreClock:
     offset lies in [stamp - received, stamp + resolution - sent]. The estimate
     is the intersection of the recent samples that agree with the newest one
     (at most `window` of them, none older than `horizon` seconds before it);
-    a sample that contradicts older ones (the store's clock was set, or our
-    monotonic clock drifted) wins and the older ones are dropped.
+    a sample that contradicts older ones (our monotonic clock drifted) wins
+    and the older ones are dropped. One that contradicts even the newest
+    kept sample (the store's clock was set, or one answer is wrong) waits
+    until CONFIRM_JUMP such samples in a row agree: then they win.
 
     now() is monotonic time plus the middle of that interval, and never goes
     backwards once a sample exists: a store whose clock is set back leaves
@@ -62,6 +68,10 @@ class StoreClock:
         self._wall = wall
         self._samples: deque[_Sample] = deque()
         self._low = self._high = 0.0
+        # Newer samples that all disagree with the estimate and agree with
+        # each other, and their intersection: a jump not yet taken.
+        self._rivals: list[_Sample] = []
+        self._rivals_low = self._rivals_high = 0.0
         self._last = -float("inf")
         self._lock = threading.Lock()
 
@@ -81,19 +91,41 @@ class StoreClock:
                 and new.low <= self._low
                 and new.high >= self._high  # it holds the interval: no news
             ):
+                self._rivals.clear()
                 return
             if not self._samples:
                 self._last = -float("inf")  # the wall-clock guess gives way
             kept, low, high = [new], new.low, new.high
+            jump = False
             for old in reversed(self._samples):
                 if len(kept) >= self._window or new.received - old.received > self._horizon:
                     break
                 narrower = max(low, old.low), min(high, old.high)
                 if narrower[0] > narrower[1]:
+                    jump = len(kept) == 1  # it disagrees with the newest one kept
                     break  # this one and all before it disagree with the newer ones
                 low, high = narrower
                 kept.append(old)
             kept.reverse()
+            if jump:
+                # It disagrees with the newest sample: the store's clock was
+                # set, or this one answer is wrong (a proxy's error page with
+                # its own Date, one node of a store set apart). Only
+                # CONFIRM_JUMP such answers in a row, agreeing with each other,
+                # move the estimate: one would move now() for good (it never
+                # goes back), and retention would drop records early with it.
+                if not self._rivals or max(new.low, self._rivals_low) > min(
+                    new.high, self._rivals_high
+                ):
+                    self._rivals.clear()
+                    self._rivals_low, self._rivals_high = new.low, new.high
+                self._rivals.append(new)
+                self._rivals_low = max(self._rivals_low, new.low)
+                self._rivals_high = min(self._rivals_high, new.high)
+                if len(self._rivals) < CONFIRM_JUMP:
+                    return
+                kept, low, high = self._rivals, self._rivals_low, self._rivals_high
+            self._rivals = []
             self._samples = deque(kept)
             self._low, self._high = low, high
 
