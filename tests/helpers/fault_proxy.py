@@ -33,6 +33,7 @@ class FaultProxy:
         self.arrived = asyncio.Event()  # set by every request
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()  # releases the requests held "silent"
+        self.delay = 0.0  # seconds every request waits before it is passed on
 
     def fail(self, suffix: str, *faults: str) -> None:
         """The next requests whose path ends with `suffix` meet `faults`, in order."""
@@ -57,6 +58,8 @@ class FaultProxy:
             await self._stopping.wait()
             return web.Response(status=504, text=HTML, content_type="text/html")
         assert self._session is not None
+        if self.delay:
+            await asyncio.sleep(self.delay)  # a slow network, not synchronisation
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host",)}
         async with self._session.request(
             request.method,
