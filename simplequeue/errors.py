@@ -7,7 +7,8 @@ with the HTTP status and the RESP error code it is answered with.
     │   ├── ObjectNotFound      the key does not exist
     │   ├── StoreUnavailable    the store did not answer; bounded retries are spent
     │   │   ├── AmbiguousWrite  a conditional write got no answer: it may have landed
-    │   │   └── CacheTooSmall   a read or batch needs more objects than the cache holds
+    │   │   ├── CacheTooSmall   a read or batch needs more objects than the cache holds
+    │   │   └── NotDurable      a write is in place but could not be made durable
     │   └── StorageFull         no room left (a full disk)                 507   ERR
     ├── InvalidRequest      bad input; nothing was changed        400   ERR       invalid
     │   └── PayloadTooLarge     a request over --max-body         413   ERR       invalid
@@ -77,6 +78,13 @@ class StoreUnavailable(StoreError):
 class AmbiguousWrite(StoreUnavailable):
     """A conditional write was sent and no answer came back (a timeout, a lost
     connection): it may or may not have landed. The committer reads back."""
+
+
+class NotDurable(StoreUnavailable):
+    """A write is in place (readers see it), but the store could not make it
+    durable (an fsync after the rename failed): a crash may lose it. The
+    committer writes the head again, and answers the batch as done only once
+    that lands durable."""
 
 
 class CacheTooSmall(StoreUnavailable):

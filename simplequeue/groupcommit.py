@@ -43,6 +43,7 @@ from simplequeue.errors import (
     CorruptData,
     JobNotFound,
     LeaseLost,
+    NotDurable,
     ObjectNotFound,
     PreconditionFailed,
     SimpleQueueError,
@@ -166,6 +167,9 @@ class _Topic:
         # GET that read it, or the PUT that wrote it, was sent.
         self.checked_at = -1e18
         self.committed: bytes | None = None  # the head as it landed, for readers
+        # The head in place holds a write the store could not make durable
+        # (NotDurable): the next batch writes, even one that changes nothing.
+        self.unsynced = False
         self.reader: TopicState | None = None
         self.changed = asyncio.Event()
         self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
@@ -613,7 +617,7 @@ class GroupCommitter:
                     state.rollback(self._head_of(t))
                     await self._load(t)
                     continue
-                if not changed:
+                if not changed and not t.unsynced:
                     return entries, results
                 write_id = uuid.uuid4().hex
                 sealed = state.seal(self.writer, write_id, now)
@@ -658,14 +662,40 @@ class GroupCommitter:
                 self.stats.conflicts += 1
                 raise _LostRace() from None
             self._keep(landed.new_objects)
+            if isinstance(exc, NotDurable):  # in place, but a crash may lose it
+                await self._rewrite(t, exc)
             return self._landed(t, landed, data=None)
         self.stats.writes += 1
+        t.unsynced = False  # this write is durable, and holds whatever was not
         self.stats.segments_written += len(sealed.new_objects)
         self.stats.head_bytes_written += len(data)
         self.stats.bytes_written += len(data) + sum(len(b) for b in sealed.new_objects.values())
         t.etag, t.checked_at = etag, sent_at
         self._keep(sealed.decoded)
         return self._landed(t, outcome, data=data)
+
+    async def _rewrite(self, t: _Topic, why: NotDurable) -> None:
+        """The head read back holds this batch's write, which the store could
+        not make durable (SPEC 3: durable before answered). Write the same
+        state again, a new file renamed and synced: only once that lands is the
+        batch answered as done. Else it fails (503: it may have landed), and
+        its callers' retries find what landed."""
+        state = t.state
+        assert state is not None
+        sealed = state.seal(self.writer, uuid.uuid4().hex, self.clock())
+        try:
+            etag = await self.store.put_if_after(
+                sealed.new_objects, t.head_key, sealed.head, if_match=t.etag
+            )
+        except SimpleQueueError as exc:
+            t.state, t.unsynced = None, True
+            raise NotDurable(
+                f"topic {t.name!r}: a write landed but could not be made durable ({why}), "
+                f"nor could it be written again ({exc}): it may not survive a crash"
+            ) from exc
+        self.stats.writes += 1
+        t.etag, t.committed, t.reader, t.unsynced = etag, sealed.head, None, False
+        self._keep(sealed.decoded)
 
     async def _read_back(self, t: _Topic, deadline: float) -> None:
         """Read the head after a write whose answer is unknown, retrying a store

@@ -384,33 +384,48 @@ async def test_a_full_disk_after_the_rename_is_not_storage_full(
     await store.close()
 
 
-async def test_a_batch_whose_head_landed_before_the_disk_filled_is_answered_as_landed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("error", ["ENOSPC", "EIO"])
+async def test_a_batch_whose_head_landed_but_not_durably_is_answered_once_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str
 ) -> None:
-    """The head's directory fsync fails after its rename: the committer reads
-    the head back, finds its write there, and answers the enqueue as done
-    (it used to fail it with StorageFull, for a job that was enqueued)."""
+    """The head's directory fsync fails after its rename: the write is in place
+    but a crash may lose it. It used to fail with StorageFull (for a job that
+    was enqueued), then it was read back and answered as done (not durable:
+    SPEC 3). The committer now writes the head again, and answers once that
+    write is durable; when it cannot be, the batch fails, saying so."""
     import errno
 
     from simplequeue.api import JobSpec
     from simplequeue.broker.engine import Engine
+    from simplequeue.errors import NotDurable
     from simplequeue.groupcommit import GroupCommitter
 
     store = LocalStore(tmp_path, journal=False)
     engine = Engine(GroupCommitter(store, broker_id="b"))
     await engine.enqueue("t", [JobSpec("first", id="a")])
-    real, failed = LocalStore._fsync_dir, []
+    real, calls, failing = LocalStore._fsync_dir, [], [1]
 
-    def full_once_after_rename(directory: Path) -> None:
-        if directory == tmp_path / "topics" and not failed:
-            failed.append(directory)
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def failing_after_rename(directory: Path) -> None:
+        if directory == tmp_path / "topics":
+            calls.append(directory)
+            if failing[0]:
+                failing[0] -= 1
+                raise OSError(getattr(errno, error), error)
         real(directory)
 
-    monkeypatch.setattr(LocalStore, "_fsync_dir", staticmethod(full_once_after_rename))
+    monkeypatch.setattr(LocalStore, "_fsync_dir", staticmethod(failing_after_rename))
+    writes = engine.committer.stats.writes
     [answer] = await engine.enqueue("t", [JobSpec("second", id="b")])
-    assert failed and answer == {"id": "b", "duplicate": False}
+    assert answer == {"id": "b", "duplicate": False}
+    assert len(calls) == 2 and engine.committer.stats.writes == writes + 1  # synced anew
+    failing[0] = 2  # the write, and its rewrite
+    with pytest.raises(NotDurable, match="nor could it be written again"):
+        await engine.enqueue("t", [JobSpec("third", id="c")])
     monkeypatch.undo()
-    assert (await engine.status("t"))["pending"] == 2
+    writes = engine.committer.stats.writes
+    [again] = await engine.enqueue("t", [JobSpec("third", id="c")])  # the SDK's retry
+    assert again == {"id": "c", "duplicate": True}
+    assert engine.committer.stats.writes == writes + 1  # a duplicate, but written: synced
+    assert (await engine.status("t"))["pending"] == 3
     await engine.committer.close()
     await store.close()

@@ -39,7 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from simplequeue.errors import ObjectNotFound, PreconditionFailed, StorageFull, StoreUnavailable
+from simplequeue.errors import (
+    NotDurable,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageFull,
+    StoreUnavailable,
+)
 from simplequeue.objstore.base import ObjectStore, check_key, content_etag
 
 # Lock files are striped by key hash: bounded in number however many keys come
@@ -987,9 +993,9 @@ def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _renamed_but(key: str, root: Path, exc: OSError) -> StoreUnavailable:
+def _renamed_but(key: str, root: Path, exc: OSError) -> NotDurable:
     """An error after the rename: not StorageFull (ENOSPC) nor any other
     "nothing was written": the new object is in place, its durability unknown."""
-    return StoreUnavailable(
+    return NotDurable(
         f"localfs {root}: {key} was renamed into place, but could not be made durable: {exc}"
     )
