@@ -652,6 +652,9 @@ class GroupCommitter:
         except (PreconditionFailed, StoreUnavailable) as exc:
             self.stats.ambiguous += isinstance(exc, StoreUnavailable)
             t.state = None
+            # In place but not durable: until a write lands durable, none of
+            # the topic's answers may say done (a retry finding its job).
+            t.unsynced = t.unsynced or isinstance(exc, NotDurable)
             # Whatever the error said, the head tells whether one of our tries
             # landed: it keeps our latest write id.
             await self._read_back(t, deadline)
@@ -688,7 +691,7 @@ class GroupCommitter:
                 sealed.new_objects, t.head_key, sealed.head, if_match=t.etag
             )
         except SimpleQueueError as exc:
-            t.state, t.unsynced = None, True
+            t.state = None
             raise NotDurable(
                 f"topic {t.name!r}: a write landed but could not be made durable ({why}), "
                 f"nor could it be written again ({exc}): it may not survive a crash"
