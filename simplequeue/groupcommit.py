@@ -508,7 +508,8 @@ class GroupCommitter:
 
     @staticmethod
     def _is_idle(t: _Topic) -> bool:
-        return not t.batcher.busy and not t.lock.locked() and not t.waiters
+        # Not one whose head in place is not durable: its next batch must write.
+        return not t.batcher.busy and not t.lock.locked() and not t.waiters and not t.unsynced
 
     def _head_of(self, t: _Topic) -> dict[str, Any]:
         """The committed head, freshly decoded."""

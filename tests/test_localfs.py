@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -422,6 +423,9 @@ async def test_a_batch_whose_head_landed_but_not_durably_is_answered_once_it_is(
     with pytest.raises(NotDurable, match="nor could it be written again"):
         await engine.enqueue("t", [JobSpec("third", id="c")])
     monkeypatch.undo()
+    committer = engine.committer
+    committer.settings = dataclasses.replace(committer.settings, idle_after=0.0, topics_kept=1)
+    assert engine.forget_idle() == 0  # not while its head is not durable
     writes = engine.committer.stats.writes
     [again] = await engine.enqueue("t", [JobSpec("third", id="c")])  # the SDK's retry
     assert again == {"id": "c", "duplicate": True}

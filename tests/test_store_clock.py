@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from simplequeue.objstore.clock import CONFIRM_JUMP, StoreClock
+from simplequeue.objstore.clock import CONFIRM_JUMP, CONFIRM_SPAN, StoreClock
 
 
 class FakeTime:
@@ -101,11 +101,12 @@ def test_a_jump_of_the_store_clock_starts_again_from_the_newest_sample() -> None
         request(clock, t, offset, rtt=0.01, resolution=1.0, at=rng.random())
     assert clock.samples == 30
     offset += 30.0  # someone set the store's clock forward
+    step = CONFIRM_SPAN / (CONFIRM_JUMP - 1)  # answers that many seconds apart
     for _ in range(CONFIRM_JUMP - 1):  # not taken until CONFIRM_JUMP answers say so
-        t.mono += 1.0
+        t.mono += step
         request(clock, t, offset, rtt=0.01, resolution=1.0, at=0.5)
         assert clock.samples == 30 and abs(clock.now() - (t.mono + offset - 30.0)) < 1.0
-    t.mono += 1.0
+    t.mono += step
     request(clock, t, offset, rtt=0.01, resolution=1.0, at=0.5)
     assert clock.samples == CONFIRM_JUMP
     assert abs(clock.now() - (t.mono + offset)) <= 0.51
@@ -114,6 +115,43 @@ def test_a_jump_of_the_store_clock_starts_again_from_the_newest_sample() -> None
         request(clock, t, offset, rtt=0.01, resolution=1.0, at=rng.random())
     assert clock.samples == 30 + CONFIRM_JUMP
     assert abs(clock.now() - (t.mono + offset)) < 0.05
+
+
+def test_a_burst_of_answers_off_within_one_requests_retries_does_not_move_the_clock() -> None:
+    """A load balancer's error pages (retried a few hundred ms apart) agreed
+    with each other on a time a day ahead: three of them moved the clock for
+    good. A jump must be said over CONFIRM_SPAN seconds (and S3's 5xx are not
+    sampled at all)."""
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    for _ in range(10):
+        t.mono += 1.0
+        request(clock, t, 5000.0, rtt=0.01, resolution=1.0, at=0.5)
+    for _ in range(6):  # one request's retries
+        t.mono += 0.3
+        request(clock, t, 5000.0 + 86_400, rtt=0.01, resolution=1.0, at=0.5)
+        clock.now()
+    for _ in range(10):
+        t.mono += 1.0
+        request(clock, t, 5000.0, rtt=0.01, resolution=1.0, at=0.5)
+    assert abs(clock.now() - (t.mono + 5000.0)) < 1.0
+
+
+def test_one_answer_off_after_a_long_quiet_spell_does_not_move_the_clock() -> None:
+    """Past the horizon (300 s without a sample) the old samples were skipped
+    before any comparison, and one wrong answer won at once."""
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    for _ in range(10):
+        t.mono += 1.0
+        request(clock, t, 5000.0, rtt=0.01, resolution=1.0, at=0.5)
+    t.mono += 600.0
+    request(clock, t, 5000.0 + 86_400, rtt=0.01, resolution=1.0, at=0.5)
+    clock.now()
+    for _ in range(5):
+        t.mono += 1.0
+        request(clock, t, 5000.0, rtt=0.01, resolution=1.0, at=0.5)
+    assert abs(clock.now() - (t.mono + 5000.0)) < 1.0
 
 
 @pytest.mark.parametrize("wrong_by", [86_400.0, -3600.0, 2.5])
@@ -153,8 +191,9 @@ def test_now_never_goes_backwards() -> None:
     before = clock.now()
     # The store's clock was set back 10 s: the estimate moves back (once enough
     # answers say so), now() waits for it.
-    for _ in range(CONFIRM_JUMP):
-        clock.observe(sent=100.0, received=100.0, stamp=4990.0, resolution=1.0)
+    for i in range(CONFIRM_JUMP):
+        at = 100.0 + i * CONFIRM_SPAN / (CONFIRM_JUMP - 1)
+        clock.observe(sent=at, received=at, stamp=4990.0 + (at - 100.0), resolution=1.0)
     assert clock.samples == CONFIRM_JUMP
     assert clock.now() == before
     t.mono += 5.0
@@ -223,12 +262,15 @@ def test_samples_closer_than_the_spacing_are_kept_only_if_they_say_something_new
     assert clock.samples == 1  # none was worth a pass over the window
     clock.observe(sent=100.010, received=100.011, stamp=5000.010, resolution=0.001)  # narrower
     assert clock.samples == 2 and clock.uncertainty == pytest.approx(0.001)
-    for i in range(CONFIRM_JUMP):  # set forward, as that many answers say
-        at = 100.012 + i / 1000
-        clock.observe(sent=at, received=at + 0.001, stamp=5010.0, resolution=0.01)
+    step = CONFIRM_SPAN / (CONFIRM_JUMP - 1)
+    for i in range(CONFIRM_JUMP):  # set forward, as answers over CONFIRM_SPAN say
+        at = 100.012 + i * step
+        clock.observe(sent=at, received=at + 0.001, stamp=5010.0 + i * step, resolution=0.01)
     assert clock.samples == CONFIRM_JUMP and clock.now() > 100.013 + 4909
     # 37 ms after the newest kept: kept, whatever it says.
-    clock.observe(sent=100.04, received=100.05, stamp=5010.0, resolution=1.0)
+    last = 100.013 + (CONFIRM_JUMP - 1) * step
+    stamp = 5010.0 + last - 100.013
+    clock.observe(sent=last + 0.027, received=last + 0.037, stamp=stamp, resolution=1.0)
     assert clock.samples == CONFIRM_JUMP + 1
 
 

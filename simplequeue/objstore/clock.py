@@ -15,8 +15,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 # Answers in a row that must agree on a store time the estimate does not allow
-# before it moves there (the store's clock was set).
+# before it moves there (the store's clock was set), over at least this many
+# seconds: not one request's retries, a few hundred milliseconds apart.
 CONFIRM_JUMP = 3
+CONFIRM_SPAN = 5.0
 
 
 class _Sample(NamedTuple):
@@ -36,7 +38,8 @@ class StoreClock:
     a sample that contradicts older ones (our monotonic clock drifted) wins
     and the older ones are dropped. One that contradicts even the newest
     kept sample (the store's clock was set, or one answer is wrong) waits
-    until CONFIRM_JUMP such samples in a row agree: then they win.
+    until CONFIRM_JUMP such samples in a row, over CONFIRM_SPAN seconds or
+    more, agree: then they win.
 
     now() is monotonic time plus the middle of that interval, and never goes
     backwards once a sample exists: a store whose clock is set back leaves
@@ -96,13 +99,15 @@ class StoreClock:
             if not self._samples:
                 self._last = -float("inf")  # the wall-clock guess gives way
             kept, low, high = [new], new.low, new.high
-            jump = False
+            # It disagrees with the newest sample kept (however old: now()
+            # still rests on it).
+            newest = self._samples[-1] if self._samples else None
+            jump = newest is not None and max(new.low, newest.low) > min(new.high, newest.high)
             for old in reversed(self._samples):
                 if len(kept) >= self._window or new.received - old.received > self._horizon:
                     break
                 narrower = max(low, old.low), min(high, old.high)
                 if narrower[0] > narrower[1]:
-                    jump = len(kept) == 1  # it disagrees with the newest one kept
                     break  # this one and all before it disagree with the newer ones
                 low, high = narrower
                 kept.append(old)
@@ -122,7 +127,8 @@ class StoreClock:
                 self._rivals.append(new)
                 self._rivals_low = max(self._rivals_low, new.low)
                 self._rivals_high = min(self._rivals_high, new.high)
-                if len(self._rivals) < CONFIRM_JUMP:
+                span = new.received - self._rivals[0].received
+                if len(self._rivals) < CONFIRM_JUMP or span < CONFIRM_SPAN:
                     return
                 kept, low, high = self._rivals, self._rivals_low, self._rivals_high
             self._rivals = []

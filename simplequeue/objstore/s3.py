@@ -192,7 +192,10 @@ class S3Store(ObjectStore):
         received = time.monotonic()
         sent = context.get(_SENT)
         stamp = date_of(parsed)
-        if sent is not None and stamp is not None:
+        status = parsed.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        # Not a 5xx's Date: a proxy or load balancer in front of S3 answers those
+        # with its own clock (a burst of them, one request's retries, agrees).
+        if sent is not None and stamp is not None and status < 500:
             self.clock.observe(sent, received, stamp, DATE_RESOLUTION)
 
     async def _call(self, op: Callable[[Any], Awaitable[T]], conditional: bool = False) -> T:
