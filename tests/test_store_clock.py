@@ -117,6 +117,15 @@ def test_a_jump_of_the_store_clock_starts_again_from_the_newest_sample() -> None
     assert abs(clock.now() - (t.mono + offset)) < 0.05
 
 
+def answers(clock: StoreClock, t: FakeTime, n: int, every: float, off: float = 0.0) -> None:
+    """`n` answers `every` seconds apart from a store 5000 s ahead (and `off`
+    more), each followed by a read of now(), as a broker reads it every batch."""
+    for _ in range(n):
+        t.mono += every
+        request(clock, t, 5000.0 + off, rtt=0.01, resolution=1.0, at=0.5)
+        clock.now()
+
+
 def test_a_burst_of_answers_off_within_one_requests_retries_does_not_move_the_clock() -> None:
     """A load balancer's error pages (retried a few hundred ms apart) agreed
     with each other on a time a day ahead: three of them moved the clock for
@@ -124,16 +133,9 @@ def test_a_burst_of_answers_off_within_one_requests_retries_does_not_move_the_cl
     sampled at all)."""
     t = FakeTime(mono=100.0)
     clock = t.clock()
-    for _ in range(10):
-        t.mono += 1.0
-        request(clock, t, 5000.0, rtt=0.01, resolution=1.0, at=0.5)
-    for _ in range(6):  # one request's retries
-        t.mono += 0.3
-        request(clock, t, 5000.0 + 86_400, rtt=0.01, resolution=1.0, at=0.5)
-        clock.now()
-    for _ in range(10):
-        t.mono += 1.0
-        request(clock, t, 5000.0, rtt=0.01, resolution=1.0, at=0.5)
+    answers(clock, t, 10, every=1.0)
+    answers(clock, t, 6, every=0.3, off=86_400.0)  # one request's retries
+    answers(clock, t, 10, every=1.0)
     assert abs(clock.now() - (t.mono + 5000.0)) < 1.0
 
 
@@ -142,15 +144,9 @@ def test_one_answer_off_after_a_long_quiet_spell_does_not_move_the_clock() -> No
     before any comparison, and one wrong answer won at once."""
     t = FakeTime(mono=100.0)
     clock = t.clock()
-    for _ in range(10):
-        t.mono += 1.0
-        request(clock, t, 5000.0, rtt=0.01, resolution=1.0, at=0.5)
-    t.mono += 600.0
-    request(clock, t, 5000.0 + 86_400, rtt=0.01, resolution=1.0, at=0.5)
-    clock.now()
-    for _ in range(5):
-        t.mono += 1.0
-        request(clock, t, 5000.0, rtt=0.01, resolution=1.0, at=0.5)
+    answers(clock, t, 10, every=1.0)
+    answers(clock, t, 1, every=600.0, off=86_400.0)
+    answers(clock, t, 5, every=1.0)
     assert abs(clock.now() - (t.mono + 5000.0)) < 1.0
 
 
