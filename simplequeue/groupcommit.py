@@ -57,6 +57,7 @@ from simplequeue.state import (
     IdFilter,
     Manifest,
     Policy,
+    Sealed,
     Segment,
     SegmentMissing,
     TopicState,
@@ -669,14 +670,21 @@ class GroupCommitter:
             if isinstance(exc, NotDurable):  # in place, but a crash may lose it
                 await self._rewrite(t, exc)
             return self._landed(t, landed, data=None)
-        self.stats.writes += 1
-        t.unsynced = False  # this write is durable, and holds whatever was not
-        self.stats.segments_written += len(sealed.new_objects)
-        self.stats.head_bytes_written += len(data)
-        self.stats.bytes_written += len(data) + sum(len(b) for b in sealed.new_objects.values())
-        t.etag, t.checked_at = etag, sent_at
-        self._keep(sealed.decoded)
+        self._wrote(t, sealed, etag)
+        t.checked_at = sent_at
         return self._landed(t, outcome, data=data)
+
+    def _wrote(self, t: _Topic, sealed: Sealed, etag: str) -> None:
+        """A seal's head and objects landed, durable: counted, the ETag kept,
+        the objects cached."""
+        self.stats.writes += 1
+        self.stats.segments_written += len(sealed.new_objects)
+        self.stats.head_bytes_written += len(sealed.head)
+        self.stats.bytes_written += len(sealed.head) + sum(
+            len(b) for b in sealed.new_objects.values()
+        )
+        t.etag, t.unsynced = etag, False  # it holds whatever was not durable before
+        self._keep(sealed.decoded)
 
     async def _rewrite(self, t: _Topic, why: NotDurable) -> None:
         """The head read back holds this batch's write, which the store could
@@ -697,9 +705,8 @@ class GroupCommitter:
                 f"topic {t.name!r}: a write landed but could not be made durable ({why}), "
                 f"nor could it be written again ({exc}): it may not survive a crash"
             ) from exc
-        self.stats.writes += 1
-        t.etag, t.committed, t.reader, t.unsynced = etag, sealed.head, None, False
-        self._keep(sealed.decoded)
+        self._wrote(t, sealed, etag)
+        t.committed, t.reader = sealed.head, None
 
     async def _read_back(self, t: _Topic, deadline: float) -> None:
         """Read the head after a write whose answer is unknown, retrying a store
