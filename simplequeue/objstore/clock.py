@@ -21,6 +21,11 @@ CONFIRM_JUMP = 3
 CONFIRM_SPAN = 5.0
 
 
+def _overlap(low: float, high: float, other_low: float, other_high: float) -> bool:
+    """Whether the intervals [low, high] and [other_low, other_high] meet."""
+    return max(low, other_low) <= min(high, other_high)
+
+
 class _Sample(NamedTuple):
     received: float  # local monotonic time the answer came back
     low: float  # bounds of (store time - local monotonic time) this sample allows
@@ -98,29 +103,17 @@ class StoreClock:
                 return
             if not self._samples:
                 self._last = -float("inf")  # the wall-clock guess gives way
-            kept, low, high = [new], new.low, new.high
-            # It disagrees with the newest sample kept (however old: now()
-            # still rests on it).
             newest = self._samples[-1] if self._samples else None
-            jump = newest is not None and max(new.low, newest.low) > min(new.high, newest.high)
-            for old in reversed(self._samples):
-                if len(kept) >= self._window or new.received - old.received > self._horizon:
-                    break
-                narrower = max(low, old.low), min(high, old.high)
-                if narrower[0] > narrower[1]:
-                    break  # this one and all before it disagree with the newer ones
-                low, high = narrower
-                kept.append(old)
-            kept.reverse()
-            if jump:
-                # It disagrees with the newest sample: the store's clock was
-                # set, or this one answer is wrong (a proxy's error page with
-                # its own Date, one node of a store set apart). Only
-                # CONFIRM_JUMP such answers in a row, agreeing with each other,
-                # move the estimate: one would move now() for good (it never
-                # goes back), and retention would drop records early with it.
-                if not self._rivals or max(new.low, self._rivals_low) > min(
-                    new.high, self._rivals_high
+            if newest is not None and not _overlap(new.low, new.high, newest.low, newest.high):
+                # It disagrees with the newest sample kept (however old: now()
+                # still rests on it): the store's clock was set, or this one
+                # answer is wrong (a proxy's error page with its own Date, one
+                # node of a store set apart). Only CONFIRM_JUMP such answers in
+                # a row, agreeing with each other, move the estimate: one would
+                # move now() for good (it never goes back), and retention
+                # would drop records early with it.
+                if not self._rivals or not _overlap(
+                    new.low, new.high, self._rivals_low, self._rivals_high
                 ):
                     self._rivals.clear()
                     self._rivals_low, self._rivals_high = new.low, new.high
@@ -131,6 +124,16 @@ class StoreClock:
                 if len(self._rivals) < CONFIRM_JUMP or span < CONFIRM_SPAN:
                     return
                 kept, low, high = self._rivals, self._rivals_low, self._rivals_high
+            else:
+                kept, low, high = [new], new.low, new.high
+                for old in reversed(self._samples):
+                    if len(kept) >= self._window or new.received - old.received > self._horizon:
+                        break
+                    if not _overlap(low, high, old.low, old.high):
+                        break  # this one and all before it disagree with the newer ones
+                    low, high = max(low, old.low), min(high, old.high)
+                    kept.append(old)
+                kept.reverse()
             self._rivals = []
             self._samples = deque(kept)
             self._low, self._high = low, high
