@@ -214,31 +214,37 @@ class Engine:
         holds, if any, instead of claiming more (a retry whose first try's
         answer was lost)."""
         keys.check_topic(topic)
-        attempt = None if attempt_id is None else (topic, worker_id, attempt_id)
-        if attempt is not None and (again := await self._again(attempt)):
+        error = self.committer.clock_error
+
+        async def claimed(answered: Callable[[], bool] | None = None) -> list[Job]:
+            return await self._poll(
+                topic,
+                min(wait, MAX_WAIT),
+                _polled(lambda s, now: s.claim(worker_id, lease, count, now, error(now))),
+                # The caller went away: give the claims back rather than let
+                # them sit until their leases run out.
+                undo=lambda got: _unclaim_all(got.jobs) if got.jobs else None,
+                answered=answered,
+            )
+
+        if attempt_id is None:
+            return [public(j, "claimed") for j in await claimed()]
+        attempt = (topic, worker_id, attempt_id)
+        if again := await self._again(attempt):
             return again
-        before = None if attempt is None else self._answered.get(attempt)
+        before = self._answered.get(attempt)
 
         def answered_meanwhile() -> bool:
             # By another try of this claim, still polling (its caller gone unseen).
-            now = None if attempt is None else self._answered.get(attempt)
+            now = self._answered.get(attempt)
             return now is not None and now is not before
 
-        error = self.committer.clock_error
-        jobs = await self._poll(
-            topic,
-            min(wait, MAX_WAIT),
-            _polled(lambda s, now: s.claim(worker_id, lease, count, now, error(now))),
-            # The caller went away: give the claims back rather than let them
-            # sit until their leases run out.
-            undo=lambda got: _unclaim_all(got.jobs) if got.jobs else None,
-            answered=None if attempt is None else answered_meanwhile,
-        )
-        if attempt is not None and answered_meanwhile():
+        jobs = await claimed(answered_meanwhile)
+        if answered_meanwhile():
             if jobs:  # one try's jobs are the claim's: this one's go back
                 await self.committer.submit(topic, _unclaim_all(jobs))
             return await self._again(attempt)
-        if attempt is not None and jobs:
+        if jobs:
             self._remember(attempt, jobs)
         return [public(j, "claimed") for j in jobs]
 
