@@ -547,7 +547,7 @@ async def healthz(call: Call) -> web.Response:
 
 
 async def metrics(call: Call) -> web.Response:
-    body = call.services.metrics.render()
+    body = await call.services.metrics.scrape()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -7,7 +7,9 @@ are read at scrape time from the committer's cached states, never from storage.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -38,6 +40,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._callbacks: list[CallbackCollector] = []
         self.http_requests = Counter(
             "simplequeue_http_requests",
             "HTTP requests by route, method and status",
@@ -90,21 +93,50 @@ class Metrics:
             self._http_children[key] = children
         return children
 
-    def add_collector(self, collector: Collector) -> None:
-        self.registry.register(collector)
+    def add_collector(self, collector: CallbackCollector) -> None:
+        self._callbacks.append(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition, made on the caller's thread."""
+        return generate_latest(_Scrape(self.registry, [c.take() for c in self._callbacks]))
+
+    async def scrape(self) -> bytes:
+        """The exposition, made in a thread: only what the callbacks read of
+        live state is read here, on the loop. Their families (28,000 samples
+        for 2,000 topics held) and the text (1.8 MB) are made aside, the loop
+        taking its turns meanwhile. Made on the loop, they held it 0.17-0.33 s
+        a scrape; the reading holds it some 30 ms."""
+        taken = [c.take() for c in self._callbacks]
+        return await asyncio.to_thread(generate_latest, _Scrape(self.registry, taken))
 
 
-class CallbackCollector(Collector):
-    """Metrics computed at scrape time by a function returning metric families."""
+class CallbackCollector:
+    """Metrics computed at scrape time: `read` takes what they show from live
+    state (on the event loop), as the arguments of `families`, which makes
+    metric families of them (on any thread)."""
 
-    def __init__(self, collect: Callable[[], Iterator[Any]]) -> None:
-        self._collect = collect
+    def __init__(
+        self, read: Callable[[], tuple[Any, ...]], families: Callable[..., Iterator[Any]]
+    ) -> None:
+        self._read = read
+        self._families = families
+
+    def take(self) -> Callable[[], Iterator[Any]]:
+        """What the metrics are now, to be made into families later."""
+        return functools.partial(self._families, *self._read())
+
+
+class _Scrape(Collector):
+    """The registry's metrics and the callbacks' families, of what they took."""
+
+    def __init__(self, registry: CollectorRegistry, taken: list[Callable[[], Iterator[Any]]]):
+        self._registry = registry
+        self._taken = taken
 
     def collect(self) -> Iterator[Any]:
-        yield from self._collect()
+        yield from self._registry.collect()
+        for families in self._taken:
+            yield from families()
 
 
 def cache_families(used: int, budget: int, fetched: int) -> Iterator[Any]:

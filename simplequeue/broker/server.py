@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -105,15 +106,18 @@ class Broker:
         self.committer.on_batch = self.metrics.batch_sizes.observe
         self.engine = Engine(self.committer)
         self.metrics.add_collector(
-            CallbackCollector(lambda: commit_families(self.committer.stats, self._owned_gauges()))
+            CallbackCollector(
+                lambda: (dataclasses.replace(self.committer.stats), self._owned_gauges()),
+                commit_families,
+            )
         )
         store = self.store
         self.metrics.add_collector(
-            CallbackCollector(lambda: clock_families(store.clock_error(store.now())))
+            CallbackCollector(lambda: (store.clock_error(store.now()),), clock_families)
         )
         cache = self.committer.cache
         self.metrics.add_collector(
-            CallbackCollector(lambda: cache_families(cache.used, cache.budget, cache.fetched))
+            CallbackCollector(lambda: (cache.used, cache.budget, cache.fetched), cache_families)
         )
         self.url = ""
         self.announcer: Announcer = Announcer(
@@ -149,7 +153,7 @@ class Broker:
         self.membership.on_change = self.duties.view_changed
         self.metrics.add_collector(
             CallbackCollector(
-                lambda: cluster_families(
+                lambda: (
                     len(self.membership.live),
                     self.forwarder.forwarded,
                     self.forwarder.fallbacks,
@@ -157,7 +161,8 @@ class Broker:
                     self.duties.delivered,
                     self.duties.acquired,
                     self.duties.fired,
-                )
+                ),
+                cluster_families,
             )
         )
         self.committer.on_landed = lambda t, state: self.duties.wrote(t, self._next_due(state))
