@@ -196,6 +196,45 @@ async def test_a_skewed_clock_fails_at_once_with_a_message_that_says_so() -> Non
     assert client.calls == 1
 
 
+@pytest.mark.parametrize("status", [200, 404, 503])
+def test_only_answers_s3_itself_gave_set_the_store_clock(
+    monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """A 5xx answer's Date is not sampled: a proxy or load balancer in front of
+    S3 answers those with its own clock, and a burst of them (a request's
+    retries, an outage) agrees with itself. Answers a day ahead, spread over
+    more than CONFIRM_SPAN and CONFIRM_JUMP of them, move the clock only when
+    S3 itself gave them (below 500)."""
+    from email.utils import formatdate
+    from types import SimpleNamespace
+
+    from simplequeue.objstore import s3
+    from simplequeue.objstore.clock import CONFIRM_JUMP, CONFIRM_SPAN, StoreClock
+
+    mono = [100.0]
+    monkeypatch.setattr(s3, "time", SimpleNamespace(monotonic=lambda: mono[0]))
+    store = S3Store(quick("http://127.0.0.1:9"))
+    store.clock = StoreClock(monotonic=lambda: mono[0], wall=lambda: 0.0)
+    offset = 1_700_000_000.0
+
+    def answer(status: int, ahead: float) -> None:
+        context: dict[str, Any] = {}
+        store._call_sent(context)
+        mono[0] += 0.01
+        date = formatdate(mono[0] - 0.005 + offset + ahead, usegmt=True)
+        headers = {"HTTPStatusCode": status, "HTTPHeaders": {"date": date}}
+        store._call_answered(parsed={"ResponseMetadata": headers}, context=context)
+
+    for _ in range(10):
+        mono[0] += 1.0
+        answer(200, 0.0)
+    for _ in range(2 * CONFIRM_JUMP):
+        mono[0] += CONFIRM_SPAN / CONFIRM_JUMP
+        answer(status, 86_400.0)
+    moved = store.now() - (mono[0] + offset) > 86_000.0
+    assert moved is (status < 500)
+
+
 @pytest.mark.parametrize("moto", [False, True], ids=["localstack", "moto"])
 async def test_a_listing_of_many_pages_each_answered_in_time_completes(moto: bool) -> None:
     """A listing ran every page in one request's try, under one deadline
