@@ -126,6 +126,13 @@ class CommitStats:
     fetch_rounds: int = 0
 
 
+def _fence(state: TopicState, now: float) -> list[str]:
+    """A write of the head as it is (its new write id moves the ETag on), and
+    what it references."""
+    state.dirty = True
+    return state.referenced()
+
+
 class _LostRace(Exception):
     """The head moved under this attempt; re-read and re-apply."""
 
@@ -426,11 +433,20 @@ class GroupCommitter:
         that failed after writing their objects, and a broker that died between
         its object and head writes. Call it far less often than any write takes
         and any broker keeps a head (minutes): an object is only deleted once
-        it was an orphan that long, so no broker still reading it loses it."""
+        it was an orphan that long, so no broker still reading it loses it.
+
+        Before deleting, the head is written again (a fence): a writer that
+        read an older head and wrote its objects, then stalled (paused, or its
+        PUT held up) past two sweeps before its head's PUT, loses its race
+        instead of landing a head that names objects gone. Whatever landed
+        before the fence keeps what it names."""
         t = self._topic(topic)
         listed = set(await self.store.list(keys.segments_prefix(topic)))
         referenced = set(await self.read(topic, lambda s, now: s.referenced()))
         orphans = listed - referenced
+        if orphans & t.orphans:
+            fenced = set(await self.submit(topic, _fence))
+            orphans -= fenced
         doomed = sorted(orphans & t.orphans)
         t.orphans = orphans - set(doomed)
         for key in doomed:

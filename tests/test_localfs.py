@@ -27,10 +27,11 @@ HELPERS = Path(__file__).parent / "helpers"
 ROOT = Path(__file__).parent.parent
 
 
-def spawn(script: str, *args: str) -> subprocess.Popen[str]:
+def spawn(script: str, *args: str, stdin: int | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(HELPERS / script), *args],
         cwd=ROOT,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         text=True,
     )

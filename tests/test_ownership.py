@@ -8,9 +8,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,12 +24,16 @@ import pytest
 from simplequeue import keys
 from simplequeue.api import REPLAYED_HEADER, Job, JobSpec
 from simplequeue.broker.duties import DutySettings
+from simplequeue.broker.engine import Engine
 from simplequeue.broker.membership import Membership, rendezvous
 from simplequeue.client import Client
+from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore import ObjectStore
+from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.until import until
+from tests.test_localfs import spawn
 
 StartBroker = Callable[..., Awaitable[Any]]
 
@@ -806,3 +814,55 @@ async def test_an_earlier_broker_at_this_address_is_not_taken_for_alive() -> Non
     await me.step()
     assert [p.broker_id for p in me.live] == ["new"]
     assert await store.list(keys.BROKERS_PREFIX) == [keys.registration("new")]
+
+
+async def test_a_broker_paused_between_its_segments_and_its_head_lands_no_head_naming_swept_ones(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """SPEC 4.1: segments are deleted only when no head references them and no
+    broker can still be reading them. A broker that served the topic (its
+    owner did not answer, or it took itself for the owner) wrote a batch's
+    segments, then was paused (SIGSTOP) before its head PUT. The owner, which
+    wrote the topic within two sweeps and has not written it since, sweeps it
+    twice: the paused broker's segments go at their second sighting. Continued,
+    the paused broker's head PUT (If-Match: the head it read, still in place)
+    lands, naming segments that are gone: the owner's 20 acknowledged jobs,
+    spilled into them, were lost and the topic could not be served. The sweep
+    writes the head before it deletes: the paused write loses its race, and
+    its retry lands whole."""
+    store = LocalStore(tmp_path)
+    owner = await start_broker(store, broker_id="owner")
+    early = [JobSpec({"pad": "x" * 1000}, id=f"early{i:03d}") for i in range(20)]
+    await owner.engine.enqueue("t", early)  # inline: 20 KB, under the 24 KB bound
+    paused = spawn("pause_before_head.py", str(tmp_path), "t", "10", stdin=subprocess.PIPE)
+    try:
+        assert paused.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(paused.stdout.readline), 30)
+        assert line == "segments written\n"
+        _, status = await asyncio.to_thread(os.waitpid, paused.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        # The owner's periodic sweeps, two of them, while the other is stopped.
+        await owner.duties._sweep()
+        await owner.duties._sweep()
+        assert owner.committer.stats.segments_deleted == 1  # the paused one's segment
+        os.kill(paused.pid, signal.SIGCONT)
+        assert paused.stdin is not None
+        paused.stdin.write("go\n")
+        paused.stdin.flush()
+        told = orjson.loads(await asyncio.wait_for(asyncio.to_thread(paused.stdout.readline), 30))
+    finally:
+        if paused.poll() is None:
+            os.kill(paused.pid, signal.SIGCONT)
+        for pipe in (paused.stdin, paused.stdout):  # stdin's end lets it go on
+            if pipe:
+                pipe.close()
+        await asyncio.to_thread(paused.wait, 30)
+    fresh_store = LocalStore(tmp_path)
+    fresh = Engine(GroupCommitter(fresh_store, broker_id="reader", settings=CommitSettings()))
+    try:
+        # Either the paused write lost its race (20 jobs) or it landed whole (30).
+        expected = 30 if "landed" in told else 20
+        claimed = await fresh.claim("t", "w", count=100)
+        assert len(claimed) == expected, told
+    finally:
+        await fresh_store.close()
