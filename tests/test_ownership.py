@@ -866,3 +866,37 @@ async def test_a_broker_paused_between_its_segments_and_its_head_lands_no_head_n
         assert len(claimed) == expected, told
     finally:
         await fresh_store.close()
+
+
+@pytest.mark.parametrize("same_id", [True, False], ids=["same-id", "new-id"])
+async def test_a_lease_written_by_a_broker_that_restarted_under_its_id_is_reaped(
+    start_broker: StartBroker, same_id: bool
+) -> None:
+    """SPEC 3 and 4.3: an expired claim goes back to pending; only the owner
+    reaps, driven by the leases it knows. A broker served a claim on a topic
+    it does not own (the owner did not answer a forwarded request within the
+    second), then restarted under the same --broker-id (a supervisor's
+    restart; Membership.register: "a restarted broker of the same id takes
+    over its own record"). Its stop hands over only the topics it owns, the
+    new process reads only the topics it owns, and the owner sees the record
+    renewed, not gone: no departure, so it never read the topic again. Its
+    cached state had no such lease: the job stayed claimed for good on a
+    quiet topic. A record whose epoch did not count up is a restart now, and
+    the owner reads every topic it owns, as when a broker leaves."""
+    store = MemStore()
+    brokers = [await start_broker(store, broker_id=f"b{i}") for i in range(2)]
+    for b in brokers:
+        await b.membership.step()
+    owner = max(brokers, key=lambda b: rendezvous("t", b.settings.broker_id))
+    other = next(b for b in brokers if b is not owner)
+    await owner.engine.enqueue("t", [JobSpec(1, id="a")])  # the owner holds t
+    other.membership.suspect(owner.settings.broker_id, 60)  # a forward timed out
+    await other.engine.claim("t", "w", lease=1.0)
+    other.membership._suspect.clear()  # SUSPECT_FOR (3 s) passed; the lease is longer
+    assert not other.membership.owns("t") and "t" in other.duties.due_topics()
+    await other.stop()
+    # Restarted (same id), or replaced by a new one (the control: a departure).
+    again = await start_broker(store, broker_id=other.settings.broker_id if same_id else "b9")
+    await owner.membership.step()  # same id: its record was renewed, no departure
+    await until(lambda: owner.duties.reaped + again.duties.reaped == 1, within=10)
+    assert (await owner.engine.job("t", "a"))["status"] == "pending"

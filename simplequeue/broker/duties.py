@@ -410,10 +410,11 @@ class Duties:
             self._acquire = None
         else:  # the view changed again meanwhile: take over from `old` to the newest
             self._acquire = (old, self._acquire[1])
-        departed = {p.broker_id for p in old} - {p.broker_id for p in new}
-        # Newly owned topics are read once. So, when a broker left, are all
-        # the others this broker owns: one that had not yet seen this broker
-        # took itself for their owner and may have written leases and
+        departed = [p for p in old if p not in new and p.broker_id != me.broker_id]
+        # Newly owned topics are read once. So, when a broker left (or came
+        # back restarted), are all the others this broker owns: one that had
+        # not yet seen this broker took itself for their owner, or served a
+        # topic whose owner did not answer, and may have written leases and
         # schedules there that only it knew of (a rolling restart).
         mine = [t for t in names if _owner(t, new) == me and (departed or _owner(t, old) != me)]
         limit = asyncio.Semaphore(ACQUIRE_PARALLEL)

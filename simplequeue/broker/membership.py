@@ -42,10 +42,13 @@ RANKED_KEPT = 10_000  # topics whose broker order is kept between changes of the
 
 @dataclass(frozen=True)
 class Peer:
-    """A broker, as routing knows it."""
+    """A broker, as routing knows it. `restarts` counts the times this broker
+    saw it register again under its id: a restarted broker is another peer,
+    as one that left and came back is."""
 
     broker_id: str
     url: str
+    restarts: int = 0
 
 
 def rendezvous(topic: str, broker_id: str) -> int:
@@ -59,6 +62,7 @@ class _Sighting:
     etag: str
     changed_at: float  # monotonic: when this broker first saw this version
     record: BrokerRecord
+    restarts: int = 0
 
 
 class Membership:
@@ -168,7 +172,7 @@ class Membership:
                 self._same_address(broker_id)
                 await self._forget(broker_id, "it had this broker's address")
             elif age < seen.record.lease_s:
-                live.append(Peer(broker_id, seen.record.url))
+                live.append(Peer(broker_id, seen.record.url, seen.restarts))
             elif age > FORGET_AFTER_LEASES * seen.record.lease_s:
                 await self._forget(broker_id, "its record was not renewed for long")
         self._set_live(tuple(sorted(live, key=lambda p: p.broker_id)))
@@ -219,7 +223,23 @@ class Membership:
                 log.error("%s; it names no live broker", exc)
             self._seen.pop(broker_id, None)
             return
-        self._seen[broker_id] = _Sighting(etag, mono, record)
+        restarts = 0
+        if seen is not None:
+            restarts = seen.restarts
+            if record.epoch <= seen.record.epoch:
+                # Each renewal counts up: a record that did not is a new
+                # registration, a broker restarted under this id. What it
+                # wrote before may be known to it no more (leases on topics
+                # it does not own): its topics' owners must read them, as
+                # when a broker leaves.
+                restarts += 1
+                log.info(
+                    "broker %s restarted (its record's epoch went from %d to %d)",
+                    broker_id,
+                    seen.record.epoch,
+                    record.epoch,
+                )
+        self._seen[broker_id] = _Sighting(etag, mono, record, restarts)
 
     async def _forget(self, broker_id: str, why: str) -> None:
         log.info("forgetting %s: %s", broker_id, why)
