@@ -120,3 +120,30 @@ async def test_a_broker_serves_a_format_1_store(
         ) as r:
             assert r.status == 201
     assert head_of(root, "emails")["format"] == 2
+
+
+async def test_a_format_1_job_nacked_without_an_error_is_read_and_upgraded(tmp_path: Path) -> None:
+    """Format 1 kept `"last_error": null` for a job nacked without an error
+    (the fixture's nacks all say "boom"). Format 2's schema wants a string or
+    nothing: such a head was corrupt to it, and the topic answered 500 for
+    good instead of being upgraded at its next write (review finding). These
+    are the bytes format 1 sealed after enqueue, claim and nack(error=None)."""
+    data = (
+        b'{"format":1,"topic":"emails","writer":{"broker_id":"v1","epoch":1},'
+        b'"write_id":"abc","recent_writes":["abc"],"seq":1,"counters":{"enqueued":1,'
+        b'"completed":0,"nacked":1,"dead":0,"dead_dropped":0},"lanes":{"0":{"inline":'
+        b'[{"id":"e1","seq":0,"payload":"hello","priority":0,"run_at":1900000051.0,'
+        b'"created_at":1900000050.0,"attempts":1,"max_attempts":5,"last_error":null}],'
+        b'"runs":[]}},"claimed":{},"retained":{"inline":[],"segs":[]},'
+        b'"dead":{"inline":[],"segs":[]}}'
+    )
+    (tmp_path / "topics").mkdir()
+    (tmp_path / "topics" / "emails.json").write_bytes(data)
+    q = engine_on(tmp_path)
+    assert (await q.job("emails", "e1"))["last_error"] is None
+    [job] = await q.claim("emails", "w")
+    assert (job["id"], job["attempts"], job["payload"]) == ("e1", 2, "hello")
+    assert head_of(tmp_path, "emails")["format"] == 2
+    await q.ack("emails", job["id"], job["lease_token"])
+    assert (await q.job("emails", "e1"))["status"] == "completed"
+    await q.committer.close()

@@ -29,7 +29,7 @@ class PendingJob(TypedDict):
     created_at: float
     attempts: int
     max_attempts: int
-    last_error: NotRequired[str]
+    last_error: NotRequired[str | None]  # null: format 1, nacked without one
 
 
 class DeadJob(PendingJob):
@@ -53,7 +53,7 @@ class Lease(TypedDict):
     claimed_at: NotRequired[float]
     payload: NotRequired[Any]
     src: NotRequired[tuple[str, int]]
-    last_error: NotRequired[str]
+    last_error: NotRequired[str | None]  # null: format 1, nacked without one
 
 
 class Record(TypedDict):
@@ -65,7 +65,7 @@ class Record(TypedDict):
     created_at: float
     finished_at: float
     result: NotRequired[Any]
-    last_error: NotRequired[str]
+    last_error: NotRequired[str | None]  # null: format 1, nacked without one
 
 
 class FollowUp(TypedDict):
