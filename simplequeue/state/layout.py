@@ -128,6 +128,11 @@ def holes_kept(chain: dict[str, Any]) -> int:
     return sum(len(kept) for kept in chain["holes"].values())
 
 
+def loose_holes(chain: dict[str, Any]) -> int:
+    """How many holes a chain's loose segment refs keep in the head."""
+    return sum(len(ref.get("holes", ())) for ref in chain["segs"])
+
+
 def job_key(job: Job) -> tuple[float, int]:
     return (job["run_at"], job["seq"])
 
@@ -568,6 +573,7 @@ class Layout:
         crowded = any(
             len(c["segs"]) > b.loose_max
             or holes_kept(c) > b.holes_max
+            or loose_holes(c) > b.holes_max
             or len(c["mans"]) > b.manifests_max
             for c in chains
         )
@@ -669,6 +675,9 @@ class _Sealer:
             # head holds no more loose refs than its bound.
             while len(chain.d["segs"]) > b.loose_max:
                 self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
+            if loose_holes(chain.d) > b.holes_max:
+                # Their holes go with them, into the manifest (out of the head).
+                self._add(chain.fold(self._new_id("m"), len(chain.d["segs"]), encode_manifest))
             rewrites = 0
             while holes_kept(chain.d) > b.holes_max and rewrites < REWRITES_PER_SEAL:
                 if not self._rewrite_holey_manifest(chain):
