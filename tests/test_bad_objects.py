@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 
 from simplequeue import keys
 from simplequeue.client import Client
@@ -86,3 +87,31 @@ async def test_discovery_through_a_bad_broker_json_is_a_clear_error() -> None:
     await store.put(keys.BROKER, b"garbage")
     with pytest.raises(BrokerUnavailable, match=r"broker\.json"):
         await asyncio.wait_for(Client.discover(store, topic="t"), 10)
+
+
+async def test_a_segment_holding_fewer_jobs_than_its_ref_says_is_corrupt(
+    start_broker: StartBroker,
+) -> None:
+    """A segment that reads well but holds fewer jobs than the head's ref to it
+    says (one restored from another backup) failed every claim with a bare
+    IndexError: a 503 ("commit failed") that clients retry for ever, saying
+    nothing of the object (review note). It is corrupt data, named by its
+    key, as a segment that does not decode is."""
+    from simplequeue.api import JobSpec
+
+    store = MemStore()
+    seed = await start_broker(store)
+    await seed.engine.enqueue("t", [JobSpec({"pad": "x" * 1000}) for _ in range(100)])
+    [key] = [k for k in await store.list("topics/t/") if "/seg-p" in k]
+    data, _ = await store.get(key)
+    segment = orjson.loads(data)
+    segment["items"] = segment["items"][:10]
+    await store.put(key, orjson.dumps(segment))
+    await seed.stop()  # it holds the segment as it wrote it
+    fresh = await start_broker(store)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fresh.url + "/topics/t/claim", json={"worker_id": "w", "count": 100}) as r,
+    ):
+        status, body = r.status, await r.json()
+    assert status == 500 and key in body["error"], body

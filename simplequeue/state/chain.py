@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from simplequeue import keys
+from simplequeue.errors import CorruptData
 from simplequeue.state.segments import Manifest, Segment, SegmentView, encode_index, id_hash
 
 Item = dict[str, Any]
@@ -73,6 +74,15 @@ class Chain:
 
     def manifest(self, man_id: str) -> Manifest:
         return self.view.manifest(keys.segment(self.topic, man_id))
+
+    def items(self, ref: dict[str, Any]) -> list[Item]:
+        """The items of the segment `ref` names: as many as it says, or the
+        segment is not the one the head wrote (restored from another backup)."""
+        items: list[Item] = self.segment(ref["k"]).items
+        if len(items) < ref["n"]:
+            key = keys.segment(self.topic, ref["k"])
+            raise CorruptData(key, f"it holds {len(items)} items, the head says {ref['n']}")
+        return items
 
     def holes_of(self, ref: dict[str, Any]) -> AbstractSet[int]:
         """The consumed positions of the segment `ref` names (read only)."""
@@ -133,10 +143,10 @@ class Chain:
         """Every live item, in order (reads every segment)."""
         for ref, man, start in self.units():
             holes = self.holes_of(ref)
-            seg = self.segment(ref["k"])
+            items = self.items(ref)
             for i in range(start, ref["n"]):
                 if i not in holes:
-                    yield Place(ref["k"], i, seg.items[i], man)
+                    yield Place(ref["k"], i, items[i], man)
         for item in self.d["in"]:
             yield Place(None, 0, item)
 
@@ -203,7 +213,7 @@ class Chain:
 
     def _live(self, ref: dict[str, Any], man: str | None, start: int) -> list[Place]:
         holes = self.holes_of(ref)
-        items = self.segment(ref["k"]).items
+        items = self.items(ref)
         return [Place(ref["k"], i, items[i], man) for i in range(start, ref["n"]) if i not in holes]
 
     def manifest_of(self) -> dict[str, str]:
@@ -232,10 +242,10 @@ class Chain:
     def _first_live(self, ref: dict[str, Any], man: str | None, start: int) -> Place | None:
         holes = self.holes_of(ref)
         if not holes and start < ref["n"]:
-            return Place(ref["k"], start, self.segment(ref["k"]).items[start], man)
+            return Place(ref["k"], start, self.items(ref)[start], man)
         for i in range(start, ref["n"]):
             if i not in holes:
-                return Place(ref["k"], i, self.segment(ref["k"]).items[i], man)
+                return Place(ref["k"], i, self.items(ref)[i], man)
         return None
 
     def locate(self, job_id: str, inline: bool = True) -> list[Place]:

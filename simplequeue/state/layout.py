@@ -272,7 +272,11 @@ class Layout:
         if "src" not in record:
             return record.get("payload")
         seg_id, index = record["src"]
-        return self._chain(new_chain()).segment(seg_id).items[index]["payload"]
+        items = self._chain(new_chain()).segment(seg_id).items
+        if index >= len(items):
+            key = keys.segment(self.topic, seg_id)
+            raise CorruptData(key, f"it holds {len(items)} items, a lease names item {index}")
+        return items[index]["payload"]
 
     # --- the claimed set -------------------------------------------------------------
 
@@ -329,7 +333,7 @@ class Layout:
         lows: dict[str, float] = {}  # unit key (loose segment or manifest) -> new bound
         for ref, man, start, mref in leases.bounded_units(maybe):
             holes = leases.holes_of(ref)
-            items = leases.segment(ref["k"]).items
+            items = leases.items(ref)
             left = 1e300
             for i in range(start, ref["n"]):
                 if i in holes:

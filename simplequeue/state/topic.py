@@ -187,7 +187,7 @@ class TopicState(Layout):
             if ref.get("lo", -1e300) > now:
                 break
             holes = run.holes_of(ref)
-            items = run.segment(ref["k"]).items
+            items = run.items(ref)
             due += sum(
                 1 for i in range(start, ref["n"]) if i not in holes and items[i]["run_at"] <= now
             )
