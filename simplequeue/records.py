@@ -22,6 +22,9 @@ class BrokerRecord(msgspec.Struct, frozen=True):
     epoch: int
     heartbeat_at: float
     lease_s: float
+    # A registration's: random, new with each process (a restart under the
+    # same broker id is a new one); "" in broker.json and from older brokers.
+    incarnation: str = ""
 
     def age(self, now: float) -> float:
         return now - self.heartbeat_at

@@ -900,3 +900,38 @@ async def test_a_lease_written_by_a_broker_that_restarted_under_its_id_is_reaped
     await owner.membership.step()  # same id: its record was renewed, no departure
     await until(lambda: owner.duties.reaped + again.duties.reaped == 1, within=10)
     assert (await owner.engine.job("t", "a"))["status"] == "pending"
+
+
+async def test_two_processes_under_one_broker_id_do_not_make_owners_reread_every_round(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SPEC 4.1: an idle broker makes O(1) store requests per second whatever
+    the number of topics. Two processes given one --broker-id (a copied
+    config, or an old process still renewing beside its replacement) each
+    write the record in turn, each with its own epoch count: when a record
+    whose epoch did not count up was a restart, every other broker read
+    every topic it owns again each third of a lease, for as long as both
+    ran (review finding: 138 reads of 23 topics in 3 rounds). A restart is
+    a process never seen under that id (its record's incarnation): the
+    second twin counts once, as a restart would, and is reported."""
+    store = MemStore()
+    owner = await start_broker(store, broker_id="b0", broker_lease=60)
+    for i in range(40):
+        await owner.engine.enqueue(f"t{i}", [JobSpec(1, id="a")])
+    twins = [await start_broker(store, broker_id="bx", broker_lease=60) for _ in range(2)]
+    await owner.membership.step()
+    await owner.duties.taken_over.wait()
+    owned = [f"t{i}" for i in range(40) if owner.membership.owns(f"t{i}")]
+    assert owned
+    before = owner.duties.acquired
+    with caplog.at_level(logging.ERROR, logger="simplequeue.broker.membership"):
+        for _ in range(3):
+            for twin in twins:  # each renews its record; the owner looks after each
+                await twin.membership.step()
+                await owner.membership.step()
+                await owner.duties.taken_over.wait()
+    assert owner.duties.acquired - before <= len(owned)  # once, not every round
+    said = [
+        r.getMessage() for r in caplog.records if "run under the broker id bx" in r.getMessage()
+    ]
+    assert len(said) == 1

@@ -410,7 +410,11 @@ class Duties:
             self._acquire = None
         else:  # the view changed again meanwhile: take over from `old` to the newest
             self._acquire = (old, self._acquire[1])
-        departed = [p for p in old if p not in new and p.broker_id != me.broker_id]
+        # A broker gone, or restarted (a new process under its id); not one
+        # whose URL changed, as two processes under one id make it flip.
+        departed = {(p.broker_id, p.restarts) for p in old} - {
+            (p.broker_id, p.restarts) for p in new
+        }
         # Newly owned topics are read once. So, when a broker left (or came
         # back restarted), are all the others this broker owns: one that had
         # not yet seen this broker took itself for their owner, or served a

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # sees it: a broker killed without a goodbye leaves one behind.
 FORGET_AFTER_LEASES = 10
 RANKED_KEPT = 10_000  # topics whose broker order is kept between changes of the live set
+INCARNATIONS_KEPT = 8  # per broker id: processes told apart from one restarted
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class _Sighting:
     etag: str
     changed_at: float  # monotonic: when this broker first saw this version
     record: BrokerRecord
-    restarts: int = 0
+    restarts: int = 0  # incarnations seen after the first
+    incarnations: tuple[str, ...] = ()  # the latest INCARNATIONS_KEPT seen, newest last
 
 
 class Membership:
@@ -80,6 +83,7 @@ class Membership:
         keys.check_broker_id(broker_id)
         self.store = store
         self.me = Peer(broker_id, url)
+        self.incarnation = uuid.uuid4().hex[:16]  # this process's registration
         self.lease_s = lease_s
         self.clock = clock  # the store's, in a broker: what records are stamped with
         self.on_change: Callable[[tuple[Peer, ...], tuple[Peer, ...]], None] | None = None
@@ -94,6 +98,7 @@ class Membership:
         # Brokers forgotten for having this broker's address, and whether one
         # that came back (alive: two brokers advertise one URL) was reported.
         self._at_my_address: dict[str, bool] = {}
+        self._twins: set[str] = set()  # broker ids two processes were seen to share
 
     def set_url(self, url: str) -> None:
         """This broker's URL, once it listens."""
@@ -107,7 +112,14 @@ class Membership:
 
     def _record(self) -> BrokerRecord:
         # `epoch` counts this registration's renewals: every renewal changes it.
-        return BrokerRecord(self.me.broker_id, self.me.url, self._beats, self.clock(), self.lease_s)
+        return BrokerRecord(
+            self.me.broker_id,
+            self.me.url,
+            self._beats,
+            self.clock(),
+            self.lease_s,
+            self.incarnation,
+        )
 
     # --- routing ---------------------------------------------------------------------
 
@@ -223,23 +235,32 @@ class Membership:
                 log.error("%s; it names no live broker", exc)
             self._seen.pop(broker_id, None)
             return
-        restarts = 0
-        if seen is not None:
-            restarts = seen.restarts
-            if record.epoch <= seen.record.epoch:
-                # Each renewal counts up: a record that did not is a new
-                # registration, a broker restarted under this id. What it
-                # wrote before may be known to it no more (leases on topics
-                # it does not own): its topics' owners must read them, as
-                # when a broker leaves.
+        restarts, incarnations = (0, ()) if seen is None else (seen.restarts, seen.incarnations)
+        new = record.incarnation
+        if new and new not in incarnations:
+            if incarnations:
+                # Another process under this id: a restart (or a twin, which
+                # counts once). What the one before wrote may be known to it
+                # no more (leases on topics it does not own): the owners read
+                # their topics, as when a broker leaves.
                 restarts += 1
-                log.info(
-                    "broker %s restarted (its record's epoch went from %d to %d)",
-                    broker_id,
-                    seen.record.epoch,
-                    record.epoch,
-                )
-        self._seen[broker_id] = _Sighting(etag, mono, record, restarts)
+                log.info("broker %s restarted (a new process under its id)", broker_id)
+            incarnations = (*incarnations, new)[-INCARNATIONS_KEPT:]
+        elif new and seen is not None and new != seen.record.incarnation:
+            self._twin(broker_id)
+        self._seen[broker_id] = _Sighting(etag, mono, record, restarts, incarnations)
+
+    def _twin(self, broker_id: str) -> None:
+        """Two live processes write one broker's record in turn. Each takes
+        the other's topics for its own; correct (conditional writes), but the
+        others route to whichever wrote last. Said once, as an error."""
+        if broker_id not in self._twins:
+            self._twins.add(broker_id)
+            log.error(
+                "two brokers run under the broker id %s (their records alternate): "
+                "give each its own --broker-id",
+                broker_id,
+            )
 
     async def _forget(self, broker_id: str, why: str) -> None:
         log.info("forgetting %s: %s", broker_id, why)
