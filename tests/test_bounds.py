@@ -518,3 +518,61 @@ def test_a_large_job_spilled_with_others_moves_by_reference(
     assert sorted(j["id"] for j in out) == sorted(set(specs) - set(cancel))
     assert [(j["run_at"], j["seq"]) for j in out] == sorted((j["run_at"], j["seq"]) for j in out)
     assert all(j["payload"] == specs[j["id"]].payload for j in out)
+
+
+def test_holes_of_loose_segments_are_bounded_in_the_head_whatever_the_lanes() -> None:
+    """holes_max bounds the holes of each chain, and a head has a chain per
+    run of each lane (64 lanes, up to 8 runs each): 64 priorities of 2 runs
+    of 600 jobs (the second due before the first), 511 of each run
+    cancelled, folded no chain and kept 65,408 holes in a 288 KB head
+    (SPEC 4.1: under 256 KB; review finding). Past HEAD_HOLES_MAX in all,
+    the chains with most go out to manifests. 16 priorities here: 16,352
+    holes, a 99 KB head."""
+    d = Driver()
+    for p in range(16):
+        for r in range(2):
+            specs = [
+                JobSpec(0, id=f"p{p}r{r}-{i}", priority=p, delay=(2 - r) * 100.0)
+                for i in range(600)
+            ]
+            d.s.enqueue(specs, d.now)
+            d.seal()
+    d.reset()
+    victims = [f"p{p}r{r}-{i}" for p in range(16) for r in range(2) for i in range(89, 600)]
+    for i in range(0, len(victims), 1000):
+        assert d.s.cancel(victims[i : i + 1000], d.now)["not_found"] == []
+        d.seal()
+    d.now += 201.0
+    assert d.s.counts(d.now)["pending"] == 16 * 2 * 89
+    assert d.largest_head < 48 * 1024, d.largest_head
+    assert d.largest_batch <= BATCH_MAX
+    claimed: list[Any] = []
+    while part := d.s.claim("w", 30, 1000, d.now):
+        claimed += part
+    assert sorted(j["id"] for j in claimed) == sorted(
+        f"p{p}r{r}-{i}" for p in range(16) for r in range(2) for i in range(89)
+    )
+    assert [j["priority"] for j in claimed] == sorted(
+        (j["priority"] for j in claimed), reverse=True
+    )
+
+
+def test_one_cancel_that_takes_many_chains_past_holes_max_writes_a_bounded_batch() -> None:
+    """SPEC 4.1: a batch writes at most 256 KB plus its own new payloads. Each
+    chain past holes_max in its loose refs folds them all in that seal, and
+    every chain may cross it at once: 64 priorities of 600 jobs, 511 of each
+    cancelled, then one cancel of 2 jobs of each (128 ids, no payload) makes
+    64 manifests (index and holes of each segment) in one write: 369 KB."""
+    d = Driver()
+    for p in range(64):
+        d.s.enqueue([JobSpec(0, id=f"p{p}-{i}", priority=p) for i in range(600)], d.now)
+        d.seal()
+    victims = [f"p{p}-{i}" for p in range(64) for i in range(89, 600)]
+    for i in range(0, len(victims), 1000):
+        assert d.s.cancel(victims[i : i + 1000], d.now)["not_found"] == []
+        d.seal()
+    d.reset()
+    last = [f"p{p}-{i}" for p in range(64) for i in (87, 88)]
+    assert d.s.cancel(last, d.now)["cancelled"] == last
+    d.seal()
+    assert d.largest_batch <= BATCH_MAX, d.largest_batch

@@ -49,9 +49,12 @@ AHEAD_ITEMS = 8
 AHEAD_LANE_ITEMS = 64  # the same, in the lane read past its fronts
 AHEAD_KEYS = 512
 AHEAD_WALK = 1024  # segments of a run looked at, at hand or not, at most
-# Manifests a seal rewrites at most to take the holes the head keeps past
-# holes_max (each rewrite is one manifest object, at most manifest_bytes).
-REWRITES_PER_SEAL = 4
+# Holes kept in the head: past holes_max in a chain, or past HEAD_HOLES_MAX in
+# all of the head's chains (a head has one per run of each lane, and more),
+# the chains with most go out to manifests (their loose refs folded, their
+# manifests rewritten), HOLES_BYTES a seal at most (one object at least).
+HEAD_HOLES_MAX = 4096
+HOLES_BYTES = 64 * 1024
 # Runs merged into one at most (the fewer, the more often a job is rewritten).
 MERGE_FAN_IN = 8
 # A seal may write merging runs up to merge_bytes, and as much again at most
@@ -581,6 +584,7 @@ class Layout:
             or len(c["mans"]) > b.manifests_max
             for c in chains
         )
+        crowded = crowded or sum(holes_kept(c) + loose_holes(c) for c in chains) > HEAD_HOLES_MAX
         lanes = h["lanes"].values()
         return (
             sparse or crowded or any(len(ln["runs"]) > b.runs_max or _merging(ln) for ln in lanes)
@@ -640,13 +644,15 @@ class _Sealer:
         self.s.head["next"] = n + 1
         return f"{kind}{n}-{self.attempt}"
 
-    def _add(self, obj: NewObject, items: list[Any] | None = None) -> None:
+    def _add(self, obj: NewObject, items: list[Any] | None = None) -> int:
         """`obj` is written with the head; the rest of the seal reads it. With
         `items`, it is the segment of those items, which the head has let go
-        of (spilled): they become its items as they are, not decoded again."""
+        of (spilled): they become its items as they are, not decoded again.
+        Its size."""
         key = keys.segment(self.s.topic, obj.id)
         self.sealed.new_objects[key] = obj.data
         self.sealed.decoded[key] = self.s._view.keep(key, obj.data, items)
+        return len(obj.data)
 
     def run(self) -> None:
         h, b = self.s.head, self.bounds
@@ -679,16 +685,48 @@ class _Sealer:
             # head holds no more loose refs than its bound.
             while len(chain.d["segs"]) > b.loose_max:
                 self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
-            if loose_holes(chain.d) > b.holes_max:
-                # Their holes go with them, into the manifest (out of the head).
-                self._add(chain.fold(self._new_id("m"), len(chain.d["segs"]), encode_manifest))
-            rewrites = 0
-            while holes_kept(chain.d) > b.holes_max and rewrites < REWRITES_PER_SEAL:
-                if not self._rewrite_holey_manifest(chain):
-                    break
-                rewrites += 1
+        self._take_holes(chains)
+        for chain in chains:
             while len(chain.d["mans"]) > b.manifests_max and self._merge_manifests(chain):
                 pass
+
+    def _take_holes(self, chains: list[Chain]) -> None:
+        """Holes the head keeps go out to manifests, the chains with most
+        first: a chain's loose refs are folded (their holes go with them), its
+        manifests rewritten (with the holes kept for their segments). Those of
+        chains past holes_max, and while the head keeps more than
+        HEAD_HOLES_MAX in all, the others': HOLES_BYTES a seal at most, the
+        rest left to the next seals."""
+        b = self.bounds
+
+        def held(chain: Chain) -> int:
+            return loose_holes(chain.d) + holes_kept(chain.d)
+
+        total = sum(held(c) for c in chains)
+        written = 0
+        for chain in sorted(chains, key=held, reverse=True):
+            over = total > HEAD_HOLES_MAX
+            if written >= HOLES_BYTES or not held(chain) or not (over or held(chain) > b.holes_max):
+                return
+            before = held(chain)
+            loose = loose_holes(chain.d)
+            if loose and (over or loose > b.holes_max):
+                written += self._add(
+                    chain.fold(self._new_id("m"), len(chain.d["segs"]), encode_manifest)
+                )
+            while (
+                written < HOLES_BYTES
+                and holes_kept(chain.d)
+                and (
+                    total - before + held(chain) > HEAD_HOLES_MAX
+                    or holes_kept(chain.d) > b.holes_max
+                )
+            ):
+                obj = self._rewrite_holey_manifest(chain)
+                if obj is None:
+                    break
+                written += obj
+            total -= before - held(chain)
 
     @staticmethod
     def _bounds_of(name: str) -> Callable[[list[Any]], dict[str, Any]]:
@@ -999,9 +1037,10 @@ class _Sealer:
                 return True
         return False
 
-    def _rewrite_holey_manifest(self, chain: Chain) -> bool:
+    def _rewrite_holey_manifest(self, chain: Chain) -> int | None:
         """The manifest whose segments have the most holes kept in the head takes
-        them (rewritten); whether there was one."""
+        them (rewritten); the bytes written (0: it had nothing live left, and
+        went), or None when there was none."""
         holes: dict[str, list[int]] = chain.d["holes"]
         by_manifest: dict[int, int] = {}
         for m, mref in enumerate(chain.d["mans"]):
@@ -1009,9 +1048,7 @@ class _Sealer:
                 if ref["k"] in holes:
                     by_manifest[m] = by_manifest.get(m, 0) + len(holes[ref["k"]])
         if not by_manifest:
-            return False
+            return None
         worst = max(by_manifest, key=lambda m: by_manifest[m])
         obj = chain.rewrite_manifest(worst, self._new_id("m"), encode_manifest)
-        if obj is not None:
-            self._add(obj)
-        return True
+        return 0 if obj is None else self._add(obj)
