@@ -14,7 +14,7 @@ from simplequeue.errors import CorruptData, ObjectNotFound
 from simplequeue.objstore import ObjectStore
 
 
-class BrokerRecord(msgspec.Struct, frozen=True):
+class BrokerRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     """The content of broker.json."""
 
     broker_id: str

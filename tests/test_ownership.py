@@ -935,3 +935,74 @@ async def test_two_processes_under_one_broker_id_do_not_make_owners_reread_every
         r.getMessage() for r in caplog.records if "run under the broker id bx" in r.getMessage()
     ]
     assert len(said) == 1
+
+
+async def test_a_broker_upgraded_from_a_record_without_incarnation_is_a_restart() -> None:
+    """Rolling upgrade: b ran a build that wrote no incarnation (epoch 40), and
+    is restarted on this one (a new process, an incarnation). The process
+    that wrote leases is gone: the owners must read their topics. The first
+    incarnation seen after records without one was taken for b's first: no
+    restart (review of 14b4ced)."""
+    store = MemStore()
+    me = Membership(store, broker_id="a", url="http://a", lease_s=60)
+    await me.register()
+    old = orjson.dumps(
+        {"broker_id": "b", "url": "http://b", "epoch": 40, "heartbeat_at": 1.0, "lease_s": 60}
+    )
+    await store.put(keys.registration("b"), old)
+    await me.step()
+    assert [(p.broker_id, p.restarts) for p in me.live] == [("a", 0), ("b", 0)]
+    new = Membership(store, broker_id="b", url="http://b", lease_s=60)
+    await new.register()
+    await me.step()
+    assert [(p.broker_id, p.restarts) for p in me.live] == [("a", 0), ("b", 1)]
+
+
+async def test_twins_at_two_urls_do_not_make_owners_list_every_topic_each_round(
+    start_broker: StartBroker,
+) -> None:
+    """SPEC 4.1: an idle broker makes O(1) store requests per second whatever
+    the number of topics. Twins under one id at two URLs flip the peer's URL
+    each round: the live set changed, and _take_over listed every topic in
+    the store (topic_names) each round, for as long as both ran (review of
+    14b4ced). A change of URLs only changes no owner: nothing is taken over."""
+
+    class ListCounting(MemStore):
+        tops = 0
+
+        async def list_top(self, prefix: str) -> list[str]:
+            if prefix == keys.TOPICS_PREFIX:
+                self.tops += 1
+            return await super().list_top(prefix)
+
+    store = ListCounting()
+    owner = await start_broker(store, broker_id="b0", broker_lease=60)
+    twins = [await start_broker(store, broker_id="bx", broker_lease=60) for _ in range(2)]
+    assert twins[0].url != twins[1].url
+    await owner.membership.step()
+    await owner.duties.taken_over.wait()
+    before = store.tops
+    for _ in range(3):
+        for twin in twins:
+            await twin.membership.step()
+            await owner.membership.step()
+            await owner.duties.taken_over.wait()
+    assert store.tops - before <= 1
+
+
+async def test_broker_json_keeps_its_five_fields_and_registrations_name_their_process() -> None:
+    """SPEC 4.3 gives broker.json's shape: five fields. A registration adds its
+    process's incarnation, new with each process under an id."""
+    from simplequeue.broker.discovery import Announcer
+
+    store = MemStore()
+    announcer = Announcer(store, broker_id="b", url="http://b", lease_s=15)
+    await announcer.step()
+    record = orjson.loads((await store.get(keys.BROKER))[0])
+    assert set(record) == {"broker_id", "url", "epoch", "heartbeat_at", "lease_s"}
+    first, second = (Membership(store, broker_id="b", url="http://b", lease_s=15) for _ in "ab")
+    await first.register()
+    one = orjson.loads((await store.get(keys.registration("b")))[0])["incarnation"]
+    await second.register()
+    two = orjson.loads((await store.get(keys.registration("b")))[0])["incarnation"]
+    assert one and two and one != two

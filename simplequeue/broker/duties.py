@@ -149,6 +149,8 @@ class Duties:
         """The live brokers changed: the topics this broker now owns and did not
         before are read once, for their leases; when a broker left, every topic
         this broker owns is."""
+        if _who(old) == _who(new):
+            return  # only URLs changed (two processes under one id flip it): no owner did
         first = old if self._acquire is None else self._acquire[0]
         self._acquire = (first, new)
         self.taken_over.clear()
@@ -412,9 +414,7 @@ class Duties:
             self._acquire = (old, self._acquire[1])
         # A broker gone, or restarted (a new process under its id); not one
         # whose URL changed, as two processes under one id make it flip.
-        departed = {(p.broker_id, p.restarts) for p in old} - {
-            (p.broker_id, p.restarts) for p in new
-        }
+        departed = _who(old) - _who(new)
         # Newly owned topics are read once. So, when a broker left (or came
         # back restarted), are all the others this broker owns: one that had
         # not yet seen this broker took itself for their owner, or served a
@@ -497,6 +497,11 @@ def _parts(items: list[dict[str, Any]], limit: int) -> Iterator[list[dict[str, A
         return len(msgspec.json.encode(item["payload"])) + FOLLOW_UP_FIELDS
 
     return runs_within(items, size, limit)
+
+
+def _who(peers: tuple[Peer, ...]) -> set[tuple[str, int]]:
+    """The brokers `peers` are, told apart by restarts, whatever their URLs."""
+    return {(p.broker_id, p.restarts) for p in peers}
 
 
 def _owner(topic: str, live: tuple[Peer, ...]) -> Peer | None:

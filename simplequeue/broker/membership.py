@@ -238,9 +238,10 @@ class Membership:
         restarts, incarnations = (0, ()) if seen is None else (seen.restarts, seen.incarnations)
         new = record.incarnation
         if new and new not in incarnations:
-            if incarnations:
-                # Another process under this id: a restart (or a twin, which
-                # counts once). What the one before wrote may be known to it
+            if seen is not None:
+                # Another process under this id (after one seen, or a build
+                # that wrote no incarnation): a restart, or a twin, which
+                # counts once. What the one before wrote may be known to it
                 # no more (leases on topics it does not own): the owners read
                 # their topics, as when a broker leaves.
                 restarts += 1
