@@ -52,7 +52,8 @@ AHEAD_WALK = 1024  # segments of a run looked at, at hand or not, at most
 # Holes kept in the head: past holes_max in a chain, or past HEAD_HOLES_MAX in
 # all of the head's chains (a head has one per run of each lane, and more),
 # the chains with most go out to manifests (their loose refs folded, their
-# manifests rewritten), HOLES_BYTES a seal at most (one object at least).
+# manifests rewritten): none is started once a seal wrote HOLES_BYTES of them
+# (so a seal may pass it by one object, at most manifest_bytes).
 HEAD_HOLES_MAX = 4096
 HOLES_BYTES = 64 * 1024
 # Runs merged into one at most (the fewer, the more often a job is rewritten).
@@ -695,8 +696,8 @@ class _Sealer:
         first: a chain's loose refs are folded (their holes go with them), its
         manifests rewritten (with the holes kept for their segments). Those of
         chains past holes_max, and while the head keeps more than
-        HEAD_HOLES_MAX in all, the others': HOLES_BYTES a seal at most, the
-        rest left to the next seals."""
+        HEAD_HOLES_MAX in all, the others': none started once HOLES_BYTES
+        were written, the rest left to the next seals."""
         b = self.bounds
 
         def held(chain: Chain) -> int:
