@@ -130,7 +130,8 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     type=click.IntRange(min=1),
     default=None,
     help="Most HTTP connections open at once; at the cap a new one closes the one idle "
-    "longest [default: the soft descriptor limit (ulimit -n) - 256, within 16..10000].",
+    "longest [default: the descriptor limit, the soft one raised to the hard one (at most "
+    "65536), - 256 - what the store holds open, within 16..10000].",
 )
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
