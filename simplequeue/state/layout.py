@@ -52,10 +52,11 @@ AHEAD_WALK = 1024  # segments of a run looked at, at hand or not, at most
 # Holes kept in the head: past holes_max in a chain, or past HEAD_HOLES_MAX in
 # all of the head's chains (a head has one per run of each lane, and more),
 # the chains with most go out to manifests (their loose refs folded, their
-# manifests rewritten): none is started once a seal wrote HOLES_BYTES of them
-# (so a seal may pass it by one object, at most manifest_bytes).
+# manifests rewritten): past the first object of a seal, only those that fit
+# in HOLES_BYTES in all (their sizes estimated) are written.
 HEAD_HOLES_MAX = 4096
 HOLES_BYTES = 64 * 1024
+HOLE_BYTES = 6  # a hole's index in JSON, about
 # Runs merged into one at most (the fewer, the more often a job is rewritten).
 MERGE_FAN_IN = 8
 # A seal may write merging runs up to merge_bytes, and as much again at most
@@ -135,6 +136,12 @@ def holes_kept(chain: dict[str, Any]) -> int:
 def loose_holes(chain: dict[str, Any]) -> int:
     """How many holes a chain's loose segment refs keep in the head."""
     return sum(len(ref.get("holes", ())) for ref in chain["segs"])
+
+
+def _fold_size(refs: list[dict[str, Any]]) -> int:
+    """About the size of a manifest of these loose refs: each ref (its holes
+    included) and its id index (a 32-bit hash an item, in base64)."""
+    return sum(len(orjson.dumps(ref)) + 6 * ref["n"] for ref in refs)
 
 
 def job_key(job: Job) -> tuple[float, int]:
@@ -696,8 +703,8 @@ class _Sealer:
         first: a chain's loose refs are folded (their holes go with them), its
         manifests rewritten (with the holes kept for their segments). Those of
         chains past holes_max, and while the head keeps more than
-        HEAD_HOLES_MAX in all, the others': none started once HOLES_BYTES
-        were written, the rest left to the next seals."""
+        HEAD_HOLES_MAX in all, the others'; past the first object, only those
+        that fit in HOLES_BYTES, the rest left to the next seals."""
         b = self.bounds
 
         def held(chain: Chain) -> int:
@@ -712,18 +719,18 @@ class _Sealer:
             before = held(chain)
             loose = loose_holes(chain.d)
             if loose and (over or loose > b.holes_max):
+                # Past the first object of the seal, only one that fits.
+                if written and written + _fold_size(chain.d["segs"]) > HOLES_BYTES:
+                    return
                 written += self._add(
                     chain.fold(self._new_id("m"), len(chain.d["segs"]), encode_manifest)
                 )
-            while (
-                written < HOLES_BYTES
-                and holes_kept(chain.d)
-                and (
-                    total - before + held(chain) > HEAD_HOLES_MAX
-                    or holes_kept(chain.d) > b.holes_max
-                )
+            while holes_kept(chain.d) and (
+                total - before + held(chain) > HEAD_HOLES_MAX or holes_kept(chain.d) > b.holes_max
             ):
-                obj = self._rewrite_holey_manifest(chain)
+                obj = self._rewrite_holey_manifest(
+                    chain, HOLES_BYTES - written if written else None
+                )
                 if obj is None:
                     break
                 written += obj
@@ -1038,10 +1045,11 @@ class _Sealer:
                 return True
         return False
 
-    def _rewrite_holey_manifest(self, chain: Chain) -> int | None:
+    def _rewrite_holey_manifest(self, chain: Chain, room: int | None = None) -> int | None:
         """The manifest whose segments have the most holes kept in the head takes
         them (rewritten); the bytes written (0: it had nothing live left, and
-        went), or None when there was none."""
+        went), or None when there was none, or it would not fit in `room`
+        bytes (as large as it was, and its holes)."""
         holes: dict[str, list[int]] = chain.d["holes"]
         by_manifest: dict[int, int] = {}
         for m, mref in enumerate(chain.d["mans"]):
@@ -1051,5 +1059,9 @@ class _Sealer:
         if not by_manifest:
             return None
         worst = max(by_manifest, key=lambda m: by_manifest[m])
+        if room is not None:
+            size = chain.manifest(chain.d["mans"][worst]["k"]).size
+            if size + HOLE_BYTES * by_manifest[worst] > room:
+                return None
         obj = chain.rewrite_manifest(worst, self._new_id("m"), encode_manifest)
         return 0 if obj is None else self._add(obj)
