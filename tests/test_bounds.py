@@ -576,3 +576,32 @@ def test_one_cancel_that_takes_many_chains_past_holes_max_writes_a_bounded_batch
     assert d.s.cancel(last, d.now)["cancelled"] == last
     d.seal()
     assert d.largest_batch <= BATCH_MAX, d.largest_batch
+
+
+def test_holes_upkeep_and_the_manifest_merges_it_starts_stay_within_a_batch() -> None:
+    """SPEC 4.1: a batch writes at most 256 KB plus its own new payloads.
+    HOLES_BYTES was checked only before each chain and between rewrites: a
+    chain's loose refs folded first (58 KB), a manifest rewritten after it
+    while under 64 KB (92 KB), and the fold's manifest took the chain past
+    manifests_max, whose merge (176 KB) followed: 327 KB (review of
+    c5e7d20). Past the first object, only what fits is written. 300,000
+    pending jobs (16 manifests, 11 loose refs), one cancel of 1,200 ids (no
+    payloads; the retained records' spill left out)."""
+    d = Driver()
+    n = 300_000
+    for b in range(0, n, 10_000):
+        d.s.enqueue([JobSpec(0, id=f"j{i}") for i in range(b, b + 10_000)], d.now)
+        d.seal()
+    (lane,) = d.s.head["lanes"].values()
+    (run,) = lane["runs"]
+    assert len(run["mans"]) == 16 and not lane["in"]
+    loose = sum(r["n"] for r in run["segs"])
+    start = n - loose
+    cancel = [f"j{i}" for i in range(start, n, loose // 600)][:600]
+    first = run["mans"][0]["live"]
+    second = run["mans"][1]["live"]
+    cancel += [f"j{i}" for i in range(first, first + second, second // 600)][:600]
+    assert len(d.s.cancel(cancel, d.now)["cancelled"]) == 1200
+    sealed = d.seal()
+    upkeep = {k: len(v) for k, v in sealed.new_objects.items() if "/seg-r" not in k}
+    assert len(sealed.head) + sum(upkeep.values()) <= BATCH_MAX, upkeep
