@@ -32,6 +32,9 @@ class History:
     claims: dict[str, list[Claim]] = field(default_factory=lambda: defaultdict(list))
     acked: Counter[str] = field(default_factory=Counter)  # id -> acks answered 200
     ack_unknown: set[str] = field(default_factory=set)  # acks whose outcome is unknown
+    # Per job, the tokens of its acks that succeeded or may have: its final
+    # record's result (each ack sends {"by": token[:8]}) must name one of them.
+    ack_tokens: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     stale_acks: int = 0  # acks sent with a token known to be stale
     stale_refused: int = 0  # ... and refused, as they must be
     stale_committed: list[tuple[str, str]] = field(default_factory=list)
@@ -91,6 +94,10 @@ def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> di
     assert not history.live_taken, f"live leases taken: {history.live_taken[:5]}"
     early = claimed_early(history)
     assert not early, f"held leases claimed before they ran out: {early[:5]}"
+    twice = delivered_twice(history)
+    assert not twice, f"jobs handed to two holders under one attempt: {twice[:5]}"
+    whom = completed_by_no_ack(history, final)
+    assert not whom, f"completed by no ack that succeeded or may have: {whom[:5]}"
     assert history.stale_refused == history.stale_acks
     # Every job whose ack was answered 200 is completed, and nothing else is.
     assert set(history.acked) <= history.enqueued
@@ -103,6 +110,37 @@ def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> di
         "double_committed": len(double),
         "live_leases_taken": len(history.live_taken),
     }
+
+
+def delivered_twice(history: History) -> list[tuple[str, int]]:
+    """Claims answered with two tokens under one attempt: (job id, attempts).
+    Each claim that commits counts the job's attempts up (a claim given back
+    because its answer never left counts it down again), so two holders with
+    one attempt number had the job at once. A claim answered again (its
+    attempt id's replay) answers the same token."""
+    twice = []
+    for job_id, claims in history.claims.items():
+        tokens: dict[int, set[str]] = defaultdict(set)
+        for attempts, _, token in claims:
+            tokens[attempts].add(token)
+        twice += [(job_id, a) for a, held in sorted(tokens.items()) if len(held) > 1]
+    return twice
+
+
+def completed_by_no_ack(history: History, final: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Completed jobs whose record's result names no ack of theirs that
+    succeeded or may have: (job id, what it names). A stale ack whose answer
+    was lost but which committed is one (it sends no result), as is a record
+    completed by a token no ack of the job sent."""
+    wrong = []
+    for job_id in sorted(history.enqueued):
+        record = final.get(job_id, {})
+        if record.get("status") != "completed":
+            continue
+        by = (record.get("result") or {}).get("by")
+        if by not in {token[:8] for token in history.ack_tokens[job_id]}:
+            wrong.append((job_id, by))
+    return wrong
 
 
 def claimed_early(history: History) -> list[tuple[str, int, float, float]]:

@@ -189,10 +189,12 @@ class Load:
             status, answer = await self.call("/ack", body)
             if status == 200:
                 self.h.acked[job_id] += 1
+                self.h.ack_tokens[job_id].add(token)
                 if follow_to:
                     self.h.follow_tokens[job_id].add(token)
             elif status in (0, 503):
                 self.h.ack_unknown.add(job_id)
+                self.h.ack_tokens[job_id].add(token)
                 if follow_to:  # its follow-up may exist: the token is a good one
                     self.h.follow_tokens[job_id].add(token)
                     await asyncio.sleep(0.1 * tries)
@@ -263,7 +265,7 @@ class Load:
                 self.h.refused_tokens[job["id"]].add(job["lease_token"])
         elif status == 200:
             self.h.stale_committed.append((job["id"], job["lease_token"]))
-        else:  # unknown outcome: ask the job itself who completed it
+        else:  # unknown outcome: the job's record says who completed it (check())
             self.h.stale_refused += 1
 
     async def run(self, chaos: Callable[[], Any] | None = None) -> None:

@@ -3,7 +3,11 @@ faults behind flakes, so its rules are tested on histories built by hand."""
 
 from __future__ import annotations
 
-from tests.reliability.history import CLOCK_TOLERANCE, History, claimed_early
+from typing import Any
+
+import pytest
+
+from tests.reliability.history import CLOCK_TOLERANCE, History, check, claimed_early
 from tests.reliability.load import superseded
 
 
@@ -35,3 +39,60 @@ def test_a_claim_after_the_lease_ran_out_by_the_clocks_tolerance_is_not() -> Non
     history.held_leases["j"] += [(1, 110.0)]
     history.claims["j"] += [(1, 100.0, "a"), (2, 110.0 - CLOCK_TOLERANCE + 0.01, "b")]
     assert claimed_early(history) == []
+
+
+def _acked(ids: list[str]) -> History:
+    """Each job claimed once and acked once, with its own token."""
+    h = History()
+    h.enqueued = set(ids)
+    for i in ids:
+        h.claims[i].append((1, 100.0, f"tok-{i}"))
+        h.acked[i] += 1
+        h.ack_tokens[i].add(f"tok-{i}")
+    return h
+
+
+def _completed(ids: list[str]) -> dict[str, Any]:
+    return {i: {"id": i, "status": "completed", "result": {"by": f"tok-{i}"[:8]}} for i in ids}
+
+
+def _counts(n: int) -> dict[str, int]:
+    return {"enqueued": n, "completed": n, "pending": 0, "claimed": 0, "dead": 0, "total": n}
+
+
+def test_a_clean_history_passes() -> None:
+    check(_acked(["a", "b"]), _completed(["a", "b"]), _counts(2))
+
+
+def test_a_stale_ack_whose_answer_was_lost_but_which_committed_is_caught() -> None:
+    """A stale ack answered 0 or 503 was counted as refused, and nothing asked
+    the job who completed it: the record (no result: stale acks send none)
+    passed (review finding)."""
+    h = History()
+    h.enqueued = {"a"}
+    h.claims["a"] += [(1, 100.0, "old-token"), (2, 103.0, "new-token")]
+    h.stale_acks = h.stale_refused = 1  # answered 0: counted refused
+    final = {"a": {"id": "a", "status": "completed", "result": None}}
+    with pytest.raises(AssertionError, match="completed by no ack"):
+        check(h, final, _counts(1))
+
+
+def test_a_record_completed_by_a_token_no_ack_of_the_job_sent_is_caught() -> None:
+    h = _acked(["a"])
+    final = {"a": {"id": "a", "status": "completed", "result": {"by": "zzzzzzzz"}}}
+    with pytest.raises(AssertionError, match="completed by no ack"):
+        check(h, final, _counts(1))
+
+
+def test_a_job_handed_to_two_holders_under_one_attempt_is_caught() -> None:
+    """Two claims answered with one attempt number and two tokens: a double
+    delivery (a claim given back with its attempt counted down although its
+    answer reached the worker), which nothing checked, and claimed_early
+    looks only at claims with more attempts (review finding)."""
+    h = _acked(["j"])
+    h.claims["j"].append((1, 100.5, "other"))
+    with pytest.raises(AssertionError, match="two holders under one attempt"):
+        check(h, _completed(["j"]), _counts(1))
+    h = _acked(["j"])
+    h.claims["j"].append((1, 100.5, "tok-j"))  # a claim answered again: its replay
+    check(h, _completed(["j"]), _counts(1))
