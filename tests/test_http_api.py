@@ -356,6 +356,12 @@ async def test_metrics_are_made_off_the_event_loop(
     assert read_on == {loop_thread}
     assert made_on and loop_thread not in made_on
     assert formatted_on and loop_thread not in formatted_on
+    # On the scrapes' own thread: not one of the default executor's, which
+    # localfs I/O runs in (six scrapes at once would have queued it).
+    assert made_on == formatted_on
+    [ident] = made_on
+    names = {t.ident: t.name for t in threading.enumerate()}
+    assert names[ident].startswith("simplequeue-metrics")
 
 
 async def test_metrics_count_what_each_topic_did_and_how_long_its_oldest_job_waits(

@@ -367,6 +367,7 @@ class Broker:
                 FAREWELL_TIMEOUT,
                 self.settings.broker_lease,
             )
+        self.metrics.close()
         for closing in (self.forwarder.close, self.store.close):
             try:
                 # A connection whose peer stopped reading closes only once TCP gives up.
