@@ -204,6 +204,25 @@ def test_requeue_and_purge_dead_jobs() -> None:
     assert s.find("a") == ("dead", s.find("a")[1])  # type: ignore[index]
 
 
+def test_a_purge_of_named_jobs_answers_the_same_when_sent_again() -> None:
+    """A purge(ids) retried after its answer was lost (the first try landed)
+    answered [], as if nothing had been purged: a purged job keeps a record
+    saying "dead", so the SDK could not tell (round 17's open note). Named
+    ids gone from the dead queue with a dead record are purged: the answer
+    is the same however often it is sent."""
+    s = fresh()
+    s.enqueue([JobSpec(1, id=i, max_attempts=1) for i in "abc"], T0)
+    for job in s.claim("w", None, 3, T0):
+        s.nack(job["id"], job["lease_token"], 0, "x", T0)
+    s.enqueue([JobSpec(1, id="ok")], T0)
+    [job] = s.claim("w", None, 1, T0)
+    s.ack(job["id"], job["lease_token"], None, T0)
+    assert s.purge(["b", "a"], T0 + 1) == ["b", "a"]
+    assert s.purge(["b", "a", "c", "ok", "never"], T0 + 2) == ["b", "a", "c"]
+    assert s.purge(["a", "b", "c"], T0 + 3) == ["a", "b", "c"]
+    assert s.dead_jobs() == []
+
+
 def test_dead_limit_drops_the_oldest_and_counts_them() -> None:
     s = fresh(dead_limit=3)
     s.enqueue([JobSpec(i, id=str(i), max_attempts=1) for i in range(5)], T0)

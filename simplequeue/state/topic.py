@@ -747,8 +747,21 @@ class TopicState(Layout):
     def purge(
         self, job_ids: list[str] | None, now: float, part: tuple[int, int] | None = None
     ) -> list[str]:
-        """Forget dead jobs (those named; else all, or a `part`)."""
-        return [job["id"] for job in self._take_dead(job_ids, now, False, part)]
+        """Forget dead jobs (those named; else all, or a `part`). Named ones
+        purged before (gone from the dead queue, their record saying "dead")
+        are answered as purged too: a purge sent again after its answer was
+        lost answers what the first did."""
+        taken = [job["id"] for job in self._take_dead(job_ids, now, False, part)]
+        if job_ids is None:
+            return taken
+        gone = set(taken)
+        return [i for i in dict.fromkeys(job_ids) if i in gone or self._purged(i)]
+
+    def _purged(self, job_id: str) -> bool:
+        """Whether `job_id` left the dead queue without coming back: its record
+        says "dead" (a requeued job keeps none, and its id stays taken)."""
+        places = self.retained.locate(job_id)
+        return bool(places) and places[-1].item["status"] == "dead"
 
     def _take_dead(
         self, job_ids: list[str] | None, now: float, requeue: bool, part: tuple[int, int] | None
