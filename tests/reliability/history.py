@@ -56,9 +56,8 @@ class History:
     held_leases: dict[str, list[tuple[int, float]]] = field(
         default_factory=lambda: defaultdict(list)
     )
-    # Acks with a follow-up: per job, the tokens of acks that succeeded or may
-    # have (unknown outcome), and those refused at once (they record nothing).
-    follow_tokens: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # Acks with a follow-up: per job, the tokens of those refused at once (they
+    # record nothing; those that succeeded or may have are ack_tokens).
     refused_tokens: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     refusals: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
@@ -171,7 +170,7 @@ def check_follow_ups(history: History, follow: dict[str, Any]) -> dict[str, int]
     wrong = [
         (i, job["payload"]["token"])
         for i, job in follow.items()
-        if job["payload"]["token"] not in history.follow_tokens[i]
+        if job["payload"]["token"] not in history.ack_tokens[i]
         or job["payload"]["token"] in history.refused_tokens[i]
     ]
     if wrong:
@@ -179,7 +178,7 @@ def check_follow_ups(history: History, follow: dict[str, Any]) -> dict[str, int]
         raise AssertionError(
             f"follow-ups made by acks that did not succeed: {wrong[:5]}; the first's claims "
             f"{history.claims[job_id]}, acks that may have landed "
-            f"{history.follow_tokens[job_id]}, refused {history.refused_tokens[job_id]}, "
+            f"{history.ack_tokens[job_id]}, refused {history.refused_tokens[job_id]}, "
             f"its token is {token}; refusals {history.refusals[job_id]}"
         )
     return {"follow_ups": len(follow), "follow_ups_missing": 0, "follow_ups_doubled": 0}

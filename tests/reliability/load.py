@@ -190,13 +190,10 @@ class Load:
             if status == 200:
                 self.h.acked[job_id] += 1
                 self.h.ack_tokens[job_id].add(token)
-                if follow_to:
-                    self.h.follow_tokens[job_id].add(token)
             elif status in (0, 503):
                 self.h.ack_unknown.add(job_id)
-                self.h.ack_tokens[job_id].add(token)
-                if follow_to:  # its follow-up may exist: the token is a good one
-                    self.h.follow_tokens[job_id].add(token)
+                self.h.ack_tokens[job_id].add(token)  # it, and its follow-up, may exist
+                if follow_to:
                     await asyncio.sleep(0.1 * tries)
                     continue
             else:
