@@ -100,7 +100,7 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition, made on the caller's thread."""
-        return generate_latest(_Scrape(self.registry, [c.take() for c in self._callbacks]))
+        return generate_latest(self._taken())
 
     async def scrape(self) -> bytes:
         """The exposition, made in a thread: only what the callbacks read of
@@ -110,11 +110,14 @@ class Metrics:
         a scrape; the reading holds it some 30 ms. The thread is the scrapes'
         own: scrapes at once wait for each other, not the store's I/O (localfs
         runs in the loop's default executor)."""
-        taken = [c.take() for c in self._callbacks]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._scraper, generate_latest, _Scrape(self.registry, taken)
+        taken = self._taken()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._scraper, generate_latest, taken
         )
+
+    def _taken(self) -> _Scrape:
+        """The metrics as they are now, the callbacks' live state read (here)."""
+        return _Scrape(self.registry, [c.take() for c in self._callbacks])
 
     def close(self) -> None:
         """Let the scrapes' thread go (a scrape in progress finishes)."""
