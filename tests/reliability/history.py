@@ -35,6 +35,14 @@ class History:
     # Per job, the tokens of its acks that succeeded or may have: its final
     # record's result (each ack sends {"by": token[:8]}) must name one of them.
     ack_tokens: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # Per job, when (monotonic) the first of its acks that succeeded or may have
+    # was sent: its completion cannot have been committed, nor its record have
+    # expired by the retention, sooner.
+    first_ack_sent: dict[str, float] = field(default_factory=dict)
+    # The final read of each job's record: when it was sent (monotonic), and the
+    # ids whose record was gone (404).
+    looked_up: dict[str, float] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)
     stale_acks: int = 0  # acks sent with a token known to be stale
     stale_refused: int = 0  # ... and refused, as they must be
     stale_committed: list[tuple[str, str]] = field(default_factory=list)
@@ -82,10 +90,24 @@ class History:
         }
 
 
-def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> dict[str, int]:
+def check(
+    history: History,
+    final: dict[str, Any],
+    counts: dict[str, int],
+    *,
+    retention: float | None = None,
+) -> dict[str, int]:
     """Assert the campaign's invariants; return lost and double-committed counts
-    (both must be 0). `final` maps each enqueued id to its record (GET /jobs)."""
-    lost = [i for i in history.enqueued if final.get(i, {}).get("status") != "completed"]
+    (both must be 0). `final` maps each enqueued id to its record (GET /jobs).
+    With `retention` (the brokers' --retention), a record gone when read back
+    counts as expired, not lost, if an ack of its job that succeeded or may
+    have was sent at least that long (less the clocks' tolerance) before."""
+    expired = expired_records(history, retention)
+    lost = [
+        i
+        for i in history.enqueued
+        if i not in expired and final.get(i, {}).get("status") != "completed"
+    ]
     double = [i for i, n in history.acked.items() if n > 1]
     assert not lost, f"{len(lost)} acknowledged enqueues never completed: {lost[:5]}"
     assert not double, f"{len(double)} jobs committed twice: {double[:5]}"
@@ -108,6 +130,24 @@ def check(history: History, final: dict[str, Any], counts: dict[str, int]) -> di
         "lost": len(lost),
         "double_committed": len(double),
         "live_leases_taken": len(history.live_taken),
+        "expired": len(expired),
+    }
+
+
+def expired_records(history: History, retention: float | None) -> set[str]:
+    """Jobs whose record was gone when read back, and may rightly have expired:
+    the first of their acks that may have committed was sent at least
+    `retention` (less CLOCK_TOLERANCE: records expire by the store's clock as
+    the broker estimates it) before the record was read. A broker expiring
+    records early (by a clock a minute ahead, say) drops those acked in the
+    last `retention` seconds too, and they stay lost."""
+    if retention is None:
+        return set()
+    return {
+        i
+        for i in history.gone
+        if i in history.first_ack_sent
+        and history.looked_up[i] - history.first_ack_sent[i] >= retention - CLOCK_TOLERANCE
     }
 
 

@@ -186,7 +186,10 @@ class Load:
         if follow_to:
             body["enqueue"] = [{"topic": follow_to, "payload": {"from": job_id, "token": token}}]
         for tries in range(1, 20 if follow_to else 2):
+            sent = time.monotonic()
             status, answer = await self.call("/ack", body)
+            if status in (0, 200, 503):
+                self.h.first_ack_sent.setdefault(job_id, sent)
             if status == 200:
                 self.h.acked[job_id] += 1
                 self.h.ack_tokens[job_id].add(token)
@@ -352,8 +355,11 @@ class Load:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             for job_id in sorted(self.h.enqueued):
                 url = f"{self.urls()[0]}/topics/{self.topic}/jobs/{job_id}"
+                self.h.looked_up[job_id] = time.monotonic()
                 async with session.get(url) as r:
                     out[job_id] = await r.json()
+                    if r.status == 404:
+                        self.h.gone.add(job_id)
             async with session.get(f"{self.urls()[0]}/topics/{self.topic}/status") as r:
                 out["__counts__"] = await r.json()
         return out

@@ -23,6 +23,7 @@ COLUMNS = [
     "indeterminate",
     "faults",
     "kills",
+    "expired",
     "bad_inputs",
     "lost",
     "double_committed",
@@ -67,8 +68,9 @@ def main() -> None:
     out.append(
         "Columns: operations = HTTP requests the load sent; indeterminate = answers "
         "lost or 503 (retried, and checked at the end); faults = store faults "
-        "injected; kills = SIGKILLs; bad inputs = requests or frames that had to be "
-        "refused.\n"
+        "injected; kills = SIGKILLs; expired = records gone when read back at the "
+        "end, rightly: their first ack was sent longer than the retention before; "
+        "bad inputs = requests or frames that had to be refused.\n"
     )
     (ROOT / "docs" / "RELIABILITY.md").write_text("\n".join(out))
 

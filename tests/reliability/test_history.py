@@ -96,3 +96,42 @@ def test_a_job_handed_to_two_holders_under_one_attempt_is_caught() -> None:
     h = _acked(["j"])
     h.claims["j"].append((1, 100.5, "tok-j"))  # a claim answered again: its replay
     check(h, _completed(["j"]), _counts(1))
+
+
+def _gone(h: History, ids: list[str], *, acked_at: float, read_at: float) -> None:
+    """The final read found the records of `ids` gone, `read_at - acked_at`
+    seconds after their first ack was sent."""
+    for i in ids:
+        h.first_ack_sent[i] = acked_at
+        h.looked_up[i] = read_at
+        h.gone.add(i)
+
+
+def test_a_record_gone_past_its_retention_counts_expired_not_lost() -> None:
+    """The long form of the clocks campaign outlasts its 55 s retention: its
+    first records rightly expired and were counted lost (2,000 jobs, 450
+    "lost" on localfs)."""
+    h = _acked(["a", "b"])
+    _gone(h, ["a"], acked_at=100.0, read_at=100.0 + 55 - CLOCK_TOLERANCE)
+    verdict = check(h, _completed(["b"]), _counts(2), retention=55)
+    assert verdict["expired"] == 1 and verdict["lost"] == 0
+
+
+def test_a_record_gone_sooner_than_its_retention_is_lost() -> None:
+    """A broker whose clock is a minute ahead expiring records by it."""
+    h = _acked(["a", "b"])
+    _gone(h, ["a"], acked_at=100.0, read_at=100.0 + 55 - CLOCK_TOLERANCE - 0.01)
+    with pytest.raises(AssertionError, match="1 acknowledged enqueues never completed"):
+        check(h, _completed(["b"]), _counts(2), retention=55)
+    with pytest.raises(AssertionError, match="never completed"):  # without a retention
+        _gone(h, ["a"], acked_at=0.0, read_at=1000.0)
+        check(h, _completed(["b"]), _counts(2))
+
+
+def test_a_record_gone_whose_job_no_ack_may_have_completed_is_lost() -> None:
+    h = _acked(["b"])
+    h.enqueued.add("a")
+    h.looked_up["a"] = 1000.0
+    h.gone.add("a")
+    with pytest.raises(AssertionError, match="never completed"):
+        check(h, _completed(["b"]), _counts(2), retention=55)
