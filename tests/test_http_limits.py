@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import yarl
 
@@ -271,3 +273,41 @@ async def test_idle_resp_sockets_leave_the_http_listener_its_descriptors(
     assert broker.stop() == 0
     assert "RESP: 64 clients connected: refusing more" in broker.stderr_tail
     assert "Too many open files" not in broker.stderr_tail
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "said"),
+    [
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", "8190 bytes"),
+        (b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", "many headers"),
+        (b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n", "version"),
+    ],
+    ids=["header-over-8-KB", "too-many-headers", "bad-version"],
+)
+async def test_a_request_the_parser_refuses_is_answered_in_json_and_logged_as_the_clients(
+    start_broker: Any,
+    connect: Connect,
+    caplog: pytest.LogCaptureFixture,
+    request_bytes: bytes,
+    said: str,
+) -> None:
+    """SPEC 5: every error is {"error": "..."}. aiohttp answered the requests
+    its parser refuses itself, in text/plain, and logged each at ERROR with a
+    traceback: a client's malformed request as the server's fault."""
+    caplog.set_level(logging.INFO)
+    broker = await start_broker(MemStore())
+    [(reader, writer)] = await connect(broker.url, 1)
+    writer.write(request_bytes)
+    received = await read_to_eof(reader)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400", received[:200]
+    assert b"content-type: application/json" in head.lower(), head
+    answer = orjson.loads(body)
+    assert list(answer) == ["error"] and said in answer["error"].lower(), answer
+    refused = [r for r in caplog.records if "malformed HTTP request" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.INFO], caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # The broker serves the next connection as ever.
+    [(reader, writer)] = await connect(broker.url, 1)
+    writer.write(HEALTHZ)
+    assert (await read_response(reader))[0] == 200

@@ -14,9 +14,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, cast
 
+import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ BACKLOG = 128  # the listen queue; aiohttp's TCPSite uses the same
 HEADROOM = BACKLOG + 128
 MIN_CONNECTIONS = 16
 MAX_CONNECTIONS = 10_000
+MESSAGE_MAX = 200  # characters of the parser's message in the answer to a malformed request
 WARN_EVERY = 60.0  # seconds between warnings that the cap is closing connections
 
 
@@ -119,7 +123,7 @@ class HttpListener:
 
     async def start(self, host: str, port: int) -> None:
         """Set the server up and listen; `port` 0 picks a free one."""
-        server = web.Server(
+        server = _Server(
             track_requests(self._handler),
             request_factory=self._request,
             keepalive_timeout=self.limits.keepalive_timeout,
@@ -183,6 +187,49 @@ class HttpListener:
         if now - self._warned_at >= WARN_EVERY:
             self._warned_at = now
             log.warning("HTTP connections at the cap (%d), %s", self.max_connections, what)
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, its connections' protocol `_RequestHandler`."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's protocol for one connection, answering what it answers itself
+    as the API answers every error (SPEC 5: `{"error": "..."}`, JSON): a
+    request its parser refuses (a header line over 8 KB, a bad method or
+    request line), and a 500 or 504 from outside the handler. aiohttp answers
+    those in text/plain and logs each at ERROR, a client's malformed request
+    included; that is the client's fault, logged at INFO (DEBUG for a bad
+    method on a connection's first request: not HTTP at all, as aiohttp does)."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            text = "internal error" if status == 500 else HTTPStatus(status).phrase.lower()
+        else:
+            level = logging.INFO
+            if isinstance(exc, BadHttpMethod) and self._request_count == 1:
+                level = logging.DEBUG
+            log.log(level, "refused a malformed HTTP request from %s: %s", request.remote, exc)
+            # aiohttp's own words, on one line (they may quote the line refused).
+            said = " ".join((message or HTTPStatus(status).phrase).split())
+            text = f"malformed HTTP request: {said[:MESSAGE_MAX]}"
+        if request.writer.output_size > 0:  # the answer had begun: the connection is broken
+            raise ConnectionError("an answer was being sent, there is no sending an error now")
+        response = web.Response(
+            body=orjson.dumps({"error": text}), status=status, content_type="application/json"
+        )
+        response.force_close()
+        return response
 
 
 class _Connection(asyncio.Protocol):
