@@ -19,7 +19,6 @@ from typing import Any, cast
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +201,7 @@ class _RequestHandler(web.RequestHandler):
     request its parser refuses (a header line over 8 KB, a bad method or
     request line), and a 500 or 504 from outside the handler. aiohttp answers
     those in text/plain and logs each at ERROR, a client's malformed request
-    included; that is the client's fault, logged at INFO (DEBUG for a bad
-    method on a connection's first request: not HTTP at all, as aiohttp does)."""
+    included; that is the client's fault, logged at INFO."""
 
     def handle_error(
         self,
@@ -216,10 +214,7 @@ class _RequestHandler(web.RequestHandler):
             log.error("error handling a request from %s", request.remote, exc_info=exc)
             text = "internal error" if status == 500 else HTTPStatus(status).phrase.lower()
         else:
-            level = logging.INFO
-            if isinstance(exc, BadHttpMethod) and self._request_count == 1:
-                level = logging.DEBUG
-            log.log(level, "refused a malformed HTTP request from %s: %s", request.remote, exc)
+            log.info("refused a malformed HTTP request from %s: %s", request.remote, exc)
             # aiohttp's own words, on one line (they may quote the line refused).
             said = " ".join((message or HTTPStatus(status).phrase).split())
             text = f"malformed HTTP request: {said[:MESSAGE_MAX]}"
