@@ -46,6 +46,7 @@ from simplequeue.errors import (
     NotDurable,
     ObjectNotFound,
     PreconditionFailed,
+    ScheduleNotFound,
     SimpleQueueError,
     StorageFull,
     StoreUnavailable,
@@ -75,7 +76,7 @@ Mutation = Callable[[TopicState, float], T]
 
 # Answers that depend on what the state holds; they are final only when the
 # state they were computed on is known to be current.
-_STATE_DEPENDENT = (JobNotFound, LeaseLost)
+_STATE_DEPENDENT = (JobNotFound, LeaseLost, ScheduleNotFound)
 
 # Objects one batch may find missing, one fetch round each, before the cache
 # is deemed too small for what the batch needs.

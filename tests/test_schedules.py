@@ -420,3 +420,68 @@ async def test_a_broker_that_takes_topics_over_fires_their_schedules(
         job = await q.claim("w", wait=5)
     assert job is not None and job.id.startswith("tick@")
     assert later.duties.fired >= 1
+
+
+async def test_a_delete_answered_from_a_stale_cache_is_checked_against_the_store() -> None:
+    """A broker whose cached head predated a schedule another broker wrote (the
+    owner did not answer in time, a hand-over) answered DELETE 404 from that
+    cache and changed nothing, while GET listed the schedule and it went on
+    firing (review finding). ScheduleNotFound is re-checked on a fresh read,
+    as JobNotFound is."""
+    from simplequeue.broker.engine import Engine
+    from simplequeue.groupcommit import CommitSettings, GroupCommitter
+
+    store = MemStore()
+    a, b = (
+        Engine(GroupCommitter(store, broker_id=name, epoch=1, settings=CommitSettings()))
+        for name in ("a", "b")
+    )
+    await a.enqueue("t", [JobSpec(1)])  # a holds t's head in its cache
+    await b.put_schedule("t", "tick", every(60))
+    await a.delete_schedule("t", "tick")
+    assert await b.schedules("t") == []
+    with pytest.raises(ScheduleNotFound):  # gone, on a current head too
+        await a.delete_schedule("t", "tick")
+
+
+def test_a_schedule_whose_zone_this_broker_lacks_holds_back_no_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Time zones come from each host's tzdata, which two brokers' hosts may not
+    share. A schedule taken by a broker that knows its zone, owned by one that
+    does not, made fire() raise at it: every schedule after it in the head went
+    unfired at every tend, for good (review finding). It is left for a while
+    now, saying why, and fires its latest slot once a broker can."""
+    from zoneinfo import ZoneInfoNotFoundError
+
+    from simplequeue.state import slots
+    from simplequeue.state.topic import SCHEDULE_RETRY
+
+    s = fresh()
+    s.put_schedule("kyiv", ScheduleRequest("k", cron="* * * * *", tz="Europe/Kyiv"), T0)
+    s.put_schedule("tick", every(10, "t"), T0)
+    real = slots.ZoneInfo
+
+    def older_tzdata(key: str) -> Any:
+        if key == "Europe/Kyiv":
+            raise ZoneInfoNotFoundError(f"No time zone found with key {key}")
+        return real(key)
+
+    monkeypatch.setattr(slots, "ZoneInfo", older_tzdata)  # the owner's host
+    assert s.schedules()["kyiv"]["next_at"] == T0 + 20  # both due at T0 + 20
+    assert s.tend(T0 + 20)["fired"] == 1
+    assert [j["id"] for j in s.claim("w", 30, 10, T0 + 20)] == [f"tick@{int(T0) + 20}"]
+    kyiv = s.schedules()["kyiv"]
+    assert "unknown time zone 'Europe/Kyiv'" in kyiv["last_error"]
+    # Not due again at once (the owner would tend it in a loop): in a while.
+    assert s.next_due() == T0 + 30  # tick's next slot
+    assert s.tend(T0 + 30)["fired"] == 1  # tick again; kyiv waits
+    assert s.next_due() == min(T0 + 40, T0 + 20 + SCHEDULE_RETRY)
+    s = reread(s, T0 + 30)  # the head as written and read back (schema) by the next owner
+    monkeypatch.setattr(slots, "ZoneInfo", real)  # a broker whose tzdata has it
+    later = T0 + 20 + SCHEDULE_RETRY
+    assert s.tend(later)["fired"] == 2  # tick's latest slot, kyiv's latest slot
+    fired = {j["id"] for j in s.claim("w", 30, 10, later)}
+    assert f"kyiv@{int(later)}" in fired, fired  # its latest slot, as after downtime
+    assert "last_error" not in s.schedules()["kyiv"]
+    assert "retry_at" not in s.schedules()["kyiv"]

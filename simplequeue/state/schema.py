@@ -203,6 +203,7 @@ class Schedule(TypedDict):
     last_slot: NotRequired[int]
     last_fired_at: NotRequired[float]
     last_error: NotRequired[str]
+    retry_at: NotRequired[float]  # its slots not computable by the broker that tried
 
 
 class Settings(TypedDict, total=False):

@@ -56,6 +56,9 @@ _CLAIM_FIELDS = frozenset(CLAIM_FIELDS)
 # to skip: bounds what one delivery round reads behind a topic that does not
 # take its follow-ups (a corrupt head).
 OUTBOX_SCAN = 50_000
+# Seconds before a schedule whose slots this broker could not compute (its
+# time zone not in this host's tzdata) is tried again.
+SCHEDULE_RETRY = 60.0
 
 
 class TopicState(Layout):
@@ -645,7 +648,7 @@ class TopicState(Layout):
         before it, and (with `outbox`) follow-ups wait for delivery since then
         (None: nothing to do until something changes). From the head, and the
         outbox's front segment."""
-        times = [s["next_at"] for s in self.head.get("schedules", {}).values()]
+        times = [_schedule_due(s) for s in self.head.get("schedules", {}).values()]
         expiry = self.next_expiry()
         if expiry is not None:
             times.append(expiry + clock_error)
@@ -952,9 +955,20 @@ class TopicState(Layout):
         jobs were enqueued."""
         fired = 0
         for name, schedule in self.schedules().items():
-            if schedule["next_at"] > now:
+            if _schedule_due(schedule) > now:
                 continue
-            slot = max(latest_at(schedule, now) or 0, schedule["next_at"])
+            try:
+                slot = max(latest_at(schedule, now) or 0, schedule["next_at"])
+            except InvalidRequest as exc:
+                # Its time zone, known to the broker that took the schedule,
+                # is not in this one's tzdata (hosts differ): the others fire,
+                # and it is tried again in a while, by whichever broker owns
+                # the topic then, its latest slot as after downtime.
+                schedule["last_error"] = f"not fired: {exc} on this broker"
+                schedule["retry_at"] = now + SCHEDULE_RETRY
+                self.dirty = True
+                continue
+            schedule.pop("retry_at", None)
             spec = JobSpec(
                 schedule["payload"],
                 id=f"{name}@{slot}",
@@ -1081,6 +1095,12 @@ def _drop_stale_prios(head: dict[str, Any]) -> None:
     if head.get("prios_at") != head.get("write_id"):
         head.pop("prios", None)
         head.pop("prios_at", None)
+
+
+def _schedule_due(schedule: dict[str, Any]) -> float:
+    """When a schedule next wants firing: its next slot, or later when its
+    slots could not be computed here (retry_at)."""
+    return max(float(schedule["next_at"]), float(schedule.get("retry_at", 0)))
 
 
 def follow_up_id(job_id: str, index: int) -> str:
