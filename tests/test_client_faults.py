@@ -486,3 +486,60 @@ async def test_an_owner_no_url_can_name_is_not_followed(owner: str) -> None:
         assert seen == ["/topics/t/status"] * 3
     finally:
         await runner.cleanup()
+
+
+async def test_an_owner_behind_a_proxy_answering_502_is_left_for_the_broker_given(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """Brokers advertised behind a proxy (a load balancer, an ingress): once the
+    topic's owner is gone, its proxy answers 502 pages instead of refusing the
+    connection. The client forgot the owner (back to the broker it was given,
+    which routes to the new owner) only on a connection error or a timeout: a
+    502 was retried to the same address, and every later call of the topic
+    failed for the life of the client (review finding)."""
+    from tests.test_ownership import owner_of
+
+    store = MemStore()
+    async with FaultProxy("http://127.0.0.1:9").running() as proxy:
+        b0 = await start_broker(store, broker_id="b0", broker_lease=3.0)
+        b1 = await start_broker(store, broker_id="b1", broker_lease=3.0, advertise_url=proxy.url)
+        proxy.upstream = f"http://127.0.0.1:{b1.http.port}"  # b1.url is the proxy's
+        for b in (b0, b1):
+            await b.membership.step()
+        topic = next(t for t in (f"t{n}" for n in range(100)) if owner_of([b0, b1], t) is b1)
+        async with Client(b0.url, topic=topic, retries=3, retry_budget=3) as q:
+            await prompt(q.enqueue("a"))  # through b0, which names the owner: the proxy
+            assert q._owner == proxy.url
+            await b1.stop()  # the owner goes; b0 serves the topic now
+            await b0.membership.step()
+            for suffix in ("/status", "/enqueue"):
+                proxy.always[suffix] = "502"  # what the proxy answers with no backend
+            assert (await prompt(q.status()))["pending"] == 1
+            await prompt(q.enqueue("b"))
+            assert (await prompt(q.status()))["pending"] == 2
+            assert q._owner == b0.url
+
+
+async def test_a_redirect_is_not_followed(start_broker: Callable[..., Awaitable[Any]]) -> None:
+    """aiohttp followed redirects: a proxy's 302 made an enqueue's POST a GET of
+    another page, whose JSON ({"id": ...}) the SDK took for the job's id, and
+    nothing was enqueued (review finding)."""
+    from aiohttp import web
+
+    async def moved(request: web.Request) -> web.StreamResponse:
+        if request.path == "/elsewhere":
+            return web.json_response({"id": "fake-id"})
+        raise web.HTTPFound("/elsewhere")
+
+    server = web.Server(moved)
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with Client(f"http://127.0.0.1:{port}", topic="t", retries=1) as q:
+            with pytest.raises(BrokerError, match="HTTP 302"):
+                await prompt(q.enqueue("x"))
+    finally:
+        await runner.cleanup()

@@ -330,14 +330,24 @@ class Client:
             # `path` is %-encoded already (_segment): sent as it is, not
             # normalised (an id ".." is no step up).
             url = URL(base + path, encoded=True)
+            # No redirects: a 302 would make a POST a GET of another page,
+            # whose JSON could pass for an answer. A broker never sends one.
             async with self._http().request(
-                method, url, data=data, timeout=timeout, headers=headers
+                method, url, data=data, timeout=timeout, headers=headers, allow_redirects=False
             ) as response:
                 raw = await response.read()
+                status = response.status
                 owner = response.headers.get(api.OWNER_HEADER)
+                if base == self._owner and self._owner != self.url and _not_served(status, raw):
+                    # Not the owner's answer: a proxy in front of it (a load
+                    # balancer with no backend answers 502 pages), or an owner
+                    # that cannot serve now. The broker given routes again.
+                    self._owner = None
+                    why = f"HTTP {status}: {_snippet(raw)}"
+                    raise _Retry(BrokerUnavailable(f"{base}: {why}"))
                 if owner and path.startswith("/topics/"):
                     self._owner = _broker_url_or_none(owner)
-                return response.status, raw, response.headers.get(api.REPLAYED_HEADER) == "1"
+                return status, raw, response.headers.get(api.REPLAYED_HEADER) == "1"
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, cut short
             if base == self._owner and self._owner != self.url:
                 self._owner = None  # the owner went away: the broker given routes again
@@ -721,6 +731,12 @@ def _spec(
         delay=delay,
         max_attempts=max_attempts,
     )
+
+
+def _not_served(status: int, raw: bytes) -> bool:
+    """Whether an answer says the broker asked did not serve the request: a
+    502, 503 or 504, or an error that is not the API's (a proxy's page)."""
+    return status in RETRIED_STATUSES or (status >= 300 and _error_of(raw) is None)
 
 
 def _error_of(raw: bytes) -> api.Error | None:
