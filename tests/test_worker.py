@@ -159,6 +159,43 @@ async def test_stop_drains_running_jobs(q: Client) -> None:
     assert (await q.status())["completed"] == 3
 
 
+async def test_run_cancelled_while_draining_stops_at_once_and_stop_returns(q: Client) -> None:
+    """stop() waits for the drain when the task running run() is cancelled (a
+    TaskGroup's sibling failed, a wait_for around run() ran out). run()'s
+    cleanup was cut short at the drain's wait: stop() never returned, the
+    signal handlers stayed, and the jobs' heartbeats went on renewing their
+    leases (review finding). Now the drain stops at once: the handler is
+    cancelled, the job buffered dropped, both left to their leases."""
+    first, second = await q.enqueue_many(["slow", "buffered"])
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(job: Job) -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    worker = Worker(q, handler, concurrency=1, wait=0.2, heartbeat_every=0.05, handle_signals=False)
+    run = asyncio.create_task(worker.run())
+    await asyncio.wait_for(started.wait(), 10)
+    # The second job claimed ahead, its heartbeats going (a buffered job's too).
+    await until(lambda: len(worker._ready) == 1 and worker._ready[0].beats is not None)
+    stopping = asyncio.create_task(worker.stop())
+    await until(lambda: bool(worker._idle._waiters))  # type: ignore[attr-defined]
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    await asyncio.wait_for(stopping, 5)
+    assert cancelled.is_set()
+    beating = [t for t in asyncio.all_tasks() if "_heartbeats" in repr(t.get_coro())]
+    assert not beating, beating
+    for job_id in (first, second):
+        assert (await q.job(job_id)).status == "claimed"  # left to its lease
+
+
 async def test_a_handler_that_stops_its_worker_is_acked_and_run_returns(q: Client) -> None:
     """`await worker.stop()` from a handler (a job that says "stop") waited
     for the jobs to finish, its own handler among them: it never returned,

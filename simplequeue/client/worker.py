@@ -100,6 +100,8 @@ AHEAD_JOBS_MAX = api.MAX_BATCH  # and never more jobs than this (unless 2 x conc
 # The lease assumed for a job whose claim times the broker did not send: its
 # default --lease.
 FALLBACK_LEASE = 30.0
+# Seconds run(), cancelled while draining, waits for the handlers it cancels.
+CANCEL_GRACE = 5.0
 
 
 class ClaimAhead:
@@ -277,17 +279,41 @@ class Worker:
         try:
             await self._claim_loop()
         finally:
-            while self._running or self._ready:  # drain: finishing jobs start buffered ones
-                self._idle.clear()
-                await self._idle.wait()
-            await self._acks.flush()
-            for held in list(self._acking):  # their callbacks may not have run yet
-                self._acking.discard(held)
-                await self._stop_beats(held)
-            _signals.leave(loop, self)
-            self._done.set()
+            try:
+                await self._drain()
+            finally:
+                try:
+                    await self._acks.flush()
+                    for held in list(self._acking):  # their callbacks may not have run yet
+                        self._acking.discard(held)
+                        await self._stop_beats(held)
+                finally:
+                    _signals.leave(loop, self)
+                    self._done.set()
         if self._failed is not None:
             raise self._failed
+
+    async def _drain(self) -> None:
+        """Wait for the jobs running and buffered to finish (finishing jobs start
+        buffered ones). Cancelled meanwhile (run() cancelled again, or while a
+        stop() waits for it: a TaskGroup's sibling failed), it stops at once:
+        the jobs buffered are dropped and those running cancelled, their
+        heartbeats stopped, all left to their leases."""
+        try:
+            while self._running or self._ready:
+                self._idle.clear()
+                await self._idle.wait()
+        except asyncio.CancelledError:
+            while self._ready:
+                _cancel_beats(self._ready.popleft())
+            running = list(self._running)
+            for task in running:
+                task.cancel()
+            if running:  # each stops its heartbeats as it ends
+                _, left = await asyncio.wait(running, timeout=CANCEL_GRACE)
+                if left:
+                    log.warning("%d jobs' handlers did not end when cancelled", len(left))
+            raise
 
     def _on_signal(self) -> None:
         log.info(
