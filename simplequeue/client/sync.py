@@ -7,6 +7,7 @@ thread, including one that already runs an event loop of its own.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
@@ -52,6 +53,11 @@ class SyncClient:
                 max_age=max_age,
             )
         self._loop = asyncio.new_event_loop()
+        # Calls in flight, as the loop's tasks (touched in the loop's thread
+        # only); once `_closing` is set (under `_lock`), no call starts.
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._lock = threading.Lock()
+        self._closing = False
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="simplequeue-sync-client", daemon=True
         )
@@ -94,17 +100,43 @@ class SyncClient:
         return SyncClient._wrapping(make)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._loop.is_closed():
-            coro.close()  # never to run: no "never awaited" warning
-            raise RuntimeError("this SyncClient is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._lock:
+            if self._closing:
+                coro.close()  # never to run: no "never awaited" warning
+                raise RuntimeError("this SyncClient is closed")
+            future = asyncio.run_coroutine_threadsafe(self._call(coro), self._loop)
         try:
             return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closing:
+                raise RuntimeError("this SyncClient was closed during the call") from None
+            raise
         except BaseException:
             # Interrupted (Ctrl-C): the call stops in the loop too, as an
             # async caller's cancelled call does, and does not go on unseen.
             future.cancel()
             raise
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """`coro`, counted among the calls in flight (close() cancels them)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        try:
+            return await coro
+        finally:
+            self._calls.discard(task)
+
+    async def _shut(self) -> None:
+        """Cancel the calls in flight (other threads', whose callers then get
+        RuntimeError), wait for them to end, close the client."""
+        calls = list(self._calls)
+        for task in calls:
+            task.cancel()
+        if calls:
+            await asyncio.wait(calls)
+        if self._client is not None:
+            await self._client.close()
 
     @property
     def client(self) -> Client:
@@ -227,14 +259,19 @@ class SyncClient:
         return self._run(self.client.settings(**limits))
 
     def close(self) -> None:
-        """Close the client and stop its loop thread."""
-        if self._loop.is_closed():
-            return
-        if self._client is not None:
-            self._run(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        """Close the client and stop its loop thread. Calls other threads have
+        in flight end with RuntimeError (whether they took effect unknown, as
+        for a call whose answer was lost); calls after it raise RuntimeError."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._shut(), self._loop).result()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
 
     def __enter__(self) -> SyncClient:
         return self
