@@ -93,6 +93,18 @@ def test_derived_ids_are_valid_ids_whatever_the_source_id() -> None:
     assert long == follow_up_id("x" * 256, 999)
 
 
+@pytest.mark.parametrize("enqueue", ["abc", b"abc", {"payload": 1, "topic": "t"}])
+def test_follow_ups_that_are_one_string_or_dict_are_refused_not_iterated(enqueue: Any) -> None:
+    """Done(enqueue="abc") enqueued a job per character, and Done(enqueue={
+    "payload": ...}) one per key (review finding): a clear error now, which
+    fails the job (a handler's) or the call (ack)."""
+    from simplequeue.client.followups import follow_up_specs
+
+    with pytest.raises(InvalidRequest, match="a list of jobs"):
+        follow_up_specs(enqueue)
+    assert follow_up_specs(["abc"]) == [FollowUpSpec("abc")]
+
+
 async def test_ack_many_answers_each_ack_in_order_and_commits_them_in_one_write() -> None:
     """Each ack is its own entry of one batch: a bad result, an unknown job and a
     stale token fail alone, in their places; the good ones land in one write."""

@@ -34,6 +34,11 @@ def follow_up_specs(items: Iterable[Any] | None) -> list[api.FollowUpSpec] | Non
     broker derives one from the acked job's, so a retried ack is a duplicate."""
     if items is None:
         return None
+    if isinstance(items, str | bytes | dict):  # iterated, one job a character, or a key
+        raise InvalidRequest(
+            f"follow-ups are a list of jobs, not a {type(items).__name__}: "
+            '[payload] or [{"payload": ...}] for one'
+        )
     specs = [_spec(item, n) for n, item in enumerate(items)]
     if len(specs) > api.MAX_BATCH:
         raise InvalidRequest(
