@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
 
 from simplequeue import api
-from simplequeue.client import Client
+from simplequeue.client import Client, Worker
 from simplequeue.client import client as client_module
-from simplequeue.errors import BrokerError, BrokerUnavailable, LeaseLost, ScheduleNotFound
+from simplequeue.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    LeaseLost,
+    ScheduleNotFound,
+    StoreUnavailable,
+)
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.fault_proxy import FaultProxy
 from tests.helpers.until import until
@@ -591,3 +600,95 @@ async def test_a_sync_client_closed_by_one_thread_ends_another_threads_call() ->
     finally:
         release.set()
         await runner.cleanup()
+
+
+STORE_DOWN = orjson.dumps({"error": "the object store is unavailable"})
+
+
+@asynccontextmanager
+async def serving(handler: Any) -> AsyncIterator[str]:
+    runner = web.ServerRunner(web.Server(handler), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def two_brokers(owner_answers: Any) -> AsyncIterator[tuple[str, list[str]]]:
+    """(url of the broker given, log of who was asked what). The broker given
+    names the other as the topic's owner and, as a forwarding broker does,
+    passes on whatever the owner answers (with Simplequeue-Owner)."""
+    seen: list[str] = []
+    owner_url: list[str] = []
+    counts = orjson.dumps(dict.fromkeys(api.Counts.__struct_fields__, 0))
+
+    async def owner(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append(f"owner {request.path}")
+        status, body = owner_answers(request)
+        return web.Response(
+            body=body,
+            status=status,
+            content_type="application/json",
+            headers={api.OWNER_HEADER: owner_url[0]},
+        )
+
+    async def given(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append(f"given {request.path}")
+        if request.path.endswith("/status") and not any(s.startswith("owner") for s in seen):
+            status, body = 200, counts  # the first call: names the owner
+        else:
+            status, body = owner_answers(request)  # forwarded to the owner
+        return web.Response(
+            body=body,
+            status=status,
+            content_type="application/json",
+            headers={api.OWNER_HEADER: owner_url[0]},
+        )
+
+    async with serving(owner) as o, serving(given) as g:
+        owner_url.append(o)
+        yield g, seen
+
+
+async def test_an_owners_own_503_keeps_its_error_class() -> None:
+    """The owner answers 503 in the API's own words ({"error": ...}: its store
+    is down): StoreUnavailable, as the broker given answers it. The first fix
+    for an owner behind a proxy (6663727) took any 503 from the owner's address
+    for a proxy's page: the owner forgotten, the try failed as BrokerUnavailable,
+    the class a call raised hanging on where its last try went (review finding)."""
+    async with (
+        two_brokers(lambda _: (503, STORE_DOWN)) as (given, seen),
+        Client(given, topic="t", retries=3, retry_budget=30) as q,
+    ):
+        await asyncio.wait_for(q.status(), 10)  # learns the owner
+        assert q._owner is not None and q._owner != given
+        with pytest.raises(StoreUnavailable) as caught:
+            await asyncio.wait_for(q.status(), 10)
+    assert not isinstance(caught.value, BrokerUnavailable), (repr(caught.value), seen)
+
+
+async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:
+    """A burst worker takes BrokerUnavailable for "whether the topic is empty
+    cannot be known" and gives up (run() raises); StoreUnavailable it logs and
+    claims again (a claim whose tries are spent). With the owner's own 503
+    turned into BrokerUnavailable (6663727), a store blip on a cluster of two
+    brokers made a burst worker fail, where it carries on and stops once the
+    topic is found empty (review finding)."""
+    claims = 0
+
+    def answers(request: web.BaseRequest) -> tuple[int, bytes]:
+        nonlocal claims
+        claims += 1
+        if claims <= 2:  # the first claims (two in flight): the store is down
+            return 503, STORE_DOWN
+        return 404, orjson.dumps({"error": "nothing to claim"})
+
+    async with two_brokers(answers) as (given, seen), Client(given, topic="t", retries=1) as q:
+        await asyncio.wait_for(q.status(), 10)  # learns the owner
+        worker = Worker(q, lambda job: None, burst=True, handle_signals=False)
+        await asyncio.wait_for(worker.run(), 10)  # raised BrokerUnavailable
+    assert claims > 2, seen

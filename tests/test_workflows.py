@@ -624,3 +624,28 @@ async def test_a_change_of_owner_during_a_delivery_fails_nothing(
     await until(lambda: a.duties.delivered == 1)
     await a.committer.wait_changed(src, 0.2)  # up to 0.2 s: the tending ends meanwhile
     assert not [r for r in caplog.records if "tending" in r.getMessage()]
+
+
+@pytest.mark.parametrize("enqueue", ["abc", {"payload": 1, "topic": "t"}])
+async def test_a_sync_clients_ack_refuses_follow_ups_given_as_one_string_or_dict(
+    start_broker: Any, enqueue: Any
+) -> None:
+    """SyncClient.ack made its follow-ups a list before the check
+    (`list(enqueue)`): sc.ack(job, enqueue="abc") enqueued "a", "b" and "c"
+    (a dict: one job per key) after b997d8b (review finding)."""
+    from simplequeue.client import SyncClient
+    from simplequeue.errors import InvalidRequest
+    from simplequeue.objstore.memfs import MemStore
+
+    broker = await start_broker(MemStore())
+    sc = SyncClient(broker.url, topic="t")
+    try:
+        await asyncio.to_thread(sc.enqueue, "parent")
+        job = await asyncio.to_thread(sc.claim, "w")
+        assert job is not None
+        with pytest.raises(InvalidRequest, match="a list of jobs"):
+            await asyncio.wait_for(asyncio.to_thread(sc.ack, job, None, enqueue), 10)
+        pending = (await asyncio.to_thread(sc.status))["pending"]
+        assert pending == 0, f"{pending} follow-ups enqueued from {enqueue!r}"
+    finally:
+        await asyncio.to_thread(sc.close)

@@ -340,8 +340,8 @@ class Client:
                 owner = response.headers.get(api.OWNER_HEADER)
                 if base == self._owner and self._owner != self.url and _not_served(status, raw):
                     # Not the owner's answer: a proxy in front of it (a load
-                    # balancer with no backend answers 502 pages), or an owner
-                    # that cannot serve now. The broker given routes again.
+                    # balancer with no backend answers 502 pages). The broker
+                    # given routes again.
                     self._owner = None
                     why = f"HTTP {status}: {_snippet(raw)}"
                     raise _Retry(BrokerUnavailable(f"{base}: {why}"))
@@ -734,9 +734,10 @@ def _spec(
 
 
 def _not_served(status: int, raw: bytes) -> bool:
-    """Whether an answer says the broker asked did not serve the request: a
-    502, 503 or 504, or an error that is not the API's (a proxy's page)."""
-    return status in RETRIED_STATUSES or (status >= 300 and _error_of(raw) is None)
+    """Whether an answer says no broker served the request: an error that is
+    not the API's (a proxy's 502 page, say). A 503 in the API's own words (a
+    store fault at the owner) is the owner's answer, its class kept."""
+    return status >= 300 and _error_of(raw) is None
 
 
 def _error_of(raw: bytes) -> api.Error | None:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from simplequeue import api
 from simplequeue.client.client import AckItem, Client
+from simplequeue.client.followups import follow_up_specs
 from simplequeue.client.job import Job
 from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
@@ -197,7 +198,9 @@ class SyncClient:
         return self._run(self.client.claim_many(worker_id, count, lease, wait))
 
     def ack(self, job: Job | str, result: Any = None, enqueue: Iterable[Any] | None = None) -> None:
-        self._run(self.client.ack(job, result, None if enqueue is None else list(enqueue)))
+        # Checked and made a list here (a generator is iterated in the caller's
+        # thread): a str or dict is refused, not taken a character or key a job.
+        self._run(self.client.ack(job, result, follow_up_specs(enqueue)))
 
     def ack_many(self, acks: Iterable[AckItem]) -> list[dict[str, Any]]:
         return self._run(self.client.ack_many(list(acks)))
