@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.until import until
 
 StartBroker = Callable[..., Awaitable[Any]]
 
@@ -499,3 +501,149 @@ async def test_work_q_fails_a_job_whose_output_cannot_be_enqueued(
 async def test_work_q_with_a_bad_topic_name_is_a_usage_error(cli: Cli) -> None:
     done = await cli("work", "-Q", "no.dots", "--", "cat")
     assert done.returncode == 2 and "is not a topic name" in done.stderr
+
+
+# --- work: commands that are shell scripts, and a terminal's Ctrl-C (review) ---
+
+
+def file_text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+async def wait_for_file(path: Path, within: float = 10.0) -> str:
+    """What a command wrote to `path`, once it did (another process's doing)."""
+    await until(lambda: bool(file_text(path)), within)
+    return file_text(path)
+
+
+def kill_pid(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            return False
+    return True
+
+
+async def test_work_q_fails_the_job_when_a_shell_scripts_child_writes_too_much(
+    cli: Cli, broker: Any
+) -> None:
+    """README: with -Q "more than 1 MiB of stdout fails the job". When the
+    command was a shell script whose child wrote the output, only the shell
+    was killed: the child kept the pipes open and blocked on stdout, and
+    `work` hung with the job claimed (review finding). The command's whole
+    process group is killed now."""
+    await cli.json("enqueue", "1", "--id", "flood", "--max-attempts", "1")
+    done = await cli(
+        "work",
+        "-Q",
+        "out",
+        "--max-jobs",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "cat >/dev/null; yes '[1]'",
+        within=10,
+    )
+    assert done.returncode == 0, done.stderr
+    job = await cli.json("job", "flood")
+    assert job["status"] == "dead" and "more than 1048576 bytes" in job["last_error"]
+
+
+async def test_ctrl_c_in_a_terminal_drains_the_running_command(
+    cli: Cli, broker: Any, tmp_path: Path
+) -> None:
+    """README: "Ctrl-C or SIGTERM drains running commands". A terminal's Ctrl-C
+    goes to the whole foreground process group, and commands ran in the CLI's:
+    they were interrupted too, and the "drained" job nacked, an attempt spent
+    (review finding). Commands run in a session of their own now."""
+    await cli.json("enqueue", '"slow"', "--id", "s", "--max-attempts", "1")
+    started, release = tmp_path / "started", tmp_path / "release"
+    script = (
+        "import os, sys, time\nsys.stdin.read()\n"
+        f"open({str(started)!r}, 'w').write('1')\n"
+        f"while not os.path.exists({str(release)!r}): time.sleep(0.02)\n"
+        "print('drained')\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *cli.argv("work", "--", sys.executable, "-c", script),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own group, as a shell's foreground job
+    )
+    assert proc.stderr is not None
+    try:
+        await wait_for_file(started)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        async with asyncio.timeout(10):  # the signal landed: the worker drains
+            while b"draining" not in await proc.stderr.readline():
+                pass
+        release.touch()
+        async with asyncio.timeout(10):
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0
+    job = await cli.json("job", "s")
+    assert (job["status"], job.get("result"), job.get("last_error")) == (
+        "completed",
+        "drained",
+        None,
+    )
+
+
+async def test_a_cancelled_jobs_command_is_stopped_with_its_children(
+    cli: Cli, broker: Any, tmp_path: Path
+) -> None:
+    """A job cancelled (or whose lease is lost) while its command runs: only the
+    command's pid was killed. A shell script's child ran on (the work of a
+    cancelled job, or a second copy once the job is claimed again), and
+    `await proc.wait()` (on Python 3.11, until the pipes close) held the slot
+    and `work` itself until that child ended (review finding)."""
+    job_id = (await cli.json("enqueue", "1", "--id", "c"))["id"]
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    command = ["sh", "-c", f'cat >/dev/null; "{sys.executable}" -c "{child}"; echo done']
+    proc = await asyncio.create_subprocess_exec(
+        *cli.argv("work", "--lease", "3", "--max-jobs", "1", "--", *command),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    pid = 0
+    try:
+        pid = int(await wait_for_file(pid_file))
+        async with Client(broker.url, topic="jobs") as q:
+            await q.cancel([job_id])
+        # A heartbeat (every second with --lease 3) finds the job cancelled.
+        async with asyncio.timeout(8):
+            code = await proc.wait()
+        assert code == 0
+        await until(lambda: not alive(pid), 2)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if pid:
+            kill_pid(pid)
+
+
+async def test_work_with_a_lease_past_the_maximum_is_a_usage_error_not_a_traceback(
+    cli: Cli,
+) -> None:
+    """`work --lease 50000` (over api.MAX_LEASE, 43,200 s) reached
+    Worker.__init__, whose ValueError came out as a traceback (review
+    finding): a usage error naming the option now, as `--lease 0.5` gets."""
+    done = await cli("work", "--lease", "50000", "--", "cat", within=10)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2 and "--lease" in done.stderr, done.stderr

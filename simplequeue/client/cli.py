@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
@@ -508,7 +509,7 @@ async def settings(client: Client, **limits: Any) -> None:
 @click.option("--worker-id", default=None)
 @click.option(
     "--lease",
-    type=FiniteRange(min=1),
+    type=FiniteRange(min=1, max=api.MAX_LEASE),
     default=None,
     help="Lease seconds for each job [default: the broker's --lease].",
 )
@@ -662,6 +663,11 @@ async def start_command(command: tuple[str, ...], job: Job) -> asyncio.subproces
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=command_env(job),
+            # A session (and process group) of its own: a terminal's Ctrl-C,
+            # sent to the whole foreground group, reaches `work` alone, which
+            # drains; and the command's own children can be stopped with it
+            # (stop_command).
+            start_new_session=True,
         )
     except OSError as exc:
         raise CommandUnstartable(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
@@ -673,10 +679,19 @@ async def killed_if_cancelled(proc: asyncio.subprocess.Process) -> AsyncIterator
     try:
         yield
     except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        stop_command(proc)
         await proc.wait()
         raise
+
+
+def stop_command(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the command and every process of its group: a shell script's
+    children too, which would otherwise run on for a job given up and hold
+    its pipes open (nothing reading them, or waiting for them to close)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
 
 
 def check_exit(proc: asyncio.subprocess.Process, err: bytes) -> None:
@@ -751,8 +766,7 @@ async def communicate_bounded(
         while chunk := await stdout.read(64 * 1024):
             out += chunk
             if len(out) > limit:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                stop_command(proc)
                 return None
         return bytes(out)
 
