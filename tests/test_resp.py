@@ -432,13 +432,30 @@ async def test_llen_counts_pending_jobs_not_claimed_ones(r: redis.Redis, http: H
 
 @pytest.mark.parametrize(
     ("seconds", "error"),
-    [("nan", "not a float"), ("x", "not a float"), ("-1", "negative")],
+    [
+        ("nan", "not a float"),
+        ("x", "not a float"),
+        ("-1", "negative"),
+        ("-inf", "negative"),
+        # Taken by Python's float(), and waited on (for ever, 10 s, 1 s), until
+        # a review found them: Redis refuses each.
+        ("inf", "out of range"),
+        ("1e30", "out of range"),
+        ("1e400", "out of range"),
+        ("1_0", "not a float"),
+        (" 1", "not a float"),
+    ],
 )
 async def test_blpop_with_a_bad_timeout_is_refused_as_redis_refuses_it(
     r: redis.Redis, seconds: str, error: str
 ) -> None:
     with pytest.raises(ResponseError, match=error):
-        await r.execute_command("BLPOP", "q", seconds)
+        await asyncio.wait_for(r.execute_command("BLPOP", "q", seconds), 5)
+
+
+@pytest.mark.parametrize("seconds", ["0.05", ".05", "5e-2", "+0.05"])
+async def test_blpop_timeouts_redis_takes_are_taken(r: redis.Redis, seconds: str) -> None:
+    assert await asyncio.wait_for(r.execute_command("BLPOP", "q", seconds), 5) is None
 
 
 async def test_blpop_times_out_with_nil(r: redis.Redis) -> None:

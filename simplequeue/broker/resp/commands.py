@@ -189,16 +189,22 @@ def integer(arg: bytes) -> int:
     return int(arg)
 
 
+# A number as Redis reads a timeout (strtold, the whole argument, no NaN): no
+# space around it, no "_" between digits, which Python's float() would take.
+_TIMEOUT = re.compile(rb"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?)", re.I)
+_TIMEOUT_MS_MAX = 2**63 - 1  # Redis keeps a timeout as a long long of milliseconds
+
+
 def timeout_of(arg: bytes) -> float:
-    """BLPOP's timeout in seconds; 0, which in Redis means forever, is math.inf."""
-    try:
-        seconds = float(arg)
-    except ValueError:
-        seconds = math.nan
-    if math.isnan(seconds):  # as Redis answers: "nan" is no float to it
+    """BLPOP's timeout in seconds; 0, which in Redis means forever, is math.inf.
+    What Redis refuses is refused with its words, never waited on."""
+    if not _TIMEOUT.fullmatch(arg):  # "nan", "x", " 1", "1_0"
         raise RespError("ERR", "timeout is not a float or out of range")
+    seconds = float(arg)
     if seconds < 0:
         raise RespError("ERR", "timeout is negative")
+    if seconds * 1000 > _TIMEOUT_MS_MAX:  # "inf", "1e30"
+        raise RespError("ERR", "timeout is out of range")
     return seconds or math.inf
 
 
