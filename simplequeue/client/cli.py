@@ -541,8 +541,11 @@ async def work(
     """Run COMMAND once per job: the payload as JSON on stdin, the job's id and
     attempt in SIMPLEQUEUE_JOB_ID and SIMPLEQUEUE_ATTEMPT; exit 0 acks with
     stdout as the result (JSON if it parses, else text); non-zero nacks with
-    stderr as the error. Ctrl-C or SIGTERM drains running commands. A COMMAND
-    that cannot be started stops the worker with exit status 1.
+    stderr as the error. Ctrl-C or SIGTERM drains running commands (each runs
+    in a session of its own: a terminal's Ctrl-C reaches this worker, not
+    them). A job given up (cancelled, its lease lost, its output over the
+    bound) has its command's whole process group killed. A COMMAND that
+    cannot be started stops the worker with exit status 1.
 
     With -Q OUT, each non-empty line of stdout is a JSON payload for topic OUT,
     enqueued with the ack, in the same commit (the result is null); a line
