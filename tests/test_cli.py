@@ -239,6 +239,29 @@ async def test_work_acks_with_stdout_and_nacks_with_stderr(cli: Cli, broker: Any
     assert "it broke" in dead["last_error"]
 
 
+async def test_work_keeps_stdout_the_store_cannot_hold_as_json_as_text(
+    cli: Cli, broker: Any
+) -> None:
+    """A command that succeeded printing an integer past 64 bits: its ack was
+    refused (the store holds integers of 64 bits), the job nacked until dead
+    (review finding). The output is kept as text; and a command killed by a
+    signal is said to be, not "exit status -9"."""
+    await cli.json("enqueue", "1", "--id", "big", "--max-attempts", "1")
+    await cli.json("enqueue", "2", "--id", "killed", "--max-attempts", "1")
+    script = (
+        "import json, os, signal, sys\n"
+        "if json.load(sys.stdin) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "print(2 ** 70)\n"
+    )
+    done = await cli("work", "--max-jobs", "2", "--", sys.executable, "-c", script)
+    assert done.returncode == 0, done.stderr
+    big = await cli.json("job", "big")
+    assert (big["status"], big["result"]) == ("completed", str(2**70))
+    killed = await cli.json("job", "killed")
+    assert killed["status"] == "dead"
+    assert killed["last_error"].endswith("CommandFailed: killed by SIGKILL"), killed
+
+
 async def test_work_drains_on_ctrl_c(cli: Cli, broker: Any) -> None:
     await cli.json("enqueue", '"slow"', "--id", "s")
     flag = Path(os.environ.get("TMPDIR", "/tmp")) / f"sq-drain-{os.getpid()}"

@@ -698,9 +698,21 @@ def stop_command(proc: asyncio.subprocess.Process) -> None:
 
 
 def check_exit(proc: asyncio.subprocess.Process, err: bytes) -> None:
-    if proc.returncode != 0:
+    code = proc.returncode
+    if code != 0:
         text = err.decode(errors="replace").strip()[-4000:]
-        raise CommandFailed(text or f"exit status {proc.returncode}")
+        raise CommandFailed(text or exit_status(code))
+
+
+def exit_status(code: int | None) -> str:
+    """How a command ended, in words: its exit status, or the signal that
+    killed it (asyncio's returncode is minus the signal's number)."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 async def run_command(command: tuple[str, ...], job: Job) -> Any:
@@ -708,7 +720,13 @@ async def run_command(command: tuple[str, ...], job: Job) -> Any:
     async with killed_if_cancelled(proc):
         out, err = await proc.communicate(orjson.dumps(job.payload))
     check_exit(proc, err)
-    return parse_payload(out.decode(errors="replace").strip())
+    text = out.decode(errors="replace").strip()
+    result = parse_payload(text)
+    try:
+        api.check_storable(result, "the command's stdout")
+    except InvalidRequest:  # JSON the store cannot hold (an integer past 64 bits)
+        return text  # the command succeeded: its output is kept, as text
+    return result
 
 
 async def run_command_into(command: tuple[str, ...], job: Job, topic: str) -> Done:
