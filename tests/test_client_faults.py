@@ -529,82 +529,6 @@ async def test_an_owner_behind_a_proxy_answering_502_is_left_for_the_broker_give
             assert q._owner == b0.url
 
 
-async def test_a_redirect_is_not_followed(start_broker: Callable[..., Awaitable[Any]]) -> None:
-    """aiohttp followed redirects: a proxy's 302 made an enqueue's POST a GET of
-    another page, whose JSON ({"id": ...}) the SDK took for the job's id, and
-    nothing was enqueued (review finding)."""
-    from aiohttp import web
-
-    async def moved(request: web.Request) -> web.StreamResponse:
-        if request.path == "/elsewhere":
-            return web.json_response({"id": "fake-id"})
-        raise web.HTTPFound("/elsewhere")
-
-    server = web.Server(moved)
-    runner = web.ServerRunner(server)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        async with Client(f"http://127.0.0.1:{port}", topic="t", retries=1) as q:
-            with pytest.raises(BrokerError, match="HTTP 302"):
-                await prompt(q.enqueue("x"))
-    finally:
-        await runner.cleanup()
-
-
-async def test_a_sync_client_closed_by_one_thread_ends_another_threads_call() -> None:
-    """A SyncClient shared by threads: one thread's call in flight when another
-    closed the client. close() closed the session under it (its retry opened a
-    new one) and stopped the loop with the call pending: the first thread
-    waited for ever (review finding). It is told the client was closed now."""
-    import threading
-
-    from aiohttp import web
-
-    from simplequeue.client import SyncClient
-
-    arrived, release = asyncio.Event(), asyncio.Event()
-
-    async def silent(request: web.BaseRequest) -> web.StreamResponse:
-        arrived.set()
-        await release.wait()
-        return web.Response(status=504)
-
-    runner = web.ServerRunner(web.Server(silent))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        sc = SyncClient(url, topic="t", timeout=30, retries=2)
-        outcome: list[BaseException | Any] = []
-
-        def caller() -> None:
-            try:
-                outcome.append(sc.status())
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=caller, daemon=True)
-        thread.start()
-        await asyncio.wait_for(arrived.wait(), PROMPT)  # the call is in flight
-        await asyncio.wait_for(asyncio.to_thread(sc.close), PROMPT)
-        await asyncio.to_thread(thread.join, PROMPT)
-        assert not thread.is_alive(), "the other thread's call never ended"
-        [ended] = outcome
-        assert isinstance(ended, RuntimeError) and "closed during the call" in str(ended)
-        with pytest.raises(RuntimeError, match="closed"):
-            sc.status()
-    finally:
-        release.set()
-        await runner.cleanup()
-
-
-STORE_DOWN = orjson.dumps({"error": "the object store is unavailable"})
-
-
 @asynccontextmanager
 async def serving(handler: Any) -> AsyncIterator[str]:
     runner = web.ServerRunner(web.Server(handler), access_log=None)
@@ -615,6 +539,65 @@ async def serving(handler: Any) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+async def test_a_redirect_is_not_followed() -> None:
+    """aiohttp followed redirects: a proxy's 302 made an enqueue's POST a GET of
+    another page, whose JSON ({"id": ...}) the SDK took for the job's id, and
+    nothing was enqueued (review finding)."""
+
+    async def moved(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == "/elsewhere":
+            return web.json_response({"id": "fake-id"})
+        raise web.HTTPFound("/elsewhere")
+
+    async with serving(moved) as url, Client(url, topic="t", retries=1) as q:
+        with pytest.raises(BrokerError, match="HTTP 302"):
+            await prompt(q.enqueue("x"))
+
+
+async def test_a_sync_client_closed_by_one_thread_ends_another_threads_call() -> None:
+    """A SyncClient shared by threads: one thread's call in flight when another
+    closed the client. close() closed the session under it (its retry opened a
+    new one) and stopped the loop with the call pending: the first thread
+    waited for ever (review finding). It is told the client was closed now."""
+    import threading
+
+    from simplequeue.client import SyncClient
+
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def silent(request: web.BaseRequest) -> web.StreamResponse:
+        arrived.set()
+        await release.wait()
+        return web.Response(status=504)
+
+    async with serving(silent) as url:
+        try:
+            sc = SyncClient(url, topic="t", timeout=30, retries=2)
+            outcome: list[BaseException | Any] = []
+
+            def caller() -> None:
+                try:
+                    outcome.append(sc.status())
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=caller, daemon=True)
+            thread.start()
+            await asyncio.wait_for(arrived.wait(), PROMPT)  # the call is in flight
+            await asyncio.wait_for(asyncio.to_thread(sc.close), PROMPT)
+            await asyncio.to_thread(thread.join, PROMPT)
+            assert not thread.is_alive(), "the other thread's call never ended"
+            [ended] = outcome
+            assert isinstance(ended, RuntimeError) and "closed during the call" in str(ended)
+            with pytest.raises(RuntimeError, match="closed"):
+                sc.status()
+        finally:
+            release.set()  # before the server's cleanup, which waits for the handler
+
+
+STORE_DOWN = orjson.dumps({"error": "the object store is unavailable"})
 
 
 @asynccontextmanager
