@@ -188,14 +188,13 @@ class Load:
         for tries in range(1, 20 if follow_to else 2):
             sent = time.monotonic()
             status, answer = await self.call("/ack", body)
-            if status in (0, 200, 503):
+            if status in (0, 200, 503):  # it succeeded, or may have (and its follow-up)
+                self.h.ack_tokens[job_id].add(token)
                 self.h.first_ack_sent.setdefault(job_id, sent)
             if status == 200:
                 self.h.acked[job_id] += 1
-                self.h.ack_tokens[job_id].add(token)
             elif status in (0, 503):
                 self.h.ack_unknown.add(job_id)
-                self.h.ack_tokens[job_id].add(token)  # it, and its follow-up, may exist
                 if follow_to:
                     await asyncio.sleep(0.1 * tries)
                     continue
