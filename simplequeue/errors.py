@@ -11,6 +11,7 @@ with the HTTP status and the RESP error code it is answered with.
     │   │   └── NotDurable      a write is in place but could not be made durable
     │   └── StorageFull         no room left (a full disk)                 507   ERR
     ├── InvalidRequest      bad input; nothing was changed        400   ERR       invalid
+    │   ├── RefusedByTopic      refused for what the topic holds now 400 ERR     invalid
     │   └── PayloadTooLarge     a request over --max-body         413   ERR       invalid
     ├── JobNotFound         no such job in the topic              404   ERR       not_found
     ├── ScheduleNotFound    no such schedule in the topic         404   ERR
@@ -104,6 +105,12 @@ class InvalidRequest(SimpleQueueError):
 
     http_status = 400
     ack_status = "invalid"
+
+
+class RefusedByTopic(InvalidRequest):
+    """Refused for what the topic holds now (its schedules, the priorities of its
+    jobs, its settings), not for the request alone: the same request may pass
+    once the topic changes. Nothing was changed."""
 
 
 class PayloadTooLarge(InvalidRequest):

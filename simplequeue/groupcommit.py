@@ -46,6 +46,7 @@ from simplequeue.errors import (
     NotDurable,
     ObjectNotFound,
     PreconditionFailed,
+    RefusedByTopic,
     ScheduleNotFound,
     SimpleQueueError,
     StorageFull,
@@ -76,7 +77,7 @@ Mutation = Callable[[TopicState, float], T]
 
 # Answers that depend on what the state holds; they are final only when the
 # state they were computed on is known to be current.
-_STATE_DEPENDENT = (JobNotFound, LeaseLost, ScheduleNotFound)
+_STATE_DEPENDENT = (JobNotFound, LeaseLost, ScheduleNotFound, RefusedByTopic)
 
 # Objects one batch may find missing, one fetch round each, before the cache
 # is deemed too small for what the batch needs.

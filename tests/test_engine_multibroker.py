@@ -9,10 +9,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from simplequeue.api import JobSpec
+import pytest
+
+from simplequeue.api import JobSpec, ScheduleRequest, SettingsRequest
 from simplequeue.broker.engine import Engine
-from simplequeue.errors import LeaseLost
+from simplequeue.errors import InvalidRequest, LeaseLost
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Bounds, TopicState
 from tests.conftest import OpenStore
 
@@ -125,3 +128,51 @@ async def three_committers(
 
 def _merging(s: TopicState) -> bool:
     return any("merge" in run for lane in s.head["lanes"].values() for run in lane["runs"])
+
+
+def two_engines(bounds: Bounds) -> tuple[Engine, Engine]:
+    store = MemStore()
+    a, b = (
+        Engine(
+            GroupCommitter(store, broker_id=name, epoch=1, settings=CommitSettings(bounds=bounds))
+        )
+        for name in ("a", "b")
+    )
+    return a, b
+
+
+async def test_a_refusal_for_what_the_topic_holds_is_checked_on_a_fresh_read() -> None:
+    """Refusals that depend on what the head holds were answered from a broker's
+    cached head, which may predate another broker's writes (the owner did not
+    answer in time, a hand-over): a topic at its most schedules refused a new
+    one after the other broker deleted one, a 3rd priority was refused after
+    the other broker drained a lane, and a burst was refused as having no rate
+    after the other broker set one. Each is checked on a fresh read now, as
+    JobNotFound is, and refused only if the store's head says so too."""
+    a, b = two_engines(Bounds(schedules_max=2, lanes_max=2))
+    await a.put_schedule("s", "one", ScheduleRequest("x", every=60))
+    await a.put_schedule("s", "two", ScheduleRequest("x", every=60))
+    await b.delete_schedule("s", "two")
+    assert (await a.put_schedule("s", "three", ScheduleRequest("x", every=60)))["next_at"]
+    assert sorted(s["name"] for s in await b.schedules("s")) == ["one", "three"]
+
+    await a.enqueue("p", [JobSpec(1, priority=1), JobSpec(2, priority=2)])
+    [job] = await b.claim("p", "w", lease=30)
+    assert job["priority"] == 2
+    await b.ack("p", job["id"], job["lease_token"])
+    [answer] = await a.enqueue("p", [JobSpec(3, priority=3)])
+    assert not answer.get("duplicate")
+
+    await a.enqueue("r", [JobSpec(1)])  # a caches r's head
+    await b.put_settings("r", SettingsRequest(rate=5.0))
+    assert (await a.put_settings("r", SettingsRequest(burst=10)))["burst"] == 10
+
+
+async def test_a_refusal_for_what_the_topic_holds_stands_on_a_current_head() -> None:
+    """The other side: a refusal the store's head agrees with stays a refusal."""
+    a, b = two_engines(Bounds(schedules_max=1))
+    await a.enqueue("s", [JobSpec(1)])  # a caches s's head
+    await b.put_schedule("s", "one", ScheduleRequest("x", every=60))
+    with pytest.raises(InvalidRequest, match="1 schedules, the most"):
+        await a.put_schedule("s", "two", ScheduleRequest("x", every=60))
+    assert [s["name"] for s in await b.schedules("s")] == ["one"]

@@ -31,6 +31,7 @@ from simplequeue.errors import (
     JobCancelled,
     JobNotFound,
     LeaseLost,
+    RefusedByTopic,
     ScheduleNotFound,
 )
 from simplequeue.state.chain import Chain, Place
@@ -288,7 +289,7 @@ class TopicState(Layout):
         prios = self._prios()
         fresh = {str(s.priority) for s, new in zip(specs, added, strict=True) if new} - prios.keys()
         if fresh and len(prios) + len(fresh) > self.bounds.lanes_max:
-            raise InvalidRequest(
+            raise RefusedByTopic(
                 f"topic {self.topic!r} would hold jobs of more than {self.bounds.lanes_max} "
                 "distinct priorities at once"
             )
@@ -902,7 +903,7 @@ class TopicState(Layout):
         found = self.schedules()
         old = found.get(name)
         if old is None and len(found) >= self.bounds.schedules_max:
-            raise InvalidRequest(
+            raise RefusedByTopic(
                 f"topic {self.topic!r} has {len(found)} schedules, the most it may hold"
             )
         schedule: dict[str, Any] = {"payload": spec.payload, "created_at": now}
@@ -927,7 +928,7 @@ class TopicState(Layout):
         changed = {**found, name: schedule}
         size = len(orjson.dumps(changed))
         if size > self.bounds.schedules_bytes:
-            raise InvalidRequest(
+            raise RefusedByTopic(
                 f"the schedules of topic {self.topic!r} would take {size} bytes, over "
                 f"{self.bounds.schedules_bytes}: payloads of schedules must stay small"
             )
@@ -1010,7 +1011,7 @@ class TopicState(Layout):
                 settings[field] = value
         if "rate" not in settings:
             if not isinstance(changes.burst, UnsetType) and changes.burst is not None:
-                raise InvalidRequest("burst is the size of a rate's bucket: set a rate with it")
+                raise RefusedByTopic("burst is the size of a rate's bucket: set a rate with it")
             settings.pop("burst", None)  # hidden, it came back with the next rate
             self.head.pop("bucket", None)
         if settings == before:
