@@ -1610,3 +1610,63 @@ async def test_a_failed_jobs_heartbeats_stop_before_its_nack_goes_out(
 
 async def _nacked(q: HangingHeartbeat) -> bool:
     return bool(q.in_flight_at_nack)
+
+
+SECOND_SIGNAL = """
+import asyncio, os, signal, sys
+from simplequeue.client import Client, Worker
+
+async def main(url):
+    started = asyncio.Event()
+
+    async def handler(job):
+        started.set()
+        await asyncio.Event().wait()  # a job that will not end by itself
+
+    async with Client(url, topic="w") as q:
+        worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0.2)
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait_for(started.wait(), 10)
+        while (await q.status())["claimed"] < 2:  # the second job claimed ahead
+            await asyncio.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)  # drains: it would wait for ever
+        await asyncio.sleep(0.2)
+        assert not run.done()
+        os.kill(os.getpid(), signal.SIGTERM)  # stops now
+        await asyncio.wait_for(run, 10)
+    print("ok")
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_second_signal_stops_the_drain_and_gives_the_jobs_back(
+    q: Client, broker: Any
+) -> None:
+    """A second Ctrl-C (or SIGTERM) while the Worker drains did nothing: a job
+    that would not end kept the process up, and only SIGKILL stopped it, its
+    jobs left to their leases. Now the second signal stops it at once: the job
+    claimed ahead is given back unrun (its attempt uncounted), the running one
+    interrupted and given back at once, its attempt spent."""
+    running, ahead = await q.enqueue_many(["runs", "waits"])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SECOND_SIGNAL,
+        broker.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert (proc.returncode, out.decode().strip()) == (0, "ok"), err.decode()[-2000:]
+    assert "second signal: stopping now" in err.decode()
+    interrupted, unrun = await q.job(running), await q.job(ahead)
+    assert (interrupted.status, interrupted.attempts) == ("pending", 1)
+    assert "Interrupted: the worker was stopped" in (interrupted.last_error or "")
+    assert (unrun.status, unrun.attempts, unrun.last_error) == ("pending", 0, None)
+    assert (await q.status())["claimed"] == 0

@@ -23,10 +23,12 @@ are spent), and is logged with its traceback on the `simplequeue.worker` logger.
 stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed,
 the buffered ones included, is run to its end. A signal stops every Worker of
 the event loop; one the application handles itself is left to it (its handler
-calls stop()). Cancellation is never
-swallowed: only a handler cancelled because its heartbeat found the lease lost
-(or the job cancelled, POST /cancel) is handled here, and such a job is
-neither acked nor nacked: it is no longer this worker's.
+calls stop()). A second signal while draining stops now: the buffered jobs are
+released unrun and the running handlers cancelled, their jobs nacked at once.
+Cancellation is never swallowed: only a handler cancelled because its
+heartbeat found the lease lost (or the job cancelled, POST /cancel), or by a
+second signal, is handled here; the first kind of job is neither acked nor
+nacked: it is no longer this worker's.
 """
 
 from __future__ import annotations
@@ -152,6 +154,11 @@ class ClaimAhead:
             self.size = max(self.floor, min(self.cap, wanted))
 
 
+class Interrupted(Exception):
+    """The worker stopped the job's handler before it finished (a second signal
+    while draining): its job is given back at once, not failed."""
+
+
 class _Claimed:
     """A job this worker holds: waiting in the buffer, then running."""
 
@@ -160,6 +167,7 @@ class _Claimed:
         self.work: asyncio.Future[Any] | None = None  # the handler, once started
         self.lost = False  # a heartbeat found the lease gone
         self.cancelled = False  # ... because the job was cancelled
+        self.interrupted = False  # a second signal: stopped, to be given back
         # The first heartbeat's timer; the task that sends them once it fired.
         # Most jobs end before their first heartbeat is due: they never cost
         # a task (one per job, and cancelling it, was a fifth of a Worker's
@@ -235,6 +243,8 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self._running: set[asyncio.Task[None]] = set()
+        self._holding: dict[asyncio.Task[None], _Claimed] = {}  # what each running task runs
+        self._signalled = 0  # signals received while running: a second stops now
         self._ready: collections.deque[_Claimed] = collections.deque()  # claimed, not started
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # a job started or finished: maybe time to claim
@@ -298,11 +308,14 @@ class Worker:
         buffered ones). Cancelled meanwhile (run() cancelled again, or while a
         stop() waits for it: a TaskGroup's sibling failed), it stops at once:
         the jobs buffered are dropped and those running cancelled, their
-        heartbeats stopped, all left to their leases."""
+        heartbeats stopped, all left to their leases. After a second signal it
+        stops now too, giving the jobs back (_stop_now)."""
         try:
-            while self._running or self._ready:
+            while (self._running or self._ready) and self._signalled < 2:
                 self._idle.clear()
                 await self._idle.wait()
+            if self._running or self._ready:
+                await self._stop_now()
         except asyncio.CancelledError:
             while self._ready:
                 _cancel_beats(self._ready.popleft())
@@ -316,12 +329,61 @@ class Worker:
             raise
 
     def _on_signal(self) -> None:
-        log.info(
-            "signal received: draining %d running and %d claimed jobs",
-            len(self._running),
-            len(self._ready),
-        )
-        self.request_stop()
+        self._signalled += 1
+        if self._signalled == 1:
+            log.info(
+                "signal received: draining %d running and %d claimed jobs"
+                " (a second signal stops them now)",
+                len(self._running),
+                len(self._ready),
+            )
+            self.request_stop()
+        elif self._signalled == 2:
+            log.warning(
+                "second signal: stopping now; %d running jobs are interrupted and %d claimed"
+                " jobs given back",
+                len(self._running),
+                len(self._ready),
+            )
+            self._idle.set()  # the drain's wait: it stops now
+
+    async def _stop_now(self) -> None:
+        """A second signal during the drain (a user's second Ctrl-C): the jobs
+        buffered are given back as not worked (pending at once, the attempt
+        uncounted), and the running handlers cancelled, their jobs nacked
+        without delay (the attempt spent, as by a crash). What does not end
+        within CANCEL_GRACE is left to its lease."""
+        ready = list(self._ready)
+        self._ready.clear()
+        for held in ready:
+            _cancel_beats(held)
+        running = list(self._running)
+        for task in running:
+            held = self._holding[task]
+            held.interrupted = True
+            if held.work is not None:
+                held.work.cancel()
+        waiting = [*running, asyncio.ensure_future(self._give_back(ready))]
+        _, left = await asyncio.wait(waiting, timeout=CANCEL_GRACE)
+        for task in left:
+            task.cancel()
+        if left:
+            log.warning(
+                "%d jobs did not stop in %g s: left to their leases", len(left), CANCEL_GRACE
+            )
+            await asyncio.wait(left)
+
+    async def _give_back(self, held: list[_Claimed]) -> None:
+        """Give back claimed jobs that did not run (pending at once, the attempt
+        uncounted); those it cannot are left to their leases."""
+        if not held:
+            return
+        try:
+            await self.client.release([h.job for h in held])
+        except Exception as exc:
+            log.warning(
+                "%d claimed jobs could not be given back (%s): left to their leases", len(held), exc
+            )
 
     def request_stop(self) -> None:
         """Stop claiming (safe from signal handlers and callbacks); run() then drains."""
@@ -483,10 +545,12 @@ class Worker:
             held = self._ready.popleft()
             task = asyncio.create_task(self._process(held), name=f"job:{held.job.id}")
             self._running.add(task)
+            self._holding[task] = held
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._holding.pop(task, None)
         self._parked.discard(task)
         self._lent.discard(task)
         self._one_finished.set()
@@ -501,6 +565,10 @@ class Worker:
         job = held.job
         if held.lost:
             log.warning("job %s: %s before it started", job.id, _why_gone(held))
+            return
+        if held.interrupted:  # stopped now, before its handler started
+            await self._stop_beats(held)
+            await self._give_back([held])
             return
         _handling.set((self, asyncio.current_task(), held))  # the handler's task copies it
         work = held.work = asyncio.ensure_future(self._handle(job))
@@ -517,7 +585,9 @@ class Worker:
             if held.lost and not _cancelled_from_outside():
                 log.warning("job %s: %s; its handler was cancelled", job.id, _why_gone(held))
                 return
-            raise
+            if not held.interrupted or _cancelled_from_outside():
+                raise
+            failure = Interrupted("the worker was stopped before the job finished")
         except Exception as exc:
             failure = exc
         finally:
@@ -529,6 +599,11 @@ class Worker:
         if failure is not None:
             if held.lost:  # the handler ended as it was being cancelled: not ours to fail
                 log.warning("job %s: %s; its handler raised %r", job.id, _why_gone(held), failure)
+                return
+            if held.interrupted:  # whatever it raised as it was cancelled: pending again now
+                log.warning("job %s: interrupted on attempt %s", job.id, job.attempts)
+                error = "".join(traceback.format_exception_only(Interrupted(str(failure))))
+                await self._settle(job, self.client.nack(job, 0, error.strip()))
                 return
             await self._fail(job, failure)
             return
