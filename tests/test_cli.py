@@ -670,3 +670,118 @@ async def test_work_with_a_lease_past_the_maximum_is_a_usage_error_not_a_traceba
     done = await cli("work", "--lease", "50000", "--", "cat", within=10)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 2 and "--lease" in done.stderr, done.stderr
+
+
+async def test_a_second_ctrl_c_stops_work_now_and_gives_the_job_back(
+    cli: Cli, broker: Any, tmp_path: Path
+) -> None:
+    """A second Ctrl-C while `work` drained did nothing: a command that would not
+    end kept it up, and a kill -9 of `work` left the command running (it has
+    a session of its own) and the job to its lease (CLI review note). The
+    second one stops it now: the command's group is killed and its job given
+    back at once, pending, its last_error saying why."""
+    await cli.json("enqueue", '"stuck"', "--id", "s")
+    pid_file = tmp_path / "pid"
+    script = (
+        "import os, sys, time\nsys.stdin.read()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *cli.argv("work", "--", sys.executable, "-c", script),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stderr is not None
+    pid = 0
+    try:
+        pid = int(await wait_for_file(pid_file))
+        os.killpg(proc.pid, signal.SIGINT)
+        async with asyncio.timeout(10):
+            while b"draining" not in await proc.stderr.readline():
+                pass
+        os.killpg(proc.pid, signal.SIGINT)
+        async with asyncio.timeout(10):
+            code = await proc.wait()
+        assert code == 0
+        await until(lambda: not alive(pid), 2)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if pid:
+            kill_pid(pid)
+    job = await cli.json("job", "s")
+    assert (job["status"], job["attempts"]) == ("pending", 1)
+    assert "Interrupted: the worker was stopped" in job["last_error"]
+
+
+async def test_work_timeout_kills_a_command_that_runs_too_long(cli: Cli, tmp_path: Path) -> None:
+    """`work` had no bound on a command's time (CLI review note): one that hung
+    held its slot, heartbeating its job, for ever. --timeout kills it (its
+    whole group) and fails the job, saying so."""
+    await cli.json("enqueue", "1", "--id", "slow", "--max-attempts", "1")
+    pid_file = tmp_path / "pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    done = await cli(
+        "work",
+        "--max-jobs",
+        "1",
+        "--timeout",
+        "0.5",
+        "--",
+        "sh",
+        "-c",
+        f'cat >/dev/null; "{sys.executable}" -c "{child}"',
+        within=20,
+    )
+    assert done.returncode == 0, done.stderr
+    job = await cli.json("job", "slow")
+    assert job["status"] == "dead"
+    assert "the command ran past --timeout 0.5 s" in job["last_error"], job
+    pid = int(file_text(pid_file))
+    try:
+        await until(lambda: not alive(pid), 2)
+    finally:
+        kill_pid(pid)
+
+
+async def test_work_bounds_the_stdout_it_reads_without_q(cli: Cli) -> None:
+    """Without -Q, stdout was read whole whatever its size (CLI review note): a
+    command writing without end filled the worker's memory. It is bounded by
+    --max-output now, as with -Q, the command killed past it."""
+    await cli.json("enqueue", "1", "--id", "flood", "--max-attempts", "1")
+    done = await cli(
+        "work",
+        "--max-jobs",
+        "1",
+        "--max-output",
+        "100000",
+        "--",
+        "sh",
+        "-c",
+        "cat >/dev/null; yes 'x'",
+        within=20,
+    )
+    assert done.returncode == 0, done.stderr
+    job = await cli.json("job", "flood")
+    assert job["status"] == "dead"
+    assert "more than 100000 bytes to stdout" in job["last_error"], job
+
+
+async def test_work_keeps_the_end_of_stderr_only() -> None:
+    """stderr was read whole whatever its size (CLI review note), though a
+    failed job keeps only its end as the error."""
+    from simplequeue.client.cli import STDERR_KEPT, communicate_bounded
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sys; sys.stderr.write('x' * 5_000_000 + 'the end')",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await communicate_bounded(proc, b"", 1000)
+    assert out == b"" and proc.returncode == 0
+    assert len(err) == STDERR_KEPT and err.endswith(b"xthe end")

@@ -34,10 +34,12 @@ from simplequeue.storeflags import FiniteRange, StoreFlags, checked, store_optio
 
 T = TypeVar("T")
 BATCH = 500  # jobs per request with enqueue --file
-# What one job of `work -Q` may pass on: the follow-ups of one ack (the API's
-# cap), and stdout read, so that a runaway command cannot exhaust the worker.
+# What one job of `work` may pass on: the follow-ups of one ack with -Q (the
+# API's cap), and stdout read (--max-output), so that a runaway command cannot
+# exhaust the worker. Of stderr, the error of a failed job, the end is kept.
 MAX_FOLLOW_UPS = api.MAX_BATCH
-MAX_OUTPUT = 1024 * 1024  # bytes
+MAX_OUTPUT = 1024 * 1024  # bytes: the broker's default --max-body, which an ack must fit
+STDERR_KEPT = 64 * 1024  # bytes
 
 
 class Settings:
@@ -527,6 +529,20 @@ async def settings(client: Client, **limits: Any) -> None:
     callback=lambda ctx, param, value: check_topic(value, param),
     help="Each non-empty stdout line is a JSON payload enqueued into topic OUT with the ack.",
 )
+@click.option(
+    "--timeout",
+    "command_timeout",
+    type=FiniteRange(min=0, min_open=True),
+    default=None,
+    help="Seconds a command may run; past them it is killed and its job failed [default: none].",
+)
+@click.option(
+    "--max-output",
+    type=click.IntRange(min=1),
+    default=MAX_OUTPUT,
+    show_default=True,
+    help="Bytes of stdout a command may write; past them it is killed and its job failed.",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @run
 async def work(
@@ -536,33 +552,48 @@ async def work(
     lease: float | None,
     max_jobs: int | None,
     output_topic: str | None,
+    command_timeout: float | None,
+    max_output: int,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND once per job: the payload as JSON on stdin, the job's id and
     attempt in SIMPLEQUEUE_JOB_ID and SIMPLEQUEUE_ATTEMPT; exit 0 acks with
     stdout as the result (JSON if it parses, else text); non-zero nacks with
-    stderr as the error. Ctrl-C or SIGTERM drains running commands (each runs
-    in a session of its own: a terminal's Ctrl-C reaches this worker, not
-    them). A job given up (cancelled, its lease lost, its output over the
-    bound) has its command's whole process group killed. A COMMAND that
-    cannot be started stops the worker with exit status 1.
+    the end of stderr as the error. A command past --timeout, or writing more
+    than --max-output bytes to stdout, fails its job. Ctrl-C or SIGTERM drains
+    running commands (each runs in a session of its own: a terminal's Ctrl-C
+    reaches this worker, not them); a second one stops them now, their jobs
+    given back at once. A job given up (cancelled, its lease lost, its time
+    or output over the bound, stopped now) has its command's whole process
+    group killed. A COMMAND that cannot be started stops the worker with exit
+    status 1.
 
     With -Q OUT, each non-empty line of stdout is a JSON payload for topic OUT,
     enqueued with the ack, in the same commit (the result is null); a line
-    that is not JSON, more than 1,000 lines or more than 1 MiB of stdout fail
-    the job instead."""
+    that is not JSON or more than 1,000 lines fail the job instead."""
     check_runnable(command[0])
     cannot_start: list[CommandUnstartable] = []
 
     async def handler(job: Job) -> Any:
+        budget = asyncio.timeout(command_timeout)
         try:
-            if output_topic is not None:
-                return await run_command_into(command, job, output_topic)
-            return await run_command(command, job)
+            async with budget:
+                out = await run_command(command, job, max_output)
         except CommandUnstartable as exc:
             cannot_start.append(exc)
             worker.request_stop()  # every job would fail the same way
             raise
+        except TimeoutError:
+            if budget.expired():
+                raise CommandFailed(
+                    f"the command ran past --timeout {command_timeout:g} s (it was killed)"
+                ) from None
+            raise
+        if output_topic is not None:
+            return Done(
+                None, enqueue=[{"topic": output_topic, "payload": p} for p in payloads_of(out)]
+            )
+        return result_of(out)
 
     worker = CommandWorker(
         client,
@@ -715,11 +746,22 @@ def exit_status(code: int | None) -> str:
     return f"exit status {code}"
 
 
-async def run_command(command: tuple[str, ...], job: Job) -> Any:
+async def run_command(command: tuple[str, ...], job: Job, max_output: int) -> bytes:
+    """Run the command for `job`: its stdout, once it exited 0."""
     proc = await start_command(command, job)
     async with killed_if_cancelled(proc):
-        out, err = await proc.communicate(orjson.dumps(job.payload))
+        out, err = await communicate_bounded(proc, orjson.dumps(job.payload), max_output)
+    if out is None:
+        raise OutputRejected(
+            f"the command wrote more than {max_output} bytes to stdout (it was stopped):"
+            " see work --max-output"
+        )
     check_exit(proc, err)
+    return out
+
+
+def result_of(out: bytes) -> Any:
+    """A command's stdout as its job's result: JSON if it parses, else text."""
     text = out.decode(errors="replace").strip()
     result = parse_payload(text)
     try:
@@ -727,21 +769,6 @@ async def run_command(command: tuple[str, ...], job: Job) -> Any:
     except InvalidRequest:  # JSON the store cannot hold (an integer past 64 bits)
         return text  # the command succeeded: its output is kept, as text
     return result
-
-
-async def run_command_into(command: tuple[str, ...], job: Job, topic: str) -> Done:
-    """Run the command for `job` (with -Q): its stdout lines are payloads for
-    `topic`, enqueued with the job's ack."""
-    proc = await start_command(command, job)
-    async with killed_if_cancelled(proc):
-        out, err = await communicate_bounded(proc, orjson.dumps(job.payload), MAX_OUTPUT)
-    if out is None:
-        raise OutputRejected(
-            f"the command wrote more than {MAX_OUTPUT} bytes to stdout (it was stopped):"
-            f" with -Q a job may pass on at most {MAX_OUTPUT} bytes"
-        )
-    check_exit(proc, err)
-    return Done(None, enqueue=[{"topic": topic, "payload": p} for p in payloads_of(out)])
 
 
 def payloads_of(out: bytes) -> list[Any]:
@@ -770,11 +797,12 @@ def payloads_of(out: bytes) -> list[Any]:
 async def communicate_bounded(
     proc: asyncio.subprocess.Process, data: bytes, limit: int
 ) -> tuple[bytes | None, bytes]:
-    """(stdout, stderr) of `proc`, fed `data` on stdin, once it exited; stdout
-    is None when it passed `limit` bytes: the process is killed then, rather
-    than read on without bound."""
+    """(stdout, the end of stderr) of `proc`, fed `data` on stdin, once it
+    exited; stdout is None when it passed `limit` bytes: the process is killed
+    then, rather than read on without bound. Of stderr the last STDERR_KEPT
+    bytes are kept (read to its end: a command blocked writing it never ends)."""
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    stdin, stdout = proc.stdin, proc.stdout
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
 
     async def feed() -> None:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it read no more
@@ -791,6 +819,13 @@ async def communicate_bounded(
                 return None
         return bytes(out)
 
-    _, out, err = await asyncio.gather(feed(), read_out(), proc.stderr.read())
+    async def read_err() -> bytes:
+        kept = bytearray()
+        while chunk := await stderr.read(64 * 1024):
+            kept += chunk
+            del kept[:-STDERR_KEPT]
+        return bytes(kept)
+
+    _, out, err = await asyncio.gather(feed(), read_out(), read_err())
     await proc.wait()
     return out, err
