@@ -297,3 +297,32 @@ async def test_a_long_poll_under_a_rate_waits_for_the_next_token(
         waited = loop.time() - asked
     assert job is not None
     assert waited < 4  # the token was due within a second; 8 without the wake
+
+
+def test_lowering_the_rate_keeps_the_tokens_the_bucket_already_held() -> None:
+    """The bucket "keeps its tokens (up to a new burst)", but a change recomputed
+    them: the time since the last claim was refilled at the NEW rate. A full
+    bucket of 10 (rate 10/s, idle 5 s) lowered to rate 0.01/s, burst 5, was
+    left with 0.05 tokens: the next claim waited 95 s though the bucket held
+    10 (review finding). The tokens are settled at the old settings first."""
+    s = fresh()
+    s.enqueue(jobs(50), T0)
+    s.put_settings(SettingsRequest(rate=10.0, burst=10), T0)
+    assert len(s.claim("w", 30, 10, T0)) == 10  # drained at T0
+    assert s.claimable(T0 + 5) == 10  # refilled at 10/s: full again
+    s.put_settings(SettingsRequest(rate=0.01, burst=5), T0 + 5)
+    assert s.claimable(T0 + 5) == 5  # the 10 it held, up to the new burst
+
+
+def test_raising_the_burst_grants_no_tokens_the_old_bucket_could_not_hold() -> None:
+    """Rate 1/s, burst 1: the bucket never holds more than 1. Raising the burst
+    to 200 after 100 idle seconds handed out 100 claims at once, earned while
+    the bucket could hold only one (review finding); it grows from 1 now."""
+    s = fresh()
+    s.enqueue(jobs(500), T0)
+    s.put_settings(SettingsRequest(rate=1.0, burst=1), T0)
+    assert len(s.claim("w", 30, 10, T0)) == 1
+    assert s.claimable(T0 + 100) == 1
+    s.put_settings(SettingsRequest(burst=200), T0 + 100)
+    assert s.claimable(T0 + 100) == 1
+    assert s.claimable(T0 + 110) == 11

@@ -1002,6 +1002,7 @@ class TopicState(Layout):
         it starts full when a rate is first set. A burst is its rate's: it goes
         with it, and is refused without one (InvalidRequest, nothing changed)."""
         before = self.settings()
+        held = self._tokens(now)  # settled under the settings they were earned at
         settings = dict(before)
         for field in ("rate", "burst", "max_claimed", "lease", "max_attempts"):
             value = getattr(changes, field)
@@ -1022,7 +1023,9 @@ class TopicState(Layout):
             self.head.pop("settings", None)
         if "rate" in settings:
             at = max(now, self.head.get("bucket", {}).get("at", now))
-            self.head["bucket"] = {"tokens": self._tokens(now), "at": at}
+            burst = self.burst()
+            assert burst is not None  # a rate is set
+            self.head["bucket"] = {"tokens": min(held, float(burst)), "at": at}
         self.dirty = True
         return settings
 
