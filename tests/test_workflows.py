@@ -649,3 +649,15 @@ async def test_a_sync_clients_ack_refuses_follow_ups_given_as_one_string_or_dict
         assert pending == 0, f"{pending} follow-ups enqueued from {enqueue!r}"
     finally:
         await asyncio.to_thread(sc.close)
+
+
+async def test_the_ack_answers_its_follow_ups_ids_in_the_order_they_were_given() -> None:
+    """The answer's "enqueued" listed the ids of the follow-ups for the same
+    topic first, then those for others, whatever order they were given in: a
+    caller matching ids to its follow-ups by position got the wrong id for
+    each (review finding)."""
+    q = Engine(GroupCommitter(MemStore(), broker_id="b"))
+    job = await claimed(q, "t", "src")
+    follow = [FollowUpSpec("elsewhere", topic="other"), FollowUpSpec("here")]
+    answer = await q.ack("t", "src", job["lease_token"], None, follow)
+    assert answer["enqueued"] == ["src:0", "src:1"]

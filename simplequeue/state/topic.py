@@ -503,8 +503,10 @@ class TopicState(Layout):
         place = self._holder(job_id, token)
         here: list[JobSpec] = []
         elsewhere: list[dict[str, Any]] = []
+        ids: list[str] = []  # in the order given
         for i, spec in enumerate(enqueue or ()):
             follow_id = spec.id if spec.id is not None else follow_up_id(job_id, i)
+            ids.append(follow_id)
             if spec.topic is None or spec.topic == self.topic:
                 here.append(
                     JobSpec(spec.payload, follow_id, spec.priority, spec.delay, spec.max_attempts)
@@ -531,7 +533,7 @@ class TopicState(Layout):
             self.outbox.append(item)
         answer: dict[str, Any] = {"id": job_id, "status": "completed"}
         if enqueue:
-            answer["enqueued"] = [s.id for s in here] + [f["id"] for f in elsewhere]
+            answer["enqueued"] = ids
         return answer
 
     def nack(
