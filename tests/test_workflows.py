@@ -661,3 +661,36 @@ async def test_the_ack_answers_its_follow_ups_ids_in_the_order_they_were_given()
     follow = [FollowUpSpec("elsewhere", topic="other"), FollowUpSpec("here")]
     answer = await q.ack("t", "src", job["lease_token"], None, follow)
     assert answer["enqueued"] == ["src:0", "src:1"]
+
+
+async def test_follow_ups_behind_50000_held_back_ones_are_still_delivered(
+    start_broker: StartBroker,
+) -> None:
+    """A topic that does not take its follow-ups (a corrupt head here; one
+    down, or refusing them, alike) "holds back no other topic's". But a round
+    looked at the outbox's first OUTBOX_SCAN (50,000) follow-ups only, those
+    held back counted: behind 50,000 for the failing topic, a follow-up for a
+    healthy one was never delivered (review finding). The next round goes on
+    from where the held-back front ends."""
+    store = MemStore()
+    await store.put(keys.head("bad"), b"this is not a head")
+    broker = await start_broker(store)
+    engine = broker.engine
+    n = 50
+    await engine.enqueue("src", [JobSpec(i, id=f"j{i}") for i in range(n + 1)])
+    jobs = await engine.claim("src", "w", count=n + 1)
+    jobs.sort(key=lambda j: int(j["id"][1:]))
+    acks = [
+        AckRequest(
+            j["id"], j["lease_token"], enqueue=[FollowUpSpec(k, topic="bad") for k in range(1000)]
+        )
+        for j in jobs[:n]
+    ]
+    last = jobs[n]
+    acks.append(
+        AckRequest(last["id"], last["lease_token"], enqueue=[FollowUpSpec("x", topic="good")])
+    )
+    answers = await engine.ack_many("src", acks)
+    assert all(a["status"] == "completed" for a in answers)
+    await until_true(broker, "good", lambda: pending(engine, "good"), within=8)
+    assert len(await engine.outbox("src", 10**6)) == n * 1000  # those wait for "bad"

@@ -660,9 +660,23 @@ class Engine:
         `skip_topics` and those in `skip` (as (topic, id)), as this broker last
         wrote or read it (a stale answer only delivers one twice, which its id
         makes a duplicate)."""
+        return (await self.outbox_after(topic, 0, n, skip_topics, skip))[0]
+
+    async def outbox_after(
+        self,
+        topic: str,
+        start: int,
+        n: int,
+        skip_topics: frozenset[str] = frozenset(),
+        skip: frozenset[tuple[str, str]] = frozenset(),
+    ) -> tuple[list[dict[str, Any]], int]:
+        """outbox() from the `start`-th follow-up on, and how many from the
+        front are held back (TopicState.outbox_after)."""
         keys.check_topic(topic)
         return await self.committer.read(
-            topic, lambda s, now: s.outbox_front(n, skip_topics, skip), READ_AFTER_COMMIT
+            topic,
+            lambda s, now: s.outbox_after(start, n, skip_topics, skip),
+            READ_AFTER_COMMIT,
         )
 
     async def delivered(self, topic: str, delivered: list[tuple[str, str]]) -> float | None:

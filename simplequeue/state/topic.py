@@ -701,14 +701,40 @@ class TopicState(Layout):
         out those for the topics in `skip_topics` and those in `skip`, as
         (topic, id), held back for now (they hold back no others), among the
         first `scan`."""
+        return self.outbox_after(0, n, skip_topics, skip, scan)[0]
+
+    def outbox_after(
+        self,
+        start: int,
+        n: int,
+        skip_topics: frozenset[str] = frozenset(),
+        skip: frozenset[tuple[str, str]] = frozenset(),
+        scan: int = OUTBOX_SCAN,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """outbox_front() from the `start`-th follow-up on (those before it are
+        known to be held back: skipped by the segments' counts, unread), and
+        how many from the front are held back as far as it looked: where the
+        next call may start while the same are held back. Behind a topic that
+        does not take its follow-ups (a corrupt head) `scan` bounds what one
+        call reads, and the next goes on from there."""
         front: list[dict[str, Any]] = []
-        for looked, place in enumerate(self.outbox.places()):
-            if len(front) >= n or looked >= scan:
+        held = start  # the follow-ups before it are all held back
+        looked = 0
+        while len(front) < n and looked < scan:
+            places = self.outbox.window(start + looked, min(1000, scan - looked))
+            if not places:
                 break
-            item = place.item
-            if item["topic"] not in skip_topics and (item["topic"], item["id"]) not in skip:
+            for place in places:
+                looked += 1
+                item = place.item
+                if item["topic"] in skip_topics or (item["topic"], item["id"]) in skip:
+                    if not front:
+                        held += 1
+                    continue
                 front.append(item)
-        return front
+                if len(front) >= n:
+                    break
+        return front, held
 
     def outbox_delivered(self, delivered: list[tuple[str, str]]) -> int:
         """Follow-ups enqueued in their topics, as (topic, id), leave the
