@@ -339,3 +339,43 @@ async def test_a_broker_whose_store_stopped_answering_still_stops(
     with pytest.raises(StoreUnavailable, match="may or may not have landed"):
         await enqueue
     store.silent = False  # for the fixture's own stop()
+
+
+async def test_a_long_poll_passed_to_a_paused_owner_waits_no_more_than_asked(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    """A claim with wait=3 sent to a broker whose topic's owner is paused
+    (SIGSTOP): the forwarder waited wait + 1 s for the owner, then served the
+    claim itself and waited the whole `wait` again, answering after 2 x wait
+    + 1 s (with wait=60, 121 s: past the SDK's own timeout of 30 s + wait).
+    What was waited at the owner counts now (review finding)."""
+    import os
+    import signal
+
+    from simplequeue.broker.membership import rendezvous
+
+    a = broker_process("--dir", str(tmp_path), "--broker-id", "ba")
+    b = broker_process("--dir", str(tmp_path), "--broker-id", "bb")
+    topic = next(
+        t for t in (f"t{i}" for i in range(1000)) if rendezvous(t, "ba") > rendezvous(t, "bb")
+    )
+    async with aiohttp.ClientSession() as s:
+        deadline = time.monotonic() + 15
+        while True:  # b sees a as live, and passes topic's requests to it
+            async with s.get(f"{b.url}/topics/{topic}/status") as r:
+                if r.headers.get("Simplequeue-Owner") == a.url:
+                    break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            async with s.post(
+                f"{b.url}/topics/{topic}/claim", json={"worker_id": "w", "wait": 3}
+            ) as r:
+                status = r.status
+            took = time.monotonic() - started
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+    assert status == 404
+    assert took < 3 + 1 + 1, f"a wait=3 long poll answered after {took:.1f} s"

@@ -13,6 +13,7 @@ own calls.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -251,8 +252,10 @@ class Router:
         wait: float = 0.0,
     ) -> list[dict[str, Any]]:
         body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
+        started = time.monotonic()
         got = await self._route(topic, "POST", "/claim", body, wait)
         if got is None:
+            wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
             return await self.engine.claim(topic, worker_id, lease=lease, count=count, wait=wait)
         if got.status == NothingToClaim.http_status:
             return []
@@ -262,8 +265,10 @@ class Router:
         self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
     ) -> list[dict[str, Any]]:
         body = api.ClaimRequest(worker_id, wait=wait, count=count)
+        started = time.monotonic()
         got = await self._route(topic, "POST", "/pop", body, wait, repeatable=False)
         if got is None:
+            wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
             return await self.engine.pop(topic, worker_id, count=count, wait=wait)
         if got.status == NothingToClaim.http_status:
             return []

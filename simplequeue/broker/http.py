@@ -67,7 +67,7 @@ class Call:
     """One request, with what its route took from its path and the services
     its handler may use."""
 
-    __slots__ = ("body", "params", "request", "route", "services")
+    __slots__ = ("body", "params", "request", "route", "services", "spent")
 
     def __init__(
         self,
@@ -81,6 +81,12 @@ class Call:
         self.params = params  # the path's {parameters}, decoded
         self.services = services
         self.body: bytes | None = None  # as rewritten before it was passed on
+        # Seconds its long poll waited already, on brokers that did not answer.
+        self.spent = 0.0
+
+    def left(self, wait: float) -> float:
+        """What is left of a long poll of `wait` seconds."""
+        return max(0.0, wait - self.spent)
 
     @property
     def engine(self) -> Engine:
@@ -306,6 +312,7 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         # Ids go with it, so that a broker that serves it after one that did not
         # answer (and may have done it) serves the same jobs: duplicates there.
         call.body = body = _with_ids(body)
+    started = time.monotonic()
     got = await forwarder.route(
         topic,
         request.method,
@@ -317,6 +324,7 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         repeatable=name not in ("pop", "complete"),
     )
     if isinstance(got, Here):  # its owner, or the next when those before did not answer
+        call.spent = time.monotonic() - started  # a long poll asked for is not waited twice
         try:
             response = await handler(call)
         except SimpleQueueError as exc:
@@ -385,7 +393,7 @@ async def claim(call: Call) -> web.Response:
         body.worker_id,
         lease=body.lease,
         count=body.count or 1,
-        wait=body.wait,
+        wait=call.left(body.wait),
         attempt_id=body.attempt_id,
     )
     if not jobs:
@@ -396,7 +404,9 @@ async def claim(call: Call) -> web.Response:
 async def pop(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.ClaimRequest)
-    jobs = await call.engine.pop(topic, body.worker_id, count=body.count or 1, wait=body.wait)
+    jobs = await call.engine.pop(
+        topic, body.worker_id, count=body.count or 1, wait=call.left(body.wait)
+    )
     if not jobs:
         raise NothingToClaim("no job is claimable")
     return reply({"jobs": jobs})
@@ -471,7 +481,7 @@ def wait_of(call: Call) -> float:
     raw = call.request.query.get("wait")
     if raw is None:
         return 0.0
-    return api.convert(_number(raw), api.WaitQuery).wait
+    return call.left(api.convert(_number(raw), api.WaitQuery).wait)
 
 
 def _number(raw: str) -> dict[str, Any]:
