@@ -1006,3 +1006,48 @@ async def test_broker_json_keeps_its_five_fields_and_registrations_name_their_pr
     await second.register()
     two = orjson.loads((await store.get(keys.registration("b")))[0])["incarnation"]
     assert one and two and one != two
+
+
+async def test_a_blpop_on_two_keys_owned_elsewhere_strands_no_claim(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BLPOP a b through a broker that owns neither: both long polls are passed
+    on as claims (Router.claim). Both win at the owner; a's answer arrives
+    first, and _race cancels b's forwarded claim while b's answer is on its
+    way (the owner answered: no undo there). b's job stayed claimed by nobody
+    until its lease ran out, an attempt spent (review finding). The claim is
+    asked again under its attempt id, and what it was answered goes back."""
+    import redis.asyncio as redis
+
+    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
+    owner, other = brokers[0], brokers[1]
+    a, b = [t for t in (f"k{i}" for i in range(10_000)) if owner_of(brokers, t) is owner][:2]
+    claim = owner.engine.claim
+
+    async def claim_then_answer_over_a_slow_link(*args: Any, **kwargs: Any) -> Any:
+        jobs = await claim(*args, **kwargs)
+        if jobs:  # landed; its answer is in transit between the brokers a while
+            await asyncio.sleep(0.05 if args[0] == a else 0.2)
+        return jobs
+
+    monkeypatch.setattr(owner.engine, "claim", claim_then_answer_over_a_slow_link)
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        for round_ in range(10):
+            popping = asyncio.ensure_future(r.blpop([a, b], timeout=5))
+            await until(lambda: bool(owner.committer.waiting(a) and owner.committer.waiting(b)))
+            await asyncio.gather(
+                owner.engine.push(a, [JobSpec(f"a{round_}")]),
+                owner.engine.push(b, [JobSpec(f"b{round_}")]),
+            )
+            got = await popping
+            assert got is not None
+            async with asyncio.timeout(5):  # the other's job goes back
+                while [(await owner.engine.status(t))["claimed"] for t in (a, b)] != [0, 0]:
+                    await owner.committer.wait_changed(b, 0.5)
+            # drain what is left
+            for t in (a, b):
+                while await r.lpop(t) is not None:
+                    pass
+    finally:
+        await r.aclose()

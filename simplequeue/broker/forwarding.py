@@ -12,8 +12,10 @@ own calls.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,7 +26,7 @@ from simplequeue import api, errors
 from simplequeue.api import AckRequest, JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.membership import Membership, Peer
-from simplequeue.errors import AmbiguousWrite, BrokerError, NothingToClaim
+from simplequeue.errors import AmbiguousWrite, BrokerError, NothingToClaim, SimpleQueueError
 
 log = logging.getLogger(__name__)
 
@@ -251,15 +253,48 @@ class Router:
         count: int = 1,
         wait: float = 0.0,
     ) -> list[dict[str, Any]]:
-        body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
+        # An attempt id: cancelled (a BLPOP on several keys that another key
+        # won), an answer the owner had sent would be lost on its way, and the
+        # jobs in it held by nobody until their leases ran out. Asked again
+        # under it, the owner answers them, and they go back (_take_back).
+        attempt_id = api.new_id()
+        body = api.ClaimRequest(
+            worker_id, lease=lease, wait=wait, count=count, attempt_id=attempt_id
+        )
         started = time.monotonic()
-        got = await self._route(topic, "POST", "/claim", body, wait)
+        try:
+            got = await self._route(topic, "POST", "/claim", body, wait)
+        except asyncio.CancelledError:
+            if not self.forwarder.membership.owns(topic):
+                _in_background(self._take_back(topic, worker_id, count, attempt_id))
+            raise
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
             return await self.engine.claim(topic, worker_id, lease=lease, count=count, wait=wait)
         if got.status == NothingToClaim.http_status:
             return []
         return _decode(got, _Jobs)["jobs"]
+
+    async def _take_back(self, topic: str, worker_id: str, count: int, attempt_id: str) -> None:
+        """Give back what the cancelled claim `attempt_id` was answered, if its
+        answer was on its way (asked again, the owner answers what it holds
+        for it; had it not answered, this claims anew what it can, which goes
+        back just the same)."""
+        body = api.ClaimRequest(worker_id, count=count, attempt_id=attempt_id)
+        try:
+            got = await self._route(topic, "POST", "/claim", body)
+            if got is None:
+                jobs = await self.engine.claim(topic, worker_id, count=count, attempt_id=attempt_id)
+            elif got.status == NothingToClaim.http_status:
+                jobs = []
+            else:
+                jobs = _decode(got, _Jobs)["jobs"]
+            if jobs:
+                await self.release(topic, jobs)
+        except SimpleQueueError as exc:
+            log.warning(
+                "a cancelled claim of %s: its jobs are left to their leases (%s)", topic, exc
+            )
 
     async def pop(
         self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
@@ -315,6 +350,13 @@ class Router:
 
 
 _Jobs = dict[str, list[dict[str, Any]]]
+_background: set[asyncio.Task[None]] = set()  # referenced until done
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def _held(jobs: list[dict[str, Any]]) -> list[api.Held]:
