@@ -31,6 +31,11 @@ OWNER_HEADER = "Simplequeue-Owner"
 REPLAYED_HEADER = "Simplequeue-Replayed"
 #: On a request a broker passes on to another: who passed it (it is served there).
 FORWARDED_HEADER = "Simplequeue-Forwarded"
+# A request one broker passes on to another may be this many times its
+# --max-body, and MAX_BATCH ids more: the forwarder gives new jobs ids, and the
+# RESP face's values grow as JSON strings (a control byte takes six). What a
+# broker takes from a client, its peer takes from it.
+FORWARDED_ROOM = 8
 
 #: Seconds a broker keeps an idle keep-alive connection (its default
 #: --keepalive-timeout).

@@ -20,6 +20,8 @@ from typing import Any, cast
 import orjson
 from aiohttp import web
 
+from simplequeue import api
+
 log = logging.getLogger(__name__)
 
 # The default cap on open HTTP connections: the process' soft RLIMIT_NOFILE less
@@ -110,10 +112,14 @@ class HttpListener:
         writer: Any,
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
-        """A request whose body may be up to `max_body` bytes (aiohttp's default 1 MiB)."""
+        """A request whose body may be up to `max_body` bytes (aiohttp's default
+        1 MiB); one another broker passed on, api.FORWARDED_ROOM times that."""
         loop = asyncio.get_running_loop()
+        limit = self._max_body
+        if api.FORWARDED_HEADER in message.headers:
+            limit = limit * api.FORWARDED_ROOM + api.MAX_BATCH * 64
         return web.BaseRequest(
-            message, payload, protocol, writer, task, loop, client_max_size=self._max_body
+            message, payload, protocol, writer, task, loop, client_max_size=limit
         )
 
     @property
