@@ -1670,3 +1670,35 @@ async def test_a_second_signal_stops_the_drain_and_gives_the_jobs_back(
     assert "Interrupted: the worker was stopped" in (interrupted.last_error or "")
     assert (unrun.status, unrun.attempts, unrun.last_error) == ("pending", 0, None)
     assert (await q.status())["claimed"] == 0
+
+
+@pytest.mark.parametrize("limit", [{"rate": 4.0, "burst": 1}, {"max_claimed": 1}])
+async def test_a_burst_worker_on_a_limited_topic_drains_it(
+    q: Client, limit: dict[str, Any]
+) -> None:
+    """A claim held back by the topic's rate or max_claimed is answered as an
+    empty topic's is (404): a burst Worker stopped after the first job, the
+    others left pending (review finding). Jobs pending tell it apart now: it
+    claims again in long polls, which wait for a token or a slot."""
+    await q.enqueue_many(list(range(4)))
+    await q.settings(**limit)
+
+    async def nothing(job: Job) -> None:
+        return None
+
+    worker = Worker(q, nothing, concurrency=2, burst=True, handle_signals=False)
+    async with asyncio.timeout(20):
+        await worker.run()
+    status = await q.status()
+    assert (status["pending"], status["completed"]) == (0, 4)
+
+
+async def test_a_burst_worker_on_a_paused_topic_stops(q: Client) -> None:
+    """Paused (max_claimed 0), a topic's jobs are pending and none may be
+    claimed: a burst Worker stops rather than wait for ever."""
+    await q.enqueue_many(list(range(2)))
+    await q.settings(max_claimed=0)
+    worker = Worker(q, lambda job: None, burst=True, wait=0.2, handle_signals=False)
+    async with asyncio.timeout(10):
+        await worker.run()
+    assert worker.processed == 0 and (await q.status())["pending"] == 2

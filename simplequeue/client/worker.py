@@ -188,9 +188,11 @@ class Worker:
     result unused, while its slot takes another job).
 
     run() returns after stop() or a signal; with `burst`, also once the topic is
-    empty (a claim found nothing while nothing ran or waited here; burst claims
-    do not long-poll); with `max_jobs`, once that many jobs were claimed, whatever
-    their outcome. Either way it drains first."""
+    empty (a claim found nothing while nothing ran or waited here, and no job
+    is pending: one the topic's limits held back is waited for in long polls,
+    unless the topic is paused; other burst claims do not long-poll); with
+    `max_jobs`, once that many jobs were claimed, whatever their outcome.
+    Either way it drains first."""
 
     def __init__(
         self,
@@ -481,6 +483,8 @@ class Worker:
                 self.worker_id, count, lease=self.lease, wait=0.0 if self.burst else self.wait
             )
             self.ahead.claimed(time.monotonic() - sent, count, len(jobs))
+            if self.burst and not jobs:
+                jobs = await self._held_back(count)
         except Exception as exc:  # logged, and the claim's place held a while: see below
             if isinstance(exc, InvalidRequest | Unauthorized):
                 self._give_up(exc)  # every claim would be refused so
@@ -495,6 +499,22 @@ class Worker:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
                 async with asyncio.timeout(1.0):
                     await self._stopping.wait()
+
+    async def _held_back(self, count: int) -> list[Job]:
+        """Burst: a claim that found nothing while jobs are pending was held back
+        by the topic's limits (its rate, max_claimed), the topic not empty: it
+        is claimed again in long polls, which wait for a token or a slot. []
+        once no job is pending, or the topic is paused (max_claimed 0)."""
+        while (await self.client.status())["pending"] > 0:
+            if (await self.client.settings()).get("max_claimed") == 0:
+                log.info("the topic is paused (max_claimed 0): stopping (burst)")
+                return []
+            jobs = await self.client.claim_many(
+                self.worker_id, count, lease=self.lease, wait=self.wait
+            )
+            if jobs:
+                return jobs
+        return []
 
     def _give_up(self, exc: SimpleQueueError) -> None:
         """Stop claiming for good: run() drains the jobs in hand, then raises `exc`."""
