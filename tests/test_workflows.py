@@ -694,3 +694,45 @@ async def test_follow_ups_behind_50000_held_back_ones_are_still_delivered(
     assert all(a["status"] == "completed" for a in answers)
     await until_true(broker, "good", lambda: pending(engine, "good"), within=8)
     assert len(await engine.outbox("src", 10**6)) == n * 1000  # those wait for "bad"
+
+
+class Held:
+    """Where follow-ups go when each enqueue waits until `go` is set (a slow
+    store, a slow owner); `waiting` counts those in flight."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.go = asyncio.Event()
+        self.waiting = 0
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        self.waiting += 1
+        await self.go.wait()
+        self.waiting -= 1
+        got: list[dict[str, Any]] = await self.inner.enqueue(topic, specs)
+        return got
+
+
+async def test_a_slow_fan_out_holds_back_no_other_topics_leases(
+    start_broker: StartBroker,
+) -> None:
+    """One ack fans out to 8 topics, whose enqueues are slow. The delivery went
+    one topic after the other, and the owner's duties waited for the whole of
+    it before they looked at anything due meanwhile: a lease of another topic
+    that ran out was reaped only after it (review finding). Now each topic is
+    tended in a task of its own, and a fan-out's topics are delivered into
+    side by side."""
+    broker = await start_broker(MemStore())
+    held = broker.duties.deliver_to = Held(broker.duties.deliver_to)
+    engine = broker.engine
+    await engine.enqueue("src", [JobSpec("j", id="j")])
+    await engine.enqueue("y", [JobSpec("y", id="y")])
+    [job] = await engine.claim("src", "w")
+    fan_out = [FollowUpSpec(i, topic=f"t{i}") for i in range(8)]
+    await engine.ack("src", "j", job["lease_token"], None, fan_out)
+    await until(lambda: held.waiting == 8, within=5)  # all 8 at once
+    await engine.claim("y", "w", lease=0.3)
+    await until(lambda: broker.duties.reaped == 1, within=5)  # the delivery still held
+    assert held.waiting == 8
+    held.go.set()
+    await until_true(broker, "t7", lambda: pending(engine, "t7"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import time
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 ACQUIRE_PARALLEL = 16  # heads read at once when topics are taken over
 DELIVER_BATCH = 500  # follow-ups delivered per round
 DELIVER_ROUNDS = 8  # rounds per wake-up, before other topics get their turn
+DELIVER_PARALLEL = 8  # topics a round delivers into at once
 TEND_PARALLEL = 32  # topics tended at once
 FOLLOW_UP_FIELDS = 512  # bytes of a follow-up's JSON besides its payload, at most (id, ...)
 
@@ -88,6 +90,12 @@ class Duties:
         self._written: dict[str, float] = {}  # topic -> monotonic time of this broker's last write
         self._held_back: dict[str, _HeldBack] = {}  # topic -> what its delivery holds back
         self._corrupt: set[str] = set()  # topics whose tending found an object corrupt
+        # Topics being tended, each in a task of its own: a slow one (a large
+        # fan-out, a slow store) holds back no other's; one due again meanwhile
+        # is tended again once it ends (_again).
+        self._tending: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self._tend_slots = asyncio.Semaphore(TEND_PARALLEL)
         self._wake = asyncio.Event()
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         # Set while no take-over is pending: the heads of the live brokers'
@@ -171,6 +179,15 @@ class Duties:
     # --- the loop --------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            tending = list(self._tending.values())
+            for task in tending:
+                task.cancel()
+            await asyncio.gather(*tending, return_exceptions=True)
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         swept_at = idle_at = loop.time()
         while True:
@@ -220,8 +237,9 @@ class Duties:
                 await self._wake.wait()
 
     async def _reap_due(self) -> None:
-        """Tend every topic that is due, TEND_PARALLEL at a time (a write takes
-        a while on S3; one topic does not wait for another's)."""
+        """Start tending every topic that is due, TEND_PARALLEL at a time (a
+        write takes a while on S3; one topic does not wait for another's, nor
+        the topics due later for those being tended now)."""
         now = self.clock()
         due: list[str] = []
         while self._heap and self._heap[0][0] <= now:
@@ -236,15 +254,27 @@ class Duties:
                 self._scheduled[topic] = wanted
                 heapq.heappush(self._heap, (wanted, topic))
                 continue
+            if topic in self._tending:  # looked at again once that tend ends
+                self._again.add(topic)
+                continue
             del self._due[topic]
             due.append(topic)
-        limit = asyncio.Semaphore(TEND_PARALLEL)
+        for topic in due:
+            task = asyncio.create_task(self._tend_in_turn(topic), name=f"tend {topic}")
+            self._tending[topic] = task
+            task.add_done_callback(functools.partial(self._tended, topic))
 
-        async def tend(topic: str) -> None:
-            async with limit:
-                await self._tend(topic)
+    async def _tend_in_turn(self, topic: str) -> None:
+        async with self._tend_slots:
+            await self._tend(topic)
 
-        await asyncio.gather(*(tend(t) for t in due))
+    def _tended(self, topic: str, _: asyncio.Task[None]) -> None:
+        """A tend of `topic` ended: if the topic came due meanwhile, and still is
+        after the tend's own note (a corrupt topic is not), it is woken for."""
+        self._tending.pop(topic, None)
+        if topic in self._again:
+            self._again.discard(topic)
+            self.note(topic, self._due.get(topic))
 
     async def _tend(self, topic: str) -> None:
         owner = self.membership.owner(topic)
@@ -316,8 +346,14 @@ class Duties:
             for item in front:
                 by_topic.setdefault(item["topic"], []).append(item)
             done: list[tuple[str, str]] = []
-            for target, waiting in by_topic.items():
-                taken, refused, failed = await self._deliver_into(topic, target, waiting, now)
+            limit = asyncio.Semaphore(DELIVER_PARALLEL)
+            async with asyncio.TaskGroup() as group:  # a fan-out's topics side by side
+                tries = {
+                    t: group.create_task(self._deliver_into(topic, t, w, now, limit))
+                    for t, w in by_topic.items()
+                }
+            for target, tried in tries.items():
+                taken, refused, failed = tried.result()
                 done += [(target, i["id"]) for i in taken]
                 # From when the try ended: one that took long must not have
                 # used up its pause already.
@@ -343,8 +379,13 @@ class Duties:
         return retry if due is None else min(due, retry)
 
     async def _deliver_into(
-        self, source: str, target: str, items: list[dict[str, Any]], now: float
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+        self,
+        source: str,
+        target: str,
+        items: list[dict[str, Any]],
+        now: float,
+        limit: asyncio.Semaphore,
+    ) -> _Delivery:
         """(those of `items`, follow-ups of `source`, that `target` took, those it
         refused, whether it failed). They go in requests of at most
         `deliver_bytes` (many acks' follow-ups together may pass --max-body,
@@ -353,7 +394,8 @@ class Duties:
         refused: list[dict[str, Any]] = []
         for part in _parts(items, self.settings.deliver_bytes):
             try:
-                took, not_taken = await self._taking(source, target, part, now)
+                async with limit:  # DELIVER_PARALLEL requests at once
+                    took, not_taken = await self._taking(source, target, part, now)
             except SimpleQueueError as exc:
                 log.warning("follow-ups of %s for %s: %s; again in a while", source, target, exc)
                 return taken, refused, True
@@ -463,6 +505,10 @@ class Duties:
         owned = [t for t in sorted(self._written) if self.membership.owns(t)]
         await self.engine.sweep_all(owned)
         await self.engine.sweep_leftovers(self.settings.leftover_age)
+
+
+# Of follow-ups for a topic: those it took, those it refused, whether it failed.
+_Delivery = tuple[list[dict[str, Any]], list[dict[str, Any]], bool]
 
 
 @dataclass
