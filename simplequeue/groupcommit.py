@@ -234,6 +234,7 @@ class GroupCommitter:
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._aborted = False  # abort(): nothing of this committer runs after it
+        self.long_polls_ended = False  # end_long_polls(): the broker is stopping
         self._corrupt_logged: set[str] = set()
 
     # --- public interface -------------------------------------------------------
@@ -303,9 +304,21 @@ class GroupCommitter:
             t.reader = self._from_bytes(t.name, t.committed)
         return t.reader
 
+    def end_long_polls(self) -> None:
+        """The broker is stopping: every wait_changed() returns now, and from
+        now on at once, so that long polls answer (nothing) rather than hold
+        the stop for as long as they were to wait."""
+        self.long_polls_ended = True
+        for t in self._topics.values():
+            if t.waiters:
+                t.changed.set()
+                t.changed = asyncio.Event()
+
     async def wait_changed(self, topic: str, seconds: float) -> bool:
         """Return True when a batch lands on `topic` in this broker, False after
-        `seconds` without one."""
+        `seconds` without one (at once after end_long_polls())."""
+        if self.long_polls_ended:
+            return False
         t = self._topic(topic)
         t.waiters += 1
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import read_record
 from tests.conftest import s3_broker_args
+from tests.helpers.until import until_async
 
 
 async def post(s: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -379,3 +381,33 @@ async def test_a_long_poll_passed_to_a_paused_owner_waits_no_more_than_asked(
             os.kill(a.pid, signal.SIGCONT)
     assert status == 404
     assert took < 3 + 1 + 1, f"a wait=3 long poll answered after {took:.1f} s"
+
+
+async def busy(s: aiohttp.ClientSession, url: str) -> bool:
+    """Whether the broker has an HTTP request in progress besides this scrape."""
+    async with s.get(f"{url}/metrics") as r:
+        text = await r.text()
+    name = "simplequeue_http_requests_in_progress "
+    [line] = [x for x in text.splitlines() if x.startswith(name)]
+    return float(line.split()[1]) > 1
+
+
+async def test_a_stopping_broker_answers_its_long_polls_at_once(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    """A long poll in progress held a broker's stop for as long as aiohttp waits
+    for a handler (about 10 s), and its caller was then cut off unanswered
+    (review finding). A stopping broker answers long polls now: nothing to
+    claim, and its caller claims again elsewhere."""
+    broker = broker_process("--dir", str(tmp_path))
+    async with aiohttp.ClientSession() as s:
+        poll = asyncio.create_task(
+            s.post(f"{broker.url}/topics/t/claim", json={"worker_id": "w", "wait": 30})
+        )
+        await until_async(lambda: busy(s, broker.url))
+        broker.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):
+            answer = await poll
+        assert answer.status == 404
+        answer.release()
+    assert await asyncio.to_thread(broker.proc.wait, 10) == 0

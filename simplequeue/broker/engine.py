@@ -330,6 +330,8 @@ class Engine:
             left = deadline - time.monotonic()
             if got.jobs or left <= 0 or (answered is not None and answered()):
                 return got.jobs
+            if self.committer.long_polls_ended:  # the broker is stopping
+                return got.jobs
             pause = min(left, POLL_INTERVAL)
             if got.token_in is not None:
                 pause = min(pause, got.token_in)
@@ -421,6 +423,8 @@ class Engine:
                 topic, lambda s, now: (s.find(job_id), now), max_age
             )
             left = deadline - time.monotonic()
+            if self.committer.long_polls_ended:  # the broker is stopping: as if waited out
+                left = 0
             if found is not None and (found[0] in FINISHED or left <= 0):
                 break
             if left <= 0:

@@ -126,6 +126,11 @@ class HttpListener:
     def open_connections(self) -> int:
         return len(self._open)
 
+    @property
+    def requests_in_progress(self) -> int:
+        """Requests whose handler started and has not ended."""
+        return len(self._open) - len(self._idle)
+
     async def start(self, host: str, port: int) -> None:
         """Set the server up and listen; `port` 0 picks a free one."""
         server = _Server(

@@ -167,6 +167,19 @@ def cache_families(used: int, budget: int, fetched: int) -> Iterator[Any]:
     )
 
 
+def http_families(in_progress: int, connections: int) -> Iterator[Any]:
+    """The HTTP listener now: requests in progress (long polls among them) and
+    open connections."""
+    yield GaugeMetricFamily(
+        "simplequeue_http_requests_in_progress",
+        "HTTP requests in progress (long polls among them)",
+        value=in_progress,
+    )
+    yield GaugeMetricFamily(
+        "simplequeue_http_connections", "Open HTTP connections", value=connections
+    )
+
+
 def clock_families(error: float) -> Iterator[Any]:
     """The store's clock as this broker estimates it: how far off it may be
     (leases count from the latest it may be, and are reaped after the earliest:

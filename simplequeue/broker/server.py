@@ -36,6 +36,7 @@ from simplequeue.broker.metrics import (
     clock_families,
     cluster_families,
     commit_families,
+    http_families,
 )
 from simplequeue.broker.page import BrokerView, Presence, RecordView
 from simplequeue.broker.resp import RespServer, RespSettings
@@ -114,6 +115,16 @@ class Broker:
         store = self.store
         self.metrics.add_collector(
             CallbackCollector(lambda: (store.clock_error(store.now()),), clock_families)
+        )
+        self.metrics.add_collector(
+            CallbackCollector(
+                lambda: (
+                    (0, 0)
+                    if self.http is None
+                    else (self.http.requests_in_progress, self.http.open_connections)
+                ),
+                http_families,
+            )
         )
         cache = self.committer.cache
         self.metrics.add_collector(
@@ -330,6 +341,9 @@ class Broker:
         budget, then cancel them), leave the membership and resign broker.json
         (for at most FAREWELL_TIMEOUT) and close the connections (CLOSE_TIMEOUT
         each): bounded whatever the store does."""
+        # Long polls answer now (nothing), rather than hold the stop for as
+        # long as they were to wait; their callers claim again elsewhere.
+        self.committer.end_long_polls()
         # Stop accepting and let handlers finish: both listeners at once (each
         # may wait 5 s for a request in progress, aiohttp's twice).
         await asyncio.gather(*(s.stop() for s in (self.redis, self.http) if s is not None))
