@@ -24,7 +24,7 @@ from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import read_record
 from tests.conftest import s3_broker_args
-from tests.helpers.until import until_async
+from tests.helpers.until import until, until_async
 
 
 async def post(s: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -411,3 +411,33 @@ async def test_a_stopping_broker_answers_its_long_polls_at_once(
         assert answer.status == 404
         answer.release()
     assert await asyncio.to_thread(broker.proc.wait, 10) == 0
+
+
+async def test_a_second_signal_stops_a_stopping_broker_now(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    """Ctrl-C (or SIGTERM) stops a broker gracefully, which may take some 30 s
+    (README: a request in progress, writes in flight on a slow store). A
+    second one did nothing: the stop went on (review finding). It stops now:
+    a write cut short lands whole or not at all, and its caller retries."""
+    broker = broker_process("--dir", str(tmp_path))
+    host, port = broker.url.removeprefix("http://").split(":")
+    # A request in progress: its body comes slowly (a client on a slow link).
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /topics/t/enqueue HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{"
+    )
+    await writer.drain()
+    try:
+        async with aiohttp.ClientSession() as s:
+            await until_async(lambda: busy(s, broker.url))
+        broker.proc.send_signal(signal.SIGINT)
+        await until(lambda: "a second signal stops now" in broker.log())
+        assert broker.proc.poll() is None  # the stop waits for the request
+        broker.proc.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(broker.proc.wait, 4)
+    finally:
+        writer.close()
+    assert code == 0
+    assert "second signal: stopping now" in broker.log()

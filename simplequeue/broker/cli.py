@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -263,5 +264,19 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
             "at most %d RESP clients at once", broker.redis.settings.max_clients
         )
     await stop.wait()
-    logging.getLogger(__name__).info("stopping: finishing in-flight writes")
-    await broker.stop()
+    log = logging.getLogger(__name__)
+    log.info("stopping: finishing in-flight writes (a second signal stops now)")
+    now = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, now.set)
+    stopping = asyncio.create_task(broker.stop())
+    told = asyncio.create_task(now.wait())
+    await asyncio.wait([stopping, told], return_when=asyncio.FIRST_COMPLETED)
+    told.cancel()
+    if not stopping.done():
+        # A write cut short lands whole or not at all; its caller, cut off,
+        # retries. The other brokers take over within --broker-lease.
+        log.warning("second signal: stopping now, without waiting for what is in flight")
+        stopping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopping
