@@ -286,6 +286,51 @@ async def test_a_lock_held_by_a_stopped_process_is_store_unavailable_within_the_
     await store.close()
 
 
+async def test_writes_waiting_for_a_paused_holders_lock_take_no_thread_from_other_calls(
+    tmp_path: Path,
+) -> None:
+    """A writer waiting for a lock polled for it in a worker thread of the event
+    loop's default executor (min(32, cores + 4) threads), which every store
+    call of the process shares: with that many writes of the paused holder's
+    stripe waiting, a read of another key (any other topic's write, the
+    broker's registration) waited for the lock timeout too (review finding).
+    A wait gives its thread back after LOCK_WAIT_IN_THREAD."""
+    import hashlib
+
+    from simplequeue.objstore.localfs import LOCK_STRIPES
+
+    def stripe(key: str) -> int:
+        digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "big") % LOCK_STRIPES
+
+    held = "topics/held.json"
+    same = [k for k in (f"topics/s{i}.json" for i in range(100_000)) if stripe(k) == stripe(held)]
+    store = LocalStore(tmp_path, lock_timeout=30)
+    await store.put("topics/other.json", b"{}")
+    holder = spawn("hold_lock.py", str(tmp_path), held)
+    writes: list[asyncio.Task[str]] = []
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 30) == "locked\n"
+        _, status = await asyncio.to_thread(os.waitpid, holder.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        writes = [
+            asyncio.create_task(store.put_if(k, b"{}", if_none_match=True)) for k in same[:40]
+        ]
+        await asyncio.sleep(0)  # each has asked for its thread, before the read below
+        assert (await asyncio.wait_for(store.get("topics/other.json"), 10))[0] == b"{}"
+        assert not any(w.done() for w in writes)  # they wait for the holder still
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        if holder.stdout:
+            holder.stdout.close()
+    await asyncio.gather(*writes)  # the lock died with its holder: they land
+    assert temp_files(tmp_path / "topics") == []
+    await store.close()
+
+
 async def test_the_temp_file_is_written_and_fsynced_before_the_lock_is_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import contextvars
 import errno
 import fcntl
 import hashlib
@@ -56,6 +57,11 @@ _META_DIR = ".simplequeue"
 # well inside the committer's 10 s write budget. Held only around a compare and
 # a rename, a lock is busy that long only when its holder is stopped or stuck.
 LOCK_TIMEOUT = 5.0
+# How long a worker thread waits for a busy lock before it gives its thread
+# back and the call is made again a while later (the wait goes on from the
+# event loop): writes stalled behind a paused holder must not take every
+# thread of the pool, which every other store call of the process shares.
+LOCK_WAIT_IN_THREAD = 0.02
 # Filesystems stamp files from the kernel's coarse clock, which lags the true
 # time by up to one timer tick (10 ms at the slowest common HZ of 100).
 MTIME_RESOLUTION = 0.01
@@ -373,8 +379,18 @@ class LocalStore(ObjectStore):
         return self.root / check_key(key)
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`fn` in a worker thread. One that meets a busy lock gives its thread
+        back (_LockBusy: nothing of it is left) and is made again after a
+        pause, until the lock's deadline (then StoreUnavailable)."""
+        deadline = _lock_deadline.set(time.monotonic() + self.lock_timeout)  # copied to the thread
+        pause = LOCK_WAIT_IN_THREAD
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            while True:
+                try:
+                    return await asyncio.to_thread(fn, *args, **kwargs)
+                except _LockBusy:
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 0.2)
         except (ObjectNotFound, PreconditionFailed):
             raise
         except OSError as exc:
@@ -382,6 +398,8 @@ class LocalStore(ObjectStore):
                 log.error("localfs %s: no space left: %s", self.root, exc)
                 raise StorageFull(f"localfs {self.root}: no space left on the device") from exc
             raise StoreUnavailable(f"localfs {self.root}: {exc}") from exc
+        finally:
+            _lock_deadline.reset(deadline)
 
     # --- the blocking half, run in threads -------------------------------------
 
@@ -400,16 +418,22 @@ class LocalStore(ObjectStore):
     def _wait_for_lock(self, fd: int, key: str) -> None:
         # A blocking flock would wait for ever on a holder that is SIGSTOPped:
         # poll instead, so that the wait is bounded and the thread comes back.
-        deadline = time.monotonic() + self.lock_timeout
+        # Called through _run, it waits here LOCK_WAIT_IN_THREAD at most, then
+        # gives its thread back (_LockBusy) until the call's deadline.
+        deadline = _lock_deadline.get() or time.monotonic() + self.lock_timeout
+        given_back = time.monotonic() + LOCK_WAIT_IN_THREAD if _lock_deadline.get() else 1e300
         pause = 0.001
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     break
+                if now >= given_back:
+                    raise _LockBusy(key) from None
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, 0.05)
         log.warning(
@@ -840,7 +864,11 @@ class LocalStore(ObjectStore):
             try:
                 self._rename(obj_key, path, tmp, fd, None, None, True, True)
             except PreconditionFailed:
-                continue  # ours, from an earlier try: immutable, so the same bytes
+                # Ours, from an earlier try (a lock busy after it, a lost
+                # answer): immutable, so the same bytes; its directory's fsync
+                # may not have been made.
+                directories[path.parent] = None
+                continue
             # Not remembered: nobody compares against a new object's ETag, and
             # it would push a head out of the descriptors kept.
             os.close(fd)
@@ -975,6 +1003,19 @@ class LocalStore(ObjectStore):
     async def close(self) -> None:
         self._written.close()
         self._places.close()
+
+
+class _LockBusy(Exception):
+    """A lock stayed busy LOCK_WAIT_IN_THREAD: the call gives its thread back,
+    having changed nothing (what it wrote before the lock, it removed), and
+    is made again (LocalStore._run)."""
+
+
+# When the lock of the store call running in this thread must be had by
+# (monotonic), set by _run (asyncio.to_thread copies it into the thread).
+_lock_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "_lock_deadline", default=None
+)
 
 
 def _fsync(path: Path, flags: int = 0) -> None:
