@@ -1702,3 +1702,88 @@ async def test_a_burst_worker_on_a_paused_topic_stops(q: Client) -> None:
     async with asyncio.timeout(10):
         await worker.run()
     assert worker.processed == 0 and (await q.status())["pending"] == 2
+
+
+async def test_a_burst_worker_with_wait_0_does_not_spin_on_a_rate_limited_topic(
+    q: Client,
+) -> None:
+    """A burst Worker held back by the topic's rate claimed again in long polls
+    of its `wait`: with wait=0 it asked status, settings and a claim again
+    without a pause until the next token, hundreds of times a second (review
+    finding). Its long polls there last a second at least."""
+    await q.enqueue_many([1, 2])
+    await q.settings(rate=0.5, burst=1)  # the second job 2 s after the first
+    asked = 0
+    status = q.status
+
+    async def counted() -> dict[str, int]:
+        nonlocal asked
+        asked += 1
+        return await status()
+
+    q.status = counted  # type: ignore[method-assign]
+    worker = Worker(q, lambda job: None, burst=True, wait=0, handle_signals=False)
+    async with asyncio.timeout(20):
+        await worker.run()
+    assert worker.processed == 2
+    assert asked < 20, f"{asked} status requests while waiting ~2 s for one token"
+
+
+SECOND_SIGNAL_THREAD = """
+import asyncio, os, signal, sys, threading
+from simplequeue.client import Client, Worker
+
+started, release = threading.Event(), threading.Event()
+
+def handler(job):  # a plain def: it runs in a thread
+    started.set()
+    release.wait(30)
+    return "done"
+
+async def main(url, running_id):
+    async with Client(url, topic="w") as q:
+        worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0.2)
+        run = asyncio.create_task(worker.run())
+        await asyncio.to_thread(started.wait, 10)
+        while (await q.status())["claimed"] < 2:  # the second job claimed ahead
+            await asyncio.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        while (await q.status())["claimed"] > 1:  # the one ahead is given back
+            await asyncio.sleep(0.02)
+        print((await q.job(running_id)).status)  # not given back: it still runs
+        release.set()
+        await asyncio.wait_for(run, 10)
+    print("ok")
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_second_signal_waits_for_handlers_in_threads(q: Client, broker: Any) -> None:
+    """A plain function's handler runs in a thread, which cancelling cannot
+    stop: the second signal gave its job back (pending again, another worker
+    free to run it) while it still ran here (review finding). It waits for such
+    handlers, their jobs settled as they end; the jobs claimed ahead go back."""
+    running, ahead = await q.enqueue_many(["runs", "waits"])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SECOND_SIGNAL_THREAD,
+        broker.url,
+        running,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert (proc.returncode, out.decode().split()) == (0, ["claimed", "ok"]), err.decode()[-2000:]
+    assert "cannot be interrupted: waiting for them" in err.decode()
+    assert (await q.job(running)).status == "completed"
+    unrun = await q.job(ahead)
+    assert (unrun.status, unrun.attempts) == ("pending", 0)

@@ -104,6 +104,8 @@ AHEAD_JOBS_MAX = api.MAX_BATCH  # and never more jobs than this (unless 2 x conc
 FALLBACK_LEASE = 30.0
 # Seconds run(), cancelled while draining, waits for the handlers it cancels.
 CANCEL_GRACE = 5.0
+# Seconds a burst Worker's claim held back by the topic's limits long-polls, at least.
+HELD_BACK_WAIT = 1.0
 
 
 class ClaimAhead:
@@ -354,12 +356,23 @@ class Worker:
         buffered are given back as not worked (pending at once, the attempt
         uncounted), and the running handlers cancelled, their jobs nacked
         without delay (the attempt spent, as by a crash). What does not end
-        within CANCEL_GRACE is left to its lease."""
+        within CANCEL_GRACE is left to its lease. Handlers in threads (plain
+        functions) cannot be stopped: they are waited for, their jobs acked
+        or nacked as they end."""
         ready = list(self._ready)
         self._ready.clear()
         for held in ready:
             _cancel_beats(held)
         running = list(self._running)
+        if self._in_thread:
+            # A thread cannot be stopped: given back, its job could run twice
+            # at once (another worker's run and this one's, going on).
+            log.warning(
+                "%d handlers run in threads, which cannot be interrupted: waiting for them",
+                len(running),
+            )
+            await asyncio.wait([*running, asyncio.ensure_future(self._give_back(ready))])
+            return
         for task in running:
             held = self._holding[task]
             held.interrupted = True
@@ -509,8 +522,10 @@ class Worker:
             if (await self.client.settings()).get("max_claimed") == 0:
                 log.info("the topic is paused (max_claimed 0): stopping (burst)")
                 return []
+            # Not shorter than a second, whatever `wait` is: the long poll
+            # answers as soon as a token or a slot is there.
             jobs = await self.client.claim_many(
-                self.worker_id, count, lease=self.lease, wait=self.wait
+                self.worker_id, count, lease=self.lease, wait=max(self.wait, HELD_BACK_WAIT)
             )
             if jobs:
                 return jobs
