@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from simplequeue import keys
-from simplequeue.api import REPLAYED_HEADER, Job, JobSpec
+from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec
 from simplequeue.broker.duties import DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.membership import Membership, rendezvous
@@ -1076,11 +1076,19 @@ async def test_an_enqueue_under_max_body_is_taken_through_a_broker_that_does_not
             ) as r:
                 said = await r.text()
                 assert r.status == 201, (broker is owner, r.status, said[:200])
-        # What a client may not send is refused as before, passed on or not.
+        # What a client may not send is refused as before, passed on or not,
+        # and whoever it says it is: a peer is known by its incarnation, which
+        # only the registry tells (review of 93cda8b: the header alone let
+        # any client send 8 times --max-body).
         too_large = orjson.dumps({"jobs": [{"payload": "x" * (limit // 10)}] * 11})
+        posing = {"": {}, "header": {FORWARDED_HEADER: other.settings.broker_id}}
+        posing["guess"] = {FORWARDED_HEADER: f"{other.settings.broker_id} 0123456789abcdef"}
         for broker in (owner, other):
-            async with s.post(f"{broker.url}/topics/t/enqueue", data=too_large) as r:
-                assert r.status == 413
+            for headers in posing.values():
+                async with s.post(
+                    f"{broker.url}/topics/t/enqueue", data=too_large, headers=headers
+                ) as r:
+                    assert r.status == 413, headers
 
 
 @pytest.mark.parametrize("value", [b'{"k": "v"}' * 80, b"\x01" * 800], ids=["json", "control"])

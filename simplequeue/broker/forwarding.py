@@ -163,7 +163,10 @@ class Forwarder:
         wait: float,
         content_type: str,
     ) -> Answer:
-        headers = {FORWARDED: self.me.broker_id, "Content-Type": content_type}
+        # Its incarnation proves it a peer (Membership.vouches): a request passed
+        # on may be larger than a client's (api.FORWARDED_ROOM).
+        forwarded = f"{self.me.broker_id} {self.membership.incarnation}"
+        headers = {FORWARDED: forwarded, "Content-Type": content_type}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         timeout = aiohttp.ClientTimeout(

@@ -12,15 +12,13 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, cast
 
 import orjson
 from aiohttp import web
-
-from simplequeue import api
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +82,7 @@ class HttpListener:
         limits: Limits,
         *,
         max_body: int,
+        body_limit: Callable[[Mapping[str, str]], int] | None = None,
         shutdown_timeout: float = 5.0,
         **server_options: Any,
     ) -> None:
@@ -93,6 +92,7 @@ class HttpListener:
         )
         self._handler = handler
         self._max_body = max_body
+        self._body_limit = body_limit
         self._server_options = server_options
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.ServerRunner | None = None
@@ -113,11 +113,9 @@ class HttpListener:
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
         """A request whose body may be up to `max_body` bytes (aiohttp's default
-        1 MiB); one another broker passed on, api.FORWARDED_ROOM times that."""
+        1 MiB), or as `body_limit` says for its headers."""
         loop = asyncio.get_running_loop()
-        limit = self._max_body
-        if api.FORWARDED_HEADER in message.headers:
-            limit = limit * api.FORWARDED_ROOM + api.MAX_BATCH * 64
+        limit = self._max_body if self._body_limit is None else self._body_limit(message.headers)
         return web.BaseRequest(
             message, payload, protocol, writer, task, loop, client_max_size=limit
         )

@@ -144,6 +144,15 @@ class Membership:
     def owner(self, topic: str) -> Peer:
         return self.order(topic)[0]
 
+    def vouches(self, forwarded: str) -> bool:
+        """Whether `forwarded` (a Simplequeue-Forwarded header: a broker id and
+        its process's incarnation, which only the registry tells) names a
+        broker this one has seen registered: a peer, not a client posing as
+        one."""
+        broker_id, _, incarnation = forwarded.partition(" ")
+        seen = self._seen.get(broker_id)
+        return bool(incarnation) and seen is not None and incarnation in seen.incarnations
+
     def owns(self, topic: str) -> bool:
         return self.owner(topic) == self.me
 

@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
+from simplequeue import api
 from simplequeue.broker.discovery import Announcer
 from simplequeue.broker.duties import Duties, DutySettings
 from simplequeue.broker.engine import Engine
@@ -244,6 +246,7 @@ class Broker:
             self.http_api,
             limits,
             max_body=self.settings.max_body,
+            body_limit=self._body_limit,
             shutdown_timeout=5,
             handler_cancellation=True,
             access_log=None,
@@ -335,6 +338,15 @@ class Broker:
             await self.announcer.step()
         except StoreUnavailable as exc:  # serve anyway; the announcer keeps trying
             log.warning("could not read broker.json at start: %s", exc)
+
+    def _body_limit(self, headers: Mapping[str, str]) -> int:
+        """A request's largest body: --max-body, or api.FORWARDED_ROOM times it
+        (and MAX_BATCH ids more) for one a peer passed on (it adds ids, and
+        RESP values grow as JSON), the peer known by its incarnation."""
+        forwarded = headers.get(api.FORWARDED_HEADER)
+        if forwarded is not None and self.membership.vouches(forwarded):
+            return self.settings.max_body * api.FORWARDED_ROOM + api.MAX_BATCH * 64
+        return self.settings.max_body
 
     async def stop(self) -> None:
         """Stop listening, let in-flight batches land (for at most the commit
