@@ -441,3 +441,37 @@ async def test_a_second_signal_stops_a_stopping_broker_now(
         writer.close()
     assert code == 0
     assert "second signal: stopping now" in broker.log()
+
+
+async def test_a_stopping_broker_gives_up_a_long_poll_it_passed_on(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    """A claim long-polling at the topic's owner through another broker held
+    that broker's stop until aiohttp gave up on the handler (10 s), its caller
+    then cut off (review of 4c12f02: only the long polls a broker serves
+    itself ended). It is given up at once now, answered 503 (the owner may
+    have claimed: a retry under the same attempt id gets what it did)."""
+    from simplequeue.broker.membership import rendezvous
+
+    a = broker_process("--dir", str(tmp_path), "--broker-id", "ba")
+    b = broker_process("--dir", str(tmp_path), "--broker-id", "bb")
+    topic = next(
+        t for t in (f"t{i}" for i in range(1000)) if rendezvous(t, "ba") > rendezvous(t, "bb")
+    )
+    async with aiohttp.ClientSession() as s:
+
+        async def b_passes_it_on() -> bool:
+            async with s.get(f"{b.url}/topics/{topic}/status") as r:
+                return r.headers.get("Simplequeue-Owner") == a.url
+
+        await until_async(b_passes_it_on, within=15)
+        poll = asyncio.create_task(
+            s.post(f"{b.url}/topics/{topic}/claim", json={"worker_id": "w", "wait": 30})
+        )
+        await until_async(lambda: busy(s, a.url))  # waiting at the owner
+        b.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):
+            answer = await poll
+        assert answer.status == 503
+        assert "stopping" in (await answer.json())["error"]
+    assert await asyncio.to_thread(b.proc.wait, 10) == 0

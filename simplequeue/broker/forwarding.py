@@ -89,6 +89,7 @@ class Forwarder:
         self.answer_within = answer_within
         self.suspect_for = suspect_for
         self.forwarded = 0  # requests sent to another broker
+        self._stopping = asyncio.Event()  # end_long_polls(): this broker is stopping
         self.fallbacks = 0  # times a broker did not answer and the next one was tried
         self._session: aiohttp.ClientSession | None = None
 
@@ -103,6 +104,11 @@ class Forwarder:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    def end_long_polls(self) -> None:
+        """This broker is stopping: long polls it passed on are given up now
+        (their callers told to ask again, AmbiguousWrite), not waited for."""
+        self._stopping.set()
 
     @property
     def me(self) -> Peer:
@@ -129,7 +135,9 @@ class Forwarder:
             if peer == self.me:
                 return Here(replayed)
             try:
-                answer = await self._send(peer, method, path_qs, body, wait, content_type)
+                answer = await self._long_poll(
+                    topic, peer, method, path_qs, body, wait, content_type
+                )
             except _Unreachable as exc:
                 self.fallbacks += 1
                 self.membership.suspect(peer.broker_id, self.suspect_for)
@@ -145,6 +153,38 @@ class Forwarder:
             answer.replayed = replayed
             return answer
         return Here(replayed)
+
+    async def _long_poll(
+        self,
+        topic: str,
+        peer: Peer,
+        method: str,
+        path_qs: str,
+        body: bytes | None,
+        wait: float,
+        content_type: str,
+    ) -> Answer:
+        """_send(), given up if this broker starts stopping meanwhile (a long
+        poll would hold the stop for as long as it was to wait). The owner gives
+        back what it had not answered; what it had, a claim's retry under its
+        attempt id gets."""
+        if wait <= 0:
+            return await self._send(peer, method, path_qs, body, wait, content_type)
+        sending = asyncio.ensure_future(self._send(peer, method, path_qs, body, wait, content_type))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([sending, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not sending.done():
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+        if sending.cancelled():
+            raise AmbiguousWrite(
+                f"topic {topic!r}: this broker is stopping; its owner {peer.url} had not "
+                "answered, and may have done the request: ask again"
+            )
+        return sending.result()
 
     async def tell(self, peer: Peer, path: str) -> bool:
         """POST `path` to `peer` (broker to broker); whether it answered 2xx."""
@@ -267,7 +307,7 @@ class Router:
         started = time.monotonic()
         try:
             got = await self._route(topic, "POST", "/claim", body, wait)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, AmbiguousWrite):  # AmbiguousWrite: this broker stops
             if not self.forwarder.membership.owns(topic):
                 _in_background(self._take_back(topic, worker_id, count, attempt_id))
             raise

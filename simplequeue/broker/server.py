@@ -356,6 +356,7 @@ class Broker:
         # Long polls answer now (nothing), rather than hold the stop for as
         # long as they were to wait; their callers claim again elsewhere.
         self.committer.end_long_polls()
+        self.forwarder.end_long_polls()
         # Stop accepting and let handlers finish: both listeners at once (each
         # may wait 5 s for a request in progress, aiohttp's twice).
         await asyncio.gather(*(s.stop() for s in (self.redis, self.http) if s is not None))
