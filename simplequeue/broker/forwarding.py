@@ -89,9 +89,9 @@ class Forwarder:
         self.answer_within = answer_within
         self.suspect_for = suspect_for
         self.forwarded = 0  # requests sent to another broker
-        self._stopping = asyncio.Event()  # end_long_polls(): this broker is stopping
         self.fallbacks = 0  # times a broker did not answer and the next one was tried
         self._session: aiohttp.ClientSession | None = None
+        self._stopping = asyncio.Event()  # end_long_polls(): this broker is stopping
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

@@ -24,7 +24,8 @@ stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed,
 the buffered ones included, is run to its end. A signal stops every Worker of
 the event loop; one the application handles itself is left to it (its handler
 calls stop()). A second signal while draining stops now: the buffered jobs are
-released unrun and the running handlers cancelled, their jobs nacked at once.
+released unrun and the running handlers cancelled, their jobs nacked at once
+(handlers in threads cannot be stopped: they are waited for).
 Cancellation is never swallowed: only a handler cancelled because its
 heartbeat found the lease lost (or the job cancelled, POST /cancel), or by a
 second signal, is handled here; the first kind of job is neither acked nor

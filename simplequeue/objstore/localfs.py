@@ -382,7 +382,7 @@ class LocalStore(ObjectStore):
         """`fn` in a worker thread. One that meets a busy lock gives its thread
         back (_LockBusy: nothing of it is left) and is made again after a
         pause, until the lock's deadline (then StoreUnavailable)."""
-        deadline = _lock_deadline.set(time.monotonic() + self.lock_timeout)  # copied to the thread
+        token = _lock_deadline.set(time.monotonic() + self.lock_timeout)  # copied to the thread
         pause = LOCK_WAIT_IN_THREAD
         try:
             while True:
@@ -399,7 +399,7 @@ class LocalStore(ObjectStore):
                 raise StorageFull(f"localfs {self.root}: no space left on the device") from exc
             raise StoreUnavailable(f"localfs {self.root}: {exc}") from exc
         finally:
-            _lock_deadline.reset(deadline)
+            _lock_deadline.reset(token)
 
     # --- the blocking half, run in threads -------------------------------------
 
