@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -539,6 +539,21 @@ async def wait_for_file(path: Path, within: float = 10.0) -> str:
     return file_text(path)
 
 
+@contextlib.asynccontextmanager
+async def reaped(proc: asyncio.subprocess.Process) -> AsyncIterator[list[int]]:
+    """`proc`, killed on leaving if it still runs, and the processes whose pids
+    go into the list it gives (a command's children), killed too."""
+    children: list[int] = []
+    try:
+        yield children
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for pid in children:
+            kill_pid(pid)
+
+
 def kill_pid(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -643,9 +658,9 @@ async def test_a_cancelled_jobs_command_is_stopped_with_its_children(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    pid = 0
-    try:
+    async with reaped(proc) as children:
         pid = int(await wait_for_file(pid_file))
+        children.append(pid)
         async with Client(broker.url, topic="jobs") as q:
             await q.cancel([job_id])
         # A heartbeat (every second with --lease 3) finds the job cancelled.
@@ -653,12 +668,6 @@ async def test_a_cancelled_jobs_command_is_stopped_with_its_children(
             code = await proc.wait()
         assert code == 0
         await until(lambda: not alive(pid), 2)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if pid:
-            kill_pid(pid)
 
 
 async def test_work_with_a_lease_past_the_maximum_is_a_usage_error_not_a_traceback(
@@ -693,9 +702,9 @@ async def test_a_second_ctrl_c_stops_work_now_and_gives_the_job_back(
         start_new_session=True,
     )
     assert proc.stderr is not None
-    pid = 0
-    try:
+    async with reaped(proc) as children:
         pid = int(await wait_for_file(pid_file))
+        children.append(pid)
         os.killpg(proc.pid, signal.SIGINT)
         async with asyncio.timeout(10):
             while b"draining" not in await proc.stderr.readline():
@@ -705,12 +714,6 @@ async def test_a_second_ctrl_c_stops_work_now_and_gives_the_job_back(
             code = await proc.wait()
         assert code == 0
         await until(lambda: not alive(pid), 2)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if pid:
-            kill_pid(pid)
     job = await cli.json("job", "s")
     assert (job["status"], job["attempts"]) == ("pending", 1)
     assert "Interrupted: the worker was stopped" in job["last_error"]

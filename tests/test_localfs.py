@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,25 @@ def temp_files(directory: Path) -> list[str]:
     return [name for name in os.listdir(directory) if name.endswith(".tmp")]
 
 
+@contextlib.asynccontextmanager
+async def paused_holder(root: Path, key: str) -> AsyncIterator[None]:
+    """Another process holding the lock stripe of `key` in the store at `root`,
+    paused (SIGSTOP) while it does; killed (its lock let go) on leaving."""
+    holder = spawn("hold_lock.py", str(root), key)
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 30) == "locked\n"
+        _, status = await asyncio.to_thread(os.waitpid, holder.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        yield
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        if holder.stdout:
+            holder.stdout.close()
+
+
 async def test_a_lock_held_by_a_stopped_process_is_store_unavailable_within_the_timeout(
     tmp_path: Path,
 ) -> None:
@@ -258,12 +278,7 @@ async def test_a_lock_held_by_a_stopped_process_is_store_unavailable_within_the_
     key = "topics/t.json"
     store = LocalStore(tmp_path, lock_timeout=0.5)
     await store.put("topics/seed.json", b"{}")
-    holder = spawn("hold_lock.py", str(tmp_path), key)
-    try:
-        assert holder.stdout is not None
-        assert await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 30) == "locked\n"
-        _, status = await asyncio.to_thread(os.waitpid, holder.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status)
+    async with paused_holder(tmp_path, key):
         loop = asyncio.get_running_loop()
         for attempt in (
             lambda: store.put_if(key, b"{}", if_none_match=True),
@@ -275,12 +290,6 @@ async def test_a_lock_held_by_a_stopped_process_is_store_unavailable_within_the_
                 await asyncio.wait_for(attempt(), 5)
             assert loop.time() - started < 2
         assert temp_files(tmp_path / "topics") == []
-    finally:
-        os.kill(holder.pid, signal.SIGCONT)
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
-        if holder.stdout:
-            holder.stdout.close()
     # The lock died with its holder: writes go through again.
     await store.put_if(key, b"{}", if_none_match=True)
     await store.close()
@@ -307,25 +316,13 @@ async def test_writes_waiting_for_a_paused_holders_lock_take_no_thread_from_othe
     same = [k for k in (f"topics/s{i}.json" for i in range(100_000)) if stripe(k) == stripe(held)]
     store = LocalStore(tmp_path, lock_timeout=30)
     await store.put("topics/other.json", b"{}")
-    holder = spawn("hold_lock.py", str(tmp_path), held)
-    writes: list[asyncio.Task[str]] = []
-    try:
-        assert holder.stdout is not None
-        assert await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 30) == "locked\n"
-        _, status = await asyncio.to_thread(os.waitpid, holder.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status)
+    async with paused_holder(tmp_path, held):
         writes = [
             asyncio.create_task(store.put_if(k, b"{}", if_none_match=True)) for k in same[:40]
         ]
         await asyncio.sleep(0)  # each has asked for its thread, before the read below
         assert (await asyncio.wait_for(store.get("topics/other.json"), 10))[0] == b"{}"
         assert not any(w.done() for w in writes)  # they wait for the holder still
-    finally:
-        os.kill(holder.pid, signal.SIGCONT)
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
-        if holder.stdout:
-            holder.stdout.close()
     await asyncio.gather(*writes)  # the lock died with its holder: they land
     assert temp_files(tmp_path / "topics") == []
     await store.close()

@@ -1050,6 +1050,27 @@ async def test_a_nack_failing_with_an_error_not_the_sdks_is_logged(
     assert isinstance(record.exc_info[1], RuntimeError)
 
 
+async def run_script(script: str, *args: str) -> tuple[int, str, str]:
+    """Run `script` in a Python process of its own (signals sent to it reach it
+    alone): its exit status, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 TWO_WORKERS_AND_SIGTERM = """
 import asyncio, os, signal, sys
 from simplequeue.client import Client, Worker
@@ -1087,22 +1108,8 @@ async def test_sigterm_stops_every_worker_of_a_process_and_an_own_handler_is_kep
 ) -> None:
     """Each Worker installed its own SIGTERM handler, replacing the one before:
     only the last Worker drained, and the application's handler was gone."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        TWO_WORKERS_AND_SIGTERM,
-        broker.url,
-        handler,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert (proc.returncode, out.decode().strip()) == (0, "ok"), err.decode()[-2000:]
+    code, out, err = await run_script(TWO_WORKERS_AND_SIGTERM, broker.url, handler)
+    assert (code, out.strip()) == (0, "ok"), err[-2000:]
 
 
 # --- heartbeats -------------------------------------------------------------------------
@@ -1649,22 +1656,9 @@ async def test_a_second_signal_stops_the_drain_and_gives_the_jobs_back(
     claimed ahead is given back unrun (its attempt uncounted), the running one
     interrupted and given back at once, its attempt spent."""
     running, ahead = await q.enqueue_many(["runs", "waits"])
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        SECOND_SIGNAL,
-        broker.url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert (proc.returncode, out.decode().strip()) == (0, "ok"), err.decode()[-2000:]
-    assert "second signal: stopping now" in err.decode()
+    code, out, err = await run_script(SECOND_SIGNAL, broker.url)
+    assert (code, out.strip()) == (0, "ok"), err[-2000:]
+    assert "second signal: stopping now" in err
     interrupted, unrun = await q.job(running), await q.job(ahead)
     assert (interrupted.status, interrupted.attempts) == ("pending", 1)
     assert "Interrupted: the worker was stopped" in (interrupted.last_error or "")
@@ -1767,23 +1761,9 @@ async def test_a_second_signal_waits_for_handlers_in_threads(q: Client, broker: 
     free to run it) while it still ran here (review finding). It waits for such
     handlers, their jobs settled as they end; the jobs claimed ahead go back."""
     running, ahead = await q.enqueue_many(["runs", "waits"])
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        SECOND_SIGNAL_THREAD,
-        broker.url,
-        running,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert (proc.returncode, out.decode().split()) == (0, ["claimed", "ok"]), err.decode()[-2000:]
-    assert "cannot be interrupted: waiting for them" in err.decode()
+    code, out, err = await run_script(SECOND_SIGNAL_THREAD, broker.url, running)
+    assert (code, out.split()) == (0, ["claimed", "ok"]), err[-2000:]
+    assert "cannot be interrupted: waiting for them" in err
     assert (await q.job(running)).status == "completed"
     unrun = await q.job(ahead)
     assert (unrun.status, unrun.attempts) == ("pending", 0)

@@ -135,9 +135,8 @@ class Forwarder:
             if peer == self.me:
                 return Here(replayed)
             try:
-                answer = await self._long_poll(
-                    topic, peer, method, path_qs, body, wait, content_type
-                )
+                sending = self._send(peer, method, path_qs, body, wait, content_type)
+                answer = await (self._unless_stopping(topic, peer, sending) if wait else sending)
             except _Unreachable as exc:
                 self.fallbacks += 1
                 self.membership.suspect(peer.broker_id, self.suspect_for)
@@ -154,23 +153,14 @@ class Forwarder:
             return answer
         return Here(replayed)
 
-    async def _long_poll(
-        self,
-        topic: str,
-        peer: Peer,
-        method: str,
-        path_qs: str,
-        body: bytes | None,
-        wait: float,
-        content_type: str,
+    async def _unless_stopping(
+        self, topic: str, peer: Peer, long_poll: Coroutine[Any, Any, Answer]
     ) -> Answer:
-        """_send(), given up if this broker starts stopping meanwhile (a long
-        poll would hold the stop for as long as it was to wait). The owner gives
-        back what it had not answered; what it had, a claim's retry under its
-        attempt id gets."""
-        if wait <= 0:
-            return await self._send(peer, method, path_qs, body, wait, content_type)
-        sending = asyncio.ensure_future(self._send(peer, method, path_qs, body, wait, content_type))
+        """The answer of `long_poll` (a request passed on), given up if this
+        broker starts stopping meanwhile: it would hold the stop for as long as
+        it was to wait. The owner gives back what it had not answered; what it
+        had, a claim's retry under its attempt id gets."""
+        sending = asyncio.ensure_future(long_poll)
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait([sending, stopping], return_when=asyncio.FIRST_COMPLETED)
