@@ -626,3 +626,17 @@ async def test_sync_client_waits_for_results_too(start_broker: StartBroker) -> N
             return q.result("a", timeout=5)
 
     assert await asyncio.to_thread(script) == "done"
+
+
+async def test_nack_with_a_delay_answers_delayed(q: Client) -> None:
+    """`nack(job, delay=30) -> status` answered "pending" while the job was
+    delayed, as its lookup and the topic's counts said (review finding)."""
+    await q.enqueue_many([{"payload": 1, "id": "a"}, {"payload": 2, "id": "b"}])
+    job = await q.claim("w")
+    assert job is not None and job.id == "a"
+    assert await q.nack(job, delay=30) == "delayed"
+    assert (await q.job("a")).status == "delayed"
+    assert (await q.status())["delayed"] == 1
+    other = await q.claim("w")
+    assert other is not None and other.id == "b"
+    assert await q.nack(other) == "pending"  # no delay: pending at once

@@ -539,13 +539,17 @@ class TopicState(Layout):
     def nack(
         self, job_id: str, token: str | None, delay: float, error: str | None, now: float
     ) -> dict[str, Any]:
-        """Back to pending after `delay` seconds, or dead when its attempts are spent."""
+        """Back to pending after `delay` seconds, or dead when its attempts are
+        spent; the job's new status (delayed while its delay runs, as a lookup
+        and the counts say)."""
         place = self._holder(job_id, token)
         job = self._with_payload(place.item)  # before anything changes: may need a segment
         self._drop_lease(place)
         counters = self.head["counters"]
         counters["nacked"] = counters.get("nacked", 0) + 1
         status = self._release(job, now + delay, error, now)
+        if status == "pending" and delay > 0:
+            status = "delayed"
         return {"id": job_id, "status": status}
 
     def heartbeat(
