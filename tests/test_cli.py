@@ -788,3 +788,20 @@ async def test_work_keeps_the_end_of_stderr_only() -> None:
     out, err = await communicate_bounded(proc, b"", 1000)
     assert out == b"" and proc.returncode == 0
     assert len(err) == STDERR_KEPT and err.endswith(b"xthe end")
+
+
+async def test_enqueue_says_when_the_id_was_taken(cli: Cli) -> None:
+    """The broker answers "duplicate": true for an id already taken, and the CLI
+    printed only {"id": ...}, exit 0: the second payload was dropped unseen
+    (review finding)."""
+    assert await cli.json("enqueue", "1", "--id", "same") == {"id": "same"}
+    assert await cli.json("enqueue", "2", "--id", "same") == {"id": "same", "duplicate": True}
+
+
+async def test_a_command_given_neither_of_two_options_is_not_told_not_both(cli: Cli) -> None:
+    """`schedule s 1` with neither --every nor --cron, and `enqueue` with neither
+    PAYLOAD nor --file, were told "..., not both" (review finding)."""
+    for args, said in ((("schedule", "s", "1"), "--every or --cron"), (("enqueue",), "--file")):
+        done = await cli(*args)
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert "not both" not in done.stderr, done.stderr

@@ -81,7 +81,7 @@ def test_a_cron_schedule_in_a_time_zone_has_its_next_slot_in_that_zone() -> None
 @pytest.mark.parametrize(
     ("spec", "says"),
     [
-        (ScheduleRequest(1), "either"),
+        (ScheduleRequest(1), "give one"),
         (ScheduleRequest(1, every=5, cron="* * * * *"), "either"),
         (ScheduleRequest(1, cron="* * * * * *"), "five fields"),
         (ScheduleRequest(1, cron="61 * * * *"), "bad cron"),
@@ -485,3 +485,24 @@ def test_a_schedule_whose_zone_this_broker_lacks_holds_back_no_other(
     assert f"kyiv@{int(later)}" in fired, fired  # its latest slot, as after downtime
     assert "last_error" not in s.schedules()["kyiv"]
     assert "retry_at" not in s.schedules()["kyiv"]
+
+
+async def test_a_schedule_refused_says_why_in_words(start_broker: StartBroker) -> None:
+    """ "* * *" or "@daily" were answered `Expected str of length >= 9 - at
+    $.cron`, a schema's words, while six fields got "a cron expression has
+    five fields"; and a schedule with neither "every" nor "cron" was told
+    "..., not both" (review findings)."""
+    broker = await start_broker(MemStore())
+    async with aiohttp.ClientSession() as http:
+
+        async def refused(body: dict[str, Any]) -> str:
+            url = f"{broker.url}/topics/t/schedules/s"
+            async with http.put(url, data=orjson.dumps(body)) as answer:
+                assert answer.status == 400
+                error: str = (await answer.json())["error"]
+                return error
+
+        for cron in ("* * *", "@daily", "0 0 * *"):
+            error = await refused({"cron": cron, "payload": 1})
+            assert "five fields" in error and "length" not in error, (cron, error)
+        assert "not both" not in await refused({"payload": 1})

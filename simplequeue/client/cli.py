@@ -184,11 +184,22 @@ async def enqueue(
 ) -> None:
     """Enqueue PAYLOAD (JSON, or else a string), or every line of --file."""
     if (payload is None) == (jobs_file is None):
-        raise click.UsageError("give a PAYLOAD or --file, not both")
+        raise click.UsageError(
+            "give a PAYLOAD or --file" if payload is None else "give a PAYLOAD or --file, not both"
+        )
     if jobs_file is None:
         assert payload is not None
-        new_id = await client.enqueue(parse_payload(payload), job_id, priority, delay, max_attempts)
-        emit({"id": new_id})
+        spec = api.JobSpec(
+            parse_payload(payload),
+            id=api.new_id() if job_id is None else job_id,  # a retry is then a duplicate
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+        )
+        path = f"/topics/{client.topic}/enqueue"
+        answer = await client.request("POST", path, api.Enqueued, spec)
+        # "duplicate": true when the id was taken already: nothing was enqueued.
+        emit(msgspec.structs.asdict(answer) if answer.duplicate else {"id": answer.id})
         return
     ids = await enqueue_file(client, jobs_file, priority, delay, max_attempts)
     emit({"enqueued": len(ids)})
@@ -434,7 +445,9 @@ async def schedule(
     """Create or replace schedule NAME: enqueue PAYLOAD (JSON, or else a string)
     --every S seconds or at each --cron time; each slot's job is NAME@SLOT."""
     if (every is None) == (cron is None):
-        raise click.UsageError("give --every or --cron, not both")
+        raise click.UsageError(
+            "give --every or --cron" if every is None else "give --every or --cron, not both"
+        )
     made = await client.schedule(
         name, parse_payload(payload), every, cron, tz, priority, max_attempts
     )

@@ -30,7 +30,9 @@ def check_definition(every: int | None, cron: str | None, tz: str | None) -> Non
     """InvalidRequest unless exactly one of `every` and `cron` is given, `cron`
     has five fields that cronsim reads and that come round, and `tz` (cron only)
     names a time zone."""
-    if (every is None) == (cron is None):
+    if every is None and cron is None:
+        raise InvalidRequest('a schedule has "every" (seconds) or "cron": give one')
+    if every is not None and cron is not None:
         raise InvalidRequest('a schedule has either "every" (seconds) or "cron", not both')
     if cron is None:
         if tz is not None:
