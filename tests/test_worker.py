@@ -1767,3 +1767,69 @@ async def test_a_second_signal_waits_for_handlers_in_threads(q: Client, broker: 
     assert (await q.job(running)).status == "completed"
     unrun = await q.job(ahead)
     assert (unrun.status, unrun.attempts) == ("pending", 0)
+
+
+FIRST_SIGNAL = """
+import asyncio, os, signal, sys
+from simplequeue.client import Client, Worker
+
+async def main(url, ahead_id):
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(job):
+        started.set()
+        await release.wait()
+        return "done"
+
+    async with Client(url, topic="w") as q:
+        worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0.2)
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait_for(started.wait(), 10)
+        while (await q.status())["claimed"] < 2:  # the second job claimed ahead
+            await asyncio.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+        while (await q.job(ahead_id)).status != "pending":  # given back, not run here
+            await asyncio.sleep(0.02)
+        release.set()  # the running one finishes
+        await asyncio.wait_for(run, 10)
+        print(worker.processed)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_signal_gives_back_the_jobs_claimed_ahead_and_finishes_the_running(
+    q: Client, broker: Any
+) -> None:
+    """On SIGTERM a Worker ran every job it had claimed ahead (up to 64 times
+    its concurrency) before it returned: with long jobs, some 3 jobs' length,
+    past a shutdown's grace period (review finding). They are given back now,
+    pending at once for another worker, the attempt uncounted, as Celery's
+    warm shutdown gives its prefetched messages back; the running ones finish."""
+    running, ahead = await q.enqueue_many(["runs", "waits"])
+    code, out, err = await run_script(FIRST_SIGNAL, broker.url, ahead)
+    assert (code, out.strip()) == (0, "1"), err[-2000:]
+    assert (await q.job(running)).status == "completed"
+    unrun = await q.job(ahead)
+    assert (unrun.status, unrun.attempts) == ("pending", 0)
+
+
+async def test_a_burst_worker_runs_its_own_retries_before_it_returns(q: Client) -> None:
+    """SPEC 8: Worker(burst=True) returns once the topic is empty. One whose
+    handler failed returned while the retry waited out its backoff, delayed:
+    the topic not empty, the retry never run (review finding)."""
+    tries: list[int | None] = []
+
+    async def flaky(job: Job) -> str:
+        tries.append(job.attempts)
+        if job.attempts == 1:
+            raise RuntimeError("the first try fails")
+        return "ok"
+
+    await q.enqueue(1, id="f")
+    worker = Worker(q, flaky, burst=True, backoff=Backoff(base=0.2, cap=0.2), handle_signals=False)
+    async with asyncio.timeout(20):
+        await worker.run()
+    counts = await q.status()
+    assert (counts["delayed"], counts["pending"], counts["completed"]) == (0, 0, 1), counts
+    assert tries == [1, 2]

@@ -20,12 +20,14 @@ sent, overrunning `timeout`, or an ack the broker refuses (a follow-up it
 cannot store, a body over its --max-body) nacks the job with the error text
 and a jittered exponential backoff (the broker sends it dead when its attempts
 are spent), and is logged with its traceback on the `simplequeue.worker` logger.
-stop(), SIGTERM or SIGINT stop claiming and drain: every job already claimed,
-the buffered ones included, is run to its end. A signal stops every Worker of
-the event loop; one the application handles itself is left to it (its handler
-calls stop()). A second signal while draining stops now: the buffered jobs are
-released unrun and the running handlers cancelled, their jobs nacked at once
-(handlers in threads cannot be stopped: they are waited for).
+stop() stops claiming and drains: every job already claimed, the buffered ones
+included, is run to its end. SIGTERM or SIGINT stop claiming too: the running
+jobs are run to their end, and the buffered ones given back unrun (released:
+pending at once, the attempt uncounted), for another worker to run now. A
+signal stops every Worker of the event loop; one the application handles
+itself is left to it (its handler calls stop()). A second signal while
+draining stops now: the running handlers are cancelled, their jobs nacked at
+once (handlers in threads cannot be stopped: they are waited for).
 Cancellation is never swallowed: only a handler cancelled because its
 heartbeat found the lease lost (or the job cancelled, POST /cancel), or by a
 second signal, is handled here; the first kind of job is neither acked nor
@@ -192,8 +194,9 @@ class Worker:
 
     run() returns after stop() or a signal; with `burst`, also once the topic is
     empty (a claim found nothing while nothing ran or waited here, and no job
-    is pending: one the topic's limits held back is waited for in long polls,
-    unless the topic is paused; other burst claims do not long-poll); with
+    is pending or delayed: one the topic's limits held back, or a retry's
+    delay, is waited for in long polls, unless the topic is paused; other
+    burst claims do not long-poll); with
     `max_jobs`, once that many jobs were claimed, whatever their outcome.
     Either way it drains first."""
 
@@ -250,6 +253,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._holding: dict[asyncio.Task[None], _Claimed] = {}  # what each running task runs
         self._signalled = 0  # signals received while running: a second stops now
+        self._giving_back: asyncio.Future[None] | None = None  # the first signal's release
         self._ready: collections.deque[_Claimed] = collections.deque()  # claimed, not started
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # a job started or finished: maybe time to claim
@@ -288,6 +292,7 @@ class Worker:
         if self._failed is not None:  # it gave up for good: a new Worker may do better
             raise self._failed
         self._done.clear()
+        self._signalled, self._giving_back = 0, None
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             _signals.join(loop, self)
@@ -321,6 +326,8 @@ class Worker:
                 await self._idle.wait()
             if self._running or self._ready:
                 await self._stop_now()
+            if self._giving_back is not None:
+                await self._giving_back
         except asyncio.CancelledError:
             while self._ready:
                 _cancel_beats(self._ready.popleft())
@@ -337,12 +344,22 @@ class Worker:
         self._signalled += 1
         if self._signalled == 1:
             log.info(
-                "signal received: draining %d running and %d claimed jobs"
+                "signal received: draining %d running jobs, giving back %d claimed ahead"
                 " (a second signal stops them now)",
                 len(self._running),
                 len(self._ready),
             )
             self.request_stop()
+            # Not started: another worker may run them now, rather than after
+            # the running ones (long jobs, a shutdown's grace period).
+            ready = list(self._ready)
+            self._ready.clear()
+            for held in ready:
+                _cancel_beats(held)
+            if ready:
+                self._giving_back = asyncio.ensure_future(self._give_back(ready))
+            if not self._running:
+                self._idle.set()
         elif self._signalled == 2:
             log.warning(
                 "second signal: stopping now; %d running jobs are interrupted and %d claimed"
@@ -516,21 +533,25 @@ class Worker:
 
     async def _held_back(self, count: int) -> list[Job]:
         """Burst: a claim that found nothing while jobs are pending was held back
-        by the topic's limits (its rate, max_claimed), the topic not empty: it
-        is claimed again in long polls, which wait for a token or a slot. []
-        once no job is pending, or the topic is paused (max_claimed 0)."""
-        while (await self.client.status())["pending"] > 0:
+        by the topic's limits (its rate, max_claimed), and one that found
+        nothing while jobs are delayed (a failed job's retry among them) came
+        before their time: the topic is not empty. It is claimed again in long
+        polls, which wait for a token, a slot or a job's time. [] once no job
+        is pending or delayed, or the topic is paused (max_claimed 0)."""
+        while True:
+            counts = await self.client.status()
+            if not counts["pending"] and not counts["delayed"]:
+                return []
             if (await self.client.settings()).get("max_claimed") == 0:
                 log.info("the topic is paused (max_claimed 0): stopping (burst)")
                 return []
-            # Not shorter than a second, whatever `wait` is: the long poll
-            # answers as soon as a token or a slot is there.
-            jobs = await self.client.claim_many(
-                self.worker_id, count, lease=self.lease, wait=max(self.wait, HELD_BACK_WAIT)
-            )
+            # A second while jobs are pending (the long poll answers as soon as
+            # a token or a slot is there; another claim of this worker may take
+            # them); for delayed ones `wait`, a second at least.
+            wait = HELD_BACK_WAIT if counts["pending"] else max(self.wait, HELD_BACK_WAIT)
+            jobs = await self.client.claim_many(self.worker_id, count, lease=self.lease, wait=wait)
             if jobs:
                 return jobs
-        return []
 
     def _give_up(self, exc: SimpleQueueError) -> None:
         """Stop claiming for good: run() drains the jobs in hand, then raises `exc`."""
