@@ -640,3 +640,19 @@ async def test_nack_with_a_delay_answers_delayed(q: Client) -> None:
     other = await q.claim("w")
     assert other is not None and other.id == "b"
     assert await q.nack(other) == "pending"  # no delay: pending at once
+
+
+async def test_a_client_for_another_topic_uses_this_ones_connections(q: Client) -> None:
+    """`q.for_topic("x")` made a client with an HTTP session of its own, which
+    nobody closed unless the caller knew to: "Unclosed client session" at
+    exit (review finding). It uses its lender's connections now."""
+    import gc
+
+    other = q.for_topic("other")
+    await other.enqueue(1)
+    assert (await other.status())["pending"] == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del other
+        gc.collect()
+    assert not [w for w in caught if "Unclosed" in str(w.message)], caught

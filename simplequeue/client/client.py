@@ -165,6 +165,7 @@ class Client:
         self.store = store
         self.max_age = api.check_seconds("max_age", max_age)
         self._session: aiohttp.ClientSession | None = None
+        self._lender: Client | None = None  # for_topic(): whose session this one uses
         self._owner: str | None = None  # the topic's owner, as a broker named it
         self._attempt_ids = True  # False: a broker refused them (older than they are)
         self._owns_store = False
@@ -200,7 +201,17 @@ class Client:
         return client
 
     def for_topic(self, topic: str) -> Client:
-        """A client of another topic on the same broker (its own session)."""
+        """A client of another topic on the same broker, sharing this client's
+        HTTP connections (closing it leaves them to this one, which must
+        outlive it)."""
+        other = self._like(topic)
+        other._lender = self
+        return other
+
+    def _like(self, topic: str) -> Client:
+        """A client of another topic on the same broker, with this one's
+        settings and HTTP connections of its own, to close (for another event
+        loop: a SyncClient's for_topic())."""
         return Client(
             self.url or None,
             topic=topic,
@@ -215,6 +226,8 @@ class Client:
     # --- transport ---------------------------------------------------------------
 
     def _http(self) -> aiohttp.ClientSession:
+        if self._lender is not None:
+            return self._lender._http()
         if self._session is None or self._session.closed:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
             self._session = aiohttp.ClientSession(

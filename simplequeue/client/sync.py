@@ -95,8 +95,8 @@ class SyncClient:
     def for_topic(self, topic: str) -> SyncClient:
         """A client of another topic on the same broker (its own session and loop)."""
 
-        async def make() -> Client:
-            return self.client.for_topic(topic)
+        async def make() -> Client:  # on the new client's loop: connections of its own
+            return self.client._like(topic)
 
         return SyncClient._wrapping(make)
 
