@@ -714,6 +714,8 @@ async def test_a_second_ctrl_c_stops_work_now_and_gives_the_job_back(
             code = await proc.wait()
         assert code == 0
         await until(lambda: not alive(pid), 2)
+        said = (await proc.stderr.read()).decode()
+        assert "done: 0 acked, 0 nacked, 1 given back" in said, said
     job = await cli.json("job", "s")
     assert (job["status"], job["attempts"]) == ("pending", 1)
     assert "Interrupted: the worker was stopped" in job["last_error"]

@@ -622,7 +622,8 @@ async def work(
     into = f" into {output_topic}" if output_topic is not None else ""
     click.echo(f"working on {client.topic}{into} with {' '.join(command)}", err=True)
     await worker.run()
-    click.echo(f"done: {worker.processed} acked, {worker.failed} nacked", err=True)
+    given_back = f", {worker.given_back} given back" if worker.given_back else ""
+    click.echo(f"done: {worker.processed} acked, {worker.failed} nacked{given_back}", err=True)
     if cannot_start:
         raise click.ClickException(str(cannot_start[0]))
 

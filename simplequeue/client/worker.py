@@ -250,6 +250,7 @@ class Worker:
         self.handle_signals = handle_signals
         self.processed = 0
         self.failed = 0
+        self.given_back = 0  # by a signal: claimed ahead and released, or interrupted
         self._running: set[asyncio.Task[None]] = set()
         self._holding: dict[asyncio.Task[None], _Claimed] = {}  # what each running task runs
         self._signalled = 0  # signals received while running: a second stops now
@@ -413,6 +414,7 @@ class Worker:
             return
         try:
             await self.client.release([h.job for h in held])
+            self.given_back += len(held)
         except Exception as exc:
             log.warning(
                 "%d claimed jobs could not be given back (%s): left to their leases", len(held), exc
@@ -660,6 +662,7 @@ class Worker:
             if held.interrupted:  # whatever it raised as it was cancelled: pending again now
                 log.warning("job %s: interrupted on attempt %s", job.id, job.attempts)
                 error = "".join(traceback.format_exception_only(Interrupted(str(failure))))
+                self.given_back += 1
                 await self._settle(job, self.client.nack(job, 0, error.strip()))
                 return
             await self._fail(job, failure)
