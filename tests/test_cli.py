@@ -807,3 +807,17 @@ async def test_a_command_given_neither_of_two_options_is_not_told_not_both(cli: 
         done = await cli(*args)
         assert done.returncode == 2 and said in done.stderr, done.stderr
         assert "not both" not in done.stderr, done.stderr
+
+
+async def test_enqueue_retried_after_it_landed_does_not_say_duplicate(broker: Any) -> None:
+    """An enqueue whose first try landed but whose answer was lost (a proxy's
+    502) is tried again under the same id; the broker answers it as a
+    duplicate, and the CLI said "duplicate": true (the payload dropped) of the
+    job this very command made (review of a6af88a)."""
+    async with FaultProxy(broker.url).running() as proxy:
+        proxy.fail("/enqueue", "landed-502")
+        out = await Cli("--broker", proxy.url, "--topic", "w").json("enqueue", "1")
+    assert "duplicate" not in out, out
+    async with Client(broker.url, topic="w") as q:
+        assert (await q.status())["pending"] == 1
+        assert (await q.job(out["id"])).payload == 1

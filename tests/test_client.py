@@ -656,3 +656,15 @@ async def test_a_client_for_another_topic_uses_this_ones_connections(q: Client) 
         del other
         gc.collect()
     assert not [w for w in caught if "Unclosed" in str(w.message)], caught
+
+
+async def test_a_client_for_another_topic_fails_once_its_lender_is_closed(q: Client) -> None:
+    """A for_topic() client used after its lender was closed opened a new session
+    on the closed lender, which nobody closed (review of 612db2d). It raises."""
+    lender = Client(q.url, topic="a")
+    other = lender.for_topic("b")
+    await other.enqueue(1)
+    await lender.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        await other.status()
+    assert lender._session is None or lender._session.closed

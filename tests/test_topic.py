@@ -146,7 +146,7 @@ def test_nack_returns_to_pending_after_delay_with_error() -> None:
     s = fresh()
     s.enqueue([JobSpec(1, id="a")], T0)
     [job] = s.claim("w", None, 1, T0)
-    assert s.nack("a", job["lease_token"], 30, "boom", T0)["status"] == "delayed"  # pending after the delay
+    assert s.nack("a", job["lease_token"], 30, "boom", T0)["status"] == "delayed"
     assert s.claim("w", None, 1, T0 + 29) == []
     [again] = s.claim("w", None, 1, T0 + 30)
     assert again["attempts"] == 2

@@ -1814,22 +1814,65 @@ async def test_a_signal_gives_back_the_jobs_claimed_ahead_and_finishes_the_runni
     assert (unrun.status, unrun.attempts) == ("pending", 0)
 
 
-async def test_a_burst_worker_runs_its_own_retries_before_it_returns(q: Client) -> None:
-    """SPEC 8: Worker(burst=True) returns once the topic is empty. One whose
-    handler failed returned while the retry waited out its backoff, delayed:
-    the topic not empty, the retry never run (review finding)."""
-    tries: list[int | None] = []
+async def test_a_burst_worker_leaves_delayed_jobs_for_a_later_run(q: Client) -> None:
+    """A burst Worker that waited for delayed jobs (a try of this round, after
+    a newcomer's review) kept a cron or CI drain up for as long as one was
+    delayed: an hour for a job enqueued with delay=3600, for ever for a job
+    that always fails with unlimited attempts (review of that try). It leaves
+    them for a later run, as RQ's burst mode leaves scheduled jobs."""
+    await q.enqueue("later", id="later", delay=3600)
+    await q.enqueue("poison", id="poison", max_attempts=0)  # unlimited attempts
+    await q.enqueue("now", id="now")
+    ran: list[str] = []
 
-    async def flaky(job: Job) -> str:
-        tries.append(job.attempts)
-        if job.attempts == 1:
-            raise RuntimeError("the first try fails")
+    async def handler(job: Job) -> str:
+        ran.append(job.id)
+        if job.id == "poison":
+            raise RuntimeError("it always fails")
         return "ok"
 
-    await q.enqueue(1, id="f")
-    worker = Worker(q, flaky, burst=True, backoff=Backoff(base=0.2, cap=0.2), handle_signals=False)
-    async with asyncio.timeout(20):
+    backoff = Backoff(base=1.0, cap=1.0)  # its retry half a second away at least
+    worker = Worker(q, handler, burst=True, wait=0.2, backoff=backoff, handle_signals=False)
+    async with asyncio.timeout(10):
         await worker.run()
+    assert sorted(ran) == ["now", "poison"]
     counts = await q.status()
-    assert (counts["delayed"], counts["pending"], counts["completed"]) == (0, 0, 1), counts
-    assert tries == [1, 2]
+    assert (counts["delayed"], counts["completed"]) == (2, 1), counts
+
+
+async def test_jobs_claimed_ahead_and_answered_after_the_first_signal_go_back(
+    q: Client,
+) -> None:
+    """The first signal gave back the jobs in the buffer, but a claim answered
+    out of order (its earlier sibling slow) waited behind that sibling's
+    answer; cancelled by the signal, the sibling let them into the buffer
+    after it was emptied, and the draining worker ran them (review finding).
+    Jobs a claim brings after a signal go back too."""
+    await q.enqueue_many([{"payload": i, "id": f"j{i}"} for i in range(4)])
+    real = q.claim_many
+    calls = 0
+
+    async def claim_many(worker_id: str, count: int, lease: Any = None, wait: float = 0) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the first claim is slow: its answer has not come yet
+            await asyncio.Event().wait()
+        return await real(worker_id, count, lease=lease, wait=wait)
+
+    q.claim_many = claim_many  # type: ignore[method-assign]
+    ran: list[str] = []
+
+    async def handler(job: Job) -> str:
+        ran.append(job.id)
+        return "ok"
+
+    worker = Worker(q, handler, concurrency=1, prefetch=4, wait=0.2, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+    await until(lambda: any(jobs for _, jobs in worker._answers.values()))  # parked behind
+    worker._on_signal()  # as SIGTERM does
+    await asyncio.wait_for(task, 10)
+    q.claim_many = real  # type: ignore[method-assign]
+    assert ran == []
+    for i in range(4):
+        job = await q.job(f"j{i}")
+        assert (job.status, job.attempts) == ("pending", 0), job

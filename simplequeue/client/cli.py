@@ -197,9 +197,12 @@ async def enqueue(
             max_attempts=max_attempts,
         )
         path = f"/topics/{client.topic}/enqueue"
-        answer = await client.request("POST", path, api.Enqueued, spec)
-        # "duplicate": true when the id was taken already: nothing was enqueued.
-        emit(msgspec.structs.asdict(answer) if answer.duplicate else {"id": answer.id})
+        _, answer, repeated = await client.call("POST", path, api.Enqueued, spec)
+        assert answer is not None  # no status was expected: a 2xx, or raised
+        # "duplicate": true when the id was taken already and nothing was
+        # enqueued; not after a retry, whose first try may have made the job.
+        dropped = answer.duplicate and not repeated
+        emit(msgspec.structs.asdict(answer) if dropped else {"id": answer.id})
         return
     ids = await enqueue_file(client, jobs_file, priority, delay, max_attempts)
     emit({"enqueued": len(ids)})

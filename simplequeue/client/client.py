@@ -166,6 +166,7 @@ class Client:
         self.max_age = api.check_seconds("max_age", max_age)
         self._session: aiohttp.ClientSession | None = None
         self._lender: Client | None = None  # for_topic(): whose session this one uses
+        self._closed = False  # close() was called (a for_topic client may not lend on)
         self._owner: str | None = None  # the topic's owner, as a broker named it
         self._attempt_ids = True  # False: a broker refused them (older than they are)
         self._owns_store = False
@@ -227,6 +228,11 @@ class Client:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._lender is not None:
+            if self._lender._closed:
+                raise RuntimeError(
+                    f"the client of topic {self._lender.topic!r} this one came from "
+                    "(for_topic) is closed: its connections with it"
+                )
             return self._lender._http()
         if self._session is None or self._session.closed:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -379,6 +385,7 @@ class Client:
             raise _Retry(BrokerUnavailable(f"no broker: {exc}"), tried=False) from exc
 
     async def close(self) -> None:
+        self._closed = True
         await self._enqueues.close()
         if self._session is not None:
             await self._session.close()

@@ -194,9 +194,9 @@ class Worker:
 
     run() returns after stop() or a signal; with `burst`, also once the topic is
     empty (a claim found nothing while nothing ran or waited here, and no job
-    is pending or delayed: one the topic's limits held back, or a retry's
-    delay, is waited for in long polls, unless the topic is paused; other
-    burst claims do not long-poll); with
+    is pending: one the topic's limits held back is waited for in long polls,
+    unless the topic is paused; delayed jobs, retries included, are left for
+    a later run; other burst claims do not long-poll); with
     `max_jobs`, once that many jobs were claimed, whatever their outcome.
     Either way it drains first."""
 
@@ -254,7 +254,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._holding: dict[asyncio.Task[None], _Claimed] = {}  # what each running task runs
         self._signalled = 0  # signals received while running: a second stops now
-        self._giving_back: asyncio.Future[None] | None = None  # the first signal's release
+        self._giving_back: list[asyncio.Future[None]] = []  # releases since the first signal
         self._ready: collections.deque[_Claimed] = collections.deque()  # claimed, not started
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # a job started or finished: maybe time to claim
@@ -293,7 +293,7 @@ class Worker:
         if self._failed is not None:  # it gave up for good: a new Worker may do better
             raise self._failed
         self._done.clear()
-        self._signalled, self._giving_back = 0, None
+        self._signalled, self._giving_back = 0, []
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             _signals.join(loop, self)
@@ -327,8 +327,7 @@ class Worker:
                 await self._idle.wait()
             if self._running or self._ready:
                 await self._stop_now()
-            if self._giving_back is not None:
-                await self._giving_back
+            await asyncio.gather(*self._giving_back)
         except asyncio.CancelledError:
             while self._ready:
                 _cancel_beats(self._ready.popleft())
@@ -357,8 +356,7 @@ class Worker:
             self._ready.clear()
             for held in ready:
                 _cancel_beats(held)
-            if ready:
-                self._giving_back = asyncio.ensure_future(self._give_back(ready))
+            self._give_back_later([held.job for held in ready])
             if not self._running:
                 self._idle.set()
         elif self._signalled == 2:
@@ -390,14 +388,16 @@ class Worker:
                 "%d handlers run in threads, which cannot be interrupted: waiting for them",
                 len(running),
             )
-            await asyncio.wait([*running, asyncio.ensure_future(self._give_back(ready))])
+            await asyncio.wait(
+                [*running, asyncio.ensure_future(self._give_back([h.job for h in ready]))]
+            )
             return
         for task in running:
             held = self._holding[task]
             held.interrupted = True
             if held.work is not None:
                 held.work.cancel()
-        waiting = [*running, asyncio.ensure_future(self._give_back(ready))]
+        waiting = [*running, asyncio.ensure_future(self._give_back([h.job for h in ready]))]
         _, left = await asyncio.wait(waiting, timeout=CANCEL_GRACE)
         for task in left:
             task.cancel()
@@ -407,17 +407,22 @@ class Worker:
             )
             await asyncio.wait(left)
 
-    async def _give_back(self, held: list[_Claimed]) -> None:
+    def _give_back_later(self, jobs: list[Job]) -> None:
+        """_give_back() in a task of its own, which the drain waits for."""
+        if jobs:
+            self._giving_back.append(asyncio.ensure_future(self._give_back(jobs)))
+
+    async def _give_back(self, jobs: list[Job]) -> None:
         """Give back claimed jobs that did not run (pending at once, the attempt
         uncounted); those it cannot are left to their leases."""
-        if not held:
+        if not jobs:
             return
         try:
-            await self.client.release([h.job for h in held])
-            self.given_back += len(held)
+            await self.client.release(jobs)
+            self.given_back += len(jobs)
         except Exception as exc:
             log.warning(
-                "%d claimed jobs could not be given back (%s): left to their leases", len(held), exc
+                "%d claimed jobs could not be given back (%s): left to their leases", len(jobs), exc
             )
 
     def request_stop(self) -> None:
@@ -535,25 +540,24 @@ class Worker:
 
     async def _held_back(self, count: int) -> list[Job]:
         """Burst: a claim that found nothing while jobs are pending was held back
-        by the topic's limits (its rate, max_claimed), and one that found
-        nothing while jobs are delayed (a failed job's retry among them) came
-        before their time: the topic is not empty. It is claimed again in long
-        polls, which wait for a token, a slot or a job's time. [] once no job
-        is pending or delayed, or the topic is paused (max_claimed 0)."""
-        while True:
-            counts = await self.client.status()
-            if not counts["pending"] and not counts["delayed"]:
-                return []
+        by the topic's limits (its rate, max_claimed), the topic not empty: it
+        is claimed again in long polls, which wait for a token or a slot. []
+        once no job is pending, or the topic is paused (max_claimed 0).
+        Delayed jobs, this worker's failed jobs' retries among them, are left
+        for a later run, as RQ's burst mode leaves scheduled jobs: one delayed
+        an hour, or a job failing for ever, would keep it up."""
+        while (await self.client.status())["pending"] > 0:
             if (await self.client.settings()).get("max_claimed") == 0:
                 log.info("the topic is paused (max_claimed 0): stopping (burst)")
                 return []
-            # A second while jobs are pending (the long poll answers as soon as
-            # a token or a slot is there; another claim of this worker may take
-            # them); for delayed ones `wait`, a second at least.
-            wait = HELD_BACK_WAIT if counts["pending"] else max(self.wait, HELD_BACK_WAIT)
-            jobs = await self.client.claim_many(self.worker_id, count, lease=self.lease, wait=wait)
+            # A second (the long poll answers as soon as a token or a slot is
+            # there; another claim of this worker may take the jobs meanwhile).
+            jobs = await self.client.claim_many(
+                self.worker_id, count, lease=self.lease, wait=HELD_BACK_WAIT
+            )
             if jobs:
                 return jobs
+        return []
 
     def _give_up(self, exc: SimpleQueueError) -> None:
         """Stop claiming for good: run() drains the jobs in hand, then raises `exc`."""
@@ -577,6 +581,10 @@ class Worker:
             self._asked -= count
             if jobs is None:  # a failed claim says nothing of the topic
                 self._dry = False
+                continue
+            if self._signalled:  # claimed ahead, answered after a signal: they go back
+                self._taken += len(jobs)
+                self._give_back_later(jobs)
                 continue
             found_nothing = found_nothing or not jobs
             self._taken += len(jobs)
@@ -627,7 +635,7 @@ class Worker:
             return
         if held.interrupted:  # stopped now, before its handler started
             await self._stop_beats(held)
-            await self._give_back([held])
+            await self._give_back([job])
             return
         _handling.set((self, asyncio.current_task(), held))  # the handler's task copies it
         work = held.work = asyncio.ensure_future(self._handle(job))
