@@ -275,7 +275,8 @@ def spec() -> dict[str, Any]:
         f"{t}/nack": {
             "post": _op(
                 "nack",
-                "Return a claimed job to pending after delay seconds, or dead when spent",
+                "Return a claimed job to pending after delay seconds (delayed until"
+                " then), or dead when spent",
                 _ref(api.Settled),
                 _SETTLE,
                 body=_ref(api.NackRequest),

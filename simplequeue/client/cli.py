@@ -274,8 +274,8 @@ async def ack(client: Client, job_id: str, lease_token: str | None, result: str 
 async def nack(
     client: Client, job_id: str, lease_token: str | None, delay: float, error: str | None
 ) -> None:
-    """Give JOB_ID back (pending after --delay, or dead when its attempts are
-    spent). "-": the job `claim` printed, read from stdin."""
+    """Give JOB_ID back (pending after --delay, delayed until then, or dead when
+    its attempts are spent). "-": the job `claim` printed, read from stdin."""
     job = held_job(job_id, lease_token)
     status = await client.nack(job, delay, error)
     emit({"id": job.id, "status": status})
