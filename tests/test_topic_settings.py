@@ -299,6 +299,35 @@ async def test_a_long_poll_under_a_rate_waits_for_the_next_token(
     assert waited < 4  # the token was due within a second; 8 without the wake
 
 
+async def test_a_long_poll_wakes_when_a_delayed_job_comes_due(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No commit tells a long poll that a delayed job came due: it found it at
+    its next look at the store, within POLL_INTERVAL (1 s; 30 s here), a
+    retry's backoff late. It wakes when the job is due now, as for a token."""
+    monkeypatch.setattr(engine_module, "POLL_INTERVAL", 30.0)
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as q:
+        await q.enqueue("later", delay=0.5)
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        job = await q.claim("w", wait=8)
+        waited = loop.time() - asked
+    assert job is not None and job.payload == "later"
+    assert waited < 4  # due in half a second; 8 without the wake
+
+
+def test_a_claim_says_when_the_earliest_job_it_found_not_due_comes_due() -> None:
+    s = fresh()
+    s.enqueue([JobSpec("a", id="a", delay=30), JobSpec("b", id="b", priority=5, delay=20)], T0)
+    assert s.claim("w", 30, 1, T0) == []
+    assert s.ready_wait(T0) == 20
+    assert [j["id"] for j in s.claim("w", 30, 1, T0 + 20)] == ["b"]
+    assert s.ready_wait(T0 + 20) is None  # it found one
+    assert s.claim("w", 30, 1, T0 + 25) == []
+    assert s.ready_wait(T0 + 25) == 5
+
+
 def test_lowering_the_rate_keeps_the_tokens_the_bucket_already_held() -> None:
     """The bucket "keeps its tokens (up to a new burst)", but a change recomputed
     them: the time since the last claim was refilled at the NEW rate. A full

@@ -62,8 +62,9 @@ def public(job: Job, status: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _Polled:
-    """What one try of a long poll got: jobs, or (none, and the topic's rate
-    holds claims back) how many seconds until the rate lets one through."""
+    """What one try of a long poll got: jobs, or (none) how many seconds until
+    one may come without a commit to say so: the topic's rate lets one
+    through, or a delayed job comes due."""
 
     jobs: list[Job]
     token_in: float | None = None
@@ -73,11 +74,15 @@ def _polled(
     take: Callable[[TopicState, float], list[Job]],
 ) -> Callable[[TopicState, float], _Polled]:
     """A claim mutation that also says, when it got nothing, when a token of
-    the topic's rate comes (a long poll wakes then, not only on commits)."""
+    the topic's rate comes or a delayed job comes due (a long poll wakes then,
+    not only on commits)."""
 
     def polled(s: TopicState, now: float) -> _Polled:
         jobs = take(s, now)
-        return _Polled(jobs, None if jobs else s.token_wait(now))
+        if jobs:
+            return _Polled(jobs)
+        waits = [w for w in (s.token_wait(now), s.ready_wait(now)) if w is not None]
+        return _Polled(jobs, max(waits) if waits else None)
 
     return polled
 

@@ -85,6 +85,8 @@ class TopicState(Layout):
         # Which ids the topic's segments surely lack (exists()' fast "no"); its
         # owner may keep it across the topic's states.
         self.ids = ids if ids is not None else IdFilter()
+        # The run_at of the earliest job the last claim() found not due yet.
+        self.next_ready: float | None = None
 
     @property
     def ids(self) -> IdFilter:
@@ -388,6 +390,7 @@ class TopicState(Layout):
         start = now + clock_error
         count = min(count, self.claimable(now))
         claimed: list[Job] = []
+        self.next_ready = None
         if count <= 0:
             return claimed
         lanes = sorted(self.head["lanes"].items(), key=lambda kv: -int(kv[0]))
@@ -431,10 +434,14 @@ class TopicState(Layout):
             if place is None:
                 continue
             key = job_key(place.item)
-            if key[0] <= now and (best is None or key < best):
+            if key[0] > now:
+                self._not_ready(key[0])
+            elif best is None or key < best:
                 best, best_run, best_place = key, run, place
         inline: list[Job] = lane["in"]
-        if inline and inline[0]["run_at"] <= now and (best is None or job_key(inline[0]) < best):
+        if inline and inline[0]["run_at"] > now:
+            self._not_ready(inline[0]["run_at"])
+        elif inline and (best is None or job_key(inline[0]) < best):
             return inline.pop(0), None
         if best_run is None:
             return None
@@ -444,6 +451,11 @@ class TopicState(Layout):
         if best_run.count == 0:
             lane["runs"].remove(best_run.d)
         return place.item, [place.seg, place.index]
+
+    def _not_ready(self, run_at: float) -> None:
+        """A lane's front that claim() found not due yet, at `run_at`."""
+        if self.next_ready is None or run_at < self.next_ready:
+            self.next_ready = run_at
 
     def pop(self, worker_id: str, count: int, now: float) -> list[Job]:
         """Claim and complete up to `count` jobs at once (Redis LPOP semantics):
@@ -1108,6 +1120,12 @@ class TopicState(Layout):
             at = max(now, self.head.get("bucket", {}).get("at", now))
             tokens = min(float(burst), self._tokens(now) - claimed)
             self.head["bucket"] = {"tokens": tokens, "at": at}
+
+    def ready_wait(self, now: float) -> float | None:
+        """Seconds until the earliest job the last claim() found not due yet
+        comes due (None: it found none), for a long poll to wake then: no
+        commit tells of a delayed job coming due."""
+        return None if self.next_ready is None else max(0.0, self.next_ready - now)
 
     def token_wait(self, now: float) -> float | None:
         """Seconds until the rate lets a claim take a job, when that is what
