@@ -325,7 +325,7 @@ class Worker:
             while (self._running or self._ready) and self._signalled < 2:
                 self._idle.clear()
                 await self._idle.wait()
-            if self._running or self._ready:
+            if self._running:  # a second signal (the first emptied the buffer)
                 await self._stop_now()
             await asyncio.gather(*self._giving_back)
         except asyncio.CancelledError:
@@ -361,25 +361,17 @@ class Worker:
                 self._idle.set()
         elif self._signalled == 2:
             log.warning(
-                "second signal: stopping now; %d running jobs are interrupted and %d claimed"
-                " jobs given back",
-                len(self._running),
-                len(self._ready),
+                "second signal: stopping now; %d running jobs are interrupted", len(self._running)
             )
             self._idle.set()  # the drain's wait: it stops now
 
     async def _stop_now(self) -> None:
-        """A second signal during the drain (a user's second Ctrl-C): the jobs
-        buffered are given back as not worked (pending at once, the attempt
-        uncounted), and the running handlers cancelled, their jobs nacked
-        without delay (the attempt spent, as by a crash). What does not end
-        within CANCEL_GRACE is left to its lease. Handlers in threads (plain
-        functions) cannot be stopped: they are waited for, their jobs acked
-        or nacked as they end."""
-        ready = list(self._ready)
-        self._ready.clear()
-        for held in ready:
-            _cancel_beats(held)
+        """A second signal during the drain (a user's second Ctrl-C): the running
+        handlers are cancelled, their jobs nacked without delay (the attempt
+        spent, as by a crash). What does not end within CANCEL_GRACE is left
+        to its lease. Handlers in threads (plain functions) cannot be stopped:
+        they are waited for, their jobs acked or nacked as they end. (The
+        buffered jobs went back at the first signal.)"""
         running = list(self._running)
         if self._in_thread:
             # A thread cannot be stopped: given back, its job could run twice
@@ -388,17 +380,14 @@ class Worker:
                 "%d handlers run in threads, which cannot be interrupted: waiting for them",
                 len(running),
             )
-            await asyncio.wait(
-                [*running, asyncio.ensure_future(self._give_back([h.job for h in ready]))]
-            )
+            await asyncio.wait(running)
             return
         for task in running:
             held = self._holding[task]
             held.interrupted = True
             if held.work is not None:
                 held.work.cancel()
-        waiting = [*running, asyncio.ensure_future(self._give_back([h.job for h in ready]))]
-        _, left = await asyncio.wait(waiting, timeout=CANCEL_GRACE)
+        _, left = await asyncio.wait(running, timeout=CANCEL_GRACE)
         for task in left:
             task.cancel()
         if left:
