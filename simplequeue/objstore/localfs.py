@@ -420,8 +420,9 @@ class LocalStore(ObjectStore):
         # poll instead, so that the wait is bounded and the thread comes back.
         # Called through _run, it waits here LOCK_WAIT_IN_THREAD at most, then
         # gives its thread back (_LockBusy) until the call's deadline.
-        deadline = _lock_deadline.get() or time.monotonic() + self.lock_timeout
-        given_back = time.monotonic() + LOCK_WAIT_IN_THREAD if _lock_deadline.get() else 1e300
+        through_run = _lock_deadline.get()
+        deadline = through_run or time.monotonic() + self.lock_timeout
+        given_back = time.monotonic() + LOCK_WAIT_IN_THREAD if through_run else 1e300
         pause = 0.001
         while True:
             try:
