@@ -25,7 +25,7 @@ import msgspec
 import orjson
 
 from simplequeue import __version__, api
-from simplequeue.client.client import Client
+from simplequeue.client.client import Client, new_job_spec
 from simplequeue.client.followups import Done
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
@@ -189,13 +189,7 @@ async def enqueue(
         )
     if jobs_file is None:
         assert payload is not None
-        spec = api.JobSpec(
-            parse_payload(payload),
-            id=api.new_id() if job_id is None else job_id,  # a retry is then a duplicate
-            priority=priority,
-            delay=delay,
-            max_attempts=max_attempts,
-        )
+        spec = new_job_spec(parse_payload(payload), job_id, priority, delay, max_attempts)
         path = f"/topics/{client.topic}/enqueue"
         _, answer, repeated = await client.call("POST", path, api.Enqueued, spec)
         assert answer is not None  # no status was expected: a 2xx, or raised

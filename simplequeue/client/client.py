@@ -422,7 +422,7 @@ class Client:
 
         Calls made while another enqueue of this client is in flight go out
         together as one batch request, like the broker's own group commit."""
-        return await self._enqueues.submit(_spec(payload, id, priority, delay, max_attempts))
+        return await self._enqueues.submit(new_job_spec(payload, id, priority, delay, max_attempts))
 
     async def _send_enqueues(self, batch: list[Pending[api.JobSpec, str]]) -> list[Any]:
         specs = [p.item for p in batch]
@@ -754,9 +754,11 @@ def _spec_of(index: int, item: Any) -> api.JobSpec:
     return spec if spec.id is not None else msgspec.structs.replace(spec, id=api.new_id())
 
 
-def _spec(
+def new_job_spec(
     payload: Any, job_id: str | None, priority: int, delay: float, max_attempts: int | None
 ) -> api.JobSpec:
+    """One job to enqueue, its id made here when none is given: a retry of its
+    request is then a duplicate at the broker, not a second job."""
     return api.JobSpec(
         payload,
         id=api.new_id() if job_id is None else job_id,
