@@ -304,9 +304,7 @@ class Router:
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
             return await self.engine.claim(topic, worker_id, lease=lease, count=count, wait=wait)
-        if got.status == NothingToClaim.http_status:
-            return []
-        return _decode(got, _Jobs)["jobs"]
+        return _jobs_of(got)
 
     async def _take_back(self, topic: str, worker_id: str, count: int, attempt_id: str) -> None:
         """Give back what the cancelled claim `attempt_id` was answered, if its
@@ -318,10 +316,8 @@ class Router:
             got = await self._route(topic, "POST", "/claim", body)
             if got is None:
                 jobs = await self.engine.claim(topic, worker_id, count=count, attempt_id=attempt_id)
-            elif got.status == NothingToClaim.http_status:
-                jobs = []
             else:
-                jobs = _decode(got, _Jobs)["jobs"]
+                jobs = _jobs_of(got)
             if jobs:
                 await self.release(topic, jobs)
         except SimpleQueueError as exc:
@@ -338,9 +334,7 @@ class Router:
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
             return await self.engine.pop(topic, worker_id, count=count, wait=wait)
-        if got.status == NothingToClaim.http_status:
-            return []
-        return _decode(got, _Jobs)["jobs"]
+        return _jobs_of(got)
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None:
         body = api.ReleaseRequest(_held(jobs))
@@ -390,6 +384,14 @@ def _in_background(work: Coroutine[Any, Any, None]) -> None:
     task = asyncio.get_running_loop().create_task(work)
     _background.add(task)
     task.add_done_callback(_background.discard)
+
+
+def _jobs_of(got: Answer) -> list[dict[str, Any]]:
+    """The jobs a claim or pop another broker served was answered: none for
+    its 404 (nothing to claim)."""
+    if got.status == NothingToClaim.http_status:
+        return []
+    return _decode(got, _Jobs)["jobs"]
 
 
 def _held(jobs: list[dict[str, Any]]) -> list[api.Held]:
