@@ -1619,23 +1619,33 @@ async def _nacked(q: HangingHeartbeat) -> bool:
     return bool(q.in_flight_at_nack)
 
 
-SECOND_SIGNAL = """
-import asyncio, os, signal, sys
+HOLDING_TWO = """
+import asyncio, os, signal, sys, threading
 from simplequeue.client import Client, Worker
 
-async def main(url):
-    started = asyncio.Event()
+started = threading.Event()  # set by each script's handler
 
+async def holding_two(q, handler):
+    # A Worker running the first job of q, the second claimed ahead.
+    worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0.2)
+    run = asyncio.create_task(worker.run())
+    await asyncio.to_thread(started.wait, 10)
+    while (await q.status())["claimed"] < 2:  # the second job claimed ahead
+        await asyncio.sleep(0.02)
+    return worker, run
+"""
+
+
+SECOND_SIGNAL = (
+    HOLDING_TWO
+    + """
+async def main(url):
     async def handler(job):
         started.set()
         await asyncio.Event().wait()  # a job that will not end by itself
 
     async with Client(url, topic="w") as q:
-        worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0.2)
-        run = asyncio.create_task(worker.run())
-        await asyncio.wait_for(started.wait(), 10)
-        while (await q.status())["claimed"] < 2:  # the second job claimed ahead
-            await asyncio.sleep(0.02)
+        worker, run = await holding_two(q, handler)
         os.kill(os.getpid(), signal.SIGTERM)  # drains: it would wait for ever
         await asyncio.sleep(0.2)
         assert not run.done()
@@ -1645,6 +1655,7 @@ async def main(url):
 
 asyncio.run(main(sys.argv[1]))
 """
+)
 
 
 async def test_a_second_signal_stops_the_drain_and_gives_the_jobs_back(
@@ -1723,11 +1734,10 @@ async def test_a_burst_worker_with_wait_0_does_not_spin_on_a_rate_limited_topic(
     assert asked < 20, f"{asked} status requests while waiting ~2 s for one token"
 
 
-SECOND_SIGNAL_THREAD = """
-import asyncio, os, signal, sys, threading
-from simplequeue.client import Client, Worker
-
-started, release = threading.Event(), threading.Event()
+SECOND_SIGNAL_THREAD = (
+    HOLDING_TWO
+    + """
+release = threading.Event()
 
 def handler(job):  # a plain def: it runs in a thread
     started.set()
@@ -1736,11 +1746,7 @@ def handler(job):  # a plain def: it runs in a thread
 
 async def main(url, running_id):
     async with Client(url, topic="w") as q:
-        worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0.2)
-        run = asyncio.create_task(worker.run())
-        await asyncio.to_thread(started.wait, 10)
-        while (await q.status())["claimed"] < 2:  # the second job claimed ahead
-            await asyncio.sleep(0.02)
+        worker, run = await holding_two(q, handler)
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.sleep(0.2)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -1753,6 +1759,7 @@ async def main(url, running_id):
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
+)
 
 
 async def test_a_second_signal_waits_for_handlers_in_threads(q: Client, broker: Any) -> None:
@@ -1769,12 +1776,11 @@ async def test_a_second_signal_waits_for_handlers_in_threads(q: Client, broker: 
     assert (unrun.status, unrun.attempts) == ("pending", 0)
 
 
-FIRST_SIGNAL = """
-import asyncio, os, signal, sys
-from simplequeue.client import Client, Worker
-
+FIRST_SIGNAL = (
+    HOLDING_TWO
+    + """
 async def main(url, ahead_id):
-    started, release = asyncio.Event(), asyncio.Event()
+    release = asyncio.Event()
 
     async def handler(job):
         started.set()
@@ -1782,11 +1788,7 @@ async def main(url, ahead_id):
         return "done"
 
     async with Client(url, topic="w") as q:
-        worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0.2)
-        run = asyncio.create_task(worker.run())
-        await asyncio.wait_for(started.wait(), 10)
-        while (await q.status())["claimed"] < 2:  # the second job claimed ahead
-            await asyncio.sleep(0.02)
+        worker, run = await holding_two(q, handler)
         os.kill(os.getpid(), signal.SIGTERM)
         while (await q.job(ahead_id)).status != "pending":  # given back, not run here
             await asyncio.sleep(0.02)
@@ -1796,6 +1798,7 @@ async def main(url, ahead_id):
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
+)
 
 
 async def test_a_signal_gives_back_the_jobs_claimed_ahead_and_finishes_the_running(
