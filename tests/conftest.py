@@ -10,6 +10,7 @@ the s3 backend is not only ever checked against one emulator.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import select
@@ -159,6 +160,7 @@ class BrokerProcess:
         nofile: int | tuple[int, int] | None = None,
     ) -> None:
         self.args = args
+        self._faked_clock = "FAKETIME" in (env or {})
         # A file, not a pipe: readable while the broker runs (a campaign that
         # fails says what its brokers logged), and never full (a broker that
         # logs past a pipe's 64 KB, unread, would block on its next line).
@@ -198,6 +200,8 @@ class BrokerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        if self._faked_clock:
+            remove_faketime_leftovers(self.pid)
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM, then SIGKILL if it does not leave in time; the exit code."""
@@ -208,6 +212,8 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         code = self.proc.wait()
+        if self._faked_clock:
+            remove_faketime_leftovers(self.pid)
         if self.proc.stdout:
             self.proc.stdout.close()
         if not self._stderr.closed:
@@ -265,6 +271,17 @@ def faketime_env(offset: str) -> dict[str, str]:
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         "NO_FAKE_STAT": "1",
     }
+
+
+def remove_faketime_leftovers(pid: int) -> None:
+    """Removes what libfaketime left of the exited process `pid`. Preloaded, it
+    makes a named semaphore and a shared memory object per process
+    (/dev/shm/sem.faketime_sem_<pid>, /dev/shm/faketime_shm_<pid>) and leaves
+    both behind, however the process ends. Left, they pile up, and the faketime
+    command, given a PID that had one, refuses to start ("sem_open: File exists")."""
+    for name in (f"sem.faketime_sem_{pid}", f"faketime_shm_{pid}"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/{name}")
 
 
 def s3_broker_args(prefix: str) -> list[str]:

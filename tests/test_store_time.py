@@ -3,8 +3,8 @@ the store puts on our requests (S3's Date header, a written file's mtime), so
 that a process whose own clock is wrong still agrees with the others.
 
 The proof runs a process under libfaketime with its wall clock moved back 60 s.
-Without the `faketime` command that case skips, unless
-SIMPLEQUEUE_REQUIRE_FAKETIME=1 (bin/test sets it after bin/install-faketime).
+Without libfaketime that case skips, unless SIMPLEQUEUE_REQUIRE_FAKETIME=1
+(bin/test sets it after bin/install-faketime).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from simplequeue.objstore import ObjectNotFound
 from simplequeue.objstore.clock import StoreClock
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.s3 import S3Store, date_of
-from tests.conftest import open_s3
+from tests.conftest import BrokerProcess, faketime_env, open_s3, remove_faketime_leftovers
 
 HELPERS = Path(__file__).parent / "helpers"
 ROOT = Path(__file__).parent.parent
@@ -117,36 +117,19 @@ def test_a_missing_or_unreadable_date_is_ignored(
 # --- the proof: a process with its clock moved ---------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def faketime() -> str:
-    path = shutil.which("faketime")
-    if path is None:
-        if os.environ.get("SIMPLEQUEUE_REQUIRE_FAKETIME") == "1":
-            pytest.fail("faketime is missing but required: run bin/install-faketime")
-        pytest.skip("faketime is missing: bin/install-faketime installs it")
-    return path
-
-
 async def test_a_process_whose_clock_is_60_s_behind_still_tells_the_stores_time(
-    faketime: str, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
+    # libfaketime preloaded into the child itself, not the faketime command: that
+    # wrapper makes a named semaphore per its PID and leaves it when killed, and
+    # a later wrapper given the same PID refused to start ("sem_open: File exists").
+    env = {**os.environ, **faketime_env("-60s")}
     seeded = await open_s3()
     await seeded.close()
     assert isinstance(seeded, S3Store)
     s = seeded.settings
     assert s.endpoint_url is not None
-    env = {
-        **os.environ,
-        # asyncio and our clock samples run on the monotonic clock: keep it real.
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-        # Some libfaketime builds shift the times stat() returns by the same
-        # offset: a tool artifact, a machine whose clock is off sees the kernel's.
-        "NO_FAKE_STAT": "1",
-    }
     child = await asyncio.create_subprocess_exec(
-        faketime,
-        "-f",
-        "-60s",
         sys.executable,
         str(HELPERS / "store_now.py"),
         str(tmp_path),
@@ -169,6 +152,7 @@ async def test_a_process_whose_clock_is_60_s_behind_still_tells_the_stores_time(
         if child.returncode is None:
             child.kill()
         await child.wait()
+        remove_faketime_leftovers(child.pid)
     assert abs(theirs["time"] - (ours - 60)) < 2, "the child's wall clock was not moved"
     assert abs(theirs["monotonic"] - our_monotonic) < 2, "the child's monotonic clock moved"
     assert abs(theirs["localfs_now"] - ours) < 2
@@ -176,6 +160,18 @@ async def test_a_process_whose_clock_is_60_s_behind_still_tells_the_stores_time(
     # A broker samples the clock before its first write (a file it touches):
     # that stamp too must be the kernel's, not the process's wall clock.
     assert abs(theirs["localfs_sampled_now"] - ours) < 2
+
+
+def test_a_process_run_with_its_clock_moved_leaves_nothing_in_dev_shm(
+    broker_process: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    shm = Path("/dev/shm")
+    ours = [broker_process("--dir", str(tmp_path / "a"), env=faketime_env("+60s"))]
+    ours.append(broker_process("--dir", str(tmp_path / "b"), env=faketime_env("-60s")))
+    ours[0].stop()
+    ours[1].kill()
+    left = [p.name for b in ours for p in shm.glob(f"*faketime*_{b.pid}")]
+    assert left == []
 
 
 # --- a handle that has not heard from the store yet -----------------------------------
