@@ -102,7 +102,12 @@ def store_options(backends: tuple[str, ...] = BACKENDS) -> Callable[[F], F]:
             help="Where topics are stored.",
         ),
         click.option(
-            "--dir", default="./simplequeue-data", show_default=True, help="localfs directory."
+            "--dir",
+            default="./simplequeue-data",
+            show_default=True,
+            # Made if missing; a file there is refused now, not at every write.
+            type=click.Path(file_okay=False),
+            help="localfs directory.",
         ),
         click.option("--bucket", default=None, help="s3 bucket."),
         click.option("--prefix", default="", help="s3 key prefix."),

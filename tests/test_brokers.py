@@ -212,6 +212,7 @@ async def test_a_broker_reaps_topics_it_never_touched(broker_process: Any, tmp_p
         (["--batch-wait", "soon"], "--batch-wait"),
         (["--token", "two\nlines"], "--token"),  # no client could send it
         (["--advertise-url", "127.0.0.1:8080"], "--advertise-url"),  # no scheme
+        (["--dir", __file__], "--dir"),  # a file: it started, every write failing
     ],
 )
 def test_simplequeued_rejects_bad_flags_with_a_clear_message(args: list[str], says: str) -> None:
