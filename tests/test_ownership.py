@@ -131,6 +131,25 @@ async def test_an_enqueue_without_ids_is_passed_on_with_ids(start_broker: StartB
         assert status == 200 and len(body["duplicates"]) == 2
 
 
+async def test_a_release_through_another_broker_answers_what_the_owner_released(
+    start_broker: StartBroker,
+) -> None:
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2)
+    _, other = owner_and_other(brokers, "t")
+    t = f"{other.url}/topics/t"
+    async with aiohttp.ClientSession() as s:
+        await post(s, f"{t}/enqueue", {"jobs": [{"payload": 1}, {"payload": 2}]})
+        _, body, _ = await post(s, f"{t}/claim", {"worker_id": "w", "count": 2})
+        held = [{"job_id": j["id"], "lease_token": j["lease_token"]} for j in body["jobs"]]
+        await post(s, f"{t}/ack", held[0])
+        status, body, _ = await post(s, f"{t}/release", {"claims": held})
+        assert (status, body["released"]) == (200, 1)
+        async with s.get(f"{t}/status") as r:
+            counts = await r.json()
+    assert (counts["completed"], counts["pending"], counts["claimed"]) == (1, 1, 0)
+
+
 async def test_the_sdk_sends_a_topics_requests_straight_to_its_owner(
     start_broker: StartBroker,
 ) -> None:

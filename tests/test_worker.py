@@ -1794,7 +1794,7 @@ async def main(url, ahead_id):
             await asyncio.sleep(0.02)
         release.set()  # the running one finishes
         await asyncio.wait_for(run, 10)
-        print(worker.processed)
+        print(worker.processed, worker.given_back)
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
@@ -1811,10 +1811,52 @@ async def test_a_signal_gives_back_the_jobs_claimed_ahead_and_finishes_the_runni
     warm shutdown gives its prefetched messages back; the running ones finish."""
     running, ahead = await q.enqueue_many(["runs", "waits"])
     code, out, err = await run_script(FIRST_SIGNAL, broker.url, ahead)
-    assert (code, out.strip()) == (0, "1"), err[-2000:]
+    assert (code, out.split()) == (0, ["1", "1"]), err[-2000:]
     assert (await q.job(running)).status == "completed"
     unrun = await q.job(ahead)
     assert (unrun.status, unrun.attempts) == ("pending", 0)
+
+
+CANCELLED_AHEAD = (
+    HOLDING_TWO
+    + """
+async def main(url, ahead_id):
+    release = asyncio.Event()
+
+    async def handler(job):
+        started.set()
+        await release.wait()
+
+    async with Client(url, topic="w") as q:
+        worker, run = await holding_two(q, handler)
+        await q.cancel([ahead_id])  # no longer ours to give back
+        os.kill(os.getpid(), signal.SIGTERM)
+        release.set()
+        await asyncio.wait_for(run, 10)  # after the release was answered
+        print(worker.processed, worker.given_back)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+)
+
+
+async def test_given_back_counts_only_the_jobs_the_broker_released(q: Client, broker: Any) -> None:
+    """Worker.given_back (and `work`'s summary) counted every job it asked to
+    release, though the broker leaves one no longer held (cancelled, its
+    lease expired and taken by another worker) as it is. Client.release
+    answers how many were released, and given_back adds that."""
+    _, ahead = await q.enqueue_many(["runs", "waits"])
+    code, out, err = await run_script(CANCELLED_AHEAD, broker.url, ahead)
+    assert (code, out.split()) == (0, ["1", "0"]), err[-2000:]
+    assert (await q.job(ahead)).status == "cancelled"
+
+
+async def test_release_answers_how_many_it_released(q: Client) -> None:
+    await q.enqueue_many(["a", "b"])
+    held = await q.claim_many("w1", 2)
+    await q.cancel([held[0].id])
+    assert await q.release(held) == 1
+    assert (await q.job(held[1].id)).status == "pending"
 
 
 async def test_a_burst_worker_leaves_delayed_jobs_for_a_later_run(q: Client) -> None:

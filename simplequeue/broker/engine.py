@@ -87,12 +87,12 @@ def _polled(
     return polled
 
 
-def _unclaim_all(jobs: list[Job]) -> Callable[[TopicState, float], None]:
-    """A mutation giving back claims (pending again, the attempt uncounted)."""
+def _unclaim_all(jobs: list[Job]) -> Callable[[TopicState, float], int]:
+    """A mutation giving back claims (pending again, the attempt uncounted);
+    it answers how many were still held, and so given back."""
 
-    def give_back(s: TopicState, now: float) -> None:
-        for job in jobs:
-            s.unclaim(job["id"], job["lease_token"], now)
+    def give_back(s: TopicState, now: float) -> int:
+        return sum(s.unclaim(job["id"], job["lease_token"], now) for job in jobs)
 
     return give_back
 
@@ -141,7 +141,7 @@ class TopicOps(Protocol):
         self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
     ) -> list[dict[str, Any]]: ...
 
-    async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None: ...
+    async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int: ...
 
     async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]: ...
 
@@ -296,11 +296,12 @@ class Engine:
         )
         return [public(j, "completed") for j in jobs]
 
-    async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None:
-        """Give back claims this broker handed out but could not deliver: pending
-        again at once, the attempt uncounted."""
+    async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int:
+        """Give back claims not worked (handed out but not delivered, or given
+        back by their worker): pending again at once, the attempt uncounted.
+        How many were given back: the others were not held under their tokens."""
         keys.check_topic(topic)
-        await self.committer.submit(topic, _unclaim_all(jobs))
+        return await self.committer.submit(topic, _unclaim_all(jobs))
 
     async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
         """Complete claims as a pop does, for a caller that has no ack to send

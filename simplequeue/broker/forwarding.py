@@ -336,13 +336,12 @@ class Router:
             return await self.engine.pop(topic, worker_id, count=count, wait=wait)
         return _jobs_of(got)
 
-    async def release(self, topic: str, jobs: list[dict[str, Any]]) -> None:
+    async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int:
         body = api.ReleaseRequest(_held(jobs))
         got = await self._route(topic, "POST", "/release", body)
         if got is None:
-            await self.engine.release(topic, jobs)
-        else:
-            _decode(got, dict[str, Any])
+            return await self.engine.release(topic, jobs)
+        return _decode(got, api.Released).released
 
     async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
         # Not repeated: done here after an owner that did it, it completes nothing.

@@ -421,9 +421,7 @@ async def push(call: Call) -> web.Response:
 async def release(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.ReleaseRequest)
-    held = _claims(body.claims)
-    await call.engine.release(topic, held)
-    return reply({"released": len(held)})
+    return reply({"released": await call.engine.release(topic, _claims(body.claims))})
 
 
 async def complete(call: Call) -> web.Response:

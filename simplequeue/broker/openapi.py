@@ -240,7 +240,8 @@ def spec() -> dict[str, Any]:
         f"{t}/release": {
             "post": _op(
                 "release",
-                "Give claims back: pending again at once, the attempt uncounted",
+                "Give claims back: pending again at once, the attempt uncounted; answers"
+                " how many were still held under their tokens, and so given back",
                 _ref(api.Released),
                 _WRITE,
                 body=_ref(api.ReleaseRequest),

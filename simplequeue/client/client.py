@@ -556,18 +556,24 @@ class Client:
             return now.status
         return answer.status
 
-    async def release(self, jobs: Iterable[Job]) -> None:
+    async def release(self, jobs: Iterable[Job]) -> int:
         """Give back claimed jobs that were not worked: pending again at once,
         their attempts uncounted (and their rate tokens given back). A job
-        whose lease this client no longer holds is left as it is."""
+        whose lease this client no longer holds is left as it is. Answers how
+        many were released."""
         held: list[api.Held] = []
         for job in jobs:
             if job.lease_token is None:
                 raise ValueError(f"job {job.id!r} has no lease token: it was not claimed")
             held.append(api.Held(job.id, job.lease_token))
+        released = 0
         for start in range(0, len(held), api.MAX_BATCH):
             part = held[start : start + api.MAX_BATCH]
-            await self.call("POST", self._t("/release"), api.Released, api.ReleaseRequest(part))
+            body = api.ReleaseRequest(part)
+            released += (
+                await self.request("POST", self._t("/release"), api.Released, body)
+            ).released
+        return released
 
     async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
         """Extend the claim; return the new lease expiry (Unix seconds)."""

@@ -208,7 +208,7 @@ class SyncClient:
     def nack(self, job: Job | str, delay: float = 0, error: str | None = None) -> str:
         return self._run(self.client.nack(job, delay, error))
 
-    def release(self, jobs: Iterable[Job]) -> None:
+    def release(self, jobs: Iterable[Job]) -> int:
         return self._run(self.client.release(jobs))
 
     def heartbeat(self, job: Job | str, lease: float | None = None) -> float:

@@ -407,8 +407,7 @@ class Worker:
         if not jobs:
             return
         try:
-            await self.client.release(jobs)
-            self.given_back += len(jobs)
+            self.given_back += await self.client.release(jobs)
         except Exception as exc:
             log.warning(
                 "%d claimed jobs could not be given back (%s): left to their leases", len(jobs), exc
