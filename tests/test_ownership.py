@@ -150,6 +150,22 @@ async def test_a_release_through_another_broker_answers_what_the_owner_released(
     assert (counts["completed"], counts["pending"], counts["claimed"]) == (1, 1, 0)
 
 
+async def test_a_head_through_another_broker_has_the_gets_headers(
+    start_broker: StartBroker,
+) -> None:
+    """HEAD answers GET's headers without its body: passed on to the owner as a
+    HEAD, its empty answer made a Content-Length of 0 (round 20's note)."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    _, other = owner_and_other(brokers, "t")
+    url = f"{other.url}/topics/t/status"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            got = (r.status, r.headers["Content-Length"], r.headers["Content-Type"])
+        async with s.head(url) as r:
+            assert (r.status, r.headers["Content-Length"], r.headers["Content-Type"]) == got
+            assert await r.read() == b""
+
+
 async def test_the_sdk_sends_a_topics_requests_straight_to_its_owner(
     start_broker: StartBroker,
 ) -> None:

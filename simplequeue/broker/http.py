@@ -315,7 +315,9 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     started = time.monotonic()
     got = await forwarder.route(
         topic,
-        request.method,
+        # A HEAD's answer is the GET's headers: asked as a GET, whose body this
+        # broker's answer then leaves out (a HEAD's empty one set Content-Length 0).
+        "GET" if request.method == "HEAD" else request.method,
         request.path_qs,
         body or None,
         wait=wait,
