@@ -76,6 +76,13 @@ class StoreUnavailable(StoreError):
     """The store did not answer (outage, timeouts, throttling) after bounded retries."""
 
 
+class StoreRefused(StoreUnavailable):
+    """The store answered no, and would again: access denied, no such bucket,
+    no credentials, a read-only disk, an operation it does not implement.
+    Nothing was written; an operator must act (still a 503: the broker cannot
+    serve until then). The committer does not try such a write again."""
+
+
 class AmbiguousWrite(StoreUnavailable):
     """A conditional write was sent and no answer came back (a timeout, a lost
     connection): it may or may not have landed. The committer reads back."""

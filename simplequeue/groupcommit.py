@@ -50,6 +50,7 @@ from simplequeue.errors import (
     ScheduleNotFound,
     SimpleQueueError,
     StorageFull,
+    StoreRefused,
     StoreUnavailable,
 )
 from simplequeue.objstore import ObjectStore
@@ -694,6 +695,11 @@ class GroupCommitter:
             assert t.state is not None
             ours = t.state.head["writers"].get(self.broker_id)
             landed = next((o for o in outcomes if o.write_id == ours), None)
+            if landed is None and isinstance(exc, StoreRefused):
+                # Not a race: the store said no (access denied, no such bucket).
+                # Tried again, it said the same until the budget ran out, which
+                # then read as contention ("lost N races").
+                raise exc
             if landed is None:
                 self.stats.conflicts += 1
                 raise _LostRace() from None

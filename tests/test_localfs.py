@@ -207,6 +207,36 @@ async def test_a_broker_serves_a_restored_head_after_one_lost_race(tmp_path: Pat
     assert (await q.job("t", "c"))["payload"] == 3
 
 
+async def test_a_directory_that_refuses_writes_is_answered_at_once_with_why(
+    tmp_path: Path,
+) -> None:
+    """A head write the disk refused (EPERM, EACCES, a read-only file system)
+    read as a lost race: the committer tried again for its whole budget, then
+    answered Contended "lost N races". It is StoreRefused at once now, saying
+    why. (chattr +i: a directory even root cannot add files to.)"""
+    from simplequeue.api import JobSpec
+    from simplequeue.broker.engine import Engine
+    from simplequeue.errors import StoreRefused
+    from simplequeue.groupcommit import CommitSettings, GroupCommitter
+
+    q = Engine(
+        GroupCommitter(LocalStore(tmp_path), broker_id="b", settings=CommitSettings(budget=5.0))
+    )
+    await q.enqueue("t", [JobSpec(1)])
+    topics = tmp_path / "topics"
+    chattr = await asyncio.to_thread(
+        subprocess.run, ["chattr", "+i", str(topics)], capture_output=True
+    )
+    if chattr.returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root and ext4 or the like)")
+    try:
+        with pytest.raises(StoreRefused, match="not permitted"):
+            await q.enqueue("t", [JobSpec(2)])
+    finally:
+        await asyncio.to_thread(subprocess.run, ["chattr", "-i", str(topics)], check=True)
+    assert (await q.status("t"))["pending"] == 1
+
+
 async def test_a_full_disk_is_storage_full_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

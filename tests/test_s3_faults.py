@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 from botocore.exceptions import ClientError
 
@@ -184,9 +186,26 @@ async def test_a_read_timeout_on_a_conditional_put_is_not_retried() -> None:
 async def test_a_conditional_put_that_could_not_connect_is_retried() -> None:
     from botocore.exceptions import EndpointConnectionError
 
-    client = ScriptedClient(EndpointConnectionError(endpoint_url="http://s3"))
+    refused = ConnectionRefusedError(111, "Connect call failed")
+    key = SimpleNamespace(host="s3", port=80, ssl=False)
+    cause = aiohttp.ClientConnectorError(key, refused)  # type: ignore[arg-type]
+    client = ScriptedClient(EndpointConnectionError(endpoint_url="http://s3", error=cause))
     assert await scripted(client).put_if("k", b"v", if_match='"old"') == '"new"'
     assert client.calls == 2
+
+
+async def test_a_conditional_put_whose_connection_was_reset_is_ambiguous_not_retried() -> None:
+    """aiobotocore reports a connection reset after the request went out as
+    EndpointConnectionError too, which was taken for "could not connect": the
+    PUT was sent again, and a first try that had landed made it answer 412,
+    "someone else won" (review finding). Only a failure to connect is unsent."""
+    from botocore.exceptions import EndpointConnectionError
+
+    reset = aiohttp.ClientOSError(104, "Connection reset by peer")
+    client = ScriptedClient(EndpointConnectionError(endpoint_url="http://s3", error=reset))
+    with pytest.raises(AmbiguousWrite):
+        await scripted(client).put_if("k", b"v", if_match='"old"')
+    assert client.calls == 1
 
 
 async def test_a_skewed_clock_fails_at_once_with_a_message_that_says_so() -> None:
@@ -196,7 +215,7 @@ async def test_a_skewed_clock_fails_at_once_with_a_message_that_says_so() -> Non
     assert client.calls == 1
 
 
-@pytest.mark.parametrize("status", [200, 404, 503])
+@pytest.mark.parametrize("status", [200, 404, 429, 503])
 def test_only_answers_s3_itself_gave_set_the_store_clock(
     monkeypatch: pytest.MonkeyPatch, status: int
 ) -> None:
@@ -204,9 +223,9 @@ def test_only_answers_s3_itself_gave_set_the_store_clock(
     S3 answers those with its own clock, and a burst of them (a request's
     retries, an outage) agrees with itself. Answers a day ahead, spread over
     more than CONFIRM_SPAN and CONFIRM_JUMP of them, move the clock only when
-    S3 itself gave them (below 500)."""
+    S3 itself gave them (below 500). Nor is a 429's: a rate limiter in front
+    of S3 answers it (S3 throttles with 503 SlowDown)."""
     from email.utils import formatdate
-    from types import SimpleNamespace
 
     from simplequeue.objstore import s3
     from simplequeue.objstore.clock import CONFIRM_JUMP, CONFIRM_SPAN, StoreClock
@@ -232,7 +251,7 @@ def test_only_answers_s3_itself_gave_set_the_store_clock(
         mono[0] += CONFIRM_SPAN / CONFIRM_JUMP
         answer(status, 86_400.0)
     moved = store.now() - (mono[0] + offset) > 86_000.0
-    assert moved is (status < 500)
+    assert moved is (status < 500 and status != 429)
 
 
 @pytest.mark.parametrize("moto", [False, True], ids=["localstack", "moto"])

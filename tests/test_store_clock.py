@@ -184,6 +184,7 @@ def test_now_never_goes_backwards() -> None:
     t = FakeTime(mono=100.0)
     clock = t.clock()
     clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=1.0)  # mid 4900.5
+    clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=1.0)  # agreed: no guess
     before = clock.now()
     # The store's clock was set back 10 s: the estimate moves back (once enough
     # answers say so), now() waits for it.
@@ -197,6 +198,22 @@ def test_now_never_goes_backwards() -> None:
     t.mono += 10.0
     assert clock.now() == pytest.approx(t.mono + 4890.5)
     assert clock.now() > before
+
+
+def test_one_wrong_first_sample_does_not_hold_now_ahead_for_good() -> None:
+    """The first sample had no check: one wrong answer first (a proxy's page a
+    day ahead), and later answers, once they agreed enough to move the
+    estimate, could not take now() back (it never goes backwards): it stayed
+    a day ahead, and retention dropped records early (review finding). Until a
+    second sample agrees with it, the first is a guess, as the wall clock is."""
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    clock.observe(sent=100.0, received=100.0, stamp=5000.0 + 86_400, resolution=1.0)
+    clock.now()  # told once, as a broker does all the time
+    for i in range(CONFIRM_JUMP):
+        t.mono = at = 101.0 + i * CONFIRM_SPAN / (CONFIRM_JUMP - 1)
+        clock.observe(sent=at, received=at, stamp=5000.0 + (at - 100.0), resolution=1.0)
+    assert clock.now() == pytest.approx(t.mono + 4900.5)
 
 
 def test_a_narrowing_interval_does_not_move_now_backwards() -> None:

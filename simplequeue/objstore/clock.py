@@ -47,10 +47,12 @@ class StoreClock:
     more, agree: then they win.
 
     now() is monotonic time plus the middle of that interval, and never goes
-    backwards once a sample exists: a store whose clock is set back leaves
+    backwards once two samples agree: a store whose clock is set back leaves
     now() standing until the store catches up. Before the first sample, now()
     is the local wall clock (time.time()), a guess that the first sample
-    replaces, forwards or backwards.
+    replaces, forwards or backwards; and until a second sample agrees with
+    the first, that one is a guess too, which a confirmed jump replaces
+    either way (one wrong first answer, a day ahead, held now() a day ahead).
 
     A sample received less than `spacing` seconds after the newest one kept is
     dropped when it neither narrows the interval nor contradicts it: it would
@@ -81,6 +83,8 @@ class StoreClock:
         self._rivals: list[_Sample] = []
         self._rivals_low = self._rivals_high = 0.0
         self._last = -float("inf")
+        # Whether two samples ever agreed: until then a jump may take now() back.
+        self._corroborated = False
         self._lock = threading.Lock()
 
     def observe(self, sent: float, received: float, stamp: float, resolution: float) -> None:
@@ -123,6 +127,8 @@ class StoreClock:
                 span = new.received - self._rivals[0].received
                 if len(self._rivals) < CONFIRM_JUMP or span < CONFIRM_SPAN:
                     return
+                if not self._corroborated:  # the lone sample was the wrong one
+                    self._last = -float("inf")
                 kept, low, high = self._rivals, self._rivals_low, self._rivals_high
             else:
                 kept, low, high = [new], new.low, new.high
@@ -137,6 +143,7 @@ class StoreClock:
             self._rivals = []
             self._samples = deque(kept)
             self._low, self._high = low, high
+            self._corroborated = self._corroborated or len(kept) > 1
 
     def now(self) -> float:
         """The store's time in Unix seconds (the local wall clock before any sample)."""

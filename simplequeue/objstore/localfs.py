@@ -45,6 +45,7 @@ from simplequeue.errors import (
     ObjectNotFound,
     PreconditionFailed,
     StorageFull,
+    StoreRefused,
     StoreUnavailable,
 )
 from simplequeue.objstore.base import ObjectStore, check_key, content_etag
@@ -397,6 +398,8 @@ class LocalStore(ObjectStore):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("localfs %s: no space left: %s", self.root, exc)
                 raise StorageFull(f"localfs {self.root}: no space left on the device") from exc
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # until an operator acts
+                raise StoreRefused(f"localfs {self.root}: {exc}") from exc
             raise StoreUnavailable(f"localfs {self.root}: {exc}") from exc
         finally:
             _lock_deadline.reset(token)

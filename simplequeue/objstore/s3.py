@@ -11,7 +11,10 @@ after the request went out) is not retried here: it raises AmbiguousWrite at
 once, and the committer resolves it by reading the head back (the write id
 in it says whether it landed). Only failures before the request was sent,
 and answers S3 gave, are retried. A retried conditional PUT whose first
-attempt landed unseen answers 412, which the committer resolves the same way.
+attempt landed unseen answers 412, which the committer resolves the same way:
+aiohttp itself sends a PUT again, once, when its connection is reset (RFC
+9112's retry of idempotent methods), so a 412 from put_if may be our own
+write's, whatever this module does.
 
 The store's clock is S3's: the Date header of every answer, errors included,
 is a sample for it, bounded by the monotonic times the call was made and
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
@@ -33,7 +37,7 @@ from typing import Any, TypeVar
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from tenacity import (
     AsyncRetrying,
@@ -48,6 +52,7 @@ from simplequeue.errors import (
     AmbiguousWrite,
     ObjectNotFound,
     PreconditionFailed,
+    StoreRefused,
     StoreUnavailable,
 )
 from simplequeue.objstore.base import ObjectStore, check_key
@@ -112,15 +117,32 @@ def date_of(response: Mapping[str, Any]) -> float | None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying: 5xx, throttling, timeouts, lost connections."""
+    """True for failures worth retrying: 5xx, throttling, timeouts, lost
+    connections. Not botocore's refusals before sending (no credentials, a
+    parameter it rejects): those are the configuration's, and say so."""
     if isinstance(exc, ClientError):
-        return _status(exc) >= 500 or _status(exc) == 429 or _code(exc) in _THROTTLE_CODES
-    return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)
+        status = _status(exc)
+        if status == 501:  # NotImplemented: a store without what was asked, for good
+            return False
+        return status >= 500 or status == 429 or _code(exc) in _THROTTLE_CODES
+    return isinstance(
+        exc,
+        BotoConnectionError
+        | HTTPClientError
+        | aiohttp.ClientError
+        | asyncio.TimeoutError
+        | OSError,
+    )
 
 
 def is_unsent(exc: BaseException) -> bool:
     """True for failures that happened before the request reached S3 (it could
-    not connect): retrying cannot write anything twice."""
+    not connect): retrying cannot write anything twice. aiobotocore reports a
+    connection reset after the request went out as EndpointConnectionError
+    too: only the one whose cause is a failure to connect counts."""
+    if isinstance(exc, EndpointConnectionError):
+        cause = exc.kwargs.get("error")
+        return isinstance(cause, aiohttp.ClientConnectorError | socket.gaierror)
     return isinstance(exc, BotoConnectionError | aiohttp.ClientConnectorError)
 
 
@@ -132,6 +154,8 @@ def is_answered(exc: BaseException) -> bool:
 def is_lost_race(exc: ClientError, conditional_on_etag: bool) -> bool:
     """True when S3 says a conditional write's condition did not hold."""
     status, code = _status(exc), _code(exc)
+    if code == "NoSuchBucket":  # a 404 too, and no race: the bucket is wrong or gone
+        return False
     if status in (409, 412) or code in _LOST_RACE_CODES:
         return True
     # If-Match on a key that no longer exists: the object we matched is gone.
@@ -156,8 +180,11 @@ class S3Store(ObjectStore):
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._opening = asyncio.Lock()
+        self._closed = False
 
     async def _s3(self) -> Any:
+        if self._closed:  # an operation's retry after close(): it opened a client nothing closed
+            raise StoreUnavailable(f"{self.url}: the store was closed")
         if self._client is None:
             async with self._opening:
                 if self._client is None:
@@ -193,9 +220,10 @@ class S3Store(ObjectStore):
         sent = context.get(_SENT)
         stamp = date_of(parsed)
         status = parsed.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        # Not a 5xx's Date: a proxy or load balancer in front of S3 answers those
-        # with its own clock (a burst of them, one request's retries, agrees).
-        if sent is not None and stamp is not None and status < 500:
+        # Not a 5xx's or a 429's Date: a proxy, load balancer or rate limiter in
+        # front of S3 answers those with its own clock (a burst of them, one
+        # request's retries, agrees). S3 itself throttles with 503 SlowDown.
+        if sent is not None and stamp is not None and status < 500 and status != 429:
             self.clock.observe(sent, received, stamp, DATE_RESOLUTION)
 
     async def _call(self, op: Callable[[Any], Awaitable[T]], conditional: bool = False) -> T:
@@ -226,7 +254,9 @@ class S3Store(ObjectStore):
             last = exc.last_attempt.exception()
             raise StoreUnavailable(f"{self.url}: {last!r}") from last
         except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
-            if conditional and is_transient(exc):
+            if not is_transient(exc):  # refused before sending: no credentials, ...
+                raise StoreRefused(f"{self.url}: {exc}") from exc
+            if conditional:
                 raise AmbiguousWrite(
                     f"{self.url}: no answer to a conditional write: {exc!r}"
                 ) from exc
@@ -241,7 +271,7 @@ class S3Store(ObjectStore):
             resp = await client.get_object(Bucket=self.settings.bucket, Key=self._key(key))
             async with resp["Body"] as stream:
                 data: bytes = await stream.read()
-            return data, resp["ETag"]
+            return data, self._etag_of(resp)
 
         try:
             return await self._call(op)
@@ -270,8 +300,7 @@ class S3Store(ObjectStore):
             resp = await client.put_object(
                 Bucket=self.settings.bucket, Key=self._key(key), Body=bytes(data), **cond
             )
-            etag: str = resp["ETag"]
-            return etag
+            return self._etag_of(resp)
 
         try:
             return await self._call(op, conditional=bool(cond))
@@ -338,17 +367,27 @@ class S3Store(ObjectStore):
         except ClientError as exc:
             raise self._unexpected(exc) from exc
 
-    def _unexpected(self, exc: ClientError) -> StoreUnavailable:
+    def _etag_of(self, answer: Mapping[str, Any]) -> str:
+        """The ETag of a GET's or PUT's answer; one without it (a proxy that
+        drops headers, a store that does not send it) is a StoreUnavailable,
+        not a KeyError that callers catching store errors do not expect."""
+        etag = answer.get("ETag")
+        if not isinstance(etag, str) or not etag:
+            raise StoreUnavailable(f"{self.url}: an answer without an ETag")
+        return etag
+
+    def _unexpected(self, exc: ClientError) -> StoreRefused:
         # Access denied, no such bucket and the like: retrying will not help,
         # and the broker cannot serve until an operator fixes it.
         if _code(exc) == "RequestTimeTooSkewed":
-            return StoreUnavailable(
+            return StoreRefused(
                 f"{self.url}: S3 refuses requests from this machine because its clock "
                 f"is more than 15 minutes off S3's (RequestTimeTooSkewed): set the "
                 f"clock right (NTP) and the broker recovers by itself"
             )
-        return StoreUnavailable(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
+        return StoreRefused(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
 
     async def close(self) -> None:
+        self._closed = True
         await self._stack.aclose()
         self._client = None

@@ -1,0 +1,265 @@
+"""The s3 backend's answers that are not races: a refusal, a reset after the
+request went out, a wrong first Date, close() mid-retry, an answer without an
+ETag (review findings, round 21). Against real LocalStack and moto, through a
+proxy on 127.0.0.1 that passes S3's answers on, headers and all, or answers
+what S3 (or something in front of it) would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from simplequeue.api import JobSpec
+from simplequeue.broker.engine import Engine
+from simplequeue.errors import (
+    Contended,
+    StoreRefused,
+    StoreUnavailable,
+)
+from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from simplequeue.objstore.s3 import S3Settings, S3Store
+from tests.helpers.fault_proxy import FaultProxy
+
+
+def s3_error(status: int, code: str) -> web.Response:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f"<Error><Code>{code}</Code><Message>{code}</Message>"
+        "<RequestId>review</RequestId></Error>"
+    )
+    return web.Response(status=status, text=body, content_type="application/xml")
+
+
+class S3FaultProxy(FaultProxy):
+    """FaultProxy, plus faults keyed on the method as well as the path:
+    `refuse[(method, suffix)] = (status, code)` answers every such request with
+    S3's XML error, never forwarding it."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.refuse: dict[tuple[str, str], tuple[int, str]] = {}
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        for (method, suffix), (status, code) in self.refuse.items():
+            if request.method == method and request.path.endswith(suffix):
+                self.requests[request.path] += 1
+                return s3_error(status, code)
+        fault = self._fault(request.path)
+        self.requests[request.path] += 1
+        self.arrived.set()
+        if fault is not None:
+            assert fault.isdigit(), fault  # only the status pages are used here
+            return s3_error(int(fault), "ServiceUnavailable")
+        return await self._forward(request)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        """Pass the request on and S3's answer back, headers (ETag, Date) and all:
+        FaultProxy keeps only the status and the body."""
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with self._session.request(
+            request.method,
+            self.upstream + request.path_qs,
+            data=await request.read(),
+            headers=headers,
+            auto_decompress=False,
+        ) as upstream:
+            data = await upstream.read()
+            status = upstream.status
+            kept = {
+                k: v
+                for k, v in upstream.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
+            }
+        return web.Response(status=status, body=data, headers=kept)
+
+
+def endpoint(moto: bool) -> tuple[str, str]:
+    from tests.conftest import MOTO_BUCKET, RUN_BUCKET, moto_endpoint, s3_endpoint
+
+    return (moto_endpoint(), MOTO_BUCKET) if moto else (s3_endpoint(), RUN_BUCKET)
+
+
+@asynccontextmanager
+async def through_proxy(
+    moto: bool, **overrides: Any
+) -> AsyncIterator[tuple[S3FaultProxy, S3Store, S3Store]]:
+    """(proxy, a store through it, a direct store on the same bucket and prefix)."""
+    from tests.conftest import open_s3
+
+    direct = await open_s3(moto=moto)
+    assert isinstance(direct, S3Store)
+    upstream, bucket = endpoint(moto)
+    async with S3FaultProxy(upstream).running() as proxy:
+        settings = {
+            "bucket": bucket,
+            "prefix": direct.settings.prefix,
+            "endpoint_url": proxy.url,
+            "region": "us-east-1",
+            "connect_timeout": 1.0,
+            "read_timeout": 2.0,
+            "max_attempts": 3,
+            "retry_budget": 5.0,
+            **overrides,
+        }
+        store = S3Store(S3Settings(**settings))
+        try:
+            yield proxy, store, direct
+        finally:
+            await store.close()
+            await direct.close()
+
+
+BACKENDS = pytest.mark.parametrize("moto", [False, True], ids=["localstack", "moto"])
+
+
+# --- If-Match PUT into a bucket that does not exist -------------------------------------
+
+
+@BACKENDS
+async def test_an_if_match_put_into_a_missing_bucket_is_not_a_lost_race(moto: bool) -> None:
+    """Any 404 on an If-Match PUT was "the object we matched is gone",
+    NoSuchBucket included: a wrong or deleted bucket read as a lost race."""
+    upstream, _ = endpoint(moto)
+    store = S3Store(
+        S3Settings(
+            bucket=f"sq-missing-{uuid.uuid4().hex[:12]}",
+            endpoint_url=upstream,
+            region="us-east-1",
+            max_attempts=2,
+        )
+    )
+    try:
+        with pytest.raises(StoreUnavailable, match="NoSuchBucket"):
+            await store.get("k")  # what a read says: clear
+        with pytest.raises(StoreUnavailable, match="NoSuchBucket"):
+            await store.put_if("k", b"v", if_match='"0123456789abcdef0123456789abcdef"')
+    finally:
+        await store.close()
+
+
+# --- no credentials: a conditional write called "ambiguous" --------------------------
+
+
+async def test_a_conditional_put_without_credentials_is_not_called_ambiguous(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """With no credentials botocore refuses before sending anything
+    (NoCredentialsError). Every BotoCoreError counted as transient: a
+    conditional PUT raised AmbiguousWrite "no answer to a conditional write",
+    and the committer read back for its whole budget, never saying that the
+    credentials were missing."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no traffic off 127.0.0.1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = S3Store(
+        S3Settings(bucket="b", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
+    )
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.put_if("k", b"v", if_match='"x"')
+        assert isinstance(caught.value, StoreRefused), caught.value
+        assert "credentials" in str(caught.value).lower()
+    finally:
+        await store.close()
+
+
+# --- a permanent refusal of the head's PUT reported as contention ---------------------
+
+
+@BACKENDS
+@pytest.mark.parametrize(
+    ("status", "code"), [(403, "AccessDenied"), (501, "NotImplemented")], ids=["403", "501"]
+)
+async def test_a_refused_head_write_says_why_and_does_not_spin_for_the_budget(
+    moto: bool, status: int, code: str
+) -> None:
+    """Credentials that may read but not write (403 AccessDenied), or an
+    S3-compatible store without conditional writes (501 NotImplemented): the
+    committer read the head back, found its write absent, took it for a lost
+    race and tried again for its whole budget, then answered Contended "lost
+    N races". The store's refusal (StoreRefused) is answered at once now."""
+    async with through_proxy(moto) as (proxy, store, _):
+        proxy.refuse[("PUT", "/topics/t.json")] = (status, code)
+        engine = Engine(
+            GroupCommitter(store, broker_id="b1", epoch=1, settings=CommitSettings(budget=3.0))
+        )
+        started = time.monotonic()
+        with pytest.raises((Contended, StoreRefused)) as caught:
+            await engine.enqueue("t", [JobSpec(1)])
+        took = time.monotonic() - started
+        put_tries = proxy.requests[
+            f"/{store.settings.bucket}/{store.settings.prefix}/topics/t.json"
+        ]
+        assert not isinstance(caught.value, Contended), (
+            f"{caught.value!r} after {took:.1f} s and {put_tries} PUTs"
+        )
+        assert code in str(caught.value)
+
+
+# --- close() while an operation runs -------------------------------------------------
+
+
+@BACKENDS
+async def test_close_while_a_read_is_retrying_leaves_no_client_open(moto: bool) -> None:
+    """An operation retrying after close() opened a new client on the closed
+    store, which nothing closed (a connection pool leaked at a shutdown that
+    met a retry). It fails StoreUnavailable now."""
+    async with through_proxy(moto, max_attempts=6, retry_budget=10.0) as (proxy, store, direct):
+        await direct.put("k", b"v")
+        await store.get("k")  # the client is open
+        proxy.fail("/k", "503", "503", "503")
+        proxy.arrived.clear()
+        read = asyncio.create_task(store.get("k"))
+        await proxy.arrived.wait()  # its first try was answered 503: it retries
+        await store.close()
+        with contextlib.suppress(StoreUnavailable):  # failing is fine; reopening is not
+            await read
+        assert store._client is None, "a client was opened after close() and is never closed"
+
+
+# --- an answer without an ETag: a foreign exception out of the store ------------------
+
+
+@BACKENDS
+async def test_an_answer_without_an_etag_raises_a_store_error(moto: bool) -> None:
+    """An answer without an ETag header (a proxy that drops headers, as the
+    suite's FaultProxy does) raised KeyError('ETag'), no store error: callers
+    that catch store errors alone (the broker.json announcer) died of it."""
+    from tests.conftest import open_s3
+
+    direct = await open_s3(moto=moto)
+    assert isinstance(direct, S3Store)
+    upstream, bucket = endpoint(moto)
+    async with FaultProxy(upstream).running() as proxy:  # forwards status and body only
+        store = S3Store(
+            S3Settings(
+                bucket=bucket,
+                prefix=direct.settings.prefix,
+                endpoint_url=proxy.url,
+                region="us-east-1",
+                max_attempts=2,
+            )
+        )
+        try:
+            await direct.put("broker.json", b"{}")
+            with pytest.raises(StoreUnavailable):
+                await store.get("broker.json")
+        finally:
+            await store.close()
+            await direct.close()
