@@ -426,7 +426,7 @@ async def test_a_second_signal_stops_a_stopping_broker_now(
     # A request in progress: its body comes slowly (a client on a slow link).
     _, writer = await asyncio.open_connection(host, int(port))
     writer.write(
-        b"POST /topics/t/enqueue HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /topics/t/enqueue HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n{"
     )
     await writer.drain()

@@ -553,7 +553,7 @@ async def test_an_authorization_header_that_is_not_utf8_is_a_401_not_a_500(
     host, port = broker.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
-        b"GET /topics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"GET /topics HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\r\n"
         b"Connection: close\r\n\r\n"
     )
     answer = await asyncio.wait_for(reader.read(), 10)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 import orjson
@@ -61,6 +62,9 @@ class HttpServices:
     url: Callable[[], str] = lambda: ""  # this broker's advertised URL
     forwarder: Forwarder | None = None  # sends a topic's requests to its owner
     refresh: Callable[[str], Awaitable[None]] = _nothing  # a topic changed behind our back
+    # Listening on a loopback address only: a browser's request must name this
+    # machine (an IP, localhost, or the advertised host), not a rebound name.
+    loopback: bool = False
 
 
 class Call:
@@ -231,7 +235,11 @@ class HttpApi:
         await self.page.close()
 
     def _refused(self, request: web.BaseRequest, route: Route | None) -> web.Response | None:
-        """401 without the bearer token, where one is set and the route is not public."""
+        """403 for a request another site's page made (_foreign), 401 without
+        the bearer token, where one is set and the route is not public."""
+        foreign = _foreign(request, self.services)
+        if foreign is not None:
+            return error(foreign, 403)
         token = self.services.token
         if not token or (route is not None and route.public):
             return None
@@ -268,6 +276,54 @@ class HttpApi:
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return error("internal error", SimpleQueueError.http_status)
+
+
+# What a browser sends to another site without asking it first (no CORS
+# preflight) is a GET, HEAD or a "simple" POST: every other method is refused
+# cross-site by the browser itself, POST is refused here.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _foreign(request: web.BaseRequest, services: HttpServices) -> str | None:
+    """Why a request is refused as coming from another site's page, or None.
+
+    - A browser tells where a request came from: Sec-Fetch-Site (every
+      current browser), else Origin. One that would change something (not
+      GET, HEAD, OPTIONS) from another site's page is refused, as Go's
+      CrossOriginProtection does: without a --token, a page the operator
+      visits could requeue or enqueue through the operator's browser. Clients
+      that are not browsers (the SDK, curl, peers) send neither, and pass.
+    - Listening on loopback only, a request must name this machine in Host:
+      a DNS-rebinding page (a name of its own re-pointed at 127.0.0.1) is
+      same-origin with the broker, and could read and call everything."""
+    if services.loopback and not _names_this_machine(request.host, services.url()):
+        return f"Host {request.host!r} does not name this broker (it listens on loopback)"
+    if request.method in _SAFE_METHODS:
+        return None
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        if site in ("same-origin", "none"):  # its own page; typed in the address bar
+            return None
+        return f"refused a {site} request from a page of another site"
+    origin = request.headers.get("Origin")
+    if origin is None or urlsplit(origin).netloc.lower() == request.host.lower():
+        return None
+    return f"refused a request from a page of {origin}"
+
+
+def _names_this_machine(host: str, advertised: str) -> bool:
+    """Whether a Host header names a loopback broker: an IP address, localhost
+    (or a name under it), or the host of its advertised URL."""
+    name = urlsplit(f"//{host}").hostname or ""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    if name == (urlsplit(advertised).hostname or ""):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _unrouted(found: tuple[dict[str, Route], dict[str, str]] | None) -> web.Response:

@@ -42,7 +42,12 @@ from simplequeue.broker.metrics import (
 )
 from simplequeue.broker.page import BrokerView, Presence, RecordView
 from simplequeue.broker.resp import RespServer, RespSettings
-from simplequeue.broker.settings import BrokerSettings, default_advertise_url, parse_addr
+from simplequeue.broker.settings import (
+    BrokerSettings,
+    default_advertise_url,
+    is_loopback,
+    parse_addr,
+)
 from simplequeue.errors import StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore import ObjectStore, store_from_url
@@ -227,6 +232,7 @@ class Broker:
             url=lambda: self.url,
             forwarder=self.forwarder,
             refresh=self._refresh,
+            loopback=is_loopback(host),
         )
         # The descriptors left for connections: a quarter for RESP clients, if
         # it listens, and the rest (or --max-connections) for HTTP.
