@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1261,3 +1262,128 @@ async def test_a_pipeline_of_writes_shares_commits_and_keeps_its_order(
     assert replies[:50] == list(range(1, 51))  # each push saw the ones before it
     assert replies[50:] == [f"v{i}".encode() for i in range(50)]  # FIFO, after the pushes
     assert broker.committer.stats.writes - writes < 20  # not one commit per command
+
+
+# --- review of round 21: claims not given back, replies not bounded ----------------------
+
+
+async def given_back(http: Http, topic: str, job_id: str, within: float = 10.0) -> None:
+    """Until `job_id` is pending again (what a client that left took, given
+    back by a commit of its own); failing, say what became of it."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (job := await http.job(topic, job_id))["status"] != "pending":
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(
+                f"{topic}/{job_id} not given back: {job['status']}, "
+                f"claimed_by={job.get('claimed_by')}"
+            )
+        await asyncio.sleep(0.02)
+
+
+async def test_xreadgroup_whose_second_stream_fails_leaves_the_first_streams_claims_held(
+    start_broker: StartBroker,
+) -> None:
+    """XREADGROUP ... STREAMS a b > >: a's job was claimed, then b's claim failed
+    (b's head corrupt). The client was answered an error, never a's entry,
+    and a's job stayed claimed by consumer c, for nobody, until its lease ran
+    out (an attempt spent). It goes back at once now, as _race's claims do."""
+    store = MemStore()
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        code, _ = await http.call("POST", "/topics/a/enqueue", {"payload": {"t": "a"}})
+        assert code == 201
+        await store.put(keys.head("b"), b"not a head")  # b cannot be read: corrupt
+        r = redis.Redis(host="127.0.0.1", port=port_of(broker), protocol=2)
+        try:
+            with pytest.raises(redis.ResponseError):
+                await r.execute_command(
+                    "XREADGROUP", "GROUP", "g", "c", "STREAMS", "a", "b", ">", ">"
+                )
+        finally:
+            await r.aclose()
+        a = await http.status("a")
+        # The client got no entry, so nobody holds a's job: it should be pending.
+        assert (a["pending"], a["claimed"]) == (1, 0), a
+
+
+async def test_xreadgroup_whose_client_leaves_during_the_second_streams_claim_strands_the_first(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with a hangup: a claimed, b's claim slow (its owner or store
+    slow to answer), the client leaves. The command was cancelled with a's
+    claim in no _or_given_back yet: a's job was held until its lease ran out."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    assert broker.redis is not None
+    server = broker.redis
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        code, _ = await http.call("POST", "/topics/a/enqueue", {"payload": {"n": 1}, "id": "j1"})
+        assert code == 201
+        claim = server.engine.claim
+        b_asked = asyncio.Event()
+
+        async def b_is_slow(topic: str, *args: Any, **kwargs: Any) -> Any:
+            if topic == "b":
+                b_asked.set()
+                await asyncio.Event().wait()  # an owner that takes its time
+            return await claim(topic, *args, **kwargs)
+
+        monkeypatch.setattr(server.engine, "claim", b_is_slow)
+        leaver = await Raw.open(port_of(broker))
+        await leaver.send("XREADGROUP", "GROUP", "g", "c", "STREAMS", "a", "b", ">", ">")
+        await b_asked.wait()
+        await hang_up(broker, leaver)
+        await given_back(http, "a", "j1")
+
+
+def _counted_ok(broker: Any, command: str) -> int:
+    text = broker.metrics.render().decode()
+    m = re.search(
+        rf'simplequeue_resp_commands_total\{{command="{command}",outcome="ok"\}} ([0-9.e+]+)', text
+    )
+    return int(float(m.group(1))) if m else 0
+
+
+async def test_replies_to_a_client_that_never_reads_are_buffered_past_the_output_limit(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OUTPUT_HIGH_WATER bounds 'replies buffered for a client that does not
+    read', but Connection.run awaited drain() only when no request was queued.
+    A client that kept pipelining (RPUSH, whose commit lets the read loop
+    queue more, then a large ECHO) and read nothing had every reply buffered
+    in the broker: 16 MiB against a limit of 512 KiB in this test (with the
+    default 64 MiB, it grew until the broker ran out of memory)."""
+    high_water = 512 * 1024
+    monkeypatch.setattr(connection, "OUTPUT_HIGH_WATER", high_water)
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    value = b"x" * (60 * 1024)
+    unit = hiredis.pack_command(("RPUSH", "q", "x")) + hiredis.pack_command(("ECHO", value))
+    n = 280  # ~16 MiB of replies
+    _, writer = await asyncio.open_connection("127.0.0.1", port_of(broker))
+    writer.transport.set_write_buffer_limits(high=2**31)
+    writer.write(unit * n)  # all of it, never reading a reply
+    assert broker.redis is not None
+    server = broker.redis
+
+    def buffered() -> int:
+        conns = server.connections
+        return conns[0].writer.transport.get_write_buffer_size() if conns else 0
+
+    most = 0
+
+    async def observe() -> None:
+        nonlocal most
+        while _counted_ok(broker, "ECHO") < n:
+            most = max(most, buffered())
+            await asyncio.sleep(0.005)
+        most = max(most, buffered())
+
+    # Bounded, the broker stops taking requests once its output is full: then
+    # not all n ECHOs are ever run, and the observation ends with the window.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(observe(), 5)
+    writer.close()
+    assert most <= high_water + 2 * len(value) + 64 * 1024, (
+        f"{most / 2**20:.1f} MiB of replies buffered ({_counted_ok(broker, 'ECHO')} ECHOs run)"
+    )

@@ -639,12 +639,16 @@ async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
     read = StreamRead.parse(args, session.listener.max_batch)
     deadline = time.monotonic() + read.block
     got: dict[str, list[Any]] = {}
-    for topic in read.topics:  # what is there now
-        jobs = await session.engine.claim(topic, read.consumer, count=read.count)
-        if jobs:
-            got[topic] = jobs
-            if read.noack:  # one stream per NOACK reply: see below
-                break
+    try:
+        for topic in read.topics:  # what is there now
+            jobs = await session.engine.claim(topic, read.consumer, count=read.count)
+            if jobs:
+                got[topic] = jobs
+                if read.noack:  # one stream per NOACK reply: see below
+                    break
+    except BaseException:  # a later stream failed, or the client left: none is answered
+        _give_back_later(session, got)
+        raise
     while not got and (wait := _left(deadline)) > 0:
         got = await _race(session, read.topics, read.count, wait)
     if not got:

@@ -131,7 +131,11 @@ class Connection:
                     self._send(reply)
                 if self.session.closing or self.stopping:
                     break
-                if frames.empty() and not ahead:  # a pipeline's replies go out together
+                # A pipeline's replies go out together; but past the high-water
+                # mark (a client that sends and never reads) nothing more is run
+                # until they leave: drain() waits only while the buffer is full.
+                too_much = self.writer.transport.get_write_buffer_size() > OUTPUT_HIGH_WATER
+                if (frames.empty() and not ahead) or too_much:
                     await self.writer.drain()
             await self.writer.drain()
         finally:
