@@ -1387,3 +1387,20 @@ async def test_replies_to_a_client_that_never_reads_are_buffered_past_the_output
     assert most <= high_water + 2 * len(value) + 64 * 1024, (
         f"{most / 2**20:.1f} MiB of replies buffered ({_counted_ok(broker, 'ECHO')} ECHOs run)"
     )
+
+
+async def test_xreadgroup_count_0_reads_without_limit_as_in_redis(
+    start_broker: StartBroker,
+) -> None:
+    """Redis reads COUNT 0 (and a negative COUNT) as no limit; it was raised
+    to 1, so a consumer draining with COUNT 0 got one entry a call."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    r = redis.Redis(host="127.0.0.1", port=port_of(broker), protocol=2)
+    try:
+        await r.rpush("q", "a", "b", "c")
+        got = await r.execute_command(
+            "XREADGROUP", "GROUP", "g", "c", "COUNT", "0", "STREAMS", "q", ">"
+        )
+        assert len(got[0][1]) == 3, got
+    finally:
+        await r.aclose()

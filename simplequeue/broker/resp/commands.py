@@ -688,7 +688,8 @@ class StreamRead:
         while i < len(args) and upper(args[i]) != "STREAMS":
             option = upper(args[i])
             if option == "COUNT" and i + 1 < len(args):
-                count, i = min(max(integer(args[i + 1]), 1), max_count), i + 2
+                asked = integer(args[i + 1])  # 0 or less: no limit, as Redis reads it
+                count, i = (min(asked, max_count) if asked > 0 else max_count), i + 2
             elif option == "BLOCK" and i + 1 < len(args):
                 block, i = _block(args[i + 1]), i + 2
             elif option == "NOACK":
