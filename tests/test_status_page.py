@@ -165,6 +165,27 @@ def card(page: Page, topic: str) -> Any:
     return page.locator(f'#details section[data-topic="{topic}"]')
 
 
+def is_overview(response: Any) -> bool:
+    return response.url.endswith("/ui/overview") and response.request.method == "GET"
+
+
+async def next_overview(page: Page) -> dict[str, Any]:
+    """The page's next poll of /ui/overview, once it answered."""
+    async with page.expect_response(is_overview) as info:
+        pass
+    response = await info.value
+    data: dict[str, Any] = await response.json()
+    return data
+
+
+async def freeze_polling(page: Page) -> None:
+    """Stops the page's own 2 s timer (Playwright's clock), so that only the
+    refreshes an action itself makes run: what the page shows then is what
+    that action's refresh drew."""
+    now = await page.evaluate("Date.now()")
+    await page.clock.pause_at(now + 50)
+
+
 async def expect_counts(page: Page, topic: str, **counts: int) -> None:
     from playwright.async_api import expect
 
@@ -680,3 +701,57 @@ async def test_an_operator_edits_settings_and_schedules(
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "status-page-control.png"), full_page=True)
     assert errors == []
+
+
+async def test_saving_one_setting_does_not_undo_a_setting_changed_elsewhere(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """The page PUT all five fields as its form showed them: a form that had
+    not refreshed (it does not while focused or once typed in) wrote its stale
+    values back, and an operator who set the rate reverted the lease a
+    colleague had set meanwhile (review finding). Only changed fields go."""
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    await api.enqueue("ops")
+    page, _ = tab
+    await page.goto(broker.url + "/")
+    ops = card(page, "ops")
+    form = ops.locator('form[data-form="settings"]')
+    await expect(form.locator('input[name="lease"]')).to_have_value("")
+    await form.locator('input[name="rate"]').click()  # the operator starts editing
+    await api.call("PUT", "/topics/ops/settings", {"lease": 60})  # a colleague, by CLI
+    while True:  # the page has been told
+        seen = await next_overview(page)
+        if seen["topics"][0]["settings"]["lease"] == 60:
+            break
+    await form.locator('input[name="rate"]').fill("5")
+    await form.get_by_role("button", name="Save settings").click()
+    await expect(ops.locator('[data-field="message"]')).to_have_text("Settings saved.")
+    settings = await api.call("GET", "/topics/ops/settings")
+    assert settings["rate"] == 5.0
+    assert settings["lease"] == 60.0, f"the page's save undid the colleague's lease: {settings}"
+
+
+async def test_a_settings_form_typed_in_and_left_shows_settings_changed_elsewhere(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """Any keystroke marked the form dirty until a successful save: typed in
+    and undone, it never showed the topic's settings again while the tab was
+    open, with nothing to say they were stale (review finding)."""
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    await api.enqueue("ops")
+    page, _ = tab
+    await page.goto(broker.url + "/")
+    form = card(page, "ops").locator('form[data-form="settings"]')
+    rate = form.locator('input[name="rate"]')
+    await expect(rate).to_have_value("")
+    await rate.fill("5")
+    await rate.fill("")  # changed her mind: the form is as it was
+    await rate.blur()  # and left it
+    await api.call("PUT", "/topics/ops/settings", {"max_attempts": 9})
+    await expect(form.locator('input[name="max_attempts"]')).to_have_value("9")

@@ -362,30 +362,46 @@
     }
   }
 
+  // Whether the operator changed a settings field from what the page last showed.
+  function edited(input) {
+    return input.value.trim() !== (input.dataset.shown ?? "");
+  }
+
+  // Only the fields changed here are sent: the others keep what they are now,
+  // which may be a colleague's change the form has not shown yet.
   async function saveSettings(form, card, topic) {
     const body = {};
     try {
-      for (const name of SETTINGS) body[name] = numberOrNull(form.elements.namedItem(name).value, name);
+      for (const name of SETTINGS) {
+        const input = form.elements.namedItem(name);
+        if (edited(input)) body[name] = numberOrNull(input.value, name);
+      }
       if (body.rate === null) body.burst = null; // a burst is its rate's: it goes with it
     } catch (error) {
       say(card, error.message, true);
       return;
     }
+    if (Object.keys(body).length === 0) {
+      say(card, "No setting changed.", false);
+      return;
+    }
     const button = form.querySelector("button");
     const saved = await act(button, "Saving…", () => api("PUT", topicPath(topic, "settings"), body), card);
     if (saved) {
-      form.dataset.dirty = "";
-      fillSettings(form, saved);
+      fillSettings(form, saved, true);
       say(card, "Settings saved.", false);
     }
   }
 
-  // The form shows the topic's settings, unless someone is editing it.
-  function fillSettings(form, settings) {
-    if (!settings || form.dataset.dirty === "1" || form.contains(document.activeElement)) return;
+  // Each field shows the topic's setting, unless the operator is in it or has
+  // changed it (and not saved); `all` after a save: every field.
+  function fillSettings(form, settings, all = false) {
+    if (!settings) return;
     for (const name of SETTINGS) {
       const input = form.elements.namedItem(name);
+      if (!all && (edited(input) || input === document.activeElement)) continue;
       const value = settings[name] === null || settings[name] === undefined ? "" : String(settings[name]);
+      input.dataset.shown = value;
       if (input.value !== value) input.value = value;
     }
   }
@@ -609,9 +625,6 @@
       input("max_attempts", "Max attempts", { size: "5", inputmode: "numeric" }),
       el("button", { type: "submit" }, "Save settings"),
     );
-    settingsForm.addEventListener("input", () => {
-      settingsForm.dataset.dirty = "1";
-    });
     settingsForm.addEventListener("submit", (event) => {
       event.preventDefault();
       saveSettings(settingsForm, card, name);
