@@ -186,6 +186,15 @@ async def freeze_polling(page: Page) -> None:
     await page.clock.pause_at(now + 50)
 
 
+def _luminance(rgb: tuple[int, int, int]) -> float:
+    def channel(c: int) -> float:
+        v = c / 255
+        return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (channel(c) for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
 async def expect_counts(page: Page, topic: str, **counts: int) -> None:
     from playwright.async_api import expect
 
@@ -624,14 +633,16 @@ async def test_an_operator_finds_and_cancels_jobs_and_requeues_and_purges_dead_o
     await expect(found.locator('[data-found="status"]')).to_have_text("pending")
     await expect(found.locator('[data-found="payload"]')).to_have_text('{"<b>":"x"}')
     await found.get_by_role("button", name="Cancel job").click()
+    await expect(found.locator('[data-found="status"]')).to_have_text("pending")  # not yet
+    await found.get_by_role("button", name="Click again to cancel").click()
     await expect(found.locator('[data-found="status"]')).to_have_text("cancelled")
     await expect(found.get_by_role("button", name="Cancel job")).to_have_count(0)
 
-    await (
-        ops.locator(f'table.claimed tr[data-job="{held["id"]}"]')
-        .get_by_role("button", name="Cancel")
-        .click()
-    )
+    held_row = ops.locator(f'table.claimed tr[data-job="{held["id"]}"]')
+    await held_row.get_by_role("button", name="Cancel").click()
+    await expect(held_row.get_by_role("button")).to_have_text("Click again to cancel")
+    assert (await api.status("ops"))["claimed"] == 1  # one click cancels nothing
+    await held_row.get_by_role("button", name="Click again to cancel").click()
     await expect_counts(page, "ops", pending=0, claimed=0, cancelled=2)
 
     await finder.locator('input[name="job_id"]').fill("no-such-job")
@@ -755,3 +766,143 @@ async def test_a_settings_form_typed_in_and_left_shows_settings_changed_elsewher
     await rate.blur()  # and left it
     await api.call("PUT", "/topics/ops/settings", {"max_attempts": 9})
     await expect(form.locator('input[name="max_attempts"]')).to_have_value("9")
+
+
+async def test_an_action_s_own_refresh_shows_its_effect(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """The refresh an action made got the overview computed up to a second
+    before it (REUSE_FOR, shared by every caller): the page redrew the job it
+    had just cancelled as claimed, stamped "live · updated <now>" (review
+    finding). It asks for the topic fresh (?fresh=)."""
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    await api.enqueue("ops", id="held")
+    await api.claim("ops", "worker-1")
+    page, _ = tab
+    await page.clock.install()
+    await page.goto(broker.url + "/")
+    await expect_counts(page, "ops", claimed=1, cancelled=0)
+    await freeze_polling(page)
+    ops = card(page, "ops")
+    await api.call("GET", "/ui/overview")  # another tab's poll, just now
+    held = ops.locator('table.claimed tr[data-job="held"]')
+    await held.get_by_role("button", name="Cancel").click()
+    await held.get_by_role("button", name="Click again to cancel").click()
+    await expect(ops.locator('[data-field="message"]')).to_have_text("Cancelled held.")
+    assert (await api.status("ops"))["claimed"] == 0
+    shown = await count_cell(page, "ops", "claimed").text_content()
+    still = await ops.locator('table.claimed tr[data-job="held"]').count()
+    assert (shown, still) == ("0", 0), (
+        f"after cancelling, the page shows claimed={shown} and the row {still} time(s), "
+        f"under '{await page.locator('#status').text_content()}'"
+    )
+
+
+async def test_an_action_on_a_topic_another_broker_owns_shows_within_a_poll(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """A broker's page read a topic it does not own from its own cache, up to
+    READ_EVERY (10 s) old, while its actions went to the owner: purged dead
+    jobs stayed listed, two polls after the purge, labelled live (review
+    finding). The action's own refresh reads the topic again."""
+    from playwright.async_api import expect
+
+    from tests.test_ownership import cluster, owner_and_other
+
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    api = Api(session, owner.url)
+    await api.kill("t", "boom", id="d1")
+    await api.kill("t", "boom", id="d2")
+    page, _ = tab
+    await page.goto(other.url + "/")  # the operator opened the other broker
+    await expect_counts(page, "t", dead=2)
+    t = card(page, "t")
+    await t.get_by_role("button", name="Purge all").click()
+    async with page.expect_response(lambda r: r.url.endswith("/topics/t/dead")) as purged:
+        await t.locator('button[data-action="purge-all"]').click()
+    assert (await purged.value).status == 200
+    assert (await api.status("t"))["dead"] == 0
+    await next_overview(page)
+    await next_overview(page)
+    await expect(page.locator("#status")).to_contain_text("live")
+    shown = await count_cell(page, "t", "dead").text_content()
+    listed = await t.locator("table.dead tbody tr").count()
+    assert (shown, listed) == ("0", 0), f"purged, yet dead={shown} with {listed} rows listed"
+
+
+async def test_a_requeue_that_requeued_nothing_is_not_reported_as_done(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """The row's Requeue answers {"requeued": []} when the job is no longer
+    dead (purged or requeued from elsewhere since the last poll); the page
+    said "Requeued" regardless (review finding). It says so on the card."""
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    await api.kill("billing", "timeout", id="invoice-42")
+    await api.kill("billing", "timeout", id="invoice-43")
+    page, _ = tab
+    await page.clock.install()
+    await page.goto(broker.url + "/")
+    billing = card(page, "billing")
+    dead = billing.locator('table.dead tr[data-job="invoice-42"]')
+    await expect(dead).to_have_count(1)
+    await freeze_polling(page)
+    await api.call("DELETE", "/topics/billing/dead", {"job_ids": ["invoice-42"]})  # elsewhere
+    async with page.expect_response(lambda r: r.url.endswith("/requeue")) as answered:
+        await dead.get_by_role("button", name="Requeue").click()
+    assert await (await answered.value).json() == {"requeued": []}
+    await expect(billing.locator('[data-field="message"]')).to_contain_text(
+        "invoice-42", timeout=4000
+    )
+
+
+async def test_a_failed_requeue_is_still_said_after_the_next_refresh(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """The row's Requeue said its failure in the header's status line only,
+    which the next poll overwrote with "live · updated" (review finding). It
+    says it on the topic's card, where every other action's failure stays."""
+    from playwright.async_api import expect
+
+    from tests.helpers.faults import FaultyStore
+
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store)
+    api = Api(session, broker.url)
+    await api.kill("billing", "timeout", id="invoice-42")
+    page, _ = tab
+    await page.goto(broker.url + "/")
+    dead = card(page, "billing").locator('table.dead tr[data-job="invoice-42"]')
+    await expect(dead).to_have_count(1)
+    store.faults = ["full"]  # the next write of the head fails
+    async with page.expect_response(lambda r: r.url.endswith("/requeue")) as answered:
+        await dead.get_by_role("button", name="Requeue").click()
+    assert (await answered.value).status >= 400
+    message = card(page, "billing").locator('[data-field="message"]')
+    await expect(message).to_contain_text("Requeue failed")
+    await next_overview(page)
+    await expect(page.locator("#status")).to_have_class("status ok")
+    await expect(message).to_contain_text("Requeue failed")
+
+
+async def test_zero_counts_are_legible(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """A zero count was drawn #b6bec9 on white: 1.9:1, where WCAG 1.4.3 asks
+    4.5:1 of 14px text (review finding). Zeros are most of the table, and
+    they are what an operator checks."""
+    broker = await start_broker(MemStore())
+    await Api(session, broker.url).enqueue("idle")
+    page, _ = tab
+    await page.goto(broker.url + "/")
+    await expect_counts(page, "idle", dead=0)
+    color = await count_cell(page, "idle", "dead").evaluate("e => getComputedStyle(e).color")
+    rgb = tuple(int(n) for n in re.findall(r"\d+", color)[:3])
+    ratio = (1.0 + 0.05) / (_luminance(rgb) + 0.05)  # on the card's white
+    assert ratio >= 4.5, f"zero counts drawn {color}: contrast {ratio:.2f}:1"

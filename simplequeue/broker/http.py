@@ -634,7 +634,10 @@ def _routes(status_page: page.StatusPage) -> list[Route]:
         return status_page.asset(call.request, call.params["name"])
 
     async def overview(call: Call) -> web.Response:
-        return await status_page.overview()
+        fresh = call.request.query.get("fresh")  # a topic the page just acted on
+        if fresh is not None:
+            keys.check_topic(fresh)
+        return await status_page.overview(fresh)
 
     return [
         Route("POST", f"{t}/enqueue", enqueue),

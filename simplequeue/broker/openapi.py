@@ -405,13 +405,26 @@ def spec() -> dict[str, Any]:
             }
         },
         "/ui/overview": {
-            "get": _op(
-                "uiOverview",
-                "Everything the status page at / shows",
-                _ref(Overview),
-                _LISTING,
-                topic=False,
-            )
+            "get": {
+                **_op(
+                    "uiOverview",
+                    "Everything the status page at / shows",
+                    _ref(Overview),
+                    _LISTING,
+                    topic=False,
+                ),
+                "parameters": [
+                    {
+                        "name": "fresh",
+                        "in": "query",
+                        "required": False,
+                        "description": "a topic just acted on: read again, and the "
+                        "overview computed now rather than shared with one made up "
+                        "to a second before",
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
+                    }
+                ],
+            }
         },
         "/openapi.json": {
             "get": {

@@ -345,10 +345,18 @@ class StatusPage:
 
     # --- data ------------------------------------------------------------------------
 
-    async def overview(self) -> web.Response:
+    async def overview(self, fresh: str | None = None) -> web.Response:
+        """The overview; with `fresh`, a topic just acted on, one computed now
+        with that topic read again: the refresh an action makes shows it,
+        not what was read up to REUSE_FOR (or, from another broker's topic,
+        READ_EVERY) seconds before it."""
         async with self._computing:
-            if self._last is None or time.monotonic() - self._last[0] >= REUSE_FOR:
-                self._last = (time.monotonic(), msgspec.json.encode(await self.compute()))
+            if (
+                fresh is not None
+                or self._last is None
+                or (time.monotonic() - self._last[0] >= REUSE_FOR)
+            ):
+                self._last = (time.monotonic(), msgspec.json.encode(await self.compute(fresh)))
             body = self._last[1]
         return web.Response(
             body=body,
@@ -356,8 +364,9 @@ class StatusPage:
             headers={"Cache-Control": "no-store"},
         )
 
-    async def compute(self) -> Overview:
-        """The whole overview: broker.json, this broker, and every topic."""
+    async def compute(self, fresh: str | None = None) -> Overview:
+        """The whole overview: broker.json, this broker, and every topic (the
+        topic `fresh` read again, however recently it was)."""
         self._start_sampler()
         loop = asyncio.get_running_loop()
         if loop.time() - self._listed_at >= LIST_EVERY:
@@ -368,7 +377,12 @@ class StatusPage:
         shown = names[:MAX_TOPICS]
         seen = await asyncio.gather(
             *(
-                self.engine.inspect(t, listed=MAX_LISTED, scan=OLDEST_SCAN, max_age=READ_EVERY)
+                self.engine.inspect(
+                    t,
+                    listed=MAX_LISTED,
+                    scan=OLDEST_SCAN,
+                    max_age=0.0 if t == fresh else READ_EVERY,
+                )
                 for t in shown
             ),
             return_exceptions=True,

@@ -172,19 +172,26 @@
   // --- polling -------------------------------------------------------------------------------
 
   let timer = null;
-  let inFlight = false;
+  let polls = Promise.resolve(); // the last refresh asked for: they run one after another
 
   function schedule() {
     clearTimeout(timer);
-    if ($("login").hidden) timer = setTimeout(refresh, POLL_MS);
+    if ($("login").hidden) timer = setTimeout(() => refresh(), POLL_MS);
   }
 
-  async function refresh() {
-    if (inFlight) return;
-    inFlight = true;
+  // A refresh runs after the one in flight, not instead of it: an action's own
+  // refresh must see the action. `fresh`: a topic just acted on, which the
+  // broker reads again rather than answering from what it read a moment ago.
+  function refresh(fresh) {
+    polls = polls.then(() => poll(fresh));
+    return polls;
+  }
+
+  async function poll(fresh) {
     const hadToken = Boolean(token());
     try {
-      const data = await api("GET", "ui/overview");
+      const query = fresh ? `?fresh=${encodeURIComponent(fresh)}` : "";
+      const data = await api("GET", `ui/overview${query}`);
       $("content").hidden = false;
       render(data);
       lastOk = new Date();
@@ -197,7 +204,6 @@
         setStatus("error", `broker unreachable: ${error.message}${since}`);
       }
     } finally {
-      inFlight = false;
       schedule();
     }
   }
@@ -222,7 +228,7 @@
       const answer = await call();
       button.disabled = false;
       setText(button, idle);
-      await refresh();
+      await refresh(card.dataset.topic);
       return answer;
     } catch (error) {
       button.disabled = false;
@@ -240,17 +246,11 @@
   }
 
   async function requeue(button, topic, jobId) {
-    button.disabled = true;
-    setText(button, "Requeuing…");
-    try {
-      await api("POST", topicPath(topic, "requeue"), { job_ids: [jobId] });
-      setText(button, "Requeued");
-      await refresh();
-    } catch (error) {
-      button.disabled = false;
-      setText(button, "Requeue");
-      if (error instanceof NeedToken) askForToken(true);
-      else setStatus("error", `requeue of ${jobId} failed: ${error.message}`);
+    const card = button.closest("section.topic");
+    const answer = await act(button, "Requeuing…", () =>
+      api("POST", topicPath(topic, "requeue"), { job_ids: [jobId] }), card);
+    if (answer) {
+      say(card, answer.requeued.length ? `Requeued ${jobId}.` : `${jobId} was not dead any more.`, false);
     }
   }
 
@@ -309,7 +309,7 @@
       const children = [list];
       if (["pending", "delayed", "claimed"].includes(job.status)) {
         const button = el("button", { type: "button", "data-action": "cancel-found" }, "Cancel job");
-        button.addEventListener("click", () => cancelJob(button, card, topic, job.id));
+        armed(button, "Click again to cancel", () => cancelJob(button, card, topic, job.id));
         children.push(button);
       }
       box.replaceChildren(...children);
@@ -671,7 +671,8 @@
   function createClaimedRow(card, topicName) {
     return (job) => {
       const button = el("button", { type: "button", "data-action": "cancel" }, "Cancel");
-      button.addEventListener("click", () => cancelJob(button, card, topicName, job.id));
+      // Cancelling cannot be undone: a second click confirms, as for purging.
+      armed(button, "Click again to cancel", () => cancelJob(button, card, topicName, job.id));
       return el(
         "tr",
         { "data-job": job.id },
