@@ -1404,3 +1404,50 @@ async def test_xreadgroup_count_0_reads_without_limit_as_in_redis(
         assert len(got[0][1]) == 3, got
     finally:
         await r.aclose()
+
+
+async def test_a_stopped_broker_leaves_no_resp_socket_open_to_a_client_that_stopped_reading(
+    start_broker: StartBroker,
+) -> None:
+    """A client sends requests whose replies fill the socket, and reads none.
+    stop() cancelled its handler, which close()d the writer: asyncio closes a
+    transport with buffered data only once the buffer is written, which this
+    client never let happen, and nothing abort()ed it: the socket and its
+    replies outlived the stop (review finding). On Python 3.12+, where
+    asyncio.Server.wait_closed() waits for every connection it accepted, the
+    broker's stop would hang. After CLOSE_GRACE the transport is aborted."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    assert broker.redis is not None
+    server = broker.redis
+    _, writer = await asyncio.open_connection("127.0.0.1", port_of(broker))
+    echo = hiredis.pack_command(("ECHO", b"x" * 512 * 1024))
+    writer.write(echo * 32)  # 16 MiB of replies: more than the sockets hold
+
+    def stuck() -> bool:  # the broker waits for the client to read its replies
+        conns = server.connections
+        return bool(conns) and conns[0].writer.transport.get_write_buffer_size() > 0
+
+    await until(stuck)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(broker.stop(), 30)
+    took = asyncio.get_running_loop().time() - started
+    assert server._server is not None
+    attached = server._server._active_count  # what Python 3.12's wait_closed() waits for
+    writer.close()
+    assert attached == 0, f"{attached} RESP connection(s) still open after stop() ({took:.1f} s)"
+
+
+async def test_xadd_with_a_field_given_twice_is_refused_and_enqueues_nothing(
+    start_broker: StartBroker,
+) -> None:
+    """XADD s * a 1 a 2: Redis keeps both pairs; the payload, an object of the
+    fields, kept a=2 and dropped a=1 without a word (review finding). It is
+    refused now, and nothing is enqueued."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    r = redis.Redis(host="127.0.0.1", port=port_of(broker), protocol=2)
+    try:
+        with pytest.raises(ResponseError, match="field given twice"):
+            await r.execute_command("XADD", "s", "*", "a", "1", "a", "2")
+        assert await r.llen("s") == 0
+    finally:
+        await r.aclose()

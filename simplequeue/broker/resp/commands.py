@@ -624,7 +624,10 @@ async def xadd(session: Session, args: list[bytes]) -> Reply:
         raise RespError("ERR", f"XADD {job_id.upper()} is not supported: a topic is a queue")
     if len(args) % 2:
         raise RespError("ERR", "wrong number of arguments for 'xadd' command")
-    payload = {text(f, "fields"): text(v, "values") for f, v in _pairs(args[2:])}
+    pairs = [(text(f, "fields"), text(v, "values")) for f, v in _pairs(args[2:])]
+    payload = dict(pairs)
+    if len(payload) < len(pairs):  # Redis keeps both; an object cannot: say so
+        raise RespError("ERR", "XADD with a field given twice: a job's payload is an object")
     spec: dict[str, Any] = {"payload": payload}
     if job_id != "*":
         spec["id"] = job_id

@@ -38,6 +38,9 @@ QUEUED_FRAMES = 128  # parsed requests waiting per connection (and one read's wo
 QUEUED_BEHIND_BLOCKING = 64 * 1024 * 1024
 OUTPUT_HIGH_WATER = 64 * 1024 * 1024  # replies buffered for a client that does not read
 SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
+# Seconds a closing connection waits for its last replies to be written: a
+# client that does not read would hold it (and a stopping broker) for ever.
+CLOSE_GRACE = 1.0
 MAX_GROUP = 256  # pipelined writes run together at most
 
 Frame = list[bytes] | RespError | None  # a request, an unparseable one, or the end
@@ -357,5 +360,10 @@ class RespServer:
             log.exception("RESP client %d failed", conn.id)
         finally:
             conn.writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await conn.writer.wait_closed()
+            try:
+                async with asyncio.timeout(CLOSE_GRACE):
+                    await conn.writer.wait_closed()
+            except TimeoutError:
+                conn.writer.transport.abort()  # its replies are dropped: it was not reading
+            except (ConnectionError, OSError):
+                pass
