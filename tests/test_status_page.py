@@ -906,3 +906,30 @@ async def test_zero_counts_are_legible(
     rgb = tuple(int(n) for n in re.findall(r"\d+", color)[:3])
     ratio = (1.0 + 0.05) / (_luminance(rgb) + 0.05)  # on the card's white
     assert ratio >= 4.5, f"zero counts drawn {color}: contrast {ratio:.2f}:1"
+
+
+async def test_live_regions_stay_quiet_while_nothing_changes(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """The status line (role=status) got new text at every poll ("live ·
+    updated 12:00:02") and the broker lines (aria-live) were drawn anew at
+    every poll: a screen reader announced both every 2 s, for ever (review
+    finding). Only the state is a live region now, and the broker lines are
+    drawn again only when something in them other than the heartbeat's age
+    changes."""
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    await Api(session, broker.url).enqueue("idle")
+    page, _ = tab
+    await page.goto(broker.url + "/")
+    await expect_counts(page, "idle", pending=1)
+    live = page.locator('[role="status"]:not([data-field]), [aria-live]')
+    before = await live.all_text_contents()
+    await page.evaluate("window.mine = document.querySelector('[data-role=this-broker]')")
+    await next_overview(page)
+    await next_overview(page)
+    await expect(page.locator("#status")).to_have_class("status ok")
+    await expect(page.locator("#status")).to_contain_text("updated")
+    assert await live.all_text_contents() == before == ["live"]
+    assert await page.evaluate("window.mine === document.querySelector('[data-role=this-broker]')")

@@ -135,10 +135,13 @@
 
   let lastOk = null;
 
-  function setStatus(kind, text) {
+  // The state ("live", "broker unreachable: ...") is a live region, said when
+  // it changes; `updated` (the time of the last poll) is not.
+  function setStatus(kind, text, updated = "") {
     const node = $("status");
     node.className = `status ${kind}`;
-    setText(node, text);
+    setText($("state"), text);
+    setText($("updated"), updated);
   }
 
   function askForToken(refused) {
@@ -195,13 +198,13 @@
       $("content").hidden = false;
       render(data);
       lastOk = new Date();
-      setStatus("ok", `live · updated ${fmtClock(lastOk)}`);
+      setStatus("ok", "live", `· updated ${fmtClock(lastOk)}`);
     } catch (error) {
       if (error instanceof NeedToken) {
         askForToken(hadToken);
       } else {
-        const since = lastOk ? ` · showing data from ${fmtClock(lastOk)}` : "";
-        setStatus("error", `broker unreachable: ${error.message}${since}`);
+        const since = lastOk ? `· showing data from ${fmtClock(lastOk)}` : "";
+        setStatus("error", `broker unreachable: ${error.message}`, since);
       }
     } finally {
       schedule();
@@ -412,9 +415,19 @@
     return el("span", { class: `pill ${kind}` }, text);
   }
 
+  let brokersShown = ""; // what the broker lines were drawn from, less the heartbeat's age
+
   function renderBrokers(data) {
     const me = data.broker;
     const rec = data.record;
+    const heartbeat = rec ? `heartbeat ${fmtAge(rec.heartbeat_age)} ago` : "";
+    const shown = JSON.stringify([me, rec && { ...rec, heartbeat_age: null }]);
+    if (shown === brokersShown) { // nothing new: the lines stay, only the age moves
+      const age = $("brokers").querySelector('[data-field="heartbeat"]');
+      if (age) setText(age, heartbeat);
+      return;
+    }
+    brokersShown = shown;
     const mine = el(
       "div",
       { class: "broker", "data-role": "this-broker" },
@@ -435,7 +448,7 @@
         el("span", { "data-field": "active-epoch" }, rec.epoch),
         el("span", { class: "sep" }, "at"),
         el("code", {}, rec.url),
-        el("span", { class: "sep" }, `heartbeat ${fmtAge(rec.heartbeat_age)} ago`),
+        el("span", { class: "sep", "data-field": "heartbeat" }, heartbeat),
       );
       if (rec.stale) record.append(pill("stale", "bad"));
     }
