@@ -14,6 +14,7 @@ import dataclasses
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -1451,3 +1452,55 @@ async def test_xadd_with_a_field_given_twice_is_refused_and_enqueues_nothing(
         assert await r.llen("s") == 0
     finally:
         await r.aclose()
+
+
+async def test_a_slow_reader_that_quits_gets_every_reply_and_no_popped_job_is_lost(
+    start_broker: StartBroker,
+) -> None:
+    """After QUIT the handler closed and, after CLOSE_GRACE (1 s), abort()ed
+    the transport, dropping replies still buffered (review of 7ec5017): a
+    client on a slow link, or one pausing 1.5 s, lost them, here an LPOP's,
+    whose job the pop had completed: gone for good. Only a stopping server's
+    connections are cut after CLOSE_GRACE."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    assert broker.redis is not None
+    port = broker.redis.port
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow, narrow link
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(hiredis.pack_command(("RPUSH", "q", "precious")))
+        await writer.drain()
+        first = hiredis.Reader()
+        while (got := first.gets()) is False:
+            first.feed(await asyncio.wait_for(reader.read(100), 10))
+        assert got == 1
+        echo = hiredis.pack_command(("ECHO", b"x" * 256 * 1024))
+        writer.write(
+            echo * 24 + hiredis.pack_command(("LPOP", "q")) + hiredis.pack_command(("QUIT",))
+        )
+        await writer.drain()
+        await asyncio.sleep(1.6)  # the client is busy a moment, then reads everything
+        parser, replies = hiredis.Reader(), []
+        try:
+            while True:
+                chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+                if not chunk:
+                    break
+                parser.feed(chunk)
+                while (reply := parser.gets()) is not False:
+                    replies.append(reply)
+        except ConnectionResetError:
+            pass
+    finally:
+        writer.close()
+    popped = [r for r in replies if r == b"precious"]
+    async with aiohttp.ClientSession() as s, s.get(broker.url + "/topics/q/status") as r:
+        counts = await r.json()
+    assert popped or counts["pending"] == 1, (
+        f"got {len(replies)} of 26 replies; the LPOP's job was popped "
+        f"(pending={counts['pending']}) and its reply dropped: the job is lost"
+    )
+    assert len(replies) == 26, f"got {len(replies)} of 26 replies"

@@ -38,8 +38,8 @@ QUEUED_FRAMES = 128  # parsed requests waiting per connection (and one read's wo
 QUEUED_BEHIND_BLOCKING = 64 * 1024 * 1024
 OUTPUT_HIGH_WATER = 64 * 1024 * 1024  # replies buffered for a client that does not read
 SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
-# Seconds a closing connection waits for its last replies to be written: a
-# client that does not read would hold it (and a stopping broker) for ever.
+# Seconds a connection closed by a stopping server waits for its last replies
+# to be written: a client that does not read would hold the stop for ever.
 CLOSE_GRACE = 1.0
 MAX_GROUP = 256  # pipelined writes run together at most
 
@@ -360,10 +360,16 @@ class RespServer:
             log.exception("RESP client %d failed", conn.id)
         finally:
             conn.writer.close()
+            # Its last replies are written however slowly it reads (an LPOP's job is
+            # in one: dropped, it would be lost), unless the server stops: then
+            # not past CLOSE_GRACE, or stop()'s own grace, and the rest is dropped.
             try:
-                async with asyncio.timeout(CLOSE_GRACE):
+                async with asyncio.timeout(CLOSE_GRACE if conn.stopping else None):
                     await conn.writer.wait_closed()
             except TimeoutError:
-                conn.writer.transport.abort()  # its replies are dropped: it was not reading
+                conn.writer.transport.abort()
+            except asyncio.CancelledError:
+                conn.writer.transport.abort()
+                raise
             except (ConnectionError, OSError):
                 pass
