@@ -50,6 +50,7 @@ from simplequeue.errors import (
     ScheduleNotFound,
     SimpleQueueError,
     StorageFull,
+    StoreError,
     StoreRefused,
     StoreUnavailable,
 )
@@ -137,7 +138,12 @@ def _fence(state: TopicState, now: float) -> list[str]:
 
 
 class _LostRace(Exception):
-    """The head moved under this attempt; re-read and re-apply."""
+    """The write did not land (the head moved under it, or the store failed
+    it): re-read and re-apply. `cause`: what the store said."""
+
+    def __init__(self, cause: StoreError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -611,9 +617,16 @@ class GroupCommitter:
             answered = await first_then_retrying(
                 lambda: self._attempt(t, batch, outcomes, deadline), retrying
             )
-        except RetryError:
+        except RetryError as exc:
             # Objects of failed attempts are left for the orphan sweep: a PUT
             # that timed out here might still land at S3, and must find them.
+            lost = exc.last_attempt.exception()
+            if isinstance(lost, _LostRace) and isinstance(lost.cause, StoreUnavailable):
+                # Not contention: the store failed the writes (its last words said).
+                raise StoreUnavailable(
+                    f"topic {t.name!r}: {len(outcomes)} writes failed in "
+                    f"{self.settings.budget:.0f} s, the last: {lost.cause}"
+                ) from None
             raise Contended(
                 f"topic {t.name!r}: lost {len(outcomes)} races in {self.settings.budget:.0f} s"
             ) from None
@@ -702,7 +715,7 @@ class GroupCommitter:
                 raise exc
             if landed is None:
                 self.stats.conflicts += 1
-                raise _LostRace() from None
+                raise _LostRace(exc) from None
             self._keep(landed.new_objects)
             if isinstance(exc, NotDurable):  # in place, but a crash may lose it
                 await self._rewrite(t, exc)

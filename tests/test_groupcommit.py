@@ -162,6 +162,20 @@ async def test_failed_write_is_retried_when_the_read_back_shows_it_did_not_land(
     assert (await q.job("t", answer["id"]))["status"] == "pending"
 
 
+async def test_writes_the_store_fails_for_the_whole_budget_say_so_not_contention() -> None:
+    """A store that failed every head write (not a refusal: tried again) for
+    the whole budget was answered Contended "lost N races": the operator read
+    about other brokers, not the store (review). The store's last words now."""
+    store = FaultyStore(MemStore())
+    q = engine_on(store, budget=0.5)
+    await q.enqueue("t", [JobSpec("seed")])
+    store.faults = ["fail"] * 1000
+    with pytest.raises(
+        StoreUnavailable, match=r"writes failed in .* the last: injected: PUT failed"
+    ):
+        await q.enqueue("t", [JobSpec(2)])
+
+
 async def test_store_outage_answers_unavailable_and_loses_nothing_acknowledged() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store, budget=0.3)

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from botocore.exceptions import ClientError
 
-from simplequeue.errors import AmbiguousWrite, PreconditionFailed, StoreUnavailable
+from simplequeue.errors import AmbiguousWrite, PreconditionFailed, StoreRefused, StoreUnavailable
 from simplequeue.objstore.s3 import S3Settings, S3Store
 
 
@@ -104,6 +104,23 @@ class ScriptedClient:
         if self.errors:
             raise self.errors.pop(0)
         return {"ETag": '"new"'}
+
+    async def get_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return {"Body": _Body(), "ETag": '"new"'}
+
+
+class _Body:
+    async def __aenter__(self) -> _Body:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
+
+    async def read(self) -> bytes:
+        return b"data"
 
 
 def scripted(client: ScriptedClient) -> S3Store:
@@ -192,6 +209,44 @@ async def test_a_conditional_put_that_could_not_connect_is_retried() -> None:
     client = ScriptedClient(EndpointConnectionError(endpoint_url="http://s3", error=cause))
     assert await scripted(client).put_if("k", b"v", if_match='"old"') == '"new"'
     assert client.calls == 2
+
+
+async def test_a_get_whose_body_failed_its_checksum_in_transit_is_retried() -> None:
+    """A body damaged on the way (botocore's FlexibleChecksumError) was made a
+    refusal, StoreRefused at once, when only connection errors were taken
+    for transient (review of 0f3f2fe). Only configuration errors are not."""
+    from botocore.exceptions import FlexibleChecksumError
+
+    client = ScriptedClient(FlexibleChecksumError(error_msg="checksum mismatch"))
+    assert await scripted(client).get("k") == (b"data", '"new"')
+    assert client.calls == 2
+
+
+@pytest.mark.parametrize(
+    "code", ["IncompleteBody", "BadDigest", "XAmzContentSHA256Mismatch", "ExpiredToken"]
+)
+async def test_a_400_about_one_requests_bytes_or_an_expired_token_is_retried(code: str) -> None:
+    """Answers about one request's bytes, or temporary credentials that the
+    provider refreshes, were StoreRefused: the committer gave up on the batch
+    at once (review of 0f3f2fe). S3 answered, so even a conditional PUT is
+    safely sent again."""
+    client = ScriptedClient(client_error(400, code))
+    assert await scripted(client).put_if("k", b"v", if_match='"old"') == '"new"'
+    assert client.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "refused"),
+    [(403, "AccessDenied", True), (404, "NoSuchBucket", True), (400, "InvalidArgument", False)],
+)
+async def test_only_answers_that_would_repeat_are_refusals(
+    status: int, code: str, refused: bool
+) -> None:
+    client = ScriptedClient(client_error(status, code))
+    with pytest.raises(StoreUnavailable) as caught:
+        await scripted(client).put("k", b"v")
+    assert isinstance(caught.value, StoreRefused) is refused
+    assert client.calls == 1
 
 
 async def test_a_conditional_put_whose_connection_was_reset_is_ambiguous_not_retried() -> None:

@@ -37,7 +37,22 @@ from typing import Any, TypeVar
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, HTTPClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    InvalidConfigError,
+    InvalidEndpointConfigurationError,
+    InvalidRegionError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    UnknownCredentialError,
+    UnknownEndpointError,
+    UnknownServiceError,
+)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from tenacity import (
     AsyncRetrying,
@@ -67,14 +82,48 @@ _SENT = "simplequeue_sent"
 
 _LOST_RACE_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-_THROTTLE_CODES = {
+# Answers a retry may not get: throttling, and a request whose bytes were
+# damaged or cut on the way, or signed with temporary credentials that expired
+# (the provider refreshes them).
+_RETRIED_CODES = {
     "SlowDown",
     "Throttling",
     "ThrottlingException",
     "RequestTimeout",
     "InternalError",
     "ServiceUnavailable",
+    "IncompleteBody",
+    "BadDigest",
+    "XAmzContentSHA256Mismatch",
+    "ExpiredToken",
+    "TokenRefreshRequired",
 }
+# Answers that would be the same however often asked, until an operator acts.
+_REFUSED_CODES = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "InvalidAccessKeyId",
+    "InvalidBucketName",
+    "NoSuchBucket",
+    "NotImplemented",
+    "RequestTimeTooSkewed",
+    "SignatureDoesNotMatch",
+}
+# botocore's refusals before sending anything: the configuration's.
+_CONFIGURATION_ERRORS = (
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    UnknownCredentialError,
+    NoRegionError,
+    InvalidRegionError,
+    InvalidConfigError,
+    InvalidEndpointConfigurationError,
+    UnknownEndpointError,
+    UnknownServiceError,
+    ParamValidationError,
+)
 
 
 @dataclass(frozen=True)
@@ -118,21 +167,23 @@ def date_of(response: Mapping[str, Any]) -> float | None:
 
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: 5xx, throttling, timeouts, lost
-    connections. Not botocore's refusals before sending (no credentials, a
-    parameter it rejects): those are the configuration's, and say so."""
+    connections, a body damaged in transit. Not botocore's refusals before
+    sending (no credentials, a parameter it rejects): the configuration's."""
     if isinstance(exc, ClientError):
         status = _status(exc)
         if status == 501:  # NotImplemented: a store without what was asked, for good
             return False
-        return status >= 500 or status == 429 or _code(exc) in _THROTTLE_CODES
-    return isinstance(
-        exc,
-        BotoConnectionError
-        | HTTPClientError
-        | aiohttp.ClientError
-        | asyncio.TimeoutError
-        | OSError,
-    )
+        return status >= 500 or status == 429 or _code(exc) in _RETRIED_CODES
+    if isinstance(exc, _CONFIGURATION_ERRORS):
+        return False
+    return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)
+
+
+def is_refusal(exc: ClientError) -> bool:
+    """True for an answer S3 would give again however often asked (access
+    denied, no such bucket, ...): StoreRefused. Other unexpected answers are
+    StoreUnavailable, which the committer may try again."""
+    return _code(exc) in _REFUSED_CODES or _status(exc) in (403, 501)
 
 
 def is_unsent(exc: BaseException) -> bool:
@@ -376,7 +427,7 @@ class S3Store(ObjectStore):
             raise StoreUnavailable(f"{self.url}: an answer without an ETag")
         return etag
 
-    def _unexpected(self, exc: ClientError) -> StoreRefused:
+    def _unexpected(self, exc: ClientError) -> StoreUnavailable:
         # Access denied, no such bucket and the like: retrying will not help,
         # and the broker cannot serve until an operator fixes it.
         if _code(exc) == "RequestTimeTooSkewed":
@@ -385,7 +436,8 @@ class S3Store(ObjectStore):
                 f"is more than 15 minutes off S3's (RequestTimeTooSkewed): set the "
                 f"clock right (NTP) and the broker recovers by itself"
             )
-        return StoreRefused(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
+        kind = StoreRefused if is_refusal(exc) else StoreUnavailable
+        return kind(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
 
     async def close(self) -> None:
         self._closed = True
