@@ -6,6 +6,7 @@ headless Chromium through the fixtures of tests/test_status_page.py.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from simplequeue.api import JobSpec
 from simplequeue.objstore.memfs import MemStore
 from tests import test_status_page as status_page
 from tests.test_status_page import Api, PageErrors, StartBroker
@@ -101,3 +103,64 @@ async def test_the_broker_refuses_a_request_addressed_to_another_host_name(
     for name in ("localhost", "127.0.0.1", "[::1]", "app.localhost"):
         async with session.get(broker.url + "/healthz", headers={"Host": f"{name}:{port}"}) as r:
             assert r.status == 200, name
+
+
+@pytest.mark.parametrize("host", ["localhost.", "app.localhost.", "LOCALHOST."])
+async def test_a_fully_qualified_localhost_is_this_machine(
+    start_broker: StartBroker, host: str
+) -> None:
+    """'localhost.' (the FQDN form, RFC 6761: always loopback, never
+    rebindable) was refused, its trailing dot kept (review of 06d5248)."""
+    broker = await start_broker(MemStore())
+    port = broker.url.rsplit(":", 1)[1]
+    headers = {"Host": f"{host}:{port}"}
+    async with aiohttp.ClientSession() as s, s.get(broker.url + "/healthz", headers=headers) as r:
+        assert r.status == 200, (host, r.status, (await r.text())[:100])
+
+
+async def test_a_malformed_host_or_origin_is_answered_not_an_unhandled_exception(
+    start_broker: StartBroker,
+) -> None:
+    """urlsplit() raises ValueError on 'Origin: http://[x', which escaped
+    HttpApi: 500 "internal error" and a logged traceback per request, which
+    any client could fill the log with (review of 06d5248). Refused, 403."""
+    broker = await start_broker(MemStore())
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(broker.url.rsplit(":", 1)[1]))
+    try:
+        writer.write(
+            b"POST /topics/t/requeue HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Origin: http://[x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status = answer.split(b"\r\n", 1)[0]
+    assert b" 403 " in status, answer[:300]
+
+
+async def test_the_status_page_s_own_post_through_a_plain_http_proxy_that_sets_host_passes(
+    start_broker: StartBroker,
+) -> None:
+    """Browsers send Sec-Fetch-Site only to potentially trustworthy origins
+    (https, localhost): through a plain-http proxy (http://queue.lan, nginx's
+    default Host of 127.0.0.1:PORT) the page's own Requeue carried only
+    Origin: http://queue.lan, which was compared with Host and refused
+    (review of 06d5248). The broker's --advertise-url is its own origin too."""
+    broker = await start_broker(MemStore(), advertise_url="http://queue.lan")
+    await broker.engine.enqueue("t", [JobSpec(1)])
+    assert broker.http is not None
+    listening = f"http://127.0.0.1:{broker.http.port}"  # the proxy's way in
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            listening + "/topics/t/requeue",
+            data=b"{}",
+            headers={
+                "Content-Type": "application/json",
+                "Origin": "http://queue.lan",
+                "X-Forwarded-Host": "queue.lan",
+                "X-Forwarded-Proto": "http",
+            },
+        ) as r,
+    ):
+        assert r.status == 200, (r.status, (await r.text())[:120])

@@ -933,3 +933,66 @@ async def test_live_regions_stay_quiet_while_nothing_changes(
     await expect(page.locator("#status")).to_contain_text("updated")
     assert await live.all_text_contents() == before == ["live"]
     assert await page.evaluate("window.mine === document.querySelector('[data-role=this-broker]')")
+
+
+def _store_gets(broker: Any) -> float:
+    return store_requests(broker, "get")
+
+
+async def test_fresh_overview_requests_cost_a_store_read_each(start_broker: StartBroker) -> None:
+    """GET /ui/overview?fresh=T (a GET any page can make) bypassed the shared
+    computation and read T from the store on every request (review of
+    cc04e68). It is honoured once for each change made through this broker."""
+    from tests.test_ownership import cluster, owner_and_other
+
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2)
+    owner, other = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec(1)])
+    async with aiohttp.ClientSession() as s:
+        async with s.get(other.url + "/ui/overview") as r:
+            assert r.status == 200
+        before = _store_gets(other)
+        for _ in range(30):
+            async with s.get(other.url + "/ui/overview?fresh=t") as r:
+                assert r.status == 200
+        spent = _store_gets(other) - before
+    assert spent <= 5, f"30 overviews within a second cost {spent:.0f} store GETs"
+
+
+async def test_an_action_s_outcome_is_said_even_while_a_poll_is_stuck(
+    start_broker: StartBroker,
+    session: aiohttp.ClientSession,
+    tab: tuple[Page, PageErrors],
+) -> None:
+    """Refreshes run one after another and an action waited for its own before
+    saying what it did: with a poll that did not come back (fetch had no
+    timeout), the requeue succeeded but the card never said so (review of
+    cc04e68). Calls time out after 10 s, and an action waits 3 s at most."""
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    await api.kill("ops", "boom", id="d1")
+    page, _ = tab
+    await page.goto(broker.url + "/")
+    await expect_counts(page, "ops", dead=1)
+    held: list[Any] = []
+
+    async def hold(route: Any) -> None:  # the next overview polls hang
+        held.append(route)
+
+    await page.route("**/ui/overview**", hold)
+    async with page.expect_request(lambda r: r.url.endswith("/ui/overview")):  # held
+        await page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    ops = card(page, "ops")
+    async with page.expect_response(lambda r: r.url.endswith("/topics/ops/requeue")) as done:
+        await ops.locator('table.dead tr[data-job="d1"] button[data-action="requeue"]').click()
+    assert (await done.value).status == 200
+    try:
+        await expect(ops.locator('[data-field="message"]')).to_have_text(
+            "Requeued d1.", timeout=5000
+        )
+    finally:
+        for route in held:
+            await route.abort()

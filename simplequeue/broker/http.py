@@ -225,6 +225,8 @@ class HttpApi:
                 response = _unrouted(found)
             else:
                 response = await self._answer(Call(request, route, params, services))
+                if method not in _SAFE_METHODS and "topic" in params:
+                    self.page.touched(params["topic"])
         label = "unmatched" if route is None else route.path
         counter, timer = services.metrics.http_children(label, method, response.status)
         counter.inc()
@@ -296,7 +298,8 @@ def _foreign(request: web.BaseRequest, services: HttpServices) -> str | None:
     - Listening on loopback only, a request must name this machine in Host:
       a DNS-rebinding page (a name of its own re-pointed at 127.0.0.1) is
       same-origin with the broker, and could read and call everything."""
-    if services.loopback and not _names_this_machine(request.host, services.url()):
+    advertised = services.url()
+    if services.loopback and not _names_this_machine(request.host, advertised):
         return f"Host {request.host!r} does not name this broker (it listens on loopback)"
     if request.method in _SAFE_METHODS:
         return None
@@ -306,7 +309,15 @@ def _foreign(request: web.BaseRequest, services: HttpServices) -> str | None:
             return None
         return f"refused a {site} request from a page of another site"
     origin = request.headers.get("Origin")
-    if origin is None or urlsplit(origin).netloc.lower() == request.host.lower():
+    if origin is None:
+        return None
+    try:
+        sender = urlsplit(origin).netloc.lower()
+    except ValueError:
+        return f"refused a request with a malformed Origin {origin!r}"
+    # The page's own, over plain http (no Sec-Fetch-Site): its Origin is the
+    # broker's Host, or, behind a proxy that sets Host, its advertised URL's.
+    if sender in (request.host.lower(), urlsplit(advertised).netloc.lower()):
         return None
     return f"refused a request from a page of {origin}"
 
@@ -314,8 +325,11 @@ def _foreign(request: web.BaseRequest, services: HttpServices) -> str | None:
 @functools.lru_cache(maxsize=64)  # a few hosts, asked at every request: 0.4 µs, not 1.8
 def _names_this_machine(host: str, advertised: str) -> bool:
     """Whether a Host header names a loopback broker: an IP address, localhost
-    (or a name under it), or the host of its advertised URL."""
-    name = urlsplit(f"//{host}").hostname or ""
+    (or a name under it, "localhost." too), or the host of its advertised URL."""
+    try:
+        name = (urlsplit(f"//{host}").hostname or "").removesuffix(".")
+    except ValueError:  # "[::1" and the like: names nothing
+        return False
     if name == "localhost" or name.endswith(".localhost"):
         return True
     if name == (urlsplit(advertised).hostname or ""):

@@ -324,6 +324,15 @@ class StatusPage:
         self._shown: set[str] = set()  # the topics the last overview showed
         self._computing = asyncio.Lock()
         self._last: tuple[float, bytes] | None = None
+        # Topics a request through this broker changed since the last overview:
+        # what an overview asked `fresh` for reads again (no other).
+        self._touched: set[str] = set()
+
+    def touched(self, topic: str) -> None:
+        """A request through this broker changed `topic` (an action of the page's);
+        kept only once a page has asked for an overview (at most a set of topics)."""
+        if self._last is not None:
+            self._touched.add(topic)
 
     # --- static --------------------------------------------------------------------
 
@@ -349,8 +358,12 @@ class StatusPage:
         """The overview; with `fresh`, a topic just acted on, one computed now
         with that topic read again: the refresh an action makes shows it,
         not what was read up to REUSE_FOR (or, from another broker's topic,
-        READ_EVERY) seconds before it."""
+        READ_EVERY) seconds before it. Only if a request through this broker
+        changed that topic since the last overview: asked `fresh` for nothing
+        new, an overview costs no more than another (a store read each)."""
         async with self._computing:
+            if fresh is not None and fresh not in self._touched:
+                fresh = None
             if (
                 fresh is not None
                 or self._last is None
@@ -400,6 +413,7 @@ class StatusPage:
             self.rates.record(name, at, c["enqueued"], c["completed"])
             views.append(topic_view(name, got, self.rates.rates(name, at)))
         self._shown = set(shown)
+        self._touched.discard(fresh or "")  # read now: a request's change is read once
         self.rates.forget_except(self._shown | set(self.engine.known_topics()))
         presence = self.presence()
         return Overview(

@@ -12,12 +12,15 @@
   // that serves the broker under a prefix.
   const TOKEN_KEY = "simplequeue.token";
   const POLL_MS = 2000;
+  const CALL_TIMEOUT_MS = 10000; // a call of the API the page gives up on
+  const ACT_REFRESH_WAIT_MS = 3000; // an action says what it did after its refresh, or this
   const SVG_NS = "http://www.w3.org/2000/svg";
   const COUNTS = ["pending", "delayed", "claimed", "completed", "dead", "cancelled"];
   const SETTINGS = ["rate", "burst", "max_claimed", "lease", "max_attempts"];
   const numbers = new Intl.NumberFormat("en-US");
 
   const $ = (id) => document.getElementById(id);
+  const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
   class NeedToken extends Error {}
 
@@ -116,6 +119,7 @@
       body: body === undefined ? undefined : JSON.stringify(body),
       cache: "no-store",
       credentials: "omit",
+      signal: AbortSignal.timeout(CALL_TIMEOUT_MS), // a stalled call ends, and the polls after it run
     });
     if (response.status === 401) throw new NeedToken("token needed");
     let data = null;
@@ -231,7 +235,8 @@
       const answer = await call();
       button.disabled = false;
       setText(button, idle);
-      await refresh(card.dataset.topic);
+      // What it did is drawn before it is said, unless a poll before it stalls.
+      await Promise.race([refresh(card.dataset.topic), pause(ACT_REFRESH_WAIT_MS)]);
       return answer;
     } catch (error) {
       button.disabled = false;
