@@ -324,8 +324,8 @@ class StatusPage:
         self._shown: set[str] = set()  # the topics the last overview showed
         self._computing = asyncio.Lock()
         self._last: tuple[float, bytes] | None = None
-        # Topics a request through this broker changed since the last overview:
-        # what an overview asked `fresh` for reads again (no other).
+        # Topics a request through this broker changed that no overview has read
+        # fresh since: an overview asked `fresh` for one reads it again (no other).
         self._touched: set[str] = set()
 
     def touched(self, topic: str) -> None:
