@@ -164,3 +164,77 @@ async def test_the_status_page_s_own_post_through_a_plain_http_proxy_that_sets_h
         ) as r,
     ):
         assert r.status == 200, (r.status, (await r.text())[:120])
+
+
+async def test_touched_grows_without_bound_from_requests_that_change_nothing(
+    start_broker: StartBroker,
+) -> None:
+    """Every non-GET request marked its topic touched whatever its answer (a
+    400 for an invalid name, a 404): once a page had loaded the overview, the
+    set grew without bound, and each mark bought a fresh store read without a
+    change (review of f041221). Only requests that succeeded mark now."""
+    broker = await start_broker(MemStore())
+    base = f"http://127.0.0.1:{broker.http.port}"  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/ui/overview") as r:
+            assert r.status == 200
+        statuses = set()
+        for i in range(300):
+            # an invalid topic name (400) and a valid never-written one with a bad body
+            async with s.post(f"{base}/topics/no.such.{i}.{'x' * 200}/ack", data=b"{") as r:
+                statuses.add(r.status)
+            async with s.post(f"{base}/topics/never{i}/ack", data=b"not json") as r:
+                statuses.add(r.status)
+    assert broker.http_api is not None
+    touched = broker.http_api.page._touched
+    assert all(s >= 400 for s in statuses), statuses
+    assert len(touched) < 10, (
+        f"{len(touched)} names marked touched by 600 refused requests (answers "
+        f"{sorted(statuses)}): the set grows without bound, e.g. {sorted(touched)[:2]}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("advertised", "origin"),
+    [
+        ("http://queue.lan:80", "http://queue.lan"),
+        ("https://queue.lan:443/", "https://queue.lan"),
+    ],
+)
+async def test_the_pages_own_origin_is_its_advertised_urls_however_spelt(
+    start_broker: StartBroker, advertised: str, origin: str
+) -> None:
+    """Origin was compared with the advertised URL's netloc as a string: one
+    with its scheme's default port (which browsers never write in Origin)
+    refused the page's own POSTs behind a proxy (review of f041221). Origins
+    are compared as (scheme, host, port), default ports spelt out."""
+    broker = await start_broker(MemStore(), advertise_url=advertised)
+    port = broker.http.port  # type: ignore[union-attr]
+    headers = {"Host": f"127.0.0.1:{port}", "Origin": origin, "Content-Type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{port}/topics/t/requeue", data=b"{}", headers=headers) as r,
+    ):
+        body = await r.text()
+    assert r.status != 403, (r.status, body[:160])
+
+
+async def test_an_advertised_https_origin_accepts_the_same_host_over_plain_http(
+    start_broker: StartBroker,
+) -> None:
+    """The scheme was not compared: with --advertise-url https://queue.lan, a
+    POST whose Origin is http://queue.lan (a page anyone on the path can
+    serve over plain http) was taken for the broker's own (review)."""
+    broker = await start_broker(MemStore(), advertise_url="https://queue.lan")
+    port = broker.http.port  # type: ignore[union-attr]
+    headers = {
+        "Host": f"127.0.0.1:{port}",
+        "Origin": "http://queue.lan",
+        "Content-Type": "application/json",
+    }
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{port}/topics/t/requeue", data=b"{}", headers=headers) as r,
+    ):
+        status = r.status
+    assert status == 403, f"a POST from Origin http://queue.lan was answered {status}, not refused"

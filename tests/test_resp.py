@@ -1504,3 +1504,28 @@ async def test_a_slow_reader_that_quits_gets_every_reply_and_no_popped_job_is_lo
         f"(pending={counts['pending']}) and its reply dropped: the job is lost"
     )
     assert len(replies) == 26, f"got {len(replies)} of 26 replies"
+
+
+async def test_a_client_that_quits_and_never_reads_is_cut_once_its_replies_stall(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closing connection's last replies are written however slowly its
+    client reads; one that read none of them was then held for ever, its
+    task, socket, client slot and up to 64 MB of replies (review of 8c53a42).
+    It is cut once nothing was read for STALLED_CLOSE (30 s; 0.3 here)."""
+    monkeypatch.setattr(connection, "STALLED_CLOSE", 0.3, raising=False)
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    assert broker.redis is not None
+    server = broker.redis
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        echo = hiredis.pack_command(("ECHO", b"x" * 256 * 1024))
+        writer.write(echo * 24 + hiredis.pack_command(("QUIT",)))  # ~6 MB of replies
+        await writer.drain()
+        await until(lambda: not server.connections)
+    finally:
+        writer.transport.abort()

@@ -225,8 +225,8 @@ class HttpApi:
                 response = _unrouted(found)
             else:
                 response = await self._answer(Call(request, route, params, services))
-                if method not in _SAFE_METHODS and "topic" in params:
-                    self.page.touched(params["topic"])
+                if method not in _SAFE_METHODS and response.status < 300 and "topic" in params:
+                    self.page.touched(params["topic"])  # done: a topic that exists
         label = "unmatched" if route is None else route.path
         counter, timer = services.metrics.http_children(label, method, response.status)
         counter.inc()
@@ -312,14 +312,30 @@ def _foreign(request: web.BaseRequest, services: HttpServices) -> str | None:
     if origin is None:
         return None
     try:
-        sender = urlsplit(origin).netloc.lower()
+        sender = _origin_of(origin)
+        ours = (_origin_of(f"{request.scheme}://{request.host}"), _origin_of(advertised))
     except ValueError:
         return f"refused a request with a malformed Origin {origin!r}"
     # The page's own, over plain http (no Sec-Fetch-Site): its Origin is the
     # broker's Host, or, behind a proxy that sets Host, its advertised URL's.
-    if sender in (request.host.lower(), urlsplit(advertised).netloc.lower()):
+    if sender in ours:
         return None
     return f"refused a request from a page of {origin}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_of(url: str) -> tuple[str, str, int | None]:
+    """A URL's origin (scheme, host, port), the default port spelt out: a
+    browser never writes it in Origin, a user may in --advertise-url."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return (
+        scheme,
+        (parts.hostname or "").removesuffix("."),
+        parts.port or _DEFAULT_PORTS.get(scheme),
+    )
 
 
 @functools.lru_cache(maxsize=64)  # a few hosts, asked at every request: 0.4 µs, not 1.8

@@ -98,18 +98,6 @@ _RETRIED_CODES = {
     "ExpiredToken",
     "TokenRefreshRequired",
 }
-# Answers that would be the same however often asked, until an operator acts.
-_REFUSED_CODES = {
-    "AccessDenied",
-    "AllAccessDisabled",
-    "AccountProblem",
-    "InvalidAccessKeyId",
-    "InvalidBucketName",
-    "NoSuchBucket",
-    "NotImplemented",
-    "RequestTimeTooSkewed",
-    "SignatureDoesNotMatch",
-}
 # botocore's refusals before sending anything: the configuration's.
 _CONFIGURATION_ERRORS = (
     NoCredentialsError,
@@ -177,13 +165,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, _CONFIGURATION_ERRORS):
         return False
     return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)
-
-
-def is_refusal(exc: ClientError) -> bool:
-    """True for an answer S3 would give again however often asked (access
-    denied, no such bucket, ...): StoreRefused. Other unexpected answers are
-    StoreUnavailable, which the committer may try again."""
-    return _code(exc) in _REFUSED_CODES or _status(exc) in (403, 501)
 
 
 def is_unsent(exc: BaseException) -> bool:
@@ -427,17 +408,18 @@ class S3Store(ObjectStore):
             raise StoreUnavailable(f"{self.url}: an answer without an ETag")
         return etag
 
-    def _unexpected(self, exc: ClientError) -> StoreUnavailable:
-        # Access denied, no such bucket and the like: retrying will not help,
-        # and the broker cannot serve until an operator fixes it.
+    def _unexpected(self, exc: ClientError) -> StoreRefused:
+        # An answer that was not retried (not a 5xx but 501, nor throttling, nor
+        # a request's bytes damaged on the way, nor an expired token): access
+        # denied, no such bucket, a wrong region, and the like. Retrying will
+        # not help, and the broker cannot serve until an operator fixes it.
         if _code(exc) == "RequestTimeTooSkewed":
             return StoreRefused(
                 f"{self.url}: S3 refuses requests from this machine because its clock "
                 f"is more than 15 minutes off S3's (RequestTimeTooSkewed): set the "
                 f"clock right (NTP) and the broker recovers by itself"
             )
-        kind = StoreRefused if is_refusal(exc) else StoreUnavailable
-        return kind(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
+        return StoreRefused(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
 
     async def close(self) -> None:
         self._closed = True

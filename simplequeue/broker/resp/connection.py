@@ -41,6 +41,10 @@ SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
 # Seconds a connection closed by a stopping server waits for its last replies
 # to be written: a client that does not read would hold the stop for ever.
 CLOSE_GRACE = 1.0
+# Seconds a closing connection's last replies may wait while its client reads
+# none of them (a slow link, a pause, is given them): then it is cut, its slot
+# and buffer freed. A stopping server waits CLOSE_GRACE in all.
+STALLED_CLOSE = 30.0
 MAX_GROUP = 256  # pipelined writes run together at most
 
 Frame = list[bytes] | RespError | None  # a request, an unparseable one, or the end
@@ -360,16 +364,32 @@ class RespServer:
             log.exception("RESP client %d failed", conn.id)
         finally:
             conn.writer.close()
-            # Its last replies are written however slowly it reads (an LPOP's job is
-            # in one: dropped, it would be lost), unless the server stops: then
-            # not past CLOSE_GRACE, or stop()'s own grace, and the rest is dropped.
             try:
-                async with asyncio.timeout(CLOSE_GRACE if conn.stopping else None):
-                    await conn.writer.wait_closed()
-            except TimeoutError:
-                conn.writer.transport.abort()
-            except asyncio.CancelledError:
+                await self._closed(conn)
+            except asyncio.CancelledError:  # stop() past its grace
                 conn.writer.transport.abort()
                 raise
+
+    @staticmethod
+    async def _closed(conn: Connection) -> None:
+        """Wait until a closing connection's last replies are written, however
+        slowly its client reads (an LPOP's job is in one: dropped, it would be
+        lost). It is cut when its client reads none of them for STALLED_CLOSE
+        seconds, or, the server stopping, after CLOSE_GRACE."""
+        transport = conn.writer.transport
+        left = transport.get_write_buffer_size()
+        closed = asyncio.ensure_future(conn.writer.wait_closed())
+        while True:
+            try:
+                async with asyncio.timeout(CLOSE_GRACE if conn.stopping else STALLED_CLOSE):
+                    await asyncio.shield(closed)  # waited for again after a timeout
+                return
+            except TimeoutError:  # before OSError, of which it is one
+                now = transport.get_write_buffer_size()
+                if conn.stopping or now >= left:  # nothing read meanwhile
+                    transport.abort()
+                    await asyncio.gather(closed, return_exceptions=True)
+                    return
+                left = now
             except (ConnectionError, OSError):
-                pass
+                return
