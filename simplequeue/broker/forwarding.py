@@ -24,6 +24,7 @@ import msgspec
 
 from simplequeue import api, errors
 from simplequeue.api import AckRequest, JobSpec
+from simplequeue.broker.background import in_background
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.membership import Membership, Peer
 from simplequeue.errors import AmbiguousWrite, BrokerError, NothingToClaim, SimpleQueueError
@@ -299,7 +300,7 @@ class Router:
             got = await self._route(topic, "POST", "/claim", body, wait)
         except (asyncio.CancelledError, AmbiguousWrite):  # AmbiguousWrite: this broker stops
             if not self.forwarder.membership.owns(topic):
-                _in_background(self._take_back(topic, worker_id, count, attempt_id))
+                in_background(self._take_back(topic, worker_id, count, attempt_id))
             raise
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
@@ -376,13 +377,6 @@ class Router:
 
 
 _Jobs = dict[str, list[dict[str, Any]]]
-_background: set[asyncio.Task[None]] = set()  # referenced until done
-
-
-def _in_background(work: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.get_running_loop().create_task(work)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 def _jobs_of(got: Answer) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import orjson
 
 from simplequeue import __version__, api, keys
+from simplequeue.broker.background import in_background
 from simplequeue.broker.engine import MAX_WAIT, TopicOps
 from simplequeue.broker.resp.wire import NULL_ARRAY, OK, Reply, RespError, Simple, upper
 from simplequeue.errors import InvalidRequest, SimpleQueueError
@@ -579,16 +580,11 @@ async def _give_back(session: Session, topic: str, jobs: list[dict[str, Any]]) -
         await session.engine.release(topic, jobs)
 
 
-_giving_back: set[asyncio.Task[Any]] = set()  # referenced until done
-
-
 def _give_back_later(session: Session, got: dict[str, list[dict[str, Any]]]) -> None:
     """Give claims back in the background: the command that took them is
     ending (its client left), and its connection need not wait for a write."""
     for topic, jobs in got.items():
-        task = asyncio.create_task(_give_back(session, topic, jobs))
-        _giving_back.add(task)
-        task.add_done_callback(_giving_back.discard)
+        in_background(_give_back(session, topic, jobs))
 
 
 @contextlib.contextmanager
