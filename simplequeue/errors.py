@@ -6,6 +6,7 @@ with the HTTP status and the RESP error code it is answered with.
     │   ├── PreconditionFailed  a conditional write lost its race
     │   ├── ObjectNotFound      the key does not exist
     │   ├── StoreUnavailable    the store did not answer; bounded retries are spent
+    │   │   ├── StoreRefused    the store said no, and would again (access denied)
     │   │   ├── AmbiguousWrite  a conditional write got no answer: it may have landed
     │   │   ├── CacheTooSmall   a read or batch needs more objects than the cache holds
     │   │   └── NotDurable      a write is in place but could not be made durable
