@@ -125,6 +125,8 @@ class ClaimRequest(_Request):
     # (the owner keeps answers CLAIM_ATTEMPTS_KEPT_S in memory, bounded: best
     # effort, as SQS's ReceiveRequestAttemptId). The SDK sends one with every
     # claim (and none to a broker older than it, which refuses the field).
+    # A pop's, likewise (its retry gets the first try's jobs), names it for
+    # POST /unpop too (UnpopRequest).
     attempt_id: AttemptId | None = None
 
 
@@ -182,6 +184,20 @@ class CompleteRequest(_Request):
     before the answer (it was never handed the jobs)."""
 
     claims: Annotated[list[Held], Meta(min_length=1, max_length=MAX_BATCH)]
+    # As a pop's: a retry gets the first try's answer; POST /unpop names it.
+    attempt_id: AttemptId | None = None
+
+
+class UnpopRequest(_Request):
+    """Give back what the pop or complete named `attempt_id` did, whose answer
+    its caller never got (lost on its way: the caller, or a broker that
+    passed the request on, went away): pending again at once, not completed,
+    the attempt uncounted. Best effort: the topic's owner keeps what such
+    requests did in memory for CLAIM_ATTEMPTS_KEPT_S, bounded. One that
+    arrives before its pop or complete is done undoes it as it lands: an
+    attempt id undone is spent (a pop under it later gives its jobs back)."""
+
+    attempt_id: AttemptId
 
 
 class WorkerName(_Request):
@@ -308,6 +324,10 @@ class Released(_Answer):
 
 class Completed(_Answer):
     completed: list[str]  # the ids completed; the others were not held
+
+
+class Unpopped(_Answer):
+    given_back: int  # jobs pending again (0: none kept, or expired and reused)
 
 
 class Claimed(_Answer):

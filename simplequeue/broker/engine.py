@@ -20,7 +20,15 @@ import orjson
 
 from simplequeue import api, keys
 from simplequeue.api import AckRequest, FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
-from simplequeue.errors import CacheTooSmall, InvalidRequest, JobNotFound, SimpleQueueError
+from simplequeue.errors import (
+    AmbiguousWrite,
+    CacheTooSmall,
+    Contended,
+    InvalidRequest,
+    JobNotFound,
+    SimpleQueueError,
+    StoreUnavailable,
+)
 from simplequeue.groupcommit import GroupCommitter, Mutation
 from simplequeue.state import Job, SegmentMissing, TopicState
 
@@ -97,13 +105,12 @@ def _unclaim_all(jobs: list[Job]) -> Callable[[TopicState, float], int]:
     return give_back
 
 
-def _unpop_all(jobs: list[Job]) -> Callable[[TopicState, float], None]:
+def _unpop_all(jobs: list[Job]) -> Callable[[TopicState, float], int]:
     """A mutation giving back popped jobs (pending again, not completed, the
-    attempt uncounted)."""
+    attempt uncounted); it answers how many were given back."""
 
-    def give_back(s: TopicState, now: float) -> None:
-        for job in jobs:
-            s.unpop(job, now)
+    def give_back(s: TopicState, now: float) -> int:
+        return sum(s.unpop(job, now) for job in jobs)
 
     return give_back
 
@@ -163,6 +170,20 @@ class TopicOps(Protocol):
 CLAIM_ATTEMPTS_KEPT = 50_000
 
 
+# Pops and completes kept for their undo (api.UnpopRequest), at most: the
+# jobs as they were done, JSON, payloads included (the oldest go first).
+POPS_KEPT_BYTES = 32 * 1024 * 1024
+POPS_WITHDRAWN = 10_000  # undos kept for pops not done yet, at most
+
+
+@dataclass(frozen=True, slots=True)
+class _Popped:
+    """What a pop or complete did, kept for its undo until `until` (monotonic)."""
+
+    until: float
+    jobs: bytes  # JSON: the jobs as the state machine answered them
+
+
 @dataclass(frozen=True, slots=True)
 class _Answered:
     """A claim's answer, kept for its retries until `until` (monotonic)."""
@@ -182,6 +203,12 @@ class Engine:
         # (api.ClaimRequest.attempt_id). Oldest first.
         self._answered: OrderedDict[tuple[str, str, str], _Answered] = OrderedDict()
         self._answered_jobs = 0  # in all of them
+        # Pops and completes done lately, by topic and the caller's attempt id
+        # (for api.UnpopRequest); undos that came first, and until when they
+        # are kept (monotonic). Oldest first.
+        self._popped: OrderedDict[tuple[str, str], _Popped] = OrderedDict()
+        self._popped_bytes = 0  # in all of them
+        self._withdrawn: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
         """Enqueue jobs; each answer is {"id", "duplicate"}. All or nothing: one
@@ -281,11 +308,21 @@ class Engine:
         return [public(j, "claimed") for j in found if j is not None]
 
     async def pop(
-        self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
+        self,
+        topic: str,
+        worker_id: str,
+        *,
+        count: int = 1,
+        wait: float = 0.0,
+        attempt_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Claim and complete up to `count` jobs in one commit (Redis pop
-        semantics), long-polling up to `wait` seconds for one."""
+        semantics), long-polling up to `wait` seconds for one. With
+        `attempt_id`, what it did is kept a while for unpop(), and for its
+        retries: one whose first try landed is answered that try's jobs."""
         keys.check_topic(topic)
+        if attempt_id is not None and (again := self._popped_again(topic, attempt_id)):
+            return [public(j, "completed") for j in again]
         jobs = await self._poll(
             topic,
             min(wait, MAX_WAIT),
@@ -294,6 +331,8 @@ class Engine:
             # answered, so nobody has the jobs. They go back, not done.
             undo=lambda got: _unpop_all(got.jobs) if got.jobs else None,
         )
+        if attempt_id is not None and jobs:
+            jobs = await self._keep_popped(topic, attempt_id, jobs)
         return [public(j, "completed") for j in jobs]
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int:
@@ -303,12 +342,18 @@ class Engine:
         keys.check_topic(topic)
         return await self.committer.submit(topic, _unclaim_all(jobs))
 
-    async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
+    async def complete(
+        self, topic: str, jobs: list[dict[str, Any]], attempt_id: str | None = None
+    ) -> list[str]:
         """Complete claims as a pop does, for a caller that has no ack to send
         (a BLPOP on several keys, XREADGROUP NOACK); the ids completed, the
         others not held any more. Undone, as a pop is, when the caller goes
-        away before the answer: it was never handed the jobs."""
+        away before the answer: it was never handed the jobs. With
+        `attempt_id`, what it did is kept a while for unpop(), and for its
+        retries: one whose first try landed is answered that try's ids."""
         keys.check_topic(topic)
+        if attempt_id is not None and (again := self._popped_again(topic, attempt_id)):
+            return [job["id"] for job in again]
 
         def complete(s: TopicState, now: float) -> list[Job]:
             done = (s.complete_claim(j["id"], j["lease_token"], now) for j in jobs)
@@ -317,7 +362,73 @@ class Engine:
         done = await self.committer.submit(
             topic, complete, undo=lambda done: _unpop_all(done) if done else None
         )
+        if attempt_id is not None and done:
+            done = await self._keep_popped(topic, attempt_id, done)
         return [job["id"] for job in done]
+
+    async def unpop(self, topic: str, attempt_id: str) -> int:
+        """Give back what the pop or complete named `attempt_id` did here
+        lately, its answer lost on its way (api.UnpopRequest): how many jobs
+        are pending again. One not done yet is undone as it lands."""
+        keys.check_topic(topic)
+        attempt = (topic, attempt_id)
+        self._withdraw(attempt)
+        kept = self._popped.pop(attempt, None)
+        if kept is None:
+            return 0
+        self._popped_bytes -= len(kept.jobs)
+        undo = _unpop_all(orjson.loads(kept.jobs))
+        try:
+            # Shielded: a caller gone now is no reason to keep the jobs done.
+            given_back: int = await asyncio.shield(self.committer.submit(topic, undo))
+        except (StoreUnavailable, Contended) as exc:
+            if not isinstance(exc, AmbiguousWrite):  # it did not land: kept for another try
+                self._popped[attempt] = kept
+                self._popped_bytes += len(kept.jobs)
+            raise
+        log.info("%s: gave back %d jobs of a pop whose answer was lost", topic, given_back)
+        return given_back
+
+    def _popped_again(self, topic: str, attempt_id: str) -> list[Job]:
+        """The jobs the pop or complete `attempt_id` did here lately (none when
+        it did none, or they were given back or forgotten since)."""
+        kept = self._popped.get((topic, attempt_id))
+        if kept is None or kept.until < time.monotonic():
+            return []
+        jobs: list[Job] = orjson.loads(kept.jobs)
+        return jobs
+
+    async def _keep_popped(self, topic: str, attempt_id: str, jobs: list[Job]) -> list[Job]:
+        """`jobs`, just popped or completed under `attempt_id`, kept for its
+        undo; none when the undo came first (they are given back now)."""
+        attempt = (topic, attempt_id)
+        now = time.monotonic()
+        withdrawn = self._withdrawn.get(attempt)
+        if withdrawn is not None and withdrawn >= now:
+            await self.committer.submit(topic, _unpop_all(jobs))
+            return []
+        kept = _Popped(now + api.CLAIM_ATTEMPTS_KEPT_S, orjson.dumps(jobs))
+        popped = self._popped
+        if (before := popped.pop(attempt, None)) is not None:
+            self._popped_bytes -= len(before.jobs)
+        popped[attempt] = kept
+        self._popped_bytes += len(kept.jobs)
+        while popped and (
+            self._popped_bytes > POPS_KEPT_BYTES or next(iter(popped.values())).until < now
+        ):
+            self._popped_bytes -= len(popped.popitem(last=False)[1].jobs)
+        return jobs
+
+    def _withdraw(self, attempt: tuple[str, str]) -> None:
+        """Note that `attempt`'s pop is to be undone should it land later."""
+        now = time.monotonic()
+        withdrawn = self._withdrawn
+        withdrawn.pop(attempt, None)
+        withdrawn[attempt] = now + api.CLAIM_ATTEMPTS_KEPT_S
+        while withdrawn and (
+            len(withdrawn) > POPS_WITHDRAWN or next(iter(withdrawn.values())) < now
+        ):
+            withdrawn.popitem(last=False)
 
     async def _poll(
         self,

@@ -13,6 +13,7 @@ own calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -39,6 +40,10 @@ REPLAYED = api.REPLAYED_HEADER
 
 ANSWER_WITHIN = 1.0  # seconds a broker has to answer a forwarded request
 SUSPECT_FOR = 3.0  # seconds a broker that did not answer is routed around
+# Tries of an undo (route's `undo`) while its broker does not answer, and the
+# pause between them.
+UNDO_TRIES = 3
+UNDO_PAUSE = 1.0
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Forwarder:
         self.suspect_for = suspect_for
         self.forwarded = 0  # requests sent to another broker
         self.fallbacks = 0  # times a broker did not answer and the next one was tried
+        self.undone = 0  # jobs given back by owners whose answer to a pop was lost (route's undo)
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()  # end_long_polls(): this broker is stopping
 
@@ -125,12 +131,16 @@ class Forwarder:
         wait: float = 0.0,
         content_type: str = "application/json",
         repeatable: bool = True,
+        undo: str | None = None,
     ) -> Answer | Here:
         """The answer of the first broker in `topic`'s order that answers, or
         Here when this broker's turn comes first (it serves the request).
         A request that is not `repeatable` (a pop: no id tells a repeat, and
         done twice it hands out one job and loses another) is not passed on
-        once a broker got it without answering: AmbiguousWrite."""
+        once a broker got it without answering: AmbiguousWrite. Then, or when
+        the caller goes away first, that broker is asked in the background to
+        undo the pop or complete whose attempt id is `undo` (POST /unpop): it
+        may have done it, its answer lost."""
         replayed = False
         for peer in self.membership.order(topic):
             if peer == self.me:
@@ -138,11 +148,17 @@ class Forwarder:
             try:
                 sending = self._send(peer, method, path_qs, body, wait, content_type)
                 answer = await (self._unless_stopping(topic, peer, sending) if wait else sending)
+            except (asyncio.CancelledError, AmbiguousWrite):  # AmbiguousWrite: stopping
+                if undo is not None:
+                    in_background(self._undo(peer, topic, undo))
+                raise
             except _Unreachable as exc:
                 self.fallbacks += 1
                 self.membership.suspect(peer.broker_id, self.suspect_for)
                 if exc.sent and not repeatable:
                     log.warning("%s did not answer for %s (%s)", peer.url, topic, exc)
+                    if undo is not None:
+                        in_background(self._undo(peer, topic, undo))
                     raise AmbiguousWrite(
                         f"topic {topic!r}: its owner {peer.url} did not answer ({exc}); "
                         "it may have done the request, which is not done again here"
@@ -176,6 +192,31 @@ class Forwarder:
                 "answered, and may have done the request: ask again"
             )
         return sending.result()
+
+    async def _undo(self, peer: Peer, topic: str, attempt_id: str) -> None:
+        """Ask `peer` to undo the pop or complete `attempt_id` of `topic`, whose
+        answer was lost (route's `undo`): a few tries, a second apart, while it
+        does not answer."""
+        path = f"/topics/{topic}/unpop"
+        body = msgspec.json.encode(api.UnpopRequest(attempt_id))
+        failed = ""
+        for _ in range(UNDO_TRIES):
+            try:
+                answer = await self._send(peer, "POST", path, body, 0.0, "application/json")
+            except _Unreachable as exc:
+                failed = str(exc)
+            else:
+                if 200 <= answer.status < 300:
+                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                        given_back = msgspec.json.decode(answer.body, type=api.Unpopped)
+                        self.undone += given_back.given_back
+                    return
+                if answer.status < 500:  # refused: asking again gets the same
+                    failed = f"HTTP {answer.status}: {answer.body[:200]!r}"
+                    break
+                failed = f"HTTP {answer.status}"
+            await asyncio.sleep(UNDO_PAUSE)
+        log.warning("%s did not undo a pop of %s (%s): its jobs stay done", peer.url, topic, failed)
 
     async def tell(self, peer: Peer, path: str) -> bool:
         """POST `path` to `peer` (broker to broker); whether it answered 2xx."""
@@ -242,13 +283,17 @@ class Router:
         body: Any,
         wait: float = 0.0,
         repeatable: bool = True,
+        attempt_id: str | None = None,
     ) -> Answer | None:
+        """The answer of `topic`'s owner, None when this broker serves it. With
+        `attempt_id` (a pop or complete named so), the owner is asked to undo
+        it should its answer be lost (Forwarder.route's undo)."""
         if self.forwarder.membership.owns(topic):
             return None
         data = None if body is None else msgspec.json.encode(body)
         path = f"/topics/{topic}{path}"
         got = await self.forwarder.route(
-            topic, method, path, data, wait=wait, repeatable=repeatable
+            topic, method, path, data, wait=wait, repeatable=repeatable, undo=attempt_id
         )
         # Served here: a replay cannot be told over RESP, whose answers are counts.
         return None if isinstance(got, Here) else got
@@ -329,9 +374,15 @@ class Router:
     async def pop(
         self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
     ) -> list[dict[str, Any]]:
-        body = api.ClaimRequest(worker_id, wait=wait, count=count)
+        # An attempt id: should the owner's answer be lost (this broker's
+        # caller went away, or the owner answered too late), the owner is asked
+        # to undo the pop, as a pop served here is undone for a caller gone.
+        attempt_id = api.new_id()
+        body = api.ClaimRequest(worker_id, wait=wait, count=count, attempt_id=attempt_id)
         started = time.monotonic()
-        got = await self._route(topic, "POST", "/pop", body, wait, repeatable=False)
+        got = await self._route(
+            topic, "POST", "/pop", body, wait, repeatable=False, attempt_id=attempt_id
+        )
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
             return await self.engine.pop(topic, worker_id, count=count, wait=wait)
@@ -346,8 +397,17 @@ class Router:
 
     async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
         # Not repeated: done here after an owner that did it, it completes nothing.
-        body = api.CompleteRequest(_held(jobs))
-        got = await self._route(topic, "POST", "/complete", body, repeatable=False)
+        # Undone at the owner should its answer be lost, as a pop's is.
+        attempt_id = api.new_id()
+        body = api.CompleteRequest(_held(jobs), attempt_id=attempt_id)
+        got = await self._route(
+            topic, "POST", "/complete", body, repeatable=False, attempt_id=attempt_id
+        )
+        if got is not None and got.status == 400 and b"attempt_id" in got.body:
+            # An owner older than POST /unpop (during an upgrade) refused the
+            # field, and did nothing: asked without it.
+            body = api.CompleteRequest(_held(jobs))
+            got = await self._route(topic, "POST", "/complete", body, repeatable=False)
         if got is None:
             return await self.engine.complete(topic, jobs)
         if got.status == 404:  # an owner older than /complete (during an upgrade): ack

@@ -390,9 +390,15 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         return response
     body = await call.read()
     wait = 0.0
+    attempt_id = None  # a pop's or complete's: undone at the owner if its answer is lost
     name = call.route.name
     if name in ("claim", "pop"):
-        wait = api.decode(body, api.ClaimRequest).wait
+        asked = api.decode(body, api.ClaimRequest)
+        wait = asked.wait
+        if name == "pop":
+            attempt_id = asked.attempt_id
+    elif name == "complete":
+        attempt_id = api.decode(body, api.CompleteRequest).attempt_id
     elif name == "job":
         wait = wait_of(call)
     elif name in ("enqueue", "push"):
@@ -411,6 +417,7 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         # Done twice, a pop hands out one job and loses another, a complete
         # answers "not held" for the job it completed.
         repeatable=name not in ("pop", "complete"),
+        undo=attempt_id,
     )
     if isinstance(got, Here):  # its owner, or the next when those before did not answer
         call.spent = time.monotonic() - started  # a long poll asked for is not waited twice
@@ -494,7 +501,11 @@ async def pop(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.ClaimRequest)
     jobs = await call.engine.pop(
-        topic, body.worker_id, count=body.count or 1, wait=call.left(body.wait)
+        topic,
+        body.worker_id,
+        count=body.count or 1,
+        wait=call.left(body.wait),
+        attempt_id=body.attempt_id,
     )
     if not jobs:
         raise NothingToClaim("no job is claimable")
@@ -516,7 +527,14 @@ async def release(call: Call) -> web.Response:
 async def complete(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.CompleteRequest)
-    return reply({"completed": await call.engine.complete(topic, _claims(body.claims))})
+    done = await call.engine.complete(topic, _claims(body.claims), body.attempt_id)
+    return reply({"completed": done})
+
+
+async def unpop(call: Call) -> web.Response:
+    topic = call.topic
+    body = await body_of(call, api.UnpopRequest)
+    return reply({"given_back": await call.engine.unpop(topic, body.attempt_id)})
 
 
 def _claims(held: list[api.Held]) -> list[dict[str, Any]]:
@@ -677,6 +695,7 @@ def _routes(status_page: page.StatusPage) -> list[Route]:
         Route("POST", f"{t}/push", push),
         Route("POST", f"{t}/release", release),
         Route("POST", f"{t}/complete", complete),
+        Route("POST", f"{t}/unpop", unpop),
         Route("POST", f"{t}/refresh", refresh),
         Route("POST", f"{t}/ack", ack),
         Route("POST", f"{t}/nack", nack),

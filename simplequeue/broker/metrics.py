@@ -195,6 +195,7 @@ def cluster_families(
     live: int,
     forwarded: int,
     fallbacks: int,
+    undone: int,
     reaped: int,
     delivered: int,
     acquired: int,
@@ -210,6 +211,11 @@ def cluster_families(
             "forward_fallbacks",
             "Times a topic's owner did not answer and the next was tried",
             fallbacks,
+        ),
+        (
+            "forward_undone",
+            "Jobs of pops passed on whose answer was lost, given back by their owner",
+            undone,
         ),
         ("reaped", "Expired leases returned to pending or dead by this broker", reaped),
         (

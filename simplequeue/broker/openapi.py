@@ -41,6 +41,7 @@ _TYPES: tuple[type[Any], ...] = (
     api.ClaimRequest,
     api.ReleaseRequest,
     api.CompleteRequest,
+    api.UnpopRequest,
     api.AckRequest,
     api.AckBatch,
     api.NackRequest,
@@ -56,6 +57,7 @@ _TYPES: tuple[type[Any], ...] = (
     api.Pushed,
     api.Released,
     api.Completed,
+    api.Unpopped,
     api.Claimed,
     api.ClaimedBatch,
     api.Settled,
@@ -254,6 +256,16 @@ def spec() -> dict[str, Any]:
                 _ref(api.Completed),
                 _WRITE,
                 body=_ref(api.CompleteRequest),
+            )
+        },
+        f"{t}/unpop": {
+            "post": _op(
+                "unpop",
+                "Give back what the pop or complete named attempt_id did, its answer lost:"
+                " pending again, not completed (best effort: kept a while in memory)",
+                _ref(api.Unpopped),
+                _WRITE,
+                body=_ref(api.UnpopRequest),
             )
         },
         f"{t}/refresh": {

@@ -175,6 +175,7 @@ class Broker:
                     len(self.membership.live),
                     self.forwarder.forwarded,
                     self.forwarder.fallbacks,
+                    self.forwarder.undone,
                     self.duties.reaped,
                     self.duties.delivered,
                     self.duties.acquired,

@@ -1,0 +1,341 @@
+"""A pop or complete whose answer is lost on its way is undone (POST /unpop):
+the topic's owner keeps what a pop named by an attempt id did, and a broker
+that passed the pop on asks it to give the jobs back when its caller went
+away or the owner answered too late. Before, those jobs were completed and
+handed to nobody: lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from simplequeue import api
+from simplequeue.api import JobSpec
+from simplequeue.broker import background, forwarding
+from simplequeue.broker import engine as engine_module
+from simplequeue.broker.background import in_background
+from simplequeue.broker.engine import Engine
+from simplequeue.broker.forwarding import Router
+from simplequeue.client import Client
+from simplequeue.errors import SimpleQueueError, StoreUnavailable
+from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from simplequeue.objstore.memfs import MemStore
+from tests.helpers.until import until
+from tests.test_ownership import answer_too_late, cluster, owner_and_other, post
+
+StartBroker = Callable[..., Awaitable[Any]]
+LONG = os.environ.get("SIMPLEQUEUE_LONG") == "1"  # bin/test --long: more seeds
+
+
+async def engine_with(n: int) -> Engine:
+    q = Engine(GroupCommitter(MemStore(), broker_id="b", settings=CommitSettings()))
+    if n:
+        await q.enqueue("t", [JobSpec({"n": i}, id=f"j{i}") for i in range(n)])
+    return q
+
+
+async def statuses(q: Engine, *job_ids: str) -> list[str]:
+    return [(await q.job("t", i))["status"] for i in job_ids]
+
+
+async def test_a_pop_named_by_an_attempt_is_given_back_whole_once() -> None:
+    q = await engine_with(3)
+    popped = await q.pop("t", "w", count=2, attempt_id="a1")
+    assert [j["id"] for j in popped] == ["j0", "j1"]
+    assert await q.unpop("t", "a1") == 2
+    assert await statuses(q, "j0", "j1") == ["pending", "pending"]
+    assert await q.unpop("t", "a1") == 0  # asked again: nothing more
+    again = await q.pop("t", "w", count=3)
+    assert sorted(j["id"] for j in again) == ["j0", "j1", "j2"]
+    assert again[0]["payload"] == {"n": 0} and again[0]["attempts"] == 1
+
+
+async def test_a_pops_retry_gets_its_first_tries_jobs_and_pops_no_more() -> None:
+    """As a claim's: the first try landed and its answer was lost."""
+    q = await engine_with(3)
+    first = await q.pop("t", "w", count=2, attempt_id="a1")
+    assert await q.pop("t", "w", count=2, attempt_id="a1") == first
+    assert (await q.status("t"))["pending"] == 1
+    claimed = await q.claim("t", "w")
+    assert await q.complete("t", claimed, attempt_id="c1") == ["j2"]
+    assert await q.complete("t", claimed, attempt_id="c1") == ["j2"]  # not "none held"
+    assert await q.unpop("t", "a1") == 2
+    assert await q.pop("t", "w", attempt_id="a1") == []  # undone: the id is spent
+    assert await statuses(q, "j0", "j1") == ["pending", "pending"]
+
+
+async def test_only_the_named_attempt_and_topic_are_undone() -> None:
+    q = await engine_with(2)
+    await q.pop("t", "w", attempt_id="a1")
+    await q.pop("t", "w")  # no attempt id: nothing kept
+    assert await q.unpop("t", "other") == 0
+    assert await q.unpop("u", "a1") == 0
+    assert await statuses(q, "j0", "j1") == ["completed", "completed"]
+
+
+async def test_an_undo_that_comes_before_its_pop_lands_undoes_it_as_it_lands() -> None:
+    """The owner's pop still waits (a long poll whose caller left unseen)
+    when the undo arrives: it finds nothing kept, and the pop, once it
+    lands, gives its job straight back."""
+    q = await engine_with(0)
+    popping = asyncio.create_task(q.pop("t", "w", wait=10, attempt_id="a1"))
+    await until(lambda: q.committer.waiting("t") == 1)
+    assert await q.unpop("t", "a1") == 0
+    await q.enqueue("t", [JobSpec("late", id="late")])
+    assert await popping == []
+    assert await statuses(q, "late") == ["pending"]
+
+
+async def test_a_complete_named_by_an_attempt_is_given_back() -> None:
+    q = await engine_with(2)
+    claimed = await q.claim("t", "w", count=2)
+    assert await q.complete("t", claimed, attempt_id="c1") == ["j0", "j1"]
+    assert await q.unpop("t", "c1") == 2
+    assert await statuses(q, "j0", "j1") == ["pending", "pending"]
+
+
+async def test_what_is_kept_for_undos_is_bounded_by_its_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    q = await engine_with(3)
+    await q.pop("t", "w", attempt_id="a0")
+    room = q._popped_bytes * 5 // 2  # two pops of one job each (their sizes differ a little)
+    monkeypatch.setattr(engine_module, "POPS_KEPT_BYTES", room)
+    await q.pop("t", "w", attempt_id="a1")
+    await q.pop("t", "w", attempt_id="a2")  # a0's goes
+    assert q._popped_bytes <= room
+    assert [await q.unpop("t", a) for a in ("a0", "a1", "a2")] == [0, 1, 1]
+
+
+async def test_an_http_pop_answered_too_late_is_given_back_by_the_broker_that_passed_it_on(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Passed on, the owner popped and answered after the forwarding broker
+    gave up: the caller is told "may have done", and the job, popped by
+    nobody it reached, comes back."""
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    answer_too_late(monkeypatch, owner.engine, "pop")
+    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
+    async with aiohttp.ClientSession() as s:
+        pop = {"worker_id": "w", "attempt_id": "p1"}
+        status, body, _ = await post(s, f"{other.url}/topics/t/pop", pop)
+    assert status == 503 and "may have done" in body["error"], body
+    await until_status(owner.engine, "j1", "pending")
+    await until(lambda: other.forwarder.undone == 1)  # counted once its answer is read
+
+
+async def test_a_redis_pop_whose_client_leaves_while_the_answer_is_on_its_way_is_given_back(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LPOP through a broker that does not own the key: the owner popped the
+    job and its answer was in transit when the client hung up. The pop the
+    forwarding broker served for nobody is undone at the owner."""
+    import redis.asyncio as redis
+
+    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
+    owner, other = owner_and_other(brokers, "t")
+    landed = asyncio.Event()
+    pop = owner.engine.pop
+
+    async def pop_then_answer_over_a_slow_link(*args: Any, **kwargs: Any) -> Any:
+        jobs = await pop(*args, **kwargs)
+        landed.set()
+        await asyncio.sleep(1.0)
+        return jobs
+
+    monkeypatch.setattr(owner.engine, "pop", pop_then_answer_over_a_slow_link)
+    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    popping = asyncio.ensure_future(r.lpop("t"))
+    await landed.wait()
+    await r.aclose(close_connection_pool=True)  # the client hangs up
+    popping.cancel()
+    await asyncio.gather(popping, return_exceptions=True)
+    await until_status(owner.engine, "j1", "pending")
+
+
+@pytest.mark.parametrize("noack", [False, True], ids=["blpop-keys", "xreadgroup-noack"])
+async def test_a_redis_complete_whose_client_leaves_while_the_answer_is_on_its_way_is_given_back(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, noack: bool
+) -> None:
+    """BLPOP on several keys and XREADGROUP NOACK claim, then complete: passed
+    on, the complete's answer was in transit when the client hung up."""
+    import redis.asyncio as redis
+
+    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
+    owner, other = owner_and_other(brokers, "t")
+    landed = asyncio.Event()
+    complete = owner.engine.complete
+
+    async def complete_then_answer_over_a_slow_link(*args: Any, **kwargs: Any) -> Any:
+        done = await complete(*args, **kwargs)
+        landed.set()
+        await asyncio.sleep(1.0)
+        return done
+
+    monkeypatch.setattr(owner.engine, "complete", complete_then_answer_over_a_slow_link)
+    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    if noack:
+        reading = r.xreadgroup("g", "c", {"t": ">"}, count=1, noack=True)
+    else:
+        reading = r.blpop(["none", "t"], timeout=5)
+    popping = asyncio.ensure_future(reading)
+    await landed.wait()
+    await r.aclose(close_connection_pool=True)
+    popping.cancel()
+    await asyncio.gather(popping, return_exceptions=True)
+    await until_status(owner.engine, "j1", "pending")
+
+
+async def test_an_undo_the_owner_cannot_serve_yet_is_asked_again(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner answered 503 to the first undo (its store failed, and the
+    undo did not land): it keeps what the pop did, the forwarding broker
+    asks again, and the jobs come back."""
+    monkeypatch.setattr(forwarding, "UNDO_PAUSE", 0.05)
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    answer_too_late(monkeypatch, owner.engine, "pop")
+    unpop_all, refused = engine_module._unpop_all, []
+
+    def failing_once(jobs: list[Any]) -> Any:
+        if refused:
+            return unpop_all(jobs)
+
+        def fail(s: Any, now: float) -> int:
+            refused.append(1)
+            raise StoreUnavailable("the store did not answer")
+
+        return fail
+
+    monkeypatch.setattr(engine_module, "_unpop_all", failing_once)
+    async with Client(owner.url, topic="t") as q:
+        await q.enqueue("x", id="j1")
+    async with aiohttp.ClientSession() as s:
+        pop = {"worker_id": "w", "attempt_id": "p1"}
+        status, _, _ = await post(s, f"{other.url}/topics/t/pop", pop)
+    assert status == 503
+    await until_status(owner.engine, "j1", "pending")
+    assert refused == [1]
+
+
+async def until_status(q: Engine, job_id: str, status: str) -> None:
+    async with asyncio.timeout(5):
+        while (await q.job("t", job_id))["status"] != status:
+            await q.committer.wait_changed("t", 0.2)
+
+
+@pytest.mark.parametrize("seed", range(1, 11 if LONG else 2))
+async def test_pops_passed_on_and_cut_off_at_random_lose_nothing_and_double_nothing(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """A history-checked campaign of what the RESP face does through a broker
+    that does not own the key: pops (LPOP) and claims then completes (BLPOP
+    on several keys, XREADGROUP NOACK), each cut off at a random moment (its
+    client hung up) while the owner answers after a random delay, at times
+    past the forwarding broker's timeout. Every job is handed out exactly
+    once: to a call that returned it, or in the final drain. Before POST
+    /unpop, the jobs of calls cut off after the owner did them were lost."""
+    rng = random.Random(seed)
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.2)
+    owner, other = owner_and_other(brokers, "t")
+    monkeypatch.setattr(forwarding, "UNDO_PAUSE", 0.05)
+    monkeypatch.setattr(other.forwarder, "suspect_for", 0.0)  # the owner is asked each time
+    for name in ("pop", "complete"):
+        done = getattr(owner.engine, name)
+
+        async def answer_after_a_while(*args: Any, _done: Any = done, **kwargs: Any) -> Any:
+            answer = await _done(*args, **kwargs)
+            await asyncio.sleep(rng.choice([0.0, 0.0, 0.05, 0.15, 0.3]))  # landed, on its way
+            return answer
+
+        monkeypatch.setattr(owner.engine, name, answer_after_a_while)
+    n = 200
+    await owner.engine.enqueue("t", [JobSpec(i, id=f"j{i}") for i in range(n)])
+    router = Router(other.engine, other.forwarder)
+    handed_out: list[str] = []
+
+    async def cut_off(call: Awaitable[list[Any]]) -> list[Any] | None:
+        """What `call` answered, or None when it was cut off or failed (its
+        caller handed nothing out)."""
+        task = asyncio.ensure_future(call)
+        await asyncio.wait([task], timeout=rng.choice([None, 0.01, 0.1, 0.25]))
+        task.cancel()
+        try:
+            return await task
+        except (asyncio.CancelledError, SimpleQueueError):
+            return None
+
+    async def one(i: int) -> None:
+        count = rng.randint(1, 3)
+        if i % 2:
+            popped = await cut_off(router.pop("t", f"w{i}", count=count))
+            handed_out.extend(j["id"] for j in popped or [])
+            return
+        claimed = await router.claim("t", f"w{i}", count=count)
+        if not claimed:
+            return
+        completed = await cut_off(router.complete("t", claimed))
+        if completed is None:  # as the RESP face does: the claims go back
+            in_background(router.release("t", claimed))
+        handed_out.extend(completed or [])
+
+    for start in range(0, 96, 8):
+        await asyncio.gather(*(one(i) for i in range(start, start + 8)))
+    await until(lambda: not background._running)  # undos and releases, done
+    assert (await owner.engine.status("t"))["claimed"] == 0
+    while drained := await owner.engine.pop("t", "drain", count=100):
+        handed_out.extend(j["id"] for j in drained)
+    assert sorted(handed_out) == sorted(f"j{i}" for i in range(n))
+    assert other.forwarder.undone > 0  # the campaign did cut calls off after the owner did them
+
+
+class _OldCompleteRequest(msgspec.Struct, forbid_unknown_fields=True):
+    claims: list[api.Held]
+
+
+async def test_claims_are_completed_through_an_owner_older_than_unpop(
+    start_broker: StartBroker,
+) -> None:
+    """During a rolling upgrade the owner may refuse a complete's attempt id
+    (400, doing nothing): BLPOP on several keys asks it again without one."""
+    import redis.asyncio as redis
+
+    from simplequeue.broker import http
+    from simplequeue.broker.http import Route, Routes, _routes
+
+    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
+    owner, other = owner_and_other(brokers, "t")
+    refused: list[bytes] = []
+
+    async def complete(call: Any) -> Any:  # as the broker before POST /unpop
+        raw = await call.read()
+        try:
+            body = api.decode(raw, _OldCompleteRequest)
+        except SimpleQueueError:
+            refused.append(raw)
+            raise
+        jobs = [{"id": h.job_id, "lease_token": h.lease_token} for h in body.claims]
+        return http.reply({"completed": await call.engine.complete("t", jobs)})
+
+    routes = [r for r in _routes(owner.http_api.page) if not r.path.endswith("/complete")]
+    owner.http_api.routes = Routes([*routes, Route("POST", "/topics/{topic}/complete", complete)])
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        await r.rpush("t", "a")
+        assert list(await r.blpop(["none", "t"], timeout=5)) == [b"t", b"a"]
+    finally:
+        await r.aclose()
+    assert len(refused) == 1 and b"attempt_id" in refused[0]
+    counts = await owner.engine.status("t")
+    assert (counts["completed"], counts["claimed"]) == (1, 0)
