@@ -993,6 +993,22 @@ async def test_a_header_announcing_billions_of_elements_is_refused_and_the_conne
     await client.aclose()
 
 
+@pytest.mark.parametrize("cut", [False, True], ids=["one-read", "header-cut-short"])
+async def test_a_header_announcing_millions_of_elements_after_a_request_is_refused(
+    raw: Raw, cut: bool
+) -> None:
+    """Only a header the parser had not been given yet was checked: one that
+    came in the same read as a request before it, or whose digits came in two
+    reads, reached hiredis, which made room for 400 million elements (3.2 GB
+    of address space) and waited for them, the connection held open."""
+    header = b"*400000000\r\n"
+    await raw.write(hiredis.pack_command(("PING",)) + (header[:5] if cut else header))
+    assert await raw.reply_bytes() == b"+PONG\r\n"
+    if cut:
+        await raw.write(header[5:])
+    assert (await raw.rest()).startswith(b"-ERR Protocol error: request larger than")
+
+
 # --- auth ------------------------------------------------------------------------------
 
 

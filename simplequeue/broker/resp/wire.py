@@ -128,8 +128,10 @@ class Requests:
                     return None
                 if self.buffer[0] != ord("*"):
                     raise RespError("ERR", "Protocol error: expected '*', an array of bulk strings")
-            if self.fed == 0:
-                self._check_count()
+            # Each time, not only before its first bytes are fed: the parser may
+            # hold them already (after a request in the same read, or a header
+            # cut short), and it makes room for the elements once it reads them.
+            self._check_count()
             if self.fed < len(self.buffer):
                 self.parser.feed(bytes(self.buffer[self.fed :]))
                 self.fed = len(self.buffer)
