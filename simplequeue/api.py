@@ -189,15 +189,17 @@ class CompleteRequest(_Request):
 
 
 class UnpopRequest(_Request):
-    """Give back what the pop or complete named `attempt_id` did, whose answer
-    its caller never got (lost on its way: the caller, or a broker that
-    passed the request on, went away): pending again at once, not completed,
-    the attempt uncounted. Best effort: the topic's owner keeps what such
-    requests did in memory for CLAIM_ATTEMPTS_KEPT_S, bounded. One that
-    arrives before its pop or complete is done undoes it as it lands: an
-    attempt id undone is spent (a pop under it later gives its jobs back)."""
+    """Give back what the pop (by `worker_id`) or complete (no worker id)
+    named `attempt_id` did, whose answer its caller never got (lost on its
+    way: the caller, or a broker that passed the request on, went away):
+    pending again at once, not completed, the attempt uncounted. Best effort:
+    the topic's owner keeps what such requests did in memory for
+    CLAIM_ATTEMPTS_KEPT_S, bounded. One that arrives before its pop or
+    complete is done undoes it as it lands: an attempt id undone is spent (a
+    pop under it later gives its jobs back)."""
 
     attempt_id: AttemptId
+    worker_id: WorkerId | None = None  # the pop's; none for a complete
 
 
 class WorkerName(_Request):

@@ -18,7 +18,7 @@ import pytest
 
 from simplequeue import api
 from simplequeue.api import JobSpec
-from simplequeue.broker import background, forwarding
+from simplequeue.broker import background, forwarding, popped
 from simplequeue.broker import engine as engine_module
 from simplequeue.broker.background import in_background
 from simplequeue.broker.engine import Engine
@@ -49,9 +49,9 @@ async def test_a_pop_named_by_an_attempt_is_given_back_whole_once() -> None:
     q = await engine_with(3)
     popped = await q.pop("t", "w", count=2, attempt_id="a1")
     assert [j["id"] for j in popped] == ["j0", "j1"]
-    assert await q.unpop("t", "a1") == 2
+    assert await q.unpop("t", "a1", "w") == 2
     assert await statuses(q, "j0", "j1") == ["pending", "pending"]
-    assert await q.unpop("t", "a1") == 0  # asked again: nothing more
+    assert await q.unpop("t", "a1", "w") == 0  # asked again: nothing more
     again = await q.pop("t", "w", count=3)
     assert sorted(j["id"] for j in again) == ["j0", "j1", "j2"]
     assert again[0]["payload"] == {"n": 0} and again[0]["attempts"] == 1
@@ -66,7 +66,7 @@ async def test_a_pops_retry_gets_its_first_tries_jobs_and_pops_no_more() -> None
     claimed = await q.claim("t", "w")
     assert await q.complete("t", claimed, attempt_id="c1") == ["j2"]
     assert await q.complete("t", claimed, attempt_id="c1") == ["j2"]  # not "none held"
-    assert await q.unpop("t", "a1") == 2
+    assert await q.unpop("t", "a1", "w") == 2
     assert await q.pop("t", "w", attempt_id="a1") == []  # undone: the id is spent
     assert await statuses(q, "j0", "j1") == ["pending", "pending"]
 
@@ -75,8 +75,8 @@ async def test_only_the_named_attempt_and_topic_are_undone() -> None:
     q = await engine_with(2)
     await q.pop("t", "w", attempt_id="a1")
     await q.pop("t", "w")  # no attempt id: nothing kept
-    assert await q.unpop("t", "other") == 0
-    assert await q.unpop("u", "a1") == 0
+    assert await q.unpop("t", "other", "w") == 0
+    assert await q.unpop("u", "a1", "w") == 0
     assert await statuses(q, "j0", "j1") == ["completed", "completed"]
 
 
@@ -87,7 +87,7 @@ async def test_an_undo_that_comes_before_its_pop_lands_undoes_it_as_it_lands() -
     q = await engine_with(0)
     popping = asyncio.create_task(q.pop("t", "w", wait=10, attempt_id="a1"))
     await until(lambda: q.committer.waiting("t") == 1)
-    assert await q.unpop("t", "a1") == 0
+    assert await q.unpop("t", "a1", "w") == 0
     await q.enqueue("t", [JobSpec("late", id="late")])
     assert await popping == []
     assert await statuses(q, "late") == ["pending"]
@@ -106,12 +106,12 @@ async def test_what_is_kept_for_undos_is_bounded_by_its_bytes(
 ) -> None:
     q = await engine_with(3)
     await q.pop("t", "w", attempt_id="a0")
-    room = q._popped_bytes * 5 // 2  # two pops of one job each (their sizes differ a little)
-    monkeypatch.setattr(engine_module, "POPS_KEPT_BYTES", room)
+    room = q.popped.kept_bytes * 5 // 2  # two pops of one job each (their sizes differ a little)
+    monkeypatch.setattr(popped, "POPS_KEPT_BYTES", room)
     await q.pop("t", "w", attempt_id="a1")
     await q.pop("t", "w", attempt_id="a2")  # a0's goes
-    assert q._popped_bytes <= room
-    assert [await q.unpop("t", a) for a in ("a0", "a1", "a2")] == [0, 1, 1]
+    assert q.popped.kept_bytes <= room
+    assert [await q.unpop("t", a, "w") for a in ("a0", "a1", "a2")] == [0, 1, 1]
 
 
 async def test_an_http_pop_answered_too_late_is_given_back_by_the_broker_that_passed_it_on(
@@ -125,8 +125,7 @@ async def test_an_http_pop_answered_too_late_is_given_back_by_the_broker_that_pa
     answer_too_late(monkeypatch, owner.engine, "pop")
     await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
     async with aiohttp.ClientSession() as s:
-        pop = {"worker_id": "w", "attempt_id": "p1"}
-        status, body, _ = await post(s, f"{other.url}/topics/t/pop", pop)
+        status, body, _ = await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
     assert status == 503 and "may have done" in body["error"], body
     await until_status(owner.engine, "j1", "pending")
     await until(lambda: other.forwarder.undone == 1)  # counted once its answer is read
@@ -222,11 +221,198 @@ async def test_an_undo_the_owner_cannot_serve_yet_is_asked_again(
     async with Client(owner.url, topic="t") as q:
         await q.enqueue("x", id="j1")
     async with aiohttp.ClientSession() as s:
-        pop = {"worker_id": "w", "attempt_id": "p1"}
-        status, _, _ = await post(s, f"{other.url}/topics/t/pop", pop)
+        status, _, _ = await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
     assert status == 503
     await until_status(owner.engine, "j1", "pending")
     assert refused == [1]
+
+
+def _is_unpop(mutation: Any) -> bool:
+    return "_unpop_all" in getattr(mutation, "__qualname__", "")
+
+
+async def test_a_pop_the_client_named_is_left_to_it_and_its_retry_gets_the_jobs(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTP client named its pop, through a broker that does not own the
+    topic; the owner answered too late (503 "may have done"), and the
+    client asked again under the same id, getting the first try's job. The
+    forwarding broker's undo of that try, asked again after the owner's
+    store refused it once, then put the job the client held back to
+    pending (review, round 22). A pop its client named is now the client's
+    to retry or undo: the broker that passed it on undoes only those it
+    named itself."""
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    pop, slowed = owner.engine.pop, []
+
+    async def first_answer_too_late(*args: Any, **kwargs: Any) -> Any:
+        jobs = await pop(*args, **kwargs)
+        if not slowed:
+            slowed.append(1)
+            await asyncio.sleep(1.0)
+        return jobs
+
+    monkeypatch.setattr(owner.engine, "pop", first_answer_too_late)
+    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
+    async with aiohttp.ClientSession() as s:
+        body = {"worker_id": "w", "attempt_id": "p1"}
+        status, first, _ = await post(s, f"{other.url}/topics/t/pop", body)
+        assert status == 503, first
+        assert not forwarding_undos_running()  # not undone behind the client's back
+        # Retried at the owner (its Simplequeue-Owner header names it; the
+        # forwarding broker routes around it for SUSPECT_FOR seconds now).
+        status, retried, _ = await post(s, f"{owner.url}/topics/t/pop", body)
+    assert status == 200 and [j["id"] for j in retried["jobs"]] == ["j1"], retried
+    await until(lambda: not forwarding_undos_running())
+    # The client holds j1 (popped: done). It must not be pending again.
+    assert await statuses(owner.engine, "j1") == ["completed"]
+
+
+def forwarding_undos_running() -> bool:
+    from simplequeue.broker import background
+
+    return bool(background._running)
+
+
+async def test_two_tries_of_a_named_pop_still_polling_pop_once() -> None:
+    """Both tries popped, and the second's record replaced the first's: the
+    first try's job, its answer lost, was done for nobody and could not be
+    undone (review, round 22). As with a claim, the try that lands second
+    gives its jobs back and answers the first's."""
+    q = await engine_with(0)
+    first = asyncio.create_task(q.pop("t", "w", wait=5, attempt_id="a1"))
+    await until(lambda: q.committer.waiting("t") == 1)
+    retry = asyncio.create_task(q.pop("t", "w", wait=5, attempt_id="a1"))
+    await until(lambda: q.committer.waiting("t") == 2)
+    await q.enqueue("t", [JobSpec(i, id=f"j{i}") for i in range(2)])
+    a, b = await asyncio.gather(first, retry)
+    # One pop: whichever try answered, it answered the same job.
+    assert [j["id"] for j in a] == [j["id"] for j in b], (a, b)
+
+
+async def test_an_undo_asked_again_while_its_first_try_is_in_flight_waits_for_it(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's first undo took longer than the forwarding broker waits,
+    then failed without landing. The second try found nothing kept (the
+    first had taken it) and answered 0, and the first, its caller gone,
+    never put the record back: the job stayed done (review, round 22). A
+    second try now waits for the first, and a failed one is kept again."""
+    monkeypatch.setattr(forwarding, "UNDO_PAUSE", 0.05)
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    answer_too_late(monkeypatch, owner.engine, "pop")
+    committer = owner.engine.committer
+    submit, slowed = committer.submit, []
+
+    async def slow_then_failing(topic: str, mutation: Any, *args: Any, **kwargs: Any) -> Any:
+        if _is_unpop(mutation) and not slowed:
+            slowed.append(1)
+            await asyncio.sleep(0.6)  # past the forwarding broker's 0.3 s
+            raise StoreUnavailable("the store did not answer")  # did not land
+        return await submit(topic, mutation, *args, **kwargs)
+
+    monkeypatch.setattr(committer, "submit", slow_then_failing)
+    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
+    async with aiohttp.ClientSession() as s:
+        status, _, _ = await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
+    assert status == 503
+    await asyncio.sleep(1.0)
+    assert slowed == [1]
+    await until_status(owner.engine, "j1", "pending")
+
+
+async def test_an_undo_whose_first_try_was_slow_is_counted_once(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same, the slow undo landing: the second try answered 0, and
+    forward_undone said no job came back."""
+    monkeypatch.setattr(forwarding, "UNDO_PAUSE", 0.05)
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    answer_too_late(monkeypatch, owner.engine, "pop")
+    committer = owner.engine.committer
+    submit = committer.submit
+
+    async def slow(topic: str, mutation: Any, *args: Any, **kwargs: Any) -> Any:
+        if _is_unpop(mutation):
+            await asyncio.sleep(0.6)
+        return await submit(topic, mutation, *args, **kwargs)
+
+    monkeypatch.setattr(committer, "submit", slow)
+    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
+    async with aiohttp.ClientSession() as s:
+        await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
+    await until_status(owner.engine, "j1", "pending")
+    await until(lambda: not forwarding_undos_running())
+    assert other.forwarder.undone == 1
+
+
+async def test_a_pops_attempt_id_is_its_workers_own() -> None:
+    """As a claim's: two workers whose ids collide ("1", a counter) got the
+    same job (review, round 22)."""
+    q = await engine_with(2)
+    mine = await q.pop("t", "w1", attempt_id="1")
+    theirs = await q.pop("t", "w2", attempt_id="1")
+    assert [j["id"] for j in mine] == ["j0"]
+    assert [j["id"] for j in theirs] == ["j1"], theirs
+
+
+async def test_a_pop_landing_after_its_undo_gives_its_jobs_back_even_if_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The undo came first; the pop lands and gives its job back, when its
+    caller (the owner's HTTP handler, whose connection the forwarding broker
+    dropped) is cancelled: the committer skipped the abandoned give-back, and
+    the job stayed done for nobody (review, round 22)."""
+    q = await engine_with(0)
+    popping = asyncio.create_task(q.pop("t", "w", wait=10, attempt_id="a1"))
+    await until(lambda: q.committer.waiting("t") == 1)
+    assert await q.unpop("t", "a1", "w") == 0
+    submit = q.committer.submit
+
+    async def cancelled_meanwhile(topic: str, mutation: Any, *args: Any, **kwargs: Any) -> Any:
+        if _is_unpop(mutation):
+            asyncio.get_running_loop().call_soon(popping.cancel)  # the connection drops
+        return await submit(topic, mutation, *args, **kwargs)
+
+    monkeypatch.setattr(q.committer, "submit", cancelled_meanwhile)
+    await q.enqueue("t", [JobSpec("late", id="late")])
+    await asyncio.gather(popping, return_exceptions=True)
+    await asyncio.sleep(0.2)
+    assert await statuses(q, "late") == ["pending"]
+
+
+async def test_one_pop_larger_than_the_room_for_undos_evicts_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pop larger than the whole room was kept first and then evicted with
+    every other record, whose undos were forgotten (review, round 22)."""
+    q = await engine_with(0)
+    await q.enqueue("t", [JobSpec("small", id="s")])
+    await q.enqueue("t", [JobSpec("x" * 4000, id=f"big{i}") for i in range(3)])
+    await q.pop("t", "w", attempt_id="small")
+    monkeypatch.setattr(popped, "POPS_KEPT_BYTES", q.popped.kept_bytes + 5000)
+    await q.pop("t", "w", count=3, attempt_id="big")  # ~12 KB: more than the budget
+    assert await q.unpop("t", "small", "w") == 1
+    assert await q.unpop("t", "big", "w") == 0  # not kept
+
+
+async def test_an_unnamed_http_pop_passed_on_and_answered_too_late_is_given_back(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a pop the client named was undone: the broker that passed the
+    pop on now names it (as it gives an enqueue's jobs ids), so an
+    ordinary HTTP pop answered too late comes back (review, round 22)."""
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    answer_too_late(monkeypatch, owner.engine, "pop")
+    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
+    assert status == 503 and "may have done" in body["error"], body
+    await until_status(owner.engine, "j1", "pending")
 
 
 async def until_status(q: Engine, job_id: str, status: str) -> None:
@@ -337,5 +523,27 @@ async def test_claims_are_completed_through_an_owner_older_than_unpop(
     finally:
         await r.aclose()
     assert len(refused) == 1 and b"attempt_id" in refused[0]
+    async with Client(owner.url, topic="t") as q:  # and over HTTP, named there
+        await q.enqueue("b", id="jb")
+        claimed = await q.claim("w")
+    assert claimed is not None
+    held = {"claims": [{"job_id": "jb", "lease_token": claimed.lease_token}]}
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(s, f"{other.url}/topics/t/complete", held)
+    assert (status, body) == (200, {"completed": ["jb"]})
+    assert len(refused) == 2 and b"attempt_id" in refused[1]
     counts = await owner.engine.status("t")
-    assert (counts["completed"], counts["claimed"]) == (1, 0)
+    assert (counts["completed"], counts["claimed"]) == (2, 0)
+
+
+async def test_an_undo_after_its_broker_closed_opens_no_connection(
+    start_broker: StartBroker,
+) -> None:
+    """A background undo whose next try came after the forwarder closed made
+    a new HTTP session that nothing closed (review, round 22)."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    _, other = owner_and_other(brokers, "t")
+    await other.forwarder.close()
+    peer = next(p for p in other.membership.order("t") if p != other.forwarder.me)
+    await other.forwarder._undo(peer, "t", api.UnpopRequest("a1", "w"))
+    assert other.forwarder._session is None or other.forwarder._session.closed

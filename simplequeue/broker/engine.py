@@ -20,6 +20,7 @@ import orjson
 
 from simplequeue import api, keys
 from simplequeue.api import AckRequest, FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
+from simplequeue.broker.popped import Attempt, Kept, Popped
 from simplequeue.errors import (
     AmbiguousWrite,
     CacheTooSmall,
@@ -170,20 +171,6 @@ class TopicOps(Protocol):
 CLAIM_ATTEMPTS_KEPT = 50_000
 
 
-# Pops and completes kept for their undo (api.UnpopRequest), at most: the
-# jobs as they were done, JSON, payloads included (the oldest go first).
-POPS_KEPT_BYTES = 32 * 1024 * 1024
-POPS_WITHDRAWN = 10_000  # undos kept for pops not done yet, at most
-
-
-@dataclass(frozen=True, slots=True)
-class _Popped:
-    """What a pop or complete did, kept for its undo until `until` (monotonic)."""
-
-    until: float
-    jobs: bytes  # JSON: the jobs as the state machine answered them
-
-
 @dataclass(frozen=True, slots=True)
 class _Answered:
     """A claim's answer, kept for its retries until `until` (monotonic)."""
@@ -203,12 +190,10 @@ class Engine:
         # (api.ClaimRequest.attempt_id). Oldest first.
         self._answered: OrderedDict[tuple[str, str, str], _Answered] = OrderedDict()
         self._answered_jobs = 0  # in all of them
-        # Pops and completes done lately, by topic and the caller's attempt id
-        # (for api.UnpopRequest); undos that came first, and until when they
-        # are kept (monotonic). Oldest first.
-        self._popped: OrderedDict[tuple[str, str], _Popped] = OrderedDict()
-        self._popped_bytes = 0  # in all of them
-        self._withdrawn: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # Pops and completes named by an attempt id, for their retries and
+        # undos (api.UnpopRequest); the undos under way.
+        self.popped = Popped()
+        self._undoing: dict[Attempt, asyncio.Future[int]] = {}
 
     async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
         """Enqueue jobs; each answer is {"id", "duplicate"}. All or nothing: one
@@ -321,8 +306,10 @@ class Engine:
         `attempt_id`, what it did is kept a while for unpop(), and for its
         retries: one whose first try landed is answered that try's jobs."""
         keys.check_topic(topic)
-        if attempt_id is not None and (again := self._popped_again(topic, attempt_id)):
-            return [public(j, "completed") for j in again]
+        attempt = None if attempt_id is None else (topic, worker_id, attempt_id)
+        before = None if attempt is None else self.popped.get(attempt)
+        if before is not None:
+            return [public(j, "completed") for j in before.decoded()]
         jobs = await self._poll(
             topic,
             min(wait, MAX_WAIT),
@@ -331,8 +318,8 @@ class Engine:
             # answered, so nobody has the jobs. They go back, not done.
             undo=lambda got: _unpop_all(got.jobs) if got.jobs else None,
         )
-        if attempt_id is not None and jobs:
-            jobs = await self._keep_popped(topic, attempt_id, jobs)
+        if attempt is not None and jobs:
+            jobs = await self._popped_now(attempt, jobs)
         return [public(j, "completed") for j in jobs]
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int:
@@ -352,8 +339,10 @@ class Engine:
         `attempt_id`, what it did is kept a while for unpop(), and for its
         retries: one whose first try landed is answered that try's ids."""
         keys.check_topic(topic)
-        if attempt_id is not None and (again := self._popped_again(topic, attempt_id)):
-            return [job["id"] for job in again]
+        attempt = None if attempt_id is None else (topic, "", attempt_id)
+        before = None if attempt is None else self.popped.get(attempt)
+        if before is not None:
+            return [job["id"] for job in before.decoded()]
 
         def complete(s: TopicState, now: float) -> list[Job]:
             done = (s.complete_claim(j["id"], j["lease_token"], now) for j in jobs)
@@ -362,73 +351,61 @@ class Engine:
         done = await self.committer.submit(
             topic, complete, undo=lambda done: _unpop_all(done) if done else None
         )
-        if attempt_id is not None and done:
-            done = await self._keep_popped(topic, attempt_id, done)
+        if attempt is not None and done:
+            done = await self._popped_now(attempt, done)
         return [job["id"] for job in done]
 
-    async def unpop(self, topic: str, attempt_id: str) -> int:
-        """Give back what the pop or complete named `attempt_id` did here
-        lately, its answer lost on its way (api.UnpopRequest): how many jobs
-        are pending again. One not done yet is undone as it lands."""
+    async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int:
+        """Give back what the pop (by `worker_id`) or complete (by none) named
+        `attempt_id` did here lately, its answer lost on its way
+        (api.UnpopRequest): how many jobs are pending again. One not done
+        yet is undone as it lands; one being undone already is waited for."""
         keys.check_topic(topic)
-        attempt = (topic, attempt_id)
-        self._withdraw(attempt)
-        kept = self._popped.pop(attempt, None)
-        if kept is None:
-            return 0
-        self._popped_bytes -= len(kept.jobs)
-        undo = _unpop_all(orjson.loads(kept.jobs))
+        attempt = (topic, worker_id or "", attempt_id)
+        self.popped.withdraw(attempt)
+        undoing = self._undoing.get(attempt)
+        if undoing is None:
+            kept = self.popped.take(attempt)
+            if kept is None:
+                return 0
+            undoing = asyncio.ensure_future(self._give_back(attempt, kept))
+            self._undoing[attempt] = undoing
+            undoing.add_done_callback(functools.partial(self._undone, attempt))
+        # Shielded: a caller gone now is no reason to leave the jobs done.
+        return await asyncio.shield(undoing)
+
+    def _undone(self, attempt: Attempt, undoing: asyncio.Future[int]) -> None:
+        del self._undoing[attempt]
+        if not undoing.cancelled():
+            undoing.exception()  # seen: every caller that waited for it may have gone
+
+    async def _give_back(self, attempt: Attempt, kept: Kept) -> int:
+        """Give back the jobs `attempt` popped (`kept`); kept again should that
+        not land."""
         try:
-            # Shielded: a caller gone now is no reason to keep the jobs done.
-            given_back: int = await asyncio.shield(self.committer.submit(topic, undo))
+            given_back: int = await self.committer.submit(attempt[0], _unpop_all(kept.decoded()))
         except (StoreUnavailable, Contended) as exc:
-            if not isinstance(exc, AmbiguousWrite):  # it did not land: kept for another try
-                self._popped[attempt] = kept
-                self._popped_bytes += len(kept.jobs)
+            if not isinstance(exc, AmbiguousWrite):  # it did not land: for another undo
+                self.popped.restore(attempt, kept)
             raise
-        log.info("%s: gave back %d jobs of a pop whose answer was lost", topic, given_back)
+        log.info("%s: gave back %d jobs of a pop whose answer was lost", attempt[0], given_back)
         return given_back
 
-    def _popped_again(self, topic: str, attempt_id: str) -> list[Job]:
-        """The jobs the pop or complete `attempt_id` did here lately (none when
-        it did none, or they were given back or forgotten since)."""
-        kept = self._popped.get((topic, attempt_id))
-        if kept is None or kept.until < time.monotonic():
-            return []
-        jobs: list[Job] = orjson.loads(kept.jobs)
-        return jobs
-
-    async def _keep_popped(self, topic: str, attempt_id: str, jobs: list[Job]) -> list[Job]:
-        """`jobs`, just popped or completed under `attempt_id`, kept for its
-        undo; none when the undo came first (they are given back now)."""
-        attempt = (topic, attempt_id)
-        now = time.monotonic()
-        withdrawn = self._withdrawn.get(attempt)
-        if withdrawn is not None and withdrawn >= now:
-            await self.committer.submit(topic, _unpop_all(jobs))
-            return []
-        kept = _Popped(now + api.CLAIM_ATTEMPTS_KEPT_S, orjson.dumps(jobs))
-        popped = self._popped
-        if (before := popped.pop(attempt, None)) is not None:
-            self._popped_bytes -= len(before.jobs)
-        popped[attempt] = kept
-        self._popped_bytes += len(kept.jobs)
-        while popped and (
-            self._popped_bytes > POPS_KEPT_BYTES or next(iter(popped.values())).until < now
-        ):
-            self._popped_bytes -= len(popped.popitem(last=False)[1].jobs)
-        return jobs
-
-    def _withdraw(self, attempt: tuple[str, str]) -> None:
-        """Note that `attempt`'s pop is to be undone should it land later."""
-        now = time.monotonic()
-        withdrawn = self._withdrawn
-        withdrawn.pop(attempt, None)
-        withdrawn[attempt] = now + api.CLAIM_ATTEMPTS_KEPT_S
-        while withdrawn and (
-            len(withdrawn) > POPS_WITHDRAWN or next(iter(withdrawn.values())) < now
-        ):
-            withdrawn.popitem(last=False)
+    async def _popped_now(self, attempt: Attempt, jobs: list[Job]) -> list[Job]:
+        """`jobs`, just popped or completed by `attempt`, kept for its retries
+        and undo; what its caller is answered. When its undo came first they
+        go back, and it is answered none; when another try of it landed
+        meanwhile (still polling, its caller gone unseen), they go back and
+        it is answered that try's."""
+        undone = self.popped.withdrawn(attempt)
+        other = self.popped.get(attempt)
+        if not undone and other is None:
+            self.popped.keep(attempt, jobs)
+            return jobs
+        # Shielded: the caller (a connection the forwarding broker dropped) may
+        # be cancelled now, and then the committer would skip the give-back.
+        await asyncio.shield(self.committer.submit(attempt[0], _unpop_all(jobs)))
+        return [] if other is None else other.decoded()
 
     async def _poll(
         self,

@@ -99,6 +99,7 @@ class Forwarder:
         self.undone = 0  # jobs given back by owners whose answer to a pop was lost (route's undo)
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()  # end_long_polls(): this broker is stopping
+        self._closed = False
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -109,6 +110,7 @@ class Forwarder:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True  # a background undo's next try would open a session again
         if self._session is not None:
             await self._session.close()
 
@@ -131,7 +133,7 @@ class Forwarder:
         wait: float = 0.0,
         content_type: str = "application/json",
         repeatable: bool = True,
-        undo: str | None = None,
+        undo: api.UnpopRequest | None = None,
     ) -> Answer | Here:
         """The answer of the first broker in `topic`'s order that answers, or
         Here when this broker's turn comes first (it serves the request).
@@ -139,8 +141,8 @@ class Forwarder:
         done twice it hands out one job and loses another) is not passed on
         once a broker got it without answering: AmbiguousWrite. Then, or when
         the caller goes away first, that broker is asked in the background to
-        undo the pop or complete whose attempt id is `undo` (POST /unpop): it
-        may have done it, its answer lost."""
+        `undo` the pop or complete (POST /unpop): it may have done it, its
+        answer lost."""
         replayed = False
         for peer in self.membership.order(topic):
             if peer == self.me:
@@ -193,14 +195,16 @@ class Forwarder:
             )
         return sending.result()
 
-    async def _undo(self, peer: Peer, topic: str, attempt_id: str) -> None:
-        """Ask `peer` to undo the pop or complete `attempt_id` of `topic`, whose
-        answer was lost (route's `undo`): a few tries, a second apart, while it
-        does not answer."""
+    async def _undo(self, peer: Peer, topic: str, undo: api.UnpopRequest) -> None:
+        """Ask `peer` to `undo` a pop or complete of `topic` whose answer was
+        lost (route's `undo`): a few tries, a second apart, while it does not
+        answer (and this broker is not closed)."""
         path = f"/topics/{topic}/unpop"
-        body = msgspec.json.encode(api.UnpopRequest(attempt_id))
-        failed = ""
+        body = msgspec.json.encode(undo)
+        failed = "this broker stopped"
         for _ in range(UNDO_TRIES):
+            if self._closed:
+                break
             try:
                 answer = await self._send(peer, "POST", path, body, 0.0, "application/json")
             except _Unreachable as exc:
@@ -283,17 +287,17 @@ class Router:
         body: Any,
         wait: float = 0.0,
         repeatable: bool = True,
-        attempt_id: str | None = None,
+        undo: api.UnpopRequest | None = None,
     ) -> Answer | None:
         """The answer of `topic`'s owner, None when this broker serves it. With
-        `attempt_id` (a pop or complete named so), the owner is asked to undo
-        it should its answer be lost (Forwarder.route's undo)."""
+        `undo` (a pop's or complete's), the owner is asked to undo it should
+        its answer be lost (Forwarder.route's undo)."""
         if self.forwarder.membership.owns(topic):
             return None
         data = None if body is None else msgspec.json.encode(body)
         path = f"/topics/{topic}{path}"
         got = await self.forwarder.route(
-            topic, method, path, data, wait=wait, repeatable=repeatable, undo=attempt_id
+            topic, method, path, data, wait=wait, repeatable=repeatable, undo=undo
         )
         # Served here: a replay cannot be told over RESP, whose answers are counts.
         return None if isinstance(got, Here) else got
@@ -380,9 +384,8 @@ class Router:
         attempt_id = api.new_id()
         body = api.ClaimRequest(worker_id, wait=wait, count=count, attempt_id=attempt_id)
         started = time.monotonic()
-        got = await self._route(
-            topic, "POST", "/pop", body, wait, repeatable=False, attempt_id=attempt_id
-        )
+        undo = api.UnpopRequest(attempt_id, worker_id)
+        got = await self._route(topic, "POST", "/pop", body, wait, repeatable=False, undo=undo)
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
             return await self.engine.pop(topic, worker_id, count=count, wait=wait)
@@ -400,9 +403,8 @@ class Router:
         # Undone at the owner should its answer be lost, as a pop's is.
         attempt_id = api.new_id()
         body = api.CompleteRequest(_held(jobs), attempt_id=attempt_id)
-        got = await self._route(
-            topic, "POST", "/complete", body, repeatable=False, attempt_id=attempt_id
-        )
+        undo = api.UnpopRequest(attempt_id)
+        got = await self._route(topic, "POST", "/complete", body, repeatable=False, undo=undo)
         if got is not None and got.status == 400 and b"attempt_id" in got.body:
             # An owner older than POST /unpop (during an upgrade) refused the
             # field, and did nothing: asked without it.

@@ -30,7 +30,7 @@ from aiohttp import HttpVersion11, web
 from simplequeue import api, keys
 from simplequeue.broker import page
 from simplequeue.broker.engine import Engine
-from simplequeue.broker.forwarding import FORWARDED, OWNER, REPLAYED, Forwarder, Here
+from simplequeue.broker.forwarding import FORWARDED, OWNER, REPLAYED, Answer, Forwarder, Here
 from simplequeue.broker.metrics import CONTENT_TYPE, Metrics
 from simplequeue.errors import (
     InvalidRequest,
@@ -388,17 +388,25 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         response = await handler(call)  # the common case: the body is read once, there
         response.headers[OWNER] = services.url()
         return response
-    body = await call.read()
+    body = asked = await call.read()
     wait = 0.0
-    attempt_id = None  # a pop's or complete's: undone at the owner if its answer is lost
+    undo = None  # a pop's or complete's, should its answer be lost
     name = call.route.name
-    if name in ("claim", "pop"):
-        asked = api.decode(body, api.ClaimRequest)
-        wait = asked.wait
-        if name == "pop":
-            attempt_id = asked.attempt_id
+    if name == "claim":
+        wait = api.decode(body, api.ClaimRequest).wait
+    elif name == "pop":
+        popping = api.decode(body, api.ClaimRequest)
+        wait = popping.wait
+        if popping.attempt_id is None:  # one the client named is its own to undo
+            undo = api.UnpopRequest(api.new_id(), popping.worker_id)
+            popping = msgspec.structs.replace(popping, attempt_id=undo.attempt_id)
+            call.body = body = msgspec.json.encode(popping)
     elif name == "complete":
-        attempt_id = api.decode(body, api.CompleteRequest).attempt_id
+        completing = api.decode(body, api.CompleteRequest)
+        if completing.attempt_id is None:
+            undo = api.UnpopRequest(api.new_id())
+            completing = msgspec.structs.replace(completing, attempt_id=undo.attempt_id)
+            call.body = body = msgspec.json.encode(completing)
     elif name == "job":
         wait = wait_of(call)
     elif name in ("enqueue", "push"):
@@ -417,8 +425,14 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         # Done twice, a pop hands out one job and loses another, a complete
         # answers "not held" for the job it completed.
         repeatable=name not in ("pop", "complete"),
-        undo=attempt_id,
+        undo=undo,
     )
+    if undo is not None and isinstance(got, Answer) and _refused_attempt_id(got):
+        # An owner older than POST /unpop refused the id added here: it did nothing.
+        call.body = body = asked
+        got = await forwarder.route(
+            topic, request.method, request.path_qs, asked, wait=wait, repeatable=False
+        )
     if isinstance(got, Here):  # its owner, or the next when those before did not answer
         call.spent = time.monotonic() - started  # a long poll asked for is not waited twice
         try:
@@ -437,6 +451,10 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     if got.replayed:
         answered.headers[REPLAYED] = "1"
     return answered
+
+
+def _refused_attempt_id(got: Answer) -> bool:
+    return got.status == 400 and b"attempt_id" in got.body
 
 
 def _with_ids(body: bytes) -> bytes:
@@ -534,7 +552,8 @@ async def complete(call: Call) -> web.Response:
 async def unpop(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.UnpopRequest)
-    return reply({"given_back": await call.engine.unpop(topic, body.attempt_id)})
+    given_back = await call.engine.unpop(topic, body.attempt_id, body.worker_id)
+    return reply({"given_back": given_back})
 
 
 def _claims(held: list[api.Held]) -> list[dict[str, Any]]:

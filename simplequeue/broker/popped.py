@@ -1,0 +1,103 @@
+"""What pops and completes named by an attempt id did on this broker (the
+topic's owner), kept a while in memory for their retries and their undo
+(api.UnpopRequest): the jobs as the state machine answered them, and the
+undos that came before their pop landed.
+
+An attempt is (topic, worker id, attempt id), the worker id "" for a complete
+(it names none; no worker id is empty): as a claim's, one worker's ids are its
+own. Best effort, bounded: POPS_KEPT_BYTES of jobs, each kept
+api.CLAIM_ATTEMPTS_KEPT_S, the oldest forgotten first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import orjson
+
+from simplequeue import api
+from simplequeue.state import Job
+
+Attempt = tuple[str, str, str]  # topic, worker id ("" for a complete), attempt id
+
+# The jobs kept for undos, at most, as JSON (payloads included).
+POPS_KEPT_BYTES = 32 * 1024 * 1024
+POPS_WITHDRAWN = 10_000  # undos kept for pops not done yet, at most
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """What one pop or complete did, kept until `until` (monotonic)."""
+
+    until: float
+    jobs: bytes  # JSON
+
+    def decoded(self) -> list[Job]:
+        jobs: list[Job] = orjson.loads(self.jobs)
+        return jobs
+
+
+class Popped:
+    """The kept pops and completes, and the undos that came first (withdrawn)."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[Attempt, Kept] = OrderedDict()  # oldest first
+        self.kept_bytes = 0  # in all of them
+        self._withdrawn: OrderedDict[Attempt, float] = OrderedDict()  # until when
+
+    def get(self, attempt: Attempt) -> Kept | None:
+        """What `attempt` did, unless it was undone or forgotten."""
+        kept = self._kept.get(attempt)
+        if kept is None or kept.until < time.monotonic() or self.withdrawn(attempt):
+            return None
+        return kept
+
+    def keep(self, attempt: Attempt, jobs: list[Job]) -> None:
+        """Keep what `attempt` did (it just landed), making room for it first:
+        a record larger than all the room is not kept."""
+        kept = Kept(time.monotonic() + api.CLAIM_ATTEMPTS_KEPT_S, orjson.dumps(jobs))
+        self.take(attempt)
+        if len(kept.jobs) > POPS_KEPT_BYTES:
+            return
+        self._make_room(POPS_KEPT_BYTES - len(kept.jobs))
+        self._kept[attempt] = kept
+        self.kept_bytes += len(kept.jobs)
+
+    def restore(self, attempt: Attempt, kept: Kept) -> None:
+        """Keep again what take() handed out (its undo did not land)."""
+        self.take(attempt)
+        self._kept[attempt] = kept
+        self.kept_bytes += len(kept.jobs)
+
+    def take(self, attempt: Attempt) -> Kept | None:
+        """What `attempt` did, no longer kept (None: nothing, or forgotten)."""
+        kept = self._kept.pop(attempt, None)
+        if kept is None:
+            return None
+        self.kept_bytes -= len(kept.jobs)
+        return kept if kept.until >= time.monotonic() else None
+
+    def withdraw(self, attempt: Attempt) -> None:
+        """Note that `attempt` is undone: should its pop land later, its jobs
+        go back as it lands."""
+        now = time.monotonic()
+        withdrawn = self._withdrawn
+        withdrawn.pop(attempt, None)
+        withdrawn[attempt] = now + api.CLAIM_ATTEMPTS_KEPT_S
+        while withdrawn and (
+            len(withdrawn) > POPS_WITHDRAWN or next(iter(withdrawn.values())) < now
+        ):
+            withdrawn.popitem(last=False)
+
+    def withdrawn(self, attempt: Attempt) -> bool:
+        until = self._withdrawn.get(attempt)
+        return until is not None and until >= time.monotonic()
+
+    def _make_room(self, room: int) -> None:
+        """Forget the oldest records until the rest take `room` bytes at most,
+        and every record that expired among the oldest."""
+        kept, now = self._kept, time.monotonic()
+        while kept and (self.kept_bytes > room or next(iter(kept.values())).until < now):
+            self.kept_bytes -= len(kept.popitem(last=False)[1].jobs)
