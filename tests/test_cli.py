@@ -116,6 +116,47 @@ async def test_enqueue_file_with_a_bad_line_fails_before_sending(cli: Cli, tmp_p
     assert (await cli.json("status", "--json"))["pending"] == 0
 
 
+async def test_enqueue_file_sizes_its_batches_by_bytes_not_lines(cli: Cli, tmp_path: Path) -> None:
+    """500 lines a request whatever their size: lines of 2.5 KB made a request
+    past the broker's 1 MiB --max-body, refused whole (review, round 22)."""
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text(
+        "".join(orjson.dumps({"n": n, "blob": "z" * 2500}).decode() + "\n" for n in range(600))
+    )
+    done = await cli("enqueue", "--file", str(lines))
+    assert done.returncode == 0, done.stderr
+    assert (await cli.json("status", "--json"))["pending"] == 600
+
+
+async def test_enqueue_file_halves_a_batch_a_smaller_max_body_refuses_and_says_how_far_it_got(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """A broker whose --max-body is below a batch: the batch goes in halves.
+    A line no request can carry stops the command, saying how many jobs were
+    enqueued and through which line, so that a rerun can start after it."""
+    broker = await start_broker(MemStore(), max_body=64 * 1024)
+    cli = Cli("--broker", broker.url, "--topic", "jobs")
+    lines = tmp_path / "jobs.jsonl"
+    fitting = [orjson.dumps({"n": n, "blob": "z" * 1000}).decode() for n in range(300)]
+    too_large = orjson.dumps({"blob": "z" * 100_000}).decode()
+    lines.write_text("\n".join([*fitting, too_large, '{"after": 1}']) + "\n")
+    done = await cli("enqueue", "--file", str(lines))
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("Error: PayloadTooLarge"), done.stderr
+    assert last.endswith("(300 of 302 jobs were enqueued: through line 300)"), last
+    assert (await cli.json("status", "--json"))["pending"] == 300
+
+
+async def test_enqueue_file_refuses_an_id_it_cannot_give(cli: Cli, tmp_path: Path) -> None:
+    """--id was dropped silently with --file: each line got an id of its own
+    (review, round 22)."""
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"n": 1}\n')
+    done = await cli("enqueue", "--file", str(lines), "--id", "x")
+    assert done.returncode == 2 and "--id" in done.stderr, done.stderr
+    assert (await cli.json("status", "--json"))["pending"] == 0
+
+
 async def test_claim_ack_with_token_and_result(cli: Cli) -> None:
     await cli.json("enqueue", '{"n": 1}', "--id", "a")
     job = await cli.json("claim", "worker-1", "--lease", "60")
@@ -291,6 +332,38 @@ async def test_work_drains_on_ctrl_c(cli: Cli, broker: Any) -> None:
     assert code == 0
     job = await cli.json("job", "s")
     assert (job["status"], job["result"]) == ("completed", "drained")
+
+
+async def test_work_whose_ack_did_not_land_says_so_and_exits_1(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """The broker went away before the ack: "acks failed" was logged, yet the
+    summary said "1 acked" and the exit status was 0 (review, round 22)."""
+    broker = await start_broker(MemStore())
+    cli = Cli("--broker", broker.url, "--topic", "jobs")
+    await cli.json("enqueue", '"x"')
+    gate = tmp_path / "gate"
+    command = f"while [ ! -e {gate} ]; do sleep 0.02; done; echo ok"
+    proc = await asyncio.create_subprocess_exec(
+        *cli.argv("work", "--max-jobs", "1", "--", "sh", "-c", command),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(30), Client(broker.url, topic="jobs") as q:
+            while (await q.status())["claimed"] == 0:
+                await broker.committer.wait_changed("jobs", 1.0)
+        await broker.stop()  # gone before the command ends: its ack cannot land
+        gate.touch()
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 1, lines
+    assert "done: 0 acked, 0 nacked, 1 not acked" in lines
+    assert lines[-1] == "Error: 1 jobs ran but their acks did not land: they will run again"
 
 
 async def test_work_logs_each_failed_command_on_one_line(cli: Cli) -> None:

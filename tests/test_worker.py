@@ -12,10 +12,12 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from simplequeue.api import MAX_BATCH
-from simplequeue.client import Backoff, Client, Done, Job, Worker
+from simplequeue.client import Backoff, Client, Done, Job, Tasks, Worker
 from simplequeue.client.worker import AHEAD_MAX, ClaimAhead
 from simplequeue.errors import BrokerUnavailable, Unauthorized
 from simplequeue.objstore.memfs import MemStore
@@ -369,9 +371,15 @@ class CountingClient(Client):
     batches: list[int]
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
+        self,
+        worker_id: str,
+        count: int,
+        lease: float | None = None,
+        wait: float = 0,
+        *,
+        attempt_id: str | None = None,
     ) -> list[Job]:
-        jobs = await super().claim_many(worker_id, count, lease, wait)
+        jobs = await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
         self.batches.append(len(jobs))
         return jobs
 
@@ -570,7 +578,13 @@ class GatedClient(Client):
     asked: list[int]
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
+        self,
+        worker_id: str,
+        count: int,
+        lease: float | None = None,
+        wait: float = 0,
+        *,
+        attempt_id: str | None = None,
     ) -> list[Job]:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -579,7 +593,7 @@ class GatedClient(Client):
         self.asked.append(count)
         try:
             await self.gate.wait()
-            return await super().claim_many(worker_id, count, lease, wait)
+            return await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
         finally:
             self.in_flight -= 1
 
@@ -616,20 +630,26 @@ class LateFirstAnswerClient(Client):
         self.second_returned = asyncio.Event()
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
+        self,
+        worker_id: str,
+        count: int,
+        lease: float | None = None,
+        wait: float = 0,
+        *,
+        attempt_id: str | None = None,
     ) -> list[Job]:
         self.calls += 1
         if self.calls == 1:
-            jobs = await super().claim_many(worker_id, count, lease, wait)
+            jobs = await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
             self.first_answered.set()
             await self.second_returned.wait()
             return jobs
         if self.calls == 2:
             await self.first_answered.wait()
-            jobs = await super().claim_many(worker_id, count, lease, wait)
+            jobs = await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
             self.second_returned.set()
             return jobs
-        return await super().claim_many(worker_id, count, lease, wait)
+        return await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
 
 
 async def test_claims_in_flight_hand_their_jobs_over_in_the_order_they_were_sent(
@@ -653,12 +673,18 @@ class FailingFirstClient(Client):
     failures = 0
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
+        self,
+        worker_id: str,
+        count: int,
+        lease: float | None = None,
+        wait: float = 0,
+        *,
+        attempt_id: str | None = None,
     ) -> list[Job]:
         if self.failures > 0:
             self.failures -= 1
             raise BrokerUnavailable("injected: no broker")
-        return await super().claim_many(worker_id, count, lease, wait)
+        return await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
 
 
 async def test_the_worker_claims_again_after_both_claims_in_flight_failed(broker: Any) -> None:
@@ -680,12 +706,18 @@ class FirstClaimBreaks(Client):
     broke = False
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
+        self,
+        worker_id: str,
+        count: int,
+        lease: float | None = None,
+        wait: float = 0,
+        *,
+        attempt_id: str | None = None,
     ) -> list[Job]:
         if not self.broke:
             self.broke = True
             raise RuntimeError("injected: not an error of the SDK")
-        return await super().claim_many(worker_id, count, lease, wait)
+        return await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
 
 
 async def test_a_claim_failing_with_an_error_not_the_sdks_is_logged_and_claiming_goes_on(
@@ -1876,7 +1908,9 @@ async def test_jobs_claimed_ahead_and_answered_after_the_first_signal_go_back(
     real = q.claim_many
     calls = 0
 
-    async def claim_many(worker_id: str, count: int, lease: Any = None, wait: float = 0) -> Any:
+    async def claim_many(
+        worker_id: str, count: int, lease: Any = None, wait: float = 0, **named: Any
+    ) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:  # the first claim is slow: its answer has not come yet
@@ -1900,3 +1934,157 @@ async def test_jobs_claimed_ahead_and_answered_after_the_first_signal_go_back(
     for i in range(4):
         job = await q.job(f"j{i}")
         assert (job.status, job.attempts) == ("pending", 0), job
+
+
+# --- review of the SDK, round 22 ---------------------------------------------------------
+
+
+async def test_a_second_signal_waits_for_a_plain_def_task_in_its_thread(
+    q: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain-def task runs in a thread too, but the Worker saw an async
+    handler (Tasks.__call__): a second signal cancelled the await and gave
+    the job back while its thread ran on, to run twice at once (review)."""
+    tasks = Tasks()
+    started, release = threading.Event(), threading.Event()
+
+    @tasks.task
+    def slow(n: int) -> str:
+        started.set()
+        release.wait(20)
+        return "done"
+
+    job_id = await slow.enqueue(q, 1)
+    worker = Worker(q, tasks, concurrency=1, prefetch=0, handle_signals=False)
+    run = asyncio.create_task(worker.run())
+    try:
+        assert await asyncio.to_thread(started.wait, 10)
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            worker._on_signal()  # as SIGTERM does
+            worker._on_signal()  # and a second
+            await until(lambda: "cannot be interrupted" in caplog.text)
+        assert (await q.job(job_id)).status == "claimed"
+    finally:
+        release.set()
+        await asyncio.wait_for(run, 15)
+    assert (await q.job(job_id)).status == "completed"
+    assert (worker.processed, worker.given_back) == (1, 0)
+
+
+class _HoldingProxy:
+    """Passes requests to the broker; a claim it answered with jobs is held
+    there (its answer on its way) until the client hangs up."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.held = asyncio.Event()
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {"Content-Type": "application/json"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                request.method, self.upstream + request.path_qs, data=body, headers=headers
+            ) as up,
+        ):
+            data, status = await up.read(), up.status
+        if request.path.endswith("/claim") and status == 200 and not self.held.is_set():
+            self.held.set()
+            await asyncio.Event().wait()  # cancelled when the client hangs up
+        return web.Response(body=data, status=status, content_type="application/json")
+
+    async def __aenter__(self) -> _HoldingProxy:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+async def test_stop_gives_back_a_claim_whose_answer_was_on_its_way(broker: Any) -> None:
+    """stop() cancels the claims in flight; the broker gives back one it had
+    not answered, but one it had (the answer on the wire) stayed claimed by
+    nobody until its lease ran out, the attempt spent: with max_attempts=1,
+    dead without running (review). Asked again under its attempt id, the
+    broker answers its jobs, and they go back."""
+    async with _HoldingProxy(broker.url) as proxy, Client(proxy.url, topic="w") as through:
+
+        async def handler(job: Job) -> None:
+            raise AssertionError("no job reaches the handler")
+
+        worker = Worker(through, handler, concurrency=1, prefetch=0, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        await until(lambda: broker.committer.waiting("w") == 1)  # it long-polls the topic
+        async with Client(broker.url, topic="w") as direct:
+            job_id = await direct.enqueue("x", max_attempts=1)
+            await asyncio.wait_for(proxy.held.wait(), 10)  # the broker answered it the job
+            await worker.stop()
+            await asyncio.wait_for(run, 10)
+            job = await direct.job(job_id)
+    assert (job.status, job.attempts) == ("pending", 0), job
+    assert worker.given_back == 1
+
+
+async def test_processed_counts_the_jobs_whose_ack_landed(start_broker: StartBroker) -> None:
+    """A job whose ack failed (the broker gone) was counted processed, as
+    README's tour prints it: "jobs done" (review). It is counted unacked."""
+    broker = await start_broker(MemStore())
+    gate = asyncio.Event()
+    async with Client(broker.url, topic="p", retries=1, timeout=2) as q:
+        await q.enqueue("x")
+
+        async def handler(job: Job) -> str:
+            await gate.wait()
+            return "ok"
+
+        worker = Worker(q, handler, max_jobs=1, concurrency=1, prefetch=0, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        await until(lambda: bool(worker._running))
+        await broker.stop()
+        gate.set()
+        await asyncio.wait_for(run, 30)
+    assert (worker.processed, worker.unacked, worker.failed) == (0, 1, 0)
+
+
+async def test_a_worker_runs_again_after_it_returned(q: Client) -> None:
+    """run() left the worker stopped: a second run() (a burst worker run now
+    and then) returned at once, doing nothing (review)."""
+    done: list[Any] = []
+
+    async def handler(job: Job) -> None:
+        done.append(job.payload)
+
+    worker = Worker(q, handler, burst=True, max_jobs=1, handle_signals=False)
+    await q.enqueue_many([1, 2])
+    await asyncio.wait_for(worker.run(), 10)
+    await asyncio.wait_for(worker.run(), 10)  # max_jobs counts per run
+    assert (done, worker.processed) == ([1, 2], 2)
+
+
+async def test_a_handler_raising_a_cancelled_error_of_its_own_fails_its_job(
+    q: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CancelledError of the handler's own (of a task it awaited) left the
+    job claimed until its lease ran out, nothing nacked nor logged (review)."""
+    job_id = await q.enqueue(1)
+
+    async def handler(job: Job) -> None:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner  # its CancelledError, not the worker's
+
+    worker = Worker(q, handler, max_jobs=1, backoff=FAST, handle_signals=False)
+    with caplog.at_level(logging.ERROR, logger="simplequeue.worker"):
+        await asyncio.wait_for(worker.run(), 10)
+    job = await q.job(job_id)
+    assert worker.failed == 1 and job.status in ("pending", "delayed"), job
+    assert "HandlerCancelled" in (job.last_error or "")
+    assert "failed on attempt 1" in caplog.text

@@ -25,15 +25,19 @@ import msgspec
 import orjson
 
 from simplequeue import __version__, api
+from simplequeue.batching import runs_within
 from simplequeue.client.client import Client, new_job_spec
 from simplequeue.client.followups import Done
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
-from simplequeue.errors import InvalidRequest, SimpleQueueError
+from simplequeue.errors import InvalidRequest, PayloadTooLarge, SimpleQueueError
 from simplequeue.storeflags import FiniteRange, StoreFlags, checked, store_options
 
 T = TypeVar("T")
-BATCH = 500  # jobs per request with enqueue --file
+# enqueue --file: jobs per request, and their lines' bytes at most (half the
+# broker's default --max-body: a request also carries each job's id and options).
+BATCH = 500
+BATCH_BYTES = 512 * 1024
 # What one job of `work` may pass on: the follow-ups of one ack with -Q (the
 # API's cap), and stdout read (--max-output), so that a runaway command cannot
 # exhaust the worker. Of stderr, the error of a failed job, the end is kept.
@@ -187,6 +191,8 @@ async def enqueue(
         raise click.UsageError(
             "give a PAYLOAD or --file" if payload is None else "give a PAYLOAD or --file, not both"
         )
+    if jobs_file is not None and job_id is not None:
+        raise click.UsageError("--id names one job: it cannot go with --file")
     if jobs_file is None:
         assert payload is not None
         spec = new_job_spec(parse_payload(payload), job_id, priority, delay, max_attempts)
@@ -205,22 +211,47 @@ async def enqueue(
 async def enqueue_file(
     client: Client, lines: BinaryIO, priority: int, delay: float, max_attempts: int | None
 ) -> list[str]:
-    payloads: list[Any] = []
+    jobs: list[tuple[int, int, Any]] = []  # line number, its bytes, its payload
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                payloads.append(loads(line))
+                jobs.append((number, len(line), loads(line)))
             except NOT_JSON as exc:  # or not UTF-8
                 raise click.ClickException(f"line {number}: not valid JSON: {exc}") from None
     ids: list[str] = []
     extra: dict[str, Any] = {"priority": priority, "delay": delay}
     if max_attempts is not None:
         extra["max_attempts"] = max_attempts
-    with click.progressbar(length=len(payloads), label="enqueue", file=sys.stderr) as bar:
-        for batch in chunks(payloads, BATCH):
-            ids += await client.enqueue_many([{"payload": p, **extra} for p in batch])
-            bar.update(len(batch))
+    with click.progressbar(length=len(jobs), label="enqueue", file=sys.stderr) as bar:
+        for run_ in runs_within(jobs, lambda job: job[1], BATCH_BYTES):
+            for batch in chunks(run_, BATCH):
+                try:
+                    await enqueue_in_halves(
+                        client, [{"payload": p, **extra} for *_, p in batch], ids
+                    )
+                except SimpleQueueError as exc:
+                    done = f"through line {jobs[len(ids) - 1][0]}" if ids else "none"
+                    raise click.ClickException(
+                        f"{type(exc).__name__}: {exc} ({len(ids)} of {len(jobs)} jobs were"
+                        f" enqueued: {done})"
+                    ) from None
+                bar.update(len(batch))
     return ids
+
+
+async def enqueue_in_halves(client: Client, jobs: list[dict[str, Any]], ids: list[str]) -> None:
+    """Enqueue `jobs` in one request, or in halves while the broker finds a
+    request too large (its --max-body may be smaller than the default); their
+    ids go into `ids` as they are enqueued."""
+    try:
+        ids += await client.enqueue_many(jobs)
+        return
+    except PayloadTooLarge:
+        if len(jobs) == 1:
+            raise
+    half = len(jobs) // 2
+    await enqueue_in_halves(client, jobs[:half], ids)
+    await enqueue_in_halves(client, jobs[half:], ids)
 
 
 def chunks(items: list[T], size: int) -> Iterator[list[T]]:
@@ -620,9 +651,16 @@ async def work(
     click.echo(f"working on {client.topic}{into} with {' '.join(command)}", err=True)
     await worker.run()
     given_back = f", {worker.given_back} given back" if worker.given_back else ""
-    click.echo(f"done: {worker.processed} acked, {worker.failed} nacked{given_back}", err=True)
+    unacked = f", {worker.unacked} not acked" if worker.unacked else ""
+    click.echo(
+        f"done: {worker.processed} acked, {worker.failed} nacked{given_back}{unacked}", err=True
+    )
     if cannot_start:
         raise click.ClickException(str(cannot_start[0]))
+    if worker.unacked:
+        raise click.ClickException(
+            f"{worker.unacked} jobs ran but their acks did not land: they will run again"
+        )
 
 
 def check_topic(name: str | None, param: click.Parameter) -> str | None:

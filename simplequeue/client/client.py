@@ -472,10 +472,21 @@ class Client:
         return None if answer is None else answer.job
 
     async def claim_many(
-        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
+        self,
+        worker_id: str,
+        count: int,
+        lease: float | None = None,
+        wait: float = 0,
+        *,
+        attempt_id: str | None = None,
     ) -> list[Job]:
-        """Claim up to `count` jobs in one request."""
+        """Claim up to `count` jobs in one request. `attempt_id` names the
+        claim (by default a new name): a claim asked again under the name of
+        one whose answer was lost gets that one's jobs, those its worker
+        still holds (best effort: see the README)."""
         body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
+        if attempt_id is not None:
+            body = msgspec.structs.replace(body, attempt_id=attempt_id)
         answer = await self._claim(body, api.ClaimedBatch)
         return [] if answer is None else answer.jobs
 
@@ -483,7 +494,9 @@ class Client:
         """The claim's answer, None when nothing was claimable. Its retries name
         its attempt: one whose first try landed gets that try's jobs. A broker
         older than attempt ids refuses the field: asked again without."""
-        if self._attempt_ids:
+        if not self._attempt_ids:
+            body = msgspec.structs.replace(body, attempt_id=None)
+        elif body.attempt_id is None:
             body = msgspec.structs.replace(body, attempt_id=api.new_id())
         try:
             _, got, _ = await self.call(

@@ -193,9 +193,17 @@ class SyncClient:
         return self._run(self.client.claim(worker_id, lease, wait))
 
     def claim_many(
-        self, worker_id: str, count: int, lease: float | None = None, wait: float = 0
+        self,
+        worker_id: str,
+        count: int,
+        lease: float | None = None,
+        wait: float = 0,
+        *,
+        attempt_id: str | None = None,
     ) -> list[Job]:
-        return self._run(self.client.claim_many(worker_id, count, lease, wait))
+        return self._run(
+            self.client.claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
+        )
 
     def ack(self, job: Job | str, result: Any = None, enqueue: Iterable[Any] | None = None) -> None:
         # Checked and made a list here (a generator is iterated in the caller's

@@ -134,9 +134,26 @@ class Tasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def runs_in_thread(self, job: Job) -> bool:
+        """Whether the task `job` names is a plain function, which runs in a
+        thread (and cannot be interrupted there)."""
+        try:
+            task, _ = self._task_of(job)
+        except UnknownTask:
+            return False
+        return not inspect.iscoroutinefunction(task.fn)
+
     async def __call__(self, job: Job) -> Any:
         """Run the task `job` names with its arguments (the Worker's handler):
         UnknownTask when its payload is not a task's or names none of these."""
+        task, call = self._task_of(job)
+        if inspect.iscoroutinefunction(task.fn):
+            return await task.fn(*call.args, **call.kwargs)
+        result = await asyncio.to_thread(task.fn, *call.args, **call.kwargs)
+        # A plain function may hand back an awaitable (a lambda around an async def).
+        return await result if inspect.isawaitable(result) else result
+
+    def _task_of(self, job: Job) -> tuple[Task[..., Any], TaskPayload]:
         try:
             call = msgspec.convert(job.payload, TaskPayload)
         except msgspec.ValidationError as exc:
@@ -151,8 +168,4 @@ class Tasks:
                 f"job {job.id!r} names task {call.task!r}, which is not registered"
                 f" with this worker (its tasks: {known})"
             )
-        if inspect.iscoroutinefunction(task.fn):
-            return await task.fn(*call.args, **call.kwargs)
-        result = await asyncio.to_thread(task.fn, *call.args, **call.kwargs)
-        # A plain function may hand back an awaitable (a lambda around an async def).
-        return await result if inspect.isawaitable(result) else result
+        return task, call

@@ -59,6 +59,7 @@ from simplequeue.batching import Batcher, Pending
 from simplequeue.client.client import UNSENDABLE, Client, encode
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
+from simplequeue.client.tasks import Tasks
 from simplequeue.errors import (
     BrokerUnavailable,
     InvalidRequest,
@@ -164,6 +165,11 @@ class Interrupted(Exception):
     while draining): its job is given back at once, not failed."""
 
 
+class HandlerCancelled(Exception):
+    """The handler raised a CancelledError of its own (of a task or future it
+    awaited, not the worker's): its job fails, as for any other error."""
+
+
 class _Claimed:
     """A job this worker holds: waiting in the buffer, then running."""
 
@@ -173,6 +179,7 @@ class _Claimed:
         self.lost = False  # a heartbeat found the lease gone
         self.cancelled = False  # ... because the job was cancelled
         self.interrupted = False  # a second signal: stopped, to be given back
+        self.in_thread = False  # its handler runs in a thread: it cannot be interrupted
         # The first heartbeat's timer; the task that sends them once it fired.
         # Most jobs end before their first heartbeat is due: they never cost
         # a task (one per job, and cancelling it, was a fifth of a Worker's
@@ -248,8 +255,11 @@ class Worker:
         self.burst = burst
         self.max_jobs = max_jobs
         self.handle_signals = handle_signals
-        self.processed = 0
-        self.failed = 0
+        self.processed = 0  # jobs whose handler returned and whose ack landed
+        self.failed = 0  # jobs whose handler failed (nacked, or dead)
+        # Jobs whose handler returned but whose ack did not land (the lease was
+        # lost meanwhile, or the broker could not be reached): they run again.
+        self.unacked = 0
         self.given_back = 0  # by a signal: claimed ahead and released, or interrupted
         self._running: set[asyncio.Task[None]] = set()
         self._holding: dict[asyncio.Task[None], _Claimed] = {}  # what each running task runs
@@ -289,7 +299,9 @@ class Worker:
         )
 
     async def run(self) -> None:
-        """Claim and process until stop() or a signal; then drain and return."""
+        """Claim and process until stop() or a signal; then drain and return.
+        It may be run again once it returned (`max_jobs` counts per run; the
+        counters add up)."""
         if self._failed is not None:  # it gave up for good: a new Worker may do better
             raise self._failed
         self._done.clear()
@@ -310,6 +322,9 @@ class Worker:
                         await self._stop_beats(held)
                 finally:
                     _signals.leave(loop, self)
+                    # Ready for another run(): a burst worker run now and then.
+                    self._stopping.clear()
+                    self._dry, self._taken = False, 0
                     self._done.set()
         if self._failed is not None:
             raise self._failed
@@ -369,32 +384,35 @@ class Worker:
         """A second signal during the drain (a user's second Ctrl-C): the running
         handlers are cancelled, their jobs nacked without delay (the attempt
         spent, as by a crash). What does not end within CANCEL_GRACE is left
-        to its lease. Handlers in threads (plain functions) cannot be stopped:
-        they are waited for, their jobs acked or nacked as they end. (The
-        buffered jobs went back at the first signal.)"""
+        to its lease. Handlers in threads (plain functions, plain-def tasks)
+        cannot be stopped: they are waited for, their jobs acked or nacked as
+        they end. (The buffered jobs went back at the first signal.)"""
         running = list(self._running)
-        if self._in_thread:
-            # A thread cannot be stopped: given back, its job could run twice
-            # at once (another worker's run and this one's, going on).
+        # A thread cannot be stopped: given back, its job could run twice at
+        # once (another worker's run and this one's, going on).
+        threads = [task for task in running if self._holding[task].in_thread]
+        if threads:
             log.warning(
                 "%d handlers run in threads, which cannot be interrupted: waiting for them",
-                len(running),
+                len(threads),
             )
-            await asyncio.wait(running)
-            return
-        for task in running:
+        stopping = [task for task in running if task not in threads]
+        for task in stopping:
             held = self._holding[task]
             held.interrupted = True
             if held.work is not None:
                 held.work.cancel()
-        _, left = await asyncio.wait(running, timeout=CANCEL_GRACE)
-        for task in left:
-            task.cancel()
-        if left:
-            log.warning(
-                "%d jobs did not stop in %g s: left to their leases", len(left), CANCEL_GRACE
-            )
-            await asyncio.wait(left)
+        if stopping:
+            _, left = await asyncio.wait(stopping, timeout=CANCEL_GRACE)
+            for task in left:
+                task.cancel()
+            if left:
+                log.warning(
+                    "%d jobs did not stop in %g s: left to their leases", len(left), CANCEL_GRACE
+                )
+                await asyncio.wait(left)
+        if threads:
+            await asyncio.wait(threads)
 
     def _give_back_later(self, jobs: list[Job]) -> None:
         """_give_back() in a task of its own, which the drain waits for."""
@@ -503,14 +521,23 @@ class Worker:
 
     async def _claim(self, seq: int, count: int) -> None:
         jobs: list[Job] | None = None  # None: the claim failed, or was cancelled
+        attempt = [api.new_id()]  # the claim in flight's name (_held_back's claims)
         try:
             sent = time.monotonic()
             jobs = await self.client.claim_many(
-                self.worker_id, count, lease=self.lease, wait=0.0 if self.burst else self.wait
+                self.worker_id,
+                count,
+                lease=self.lease,
+                wait=0.0 if self.burst else self.wait,
+                attempt_id=attempt[0],
             )
             self.ahead.claimed(time.monotonic() - sent, count, len(jobs))
             if self.burst and not jobs:
-                jobs = await self._held_back(count)
+                jobs = await self._held_back(count, attempt)
+        except asyncio.CancelledError:
+            if self._stopping.is_set():  # request_stop(), not run() cancelled
+                self._giving_back.append(asyncio.ensure_future(self._take_back(count, attempt[0])))
+            raise
         except Exception as exc:  # logged, and the claim's place held a while: see below
             if isinstance(exc, InvalidRequest | Unauthorized):
                 self._give_up(exc)  # every claim would be refused so
@@ -526,22 +553,41 @@ class Worker:
                 async with asyncio.timeout(1.0):
                     await self._stopping.wait()
 
-    async def _held_back(self, count: int) -> list[Job]:
+    async def _take_back(self, count: int, attempt_id: str) -> None:
+        """Give back what the claim `attempt_id`, cancelled by a stop, was
+        answered: the broker may have claimed the jobs, its answer on its way.
+        Asked again under its name (without waiting), the broker answers the
+        jobs it holds for it; had it not landed, this claims anew what it can,
+        which goes back just the same."""
+        try:
+            jobs = await self.client.claim_many(
+                self.worker_id, count, lease=self.lease, attempt_id=attempt_id
+            )
+        except Exception as exc:
+            log.warning(
+                "a claim cut short by the stop: its jobs are left to their leases (%s)", exc
+            )
+            return
+        await self._give_back(jobs)
+
+    async def _held_back(self, count: int, attempt: list[str]) -> list[Job]:
         """Burst: a claim that found nothing while jobs are pending was held back
         by the topic's limits (its rate, max_claimed), the topic not empty: it
         is claimed again in long polls, which wait for a token or a slot. []
         once no job is pending, or the topic is paused (max_claimed 0).
         Delayed jobs, this worker's failed jobs' retries among them, are left
         for a later run, as RQ's burst mode leaves scheduled jobs: one delayed
-        an hour, or a job failing for ever, would keep it up."""
+        an hour, or a job failing for ever, would keep it up. Each claim's
+        name goes in `attempt` (for _take_back)."""
         while (await self.client.status())["pending"] > 0:
             if (await self.client.settings()).get("max_claimed") == 0:
                 log.info("the topic is paused (max_claimed 0): stopping (burst)")
                 return []
             # A second (the long poll answers as soon as a token or a slot is
             # there; another claim of this worker may take the jobs meanwhile).
+            attempt[0] = api.new_id()
             jobs = await self.client.claim_many(
-                self.worker_id, count, lease=self.lease, wait=HELD_BACK_WAIT
+                self.worker_id, count, lease=self.lease, wait=HELD_BACK_WAIT, attempt_id=attempt[0]
             )
             if jobs:
                 return jobs
@@ -626,23 +672,31 @@ class Worker:
             await self._give_back([job])
             return
         _handling.set((self, asyncio.current_task(), held))  # the handler's task copies it
+        held.in_thread = self._in_thread or (
+            isinstance(self.handler, Tasks) and self.handler.runs_in_thread(job)
+        )
         work = held.work = asyncio.ensure_future(self._handle(job))
         failure: Exception | None = None
         acking = False
         try:
             result, follow_ups = _ack_of(await self._within_timeout(work))
             acking = not held.lost
-        except asyncio.CancelledError:
-            # Only the cancellation a heartbeat sends when it finds the lease
-            # lost is ours to handle; any other (this task cancelled, the
-            # handler cancelled by something it awaited) goes on up, the job
-            # left to its lease.
-            if held.lost and not _cancelled_from_outside():
+        except asyncio.CancelledError as exc:
+            # This task cancelled (run() cancelled): on up, the job left to its
+            # lease. The handler cancelled by a heartbeat that found the lease
+            # lost, or by a second signal: handled below. Else the handler
+            # raised a CancelledError of its own (of a task or future it
+            # awaited): it failed.
+            if _cancelled_from_outside():
+                raise
+            if held.lost:
                 log.warning("job %s: %s; its handler was cancelled", job.id, _why_gone(held))
                 return
-            if not held.interrupted or _cancelled_from_outside():
-                raise
-            failure = Interrupted("the worker was stopped before the job finished")
+            if held.interrupted:
+                failure = Interrupted("the worker was stopped before the job finished")
+            else:
+                failure = HandlerCancelled("the handler raised CancelledError")
+                failure.__cause__ = exc
         except Exception as exc:
             failure = exc
         finally:
@@ -666,7 +720,6 @@ class Worker:
         if held.lost:  # the handler swallowed its cancellation: its result is not wanted
             log.warning("job %s: %s; its result is dropped", job.id, _why_gone(held))
             return
-        self.processed += 1
         if follow_ups:
             self._follow_ups_unsettled += 1
         # The slot is free now; the ack rides the next batch. Until it is
@@ -761,6 +814,7 @@ class Worker:
                 exc,
                 exc_info=not isinstance(exc, SimpleQueueError),
             )
+            self.unacked += len(acks)
             return [exc] * len(acks)
         finally:
             self._follow_ups_landed(sum(1 for _, _, follow_ups in acks if follow_ups))
@@ -770,13 +824,18 @@ class Worker:
                 # Refused, it changed nothing: the job is still held, and
                 # failing it now says why, where waiting out its lease would not.
                 why = str(answer) if isinstance(answer, InvalidRequest) else answer.get("error")
-                self.processed -= 1
                 await self._fail(job, InvalidRequest(f"the broker refused the ack: {why}"))
                 outcomes.append("invalid")
                 continue
-            if answer.get("status") != "completed":
+            status = answer.get("status")
+            if status == "completed":
+                self.processed += 1
+            elif status == "cancelled":  # as it ended: nothing more is owed
+                log.info("job %s: cancelled before its ack", answer.get("id"))
+            else:
+                self.unacked += 1
                 log.warning("job %s: could not ack: %s", answer.get("id"), answer.get("error"))
-            outcomes.append(str(answer.get("status")))
+            outcomes.append(str(status))
         return outcomes
 
     async def _ack_in_parts(self, acks: list[_Ack]) -> list[dict[str, Any] | InvalidRequest]:
