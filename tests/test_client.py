@@ -9,6 +9,7 @@ import math
 import signal
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -425,6 +426,39 @@ async def test_sync_discover(start_broker: StartBroker, tmp_path: Path) -> None:
             return q.url
 
     assert await asyncio.to_thread(script) == broker.url
+
+
+@pytest.mark.s3
+async def test_a_sync_clients_client_of_another_topic_rediscovers_on_its_own_loop(
+    start_broker: StartBroker,
+) -> None:
+    """SyncClient.for_topic() on a discovered client gave the new client, on a
+    loop and thread of its own, the first one's S3 store, whose connections
+    and lock belong to the first one's loop: its rediscovery failed, and
+    closing the first closed the second's store (review, round 22)."""
+    from tests.conftest import open_s3, s3_url
+
+    prefix = uuid.uuid4().hex[:12]
+    brokers = [await start_broker(await open_s3(prefix)) for _ in range(2)]  # each closes its own
+
+    def discover() -> tuple[SyncClient, SyncClient]:
+        first = SyncClient.discover(s3_url(prefix), topic="t", max_age=30)
+        other = first.for_topic("u")
+        other.enqueue("before")
+        return first, other
+
+    first, other = await asyncio.to_thread(discover)
+    try:
+        [active] = [b for b in brokers if b.url == other.url]
+        [standby] = [b for b in brokers if b is not active]
+        await active.stop()  # it resigns broker.json; the standby takes it over
+        await asyncio.to_thread(first.close)  # and the first client goes away
+        await asyncio.to_thread(other.enqueue, "after")  # rediscovered from the store
+        assert other.url == standby.url
+        assert (await asyncio.to_thread(other.status))["pending"] == 2
+    finally:
+        await asyncio.to_thread(other.close)
+        await asyncio.to_thread(first.close)
 
 
 async def test_concurrent_enqueues_share_requests(start_broker: StartBroker) -> None:

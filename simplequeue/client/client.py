@@ -212,17 +212,21 @@ class Client:
     def _like(self, topic: str) -> Client:
         """A client of another topic on the same broker, with this one's
         settings and HTTP connections of its own, to close (for another event
-        loop: a SyncClient's for_topic())."""
-        return Client(
+        loop: a SyncClient's for_topic()), and a store handle for that loop
+        (its own to close when the store's is bound to this one's loop)."""
+        store = None if self.store is None else self.store.for_another_loop()
+        other = Client(
             self.url or None,
             topic=topic,
             token=self.token,
             timeout=self.timeout,
             retries=self.retries,
             retry_budget=self.retry_budget,
-            store=self.store,
+            store=store,
             max_age=self.max_age,
         )
+        other._owns_store = store is not self.store
+        return other
 
     # --- transport ---------------------------------------------------------------
 

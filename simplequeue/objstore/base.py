@@ -71,6 +71,12 @@ class ObjectStore(ABC):
         # Samples come with every write or request: one in 20 ms is plenty.
         self.clock = StoreClock(spacing=0.02)
 
+    def for_another_loop(self) -> ObjectStore:
+        """A handle on the same data for use from another event loop (a
+        SyncClient's for_topic(), on a thread of its own), to be closed by
+        whoever asked: this one itself when nothing of it is bound to a loop."""
+        return self
+
     def now(self) -> float:
         """The store's time in Unix seconds: cheap (no request), never going
         backwards once the store has answered; the local wall clock before."""

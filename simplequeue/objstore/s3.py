@@ -214,6 +214,11 @@ class S3Store(ObjectStore):
         self._opening = asyncio.Lock()
         self._closed = False
 
+    def for_another_loop(self) -> S3Store:
+        """A handle of its own: this one's client and lock belong to the loop
+        that opened them."""
+        return S3Store(self.settings)
+
     async def _s3(self) -> Any:
         if self._closed:  # an operation's retry after close(): it opened a client nothing closed
             raise StoreUnavailable(f"{self.url}: the store was closed")
