@@ -131,65 +131,40 @@ async def test_an_http_pop_answered_too_late_is_given_back_by_the_broker_that_pa
     await until(lambda: other.forwarder.undone == 1)  # counted once its answer is read
 
 
+@pytest.mark.parametrize("command", ["lpop", "blpop-keys", "xreadgroup-noack"])
 async def test_a_redis_pop_whose_client_leaves_while_the_answer_is_on_its_way_is_given_back(
-    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
-    """LPOP through a broker that does not own the key: the owner popped the
-    job and its answer was in transit when the client hung up. The pop the
-    forwarding broker served for nobody is undone at the owner."""
+    """Through a broker that does not own the key, LPOP (a pop), and BLPOP on
+    several keys and XREADGROUP NOACK (a claim, then a complete): the owner
+    did it, and its answer was in transit when the client hung up. What the
+    forwarding broker did for nobody is undone at the owner."""
     import redis.asyncio as redis
 
     brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
     owner, other = owner_and_other(brokers, "t")
     landed = asyncio.Event()
-    pop = owner.engine.pop
+    name = "pop" if command == "lpop" else "complete"
+    done = getattr(owner.engine, name)
 
-    async def pop_then_answer_over_a_slow_link(*args: Any, **kwargs: Any) -> Any:
-        jobs = await pop(*args, **kwargs)
+    async def then_answer_over_a_slow_link(*args: Any, **kwargs: Any) -> Any:
+        answer = await done(*args, **kwargs)
         landed.set()
         await asyncio.sleep(1.0)
-        return jobs
+        return answer
 
-    monkeypatch.setattr(owner.engine, "pop", pop_then_answer_over_a_slow_link)
+    monkeypatch.setattr(owner.engine, name, then_answer_over_a_slow_link)
     await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
     r = redis.Redis(host="127.0.0.1", port=other.redis.port)
-    popping = asyncio.ensure_future(r.lpop("t"))
-    await landed.wait()
-    await r.aclose(close_connection_pool=True)  # the client hangs up
-    popping.cancel()
-    await asyncio.gather(popping, return_exceptions=True)
-    await until_status(owner.engine, "j1", "pending")
-
-
-@pytest.mark.parametrize("noack", [False, True], ids=["blpop-keys", "xreadgroup-noack"])
-async def test_a_redis_complete_whose_client_leaves_while_the_answer_is_on_its_way_is_given_back(
-    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, noack: bool
-) -> None:
-    """BLPOP on several keys and XREADGROUP NOACK claim, then complete: passed
-    on, the complete's answer was in transit when the client hung up."""
-    import redis.asyncio as redis
-
-    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
-    owner, other = owner_and_other(brokers, "t")
-    landed = asyncio.Event()
-    complete = owner.engine.complete
-
-    async def complete_then_answer_over_a_slow_link(*args: Any, **kwargs: Any) -> Any:
-        done = await complete(*args, **kwargs)
-        landed.set()
-        await asyncio.sleep(1.0)
-        return done
-
-    monkeypatch.setattr(owner.engine, "complete", complete_then_answer_over_a_slow_link)
-    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
-    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
-    if noack:
-        reading = r.xreadgroup("g", "c", {"t": ">"}, count=1, noack=True)
-    else:
+    if command == "lpop":
+        reading = r.lpop("t")
+    elif command == "blpop-keys":
         reading = r.blpop(["none", "t"], timeout=5)
+    else:
+        reading = r.xreadgroup("g", "c", {"t": ">"}, count=1, noack=True)
     popping = asyncio.ensure_future(reading)
     await landed.wait()
-    await r.aclose(close_connection_pool=True)
+    await r.aclose(close_connection_pool=True)  # the client hangs up
     popping.cancel()
     await asyncio.gather(popping, return_exceptions=True)
     await until_status(owner.engine, "j1", "pending")

@@ -12,9 +12,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from simplequeue.api import MAX_BATCH
 from simplequeue.client import Backoff, Client, Done, Job, Tasks, Worker
@@ -1971,51 +1969,15 @@ async def test_a_second_signal_waits_for_a_plain_def_task_in_its_thread(
     assert (worker.processed, worker.given_back) == (1, 0)
 
 
-class _HoldingProxy:
-    """Passes requests to the broker; a claim it answered with jobs is held
-    there (its answer on its way) until the client hangs up."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.held = asyncio.Event()
-        self.url = ""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        headers = {"Content-Type": "application/json"}
-        async with (
-            aiohttp.ClientSession() as s,
-            s.request(
-                request.method, self.upstream + request.path_qs, data=body, headers=headers
-            ) as up,
-        ):
-            data, status = await up.read(), up.status
-        if request.path.endswith("/claim") and status == 200 and not self.held.is_set():
-            self.held.set()
-            await asyncio.Event().wait()  # cancelled when the client hangs up
-        return web.Response(body=data, status=status, content_type="application/json")
-
-    async def __aenter__(self) -> _HoldingProxy:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, handler_cancellation=True)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.runner.cleanup()
-
-
 async def test_stop_gives_back_a_claim_whose_answer_was_on_its_way(broker: Any) -> None:
     """stop() cancels the claims in flight; the broker gives back one it had
     not answered, but one it had (the answer on the wire) stayed claimed by
     nobody until its lease ran out, the attempt spent: with max_attempts=1,
     dead without running (review). Asked again under its attempt id, the
     broker answers its jobs, and they go back."""
-    async with _HoldingProxy(broker.url) as proxy, Client(proxy.url, topic="w") as through:
+    proxy = FaultProxy(broker.url)
+    proxy.fail("/claim", "landed-held")
+    async with proxy.running(), Client(proxy.url, topic="w") as through:
 
         async def handler(job: Job) -> None:
             raise AssertionError("no job reaches the handler")

@@ -18,9 +18,10 @@ HTML = "<html><body><h1>Bad Gateway</h1></body></html>"
 # page, answered by the proxy: the broker never sees the request); "landed-502"
 # (forwarded, then 502); "html" (200, HTML); "cut" (forwarded, then half the
 # body and the connection closed); "silent" (never answered, never forwarded:
-# held until the proxy stops).
+# held until the proxy stops); "landed-held" (forwarded, then its answer held
+# until the proxy stops: on its way when the client gives up; sets `held`).
 PAGES = {"404", "409", "500", "502", "503", "504"}
-FAULTS = {*PAGES, "landed-502", "html", "cut", "silent"}
+FAULTS = {*PAGES, "landed-502", "html", "cut", "silent", "landed-held"}
 
 
 class FaultProxy:
@@ -31,6 +32,7 @@ class FaultProxy:
         self.always: dict[str, str] = {}  # route suffix -> fault for every request
         self.requests: collections.Counter[str] = collections.Counter()
         self.arrived = asyncio.Event()  # set by every request
+        self.held = asyncio.Event()  # set when a "landed-held" request got its answer
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()  # releases the requests held "silent"
         self.delay = 0.0  # seconds every request waits before it is passed on
@@ -71,6 +73,9 @@ class FaultProxy:
             status, content_type = upstream.status, upstream.content_type
         if fault == "landed-502":
             return web.Response(status=502, text=HTML, content_type="text/html")
+        if fault == "landed-held":
+            self.held.set()
+            await self._stopping.wait()
         if fault == "cut":
             response = web.StreamResponse(status=status)
             response.content_type = content_type
