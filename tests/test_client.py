@@ -461,6 +461,18 @@ async def test_a_sync_clients_client_of_another_topic_rediscovers_on_its_own_loo
         await asyncio.to_thread(first.close)
 
 
+async def test_a_client_of_another_topic_on_the_same_loop_shares_its_store() -> None:
+    """Client.for_topic() shares its lender's connections and store: a handle
+    of its own (for another loop: SyncClient.for_topic) was not closed with
+    the lender (review of this round's diff)."""
+    from simplequeue.objstore.s3 import S3Settings, S3Store
+
+    store = S3Store(S3Settings(bucket="b", endpoint_url="http://127.0.0.1:9", region="us-east-1"))
+    async with Client("http://127.0.0.1:9", topic="t", store=store) as q:
+        assert q.for_topic("u").store is store
+    await store.close()
+
+
 async def test_concurrent_enqueues_share_requests(start_broker: StartBroker) -> None:
     broker = await start_broker(MemStore())
     async with Client(broker.url, topic="burst") as q:

@@ -16,7 +16,7 @@ import pytest
 
 from simplequeue.api import MAX_BATCH
 from simplequeue.client import Backoff, Client, Done, Job, Tasks, Worker
-from simplequeue.client.worker import AHEAD_MAX, ClaimAhead
+from simplequeue.client.worker import AHEAD_MAX, TAKE_BACK_WITHIN, ClaimAhead
 from simplequeue.errors import BrokerUnavailable, Unauthorized
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
@@ -2050,3 +2050,36 @@ async def test_a_handler_raising_a_cancelled_error_of_its_own_fails_its_job(
     assert worker.failed == 1 and job.status in ("pending", "delayed"), job
     assert "HandlerCancelled" in (job.last_error or "")
     assert "failed on attempt 1" in caplog.text
+
+
+async def test_stop_returns_promptly_when_the_broker_does_not_answer() -> None:
+    """An idle worker whose broker hangs (it accepts and never answers: a
+    stuck proxy, a partition): asking again under its attempt id for what
+    the claim the stop cut short was answered took the client's whole retry
+    budget, and stop() waited for it (review of this round's diff)."""
+    conns: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(writer)
+        await reader.read(1 << 20)  # reads the request, never answers
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Client(f"http://127.0.0.1:{port}", topic="w") as q:
+
+            async def handler(job: Job) -> None:
+                raise AssertionError("no job reaches the handler")
+
+            worker = Worker(q, handler, handle_signals=False)
+            run = asyncio.create_task(worker.run())
+            await until(lambda: bool(conns))  # its claim waits for an answer
+            try:
+                await asyncio.wait_for(worker.stop(), TAKE_BACK_WITHIN + 3)
+            finally:
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+    finally:
+        for writer in conns:
+            writer.close()
+        server.close()

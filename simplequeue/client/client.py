@@ -205,16 +205,15 @@ class Client:
         """A client of another topic on the same broker, sharing this client's
         HTTP connections (closing it leaves them to this one, which must
         outlive it)."""
-        other = self._like(topic)
+        other = self._like(topic, self.store)
         other._lender = self
         return other
 
-    def _like(self, topic: str) -> Client:
+    def _like(self, topic: str, store: ObjectStore | None) -> Client:
         """A client of another topic on the same broker, with this one's
-        settings and HTTP connections of its own, to close (for another event
-        loop: a SyncClient's for_topic()), and a store handle for that loop
-        (its own to close when the store's is bound to this one's loop)."""
-        store = None if self.store is None else self.store.for_another_loop()
+        settings, and HTTP connections of its own (for another event loop: a
+        SyncClient's for_topic(), which gives it `store`, a handle for that
+        loop; its own to close when it is not this one's)."""
         other = Client(
             self.url or None,
             topic=topic,

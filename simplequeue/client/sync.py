@@ -96,7 +96,8 @@ class SyncClient:
         """A client of another topic on the same broker (its own session and loop)."""
 
         async def make() -> Client:  # on the new client's loop: connections of its own
-            return self.client._like(topic)
+            store = self.client.store
+            return self.client._like(topic, None if store is None else store.for_another_loop())
 
         return SyncClient._wrapping(make)
 

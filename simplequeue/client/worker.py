@@ -110,6 +110,9 @@ FALLBACK_LEASE = 30.0
 CANCEL_GRACE = 5.0
 # Seconds a burst Worker's claim held back by the topic's limits long-polls, at least.
 HELD_BACK_WAIT = 1.0
+# Seconds a stop waits, at most, to give back what a claim it cut short was
+# answered (Worker._take_back).
+TAKE_BACK_WITHIN = 2.0
 
 
 class ClaimAhead:
@@ -558,17 +561,20 @@ class Worker:
         answered: the broker may have claimed the jobs, its answer on its way.
         Asked again under its name (without waiting), the broker answers the
         jobs it holds for it; had it not landed, this claims anew what it can,
-        which goes back just the same."""
+        which goes back just the same. For TAKE_BACK_WITHIN seconds at most:
+        the stop waits for it (a broker that does not answer would hold it
+        for the client's whole retry budget)."""
         try:
-            jobs = await self.client.claim_many(
-                self.worker_id, count, lease=self.lease, attempt_id=attempt_id
-            )
-        except Exception as exc:
+            async with asyncio.timeout(TAKE_BACK_WITHIN):
+                jobs = await self.client.claim_many(
+                    self.worker_id, count, lease=self.lease, attempt_id=attempt_id
+                )
+                await self._give_back(jobs)
+        except Exception as exc:  # TimeoutError too
+            why = str(exc) or type(exc).__name__
             log.warning(
-                "a claim cut short by the stop: its jobs are left to their leases (%s)", exc
+                "a claim cut short by the stop: its jobs are left to their leases (%s)", why
             )
-            return
-        await self._give_back(jobs)
 
     async def _held_back(self, count: int, attempt: list[str]) -> list[Job]:
         """Burst: a claim that found nothing while jobs are pending was held back
