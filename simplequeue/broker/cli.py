@@ -119,6 +119,13 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     "the first byte of a later request); then the connection is closed.",
 )
 @click.option(
+    "--body-timeout",
+    type=FiniteRange(min=0, min_open=True),
+    default=30.0,
+    help="Seconds a client may take to send a request's body, once its headers came; then "
+    "it is answered 408 and the connection closed.",
+)
+@click.option(
     "--keepalive-timeout",
     type=FiniteRange(min=0, min_open=True),
     default=api.BROKER_KEEPALIVE,
@@ -153,6 +160,7 @@ def main(
     batch_wait: float | None,
     cache_mb: int,
     header_timeout: float,
+    body_timeout: float,
     keepalive_timeout: float,
     max_connections: int | None,
     log_level: str,
@@ -179,6 +187,7 @@ def main(
         batch_wait=None if batch_wait is None else batch_wait / 1000,
         cache_bytes=cache_mb * 1024 * 1024,
         header_timeout=header_timeout,
+        body_timeout=body_timeout,
         keepalive_timeout=keepalive_timeout,
         max_connections=max_connections,
     )

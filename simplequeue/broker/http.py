@@ -13,6 +13,7 @@ topic's owner, errors and metrics in one frame.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import ipaddress
@@ -65,6 +66,7 @@ class HttpServices:
     # Listening on a loopback address only: a browser's request must name this
     # machine (an IP, localhost, or the advertised host), not a rebound name.
     loopback: bool = False
+    body_timeout: float = 30.0  # seconds to send a request's body, once its headers came
 
 
 class Call:
@@ -101,10 +103,38 @@ class Call:
         return keys.check_topic(self.params["topic"])
 
     async def read(self) -> bytes:
-        """The request's body, as `_routed` rewrote it if it did."""
+        """The request's body, as `_routed` rewrote it if it did. One that is
+        not what its headers say (a Content-Encoding it is not in, one this
+        broker does not know) is InvalidRequest; one not sent within the body
+        timeout is _BodyTimedOut (aiohttp leaves a request whose chunked body
+        is malformed waiting for ever: its parser's error reaches no reader)."""
         if self.body is None:
-            self.body = await self.request.read()
+            encoding = self.request.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in _ENCODINGS:
+                raise InvalidRequest(f"Content-Encoding {encoding!r} is not one of {_ENCODINGS}")
+            try:
+                async with asyncio.timeout(self.services.body_timeout):
+                    self.body = await self.request.read()
+            except web.RequestPayloadError as exc:
+                raise _Unreadable(f"the request's body cannot be read: {exc}") from None
+            except TimeoutError:
+                raise _BodyTimedOut(self.services.body_timeout) from None
         return self.body
+
+
+# The Content-Encodings aiohttp decodes (brotli and zstd only with extras).
+_ENCODINGS = ("identity", "gzip", "deflate")
+
+
+class _Unreadable(Exception):
+    """A request body that could not be read: answered 400, the connection closed."""
+
+
+class _BodyTimedOut(_Unreadable):
+    """Answered 408, the connection closed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request's body did not come within {seconds:g} s")
 
 
 Handler = Callable[[Call], Awaitable[web.StreamResponse]]
@@ -265,6 +295,16 @@ class HttpApi:
             if "topic" in call.params:
                 return await _routed(call, self.services)
             return await call.route.handler(call)
+        except _Unreadable as exc:  # what is left of the connection cannot be trusted
+            response = error(str(exc), 408 if isinstance(exc, _BodyTimedOut) else 400)
+            response.force_close()
+            # Closed once answered: aiohttp would linger, reading a body that
+            # cannot end, for 10 s before it closed the connection.
+            await response.prepare(request)
+            await response.write_eof()
+            if request.transport is not None:
+                request.transport.close()
+            return response
         except SimpleQueueError as exc:
             return error_of(exc)
         except web.HTTPRequestEntityTooLarge:  # aiohttp's, past client_max_size

@@ -228,6 +228,7 @@ class Broker:
             metrics=self.metrics,
             token=self.settings.token,
             max_body=self.settings.max_body,
+            body_timeout=self.settings.body_timeout,
             about=self.about,
             presence=self.presence,
             url=lambda: self.url,

@@ -65,6 +65,8 @@ class BrokerSettings:
     # to send a request's headers, seconds a keep-alive connection may idle, and
     # how many may be open (None: from the descriptor limit, RLIMIT_NOFILE).
     header_timeout: float = 10.0
+    # Seconds a client may take to send a request's body, once its headers came.
+    body_timeout: float = 30.0
     keepalive_timeout: float = api.BROKER_KEEPALIVE
     max_connections: int | None = None
 
@@ -78,6 +80,7 @@ class BrokerSettings:
             "broker_lease",
             "forward_timeout",
             "header_timeout",
+            "body_timeout",
             "keepalive_timeout",
         ):
             value = getattr(self, name)
