@@ -72,7 +72,8 @@ LeaseToken = Annotated[str, Meta(min_length=1, max_length=256)]
 AttemptId = Annotated[str, Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
 Priority = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
 Delay = Annotated[float, Meta(ge=0, le=MAX_DELAY)]
-Attempts = Annotated[int, Meta(ge=0, le=1_000_000)]
+MAX_ATTEMPTS = 1_000_000  # a job's attempts at most (0 = unlimited)
+Attempts = Annotated[int, Meta(ge=0, le=MAX_ATTEMPTS)]
 Lease = Annotated[float, Meta(gt=0, le=MAX_LEASE)]
 Wait = Annotated[float, Meta(ge=0, le=MAX_WAIT)]
 Count = Annotated[int, Meta(ge=1, le=MAX_BATCH)]
@@ -520,6 +521,8 @@ _TOKEN_RE = re.compile(r"[^\x00-\x20\x7f](?:[^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?\
 
 def check_token(token: str) -> str:
     """`token` if a client can send it in a header, else ValueError."""
+    if not token:
+        raise ValueError("a token cannot be empty (an empty one would turn auth off)")
     if not _TOKEN_RE.match(token):
         raise ValueError("a token has no control characters, and no space at either end")
     try:

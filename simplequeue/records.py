@@ -13,6 +13,10 @@ from simplequeue import keys
 from simplequeue.errors import CorruptData, ObjectNotFound
 from simplequeue.objstore import ObjectStore
 
+# The longest --broker-lease: a record's lease is trusted up to this long (one
+# that said 1e300 would name its broker live, and active, for ever after it died).
+MAX_LEASE_S = 3600.0
+
 
 class BrokerRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     """The content of broker.json."""
@@ -28,6 +32,12 @@ class BrokerRecord(msgspec.Struct, frozen=True, omit_defaults=True):
 
     def age(self, now: float) -> float:
         return now - self.heartbeat_at
+
+    @property
+    def lease(self) -> float:
+        """Seconds without a renewal after which its broker is taken for dead:
+        its lease_s, at most MAX_LEASE_S."""
+        return min(self.lease_s, MAX_LEASE_S)
 
     @property
     def resigned(self) -> bool:

@@ -37,7 +37,7 @@ def checked(
     ValueError becomes a usage error (exit 2, one line) naming the flag."""
 
     def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        if not value:
+        if value is None:  # not given; given empty, it is checked (a token "" is no token)
             return value
         try:
             return check(value)
@@ -48,6 +48,7 @@ def checked(
 
 
 BACKENDS = ("localfs", "memfs", "s3")
+DEFAULT_DIR = "./simplequeue-data"
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class StoreFlags:
     """Where a store is, as the flags say."""
 
     backend: str = "localfs"
-    dir: str = "./simplequeue-data"
+    dir: str = DEFAULT_DIR
     bucket: str | None = None
     prefix: str = ""
     endpoint_url: str | None = None
@@ -67,7 +68,20 @@ class StoreFlags:
         return cls(**{f.name: options.pop(f.name) for f in fields(cls) if f.name in options})
 
     def open(self) -> ObjectStore:
-        """A handle on the store (not yet connected)."""
+        """A handle on the store (not yet connected). Flags of another backend
+        than the one chosen are a usage error: forgetting --backend s3 would
+        run on a local directory."""
+        s3_flags = {
+            "--bucket": self.bucket,
+            "--prefix": self.prefix,
+            "--endpoint-url": self.endpoint_url,
+            "--region": self.region,
+        }
+        given = [flag for flag, value in s3_flags.items() if value]
+        if self.backend != "s3" and given:
+            raise click.UsageError(f"{', '.join(given)}: for --backend s3 only")
+        if self.backend != "localfs" and self.dir != DEFAULT_DIR:
+            raise click.UsageError("--dir: for --backend localfs only")
         if self.backend == "memfs":
             from simplequeue.objstore.memfs import MemStore
 
@@ -103,7 +117,7 @@ def store_options(backends: tuple[str, ...] = BACKENDS) -> Callable[[F], F]:
         ),
         click.option(
             "--dir",
-            default="./simplequeue-data",
+            default=DEFAULT_DIR,
             show_default=True,
             # Made if missing; a file there is refused now, not at every write.
             type=click.Path(file_okay=False),

@@ -4,6 +4,7 @@ three brokers, failover of broker.json, restarts, graceful shutdown, reaping."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
@@ -213,6 +214,14 @@ async def test_a_broker_reaps_topics_it_never_touched(broker_process: Any, tmp_p
         (["--token", "two\nlines"], "--token"),  # no client could send it
         (["--advertise-url", "127.0.0.1:8080"], "--advertise-url"),  # no scheme
         (["--dir", __file__], "--dir"),  # a file: it started, every write failing
+        # Review of round 22: each of these started a broker.
+        (["--dir", f"{__file__}/data"], "Not a directory"),  # it answered 503 to everything
+        (["--token", ""], "--token"),  # a secret that did not expand: no auth at all
+        (["--max-attempts", "99999999999999999999"], "--max-attempts"),  # 503 at each enqueue
+        (["--broker-lease", "1e300"], "--broker-lease"),  # dead, it stayed active for ever
+        (["--bucket", "queue", "--region", "eu-west-1"], "--bucket, --region"),  # on localfs
+        (["--create-bucket"], "--create-bucket"),
+        (["--backend", "memfs", "--dir", "data"], "--dir"),
     ],
 )
 def test_simplequeued_rejects_bad_flags_with_a_clear_message(args: list[str], says: str) -> None:
@@ -225,6 +234,20 @@ def test_simplequeued_rejects_bad_flags_with_a_clear_message(args: list[str], sa
     assert done.returncode != 0
     assert says in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_simplequeued_refuses_an_empty_token_from_the_environment() -> None:
+    """SIMPLEQUEUE_TOKEN= (a secret that did not expand) ran the broker with no
+    auth at all (review of round 22)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "simplequeue.broker", "--backend", "memfs"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "SIMPLEQUEUE_TOKEN": ""},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "SIMPLEQUEUE_TOKEN is set but empty" in done.stderr
 
 
 async def test_simplequeued_flags_reach_the_running_broker(

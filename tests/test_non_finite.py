@@ -162,3 +162,16 @@ async def test_discovery_refuses_a_max_age_that_is_not_finite() -> None:
         await find_broker(store, 30.0)
     with pytest.raises(ValueError, match="max_age"):
         await find_broker(store, math.nan)
+
+
+def test_a_records_lease_is_trusted_up_to_an_hour() -> None:
+    """A broker run with --broker-lease 1e300 (refused now, but written by a
+    broker before that or by another program) wrote a record whose broker,
+    dead, stayed active in broker.json and live to the others for ever: they
+    judge staleness by the record's own lease (review of round 22)."""
+    from simplequeue.records import MAX_LEASE_S
+
+    record = BrokerRecord(
+        broker_id="b1", url="http://127.0.0.1:9", epoch=1, heartbeat_at=1.0, lease_s=1e300
+    )
+    assert record.lease == MAX_LEASE_S == 3600.0

@@ -9,6 +9,8 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +19,7 @@ from simplequeue import __version__, api
 from simplequeue.broker.settings import BrokerSettings, parse_addr
 from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
+from simplequeue.records import MAX_LEASE_S
 from simplequeue.state import Policy
 from simplequeue.storeflags import FiniteRange, StoreFlags, checked, store_options
 
@@ -69,7 +72,7 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 )
 @click.option(
     "--max-attempts",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=api.MAX_ATTEMPTS),
     default=5,
     help="Default attempts before a job goes dead (0 = unlimited).",
 )
@@ -93,7 +96,7 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 )
 @click.option(
     "--broker-lease",
-    type=FiniteRange(min=0.5),
+    type=FiniteRange(min=0.5, max=MAX_LEASE_S),
     default=15.0,
     help="Seconds after which a silent active broker is replaced in broker.json.",
 )
@@ -170,7 +173,16 @@ def main(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    store = StoreFlags.take(store_flags).open()
+    if token is None and os.environ.get("SIMPLEQUEUE_TOKEN") == "":
+        # click takes an empty variable for an unset one: a secret that did not
+        # expand would run the broker without auth.
+        raise click.UsageError("SIMPLEQUEUE_TOKEN is set but empty (unset it to run without auth)")
+    flags = StoreFlags.take(store_flags)
+    if create_bucket and flags.backend != "s3":
+        raise click.UsageError("--create-bucket is for --backend s3")
+    store = flags.open()
+    if flags.backend == "localfs":
+        make_dir(Path(flags.dir))
     url = store.url
     policy = Policy(
         default_lease=lease, max_attempts=max_attempts, retention=retention, dead_limit=dead_limit
@@ -204,6 +216,18 @@ def main(
             runner.run(_serve(settings, store, create_bucket))
     except (OSError, SimpleQueueError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def make_dir(path: Path) -> None:
+    """Make the localfs directory if it is missing, and check that files can
+    be written there: one that cannot is refused now (exit 1), where the
+    broker would start and answer 503 to every write."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise click.ClickException(f"--dir {path}: {exc.strerror or exc}") from None
 
 
 # The most descriptors raise_descriptor_limit() asks for: MAX_CONNECTIONS and

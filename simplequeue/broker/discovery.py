@@ -96,7 +96,7 @@ class Announcer:
                 mine = self._record(self.epoch, now)
                 self._etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
                 self.seen, self.active = mine, True
-            elif record.resigned or self._unchanged_for(etag) > record.lease_s:
+            elif record.resigned or self._unchanged_for(etag) > record.lease:
                 mine = self._record(record.epoch + 1, now)
                 new_etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
                 how = f"took over from {record.broker_id} (epoch {record.epoch})"

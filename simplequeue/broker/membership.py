@@ -192,9 +192,9 @@ class Membership:
                 # topics over to itself.
                 self._same_address(broker_id)
                 await self._forget(broker_id, "it had this broker's address")
-            elif age < seen.record.lease_s:
+            elif age < seen.record.lease:
                 live.append(Peer(broker_id, seen.record.url, seen.restarts))
-            elif age > FORGET_AFTER_LEASES * seen.record.lease_s:
+            elif age > FORGET_AFTER_LEASES * seen.record.lease:
                 await self._forget(broker_id, "its record was not renewed for long")
         self._set_live(tuple(sorted(live, key=lambda p: p.broker_id)))
 
