@@ -481,7 +481,12 @@ def convert(value: Any, kind: type[T]) -> T:
 
 def from_query(query: Mapping[str, str], kind: type[T]) -> T:
     """A request's query parameters as `kind`: numbers from their text,
-    validated as a JSON body would be; an unknown parameter is an error."""
+    validated as a JSON body would be; an unknown parameter, or one given
+    twice (?wait=0&wait=60: which one?), is an error."""
+    names = [name for name, _ in query.items()]  # a multidict's: each time it is given
+    if len(names) != len(set(names)):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidRequest(f"query: {', '.join(twice)} given more than once")
     try:
         return msgspec.convert(dict(query), kind, strict=False)
     except msgspec.ValidationError as exc:

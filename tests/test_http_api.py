@@ -731,3 +731,15 @@ async def test_a_content_encoding_the_broker_does_not_know_is_refused(
     ):
         assert r.status == 400 and "x-bogus" in (await r.json())["error"]
     assert await store.list("topics/") == []
+
+
+async def test_a_job_lookups_query_is_validated_as_every_query_is(api: Api) -> None:
+    """/dead?foo=1 was 400, but /jobs/{id} ignored ?wat=30 (a typo of wait,
+    answered at once instead of long-polling) and took the first of
+    ?wait=0&wait=60 without a word (review of the HTTP API, round 22)."""
+    await enqueue_and_claim(api)
+    for query in ("wat=30", "foo=1", "wait=0&wait=60", "wait=soon", "wait=-1"):
+        status, body = await api.get(f"/topics/t/jobs/x?{query}")
+        assert status == 400, (query, status, body)
+    status, _ = await api.get("/topics/t/dead?offset=0&offset=1")
+    assert status == 400

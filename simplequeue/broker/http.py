@@ -641,18 +641,9 @@ async def job(call: Call) -> web.Response:
 
 
 def wait_of(call: Call) -> float:
-    """The `wait` query parameter (seconds a long poll may wait), validated."""
-    raw = call.request.query.get("wait")
-    if raw is None:
-        return 0.0
-    return call.left(api.convert(_number(raw), api.WaitQuery).wait)
-
-
-def _number(raw: str) -> dict[str, Any]:
-    try:
-        return {"wait": float(raw)}
-    except ValueError:
-        raise InvalidRequest(f"wait must be a number of seconds, not {raw!r}") from None
+    """The `wait` query parameter (seconds a long poll may wait), validated as
+    every query is (api.from_query: `?wat=30`, a typo, is refused)."""
+    return call.left(api.from_query(call.request.query, api.WaitQuery).wait)
 
 
 async def dead(call: Call) -> web.Response:
