@@ -236,6 +236,9 @@ class GroupCommitter:
         self.on_landed: Callable[[str, TopicState], None] | None = None
         self.on_loaded: Callable[[str, TopicState], None] | None = None
         self.on_failed: Callable[[str], None] | None = None
+        # Told of every topic forget_idle() drops from memory, with its state
+        # as last committed and the time.
+        self.on_forgotten: Callable[[str, TopicState, float], None] | None = None
         self._topics: dict[str, _Topic] = {}
         self._rescan_at = 0  # topics held before forget_idle() is tried again on a new one
         self._background: set[asyncio.Task[Any]] = set()
@@ -537,6 +540,13 @@ class GroupCommitter:
         excess = max(0, len(self._topics) - s.topics_kept + 1)
         doomed = idle[:excess] + [t for t in idle[excess:] if t.used_at < now - s.idle_max]
         for t in doomed:
+            if self.on_forgotten is not None and t.committed is not None:
+                reader = self._reader(t)
+                try:
+                    with contextlib.suppress(SegmentMissing, SimpleQueueError):
+                        self.on_forgotten(t.name, reader, self.clock())
+                finally:
+                    reader.release()
             del self._topics[t.name]
         # Still past topics_kept, too few idle (many new topics at once: a BLPOP
         # on 20,000 keys): a new topic does not scan every one again (that was

@@ -171,6 +171,49 @@ class TopicOps(Protocol):
 CLAIM_ATTEMPTS_KEPT = 50_000
 
 
+# Topics whose /metrics figures are kept once they leave memory, at most.
+GAUGES_KEPT = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Left:
+    """A topic's figures for /metrics, as of when they were taken: its ages
+    are reported from the times, as they grow."""
+
+    counts: dict[str, int]
+    totals: dict[str, int]
+    oldest_due: float | None  # when the oldest due job was enqueued
+    outbox: int
+    outbox_oldest: float | None
+
+    @classmethod
+    def of(cls, s: TopicState, now: float) -> _Left:
+        return cls(
+            s.counts(now),
+            s.totals(),
+            s.oldest_due_created(now, OLDEST_SCAN),
+            s.outbox_size(),
+            s.outbox_oldest(),
+        )
+
+    def holds_jobs(self) -> bool:
+        c = self.counts
+        return bool(c["pending"] or c["delayed"] or c["claimed"] or c["dead"] or self.outbox)
+
+    def gauges(self, now: float) -> dict[str, Any]:
+        return {
+            "counts": self.counts,
+            "totals": self.totals,
+            "oldest_pending_age": None
+            if self.oldest_due is None
+            else max(0.0, now - self.oldest_due),
+            "outbox": self.outbox,
+            "outbox_lag": None
+            if self.outbox_oldest is None
+            else max(0.0, now - self.outbox_oldest),
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class _Answered:
     """A claim's answer, kept for its retries until `until` (monotonic)."""
@@ -194,6 +237,9 @@ class Engine:
         # undos (api.UnpopRequest); the undos under way.
         self.popped = Popped()
         self._undoing: dict[Attempt, asyncio.Future[int]] = {}
+        # What /metrics says of topics with jobs that left memory (oldest first).
+        self._left: dict[str, _Left] = {}
+        committer.on_forgotten = self._left_memory
 
     async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
         """Enqueue jobs; each answer is {"id", "duplicate"}. All or nothing: one
@@ -680,20 +726,27 @@ class Engine:
 
     def cached_gauges(self) -> dict[str, dict[str, Any]]:
         """For /metrics, from the cache (no I/O): per topic its counts, what it
-        ever did (totals) and the age of its oldest due job (None if none)."""
+        ever did (totals) and the age of its oldest due job (None if none).
+        A topic with jobs that left memory (idle: nobody asked about it for a
+        while) is reported as it was then, its ages growing (_left_memory)."""
+        gauges = {name: left.gauges(self.committer.clock()) for name, left in self._left.items()}
+        live = self.committer.cached(lambda s, now: _Left.of(s, now).gauges(now))
+        for name in live:
+            self._left.pop(name, None)  # in memory again: its own figures
+        gauges.update(live)
+        return gauges
 
-        def gauges(s: TopicState, now: float) -> dict[str, Any]:
-            oldest = s.oldest_due_created(now, OLDEST_SCAN)
-            waiting = s.outbox_oldest()
-            return {
-                "counts": s.counts(now),
-                "totals": s.totals(),
-                "oldest_pending_age": None if oldest is None else max(0.0, now - oldest),
-                "outbox": s.outbox_size(),
-                "outbox_lag": None if waiting is None else max(0.0, now - waiting),
-            }
-
-        return self.committer.cached(gauges)
+    def _left_memory(self, topic: str, state: TopicState, now: float) -> None:
+        """GroupCommitter.on_forgotten: keep what /metrics says of a topic with
+        jobs (a backlog nobody consumes is what its alerts are for), at most
+        GAUGES_KEPT topics, the oldest forgotten first."""
+        left = _Left.of(state, now)
+        if not left.holds_jobs():
+            return
+        self._left.pop(topic, None)
+        self._left[topic] = left
+        while len(self._left) > GAUGES_KEPT:
+            del self._left[next(iter(self._left))]
 
     async def inspect(
         self, topic: str, *, listed: int, scan: int, max_age: float | None = None
@@ -789,6 +842,8 @@ class Engine:
     def forget(self, topics: list[str]) -> None:
         """Drop what this broker holds of `topics` (another owns them now)."""
         self.committer.forget(topics)
+        for topic in topics:
+            self._left.pop(topic, None)
 
     def forget_idle(self) -> int:
         """Topics idle for a while leave this broker's memory; how many left."""
