@@ -31,13 +31,17 @@ class FiniteRange(click.FloatRange):
 
 
 def checked(
-    check: Callable[[str], str],
+    check: Callable[[str], str], *, empty_is_none: bool = False
 ) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
     """A click callback passing a flag's value through `check`, whose
-    ValueError becomes a usage error (exit 2, one line) naming the flag."""
+    ValueError becomes a usage error (exit 2, one line) naming the flag. An
+    empty value is checked too (a broker's --token "" would turn auth off),
+    or with `empty_is_none` taken for none (a client's --token "")."""
 
     def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        if value is None:  # not given; given empty, it is checked (a token "" is no token)
+        if value == "" and empty_is_none:
+            return None
+        if value is None:
             return value
         try:
             return check(value)

@@ -157,6 +157,15 @@ async def test_enqueue_file_refuses_an_id_it_cannot_give(cli: Cli, tmp_path: Pat
     assert (await cli.json("status", "--json"))["pending"] == 0
 
 
+async def test_an_empty_token_is_no_token_for_the_cli_as_for_the_sdk(cli: Cli) -> None:
+    """`--token "$TOKEN"` with TOKEN empty, against a broker without auth,
+    became a usage error when the broker's empty token was refused (review of
+    this round's fixes): a client cannot turn auth off, and Client(token="")
+    is no token."""
+    done = await cli("--token", "", "status", "--json")
+    assert done.returncode == 0, done.stderr
+
+
 async def test_claim_ack_with_token_and_result(cli: Cli) -> None:
     await cli.json("enqueue", '{"n": 1}', "--id", "a")
     job = await cli.json("claim", "worker-1", "--lease", "60")

@@ -165,7 +165,7 @@ class Duties:
         me = self.membership.me
         # What this broker held of topics it no longer owns goes: the new owner
         # writes them, and a state kept here would only lose races later.
-        self.engine.forget([t for t in self.engine.known_topics() if _owner(t, new) != me])
+        self.engine.let_go(lambda t: _owner(t, new) == me)
         for topic in [t for t in self._held_back if _owner(t, new) != me]:
             self._let_go(topic)
         self._wake.set()

@@ -740,10 +740,10 @@ class Engine:
         """GroupCommitter.on_forgotten: keep what /metrics says of a topic with
         jobs (a backlog nobody consumes is what its alerts are for), at most
         GAUGES_KEPT topics, the oldest forgotten first."""
+        self._left.pop(topic, None)  # an earlier one is older than this state
         left = _Left.of(state, now)
         if not left.holds_jobs():
             return
-        self._left.pop(topic, None)
         self._left[topic] = left
         while len(self._left) > GAUGES_KEPT:
             del self._left[next(iter(self._left))]
@@ -845,6 +845,12 @@ class Engine:
         for topic in topics:
             self._left.pop(topic, None)
 
+    def let_go(self, owned: Callable[[str], bool]) -> None:
+        """Drop what this broker holds of the topics not `owned` (the brokers
+        changed): their states, and their figures kept for /metrics (the new
+        owner's writes would leave them stale should they come back here)."""
+        self.forget([t for t in [*self.known_topics(), *self._left] if not owned(t)])
+
     def forget_idle(self) -> int:
         """Topics idle for a while leave this broker's memory; how many left."""
         return self.committer.forget_idle()
@@ -852,6 +858,7 @@ class Engine:
     async def refresh(self, topic: str) -> None:
         """`topic` changed in the store behind this broker's back: read it again."""
         keys.check_topic(topic)
+        self._left.pop(topic, None)
         await self.committer.invalidate(topic)
 
     async def sweep_all(self, topics: list[str]) -> list[str]:

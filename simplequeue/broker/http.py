@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -103,27 +104,61 @@ class Call:
         return keys.check_topic(self.params["topic"])
 
     async def read(self) -> bytes:
-        """The request's body, as `_routed` rewrote it if it did. One that is
-        not what its headers say (a Content-Encoding it is not in, one this
-        broker does not know) is InvalidRequest; one not sent within the body
-        timeout is _BodyTimedOut (aiohttp leaves a request whose chunked body
-        is malformed waiting for ever: its parser's error reaches no reader)."""
+        """The request's body, as `_routed` rewrote it if it did, decoded from
+        its Content-Encoding (gzip or deflate): one that is not in it, or in
+        another, is InvalidRequest, and larger than --max-body decoded
+        PayloadTooLarge. One not sent within the body timeout is _BodyTimedOut
+        (aiohttp leaves a request whose chunked body is malformed waiting for
+        ever: its parser's error reaches no reader)."""
         if self.body is None:
-            encoding = self.request.headers.get("Content-Encoding", "identity").strip().lower()
-            if encoding not in _ENCODINGS:
-                raise InvalidRequest(f"Content-Encoding {encoding!r} is not one of {_ENCODINGS}")
+            coding = _coding_of(self.request)
             try:
                 async with asyncio.timeout(self.services.body_timeout):
-                    self.body = await self.request.read()
+                    raw = await self.request.read()
             except web.RequestPayloadError as exc:
                 raise _Unreadable(f"the request's body cannot be read: {exc}") from None
             except TimeoutError:
                 raise _BodyTimedOut(self.services.body_timeout) from None
+            # Decoded here, not by aiohttp (auto_decompress=False): its
+            # decoding error left the connection to be reset, unanswered.
+            self.body = raw if coding is None else _decoded(raw, coding, self.services.max_body)
         return self.body
 
 
-# The Content-Encodings aiohttp decodes (brotli and zstd only with extras).
-_ENCODINGS = ("identity", "gzip", "deflate")
+def _coding_of(request: web.BaseRequest) -> str | None:
+    """The request's Content-Encoding, gzip or deflate (None: no coding);
+    InvalidRequest for another, or more than one. Every header, and every
+    coding in each, is looked at."""
+    codings = [
+        coding.strip().lower()
+        for header in request.headers.getall("Content-Encoding", [])
+        for coding in header.split(",")
+    ]
+    applied = [coding for coding in codings if coding != "identity"]
+    if len(applied) > 1 or any(coding not in _ENCODINGS for coding in applied):
+        raise InvalidRequest(f"Content-Encoding {', '.join(codings)!r}: gzip or deflate, or none")
+    return applied[0] if applied else None
+
+
+# The Content-Encodings a request body may be in, and their zlib wbits: a gzip
+# header, and zlib's (deflate as HTTP means it; raw deflate too, as aiohttp reads).
+_ENCODINGS = {"gzip": (16 + zlib.MAX_WBITS,), "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS)}
+
+
+def _decoded(raw: bytes, coding: str, limit: int) -> bytes:
+    """`raw` decoded from `coding`; PayloadTooLarge past `limit` bytes (a small
+    body may decode to gigabytes), InvalidRequest if it is not in it whole."""
+    for wbits in _ENCODINGS[coding]:
+        decoder = zlib.decompressobj(wbits)
+        try:
+            body = decoder.decompress(raw, limit + 1)
+        except zlib.error:
+            continue
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        if decoder.eof and not decoder.unused_data:
+            return body
+    raise InvalidRequest(f"the request's body is not in its Content-Encoding ({coding})")
 
 
 class _Unreadable(Exception):
@@ -298,8 +333,8 @@ class HttpApi:
         except _Unreadable as exc:  # what is left of the connection cannot be trusted
             response = error(str(exc), 408 if isinstance(exc, _BodyTimedOut) else 400)
             response.force_close()
-            # Closed once answered: aiohttp would linger, reading a body that
-            # cannot end, for 10 s before it closed the connection.
+            # Closed once answered: the body may never end (a malformed chunk),
+            # and aiohttp would read on for 10 s, then log its parser's error.
             await response.prepare(request)
             await response.write_eof()
             if request.transport is not None:

@@ -215,8 +215,8 @@ class Broker:
                 url=record.url,
                 epoch=record.epoch,
                 heartbeat_age=max(0.0, record.age(now)),
-                lease_s=record.lease_s,
-                stale=record.age(now) > record.lease_s,
+                lease_s=record.lease,
+                stale=record.age(now) > record.lease,
             ),
         )
 
@@ -257,6 +257,7 @@ class Broker:
             body_limit=self._body_limit,
             shutdown_timeout=5,
             handler_cancellation=True,
+            auto_decompress=False,  # bodies are decoded by Call.read(), which answers errors
             access_log=None,
         )
         await self.http.start(host, port)

@@ -153,7 +153,7 @@ def utf8(text: str, name: str) -> bytes:
 @click.option(
     "--token",
     default=None,
-    callback=checked(api.check_token),
+    callback=checked(api.check_token, empty_is_none=True),  # as Client(token="") does
     help="Bearer token (env SIMPLEQUEUE_TOKEN).",
 )
 @click.pass_context
