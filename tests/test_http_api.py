@@ -7,6 +7,7 @@ import gzip
 import os
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -926,3 +927,27 @@ async def test_the_status_page_calls_a_record_stale_as_the_brokers_do(
     record = broker.presence().record
     assert record is not None
     assert record.stale, record
+
+
+@pytest.mark.parametrize("coding", ["gzip-members", "deflate", "raw-deflate"])
+async def test_bodies_in_each_form_of_their_coding_are_read(
+    start_broker: StartBroker, coding: str
+) -> None:
+    """gzip in several members (RFC 1952), and deflate zlib-wrapped or raw, as
+    clients send it: decoded by the broker now, as aiohttp did."""
+    broker = await start_broker(MemStore())
+    body = b'{"jobs": [{"payload": 1}, {"payload": 2}]}'
+    if coding == "gzip-members":
+        data, header = gzip.compress(body[:10]) + gzip.compress(body[10:]), "gzip"
+    elif coding == "deflate":
+        data, header = zlib.compress(body), "deflate"
+    else:
+        raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        data, header = raw.compress(body) + raw.flush(), "deflate"
+    headers = {"Content-Encoding": header, "Content-Type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{broker.url}/topics/t/enqueue", data=data, headers=headers) as r,
+    ):
+        assert r.status == 201, await r.text()
+        assert len((await r.json())["ids"]) == 2

@@ -146,18 +146,28 @@ _ENCODINGS = {"gzip": (16 + zlib.MAX_WBITS,), "deflate": (zlib.MAX_WBITS, -zlib.
 
 
 def _decoded(raw: bytes, coding: str, limit: int) -> bytes:
-    """`raw` decoded from `coding`; PayloadTooLarge past `limit` bytes (a small
-    body may decode to gigabytes), InvalidRequest if it is not in it whole."""
+    """`raw` decoded from `coding` (gzip: one member or several, concatenated,
+    as RFC 1952 allows); PayloadTooLarge past `limit` bytes (a small body may
+    decode to gigabytes: decoding stops there), InvalidRequest if it is not
+    in it whole. No bytes are no bytes, whatever the coding."""
+    if not raw:
+        return raw
     for wbits in _ENCODINGS[coding]:
-        decoder = zlib.decompressobj(wbits)
+        body = bytearray()
+        rest = raw
         try:
-            body = decoder.decompress(raw, limit + 1)
+            while rest:
+                decoder = zlib.decompressobj(wbits)
+                body += decoder.decompress(rest, limit + 1 - len(body))
+                if len(body) > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                if not decoder.eof or (decoder.unused_data and coding != "gzip"):
+                    break  # cut short, or followed by bytes that are not another member
+                rest = decoder.unused_data
+            else:
+                return bytes(body)
         except zlib.error:
             continue
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        if decoder.eof and not decoder.unused_data:
-            return body
     raise InvalidRequest(f"the request's body is not in its Content-Encoding ({coding})")
 
 
