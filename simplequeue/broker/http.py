@@ -136,13 +136,19 @@ def _coding_of(request: web.BaseRequest) -> str | None:
     ]
     applied = [coding for coding in codings if coding != "identity"]
     if len(applied) > 1 or any(coding not in _ENCODINGS for coding in applied):
-        raise InvalidRequest(f"Content-Encoding {', '.join(codings)!r}: gzip or deflate, or none")
+        raise InvalidRequest(
+            f"Content-Encoding {', '.join(codings)!r}: gzip (x-gzip) or deflate, or none"
+        )
     return applied[0] if applied else None
 
 
 # The Content-Encodings a request body may be in, and their zlib wbits: a gzip
 # header, and zlib's (deflate as HTTP means it; raw deflate too, as aiohttp reads).
-_ENCODINGS = {"gzip": (16 + zlib.MAX_WBITS,), "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS)}
+_ENCODINGS = {
+    "gzip": (16 + zlib.MAX_WBITS,),
+    "x-gzip": (16 + zlib.MAX_WBITS,),  # RFC 9110 8.4.1.3: taken for gzip
+    "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS),
+}
 
 
 def _decoded(raw: bytes, coding: str, limit: int) -> bytes:
@@ -161,7 +167,7 @@ def _decoded(raw: bytes, coding: str, limit: int) -> bytes:
                 body += decoder.decompress(rest, limit + 1 - len(body))
                 if len(body) > limit:
                     raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-                if not decoder.eof or (decoder.unused_data and coding != "gzip"):
+                if not decoder.eof or (decoder.unused_data and coding == "deflate"):
                     break  # cut short, or followed by bytes that are not another member
                 rest = decoder.unused_data
             else:
