@@ -119,7 +119,9 @@ async def test_an_http_pop_answered_too_late_is_given_back_by_the_broker_that_pa
 ) -> None:
     """Passed on, the owner popped and answered after the forwarding broker
     gave up: the caller is told "may have done", and the job, popped by
-    nobody it reached, comes back."""
+    nobody it reached, comes back. The client named no pop: the broker that
+    passed it on names it (as it gives an enqueue's jobs ids); before the
+    review of round 22, only a pop the client named was undone."""
     brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
     owner, other = owner_and_other(brokers, "t")
     answer_too_late(monkeypatch, owner.engine, "pop")
@@ -372,22 +374,6 @@ async def test_one_pop_larger_than_the_room_for_undos_evicts_nothing(
     await q.pop("t", "w", count=3, attempt_id="big")  # ~12 KB: more than the budget
     assert await q.unpop("t", "small", "w") == 1
     assert await q.unpop("t", "big", "w") == 0  # not kept
-
-
-async def test_an_unnamed_http_pop_passed_on_and_answered_too_late_is_given_back(
-    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Only a pop the client named was undone: the broker that passed the
-    pop on now names it (as it gives an enqueue's jobs ids), so an
-    ordinary HTTP pop answered too late comes back (review, round 22)."""
-    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
-    owner, other = owner_and_other(brokers, "t")
-    answer_too_late(monkeypatch, owner.engine, "pop")
-    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
-    async with aiohttp.ClientSession() as s:
-        status, body, _ = await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
-    assert status == 503 and "may have done" in body["error"], body
-    await until_status(owner.engine, "j1", "pending")
 
 
 async def until_status(q: Engine, job_id: str, status: str) -> None:
