@@ -995,3 +995,18 @@ async def test_a_body_larger_than_the_default_max_body_is_decoded_off_the_loop(
     ):
         assert r.status == 201
     assert decoded_on and decoded_on[0] != threading.get_ident()
+
+
+async def test_an_empty_body_with_a_content_encoding_is_an_empty_body(
+    start_broker: StartBroker,
+) -> None:
+    """A client that sets Content-Encoding on every request: an empty requeue
+    (requeue every dead job) was 400, "not in its Content-Encoding", once the
+    broker decoded bodies itself (review of the body decoding)."""
+    broker = await start_broker(MemStore())
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{broker.url}/topics/t/requeue", data=b"", headers=headers) as r,
+    ):
+        assert r.status == 200, await r.text()
