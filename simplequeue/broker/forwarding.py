@@ -405,7 +405,7 @@ class Router:
         body = api.CompleteRequest(_held(jobs), attempt_id=attempt_id)
         undo = api.UnpopRequest(attempt_id)
         got = await self._route(topic, "POST", "/complete", body, repeatable=False, undo=undo)
-        if got is not None and got.status == 400 and b"attempt_id" in got.body:
+        if got is not None and refused_attempt_id(got):
             # An owner older than POST /unpop (during an upgrade) refused the
             # field, and did nothing: asked without it.
             body = api.CompleteRequest(_held(jobs))
@@ -439,6 +439,12 @@ class Router:
 
 
 _Jobs = dict[str, list[dict[str, Any]]]
+
+
+def refused_attempt_id(got: Answer) -> bool:
+    """Whether `got` is an owner older than POST /unpop refusing a complete's
+    (or, older than round 15, a pop's) attempt id: it did nothing."""
+    return got.status == 400 and b"attempt_id" in got.body
 
 
 def _jobs_of(got: Answer) -> list[dict[str, Any]]:

@@ -32,7 +32,15 @@ from aiohttp import HttpVersion11, web
 from simplequeue import api, keys
 from simplequeue.broker import page
 from simplequeue.broker.engine import Engine
-from simplequeue.broker.forwarding import FORWARDED, OWNER, REPLAYED, Answer, Forwarder, Here
+from simplequeue.broker.forwarding import (
+    FORWARDED,
+    OWNER,
+    REPLAYED,
+    Answer,
+    Forwarder,
+    Here,
+    refused_attempt_id,
+)
 from simplequeue.broker.metrics import CONTENT_TYPE, Metrics
 from simplequeue.errors import (
     InvalidRequest,
@@ -499,16 +507,9 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     elif name == "pop":
         popping = api.decode(body, api.ClaimRequest)
         wait = popping.wait
-        if popping.attempt_id is None:  # one the client named is its own to undo
-            undo = api.UnpopRequest(api.new_id(), popping.worker_id)
-            popping = msgspec.structs.replace(popping, attempt_id=undo.attempt_id)
-            call.body = body = msgspec.json.encode(popping)
+        undo, body = _named(call, popping, popping.worker_id)
     elif name == "complete":
-        completing = api.decode(body, api.CompleteRequest)
-        if completing.attempt_id is None:
-            undo = api.UnpopRequest(api.new_id())
-            completing = msgspec.structs.replace(completing, attempt_id=undo.attempt_id)
-            call.body = body = msgspec.json.encode(completing)
+        undo, body = _named(call, api.decode(body, api.CompleteRequest), None)
     elif name == "job":
         wait = wait_of(call)
     elif name in ("enqueue", "push"):
@@ -529,7 +530,7 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         repeatable=name not in ("pop", "complete"),
         undo=undo,
     )
-    if undo is not None and isinstance(got, Answer) and _refused_attempt_id(got):
+    if undo is not None and isinstance(got, Answer) and refused_attempt_id(got):
         # An owner older than POST /unpop refused the id added here: it did nothing.
         call.body = body = asked
         got = await forwarder.route(
@@ -555,8 +556,18 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     return answered
 
 
-def _refused_attempt_id(got: Answer) -> bool:
-    return got.status == 400 and b"attempt_id" in got.body
+def _named(
+    call: Call, request: api.ClaimRequest | api.CompleteRequest, worker_id: str | None
+) -> tuple[api.UnpopRequest | None, bytes]:
+    """A pop's or complete's undo, should its answer be lost, and its body as
+    passed on, named by the attempt id the undo names. One the client named
+    is its own to retry or undo: passed on as it came, with no undo."""
+    assert call.body is not None  # read by _routed
+    if request.attempt_id is not None:
+        return None, call.body
+    undo = api.UnpopRequest(api.new_id(), worker_id)
+    call.body = msgspec.json.encode(msgspec.structs.replace(request, attempt_id=undo.attempt_id))
+    return undo, call.body
 
 
 def _with_ids(body: bytes) -> bytes:
