@@ -8,8 +8,9 @@ through it (`--endpoint-url`).
 
 Two set-ups run side by side, each on a bucket of its own: one broker, and three
 brokers sharing a bucket. Callers reach the brokers over plain HTTP, spread round
-robin (caller i talks to broker i mod 3), so every broker writes every topic, as
-today's code does. Loads: single enqueues, then claim + ack cycles, at 64 and 256
+robin (caller i talks to broker i mod 3); a broker passes a request for a topic it
+does not own on to the topic's owner (SPEC 4.3), so two requests in three take an
+extra hop. Loads: single enqueues, then claim + ack cycles, at 64 and 256
 callers on one topic and at 256 callers over 16 topics; the two set-ups alternate
 round by round (A B A B). Then an idle set-up: two brokers and 300 topics that
 exist but get no traffic, and the store requests per second they make anyway.
@@ -346,9 +347,10 @@ def report(
         "forwarding and the rest after LocalStack's answer, less LocalStack's own time. "
         f"Two set-ups, each on a bucket of its own: one broker, and {multi} sharing "
         "one bucket; callers spread round robin over the set-up's brokers (plain HTTP: "
-        "every broker writes every topic, as today's code does) and over the load's "
-        f"topics. {plan.s3lat_rounds} rounds per load of {plan.s3lat_seconds:g} s of "
-        "single enqueues, then as many claim + ack cycles as the enqueues made (at most "
+        "a broker passes a request for a topic it does not own on to its owner) and "
+        f"over the load's topics. {plan.s3lat_rounds} rounds per load of "
+        f"{plan.s3lat_seconds:g} s of single enqueues, then as many claim + ack cycles "
+        "as the enqueues made (at most "
         f"{plan.s3lat_seconds:g} s), the set-ups alternating; what a round leaves is "
         "drained before the next. An operation is one HTTP request to a broker (an "
         "enqueue, a claim or an ack; a cycle is two); p50 / p99 are per request as the "
