@@ -209,6 +209,77 @@ async def test_a_workers_handler_is_cancelled_at_the_heartbeat_that_says_so(
     assert any("long" in r.message and "was cancelled" in r.message for r in caplog.records)
 
 
+class _Said(logging.Handler):
+    def __init__(self, words: str) -> None:
+        super().__init__()
+        self.words = words
+        self.said = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.said.set()
+
+
+async def test_a_cancelled_handler_in_a_thread_keeps_its_slot_until_it_returns(
+    start_broker: StartBroker,
+) -> None:
+    """A thread cannot be stopped: the Worker freed the slot of a cancelled
+    plain-def handler at once, and the next job ran beside the thread, past
+    concurrency=1 (found by round 23's review)."""
+    import threading
+
+    broker = await start_broker(MemStore())
+    loop = asyncio.get_running_loop()
+    release_a = threading.Event()
+    a_started, b_started = asyncio.Event(), asyncio.Event()
+
+    def handler(job: Job) -> str:
+        if job.payload == "a":
+            loop.call_soon_threadsafe(a_started.set)
+            release_a.wait(10)
+        else:
+            loop.call_soon_threadsafe(b_started.set)
+        return "ok"
+
+    kept = _Said("runs in a thread, which cannot be stopped")
+    logging.getLogger("simplequeue.worker").addHandler(kept)
+    async with Client(broker.url, topic="t") as q:
+        await q.enqueue("a", id="a")
+        await q.enqueue("b", id="b")
+        worker = Worker(
+            q, handler, concurrency=1, prefetch=0, heartbeat_every=0.1, handle_signals=False
+        )
+        running = asyncio.create_task(worker.run())
+        try:
+            await asyncio.wait_for(a_started.wait(), 10)
+            assert (await q.cancel(["a"]))["cancelled"] == ["a"]
+            await asyncio.wait_for(kept.said.wait(), 10)  # the next heartbeat found it
+            assert not b_started.is_set()
+            release_a.set()
+            await asyncio.wait_for(b_started.wait(), 10)
+            assert await q.result("b", timeout=10) == "ok"
+        finally:
+            release_a.set()
+            logging.getLogger("simplequeue.worker").removeHandler(kept)
+            await worker.stop()
+            await running
+        assert (await q.job("a")).status == "cancelled"  # its result dropped
+    assert worker.processed == 1
+
+
+async def test_the_sdk_cancels_any_number_of_ids_in_requests_the_broker_takes(
+    start_broker: StartBroker,
+) -> None:
+    """More than 1,000 ids were sent in one request, refused 400; none asks nothing."""
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as q:
+        ids = await q.enqueue_many(list(range(1000))) + await q.enqueue_many(list(range(500)))
+        assert await q.cancel([]) == {"cancelled": [], "not_found": []}
+        answer = await q.cancel([*ids, "nope"])
+        assert (sorted(answer["cancelled"]), answer["not_found"]) == (sorted(ids), ["nope"])
+        assert (await q.status())["cancelled"] == 1500
+
+
 async def test_an_xdel_refused_cancels_nothing(start_broker: StartBroker) -> None:
     """XDEL cancels in parts of --max-batch ids, and a bad id after the first
     part was refused only after that part was cancelled (XLEN 1,100 -> 100)."""

@@ -812,3 +812,16 @@ def test_a_run_written_past_by_a_broker_that_knows_no_merges_is_merged_into_no_m
     assert [(j["run_at"], j["seq"]) for j in claimed] == sorted(
         (j["run_at"], j["seq"]) for j in claimed
     )
+
+
+def test_a_nack_answers_the_status_its_lookup_and_the_counts_give() -> None:
+    """A delay below a float's resolution at `now` (about 2.4e-7 s near today's
+    Unix time) is no delay: the job is pending, and the nack said delayed
+    (round 23's review)."""
+    now = 1_700_000_000.0
+    s = fresh()
+    s.enqueue([JobSpec(1, id="a")], now)
+    [job] = s.claim("w", 30, 1, now)
+    answer = s.nack("a", job["lease_token"], 1e-9, None, now)
+    counts = s.counts(now)
+    assert (counts["pending"], counts["delayed"], answer["status"]) == (1, 0, "pending")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -127,10 +128,58 @@ async def test_a_raising_handler_ends_dead_after_max_attempts(q: Client, broker:
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     b = Backoff(base=1, cap=60, jitter=0.5)
-    for attempts, full in [(1, 1), (2, 2), (3, 4), (7, 60), (30, 60)]:
+    # 2.0 ** 1025 overflows: a job with unlimited attempts gets there
+    for attempts, full in [(1, 1), (2, 2), (3, 4), (7, 60), (30, 60), (1026, 60), (10**6, 60)]:
         delays = [b.delay(attempts) for _ in range(200)]
         assert all(full * 0.5 <= d <= full for d in delays)
         assert len(set(delays)) > 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"base": -1.0},
+        {"cap": math.inf},
+        {"cap": math.nan},
+        {"base": 400 * 86400.0},
+        {"jitter": 1.5},
+        {"jitter": -0.1},
+    ],
+)
+def test_a_backoff_the_broker_would_refuse_is_refused_as_it_is_made(bad: dict[str, float]) -> None:
+    """Every nack of its delays would be refused (a delay is 0 to a year): the
+    Worker only logged that, and its failing jobs waited out their leases."""
+    with pytest.raises(ValueError, match="Backoff"):
+        Backoff(**bad)
+
+
+class _OddDelays(Worker):
+    def retry_delay(self, job: Job, error: Exception) -> float:
+        if job.payload == "raises":
+            raise RuntimeError("injected: retry_delay broke")
+        return {"negative": -5.0, "huge": 1e12, "nan": math.nan}[job.payload]
+
+
+async def test_a_failed_job_is_nacked_whatever_retry_delay_says(q: Client, broker: Any) -> None:
+    """A subclass's retry_delay that raises or answers a delay the broker refuses
+    (negative, past a year, NaN) still gets its job nacked: it was left
+    claimed, to its lease, its error not kept."""
+    ids = await q.enqueue_many(["raises", "negative", "huge", "nan"])
+
+    def fail(job: Job) -> None:
+        raise ValueError("the handler failed")
+
+    worker = _OddDelays(q, fail, concurrency=4, max_jobs=4, prefetch=0, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 30)
+    assert worker.failed == 4
+    jobs = [await q.job(i) for i in ids]
+    assert {job.payload: (job.status, job.attempts) for job in jobs} == {
+        "raises": ("delayed", 1),
+        "negative": ("pending", 1),
+        "huge": ("delayed", 1),
+        "nan": ("delayed", 1),
+    }
+    assert all("the handler failed" in (job.last_error or "") for job in jobs)
 
 
 async def test_stop_drains_running_jobs(q: Client) -> None:
@@ -1031,20 +1080,54 @@ async def test_a_handler_that_overruns_its_timeout_is_cancelled_and_the_job_fail
     assert worker.failed == 2
 
 
-async def test_a_plain_function_that_overruns_its_timeout_fails_the_job(
+class _Said(logging.Handler):
+    """Sets `said` once a record with `words` in its message is logged."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__()
+        self.words = words
+        self.said = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.said.set()
+
+
+async def test_a_plain_function_that_overruns_its_timeout_fails_the_job_when_it_returns(
     q: Client, broker: Any
 ) -> None:
+    """A thread cannot be stopped: past its timeout its job stays held (given
+    back, it could run twice at once) and its slot taken (the next job does
+    not start beside it); it fails as the thread returns, whatever it returned."""
     job_id = await q.enqueue("blocked", max_attempts=1)
+    await q.enqueue("next", id="next")
     release = threading.Event()
+    started: list[str] = []
 
-    def blocked(job: Job) -> None:
-        release.wait(30)  # a thread cannot be stopped: it runs on, its result unused
+    def blocked(job: Job) -> str:
+        started.append(job.payload)
+        if job.payload == "blocked":
+            release.wait(30)
+        return "done"
 
-    worker = Worker(q, blocked, timeout=0.2, wait=0.2, handle_signals=False)
+    overran = _Said("ran past its timeout")
+    logging.getLogger("simplequeue.worker").addHandler(overran)
+    worker = Worker(
+        q, blocked, concurrency=1, timeout=0.2, prefetch=0, wait=0.2, handle_signals=False
+    )
+    task = asyncio.create_task(worker.run())
     try:
-        await run_until(worker, broker, lambda: _dead(q, 1))
+        await asyncio.wait_for(overran.said.wait(), 10)
+        assert (await q.job(job_id)).status == "claimed"
+        assert started == ["blocked"]  # the one slot is still the thread's
+        release.set()
+        await wait_until(broker, lambda: _dead(q, 1))
+        assert (await q.result("next", timeout=5)) == "done"
     finally:
         release.set()
+        logging.getLogger("simplequeue.worker").removeHandler(overran)
+        await worker.stop()
+        await task
     [job] = await q.dead()
     assert job.id == job_id and job.last_error is not None
     assert "timed out after 0.2 s" in job.last_error

@@ -705,17 +705,22 @@ class Client:
     async def cancel(self, job_ids: Iterable[str]) -> dict[str, list[str]]:
         """Cancel jobs: pending and delayed ones at once, claimed ones too (their
         holders' next heartbeat or ack raises JobCancelled). Answers
-        {"cancelled": [...], "not_found": [...]} (finished or unknown)."""
-        body = api.CancelRequest(list(job_ids))
-        _, answer, repeated = await self.call("POST", self._t("/cancel"), api.Cancelled, body)
-        assert answer is not None
-        cancelled, not_found = list(answer.cancelled), []
-        for job_id in answer.not_found:
-            # A retry whose first try landed finds its jobs cancelled already.
-            if repeated and await self._is(job_id, "cancelled"):
-                cancelled.append(job_id)
-            else:
-                not_found.append(job_id)
+        {"cancelled": [...], "not_found": [...]} (finished or unknown), in
+        requests of at most 1,000 ids."""
+        ids = list(job_ids)
+        cancelled: list[str] = []
+        not_found: list[str] = []
+        for start in range(0, len(ids), api.MAX_BATCH):
+            body = api.CancelRequest(ids[start : start + api.MAX_BATCH])
+            _, answer, repeated = await self.call("POST", self._t("/cancel"), api.Cancelled, body)
+            assert answer is not None
+            cancelled += answer.cancelled
+            for job_id in answer.not_found:
+                # A retry whose first try landed finds its jobs cancelled already.
+                if repeated and await self._is(job_id, "cancelled"):
+                    cancelled.append(job_id)
+                else:
+                    not_found.append(job_id)
         return {"cancelled": cancelled, "not_found": not_found}
 
     async def schedule(

@@ -91,8 +91,18 @@ class Backoff:
     cap: float = 60.0
     jitter: float = 0.5
 
+    def __post_init__(self) -> None:
+        for name, value in (("base", self.base), ("cap", self.cap)):
+            if not 0 <= value <= api.MAX_DELAY:
+                raise ValueError(f"Backoff {name} must be 0 to {api.MAX_DELAY:g} s, not {value!r}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"Backoff jitter must be 0 to 1, not {self.jitter!r}")
+
     def delay(self, attempts: int) -> float:
-        raw: float = min(self.cap, self.base * 2.0 ** max(0, attempts - 1))
+        # The exponent capped first: 2.0 ** 1025 overflows, and a job may fail
+        # far more often than that (unlimited attempts).
+        doublings = min(max(0, attempts - 1), 64)
+        raw: float = min(self.cap, self.base * 2.0**doublings)
         return raw * (1 - self.jitter * random.random())
 
 
@@ -685,7 +695,7 @@ class Worker:
         failure: Exception | None = None
         acking = False
         try:
-            result, follow_ups = _ack_of(await self._within_timeout(work))
+            result, follow_ups = _ack_of(await self._within_timeout(work, held))
             acking = not held.lost
         except asyncio.CancelledError as exc:
             # This task cancelled (run() cancelled): on up, the job left to its
@@ -741,11 +751,26 @@ class Worker:
             self._acking.discard(held)
             _cancel_beats(held)
 
-    async def _within_timeout(self, work: asyncio.Future[Any]) -> Any:
+    async def _within_timeout(self, work: asyncio.Future[Any], held: _Claimed) -> Any:
         """`work`'s result; TimeoutError saying so once it has run `timeout` s
-        (it is cancelled then). A TimeoutError of the handler's own passes as is."""
+        (it is cancelled then). A TimeoutError of the handler's own passes as is.
+        A handler in a thread cannot be stopped: past its timeout it is waited
+        for, the job's lease kept (given back, it could run twice at once), and
+        the job then fails whatever it returned."""
         if self.timeout is None:
             return await work
+        if held.in_thread:
+            done, _ = await asyncio.wait([work], timeout=self.timeout)
+            if done:
+                return work.result()
+            log.warning(
+                "job %s: its handler ran past its timeout of %g s in a thread, which cannot"
+                " be stopped: the job fails when it returns",
+                held.job.id,
+                self.timeout,
+            )
+            await asyncio.wait([work])
+            raise TimeoutError(f"the handler timed out after {self.timeout:g} s")
         budget = asyncio.timeout(self.timeout)
         try:
             async with budget:
@@ -777,7 +802,15 @@ class Worker:
         self.failed += 1
         error = "".join(traceback.format_exception_only(exc)).strip()
         log.error("job %s failed on attempt %s: %s", job.id, job.attempts, error, exc_info=exc)
-        await self._settle(job, self.client.nack(job, self.retry_delay(job, exc), error))
+        try:
+            delay = self.retry_delay(job, exc)
+        except Exception:
+            log.exception("job %s: retry_delay failed: the backoff's delay instead", job.id)
+            delay = self.backoff.delay(job.attempts or 1)
+        # What the broker takes (a delay of 0 to a year): a nack it refused
+        # would leave the job to its lease, with no backoff and no error kept.
+        delay = min(max(delay, 0.0), api.MAX_DELAY) if math.isfinite(delay) else api.MAX_DELAY
+        await self._settle(job, self.client.nack(job, delay, error))
 
     def retry_delay(self, job: Job, error: Exception) -> float:
         """Seconds before a failed job may run again: the backoff's for its
@@ -904,7 +937,17 @@ class Worker:
             except (LeaseLost, JobNotFound) as exc:
                 held.lost = True
                 held.cancelled = isinstance(exc, JobCancelled)
-                if held.work is not None:
+                if held.work is not None and held.in_thread:
+                    # A thread cannot be stopped: its slot stays taken until
+                    # it returns (else the next job would run beside it, past
+                    # the concurrency), and its result is dropped.
+                    log.warning(
+                        "job %s: %s; its handler runs in a thread, which cannot be"
+                        " stopped: its result will be dropped",
+                        held.job.id,
+                        _why_gone(held),
+                    )
+                elif held.work is not None:
                     held.work.cancel()
                 elif held in self._ready:
                     log.warning("job %s: %s before it started", held.job.id, _why_gone(held))

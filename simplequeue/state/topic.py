@@ -559,8 +559,9 @@ class TopicState(Layout):
         self._drop_lease(place)
         counters = self.head["counters"]
         counters["nacked"] = counters.get("nacked", 0) + 1
-        status = self._release(job, now + delay, error, now)
-        if status == "pending" and delay > 0:
+        run_at = now + delay  # a delay below a float's resolution at `now` is none
+        status = self._release(job, run_at, error, now)
+        if status == "pending" and run_at > now:
             status = "delayed"
         return {"id": job_id, "status": status}
 
@@ -1057,7 +1058,7 @@ class TopicState(Layout):
         if "rate" not in settings:
             if not isinstance(changes.burst, UnsetType) and changes.burst is not None:
                 raise RefusedByTopic("burst is the size of a rate's bucket: set a rate with it")
-            settings.pop("burst", None)  # hidden, it came back with the next rate
+            settings.pop("burst", None)  # dropped with its rate (kept, it came back with the next)
             self.head.pop("bucket", None)
         if settings == before:
             return settings  # nothing to write: no topic springs into existence for it
