@@ -941,6 +941,39 @@ async def test_a_plain_function_runs_in_a_thread_and_its_return_value_acks(
     assert threads and loop_thread not in threads
 
 
+@pytest.mark.parametrize("as_task", [False, True])
+async def test_plain_functions_run_as_many_at_once_as_the_concurrency(
+    q: Client, broker: Any, as_task: bool
+) -> None:
+    """Handlers in threads ran on asyncio's default pool, min(32, cores + 4)
+    threads shared by the process: a Worker(concurrency=12) ran 6 at once on 2
+    cores, its other jobs waiting in the pool's queue. Twelve handlers meet at
+    a barrier of twelve."""
+    n = 12
+    meet = threading.Barrier(n, timeout=10)
+
+    def met() -> str:
+        meet.wait()  # BrokenBarrierError, and the job fails, if fewer run at once
+        return "met"
+
+    def handler(job: Job) -> str:
+        return met()
+
+    tasks = Tasks()
+    meet_task = tasks.task(name="meet")(met)
+    if as_task:
+        ids = [await meet_task.enqueue(q) for _ in range(n)]
+    else:
+        ids = await q.enqueue_many(list(range(n)))
+    worker = Worker(
+        q, tasks if as_task else handler, concurrency=n, max_jobs=n, handle_signals=False
+    )
+    # 6 threads or fewer: the barrier times out after 10 s; 12 meet at once
+    await asyncio.wait_for(worker.run(), 30)
+    assert [await q.result(i, timeout=5) for i in ids] == ["met"] * n
+    assert (worker.processed, worker.failed) == (n, 0)
+
+
 async def test_a_partial_of_a_plain_function_runs_in_a_thread_too(q: Client, broker: Any) -> None:
     job_id = await q.enqueue(5)
 

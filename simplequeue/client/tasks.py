@@ -13,7 +13,6 @@ names a task the registry does not have, fails its job with UnknownTask.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import msgspec
 
 from simplequeue.client.client import Client
 from simplequeue.client.job import Job
+from simplequeue.client.threads import in_thread
 from simplequeue.errors import UnknownTask
 
 P = ParamSpec("P")
@@ -149,7 +149,7 @@ class Tasks:
         task, call = self._task_of(job)
         if inspect.iscoroutinefunction(task.fn):
             return await task.fn(*call.args, **call.kwargs)
-        result = await asyncio.to_thread(task.fn, *call.args, **call.kwargs)
+        result = await in_thread(task.fn, *call.args, **call.kwargs)
         # A plain function may hand back an awaitable (a lambda around an async def).
         return await result if inspect.isawaitable(result) else result
 

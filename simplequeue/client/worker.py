@@ -51,6 +51,7 @@ import socket
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,7 @@ from simplequeue.client.client import UNSENDABLE, Client, encode
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
 from simplequeue.client.tasks import Tasks
+from simplequeue.client.threads import in_thread, use_pool
 from simplequeue.errors import (
     BrokerUnavailable,
     InvalidRequest,
@@ -298,6 +300,9 @@ class Worker:
         self._answers: dict[int, tuple[int, list[Job] | None]] = {}
         self._done = asyncio.Event()
         self._done.set()  # not running: stop() returns at once
+        # Handlers in threads (plain functions, plain-def tasks) run here, as
+        # many at once as the slots (made at the first job of a run).
+        self._pool: ThreadPoolExecutor | None = None
         self._acking: set[_Claimed] = set()  # jobs whose ack is not answered yet
         # Acks in batches: one request carries every ack that came in while the
         # previous one was in flight (group commit, client side).
@@ -335,6 +340,9 @@ class Worker:
                         await self._stop_beats(held)
                 finally:
                     _signals.leave(loop, self)
+                    if self._pool is not None:  # its threads all returned: the drain waited
+                        self._pool.shutdown(wait=False)
+                        self._pool = None
                     # Ready for another run(): a burst worker run now and then.
                     self._stopping.clear()
                     self._dry, self._taken = False, 0
@@ -688,6 +696,9 @@ class Worker:
             await self._give_back([job])
             return
         _handling.set((self, asyncio.current_task(), held))  # the handler's task copies it
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="simplequeue-job")
+        use_pool(self._pool)
         held.in_thread = self._in_thread or (
             isinstance(self.handler, Tasks) and self.handler.runs_in_thread(job)
         )
@@ -784,7 +795,7 @@ class Worker:
         """The handler's result for `job`. Whatever it raises, from the call on,
         fails the job."""
         if self._in_thread:
-            result = await asyncio.to_thread(self.handler, job)
+            result = await in_thread(self.handler, job)
             # A plain function may hand back a coroutine (a lambda around an
             # async def): acking with the coroutine object would send nothing.
             return await result if inspect.isawaitable(result) else result
