@@ -177,6 +177,21 @@ class Unauthorized(SimpleQueueError):
     resp_code = "NOAUTH"
 
 
+class Forbidden(SimpleQueueError):
+    """The broker refused a request another site's page made through a browser,
+    or one whose Host does not name it while it listens on loopback only (a
+    DNS-rebinding page): no token makes it pass."""
+
+    http_status = 403
+
+
+class RequestTimedOut(SimpleQueueError):
+    """The request's body did not arrive within the broker's --body-timeout; the
+    connection was closed."""
+
+    http_status = 408
+
+
 class CorruptData(SimpleQueueError):
     """An object in the store is not one simplequeue can read (truncated, not
     JSON, foreign, of a future format): the topic it belongs to cannot be served
@@ -229,6 +244,8 @@ _ANSWERED = (
     InvalidRequest,
     PayloadTooLarge,
     Unauthorized,
+    Forbidden,
+    RequestTimedOut,
     JobNotFound,
     LeaseLost,
     StorageFull,

@@ -221,6 +221,8 @@ def test_error_answers_are_those_of_the_error_classes() -> None:
         answered = {int(code) for code in op["responses"] if int(code) >= 400}
         assert answered <= statuses, (path, method)
         assert (401 in answered) == (path != "/healthz"), (path, method)
+        assert 403 in answered, (path, method)  # cross-site, DNS rebinding
+        assert (408 in answered) == ("requestBody" in op), (path, method)  # --body-timeout
         assert 503 in answered or path in ("/metrics", "/openapi.json"), (path, method)
         if path.startswith("/topics/{topic}"):
             assert {400, 500, 503} <= answered, (path, method)
@@ -303,3 +305,11 @@ def test_a_generated_client_reads_a_jobs_result_as_a_field(tmp_path: Path) -> No
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60)
     shutil.rmtree(tmp_path / "sqclient")
+
+
+def test_a_403_and_a_408_are_raised_by_the_sdk_as_their_classes() -> None:
+    """The broker answers 403 (cross-site, DNS rebinding) and 408 (a body slower
+    than --body-timeout); the SDK raised BrokerError for both, and a Worker
+    refused for good kept claiming."""
+    assert errors.for_status(403) is errors.Forbidden
+    assert errors.for_status(408) is errors.RequestTimedOut

@@ -80,7 +80,7 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     "--retention",
     type=FiniteRange(min=0),
     default=3600.0,
-    help="Seconds completed and dead records are kept for lookups and dedup.",
+    help="Seconds finished (completed, dead, cancelled) records are kept for lookups and dedup.",
 )
 @click.option(
     "--dead-limit",

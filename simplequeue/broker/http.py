@@ -43,9 +43,11 @@ from simplequeue.broker.forwarding import (
 )
 from simplequeue.broker.metrics import CONTENT_TYPE, Metrics
 from simplequeue.errors import (
+    Forbidden,
     InvalidRequest,
     NothingToClaim,
     PayloadTooLarge,
+    RequestTimedOut,
     SimpleQueueError,
     Unauthorized,
 )
@@ -341,7 +343,7 @@ class HttpApi:
         the bearer token, where one is set and the route is not public."""
         foreign = _foreign(request, self.services)
         if foreign is not None:
-            return error(foreign, 403)
+            return error(foreign, Forbidden.http_status)
         token = self.services.token
         if not token or (route is not None and route.public):
             return None
@@ -366,7 +368,9 @@ class HttpApi:
                 return await _routed(call, self.services)
             return await call.route.handler(call)
         except _Unreadable as exc:  # what is left of the connection cannot be trusted
-            response = error(str(exc), 408 if isinstance(exc, _BodyTimedOut) else 400)
+            timed_out = isinstance(exc, _BodyTimedOut)
+            status = RequestTimedOut.http_status if timed_out else InvalidRequest.http_status
+            response = error(str(exc), status)
             response.force_close()
             # Closed once answered: the body may never end (a malformed chunk),
             # and aiohttp would read on for 10 s, then log its parser's error.

@@ -19,12 +19,14 @@ from simplequeue.broker.page import Overview
 from simplequeue.errors import (
     Contended,
     CorruptData,
+    Forbidden,
     InvalidRequest,
     JobCancelled,
     JobNotFound,
     LeaseLost,
     NothingToClaim,
     PayloadTooLarge,
+    RequestTimedOut,
     ScheduleNotFound,
     SimpleQueueError,
     StorageFull,
@@ -449,6 +451,14 @@ def spec() -> dict[str, Any]:
             }
         },
     }
+    # Every route refuses cross-site and DNS-rebinding requests (403); every
+    # route with a body, one that does not arrive within --body-timeout (408).
+    for operations in paths.values():
+        for op in operations.values():
+            op["responses"].update(_error_responses((Forbidden,)))
+            if "requestBody" in op:
+                op["responses"].update(_error_responses((RequestTimedOut,)))
+            op["responses"] = dict(sorted(op["responses"].items()))
     return {
         "openapi": "3.1.0",
         "info": {

@@ -64,6 +64,7 @@ from simplequeue.client.tasks import Tasks
 from simplequeue.client.threads import in_thread, use_pool
 from simplequeue.errors import (
     BrokerUnavailable,
+    Forbidden,
     InvalidRequest,
     JobCancelled,
     JobNotFound,
@@ -560,7 +561,7 @@ class Worker:
                 self._giving_back.append(asyncio.ensure_future(self._take_back(count, attempt[0])))
             raise
         except Exception as exc:  # logged, and the claim's place held a while: see below
-            if isinstance(exc, InvalidRequest | Unauthorized):
+            if isinstance(exc, InvalidRequest | Unauthorized | Forbidden):
                 self._give_up(exc)  # every claim would be refused so
             elif self.burst and isinstance(exc, BrokerUnavailable):
                 self._give_up(exc)  # whether the topic is empty cannot be known

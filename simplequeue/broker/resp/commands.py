@@ -472,7 +472,7 @@ async def lpop(session: Session, args: list[bytes]) -> Reply:
         return []
     if count > (limit := session.listener.max_batch):
         # Fewer than asked for would pass for a list that ran short.
-        raise RespError("ERR", f"at most {limit} values a pop (--max-batch): pop in parts")
+        raise RespError("ERR", f"at most {limit} values a pop (the batch limit): pop in parts")
     return list(await _pop(session, topic, count)) or NULL_ARRAY
 
 
