@@ -21,6 +21,7 @@ import pytest
 
 from simplequeue import keys
 from simplequeue.broker.discovery import Announcer
+from simplequeue.errors import StorageFull
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import read_record
@@ -331,6 +332,46 @@ async def test_resign_outlasts_a_renewal_cancelled_mid_write() -> None:
     assert store.held is not None and store.held.done() and store.held.exception() is None
     record = await read_record(store)
     assert record is not None and record[0].heartbeat_at == 0.0
+
+
+class FullOnce(MemStore):
+    """Refuses one write of broker.json, once `armed`, as a full disk does
+    (localfs: ENOSPC is StorageFull); `renewed` is set by a write after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.refused = False
+        self.renewed = asyncio.Event()
+
+    async def put_if(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        if key == keys.BROKER and self.armed:
+            self.armed, self.refused = False, True
+            raise StorageFull("localfs: no space left on the device")
+        etag = await super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+        if key == keys.BROKER and self.refused:
+            self.renewed.set()
+        return etag
+
+
+async def test_the_announcer_renews_broker_json_again_after_a_full_disk() -> None:
+    """StorageFull is no StoreUnavailable: it ended the announcer's task for
+    good, and broker.json went stale under a live broker."""
+    store = FullOnce()
+    announcer = Announcer(store, broker_id="b", url="http://127.0.0.1:1", lease_s=0.3)
+    await announcer.step()  # registers
+    store.armed = True
+    task = asyncio.create_task(announcer.run())  # a round every 0.1 s
+    renewed = asyncio.ensure_future(store.renewed.wait())
+    try:
+        await asyncio.wait([task, renewed], timeout=3, return_when=asyncio.FIRST_COMPLETED)
+        assert store.refused and store.renewed.is_set() and announcer.active
+    finally:
+        for waiting in (task, renewed):
+            waiting.cancel()
+        await asyncio.gather(task, renewed, return_exceptions=True)
 
 
 async def test_a_broker_whose_store_stopped_answering_still_stops(

@@ -136,6 +136,8 @@ class Announcer:
                 await self.step()
             except StoreUnavailable as exc:
                 log.warning("broker.json: store unavailable: %s", exc)
+            except Exception:  # a full disk (StorageFull), a bug: the next round tries again
+                log.exception("broker.json: round failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.lease_s / 3):
