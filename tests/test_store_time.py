@@ -203,6 +203,28 @@ async def test_a_committer_that_never_wrote_to_localfs_does_not_judge_leases_by_
     await ahead.close()
 
 
+async def test_a_brokers_first_heartbeat_in_broker_json_is_on_the_stores_clock(
+    tmp_path: Path,
+) -> None:
+    """A broker's first round on broker.json came before anything sampled the
+    store's clock (localfs reads carry no stamp): a broker two minutes behind
+    announced itself two minutes stale, and clients refused it until its
+    next renewal."""
+    from simplequeue.broker.discovery import Announcer
+    from simplequeue.records import read_record
+
+    behind = LocalStore(tmp_path)
+    behind.clock = StoreClock(wall=lambda: time.time() - 120)
+    announcer = Announcer(
+        behind, broker_id="b0", url="http://127.0.0.1:1", lease_s=15, clock=behind.now
+    )
+    await announcer.step()
+    current = await read_record(behind)
+    assert announcer.active and current is not None
+    assert current[0].heartbeat_at == pytest.approx(time.time(), abs=1)
+    await behind.close()
+
+
 # --- estimates that disagree ------------------------------------------------------------
 
 

@@ -61,6 +61,11 @@ class Announcer:
     async def step(self) -> None:
         """One round: register if there is no record, renew ours, take over a
         stale one, or stand by."""
+        # The heartbeat is on the store's clock, never on a guess: a localfs
+        # handle that wrote nothing yet (its reads carry no stamp) would stamp
+        # it with the wall clock, and a broker minutes behind announce itself
+        # minutes stale (at its first round, before the committer samples).
+        await self.store.sample_clock()
         now = self.clock()
         if self.active and self._etag is not None:
             mine = self._record(self.epoch, now)
