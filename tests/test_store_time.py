@@ -225,6 +225,64 @@ async def test_a_brokers_first_heartbeat_in_broker_json_is_on_the_stores_clock(
     await behind.close()
 
 
+def handle(path: Path, wall_off_by: float) -> LocalStore:
+    """A handle on the localfs store at `path` of a process whose wall clock
+    is `wall_off_by` seconds off (libfaketime moves time.time(), not the
+    kernel's mtimes)."""
+    store = LocalStore(path)
+    store.clock = StoreClock(wall=lambda: time.time() + wall_off_by)
+    return store
+
+
+async def announce(path: Path, heartbeat_age: float) -> None:
+    """broker.json at `path`, renewed `heartbeat_age` seconds ago by the store's clock."""
+    from simplequeue import keys
+    from simplequeue.records import BrokerRecord
+
+    broker = handle(path, 0.0)
+    await broker.sample_clock()
+    record = BrokerRecord("b0", "http://127.0.0.1:1", 1, broker.now() - heartbeat_age, 15.0)
+    await broker.put(keys.BROKER, record.encode())
+    await broker.close()
+
+
+async def test_a_client_ahead_finds_a_healthy_broker_and_one_behind_no_dead_one(
+    tmp_path: Path,
+) -> None:
+    """find_broker() judged broker.json's age by store.now(), which on a localfs
+    handle that wrote nothing is its wall clock: a client two minutes ahead
+    refused a broker that renewed just now, one two minutes behind was sent
+    to a broker dead for two minutes."""
+    from simplequeue.client.discovery import find_broker
+    from simplequeue.errors import BrokerUnavailable
+
+    await announce(tmp_path, heartbeat_age=0.0)
+    ahead = handle(tmp_path, +120.0)
+    assert await find_broker(ahead, max_age=30) == "http://127.0.0.1:1"
+    await announce(tmp_path, heartbeat_age=120.0)
+    behind = handle(tmp_path, -120.0)
+    with pytest.raises(BrokerUnavailable, match="heartbeat is 120 s old"):
+        await find_broker(behind, max_age=30)
+    await ahead.close()
+    await behind.close()
+
+
+async def test_a_client_that_may_not_write_the_store_judges_broker_json_by_its_wall_clock(
+    tmp_path: Path,
+) -> None:
+    from simplequeue.client.discovery import find_broker
+    from simplequeue.errors import StoreRefused
+
+    class ReadOnly(LocalStore):
+        async def sample_clock(self) -> None:
+            raise StoreRefused(f"localfs {self.root}: read-only file system")
+
+    await announce(tmp_path, heartbeat_age=0.0)
+    client = ReadOnly(tmp_path)
+    assert await find_broker(client, max_age=30) == "http://127.0.0.1:1"
+    await client.close()
+
+
 # --- estimates that disagree ------------------------------------------------------------
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from simplequeue import api
-from simplequeue.errors import BrokerUnavailable, CorruptData
+from simplequeue.errors import BrokerUnavailable, CorruptData, StoreRefused
 from simplequeue.objstore import ObjectStore
 from simplequeue.records import read_record
 
@@ -11,8 +13,11 @@ from simplequeue.records import read_record
 async def find_broker(store: ObjectStore, max_age: float) -> str:
     """The URL of the broker that broker.json names; BrokerUnavailable when there
     is none, or its heartbeat is older than `max_age` seconds by the store's
-    clock (its answer to the read stamps it), so a client whose own clock is
-    off still finds a healthy broker."""
+    clock, so a client whose own clock is off still finds a healthy broker and
+    is not sent to a dead one. S3's answer to the read stamps that clock; on
+    localfs, whose reads carry no stamp, the handle samples it (a write
+    to its clock file, once); a handle that may not write there (a read-only
+    mount) judges by its own wall clock."""
     api.check_seconds("max_age", max_age)
     try:
         current = await read_record(store)
@@ -26,6 +31,9 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
             f"broker.json names {record.url}, which stopped: no broker is active "
             "(a standby takes it over within a third of its --broker-lease)"
         )
+    # After the read: a handle on a store that is not there creates nothing.
+    with contextlib.suppress(StoreRefused):
+        await store.sample_clock()
     age = record.age(store.now())  # the heartbeat is on the store's clock too
     if age > max_age:
         raise BrokerUnavailable(
