@@ -27,6 +27,7 @@ from simplequeue.broker.duties import DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.membership import Membership, rendezvous
 from simplequeue.client import Client
+from simplequeue.errors import StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore import ObjectStore
 from simplequeue.objstore.localfs import LocalStore
@@ -592,6 +593,92 @@ async def test_a_broker_that_leaves_is_dropped_at_the_next_round() -> None:
     await b.leave()
     await a.step()
     assert [p.broker_id for p in a.live] == ["a"]
+
+
+class Refusing(MemStore):
+    """A memfs store that refuses to write the keys in `refused` (a broker
+    whose registration writes fail: a store answering 503 to them, a bucket
+    policy refusing brokers/); it reads everything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: set[str] = set()
+
+    async def put(self, key: str, data: bytes) -> str:
+        if key in self.refused:
+            raise StoreUnavailable(f"injected: {key} cannot be written")
+        return await super().put(key, data)
+
+    async def put_if(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        if key in self.refused:
+            raise StoreUnavailable(f"injected: {key} cannot be written")
+        return await super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+
+
+async def test_a_broker_whose_record_cannot_be_written_still_sees_the_others_leave() -> None:
+    """A round gave up when the renewal failed, the others' records unread: a
+    broker that left stayed live in the view for as long as the writes failed
+    (its topics' leases, schedules and follow-ups taken over by no one)."""
+    store = Refusing()
+    a = Membership(store, broker_id="a", url="http://a", lease_s=60)
+    b = Membership(store, broker_id="b", url="http://b", lease_s=60)
+    for m in (a, b):
+        await m.register()
+    await a.step()
+    assert [p.broker_id for p in a.live] == ["a", "b"]
+    store.refused.add(a.key)  # a's renewals fail from now on
+    await b.leave()
+    await a.step()
+    assert [p.broker_id for p in a.live] == ["a"]  # alone, it serves every topic
+
+
+async def test_a_broker_whose_record_went_stale_leaves_its_topics_to_the_others() -> None:
+    """The others drop a broker whose record was not renewed for its lease:
+    it owns none of the topics they take over, until its record is renewed."""
+    store = Refusing()
+    a = Membership(store, broker_id="a", url="http://a", lease_s=0.3)
+    b = Membership(store, broker_id="b", url="http://b", lease_s=0.3)
+    for m in (a, b):
+        await m.register()
+    for m in (a, b):
+        await m.step()
+    store.refused.add(a.key)
+    await asyncio.sleep(0.35)  # a's lease runs out; b renews
+    await b.step()
+    await a.step()
+    assert [p.broker_id for p in b.live] == [p.broker_id for p in a.live] == ["b"]
+    assert not any(a.owns(f"t{i}") for i in range(20))
+    store.refused.clear()
+    await a.step()
+    assert [p.broker_id for p in a.live] == ["a", "b"]
+
+
+async def test_a_broker_whose_record_cannot_be_written_reaps_what_a_crashed_owner_left(
+    start_broker: StartBroker,
+) -> None:
+    """The frozen view's consequence: the owner of a topic died, and the only
+    other broker, whose registration writes failed, never saw it go: the
+    claim it had made there stayed claimed past its lease."""
+    store = Refusing()
+    b = Membership(store, broker_id="B", url="http://127.0.0.1:9", lease_s=0.3)
+    await b.register()
+    renewing = asyncio.create_task(b.run())
+    a = await start_broker(store, broker_id="A", broker_lease=0.3)  # a round every 0.1 s
+    topic = next(
+        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "B") > rendezvous(t, "A")
+    )
+    assert a.membership.peer("B") and not a.membership.owns(topic)
+    owner = Engine(GroupCommitter(store, broker_id="B", clock=store.now))  # B's writes
+    await owner.enqueue(topic, [JobSpec("p", id="j")])
+    await owner.claim(topic, "w", lease=0.3)
+    await owner.committer.close()
+    store.refused.add(a.membership.key)  # A's renewals fail from now on
+    renewing.cancel()  # B is killed: its record stays as it was
+    await asyncio.gather(renewing, return_exceptions=True)
+    await until(lambda: a.duties.reaped == 1, within=5)
+    assert (await a.engine.job(topic, "j"))["status"] == "pending"
 
 
 @pytest.mark.parametrize("bad", ["../x", "", ".hidden", "a" * 200, "a/b"])

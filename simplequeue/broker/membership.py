@@ -4,7 +4,9 @@ Each broker registers in brokers/<id>.json and renews it every third of its
 lease; each reads the others' records and counts a broker live while it has
 seen its record change within the record's lease, on its own monotonic clock:
 the times written in records are never compared with this broker's clock, so
-brokers whose wall clocks disagree still agree on who is alive. A topic's owner
+brokers whose wall clocks disagree still agree on who is alive. It counts
+itself live while its own record was written within its lease, as the others
+see it, or while it sees no other broker live. A topic's owner
 is the live broker with the highest rendezvous hash of (topic, broker id); the
 rest of that order says who serves the topic when those before it do not
 answer. Ownership is routing, not a lock: the head's conditional write keeps
@@ -31,7 +33,7 @@ from simplequeue.errors import (
     StoreUnavailable,
 )
 from simplequeue.objstore import ObjectStore
-from simplequeue.records import BrokerRecord
+from simplequeue.records import MAX_LEASE_S, BrokerRecord
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,10 @@ class Membership:
         self._seen: dict[str, _Sighting] = {}
         self._etag: str | None = None
         self._beats = 0
+        # Monotonic: when the last write of this broker's record that landed
+        # was sent. The others count it live for its lease from then at most.
+        self._written_at: float | None = None
+        self._dropped_self = False  # it counts itself out: said once
         # Brokers that did not answer a forwarded request: passed over until then.
         self._suspect: dict[str, float] = {}
         self._ranked: dict[str, list[Peer]] = {}  # topic -> live brokers by its hash
@@ -170,11 +176,20 @@ class Membership:
         """Write this broker's record (a restarted broker of the same id takes
         over its own record)."""
         self._beats += 1
+        sent = time.monotonic()
         self._etag = await self.store.put(self.key, self._record().encode())
+        self._written_at = sent
 
     async def step(self) -> None:
-        """Renew this broker's record, read the others', and see who is live."""
-        await self._renew()
+        """Renew this broker's record, read the others', and see who is live:
+        whether or not the renewal landed (the view froze while it failed, a
+        dead broker live in it for as long, its topics taken over by no one)."""
+        try:
+            await self._renew()
+        except StoreUnavailable as exc:
+            log.warning("broker registry: could not renew %s: %s", self.key, exc)
+        except Exception:
+            log.exception("broker registry: could not renew %s", self.key)
         listed = await self.store.list(keys.BROKERS_PREFIX)
         mono = time.monotonic()
         ids = {b for b in (keys.broker_of(k) for k in listed) if b and b != self.me.broker_id}
@@ -182,7 +197,7 @@ class Membership:
             del self._seen[gone]
         for broker_id in sorted(ids):
             await self._look_at(broker_id, mono)
-        live = [self.me]
+        live = []
         for broker_id, seen in list(self._seen.items()):
             age = mono - seen.changed_at
             if seen.record.url == self.me.url:
@@ -196,7 +211,31 @@ class Membership:
                 live.append(Peer(broker_id, seen.record.url, seen.restarts))
             elif age > FORGET_AFTER_LEASES * seen.record.lease:
                 await self._forget(broker_id, "its record was not renewed for long")
+        if self._counts_itself(bool(live)):
+            live.append(self.me)
         self._set_live(tuple(sorted(live, key=lambda p: p.broker_id)))
+
+    def _counts_itself(self, others: bool) -> bool:
+        """Whether this broker is live in its own view: while the others may
+        see it so, its record written within its lease. One whose writes fail
+        is dropped by the others after its lease; it owns none of the topics
+        they take over (it passes their requests on), unless it sees no other
+        broker live: then it serves them all."""
+        written = self._written_at is not None and (
+            time.monotonic() - self._written_at < min(self.lease_s, MAX_LEASE_S)
+        )
+        if written or not others:
+            self._dropped_self = False
+            return True
+        if not self._dropped_self:
+            self._dropped_self = True
+            log.warning(
+                "this broker's record %s was not renewed for its lease (%g s): the others "
+                "take it for gone, and it serves their topics no more until it is",
+                self.key,
+                self.lease_s,
+            )
+        return False
 
     def _same_address(self, broker_id: str) -> None:
         """A broker forgotten for having this broker's address registered again:
@@ -218,6 +257,7 @@ class Membership:
     async def _renew(self) -> None:
         self._beats += 1
         record = self._record().encode()
+        sent = time.monotonic()
         try:
             if self._etag is None:
                 raise PreconditionFailed("not registered")
@@ -225,7 +265,9 @@ class Membership:
         except (PreconditionFailed, ObjectNotFound):
             # Deleted as stale (this broker was paused for long), or never written.
             log.info("registering %s at %s", self.me.broker_id, self.me.url)
+            sent = time.monotonic()
             self._etag = await self.store.put(self.key, record)
+        self._written_at = sent
 
     async def _look_at(self, broker_id: str, mono: float) -> None:
         key = keys.registration(broker_id)
