@@ -681,6 +681,59 @@ async def test_a_broker_whose_record_cannot_be_written_reaps_what_a_crashed_owne
     assert (await a.engine.job(topic, "j"))["status"] == "pending"
 
 
+class SlowReading(MemStore):
+    """A memfs store whose reads of `slow` take `delay` seconds (an S3 GET
+    retried after its read timeout: 10 s and more, of a 15 s lease), and
+    that sets `renewed` once `counted` has been written `enough` times."""
+
+    def __init__(self, slow: str, delay: float, counted: str, enough: int) -> None:
+        super().__init__()
+        self.slow, self.delay = slow, delay
+        self.counted, self.left = counted, enough
+        self.renewed = asyncio.Event()
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        if key == self.slow:
+            await asyncio.sleep(self.delay)  # the store's latency, not synchronisation
+        return await super().get(key)
+
+    async def put_if(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        etag = await super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+        if key == self.counted:
+            self.left -= 1
+            if self.left <= 0:
+                self.renewed.set()
+        return etag
+
+
+async def test_a_slow_read_of_another_record_does_not_delay_this_brokers_renewals() -> None:
+    """A renewal waited for the reads of the others' records (one round did
+    both, then waited a third of the lease): a broker whose read of one
+    record was slow renewed late, and the others took it, alive, for dead
+    (its topics changed owner, and back at its next renewal)."""
+    store = SlowReading(keys.registration("b"), 0.45, keys.registration("a"), enough=8)
+    a = Membership(store, broker_id="a", url="http://a", lease_s=0.6)
+    b = Membership(store, broker_id="b", url="http://b", lease_s=0.6)
+    for m in (a, b):
+        await m.register()
+    await b.step()
+    assert [p.broker_id for p in b.live] == ["a", "b"]
+    dropped = asyncio.Event()
+    b.on_change = lambda old, new: dropped.set()
+    tasks = [asyncio.create_task(m.run()) for m in (a, b)]
+    waits = [asyncio.ensure_future(e.wait()) for e in (dropped, store.renewed)]
+    try:
+        await asyncio.wait(waits, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert not dropped.is_set(), "b took a, alive, for dead"
+        assert store.renewed.is_set()  # 8 renewals: about 1.6 s
+    finally:
+        for task in [*tasks, *waits]:
+            task.cancel()
+        await asyncio.gather(*tasks, *waits, return_exceptions=True)
+
+
 @pytest.mark.parametrize("bad", ["../x", "", ".hidden", "a" * 200, "a/b"])
 def test_broker_ids_must_be_able_to_name_a_record(bad: str) -> None:
     from simplequeue.errors import InvalidRequest

@@ -184,12 +184,11 @@ class Membership:
         """Renew this broker's record, read the others', and see who is live:
         whether or not the renewal landed (the view froze while it failed, a
         dead broker live in it for as long, its topics taken over by no one)."""
-        try:
-            await self._renew()
-        except StoreUnavailable as exc:
-            log.warning("broker registry: could not renew %s: %s", self.key, exc)
-        except Exception:
-            log.exception("broker registry: could not renew %s", self.key)
+        await self._renew_logged()
+        await self.look()
+
+    async def look(self) -> None:
+        """Read the others' records, and see who is live."""
         listed = await self.store.list(keys.BROKERS_PREFIX)
         mono = time.monotonic()
         ids = {b for b in (keys.broker_of(k) for k in listed) if b and b != self.me.broker_id}
@@ -253,6 +252,14 @@ class Membership:
                 broker_id,
                 self.me.url,
             )
+
+    async def _renew_logged(self) -> None:
+        try:
+            await self._renew()
+        except StoreUnavailable as exc:
+            log.warning("broker registry: could not renew %s: %s", self.key, exc)
+        except Exception:
+            log.exception("broker registry: could not renew %s", self.key)
 
     async def _renew(self) -> None:
         self._beats += 1
@@ -329,18 +336,37 @@ class Membership:
                 self.on_change(old, live)
 
     async def run(self) -> None:
-        """Rounds every third of the lease until cancelled."""
+        """Renewals every third of the lease, and rounds reading the others'
+        records as often, until cancelled. Each on its own: renewals waited
+        for the reads, and one slow read (an S3 GET retried past its timeout,
+        10 s of a 15 s lease) made this broker's renewal late enough for the
+        others to take it for dead (its topics changed owner and back)."""
+        renewing = asyncio.create_task(self._renewing(), name="membership renewals")
+        try:
+            while True:
+                try:
+                    await self.look()
+                except StoreUnavailable as exc:
+                    log.warning("broker registry: store unavailable: %s", exc)
+                except Exception:
+                    log.exception("broker registry: round failed")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.lease_s / 3):
+                        await self._wake.wait()
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
+    async def _renewing(self) -> None:
+        """This broker's record renewed every third of its lease, from the
+        start of one renewal to the next (at once after one that took longer)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            try:
-                await self.step()
-            except StoreUnavailable as exc:
-                log.warning("broker registry: store unavailable: %s", exc)
-            except Exception:
-                log.exception("broker registry: round failed")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.lease_s / 3):
-                    await self._wake.wait()
+            await self._renew_logged()
+            due = max(due + self.lease_s / 3, loop.time())
+            await asyncio.sleep(due - loop.time())
 
     def poke(self) -> None:
         self._wake.set()
