@@ -38,6 +38,7 @@ from simplequeue import keys
 from simplequeue.batching import Batcher, Linger, Pending
 from simplequeue.cache import ObjectCache
 from simplequeue.errors import (
+    AmbiguousWrite,
     CacheTooSmall,
     Contended,
     CorruptData,
@@ -773,7 +774,9 @@ class GroupCommitter:
         that does not answer until the batch's budget is spent: a blip there
         must not fail a batch that landed (its callers would take a done pop,
         say, for undone). If the store stays down, the batch fails
-        StoreUnavailable, saying that it may have landed."""
+        AmbiguousWrite, saying that it may have landed (a caller that takes a
+        plain StoreUnavailable for "did not land", an undo kept for another
+        try, would do it again)."""
         s = self.settings
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(StoreUnavailable),
@@ -786,7 +789,7 @@ class GroupCommitter:
                 with attempt:
                     await self._load(t, keep_if_same=False)
         except StoreUnavailable as exc:
-            raise StoreUnavailable(
+            raise AmbiguousWrite(
                 f"topic {t.name!r}: a write's answer was lost and the head could not be "
                 f"read back ({exc}): it may or may not have landed"
             ) from exc
