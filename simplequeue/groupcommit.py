@@ -87,6 +87,9 @@ _STATE_DEPENDENT = (JobNotFound, LeaseLost, ScheduleNotFound, RefusedByTopic)
 _MAX_FETCH_ROUNDS = 64
 # What reading ahead past runs' fronts may fill of the object cache, at most.
 READ_AHEAD_SHARE = 1 / 16
+# Orphan objects the sweeps saw first and keep for their second sighting, in
+# all topics, at most (130 to 240 bytes each, as long as topic names go).
+SIGHTINGS_KEPT = 250_000
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,6 @@ class _Topic:
         self.reader: TopicState | None = None
         self.changed = asyncio.Event()
         self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
-        self.orphans: set[str] = set()  # unreferenced objects seen by the last sweep
         self.used_at = time.monotonic()
         self.waiters = 0  # long polls waiting for a change
         # Objects the batch being committed has read: its states hold on to
@@ -241,6 +243,12 @@ class GroupCommitter:
         # as last committed and the time.
         self.on_forgotten: Callable[[str, TopicState, float], None] | None = None
         self._topics: dict[str, _Topic] = {}
+        # The orphans each topic's last sweep saw (oldest sweep first), for its
+        # next: apart from the topics' states, which leave memory while idle
+        # (a topic quiet between two sweeps would have every orphan sighted
+        # for the first time, and none deleted). At most SIGHTINGS_KEPT keys.
+        self._sighted: dict[str, frozenset[str]] = {}
+        self._sighted_keys = 0
         self._rescan_at = 0  # topics held before forget_idle() is tried again on a new one
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -466,20 +474,37 @@ class GroupCommitter:
         PUT held up) past two sweeps before its head's PUT, loses its race
         instead of landing a head that names objects gone. Whatever landed
         before the fence keeps what it names."""
-        t = self._topic(topic)
         listed = set(await self.store.list(keys.segments_prefix(topic)))
         referenced = set(await self.read(topic, lambda s, now: s.referenced()))
         orphans = listed - referenced
-        if orphans & t.orphans:
+        sighted = self._sighted.get(topic, frozenset())
+        if orphans & sighted:
             fenced = set(await self.submit(topic, _fence))
             orphans -= fenced
-        doomed = sorted(orphans & t.orphans)
-        t.orphans = orphans - set(doomed)
+        doomed = sorted(orphans & sighted)
+        self._sight(topic, orphans - set(doomed))
         for key in doomed:
             await self.store.delete(key)
             self.stats.segments_deleted += 1
         self.cache.forget(doomed)
         return doomed
+
+    def _sight(self, topic: str, orphans: set[str]) -> None:
+        """Keep `orphans` as what `topic`'s last sweep saw. Past SIGHTINGS_KEPT
+        keys, the topics swept longest ago lose theirs (seen again, they are
+        deleted a sweep later), and a topic alone past it keeps that many."""
+        self._sighted_keys -= len(self._sighted.pop(topic, ()))
+        if not orphans:
+            return
+        kept = frozenset(sorted(orphans)[:SIGHTINGS_KEPT])
+        self._sighted[topic] = kept
+        self._sighted_keys += len(kept)
+        while self._sighted_keys > SIGHTINGS_KEPT:  # the newest is within it alone
+            self._sighted_keys -= len(self._sighted.pop(next(iter(self._sighted))))
+
+    def sighted(self) -> list[str]:
+        """The topics whose last sweep saw orphans, which their next deletes."""
+        return list(self._sighted)
 
     async def sweep_leftovers(self, older_than: float) -> int:
         """Remove the store's leftovers of writes cut short, untouched for

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from simplequeue import keys
+from simplequeue import groupcommit, keys
 from simplequeue.api import FollowUpSpec, JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.errors import AmbiguousWrite, Contended, StoreUnavailable
@@ -373,6 +373,31 @@ async def test_sweep_deletes_orphan_segments_only_after_two_sweeps() -> None:
     assert await q.committer.sweep("t") == ["topics/t/seg-p0-orphan.json"]
     assert await store.list("topics/t/") == referenced
     assert (await q.status("t"))["pending"] == 20
+
+
+async def test_the_sweeps_first_sightings_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the sweeps saw first is kept apart from the topics' states (which
+    leave memory while idle), SIGHTINGS_KEPT keys in all: past it, the topics
+    swept longest ago lose theirs, and a topic alone keeps that many (the
+    rest are deleted at later sweeps)."""
+    monkeypatch.setattr(groupcommit, "SIGHTINGS_KEPT", 5)
+    store = MemStore()
+    q = engine_on(store)
+    for topic in ("a", "b"):
+        await q.enqueue(topic, [JobSpec(1)])
+        for i in range(3):
+            await store.put(f"topics/{topic}/seg-p0-orphan{i}.json", b"{}")
+        assert await q.committer.sweep(topic) == []
+    assert q.committer.sighted() == ["b"]  # a's three and b's three are past five
+    for i in range(3, 8):
+        await store.put(f"topics/b/seg-p0-orphan{i}.json", b"{}")
+    assert len(await q.committer.sweep("b")) == 3  # b's first three, seen twice
+    assert q.committer._sighted_keys == 5
+    assert len(await q.committer.sweep("b")) == 5
+    assert await store.list("topics/b/") == []
+    assert q.committer.sighted() == []
+    assert await q.committer.sweep("a") == []  # seen again: a first sighting
+    assert len(await q.committer.sweep("a")) == 3
 
 
 def test_brokers_on_s3_batch_longer_and_spill_less() -> None:

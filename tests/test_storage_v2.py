@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -106,6 +107,36 @@ async def test_a_segment_gone_after_the_sweep_means_the_head_moved_not_an_error(
     # The old reader's head names deleted segments: it reads the head again.
     assert await old_reader.claim("t", "w") == []
     assert (await old_reader.status("t"))["completed"] == 80
+
+
+async def test_orphans_of_a_topic_idle_between_two_sweeps_are_deleted(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """A sweep's first sightings were kept in the topic's state, which leaves
+    memory once idle (600 s, 60 s past 1,000 topics held), while sweeps come
+    every 600 s: a topic that went quiet was forgotten between two sweeps,
+    each sweep a first sighting, nothing deleted. And once its last write was
+    two sweeps old, the topic was not swept again: the orphans of its last
+    minutes of activity stayed for ever. Here the topic leaves memory after
+    each sweep (idle_after = idle_max = 0 stand for ten idle minutes), and its
+    last write is past two sweeps when the second comes."""
+    store = MemStore()
+    broker = await start_broker(store)  # sweep_interval 600 s: its loop sweeps nothing here
+    engine, committer = broker.engine, broker.committer
+    for i in range(6):  # spills pending segments
+        await engine.enqueue("t", jobs(40, prefix=f"b{i}-", size=1000))
+    while claimed := await engine.claim("t", "w", count=100):
+        await engine.ack_many("t", [AckRequest(j["id"], j["lease_token"]) for j in claimed])
+    referenced = await committer.read("t", lambda s, now: s.referenced())
+    orphans = set(await store.list(keys.segments_prefix("t"))) - set(referenced)
+    assert orphans
+    committer.settings = dataclasses.replace(committer.settings, idle_after=0.0, idle_max=0.0)
+    await broker.duties._sweep()  # the first sighting
+    assert committer.forget_idle() == 1
+    broker.duties._written.clear()  # its last write two sweeps old
+    await broker.duties._sweep()
+    assert not orphans & set(await store.list(keys.segments_prefix("t")))
+    assert (await engine.status("t"))["completed"] == 240
 
 
 # --- one bad object -----------------------------------------------------------------------

@@ -498,11 +498,13 @@ class Duties:
     async def _sweep(self) -> None:
         """Sweep the topics this broker owns and wrote within two sweeps (an
         orphan is deleted at its second sighting; a topic nobody writes makes
-        none), then the store's leftovers of writes cut short (whichever
-        broker's: one killed may never come back)."""
+        none), and those whose last sweep saw orphans (however long ago their
+        last write was), then the store's leftovers of writes cut short
+        (whichever broker's: one killed may never come back)."""
         horizon = time.monotonic() - 2 * self.settings.sweep_interval
         self._written = {t: at for t, at in self._written.items() if at >= horizon}
-        owned = [t for t in sorted(self._written) if self.membership.owns(t)]
+        swept = {*self._written, *self.engine.sighted()}
+        owned = [t for t in sorted(swept) if self.membership.owns(t)]
         await self.engine.sweep_all(owned)
         await self.engine.sweep_leftovers(self.settings.leftover_age)
 

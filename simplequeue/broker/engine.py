@@ -872,6 +872,10 @@ class Engine:
                 log.exception("sweeper: topic %s failed", topic)
         return deleted
 
+    def sighted(self) -> list[str]:
+        """The topics whose last sweep found orphans, which their next deletes."""
+        return self.committer.sighted()
+
     async def sweep_leftovers(self, older_than: float) -> int:
         """Remove what writes cut short left in the store (a broker killed
         mid-write on localfs), untouched for `older_than` seconds; how many."""
