@@ -227,6 +227,42 @@ async def test_a_referenced_segment_that_is_gone_is_a_clear_error_when_the_head_
         await fresh.claim("t", "w", count=40)
 
 
+async def _a_manifest(store: MemStore) -> str:
+    """Fills topic t until its run has a manifest (SMALL: loose_max 4); the key
+    of the run's first manifest."""
+    writer = engine_on(store)
+    for i in range(12):
+        await writer.enqueue("t", jobs(20, prefix=f"b{i}-"))
+    run = (await head_of(store))["lanes"]["0"]["runs"][0]
+    assert run["mans"]
+    return keys.segment("t", run["mans"][0]["k"])
+
+
+async def _rewrite(store: MemStore, key: str, change: Callable[[dict[str, Any]], None]) -> None:
+    obj = orjson.loads((await store.get(key))[0])
+    change(obj)
+    await store.put(key, orjson.dumps(obj))
+
+
+async def test_a_manifest_holding_fewer_segments_than_its_ref_says_is_corrupt() -> None:
+    """A manifest that reads well but lists fewer segments than the head's ref
+    says (restored from another backup, cut short by a tool) failed every
+    claim with a bare IndexError: a 503 ("commit failed") that clients retry
+    for ever, naming no object. It is corrupt data, named, as such a segment is."""
+    store = MemStore()
+    key = await _a_manifest(store)
+
+    def keep_one(manifest: dict[str, Any]) -> None:
+        manifest["segs"] = manifest["segs"][:1]
+
+    await _rewrite(store, key, keep_one)
+    fresh = engine_on(store, "fresh")
+    with pytest.raises(CorruptData, match=key):
+        await fresh.claim("t", "w", count=240)
+    with pytest.raises(CorruptData, match=key):
+        await fresh.enqueue("t", [JobSpec("x", id="new")])
+
+
 # --- cancellation ----------------------------------------------------------------------
 
 

@@ -29,7 +29,14 @@ from typing import Any
 
 from simplequeue import keys
 from simplequeue.errors import CorruptData
-from simplequeue.state.segments import Manifest, Segment, SegmentView, encode_index, id_hash
+from simplequeue.state.segments import (
+    Manifest,
+    Segment,
+    SegmentView,
+    as_ref_says,
+    encode_index,
+    id_hash,
+)
 
 Item = dict[str, Any]
 _NO_HOLES: frozenset[int] = frozenset()
@@ -73,7 +80,13 @@ class Chain:
         return self.view.segment(keys.segment(self.topic, seg_id))
 
     def manifest(self, man_id: str) -> Manifest:
-        return self.view.manifest(keys.segment(self.topic, man_id))
+        """The manifest `man_id` names, holding as many segments as the head's
+        ref to it says (segments.as_ref_says)."""
+        manifest = self.view.manifest(keys.segment(self.topic, man_id))
+        for mref in self.d["mans"]:  # the first, mostly: the front's
+            if mref["k"] == man_id:
+                return as_ref_says(manifest, mref["segs"])
+        return manifest  # one just dropped from the chain
 
     def items(self, ref: dict[str, Any]) -> list[Item]:
         """The items of the segment `ref` names: as many as it says, or the

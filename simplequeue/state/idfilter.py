@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from simplequeue import keys
-from simplequeue.state.segments import SegmentView, decode_index, id_hash
+from simplequeue.state.segments import SegmentView, as_ref_says, decode_index, id_hash
 
 # Rebuilt from scratch when it holds this many times the ids its topic's chains
 # hold in segments now (plus a floor): ids consumed or expired since are dead weight.
@@ -92,7 +92,7 @@ class IdFilter:
         loose or under a manifest, not covered yet. Raises SegmentMissing for
         an object not loaded."""
         covered, done = self._segments, self._manifests
-        manifests = [m["k"] for d in chains for m in d["mans"] if m["k"] not in done]
+        manifests = [m for d in chains for m in d["mans"] if m["k"] not in done]
         loose = [r["k"] for d in chains for r in d["segs"] if r["k"] not in covered]
         if not (manifests or loose):
             return  # the usual answer: nothing new since the last query
@@ -106,8 +106,9 @@ class IdFilter:
             items = view.segment(keys.segment(topic, seg_id)).items
             self._hashes.add(id_hash(item["id"]) for item in items)
             covered.add(seg_id)
-        for man_id in manifests:
-            refs = view.manifest(keys.segment(topic, man_id)).refs
+        for mref in manifests:
+            man_id = mref["k"]
+            refs = as_ref_says(view.manifest(keys.segment(topic, man_id)), mref["segs"]).refs
             # A manifest made of loose segments, or written by merging or
             # rewriting others, holds segments already covered: nothing to add.
             new = [ref for ref in refs if ref["k"] not in covered]

@@ -164,6 +164,17 @@ def decode_manifest(key: str, data: bytes, *, check: bool = True) -> Manifest:
     return Manifest(key, refs, len(data))
 
 
+def as_ref_says(manifest: Manifest, segs: int) -> Manifest:
+    """`manifest`, whose ref in the head says it holds `segs` segments:
+    CorruptData unless it does (it is not the one the head wrote: restored
+    from another backup, cut short by a tool)."""
+    if len(manifest.refs) != segs:
+        raise CorruptData(
+            manifest.key, f"it holds {len(manifest.refs)} segments, the head says {segs}"
+        )
+    return manifest
+
+
 class SegmentView(Protocol):
     """What the state machine reads immutable objects through."""
 
