@@ -263,6 +263,27 @@ async def test_a_manifest_holding_fewer_segments_than_its_ref_says_is_corrupt() 
         await fresh.enqueue("t", [JobSpec("x", id="new")])
 
 
+@pytest.mark.parametrize("index", ["", "AAAA", "AAAAAA==", "not base64!"])
+async def test_a_manifest_whose_id_index_is_cut_short_lets_no_duplicate_in(index: str) -> None:
+    """A manifest's id index (4 bytes an item, in base64) was only checked to
+    be a string: one cut short or emptied was taken at its word, the id filter
+    and Chain.locate ruled its segment out, and an id the topic holds was
+    enqueued a second time, silently (one whose length is not a multiple of 4
+    was a bare ValueError). It is corrupt data, named."""
+    store = MemStore()
+    key = await _a_manifest(store)
+
+    def cut(manifest: dict[str, Any]) -> None:
+        for ref in manifest["segs"]:
+            ref["ix"] = index
+
+    await _rewrite(store, key, cut)
+    fresh = engine_on(store, "fresh")
+    with pytest.raises(CorruptData, match=key):
+        await fresh.enqueue("t", [JobSpec("again", id="b0-00001")])
+    assert (await engine_on(store, "other").status("t"))["pending"] == 240
+
+
 # --- cancellation ----------------------------------------------------------------------
 
 

@@ -8,6 +8,8 @@ these types do not name are allowed (and kept).
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any, Literal, NotRequired, TypedDict
 
 import msgspec
@@ -279,7 +281,17 @@ def check_items(key: str, kind: str, items: list[Any]) -> None:
 
 
 def check_manifest(key: str, refs: list[Any]) -> None:
+    """CorruptData naming `key` unless `refs` are a manifest's segment refs,
+    each with the id index of its `n` items: base64 of 4 bytes an item (one
+    cut short would rule out ids the segment holds, and let duplicates in)."""
     try:
         msgspec.convert(refs, list[IndexedRef])
     except msgspec.ValidationError as exc:
         raise CorruptData(key, f"not a well-formed manifest ({exc})") from None
+    for ref in refs:
+        try:
+            size = len(base64.b64decode(ref["ix"], validate=True))
+        except binascii.Error:
+            size = -1
+        if size != 4 * ref["n"]:
+            raise CorruptData(key, f"segment {ref['k']!r}'s id index is not one of {ref['n']} ids")
