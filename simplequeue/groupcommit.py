@@ -115,6 +115,10 @@ class CommitSettings:
     idle_after: float = 60.0
     topics_kept: int = 1000
     idle_max: float = 600.0  # seconds after which an idle topic leaves memory whatever the count
+    # Past this many topics held, those not in use leave memory however
+    # lately used, the least recently first (each costs some 8 KB, and a
+    # client may name a new one in every request).
+    topics_max: int = 10_000
 
 
 @dataclass
@@ -550,21 +554,27 @@ class GroupCommitter:
         return t
 
     def forget_idle(self) -> int:
-        """Topics idle for idle_after seconds leave memory (they are read again
-        if asked): past topics_kept topics, the least recently used first; and
-        whatever the count, those idle for idle_max. How many left."""
+        """Topics not in use leave memory (they are read again if asked): those
+        with nothing in the store (a request named one that does not exist),
+        whenever this is called; past topics_kept topics, those idle for
+        idle_after, the least recently used first; whatever the count, those
+        idle for idle_max; and past topics_max, the least recently used however
+        lately. How many left."""
         s = self.settings
         now = time.monotonic()
-        idle = sorted(
-            (
-                t
-                for t in self._topics.values()
-                if t.used_at < now - s.idle_after and self._is_idle(t)
-            ),
-            key=lambda t: t.used_at,
+        free = sorted(
+            (t for t in self._topics.values() if self._is_idle(t)), key=lambda t: t.used_at
         )
-        excess = max(0, len(self._topics) - s.topics_kept + 1)
-        doomed = idle[:excess] + [t for t in idle[excess:] if t.used_at < now - s.idle_max]
+        doomed = [t for t in free if t.committed is None]
+        held = len(self._topics) - len(doomed)
+        for t in free:
+            if t.committed is not None and (
+                t.used_at < now - s.idle_max
+                or (held >= s.topics_kept and t.used_at < now - s.idle_after)
+                or held >= s.topics_max
+            ):
+                doomed.append(t)
+                held -= 1
         for t in doomed:
             if self.on_forgotten is not None and t.committed is not None:
                 reader = self._reader(t)

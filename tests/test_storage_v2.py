@@ -21,6 +21,7 @@ from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Bounds, Policy
 from tests.helpers.faults import FaultyStore
 from tests.helpers.states import assert_held_as_written
+from tests.helpers.until import until
 
 SMALL = Bounds(
     inline_pending_bytes=2000,
@@ -529,6 +530,36 @@ async def test_topics_idle_for_long_leave_memory_however_few() -> None:
     assert q.forget_idle() == 5
     assert q.committer.known_topics() == []
     assert (await q.status("t3"))["pending"] == 1  # read again when asked
+
+
+async def test_topics_that_do_not_exist_leave_memory_at_once() -> None:
+    """Any request naming a topic made a _Topic (some 8 KB: a state, a batcher,
+    an id filter), and one that does not exist stayed as long as any other,
+    60 s past topics_kept: a client claiming random names at 2,000 a second
+    held a GB (SPEC 4.1: memory follows the topics being served). A topic
+    with nothing in the store leaves at the next check, or as a new topic
+    comes past topics_kept; one a long poll waits on stays, and its poll
+    wakes on an enqueue."""
+    q = engine_on(MemStore(), topics_kept=100)
+    waiting = asyncio.create_task(q.claim("nosuch-polled", "w", wait=30.0))
+    await until(lambda: q.committer.waiting("nosuch-polled") == 1)
+    for i in range(1000):
+        await q.claim(f"nosuch{i}", "w")
+        await q.status(f"nosuch-status{i}")
+    assert len(q.committer._topics) <= 101
+    q.forget_idle()
+    assert list(q.committer._topics) == ["nosuch-polled"]
+    await q.enqueue("nosuch-polled", [JobSpec(1, id="j")])
+    assert [j["id"] for j in await asyncio.wait_for(waiting, 10)] == ["j"]
+
+
+async def test_past_topics_max_the_least_recently_used_leave_however_lately() -> None:
+    q = engine_on(MemStore(), topics_kept=2, topics_max=5)
+    for i in range(20):
+        await q.enqueue(f"t{i:02d}", [JobSpec(i)])
+    assert len(q.committer._topics) <= 5
+    assert "t19" in q.committer._topics and "t00" not in q.committer._topics
+    assert (await q.status("t00"))["pending"] == 1  # read again when asked
 
 
 async def test_a_listing_keeps_no_topic_whose_counts_read_a_segment() -> None:
