@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 import uuid
@@ -263,3 +264,39 @@ async def test_an_answer_without_an_etag_raises_a_store_error(moto: bool) -> Non
         finally:
             await store.close()
             await direct.close()
+
+
+# --- --create-bucket outside us-east-1 ------------------------------------------------
+
+
+@BACKENDS
+async def test_create_bucket_works_outside_us_east_1_and_when_another_broker_won(
+    moto: bool,
+) -> None:
+    """`simplequeued --region eu-west-1 --create-bucket`: CreateBucket went
+    without a LocationConstraint, which every region but us-east-1 refuses
+    (IllegalLocationConstraintException), so the flag worked in us-east-1
+    alone (review of s3, round 23). A bucket that another broker starting at
+    the same time created after this one looked (BucketAlreadyOwnedByYou) is
+    there as well."""
+    upstream, _ = endpoint(moto)
+    settings = S3Settings(
+        bucket=f"sq-eu-{uuid.uuid4().hex[:12]}",
+        endpoint_url=upstream,
+        region="eu-west-1",
+        max_attempts=2,
+    )
+    store = S3Store(settings)
+    try:
+        await store.create_bucket()
+        etag = await store.put_if("k", b"v", if_none_match=True)
+    finally:
+        await store.close()
+    async with S3FaultProxy(upstream).running() as proxy:
+        proxy.refuse[("HEAD", f"/{settings.bucket}")] = (404, "NotFound")  # not yet, it saw
+        late = S3Store(dataclasses.replace(settings, endpoint_url=proxy.url))
+        try:
+            await late.create_bucket()
+            assert await late.get("k") == (b"v", etag)
+        finally:
+            await late.close()

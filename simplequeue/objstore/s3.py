@@ -389,7 +389,9 @@ class S3Store(ObjectStore):
             request = {**request, "ContinuationToken": page["NextContinuationToken"]}
 
     async def create_bucket(self) -> None:
-        """Create the bucket if it does not exist (for LocalStack, MinIO and tests)."""
+        """Create the bucket if it does not exist (for LocalStack, MinIO and tests),
+        in the client's region. One another broker created meanwhile (or this
+        call's earlier try, its answer lost) is there: that is success."""
 
         async def op(client: Any) -> None:
             try:
@@ -397,7 +399,19 @@ class S3Store(ObjectStore):
             except ClientError as exc:
                 if _status(exc) != 404:
                     raise
-                await client.create_bucket(Bucket=self.settings.bucket)
+                # Every region but us-east-1 refuses a bucket without its name
+                # (IllegalLocationConstraintException), and us-east-1 one with it.
+                region = client.meta.region_name
+                where = (
+                    {"CreateBucketConfiguration": {"LocationConstraint": region}}
+                    if region and region != "us-east-1"
+                    else {}
+                )
+                try:
+                    await client.create_bucket(Bucket=self.settings.bucket, **where)
+                except ClientError as created:
+                    if _code(created) != "BucketAlreadyOwnedByYou":
+                        raise
 
         try:
             await self._call(op)
