@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from simplequeue.objstore import ObjectStore
+from simplequeue.objstore import ObjectStore, check_endpoint_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -129,7 +129,12 @@ def store_options(backends: tuple[str, ...] = BACKENDS) -> Callable[[F], F]:
         ),
         click.option("--bucket", default=None, help="s3 bucket."),
         click.option("--prefix", default="", help="s3 key prefix."),
-        click.option("--endpoint-url", default=None, help="s3 endpoint (LocalStack, MinIO)."),
+        click.option(
+            "--endpoint-url",
+            default=None,
+            callback=checked(check_endpoint_url),
+            help="s3 endpoint (LocalStack, MinIO), as http://HOST:PORT.",
+        ),
         click.option("--region", default=None, help="s3 region."),
     ]
 

@@ -252,7 +252,15 @@ def test_store_from_url_picks_backend_by_scheme(tmp_path: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://x", "file://relative/dir", "s3://", "s3://b/p?colour=red", "nothing"]
+    "url",
+    [
+        "ftp://x",
+        "file://relative/dir",
+        "s3://",
+        "s3://b/p?colour=red",
+        "s3://b/p?endpoint_url=localhost:9000",  # no scheme: botocore refused it at first use
+        "nothing",
+    ],
 )
 def test_store_from_url_rejects_bad_urls(url: str) -> None:
     with pytest.raises(ValueError):

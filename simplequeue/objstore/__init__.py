@@ -18,10 +18,25 @@ __all__ = [
     "PreconditionFailed",
     "StoreError",
     "StoreUnavailable",
+    "check_endpoint_url",
     "check_key",
     "content_etag",
     "store_from_url",
 ]
+
+
+def check_endpoint_url(url: str) -> str:
+    """An s3 endpoint as botocore takes one: http or https, and a host; else
+    ValueError. Without its scheme (`localhost:9000`), or empty, botocore
+    refuses it at the first request only, once a broker has started."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises ValueError)
+    except ValueError:
+        raise ValueError(f"{url!r} has a port that is not a number") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+    return url
 
 
 def store_from_url(url: str) -> ObjectStore:
@@ -50,6 +65,8 @@ def store_from_url(url: str) -> ObjectStore:
         unknown = set(query) - {"endpoint_url", "region"}
         if unknown:
             raise ValueError(f"unknown s3 URL parameters: {', '.join(sorted(unknown))}")
+        if "endpoint_url" in query:
+            check_endpoint_url(query["endpoint_url"])
         return S3Store(
             S3Settings(
                 bucket=parts.netloc,

@@ -232,14 +232,17 @@ class S3Store(ObjectStore):
                         retries={"total_max_attempts": 1, "mode": "standard"},
                         max_pool_connections=s.max_connections,
                     )
-                    client = await self._stack.enter_async_context(
-                        get_session().create_client(
-                            "s3",
-                            endpoint_url=s.endpoint_url,
-                            region_name=s.region,
-                            config=config,
+                    try:
+                        client = await self._stack.enter_async_context(
+                            get_session().create_client(
+                                "s3",
+                                endpoint_url=s.endpoint_url,
+                                region_name=s.region,
+                                config=config,
+                            )
                         )
-                    )
+                    except ValueError as exc:  # botocore's "Invalid endpoint: localhost:9000"
+                        raise StoreRefused(f"{self.url}: {exc}") from exc
                     # Every call of every operation, each page of a listing and
                     # each retry, passes these two events, answered or refused;
                     # _call only sees what the operation made of the answer.
