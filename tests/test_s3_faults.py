@@ -15,7 +15,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    CredentialRetrievalError,
+    SSOTokenLoadError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
+)
 
 from simplequeue.errors import AmbiguousWrite, PreconditionFailed, StoreRefused, StoreUnavailable
 from simplequeue.objstore.s3 import S3Settings, S3Store
@@ -202,6 +208,30 @@ async def test_a_conditional_put_without_an_answer_is_ambiguous_at_once_not_retr
         assert asyncio.get_running_loop().time() - started < 4.5
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        CredentialRetrievalError(provider="process", error_msg="exited 1"),
+        TokenRetrievalError(provider="sso", error_msg="refresh failed"),
+        SSOTokenLoadError(error_msg="no token"),
+        UnauthorizedSSOTokenError(),
+    ],
+    ids=lambda failure: type(failure).__name__,
+)
+async def test_a_conditional_put_whose_credentials_could_not_be_had_is_refused(
+    failure: Exception,
+) -> None:
+    """Credentials that cannot be had fail a request before it is sent. Only
+    connection errors counted as unsent: a conditional PUT said AmbiguousWrite,
+    and the committer read back for a write that never left (review of s3,
+    round 23). They are refusals, as no credentials at all are."""
+    client = ScriptedClient(failure)
+    with pytest.raises(StoreRefused) as caught:
+        await scripted(client).put_if("k", b"v", if_match='"old"')
+    assert not isinstance(caught.value, AmbiguousWrite)
+    assert client.calls == 1
 
 
 async def test_a_read_timeout_on_a_conditional_put_is_not_retried() -> None:

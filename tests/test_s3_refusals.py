@@ -23,6 +23,7 @@ from aiohttp import web
 from simplequeue.api import JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.errors import (
+    AmbiguousWrite,
     Contended,
     StoreRefused,
     StoreUnavailable,
@@ -176,6 +177,36 @@ async def test_a_conditional_put_without_credentials_is_not_called_ambiguous(
             await store.put_if("k", b"v", if_match='"x"')
         assert isinstance(caught.value, StoreRefused), caught.value
         assert "credentials" in str(caught.value).lower()
+    finally:
+        await store.close()
+
+
+async def test_a_conditional_put_whose_credential_process_fails_is_refused_not_ambiguous(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A credential provider that fails (credential_process exits 1, an SSO
+    session that expired) fails the call before any byte is sent: botocore's
+    CredentialRetrievalError. Only connection errors counted as unsent, so a
+    conditional PUT said AmbiguousWrite, and the committer read back, failed
+    the same way and answered "it may or may not have landed" for a write
+    that never left (review of s3, round 23)."""
+    config = tmp_path / "config"
+    config.write_text("[default]\ncredential_process = /bin/false\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no traffic off 127.0.0.1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = S3Store(
+        S3Settings(bucket="b", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
+    )
+    try:
+        with pytest.raises(StoreRefused, match="retrieving credentials") as caught:
+            await store.put_if("k", b"v", if_match='"x"')
+        assert not isinstance(caught.value, AmbiguousWrite), caught.value
     finally:
         await store.close()
 

@@ -35,20 +35,27 @@ from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import aiohttp
+import botocore.exceptions
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConfigNotFound,
+    ConfigParseError,
+    CredentialRetrievalError,
     EndpointConnectionError,
     InvalidConfigError,
     InvalidEndpointConfigurationError,
     InvalidRegionError,
+    NoAuthTokenError,
     NoCredentialsError,
     NoRegionError,
     ParamValidationError,
     PartialCredentialsError,
     ProfileNotFound,
+    SSOError,
+    TokenRetrievalError,
     UnknownCredentialError,
     UnknownEndpointError,
     UnknownServiceError,
@@ -98,11 +105,23 @@ _RETRIED_CODES = {
     "ExpiredToken",
     "TokenRefreshRequired",
 }
-# botocore's refusals before sending anything: the configuration's.
-_CONFIGURATION_ERRORS = (
+# botocore's refusals before sending anything: the configuration's. Credentials
+# that cannot be had are among them, whatever the reason (none, a
+# credential_process that fails, an SSO session that expired, a metadata
+# service that did not answer its own retries): nothing was sent, so a
+# conditional write is not ambiguous, and the next request tries them again.
+_CONFIGURATION_ERRORS: tuple[type[Exception], ...] = (
     NoCredentialsError,
     PartialCredentialsError,
+    CredentialRetrievalError,
+    TokenRetrievalError,
+    NoAuthTokenError,
+    SSOError,
+    # `aws login` sessions; an older botocore has no such error.
+    getattr(botocore.exceptions, "LoginError", NoCredentialsError),
     ProfileNotFound,
+    ConfigNotFound,
+    ConfigParseError,
     UnknownCredentialError,
     NoRegionError,
     InvalidRegionError,
