@@ -8,13 +8,16 @@ client stand-in that raises what botocore would raise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from botocore.exceptions import (
     ClientError,
     CredentialRetrievalError,
@@ -101,6 +104,55 @@ async def test_server_that_never_answers_gives_store_unavailable_not_a_hang(
             await asyncio.wait_for(store.get("k"), 30)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("answer_after", "budget"),
+    [(0.7, 1.0), (5.0, 1.5)],
+    ids=["a-retry-started-inside-it", "one-slow-try"],
+)
+async def test_retries_stop_within_the_retry_budget(answer_after: float, budget: float) -> None:
+    """README: transient failures are retried "up to 6 attempts within 20 s".
+    The stop (tenacity's stop_after_delay) was checked only after a try
+    ended, and a try ran to its own deadline (connect + read timeout + 2 s):
+    503s that took 0.7 s each against a 1 s budget failed after 1.5 s (a
+    second try began at 0.7 s), an answer that took 5 s after 5 s; with the
+    defaults, S3 answering 503 after 9 s failed after 27 s, not 20 (review
+    of s3, round 23)."""
+    release = asyncio.Event()
+
+    async def slow_down(request: web.Request) -> web.Response:
+        await request.read()
+        with contextlib.suppress(TimeoutError):  # a slow answer, as S3 under load gives
+            await asyncio.wait_for(release.wait(), answer_after)
+        body = "<Error><Code>SlowDown</Code><Message>slow</Message></Error>"
+        return web.Response(status=503, text=body, content_type="application/xml")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", slow_down)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    store = S3Store(
+        S3Settings(
+            bucket="b",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region="us-east-1",
+            retry_budget=budget,
+        )
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.get("k")
+        took = time.monotonic() - started
+        assert took < budget + 0.2, f"gave up after {took:.2f} s, past its {budget} s budget"
+    finally:
+        release.set()  # the answer a try gave up on goes, and the server can stop
+        await store.close()
+        await runner.cleanup()
 
 
 def client_error(status: int, code: str) -> ClientError:
