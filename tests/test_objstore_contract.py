@@ -251,6 +251,26 @@ def test_store_from_url_picks_backend_by_scheme(tmp_path: object) -> None:
     assert s3.settings.region == "eu-west-1"
 
 
+@pytest.mark.parametrize("prefix", ["q?a=1", "q#1", "q&x", "50%", "a b/c"])
+def test_an_s3_store_url_opens_the_same_prefix(prefix: str) -> None:
+    """ObjectStore.url: "A URL that store_from_url() would open to reach the
+    same data". S3Store.url pasted the prefix in unquoted and store_from_url()
+    did not unquote it: a prefix with '?' or '#' (legal in S3 keys, and
+    --prefix takes any) opened another prefix (review of s3, round 23)."""
+    from simplequeue.objstore.s3 import S3Settings, S3Store
+
+    store = S3Store(
+        S3Settings(bucket="bucket", prefix=prefix, endpoint_url="http://h:1", region="eu-west-1")
+    )
+    again = store_from_url(store.url)
+    assert isinstance(again, S3Store)
+    assert (again.settings.prefix, again.settings.endpoint_url, again.settings.region) == (
+        prefix,
+        "http://h:1",
+        "eu-west-1",
+    )
+
+
 @pytest.mark.parametrize(
     "url",
     [

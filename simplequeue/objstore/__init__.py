@@ -70,7 +70,7 @@ def store_from_url(url: str) -> ObjectStore:
         return S3Store(
             S3Settings(
                 bucket=parts.netloc,
-                prefix=parts.path.strip("/"),
+                prefix=unquote(parts.path).strip("/"),
                 endpoint_url=query.get("endpoint_url"),
                 region=query.get("region"),
             )

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import botocore.exceptions
@@ -223,12 +224,10 @@ class S3Store(ObjectStore):
         self.settings = settings
         prefix = settings.prefix.strip("/")
         self._prefix = f"{prefix}/" if prefix else ""
-        query = []
-        if settings.endpoint_url:
-            query.append(f"endpoint_url={settings.endpoint_url}")
-        if settings.region:
-            query.append(f"region={settings.region}")
-        self.url = f"s3://{settings.bucket}/{prefix}" + ("?" + "&".join(query) if query else "")
+        query = {"endpoint_url": settings.endpoint_url, "region": settings.region}
+        given = urlencode({k: v for k, v in query.items() if v}, safe=":/", quote_via=quote)
+        # Quoted, as store_from_url() unquotes: a prefix may hold "?", "#" or "%".
+        self.url = f"s3://{settings.bucket}/{quote(prefix)}" + (f"?{given}" if given else "")
         self.held_descriptors = settings.max_connections
         self._stack = AsyncExitStack()
         self._client: Any = None
