@@ -135,6 +135,18 @@ _CONFIGURATION_ERRORS: tuple[type[Exception], ...] = (
     ParamValidationError,
 )
 
+# botocore 1.36 and later add a CRC32 to every PutObject (over https in an
+# aws-chunked body with a trailer), which S3-compatible stores that predate it
+# refuse (XAmzContentSHA256Mismatch, "unsupported header"), every write failing.
+# Sent only when an operation requires one, as before 1.36: over https TLS
+# guards the bytes, over http SigV4 signs their SHA-256. Answers are still
+# checked against a checksum the store sends (AWS does, for every object).
+_CHECKSUMS_WHEN_REQUIRED: dict[str, str] = (
+    {"request_checksum_calculation": "when_required"}
+    if "request_checksum_calculation" in AioConfig.OPTION_DEFAULTS
+    else {}
+)
+
 
 @dataclass(frozen=True)
 class S3Settings:
@@ -251,6 +263,7 @@ class S3Store(ObjectStore):
                         read_timeout=s.read_timeout,
                         retries={"total_max_attempts": 1, "mode": "standard"},
                         max_pool_connections=s.max_connections,
+                        **_CHECKSUMS_WHEN_REQUIRED,
                     )
                     try:
                         client = await self._stack.enter_async_context(
