@@ -277,7 +277,17 @@ class GroupCommitter:
         changed meanwhile is handed to it or read at its next write)."""
         if self._closing:
             raise StoreUnavailable("broker is shutting down")
-        result: T = await self._topic(topic).batcher.submit(_Op(mutation, undo, verify))
+        answer = self._topic(topic).batcher.post(_Op(mutation, undo, verify))
+        try:
+            result: T = await answer
+        except asyncio.CancelledError:
+            # Cancelled once its answer was set, before it ran again: its batch
+            # did not see it go (_outcomes), yet it never had the result.
+            if undo is not None and answer.done() and not answer.cancelled():
+                reverse = undo(answer.result()) if answer.exception() is None else None
+                if reverse is not None:
+                    self._spawn(self._undo(topic, reverse))
+            raise
         return result
 
     async def submit_each(

@@ -13,6 +13,7 @@ import pytest
 
 from simplequeue import groupcommit, keys
 from simplequeue.api import FollowUpSpec, JobSpec
+from simplequeue.batching import Batcher
 from simplequeue.broker.engine import Engine
 from simplequeue.errors import AmbiguousWrite, Contended, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
@@ -284,6 +285,34 @@ async def test_a_pop_whose_caller_went_away_mid_commit_is_given_back_not_done() 
     [popped] = await q.pop("t", "stayer")
     assert (popped["id"], popped["attempts"]) == ("j1", 1)
     assert (await q.status("t"))["completed"] == 1
+
+
+async def test_a_pop_cancelled_once_its_answer_was_set_is_given_back_not_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller is cancelled after its batch set its answer, before it ran
+    again (a BLPOP's client seen leaving as its pop lands): the batch saw
+    nobody go, and the caller never had the job. It is undone all the same."""
+    q = engine_on(MemStore())
+    await q.enqueue("t", [JobSpec("x", id="j1")])
+    answers: list[asyncio.Future[Any]] = []
+    post = Batcher.post
+
+    def post_then_leave(self: Batcher[Any, Any], item: Any) -> asyncio.Future[Any]:
+        answer = post(self, item)
+        if not answers:  # the pop's: the caller is cancelled as it is answered
+            answers.append(answer)
+            answer.add_done_callback(lambda _: leaving.cancel())
+        return answer
+
+    monkeypatch.setattr(Batcher, "post", post_then_leave)
+    leaving = asyncio.create_task(q.pop("t", "leaver"))
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert answers[0].result().jobs  # answered, not abandoned
+    counts = await counts_once(q, lambda c: c["pending"] == 1)
+    assert (counts["pending"], counts["completed"]) == (1, 0)
+    assert (await q.job("t", "j1"))["attempts"] == 0
 
 
 async def test_a_pop_abandoned_as_the_broker_stops_is_given_back_before_it_stops() -> None:
