@@ -524,9 +524,14 @@ async def leave_while_completed(broker: Broker, store: FaultyStore, command: Any
     store.held.set()
 
 
-async def blpop_being_written(start_broker: StartBroker) -> tuple[Broker, FaultyStore, Raw]:
-    """A broker whose topic q holds job j1 ("x"), and a client whose BLPOP's
-    pop of it is being written (held until store.gate is set)."""
+BLPOP = hiredis.pack_command(("BLPOP", "q", "20"))
+
+
+async def pop_being_written(
+    start_broker: StartBroker, request: bytes = BLPOP
+) -> tuple[Broker, FaultyStore, Raw]:
+    """A broker whose topic q holds job j1 ("x"), and a client whose `request`
+    (a BLPOP of q) is being written (held until store.gate is set)."""
     store = FaultyStore(MemStore())
     broker = await start_broker(store, redis_addr="127.0.0.1:0")
     async with aiohttp.ClientSession() as session:
@@ -537,18 +542,32 @@ async def blpop_being_written(start_broker: StartBroker) -> tuple[Broker, Faulty
     store.gate = asyncio.Event()
     store.put_started.clear()
     client = await Raw.open(port_of(broker))
-    await client.send("BLPOP", "q", "20")
+    await client.write(request)
     await store.put_started.wait()
     return broker, store, client
 
 
-async def test_a_client_that_leaves_while_its_blpop_commits_loses_no_job(
-    start_broker: StartBroker,
+@pytest.mark.parametrize(
+    "sent",
+    [
+        BLPOP,
+        hiredis.pack_command(("LPOP", "q")),
+        hiredis.pack_command(("RPUSH", "p", "y")) + hiredis.pack_command(("RPOP", "q")),
+    ],
+    ids=["blpop", "lpop", "rpush-rpop-pipelined"],
+)
+async def test_a_client_that_leaves_while_its_pop_commits_loses_no_job(
+    start_broker: StartBroker, sent: bytes
 ) -> None:
     """The pop that takes the job is being written when the client hangs up:
-    the job was never answered to anyone, so it is pending again, not done."""
-    broker, store, leaver = await blpop_being_written(start_broker)
-    await hang_up(broker, leaver)
+    the job was never answered to anyone, so it is pending again, not done.
+    An LPOP, which does not wait, is watched for its client leaving as a
+    BLPOP is (it completed the job for nobody); a push beside it in a
+    pipeline is not given up."""
+    broker, store, leaver = await pop_being_written(start_broker, sent)
+    [conn] = broker.redis.connections if broker.redis else []
+    await leaver.close()
+    await conn.hangup.wait()  # the broker saw the client go, the pop in flight
     store.gate.set()
     async with aiohttp.ClientSession() as session:
         http = Http(session, broker.url)
@@ -556,6 +575,8 @@ async def test_a_client_that_leaves_while_its_blpop_commits_loses_no_job(
         job = await http.job("q", "j1")
         assert (job["status"], job["attempts"]) == ("pending", 0)
         assert (await http.status("q"))["completed"] == 0
+        if b"RPUSH" in sent:
+            await pending_again(http, "p")
     staying = connect(broker)
     try:
         assert await staying.blpop(["q"], timeout=5) == (b"q", b"x")
@@ -569,7 +590,7 @@ async def test_a_broker_stopping_while_a_blpop_commits_gives_the_job_back(
     """A stop cancels the BLPOP whose pop is being written, and the write
     lands as the committer closes: the pop's undo lands too, before the stop
     ends (it was refused as "shutting down": the job done for nobody)."""
-    broker, store, client = await blpop_being_written(start_broker)
+    broker, store, client = await pop_being_written(start_broker)
     stopping = asyncio.create_task(broker.stop())
     assert broker.redis is not None
     server = broker.redis
@@ -582,6 +603,28 @@ async def test_a_broker_stopping_while_a_blpop_commits_gives_the_job_back(
     async with aiohttp.ClientSession() as session:
         job = await Http(session, after.url).job("q", "j1")
     assert (job["status"], job["attempts"]) == ("pending", 0)
+
+
+async def test_a_broker_stopping_while_an_lpop_commits_answers_it(
+    start_broker: StartBroker,
+) -> None:
+    """A stop gives up blocking commands, not a pop in flight, which does not
+    wait: it lands and is answered before the connection closes."""
+    broker, store, client = await pop_being_written(
+        start_broker, hiredis.pack_command(("LPOP", "q"))
+    )
+    stopping = asyncio.create_task(broker.stop())
+    assert broker.redis is not None
+    server = broker.redis
+    await until(lambda: all(c.stopping for c in server.connections))
+    store.gate.set()
+    await stopping
+    assert await client.rest() == b"$1\r\nx\r\n"
+    await client.close()
+    after = await start_broker(store.inner)
+    async with aiohttp.ClientSession() as session:
+        job = await Http(session, after.url).job("q", "j1")
+    assert job["status"] == "completed"
 
 
 @pytest.mark.parametrize(
@@ -709,6 +752,19 @@ async def test_the_queue_behind_blocking_commands_is_capped_across_them(
             answered += 1
     assert answered < waits
     await raw.close()
+
+
+async def test_a_long_pipeline_of_pops_is_read_at_its_pace_not_closed(
+    raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading goes on during a pop, to see its client leave; but a pop ends
+    soon: past the cap a blocking command's client is closed at, reading
+    waits for the pops to be taken, as behind any other command."""
+    monkeypatch.setattr(connection, "QUEUED_BEHIND_BLOCKING", 16 * 1024)
+    n = 2000  # some 280 KiB of requests queued
+    await raw.write(hiredis.pack_command(("LPOP", "q")) * n)
+    assert await asyncio.wait_for(raw.reader.readexactly(5 * n), 10) == b"$-1\r\n" * n
+    assert await raw.call("PING") == b"PONG"
 
 
 # --- streams ---------------------------------------------------------------------------

@@ -123,6 +123,11 @@ COMMANDS: dict[str, Command] = {}
 # committer (which keeps their order) and never block.
 PIPELINED = frozenset({"LPUSH", "RPUSH", "LPOP", "RPOP", "XADD", "XACK"})
 
+# Commands that hand out jobs completed in the commit that takes them, and do
+# not block: the connection cancels one whose client leaves before its answer
+# (the engine gives back a pop nobody was answered), as it does a blocking one.
+POPS = frozenset({"LPOP", "RPOP"})
+
 
 def command(
     names: str | tuple[str, ...],

@@ -1,7 +1,7 @@
 """The RESP listener of SPEC section 6 (`--redis-addr`) and its client connections.
 
 It owns sockets and their lifecycle: the read loop, dispatch in order, pipelined
-writes run together, blocking commands given up on a hangup, and shutdown. It
+writes run together, blocking commands and pops given up on a hangup, and shutdown. It
 never decides what a command does (commands.py does), and one client's bad bytes
 never reach another connection: they end that connection only.
 """
@@ -13,14 +13,20 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from simplequeue import api
 from simplequeue.broker.engine import TopicOps
 from simplequeue.broker.metrics import Metrics
-from simplequeue.broker.resp.commands import COMMANDS, PIPELINED, Session, admitted
+from simplequeue.broker.resp.commands import (
+    COMMANDS,
+    PIPELINED,
+    POPS,
+    Handler,
+    Session,
+    admitted,
+)
 from simplequeue.broker.resp.wire import Reply, Requests, RespError, encode, error_of, upper
 from simplequeue.broker.settings import parse_addr
 from simplequeue.errors import SimpleQueueError
@@ -31,10 +37,11 @@ CAP_WARN_EVERY = 60.0  # seconds between warnings that clients are refused
 
 READ_CHUNK = 64 * 1024
 QUEUED_FRAMES = 128  # parsed requests waiting per connection (and one read's worth more)
-# ... except behind a blocking command, which must see its client leave: then
-# reading goes on, and a client with more than this queued (in bytes of memory,
-# the requests' own and about as much again for small ones' objects) is closed,
-# as Redis closes one past its client-query-buffer-limit.
+# ... except behind a blocking command or a pop, which must see its client leave: then
+# reading goes on up to this (in bytes of memory, the requests' own and about as
+# much again for small ones' objects). Past it, a pop's client waits (it ends
+# soon) and a blocking command's is closed, as Redis closes one past its
+# client-query-buffer-limit.
 QUEUED_BEHIND_BLOCKING = 64 * 1024 * 1024
 OUTPUT_HIGH_WATER = 64 * 1024 * 1024  # replies buffered for a client that does not read
 SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
@@ -51,7 +58,8 @@ Frame = list[bytes] | RespError | None  # a request, an unparseable one, or the 
 
 
 class Hangup(Exception):
-    """A blocking command gave up: the client left, or the server is stopping."""
+    """A blocking command gave up (the client left, or the server is stopping),
+    or a pop did (the client left)."""
 
 
 class Frames:
@@ -101,12 +109,15 @@ class Connection:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     busy: bool = False  # a command is being executed
-    blocking: bool = False  # that command is a blocking one: keep reading
+    watched: int = 0  # commands in flight watching for a hangup: keep reading
+    blocking: int = 0  # ... of them blocking ones, which may wait for ever
     stopping: bool = False  # the server is stopping: no command after this one
     # Set when the client leaves or the server stops: blocking commands give up.
     hangup: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set when the read loop may queue more: frames were taken, or a blocking
-    # command started.
+    # Set when the client leaves: pops give up (a stop lets them finish).
+    left: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the read loop may queue more: frames were taken, or a command
+    # watching for a hangup started.
     room: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -153,8 +164,13 @@ class Connection:
         if len(group) == 1:
             return [await self._dispatch(group[0])]
         if all(self._served_here(frame) for frame in group):
-            # Together: they reach this broker's committer in order, and share commits.
-            return list(await asyncio.gather(*map(self._dispatch, group)))
+            # Together: they reach this broker's committer in order, and share
+            # commits. A pop given up (Hangup) lets the others end first.
+            outcomes = await asyncio.gather(*map(self._dispatch, group), return_exceptions=True)
+            for outcome in outcomes:  # an error reply is returned, never raised
+                if isinstance(outcome, BaseException) and not isinstance(outcome, RespError):
+                    raise outcome
+            return cast(list[Reply], outcomes)
         # Passed on to another broker, each is a request of its own, which would
         # reach it in any order (an LPOP before the RPUSH sent ahead of it).
         return [await self._dispatch(frame) for frame in group]
@@ -175,6 +191,7 @@ class Connection:
             frames.put(exc)
         except Exception:  # not expected: the connection ends, it does not hang
             log.exception("RESP connection %s: reading its requests failed", self.id)
+        self.left.set()
         self.hangup.set()
         frames.put(None)
 
@@ -186,13 +203,20 @@ class Connection:
             if requests.failed is not None:  # after the requests before it
                 raise requests.failed
             # Up to QUEUED_FRAMES, then wait for the run loop to take some:
-            # unless it is in a blocking command, which needs this loop to see
-            # the client leave (a job it took then would be lost).
-            while len(frames) >= QUEUED_FRAMES and not self.blocking:
+            # unless it is in a blocking command or a pop, which needs this
+            # loop to see the client leave (a job it took then would be lost).
+            while self._full(frames):
                 self.room.clear()
                 await self.room.wait()
             if self.blocking and frames.bytes > QUEUED_BEHIND_BLOCKING:
                 raise RespError("ERR", "too many requests queued behind a blocking one")
+
+    def _full(self, frames: Frames) -> bool:
+        if self.blocking:
+            return False  # closed past QUEUED_BEHIND_BLOCKING
+        if self.watched:
+            return frames.bytes > QUEUED_BEHIND_BLOCKING
+        return len(frames) >= QUEUED_FRAMES
 
     def _send(self, reply: Reply) -> None:
         out = bytearray()
@@ -210,9 +234,9 @@ class Connection:
     async def _run(self, name: str, args: list[bytes]) -> Reply:
         try:
             spec = admitted(self.session, name, args)
-            if spec.blocking:
-                return await self._until_hangup(spec.handler(self.session, args))
-            return await spec.handler(self.session, args)
+            if not spec.blocking and name not in POPS:
+                return await spec.handler(self.session, args)
+            return await self._until(spec.handler, args, blocking=spec.blocking)
         except Hangup:
             raise
         except RespError as exc:
@@ -223,12 +247,18 @@ class Connection:
             log.exception("RESP %s from client %d failed", name, self.id)
             return RespError("ERR", "internal error")
 
-    async def _until_hangup(self, work: Awaitable[Reply]) -> Reply:
-        """Run a blocking command, cancelling it on a hangup: the engine gives back
-        a cancelled claim."""
-        task = asyncio.ensure_future(work)
-        hangup = asyncio.create_task(self.hangup.wait())
-        self.blocking = True
+    async def _until(self, handler: Handler, args: list[bytes], *, blocking: bool) -> Reply:
+        """Run a command that hands out jobs, cancelling it on a hangup: the
+        engine gives back a cancelled claim, and a pop nobody was answered. A
+        blocking command gives up when the client leaves or the server stops;
+        a pop, which does not wait, when the client leaves."""
+        gone = self.hangup if blocking else self.left
+        if gone.is_set():  # nobody to answer: nothing is taken
+            raise Hangup
+        task = asyncio.ensure_future(handler(self.session, args))
+        hangup = asyncio.create_task(gone.wait())
+        self.watched += 1
+        self.blocking += blocking
         self.room.set()
         try:
             await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -236,7 +266,8 @@ class Connection:
                 return task.result()
             raise Hangup
         finally:
-            self.blocking = False
+            self.watched -= 1
+            self.blocking -= blocking
             for t in (task, hangup):
                 t.cancel()
             await asyncio.gather(task, hangup, return_exceptions=True)
