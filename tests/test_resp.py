@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 from simplequeue import __version__, api, keys
 from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, connection
 from simplequeue.broker.resp.connection import QUEUED_FRAMES
+from simplequeue.broker.resp.wire import Requests, RespError
 from simplequeue.broker.server import Broker
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
@@ -1017,9 +1019,9 @@ async def test_an_oversized_request_is_refused_and_nothing_is_enqueued(
     await conn.write(hiredis.pack_command(("RPUSH", "q", "x" * 10_000)))
     assert (await conn.rest()).startswith(b"-ERR Protocol error: request larger than 4096")
     await conn.close()
-    announced = await Raw.open(port_of(broker))  # a length far past the limit, then data
-    await announced.write(b"*3\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n$999999999\r\n" + b"y" * 8192)
-    assert (await announced.rest()).startswith(b"-ERR Protocol error")
+    announced = await Raw.open(port_of(broker))  # a length far past the limit: refused at once
+    await announced.write(b"*3\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n$999999999\r\n")
+    assert (await announced.rest()).startswith(b"-ERR Protocol error: request larger than")
     await announced.close()
     client = connect(broker)
     assert await client.llen("q") == 0
@@ -1064,6 +1066,23 @@ async def test_a_header_announcing_millions_of_elements_after_a_request_is_refus
     if cut:
         await raw.write(header[5:])
     assert (await raw.rest()).startswith(b"-ERR Protocol error: request larger than")
+
+
+@pytest.mark.parametrize("kind", [b"*", b"%", b"~", b">"], ids=["array", "map", "set", "push"])
+def test_a_nested_header_announcing_millions_of_elements_allocates_nothing(kind: bytes) -> None:
+    """`*1\\r\\n*200000000\\r\\n`: only a request's own header was checked;
+    hiredis made a list for the nested one's 200 million elements (1.6 GB of
+    address space per connection, held while it waited for them). A request
+    holds bulk strings only: any other element is refused at its first byte."""
+    requests = Requests(1024 * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RespError, match="expected an array of bulk strings"):
+            requests.feed(b"*1\r\n" + kind + b"200000000\r\n")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, f"{peak / 1e9:.1f} GB allocated for a 17-byte request"
 
 
 # --- auth ------------------------------------------------------------------------------

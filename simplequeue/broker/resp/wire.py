@@ -7,6 +7,7 @@ never awaits anything: bytes in, values out, and the reverse.
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeAlias
 
 import hiredis
@@ -80,6 +81,10 @@ def encode(value: Reply, proto: int, out: bytearray) -> None:
 # --- requests -----------------------------------------------------------------------------
 
 
+_BULK = re.compile(rb"\$([0-9]{1,19})\r\n")  # a bulk string's header: its length
+_BULK_CUT = re.compile(rb"\$[0-9]{0,19}\r?")  # the start of one, the rest to come
+
+
 def upper(arg: bytes) -> str:
     """A keyword (a command's name, a subcommand, an option) as upper-case text."""
     return arg.decode("ascii", "replace").upper()
@@ -98,6 +103,11 @@ class Requests:
         self.parser = hiredis.Reader()
         self.fed = 0  # bytes of `buffer` the parser has been given
         self.failed: RespError | None = None  # a malformed request after those fed
+        # The next request's headers checked so far (_check_headers): the
+        # offset of the next one in `buffer`, and the elements still to come
+        # (None: its own header is not checked yet).
+        self.checked = 0
+        self.elements: int | None = None
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         """The whole requests `data` completes. When a malformed one follows
@@ -131,7 +141,7 @@ class Requests:
             # Each time, not only before its first bytes are fed: the parser may
             # hold them already (after a request in the same read, or a header
             # cut short), and it makes room for the elements once it reads them.
-            self._check_count()
+            self._check_headers()
             if self.fed < len(self.buffer):
                 self.parser.feed(bytes(self.buffer[self.fed :]))
                 self.fed = len(self.buffer)
@@ -148,13 +158,31 @@ class Requests:
                 return None
             return self._consume(frame)
 
-    def _check_count(self) -> None:
-        """Refuse a request whose header announces more elements than its size
-        limit can hold (each takes at least 4 bytes), before the parser makes
-        room for them: "*4000000000" asked hiredis for a 32 GB list."""
-        end = self.buffer.find(b"\r\n", 0, 24)
-        if end > 1 and self.buffer[1:end].isdigit() and int(self.buffer[1:end]) > self.limit // 4:
-            raise RespError("ERR", f"Protocol error: request larger than {self.limit} bytes")
+    def _check_headers(self) -> None:
+        """Check the next request's headers as far as they arrived, before the
+        parser reads them: refuse one whose header announces more elements
+        than its size limit can hold (each takes at least 4 bytes:
+        "*4000000000" asked hiredis for a 32 GB list), an element that is not
+        a bulk string (a nested "*200000000" did the same), and a bulk string
+        that would take the request past its limit, as soon as its header is
+        here. What a request's own header holds beyond that (a blank line,
+        "*-1") is the parser's to refuse."""
+        while self.elements != 0 and self.checked < len(self.buffer):
+            if self.elements is None:
+                end = self.buffer.find(b"\r\n", 0, 24)
+                if end < 0 or not self.buffer.startswith(b"*") or not self.buffer[1:end].isdigit():
+                    return
+                self.elements, self.checked = int(self.buffer[1:end]), end + 2
+                self._check_size(4 * self.elements)  # each takes 4 bytes at least
+                continue
+            header = _BULK.match(self.buffer, self.checked)
+            if header is None:
+                if not _BULK_CUT.fullmatch(self.buffer, self.checked):
+                    raise RespError("ERR", "Protocol error: expected an array of bulk strings")
+                return  # the rest of its header is to come
+            self.elements -= 1
+            self.checked = header.end() + int(header[1]) + 2
+            self._check_size(self.checked)  # the request is that long at least
 
     def _skip_blank_lines(self) -> None:
         blank = len(self.buffer) - len(self.buffer.lstrip(b"\r\n"))
@@ -169,4 +197,5 @@ class Requests:
             raise RespError("ERR", "Protocol error: expected an array of bulk strings")
         del self.buffer[: len(encoded)]
         self.fed -= len(encoded)
+        self.checked, self.elements = 0, None
         return frame
