@@ -194,6 +194,30 @@ async def test_touched_grows_without_bound_from_requests_that_change_nothing(
     )
 
 
+async def test_touched_keeps_only_topics_the_overview_shows(start_broker: StartBroker) -> None:
+    """A requeue, cancel, purge or refresh of a topic that does not exist
+    answers 200 (nothing done): each marked its name touched, and only an
+    overview asked fresh for that very name took it out, so the set grew with
+    every name ever named so (review of the memory, round 23). Only a topic
+    the last overview showed is marked: the page acts on no other."""
+    broker = await start_broker(MemStore())
+    await broker.engine.enqueue("t", [JobSpec(1)])
+    base = f"http://127.0.0.1:{broker.http.port}"  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/ui/overview") as r:
+            assert r.status == 200
+        statuses = set()
+        for i in range(600):
+            async with s.post(f"{base}/topics/nosuch{i}/requeue", data=b"{}") as r:
+                statuses.add(r.status)
+        async with s.post(f"{base}/topics/t/requeue", data=b"{}") as r:
+            statuses.add(r.status)
+    assert broker.http_api is not None
+    assert statuses == {200}
+    touched = broker.http_api.page._touched
+    assert touched == {"t"}, f"{len(touched)} topics marked touched, e.g. {sorted(touched)[:2]}"
+
+
 @pytest.mark.parametrize(
     ("advertised", "origin"),
     [

@@ -328,7 +328,7 @@ class HttpApi:
             else:
                 response = await self._answer(Call(request, route, params, services))
                 if method not in _SAFE_METHODS and response.status < 300 and "topic" in params:
-                    self.page.touched(params["topic"])  # done: a topic that exists
+                    self.page.touched(params["topic"])  # done (or nothing to do)
         label = "unmatched" if route is None else route.path
         counter, timer = services.metrics.http_children(label, method, response.status)
         counter.inc()

@@ -324,14 +324,17 @@ class StatusPage:
         self._shown: set[str] = set()  # the topics the last overview showed
         self._computing = asyncio.Lock()
         self._last: tuple[float, bytes] | None = None
-        # Topics a request through this broker changed that no overview has read
-        # fresh since: an overview asked `fresh` for one reads it again (no other).
+        # Topics the last overview showed that a request through this broker
+        # changed since an overview read them fresh: an overview asked `fresh`
+        # for one reads it again (no other). At most MAX_TOPICS.
         self._touched: set[str] = set()
 
     def touched(self, topic: str) -> None:
-        """A request through this broker changed `topic` (an action of the page's);
-        kept only once a page has asked for an overview (at most a set of topics)."""
-        if self._last is not None:
+        """A request through this broker changed `topic` (an action of the page's,
+        on a topic it shows). Kept only if the last overview showed it: requests
+        for any other (a requeue of a topic that does not exist answers 200)
+        would grow the set for ever, and the page acts on none of them."""
+        if topic in self._shown:
             self._touched.add(topic)
 
     # --- static --------------------------------------------------------------------
@@ -413,6 +416,7 @@ class StatusPage:
             self.rates.record(name, at, c["enqueued"], c["completed"])
             views.append(topic_view(name, got, self.rates.rates(name, at)))
         self._shown = set(shown)
+        self._touched &= self._shown  # those shown no more, the page cannot act on
         self._touched.discard(fresh or "")  # read now: a request's change is read once
         self.rates.forget_except(self._shown | set(self.engine.known_topics()))
         presence = self.presence()
