@@ -23,7 +23,7 @@ import pytest
 
 from simplequeue import keys
 from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec
-from simplequeue.broker.duties import DutySettings
+from simplequeue.broker.duties import HEAP_SLACK, DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.membership import Membership, rendezvous
 from simplequeue.client import Client
@@ -405,6 +405,26 @@ async def test_a_due_the_owner_lost_is_found_at_its_next_idle_check(
     assert broker.duties.reaped == 1
     assert (await broker.engine.status("t"))["claimed"] == 0
     assert "t was due unnoticed" in caplog.text
+
+
+async def test_the_duties_heap_holds_about_one_wake_up_per_topic(
+    start_broker: StartBroker,
+) -> None:
+    """A claim with a shorter lease than the topic's earliest moves its due
+    earlier: the heap took a wake-up for it and kept the one it replaced
+    until its time (up to 12 h), one a batch for workers of mixed leases
+    (review of the memory, round 23). Past twice the topics it is rebuilt,
+    and the topic is still woken for at its earliest due."""
+    broker = await start_broker(MemStore())
+    duties = broker.duties
+    await broker.engine.enqueue("t", [JobSpec(i) for i in range(300)])
+    for i in range(300):
+        await broker.engine.claim("t", "w", lease=3000.0 - i)
+    assert list(duties._scheduled) == ["t"]
+    assert len(duties._heap) <= 2 * len(duties._scheduled) + HEAP_SLACK, (
+        f"{len(duties._heap)} wake-ups in the heap for one topic"
+    )
+    assert duties._heap[0] == (duties._scheduled["t"], "t") == (duties._due["t"], "t")
 
 
 async def test_a_topic_handed_back_to_its_owner_leaves_this_brokers_cache(

@@ -49,6 +49,7 @@ DELIVER_BATCH = 500  # follow-ups delivered per round
 DELIVER_ROUNDS = 8  # rounds per wake-up, before other topics get their turn
 DELIVER_PARALLEL = 8  # topics a round delivers into at once
 TEND_PARALLEL = 32  # topics tended at once
+HEAP_SLACK = 64  # wake-ups in the heap beyond two per topic, before it is rebuilt
 FOLLOW_UP_FIELDS = 512  # bytes of a follow-up's JSON besides its payload, at most (id, ...)
 
 
@@ -111,7 +112,9 @@ class Duties:
     def note(self, topic: str, due: float | None) -> None:
         """`topic` next wants its owner at `due` (store time; None: not until it
         changes). The heap holds one wake-up per topic, its earliest: a later
-        due is found when that one comes, and put back."""
+        due is found when that one comes, and put back. One an earlier due
+        took the place of stays until its time (up to a lease, 12 h) and is
+        skipped then: past twice as many as the topics, the heap is rebuilt."""
         if due is None:
             self._due.pop(topic, None)
             return
@@ -119,6 +122,9 @@ class Duties:
         if due < self._scheduled.get(topic, 1e300):
             self._scheduled[topic] = due
             heapq.heappush(self._heap, (due, topic))
+            if len(self._heap) > 2 * len(self._scheduled) + HEAP_SLACK:
+                self._heap = [(at, t) for t, at in self._scheduled.items()]
+                heapq.heapify(self._heap)
             self._wake.set()
 
     def wrote(self, topic: str, due: float | None) -> None:
