@@ -317,6 +317,30 @@ async def test_healthz_metrics_and_openapi(api: Api) -> None:
     assert "/topics/{topic}/enqueue" in spec["paths"]
 
 
+async def test_methods_no_route_takes_are_one_metrics_label(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """simplequeue_http_requests was labelled with the method as the client
+    sent it: aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS=1, PyPy)
+    takes any token, and each one made a series kept for the process's life,
+    refused requests included (review of the memory, round 23). A method no
+    route takes is labelled "other"."""
+    from aiohttp.test_utils import make_mocked_request
+
+    broker = await start_broker(MemStore(), token="secret")
+    for i in range(100):  # as the pure-Python parser hands them on
+        response = await broker.http_api(make_mocked_request(f"X{i:03d}", "/healthz"))
+        assert response.status in (401, 405), response.status
+    await broker.http_api(make_mocked_request("HEAD", "/healthz"))
+    text = broker.metrics.render().decode()
+    methods = {
+        line.split('method="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("simplequeue_http_requests_total{")
+    }
+    assert methods == {"other", "HEAD"}, sorted(methods)[:5]
+
+
 class _Watched(list[Any]):
     """A metric family's samples that note each thread that reads them."""
 

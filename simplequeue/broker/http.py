@@ -239,6 +239,9 @@ class Routes:
 
     def __init__(self, routes: list[Route]) -> None:
         self._root = _Node()
+        # The methods some route takes (HEAD: a GET's), the metrics' labels:
+        # any other is "other", since a client may send any token as one.
+        self.methods = frozenset({"HEAD", *(route.method for route in routes)})
         for route in routes:
             node = self._root
             for segment in route.path.strip("/").split("/") if route.path != "/" else []:
@@ -330,7 +333,8 @@ class HttpApi:
                 if method not in _SAFE_METHODS and response.status < 300 and "topic" in params:
                     self.page.touched(params["topic"])  # done (or nothing to do)
         label = "unmatched" if route is None else route.path
-        counter, timer = services.metrics.http_children(label, method, response.status)
+        known = method if method in self.routes.methods else "other"
+        counter, timer = services.metrics.http_children(label, known, response.status)
         counter.inc()
         timer.observe(time.perf_counter() - started)
         return response
