@@ -55,7 +55,7 @@ from simplequeue.errors import (
     StoreRefused,
     StoreUnavailable,
 )
-from simplequeue.objstore import ObjectStore
+from simplequeue.objstore import InvalidKey, ObjectStore
 from simplequeue.retrying import first_then_retrying
 from simplequeue.state import (
     Bounds,
@@ -487,7 +487,11 @@ class GroupCommitter:
         read an older head and wrote its objects, then stalled (paused, or its
         PUT held up) past two sweeps before its head's PUT, loses its race
         instead of landing a head that names objects gone. Whatever landed
-        before the fence keeps what it names."""
+        before the fence keeps what it names.
+
+        What was deleted. An object the store will not delete (InvalidKey: a
+        stray name in a topic's folder; StoreRefused) is logged and left, the
+        others deleted all the same."""
         listed = set(await self.store.list(keys.segments_prefix(topic)))
         referenced = set(await self.read(topic, lambda s, now: s.referenced()))
         orphans = listed - referenced
@@ -497,11 +501,31 @@ class GroupCommitter:
             orphans -= fenced
         doomed = sorted(orphans & sighted)
         self._sight(topic, orphans - set(doomed))
-        for key in doomed:
-            await self.store.delete(key)
-            self.stats.segments_deleted += 1
-        self.cache.forget(doomed)
-        return doomed
+        deleted: list[str] = []
+        refused: list[tuple[str, StoreError]] = []
+        try:
+            for key in doomed:
+                try:
+                    await self.store.delete(key)
+                except (InvalidKey, StoreRefused) as exc:
+                    # That object's own (a stray name no key has, a file we
+                    # may not remove): the others are deleted all the same. An
+                    # outage (StoreUnavailable) ends the sweep.
+                    refused.append((key, exc))
+                    continue
+                deleted.append(key)
+                self.stats.segments_deleted += 1
+        finally:
+            self.cache.forget(doomed)
+            if refused:
+                log.warning(
+                    "sweep of %s: %d orphans could not be deleted, %s first: %s",
+                    topic,
+                    len(refused),
+                    refused[0][0],
+                    refused[0][1],
+                )
+        return deleted
 
     def _sight(self, topic: str, orphans: set[str]) -> None:
         """Keep `orphans` as what `topic`'s last sweep saw. Past SIGHTINGS_KEPT

@@ -404,6 +404,20 @@ async def test_sweep_deletes_orphan_segments_only_after_two_sweeps() -> None:
     assert (await q.status("t"))["pending"] == 20
 
 
+async def test_an_orphan_the_store_will_not_delete_stops_no_other() -> None:
+    """A stray object whose name is no key (on S3, put there by another tool)
+    sorts first; its delete() raises InvalidKey, which ended the sweep: no
+    orphan of that topic was ever deleted again (review finding)."""
+    store = MemStore()
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec(1)])
+    store._objects["topics/t/seg 1.json"] = (b"stray", "e")  # as S3 may hold it
+    await store.put("topics/t/seg-p0-orphan.json", b"{}")
+    assert await q.committer.sweep("t") == []
+    assert await q.committer.sweep("t") == ["topics/t/seg-p0-orphan.json"]
+    assert await store.list("topics/t/") == ["topics/t/seg 1.json"]
+
+
 async def test_the_sweeps_first_sightings_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the sweeps saw first is kept apart from the topics' states (which
     leave memory while idle), SIGHTINGS_KEPT keys in all: past it, the topics

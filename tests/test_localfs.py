@@ -89,6 +89,24 @@ async def test_directory_with_foreign_files_lists_only_keys(tmp_path: Path) -> N
     assert await store.list() == ["topics/a.json"]
 
 
+async def test_a_stray_file_whose_name_is_no_key_is_not_listed(tmp_path: Path) -> None:
+    """A file in a topic's folder whose name is no key ("seg 1.json", an
+    editor's "seg-1.json~") was listed; the orphan sweep then called delete()
+    on it, which raised InvalidKey, and as it sorts first, no orphan of that
+    topic was deleted again (review finding)."""
+    store = LocalStore(tmp_path)
+    await store.put("topics/t/seg-1.json", b"x")
+    await store.put("topics/t.json", b"{}")
+    for stray in ("topics/t/seg 1.json", "topics/t/seg-1.json~", "topics/t b.json"):
+        (tmp_path / stray).write_bytes(b"stray")
+    (tmp_path / "topics" / "odd dir").mkdir()
+    (tmp_path / "topics" / "odd dir" / "seg-1.json").write_bytes(b"stray")
+    assert await store.list("topics/") == ["topics/t.json", "topics/t/seg-1.json"]
+    assert await store.list_top("topics/") == ["topics/t.json"]
+    assert await store.list_top("topics/t/") == ["topics/t/seg-1.json"]
+    await store.close()
+
+
 def cut_short(store: LocalStore, key: str) -> Path:
     """What a process killed between writing its temp file and renaming it
     leaves beside `key`: the temp file (the kernel closes its descriptor)."""

@@ -29,10 +29,14 @@ class InvalidKey(StoreError, ValueError):
     """A key that no backend may store (traversal, empty parts, odd characters)."""
 
 
+def is_key(key: str) -> bool:
+    """Whether `key` is safe for every backend (check_key takes it)."""
+    return bool(key) and len(key) <= 1024 and all(_KEY_PART.fullmatch(p) for p in key.split("/"))
+
+
 def check_key(key: str) -> str:
     """Return `key` if it is safe for every backend, else raise InvalidKey."""
-    parts = key.split("/")
-    if not key or len(key) > 1024 or not all(_KEY_PART.fullmatch(p) for p in parts):
+    if not is_key(key):
         raise InvalidKey(f"invalid object key {key!r}")
     return key
 

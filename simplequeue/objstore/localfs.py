@@ -48,7 +48,7 @@ from simplequeue.errors import (
     StoreRefused,
     StoreUnavailable,
 )
-from simplequeue.objstore.base import ObjectStore, check_key, content_etag
+from simplequeue.objstore.base import ObjectStore, check_key, content_etag, is_key
 
 # Lock files are striped by key hash: bounded in number however many keys come
 # and go, and two keys rarely share a stripe.
@@ -902,14 +902,17 @@ class LocalStore(ObjectStore):
         if not self.root.is_dir():
             return keys
         for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            # Only names that are keys: not our dot files (temp files,
+            # journals, locks), nor a stray file ("seg 1.json", an editor's
+            # "seg-1.json~"), which get() and delete() would refuse.
+            dirnames[:] = [d for d in dirnames if is_key(d)]
             rel = os.path.relpath(dirpath, self.root)
             base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
             if not (base.startswith(prefix) or prefix.startswith(base)):
                 dirnames[:] = []
                 continue
-            names = (base + f for f in filenames if not f.startswith("."))
-            keys.extend(k for k in names if k.startswith(prefix))
+            names = (base + f for f in filenames)
+            keys.extend(k for k in names if k.startswith(prefix) and is_key(k))
         return sorted(keys)
 
     def _list_top_sync(self, prefix: str) -> builtins.list[str]:
@@ -923,7 +926,7 @@ class LocalStore(ObjectStore):
         return sorted(
             base + e.name
             for e in entries
-            if e.name.startswith(start) and not e.name.startswith(".") and e.is_file()
+            if e.name.startswith(start) and is_key(base + e.name) and e.is_file()
         )
 
     def _sweep_leftovers_sync(self, older_than: float) -> int:
