@@ -107,6 +107,41 @@ async def test_a_stray_file_whose_name_is_no_key_is_not_listed(tmp_path: Path) -
     await store.close()
 
 
+async def test_a_listing_whose_folder_cannot_be_read_fails_rather_than_lists_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """list() answered [] for a folder it could not read (EMFILE near the
+    descriptor limit, EIO, EACCES), as if it were empty, where list_top()
+    raised: a broker listing brokers/ then dropped every other broker from
+    its view (review finding)."""
+    import errno
+
+    from simplequeue.errors import StoreRefused, StoreUnavailable
+
+    store = LocalStore(tmp_path)
+    await store.put("brokers/b1.json", b"{}")
+    real = os.scandir
+    failure = errno.EMFILE
+
+    def scandir(path: Any = ".") -> Any:
+        if str(path).endswith("brokers"):
+            raise OSError(failure, os.strerror(failure), str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(StoreUnavailable, match="Too many open files"):
+        await store.list("brokers/")
+    with pytest.raises(StoreUnavailable, match="Too many open files"):
+        await store.list_top("brokers/")
+    failure = errno.EACCES  # until an operator acts
+    with pytest.raises(StoreRefused):
+        await store.list("")
+    monkeypatch.undo()
+    assert await store.list("nothing/") == []
+    assert await store.list("brokers/b1.json/") == []  # a file, not a folder
+    await store.close()
+
+
 def cut_short(store: LocalStore, key: str) -> Path:
     """What a process killed between writing its temp file and renaming it
     leaves beside `key`: the temp file (the kernel closes its descriptor)."""

@@ -901,7 +901,7 @@ class LocalStore(ObjectStore):
         keys: list[str] = []
         if not self.root.is_dir():
             return keys
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=_unless_gone):
             # Only names that are keys: not our dot files (temp files,
             # journals, locks), nor a stray file ("seg 1.json", an editor's
             # "seg-1.json~"), which get() and delete() would refuse.
@@ -1032,6 +1032,15 @@ def _fsync(path: Path, flags: int = 0) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _unless_gone(exc: OSError) -> None:
+    """os.walk's onerror: a folder that went (or is a file) lists nothing; one
+    that cannot be read (EMFILE, EIO, EACCES) fails the listing, as it does
+    list_top(), rather than read as empty (a broker listing brokers/ would
+    drop every other broker from its view)."""
+    if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        raise exc
 
 
 def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
