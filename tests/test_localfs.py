@@ -142,6 +142,42 @@ async def test_a_listing_whose_folder_cannot_be_read_fails_rather_than_lists_not
     await store.close()
 
 
+async def test_listing_one_topics_segments_reads_no_other_topics_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.walk read every folder before list() pruned it: listing one topic's
+    segments read every other topic's segment folder too, so the orphan sweep
+    (one listing per topic) cost topics x all segments (review finding)."""
+    store = LocalStore(tmp_path)
+    for t in range(3):
+        await store.put(f"topics/t{t}/seg-1.json", b"x")
+        await store.put(f"topics/t{t}.json", b"{}")
+    await store.put("broker.json", b"{}")
+    read: list[str] = []
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        read.append(os.path.relpath(path, tmp_path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert await store.list("topics/t0/") == ["topics/t0/seg-1.json"]
+    assert read == ["topics/t0"]
+    read.clear()
+    assert await store.list("topics/t1") == ["topics/t1.json", "topics/t1/seg-1.json"]
+    assert read == ["topics", "topics/t1"]
+    read.clear()
+    assert await store.list("topics/t9/") == []
+    assert await store.list("/") == await store.list("../") == []
+    assert read == ["topics/t9"]
+    monkeypatch.undo()
+    assert await store.list() == [
+        "broker.json",
+        *(f"topics/t{t}{tail}" for t in range(3) for tail in (".json", "/seg-1.json")),
+    ]
+    await store.close()
+
+
 def cut_short(store: LocalStore, key: str) -> Path:
     """What a process killed between writing its temp file and renaming it
     leaves beside `key`: the temp file (the kernel closes its descriptor)."""

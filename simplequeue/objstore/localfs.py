@@ -898,21 +898,38 @@ class LocalStore(ObjectStore):
         self._fsync_dir(path.parent)  # after the release, as for a write
 
     def _list_sync(self, prefix: str) -> list[str]:
+        """The keys that start with `prefix`, reading only the folders that
+        may hold one: the prefix's own folder (there only the names that
+        start with the rest of it) and those below. A sweep lists one topic's
+        segments: it must not read every other topic's folder too.
+
+        Only names that are keys are listed: not our dot files (temp files,
+        journals, locks), nor a stray file ("seg 1.json", an editor's
+        "seg-1.json~"), which get() and delete() would refuse. A folder that
+        cannot be read (EMFILE, EIO, EACCES) fails the listing, as it does
+        list_top(), rather than read as empty (a broker listing brokers/
+        would drop every other broker from its view)."""
+        folder, slash, start = prefix.rpartition("/")
+        if slash and not is_key(folder):
+            return []  # no key starts with it ("/", "../", "a//")
         keys: list[str] = []
-        if not self.root.is_dir():
-            return keys
-        for dirpath, dirnames, filenames in os.walk(self.root, onerror=_unless_gone):
-            # Only names that are keys: not our dot files (temp files,
-            # journals, locks), nor a stray file ("seg 1.json", an editor's
-            # "seg-1.json~"), which get() and delete() would refuse.
-            dirnames[:] = [d for d in dirnames if is_key(d)]
-            rel = os.path.relpath(dirpath, self.root)
-            base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-            if not (base.startswith(prefix) or prefix.startswith(base)):
-                dirnames[:] = []
+        todo = [(folder, start)]
+        while todo:
+            folder, start = todo.pop()
+            base = f"{folder}/" if folder else ""
+            try:
+                with os.scandir(self.root / folder if folder else self.root) as found:
+                    entries = list(found)
+            except (FileNotFoundError, NotADirectoryError):  # gone, or a file
                 continue
-            names = (base + f for f in filenames)
-            keys.extend(k for k in names if k.startswith(prefix) and is_key(k))
+            for entry in entries:
+                key = base + entry.name
+                if not entry.name.startswith(start) or not is_key(key):
+                    continue
+                if not entry.is_dir():
+                    keys.append(key)
+                elif not entry.is_symlink():  # as os.walk: a link to a folder is neither
+                    todo.append((key, ""))
         return sorted(keys)
 
     def _list_top_sync(self, prefix: str) -> builtins.list[str]:
@@ -1032,15 +1049,6 @@ def _fsync(path: Path, flags: int = 0) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _unless_gone(exc: OSError) -> None:
-    """os.walk's onerror: a folder that went (or is a file) lists nothing; one
-    that cannot be read (EMFILE, EIO, EACCES) fails the listing, as it does
-    list_top(), rather than read as empty (a broker listing brokers/ would
-    drop every other broker from its view)."""
-    if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
-        raise exc
 
 
 def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
