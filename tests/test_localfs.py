@@ -496,6 +496,42 @@ async def test_put_if_after_makes_the_objects_durable_before_the_head_is_renamed
     await store.close()
 
 
+async def test_put_if_after_waiting_for_the_heads_lock_writes_its_objects_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each time the head's lock stayed busy LOCK_WAIT_IN_THREAD (20 ms: one
+    fdatasync of another writer), the call gave its thread back and was made
+    again from the start: every object written and fsynced again, then found
+    in place and thrown away, up to ~30 times within the 5 s lock budget
+    (review finding). The objects are a batch's segments: the big writes."""
+    store = LocalStore(tmp_path)
+    head = "topics/t.json"
+    etag = await store.put(head, b"{}")
+    await store.put("topics/t/seed.json", b"{}")  # the directories exist
+    holder = LocalStore(tmp_path)
+    held = holder._lock(head)  # another open file description: another holder
+    written: list[str] = []
+    real_write_temp = LocalStore._write_temp
+
+    def write_temp(self: LocalStore, path: Path, data: bytes, *, sync: bool = True) -> Any:
+        written.append(path.name)
+        if written.count("t.json") == 3:
+            holder._unlock(held)  # the head's lock comes free after two busy tries
+        return real_write_temp(self, path, data, sync=sync)
+
+    monkeypatch.setattr(LocalStore, "_write_temp", write_temp)
+    events = record_disk_events(monkeypatch)
+    objects = {"topics/t/seg-a.json": b"a" * 100_000, "topics/t/seg-b.json": b"b"}
+    await store.put_if_after(objects, head, b"{1}", if_match=etag)
+    assert written == ["seg-a.json", "seg-b.json", "t.json", "t.json", "t.json"]
+    assert events.count("fsync dir") == 2  # topics/t/ once, topics/ once
+    monkeypatch.undo()
+    assert (await store.get("topics/t/seg-a.json"))[0] == b"a" * 100_000
+    assert (await store.get(head))[0] == b"{1}"
+    await store.close()
+    await holder.close()
+
+
 async def test_put_if_after_writes_no_head_when_an_object_fails(tmp_path: Path) -> None:
     from simplequeue.errors import StoreUnavailable
 

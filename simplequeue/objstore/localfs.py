@@ -36,7 +36,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -857,28 +857,37 @@ class LocalStore(ObjectStore):
         data: bytes,
         if_match: str | None,
         if_none_match: bool,
+        placed: _Placed | None = None,
     ) -> str:
         """put_if_after in one thread trip: each object written, fsynced and
         renamed into place (one an earlier try wrote is left), their
-        directories fsynced once each, then the conditional write of `key`."""
-        directories: dict[Path, None] = {}
+        directories fsynced once each, then the conditional write of `key`.
+        Made again after a busy lock (_LockBusy, most often the head's), it
+        skips what `placed` says its earlier tries did: rewriting and
+        fsyncing a batch's segments at every 20 ms of a busy head's lock
+        would write them up to 30 times."""
+        placed = placed if placed is not None else _Placed()
         for obj_key, body in objects:
+            if obj_key in placed.objects:
+                continue
             path = self._path(obj_key)
             tmp, fd, _ = self._write_temp(path, body)
             try:
                 self._rename(obj_key, path, tmp, fd, None, None, True, True)
             except PreconditionFailed:
-                # Ours, from an earlier try (a lock busy after it, a lost
-                # answer): immutable, so the same bytes; its directory's fsync
-                # may not have been made.
-                directories[path.parent] = None
-                continue
-            # Not remembered: nobody compares against a new object's ETag, and
-            # it would push a head out of the descriptors kept.
-            os.close(fd)
-            directories[path.parent] = None
-        for directory in directories:  # the objects are durable before the head is renamed
+                # Ours, from an earlier call (a lost answer): immutable, so the
+                # same bytes; its directory's fsync may not have been made.
+                pass
+            else:
+                # Not remembered: nobody compares against a new object's ETag,
+                # and it would push a head out of the descriptors kept.
+                os.close(fd)
+            placed.objects.add(obj_key)
+            placed.unsynced[path.parent] = None
+        # The objects are durable before the head is renamed.
+        for directory in list(placed.unsynced):
             self._fsync_dir(directory)
+            del placed.unsynced[directory]
         return self._put_sync(key, data, if_match, if_none_match, True)
 
     def _delete_sync(self, key: str) -> None:
@@ -1005,7 +1014,13 @@ class LocalStore(ObjectStore):
         # about a fifth of a write.
         checked = [(check_key(k), bytes(body)) for k, body in objects.items()]
         return await self._run(
-            self._put_if_after_sync, checked, check_key(key), bytes(data), if_match, if_none_match
+            self._put_if_after_sync,
+            checked,
+            check_key(key),
+            bytes(data),
+            if_match,
+            if_none_match,
+            _Placed(),
         )
 
     async def delete(self, key: str) -> None:
@@ -1029,10 +1044,21 @@ class LocalStore(ObjectStore):
         self._places.close()
 
 
+@dataclass
+class _Placed:
+    """What the tries of one put_if_after did so far (LocalStore._run makes a
+    call again after a busy lock): the objects in place, and the folders
+    holding some of them that are not fsynced since."""
+
+    objects: set[str] = field(default_factory=set)
+    unsynced: dict[Path, None] = field(default_factory=dict)
+
+
 class _LockBusy(Exception):
     """A lock stayed busy LOCK_WAIT_IN_THREAD: the call gives its thread back,
-    having changed nothing (what it wrote before the lock, it removed), and
-    is made again (LocalStore._run)."""
+    having changed nothing (what it wrote before the lock, it removed) but
+    the new objects of a put_if_after it placed, which its next try skips
+    (_Placed), and is made again (LocalStore._run)."""
 
 
 # When the lock of the store call running in this thread must be had by

@@ -28,11 +28,11 @@ class PausingStore(LocalStore):
     head_key = ""
     paused = False
 
-    def _put_if_after_sync(self, objects, key, data, if_match, if_none_match):  # type: ignore[no-untyped-def]
+    def _put_if_after_sync(self, objects, key, data, if_match, if_none_match, placed=None):  # type: ignore[no-untyped-def]
         if objects and key == self.head_key and not self.paused:
             self.paused = True
             self._pause_before = key
-        return super()._put_if_after_sync(objects, key, data, if_match, if_none_match)
+        return super()._put_if_after_sync(objects, key, data, if_match, if_none_match, placed)
 
     def _put_sync(self, key, data, if_match, if_none_match, conditional):  # type: ignore[no-untyped-def]
         if getattr(self, "_pause_before", None) == key:
