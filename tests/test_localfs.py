@@ -178,6 +178,33 @@ async def test_listing_one_topics_segments_reads_no_other_topics_folder(
     await store.close()
 
 
+async def test_a_key_that_would_be_a_file_and_a_folder_at_once_is_refused(
+    tmp_path: Path,
+) -> None:
+    """localfs cannot hold "a" beside "a/b" (memfs and S3 can): such a write
+    was StoreUnavailable (EISDIR, ENOTDIR), an outage the committer retries
+    until its budget is spent. It is StoreRefused, saying why: it fails
+    again until the other key is deleted (review finding)."""
+    from simplequeue.errors import StoreRefused
+
+    store = LocalStore(tmp_path)
+    await store.put("a/b", b"x")
+    await store.put("c", b"y")
+    attempts: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.put("a", b"v"),
+        lambda: store.put_if("a", b"v", if_none_match=True),
+        lambda: store.put("c/d", b"v"),
+        lambda: store.put_if("c/d/e", b"v", if_none_match=True),
+        lambda: store.put_if_after({"a": b"v"}, "h", b"v", if_none_match=True),
+    ]
+    for attempt in attempts:
+        with pytest.raises(StoreRefused, match="both an object and a folder"):
+            await attempt()
+    assert await store.list() == ["a/b", "c"]
+    assert temp_files(tmp_path) == []
+    await store.close()
+
+
 def cut_short(store: LocalStore, key: str) -> Path:
     """What a process killed between writing its temp file and renaming it
     leaves beside `key`: the temp file (the kernel closes its descriptor)."""

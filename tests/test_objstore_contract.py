@@ -127,6 +127,21 @@ async def test_put_if_after_with_a_bad_object_key_writes_nothing(store: ObjectSt
         await store.get("t.json")
 
 
+async def test_a_missing_key_beside_keys_under_its_name_is_not_found(store: ObjectStore) -> None:
+    """On localfs "a" with "a/b" stored is a folder: get() raised
+    StoreUnavailable (EISDIR), an outage retried for ever, where the key is
+    missing (review finding)."""
+    await store.put("a/b", b"x")
+    await store.put("c", b"y")
+    for missing in ("a", "c/d", "c/d/e"):
+        with pytest.raises(ObjectNotFound):
+            await store.get(missing)
+        with pytest.raises(PreconditionFailed):
+            await store.put_if(missing, b"v", if_match=content_etag(b"x"))
+        await store.delete(missing)
+    assert await store.list() == ["a/b", "c"]
+
+
 async def test_delete_removes_and_tolerates_missing(store: ObjectStore) -> None:
     await store.put("k", b"v")
     await store.delete("k")

@@ -400,6 +400,16 @@ class LocalStore(ObjectStore):
                 raise StorageFull(f"localfs {self.root}: no space left on the device") from exc
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # until an operator acts
                 raise StoreRefused(f"localfs {self.root}: {exc}") from exc
+            if exc.errno in (errno.EISDIR, errno.ENOTDIR):
+                # A write of "a" with "a/b" stored (a folder holds its name),
+                # or of "a/b" with "a" stored: a file cannot be a folder too,
+                # as memfs' and S3's keys can. Not InvalidKey (the key is
+                # valid; another store takes it) nor an outage: refused until
+                # the other key is deleted, so the committer does not retry.
+                raise StoreRefused(
+                    f"localfs {self.root}: a key cannot be both an object and a folder "
+                    f"of others here: {exc}"
+                ) from exc
             raise StoreUnavailable(f"localfs {self.root}: {exc}") from exc
         finally:
             _lock_deadline.reset(token)
@@ -458,7 +468,8 @@ class LocalStore(ObjectStore):
             self._check_journal(key, path)
         try:
             data = path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            # A folder of its name ("a" with "a/b" stored) is no object either.
             raise ObjectNotFound(key) from None
         return data, content_etag(data)
 
@@ -473,7 +484,7 @@ class LocalStore(ObjectStore):
             return known
         try:
             return content_etag(path.read_bytes())
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
     def _write_temp(self, path: Path, data: bytes, *, sync: bool = True) -> tuple[Path, int, str]:
@@ -548,7 +559,12 @@ class LocalStore(ObjectStore):
         )
         # The slow, pause-prone part (writing and, the classic way, fsyncing
         # the data) is done before the lock.
-        tmp, fd, etag = self._write_temp(path, data, sync=not journaled)
+        try:
+            tmp, fd, etag = self._write_temp(path, data, sync=not journaled)
+        except NotADirectoryError:
+            if if_match is not None:  # a file where the key's folder would be: no such key
+                raise PreconditionFailed(f"{key} changed") from None
+            raise
         durable = self._rename(
             key, path, tmp, fd, data if journaled else None, if_match, if_none_match, conditional
         )
@@ -693,7 +709,7 @@ class LocalStore(ObjectStore):
             fd = os.open(jpath, os.O_RDWR)
         except (FileNotFoundError, NotADirectoryError):
             self._remember_checked(path)
-            if not create or not path.exists() or not self._busy(path):
+            if not create or not path.is_file() or not self._busy(path):
                 return None
             try:
                 return self._new_journal(jpath)
@@ -900,7 +916,7 @@ class LocalStore(ObjectStore):
             self._drop_journal(path)
             try:
                 path.unlink()
-            except (FileNotFoundError, NotADirectoryError):
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return
         finally:
             self._unlock(lock)
