@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from simplequeue import keys
 from simplequeue.objstore import (
     InvalidKey,
     ObjectNotFound,
@@ -14,7 +15,7 @@ from simplequeue.objstore import (
     PreconditionFailed,
     store_from_url,
 )
-from simplequeue.objstore.base import content_etag
+from simplequeue.objstore.base import KEY_PART_MAX, check_key, content_etag
 from tests.conftest import OpenStore
 
 
@@ -194,6 +195,32 @@ async def test_unsafe_keys_are_rejected_and_nothing_is_written(
     with pytest.raises(InvalidKey):
         await store.get(key)
     assert await store.list() == []
+
+
+async def test_a_key_part_is_stored_up_to_its_limit_and_invalid_past_it(
+    store: ObjectStore,
+) -> None:
+    """check_key took parts up to 1,024 characters, but localfs's temp and
+    journal names add up to 47 bytes to a part, within a file name's 255: a
+    part of 218-255 characters failed every put with StoreUnavailable
+    (ENAMETOOLONG, an outage), and so did a get of a missing key with a part
+    of 247 or more (review finding). simplequeue's own keys stay valid."""
+    longest = "k" * KEY_PART_MAX
+    etag = await store.put(f"t/{longest}", b"v1")
+    for n in (2, 3):  # rewritten with If-Match within a second: localfs journals it
+        etag = await store.put_if(f"t/{longest}", f"v{n}".encode(), if_match=etag)
+    assert await store.get(f"t/{longest}") == (b"v3", etag)
+    with pytest.raises(ObjectNotFound):
+        await store.get("m" * KEY_PART_MAX)
+    for n in (KEY_PART_MAX + 1, 250, 1000):
+        with pytest.raises(InvalidKey):
+            await store.put("k" * n, b"v")
+        with pytest.raises(InvalidKey):
+            await store.get("m" * n)
+    assert await store.list() == [f"t/{longest}"]
+    check_key(keys.head("t" * 128))
+    check_key(keys.segment("t" * 128, "p123456789-0123456789ab"))
+    check_key(keys.registration("b" * 128))
 
 
 async def test_now_is_the_stores_time_which_agrees_with_ours_on_one_machine(

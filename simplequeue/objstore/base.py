@@ -22,11 +22,17 @@ from simplequeue.objstore.clock import StoreClock
 
 # Keys are relative paths: no empty, "." or ".." components, no leading dot on a
 # component (localfs keeps its temp and lock files there), printable ASCII only.
-_KEY_PART = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+# A component is at most KEY_PART_MAX characters: localfs names a key's temp
+# file `.<part>.<32 hex>.tmp` and its journal's `.<part>.journal.<32 hex>.tmp`,
+# 47 bytes more, within the 255 bytes a file name may have. simplequeue's own
+# take at most 133 (a topic or broker id of 128, and ".json").
+KEY_PART_MAX = 200
+_KEY_PART = re.compile(rf"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{{0,{KEY_PART_MAX - 1}}}")
 
 
 class InvalidKey(StoreError, ValueError):
-    """A key that no backend may store (traversal, empty parts, odd characters)."""
+    """A key that no backend may store (traversal, empty parts, odd characters,
+    a part over KEY_PART_MAX characters)."""
 
 
 def is_key(key: str) -> bool:
