@@ -47,6 +47,26 @@ async def test_localfs_takes_each_written_files_mtime_as_a_sample(tmp_path: Path
     await store.close()
 
 
+async def test_localfs_takes_a_stamp_of_whole_seconds_for_as_coarse_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sample claimed the stamp was within 10 ms of the kernel's clock, but
+    some filesystems stamp whole seconds (ext3's small inodes, some NFS
+    mounts): the store's clock then claimed +-10 ms while up to 1 s off
+    (review finding)."""
+    import types
+
+    store = LocalStore(tmp_path)
+    store.clock = StoreClock()
+    stamp = int(time.time()) * 1_000_000_000  # the filesystem keeps whole seconds
+    monkeypatch.setattr(os, "fstat", lambda fd: types.SimpleNamespace(st_mtime_ns=stamp))
+    await store.sample_clock()
+    monkeypatch.undo()
+    assert store.clock.samples == 1
+    assert store.clock.uncertainty is not None and store.clock.uncertainty > 0.5
+    await store.close()
+
+
 async def test_a_localfs_store_that_never_wrote_tells_the_wall_clock(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     with pytest.raises(ObjectNotFound):

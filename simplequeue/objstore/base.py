@@ -97,8 +97,9 @@ class ObjectStore(ABC):
         store's time, either way (seconds; StoreClock.error). On S3, whose Date
         headers count whole seconds, half a second and a round trip after one
         answer, tens of milliseconds after a few; on localfs, a few
-        milliseconds. 0.0 before the first stamp, when now() is a guess that
-        nothing is written with (sample_clock() comes first)."""
+        milliseconds (about a second on a filesystem keeping whole seconds).
+        0.0 before the first stamp, when now() is a guess that nothing is
+        written with (sample_clock() comes first)."""
         return self.clock.error(now)
 
     @abstractmethod

@@ -64,7 +64,8 @@ LOCK_TIMEOUT = 5.0
 # thread of the pool, which every other store call of the process shares.
 LOCK_WAIT_IN_THREAD = 0.02
 # Filesystems stamp files from the kernel's coarse clock, which lags the true
-# time by up to one timer tick (10 ms at the slowest common HZ of 100).
+# time by up to one timer tick (10 ms at the slowest common HZ of 100). Some
+# keep whole seconds only (see _mtime_resolution).
 MTIME_RESOLUTION = 0.01
 
 # The journal beside an object rewritten with If-Match: preallocated (zeros,
@@ -530,7 +531,8 @@ class LocalStore(ObjectStore):
         a sample of the kernel's clock (taken now, before fstat, which is not
         a write)."""
         received = time.monotonic()
-        self.clock.observe(sent, received, os.fstat(fd).st_mtime_ns / 1e9, MTIME_RESOLUTION)
+        stamp = os.fstat(fd).st_mtime_ns
+        self.clock.observe(sent, received, stamp / 1e9, _mtime_resolution(stamp))
 
     def _make_dirs(self, directory: Path) -> None:
         """Create `directory` and the parents it lacks, each made durable: a new
@@ -1091,6 +1093,19 @@ def _fsync(path: Path, flags: int = 0) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _mtime_resolution(stamp: int) -> float:
+    """How coarse the mtime `stamp` (ns) may be. Some filesystems keep whole
+    seconds (ext3's small inodes, some NFS, SMB and FUSE mounts; FAT even
+    ones), their every stamp ending in nine zeros, which one kept to the
+    nanosecond does about once in a billion: such a stamp is taken for as
+    coarse as it may be (a sample of a fine one so taken only tells less)."""
+    if stamp % 2_000_000_000 == 0:
+        return 2.0 + MTIME_RESOLUTION
+    if stamp % 1_000_000_000 == 0:
+        return 1.0 + MTIME_RESOLUTION
+    return MTIME_RESOLUTION
 
 
 def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
