@@ -114,6 +114,30 @@ async def test_what_is_kept_for_undos_is_bounded_by_its_bytes(
     assert [await q.unpop("t", a, "w") for a in ("a0", "a1", "a2")] == [0, 1, 1]
 
 
+def test_what_is_kept_for_undos_takes_the_memory_it_is_bounded_by(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bound counted the jobs' JSON only: a small job's record took some
+    700 bytes more (its names, the Kept, the dict's node), so the kept pops
+    of small jobs took 2 to 4 times POPS_KEPT_BYTES (round 23's review)."""
+    import tracemalloc
+
+    room = 1024 * 1024
+    monkeypatch.setattr(popped, "POPS_KEPT_BYTES", room)
+    kept = popped.Popped()
+    job = {"id": "j", "payload": 1, "status": "completed"}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(20_000):
+            kept.keep(("topic-of-a-name", f"worker-{n % 50}", f"{n:032x}"), [job])
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept.kept_bytes <= room
+    assert taken <= room * 1.25, f"{taken:,} bytes for a bound of {room:,}"
+
+
 async def test_an_http_pop_answered_too_late_is_given_back_by_the_broker_that_passed_it_on(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

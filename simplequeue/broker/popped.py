@@ -5,8 +5,9 @@ undos that came before their pop landed.
 
 An attempt is (topic, worker id, attempt id), the worker id "" for a complete
 (it names none; no worker id is empty): as a claim's, one worker's ids are its
-own. Best effort, bounded: POPS_KEPT_BYTES of jobs, each kept
-api.CLAIM_ATTEMPTS_KEPT_S, the oldest forgotten first.
+own. Best effort, bounded: POPS_KEPT_BYTES of memory (the jobs as JSON,
+and each record's keys and bookkeeping), each kept api.CLAIM_ATTEMPTS_KEPT_S,
+the oldest forgotten first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import msgspec
 import orjson
 
 from simplequeue import api
@@ -22,8 +24,13 @@ from simplequeue.state import Job
 
 Attempt = tuple[str, str, str]  # topic, worker id ("" for a complete), attempt id
 
-# The jobs kept for undos, at most, as JSON (payloads included).
+# The memory records kept for undos take, at most: their jobs as JSON (payloads
+# included), their attempts' names, and ENTRY_BYTES each for the rest.
 POPS_KEPT_BYTES = 32 * 1024 * 1024
+# What one record holds beside its jobs and names (measured with tracemalloc:
+# the Kept, its bytes object's header, the attempt's tuple and strings' headers,
+# the OrderedDict's node and slot, about 450 bytes; rounded up).
+ENTRY_BYTES = 512
 POPS_WITHDRAWN = 10_000  # undos kept for pops not done yet, at most
 
 
@@ -33,6 +40,7 @@ class Kept:
 
     until: float
     jobs: bytes  # JSON
+    size: int  # what it takes in memory, its attempt's names included (ENTRY_BYTES)
 
     def decoded(self) -> list[Job]:
         jobs: list[Job] = orjson.loads(self.jobs)
@@ -44,7 +52,7 @@ class Popped:
 
     def __init__(self) -> None:
         self._kept: OrderedDict[Attempt, Kept] = OrderedDict()  # oldest first
-        self.kept_bytes = 0  # in all of them
+        self.kept_bytes = 0  # the size of all of them
         self._withdrawn: OrderedDict[Attempt, float] = OrderedDict()  # until when
 
     def get(self, attempt: Attempt) -> Kept | None:
@@ -57,26 +65,30 @@ class Popped:
     def keep(self, attempt: Attempt, jobs: list[Job]) -> None:
         """Keep what `attempt` did (it just landed), making room for it first:
         a record larger than all the room is not kept."""
-        kept = Kept(time.monotonic() + api.CLAIM_ATTEMPTS_KEPT_S, orjson.dumps(jobs))
+        # msgspec's bytes are about their length: orjson's keep the buffer
+        # they were written in (4 KB at least, some 10 times a long one's length).
+        data = msgspec.json.encode(jobs)
+        size = len(data) + sum(map(len, attempt)) + ENTRY_BYTES
+        kept = Kept(time.monotonic() + api.CLAIM_ATTEMPTS_KEPT_S, data, size)
         self.take(attempt)
-        if len(kept.jobs) > POPS_KEPT_BYTES:
+        if kept.size > POPS_KEPT_BYTES:
             return
-        self._make_room(POPS_KEPT_BYTES - len(kept.jobs))
+        self._make_room(POPS_KEPT_BYTES - kept.size)
         self._kept[attempt] = kept
-        self.kept_bytes += len(kept.jobs)
+        self.kept_bytes += kept.size
 
     def restore(self, attempt: Attempt, kept: Kept) -> None:
         """Keep again what take() handed out (its undo did not land)."""
         self.take(attempt)
         self._kept[attempt] = kept
-        self.kept_bytes += len(kept.jobs)
+        self.kept_bytes += kept.size
 
     def take(self, attempt: Attempt) -> Kept | None:
         """What `attempt` did, no longer kept (None: nothing, or forgotten)."""
         kept = self._kept.pop(attempt, None)
         if kept is None:
             return None
-        self.kept_bytes -= len(kept.jobs)
+        self.kept_bytes -= kept.size
         return kept if kept.until >= time.monotonic() else None
 
     def withdraw(self, attempt: Attempt) -> None:
@@ -100,4 +112,4 @@ class Popped:
         and every record that expired among the oldest."""
         kept, now = self._kept, time.monotonic()
         while kept and (self.kept_bytes > room or next(iter(kept.values())).until < now):
-            self.kept_bytes -= len(kept.popitem(last=False)[1].jobs)
+            self.kept_bytes -= kept.popitem(last=False)[1].size
