@@ -85,6 +85,8 @@ _STATE_DEPENDENT = (JobNotFound, LeaseLost, ScheduleNotFound, RefusedByTopic)
 # Objects one batch may find missing, one fetch round each, before the cache
 # is deemed too small for what the batch needs.
 _MAX_FETCH_ROUNDS = 64
+# The checked_at of a state never read, or invalidated: read whatever the age asked.
+_UNCHECKED = -1e18
 # What reading ahead past runs' fronts may fill of the object cache, at most.
 READ_AHEAD_SHARE = 1 / 16
 # Orphan objects the sweeps saw first and keep for their second sighting, in
@@ -190,7 +192,7 @@ class _Topic:
         self.etag: str | None = None  # None with a state: the head does not exist yet
         # When the cached state was last known current: the monotonic time the
         # GET that read it, or the PUT that wrote it, was sent.
-        self.checked_at = -1e18
+        self.checked_at = _UNCHECKED
         self.committed: bytes | None = None  # the head as it landed, for readers
         # The head in place holds a write the store could not make durable
         # (NotDurable): the next batch writes, even one that changes nothing.
@@ -309,13 +311,15 @@ class GroupCommitter:
         self, topic: str, query: Callable[[TopicState, float], T], max_age: float | None = None
     ) -> T:
         """Answer `query` from the last committed state, refreshed when older
-        than `max_age` (default: the settings'). Readers never see a batch that
-        has not landed."""
+        than `max_age` (default: the settings'; math.inf: this broker's state
+        is current, it owns the topic). A topic never read, or invalidated, is
+        read whatever `max_age` says. Readers never see a batch that has not
+        landed."""
         t = self._topic(topic)
         asked = time.monotonic() - (self.settings.max_age if max_age is None else max_age)
-        if t.checked_at < asked:
+        if t.checked_at < asked or t.checked_at == _UNCHECKED:
             async with t.lock:  # waits for a batch in flight, whose landing may do
-                if t.checked_at < asked:
+                if t.checked_at < asked or t.checked_at == _UNCHECKED:
                     await self._load(t)
         reader = self._reader(t)
         try:
@@ -437,7 +441,7 @@ class GroupCommitter:
         if t is None:
             return
         async with t.lock:
-            t.state, t.checked_at = None, -1e18
+            t.state, t.checked_at = None, _UNCHECKED
 
     async def check_store(self) -> None:
         """Raise StoreUnavailable unless the store answers."""

@@ -545,6 +545,46 @@ async def test_a_page_left_open_does_not_read_every_topics_head_at_each_refresh(
     assert [t.name for t in overview.topics] == names
 
 
+class LaterClock:
+    """Stands in for the `time` module, its monotonic clock `offset` seconds on."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_an_open_page_does_not_read_again_idle_topics_this_broker_owns(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each overview read again the head of every topic shown that was not
+    written for READ_EVERY seconds, owned here or not: a page left open on a
+    broker owning 200 idle topics cost 20 GETs a second, for good (review of
+    the status page, round 23). What this broker holds of a topic it owns is
+    current: it is read when not held, or handed back (/refresh), only."""
+    import simplequeue.groupcommit as groupcommit
+
+    broker = await start_broker(MemStore())
+    names = [f"t{i:03d}" for i in range(50)]
+    for name in names:
+        await broker.engine.enqueue(name, [JobSpec(1)])
+    page = broker.http_api.page
+    await page.compute()
+    before = store_requests(broker, "get")
+    monkeypatch.setattr(groupcommit, "time", LaterClock(status_page.READ_EVERY + 1))
+    overview = await page.compute()
+    assert store_requests(broker, "get") == before
+    assert [t.name for t in overview.topics] == names
+    broker.engine.forget(names[:3])  # idle: they left memory
+    await broker.engine.refresh(names[3])  # another broker wrote it, and said so
+    await page.compute()
+    assert store_requests(broker, "get") == before + 4
+
+
 async def test_metrics_report_only_the_topics_this_broker_owns(
     start_broker: StartBroker,
 ) -> None:

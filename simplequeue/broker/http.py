@@ -310,7 +310,12 @@ class HttpApi:
 
     def __init__(self, services: HttpServices) -> None:
         self.services = services
-        self.page = page.StatusPage(services.engine, services.presence)
+        forwarder = services.forwarder
+        self.page = page.StatusPage(
+            services.engine,
+            services.presence,
+            owns=lambda topic: forwarder is None or forwarder.membership.owns(topic),
+        )
         self.routes = Routes(_routes(self.page))
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:

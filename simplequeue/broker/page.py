@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Set
@@ -39,9 +40,11 @@ OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
 PREVIEW_CHARS = 240  # characters of a payload shown
 ERROR_CHARS = 1000  # characters of an error shown
 LIST_EVERY = 2.0  # seconds an overview reuses the store's topic listing
-# Seconds a topic's head is taken as read, at most: each refresh (every 2 s)
-# read every topic shown (200 at most) again, 100 GETs a second for one tab.
-# A topic this broker writes is current in its cache whatever this says.
+# Seconds the head of a topic another broker owns is taken as read, at most:
+# each refresh (every 2 s) read every topic shown (200 at most) again, 100 GETs
+# a second for one tab. One this broker owns is current in its memory (its
+# own writes; a broker that wrote it while this one did not answer hands it
+# back, /refresh): it is read only when it is not held (or was handed back).
 READ_EVERY = 10.0
 # Open tabs poll every 2 s; overviews asked within this many seconds of each
 # other share one computation, so ten tabs cost the store what one does.
@@ -308,9 +311,15 @@ def schedule_view(name: str, kept: dict[str, Any], now: float) -> ScheduleView:
 class StatusPage:
     """The page's routes and its in-memory rate history, for one broker."""
 
-    def __init__(self, engine: Engine, presence: Callable[[], Presence]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        presence: Callable[[], Presence],
+        owns: Callable[[str], bool] = lambda topic: True,
+    ) -> None:
         self.engine = engine
         self.presence = presence  # this broker and broker.json, as the page shows them
+        self.owns = owns  # whether this broker owns a topic (its memory is current)
         self.rates = RateBook(SAMPLE_EVERY, WINDOW)
         self._assets: dict[str, tuple[bytes, str, str]] = {}
         folder = resources.files("simplequeue.broker") / "static"
@@ -397,7 +406,7 @@ class StatusPage:
                     t,
                     listed=MAX_LISTED,
                     scan=OLDEST_SCAN,
-                    max_age=0.0 if t == fresh else READ_EVERY,
+                    max_age=self._max_age(t, fresh),
                 )
                 for t in shown
             ),
@@ -428,6 +437,12 @@ class StatusPage:
             sample_every=self.rates.every,
             window=self.rates.window,
         )
+
+    def _max_age(self, topic: str, fresh: str | None) -> float:
+        """How old a state of `topic` an overview takes, in seconds."""
+        if topic == fresh:
+            return 0.0
+        return math.inf if self.owns(topic) else READ_EVERY
 
     # --- the background sampler ---------------------------------------------------------
 
