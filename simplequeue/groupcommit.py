@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -372,6 +372,15 @@ class GroupCommitter:
         t = self._topics.get(topic)
         return 0 if t is None else t.waiters
 
+    def checked_at(self, topic: str) -> float | None:
+        """When what this broker holds of `topic` was last known current (the
+        monotonic time the GET that read it, or the PUT that wrote it, was
+        sent); None if it holds nothing, or was told it changed since."""
+        t = self._topics.get(topic)
+        if t is None or t.committed is None or t.checked_at == _UNCHECKED:
+            return None
+        return t.checked_at
+
     def known_topics(self) -> list[str]:
         """The topics this broker holds in memory (read or written lately)."""
         return [name for name, t in self._topics.items() if t.committed is not None]
@@ -553,13 +562,19 @@ class GroupCommitter:
         `older_than` seconds (ObjectStore.sweep_leftovers); how many."""
         return await self.store.sweep_leftovers(older_than)
 
-    def cached(self, query: Callable[[TopicState, float], T]) -> dict[str, T]:
-        """`query` answered for every topic this broker holds, from its cache as
-        last committed (no I/O). A topic whose answer would need an object not
-        in the cache, or that cannot be read, is left out."""
+    def cached(
+        self, query: Callable[[TopicState, float], T], topics: Iterable[str] | None = None
+    ) -> dict[str, T]:
+        """`query` answered for every topic this broker holds (of `topics`, if
+        given), from its cache as last committed (no I/O). A topic whose answer
+        would need an object not in the cache, or that cannot be read, is left
+        out."""
         out: dict[str, T] = {}
         now = self.clock()
-        for name, t in list(self._topics.items()):
+        held = self._topics
+        names = list(held) if topics is None else [n for n in topics if n in held]
+        for name in names:
+            t = held[name]
             if t.committed is None:
                 continue
             reader = self._reader(t)

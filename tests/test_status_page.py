@@ -640,6 +640,55 @@ def test_rate_book_turns_counter_samples_into_rates() -> None:
     assert book.rates("t", now=130.0) == []
 
 
+class HandClock:
+    """Stands in for the `time` module: a monotonic clock moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_rates_of_a_topic_another_broker_owns_are_no_sawtooth(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A steady 10 jobs/s into t, which B owns; A's page shows t. A reads t's
+    head at most every READ_EVERY (10 s), but sampled its counters every
+    SAMPLE_EVERY (5 s), by the sampler (from its cache) and by overviews
+    answered from a state read up to 10 s before: every other sample repeated
+    the counters last read, stamped now, and the chart said 0/s, 20/s, 0/s...
+    (review of the status page, round 23). A sample is stamped with when its
+    counters were read: now for a topic this broker owns."""
+    import simplequeue.groupcommit as groupcommit
+    from tests.test_ownership import cluster, owner_and_other
+
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    clock = HandClock()
+    monkeypatch.setattr(status_page, "time", clock)
+    monkeypatch.setattr(groupcommit, "time", clock)
+    pages = [owner.http_api.page, other.http_api.page]
+    await owner.engine.enqueue("t", [JobSpec(0)])
+    for page in pages:
+        await page.compute()  # the other reads t
+    for step in range(1, 5):
+        clock.now += 6.0
+        await owner.engine.enqueue("t", [JobSpec(n) for n in range(60)])  # 10/s
+        for page in pages:
+            if step % 2:
+                page.sample()  # the sampler: t as last read
+            else:
+                await page.compute()  # past READ_EVERY: the other reads t again
+    mine = owner.http_api.page.rates.rates("t", clock.now)
+    assert [(p.span, p.enqueued) for p in mine] == [(6.0, 10.0)] * 4
+    theirs = other.http_api.page.rates.rates("t", clock.now)
+    assert [(p.span, p.enqueued) for p in theirs] == [(12.0, 10.0)] * 2
+
+
 # --- what an operator does from the page (through the public API) ---------------------------
 
 

@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -706,9 +706,18 @@ class Engine:
         """The topics this broker has read or written since it started."""
         return self.committer.known_topics()
 
-    def cached_counts(self) -> dict[str, dict[str, int]]:
-        """Counts of the topics this broker has loaded, from its cache: no I/O."""
-        return self.committer.cached(lambda s, now: s.counts(now))
+    def cached_counts(self, topics: Iterable[str]) -> dict[str, tuple[float, dict[str, int]]]:
+        """Counts of those of `topics` this broker holds, from its cache (no
+        I/O), each with when they were last known current: the monotonic time
+        the head they come from was read or written. A topic that changed
+        behind this broker's back (refresh()) is left out until read again."""
+        counts = self.committer.cached(lambda s, now: s.counts(now), topics)
+        out: dict[str, tuple[float, dict[str, int]]] = {}
+        for name, c in counts.items():
+            at = self.committer.checked_at(name)
+            if at is not None:
+                out[name] = (at, c)
+        return out
 
     def cached_dues(self) -> dict[str, float | None]:
         """When each topic this broker holds next wants its owner (as next_due()

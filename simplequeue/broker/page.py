@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Set
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -52,7 +52,8 @@ REUSE_FOR = 1.0
 
 # Rates: counters are sampled at most every SAMPLE_EVERY seconds, by the
 # overview itself and by a background sampler that the first overview starts
-# (it reads the committer's cache, never the store); WINDOW seconds are kept.
+# (it reads the committer's cache, never the store), each sample stamped with
+# when its counters were current; WINDOW seconds are kept.
 SAMPLE_EVERY = 5.0
 WINDOW = 600.0
 
@@ -180,7 +181,7 @@ class Overview(Struct):
 
 @dataclass(frozen=True)
 class Sample:
-    at: float  # time.monotonic()
+    at: float  # time.monotonic() when these counters were current
     enqueued: int
     completed: int
 
@@ -199,7 +200,7 @@ class RateBook:
         ring = self._rings.get(topic)
         if ring is None:
             ring = self._rings[topic] = deque(maxlen=int(self.window / self.every) + 2)
-        if ring and at - ring[-1].at < self.every:
+        if ring and at - ring[-1].at < self.every:  # too soon, or counters sampled already
             return
         ring.append(Sample(at, enqueued, completed))
 
@@ -398,7 +399,7 @@ class StatusPage:
             self._listed = await self.engine.topic_names()
             self._listed_at = loop.time()
         # Topics this broker wrote since the last listing show at once.
-        names = sorted(set(self._listed) | set(self.engine.cached_counts()))
+        names = sorted(set(self._listed) | set(self.engine.known_topics()))
         shown = names[:MAX_TOPICS]
         seen = await asyncio.gather(
             *(
@@ -414,6 +415,7 @@ class StatusPage:
         )
         views: list[TopicView | TopicUnreadable] = []
         at = time.monotonic()
+        self._record(shown, at)
         for name, got in zip(shown, seen, strict=True):
             if isinstance(got, BaseException):  # one bad topic does not blank the page
                 if not isinstance(got, Exception):
@@ -421,8 +423,6 @@ class StatusPage:
                 log.warning("status page: topic %s: %s", name, got)
                 views.append(TopicUnreadable(name=name, error=str(got)))
                 continue
-            c = got["counts"]
-            self.rates.record(name, at, c["enqueued"], c["completed"])
             views.append(topic_view(name, got, self.rates.rates(name, at)))
         self._shown = set(shown)
         self._touched &= self._shown  # those shown no more, the page cannot act on
@@ -462,13 +462,22 @@ class StatusPage:
 
     def sample(self) -> None:
         """One round of the sampler: the rates of the topics held."""
-        at = time.monotonic()
-        held = self.engine.cached_counts()
-        for topic, c in held.items():
-            self.rates.record(topic, at, c["enqueued"], c["completed"])
+        held = set(self.engine.known_topics())
+        self._record(held, time.monotonic())
         # A topic that left this broker's memory (idle, or owned elsewhere
         # now) takes its history along, unless a page shows it.
-        self.rates.forget_except(held.keys() | self._shown)
+        self.rates.forget_except(held | self._shown)
+
+    def _record(self, topics: Iterable[str], now: float) -> None:
+        """A sample of the counters of each of `topics` this broker holds,
+        stamped with when they were current: `now` for a topic this broker
+        owns (what it holds is), else when its head was read. Counters read
+        up to READ_EVERY before, stamped now, made a rate of 0, then twice the
+        rate at the next read. A topic not read since its last sample adds
+        none (RateBook.record)."""
+        for topic, (read_at, c) in self.engine.cached_counts(topics).items():
+            at = now if self.owns(topic) else read_at
+            self.rates.record(topic, at, c["enqueued"], c["completed"])
 
     async def close(self) -> None:
         if self._sampler is not None:
