@@ -427,7 +427,7 @@ class StatusPage:
         self._shown = set(shown)
         self._touched &= self._shown  # those shown no more, the page cannot act on
         self._touched.discard(fresh or "")  # read now: a request's change is read once
-        self.rates.forget_except(self._shown | set(self.engine.known_topics()))
+        self.rates.forget_except(self._shown)  # the history of a topic shown no more
         presence = self.presence()
         return Overview(
             broker=presence.broker,
@@ -451,8 +451,9 @@ class StatusPage:
             self._sampler = asyncio.create_task(self._sample_forever(), name="status-page-rates")
 
     async def _sample_forever(self) -> None:
-        """Keeps the rate history going while no page is open, from the
-        committer's cache (which the reaper keeps fresh): no store I/O."""
+        """Keeps the rate history of the topics last shown going while no
+        page is open, from the committer's cache (which the reaper keeps
+        fresh): no store I/O."""
         while True:
             await asyncio.sleep(self.rates.every)
             try:
@@ -461,12 +462,10 @@ class StatusPage:
                 log.warning("status page sampler: %s", exc)
 
     def sample(self) -> None:
-        """One round of the sampler: the rates of the topics held."""
-        held = set(self.engine.known_topics())
-        self._record(held, time.monotonic())
-        # A topic that left this broker's memory (idle, or owned elsewhere
-        # now) takes its history along, unless a page shows it.
-        self.rates.forget_except(held | self._shown)
+        """One round of the sampler: the counters of the topics the last
+        overview showed (a page shows no other: MAX_TOPICS at most), those
+        this broker holds."""
+        self._record(self._shown, time.monotonic())
 
     def _record(self, topics: Iterable[str], now: float) -> None:
         """A sample of the counters of each of `topics` this broker holds,
