@@ -7,9 +7,11 @@ handed to nobody: lost."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,8 +26,9 @@ from simplequeue.broker.background import in_background
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Router
 from simplequeue.client import Client
-from simplequeue.errors import SimpleQueueError, StoreUnavailable
+from simplequeue.errors import NotDurable, SimpleQueueError, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.until import until
 from tests.test_ownership import answer_too_late, cluster, owner_and_other, post
@@ -532,3 +535,39 @@ async def test_an_undo_after_its_broker_closed_opens_no_connection(
     peer = next(p for p in other.membership.order("t") if p != other.forwarder.me)
     await other.forwarder._undo(peer, "t", api.UnpopRequest("a1", "w"))
     assert other.forwarder._session is None or other.forwarder._session.closed
+
+
+async def test_a_give_back_that_landed_but_not_durably_is_not_done_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A give-back that landed (in place, readers see it) but could not be made
+    durable fails NotDurable, which _give_back took for "did not land": it was
+    kept for another undo, and the client's retry of /unpop gave the job back a
+    second time after another consumer popped it: one job delivered twice
+    (round 23's review of the round's core changes)."""
+    store = LocalStore(tmp_path, journal=False)
+    engine = Engine(GroupCommitter(store, broker_id="b"))
+    await engine.enqueue("t", [JobSpec("x", id="j")])
+    [popped] = await engine.pop("t", "w1", attempt_id="first")
+    assert popped["id"] == "j"
+
+    real, failing = LocalStore._fsync_dir, [2]  # the give-back's write, and its rewrite
+
+    def failing_after_rename(directory: Path) -> None:
+        if directory == tmp_path / "topics" and failing[0]:
+            failing[0] -= 1
+            raise OSError(errno.EIO, "EIO")
+        real(directory)
+
+    monkeypatch.setattr(LocalStore, "_fsync_dir", staticmethod(failing_after_rename))
+    with pytest.raises(NotDurable):
+        await engine.unpop("t", "first", worker_id="w1")  # its answer: 503, ask again
+    monkeypatch.undo()
+    assert (await engine.job("t", "j"))["status"] == "pending"  # it landed
+    [again] = await engine.pop("t", "w2", attempt_id="second")  # another consumer has it
+    assert again["id"] == "j"
+    await engine.unpop("t", "first", worker_id="w1")  # the first client's retry
+    status = (await engine.job("t", "j"))["status"]
+    await engine.committer.close()
+    await store.close()
+    assert status == "completed", "the job w2 popped was given back by w1's retried unpop"

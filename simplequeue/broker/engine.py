@@ -27,6 +27,7 @@ from simplequeue.errors import (
     Contended,
     InvalidRequest,
     JobNotFound,
+    NotDurable,
     SimpleQueueError,
     StoreUnavailable,
 )
@@ -431,7 +432,9 @@ class Engine:
         try:
             given_back: int = await self.committer.submit(attempt[0], _unpop_all(kept.decoded()))
         except (StoreUnavailable, Contended) as exc:
-            if not isinstance(exc, AmbiguousWrite):  # it did not land: for another undo
+            # AmbiguousWrite: it may have landed; NotDurable: it did (in place,
+            # not durable). Kept for another undo, either could be done twice.
+            if not isinstance(exc, (AmbiguousWrite, NotDurable)):  # it did not land
                 self.popped.restore(attempt, kept)
             raise
         log.info("%s: gave back %d jobs of a pop whose answer was lost", attempt[0], given_back)
