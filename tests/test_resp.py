@@ -1621,3 +1621,41 @@ async def test_a_client_that_quits_and_never_reads_is_cut_once_its_replies_stall
         await until(lambda: not server.connections)
     finally:
         writer.transport.abort()
+
+
+async def test_a_pop_before_a_malformed_request_is_answered_then_the_error(
+    start_broker: StartBroker,
+) -> None:
+    """A protocol error is no client gone: the requests before it are answered,
+    then the error, as Redis does. The read loop's refusal was taken for a
+    hangup: the LPOP was given up, the RPUSH beside it landed unanswered, and
+    the error was never sent (round 23's review of its own RESP changes)."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    raw = await Raw.open(port_of(broker))
+    await raw.write(
+        hiredis.pack_command(("RPUSH", "q", "x"))
+        + hiredis.pack_command(("LPOP", "q"))
+        + b"GARBAGE\r\n"
+    )
+    rest = await raw.rest()
+    await raw.close()
+    assert rest.startswith(b":1\r\n$1\r\nx\r\n") and b"-ERR Protocol error" in rest, rest
+
+
+async def test_a_pop_in_flight_when_an_oversized_request_arrives_is_answered(
+    start_broker: StartBroker,
+) -> None:
+    """A client whose LPOP is being written sends a request past --max-body:
+    the client is still there, but the read loop's refusal sets `left`, so
+    the pop is given up, and the client gets neither its job nor the error
+    that says why the connection closed."""
+    broker, store, client = await pop_being_written(
+        start_broker, hiredis.pack_command(("LPOP", "q"))
+    )
+    [conn] = broker.redis.connections if broker.redis else []
+    await client.write(b"*2\r\n$5\r\nRPUSH\r\n$999999999\r\n")
+    await conn.hangup.wait()  # the read loop refused it and ended
+    store.gate.set()
+    rest = await client.rest()
+    await client.close()
+    assert rest.startswith(b"$1\r\nx\r\n") and b"-ERR Protocol error" in rest, rest

@@ -188,7 +188,12 @@ class Connection:
         except (ConnectionError, OSError):
             pass  # the client went away
         except RespError as exc:
+            # The client is still there: pops before the error are answered,
+            # then the error; blocking ones give up (nothing reads on).
             frames.put(exc)
+            self.hangup.set()
+            frames.put(None)
+            return
         except Exception:  # not expected: the connection ends, it does not hang
             log.exception("RESP connection %s: reading its requests failed", self.id)
         self.left.set()
