@@ -157,27 +157,29 @@ class _OddDelays(Worker):
     def retry_delay(self, job: Job, error: Exception) -> float:
         if job.payload == "raises":
             raise RuntimeError("injected: retry_delay broke")
-        return {"negative": -5.0, "huge": 1e12, "nan": math.nan}[job.payload]
+        delays: dict[str, Any] = {"negative": -5.0, "huge": 1e12, "nan": math.nan, "none": None}
+        return delays[job.payload]  # type: ignore[no-any-return]
 
 
 async def test_a_failed_job_is_nacked_whatever_retry_delay_says(q: Client, broker: Any) -> None:
     """A subclass's retry_delay that raises or answers a delay the broker refuses
     (negative, past a year, NaN) still gets its job nacked: it was left
     claimed, to its lease, its error not kept."""
-    ids = await q.enqueue_many(["raises", "negative", "huge", "nan"])
+    ids = await q.enqueue_many(["raises", "negative", "huge", "nan", "none"])
 
     def fail(job: Job) -> None:
         raise ValueError("the handler failed")
 
-    worker = _OddDelays(q, fail, concurrency=4, max_jobs=4, prefetch=0, handle_signals=False)
+    worker = _OddDelays(q, fail, concurrency=5, max_jobs=5, prefetch=0, handle_signals=False)
     await asyncio.wait_for(worker.run(), 30)
-    assert worker.failed == 4
+    assert worker.failed == 5
     jobs = [await q.job(i) for i in ids]
     assert {job.payload: (job.status, job.attempts) for job in jobs} == {
         "raises": ("delayed", 1),
         "negative": ("pending", 1),
         "huge": ("delayed", 1),
         "nan": ("delayed", 1),
+        "none": ("delayed", 1),
     }
     assert all("the handler failed" in (job.last_error or "") for job in jobs)
 
@@ -2199,3 +2201,78 @@ async def test_stop_returns_promptly_when_the_broker_does_not_answer() -> None:
         for writer in conns:
             writer.close()
         server.close()
+
+
+async def _end(worker: Worker, task: asyncio.Task[None], cancelled: asyncio.Event) -> None:
+    """Stop the worker; one whose handler was never cancelled would wait for
+    it for ever: its run() is cancelled twice (the claim loop, then the drain)."""
+    if cancelled.is_set():
+        await worker.stop()
+    else:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=0.1)
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_plain_function_handing_back_a_coroutine_is_cancelled_at_its_timeout(
+    broker: Any,
+) -> None:
+    """A plain function may hand back an awaitable (a lambda around an async
+    def), which runs here: past its timeout it is cancelled, as a coroutine
+    handler is. It was taken for a handler in a thread and waited for, its
+    slot and its job's lease held for ever (round 23's review of its own
+    Worker changes)."""
+    async with Client(broker.url, topic="w") as q:
+        job_id = await q.enqueue("stuck", max_attempts=1)
+        cancelled = asyncio.Event()
+
+        async def stuck(job: Job) -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        worker = Worker(
+            q, lambda job: stuck(job), timeout=0.2, backoff=FAST, wait=0.2, handle_signals=False
+        )
+        task = asyncio.create_task(worker.run())
+        try:
+            await asyncio.wait_for(cancelled.wait(), 3)
+            async with asyncio.timeout(3):
+                while not await _dead(q, 1):
+                    await broker.committer.wait_changed("w", 1.0)
+        finally:
+            await _end(worker, task, cancelled)
+        [job] = await q.dead()
+        assert job.id == job_id and "timed out" in (job.last_error or "")
+
+
+async def test_a_plain_def_task_handing_back_a_coroutine_is_cancelled_at_its_timeout(
+    broker: Any,
+) -> None:
+    """The same through Tasks: a task registered as a plain function that
+    returns a coroutine is cancelled past its timeout, as a coroutine task is."""
+    tasks = Tasks()
+    cancelled = asyncio.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    @tasks.task
+    def stuck() -> Any:
+        return forever()
+
+    async with Client(broker.url, topic="w") as q:
+        await stuck.enqueue(q)
+        worker = Worker(q, tasks, timeout=0.2, wait=0.2, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        try:
+            await asyncio.wait_for(cancelled.wait(), 3)
+        finally:
+            await _end(worker, task, cancelled)

@@ -134,15 +134,6 @@ class Tasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def runs_in_thread(self, job: Job) -> bool:
-        """Whether the task `job` names is a plain function, which runs in a
-        thread (and cannot be interrupted there)."""
-        try:
-            task, _ = self._task_of(job)
-        except UnknownTask:
-            return False
-        return not inspect.iscoroutinefunction(task.fn)
-
     async def __call__(self, job: Job) -> Any:
         """Run the task `job` names with its arguments (the Worker's handler):
         UnknownTask when its payload is not a task's or names none of these."""

@@ -2,36 +2,74 @@
 as its concurrency. asyncio.to_thread's default pool has min(32, cores + 4)
 threads, which every to_thread and run_in_executor(None, ...) of the process
 shares: a Worker(concurrency=16) of plain functions ran 6 at once on 2 cores,
-its other jobs waiting in the pool's queue with their leases renewed."""
+its other jobs waiting in the pool's queue with their leases renewed.
+
+The job tells the Worker while its thread runs: a thread cannot be stopped, so
+a timeout or a lost lease waits for it, and cancels what runs on the event
+loop after it (an awaitable it handed back) as a coroutine handler's."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
+
+class InThread(Protocol):
+    """A job told whether its handler runs in a thread now."""
+
+    def thread_started(self) -> None: ...
+
+    def thread_ended(self) -> None: ...
+
+
 # The pool of the Worker whose handler runs in this context (its job's task
-# copies it); None: asyncio's default pool.
-_pool: contextvars.ContextVar[ThreadPoolExecutor | None] = contextvars.ContextVar(
-    "simplequeue_thread_pool", default=None
+# copies it), and its job; None: asyncio's default pool.
+_running: contextvars.ContextVar[tuple[ThreadPoolExecutor, InThread] | None] = (
+    contextvars.ContextVar("simplequeue_thread_pool", default=None)
 )
 
 
 async def in_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-    """asyncio.to_thread(fn, ...), on the pool of the Worker running this job."""
-    pool = _pool.get()
-    if pool is None:
+    """asyncio.to_thread(fn, ...), on the pool of the Worker running this job,
+    which is told while the thread runs (until it ends: cancelled, the call
+    returns at once, and a thread that started runs on)."""
+    running = _running.get()
+    if running is None:
         return await asyncio.to_thread(fn, *args, **kwargs)
-    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(pool, call)
+    pool, job = running
+    loop = asyncio.get_running_loop()
+    thread = pool.submit(functools.partial(contextvars.copy_context().run, fn, *args, **kwargs))
+    job.thread_started()
+    try:
+        result = await asyncio.wrap_future(thread, loop=loop)
+    except asyncio.CancelledError:
+        if thread.done():  # it never started
+            job.thread_ended()
+        else:  # the job is told as the thread ends (not before: it runs on)
+
+            def ended(_: object) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(job.thread_ended)
+
+            thread.add_done_callback(ended)
+        raise
+    except BaseException:
+        job.thread_ended()
+        raise
+    # Told as its result is handed on: a handler that returns it ends in this
+    # same step, before anyone told it ended can cancel what runs after it.
+    job.thread_ended()
+    return result
 
 
-def use_pool(pool: ThreadPoolExecutor | None) -> None:
-    """Handlers run from this context on in `pool`."""
-    _pool.set(pool)
+def run_jobs_on(pool: ThreadPoolExecutor, job: InThread) -> None:
+    """Handlers run from this context on in `pool`, for `job`."""
+    _running.set((pool, job))

@@ -60,8 +60,7 @@ from simplequeue.batching import Batcher, Pending
 from simplequeue.client.client import UNSENDABLE, Client, encode
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
-from simplequeue.client.tasks import Tasks
-from simplequeue.client.threads import in_thread, use_pool
+from simplequeue.client.threads import in_thread, run_jobs_on
 from simplequeue.errors import (
     BrokerUnavailable,
     Forbidden,
@@ -195,13 +194,32 @@ class _Claimed:
         self.lost = False  # a heartbeat found the lease gone
         self.cancelled = False  # ... because the job was cancelled
         self.interrupted = False  # a second signal: stopped, to be given back
-        self.in_thread = False  # its handler runs in a thread: it cannot be interrupted
+        self.in_thread = False  # its handler runs in a thread now: it cannot be interrupted
+        self.out_of_thread = asyncio.Event()  # ... set while it does not
+        self.out_of_thread.set()
         # The first heartbeat's timer; the task that sends them once it fired.
         # Most jobs end before their first heartbeat is due: they never cost
         # a task (one per job, and cancelling it, was a fifth of a Worker's
         # CPU on short jobs).
         self.first_beat: asyncio.TimerHandle | None = None
         self.beats: asyncio.Task[None] | None = None
+
+    def thread_started(self) -> None:
+        self.in_thread = True
+        self.out_of_thread.clear()
+
+    def thread_ended(self) -> None:
+        self.in_thread = False
+        self.out_of_thread.set()
+
+    async def thread_returned(self) -> None:
+        """Return once its handler runs in no thread, or its handler ended."""
+        if self.in_thread and self.work is not None and not self.work.done():
+            back = asyncio.ensure_future(self.out_of_thread.wait())
+            try:
+                await asyncio.wait([back, self.work], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                back.cancel()
 
 
 class Worker:
@@ -409,16 +427,17 @@ class Worker:
         to its lease. Handlers in threads (plain functions, plain-def tasks)
         cannot be stopped: they are waited for, their jobs acked or nacked as
         they end. (The buffered jobs went back at the first signal.)"""
-        running = list(self._running)
         # A thread cannot be stopped: given back, its job could run twice at
-        # once (another worker's run and this one's, going on).
-        threads = [task for task in running if self._holding[task].in_thread]
+        # once (another worker's run and this one's, going on). Those in one
+        # are waited for, then stopped as the others (what they handed back).
+        threads = [self._holding[task] for task in self._running if self._holding[task].in_thread]
         if threads:
             log.warning(
                 "%d handlers run in threads, which cannot be interrupted: waiting for them",
                 len(threads),
             )
-        stopping = [task for task in running if task not in threads]
+            await asyncio.gather(*(held.thread_returned() for held in threads))
+        stopping = list(self._running)
         for task in stopping:
             held = self._holding[task]
             held.interrupted = True
@@ -433,8 +452,6 @@ class Worker:
                     "%d jobs did not stop in %g s: left to their leases", len(left), CANCEL_GRACE
                 )
                 await asyncio.wait(left)
-        if threads:
-            await asyncio.wait(threads)
 
     def _give_back_later(self, jobs: list[Job]) -> None:
         """_give_back() in a task of its own, which the drain waits for."""
@@ -699,10 +716,7 @@ class Worker:
         _handling.set((self, asyncio.current_task(), held))  # the handler's task copies it
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="simplequeue-job")
-        use_pool(self._pool)
-        held.in_thread = self._in_thread or (
-            isinstance(self.handler, Tasks) and self.handler.runs_in_thread(job)
-        )
+        run_jobs_on(self._pool, held)  # held.in_thread while a thread runs it
         work = held.work = asyncio.ensure_future(self._handle(job))
         failure: Exception | None = None
         acking = False
@@ -766,31 +780,29 @@ class Worker:
     async def _within_timeout(self, work: asyncio.Future[Any], held: _Claimed) -> Any:
         """`work`'s result; TimeoutError saying so once it has run `timeout` s
         (it is cancelled then). A TimeoutError of the handler's own passes as is.
-        A handler in a thread cannot be stopped: past its timeout it is waited
-        for, the job's lease kept (given back, it could run twice at once), and
-        the job then fails whatever it returned."""
+        A handler running in a thread then cannot be stopped: it is waited for,
+        the job's lease kept (given back, it could run twice at once), what it
+        handed back to run here cancelled, and the job fails whatever it returned."""
         if self.timeout is None:
             return await work
-        if held.in_thread:
+        try:
             done, _ = await asyncio.wait([work], timeout=self.timeout)
-            if done:
-                return work.result()
+        except asyncio.CancelledError:
+            work.cancel()  # run() cancelled: as `await work` would
+            raise
+        if done:
+            return work.result()
+        if held.in_thread:
             log.warning(
                 "job %s: its handler ran past its timeout of %g s in a thread, which cannot"
                 " be stopped: the job fails when it returns",
                 held.job.id,
                 self.timeout,
             )
-            await asyncio.wait([work])
-            raise TimeoutError(f"the handler timed out after {self.timeout:g} s")
-        budget = asyncio.timeout(self.timeout)
-        try:
-            async with budget:
-                return await work
-        except TimeoutError:
-            if budget.expired():
-                raise TimeoutError(f"the handler timed out after {self.timeout:g} s") from None
-            raise
+            await held.thread_returned()
+        work.cancel()
+        await asyncio.wait([work])
+        raise TimeoutError(f"the handler timed out after {self.timeout:g} s")
 
     async def _handle(self, job: Job) -> Any:
         """The handler's result for `job`. Whatever it raises, from the call on,
@@ -815,7 +827,7 @@ class Worker:
         error = "".join(traceback.format_exception_only(exc)).strip()
         log.error("job %s failed on attempt %s: %s", job.id, job.attempts, error, exc_info=exc)
         try:
-            delay = self.retry_delay(job, exc)
+            delay = float(self.retry_delay(job, exc))  # None, or no number: TypeError
         except Exception:
             log.exception("job %s: retry_delay failed: the backoff's delay instead", job.id)
             delay = self.backoff.delay(job.attempts or 1)
@@ -949,18 +961,19 @@ class Worker:
             except (LeaseLost, JobNotFound) as exc:
                 held.lost = True
                 held.cancelled = isinstance(exc, JobCancelled)
-                if held.work is not None and held.in_thread:
-                    # A thread cannot be stopped: its slot stays taken until
-                    # it returns (else the next job would run beside it, past
-                    # the concurrency), and its result is dropped.
-                    log.warning(
-                        "job %s: %s; its handler runs in a thread, which cannot be"
-                        " stopped: its result will be dropped",
-                        held.job.id,
-                        _why_gone(held),
-                    )
-                elif held.work is not None:
-                    held.work.cancel()
+                if held.work is not None:
+                    if held.in_thread:
+                        # A thread cannot be stopped: its slot stays taken
+                        # until it returns (else the next job would run beside
+                        # it, past the concurrency), and its result is dropped.
+                        log.warning(
+                            "job %s: %s; its handler runs in a thread, which cannot be"
+                            " stopped: its result will be dropped",
+                            held.job.id,
+                            _why_gone(held),
+                        )
+                        await held.thread_returned()
+                    held.work.cancel()  # what runs here (what the thread handed back)
                 elif held in self._ready:
                     log.warning("job %s: %s before it started", held.job.id, _why_gone(held))
                     self._ready.remove(held)
