@@ -39,7 +39,7 @@ from simplequeue.broker.server import Broker
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.faults import FaultyStore
-from tests.helpers.until import until
+from tests.helpers.until import until, until_async
 
 StartBroker = Callable[..., Awaitable[Broker]]
 TOKEN = "s3cret-token"
@@ -1659,3 +1659,39 @@ async def test_a_pop_in_flight_when_an_oversized_request_arrives_is_answered(
     rest = await client.rest()
     await client.close()
     assert rest.startswith(b"$1\r\nx\r\n") and b"-ERR Protocol error" in rest, rest
+
+
+async def test_a_pipelined_pop_answered_before_its_groupmate_ends_is_not_lost(
+    start_broker: StartBroker,
+) -> None:
+    """LPOP a; LPOP b pipelined run as one group, whose replies go out when
+    the whole group ends. LPOP a's commit lands (its job completed) while
+    LPOP b's is still being written, and the client leaves: LPOP b was given
+    back, and LPOP a's job stayed completed for nobody (round 23's review of
+    its own RESP changes). A group's pops are named, and undone then."""
+    store = FaultyStore(MemStore(), target="topics/b")
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        for topic, job in (("a", "ja"), ("b", "jb")):
+            enqueued = {"payload": "x", "id": job}
+            code, _ = await http.call("POST", f"/topics/{topic}/enqueue", enqueued)
+            assert code == 201
+        store.gate = asyncio.Event()
+        store.put_started.clear()
+        client = await Raw.open(port_of(broker))
+        pops = hiredis.pack_command(("LPOP", "a")) + hiredis.pack_command(("LPOP", "b"))
+        await client.write(pops)
+        await store.put_started.wait()  # LPOP b held
+
+        async def a_popped() -> bool:
+            return (await http.status("a"))["completed"] == 1
+
+        await until_async(a_popped)  # LPOP a landed; its reply waits for LPOP b
+        [conn] = broker.redis.connections if broker.redis else []
+        await client.close()
+        await conn.left.wait()
+        store.gate.set()
+        await pending_again(http, "b")  # the pop in flight was given back
+        await pending_again(http, "a")  # and the one whose reply never went out
+        assert (await http.job("a", "ja"))["attempts"] == 0

@@ -571,3 +571,26 @@ async def test_a_give_back_that_landed_but_not_durably_is_not_done_twice(
     await engine.committer.close()
     await store.close()
     assert status == "completed", "the job w2 popped was given back by w1's retried unpop"
+
+
+async def test_a_pop_named_through_a_broker_that_passes_it_on_is_undone_by_its_name(
+    start_broker: StartBroker,
+) -> None:
+    """Router.pop keeps the attempt id its caller names (a RESP pop in a
+    pipelined group, whose reply may never go out) and Router.unpop gives its
+    jobs back at the owner that did it; served here when the owner is this
+    broker (once its pop fell back here), by this broker's engine."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec("x", id="j")])
+    router = Router(other.engine, other.forwarder)
+    [job] = await router.pop("t", "w", attempt_id="named")
+    assert job["id"] == "j"
+    assert (await owner.engine.job("t", "j"))["status"] == "completed"
+    assert await router.unpop("t", "named", "w") == 1
+    assert (await owner.engine.job("t", "j"))["status"] == "pending"
+    assert await router.unpop("t", "named", "w") == 0  # once
+    mine = Router(owner.engine, owner.forwarder)  # the owner's own face: no hop
+    [again] = await mine.pop("t", "w", attempt_id="second")
+    assert await mine.unpop("t", "second", "w") == 1
+    assert (await owner.engine.job("t", again["id"]))["status"] == "pending"

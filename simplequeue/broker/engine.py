@@ -147,8 +147,16 @@ class TopicOps(Protocol):
     ) -> list[dict[str, Any]]: ...
 
     async def pop(
-        self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
+        self,
+        topic: str,
+        worker_id: str,
+        *,
+        count: int = 1,
+        wait: float = 0.0,
+        attempt_id: str | None = None,
     ) -> list[dict[str, Any]]: ...
+
+    async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int: ...
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int: ...
 

@@ -376,20 +376,34 @@ class Router:
             )
 
     async def pop(
-        self, topic: str, worker_id: str, *, count: int = 1, wait: float = 0.0
+        self,
+        topic: str,
+        worker_id: str,
+        *,
+        count: int = 1,
+        wait: float = 0.0,
+        attempt_id: str | None = None,
     ) -> list[dict[str, Any]]:
         # An attempt id: should the owner's answer be lost (this broker's
         # caller went away, or the owner answered too late), the owner is asked
         # to undo the pop, as a pop served here is undone for a caller gone.
-        attempt_id = api.new_id()
+        # One the caller names is kept for its unpop(), wherever it is served.
+        named = attempt_id
+        attempt_id = attempt_id or api.new_id()
         body = api.ClaimRequest(worker_id, wait=wait, count=count, attempt_id=attempt_id)
         started = time.monotonic()
         undo = api.UnpopRequest(attempt_id, worker_id)
         got = await self._route(topic, "POST", "/pop", body, wait, repeatable=False, undo=undo)
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
-            return await self.engine.pop(topic, worker_id, count=count, wait=wait)
+            return await self.engine.pop(topic, worker_id, count=count, wait=wait, attempt_id=named)
         return _jobs_of(got)
+
+    async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int:
+        got = await self._route(topic, "POST", "/unpop", api.UnpopRequest(attempt_id, worker_id))
+        if got is None:
+            return await self.engine.unpop(topic, attempt_id, worker_id)
+        return _decode(got, api.Unpopped).given_back
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int:
         body = api.ReleaseRequest(_held(jobs))

@@ -86,6 +86,10 @@ class Session:
     # (topic, job id) -> lease token of the claims XREADGROUP answered on this
     # connection, so that XACK commits with the token (at most once).
     tokens: dict[tuple[str, str], str] = field(default_factory=dict)
+    # While a pipelined group runs (the connection sets it): the pops that took
+    # jobs, by topic and attempt id, whose replies wait for the others'. Should
+    # the client leave before they go out, they are given back (unpop).
+    owing: list[tuple[str, str]] | None = None
 
     @property
     def engine(self) -> TopicOps:
@@ -482,8 +486,15 @@ async def lpop(session: Session, args: list[bytes]) -> Reply:
 
 
 async def _pop(session: Session, topic: str, count: int, wait: float = 0.0) -> list[bytes | str]:
-    """Claim and complete in one commit: a popped job is done."""
-    jobs = await session.engine.pop(topic, session.worker_id, count=count, wait=wait)
+    """Claim and complete in one commit: a popped job is done (in a pipelined
+    group, named, to be undone should its reply not go out: Session.owing)."""
+    owing = session.owing
+    attempt_id = None if owing is None else api.new_id()
+    jobs = await session.engine.pop(
+        topic, session.worker_id, count=count, wait=wait, attempt_id=attempt_id
+    )
+    if owing is not None and attempt_id is not None and jobs:
+        owing.append((topic, attempt_id))
     return [value_of(j["payload"]) for j in jobs]
 
 

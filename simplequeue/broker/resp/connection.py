@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from simplequeue import api
+from simplequeue.broker.background import in_background
 from simplequeue.broker.engine import TopicOps
 from simplequeue.broker.metrics import Metrics
 from simplequeue.broker.resp.commands import (
@@ -163,6 +164,25 @@ class Connection:
     async def _execute(self, group: list[list[bytes]]) -> list[Reply]:
         if len(group) == 1:
             return [await self._dispatch(group[0])]
+        # The group's replies go out once all of it ends: a pop that took its
+        # jobs before the client left, another still running, is undone then.
+        self.session.owing = []
+        try:
+            return await self._execute_group(group)
+        except Hangup:
+            for topic, attempt_id in self.session.owing:
+                in_background(self._give_back(topic, attempt_id))
+            raise
+        finally:
+            self.session.owing = None
+
+    async def _give_back(self, topic: str, attempt_id: str) -> None:
+        try:
+            await self.session.engine.unpop(topic, attempt_id, self.session.worker_id)
+        except SimpleQueueError as exc:
+            log.warning("RESP client %d left: a pop of %s stays done (%s)", self.id, topic, exc)
+
+    async def _execute_group(self, group: list[list[bytes]]) -> list[Reply]:
         if all(self._served_here(frame) for frame in group):
             # Together: they reach this broker's committer in order, and share
             # commits. A pop given up (Hangup) lets the others end first.
