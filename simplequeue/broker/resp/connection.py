@@ -164,17 +164,35 @@ class Connection:
     async def _execute(self, group: list[list[bytes]]) -> list[Reply]:
         if len(group) == 1:
             return [await self._dispatch(group[0])]
-        # The group's replies go out once all of it ends: a pop that took its
-        # jobs before the client left, another still running, is undone then.
-        self.session.owing = []
+        # The group's replies go out once all of it ends. Should the client
+        # leave first, it is given up: its pops under way are undone as they
+        # are cancelled, and those that took their jobs already are given back
+        # by name (Session.owing). One watch for the group, not one a pop.
+        if self.left.is_set():
+            raise Hangup
+        owing: list[tuple[str, str]] = []
+        self.session.owing = owing
+        work = asyncio.ensure_future(self._execute_group(group))
+        gone = asyncio.ensure_future(self.left.wait())
+        self.watched += 1
+        self.room.set()
         try:
-            return await self._execute_group(group)
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                raise Hangup
+            return work.result()
         except Hangup:
-            for topic, attempt_id in self.session.owing:
+            for topic, attempt_id in owing:
                 in_background(self._give_back(topic, attempt_id))
             raise
         finally:
+            self.watched -= 1
             self.session.owing = None
+            for t in (work, gone):  # the connection's task cancelled: the group too
+                t.cancel()
+            await asyncio.gather(work, gone, return_exceptions=True)
 
     async def _give_back(self, topic: str, attempt_id: str) -> None:
         try:
@@ -259,9 +277,10 @@ class Connection:
     async def _run(self, name: str, args: list[bytes]) -> Reply:
         try:
             spec = admitted(self.session, name, args)
-            if not spec.blocking and name not in POPS:
-                return await spec.handler(self.session, args)
-            return await self._until(spec.handler, args, blocking=spec.blocking)
+            if spec.blocking or (name in POPS and self.session.owing is None):
+                return await self._until(spec.handler, args, blocking=spec.blocking)
+            # A pop of a pipelined group: the group is watched as a whole.
+            return await spec.handler(self.session, args)
         except Hangup:
             raise
         except RespError as exc:
