@@ -1695,3 +1695,134 @@ async def test_a_pipelined_pop_answered_before_its_groupmate_ends_is_not_lost(
         await pending_again(http, "b")  # the pop in flight was given back
         await pending_again(http, "a")  # and the one whose reply never went out
         assert (await http.job("a", "ja"))["attempts"] == 0
+
+
+async def _two_topics(http: Http) -> None:
+    for topic, job in (("a", "ja"), ("b", "jb")):
+        code, _ = await http.call("POST", f"/topics/{topic}/enqueue", {"payload": "x", "id": job})
+        assert code == 201
+
+
+async def test_a_stop_past_its_grace_gives_back_a_pipelines_pops_whose_replies_never_went_out(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LPOP a; LPOP b pipelined: LPOP a lands, LPOP b's write is slow (S3).
+    The broker stops; past SHUTDOWN_GRACE the connection's task is cancelled:
+    both pops go back, LPOP a's (named) as LPOP b's (cancelled). LPOP a's
+    stayed done, its reply never sent (round 23's review of its own RESP
+    changes)."""
+    monkeypatch.setattr(connection, "SHUTDOWN_GRACE", 0.3)
+    store = FaultyStore(MemStore(), target="topics/b")
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        await _two_topics(http)
+        store.gate = asyncio.Event()
+        store.put_started.clear()
+        client = await Raw.open(port_of(broker))
+        await client.write(
+            hiredis.pack_command(("LPOP", "a")) + hiredis.pack_command(("LPOP", "b"))
+        )
+        await store.put_started.wait()  # LPOP b held
+
+        async def a_popped() -> bool:
+            return (await http.status("a"))["completed"] == 1
+
+        await until_async(a_popped)  # LPOP a landed; its reply waits for LPOP b
+    stopping = asyncio.create_task(broker.stop())
+    assert broker.redis is not None
+    server = broker.redis
+    await until(lambda: not server.connections)  # cancelled past the grace
+    store.gate.set()
+    await stopping
+    got = await client.rest()
+    await client.close()
+    assert got == b""  # neither reply went out
+    after = await start_broker(store.inner)
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, after.url)
+        assert (await http.job("b", "jb"))["status"] == "pending"
+        assert (await http.job("a", "ja"))["status"] == "pending", "LPOP a's job done for nobody"
+
+
+async def test_a_pipeline_of_pushes_is_done_and_answered_for_a_client_that_half_closes(
+    start_broker: StartBroker,
+) -> None:
+    """A producer pipelines RPUSH p a; RPUSH p b, half-closes its socket (as
+    `nc -N` does, or shutdown(SHUT_WR)) and reads the replies: they land and
+    are answered. A pipelined group watched as a whole for its client's
+    leaving was given up, its pushes abandoned before they applied (round
+    23's review of its own RESP changes)."""
+    store = FaultyStore(MemStore(), target="topics/p")
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        store.gate = asyncio.Event()
+        store.put_started.clear()
+        first = asyncio.create_task(
+            http.call("POST", "/topics/p/enqueue", {"payload": "first", "id": "j0"})
+        )
+        await store.put_started.wait()  # a batch of p in flight
+        client = await Raw.open(port_of(broker))
+        await client.write(
+            hiredis.pack_command(("RPUSH", "p", "a")) + hiredis.pack_command(("RPUSH", "p", "b"))
+        )
+        assert broker.redis is not None
+        [conn] = broker.redis.connections
+        await until(lambda: conn.busy)
+        client.writer.write_eof()  # done sending; still reading
+        await conn.left.wait()
+        await until(lambda: conn.watched == 0)  # a group watched was given up by now
+        store.gate.set()
+        assert (await first)[0] == 201
+        got = await client.rest()
+        await client.close()
+        pending = (await http.status("p"))["pending"]
+        assert (pending, got) == (3, b":2\r\n:3\r\n")
+
+
+async def test_a_client_that_leaves_after_a_malformed_request_gets_its_pop_undone(
+    start_broker: StartBroker,
+) -> None:
+    """After a request refused for its framing the broker reads on, discarding,
+    to see its client leave: one that sent LPOP, then garbage, and left while
+    the pop was being written had it land for nobody (round 23's review of
+    its own RESP changes)."""
+    broker, store, client = await pop_being_written(
+        start_broker, hiredis.pack_command(("LPOP", "q"))
+    )
+    [conn] = broker.redis.connections if broker.redis else []
+    await client.write(b"GARBAGE\r\n")
+    await conn.hangup.wait()  # the read loop refused it and ended
+    await client.close()
+    try:
+        await asyncio.wait_for(conn.left.wait(), 1)
+    except TimeoutError:
+        store.gate.set()  # the pop lands, answered to a closed socket
+        pytest.fail("the broker never saw its client leave: its pop completes for nobody")
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        store.gate.set()
+        server = broker.redis
+        assert server is not None
+        await until(lambda: not server.connections)  # the pop ended, the connection closed
+        deadline = time.monotonic() + 2  # a give-back is a commit of its own, soon after
+        while (await http.job("q", "j1"))["status"] != "pending":
+            assert time.monotonic() < deadline, "the job was done for a client that left"
+            await broker.committer.wait_changed("q", 0.2)
+
+
+async def test_a_pipelines_pops_keep_no_record_once_answered(start_broker: StartBroker) -> None:
+    """A pipeline's pops are named for their undo; answered, their records go
+    (the owner's room for them is bounded, and shared with pops passed on)."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    r = redis.Redis(port=port_of(broker))
+    try:
+        await r.rpush("q", *[str(i) for i in range(10)])
+        async with r.pipeline(transaction=False) as pipe:
+            for _ in range(5):
+                pipe.lpop("q")
+            assert await pipe.execute() == [b"0", b"1", b"2", b"3", b"4"]
+    finally:
+        await r.aclose()
+    assert broker.engine.popped.kept_bytes == 0

@@ -2276,3 +2276,47 @@ async def test_a_plain_def_task_handing_back_a_coroutine_is_cancelled_at_its_tim
             await asyncio.wait_for(cancelled.wait(), 3)
         finally:
             await _end(worker, task, cancelled)
+
+
+async def test_a_second_signal_cancels_coroutine_handlers_while_a_thread_runs(q: Client) -> None:
+    """A second signal cancels the coroutine handlers at once, and waits for
+    those in threads: it waited for every thread before it cancelled anything,
+    a coroutine handler beside a long thread running on, its job held (round
+    23's review of its own Worker changes)."""
+    tasks = Tasks()
+    started, release = threading.Event(), threading.Event()
+    waiting, cancelled = asyncio.Event(), asyncio.Event()
+
+    @tasks.task
+    def slow() -> str:
+        started.set()
+        release.wait(20)
+        return "done"
+
+    @tasks.task
+    async def forever() -> None:
+        waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    await slow.enqueue(q)
+    forever_id = await forever.enqueue(q)
+    worker = Worker(q, tasks, concurrency=2, prefetch=0, handle_signals=False)
+    run = asyncio.create_task(worker.run())
+    try:
+        assert await asyncio.to_thread(started.wait, 10)
+        await asyncio.wait_for(waiting.wait(), 10)
+        worker._on_signal()  # as SIGTERM does
+        worker._on_signal()  # and a second: stop now
+        try:
+            await asyncio.wait_for(cancelled.wait(), 2)
+        except TimeoutError:
+            pytest.fail("the coroutine handler was not cancelled by the second signal")
+        job = await q.job(forever_id)
+        assert job.status == "pending", job
+    finally:
+        release.set()
+        await asyncio.wait_for(run, 15)

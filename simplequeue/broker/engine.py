@@ -158,6 +158,10 @@ class TopicOps(Protocol):
 
     async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int: ...
 
+    def forget_pop(self, topic: str, attempt_id: str, worker_id: str) -> None:
+        """The named pop was answered: what it did need not be kept for its undo."""
+        ...
+
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int: ...
 
     async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]: ...
@@ -428,6 +432,11 @@ class Engine:
             undoing.add_done_callback(functools.partial(self._undone, attempt))
         # Shielded: a caller gone now is no reason to leave the jobs done.
         return await asyncio.shield(undoing)
+
+    def forget_pop(self, topic: str, attempt_id: str, worker_id: str) -> None:
+        """The pop named `attempt_id` was answered (a RESP pipeline's): its
+        record leaves room for others' (Popped is bounded)."""
+        self.popped.take((topic, worker_id, attempt_id))
 
     def _undone(self, attempt: Attempt, undoing: asyncio.Future[int]) -> None:
         del self._undoing[attempt]

@@ -399,6 +399,10 @@ class Router:
             return await self.engine.pop(topic, worker_id, count=count, wait=wait, attempt_id=named)
         return _jobs_of(got)
 
+    def forget_pop(self, topic: str, attempt_id: str, worker_id: str) -> None:
+        # Kept here if it was served here; an owner's record runs out by itself.
+        self.engine.forget_pop(topic, attempt_id, worker_id)
+
     async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int:
         got = await self._route(topic, "POST", "/unpop", api.UnpopRequest(attempt_id, worker_id))
         if got is None:

@@ -214,7 +214,9 @@ class _Claimed:
 
     async def thread_returned(self) -> None:
         """Return once its handler runs in no thread, or its handler ended."""
-        if self.in_thread and self.work is not None and not self.work.done():
+        # A loop: what the thread handed back may enter another (a plain-def
+        # task) in the very step the first ended, before this wakes.
+        while self.in_thread and self.work is not None and not self.work.done():
             back = asyncio.ensure_future(self.out_of_thread.wait())
             try:
                 await asyncio.wait([back, self.work], return_when=asyncio.FIRST_COMPLETED)
@@ -430,19 +432,21 @@ class Worker:
         # A thread cannot be stopped: given back, its job could run twice at
         # once (another worker's run and this one's, going on). Those in one
         # are waited for, then stopped as the others (what they handed back).
-        threads = [self._holding[task] for task in self._running if self._holding[task].in_thread]
+        stopping = list(self._running)
+
+        async def interrupt(held: _Claimed) -> None:
+            await held.thread_returned()
+            held.interrupted = True
+            if held.work is not None:
+                held.work.cancel()
+
+        threads = [self._holding[task] for task in stopping if self._holding[task].in_thread]
         if threads:
             log.warning(
                 "%d handlers run in threads, which cannot be interrupted: waiting for them",
                 len(threads),
             )
-            await asyncio.gather(*(held.thread_returned() for held in threads))
-        stopping = list(self._running)
-        for task in stopping:
-            held = self._holding[task]
-            held.interrupted = True
-            if held.work is not None:
-                held.work.cancel()
+        await asyncio.gather(*(interrupt(self._holding[task]) for task in stopping))
         if stopping:
             _, left = await asyncio.wait(stopping, timeout=CANCEL_GRACE)
             for task in left:

@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from simplequeue import api
 from simplequeue.broker.background import in_background
@@ -164,37 +164,39 @@ class Connection:
     async def _execute(self, group: list[list[bytes]]) -> list[Reply]:
         if len(group) == 1:
             return [await self._dispatch(group[0])]
-        # The group's replies go out once all of it ends. Should the client
-        # leave first, it is given up: its pops under way are undone as they
-        # are cancelled, and those that took their jobs already are given back
-        # by name (Session.owing). One watch for the group, not one a pop.
+        if not any(upper(frame[0]) in POPS for frame in group):
+            return await self._execute_group(group)
+        # A group's replies go out once all of it ends, so its pops are named
+        # (Session.owing), and given back if the client left meanwhile or the
+        # group was cut short (a stop past its grace). The group runs to its
+        # end (its pushes land, as Redis's would): reading goes on meanwhile,
+        # to see the client leave.
         if self.left.is_set():
             raise Hangup
         owing: list[tuple[str, str]] = []
         self.session.owing = owing
-        work = asyncio.ensure_future(self._execute_group(group))
-        gone = asyncio.ensure_future(self.left.wait())
         self.watched += 1
         self.room.set()
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-                raise Hangup
-            return work.result()
-        except Hangup:
-            for topic, attempt_id in owing:
-                in_background(self._give_back(topic, attempt_id))
+            replies = await self._execute_group(group)
+        except BaseException:
+            self._give_back(owing)
             raise
         finally:
             self.watched -= 1
             self.session.owing = None
-            for t in (work, gone):  # the connection's task cancelled: the group too
-                t.cancel()
-            await asyncio.gather(work, gone, return_exceptions=True)
+        if self.left.is_set():  # nobody to answer
+            self._give_back(owing)
+            raise Hangup
+        for topic, attempt_id in owing:  # answered now: no undo will come
+            self.session.engine.forget_pop(topic, attempt_id, self.session.worker_id)
+        return replies
 
-    async def _give_back(self, topic: str, attempt_id: str) -> None:
+    def _give_back(self, owing: list[tuple[str, str]]) -> None:
+        for topic, attempt_id in owing:
+            in_background(self._unpop(topic, attempt_id))
+
+    async def _unpop(self, topic: str, attempt_id: str) -> None:
         try:
             await self.session.engine.unpop(topic, attempt_id, self.session.worker_id)
         except SimpleQueueError as exc:
@@ -202,13 +204,8 @@ class Connection:
 
     async def _execute_group(self, group: list[list[bytes]]) -> list[Reply]:
         if all(self._served_here(frame) for frame in group):
-            # Together: they reach this broker's committer in order, and share
-            # commits. A pop given up (Hangup) lets the others end first.
-            outcomes = await asyncio.gather(*map(self._dispatch, group), return_exceptions=True)
-            for outcome in outcomes:  # an error reply is returned, never raised
-                if isinstance(outcome, BaseException) and not isinstance(outcome, RespError):
-                    raise outcome
-            return cast(list[Reply], outcomes)
+            # Together: they reach this broker's committer in order, and share commits.
+            return list(await asyncio.gather(*map(self._dispatch, group)))
         # Passed on to another broker, each is a request of its own, which would
         # reach it in any order (an LPOP before the RPUSH sent ahead of it).
         return [await self._dispatch(frame) for frame in group]
@@ -231,6 +228,12 @@ class Connection:
             frames.put(exc)
             self.hangup.set()
             frames.put(None)
+            # Read on, discarding, to see the client leave (pops under way are
+            # given back then): the run loop cancels this once it closes.
+            with contextlib.suppress(ConnectionError, OSError):
+                while await self.reader.read(READ_CHUNK):
+                    pass
+            self.left.set()
             return
         except Exception:  # not expected: the connection ends, it does not hang
             log.exception("RESP connection %s: reading its requests failed", self.id)
