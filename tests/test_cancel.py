@@ -18,6 +18,7 @@ from simplequeue.client import Client, Worker
 from simplequeue.client.job import Job
 from simplequeue.errors import JobCancelled, JobNotFound, LeaseLost
 from simplequeue.objstore.memfs import MemStore
+from tests.helpers.logs import Said
 from tests.helpers.states import fresh, reread
 
 T0 = 1_000_000.0
@@ -209,17 +210,6 @@ async def test_a_workers_handler_is_cancelled_at_the_heartbeat_that_says_so(
     assert any("long" in r.message and "was cancelled" in r.message for r in caplog.records)
 
 
-class _Said(logging.Handler):
-    def __init__(self, words: str) -> None:
-        super().__init__()
-        self.words = words
-        self.said = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.words in record.getMessage():
-            self.said.set()
-
-
 async def test_a_cancelled_handler_in_a_thread_keeps_its_slot_until_it_returns(
     start_broker: StartBroker,
 ) -> None:
@@ -241,7 +231,7 @@ async def test_a_cancelled_handler_in_a_thread_keeps_its_slot_until_it_returns(
             loop.call_soon_threadsafe(b_started.set)
         return "ok"
 
-    kept = _Said("runs in a thread, which cannot be stopped")
+    kept = Said("runs in a thread, which cannot be stopped")
     logging.getLogger("simplequeue.worker").addHandler(kept)
     async with Client(broker.url, topic="t") as q:
         await q.enqueue("a", id="a")

@@ -153,6 +153,24 @@ async def test_an_if_match_put_into_a_missing_bucket_is_not_a_lost_race(moto: bo
 # --- no credentials: a conditional write called "ambiguous" --------------------------
 
 
+def _store_without_credentials(
+    monkeypatch: pytest.MonkeyPatch, config: Any, tmp_path: Any
+) -> S3Store:
+    """A store on a port nobody listens on, whose credentials come from AWS
+    config file `config` only (none in the environment or elsewhere)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no traffic off 127.0.0.1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return S3Store(
+        S3Settings(bucket="b", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
+    )
+
+
 async def test_a_conditional_put_without_credentials_is_not_called_ambiguous(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
@@ -161,17 +179,7 @@ async def test_a_conditional_put_without_credentials_is_not_called_ambiguous(
     conditional PUT raised AmbiguousWrite "no answer to a conditional write",
     and the committer read back for its whole budget, never saying that the
     credentials were missing."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no traffic off 127.0.0.1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = S3Store(
-        S3Settings(bucket="b", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
-    )
+    store = _store_without_credentials(monkeypatch, tmp_path / "none", tmp_path)
     try:
         with pytest.raises(StoreUnavailable) as caught:
             await store.put_if("k", b"v", if_match='"x"')
@@ -192,17 +200,7 @@ async def test_a_conditional_put_whose_credential_process_fails_is_refused_not_a
     that never left (review of s3, round 23)."""
     config = tmp_path / "config"
     config.write_text("[default]\ncredential_process = /bin/false\n")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no traffic off 127.0.0.1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = S3Store(
-        S3Settings(bucket="b", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
-    )
+    store = _store_without_credentials(monkeypatch, config, tmp_path)
     try:
         with pytest.raises(StoreRefused, match="retrieving credentials") as caught:
             await store.put_if("k", b"v", if_match='"x"')

@@ -22,6 +22,7 @@ from simplequeue.errors import BrokerUnavailable, Unauthorized
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.logs import Said
 from tests.helpers.until import until
 
 StartBroker = Callable[..., Awaitable[Any]]
@@ -1115,19 +1116,6 @@ async def test_a_handler_that_overruns_its_timeout_is_cancelled_and_the_job_fail
     assert worker.failed == 2
 
 
-class _Said(logging.Handler):
-    """Sets `said` once a record with `words` in its message is logged."""
-
-    def __init__(self, words: str) -> None:
-        super().__init__()
-        self.words = words
-        self.said = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.words in record.getMessage():
-            self.said.set()
-
-
 async def test_a_plain_function_that_overruns_its_timeout_fails_the_job_when_it_returns(
     q: Client, broker: Any
 ) -> None:
@@ -1145,7 +1133,7 @@ async def test_a_plain_function_that_overruns_its_timeout_fails_the_job_when_it_
             release.wait(30)
         return "done"
 
-    overran = _Said("ran past its timeout")
+    overran = Said("ran past its timeout")
     logging.getLogger("simplequeue.worker").addHandler(overran)
     worker = Worker(
         q, blocked, concurrency=1, timeout=0.2, prefetch=0, wait=0.2, handle_signals=False
