@@ -32,6 +32,7 @@ import re
 import struct
 import threading
 import time
+import urllib.parse
 import uuid
 import zlib
 from collections import OrderedDict
@@ -359,7 +360,7 @@ class LocalStore(ObjectStore):
         super().__init__()
         self.root = Path(root).absolute()
         self.lock_timeout = lock_timeout
-        self.url = f"file://{self.root}"
+        self.url = "file://" + urllib.parse.quote(str(self.root))  # as store_from_url reads it
         # The files last written, and the busy keys' journals.
         self.held_descriptors = _WrittenFiles.LIMIT + _Places.LIMIT
         self._locks = self.root / _META_DIR / "locks"
@@ -961,7 +962,9 @@ class LocalStore(ObjectStore):
 
     def _list_top_sync(self, prefix: str) -> builtins.list[str]:
         """One directory read: the files in the prefix's folder (none below it)."""
-        folder, _, start = prefix.rpartition("/")
+        folder, slash, start = prefix.rpartition("/")
+        if slash and not is_key(folder):  # "/", "a//": no key starts so
+            return []
         base = f"{folder}/" if folder else ""
         try:
             entries = list(os.scandir(self.root / folder if folder else self.root))
