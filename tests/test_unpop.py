@@ -594,3 +594,21 @@ async def test_a_pop_named_through_a_broker_that_passes_it_on_is_undone_by_its_n
     [again] = await mine.pop("t", "w", attempt_id="second")
     assert await mine.unpop("t", "second", "w") == 1
     assert (await owner.engine.job("t", again["id"]))["status"] == "pending"
+
+
+async def test_a_named_pop_is_undone_by_the_broker_that_served_it_after_ownership_moved(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Router.unpop asks the broker that served the pop, which keeps what it
+    did: asked of the topic's owner at unpop time, it found nothing once the
+    owner had changed in between, and the jobs stayed done."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec("x", id="j")])
+    router = Router(other.engine, other.forwarder)
+    [job] = await router.pop("t", "w", attempt_id="named")
+    assert job["id"] == "j"
+    # The topic is this broker's now.
+    monkeypatch.setattr(other.forwarder.membership, "owns", lambda topic: True)
+    assert await router.unpop("t", "named", "w") == 1
+    assert (await owner.engine.job("t", "j"))["status"] == "pending"

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -195,10 +196,10 @@ class Forwarder:
             )
         return sending.result()
 
-    async def _undo(self, peer: Peer, topic: str, undo: api.UnpopRequest) -> None:
+    async def _undo(self, peer: Peer, topic: str, undo: api.UnpopRequest) -> int:
         """Ask `peer` to `undo` a pop or complete of `topic` whose answer was
         lost (route's `undo`): a few tries, a second apart, while it does not
-        answer (and this broker is not closed)."""
+        answer (and this broker is not closed). How many jobs it gave back."""
         path = f"/topics/{topic}/unpop"
         body = msgspec.json.encode(undo)
         failed = "this broker stopped"
@@ -214,13 +215,19 @@ class Forwarder:
                     with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                         given_back = msgspec.json.decode(answer.body, type=api.Unpopped)
                         self.undone += given_back.given_back
-                    return
+                        return given_back.given_back
+                    return 0
                 if answer.status < 500:  # refused: asking again gets the same
                     failed = f"HTTP {answer.status}: {answer.body[:200]!r}"
                     break
                 failed = f"HTTP {answer.status}"
             await asyncio.sleep(UNDO_PAUSE)
         log.warning("%s did not undo a pop of %s (%s): its jobs stay done", peer.url, topic, failed)
+        return 0
+
+    async def undo(self, peer: Peer, topic: str, undo: api.UnpopRequest) -> int:
+        """_undo(), for a pop its caller named and now gives back (Router.unpop)."""
+        return await self._undo(peer, topic, undo)
 
     async def tell(self, peer: Peer, path: str) -> bool:
         """POST `path` to `peer` (broker to broker); whether it answered 2xx."""
@@ -268,6 +275,11 @@ class Forwarder:
             raise _Unreachable(str(exc) or type(exc).__name__, sent=True) from exc
 
 
+# Pops named by their caller and served by another broker, remembered for
+# their unpop until answered (Router._served_by), at most.
+NAMED_POPS_KEPT = 10_000
+
+
 class Router:
     """The topic operations the RESP face calls, each served by the topic's
     owner: this broker's engine, or another broker over HTTP."""
@@ -275,6 +287,10 @@ class Router:
     def __init__(self, engine: Engine, forwarder: Forwarder) -> None:
         self.engine = engine
         self.forwarder = forwarder
+        # The broker that served each pop its caller named, of those not
+        # answered yet (a RESP pipeline's): unpop() asks that one, whoever
+        # owns the topic by then. At most NAMED_POPS_KEPT, the oldest dropped.
+        self._served_by: OrderedDict[tuple[str, str, str], Peer] = OrderedDict()
 
     def served_here(self, topic: str) -> bool:
         return self.forwarder.membership.owns(topic)
@@ -397,17 +413,25 @@ class Router:
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
             return await self.engine.pop(topic, worker_id, count=count, wait=wait, attempt_id=named)
-        return _jobs_of(got)
+        jobs = _jobs_of(got)
+        if named is not None and jobs:
+            self._served_by[(topic, worker_id, named)] = got.served_by
+            while len(self._served_by) > NAMED_POPS_KEPT:
+                self._served_by.popitem(last=False)
+        return jobs
 
     def forget_pop(self, topic: str, attempt_id: str, worker_id: str) -> None:
         # Kept here if it was served here; an owner's record runs out by itself.
+        self._served_by.pop((topic, worker_id, attempt_id), None)
         self.engine.forget_pop(topic, attempt_id, worker_id)
 
     async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int:
-        got = await self._route(topic, "POST", "/unpop", api.UnpopRequest(attempt_id, worker_id))
-        if got is None:
+        # Asked of the broker that served the pop (it keeps what the pop did),
+        # whoever owns the topic now; served here, this broker's engine.
+        peer = self._served_by.pop((topic, worker_id or "", attempt_id), None)
+        if peer is None:
             return await self.engine.unpop(topic, attempt_id, worker_id)
-        return _decode(got, api.Unpopped).given_back
+        return await self.forwarder.undo(peer, topic, api.UnpopRequest(attempt_id, worker_id))
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int:
         body = api.ReleaseRequest(_held(jobs))
