@@ -5,11 +5,13 @@ the reaper and the broker's start-up carry on; a bad broker.json is replaced."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from simplequeue import keys
 from simplequeue.client import Client
@@ -65,6 +67,23 @@ async def test_the_reaper_goes_on_past_a_corrupt_topic(start_broker: StartBroker
                 break
             await broker.committer.wait_changed("zzz", 0.05)
         assert (await q.status())["pending"] == 1, "the expired lease was not reaped"
+
+
+async def test_the_sweeper_says_in_a_line_that_a_corrupt_topic_is_not_swept(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A topic whose orphans were sighted is swept at every sweep: a corrupt
+    one logged its whole stack trace each time (every 10 minutes, for good)."""
+    store = MemStore()
+    broker = await start_broker(store)
+    async with Client(broker.url, topic="bad") as bad:
+        await bad.enqueue(1)
+    await store.put(keys.head("bad"), GARBAGE)
+    fresh = await start_broker(store)
+    with caplog.at_level(logging.WARNING, logger="simplequeue.broker.engine"):
+        assert await fresh.engine.sweep_all(["bad"]) == []
+    [said] = [r for r in caplog.records if "sweeper" in r.getMessage()]
+    assert "topics/bad.json" in said.getMessage() and said.exc_info is None
 
 
 async def test_a_bad_broker_json_is_replaced_and_discovery_works(start_broker: StartBroker) -> None:

@@ -897,6 +897,8 @@ class Engine:
         for topic in topics:
             try:
                 deleted += await self.committer.sweep(topic)
+            except SimpleQueueError as exc:  # a corrupt head, the store down: again next time
+                log.warning("sweeper: topic %s not swept: %s", topic, exc)
             except Exception:
                 log.exception("sweeper: topic %s failed", topic)
         return deleted
