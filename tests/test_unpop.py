@@ -573,6 +573,19 @@ async def test_a_give_back_that_landed_but_not_durably_is_not_done_twice(
     assert status == "completed", "the job w2 popped was given back by w1's retried unpop"
 
 
+async def _popped_through_another(start_broker: StartBroker) -> tuple[Any, Any, Router]:
+    """Two brokers; job "j" of topic "t" popped through the one that does not
+    own it, the pop named "named" by worker "w": the owner, the other, and the
+    other's Router."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec("x", id="j")])
+    router = Router(other.engine, other.forwarder)
+    [job] = await router.pop("t", "w", attempt_id="named")
+    assert job["id"] == "j"
+    return owner, other, router
+
+
 async def test_a_pop_named_through_a_broker_that_passes_it_on_is_undone_by_its_name(
     start_broker: StartBroker,
 ) -> None:
@@ -580,12 +593,7 @@ async def test_a_pop_named_through_a_broker_that_passes_it_on_is_undone_by_its_n
     pipelined group, whose reply may never go out) and Router.unpop gives its
     jobs back at the owner that did it; served here when the owner is this
     broker (once its pop fell back here), by this broker's engine."""
-    brokers = await cluster(start_broker, MemStore(), 2)
-    owner, other = owner_and_other(brokers, "t")
-    await owner.engine.enqueue("t", [JobSpec("x", id="j")])
-    router = Router(other.engine, other.forwarder)
-    [job] = await router.pop("t", "w", attempt_id="named")
-    assert job["id"] == "j"
+    owner, _, router = await _popped_through_another(start_broker)
     assert (await owner.engine.job("t", "j"))["status"] == "completed"
     assert await router.unpop("t", "named", "w") == 1
     assert (await owner.engine.job("t", "j"))["status"] == "pending"
@@ -602,12 +610,7 @@ async def test_a_named_pop_is_undone_by_the_broker_that_served_it_after_ownershi
     """Router.unpop asks the broker that served the pop, which keeps what it
     did: asked of the topic's owner at unpop time, it found nothing once the
     owner had changed in between, and the jobs stayed done."""
-    brokers = await cluster(start_broker, MemStore(), 2)
-    owner, other = owner_and_other(brokers, "t")
-    await owner.engine.enqueue("t", [JobSpec("x", id="j")])
-    router = Router(other.engine, other.forwarder)
-    [job] = await router.pop("t", "w", attempt_id="named")
-    assert job["id"] == "j"
+    owner, other, router = await _popped_through_another(start_broker)
     # The topic is this broker's now.
     monkeypatch.setattr(other.forwarder.membership, "owns", lambda topic: True)
     assert await router.unpop("t", "named", "w") == 1
