@@ -14,6 +14,7 @@ import contextlib
 import glob
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,13 @@ import pytest
 from simplequeue.objstore import ObjectStore
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
+
+# A suite started in the background of a shell without job control (`bin/test &`
+# in a script) inherits SIGINT ignored (POSIX), and so would every command it
+# starts: tests send SIGINT, as a terminal's Ctrl-C does, to processes that must
+# not ignore it (simplequeue work leaves an ignored SIGINT ignored, as it should).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 S3_ENDPOINT = os.environ.get("SIMPLEQUEUE_TEST_S3_ENDPOINT", "")
 MOTO_ENDPOINT = os.environ.get("SIMPLEQUEUE_TEST_MOTO_ENDPOINT", "")
