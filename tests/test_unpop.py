@@ -533,7 +533,7 @@ async def test_an_undo_after_its_broker_closed_opens_no_connection(
     _, other = owner_and_other(brokers, "t")
     await other.forwarder.close()
     peer = next(p for p in other.membership.order("t") if p != other.forwarder.me)
-    await other.forwarder._undo(peer, "t", api.UnpopRequest("a1", "w"))
+    await other.forwarder.undo(peer, "t", api.UnpopRequest("a1", "w"))
     assert other.forwarder._session is None or other.forwarder._session.closed
 
 

@@ -153,7 +153,7 @@ class Forwarder:
                 answer = await (self._unless_stopping(topic, peer, sending) if wait else sending)
             except (asyncio.CancelledError, AmbiguousWrite):  # AmbiguousWrite: stopping
                 if undo is not None:
-                    in_background(self._undo(peer, topic, undo))
+                    in_background(self.undo(peer, topic, undo))
                 raise
             except _Unreachable as exc:
                 self.fallbacks += 1
@@ -161,7 +161,7 @@ class Forwarder:
                 if exc.sent and not repeatable:
                     log.warning("%s did not answer for %s (%s)", peer.url, topic, exc)
                     if undo is not None:
-                        in_background(self._undo(peer, topic, undo))
+                        in_background(self.undo(peer, topic, undo))
                     raise AmbiguousWrite(
                         f"topic {topic!r}: its owner {peer.url} did not answer ({exc}); "
                         "it may have done the request, which is not done again here"
@@ -196,10 +196,11 @@ class Forwarder:
             )
         return sending.result()
 
-    async def _undo(self, peer: Peer, topic: str, undo: api.UnpopRequest) -> int:
+    async def undo(self, peer: Peer, topic: str, undo: api.UnpopRequest) -> int:
         """Ask `peer` to `undo` a pop or complete of `topic` whose answer was
-        lost (route's `undo`): a few tries, a second apart, while it does not
-        answer (and this broker is not closed). How many jobs it gave back."""
+        lost (route's `undo`), or that its caller gives back (Router.unpop): a
+        few tries, a second apart, while it does not answer (and this broker is
+        not closed). How many jobs it gave back."""
         path = f"/topics/{topic}/unpop"
         body = msgspec.json.encode(undo)
         failed = "this broker stopped"
@@ -224,10 +225,6 @@ class Forwarder:
             await asyncio.sleep(UNDO_PAUSE)
         log.warning("%s did not undo a pop of %s (%s): its jobs stay done", peer.url, topic, failed)
         return 0
-
-    async def undo(self, peer: Peer, topic: str, undo: api.UnpopRequest) -> int:
-        """_undo(), for a pop its caller named and now gives back (Router.unpop)."""
-        return await self._undo(peer, topic, undo)
 
     async def tell(self, peer: Peer, path: str) -> bool:
         """POST `path` to `peer` (broker to broker); whether it answered 2xx."""
