@@ -937,23 +937,13 @@ class LocalStore(ObjectStore):
         cannot be read (EMFILE, EIO, EACCES) fails the listing, as it does
         list_top(), rather than read as empty (a broker listing brokers/
         would drop every other broker from its view)."""
-        folder, slash, start = prefix.rpartition("/")
-        if slash and not is_key(folder):
-            return []  # no key starts with it ("/", "../", "a//")
+        at = _folder_of(prefix)
+        if at is None:
+            return []
         keys: list[str] = []
-        todo = [(folder, start)]
+        todo = [at]
         while todo:
-            folder, start = todo.pop()
-            base = f"{folder}/" if folder else ""
-            try:
-                with os.scandir(self.root / folder if folder else self.root) as found:
-                    entries = list(found)
-            except (FileNotFoundError, NotADirectoryError):  # gone, or a file
-                continue
-            for entry in entries:
-                key = base + entry.name
-                if not entry.name.startswith(start) or not is_key(key):
-                    continue
+            for key, entry in self._entries(*todo.pop()):
                 if not entry.is_dir():
                     keys.append(key)
                 elif not entry.is_symlink():  # as os.walk: a link to a folder is neither
@@ -962,19 +952,21 @@ class LocalStore(ObjectStore):
 
     def _list_top_sync(self, prefix: str) -> builtins.list[str]:
         """One directory read: the files in the prefix's folder (none below it)."""
-        folder, slash, start = prefix.rpartition("/")
-        if slash and not is_key(folder):  # "/", "a//": no key starts so
-            return []
+        at = _folder_of(prefix)
+        return [] if at is None else sorted(k for k, e in self._entries(*at) if e.is_file())
+
+    def _entries(self, folder: str, start: str) -> list[tuple[str, os.DirEntry[str]]]:
+        """The entries of `folder` (from the root; "" for it) whose names start
+        with `start` and make keys, each with its key; none when the folder is
+        gone, or a file. One that cannot be read raises (_run maps it)."""
         base = f"{folder}/" if folder else ""
         try:
-            entries = list(os.scandir(self.root / folder if folder else self.root))
+            with os.scandir(self.root / folder if folder else self.root) as found:
+                entries = list(found)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(
-            base + e.name
-            for e in entries
-            if e.name.startswith(start) and is_key(base + e.name) and e.is_file()
-        )
+        named = ((base + e.name, e) for e in entries if e.name.startswith(start))
+        return [(key, e) for key, e in named if is_key(key)]
 
     def _sweep_leftovers_sync(self, older_than: float) -> int:
         if not self.root.is_dir():
@@ -1096,6 +1088,15 @@ def _fsync(path: Path, flags: int = 0) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _folder_of(prefix: str) -> tuple[str, str] | None:
+    """The folder that holds the keys starting with `prefix`, and how their
+    names start there; None when no key can ("/", "../", "a//")."""
+    folder, slash, start = prefix.rpartition("/")
+    if slash and not is_key(folder):
+        return None
+    return folder, start
 
 
 def _mtime_resolution(stamp: int) -> float:
