@@ -843,18 +843,22 @@ async def test_every_content_encoding_header_is_looked_at(
     assert await store.list("topics/") == []
 
 
+async def post_gzip(url: str, data: bytes) -> tuple[int, str]:
+    """POST `data` (as given) to `url` saying it is gzip-encoded JSON: the
+    answer's status and text."""
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s, s.post(url, data=data, headers=headers) as r:
+        return r.status, await r.text()
+
+
 async def test_a_gzip_body_is_read(start_broker: StartBroker) -> None:
     """Decoded by the broker itself now (aiohttp's decoding is off)."""
     broker = await start_broker(MemStore())
-    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{broker.url}/topics/t/enqueue", data=gzip.compress(b'{"payload": 7}'), headers=headers
-        ) as r,
-    ):
-        assert r.status == 201, await r.text()
-        job_id = (await r.json())["id"]
+    status, text = await post_gzip(
+        f"{broker.url}/topics/t/enqueue", gzip.compress(b'{"payload": 7}')
+    )
+    assert status == 201, text
+    job_id = orjson.loads(text)["id"]
     async with aiohttp.ClientSession() as s, s.get(f"{broker.url}/topics/t/jobs/{job_id}") as r:
         assert (await r.json())["payload"] == 7
 
@@ -866,12 +870,8 @@ async def test_a_gzip_body_that_decodes_past_max_body_is_413(start_broker: Start
     broker = await start_broker(store)
     bomb = gzip.compress(b'{"payload": "' + b"0" * (4 << 20) + b'"}')
     assert len(bomb) < 16 * 1024
-    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{broker.url}/topics/t/enqueue", data=bomb, headers=headers) as r,
-    ):
-        assert r.status == 413, await r.text()
+    status, text = await post_gzip(f"{broker.url}/topics/t/enqueue", bomb)
+    assert status == 413, text
     assert await store.list("topics/") == []
 
 
@@ -1010,14 +1010,8 @@ async def test_a_body_larger_than_the_default_max_body_is_decoded_off_the_loop(
 
     monkeypatch.setattr(http, "_decoded", noting)
     broker = await start_broker(MemStore(), max_body=2 * 1024 * 1024)
-    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{broker.url}/topics/t/enqueue", data=gzip.compress(b'{"payload": 1}'), headers=headers
-        ) as r,
-    ):
-        assert r.status == 201
+    status, _ = await post_gzip(f"{broker.url}/topics/t/enqueue", gzip.compress(b'{"payload": 1}'))
+    assert status == 201
     assert decoded_on and decoded_on[0] != threading.get_ident()
 
 
@@ -1028,9 +1022,5 @@ async def test_an_empty_body_with_a_content_encoding_is_an_empty_body(
     (requeue every dead job) was 400, "not in its Content-Encoding", once the
     broker decoded bodies itself (review of the body decoding)."""
     broker = await start_broker(MemStore())
-    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{broker.url}/topics/t/requeue", data=b"", headers=headers) as r,
-    ):
-        assert r.status == 200, await r.text()
+    status, text = await post_gzip(f"{broker.url}/topics/t/requeue", b"")
+    assert status == 200, text
