@@ -526,6 +526,17 @@ def store_requests(broker: Any, kind: str) -> float:
     return 0.0
 
 
+async def _fifty_topics_shown(start_broker: StartBroker) -> tuple[Any, list[str], float]:
+    """A broker with 50 topics of a job each, its page's first overview
+    computed: the broker, the topics, and its store GETs so far."""
+    broker = await start_broker(MemStore())
+    names = [f"t{i:03d}" for i in range(50)]
+    for name in names:
+        await broker.engine.enqueue(name, [JobSpec(1)])
+    await broker.http_api.page.compute()
+    return broker, names, store_requests(broker, "get")
+
+
 async def test_a_page_left_open_does_not_read_every_topics_head_at_each_refresh(
     start_broker: StartBroker,
 ) -> None:
@@ -533,13 +544,8 @@ async def test_a_page_left_open_does_not_read_every_topics_head_at_each_refresh(
     store, cached or not: 50 GETs a refresh for 50 idle topics, some 100 a
     second for the 200 a page shows (SPEC 4.1). A head read lately is not
     read again for READ_EVERY seconds."""
-    broker = await start_broker(MemStore())
-    names = [f"t{i:03d}" for i in range(50)]
-    for name in names:
-        await broker.engine.enqueue(name, [JobSpec(1)])
+    broker, names, before = await _fifty_topics_shown(start_broker)
     page = broker.http_api.page
-    await page.compute()
-    before = store_requests(broker, "get")
     overview = await page.compute()
     assert store_requests(broker, "get") == before
     assert [t.name for t in overview.topics] == names
@@ -568,13 +574,8 @@ async def test_an_open_page_does_not_read_again_idle_topics_this_broker_owns(
     current: it is read when not held, or handed back (/refresh), only."""
     import simplequeue.groupcommit as groupcommit
 
-    broker = await start_broker(MemStore())
-    names = [f"t{i:03d}" for i in range(50)]
-    for name in names:
-        await broker.engine.enqueue(name, [JobSpec(1)])
+    broker, names, before = await _fifty_topics_shown(start_broker)
     page = broker.http_api.page
-    await page.compute()
-    before = store_requests(broker, "get")
     monkeypatch.setattr(groupcommit, "time", LaterClock(status_page.READ_EVERY + 1))
     overview = await page.compute()
     assert store_requests(broker, "get") == before
