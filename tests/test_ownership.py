@@ -579,6 +579,53 @@ async def test_an_idle_broker_reads_no_heads_however_many_topics(
     assert sum(made.values()) <= 3 * 6, made  # the registry and broker.json only
 
 
+# --- sweeping ---------------------------------------------------------------------------
+
+
+async def test_a_topic_taken_over_and_never_written_is_swept_by_its_new_owner(
+    start_broker: StartBroker,
+) -> None:
+    """SPEC 4.1: orphan objects are deleted. A broker sweeps the topics it
+    wrote within two sweeps, so a topic whose last writer left orphans (a
+    write that failed after its segments, a broker killed between its
+    segments and its head) and then stopped owning it was swept by nobody
+    while its new owner did not write it: the orphans stayed for good."""
+    store = MemStore()
+    writer = Engine(GroupCommitter(store, broker_id="gone", settings=CommitSettings()))
+    await writer.enqueue("t", [JobSpec("p", id="j")])
+    orphan = "topics/t/seg-p0-orphan.json"
+    await store.put(orphan, b'{"format": 1, "items": []}')
+    broker = await start_broker(store, broker_id="new")
+    await broker.duties.taken_over.wait()
+    await broker.duties._sweep()  # first sighting
+    await broker.duties._sweep()
+    assert orphan not in await store.list("topics/t/")
+    assert (await broker.engine.job("t", "j"))["status"] == "pending"
+
+
+async def test_a_sweep_that_takes_long_holds_back_no_reaping(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep lists every topic it looks at, one after another: a broker that
+    took 10,000 topics over spends minutes on S3 in one. It ran inside the
+    duties' loop, so no lease was reaped and no schedule fired meanwhile. It
+    runs in a task of its own."""
+    broker = await start_broker(MemStore(), sweep_interval=0.05)
+    stuck = asyncio.Event()
+
+    async def sweep_for_ever(topics: list[str]) -> list[str]:
+        stuck.set()
+        await asyncio.Event().wait()
+        return []
+
+    monkeypatch.setattr(broker.engine, "sweep_all", sweep_for_ever)
+    await asyncio.wait_for(stuck.wait(), 5)
+    await broker.engine.enqueue("t", [JobSpec("p", id="j")])
+    await broker.engine.claim("t", "w", lease=0.2)
+    await until(lambda: broker.duties.reaped == 1, within=5)
+    assert (await broker.engine.job("t", "j"))["status"] == "pending"
+
+
 # --- the registry -----------------------------------------------------------------------
 
 

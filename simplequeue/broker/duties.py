@@ -88,7 +88,9 @@ class Duties:
         self._due: dict[str, float] = {}  # topic -> when it next wants its owner
         self._scheduled: dict[str, float] = {}  # topic -> its wake-up in the heap
         self._heap: list[tuple[float, str]] = []
-        self._written: dict[str, float] = {}  # topic -> monotonic time of this broker's last write
+        # topic -> monotonic time this broker last wrote it or took it over:
+        # the topics its next two sweeps look at.
+        self._written: dict[str, float] = {}
         self._held_back: dict[str, _HeldBack] = {}  # topic -> what its delivery holds back
         self._corrupt: set[str] = set()  # topics whose tending found an object corrupt
         # Topics being tended, each in a task of its own: a slow one (a large
@@ -98,6 +100,9 @@ class Duties:
         self._again: set[str] = set()
         self._tend_slots = asyncio.Semaphore(TEND_PARALLEL)
         self._wake = asyncio.Event()
+        # The sweep runs in a task of its own: one of many topics (a broker
+        # that took 10,000 over lists each) holds back no reaping.
+        self._sweeping: asyncio.Task[None] | None = None
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         # Set while no take-over is pending: the heads of the live brokers'
         # latest view that this broker had to read were read.
@@ -189,6 +194,8 @@ class Duties:
             await self._run()
         finally:
             tending = list(self._tending.values())
+            if self._sweeping is not None:
+                tending.append(self._sweeping)
             for task in tending:
                 task.cancel()
             await asyncio.gather(*tending, return_exceptions=True)
@@ -207,7 +214,8 @@ class Duties:
                     self.engine.forget_idle()
                 if loop.time() - swept_at >= self.settings.sweep_interval:
                     swept_at = loop.time()
-                    await self._sweep()
+                    if self._sweeping is None or self._sweeping.done():  # else: it goes on
+                        self._sweeping = asyncio.create_task(self._sweep_logged(), name="sweep")
             except Exception:
                 log.exception("owner duties: round failed")
             s = self.settings
@@ -490,6 +498,10 @@ class Duties:
                     log.warning("owner duties: cannot read %s (%s); again in a while", topic, exc)
                     due = self.clock() + self.settings.retry_failed
                 self.acquired += 1
+                if _owner(topic, old) != me:
+                    # Its last owner swept it: what that one's last sweeps
+                    # sighted (or never saw) is this broker's to delete now.
+                    self._written[topic] = time.monotonic()
                 if due is not None:
                     # Whoever wrote a lease stamped it with the store's clock, as
                     # this broker does: its expiry needs no restarting here.
@@ -501,11 +513,18 @@ class Duties:
         if self._acquire is None:
             self.taken_over.set()
 
+    async def _sweep_logged(self) -> None:
+        try:
+            await self._sweep()
+        except Exception:
+            log.exception("owner duties: sweep failed")
+
     async def _sweep(self) -> None:
-        """Sweep the topics this broker owns and wrote within two sweeps (an
-        orphan is deleted at its second sighting; a topic nobody writes makes
-        none), and those whose last sweep saw orphans (however long ago their
-        last write was), then the store's leftovers of writes cut short
+        """Sweep the topics this broker owns and wrote or took over within
+        two sweeps (an orphan is deleted at its second sighting; a topic nobody
+        writes makes none, but its last writer may have left some and stopped
+        owning it), and those whose last sweep saw orphans (however long ago
+        their last write was), then the store's leftovers of writes cut short
         (whichever broker's: one killed may never come back)."""
         horizon = time.monotonic() - 2 * self.settings.sweep_interval
         self._written = {t: at for t, at in self._written.items() if at >= horizon}
