@@ -4,6 +4,7 @@ finish (GET /jobs/{id}?wait=S), through brokers on one store."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -565,6 +566,32 @@ async def test_a_lease_is_reaped_on_time_while_follow_ups_are_held_back(
     started = time.monotonic()
     await until(lambda: broker.duties.reaped == 1, within=4)
     assert time.monotonic() - started < 2.0
+
+
+async def test_a_write_landing_on_a_topic_whose_outbox_front_left_the_cache_notes_its_due(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A landing tells the duties when its topic is next due, from the head
+    and the outbox's front segment. Once that segment had left the cache
+    (shared by every topic, --cache-mb), SegmentMissing was raised in the
+    listener: an ERROR with a traceback at every write of the topic, and the
+    write's due (a new lease's expiry, the follow-ups) was lost: the lease
+    waited for the 30 s recheck, or for a later due the topic had."""
+    broker = await start_broker(MemStore(), cache_bytes=256 * 1024)
+    broker.duties.deliver_to = Unreachable()
+    engine = broker.engine
+    await engine.enqueue("src", [JobSpec(i, id=f"j{i}") for i in range(12)])
+    big = "x" * 40_000  # the outbox spills; 12 of them overflow a 256 KiB cache
+    for job in await engine.claim("src", "w", count=12):
+        await engine.ack(
+            "src", job["id"], job["lease_token"], None, [FollowUpSpec(big, topic="dst")]
+        )
+    broker.duties.note("src", None)  # what the duties knew of it goes
+    with caplog.at_level(logging.ERROR):
+        await engine.enqueue("src", [JobSpec("more", id="more")])
+        await engine.claim("src", "w", lease=1.0)
+    assert not [r for r in caplog.records if "listener failed" in r.getMessage()]
+    assert broker.duties._due.get("src") is not None
 
 
 async def test_what_was_held_back_for_topics_owned_elsewhere_now_is_let_go(

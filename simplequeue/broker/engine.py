@@ -743,15 +743,7 @@ class Engine:
         """When each topic this broker holds next wants its owner (as next_due()
         says), from its cache as last committed: no I/O."""
         error = self.committer.clock_error
-
-        def due(s: TopicState, now: float) -> float | None:
-            try:
-                return s.next_due(error(now))
-            except SegmentMissing:  # the outbox's front: follow-ups wait, since when is not known
-                held = s.next_due(error(now), outbox=False)
-                return now if held is None else min(held, now)
-
-        return self.committer.cached(due)
+        return self.committer.cached(lambda s, now: held_due(s, now, error(now)))
 
     def cached_gauges(self) -> dict[str, dict[str, Any]]:
         """For /metrics, from the cache (no I/O): per topic its counts, what it
@@ -911,6 +903,17 @@ class Engine:
         """Remove what writes cut short left in the store (a broker killed
         mid-write on localfs), untouched for `older_than` seconds; how many."""
         return await self.committer.sweep_leftovers(older_than)
+
+
+def held_due(state: TopicState, now: float, clock_error: float) -> float | None:
+    """When the topic `state` holds next wants its owner (TopicState.next_due),
+    with no I/O: if the outbox's front segment is not in the cache, its
+    follow-ups are taken to wait since `now` or before (when is not known)."""
+    try:
+        return state.next_due(clock_error)
+    except SegmentMissing:
+        held = state.next_due(clock_error, outbox=False)
+        return now if held is None else min(held, now)
 
 
 SETTINGS = ("rate", "burst", "max_claimed", "lease", "max_attempts")

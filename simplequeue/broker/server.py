@@ -20,7 +20,7 @@ from typing import Any
 from simplequeue import api
 from simplequeue.broker.discovery import Announcer
 from simplequeue.broker.duties import Duties, DutySettings
-from simplequeue.broker.engine import Engine
+from simplequeue.broker.engine import Engine, held_due
 from simplequeue.broker.forwarding import Forwarder, Router
 from simplequeue.broker.http import HttpApi, HttpServices
 from simplequeue.broker.listener import (
@@ -300,9 +300,11 @@ class Broker:
 
     def _next_due(self, state: TopicState) -> float | None:
         """When the topic `state` holds next wants its owner (leases reaped as
-        Engine.tend reaps them, after the clock's error)."""
+        Engine.tend reaps them, after the clock's error). A landing's listener:
+        no I/O, so an outbox front that left the cache counts as due now (it
+        raised SegmentMissing there, and the landing's due was lost)."""
         now = self.committer.clock()
-        return state.next_due(self.committer.clock_error(now))
+        return held_due(state, now, self.committer.clock_error(now))
 
     async def _hand_over(self, topic: str, owner: Peer) -> bool:
         """Tell `topic`'s owner to read it again (this broker wrote it while the
