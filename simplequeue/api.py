@@ -342,12 +342,15 @@ class ClaimedBatch(_Answer):
 
 
 class Settled(_Answer):
-    """The answer to an ack or a nack: the job's status after it, and the ids
-    of the follow-up jobs an ack enqueued (or will deliver to other topics)."""
+    """The answer to an ack or a nack: the job's status after it, the ids of
+    the follow-up jobs an ack enqueued (or will deliver to other topics), and
+    of those for its own topic it did not enqueue again: a job of that id is
+    in the topic, live or retained (the acked job's own id, say)."""
 
     id: str
     status: str
     enqueued: list[str] | None = None
+    duplicates: list[str] | None = None
 
 
 class AckResult(_Answer):

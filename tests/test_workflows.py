@@ -58,6 +58,21 @@ async def test_follow_ups_for_the_same_topic_are_in_the_acks_own_write() -> None
     assert (await q.job("t", "src:0"))["payload"] == "next"
 
 
+async def test_an_ack_answers_which_follow_ups_were_duplicates_and_not_enqueued() -> None:
+    """A follow-up for the acked topic whose id the topic has (here the acked
+    job's own: a job that enqueues itself again under its id) is not enqueued
+    again. The answer listed it under "enqueued" all the same, and nothing
+    said it was dropped."""
+    q = Engine(GroupCommitter(MemStore(), broker_id="b"))
+    job = await claimed(q, "t", "poll")
+    answer = await q.ack(
+        "t", "poll", job["lease_token"], "r", [FollowUpSpec("again", id="poll"), FollowUpSpec(2)]
+    )
+    assert (answer["enqueued"], answer["duplicates"]) == (["poll:1"], ["poll"])
+    status = await q.status("t")
+    assert status["pending"] == 1 and status["completed"] == 1
+
+
 async def test_follow_ups_for_other_topics_wait_in_the_outbox_of_the_same_write() -> None:
     store = MemStore()
     q = Engine(GroupCommitter(store, broker_id="b"))

@@ -516,6 +516,7 @@ class TopicState(Layout):
         here: list[JobSpec] = []
         elsewhere: list[dict[str, Any]] = []
         ids: list[str] = []  # in the order given
+        duplicates: list[str] = []
         for i, spec in enumerate(enqueue or ()):
             follow_id = spec.id if spec.id is not None else follow_up_id(job_id, i)
             ids.append(follow_id)
@@ -531,10 +532,13 @@ class TopicState(Layout):
             self._prios()  # counted with the acked job, if the head has no counts
             self._let_go(place.item)
             try:
-                self.enqueue(here, now)  # raises before it changes anything
+                added = self.enqueue(here, now)  # raises before it changes anything
             except Exception:
                 self._hold(place.item)  # nor does the ack
                 raise
+            # A follow-up whose id the topic has (live or retained; the acked
+            # job's own, say) is not enqueued again: the answer says so.
+            duplicates = [a["id"] for a in added if a.get("duplicate")]
         else:
             self._let_go(place.item)
         self.dirty = True
@@ -545,7 +549,9 @@ class TopicState(Layout):
             self.outbox.append(item)
         answer: dict[str, Any] = {"id": job_id, "status": "completed"}
         if enqueue:
-            answer["enqueued"] = ids
+            answer["enqueued"] = [i for i in ids if i not in duplicates]
+            if duplicates:
+                answer["duplicates"] = duplicates
         return answer
 
     def nack(
