@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from yarl import URL
 
 from simplequeue import keys
 from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec
@@ -165,6 +166,59 @@ async def test_a_head_through_another_broker_has_the_gets_headers(
         async with s.head(url) as r:
             assert (r.status, r.headers["Content-Length"], r.headers["Content-Type"]) == got
             assert await r.read() == b""
+
+
+async def get(s: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    """GET `url` as written, %-encoded: "%2E%2E" is not taken for "..", a step."""
+    async with s.get(URL(url, encoded=True)) as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize(
+    ("job_id", "quoted"),
+    [
+        (".", "%2E"),
+        ("..", "%2E%2E"),
+        ("a/b", "a%2Fb"),
+        ("a?b", "a%3Fb"),
+        ("50%", "50%25"),
+        ("a b", "a%20b"),
+        ("日本", "%E6%97%A5%E6%9C%AC"),
+    ],
+)
+async def test_a_job_whatever_its_id_is_found_through_a_broker_that_does_not_own_its_topic(
+    start_broker: StartBroker, job_id: str, quoted: str
+) -> None:
+    """Job ids are any printable text, sent %-encoded ("." and ".." too, as
+    the SDK does). Passed on as a str, the path was decoded and its dot
+    segments dropped: GET /topics/t/jobs/%2E%2E reached the owner as GET
+    /topics/t/ (404)."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    async with aiohttp.ClientSession() as s:
+        status, _, _ = await post(s, f"{owner.url}/topics/t/enqueue", {"id": job_id, "payload": 1})
+        assert status == 201
+        for b in (owner, other):
+            status, body = await get(s, f"{b.url}/topics/t/jobs/{quoted}?wait=0")
+            assert (status, body["id"]) == (200, job_id), body
+
+
+async def test_a_schedule_named_dot_dot_is_put_through_a_broker_that_does_not_own_its_topic(
+    start_broker: StartBroker,
+) -> None:
+    """Schedule names are [A-Za-z0-9_.-]{1,128}: ".." is one. Passed on, PUT
+    /topics/t/schedules/%2E%2E reached the owner as PUT /topics/t/ (404)."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.put(
+            URL(f"{other.url}/topics/t/schedules/%2E%2E", encoded=True),
+            json={"every": 60, "payload": 1},
+        ) as r,
+    ):
+        assert r.status == 200, await r.text()
+        assert r.headers["Simplequeue-Owner"] == owner.url
 
 
 async def test_the_sdk_sends_a_topics_requests_straight_to_its_owner(

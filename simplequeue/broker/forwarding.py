@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
+from yarl import URL
 
 from simplequeue import api, errors
 from simplequeue.api import AckRequest, JobSpec
@@ -138,12 +139,13 @@ class Forwarder:
     ) -> Answer | Here:
         """The answer of the first broker in `topic`'s order that answers, or
         Here when this broker's turn comes first (it serves the request).
-        A request that is not `repeatable` (a pop: no id tells a repeat, and
-        done twice it hands out one job and loses another) is not passed on
-        once a broker got it without answering: AmbiguousWrite. Then, or when
-        the caller goes away first, that broker is asked in the background to
-        `undo` the pop or complete (POST /unpop): it may have done it, its
-        answer lost."""
+        `path_qs` is sent as it is, %-encoded as the request came (decoded, a
+        job id of ".." or "a/b" would name another path). A request that is
+        not `repeatable` (a pop: no id tells a repeat, and done twice it hands
+        out one job and loses another) is not passed on once a broker got it
+        without answering: AmbiguousWrite. Then, or when the caller goes away
+        first, that broker is asked in the background to `undo` the pop or
+        complete (POST /unpop): it may have done it, its answer lost."""
         replayed = False
         for peer in self.membership.order(topic):
             if peer == self.me:
@@ -254,8 +256,11 @@ class Forwarder:
         )
         self.forwarded += 1
         try:
+            # As a str, aiohttp would decode it and drop its dot segments:
+            # GET /topics/t/jobs/%2E%2E asked as GET /topics/t/.
+            url = URL(peer.url + path_qs, encoded=True)
             async with self._http().request(
-                method, peer.url + path_qs, data=body, headers=headers, timeout=timeout
+                method, url, data=body, headers=headers, timeout=timeout
             ) as response:
                 data = await response.read()
                 kept = {k: v for k, v in response.headers.items() if k in ("Allow", "Retry-After")}

@@ -535,7 +535,7 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         # A HEAD's answer is the GET's headers: asked as a GET, whose body this
         # broker's answer then leaves out (a HEAD's empty one set Content-Length 0).
         "GET" if request.method == "HEAD" else request.method,
-        request.path_qs,
+        request.rel_url.raw_path_qs,
         body or None,
         wait=wait,
         # Done twice, a pop hands out one job and loses another, a complete
@@ -547,7 +547,7 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         # An owner older than POST /unpop refused the id added here: it did nothing.
         call.body = body = asked
         got = await forwarder.route(
-            topic, request.method, request.path_qs, asked, wait=wait, repeatable=False
+            topic, request.method, request.rel_url.raw_path_qs, asked, wait=wait, repeatable=False
         )
     if isinstance(got, Here):  # its owner, or the next when those before did not answer
         call.spent = time.monotonic() - started  # a long poll asked for is not waited twice
