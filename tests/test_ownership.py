@@ -6,14 +6,16 @@ tests/test_brokers.py and the campaigns kill and pause real ones."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,8 @@ from simplequeue import keys
 from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec
 from simplequeue.broker.duties import HEAP_SLACK, DutySettings
 from simplequeue.broker.engine import Engine
-from simplequeue.broker.membership import Membership, rendezvous
+from simplequeue.broker.forwarding import Forwarder, Here
+from simplequeue.broker.membership import Membership, Peer, rendezvous
 from simplequeue.client import Client
 from simplequeue.errors import StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
@@ -990,6 +993,53 @@ async def test_a_complete_the_owner_did_but_answered_too_late_is_not_done_again(
         status, body, _ = await post(s, f"{other.url}/topics/t/complete", held)
     assert status == 503 and "may have done" in body["error"], body
     assert (await owner.engine.job("t", "j1"))["status"] == "completed"
+
+
+@contextlib.contextmanager
+def unanswered_address() -> Iterator[str]:
+    """A URL whose TCP connections never open: a listening socket whose accept
+    queue is full drops new SYNs, as a host that went down or a partition
+    does. Nothing can be sent to it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for s in (*fillers, server):
+            s.close()
+
+
+async def test_a_pop_whose_owner_cannot_be_connected_to_goes_to_the_next_broker() -> None:
+    """A pop is passed on to the next broker only when nothing was sent to the
+    owner. A connection that never opens sends nothing, but its timeout was
+    the total one (both were a second), which cannot tell: the pop was
+    answered 503 "may have done" and an undo sent, while the next broker
+    (here, this one) should serve it."""
+    membership = Membership(MemStore(), broker_id="me", url="http://127.0.0.1:1", lease_s=15)
+    with unanswered_address() as url:
+        gone = Peer("gone", url)
+        topic = next(
+            t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "gone") > rendezvous(t, "me")
+        )
+        membership.live = (gone, membership.me)
+        forwarder = Forwarder(membership, token=None, answer_within=0.3)
+        try:
+            got = await forwarder.route(
+                topic, "POST", f"/topics/{topic}/pop", b'{"worker_id": "w"}', repeatable=False
+            )
+        finally:
+            await forwarder.close()
+    assert got == Here(replayed=False)
+    assert forwarder.fallbacks == 1
 
 
 async def test_claims_are_completed_through_an_owner_older_than_complete(

@@ -251,8 +251,11 @@ class Forwarder:
         headers = {FORWARDED: forwarded, "Content-Type": content_type}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        # A connection not made within half the time is given up before the
+        # total timeout could fire: the latter cannot tell whether anything
+        # was sent, a connect timeout (ConnectionTimeoutError) says nothing was.
         timeout = aiohttp.ClientTimeout(
-            total=self.answer_within + wait, sock_connect=self.answer_within
+            total=self.answer_within + wait, connect=self.answer_within / 2
         )
         self.forwarded += 1
         try:
@@ -271,7 +274,8 @@ class Forwarder:
                     peer,
                     headers=kept,
                 )
-        except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Never connected: nothing was sent.
             raise _Unreachable(str(exc) or type(exc).__name__, sent=False) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Unreachable(str(exc) or type(exc).__name__, sent=True) from exc
