@@ -1096,6 +1096,40 @@ async def test_redis_pops_and_acks_the_owner_did_but_answered_too_late_are_not_d
     assert (counts["completed"], counts["pending"]) == (1, 2)  # the ack; the pop's job back
 
 
+@pytest.mark.parametrize("asked", ["claim", "job"])
+async def test_a_long_poll_passed_on_past_an_owner_that_does_not_answer_waits_once(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, asked: str
+) -> None:
+    """A long poll (a claim with wait=W, a job's GET ?wait=W) passed on to an
+    owner that does not answer (paused) is given up after forward_timeout + W,
+    then sent on to the next broker. It was sent with its wait unchanged: the
+    caller waited 2W + forward_timeout (121 s for W=60, past the SDK's own
+    timeout of 30 s + W). The next broker waits what is left."""
+    brokers = await cluster(start_broker, MemStore(), 3, forward_timeout=0.3)
+    topic = "t"
+    by_id = {b.settings.broker_id: b for b in brokers}
+    order = sorted(by_id, key=lambda i: rendezvous(topic, i), reverse=True)
+    owner, _, last = (by_id[i] for i in order)  # the owner, the next, the one asked
+
+    async def paused(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    wait = 1.5
+    async with aiohttp.ClientSession() as s:
+        monkeypatch.setattr(owner.engine, asked, paused)
+        started = time.monotonic()
+        if asked == "claim":
+            status, body, _ = await post(
+                s, f"{last.url}/topics/{topic}/claim", {"worker_id": "w", "wait": wait}
+            )
+            assert status == 404, body  # nothing to claim
+        else:
+            status, body = await get(s, f"{last.url}/topics/{topic}/jobs/j?wait={wait}")
+            assert status == 404, body  # no such job
+    took = time.monotonic() - started
+    assert wait + 0.3 <= took < wait + 0.3 + 0.5, took
+
+
 async def test_a_redis_pipeline_through_a_broker_that_does_not_own_the_topic_keeps_its_order(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

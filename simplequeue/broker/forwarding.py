@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode
 
 import aiohttp
 import msgspec
@@ -147,12 +148,17 @@ class Forwarder:
         first, that broker is asked in the background to `undo` the pop or
         complete (POST /unpop): it may have done it, its answer lost."""
         replayed = False
-        for peer in self.membership.order(topic):
+        started = time.monotonic()
+        for tried, peer in enumerate(self.membership.order(topic)):
             if peer == self.me:
                 return Here(replayed)
+            left = wait
+            if tried and wait:  # a long poll: the next broker waits what is left of it
+                left = max(0.0, wait - (time.monotonic() - started))
+                path_qs, body = _waiting(path_qs, body, left)
             try:
-                sending = self._send(peer, method, path_qs, body, wait, content_type)
-                answer = await (self._unless_stopping(topic, peer, sending) if wait else sending)
+                sending = self._send(peer, method, path_qs, body, left, content_type)
+                answer = await (self._unless_stopping(topic, peer, sending) if left else sending)
             except (asyncio.CancelledError, AmbiguousWrite):  # AmbiguousWrite: stopping
                 if undo is not None:
                     in_background(self.undo(peer, topic, undo))
@@ -279,6 +285,23 @@ class Forwarder:
             raise _Unreachable(str(exc) or type(exc).__name__, sent=False) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Unreachable(str(exc) or type(exc).__name__, sent=True) from exc
+
+
+def _waiting(path_qs: str, body: bytes | None, left: float) -> tuple[str, bytes | None]:
+    """A long poll's request (a claim's or pop's JSON body, a job's GET
+    ?wait=) with its `wait` made `left` seconds: what a broker that did not
+    answer left of it."""
+    path, _, query = path_qs.partition("?")
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, f"{left:.3f}" if k == "wait" else v) for k, v in pairs])
+        path_qs = f"{path}?{query}"
+    if body:
+        with contextlib.suppress(msgspec.DecodeError):
+            fields = msgspec.json.decode(body)
+            if isinstance(fields, dict) and "wait" in fields:
+                body = msgspec.json.encode({**fields, "wait": left})
+    return path_qs, body
 
 
 # Pops named by their caller and served by another broker, remembered for
