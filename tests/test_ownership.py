@@ -37,7 +37,7 @@ from simplequeue.objstore import ObjectStore
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
-from tests.helpers.until import until
+from tests.helpers.until import until, until_async
 from tests.test_localfs import spawn
 
 StartBroker = Callable[..., Awaitable[Any]]
@@ -1040,6 +1040,63 @@ async def test_a_pop_whose_owner_cannot_be_connected_to_goes_to_the_next_broker(
             await forwarder.close()
     assert got == Here(replayed=False)
     assert forwarder.fallbacks == 1
+
+
+async def test_a_claim_the_owner_did_but_answered_too_late_strands_no_job(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim is served by the next broker when its owner answers too late,
+    under the same attempt id. The owner's job was held under a token nobody
+    got until its lease ran out, its attempt spent (max_attempts 1: dead,
+    never worked; review finding). The owner is asked again under the attempt
+    id, and what it answers goes back."""
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    answer_too_late(monkeypatch, owner.engine, "claim")
+    async with aiohttp.ClientSession() as s:
+        for job_id in ("j1", "j2", "j3"):
+            job = {"id": job_id, "payload": 1, "max_attempts": 1}
+            await post(s, f"{owner.url}/topics/t/enqueue", job)
+        claiming = {"worker_id": "w", "attempt_id": "a1"}
+        status, body, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
+        assert status == 200, body
+        # The client's retry under its attempt id gets the job it holds.
+        status, again, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
+        assert status == 200 and again["job"]["id"] == body["job"]["id"], again
+
+    async def only_that_one_claimed() -> bool:
+        counts = await owner.engine.status("t")
+        return (counts["claimed"], counts["pending"]) == (1, 2)
+
+    await until_async(only_that_one_claimed, within=5)
+    assert other.forwarder.undone == 1
+
+
+async def test_a_redis_claim_the_owner_did_but_answered_too_late_strands_no_job(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same over RESP (Router.claim): XREADGROUP through a broker whose
+    owner answers too late claims there, and the owner's claim goes back."""
+    import redis.asyncio as redis
+
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, forward_timeout=0.3, redis_addr="127.0.0.1:0")
+    owner, other = owner_and_other(brokers, "t")
+    answer_too_late(monkeypatch, owner.engine, "claim")
+    async with Client(owner.url, topic="t") as q:
+        await q.enqueue_many(["a", "b", "c"])
+    r = redis.Redis(host="127.0.0.1", port=other.redis.port)
+    try:
+        got = await r.xreadgroup("g", "w", {"t": ">"}, count=1)
+        assert len(got[0][1]) == 1, got
+    finally:
+        await r.aclose()
+
+    async def only_that_one_claimed() -> bool:
+        counts = await owner.engine.status("t")
+        return (counts["claimed"], counts["pending"]) == (1, 2)
+
+    await until_async(only_that_one_claimed, within=5)
 
 
 async def test_claims_are_completed_through_an_owner_older_than_complete(

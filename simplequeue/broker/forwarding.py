@@ -47,6 +47,9 @@ SUSPECT_FOR = 3.0  # seconds a broker that did not answer is routed around
 # pause between them.
 UNDO_TRIES = 3
 UNDO_PAUSE = 1.0
+# Seconds more than ANSWER_WITHIN a take-back (route's `take_back`) waits for
+# each answer: its broker answered the claim too late already, and no caller waits.
+TAKE_BACK_PATIENCE = 10.0
 
 
 @dataclass
@@ -99,7 +102,7 @@ class Forwarder:
         self.suspect_for = suspect_for
         self.forwarded = 0  # requests sent to another broker
         self.fallbacks = 0  # times a broker did not answer and the next one was tried
-        self.undone = 0  # jobs given back by owners whose answer to a pop was lost (route's undo)
+        self.undone = 0  # jobs given back by owners whose answer was lost (route's undo, take_back)
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()  # end_long_polls(): this broker is stopping
         self._closed = False
@@ -137,6 +140,7 @@ class Forwarder:
         content_type: str = "application/json",
         repeatable: bool = True,
         undo: api.UnpopRequest | None = None,
+        take_back: api.ClaimRequest | None = None,
     ) -> Answer | Here:
         """The answer of the first broker in `topic`'s order that answers, or
         Here when this broker's turn comes first (it serves the request).
@@ -146,7 +150,11 @@ class Forwarder:
         out one job and loses another) is not passed on once a broker got it
         without answering: AmbiguousWrite. Then, or when the caller goes away
         first, that broker is asked in the background to `undo` the pop or
-        complete (POST /unpop): it may have done it, its answer lost."""
+        complete (POST /unpop): it may have done it, its answer lost. A claim
+        (`take_back`, named by its attempt id) is served by the next broker
+        under the same id: the one that got it without answering is asked
+        again under it in the background, and what it answers goes back
+        (take_back)."""
         replayed = False
         started = time.monotonic()
         for tried, peer in enumerate(self.membership.order(topic)):
@@ -166,6 +174,8 @@ class Forwarder:
             except _Unreachable as exc:
                 self.fallbacks += 1
                 self.membership.suspect(peer.broker_id, self.suspect_for)
+                if exc.sent and take_back is not None:
+                    in_background(self.take_back(peer, topic, take_back))
                 if exc.sent and not repeatable:
                     log.warning("%s did not answer for %s (%s)", peer.url, topic, exc)
                     if undo is not None:
@@ -232,6 +242,51 @@ class Forwarder:
                 failed = f"HTTP {answer.status}"
             await asyncio.sleep(UNDO_PAUSE)
         log.warning("%s did not undo a pop of %s (%s): its jobs stay done", peer.url, topic, failed)
+        return 0
+
+    async def take_back(self, peer: Peer, topic: str, claim: api.ClaimRequest) -> int:
+        """Give back what `peer` claimed for `claim` when its answer was lost
+        (route's `take_back`): asked again under its attempt id, it answers
+        the jobs it holds for it (had it claimed none, it claims what it can
+        now, which goes back just the same), released there. A few tries, as
+        an undo's, each answer waited for TAKE_BACK_PATIENCE more. How many
+        jobs went back."""
+        path = f"/topics/{topic}"
+        again = msgspec.structs.replace(claim, wait=0.0, count=claim.count or 1)
+        failed = "this broker stopped"
+        for _ in range(UNDO_TRIES):
+            if self._closed:
+                break
+            try:
+                asked = msgspec.json.encode(again)
+                answer = await self._send(
+                    peer, "POST", f"{path}/claim", asked, TAKE_BACK_PATIENCE, "application/json"
+                )
+                jobs = _jobs_of(answer)
+                if not jobs:
+                    return 0
+                release = msgspec.json.encode(api.ReleaseRequest(_held(jobs)))
+                answer = await self._send(
+                    peer, "POST", f"{path}/release", release, TAKE_BACK_PATIENCE, "application/json"
+                )
+                given_back = _decode(answer, api.Released).released
+            except _Unreachable as exc:
+                failed = str(exc)
+            except SimpleQueueError as exc:
+                failed = str(exc)
+                if exc.http_status < 500:  # refused: asking again gets the same
+                    break
+            else:
+                self.undone += given_back
+                return given_back
+            await asyncio.sleep(UNDO_PAUSE)
+        log.warning(
+            "%s did not give back a claim of %s whose answer was lost (%s): "
+            "its jobs are left to their leases",
+            peer.url,
+            topic,
+            failed,
+        )
         return 0
 
     async def tell(self, peer: Peer, path: str) -> bool:
@@ -333,16 +388,25 @@ class Router:
         wait: float = 0.0,
         repeatable: bool = True,
         undo: api.UnpopRequest | None = None,
+        take_back: api.ClaimRequest | None = None,
     ) -> Answer | None:
         """The answer of `topic`'s owner, None when this broker serves it. With
         `undo` (a pop's or complete's), the owner is asked to undo it should
-        its answer be lost (Forwarder.route's undo)."""
+        its answer be lost (Forwarder.route's undo); with `take_back` (a
+        claim's), to give back what it claimed (Forwarder.route's take_back)."""
         if self.forwarder.membership.owns(topic):
             return None
         data = None if body is None else msgspec.json.encode(body)
         path = f"/topics/{topic}{path}"
         got = await self.forwarder.route(
-            topic, method, path, data, wait=wait, repeatable=repeatable, undo=undo
+            topic,
+            method,
+            path,
+            data,
+            wait=wait,
+            repeatable=repeatable,
+            undo=undo,
+            take_back=take_back,
         )
         # Served here: a replay cannot be told over RESP, whose answers are counts.
         return None if isinstance(got, Here) else got
@@ -382,16 +446,18 @@ class Router:
         wait: float = 0.0,
     ) -> list[dict[str, Any]]:
         # An attempt id: cancelled (a BLPOP on several keys that another key
-        # won), an answer the owner had sent would be lost on its way, and the
-        # jobs in it held by nobody until their leases ran out. Asked again
-        # under it, the owner answers them, and they go back (_take_back).
+        # won), or served by the next broker when the owner answered too late,
+        # an answer the owner had sent would be lost on its way, and the jobs
+        # in it held by nobody until their leases ran out. Asked again under
+        # it, the owner answers them, and they go back (_take_back, and
+        # Forwarder.route's take_back).
         attempt_id = api.new_id()
         body = api.ClaimRequest(
             worker_id, lease=lease, wait=wait, count=count, attempt_id=attempt_id
         )
         started = time.monotonic()
         try:
-            got = await self._route(topic, "POST", "/claim", body, wait)
+            got = await self._route(topic, "POST", "/claim", body, wait, take_back=body)
         except (asyncio.CancelledError, AmbiguousWrite):  # AmbiguousWrite: this broker stops
             if not self.forwarder.membership.owns(topic):
                 in_background(self._take_back(topic, worker_id, count, attempt_id))

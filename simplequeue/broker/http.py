@@ -514,9 +514,11 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     body = asked = await call.read()
     wait = 0.0
     undo = None  # a pop's or complete's, should its answer be lost
+    take_back = None  # a claim's, should the owner answer it too late
     name = call.route.name
     if name == "claim":
-        wait = api.decode(body, api.ClaimRequest).wait
+        take_back, body = _attempted(call, api.decode(body, api.ClaimRequest))
+        wait = take_back.wait
     elif name == "pop":
         popping = api.decode(body, api.ClaimRequest)
         wait = popping.wait
@@ -529,6 +531,9 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         # Ids go with it, so that a broker that serves it after one that did not
         # answer (and may have done it) serves the same jobs: duplicates there.
         call.body = body = _with_ids(body)
+    # Done twice, a pop hands out one job and loses another, a complete
+    # answers "not held" for the job it completed.
+    repeatable = name not in ("pop", "complete")
     started = time.monotonic()
     got = await forwarder.route(
         topic,
@@ -538,16 +543,22 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         request.rel_url.raw_path_qs,
         body or None,
         wait=wait,
-        # Done twice, a pop hands out one job and loses another, a complete
-        # answers "not held" for the job it completed.
-        repeatable=name not in ("pop", "complete"),
+        repeatable=repeatable,
         undo=undo,
+        take_back=take_back,
     )
-    if undo is not None and isinstance(got, Answer) and refused_attempt_id(got):
-        # An owner older than POST /unpop refused the id added here: it did nothing.
+    named_here = undo is not None or (take_back is not None and body is not asked)
+    if named_here and isinstance(got, Answer) and refused_attempt_id(got):
+        # An owner older than POST /unpop (or, for a claim, than attempt ids)
+        # refused the id added here: it did nothing.
         call.body = body = asked
         got = await forwarder.route(
-            topic, request.method, request.rel_url.raw_path_qs, asked, wait=wait, repeatable=False
+            topic,
+            request.method,
+            request.rel_url.raw_path_qs,
+            asked,
+            wait=wait,
+            repeatable=repeatable,
         )
     if isinstance(got, Here):  # its owner, or the next when those before did not answer
         call.spent = time.monotonic() - started  # a long poll asked for is not waited twice
@@ -581,6 +592,18 @@ def _named(
     undo = api.UnpopRequest(api.new_id(), worker_id)
     call.body = msgspec.json.encode(msgspec.structs.replace(request, attempt_id=undo.attempt_id))
     return undo, call.body
+
+
+def _attempted(call: Call, request: api.ClaimRequest) -> tuple[api.ClaimRequest, bytes]:
+    """A claim named by an attempt id, as its owner is asked it again should
+    it answer too late (Forwarder.route's take_back), and its body as passed
+    on: the client's id, or one added here."""
+    assert call.body is not None  # read by _routed
+    if request.attempt_id is not None:
+        return request, call.body
+    request = msgspec.structs.replace(request, attempt_id=api.new_id())
+    call.body = msgspec.json.encode(request)
+    return request, call.body
 
 
 def _with_ids(body: bytes) -> bytes:

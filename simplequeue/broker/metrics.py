@@ -214,7 +214,7 @@ def cluster_families(
         ),
         (
             "forward_undone",
-            "Jobs of pops passed on whose answer was lost, given back by their owner",
+            "Jobs of pops and claims passed on whose answer was lost, given back by their owner",
             undone,
         ),
         ("reaped", "Expired leases returned to pending or dead by this broker", reaped),
