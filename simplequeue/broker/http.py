@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -78,6 +78,8 @@ class HttpServices:
     # machine (an IP, localhost, or the advertised host), not a rebound name.
     loopback: bool = False
     body_timeout: float = 30.0  # seconds to send a request's body, once its headers came
+    # A request's largest body, by its headers (the listener's): None, --max-body.
+    body_limit: Callable[[Mapping[str, str]], int] | None = None
 
 
 class Call:
@@ -121,6 +123,7 @@ class Call:
         (aiohttp leaves a request whose chunked body is malformed waiting for
         ever: its parser's error reaches no reader)."""
         if self.body is None:
+            await self._room_for_a_peer()
             coding = _coding_of(self.request)
             try:
                 async with asyncio.timeout(self.services.body_timeout):
@@ -139,6 +142,25 @@ class Call:
                 limit = self.services.max_body
                 self.body = await asyncio.to_thread(_decoded, raw, coding, limit)
         return self.body
+
+    async def _room_for_a_peer(self) -> None:
+        """A body larger than its limit, passed on by a broker whose record
+        this one has not read yet (it started since this broker's last
+        registry round): read now (Membership.learn), and if it is a peer's,
+        the body may be as large as a peer's (api.FORWARDED_ROOM)."""
+        request = self.request
+        forwarded = request.headers.get(FORWARDED)
+        forwarder = self.services.forwarder
+        body_limit = self.services.body_limit
+        if forwarded is None or forwarder is None or body_limit is None:
+            return
+        size = request.content_length
+        if size is not None and size <= request.client_max_size:
+            return
+        if await forwarder.membership.learn(forwarded):
+            limit = body_limit(request.headers)
+            if limit > request.client_max_size:
+                self.request = request.clone(client_max_size=limit)
 
 
 # The largest --max-body whose bodies are decoded on the event loop (1 MiB

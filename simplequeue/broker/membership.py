@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 FORGET_AFTER_LEASES = 10
 RANKED_KEPT = 10_000  # topics whose broker order is kept between changes of the live set
 INCARNATIONS_KEPT = 8  # per broker id: processes told apart from one restarted
+# A record read when asked (Membership.learn): within this many seconds, and
+# once in this many for a broker id it did not vouch for; such reads kept, at most.
+LEARN_WITHIN = 0.5
+LEARN_EVERY = 1.0
+LEARNS_KEPT = 1_000
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,8 @@ class Membership:
         # that came back (alive: two brokers advertise one URL) was reported.
         self._at_my_address: dict[str, bool] = {}
         self._twins: set[str] = set()  # broker ids two processes were seen to share
+        # Records read when asked (learn), by broker id: when, and the read.
+        self._learning: dict[str, tuple[float, asyncio.Task[None]]] = {}
 
     def set_url(self, url: str) -> None:
         """This broker's URL, once it listens."""
@@ -158,6 +165,42 @@ class Membership:
         broker_id, _, incarnation = forwarded.partition(" ")
         seen = self._seen.get(broker_id)
         return bool(incarnation) and seen is not None and incarnation in seen.incarnations
+
+    async def learn(self, forwarded: str) -> bool:
+        """vouches(), once the record of a broker this one has not seen under
+        that incarnation was read: it registered since this broker's last
+        round (it just started, or restarted), and a request it passed on came
+        first. Read within LEARN_WITHIN seconds, at most once every
+        LEARN_EVERY for a broker id (requests that come meanwhile wait for the
+        same read): a client posing as a peer makes a read a second at most
+        for each broker id it names."""
+        if self.vouches(forwarded):
+            return True
+        broker_id, _, incarnation = forwarded.partition(" ")
+        if (
+            not incarnation
+            or broker_id == self.me.broker_id
+            or keys.BROKER_ID_RE.fullmatch(broker_id) is None
+        ):
+            return False
+        now = time.monotonic()
+        learning = self._learning.get(broker_id)
+        if learning is None or (learning[1].done() and now - learning[0] >= LEARN_EVERY):
+            if len(self._learning) >= LEARNS_KEPT:
+                self._learning = {b: r for b, r in self._learning.items() if not r[1].done()}
+            learning = (now, asyncio.ensure_future(self._read_record(broker_id)))
+            self._learning[broker_id] = learning
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(learning[1]), LEARN_WITHIN)
+        return self.vouches(forwarded)
+
+    async def _read_record(self, broker_id: str) -> None:
+        try:
+            await self._look_at(broker_id, time.monotonic())
+        except StoreUnavailable as exc:
+            log.warning("broker registry: could not read %s's record: %s", broker_id, exc)
+        except Exception:
+            log.exception("broker registry: could not read %s's record", broker_id)
 
     def owns(self, topic: str) -> bool:
         return self.owner(topic) == self.me

@@ -235,6 +235,7 @@ class Broker:
             forwarder=self.forwarder,
             refresh=self._refresh,
             loopback=is_loopback(host),
+            body_limit=self._body_limit,
         )
         # The descriptors left for connections: a quarter for RESP clients, if
         # it listens, and the rest (or --max-connections) for HTTP.
