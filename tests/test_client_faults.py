@@ -5,6 +5,7 @@ case here hung, returned a wrong answer or raised KeyError before."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -675,3 +676,45 @@ async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:
         worker = Worker(q, lambda job: None, burst=True, handle_signals=False)
         await asyncio.wait_for(worker.run(), 10)  # raised BrokerUnavailable
     assert claims > 2, seen
+
+
+# --- answers no broker gives --------------------------------------------------------------
+
+
+def claimed_job(n: int) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "id": f"j{n}",
+        "status": "claimed",
+        "payload": n,
+        "attempts": 1,
+        "lease_token": f"tok{n}",
+        "claimed_at": now,
+        "heartbeat_at": now,
+        "lease_expires_at": now + 30,
+    }
+
+
+@pytest.mark.parametrize("count", [1, 3])
+async def test_a_claim_answer_is_held_to_what_was_asked(count: int) -> None:
+    """claim_many(count=1) answered five jobs, one of them twice: the client
+    returned them all, and the Worker ran j1 twice at the same time (two
+    handlers, two acks with the same lease token) and five jobs under
+    max_jobs=1 (review finding). Each job is returned once, at most `count`
+    of them, and those past `count` are released, not left to their leases."""
+    released: list[Any] = []
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            return web.json_response({"jobs": [claimed_job(n) for n in (1, 1, 2, 3, 4)]})
+        if request.path.endswith("/release"):
+            claims = orjson.loads(body)["claims"]
+            released.extend(claims)
+            return web.json_response({"released": len(claims)})
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    async with serving(broker) as url, Client(url, topic="t") as q:
+        jobs = await prompt(q.claim_many("w", count))
+    assert [j.id for j in jobs] == [f"j{n}" for n in range(1, count + 1)]
+    assert released == [{"job_id": f"j{n}", "lease_token": f"tok{n}"} for n in range(count + 1, 5)]

@@ -25,6 +25,7 @@ first try landed is answered as a duplicate, never enqueued twice.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -62,6 +63,8 @@ from simplequeue.objstore import ObjectStore, store_from_url
 from simplequeue.retrying import first_then_retrying
 
 A = TypeVar("A")
+
+log = logging.getLogger("simplequeue.client")
 
 #: Statuses worth another try: the broker, or a proxy before it, could not
 #: answer now (the store was down, the broker restarting).
@@ -486,12 +489,54 @@ class Client:
         """Claim up to `count` jobs in one request. `attempt_id` names the
         claim (by default a new name): a claim asked again under the name of
         one whose answer was lost gets that one's jobs, those its worker
-        still holds (best effort: see the README)."""
+        still holds (best effort: see the README).
+
+        An answer is held to what was asked, whatever answered it: a job it
+        holds twice is returned once, and jobs past `count` are released
+        before it returns (best effort: one not released comes back when its
+        lease runs out)."""
         body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
         if attempt_id is not None:
             body = msgspec.structs.replace(body, attempt_id=attempt_id)
         answer = await self._claim(body, api.ClaimedBatch)
-        return [] if answer is None else answer.jobs
+        if answer is None:
+            return []
+        firsts: dict[str, Job] = {}
+        for job in answer.jobs:
+            firsts.setdefault(job.id, job)
+        distinct = list(firsts.values())
+        if len(distinct) < len(answer.jobs) or len(distinct) > count:
+            # Not a broker's answer (a broker claims each job once, at most
+            # `count`): run twice at once, or past a Worker's max_jobs.
+            log.warning(
+                "%s: a claim of at most %d jobs answered %d (%d distinct): "
+                "the first %d kept, the others past them released",
+                self.url,
+                count,
+                len(answer.jobs),
+                len(distinct),
+                count,
+            )
+        if len(distinct) > count:
+            await self._release_unasked(distinct[count:])
+        return distinct[:count]
+
+    async def _release_unasked(self, jobs: list[Job]) -> None:
+        """Give back jobs a claim answered past what it asked for, within one
+        `timeout` (the caller's jobs wait for it). A repeat of a job kept is
+        never among them: releasing it would release the job kept."""
+        held = [job for job in jobs if job.lease_token is not None]
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.release(held)
+        except (SimpleQueueError, TimeoutError) as exc:
+            log.warning(
+                "%s: %d jobs a claim did not ask for not released (%s): "
+                "pending again when their leases run out",
+                self.url,
+                len(held),
+                str(exc) or type(exc).__name__,
+            )
 
     async def _claim(self, body: api.ClaimRequest, answer: type[A]) -> A | None:
         """The claim's answer, None when nothing was claimable. Its retries name
