@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from simplequeue import api
+from simplequeue import api, keys
 from simplequeue.client import Client, Worker
 from simplequeue.client import client as client_module
 from simplequeue.errors import (
@@ -25,6 +25,7 @@ from simplequeue.errors import (
     StoreUnavailable,
 )
 from simplequeue.objstore.memfs import MemStore
+from simplequeue.records import BrokerRecord
 from tests.helpers.fault_proxy import FaultProxy
 from tests.helpers.until import until
 
@@ -718,3 +719,30 @@ async def test_a_claim_answer_is_held_to_what_was_asked(count: int) -> None:
         jobs = await prompt(q.claim_many("w", count))
     assert [j.id for j in jobs] == [f"j{n}" for n in range(1, count + 1)]
     assert released == [{"job_id": f"j{n}", "lease_token": f"tok{n}"} for n in range(count + 1, 5)]
+
+
+async def test_a_discovered_client_rereads_broker_json_when_its_broker_answers_502_pages() -> None:
+    """A client made by discover() re-read broker.json only when a request
+    failed to connect or timed out. When its broker's address answered a
+    proxy's 502 page (a load balancer or Service in front of a broker that is
+    gone), it retried the same address until its budget was spent, every
+    call, for ever: BrokerUnavailable ("HTTP 502") although broker.json named
+    a live broker (review finding)."""
+    counts = dict.fromkeys(api.Counts.__struct_fields__, 7)
+
+    async def gone(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(
+            status=502, text="<html>502 Bad Gateway</html>", content_type="text/html"
+        )
+
+    async def live(request: web.BaseRequest) -> web.StreamResponse:
+        return web.json_response(counts)
+
+    store = MemStore()
+    async with serving(gone) as old, serving(live) as new:
+        await store.put(keys.BROKER, BrokerRecord("b0", old, 1, time.time(), 15).encode())
+        async with await Client.discover(store, topic="t", timeout=1, retry_budget=4) as q:
+            # The hand-over: broker.json names the new broker.
+            await store.put(keys.BROKER, BrokerRecord("b1", new, 2, time.time(), 15).encode())
+            assert (await prompt(q.status()))["pending"] == 7
+            assert q.url == new

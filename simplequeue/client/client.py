@@ -5,10 +5,10 @@ broker or anything between them answers:
 - connection failures, timeouts, bodies cut short and 502/503/504 answers are
   retried with tenacity (bounded, jittered: `retries` tries, each started
   within `retry_budget`, by default twice `timeout`, of the call's start and
-  the wait it asked for, if any); a client made by `discover`
-  re-reads broker.json when its broker stops answering, and while it names
-  no live broker (a hand-over under way) those tries count against the
-  budget, not against `retries`;
+  the wait it asked for, if any); a client made by `discover` re-reads
+  broker.json when its broker stops answering (or a proxy answers 502-504 in
+  its place), and while it names no live broker (a hand-over under way)
+  those tries count against the budget, not against `retries`;
 - every other failure raises an error of simplequeue.errors: the class the
   broker's status stands for (errors.for_status), or BrokerError with the
   status for anything the API does not answer (a proxy's 500, an HTML page);
@@ -372,7 +372,7 @@ class Client:
                     raise _Retry(BrokerUnavailable(f"{base}: {why}"))
                 if owner and path.startswith("/topics/"):
                     self._owner = _broker_url_or_none(owner)
-                return status, raw, response.headers.get(api.REPLAYED_HEADER) == "1"
+                replayed = response.headers.get(api.REPLAYED_HEADER) == "1"
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, cut short
             if base == self._owner and self._owner != self.url:
                 self._owner = None  # the owner went away: the broker given routes again
@@ -380,6 +380,13 @@ class Client:
                 await self._rediscover()
             reason = str(exc) or type(exc).__name__
             raise _Retry(BrokerUnavailable(f"{base or 'broker'}: {reason}")) from exc
+        gone = status in RETRIED_STATUSES and _not_served(status, raw)
+        if gone and self.store is not None and base == self.url:
+            # A proxy's page where the broker was (a load balancer whose
+            # broker is gone): broker.json may name another by now.
+            await self._rediscover()
+            raise _Retry(BrokerUnavailable(f"{base}: HTTP {status}: {_snippet(raw)}"))
+        return status, raw, replayed
 
     async def _rediscover(self) -> None:
         """Follow broker.json to the active broker, if this client can."""
