@@ -419,13 +419,15 @@ class Unscheduled(_Answer):
 
 class Settings(_Answer):
     """A topic's settings; null: not set (the broker's default applies, and no
-    limit). `burst` is the bucket's size in effect while `rate` is set."""
+    limit). `burst` is the bucket's size in effect while `rate` is set. Every
+    field is sent, null or not: an answer with none ({}, an error's body) is
+    not one."""
 
-    rate: float | None = None
-    burst: int | None = None
-    max_claimed: int | None = None
-    lease: float | None = None
-    max_attempts: int | None = None
+    rate: float | None
+    burst: int | None
+    max_claimed: int | None
+    lease: float | None
+    max_attempts: int | None
 
 
 class Topics(_Answer):

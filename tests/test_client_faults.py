@@ -746,3 +746,25 @@ async def test_a_discovered_client_rereads_broker_json_when_its_broker_answers_5
             await store.put(keys.BROKER, BrokerRecord("b1", new, 2, time.time(), 15).encode())
             assert (await prompt(q.status()))["pending"] == 7
             assert q.url == new
+
+
+@pytest.mark.parametrize("body", [{"error": "upstream timed out"}, {}])
+async def test_settings_never_takes_a_200_error_body_for_success(body: dict[str, Any]) -> None:
+    """An answer that is not what the route answers is a BrokerError. Every
+    field of api.Settings had a default, so a 200 whose body was {"error": ...}
+    or {} decoded as "no settings": a settings(rate=5) that a proxy answered so
+    returned {"rate": None, ...} as if it had landed and removed every limit,
+    and job_dict took an error's body for the job (review finding)."""
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        return web.json_response(body, status=200)
+
+    async with serving(broker) as url, Client(url, topic="t", retries=1) as q:
+        with pytest.raises(BrokerError):
+            await prompt(q.settings(rate=5))
+        with pytest.raises(BrokerError):
+            await prompt(q.settings())
+        if body:
+            with pytest.raises(BrokerError, match="upstream timed out"):
+                await prompt(q.job_dict("j1"))

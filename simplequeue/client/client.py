@@ -315,7 +315,12 @@ class Client:
     ) -> A | None:
         """The answer of a 2xx, None for an expected status that carries the
         API's error body; else raise."""
+        said = _error_of(raw)
         if 200 <= status < 300:
+            if said is not None and "error" not in getattr(answer, "__struct_fields__", ()):
+                # An error's body with a success's status (a proxy's, a broken
+                # broker's): an answer of all defaults would pass for success.
+                raise BrokerError(f"{self.url}: HTTP {status} with an error: {said.error}", status)
             try:
                 return msgspec.json.decode(raw, type=answer)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -323,7 +328,6 @@ class Client:
                     f"{self.url}: an answer that is not the API's ({exc}): {_snippet(raw)}",
                     status,
                 ) from None
-        said = _error_of(raw)
         message = None if said is None else said.error
         if status in RETRIED_STATUSES:
             error = errors.for_status(status) if message is not None else None
