@@ -21,6 +21,7 @@ from simplequeue.errors import (
     BrokerError,
     BrokerUnavailable,
     LeaseLost,
+    RequestTimedOut,
     ScheduleNotFound,
     StoreUnavailable,
 )
@@ -768,3 +769,26 @@ async def test_settings_never_takes_a_200_error_body_for_success(body: dict[str,
         if body:
             with pytest.raises(BrokerError, match="upstream timed out"):
                 await prompt(q.job_dict("j1"))
+
+
+async def test_a_request_answered_408_is_tried_again_within_its_budget() -> None:
+    """The broker answers 408 when a request's body did not arrive within its
+    --body-timeout: nothing was done, so another try is safe. The SDK raised
+    RequestTimedOut at once; it tries again, as for a 503, and raises it only
+    once its tries are spent."""
+    tries: list[str] = []
+    late = orjson.dumps({"error": "the request's body did not come within 30 s"})
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        spec = orjson.loads(await request.read())
+        tries.append(spec["id"])
+        if len(tries) == 1 or spec["payload"] == "never":
+            return web.Response(body=late, status=408, content_type="application/json")
+        return web.json_response({"id": spec["id"]})
+
+    async with serving(broker) as url, Client(url, topic="t", retries=3) as q:
+        assert await prompt(q.enqueue("x", id="a")) == "a"
+        assert tries == ["a", "a"]
+        with pytest.raises(RequestTimedOut):
+            await prompt(q.enqueue("never", id="b"))
+        assert tries[2:] == ["b"] * 3

@@ -2,10 +2,10 @@
 
 It never waits for ever and never takes a failure for success, whatever the
 broker or anything between them answers:
-- connection failures, timeouts, bodies cut short and 502/503/504 answers are
-  retried with tenacity (bounded, jittered: `retries` tries, each started
-  within `retry_budget`, by default twice `timeout`, of the call's start and
-  the wait it asked for, if any); a client made by `discover` re-reads
+- connection failures, timeouts, bodies cut short and 408/502/503/504
+  answers are retried with tenacity (bounded, jittered: `retries` tries, each
+  started within `retry_budget`, by default twice `timeout`, of the call's
+  start and the wait it asked for, if any); a client made by `discover` re-reads
   broker.json when its broker stops answering (or a proxy answers 502-504 in
   its place), and while it names no live broker (a hand-over under way)
   those tries count against the budget, not against `retries`;
@@ -66,9 +66,12 @@ A = TypeVar("A")
 
 log = logging.getLogger("simplequeue.client")
 
-#: Statuses worth another try: the broker, or a proxy before it, could not
-#: answer now (the store was down, the broker restarting).
-RETRIED_STATUSES = frozenset({502, 503, 504})
+#: Statuses of a broker, or a proxy before it, that could not answer now (the
+#: store was down, the broker restarting, gone from behind a load balancer).
+UNANSWERED_STATUSES = frozenset({502, 503, 504})
+#: Statuses worth another try: those, and 408, a request whose body did not
+#: arrive within the broker's --body-timeout (nothing was done).
+RETRIED_STATUSES = UNANSWERED_STATUSES | {408}
 #: Seconds an idle connection to a broker is kept for the next request, for
 #: brokers with the default --keepalive-timeout (api.client_keepalive). Kept as
 #: long as the broker keeps it, a request sent just as the broker closes it is
@@ -384,7 +387,7 @@ class Client:
                 await self._rediscover()
             reason = str(exc) or type(exc).__name__
             raise _Retry(BrokerUnavailable(f"{base or 'broker'}: {reason}")) from exc
-        gone = status in RETRIED_STATUSES and _not_served(status, raw)
+        gone = status in UNANSWERED_STATUSES and _not_served(status, raw)
         if gone and self.store is not None and base == self.url:
             # A proxy's page where the broker was (a load balancer whose
             # broker is gone): broker.json may name another by now.
