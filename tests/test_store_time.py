@@ -287,6 +287,23 @@ async def test_a_client_ahead_finds_a_healthy_broker_and_one_behind_no_dead_one(
     await behind.close()
 
 
+async def test_a_heartbeat_far_in_the_future_is_stale_not_fresh(tmp_path: Path) -> None:
+    """broker.json's heartbeat 120 s in the future (a broker whose clock was
+    that far ahead stamped it) gave a negative age, taken for fresh: a broker
+    dead for two minutes looked alive. Beyond max_age ahead it is refused; a
+    little ahead (clocks a few seconds apart) is still found."""
+    from simplequeue.client.discovery import find_broker
+    from simplequeue.errors import BrokerUnavailable
+
+    client = handle(tmp_path, 0.0)
+    await announce(tmp_path, heartbeat_age=-120.0)
+    with pytest.raises(BrokerUnavailable, match="heartbeat is 120 s in the future"):
+        await find_broker(client, max_age=30)
+    await announce(tmp_path, heartbeat_age=-5.0)
+    assert await find_broker(client, max_age=30) == "http://127.0.0.1:1"
+    await client.close()
+
+
 async def test_a_client_that_may_not_write_the_store_judges_broker_json_by_its_wall_clock(
     tmp_path: Path,
 ) -> None:

@@ -17,7 +17,9 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
     is not sent to a dead one. S3's answer to the read stamps that clock; on
     localfs, whose reads carry no stamp, the handle samples it (a write
     to its clock file, once); a handle that may not write there (a read-only
-    mount) judges by its own wall clock."""
+    mount) judges by its own wall clock. A heartbeat more than `max_age`
+    seconds in the future is refused too: a clock that far off cannot tell
+    a live broker from one dead for as long."""
     api.check_seconds("max_age", max_age)
     try:
         current = await read_record(store)
@@ -39,6 +41,12 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
         raise BrokerUnavailable(
             f"broker.json names {record.url} but its heartbeat is {age:.0f} s old "
             f"(max_age {max_age:.0f} s)"
+        )
+    if age < -max_age:
+        raise BrokerUnavailable(
+            f"broker.json names {record.url} but its heartbeat is {-age:.0f} s in the "
+            f"future (max_age {max_age:.0f} s): that broker's clock and the store's "
+            "(or this client's) are that far apart"
         )
     try:
         return api.check_broker_url(record.url)
