@@ -318,19 +318,20 @@ class Client:
     ) -> A | None:
         """The answer of a 2xx, None for an expected status that carries the
         API's error body; else raise."""
-        said = _error_of(raw)
         if 200 <= status < 300:
-            if said is not None and "error" not in getattr(answer, "__struct_fields__", ()):
-                # An error's body with a success's status (a proxy's, a broken
-                # broker's): an answer of all defaults would pass for success.
-                raise BrokerError(f"{self.url}: HTTP {status} with an error: {said.error}", status)
             try:
-                return msgspec.json.decode(raw, type=answer)
+                got = msgspec.json.decode(raw, type=answer)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise BrokerError(
                     f"{self.url}: an answer that is not the API's ({exc}): {_snippet(raw)}",
                     status,
                 ) from None
+            if _lenient(answer) and (said := _error_of(raw)) is not None:
+                # An error's body with a success's status (a proxy's, a broken
+                # broker's): an answer of all defaults would pass for success.
+                raise BrokerError(f"{self.url}: HTTP {status} with an error: {said.error}", status)
+            return got
+        said = _error_of(raw)
         message = None if said is None else said.error
         if status in RETRIED_STATUSES:
             error = errors.for_status(status) if message is not None else None
@@ -859,6 +860,18 @@ def _not_served(status: int, raw: bytes) -> bool:
     not the API's (a proxy's 502 page, say). A 503 in the API's own words (a
     store fault at the owner) is the owner's answer, its class kept."""
     return status >= 300 and _error_of(raw) is None
+
+
+def _lenient(answer: type[Any]) -> bool:
+    """Whether an error's body ({"error": ...}) decodes as `answer`: a dict, or
+    a Struct whose every field has a default and none is named "error". Only
+    such answers are checked for one (the others' decoding refuses it), so
+    that a claim's answer is not decoded twice."""
+    fields: tuple[str, ...] | None = getattr(answer, "__struct_fields__", None)
+    if fields is None:
+        return True
+    defaults: tuple[Any, ...] = answer.__struct_defaults__
+    return len(defaults) == len(fields) and "error" not in fields
 
 
 def _error_of(raw: bytes) -> api.Error | None:
