@@ -657,6 +657,58 @@ async def test_an_owners_own_503_keeps_its_error_class() -> None:
     assert not isinstance(caught.value, BrokerUnavailable), (repr(caught.value), seen)
 
 
+# --- the Worker against a broker that answers what it never should ------------------------
+
+
+NOTHING = orjson.dumps({"error": "nothing to claim"})
+
+
+def claimed_job(n: int, lease: float = 30.0) -> dict[str, Any]:
+    """A claim's answer for job `n`, its lease `lease` seconds from now."""
+    now = time.time()
+    return {
+        "id": f"j{n}",
+        "status": "claimed",
+        "payload": n,
+        "attempts": 1,
+        "lease_token": f"tok{n}",
+        "claimed_at": now,
+        "heartbeat_at": now,
+        "lease_expires_at": now + lease,
+    }
+
+
+def acked(body: bytes) -> web.Response:
+    acks = orjson.loads(body)["acks"]
+    return web.json_response(
+        {"results": [{"id": a["job_id"], "status": "completed"} for a in acks]}
+    )
+
+
+async def test_a_worker_does_not_spin_on_claims_answered_empty_at_once() -> None:
+    """A broker that answers a claim's long poll at once with nothing (a
+    stopping broker does: it ends its long polls first; so does one behind a
+    proxy that drops `wait`) made the Worker claim again at once, in a tight
+    loop: ~7,000 claims a second and a whole core, for as long as it lasted
+    (review finding). Each claim keeps its place for the rest of its wait."""
+    claims = 0
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal claims
+        await request.read()
+        claims += 1
+        return web.Response(status=404, body=NOTHING, content_type="application/json")
+
+    async with serving(broker) as url, Client(url, topic="t") as q:
+        worker = Worker(q, lambda job: None, wait=5, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        await asyncio.sleep(1.0)
+        await prompt(worker.stop())
+        await run
+    # Two claims in flight, each meant to wait up to 5 s: one each, not thousands.
+    assert 1 <= claims <= 4, claims
+
+
 async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:
     """A burst worker takes BrokerUnavailable for "whether the topic is empty
     cannot be known" and gives up (run() raises); StoreUnavailable it logs and

@@ -122,6 +122,9 @@ FALLBACK_LEASE = 30.0
 CANCEL_GRACE = 5.0
 # Seconds a burst Worker's claim held back by the topic's limits long-polls, at least.
 HELD_BACK_WAIT = 1.0
+# Seconds a failed claim keeps its place before another is sent (one answered
+# empty before its long poll was out keeps it for the rest of the poll).
+FAILED_CLAIM_HOLD = 1.0
 # Seconds a stop waits, at most, to give back what a claim it cut short was
 # answered (Worker._take_back).
 TAKE_BACK_WITHIN = 2.0
@@ -565,6 +568,7 @@ class Worker:
     async def _claim(self, seq: int, count: int) -> None:
         jobs: list[Job] | None = None  # None: the claim failed, or was cancelled
         attempt = [api.new_id()]  # the claim in flight's name (_held_back's claims)
+        hold = FAILED_CLAIM_HOLD  # seconds this claim keeps its place once answered
         try:
             sent = time.monotonic()
             jobs = await self.client.claim_many(
@@ -574,9 +578,14 @@ class Worker:
                 wait=0.0 if self.burst else self.wait,
                 attempt_id=attempt[0],
             )
-            self.ahead.claimed(time.monotonic() - sent, count, len(jobs))
+            took = time.monotonic() - sent
+            self.ahead.claimed(took, count, len(jobs))
             if self.burst and not jobs:
                 jobs = await self._held_back(count, attempt)
+            # Answered empty before its long poll was out (a stopping broker
+            # ends its long polls, a proxy may drop `wait`): claimed again at
+            # once, it would spin, thousands of claims a second, while that lasts.
+            hold = 0.0 if jobs or self.burst else self.wait - took
         except asyncio.CancelledError:
             if self._stopping.is_set():  # request_stop(), not run() cancelled
                 self._giving_back.append(asyncio.ensure_future(self._take_back(count, attempt[0])))
@@ -591,9 +600,9 @@ class Worker:
         finally:  # answered, failed or cancelled: later claims must not wait for it
             self._answers[seq] = (count, jobs)
             self._deliver()
-        if jobs is None:
+        if hold > 0:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(hold):
                     await self._stopping.wait()
 
     async def _take_back(self, count: int, attempt_id: str) -> None:
