@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from simplequeue import api, keys
-from simplequeue.client import Client, Worker
+from simplequeue.client import Client, Job, Worker
 from simplequeue.client import client as client_module
 from simplequeue.errors import (
     BrokerError,
@@ -707,6 +707,64 @@ async def test_a_worker_does_not_spin_on_claims_answered_empty_at_once() -> None
         await run
     # Two claims in flight, each meant to wait up to 5 s: one each, not thousands.
     assert 1 <= claims <= 4, claims
+
+
+class RepeatingClaims(Client):
+    """Its first claims answer the jobs `answers` lists, some twice or again,
+    as a broker at fault might, whatever the client checks; later ones find
+    nothing."""
+
+    answers: list[list[int]]
+
+    async def claim_many(
+        self,
+        worker_id: str,
+        count: int,
+        lease: float | None = None,
+        wait: float = 0,
+        *,
+        attempt_id: str | None = None,
+    ) -> list[Job]:
+        if self.answers:
+            return [Job(**claimed_job(n)) for n in self.answers.pop(0)]
+        await asyncio.sleep(wait)
+        return []
+
+
+async def test_a_job_a_claim_answers_twice_or_the_worker_holds_runs_once_at_a_time() -> None:
+    """A claim answer listing a job twice (or a job the Worker already held,
+    answered again by a later claim) made two handlers run it at once, with
+    two acks of the same lease token (review finding). The Worker skips a job
+    it holds, buffered, running or acking."""
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        if request.path.endswith("/ack"):
+            return acked(body)
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    running: dict[str, int] = {}
+    runs: dict[str, int] = {}
+    most = 0
+
+    async def handler(job: Job) -> None:
+        nonlocal most
+        running[job.id] = running.get(job.id, 0) + 1
+        runs[job.id] = runs.get(job.id, 0) + 1
+        most = max(most, running[job.id])
+        await asyncio.sleep(0.3)
+        running[job.id] -= 1
+
+    async with serving(broker) as url, RepeatingClaims(url, topic="t") as q:
+        q.answers = [[1, 1, 2], [2, 3]]  # the two claims first in flight: j2 in both
+        worker = Worker(q, handler, concurrency=4, prefetch=4, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        await until(lambda: "j3" in runs and not any(running.values()))
+        await prompt(worker.stop())
+        await run
+    assert most == 1, f"a job ran twice at once: {runs}"
+    assert runs == {"j1": 1, "j2": 1, "j3": 1}
+    assert worker.processed == 3
 
 
 async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:

@@ -618,7 +618,7 @@ class Worker:
                 jobs = await self.client.claim_many(
                     self.worker_id, count, lease=self.lease, attempt_id=attempt_id
                 )
-                await self._give_back(jobs)
+                await self._give_back(self._not_held(jobs))
         except Exception as exc:  # TimeoutError too
             why = str(exc) or type(exc).__name__
             log.warning(
@@ -671,6 +671,7 @@ class Worker:
             if jobs is None:  # a failed claim says nothing of the topic
                 self._dry = False
                 continue
+            jobs = self._not_held(jobs)
             if self._signalled:  # claimed ahead, answered after a signal: they go back
                 self._taken += len(jobs)
                 self._give_back_later(jobs)
@@ -695,6 +696,24 @@ class Worker:
                 self.request_stop()
         if self.max_jobs is not None and self._taken >= self.max_jobs:
             self.request_stop()
+
+    def _not_held(self, jobs: list[Job]) -> list[Job]:
+        """`jobs` less those this worker holds already under the same lease
+        (buffered, running or acking), each once: a claim answered with a job
+        twice, or with one it holds (a broker's or a proxy's fault), must not
+        run it twice at once, nor give back the lease of the one running. A
+        job held under another lease token was claimed anew (given back
+        meanwhile): the lease held is lost, as its next heartbeat finds."""
+        holding = (*self._ready, *self._holding.values(), *self._acking)
+        held = {(h.job.id, h.job.lease_token) for h in holding}
+        kept: list[Job] = []
+        for job in jobs:
+            if (job.id, job.lease_token) in held:
+                log.warning("job %s: claimed again while this worker holds it: skipped", job.id)
+                continue
+            held.add((job.id, job.lease_token))
+            kept.append(job)
+        return kept
 
     def _start_ready(self) -> None:
         while self._ready and len(self._running - self._lent) < self.concurrency:
