@@ -17,6 +17,7 @@ from aiohttp import web
 from simplequeue import api, keys
 from simplequeue.client import Client, Job, Worker
 from simplequeue.client import client as client_module
+from simplequeue.client.worker import TAKE_BACK_WITHIN
 from simplequeue.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -765,6 +766,94 @@ async def test_a_job_a_claim_answers_twice_or_the_worker_holds_runs_once_at_a_ti
     assert most == 1, f"a job ran twice at once: {runs}"
     assert runs == {"j1": 1, "j2": 1, "j3": 1}
     assert worker.processed == 3
+
+
+async def test_a_second_signal_stops_the_worker_promptly_when_the_broker_stalls() -> None:
+    """README: "A second signal while it drains stops it now". With a broker
+    that stopped answering (it accepts, never replies: a hung proxy, a
+    partition), the first signal's release of the job claimed ahead and the
+    interrupted job's nack each waited out the client's whole retry budget
+    (twice `timeout`: 60 s by default), and the drain waited for them: run()
+    returned 61 s after the second signal, past any orchestrator's grace
+    period, when a SIGKILL leaves the same jobs to their leases anyway
+    (review finding). Each is bounded, and a second signal cuts them short."""
+    forever = asyncio.Event()
+    answered_claim = False
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal answered_claim
+        await request.read()
+        if request.path.endswith("/claim") and not answered_claim:
+            answered_claim = True
+            return web.json_response({"jobs": [claimed_job(1), claimed_job(2)]})
+        await forever.wait()  # stalled from now on
+        return web.Response(status=404, body=NOTHING, content_type="application/json")
+
+    started = asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        started.set()
+        await asyncio.Event().wait()  # a job that does not end by itself
+
+    async with serving(broker) as url:
+        try:
+            async with Client(url, topic="t") as q:  # the default timeout, 30 s
+                worker = Worker(q, handler, concurrency=1, prefetch=1, handle_signals=False)
+                run = asyncio.create_task(worker.run())
+                await prompt(started.wait())
+                worker._on_signal()  # as SIGTERM does
+                await asyncio.sleep(0.2)
+                worker._on_signal()  # the second: stops now
+                took = time.monotonic()
+                done, _ = await asyncio.wait([run], timeout=PROMPT)
+                took = time.monotonic() - took
+                if not done:
+                    run.cancel()
+                    await asyncio.wait([run])
+                assert done, f"run() had not returned {took:.0f} s after the second signal"
+                assert took < 2 * TAKE_BACK_WITHIN + 1, took
+        finally:
+            forever.set()
+
+
+async def test_a_second_signal_leaves_acks_a_stalled_broker_does_not_answer() -> None:
+    """The acks of jobs that ended are waited for as run() returns; after a
+    second signal (even one that comes while it waits), TAKE_BACK_WITHIN
+    seconds at most: their jobs are left to their leases."""
+    forever = asyncio.Event()
+    answered_claim = acking = False
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal answered_claim, acking
+        await request.read()
+        if request.path.endswith("/claim") and not answered_claim:
+            answered_claim = True
+            return web.json_response({"jobs": [claimed_job(1)]})
+        acking = acking or request.path.endswith("/ack")
+        await forever.wait()  # stalled from now on
+        return web.Response(status=404, body=NOTHING, content_type="application/json")
+
+    async with serving(broker) as url:
+        try:
+            async with Client(url, topic="t") as q:
+                worker = Worker(q, lambda job: "done", handle_signals=False)
+                run = asyncio.create_task(worker.run())
+                await until(lambda: acking)
+                worker._on_signal()  # the drain ends at once: the ack is waited for
+                await asyncio.sleep(0.2)
+                assert not run.done()
+                worker._on_signal()
+                took = time.monotonic()
+                done, _ = await asyncio.wait([run], timeout=PROMPT)
+                took = time.monotonic() - took
+                if not done:
+                    run.cancel()
+                    await asyncio.wait([run])
+                assert done, f"run() had not returned {took:.0f} s after the second signal"
+                assert took < TAKE_BACK_WITHIN + 1, took
+                assert (worker.processed, worker.unacked) == (0, 1)
+        finally:
+            forever.set()
 
 
 async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:

@@ -27,7 +27,9 @@ pending at once, the attempt uncounted), for another worker to run now. A
 signal stops every Worker of the event loop; one the application handles
 itself is left to it (its handler calls stop()). A second signal while
 draining stops now: the running handlers are cancelled, their jobs nacked at
-once (handlers in threads cannot be stopped: they are waited for).
+once (handlers in threads cannot be stopped: they are waited for); what the
+broker does not answer within TAKE_BACK_WITHIN (nacks, releases, acks) is
+left to the jobs' leases.
 Cancellation is never swallowed: only a handler cancelled because its
 heartbeat found the lease lost (or the job cancelled, POST /cancel), or by a
 second signal, is handled here; the first kind of job is neither acked nor
@@ -303,6 +305,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._holding: dict[asyncio.Task[None], _Claimed] = {}  # what each running task runs
         self._signalled = 0  # signals received while running: a second stops now
+        self._now = asyncio.Event()  # ... set by the second
         self._giving_back: list[asyncio.Future[None]] = []  # releases since the first signal
         self._ready: collections.deque[_Claimed] = collections.deque()  # claimed, not started
         self._stopping = asyncio.Event()
@@ -348,6 +351,7 @@ class Worker:
             raise self._failed
         self._done.clear()
         self._signalled, self._giving_back = 0, []
+        self._now.clear()
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             _signals.join(loop, self)
@@ -358,7 +362,7 @@ class Worker:
                 await self._drain()
             finally:
                 try:
-                    await self._acks.flush()
+                    await self._flush_acks()
                     for held in list(self._acking):  # their callbacks may not have run yet
                         self._acking.discard(held)
                         await self._stop_beats(held)
@@ -387,7 +391,8 @@ class Worker:
                 await self._idle.wait()
             if self._running:  # a second signal (the first emptied the buffer)
                 await self._stop_now()
-            await asyncio.gather(*self._giving_back)
+            # Those a second signal cancelled end so: no error of the drain's.
+            await asyncio.gather(*self._giving_back, return_exceptions=True)
         except asyncio.CancelledError:
             while self._ready:
                 _cancel_beats(self._ready.popleft())
@@ -420,9 +425,18 @@ class Worker:
             if not self._running:
                 self._idle.set()
         elif self._signalled == 2:
+            # Jobs still being given back are left to their leases, as acks
+            # not answered soon are (_flush_acks): a broker that does not
+            # answer must not hold up a stop asked for now.
+            giving_back = [f for f in self._giving_back if not f.done()]
             log.warning(
-                "second signal: stopping now; %d running jobs are interrupted", len(self._running)
+                "second signal: stopping now; %d running jobs are interrupted%s",
+                len(self._running),
+                f", {len(giving_back)} give-backs left to their leases" if giving_back else "",
             )
+            for future in giving_back:
+                future.cancel()
+            self._now.set()
             self._idle.set()  # the drain's wait: it stops now
 
     async def _stop_now(self) -> None:
@@ -467,14 +481,18 @@ class Worker:
 
     async def _give_back(self, jobs: list[Job]) -> None:
         """Give back claimed jobs that did not run (pending at once, the attempt
-        uncounted); those it cannot are left to their leases."""
+        uncounted); those it cannot, or not within TAKE_BACK_WITHIN seconds
+        (a stop waits for it), are left to their leases."""
         if not jobs:
             return
         try:
-            self.given_back += await self.client.release(jobs)
-        except Exception as exc:
+            async with asyncio.timeout(TAKE_BACK_WITHIN):
+                self.given_back += await self.client.release(jobs)
+        except Exception as exc:  # TimeoutError too
             log.warning(
-                "%d claimed jobs could not be given back (%s): left to their leases", len(jobs), exc
+                "%d claimed jobs could not be given back (%s): left to their leases",
+                len(jobs),
+                _why(exc, TAKE_BACK_WITHIN),
             )
 
     def request_stop(self) -> None:
@@ -620,9 +638,9 @@ class Worker:
                 )
                 await self._give_back(self._not_held(jobs))
         except Exception as exc:  # TimeoutError too
-            why = str(exc) or type(exc).__name__
             log.warning(
-                "a claim cut short by the stop: its jobs are left to their leases (%s)", why
+                "a claim cut short by the stop: its jobs are left to their leases (%s)",
+                _why(exc, TAKE_BACK_WITHIN),
             )
 
     async def _held_back(self, count: int, attempt: list[str]) -> list[Job]:
@@ -787,7 +805,10 @@ class Worker:
                 log.warning("job %s: interrupted on attempt %s", job.id, job.attempts)
                 error = "".join(traceback.format_exception_only(Interrupted(str(failure))))
                 self.given_back += 1
-                await self._settle(job, self.client.nack(job, 0, error.strip()))
+                # Bounded: a stop asked for now must not wait out the client's
+                # retry budget (twice its timeout) on a broker that does not answer.
+                nack = self.client.nack(job, 0, error.strip())
+                await self._settle(job, nack, within=TAKE_BACK_WITHIN)
                 return
             await self._fail(job, failure)
             return
@@ -882,17 +903,45 @@ class Worker:
             # cancellation of this task meanwhile must not be swallowed with it.
             await asyncio.wait([beats])
 
-    async def _settle(self, job: Job, call: Awaitable[Any]) -> None:
+    async def _settle(self, job: Job, call: Awaitable[Any], within: float | None = None) -> None:
+        """Await the ack or nack `call` (`within` seconds at most), logging
+        what it failed with."""
         try:
-            await call
+            async with asyncio.timeout(within):
+                await call
         except (LeaseLost, JobNotFound) as exc:
             log.warning("job %s: could not settle: %s", job.id, exc)
         except Exception as exc:
             log.error(
                 "job %s: could not settle (it will be redelivered): %s",
                 job.id,
-                exc,
-                exc_info=not isinstance(exc, SimpleQueueError),
+                _why(exc, within),
+                exc_info=not isinstance(exc, SimpleQueueError | TimeoutError),
+            )
+
+    async def _flush_acks(self) -> None:
+        """Wait until the acks posted are answered; after a second signal (it
+        may come meanwhile), TAKE_BACK_WITHIN seconds at most: the jobs of
+        those still unanswered are left to their leases."""
+        flushed = asyncio.ensure_future(self._acks.flush())
+        now = asyncio.ensure_future(self._now.wait())
+        try:
+            await asyncio.wait([flushed, now], return_when=asyncio.FIRST_COMPLETED)
+            if not flushed.done():
+                await asyncio.wait([flushed], timeout=TAKE_BACK_WITHIN)
+        finally:
+            now.cancel()
+            flushed.cancel()  # the wait only: flush() shields the batch in flight
+        if self._acks.busy:  # stopped now, acks unanswered
+            log.warning(
+                "%d acks unanswered %g s after the second signal: their jobs are left"
+                " to their leases",
+                len(self._acking),
+                TAKE_BACK_WITHIN,
+            )
+            self.unacked += len(self._acking)
+            await self._acks.abort(
+                BrokerUnavailable("the worker stopped before its ack was answered")
             )
 
     async def _send_acks(self, batch: list[Pending[_Ack, str]]) -> list[str | BaseException]:
@@ -1091,6 +1140,13 @@ def _cancel_beats(held: _Claimed) -> asyncio.Task[None] | None:
         return None
     held.beats.cancel()
     return held.beats
+
+
+def _why(exc: Exception, within: float | None) -> str:
+    """What `exc` says, or that no answer came `within` seconds (a TimeoutError)."""
+    if isinstance(exc, TimeoutError) and within is not None:
+        return f"no answer in {within:g} s"
+    return str(exc) or type(exc).__name__
 
 
 def _why_gone(held: _Claimed) -> str:
