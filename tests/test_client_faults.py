@@ -5,6 +5,7 @@ case here hung, returned a wrong answer or raised KeyError before."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -854,6 +855,46 @@ async def test_a_second_signal_leaves_acks_a_stalled_broker_does_not_answer() ->
                 assert (worker.processed, worker.unacked) == (0, 1)
         finally:
             forever.set()
+
+
+async def test_a_tiny_lease_does_not_make_heartbeats_spin(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The heartbeat interval is a third of the lease the claim's answer
+    implies, with no floor: a lease of 0.3 ms (a broken broker; or a topic's
+    `lease` setting of 0.001, which the API accepts) made each heartbeat
+    time out before it was sent, a whole core for the job's run and
+    thousands of "heartbeat failed" warnings a second (review finding)."""
+    heartbeats = 0
+    answered_claim = False
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal heartbeats, answered_claim
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            if answered_claim:
+                await asyncio.sleep(2)
+                return web.Response(status=404, body=NOTHING, content_type="application/json")
+            answered_claim = True
+            return web.json_response({"jobs": [claimed_job(1, lease=0.0003)]})
+        if request.path.endswith("/heartbeat"):
+            heartbeats += 1
+            return web.json_response({"id": "j1", "lease_expires_at": time.time() + 30})
+        if request.path.endswith("/ack"):
+            return acked(body)
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    async def handler(job: Job) -> None:
+        await asyncio.sleep(1.0)
+
+    caplog.set_level(logging.WARNING, logger="simplequeue.worker")
+    async with serving(broker) as url, Client(url, topic="t") as q:
+        worker = Worker(q, handler, max_jobs=1, handle_signals=False)
+        await prompt(worker.run())
+    failed = sum("heartbeat failed" in r.getMessage() for r in caplog.records)
+    assert worker.processed == 1
+    assert failed < 5, failed
+    assert 1 <= heartbeats <= 25, heartbeats  # 0.05 s apart at least
 
 
 async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:

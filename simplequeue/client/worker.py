@@ -6,7 +6,8 @@ so that the next jobs are at hand when a slot frees rather than one claim
 round trip away. With a buffer, each claim asks for half
 the capacity and two can be in flight; their jobs are buffered in the order
 the claims were sent. Each claimed job's lease (the broker's --lease unless
-`lease` says) is renewed by heartbeats every third of it, from the moment it
+`lease` says) is renewed by heartbeats every third of it (HEARTBEAT_MIN at
+least), from the moment it
 is claimed (waiting in the buffer included) until its ack is answered; each
 heartbeat has until the next is due, so one left unanswered never holds back
 the next.
@@ -120,6 +121,10 @@ AHEAD_JOBS_MAX = api.MAX_BATCH  # and never more jobs than this (unless 2 x conc
 # The lease assumed for a job whose claim times the broker did not send: its
 # default --lease.
 FALLBACK_LEASE = 30.0
+# Seconds between heartbeats, and each one's time to be answered, at least:
+# a lease of a millisecond (a topic's `lease` setting may say so) must not
+# make heartbeats time out before they are sent, thousands a second.
+HEARTBEAT_MIN = 0.05
 # Seconds run(), cancelled while draining, waits for the handlers it cancels.
 CANCEL_GRACE = 5.0
 # Seconds a burst Worker's claim held back by the topic's limits long-polls, at least.
@@ -1006,15 +1011,15 @@ class Worker:
         """`heartbeat_every`, or a third of the lease the broker gave `job`, in
         the broker's own clock (so that no clock skew enters it): from when the
         lease counts (heartbeat_at, which a broker sets a little after
-        claimed_at, by its clock's error) to when it ends."""
+        claimed_at, by its clock's error) to when it ends. HEARTBEAT_MIN at least."""
         if self.heartbeat_every is not None:
-            return self.heartbeat_every
+            return max(HEARTBEAT_MIN, self.heartbeat_every)
         lease = self.lease or FALLBACK_LEASE
         expires = job.lease_expires_at
         start = job.heartbeat_at if job.heartbeat_at is not None else job.claimed_at
         if expires is not None and start is not None and expires > start:
             lease = expires - start
-        return lease / 3
+        return max(HEARTBEAT_MIN, lease / 3)
 
     def _start_beats(self, held: _Claimed) -> None:
         """The first heartbeat is due (its timer, set at the claim, fired)."""
