@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -895,6 +896,56 @@ async def test_a_tiny_lease_does_not_make_heartbeats_spin(
     assert worker.processed == 1
     assert failed < 5, failed
     assert 1 <= heartbeats <= 25, heartbeats  # 0.05 s apart at least
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+async def test_a_job_whose_lease_ran_out_unrenewed_is_not_run_on(in_thread: bool) -> None:
+    """Heartbeats that failed otherwise than LeaseLost (503s, timeouts: a
+    broker or store outage, a partition) were logged and the handler ran on,
+    past the lease it could no longer have: the broker handed the job to
+    another worker, and it ran twice at once (review finding). Once the lease
+    has run out unrenewed, the job is taken for lost, as on a LeaseLost: a
+    coroutine handler is cancelled; a thread's keeps its slot, its result
+    dropped (neither is acked)."""
+    answered_claim = False
+    acks: list[Any] = []
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal answered_claim
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            if answered_claim:
+                await asyncio.sleep(2)
+                return web.Response(status=404, body=NOTHING, content_type="application/json")
+            answered_claim = True
+            return web.json_response({"jobs": [claimed_job(1, lease=1.0)]})
+        if request.path.endswith("/heartbeat"):  # an outage: the lease runs out
+            return web.Response(status=503, body=STORE_DOWN, content_type="application/json")
+        if request.path.endswith("/ack"):
+            acks.append(orjson.loads(body))
+            return acked(body)
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    finished = threading.Event()
+
+    async def handler(job: Job) -> None:
+        await asyncio.sleep(3.0)  # three leases
+        finished.set()
+
+    def in_a_thread(job: Job) -> None:
+        finished.wait(3.0)
+
+    async with serving(broker) as url, Client(url, topic="t", timeout=0.3, retries=1) as q:
+        worker = Worker(q, in_a_thread if in_thread else handler, max_jobs=1, handle_signals=False)
+        started = time.monotonic()
+        await prompt(worker.run())
+        took = time.monotonic() - started
+    assert not acks
+    if in_thread:  # waited for, its result dropped
+        assert took >= 3.0
+    else:
+        assert not finished.is_set(), "the handler ran on after its lease ran out"
+        assert took < 2.0, took
 
 
 async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:

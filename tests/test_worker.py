@@ -2030,7 +2030,7 @@ async def test_jobs_claimed_ahead_and_answered_after_the_first_signal_go_back(
 
     worker = Worker(q, handler, concurrency=1, prefetch=4, wait=0.2, handle_signals=False)
     task = asyncio.create_task(worker.run())
-    await until(lambda: any(jobs for _, jobs in worker._answers.values()))  # parked behind
+    await until(lambda: any(jobs for _, jobs, _ in worker._answers.values()))  # parked behind
     worker._on_signal()  # as SIGTERM does
     await asyncio.wait_for(task, 10)
     q.claim_many = real  # type: ignore[method-assign]

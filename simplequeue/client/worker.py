@@ -10,7 +10,9 @@ the claims were sent. Each claimed job's lease (the broker's --lease unless
 least), from the moment it
 is claimed (waiting in the buffer included) until its ack is answered; each
 heartbeat has until the next is due, so one left unanswered never holds back
-the next.
+the next. A lease that ran out with no heartbeat landing (on this clock, from
+when the last renewal that landed was sent) is taken for lost, as one the
+broker says is: the broker may have given the job to another worker.
 
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
@@ -198,8 +200,10 @@ class HandlerCancelled(Exception):
 class _Claimed:
     """A job this worker holds: waiting in the buffer, then running."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, lease: float, lease_ends: float) -> None:
         self.job = job
+        self.lease = lease  # seconds each renewal gives it (SPEC: the claim's own, or `lease`)
+        self.lease_ends = lease_ends  # time.monotonic() its lease runs out by, unless renewed
         self.work: asyncio.Future[Any] | None = None  # the handler, once started
         self.lost = False  # a heartbeat found the lease gone
         self.cancelled = False  # ... because the job was cancelled
@@ -329,7 +333,8 @@ class Worker:
         # Answers go into the buffer in the order their claims were sent.
         self._sent = 0
         self._delivered = 0
-        self._answers: dict[int, tuple[int, list[Job] | None]] = {}
+        # (jobs asked for, jobs answered, when the claim answered was sent)
+        self._answers: dict[int, tuple[int, list[Job] | None, float]] = {}
         self._done = asyncio.Event()
         self._done.set()  # not running: stop() returns at once
         # Handlers in threads (plain functions, plain-def tasks) run here, as
@@ -592,8 +597,8 @@ class Worker:
         jobs: list[Job] | None = None  # None: the claim failed, or was cancelled
         attempt = [api.new_id()]  # the claim in flight's name (_held_back's claims)
         hold = FAILED_CLAIM_HOLD  # seconds this claim keeps its place once answered
+        sent = time.monotonic()
         try:
-            sent = time.monotonic()
             jobs = await self.client.claim_many(
                 self.worker_id,
                 count,
@@ -604,7 +609,7 @@ class Worker:
             took = time.monotonic() - sent
             self.ahead.claimed(took, count, len(jobs))
             if self.burst and not jobs:
-                jobs = await self._held_back(count, attempt)
+                jobs, sent = await self._held_back(count, attempt, sent)
             # Answered empty before its long poll was out (a stopping broker
             # ends its long polls, a proxy may drop `wait`): claimed again at
             # once, it would spin, thousands of claims a second, while that lasts.
@@ -621,7 +626,7 @@ class Worker:
             else:
                 log.warning("claim failed: %s", exc, exc_info=not isinstance(exc, SimpleQueueError))
         finally:  # answered, failed or cancelled: later claims must not wait for it
-            self._answers[seq] = (count, jobs)
+            self._answers[seq] = (count, jobs, sent)
             self._deliver()
         if hold > 0:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
@@ -648,7 +653,9 @@ class Worker:
                 _why(exc, TAKE_BACK_WITHIN),
             )
 
-    async def _held_back(self, count: int, attempt: list[str]) -> list[Job]:
+    async def _held_back(
+        self, count: int, attempt: list[str], sent: float
+    ) -> tuple[list[Job], float]:
         """Burst: a claim that found nothing while jobs are pending was held back
         by the topic's limits (its rate, max_claimed), the topic not empty: it
         is claimed again in long polls, which wait for a token or a slot. []
@@ -656,20 +663,22 @@ class Worker:
         Delayed jobs, this worker's failed jobs' retries among them, are left
         for a later run, as RQ's burst mode leaves scheduled jobs: one delayed
         an hour, or a job failing for ever, would keep it up. Each claim's
-        name goes in `attempt` (for _take_back)."""
+        name goes in `attempt` (for _take_back); with the jobs, when the claim
+        that got them was sent (`sent`: none did)."""
         while (await self.client.status())["pending"] > 0:
             if (await self.client.settings()).get("max_claimed") == 0:
                 log.info("the topic is paused (max_claimed 0): stopping (burst)")
-                return []
+                return [], sent
             # A second (the long poll answers as soon as a token or a slot is
             # there; another claim of this worker may take the jobs meanwhile).
             attempt[0] = api.new_id()
+            sent = time.monotonic()
             jobs = await self.client.claim_many(
                 self.worker_id, count, lease=self.lease, wait=HELD_BACK_WAIT, attempt_id=attempt[0]
             )
             if jobs:
-                return jobs
-        return []
+                return jobs, sent
+        return [], sent
 
     def _give_up(self, exc: SimpleQueueError) -> None:
         """Stop claiming for good: run() drains the jobs in hand, then raises `exc`."""
@@ -688,7 +697,7 @@ class Worker:
         then stop if the topic is empty (burst) or max_jobs were claimed."""
         found_nothing = False
         while self._delivered in self._answers:
-            count, jobs = self._answers.pop(self._delivered)
+            count, jobs, sent = self._answers.pop(self._delivered)
             self._delivered += 1
             self._asked -= count
             if jobs is None:  # a failed claim says nothing of the topic
@@ -703,7 +712,10 @@ class Worker:
             self._taken += len(jobs)
             loop = asyncio.get_running_loop()
             for job in jobs:
-                held = _Claimed(job)
+                # Its lease counted from when the claim was sent, at the
+                # earliest, on this clock: no clock skew enters it.
+                lease = self._lease_of(job)
+                held = _Claimed(job, lease, sent + lease)
                 held.first_beat = loop.call_later(
                     self._heartbeat_interval(job), self._start_beats, held
                 )
@@ -1008,18 +1020,24 @@ class Worker:
             self._room.set()
 
     def _heartbeat_interval(self, job: Job) -> float:
-        """`heartbeat_every`, or a third of the lease the broker gave `job`, in
-        the broker's own clock (so that no clock skew enters it): from when the
-        lease counts (heartbeat_at, which a broker sets a little after
-        claimed_at, by its clock's error) to when it ends. HEARTBEAT_MIN at least."""
+        """`heartbeat_every`, or a third of the lease the broker gave `job`;
+        HEARTBEAT_MIN at least."""
         if self.heartbeat_every is not None:
             return max(HEARTBEAT_MIN, self.heartbeat_every)
+        return max(HEARTBEAT_MIN, self._lease_of(job) / 3)
+
+    def _lease_of(self, job: Job) -> float:
+        """The lease the broker gave `job`, and gives each heartbeat of it, in
+        the broker's own clock (so that no clock skew enters it): from when the
+        lease counts (heartbeat_at, which a broker sets a little after
+        claimed_at, by its clock's error) to when it ends; without those
+        times, `lease` or the broker's default."""
         lease = self.lease or FALLBACK_LEASE
         expires = job.lease_expires_at
         start = job.heartbeat_at if job.heartbeat_at is not None else job.claimed_at
         if expires is not None and start is not None and expires > start:
             lease = expires - start
-        return max(HEARTBEAT_MIN, lease / 3)
+        return lease
 
     def _start_beats(self, held: _Claimed) -> None:
         """The first heartbeat is due (its timer, set at the claim, fired)."""
@@ -1032,11 +1050,13 @@ class Worker:
         cancel its handler. Any other failure is logged and the next heartbeat
         goes out on time: the lease is still this worker's until it runs out,
         and a loop that ended here would let it run out while the handler runs
-        on (the job then ran twice)."""
+        on (the job then ran twice). Once it has run out unrenewed (on this
+        clock: from when the last renewal that landed was sent), it is taken
+        for lost too: the broker may have given the job to another worker."""
         every = self._heartbeat_interval(held.job)
-        loop = asyncio.get_running_loop()
         while True:
-            due = loop.time() + every
+            sent = time.monotonic()
+            due = sent + every
             try:
                 # Each heartbeat has until the next is due: one left unanswered
                 # (a lost packet, a stuck proxy) must not hold back those after
@@ -1045,39 +1065,52 @@ class Worker:
                 async with asyncio.timeout(every):
                     await self.client.heartbeat(held.job, self.lease)
             except (LeaseLost, JobNotFound) as exc:
-                held.lost = True
                 held.cancelled = isinstance(exc, JobCancelled)
-                if held.work is not None:
-                    if held.in_thread:
-                        # A thread cannot be stopped: its slot stays taken
-                        # until it returns (else the next job would run beside
-                        # it, past the concurrency), and its result is dropped.
-                        log.warning(
-                            "job %s: %s; its handler runs in a thread, which cannot be"
-                            " stopped: its result will be dropped",
-                            held.job.id,
-                            _why_gone(held),
-                        )
-                        await held.thread_returned()
-                    held.work.cancel()  # what runs here (what the thread handed back)
-                elif held in self._ready:
-                    log.warning("job %s: %s before it started", held.job.id, _why_gone(held))
-                    self._ready.remove(held)
-                    self._room.set()
-                    if not self._running and not self._ready:
-                        self._idle.set()
-                # else: its task is about to start; _process sees `lost` and skips it
+                await self._lose(held)
                 return
             except Exception as exc:
-                unanswered = isinstance(exc, TimeoutError) and loop.time() >= due
+                unanswered = isinstance(exc, TimeoutError) and time.monotonic() >= due
                 log.warning(
-                    "job %s: heartbeat failed (the next in %.3g s): %s",
+                    "job %s: heartbeat failed (%.3g s of its lease left): %s",
                     held.job.id,
-                    max(0.0, due - loop.time()),
+                    max(0.0, held.lease_ends - time.monotonic()),
                     f"no answer in {every:.3g} s" if unanswered else exc,
                     exc_info=not isinstance(exc, SimpleQueueError | TimeoutError),
                 )
-            await asyncio.sleep(max(0.0, due - loop.time()))
+            else:
+                held.lease_ends = sent + held.lease
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                continue
+            await asyncio.sleep(max(0.0, min(due, held.lease_ends) - time.monotonic()))
+            if time.monotonic() >= held.lease_ends:
+                log.warning("job %s: its lease ran out unrenewed: taken for lost", held.job.id)
+                await self._lose(held)
+                return
+
+    async def _lose(self, held: _Claimed) -> None:
+        """`held`'s lease is gone (lost, or run out unrenewed), or its job was
+        cancelled: drop the job if it did not start, else cancel its handler."""
+        held.lost = True
+        if held.work is not None:
+            if held.in_thread:
+                # A thread cannot be stopped: its slot stays taken until it
+                # returns (else the next job would run beside it, past the
+                # concurrency), and its result is dropped.
+                log.warning(
+                    "job %s: %s; its handler runs in a thread, which cannot be"
+                    " stopped: its result will be dropped",
+                    held.job.id,
+                    _why_gone(held),
+                )
+                await held.thread_returned()
+            held.work.cancel()  # what runs here (what the thread handed back)
+        elif held in self._ready:
+            log.warning("job %s: %s before it started", held.job.id, _why_gone(held))
+            self._ready.remove(held)
+            self._room.set()
+            if not self._running and not self._ready:
+                self._idle.set()
+        # else: its task is about to start; _process sees `lost` and skips it
 
 
 class _Signals:
