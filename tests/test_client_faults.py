@@ -784,10 +784,11 @@ async def test_a_second_signal_stops_the_worker_promptly_when_the_broker_stalls(
 
     async def broker(request: web.BaseRequest) -> web.StreamResponse:
         nonlocal answered_claim
-        await request.read()
+        body = await request.read()
         if request.path.endswith("/claim") and not answered_claim:
             answered_claim = True
-            return web.json_response({"jobs": [claimed_job(1), claimed_job(2)]})
+            count = orjson.loads(body).get("count", 1)  # as many as asked (claim_many holds it to that)
+            return web.json_response({"jobs": [claimed_job(1), claimed_job(2)][:count]})
         await forever.wait()  # stalled from now on
         return web.Response(status=404, body=NOTHING, content_type="application/json")
 
@@ -972,20 +973,6 @@ async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:
 
 
 # --- answers no broker gives --------------------------------------------------------------
-
-
-def claimed_job(n: int) -> dict[str, Any]:
-    now = time.time()
-    return {
-        "id": f"j{n}",
-        "status": "claimed",
-        "payload": n,
-        "attempts": 1,
-        "lease_token": f"tok{n}",
-        "claimed_at": now,
-        "heartbeat_at": now,
-        "lease_expires_at": now + 30,
-    }
 
 
 @pytest.mark.parametrize("count", [1, 3])
