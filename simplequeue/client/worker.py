@@ -134,6 +134,9 @@ HELD_BACK_WAIT = 1.0
 # Seconds a failed claim keeps its place before another is sent (one answered
 # empty before its long poll was out keeps it for the rest of the poll).
 FAILED_CLAIM_HOLD = 1.0
+# Seconds a claim answered empty keeps its place when the Worker does not
+# long-poll (wait=0): it polls an empty topic ten times a second, not in a loop.
+EMPTY_POLL_HOLD = 0.1
 # Seconds a stop waits, at most, to give back what a claim it cut short was
 # answered (Worker._take_back).
 TAKE_BACK_WITHIN = 2.0
@@ -613,7 +616,8 @@ class Worker:
             # Answered empty before its long poll was out (a stopping broker
             # ends its long polls, a proxy may drop `wait`): claimed again at
             # once, it would spin, thousands of claims a second, while that lasts.
-            hold = 0.0 if jobs or self.burst else self.wait - took
+            empty_hold = self.wait - took if self.wait else EMPTY_POLL_HOLD
+            hold = 0.0 if jobs or self.burst else empty_hold
         except asyncio.CancelledError:
             if self._stopping.is_set():  # request_stop(), not run() cancelled
                 self._giving_back.append(asyncio.ensure_future(self._take_back(count, attempt[0])))
