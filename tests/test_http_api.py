@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import os
 import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,7 +19,10 @@ import pytest
 import yarl
 
 from simplequeue.api import JobSpec
+from simplequeue.broker import http
 from simplequeue.broker.membership import rendezvous
+from simplequeue.errors import InvalidRequest
+from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.faults import FaultyStore
 from tests.helpers.until import until
@@ -1024,3 +1029,97 @@ async def test_an_empty_body_with_a_content_encoding_is_an_empty_body(
     broker = await start_broker(MemStore())
     status, text = await post_gzip(f"{broker.url}/topics/t/requeue", b"")
     assert status == 200, text
+
+
+# The smallest gzip member there is: 20 bytes that decode to nothing. A body of
+# them is valid gzip (RFC 1952: members may be concatenated) and decodes to b"".
+EMPTY_MEMBER = gzip.compress(b"", mtime=0)
+
+
+def empty_members(size: int) -> bytes:
+    return EMPTY_MEMBER * (size // len(EMPTY_MEMBER))
+
+
+def test_a_body_in_more_gzip_members_than_the_broker_takes_is_refused_at_once() -> None:
+    """1 MiB of empty 20-byte members (52,000 of them) was decoded member by
+    member, the rest of the body copied at each: over a second of CPU, on the
+    event loop at the default --max-body (review of the HTTP edge)."""
+    assert http._decoded(EMPTY_MEMBER * http.GZIP_MEMBERS, "gzip", 1 << 20) == b""
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest, match="gzip members"):
+        http._decoded(empty_members(1 << 20), "gzip", 1 << 20)
+    assert time.perf_counter() - started < 0.1
+
+
+def test_gzip_members_are_decoded_in_linear_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """zlib copies every byte after a member's end into unused_data: fed the
+    rest of the body at each member, 2 MiB of empty ones took ~7 s, where one
+    2 MiB member takes a few ms (review of the HTTP edge)."""
+    monkeypatch.setattr(http, "GZIP_MEMBERS", 1 << 20)
+    body = empty_members(3 << 19)
+    started = time.perf_counter()
+    assert http._decoded(body, "gzip", 3 << 19) == b""
+    took = time.perf_counter() - started
+    assert took < 1.0, f"{len(body)} bytes of gzip members took {took:.1f} s to decode"
+
+
+async def test_a_gzip_member_body_does_not_stall_the_event_loop(
+    start_broker: StartBroker,
+) -> None:
+    """With the default --max-body (1 MiB) the body is decoded on the event
+    loop: one 1 MiB request of empty members held every other request of the
+    broker for about a second (review of the HTTP edge)."""
+    broker = await start_broker(MemStore())  # in this process: its event loop is ours
+    body = empty_members(1 << 20)
+    worst = 0.0
+    async with aiohttp.ClientSession() as s:
+
+        async def bomb() -> None:
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            async with s.post(f"{broker.url}/topics/g/enqueue", data=body, headers=headers) as r:
+                assert r.status == 400
+
+        task = asyncio.create_task(bomb())
+        while not task.done():  # how late a 5 ms timer fires: how long the loop was held
+            started = time.perf_counter()
+            await asyncio.sleep(0.005)
+            worst = max(worst, time.perf_counter() - started - 0.005)
+        await task
+    assert worst < 0.3, f"the broker's event loop was held {worst:.2f} s by one gzip body"
+
+
+async def test_bodies_decoded_off_the_loop_leave_the_store_its_threads(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Bodies over DECODE_ON_LOOP were decoded by asyncio.to_thread, on the
+    loop's default executor, which localfs reads and writes on: a few slow
+    ones, going on after their clients left, held every write of the broker
+    (a one-job enqueue took 42 s behind 6 bodies of empty gzip members)."""
+    decoded = http._decoded
+
+    def slow(*args: Any) -> bytes:
+        time.sleep(2.5)
+        return decoded(*args)
+
+    monkeypatch.setattr(http, "_decoded", slow)
+    broker = await start_broker(LocalStore(tmp_path / "store"), max_body=2 << 20)
+    threads = min(32, (os.cpu_count() or 1) + 4)  # the default executor's
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s:
+
+        async def slow_body() -> None:
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                async with s.post(
+                    f"{broker.url}/topics/g/enqueue",
+                    data=gzip.compress(b'{"payload": 1}'),
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=0.5),
+                ) as r:
+                    await r.read()
+
+        await asyncio.gather(*(slow_body() for _ in range(threads)))  # their clients left
+        started = time.monotonic()
+        async with s.post(f"{broker.url}/topics/t/enqueue", json={"payload": 1}) as r:
+            assert r.status == 201, await r.text()
+        took = time.monotonic() - started
+    assert took < 1.0, f"a one-job enqueue took {took:.1f} s"
