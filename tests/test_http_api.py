@@ -848,6 +848,23 @@ async def test_every_content_encoding_header_is_looked_at(
     assert await store.list("topics/") == []
 
 
+@pytest.mark.parametrize("header", ["gzip,", ", gzip", "gzip, ,identity"])
+async def test_a_content_encoding_list_with_empty_elements_is_read(
+    start_broker: StartBroker, header: str
+) -> None:
+    """RFC 9110 5.6.1.2: a recipient ignores empty list elements; "gzip," was
+    refused as naming an unknown coding '' (review of the HTTP edge)."""
+    broker = await start_broker(MemStore())
+    headers = {"Content-Encoding": header, "Content-Type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{broker.url}/topics/t/enqueue", data=gzip.compress(b'{"payload": 1}'), headers=headers
+        ) as r,
+    ):
+        assert r.status == 201, await r.text()
+
+
 async def post_gzip(url: str, data: bytes) -> tuple[int, str]:
     """POST `data` (as given) to `url` saying it is gzip-encoded JSON: the
     answer's status and text."""

@@ -183,11 +183,13 @@ GZIP_MEMBERS = 64
 def _coding_of(request: web.BaseRequest) -> str | None:
     """The request's Content-Encoding, gzip or deflate (None: no coding);
     InvalidRequest for another, or more than one. Every header, and every
-    coding in each, is looked at."""
+    coding in each, is looked at; empty ones ("gzip,") are none (RFC 9110
+    5.6.1.2: a recipient ignores empty list elements)."""
     codings = [
         coding.strip().lower()
         for header in request.headers.getall("Content-Encoding", [])
         for coding in header.split(",")
+        if coding.strip()
     ]
     applied = [coding for coding in codings if coding != "identity"]
     if len(applied) > 1 or any(coding not in _ENCODINGS for coding in applied):
