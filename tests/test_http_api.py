@@ -1017,6 +1017,27 @@ async def test_x_gzip_is_gzip_and_max_body_bounds_the_decoded_body(
                 assert r.status == 201, (coding, await r.text())
 
 
+async def test_content_encoding_identity_does_not_raise_max_body(
+    start_broker: StartBroker,
+) -> None:
+    """Any request with a Content-Encoding header could send --max-body + 1/64
+    + 1 KiB (room for gzip that does not compress), and only decoded bodies
+    were bounded again: "Content-Encoding: identity" (no coding) lifted
+    --max-body by that much (review of the HTTP edge)."""
+    store = MemStore()
+    broker = await start_broker(store, max_body=64 * 1024)
+    body = b'{"payload": "' + b"a" * (64 * 1024 + 1500) + b'"}'
+    async with aiohttp.ClientSession() as s:
+        for headers in ({}, {"Content-Encoding": "identity"}, {"Content-Encoding": "identity,"}):
+            async with s.post(
+                f"{broker.url}/topics/t/enqueue",
+                data=body,
+                headers={**headers, "Content-Type": "application/json"},
+            ) as r:
+                assert r.status == 413, (headers, r.status, await r.text())
+    assert await store.list("topics/") == []
+
+
 async def test_a_body_larger_than_the_default_max_body_is_decoded_off_the_loop(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 import orjson
 from aiohttp import HttpVersion11, web
+from multidict import MultiMapping
 
 from simplequeue import api, keys
 from simplequeue.broker import page
@@ -182,21 +183,31 @@ GZIP_MEMBERS = 64
 
 def _coding_of(request: web.BaseRequest) -> str | None:
     """The request's Content-Encoding, gzip or deflate (None: no coding);
-    InvalidRequest for another, or more than one. Every header, and every
-    coding in each, is looked at; empty ones ("gzip,") are none (RFC 9110
-    5.6.1.2: a recipient ignores empty list elements)."""
-    codings = [
-        coding.strip().lower()
-        for header in request.headers.getall("Content-Encoding", [])
-        for coding in header.split(",")
-        if coding.strip()
-    ]
+    InvalidRequest for another, or more than one."""
+    codings = content_codings(request.headers)
     applied = [coding for coding in codings if coding != "identity"]
     if len(applied) > 1 or any(coding not in _ENCODINGS for coding in applied):
         raise InvalidRequest(
             f"Content-Encoding {', '.join(codings)!r}: gzip (x-gzip) or deflate, or none"
         )
     return applied[0] if applied else None
+
+
+def content_codings(headers: Mapping[str, str]) -> list[str]:
+    """The codings a request's Content-Encoding names, lowercase: every
+    header, and every coding in each; empty ones ("gzip,") are none (RFC 9110
+    5.6.1.2: a recipient ignores empty list elements). Headers are a plain
+    dict in the message aiohttp makes up for a request its parser refused."""
+    if isinstance(headers, MultiMapping):
+        fields = headers.getall("Content-Encoding", [])
+    else:
+        fields = [headers.get("Content-Encoding", "")]
+    return [
+        coding.strip().lower()
+        for header in fields
+        for coding in header.split(",")
+        if coding.strip()
+    ]
 
 
 # The Content-Encodings a request body may be in, and their zlib wbits: a gzip

@@ -22,7 +22,7 @@ from simplequeue.broker.discovery import Announcer
 from simplequeue.broker.duties import Duties, DutySettings
 from simplequeue.broker.engine import Engine, held_due
 from simplequeue.broker.forwarding import Forwarder, Router
-from simplequeue.broker.http import HttpApi, HttpServices
+from simplequeue.broker.http import HttpApi, HttpServices, content_codings
 from simplequeue.broker.listener import (
     MIN_CONNECTIONS,
     HttpListener,
@@ -358,10 +358,11 @@ class Broker:
         forwarded = headers.get(api.FORWARDED_HEADER)
         if forwarded is not None and self.membership.vouches(forwarded):
             return self.settings.max_body * api.FORWARDED_ROOM + api.MAX_BATCH * 64
-        if "Content-Encoding" in headers:
+        if any(coding != "identity" for coding in content_codings(headers)):
             # Bounded decoded by Call.read: encoded, a body that does not
             # compress (stored gzip blocks, already compressed payloads) is a
-            # little larger than what it holds.
+            # little larger than what it holds. Not so without a coding
+            # (identity): its body is read as it came.
             return self.settings.max_body + self.settings.max_body // 64 + 1024
         return self.settings.max_body
 
