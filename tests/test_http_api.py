@@ -865,6 +865,31 @@ async def test_a_content_encoding_list_with_empty_elements_is_read(
         assert r.status == 201, await r.text()
 
 
+async def test_an_http10_request_expecting_100_continue_is_served(
+    start_broker: StartBroker,
+) -> None:
+    """RFC 9110 10.1.1: "A server that receives a 100-continue expectation in
+    an HTTP/1.0 request MUST ignore that expectation." It was answered 417,
+    and its job not enqueued (review of the HTTP edge)."""
+    store = MemStore()
+    broker = await start_broker(store)
+    body = b'{"payload": 1}'
+    head = (
+        "POST /topics/t/enqueue HTTP/1.0\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.http.port)
+    try:
+        writer.write(head + body)  # at once: HTTP/1.0 knows no 100 Continue to wait for
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 201 Created"), answer[:200]
+    assert b"100 Continue" not in answer, answer[:200]
+    assert len(await store.list("topics/")) == 1
+
+
 async def post_gzip(url: str, data: bytes) -> tuple[int, str]:
     """POST `data` (as given) to `url` saying it is gzip-encoded JSON: the
     answer's status and text."""

@@ -558,10 +558,14 @@ def _unrouted(found: tuple[dict[str, Route], dict[str, str]] | None) -> web.Resp
 
 async def _expect(request: web.BaseRequest) -> None:
     """Answer `Expect: 100-continue` (curl sends it with bodies over 1 KiB and
-    waits a second for it) before the body is read, as aiohttp's router does."""
+    waits a second for it) before the body is read, as aiohttp's router does.
+    In an HTTP/1.0 request it is ignored (RFC 9110 10.1.1: a MUST), the body
+    read as it comes."""
     expect = request.headers.get("Expect", "")
-    if request.version != HttpVersion11 or expect.lower() != "100-continue":
+    if expect.lower() != "100-continue":
         raise web.HTTPExpectationFailed(reason=f"unknown Expect: {expect}")
+    if request.version < HttpVersion11:
+        return
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0
 
