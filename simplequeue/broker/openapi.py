@@ -424,7 +424,7 @@ def spec() -> dict[str, Any]:
                     "uiOverview",
                     "Everything the status page at / shows",
                     _ref(Overview),
-                    _LISTING,
+                    (*_LISTING, InvalidRequest),  # ?fresh= that is not a topic's name
                     topic=False,
                 ),
                 "parameters": [

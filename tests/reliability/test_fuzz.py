@@ -20,6 +20,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
+    status_code_conformance,
 )
 
 from simplequeue.broker.resp import COMMANDS
@@ -93,7 +94,12 @@ def test_openapi_cases_get_no_5xx_and_rejections_change_nothing(
             assert status < 500, where
             # Every answer, success or error, is what /openapi.json says it is.
             case.validate_response(
-                response, checks=[response_schema_conformance, content_type_conformance]
+                response,
+                checks=[
+                    response_schema_conformance,
+                    content_type_conformance,
+                    status_code_conformance,
+                ],
             )
             if status >= 400:
                 assert isinstance(response.json().get("error"), str), where
