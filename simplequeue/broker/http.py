@@ -29,7 +29,6 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 import orjson
 from aiohttp import HttpVersion11, web
-from multidict import MultiMapping
 
 from simplequeue import api, keys
 from simplequeue.broker import page
@@ -198,10 +197,10 @@ def content_codings(headers: Mapping[str, str]) -> list[str]:
     header, and every coding in each; empty ones ("gzip,") are none (RFC 9110
     5.6.1.2: a recipient ignores empty list elements). Headers are a plain
     dict in the message aiohttp makes up for a request its parser refused."""
-    if isinstance(headers, MultiMapping):
-        fields = headers.getall("Content-Encoding", [])
-    else:
-        fields = [headers.get("Content-Encoding", "")]
+    getall = getattr(headers, "getall", None)  # a multidict's (aiohttp's own import)
+    fields: list[str] = (
+        getall("Content-Encoding", []) if getall else [headers.get("Content-Encoding", "")]
+    )
     return [
         coding.strip().lower()
         for header in fields
