@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from simplequeue import __version__, keys
 from simplequeue.client import Client
@@ -235,6 +236,31 @@ async def test_bad_input_fails_with_one_line_and_no_traceback(
         assert text in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
     assert (await cli.json("status", "--json"))["pending"] == 0
+
+
+async def test_an_answer_that_is_not_the_apis_is_told_on_one_line() -> None:
+    """SPEC 7: "exit status non-zero with a one-line message on failure". A
+    --broker that answers something else (a web server on the wrong port, a
+    proxy's page) had the first 200 characters of its body in the error, new
+    lines and all: several lines of HTML on stderr (review of the CLI)."""
+    page = "<!doctype html>\n<html>\n<head>\n<title>Welcome</title>\n</head>\n<body>hi</body>\n"
+
+    async def any_page(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", any_page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        done = await Cli("--broker", f"http://{host}:{port}")("status")
+    finally:
+        await runner.cleanup()
+    assert failed_with(done, "not the API's"), done.stderr
+    assert "<!doctype html> <html> <head> <title>Welcome" in done.stderr, done.stderr
 
 
 async def test_unreachable_broker_fails_with_one_line() -> None:

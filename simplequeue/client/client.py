@@ -893,7 +893,9 @@ def _broker_url_or_none(url: str) -> str | None:
 
 
 def _snippet(raw: bytes) -> str:
-    text = raw[:200].decode(errors="replace").strip()
+    """The start of a body that is not the API's, on one line: an error is
+    one line (a web server's page would be several lines of HTML)."""
+    text = " ".join(raw[:200].decode(errors="replace").split())
     return text or "(empty body)"
 
 
