@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import orjson
@@ -544,13 +545,20 @@ def check_token(token: str) -> str:
 
 def check_broker_url(url: str) -> str:
     """`url` without its trailing slash if it can name a broker (http or https,
-    with a host), else ValueError."""
+    with a host, and no query, fragment or user), else ValueError."""
     try:
         parsed = URL(url)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"not a URL: {url!r} ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"not a broker URL: {url!r} (wanted http://HOST:PORT)")
+    # Routes are appended to the URL: a query or a fragment would swallow
+    # them; a user and password would go with every request, and into
+    # broker.json. (yarl drops an empty "?" or "#": the text is looked at.)
+    if "?" in url or "#" in url or "@" in urlsplit(url).netloc:
+        raise ValueError(
+            f"not a broker URL: {url!r} (no query, fragment or user: wanted http://HOST:PORT)"
+        )
     return url.rstrip("/")
 
 

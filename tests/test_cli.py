@@ -263,6 +263,31 @@ async def test_an_answer_that_is_not_the_apis_is_told_on_one_line() -> None:
     assert "<!doctype html> <html> <head> <title>Welcome" in done.stderr, done.stderr
 
 
+async def test_a_broker_url_with_a_query_fragment_or_user_is_a_usage_error(
+    cli: Cli, broker: Any
+) -> None:
+    """--broker (and simplequeued's --advertise-url, written to broker.json)
+    took any http URL with a host: the client appends each route to it, so
+    with "?x" every request went to "/" (the status page: HTML in the error),
+    with "#x" to nothing the API serves (405) (review of the CLI). A user and
+    password would be sent on every request, and written to broker.json."""
+    urls = [f"{broker.url}/?x", f"{broker.url}?", f"{broker.url}#x", "http://u:p@127.0.0.1:1"]
+    for url in urls:
+        done = await Cli("--broker", url)("enqueue", "1")
+        assert done.returncode == 2, (url, done.stderr)
+        assert "Invalid value for '--broker'" in done.stderr, (url, done.stderr)
+    assert (await Cli("--broker", broker.url).json("status", "--json"))["pending"] == 0
+    advertise = ["--backend", "memfs", "--addr", "127.0.0.1:0", "--advertise-url", "http://x:1/?q"]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "simplequeue.broker", *advertise],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--advertise-url" in done.stderr, done.stderr
+
+
 async def test_unreachable_broker_fails_with_one_line() -> None:
     done = await Cli("--broker", "http://127.0.0.1:9")("status")
     assert failed_with(done, "BrokerUnavailable")
