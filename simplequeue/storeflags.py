@@ -108,6 +108,14 @@ class StoreFlags:
         )
 
 
+def _non_empty_dir(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An empty --dir (`--dir "$DATA"`, the variable unset) is a usage error:
+    it would be the current directory, the store written or searched there."""
+    if value == "":
+        raise click.BadParameter("cannot be empty (give '.' for the current directory)")
+    return value
+
+
 def store_options(backends: tuple[str, ...] = BACKENDS) -> Callable[[F], F]:
     """Click options for the store flags; the command receives them as keyword
     arguments, which StoreFlags.take() gathers."""
@@ -125,6 +133,7 @@ def store_options(backends: tuple[str, ...] = BACKENDS) -> Callable[[F], F]:
             show_default=True,
             # Made if missing; a file there is refused now, not at every write.
             type=click.Path(file_okay=False),
+            callback=_non_empty_dir,
             help="localfs directory.",
         ),
         click.option("--bucket", default=None, help="s3 bucket."),

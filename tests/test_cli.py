@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -286,6 +287,34 @@ async def test_a_broker_url_with_a_query_fragment_or_user_is_a_usage_error(
         timeout=60,
     )
     assert done.returncode == 2 and "--advertise-url" in done.stderr, done.stderr
+
+
+def test_an_empty_dir_is_refused_not_the_current_directory(tmp_path: Path) -> None:
+    """`simplequeued --dir "$DATA"` with DATA unset or empty served the
+    current directory as its store (Path("").absolute()), writing
+    broker.json, brokers/ and topics/ there; `simplequeue --discover --dir ""`
+    looked for broker.json there (review of the CLI). The broker refuses an
+    empty --token for the same reason (a variable that did not expand)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simplequeue.broker", "--addr", "127.0.0.1:0", "--dir", ""],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        first = proc.stdout.readline() if ready else ""
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "listening on" not in first, first
+    assert not (tmp_path / "broker.json").exists()
+    assert proc.returncode == 2
+    argv = Cli("--discover", "--dir", "").argv("status")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--dir" in done.stderr, done.stderr
 
 
 async def test_unreachable_broker_fails_with_one_line() -> None:
