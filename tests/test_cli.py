@@ -239,6 +239,26 @@ async def test_bad_input_fails_with_one_line_and_no_traceback(
     assert (await cli.json("status", "--json"))["pending"] == 0
 
 
+async def test_settling_with_a_closed_stdin_is_one_line_not_a_traceback(cli: Cli) -> None:
+    """`ack -` (and nack -, heartbeat -, enqueue --file -) read stdin; run with
+    stdin closed (cron, a service, `<&-`), sys.stdin is None and the command
+    died with an AttributeError (or click's RuntimeError) traceback (review
+    of the CLI)."""
+    for args in (("ack", "-"), ("nack", "-"), ("heartbeat", "-"), ("enqueue", "--file", "-")):
+        line = " ".join(map(repr, cli.argv(*args)))
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["sh", "-c", f"exec {line} <&-"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=cli.env,
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        assert "stdin is closed" in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+
+
 async def test_an_answer_that_is_not_the_apis_is_told_on_one_line() -> None:
     """SPEC 7: "exit status non-zero with a one-line message on failure". A
     --broker that answers something else (a web server on the wrong port, a

@@ -127,6 +127,16 @@ def utf8(text: str, name: str) -> bytes:
         raise click.BadParameter("not UTF-8 text", param_hint=name) from None
 
 
+class InputFile(click.File):
+    """click.File, with "-" a usage error when stdin is closed (`<&-`, some
+    services: sys.stdin is None), where click raises a RuntimeError."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "-" and sys.stdin is None:
+            self.fail("stdin is closed: there are no lines to read", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 @click.group(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE"})
 @click.version_option(__version__, prog_name="simplequeue", message="%(prog)s %(version)s")
 @click.option(
@@ -172,7 +182,7 @@ def main(ctx: click.Context, /, **options: Any) -> None:
 @click.option(
     "--file",
     "jobs_file",
-    type=click.File("rb"),  # bytes: a line that is not UTF-8 is refused as not JSON
+    type=InputFile("rb"),  # bytes: a line that is not UTF-8 is refused as not JSON
     default=None,
     help="JSON lines, one payload per line ('-' for stdin), sent in batches.",
 )
@@ -325,6 +335,8 @@ def held_job(job_id: str, lease_token: str | None) -> Job:
     JSON `simplequeue claim` printed, on stdin (its id and lease_token)."""
     if job_id != "-":
         return Job(job_id, lease_token=lease_token)
+    if sys.stdin is None:  # closed (`<&-`, some services)
+        raise click.BadParameter("stdin is closed: there is no job to read", param_hint="JOB_ID")
     try:
         claimed = msgspec.json.decode(sys.stdin.buffer.read(), type=Job)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
