@@ -337,6 +337,35 @@ def test_an_empty_dir_is_refused_not_the_current_directory(tmp_path: Path) -> No
     assert done.returncode == 2 and "--dir" in done.stderr, done.stderr
 
 
+async def test_claim_whose_output_cannot_be_written_says_so_and_gives_the_job_back(
+    cli: Cli,
+) -> None:
+    """`claim > /dev/full` (a full disk; a closed pipe likewise): the job was
+    claimed, the printing failed with an OSError traceback, and the job stayed
+    claimed, with a lease nobody could settle (its token was never seen), until
+    the lease ran out; with stdout closed, claim exited 0 (review of the CLI).
+    The job is released (its attempt uncounted)."""
+    await cli.json("enqueue", "1", "--id", "a")
+    for redirect in ("> /dev/full", ">&-"):
+        line = " ".join(map(repr, cli.argv("claim", "w")))
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["sh", "-c", f"exec {line} {redirect}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=cli.env,
+        )
+        assert failed_with(done, "cannot write the output"), (redirect, done.stderr)
+        assert (await cli.json("status", "--json"))["claimed"] == 0
+        assert (await cli.json("job", "a"))["attempts"] == 0
+    line = " ".join(map(repr, cli.argv("status", "--json")))
+    done = await asyncio.to_thread(
+        subprocess.run, ["sh", "-c", f"exec {line} > /dev/full"], capture_output=True, text=True
+    )
+    assert failed_with(done, "cannot write the output"), done.stderr
+
+
 async def test_unreachable_broker_fails_with_one_line() -> None:
     done = await Cli("--broker", "http://127.0.0.1:9")("status")
     assert failed_with(done, "BrokerUnavailable")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -84,7 +85,28 @@ def run(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
 
 
 def emit(data: Any) -> None:
-    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    output(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+class OutputFailed(click.ClickException):
+    """What a command printed could not be written (a full disk, a closed pipe,
+    no stdout at all)."""
+
+
+def output(text: str) -> None:
+    """Print `text` on stdout, or raise OutputFailed: one line on stderr and
+    exit 1, not an OSError's traceback (nor exit 0 with stdout closed, where
+    click.echo prints nothing and says nothing)."""
+    try:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "stdout is closed")
+        click.echo(text)
+    except OSError as exc:
+        # What is still buffered would fail again as Python exits, with a
+        # second message and exit status 120: it goes nowhere instead.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputFailed(f"cannot write the output: {exc.strerror or exc}") from None
 
 
 def job_json(job: Job) -> dict[str, Any]:
@@ -284,7 +306,19 @@ async def claim(client: Client, worker_id: str, wait: float, lease: float | None
     job = await client.claim(worker_id, lease=lease, wait=wait)
     if job is None:
         raise click.ClickException("no job is claimable")
-    emit(job_json(job))
+    try:
+        emit(job_json(job))
+    except OutputFailed as exc:
+        # Nobody saw its lease token: it could not be settled, only wait out
+        # its lease. Given back now, its attempt uncounted.
+        try:
+            await client.release([job])
+        except SimpleQueueError as why:
+            raise OutputFailed(
+                f"{exc.message}; job {job.id} not given back ({type(why).__name__}: {why}):"
+                " claimable again when its lease runs out"
+            ) from None
+        raise
 
 
 @main.command()
@@ -377,7 +411,7 @@ async def status(client: Client, as_json: bool) -> None:
     if as_json:
         emit(counts)
     else:
-        click.echo(
+        output(
             table(
                 [
                     ["topic", *COUNT_COLUMNS],
@@ -400,7 +434,7 @@ async def topics(client: Client, as_json: bool) -> None:
     else:
         rows = [["topic", *COUNT_COLUMNS]]
         rows += [[name, *(str(c[k]) for k in COUNT_COLUMNS)] for name, c in sorted(found.items())]
-        click.echo(table(rows))
+        output(table(rows))
     for name, why in sorted(answer.errors.items()):
         click.echo(f"Error: topic {name} cannot be read: {why}", err=True)
     if answer.errors:
@@ -513,7 +547,7 @@ async def schedules(client: Client, as_json: bool) -> None:
     for s in found:
         when = f"every {s.every} s" if s.every is not None else f"{s.cron} ({s.tz or 'UTC'})"
         rows.append([s.name, when, _when(s.next_at), _when(s.last_fired_at), s.last_job_id or "-"])
-    click.echo(table(rows))
+    output(table(rows))
 
 
 @main.command()
