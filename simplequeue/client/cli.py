@@ -247,9 +247,13 @@ async def enqueue_file(
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                jobs.append((number, len(line), loads(line)))
+                payload = loads(line)
+                api.check_storable(payload, f"line {number}")  # an integer past 64 bits
             except NOT_JSON as exc:  # or not UTF-8
                 raise click.ClickException(f"line {number}: not valid JSON: {exc}") from None
+            except InvalidRequest as exc:
+                raise click.ClickException(str(exc)) from None
+            jobs.append((number, len(line), payload))
     ids: list[str] = []
     extra: dict[str, Any] = {"priority": priority, "delay": delay}
     if max_attempts is not None:
