@@ -187,9 +187,13 @@ def _consume(future: asyncio.Future[Any]) -> None:
         log.debug("batched item failed: %r", exc)
 
 
-def runs_within(items: Iterable[I], size_of: Callable[[I], int], limit: int) -> Iterator[list[I]]:
+def runs_within(
+    items: Iterable[I], size_of: Callable[[I], int], limit: int, max_items: int | None = None
+) -> Iterator[list[I]]:
     """`items` in order, in runs whose sizes (`size_of` each) add up to at most
-    `limit`; an item bigger than that alone."""
+    `limit`, of at most `max_items` items; an item bigger than `limit` alone.
+    A run of `max_items` is yielded before the next item is asked for (items
+    read from a pipe: it may be a while)."""
     run: list[I] = []
     size = 0
     for item in items:
@@ -199,5 +203,8 @@ def runs_within(items: Iterable[I], size_of: Callable[[I], int], limit: int) -> 
             run, size = [], 0
         run.append(item)
         size += n
+        if len(run) == max_items:
+            yield run
+            run, size = [], 0
     if run:
         yield run

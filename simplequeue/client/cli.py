@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import click
 import msgspec
@@ -34,7 +34,6 @@ from simplequeue.client.worker import Worker
 from simplequeue.errors import InvalidRequest, PayloadTooLarge, SimpleQueueError
 from simplequeue.storeflags import FiniteRange, StoreFlags, checked, store_options
 
-T = TypeVar("T")
 # enqueue --file: jobs per request, and their lines' bytes at most (half the
 # broker's default --max-body: a request also carries each job's id and options).
 BATCH = 500
@@ -206,7 +205,9 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     "jobs_file",
     type=InputFile("rb"),  # bytes: a line that is not UTF-8 is refused as not JSON
     default=None,
-    help="JSON lines, one payload per line ('-' for stdin), sent in batches.",
+    help="JSON lines, one payload per line ('-' for stdin), sent in batches of up to 500."
+    " A file's lines are all checked before any is sent; from a pipe each batch is sent"
+    " once full, and a bad line stops the command there, the batches before it enqueued.",
 )
 @run
 async def enqueue(
@@ -236,43 +237,79 @@ async def enqueue(
         dropped = answer.duplicate and not repeated
         emit(msgspec.structs.asdict(answer) if dropped else {"id": answer.id})
         return
-    ids = await enqueue_file(client, jobs_file, priority, delay, max_attempts)
-    emit({"enqueued": len(ids)})
+    emit({"enqueued": await enqueue_file(client, jobs_file, priority, delay, max_attempts)})
+
+
+# A line of --file: its number, its bytes, its payload.
+Line = tuple[int, int, Any]
+
+
+class BadLine(Exception):
+    """A line of --file that is not JSON the store can hold."""
+
+
+def lines_of(lines: BinaryIO) -> Iterator[Line]:
+    """Each non-empty line; BadLine at one that is not JSON (or not UTF-8), or
+    JSON the store cannot hold (an integer past 64 bits, nesting past 200)."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            payload = loads(line)
+            api.check_storable(payload, f"line {number}")
+        except NOT_JSON as exc:
+            raise BadLine(f"line {number}: not valid JSON: {exc}") from None
+        except InvalidRequest as exc:
+            raise BadLine(str(exc)) from None
+        yield number, len(line), payload
 
 
 async def enqueue_file(
     client: Client, lines: BinaryIO, priority: int, delay: float, max_attempts: int | None
-) -> list[str]:
-    jobs: list[tuple[int, int, Any]] = []  # line number, its bytes, its payload
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                payload = loads(line)
-                api.check_storable(payload, f"line {number}")  # an integer past 64 bits
-            except NOT_JSON as exc:  # or not UTF-8
-                raise click.ClickException(f"line {number}: not valid JSON: {exc}") from None
-            except InvalidRequest as exc:
-                raise click.ClickException(str(exc)) from None
-            jobs.append((number, len(line), payload))
-    ids: list[str] = []
+) -> int:
+    """Enqueue each line's payload, in batches; how many were. A regular file
+    is read twice: every line is checked before the first batch is sent (a bad
+    line enqueues nothing), and none is held in memory. A pipe is read once,
+    each batch sent once it is full: its producer may keep it open, and a bad
+    line stops the command there, the batches before it enqueued."""
+    total = None
+    if lines.seekable():
+        start = lines.tell()
+        try:
+            total = sum(1 for _ in lines_of(lines))
+        except BadLine as exc:
+            raise click.ClickException(str(exc)) from None
+        lines.seek(start)
     extra: dict[str, Any] = {"priority": priority, "delay": delay}
     if max_attempts is not None:
         extra["max_attempts"] = max_attempts
-    with click.progressbar(length=len(jobs), label="enqueue", file=sys.stderr) as bar:
-        for run_ in runs_within(jobs, lambda job: job[1], BATCH_BYTES):
-            for batch in chunks(run_, BATCH):
+    enqueued, through = 0, 0
+    read = click.progressbar(
+        lines_of(lines),
+        length=total,
+        label="enqueue",
+        file=sys.stderr,
+        show_pos=total is None,
+        update_min_steps=BATCH,
+    )
+    try:
+        with read:
+            for batch in runs_within(read, lambda line: line[1], BATCH_BYTES, BATCH):
+                ids: list[str] = []
                 try:
                     await enqueue_in_halves(
                         client, [{"payload": p, **extra} for *_, p in batch], ids
                     )
-                except SimpleQueueError as exc:
-                    done = f"through line {jobs[len(ids) - 1][0]}" if ids else "none"
-                    raise click.ClickException(
-                        f"{type(exc).__name__}: {exc} ({len(ids)} of {len(jobs)} jobs were"
-                        f" enqueued: {done})"
-                    ) from None
-                bar.update(len(batch))
-    return ids
+                finally:  # the jobs of a batch cut short by an error count too
+                    if ids:
+                        enqueued += len(ids)
+                        through = batch[len(ids) - 1][0]
+    except (BadLine, SimpleQueueError) as exc:
+        why = str(exc) if isinstance(exc, BadLine) else f"{type(exc).__name__}: {exc}"
+        of = "" if total is None else f" of {total}"
+        done = f"through line {through}" if enqueued else "none"
+        raise click.ClickException(f"{why} ({enqueued}{of} jobs were enqueued: {done})") from None
+    return enqueued
 
 
 async def enqueue_in_halves(client: Client, jobs: list[dict[str, Any]], ids: list[str]) -> None:
@@ -288,11 +325,6 @@ async def enqueue_in_halves(client: Client, jobs: list[dict[str, Any]], ids: lis
     half = len(jobs) // 2
     await enqueue_in_halves(client, jobs[:half], ids)
     await enqueue_in_halves(client, jobs[half:], ids)
-
-
-def chunks(items: list[T], size: int) -> Iterator[list[T]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 @main.command()
