@@ -73,6 +73,23 @@ async def test_an_ack_answers_which_follow_ups_were_duplicates_and_not_enqueued(
     assert status["pending"] == 1 and status["completed"] == 1
 
 
+async def test_an_ack_whose_follow_ups_repeat_an_id_lists_the_one_enqueued() -> None:
+    """Two follow-ups of one id: the first is enqueued, the second is the
+    duplicate. The answer told them apart by id, not by position, and said
+    nothing was enqueued under it (a follow-up for another topic of that id
+    was left out too, though it went to the outbox)."""
+    q = Engine(GroupCommitter(MemStore(), broker_id="b"))
+    job = await claimed(q, "t", "src")
+    follow = [
+        FollowUpSpec("a", id="x"),
+        FollowUpSpec("b", id="x"),
+        FollowUpSpec("c", id="x", topic="u"),
+    ]
+    answer = await q.ack("t", "src", job["lease_token"], "r", follow)
+    assert (await q.job("t", "x"))["payload"] == "a"
+    assert (answer["enqueued"], answer["duplicates"]) == (["x", "x"], ["x"])
+
+
 async def test_follow_ups_for_other_topics_wait_in_the_outbox_of_the_same_write() -> None:
     store = MemStore()
     q = Engine(GroupCommitter(store, broker_id="b"))

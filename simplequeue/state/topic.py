@@ -515,12 +515,13 @@ class TopicState(Layout):
         place = self._holder(job_id, token)
         here: list[JobSpec] = []
         elsewhere: list[dict[str, Any]] = []
-        ids: list[str] = []  # in the order given
-        duplicates: list[str] = []
+        ids: list[tuple[str, bool]] = []  # in the order given, and whether for this topic
+        added: Iterator[dict[str, Any]] = iter(())  # what enqueue() answered those
         for i, spec in enumerate(enqueue or ()):
             follow_id = spec.id if spec.id is not None else follow_up_id(job_id, i)
-            ids.append(follow_id)
-            if spec.topic is None or spec.topic == self.topic:
+            local = spec.topic is None or spec.topic == self.topic
+            ids.append((follow_id, local))
+            if local:
                 here.append(
                     JobSpec(spec.payload, follow_id, spec.priority, spec.delay, spec.max_attempts)
                 )
@@ -532,13 +533,10 @@ class TopicState(Layout):
             self._prios()  # counted with the acked job, if the head has no counts
             self._let_go(place.item)
             try:
-                added = self.enqueue(here, now)  # raises before it changes anything
+                added = iter(self.enqueue(here, now))  # raises before it changes anything
             except Exception:
                 self._hold(place.item)  # nor does the ack
                 raise
-            # A follow-up whose id the topic has (live or retained; the acked
-            # job's own, say) is not enqueued again: the answer says so.
-            duplicates = [a["id"] for a in added if a.get("duplicate")]
         else:
             self._let_go(place.item)
         self.dirty = True
@@ -549,7 +547,15 @@ class TopicState(Layout):
             self.outbox.append(item)
         answer: dict[str, Any] = {"id": job_id, "status": "completed"}
         if enqueue:
-            answer["enqueued"] = [i for i in ids if i not in duplicates]
+            # A follow-up whose id the topic has (live or retained; the acked
+            # job's own, or an earlier one's of this ack) is not enqueued
+            # again: the answer says which, by position.
+            enqueued: list[str] = []
+            duplicates: list[str] = []
+            for follow_id, local in ids:
+                repeat = local and next(added).get("duplicate", False)
+                (duplicates if repeat else enqueued).append(follow_id)
+            answer["enqueued"] = enqueued
             if duplicates:
                 answer["duplicates"] = duplicates
         return answer
