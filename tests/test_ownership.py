@@ -26,6 +26,7 @@ from yarl import URL
 
 from simplequeue import keys
 from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec
+from simplequeue.broker import forwarding
 from simplequeue.broker.duties import HEAP_SLACK, DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Forwarder, Here
@@ -1070,6 +1071,59 @@ async def test_a_claim_the_owner_did_but_answered_too_late_strands_no_job(
 
     await until_async(only_that_one_claimed, within=5)
     assert other.forwarder.undone == 1
+
+
+async def test_a_claims_retry_after_the_owner_recovered_gets_the_job_it_was_answered(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner answered a claim too late; the broker that passed it on
+    served it itself under the client's attempt id (job A) and had the owner
+    give its job back. A retry of that claim under the same attempt id (its
+    answer lost on the way to the client) once the owner was no longer
+    suspect went to the owner, which claimed another job (B): job A stayed
+    held under a token nobody had until its lease ran out, its attempt spent
+    (max_attempts 1: dead, never worked; review finding)."""
+    monkeypatch.setattr(forwarding, "SUSPECT_FOR", 0.5)
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    other.forwarder.suspect_for = 0.5
+    real_claim = owner.engine.claim
+    answer_too_late(monkeypatch, owner.engine, "claim")
+    async with aiohttp.ClientSession() as s:
+        for job_id in ("j1", "j2", "j3"):
+            job = {"id": job_id, "payload": 1, "max_attempts": 1}
+            await post(s, f"{owner.url}/topics/t/enqueue", job)
+        claiming = {"worker_id": "w", "attempt_id": "a1"}
+        status, first, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
+        assert status == 200, first
+        await asyncio.sleep(1.5)  # the owner's take-back done, no longer suspect
+        monkeypatch.setattr(owner.engine, "claim", real_claim)  # it answers in time again
+        status, again, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
+        assert status == 200, again
+    assert again["job"]["id"] == first["job"]["id"], (first, again)
+    assert (await owner.engine.status("t"))["claimed"] == 1
+
+
+async def test_a_claim_served_while_its_owner_was_suspect_is_retried_where_it_was_served(
+    start_broker: StartBroker,
+) -> None:
+    """While a topic's owner is suspect (it lately did not answer), the next
+    broker serves its claims itself. A retry of one under its attempt id once
+    the owner was no longer suspect went to the owner, which claimed another
+    job: the first stayed held by nobody until its lease ran out."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    async with aiohttp.ClientSession() as s:
+        for job_id in ("j1", "j2"):
+            await post(s, f"{owner.url}/topics/t/enqueue", {"id": job_id, "payload": 1})
+        other.membership.suspect(owner.settings.broker_id, 0.3)
+        claiming = {"worker_id": "w", "attempt_id": "a1"}
+        status, first, headers = await post(s, f"{other.url}/topics/t/claim", claiming)
+        assert status == 200 and headers["Simplequeue-Owner"] == other.url, first
+        await asyncio.sleep(0.4)  # the owner is no longer suspect
+        status, again, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
+    assert status == 200 and again["job"]["id"] == first["job"]["id"], (first, again)
+    assert (await owner.engine.status("t"))["claimed"] == 1
 
 
 async def test_a_redis_claim_the_owner_did_but_answered_too_late_strands_no_job(

@@ -50,6 +50,10 @@ UNDO_PAUSE = 1.0
 # Seconds more than ANSWER_WITHIN a take-back (route's `take_back`) waits for
 # each answer: its broker answered the claim too late already, and no caller waits.
 TAKE_BACK_PATIENCE = 10.0
+# Claims served by a broker other than their topic's owner (route's
+# `take_back`), remembered for their retries, at most; each for as long as an
+# engine keeps a claim's answer for its retries (api.CLAIM_ATTEMPTS_KEPT_S).
+CLAIMS_SERVED_KEPT = 10_000
 
 
 @dataclass
@@ -106,6 +110,12 @@ class Forwarder:
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()  # end_long_polls(): this broker is stopping
         self._closed = False
+        # The broker that served each claim its topic's owner did not (topic,
+        # worker id, attempt id): a retry under its attempt id goes there
+        # first, whose engine answers it the jobs it holds. The owner, back,
+        # would claim others, and those the first try was answered would be
+        # held by nobody until their leases ran out. At most CLAIMS_SERVED_KEPT.
+        self._claims_served: OrderedDict[tuple[str, str, str], tuple[float, Peer]] = OrderedDict()
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -154,10 +164,17 @@ class Forwarder:
         (`take_back`, named by its attempt id) is served by the next broker
         under the same id: the one that got it without answering is asked
         again under it in the background, and what it answers goes back
-        (take_back)."""
+        (take_back); its retries go first to the broker that served it."""
         replayed = False
         started = time.monotonic()
-        for tried, peer in enumerate(self.membership.order(topic)):
+        order = self.membership.order(topic)
+        claim = _attempt(topic, take_back)
+        served = None if claim is None else self._claim_served_by(claim, order)
+        if served is not None:
+            order = [served, *(p for p in order if p != served)]
+        for tried, peer in enumerate(order):
+            if claim is not None:
+                self._remember_claim(claim, peer)
             if peer == self.me:
                 return Here(replayed)
             left = wait
@@ -190,6 +207,29 @@ class Forwarder:
             answer.replayed = replayed
             return answer
         return Here(replayed)
+
+    def _claim_served_by(self, claim: tuple[str, str, str], order: list[Peer]) -> Peer | None:
+        """The live broker that served `claim` (topic, worker id, attempt id)
+        in its owner's place lately, if any."""
+        kept = self._claims_served.get(claim)
+        if kept is None or kept[0] < time.monotonic() or kept[1] not in order:
+            return None
+        return kept[1]
+
+    def _remember_claim(self, claim: tuple[str, str, str], peer: Peer) -> None:
+        """`claim` (topic, worker id, attempt id) is served by `peer`, or sent
+        to it: remembered unless `peer` is the topic's owner (suspect or not:
+        its retries go there anyway), forgotten if it is."""
+        kept = self._claims_served
+        if peer == self.membership.home(claim[0]):
+            kept.pop(claim, None)
+            return
+        now = time.monotonic()
+        if claim not in kept or kept[claim][1] != peer:  # a retry served there keeps its time
+            kept.pop(claim, None)
+            kept[claim] = (now + api.CLAIM_ATTEMPTS_KEPT_S, peer)
+        while kept and (len(kept) > CLAIMS_SERVED_KEPT or next(iter(kept.values()))[0] < now):
+            kept.popitem(last=False)
 
     async def _unless_stopping(
         self, topic: str, peer: Peer, long_poll: Coroutine[Any, Any, Answer]
@@ -340,6 +380,14 @@ class Forwarder:
             raise _Unreachable(str(exc) or type(exc).__name__, sent=False) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Unreachable(str(exc) or type(exc).__name__, sent=True) from exc
+
+
+def _attempt(topic: str, claim: api.ClaimRequest | None) -> tuple[str, str, str] | None:
+    """A claim's key among those served in its owner's place: its topic, its
+    worker and its attempt id."""
+    if claim is None or claim.attempt_id is None:
+        return None
+    return topic, claim.worker_id, claim.attempt_id
 
 
 def _waiting(path_qs: str, body: bytes | None, left: float) -> tuple[str, bytes | None]:

@@ -577,7 +577,7 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     request = call.request
     handler = call.route.handler
     topic = call.topic
-    if forwarder is None or FORWARDED in request.headers or forwarder.membership.owns(topic):
+    if forwarder is None or FORWARDED in request.headers or _owned_here(call, forwarder):
         response = await handler(call)  # the common case: the body is read once, there
         response.headers[OWNER] = services.url()
         return response
@@ -648,6 +648,17 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     if got.replayed:
         answered.headers[REPLAYED] = "1"
     return answered
+
+
+def _owned_here(call: Call, forwarder: Forwarder) -> bool:
+    """Whether this broker serves `call` as its topic's owner, unrouted. A
+    claim it serves in place of an owner that did not answer lately is routed
+    all the same (to here first), so that its retries come back here
+    (Forwarder.route's take_back): the owner, back, would claim other jobs."""
+    membership = forwarder.membership
+    if call.route.name == "claim":
+        return membership.home(call.topic) == membership.me
+    return membership.owns(call.topic)
 
 
 def _named(

@@ -139,13 +139,7 @@ class Membership:
     def order(self, topic: str) -> list[Peer]:
         """Live brokers in the order they serve `topic`: its owner first. Brokers
         that lately did not answer go last (this one never does)."""
-        ranked = self._ranked.get(topic)
-        if ranked is None:  # asked on every request: kept until the live set changes
-            if len(self._ranked) >= RANKED_KEPT:
-                self._ranked.clear()
-            ranked = self._ranked[topic] = sorted(
-                self.live, key=lambda p: rendezvous(topic, p.broker_id), reverse=True
-            )
+        ranked = self._rank(topic)
         if not self._suspect:
             return ranked
         now = time.monotonic()
@@ -154,8 +148,24 @@ class Membership:
                 del self._suspect[broker_id]
         return sorted(ranked, key=lambda p: p.broker_id in self._suspect)
 
+    def _rank(self, topic: str) -> list[Peer]:
+        """Live brokers by `topic`'s hash, suspect or not."""
+        ranked = self._ranked.get(topic)
+        if ranked is None:  # asked on every request: kept until the live set changes
+            if len(self._ranked) >= RANKED_KEPT:
+                self._ranked.clear()
+            ranked = self._ranked[topic] = sorted(
+                self.live, key=lambda p: rendezvous(topic, p.broker_id), reverse=True
+            )
+        return ranked
+
     def owner(self, topic: str) -> Peer:
         return self.order(topic)[0]
+
+    def home(self, topic: str) -> Peer:
+        """`topic`'s owner were no broker suspect: where its requests go again
+        once the one that did not answer is not."""
+        return self._rank(topic)[0]
 
     def vouches(self, forwarded: str) -> bool:
         """Whether `forwarded` (a Simplequeue-Forwarded header: a broker id and
