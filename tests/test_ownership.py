@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from simplequeue import keys
@@ -29,7 +30,7 @@ from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec
 from simplequeue.broker import forwarding
 from simplequeue.broker.duties import HEAP_SLACK, DutySettings
 from simplequeue.broker.engine import Engine
-from simplequeue.broker.forwarding import Forwarder, Here
+from simplequeue.broker.forwarding import Forwarder, Here, _Unreachable
 from simplequeue.broker.membership import Membership, Peer, rendezvous
 from simplequeue.client import Client
 from simplequeue.errors import StoreUnavailable
@@ -1041,6 +1042,42 @@ async def test_a_pop_whose_owner_cannot_be_connected_to_goes_to_the_next_broker(
             await forwarder.close()
     assert got == Here(replayed=False)
     assert forwarder.fallbacks == 1
+
+
+async def test_a_healthy_owner_is_not_taken_for_unreachable_by_a_half_second_stall() -> None:
+    """A connection not made within half the forward timeout counts as nothing
+    sent (b49d0c4). Its timer runs on this broker's own loop: a stall of that
+    loop of 0.6 s (a large JSON answer, a GC pause), within the forward
+    timeout, while a connection to a healthy owner opens fired it, and the
+    owner was taken for unreachable, suspect for 3 s (review finding)."""
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/x", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    membership = Membership(MemStore(), broker_id="me", url="http://127.0.0.1:1", lease_s=15)
+    forwarder = Forwarder(membership, token=None)
+    peer = Peer("owner", f"http://127.0.0.1:{port}")
+    try:
+        sending = asyncio.ensure_future(
+            forwarder._send(peer, "GET", "/x", None, 0.0, "application/json")
+        )
+        await asyncio.sleep(0)  # the connection is being made
+        time.sleep(0.6)  # noqa: ASYNC251 -- the loop stalls, within the 1 s forward timeout
+        try:
+            answer = await sending
+        except _Unreachable as exc:
+            pytest.fail(f"a healthy owner taken for unreachable: {exc} (sent={exc.sent})")
+        assert answer.status == 200
+    finally:
+        await forwarder.close()
+        await runner.cleanup()
 
 
 async def test_a_claim_the_owner_did_but_answered_too_late_strands_no_job(

@@ -358,28 +358,47 @@ class Forwarder:
         timeout = aiohttp.ClientTimeout(
             total=self.answer_within + wait, connect=self.answer_within / 2
         )
+        # As a str, aiohttp would decode it and drop its dot segments:
+        # GET /topics/t/jobs/%2E%2E asked as GET /topics/t/.
+        url = URL(peer.url + path_qs, encoded=True)
         self.forwarded += 1
         try:
-            # As a str, aiohttp would decode it and drop its dot segments:
-            # GET /topics/t/jobs/%2E%2E asked as GET /topics/t/.
-            url = URL(peer.url + path_qs, encoded=True)
-            async with self._http().request(
-                method, url, data=body, headers=headers, timeout=timeout
-            ) as response:
-                data = await response.read()
-                kept = {k: v for k, v in response.headers.items() if k in ("Allow", "Retry-After")}
-                return Answer(
-                    response.status,
-                    data,
-                    response.headers.get("Content-Type", "application/json"),
-                    peer,
-                    headers=kept,
-                )
+            try:
+                return await self._request(peer, method, url, body, headers, limits=timeout)
+            except aiohttp.ConnectionTimeoutError:
+                # Tried once more at once, as nothing was sent: the timer runs
+                # on this broker's loop, which a stall of its own (a GC pause,
+                # a large answer) lets fire after a healthy peer's connection
+                # was made. An unreachable peer costs twice half the time.
+                return await self._request(peer, method, url, body, headers, limits=timeout)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # Never connected: nothing was sent.
             raise _Unreachable(str(exc) or type(exc).__name__, sent=False) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Unreachable(str(exc) or type(exc).__name__, sent=True) from exc
+
+    async def _request(
+        self,
+        peer: Peer,
+        method: str,
+        url: URL,
+        body: bytes | None,
+        headers: dict[str, str],
+        *,
+        limits: aiohttp.ClientTimeout,
+    ) -> Answer:
+        async with self._http().request(
+            method, url, data=body, headers=headers, timeout=limits
+        ) as response:
+            data = await response.read()
+            kept = {k: v for k, v in response.headers.items() if k in ("Allow", "Retry-After")}
+            return Answer(
+                response.status,
+                data,
+                response.headers.get("Content-Type", "application/json"),
+                peer,
+                headers=kept,
+            )
 
 
 def _attempt(topic: str, claim: api.ClaimRequest | None) -> tuple[str, str, str] | None:
