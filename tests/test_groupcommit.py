@@ -551,3 +551,62 @@ async def test_cached_queries_let_go_of_what_they_read() -> None:
     assert q.cached_dues()["t"] is not None  # read the outbox's front
     reader = q.committer._reader(q.committer._topic("t"))
     assert reader._view.seen == {}
+
+
+class _HeldHead(MemStore):
+    """A second broker's handle on the same named store, whose head writes of
+    topic t wait for `gate` (its segments land first: a writer stalled between
+    its objects and its head)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def put_if(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        if key == "topics/t.json":
+            self.waiting.set()
+            await self.gate.wait()
+        return await super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+
+
+async def test_a_head_landed_between_the_sweeps_read_and_its_fence_keeps_its_segments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """sweep(): "Whatever landed before the fence keeps what it names."
+    A writer's segments, seen unreferenced by two sweeps, whose head lands
+    after the second sweep read the references but before its fence, are not
+    deleted: the fence's re-read references take them out of the doomed."""
+    name = "review-mutants-fence"
+    a_store, b_store = MemStore(name), _HeldHead(name)
+    a = engine_on(a_store, "b1")
+    b = engine_on(b_store, "b2", bounds=Bounds(inline_pending_bytes=500))
+    await a.enqueue("t", [JobSpec(1)])
+    tasks: list[asyncio.Task[Any]] = []
+    tasks.append(asyncio.create_task(b.enqueue("t", [JobSpec("x" * 100) for _ in range(20)])))
+    [landing] = tasks
+    await asyncio.wait_for(b_store.waiting.wait(), 5)
+    segments = await a_store.list("topics/t/")
+    assert segments  # B's spilled segments landed, its head not yet
+    assert await a.committer.sweep("t") == []  # first sighting
+
+    real_read = a.committer.read
+
+    async def read_then_land(topic: str, query: Any, *args: Any, **kwargs: Any) -> Any:
+        got = await real_read(topic, query, *args, **kwargs)
+        b_store.gate.set()  # B's head lands after the sweep read, before its fence
+        await asyncio.wait_for(landing, 5)
+        return got
+
+    monkeypatch.setattr(a.committer, "read", read_then_land)
+    try:
+        deleted = await a.committer.sweep("t")
+    finally:
+        monkeypatch.undo()
+        b_store.gate.set()
+        await asyncio.wait_for(landing, 5)
+    assert deleted == []
+    assert set(segments) <= set(await a_store.list("topics/t/"))
+    assert (await a.status("t"))["pending"] == 21
