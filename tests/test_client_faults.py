@@ -954,6 +954,78 @@ async def test_a_job_whose_lease_ran_out_unrenewed_is_not_run_on(in_thread: bool
         assert took < 2.0, took
 
 
+class FirstHeartbeatFails(Client):
+    """A client whose first heartbeat fails as a brief outage would (a 503
+    whose tries are spent): the broker is healthy again at once."""
+
+    failed = 0
+
+    async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
+        if not self.failed:
+            self.failed += 1
+            raise BrokerUnavailable("the object store is unavailable (a blip)")
+        return await super().heartbeat(job, lease)
+
+
+async def test_one_failed_heartbeat_loses_a_job_a_long_poll_got_late(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """The Worker's lease deadline counted from when the claim was sent: a
+    long poll (wait=5) answered 2.5 s in, with a topic lease of 1.5 s,
+    delivered a job whose deadline had passed already, though the broker's
+    lease (from the claim's commit) had 1.5 s left. The first heartbeat
+    failing once then cancelled a healthy handler as "its lease ran out
+    unrenewed", without another try: the job was not acked, and waited out
+    its lease to run again (review finding). The deadline counts from when
+    the claim's answer came: the blip is ridden out, as on a job claimed at
+    once (the next heartbeat renews it)."""
+    broker = await start_broker(MemStore())
+    async with (
+        Client(broker.url, topic="t") as direct,
+        FirstHeartbeatFails(broker.url, topic="t") as q,
+    ):
+        await direct.settings(lease=1.5)
+        ran: list[str] = []
+
+        async def handler(job: Job) -> None:
+            await asyncio.sleep(1.2)  # well within its lease, heartbeats landing
+            ran.append(job.id)
+
+        worker = Worker(q, handler, wait=5.0, max_jobs=1, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        await asyncio.sleep(2.5)  # the claim long-polls: the job arrives late
+        job_id = await direct.enqueue("late")
+        await prompt(run)
+        assert q.failed == 1
+        assert ran == [job_id], "a healthy handler was cancelled after one failed heartbeat"
+        assert (await direct.job(job_id)).status == "completed"
+
+
+async def test_one_failed_heartbeat_is_ridden_out_by_a_job_claimed_at_once(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """The control for the test above (passes): the same blip on a job claimed
+    without waiting leaves it two more heartbeats to renew its lease."""
+    broker = await start_broker(MemStore())
+    async with (
+        Client(broker.url, topic="t") as direct,
+        FirstHeartbeatFails(broker.url, topic="t") as q,
+    ):
+        await direct.settings(lease=1.5)
+        job_id = await direct.enqueue("at once")
+        ran: list[str] = []
+
+        async def handler(job: Job) -> None:
+            await asyncio.sleep(1.2)
+            ran.append(job.id)
+
+        worker = Worker(q, handler, wait=5.0, max_jobs=1, handle_signals=False)
+        await prompt(worker.run())
+        assert q.failed == 1
+        assert ran == [job_id]
+        assert (await direct.job(job_id)).status == "completed"
+
+
 async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:
     """A burst worker takes BrokerUnavailable for "whether the topic is empty
     cannot be known" and gives up (run() raises); StoreUnavailable it logs and

@@ -11,8 +11,9 @@ least), from the moment it
 is claimed (waiting in the buffer included) until its ack is answered; each
 heartbeat has until the next is due, so one left unanswered never holds back
 the next. A lease that ran out with no heartbeat landing (on this clock, from
-when the last renewal that landed was sent) is taken for lost, as one the
-broker says is: the broker may have given the job to another worker.
+when the claim's answer came, or the last renewal that landed was sent) is
+taken for lost, as one the broker says is: the broker may have given the job
+to another worker.
 
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
@@ -336,7 +337,7 @@ class Worker:
         # Answers go into the buffer in the order their claims were sent.
         self._sent = 0
         self._delivered = 0
-        # (jobs asked for, jobs answered, when the claim answered was sent)
+        # (jobs asked for, jobs answered, when the answer came)
         self._answers: dict[int, tuple[int, list[Job] | None, float]] = {}
         self._done = asyncio.Event()
         self._done.set()  # not running: stop() returns at once
@@ -612,7 +613,7 @@ class Worker:
             took = time.monotonic() - sent
             self.ahead.claimed(took, count, len(jobs))
             if self.burst and not jobs:
-                jobs, sent = await self._held_back(count, attempt, sent)
+                jobs = await self._held_back(count, attempt)
             # Answered empty before its long poll was out (a stopping broker
             # ends its long polls, a proxy may drop `wait`): claimed again at
             # once, it would spin, thousands of claims a second, while that lasts.
@@ -630,7 +631,9 @@ class Worker:
             else:
                 log.warning("claim failed: %s", exc, exc_info=not isinstance(exc, SimpleQueueError))
         finally:  # answered, failed or cancelled: later claims must not wait for it
-            self._answers[seq] = (count, jobs, sent)
+            # Now: when the answer holding the jobs came (their leases began
+            # a little before, as the broker committed the claim).
+            self._answers[seq] = (count, jobs, time.monotonic())
             self._deliver()
         if hold > 0:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
@@ -657,9 +660,7 @@ class Worker:
                 _why(exc, TAKE_BACK_WITHIN),
             )
 
-    async def _held_back(
-        self, count: int, attempt: list[str], sent: float
-    ) -> tuple[list[Job], float]:
+    async def _held_back(self, count: int, attempt: list[str]) -> list[Job]:
         """Burst: a claim that found nothing while jobs are pending was held back
         by the topic's limits (its rate, max_claimed), the topic not empty: it
         is claimed again in long polls, which wait for a token or a slot. []
@@ -667,22 +668,20 @@ class Worker:
         Delayed jobs, this worker's failed jobs' retries among them, are left
         for a later run, as RQ's burst mode leaves scheduled jobs: one delayed
         an hour, or a job failing for ever, would keep it up. Each claim's
-        name goes in `attempt` (for _take_back); with the jobs, when the claim
-        that got them was sent (`sent`: none did)."""
+        name goes in `attempt` (for _take_back)."""
         while (await self.client.status())["pending"] > 0:
             if (await self.client.settings()).get("max_claimed") == 0:
                 log.info("the topic is paused (max_claimed 0): stopping (burst)")
-                return [], sent
+                return []
             # A second (the long poll answers as soon as a token or a slot is
             # there; another claim of this worker may take the jobs meanwhile).
             attempt[0] = api.new_id()
-            sent = time.monotonic()
             jobs = await self.client.claim_many(
                 self.worker_id, count, lease=self.lease, wait=HELD_BACK_WAIT, attempt_id=attempt[0]
             )
             if jobs:
-                return jobs, sent
-        return [], sent
+                return jobs
+        return []
 
     def _give_up(self, exc: SimpleQueueError) -> None:
         """Stop claiming for good: run() drains the jobs in hand, then raises `exc`."""
@@ -701,7 +700,7 @@ class Worker:
         then stop if the topic is empty (burst) or max_jobs were claimed."""
         found_nothing = False
         while self._delivered in self._answers:
-            count, jobs, sent = self._answers.pop(self._delivered)
+            count, jobs, answered = self._answers.pop(self._delivered)
             self._delivered += 1
             self._asked -= count
             if jobs is None:  # a failed claim says nothing of the topic
@@ -716,13 +715,16 @@ class Worker:
             self._taken += len(jobs)
             loop = asyncio.get_running_loop()
             for job in jobs:
-                # Its lease counted from when the claim was sent, at the
-                # earliest, on this clock: no clock skew enters it.
+                # Its lease counted on this clock (no clock skew enters it)
+                # from when the answer came, not from when the claim was sent:
+                # a long poll answered late would leave it none. The broker's
+                # began as it committed the claim, the answer's transit
+                # earlier at most: a few ms it may run past the broker's, which
+                # reaps only after its own clock's error margin.
                 lease = self._lease_of(job)
-                held = _Claimed(job, lease, sent + lease)
-                held.first_beat = loop.call_later(
-                    self._heartbeat_interval(job), self._start_beats, held
-                )
+                held = _Claimed(job, lease, answered + lease)
+                due = answered + self._heartbeat_interval(job) - time.monotonic()
+                held.first_beat = loop.call_later(max(0.0, due), self._start_beats, held)
                 self._ready.append(held)
         self._start_ready()
         self._room.set()
@@ -1055,8 +1057,9 @@ class Worker:
         goes out on time: the lease is still this worker's until it runs out,
         and a loop that ended here would let it run out while the handler runs
         on (the job then ran twice). Once it has run out unrenewed (on this
-        clock: from when the last renewal that landed was sent), it is taken
-        for lost too: the broker may have given the job to another worker."""
+        clock: from when the claim's answer came, or the last renewal that
+        landed was sent), it is taken for lost too: the broker may have given
+        the job to another worker."""
         every = self._heartbeat_interval(held.job)
         while True:
             sent = time.monotonic()
