@@ -694,9 +694,9 @@ async def test_a_worker_does_not_spin_on_claims_answered_empty_at_once(wait: flo
     stopping broker does: it ends its long polls first; so does one behind a
     proxy that drops `wait`) made the Worker claim again at once, in a tight
     loop: ~7,000 claims a second and a whole core, for as long as it lasted
-    (review finding). Each claim keeps its place for the rest of its wait, and
-    a Worker that does not long-poll (wait=0) polls an empty topic every
-    EMPTY_POLL_HOLD (it spun just the same)."""
+    (review finding). Each claim keeps its place for the rest of its wait,
+    FAILED_CLAIM_HOLD at most, and a Worker that does not long-poll (wait=0)
+    polls an empty topic every EMPTY_POLL_HOLD (it spun just the same)."""
     claims = 0
 
     async def broker(request: web.BaseRequest) -> web.StreamResponse:
@@ -711,9 +711,55 @@ async def test_a_worker_does_not_spin_on_claims_answered_empty_at_once(wait: flo
         await asyncio.sleep(1.0)
         await prompt(worker.stop())
         await run
-    # Two claims in flight, each meant to wait up to 5 s: one each, not
-    # thousands; without a long poll, ten a second each at most.
+    # Two claims in flight, each held a second: two each, not thousands;
+    # without a long poll, ten a second each at most.
     assert 1 <= claims <= (4 if wait else 24), claims
+
+
+async def test_a_worker_picks_up_a_job_soon_after_its_broker_restarts() -> None:
+    """A claim answered empty before its long poll was out kept its place for
+    the rest of its wait: a broker that restarts (it ends its long polls at
+    once, then is back 0.3 s later: a rolling restart behind a Service) left
+    a Worker(wait=5) idle for ~5 s (wait=60: a minute), both claims in flight
+    held, while a job enqueued on the new broker waited (review finding).
+    Such a claim keeps its place FAILED_CLAIM_HOLD (1 s) at most, which is
+    enough not to spin (the test above)."""
+    started = time.monotonic()
+    job_ready = asyncio.Event()
+    acked_at: list[float] = []
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            if time.monotonic() - started < 0.3:  # stopping: long polls end at once
+                return web.Response(status=404, body=NOTHING, content_type="application/json")
+            wait = orjson.loads(body).get("wait", 0)
+            try:
+                await asyncio.wait_for(job_ready.wait(), wait)
+            except TimeoutError:
+                return web.Response(status=404, body=NOTHING, content_type="application/json")
+            if acked_at:
+                await asyncio.sleep(wait)
+                return web.Response(status=404, body=NOTHING, content_type="application/json")
+            return web.json_response({"jobs": [claimed_job(1)]})
+        if request.path.endswith("/ack"):
+            acked_at.append(time.monotonic())
+            acks = orjson.loads(body)["acks"]
+            return web.json_response(
+                {"results": [{"id": a["job_id"], "status": "completed"} for a in acks]}
+            )
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    async with serving(broker) as url, Client(url, topic="t") as q:
+        worker = Worker(q, lambda job: None, wait=5.0, max_jobs=1, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        await asyncio.sleep(0.5)  # the broker is back
+        enqueued = time.monotonic()
+        job_ready.set()
+        await prompt(run)
+    assert acked_at
+    latency = acked_at[0] - enqueued
+    assert latency < 2.0, f"picked up {latency:.1f} s after it was enqueued"
 
 
 class RepeatingClaims(Client):

@@ -132,8 +132,8 @@ HEARTBEAT_MIN = 0.05
 CANCEL_GRACE = 5.0
 # Seconds a burst Worker's claim held back by the topic's limits long-polls, at least.
 HELD_BACK_WAIT = 1.0
-# Seconds a failed claim keeps its place before another is sent (one answered
-# empty before its long poll was out keeps it for the rest of the poll).
+# Seconds a failed claim keeps its place before another is sent; so does one
+# answered empty before its long poll was out, for the rest of the poll at most.
 FAILED_CLAIM_HOLD = 1.0
 # Seconds a claim answered empty keeps its place when the Worker does not
 # long-poll (wait=0): it polls an empty topic ten times a second, not in a loop.
@@ -616,8 +616,10 @@ class Worker:
                 jobs = await self._held_back(count, attempt)
             # Answered empty before its long poll was out (a stopping broker
             # ends its long polls, a proxy may drop `wait`): claimed again at
-            # once, it would spin, thousands of claims a second, while that lasts.
-            empty_hold = self.wait - took if self.wait else EMPTY_POLL_HOLD
+            # once, it would spin, thousands of claims a second, while that
+            # lasts. Held for the rest of its wait, it would leave the jobs of
+            # a broker back from a restart waiting as long (a minute, wait=60).
+            empty_hold = min(self.wait - took, FAILED_CLAIM_HOLD) if self.wait else EMPTY_POLL_HOLD
             hold = 0.0 if jobs or self.burst else empty_hold
         except asyncio.CancelledError:
             if self._stopping.is_set():  # request_stop(), not run() cancelled
