@@ -1104,7 +1104,8 @@ async def test_a_claim_answer_is_held_to_what_was_asked(count: int) -> None:
     returned them all, and the Worker ran j1 twice at the same time (two
     handlers, two acks with the same lease token) and five jobs under
     max_jobs=1 (review finding). Each job is returned once, at most `count`
-    of them, and those past `count` are released, not left to their leases."""
+    of them, and those past `count` are released (in the background, which
+    close() waits for), not left to their leases."""
     released: list[Any] = []
 
     async def broker(request: web.BaseRequest) -> web.StreamResponse:
@@ -1121,6 +1122,36 @@ async def test_a_claim_answer_is_held_to_what_was_asked(count: int) -> None:
         jobs = await prompt(q.claim_many("w", count))
     assert [j.id for j in jobs] == [f"j{n}" for n in range(1, count + 1)]
     assert released == [{"job_id": f"j{n}", "lease_token": f"tok{n}"} for n in range(count + 1, 5)]
+
+
+async def test_claim_many_does_not_sit_on_the_jobs_it_keeps_while_a_release_stalls() -> None:
+    """claim_many released the jobs an answer held past `count` before it
+    returned, waiting up to the client's whole `timeout` (30 s by default)
+    for the release; meanwhile the job it kept was nobody's to renew: no
+    heartbeat goes out until the Worker has it. With a release that stalled,
+    the kept job's lease (2 s here) had run out at the broker before
+    claim_many returned it (review finding). The release goes on in the
+    background; close() waits for it (within one `timeout`)."""
+    forever = asyncio.Event()
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        if request.path.endswith("/claim"):
+            return web.json_response(
+                {"jobs": [claimed_job(1, lease=2.0), claimed_job(2, lease=2.0)]}
+            )
+        await forever.wait()  # the release stalls
+        return web.json_response({"released": 1})
+
+    async with serving(broker) as url, Client(url, topic="t", timeout=3.0) as q:
+        try:
+            started = time.monotonic()
+            jobs = await prompt(q.claim_many("w", 1, wait=0))
+            took = time.monotonic() - started
+        finally:
+            forever.set()
+    assert [j.id for j in jobs] == ["j1"]
+    assert took < 2.0 / 3, f"the kept job was handed over {took:.1f} s after its claim (lease 2 s)"
 
 
 async def test_a_discovered_client_rereads_broker_json_when_its_broker_answers_502_pages() -> None:

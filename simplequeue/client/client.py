@@ -176,6 +176,9 @@ class Client:
         self._owner: str | None = None  # the topic's owner, as a broker named it
         self._attempt_ids = True  # False: a broker refused them (older than they are)
         self._owns_store = False
+        # claim_many's releases of jobs it was answered past `count`, under way
+        # (close() waits for them).
+        self._releases: set[asyncio.Task[None]] = set()
         # Concurrent enqueue() calls share requests: see enqueue().
         self._enqueues: Batcher[api.JobSpec, str] = Batcher(
             self._send_enqueues, max_batch=api.MAX_BATCH, name="client-enqueue"
@@ -408,6 +411,8 @@ class Client:
     async def close(self) -> None:
         self._closed = True
         await self._enqueues.close()
+        if self._releases:  # each bounded: within one `timeout` of its start
+            await asyncio.wait(self._releases)
         if self._session is not None:
             await self._session.close()
         if self._owns_store and self.store is not None:
@@ -507,9 +512,10 @@ class Client:
         still holds (best effort: see the README).
 
         An answer is held to what was asked, whatever answered it: a job it
-        holds twice is returned once, and jobs past `count` are released
-        before it returns (best effort: one not released comes back when its
-        lease runs out)."""
+        holds twice is returned once, and jobs past `count` are released in
+        the background, the jobs kept returned at once (best effort: one not
+        released comes back when its lease runs out; close() waits for the
+        releases under way)."""
         body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
         if attempt_id is not None:
             body = msgspec.structs.replace(body, attempt_id=attempt_id)
@@ -533,24 +539,30 @@ class Client:
                 count,
             )
         if len(distinct) > count:
-            await self._release_unasked(distinct[count:])
+            # Not awaited: the jobs kept are the caller's to renew from now
+            # on, and a release that stalls would hold them past their leases.
+            release = asyncio.create_task(self._release_unasked(distinct[count:]))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
         return distinct[:count]
 
     async def _release_unasked(self, jobs: list[Job]) -> None:
         """Give back jobs a claim answered past what it asked for, within one
-        `timeout` (the caller's jobs wait for it). A repeat of a job kept is
-        never among them: releasing it would release the job kept."""
+        `timeout` (close() waits for it). A repeat of a job kept is never
+        among them: releasing it would release the job kept. A task of its
+        own: whatever it fails with is logged here."""
         held = [job for job in jobs if job.lease_token is not None]
         try:
             async with asyncio.timeout(self.timeout):
                 await self.release(held)
-        except (SimpleQueueError, TimeoutError) as exc:
+        except Exception as exc:  # TimeoutError too; a lender closed (for_topic)
             log.warning(
                 "%s: %d jobs a claim did not ask for not released (%s): "
                 "pending again when their leases run out",
                 self.url,
                 len(held),
                 str(exc) or type(exc).__name__,
+                exc_info=not isinstance(exc, SimpleQueueError | TimeoutError),
             )
 
     async def _claim(self, body: api.ClaimRequest, answer: type[A]) -> A | None:
