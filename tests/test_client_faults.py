@@ -19,6 +19,7 @@ from aiohttp import web
 from simplequeue import api, keys
 from simplequeue.client import Client, Job, Worker
 from simplequeue.client import client as client_module
+from simplequeue.client.client import calls_within
 from simplequeue.client.worker import TAKE_BACK_WITHIN
 from simplequeue.errors import (
     BrokerError,
@@ -1152,6 +1153,64 @@ async def test_claim_many_does_not_sit_on_the_jobs_it_keeps_while_a_release_stal
             forever.set()
     assert [j.id for j in jobs] == ["j1"]
     assert took < 2.0 / 3, f"the kept job was handed over {took:.1f} s after its claim (lease 2 s)"
+
+
+async def test_claim_many_releases_its_extras_within_one_timeout_as_documented() -> None:
+    """claim_many's release of the jobs past `count` takes one `timeout` at
+    most, as its docstring says. It ran in an asyncio.timeout(timeout), which
+    expired in the same loop turn as the release request's own aiohttp
+    timeout (total=timeout): aiohttp took the cancellation for its own
+    TimeoutError, which the client retried, so the bound was lost and the
+    release ran on for the whole retry budget (twice `timeout`), as long as
+    close() waited for it: 6 s here, not 3 (review finding). The bound is
+    each try's own HTTP timeout (calls_within), which holds."""
+    forever = asyncio.Event()
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        if request.path.endswith("/claim"):
+            return web.json_response({"jobs": [claimed_job(1), claimed_job(2)]})
+        await forever.wait()  # the release stalls
+        return web.json_response({"released": 1})
+
+    async with serving(broker) as url:
+        q = Client(url, topic="t", timeout=3.0)
+        try:
+            started = time.monotonic()
+            try:
+                await prompt(q.claim_many("w", 1, wait=0))
+            finally:
+                await prompt(q.close())  # waits for the release
+            took = time.monotonic() - started
+        finally:
+            forever.set()
+    assert took < q.timeout + 0.5, f"the release took {took:.1f} s (timeout {q.timeout:g} s)"
+
+
+async def test_calls_within_bounds_a_call_whose_tries_time_out_as_long() -> None:
+    """The Worker bounds each heartbeat by its interval (and give-backs by
+    TAKE_BACK_WITHIN) so that one left unanswered does not hold back the
+    next. An asyncio.timeout of the client's own `timeout` was lost in the
+    try's (above): a heartbeat every 2 s with a client timeout of 2 s ran on
+    for its whole retry budget, 4 s. calls_within holds its bound, and a call
+    left unanswered then raises TimeoutError."""
+    forever = asyncio.Event()
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        await forever.wait()  # it never answers
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    async with serving(broker) as url, Client(url, topic="t", timeout=2.0) as q:
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with calls_within(2.0):
+                    await prompt(q.heartbeat(Job(**claimed_job(1))))
+            took = time.monotonic() - started
+        finally:
+            forever.set()
+    assert took < 2.5, took
 
 
 async def test_a_discovered_client_rereads_broker_json_when_its_broker_answers_502_pages() -> None:

@@ -14,7 +14,10 @@ broker or anything between them answers:
   status for anything the API does not answer (a proxy's 500, an HTML page);
 - answers are decoded into the API's types (simplequeue.api): one that is not
   what the route answers is a BrokerError, never a KeyError;
-- cancellation is never caught.
+- cancellation is never caught;
+- the calls made in a `calls_within(seconds)` block end within it, their
+  tries included: the bound is each try's own HTTP timeout, so it holds
+  where an asyncio.timeout of the same length is lost in aiohttp's.
 A look-up that waits (`job(id, wait=S)`, `result`) is a series of long polls
 of at most api.MAX_WAIT seconds each, every one with an HTTP timeout that
 allows for its wait.
@@ -25,9 +28,11 @@ first try landed is answered as a duplicate, never enqueued twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -36,6 +41,7 @@ import aiohttp
 import msgspec
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     RetryError,
     retry_if_exception_type,
     stop_after_delay,
@@ -115,6 +121,37 @@ WAIT_PER_REQUEST = api.MAX_WAIT
 
 #: One ack of Client.ack_many: (job, result) or (job, result, follow-ups).
 AckItem = tuple[Job | str, Any] | tuple[Job | str, Any, Iterable[Any] | None]
+
+#: When (the event loop's time) the calls of a calls_within() block must end.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "simplequeue_deadline", default=None
+)
+
+
+@contextlib.asynccontextmanager
+async def calls_within(seconds: float | None) -> AsyncIterator[None]:
+    """The block ends within `seconds`, TimeoutError if it has not. An
+    asyncio.timeout alone is no such bound around a client's calls: expiring
+    in the same turn of the loop as a try's own timeout (the client's
+    `timeout`), its cancellation is taken by aiohttp for that timeout, which
+    the client retries, for its whole retry budget. So the calls of clients
+    made in the block (or in a task started in it; not enqueue(), whose
+    requests carry other callers' jobs too) end by it themselves, tries
+    included: each try's HTTP timeout is cut to the time left, and no try
+    starts after it (one out of time raises its last try's error, or
+    TimeoutError if that try got no answer). An asyncio.timeout bounds what
+    else the block awaits. None: no bound. Nested, the sooner end holds."""
+    if seconds is None:
+        yield
+        return
+    end = asyncio.get_running_loop().time() + seconds
+    outer = _deadline.get()
+    token = _deadline.set(end if outer is None else min(outer, end))
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    finally:
+        _deadline.reset(token)
 
 
 class _Retry(Exception):
@@ -279,14 +316,27 @@ class Client:
         `expected` (404 or 409, whose meaning depends on the call) with the
         API's {"error"} body is returned with no answer instead of raised;
         every other failure raises. `done_if_repeated`: that error, answered to
-        a try that may repeat one that landed (a DELETE's 404), is success."""
+        a try that may repeat one that landed (a DELETE's 404), is success.
+        Within a calls_within() block, it ends by the block's bound."""
         attempts = untried = 0
+        loop = asyncio.get_running_loop()
+        deadline = _deadline.get()
+
+        def time_left() -> float | None:
+            return None if deadline is None else deadline - loop.time()
+
+        def out_of_time() -> bool:
+            left = time_left()
+            return left is not None and left <= 0
 
         async def once() -> tuple[int, A | None, bool]:
             nonlocal attempts, untried
+            left = time_left()
+            if left is not None and left <= 0:  # not a _Retry: the call ends
+                raise TimeoutError(f"{self.url}: no time left for the request")
             attempts += 1
             try:
-                status, raw, replayed = await self._send(method, path, body, wait)
+                status, raw, replayed = await self._send(method, path, body, wait, left)
             except _Retry as retry:
                 untried += not retry.tried
                 raise
@@ -299,13 +349,21 @@ class Client:
                 raise
             return status, got, repeated
 
+        backoff = wait_random_exponential(multiplier=0.1, max=2.0)
+
+        def pause(state: RetryCallState) -> float:  # never past the deadline
+            left = time_left()
+            return backoff(state) if left is None else max(0.0, min(backoff(state), left))
+
         def retrying(elapsed: float) -> AsyncRetrying:
             # A long poll's answer comes after its wait: the budget then.
             spent = stop_after_delay(max(0.0, self.retry_budget + wait - elapsed))
             return AsyncRetrying(
                 retry=retry_if_exception_type(_Retry),
-                stop=lambda state: spent(state) or attempts - untried >= self.retries,
-                wait=wait_random_exponential(multiplier=0.1, max=2.0),
+                stop=lambda state: (
+                    spent(state) or attempts - untried >= self.retries or out_of_time()
+                ),
+                wait=pause,
                 reraise=False,
             )
 
@@ -314,6 +372,8 @@ class Client:
         except RetryError as exc:
             last = exc.last_attempt.exception()
             assert isinstance(last, _Retry)
+            if out_of_time() and isinstance(last.__cause__, TimeoutError):
+                raise TimeoutError(f"{last.error} (out of time)") from None
             raise last.error from None
 
     def _answer(
@@ -350,16 +410,18 @@ class Client:
         raise error_class(message)
 
     async def _send(
-        self, method: str, path: str, body: Any, wait: float
+        self, method: str, path: str, body: Any, wait: float, within: float | None = None
     ) -> tuple[int, bytes, bool]:
         """(status, body, whether a broker passed the request on after another
-        did not answer). A topic's request goes to its owner once a broker named
-        it (the Simplequeue-Owner header); if the owner stops answering, back to
-        the broker this client was given, which routes it."""
+        did not answer), within `timeout` (and the wait asked for) or `within`
+        seconds, whichever is sooner. A topic's request goes to its owner once
+        a broker named it (the Simplequeue-Owner header); if the owner stops
+        answering, back to the broker this client was given, which routes it."""
         if not self.url:
             await self._rediscover()
         data = encode(body) if body is not None else None
-        timeout = aiohttp.ClientTimeout(total=self.timeout + wait)
+        total = self.timeout + wait
+        timeout = aiohttp.ClientTimeout(total=total if within is None else min(total, within))
         headers = {"Content-Type": "application/json"} if data is not None else None
         base = self._owner if self._owner and path.startswith("/topics/") else self.url
         try:
@@ -451,6 +513,9 @@ class Client:
         return await self._enqueues.submit(new_job_spec(payload, id, priority, delay, max_attempts))
 
     async def _send_enqueues(self, batch: list[Pending[api.JobSpec, str]]) -> list[Any]:
+        # The batcher's task: the jobs of every caller, not bound by the
+        # calls_within() of the one whose enqueue started it.
+        _deadline.set(None)
         specs = [p.item for p in batch]
         try:
             return list(await self._enqueue_batch(specs))
@@ -552,8 +617,10 @@ class Client:
         among them: releasing it would release the job kept. A task of its
         own: whatever it fails with is logged here."""
         held = [job for job in jobs if job.lease_token is not None]
+        # Its own bound, not that of the claim's caller, who waits no more.
+        _deadline.set(None)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with calls_within(self.timeout):
                 await self.release(held)
         except Exception as exc:  # TimeoutError too; a lender closed (for_topic)
             log.warning(

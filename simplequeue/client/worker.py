@@ -63,7 +63,7 @@ from typing import Any
 
 from simplequeue import api
 from simplequeue.batching import Batcher, Pending
-from simplequeue.client.client import UNSENDABLE, Client, encode
+from simplequeue.client.client import UNSENDABLE, Client, calls_within, encode
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
 from simplequeue.client.threads import in_thread, run_jobs_on
@@ -500,7 +500,7 @@ class Worker:
         if not jobs:
             return
         try:
-            async with asyncio.timeout(TAKE_BACK_WITHIN):
+            async with calls_within(TAKE_BACK_WITHIN):
                 self.given_back += await self.client.release(jobs)
         except Exception as exc:  # TimeoutError too
             log.warning(
@@ -651,7 +651,7 @@ class Worker:
         the stop waits for it (a broker that does not answer would hold it
         for the client's whole retry budget)."""
         try:
-            async with asyncio.timeout(TAKE_BACK_WITHIN):
+            async with calls_within(TAKE_BACK_WITHIN):
                 jobs = await self.client.claim_many(
                     self.worker_id, count, lease=self.lease, attempt_id=attempt_id
                 )
@@ -932,7 +932,7 @@ class Worker:
         """Await the ack or nack `call` (`within` seconds at most), logging
         what it failed with."""
         try:
-            async with asyncio.timeout(within):
+            async with calls_within(within):
                 await call
         except (LeaseLost, JobNotFound) as exc:
             log.warning("job %s: could not settle: %s", job.id, exc)
@@ -1070,8 +1070,9 @@ class Worker:
                 # Each heartbeat has until the next is due: one left unanswered
                 # (a lost packet, a stuck proxy) must not hold back those after
                 # it while the lease runs out (the client's own timeout, 30 s,
-                # is a whole default lease).
-                async with asyncio.timeout(every):
+                # is a whole default lease). Not an asyncio.timeout alone: one
+                # as long as the client's timeout would be lost (calls_within).
+                async with calls_within(every):
                     await self.client.heartbeat(held.job, self.lease)
             except (LeaseLost, JobNotFound) as exc:
                 held.cancelled = isinstance(exc, JobCancelled)
