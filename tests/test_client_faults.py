@@ -871,6 +871,50 @@ async def test_a_second_signal_stops_the_worker_promptly_when_the_broker_stalls(
             forever.set()
 
 
+async def test_a_graceful_stop_gives_back_jobs_a_slow_broker_releases_in_three_seconds(
+    start_broker: Callable[..., Awaitable[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Since 6efc54e every give-back was cut at TAKE_BACK_WITHIN (2 s), not
+    only those after a second signal (which cancels them anyway). On a
+    graceful stop (one SIGTERM), a broker answering the release in 2.5 s (a
+    slow store commit: healthy) had the job claimed ahead, never run, left to
+    its lease: its attempt spent, and under max_attempts=1 it went dead
+    without ever having run (review finding). Until a second signal, a
+    give-back has the client's retry budget."""
+    from simplequeue.broker.engine import Engine
+
+    real_release = Engine.release
+
+    async def slow_release(self: Engine, topic: str, jobs: list[dict[str, Any]]) -> int:
+        await asyncio.sleep(TAKE_BACK_WITHIN + 0.5)
+        return await real_release(self, topic, jobs)
+
+    monkeypatch.setattr(Engine, "release", slow_release)
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as direct, Client(broker.url, topic="t") as q:
+        await direct.settings(lease=5.0, max_attempts=1)
+        _, second = await direct.enqueue_many(["runs", "claimed ahead"])
+        started = asyncio.Event()
+        finish = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            started.set()
+            await finish.wait()
+
+        worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        await prompt(started.wait())
+        await until(lambda: (len(worker._ready), worker._asked) == (1, 0))
+        worker._on_signal()  # one SIGTERM: drain, give back what was claimed ahead
+        await asyncio.sleep(0.5)
+        finish.set()
+        await prompt(run)
+        given_back = worker.given_back
+        await asyncio.sleep(5.5)  # its lease
+        got = await direct.job(second)
+        assert (given_back, got.status) == (1, "pending"), (given_back, got.status, got.attempts)
+
+
 async def test_a_second_signal_leaves_acks_a_stalled_broker_does_not_answer() -> None:
     """The acks of jobs that ended are waited for as run() returns; after a
     second signal (even one that comes while it waits), TAKE_BACK_WITHIN

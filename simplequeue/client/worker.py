@@ -138,8 +138,9 @@ FAILED_CLAIM_HOLD = 1.0
 # Seconds a claim answered empty keeps its place when the Worker does not
 # long-poll (wait=0): it polls an empty topic ten times a second, not in a loop.
 EMPTY_POLL_HOLD = 0.1
-# Seconds a stop waits, at most, to give back what a claim it cut short was
-# answered (Worker._take_back).
+# Seconds a stop waits, at most, to ask again what a claim it cut short was
+# answered (Worker._take_back); and, after a second signal, for the broker to
+# answer what is left (give-backs, the interrupted jobs' nacks, acks).
 TAKE_BACK_WITHIN = 2.0
 
 
@@ -495,18 +496,22 @@ class Worker:
 
     async def _give_back(self, jobs: list[Job]) -> None:
         """Give back claimed jobs that did not run (pending at once, the attempt
-        uncounted); those it cannot, or not within TAKE_BACK_WITHIN seconds
-        (a stop waits for it), are left to their leases."""
+        uncounted); those it cannot are left to their leases, their attempt
+        spent. Within the client's retry budget: a broker slow to answer (a
+        slow store) still takes them back, and a second signal cancels those
+        under way (the drain waits for them); after it, TAKE_BACK_WITHIN
+        seconds at most."""
         if not jobs:
             return
+        within = TAKE_BACK_WITHIN if self._signalled >= 2 else None
         try:
-            async with calls_within(TAKE_BACK_WITHIN):
+            async with calls_within(within):
                 self.given_back += await self.client.release(jobs)
         except Exception as exc:  # TimeoutError too
             log.warning(
                 "%d claimed jobs could not be given back (%s): left to their leases",
                 len(jobs),
-                _why(exc, TAKE_BACK_WITHIN),
+                _why(exc, within),
             )
 
     def request_stop(self) -> None:
@@ -647,20 +652,24 @@ class Worker:
         answered: the broker may have claimed the jobs, its answer on its way.
         Asked again under its name (without waiting), the broker answers the
         jobs it holds for it; had it not landed, this claims anew what it can,
-        which goes back just the same. For TAKE_BACK_WITHIN seconds at most:
-        the stop waits for it (a broker that does not answer would hold it
-        for the client's whole retry budget)."""
+        which goes back just the same. Asked for TAKE_BACK_WITHIN seconds at
+        most: the stop waits for it, and most claims a stop cuts short had
+        claimed nothing (an idle worker's long poll), so a broker that does not
+        answer must not hold the stop for the client's whole retry budget; a
+        claim cut short in turn is given back by the broker, as the first was.
+        The jobs it gets are given back as any others (_give_back)."""
         try:
             async with calls_within(TAKE_BACK_WITHIN):
                 jobs = await self.client.claim_many(
                     self.worker_id, count, lease=self.lease, attempt_id=attempt_id
                 )
-                await self._give_back(self._not_held(jobs))
         except Exception as exc:  # TimeoutError too
             log.warning(
                 "a claim cut short by the stop: its jobs are left to their leases (%s)",
                 _why(exc, TAKE_BACK_WITHIN),
             )
+            return
+        await self._give_back(self._not_held(jobs))
 
     async def _held_back(self, count: int, attempt: list[str]) -> list[Job]:
         """Burst: a claim that found nothing while jobs are pending was held back
