@@ -1259,22 +1259,28 @@ async def test_a_long_poll_passed_on_past_an_owner_that_does_not_answer_waits_on
     order = sorted(by_id, key=lambda i: rendezvous(topic, i), reverse=True)
     owner, _, last = (by_id[i] for i in order)  # the owner, the next, the one asked
 
+    resumed = asyncio.Event()
+
     async def paused(*args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(3600)
+        await resumed.wait()  # as the test ends: the stop waits for no handler
+        raise StoreUnavailable("was paused")
 
     wait = 1.5
-    async with aiohttp.ClientSession() as s:
-        monkeypatch.setattr(owner.engine, asked, paused)
-        started = time.monotonic()
-        if asked == "claim":
-            status, body, _ = await post(
-                s, f"{last.url}/topics/{topic}/claim", {"worker_id": "w", "wait": wait}
-            )
-            assert status == 404, body  # nothing to claim
-        else:
-            status, body = await get(s, f"{last.url}/topics/{topic}/jobs/j?wait={wait}")
-            assert status == 404, body  # no such job
-    took = time.monotonic() - started
+    try:
+        async with aiohttp.ClientSession() as s:
+            monkeypatch.setattr(owner.engine, asked, paused)
+            started = time.monotonic()
+            if asked == "claim":
+                status, body, _ = await post(
+                    s, f"{last.url}/topics/{topic}/claim", {"worker_id": "w", "wait": wait}
+                )
+                assert status == 404, body  # nothing to claim
+            else:
+                status, body = await get(s, f"{last.url}/topics/{topic}/jobs/j?wait={wait}")
+                assert status == 404, body  # no such job
+        took = time.monotonic() - started
+    finally:
+        resumed.set()
     assert wait + 0.3 <= took < wait + 0.3 + 0.5, took
 
 
