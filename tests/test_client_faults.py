@@ -821,6 +821,19 @@ async def test_a_job_a_claim_answers_twice_or_the_worker_holds_runs_once_at_a_ti
     assert worker.processed == 3
 
 
+async def returned_after(run: asyncio.Task[None]) -> float:
+    """Seconds `run` (a Worker's run(), just sent its second signal) took to
+    return; it fails if it had not within PROMPT."""
+    started = time.monotonic()
+    done, _ = await asyncio.wait([run], timeout=PROMPT)
+    took = time.monotonic() - started
+    if not done:
+        run.cancel()
+        await asyncio.wait([run])
+    assert done, f"run() had not returned {took:.0f} s after the second signal"
+    return took
+
+
 async def test_a_second_signal_stops_the_worker_promptly_when_the_broker_stalls() -> None:
     """README: "A second signal while it drains stops it now". With a broker
     that stopped answering (it accepts, never replies: a hung proxy, a
@@ -859,14 +872,7 @@ async def test_a_second_signal_stops_the_worker_promptly_when_the_broker_stalls(
                 worker._on_signal()  # as SIGTERM does
                 await asyncio.sleep(0.2)
                 worker._on_signal()  # the second: stops now
-                took = time.monotonic()
-                done, _ = await asyncio.wait([run], timeout=PROMPT)
-                took = time.monotonic() - took
-                if not done:
-                    run.cancel()
-                    await asyncio.wait([run])
-                assert done, f"run() had not returned {took:.0f} s after the second signal"
-                assert took < 2 * TAKE_BACK_WITHIN + 1, took
+                assert await returned_after(run) < 2 * TAKE_BACK_WITHIN + 1
         finally:
             forever.set()
 
@@ -942,14 +948,7 @@ async def test_a_second_signal_leaves_acks_a_stalled_broker_does_not_answer() ->
                 await asyncio.sleep(0.2)
                 assert not run.done()
                 worker._on_signal()
-                took = time.monotonic()
-                done, _ = await asyncio.wait([run], timeout=PROMPT)
-                took = time.monotonic() - took
-                if not done:
-                    run.cancel()
-                    await asyncio.wait([run])
-                assert done, f"run() had not returned {took:.0f} s after the second signal"
-                assert took < TAKE_BACK_WITHIN + 1, took
+                assert await returned_after(run) < TAKE_BACK_WITHIN + 1
                 assert (worker.processed, worker.unacked) == (0, 1)
         finally:
             forever.set()

@@ -76,6 +76,18 @@ async def post(s: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any,
         return r.status, await r.json(), r.headers
 
 
+def owns_again(broker: Any, owner: Any, topic: str = "t") -> bool:
+    """Whether `broker` routes `topic` to `owner` first again (no longer suspect)."""
+    return bool(broker.membership.owner(topic).broker_id == owner.settings.broker_id)
+
+
+async def enqueue_once_tried(s: aiohttp.ClientSession, broker: Any, *job_ids: str) -> None:
+    """Jobs `job_ids` in topic t, through `broker`, each with one attempt."""
+    for job_id in job_ids:
+        job = {"id": job_id, "payload": 1, "max_attempts": 1}
+        await post(s, f"{broker.url}/topics/t/enqueue", job)
+
+
 def answer_too_late(monkeypatch: pytest.MonkeyPatch, engine: Any, *names: str) -> None:
     """Make `engine`'s operations `names` do their work, then answer a second
     late: past a forwarding broker's timeout (forward_timeout=0.3 here)."""
@@ -1092,9 +1104,7 @@ async def test_a_claim_the_owner_did_but_answered_too_late_strands_no_job(
     owner, other = owner_and_other(brokers, "t")
     answer_too_late(monkeypatch, owner.engine, "claim")
     async with aiohttp.ClientSession() as s:
-        for job_id in ("j1", "j2", "j3"):
-            job = {"id": job_id, "payload": 1, "max_attempts": 1}
-            await post(s, f"{owner.url}/topics/t/enqueue", job)
+        await enqueue_once_tried(s, owner, "j1", "j2", "j3")
         claiming = {"worker_id": "w", "attempt_id": "a1"}
         status, body, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
         assert status == 200, body
@@ -1127,13 +1137,12 @@ async def test_a_claims_retry_after_the_owner_recovered_gets_the_job_it_was_answ
     real_claim = owner.engine.claim
     answer_too_late(monkeypatch, owner.engine, "claim")
     async with aiohttp.ClientSession() as s:
-        for job_id in ("j1", "j2", "j3"):
-            job = {"id": job_id, "payload": 1, "max_attempts": 1}
-            await post(s, f"{owner.url}/topics/t/enqueue", job)
+        await enqueue_once_tried(s, owner, "j1", "j2", "j3")
         claiming = {"worker_id": "w", "attempt_id": "a1"}
         status, first, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
         assert status == 200, first
-        await asyncio.sleep(1.5)  # the owner's take-back done, no longer suspect
+        # The owner's take-back done, and the owner no longer suspect.
+        await until(lambda: other.forwarder.undone == 1 and owns_again(other, owner), within=5)
         monkeypatch.setattr(owner.engine, "claim", real_claim)  # it answers in time again
         status, again, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
         assert status == 200, again
@@ -1157,7 +1166,7 @@ async def test_a_claim_served_while_its_owner_was_suspect_is_retried_where_it_wa
         claiming = {"worker_id": "w", "attempt_id": "a1"}
         status, first, headers = await post(s, f"{other.url}/topics/t/claim", claiming)
         assert status == 200 and headers["Simplequeue-Owner"] == other.url, first
-        await asyncio.sleep(0.4)  # the owner is no longer suspect
+        await until(lambda: owns_again(other, owner))  # the owner is no longer suspect
         status, again, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
     assert status == 200 and again["job"]["id"] == first["job"]["id"], (first, again)
     assert (await owner.engine.status("t"))["claimed"] == 1
