@@ -52,6 +52,18 @@ class Cli:
             env=self.env,
         )
 
+    async def redirected(self, redirect: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """The command run by a shell with `redirect` (">&-", "<&-", "> /dev/full")."""
+        line = " ".join(map(repr, self.argv(*args)))
+        return await asyncio.to_thread(
+            subprocess.run,
+            ["sh", "-c", f"exec {line} {redirect}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env,
+        )
+
     async def json(self, *args: str) -> Any:
         done = await self(*args)
         assert done.returncode == 0, done.stderr
@@ -299,15 +311,7 @@ async def test_settling_with_a_closed_stdin_is_one_line_not_a_traceback(cli: Cli
     died with an AttributeError (or click's RuntimeError) traceback (review
     of the CLI)."""
     for args in (("ack", "-"), ("nack", "-"), ("heartbeat", "-"), ("enqueue", "--file", "-")):
-        line = " ".join(map(repr, cli.argv(*args)))
-        done = await asyncio.to_thread(
-            subprocess.run,
-            ["sh", "-c", f"exec {line} <&-"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=cli.env,
-        )
+        done = await cli.redirected("<&-", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert "stdin is closed" in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr, (args, done.stderr)
@@ -401,22 +405,11 @@ async def test_claim_whose_output_cannot_be_written_says_so_and_gives_the_job_ba
     The job is released (its attempt uncounted)."""
     await cli.json("enqueue", "1", "--id", "a")
     for redirect in ("> /dev/full", ">&-"):
-        line = " ".join(map(repr, cli.argv("claim", "w")))
-        done = await asyncio.to_thread(
-            subprocess.run,
-            ["sh", "-c", f"exec {line} {redirect}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=cli.env,
-        )
+        done = await cli.redirected(redirect, "claim", "w")
         assert failed_with(done, "cannot write the output"), (redirect, done.stderr)
         assert (await cli.json("status", "--json"))["claimed"] == 0
         assert (await cli.json("job", "a"))["attempts"] == 0
-    line = " ".join(map(repr, cli.argv("status", "--json")))
-    done = await asyncio.to_thread(
-        subprocess.run, ["sh", "-c", f"exec {line} > /dev/full"], capture_output=True, text=True
-    )
+    done = await cli.redirected("> /dev/full", "status", "--json")
     assert failed_with(done, "cannot write the output"), done.stderr
 
 
