@@ -135,8 +135,9 @@ HELD_BACK_WAIT = 1.0
 # Seconds a failed claim keeps its place before another is sent; so does one
 # answered empty before its long poll was out, for the rest of the poll at most.
 FAILED_CLAIM_HOLD = 1.0
-# Seconds a claim answered empty keeps its place when the Worker does not
-# long-poll (wait=0): it polls an empty topic ten times a second, not in a loop.
+# Seconds from its sending a claim answered empty keeps its place, at least,
+# whatever its wait (0, or a small one: 0.01): each claim in flight (up to
+# CLAIMS_IN_FLIGHT) polls an empty topic ten times a second, not in a loop.
 EMPTY_POLL_HOLD = 0.1
 # Seconds a stop waits, at most, to ask again what a claim it cut short was
 # answered (Worker._take_back); and, after a second signal, for the broker to
@@ -624,7 +625,9 @@ class Worker:
             # once, it would spin, thousands of claims a second, while that
             # lasts. Held for the rest of its wait, it would leave the jobs of
             # a broker back from a restart waiting as long (a minute, wait=60).
-            empty_hold = min(self.wait - took, FAILED_CLAIM_HOLD) if self.wait else EMPTY_POLL_HOLD
+            # EMPTY_POLL_HOLD at least from its sending: a wait of 0 or 0.01
+            # would hold it for nothing.
+            empty_hold = max(EMPTY_POLL_HOLD - took, min(self.wait - took, FAILED_CLAIM_HOLD))
             hold = 0.0 if jobs or self.burst else empty_hold
         except asyncio.CancelledError:
             if self._stopping.is_set():  # request_stop(), not run() cancelled
