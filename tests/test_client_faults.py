@@ -1118,6 +1118,49 @@ async def test_one_failed_heartbeat_is_ridden_out_by_a_job_claimed_at_once(
         assert (await direct.job(job_id)).status == "completed"
 
 
+async def test_a_retried_claims_jobs_have_their_leases_counted_from_its_first_try() -> None:
+    """The Worker counts a job's lease from when the claim's answer came. A
+    claim whose first answer was lost (the connection reset) and tried again
+    may be answered the first try's jobs (the broker keeps claims' answers for
+    their retries), whose leases began as that try committed, up to the
+    client's timeout earlier: the Worker's deadline was as much late, and its
+    lease-loss safety net could fire after the broker had given the job to
+    another worker (review finding). A claim sent more than once has its jobs'
+    leases counted from when it was first sent."""
+    first_try: list[float] = []
+    claims = 0
+    held_until: list[float] = []
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal claims
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            claims += 1
+            if claims == 1:  # claimed, but the answer is lost on its way
+                first_try.append(time.monotonic())
+                await asyncio.sleep(0.5)
+                assert request.transport is not None
+                request.transport.close()  # a reset, as a proxy restarting does
+                return web.Response(status=503)
+            if claims == 2:  # the retry: answered the first try's job
+                return web.json_response({"jobs": [claimed_job(1, lease=30.0)]})
+            await asyncio.sleep(orjson.loads(body).get("wait", 0))
+            return web.Response(status=404, body=NOTHING, content_type="application/json")
+        if request.path.endswith("/ack"):
+            return acked(body)
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    async def handler(job: Job) -> None:
+        held_until.extend(h.lease_ends for h in worker._holding.values())
+
+    async with serving(broker) as url, Client(url, topic="t") as q:
+        worker = Worker(q, handler, max_jobs=1, prefetch=0, handle_signals=False)
+        await prompt(worker.run())
+    assert len(held_until) == 1
+    # Sent before the broker read it: from the answer, it was 0.5 s later.
+    assert held_until[0] <= first_try[0] + 30.0, held_until[0] - first_try[0]
+
+
 async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:
     """A burst worker takes BrokerUnavailable for "whether the topic is empty
     cannot be known" and gives up (run() raises); StoreUnavailable it logs and

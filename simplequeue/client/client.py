@@ -32,7 +32,9 @@ import contextlib
 import contextvars
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -152,6 +154,35 @@ async def calls_within(seconds: float | None) -> AsyncIterator[None]:
             yield
     finally:
         _deadline.reset(token)
+
+
+@dataclass
+class LastCall:
+    """What a last_call() block records of the last call made in it: when it
+    was first sent (time.monotonic()), and whether it may have been carried
+    out more than once (tried again, or passed on by a broker after another
+    did not answer)."""
+
+    first_sent: float = 0.0
+    repeated: bool = False
+
+
+#: The record of the last_call() block calls are made in.
+_last_call: contextvars.ContextVar[LastCall | None] = contextvars.ContextVar(
+    "simplequeue_last_call", default=None
+)
+
+
+@contextlib.contextmanager
+def last_call(record: LastCall) -> Iterator[None]:
+    """Record in `record` each call made in the block that was answered (the
+    Worker's claims: a retried claim may be answered the jobs its first try
+    claimed, their leases begun then)."""
+    token = _last_call.set(record)
+    try:
+        yield
+    finally:
+        _last_call.reset(token)
 
 
 class _Retry(Exception):
@@ -317,7 +348,9 @@ class Client:
         API's {"error"} body is returned with no answer instead of raised;
         every other failure raises. `done_if_repeated`: that error, answered to
         a try that may repeat one that landed (a DELETE's 404), is success.
-        Within a calls_within() block, it ends by the block's bound."""
+        Within a calls_within() block, it ends by the block's bound; within a
+        last_call() one, it is recorded once answered."""
+        first_sent = time.monotonic()
         attempts = untried = 0
         loop = asyncio.get_running_loop()
         deadline = _deadline.get()
@@ -341,6 +374,8 @@ class Client:
                 untried += not retry.tried
                 raise
             repeated = attempts > 1 or replayed
+            if (record := _last_call.get()) is not None:
+                record.first_sent, record.repeated = first_sent, repeated
             try:
                 got = self._answer(status, raw, answer, expected)
             except SimpleQueueError as exc:
@@ -617,8 +652,10 @@ class Client:
         among them: releasing it would release the job kept. A task of its
         own: whatever it fails with is logged here."""
         held = [job for job in jobs if job.lease_token is not None]
-        # Its own bound, not that of the claim's caller, who waits no more.
+        # Its own bound, not that of the claim's caller, who waits no more;
+        # nor is it the last call of the caller's last_call() block.
         _deadline.set(None)
+        _last_call.set(None)
         try:
             async with calls_within(self.timeout):
                 await self.release(held)

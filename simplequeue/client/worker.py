@@ -7,13 +7,14 @@ round trip away. With a buffer, each claim asks for half
 the capacity and two can be in flight; their jobs are buffered in the order
 the claims were sent. Each claimed job's lease (the broker's --lease unless
 `lease` says) is renewed by heartbeats every third of it (HEARTBEAT_MIN at
-least), from the moment it
-is claimed (waiting in the buffer included) until its ack is answered; each
-heartbeat has until the next is due, so one left unanswered never holds back
-the next. A lease that ran out with no heartbeat landing (on this clock, from
-when the claim's answer came, or the last renewal that landed was sent) is
-taken for lost, as one the broker says is: the broker may have given the job
-to another worker.
+least), timed from when the claim's answer came (from when it was first sent
+if it was sent more than once: a retry may be answered the jobs of a try
+whose answer was lost), waiting in the buffer included, until its ack is
+answered; each heartbeat has until the next is due, so one left unanswered
+never holds back the next. A lease that ran out with no heartbeat landing
+(on this clock, from that time, or from when the last renewal that landed
+was sent) is taken for lost, as one the broker says is: the broker may have
+given the job to another worker.
 
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
@@ -63,7 +64,14 @@ from typing import Any
 
 from simplequeue import api
 from simplequeue.batching import Batcher, Pending
-from simplequeue.client.client import UNSENDABLE, Client, calls_within, encode
+from simplequeue.client.client import (
+    UNSENDABLE,
+    Client,
+    LastCall,
+    calls_within,
+    encode,
+    last_call,
+)
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
 from simplequeue.client.threads import in_thread, run_jobs_on
@@ -339,7 +347,7 @@ class Worker:
         # Answers go into the buffer in the order their claims were sent.
         self._sent = 0
         self._delivered = 0
-        # (jobs asked for, jobs answered, when the answer came)
+        # (jobs asked for, jobs answered, when their leases count from: _claim)
         self._answers: dict[int, tuple[int, list[Job] | None, float]] = {}
         self._done = asyncio.Event()
         self._done.set()  # not running: stop() returns at once
@@ -608,18 +616,20 @@ class Worker:
         attempt = [api.new_id()]  # the claim in flight's name (_held_back's claims)
         hold = FAILED_CLAIM_HOLD  # seconds this claim keeps its place once answered
         sent = time.monotonic()
+        answering = LastCall()  # of the claim that answered the jobs
         try:
-            jobs = await self.client.claim_many(
-                self.worker_id,
-                count,
-                lease=self.lease,
-                wait=0.0 if self.burst else self.wait,
-                attempt_id=attempt[0],
-            )
-            took = time.monotonic() - sent
-            self.ahead.claimed(took, count, len(jobs))
-            if self.burst and not jobs:
-                jobs = await self._held_back(count, attempt)
+            with last_call(answering):
+                jobs = await self.client.claim_many(
+                    self.worker_id,
+                    count,
+                    lease=self.lease,
+                    wait=0.0 if self.burst else self.wait,
+                    attempt_id=attempt[0],
+                )
+                took = time.monotonic() - sent
+                self.ahead.claimed(took, count, len(jobs))
+                if self.burst and not jobs:
+                    jobs = await self._held_back(count, attempt)
             # Answered empty before its long poll was out (a stopping broker
             # ends its long polls, a proxy may drop `wait`): claimed again at
             # once, it would spin, thousands of claims a second, while that
@@ -641,9 +651,17 @@ class Worker:
             else:
                 log.warning("claim failed: %s", exc, exc_info=not isinstance(exc, SimpleQueueError))
         finally:  # answered, failed or cancelled: later claims must not wait for it
-            # Now: when the answer holding the jobs came (their leases began
-            # a little before, as the broker committed the claim).
-            self._answers[seq] = (count, jobs, time.monotonic())
+            # The jobs' leases count, on this clock (no clock skew enters it),
+            # from when the answer came, not from when the claim was sent: a
+            # long poll answered late would leave them none. The broker's
+            # began as it committed the claim, the answer's transit earlier at
+            # most: a few ms they may run past the broker's, which reaps only
+            # after its own clock's error margin. A claim sent more than once
+            # may be answered the jobs an earlier try claimed (its answer
+            # lost), committed up to the client's timeout before: their leases
+            # count from when it was first sent.
+            counted_from = answering.first_sent if answering.repeated else time.monotonic()
+            self._answers[seq] = (count, jobs, counted_from)
             self._deliver()
         if hold > 0:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
@@ -714,7 +732,7 @@ class Worker:
         then stop if the topic is empty (burst) or max_jobs were claimed."""
         found_nothing = False
         while self._delivered in self._answers:
-            count, jobs, answered = self._answers.pop(self._delivered)
+            count, jobs, counted_from = self._answers.pop(self._delivered)
             self._delivered += 1
             self._asked -= count
             if jobs is None:  # a failed claim says nothing of the topic
@@ -729,15 +747,9 @@ class Worker:
             self._taken += len(jobs)
             loop = asyncio.get_running_loop()
             for job in jobs:
-                # Its lease counted on this clock (no clock skew enters it)
-                # from when the answer came, not from when the claim was sent:
-                # a long poll answered late would leave it none. The broker's
-                # began as it committed the claim, the answer's transit
-                # earlier at most: a few ms it may run past the broker's, which
-                # reaps only after its own clock's error margin.
                 lease = self._lease_of(job)
-                held = _Claimed(job, lease, answered + lease)
-                due = answered + self._heartbeat_interval(job) - time.monotonic()
+                held = _Claimed(job, lease, counted_from + lease)
+                due = counted_from + self._heartbeat_interval(job) - time.monotonic()
                 held.first_beat = loop.call_later(max(0.0, due), self._start_beats, held)
                 self._ready.append(held)
         self._start_ready()
@@ -1071,8 +1083,9 @@ class Worker:
         goes out on time: the lease is still this worker's until it runs out,
         and a loop that ended here would let it run out while the handler runs
         on (the job then ran twice). Once it has run out unrenewed (on this
-        clock: from when the claim's answer came, or the last renewal that
-        landed was sent), it is taken for lost too: the broker may have given
+        clock: from when the claim's answer came, or was first sent if it was
+        sent more than once, or from when the last renewal that landed was
+        sent), it is taken for lost too: the broker may have given
         the job to another worker."""
         every = self._heartbeat_interval(held.job)
         while True:
