@@ -879,6 +879,45 @@ async def test_a_second_signal_stops_the_worker_promptly_when_the_broker_stalls(
             forever.set()
 
 
+async def test_a_second_signal_cuts_short_the_nack_of_a_job_that_failed_before_it() -> None:
+    """A job that failed just before the second signal is nacked with the
+    client's whole retry budget: the interrupted jobs' nacks, the give-backs
+    and the acks were bounded by the second signal, that nack was not, and
+    the stop waited for it until CANCEL_GRACE (5 s) cancelled it (review
+    finding). It too is left to its lease TAKE_BACK_WITHIN after the signal."""
+    forever = asyncio.Event()
+    answered_claim = nacking = False
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal answered_claim, nacking
+        body = await request.read()
+        if request.path.endswith("/claim") and not answered_claim:
+            answered_claim = True
+            count = orjson.loads(body).get("count", 1)
+            return web.json_response({"jobs": [claimed_job(1), claimed_job(2)][:count]})
+        nacking = nacking or request.path.endswith("/nack")
+        await forever.wait()  # stalled from now on
+        return web.Response(status=404, body=NOTHING, content_type="application/json")
+
+    async def handler(job: Job) -> None:
+        if job.id == "j1":
+            raise ValueError("it fails: its nack stalls")
+        await asyncio.Event().wait()  # a job that does not end by itself
+
+    async with serving(broker) as url:
+        try:
+            async with Client(url, topic="t") as q:  # the default timeout, 30 s
+                worker = Worker(q, handler, concurrency=2, prefetch=0, handle_signals=False)
+                run = asyncio.create_task(worker.run())
+                await until(lambda: nacking and len(worker._running) == 2)
+                worker._on_signal()  # as SIGTERM does: j2 runs on, j1's nack waits
+                await asyncio.sleep(0.2)
+                worker._on_signal()  # the second: stops now
+                assert await returned_after(run) < TAKE_BACK_WITHIN + 1
+        finally:
+            forever.set()
+
+
 async def test_a_graceful_stop_gives_back_jobs_a_slow_broker_releases_in_three_seconds(
     start_broker: Callable[..., Awaitable[Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

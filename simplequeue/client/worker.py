@@ -32,9 +32,11 @@ pending at once, the attempt uncounted), for another worker to run now. A
 signal stops every Worker of the event loop; one the application handles
 itself is left to it (its handler calls stop()). A second signal while
 draining stops now: the running handlers are cancelled, their jobs nacked at
-once (handlers in threads cannot be stopped: they are waited for); what the
-broker does not answer within TAKE_BACK_WITHIN (nacks, releases, acks) is
-left to the jobs' leases.
+once (handlers in threads cannot be stopped: they are waited for), and the
+give-backs under way cancelled; the nacks (of those jobs and of failed ones),
+give-backs started after it and acks still unanswered have TAKE_BACK_WITHIN
+each (from the signal, or from their start if later): what the broker has
+not answered by then is left to the jobs' leases.
 Cancellation is never swallowed: only a handler cancelled because its
 heartbeat found the lease lost (or the job cancelled, POST /cancel), or by a
 second signal, is handled here; the first kind of job is neither acked nor
@@ -149,7 +151,7 @@ FAILED_CLAIM_HOLD = 1.0
 EMPTY_POLL_HOLD = 0.1
 # Seconds a stop waits, at most, to ask again what a claim it cut short was
 # answered (Worker._take_back); and, after a second signal, for the broker to
-# answer what is left (give-backs, the interrupted jobs' nacks, acks).
+# answer what is left (give-backs, nacks, acks).
 TAKE_BACK_WITHIN = 2.0
 
 
@@ -936,7 +938,8 @@ class Worker:
         # What the broker takes (a delay of 0 to a year): a nack it refused
         # would leave the job to its lease, with no backoff and no error kept.
         delay = min(max(delay, 0.0), api.MAX_DELAY) if math.isfinite(delay) else api.MAX_DELAY
-        await self._settle(job, self.client.nack(job, delay, error))
+        within = TAKE_BACK_WITHIN if self._signalled >= 2 else None
+        await self._settle(job, self.client.nack(job, delay, error), within)
 
     def retry_delay(self, job: Job, error: Exception) -> float:
         """Seconds before a failed job may run again: the backoff's for its
@@ -954,7 +957,27 @@ class Worker:
 
     async def _settle(self, job: Job, call: Awaitable[Any], within: float | None = None) -> None:
         """Await the ack or nack `call` (`within` seconds at most), logging
-        what it failed with."""
+        what it failed with; after a second signal (it may come meanwhile),
+        TAKE_BACK_WITHIN seconds at most: a broker that does not answer must
+        not hold up a stop asked for now. Then the job is left to its lease."""
+        settling = asyncio.ensure_future(self._settled(job, call, within))
+        now = asyncio.ensure_future(self._now.wait())
+        try:
+            await asyncio.wait([settling, now], return_when=asyncio.FIRST_COMPLETED)
+            if not settling.done():
+                await asyncio.wait([settling], timeout=TAKE_BACK_WITHIN)
+        finally:
+            now.cancel()
+            settling.cancel()
+        if not settling.done():  # cut short just now
+            log.warning(
+                "job %s: unanswered %g s after the second signal: left to its lease",
+                job.id,
+                TAKE_BACK_WITHIN,
+            )
+
+    async def _settled(self, job: Job, call: Awaitable[Any], within: float | None) -> None:
+        """_settle()'s `call`, awaited within `within` seconds."""
         try:
             async with calls_within(within):
                 await call
