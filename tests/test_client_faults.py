@@ -17,9 +17,8 @@ import pytest
 from aiohttp import web
 
 from simplequeue import api, keys
-from simplequeue.client import Client, Job, Worker
+from simplequeue.client import Client, Job, Worker, calls_within
 from simplequeue.client import client as client_module
-from simplequeue.client.client import calls_within
 from simplequeue.client.worker import TAKE_BACK_WITHIN
 from simplequeue.errors import (
     BrokerError,
