@@ -178,7 +178,8 @@ class InputFile(click.File):
     type=FiniteRange(min=0),
     default=30.0,
     show_default=True,
-    help="With --discover: refuse a broker.json heartbeat older than this (s).",
+    help="With --discover: refuse a broker.json heartbeat older than this, or this far"
+    " in the future (s).",
 )
 @click.option("--topic", default="default", show_default=True, help="env SIMPLEQUEUE_TOPIC")
 @click.option(
@@ -205,9 +206,11 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     "jobs_file",
     type=InputFile("rb"),  # bytes: a line that is not UTF-8 is refused as not JSON
     default=None,
-    help="JSON lines, one payload per line ('-' for stdin), sent in batches of up to 500."
-    " A file's lines are all checked before any is sent; from a pipe each batch is sent"
-    " once full, and a bad line stops the command there, the batches before it enqueued.",
+    help="JSON lines, one payload per line ('-' for stdin), sent in batches of up to 500"
+    " (or 512 KB). A file, stdin redirected from one too, is checked whole before any is"
+    " sent. Input that cannot be read twice (a pipe, <(cmd), a FIFO) is sent a batch at a"
+    " time as its lines arrive, the rest when it closes (nothing is sent on a timer), and a"
+    " bad line stops the command there, the batches before it enqueued.",
 )
 @run
 async def enqueue(
@@ -269,9 +272,10 @@ async def enqueue_file(
 ) -> int:
     """Enqueue each line's payload, in batches; how many were. A regular file
     is read twice: every line is checked before the first batch is sent (a bad
-    line enqueues nothing), and none is held in memory. A pipe is read once,
-    each batch sent once it is full: its producer may keep it open, and a bad
-    line stops the command there, the batches before it enqueued."""
+    line enqueues nothing), and none is held in memory. A pipe (any input
+    that cannot be read twice) is read once, each batch sent once it is full:
+    its producer may keep it open, and a bad line stops the command there,
+    the batches before it enqueued."""
     total = None
     if lines.seekable():
         start = lines.tell()
