@@ -1084,6 +1084,58 @@ async def test_a_job_whose_lease_ran_out_unrenewed_is_not_run_on(in_thread: bool
         assert took < 2.0, took
 
 
+@pytest.mark.parametrize("every", [0.7, 20.0])
+async def test_a_lease_runs_out_unnoticed_while_a_heartbeat_every_half_of_it_hangs(
+    every: float,
+) -> None:
+    """README: "once the lease has run out with none landing ... the job is
+    taken for lost ... its handler is cancelled ... neither acked nor nacked".
+    The local deadline was looked at only once a heartbeat had failed, and
+    each heartbeat had `every` seconds to fail: with heartbeat_every=0.7 and
+    a lease of 1 s, the first heartbeat hung from 0.7 s to 1.4 s, and the
+    handler, ending at 1.2 s, past its lease, was acked: the broker may have
+    given the job to another worker at 1.0 s. With heartbeat_every past the
+    lease (an operator lowered the topic's), nothing was noticed until the
+    first heartbeat (review finding). A heartbeat has until the lease's end
+    at most, and heartbeats go half a lease apart at most."""
+    answered = False
+    acks: list[Any] = []
+    forever = asyncio.Event()
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal answered
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            if answered:
+                await asyncio.sleep(2)
+                return web.Response(status=404, body=NOTHING, content_type="application/json")
+            answered = True
+            return web.json_response({"jobs": [claimed_job(1, lease=1.0)]})
+        if request.path.endswith("/heartbeat"):  # a partition: no answer
+            await forever.wait()
+        if request.path.endswith("/ack"):
+            acks.append(orjson.loads(body))
+            return acked(body)
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    ended: list[float] = []
+
+    async def handler(job: Job) -> None:
+        await asyncio.sleep(1.2)
+        ended.append(time.monotonic())
+
+    async with serving(broker) as url:
+        try:
+            async with Client(url, topic="t", timeout=5) as q:
+                worker = Worker(q, handler, heartbeat_every=every, max_jobs=1, handle_signals=False)
+                started = time.monotonic()
+                await prompt(worker.run())
+        finally:
+            forever.set()
+    assert not ended, f"the handler ran on {ended[0] - started - 1.0:.2f} s past its lease"
+    assert not acks, "a job whose lease ran out unrenewed was acked"
+
+
 class FirstHeartbeatFails(Client):
     """A client whose first heartbeat fails as a brief outage would (a 503
     whose tries are spent): the broker is healthy again at once."""

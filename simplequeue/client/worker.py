@@ -6,15 +6,17 @@ so that the next jobs are at hand when a slot frees rather than one claim
 round trip away. With a buffer, each claim asks for half
 the capacity and two can be in flight; their jobs are buffered in the order
 the claims were sent. Each claimed job's lease (the broker's --lease unless
-`lease` says) is renewed by heartbeats every third of it (HEARTBEAT_MIN at
-least), timed from when the claim's answer came (from when it was first sent
-if it was sent more than once: a retry may be answered the jobs of a try
-whose answer was lost), waiting in the buffer included, until its ack is
-answered; each heartbeat has until the next is due, so one left unanswered
+`lease` says) is renewed by heartbeats every third of it (`heartbeat_every`,
+half of it at most; HEARTBEAT_MIN at least), timed from when the claim's
+answer came (from when it was first sent if it was sent more than once: a
+retry may be answered the jobs of a try whose answer was lost), waiting in
+the buffer included, until its ack is answered; each heartbeat has until
+the next is due (or the lease's end, if sooner), so one left unanswered
 never holds back the next. A lease that ran out with no heartbeat landing
 (on this clock, from that time, or from when the last renewal that landed
-was sent) is taken for lost, as one the broker says is: the broker may have
-given the job to another worker.
+was sent) is taken for lost, as one the broker says is, its job neither
+acked nor nacked, its handler's end included: the broker may have given the
+job to another worker.
 
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
@@ -749,7 +751,10 @@ class Worker:
             self._taken += len(jobs)
             loop = asyncio.get_running_loop()
             for job in jobs:
-                lease = self._lease_of(job)
+                # Heartbeats go HEARTBEAT_MIN apart at least: a shorter lease
+                # (a topic's setting may say 0.001) is kept here as long as
+                # they land, or every job would be taken for lost as it ends.
+                lease = max(self._lease_of(job), 2 * HEARTBEAT_MIN)
                 held = _Claimed(job, lease, counted_from + lease)
                 due = counted_from + self._heartbeat_interval(job) - time.monotonic()
                 held.first_beat = loop.call_later(max(0.0, due), self._start_beats, held)
@@ -843,6 +848,12 @@ class Worker:
         except Exception as exc:
             failure = exc
         finally:
+            # Its lease ran out unrenewed and no heartbeat noticed yet (one
+            # still out, or none due yet): taken for lost, as a heartbeat would
+            # take it, neither acked nor nacked. The broker may have given the
+            # job to another worker.
+            if time.monotonic() >= held.lease_ends:
+                held.lost, acking = True, False
             # Before a nack: a heartbeat still out when the job is given back
             # would be answered LeaseLost. Not before an ack: the lease is
             # renewed until the ack is answered (below).
@@ -1076,10 +1087,12 @@ class Worker:
 
     def _heartbeat_interval(self, job: Job) -> float:
         """`heartbeat_every`, or a third of the lease the broker gave `job`;
-        HEARTBEAT_MIN at least."""
-        if self.heartbeat_every is not None:
-            return max(HEARTBEAT_MIN, self.heartbeat_every)
-        return max(HEARTBEAT_MIN, self._lease_of(job) / 3)
+        half that lease at most (a topic's lease may be lowered under a
+        Worker's `heartbeat_every`: the first heartbeat would be due after the
+        lease ran out); HEARTBEAT_MIN at least."""
+        lease = self._lease_of(job)
+        every = lease / 3 if self.heartbeat_every is None else min(self.heartbeat_every, lease / 2)
+        return max(HEARTBEAT_MIN, every)
 
     def _lease_of(self, job: Job) -> float:
         """The lease the broker gave `job`, and gives each heartbeat of it, in
@@ -1114,25 +1127,27 @@ class Worker:
         while True:
             sent = time.monotonic()
             due = sent + every
+            # Each heartbeat has until the next is due, or the lease runs out if
+            # sooner: one left unanswered (a lost packet, a stuck proxy) must
+            # not hold back those after it, nor the lease's end being noticed
+            # (the client's own timeout, 30 s, is a whole default lease). Not
+            # an asyncio.timeout alone: one as long as the client's timeout
+            # would be lost (calls_within).
+            within = max(HEARTBEAT_MIN, min(every, held.lease_ends - sent))
             try:
-                # Each heartbeat has until the next is due: one left unanswered
-                # (a lost packet, a stuck proxy) must not hold back those after
-                # it while the lease runs out (the client's own timeout, 30 s,
-                # is a whole default lease). Not an asyncio.timeout alone: one
-                # as long as the client's timeout would be lost (calls_within).
-                async with calls_within(every):
+                async with calls_within(within):
                     await self.client.heartbeat(held.job, self.lease)
             except (LeaseLost, JobNotFound) as exc:
                 held.cancelled = isinstance(exc, JobCancelled)
                 await self._lose(held)
                 return
             except Exception as exc:
-                unanswered = isinstance(exc, TimeoutError) and time.monotonic() >= due
+                unanswered = isinstance(exc, TimeoutError) and time.monotonic() >= sent + within
                 log.warning(
                     "job %s: heartbeat failed (%.3g s of its lease left): %s",
                     held.job.id,
                     max(0.0, held.lease_ends - time.monotonic()),
-                    f"no answer in {every:.3g} s" if unanswered else exc,
+                    f"no answer in {within:.3g} s" if unanswered else exc,
                     exc_info=not isinstance(exc, SimpleQueueError | TimeoutError),
                 )
             else:
