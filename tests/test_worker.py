@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from simplequeue.api import MAX_BATCH
-from simplequeue.client import Backoff, Client, Done, Job, Tasks, Worker
+from simplequeue.client import Backoff, Client, Done, Job, Tasks, Worker, calls_within
 from simplequeue.client.worker import AHEAD_MAX, TAKE_BACK_WITHIN, ClaimAhead
 from simplequeue.errors import BrokerUnavailable, Unauthorized
 from simplequeue.objstore.memfs import MemStore
@@ -2308,3 +2308,36 @@ async def test_a_second_signal_cancels_coroutine_handlers_while_a_thread_runs(q:
     finally:
         release.set()
         await asyncio.wait_for(run, 15)
+
+
+async def test_jobs_started_by_a_handlers_stop_do_not_inherit_its_calls_within_bound(
+    start_broker: StartBroker,
+) -> None:
+    """A handler awaiting worker.stop() lends its slot: the jobs claimed ahead
+    started in its own context, and each one's end started the next in it
+    too. A handler that bounds its calls (calls_within, as README says) and
+    stops within the block passed its deadline on to those jobs: once it was
+    out, their acks failed at once ("no time left for the request"), and a
+    job that ran to its end was not acked, to run again when its lease ran
+    out (review finding). Jobs start from run()'s context."""
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as direct, Client(broker.url, topic="t") as q:
+        await direct.settings(lease=0.6)
+        first = await direct.enqueue("stops")
+        second = await direct.enqueue("runs after")
+        ran: list[str] = []
+
+        async def handler(job: Job) -> None:
+            if job.id == first:
+                await until(lambda: len(worker._ready) == 1)  # the next job is claimed
+                with contextlib.suppress(TimeoutError):  # it gave up waiting: its job is done
+                    async with calls_within(0.3):  # its own calls bounded
+                        await worker.stop()
+                return
+            await asyncio.sleep(1.5)  # heartbeats are due every 0.2 s
+            ran.append(job.id)
+
+        worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0, handle_signals=False)
+        await asyncio.wait_for(worker.run(), 15)
+        assert ran == [second], "a healthy job was cancelled as lost"
+        assert (await direct.job(second)).status == "completed"

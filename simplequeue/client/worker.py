@@ -355,6 +355,10 @@ class Worker:
         self._answers: dict[int, tuple[int, list[Job] | None, float]] = {}
         self._done = asyncio.Event()
         self._done.set()  # not running: stop() returns at once
+        # run()'s context, which each job's task starts from (a copy): a job
+        # started by another job's end or stop() must not inherit its context
+        # (a calls_within() bound, the handler's own context variables).
+        self._context = contextvars.copy_context()
         # Handlers in threads (plain functions, plain-def tasks) run here, as
         # many at once as the slots (made at the first job of a run).
         self._pool: ThreadPoolExecutor | None = None
@@ -378,6 +382,7 @@ class Worker:
         if self._failed is not None:  # it gave up for good: a new Worker may do better
             raise self._failed
         self._done.clear()
+        self._context = contextvars.copy_context()
         self._signalled, self._giving_back = 0, []
         self._now.clear()
         loop = asyncio.get_running_loop()
@@ -792,7 +797,9 @@ class Worker:
     def _start_ready(self) -> None:
         while self._ready and len(self._running - self._lent) < self.concurrency:
             held = self._ready.popleft()
-            task = asyncio.create_task(self._process(held), name=f"job:{held.job.id}")
+            task = asyncio.create_task(
+                self._process(held), name=f"job:{held.job.id}", context=self._context.copy()
+            )
             self._running.add(task)
             self._holding[task] = held
             task.add_done_callback(self._finished)
