@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from simplequeue import api, keys
-from simplequeue.client import Client, Job, Worker, calls_within
+from simplequeue.client import Client, Done, Job, Worker, calls_within
 from simplequeue.client import client as client_module
 from simplequeue.client.worker import TAKE_BACK_WITHIN
 from simplequeue.errors import (
@@ -990,6 +990,63 @@ async def test_a_second_signal_leaves_acks_a_stalled_broker_does_not_answer() ->
                 worker._on_signal()
                 assert await returned_after(run) < TAKE_BACK_WITHIN + 1
                 assert (worker.processed, worker.unacked) == (0, 1)
+        finally:
+            forever.set()
+
+
+async def test_a_burst_worker_run_again_after_a_second_signal_stops_once_empty() -> None:
+    """A second signal aborts the acks left unanswered. The queued ones never
+    reached the batch's send, the only place acks with follow-ups were counted
+    settled: each stayed counted unsettled for good, and a burst Worker run
+    again (README: "a burst worker run now and then") never found the topic
+    empty: it waited for ever for follow-ups that would never land, on a
+    topic with nothing in it (review finding). Each ack is counted settled
+    as its outcome is known, aborted ones included."""
+    stalled = True
+    forever = asyncio.Event()
+    claims = 0
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal claims
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            claims += 1
+            if claims == 1:
+                return web.json_response({"jobs": [claimed_job(1), claimed_job(2)]})
+            return web.Response(status=404, body=NOTHING, content_type="application/json")
+        if request.path.endswith("/status"):
+            return web.json_response(dict.fromkeys(api.Counts.__struct_fields__, 0))
+        if request.path.endswith("/ack"):
+            if stalled:
+                await forever.wait()
+            return acked(body)
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    async def handler(job: Job) -> Any:
+        await asyncio.sleep(0.1 if job.id == "j1" else 0.5)  # j2's ack queues behind j1's
+        return Done(None, enqueue=[{"payload": "next"}])
+
+    async with serving(broker) as url:
+        try:
+            async with Client(url, topic="t") as q:
+                worker = Worker(
+                    q, handler, concurrency=2, prefetch=0, burst=True, handle_signals=False
+                )
+                run = asyncio.create_task(worker.run())
+                await until(lambda: not worker._running and len(worker._acks) == 1)
+                worker._on_signal()
+                await asyncio.sleep(0.1)
+                worker._on_signal()  # the acks are left to their leases 2 s on
+                await prompt(run)
+                stalled = False
+                forever.set()
+                unsettled = worker._follow_ups_unsettled
+                # The topic is empty now: a burst run returns at once.
+                try:
+                    await asyncio.wait_for(worker.run(), 5.0)
+                except TimeoutError:
+                    raise AssertionError(f"hung; follow-ups unsettled: {unsettled}") from None
+                assert worker._follow_ups_unsettled == 0
         finally:
             forever.set()
 

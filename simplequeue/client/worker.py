@@ -891,10 +891,19 @@ class Worker:
         # would let the job be claimed and run again. (One out when the ack
         # lands is answered LeaseLost, which is then nobody's concern.)
         self._acking.add(held)
-        self._acks.post((job, result, follow_ups)).add_done_callback(lambda _: self._acked(held))
+        acked = self._acks.post((job, result, follow_ups))
+        acked.add_done_callback(lambda _: self._acked(held, bool(follow_ups)))
 
-    def _acked(self, held: _Claimed) -> None:
-        """`held`'s ack was answered, or failed: its lease is no longer ours to keep."""
+    def _acked(self, held: _Claimed, follow_ups: bool) -> None:
+        """`held`'s ack was answered, or failed, or was aborted (a second
+        signal): its lease is no longer ours to keep, and its follow-ups are
+        settled. Counted here, not where a batch is sent: an ack aborted
+        while queued never is, and counted unsettled for good it would keep a
+        burst Worker run again from ever finding the topic empty."""
+        if follow_ups:
+            self._follow_ups_unsettled -= 1
+            self._dry = False  # a burst worker that found the topic empty looks again
+            self._room.set()
         if held in self._acking:
             self._acking.discard(held)
             _cancel_beats(held)
@@ -1050,8 +1059,6 @@ class Worker:
             )
             self.unacked += len(acks)
             return [exc] * len(acks)
-        finally:
-            self._follow_ups_landed(sum(1 for _, _, follow_ups in acks if follow_ups))
         outcomes: list[str | BaseException] = []
         for (job, _, _), answer in zip(acks, answers, strict=True):
             if isinstance(answer, InvalidRequest) or answer.get("status") == "invalid":
@@ -1083,14 +1090,6 @@ class Worker:
                 return [exc]
         half = len(acks) // 2
         return [*await self._ack_in_parts(acks[:half]), *await self._ack_in_parts(acks[half:])]
-
-    def _follow_ups_landed(self, count: int) -> None:
-        """`count` acks with follow-ups were answered (or failed): a burst
-        worker that found the topic empty looks again."""
-        if count:
-            self._follow_ups_unsettled -= count
-            self._dry = False
-            self._room.set()
 
     def _heartbeat_interval(self, job: Job) -> float:
         """`heartbeat_every`, or a third of the lease the broker gave `job`;
