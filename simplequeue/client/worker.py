@@ -264,8 +264,8 @@ class Worker:
     requests and writes per job; 0 for long jobs, so that none waits here
     while another worker is idle).
     A handler still running `timeout` seconds after it started is cancelled and
-    its job failed (a plain function's thread cannot be stopped: it runs on, its
-    result unused, while its slot takes another job).
+    its job failed (a plain function's thread cannot be stopped: it runs on,
+    keeping its slot and its job's lease, and the job fails when it returns).
 
     run() returns after stop() or a signal; with `burst`, also once the topic is
     empty (a claim found nothing while nothing ran or waited here, and no job
