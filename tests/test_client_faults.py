@@ -764,6 +764,43 @@ async def test_a_worker_picks_up_a_job_soon_after_its_broker_restarts() -> None:
     assert latency < 2.0, f"picked up {latency:.1f} s after it was enqueued"
 
 
+async def test_a_worker_does_not_spin_on_claims_answered_only_jobs_it_holds() -> None:
+    """A claim answered only jobs the Worker holds already (a broker's or a
+    proxy's fault), all skipped, kept no place: it was sent again at once,
+    answered so again, in a tight loop for as long as the job ran (review
+    finding). Such an answer is an empty one: the claim keeps its place."""
+    claims = 0
+    done = False
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal claims, done
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            claims += 1
+            if done:
+                return web.Response(status=404, body=NOTHING, content_type="application/json")
+            return web.json_response({"jobs": [claimed_job(1)]})  # the same, every time
+        if request.path.endswith("/ack"):
+            done = True
+            return acked(body)
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    ran: list[str] = []
+
+    async def handler(job: Job) -> None:
+        await asyncio.sleep(1.0)
+        ran.append(job.id)
+
+    async with serving(broker) as url, Client(url, topic="t") as q:
+        worker = Worker(q, handler, concurrency=1, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        await until(lambda: worker.processed == 1)
+        await prompt(worker.stop())
+        await run
+    assert ran == ["j1"]
+    assert claims <= 6, claims  # two in flight, each held a second
+
+
 class RepeatingClaims(Client):
     """Its first claims answer the jobs `answers` lists, some twice or again,
     as a broker at fault might, whatever the client checks; later ones find

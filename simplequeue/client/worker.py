@@ -637,6 +637,10 @@ class Worker:
                 )
                 took = time.monotonic() - sent
                 self.ahead.claimed(took, count, len(jobs))
+                # Only jobs held here already (a broker's fault) is an empty
+                # answer: held for nothing, the claim would be sent again at
+                # once, and answered so again, in a tight loop.
+                jobs = self._not_held(jobs)
                 if self.burst and not jobs:
                     jobs = await self._held_back(count, attempt)
             # Answered empty before its long poll was out (a stopping broker
