@@ -1032,6 +1032,59 @@ async def test_work_bounds_the_stdout_it_reads_without_q(cli: Cli) -> None:
     assert "more than 100000 bytes to stdout" in job["last_error"], job
 
 
+# Grows its stdout pipe to 1 MiB (F_SETPIPE_SZ), fills 300 KB of it, then runs on:
+# the worker's first read of it passes asyncio's reader its limit twice over.
+FLOOD = (
+    "import fcntl, sys, time\n"
+    "fcntl.fcntl(1, 1031, 1 << 20)\n"
+    "sys.stdout.buffer.write(b'x' * 300_000); sys.stdout.flush()\n"
+    "time.sleep(60)\n"
+)
+
+
+async def test_a_command_past_max_output_is_stopped_whatever_its_reader_holds() -> None:
+    """Past its bound, stdout was read no more. A reader holding more than
+    twice its limit (128 KiB) had paused the pipe, whose end was then never
+    read, and proc.wait() waited for it for ever: `work` hung with the job
+    held (now and then under load, when the command wrote faster than the
+    worker read: the timeouts of the two tests above)."""
+    from simplequeue.client.cli import communicate_bounded, stop_command
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        FLOOD,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(10):  # it is killed at once
+            out, _ = await communicate_bounded(proc, b"", 1000)
+    finally:
+        stop_command(proc)  # killed already, unless it hung
+    assert out is None and proc.returncode == -9
+
+
+async def test_work_fails_a_job_whose_command_floods_stdout_rather_than_hang(cli: Cli) -> None:
+    await cli.json("enqueue", "1", "--id", "flood", "--max-attempts", "1")
+    done = await cli(
+        "work",
+        "--max-jobs",
+        "1",
+        "--max-output",
+        "1000",
+        "--",
+        sys.executable,
+        "-c",
+        FLOOD,
+        within=20,
+    )
+    assert done.returncode == 0, done.stderr
+    job = await cli.json("job", "flood")
+    assert job["status"] == "dead" and "more than 1000 bytes" in job["last_error"], job
+
+
 async def test_work_keeps_the_end_of_stderr_only() -> None:
     """stderr was read whole whatever its size (CLI review note), though a
     failed job keeps only its end as the error."""

@@ -857,10 +857,13 @@ def stop_command(proc: asyncio.subprocess.Process) -> None:
     """SIGKILL the command and every process of its group: a shell script's
     children too, which would otherwise run on for a job given up and hold
     its pipes open (nothing reading them, or waiting for them to close)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # a group of its own: the command too
+    except (ProcessLookupError, PermissionError):
+        # proc.kill() reaps the command first if it can (Popen.poll): asyncio's
+        # child watcher then finds it gone, and reports its exit as 255.
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
 
 def check_exit(proc: asyncio.subprocess.Process, err: bytes) -> None:
@@ -951,6 +954,12 @@ async def communicate_bounded(
             out += chunk
             if len(out) > limit:
                 stop_command(proc)
+                # Read on to the pipe's end, dropped: a reader left holding more
+                # than twice its limit paused the pipe, whose end then never
+                # came, and proc.wait() (which waits for every pipe to close)
+                # waited for ever, the job held.
+                while await stdout.read(64 * 1024):
+                    pass
                 return None
         return bytes(out)
 
