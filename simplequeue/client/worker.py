@@ -991,21 +991,28 @@ class Worker:
         what it failed with; after a second signal (it may come meanwhile),
         TAKE_BACK_WITHIN seconds at most: a broker that does not answer must
         not hold up a stop asked for now. Then the job is left to its lease."""
-        settling = asyncio.ensure_future(self._settled(job, call, within))
-        now = asyncio.ensure_future(self._now.wait())
-        try:
-            await asyncio.wait([settling, now], return_when=asyncio.FIRST_COMPLETED)
-            if not settling.done():
-                await asyncio.wait([settling], timeout=TAKE_BACK_WITHIN)
-        finally:
-            now.cancel()
-            settling.cancel()
-        if not settling.done():  # cut short just now
+        if not await self._unless_stopped_now(self._settled(job, call, within)):
             log.warning(
                 "job %s: unanswered %g s after the second signal: left to its lease",
                 job.id,
                 TAKE_BACK_WITHIN,
             )
+
+    async def _unless_stopped_now(self, waited: Awaitable[Any]) -> bool:
+        """Await `waited`; after a second signal (it may come meanwhile),
+        TAKE_BACK_WITHIN seconds more at most, then it is cancelled: whether
+        it ended (False: cut short, what it waited for left to the leases)."""
+        future = asyncio.ensure_future(waited)
+        now = asyncio.ensure_future(self._now.wait())
+        try:
+            await asyncio.wait([future, now], return_when=asyncio.FIRST_COMPLETED)
+            if not future.done():
+                await asyncio.wait([future], timeout=TAKE_BACK_WITHIN)
+        finally:
+            now.cancel()
+            ended = future.done()
+            future.cancel()
+        return ended
 
     async def _settled(self, job: Job, call: Awaitable[Any], within: float | None) -> None:
         """_settle()'s `call`, awaited within `within` seconds."""
@@ -1026,15 +1033,7 @@ class Worker:
         """Wait until the acks posted are answered; after a second signal (it
         may come meanwhile), TAKE_BACK_WITHIN seconds at most: the jobs of
         those still unanswered are left to their leases."""
-        flushed = asyncio.ensure_future(self._acks.flush())
-        now = asyncio.ensure_future(self._now.wait())
-        try:
-            await asyncio.wait([flushed, now], return_when=asyncio.FIRST_COMPLETED)
-            if not flushed.done():
-                await asyncio.wait([flushed], timeout=TAKE_BACK_WITHIN)
-        finally:
-            now.cancel()
-            flushed.cancel()  # the wait only: flush() shields the batch in flight
+        await self._unless_stopped_now(self._acks.flush())  # it shields the batch in flight
         if self._acks.busy:  # stopped now, acks unanswered
             log.warning(
                 "%d acks unanswered %g s after the second signal: their jobs are left"
