@@ -70,6 +70,15 @@ class Cli:
         return orjson.loads(done.stdout)
 
 
+async def flooded(cli: Cli, *work: str, within: float = 20) -> Any:
+    """Job "flood" (one attempt) as it is after `work --max-jobs 1 WORK...`
+    ran it and returned 0: the command writing more than work reads."""
+    await cli.json("enqueue", "1", "--id", "flood", "--max-attempts", "1")
+    done = await cli("work", "--max-jobs", "1", *work, within=within)
+    assert done.returncode == 0, done.stderr
+    return await cli.json("job", "flood")
+
+
 @pytest.fixture
 async def broker(start_broker: StartBroker) -> Any:
     return await start_broker(MemStore())
@@ -837,21 +846,7 @@ async def test_work_q_fails_the_job_when_a_shell_scripts_child_writes_too_much(
     was killed: the child kept the pipes open and blocked on stdout, and
     `work` hung with the job claimed (review finding). The command's whole
     process group is killed now."""
-    await cli.json("enqueue", "1", "--id", "flood", "--max-attempts", "1")
-    done = await cli(
-        "work",
-        "-Q",
-        "out",
-        "--max-jobs",
-        "1",
-        "--",
-        "sh",
-        "-c",
-        "cat >/dev/null; yes '[1]'",
-        within=10,
-    )
-    assert done.returncode == 0, done.stderr
-    job = await cli.json("job", "flood")
+    job = await flooded(cli, "-Q", "out", "--", "sh", "-c", "cat >/dev/null; yes '[1]'", within=10)
     assert job["status"] == "dead" and "more than 1048576 bytes" in job["last_error"]
 
 
@@ -1013,21 +1008,7 @@ async def test_work_bounds_the_stdout_it_reads_without_q(cli: Cli) -> None:
     """Without -Q, stdout was read whole whatever its size (CLI review note): a
     command writing without end filled the worker's memory. It is bounded by
     --max-output now, as with -Q, the command killed past it."""
-    await cli.json("enqueue", "1", "--id", "flood", "--max-attempts", "1")
-    done = await cli(
-        "work",
-        "--max-jobs",
-        "1",
-        "--max-output",
-        "100000",
-        "--",
-        "sh",
-        "-c",
-        "cat >/dev/null; yes 'x'",
-        within=20,
-    )
-    assert done.returncode == 0, done.stderr
-    job = await cli.json("job", "flood")
+    job = await flooded(cli, "--max-output", "100000", "--", "sh", "-c", "cat >/dev/null; yes 'x'")
     assert job["status"] == "dead"
     assert "more than 100000 bytes to stdout" in job["last_error"], job
 
@@ -1067,21 +1048,7 @@ async def test_a_command_past_max_output_is_stopped_whatever_its_reader_holds() 
 
 
 async def test_work_fails_a_job_whose_command_floods_stdout_rather_than_hang(cli: Cli) -> None:
-    await cli.json("enqueue", "1", "--id", "flood", "--max-attempts", "1")
-    done = await cli(
-        "work",
-        "--max-jobs",
-        "1",
-        "--max-output",
-        "1000",
-        "--",
-        sys.executable,
-        "-c",
-        FLOOD,
-        within=20,
-    )
-    assert done.returncode == 0, done.stderr
-    job = await cli.json("job", "flood")
+    job = await flooded(cli, "--max-output", "1000", "--", sys.executable, "-c", FLOOD)
     assert job["status"] == "dead" and "more than 1000 bytes" in job["last_error"], job
 
 
