@@ -161,8 +161,10 @@ async def test_enqueue_file_from_a_pipe_sends_batches_before_the_pipe_ends(
     """`producer | simplequeue enqueue --file -` read and parsed its whole
     input before sending the first batch: a producer that keeps its pipe open
     enqueued nothing until it ended, and every payload was held in memory (a
-    100 MB file: 470 MB of RSS) (review of the CLI). A bad line mid-pipe
-    stops it there, saying what was enqueued."""
+    100 MB file: 470 MB of RSS) (review of the CLI). Then a batch not yet
+    full waited for more lines or the pipe's end: its lines are sent once
+    none has come for LINGER (round 25). A bad line mid-pipe stops it there,
+    saying what was enqueued."""
     proc = await asyncio.create_subprocess_exec(
         *cli.argv("enqueue", "--file", "-"),
         stdin=asyncio.subprocess.PIPE,
@@ -176,11 +178,10 @@ async def test_enqueue_file_from_a_pipe_sends_batches_before_the_pipe_ends(
         await proc.stdin.drain()
         async with Client(broker.url, topic="jobs") as q:
 
-            async def sent() -> bool:
-                return (await q.status())["pending"] >= 1000
+            async def sent() -> bool:  # 2 full batches, then the 200 lines left
+                return (await q.status())["pending"] == 1200
 
             await until_async(sent, within=30)
-            assert (await q.status())["pending"] == 1000  # 2 batches sent; 200 lines wait
         proc.stdin.write(b"{broken\n")
         await proc.stdin.drain()
     finally:
@@ -189,8 +190,8 @@ async def test_enqueue_file_from_a_pipe_sends_batches_before_the_pipe_ends(
     last = err.decode().strip().splitlines()[-1]
     assert proc.returncode == 1 and out == b"", err
     assert last.startswith("Error: line 1201: not valid JSON"), last
-    assert last.endswith("(1000 jobs were enqueued: through line 1000)"), last
-    assert (await cli.json("status", "--json"))["pending"] == 1000
+    assert last.endswith("(1200 jobs were enqueued: through line 1200)"), last
+    assert (await cli.json("status", "--json"))["pending"] == 1200
 
 
 async def test_enqueue_file_sizes_its_batches_by_bytes_not_lines(cli: Cli, tmp_path: Path) -> None:

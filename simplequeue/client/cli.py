@@ -17,9 +17,10 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import click
 import msgspec
@@ -34,10 +35,17 @@ from simplequeue.client.worker import Worker
 from simplequeue.errors import InvalidRequest, PayloadTooLarge, SimpleQueueError
 from simplequeue.storeflags import FiniteRange, StoreFlags, checked, store_options
 
+T = TypeVar("T")
+
 # enqueue --file: jobs per request, and their lines' bytes at most (half the
 # broker's default --max-body: a request also carries each job's id and options).
 BATCH = 500
 BATCH_BYTES = 512 * 1024
+# enqueue --file from a pipe: a batch not yet full is sent once no line has
+# come for this long (its producer may keep the pipe open between bursts), and
+# the lines read ahead of what was sent are this many batches at most.
+LINGER = 0.2
+READ_AHEAD = 2
 # What one job of `work` may pass on: the follow-ups of one ack with -Q (the
 # API's cap), and stdout read (--max-output), so that a runaway command cannot
 # exhaust the worker. Of stderr, the error of a failed job, the end is kept.
@@ -208,9 +216,9 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     default=None,
     help="JSON lines, one payload per line ('-' for stdin), sent in batches of up to 500"
     " (or 512 KB). A file, stdin redirected from one too, is checked whole before any is"
-    " sent. Input that cannot be read twice (a pipe, <(cmd), a FIFO) is sent a batch at a"
-    " time as its lines arrive, the rest when it closes (nothing is sent on a timer), and a"
-    " bad line stops the command there, the batches before it enqueued.",
+    " sent. Input that cannot be read twice (a pipe, <(cmd), a FIFO) is sent as its lines"
+    " arrive: a batch once full, or once no line has come for 0.2 s; a bad line stops the"
+    " command there, the batches before it enqueued.",
 )
 @run
 async def enqueue(
@@ -273,9 +281,10 @@ async def enqueue_file(
     """Enqueue each line's payload, in batches; how many were. A regular file
     is read twice: every line is checked before the first batch is sent (a bad
     line enqueues nothing), and none is held in memory. A pipe (any input
-    that cannot be read twice) is read once, each batch sent once it is full:
-    its producer may keep it open, and a bad line stops the command there,
-    the batches before it enqueued."""
+    that cannot be read twice) is read once, on a thread (piped_runs), each
+    batch sent once it is full or no line has come for LINGER: its producer
+    may keep it open, and a bad line stops the command there, the batches
+    before it enqueued."""
     total = None
     if lines.seekable():
         start = lines.tell()
@@ -288,17 +297,20 @@ async def enqueue_file(
     if max_attempts is not None:
         extra["max_attempts"] = max_attempts
     enqueued, through = 0, 0
-    read = click.progressbar(
-        lines_of(lines),
-        length=total,
-        label="enqueue",
-        file=sys.stderr,
-        show_pos=total is None,
-        update_min_steps=BATCH,
-    )
+    runs: AsyncIterator[list[Line]]
+    if total is None:
+        # Moved on as runs are read (an input read on a thread of its own).
+        nothing: Iterator[Line] = iter(())
+        read = click.progressbar(nothing, label="enqueue", file=sys.stderr, show_pos=True)
+        runs = piped_runs(lines, read.update)
+    else:
+        read = click.progressbar(
+            lines_of(lines), length=total, label="enqueue", file=sys.stderr, update_min_steps=BATCH
+        )
+        runs = _as_async(runs_within(read, _bytes_of, BATCH_BYTES, BATCH))
     try:
         with read:
-            for batch in runs_within(read, lambda line: line[1], BATCH_BYTES, BATCH):
+            async for batch in runs:
                 ids: list[str] = []
                 try:
                     await enqueue_in_halves(
@@ -314,6 +326,61 @@ async def enqueue_file(
         done = f"through line {through}" if enqueued else "none"
         raise click.ClickException(f"{why} ({enqueued}{of} jobs were enqueued: {done})") from None
     return enqueued
+
+
+def _bytes_of(line: Line) -> int:
+    return line[1]
+
+
+async def _as_async(items: Iterator[T]) -> AsyncIterator[T]:
+    for item in items:
+        yield item
+
+
+async def piped_runs(lines: BinaryIO, read: Callable[[int], None]) -> AsyncIterator[list[Line]]:
+    """The lines of `lines` (input that cannot be read twice) in runs of
+    BATCH lines and BATCH_BYTES at most, a run cut short once no line has come
+    for LINGER; `read` is told how many lines each run holds. The input is
+    read, and its lines checked, on a thread of its own (a daemon: the command
+    may end while it waits for a line), READ_AHEAD runs ahead at most."""
+    loop = asyncio.get_running_loop()
+    arrived: asyncio.Queue[Line | BaseException | None] = asyncio.Queue()
+    room = threading.Semaphore(READ_AHEAD * BATCH)
+
+    def hand(item: Line | BaseException | None) -> None:
+        loop.call_soon_threadsafe(arrived.put_nowait, item)
+
+    def reading() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the command ended
+            try:
+                for line in lines_of(lines):
+                    room.acquire()
+                    hand(line)
+            except Exception as exc:  # BadLine, or the input failed (OSError)
+                hand(exc)
+            else:
+                hand(None)
+
+    threading.Thread(target=reading, name="enqueue --file", daemon=True).start()
+    ended = False
+    while not ended:
+        got: list[Line] = []
+        while len(got) < BATCH:
+            try:
+                async with asyncio.timeout(LINGER if got else None):
+                    line = await arrived.get()
+            except TimeoutError:  # a quiet pipe: what came is sent
+                break
+            if isinstance(line, BaseException):
+                raise line
+            if line is None:
+                ended = True
+                break
+            room.release()
+            got.append(line)
+        for run in runs_within(got, _bytes_of, BATCH_BYTES, BATCH):
+            read(len(run))
+            yield run
 
 
 async def enqueue_in_halves(client: Client, jobs: list[dict[str, Any]], ids: list[str]) -> None:
