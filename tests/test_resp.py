@@ -1781,6 +1781,88 @@ async def test_a_pipeline_of_pushes_is_done_and_answered_for_a_client_that_half_
         assert (pending, got) == (3, b":2\r\n:3\r\n")
 
 
+async def _half_close_during(
+    broker: Broker, store: FaultyStore, pipeline: list[tuple[str, ...]]
+) -> bytes:
+    """Send `pipeline`, half-close while its group waits on a held head PUT
+    (store.gate), release it, and read what the broker sends before closing."""
+    store.gate = asyncio.Event()
+    client = await Raw.open(port_of(broker))
+    await client.write(b"".join(hiredis.pack_command(frame) for frame in pipeline))
+    assert broker.redis is not None
+    [conn] = broker.redis.connections
+    await until(lambda: conn.watched > 0)  # the group runs, watched for a hangup
+    client.writer.write_eof()  # done sending; still reading
+    await conn.left.wait()
+    store.gate.set()
+    got = await client.rest()
+    await client.close()
+    return got
+
+
+async def test_a_pipelined_push_beside_a_pop_is_answered_for_a_client_that_half_closes(
+    start_broker: StartBroker,
+) -> None:
+    """RPUSH p a; LPOP q pipelined, then a half-close, the producer reading on:
+    the RPUSH landed, but the client's leaving was taken to drop every reply
+    of the group, the push's too; a producer that retries a push left
+    unanswered enqueued it twice (review of the RESP face, round 25). The pop
+    took nothing: both are answered, as a group of pushes alone is."""
+    store = FaultyStore(MemStore(), target="topics/p")
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    got = await _half_close_during(broker, store, [("RPUSH", "p", "a"), ("LPOP", "q")])
+    assert got == b":1\r\n$-1\r\n"
+    assert (await broker.engine.status("p"))["pending"] == 1
+
+
+async def test_a_pipeline_that_half_closes_is_answered_up_to_its_first_pop_that_took_a_job(
+    start_broker: StartBroker,
+) -> None:
+    """RPUSH p a; LPOP q; RPUSH p b with a job in q, then a half-close: the
+    pop's job goes back (its reply might reach nobody), and the replies
+    before it still go out, a valid stream in order, then the connection
+    closes. Before, none went out though both pushes landed (review of the
+    RESP face, round 25)."""
+    store = FaultyStore(MemStore(), target="topics/p")
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    await broker.engine.push("q", [api.JobSpec("job")])
+    got = await _half_close_during(
+        broker, store, [("RPUSH", "p", "a"), ("LPOP", "q"), ("RPUSH", "p", "b")]
+    )
+    assert got == b":1\r\n"
+    assert (await broker.engine.status("p"))["pending"] == 2
+    async with aiohttp.ClientSession() as session:
+        await pending_again(Http(session, broker.url), "q")
+
+
+async def test_a_pipeline_with_a_pop_after_a_half_close_runs_up_to_the_pop(
+    start_broker: StartBroker,
+) -> None:
+    """A group that starts once its client has half-closed: the pushes before
+    its first pop run and are answered (as a push alone is), the pop and what
+    follows it do not run (its reply might reach nobody), and the connection
+    closes. Before, none of the group ran (review of the RESP face, round 25)."""
+    store = FaultyStore(MemStore(), target="topics/p")
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    await broker.engine.push("q", [api.JobSpec("job")])
+    store.gate = asyncio.Event()
+    client = await Raw.open(port_of(broker))
+    await client.send("RPUSH", "p", "x")
+    assert broker.redis is not None
+    [conn] = broker.redis.connections
+    await until(lambda: conn.busy)  # held: the group below starts after the EOF
+    group = [("RPUSH", "p", "a"), ("LPOP", "q"), ("RPUSH", "p", "b")]
+    await client.write(b"".join(hiredis.pack_command(frame) for frame in group))
+    client.writer.write_eof()
+    await conn.left.wait()
+    store.gate.set()
+    got = await client.rest()
+    await client.close()
+    assert got == b":1\r\n:2\r\n"
+    assert (await broker.engine.status("p"))["pending"] == 2
+    assert (await broker.engine.status("q"))["pending"] == 1
+
+
 async def test_a_client_that_leaves_after_a_malformed_request_gets_its_pop_undone(
     start_broker: StartBroker,
 ) -> None:

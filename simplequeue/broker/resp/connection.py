@@ -28,7 +28,15 @@ from simplequeue.broker.resp.commands import (
     Session,
     admitted,
 )
-from simplequeue.broker.resp.wire import Reply, Requests, RespError, encode, error_of, upper
+from simplequeue.broker.resp.wire import (
+    NULL_ARRAY,
+    Reply,
+    Requests,
+    RespError,
+    encode,
+    error_of,
+    upper,
+)
 from simplequeue.broker.settings import parse_addr
 from simplequeue.errors import SimpleQueueError
 
@@ -60,7 +68,12 @@ Frame = list[bytes] | RespError | None  # a request, an unparseable one, or the 
 
 class Hangup(Exception):
     """A blocking command gave up (the client left, or the server is stopping),
-    or a pop did (the client left)."""
+    or a pop did (the client left). `answered`: the replies that still go out
+    before the connection closes (a pipeline's, up to its first pop)."""
+
+    def __init__(self, answered: list[Reply] | None = None) -> None:
+        super().__init__()
+        self.answered = answered or []
 
 
 class Frames:
@@ -142,7 +155,9 @@ class Connection:
                 self.busy = True
                 try:
                     replies = await self._execute(group)
-                except Hangup:
+                except Hangup as gone:
+                    for reply in gone.answered:
+                        self._send(reply)
                     break
                 finally:
                     self.busy = False
@@ -172,7 +187,12 @@ class Connection:
         # end (its pushes land, as Redis's would): reading goes on meanwhile,
         # to see the client leave.
         if self.left.is_set():
-            raise Hangup
+            # Gone, or only done sending (a half-close) and reading on: a pop's
+            # reply might reach nobody, but a push's must reach a client that
+            # would send it again. What comes before the first pop runs, as
+            # it would alone, and is answered; the rest does not.
+            first_pop = next(i for i, frame in enumerate(group) if upper(frame[0]) in POPS)
+            raise Hangup(await self._execute_group(group[:first_pop]) if first_pop else [])
         owing: list[tuple[str, str]] = []
         self.session.owing = owing
         self.watched += 1
@@ -185,9 +205,13 @@ class Connection:
         finally:
             self.watched -= 1
             self.session.owing = None
-        if self.left.is_set():  # nobody to answer
+        if self.left.is_set() and owing:
+            # Its pops' jobs go back. The replies before the first of them
+            # that took one still go out, in order, then the connection
+            # closes: the replies after it would not follow on from them.
             self._give_back(owing)
-            raise Hangup
+            took = next((i for i, r in enumerate(replies) if _took_a_job(group[i], r)), 0)
+            raise Hangup(replies[:took])
         for topic, attempt_id in owing:  # answered now: no undo will come
             self.session.engine.forget_pop(topic, attempt_id, self.session.worker_id)
         return replies
@@ -318,6 +342,13 @@ class Connection:
             for t in (task, hangup):
                 t.cancel()
             await asyncio.gather(task, hangup, return_exceptions=True)
+
+
+def _took_a_job(frame: list[bytes], reply: Reply) -> bool:
+    """Whether `reply` answers a pop with a job: a value, or a non-empty array."""
+    if upper(frame[0]) not in POPS or isinstance(reply, RespError):
+        return False
+    return reply is not None and reply is not NULL_ARRAY and reply != []
 
 
 def _pipelined_group(first: list[bytes], frames: Frames, ahead: list[Frame]) -> list[list[bytes]]:
