@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
 from simplequeue import __version__, api, keys
-from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, connection
+from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, commands, connection
 from simplequeue.broker.resp.connection import QUEUED_FRAMES
 from simplequeue.broker.resp.wire import Requests, RespError
 from simplequeue.broker.server import Broker
@@ -499,6 +499,31 @@ async def test_blpop_on_several_keys_is_woken_by_any_and_leaves_the_others_alone
     assert await other.lpop("a") == b"y"
 
 
+@pytest.mark.parametrize("name", ["BLPOP", "BRPOP"])
+async def test_a_blpop_over_more_than_max_keys_is_refused_and_one_at_the_cap_works(
+    start_broker: StartBroker, name: str
+) -> None:
+    """Each key of a BLPOP is a long poll of its own, reading a topic not yet
+    created from the store once a second: one 1 MB request could name 85,000
+    keys, 3,000 of them cost 12,000 store GETs over 2 s (review of the RESP
+    face, round 25). Past MAX_KEYS it is refused, nothing done."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    r = connect(broker, protocol=2)
+    keys = [f"k{i}" for i in range(commands.MAX_KEYS + 1)]
+    try:
+        await r.rpush(keys[0], "first")
+        with pytest.raises(ResponseError, match=f"at most {commands.MAX_KEYS} keys"):
+            await r.execute_command(name, *keys, "0.1")
+        assert await r.llen(keys[0]) == 1  # nothing done
+        assert await r.lpop(keys[0]) == b"first"
+        await r.rpush(keys[-2], "last")
+        got = await r.execute_command(name, *keys[:-1], "1")
+        assert tuple(got) == (keys[-2].encode(), b"last")
+        assert await r.execute_command(name, *keys[:-1], "0.1") is None
+    finally:
+        await r.aclose()
+
+
 @pytest.mark.parametrize("behind", [0, QUEUED_FRAMES * 2], ids=["alone", "requests-behind"])
 async def test_a_client_that_leaves_during_blpop_takes_no_job(
     broker: Broker, raw: Raw, other: redis.Redis, behind: int
@@ -822,6 +847,30 @@ async def test_xreadgroup_refuses_a_consumer_name_http_refuses_as_a_worker_id(
             "XREADGROUP", "GROUP", "g", consumer, "COUNT", "100", "STREAMS", "s", ">"
         )
     assert (await http.status("s"))["claimed"] == 0
+
+
+async def test_an_xreadgroup_over_more_than_max_keys_streams_is_refused_and_one_at_the_cap_works(
+    start_broker: StartBroker,
+) -> None:
+    """The long poll per key of BLPOP, through XREADGROUP ... STREAMS k0 ... kN
+    (review of the RESP face, round 25): past MAX_KEYS streams it is
+    refused, nothing done."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    r = connect(broker, protocol=2)
+    streams = {f"s{i}": ">" for i in range(commands.MAX_KEYS + 1)}
+    try:
+        await r.xadd("s0", {"n": "0"})
+        with pytest.raises(ResponseError, match=f"at most {commands.MAX_KEYS} streams"):
+            await r.xreadgroup("g", "c", streams, block=100)
+        assert await r.llen("s0") == 1  # nothing done
+        await r.lpop("s0")
+        del streams[f"s{commands.MAX_KEYS}"]
+        job_id = await r.xadd(f"s{commands.MAX_KEYS - 1}", {"n": "1"})
+        got = await r.xreadgroup("g", "c", streams, block=1000)
+        assert got == [[f"s{commands.MAX_KEYS - 1}".encode(), [(job_id, {b"n": b"1"})]]]
+        assert await r.xreadgroup("g", "c", streams, block=100) == []
+    finally:
+        await r.aclose()
 
 
 async def test_xreadgroup_count_caps_the_claims(r: redis.Redis) -> None:

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 REDIS_VERSION = "7.2.0"  # INFO's redis_version: the Redis whose commands we answer
 TOKENS_KEPT = 10_000  # stream-read lease tokens remembered per connection
+# Keys one BLPOP/BRPOP, or streams one XREADGROUP, may name: each is a long
+# poll of its own (store reads, memory), and one request could name 85,000.
+MAX_KEYS = 100
 XADD_OPTIONS = {"NOMKSTREAM", "MAXLEN", "MINID", "LIMIT"}
 INTEGER = re.compile(rb"-?[0-9]{1,18}")
 AUTH_ATTEMPTS = 3  # failed AUTHs a connection may make; the last one closes it
@@ -191,6 +194,12 @@ def text(arg: bytes, what: str = "arguments") -> str:
 def topic_of(arg: bytes) -> str:
     """A key names a topic (SPEC section 3): anything else never reaches the engine."""
     return keys.check_topic(text(arg, "keys"))
+
+
+def at_most_keys(count: int, what: str) -> None:
+    """A blocking read waits on each key at once: MAX_KEYS of them at most."""
+    if count > MAX_KEYS:
+        raise RespError("ERR", f"at most {MAX_KEYS} {what} a blocking read (each one is waited on)")
 
 
 def integer(arg: bytes) -> int:
@@ -510,6 +519,7 @@ async def _complete(session: Session, topic: str, jobs: list[dict[str, Any]]) ->
 @command(("BLPOP", "BRPOP"), 2, None, flags=("write", "blocking"), first_key=1)
 async def blpop(session: Session, args: list[bytes]) -> Reply:
     """BLPOP key [key ...] timeout: the first key in order with a job wins."""
+    at_most_keys(len(args) - 1, "keys")
     topics = list(dict.fromkeys(topic_of(a) for a in args[:-1]))
     deadline = time.monotonic() + timeout_of(args[-1])
     if len(topics) == 1:  # the usual case: one pop, long-polled, one commit
@@ -719,6 +729,7 @@ class StreamRead:
                 "or '>' must be specified.",
             )
         half = len(streams) // 2
+        at_most_keys(half, "streams")
         if any(s != b">" for s in streams[half:]):
             raise RespError(
                 "ERR",
