@@ -397,6 +397,18 @@ async def test_pop_with_count_answers_a_list(r: redis.Redis) -> None:
     assert await r.lpop("q") is None
 
 
+async def test_lpop_with_count_0_of_a_missing_key_is_a_nil_array_as_in_redis(raw: Raw) -> None:
+    """Redis 7 answers LPOP key 0 with the nil array when the key does not
+    exist, the empty array only for a list that has values (LLEN above 0).
+    It was always the empty array (review of the RESP face, round 25)."""
+    await raw.send("LPOP", "never-pushed", "0")
+    assert await raw.reply_bytes() == b"*-1\r\n"
+    assert await raw.call("RPUSH", "q", "v") == 1
+    await raw.send("RPOP", "q", "0")
+    assert await raw.reply_bytes() == b"*0\r\n"
+    assert await raw.call("LLEN", "q") == 1  # nothing popped
+
+
 async def test_a_pop_takes_at_most_the_apis_batch_and_no_policy_sets_another(
     r: redis.Redis, http: Http
 ) -> None:

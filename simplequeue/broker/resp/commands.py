@@ -486,8 +486,9 @@ async def lpop(session: Session, args: list[bytes]) -> Reply:
     count = integer(args[1])
     if count < 0:
         raise RespError("ERR", "value is out of range, must be positive")
-    if count == 0:
-        return []
+    if count == 0:  # as Redis: an empty array for a list that exists (has values)
+        counts: dict[str, int] = await session.engine.status(topic)
+        return [] if counts["pending"] + counts["delayed"] else NULL_ARRAY
     if count > (limit := session.listener.max_batch):
         # Fewer than asked for would pass for a list that ran short.
         raise RespError("ERR", f"at most {limit} values a pop (the batch limit): pop in parts")
