@@ -759,7 +759,7 @@ async def test_xreadgroup_noack_on_several_streams_answers_one_so_a_hangup_loses
 async def test_a_client_queuing_too_much_behind_a_blocking_command_is_closed(
     broker: Broker, raw: Raw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(connection, "QUEUED_BEHIND_BLOCKING", 256 * 1024)
+    monkeypatch.setattr(connection, "QUEUED_BYTES", 256 * 1024)
     await raw.send("BLPOP", "q", "20")
     await blocked(broker)
     echo = hiredis.pack_command(("ECHO", "x" * 1024))
@@ -779,7 +779,7 @@ async def test_the_queue_behind_blocking_commands_is_capped_across_them(
 ) -> None:
     """Short BLPOPs one after another, each with less than the cap sent
     during it: what waits behind them all still counts."""
-    monkeypatch.setattr(connection, "QUEUED_BEHIND_BLOCKING", 128 * 1024)
+    monkeypatch.setattr(connection, "QUEUED_BYTES", 128 * 1024)
     waits = 12
     await raw.write(b"".join(hiredis.pack_command(("BLPOP", "q", "0.05")) for _ in range(waits)))
     echoes = hiredis.pack_command(("ECHO", "x" * 1024)) * 48  # ~58 KiB queued each time
@@ -793,13 +793,58 @@ async def test_the_queue_behind_blocking_commands_is_capped_across_them(
     await raw.close()
 
 
+async def test_requests_queued_behind_a_command_are_bounded_by_their_bytes(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a command that neither pops nor blocks, reading stopped at
+    QUEUED_FRAMES requests whatever their size: 128 of --max-body 1 MB each,
+    besides the group running and its replies, held hundreds of MB for one
+    connection (review of the RESP face, round 25). QUEUED_BYTES bounds
+    them too, as it does behind a pop; all are answered once the command
+    ends."""
+    budget = 128 * 1024
+    monkeypatch.setattr(connection, "QUEUED_BYTES", budget)
+    made: list[connection.Frames] = []
+    peak = 0
+
+    class Measured(connection.Frames):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+        def put(self, frame: connection.Frame) -> None:
+            nonlocal peak
+            super().put(frame)
+            peak = max(peak, self.bytes)
+
+    monkeypatch.setattr(connection, "Frames", Measured)
+    store = FaultyStore(MemStore(), target="topics/p")
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    store.gate = asyncio.Event()
+    client = await Raw.open(port_of(broker))
+    await client.send("RPUSH", "p", "x")
+    assert broker.redis is not None
+    [conn] = broker.redis.connections
+    await until(lambda: conn.busy)  # held by the store: the requests below queue
+    value, n = "x" * 16 * 1024, 60  # some 1 MiB in all, fewer than QUEUED_FRAMES
+    client.writer.write(hiredis.pack_command(("ECHO", value)) * n)  # no drain: it may stall
+    [frames] = made
+    await until(lambda: not conn.room.is_set() or len(frames) == n)  # reading stopped, or all read
+    assert peak <= budget + 2 * connection.READ_CHUNK, f"{peak} bytes queued"
+    store.gate.set()
+    echo = f"${len(value)}\r\n{value}\r\n".encode()
+    got = await asyncio.wait_for(client.reader.readexactly(4 + len(echo) * n), 10)
+    assert got == b":1\r\n" + echo * n
+    await client.close()
+
+
 async def test_a_long_pipeline_of_pops_is_read_at_its_pace_not_closed(
     raw: Raw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Reading goes on during a pop, to see its client leave; but a pop ends
     soon: past the cap a blocking command's client is closed at, reading
     waits for the pops to be taken, as behind any other command."""
-    monkeypatch.setattr(connection, "QUEUED_BEHIND_BLOCKING", 16 * 1024)
+    monkeypatch.setattr(connection, "QUEUED_BYTES", 16 * 1024)
     n = 2000  # some 280 KiB of requests queued
     await raw.write(hiredis.pack_command(("LPOP", "q")) * n)
     assert await asyncio.wait_for(raw.reader.readexactly(5 * n), 10) == b"$-1\r\n" * n

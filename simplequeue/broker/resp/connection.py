@@ -46,12 +46,13 @@ CAP_WARN_EVERY = 60.0  # seconds between warnings that clients are refused
 
 READ_CHUNK = 64 * 1024
 QUEUED_FRAMES = 128  # parsed requests waiting per connection (and one read's worth more)
-# ... except behind a blocking command or a pop, which must see its client leave: then
-# reading goes on up to this (in bytes of memory, the requests' own and about as
-# much again for small ones' objects). Past it, a pop's client waits (it ends
-# soon) and a blocking command's is closed, as Redis closes one past its
-# client-query-buffer-limit.
-QUEUED_BEHIND_BLOCKING = 64 * 1024 * 1024
+# ... and the memory they may hold (the requests' own bytes and about as much
+# again for small ones' objects): 128 requests of --max-body could hold far
+# more. Behind a blocking command or a pop, which must see its client leave,
+# reading goes on up to this whatever their number. Past it, a pop's client
+# waits (it ends soon) and a blocking command's is closed, as Redis closes
+# one past its client-query-buffer-limit.
+QUEUED_BYTES = 64 * 1024 * 1024
 OUTPUT_HIGH_WATER = 64 * 1024 * 1024  # replies buffered for a client that does not read
 SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
 # Seconds a connection closed by a stopping server waits for its last replies
@@ -272,21 +273,22 @@ class Connection:
                 frames.put(request)
             if requests.failed is not None:  # after the requests before it
                 raise requests.failed
-            # Up to QUEUED_FRAMES, then wait for the run loop to take some:
-            # unless it is in a blocking command or a pop, which needs this
-            # loop to see the client leave (a job it took then would be lost).
+            # Up to QUEUED_FRAMES or QUEUED_BYTES, then wait for the run loop
+            # to take some: unless it is in a blocking command or a pop, which
+            # needs this loop to see the client leave (a job it took then
+            # would be lost), when only the bytes count.
             while self._full(frames):
                 self.room.clear()
                 await self.room.wait()
-            if self.blocking and frames.bytes > QUEUED_BEHIND_BLOCKING:
+            if self.blocking and frames.bytes > QUEUED_BYTES:
                 raise RespError("ERR", "too many requests queued behind a blocking one")
 
     def _full(self, frames: Frames) -> bool:
         if self.blocking:
-            return False  # closed past QUEUED_BEHIND_BLOCKING
-        if self.watched:
-            return frames.bytes > QUEUED_BEHIND_BLOCKING
-        return len(frames) >= QUEUED_FRAMES
+            return False  # closed past QUEUED_BYTES
+        if frames.bytes > QUEUED_BYTES:
+            return True
+        return not self.watched and len(frames) >= QUEUED_FRAMES
 
     def _send(self, reply: Reply) -> None:
         out = bytearray()
