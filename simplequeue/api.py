@@ -78,7 +78,9 @@ Attempts = Annotated[int, Meta(ge=0, le=MAX_ATTEMPTS)]
 Lease = Annotated[float, Meta(gt=0, le=MAX_LEASE)]
 Wait = Annotated[float, Meta(ge=0, le=MAX_WAIT)]
 Count = Annotated[int, Meta(ge=1, le=MAX_BATCH)]
-JobIds = Annotated[list[JobId], Meta(max_length=100_000)]
+# Named jobs in one request, as many as a batch: a request is served in one
+# commit, on the event loop, each id looked up there (SDK calls split more).
+JobIds = Annotated[list[JobId], Meta(max_length=MAX_BATCH)]
 # Schedules (SPEC 11): a name becomes part of each job id it fires (name@slot).
 SCHEDULE_NAME = r"^[A-Za-z0-9_.-]{1,128}\Z"
 Every = Annotated[int, Meta(ge=1, le=366 * 86400)]  # seconds between slots
@@ -225,6 +227,8 @@ class DeadQuery(_Request):
 
 
 class JobIdsRequest(_Request):
+    """Dead jobs to requeue or purge: those named (at most 1,000), or all."""
+
     job_ids: JobIds | None = None  # None: every dead job
 
 
@@ -232,7 +236,7 @@ class CancelRequest(_Request):
     """Jobs to cancel: pending and delayed ones at once, claimed ones too (their
     holders' next heartbeat or ack answers 409, reason "cancelled")."""
 
-    job_ids: Annotated[list[JobId], Meta(min_length=1, max_length=MAX_BATCH)]
+    job_ids: Annotated[JobIds, Meta(min_length=1)]
 
 
 class ScheduleRequest(_Request):

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from simplequeue.api import JobSpec
 from simplequeue.client import Client, Job, SyncClient
 from simplequeue.client import client as client_module
 from simplequeue.errors import (
@@ -187,6 +188,35 @@ async def test_nack_then_dead_then_requeue_and_purge(q: Client) -> None:
     await q.nack(again)
     assert await q.purge([job_id]) == [job_id]
     assert await q.dead() == []
+
+
+async def test_a_requeue_or_purge_of_2500_named_jobs_goes_in_requests_of_1000(
+    start_broker: StartBroker,
+) -> None:
+    """A broker takes at most 1,000 named ids in one requeue or purge (it took
+    100,000 and held its event loop looking them up: review of limits, control
+    and named tasks, round 25): the client sends more in parts, as cancel does,
+    and every one is done."""
+    broker = await start_broker(MemStore())
+    engine = broker.engine
+
+    async def all_dead() -> None:  # every pending job claimed and nacked, once
+        while held := await engine.claim("t", "w", count=1000):
+            await asyncio.gather(*(engine.nack("t", j["id"], j["lease_token"]) for j in held))
+
+    ids = [f"j{i}" for i in range(2500)]
+    for start in range(0, len(ids), 1000):
+        await engine.enqueue(
+            "t", [JobSpec(i, id=i, max_attempts=1) for i in ids[start : start + 1000]]
+        )
+    await all_dead()
+    async with Client(broker.url, topic="t") as q:
+        assert (await q.status())["dead"] == 2500
+        assert sorted(await q.requeue(ids + ids[:10])) == sorted(ids)
+        assert (await q.status())["pending"] == 2500
+        await all_dead()
+        assert sorted(await q.purge(ids)) == sorted(ids)
+        assert (await q.status())["dead"] == 0
 
 
 async def test_dead_jobs_in_pages(q: Client) -> None:

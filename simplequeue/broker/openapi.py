@@ -324,7 +324,7 @@ def spec() -> dict[str, Any]:
             "get": _paged(_op("listDead", "Dead jobs, oldest first", _ref(api.DeadJobs), _READ)),
             "delete": _op(
                 "purgeDead",
-                "Purge dead jobs (all, or job_ids)",
+                "Purge dead jobs (all, or up to 1,000 job_ids)",
                 _ref(api.Purged),
                 _WRITE,
                 body=_ref(api.JobIdsRequest),
@@ -334,7 +334,7 @@ def spec() -> dict[str, Any]:
         f"{t}/requeue": {
             "post": _op(
                 "requeueDead",
-                "Dead jobs (all, or job_ids) back to pending",
+                "Dead jobs (all, or up to 1,000 job_ids) back to pending",
                 _ref(api.Requeued),
                 _WRITE,
                 body=_ref(api.JobIdsRequest),

@@ -71,6 +71,7 @@ from simplequeue.objstore import ObjectStore, store_from_url
 from simplequeue.retrying import first_then_retrying
 
 A = TypeVar("A")
+T = TypeVar("T")
 
 log = logging.getLogger("simplequeue.client")
 
@@ -199,6 +200,13 @@ class _Retry(Exception):
 
 class _Replayed(Exception):
     """A retried settle answered 409: its first try may have landed."""
+
+
+def _batches(items: list[T]) -> Iterator[list[T]]:
+    """`items` in runs of at most api.MAX_BATCH, the most one request of
+    named jobs or claims may carry (a broker refuses more)."""
+    for start in range(0, len(items), api.MAX_BATCH):
+        yield items[start : start + api.MAX_BATCH]
 
 
 def _job_or_id(job: Job | str) -> tuple[str, str | None]:
@@ -759,8 +767,7 @@ class Client:
                 raise ValueError(f"job {job.id!r} has no lease token: it was not claimed")
             held.append(api.Held(job.id, job.lease_token))
         released = 0
-        for start in range(0, len(held), api.MAX_BATCH):
-            part = held[start : start + api.MAX_BATCH]
+        for part in _batches(held):
             body = api.ReleaseRequest(part)
             released += (
                 await self.request("POST", self._t("/release"), api.Released, body)
@@ -855,18 +862,33 @@ class Client:
         return (await self.request("GET", self._t("/dead") + query, api.DeadJobs)).jobs
 
     async def requeue(self, job_ids: list[str] | None = None) -> list[str]:
-        """Dead jobs (those named, or all) back to pending; the ids requeued."""
+        """Dead jobs (those named, in requests of at most 1,000 ids, or all)
+        back to pending; the ids requeued."""
+        if job_ids is None:
+            return await self._requeue(None)
+        ids = list(dict.fromkeys(job_ids))  # an id named twice is one job, in one request
+        return [i for part in _batches(ids) for i in await self._requeue(part)]
+
+    async def _requeue(self, job_ids: list[str] | None) -> list[str]:
         body = api.JobIdsRequest(job_ids)
         _, answer, repeated = await self.call("POST", self._t("/requeue"), api.Requeued, body)
         assert answer is not None
         requeued = list(answer.requeued)
         if repeated and job_ids is not None:  # a retry whose first try landed
             done = set(requeued)
-            missing = [i for i in dict.fromkeys(job_ids) if i not in done]
+            missing = [i for i in job_ids if i not in done]
             requeued += [i for i in missing if await self._is(i, "pending")]
         return requeued
 
     async def purge(self, job_ids: list[str] | None = None) -> list[str]:
+        """Forget dead jobs (those named, in requests of at most 1,000 ids, or
+        all); the ids purged."""
+        if job_ids is None:
+            return await self._purge(None)
+        ids = list(dict.fromkeys(job_ids))  # an id named twice is one job, in one request
+        return [i for part in _batches(ids) for i in await self._purge(part)]
+
+    async def _purge(self, job_ids: list[str] | None) -> list[str]:
         body = api.JobIdsRequest(job_ids)
         return (await self.request("DELETE", self._t("/dead"), api.Purged, body)).purged
 
@@ -886,8 +908,8 @@ class Client:
         ids = list(job_ids)
         cancelled: list[str] = []
         not_found: list[str] = []
-        for start in range(0, len(ids), api.MAX_BATCH):
-            body = api.CancelRequest(ids[start : start + api.MAX_BATCH])
+        for part in _batches(ids):
+            body = api.CancelRequest(part)
             _, answer, repeated = await self.call("POST", self._t("/cancel"), api.Cancelled, body)
             assert answer is not None
             cancelled += answer.cancelled
