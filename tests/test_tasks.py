@@ -183,6 +183,40 @@ async def test_arguments_that_do_not_fit_the_task_fail_the_job(q: Client, broker
     assert last_error is not None and "TypeError" in last_error
 
 
+async def test_a_task_with_a_parameter_named_client_can_be_enqueued(q: Client) -> None:
+    """Task.enqueue(self, client, *args, **kwargs) took a task's argument
+    `client` (the customer an invoice is for, say) for its own: TypeError
+    "multiple values for argument 'client'", and mypy refused the call too
+    (review of limits, control and named tasks, round 25). Its own parameters
+    are positional-only now, in TaskOptions.enqueue too."""
+    tasks = Tasks()
+
+    @tasks.task
+    async def invoice(amount: int, client: str) -> None: ...
+
+    job_id = await invoice.enqueue(q, 10, client="acme")
+    assert (await q.job(job_id)).payload["kwargs"] == {"client": "acme"}
+    other = await invoice.options(id="x").enqueue(q, 5, client="globex")
+    assert (await q.job(other)).payload["kwargs"] == {"client": "globex"}
+
+
+def test_a_task_with_a_parameter_named_self_has_a_payload_and_is_called() -> None:
+    """Task.payload and Task.__call__ took a task's argument `self` for the
+    Task itself (review of limits, control and named tasks, round 25)."""
+    tasks = Tasks()
+
+    @tasks.task
+    def method_like(self: int, other: int) -> int:
+        return self + other
+
+    assert method_like.payload(self=1, other=2) == {
+        "task": "method_like",
+        "args": [],
+        "kwargs": {"self": 1, "other": 2},
+    }
+    assert method_like(self=1, other=2) == 3
+
+
 def test_unknown_task_is_raised_when_called_directly() -> None:
     with pytest.raises(UnknownTask, match="its tasks: none"):
         asyncio.run(Tasks()(Job("j", payload={"task": "x"})))
@@ -206,6 +240,10 @@ def resize(photo: int) -> Done:
     return Done(photo, enqueue=[send_email.payload("a@b.c", subject="resized")])
 
 
+@tasks.task
+async def invoice(amount: int, client: str) -> None: ...
+
+
 async def main(q: Client) -> None:
 {calls}
 """
@@ -215,6 +253,7 @@ RIGHT = """\
     await send_email.enqueue(q, "a@b.c", "hi", retries=1)
     await send_email.options(id="x", delay=5).enqueue(q, to="a@b.c", subject="hi")
     await resize.enqueue(q, 7)
+    await invoice.enqueue(q, 10, client="acme")
     sent: dict[str, str] = await send_email("a@b.c", "hi")
     done: Done = resize(7)
 """

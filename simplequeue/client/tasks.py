@@ -48,18 +48,20 @@ class Task(Generic[P, R]):
         self.fn = fn
         self.name = name
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    # Every method that takes a task's arguments takes its own positionally
+    # only (`/`): a task may have a parameter named `self` or `client`.
+    def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r}>"
 
-    def payload(self, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
+    def payload(self, /, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
         """The payload of a job that runs this task with these arguments (for
         enqueue_many, or a follow-up: `Done(..., enqueue=[task.payload(...)])`)."""
         return {"task": self.name, "args": list(args), "kwargs": dict(kwargs)}
 
-    async def enqueue(self, client: Client, *args: P.args, **kwargs: P.kwargs) -> str:
+    async def enqueue(self, client: Client, /, *args: P.args, **kwargs: P.kwargs) -> str:
         """Enqueue a job, into `client`'s topic, that runs this task with these
         arguments; return its id. For an id, priority or delay: `options()`."""
         return await client.enqueue(self.payload(*args, **kwargs))
@@ -87,7 +89,7 @@ class TaskOptions(Generic[P]):
     delay: float = 0
     max_attempts: int | None = None
 
-    async def enqueue(self, client: Client, *args: P.args, **kwargs: P.kwargs) -> str:
+    async def enqueue(self, client: Client, /, *args: P.args, **kwargs: P.kwargs) -> str:
         payload = {"task": self.name, "args": list(args), "kwargs": dict(kwargs)}
         return await client.enqueue(payload, self.id, self.priority, self.delay, self.max_attempts)
 
