@@ -26,6 +26,7 @@ with the HTTP status and the RESP error code it is answered with.
         ├── BrokerUnavailable   no broker answered, after retries and re-discovery
         ├── BrokerError         an answer the SDK did not expect (carries its status)
         ├── JobFailed           Client.result(): the job is dead (carries last_error)
+        ├── IncompleteAnswer    done, but a lost answer's part is unknown (carries ids)
         └── UnknownTask         a Worker's Tasks: the job names no task it has
 
 The HTTP layer, the RESP layer, the batch ack and the SDK derive their mappings
@@ -228,6 +229,17 @@ class JobFailed(SimpleQueueError):
     def __init__(self, job_id: str, last_error: str | None = None) -> None:
         super().__init__(f"job {job_id!r} is dead: {last_error or 'no error was recorded'}")
         self.job_id, self.last_error = job_id, last_error
+
+
+class IncompleteAnswer(SimpleQueueError):
+    """A request was done, but its answer cannot say all it did (client side):
+    it was tried again after a try that may have landed and whose answer was
+    lost, and nothing names what that try did (a requeue or purge of every
+    dead job). Carries the ids the answer named, those done at least."""
+
+    def __init__(self, message: str, ids: list[str]) -> None:
+        super().__init__(message)
+        self.ids = ids
 
 
 class UnknownTask(SimpleQueueError):

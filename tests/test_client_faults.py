@@ -23,6 +23,7 @@ from simplequeue.client.worker import TAKE_BACK_WITHIN
 from simplequeue.errors import (
     BrokerError,
     BrokerUnavailable,
+    IncompleteAnswer,
     LeaseLost,
     RequestTimedOut,
     ScheduleNotFound,
@@ -279,6 +280,29 @@ async def test_retried_acks_cancels_requeues_and_unschedules_whose_first_try_lan
     assert await direct.schedules() == []
     with pytest.raises(ScheduleNotFound):  # a first try's 404 is still one
         await prompt(through.unschedule("nightly"))
+
+
+@pytest.mark.parametrize(("suffix", "verb"), [("/dead", "purge"), ("/requeue", "requeue")])
+async def test_a_retried_purge_or_requeue_of_every_dead_job_does_not_answer_nothing_was_done(
+    proxied: tuple[FaultProxy, Client, Client], suffix: str, verb: str
+) -> None:
+    """Every dead job purged (or requeued) by a first try whose answer was
+    lost: the retry found none left and answered [], and the caller (and the
+    CLI) said nothing was done (review of limits, control and named tasks,
+    round 25). Such an answer cannot say what the first try did: the call
+    raises IncompleteAnswer with what the retry did, the work being done."""
+    proxy, through, direct = proxied
+    ids = await direct.enqueue_many([{"payload": i, "max_attempts": 1} for i in range(2)])
+    for job in await direct.claim_many("w", 2):
+        assert await direct.nack(job) == "dead"
+    proxy.fail(suffix, "landed-502")
+    with pytest.raises(IncompleteAnswer, match="may have") as caught:
+        await prompt(getattr(through, verb)())
+    assert caught.value.ids == []
+    assert proxy.requests["/topics/t" + suffix] == 2
+    counts = await direct.status()
+    assert (counts["dead"], counts["pending"]) == (0, 0 if verb == "purge" else len(ids))
+    assert await prompt(getattr(through, verb)()) == []  # answered at once: nothing left
 
 
 async def test_ack_that_keeps_failing_raises_instead_of_returning(

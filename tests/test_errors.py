@@ -23,6 +23,7 @@ from simplequeue.errors import (
     Contended,
     CorruptData,
     Forbidden,
+    IncompleteAnswer,
     InvalidRequest,
     JobCancelled,
     JobFailed,
@@ -79,12 +80,17 @@ TABLE: dict[type[SimpleQueueError], tuple[int, str, type[SimpleQueueError], str 
     BrokerUnavailable: (503, "TRYAGAIN", StoreUnavailable, None),
     BrokerError: (500, "ERR", BrokerError, None),
     JobFailed: (500, "ERR", BrokerError, None),
+    IncompleteAnswer: (500, "ERR", BrokerError, None),
     UnknownTask: (500, "ERR", BrokerError, None),
 }
 
 
 def instance(cls: type[SimpleQueueError]) -> SimpleQueueError:
-    return CorruptData("topics/t.json", "not JSON") if cls is CorruptData else cls("it failed")
+    if cls is CorruptData:
+        return CorruptData("topics/t.json", "not JSON")
+    if cls is IncompleteAnswer:
+        return IncompleteAnswer("it failed", [])
+    return cls("it failed")
 
 
 def test_the_table_has_every_class_of_the_module() -> None:

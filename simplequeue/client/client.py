@@ -59,6 +59,7 @@ from simplequeue.client.followups import follow_up_specs, job_spec
 from simplequeue.errors import (
     BrokerError,
     BrokerUnavailable,
+    IncompleteAnswer,
     InvalidRequest,
     JobCancelled,
     JobFailed,
@@ -207,6 +208,17 @@ def _batches(items: list[T]) -> Iterator[list[T]]:
     named jobs or claims may carry (a broker refuses more)."""
     for start in range(0, len(items), api.MAX_BATCH):
         yield items[start : start + api.MAX_BATCH]
+
+
+def _every_dead_unknown(done: str, ids: list[str]) -> IncompleteAnswer:
+    """A requeue or purge of every dead job, answered after a try that may
+    have landed: that try's answer, lost, was the only word on which jobs it
+    took, and the retry's names only those left for it."""
+    return IncompleteAnswer(
+        f"every dead job was {done}, but a first try, whose answer was lost, may have"
+        f" {done} some too: which is not known ({len(ids)} {done} by the retry)",
+        ids,
+    )
 
 
 def _job_or_id(job: Job | str) -> tuple[str, str | None]:
@@ -863,7 +875,9 @@ class Client:
 
     async def requeue(self, job_ids: list[str] | None = None) -> list[str]:
         """Dead jobs (those named, in requests of at most 1,000 ids, or all)
-        back to pending; the ids requeued."""
+        back to pending; the ids requeued. All of them, tried again after a
+        try that may have landed, raises IncompleteAnswer: that try's ids
+        cannot be known."""
         if job_ids is None:
             return await self._requeue(None)
         ids = list(dict.fromkeys(job_ids))  # an id named twice is one job, in one request
@@ -874,7 +888,9 @@ class Client:
         _, answer, repeated = await self.call("POST", self._t("/requeue"), api.Requeued, body)
         assert answer is not None
         requeued = list(answer.requeued)
-        if repeated and job_ids is not None:  # a retry whose first try landed
+        if repeated:  # a retry whose first try may have landed
+            if job_ids is None:
+                raise _every_dead_unknown("requeued", requeued)
             done = set(requeued)
             missing = [i for i in job_ids if i not in done]
             requeued += [i for i in missing if await self._is(i, "pending")]
@@ -882,15 +898,22 @@ class Client:
 
     async def purge(self, job_ids: list[str] | None = None) -> list[str]:
         """Forget dead jobs (those named, in requests of at most 1,000 ids, or
-        all); the ids purged."""
+        all); the ids purged. All of them, tried again after a try that may
+        have landed, raises IncompleteAnswer: that try's ids cannot be known."""
         if job_ids is None:
             return await self._purge(None)
         ids = list(dict.fromkeys(job_ids))  # an id named twice is one job, in one request
         return [i for part in _batches(ids) for i in await self._purge(part)]
 
     async def _purge(self, job_ids: list[str] | None) -> list[str]:
+        # Named jobs purged before are answered as purged (the broker looks
+        # at their records): a retry of a purge that landed answers them too.
         body = api.JobIdsRequest(job_ids)
-        return (await self.request("DELETE", self._t("/dead"), api.Purged, body)).purged
+        _, answer, repeated = await self.call("DELETE", self._t("/dead"), api.Purged, body)
+        assert answer is not None
+        if repeated and job_ids is None:
+            raise _every_dead_unknown("purged", answer.purged)
+        return answer.purged
 
     async def topics(self) -> dict[str, dict[str, int]]:
         """Every readable topic's counts. The broker names those it cannot read
