@@ -77,6 +77,18 @@ def test_a_name_is_registered_once() -> None:
         tasks.task(name="job")(lambda: None)
 
 
+def test_an_empty_name_is_refused() -> None:
+    """@tasks.task(name="") registered the function under its own name, as if
+    no name were given (review of limits, control and named tasks, round 25)."""
+    tasks = Tasks()
+
+    def send() -> None: ...
+
+    with pytest.raises(ValueError, match="cannot be empty"):
+        tasks.task(name="")(send)
+    assert len(tasks) == 0
+
+
 async def test_enqueue_makes_a_job_that_names_the_task_and_carries_its_arguments(
     q: Client,
 ) -> None:

@@ -114,7 +114,7 @@ class Tasks:
         once: a second task of that name is a ValueError."""
 
         def register(f: Callable[..., Any]) -> Task[..., Any]:
-            task = Task(f, name or f.__name__)
+            task = Task(f, f.__name__ if name is None else name)  # "" is refused, not replaced
             if not task.name:
                 raise ValueError("a task's name cannot be empty")
             if task.name in self._tasks:
