@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -303,6 +304,27 @@ async def test_a_retried_purge_or_requeue_of_every_dead_job_does_not_answer_noth
     counts = await direct.status()
     assert (counts["dead"], counts["pending"]) == (0, 0 if verb == "purge" else len(ids))
     assert await prompt(getattr(through, verb)()) == []  # answered at once: nothing left
+
+
+async def test_a_purge_of_every_dead_job_retried_after_a_refused_connection_answers_its_ids(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """A try whose connection was refused sent nothing: its retry repeats
+    nothing, and a purge of every dead job answers the ids it purged. Every
+    retry counted as a repeat, and such a purge raised IncompleteAnswer for a
+    first try that never reached a broker (round 25). Here the broker names as
+    its own URL (Simplequeue-Owner) a port that refuses connections, so a
+    topic's request goes there first, then to the broker given."""
+    with socket.socket() as closed:  # bound, not listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        refusing = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        broker = await start_broker(MemStore(), advertise_url=refusing)
+        async with Client(f"http://127.0.0.1:{broker.http.port}", topic="t") as q:
+            [job_id] = await q.enqueue_many([{"payload": 1, "max_attempts": 1}])
+            job = await q.claim("w")  # its answer names the refusing owner
+            assert job is not None
+            assert await q.nack(job) == "dead"  # refused there, then served here
+            assert await prompt(q.purge()) == [job_id]
 
 
 async def test_ack_that_keeps_failing_raises_instead_of_returning(

@@ -191,12 +191,15 @@ class _Retry(Exception):
     """A transient failure: the broker was unreachable or could not answer now.
     `tried`: False when there was no broker to try (broker.json names none
     alive: a hand-over under way), which counts against the retry budget but
-    not as one of the `retries` tries."""
+    not as one of the `retries` tries. `sent`: False when the request surely
+    did not go out (no broker to try, a connection never made), so that a
+    retry of it repeats nothing."""
 
-    def __init__(self, error: SimpleQueueError, *, tried: bool = True) -> None:
+    def __init__(self, error: SimpleQueueError, *, tried: bool = True, sent: bool = True) -> None:
         super().__init__(str(error))
         self.error = error
         self.tried = tried
+        self.sent = sent and tried
 
 
 class _Replayed(Exception):
@@ -371,7 +374,7 @@ class Client:
         Within a calls_within() block, it ends by the block's bound; within a
         last_call() one, it is recorded once answered."""
         first_sent = time.monotonic()
-        attempts = untried = 0
+        attempts = untried = unsent = 0
         loop = asyncio.get_running_loop()
         deadline = _deadline.get()
 
@@ -383,7 +386,7 @@ class Client:
             return left is not None and left <= 0
 
         async def once() -> tuple[int, A | None, bool]:
-            nonlocal attempts, untried
+            nonlocal attempts, untried, unsent
             left = time_left()
             if left is not None and left <= 0:  # not a _Retry: the call ends
                 raise TimeoutError(f"{self.url}: no time left for the request")
@@ -392,8 +395,10 @@ class Client:
                 status, raw, replayed = await self._send(method, path, body, wait, left)
             except _Retry as retry:
                 untried += not retry.tried
+                unsent += not retry.sent
                 raise
-            repeated = attempts > 1 or replayed
+            # Tries whose connection was never made did nothing to repeat.
+            repeated = attempts - unsent > 1 or replayed
             if (record := _last_call.get()) is not None:
                 record.first_sent, record.repeated = first_sent, repeated
             try:
@@ -507,7 +512,10 @@ class Client:
             else:
                 await self._rediscover()
             reason = str(exc) or type(exc).__name__
-            raise _Retry(BrokerUnavailable(f"{base or 'broker'}: {reason}")) from exc
+            # Refused, or never connected within the connect timeout: not sent.
+            unsent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+            error = BrokerUnavailable(f"{base or 'broker'}: {reason}")
+            raise _Retry(error, sent=not unsent) from exc
         gone = status in UNANSWERED_STATUSES and _not_served(status, raw)
         if gone and self.store is not None and base == self.url:
             # A proxy's page where the broker was (a load balancer whose
