@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from simplequeue import groupcommit, keys
 from simplequeue.api import FollowUpSpec, JobSpec
 from simplequeue.batching import Batcher
+from simplequeue.broker import engine as engine_module
 from simplequeue.broker.engine import Engine
 from simplequeue.errors import AmbiguousWrite, Contended, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
@@ -375,6 +377,52 @@ async def test_not_found_on_a_stale_cache_rereads_before_answering() -> None:
     if claimed["id"] != job["id"]:
         [claimed] = await b.claim("t", "w")
     assert (await a.ack("t", claimed["id"], claimed["lease_token"]))["status"] == "completed"
+
+
+class _HeadReads(MemStore):
+    """Counts the GETs of topic t's head."""
+
+    reads = 0
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        self.reads += key == keys.head("t")
+        return await super().get(key)
+
+
+@pytest.mark.parametrize("poll", ["claim", "job"])
+async def test_idle_long_polls_on_a_topic_share_their_reads_of_its_head(
+    poll: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each long poll re-read the store every POLL_INTERVAL on a timer of its
+    own: waiters that came at different times looked at different times, and
+    each look read the head (a no-op claim is verified on a read made after
+    it was asked), so N idle waiters cost N reads a POLL_INTERVAL on one
+    topic, all billed on S3 (review of the broker's life cycle, round 25).
+    They look together now, at the topic's tick, and share one read."""
+    monkeypatch.setattr(engine_module, "POLL_INTERVAL", 0.2)
+    store = _HeadReads()
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec(1)])
+    assert await q.claim("t", "w")  # the topic exists, and is empty now
+    n, interval = 40, 0.2
+
+    def wait() -> Any:
+        if poll == "claim":
+            return q.claim("t", "w", wait=10)
+        return q.job("t", "not-yet", wait=10)
+
+    polls = []
+    for _ in range(n):  # the waiters come over an interval, as workers do
+        polls.append(asyncio.create_task(wait()))
+        await asyncio.sleep(interval / n)
+    before, started = store.reads, time.monotonic()
+    await asyncio.sleep(5 * interval)
+    reads, took = store.reads - before, time.monotonic() - started
+    for p in polls:
+        p.cancel()
+    await asyncio.gather(*polls, return_exceptions=True)
+    await q.committer.close()
+    assert reads <= took / interval + 2, f"{n} idle long polls read the head {reads} times"
 
 
 async def test_bounded_writes_with_a_deep_queue() -> None:

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT = api.MAX_WAIT  # seconds a claim may long-poll
 # A long poll re-reads the store this often, to see jobs that other brokers
-# enqueued; jobs enqueued through this broker wake it at once.
+# enqueued; jobs enqueued through this broker wake it at once. The long polls
+# of a topic look together (next_look), so that they share one read.
 POLL_INTERVAL = 1.0
 # Dead jobs requeued or purged per commit when all of them are, and the
 # segments they come from at most: a part reads only its own segments.
@@ -78,6 +80,18 @@ class _Polled:
 
     jobs: list[Job]
     token_in: float | None = None
+
+
+def next_look(topic: str) -> float:
+    """The monotonic time at which the long polls waiting on `topic` next look
+    at the store: the topic's next tick, one every POLL_INTERVAL. Waiters that
+    came at different times look at the same moment, and so share one batch
+    and one read of the head: an idle topic costs a read a POLL_INTERVAL,
+    however many wait on it. Each topic ticks at a phase of its own, which
+    spreads the reads of many topics over the interval."""
+    phase = zlib.crc32(topic.encode()) / 2**32 * POLL_INTERVAL
+    now = time.monotonic()
+    return now + POLL_INTERVAL - (now - phase) % POLL_INTERVAL
 
 
 def _polled(
@@ -482,8 +496,8 @@ class Engine:
         answered: Callable[[], bool] | None = None,
     ) -> list[Job]:
         """Submit `mutation` until it returns jobs, `wait` seconds pass or
-        `answered()` says so. Between tries, wait for a commit, or for the
-        topic's rate to allow a claim."""
+        `answered()` says so. Between tries, wait for a commit, the topic's
+        next look at the store, or for its rate to allow a claim."""
         deadline = time.monotonic() + wait
         while True:
             got: _Polled = await self.committer.submit(topic, mutation, undo)
@@ -492,7 +506,7 @@ class Engine:
                 return got.jobs
             if self.committer.long_polls_ended:  # the broker is stopping
                 return got.jobs
-            pause = min(left, POLL_INTERVAL)
+            pause = min(left, next_look(topic) - time.monotonic())
             if got.token_in is not None:
                 pause = min(pause, got.token_in)
             await self.committer.wait_changed(topic, pause)
@@ -589,9 +603,12 @@ class Engine:
                 break
             if left <= 0:
                 raise JobNotFound(f"no job {job_id!r} in topic {topic!r}")
-            changed = await self.committer.wait_changed(topic, min(left, POLL_INTERVAL))
-            # Woken by a commit here, the cached state is current; else read.
-            max_age = READ_AFTER_COMMIT if changed else None
+            look = min(deadline, next_look(topic))
+            changed = await self.committer.wait_changed(topic, look - time.monotonic())
+            # Woken by a commit here, the cached state is current; else it must
+            # have been read since the look was due: the first waiter to look
+            # reads it, the others on the topic share that read.
+            max_age = READ_AFTER_COMMIT if changed else max(0.0, time.monotonic() - look)
         status, job = found
         if status == "pending" and job["run_at"] > now:
             status = "delayed"
