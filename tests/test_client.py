@@ -320,6 +320,41 @@ async def test_a_closed_sync_client_says_so(start_broker: StartBroker) -> None:
     await asyncio.to_thread(script)
 
 
+def test_a_sync_client_dropped_without_close_leaves_no_thread_behind() -> None:
+    """A SyncClient dropped without close() (`SyncClient(url).enqueue(x)` in a
+    loop, a helper that forgets `with`) kept its thread, loop and their
+    descriptors for the life of the process, one set per client (review of
+    the broker's life cycle, round 25). Once it is garbage, its client is
+    closed and its thread ends."""
+    import gc
+
+    before = set(threading.enumerate())
+    for _ in range(5):
+        SyncClient("http://127.0.0.1:9")  # never used, never closed
+    gc.collect()
+    left = [t for t in threading.enumerate() if t not in before]
+    deadline = time.monotonic() + 5
+    for thread in left:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not [t.name for t in left if t.is_alive()]
+
+
+def test_a_dropped_sync_client_closes_its_connections() -> None:
+    """Its client is closed with its loop: no "Unclosed client session"."""
+    import gc
+
+    q = SyncClient("http://127.0.0.1:9", timeout=0.2, retries=1)
+    with pytest.raises(BrokerUnavailable):
+        q.status()  # the session is made, and holds a connector
+    session = q.client._session
+    thread = q._thread
+    del q
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert session is not None and session.closed
+
+
 async def test_sync_client_for_topic_and_job_dict(start_broker: StartBroker) -> None:
     broker = await start_broker(MemStore())
 

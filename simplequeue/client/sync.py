@@ -1,7 +1,9 @@
 """SyncClient: the async Client's methods for scripts, on a private event loop.
 
 The loop runs in a daemon thread of its own, so a SyncClient works from any
-thread, including one that already runs an event loop of its own.
+thread, including one that already runs an event loop of its own. A
+SyncClient dropped without close() has its client closed and its thread
+ended when it is garbage.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -60,9 +63,17 @@ class SyncClient:
         self._lock = threading.Lock()
         self._closing = False
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name="simplequeue-sync-client", daemon=True
+            target=_run_forever, args=(self._loop,), name="simplequeue-sync-client", daemon=True
         )
         self._thread.start()
+        self._finalizer = _finalizer(self, self._loop, self._client)
+
+    def _use(self, client: Client) -> None:
+        """Serve through `client` (made on this loop), closed with the loop if
+        this SyncClient is dropped without close()."""
+        self._client = client
+        self._finalizer.detach()
+        self._finalizer = _finalizer(self, self._loop, client)
 
     @classmethod
     def _wrapping(cls, make: Callable[[], Coroutine[Any, Any, Client]]) -> SyncClient:
@@ -70,7 +81,7 @@ class SyncClient:
         (its loop stopped if `make` fails)."""
         client = cls()
         try:
-            client._client = client._run(make())
+            client._use(client._run(make()))
         except BaseException:
             client.close()
             raise
@@ -281,12 +292,12 @@ class SyncClient:
             if self._closing:
                 return
             self._closing = True
+        self._finalizer.detach()
         try:
             asyncio.run_coroutine_threadsafe(self._shut(), self._loop).result()
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._thread.join()  # the thread closed the loop
 
     def __enter__(self) -> SyncClient:
         return self
@@ -298,3 +309,40 @@ class SyncClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
+    """A SyncClient's thread: its loop until stopped, then closed (its selector
+    and self-pipe with it)."""
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _finalizer(
+    owner: SyncClient, loop: asyncio.AbstractEventLoop, client: Client | None
+) -> weakref.finalize[..., SyncClient]:
+    """Stop `loop`, `client` closed first, once `owner` is garbage: a SyncClient
+    dropped without close() would keep its thread, loop and connections for
+    the life of the process, one set per client. Not at exit, when the
+    process's end frees them (and a thread asked to work then may not get to)."""
+    finalizer = weakref.finalize(owner, _abandon, loop, client)
+    finalizer.atexit = False
+    return finalizer
+
+
+def _abandon(loop: asyncio.AbstractEventLoop, client: Client | None) -> None:
+    """Close `client` on `loop`, then stop it, whose thread then closes it and
+    ends. Not waited for: the garbage collector calls this in whatever thread
+    dropped the SyncClient, its loop's own thread included. Nobody calls
+    through the client any more: a call in flight holds its SyncClient."""
+
+    async def shut() -> None:
+        try:
+            if client is not None:
+                await client.close()
+        finally:
+            loop.stop()
+
+    asyncio.run_coroutine_threadsafe(shut(), loop)
