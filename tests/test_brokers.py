@@ -515,6 +515,69 @@ async def test_a_second_signal_stops_a_stopping_broker_now(
     assert "second signal: stopping now" in broker.log()
 
 
+# A broker whose store never answers (an S3 endpoint black-holed, an NFS mount
+# hung): it prints "asked" each time it waits on the store.
+_SILENT_BROKER = """
+import asyncio
+from simplequeue.broker.cli import _serve
+from simplequeue.broker.settings import BrokerSettings
+from simplequeue.objstore.memfs import MemStore
+from tests.helpers.faults import FaultyStore
+
+class Silent(FaultyStore):
+    async def _answer(self):
+        print("asked", flush=True)
+        await asyncio.Event().wait()
+
+store = Silent(MemStore())
+store.silent = True
+settings = BrokerSettings(store_url=store.url, addr="127.0.0.1:0")
+asyncio.run(_serve(settings, store, False))
+"""
+
+
+def test_a_signal_stops_a_broker_still_starting_on_a_store_that_does_not_answer() -> None:
+    """simplequeued's signal handlers only set an event awaited once
+    Broker.start() returned, and start() waits on the store unbounded
+    (broker.json, the registry): a broker started while its store did not
+    answer ignored SIGTERM, and a second one too, and only SIGKILL ended it
+    (review of the broker's life cycle, round 25). A signal now cancels the
+    start and runs the bounded stop, which a second signal cuts short."""
+    import queue
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SILENT_BROKER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: [lines.put(x.strip()) for x in proc.stdout or ()])
+    reader.start()
+
+    def next_asked() -> None:
+        while lines.get(timeout=5) != "asked":
+            pass
+
+    try:
+        next_asked()  # start() waits on the store
+        proc.send_signal(signal.SIGTERM)
+        try:
+            next_asked()  # the stop's goodbye to the registry waits on it
+        except queue.Empty:
+            raise AssertionError("a starting broker ignored SIGTERM") from None
+        proc.send_signal(signal.SIGTERM)  # the second signal: it stops now
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join()
+
+
 async def test_a_stopping_broker_gives_up_a_long_poll_it_passed_on(
     broker_process: Any, tmp_path: Path
 ) -> None:

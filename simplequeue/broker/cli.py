@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -278,38 +279,51 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await broker.start()
-    click.echo(
-        f"simplequeued {settings.broker_id} listening on {broker.url} "
-        f"(store {settings.store_url}, pid {os.getpid()})"
-    )
-    if broker.redis is not None:
-        click.echo(f"simplequeued resp listening on {broker.redis.addr}")
-    sys.stdout.flush()
-    if broker.http is not None:
-        logging.getLogger(__name__).info(
-            "at most %d HTTP connections at once (%d descriptors held for the store)",
-            broker.http.max_connections,
-            store.held_descriptors,
-        )
-    if broker.redis is not None:
-        logging.getLogger(__name__).info(
-            "at most %d RESP clients at once", broker.redis.settings.max_clients
-        )
-    await stop.wait()
     log = logging.getLogger(__name__)
+    # start() waits on the store, unbounded: one that does not answer must not
+    # keep a signal from stopping the broker (its stop is bounded).
+    if await _unless_signalled(stop, broker.start()):
+        click.echo(
+            f"simplequeued {settings.broker_id} listening on {broker.url} "
+            f"(store {settings.store_url}, pid {os.getpid()})"
+        )
+        if broker.redis is not None:
+            click.echo(f"simplequeued resp listening on {broker.redis.addr}")
+        sys.stdout.flush()
+        if broker.http is not None:
+            log.info(
+                "at most %d HTTP connections at once (%d descriptors held for the store)",
+                broker.http.max_connections,
+                store.held_descriptors,
+            )
+        if broker.redis is not None:
+            log.info("at most %d RESP clients at once", broker.redis.settings.max_clients)
+        await stop.wait()
+    else:
+        log.warning("a signal while starting: starting no further")
     log.info("stopping: finishing in-flight writes (a second signal stops now)")
     now = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, now.set)
-    stopping = asyncio.create_task(broker.stop())
-    told = asyncio.create_task(now.wait())
-    await asyncio.wait([stopping, told], return_when=asyncio.FIRST_COMPLETED)
-    told.cancel()
-    if not stopping.done():
+    if not await _unless_signalled(now, broker.stop()):
         # A write cut short lands whole or not at all; its caller, cut off,
         # retries. The other brokers take over within --broker-lease.
         log.warning("second signal: stopping now, without waiting for what is in flight")
-        stopping.cancel()
+
+
+async def _unless_signalled(told: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:
+    """Run `work` until it is done (True), or until `told` is set first: then it
+    is cancelled (False). What it raised is raised."""
+    task = asyncio.create_task(work)
+    waiting = asyncio.create_task(told.wait())
+    try:
+        await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await stopping
+        await task
+    return False
