@@ -73,6 +73,7 @@ class Batcher(Generic[I, O]):
         self.linger = linger
         self.name = name
         self._queue: list[Pending[I, O]] = []
+        self._sending: list[Pending[I, O]] = []  # the batch in flight
         self._task: asyncio.Task[None] | None = None
         self._arrived = asyncio.Event()
         self.closing = False  # no lingering once set: close() wants the last batch out
@@ -86,6 +87,12 @@ class Batcher(Generic[I, O]):
     def busy(self) -> bool:
         """A batch is being sent, or items wait for one."""
         return self._task is not None and not self._task.done()
+
+    @property
+    def unawaited(self) -> bool:
+        """Nobody waits for an item being sent or queued: each one's caller
+        went away (it was cancelled), or there is none."""
+        return all(pending.abandoned for pending in (*self._sending, *self._queue))
 
     def post(self, item: I) -> asyncio.Future[O]:
         """Queue `item` and return its future without waiting on it. A failure
@@ -133,6 +140,7 @@ class Batcher(Generic[I, O]):
                 await self._before()
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             started = loop.time()
+            self._sending = batch
             try:
                 outcomes = await self._send(batch)
                 if len(outcomes) != len(batch):
@@ -153,6 +161,8 @@ class Batcher(Generic[I, O]):
                 if not isinstance(exc, Exception):
                     raise
                 continue
+            finally:
+                self._sending = []
             for pending, outcome in zip(batch, outcomes, strict=True):
                 _settle(pending.future, outcome)
             await self._linger(len(batch), loop.time() - started)

@@ -649,6 +649,67 @@ async def test_a_sync_client_closed_by_one_thread_ends_another_threads_call() ->
             release.set()  # before the server's cleanup, which waits for the handler
 
 
+async def test_closing_a_sync_client_ends_a_hung_enqueue_without_waiting_out_its_retries() -> None:
+    """close() from another thread is how a script aborts a call hung on a
+    broker that accepted the request and never answers. The enqueue's caller
+    was let go at once, but close() then waited in Client.close() for the
+    enqueue batch's request, which nobody awaited any more, to run out its
+    retries (retry_budget: twice `timeout`) (review of the broker's life
+    cycle, round 25). A batch whose callers all went away is cut short."""
+    from simplequeue.client import SyncClient
+
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def silent(request: web.BaseRequest) -> web.StreamResponse:
+        arrived.set()
+        await release.wait()
+        return web.Response(status=504)
+
+    async with serving(silent) as url:
+        try:
+            sc = SyncClient(url, topic="t", timeout=3, retries=5)
+            outcome: list[BaseException | Any] = []
+
+            def caller() -> None:
+                try:
+                    outcome.append(sc.enqueue({"x": 1}))
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=caller, daemon=True)
+            thread.start()
+            await asyncio.wait_for(arrived.wait(), PROMPT)  # the enqueue is in flight
+            started = time.monotonic()
+            await asyncio.wait_for(asyncio.to_thread(sc.close), PROMPT)
+            took = time.monotonic() - started
+            await asyncio.to_thread(thread.join, PROMPT)
+            [ended] = outcome
+            assert isinstance(ended, RuntimeError)
+            assert took < 1.5, f"close() took {took:.1f} s (the abandoned enqueue's retries)"
+        finally:
+            release.set()
+
+
+async def test_closing_a_client_still_answers_the_enqueues_their_callers_wait_for() -> None:
+    """Only a batch nobody waits for is cut short by close(): one whose caller
+    still waits is sent through, and its caller answered."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.BaseRequest) -> web.StreamResponse:
+        arrived.set()
+        await release.wait()
+        return web.json_response({"id": (await request.json())["id"]})
+
+    async with serving(slow) as url:
+        q = Client(url, topic="t", retries=1)
+        enqueue = asyncio.create_task(q.enqueue("x", id="kept"))
+        await asyncio.wait_for(arrived.wait(), PROMPT)
+        closing = asyncio.create_task(q.close())
+        release.set()
+        assert await asyncio.wait_for(enqueue, PROMPT) == "kept"
+        await asyncio.wait_for(closing, PROMPT)
+
+
 STORE_DOWN = orjson.dumps({"error": "the object store is unavailable"})
 
 

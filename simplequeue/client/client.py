@@ -534,8 +534,16 @@ class Client:
             raise _Retry(BrokerUnavailable(f"no broker: {exc}"), tried=False) from exc
 
     async def close(self) -> None:
+        """Close the connections, once the enqueues under way are answered and
+        claim_many's releases done. Enqueues whose callers all went away
+        (cancelled: a SyncClient closed under them) are not waited for, their
+        request cut short: nobody is owed their answer, and a broker that does
+        not answer would hold the close for the whole retry budget."""
         self._closed = True
-        await self._enqueues.close()
+        if self._enqueues.busy and self._enqueues.unawaited:
+            await self._enqueues.abort(BrokerUnavailable("the client was closed"))
+        else:
+            await self._enqueues.close()
         if self._releases:  # each bounded: within one `timeout` of its start
             await asyncio.wait(self._releases)
         if self._session is not None:
