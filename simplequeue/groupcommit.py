@@ -163,8 +163,10 @@ class _Op(Generic[T]):
     mutation: Mutation[T]
     undo: Callable[[T], Mutation[Any] | None] | None = None
     # Whether an answer that depends on the state (nothing changed, not found)
-    # must be computed on a state read after the mutation was submitted.
+    # must be computed on a state read after the mutation was submitted, or,
+    # with `fresh_since`, read since then at least (monotonic).
     verify: bool = True
+    fresh_since: float | None = None
 
 
 _Entry = Pending[_Op[Any], Any]
@@ -270,16 +272,20 @@ class GroupCommitter:
         mutation: Mutation[T],
         undo: Callable[[T], Mutation[Any] | None] | None = None,
         verify: bool = True,
+        fresh_since: float | None = None,
     ) -> T:
         """Apply `mutation` in the topic's next batch; return its result once the
         write holding it landed. If the caller goes away after the mutation was
         applied, `undo(result)` (when given) is committed in a later batch.
         Without `verify`, a mutation that changes nothing is answered from the
         cached state, however old (the owner's upkeep: a state another broker
-        changed meanwhile is handed to it or read at its next write)."""
+        changed meanwhile is handed to it or read at its next write). With
+        `fresh_since` (monotonic), from a state read since then, though before
+        the mutation was submitted (a claim that finds nothing: a long poll's
+        last look at the store will do, Engine._poll)."""
         if self._closing:
             raise StoreUnavailable("broker is shutting down")
-        answer = self._topic(topic).batcher.post(_Op(mutation, undo, verify))
+        answer = self._topic(topic).batcher.post(_Op(mutation, undo, verify, fresh_since))
         try:
             result: T = await answer
         except asyncio.CancelledError:
@@ -911,8 +917,10 @@ class GroupCommitter:
             except SimpleQueueError as exc:
                 results.append((False, exc))
                 depends_on_state = isinstance(exc, _STATE_DEPENDENT)
-            if depends_on_state and entry.item.verify:
-                verify_since = max(verify_since, entry.submitted)
+            op = entry.item
+            if depends_on_state and op.verify:
+                since = entry.submitted if op.fresh_since is None else op.fresh_since
+                verify_since = max(verify_since, min(since, entry.submitted))
             changed = changed or state.dirty
         state.dirty = changed
         return results, changed, verify_since

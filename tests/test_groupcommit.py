@@ -425,6 +425,40 @@ async def test_idle_long_polls_on_a_topic_share_their_reads_of_its_head(
     assert reads <= took / interval + 2, f"{n} idle long polls read the head {reads} times"
 
 
+async def test_claims_of_an_idle_topic_share_a_read_of_its_head_a_poll_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every claim that found nothing read the head first, however lately it
+    was read (an answer that depends on the state was computed on a state read
+    after it was asked): a fleet of idle workers, each sending a claim every
+    few seconds, cost a GET a claim, forty a second for a hundred workers long
+    polling 5 s (round 25). Such a claim now takes a state read since the
+    topic's last look at the store, a POLL_INTERVAL at most ago, on a topic
+    its broker owns (its memory is current but for what a broker standing in
+    for it wrote); another broker's job is still found within that."""
+    monkeypatch.setattr(engine_module, "POLL_INTERVAL", 0.2)
+    store = _HeadReads()
+    q, other = engine_on(store, "a"), engine_on(store, "b")
+    q.owns = lambda topic: True  # a's memory of t is current but for b's writes
+    await q.enqueue("t", [JobSpec(1)])
+    assert await q.claim("t", "w")  # the topic exists, and is empty now
+    interval = 0.2
+    before, started = store.reads, time.monotonic()
+    claims = 0
+    while time.monotonic() - started < 5 * interval:
+        assert await q.claim("t", "w") == []
+        claims += 1
+        await asyncio.sleep(interval / 20)  # workers' claims, one after another
+    reads, took = store.reads - before, time.monotonic() - started
+    assert claims > 20
+    assert reads <= took / interval + 2, f"{claims} claims read the head {reads} times"
+    await other.enqueue("t", [JobSpec(2)])  # another broker's job
+    [job] = await asyncio.wait_for(q.claim("t", "w", wait=10), 4 * interval)
+    assert job["payload"] == 2
+    await q.committer.close()
+    await other.committer.close()
+
+
 async def test_bounded_writes_with_a_deep_queue() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store)

@@ -256,6 +256,10 @@ class Engine:
 
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
+        # Whether this broker owns a topic (the server's membership says):
+        # its memory of one it owns is current, but for what a broker standing
+        # in for it wrote lately (_poll).
+        self.owns: Callable[[str], bool] = lambda topic: False
         # Claims answered lately, by topic, worker and the caller's attempt id
         # (api.ClaimRequest.attempt_id). Oldest first.
         self._answered: OrderedDict[tuple[str, str, str], _Answered] = OrderedDict()
@@ -497,10 +501,17 @@ class Engine:
     ) -> list[Job]:
         """Submit `mutation` until it returns jobs, `wait` seconds pass or
         `answered()` says so. Between tries, wait for a commit, the topic's
-        next look at the store, or for its rate to allow a claim."""
+        next look at the store, or for its rate to allow a claim. On a topic
+        this broker owns, finding nothing is answered from a state read since
+        the topic's last look (or written since), not necessarily since the
+        claim came: the claims of an idle topic, however many workers send
+        them, cost one read of its head a POLL_INTERVAL, and miss at most what
+        a broker standing in for its owner wrote within it. On another's, the
+        state is read again when older than the claim (its owner writes it)."""
         deadline = time.monotonic() + wait
         while True:
-            got: _Polled = await self.committer.submit(topic, mutation, undo)
+            looked = next_look(topic) - POLL_INTERVAL if self.owns(topic) else None
+            got: _Polled = await self.committer.submit(topic, mutation, undo, fresh_since=looked)
             left = deadline - time.monotonic()
             if got.jobs or left <= 0 or (answered is not None and answered()):
                 return got.jobs

@@ -169,6 +169,7 @@ class Broker:
             deliver_to=Router(self.engine, self.forwarder),
         )
         self.membership.on_change = self.duties.view_changed
+        self.engine.owns = self.membership.owns
         self.metrics.add_collector(
             CallbackCollector(
                 lambda: (
