@@ -33,7 +33,7 @@ from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Forwarder, Here, _Unreachable
 from simplequeue.broker.membership import Membership, Peer, rendezvous
 from simplequeue.client import Client
-from simplequeue.errors import StoreUnavailable
+from simplequeue.errors import StoreRefused, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore import ObjectStore
 from simplequeue.objstore.localfs import LocalStore
@@ -813,6 +813,83 @@ async def test_a_broker_whose_record_cannot_be_written_reaps_what_a_crashed_owne
     await owner.claim(topic, "w", lease=0.3)
     await owner.committer.close()
     store.refused.add(a.membership.key)  # A's renewals fail from now on
+    renewing.cancel()  # B is killed: its record stays as it was
+    await asyncio.gather(renewing, return_exceptions=True)
+    await until(lambda: a.duties.reaped == 1, within=5)
+    assert (await a.engine.job(topic, "j"))["status"] == "pending"
+
+
+class OneUnreadable(MemStore):
+    """A memfs store on which one object, once `refusing` is set, cannot be
+    read: the store refuses it (S3's AccessDenied on an object written with a
+    KMS key the brokers may not use, a file of another user's on localfs).
+    Every other object reads."""
+
+    def __init__(self, unreadable: str) -> None:
+        super().__init__()
+        self.unreadable = unreadable
+        self.refusing = False
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        if self.refusing and key == self.unreadable:
+            raise StoreRefused(f"injected: access denied to {key}")
+        return await super().get(key)
+
+
+async def test_one_unreadable_registration_does_not_freeze_who_is_live(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One registration the store refused to read made every round of look()
+    fail before the live set was worked out: the view froze, and a broker
+    that died afterwards stayed live for good (its topics' leases, schedules
+    and follow-ups taken over by no one). Found by the review of ownership,
+    membership and the store clock, round 25. Now the unreadable record's
+    broker ages out as one not renewed does, the others are seen as before,
+    and the failed read is said once, not every round."""
+    store = OneUnreadable(keys.registration("zz-foreign"))
+    a = Membership(store, broker_id="a", url="http://a", lease_s=0.3)
+    b = Membership(store, broker_id="b", url="http://b", lease_s=0.3)
+    other = Membership(store, broker_id="zz-foreign", url="http://z", lease_s=0.3)
+    for m in (a, b, other):
+        await m.register()
+    await a.step()
+    assert [p.broker_id for p in a.live] == ["a", "b", "zz-foreign"]
+    store.refusing = True  # zz-foreign's record can no longer be read
+    # b and zz-foreign are killed: their records are never renewed again. a
+    # renews and looks, a round every third of the lease, well past theirs.
+    with caplog.at_level(logging.WARNING, logger="simplequeue.broker.membership"):
+        for _ in range(5):
+            await asyncio.sleep(0.1)  # the leases' passing, not synchronisation
+            await a.step()
+    assert [p.broker_id for p in a.live] == ["a"]
+    said = [r for r in caplog.records if "cannot read zz-foreign's record" in r.getMessage()]
+    assert len(said) == 1
+
+
+async def test_a_crashed_owners_claim_is_reaped_while_one_registration_is_unreadable(
+    start_broker: StartBroker,
+) -> None:
+    """The same, end to end: broker A, and B which owns a topic and handed out
+    a claim there, then was killed. One registration of a third broker could
+    not be read: A never saw B go, and the claim stayed claimed past its lease
+    (for good: nothing else reads the topic). Review of ownership, membership
+    and the store clock, round 25."""
+    store = OneUnreadable(keys.registration("zz-foreign"))
+    foreign = Membership(store, broker_id="zz-foreign", url="http://127.0.0.1:7", lease_s=0.3)
+    await foreign.register()
+    b = Membership(store, broker_id="B", url="http://127.0.0.1:9", lease_s=0.3)
+    await b.register()
+    renewing = asyncio.create_task(b.run())
+    a = await start_broker(store, broker_id="A", broker_lease=0.3)  # a round every 0.1 s
+    topic = next(
+        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "B") > rendezvous(t, "A")
+    )
+    assert a.membership.peer("B") and not a.membership.owns(topic)
+    owner = Engine(GroupCommitter(store, broker_id="B", clock=store.now))  # B's writes
+    await owner.enqueue(topic, [JobSpec("p", id="j")])
+    await owner.claim(topic, "w", lease=0.3)
+    await owner.committer.close()
+    store.refusing = True  # zz-foreign's record: access denied from now on
     renewing.cancel()  # B is killed: its record stays as it was
     await asyncio.gather(renewing, return_exceptions=True)
     await until(lambda: a.duties.reaped == 1, within=5)

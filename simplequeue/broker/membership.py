@@ -112,6 +112,7 @@ class Membership:
         self._twins: set[str] = set()  # broker ids two processes were seen to share
         # Records read when asked (learn), by broker id: when, and the read.
         self._learning: dict[str, tuple[float, asyncio.Task[None]]] = {}
+        self._unreadable: set[str] = set()  # broker ids whose record's last read failed
 
     def set_url(self, url: str) -> None:
         """This broker's URL, once it listens."""
@@ -241,14 +242,17 @@ class Membership:
         await self.look()
 
     async def look(self) -> None:
-        """Read the others' records, and see who is live."""
+        """Read the others' records, and see who is live. Only a failed
+        listing ends the round before that: a record that cannot be read is
+        that broker's sighting left to age (_look_at_logged)."""
         listed = await self.store.list(keys.BROKERS_PREFIX)
         mono = time.monotonic()
         ids = {b for b in (keys.broker_of(k) for k in listed) if b and b != self.me.broker_id}
         for gone in set(self._seen) - ids:
             del self._seen[gone]
+        self._unreadable &= ids
         for broker_id in sorted(ids):
-            await self._look_at(broker_id, mono)
+            await self._look_at_logged(broker_id, mono)
         live = []
         for broker_id, seen in list(self._seen.items()):
             age = mono - seen.changed_at
@@ -261,7 +265,11 @@ class Membership:
                 await self._forget(broker_id, "it had this broker's address")
             elif age < seen.record.lease:
                 live.append(Peer(broker_id, seen.record.url, seen.restarts))
-            elif age > FORGET_AFTER_LEASES * seen.record.lease:
+            elif (
+                age > FORGET_AFTER_LEASES * seen.record.lease and broker_id not in self._unreadable
+            ):
+                # Not one this broker cannot read: it may be renewed all along,
+                # and deleting it would make its broker register again.
                 await self._forget(broker_id, "its record was not renewed for long")
         if self._counts_itself(bool(live)):
             live.append(self.me)
@@ -328,6 +336,37 @@ class Membership:
             sent = time.monotonic()
             self._etag = await self.store.put(self.key, record)
         self._written_at = sent
+
+    async def _look_at_logged(self, broker_id: str, mono: float) -> None:
+        """_look_at, a failed read being that record's problem only. One
+        record the store refused (S3's AccessDenied on one object, a file of
+        another user's) failed every round before the live set was worked
+        out: the view froze, and a broker dying afterwards stayed live for
+        good (its leases never reaped, its schedules never fired).
+
+        Its broker's last sighting ages as an unrenewed one does, so it drops
+        out after its lease, alive or not. Kept live instead, a dead broker
+        would stay so for as long as its record cannot be read; dropped while
+        alive, its topics have two owners, which conditional writes keep
+        correct (ownership is routing, not a lock): contention, not a
+        stranded topic. Said once while it lasts, not every round."""
+        try:
+            await self._look_at(broker_id, mono)
+        except Exception as exc:  # CancelledError is no Exception: it goes through
+            if broker_id not in self._unreadable:
+                self._unreadable.add(broker_id)
+                log.log(
+                    logging.WARNING if isinstance(exc, SimpleQueueError) else logging.ERROR,
+                    "broker registry: cannot read %s's record (%s); it counts as live only "
+                    "until its last sighting's lease runs out",
+                    broker_id,
+                    exc,
+                    exc_info=not isinstance(exc, SimpleQueueError),
+                )
+        else:
+            if broker_id in self._unreadable:
+                self._unreadable.discard(broker_id)
+                log.info("broker registry: %s's record reads again", broker_id)
 
     async def _look_at(self, broker_id: str, mono: float) -> None:
         key = keys.registration(broker_id)
