@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 # Answers in a row that must agree on a store time the estimate does not allow
@@ -19,6 +19,10 @@ from typing import NamedTuple
 # seconds: not one request's retries, a few hundred milliseconds apart.
 CONFIRM_JUMP = 3
 CONFIRM_SPAN = 5.0
+# How fast (s/s) our monotonic clock may be taken to drift against the store's
+# before a sample outside the estimate must wait for rivals: well beyond the
+# 0.05 % a kernel slews a clock by.
+DRIFT = 0.002
 
 
 def _overlap(low: float, high: float, other_low: float, other_high: float) -> bool:
@@ -39,12 +43,18 @@ class StoreClock:
     some instant between `sent` and `received` on our monotonic clock, so the
     offset lies in [stamp - received, stamp + resolution - sent]. The estimate
     is the intersection of the recent samples that agree with the newest one
-    (at most `window` of them, none older than `horizon` seconds before it);
-    a sample that contradicts older ones (our monotonic clock drifted) wins
-    and the older ones are dropped. One that contradicts even the newest
-    kept sample (the store's clock was set, or one answer is wrong) waits
-    until CONFIRM_JUMP such samples in a row, over CONFIRM_SPAN seconds or
-    more, agree: then they win.
+    (at most `window` of them, none older than `horizon` seconds before it).
+    A new sample is judged against that estimate, not against the newest
+    sample alone: one that the estimate does not allow is taken at once only
+    as far as our monotonic clock may have drifted (DRIFT) since the samples
+    it contradicts, which are dropped. Any other (the store's clock was set,
+    or one answer is wrong) waits until CONFIRM_JUMP such samples, agreeing
+    with each other, over CONFIRM_SPAN seconds or more, say so with none
+    between that only the estimate allows: then they win. So one wrong
+    answer takes now() outside its error() by the drift allowed at most;
+    or, one that the estimate allows in part (nothing tells it from a right
+    one), by about the estimate's width (tens of milliseconds once a few
+    answers came), until answers that contradict it drop it.
 
     now() is monotonic time plus the middle of that interval, and never goes
     backwards once two samples agree: a store whose clock is set back leaves
@@ -78,10 +88,14 @@ class StoreClock:
         self._wall = wall
         self._samples: deque[_Sample] = deque()
         self._low = self._high = 0.0
-        # Newer samples that all disagree with the estimate and agree with
-        # each other, and their intersection: a jump not yet taken.
-        self._rivals: list[_Sample] = []
+        # Newer samples that agree with each other, the first and
+        # `_rivals_against` of them disagreeing with the estimate (the others
+        # allow both), their intersection, and when the first came: a jump
+        # not yet taken.
+        self._rivals: deque[_Sample] = deque(maxlen=window)
         self._rivals_low = self._rivals_high = 0.0
+        self._rivals_against = 0
+        self._rivals_since = 0.0
         self._last = -float("inf")
         # Whether two samples ever agreed: until then a jump may take now() back.
         self._corroborated = False
@@ -97,53 +111,98 @@ class StoreClock:
             )
         new = _Sample(received, stamp - received, stamp + resolution - sent)
         with self._lock:
+            if not self._samples:
+                self._last = -float("inf")  # the wall-clock guess gives way
+                self._take(*self._agreeing(new, ()))
+                return
+            # Judged against the estimate, the overlap of every sample kept,
+            # not against the newest sample alone (about 1 s wide on S3): a
+            # wrong answer 0.9 s ahead overlapped the newest, won, and moved
+            # now() 0.85 s ahead while error() said 0.15 s.
+            agrees = _overlap(new.low, new.high, self._low, self._high)
+            # Whether it also agrees with the rivals waiting: then it says
+            # nothing either way, and they wait on.
+            both = bool(self._rivals) and _overlap(
+                new.low, new.high, self._rivals_low, self._rivals_high
+            )
             if (
-                self._samples
+                agrees
                 and received - self._samples[-1].received < self._spacing
                 and new.low <= self._low
                 and new.high >= self._high  # it holds the interval: no news
             ):
-                self._rivals.clear()
-                return
-            if not self._samples:
-                self._last = -float("inf")  # the wall-clock guess gives way
-            newest = self._samples[-1] if self._samples else None
-            if newest is not None and not _overlap(new.low, new.high, newest.low, newest.high):
-                # It disagrees with the newest sample kept (however old: now()
-                # still rests on it): the store's clock was set, or this one
-                # answer is wrong (a proxy's error page with its own Date, one
-                # node of a store set apart). Only CONFIRM_JUMP such answers in
-                # a row, agreeing with each other, move the estimate: one would
-                # move now() for good (it never goes back), and retention
-                # would drop records early with it.
-                if not self._rivals or not _overlap(
-                    new.low, new.high, self._rivals_low, self._rivals_high
-                ):
+                if not both:
                     self._rivals.clear()
-                    self._rivals_low, self._rivals_high = new.low, new.high
-                self._rivals.append(new)
-                self._rivals_low = max(self._rivals_low, new.low)
-                self._rivals_high = min(self._rivals_high, new.high)
-                span = new.received - self._rivals[0].received
-                if len(self._rivals) < CONFIRM_JUMP or span < CONFIRM_SPAN:
-                    return
-                if not self._corroborated:  # the lone sample was the wrong one
-                    self._last = -float("inf")
-                kept, low, high = self._rivals, self._rivals_low, self._rivals_high
-            else:
-                kept, low, high = [new], new.low, new.high
-                for old in reversed(self._samples):
-                    if len(kept) >= self._window or new.received - old.received > self._horizon:
-                        break
-                    if not _overlap(low, high, old.low, old.high):
-                        break  # this one and all before it disagree with the newer ones
-                    low, high = max(low, old.low), min(high, old.high)
-                    kept.append(old)
-                kept.reverse()
-            self._rivals = []
-            self._samples = deque(kept)
-            self._low, self._high = low, high
-            self._corroborated = self._corroborated or len(kept) > 1
+                return
+            if agrees or self._drifted(new):
+                self._take(*self._agreeing(new, reversed(self._samples)))
+                if agrees and both:
+                    self._rivals.append(new)
+                    self._rivals_low = max(self._rivals_low, new.low)
+                    self._rivals_high = min(self._rivals_high, new.high)
+                else:
+                    self._rivals.clear()
+                return
+            # It disagrees with the estimate (however old: now() still rests
+            # on it): the store's clock was set, or this one answer is wrong
+            # (a proxy's error page with its own Date, one node of a store
+            # set apart). Only CONFIRM_JUMP such answers, agreeing with each
+            # other, with none between that the estimate alone allows, move
+            # the estimate: one would move now() for good (it never goes
+            # back), and retention would drop records early with it.
+            if not both or new.received - self._rivals_since > self._horizon:
+                self._rivals.clear()
+                self._rivals_low, self._rivals_high = new.low, new.high
+                self._rivals_since, self._rivals_against = new.received, 0
+            self._rivals.append(new)
+            self._rivals_low = max(self._rivals_low, new.low)
+            self._rivals_high = min(self._rivals_high, new.high)
+            self._rivals_against += 1
+            span = new.received - self._rivals_since
+            if self._rivals_against < CONFIRM_JUMP or span < CONFIRM_SPAN:
+                return
+            if not self._corroborated:  # the lone sample was the wrong one
+                self._last = -float("inf")
+            rivals = list(self._rivals)
+            self._take(*self._agreeing(rivals[-1], reversed(rivals[:-1])))
+            self._rivals.clear()
+
+    def _drifted(self, new: _Sample) -> bool:
+        """Whether `new`, which the estimate does not allow, is taken at once
+        all the same, the older samples it contradicts dropped: our monotonic
+        clock drifting against the store's carries the offset out of what old
+        samples narrowed it to. So it is when `new` meets every kept sample
+        widened by what DRIFT could have moved the offset since that one
+        came: it contradicts none of the recent ones, and the old ones by
+        little. A wrong answer so taken moves now() by as little."""
+        for old in self._samples:
+            slack = DRIFT * max(new.received - old.received, 0.0)  # threads may race
+            if not _overlap(new.low, new.high, old.low - slack, old.high + slack):
+                return False
+        return True
+
+    def _agreeing(
+        self, new: _Sample, older: Iterable[_Sample]
+    ) -> tuple[list[_Sample], float, float]:
+        """`new` and the samples before it (`older`, newest first) that agree
+        with it and with each other, within the window and the horizon, oldest
+        first; and the interval they leave."""
+        kept, low, high = [new], new.low, new.high
+        for old in older:
+            if len(kept) >= self._window or new.received - old.received > self._horizon:
+                break
+            if not _overlap(low, high, old.low, old.high):
+                break  # this one and all before it disagree with the newer ones
+            low, high = max(low, old.low), min(high, old.high)
+            kept.append(old)
+        kept.reverse()
+        return kept, low, high
+
+    def _take(self, kept: list[_Sample], low: float, high: float) -> None:
+        """Rest the estimate on `kept`, which leave [low, high]."""
+        self._samples = deque(kept)
+        self._low, self._high = low, high
+        self._corroborated = self._corroborated or len(kept) > 1
 
     def now(self) -> float:
         """The store's time in Unix seconds (the local wall clock before any sample)."""
