@@ -289,6 +289,21 @@ class Layout:
             raise CorruptData(key, f"it holds {len(items)} items, a lease names item {index}")
         return items[index]["payload"]
 
+    def _payload_sources(self, records: list[Job]) -> None:
+        """Raise SegmentMissing naming at once every segment not at hand that
+        holds a payload of `records` (claimed jobs' records): no chain names a
+        payload segment (the pending segment its job was claimed from, or a
+        lease spill's `x` segment), so the committer prefetches nothing with
+        one, and reading them one by one would cost a fetch round each."""
+        missing: list[str] = []
+        for seg_id in dict.fromkeys(r["src"][0] for r in records if "src" in r):
+            try:
+                self._chain(new_chain()).segment(seg_id)
+            except SegmentMissing as miss:
+                missing.append(miss.key)
+        if missing:
+            raise SegmentMissing(missing[0], tuple(missing[1:]))
+
     # --- the claimed set -------------------------------------------------------------
 
     def _inline_index(self) -> dict[str, Job]:

@@ -129,12 +129,18 @@ class TopicState(Layout):
 
     def claimed_soonest(self, n: int) -> list[Job]:
         """The `n` claimed jobs whose leases run out first, with their payloads."""
-        return [self._with_payload(r) for r in self.soonest_leases(n)]
+        return self._with_payloads(self.soonest_leases(n))
 
     def _with_payload(self, record: Job) -> Job:
         job = {k: v for k, v in record.items() if k != "src"}
         job["payload"] = self._payload(record)
         return job
+
+    def _with_payloads(self, records: list[Job]) -> list[Job]:
+        """_with_payload() of each record, the segments their payloads are in
+        asked for together (one fetch round, not one each)."""
+        self._payload_sources(records)
+        return [self._with_payload(r) for r in records]
 
     def claimed_count(self) -> int:
         return self.leases.count
@@ -711,7 +717,7 @@ class TopicState(Layout):
         # as delayed for long.
         earliest = now - clock_error
         expired = self.due_leases(earliest, taking=True)
-        jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
+        jobs = self._with_payloads([p.item for p in expired])  # reads before it changes
         for place, job in zip(expired, jobs, strict=True):
             self._drop_lease(place)
             out[self._release(job, earliest, job.get("last_error") or "lease expired", now)] += 1
