@@ -381,6 +381,22 @@ async def test_only_the_owner_reaps_and_it_reaps_what_it_was_told_of(
     assert owner.duties.reaped == 1 and other.duties.reaped == 0
 
 
+async def test_the_owner_reaps_more_expired_leases_than_one_reap_takes_without_waiting(
+    start_broker: StartBroker,
+) -> None:
+    """A reap takes a bounded part of the leases that ran out (review of the
+    storage engine v2, round 25: one took them all, and failed on many): its
+    tend says the topic is due again now, and the owner's duties tend it
+    again at once, until none is left."""
+    broker = await start_broker(MemStore())
+    engine = broker.engine
+    await engine.enqueue("t", [JobSpec({"pad": "x" * 1000}, id=f"j{i}") for i in range(1000)])
+    assert len(await engine.claim("t", "w", lease=0.3, count=1000)) == 1000  # the worker dies
+    await until(lambda: broker.duties.reaped == 1000, within=5)
+    counts = await engine.status("t")
+    assert (counts["claimed"], counts["pending"]) == (0, 1000)
+
+
 async def test_a_topic_whose_tending_failed_unexpectedly_is_tended_again(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -223,6 +223,13 @@ class TopicMachine(RuleBasedStateMachine):
         expired = self.apply(lambda s: s.expired(self.now))
         last = {n: s.get("last_slot") for n, s in self.state.schedules().items()}
         tended = self.apply(lambda s: s.tend(self.now))  # reaps, and fires schedules
+        while self.state.expired(self.now):
+            # A reap takes a bounded part: the rest is due now, and reaped next.
+            due = self.state.next_due()
+            assert due is not None and due <= self.now
+            part = self.apply(lambda s: s.reap(self.now))
+            assert part["pending"] + part["dead"] > 0
+            tended = {k: v + part.get(k, 0) for k, v in tended.items()}
         claimed = self.claimed()
         for job_id in [j for j in self.tokens if j not in claimed]:
             self.stale.append((job_id, self.tokens.pop(job_id)))

@@ -49,6 +49,16 @@ AHEAD_ITEMS = 8
 AHEAD_LANE_ITEMS = 64  # the same, in the lane read past its fronts
 AHEAD_KEYS = 512
 AHEAD_WALK = 1024  # segments of a run looked at, at hand or not, at most
+# What one reap takes at most of the leases that ran out (take_due_leases),
+# whatever the backlog (a fleet of workers died with 100,000 jobs claimed):
+# reaped jobs are rewritten into pending segments as a merge part rewrites
+# jobs, so as much as a merge part (merge_bytes of jobs; one at least);
+# their payloads are read from REAP_SOURCES segments at most (each about
+# segment_bytes at most: what a batch holds in memory stays bounded too);
+# and REAP_LEASES leases at most (jobs with small payloads). The rest stay
+# due, and the owner tends the topic again at once.
+REAP_LEASES = 500
+REAP_SOURCES = 8
 # Holes kept in the head: past holes_max in a chain, or past HEAD_HOLES_MAX in
 # all of the head's chains (a head has one per run of each lane, and more),
 # the chains with most go out to manifests (their loose refs folded, their
@@ -343,12 +353,19 @@ class Layout:
         times += [u.get("lo", -1e300) for u in d["segs"] + d["mans"]]
         return min(times, default=None)
 
-    def due_leases(self, now: float, taking: bool = False) -> list[Place]:
+    def due_leases(self, now: float) -> list[Place]:
         """The claimed jobs whose leases ran out by `now`. Reads only the lease
-        segments whose bound says they may hold one. When `taking` (the caller
-        takes every one of them out), tightens the bounds of what it read to
-        the leases left (metadata only: a bound is never later than a lease it
-        covers, so the next write may carry it)."""
+        segments whose bound says they may hold one."""
+        return self._find_due(now)[0]
+
+    def _find_due(
+        self, now: float, most: int | None = None
+    ) -> tuple[list[Place], dict[str, tuple[str, float]]]:
+        """due_leases(): every one, or with `most`, those found until there are
+        that many (inline records first, then a lease segment at a time, each
+        read whole). With, for each lease segment read, by id, the unit that
+        counts it (itself, or its manifest) and the earliest expiry of its
+        leases not due."""
         leases = self.leases
         due = [Place(None, 0, r) for r in leases.d["in"] if r["lease_expires_at"] <= now]
 
@@ -356,8 +373,10 @@ class Layout:
             lo: float = ref.get("lo", -1e300)
             return lo <= now
 
-        lows: dict[str, float] = {}  # unit key (loose segment or manifest) -> new bound
+        scanned: dict[str, tuple[str, float]] = {}
         for ref, man, start, mref in leases.bounded_units(maybe):
+            if most is not None and len(due) >= most:
+                break
             holes = leases.holes_of(ref)
             items = leases.items(ref)
             left = 1e300
@@ -369,22 +388,60 @@ class Layout:
                     due.append(Place(ref["k"], i, items[i], man))
                 else:
                     left = min(left, expires)
-            key = ref["k"] if mref is None else mref["k"]
-            lows[key] = min(lows.get(key, 1e300), left)
-        if not taking:
-            return due
-        for unit in leases.d["segs"]:
-            if unit["k"] in lows:
-                unit["lo"] = lows[unit["k"]]
-        for mref in leases.d["mans"]:
+            scanned[ref["k"]] = (ref["k"] if mref is None else mref["k"], left)
+        return due, scanned
+
+    def take_due_leases(self, now: float) -> list[Place]:
+        """A part of the claimed jobs whose leases ran out by `now`, which the
+        caller takes out (every one): the first found, REAP_LEASES at most,
+        their payloads in REAP_SOURCES segments at most, and about
+        merge_bytes of jobs (one at least). However many ran out, a reap
+        then reads and rewrites a bounded amount; the rest stay due at once
+        (next_expiry() says so) for the next. The bounds of the lease
+        segments it read are tightened to the leases they keep (metadata
+        only: a bound is never later than a lease it covers, so the next
+        write may carry it)."""
+        due, scanned = self._find_due(now, REAP_LEASES)
+        sources: set[str] = set()
+        part = due
+        for n, place in enumerate(due):
+            if "src" in place.item:
+                sources.add(place.item["src"][0])
+                if len(sources) > REAP_SOURCES:
+                    part = due[:n]
+                    break
+        self._payload_sources([p.item for p in part])  # every one missing, in one round
+        size = 0
+        for n, place in enumerate(part):
+            size += len(orjson.dumps(place.item)) + len(orjson.dumps(self._payload(place.item)))
+            if n and size > self.bounds.merge_bytes:
+                part = part[:n]
+                break
+        self._lower_lease_bounds(scanned, due[len(part) :])
+        return part
+
+    def _lower_lease_bounds(self, scanned: dict[str, tuple[str, float]], kept: list[Place]) -> None:
+        """The bounds of the units (loose lease segments, manifests) whose
+        segments _find_due() read (`scanned`) tightened to the leases they keep
+        once the due ones are taken out, but those `kept` (left for later)."""
+        leases = self.leases
+        lows: dict[str, float] = {}  # unit key -> new bound
+        for unit, left in scanned.values():
+            lows[unit] = min(lows.get(unit, 1e300), left)
+        for place in kept:
+            if place.seg is not None:
+                unit = scanned[place.seg][0]
+                lows[unit] = min(lows[unit], place.item["lease_expires_at"])
+        for ref in leases.d["segs"]:
+            if ref["k"] in lows:
+                ref["lo"] = lows[ref["k"]]
+        for m, mref in enumerate(leases.d["mans"]):
             if mref["k"] in lows:
-                unscanned = [
-                    r.get("lo", -1e300)
-                    for r in leases.manifest(mref["k"]).refs
-                    if r.get("lo", -1e300) > now
-                ]
-                mref["lo"] = min([lows[mref["k"]], *unscanned])
-        return due
+                # Its segments not read keep their own bounds (those before the
+                # cursor are used up).
+                refs = leases.manifest(mref["k"]).refs[leases.d["mpos"] if m == 0 else 0 :]
+                unread = [r.get("lo", -1e300) for r in refs if r["k"] not in scanned]
+                mref["lo"] = min([lows[mref["k"]], *unread])
 
     def soonest_leases(self, n: int) -> list[Job]:
         """The `n` claim records whose leases run out first. Lease segments are

@@ -704,7 +704,10 @@ class TopicState(Layout):
         return done
 
     def reap(self, now: float, clock_error: float = 0.0) -> dict[str, int]:
-        """Expired leases back to pending, or dead when attempts are spent.
+        """Expired leases back to pending, or dead when attempts are spent: a
+        part of them, bounded (Layout.take_due_leases), so that one batch
+        reads and writes a bounded amount however many ran out; while more
+        are due, next_due() says so (now), and the owner tends again at once.
 
         A lease is expired when it ran out by `now - clock_error`: `now` is an
         estimate of the store's clock that may be `clock_error` ahead of it.
@@ -716,8 +719,8 @@ class TopicState(Layout):
         # it too: a broker whose estimate is behind this one's does not see it
         # as delayed for long.
         earliest = now - clock_error
-        expired = self.due_leases(earliest, taking=True)
-        jobs = self._with_payloads([p.item for p in expired])  # reads before it changes
+        expired = self.take_due_leases(earliest)  # a bounded part: see REAP_LEASES
+        jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
         for place, job in zip(expired, jobs, strict=True):
             self._drop_lease(place)
             out[self._release(job, earliest, job.get("last_error") or "lease expired", now)] += 1
