@@ -272,6 +272,30 @@ async def test_a_manifest_holding_fewer_segments_than_its_ref_says_is_corrupt() 
         await fresh.enqueue("t", [JobSpec("x", id="new")])
 
 
+@pytest.mark.parametrize(("cursor", "at"), [("mpos", 10**6), ("mpos", -1), ("pos", -1)])
+async def test_a_head_whose_manifest_cursor_is_past_its_manifest_is_corrupt(
+    cursor: str, at: int
+) -> None:
+    """A head of the right shape whose run's manifest cursor (`mpos`) is past
+    the manifest's segments (a head edited or restored by hand): a claim
+    failed with a bare IndexError, a 503 ("commit failed") that clients retry
+    for ever, naming no object, and a lookup answered "not found". It is
+    corrupt data naming the head, as is a cursor before the start, which read
+    from the end (review of the storage engine v2, round 25)."""
+    store = MemStore()
+    await _a_manifest(store)
+
+    def move_cursor(head: dict[str, Any]) -> None:
+        head["lanes"]["0"]["runs"][0][cursor] = at
+
+    await _rewrite(store, keys.head("t"), move_cursor)
+    fresh = engine_on(store, "fresh")
+    with pytest.raises(CorruptData, match=keys.head("t")):
+        await fresh.claim("t", "w", count=300)
+    with pytest.raises(CorruptData, match=keys.head("t")):
+        await engine_on(store, "other").job("t", "b0-00001")
+
+
 @pytest.mark.parametrize("index", ["", "AAAA", "AAAAAA==", "not base64!"])
 async def test_a_manifest_whose_id_index_is_cut_short_lets_no_duplicate_in(index: str) -> None:
     """A manifest's id index (4 bytes an item, in base64) was only checked to

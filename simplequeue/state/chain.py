@@ -81,11 +81,20 @@ class Chain:
 
     def manifest(self, man_id: str) -> Manifest:
         """The manifest `man_id` names, holding as many segments as the head's
-        ref to it says (segments.as_ref_says)."""
+        ref to it says (segments.as_ref_says); the chain's first, with its
+        cursor (`mpos`) on one of them, or the head is corrupt (edited or
+        restored by hand: every read of the front would fail IndexError)."""
         manifest = self.view.manifest(keys.segment(self.topic, man_id))
-        for mref in self.d["mans"]:  # the first, mostly: the front's
+        for m, mref in enumerate(self.d["mans"]):  # the first, mostly: the front's
             if mref["k"] == man_id:
-                return as_ref_says(manifest, mref["segs"])
+                manifest = as_ref_says(manifest, mref["segs"])
+                if m == 0 and not 0 <= self.d["mpos"] < mref["segs"]:
+                    raise CorruptData(
+                        keys.head(self.topic),
+                        f"a chain's cursor is at segment {self.d['mpos']} of manifest "
+                        f"{man_id!r}, which holds {mref['segs']}",
+                    )
+                return manifest
         return manifest  # one just dropped from the chain
 
     def items(self, ref: dict[str, Any]) -> list[Item]:

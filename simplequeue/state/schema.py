@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 import msgspec
 
@@ -120,6 +120,10 @@ class IndexedRef(TypedDict):
     hi: NotRequired[float]
 
 
+# Where a chain's front is: a segment of its first manifest, an item of its
+# first segment (a negative one would read from the end).
+Cursor = Annotated[int, msgspec.Meta(ge=0)]
+
 # Chains hold their inline items under "in", a Python keyword: these are
 # declared in TypedDict's functional form.
 Run = TypedDict(
@@ -128,8 +132,8 @@ Run = TypedDict(
         "n": int,
         "segs": list[SegmentRef],
         "mans": list[ManifestRef],
-        "mpos": int,
-        "pos": int,
+        "mpos": Cursor,
+        "pos": Cursor,
         "holes": dict[str, list[int]],
         "in": list[PendingJob],
         "lo": NotRequired[float],
@@ -147,8 +151,8 @@ Leases = TypedDict(
         "n": int,
         "segs": list[SegmentRef],
         "mans": list[ManifestRef],
-        "mpos": int,
-        "pos": int,
+        "mpos": Cursor,
+        "pos": Cursor,
         "holes": dict[str, list[int]],
         "in": list[Lease],
     },
@@ -159,8 +163,8 @@ Records = TypedDict(
         "n": int,
         "segs": list[SegmentRef],
         "mans": list[ManifestRef],
-        "mpos": int,
-        "pos": int,
+        "mpos": Cursor,
+        "pos": Cursor,
         "holes": dict[str, list[int]],
         "in": list[Record],
     },
@@ -171,8 +175,8 @@ Outbox = TypedDict(
         "n": int,
         "segs": list[SegmentRef],
         "mans": list[ManifestRef],
-        "mpos": int,
-        "pos": int,
+        "mpos": Cursor,
+        "pos": Cursor,
         "holes": dict[str, list[int]],
         "in": list[FollowUp],
     },
@@ -183,8 +187,8 @@ DeadJobs = TypedDict(
         "n": int,
         "segs": list[SegmentRef],
         "mans": list[ManifestRef],
-        "mpos": int,
-        "pos": int,
+        "mpos": Cursor,
+        "pos": Cursor,
         "holes": dict[str, list[int]],
         "in": list[DeadJob],
     },
