@@ -501,9 +501,11 @@ async def run_tasks(n: int, concurrency: int, one: Callable[[int], Awaitable[Any
 
 async def sq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
     """Enqueue `n` jobs through the SDK (one per call, or `enqueue_batch` per
-    enqueue_many), then process them with the SDK Worker and a no-op handler."""
+    enqueue_many), then process them with the SDK Worker and a no-op handler.
+    `prefetch` is the Worker's (absent or None: its default, sized by ClaimAhead)."""
     n, c, wc = int(cfg["n"]), int(cfg["concurrency"]), int(cfg["worker_concurrency"])
     batch = int(cfg.get("enqueue_batch", 1))
+    prefetch = cfg.get("prefetch")
     async with Client(cfg["url"], topic=cfg["topic"]) as q:
         await q.status()  # connect, and load the topic, before measuring
         cpu0, t0 = time.process_time(), time.perf_counter()
@@ -524,7 +526,9 @@ async def sq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
             if done >= n:
                 all_done.set()
 
-        worker = Worker(q, handler, concurrency=wc, wait=1.0, handle_signals=False)
+        worker = Worker(
+            q, handler, concurrency=wc, prefetch=prefetch, wait=1.0, handle_signals=False
+        )
         running = asyncio.create_task(worker.run())
         finished = asyncio.ensure_future(all_done.wait())
         await asyncio.wait([finished, running], timeout=600, return_when=asyncio.FIRST_COMPLETED)
