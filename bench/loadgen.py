@@ -517,13 +517,17 @@ async def sq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
                 len(chunks), c, lambda k: q.enqueue_many([payload(i) for i in chunks[k]])
             )
         cpu1, t1 = time.process_time(), time.perf_counter()
-        done = 0
+        # Jobs by id, so that a job run twice (a lease lost, a claim answered
+        # twice) counts once, and the part can tell that every one of the n ran.
+        done: set[str] = set()
+        runs = 0
         all_done = asyncio.Event()
 
         async def handler(job: Job) -> None:
-            nonlocal done
-            done += 1
-            if done >= n:
+            nonlocal runs
+            runs += 1
+            done.add(job.id)
+            if len(done) >= n:
                 all_done.set()
 
         worker = Worker(
@@ -541,7 +545,8 @@ async def sq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
         "process_s": t2 - t1,
         "enqueue_cpu": cpu1 - cpu0,
         "process_cpu": cpu2 - cpu1,
-        "processed": done,
+        "processed": len(done),
+        "runs": runs,
     }
 
 
@@ -557,13 +562,15 @@ def huey_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
     huey = SqliteHuey("bench", filename=cfg["db"])
     lock = threading.Lock()
     all_done = threading.Event()
-    done = 0
+    done: set[int] = set()  # by argument: each job is enqueued with its own
+    runs = 0
 
     def noop(i: int) -> None:
-        nonlocal done
+        nonlocal runs
         with lock:
-            done += 1
-            if done >= n:
+            runs += 1
+            done.add(i)
+            if len(done) >= n:
                 all_done.set()
 
     task = huey.task(name="noop")(noop)
@@ -585,18 +592,21 @@ def huey_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
         check_worker_health=False,
     )
     consumer.start()
-    all_done.wait(600)
+    all_done.wait(600)  # the count below says whether it came
     cpu2, t2 = time.process_time(), time.perf_counter()
     consumer.stop(graceful=True)
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+    left = huey.pending_count()
     huey.storage.close()
     return {
         "enqueue_s": t1 - t0,
         "process_s": t2 - t1,
         "enqueue_cpu": cpu1 - cpu0,
         "process_cpu": cpu2 - cpu1,
-        "processed": done,
+        "processed": len(done),
+        "runs": runs,
+        "left": left,
     }
 
 
@@ -609,6 +619,7 @@ async def arq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
     Worker (max_jobs = `worker_concurrency`, burst) until the queue is empty."""
     from arq import create_pool
     from arq.connections import RedisSettings
+    from arq.constants import default_queue_name
     from arq.worker import Worker as ArqWorker
     from arq.worker import func
 
@@ -630,8 +641,10 @@ async def arq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
         )
         await worker.main()
         cpu2, t2 = time.process_time(), time.perf_counter()
-        processed = worker.jobs_complete
+        # arq's own counts: a job that raised is failed (or retried), not complete.
+        processed, errors = worker.jobs_complete, worker.jobs_failed + worker.jobs_retried
         await worker.close()
+        left = await pool.zcard(default_queue_name)
     finally:
         await pool.aclose()
     return {
@@ -640,6 +653,8 @@ async def arq_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
         "enqueue_cpu": cpu1 - cpu0,
         "process_cpu": cpu2 - cpu1,
         "processed": processed,
+        "errors": errors,  # not "failed", which LoadGen.call reads as the command failing
+        "left": left,
     }
 
 
@@ -683,15 +698,17 @@ async def pgqueuer_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
         cpu0, t0 = time.process_time(), time.perf_counter()
         await run_tasks(n, c, lambda i: queries.enqueue("noop", bodies[i]))
         cpu1, t1 = time.process_time(), time.perf_counter()
-        done = 0
+        done: set[int] = set()  # by job id, as simplequeue's
+        runs = 0
         conn = await asyncpg.connect(dsn)
         try:
             qm = QueueManager(Queries(AsyncpgDriver(conn)))
 
             @qm.entrypoint("noop")
             async def noop(job: PgJob) -> None:
-                nonlocal done
-                done += 1
+                nonlocal runs
+                runs += 1
+                done.add(job.id)
 
             await asyncio.wait_for(
                 qm.run(
@@ -713,7 +730,8 @@ async def pgqueuer_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
         "process_s": t2 - t1,
         "enqueue_cpu": cpu1 - cpu0,
         "process_cpu": cpu2 - cpu1,
-        "processed": done,
+        "processed": len(done),
+        "runs": runs,
         "left": left,
         "logged": logged,
     }
