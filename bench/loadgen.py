@@ -559,7 +559,15 @@ def huey_e2e(cfg: dict[str, Any]) -> dict[str, Any]:
     from huey import SqliteHuey
 
     n, c, wc = int(cfg["n"]), int(cfg["concurrency"]), int(cfg["worker_concurrency"])
-    huey = SqliteHuey("bench", filename=cfg["db"])
+    # fsync=True: synchronous=FULL, an fsync per commit, which without it depends
+    # on the SQLite the interpreter was built with (WAL's compiled default may be
+    # NORMAL: commits not flushed). Checked, as pgqueuer's logged tables are.
+    huey = SqliteHuey("bench", filename=cfg["db"], fsync=True)
+    with huey.storage.db() as cursor:
+        journal = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+        synchronous = cursor.execute("PRAGMA synchronous").fetchone()[0]
+    if journal != "wal" or synchronous != 2:
+        raise RuntimeError(f"Huey's SQLite: journal_mode={journal}, synchronous={synchronous}")
     lock = threading.Lock()
     all_done = threading.Event()
     done: set[int] = set()  # by argument: each job is enqueued with its own
