@@ -373,7 +373,7 @@ def part_e2e(plan: Plan, ctx: Context) -> Section:
             redis = stack.enter_context(start_redis(ctx.tmp / "redis"))
         pg: Server | None = None
         if postgres_bindir():
-            pg = stack.enter_context(start_postgres(ctx.logs))
+            pg = stack.enter_context(start_postgres(ctx.tmp / "postgres", ctx.logs))
             ctx.log(
                 f"part 2: PostgreSQL {pg.extra['version']} on {pg.url}"
                 + (f", run as {pg.extra['user']}" if pg.extra["user"] else "")

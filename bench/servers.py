@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -376,14 +375,16 @@ def stop_postgres(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def start_postgres(log_dir: Path) -> Iterator[PostgresServer]:
-    """A PostgreSQL cluster of its own: initdb into a fresh directory under the
-    system's temporary directory (removed on exit), then `postgres` on a free port
-    of 127.0.0.1, its Unix socket in that directory, with POSTGRES_SETTINGS. Trust
-    authentication for the superuser `bench`; extra["dsn"] is the `postgres`
-    database's URL. initdb and postgres refuse to run as root, so when we are root
-    both run as `_postgres_user()` (subprocess switches user, group and clears the
-    supplementary groups before exec), the directory chowned to it."""
+def start_postgres(scratch: Path, log_dir: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of its own: initdb into `scratch` (made here, removed
+    on exit), then `postgres` on a free port of 127.0.0.1 with POSTGRES_SETTINGS and
+    no Unix socket. `scratch` belongs under the run's scratch directory, on the disk
+    the other systems write to: the system's temporary directory may be a tmpfs,
+    where WAL flushes cost nothing. Trust authentication for the superuser `bench`;
+    extra["dsn"] is the `postgres` database's URL. initdb and postgres refuse to
+    run as root, so when we are root both run as `_postgres_user()` (subprocess
+    switches user, group and clears the supplementary groups before exec), the
+    directory chowned to it."""
     bindir = postgres_bindir()
     if bindir is None:
         raise RuntimeError("PostgreSQL is not installed")
@@ -392,7 +393,7 @@ def start_postgres(log_dir: Path) -> Iterator[PostgresServer]:
     if user is not None:
         as_user = {"user": user[1], "group": user[2], "extra_groups": []}
     log_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="simplequeue-bench-pg-"))
+    scratch.mkdir(parents=True)
     try:
         if user is not None:
             os.chown(scratch, user[1], user[2])
@@ -412,9 +413,14 @@ def start_postgres(log_dir: Path) -> Iterator[PostgresServer]:
                 **as_user,
             )
             if initdb.returncode != 0:
-                raise RuntimeError(f"initdb failed (code {initdb.returncode}; log: {log.name})")
+                # As root, the usual cause: a directory above `scratch` the
+                # postgres user may not pass (a home directory of mode 700).
+                why = f"code {initdb.returncode}" + (f", run as {user[0]}" if user else "")
+                raise RuntimeError(f"initdb failed ({why}; log: {log.name})")
             port = free_port()
-            args = [str(bindir / "postgres"), "-D", str(data), "-k", str(scratch), "-p", str(port)]
+            # No Unix socket (-k ''): everything connects over TCP, and a socket path
+            # under a deep checkout could pass the 107 bytes a socket address holds.
+            args = [str(bindir / "postgres"), "-D", str(data), "-k", "", "-p", str(port)]
             for key, value in POSTGRES_SETTINGS.items():
                 args += ["-c", f"{key}={value}"]
             proc = subprocess.Popen(
