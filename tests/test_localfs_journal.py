@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
+from simplequeue.errors import AmbiguousWrite, ObjectNotFound, PreconditionFailed, StoreUnavailable
 from simplequeue.objstore import content_etag, localfs
-from simplequeue.objstore.localfs import _RECORDS_START, JOURNAL_SIZE, LocalStore, journal_path
+from simplequeue.objstore.localfs import JOURNAL_SIZE, LocalStore, journal_path
 from tests.helpers.fs_events import record_disk_events
 
 BOOT, NEXT_BOOT = b"\x01" * 16, b"\x02" * 16
@@ -53,9 +57,10 @@ async def rewrite(store: LocalStore, *versions: bytes) -> str:
 async def test_a_rewrite_is_made_durable_by_one_fdatasync_of_its_journal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No fsync of the temp file nor of the directory: under the lock the temp
-    file is renamed, then the record is appended and fdatasynced, so that a
-    record always holds a version that was in place."""
+    """No fsync of the temp file nor of the directory: under the lock the
+    record is appended and fdatasynced, then the temp file is renamed, so that
+    a version is in place (seen by readers) only once a record holds it (the
+    record came after the rename until the review of localfs, round 25)."""
     store = LocalStore(tmp_path, boot_id=BOOT)
     await store.put(KEY, b"v0")
     events = record_disk_events(monkeypatch)
@@ -64,11 +69,21 @@ async def test_a_rewrite_is_made_durable_by_one_fdatasync_of_its_journal(
     # under the lock (it was written in the hope of a journal).
     assert events == ["lock", "fsync file", "rename t.json", "unlock", "fsync dir"]
     assert not journal_path(tmp_path / KEY).exists()
-    await rewrite(store, b"v1.5")  # makes the journal
+    events.clear()
+    await rewrite(store, b"v1.5")  # makes the journal, holding its record
+    # The new journal is renamed into place durably before the object is.
+    assert events == [
+        "lock",
+        "fsync file",
+        "rename .t.json.journal",
+        "fsync dir",
+        "rename t.json",
+        "unlock",
+    ]
     assert journal_path(tmp_path / KEY).stat().st_size == JOURNAL_SIZE
     events.clear()
     await rewrite(store, b"v2")
-    assert events == ["lock", "rename t.json", "fdatasync", "unlock"]
+    assert events == ["lock", "fdatasync", "rename t.json", "unlock"]
     monkeypatch.undo()
     assert (await store.get(KEY))[0] == b"v2"
     assert await store.list() == [KEY], "the journal is no key"
@@ -253,10 +268,12 @@ async def test_a_failed_append_falls_back_to_the_classic_way(
     assert [n for n in os.listdir(tmp_path / "topics") if n.endswith(".tmp")] == []
 
 
-async def test_a_journal_and_disk_failing_after_the_rename_is_unknown_not_storage_full(
+async def test_a_journal_and_disk_failing_is_an_ambiguous_write_not_storage_full(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """StorageFull promises that nothing was written: the object is in place."""
+    """StorageFull promises that nothing was written. The record's fdatasync
+    failed, so whether it reached the disk is unknown, and the journal (which
+    a restart would read) could not be dropped: the write may land."""
     store = LocalStore(tmp_path, boot_id=BOOT)
     await busy_key(store)
     etag = await rewrite(store, b"v2")
@@ -266,10 +283,10 @@ async def test_a_journal_and_disk_failing_after_the_rename_is_unknown_not_storag
 
     monkeypatch.setattr(localfs.os, "fdatasync", full)
     monkeypatch.setattr(localfs.os, "fsync", full)
-    with pytest.raises(StoreUnavailable, match="renamed"):
+    with pytest.raises(AmbiguousWrite, match="may bring the write back"):
         await store.put_if(KEY, b"v3", if_match=etag)
     monkeypatch.undo()
-    assert (await store.get(KEY))[0] == b"v3"
+    assert (await store.get(KEY))[0] == b"v2", "not renamed: no record is known to hold it"
     await store.close()
 
 
@@ -349,7 +366,10 @@ async def test_a_held_journal_written_over_in_place_is_not_appended_to(tmp_path:
         f.write(bytes([byte ^ 0xFF]))
     await store.put_if(KEY, b"v3", if_match=etag)  # acknowledged
     await store.close()
-    lose_page_cache(tmp_path, b"v1")
+    # The journal, found torn, was dropped and v3 written the classic way:
+    # durable by its own fsyncs, with no record for a restart to bring back
+    # over it.
+    assert not journal_path(tmp_path / KEY).exists()
     assert (await restarted(tmp_path).get(KEY))[0] == b"v3"
 
 
@@ -404,39 +424,38 @@ class Killed(BaseException):
 def test_a_journals_first_write_cannot_lose_the_object_it_replaces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A new journal holds no record. The next write renames its temp file,
-    NOT fsynced, over the object (the acknowledged v1's only durable copy),
-    then dies (or the machine crashes) before the record's fdatasync. After
-    the crash the disk may hold the rename but not the temp file's bytes (XFS:
-    a zero-length file; ext4 with noauto_da_alloc or data=writeback: the
-    same). Recovery finds no record (last is None), so it fsyncs the empty
-    object as it is: v1, acknowledged, is gone, and a read returns bytes
-    that were never written."""
+    """A journal's first write renames its temp file, NOT fsynced, over the
+    object (the acknowledged v1's only durable copy). Should the machine
+    crash then, the disk may hold the rename but not the temp file's bytes
+    (XFS: a zero-length file; ext4 with noauto_da_alloc or data=writeback
+    the same): a restart must read v1 or v2, never bytes that were never
+    written. Its record is durable first, in the new journal that holds it
+    (which the rename of the object cannot overtake), so v2 comes back."""
     store = LocalStore(tmp_path, boot_id=BOOT)
     store._put_sync(KEY, b"v0", None, False, False)
     v1 = store._put_sync(KEY, b"v1", content_etag(b"v0"), False, True)  # classic, acked
 
     synced: set[int] = set()
-    real_fsync = os.fsync
+    real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd: int) -> None:
         real_fsync(fd)
         synced.add(os.fstat(fd).st_ino)
 
-    def killed(fd: int) -> None:
-        raise Killed
+    def replace(src: str | Path, dst: str | Path) -> None:
+        real_replace(src, dst)
+        if Path(dst) == tmp_path / KEY:
+            raise Killed
 
     monkeypatch.setattr(localfs.os, "fsync", fsync)
-    monkeypatch.setattr(localfs.os, "fdatasync", killed)
+    monkeypatch.setattr(localfs.os, "replace", replace)
     with pytest.raises(Killed):
         store._put_sync(KEY, b"v2", v1, False, True)  # busy: makes the journal
     monkeypatch.undo()
-    # The crash: the record never reached the disk; the rename did, and the
-    # renamed file's bytes only if it was fsynced.
     jpath = journal_path(tmp_path / KEY)
-    blob = bytearray(jpath.read_bytes())
-    blob[_RECORDS_START:] = bytes(len(blob) - _RECORDS_START)
-    jpath.write_bytes(bytes(blob))
+    assert jpath.stat().st_ino in synced, "the record, durable before the rename"
+    # The crash: the rename reached the disk, the renamed file's bytes only
+    # if they were fsynced.
     if (tmp_path / KEY).stat().st_ino not in synced:
         (tmp_path / KEY).write_bytes(b"")
 
@@ -450,11 +469,12 @@ def test_a_new_journal_reusing_an_inode_number_is_not_taken_for_the_old(
 ) -> None:
     """Store A (one broker) knows where it left the journal. Store B (another
     broker on the host) drops it for a classic write whose rename then fails,
-    then, with a stale If-Match, makes a new empty journal and loses the
-    compare: the object is still A's file, so A trusts its place if the new
+    then makes a new journal holding its own record and dies before its
+    rename: the object is still A's file, so A trusts its place if the new
     journal has the old one's inode number (ext4 hands a freed number out
-    again at once). A appends its record past the zeros at a tail no scan
-    reaches, and acknowledges. After a crash the record is not found."""
+    again at once). A appends its record, stamped with the old journal's
+    generation, where no scan of the new one finds it, and acknowledges.
+    After a crash the record is not found."""
     a = LocalStore(tmp_path, boot_id=BOOT)
     b = LocalStore(tmp_path, boot_id=BOOT)
     a._put_sync(KEY, b"v0", None, False, False)
@@ -475,13 +495,20 @@ def test_a_new_journal_reusing_an_inode_number_is_not_taken_for_the_old(
     monkeypatch.setattr(localfs.os, "replace", replace)
     with pytest.raises(OSError):
         b._put_sync(KEY, b"B's", None, False, False)
-    monkeypatch.undo()
     assert not jpath.exists()
-    # B again, twice within a second with a stale If-Match: the second makes a
-    # new (empty) journal before it loses the compare.
-    for _ in range(2):
-        with pytest.raises(PreconditionFailed):
-            b._put_sync(KEY, b"B's", content_etag(b"stale"), False, True)
+    # B again, the key busy in its eyes: its new journal is in place, with
+    # B's record, when B dies before its rename.
+
+    def killed(src: str | Path, dst: str | Path) -> None:
+        if Path(dst) == tmp_path / KEY:
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(localfs.os, "replace", killed)
+    b._rewritten[tmp_path / KEY] = time.monotonic()
+    with pytest.raises(Killed):
+        b._put_sync(KEY, b"B's", etag, False, True)
+    monkeypatch.undo()
     assert jpath.exists()
     # A holds the old journal open, so its inode number cannot be handed out
     # again (while journals were closed between writes it could: ext4 does at once).
@@ -533,12 +560,57 @@ async def test_a_busy_key_on_a_disk_too_full_for_a_journal_is_written_the_classi
     store = LocalStore(tmp_path, boot_id=BOOT)
     await busy_key(store)
 
-    def no_room(self: LocalStore, jpath: Path, first: bytes | None = None) -> None:
+    def no_room(self: LocalStore, jpath: Path, first: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(LocalStore, "_new_journal", no_room)
+    monkeypatch.setattr(LocalStore, "_prepare_journal", no_room)
     await rewrite(store, b"v2")
     monkeypatch.undo()
     assert not journal_path(tmp_path / KEY).exists()
     assert (await store.get(KEY))[0] == b"v2"
     await store.close()
+
+
+# --- found by the review of localfs, round 25 ----------------------------------------
+
+# A broker process SIGKILLed (the OOM killer, systemd's stop timeout) just
+# after the rename of a journaled head write, before it is answered.
+_KILLED_AFTER_THE_RENAME = """
+import os, signal, sys
+from simplequeue.objstore import content_etag
+from simplequeue.objstore.localfs import LocalStore
+store = LocalStore(sys.argv[1], boot_id=b"\\x01" * 16)
+key = "topics/t.json"
+store._put_sync(key, b"v0", None, False, False)
+etag = content_etag(b"v0")
+for v in (b"v1", b"v2", b"v3"):  # v1 classic; v2 makes the journal; v3 a record
+    etag = store._put_sync(key, v, etag, False, True)
+real_replace = os.replace
+def replace(src, dst):
+    real_replace(src, dst)
+    if str(dst).endswith(key):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+store._put_sync(key, b"v4", etag, False, True)  # renamed, then killed
+"""
+
+
+def test_a_version_readers_were_served_survives_a_clean_restart(tmp_path: Path) -> None:
+    """The temp file was renamed over the key before its record was
+    appended: a writer killed between the two left v4 in place with no
+    record. Every reader was served v4 and could answer on it (a retried
+    enqueue answered "duplicate"), yet the first touch after the next
+    restart, even a clean one that lost nothing, took the key back to the
+    last record, v3 (review of localfs, round 25). The record is now durable
+    before the rename: a version is seen only once a record holds it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_THE_RENAME, str(tmp_path)],
+        cwd=Path(__file__).parent.parent,
+        timeout=60,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    served, _ = LocalStore(tmp_path, boot_id=BOOT)._read(KEY)
+    assert served == b"v4"
+    os.sync()  # a clean reboot: every byte reached the disk
+    data, _ = restarted(tmp_path)._read(KEY)
+    assert data == b"v4", f"a restart rolled {served!r}, served to readers, back to {data!r}"

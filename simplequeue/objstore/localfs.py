@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from simplequeue.errors import (
+    AmbiguousWrite,
     NotDurable,
     ObjectNotFound,
     PreconditionFailed,
@@ -90,7 +91,7 @@ _CHECKED_LIMIT = 100_000
 # topic's, a membership record) is not worth its JOURNAL_SIZE of disk.
 JOURNAL_AFTER = 1.0
 
-# A write's temp file beside its key or journal (_write_temp, _new_journal):
+# A write's temp file beside its key or journal (_write_temp, _prepare_journal):
 # what a process killed mid-write leaves. Never a key (a dot file).
 _LEFTOVER = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
 
@@ -192,22 +193,23 @@ class _Journal:
     """The journal of one object rewritten with If-Match, open for one write.
 
     What makes such a write durable is its record. Under the key's lock the
-    temp file (not fsynced) is renamed over the key, then the record is
-    appended here and fdatasynced, and only then is the write answered. So a
-    record always holds a version that was in place, and the last one the
-    newest acknowledged. A crash of the machine may lose what the page cache
-    held: the rename, or the object's bytes. The first process to touch the
-    key after the restart (the header names the boot it was written in)
-    writes the last record back the classic way if the object is not that
-    record, and gives the key a new journal. A record torn by the crash fails
-    its CRC and was never acknowledged: the one before it is then the last.
-    A process killed between the rename and the append leaves a version in
-    place that no record holds, unacknowledged; a later write supersedes it,
-    and a restart before any would take the key back to the last record.
+    record is appended here and fdatasynced, then the temp file (not fsynced)
+    is renamed over the key, and only then is the write answered. So a
+    version is in place, and seen by readers, only once a record holds it,
+    and the last record is the newest version renamed into place or, when
+    its writer died between the two, a version that never was, unanswered
+    (as a write whose answer was lost, it may land: the committer reads back).
+    A crash of the machine may lose what the page cache held: the rename, or
+    the object's bytes. The first process to touch the key after the
+    restart (the header names the boot it was written in) writes the last
+    record back the classic way if the object is not that record, and drops
+    the journal. A record torn by the crash fails its CRC; its rename was
+    never made: the one before it is then the last.
 
-    A journal's first write has no record before it to fall back on, so its
-    temp file is fsynced before the rename: a record torn, or never written,
-    then leaves the object durable as it was or as it became.
+    A key gets a journal with the record of the write that makes it busy
+    (and a full journal is replaced by one holding the write's record): the
+    new journal is written and fsynced before the lock is taken when the
+    write foresees it, and renamed into place, durably, before the object.
 
     Records lie end to end from _RECORDS_START, each stamped with the
     journal's generation: a random number drawn when the journal is made, so
@@ -310,6 +312,13 @@ class _Places:
         """The key's place, now the caller's (it closes or keeps the descriptor)."""
         with self._lock:
             return self._places.pop(path, None)
+
+    def tail(self, path: Path) -> int | None:
+        """Where this store left the key's journal, if it holds it (a guess:
+        the place is checked again under the lock)."""
+        with self._lock:
+            place = self._places.get(path)
+            return None if place is None else place.tail
 
     def keep(self, path: Path, journal: _Journal) -> None:
         """Keep `journal` open for the key's next write: its descriptor is now ours."""
@@ -562,15 +571,29 @@ class LocalStore(ObjectStore):
         )
         # The slow, pause-prone part (writing and, the classic way, fsyncing
         # the data) is done before the lock.
+        expects_journal, prepared = journaled, None
         try:
-            tmp, fd, etag = self._write_temp(path, data, sync=not journaled)
-        except NotADirectoryError:
-            if if_match is not None:  # a file where the key's folder would be: no such key
-                raise PreconditionFailed(f"{key} changed") from None
-            raise
-        durable = self._rename(
-            key, path, tmp, fd, data if journaled else None, if_match, if_none_match, conditional
-        )
+            try:
+                tmp, fd, etag = self._write_temp(path, data, sync=not expects_journal)
+            except NotADirectoryError:
+                if if_match is not None:  # a file where the key's folder would be: no such key
+                    raise PreconditionFailed(f"{key} changed") from None
+                raise
+            durable = self._rename(
+                key,
+                path,
+                tmp,
+                fd,
+                data if journaled else None,
+                not expects_journal,
+                prepared,
+                if_match,
+                if_none_match,
+                conditional,
+            )
+        finally:
+            if prepared is not None and not prepared.used:
+                prepared.discard()
         if not durable:
             # The rename is durable only once the directory is fsynced, and that
             # is done after the lock is released. Safe: nobody has been answered
@@ -597,19 +620,24 @@ class LocalStore(ObjectStore):
         tmp: Path,
         fd: int,
         journal_data: bytes | None,
+        synced: bool,
+        prepared: _NewJournal | None,
         if_match: str | None,
         if_none_match: bool,
         conditional: bool,
     ) -> bool:
-        """Rename the temp file `tmp` (open as `fd`) over `key` if the condition
-        holds, under the key's lock; else close and remove it, and raise.
+        """Rename the temp file `tmp` (open as `fd`, fsynced if `synced`) over
+        `key` if the condition holds, under the key's lock; else close and
+        remove it, and raise.
 
-        With `journal_data` (the temp file is not fsynced) the write's record
-        then goes to the key's journal, or, when the key has none, the temp
-        file is fsynced first. Without, a journal the key has is dropped before
-        the rename: its records must not outlive a write they do not hold.
-        Return whether the write is durable already; if not, the caller
-        fsyncs the directory."""
+        With `journal_data` the write's record is made durable first: in the
+        key's journal, or in a new one (`prepared` before the lock, if it was
+        foreseen) when the key has none and is busy, or its journal is full.
+        Otherwise (a key not busy, a journal that failed) the temp file is
+        fsynced, if it is not yet. Without `journal_data`, a journal the key
+        has is dropped before the rename: its records must not outlive a
+        write they do not hold. Return whether the write is durable already;
+        if not, the caller fsyncs the directory."""
         try:
             lock = self._lock(key)
             try:
@@ -618,7 +646,7 @@ class LocalStore(ObjectStore):
                 # The journal first: after a restart, its recovery may rewrite
                 # the object (and then forgets it wrote it, so `linked` is
                 # not trusted below and the object is read back).
-                journal = self._journal(key, path, ours, create=journal_data is not None)
+                journal = self._journal(key, path, ours)
                 try:
                     current = self._current_etag(path, linked)
                     if conditional:
@@ -626,19 +654,19 @@ class LocalStore(ObjectStore):
                             raise PreconditionFailed(f"{key} exists")
                         if if_match is not None and current != if_match:
                             raise PreconditionFailed(f"{key} changed")
-                    if journal is None or journal_data is None:
-                        if journal is not None:
-                            self._drop_journal(path)
-                        elif journal_data is not None:
-                            os.fsync(fd)  # written for a journal the key has not got
-                        os.replace(tmp, path)
-                        return False
-                    if journal.tail == _RECORDS_START:
-                        os.fsync(fd)  # no record holds the version it replaces
+                    if journal_data is not None and (
+                        journal is not None or (path.is_file() and self._busy(path))
+                    ):
+                        handed, journal = journal, None
+                        if self._record(key, path, handed, journal_data, prepared):
+                            self._rename_recorded(key, path, tmp)
+                            return True
+                    elif journal is not None:
+                        self._drop_journal(path)
+                    if not synced:
+                        os.fsync(fd)  # written for a journal it will not have
                     os.replace(tmp, path)
-                    handed, journal = journal, None
-                    self._journal_write(key, path, fd, handed, journal_data)
-                    return True
+                    return False
                 finally:
                     if journal is not None:
                         os.close(journal.fd)
@@ -649,25 +677,58 @@ class LocalStore(ObjectStore):
             tmp.unlink(missing_ok=True)
             raise
 
+    def _rename_recorded(self, key: str, path: Path, tmp: Path) -> None:
+        """The rename of a write whose record is durable. If it fails, the
+        journal goes (the object as it is made durable first), so that no
+        restart brings back a version that never was; if that fails too, a
+        restart may, and the write is AmbiguousWrite."""
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                self._drop_journal(path)
+            except OSError as again:
+                raise AmbiguousWrite(
+                    f"localfs {self.root}: {key} was not renamed into place ({exc}), "
+                    f"but its journal, which a restart may bring back, could not be "
+                    f"dropped: {again}"
+                ) from again
+            raise
+
     # --- the journal, under the key's lock --------------------------------------
 
-    def _journal_write(self, key: str, path: Path, fd: int, journal: _Journal, data: bytes) -> None:
-        """Make the write just renamed into place durable: its record appended
-        to `journal`, or a new journal holding it when this one is full. If
-        that fails, the classic way, the journal dropped. Takes `journal`
-        over: kept open for the key's next write, or closed."""
+    def _record(
+        self,
+        key: str,
+        path: Path,
+        journal: _Journal | None,
+        data: bytes,
+        prepared: _NewJournal | None,
+    ) -> bool:
+        """Make `data`'s record durable, before its rename: appended to
+        `journal`, or in a new journal when the key has none or it is full
+        (`prepared`, if given, holds it). Takes `journal` over: kept open for
+        the key's next write, or closed. False if the journal failed: whether
+        the record reached the disk is unknown, so the journal is dropped
+        (the object as it is made durable first) and the write goes the
+        classic way; if the drop fails too, the write is AmbiguousWrite."""
         try:
             try:
-                if not self._append(journal, data):
-                    full, journal = journal, self._new_journal(journal_path(path), data)
-                    os.close(full.fd)
+                if journal is None or not self._append(journal, data):
+                    jpath = journal_path(path)
+                    new = (prepared or self._prepare_journal(jpath, data)).place(
+                        jpath, self._fsync_dir
+                    )
+                    if journal is not None:
+                        os.close(journal.fd)
+                    journal = new
             except BaseException:
-                os.close(journal.fd)
+                if journal is not None:
+                    os.close(journal.fd)
                 raise
             self._places.keep(path, journal)
+            return True
         except OSError as exc:
-            # Whether the record reached the disk, and where the journal ends,
-            # are now unknown; never StorageFull: the new object is in place.
             self._places.forget(path)
             log.warning(
                 "localfs %s: the journal of %s failed (%s): written the classic way",
@@ -676,18 +737,20 @@ class LocalStore(ObjectStore):
                 exc,
             )
             try:
-                os.fsync(fd)
-                journal_path(path).unlink(missing_ok=True)
-                self._fsync_dir(path.parent)  # the rename and the unlink
+                self._drop_journal(path)
             except OSError as again:
-                raise _renamed_but(key, self.root, again) from again
+                raise AmbiguousWrite(
+                    f"localfs {self.root}: the journal of {key} failed ({exc}) and could "
+                    f"not be dropped ({again}): a restart may bring the write back"
+                ) from again
+            return False
 
-    def _journal(self, key: str, path: Path, ours: bool, *, create: bool) -> _Journal | None:
+    def _journal(self, key: str, path: Path, ours: bool) -> _Journal | None:
         """The journal of `key` (at `path`), open (the caller closes it), or None
-        if it has none and `create` is false or the key is not busy. Recovered
-        first when an earlier boot of the machine wrote it. `ours`: the object
-        is still the file this store wrote last, so where it left the journal
-        is still right if the journal is the same file."""
+        if it has none. Recovered (and dropped) first when an earlier boot of
+        the machine wrote it. `ours`: the object is still the file this store
+        wrote last, so where it left the journal is still right if the
+        journal is the same file."""
         jpath = journal_path(path)
         place = self._places.take(path)
         if place is not None:
@@ -712,13 +775,7 @@ class LocalStore(ObjectStore):
             fd = os.open(jpath, os.O_RDWR)
         except (FileNotFoundError, NotADirectoryError):
             self._remember_checked(path)
-            if not create or not path.is_file() or not self._busy(path):
-                return None
-            try:
-                return self._new_journal(jpath)
-            except OSError as exc:  # a full disk may still take the classic write
-                log.warning("localfs %s: no journal for %s: %s", self.root, key, exc)
-                return None
+            return None
         try:
             st = os.fstat(fd)
             inode = (st.st_ino, st.st_dev)
@@ -729,19 +786,19 @@ class LocalStore(ObjectStore):
             raise
         if scanned is None or scanned.boot != self._boot:
             os.close(fd)
-            return self._recover(key, path, jpath, scanned, create=create)
+            self._recover(key, path, jpath, scanned)
+            return None
         self._remember_checked(path)
         return _Journal(fd, scanned.generation, scanned.tail, inode, blob[: _HEADER.size])
 
-    def _recover(
-        self, key: str, path: Path, jpath: Path, scanned: _Scanned | None, *, create: bool
-    ) -> _Journal | None:
+    def _recover(self, key: str, path: Path, jpath: Path, scanned: _Scanned | None) -> None:
         """The machine restarted since this journal was written, or its header
         is torn (only an operator or a failing disk can do that). Write its
         last record back the classic way if the object is not that record (the
         page cache lost the rename or the bytes), else make the object durable
-        as it is (with no record, it is: a journal's first write is fsynced);
-        then give the key a new journal, or none."""
+        as it is (with no record, it is: a journal's first record is durable
+        before the rename it holds); then drop the journal (the key's next
+        busy stretch makes a new one)."""
         self._places.forget(path)
         self._written.forget(path)
         if path.exists():
@@ -764,40 +821,30 @@ class LocalStore(ObjectStore):
                 _fsync(path)
             self._fsync_dir(path.parent)
         self._remember_checked(path)
-        if create and path.exists():
-            return self._new_journal(jpath)
         jpath.unlink(missing_ok=True)
         self._fsync_dir(path.parent)
-        return None
 
-    def _new_journal(self, jpath: Path, first: bytes | None = None) -> _Journal:
-        """A new journal at `jpath`, holding `first`'s record if given, written
-        whole (zeros included), fsynced and renamed over any journal there,
-        its directory fsynced: durable before it is answered on. Open (the
-        caller closes it)."""
+    def _prepare_journal(self, jpath: Path, first: bytes) -> _NewJournal:
+        """A new journal for `jpath` holding `first`'s record, written whole
+        (zeros included) to a temp file and fsynced; not in place yet. Needs
+        no lock: nobody else knows it."""
         assert self._boot is not None
         tmp = jpath.with_name(f"{jpath.name}.{uuid.uuid4().hex}.tmp")
         blob = bytearray(JOURNAL_SIZE)
         generation = int.from_bytes(os.urandom(8), "big")
         header = _journal_header(generation, self._boot)
         blob[: len(header)] = header
-        tail = _RECORDS_START
-        if first is not None:
-            record = _journal_record(generation, first) + first
-            blob[tail : tail + len(record)] = record
-            tail += len(record)
+        record = _journal_record(generation, first) + first
+        blob[_RECORDS_START : _RECORDS_START + len(record)] = record
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, blob, 0)
             os.fsync(fd)
-            os.replace(tmp, jpath)
-            self._fsync_dir(jpath.parent)
-            st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        return _Journal(fd, generation, tail, (st.st_ino, st.st_dev), header)
+        return _NewJournal(tmp, fd, generation, _RECORDS_START + len(record), header)
 
     @staticmethod
     def _append(journal: _Journal, data: bytes) -> bool:
@@ -848,7 +895,7 @@ class LocalStore(ObjectStore):
 
     def _recover_if_rebooted(self, key: str, path: Path) -> None:
         """Under the key's lock: recover `key` if an earlier boot wrote its journal."""
-        journal = self._journal(key, path, False, create=False)
+        journal = self._journal(key, path, False)
         if journal is not None:
             os.close(journal.fd)
 
@@ -892,7 +939,7 @@ class LocalStore(ObjectStore):
             path = self._path(obj_key)
             tmp, fd, _ = self._write_temp(path, body)
             try:
-                self._rename(obj_key, path, tmp, fd, None, None, True, True)
+                self._rename(obj_key, path, tmp, fd, None, True, None, None, True, True)
             except PreconditionFailed:
                 # Ours, from an earlier call (a lost answer): immutable, so the
                 # same bytes; its directory's fsync may not have been made.
@@ -1065,6 +1112,39 @@ class _Placed:
 
     objects: set[str] = field(default_factory=set)
     unsynced: dict[Path, None] = field(default_factory=dict)
+
+
+@dataclass
+class _NewJournal:
+    """A journal written and fsynced under a temp name (_prepare_journal),
+    before the lock; renamed into place under it, or discarded."""
+
+    tmp: Path
+    fd: int
+    generation: int
+    tail: int
+    header: bytes
+    used: bool = False
+
+    def place(self, jpath: Path, fsync_dir: Callable[[Path], None]) -> _Journal:
+        """Rename it over any journal at `jpath`, durably (the directory
+        fsynced): it holds a record, which must be durable before the object
+        it holds is renamed. Open (the caller closes it)."""
+        self.used = True
+        try:
+            os.replace(self.tmp, jpath)
+            fsync_dir(jpath.parent)
+            st = os.fstat(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            self.tmp.unlink(missing_ok=True)
+            raise
+        return _Journal(self.fd, self.generation, self.tail, (st.st_ino, st.st_dev), self.header)
+
+    def discard(self) -> None:
+        """Unused: the write lost its compare, or went another way."""
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
 
 
 class _LockBusy(Exception):
