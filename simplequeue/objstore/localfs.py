@@ -94,6 +94,8 @@ JOURNAL_AFTER = 1.0
 # A write's temp file beside its key or journal (_write_temp, _prepare_journal):
 # what a process killed mid-write leaves. Never a key (a dot file).
 _LEFTOVER = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+# A key's journal (journal_path): the key's name is the group.
+_JOURNAL_NAME = re.compile(r"\.(.+)\.journal")
 
 log = logging.getLogger(__name__)
 
@@ -428,16 +430,33 @@ class LocalStore(ObjectStore):
     # --- the blocking half, run in threads -------------------------------------
 
     def _lock(self, key: str) -> int:
-        self._prepare()
-        stripe = hashlib.blake2b(key.encode(), digest_size=4).digest()
-        n = int.from_bytes(stripe, "big") % LOCK_STRIPES
-        fd = os.open(self._locks / f"{n:03d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock(key)
         try:
             self._wait_for_lock(fd, key)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _try_lock(self, key: str) -> int | None:
+        """The key's lock if it is free now, else None: no wait."""
+        fd = self._open_lock(key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_lock(self, key: str) -> int:
+        """The lock file of `key`'s stripe, open."""
+        self._prepare()
+        stripe = hashlib.blake2b(key.encode(), digest_size=4).digest()
+        n = int.from_bytes(stripe, "big") % LOCK_STRIPES
+        return os.open(self._locks / f"{n:03d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
 
     def _wait_for_lock(self, fd: int, key: str) -> None:
         # A blocking flock would wait for ever on a holder that is SIGSTOPped:
@@ -1020,15 +1039,23 @@ class LocalStore(ObjectStore):
             return 0
         self._touch_clock()  # the cutoff by the kernel's clock, which stamps mtimes
         cutoff = self.clock.now() - older_than
-        removed = 0
+        removed = journals = 0
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if d != _META_DIR]
             for name in filenames:
-                if not _LEFTOVER.fullmatch(name):
+                journal = _JOURNAL_NAME.fullmatch(name)
+                if not journal and not _LEFTOVER.fullmatch(name):
                     continue
                 path = os.path.join(dirpath, name)
                 try:
-                    if os.lstat(path).st_mtime < cutoff:
+                    if os.lstat(path).st_mtime >= cutoff:
+                        continue
+                    if journal:
+                        folder = os.path.relpath(dirpath, self.root)
+                        key = journal[1] if folder == "." else f"{folder}/{journal[1]}"
+                        if is_key(key) and self._drop_idle_journal(key, Path(path), cutoff):
+                            journals += 1
+                    else:
                         os.unlink(path)
                         removed += 1
                 except FileNotFoundError:  # its write just ended
@@ -1037,7 +1064,30 @@ class LocalStore(ObjectStore):
                     log.warning("localfs %s: cannot remove %s: %s", self.root, path, exc)
         if removed:
             log.info("localfs %s: removed %d files of writes cut short", self.root, removed)
-        return removed
+        if journals:
+            log.info("localfs %s: dropped the journals of %d idle keys", self.root, journals)
+        return removed + journals
+
+    def _drop_idle_journal(self, key: str, jpath: Path, cutoff: float) -> bool:
+        """Drop the journal at `jpath` if nothing was appended to it since
+        `cutoff`: a key busy once (an enqueue, then a claim) keeps 256 KiB
+        beside a head of a few hundred bytes until it is written the classic
+        way, which an idle key may never be again. Recovered first if an
+        earlier boot wrote it; else its object is made durable before it goes
+        (_drop_journal). A key whose lock is taken is being written: it is
+        left for the next sweep."""
+        lock = self._try_lock(key)
+        if lock is None:
+            return False
+        try:
+            if os.lstat(jpath).st_mtime >= cutoff:  # appended to since it was listed
+                return False
+            path = self._path(key)
+            self._recover_if_rebooted(key, path)
+            self._drop_journal(path)
+            return True
+        finally:
+            self._unlock(lock)
 
     # --- the async interface ----------------------------------------------------
 
