@@ -7,9 +7,10 @@ An object rewritten with If-Match (a topic's head, hundreds of times a second)
 is made durable by one fdatasync instead: its bytes are appended to a journal
 beside it (see _Journal), and the rename is left to the page cache.
 Compare-and-rename (and a journal's writes) hold an OS file lock, so several
-processes (brokers) on one machine may share one directory; the lock is held
-for nothing else, and waited for only `lock_timeout`, so a process paused
-while holding it stalls no one for long.
+processes (brokers) on one machine may share one directory. The lock has no
+lease: a process paused while holding it keeps it (each waiter gives up after
+`lock_timeout`, StoreUnavailable), so it is held for as little as can be:
+every fsync that need not be under it comes before it.
 The ETag is derived from the bytes, so it cannot disagree with them. All file
 I/O runs in worker threads, never on the event loop. The store's clock is the
 kernel's, read from the mtime it gives each file we write (a process's own
@@ -588,9 +589,9 @@ class LocalStore(ObjectStore):
             and if_match is not None
             and _RECORDS_START + _RECORD.size + len(data) <= JOURNAL_SIZE
         )
-        # The slow, pause-prone part (writing and, the classic way, fsyncing
-        # the data) is done before the lock.
-        expects_journal, prepared = journaled, None
+        # The slow, pause-prone part (writing and fsyncing the data, or a new
+        # journal the write foresees) is done before the lock.
+        expects_journal, prepared = self._foresee(path, data) if journaled else (False, None)
         try:
             try:
                 tmp, fd, etag = self._write_temp(path, data, sync=not expects_journal)
@@ -631,6 +632,30 @@ class LocalStore(ObjectStore):
                 raise
         self._written.remember(path, fd, etag)  # keeps fd open, or closes it
         return etag
+
+    def _foresee(self, path: Path, data: bytes) -> tuple[bool, _NewJournal | None]:
+        """Whether a rewrite of `path` with `data` will most likely be
+        journaled, judged before the lock from what this store knows (it is
+        decided again under the lock), and the new journal holding its record
+        that it will then need (the key's is full, or the key is becoming
+        busy), made now. Not journaled, the temp file is fsynced now."""
+        jpath = journal_path(path)
+        tail = self._places.tail(path)
+        if tail is not None:
+            fits = tail + _RECORD.size + len(data) <= JOURNAL_SIZE
+        elif jpath.exists():
+            fits = True  # most likely; found out under the lock
+        else:
+            last = self._rewritten.get(path)
+            if last is None or time.monotonic() - last >= JOURNAL_AFTER:
+                return False, None
+            fits = False
+        if fits:
+            return True, None
+        try:
+            return True, self._prepare_journal(jpath, data)
+        except OSError:  # made again under the lock, or the write goes the classic way
+            return True, None
 
     def _rename(
         self,
