@@ -442,6 +442,23 @@ async def test_a_lock_held_by_a_stopped_process_is_store_unavailable_within_the_
     await store.close()
 
 
+async def test_keys_that_differ_only_in_case_share_a_lock(tmp_path: Path) -> None:
+    """On a filesystem that ignores case (macOS's default APFS, ext4 with
+    casefold), topics/Jobs.json and topics/jobs.json are one file: writers
+    of the two names compared and renamed it under two different locks, so
+    both could win a conditional write (round 25). They take one lock now,
+    whatever the filesystem: the two topics are one queue there, its writes
+    atomic."""
+    from simplequeue.errors import StoreUnavailable
+
+    store = LocalStore(tmp_path, lock_timeout=0.3)
+    await store.put("topics/seed.json", b"{}")
+    async with paused_holder(tmp_path, "topics/Jobs.json"):
+        with pytest.raises(StoreUnavailable, match="held"):
+            await asyncio.wait_for(store.put_if("topics/jobs.json", b"{}", if_none_match=True), 5)
+    await store.close()
+
+
 async def test_writes_waiting_for_a_paused_holders_lock_take_no_thread_from_other_calls(
     tmp_path: Path,
 ) -> None:

@@ -455,7 +455,7 @@ class LocalStore(ObjectStore):
     def _open_lock(self, key: str) -> int:
         """The lock file of `key`'s stripe, open."""
         self._prepare()
-        stripe = hashlib.blake2b(key.encode(), digest_size=4).digest()
+        stripe = hashlib.blake2b(_stripe_name(key).encode(), digest_size=4).digest()
         n = int.from_bytes(stripe, "big") % LOCK_STRIPES
         return os.open(self._locks / f"{n:03d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
 
@@ -1280,3 +1280,12 @@ def _renamed_but(key: str, root: Path, exc: OSError) -> NotDurable:
     return NotDurable(
         f"localfs {root}: {key} was renamed into place, but could not be made durable: {exc}"
     )
+
+
+def _stripe_name(key: str) -> str:
+    """What `key`'s lock stripe is chosen by: the key whatever its case. On a
+    filesystem that ignores case (macOS's default APFS, ext4 with casefold,
+    SMB shares), topics/Jobs.json and topics/jobs.json are one file, which
+    two writers must not compare and rename under two locks: the two topics
+    are then one queue, its writes still atomic."""
+    return key.casefold()
