@@ -608,13 +608,13 @@ async def test_a_redirect_is_not_followed() -> None:
             await prompt(q.enqueue("x"))
 
 
-async def test_a_sync_client_closed_by_one_thread_ends_another_threads_call() -> None:
-    """A SyncClient shared by threads: one thread's call in flight when another
-    closed the client. close() closed the session under it (its retry opened a
-    new one) and stopped the loop with the call pending: the first thread
-    waited for ever (review finding). It is told the client was closed now."""
-    import threading
-
+@asynccontextmanager
+async def _sync_call_hung(
+    call: Callable[[Any], Any], **options: Any
+) -> AsyncIterator[tuple[Any, threading.Thread, list[Any]]]:
+    """A SyncClient (`options`) of a broker that never answers, and a thread
+    whose `call(client)` is in flight there: (the client, the thread, the
+    call's outcome once it ended, its answer or what it raised)."""
     from simplequeue.client import SyncClient
 
     arrived, release = asyncio.Event(), asyncio.Event()
@@ -626,27 +626,37 @@ async def test_a_sync_client_closed_by_one_thread_ends_another_threads_call() ->
 
     async with serving(silent) as url:
         try:
-            sc = SyncClient(url, topic="t", timeout=30, retries=2)
+            sc = SyncClient(url, topic="t", **options)
             outcome: list[BaseException | Any] = []
 
             def caller() -> None:
                 try:
-                    outcome.append(sc.status())
+                    outcome.append(call(sc))
                 except BaseException as exc:
                     outcome.append(exc)
 
             thread = threading.Thread(target=caller, daemon=True)
             thread.start()
             await asyncio.wait_for(arrived.wait(), PROMPT)  # the call is in flight
-            await asyncio.wait_for(asyncio.to_thread(sc.close), PROMPT)
-            await asyncio.to_thread(thread.join, PROMPT)
-            assert not thread.is_alive(), "the other thread's call never ended"
-            [ended] = outcome
-            assert isinstance(ended, RuntimeError) and "closed during the call" in str(ended)
-            with pytest.raises(RuntimeError, match="closed"):
-                sc.status()
+            yield sc, thread, outcome
         finally:
             release.set()  # before the server's cleanup, which waits for the handler
+
+
+async def test_a_sync_client_closed_by_one_thread_ends_another_threads_call() -> None:
+    """A SyncClient shared by threads: one thread's call in flight when another
+    closed the client. close() closed the session under it (its retry opened a
+    new one) and stopped the loop with the call pending: the first thread
+    waited for ever (review finding). It is told the client was closed now."""
+    hung = _sync_call_hung(lambda sc: sc.status(), timeout=30, retries=2)
+    async with hung as (sc, thread, outcome):
+        await asyncio.wait_for(asyncio.to_thread(sc.close), PROMPT)
+        await asyncio.to_thread(thread.join, PROMPT)
+        assert not thread.is_alive(), "the other thread's call never ended"
+        [ended] = outcome
+        assert isinstance(ended, RuntimeError) and "closed during the call" in str(ended)
+        with pytest.raises(RuntimeError, match="closed"):
+            sc.status()
 
 
 async def test_closing_a_sync_client_ends_a_hung_enqueue_without_waiting_out_its_retries() -> None:
@@ -656,38 +666,15 @@ async def test_closing_a_sync_client_ends_a_hung_enqueue_without_waiting_out_its
     enqueue batch's request, which nobody awaited any more, to run out its
     retries (retry_budget: twice `timeout`) (review of the broker's life
     cycle, round 25). A batch whose callers all went away is cut short."""
-    from simplequeue.client import SyncClient
-
-    arrived, release = asyncio.Event(), asyncio.Event()
-
-    async def silent(request: web.BaseRequest) -> web.StreamResponse:
-        arrived.set()
-        await release.wait()
-        return web.Response(status=504)
-
-    async with serving(silent) as url:
-        try:
-            sc = SyncClient(url, topic="t", timeout=3, retries=5)
-            outcome: list[BaseException | Any] = []
-
-            def caller() -> None:
-                try:
-                    outcome.append(sc.enqueue({"x": 1}))
-                except BaseException as exc:
-                    outcome.append(exc)
-
-            thread = threading.Thread(target=caller, daemon=True)
-            thread.start()
-            await asyncio.wait_for(arrived.wait(), PROMPT)  # the enqueue is in flight
-            started = time.monotonic()
-            await asyncio.wait_for(asyncio.to_thread(sc.close), PROMPT)
-            took = time.monotonic() - started
-            await asyncio.to_thread(thread.join, PROMPT)
-            [ended] = outcome
-            assert isinstance(ended, RuntimeError)
-            assert took < 1.5, f"close() took {took:.1f} s (the abandoned enqueue's retries)"
-        finally:
-            release.set()
+    hung = _sync_call_hung(lambda sc: sc.enqueue({"x": 1}), timeout=3, retries=5)
+    async with hung as (sc, thread, outcome):
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(sc.close), PROMPT)
+        took = time.monotonic() - started
+        await asyncio.to_thread(thread.join, PROMPT)
+        [ended] = outcome
+        assert isinstance(ended, RuntimeError)
+        assert took < 1.5, f"close() took {took:.1f} s (the abandoned enqueue's retries)"
 
 
 async def test_closing_a_client_still_answers_the_enqueues_their_callers_wait_for() -> None:

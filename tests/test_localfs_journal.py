@@ -25,6 +25,17 @@ from simplequeue.objstore import content_etag, localfs
 from simplequeue.objstore.localfs import JOURNAL_SIZE, LocalStore, journal_path
 from tests.helpers.fs_events import record_disk_events
 
+# A write that makes a key's new journal (its first, or a full one's
+# successor): the journal is written and fsynced before the lock; under it,
+# it is renamed into place durably before the object is.
+NEW_JOURNAL_WRITE = [
+    "fsync file",
+    "lock",
+    "rename .t.json.journal",
+    "fsync dir",
+    "rename t.json",
+    "unlock",
+]
 BOOT, NEXT_BOOT = b"\x01" * 16, b"\x02" * 16
 KEY = "topics/t.json"
 
@@ -71,16 +82,7 @@ async def test_a_rewrite_is_made_durable_by_one_fdatasync_of_its_journal(
     assert not journal_path(tmp_path / KEY).exists()
     events.clear()
     await rewrite(store, b"v1.5")  # makes the journal, holding its record
-    # The new journal is written and fsynced before the lock; under it, it is
-    # renamed into place durably before the object is.
-    assert events == [
-        "fsync file",
-        "lock",
-        "rename .t.json.journal",
-        "fsync dir",
-        "rename t.json",
-        "unlock",
-    ]
+    assert events == NEW_JOURNAL_WRITE
     assert journal_path(tmp_path / KEY).stat().st_size == JOURNAL_SIZE
     events.clear()
     await rewrite(store, b"v2")
@@ -188,14 +190,7 @@ async def test_a_full_journals_successor_is_written_before_the_lock(
         await rewrite(store, bytes([n]) * 40_000)
     events = record_disk_events(monkeypatch)
     await rewrite(store, bytes([8]) * 40_000)
-    assert events == [
-        "fsync file",
-        "lock",
-        "rename .t.json.journal",
-        "fsync dir",
-        "rename t.json",
-        "unlock",
-    ]
+    assert events == NEW_JOURNAL_WRITE
     monkeypatch.undo()
     await store.close()
     lose_page_cache(tmp_path)

@@ -816,6 +816,19 @@ async def test_a_broker_whose_record_cannot_be_written_reaps_what_a_crashed_owne
     other broker, whose registration writes failed, never saw it go: the
     claim it had made there stayed claimed past its lease."""
     store = Refusing()
+    a, topic = await _claimed_by_a_dead_owner(
+        store, start_broker, lambda a: store.refused.add(a.membership.key)
+    )  # A's renewals fail from when B is killed
+    await until(lambda: a.duties.reaped == 1, within=5)
+    assert (await a.engine.job(topic, "j"))["status"] == "pending"
+
+
+async def _claimed_by_a_dead_owner(
+    store: MemStore, start_broker: StartBroker, fault: Callable[[Any], None]
+) -> tuple[Any, str]:
+    """Broker A, started, and a topic whose owner B (a registration renewed,
+    and its engine's writes) claimed job "j" there for 0.3 s, then was killed
+    (its record left as it was) just after `fault(A)` was done."""
     b = Membership(store, broker_id="B", url="http://127.0.0.1:9", lease_s=0.3)
     await b.register()
     renewing = asyncio.create_task(b.run())
@@ -828,11 +841,10 @@ async def test_a_broker_whose_record_cannot_be_written_reaps_what_a_crashed_owne
     await owner.enqueue(topic, [JobSpec("p", id="j")])
     await owner.claim(topic, "w", lease=0.3)
     await owner.committer.close()
-    store.refused.add(a.membership.key)  # A's renewals fail from now on
+    fault(a)
     renewing.cancel()  # B is killed: its record stays as it was
     await asyncio.gather(renewing, return_exceptions=True)
-    await until(lambda: a.duties.reaped == 1, within=5)
-    assert (await a.engine.job(topic, "j"))["status"] == "pending"
+    return a, topic
 
 
 class OneUnreadable(MemStore):
@@ -893,21 +905,11 @@ async def test_a_crashed_owners_claim_is_reaped_while_one_registration_is_unread
     store = OneUnreadable(keys.registration("zz-foreign"))
     foreign = Membership(store, broker_id="zz-foreign", url="http://127.0.0.1:7", lease_s=0.3)
     await foreign.register()
-    b = Membership(store, broker_id="B", url="http://127.0.0.1:9", lease_s=0.3)
-    await b.register()
-    renewing = asyncio.create_task(b.run())
-    a = await start_broker(store, broker_id="A", broker_lease=0.3)  # a round every 0.1 s
-    topic = next(
-        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "B") > rendezvous(t, "A")
-    )
-    assert a.membership.peer("B") and not a.membership.owns(topic)
-    owner = Engine(GroupCommitter(store, broker_id="B", clock=store.now))  # B's writes
-    await owner.enqueue(topic, [JobSpec("p", id="j")])
-    await owner.claim(topic, "w", lease=0.3)
-    await owner.committer.close()
-    store.refusing = True  # zz-foreign's record: access denied from now on
-    renewing.cancel()  # B is killed: its record stays as it was
-    await asyncio.gather(renewing, return_exceptions=True)
+
+    def unreadable(_: Any) -> None:
+        store.refusing = True  # zz-foreign's record: access denied from now on
+
+    a, topic = await _claimed_by_a_dead_owner(store, start_broker, unreadable)
     await until(lambda: a.duties.reaped == 1, within=5)
     assert (await a.engine.job(topic, "j"))["status"] == "pending"
 
