@@ -641,3 +641,42 @@ def test_holes_upkeep_and_the_manifest_merges_it_starts_stay_within_a_batch() ->
     sealed = d.seal()
     upkeep = {k: len(v) for k, v in sealed.new_objects.items() if "/seg-r" not in k}
     assert len(sealed.head) + sum(upkeep.values()) <= BATCH_MAX, upkeep
+
+
+def test_a_lease_manifest_bound_left_by_a_used_up_front_segment_does_not_keep_the_topic_due() -> (
+    None
+):
+    """A lease manifest [S1, S2]: S1 holds leases A (10 s) and B (20 s), S2 ten
+    leases of an hour. The reap at 11 s takes A and tightens the manifest's
+    bound to B's expiry (20 s). B is acked: S1 is used up, the cursor moves
+    past it. From 20 s on next_due() says the topic is due, but reap() reads
+    no segment (S2's own bound is an hour away) and so never tightens the
+    manifest's bound: the owner's duties tend the topic again at once, over
+    and over, for an hour (Layout._lower_lease_bounds only lowered units it
+    read a segment of). Found by the review of round 25's changes: a reap
+    that went through every unit its bounds allow now resets the bound of
+    every manifest it opened from its segments' own."""
+    d = Driver(inline_leases_bytes=1, loose_max=4)
+    d.s.enqueue([JobSpec({"n": i}, id=f"j{i}") for i in range(40)], d.now)
+    d.seal()
+    assert d.s.claim("w", 10, 1, d.now)
+    b = d.s.claim("w", 20, 1, d.now)
+    d.seal()  # S1: A, B
+    for _ in range(4):  # S2.. of an hour: S1 and S2 go to a manifest
+        assert d.s.claim("w", 3600, 10, d.now)
+        d.seal()
+    assert d.s.head["leases"]["mans"][0]["segs"] == 2, d.s.head["leases"]
+    d.now += 11
+    assert d.s.reap(d.now)["pending"] == 1  # A
+    d.seal()
+    assert d.s.ack(b[0]["id"], b[0]["lease_token"], None, d.now)["status"] == "completed"
+    d.seal()
+    assert d.s.head["leases"]["mpos"] == 1  # S1 used up
+    d.now += 20  # past B's expiry, an hour before the others'
+    for _ in range(3):  # the owner's duties, tending while due
+        assert d.s.reap(d.now)["pending"] == 0
+        d.seal()
+        due = d.s.next_due()
+        if due is None or due > d.now:
+            return
+    raise AssertionError(f"due at {due}, now {d.now}, with no lease run out: tended for ever")

@@ -365,7 +365,10 @@ class Layout:
         that many (inline records first, then a lease segment at a time, each
         read whole). With, for each lease segment read, by id, the unit that
         counts it (itself, or its manifest) and the earliest expiry of its
-        leases not due."""
+        leases not due; and, when the scan went through, every manifest whose
+        bound said it may hold one, read or not (its bound is stale: a
+        segment that set it was used up, and the manifest's others have
+        bounds of their own)."""
         leases = self.leases
         due = [Place(None, 0, r) for r in leases.d["in"] if r["lease_expires_at"] <= now]
 
@@ -389,6 +392,10 @@ class Layout:
                 else:
                     left = min(left, expires)
             scanned[ref["k"]] = (ref["k"] if mref is None else mref["k"], left)
+        else:
+            for mref in leases.d["mans"]:
+                if maybe(mref):
+                    scanned.setdefault(mref["k"], (mref["k"], 1e300))
         return due, scanned
 
     def take_due_leases(self, now: float) -> list[Place]:
