@@ -411,3 +411,33 @@ def test_a_step_of_the_store_clock_under_a_second_is_followed_once_rivals_confir
         answer(at, 4900.505)  # x.6 only the new clock allows, x.2 both
     now = clock.now()
     assert abs(now - (t.mono + 4900.505)) <= clock.error(now) < 0.25
+
+
+def test_one_answer_off_after_an_hour_without_samples_does_not_take_now_outside_its_error() -> None:
+    """StoreClock._drifted widens every kept sample by DRIFT times its age,
+    whatever its age: after an hour without an answer (the store down, its
+    connection errors and 5xx not sampled) the samples kept are an hour old,
+    widened by 7.2 s each way, and the first answer back, 5 s off (a proxy's
+    4xx page with its own Date), is taken at once as drift. now() runs 5 s
+    ahead while error() says about 1 s: an owner reaps live leases 4 s early
+    (a job run twice), and now() never goes back once rivals correct it.
+    Found by the review of round 25's changes (DRIFT came with them): a
+    sample's age counts up to the horizon."""
+    mono = [0.0]
+    clock = StoreClock(monotonic=lambda: mono[0], wall=lambda: 1.7e9)
+    true_offset = 4900.0
+
+    def answer(at: float, off: float = 0.0) -> None:
+        mono[0] = at
+        clock.observe(at, at + 0.01, math.floor(at + 0.005 + true_offset + off), 1.0)
+
+    for k in range(30):
+        answer(100.0 + k * 0.77)
+    now = clock.now()
+    assert abs(now - (mono[0] + true_offset)) <= clock.error(now)
+    answer(100.0 + 3600.0, off=5.0)  # the first answer after an hour: 5 s off
+    now = clock.now()
+    wrong_by = now - (mono[0] + true_offset)
+    assert abs(wrong_by) <= clock.error(now), (
+        f"now() is {wrong_by:.2f} s off the store's time, its error says {clock.error(now):.2f} s"
+    )

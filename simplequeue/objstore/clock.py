@@ -176,7 +176,12 @@ class StoreClock:
         came: it contradicts none of the recent ones, and the old ones by
         little. A wrong answer so taken moves now() by as little."""
         for old in self._samples:
-            slack = DRIFT * max(new.received - old.received, 0.0)  # threads may race
+            # Its age counts up to the horizon: samples are kept until a new
+            # estimate is taken, and after an hour without one (a store down:
+            # its failures are not sampled), slack of 7 s a side would let the
+            # first answer back take now() 5 s off as drift.
+            age = min(max(new.received - old.received, 0.0), self._horizon)  # threads may race
+            slack = DRIFT * age
             if not _overlap(new.low, new.high, old.low - slack, old.high + slack):
                 return False
         return True
