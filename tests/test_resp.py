@@ -1921,21 +1921,23 @@ async def test_a_pipelined_push_beside_a_pop_is_answered_for_a_client_that_half_
     assert (await broker.engine.status("p"))["pending"] == 1
 
 
-async def test_a_pipeline_that_half_closes_is_answered_up_to_its_first_pop_that_took_a_job(
+async def test_a_pipeline_that_half_closes_is_answered_whole_its_pops_given_back(
     start_broker: StartBroker,
 ) -> None:
     """RPUSH p a; LPOP q; RPUSH p b with a job in q, then a half-close: the
-    pop's job goes back (its reply might reach nobody), and the replies
-    before it still go out, a valid stream in order, then the connection
-    closes. Before, none went out though both pushes landed (review of the
-    RESP face, round 25)."""
+    pop's job goes back (its reply might reach nobody) and the pop is
+    answered as one that found none; the pushes' replies go out, in order,
+    then the connection closes. Before, none went out though both pushes
+    landed (review of the RESP face, round 25); then only those before the
+    pop, and a client only done sending would send RPUSH p b again (review of
+    round 25's changes)."""
     store = FaultyStore(MemStore(), target="topics/p")
     broker = await start_broker(store, redis_addr="127.0.0.1:0")
     await broker.engine.push("q", [api.JobSpec("job")])
     got = await _half_close_during(
         broker, store, [("RPUSH", "p", "a"), ("LPOP", "q"), ("RPUSH", "p", "b")]
     )
-    assert got == b":1\r\n"
+    assert got == b":1\r\n$-1\r\n:2\r\n"
     assert (await broker.engine.status("p"))["pending"] == 2
     async with aiohttp.ClientSession() as session:
         await pending_again(Http(session, broker.url), "q")

@@ -207,12 +207,13 @@ class Connection:
             self.watched -= 1
             self.session.owing = None
         if self.left.is_set() and owing:
-            # Its pops' jobs go back. The replies before the first of them
-            # that took one still go out, in order, then the connection
-            # closes: the replies after it would not follow on from them.
+            # Its pops' jobs go back, and each is answered as a pop that found
+            # none; every other reply still goes out, in order (a push after
+            # a pop landed: a client only done sending must not send it
+            # again), then the connection closes.
             self._give_back(owing)
-            took = next((i for i, r in enumerate(replies) if _took_a_job(group[i], r)), 0)
-            raise Hangup(replies[:took])
+            answered = zip(group, replies, strict=True)
+            raise Hangup([_none_taken(f) if _took_a_job(f, r) else r for f, r in answered])
         for topic, attempt_id in owing:  # answered now: no undo will come
             self.session.engine.forget_pop(topic, attempt_id, self.session.worker_id)
         return replies
@@ -344,6 +345,12 @@ class Connection:
             for t in (task, hangup):
                 t.cancel()
             await asyncio.gather(task, hangup, return_exceptions=True)
+
+
+def _none_taken(pop: list[bytes]) -> Reply:
+    """The reply of the pop `pop` had it found no job: nil, or with a count the
+    nil array."""
+    return NULL_ARRAY if len(pop) > 2 else None
 
 
 def _took_a_job(frame: list[bytes], reply: Reply) -> bool:
