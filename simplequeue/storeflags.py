@@ -1,13 +1,15 @@
 """The store flags (--backend, --dir, --bucket, --prefix, --endpoint-url,
 --region), defined once for both command lines: simplequeued serves the store
 they name, `simplequeue --discover` finds its broker in it. Also `checked`,
-which both use to check other flags' values (a token, a broker URL), and
-`FiniteRange`, their type for numbers of seconds."""
+which both use to check other flags' values (a token, a broker URL),
+`FiniteRange`, their type for numbers of seconds, and `OneLineCommand` and
+`OneLineGroup`, which tell a usage error on one line."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +19,50 @@ import click
 from simplequeue.objstore import ObjectStore, check_endpoint_url
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UsageFailed(click.ClickException):
+    """A usage error as one line, "Error: ...", with a usage error's exit status."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def _usage_on_one_line() -> Iterator[None]:
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:  # no arguments at all: the help
+        raise
+    except click.UsageError as exc:
+        # Formatted here, while its context is there to name the flag.
+        raise UsageFailed(exc.format_message()) from None
+
+
+class OneLineCommand(click.Command):
+    """A command whose usage errors are one line, "Error: ..." (exit 2), as
+    every other failure is, where click prints its usage line, a hint to try
+    --help and a blank line before it: a script's log or a service's journal
+    gets the reason alone, and --help still says the rest."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _usage_on_one_line():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # A group's subcommands are resolved, parsed and run here: their usage
+        # errors too.
+        with _usage_on_one_line():
+            return super().invoke(ctx)
+
+
+class OneLineGroup(OneLineCommand, click.Group):
+    """A group whose usage errors, and its commands', are one line."""
 
 
 class FiniteRange(click.FloatRange):

@@ -315,6 +315,38 @@ async def test_bad_input_fails_with_one_line_and_no_traceback(
     assert (await cli.json("status", "--json"))["pending"] == 0
 
 
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("simplequeue.client", ("enqueue",)),  # neither PAYLOAD nor --file
+        ("simplequeue.client", ("enqueue", "1", "--priority", "x")),  # a value of the wrong type
+        ("simplequeue.client", ("schedule", "nightly", "1")),  # neither --every nor --cron
+        ("simplequeue.client", ("frob",)),  # no such command
+        ("simplequeue.client", ("--bogus", "status")),  # no such option, the group's
+        ("simplequeue.broker", ("--lease", "x")),
+        ("simplequeue.broker", ("--backend", "memfs", "--create-bucket")),  # raised in main
+    ],
+)
+def test_a_usage_error_is_told_on_one_line(module: str, args: tuple[str, ...]) -> None:
+    """SPEC 7: a failing command exits non-zero with a one-line message. A
+    usage error printed click's four lines instead ("Usage: ...", "Try ...
+    --help", a blank line, then "Error: ..."), for simplequeue and
+    simplequeued alike (contract review of SPEC 7, round 25). Nothing is sent:
+    the broker named is not there."""
+    prefix = ("--broker", "http://127.0.0.1:9") if module == "simplequeue.client" else ()
+    done = subprocess.run(
+        [sys.executable, "-m", module, *prefix, *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("Error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert done.stdout == ""
+    # --help is unchanged: the usage, then the rest.
+    helped = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0 and helped.stdout.startswith("Usage: "), helped
+
+
 async def test_settling_with_a_closed_stdin_is_one_line_not_a_traceback(cli: Cli) -> None:
     """`ack -` (and nack -, heartbeat -, enqueue --file -) read stdin; run with
     stdin closed (cron, a service, `<&-`), sys.stdin is None and the command

@@ -22,7 +22,13 @@ from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
 from simplequeue.records import MAX_LEASE_S
 from simplequeue.state import Policy
-from simplequeue.storeflags import FiniteRange, StoreFlags, checked, store_options
+from simplequeue.storeflags import (
+    FiniteRange,
+    OneLineCommand,
+    StoreFlags,
+    checked,
+    store_options,
+)
 
 
 def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -35,7 +41,10 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     return value
 
 
-@click.command(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE", "show_default": True})
+@click.command(
+    cls=OneLineCommand,
+    context_settings={"auto_envvar_prefix": "SIMPLEQUEUE", "show_default": True},
+)
 @click.version_option(__version__, prog_name="simplequeue", message="%(prog)s %(version)s")
 @click.option(
     "--addr",

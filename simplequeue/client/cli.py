@@ -1,8 +1,9 @@
 """simplequeue: the command line client (SPEC section 7).
 
 Data is printed as JSON (one document per command), `status`, `topics` and
-`schedules` as tables unless --json. Any failure exits 1 with one line on stderr; `claim`
-exits 1 with "no job is claimable" when the topic is empty.
+`schedules` as tables unless --json. Any failure exits 1 with one line on stderr, a
+usage error 2 with one line ("Error: ..."); `claim` exits 1 with "no job is claimable"
+when the topic is empty.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from simplequeue.client.followups import Done
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
 from simplequeue.errors import InvalidRequest, PayloadTooLarge, SimpleQueueError
-from simplequeue.storeflags import FiniteRange, StoreFlags, checked, store_options
+from simplequeue.storeflags import FiniteRange, OneLineGroup, StoreFlags, checked, store_options
 
 T = TypeVar("T")
 
@@ -166,7 +167,7 @@ class InputFile(click.File):
         return super().convert(value, param, ctx)
 
 
-@click.group(context_settings={"auto_envvar_prefix": "SIMPLEQUEUE"})
+@click.group(cls=OneLineGroup, context_settings={"auto_envvar_prefix": "SIMPLEQUEUE"})
 @click.version_option(__version__, prog_name="simplequeue", message="%(prog)s %(version)s")
 @click.option(
     "--broker",
