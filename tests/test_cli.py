@@ -483,6 +483,64 @@ async def test_discover_through_broker_json(start_broker: StartBroker, tmp_path:
     assert (await cli.json("status", "--json"))["pending"] == 1
 
 
+async def test_broker_and_discover_together_are_refused_not_one_silently_dropped(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """SPEC 7 gives --broker URL and --discover as alternatives. Given both,
+    the CLI dropped --broker unsaid and talked to whatever broker.json names:
+    a user who meant one broker acted on another's queue (contract review of
+    SPEC 7, round 25). Both in the environment are refused too."""
+    broker = await start_broker(LocalStore(tmp_path))
+    found = ("--discover", "--dir", str(tmp_path), "--topic", "t")
+    done = await Cli("--broker", "http://127.0.0.1:1", *found)("enqueue", "1")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "--broker and --discover" in done.stderr
+    both = {"SIMPLEQUEUE_BROKER": broker.url, "SIMPLEQUEUE_DISCOVER": "1"}
+    done = await Cli("--dir", str(tmp_path), "--topic", "t", env=both)("enqueue", "1")
+    assert done.returncode == 2 and "SIMPLEQUEUE_BROKER and SIMPLEQUEUE_DISCOVER" in done.stderr
+    async with Client(broker.url, topic="t") as q:
+        assert (await q.status())["enqueued"] == 0  # nothing was enqueued anywhere
+
+
+async def test_store_flags_without_discover_are_refused_not_ignored(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """The store flags (and --max-age) only mean something with --discover.
+    Without it they were ignored and the command went to --broker, by default
+    127.0.0.1:8080, whichever broker that is (contract review of SPEC 7,
+    round 25)."""
+    broker = await start_broker(MemStore())
+    for flags in (("--dir", str(tmp_path)), ("--backend", "s3"), ("--max-age", "5")):
+        done = await Cli("--broker", broker.url, *flags, "--topic", "t")("enqueue", "1")
+        assert done.returncode == 2, (flags, done.stdout, done.stderr)
+        assert f"{flags[0]}: with --discover only" in done.stderr
+    async with Client(broker.url, topic="t") as q:
+        assert (await q.status())["enqueued"] == 0
+
+
+async def test_the_command_line_wins_over_the_environment_in_reaching_a_broker(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """A shell that runs simplequeued too has its SIMPLEQUEUE_DIR set (both
+    commands read it): the store flags of the environment are no usage error
+    without --discover. --discover on the command line wins over
+    SIMPLEQUEUE_BROKER, --broker over SIMPLEQUEUE_DISCOVER."""
+    found = await start_broker(LocalStore(tmp_path))
+    other = await start_broker(MemStore())
+    store_env = {"SIMPLEQUEUE_DIR": str(tmp_path), "SIMPLEQUEUE_BACKEND": "localfs"}
+    await Cli("--broker", other.url, "--topic", "t", env=store_env).json("enqueue", "to other")
+    discover_env = {**store_env, "SIMPLEQUEUE_DISCOVER": "1"}
+    await Cli("--broker", other.url, "--topic", "t", env=discover_env).json("enqueue", "again")
+    broker_env = {"SIMPLEQUEUE_BROKER": other.url}
+    await Cli("--discover", "--dir", str(tmp_path), "--topic", "t", env=broker_env).json(
+        "enqueue", "to found"
+    )
+    async with Client(other.url, topic="t") as q:
+        assert (await q.status())["enqueued"] == 2
+    async with Client(found.url, topic="t") as q:
+        assert (await q.status())["enqueued"] == 1
+
+
 # --- work ----------------------------------------------------------------------------
 
 

@@ -201,7 +201,48 @@ class InputFile(click.File):
 def main(ctx: click.Context, /, **options: Any) -> None:
     """Talk to a simplequeue broker."""
     store = StoreFlags.take(options)
+    options["discover"] = discovering(ctx, options["discover"])
     ctx.obj = Settings(store=store, **options)
+
+
+# The flags that only say something with --discover: where the store is, and
+# how old its broker.json may be.
+DISCOVER_FLAGS = ("backend", "dir", "bucket", "prefix", "endpoint_url", "region", "max_age")
+
+# How strongly a flag was given: on the command line over the environment
+# (which may be set for the whole shell, or for simplequeued: it reads the
+# same SIMPLEQUEUE_DIR, SIMPLEQUEUE_BACKEND...) over its default.
+WEIGHT = {click.core.ParameterSource.COMMANDLINE: 2, click.core.ParameterSource.ENVIRONMENT: 1}
+
+
+def discovering(ctx: click.Context, discover: bool) -> bool:
+    """Whether the broker is found through broker.json (--discover) rather
+    than at --broker: SPEC 7's alternatives. Both given as strongly, on the
+    command line or both in the environment, is a usage error, where one of
+    them was dropped unsaid; otherwise the one given more strongly wins (a
+    --broker on the command line over SIMPLEQUEUE_DISCOVER). A store flag on
+    the command line without --discover is a usage error too, where it was
+    ignored and the command went to --broker's default; in the environment
+    it is left alone, as SIMPLEQUEUE_TOKEN is."""
+
+    def weight(name: str) -> int:
+        source = ctx.get_parameter_source(name)
+        return 0 if source is None else WEIGHT.get(source, 0)
+
+    def said(name: str) -> str:
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.ENVIRONMENT:
+            return f"{ctx.auto_envvar_prefix}_{name.upper()}"
+        return "--" + name.replace("_", "-")
+
+    broker, wanted = weight("broker"), weight("discover") if discover else 0
+    if broker and broker == wanted:
+        raise click.UsageError(f"{said('broker')} and {said('discover')}: give one or the other")
+    if wanted > broker:
+        return True
+    given = [said(name) for name in DISCOVER_FLAGS if weight(name) == 2]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: with --discover only")
+    return False
 
 
 @main.command()
