@@ -100,7 +100,7 @@ async def test_topics_says_which_topic_cannot_be_read_and_fails(start_broker: St
     await store.put(keys.head("bad"), b"\x00 not a head")
     fresh = await start_broker(store)  # one that has cached nothing
     cli = Cli("--broker", fresh.url)
-    for args in (("topics",), ("topics", "--json")):
+    for args in (("topics",), ("topics", "--table")):
         done = await cli(*args)
         assert done.returncode == 1, done
         assert "good" in done.stdout
@@ -276,15 +276,32 @@ async def test_nack_heartbeat_dead_requeue_purge(cli: Cli) -> None:
     assert await cli.json("purge") == {"purged": ["a"]}
 
 
-async def test_status_and_topics_print_tables_or_json(cli: Cli) -> None:
+@pytest.mark.parametrize("args", [("status",), ("topics",), ("schedules",)])
+async def test_data_is_printed_as_json_unless_a_table_is_asked_for(
+    cli: Cli, args: tuple[str, ...]
+) -> None:
+    """SPEC 7: JSON for data, tables where asked. `status`, `topics` and
+    `schedules` printed tables unless --json was given: a script piping
+    `simplequeue status` got a table (contract review of SPEC 7, round 25).
+    --json, the default now, is still accepted."""
     await cli.json("enqueue", "1")
-    table = await cli("status")
+    await cli.json("schedule", "s", "--every", "60", "1")
+    data, given = await cli.json(*args), await cli.json(*args, "--json")
+    # (A schedule may fire between the two: its times may differ, not its shape.)
+    assert data and len(data) == len(given) and type(data) is type(given), (data, given)
+
+
+async def test_status_and_topics_print_tables_when_asked(cli: Cli) -> None:
+    await cli.json("enqueue", "1")
+    table = await cli("status", "--table")
     assert table.returncode == 0
     header, row = table.stdout.strip().splitlines()
     assert header.split()[:3] == ["topic", "pending", "delayed"]
     assert row.split()[:2] == ["jobs", "1"]
-    assert (await cli.json("topics", "--json"))["jobs"]["pending"] == 1
-    assert "jobs" in (await cli("topics")).stdout
+    assert (await cli.json("status"))["pending"] == 1
+    assert (await cli.json("topics"))["jobs"]["pending"] == 1
+    header, row = (await cli("topics", "--table")).stdout.strip().splitlines()
+    assert header.split()[0] == "topic" and row.split()[:2] == ["jobs", "1"]
 
 
 async def test_bad_input_fails_with_one_line_and_no_traceback(

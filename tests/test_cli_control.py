@@ -29,8 +29,8 @@ async def test_cancel_prints_what_it_cancelled_and_status_counts_it(cli: Cli) ->
         "not_found": ["c"],
     }
     assert (await cli.json("job", "a"))["status"] == "cancelled"
-    assert (await cli.json("status", "--json"))["cancelled"] == 2
-    header = (await cli("status")).stdout.splitlines()[0].split()
+    assert (await cli.json("status"))["cancelled"] == 2
+    header = (await cli("status", "--table")).stdout.splitlines()[0].split()
     assert "cancelled" in header
     done = await cli("ack", "a", "--lease-token", job["lease_token"])
     assert failed_with(done, "JobCancelled: job 'a' was cancelled")
@@ -49,12 +49,13 @@ async def test_schedule_schedules_and_unschedule(cli: Cli) -> None:
         "Europe/Berlin",
         "backup",
     )
-    listed = await cli("schedules")
+    listed = await cli("schedules", "--table")
     assert listed.returncode == 0
     lines = listed.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["name", "when", "next"]
     assert lines[1].startswith("nightly") and "(Europe/Berlin)" in lines[1]
     assert lines[2].startswith("tick") and "every 60 s" in lines[2]
+    assert [s["name"] for s in await cli.json("schedules")] == ["nightly", "tick"]
     assert [s["name"] for s in await cli.json("schedules", "--json")] == ["nightly", "tick"]
     assert await cli.json("unschedule", "tick") == {"deleted": "tick"}
     assert failed_with(await cli("unschedule", "tick"), "ScheduleNotFound")

@@ -73,7 +73,7 @@ def test_the_shell_tour_runs_as_written(tmp_path: Path, broker_process: Callable
     done = run_shell_block("tour", tmp_path, broker_process)
     counts = orjson.loads(done.stdout[done.stdout.rindex("{") :])
     assert (counts["completed"], counts["pending"], counts["enqueued"]) == (4, 0, 4)
-    assert "pending" in done.stdout  # the status table
+    assert re.search(r"^topic +pending +delayed", done.stdout, re.M)  # status --table
 
 
 def test_the_python_tour_runs_as_written(
