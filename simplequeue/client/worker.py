@@ -3,20 +3,21 @@
 Batch claims fill free slots and, ahead of need, a prefetch buffer of up to
 `prefetch` more jobs (by default sized to the rate jobs end at: ClaimAhead),
 so that the next jobs are at hand when a slot frees rather than one claim
-round trip away. With a buffer, each claim asks for half
-the capacity and two can be in flight; their jobs are buffered in the order
-the claims were sent. Each claimed job's lease (the broker's --lease unless
-`lease` says) is renewed by heartbeats every third of it (`heartbeat_every`,
-half of it at most; HEARTBEAT_MIN at least), timed from when the claim's
-answer came (from when it was first sent if it was sent more than once: a
-retry may be answered the jobs of a try whose answer was lost), waiting in
-the buffer included, until its ack is answered; each heartbeat has until
-the next is due (or the lease's end, if sooner), so one left unanswered
-never holds back the next. A lease that ran out with no heartbeat landing
-(on this clock, from that time, or from when the last renewal that landed
-was sent) is taken for lost, as one the broker says is, its job neither
-acked nor nacked, its handler's end included: the broker may have given the
-job to another worker.
+round trip away. With a buffer, each claim asks for half the capacity and
+two can be in flight; their jobs are buffered in the order the claims were
+sent, unless an earlier claim is still out ORDER_GRACE after a later one's
+answer came (a long poll on a quiet topic). Each claimed job's lease (the
+broker's --lease unless `lease` says) is renewed by heartbeats every third
+of it (`heartbeat_every`, half of it at most; HEARTBEAT_MIN at least), timed
+from when the claim's answer came (from when it was first sent if it was
+sent more than once: a retry may be answered the jobs of a try whose answer
+was lost), waiting in the buffer included, until its ack is answered; each
+heartbeat has until the next is due (or the lease's end, if sooner), so one
+left unanswered never holds back the next. A lease that ran out with no
+heartbeat landing (on this clock, from that time, or from when the last
+renewal that landed was sent) is taken for lost, as one the broker says is,
+its job neither acked nor nacked, its handler's end included: the broker may
+have given the job to another worker.
 
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
@@ -127,6 +128,13 @@ class Backoff:
 
 
 CLAIMS_IN_FLIGHT = 2
+# Seconds a claim's jobs wait, at most, for the answer of a claim sent before
+# it, to keep the order they were claimed in. An earlier claim that took
+# older jobs was committed first, its answer on its way: a few milliseconds.
+# One still out longer is a long poll that found nothing when the later one
+# took its jobs (a broker does not wake its long polls in the order they
+# came): it answers when the next job comes, or when its wait (5 s) is out.
+ORDER_GRACE = 0.01
 # Without a fixed prefetch, the buffer holds what the slots use up in this many
 # claim round trips at the rate jobs end here, between twice and this many
 # times the concurrency.
@@ -348,11 +356,15 @@ class Worker:
         self._taken = 0  # jobs claimed so far (max_jobs counts them)
         self._dry = False  # burst: a claim found nothing; claim again once a job ends
         self._failed: SimpleQueueError | None = None  # what no claim will get past: run() raises it
-        # Answers go into the buffer in the order their claims were sent.
+        # Answers go into the buffer in the order their claims were sent, or
+        # ORDER_GRACE after they came (_deliver): those delivered ahead of an
+        # earlier one are in _ahead, until the sequence catches up with them.
         self._sent = 0
         self._delivered = 0
         # (jobs asked for, jobs answered, when their leases count from: _claim)
         self._answers: dict[int, tuple[int, list[Job] | None, float]] = {}
+        self._ahead: set[int] = set()
+        self._waiting_order: asyncio.TimerHandle | None = None
         self._done = asyncio.Event()
         self._done.set()  # not running: stop() returns at once
         # run()'s context, which each job's task starts from (a copy): a job
@@ -740,13 +752,26 @@ class Worker:
         self._claims.discard(claim)
         self._room.set()  # its place is free: the loop may send another
 
-    def _deliver(self) -> None:
-        """Buffer the jobs of every answered claim sent before any unanswered one;
-        then stop if the topic is empty (burst) or max_jobs were claimed."""
+    def _deliver(self, late: bool = False) -> None:
+        """Buffer the jobs of every answered claim sent before any unanswered
+        one, or when `late` (ORDER_GRACE after an answer came behind one)
+        every answered one; then stop if the topic is empty (burst) or
+        max_jobs were claimed."""
         found_nothing = False
-        while self._delivered in self._answers:
-            count, jobs, counted_from = self._answers.pop(self._delivered)
-            self._delivered += 1
+        while True:
+            if self._delivered in self._ahead:
+                self._ahead.discard(self._delivered)
+                self._delivered += 1
+                continue
+            if self._delivered in self._answers:
+                seq = self._delivered
+                self._delivered += 1
+            elif late and self._answers:
+                seq = min(self._answers)
+                self._ahead.add(seq)
+            else:
+                break
+            count, jobs, counted_from = self._answers.pop(seq)
             self._asked -= count
             if jobs is None:  # a failed claim says nothing of the topic
                 self._dry = False
@@ -768,6 +793,9 @@ class Worker:
                 due = counted_from + self._heartbeat_interval(job) - time.monotonic()
                 held.first_beat = loop.call_later(max(0.0, due), self._start_beats, held)
                 self._ready.append(held)
+        if self._answers and self._waiting_order is None:
+            loop = asyncio.get_running_loop()
+            self._waiting_order = loop.call_later(ORDER_GRACE, self._deliver_late)
         self._start_ready()
         self._room.set()
         if self.burst and found_nothing:
@@ -779,6 +807,11 @@ class Worker:
                 self.request_stop()
         if self.max_jobs is not None and self._taken >= self.max_jobs:
             self.request_stop()
+
+    def _deliver_late(self) -> None:
+        """An answer waited ORDER_GRACE behind an earlier claim's: buffered now."""
+        self._waiting_order = None
+        self._deliver(late=True)
 
     def _not_held(self, jobs: list[Job]) -> list[Job]:
         """`jobs` less those this worker holds already under the same lease
