@@ -174,12 +174,13 @@ class InputFile(click.File):
     default="http://127.0.0.1:8080",
     show_default=True,
     callback=checked(api.check_broker_url),
-    help="Broker URL (env SIMPLEQUEUE_BROKER).",
+    help="Broker URL (env SIMPLEQUEUE_BROKER); not with --discover.",
 )
 @click.option(
     "--discover",
     is_flag=True,
-    help="Find the broker through broker.json in the store the flags below name.",
+    help="Find the broker through broker.json in the store the flags below name,"
+    " instead of at --broker (those flags and --max-age are a usage error without it).",
 )
 @store_options(backends=("localfs", "s3"))
 @click.option(
