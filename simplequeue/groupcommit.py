@@ -396,6 +396,12 @@ class GroupCommitter:
         found = (keys.topic_of_head(k) for k in await self.store.list_top(keys.TOPICS_PREFIX))
         return sorted(t for t in found if t is not None)
 
+    async def topics_with_objects(self) -> set[str]:
+        """The topics that may have objects beside their head (a folder of
+        segments), in one listing: a topic of one object has no orphans."""
+        found = await self.store.list_folders(keys.TOPICS_PREFIX)
+        return {t for t in map(keys.topic_of_folder, found) if t is not None}
+
     async def peek(self, topic: str, query: Callable[[TopicState, float], T]) -> T:
         """Answer `query` from the topic's head as the store has it now, without
         keeping anything in memory when the topic is not in use here (an owner
@@ -512,7 +518,9 @@ class GroupCommitter:
         stray name in a topic's folder; StoreRefused) is logged and left, the
         others deleted all the same."""
         listed = set(await self.store.list(keys.segments_prefix(topic)))
-        referenced = set(await self.read(topic, lambda s, now: s.referenced()))
+        # Peeked: a topic not in use here is not kept in memory for its sweep
+        # (a broker sweeps each topic it took over, thousands maybe).
+        referenced = set(await self.peek(topic, lambda s, now: s.referenced()))
         orphans = listed - referenced
         sighted = self._sighted.get(topic, frozenset())
         if orphans & sighted:

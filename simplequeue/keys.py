@@ -52,6 +52,15 @@ def topic_of_head(key: str) -> str | None:
     return name if TOPIC_RE.fullmatch(name) else None
 
 
+def topic_of_folder(prefix: str) -> str | None:
+    """The topic whose segments live under `prefix`, or None when it is no
+    topic's folder."""
+    if not prefix.startswith(TOPICS_PREFIX) or not prefix.endswith("/"):
+        return None
+    name = prefix[len(TOPICS_PREFIX) : -1]
+    return name if TOPIC_RE.fullmatch(name) else None
+
+
 def check_broker_id(broker_id: str) -> str:
     """Return `broker_id` if it can name a registration, else raise InvalidRequest."""
     if not BROKER_ID_RE.fullmatch(broker_id):

@@ -178,6 +178,20 @@ async def test_list_top_leaves_out_what_is_under_a_further_slash(store: ObjectSt
     assert await store.list_top("") == ["broker.json"]
 
 
+async def test_list_folders_names_the_folders_holding_keys_under_a_prefix(
+    store: ObjectStore,
+) -> None:
+    """The sweep finds which topics have objects beside their head (a topic of
+    one object has no orphans) in one listing, not a listing per topic."""
+    keys = ["topics/b.json", "topics/a.json", "topics/a/seg-1.json", "topics/c/x/y.json"]
+    for key in [*keys, "topics-not/d/e.json", "broker.json"]:
+        await store.put(key, b"{}")
+    assert await store.list_folders("topics/") == ["topics/a/", "topics/c/"]
+    assert await store.list_folders("topics/c/") == ["topics/c/x/"]
+    assert await store.list_folders("topics/a/") == []
+    assert await store.list_folders("nothing/") == []
+
+
 async def test_sweeping_leftovers_removes_no_key(store: ObjectStore) -> None:
     keys = ["topics/a.json", "topics/a/seg-1.json", "broker.json"]
     for key in keys:

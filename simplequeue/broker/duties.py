@@ -88,9 +88,11 @@ class Duties:
         self._due: dict[str, float] = {}  # topic -> when it next wants its owner
         self._scheduled: dict[str, float] = {}  # topic -> its wake-up in the heap
         self._heap: list[tuple[float, str]] = []
-        # topic -> monotonic time this broker last wrote it or took it over:
-        # the topics its next two sweeps look at.
+        # topic -> monotonic time this broker last wrote it, and time it took
+        # it over: the topics its next two sweeps look at (those taken over
+        # only if they have objects beside their head).
         self._written: dict[str, float] = {}
+        self._taken: dict[str, float] = {}
         self._held_back: dict[str, _HeldBack] = {}  # topic -> what its delivery holds back
         self._corrupt: set[str] = set()  # topics whose tending found an object corrupt
         # Topics being tended, each in a task of its own: a slow one (a large
@@ -101,7 +103,7 @@ class Duties:
         self._tend_slots = asyncio.Semaphore(TEND_PARALLEL)
         self._wake = asyncio.Event()
         # The sweep runs in a task of its own: one of many topics (a broker
-        # that took 10,000 over lists each) holds back no reaping.
+        # that wrote 10,000 lately lists each) holds back no reaping.
         self._sweeping: asyncio.Task[None] | None = None
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         # Set while no take-over is pending: the heads of the live brokers'
@@ -501,7 +503,7 @@ class Duties:
                 if _owner(topic, old) != me:
                     # Its last owner swept it: what that one's last sweeps
                     # sighted (or never saw) is this broker's to delete now.
-                    self._written[topic] = time.monotonic()
+                    self._taken[topic] = time.monotonic()
                 if due is not None:
                     # Whoever wrote a lease stamped it with the store's clock, as
                     # this broker does: its expiry needs no restarting here.
@@ -525,10 +527,18 @@ class Duties:
         writes makes none, but its last writer may have left some and stopped
         owning it), and those whose last sweep saw orphans (however long ago
         their last write was), then the store's leftovers of writes cut short
-        (whichever broker's: one killed may never come back)."""
+        (whichever broker's: one killed may never come back).
+
+        Of the topics taken over, only those with objects beside their head
+        are swept, found in one listing of every topic: most of thousands
+        taken over are one object each, and a listing and a read of each
+        made an idle broker's sweeps cost as many requests as it owns topics."""
         horizon = time.monotonic() - 2 * self.settings.sweep_interval
         self._written = {t: at for t, at in self._written.items() if at >= horizon}
+        self._taken = {t: at for t, at in self._taken.items() if at >= horizon}
         swept = {*self._written, *self.engine.sighted()}
+        if taken := self._taken.keys() - swept:
+            swept |= taken & await self.engine.topics_with_objects()
         owned = [t for t in sorted(swept) if self.membership.owns(t)]
         await self.engine.sweep_all(owned)
         await self.engine.sweep_leftovers(self.settings.leftover_age)

@@ -923,6 +923,10 @@ class Engine:
                 log.exception("sweeper: topic %s failed", topic)
         return deleted
 
+    async def topics_with_objects(self) -> set[str]:
+        """The topics with objects beside their head (which may have orphans)."""
+        return await self.committer.topics_with_objects()
+
     def sighted(self) -> list[str]:
         """The topics whose last sweep found orphans, which their next deletes."""
         return self.committer.sighted()

@@ -379,6 +379,10 @@ class InstrumentedStore(ObjectStore):
         keys: builtins.list[str] = await self._timed("list", self.inner.list_top(prefix))
         return keys
 
+    async def list_folders(self, prefix: str) -> builtins.list[str]:
+        folders: builtins.list[str] = await self._timed("list", self.inner.list_folders(prefix))
+        return folders
+
     async def sweep_leftovers(self, older_than: float) -> int:
         return await self.inner.sweep_leftovers(older_than)
 

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 
 from simplequeue.errors import PreconditionFailed, StoreError
@@ -169,6 +169,17 @@ class ObjectStore(ABC):
         objects. Backends list only those; this default filters list()."""
         return [k for k in await self.list(prefix) if "/" not in k[len(prefix) :]]
 
+    async def list_folders(self, prefix: str) -> builtins.list[str]:
+        """The folders right under `prefix`, each as the prefix its keys start
+        with ("topics/a/" for "topics/"), sorted: S3's common prefixes of a
+        listing with a "/" delimiter, so that finding which topics have
+        segments costs a request per 1,000 topics, not a listing per topic.
+        Every folder holding a key is listed; localfs also lists one whose
+        keys were all deleted (it leaves the directory), so take it as the
+        folders that may hold keys. Backends list only those; this default
+        derives them from list()."""
+        return folders_of(prefix, await self.list(prefix))
+
     async def sweep_leftovers(self, older_than: float) -> int:
         """Remove what writes cut short left behind (the temp file of a process
         killed mid-write) that has not been touched for `older_than` seconds of
@@ -204,3 +215,9 @@ class ObjectStore(ABC):
     def _check_condition(if_match: str | None, if_none_match: bool) -> None:
         if (if_match is None) == (not if_none_match):
             raise ValueError("put_if takes exactly one of if_match or if_none_match=True")
+
+
+def folders_of(prefix: str, keys: Iterable[str]) -> list[str]:
+    """The folders right under `prefix` that hold some of `keys`, sorted."""
+    below = (k[len(prefix) :] for k in keys)
+    return sorted({f"{prefix}{rest.split('/', 1)[0]}/" for rest in below if "/" in rest})

@@ -1046,6 +1046,15 @@ class LocalStore(ObjectStore):
         at = _folder_of(prefix)
         return [] if at is None else sorted(k for k, e in self._entries(*at) if e.is_file())
 
+    def _list_folders_sync(self, prefix: str) -> builtins.list[str]:
+        """One directory read: the folders in the prefix's folder (a folder
+        whose files were all deleted stays, and is listed)."""
+        at = _folder_of(prefix)
+        if at is None:
+            return []
+        found = self._entries(*at)
+        return sorted(f"{k}/" for k, e in found if e.is_dir() and not e.is_symlink())
+
     def _entries(self, folder: str, start: str) -> list[tuple[str, os.DirEntry[str]]]:
         """The entries of `folder` (from the root; "" for it) whose names start
         with `start` and make keys, each with its key; none when the folder is
@@ -1166,6 +1175,9 @@ class LocalStore(ObjectStore):
 
     async def list_top(self, prefix: str) -> builtins.list[str]:
         return await self._run(self._list_top_sync, prefix)
+
+    async def list_folders(self, prefix: str) -> builtins.list[str]:
+        return await self._run(self._list_folders_sync, prefix)
 
     async def sweep_leftovers(self, older_than: float) -> int:
         return await self._run(self._sweep_leftovers_sync, older_than)

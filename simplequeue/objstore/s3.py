@@ -412,11 +412,21 @@ class S3Store(ObjectStore):
         # Keys under a "/" after the prefix come back as CommonPrefixes, one each.
         return await self._list(prefix, {"Delimiter": "/"})
 
-    async def _list(self, prefix: str, options: dict[str, str]) -> builtins.list[str]:
+    async def list_folders(self, prefix: str) -> builtins.list[str]:
+        return await self._list(prefix, {"Delimiter": "/"}, "CommonPrefixes", "Prefix")
+
+    async def _list(
+        self,
+        prefix: str,
+        options: dict[str, str],
+        field: str = "Contents",
+        name: str = "Key",
+    ) -> builtins.list[str]:
         """A listing, a page (1,000 keys) a request, each request with its own
         deadline and retries: a listing of 200 pages at 75 ms each passed the
         one deadline a single request gets, and failed however fast its pages
-        came."""
+        came. What each page lists under `field`, each entry's `name`: its
+        objects' keys, or (with a delimiter) its common prefixes."""
         keys: list[str] = []
         request: dict[str, Any] = {
             "Bucket": self.settings.bucket,
@@ -433,7 +443,7 @@ class S3Store(ObjectStore):
                 page = await self._call(op)
             except ClientError as exc:
                 raise self._unexpected(exc) from exc
-            keys.extend(o["Key"][len(self._prefix) :] for o in page.get("Contents", []))
+            keys.extend(o[name][len(self._prefix) :] for o in page.get(field, []))
             if not page.get("IsTruncated"):
                 return sorted(keys)
             request = {**request, "ContinuationToken": page["NextContinuationToken"]}
