@@ -120,19 +120,29 @@ class Duties:
         """`topic` next wants its owner at `due` (store time; None: not until it
         changes). The heap holds one wake-up per topic, its earliest: a later
         due is found when that one comes, and put back. One an earlier due
-        took the place of stays until its time (up to a lease, 12 h) and is
-        skipped then: past twice as many as the topics, the heap is rebuilt."""
+        took the place of, or of a topic no longer due (its jobs acked), stays
+        until its time (up to a lease, 12 h) and is skipped then: past twice
+        as many as the topics waited for, the heap is rebuilt."""
         if due is None:
             self._due.pop(topic, None)
+            # Its wake-up goes too: kept until the lease's time, it held every
+            # topic claimed in the last 12 h in memory, idle or not.
+            if self._scheduled.pop(topic, None) is not None:
+                self._trim_heap()
             return
         self._due[topic] = due
         if due < self._scheduled.get(topic, 1e300):
             self._scheduled[topic] = due
             heapq.heappush(self._heap, (due, topic))
-            if len(self._heap) > 2 * len(self._scheduled) + HEAP_SLACK:
-                self._heap = [(at, t) for t, at in self._scheduled.items()]
-                heapq.heapify(self._heap)
+            self._trim_heap()
             self._wake.set()
+
+    def _trim_heap(self) -> None:
+        """Rebuild the heap from _scheduled once it holds more than twice as
+        many wake-ups (the others are stale: skipped when they come)."""
+        if len(self._heap) > 2 * len(self._scheduled) + HEAP_SLACK:
+            self._heap = [(at, t) for t, at in self._scheduled.items()]
+            heapq.heapify(self._heap)
 
     def wrote(self, topic: str, due: float | None) -> None:
         """A write of this broker landed on `topic` (the committer's on_landed)."""
