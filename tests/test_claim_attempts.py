@@ -108,6 +108,22 @@ async def test_the_jobs_kept_for_retries_are_bounded(monkeypatch: pytest.MonkeyP
     assert ids(await q.claim("t", "w", attempt_id="a1")) == ["j5"]
 
 
+async def test_claims_answers_past_their_time_leave_an_idle_brokers_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answers kept for retries were forgotten past their time only as
+    another claim named by an attempt was answered: an idle broker kept up to
+    CLAIM_ATTEMPTS_KEPT jobs' (50,000, ~23 MB) for good (review of SPEC
+    4.1's many-topics figures, round 25). The duties' idle round forgets
+    them (Engine.forget_idle)."""
+    monkeypatch.setattr(api, "CLAIM_ATTEMPTS_KEPT_S", 0.05)
+    q = await engine_with(50)
+    await asyncio.gather(*(q.claim("t", "w", attempt_id=f"a{i}") for i in range(50)))
+    await asyncio.sleep(0.1)  # time passes: every answer kept is past its 0.05 s
+    q.forget_idle()
+    assert (len(q._answered), q._answered_jobs) == (0, 0)
+
+
 async def test_a_retry_through_a_broker_that_passes_claims_on_reaches_the_owners_answer(
     start_broker: StartBroker,
 ) -> None:

@@ -117,6 +117,22 @@ async def test_what_is_kept_for_undos_is_bounded_by_its_bytes(
     assert [await q.unpop("t", a, "w") for a in ("a0", "a1", "a2")] == [0, 1, 1]
 
 
+async def test_what_is_kept_for_undos_past_its_time_leaves_an_idle_brokers_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records of pops and undos were forgotten past their time only as new
+    ones came: an idle broker kept up to POPS_KEPT_BYTES (32 MB) of them for
+    good (review of SPEC 4.1's many-topics figures, round 25). The duties'
+    idle round forgets them (Engine.forget_idle)."""
+    monkeypatch.setattr(api, "CLAIM_ATTEMPTS_KEPT_S", 0.05)
+    q = await engine_with(5)
+    await asyncio.gather(*(q.pop("t", "w", attempt_id=f"a{i}") for i in range(5)))
+    assert await q.unpop("t", "never-popped", "w") == 0  # an undo kept for its pop
+    await asyncio.sleep(0.1)  # time passes: every record kept is past its 0.05 s
+    q.forget_idle()
+    assert (len(q.popped._kept), q.popped.kept_bytes, len(q.popped._withdrawn)) == (0, 0, 0)
+
+
 def test_what_is_kept_for_undos_takes_the_memory_it_is_bounded_by(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -351,6 +351,12 @@ class Engine:
         held = tuple(f"{j['id']}\0{j['lease_token']}" for j in jobs)
         answered[attempt] = _Answered(now + api.CLAIM_ATTEMPTS_KEPT_S, held)
         self._answered_jobs += len(held)
+        self._forget_answered(now)
+
+    def _forget_answered(self, now: float) -> None:
+        """Forget the oldest claims' answers while more than CLAIM_ATTEMPTS_KEPT
+        jobs are kept, and those past their time among the oldest."""
+        answered = self._answered
         while answered and (
             self._answered_jobs > CLAIM_ATTEMPTS_KEPT or next(iter(answered.values())).until < now
         ):
@@ -901,7 +907,11 @@ class Engine:
         self.forget([t for t in [*self.known_topics(), *self._left] if not owned(t)])
 
     def forget_idle(self) -> int:
-        """Topics idle for a while leave this broker's memory; how many left."""
+        """Topics idle for a while leave this broker's memory; how many left.
+        So do the claims' answers and pops' records kept past their time:
+        forgotten only as new ones came, an idle broker kept them for good."""
+        self._forget_answered(time.monotonic())
+        self.popped.forget_expired()
         return self.committer.forget_idle()
 
     async def refresh(self, topic: str) -> None:

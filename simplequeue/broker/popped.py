@@ -98,6 +98,16 @@ class Popped:
         withdrawn = self._withdrawn
         withdrawn.pop(attempt, None)
         withdrawn[attempt] = now + api.CLAIM_ATTEMPTS_KEPT_S
+        self._forget_withdrawn(now)
+
+    def forget_expired(self) -> None:
+        """Forget the records and undos past their time among the oldest (keep()
+        and withdraw() do as they add one; an idle broker adds none)."""
+        self._make_room(POPS_KEPT_BYTES)
+        self._forget_withdrawn(time.monotonic())
+
+    def _forget_withdrawn(self, now: float) -> None:
+        withdrawn = self._withdrawn
         while withdrawn and (
             len(withdrawn) > POPS_WITHDRAWN or next(iter(withdrawn.values())) < now
         ):
