@@ -215,7 +215,7 @@ async def test_touched_keeps_only_topics_the_overview_shows(start_broker: StartB
     assert broker.http_api is not None
     assert statuses == {200}
     touched = broker.http_api.page._touched
-    assert touched == {"t"}, f"{len(touched)} topics marked touched, e.g. {sorted(touched)[:2]}"
+    assert set(touched) == {"t"}, f"{len(touched)} topics marked touched, e.g. {sorted(touched)[:2]}"
 
 
 @pytest.mark.parametrize(

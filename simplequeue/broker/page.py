@@ -335,17 +335,21 @@ class StatusPage:
         self._computing = asyncio.Lock()
         self._last: tuple[float, bytes] | None = None
         # Topics the last overview showed that a request through this broker
-        # changed since an overview read them fresh: an overview asked `fresh`
-        # for one reads it again (no other). At most MAX_TOPICS.
-        self._touched: set[str] = set()
+        # changed since an overview read them fresh, each with the number of
+        # its last change: an overview asked `fresh` for one reads it again (no
+        # other). A number, not a flag: a change that lands while that overview
+        # reads must outlive it, or its own refresh is not honoured. At most
+        # MAX_TOPICS.
+        self._touched: dict[str, int] = {}
+        self._changes = itertools.count(1)
 
     def touched(self, topic: str) -> None:
         """A request through this broker changed `topic` (an action of the page's,
         on a topic it shows). Kept only if the last overview showed it: requests
         for any other (a requeue of a topic that does not exist answers 200)
-        would grow the set for ever, and the page acts on none of them."""
+        would grow the map for ever, and the page acts on none of them."""
         if topic in self._shown:
-            self._touched.add(topic)
+            self._touched[topic] = next(self._changes)
 
     # --- static --------------------------------------------------------------------
 
@@ -394,6 +398,7 @@ class StatusPage:
         """The whole overview: broker.json, this broker, and every topic (the
         topic `fresh` read again, however recently it was)."""
         self._start_sampler()
+        change = self._touched.get(fresh or "")  # the last change before `fresh` is read
         loop = asyncio.get_running_loop()
         if loop.time() - self._listed_at >= LIST_EVERY:
             self._listed = await self.engine.topic_names()
@@ -425,8 +430,13 @@ class StatusPage:
                 continue
             views.append(topic_view(name, got, self.rates.rates(name, at)))
         self._shown = set(shown)
-        self._touched &= self._shown  # those shown no more, the page cannot act on
-        self._touched.discard(fresh or "")  # read now: a request's change is read once
+        # Those shown no more, the page cannot act on; `fresh` was read now, so
+        # a change is read once, unless another came while it was being read.
+        self._touched = {
+            t: n
+            for t, n in self._touched.items()
+            if t in self._shown and not (t == fresh and n == change)
+        }
         self.rates.forget_except(self._shown)  # the history of a topic shown no more
         presence = self.presence()
         return Overview(
