@@ -986,6 +986,48 @@ async def test_a_requeue_that_requeued_nothing_is_not_reported_as_done(
     )
 
 
+async def test_a_cancel_the_owner_did_but_answered_late_is_not_said_to_have_found_it_finished(
+    start_broker: StartBroker,
+    session: aiohttp.ClientSession,
+    tab: tuple[Page, PageErrors],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page's broker passes the cancel to the topic's owner, which cancels
+    the job but answers too late; the page's broker serves it again itself
+    (Simplequeue-Replayed: 1), finds the job cancelled, and answers
+    {"cancelled": []}. The page ignored Simplequeue-Replayed and told the
+    operator the job "had finished already", though their click cancelled it
+    (review of the status page, round 25). A replayed empty answer is checked
+    against the job's status, as the SDK does."""
+    from playwright.async_api import expect
+
+    from tests.test_ownership import answer_too_late, cluster, owner_and_other
+
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    api = Api(session, owner.url)
+    await api.enqueue("t", id="waiting")
+    answer_too_late(monkeypatch, owner.engine, "cancel")
+    page, errors = tab
+    await page.goto(other.url + "/")
+    await expect_counts(page, "t", pending=1)
+    t = card(page, "t")
+    finder = t.locator('form[data-form="find"]')
+    await finder.locator('input[name="job_id"]').fill("waiting")
+    await finder.get_by_role("button", name="Find").click()
+    found = t.locator('[data-field="found"]')
+    await expect(found.locator('[data-found="status"]')).to_have_text("pending")
+    await found.get_by_role("button", name="Cancel job").click()
+    async with page.expect_response(lambda r: r.url.endswith("/topics/t/cancel")) as info:
+        await found.get_by_role("button", name="Click again to cancel").click()
+    answered = await info.value
+    assert answered.headers.get("simplequeue-replayed") == "1"
+    assert (await answered.json())["cancelled"] == []
+    assert (await api.status("t"))["cancelled"] == 1  # the click cancelled it
+    await expect(t.locator('[data-field="message"]')).to_have_text("Cancelled waiting.")
+    assert errors == []
+
+
 async def test_a_failed_requeue_is_still_said_after_the_next_refresh(
     start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
 ) -> None:

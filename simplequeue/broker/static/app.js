@@ -24,6 +24,16 @@
 
   class NeedToken extends Error {}
 
+  // An error status: the broker's message, its reason (where the status alone
+  // does not tell it), and whether the answer was replayed (see call()).
+  class CallFailed extends Error {
+    constructor(message, reason, replayed) {
+      super(message);
+      this.reason = reason;
+      this.replayed = replayed;
+    }
+  }
+
   // --- DOM helpers -------------------------------------------------------------------
 
   function el(tag, attrs, ...children) {
@@ -108,7 +118,11 @@
     return t !== null && SENDABLE.test(t) ? t : null; // one kept from before: asked again
   }
 
-  async function api(method, path, body) {
+  // The answer, and whether it was replayed: a broker standing in for the
+  // topic's owner served the request again after a try the owner may have
+  // done without answering in time (Simplequeue-Replayed: 1). An action that
+  // then answers it found nothing to do may have done it itself, at that try.
+  async function call(method, path, body) {
     const headers = {};
     const t = token();
     if (t) headers.Authorization = `Bearer ${t}`;
@@ -128,11 +142,26 @@
     } catch (_) {
       data = null;
     }
+    const replayed = response.headers.get("Simplequeue-Replayed") === "1";
     if (!response.ok) {
       const message = data && typeof data.error === "string" ? data.error : `HTTP ${response.status}`;
-      throw new Error(message);
+      throw new CallFailed(message, data ? data.reason : undefined, replayed);
     }
-    return data;
+    return { data, replayed };
+  }
+
+  async function api(method, path, body) {
+    return (await call(method, path, body)).data;
+  }
+
+  // A job's status now, or null when it cannot be looked up: what a replayed
+  // action's empty answer is checked against, as the SDK does.
+  async function statusOf(topic, jobId) {
+    try {
+      return (await api("GET", topicPath(topic, `jobs/${encodeURIComponent(jobId)}`))).status;
+    } catch (_) {
+      return null;
+    }
   }
 
   // --- status line and token form ----------------------------------------------------------
@@ -225,14 +254,14 @@
     return `topics/${encodeURIComponent(topic)}/${rest}`;
   }
 
-  // Runs `call` for a button: disabled meanwhile, `busy` as its text; then the
+  // Runs `request` for a button: disabled meanwhile, `busy` as its text; then the
   // page refreshes. A failure is said on the card (or asks for the token).
-  async function act(button, busy, call, card) {
+  async function act(button, busy, request, card) {
     const idle = button.textContent;
     button.disabled = true;
     setText(button, busy);
     try {
-      const answer = await call();
+      const answer = await request();
       button.disabled = false;
       setText(button, idle);
       // What it did is drawn before it is said, unless a poll before it stalls.
@@ -253,22 +282,33 @@
     setClass(node, "alert", bad);
   }
 
+  // What a replayed action that answered it did nothing can say: what it did
+  // if the job is now as that action leaves it, else that it is not known.
+  async function replayedOutcome(topic, jobId, leaves, done, verb) {
+    const status = await statusOf(topic, jobId);
+    if (status === leaves) return done;
+    const now = status === null ? "" : ` (it is ${status} now)`;
+    return `Whether ${jobId} was ${verb} is not known: the broker answered a second try${now}.`;
+  }
+
   async function requeue(button, topic, jobId) {
     const card = button.closest("section.topic");
     const answer = await act(button, "Requeuing…", () =>
-      api("POST", topicPath(topic, "requeue"), { job_ids: [jobId] }), card);
-    if (answer) {
-      say(card, answer.requeued.length ? `Requeued ${jobId}.` : `${jobId} was not dead any more.`, false);
-    }
+      call("POST", topicPath(topic, "requeue"), { job_ids: [jobId] }), card);
+    if (!answer) return;
+    if (answer.data.requeued.length) say(card, `Requeued ${jobId}.`, false);
+    else if (answer.replayed) say(card, await replayedOutcome(topic, jobId, "pending", `Requeued ${jobId}.`, "requeued"), false);
+    else say(card, `${jobId} was not dead any more.`, false);
   }
 
   async function cancelJob(button, card, topic, jobId) {
     const answer = await act(button, "Cancelling…", () =>
-      api("POST", topicPath(topic, "cancel"), { job_ids: [jobId] }), card);
-    if (answer) {
-      say(card, answer.cancelled.length ? `Cancelled ${jobId}.` : `${jobId} had finished already.`, false);
-      if (card.querySelector('[data-field="found"]').dataset.job === jobId) await findJob(card, topic, jobId);
-    }
+      call("POST", topicPath(topic, "cancel"), { job_ids: [jobId] }), card);
+    if (!answer) return;
+    if (answer.data.cancelled.length) say(card, `Cancelled ${jobId}.`, false);
+    else if (answer.replayed) say(card, await replayedOutcome(topic, jobId, "cancelled", `Cancelled ${jobId}.`, "cancelled"), false);
+    else say(card, `${jobId} had finished already.`, false);
+    if (card.querySelector('[data-field="found"]').dataset.job === jobId) await findJob(card, topic, jobId);
   }
 
   // Destructive: the first click arms the button, the second (within 5 s) acts.
