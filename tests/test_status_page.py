@@ -1028,6 +1028,45 @@ async def test_a_cancel_the_owner_did_but_answered_late_is_not_said_to_have_foun
     assert errors == []
 
 
+async def test_requeue_all_purge_all_and_a_schedules_delete_say_what_they_did(
+    start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
+) -> None:
+    """Every other action says its outcome on the card's status line
+    (role=status). Requeue all, Purge all and a schedule's Delete said
+    nothing, whether they did 2 jobs or none: the button's section merely
+    vanished, and a screen reader heard nothing (review of the status page,
+    round 25)."""
+    from playwright.async_api import expect
+
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    await api.kill("ops", "boom", id="d1")
+    await api.kill("ops", "boom", id="d2")
+    await api.call("PUT", "/topics/ops/schedules/nightly", {"payload": 1, "every": 3600})
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    await expect_counts(page, "ops", dead=2)
+    ops = card(page, "ops")
+    message = ops.locator('[data-field="message"]')
+    await ops.get_by_role("button", name="Requeue all").click()
+    await expect(message).to_have_text("Requeued 2 jobs.")
+    await expect_counts(page, "ops", dead=0, pending=2)
+
+    for job in await api.claim("ops", "w", count=2):
+        await api.fail("ops", job, "boom again")  # max_attempts 1: dead again
+    await expect_counts(page, "ops", pending=0, dead=2)
+    await ops.get_by_role("button", name="Purge all").click()
+    await ops.locator('button[data-action="purge-all"]').click()
+    await expect(message).to_have_text("Purged 2 jobs.")
+
+    row = ops.locator('table.schedules tr[data-schedule="nightly"]')
+    await row.get_by_role("button", name="Delete").click()
+    await row.locator('button[data-action="unschedule"]').click()
+    await expect(message).to_have_text("Deleted schedule nightly.")
+    await expect(row).to_have_count(0)
+    assert errors == []
+
+
 async def test_a_failed_requeue_is_still_said_after_the_next_refresh(
     start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
 ) -> None:

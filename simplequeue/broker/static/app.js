@@ -311,6 +311,14 @@
     if (card.querySelector('[data-field="found"]').dataset.job === jobId) await findJob(card, topic, jobId);
   }
 
+  // What Requeue all or Purge all did: how many jobs; replayed, how many the
+  // second try did, since which the first did (if any) is not known.
+  function didAll(verb, ids, replayed) {
+    const jobs = `${fmtCount(ids.length)} job${ids.length === 1 ? "" : "s"}`;
+    if (replayed) return `${verb} ${jobs} at a second try; the first may have ${verb.toLowerCase()} others.`;
+    return ids.length ? `${verb} ${jobs}.` : "Nothing was dead.";
+  }
+
   // Destructive: the first click arms the button, the second (within 5 s) acts.
   function armed(button, armedText, run) {
     const idle = button.textContent;
@@ -652,11 +660,15 @@
     });
 
     const requeueAll = el("button", { type: "button", "data-action": "requeue-all" }, "Requeue all");
-    requeueAll.addEventListener("click", () =>
-      act(requeueAll, "Requeuing…", () => api("POST", topicPath(name, "requeue"), {}), card));
+    requeueAll.addEventListener("click", async () => {
+      const answer = await act(requeueAll, "Requeuing…", () => call("POST", topicPath(name, "requeue"), {}), card);
+      if (answer) say(card, didAll("Requeued", answer.data.requeued, answer.replayed), false);
+    });
     const purgeAll = el("button", { type: "button", "data-action": "purge-all" }, "Purge all");
-    armed(purgeAll, "Click again to purge", () =>
-      act(purgeAll, "Purging…", () => api("DELETE", topicPath(name, "dead"), {}), card));
+    armed(purgeAll, "Click again to purge", async () => {
+      const answer = await act(purgeAll, "Purging…", () => call("DELETE", topicPath(name, "dead"), {}), card);
+      if (answer) say(card, didAll("Purged", answer.data.purged, answer.replayed), false);
+    });
 
     const scheduleForm = el(
       "form",
@@ -748,9 +760,19 @@
   function createScheduleRow(card, topicName) {
     return (schedule) => {
       const button = el("button", { type: "button", "data-action": "unschedule" }, "Delete");
-      armed(button, "Click again to delete", () =>
-        act(button, "Deleting…", () =>
-          api("DELETE", topicPath(topicName, `schedules/${encodeURIComponent(schedule.name)}`)), card));
+      const path = topicPath(topicName, `schedules/${encodeURIComponent(schedule.name)}`);
+      armed(button, "Click again to delete", async () => {
+        const done = await act(button, "Deleting…", async () => {
+          try {
+            return await call("DELETE", path);
+          } catch (error) {
+            // A second try finds none when the first deleted it: done, as the SDK takes it.
+            if (error instanceof CallFailed && error.replayed && error.reason === "no_schedule") return {};
+            throw error;
+          }
+        }, card);
+        if (done) say(card, `Deleted schedule ${schedule.name}.`, false);
+      });
       return el(
         "tr",
         { "data-schedule": schedule.name },
