@@ -83,6 +83,10 @@ Count = Annotated[int, Meta(ge=1, le=MAX_BATCH)]
 JobIds = Annotated[list[JobId], Meta(max_length=MAX_BATCH)]
 # Schedules (SPEC 11): a name becomes part of each job id it fires (name@slot).
 SCHEDULE_NAME = r"^[A-Za-z0-9_.-]{1,128}\Z"
+# A new one is not dots only: "." and ".." are steps in a URL's path to a
+# browser, %2E%2E too, so the status page could not delete one (the SDK and
+# the CLI can: one made before is deleted, never refused, under SCHEDULE_NAME).
+NEW_SCHEDULE_NAME = r"^(?!\.+\Z)[A-Za-z0-9_.-]{1,128}\Z"
 Every = Annotated[int, Meta(ge=1, le=366 * 86400)]  # seconds between slots
 # Its fields are checked where it is read (state.slots), with words for them.
 Cron = Annotated[str, Meta(max_length=256, pattern=_PRINTABLE)]
@@ -519,12 +523,23 @@ def decode_either(raw: bytes, single: type[T], batch: type[Any], key: str) -> T 
 
 
 _SCHEDULE_NAME_RE = re.compile(SCHEDULE_NAME)
+_NEW_SCHEDULE_NAME_RE = re.compile(NEW_SCHEDULE_NAME)
 
 
 def check_schedule_name(name: str) -> str:
     """`name` if it can name a schedule (and the ids of its jobs), else InvalidRequest."""
     if not _SCHEDULE_NAME_RE.match(name):
         raise InvalidRequest("schedule names are 1-128 characters of [A-Za-z0-9_.-]")
+    return name
+
+
+def check_new_schedule_name(name: str) -> str:
+    """`name` if a schedule can be made or replaced under it, else InvalidRequest."""
+    check_schedule_name(name)
+    if not _NEW_SCHEDULE_NAME_RE.match(name):
+        raise InvalidRequest(
+            "a schedule name cannot be dots only: a browser takes it for a step in the path"
+        )
     return name
 
 

@@ -1067,6 +1067,36 @@ async def test_requeue_all_purge_all_and_a_schedules_delete_say_what_they_did(
     assert errors == []
 
 
+async def test_a_job_or_schedule_named_dot_dot_is_said_to_be_out_of_the_pages_reach(
+    start_broker: StartBroker, tab: tuple[Page, PageErrors]
+) -> None:
+    """The page asks for topics/t/jobs/.. and topics/t/schedules/.., which
+    the browser resolves to topics/t/ (%2E%2E as well): Find said "Not
+    Found", as if there were no such job, and Delete said "Delete failed: Not
+    Found" (review of the status page, round 25). New schedules cannot be
+    named so; for such a job id, or a schedule an older broker made, the page
+    says it cannot reach it, and what can."""
+    from playwright.async_api import expect
+
+    from tests.test_schedules import made_by_an_older_broker
+
+    broker = await start_broker(MemStore())
+    await broker.engine.enqueue("t", [JobSpec(1, id="..")])
+    await made_by_an_older_broker(broker, "t", "..")
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    t = card(page, "t")
+    finder = t.locator('form[data-form="find"]')
+    await finder.locator('input[name="job_id"]').fill("..")
+    await finder.get_by_role("button", name="Find").click()
+    await expect(t.locator('[data-found="error"]')).to_contain_text("use the SDK or the CLI")
+    row = t.locator('table.schedules tr[data-schedule=".."]')
+    await row.get_by_role("button", name="Delete").click()
+    await row.locator('button[data-action="unschedule"]').click()
+    await expect(t.locator('[data-field="message"]')).to_contain_text("use the SDK or the CLI")
+    assert errors == []
+
+
 async def test_a_failed_requeue_is_still_said_after_the_next_refresh(
     start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
 ) -> None:

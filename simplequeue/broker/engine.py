@@ -692,7 +692,7 @@ class Engine:
     async def put_schedule(self, topic: str, name: str, spec: ScheduleRequest) -> dict[str, Any]:
         """Create or replace a schedule; the schedule as api.Schedule shows it."""
         keys.check_topic(topic)
-        api.check_schedule_name(name)
+        api.check_new_schedule_name(name)
         api.check_storable(spec.payload, "the payload")
         return await self.committer.submit(
             topic, lambda s, now: shown_schedule(name, s.put_schedule(name, spec, now))

@@ -132,7 +132,7 @@ def _op(
     ok_codes: tuple[str, ...] = ("200",),
     topic: bool = True,
     job_id: bool = False,
-    name: bool = False,
+    name: str | None = None,  # the pattern of the path's schedule name
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {c: {"description": "success", **_json(ok)} for c in ok_codes}
     responses.update(_error_responses(errors))
@@ -151,13 +151,13 @@ def _op(
         params.append(
             {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
         )
-    if name:
+    if name is not None:
         params.append(
             {
                 "name": "name",
                 "in": "path",
                 "required": True,
-                "schema": {"type": "string", "pattern": api.SCHEDULE_NAME},
+                "schema": {"type": "string", "pattern": name},
             }
         )
     if params:
@@ -361,18 +361,19 @@ def spec() -> dict[str, Any]:
         t + "/schedules/{name}": {
             "put": _op(
                 "putSchedule",
-                "Create or replace a schedule (every N seconds, or cron in a time zone)",
+                "Create or replace a schedule (every N seconds, or cron in a time zone); "
+                "a name of dots only is refused (400): a browser takes it for a path step",
                 _ref(api.Schedule),
                 _WRITE,
                 body=_ref(api.ScheduleRequest),
-                name=True,
+                name=api.NEW_SCHEDULE_NAME,
             ),
             "delete": _op(
                 "deleteSchedule",
                 "Delete a schedule: it fires no more",
                 _ref(api.Unscheduled),
                 (*_WRITE, ScheduleNotFound),
-                name=True,
+                name=api.SCHEDULE_NAME,
             ),
         },
         f"{t}/settings": {

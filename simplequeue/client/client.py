@@ -976,7 +976,7 @@ class Client:
         body = api.ScheduleRequest(
             payload, every=every, cron=cron, tz=tz, priority=priority, max_attempts=max_attempts
         )
-        path = self._t(f"/schedules/{_segment(api.check_schedule_name(name))}")
+        path = self._t(f"/schedules/{_segment(api.check_new_schedule_name(name))}")
         return await self.request("PUT", path, api.Schedule, body)
 
     async def schedules(self) -> list[api.Schedule]:

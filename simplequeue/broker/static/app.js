@@ -157,6 +157,7 @@
   // A job's status now, or null when it cannot be looked up: what a replayed
   // action's empty answer is checked against, as the SDK does.
   async function statusOf(topic, jobId) {
+    if (isStep(jobId)) return null;
     try {
       return (await api("GET", topicPath(topic, `jobs/${encodeURIComponent(jobId)}`))).status;
     } catch (_) {
@@ -252,6 +253,17 @@
 
   function topicPath(topic, rest) {
     return `topics/${encodeURIComponent(topic)}/${rest}`;
+  }
+
+  // "." and ".." (or %2E%2E) in a path are steps to a browser, which fetch()
+  // resolves away: topics/t/jobs/.. asks for topics/t/. A job id or an older
+  // schedule's name can be one; the SDK and the CLI reach them, the page cannot.
+  function isStep(segment) {
+    return segment === "." || segment === "..";
+  }
+
+  function unreachable(what) {
+    return `${what} cannot be reached from the page (a browser takes it for a step in the path): use the SDK or the CLI.`;
   }
 
   // Runs `request` for a button: disabled meanwhile, `busy` as its text; then the
@@ -350,6 +362,10 @@
     const box = card.querySelector('[data-field="found"]');
     box.hidden = false;
     box.dataset.job = jobId;
+    if (isStep(jobId)) {
+      box.replaceChildren(el("p", { class: "alert", "data-found": "error" }, unreachable(`Job ${jobId}`)));
+      return;
+    }
     try {
       const job = await api("GET", topicPath(topic, `jobs/${encodeURIComponent(jobId)}`));
       const list = el("dl", {});
@@ -762,6 +778,10 @@
       const button = el("button", { type: "button", "data-action": "unschedule" }, "Delete");
       const path = topicPath(topicName, `schedules/${encodeURIComponent(schedule.name)}`);
       armed(button, "Click again to delete", async () => {
+        if (isStep(schedule.name)) {
+          say(card, unreachable(`Schedule ${schedule.name}`), true);
+          return;
+        }
         const done = await act(button, "Deleting…", async () => {
           try {
             return await call("DELETE", path);
