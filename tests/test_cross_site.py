@@ -166,6 +166,34 @@ async def test_the_status_page_s_own_post_through_a_plain_http_proxy_that_sets_h
         assert r.status == 200, (r.status, (await r.text())[:120])
 
 
+async def test_another_sites_page_cannot_ask_for_a_fresh_overview(
+    start_broker: StartBroker,
+) -> None:
+    """GET /ui/overview?fresh=T was exempt from the cross-site check (a GET):
+    on a broker without a token whose workers ack through it (each ack marks
+    T changed), another site's page could force a computation and a store
+    read of T at every change, and take the fresh read the page's own
+    refresh asked for (review of the status page, round 25). `fresh` asks
+    what an action does: from another site's page it is refused (403); the
+    overview itself, which such a page cannot read, is not."""
+    broker = await start_broker(MemStore())
+    await broker.engine.enqueue("t", [JobSpec(1)])
+    base = f"http://127.0.0.1:{broker.http.port}"  # type: ignore[union-attr]
+    url = base + "/ui/overview"
+    foreign = [{"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}]
+    own = [{}, {"Sec-Fetch-Site": "same-origin"}, {"Origin": base}]
+    async with aiohttp.ClientSession() as s:
+        for headers in foreign + own:
+            async with s.get(url, headers=headers) as r:
+                assert r.status == 200, (headers, r.status)
+        for headers in foreign:
+            async with s.get(url + "?fresh=t", headers=headers) as r:
+                assert r.status == 403, (headers, r.status, (await r.text())[:120])
+        for headers in own:
+            async with s.get(url + "?fresh=t", headers=headers) as r:
+                assert r.status == 200, (headers, r.status, (await r.text())[:120])
+
+
 async def test_touched_grows_without_bound_from_requests_that_change_nothing(
     start_broker: StartBroker,
 ) -> None:
@@ -215,7 +243,9 @@ async def test_touched_keeps_only_topics_the_overview_shows(start_broker: StartB
     assert broker.http_api is not None
     assert statuses == {200}
     touched = broker.http_api.page._touched
-    assert set(touched) == {"t"}, f"{len(touched)} topics marked touched, e.g. {sorted(touched)[:2]}"
+    assert set(touched) == {"t"}, (
+        f"{len(touched)} topics marked touched, e.g. {sorted(touched)[:2]}"
+    )
 
 
 @pytest.mark.parametrize(

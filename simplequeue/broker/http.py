@@ -482,15 +482,16 @@ def _foreign(request: web.BaseRequest, services: HttpServices) -> str | None:
       current browser), else Origin. One that would change something (not
       GET, HEAD, OPTIONS) from another site's page is refused, as Go's
       CrossOriginProtection does: without a --token, a page the operator
-      visits could requeue or enqueue through the operator's browser. Clients
-      that are not browsers (the SDK, curl, peers) send neither, and pass.
+      visits could requeue or enqueue through the operator's browser. So is
+      an overview asked `fresh` (_asks_fresh). Clients that are not browsers
+      (the SDK, curl, peers) send neither, and pass.
     - Listening on loopback only, a request must name this machine in Host:
       a DNS-rebinding page (a name of its own re-pointed at 127.0.0.1) is
       same-origin with the broker, and could read and call everything."""
     advertised = services.url()
     if services.loopback and not _names_this_machine(request.host, advertised):
         return f"Host {request.host!r} does not name this broker (it listens on loopback)"
-    if request.method in _SAFE_METHODS:
+    if request.method in _SAFE_METHODS and not _asks_fresh(request):
         return None
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None:
@@ -510,6 +511,15 @@ def _foreign(request: web.BaseRequest, services: HttpServices) -> str | None:
     if sender in ours:
         return None
     return f"refused a request from a page of {origin}"
+
+
+def _asks_fresh(request: web.BaseRequest) -> bool:
+    """An overview asked `fresh`: computed anew, its topic read from the
+    store, for each change made through this broker (a worker's every ack
+    is one). Only the page's own refreshes ask it; another site's page,
+    which cannot read the answer, could still make a broker without a token
+    compute and read at every change, and take the page's own fresh read."""
+    return request.rel_url.raw_path == page.OVERVIEW_PATH and "fresh" in request.rel_url.query
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

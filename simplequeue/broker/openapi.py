@@ -435,7 +435,7 @@ def spec() -> dict[str, Any]:
                         "required": False,
                         "description": "a topic just acted on: read again, and the "
                         "overview computed now rather than shared with one made up "
-                        "to a second before",
+                        "to a second before; refused (403) from another site's page",
                         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
                     }
                 ],
