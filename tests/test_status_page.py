@@ -165,6 +165,14 @@ def card(page: Page, topic: str) -> Any:
     return page.locator(f'#details section[data-topic="{topic}"]')
 
 
+async def find(topic_card: Any, job_id: str) -> Any:
+    """Look `job_id` up with the card's Find form; the box that shows it."""
+    finder = topic_card.locator('form[data-form="find"]')
+    await finder.locator('input[name="job_id"]').fill(job_id)
+    await finder.get_by_role("button", name="Find").click()
+    return topic_card.locator('[data-field="found"]')
+
+
 def is_overview(response: Any) -> bool:
     return response.url.endswith("/ui/overview") and response.request.method == "GET"
 
@@ -750,10 +758,7 @@ async def test_an_operator_finds_and_cancels_jobs_and_requeues_and_purges_dead_o
     await expect_counts(page, "ops", pending=1, claimed=1, dead=2, cancelled=0)
     ops = card(page, "ops")
 
-    finder = ops.locator('form[data-form="find"]')
-    await finder.locator('input[name="job_id"]').fill("waiting")
-    await finder.get_by_role("button", name="Find").click()
-    found = ops.locator('[data-field="found"]')
+    found = await find(ops, "waiting")
     await expect(found.locator('[data-found="status"]')).to_have_text("pending")
     await expect(found.locator('[data-found="payload"]')).to_have_text('{"<b>":"x"}')
     await found.get_by_role("button", name="Cancel job").click()
@@ -769,8 +774,7 @@ async def test_an_operator_finds_and_cancels_jobs_and_requeues_and_purges_dead_o
     await held_row.get_by_role("button", name="Click again to cancel").click()
     await expect_counts(page, "ops", pending=0, claimed=0, cancelled=2)
 
-    await finder.locator('input[name="job_id"]').fill("no-such-job")
-    await finder.get_by_role("button", name="Find").click()
+    found = await find(ops, "no-such-job")
     await expect(found.locator('[data-found="error"]')).to_contain_text("no job")
 
     await ops.get_by_role("button", name="Requeue all").click()
@@ -1012,10 +1016,7 @@ async def test_a_cancel_the_owner_did_but_answered_late_is_not_said_to_have_foun
     await page.goto(other.url + "/")
     await expect_counts(page, "t", pending=1)
     t = card(page, "t")
-    finder = t.locator('form[data-form="find"]')
-    await finder.locator('input[name="job_id"]').fill("waiting")
-    await finder.get_by_role("button", name="Find").click()
-    found = t.locator('[data-field="found"]')
+    found = await find(t, "waiting")
     await expect(found.locator('[data-found="status"]')).to_have_text("pending")
     await found.get_by_role("button", name="Cancel job").click()
     async with page.expect_response(lambda r: r.url.endswith("/topics/t/cancel")) as info:
@@ -1086,9 +1087,7 @@ async def test_a_job_or_schedule_named_dot_dot_is_said_to_be_out_of_the_pages_re
     page, errors = tab
     await page.goto(broker.url + "/")
     t = card(page, "t")
-    finder = t.locator('form[data-form="find"]')
-    await finder.locator('input[name="job_id"]').fill("..")
-    await finder.get_by_role("button", name="Find").click()
+    await find(t, "..")
     await expect(t.locator('[data-found="error"]')).to_contain_text("use the SDK or the CLI")
     row = t.locator('table.schedules tr[data-schedule=".."]')
     await row.get_by_role("button", name="Delete").click()

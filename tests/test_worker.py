@@ -718,48 +718,36 @@ async def test_claims_in_flight_hand_their_jobs_over_in_the_order_they_were_sent
     assert order == list(range(6))  # oldest first, though the first answer came last
 
 
-class FirstClaimLongPolls(Client):
-    """Its first claim long-polls until `answer` is set, then finds nothing
-    (a quiet topic's long poll, which answers at the next job or when its wait
-    is out); the others are the broker's."""
-
-    calls = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.answer = asyncio.Event()
-
-    async def claim_many(
-        self,
-        worker_id: str,
-        count: int,
-        lease: float | None = None,
-        wait: float = 0,
-        *,
-        attempt_id: str | None = None,
-    ) -> list[Job]:
-        self.calls += 1
-        if self.calls == 1:
-            await self.answer.wait()
-            return []
-        return await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
-
-
-async def test_a_claims_jobs_do_not_wait_for_an_earlier_claims_long_poll(broker: Any) -> None:
+async def test_a_claims_jobs_do_not_wait_for_an_earlier_claims_long_poll(
+    q: Client, broker: Any
+) -> None:
     """Two claims in flight on a quiet topic, both long polls: a job came, the
     second got it, and its jobs waited in order behind the first, which
     answered only at the next job or when its wait was out (5 s). Measured on
     a Worker with jobs enqueued 1.3 s apart: a tenth of them started 1.3 s
-    late (round 25). They wait ORDER_GRACE at most now."""
-    async with FirstClaimLongPolls(broker.url, topic="w") as q:
-        await q.enqueue("job")
+    late (round 25). They wait ORDER_GRACE at most now. Here the first claim
+    long-polls until the job has run."""
+    await q.enqueue("job")
+    ran = asyncio.Event()
+    real = q.claim_many
+    calls = 0
 
-        async def run_it(job: Job) -> None:
-            q.answer.set()  # only now does the first claim answer
+    async def claim_many(worker_id: str, count: int, *args: Any, **named: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # a long poll that finds nothing until the job has run
+            await ran.wait()
+            return []
+        return await real(worker_id, count, *args, **named)
 
-        worker = Worker(q, run_it, concurrency=2, prefetch=2, wait=5, handle_signals=False)
-        await run_until(worker, broker, lambda: _completed(q, 1))
-    assert q.answer.is_set()
+    q.claim_many = claim_many  # type: ignore[method-assign]
+
+    async def run_it(job: Job) -> None:
+        ran.set()
+
+    worker = Worker(q, run_it, concurrency=2, prefetch=2, wait=5, handle_signals=False)
+    await run_until(worker, broker, lambda: _completed(q, 1))
+    assert ran.is_set()
 
 
 class FailingFirstClient(Client):
