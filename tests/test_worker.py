@@ -2376,3 +2376,100 @@ async def test_jobs_started_by_a_handlers_stop_do_not_inherit_its_calls_within_b
         await asyncio.wait_for(worker.run(), 15)
         assert ran == [second], "a healthy job was cancelled as lost"
         assert (await direct.job(second)).status == "completed"
+
+
+# --- review of round 25's latest changes --------------------------------------------
+
+
+def _stop_before_first_claim_starts(worker: Worker) -> Callable[[], None]:
+    """A stop (a signal's handler, another task's request_stop()) that lands
+    in the loop's ready queue after the claim loop created a claim's task and
+    before that task's first step: the task is cancelled before it started,
+    so its body (and its `finally`, which records the claim's answer and
+    gives back its count) never runs. Returns the undo."""
+    loop = asyncio.get_running_loop()
+    before = loop.get_task_factory()
+    fired: list[bool] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        if not fired and getattr(coro, "__qualname__", "") == "Worker._claim":
+            fired.append(True)
+            loop.call_soon(worker.request_stop)  # ahead of the new task's first step
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop.set_task_factory(factory)
+    return lambda: loop.set_task_factory(before)
+
+
+async def test_a_claim_stopped_before_it_started_does_not_stall_the_next_run(q: Client) -> None:
+    """Worker._claim records its answer (and _asked's count back) in a
+    `finally`; a claim task cancelled by request_stop() before its first step
+    never enters its body: _answers never gets its sequence number, so
+    _delivered stays behind it for good and _asked keeps its count. The next
+    run() (a Worker may be run again) then asks for nothing (room 0 with
+    prefetch=0): a burst run never returns, though jobs are pending (review of
+    round 25's latest changes: before ORDER_GRACE every later answer waited
+    behind it for ever; with it, each came ORDER_GRACE late). A claim's end
+    is now recorded when its task ends, started or not."""
+    worker = Worker(
+        q, lambda job: None, concurrency=2, prefetch=0, burst=True, handle_signals=False
+    )
+    undo = _stop_before_first_claim_starts(worker)
+    try:
+        await asyncio.wait_for(worker.run(), 10)  # stopped before its claim started
+    finally:
+        undo()
+    await q.enqueue_many(["a", "b", "c"])
+    try:
+        await asyncio.wait_for(worker.run(), 10)
+    except TimeoutError:
+        pytest.fail(
+            f"a burst run() with 3 jobs pending never returned: _asked={worker._asked}, "
+            f"_delivered={worker._delivered}, _sent={worker._sent}"
+        )
+    assert worker.processed == 3
+
+
+async def test_a_claim_stopped_before_it_started_does_not_idle_the_next_run_for_good(
+    q: Client,
+) -> None:
+    """The same stop, then a second run (not burst, with a buffer): the two
+    claims the first run's loop had created in one step were both cut before
+    they started, _asked kept their counts (the whole capacity), and the
+    second run never claims: jobs enqueued stay pending for ever while the
+    worker sits idle. Were only one cut, its seq would hold _delivered back
+    for good: every later answer delivered only by ORDER_GRACE's timer, its
+    number kept in _ahead for good (the assertion at the end). Review of
+    round 25's latest changes."""
+    done = asyncio.Event()
+    seen: list[Any] = []
+
+    async def handler(job: Job) -> None:
+        seen.append(job.payload)
+        if len(seen) == 20:
+            done.set()
+
+    worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0.05, handle_signals=False)
+    undo = _stop_before_first_claim_starts(worker)
+    try:
+        await asyncio.wait_for(worker.run(), 10)
+    finally:
+        undo()
+    task = asyncio.create_task(worker.run())
+    try:
+        for i in range(20):
+            await q.enqueue(i)
+        try:
+            async with asyncio.timeout(20):
+                await done.wait()
+        except TimeoutError:
+            pytest.fail(
+                f"{len(seen)} of 20 jobs ran in 20 s: _asked={worker._asked}, "
+                f"_delivered={worker._delivered}, _sent={worker._sent}, "
+                f"_ahead={sorted(worker._ahead)}, "
+                f"_answers={list(worker._answers)}, ready={len(worker._ready)}"
+            )
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(task, 10)
+    assert (worker._ahead, worker._asked) == (set(), 0)

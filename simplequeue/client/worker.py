@@ -417,6 +417,9 @@ class Worker:
                         self._pool.shutdown(wait=False)
                         self._pool = None
                     # Ready for another run(): a burst worker run now and then.
+                    if self._waiting_order is not None:  # every claim answered
+                        self._waiting_order.cancel()
+                        self._waiting_order = None
                     self._stopping.clear()
                     self._dry, self._taken = False, 0
                     self._done.set()
@@ -624,9 +627,9 @@ class Worker:
                     continue
                 self._asked += count
                 claim = asyncio.create_task(self._claim(self._sent, count))
-                self._sent += 1
                 self._claims.add(claim)
-                claim.add_done_callback(self._claim_done)
+                claim.add_done_callback(functools.partial(self._claim_done, self._sent, count))
+                self._sent += 1
         finally:
             for claim in self._claims:
                 claim.cancel()
@@ -748,9 +751,16 @@ class Worker:
         self._stopping.set()
         self._room.set()
 
-    def _claim_done(self, claim: asyncio.Task[None]) -> None:
+    def _claim_done(self, seq: int, count: int, claim: asyncio.Task[None]) -> None:
         self._claims.discard(claim)
         self._room.set()  # its place is free: the loop may send another
+        if seq >= self._delivered and seq not in self._answers and seq not in self._ahead:
+            # Cancelled before its first step (a stop in the same turn of the
+            # loop that sent it), its body never ran, nor the `finally` that
+            # hands its answer over: the claims after it would wait behind it
+            # for good, and its count stay asked.
+            self._answers[seq] = (count, None, time.monotonic())
+            self._deliver()
 
     def _deliver(self, late: bool = False) -> None:
         """Buffer the jobs of every answered claim sent before any unanswered
