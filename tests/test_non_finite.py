@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import click
 import pytest
 
 from simplequeue import api, keys
@@ -25,6 +24,7 @@ from simplequeue.errors import BrokerUnavailable
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import BrokerRecord
 from simplequeue.state import Policy
+from simplequeue.storeflags import UsageFailed
 
 StartBroker = Callable[..., Awaitable[Broker]]
 NON_FINITE = [math.nan, math.inf]
@@ -39,12 +39,13 @@ def test_simplequeued_refuses_seconds_that_are_not_finite(flag: str, value: str)
     """click.FloatRange lets nan through every bound (and inf past a range
     with no max): `--lease nan` wrote every claim's lease_expires_at as null,
     and each topic that got a claim answered 500 from its next read on."""
-    with pytest.raises(click.BadParameter, match=r"not a finite number|not in the range"):
+    # A usage error, told on one line (UsageFailed, exit status 2).
+    with pytest.raises(UsageFailed, match=r"not a finite number|not in the range"):
         broker_main.make_context("simplequeued", [flag, value])
 
 
 def test_simplequeued_refuses_a_lease_longer_than_the_api_allows() -> None:
-    with pytest.raises(click.BadParameter):
+    with pytest.raises(UsageFailed, match="--lease"):
         broker_main.make_context("simplequeued", ["--lease", "86400"])
 
 
