@@ -705,6 +705,18 @@ async def test_an_idle_broker_reads_no_heads_however_many_topics(
 # --- sweeping ---------------------------------------------------------------------------
 
 
+async def taken_over_with_an_orphan(store: MemStore, start_broker: StartBroker) -> tuple[Any, str]:
+    """A broker ("new") that took topic t over from its last writer, gone,
+    which left an orphan segment there; and that orphan's key."""
+    writer = Engine(GroupCommitter(store, broker_id="gone", settings=CommitSettings()))
+    await writer.enqueue("t", [JobSpec("p", id="j")])
+    orphan = "topics/t/seg-p0-orphan.json"
+    await store.put(orphan, b'{"format": 1, "items": []}')
+    broker = await start_broker(store, broker_id="new")
+    await broker.duties.taken_over.wait()
+    return broker, orphan
+
+
 async def test_a_topic_taken_over_and_never_written_is_swept_by_its_new_owner(
     start_broker: StartBroker,
 ) -> None:
@@ -714,12 +726,7 @@ async def test_a_topic_taken_over_and_never_written_is_swept_by_its_new_owner(
     segments and its head) and then stopped owning it was swept by nobody
     while its new owner did not write it: the orphans stayed for good."""
     store = MemStore()
-    writer = Engine(GroupCommitter(store, broker_id="gone", settings=CommitSettings()))
-    await writer.enqueue("t", [JobSpec("p", id="j")])
-    orphan = "topics/t/seg-p0-orphan.json"
-    await store.put(orphan, b'{"format": 1, "items": []}')
-    broker = await start_broker(store, broker_id="new")
-    await broker.duties.taken_over.wait()
+    broker, orphan = await taken_over_with_an_orphan(store, start_broker)
     await broker.duties._sweep()  # first sighting
     await broker.duties._sweep()
     assert orphan not in await store.list("topics/t/")
@@ -788,12 +795,7 @@ async def test_a_failed_listing_of_folders_fails_no_sweep_and_loses_no_topic_tak
     all the same now, and the topics taken over wait for a listing that
     works, past their two sweeps if need be."""
     store = FoldersFailOnce()
-    writer = Engine(GroupCommitter(store, broker_id="gone", settings=CommitSettings()))
-    await writer.enqueue("t", [JobSpec("p", id="j")])
-    orphan = "topics/t/seg-p0-orphan.json"
-    await store.put(orphan, b'{"format": 1, "items": []}')
-    broker = await start_broker(store, broker_id="new")
-    await broker.duties.taken_over.wait()
+    broker, orphan = await taken_over_with_an_orphan(store, start_broker)
     before = time.monotonic()
     await broker.duties._sweep()  # the listing fails: the rest is swept all the same
     assert store.failed
