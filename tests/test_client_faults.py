@@ -782,6 +782,35 @@ def acked(body: bytes) -> web.Response:
     )
 
 
+class OneJobBroker:
+    """A fake broker's handler: job j1 (its lease `lease`) to the first claim,
+    nothing to the others after 2 s (a long poll); heartbeats answered by
+    `heartbeat(request)`; acks answered done and kept (`acks`)."""
+
+    def __init__(
+        self, lease: float, heartbeat: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+    ) -> None:
+        self.lease = lease
+        self.heartbeat = heartbeat
+        self.answered = False
+        self.acks: list[Any] = []
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            if self.answered:
+                await asyncio.sleep(2)
+                return web.Response(status=404, body=NOTHING, content_type="application/json")
+            self.answered = True
+            return web.json_response({"jobs": [claimed_job(1, lease=self.lease)]})
+        if request.path.endswith("/heartbeat"):
+            return await self.heartbeat(request)
+        if request.path.endswith("/ack"):
+            self.acks.append(orjson.loads(body))
+            return acked(body)
+        return web.json_response({"error": "unexpected"}, status=400)
+
+
 @pytest.mark.parametrize("wait", [5.0, 0.0, 0.01])
 async def test_a_worker_does_not_spin_on_claims_answered_empty_at_once(wait: float) -> None:
     """A broker that answers a claim's long poll at once with nothing (a
@@ -1191,23 +1220,13 @@ async def test_a_tiny_lease_does_not_make_heartbeats_spin(
     time out before it was sent, a whole core for the job's run and
     thousands of "heartbeat failed" warnings a second (review finding)."""
     heartbeats = 0
-    answered_claim = False
 
-    async def broker(request: web.BaseRequest) -> web.StreamResponse:
-        nonlocal heartbeats, answered_claim
-        body = await request.read()
-        if request.path.endswith("/claim"):
-            if answered_claim:
-                await asyncio.sleep(2)
-                return web.Response(status=404, body=NOTHING, content_type="application/json")
-            answered_claim = True
-            return web.json_response({"jobs": [claimed_job(1, lease=0.0003)]})
-        if request.path.endswith("/heartbeat"):
-            heartbeats += 1
-            return web.json_response({"id": "j1", "lease_expires_at": time.time() + 30})
-        if request.path.endswith("/ack"):
-            return acked(body)
-        return web.json_response({"error": "unexpected"}, status=400)
+    async def renewed(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal heartbeats
+        heartbeats += 1
+        return web.json_response({"id": "j1", "lease_expires_at": time.time() + 30})
+
+    broker = OneJobBroker(0.0003, renewed)
 
     async def handler(job: Job) -> None:
         await asyncio.sleep(1.0)
@@ -1231,24 +1250,11 @@ async def test_a_job_whose_lease_ran_out_unrenewed_is_not_run_on(in_thread: bool
     has run out unrenewed, the job is taken for lost, as on a LeaseLost: a
     coroutine handler is cancelled; a thread's keeps its slot, its result
     dropped (neither is acked)."""
-    answered_claim = False
-    acks: list[Any] = []
 
-    async def broker(request: web.BaseRequest) -> web.StreamResponse:
-        nonlocal answered_claim
-        body = await request.read()
-        if request.path.endswith("/claim"):
-            if answered_claim:
-                await asyncio.sleep(2)
-                return web.Response(status=404, body=NOTHING, content_type="application/json")
-            answered_claim = True
-            return web.json_response({"jobs": [claimed_job(1, lease=1.0)]})
-        if request.path.endswith("/heartbeat"):  # an outage: the lease runs out
-            return web.Response(status=503, body=STORE_DOWN, content_type="application/json")
-        if request.path.endswith("/ack"):
-            acks.append(orjson.loads(body))
-            return acked(body)
-        return web.json_response({"error": "unexpected"}, status=400)
+    async def outage(request: web.BaseRequest) -> web.StreamResponse:  # the lease runs out
+        return web.Response(status=503, body=STORE_DOWN, content_type="application/json")
+
+    broker = OneJobBroker(1.0, outage)
 
     finished = threading.Event()
 
@@ -1264,7 +1270,7 @@ async def test_a_job_whose_lease_ran_out_unrenewed_is_not_run_on(in_thread: bool
         started = time.monotonic()
         await prompt(worker.run())
         took = time.monotonic() - started
-    assert not acks
+    assert not broker.acks
     if in_thread:  # waited for, its result dropped
         assert took >= 3.0
     else:
@@ -1286,25 +1292,13 @@ async def test_a_lease_runs_out_unnoticed_while_a_heartbeat_every_half_of_it_han
     lease (an operator lowered the topic's), nothing was noticed until the
     first heartbeat (review finding). A heartbeat has until the lease's end
     at most, and heartbeats go half a lease apart at most."""
-    answered = False
-    acks: list[Any] = []
     forever = asyncio.Event()
 
-    async def broker(request: web.BaseRequest) -> web.StreamResponse:
-        nonlocal answered
-        body = await request.read()
-        if request.path.endswith("/claim"):
-            if answered:
-                await asyncio.sleep(2)
-                return web.Response(status=404, body=NOTHING, content_type="application/json")
-            answered = True
-            return web.json_response({"jobs": [claimed_job(1, lease=1.0)]})
-        if request.path.endswith("/heartbeat"):  # a partition: no answer
-            await forever.wait()
-        if request.path.endswith("/ack"):
-            acks.append(orjson.loads(body))
-            return acked(body)
+    async def partition(request: web.BaseRequest) -> web.StreamResponse:  # no answer
+        await forever.wait()
         return web.json_response({"error": "unexpected"}, status=400)
+
+    broker = OneJobBroker(1.0, partition)
 
     ended: list[float] = []
 
@@ -1321,7 +1315,7 @@ async def test_a_lease_runs_out_unnoticed_while_a_heartbeat_every_half_of_it_han
         finally:
             forever.set()
     assert not ended, f"the handler ran on {ended[0] - started - 1.0:.2f} s past its lease"
-    assert not acks, "a job whose lease ran out unrenewed was acked"
+    assert not broker.acks, "a job whose lease ran out unrenewed was acked"
 
 
 class FirstHeartbeatFails(Client):
