@@ -69,6 +69,7 @@ from simplequeue.state import (
     decode_head,
     new_head,
 )
+from simplequeue.waiting import WaitingLine
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +201,9 @@ class _Topic:
         # (NotDurable): the next batch writes, even one that changes nothing.
         self.unsynced = False
         self.reader: TopicState | None = None
-        self.changed = asyncio.Event()
+        self.waiting = WaitingLine()  # long polls waiting for a change, oldest first
         self.lock = asyncio.Lock()  # held while a batch commits or a reader reloads
         self.used_at = time.monotonic()
-        self.waiters = 0  # long polls waiting for a change
         # Objects the batch being committed has read: its states hold on to
         # them, so a cache too small for one batch costs fetches, not a loop.
         self.seen: dict[str, Any] = {}
@@ -353,30 +353,21 @@ class GroupCommitter:
         the stop for as long as they were to wait."""
         self.long_polls_ended = True
         for t in self._topics.values():
-            if t.waiters:
-                t.changed.set()
-                t.changed = asyncio.Event()
+            t.waiting.wake_all()
 
-    async def wait_changed(self, topic: str, seconds: float) -> bool:
+    async def wait_changed(self, topic: str, seconds: float, since: float | None = None) -> bool:
         """Return True when a batch lands on `topic` in this broker, False after
-        `seconds` without one (at once after end_long_polls())."""
+        `seconds` without one (at once after end_long_polls()). `since`
+        (monotonic): when the caller's long poll began, its place among those
+        waiting on the topic: they are woken oldest first (waiting.WaitingLine)."""
         if self.long_polls_ended:
             return False
-        t = self._topic(topic)
-        t.waiters += 1
-        try:
-            async with asyncio.timeout(seconds):
-                await t.changed.wait()
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            t.waiters -= 1
+        return await self._topic(topic).waiting.wait(seconds, since)
 
     def waiting(self, topic: str) -> int:
         """How many long polls wait for a change of `topic` now."""
         t = self._topics.get(topic)
-        return 0 if t is None else t.waiters
+        return 0 if t is None else len(t.waiting)
 
     def checked_at(self, topic: str) -> float | None:
         """When what this broker holds of `topic` was last known current (the
@@ -661,7 +652,7 @@ class GroupCommitter:
     @staticmethod
     def _is_idle(t: _Topic) -> bool:
         # Not one whose head in place is not durable: its next batch must write.
-        return not t.batcher.busy and not t.lock.locked() and not t.waiters and not t.unsynced
+        return not t.batcher.busy and not t.lock.locked() and not t.waiting and not t.unsynced
 
     def _head_of(self, t: _Topic) -> dict[str, Any]:
         """The committed head, freshly decoded."""
@@ -938,8 +929,7 @@ class GroupCommitter:
     ) -> tuple[list[_Entry], list[tuple[bool, Any]]]:
         if data is not None:
             t.committed, t.reader = data, None
-        t.changed.set()
-        t.changed = asyncio.Event()
+        t.waiting.wake_all()
         if t.state is not None:
             self._tell(self.on_landed, t.name, t.state)
         return outcome.entries, outcome.results

@@ -22,6 +22,7 @@ from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Bounds
 from tests.helpers.faults import FaultyStore
+from tests.helpers.until import until
 
 
 def engine_on(store: Any, broker_id: str = "b1", epoch: int = 1, **settings: Any) -> Engine:
@@ -455,6 +456,49 @@ async def test_claims_of_an_idle_topic_share_a_read_of_its_head_a_poll_interval(
     await other.enqueue("t", [JobSpec(2)])  # another broker's job
     [job] = await asyncio.wait_for(q.claim("t", "w", wait=10), 4 * interval)
     assert job["payload"] == 2
+    await q.committer.close()
+    await other.committer.close()
+
+
+@pytest.mark.parametrize(
+    ("owned", "enqueued_by"), [(True, "this broker"), (False, "another broker")]
+)
+async def test_long_polls_take_jobs_in_the_order_they_came(
+    owned: bool, enqueued_by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each long poll waited on a timer of its own: those of one tick (the
+    topic's next look at the store) fired in no set order, tried again in
+    that order, and the first to try took the job, so among six workers
+    waiting on a topic the one that had waited longest got it one time in
+    six. They wait in one line now, woken oldest first, whether by a commit
+    or by the tick: the jobs go out in the order the polls came."""
+    monkeypatch.setattr(engine_module, "POLL_INTERVAL", 0.1)
+    store = MemStore()
+    q, other = engine_on(store, "a"), engine_on(store, "b")
+    q.owns = lambda topic: owned
+    producer = q if enqueued_by == "this broker" else other
+    await q.enqueue("t", [JobSpec(0)])
+    assert await q.claim("t", "w0")  # the topic exists, and is empty now
+    took: list[str] = []
+    a_job_taken = asyncio.Event()
+
+    async def poll(worker: str) -> None:
+        assert await q.claim("t", worker, wait=30)
+        took.append(worker)
+        a_job_taken.set()
+
+    workers = [f"w{i}" for i in range(1, 7)]
+    polls = []
+    for worker in workers:
+        polls.append(asyncio.create_task(poll(worker)))
+        await until(lambda: q.committer.waiting("t") == len(polls))  # the next comes after it
+    for n in range(1, len(workers) + 1):
+        a_job_taken.clear()
+        await asyncio.sleep(0.25)  # the polls wait through ticks between jobs, as workers do
+        await producer.enqueue("t", [JobSpec(n)])
+        await asyncio.wait_for(a_job_taken.wait(), 5)
+    await asyncio.gather(*polls)
+    assert took == workers
     await q.committer.close()
     await other.committer.close()
 

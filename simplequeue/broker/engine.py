@@ -514,7 +514,8 @@ class Engine:
         them, cost one read of its head a POLL_INTERVAL, and miss at most what
         a broker standing in for its owner wrote within it. On another's, the
         state is read again when older than the claim (its owner writes it)."""
-        deadline = time.monotonic() + wait
+        since = time.monotonic()  # its place among the topic's long polls
+        deadline = since + wait
         while True:
             looked = next_look(topic) - POLL_INTERVAL if self.owns(topic) else None
             got: _Polled = await self.committer.submit(topic, mutation, undo, fresh_since=looked)
@@ -526,7 +527,7 @@ class Engine:
             pause = min(left, next_look(topic) - time.monotonic())
             if got.token_in is not None:
                 pause = min(pause, got.token_in)
-            await self.committer.wait_changed(topic, pause)
+            await self.committer.wait_changed(topic, pause, since)
 
     async def ack(
         self,
