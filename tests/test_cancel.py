@@ -14,9 +14,9 @@ import orjson
 import pytest
 
 from simplequeue.api import JobSpec
-from simplequeue.client import Client, Worker
+from simplequeue.client import Client, SyncClient, Worker
 from simplequeue.client.job import Job
-from simplequeue.errors import JobCancelled, JobNotFound, LeaseLost
+from simplequeue.errors import InvalidRequest, JobCancelled, JobNotFound, LeaseLost
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.logs import Said
 from tests.helpers.states import fresh, reread
@@ -268,6 +268,29 @@ async def test_the_sdk_cancels_any_number_of_ids_in_requests_the_broker_takes(
         answer = await q.cancel([*ids, "nope"])
         assert (sorted(answer["cancelled"]), answer["not_found"]) == (sorted(ids), ["nope"])
         assert (await q.status())["cancelled"] == 1500
+
+
+async def test_sdk_cancel_of_one_id_given_as_a_string_cancels_no_other_job(
+    start_broker: StartBroker,
+) -> None:
+    """cancel(job_ids: Iterable[str]) took a str, an Iterable[str] to mypy
+    too, a character an id: q.cancel("17") cancelled jobs "1" and "7" and left
+    "17" pending (review of follow-ups and cancellation, round 26). It is
+    refused, as follow-ups given as one string are, by SyncClient too (which
+    made the ids a list before Client saw them)."""
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as q:
+        for job_id in ("1", "7", "17"):
+            await q.enqueue(job_id, id=job_id)
+        with pytest.raises(InvalidRequest, match=r"a list of ids, not a str: \["):
+            await q.cancel("17")
+        sync = SyncClient(broker.url, topic="t")
+        try:
+            with pytest.raises(InvalidRequest, match="a list of ids"):
+                await asyncio.to_thread(sync.cancel, "17")
+        finally:
+            await asyncio.to_thread(sync.close)
+        assert [(await q.job(i)).status for i in ("1", "7", "17")] == ["pending"] * 3
 
 
 async def test_an_xdel_refused_cancels_nothing(start_broker: StartBroker) -> None:

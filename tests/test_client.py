@@ -220,6 +220,42 @@ async def test_a_requeue_or_purge_of_2500_named_jobs_goes_in_requests_of_1000(
         assert (await q.status())["dead"] == 0
 
 
+@pytest.mark.parametrize("method", ["requeue", "purge"])
+async def test_a_requeue_or_purge_of_one_id_given_as_a_string_touches_no_other_job(
+    q: Client, method: str
+) -> None:
+    """requeue("17") and purge("17") took the str a character an id, as
+    cancel did (review of follow-ups and cancellation, round 26): the dead
+    jobs "1" and "7" requeued, or purged for good, and "17" left. Refused."""
+    for job_id in ("1", "7", "17"):
+        await q.enqueue(job_id, id=job_id, max_attempts=1)
+    for job in await q.claim_many("w", 3):
+        await q.nack(job)
+    with pytest.raises(InvalidRequest, match="a list of ids, not a str"):
+        await getattr(q, method)("17")
+    assert sorted(job.id for job in await q.dead()) == ["1", "17", "7"]
+
+
+@pytest.mark.parametrize("jobs", ["abc", b"abc", {"payload": 1}])
+async def test_enqueue_many_of_one_string_or_dict_is_refused_not_iterated(
+    start_broker: StartBroker, jobs: Any
+) -> None:
+    """enqueue_many("abc") enqueued a job a character, and enqueue_many(
+    {"payload": 1}) one a key (job "payload"), SyncClient's too (review of
+    follow-ups and cancellation, round 26): refused, as follow-ups are."""
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as q:
+        with pytest.raises(InvalidRequest, match="a list of jobs"):
+            await q.enqueue_many(jobs)
+        sync = SyncClient(broker.url, topic="t")
+        try:
+            with pytest.raises(InvalidRequest, match="a list of jobs"):
+                await asyncio.to_thread(sync.enqueue_many, jobs)
+        finally:
+            await asyncio.to_thread(sync.close)
+        assert (await q.status())["enqueued"] == 0
+
+
 async def test_dead_jobs_in_pages(q: Client) -> None:
     ids = [await q.enqueue(i, max_attempts=1) for i in range(4)]
     for _ in ids:

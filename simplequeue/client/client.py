@@ -56,6 +56,7 @@ from simplequeue.api import Job
 from simplequeue.batching import Batcher, Pending
 from simplequeue.client.discovery import find_broker
 from simplequeue.client.followups import follow_up_specs, job_spec
+from simplequeue.client.lists import id_list, job_list
 from simplequeue.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -618,8 +619,9 @@ class Client:
         """Enqueue a batch in one request (none: no request, []). Items are
         payloads, or dicts with a "payload" key and optional id, priority,
         delay and max_attempts: any other key is InvalidRequest (a payload
-        that is itself such a dict goes as {"payload": {...}})."""
-        specs = [_spec_of(n, j) for n, j in enumerate(jobs)]
+        that is itself such a dict goes as {"payload": {...}}). One str,
+        bytes or dict in the list's place is refused (InvalidRequest)."""
+        specs = [_spec_of(n, j) for n, j in enumerate(job_list(jobs))]
         if not specs:
             return []
         return await self._enqueue_batch(specs)
@@ -896,7 +898,7 @@ class Client:
         cannot be known."""
         if job_ids is None:
             return await self._requeue(None)
-        ids = list(dict.fromkeys(job_ids))  # an id named twice is one job, in one request
+        ids = list(dict.fromkeys(id_list(job_ids)))  # an id named twice: one job, one request
         return [i for part in _batches(ids) for i in await self._requeue(part)]
 
     async def _requeue(self, job_ids: list[str] | None) -> list[str]:
@@ -918,7 +920,7 @@ class Client:
         have landed, raises IncompleteAnswer: that try's ids cannot be known."""
         if job_ids is None:
             return await self._purge(None)
-        ids = list(dict.fromkeys(job_ids))  # an id named twice is one job, in one request
+        ids = list(dict.fromkeys(id_list(job_ids)))  # an id named twice: one job, one request
         return [i for part in _batches(ids) for i in await self._purge(part)]
 
     async def _purge(self, job_ids: list[str] | None) -> list[str]:
@@ -943,8 +945,9 @@ class Client:
         """Cancel jobs: pending and delayed ones at once, claimed ones too (their
         holders' next heartbeat or ack raises JobCancelled). Answers
         {"cancelled": [...], "not_found": [...]} (finished or unknown), in
-        requests of at most 1,000 ids."""
-        ids = list(job_ids)
+        requests of at most 1,000 ids. The ids are a list, ["17"] for one:
+        a str is refused (InvalidRequest), as by requeue() and purge()."""
+        ids = id_list(job_ids)
         cancelled: list[str] = []
         not_found: list[str] = []
         for part in _batches(ids):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from simplequeue import api
+from simplequeue.client.lists import as_list
 from simplequeue.errors import InvalidRequest
 
 
@@ -34,12 +35,8 @@ def follow_up_specs(items: Iterable[Any] | None) -> list[api.FollowUpSpec] | Non
     broker derives one from the acked job's, so a retried ack is a duplicate."""
     if items is None:
         return None
-    if isinstance(items, str | bytes | dict):  # iterated, one job a character, or a key
-        raise InvalidRequest(
-            f"follow-ups are a list of jobs, not a {type(items).__name__}: "
-            '[payload] or [{"payload": ...}] for one'
-        )
-    specs = [_spec(item, n) for n, item in enumerate(items)]
+    listed = as_list(items, "follow-ups are a list of jobs", '[payload] or [{"payload": ...}]')
+    specs = [_spec(item, n) for n, item in enumerate(listed)]
     if len(specs) > api.MAX_BATCH:
         raise InvalidRequest(
             f"{len(specs)} follow-up jobs: an ack may enqueue at most {api.MAX_BATCH}"

@@ -20,6 +20,7 @@ from simplequeue import api
 from simplequeue.client.client import AckItem, Client
 from simplequeue.client.followups import follow_up_specs
 from simplequeue.client.job import Job
+from simplequeue.client.lists import id_list, job_list
 from simplequeue.errors import SimpleQueueError
 from simplequeue.objstore import ObjectStore
 
@@ -199,7 +200,7 @@ class SyncClient:
         return self._run(self.client.enqueue(payload, id, priority, delay, max_attempts))
 
     def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
-        return self._run(self.client.enqueue_many(list(jobs)))
+        return self._run(self.client.enqueue_many(job_list(jobs)))
 
     def claim(self, worker_id: str, lease: float | None = None, wait: float = 0) -> Job | None:
         return self._run(self.client.claim(worker_id, lease, wait))
@@ -259,7 +260,7 @@ class SyncClient:
         return self._run(self.client.topics())
 
     def cancel(self, job_ids: Iterable[str]) -> dict[str, list[str]]:
-        return self._run(self.client.cancel(list(job_ids)))
+        return self._run(self.client.cancel(id_list(job_ids)))
 
     def schedule(
         self,
