@@ -270,6 +270,20 @@ async def test_the_sdk_cancels_any_number_of_ids_in_requests_the_broker_takes(
         assert (await q.status())["cancelled"] == 1500
 
 
+async def test_sdk_cancel_answers_an_id_named_twice_once(start_broker: StartBroker) -> None:
+    """The SDK split more than 1,000 ids into requests without removing
+    repeats, as requeue() and purge() do: an id in two requests was answered
+    both cancelled, by the first, and not_found, by the second (review of
+    follow-ups and cancellation, round 26)."""
+    broker = await start_broker(MemStore())
+    async with Client(broker.url, topic="t") as q:
+        await q.enqueue("x", id="a")
+        ids = ["a", *(f"f{i}" for i in range(999)), "a"]
+        answer = await q.cancel(ids)
+        assert answer["cancelled"] == ["a"]
+        assert answer["not_found"] == ids[1:-1]
+
+
 async def test_sdk_cancel_of_one_id_given_as_a_string_cancels_no_other_job(
     start_broker: StartBroker,
 ) -> None:

@@ -944,10 +944,11 @@ class Client:
     async def cancel(self, job_ids: Iterable[str]) -> dict[str, list[str]]:
         """Cancel jobs: pending and delayed ones at once, claimed ones too (their
         holders' next heartbeat or ack raises JobCancelled). Answers
-        {"cancelled": [...], "not_found": [...]} (finished or unknown), in
-        requests of at most 1,000 ids. The ids are a list, ["17"] for one:
-        a str is refused (InvalidRequest), as by requeue() and purge()."""
-        ids = id_list(job_ids)
+        {"cancelled": [...], "not_found": [...]} (finished or unknown), an id
+        named twice once, in requests of at most 1,000 ids. The ids are a
+        list, ["17"] for one: a str is refused (InvalidRequest), as by
+        requeue() and purge()."""
+        ids = list(dict.fromkeys(id_list(job_ids)))  # an id named twice: one job, one request
         cancelled: list[str] = []
         not_found: list[str] = []
         for part in _batches(ids):
