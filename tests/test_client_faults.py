@@ -1600,6 +1600,34 @@ async def test_a_discovered_client_rereads_broker_json_when_its_broker_answers_5
             assert q.url == new
 
 
+@pytest.mark.parametrize("fault", ["cut", "landed-502"])
+async def test_an_ack_that_landed_is_not_reported_lost_when_broker_json_is_being_handed_over(
+    start_broker: Callable[..., Awaitable[Any]], fault: str
+) -> None:
+    """An ack landed and its answer was lost (cut short, or a proxy's 502 page
+    after it), and broker.json named no live broker when the client read it
+    again (its broker resigned it as it stopped; no standby had taken it over
+    yet). The failed reading made the try that went out count as never sent,
+    so the retry's 409 was not taken for a repeat: ack() raised LeaseLost for
+    an ack that was committed (review of forwarding, ownership and
+    discovery, round 26). A try that went out stays sent."""
+    broker = await start_broker(MemStore())
+    discovery = MemStore()  # broker.json, as the test says it
+    async with FaultProxy(broker.url).running() as proxy:
+        named = BrokerRecord("b0", proxy.url, 1, time.time(), 15)
+        await discovery.put(keys.BROKER, named.encode())
+        async with await Client.discover(discovery, topic="t", retries=4, retry_budget=5) as q:
+            await q.enqueue(1, id="a")
+            job = await q.claim("w")
+            assert job is not None
+            resigned = BrokerRecord("b0", proxy.url, 1, 0.0, 15)
+            await discovery.put(keys.BROKER, resigned.encode())
+            proxy.fail("/ack", fault)  # the ack lands; its answer is lost
+            await prompt(q.ack(job, result="done"))  # raised LeaseLost
+            assert proxy.requests["/topics/t/ack"] == 2  # retried: answered 409
+            assert (await q.job("a")).status == "completed"
+
+
 @pytest.mark.parametrize("body", [{"error": "upstream timed out"}, {}])
 async def test_settings_never_takes_a_200_error_body_for_success(body: dict[str, Any]) -> None:
     """An answer that is not what the route answers is a BrokerError. Every

@@ -190,17 +190,19 @@ def last_call(record: LastCall) -> Iterator[None]:
 
 class _Retry(Exception):
     """A transient failure: the broker was unreachable or could not answer now.
-    `tried`: False when there was no broker to try (broker.json names none
+    `tried`: False when there is no broker to try (broker.json names none
     alive: a hand-over under way), which counts against the retry budget but
     not as one of the `retries` tries. `sent`: False when the request surely
     did not go out (no broker to try, a connection never made), so that a
-    retry of it repeats nothing."""
+    retry of it repeats nothing. Both can be said of one try: one that went
+    out, whose answer was lost, and after which broker.json named no broker
+    is sent, and a retry of it may repeat it."""
 
     def __init__(self, error: SimpleQueueError, *, tried: bool = True, sent: bool = True) -> None:
         super().__init__(str(error))
         self.error = error
         self.tried = tried
-        self.sent = sent and tried
+        self.sent = sent
 
 
 class _Replayed(Exception):
@@ -479,7 +481,7 @@ class Client:
         a broker named it (the Simplequeue-Owner header); if the owner stops
         answering, back to the broker this client was given, which routes it."""
         if not self.url:
-            await self._rediscover()
+            await self._rediscover(sent=False)
         data = encode(body) if body is not None else None
         total = self.timeout + wait
         timeout = aiohttp.ClientTimeout(total=total if within is None else min(total, within))
@@ -508,31 +510,35 @@ class Client:
                     self._owner = _broker_url_or_none(owner)
                 replayed = response.headers.get(api.REPLAYED_HEADER) == "1"
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, cut short
+            # Refused, or never connected within the connect timeout: not sent.
+            unsent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
             if base == self._owner and self._owner != self.url:
                 self._owner = None  # the owner went away: the broker given routes again
             else:
-                await self._rediscover()
+                await self._rediscover(sent=not unsent)
             reason = str(exc) or type(exc).__name__
-            # Refused, or never connected within the connect timeout: not sent.
-            unsent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
             error = BrokerUnavailable(f"{base or 'broker'}: {reason}")
             raise _Retry(error, sent=not unsent) from exc
         gone = status in UNANSWERED_STATUSES and _not_served(status, raw)
         if gone and self.store is not None and base == self.url:
             # A proxy's page where the broker was (a load balancer whose
             # broker is gone): broker.json may name another by now.
-            await self._rediscover()
+            await self._rediscover(sent=True)
             raise _Retry(BrokerUnavailable(f"{base}: HTTP {status}: {_snippet(raw)}"))
         return status, raw, replayed
 
-    async def _rediscover(self) -> None:
-        """Follow broker.json to the active broker, if this client can."""
+    async def _rediscover(self, *, sent: bool) -> None:
+        """Follow broker.json to the active broker, if this client can. When it
+        names none, the try that led here is retried as one not tried, and
+        `sent` says whether it went out: a try whose answer was lost may have
+        landed, whatever broker.json says after it."""
         if self.store is None:
             return
         try:
             self.url = await find_broker(self.store, self.max_age)
         except SimpleQueueError as exc:
-            raise _Retry(BrokerUnavailable(f"no broker: {exc}"), tried=False) from exc
+            error = BrokerUnavailable(f"no broker: {exc}")
+            raise _Retry(error, tried=False, sent=sent) from exc
 
     async def close(self) -> None:
         """Close the connections, once the enqueues under way are answered and
