@@ -27,7 +27,7 @@ from yarl import URL
 
 from simplequeue import keys
 from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec
-from simplequeue.broker import forwarding
+from simplequeue.broker import forwarding, page
 from simplequeue.broker.duties import HEAP_SLACK, DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Forwarder, Here, _Unreachable
@@ -561,6 +561,36 @@ async def test_a_topic_handed_back_to_its_owner_leaves_this_brokers_cache(
     await until(lambda: "t" not in other.engine.known_topics(), within=5)
 
 
+async def test_a_status_page_on_another_broker_costs_the_owner_no_read_at_each_slot(
+    start_broker: StartBroker,
+) -> None:
+    """The status page of a broker that does not own topic t reads t's head,
+    and that read noted t's next slot as due there. When it came, that broker
+    took t for one it had written while the owner did not answer and handed
+    it over: the owner, alive and holding t's head, read it again at every
+    slot while the page was open (review of schedules, round 26: SPEC 4.2,
+    "in the steady state a write is one PUT, not GET+PUT"). A head a broker
+    only read is not its to hand over."""
+    name = "status-page-costs-the-owner-no-read"
+    stores = [Counting(name) for _ in range(2)]
+    brokers = [await start_broker(s, broker_id=f"b{i}") for i, s in enumerate(stores)]
+    for b in brokers:
+        await b.membership.step()
+    owner, other = owner_and_other(brokers, "t")
+    owner_gets = stores[brokers.index(owner)].calls
+    async with aiohttp.ClientSession() as s:
+        tick = {"every": 2, "payload": 1}
+        async with s.put(f"{owner.url}/topics/t/schedules/tick", json=tick) as r:
+            assert r.status == 200
+        await until(lambda: owner.duties.fired >= 1, within=5)  # the owner's cache is warm
+        before, fired = owner_gets["get", keys.head("t")], owner.duties.fired
+        async with s.get(other.url + page.OVERVIEW_PATH) as r:
+            assert r.status == 200
+        await until(lambda: owner.duties.fired >= fired + 2, within=6)
+    assert owner_gets["get", keys.head("t")] == before, "the owner read its own head again"
+    assert "t" not in other.duties.due_topics()
+
+
 async def test_a_topic_whose_leases_are_corrupt_is_not_tended_in_a_loop(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -648,10 +678,11 @@ async def test_leases_a_leaving_broker_wrote_before_it_saw_the_owner_are_reaped(
 
 
 class Counting(MemStore):
-    """A memfs store that counts requests by kind and key."""
+    """A memfs store that counts requests by kind and key: with `name`, one
+    handle on a named store, counting its own broker's requests only."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
         self.calls: Counter[tuple[str, str]] = Counter()
 
     async def get(self, key: str) -> tuple[bytes, str]:

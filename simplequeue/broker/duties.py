@@ -151,9 +151,14 @@ class Duties:
         self.note(topic, due)
 
     def loaded(self, topic: str, due: float | None) -> None:
-        """A head of `topic` was read from the store: what it says is current."""
+        """A head of `topic` was read from the store: what it says is current.
+        A topic another broker owns is noted only if this one has something
+        due on it already (it wrote it while the owner did not answer): one
+        it only read (the status page reads every topic's head) is not its to
+        hand over, and a hand-over made the owner read its head again."""
         self._corrupt.discard(topic)
-        self.note(topic, due)
+        if topic in self._due or self.membership.owns(topic):
+            self.note(topic, due)
 
     def failed(self, topic: str) -> None:
         """A batch of `topic` failed unseen (it may have landed, claims and
