@@ -20,6 +20,7 @@ import pytest
 from yarl import URL
 
 from simplequeue.api import JobSpec, ScheduleRequest
+from simplequeue.broker.engine import shown_schedule
 from simplequeue.client import Client
 from simplequeue.errors import InvalidRequest, ScheduleNotFound
 from simplequeue.objstore import ObjectStore
@@ -241,6 +242,29 @@ def test_a_slot_that_cannot_be_enqueued_is_skipped_with_its_reason() -> None:
     kept = s.schedules()["urgent"]
     assert "not enqueued" in kept["last_error"]
     assert kept["next_at"] == T0 + 20
+
+
+def test_a_skipped_slot_leaves_the_last_job_enqueued_shown() -> None:
+    """A schedule shows when it last enqueued a job and that job's id
+    (api.Schedule). A slot the topic refused moved both (review of schedules,
+    round 26): a schedule that never enqueued a thing showed a fire time and
+    a last job that looked up as 404."""
+    s = fresh(lanes_max=1)
+    s.enqueue([JobSpec(1, id="held")], T0)  # priority 0 takes the only lane
+    s.put_schedule("urgent", every(10, priority=9), T0)
+    s.tend(T0 + 10)
+    shown = shown_schedule("urgent", s.schedules()["urgent"])
+    assert "not enqueued" in shown["last_error"]
+    assert (shown["last_fired_at"], shown["last_job_id"]) == (None, None)
+    s.cancel(["held"], T0 + 11)  # the lane is free: the next slot is enqueued
+    assert s.tend(T0 + 20)["fired"] == 1
+    s.cancel([f"urgent@{int(T0) + 20}"], T0 + 21)
+    s.enqueue([JobSpec(2)], T0 + 21)  # priority 0 takes the lane again: the next is refused
+    assert s.tend(T0 + 30)["fired"] == 0
+    shown = shown_schedule("urgent", s.schedules()["urgent"])
+    assert "not enqueued" in shown["last_error"]
+    assert (shown["last_fired_at"], shown["last_job_id"]) == (T0 + 20, f"urgent@{int(T0) + 20}")
+    assert shown["next_at"] == T0 + 40
 
 
 # --- through a broker -----------------------------------------------------------------------

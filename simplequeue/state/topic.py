@@ -1046,12 +1046,14 @@ class TopicState(Layout):
             try:
                 [answer] = self.enqueue([spec], now)
             except InvalidRequest as exc:  # refused whole, changing nothing (lanes_max)
+                # Skipped: its next slot moving on keeps it from firing again,
+                # and the last job shown stays one the topic took.
                 schedule["last_error"] = f"slot {slot} not enqueued: {exc}"
             else:
                 schedule.pop("last_error", None)
                 fired += not answer["duplicate"]
-            schedule["last_slot"] = slot
-            schedule["last_fired_at"] = now
+                schedule["last_slot"] = slot
+                schedule["last_fired_at"] = now
             schedule["next_at"] = next_after(schedule, max(now, slot)) or _NEVER
         return fired
 
