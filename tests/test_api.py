@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -219,6 +220,74 @@ def _refs(node: Any) -> list[str]:
     if isinstance(node, list):
         return [r for v in node for r in _refs(v)]
     return []
+
+
+def _patterns(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [
+            p
+            for k, v in node.items()
+            for p in ([v] if k == "pattern" and isinstance(v, str) else _patterns(v))
+        ]
+    if isinstance(node, list):
+        return [p for v in node for p in _patterns(v)]
+    return []
+
+
+# Names each published pattern is tried on, none ending in a newline (where
+# Python's $ and ECMA-262's part).
+NAMES = ["nightly", "Z", "endsZ", "a.b", ".", "..", "", "x" * 129, "job 1", "tab\there", "ü"]
+
+
+def test_published_patterns_have_no_python_anchors_and_take_the_names_the_broker_does() -> None:
+    """OpenAPI 3.1 patterns are ECMA-262 regular expressions, which have no
+    \\Z or \\A. The published ones ended in \\Z (api.py's, for Python): with
+    the u flag (ajv, most JS validators) they did not compile; without it \\Z
+    is a literal Z, so a generated client or a validating proxy refused the
+    schedule "nightly" (review of schedules, round 26)."""
+    published = _patterns(spec())
+    assert published
+    assert [p for p in published if "\\Z" in p or "\\A" in p] == []
+    ops = spec()["paths"]["/topics/{topic}/schedules/{name}"]
+    for method, check in (
+        ("put", api.check_new_schedule_name),
+        ("delete", api.check_schedule_name),
+    ):
+        [name] = [p for p in ops[method]["parameters"] if p["name"] == "name"]
+        for candidate in NAMES:
+            try:
+                check(candidate)
+                allowed = True
+            except InvalidRequest:
+                allowed = False
+            assert bool(re.search(name["schema"]["pattern"], candidate)) == allowed, (
+                method,
+                candidate,
+            )
+
+
+def test_published_patterns_read_in_ecma262_as_in_python() -> None:
+    """Each published pattern compiles in JavaScript, with the u flag and
+    without, and matches the same names there as in Python."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node evaluates ECMA-262 patterns (the test above needs none)")
+    script = (
+        "const [patterns, names] = JSON.parse(process.argv[1]);"
+        "console.log(JSON.stringify(patterns.map(p => ['', 'u'].map(f => {"
+        "  try { const r = new RegExp(p, f); return names.map(n => r.test(n)); }"
+        "  catch (e) { return 'error: ' + e.message; } }))));"
+    )
+    published = sorted(set(_patterns(spec())))
+    ran = subprocess.run(
+        [node, "-e", script, orjson.dumps([published, NAMES]).decode()],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    in_python = [[bool(re.search(p, n)) for n in NAMES] for p in published]
+    assert orjson.loads(ran.stdout) == [[m, m] for m in in_python]
 
 
 def test_error_answers_are_those_of_the_error_classes() -> None:

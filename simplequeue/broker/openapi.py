@@ -9,6 +9,7 @@ meet, are written here.
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any
 
@@ -196,6 +197,33 @@ def _paged(op: dict[str, Any]) -> dict[str, Any]:
             | {"schema": fields[name]}
         )
     return op
+
+
+# Python's anchors, which ECMA-262 (the regular expressions of OpenAPI 3.1's
+# patterns) lacks: with the u flag a pattern holding one does not compile;
+# without it, \Z is a literal Z. api.py's patterns end in \Z, as Python's $
+# also matches before a final newline; ECMA-262's $ (without the m flag) and ^
+# match only at the very end and start, as \Z and \A do.
+_PYTHON_ANCHORS = {"Z": "$", "A": "^"}
+
+
+def _ecma262(pattern: str) -> str:
+    """`pattern`, a Python regular expression of api.py, as ECMA-262 has it."""
+    # Escapes are read pairwise, left to right: an escaped backslash before a
+    # Z is no anchor.
+    return re.sub(r"\\(.)", lambda m: _PYTHON_ANCHORS.get(m[1], m[0]), pattern, flags=re.DOTALL)
+
+
+def _patterns_in_ecma262(node: Any) -> Any:
+    """`node`, a part of the description, with every pattern in it as ECMA-262 has it."""
+    if isinstance(node, dict):
+        return {
+            k: _ecma262(v) if k == "pattern" and isinstance(v, str) else _patterns_in_ecma262(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_patterns_in_ecma262(v) for v in node]
+    return node
 
 
 @cache
@@ -467,10 +495,10 @@ def spec() -> dict[str, Any]:
             "version": __version__,
             "description": "A durable job queue whose only infrastructure is object storage.",
         },
-        "paths": paths,
+        "paths": _patterns_in_ecma262(paths),
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": schemas,
+            "schemas": _patterns_in_ecma262(schemas),
         },
         "security": [{"bearer": []}],
     }
