@@ -828,6 +828,44 @@ async def test_a_job_lookups_query_is_validated_as_every_query_is(api: Api) -> N
     assert status == 400
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("DELETE", "/topics/t/dead"), ("POST", "/topics/t/requeue")],
+    ids=["purge", "requeue"],
+)
+async def test_a_query_a_route_does_not_take_is_refused_not_ignored(
+    api: Api, method: str, path: str
+) -> None:
+    """DELETE /topics/t/dead?job_ids=a (the ids in the query, not the body)
+    was read as a purge without a body: every dead job purged, b too, and a
+    requeue so requeued every one (review of the HTTP edge, round 26)."""
+    jobs = [{"id": i, "payload": i, "max_attempts": 1} for i in ("a", "b")]
+    await api.post("/topics/t/enqueue", {"jobs": jobs})
+    _, claimed = await api.post("/topics/t/claim", {"worker_id": "w", "count": 2})
+    for job in claimed["jobs"]:
+        await api.post("/topics/t/nack", {"job_id": job["id"], "lease_token": job["lease_token"]})
+    status, body = await api.call(method, f"{path}?job_ids=a")
+    assert status == 400 and "query" in body["error"], body
+    assert (await api.get("/topics/t/status"))[1]["dead"] == 2
+
+
+async def test_only_the_routes_that_list_a_query_take_one(api: Api) -> None:
+    """A claim asked ?wait=30 answered 404 at once instead of long-polling;
+    the status page's overview took ?frsh=t (a typo) for no `fresh`. A bare
+    "?" is no query; the page's files are the same whatever theirs says."""
+    for path in ("/topics/t/claim?wait=30", "/topics/t/enqueue?x=1"):
+        status, body = await api.post(path, {"worker_id": "w", "payload": 1})
+        assert status == 400 and "query" in body["error"], (path, body)
+    for path in ("/topics/t/status?x", "/healthz?x=1", "/topics?all=1", "/ui/overview?frsh=t"):
+        status, body = await api.get(path)
+        assert status == 400 and "query" in body["error"], (path, body)
+    assert (await api.get("/topics?"))[0] == 200
+    assert (await api.get("/ui/overview?fresh=t"))[0] == 200
+    assert (await api.get("/?utm_source=x"))[0] == 200
+    assert (await api.get("/static/app.js?v=2"))[0] == 200
+    assert (await api.get("/topics/t/status"))[1]["enqueued"] == 0
+
+
 async def test_a_large_body_not_in_its_content_encoding_gets_its_400_not_a_reset(
     start_broker: StartBroker,
 ) -> None:

@@ -282,6 +282,11 @@ class Route:
     path: str  # its template, as /openapi.json and the metrics name it: /topics/{topic}/ack
     handler: Handler
     public: bool = False  # served without the token: /healthz and the page's shell
+    # Takes a query: its handler reads it, and refuses a parameter it does not
+    # know (api.from_query), or it is one of the page's files, the same whatever
+    # the query (a link's, a cache buster's). Every other route refuses one
+    # (_no_query): ignored, DELETE /dead?job_ids=a purged every dead job.
+    query: bool = False
 
     @property
     def name(self) -> str:
@@ -437,6 +442,8 @@ class HttpApi:
     async def _answer(self, call: Call) -> web.StreamResponse:
         request = call.request
         try:
+            if not call.route.query:
+                _no_query(call)
             if request.headers.get("Expect"):
                 await _expect(request)
             if "topic" in call.params:
@@ -563,6 +570,16 @@ def _unrouted(found: tuple[dict[str, Route], dict[str, str]] | None) -> web.Resp
     if "GET" in allowed:
         allowed.add("HEAD")
     return error("Method Not Allowed", 405, Allow=",".join(sorted(allowed)))
+
+
+def _no_query(call: Call) -> None:
+    """InvalidRequest for a query sent to a route that takes none (an empty
+    one, a bare "?", is none): answered as if it were not there, a purge or
+    requeue meant for the jobs it named acted on every dead job, a claim
+    asked ?wait=30 answered at once."""
+    if call.request.rel_url.raw_query_string:
+        route = call.route
+        raise InvalidRequest(f"query: {route.method} {route.path} takes no query parameters")
 
 
 async def _expect(request: web.BaseRequest) -> None:
@@ -933,7 +950,7 @@ def _routes(status_page: page.StatusPage) -> list[Route]:
         return status_page.asset(call.request, call.params["name"])
 
     async def overview(call: Call) -> web.Response:
-        fresh = call.request.query.get("fresh")  # a topic the page just acted on
+        fresh = api.from_query(call.request.query, page.OverviewQuery).fresh
         if fresh is not None:
             keys.check_topic(fresh)
         return await status_page.overview(fresh)
@@ -951,8 +968,8 @@ def _routes(status_page: page.StatusPage) -> list[Route]:
         Route("POST", f"{t}/nack", nack),
         Route("POST", f"{t}/heartbeat", heartbeat),
         Route("GET", f"{t}/status", status),
-        Route("GET", t + "/jobs/{job_id}", job),
-        Route("GET", f"{t}/dead", dead),
+        Route("GET", t + "/jobs/{job_id}", job, query=True),
+        Route("GET", f"{t}/dead", dead, query=True),
         Route("POST", f"{t}/requeue", requeue),
         Route("DELETE", f"{t}/dead", purge),
         Route("POST", f"{t}/cancel", cancel),
@@ -965,7 +982,7 @@ def _routes(status_page: page.StatusPage) -> list[Route]:
         Route("GET", "/healthz", healthz, public=True),
         Route("GET", "/metrics", metrics),
         Route("GET", "/openapi.json", openapi),
-        Route("GET", "/", index, public=True),
-        Route("GET", page.STATIC_PREFIX + "{name}", asset, public=True),
-        Route("GET", page.OVERVIEW_PATH, overview),
+        Route("GET", "/", index, public=True, query=True),
+        Route("GET", page.STATIC_PREFIX + "{name}", asset, public=True, query=True),
+        Route("GET", page.OVERVIEW_PATH, overview, query=True),
     ]

@@ -480,11 +480,12 @@ def spec() -> dict[str, Any]:
             }
         },
     }
-    # Every route refuses cross-site and DNS-rebinding requests (403); every
-    # route with a body, one that does not arrive within --body-timeout (408).
+    # Every route refuses cross-site and DNS-rebinding requests (403), and a
+    # query parameter it does not list (400); every route with a body, one
+    # that does not arrive within --body-timeout (408).
     for operations in paths.values():
         for op in operations.values():
-            op["responses"].update(_error_responses((Forbidden,)))
+            op["responses"].update(_error_responses((Forbidden, InvalidRequest)))
             if "requestBody" in op:
                 op["responses"].update(_error_responses((RequestTimedOut,)))
             op["responses"] = dict(sorted(op["responses"].items()))

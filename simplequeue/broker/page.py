@@ -170,6 +170,12 @@ class TopicUnreadable(Struct, tag_field="kind", tag="unreadable"):
     error: str
 
 
+class OverviewQuery(Struct, forbid_unknown_fields=True):
+    """GET /ui/overview?fresh=T: a topic the page just acted on (read again)."""
+
+    fresh: str | None = None
+
+
 class Overview(Struct):
     """Everything the page shows: broker.json, this broker, and every topic."""
 
