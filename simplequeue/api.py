@@ -363,12 +363,16 @@ class Settled(_Answer):
 
 
 class AckResult(_Answer):
-    """One ack of a batch: status "completed", or "not_found", "conflict" or
-    "invalid" with the error (the failing error class's `ack_status`)."""
+    """One ack of a batch: status "completed", with the follow-ups it enqueued
+    and those it did not enqueue again, as a single ack's answer (Settled);
+    or "not_found", "conflict" or "invalid" with the error (the failing error
+    class's `ack_status`)."""
 
     id: str | None
     status: str
     error: str | None = None
+    enqueued: list[str] | None = None
+    duplicates: list[str] | None = None
 
 
 class AckedBatch(_Answer):

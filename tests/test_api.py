@@ -213,6 +213,30 @@ async def test_the_overviews_400_is_in_the_openapi_description(
     assert str(status) in documented, (status, sorted(documented))
 
 
+async def test_every_field_of_a_batch_acks_answer_is_in_the_openapi_description(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """A batch ack's result for a completed job carries the follow-ups it
+    enqueued, as a single ack's answer (Settled) does, but AckResult had only
+    id, status and error: the field was undescribed, and the SDK's ack_many,
+    which decodes into it, dropped it (review of the HTTP edge, round 26)."""
+    broker = await start_broker(MemStore())
+    base = broker.url + "/topics/t"
+    async with aiohttp.ClientSession() as session:
+        await post(session, base + "/enqueue", {"id": "a", "payload": 1})
+        _, claimed = await post(session, base + "/claim", {"worker_id": "w"})
+        ack = {"job_id": "a", "lease_token": claimed["job"]["lease_token"]}
+        follow_ups = [{"id": "b", "payload": 2}, {"id": "a", "payload": 3}]  # a: itself
+        status, answer = await post(
+            session, base + "/ack", {"acks": [ack | {"enqueue": follow_ups}]}
+        )
+    assert status == 200
+    [result] = answer["results"]
+    assert (result["enqueued"], result["duplicates"]) == (["b"], ["a"])
+    described = spec()["components"]["schemas"]["AckResult"]["properties"]
+    assert set(result) <= set(described), sorted(set(result) - set(described))
+
+
 def _refs(node: Any) -> list[str]:
     if isinstance(node, dict):
         found = [node["$ref"]] if "$ref" in node else []

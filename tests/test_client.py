@@ -666,6 +666,7 @@ async def test_ack_many_carries_follow_ups_per_ack(q: Client) -> None:
         [(jobs[0], "r0", ["after 0"]), (jobs[1], "r1"), (jobs[2], "r2", None)]
     )
     assert [r["status"] for r in results] == ["completed"] * 3
+    assert [r["enqueued"] for r in results] == [["j0:0"], None, None]  # the SDK dropped them
     assert (await q.job("j0:0")).payload == "after 0"
     assert (await q.status())["enqueued"] == 4
 

@@ -752,8 +752,10 @@ class Client:
 
     async def ack_many(self, acks: Iterable[AckItem]) -> list[dict[str, Any]]:
         """Complete several jobs in one request; each answer says whether it did
-        ({"id", "status", "error"?}). An ack is (job, result), or (job, result,
-        follow-ups) with follow-ups as `ack` takes them."""
+        ({"id", "status", "error", "enqueued", "duplicates"}: None where an ack
+        has none; the ids of its follow-ups as `ack` answers them). An ack is
+        (job, result), or (job, result, follow-ups) with follow-ups as `ack`
+        takes them."""
         body = [_ack_request(ack) for ack in acks]
         _, answer, repeated = await self.call(
             "POST", self._t("/ack"), api.AckedBatch, api.AckBatch(body)
