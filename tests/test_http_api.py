@@ -25,7 +25,7 @@ from simplequeue.errors import InvalidRequest
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.faults import FaultyStore
-from tests.helpers.until import until
+from tests.helpers.until import until, until_async
 
 Answer = tuple[int, Any]
 StartBroker = Callable[..., Awaitable[Any]]
@@ -495,6 +495,34 @@ async def test_healthz_is_503_when_the_store_is_down(
     status, body = await Api(session, broker.url).get("/healthz")
     assert status == 503
     assert "error" in body
+
+
+async def test_unauthenticated_healthz_probes_share_one_store_check_a_second(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    """/healthz, the one route served without the token, was a GET of
+    broker.json per request: anyone who could reach the broker turned each
+    request into a billed store request (200 probes, 200 GETs), and on S3
+    into SlowDowns that every topic's reads met (review of the HTTP edge,
+    round 26). Probes share a check, and its answer for a second: an outage
+    shows within it, and so does the store's return."""
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store, token="s3cret")
+    anonymous = Api(session, broker.url)
+    before = store.calls["get"]
+    answers = await asyncio.gather(*(anonymous.get("/healthz") for _ in range(200)))
+    assert {status for status, _ in answers} == {200}
+    assert store.calls["get"] - before <= 10, store.calls["get"] - before
+    store.get_down = True
+    started = time.monotonic()
+    await until_async(lambda: ok_is(anonymous, 503))
+    assert time.monotonic() - started < 3
+    store.get_down = False
+    await until_async(lambda: ok_is(anonymous, 200), within=3)
+
+
+async def ok_is(api: Api, status: int) -> bool:
+    return (await api.get("/healthz"))[0] == status
 
 
 async def test_store_outage_is_503_and_loses_nothing(

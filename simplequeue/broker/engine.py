@@ -38,6 +38,11 @@ from simplequeue.state import Job, SegmentMissing, TopicState
 log = logging.getLogger(__name__)
 
 MAX_WAIT = api.MAX_WAIT  # seconds a claim may long-poll
+# Seconds the answer of a store check (/healthz's, the one route served
+# without the token) is reused: a GET of broker.json each, any client that
+# could reach the broker made every request a billed store request, and on
+# S3 past 5,500 a second SlowDowns that every topic's reads then met.
+CHECK_REUSE = 1.0
 # A long poll re-reads the store this often, to see jobs that other brokers
 # enqueued; jobs enqueued through this broker wake it at once. The long polls
 # of a topic look together (next_look), so that they share one read.
@@ -271,6 +276,11 @@ class Engine:
         # What /metrics says of topics with jobs that left memory (oldest first).
         self._left: dict[str, _Left] = {}
         committer.on_forgotten = self._left_memory
+        # The last store check: when it ended, and the error it met (None: the
+        # store answered). Checks wait in line, so that those that came during
+        # one take its answer.
+        self._checked: tuple[float, SimpleQueueError | None] | None = None
+        self._checking = asyncio.Lock()
 
     async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
         """Enqueue jobs; each answer is {"id", "duplicate"}. All or nothing: one
@@ -831,8 +841,21 @@ class Engine:
         return await self.committer.read(topic, view, max_age)
 
     async def check_store(self) -> None:
-        """Raise StoreUnavailable unless the store answers."""
-        await self.committer.check_store()
+        """Raise StoreUnavailable unless the store answers: as it did at the
+        last check, if that ended within CHECK_REUSE seconds (one check for
+        every caller that comes during it, or within a second of it)."""
+        async with self._checking:
+            checked = self._checked
+            if checked is None or time.monotonic() - checked[0] >= CHECK_REUSE:
+                try:
+                    await self.committer.check_store()
+                except SimpleQueueError as exc:
+                    checked = (time.monotonic(), exc)
+                else:
+                    checked = (time.monotonic(), None)
+                self._checked = checked
+        if checked[1] is not None:
+            raise checked[1].with_traceback(None)  # raised afresh, not on top of the last
 
     # --- upkeep: the reaper's and the sweeper's door --------------------------------
 

@@ -426,7 +426,7 @@ def spec() -> dict[str, Any]:
         "/healthz": {
             "get": {
                 "operationId": "healthz",
-                "summary": "200 when the store answers",
+                "summary": "200 when the store answers (an answer reused for 1 s)",
                 "security": [],
                 "responses": {
                     "200": {"description": "ok", **_json(_ref(api.Health))},
