@@ -769,6 +769,21 @@ async def test_a_client_that_expects_100_continue_gets_it_before_it_sends_the_bo
         await writer.wait_closed()
 
 
+async def test_an_expect_the_broker_does_not_know_is_answered_with_a_documented_status(
+    start_broker: StartBroker, session: aiohttp.ClientSession
+) -> None:
+    """`Expect: bogus` was answered 417, a status /openapi.json lists for no
+    route (review of the HTTP edge, round 26): it is bad input, a 400."""
+    store = MemStore()
+    broker = await start_broker(store)
+    api = Api(session, broker.url)
+    status, body = await api.post("/topics/t/enqueue", {"payload": 1}, headers={"Expect": "bogus"})
+    assert status == 400 and "bogus" in body["error"], body
+    _, spec = await api.get("/openapi.json")
+    assert "400" in spec["paths"]["/topics/{topic}/enqueue"]["post"]["responses"]
+    assert await store.list("topics/") == []
+
+
 # --- bodies that cannot be read (review of the HTTP API, round 22) -----------------------
 
 

@@ -586,10 +586,11 @@ async def _expect(request: web.BaseRequest) -> None:
     """Answer `Expect: 100-continue` (curl sends it with bodies over 1 KiB and
     waits a second for it) before the body is read, as aiohttp's router does.
     In an HTTP/1.0 request it is ignored (RFC 9110 10.1.1: a MUST), the body
-    read as it comes."""
+    read as it comes. Another expectation is InvalidRequest (RFC 9110 lets a
+    server answer it 417, a status no route of the API lists)."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
-        raise web.HTTPExpectationFailed(reason=f"unknown Expect: {expect}")
+        raise InvalidRequest(f"Expect: {expect!r}: only 100-continue is known")
     if request.version < HttpVersion11:
         return
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

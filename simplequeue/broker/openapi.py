@@ -481,8 +481,9 @@ def spec() -> dict[str, Any]:
         },
     }
     # Every route refuses cross-site and DNS-rebinding requests (403), and a
-    # query parameter it does not list (400); every route with a body, one
-    # that does not arrive within --body-timeout (408).
+    # query parameter it does not list or an Expect but 100-continue (400);
+    # every route with a body, one that does not arrive within --body-timeout
+    # (408).
     for operations in paths.values():
         for op in operations.values():
             op["responses"].update(_error_responses((Forbidden, InvalidRequest)))
