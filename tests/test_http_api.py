@@ -743,6 +743,25 @@ async def test_path_parameters_are_percent_decoded_before_they_are_checked(api: 
     assert (await api.get("/topics/t/status"))[1]["pending"] == 2
 
 
+async def test_a_path_whose_percent_escapes_are_not_utf8_names_no_job(
+    start_broker: StartBroker, session: aiohttp.ClientSession
+) -> None:
+    """Path parameters were decoded with replacement: /jobs/%FF (not UTF-8,
+    so no job's id) was read as U+FFFD, and answered the job whose id is that
+    character, as /jobs/%FE and every other invalid byte did (review of the
+    HTTP edge, round 26). It is a 400, once the token is given."""
+    broker = await start_broker(MemStore(), token="s3cret")
+    api = Api(session, broker.url, token="s3cret")
+    assert (await api.post("/topics/t/enqueue", {"id": "\ufffd", "payload": 1}))[0] == 201
+    for escaped in ("%FF", "%FE", "a%C3"):
+        status, body = await api.get(f"/topics/t/jobs/{escaped}")
+        assert status == 400 and "UTF-8" in body["error"], (escaped, body)
+    assert (await api.get("/topics/%FF/status"))[0] == 400
+    assert (await Api(session, broker.url).get("/topics/t/jobs/%FF"))[0] == 401
+    status, job = await api.get("/topics/t/jobs/%EF%BF%BD")  # U+FFFD itself, in UTF-8
+    assert (status, job["id"]) == (200, "\ufffd")
+
+
 async def test_a_client_that_expects_100_continue_gets_it_before_it_sends_the_body(
     start_broker: Callable[..., Awaitable[Any]],
 ) -> None:

@@ -201,6 +201,7 @@ async def get(s: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         ("50%", "50%25"),
         ("a b", "a%20b"),
         ("日本", "%E6%97%A5%E6%9C%AC"),
+        ("\ufffd", "%EF%BF%BD"),  # what an escape that is not UTF-8 (%FF, a 400) was taken for
     ],
 )
 async def test_a_job_whatever_its_id_is_found_through_a_broker_that_does_not_own_its_topic(

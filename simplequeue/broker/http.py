@@ -326,7 +326,9 @@ class Routes:
 
     def find(self, raw_path: str) -> tuple[dict[str, Route], dict[str, str]] | None:
         """The routes of a path (still %-encoded) by method, and its parameters;
-        None if no route has this path."""
+        None if no route has this path. InvalidRequest for a parameter whose
+        escapes are not UTF-8: decoded with replacement, /jobs/%FF and every
+        other invalid byte named the job whose id is U+FFFD."""
         node = self._root
         params: dict[str, str] = {}
         if raw_path != "/":
@@ -336,9 +338,17 @@ class Routes:
                     if node.param is None or not segment:
                         return None
                     name, child = node.param
-                    params[name] = unquote(segment) if "%" in segment else segment
+                    params[name] = _unquoted(segment) if "%" in segment else segment
                 node = child
         return (node.methods, params) if node.methods else None
+
+
+def _unquoted(segment: str) -> str:
+    """A path segment %-decoded; InvalidRequest if its escapes are not UTF-8."""
+    try:
+        return unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"the path segment {segment!r} is not UTF-8 once decoded") from None
 
 
 def reply(data: Any, status: int = 200) -> web.Response:
@@ -391,7 +401,11 @@ class HttpApi:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         services = self.services
-        found = self.routes.find(request.rel_url.raw_path)
+        unreadable = None  # a path whose parameters cannot be decoded: told once authorised
+        try:
+            found = self.routes.find(request.rel_url.raw_path)
+        except InvalidRequest as exc:
+            found, unreadable = None, exc
         method = request.method
         route = None
         if found is not None:
@@ -401,7 +415,9 @@ class HttpApi:
                 route = methods.get("GET")
         response: web.StreamResponse | None = self._refused(request, route)
         if response is None:
-            if route is None:
+            if unreadable is not None:
+                response = error_of(unreadable)
+            elif route is None:
                 response = _unrouted(found)
             else:
                 response = await self._answer(Call(request, route, params, services, self.decoders))
