@@ -77,7 +77,17 @@ MAX_ATTEMPTS = 1_000_000  # a job's attempts at most (0 = unlimited)
 Attempts = Annotated[int, Meta(ge=0, le=MAX_ATTEMPTS)]
 Lease = Annotated[float, Meta(gt=0, le=MAX_LEASE)]
 Wait = Annotated[float, Meta(ge=0, le=MAX_WAIT)]
-Count = Annotated[int, Meta(ge=1, le=MAX_BATCH)]
+Count = Annotated[
+    int,
+    Meta(
+        ge=1,
+        le=MAX_BATCH,
+        description="Jobs to take at most: fewer when fewer are due or the topic's limits "
+        "allow fewer, and no more once their payloads reach 16 MiB (less on a broker "
+        "whose --cache-mb is under 128: an eighth of it), shared by the claims committed "
+        "together; the first is always taken",
+    ),
+]
 # Named jobs in one request, as many as a batch: a request is served in one
 # commit, on the event loop, each id looked up there (SDK calls split more).
 JobIds = Annotated[list[JobId], Meta(max_length=MAX_BATCH)]

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from tenacity import (
@@ -36,7 +36,7 @@ from tenacity import (
 
 from simplequeue import keys
 from simplequeue.batching import Batcher, Linger, Pending
-from simplequeue.cache import ObjectCache
+from simplequeue.cache import DECODED_PER_BYTE, ObjectCache
 from simplequeue.errors import (
     AmbiguousWrite,
     CacheTooSmall,
@@ -90,6 +90,12 @@ _MAX_FETCH_ROUNDS = 64
 _UNCHECKED = -1e18
 # What reading ahead past runs' fronts may fill of the object cache, at most.
 READ_AHEAD_SHARE = 1 / 16
+# What the segments a batch's claims (and pops) read their payloads from may
+# fill of the object cache, at most (Bounds.claim_bytes): they are held at
+# once while the batch applies, and fetched a few rounds at a time
+# (READ_AHEAD_SHARE), so claims that fill it take some 8 rounds, not past
+# _MAX_FETCH_ROUNDS (a 503, every time).
+CLAIM_SHARE = 1 / 2
 # Orphan objects the sweeps saw first and keep for their second sighting, in
 # all topics, at most (130 to 240 bytes each, as long as topic names go).
 SIGHTINGS_KEPT = 250_000
@@ -212,6 +218,14 @@ class _Topic:
         self.ids = IdFilter()
 
 
+def _claims_fitting(bounds: Bounds, cache_bytes: int) -> Bounds:
+    """`bounds`, with the payloads a batch's claims take no more than
+    CLAIM_SHARE of a cache of `cache_bytes` holds (it counts stored bytes
+    DECODED_PER_BYTE times)."""
+    fitting = int(cache_bytes * CLAIM_SHARE) // DECODED_PER_BYTE
+    return replace(bounds, claim_bytes=max(1, min(bounds.claim_bytes, fitting)))
+
+
 class GroupCommitter:
     """Batches mutations per topic into conditional writes of the topic's head."""
 
@@ -237,6 +251,7 @@ class GroupCommitter:
         self.clock = clock
         self._clock_sampled = False  # store.sample_clock() done once, before the first apply
         self.cache = cache or ObjectCache(store, self.settings.cache_bytes)
+        self.bounds = _claims_fitting(self.settings.bounds, self.cache.budget)
         self.stats = CommitStats()
         self.fenced_by: dict[str, Any] | None = None  # a newer writer seen in a head
         self.on_batch: Callable[[int], None] | None = None  # told each batch's size
@@ -667,7 +682,7 @@ class GroupCommitter:
         ids: IdFilter | None = None,
     ) -> TopicState:
         head = decode_head(topic, keys.head(topic), data) if data else new_head(topic)
-        return TopicState(head, self.cache, self.settings.bounds, self.settings.policy, seen, ids)
+        return TopicState(head, self.cache, self.bounds, self.settings.policy, seen, ids)
 
     async def _commit(self, t: _Topic, batch: list[_Entry]) -> list[Any]:
         """Commit a batch; every entry's outcome (a result or its exception)."""

@@ -4,6 +4,7 @@ past them. The state machine alone, sealed as the committer seals it."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from typing import Any
@@ -434,6 +435,28 @@ async def test_small_claims_of_big_jobs_do_not_thrash_a_small_cache() -> None:
         for _ in range(25):
             assert len(await q.claim("t", "w", count=2)) == 2
         assert store.read <= sum(len(data) for data in objects.values())
+    finally:
+        await q.committer.close()
+
+
+async def test_claims_of_many_large_jobs_in_one_batch_fit_a_small_cache() -> None:
+    """Claims were bounded in jobs only: 30 workers claiming 100 jobs of 60 KB
+    at once, in one batch, read 400 segments on a 2 MiB cache, past 64 fetch
+    rounds: a 503 for each, every time, while the jobs waited (review of the
+    HTTP edge). The claims of a batch share a bound on their payloads' bytes
+    (an eighth of the cache here), each taking one job at least."""
+    store = MemStore()
+    settings = CommitSettings(cache_bytes=2 << 20)
+    writer = Engine(GroupCommitter(store, broker_id="b1", settings=settings))
+    for b in range(0, 400, 10):
+        await writer.enqueue("t", [JobSpec("x" * 60_000, id=f"j{i}") for i in range(b, b + 10)])
+    await writer.committer.close()
+    q = Engine(GroupCommitter(store, broker_id="b2", epoch=2, settings=settings))
+    try:
+        claims = [q.claim("t", f"w{n}", count=100) for n in range(30)]
+        claimed = [len(jobs) for jobs in await asyncio.gather(*claims)]  # no 503
+        room = q.committer.stats.batches * (2 << 20) // 8  # one batch, mostly
+        assert min(claimed) >= 1 and sum(claimed) * 60_000 <= room + 30 * 60_000
     finally:
         await q.committer.close()
 

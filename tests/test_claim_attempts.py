@@ -58,6 +58,16 @@ async def test_a_job_answered_again_from_a_segment_has_its_payload() -> None:
     assert first[0]["payload"] == {"n": 0, "pad": "x" * 64}
 
 
+async def test_a_claim_cut_short_by_its_payloads_bytes_is_answered_again_whole() -> None:
+    """A claim that took fewer jobs than its count (Bounds.claim_bytes) is
+    answered those again, and claims no more."""
+    q = await engine_with(10, Bounds(claim_bytes=200))
+    first = await q.claim("t", "w", count=10, attempt_id="a1")
+    assert ids(first) == ["j0", "j1", "j2"]  # 80 bytes of payload each
+    assert await q.claim("t", "w", count=10, attempt_id="a1") == first
+    assert (await q.status("t"))["claimed"] == 3
+
+
 async def test_only_jobs_still_held_are_answered_again_and_none_claims_anew() -> None:
     """A job the claimer acked (or whose lease ran out) since is not handed
     out again; when none is left, the retry is a claim of its own."""

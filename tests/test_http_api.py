@@ -129,6 +129,35 @@ async def test_claim_with_count_answers_a_list(api: Api) -> None:
     assert [j["payload"] for j in body["jobs"]] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("route", ["claim", "pop"])
+async def test_a_claims_answer_is_bounded_in_bytes_not_only_in_jobs(
+    start_broker: StartBroker, session: aiohttp.ClientSession, route: str
+) -> None:
+    """A claim of `count` jobs took every one of them, payloads included,
+    however large: up to 1,000 x --max-body (1 GiB with the defaults) in one
+    answer, built in memory; or, when their segments did not fit the object
+    cache at once, a 503 "the object cache is too small", every time (a
+    Worker's prefetch asks up to 1,000), while a claim of 10 was served. An
+    answer of fewer jobs ("up to count"), bounded in payload bytes, serves
+    both (review of the HTTP edge)."""
+    max_body = 64 * 1024
+    broker = await start_broker(MemStore(), max_body=max_body, cache_bytes=2 * 1024 * 1024)
+    api = Api(session, broker.url)
+    jobs = [{"id": f"j{i}", "payload": "x" * 60_000} for i in range(100)]
+    for job in jobs:
+        assert (await api.post("/topics/t/enqueue", job))[0] == 201
+    taken = 0
+    for _ in range(2):  # a retry meets the same
+        async with session.post(
+            f"{broker.url}/topics/t/{route}", data=orjson.dumps({"worker_id": "w", "count": 100})
+        ) as r:
+            raw = await r.read()
+            assert r.status == 200, raw  # 503: "topic 't': the object cache is too small"
+        assert len(raw) <= 16 * max_body, f"one {route} answered {len(raw):,} bytes"
+        taken += len(orjson.loads(raw)["jobs"])
+    assert 2 <= taken < 100
+
+
 async def test_claim_on_empty_topic_is_404(api: Api) -> None:
     status, body = await api.post("/topics/t/claim", {"worker_id": "w"})
     assert status == 404

@@ -263,6 +263,27 @@ def test_pending_spills_into_segments_and_claims_follow_them_in_order() -> None:
     assert got == [f"j{i:04d}" for i in range(200)]
 
 
+def test_a_claim_or_pop_takes_no_more_jobs_once_their_payloads_reach_claim_bytes() -> None:
+    """`count` bounded a claim in jobs only: 1,000 jobs of a MiB were one
+    answer, and their segments one batch's reads (review of the HTTP edge).
+    The first job is taken however large; the claims of one batch share the
+    bound (their segments are read together), each taking one job at least."""
+    s = fresh(inline_pending_bytes=500, claim_bytes=250)
+    s.enqueue([JobSpec("x" * 1000, id="big")], T0)
+    s.enqueue([JobSpec("y" * 98, id=f"j{i}") for i in range(12)], T0)  # 100 bytes as JSON
+    s = reload(s)
+    assert s.head["lanes"]["0"]["runs"], "expected spilled segments"
+    s.begin()
+    assert ids(s.claim("w", None, 10, T0)) == ["big"]
+    s.begin()
+    assert ids(s.claim("w", None, 10, T0)) == ["j0", "j1", "j2"]  # 300 bytes: past 250
+    s.begin()
+    assert ids(s.pop("w", 10, T0)) == ["j3", "j4", "j5"]
+    assert ids(s.claim("w2", None, 10, T0)) == ["j6"]  # the same batch: its first job only
+    s.begin()
+    assert ids(s.claim("w", None, 2, T0)) == ["j7", "j8"]
+
+
 def test_jobs_in_segments_are_found_and_deduplicated() -> None:
     s = fresh(inline_pending_bytes=500)
     s.enqueue([JobSpec(i, id=f"a{i}") for i in range(30)], T0)

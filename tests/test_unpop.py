@@ -30,6 +30,7 @@ from simplequeue.errors import NotDurable, SimpleQueueError, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
+from simplequeue.state import Bounds
 from tests.helpers.until import until
 from tests.test_ownership import answer_too_late, cluster, owner_and_other, post
 
@@ -58,6 +59,18 @@ async def test_a_pop_named_by_an_attempt_is_given_back_whole_once() -> None:
     again = await q.pop("t", "w", count=3)
     assert sorted(j["id"] for j in again) == ["j0", "j1", "j2"]
     assert again[0]["payload"] == {"n": 0} and again[0]["attempts"] == 1
+
+
+async def test_a_pop_cut_short_by_its_payloads_bytes_is_given_back_whole() -> None:
+    """A pop that took fewer jobs than its count (Bounds.claim_bytes) gives
+    back each job it took, and only those."""
+    settings = CommitSettings(bounds=Bounds(claim_bytes=20))
+    q = Engine(GroupCommitter(MemStore(), broker_id="b", settings=settings))
+    await q.enqueue("t", [JobSpec({"n": i}, id=f"j{i}") for i in range(5)])  # 7 bytes each
+    popped = await q.pop("t", "w", count=5, attempt_id="a1")
+    assert [j["id"] for j in popped] == ["j0", "j1", "j2"]
+    assert await q.unpop("t", "a1", "w") == 3
+    assert await statuses(q, *(f"j{i}" for i in range(5))) == ["pending"] * 5
 
 
 async def test_a_pops_retry_gets_its_first_tries_jobs_and_pops_no_more() -> None:

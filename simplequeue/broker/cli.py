@@ -122,7 +122,8 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     type=click.IntRange(min=1),
     default=256,
     help="Memory for the segments and manifests topics are read from (cached, the least "
-    "recently used dropped first), in MB.",
+    "recently used dropped first), in MB. The claims of one write take jobs whose payloads "
+    "come to an eighth of it at most (16 MiB at most; one job each at least).",
 )
 @click.option(
     "--header-timeout",

@@ -245,7 +245,7 @@ def spec() -> dict[str, Any]:
         f"{t}/claim": {
             "post": _op(
                 "claim",
-                "Claim the next job (or count jobs), long-polling up to wait seconds",
+                "Claim the next job (or up to count jobs), long-polling up to wait seconds",
                 _one_of(api.Claimed, api.ClaimedBatch),
                 (*_WRITE, NothingToClaim),
                 body=_ref(api.ClaimRequest),

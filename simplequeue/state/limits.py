@@ -35,6 +35,10 @@ class Bounds:
     writers_max: int = 64  # brokers whose latest write id the head keeps
     schedules_max: int = 100  # schedules of a topic (they live in its head)
     schedules_bytes: int = 64 * 1024  # all of a topic's schedules, as JSON
+    # Payload bytes past which the claims (and pops) of a batch take no more
+    # jobs, each one at least: answers are built in memory, and the segments
+    # they read are held at once (the committer lowers it to fit its cache).
+    claim_bytes: int = 16 * 1024 * 1024
 
     def scaled(self, factor: int) -> Bounds:
         """The same bounds with `factor` times as much inline."""

@@ -87,6 +87,7 @@ class TopicState(Layout):
         self.ids = ids if ids is not None else IdFilter()
         # The run_at of the earliest job the last claim() found not due yet.
         self.next_ready: float | None = None
+        self._claim_room = bounds.claim_bytes  # see begin()
 
     @property
     def ids(self) -> IdFilter:
@@ -329,9 +330,17 @@ class TopicState(Layout):
             answers.append({"id": job_id, "duplicate": False})
         return answers
 
+    def begin(self) -> None:
+        super().begin()
+        # Payload bytes the batch's claims may still take past the first job
+        # each takes: shared, so that many claims committed together hold no
+        # more than one would (their segments are all read in the batch).
+        self._claim_room = self.bounds.claim_bytes
+
     def rollback(self, head: dict[str, Any]) -> None:
         super().rollback(head)
         _drop_stale_prios(head)  # a head read again, as __init__ reads one
+        self._claim_room = self.bounds.claim_bytes  # the batch is applied again
 
     def _prios(self) -> dict[str, int]:
         """How many jobs of each priority the topic holds (pending, delayed,
@@ -387,7 +396,11 @@ class TopicState(Layout):
     ) -> list[Job]:
         """Claim up to `count` due jobs, highest priority then earliest run_at, for
         `lease` seconds (None: the topic's default, else the policy's), within
-        the topic's limits (fewer jobs, or none). The answers carry payloads.
+        the topic's limits (fewer jobs, or none). The answers carry payloads:
+        once those of the batch's claims reach `bounds.claim_bytes`, a claim
+        takes no more jobs than its first, so that neither the answers nor
+        the segments read for them outgrow the broker's memory, whatever
+        `count` says.
 
         The lease counts from `now + clock_error` (its heartbeat_at): `now` is
         an estimate of the store's clock that may be `clock_error` behind it,
@@ -401,7 +414,7 @@ class TopicState(Layout):
             return claimed
         lanes = sorted(self.head["lanes"].items(), key=lambda kv: -int(kv[0]))
         for name, lane in lanes:
-            while len(claimed) < count:
+            while len(claimed) < count and (not claimed or self._claim_room > 0):
                 taken = self._take_front(lane, now)
                 if taken is None:
                     break
@@ -422,6 +435,8 @@ class TopicState(Layout):
                 self._add_lease(record)
                 claimed.append({**record, "payload": job["payload"]} if src else dict(record))
                 self.dirty = True
+                if len(claimed) < count:  # measured only when another may follow
+                    self._claim_room -= len(orjson.dumps(job["payload"]))
             if not lane["in"] and not lane["runs"]:
                 del self.head["lanes"][name]
         for job in claimed:
@@ -464,8 +479,9 @@ class TopicState(Layout):
             self.next_ready = run_at
 
     def pop(self, worker_id: str, count: int, now: float) -> list[Job]:
-        """Claim and complete up to `count` jobs at once (Redis LPOP semantics):
-        whoever pops a job has done it, and nobody else will see it again."""
+        """Claim and complete up to `count` jobs at once (Redis LPOP semantics),
+        as many as claim() takes (bounded in payload bytes too): whoever pops
+        a job has done it, and nobody else will see it again."""
         jobs = self.claim(worker_id, None, count, now)
         for job in jobs:
             self.ack(job["id"], job["lease_token"], None, now)
