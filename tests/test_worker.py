@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from simplequeue.api import MAX_BATCH
+from simplequeue.api import MAX_BATCH, MAX_ERROR
 from simplequeue.client import Backoff, Client, Done, Job, Tasks, Worker, calls_within
 from simplequeue.client import worker as worker_module
 from simplequeue.client.worker import AHEAD_MAX, TAKE_BACK_WITHIN, ClaimAhead
@@ -958,6 +958,31 @@ async def test_a_handler_failure_is_logged_with_its_traceback(
 
 async def _dead(q: Client, n: int) -> bool:
     return (await q.status())["dead"] >= n
+
+
+async def test_a_handler_error_longer_than_max_body_still_nacks_its_job(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error quoting a large payload or response, sent whole in the nack
+    (the broker keeps api.MAX_ERROR characters of it), was over the broker's
+    --max-body: the nack was refused (413) and the job sat claimed until its
+    lease ran out, its error not kept and its backoff ignored. The log keeps
+    it whole."""
+    broker = await start_broker(MemStore(), max_body=64 * 1024)
+    async with Client(broker.url, topic="w") as q:
+        job_id = await q.enqueue({"n": 1}, max_attempts=1)
+        text = "upstream answered: " + "x" * 100_000
+
+        async def fails(job: Job) -> None:
+            raise ValueError(text)
+
+        worker = Worker(q, fails, wait=0.2, lease=30, backoff=FAST, handle_signals=False)
+        with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+            await run_until(worker, broker, lambda: _dead(q, 1))
+        job = await q.job(job_id)
+        assert job.last_error == f"ValueError: {text}"[:MAX_ERROR]
+        assert f"ValueError: {text}" in caplog.text
+        assert "could not settle" not in caplog.text
 
 
 async def test_a_plain_function_runs_in_a_thread_and_its_return_value_acks(

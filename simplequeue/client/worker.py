@@ -26,8 +26,9 @@ is free at once); a `Done(result, enqueue=[...])` acks it with follow-up jobs
 (SPEC 9). An exception, from the call on, a result or follow-up that cannot be
 sent, overrunning `timeout`, or an ack the broker refuses (a follow-up it
 cannot store, a body over its --max-body) nacks the job with the error text
-and a jittered exponential backoff (the broker sends it dead when its attempts
-are spent), and is logged with its traceback on the `simplequeue.worker` logger.
+(its first api.MAX_ERROR characters, all the broker keeps) and a jittered
+exponential backoff (the broker sends it dead when its attempts are spent),
+and is logged with its traceback on the `simplequeue.worker` logger.
 stop() stops claiming and drains: every job already claimed, the buffered ones
 included, is run to its end. SIGTERM or SIGINT stop claiming too: the running
 jobs are run to their end, and the buffered ones given back unrun (released:
@@ -1000,7 +1001,8 @@ class Worker:
 
     async def _fail(self, job: Job, exc: Exception) -> None:
         """Log the handler's failure with its traceback and nack the job with the
-        error, to run again after the backoff (or go dead when its attempts are spent)."""
+        error (what the broker keeps of it: api.MAX_ERROR characters), to run
+        again after the backoff (or go dead when its attempts are spent)."""
         self.failed += 1
         error = "".join(traceback.format_exception_only(exc)).strip()
         log.error("job %s failed on attempt %s: %s", job.id, job.attempts, error, exc_info=exc)
@@ -1013,7 +1015,11 @@ class Worker:
         # would leave the job to its lease, with no backoff and no error kept.
         delay = min(max(delay, 0.0), api.MAX_DELAY) if math.isfinite(delay) else api.MAX_DELAY
         within = TAKE_BACK_WITHIN if self._signalled >= 2 else None
-        await self._settle(job, self.client.nack(job, delay, error), within)
+        # What the broker keeps of the error (the log has it whole): sent whole,
+        # one quoting a large payload could be over its --max-body, the nack
+        # refused and the job left to its lease, its error not kept.
+        nack = self.client.nack(job, delay, error[: api.MAX_ERROR])
+        await self._settle(job, nack, within)
 
     def retry_delay(self, job: Job, error: Exception) -> float:
         """Seconds before a failed job may run again: the backoff's for its
