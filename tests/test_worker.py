@@ -482,7 +482,7 @@ def test_claim_ahead_sizes_the_buffer_from_the_rate_and_the_round_trip() -> None
             now[0] += 1 / jobs_per_s
             ahead.ended()
 
-    ahead.claimed(0.010, asked=6, got=6)
+    ahead.claimed(0.010, asked=6, got=6, wait=0)
     run(1_000, 1.0)  # 1,000/s x 10 ms x 4 round trips = 40 jobs
     assert 38 <= ahead.size <= 42
     run(4_000, 1.0)  # 160
@@ -491,11 +491,76 @@ def test_claim_ahead_sizes_the_buffer_from_the_rate_and_the_round_trip() -> None
     assert ahead.size == AHEAD_MAX * 4
     run(50, 2.0)  # slow jobs: 50/s x 10 ms x 4 = 2, under the floor
     assert ahead.size == 8
-    ahead.claimed(5.0, asked=6, got=1)  # a long poll answered short: not a round trip
+    ahead.claimed(5.0, asked=6, got=1, wait=5)  # a long poll answered short: not a round trip
     run(1_000, 1.0)
     assert 38 <= ahead.size <= 42
     run(0.5, 20.0)  # jobs that end seconds apart: the buffer shrinks back
     assert ahead.size == 8
+
+
+def test_claim_ahead_times_only_claims_that_could_not_long_poll() -> None:
+    """A long poll is answered in full too when jobs come while it waits (an
+    idle Worker, then a burst): its wait is no round trip. After a claim
+    answered in full (had_jobs) the Worker sends the next with no wait: that
+    one's time is."""
+    ahead = ClaimAhead(concurrency=4)
+    assert not ahead.had_jobs  # the first claims long-poll
+    ahead.claimed(1.5, asked=6, got=6, wait=5)
+    assert ahead._trip is None and ahead.had_jobs
+    ahead.claimed(0.01, asked=6, got=6, wait=0)
+    assert ahead._trip == 0.01
+    ahead.claimed(0.01, asked=6, got=0, wait=0)  # the topic ran out: the next one long-polls
+    assert not ahead.had_jobs
+
+
+class TimedClaims(ClaimAhead):
+    """Records the claims' times it took for round trips."""
+
+    def __init__(self, concurrency: int) -> None:
+        super().__init__(concurrency)
+        self.trips: list[float] = []
+
+    def claimed(self, seconds: float, *asked_got_wait: Any) -> None:
+        before = self._trip
+        super().claimed(seconds, *asked_got_wait)
+        if self._trip != before:
+            self.trips.append(seconds)
+
+
+async def test_a_long_poll_answered_in_full_is_not_taken_for_a_claims_round_trip(
+    broker: Any, q: Client
+) -> None:
+    """An idle Worker's long poll, answered in full when a burst came while it
+    waited, was taken for a claim's round trip (claims answered short were
+    not): 1.5 s instead of ~1 ms, the buffer jumped to its cap (64 x
+    concurrency) and one Worker claimed the burst for itself: with
+    concurrency 2, some 90 jobs of a second each that other workers could
+    have run."""
+    for _ in range(2):
+        await q.enqueue_many([{"payload": 0} for _ in range(1000)])
+
+    async def sleep(job: Job) -> None:
+        await asyncio.sleep(job.payload)
+
+    worker = Worker(q, sleep, concurrency=2, wait=2, handle_signals=False)
+    worker.ahead = ahead = TimedClaims(2)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(broker, lambda: _completed(q, 2000))
+        size = worker.buffer_size
+        assert ahead.trips  # the busy topic's claims were timed
+        await asyncio.sleep(1.5)  # idle: its claims long-poll
+        await q.enqueue_many([{"payload": 1} for _ in range(100)])
+        await asyncio.sleep(0.5)
+        held = len(worker._ready) + len(worker._running)
+        assert max(ahead.trips) < 1.5, (
+            f"a long poll of {max(ahead.trips):.3f} s taken for a round trip;"
+            f" buffer {size} -> {worker.buffer_size}; {held} one-second jobs held"
+        )
+        assert held <= worker.concurrency + 2 * size, (held, size)
+    finally:
+        worker._on_signal()  # the jobs claimed ahead go back, unrun
+        await task
 
 
 def test_claim_ahead_never_asks_for_more_than_a_claim_may_carry() -> None:
@@ -503,7 +568,7 @@ def test_claim_ahead_never_asks_for_more_than_a_claim_may_carry() -> None:
     buffer stops short of it, and so does each claim it sends."""
     now = [0.0]
     ahead = ClaimAhead(concurrency=200, clock=lambda: now[0])
-    ahead.claimed(0.25, asked=300, got=300)
+    ahead.claimed(0.25, asked=300, got=300, wait=0)
     for _ in range(20_000):
         now[0] += 1 / 20_000
         ahead.ended()

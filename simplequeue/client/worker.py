@@ -174,9 +174,12 @@ class ClaimAhead:
     then claim in large batches (the broker writes once per batch, so a batch
     twice the size costs about the same), and long ones keep the small buffer
     that leaves jobs to the other workers. Round trips are measured only on
-    claims answered in full: one that came back short may have long-polled.
-    A rate sample spans at least WINDOW and one job, so when jobs slow down
-    (or stop) the rate falls with them and the buffer shrinks back."""
+    claims answered in full that did not long-poll (sent with no wait: see
+    `had_jobs`): a long poll is answered in full too when jobs come while it
+    waits (an idle worker, then a burst), and its wait, taken for a round
+    trip, would size the buffer to claim the burst. A rate sample spans at
+    least WINDOW and one job, so when jobs slow down (or stop) the rate falls
+    with them and the buffer shrinks back."""
 
     WINDOW = 0.02  # seconds of completions per rate sample, at least
     WEIGHT = 0.3  # of a new sample in the moving averages
@@ -190,9 +193,16 @@ class ClaimAhead:
         self._rate: float | None = None  # jobs ended per second
         self._since = clock()
         self._ended = 0
+        # The last claim answered got all it asked for: the topic most likely
+        # has more, and the next claim is sent with no wait (Worker._claim),
+        # which makes its time a round trip.
+        self.had_jobs = False
 
-    def claimed(self, seconds: float, asked: int, got: int) -> None:
-        if got >= asked:
+    def claimed(self, seconds: float, asked: int, got: int, wait: float) -> None:
+        """A claim that could long-poll `wait` seconds took `seconds` and got
+        `got` of the `asked` jobs."""
+        self.had_jobs = got >= asked
+        if self.had_jobs and wait == 0:
             self._trip = self._average(self._trip, seconds)
             self._resize()
 
@@ -642,17 +652,18 @@ class Worker:
         hold = FAILED_CLAIM_HOLD  # seconds this claim keeps its place once answered
         sent = time.monotonic()
         answering = LastCall()  # of the claim that answered the jobs
+        # Right after a claim answered in full, no long poll: the topic most
+        # likely has jobs, and its time is a round trip (ClaimAhead).
+        wait = 0.0 if self.burst or self.ahead.had_jobs else self.wait
         try:
             with last_call(answering):
                 jobs = await self.client.claim_many(
-                    self.worker_id,
-                    count,
-                    lease=self.lease,
-                    wait=0.0 if self.burst else self.wait,
-                    attempt_id=attempt[0],
+                    self.worker_id, count, lease=self.lease, wait=wait, attempt_id=attempt[0]
                 )
                 took = time.monotonic() - sent
-                self.ahead.claimed(took, count, len(jobs))
+                self.ahead.claimed(took, count, len(jobs), wait)
+                # ... answered short so, it is followed by a long poll at once.
+                unwaited_short = wait < self.wait and len(jobs) < count
                 # Only jobs held here already (a broker's fault) is an empty
                 # answer: held for nothing, the claim would be sent again at
                 # once, and answered so again, in a tight loop.
@@ -667,7 +678,7 @@ class Worker:
             # EMPTY_POLL_HOLD at least from its sending: a wait of 0 or 0.01
             # would hold it for nothing.
             empty_hold = max(EMPTY_POLL_HOLD - took, min(self.wait - took, FAILED_CLAIM_HOLD))
-            hold = 0.0 if jobs or self.burst else empty_hold
+            hold = 0.0 if jobs or self.burst or unwaited_short else empty_hold
         except asyncio.CancelledError:
             if self._stopping.is_set():  # request_stop(), not run() cancelled
                 self._giving_back.append(asyncio.ensure_future(self._take_back(count, attempt[0])))
