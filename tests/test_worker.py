@@ -19,7 +19,7 @@ from simplequeue.api import MAX_BATCH, MAX_ERROR
 from simplequeue.client import Backoff, Client, Done, Job, Tasks, Worker, calls_within
 from simplequeue.client import worker as worker_module
 from simplequeue.client.worker import AHEAD_MAX, TAKE_BACK_WITHIN, ClaimAhead
-from simplequeue.errors import BrokerUnavailable, Unauthorized
+from simplequeue.errors import BrokerUnavailable, PayloadTooLarge, Unauthorized
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
@@ -926,14 +926,20 @@ async def test_a_burst_worker_raises_when_no_broker_answers() -> None:
 
 
 class AckCountingClient(Client):
-    """Records the size of every ack request."""
+    """Records the size of every ack request, and counts those the broker
+    refused whole for their size (a 413)."""
 
     ack_batches: list[int]
+    refused = 0
 
     async def ack_many(self, acks: Any) -> list[dict[str, Any]]:
         acks = list(acks)
         self.ack_batches.append(len(acks))
-        return await super().ack_many(acks)
+        try:
+            return await super().ack_many(acks)
+        except PayloadTooLarge:
+            self.refused += 1
+            raise
 
 
 async def test_acks_of_jobs_that_end_together_share_a_request(broker: Any) -> None:
@@ -948,6 +954,35 @@ async def test_acks_of_jobs_that_end_together_share_a_request(broker: Any) -> No
         await run_until(worker, broker, lambda: _completed(q, 30))
     assert sum(q.ack_batches) == 30
     assert len(q.ack_batches) < 30 and max(q.ack_batches) > 1
+
+
+async def test_ack_batches_are_bounded_by_bytes_not_only_by_count(broker: Any) -> None:
+    """Acks rode batches of up to 1,000 whatever their results weighed: 300
+    results of 40 KB that ended together went as one 12 MB request, refused
+    (413, --max-body 1 MiB), then in halves, refused again, down to requests
+    that fit: 15 refused of 31, every byte encoded and sent four times. They
+    go in requests of 512 KB at most now, as the CLI's enqueue sends jobs."""
+    async with AckCountingClient(broker.url, topic="w") as q:
+        q.ack_batches = []
+        await q.enqueue_many(list(range(300)))
+        ended = asyncio.Event()
+
+        async def large(job: Job) -> str:
+            await ended.wait()
+            return "x" * 40_000
+
+        worker = Worker(q, large, concurrency=300, prefetch=0, wait=1, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: len(worker._running) == 300)
+            ended.set()
+            await wait_until(broker, lambda: _completed(q, 300))
+        finally:
+            await worker.stop()
+            await task
+    assert worker.processed == 300
+    assert q.refused == 0, f"{q.refused} of {len(q.ack_batches)} ack requests refused"
+    assert sum(q.ack_batches) == 300 and max(q.ack_batches) > 1
 
 
 class FirstAckRequestBreaks(Client):

@@ -66,10 +66,10 @@ import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from simplequeue import api
-from simplequeue.batching import Batcher, Pending
+from simplequeue.batching import Batcher, Pending, runs_within
 from simplequeue.client.client import (
     UNSENDABLE,
     Client,
@@ -100,8 +100,15 @@ log = logging.getLogger("simplequeue.worker")
 #: callable that returns an awaitable; what it returns acks the job (a Done:
 #: with follow-up jobs).
 Handler = Callable[[Job], Any]
-#: An ack waiting for its batch: the job, its result, its follow-ups.
-_Ack = tuple[Job, Any, list[api.FollowUpSpec] | None]
+
+
+class _Ack(NamedTuple):
+    """An ack waiting for its batch."""
+
+    job: Job
+    result: Any
+    follow_ups: list[api.FollowUpSpec] | None
+    size: int  # bytes it adds to an ack request, about (_ack_of)
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,14 @@ EMPTY_POLL_HOLD = 0.1
 # answered (Worker._take_back); and, after a second signal, for the broker to
 # answer what is left (give-backs, nacks, acks).
 TAKE_BACK_WITHIN = 2.0
+# Bytes of acks (results and follow-ups, encoded) in one ack request at most,
+# an ack larger going alone, as the CLI's enqueue sends jobs: well within the
+# broker's default --max-body (1 MiB); a request it refuses still goes again
+# in halves. An ack batch is also api.MAX_BATCH acks at most.
+ACK_BATCH_BYTES = 512 * 1024
+# Bytes an ack adds to its request besides its result, follow-ups, id and
+# lease token: the field names and punctuation.
+ACK_FIELDS_BYTES = 64
 
 
 class ClaimAhead:
@@ -893,7 +908,7 @@ class Worker:
         failure: Exception | None = None
         acking = False
         try:
-            result, follow_ups = _ack_of(await self._within_timeout(work, held))
+            ack = _ack_of(job, await self._within_timeout(work, held))
             acking = not held.lost
         except asyncio.CancelledError as exc:
             # This task cancelled (run() cancelled): on up, the job left to its
@@ -943,15 +958,15 @@ class Worker:
         if held.lost:  # the handler swallowed its cancellation: its result is not wanted
             log.warning("job %s: %s; its result is dropped", job.id, _why_gone(held))
             return
-        if follow_ups:
+        if ack.follow_ups:
             self._follow_ups_unsettled += 1
         # The slot is free now; the ack rides the next batch. Until it is
         # answered the heartbeats go on: an ack queued or slow past the lease
         # would let the job be claimed and run again. (One out when the ack
         # lands is answered LeaseLost, which is then nobody's concern.)
         self._acking.add(held)
-        acked = self._acks.post((job, result, follow_ups))
-        acked.add_done_callback(lambda _: self._acked(held, bool(follow_ups)))
+        acked = self._acks.post(ack)
+        acked.add_done_callback(lambda _: self._acked(held, bool(ack.follow_ups)))
 
     def _acked(self, held: _Claimed, follow_ups: bool) -> None:
         """`held`'s ack was answered, or failed, or was aborted (a second
@@ -1107,23 +1122,38 @@ class Worker:
             )
 
     async def _send_acks(self, batch: list[Pending[_Ack, str]]) -> list[str | BaseException]:
-        """One ack request for the batch; each ack's outcome is the status the
-        broker answered it with. Nobody waits on them: failures are logged here,
-        and an ack the broker refused as invalid fails its job."""
+        """The batch's acks, in requests of ACK_BATCH_BYTES at most (sent as one
+        whatever their results weigh, a burst of large ones would be over the
+        broker's --max-body, refused and halved down to requests that fit,
+        every burst). Each ack's outcome is the status the broker answered it
+        with. Nobody waits on them: failures are logged here, a request that
+        fails fails the rest of the batch with it, unsent (the broker could
+        not be reached, its retries spent), and an ack the broker refused as
+        invalid fails its job."""
         acks = [pending.item for pending in batch]
-        try:
-            answers = await self._ack_in_parts(acks)
-        except Exception as exc:
-            log.error(
-                "%d acks failed (their jobs will be redelivered): %s",
-                len(acks),
-                exc,
-                exc_info=not isinstance(exc, SimpleQueueError),
-            )
-            self.unacked += len(acks)
-            return [exc] * len(acks)
         outcomes: list[str | BaseException] = []
-        for (job, _, _), answer in zip(acks, answers, strict=True):
+        for run in runs_within(acks, _size_of, ACK_BATCH_BYTES):
+            try:
+                answers = await self._ack_in_parts(run)
+            except Exception as exc:
+                failed = len(acks) - len(outcomes)
+                log.error(
+                    "%d acks failed (their jobs will be redelivered): %s",
+                    failed,
+                    exc,
+                    exc_info=not isinstance(exc, SimpleQueueError),
+                )
+                self.unacked += failed
+                return [*outcomes, *[exc] * failed]
+            outcomes += await self._answered(run, answers)
+        return outcomes
+
+    async def _answered(
+        self, acks: list[_Ack], answers: list[dict[str, Any] | InvalidRequest]
+    ) -> list[str]:
+        """Each of `acks`' outcome, as the broker answered it (`answers`)."""
+        outcomes: list[str] = []
+        for job, answer in zip((ack.job for ack in acks), answers, strict=True):
             if isinstance(answer, InvalidRequest) or answer.get("status") == "invalid":
                 # Refused, it changed nothing: the job is still held, and
                 # failing it now says why, where waiting out its lease would not.
@@ -1143,11 +1173,12 @@ class Worker:
         return outcomes
 
     async def _ack_in_parts(self, acks: list[_Ack]) -> list[dict[str, Any] | InvalidRequest]:
-        """The broker's answer to each ack. A request it refuses as a whole (a
-        400 or 413: follow-ups too large for its --max-body, say) goes again
-        in halves, so that only the ack at fault fails."""
+        """The broker's answer to each ack, sent in one request. A request it
+        refuses as a whole (a 400 or 413: over a --max-body lower than its
+        default, or follow-ups too large for it, say) goes again in halves, so
+        that only the ack at fault fails."""
         try:
-            return list(await self.client.ack_many(acks))
+            return list(await self.client.ack_many((a.job, a.result, a.follow_ups) for a in acks))
         except InvalidRequest as exc:
             if len(acks) == 1:
                 return [exc]
@@ -1346,26 +1377,34 @@ def _is_plain_function(handler: Handler) -> bool:
     return inspect.isfunction(target) or inspect.ismethod(target)
 
 
-def _ack_of(returned: Any) -> tuple[Any, list[api.FollowUpSpec] | None]:
-    """What a handler's return value acks its job with: (result, follow-ups).
-    Raises (failing the job) for what could not be sent: a result or a
-    follow-up that is not JSON, or a follow-up spec that is not valid."""
+def _ack_of(job: Job, returned: Any) -> _Ack:
+    """What a handler's return value acks `job` with: its result and
+    follow-ups, and about how many bytes they add to an ack request. Raises
+    (failing the job) for what could not be sent: a result or a follow-up
+    that is not JSON, or a follow-up spec that is not valid."""
+    size = ACK_FIELDS_BYTES + len(job.id) + len(job.lease_token or "")
+    follow_ups = None
     if isinstance(returned, Done):
         result, follow_ups = returned.result, follow_up_specs(returned.enqueue)
-        _check_sendable(follow_ups, "a follow-up job")
+        size += _sendable_size(follow_ups, "a follow-up job")
     else:
-        result, follow_ups = returned, None
-    _check_sendable(result)
-    return result, follow_ups
+        result = returned
+    size += _sendable_size(result)
+    return _Ack(job, result, follow_ups, size)
 
 
-def _check_sendable(result: Any, what: str = "the handler's result") -> None:
-    """Raise unless `result` can be encoded into the ack request: a result that
-    cannot would fail every ack of the batch it rides in, not just its own."""
+def _sendable_size(result: Any, what: str = "the handler's result") -> int:
+    """`result`'s size encoded into the ack request; raises unless it can be:
+    a result that cannot would fail every ack of the batch it rides in, not
+    just its own."""
     try:
-        encode(result)
+        return len(encode(result))
     except UNSENDABLE as exc:
         raise TypeError(f"{what} cannot be sent as JSON: {exc}") from None
+
+
+def _size_of(ack: _Ack) -> int:
+    return ack.size
 
 
 #: In a job's task, and the tasks of its handler: the worker, that task, the job.
