@@ -388,6 +388,44 @@ async def test_a_stop_from_a_task_a_handler_started_keeps_to_the_concurrency(q: 
     assert most == 1
 
 
+async def test_a_handler_that_stops_waiting_in_stop_keeps_to_the_concurrency(q: Client) -> None:
+    """A handler waiting in stop() lends its slot to the jobs claimed ahead.
+    One that waited there within a bound (asyncio.timeout) and then went on
+    working took its slot back at once, while the job it lent it to still
+    ran: with concurrency=1, two handlers worked at once."""
+    await q.enqueue("stop", id="pill")
+    await q.enqueue_many(["a", "b"])
+    now = most = 0  # handlers working (not waiting in stop())
+    worker: Worker
+
+    def working(n: int) -> None:
+        nonlocal now, most
+        now += n
+        most = max(most, now)
+
+    async def handler(job: Job) -> str:
+        working(1)
+        try:
+            if job.payload == "stop":
+                await until(lambda: len(worker._ready) == 2)
+                working(-1)  # its slot is lent while it waits
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            await worker.stop()  # waits a moment for the others
+                finally:
+                    working(1)
+            await asyncio.sleep(0.3)
+            return "ok"
+        finally:
+            working(-1)
+
+    worker = Worker(q, handler, concurrency=1, prefetch=2, wait=0.2, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 10)
+    assert most == 1
+    assert worker.processed == 3
+
+
 async def test_stop_from_a_task_a_handler_started_waits_for_the_jobs(q: Client) -> None:
     """Tasks a handler starts copy its context: stop() there returned at once
     too, with jobs still running (their acks then failed under a client

@@ -587,8 +587,9 @@ class Worker:
         one nor for other jobs that called it too. Awaited by the handler
         itself, the job lends its slot to the jobs claimed ahead and waits
         for them too; from another task (shield, wait_for, a task it started)
-        with every slot taken, those run after it returns. The time a job
-        waits here counts against its `timeout`."""
+        with every slot taken, those run after it returns. A handler that
+        stops waiting here (a timeout around it) takes its slot back once one
+        is free. The time a job waits here counts against its `timeout`."""
         self.request_stop()
         handling = _handling.get()
         if handling is None or handling[0] is not self:
@@ -609,10 +610,24 @@ class Worker:
             while (lend and self._ready) or any(t not in self._parked for t in self._running):
                 self._one_finished.clear()
                 await self._one_finished.wait()
+        except asyncio.CancelledError:
+            if lend:  # cut short (a timeout around it): the handler goes on working
+                self._lent.discard(own)
+                await self._slot_freed()
+            raise
         finally:
             if lend:
                 self._lent.discard(own)
         await self._acks.flush()
+
+    async def _slot_freed(self) -> None:
+        """Return once the jobs running, less those lending their slot, are
+        within the concurrency: a handler that lent its slot and stopped
+        waiting in stop() takes it back only then, the job it lent it to
+        perhaps still running."""
+        while len(self._running - self._lent) > self.concurrency:
+            self._one_finished.clear()
+            await self._one_finished.wait()
 
     @property
     def buffer_size(self) -> int:
