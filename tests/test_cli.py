@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1112,6 +1112,68 @@ async def test_work_timeout_kills_a_command_that_runs_too_long(cli: Cli, tmp_pat
         kill_pid(pid)
 
 
+# A process that leaves the command's process group and session (as a daemon,
+# `setsid cmd &` or a double fork does) but keeps the pipes it inherited, stdout
+# and stderr: it writes its pid to argv[1] and sleeps argv[2] seconds.
+ESCAPES = (
+    "import os, sys, time; os.setsid(); "
+    "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(float(sys.argv[2]))"
+)
+
+
+@pytest.fixture
+def escaped(tmp_path: Path) -> Iterator[Path]:
+    """The pid file of an ESCAPES process, killed after the test."""
+    pid_file = tmp_path / "escaped.pid"
+    yield pid_file
+    if file_text(pid_file):
+        kill_pid(int(file_text(pid_file)))
+
+
+async def test_work_timeout_fails_the_job_on_time_when_a_child_left_the_group(
+    cli: Cli, escaped: Path
+) -> None:
+    """`work --timeout 1` kills the command's process group and fails the job.
+    A child that left the group (setsid) still held the command's stdout and
+    stderr, and `await proc.wait()` (on Python 3.11, until every pipe closes)
+    waited for it: the job failed when that child ended (an hour for `setsid
+    sleep 3600 &`), its lease heartbeated all along (review of the CLI, round
+    26). The second Ctrl-C's "stop now", a cancelled job and --max-output
+    waited the same way. The command's exit is waited for now, not its pipes."""
+    await cli.json("enqueue", "1", "--id", "esc", "--max-attempts", "1")
+    script = (
+        f'cat >/dev/null; "{sys.executable}" -c "{ESCAPES}" {escaped} 40 &'
+        f" until [ -s {escaped} ]; do sleep 0.05; done; sleep 60"
+    )
+    started = time.monotonic()
+    done = await cli(
+        "work", "--max-jobs", "1", "--timeout", "1", "--", "sh", "-c", script, within=90
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    job = await cli.json("job", "esc")
+    assert job["status"] == "dead" and "past --timeout 1 s" in job["last_error"], job
+    assert took < 20, f"the job failed {took:.0f} s after it started, not ~1 s (--timeout 1)"
+
+
+async def test_a_command_past_max_output_is_stopped_at_once_when_a_child_left_the_group(
+    escaped: Path,
+) -> None:
+    """Past --max-output the command's group was killed and its stdout read
+    to its end, which a child that left the group (setsid) held open: the job
+    failed when that child ended (review of the CLI, round 26)."""
+    from simplequeue.client.cli import communicate_bounded
+
+    script = (
+        f'"{sys.executable}" -c "{ESCAPES}" {escaped} 40 &'
+        f" until [ -s {escaped} ]; do sleep 0.05; done; yes"
+    )
+    async with asyncio.timeout(10):
+        out, _, code = await communicate_bounded(("sh", "-c", script), b"", 1000, {**os.environ})
+    assert out is None and code == -9
+    assert alive(int(file_text(escaped)))  # out of reach of the kill, as it meant to be
+
+
 async def test_work_bounds_the_stdout_it_reads_without_q(cli: Cli) -> None:
     """Without -Q, stdout was read whole whatever its size (CLI review note): a
     command writing without end filled the worker's memory. It is bounded by
@@ -1137,22 +1199,13 @@ async def test_a_command_past_max_output_is_stopped_whatever_its_reader_holds() 
     read, and proc.wait() waited for it for ever: `work` hung with the job
     held (now and then under load, when the command wrote faster than the
     worker read: the timeouts of the two tests above)."""
-    from simplequeue.client.cli import communicate_bounded, stop_command
+    from simplequeue.client.cli import communicate_bounded
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        FLOOD,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(10):  # it is killed at once
-            out, _ = await communicate_bounded(proc, b"", 1000)
-    finally:
-        stop_command(proc)  # killed already, unless it hung
-    assert out is None and proc.returncode == -9
+    async with asyncio.timeout(10):  # it is killed at once
+        out, _, code = await communicate_bounded(
+            (sys.executable, "-c", FLOOD), b"", 1000, {**os.environ}
+        )
+    assert out is None and code == -9
 
 
 async def test_work_fails_a_job_whose_command_floods_stdout_rather_than_hang(cli: Cli) -> None:
@@ -1165,16 +1218,11 @@ async def test_work_keeps_the_end_of_stderr_only() -> None:
     failed job keeps only its end as the error."""
     from simplequeue.client.cli import STDERR_KEPT, communicate_bounded
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import sys; sys.stderr.write('x' * 5_000_000 + 'the end')",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    writes = "import sys; sys.stderr.write('x' * 5_000_000 + 'the end')"
+    out, err, code = await communicate_bounded(
+        (sys.executable, "-c", writes), b"", 1000, {**os.environ}
     )
-    out, err = await communicate_bounded(proc, b"", 1000)
-    assert out == b"" and proc.returncode == 0
+    assert out == b"" and code == 0
     assert len(err) == STDERR_KEPT and err.endswith(b"xthe end")
 
 

@@ -813,8 +813,9 @@ async def work(
     reaches this worker, not them); a second one stops them now, their jobs
     given back at once. A job given up (cancelled, its lease lost, its time
     or output over the bound, stopped now) has its command's whole process
-    group killed. A COMMAND that cannot be started stops the worker with exit
-    status 1.
+    group killed, and is answered then: the pipes of a process that left the
+    group (setsid) are closed, not waited for. A COMMAND that cannot be
+    started stops the worker with exit status 1.
 
     With -Q OUT, each non-empty line of stdout is a JSON payload for topic OUT,
     enqueued with the ack, in the same commit (the result is null); a line
@@ -945,53 +946,20 @@ def command_env(job: Job) -> dict[str, str]:
     return env
 
 
-async def start_command(command: tuple[str, ...], job: Job) -> asyncio.subprocess.Process:
-    try:
-        return await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=command_env(job),
-            # A session (and process group) of its own: a terminal's Ctrl-C,
-            # sent to the whole foreground group, reaches `work` alone, which
-            # drains; and the command's own children can be stopped with it
-            # (stop_command).
-            start_new_session=True,
+async def run_command(command: tuple[str, ...], job: Job, max_output: int) -> bytes:
+    """Run the command for `job`: its stdout, once it exited 0."""
+    out, err, code = await communicate_bounded(
+        command, orjson.dumps(job.payload), max_output, command_env(job)
+    )
+    if out is None:
+        raise OutputRejected(
+            f"the command wrote more than {max_output} bytes to stdout (it was stopped):"
+            " see work --max-output"
         )
-    except OSError as exc:
-        raise CommandUnstartable(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
-
-
-@contextlib.asynccontextmanager
-async def killed_if_cancelled(proc: asyncio.subprocess.Process) -> AsyncIterator[None]:
-    """Lease lost or shutting down hard: do not leave the command running."""
-    try:
-        yield
-    except asyncio.CancelledError:
-        stop_command(proc)
-        await proc.wait()
-        raise
-
-
-def stop_command(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the command and every process of its group: a shell script's
-    children too, which would otherwise run on for a job given up and hold
-    its pipes open (nothing reading them, or waiting for them to close)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # a group of its own: the command too
-    except (ProcessLookupError, PermissionError):
-        # proc.kill() reaps the command first if it can (Popen.poll): asyncio's
-        # child watcher then finds it gone, and reports its exit as 255.
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-
-
-def check_exit(proc: asyncio.subprocess.Process, err: bytes) -> None:
-    code = proc.returncode
     if code != 0:
         text = err.decode(errors="replace").strip()[-4000:]
         raise CommandFailed(text or exit_status(code))
+    return out
 
 
 def exit_status(code: int | None) -> str:
@@ -1005,18 +973,111 @@ def exit_status(code: int | None) -> str:
     return f"exit status {code}"
 
 
-async def run_command(command: tuple[str, ...], job: Job, max_output: int) -> bytes:
-    """Run the command for `job`: its stdout, once it exited 0."""
-    proc = await start_command(command, job)
-    async with killed_if_cancelled(proc):
-        out, err = await communicate_bounded(proc, orjson.dumps(job.payload), max_output)
-    if out is None:
-        raise OutputRejected(
-            f"the command wrote more than {max_output} bytes to stdout (it was stopped):"
-            " see work --max-output"
+async def communicate_bounded(
+    command: tuple[str, ...], data: bytes, limit: int, env: dict[str, str]
+) -> tuple[bytes | None, bytes, int | None]:
+    """Run `command` fed `data` on stdin: (its stdout, the end of its stderr,
+    its exit status) once it exited and its pipes closed. stdout is None when
+    it passed `limit` bytes: the command is killed then (kill_command) rather
+    than read on without bound, and so it is when this ends early (cancelled:
+    its job's lease lost, --timeout, "stop now")."""
+    output = CommandOutput(limit)
+    try:
+        transport, _ = await asyncio.get_running_loop().subprocess_exec(
+            lambda: output,
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            # A session (and process group) of its own: a terminal's Ctrl-C,
+            # sent to the whole foreground group, reaches `work` alone, which
+            # drains; and the command's own children can be stopped with it
+            # (kill_command).
+            start_new_session=True,
         )
-    check_exit(proc, err)
-    return out
+    except OSError as exc:
+        raise CommandUnstartable(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            stdin = transport.get_pipe_transport(0)
+            assert isinstance(stdin, asyncio.WriteTransport)
+            stdin.write(data)  # buffered by the transport: a payload is bounded
+            stdin.close()  # once written
+            await output.ended.wait()
+        except BaseException:
+            await kill_command(transport, output)
+            raise
+        if output.overflowed:
+            await kill_command(transport, output)
+            return None, b"", transport.get_returncode()
+        return bytes(output.out), bytes(output.err), transport.get_returncode()
+    finally:
+        transport.close()  # the pipes, which a process that left its group may hold
+
+
+class CommandOutput(asyncio.SubprocessProtocol):
+    """What a command writes, as it comes: stdout until it passes `limit` bytes
+    (`overflowed`, the rest dropped), the last STDERR_KEPT bytes of stderr (it
+    is read to its end: a command blocked writing it never ends). `exited`
+    once the command exited; `ended` once, besides, both pipes closed (by it
+    and by whoever else holds them: its children), or stdout overflowed.
+    A protocol, not asyncio's Process: on Python 3.11 Process.wait() waits for
+    the pipes to close, which a process that left the command's group holds
+    open for as long as it runs; kill_command waits for the exit alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.out = bytearray()
+        self.err = bytearray()
+        self.overflowed = False
+        self.open = {1, 2}  # stdout and stderr
+        self.exited = asyncio.Event()
+        self.ended = asyncio.Event()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 2:
+            self.err += data
+            del self.err[:-STDERR_KEPT]
+        elif not self.overflowed:
+            self.out += data
+            if len(self.out) > self.limit:
+                self.overflowed = True
+                self.out.clear()
+                self.ended.set()
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self.open.discard(fd)
+        self._maybe_ended()
+
+    def process_exited(self) -> None:
+        self.exited.set()
+        self._maybe_ended()
+
+    def _maybe_ended(self) -> None:
+        if self.exited.is_set() and not self.open:
+            self.ended.set()
+
+
+async def kill_command(transport: asyncio.SubprocessTransport, output: CommandOutput) -> None:
+    """SIGKILL the command and every process of its group: a shell script's
+    children too, which would otherwise run on for a job given up. Then wait
+    for the command's exit, and not for its pipes to close: a process that
+    left the group (`setsid cmd &`, a daemon, a double fork) survives the kill
+    holding them, and the job was held (its lease heartbeated) until that
+    process ended. communicate_bounded closes them: what it writes on is
+    refused (EPIPE, or SIGPIPE)."""
+    try:
+        os.killpg(transport.get_pid(), signal.SIGKILL)  # a group of its own: the command too
+    except (ProcessLookupError, PermissionError):
+        # kill() reaps the command first if it can (Popen.poll): asyncio's
+        # child watcher then finds it gone, and reports its exit as 255.
+        with contextlib.suppress(ProcessLookupError):
+            transport.kill()
+    stdin = transport.get_pipe_transport(0)
+    if isinstance(stdin, asyncio.WriteTransport) and stdin.get_write_buffer_size():
+        stdin.abort()  # what it did not read is not wanted: closing would wait for a reader
+    await output.exited.wait()
 
 
 def result_of(out: bytes) -> Any:
@@ -1051,46 +1112,3 @@ def payloads_of(out: bytes) -> list[Any]:
             raise OutputRejected(str(exc)) from None
         payloads.append(payload)
     return payloads
-
-
-async def communicate_bounded(
-    proc: asyncio.subprocess.Process, data: bytes, limit: int
-) -> tuple[bytes | None, bytes]:
-    """(stdout, the end of stderr) of `proc`, fed `data` on stdin, once it
-    exited; stdout is None when it passed `limit` bytes: the process is killed
-    then, rather than read on without bound. Of stderr the last STDERR_KEPT
-    bytes are kept (read to its end: a command blocked writing it never ends)."""
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
-
-    async def feed() -> None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it read no more
-            stdin.write(data)
-            await stdin.drain()
-        stdin.close()
-
-    async def read_out() -> bytes | None:
-        out = bytearray()
-        while chunk := await stdout.read(64 * 1024):
-            out += chunk
-            if len(out) > limit:
-                stop_command(proc)
-                # Read on to the pipe's end, dropped: a reader left holding more
-                # than twice its limit paused the pipe, whose end then never
-                # came, and proc.wait() (which waits for every pipe to close)
-                # waited for ever, the job held.
-                while await stdout.read(64 * 1024):
-                    pass
-                return None
-        return bytes(out)
-
-    async def read_err() -> bytes:
-        kept = bytearray()
-        while chunk := await stderr.read(64 * 1024):
-            kept += chunk
-            del kept[:-STDERR_KEPT]
-        return bytes(kept)
-
-    _, out, err = await asyncio.gather(feed(), read_out(), read_err())
-    await proc.wait()
-    return out, err
