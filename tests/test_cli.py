@@ -1002,6 +1002,39 @@ async def test_ctrl_c_in_a_terminal_drains_the_running_command(
     )
 
 
+async def test_work_hung_up_drains_rather_than_leave_its_command_running_with_its_job_claimed(
+    cli: Cli, broker: Any, tmp_path: Path
+) -> None:
+    """Commands run in a session of their own, so a terminal's signals reach
+    `work` alone. SIGTERM and SIGINT drained; SIGHUP (the terminal closed, an
+    ssh session dropped) killed `work` at once (status 129), its command
+    running on, orphaned, and its job claimed: once the lease ran out it was
+    run again while the orphan still ran it (review of the CLI, round 26).
+    SIGHUP drains now, as SIGTERM does."""
+    await cli.json("enqueue", '"job"', "--id", "h")
+    pid_file = tmp_path / "pid"
+    script = (
+        "import os, sys, time\nsys.stdin.read()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(3)\nprint('ok')\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *cli.argv("work", "--max-jobs", "1", "--", sys.executable, "-c", script),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    async with reaped(proc) as children:
+        pid = int(await wait_for_file(pid_file))
+        children.append(pid)
+        proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(20):
+            code = await proc.wait()
+        assert code == 0
+        assert not alive(pid), "`work` is gone, its command runs on, orphaned"
+    job = await cli.json("job", "h")
+    assert (job["status"], job.get("result")) == ("completed", "ok"), job
+
+
 async def test_a_cancelled_jobs_command_is_stopped_with_its_children(
     cli: Cli, broker: Any, tmp_path: Path
 ) -> None:

@@ -808,14 +808,15 @@ async def work(
     attempt in SIMPLEQUEUE_JOB_ID and SIMPLEQUEUE_ATTEMPT; exit 0 acks with
     stdout as the result (JSON if it parses, else text); non-zero nacks with
     the end of stderr as the error. A command past --timeout, or writing more
-    than --max-output bytes to stdout, fails its job. Ctrl-C or SIGTERM drains
-    running commands (each runs in a session of its own: a terminal's Ctrl-C
-    reaches this worker, not them); a second one stops them now, their jobs
-    given back at once. A job given up (cancelled, its lease lost, its time
-    or output over the bound, stopped now) has its command's whole process
-    group killed, and is answered then: the pipes of a process that left the
-    group (setsid) are closed, not waited for. A COMMAND that cannot be
-    started stops the worker with exit status 1.
+    than --max-output bytes to stdout, fails its job. Ctrl-C, SIGTERM or
+    SIGHUP (the terminal closed) drains running commands (each runs in a
+    session of its own: a terminal's signals reach this worker, not them); a
+    second one stops them now, their jobs given back at once. A job given up
+    (cancelled, its lease lost, its time or output over the bound, stopped
+    now) has its command's whole process group killed, and is answered then:
+    the pipes of a process that left the group (setsid) are closed, not
+    waited for. A COMMAND that cannot be started stops the worker with exit
+    status 1.
 
     With -Q OUT, each non-empty line of stdout is a JSON payload for topic OUT,
     enqueued with the ack, in the same commit (the result is null); a line
@@ -857,7 +858,8 @@ async def work(
     log_worker_to_stderr()
     into = f" into {output_topic}" if output_topic is not None else ""
     click.echo(f"working on {client.topic}{into} with {' '.join(command)}", err=True)
-    await worker.run()
+    with hangup_drains():
+        await worker.run()
     given_back = f", {worker.given_back} given back" if worker.given_back else ""
     unacked = f", {worker.unacked} not acked" if worker.unacked else ""
     click.echo(
@@ -869,6 +871,27 @@ async def work(
         raise click.ClickException(
             f"{worker.unacked} jobs ran but their acks did not land: they will run again"
         )
+
+
+@contextlib.contextmanager
+def hangup_drains() -> Iterator[None]:
+    """SIGHUP (the terminal closed, an ssh session dropped) drains `work` as
+    SIGTERM does: it is raised as SIGTERM, which the Worker handles. Commands
+    run in sessions of their own, so a hangup reaches `work` alone: it killed
+    `work` at once, its commands running on, orphaned, their jobs claimed
+    until their leases ran out and then run again beside them. A SIGHUP
+    ignored already (nohup) stays ignored. On the loop, around worker.run(),
+    which installs its own handlers before its first await and removes them
+    after its last."""
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, signal.raise_signal, signal.SIGTERM)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 def check_topic(name: str | None, param: click.Parameter) -> str | None:
