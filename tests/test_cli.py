@@ -454,6 +454,29 @@ def test_an_empty_dir_is_refused_not_the_current_directory(tmp_path: Path) -> No
     assert done.returncode == 2 and "--dir" in done.stderr, done.stderr
 
 
+def simplequeued(*args: str) -> subprocess.CompletedProcess[str]:
+    """simplequeued run with `args` on memfs and any free port, once it ended."""
+    at = ("--addr", "127.0.0.1:0", "--backend", "memfs")
+    return subprocess.run(
+        [sys.executable, "-m", "simplequeue.broker", *at, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("broker_id", ["../x", "a b", "-x", "x" * 200])
+def test_simplequeued_refuses_a_bad_broker_id_as_a_usage_error(broker_id: str) -> None:
+    """README: a flag's bad value is "one line too, `Error: ...`, with exit
+    status 2, from `simplequeue` and `simplequeued` alike". A --broker-id that
+    cannot name a registration was refused in one line but with exit status
+    1, a runtime failure (the Broker's construction raised InvalidRequest),
+    where --advertise-url ftp://x gets 2 (review of the CLI, round 26)."""
+    done = simplequeued("--broker-id", broker_id)
+    assert "broker ids are" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.returncode == 2 and "--broker-id" in done.stderr, done.stderr
+
+
 async def test_claim_whose_output_cannot_be_written_says_so_and_gives_the_job_back(
     cli: Cli,
 ) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
-from simplequeue import __version__, api
+from simplequeue import __version__, api, keys
 from simplequeue.broker.settings import BrokerSettings, parse_addr
-from simplequeue.errors import SimpleQueueError
+from simplequeue.errors import InvalidRequest, SimpleQueueError
 from simplequeue.objstore import ObjectStore
 from simplequeue.records import MAX_LEASE_S
 from simplequeue.state import Policy
@@ -41,6 +41,17 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     return value
 
 
+def _broker_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A usage error (exit 2) for an id that cannot name a registration, as for
+    any flag's bad value, where the broker refused it as it started (exit 1)."""
+    if not value:
+        return value
+    try:
+        return keys.check_broker_id(value)
+    except InvalidRequest as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command(
     cls=OneLineCommand,
     context_settings={"auto_envvar_prefix": "SIMPLEQUEUE", "show_default": True},
@@ -58,7 +69,13 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     callback=_addr,
     help="Also speak the Redis protocol (RESP) on HOST:PORT [default: off].",
 )
-@click.option("--broker-id", default=None, help="This broker's id [default: host-random].")
+@click.option(
+    "--broker-id",
+    default=None,
+    callback=_broker_id,
+    help="This broker's id: 1-128 of [A-Za-z0-9_.-], not starting with . or -"
+    " [default: host-random].",
+)
 @click.option(
     "--advertise-url",
     default=None,
