@@ -454,14 +454,15 @@ def test_an_empty_dir_is_refused_not_the_current_directory(tmp_path: Path) -> No
     assert done.returncode == 2 and "--dir" in done.stderr, done.stderr
 
 
-def simplequeued(*args: str) -> subprocess.CompletedProcess[str]:
-    """simplequeued run with `args` on memfs and any free port, once it ended."""
+def simplequeued(*args: str, within: float = 60) -> subprocess.CompletedProcess[str]:
+    """simplequeued run with `args` on memfs and any free port, once it ended
+    (TimeoutExpired, the broker killed, when it still runs after `within`)."""
     at = ("--addr", "127.0.0.1:0", "--backend", "memfs")
     return subprocess.run(
         [sys.executable, "-m", "simplequeue.broker", *at, *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=within,
     )
 
 
@@ -474,6 +475,14 @@ def test_simplequeued_refuses_a_bad_broker_id_as_a_usage_error(broker_id: str) -
     where --advertise-url ftp://x gets 2 (review of the CLI, round 26)."""
     done = simplequeued("--broker-id", broker_id)
     assert "broker ids are" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.returncode == 2 and "--broker-id" in done.stderr, done.stderr
+
+
+def test_simplequeued_refuses_an_empty_broker_id_rather_than_ignore_it() -> None:
+    """`--broker-id ""` (a `--broker-id "$ID"` whose variable is unset) was
+    taken for no flag: the broker ran under a random id (review of the CLI,
+    round 26). `--dir ""` and `--token ""` are refused for the same reason."""
+    done = simplequeued("--broker-id", "", within=15)  # a broker serving times out
     assert done.returncode == 2 and "--broker-id" in done.stderr, done.stderr
 
 

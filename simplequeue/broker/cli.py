@@ -43,8 +43,11 @@ def _addr(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 
 def _broker_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A usage error (exit 2) for an id that cannot name a registration, as for
-    any flag's bad value, where the broker refused it as it started (exit 1)."""
-    if not value:
+    any flag's bad value, where the broker refused it as it started (exit 1).
+    An empty one too (`--broker-id "$ID"`, ID unset): taken for none, it ran
+    the broker under a random id, as `--dir ""` and `--token ""` would have
+    served the current directory and turned auth off."""
+    if value is None:
         return value
     try:
         return keys.check_broker_id(value)
@@ -231,7 +234,7 @@ def main(
         keepalive_timeout=keepalive_timeout,
         max_connections=max_connections,
     )
-    if broker_id:
+    if broker_id is not None:
         settings = dataclasses.replace(settings, broker_id=broker_id)
     # Store calls that block (localfs's writes and fsyncs) run in threads, and
     # each of their system calls takes the GIL back when it returns. With the
