@@ -313,7 +313,7 @@ async def test_bad_input_fails_with_one_line_and_no_traceback(
         (("enqueue", "1", "--delay", "-5"), "--delay"),
         (("ack", "a", "--result", "{nope"), "not valid JSON"),
         (("job", "ghost"), "JobNotFound"),
-        (("--topic", "bad.name", "status"), "InvalidRequest"),
+        (("--topic", "bad.name", "status"), "Invalid value for '--topic'"),
         (("enqueue", "--file", str(not_utf8)), "line 2: not valid JSON"),
         (("--broker", "http://[::1", "status"), "Invalid value for '--broker'"),
         (("--broker", "localhost:8080", "status"), "Invalid value for '--broker'"),
@@ -931,6 +931,16 @@ async def test_work_q_fails_a_job_whose_output_cannot_be_enqueued(
 async def test_work_q_with_a_bad_topic_name_is_a_usage_error(cli: Cli) -> None:
     done = await cli("work", "-Q", "no.dots", "--", "cat")
     assert done.returncode == 2 and "is not a topic name" in done.stderr
+
+
+async def test_a_bad_topic_name_is_a_usage_error_as_for_work_q(broker: Any) -> None:
+    """README: a flag's bad value is a usage error, exit status 2. `-Q a/b`
+    was (checked before anything is sent), but `--topic a/b` failed with exit
+    status 1, "InvalidRequest: ..." (review of the CLI, round 26)."""
+    for topic in ("a/b", "no.dots", ""):
+        done = await Cli("--broker", broker.url, "--topic", topic)("status")
+        assert done.returncode == 2, (topic, done.returncode, done.stderr)
+        assert "--topic" in done.stderr and "is not a topic name" in done.stderr, done.stderr
 
 
 # --- work: commands that are shell scripts, and a terminal's Ctrl-C (review) ---

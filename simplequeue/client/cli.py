@@ -191,7 +191,13 @@ class InputFile(click.File):
     help="With --discover: refuse a broker.json heartbeat older than this, or this far"
     " in the future (s).",
 )
-@click.option("--topic", default="default", show_default=True, help="env SIMPLEQUEUE_TOPIC")
+@click.option(
+    "--topic",
+    default="default",
+    show_default=True,
+    callback=lambda ctx, param, value: check_topic(value, param),
+    help="env SIMPLEQUEUE_TOPIC",
+)
 @click.option(
     "--token",
     default=None,
@@ -895,8 +901,9 @@ def hangup_drains() -> Iterator[None]:
 
 
 def check_topic(name: str | None, param: click.Parameter) -> str | None:
-    """`name` if it is a valid topic name (or None), else a usage error now
-    rather than a refused ack after the first job ran."""
+    """`name` if it is a valid topic name (or None), else a usage error now:
+    rather than a refused ack after the first job ran (-Q), or a failure, exit
+    1, when the client or the broker refused it (--topic)."""
     if name is not None:
         try:
             api.convert({"payload": None, "topic": name}, api.FollowUpSpec)
