@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import re
 import signal
 import threading
 import time
@@ -441,6 +442,32 @@ async def test_discover_refuses_a_resigned_record(
     await broker.stop()  # resigns: heartbeat_at = 0
     with pytest.raises(BrokerUnavailable, match=f"names {broker.url}, which stopped"):
         await Client.discover(LocalStore(tmp_path), max_age=30)  # not "1796403682 s old"
+
+
+async def test_discover_says_why_a_max_age_below_the_brokers_renewals_refuses_it(
+    tmp_path: Path,
+) -> None:
+    """SPEC 8: discover "refuses a record whose heartbeat is older" than
+    max_age, whatever lease the record states. A broker run with
+    --broker-lease 150 renews broker.json every 50 s: max_age 30 (--max-age's
+    default) refused it for 20 s of every 50, saying only "its heartbeat is
+    35 s old" (review of the CLI, round 26). The error says why now, and a
+    max_age above the renewal finds it."""
+    from simplequeue import keys
+    from simplequeue.client.discovery import find_broker
+    from simplequeue.records import BrokerRecord
+
+    store = LocalStore(tmp_path)
+    try:
+        await store.sample_clock()
+        record = BrokerRecord("b1", "http://127.0.0.1:9", 1, store.now() - 35, 150.0)
+        await store.put(keys.BROKER, record.encode())
+        said = "35 s old (max_age 30 s); that broker renews it every 50 s, a third of its"
+        with pytest.raises(BrokerUnavailable, match=re.escape(said)):
+            await find_broker(store, 30)
+        assert await find_broker(store, 60) == "http://127.0.0.1:9"
+    finally:
+        await store.close()
 
 
 async def test_discover_with_no_broker_ever(tmp_path: Path) -> None:

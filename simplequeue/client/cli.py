@@ -189,7 +189,8 @@ class InputFile(click.File):
     default=30.0,
     show_default=True,
     help="With --discover: refuse a broker.json heartbeat older than this, or this far"
-    " in the future (s).",
+    " in the future (s). A broker renews it every third of its --broker-lease (5 s by"
+    " default): keep this above that.",
 )
 @click.option(
     "--topic",

@@ -289,8 +289,10 @@ class Client:
         **options: Any,
     ) -> Client:
         """A client of the broker that broker.json names, refusing a record whose
-        heartbeat is older than `max_age` seconds. close() closes the store too
-        when `close_store` says so (by default: when it was given as a URL)."""
+        heartbeat is older than `max_age` seconds (its broker renews it every
+        third of its --broker-lease: keep `max_age` above that). close() closes
+        the store too when `close_store` says so (by default: when it was given
+        as a URL)."""
         owns = isinstance(store, str) if close_store is None else close_store
         handle = store_from_url(store) if isinstance(store, str) else store
         try:

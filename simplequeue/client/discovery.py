@@ -7,7 +7,7 @@ import contextlib
 from simplequeue import api
 from simplequeue.errors import BrokerUnavailable, CorruptData, StoreRefused
 from simplequeue.objstore import ObjectStore
-from simplequeue.records import read_record
+from simplequeue.records import BrokerRecord, read_record
 
 
 async def find_broker(store: ObjectStore, max_age: float) -> str:
@@ -19,7 +19,10 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
     to its clock file, once); a handle that may not write there (a read-only
     mount) judges by its own wall clock. A heartbeat more than `max_age`
     seconds in the future is refused too: a clock that far off cannot tell
-    a live broker from one dead for as long."""
+    a live broker from one dead for as long. max_age is the limit (SPEC 8),
+    whatever lease the record states: a broker renews broker.json every
+    third of its lease (its --broker-lease), so a max_age below that
+    refuses a healthy broker between renewals, and the error says so."""
     api.check_seconds("max_age", max_age)
     try:
         current = await read_record(store)
@@ -40,7 +43,7 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
     if age > max_age:
         raise BrokerUnavailable(
             f"broker.json names {record.url} but its heartbeat is {age:.0f} s old "
-            f"(max_age {max_age:.0f} s)"
+            f"(max_age {max_age:.0f} s){renewal_hint(record, max_age)}"
         )
     if age < -max_age:
         raise BrokerUnavailable(
@@ -52,3 +55,16 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
         return api.check_broker_url(record.url)
     except ValueError as exc:
         raise BrokerUnavailable(f"broker.json names no broker: {exc}") from None
+
+
+def renewal_hint(record: BrokerRecord, max_age: float) -> str:
+    """Why a heartbeat past `max_age` may still be a live broker's: it renews
+    broker.json only every third of its lease."""
+    every = record.lease / 3
+    if every < max_age:
+        return ""
+    return (
+        f"; that broker renews it every {every:.0f} s, a third of its --broker-lease"
+        f" {record.lease:.0f} s: a max_age (--max-age) above {every:.0f} s finds it"
+        " between renewals"
+    )
