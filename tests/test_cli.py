@@ -956,6 +956,27 @@ async def wait_for_file(path: Path, within: float = 10.0) -> str:
     return file_text(path)
 
 
+def pid_then_sleep(pid_file: Path, seconds: float, then: str = "") -> str:
+    """A command, as Python: it reads its job, writes its pid to `pid_file`,
+    sleeps `seconds`, then runs `then`."""
+    return (
+        "import os, sys, time\nsys.stdin.read()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep({seconds})\n{then}"
+    )
+
+
+async def work_in_a_session(
+    cli: Cli, *args: str, stderr: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    """`simplequeue work ARGS` in a session of its own, as a terminal's job."""
+    return await asyncio.create_subprocess_exec(
+        *cli.argv("work", *args),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
+        start_new_session=True,
+    )
+
+
 @contextlib.asynccontextmanager
 async def reaped(proc: asyncio.subprocess.Process) -> AsyncIterator[list[int]]:
     """`proc`, killed on leaving if it still runs, and the processes whose pids
@@ -1055,16 +1076,8 @@ async def test_work_hung_up_drains_rather_than_leave_its_command_running_with_it
     SIGHUP drains now, as SIGTERM does."""
     await cli.json("enqueue", '"job"', "--id", "h")
     pid_file = tmp_path / "pid"
-    script = (
-        "import os, sys, time\nsys.stdin.read()\n"
-        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(3)\nprint('ok')\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        *cli.argv("work", "--max-jobs", "1", "--", sys.executable, "-c", script),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    script = pid_then_sleep(pid_file, 3, "print('ok')\n")
+    proc = await work_in_a_session(cli, "--max-jobs", "1", "--", sys.executable, "-c", script)
     async with reaped(proc) as children:
         pid = int(await wait_for_file(pid_file))
         children.append(pid)
@@ -1127,15 +1140,9 @@ async def test_a_second_ctrl_c_stops_work_now_and_gives_the_job_back(
     back at once, pending, its last_error saying why."""
     await cli.json("enqueue", '"stuck"', "--id", "s")
     pid_file = tmp_path / "pid"
-    script = (
-        "import os, sys, time\nsys.stdin.read()\n"
-        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        *cli.argv("work", "--", sys.executable, "-c", script),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
+    script = pid_then_sleep(pid_file, 120)
+    proc = await work_in_a_session(
+        cli, "--", sys.executable, "-c", script, stderr=asyncio.subprocess.PIPE
     )
     assert proc.stderr is not None
     async with reaped(proc) as children:
