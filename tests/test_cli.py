@@ -454,15 +454,19 @@ def test_an_empty_dir_is_refused_not_the_current_directory(tmp_path: Path) -> No
     assert done.returncode == 2 and "--dir" in done.stderr, done.stderr
 
 
-def simplequeued(*args: str, within: float = 60) -> subprocess.CompletedProcess[str]:
-    """simplequeued run with `args` on memfs and any free port, once it ended
-    (TimeoutExpired, the broker killed, when it still runs after `within`)."""
+def simplequeued(
+    *args: str, within: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """simplequeued run with `args` (and `env` beside the environment) on memfs
+    and any free port, once it ended (TimeoutExpired, the broker killed, when
+    it still runs after `within`)."""
     at = ("--addr", "127.0.0.1:0", "--backend", "memfs")
     return subprocess.run(
         [sys.executable, "-m", "simplequeue.broker", *at, *args],
         capture_output=True,
         text=True,
         timeout=within,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -484,6 +488,25 @@ def test_simplequeued_refuses_an_empty_broker_id_rather_than_ignore_it() -> None
     round 26). `--dir ""` and `--token ""` are refused for the same reason."""
     done = simplequeued("--broker-id", "", within=15)  # a broker serving times out
     assert done.returncode == 2 and "--broker-id" in done.stderr, done.stderr
+
+
+def test_simplequeued_refuses_an_empty_broker_id_in_its_variable() -> None:
+    """SIMPLEQUEUE_BROKER_ID="$ID", ID unset, is the environment's `--broker-id
+    ""`: click takes an empty variable for an unset one, and the broker ran
+    under a random id (review of the docs, round 26)."""
+    done = simplequeued(env={"SIMPLEQUEUE_BROKER_ID": ""}, within=15)
+    assert done.returncode == 2 and "SIMPLEQUEUE_BROKER_ID" in done.stderr, done.stderr
+
+
+async def test_an_empty_topic_variable_is_a_usage_error_not_topic_default(
+    broker: Any, cli: Cli
+) -> None:
+    """SIMPLEQUEUE_TOPIC="$T", T unset: click takes an empty variable for an
+    unset one, and the command acted on topic "default" (a purge on its dead
+    jobs) (review of the docs, round 26)."""
+    done = await Cli("--broker", broker.url, env={"SIMPLEQUEUE_TOPIC": ""})("enqueue", '"x"')
+    assert done.returncode == 2 and "SIMPLEQUEUE_TOPIC" in done.stderr, done.stderr
+    assert (await Cli("--broker", broker.url).json("status"))["enqueued"] == 0
 
 
 async def test_claim_whose_output_cannot_be_written_says_so_and_gives_the_job_back(

@@ -46,8 +46,11 @@ def _broker_id(ctx: click.Context, param: click.Parameter, value: str | None) ->
     any flag's bad value, where the broker refused it as it started (exit 1).
     An empty one too (`--broker-id "$ID"`, ID unset): taken for none, it ran
     the broker under a random id, as `--dir ""` and `--token ""` would have
-    served the current directory and turned auth off."""
+    served the current directory and turned auth off. SIMPLEQUEUE_BROKER_ID
+    set but empty as well: click takes an empty variable for an unset one."""
     if value is None:
+        if os.environ.get(f"{ctx.auto_envvar_prefix}_BROKER_ID") == "":
+            raise click.BadParameter(f"{ctx.auto_envvar_prefix}_BROKER_ID is set but empty")
         return value
     try:
         return keys.check_broker_id(value)
