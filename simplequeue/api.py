@@ -85,7 +85,7 @@ Count = Annotated[
         description="Jobs to take at most: fewer when fewer are due or the topic's limits "
         "allow fewer, and no more once their payloads reach 16 MiB (less on a broker "
         "whose --cache-mb is under 128: an eighth of it), shared by the claims committed "
-        "together; the first is always taken",
+        "together; each claim takes its first job whatever its size",
     ),
 ]
 # Named jobs in one request, as many as a batch: a request is served in one

@@ -821,10 +821,13 @@ async def work(
     session of its own: a terminal's signals reach this worker, not them); a
     second one stops them now, their jobs given back at once. A job given up
     (cancelled, its lease lost, its time or output over the bound, stopped
-    now) has its command's whole process group killed, and is answered then:
-    the pipes of a process that left the group (setsid) are closed, not
-    waited for. A COMMAND that cannot be started stops the worker with exit
-    status 1.
+    now) has its command's whole process group killed, and is let go then
+    (nacked or given back; one cancelled or whose lease was lost is left as
+    it is): the pipes of a process that left the group (setsid) are closed,
+    not waited for. Otherwise a job is answered once its command exited and
+    its stdout and stderr closed: a process it leaves holding them holds the
+    job, and past --timeout fails it. A COMMAND that cannot be started
+    stops the worker with exit status 1.
 
     With -Q OUT, each non-empty line of stdout is a JSON payload for topic OUT,
     enqueued with the ack, in the same commit (the result is null); a line
@@ -844,7 +847,8 @@ async def work(
         except TimeoutError:
             if budget.expired():
                 raise CommandFailed(
-                    f"the command ran past --timeout {command_timeout:g} s (it was killed)"
+                    f"the command ran past --timeout {command_timeout:g} s, or a process it"
+                    " left held its stdout or stderr that long (killed with its group)"
                 ) from None
             raise
         if output_topic is not None:

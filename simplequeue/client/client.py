@@ -654,8 +654,8 @@ class Client:
     ) -> list[Job]:
         """Claim up to `count` jobs in one request: fewer when fewer are due
         or the topic's limits allow fewer, and no more once their payloads
-        reach the broker's bound (16 MiB, shared by the claims it commits
-        together; see the README).
+        reach the broker's bound (16 MiB, or an eighth of its --cache-mb if
+        less, shared by the claims it commits together; see the README).
         `attempt_id` names the claim (by default a new name): a claim asked
         again under the name of one whose answer was lost gets that one's
         jobs, those its worker still holds (best effort: see the README).
