@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from simplequeue.objstore import ObjectStore, check_endpoint_url
 
 F = TypeVar("F", bound=Callable[..., Any])
+V = TypeVar("V")  # a flag's value
 
 
 class UsageFailed(click.ClickException):
@@ -154,10 +157,24 @@ class StoreFlags:
         )
 
 
+def not_empty_in_env(ctx: click.Context, param: click.Parameter, value: V) -> V:
+    """`value`, unless it is the flag's default because its variable is set but
+    empty: click takes that for unset, and SIMPLEQUEUE_TOPIC="$T", T unset,
+    acted on topic "default" (a purge on its dead jobs), SIMPLEQUEUE_DIR=""
+    served ./simplequeue-data, SIMPLEQUEUE_BROKER_ID="" ran under a random id,
+    where the flag given empty is refused."""
+    variable = f"{ctx.auto_envvar_prefix}_{(param.name or '').upper()}"
+    if ctx.get_parameter_source(param.name or "") is ParameterSource.DEFAULT and (
+        os.environ.get(variable) == ""
+    ):
+        raise click.BadParameter(f"{variable} is set but empty", param=param)
+    return value
+
+
 def _non_empty_dir(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """An empty --dir (`--dir "$DATA"`, the variable unset) is a usage error:
     it would be the current directory, the store written or searched there."""
-    if value == "":
+    if not_empty_in_env(ctx, param, value) == "":
         raise click.BadParameter("cannot be empty (give '.' for the current directory)")
     return value
 

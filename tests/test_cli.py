@@ -454,12 +454,31 @@ def test_an_empty_dir_is_refused_not_the_current_directory(tmp_path: Path) -> No
     assert done.returncode == 2 and "--dir" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("command", ["simplequeue", "simplequeued"])
+def test_an_empty_dir_variable_is_refused_as_the_empty_flag_is(
+    command: str, tmp_path: Path
+) -> None:
+    """SIMPLEQUEUE_DIR="$DATA", DATA unset: click takes an empty variable for
+    an unset one, and the default ./simplequeue-data was served, or searched
+    for broker.json (review of round 26's broker changes)."""
+    env = {"SIMPLEQUEUE_DIR": ""}
+    if command == "simplequeued":
+        done = simplequeued("--backend", "localfs", env=env, within=15, cwd=tmp_path)
+    else:
+        argv = Cli("--discover").argv("status")
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, env={**os.environ, **env}
+        )
+    assert done.returncode == 2 and "SIMPLEQUEUE_DIR" in done.stderr, done.stderr
+    assert not (tmp_path / "simplequeue-data").exists()
+
+
 def simplequeued(
-    *args: str, within: float = 60, env: dict[str, str] | None = None
+    *args: str, within: float = 60, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """simplequeued run with `args` (and `env` beside the environment) on memfs
-    and any free port, once it ended (TimeoutExpired, the broker killed, when
-    it still runs after `within`)."""
+    (unless `args` say otherwise) and any free port, once it ended
+    (TimeoutExpired, the broker killed, when it still runs after `within`)."""
     at = ("--addr", "127.0.0.1:0", "--backend", "memfs")
     return subprocess.run(
         [sys.executable, "-m", "simplequeue.broker", *at, *args],
@@ -467,6 +486,7 @@ def simplequeued(
         text=True,
         timeout=within,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 

@@ -27,6 +27,7 @@ from simplequeue.storeflags import (
     OneLineCommand,
     StoreFlags,
     checked,
+    not_empty_in_env,
     store_options,
 )
 
@@ -48,10 +49,9 @@ def _broker_id(ctx: click.Context, param: click.Parameter, value: str | None) ->
     the broker under a random id, as `--dir ""` and `--token ""` would have
     served the current directory and turned auth off. SIMPLEQUEUE_BROKER_ID
     set but empty as well: click takes an empty variable for an unset one."""
+    value = not_empty_in_env(ctx, param, value)
     if value is None:
-        if os.environ.get(f"{ctx.auto_envvar_prefix}_BROKER_ID") == "":
-            raise click.BadParameter(f"{ctx.auto_envvar_prefix}_BROKER_ID is set but empty")
-        return value
+        return None
     try:
         return keys.check_broker_id(value)
     except InvalidRequest as exc:

@@ -26,7 +26,6 @@ from typing import Any, BinaryIO, TypeVar
 import click
 import msgspec
 import orjson
-from click.core import ParameterSource
 
 from simplequeue import __version__, api
 from simplequeue.batching import runs_within
@@ -35,7 +34,14 @@ from simplequeue.client.followups import Done
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
 from simplequeue.errors import InvalidRequest, PayloadTooLarge, SimpleQueueError
-from simplequeue.storeflags import FiniteRange, OneLineGroup, StoreFlags, checked, store_options
+from simplequeue.storeflags import (
+    FiniteRange,
+    OneLineGroup,
+    StoreFlags,
+    checked,
+    not_empty_in_env,
+    store_options,
+)
 
 T = TypeVar("T")
 
@@ -904,18 +910,6 @@ def hangup_drains() -> Iterator[None]:
         yield
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
-
-
-def not_empty_in_env(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """`value`, unless it is the flag's default because its variable is set but
-    empty (click takes that for unset): SIMPLEQUEUE_TOPIC="$T", T unset, acted
-    on topic "default", a purge on its dead jobs."""
-    variable = f"{ctx.auto_envvar_prefix}_{(param.name or '').upper()}"
-    if ctx.get_parameter_source(param.name or "") is ParameterSource.DEFAULT and (
-        os.environ.get(variable) == ""
-    ):
-        raise click.BadParameter(f"{variable} is set but empty", param=param)
-    return value
 
 
 def check_topic(name: str | None, param: click.Parameter) -> str | None:
