@@ -36,6 +36,11 @@ class Pending(Generic[I, O]):
         """The caller stopped waiting (it was cancelled) before it was answered."""
         return self.future.done()
 
+    def settle(self, outcome: O | BaseException) -> None:
+        """Answer the caller now, before the rest of its batch is (a `send`
+        that sends its batch in parts); the batch's outcomes skip it."""
+        _settle(self.future, outcome)
+
 
 @dataclass(frozen=True)
 class Linger:
@@ -53,8 +58,10 @@ class Batcher(Generic[I, O]):
     """Sends submitted items in batches of at most `max_batch` through `send`,
     one batch at a time. `send` answers each item of a batch, in order, with
     its result or with the exception that item alone fails with; if it raises,
-    every item of the batch fails with that. `before` (if given) is awaited before each batch is
-    taken, to let a burst gather; `linger` paces batches as its class says."""
+    every item of the batch fails with that, but for those it settled already
+    (Pending.settle: a part of the batch answered). `before` (if given) is
+    awaited before each batch is taken, to let a burst gather; `linger`
+    paces batches as its class says."""
 
     def __init__(
         self,

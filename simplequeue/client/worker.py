@@ -1144,14 +1144,17 @@ class Worker:
         with. Nobody waits on them: failures are logged here, a request that
         fails fails the rest of the batch with it, unsent (the broker could
         not be reached, its retries spent), and an ack the broker refused as
-        invalid fails its job."""
-        acks = [pending.item for pending in batch]
+        invalid fails its job. Each request's acks are settled as it is
+        answered, not with the batch: their jobs are no longer held
+        (_acked), so a second signal while a later request is unanswered
+        aborts only the acks that did not land."""
         outcomes: list[str | BaseException] = []
-        for run in runs_within(acks, _size_of, ACK_BATCH_BYTES):
+        for run in runs_within(batch, _size_of, ACK_BATCH_BYTES):
+            acks = [pending.item for pending in run]
             try:
-                answers = await self._ack_in_parts(run)
+                answers = await self._ack_in_parts(acks)
             except Exception as exc:
-                failed = len(acks) - len(outcomes)
+                failed = len(batch) - len(outcomes)
                 log.error(
                     "%d acks failed (their jobs will be redelivered): %s",
                     failed,
@@ -1160,7 +1163,10 @@ class Worker:
                 )
                 self.unacked += failed
                 return [*outcomes, *[exc] * failed]
-            outcomes += await self._answered(run, answers)
+            answered = await self._answered(acks, answers)
+            for pending, status in zip(run, answered, strict=True):
+                pending.settle(status)
+            outcomes += answered
         return outcomes
 
     async def _answered(
@@ -1418,8 +1424,8 @@ def _sendable_size(result: Any, what: str = "the handler's result") -> int:
         raise TypeError(f"{what} cannot be sent as JSON: {exc}") from None
 
 
-def _size_of(ack: _Ack) -> int:
-    return ack.size
+def _size_of(pending: Pending[_Ack, str]) -> int:
+    return pending.item.size
 
 
 #: In a job's task, and the tasks of its handler: the worker, that task, the job.
