@@ -388,14 +388,19 @@ async def test_a_stop_from_a_task_a_handler_started_keeps_to_the_concurrency(q: 
     assert most == 1
 
 
-async def test_a_handler_that_stops_waiting_in_stop_keeps_to_the_concurrency(q: Client) -> None:
+async def test_a_handler_that_stops_waiting_in_stop_starts_no_job_past_the_concurrency(
+    q: Client,
+) -> None:
     """A handler waiting in stop() lends its slot to the jobs claimed ahead.
     One that waited there within a bound (asyncio.timeout) and then went on
-    working took its slot back at once, while the job it lent it to still
-    ran: with concurrency=1, two handlers worked at once."""
+    working took its slot back, and the next job started when the one it
+    lent its slot to ended: with concurrency=1, two handlers worked at once
+    for as long as it ran on. It and the job it lent its slot to may overlap
+    (README); no other job starts until they are within the concurrency."""
     await q.enqueue("stop", id="pill")
     await q.enqueue_many(["a", "b"])
     now = most = 0  # handlers working (not waiting in stop())
+    beside: dict[str, int] = {}  # handlers working as each job started
     worker: Worker
 
     def working(n: int) -> None:
@@ -404,6 +409,7 @@ async def test_a_handler_that_stops_waiting_in_stop_keeps_to_the_concurrency(q: 
         most = max(most, now)
 
     async def handler(job: Job) -> str:
+        beside[job.payload] = now
         working(1)
         try:
             if job.payload == "stop":
@@ -422,8 +428,35 @@ async def test_a_handler_that_stops_waiting_in_stop_keeps_to_the_concurrency(q: 
 
     worker = Worker(q, handler, concurrency=1, prefetch=2, wait=0.2, handle_signals=False)
     await asyncio.wait_for(worker.run(), 10)
-    assert most == 1
+    assert beside == {"stop": 0, "a": 0, "b": 0}
+    assert most == 2  # the pill and "a", which it lent its slot to
     assert worker.processed == 3
+
+
+async def test_a_handler_cut_short_in_stop_does_not_wait_for_the_job_it_lent_its_slot_to(
+    q: Client,
+) -> None:
+    """A handler cut short in stop() (a timeout around it) waited until the job
+    it lent its slot to ended. That job may need what the handler holds (a
+    connection of a pool sized to the concurrency, a lock): neither ended,
+    and run() never returned (review). It goes on at once."""
+    await q.enqueue("stop", id="pill")
+    await q.enqueue("b", id="b")
+    pool = asyncio.Semaphore(1)  # connections: one per slot
+    worker: Worker
+
+    async def handler(job: Job) -> str:
+        async with pool:  # a connection, for the whole job
+            if job.payload == "stop":
+                await until(lambda: len(worker._ready) == 1)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await worker.stop()  # waits a moment for the others
+        return "ok"
+
+    worker = Worker(q, handler, concurrency=1, prefetch=1, wait=0.2, handle_signals=False)
+    await asyncio.wait_for(worker.run(), 10)
+    assert worker.processed == 2
 
 
 async def test_stop_from_a_task_a_handler_started_waits_for_the_jobs(q: Client) -> None:

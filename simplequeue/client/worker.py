@@ -588,8 +588,11 @@ class Worker:
         itself, the job lends its slot to the jobs claimed ahead and waits
         for them too; from another task (shield, wait_for, a task it started)
         with every slot taken, those run after it returns. A handler that
-        stops waiting here (a timeout around it) takes its slot back once one
-        is free. The time a job waits here counts against its `timeout`."""
+        stops waiting here (a timeout around it) takes its slot back at once:
+        the job it lent it to may run beside it, but no other job starts
+        until the jobs running are within the concurrency again. (Waiting for
+        a slot could wait for ever: that job may need what the handler
+        holds.) The time a job waits here counts against its `timeout`."""
         self.request_stop()
         handling = _handling.get()
         if handling is None or handling[0] is not self:
@@ -610,24 +613,10 @@ class Worker:
             while (lend and self._ready) or any(t not in self._parked for t in self._running):
                 self._one_finished.clear()
                 await self._one_finished.wait()
-        except asyncio.CancelledError:
-            if lend:  # cut short (a timeout around it): the handler goes on working
-                self._lent.discard(own)
-                await self._slot_freed()
-            raise
         finally:
-            if lend:
+            if lend:  # cut short too (a timeout around it): it counts again (_start_ready)
                 self._lent.discard(own)
         await self._acks.flush()
-
-    async def _slot_freed(self) -> None:
-        """Return once the jobs running, less those lending their slot, are
-        within the concurrency: a handler that lent its slot and stopped
-        waiting in stop() takes it back only then, the job it lent it to
-        perhaps still running."""
-        while len(self._running - self._lent) > self.concurrency:
-            self._one_finished.clear()
-            await self._one_finished.wait()
 
     @property
     def buffer_size(self) -> int:
@@ -884,6 +873,9 @@ class Worker:
         return kept
 
     def _start_ready(self) -> None:
+        # A handler that took back the slot it lent (stop() cut short) counts
+        # again: with the job it lent it to, they may be over the concurrency,
+        # and none starts until they are within it.
         while self._ready and len(self._running - self._lent) < self.concurrency:
             held = self._ready.popleft()
             task = asyncio.create_task(
