@@ -1299,6 +1299,45 @@ async def test_a_command_past_max_output_is_stopped_at_once_when_a_child_left_th
     assert alive(int(file_text(escaped)))  # out of reach of the kill, as it meant to be
 
 
+# Exits at once, its payload unread, a child of its holding stdin; prints the child's pid.
+HOLDS_STDIN = (
+    "import subprocess, sys\n"
+    "p = subprocess.Popen(['sleep', '60'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "print(p.pid)\n"
+)
+
+
+async def test_work_does_not_keep_the_pipe_and_payload_of_a_job_whose_stdin_is_held() -> None:
+    """A command that exits 0 without reading its payload while a child of
+    its still holds stdin: transport.close() closes stdin only once the
+    payload is written, which nobody reads, so its pipe and payload stayed
+    in `work` as long as the child lived, one per job (review: 10 jobs of
+    1 MB, 10 descriptors and 10 MB)."""
+    from simplequeue.client.cli import communicate_bounded
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    payload = b'"' + b"x" * (1024 * 1024) + b'"'
+    children: list[int] = []
+    before = descriptors()
+    try:
+        for _ in range(10):
+            async with asyncio.timeout(20):
+                out, _, code = await communicate_bounded(
+                    (sys.executable, "-c", HOLDS_STDIN), payload, 1000, {**os.environ}
+                )
+            assert code == 0 and out is not None
+            children.append(int(out))
+        await asyncio.sleep(0.2)
+        assert descriptors() <= before + 1, (before, descriptors())
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.2)  # the pipes' ends close: their transports finish
+
+
 async def test_work_bounds_the_stdout_it_reads_without_q(cli: Cli) -> None:
     """Without -Q, stdout was read whole whatever its size (CLI review note): a
     command writing without end filled the worker's memory. It is bounded by

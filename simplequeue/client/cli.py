@@ -1055,6 +1055,7 @@ async def communicate_bounded(
             return None, b"", transport.get_returncode()
         return bytes(output.out), bytes(output.err), transport.get_returncode()
     finally:
+        drop_unread_input(transport)
         transport.close()  # the pipes, which a process that left its group may hold
 
 
@@ -1116,10 +1117,19 @@ async def kill_command(transport: asyncio.SubprocessTransport, output: CommandOu
         # child watcher then finds it gone, and reports its exit as 255.
         with contextlib.suppress(ProcessLookupError):
             transport.kill()
+    drop_unread_input(transport)
+    await output.exited.wait()
+
+
+def drop_unread_input(transport: asyncio.SubprocessTransport) -> None:
+    """Close stdin now if the command left some of its payload unread: closing
+    it as usual waits for a reader to take the rest, and a process still
+    holding it (one that left the group, a child of a command that exited
+    without reading) keeps the pipe, and the payload, in `work` for as long
+    as it lives."""
     stdin = transport.get_pipe_transport(0)
     if isinstance(stdin, asyncio.WriteTransport) and stdin.get_write_buffer_size():
-        stdin.abort()  # what it did not read is not wanted: closing would wait for a reader
-    await output.exited.wait()
+        stdin.abort()
 
 
 def result_of(out: bytes) -> Any:
