@@ -673,6 +673,39 @@ async def test_worker_without_prefetch_claims_only_free_slots(broker: Any) -> No
     assert max(q.batches) == 4
 
 
+async def test_a_worker_without_a_buffer_sends_one_claim_per_job_of_a_trickle(
+    broker: Any,
+) -> None:
+    """A claim answered in full was followed by one sent with no wait, for
+    ClaimAhead to time, which sizes nothing when `prefetch` is given. With
+    none and one slot (`work --concurrency 1`) every claim that gets a job is
+    answered in full: each job of a trickle cost a claim answered empty
+    besides, before the long poll that waits for the next (review: 22
+    claims for 10 jobs)."""
+    async with CountingClient(broker.url, topic="w") as q:
+        q.batches = []
+        done = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            done.set()
+
+        worker = Worker(q, handler, concurrency=1, prefetch=0, wait=5.0, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        try:
+            for i in range(10):
+                await until(lambda: bool(q.batches) and not worker._ready)
+                await asyncio.sleep(0.1)  # the worker is idle: long polling
+                done.clear()
+                await q.enqueue(i)
+                await asyncio.wait_for(done.wait(), 10)
+            await asyncio.sleep(0.3)
+        finally:
+            await worker.stop()
+            await run
+    assert worker.processed == 10
+    assert len(q.batches) <= 12, q.batches
+
+
 async def test_prefetched_jobs_keep_their_leases_and_are_run_by_the_drain(
     q: Client, broker: Any
 ) -> None:

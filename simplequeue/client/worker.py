@@ -209,8 +209,8 @@ class ClaimAhead:
         self._since = clock()
         self._ended = 0
         # The last claim answered got all it asked for: the topic most likely
-        # has more, and the next claim is sent with no wait (Worker._claim),
-        # which makes its time a round trip.
+        # has more, and the next claim is sent with no wait (Worker._claim,
+        # unless `prefetch` fixes the buffer), which makes its time a round trip.
         self.had_jobs = False
 
     def claimed(self, seconds: float, asked: int, got: int, wait: float) -> None:
@@ -672,8 +672,12 @@ class Worker:
         sent = time.monotonic()
         answering = LastCall()  # of the claim that answered the jobs
         # Right after a claim answered in full, no long poll: the topic most
-        # likely has jobs, and its time is a round trip (ClaimAhead).
-        wait = 0.0 if self.burst or self.ahead.had_jobs else self.wait
+        # likely has jobs, and its time is a round trip (ClaimAhead). Not
+        # with a fixed buffer, which sizes nothing from it: with none and one
+        # slot, every claim that gets a job is answered in full, and each job
+        # of a trickle would cost a claim answered empty besides.
+        timed = self.prefetch is None and self.ahead.had_jobs
+        wait = 0.0 if self.burst or timed else self.wait
         try:
             with last_call(answering):
                 jobs = await self.client.claim_many(
