@@ -470,6 +470,31 @@ async def test_discover_says_why_a_max_age_below_the_brokers_renewals_refuses_it
         await store.close()
 
 
+async def test_discover_does_not_blame_max_age_for_a_broker_silent_past_its_lease(
+    tmp_path: Path,
+) -> None:
+    """The hint above was given whenever max_age was below the record's
+    renewals, whatever the heartbeat's age: a broker silent for an hour,
+    long past its lease of 150 s, was said to be found by a max_age above
+    50 s, and max_age 60 still refused it (review of the client, round 26)."""
+    from simplequeue import keys
+    from simplequeue.client.discovery import find_broker
+    from simplequeue.records import BrokerRecord
+
+    store = LocalStore(tmp_path)
+    try:
+        await store.sample_clock()
+        record = BrokerRecord("b1", "http://127.0.0.1:9", 1, store.now() - 3600, 150.0)
+        await store.put(keys.BROKER, record.encode())
+        with pytest.raises(BrokerUnavailable) as refused:
+            await find_broker(store, 30)
+        assert "renews it" not in str(refused.value), str(refused.value)
+        with pytest.raises(BrokerUnavailable):
+            await find_broker(store, 60)  # what the hint said finds it
+    finally:
+        await store.close()
+
+
 async def test_discover_with_no_broker_ever(tmp_path: Path) -> None:
     with pytest.raises(BrokerUnavailable, match="no broker"):
         await Client.discover(LocalStore(tmp_path))

@@ -22,7 +22,8 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
     a live broker from one dead for as long. max_age is the limit (SPEC 8),
     whatever lease the record states: a broker renews broker.json every
     third of its lease (its --broker-lease), so a max_age below that
-    refuses a healthy broker between renewals, and the error says so."""
+    refuses a healthy broker between renewals, and the error says so (for
+    a heartbeat within that lease)."""
     api.check_seconds("max_age", max_age)
     try:
         current = await read_record(store)
@@ -43,7 +44,7 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
     if age > max_age:
         raise BrokerUnavailable(
             f"broker.json names {record.url} but its heartbeat is {age:.0f} s old "
-            f"(max_age {max_age:.0f} s){renewal_hint(record, max_age)}"
+            f"(max_age {max_age:.0f} s){renewal_hint(record, max_age, age)}"
         )
     if age < -max_age:
         raise BrokerUnavailable(
@@ -57,11 +58,13 @@ async def find_broker(store: ObjectStore, max_age: float) -> str:
         raise BrokerUnavailable(f"broker.json names no broker: {exc}") from None
 
 
-def renewal_hint(record: BrokerRecord, max_age: float) -> str:
-    """Why a heartbeat past `max_age` may still be a live broker's: it renews
-    broker.json only every third of its lease."""
+def renewal_hint(record: BrokerRecord, max_age: float, age: float) -> str:
+    """Why a heartbeat `age` seconds old, past `max_age`, may still be a live
+    broker's: it renews broker.json only every third of its lease. Not for
+    one older than the lease itself: that broker stopped renewing it, and a
+    max_age above its renewals would refuse it still."""
     every = record.lease / 3
-    if every < max_age:
+    if every < max_age or age > record.lease:
         return ""
     return (
         f"; that broker renews it every {every:.0f} s, a third of its --broker-lease"
