@@ -8,6 +8,7 @@ claimed set past max_claimed, nor more than the rate's tokens) and schedules
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -517,5 +518,9 @@ class TopicMachine(RuleBasedStateMachine):
                 assert ref["live"] == live or ref is chain.d["segs"][0], (ref, chain.d)
 
 
-TopicMachine.TestCase.settings = settings(max_examples=500, stateful_step_count=50, deadline=None)
+# bin/test --long: four times the examples. The suite's 250 take some 8 s.
+LONG = os.environ.get("SIMPLEQUEUE_LONG") == "1"
+TopicMachine.TestCase.settings = settings(
+    max_examples=1000 if LONG else 250, stateful_step_count=50, deadline=None
+)
 test_topic_state_machine = TopicMachine.TestCase
