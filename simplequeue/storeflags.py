@@ -157,17 +157,24 @@ class StoreFlags:
         )
 
 
-def not_empty_in_env(ctx: click.Context, param: click.Parameter, value: V) -> V:
+def env_variable(ctx: click.Context, name: str) -> str:
+    """The environment variable of the flag `name` (a parameter's name)."""
+    return f"{ctx.auto_envvar_prefix}_{name.upper()}"
+
+
+def not_empty_in_env(ctx: click.Context, param: click.Parameter, value: V, hint: str = "") -> V:
     """`value`, unless it is the flag's default because its variable is set but
     empty: click takes that for unset, and SIMPLEQUEUE_TOPIC="$T", T unset,
     acted on topic "default" (a purge on its dead jobs), SIMPLEQUEUE_DIR=""
     served ./simplequeue-data, SIMPLEQUEUE_BROKER_ID="" ran under a random id,
-    where the flag given empty is refused."""
-    variable = f"{ctx.auto_envvar_prefix}_{(param.name or '').upper()}"
-    if ctx.get_parameter_source(param.name or "") is ParameterSource.DEFAULT and (
+    the broker's SIMPLEQUEUE_TOKEN="" without auth, where the flag given empty
+    is refused. `hint`: what to do instead, said after the refusal."""
+    name = param.name or ""
+    variable = env_variable(ctx, name)
+    if ctx.get_parameter_source(name) is ParameterSource.DEFAULT and (
         os.environ.get(variable) == ""
     ):
-        raise click.BadParameter(f"{variable} is set but empty", param=param)
+        raise click.BadParameter(f"{variable} is set but empty{hint}", param=param)
     return value
 
 

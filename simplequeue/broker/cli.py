@@ -58,6 +58,13 @@ def _broker_id(ctx: click.Context, param: click.Parameter, value: str | None) ->
         raise click.BadParameter(str(exc)) from None
 
 
+def _token(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """The token, checked; empty, given or in SIMPLEQUEUE_TOKEN, is a usage
+    error: a secret that did not expand would run the broker without auth."""
+    value = not_empty_in_env(ctx, param, value, " (unset it to run without auth)")
+    return checked(api.check_token)(ctx, param, value)
+
+
 @click.command(
     cls=OneLineCommand,
     context_settings={"auto_envvar_prefix": "SIMPLEQUEUE", "show_default": True},
@@ -94,7 +101,7 @@ def _broker_id(ctx: click.Context, param: click.Parameter, value: str | None) ->
     "--token",
     default=None,
     show_default=False,
-    callback=checked(api.check_token),
+    callback=_token,
     help="Require 'Authorization: Bearer TOKEN' (env SIMPLEQUEUE_TOKEN).",
 )
 @click.option(
@@ -207,10 +214,6 @@ def main(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if token is None and os.environ.get("SIMPLEQUEUE_TOKEN") == "":
-        # click takes an empty variable for an unset one: a secret that did not
-        # expand would run the broker without auth.
-        raise click.UsageError("SIMPLEQUEUE_TOKEN is set but empty (unset it to run without auth)")
     flags = StoreFlags.take(store_flags)
     if create_bucket and flags.backend != "s3":
         raise click.UsageError("--create-bucket is for --backend s3")

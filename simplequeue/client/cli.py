@@ -39,6 +39,7 @@ from simplequeue.storeflags import (
     OneLineGroup,
     StoreFlags,
     checked,
+    env_variable,
     not_empty_in_env,
     store_options,
 )
@@ -246,7 +247,7 @@ def discovering(ctx: click.Context, discover: bool) -> bool:
 
     def said(name: str) -> str:
         if ctx.get_parameter_source(name) is click.core.ParameterSource.ENVIRONMENT:
-            return f"{ctx.auto_envvar_prefix}_{name.upper()}"
+            return env_variable(ctx, name)
         return "--" + name.replace("_", "-")
 
     broker, wanted = weight("broker"), weight("discover") if discover else 0
