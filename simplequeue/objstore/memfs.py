@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 
 from simplequeue.errors import ObjectNotFound, PreconditionFailed
-from simplequeue.objstore.base import ObjectStore, check_key, content_etag, folders_of
+from simplequeue.objstore.base import ObjectStore, check_key, content_etag
 
 # Named stores (mem://name) share their objects within the process, so that
 # several brokers or committers in one test can meet on one store.
@@ -63,6 +63,3 @@ class MemStore(ObjectStore):
         return sorted(
             k for k in self._objects if k.startswith(prefix) and "/" not in k[len(prefix) :]
         )
-
-    async def list_folders(self, prefix: str) -> builtins.list[str]:
-        return folders_of(prefix, (k for k in self._objects if k.startswith(prefix)))
