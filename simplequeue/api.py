@@ -73,6 +73,17 @@ LeaseToken = Annotated[str, Meta(min_length=1, max_length=256)]
 AttemptId = Annotated[str, Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
 Priority = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
 Delay = Annotated[float, Meta(ge=0, le=MAX_DELAY)]
+# A job's time as Unix seconds, judged on its broker's estimate of the store's
+# clock; at most MAX_DELAY ahead of it (checked where the time is known).
+RunAt = Annotated[
+    float,
+    Meta(
+        ge=0,
+        description="Not claimable before this time: Unix seconds, on the broker's estimate of "
+        "the store's clock; a time past is now, one more than 366 days ahead is refused; "
+        "not with a delay",
+    ),
+]
 MAX_ATTEMPTS = 1_000_000  # a job's attempts at most (0 = unlimited)
 Attempts = Annotated[int, Meta(ge=0, le=MAX_ATTEMPTS)]
 Lease = Annotated[float, Meta(gt=0, le=MAX_LEASE)]
@@ -119,13 +130,20 @@ class _Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class JobSpec(_Request):
-    """One job to enqueue. Without an id, the broker makes one."""
+    """One job to enqueue. Without an id, the broker makes one. Not claimable
+    before `delay` seconds from its enqueue, or before `run_at` (a time: one
+    past is now); not both."""
 
     payload: Any
     id: JobId | None = None
     priority: Priority = 0
     delay: Delay = 0.0
     max_attempts: Attempts | None = None  # None: the broker's --max-attempts
+    run_at: RunAt | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_at is not None and self.delay:
+            raise ValueError("give a job `delay` or `run_at`, not both")
 
 
 class EnqueueBatch(_Request):

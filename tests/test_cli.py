@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,31 @@ async def test_enqueue_json_and_plain_text_payloads(cli: Cli) -> None:
     job = await cli.json("job", second)
     assert (job["payload"], job["priority"]) == ("hello world", 5)
     assert (await cli.json("job", "j1"))["payload"] == {"item": "book"}
+
+
+async def test_enqueue_at_a_time_given_in_seconds_or_iso_8601(cli: Cli, tmp_path: Path) -> None:
+    soon = time.time() + 3600
+    when = datetime.fromtimestamp(soon, UTC).isoformat()
+    await cli.json("enqueue", "1", "--id", "secs", "--at", f"{soon}")
+    await cli.json("enqueue", "2", "--id", "iso", "--at", when)
+    for job_id in ("secs", "iso"):
+        job = await cli.json("job", job_id)
+        assert (job["status"], job["run_at"]) == ("delayed", pytest.approx(soon, abs=1e-3))
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text("3\n4\n")
+    assert (await cli.json("enqueue", "--file", str(lines), "--at", when)) == {"enqueued": 2}
+    status = await cli.json("status")
+    assert (status["delayed"], status["pending"]) == (4, 0)
+    for args, text in [
+        (("enqueue", "1", "--at", "tomorrow"), "neither Unix seconds nor an ISO 8601 time"),
+        (("enqueue", "1", "--at", "-1"), "not a time after 1970"),
+        (("enqueue", "1", "--at", "nan"), "not a time after 1970"),
+        (("enqueue", "1", "--at", f"{soon}", "--delay", "5"), "--delay and --at"),
+    ]:
+        done = await cli(*args)
+        assert done.returncode == 2, (args, done)
+        assert text in done.stderr, (args, done.stderr)
+    assert (await cli.json("status"))["total"] == 4
 
 
 async def test_enqueue_file_sends_batches_with_a_progress_bar(cli: Cli, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,26 @@ async def test_enqueue_claim_ack_round_trip(q: Client) -> None:
     await q.ack(job, result={"ok": True})
     done = await q.job(job_id)
     assert (done.status, done.result) == ("completed", {"ok": True})
+
+
+async def test_a_job_enqueued_for_a_time_is_delayed_until_then(q: Client) -> None:
+    soon = time.time() + 3600
+    stamp = datetime.fromtimestamp(soon, UTC)
+    ids = [
+        await q.enqueue(1, run_at=soon),
+        await q.enqueue(2, run_at=stamp),
+        await q.enqueue(3, run_at=stamp.astimezone().replace(tzinfo=None)),  # naive: local
+        *await q.enqueue_many([{"payload": 4, "run_at": soon}]),
+        await q.enqueue(5, run_at=0),  # a time past: due now
+    ]
+    got = [await q.job(i) for i in ids]
+    assert [j.status for j in got] == ["delayed"] * 4 + ["pending"]
+    assert [j.run_at for j in got[:4]] == [pytest.approx(soon, abs=1e-3)] * 4
+    with pytest.raises(InvalidRequest, match="not both"):
+        await q.enqueue(6, delay=5, run_at=soon)
+    with pytest.raises(InvalidRequest, match="not both"):
+        await q.enqueue_many([{"payload": 7, "delay": 5, "run_at": soon}])
+    assert (await q.status())["total"] == 5
 
 
 async def test_claim_on_an_empty_topic_is_none(q: Client) -> None:

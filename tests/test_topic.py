@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from simplequeue import keys
-from simplequeue.api import FollowUpSpec, JobSpec
+from simplequeue.api import MAX_DELAY, FollowUpSpec, JobSpec
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
 from simplequeue.state import IdFilter, Loaded, Segment, TopicState
 from simplequeue.state.chain import Chain, new_chain
@@ -64,6 +64,46 @@ def test_delayed_job_is_not_claimable_before_run_at() -> None:
     assert s.counts(T0 + 1)["delayed"] == 1
     assert s.claim("w", None, 10, T0 + 59) == []
     assert ids(s.claim("w", None, 10, T0 + 60)) == ["later"]
+
+
+def test_a_job_with_a_time_comes_due_then_and_one_past_is_due_now() -> None:
+    s = fresh()
+    [later, past] = s.enqueue(
+        [JobSpec(0, id="later", run_at=T0 + 60), JobSpec(0, id="past", run_at=T0 - 60)], T0
+    )
+    assert not later["duplicate"] and not past["duplicate"]
+    assert ids(s.claim("w", None, 10, T0)) == ["past"]
+    assert s.claim("w", None, 10, T0 + 59.9) == []
+    [job] = s.claim("w", None, 10, T0 + 60)
+    assert (job["id"], job["run_at"]) == ("later", T0 + 60)
+    found = s.find("past")
+    assert found is not None and found[1]["run_at"] == T0  # not before its enqueue
+
+
+def test_a_time_further_ahead_than_the_longest_delay_is_refused_and_changes_nothing() -> None:
+    s = fresh()
+    far = T0 + MAX_DELAY + 1
+    with pytest.raises(InvalidRequest, match="run_at"):
+        s.enqueue([JobSpec(0, id="ok"), JobSpec(0, id="far", run_at=far)], T0)
+    assert s.dirty is False and not s.exists("ok")
+    s.enqueue([JobSpec(0, id="src")], T0)
+    [job] = s.claim("w", None, 1, T0)
+    for follow_up in (FollowUpSpec(1, run_at=far), FollowUpSpec(1, topic="other", run_at=far)):
+        with pytest.raises(InvalidRequest, match="run_at"):
+            s.ack("src", job["lease_token"], None, T0, [follow_up])
+        assert s.claimed_count() == 1 and s.outbox_size() == 0
+    s.enqueue([JobSpec(0, id="edge", run_at=T0 + MAX_DELAY)], T0)  # the longest delay's
+
+
+def test_a_follow_up_for_another_topic_keeps_its_time_as_a_delay_from_the_ack() -> None:
+    s = fresh()
+    s.enqueue([JobSpec(0, id="src")], T0)
+    [job] = s.claim("w", None, 1, T0)
+    specs = [FollowUpSpec(1, topic="o", run_at=T0 + 90), FollowUpSpec(2, topic="o", run_at=T0 - 5)]
+    s.ack("src", job["lease_token"], None, T0 + 10, specs)
+    [timed, past] = s.outbox_front(10)
+    assert (timed["at"], timed["delay"]) == (T0 + 10, 80)
+    assert past["at"] == T0 + 10 and "delay" not in past
 
 
 def test_duplicate_id_is_not_enqueued_again_live_or_retained() -> None:

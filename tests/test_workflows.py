@@ -273,6 +273,10 @@ async def pending(engine: Engine, topic: str) -> int:
     return int((await engine.status(topic))["pending"])
 
 
+async def delayed(engine: Engine, topic: str) -> int:
+    return int((await engine.status(topic))["delayed"])
+
+
 async def acked_with(
     s: aiohttp.ClientSession, url: str, follow_ups: list[list[dict[str, Any]]]
 ) -> None:
@@ -400,6 +404,49 @@ async def test_follow_ups_of_more_priorities_than_a_topic_holds_at_once_are_deli
             return await pending(broker.engine, "dst") == 64
 
         await until_true(broker, "dst", all_but_one, within=3)
+
+
+class OlderOwner:
+    """A topic's owner older than `run_at`: it refuses the field, as msgspec
+    words it. What it was sent is kept."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.sent = inner, list[list[JobSpec]]()
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        self.sent.append(specs)
+        if any(s.run_at is not None for s in specs):
+            raise InvalidRequest("Object contains unknown field `run_at` - at `$.jobs[0]`")
+        got: list[dict[str, Any]] = await self.inner.enqueue(topic, specs)
+        return got
+
+
+async def test_a_follow_up_for_another_topic_is_due_at_its_acks_time_plus_its_delay(
+    start_broker: StartBroker,
+) -> None:
+    """Its delay was counted again from the delivery, on the deliverer's clock
+    (a time made a delay, then a time again by the target's owner): each
+    broker's clock error added, and a delivery late by a minute (its target
+    down) made the job a minute late. Its time goes as a time now; to an
+    owner older than `run_at`, as a delay from the delivery."""
+    broker = await start_broker(MemStore())
+    older = broker.duties.deliver_to = OlderOwner(broker.duties.deliver_to)
+    async with aiohttp.ClientSession() as s:
+        url = broker.url
+        assert (await post(s, f"{url}/topics/src/enqueue", {"id": "a", "payload": 0}))[0] == 201
+        _, got = await post(s, f"{url}/topics/src/claim", {"worker_id": "w"})
+        job = got["job"]
+        follow_ups = [{"topic": "dst", "id": "later", "payload": 1, "delay": 300}]
+        body = {"job_id": "a", "lease_token": job["lease_token"], "enqueue": follow_ups}
+        assert (await post(s, f"{url}/topics/src/ack", body))[0] == 200
+    acked_at = (await broker.engine.job("src", "a"))["finished_at"]
+    await until_true(broker, "dst", lambda: delayed(broker.engine, "dst"), within=5)
+    [timed, relative] = older.sent
+    assert timed[0].run_at == pytest.approx(acked_at + 300, abs=1e-6) and timed[0].delay == 0
+    assert relative[0].run_at is None and 299 < relative[0].delay <= 300
+    assert (await broker.engine.job("dst", "later"))["run_at"] == pytest.approx(
+        acked_at + 300, abs=1
+    )
 
 
 class Counting:

@@ -36,7 +36,7 @@ from typing import Any
 
 import msgspec
 
-from simplequeue.api import JobSpec
+from simplequeue.api import MAX_DELAY, JobSpec
 from simplequeue.batching import runs_within
 from simplequeue.broker.engine import Engine, TopicOps
 from simplequeue.broker.membership import Membership, Peer, rendezvous
@@ -443,18 +443,8 @@ class Duties:
         priority it holds (a topic holds jobs of at most 64 at once). Errors
         other than a refusal are raised."""
         assert self.deliver_to is not None
-        specs = [
-            JobSpec(
-                i["payload"],
-                i["id"],
-                i.get("priority", 0),
-                max(0.0, i["at"] + i.get("delay", 0.0) - now),  # it began at the ack
-                i.get("max_attempts"),
-            )
-            for i in items
-        ]
         try:
-            answers = await self.deliver_to.enqueue(target, specs)
+            answers = await self._enqueue(target, items, now)
             if already := [a["id"] for a in answers if a["duplicate"]]:
                 log.warning(
                     "follow-ups of %s were in %s already, not enqueued again: %s. Each is "
@@ -484,6 +474,39 @@ class Duties:
             taken += took
             refused += not_taken
         return taken, refused
+
+    async def _enqueue(
+        self, target: str, items: list[dict[str, Any]], now: float
+    ) -> list[dict[str, Any]]:
+        """Enqueue follow-ups into `target`: each due at its ack's time plus its
+        delay, a time judged by the target's owner on its own clock (the ack's
+        was the source owner's; both estimate the store's). An owner older
+        than `run_at` (during an upgrade), or one whose clock is behind by
+        enough to take a delay of a year for more, refuses it: sent again as
+        delays from `now`, which this broker's clock's error then adds to."""
+        assert self.deliver_to is not None
+        specs = [
+            JobSpec(
+                i["payload"],
+                i["id"],
+                i.get("priority", 0),
+                max_attempts=i.get("max_attempts"),
+                run_at=i["at"] + i.get("delay", 0.0),  # it began at the ack
+            )
+            for i in items
+        ]
+        try:
+            return await self.deliver_to.enqueue(target, specs)
+        except InvalidRequest as exc:
+            if "run_at" not in str(exc):
+                raise
+        relative = [
+            msgspec.structs.replace(
+                s, run_at=None, delay=min(MAX_DELAY, max(0.0, (s.run_at or now) - now))
+            )
+            for s in specs
+        ]
+        return await self.deliver_to.enqueue(target, relative)
 
     async def _take_over(self) -> None:
         assert self._acquire is not None

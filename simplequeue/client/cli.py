@@ -261,11 +261,46 @@ def discovering(ctx: click.Context, discover: bool) -> bool:
     return False
 
 
+class When(click.ParamType[float]):
+    """A time: Unix seconds, or ISO 8601 (without an offset: local time)."""
+
+    name = "time"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = datetime.fromisoformat(value).timestamp()
+            except ValueError:
+                self.fail(
+                    f"{value!r} is neither Unix seconds nor an ISO 8601 time "
+                    "(2026-12-24T08:00:00Z)",
+                    param,
+                    ctx,
+                )
+        if not (math.isfinite(seconds) and seconds >= 0):
+            self.fail(f"{value!r} is not a time after 1970", param, ctx)
+        return seconds
+
+
 @main.command()
 @click.argument("payload", required=False)
 @click.option("--id", "job_id", default=None, help="Job id (duplicates are not enqueued).")
 @click.option("--priority", type=int, default=0)
-@click.option("--delay", type=FiniteRange(min=0), default=0.0)
+@click.option("--delay", type=FiniteRange(min=0), default=0.0, help="Seconds from now.")
+@click.option(
+    "--at",
+    "run_at",
+    type=When(),
+    default=None,
+    help="Not claimable before this time (on the broker's clock): Unix seconds, or ISO 8601"
+    " (2026-12-24T08:00:00Z; without an offset, local time). Not with --delay.",
+)
 @click.option("--max-attempts", type=click.IntRange(min=0), default=None)
 @click.option(
     "--file",
@@ -285,10 +320,13 @@ async def enqueue(
     job_id: str | None,
     priority: int,
     delay: float,
+    run_at: float | None,
     max_attempts: int | None,
     jobs_file: BinaryIO | None,
 ) -> None:
     """Enqueue PAYLOAD (JSON, or else a string), or every line of --file."""
+    if run_at is not None and delay:
+        raise click.UsageError("--delay and --at: give one or the other")
     if (payload is None) == (jobs_file is None):
         raise click.UsageError(
             "give a PAYLOAD or --file" if payload is None else "give a PAYLOAD or --file, not both"
@@ -297,7 +335,7 @@ async def enqueue(
         raise click.UsageError("--id names one job: it cannot go with --file")
     if jobs_file is None:
         assert payload is not None
-        spec = new_job_spec(parse_payload(payload), job_id, priority, delay, max_attempts)
+        spec = new_job_spec(parse_payload(payload), job_id, priority, delay, max_attempts, run_at)
         path = f"/topics/{client.topic}/enqueue"
         _, answer, repeated = await client.call("POST", path, api.Enqueued, spec)
         assert answer is not None  # no status was expected: a 2xx, or raised
@@ -306,7 +344,7 @@ async def enqueue(
         dropped = answer.duplicate and not repeated
         emit(msgspec.structs.asdict(answer) if dropped else {"id": answer.id})
         return
-    emit({"enqueued": await enqueue_file(client, jobs_file, priority, delay, max_attempts)})
+    emit({"enqueued": await enqueue_file(client, jobs_file, priority, delay, max_attempts, run_at)})
 
 
 # A line of --file: its number, its bytes, its payload.
@@ -334,7 +372,12 @@ def lines_of(lines: BinaryIO) -> Iterator[Line]:
 
 
 async def enqueue_file(
-    client: Client, lines: BinaryIO, priority: int, delay: float, max_attempts: int | None
+    client: Client,
+    lines: BinaryIO,
+    priority: int,
+    delay: float,
+    max_attempts: int | None,
+    run_at: float | None = None,
 ) -> int:
     """Enqueue each line's payload, in batches; how many were. A regular file
     is read twice: every line is checked before the first batch is sent (a bad
@@ -352,6 +395,8 @@ async def enqueue_file(
             raise click.ClickException(str(exc)) from None
         lines.seek(start)
     extra: dict[str, Any] = {"priority": priority, "delay": delay}
+    if run_at is not None:
+        extra["run_at"] = run_at
     if max_attempts is not None:
         extra["max_attempts"] = max_attempts
     enqueued, through = 0, 0

@@ -35,6 +35,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -585,12 +586,17 @@ class Client:
         priority: int = 0,
         delay: float = 0,
         max_attempts: int | None = None,
+        run_at: float | datetime | None = None,
     ) -> str:
         """Enqueue one job; return its id (the existing one for a duplicate).
+        It is not claimable before `delay` seconds from now, or before
+        `run_at`: a time (Unix seconds, or a datetime; a naive one is local
+        time), judged on the broker's clock; one past is now. Not both.
 
         Calls made while another enqueue of this client is in flight go out
         together as one batch request, like the broker's own group commit."""
-        return await self._enqueues.submit(new_job_spec(payload, id, priority, delay, max_attempts))
+        spec = new_job_spec(payload, id, priority, delay, max_attempts, run_at)
+        return await self._enqueues.submit(spec)
 
     async def _send_enqueues(self, batch: list[Pending[api.JobSpec, str]]) -> list[Any]:
         # The batcher's task: the jobs of every caller, not bound by the
@@ -626,7 +632,7 @@ class Client:
     async def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
         """Enqueue a batch in one request (none: no request, []). Items are
         payloads, or dicts with a "payload" key and optional id, priority,
-        delay and max_attempts: any other key is InvalidRequest (a payload
+        delay (or run_at, Unix seconds) and max_attempts: any other key is InvalidRequest (a payload
         that is itself such a dict goes as {"payload": {...}}). One str,
         bytes or dict in the list's place is refused (InvalidRequest)."""
         specs = [_spec_of(n, j) for n, j in enumerate(job_list(jobs))]
@@ -742,7 +748,7 @@ class Client:
     ) -> None:
         """Complete a claimed job with `result` (carrying its lease token). The
         jobs in `enqueue` (payloads for this topic, or dicts with "payload" and
-        optional "topic", "id", "priority", "delay", "max_attempts") are
+        optional "topic", "id", "priority", "delay" or "run_at", "max_attempts") are
         enqueued when, and only when, the ack commits (SPEC 9)."""
         job_id, token = _job_or_id(job)
         body = api.AckRequest(job_id, token, result, enqueue=follow_up_specs(enqueue))
@@ -1036,16 +1042,24 @@ def _spec_of(index: int, item: Any) -> api.JobSpec:
 
 
 def new_job_spec(
-    payload: Any, job_id: str | None, priority: int, delay: float, max_attempts: int | None
+    payload: Any,
+    job_id: str | None,
+    priority: int,
+    delay: float,
+    max_attempts: int | None,
+    run_at: float | datetime | None = None,
 ) -> api.JobSpec:
     """One job to enqueue, its id made here when none is given: a retry of its
     request is then a duplicate at the broker, not a second job."""
+    if run_at is not None and delay:
+        raise InvalidRequest("give a job `delay` or `run_at`, not both")
     return api.JobSpec(
         payload,
         id=api.new_id() if job_id is None else job_id,
         priority=priority,
         delay=delay,
         max_attempts=max_attempts,
+        run_at=run_at.timestamp() if isinstance(run_at, datetime) else run_at,
     )
 
 

@@ -3,14 +3,15 @@ returns to ack with follow-ups, and the specs an ack carries, checked here so
 that a bad one fails its own ack, not a batch of them at the broker's edge.
 
 An enqueue item is a payload (a job for the acked job's topic) or a dict with
-"payload" and optional "topic", "id", "priority", "delay", "max_attempts", as
-`Client.enqueue_many` takes them.
+"payload" and optional "topic", "id", "priority", "delay" or "run_at" (Unix
+seconds, or a datetime), "max_attempts", as `Client.enqueue_many` takes them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from simplequeue import api
@@ -22,7 +23,7 @@ from simplequeue.errors import InvalidRequest
 class Done:
     """A Worker handler's return value that acks its job with `result` and
     enqueues `enqueue` (payloads, or dicts with "payload" and optional "topic",
-    "id", "priority", "delay", "max_attempts") with the ack, in the same commit.
+    "id", "priority", "delay" or "run_at", "max_attempts") with the ack, in the same commit.
     Any other return value is the result, with nothing enqueued."""
 
     result: Any = None
@@ -58,6 +59,8 @@ def job_spec(item: Any, kind: type[S], what: str) -> S:
     job's other fields, checked strictly (InvalidRequest, naming `what`)."""
     if not (isinstance(item, dict) and "payload" in item):
         return kind(item)
+    if isinstance(when := item.get("run_at"), datetime):
+        item = {**item, "run_at": when.timestamp()}
     try:
         return api.convert(item, kind)
     except InvalidRequest as exc:

@@ -13,6 +13,7 @@ import concurrent.futures
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -196,8 +197,9 @@ class SyncClient:
         priority: int = 0,
         delay: float = 0,
         max_attempts: int | None = None,
+        run_at: float | datetime | None = None,
     ) -> str:
-        return self._run(self.client.enqueue(payload, id, priority, delay, max_attempts))
+        return self._run(self.client.enqueue(payload, id, priority, delay, max_attempts, run_at))
 
     def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
         return self._run(self.client.enqueue_many(job_list(jobs)))

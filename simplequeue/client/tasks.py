@@ -17,6 +17,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import msgspec
@@ -63,7 +64,7 @@ class Task(Generic[P, R]):
 
     async def enqueue(self, client: Client, /, *args: P.args, **kwargs: P.kwargs) -> str:
         """Enqueue a job, into `client`'s topic, that runs this task with these
-        arguments; return its id. For an id, priority or delay: `options()`."""
+        arguments; return its id. For an id, priority, delay or time: `options()`."""
         return await client.enqueue(self.payload(*args, **kwargs))
 
     def options(
@@ -73,10 +74,11 @@ class Task(Generic[P, R]):
         priority: int = 0,
         delay: float = 0,
         max_attempts: int | None = None,
+        run_at: float | datetime | None = None,
     ) -> TaskOptions[P]:
         """This task with the options of the jobs it enqueues, as Client.enqueue
         takes them: `await send_email.options(id="welcome-42").enqueue(q, ...)`."""
-        return TaskOptions(self.name, id, priority, delay, max_attempts)
+        return TaskOptions(self.name, id, priority, delay, max_attempts, run_at)
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,13 @@ class TaskOptions(Generic[P]):
     priority: int = 0
     delay: float = 0
     max_attempts: int | None = None
+    run_at: float | datetime | None = None
 
     async def enqueue(self, client: Client, /, *args: P.args, **kwargs: P.kwargs) -> str:
         payload = {"task": self.name, "args": list(args), "kwargs": dict(kwargs)}
-        return await client.enqueue(payload, self.id, self.priority, self.delay, self.max_attempts)
+        return await client.enqueue(
+            payload, self.id, self.priority, self.delay, self.max_attempts, self.run_at
+        )
 
 
 class Tasks:

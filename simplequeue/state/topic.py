@@ -25,7 +25,14 @@ from typing import Any
 import orjson
 from msgspec import UnsetType
 
-from simplequeue.api import FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest, new_id
+from simplequeue.api import (
+    MAX_DELAY,
+    FollowUpSpec,
+    JobSpec,
+    ScheduleRequest,
+    SettingsRequest,
+    new_id,
+)
 from simplequeue.errors import (
     InvalidRequest,
     JobCancelled,
@@ -291,6 +298,7 @@ class TopicState(Layout):
         again): past it the call is refused whole."""
         added: list[bool] = []  # duplicates add nothing, and count for no priority
         named: set[str] = set()
+        times = [_comes_due(spec, now) for spec in specs]  # raises before it changes anything
         for spec in specs:
             added.append(spec.id is None or (spec.id not in named and not self.exists(spec.id)))
             if spec.id is not None:
@@ -303,7 +311,7 @@ class TopicState(Layout):
                 "distinct priorities at once"
             )
         answers: list[dict[str, Any]] = []
-        for spec, new in zip(specs, added, strict=True):
+        for spec, new, at in zip(specs, added, times, strict=True):
             job_id = spec.id
             if not new:
                 answers.append({"id": job_id, "duplicate": True})
@@ -318,7 +326,7 @@ class TopicState(Layout):
                 "seq": seq,
                 "payload": spec.payload,
                 "priority": spec.priority,
-                "run_at": now + spec.delay,
+                "run_at": at,
                 "created_at": now,
                 "attempts": 0,
                 "max_attempts": self.default_attempts() if max_attempts is None else max_attempts,
@@ -545,7 +553,14 @@ class TopicState(Layout):
             ids.append((follow_id, local))
             if local:
                 here.append(
-                    JobSpec(spec.payload, follow_id, spec.priority, spec.delay, spec.max_attempts)
+                    JobSpec(
+                        spec.payload,
+                        follow_id,
+                        spec.priority,
+                        spec.delay,
+                        spec.max_attempts,
+                        spec.run_at,
+                    )
                 )
             else:
                 elsewhere.append(_follow_up(spec, follow_id, now))
@@ -1206,8 +1221,23 @@ def follow_up_id(job_id: str, index: int) -> str:
     return f"{job_id}:{index}"
 
 
+def _comes_due(spec: JobSpec, now: float) -> float:
+    """When a job enqueued at `now` comes due: after its delay, or at its
+    `run_at` (now, if that has passed). A time more than MAX_DELAY ahead is
+    refused, as such a delay is."""
+    if spec.run_at is None:
+        return now + spec.delay
+    if spec.run_at - now > MAX_DELAY:
+        raise InvalidRequest(
+            f"a job's run_at ({spec.run_at}) is more than {MAX_DELAY:.0f} s after now ({now:.3f})"
+        )
+    return max(now, spec.run_at)
+
+
 def _follow_up(spec: FollowUpSpec, follow_id: str, now: float) -> dict[str, Any]:
-    """A follow-up for another topic, as the outbox keeps it (schema.FollowUp)."""
+    """A follow-up for another topic, as the outbox keeps it (schema.FollowUp).
+    A `run_at` is kept as the delay from `at` it makes: the outbox's format
+    stays the same, and its time the same on this broker's clock."""
     item: dict[str, Any] = {
         "id": follow_id,
         "topic": spec.topic,
@@ -1216,8 +1246,8 @@ def _follow_up(spec: FollowUpSpec, follow_id: str, now: float) -> dict[str, Any]
     }
     if spec.priority:
         item["priority"] = spec.priority
-    if spec.delay:
-        item["delay"] = spec.delay
+    if delay := _comes_due(spec, now) - now:
+        item["delay"] = delay
     if spec.max_attempts is not None:
         item["max_attempts"] = spec.max_attempts
     return item
