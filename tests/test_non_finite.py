@@ -66,6 +66,9 @@ async def test_the_sdk_refuses_them_rather_than_send_null(start_broker: StartBro
     async with Client(broker.url, topic="sdk") as q:
         with pytest.raises(ValueError, match="nan and infinity"):
             await q.enqueue({"x": math.nan})
+        for when in NON_FINITE:  # a run_at of null is none: due at once
+            with pytest.raises(ValueError, match="nan and infinity"):
+                await q.enqueue(2, run_at=when)
         await q.enqueue(1)
         for lease in NON_FINITE:
             with pytest.raises(ValueError, match="nan and infinity"):
