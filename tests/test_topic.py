@@ -231,6 +231,19 @@ def test_reap_sends_spent_jobs_dead() -> None:
     assert s.dead_jobs()[0]["last_error"] == "lease expired"
 
 
+def test_a_job_reaped_after_a_nack_says_its_lease_expired() -> None:
+    """A job's last_error is its last failure: one nacked with "boom", then
+    claimed by a worker that died, kept "boom", and went dead naming an
+    error its last attempt never had (an OOM or a crash, hidden)."""
+    s = fresh()
+    s.enqueue([JobSpec("p", id="a", max_attempts=2)], T0)
+    [job] = s.claim("w", 30, 1, T0)
+    assert s.nack("a", job["lease_token"], 0, "boom", T0)["status"] == "pending"
+    s.claim("w", 30, 1, T0 + 1)
+    assert s.reap(T0 + 100)["dead"] == 1
+    assert s.dead_jobs()[0]["last_error"] == "lease expired"
+
+
 def test_requeue_and_purge_dead_jobs() -> None:
     s = fresh()
     s.enqueue([JobSpec(1, id=i, max_attempts=1) for i in "abc"], T0)

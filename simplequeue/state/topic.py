@@ -754,7 +754,7 @@ class TopicState(Layout):
         jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
         for place, job in zip(expired, jobs, strict=True):
             self._drop_lease(place)
-            out[self._release(job, earliest, job.get("last_error") or "lease expired", now)] += 1
+            out[self._release(job, earliest, "lease expired", now)] += 1
         return out
 
     # --- the outbox: follow-ups for other topics -------------------------------------------
