@@ -152,7 +152,7 @@ class EnqueueBatch(_Request):
 
 class ClaimRequest(_Request):
     worker_id: WorkerId
-    lease: Lease | None = None  # None: the broker's --lease
+    lease: Lease | None = None  # None: the topic's `lease` setting, else the broker's --lease
     wait: Wait = 0.0  # long-poll up to this many seconds for a job
     count: Count | None = None  # given: answer {"jobs": [...]}; else {"job": ...}
     # The caller's name for this claim, the same on each of its retries: a

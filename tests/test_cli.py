@@ -1445,3 +1445,19 @@ async def test_enqueue_retried_after_it_landed_does_not_say_duplicate(broker: An
     async with Client(broker.url, topic="w") as q:
         assert (await q.status())["pending"] == 1
         assert (await q.job(out["id"])).payload == 1
+
+
+def test_the_lease_help_names_the_topics_lease_setting_first() -> None:
+    """A claim naming no lease gets the topic's `lease` setting, and only
+    without one the broker's --lease: `claim --help` and `work --help` said
+    "[default: the broker's --lease]", wrong on a topic with `lease` set."""
+    for command in ("claim", "work"):
+        done = subprocess.run(
+            [sys.executable, "-m", "simplequeue.client", command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        lease_help = " ".join(done.stdout.split("--lease", 1)[1].split("\n  -", 1)[0].split())
+        assert "the topic's lease setting, else the broker's --lease" in lease_help, lease_help

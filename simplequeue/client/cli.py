@@ -508,7 +508,7 @@ async def enqueue_in_halves(client: Client, jobs: list[dict[str, Any]], ids: lis
     "--lease",
     type=FiniteRange(min=0.001),
     default=None,
-    help="Lease seconds [default: the broker's --lease].",
+    help="Lease seconds [default: the topic's lease setting, else the broker's --lease].",
 )
 @run
 async def claim(client: Client, worker_id: str, wait: float, lease: float | None) -> None:
@@ -821,7 +821,8 @@ async def settings(client: Client, **limits: Any) -> None:
     "--lease",
     type=FiniteRange(min=1, max=api.MAX_LEASE),
     default=None,
-    help="Lease seconds for each job [default: the broker's --lease].",
+    help="Lease seconds for each job [default: the topic's lease setting, else the"
+    " broker's --lease].",
 )
 @click.option(
     "--max-jobs",

@@ -644,7 +644,7 @@ class Client:
         self, worker_id: str, lease: float | None = None, wait: float = 0
     ) -> Job | None:
         """Claim the next job, long-polling up to `wait` seconds; None when empty.
-        `lease=None`: the broker's --lease."""
+        `lease=None`: the topic's `lease` setting, else the broker's --lease."""
         body = api.ClaimRequest(worker_id, lease=lease, wait=wait)
         answer = await self._claim(body, api.Claimed)
         return None if answer is None else answer.job

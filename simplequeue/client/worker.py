@@ -7,17 +7,17 @@ round trip away. With a buffer, each claim asks for half the capacity and
 two can be in flight; their jobs are buffered in the order the claims were
 sent, unless an earlier claim is still out ORDER_GRACE after a later one's
 answer came (a long poll on a quiet topic). Each claimed job's lease (the
-broker's --lease unless `lease` says) is renewed by heartbeats every third
-of it (`heartbeat_every`, half of it at most; HEARTBEAT_MIN at least), timed
-from when the claim's answer came (from when it was first sent if it was
-sent more than once: a retry may be answered the jobs of a try whose answer
-was lost), waiting in the buffer included, until its ack is answered; each
-heartbeat has until the next is due (or the lease's end, if sooner), so one
-left unanswered never holds back the next. A lease that ran out with no
-heartbeat landing (on this clock, from that time, or from when the last
-renewal that landed was sent) is taken for lost, as one the broker says is,
-its job neither acked nor nacked, its handler's end included: the broker may
-have given the job to another worker.
+topic's `lease` setting, else the broker's --lease, unless `lease` says) is
+renewed by heartbeats every third of it (`heartbeat_every`, half of it at
+most; HEARTBEAT_MIN at least), timed from when the claim's answer came (from
+when it was first sent if it was sent more than once: a retry may be
+answered the jobs of a try whose answer was lost), waiting in the buffer
+included, until its ack is answered; each heartbeat has until the next is
+due (or the lease's end, if sooner), so one left unanswered never holds back
+the next. A lease that ran out with no heartbeat landing (on this clock,
+from that time, or from when the last renewal that landed was sent) is taken
+for lost, as one the broker says is, its job neither acked nor nacked, its
+handler's end included: the broker may have given the job to another worker.
 
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
@@ -349,7 +349,7 @@ class Worker:
         self.prefetch = prefetch  # None: ClaimAhead sizes the buffer
         self.ahead = ClaimAhead(concurrency)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.lease = lease  # None: the broker's --lease
+        self.lease = lease  # None: the topic's lease setting, else the broker's --lease
         self.heartbeat_every = heartbeat_every  # None: a third of each job's lease
         self.wait = wait
         self.backoff = backoff or Backoff()

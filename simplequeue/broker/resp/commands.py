@@ -661,7 +661,8 @@ async def xadd(session: Session, args: list[bytes]) -> Reply:
 @command("XREADGROUP", 6, None, flags=("write", "blocking"))
 async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
     """XREADGROUP GROUP g c [COUNT n] [BLOCK ms] [NOACK] STREAMS key [key ...] > [> ...]:
-    claims with the broker's lease; the consumer name is the worker id."""
+    claims with the topic's lease setting, else the broker's --lease; the
+    consumer name is the worker id."""
     read = StreamRead.parse(args, session.listener.max_batch)
     deadline = time.monotonic() + read.block
     got: dict[str, list[Any]] = {}
