@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -99,6 +99,10 @@ CLAIM_SHARE = 1 / 2
 # Orphan objects the sweeps saw first and keep for their second sighting, in
 # all topics, at most (130 to 240 bytes each, as long as topic names go).
 SIGHTINGS_KEPT = 250_000
+# Topics cached_in_turns() answers for between turns of the event loop: a
+# topic written since its last answer has its head decoded again (some 60 µs),
+# so 100 hold the loop some 6 ms, where 10,000 at once held it 0.3-0.4 s.
+CACHED_SLICE = 100
 
 
 @dataclass(frozen=True)
@@ -604,6 +608,19 @@ class GroupCommitter:
             finally:
                 reader.release()  # a reader lives until the next write
         return out
+
+    async def cached_in_turns(
+        self, query: Callable[[TopicState, float], T]
+    ) -> AsyncIterator[dict[str, T]]:
+        """cached() for every topic this broker holds, however many: their
+        answers CACHED_SLICE topics at a time, the event loop taking its turns
+        between (another task may change a topic meanwhile: what a slice's
+        answers are compared with is read as they come)."""
+        names = list(self._topics)
+        for start in range(0, len(names), CACHED_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            yield self.cached(query, names[start : start + CACHED_SLICE])
 
     @property
     def writer(self) -> dict[str, Any]:

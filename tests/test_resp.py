@@ -27,6 +27,7 @@ import hiredis
 import orjson
 import pytest
 import redis.asyncio as redis
+from prometheus_client import generate_latest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
@@ -1436,7 +1437,7 @@ async def test_resp_commands_are_counted_in_metrics(r: redis.Redis, broker: Brok
     await r.rpush("metered", "a")
     with pytest.raises(redis.ResponseError):
         await r.execute_command("NOSUCHCOMMAND")
-    text = broker.metrics.render().decode()
+    text = (await broker.metrics.scrape()).decode()
     assert 'simplequeue_resp_commands_total{command="RPUSH",outcome="ok"}' in text
     assert 'simplequeue_resp_commands_total{command="unknown",outcome="error"}' in text
 
@@ -1537,7 +1538,7 @@ async def test_xreadgroup_whose_client_leaves_during_the_second_streams_claim_st
 
 
 def _counted_ok(broker: Any, command: str) -> int:
-    text = broker.metrics.render().decode()
+    text = generate_latest(broker.metrics.registry).decode()
     m = re.search(
         rf'simplequeue_resp_commands_total\{{command="{command}",outcome="ok"\}} ([0-9.e+]+)', text
     )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 import pytest
+from prometheus_client import generate_latest
 
 from simplequeue.api import JobSpec
 from simplequeue.broker import page as status_page
@@ -526,7 +527,7 @@ async def test_overview_lists_counts_ages_claims_and_dead_jobs_within_bounds(
 
 def store_requests(broker: Any, kind: str) -> float:
     """The broker's count of store requests of `kind` that succeeded."""
-    for line in broker.metrics.render().decode().splitlines():
+    for line in generate_latest(broker.metrics.registry).decode().splitlines():
         if line.startswith("simplequeue_store_requests_total{"):
             labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
             if labels.get("kind") == kind and labels.get("outcome") == "ok":
@@ -634,8 +635,10 @@ async def test_metrics_report_only_the_topics_this_broker_owns(
     await owner.engine.enqueue("t", [JobSpec(1)])
     await other.http_api.page.compute()  # an operator opens the other's page
     await owner.engine.enqueue("t", [JobSpec(n) for n in range(5)])
-    assert 'topic="t"' not in other.metrics.render().decode()
-    assert 'simplequeue_jobs{state="pending",topic="t"} 6.0' in owner.metrics.render().decode()
+    assert 'topic="t"' not in (await other.metrics.scrape()).decode()
+    assert (
+        'simplequeue_jobs{state="pending",topic="t"} 6.0' in (await owner.metrics.scrape()).decode()
+    )
 
 
 async def test_the_sampler_keeps_rate_history_only_for_the_topics_a_page_shows(

@@ -227,7 +227,7 @@ class Duties:
                 await self._reap_due()
                 if loop.time() - idle_at >= self.settings.idle_check:
                     idle_at = loop.time()
-                    self._recheck()
+                    await self._recheck()
                     self.engine.forget_idle()
                 if loop.time() - swept_at >= self.settings.sweep_interval:
                     swept_at = loop.time()
@@ -240,20 +240,25 @@ class Duties:
                 min(swept_at + s.sweep_interval, idle_at + s.idle_check) - loop.time()
             )
 
-    def _recheck(self) -> None:
+    async def _recheck(self) -> None:
         """Note the topics this broker owns and holds whose committed state
         says something is due (a lease, a slot, follow-ups) that the duties
         do not know of: from the cache, no I/O. Every landing and read notes
         its topic's due, so this finds only a note that was lost (a fault,
         logged: one lost this way left a lease unreaped for good), within
-        idle_check rather than never."""
-        for topic, due in self.engine.cached_dues().items():
-            if due is None or topic in self._due or topic in self._corrupt:
-                continue
-            if not self.membership.owns(topic):
-                continue
-            log.warning("owner duties: %s was due unnoticed (since %.3f); tending it", topic, due)
-            self.note(topic, due)
+        idle_check rather than never. In slices of topics, each compared with
+        the notes as they are when it is read, the loop taking its turns
+        between."""
+        async for dues in self.engine.cached_dues():
+            for topic, due in dues.items():
+                if due is None or topic in self._due or topic in self._corrupt:
+                    continue
+                if not self.membership.owns(topic):
+                    continue
+                log.warning(
+                    "owner duties: %s was due unnoticed (since %.3f); tending it", topic, due
+                )
+                self.note(topic, due)
 
     async def _sleep(self, most: float) -> None:
         if self._heap:

@@ -13,7 +13,7 @@ import logging
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -784,23 +784,35 @@ class Engine:
                 out[name] = (at, c)
         return out
 
-    def cached_dues(self) -> dict[str, float | None]:
+    async def cached_dues(self) -> AsyncIterator[dict[str, float | None]]:
         """When each topic this broker holds next wants its owner (as next_due()
-        says), from its cache as last committed: no I/O."""
+        says), from its cache as last committed: no I/O. In slices, the loop
+        taking its turns between (GroupCommitter.cached_in_turns)."""
         error = self.committer.clock_error
-        return self.committer.cached(lambda s, now: held_due(s, now, error(now)))
+        async for dues in self.committer.cached_in_turns(
+            lambda s, now: held_due(s, now, error(now))
+        ):
+            yield dues
 
-    def cached_gauges(self) -> dict[str, dict[str, Any]]:
+    async def cached_gauges(self) -> dict[str, dict[str, Any]]:
         """For /metrics, from the cache (no I/O): per topic its counts, what it
         ever did (totals) and the age of its oldest due job (None if none).
         A topic with jobs that left memory (idle: nobody asked about it for a
-        while) is reported as it was then, its ages growing (_left_memory)."""
-        gauges = {name: left.gauges(self.committer.clock()) for name, left in self._left.items()}
-        live = self.committer.cached(lambda s, now: _Left.of(s, now).gauges(now))
+        while) is reported as it was then, its ages growing (_left_memory).
+        Read in slices, the loop taking its turns between: a topic that left
+        memory meanwhile is reported as it left."""
+        live: dict[str, dict[str, Any]] = {}
+        async for gauges in self.committer.cached_in_turns(
+            lambda s, now: _Left.of(s, now).gauges(now)
+        ):
+            live.update(gauges)
+        held = set(self.committer.known_topics())
         for name in live:
-            self._left.pop(name, None)  # in memory again: its own figures
-        gauges.update(live)
-        return gauges
+            if name in held:
+                self._left.pop(name, None)  # in memory again: its own figures
+        now = self.committer.clock()
+        live.update((name, left.gauges(now)) for name, left in self._left.items())
+        return live
 
     def _left_memory(self, topic: str, state: TopicState, now: float) -> None:
         """GroupCommitter.on_forgotten: keep what /metrics says of a topic with

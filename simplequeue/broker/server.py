@@ -49,7 +49,7 @@ from simplequeue.broker.settings import (
     parse_addr,
 )
 from simplequeue.errors import StoreUnavailable
-from simplequeue.groupcommit import CommitSettings, GroupCommitter
+from simplequeue.groupcommit import CommitSettings, CommitStats, GroupCommitter
 from simplequeue.objstore import ObjectStore, store_from_url
 from simplequeue.state import Bounds, TopicState
 
@@ -115,7 +115,7 @@ class Broker:
         self.engine = Engine(self.committer)
         self.metrics.add_collector(
             CallbackCollector(
-                lambda: (dataclasses.replace(self.committer.stats), self._owned_gauges()),
+                self._commit_figures,
                 commit_families,
             )
         )
@@ -293,12 +293,14 @@ class Broker:
             asyncio.create_task(self.duties.run(), name="duties"),
         ]
 
-    def _owned_gauges(self) -> dict[str, dict[str, Any]]:
-        """Per-topic figures for /metrics: of the topics this broker owns. Others
-        it holds (its status page read them, or it wrote them while their owner
-        did not answer) are as they were then: their owner reports them."""
-        gauges = self.engine.cached_gauges()
-        return {t: g for t, g in gauges.items() if self.membership.owns(t)}
+    async def _commit_figures(self) -> tuple[CommitStats, dict[str, dict[str, Any]]]:
+        """For /metrics: the committer's counters, and per-topic figures of the
+        topics this broker owns. Others it holds (its status page read them,
+        or it wrote them while their owner did not answer) are as they were
+        then: their owner reports them."""
+        stats = dataclasses.replace(self.committer.stats)
+        gauges = await self.engine.cached_gauges()
+        return stats, {t: g for t, g in gauges.items() if self.membership.owns(t)}
 
     def _next_due(self, state: TopicState) -> float | None:
         """When the topic `state` holds next wants its owner (leases reaped as
