@@ -885,6 +885,80 @@ async def test_an_idle_broker_sweeps_in_requests_independent_of_topic_count(
     assert made <= 4, store.calls
 
 
+async def test_the_sweeps_after_a_broker_wrote_many_topics_cost_requests_independent_of_them(
+    start_broker: StartBroker,
+) -> None:
+    """SPEC 4.1: an idle broker makes O(1) store requests per second whatever
+    the number of topics. Its next two sweeps looked at every topic it wrote
+    within them, each with a listing of its folder and a GET of its head, a
+    topic of one object too (no segments: no orphans can be there): a broker
+    that enqueued one job into each of 300 topics, idle since, made 1,200
+    requests in its next two sweeps (100,000 topics: some 400,000 in the 20
+    minutes after, half of them LISTs). Round 25 kept to those with objects
+    beside their head the topics taken over, not the topics written; one
+    listing per sweep serves both now."""
+    store = Counting()
+    broker = await start_broker(store, broker_id="b0")
+    await broker.duties.taken_over.wait()
+    limit = asyncio.Semaphore(50)
+
+    async def one(i: int) -> None:
+        async with limit:
+            await broker.engine.enqueue(f"t{i:04d}", [JobSpec({"i": i}, f"j{i}")])
+
+    await asyncio.gather(*(one(i) for i in range(300)))
+    assert len(broker.duties._written) == 300
+    assert not [k for k in await store.list(keys.TOPICS_PREFIX) if "/seg-" in k]  # heads only
+    store.calls.clear()
+    await broker.duties._sweep()
+    await broker.duties._sweep()
+    made = sum(n for (kind, _), n in store.calls.items() if kind in ("get", "list"))
+    assert made <= 4, store.calls
+
+
+async def test_an_orphan_that_lands_after_a_sweeps_listing_is_deleted_by_the_sweeps_after(
+    start_broker: StartBroker,
+) -> None:
+    """Orphans are deleted: a topic written lately is swept only if the sweep's
+    listing of the topics finds objects beside its head. One that lands after
+    a listing (a write cut short, another broker's, right after it) is found
+    by the next sweep's, within the topic's two, and its sighting carries it
+    to the sweep that deletes it."""
+    store = MemStore()
+    broker = await start_broker(store, broker_id="b0")
+    await broker.duties.taken_over.wait()
+    await broker.engine.enqueue("t", [JobSpec("p", id="j")])  # inline: the head alone
+    await broker.duties._sweep()  # nothing beside the head: not swept
+    orphan = "topics/t/seg-p0-orphan.json"
+    await store.put(orphan, b'{"format": 1, "items": []}')
+    await broker.duties._sweep()  # the first sighting
+    assert orphan in await store.list("topics/t/")
+    broker.duties._written.clear()  # its last write two sweeps old
+    await broker.duties._sweep()
+    assert orphan not in await store.list("topics/t/")
+    assert (await broker.engine.job("t", "j"))["status"] == "pending"
+
+
+async def test_a_failed_listing_of_folders_loses_no_topic_written(
+    start_broker: StartBroker,
+) -> None:
+    """A topic written lately waits, as one taken over does, for a listing of
+    the topics that works, past its two sweeps if need be."""
+    store = FoldersFailOnce()
+    broker = await start_broker(store, broker_id="b0")
+    await broker.duties.taken_over.wait()
+    await broker.engine.enqueue("t", [JobSpec("p", id="j")])
+    orphan = "topics/t/seg-p0-orphan.json"
+    await store.put(orphan, b'{"format": 1, "items": []}')
+    before = time.monotonic()
+    await broker.duties._sweep()  # the listing fails
+    assert store.failed
+    assert broker.duties._written["t"] >= before  # its two sweeps are counted again
+    await broker.duties._sweep()  # first sighting
+    await broker.duties._sweep()
+    assert orphan not in await store.list("topics/t/")
+
+
 async def test_a_sweep_that_takes_long_holds_back_no_reaping(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -89,8 +89,8 @@ class Duties:
         self._scheduled: dict[str, float] = {}  # topic -> its wake-up in the heap
         self._heap: list[tuple[float, str]] = []
         # topic -> monotonic time this broker last wrote it, and time it took
-        # it over: the topics its next two sweeps look at (those taken over
-        # only if they have objects beside their head).
+        # it over: the topics its next two sweeps look at (those of them that
+        # have objects beside their head).
         self._written: dict[str, float] = {}
         self._taken: dict[str, float] = {}
         self._held_back: dict[str, _HeldBack] = {}  # topic -> what its delivery holds back
@@ -103,7 +103,8 @@ class Duties:
         self._tend_slots = asyncio.Semaphore(TEND_PARALLEL)
         self._wake = asyncio.Event()
         # The sweep runs in a task of its own: one of many topics (a broker
-        # that wrote 10,000 lately lists each) holds back no reaping.
+        # that wrote 10,000 with segments lately lists each) holds back no
+        # reaping.
         self._sweeping: asyncio.Task[None] | None = None
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         # Set while no take-over is pending: the heads of the live brokers'
@@ -572,23 +573,31 @@ class Duties:
         their last write was), then the store's leftovers of writes cut short
         (whichever broker's: one killed may never come back).
 
-        Of the topics taken over, only those with objects beside their head
-        are swept, found in one listing of every topic: most of thousands
-        taken over are one object each, and a listing and a read of each
-        made an idle broker's sweeps cost as many requests as it owns topics."""
+        Of the topics written or taken over, only those with objects beside
+        their head are swept, found in one listing of every topic: most of
+        thousands written or taken over are one object each (no orphans), and
+        a listing and a read of each made an idle broker's sweeps cost as many
+        requests as the topics it wrote or owns. An orphan is an object that
+        was in the store before the write that left it landed (objects go
+        before their head), so a listing made after that landing finds its
+        folder; one that lands after this sweep's listing is found by the
+        next sweep's, within the topic's two."""
         horizon = time.monotonic() - 2 * self.settings.sweep_interval
         self._written = {t: at for t, at in self._written.items() if at >= horizon}
-        swept = {*self._written, *self.engine.sighted()}
-        taken = {t: at for t, at in self._taken.items() if at >= horizon}
-        if pending := taken.keys() - swept:
+        self._taken = {t: at for t, at in self._taken.items() if at >= horizon}
+        swept = set(self.engine.sighted())
+        recent = self._written.keys() | self._taken.keys()
+        if pending := {t for t in recent - swept if self.membership.owns(t)}:
             try:
                 swept |= pending & await self.engine.topics_with_objects()
             except SimpleQueueError as exc:
-                # The rest is swept all the same; the topics taken over get
-                # their two sweeps counted again, from a listing that works.
-                log.warning("owner duties: the topics taken over are swept later (%s)", exc)
-                taken.update(dict.fromkeys(pending, time.monotonic()))
-        self._taken = taken
+                # The rest is swept all the same; the topics written or taken
+                # over get their two sweeps counted again, from a listing that
+                # works.
+                log.warning("owner duties: topics written or taken over are swept later (%s)", exc)
+                again = time.monotonic()
+                for recent_ones in (self._written, self._taken):
+                    recent_ones.update((t, again) for t in pending if t in recent_ones)
         owned = [t for t in sorted(swept) if self.membership.owns(t)]
         await self.engine.sweep_all(owned)
         await self.engine.sweep_leftovers(self.settings.leftover_age)
