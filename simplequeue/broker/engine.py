@@ -21,6 +21,7 @@ import orjson
 
 from simplequeue import api, keys
 from simplequeue.api import AckRequest, FollowUpSpec, JobSpec, ScheduleRequest, SettingsRequest
+from simplequeue.broker.parallel import each
 from simplequeue.broker.popped import Attempt, Kept, Popped
 from simplequeue.errors import (
     AmbiguousWrite,
@@ -738,23 +739,19 @@ class Engine:
         names = await self.committer.topics()
         counts: dict[str, dict[str, int]] = {}
         errors: dict[str, str] = {}
-        left = iter(names)
 
-        async def reader() -> None:
+        async def read(name: str) -> None:
             # Heads peeked at, not kept: a listing of 100,000 topics leaves
             # the broker's memory with the topics it serves.
-            for name in left:
-                try:
-                    counts[name] = await self.committer.peek(name, lambda s, now: s.counts(now))
-                except SimpleQueueError as exc:
-                    errors[name] = str(exc)
-                except Exception as exc:  # a fault of ours: that topic's alone
-                    log.error("topic %s cannot be listed", name, exc_info=exc)
-                    errors[name] = f"internal error: {exc!r}"
+            try:
+                counts[name] = await self.committer.peek(name, lambda s, now: s.counts(now))
+            except SimpleQueueError as exc:
+                errors[name] = str(exc)
+            except Exception as exc:  # a fault of ours: that topic's alone
+                log.error("topic %s cannot be listed", name, exc_info=exc)
+                errors[name] = f"internal error: {exc!r}"
 
-        async with asyncio.TaskGroup() as readers:
-            for _ in range(min(LISTING_READERS, len(names))):
-                readers.create_task(reader())
+        await each(names, LISTING_READERS, read)
         order = {name: i for i, name in enumerate(names)}
         return (
             dict(sorted(counts.items(), key=lambda kv: order[kv[0]])),
