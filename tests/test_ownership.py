@@ -952,6 +952,28 @@ async def test_the_sweeps_after_a_broker_wrote_many_topics_cost_requests_indepen
     assert made <= 4, store.calls
 
 
+async def test_a_broker_that_wrote_a_few_of_many_topics_sweeps_them_without_listing_all(
+    start_broker: StartBroker,
+) -> None:
+    """A listing of every topic costs a request per 500-1,000 topics: for a
+    broker that wrote 3 of 100,000 (as its take-over listed them), looking at
+    those 3 on their own (a listing of each one's folder and a GET) costs
+    less, and orphans there are deleted all the same."""
+    store = Counting()
+    broker = await start_broker(store, broker_id="b0")
+    await broker.duties.taken_over.wait()
+    broker.duties._topics_listed = 100_000
+    for t in ("a", "b", "c"):
+        await broker.engine.enqueue(t, [JobSpec("p", id="j")])
+    orphan = "topics/a/seg-p0-orphan.json"
+    await store.put(orphan, b'{"format": 1, "items": []}')
+    store.calls.clear()
+    await broker.duties._sweep()
+    await broker.duties._sweep()
+    assert store.calls["list", keys.TOPICS_PREFIX] == 0, store.calls  # no listing of all
+    assert orphan not in await store.list("topics/a/")
+
+
 async def test_an_orphan_that_lands_after_a_sweeps_listing_is_deleted_by_the_sweeps_after(
     start_broker: StartBroker,
 ) -> None:

@@ -94,6 +94,7 @@ class Duties:
         # have objects beside their head).
         self._written: dict[str, float] = {}
         self._taken: dict[str, float] = {}
+        self._topics_listed = 0  # the topics the last take-over listed: a listing's cost
         self._held_back: dict[str, _HeldBack] = {}  # topic -> what its delivery holds back
         self._corrupt: set[str] = set()  # topics whose tending found an object corrupt
         # Topics being tended, each in a task of its own: a slow one (a large
@@ -520,6 +521,7 @@ class Duties:
         old, new = self._acquire
         me = self.membership.me
         names = await self.engine.topic_names()  # if it fails, the next round tries again
+        self._topics_listed = len(names)
         if self._acquire == (old, new):
             self._acquire = None
         else:  # the view changed again meanwhile: take over from `old` to the newest
@@ -586,13 +588,20 @@ class Duties:
         was in the store before the write that left it landed (objects go
         before their head), so a listing made after that landing finds its
         folder; one that lands after this sweep's listing is found by the
-        next sweep's, within the topic's two."""
+        next sweep's, within the topic's two. When they are fewer than such a
+        listing's pages (a broker that wrote 3 of 100,000 topics), each is
+        looked at on its own: a listing of its folder and a read."""
         horizon = time.monotonic() - 2 * self.settings.sweep_interval
         self._written = {t: at for t, at in self._written.items() if at >= horizon}
         self._taken = {t: at for t, at in self._taken.items() if at >= horizon}
         swept = set(self.engine.sighted())
         recent = self._written.keys() | self._taken.keys()
-        if pending := {t for t in recent - swept if self.membership.owns(t)}:
+        pending = {t for t in recent - swept if self.membership.owns(t)}
+        if pending and 2 * len(pending) <= _listing_cost(self._topics_listed):
+            # Fewer than a listing of every topic would cost (a broker that
+            # wrote a few of 100,000): each looked at on its own, as before.
+            swept |= pending
+        elif pending:
             try:
                 swept |= pending & await self.engine.topics_with_objects()
             except SimpleQueueError as exc:
@@ -634,6 +643,12 @@ class _HeldBack:
         """When the first thing held back at `now` may go again (None: nothing)."""
         self.now(now)
         return min([*self.targets.values(), *self.items.values()], default=None)
+
+
+def _listing_cost(topics: int) -> int:
+    """The requests a listing of `topics` topics' folders costs, about: a page
+    of 1,000 entries a request, each topic a head and maybe a folder."""
+    return 1 + 2 * topics // 1000
 
 
 def _earliest(*times: float | None) -> float | None:
