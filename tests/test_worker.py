@@ -2096,6 +2096,105 @@ async def test_a_burst_worker_on_a_limited_topic_drains_it(
     assert (status["pending"], status["completed"]) == (0, 4)
 
 
+@pytest.mark.parametrize("prefetch", [None, 4])
+async def test_a_worker_on_a_topic_with_max_claimed_claims_only_for_free_slots(
+    q: Client, prefetch: int | None
+) -> None:
+    """max_claimed counts the jobs claimed, across every worker: a job held
+    ahead in a Worker's buffer takes a place without running. With
+    max_claimed=2 and two Workers of concurrency 1, the first claimed both
+    jobs in one claim (its buffer is twice its concurrency at least), ran one
+    and held the other, and the second Worker sat idle while the first job
+    ran, however long (review finding). On a topic with max_claimed (or a
+    rate) a Worker claims only for its free slots, whatever its `prefetch`."""
+    await q.settings(max_claimed=2)
+    await q.enqueue_many(["long", "short"])
+    release = asyncio.Event()
+    started: list[tuple[str, str]] = []
+
+    def handler_of(name: str) -> Callable[[Job], Awaitable[None]]:
+        async def handler(job: Job) -> None:
+            started.append((name, job.payload))
+            if job.payload == "long":
+                await release.wait()
+
+        return handler
+
+    def worker(name: str) -> Worker:
+        return Worker(
+            q, handler_of(name), concurrency=1, prefetch=prefetch, wait=0.2, handle_signals=False
+        )
+
+    first, second = worker("first"), worker("second")
+    running = [asyncio.create_task(first.run())]
+    try:
+        # Its first claim is answered before its job starts: what it held
+        # ahead, it holds now.
+        await until(lambda: started == [("first", "long")])
+        running.append(asyncio.create_task(second.run()))
+        await until(lambda: ("second", "short") in started)
+        assert first.buffer_size == 0
+    finally:
+        release.set()
+        await asyncio.gather(first.stop(), second.stop())
+        await asyncio.gather(*running)
+    assert first.processed + second.processed == 2
+
+
+async def test_a_worker_on_a_topic_with_a_rate_holds_no_job_it_cannot_start(q: Client) -> None:
+    """The rate counts claims, and a Worker that claims ahead starts its jobs
+    faster than it: rate=2/s, burst=1, a Worker of concurrency 1 whose first
+    job ran 2 s claimed two more meanwhile (its buffer) and started them back
+    to back as it ended: 3 starts within a quarter of a second, where the
+    topic allows 1.5 (review finding). It claims only for its free slots now:
+    while its one job runs it holds no other. At rate=20/s the half second
+    looked at grants 10 tokens, and a Worker claiming ahead holds 3 jobs
+    within its first tenth (that window only gives the fault time to show:
+    with the fix no wait, however long, would see a second job claimed)."""
+    await q.settings(rate=20.0, burst=1)
+    await q.enqueue_many(list(range(5)))
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def handler(job: Job) -> None:
+        started.append(job.payload)
+        if job.payload == 0:
+            await release.wait()
+
+    worker = Worker(q, handler, concurrency=1, wait=0.2, burst=True, handle_signals=False)
+    running = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: started == [0])
+        await asyncio.sleep(0.5)  # not a synchronisation: time for 10 tokens (above)
+        assert (await q.status())["claimed"] == 1
+    finally:
+        release.set()
+        async with asyncio.timeout(30):
+            await running
+    assert sorted(started) == list(range(5)) and worker.processed == 5
+
+
+async def test_a_worker_follows_limits_set_and_removed_while_it_runs(
+    q: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Worker reads the topic's settings as it starts and again every
+    SETTINGS_EVERY seconds (10; a tenth of a second here): limits set while
+    it runs stop its claiming ahead within that lag, and once they are
+    removed it claims ahead again."""
+    monkeypatch.setattr(worker_module, "SETTINGS_EVERY", 0.1)
+    worker = Worker(q, lambda job: None, concurrency=2, wait=0.2, handle_signals=False)
+    running = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: worker.buffer_size == 4)
+        await q.settings(rate=100.0)
+        await until(lambda: worker.buffer_size == 0)
+        await q.settings(rate=None)
+        await until(lambda: worker.buffer_size == 4)
+    finally:
+        await worker.stop()
+        await running
+
+
 async def test_a_burst_worker_on_a_paused_topic_stops(q: Client) -> None:
     """Paused (max_claimed 0), a topic's jobs are pending and none may be
     claimed: a burst Worker stops rather than wait for ever."""

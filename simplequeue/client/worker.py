@@ -3,7 +3,13 @@
 Batch claims fill free slots and, ahead of need, a prefetch buffer of up to
 `prefetch` more jobs (by default sized to the rate jobs end at: ClaimAhead),
 so that the next jobs are at hand when a slot frees rather than one claim
-round trip away. With a buffer, each claim asks for half the capacity and
+round trip away. Not on a topic with a `rate` or `max_claimed` setting:
+those count claimed jobs, and a job held ahead would take a place (or a
+token) without running, while another worker idles; there the Worker
+claims only for its free slots, whatever its `prefetch`, and so it does
+until it has read them (before its first claim, SETTINGS_FIRST_WAIT at
+most; then every SETTINGS_EVERY seconds in the background:
+_follow_settings). With a buffer, each claim asks for half the capacity and
 two can be in flight; their jobs are buffered in the order the claims were
 sent, unless an earlier claim is still out ORDER_GRACE after a later one's
 answer came (a long poll on a quiet topic). Each claimed job's lease (the
@@ -160,6 +166,17 @@ HEARTBEAT_MIN = 0.05
 CANCEL_GRACE = 5.0
 # Seconds a burst Worker's claim held back by the topic's limits long-polls, at least.
 HELD_BACK_WAIT = 1.0
+# Seconds between a Worker's reads of its topic's settings (one request, in
+# the background, never one per claim): a `rate` or `max_claimed` set while it
+# runs stops its claiming ahead within this lag, about, and one removed lets
+# it claim ahead again. A claim answered short (a limit's doing, maybe) while
+# it claims ahead reads them again once SETTINGS_AFTER_SHORT passed since the
+# last read; so does a read that failed. The first claim waits for the first
+# read SETTINGS_FIRST_WAIT at most (a broker that does not answer it must not
+# hold up the claims: they ask only for free slots until it lands).
+SETTINGS_EVERY = 10.0
+SETTINGS_AFTER_SHORT = 1.0
+SETTINGS_FIRST_WAIT = 1.0
 # Seconds a failed claim keeps its place before another is sent; so does one
 # answered empty before its long poll was out, for the rest of the poll at most.
 FAILED_CLAIM_HOLD = 1.0
@@ -296,7 +313,14 @@ class Worker:
     ClaimAhead: twice `concurrency` for jobs that take a while, up to 64 times
     it for short ones, so that those are claimed in large batches, few
     requests and writes per job; 0 for long jobs, so that none waits here
-    while another worker is idle).
+    while another worker is idle). On a topic with a `rate` or `max_claimed`
+    setting it holds none ahead, whatever `prefetch` says (`limited`): those
+    limits count claimed jobs, and one held here would take a place or a
+    token without running. Unless `prefetch` is 0, it reads the settings
+    before its first claim (a second at most: until they are read, it
+    claims only for its free slots) and every SETTINGS_EVERY seconds (10)
+    while it runs, so a limit set or removed meanwhile applies within about
+    that long.
     A handler still running `timeout` seconds after it started is cancelled and
     its job failed (a plain function's thread cannot be stopped: it runs on,
     keeping its slot and its job's lease, and the job fails when it returns).
@@ -348,6 +372,11 @@ class Worker:
         self.concurrency = concurrency
         self.prefetch = prefetch  # None: ClaimAhead sizes the buffer
         self.ahead = ClaimAhead(concurrency)
+        # The topic has a rate or max_claimed, as last read (None: not read
+        # yet): no buffer unless False.
+        self.limited: bool | None = None
+        self._read_again = asyncio.Event()  # a claim answered short: read them soon
+        self._settings_tried = asyncio.Event()  # read, or failed to, once this run
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.lease = lease  # None: the topic's lease setting, else the broker's --lease
         self.heartbeat_every = heartbeat_every  # None: a third of each job's lease
@@ -620,8 +649,64 @@ class Worker:
 
     @property
     def buffer_size(self) -> int:
-        """Claimed jobs held ahead of the slots, at most: `prefetch`, or as sized now."""
+        """Claimed jobs held ahead of the slots, at most: `prefetch`, or as sized
+        now; 0 on a topic with a rate or max_claimed, or before its settings
+        were read (`limited`)."""
+        if self.limited is not False:
+            return 0
         return self.ahead.size if self.prefetch is None else self.prefetch
+
+    def _learn(self, settings: dict[str, Any]) -> None:
+        """The topic's settings, as read: whether it may hold jobs ahead."""
+        limited = settings.get("rate") is not None or settings.get("max_claimed") is not None
+        if limited != self.limited:
+            if limited or self.limited:  # not news to log: no limits, as it starts
+                log.info(
+                    "the topic %s: %s",
+                    "has a rate or max_claimed" if limited else "has no rate nor max_claimed now",
+                    "claiming only for free slots" if limited else "claiming ahead again",
+                )
+            self.limited = limited
+            self._room.set()  # what to claim changed
+
+    async def _follow_settings(self) -> None:
+        """Read the topic's settings now, then every SETTINGS_EVERY seconds, or
+        SETTINGS_AFTER_SHORT after the last read when a claim asks (_claim)
+        or the read failed: one request at a time, none per claim. A read
+        that fails is logged; what was read last holds until the next
+        (nothing read: no buffer)."""
+        while True:
+            read = time.monotonic()
+            every = SETTINGS_EVERY
+            self._read_again.clear()  # a claim answered short meanwhile asks again
+            try:
+                self._learn(await self.client.settings())
+            except Exception as exc:
+                every = SETTINGS_AFTER_SHORT
+                log.warning(
+                    "the topic's settings could not be read (%s): %s",
+                    exc,
+                    "claiming ahead" if self.limited is False else "claiming for free slots only",
+                    exc_info=not isinstance(exc, SimpleQueueError),
+                )
+            self._settings_tried.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every - (time.monotonic() - read)):
+                    await self._read_again.wait()
+                    await asyncio.sleep(SETTINGS_AFTER_SHORT - (time.monotonic() - read))
+
+    async def _first_settings(self) -> None:
+        """Return once the settings were read (or failed to be), the worker
+        stops, or SETTINGS_FIRST_WAIT passed."""
+        tried = asyncio.ensure_future(self._settings_tried.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait(
+                [tried, stopping], timeout=SETTINGS_FIRST_WAIT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            tried.cancel()
+            stopping.cancel()
 
     def _wanted(self) -> int:
         """How many jobs to claim now: nothing until half a buffer's worth of
@@ -647,8 +732,15 @@ class Worker:
     async def _claim_loop(self) -> None:
         """Send claims, up to CLAIMS_IN_FLIGHT at once: with short jobs, the next
         claim is on its way while the last one's jobs run, and the broker commits
-        the two in successive writes instead of one after the other's answer."""
+        the two in successive writes instead of one after the other's answer.
+        The topic's settings are read first and followed meanwhile
+        (_follow_settings), unless `prefetch` is 0 (they change nothing then)."""
+        following: list[asyncio.Task[None]] = []
         try:
+            if self.prefetch != 0:
+                self._settings_tried.clear()
+                following.append(asyncio.create_task(self._follow_settings()))
+                await self._first_settings()
             while not self._stopping.is_set():
                 count = self._wanted()
                 if count <= 0 or len(self._claims) >= CLAIMS_IN_FLIGHT:
@@ -661,9 +753,9 @@ class Worker:
                 claim.add_done_callback(functools.partial(self._claim_done, self._sent, count))
                 self._sent += 1
         finally:
-            for claim in self._claims:
-                claim.cancel()
-            await asyncio.gather(*self._claims, return_exceptions=True)
+            for task in (*self._claims, *following):
+                task.cancel()
+            await asyncio.gather(*self._claims, *following, return_exceptions=True)
 
     async def _claim(self, seq: int, count: int) -> None:
         jobs: list[Job] | None = None  # None: the claim failed, or was cancelled
@@ -673,10 +765,11 @@ class Worker:
         answering = LastCall()  # of the claim that answered the jobs
         # Right after a claim answered in full, no long poll: the topic most
         # likely has jobs, and its time is a round trip (ClaimAhead). Not
-        # with a fixed buffer, which sizes nothing from it: with none and one
-        # slot, every claim that gets a job is answered in full, and each job
-        # of a trickle would cost a claim answered empty besides.
-        timed = self.prefetch is None and self.ahead.had_jobs
+        # with a fixed buffer, which sizes nothing from it, nor with none (a
+        # topic's limits): with none and one slot, every claim that gets a
+        # job is answered in full, and each job of a trickle would cost a
+        # claim answered empty besides.
+        timed = self.prefetch is None and self.limited is False and self.ahead.had_jobs
         wait = 0.0 if self.burst or timed else self.wait
         try:
             with last_call(answering):
@@ -687,6 +780,10 @@ class Worker:
                 self.ahead.claimed(took, count, len(jobs), wait)
                 # ... answered short so, it is followed by a long poll at once.
                 unwaited_short = wait < self.wait and len(jobs) < count
+                if len(jobs) < count and (jobs or wait == 0) and self.limited is False:
+                    # Maybe a limit set since the settings were read (a long
+                    # poll answered empty says only that the topic was).
+                    self._read_again.set()
                 # Only jobs held here already (a broker's fault) is an empty
                 # answer: held for nothing, the claim would be sent again at
                 # once, and answered so again, in a tight loop.
@@ -765,7 +862,9 @@ class Worker:
         an hour, or a job failing for ever, would keep it up. Each claim's
         name goes in `attempt` (for _take_back)."""
         while (await self.client.status())["pending"] > 0:
-            if (await self.client.settings()).get("max_claimed") == 0:
+            settings = await self.client.settings()
+            self._learn(settings)
+            if settings.get("max_claimed") == 0:
                 log.info("the topic is paused (max_claimed 0): stopping (burst)")
                 return []
             # A second (the long poll answers as soon as a token or a slot is
