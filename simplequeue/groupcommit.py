@@ -321,7 +321,8 @@ class GroupCommitter:
         self, topic: str, mutations: Sequence[Mutation[T]]
     ) -> list[T | BaseException]:
         """Apply each mutation in the topic's next batch, as many submit() calls
-        would (each is its own entry: it fails alone, and one that changes
+        would (each is its own entry: it fails alone, unless it meets a
+        corrupt object, which fails the whole batch; and one that changes
         nothing is verified alone), without a task per mutation; each outcome
         is its result or the exception it failed with."""
         if self._closing:
@@ -943,7 +944,9 @@ class GroupCommitter:
             try:
                 results.append((True, entry.item.mutation(state, now)))
                 depends_on_state = not state.dirty  # a no-op: nothing to claim, duplicate
-            except SegmentMissing:
+            except (SegmentMissing, CorruptData):
+                # Either may come half-way through a mutation that has changed
+                # the state: the whole batch is undone (a corrupt object: failed).
                 raise
             except SimpleQueueError as exc:
                 results.append((False, exc))

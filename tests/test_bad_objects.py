@@ -134,3 +134,89 @@ async def test_a_segment_holding_fewer_jobs_than_its_ref_says_is_corrupt(
     ):
         status, body = r.status, await r.json()
     assert status == 500 and key in body["error"], body
+
+
+async def _corrupt_low_lane(store: MemStore, start_broker: StartBroker) -> str:
+    """Topic t: 100 jobs at priority 0, spilled to one segment that now holds
+    10 (restored from another backup, say), and 3 due at priority 5 (u0..u2),
+    written by a broker since stopped; the key of the segment."""
+    from simplequeue.api import JobSpec
+
+    seed = await start_broker(store)
+    await seed.engine.enqueue("t", [JobSpec({"pad": "x" * 1000}) for _ in range(100)])
+    await seed.engine.enqueue("t", [JobSpec("urgent", id=f"u{i}", priority=5) for i in range(3)])
+    [key] = [k for k in await store.list("topics/t/") if "/seg-p" in k]
+    segment = orjson.loads((await store.get(key))[0])
+    segment["items"] = segment["items"][:10]
+    await store.put(key, orjson.dumps(segment))
+    await seed.stop()  # it holds the segment as it wrote it
+    return key
+
+
+async def test_a_claim_that_meets_a_corrupt_segment_part_way_takes_no_job(
+    start_broker: StartBroker,
+) -> None:
+    """A claim of 10 that took the 3 due jobs of priority 5, then met the
+    corrupt segment of priority 0, was answered 500 naming the segment, yet
+    its batch was written half-applied: the head held u0..u2 claimed by "w",
+    who was never given them, and after 5 such claims they were dead ("lease
+    expired", 5 attempts), never delivered. A mutation that meets a corrupt
+    object now fails its whole batch, and nothing of it is written."""
+    store = MemStore()
+    key = await _corrupt_low_lane(store, start_broker)
+    before = (await store.get(keys.head("t")))[0]
+    fresh = await start_broker(store)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # the first fetches the segment, the second finds it cached
+            async with session.post(
+                fresh.url + "/topics/t/claim", json={"worker_id": "w", "count": 10}
+            ) as r:
+                status, body = r.status, await r.json()
+            assert status == 500 and key in body["error"], body
+    head = orjson.loads((await store.get(keys.head("t")))[0])
+    assert [r["id"] for r in head["leases"]["in"]] == [], "claimed by an answer that said 500"
+    assert (await store.get(keys.head("t")))[0] == before  # nothing written
+    status_of = await fresh.engine.job("t", "u0")
+    assert status_of["status"] == "pending" and status_of["attempts"] == 0, status_of
+
+
+async def test_what_is_batched_with_a_mutation_meeting_a_corrupt_object_fails_with_it(
+    start_broker: StartBroker,
+) -> None:
+    """The other entries of the batch are answered the same CorruptData (none
+    is answered done: none was written), not retried (the object stays
+    corrupt); alone, they are served; and other topics carry on."""
+    from simplequeue.api import JobSpec
+    from simplequeue.broker.engine import Engine
+    from simplequeue.errors import CorruptData
+    from simplequeue.groupcommit import CommitSettings, GroupCommitter
+    from tests.helpers.faults import FaultyStore
+
+    store = MemStore()
+    key = await _corrupt_low_lane(store, start_broker)
+    faulty = FaultyStore(store)
+    q = Engine(GroupCommitter(faulty, broker_id="b2", epoch=2, settings=CommitSettings()))
+    try:
+        await q.enqueue("t", [JobSpec("first", id="first")])
+        faulty.gate = asyncio.Event()
+        faulty.put_started.clear()
+        slow = asyncio.create_task(q.enqueue("t", [JobSpec("slow", id="slow")]))
+        await faulty.put_started.wait()
+        puts = faulty.calls["put"]
+        claim = asyncio.create_task(q.claim("t", "w", count=10))
+        mate = asyncio.create_task(q.enqueue("t", [JobSpec("mate", id="mate")]))
+        other = asyncio.create_task(q.enqueue("other", [JobSpec("o", id="o")]))
+        await asyncio.sleep(0)  # let them queue behind the write in flight
+        faulty.gate.set()
+        await slow
+        for task in (claim, mate):
+            with pytest.raises(CorruptData, match=key):
+                await task
+        assert (await other)[0]["id"] == "o"
+        assert faulty.calls["put"] == puts + 1  # other's: t's batch wrote nothing
+        head = orjson.loads((await store.get(keys.head("t")))[0])
+        assert head["leases"]["in"] == []
+        assert (await q.enqueue("t", [JobSpec("mate", id="mate")]))[0]["id"] == "mate"
+        assert (await q.status("t"))["pending"] == 100 + 3 + 3
+    finally:
+        await q.committer.close()
