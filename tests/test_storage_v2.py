@@ -19,7 +19,8 @@ from simplequeue.broker.engine import Engine
 from simplequeue.errors import CorruptData, InvalidRequest
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
-from simplequeue.state import Bounds, Policy
+from simplequeue.state import Bounds, Policy, TopicState, decode_head
+from tests.helpers import states
 from tests.helpers.faults import FaultyStore
 from tests.helpers.states import assert_held_as_written
 from tests.helpers.until import until
@@ -315,6 +316,94 @@ async def test_a_manifest_whose_id_index_is_cut_short_lets_no_duplicate_in(index
     with pytest.raises(CorruptData, match=key):
         await fresh.enqueue("t", [JobSpec("again", id="b0-00001")])
     assert (await engine_on(store, "other").status("t"))["pending"] == 240
+
+
+def _run(head: dict[str, Any]) -> dict[str, Any]:
+    run: dict[str, Any] = head["lanes"]["0"]["runs"][0]
+    return run
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: h["dead"].update(n=10),  # holds none
+        lambda h: _run(h).update(n=_run(h)["n"] - 1),
+        lambda h: _run(h)["segs"][0].update(live=_run(h)["segs"][0]["n"] + 1),
+        lambda h: _run(h)["segs"][0].update(live=0),
+        lambda h: _run(h)["mans"][0].update(live=_run(h)["mans"][0]["total"] + 1),
+        lambda h: _run(h)["mans"][0].update(live=-1),
+    ],
+    ids=[
+        "dead-n-past-its-jobs",
+        "run-n-short",
+        "segment-live-past-its-items",
+        "segment-live-none",
+        "manifest-live-past-its-total",
+        "manifest-live-negative",
+    ],
+)
+async def test_a_head_whose_live_counts_do_not_add_up_is_corrupt(
+    edit: Callable[[dict[str, Any]], Any],
+) -> None:
+    """A head of the right shape whose counts do not add up (edited by hand, a
+    flipped digit) was served: a dead chain saying it held 10 jobs, holding
+    none, made the first job to die spin the dead limit for ever on the event
+    loop (pop_front() found nothing, the count never fell), every topic with
+    it; a ref's live count short of the truth forgot its segment while it
+    held jobs. A chain's n must be its refs' live counts and its inline
+    items', each ref counting one live item or more, and no more than it
+    holds: else it is corrupt data naming the head."""
+    store = MemStore()
+    await _a_manifest(store)
+    await engine_on(store).enqueue("fine", [JobSpec(1)])
+    await _rewrite(store, keys.head("t"), edit)
+    fresh = engine_on(store, "fresh")
+    with pytest.raises(CorruptData, match=keys.head("t")):
+        await fresh.status("t")
+    with pytest.raises(CorruptData, match=keys.head("t")):
+        await fresh.enqueue("t", [JobSpec("x", id="new")])
+    assert (await fresh.status("fine"))["pending"] == 1
+
+
+def _dead_abc(**limits: Any) -> TopicState:
+    """A topic whose dead jobs a, b, c are in one segment, written and read back."""
+    s = states.fresh(max_attempts=1, inline_dead_bytes=1, **limits)
+    s.enqueue([JobSpec(i, id=job_id) for i, job_id in enumerate("abc")], 1000.0)
+    s = states.reread(s, 1000.0)
+    for job in s.claim("w", 30, 3, 1001.0):
+        s.nack(job["id"], job["lease_token"], 0, "boom", 1001.0)
+    s = states.reread(s, 1001.0)
+    assert [ref["live"] for ref in s.head["dead"]["segs"]] == [3]
+    return s
+
+
+@pytest.mark.timeout(10)
+def test_a_dead_count_past_the_dead_jobs_held_is_corrupt_not_a_hang() -> None:
+    """Past the head's check (a count gone wrong in memory): the dead limit
+    looked for a job to drop for as long as the count said there were more,
+    and pop_front() found none, for ever. It is corrupt data now."""
+    s = _dead_abc(dead_limit=4)
+    s.dead.d["n"] = 10  # holds 3
+    s.enqueue([JobSpec(9, id="d")], 1002.0)
+    [job] = s.claim("w", 30, 1, 1002.0)
+    with pytest.raises(CorruptData, match=keys.head("t")):
+        s.nack(job["id"], job["lease_token"], 0, "boom", 1002.0)
+
+
+def test_a_segment_forgotten_while_it_holds_live_jobs_is_corrupt() -> None:
+    """A ref whose live count is one short of its segment's (and the chain's n
+    with it: the sums agree) is forgotten with a job still in it; taking that
+    job out raised a bare StopIteration, which the committer answered 503
+    ("commit failed") and clients retried for ever. It is corrupt data."""
+    s = _dead_abc()
+    head = orjson.loads(orjson.dumps(s.head))
+    head["dead"]["segs"][0]["live"] -= 1
+    head["dead"]["n"] -= 1
+    state = TopicState(
+        decode_head("t", keys.head("t"), orjson.dumps(head)), s.view, s.bounds, s.policy
+    )
+    with pytest.raises(CorruptData, match=keys.head("t")):
+        state.purge(None, 1002.0)
 
 
 # --- cancellation ----------------------------------------------------------------------

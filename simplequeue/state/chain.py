@@ -408,7 +408,14 @@ class Chain:
         key = place.seg if place.man is None else place.man
         if refs and refs[0]["k"] == key:  # the front's: every claim's
             return refs[0]
-        return next(r for r in refs if r["k"] == key)
+        for ref in refs:
+            if ref["k"] == key:
+                return ref
+        # Forgotten while it held live items: the head's live count for it was
+        # short of what the segment holds (a hand-edited head).
+        raise CorruptData(
+            keys.head(self.topic), f"an item of {key!r} is live, but the head counts none there"
+        )
 
     def _settle_front(self) -> None:
         """Keep the cursor tidy: holes it passed are forgotten, and front segments

@@ -263,13 +263,44 @@ _ITEMS: dict[str, Any] = {
 
 
 def check_head(key: str, head: dict[str, Any]) -> None:
-    """CorruptData naming `key` unless `head` has the shape of a format-2 head."""
+    """CorruptData naming `key` unless `head` has the shape of a format-2 head,
+    and its chains' live counts add up (_miscounted)."""
     try:
         msgspec.convert(head, Head)
         for name in [*head["lanes"], *head.get("prios", ())]:
             int(name)
     except (msgspec.ValidationError, ValueError) as exc:
         raise CorruptData(key, f"not a well-formed head ({exc})") from None
+    chains = [("leases", head["leases"]), ("retained", head["retained"])]
+    chains += [("dead", head["dead"]), ("outbox", head["outbox"])]
+    for name, lane in head["lanes"].items():
+        chains += [(f"lanes.{name}.runs[{r}]", run) for r, run in enumerate(lane["runs"])]
+    for where, chain in chains:
+        problem = _miscounted(chain)
+        if problem:
+            raise CorruptData(key, f"its chain {where} does not add up: {problem}")
+
+
+def _miscounted(chain: dict[str, Any]) -> str | None:
+    """What is wrong with a chain's live counts, read from the head alone
+    (O(refs), no object read), or None: each ref counts at least one live item
+    and no more than it holds (a ref counting none is forgotten), and the
+    chain's `n` is theirs and its inline items'. A count past the truth would
+    make the state machine look for items that are not there (the dead limit
+    spinning for ever), one short would forget a segment still holding some."""
+    live = len(chain["in"])
+    for ref in chain["segs"]:
+        if not 0 < ref["live"] <= ref["n"]:
+            return f"segment {ref['k']!r} counts {ref['live']} live of {ref['n']}"
+        live += ref["live"]
+    for mref in chain["mans"]:
+        total = mref.get("total", mref["live"])  # heads written before totals had none
+        if not 0 < mref["live"] <= total:
+            return f"manifest {mref['k']!r} counts {mref['live']} live of {total}"
+        live += mref["live"]
+    if chain["n"] != live:
+        return f"n is {chain['n']}, its refs and inline items hold {live}"
+    return None
 
 
 def check_items(key: str, kind: str, items: list[Any]) -> None:

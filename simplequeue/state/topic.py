@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from msgspec import UnsetType
 
+from simplequeue import keys
 from simplequeue.api import (
     MAX_DELAY,
     FollowUpSpec,
@@ -34,6 +35,7 @@ from simplequeue.api import (
     new_id,
 )
 from simplequeue.errors import (
+    CorruptData,
     InvalidRequest,
     JobCancelled,
     JobNotFound,
@@ -895,9 +897,12 @@ class TopicState(Layout):
         dead = self.dead
         while dead.count > self.policy.dead_limit:
             dropped = dead.pop_front()
-            if dropped is not None:
-                self._let_go(dropped)
-                self._retain(dropped, "dead", now)
+            if dropped is None:  # its count is past its jobs: this would spin for ever
+                raise CorruptData(
+                    keys.head(self.topic), f"its dead jobs number {dead.count}, yet none is left"
+                )
+            self._let_go(dropped)
+            self._retain(dropped, "dead", now)
             self.head["counters"]["dead_dropped"] += 1
             self._inline_ids = None
 
