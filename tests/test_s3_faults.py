@@ -232,17 +232,65 @@ def scripted(client: ScriptedClient) -> S3Store:
     return store
 
 
-@pytest.mark.parametrize(
-    ("status", "code"),
-    [(412, "PreconditionFailed"), (409, "ConditionalRequestConflict")],
-)
-async def test_lost_race_answers_raise_precondition_failed_without_retry(
-    status: int, code: str
-) -> None:
-    client = ScriptedClient(client_error(status, code))
+async def test_a_lost_race_raises_precondition_failed_without_retry() -> None:
+    client = ScriptedClient(client_error(412, "PreconditionFailed"))
     with pytest.raises(PreconditionFailed):
         await scripted(client).put_if("k", b"v", if_match='"old"')
     assert client.calls == 1
+
+
+@pytest.mark.parametrize("condition", [{"if_none_match": True}, {"if_match": '"old"'}])
+async def test_a_409_conditional_request_conflict_is_retried_not_a_lost_race(
+    condition: dict[str, Any],
+) -> None:
+    """S3 answers 409 ConditionalRequestConflict when a conflicting operation
+    ran at the same time: nothing was written, retry. It was taken for 412,
+    "the condition did not hold", after one call (review of s3, round 27)."""
+    client = ScriptedClient(client_error(409, "ConditionalRequestConflict"))
+    assert await scripted(client).put_if("k", b"v", **condition) == '"new"'
+    assert client.calls == 2
+
+
+class _SegmentConflicts:
+    """Stands in for the aiobotocore client: PUTs land in `objects`, except
+    those of keys in `conflict`, answered 409 ConditionalRequestConflict
+    without writing anything, `times` times each."""
+
+    def __init__(self, conflict: set[str], times: int) -> None:
+        self.left = dict.fromkeys(conflict, times)
+        self.objects: dict[str, bytes] = {}
+
+    async def put_object(self, *, Key: str, Body: bytes, **_: Any) -> dict[str, str]:
+        if self.left.get(Key, 0) > 0:
+            self.left[Key] -= 1
+            raise client_error(409, "ConditionalRequestConflict")
+        self.objects[Key] = Body
+        return {"ETag": f'"{len(self.objects)}"'}
+
+
+@pytest.mark.parametrize("times", [1, 10], ids=["once", "every-try"])
+async def test_a_409_on_a_new_segment_never_lets_its_head_be_written_without_it(
+    times: int,
+) -> None:
+    """put_if_after writes a batch's new segments with If-None-Match and takes
+    PreconditionFailed for "an earlier try wrote it". A 409 on a segment was
+    made PreconditionFailed, and the head naming the segment was written with
+    the segment never written: 1 of 2 objects, a head whose segment is missing
+    (CorruptData, the topic's jobs unreadable). The segment is now retried
+    (both land), or, answered 409 on every try, the batch fails with
+    StoreUnavailable and the head is not written."""
+    segment, head = "topics/t/seg-p1-abc.json", "topics/t.json"
+    client = _SegmentConflicts({segment}, times)
+    store = S3Store(quick("http://127.0.0.1:1"))
+    store._client = client
+    if times == 1:
+        await store.put_if_after({segment: b"segment"}, head, b"head", if_none_match=True)
+        assert client.objects == {segment: b"segment", head: b"head"}
+    else:
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.put_if_after({segment: b"segment"}, head, b"head", if_none_match=True)
+        assert not isinstance(caught.value, PreconditionFailed | StoreRefused)
+        assert client.objects == {}
 
 
 async def test_if_match_on_vanished_object_is_a_lost_race() -> None:

@@ -1,9 +1,12 @@
 """s3: objects in an S3 bucket (AWS, LocalStack, MinIO) through aiobotocore.
 
 Compare-and-set is PutObject with IfMatch / IfNoneMatch='*'. Every way S3 says
-"the condition did not hold" (412, 409 ConditionalRequestConflict, 404 on an
-If-Match whose object vanished) becomes PreconditionFailed. Transient failures
-are retried here with tenacity, bounded and jittered, then StoreUnavailable.
+"the condition did not hold" (412, 404 on an If-Match whose object vanished)
+becomes PreconditionFailed. 409 ConditionalRequestConflict does not say that:
+S3 answers it when a conflicting operation ran at the same time, nothing was
+written, and the PUT is to be sent again (whose retry then lands, or gets 412).
+Transient failures are retried here with tenacity, bounded and jittered, then
+StoreUnavailable.
 botocore's own retries are off so that only one retry policy applies.
 
 A conditional PUT whose answer never came (a read timeout, a connection cut
@@ -90,12 +93,15 @@ DATE_RESOLUTION = 1.0
 # request context botocore hands to both hooks of one call.
 _SENT = "simplequeue_sent"
 
-_LOST_RACE_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+_LOST_RACE_CODES = {"PreconditionFailed"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-# Answers a retry may not get: throttling, and a request whose bytes were
-# damaged or cut on the way, or signed with temporary credentials that expired
-# (the provider refreshes them).
+# Answers a retry may not get: throttling, a conditional write that met a
+# conflicting operation (409: nothing was written, "retry the upload"), and a
+# request whose bytes were damaged or cut on the way, or signed with temporary
+# credentials that expired (the provider refreshes them).
 _RETRIED_CODES = {
+    "ConditionalRequestConflict",
+    "OperationAborted",
     "SlowDown",
     "Throttling",
     "ThrottlingException",
@@ -218,11 +224,14 @@ def is_answered(exc: BaseException) -> bool:
 
 
 def is_lost_race(exc: ClientError, conditional_on_etag: bool) -> bool:
-    """True when S3 says a conditional write's condition did not hold."""
+    """True when S3 says a conditional write's condition did not hold. Not a
+    409 (ConditionalRequestConflict): that one says a conflicting operation
+    ran meanwhile and nothing was written, not that the object exists or
+    moved; it is retried, and the retry answers 412 if it does."""
     status, code = _status(exc), _code(exc)
     if code == "NoSuchBucket":  # a 404 too, and no race: the bucket is wrong or gone
         return False
-    if status in (409, 412) or code in _LOST_RACE_CODES:
+    if status == 412 or code in _LOST_RACE_CODES:
         return True
     # If-Match on a key that no longer exists: the object we matched is gone.
     return conditional_on_etag and (status == 404 or code in _MISSING_CODES)
