@@ -28,6 +28,7 @@ from botocore.exceptions import (
 
 from simplequeue.errors import AmbiguousWrite, PreconditionFailed, StoreRefused, StoreUnavailable
 from simplequeue.objstore.s3 import S3Settings, S3Store
+from tests.helpers.fake_s3 import FakeS3
 
 
 def free_port() -> int:
@@ -492,6 +493,44 @@ def test_only_answers_s3_itself_gave_set_the_store_clock(
         answer(status, 86_400.0)
     moved = store.now() - (mono[0] + offset) > 86_000.0
     assert moved is (status < 500 and status != 429)
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["get", "conditional-put"])
+async def test_a_date_header_past_year_9999_fails_no_call(conditional: bool) -> None:
+    """parsedate_to_datetime raises OverflowError for a year past what a C
+    long holds, which date_of() did not catch; the hook that samples the
+    clock runs inside the operation, so a GET that succeeded, and a
+    conditional PUT that landed, both raised OverflowError (HTTP 500 at the
+    edge; the committer never read the head back). The Date is not a sample:
+    the call succeeds, the clock untouched (0 samples)."""
+    async with FakeS3(date="Mon, 01 Jan 99999999999 00:00:00 GMT").running() as fake:
+        fake.objects["b/k"] = b"v"
+        store = S3Store(quick(fake.url))
+        try:
+            if conditional:
+                assert await store.put_if("n", b"v", if_none_match=True) == fake.etag(b"v")
+            else:
+                assert (await store.get("k"))[0] == b"v"
+            assert store.clock.samples == 0
+        finally:
+            await store.close()
+
+
+def test_a_clock_sample_that_fails_never_fails_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever taking a sample raises, the answer it came with stands: the
+    sample is skipped."""
+    store = S3Store(quick("http://127.0.0.1:9"))
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a clock that cannot take this sample")
+
+    monkeypatch.setattr(store.clock, "observe", broken)
+    context: dict[str, Any] = {}
+    store._call_sent(context)
+    headers = {"HTTPStatusCode": 200, "HTTPHeaders": {"date": "Wed, 02 Dec 2026 11:58:24 GMT"}}
+    store._call_answered(parsed={"ResponseMetadata": headers}, context=context)
+    store._call_answered(parsed={"ResponseMetadata": headers}, context=context)
+    assert store.clock.samples == 0
 
 
 @pytest.mark.parametrize("moto", [False, True], ids=["localstack", "moto"])

@@ -122,6 +122,11 @@ async def test_s3_takes_the_date_of_answers_and_of_errors_as_samples(moto: bool)
             1796212704.0,
         ),
         ({"ResponseMetadata": {"HTTPHeaders": {"date": "yesterday"}}}, None),
+        # parsedate_to_datetime raises OverflowError for this year
+        (
+            {"ResponseMetadata": {"HTTPHeaders": {"date": "Mon, 01 Jan 99999999999 00:00:00 GMT"}}},
+            None,
+        ),
         ({"ResponseMetadata": {"HTTPHeaders": {"date": ""}}}, None),
         ({"ResponseMetadata": {"HTTPHeaders": {}}}, None),
         ({"ResponseMetadata": {}}, None),

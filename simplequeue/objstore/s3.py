@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -83,6 +84,7 @@ from simplequeue.errors import (
 from simplequeue.objstore.base import ObjectStore, check_key
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The least time a try of a request gets: a retry starts only with this much of
 # the retry budget left (S3 answers in about 0.1 s, 0.2 s at its p99).
@@ -182,11 +184,12 @@ def _code(exc: ClientError) -> str:
 
 def date_of(response: Mapping[str, Any]) -> float | None:
     """The Date header of a botocore response (or of a ClientError's
-    `response`) in Unix seconds; None when it is missing or unreadable."""
+    `response`) in Unix seconds; None when it is missing or unreadable (a
+    year past what a C long holds raises OverflowError)."""
     headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
     try:
         date = parsedate_to_datetime(headers["date"])
-    except (KeyError, TypeError, ValueError, IndexError):
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
         return None
     if date.tzinfo is None:  # "-0000": UTC, says RFC 5322, with no source zone
         date = date.replace(tzinfo=UTC)
@@ -254,6 +257,7 @@ class S3Store(ObjectStore):
         self._client: Any = None
         self._opening = asyncio.Lock()
         self._closed = False
+        self._sample_failed = False  # logged once
 
     def for_another_loop(self) -> S3Store:
         """A handle of its own: this one's client and lock belong to the loop
@@ -298,6 +302,18 @@ class S3Store(ObjectStore):
         context[_SENT] = time.monotonic()
 
     def _call_answered(self, parsed: Mapping[str, Any], context: dict[str, Any], **_: Any) -> None:
+        # It runs inside the operation, once its answer is in: whatever it
+        # raised would fail a GET that succeeded, or a conditional PUT that
+        # landed, with an error no caller expects. A sample it cannot take is
+        # skipped.
+        try:
+            self._sample(parsed, context)
+        except Exception:
+            if not self._sample_failed:
+                self._sample_failed = True
+                log.debug("%s: an answer's Date was not a clock sample", self.url, exc_info=True)
+
+    def _sample(self, parsed: Mapping[str, Any], context: dict[str, Any]) -> None:
         received = time.monotonic()
         sent = context.get(_SENT)
         stamp = date_of(parsed)
