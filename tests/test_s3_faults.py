@@ -12,6 +12,7 @@ import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,6 +30,7 @@ from botocore.exceptions import (
 from simplequeue.errors import AmbiguousWrite, PreconditionFailed, StoreRefused, StoreUnavailable
 from simplequeue.objstore.s3 import S3Settings, S3Store
 from tests.helpers.fake_s3 import FakeS3
+from tests.helpers.until import until
 
 
 def free_port() -> int:
@@ -531,6 +533,47 @@ def test_a_clock_sample_that_fails_never_fails_the_call(monkeypatch: pytest.Monk
     store._call_answered(parsed={"ResponseMetadata": headers}, context=context)
     store._call_answered(parsed={"ResponseMetadata": headers}, context=context)
     assert store.clock.samples == 0
+
+
+async def test_close_while_the_client_opens_leaves_no_client_and_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """close() sets _closed and closes what the store opened, but an
+    operation opening the client at that moment (its first request, waiting
+    for credentials: a credential_process, as an SSO or metadata-service
+    fetch may) entered the client after close() and sent its request: 1 PUT
+    landed after close() (a broker's shutdown counts on nothing being written
+    after it), and the client's aiohttp session was never closed. Now the
+    client is closed as soon as it opens, and 0 requests are sent."""
+    gate = tmp_path / "gate"
+    script = tmp_path / "creds.sh"
+    script.write_text(  # credentials come once the test opens the gate
+        f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.01; done\n"
+        'echo \'{"Version": 1, "AccessKeyId": "test", "SecretAccessKey": "test"}\'\n'
+    )
+    script.chmod(0o755)
+    config = tmp_path / "config"
+    config.write_text(f"[default]\ncredential_process = {script}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    async with FakeS3().running() as fake:
+        store = S3Store(quick(fake.url))
+        write = asyncio.create_task(store.put("k", b"late"))
+        other = asyncio.create_task(store.get("k"))  # waits for the same opening
+        try:
+            await until(lambda: store._opening.locked() or write.done())
+            assert store._opening.locked(), "the write never waited while opening its client"
+            await store.close()
+        finally:
+            gate.touch()  # the credential_process ends, whatever happened
+        for call in (write, other):
+            with pytest.raises(StoreUnavailable, match="closed"):
+                await call
+        assert store._client is None, "a client was opened after close() and is never closed"
+        assert fake.objects == {}, "a write was sent after close()"
 
 
 @pytest.mark.parametrize("moto", [False, True], ids=["localstack", "moto"])

@@ -269,6 +269,8 @@ class S3Store(ObjectStore):
             raise StoreUnavailable(f"{self.url}: the store was closed")
         if self._client is None:
             async with self._opening:
+                if self._closed:  # it was closed while this call waited for another's opening
+                    raise StoreUnavailable(f"{self.url}: the store was closed")
                 if self._client is None:
                     s = self.settings
                     config = AioConfig(
@@ -278,8 +280,9 @@ class S3Store(ObjectStore):
                         max_pool_connections=s.max_connections,
                         **_CHECKSUMS_WHEN_REQUIRED,
                     )
+                    opened = AsyncExitStack()
                     try:
-                        client = await self._stack.enter_async_context(
+                        client = await opened.enter_async_context(
                             get_session().create_client(
                                 "s3",
                                 endpoint_url=s.endpoint_url,
@@ -289,6 +292,14 @@ class S3Store(ObjectStore):
                         )
                     except ValueError as exc:  # botocore's "Invalid endpoint: localhost:9000"
                         raise StoreRefused(f"{self.url}: {exc}") from exc
+                    # Opening waits (for credentials: a credential_process, SSO,
+                    # the metadata service): close() may have run meanwhile,
+                    # and closed nothing of this client. It is closed here, and
+                    # nothing is sent with it.
+                    if self._closed:
+                        await opened.aclose()
+                        raise StoreUnavailable(f"{self.url}: the store was closed")
+                    self._stack.push_async_callback(opened.aclose)
                     # Every call of every operation, each page of a listing and
                     # each retry, passes these two events, answered or refused;
                     # _call only sees what the operation made of the answer.
