@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -180,6 +181,7 @@ async def test_a_put_carries_no_checksum_an_s3_compatible_store_may_refuse() -> 
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     store = S3Store(quick(f"http://127.0.0.1:{runner.addresses[0][1]}"))
+    store._conditions_checked = True  # this stand-in lands every PUT: no probe
     try:
         assert await store.put_if("k", b"v", if_none_match=True) == '"e"'
         sent = {name.lower() for name in headers[0]}
@@ -229,9 +231,12 @@ class _Body:
         return b"data"
 
 
-def scripted(client: ScriptedClient) -> S3Store:
+def scripted(client: Any) -> S3Store:
+    """A store whose client is `client`, its conditional writes taken as
+    honoured (the probe's requests are not what these tests count)."""
     store = S3Store(quick("http://127.0.0.1:1"))
     store._client = client
+    store._conditions_checked = True
     return store
 
 
@@ -284,8 +289,7 @@ async def test_a_409_on_a_new_segment_never_lets_its_head_be_written_without_it(
     StoreUnavailable and the head is not written."""
     segment, head = "topics/t/seg-p1-abc.json", "topics/t.json"
     client = _SegmentConflicts({segment}, times)
-    store = S3Store(quick("http://127.0.0.1:1"))
-    store._client = client
+    store = scripted(client)
     if times == 1:
         await store.put_if_after({segment: b"segment"}, head, b"head", if_none_match=True)
         assert client.objects == {segment: b"segment", head: b"head"}
@@ -335,6 +339,7 @@ async def test_a_conditional_put_without_an_answer_is_ambiguous_at_once_not_retr
     """It used to be retried for up to the whole retry budget (20 s by default)
     while other brokers wrote; the committer now reads back at once."""
     store = S3Store(quick(silent_server))
+    store._conditions_checked = True  # the probe's write would be the one unanswered
     try:
         started = asyncio.get_running_loop().time()
         with pytest.raises(AmbiguousWrite):
@@ -574,6 +579,93 @@ async def test_close_while_the_client_opens_leaves_no_client_and_sends_nothing(
                 await call
         assert store._client is None, "a client was opened after close() and is never closed"
         assert fake.objects == {}, "a write was sent after close()"
+
+
+# --- a store that takes conditional writes for plain ones ----------------------------------
+
+
+async def test_a_store_that_ignores_conditional_headers_is_refused_before_writing() -> None:
+    """S3-compatible stores that predate conditional writes take a PUT with
+    If-None-Match or If-Match for a plain PUT (MinIO before mid-2024,
+    minio/minio#19681). The s3 backend never checked: a create-only write
+    over an object that exists, and an If-Match write with a stale ETag,
+    both landed and answered success (broker B's head replaced broker A's:
+    every write wins, jobs lost without an error). A probe of the handle's
+    own, before its first conditional write, now finds it out: StoreRefused,
+    saying why, nothing written and the probe's object deleted; asked once."""
+    async with FakeS3(honour_conditions=False).running() as fake:
+        store = S3Store(quick(fake.url))
+        try:
+            with pytest.raises(StoreRefused, match="does not honour conditional writes"):
+                await store.put_if("topics/t.json", b"broker A", if_none_match=True)
+            assert fake.objects == {}, "a write went out, or the probe was left behind"
+            probed = fake.puts
+            with pytest.raises(StoreRefused, match="If-None-Match/If-Match"):
+                await store.put_if("topics/t.json", b"broker B", if_match='"stale"')
+            assert fake.puts == probed, "the store was probed again"
+            # Plain writes and reads are not refused: nothing of them relies on it.
+            await store.put("k", b"v")
+            assert await store.get("k") == (b"v", fake.etag(b"v"))
+        finally:
+            await store.close()
+
+
+async def test_a_store_that_honours_conditional_headers_is_probed_once_and_left_clean() -> None:
+    """The probe costs one handle 3 PUTs and a DELETE, once, and leaves
+    nothing; a handle that only reads or writes plainly (a client's
+    discovery) sends none."""
+    async with FakeS3().running() as fake:
+        reader = S3Store(quick(fake.url))
+        store = S3Store(quick(fake.url))
+        try:
+            await reader.put("k", b"v")
+            await reader.get("k")
+            assert fake.puts == 1
+            await store.put_if("topics/t.json", b"A", if_none_match=True)
+            assert fake.puts == 3  # the probe's one that lands, and the write
+            with pytest.raises(PreconditionFailed):
+                await store.put_if("topics/t.json", b"B", if_none_match=True)
+            assert fake.puts == 3
+            assert sorted(fake.objects) == ["b/k", "b/topics/t.json"]
+            assert not any(".simplequeue/" in k for k in fake.objects)
+        finally:
+            await reader.close()
+            await store.close()
+
+
+async def test_simplequeued_exits_on_a_store_that_ignores_conditional_headers() -> None:
+    """A broker refuses such a store at start, before listening: exit 1 and
+    the reason, not a broker that serves and loses jobs."""
+    async with FakeS3(honour_conditions=False).running() as fake:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "simplequeue.broker",
+            "--addr",
+            "127.0.0.1:0",
+            "--backend",
+            "s3",
+            "--bucket",
+            "b",
+            "--endpoint-url",
+            fake.url,
+            "--region",
+            "us-east-1",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            # Generous: a cold interpreter importing aiobotocore, on a busy machine.
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 1, err
+        assert b"listening" not in out
+        assert b"does not honour conditional writes (If-None-Match/If-Match)" in err, err
+        assert b"Unclosed" not in err, err  # its store closed before it exits
+        assert fake.objects == {}
 
 
 @pytest.mark.parametrize("moto", [False, True], ids=["localstack", "moto"])

@@ -316,9 +316,16 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log = logging.getLogger(__name__)
-    # start() waits on the store, unbounded: one that does not answer must not
-    # keep a signal from stopping the broker (its stop is bounded).
-    if await _unless_signalled(stop, broker.start()):
+    try:
+        # start() waits on the store, unbounded: one that does not answer must
+        # not keep a signal from stopping the broker (its stop is bounded).
+        started = await _unless_signalled(stop, broker.start())
+    except BaseException:
+        # Refused (a store that does not honour conditional writes), or a
+        # port taken: the process exits with the reason, its store closed.
+        await store.close()
+        raise
+    if started:
         click.echo(
             f"simplequeued {settings.broker_id} listening on {broker.url} "
             f"(store {settings.store_url}, pid {os.getpid()})"

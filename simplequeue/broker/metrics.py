@@ -393,6 +393,9 @@ class InstrumentedStore(ObjectStore):
     async def sample_clock(self) -> None:
         await self.inner.sample_clock()
 
+    async def conditional_writes_fault(self) -> str | None:
+        return await self.inner.conditional_writes_fault()
+
     def clock_error(self, now: float) -> float:
         return self.inner.clock_error(now)
 

@@ -48,7 +48,7 @@ from simplequeue.broker.settings import (
     is_loopback,
     parse_addr,
 )
-from simplequeue.errors import StoreUnavailable
+from simplequeue.errors import StoreRefused, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, CommitStats, GroupCommitter
 from simplequeue.objstore import ObjectStore, store_from_url
 from simplequeue.state import Bounds, TopicState
@@ -222,7 +222,9 @@ class Broker:
         )
 
     async def start(self) -> None:
-        """Listen, announce, register, and take over the topics this broker owns."""
+        """Check the store, listen, announce, register, and take over the
+        topics this broker owns."""
+        await self._check_store()
         host, port = parse_addr(self.settings.addr)
         services = HttpServices(
             engine=self.engine,
@@ -347,6 +349,19 @@ class Broker:
             await self.membership.step()
         except StoreUnavailable as exc:  # serve anyway; the registry keeps trying
             log.warning("could not register at start: %s", exc)
+
+    async def _check_store(self) -> None:
+        """Refuse, before listening, a store that takes conditional writes for
+        plain ones: every broker's write would win over the others', jobs lost
+        without an error (StoreRefused: simplequeued exits with its reason). A
+        store that does not answer now is checked before its first write."""
+        try:
+            fault = await self.store.conditional_writes_fault()
+        except StoreUnavailable as exc:  # serve anyway; the first write checks again
+            log.warning("could not check the store's conditional writes at start: %s", exc)
+            return
+        if fault is not None:
+            raise StoreRefused(f"{self.store.url}: {fault}")
 
     async def _announce_once(self) -> None:
         try:

@@ -197,6 +197,17 @@ class ObjectStore(ABC):
         is the process's) need nothing; localfs, whose reads carry no stamp,
         touches a file."""
 
+    async def conditional_writes_fault(self) -> str | None:
+        """Why this store's conditional writes cannot be trusted, or None when
+        they can. Some S3-compatible stores take a PUT with If-None-Match or
+        If-Match for a plain PUT (MinIO before mid-2024): every write lands,
+        whatever another broker wrote, and jobs are lost without an error.
+        S3 finds out once per handle, with a probe under the prefix, and its
+        put_if raises StoreRefused with this reason rather than write; memfs
+        and localfs implement the conditions themselves (None, at no cost).
+        StoreUnavailable when the store did not answer the probe."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release connections and files. The store is unusable afterwards."""
 

@@ -19,6 +19,10 @@ aiohttp itself sends a PUT again, once, when its connection is reset (RFC
 9112's retry of idempotent methods), so a 412 from put_if may be our own
 write's, whatever this module does.
 
+Some S3-compatible stores take a conditional PUT for a plain one: a handle
+probes, once, before its first conditional write (conditional_writes_fault),
+and refuses to write to one that does.
+
 The store's clock is S3's: the Date header of every answer, errors included,
 is a sample for it, bounded by the monotonic times the call was made and
 answered (botocore's before-call and after-call events on our client).
@@ -28,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -78,10 +84,11 @@ from simplequeue.errors import (
     AmbiguousWrite,
     ObjectNotFound,
     PreconditionFailed,
+    StoreError,
     StoreRefused,
     StoreUnavailable,
 )
-from simplequeue.objstore.base import ObjectStore, check_key
+from simplequeue.objstore.base import ObjectStore, check_key, content_etag
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -94,6 +101,15 @@ DATE_RESOLUTION = 1.0
 # Where the before-call hook leaves the monotonic time a call set out, in the
 # request context botocore hands to both hooks of one call.
 _SENT = "simplequeue_sent"
+
+# Where the probe of conditional writes puts its object, under the prefix: no
+# key (check_key takes no part starting with a dot), so no listing of
+# simplequeue's own finds it; a name of its own for each probe.
+PROBE_FOLDER = ".simplequeue/"
+CONDITIONS_IGNORED = (
+    "the store does not honour conditional writes (If-None-Match/If-Match): "
+    "simplequeue needs them, and every broker's write would win over the others'"
+)
 
 _LOST_RACE_CODES = {"PreconditionFailed"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -258,11 +274,17 @@ class S3Store(ObjectStore):
         self._opening = asyncio.Lock()
         self._closed = False
         self._sample_failed = False  # logged once
+        self._probing = asyncio.Lock()
+        self._conditions_checked = False
+        self._conditions_fault: str | None = None
 
     def for_another_loop(self) -> S3Store:
         """A handle of its own: this one's client and lock belong to the loop
-        that opened them."""
-        return S3Store(self.settings)
+        that opened them; the verdict on its conditional writes is shared."""
+        other = S3Store(self.settings)
+        other._conditions_checked = self._conditions_checked
+        other._conditions_fault = self._conditions_fault
+        return other
 
     async def _s3(self) -> Any:
         if self._closed:  # an operation's retry after close(): it opened a client nothing closed
@@ -415,13 +437,64 @@ class S3Store(ObjectStore):
         if_none_match: bool = False,
     ) -> str:
         self._check_condition(if_match, if_none_match)
+        fault = await self.conditional_writes_fault()
+        if fault is not None:
+            raise StoreRefused(f"{self.url}: {fault}")
         cond = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
         return await self._put(key, data, cond)
 
+    async def conditional_writes_fault(self) -> str | None:
+        """Found out once per handle, before its first conditional write (a
+        broker asks at start): a store that did not answer is asked again."""
+        if not self._conditions_checked:
+            async with self._probing:
+                if not self._conditions_checked:
+                    try:
+                        self._conditions_fault = await self._probe_conditions()
+                    except AmbiguousWrite as exc:  # the probe's own write: nothing to read back
+                        raise StoreUnavailable(
+                            f"{self.url}: checking its conditional writes: {exc}"
+                        ) from exc
+                    self._conditions_checked = True
+        return self._conditions_fault
+
+    async def _probe_conditions(self) -> str | None:
+        """Write an object of the probe's own, then write it again with
+        If-None-Match: * and with If-Match of an ETag it does not have: both
+        must be refused (412). A store that takes them for plain PUTs lands
+        them. The object is deleted after: four requests in all."""
+        probe = f"{self._prefix}{PROBE_FOLDER}probe-{uuid.uuid4().hex}"
+        stale = f'"{content_etag(b"an ETag the probe object never has")}"'
+        checks = [
+            ({"IfNoneMatch": "*"}, "a PUT with If-None-Match: * over an object that exists landed"),
+            ({"IfMatch": stale}, "a PUT with If-Match of an ETag the object does not have landed"),
+        ]
+        written = False  # nothing to delete unless it landed (a store that is down)
+        try:
+            with contextlib.suppress(PreconditionFailed):  # an unseen first try's: it is there
+                await self._put_object(probe, "probe", b"probe", {"IfNoneMatch": "*"})
+            written = True
+            for cond, landed in checks:
+                try:
+                    await self._put_object(probe, "probe", b"must not land", cond)
+                except PreconditionFailed:
+                    continue
+                return f"{CONDITIONS_IGNORED} ({landed})"
+            return None
+        finally:
+            if written:
+                with contextlib.suppress(StoreError):  # a probe left behind is a few bytes
+                    await self._delete_object(probe)
+
     async def _put(self, key: str, data: bytes, cond: dict[str, str]) -> str:
+        return await self._put_object(self._key(key), key, data, cond)
+
+    async def _put_object(self, name: str, key: str, data: bytes, cond: dict[str, str]) -> str:
+        """PUT `data` as the object `name` (the prefix and `key`)."""
+
         async def op(client: Any) -> str:
             resp = await client.put_object(
-                Bucket=self.settings.bucket, Key=self._key(key), Body=bytes(data), **cond
+                Bucket=self.settings.bucket, Key=name, Body=bytes(data), **cond
             )
             return self._etag_of(resp)
 
@@ -433,8 +506,11 @@ class S3Store(ObjectStore):
             raise self._unexpected(exc) from exc
 
     async def delete(self, key: str) -> None:
+        await self._delete_object(self._key(key))
+
+    async def _delete_object(self, name: str) -> None:
         async def op(client: Any) -> None:
-            await client.delete_object(Bucket=self.settings.bucket, Key=self._key(key))
+            await client.delete_object(Bucket=self.settings.bucket, Key=name)
 
         try:
             await self._call(op)

@@ -13,11 +13,6 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 
-def error(status: int, code: str) -> web.Response:
-    body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>"
-    return web.Response(status=status, text=body, content_type="application/xml")
-
-
 class FakeS3:
     """PUT, GET, DELETE of objects, and HEAD of any bucket; conditional PUTs
     honoured or (`honour_conditions=False`) taken as plain PUTs; every answer
@@ -37,6 +32,12 @@ class FakeS3:
             headers["Date"] = self.date
         return headers
 
+    def error(self, status: int, code: str) -> web.Response:
+        body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>"
+        return web.Response(
+            status=status, text=body, content_type="application/xml", headers=self._headers()
+        )
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         key = request.path[1:]
         if "/" not in key.strip("/"):  # the bucket itself (HeadBucket)
@@ -45,25 +46,25 @@ class FakeS3:
             body = await request.read()
             if self.honour_conditions:
                 if request.headers.get("If-None-Match") == "*" and key in self.objects:
-                    return error(412, "PreconditionFailed")
+                    return self.error(412, "PreconditionFailed")
                 match = request.headers.get("If-Match")
                 if match is not None:
                     if key not in self.objects:
-                        return error(404, "NoSuchKey")
+                        return self.error(404, "NoSuchKey")
                     if match != self.etag(self.objects[key]):
-                        return error(412, "PreconditionFailed")
+                        return self.error(412, "PreconditionFailed")
             self.objects[key] = body
             self.puts += 1
             return web.Response(headers=self._headers(ETag=self.etag(body)))
         if request.method == "GET":
             if key not in self.objects:
-                return error(404, "NoSuchKey")
+                return self.error(404, "NoSuchKey")
             data = self.objects[key]
             return web.Response(body=data, headers=self._headers(ETag=self.etag(data)))
         if request.method == "DELETE":
             self.objects.pop(key, None)
             return web.Response(status=204, headers=self._headers())
-        return error(501, "NotImplemented")
+        return self.error(501, "NotImplemented")
 
     @staticmethod
     def etag(data: bytes) -> str:
