@@ -158,6 +158,16 @@ def _fence(state: TopicState, now: float) -> list[str]:
     return state.referenced()
 
 
+class _MetCorrupt(Exception):
+    """A mutation met a corrupt object part-way, maybe after it changed the
+    state: the batch is undone and applied again without `entry`, which
+    fails alone with `error`."""
+
+    def __init__(self, entry: _Entry, error: CorruptData) -> None:
+        super().__init__(str(error))
+        self.entry, self.error = entry, error
+
+
 class _LostRace(Exception):
     """The write did not land (the head moved under it, or the store failed
     it): re-read and re-apply. `cause`: what the store said."""
@@ -220,6 +230,15 @@ class _Topic:
         # Which ids the topic's segments surely lack, kept across its states:
         # a reloaded state would otherwise rebuild it (see state.idfilter).
         self.ids = IdFilter()
+
+
+def _with(
+    entries: list[_Entry],
+    results: list[tuple[bool, Any]],
+    failed: list[tuple[_Entry, tuple[bool, Any]]],
+) -> tuple[list[_Entry], list[tuple[bool, Any]]]:
+    """`entries` and their `results`, and those that `failed` alone besides."""
+    return [*entries, *(e for e, _ in failed)], [*results, *(r for _, r in failed)]
 
 
 def _claims_fitting(bounds: Bounds, cache_bytes: int) -> Bounds:
@@ -321,8 +340,8 @@ class GroupCommitter:
         self, topic: str, mutations: Sequence[Mutation[T]]
     ) -> list[T | BaseException]:
         """Apply each mutation in the topic's next batch, as many submit() calls
-        would (each is its own entry: it fails alone, unless it meets a
-        corrupt object, which fails the whole batch; and one that changes
+        would (each is its own entry: it fails alone, one that meets a corrupt
+        object too, the batch applied again without it; and one that changes
         nothing is verified alone), without a task per mutation; each outcome
         is its result or the exception it failed with."""
         if self._closing:
@@ -783,7 +802,9 @@ class GroupCommitter:
             # stamp) would write its wall clock's leases and expiries.
             await self.store.sample_clock()
             self._clock_sampled = True
-        for _ in range(_MAX_FETCH_ROUNDS):
+        # Those that met a corrupt object, each failing alone: a round apiece.
+        failed: list[tuple[_Entry, tuple[bool, Any]]] = []
+        for _ in range(_MAX_FETCH_ROUNDS + len(entries)):
             if t.state is None:
                 await self._load(t)
             state = t.state
@@ -802,7 +823,7 @@ class GroupCommitter:
                     await self._load(t)
                     continue
                 if not changed and not t.unsynced:
-                    return entries, results
+                    return _with(entries, results, failed)
                 write_id = uuid.uuid4().hex
                 sealed = state.seal(self.writer, write_id, now)
             except SegmentMissing as miss:
@@ -813,11 +834,24 @@ class GroupCommitter:
                     state.rollback(self._head_of(t))
                     t.state = state
                 continue
+            except _MetCorrupt as met:
+                # The batch half-applied: undone, and applied again without the
+                # mutation that met the object (it stays corrupt), which fails
+                # alone: a claim that meets a corrupt segment of a low priority
+                # fails, not the enqueues committed with it.
+                self._log_corrupt(t.name, met.error)
+                state.rollback(self._head_of(t))
+                failed.append((met.entry, (False, met.error)))
+                entries = [e for e in entries if e is not met.entry]
+                if not entries:
+                    return _with(entries, [], failed)
+                continue
             break
         else:
             raise CacheTooSmall(f"topic {t.name!r}: the object cache is too small")
         data = sealed.head
         sent_at = time.monotonic()
+        entries, results = _with(entries, results, failed)
         outcome = _Outcome(write_id, results, entries, sealed.decoded)
         outcomes.append(outcome)
         try:
@@ -944,10 +978,10 @@ class GroupCommitter:
             try:
                 results.append((True, entry.item.mutation(state, now)))
                 depends_on_state = not state.dirty  # a no-op: nothing to claim, duplicate
-            except (SegmentMissing, CorruptData):
-                # Either may come half-way through a mutation that has changed
-                # the state: the whole batch is undone (a corrupt object: failed).
-                raise
+            except SegmentMissing:
+                raise  # half-way through, maybe: the batch is undone, fetched, applied again
+            except CorruptData as exc:
+                raise _MetCorrupt(entry, exc) from exc
             except SimpleQueueError as exc:
                 results.append((False, exc))
                 depends_on_state = isinstance(exc, _STATE_DEPENDENT)

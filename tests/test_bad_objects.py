@@ -180,12 +180,14 @@ async def test_a_claim_that_meets_a_corrupt_segment_part_way_takes_no_job(
     assert status_of["status"] == "pending" and status_of["attempts"] == 0, status_of
 
 
-async def test_what_is_batched_with_a_mutation_meeting_a_corrupt_object_fails_with_it(
+async def test_a_mutation_meeting_a_corrupt_object_fails_alone_and_its_batch_lands_without_it(
     start_broker: StartBroker,
 ) -> None:
-    """The other entries of the batch are answered the same CorruptData (none
-    is answered done: none was written), not retried (the object stays
-    corrupt); alone, they are served; and other topics carry on."""
+    """The batch is undone and applied again without each mutation that met
+    the object, which fails alone (not retried: the object stays corrupt):
+    the enqueues committed beside two such claims land, in one write, and
+    none of the claims took a job. Failing the whole batch, as first fixed,
+    would fail every enqueue that shared a write with a worker's claim."""
     from simplequeue.api import JobSpec
     from simplequeue.broker.engine import Engine
     from simplequeue.errors import CorruptData
@@ -203,20 +205,22 @@ async def test_what_is_batched_with_a_mutation_meeting_a_corrupt_object_fails_wi
         slow = asyncio.create_task(q.enqueue("t", [JobSpec("slow", id="slow")]))
         await faulty.put_started.wait()
         puts = faulty.calls["put"]
-        claim = asyncio.create_task(q.claim("t", "w", count=10))
-        mate = asyncio.create_task(q.enqueue("t", [JobSpec("mate", id="mate")]))
+        claims = [asyncio.create_task(q.claim("t", f"w{i}", count=10)) for i in range(2)]
+        mates = [
+            asyncio.create_task(q.enqueue("t", [JobSpec("mate", id=f"mate{i}")])) for i in range(2)
+        ]
         other = asyncio.create_task(q.enqueue("other", [JobSpec("o", id="o")]))
         await asyncio.sleep(0)  # let them queue behind the write in flight
         faulty.gate.set()
         await slow
-        for task in (claim, mate):
+        for claim in claims:
             with pytest.raises(CorruptData, match=key):
-                await task
+                await claim
+        assert [(await m)[0]["id"] for m in mates] == ["mate0", "mate1"]
         assert (await other)[0]["id"] == "o"
-        assert faulty.calls["put"] == puts + 1  # other's: t's batch wrote nothing
+        assert faulty.calls["put"] == puts + 2  # t's batch, in one write, and other's
         head = orjson.loads((await store.get(keys.head("t")))[0])
         assert head["leases"]["in"] == []
-        assert (await q.enqueue("t", [JobSpec("mate", id="mate")]))[0]["id"] == "mate"
-        assert (await q.status("t"))["pending"] == 100 + 3 + 3
+        assert (await q.status("t"))["pending"] == 100 + 3 + 4
     finally:
         await q.committer.close()
