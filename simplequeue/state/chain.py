@@ -214,20 +214,34 @@ class Chain:
         out.extend(Place(None, 0, item) for item in inline)
         return out
 
-    def places_in(self, key: str) -> list[Place]:
-        """The live items of one loose segment, or of every segment of one
-        manifest (`key` names either): of the first manifest, only those from
-        its cursor on (`mpos`: the segments before it are consumed)."""
+    def segments_of(self, key: str) -> list[tuple[dict[str, Any], str | None, int]]:
+        """(segment ref, manifest id or None, first index not consumed) of one
+        loose segment, or of every segment of one manifest (`key` names
+        either): of the first manifest, only those from its cursor on (`mpos`:
+        the segments before it are consumed). Opens that manifest only."""
+        front = self._front()
+        at = front[0]["k"] if front is not None else None
+
+        def start(ref: dict[str, Any]) -> int:
+            return self.d["pos"] if ref["k"] == at else 0
+
         for ref in self.d["segs"]:
             if ref["k"] == key:
-                return self._live(ref, None, self._start_of(ref, None))
+                return [(ref, None, start(ref))]
         for m, mref in enumerate(self.d["mans"]):
             if mref["k"] == key:
-                out: list[Place] = []
-                for ref in self.manifest(key).refs[self.d["mpos"] if m == 0 else 0 :]:
-                    out += self._live(ref, key, self._start_of(ref, key))
-                return out
+                refs = self.manifest(key).refs[self.d["mpos"] if m == 0 else 0 :]
+                return [(ref, key, start(ref)) for ref in refs]
         return []
+
+    def live_count(self, ref: dict[str, Any], start: int) -> int:
+        """Live items of the segment `ref` names, from `start` on, from its ref
+        and the holes the head keeps for it (reads no segment)."""
+        holes = self.holes_of(ref)
+        if start:
+            holes = {h for h in holes if h >= start}
+        n: int = ref["n"]
+        return n - start - len(holes)
 
     def _start_of(self, ref: dict[str, Any], man: str | None) -> int:
         front = self._front()

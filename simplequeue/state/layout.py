@@ -920,14 +920,45 @@ class _Sealer:
 
     def _compact_leases(self) -> None:
         """Leases are resolved anywhere (acks, heartbeats of spilled ones): a
-        loose segment or a manifest with half its records resolved or more has
-        its live records taken inline again (they are small: payloads stay
-        where they are), so resolved ones stop taking space. A few a seal."""
+        lease segment with half its records resolved or more has its live
+        records taken inline again (they are small: payloads stay where they
+        are), so resolved ones stop taking space. The segments of a manifest
+        are looked at once half of the manifest's records are resolved. The
+        sparsest first, and about merge_bytes of records a seal (one segment
+        at least): a manifest may hold the leases of thousands of jobs, and
+        taking them all at once made a batch grow with the jobs claimed. The
+        holes a manifested segment is left with go when its manifest is
+        rewritten (_take_holes), the segment with them once nothing is live."""
         leases = self.s.leases
-        sparse = [r for r in leases.d["segs"] if r["live"] * 2 <= r["n"]]
-        sparse += [m for m in leases.d["mans"] if m["live"] * 2 <= m.get("total", 0)]
-        for unit in sparse[:2]:
-            for place in leases.places_in(unit["k"]):
+        sparse: list[tuple[float, dict[str, Any], str | None]] = []
+        units = [u for u in leases.d["segs"] if u["live"] * 2 <= u["n"]]
+        units += [m for m in leases.d["mans"] if m["live"] * 2 <= m.get("total", 0)]
+        for unit in units:
+            for ref, man, start in leases.segments_of(unit["k"]):
+                live = leases.live_count(ref, start)
+                if live and live * 2 <= ref["n"]:
+                    sparse.append((live / ref["n"], ref, man))
+        sparse.sort(key=lambda c: c[0])
+        chosen: list[list[Place]] = []
+        missing: list[str] = []
+        size = 0
+        for _, ref, man in sparse:
+            try:
+                places = leases.live_in(ref, man)
+            except SegmentMissing as miss:  # fetched together, in one round
+                missing.append(miss.key)
+                if len(missing) < PREFETCH_FOLLOWING:
+                    continue
+                break
+            cost = sum(len(orjson.dumps(place.item)) + 1 for place in places)
+            if size + cost > self.bounds.merge_bytes and (size or missing):
+                break
+            chosen.append(places)
+            size += cost
+        if missing:
+            raise SegmentMissing(missing[0], tuple(missing[1:]))
+        for places in chosen:
+            for place in places:
                 self.s._drop_lease(place)
                 self.s._add_lease(dict(place.item))
 
