@@ -410,6 +410,20 @@ async def test_lpop_with_count_0_of_a_missing_key_is_a_nil_array_as_in_redis(raw
     assert await raw.call("LLEN", "q") == 1  # nothing popped
 
 
+async def test_lpop_count_0_pipelined_after_a_push_sees_the_push(r: redis.Redis) -> None:
+    """Redis answers the pipeline RPUSH k a; LPOP k 0 with [1, []]: the list
+    exists when the pop runs. Pipelined writes ran together, and LPOP's count
+    0 was answered from a status read that did not wait for the push queued
+    before it: [1, None], the nil array, as if the key were missing (review
+    of the RESP face, round 26). Sent one at a time they answered [1, []]."""
+    async with r.pipeline(transaction=False) as pipe:
+        pipe.rpush("k", "a")
+        pipe.lpop("k", 0)
+        pipe.rpop("k", 0)
+        assert await pipe.execute() == [1, [], []]
+    assert await r.llen("k") == 1  # nothing popped
+
+
 async def test_a_pop_takes_at_most_the_apis_batch_and_no_policy_sets_another(
     r: redis.Redis, http: Http
 ) -> None:

@@ -136,6 +136,21 @@ PIPELINED = frozenset({"LPUSH", "RPUSH", "LPOP", "RPOP", "XADD", "XACK"})
 POPS = frozenset({"LPOP", "RPOP"})
 
 
+def pipelined(frame: list[bytes]) -> bool:
+    """Whether the request `frame` may run together with the pipelined writes
+    around it (PIPELINED). `LPOP key 0` may not: it pops nothing, and is
+    answered from a read of the topic that would not wait for a push sent
+    before it in the same group."""
+    name = upper(frame[0])
+    if name not in PIPELINED:
+        return False
+    return name not in POPS or len(frame) != 3 or not _zero(frame[2])
+
+
+def _zero(arg: bytes) -> bool:
+    return INTEGER.fullmatch(arg) is not None and int(arg) == 0
+
+
 def command(
     names: str | tuple[str, ...],
     min_args: int,

@@ -22,11 +22,11 @@ from simplequeue.broker.engine import TopicOps
 from simplequeue.broker.metrics import Metrics
 from simplequeue.broker.resp.commands import (
     COMMANDS,
-    PIPELINED,
     POPS,
     Handler,
     Session,
     admitted,
+    pipelined,
 )
 from simplequeue.broker.resp.wire import (
     NULL_ARRAY,
@@ -366,11 +366,11 @@ def _pipelined_group(first: list[bytes], frames: Frames, ahead: list[Frame]) -> 
     and their replies go out in order. A frame that does not belong is put back
     at the front of `ahead`."""
     group = [first]
-    while upper(group[-1][0]) in PIPELINED and len(group) < MAX_GROUP:
+    while pipelined(group[-1]) and len(group) < MAX_GROUP:
         if not ahead and frames.empty():
             break
         nxt = ahead.pop(0) if ahead else frames.get_nowait()
-        if nxt is None or isinstance(nxt, RespError) or upper(nxt[0]) not in PIPELINED:
+        if nxt is None or isinstance(nxt, RespError) or not pipelined(nxt):
             ahead.insert(0, nxt)
             break
         group.append(nxt)
