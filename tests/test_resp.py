@@ -1603,6 +1603,67 @@ async def test_replies_to_a_client_that_never_reads_are_buffered_past_the_output
     )
 
 
+async def test_a_pipeline_of_pops_is_held_to_the_output_limit_of_a_client_that_never_reads(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for pops: a pipelined group ran whole (up to MAX_GROUP, 256
+    requests) before the output limit was looked at, and its replies went
+    out together, each pop taking its first job however large: 256 LPOPs of
+    1 MiB jobs buffered 256 MiB for a client that reads nothing, four times
+    the 64 MiB limit (measured: a simplequeued's RSS went from 215 to 606 MB
+    for one such connection of 250 LPOPs, every job popped and lost when it
+    closed). A group takes no more pops than the room left under the limit
+    holds at --max-body each (one at least). Here: a limit of 512 KiB, 200
+    LPOPs of 100 KB jobs: 15.3 MiB were buffered before (every LPOP in one
+    group), 0.54 MiB now (47 LPOPs run, most of them in the socket's own
+    buffers)."""
+    high_water = 512 * 1024
+    monkeypatch.setattr(connection, "OUTPUT_HIGH_WATER", high_water)
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    value = "x" * (100 * 1000)
+    n = 200
+    r = connect(broker, protocol=2)
+    try:
+        for _ in range(n // 10):
+            await r.rpush("q", *([value] * 10))
+    finally:
+        await r.aclose()
+    assert broker.redis is not None
+    server = broker.redis
+    await until(lambda: not server.connections)
+    _, writer = await asyncio.open_connection("127.0.0.1", port_of(broker))
+    writer.write(hiredis.pack_command(("LPOP", "q")) * n)  # never reading a reply
+    await until(lambda: bool(server.connections))
+    [conn] = server.connections
+
+    def buffered() -> int:
+        return conn.writer.transport.get_write_buffer_size()
+
+    def settled() -> bool:
+        """Between groups (a group's replies are sent as it ends), every pop
+        run, or past the limit, when the connection runs nothing more until
+        its client reads (never): what is buffered then stays."""
+        if conn.busy:
+            return False
+        return _counted_ok(broker, "LPOP") == n or buffered() > high_water
+
+    most = 0
+
+    async def observe() -> None:
+        nonlocal most
+        while not settled():
+            most = max(most, buffered())
+            await asyncio.sleep(0.005)
+        most = max(most, buffered())
+
+    await asyncio.wait_for(observe(), 10)
+    ran = _counted_ok(broker, "LPOP")
+    writer.close()
+    assert most <= high_water + 2 * len(value) + 64 * 1024, (
+        f"{most / 2**20:.1f} MiB of replies buffered ({ran} LPOPs run)"
+    )
+
+
 async def test_xreadgroup_count_0_reads_without_limit_as_in_redis(
     start_broker: StartBroker,
 ) -> None:

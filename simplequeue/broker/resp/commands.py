@@ -147,6 +147,16 @@ def pipelined(frame: list[bytes]) -> bool:
     return name not in POPS or len(frame) != 3 or not _zero(frame[2])
 
 
+def jobs_asked(frame: list[bytes]) -> int:
+    """Jobs at most whose values the reply to the pipelined write `frame` holds:
+    a pop's count (1 without one), none for any other."""
+    if upper(frame[0]) not in POPS:
+        return 0
+    if len(frame) == 3 and INTEGER.fullmatch(frame[2]):
+        return max(1, int(frame[2]))
+    return 1
+
+
 def _zero(arg: bytes) -> bool:
     return INTEGER.fullmatch(arg) is not None and int(arg) == 0
 

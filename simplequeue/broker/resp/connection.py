@@ -26,6 +26,7 @@ from simplequeue.broker.resp.commands import (
     Handler,
     Session,
     admitted,
+    jobs_asked,
     pipelined,
 )
 from simplequeue.broker.resp.wire import (
@@ -152,7 +153,7 @@ class Connection:
                 if isinstance(frame, RespError):  # unparseable: answer, then hang up
                     self._send(frame)
                     break
-                group = _pipelined_group(frame, frames, ahead)
+                group = _pipelined_group(frame, frames, ahead, self._room_for_jobs())
                 self.busy = True
                 try:
                     replies = await self._execute(group)
@@ -176,6 +177,13 @@ class Connection:
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
+
+    def _room_for_jobs(self) -> int:
+        """Jobs of --max-body each whose values the output buffer takes before
+        it passes OUTPUT_HIGH_WATER: the pops one pipelined group may run (it
+        runs one at least), whose replies go out together once it ends."""
+        room = OUTPUT_HIGH_WATER - self.writer.transport.get_write_buffer_size()
+        return max(0, room) // self.server.settings.max_body
 
     async def _execute(self, group: list[list[bytes]]) -> list[Reply]:
         if len(group) == 1:
@@ -360,17 +368,26 @@ def _took_a_job(frame: list[bytes], reply: Reply) -> bool:
     return reply is not None and reply is not NULL_ARRAY and reply != []
 
 
-def _pipelined_group(first: list[bytes], frames: Frames, ahead: list[Frame]) -> list[list[bytes]]:
+def _pipelined_group(
+    first: list[bytes], frames: Frames, ahead: list[Frame], room: int
+) -> list[list[bytes]]:
     """`first`, and the pipelined writes that follow it and have arrived already.
     They run together, so they share commits: they reach the committer in order,
-    and their replies go out in order. A frame that does not belong is put back
+    and their replies go out in order. Its pops ask for `room` jobs at most
+    (`first` alone may ask for more): the replies of a client that does not
+    read stay near OUTPUT_HIGH_WATER. A frame that does not belong is put back
     at the front of `ahead`."""
     group = [first]
+    asked = jobs_asked(first) if pipelined(first) else 0
     while pipelined(group[-1]) and len(group) < MAX_GROUP:
         if not ahead and frames.empty():
             break
         nxt = ahead.pop(0) if ahead else frames.get_nowait()
         if nxt is None or isinstance(nxt, RespError) or not pipelined(nxt):
+            ahead.insert(0, nxt)
+            break
+        asked += (more := jobs_asked(nxt))
+        if more and asked > room:
             ahead.insert(0, nxt)
             break
         group.append(nxt)
