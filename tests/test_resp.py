@@ -508,6 +508,73 @@ async def test_blpop_is_woken_by_an_lpush_from_another_connection(
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(("BLPOP", "q", "0"), id="blpop"),
+        pytest.param(("BLPOP", "q", "other", "0"), id="blpop-two-keys"),
+        pytest.param(
+            ("XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "q", ">"), id="xreadgroup"
+        ),
+    ],
+)
+async def test_a_long_poll_waiting_forever_keeps_its_place_in_line_past_max_wait(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    """README (Order): long polls (claims with wait, BLPOP) are served in the
+    order they came: the one that has waited longest takes the next job, as
+    Redis serves its blocked clients. A BLPOP or XREADGROUP blocking for ever
+    (or past MAX_WAIT, 60 s) waits in rounds of MAX_WAIT, and each round was
+    a new engine pop or claim placed in the topic's line when the round
+    began: after its first minute it went behind every long poll that came
+    meanwhile, and an HTTP claim sent after it took the job (review of the
+    RESP face, round 26). Each round keeps the command's place now.
+    (commands.MAX_WAIT is cut to 1 s here so that this takes one second; the
+    engine's own limit, which caps the HTTP claim, is left alone.)"""
+    monkeypatch.setattr(commands, "MAX_WAIT", 1.0)
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    assert broker.redis is not None
+    engine = broker.redis.engine
+    rounds = 0  # long polls of "q" the command has begun
+
+    def counted(take: Any) -> Any:
+        async def counting(topic: str, worker_id: str, **kwargs: Any) -> Any:
+            nonlocal rounds
+            if topic == "q" and worker_id != "late" and kwargs.get("wait", 0) > 0:
+                rounds += 1
+            return await take(topic, worker_id, **kwargs)
+
+        return counting
+
+    monkeypatch.setattr(engine, "pop", counted(engine.pop))
+    monkeypatch.setattr(engine, "claim", counted(engine.claim))
+    first = connect(broker, protocol=2)
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        try:
+            # The first to wait: a worker blocking for ever on q.
+            blocking = asyncio.create_task(first.execute_command(*command))
+            await until(lambda: broker.committer.waiting("q") == 1)
+            # Then an HTTP long poll of 20 s (one round: it keeps its place).
+            body = {"worker_id": "late", "wait": 20}
+            claim = asyncio.create_task(http.call("POST", "/topics/q/claim", body))
+            await until(lambda: broker.committer.waiting("q") == 2)
+            # The command's first round ends; it waits again, still the oldest.
+            await until(lambda: rounds == 2 and broker.committer.waiting("q") == 2)
+            code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "job"})
+            assert code == 201
+            done, _ = await asyncio.wait(
+                {blocking, claim}, timeout=10, return_when="FIRST_COMPLETED"
+            )
+            code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "second"})
+            assert code == 201
+            await asyncio.wait_for(asyncio.gather(blocking, claim), 5)
+            assert blocking in done, "the HTTP claim that came later took the job"
+            assert claim.result()[1]["job"]["payload"] == "second"
+        finally:
+            await first.aclose()
+
+
 async def test_brpop_takes_the_first_key_in_order_that_has_a_job(r: redis.Redis) -> None:
     await r.rpush("b", "from-b")
     await r.rpush("c", "from-c")

@@ -164,7 +164,12 @@ class TopicOps(Protocol):
         lease: float | None = None,
         count: int = 1,
         wait: float = 0.0,
-    ) -> list[dict[str, Any]]: ...
+        since: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """`since` (monotonic): when the caller began waiting, if before this
+        call (a long poll served in rounds of MAX_WAIT): its place in the
+        topic's line of long polls, where it is served here."""
+        ...
 
     async def pop(
         self,
@@ -174,6 +179,7 @@ class TopicOps(Protocol):
         count: int = 1,
         wait: float = 0.0,
         attempt_id: str | None = None,
+        since: float | None = None,
     ) -> list[dict[str, Any]]: ...
 
     async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int: ...
@@ -312,9 +318,11 @@ class Engine:
         count: int = 1,
         wait: float = 0.0,
         attempt_id: str | None = None,
+        since: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Claim up to `count` jobs, long-polling up to `wait` seconds for one.
-        With `attempt_id`, a claim this broker answered lately under the same
+        """Claim up to `count` jobs, long-polling up to `wait` seconds for one
+        (its place among the topic's long polls: `since`, else now). With
+        `attempt_id`, a claim this broker answered lately under the same
         id (by the same worker) is answered again with the jobs it still
         holds, if any, instead of claiming more (a retry whose first try's
         answer was lost)."""
@@ -330,6 +338,7 @@ class Engine:
                 # them sit until their leases run out.
                 undo=lambda got: _unclaim_all(got.jobs) if got.jobs else None,
                 answered=answered,
+                since=since,
             )
 
         if attempt_id is None:
@@ -394,9 +403,11 @@ class Engine:
         count: int = 1,
         wait: float = 0.0,
         attempt_id: str | None = None,
+        since: float | None = None,
     ) -> list[dict[str, Any]]:
         """Claim and complete up to `count` jobs in one commit (Redis pop
-        semantics), long-polling up to `wait` seconds for one. With
+        semantics), long-polling up to `wait` seconds for one (in the line
+        from `since`, as claim()). With
         `attempt_id`, what it did is kept a while for unpop(), and for its
         retries: one whose first try landed is answered that try's jobs."""
         keys.check_topic(topic)
@@ -411,6 +422,7 @@ class Engine:
             # The caller went away (a BLPOP's client hung up): it was never
             # answered, so nobody has the jobs. They go back, not done.
             undo=lambda got: _unpop_all(got.jobs) if got.jobs else None,
+            since=since,
         )
         if attempt is not None and jobs:
             jobs = await self._popped_now(attempt, jobs)
@@ -515,6 +527,7 @@ class Engine:
         mutation: Callable[[TopicState, float], _Polled],
         undo: Any = None,
         answered: Callable[[], bool] | None = None,
+        since: float | None = None,
     ) -> list[Job]:
         """Submit `mutation` until it returns jobs, `wait` seconds pass or
         `answered()` says so. Between tries, wait for a commit, the topic's
@@ -524,9 +537,13 @@ class Engine:
         claim came: the claims of an idle topic, however many workers send
         them, cost one read of its head a POLL_INTERVAL, and miss at most what
         a broker standing in for its owner wrote within it. On another's, the
-        state is read again when older than the claim (its owner writes it)."""
-        since = time.monotonic()  # its place among the topic's long polls
-        deadline = since + wait
+        state is read again when older than the claim (its owner writes it).
+        `since` (monotonic, now if None) is its place among the topic's long
+        polls: a caller waiting in rounds (a BLPOP for ever) keeps the place
+        of its first round."""
+        started = time.monotonic()
+        since = started if since is None else min(since, started)
+        deadline = started + wait
         while True:
             looked = next_look(topic) - POLL_INTERVAL if self.owns(topic) else None
             got: _Polled = await self.committer.submit(topic, mutation, undo, fresh_since=looked)

@@ -511,7 +511,10 @@ class Router:
         lease: float | None = None,
         count: int = 1,
         wait: float = 0.0,
+        since: float | None = None,
     ) -> list[dict[str, Any]]:
+        # `since` keeps a long poll's place in the line where it is served
+        # here; passed on, the owner's line places it when it gets there.
         # An attempt id: cancelled (a BLPOP on several keys that another key
         # won), or served by the next broker when the owner answered too late,
         # an answer the owner had sent would be lost on its way, and the jobs
@@ -531,7 +534,10 @@ class Router:
             raise
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
-            return await self.engine.claim(topic, worker_id, lease=lease, count=count, wait=wait)
+            since = started if since is None else since
+            return await self.engine.claim(
+                topic, worker_id, lease=lease, count=count, wait=wait, since=since
+            )
         return _jobs_of(got)
 
     async def _take_back(self, topic: str, worker_id: str, count: int, attempt_id: str) -> None:
@@ -561,11 +567,13 @@ class Router:
         count: int = 1,
         wait: float = 0.0,
         attempt_id: str | None = None,
+        since: float | None = None,
     ) -> list[dict[str, Any]]:
-        # An attempt id: should the owner's answer be lost (this broker's
-        # caller went away, or the owner answered too late), the owner is asked
-        # to undo the pop, as a pop served here is undone for a caller gone.
-        # One the caller names is kept for its unpop(), wherever it is served.
+        # `since`: as claim's. An attempt id: should the owner's answer be
+        # lost (this broker's caller went away, or the owner answered too
+        # late), the owner is asked to undo the pop, as a pop served here is
+        # undone for a caller gone. One the caller names is kept for its
+        # unpop(), wherever it is served.
         named = attempt_id
         attempt_id = attempt_id or api.new_id()
         body = api.ClaimRequest(worker_id, wait=wait, count=count, attempt_id=attempt_id)
@@ -574,7 +582,10 @@ class Router:
         got = await self._route(topic, "POST", "/pop", body, wait, repeatable=False, undo=undo)
         if got is None:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
-            return await self.engine.pop(topic, worker_id, count=count, wait=wait, attempt_id=named)
+            since = started if since is None else since
+            return await self.engine.pop(
+                topic, worker_id, count=count, wait=wait, attempt_id=named, since=since
+            )
         jobs = _jobs_of(got)
         if named is not None and jobs:
             self._served_by[(topic, worker_id, named)] = got.served_by

@@ -279,7 +279,8 @@ def _pairs(items: list[bytes]) -> Iterable[tuple[bytes, bytes]]:
 
 def _left(deadline: float) -> float:
     """Seconds a long poll may wait now: at most the engine's limit, so that a
-    deadline of math.inf (block forever) is served in rounds of that limit."""
+    deadline of math.inf (block forever) is served in rounds of that limit,
+    each keeping the command's place in line (`since`: when it came)."""
     return min(MAX_WAIT, deadline - time.monotonic())
 
 
@@ -520,13 +521,16 @@ async def lpop(session: Session, args: list[bytes]) -> Reply:
     return list(await _pop(session, topic, count)) or NULL_ARRAY
 
 
-async def _pop(session: Session, topic: str, count: int, wait: float = 0.0) -> list[bytes | str]:
+async def _pop(
+    session: Session, topic: str, count: int, wait: float = 0.0, since: float | None = None
+) -> list[bytes | str]:
     """Claim and complete in one commit: a popped job is done (in a pipelined
-    group, named, to be undone should its reply not go out: Session.owing)."""
+    group, named, to be undone should its reply not go out: Session.owing).
+    A long poll waits in line from `since` (when its command came)."""
     owing = session.owing
     attempt_id = None if owing is None else api.new_id()
     jobs = await session.engine.pop(
-        topic, session.worker_id, count=count, wait=wait, attempt_id=attempt_id
+        topic, session.worker_id, count=count, wait=wait, attempt_id=attempt_id, since=since
     )
     if owing is not None and attempt_id is not None and jobs:
         owing.append((topic, attempt_id))
@@ -547,16 +551,17 @@ async def blpop(session: Session, args: list[bytes]) -> Reply:
     """BLPOP key [key ...] timeout: the first key in order with a job wins."""
     at_most_keys(len(args) - 1, "keys")
     topics = list(dict.fromkeys(topic_of(a) for a in args[:-1]))
-    deadline = time.monotonic() + timeout_of(args[-1])
+    since = time.monotonic()
+    deadline = since + timeout_of(args[-1])
     if len(topics) == 1:  # the usual case: one pop, long-polled, one commit
         while True:
-            values = await _pop(session, topics[0], 1, max(0.0, _left(deadline)))
+            values = await _pop(session, topics[0], 1, max(0.0, _left(deadline)), since)
             if values:
                 return [topics[0], values[0]]
             if _left(deadline) <= 0:
                 return NULL_ARRAY
     while True:
-        found = await _claim_one(session, topics, deadline)
+        found = await _claim_one(session, topics, since, deadline)
         if found is None:
             return NULL_ARRAY
         topic, job = found
@@ -567,14 +572,14 @@ async def blpop(session: Session, args: list[bytes]) -> Reply:
 
 
 async def _claim_one(
-    session: Session, topics: list[str], deadline: float
+    session: Session, topics: list[str], since: float, deadline: float
 ) -> tuple[str, dict[str, Any]] | None:
     for topic in topics:  # what is there now, in key order
         jobs = await session.engine.claim(topic, session.worker_id)
         if jobs:
             return topic, jobs[0]
     while (wait := _left(deadline)) > 0:
-        got = await _race(session, topics, 1, wait)
+        got = await _race(session, topics, 1, wait, since)
         if got:
             with _or_given_back(session, got):
                 first = await _keep_first(session, topics, got)
@@ -583,17 +588,20 @@ async def _claim_one(
 
 
 async def _race(
-    session: Session, topics: list[str], count: int, wait: float
+    session: Session, topics: list[str], count: int, wait: float, since: float
 ) -> dict[str, list[Any]]:
-    """Long-poll every topic at once; the claims that won by the time the first
-    did. The others are cancelled, and the engine gives back a cancelled claim."""
+    """Long-poll every topic at once, each in its line from `since`; the claims
+    that won by the time the first did. The others are cancelled, and the
+    engine gives back a cancelled claim."""
     engine, worker = session.engine, session.worker_id
+
+    def claim(topic: str) -> Awaitable[list[dict[str, Any]]]:
+        return engine.claim(topic, worker, count=count, wait=wait, since=since)
+
     if len(topics) == 1:
-        jobs = await engine.claim(topics[0], worker, count=count, wait=wait)
+        jobs = await claim(topics[0])
         return {topics[0]: jobs} if jobs else {}
-    tasks = {
-        t: asyncio.ensure_future(engine.claim(t, worker, count=count, wait=wait)) for t in topics
-    }
+    tasks = {t: asyncio.ensure_future(claim(t)) for t in topics}
 
     async def settle() -> tuple[dict[str, list[Any]], list[BaseException]]:
         for task in tasks.values():
@@ -689,7 +697,8 @@ async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
     claims with the topic's lease setting, else the broker's --lease; the
     consumer name is the worker id."""
     read = StreamRead.parse(args, session.listener.max_batch)
-    deadline = time.monotonic() + read.block
+    since = time.monotonic()
+    deadline = since + read.block
     got: dict[str, list[Any]] = {}
     try:
         for topic in read.topics:  # what is there now
@@ -702,7 +711,7 @@ async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
         _give_back_later(session, got)
         raise
     while not got and (wait := _left(deadline)) > 0:
-        got = await _race(session, read.topics, read.count, wait)
+        got = await _race(session, read.topics, read.count, wait, since)
     if not got:
         return NULL_ARRAY
     with _or_given_back(session, got):
