@@ -1077,6 +1077,76 @@ async def test_xack_carries_the_lease_token_so_a_claim_that_moved_on_is_not_acke
         await second.aclose()
 
 
+async def test_xack_of_a_claim_whose_token_the_connection_forgot_counts_0(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection keeps the tokens of its last TOKENS_KEPT (10,000) reads
+    and dropped the oldest silently: a consumer that read one entry, then
+    10,000 more, acked the first without its token, and its late XACK
+    completed the claim another consumer held by then (answering 1; that
+    consumer's own XACK then counted 0; review of the RESP face, round 26).
+    A read whose token was dropped now counts 0. (TOKENS_KEPT is cut to 10
+    here: the same with 10 reads, not 10,000.)"""
+    monkeypatch.setattr(commands, "TOKENS_KEPT", 10)
+    broker = await start_broker(
+        MemStore(), redis_addr="127.0.0.1:0", policy=Policy(default_lease=1.0)
+    )
+    first = connect(broker, protocol=2, single_connection_client=True)
+    second = connect(broker, protocol=2)
+    try:
+        job_id = (await first.xadd("s", {"n": "first"})).decode()
+        read = await first.xreadgroup("g", "slow", {"s": ">"}, count=1)
+        assert read[0][1][0][0].decode() == job_id
+        await first.rpush("s", *(str(i) for i in range(10)))
+        got = await first.xreadgroup("g", "slow", {"s": ">"}, count=10)
+        later = [entry[0] for entry in got[0][1]]
+        assert len(later) == 10
+        assert await first.xack("s", "g", *later) == 10  # every later one is done
+        # The first one's lease runs out; it goes to another consumer.
+        got = await second.xreadgroup("g", "fast", {"s": ">"}, block=10_000)
+        assert got[0][1][0][0].decode() == job_id
+        assert await first.xack("s", "g", job_id) == 0, "completed the fast consumer's claim"
+        assert await second.xack("s", "g", job_id) == 1
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_past_forgotten_kept_an_xack_without_a_token_counts_0_on_that_connection(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reads whose tokens a connection dropped are told apart up to
+    FORGOTTEN_KEPT of them; past that, that connection cannot tell one from
+    an id it never read, and an XACK of any id it holds no token for counts
+    0. Until then, an id read on another connection is acked as Redis does,
+    whoever holds it."""
+    monkeypatch.setattr(commands, "TOKENS_KEPT", 2)
+    monkeypatch.setattr(commands, "FORGOTTEN_KEPT", 3)
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    reader = connect(broker, protocol=2, single_connection_client=True)
+    other = connect(broker, protocol=2, single_connection_client=True)
+    try:
+
+        async def read_elsewhere() -> bytes:
+            await other.xadd("elsewhere", {"n": "x"})
+            got = await other.xreadgroup("g", "c", {"elsewhere": ">"}, count=1)
+            return bytes(got[0][1][0][0])
+
+        await reader.rpush("s", *(str(i) for i in range(5)))
+        assert len((await reader.xreadgroup("g", "c", {"s": ">"}, count=5))[0][1]) == 5
+        # 3 tokens dropped, as many as are told apart: another's id is acked.
+        assert await reader.xack("elsewhere", "g", await read_elsewhere()) == 1
+        await reader.rpush("s", "5")
+        assert await reader.xreadgroup("g", "c", {"s": ">"}, count=1)
+        # 4 dropped: past the bound, no id without a token is acked here ...
+        unacked = await read_elsewhere()
+        assert await reader.xack("elsewhere", "g", unacked) == 0
+        assert await other.xack("elsewhere", "g", unacked) == 1  # ... its reader acks it
+    finally:
+        await reader.aclose()
+        await other.aclose()
+
+
 async def test_xreadgroup_noack_completes_at_once(r: redis.Redis, http: Http) -> None:
     job_id = await r.xadd("s", {"f": "v"})
     got = await r.xreadgroup("g", "c", {"s": ">"}, noack=True)

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 REDIS_VERSION = "7.2.0"  # INFO's redis_version: the Redis whose commands we answer
 TOKENS_KEPT = 10_000  # stream-read lease tokens remembered per connection
+# Reads past TOKENS_KEPT whose tokens a connection forgot and that it still
+# tells from ids it never read (an XACK of one counts 0, never acks without
+# its token), kept as 64-bit hashes. Past this many, an XACK on that
+# connection of any id it holds no token for counts 0.
+FORGOTTEN_KEPT = 50_000  # about 3.7 MiB
 # Keys one BLPOP/BRPOP, or streams one XREADGROUP, may name: each is a long
 # poll of its own (store reads, memory), and one request could name 85,000.
 MAX_KEYS = 100
@@ -89,6 +94,10 @@ class Session:
     # (topic, job id) -> lease token of the claims XREADGROUP answered on this
     # connection, so that XACK commits with the token (at most once).
     tokens: dict[tuple[str, str], str] = field(default_factory=dict)
+    # hash((topic, job id)) of its reads whose tokens were dropped (TOKENS_KEPT),
+    # up to FORGOTTEN_KEPT; past that, forgot_too_many and the set is emptied.
+    forgotten: set[int] = field(default_factory=set)
+    forgot_too_many: bool = False
     # While a pipelined group runs (the connection sets it): the pops that took
     # jobs, by topic and attempt id, whose replies wait for the others'. Should
     # the client leave before they go out, they are given back (unpop).
@@ -101,6 +110,20 @@ class Session:
     @property
     def worker_id(self) -> str:
         return self.name or f"resp-{self.id}"
+
+    def forget(self, read: tuple[str, str]) -> None:
+        """Drop the token of the read `read` (topic, job id), remembering the read."""
+        del self.tokens[read]
+        if self.forgot_too_many:
+            return
+        self.forgotten.add(hash(read))
+        if len(self.forgotten) > FORGOTTEN_KEPT:
+            self.forgot_too_many = True
+            self.forgotten = set()
+
+    def forgot(self, read: tuple[str, str]) -> bool:
+        """Whether `read` (topic, job id) may be one whose token was dropped."""
+        return self.forgot_too_many or hash(read) in self.forgotten
 
 
 # --- the command table ------------------------------------------------------------------
@@ -367,8 +390,14 @@ async def hello(session: Session, args: list[bytes]) -> Reply:
     }
 
 
-def _ack_of(job_id: str, token: str | None) -> api.AckRequest | None:
-    """The ack of an XACK id, or None for an id no job can have (it acks nothing)."""
+def _ack_of(session: Session, topic: str, job_id: str) -> api.AckRequest | None:
+    """The ack of an XACK id: with the token this connection read it under,
+    without one for an id it never read. None for one whose token it forgot
+    (its claim may be someone else's by now) or an id no job can have: it
+    acks nothing."""
+    token = session.tokens.get((topic, job_id))
+    if token is None and session.forgot((topic, job_id)):
+        return None
     try:
         return api.convert({"job_id": job_id, "lease_token": token}, api.AckRequest)
     except SimpleQueueError:
@@ -801,23 +830,24 @@ async def _entries(session: Session, got: dict[str, list[Any]], noack: bool) -> 
 def _remember(session: Session, topic: str, jobs: list[dict[str, Any]]) -> None:
     for job in jobs:
         session.tokens[(topic, job["id"])] = job["lease_token"]
-    while len(session.tokens) > TOKENS_KEPT:  # the oldest claims are acked without token
-        del session.tokens[next(iter(session.tokens))]
+    while len(session.tokens) > TOKENS_KEPT:  # the oldest claims' XACKs will count 0
+        session.forget(next(iter(session.tokens)))
 
 
 @command("XACK", 3, None, flags=("write",), first_key=1)
 async def xack(session: Session, args: list[bytes]) -> Reply:
     """XACK key group id [id ...]: the number of claims completed. A claim this
     connection read is acked with its lease token, so a claim whose lease ran
-    out and went to someone else is not completed twice; any other id is acked
-    as Redis does, by whoever holds it."""
+    out and went to someone else is not completed twice (one whose token it
+    forgot, TOKENS_KEPT reads later, counts 0); any other id is acked as
+    Redis does, by whoever holds it."""
     topic = topic_of(args[0])
     ids = [text(a, "ids") for a in args[2:]]
     limit = session.listener.max_batch
     acked = 0
     for start in range(0, len(ids), limit):
         chunk = ids[start : start + limit]
-        acks = [a for i in chunk if (a := _ack_of(i, session.tokens.get((topic, i))))]
+        acks = [a for i in chunk if (a := _ack_of(session, topic, i))]
         if acks:
             answers = await session.engine.ack_many(topic, acks)
             acked += sum("error" not in a for a in answers)
