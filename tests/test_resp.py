@@ -1077,6 +1077,32 @@ async def test_xack_carries_the_lease_token_so_a_claim_that_moved_on_is_not_acke
         await second.aclose()
 
 
+async def test_an_xack_sent_again_for_a_claim_that_moved_on_counts_0_again(
+    start_broker: StartBroker,
+) -> None:
+    """The token of a read was dropped after its first XACK whatever came of
+    it: an XACK refused (the claim had gone to another consumer) and sent
+    again went without a token, and completed the other consumer's claim
+    (answering 1; that consumer's own XACK then counted 0). A token is
+    kept until its ack succeeds."""
+    broker = await start_broker(
+        MemStore(), redis_addr="127.0.0.1:0", policy=Policy(default_lease=0.3)
+    )
+    first, second = connect(broker, single_connection_client=True), connect(broker)
+    try:
+        job_id = await first.xadd("s", {"f": "v"})
+        assert await first.xreadgroup("g", "slow", {"s": ">"})
+        # The lease runs out; the job goes to another consumer.
+        got = await second.xreadgroup("g", "fast", {"s": ">"}, block=5000)
+        assert got[0][1][0][0] == job_id
+        assert await first.xack("s", "g", job_id) == 0  # its token is stale
+        assert await first.xack("s", "g", job_id) == 0, "completed the fast consumer's claim"
+        assert await second.xack("s", "g", job_id) == 1
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
 async def test_xack_of_a_claim_whose_token_the_connection_forgot_counts_0(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

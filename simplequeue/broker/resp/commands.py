@@ -840,7 +840,8 @@ async def xack(session: Session, args: list[bytes]) -> Reply:
     connection read is acked with its lease token, so a claim whose lease ran
     out and went to someone else is not completed twice (one whose token it
     forgot, TOKENS_KEPT reads later, counts 0); any other id is acked as
-    Redis does, by whoever holds it."""
+    Redis does, by whoever holds it. A token is kept until its ack succeeds,
+    so that the XACK again of a claim that moved on counts 0 again."""
     topic = topic_of(args[0])
     ids = [text(a, "ids") for a in args[2:]]
     limit = session.listener.max_batch
@@ -848,11 +849,13 @@ async def xack(session: Session, args: list[bytes]) -> Reply:
     for start in range(0, len(ids), limit):
         chunk = ids[start : start + limit]
         acks = [a for i in chunk if (a := _ack_of(session, topic, i))]
-        if acks:
-            answers = await session.engine.ack_many(topic, acks)
-            acked += sum("error" not in a for a in answers)
-        for i in chunk:
-            session.tokens.pop((topic, i), None)
+        if not acks:
+            continue
+        answers = await session.engine.ack_many(topic, acks)
+        for ack, answer in zip(acks, answers, strict=True):
+            if "error" not in answer:
+                acked += 1
+                session.tokens.pop((topic, ack.job_id), None)
     return acked
 
 
