@@ -17,7 +17,7 @@ from simplequeue.api import JobSpec
 from simplequeue.broker.engine import DEAD_PART, Engine
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
-from simplequeue.state import Sealed, SegmentMissing, TopicState
+from simplequeue.state import Bounds, Sealed, SegmentMissing, TopicState
 from simplequeue.state.layout import REAP_LEASES, holes_kept
 from tests.helpers.states import WRITER, View, fresh
 
@@ -400,8 +400,10 @@ async def test_a_broker_taking_a_topic_over_mid_merge_can_write_to_it() -> None:
     """Each source's front cost a fetch round of its own: eight sources of
     one-job segments (a quiet priority spilling beside a busy one) needed 73
     rounds on a cold cache, and the committer gave up at 64 (503). The fronts
-    a part needs are fetched in one round now."""
-    d = Driver()
+    a part needs are fetched in one round now. (Every lane spills at every
+    write here, as every lane did at every spill before the largest lanes
+    spilled first.)"""
+    d = Driver(inline_pending_bytes=1)
     objects: dict[str, bytes] = {}
     big = "x" * 25_000  # lane 0: every write spills; lane 1: one tiny job a spill
     for i in range(8 * 300):
@@ -432,8 +434,10 @@ async def test_a_broker_taking_a_topic_over_mid_merge_can_write_to_it() -> None:
 
 async def many_lanes_mid_merge(lanes: int = 63) -> tuple[Engine, int]:
     """A store with `lanes` quiet priorities mid-merge beside a busy one, their
-    runs' fronts under manifests, and a cold broker on it; the jobs it holds."""
-    d = Driver()
+    runs' fronts under manifests, and a cold broker on it; the jobs it holds.
+    Every lane spills at every write (as every lane did at every spill
+    before the largest lanes spilled first: a store such brokers wrote)."""
+    d = Driver(inline_pending_bytes=1)
     objects: dict[str, bytes] = {}
     big = "x" * 25_000
     for i in range(8 * 30):
@@ -507,12 +511,16 @@ async def test_a_cold_broker_claims_many_from_a_topic_of_many_runs() -> None:
 
 async def test_a_cold_broker_inspects_a_topic_of_many_runs() -> None:
     """inspect's scan reads a few jobs past each run's front: a round per run
-    when they were in segments of their own (one-job segments, 500 runs)."""
+    when they were in segments of their own (one-job segments, 500 runs).
+    The head of this store names 1,059 objects (a 198 KB head), where it
+    named 8,089 before the runs of all lanes kept RUN_REFS_MAX refs (an 831
+    KB head, every one of them fetched in the first round): the scan reads
+    the rest through their manifests, AHEAD_KEYS a round (26 rounds)."""
     q, held = await many_lanes_mid_merge()
     try:
         view = await q.inspect("t", listed=5, scan=5)
         assert view["counts"]["pending"] + view["counts"]["delayed"] == held
-        assert q.committer.stats.fetch_rounds <= 16  # 11 when written
+        assert q.committer.stats.fetch_rounds <= 36  # 11 with an 831 KB head, 26 with RUN_REFS_MAX
     finally:
         await q.committer.close()
 
@@ -822,3 +830,53 @@ def test_a_lease_manifest_bound_left_by_a_used_up_front_segment_does_not_keep_th
         if due is None or due > d.now:
             return
     raise AssertionError(f"due at {due}, now {d.now}, with no lease run out: tended for ever")
+
+
+def _s3_driver() -> Driver:
+    """A topic at the bounds a broker on S3 uses (Bounds().scaled(2))."""
+    b = Bounds().scaled(2)
+    return Driver(
+        inline_pending_bytes=b.inline_pending_bytes,
+        inline_leases_bytes=b.inline_leases_bytes,
+        inline_records_bytes=b.inline_records_bytes,
+        inline_dead_bytes=b.inline_dead_bytes,
+        inline_outbox_bytes=b.inline_outbox_bytes,
+    )
+
+
+def test_the_head_stays_under_256_kb_with_64_priorities_of_delayed_jobs() -> None:
+    """SPEC 4.1: the head stays under 256 KB. 64 priorities (the most a topic
+    may hold), each given one job due in an hour per write, beside a trickle
+    of work that runs now (claimed, some acked, some dead), at S3's bounds.
+    Every lane spilled at each spill (the bound is on all lanes' inline jobs
+    together), a segment of a few jobs each, and each lane's run kept up to
+    16 loose and 16 manifest refs, 64 times over: a 271 KB head at write
+    558, 38,000 jobs held (311 KB later; review finding). The lanes spill
+    the largest first now, and their runs keep RUN_REFS_MAX refs in all."""
+    rng = random.Random(1)
+    d = _s3_driver()
+    d.now = 1_796_502_389.8795025  # times as written in practice (not 1000.0)
+    for w in range(1000):
+        d.now += rng.random()
+        specs = [
+            JobSpec({"o": w}, id=f"{rng.getrandbits(128):032x}", priority=p, delay=3600)
+            for p in range(64)
+        ]
+        specs += [
+            JobSpec(
+                {"o": w},
+                id=f"{rng.getrandbits(128):032x}",
+                priority=rng.randrange(64),
+                max_attempts=1,
+            )
+            for _ in range(4)
+        ]
+        d.s.enqueue(specs, d.now)
+        for job in d.s.claim("worker-1", 300, 4, d.now):
+            r = rng.random()
+            if r < 0.4:
+                d.s.ack(job["id"], job["lease_token"], None, d.now)
+            elif r < 0.7:
+                d.s.nack(job["id"], job["lease_token"], 0, "boom", d.now)
+        head = len(d.seal().head)
+        assert head < HEAD_MAX, f"write {w}: a {head}-byte head, {len(d.s.head['lanes'])} lanes"

@@ -80,6 +80,11 @@ MERGE_PER_SPILLED = 4
 # MOVE_COST bytes of the seal's merge budget (it adds a ref to the head).
 MOVE_HOLES_MAX = 32
 MOVE_COST = 2048
+# Segment and manifest refs the runs of all lanes keep in the head together
+# (about 100 bytes each): past it, the runs with most fold theirs or merge
+# their manifests. Each run's loose_max and manifests_max alone would let 64
+# lanes keep 64 x 32.
+RUN_REFS_MAX = 512
 
 
 def new_head(topic: str) -> dict[str, Any]:
@@ -657,9 +662,10 @@ class Layout:
         return sealed
 
     def _needs_upkeep(self) -> bool:
-        """Whether a chain has too many loose segments or kept holes, or a lane
-        too many runs or a merge under way (which a seal tidies, or takes a
-        part further, whatever the head's size)."""
+        """Whether a chain has too many loose segments or kept holes, the runs
+        of all lanes too many refs, or a lane too many runs or a merge under
+        way (which a seal tidies, or takes a part further, whatever the
+        head's size)."""
         h, b = self.head, self.bounds
         chains = [h["leases"], h["retained"], h["dead"], h["outbox"]]
         chains += [run for lane in h["lanes"].values() for run in lane["runs"]]
@@ -672,6 +678,11 @@ class Layout:
             for c in chains
         )
         crowded = crowded or sum(holes_kept(c) + loose_holes(c) for c in chains) > HEAD_HOLES_MAX
+        runs = chains[4:]
+        crowded = crowded or (
+            sum(len(r["segs"]) + len(r["mans"]) for r in runs) > RUN_REFS_MAX
+            and any(len(r["segs"]) + len(r["mans"]) > 1 for r in runs)
+        )
         lanes = h["lanes"].values()
         return (
             sparse or crowded or any(len(ln["runs"]) > b.runs_max or _merging(ln) for ln in lanes)
@@ -744,13 +755,7 @@ class _Sealer:
     def run(self) -> None:
         h, b = self.s.head, self.bounds
         lanes = h["lanes"]
-        spilled = 0
-        inline = {name: len(orjson.dumps(lane["in"])) for name, lane in lanes.items()}
-        if sum(inline.values()) > b.inline_pending_bytes:
-            for name, lane in lanes.items():
-                if lane["in"]:
-                    spilled += inline[name]
-                    self._spill_lane(lane)
+        spilled = self._spill_lanes()
         # Compacted first: the records it takes inline go out again below
         # when they are too many for the head.
         self._compact_leases()
@@ -766,13 +771,14 @@ class _Sealer:
                 self._spill(chain, kind, self._bounds_of(name))
         self._merge_runs(b.merge_bytes + min(MERGE_PER_SPILLED * spilled, b.merge_bytes))
         chains = self.s._chains()
-        chains += [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
         for chain in chains:
             # A batch may spill several segments into one chain: fold until the
             # head holds no more loose refs than its bound.
             while len(chain.d["segs"]) > b.loose_max:
                 self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
-        self._take_holes(chains)
+        runs = [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
+        self._tidy_runs(runs)
+        self._take_holes(chains + runs)
         for chain in chains:
             while len(chain.d["mans"]) > b.manifests_max and self._merge_manifests(chain):
                 pass
@@ -851,6 +857,55 @@ class _Sealer:
             seg_id = self._new_id(kind)
             data = encode_segment(kind, chunk)
             self._add(chain.spill(seg_id, len(chunk), data, meta(chunk)), chunk)
+
+    def _spill_lanes(self) -> int:
+        """Past inline_pending_bytes in all lanes together, the lanes with most
+        inline bytes spill, the largest first, until what is left is under
+        it: a lane gains segments in proportion to its jobs' bytes (with 64
+        priorities, a lane is no longer cut into a segment of a few jobs at
+        every spill of the others). The bytes spilled."""
+        lanes = self.s.head["lanes"]
+        inline = {name: len(orjson.dumps(ln["in"])) for name, ln in lanes.items() if ln["in"]}
+        total = sum(inline.values())
+        spilled = 0
+        for name in sorted(inline, key=inline.__getitem__, reverse=True):
+            if total <= self.bounds.inline_pending_bytes:
+                break
+            self._spill_lane(lanes[name])
+            spilled += inline[name]
+            total -= inline[name]
+        return spilled
+
+    def _tidy_runs(self, runs: list[Chain]) -> None:
+        """The refs of the lanes' runs: a run folds its loose refs past
+        loose_max and merges its manifests past manifests_max, as every chain
+        does; and while the runs of all lanes keep more than RUN_REFS_MAX
+        refs together (64 lanes of a run each would keep 64 x 32), the runs
+        with most fold theirs (the oldest loose_max / 2, two at least) or
+        merge two manifests, down to one ref a run at best."""
+        b = self.bounds
+        total = sum(len(c.d["segs"]) + len(c.d["mans"]) for c in runs)
+        stuck: set[int] = set()  # runs whose manifests cannot merge
+        while True:
+            # (run, whether it folds): fold first, then merge manifests
+            over = total > RUN_REFS_MAX
+            todo = [
+                (c, len(c.d["segs"]) > (1 if over else b.loose_max))
+                for c in runs
+                if len(c.d["segs"]) > (1 if over else b.loose_max)
+                or (id(c) not in stuck and len(c.d["mans"]) > (1 if over else b.manifests_max))
+            ]
+            if not todo:
+                return
+            chain, folds = max(todo, key=lambda t: len(t[0].d["segs"]) + len(t[0].d["mans"]))
+            before = len(chain.d["segs"]) + len(chain.d["mans"])
+            if folds:
+                half = b.loose_max // 2
+                count = half if len(chain.d["segs"]) > b.loose_max else max(2, half)
+                self._add(chain.fold(self._new_id("m"), count, encode_manifest))
+            elif not self._merge_manifests(chain):
+                stuck.add(id(chain))
+            total -= before - len(chain.d["segs"]) - len(chain.d["mans"])
 
     def _spill_lane(self, lane: dict[str, Any]) -> None:
         """The lane's inline jobs become a segment at the end of the run whose last
