@@ -880,3 +880,30 @@ def test_the_head_stays_under_256_kb_with_64_priorities_of_delayed_jobs() -> Non
                 d.s.nack(job["id"], job["lease_token"], 0, "boom", d.now)
         head = len(d.seal().head)
         assert head < HEAD_MAX, f"write {w}: a {head}-byte head, {len(d.s.head['lanes'])} lanes"
+
+
+@pytest.mark.parametrize("pad", [0, 1000])
+def test_a_batch_of_64_priorities_writes_at_most_256_kb_plus_its_own_jobs(pad: int) -> None:
+    """SPEC 4.1: a batch writes at most 256 KB plus its own new payloads. 64
+    priorities each given one job due in an hour per write. All 64 lanes
+    spilled together at each spill, so all reached loose_max together and
+    folded in one seal, and merged manifests together later: one enqueue of
+    64 small jobs (8 KB) wrote 288,978 bytes at write 458 (later a 134 KB
+    head and 128 manifests of 298 KB, 459 KB; review finding). Once the
+    lanes spilled the largest first, jobs of 1 KB (64 KB a write) still
+    had every run past RUN_REFS_MAX fold and merge manifests in one seal, as
+    many as it took: 356,547 bytes at write 771. The
+    runs' folds and manifest merges share a budget a seal now."""
+    d = Driver()
+    for w in range(800):
+        d.now += 0.5
+        specs = [
+            JobSpec({"o": w, "pad": "x" * pad}, id=f"b{w}-{p}", priority=p, delay=3600)
+            for p in range(64)
+        ]
+        d.s.enqueue(specs, d.now)
+        sealed = d.seal()
+        written = len(sealed.head) + sum(len(b) for b in sealed.new_objects.values())
+        assert written <= BATCH_MAX + 64 * (pad + 400), (
+            f"write {w}: {written} bytes, {len(sealed.new_objects)} objects"
+        )

@@ -85,6 +85,11 @@ MOVE_COST = 2048
 # their manifests. Each run's loose_max and manifests_max alone would let 64
 # lanes keep 64 x 32.
 RUN_REFS_MAX = 512
+# What a seal writes at most folding the runs' refs and merging their
+# manifests (past its first object): this, and a part of what it spilled into
+# lanes (so that upkeep keeps up with large batches).
+RUN_UPKEEP_BYTES = 64 * 1024
+RUN_UPKEEP_PER_SPILLED = 4
 
 
 def new_head(topic: str) -> dict[str, Any]:
@@ -777,11 +782,12 @@ class _Sealer:
             while len(chain.d["segs"]) > b.loose_max:
                 self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
         runs = [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
-        self._tidy_runs(runs)
+        self._tidy_runs(runs, RUN_UPKEEP_BYTES + spilled // RUN_UPKEEP_PER_SPILLED)
         self._take_holes(chains + runs)
         for chain in chains:
-            while len(chain.d["mans"]) > b.manifests_max and self._merge_manifests(chain):
-                pass
+            while len(chain.d["mans"]) > b.manifests_max:
+                if self._merge_manifests(chain) is None:
+                    break
 
     def _take_holes(self, chains: list[Chain]) -> None:
         """Holes the head keeps go out to manifests, the chains with most
@@ -876,35 +882,51 @@ class _Sealer:
             total -= inline[name]
         return spilled
 
-    def _tidy_runs(self, runs: list[Chain]) -> None:
-        """The refs of the lanes' runs: a run folds its loose refs past
-        loose_max and merges its manifests past manifests_max, as every chain
-        does; and while the runs of all lanes keep more than RUN_REFS_MAX
-        refs together (64 lanes of a run each would keep 64 x 32), the runs
-        with most fold theirs (the oldest loose_max / 2, two at least) or
-        merge two manifests, down to one ref a run at best."""
+    def _tidy_runs(self, runs: list[Chain], budget: int) -> None:
+        """The refs of the lanes' runs, within `budget` bytes written: a run
+        folds its loose refs past loose_max and merges its manifests past
+        manifests_max, as every chain does; and while the runs of all lanes
+        keep more than RUN_REFS_MAX refs together (64 lanes of a run each
+        would keep 64 x 32), the runs with most fold theirs (the oldest
+        loose_max / 2, two at least) or merge two manifests, down to one ref
+        a run at best. The run with most refs goes first; past the first
+        object, only what fits in `budget` is written, and the rest waits for
+        the next seals (so that 64 lanes crossing loose_max together fold
+        over several)."""
         b = self.bounds
         total = sum(len(c.d["segs"]) + len(c.d["mans"]) for c in runs)
-        stuck: set[int] = set()  # runs whose manifests cannot merge
-        while True:
+        written = 0
+        skip: set[int] = set()  # runs whose next object does not fit, this seal
+        while written < budget:
             # (run, whether it folds): fold first, then merge manifests
             over = total > RUN_REFS_MAX
             todo = [
                 (c, len(c.d["segs"]) > (1 if over else b.loose_max))
                 for c in runs
-                if len(c.d["segs"]) > (1 if over else b.loose_max)
-                or (id(c) not in stuck and len(c.d["mans"]) > (1 if over else b.manifests_max))
+                if id(c) not in skip
+                and (
+                    len(c.d["segs"]) > (1 if over else b.loose_max)
+                    or len(c.d["mans"]) > (1 if over else b.manifests_max)
+                )
             ]
             if not todo:
                 return
             chain, folds = max(todo, key=lambda t: len(t[0].d["segs"]) + len(t[0].d["mans"]))
             before = len(chain.d["segs"]) + len(chain.d["mans"])
+            room = budget - written if written else None
             if folds:
                 half = b.loose_max // 2
                 count = half if len(chain.d["segs"]) > b.loose_max else max(2, half)
-                self._add(chain.fold(self._new_id("m"), count, encode_manifest))
-            elif not self._merge_manifests(chain):
-                stuck.add(id(chain))
+                if room is not None and _fold_size(chain.d["segs"][:count]) > room:
+                    skip.add(id(chain))
+                    continue
+                written += self._add(chain.fold(self._new_id("m"), count, encode_manifest))
+            else:
+                spent = self._merge_manifests(chain, room)
+                if spent is None:
+                    skip.add(id(chain))
+                    continue
+                written += spent
             total -= before - len(chain.d["segs"]) - len(chain.d["mans"])
 
     def _spill_lane(self, lane: dict[str, Any]) -> None:
@@ -1194,21 +1216,22 @@ class _Sealer:
         lo, hi = self._extend_run(run, jobs)
         run["segs"].append({**ref, "lo": lo, "hi": hi})
 
-    def _merge_manifests(self, chain: Chain) -> bool:
+    def _merge_manifests(self, chain: Chain, room: int | None = None) -> int | None:
         """Too many manifests: the two neighbours with the fewest segments become
         one, if it stays under manifest_bytes (a manifest is rewritten whole, and
-        a batch writes a bounded amount); so a chain of a million items keeps a
-        few dozen manifest refs in the head, and a lookup opens that many."""
+        a batch writes a bounded amount) and `room` when given; so a chain of a
+        million items keeps a few dozen manifest refs in the head, and a lookup
+        opens that many. The bytes written (0: nothing of them was live), or
+        None when no two fit."""
         mans = chain.d["mans"]
+        most = self.bounds.manifest_bytes if room is None else min(room, self.bounds.manifest_bytes)
         pairs = sorted(range(len(mans) - 1), key=lambda i: mans[i]["segs"] + mans[i + 1]["segs"])
         for i in pairs:
             sizes = sum(chain.manifest(m["k"]).size for m in mans[i : i + 2])
-            if sizes <= self.bounds.manifest_bytes:
+            if sizes <= most:
                 obj = chain.merge_manifests(i, 2, self._new_id("m"), encode_manifest)
-                if obj is not None:
-                    self._add(obj)
-                return True
-        return False
+                return 0 if obj is None else self._add(obj)
+        return None
 
     def _rewrite_holey_manifest(self, chain: Chain, room: int | None = None) -> int | None:
         """The manifest whose segments have the most holes kept in the head takes
