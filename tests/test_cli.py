@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,16 @@ async def test_enqueue_at_a_time_given_in_seconds_or_iso_8601(cli: Cli, tmp_path
         assert done.returncode == 2, (args, done)
         assert text in done.stderr, (args, done.stderr)
     assert (await cli.json("status"))["total"] == 4
+
+
+async def test_enqueue_at_an_iso_8601_basic_date_is_that_date_not_1970(cli: Cli) -> None:
+    """20261224 is ISO 8601 (its basic form): it was tried as Unix seconds
+    first, 20,261,224 s (1970-08-24), a time past, and the job was due at once."""
+    basic = (datetime.now() + timedelta(days=30)).strftime("%Y%m%d")
+    midnight = datetime.fromisoformat(basic).timestamp()  # local time, as documented
+    await cli.json("enqueue", "1", "--id", "d", "--at", basic)
+    job = await cli.json("job", "d")
+    assert (job["status"], job["run_at"]) == ("delayed", pytest.approx(midnight, abs=1e-3))
 
 
 async def test_enqueue_file_sends_batches_with_a_progress_bar(cli: Cli, tmp_path: Path) -> None:

@@ -272,10 +272,11 @@ class When(click.ParamType[float]):
         if isinstance(value, float):
             return value
         try:
-            seconds = float(value)
+            # ISO first: 20261224 is a date (its basic form), not 20,261,224 s.
+            when = datetime.fromisoformat(value)
         except ValueError:
             try:
-                seconds = datetime.fromisoformat(value).timestamp()
+                seconds = float(value)
             except ValueError:
                 self.fail(
                     f"{value!r} is neither Unix seconds nor an ISO 8601 time "
@@ -283,6 +284,11 @@ class When(click.ParamType[float]):
                     param,
                     ctx,
                 )
+        else:
+            try:
+                seconds = when.timestamp()
+            except (ValueError, OverflowError, OSError):  # year 1 or 9999 in some zones
+                self.fail(f"{value!r} is not a time after 1970", param, ctx)
         if not (math.isfinite(seconds) and seconds >= 0):
             self.fail(f"{value!r} is not a time after 1970", param, ctx)
         return seconds
