@@ -75,6 +75,9 @@ Priority = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
 Delay = Annotated[float, Meta(ge=0, le=MAX_DELAY)]
 # A job's time as Unix seconds, judged on its broker's estimate of the store's
 # clock; at most MAX_DELAY ahead of it (checked where the time is known).
+# How the refusal of a run_at further ahead than MAX_DELAY begins (a delivery
+# of follow-ups falls back on delays when a target's owner says it).
+RUN_AT_TOO_LATE = "a job's run_at"
 RunAt = Annotated[
     float,
     Meta(

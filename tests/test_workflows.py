@@ -449,6 +449,41 @@ async def test_a_follow_up_for_another_topic_is_due_at_its_acks_time_plus_its_de
     )
 
 
+class Recording:
+    """Where follow-ups go (`inner`), keeping what each request carried."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.sent = inner, list[list[JobSpec]]()
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        self.sent.append(specs)
+        got: list[dict[str, Any]] = await self.inner.enqueue(topic, specs)
+        return got
+
+
+async def test_a_refusal_naming_a_topic_called_run_at_is_not_taken_for_an_older_owner(
+    start_broker: StartBroker,
+) -> None:
+    """Delivery fell back to delays from its own clock on any refusal whose
+    text held "run_at": a target topic named so, refused for its 64
+    priorities, got a second request at each try, with delays counted on the
+    deliverer's clock (if a lane freed between the two, with its error)."""
+    broker = await start_broker(MemStore())
+    await broker.engine.enqueue("run_at", [JobSpec(p, priority=p) for p in range(64)])
+    recording = broker.duties.deliver_to = Recording(broker.duties.deliver_to)
+    async with aiohttp.ClientSession() as s:
+        follow_up = {"topic": "run_at", "payload": 1, "priority": 99, "delay": 300}
+        await acked_with(s, broker.url, [[follow_up]])
+
+    async def held_back() -> bool:
+        back = broker.duties._held_back.get("src")
+        return back is not None and bool(back.items)
+
+    await until_true(broker, "src", held_back, within=5)
+    relative = [s for specs in recording.sent for s in specs if s.run_at is None]
+    assert relative == [], f"{len(recording.sent)} requests, {len(relative)} with delays"
+
+
 class Counting:
     """Where follow-ups go (`inner`, or nowhere: a store that does not answer),
     counting the requests."""

@@ -28,6 +28,7 @@ from msgspec import UnsetType
 from simplequeue import keys
 from simplequeue.api import (
     MAX_DELAY,
+    RUN_AT_TOO_LATE,
     FollowUpSpec,
     JobSpec,
     ScheduleRequest,
@@ -1234,7 +1235,8 @@ def _comes_due(spec: JobSpec, now: float) -> float:
         return now + spec.delay
     if spec.run_at - now > MAX_DELAY:
         raise InvalidRequest(
-            f"a job's run_at ({spec.run_at}) is more than {MAX_DELAY:.0f} s after now ({now:.3f})"
+            f"{RUN_AT_TOO_LATE} ({spec.run_at}) is more than {MAX_DELAY:.0f} s after now "
+            f"({now:.3f})"
         )
     return max(now, spec.run_at)
 
