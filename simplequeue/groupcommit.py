@@ -168,6 +168,15 @@ class _MetCorrupt(Exception):
         self.entry, self.error = entry, error
 
 
+class _MissingFor(Exception):
+    """`entry`'s mutation needs an object not in memory (`miss`): fetched, and
+    the batch applied again; if it cannot be read, `entry` fails alone."""
+
+    def __init__(self, entry: _Entry, miss: SegmentMissing) -> None:
+        super().__init__(str(miss))
+        self.entry, self.miss = entry, miss
+
+
 class _LostRace(Exception):
     """The write did not land (the head moved under it, or the store failed
     it): re-read and re-apply. `cause`: what the store said."""
@@ -826,13 +835,27 @@ class GroupCommitter:
                     return _with(entries, results, failed)
                 write_id = uuid.uuid4().hex
                 sealed = state.seal(self.writer, write_id, now)
-            except SegmentMissing as miss:
-                # The batch half-applied: undo it, fetch, and apply it again.
+            except (SegmentMissing, _MissingFor) as exc:
+                # The batch half-applied: undo it, fetch, and apply it again. An
+                # object that cannot be read (not JSON, gone) fails the mutation
+                # that wanted it alone, as _MetCorrupt; the seal's, the batch.
+                miss, wanting = (
+                    (exc.miss, exc.entry) if isinstance(exc, _MissingFor) else (exc, None)
+                )
                 t.state = None
-                await self._fetch(t, state, miss.key, also=miss.also)
+                try:
+                    await self._fetch(t, state, miss.key, also=miss.also)
+                except CorruptData as error:
+                    if wanting is None:
+                        raise
+                    self._log_corrupt(t.name, error)
+                    failed.append((wanting, (False, error)))
+                    entries = [e for e in entries if e is not wanting]
                 if t.state is None:  # the head has not moved: the state can go on
                     state.rollback(self._head_of(t))
                     t.state = state
+                if not entries:
+                    return _with(entries, [], failed)
                 continue
             except _MetCorrupt as met:
                 # The batch half-applied: undone, and applied again without the
@@ -978,8 +1001,9 @@ class GroupCommitter:
             try:
                 results.append((True, entry.item.mutation(state, now)))
                 depends_on_state = not state.dirty  # a no-op: nothing to claim, duplicate
-            except SegmentMissing:
-                raise  # half-way through, maybe: the batch is undone, fetched, applied again
+            except SegmentMissing as miss:
+                # Half-way through, maybe: the batch is undone, fetched, applied again.
+                raise _MissingFor(entry, miss) from miss
             except CorruptData as exc:
                 raise _MetCorrupt(entry, exc) from exc
             except SimpleQueueError as exc:

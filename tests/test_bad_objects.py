@@ -224,3 +224,60 @@ async def test_a_mutation_meeting_a_corrupt_object_fails_alone_and_its_batch_lan
         assert (await q.status("t"))["pending"] == 100 + 3 + 4
     finally:
         await q.committer.close()
+
+
+async def _low_lane_spoiled(store: MemStore, start_broker: StartBroker, how: str) -> str:
+    """Topic t: 100 jobs at priority 0 spilled to one segment, spoiled (`how`:
+    its bytes garbage, or the object gone), and 3 due at priority 5 (u0..u2),
+    written by a broker since stopped; the segment's key."""
+    from simplequeue.api import JobSpec
+
+    seed = await start_broker(store)
+    await seed.engine.enqueue("t", [JobSpec({"pad": "x" * 1000}) for _ in range(100)])
+    await seed.engine.enqueue("t", [JobSpec("urgent", id=f"u{i}", priority=5) for i in range(3)])
+    [key] = [k for k in await store.list("topics/t/") if "/seg-p" in k]
+    if how == "garbage":
+        await store.put(key, b"\x00 not a segment")
+    else:
+        await store.delete(key)
+    await seed.stop()
+    return key
+
+
+@pytest.mark.parametrize("how", ["garbage", "missing"])
+async def test_a_claim_meeting_an_unreadable_segment_fails_alone_and_its_batchs_acks_land(
+    start_broker: StartBroker, how: str
+) -> None:
+    """A segment that does not decode, or is gone, is met when the batch
+    fetches it (SegmentMissing, then the fetch): that CorruptData failed the
+    whole batch, the acks (heartbeats, nacks) committed beside a worker's
+    claim that reached the spoiled low-priority lane too. It fails the claim
+    alone now, as a segment that decodes but is not the one written does."""
+    from simplequeue.broker.engine import Engine
+    from simplequeue.errors import CorruptData
+    from simplequeue.groupcommit import CommitSettings, GroupCommitter
+    from tests.helpers.faults import FaultyStore
+
+    store = MemStore()
+    key = await _low_lane_spoiled(store, start_broker, how)
+    faulty = FaultyStore(store)
+    q = Engine(GroupCommitter(faulty, broker_id="b2", epoch=2, settings=CommitSettings()))
+    try:
+        held = await q.claim("t", "w", count=3)  # the urgent three: the low lane untouched
+        assert sorted(j["id"] for j in held) == ["u0", "u1", "u2"]
+        faulty.gate = asyncio.Event()
+        faulty.put_started.clear()
+        beat = asyncio.create_task(q.heartbeat("t", "u2", held[2]["lease_token"]))
+        await faulty.put_started.wait()
+        claim = asyncio.create_task(q.claim("t", "w2", count=10))
+        acks = [asyncio.create_task(q.ack("t", j["id"], j["lease_token"])) for j in held[:2]]
+        await asyncio.sleep(0)  # queued behind the write in flight: one batch
+        faulty.gate.set()
+        await beat
+        with pytest.raises(CorruptData, match=key):
+            await claim
+        outcomes = await asyncio.gather(*acks, return_exceptions=True)
+        assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+        assert (await q.status("t"))["completed"] == 2
+    finally:
+        await q.committer.close()
