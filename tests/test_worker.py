@@ -2195,6 +2195,43 @@ async def test_a_worker_follows_limits_set_and_removed_while_it_runs(
         await running
 
 
+async def test_a_worker_on_a_trickle_reads_the_topics_settings_every_10_s_not_per_job(
+    q: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every claim answered short with some jobs made the Worker read the
+    topic's settings again (a second after the last read at the soonest):
+    a Worker keeping up with a trickle has every long poll answered with 1 of
+    the 2 it asks, so it read them once a job, up to once a second, ten times
+    the 10 s promised (a job every 1.1 s for 6.6 s: 6 reads). Here the old
+    pause is cut to 0.05 s: 16 jobs 0.15 s apart (the trickle's pace), one
+    read."""
+    monkeypatch.setattr(worker_module, "SETTINGS_AFTER_SHORT", 0.05, raising=False)
+    reads = 0
+    settings = q.settings
+
+    async def counted(**limits: Any) -> dict[str, Any]:
+        nonlocal reads
+        reads += not limits
+        return await settings(**limits)
+
+    monkeypatch.setattr(q, "settings", counted)
+    done: list[int] = []
+    worker = Worker(
+        q, lambda job: done.append(job.payload), concurrency=1, wait=5.0, handle_signals=False
+    )
+    running = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: worker.limited is False)
+        for i in range(16):
+            await q.enqueue(i)
+            await until(lambda i=i: len(done) == i + 1)
+            await asyncio.sleep(0.15)  # the trickle's pace, not a wait for anything
+    finally:
+        await worker.stop()
+        await running
+    assert reads <= 2, f"{reads} settings reads for 16 jobs in 2.4 s"
+
+
 async def test_a_burst_worker_on_a_paused_topic_stops(q: Client) -> None:
     """Paused (max_claimed 0), a topic's jobs are pending and none may be
     claimed: a burst Worker stops rather than wait for ever."""

@@ -169,13 +169,14 @@ HELD_BACK_WAIT = 1.0
 # Seconds between a Worker's reads of its topic's settings (one request, in
 # the background, never one per claim): a `rate` or `max_claimed` set while it
 # runs stops its claiming ahead within this lag, about, and one removed lets
-# it claim ahead again. A claim answered short (a limit's doing, maybe) while
-# it claims ahead reads them again once SETTINGS_AFTER_SHORT passed since the
-# last read; so does a read that failed. The first claim waits for the first
-# read SETTINGS_FIRST_WAIT at most (a broker that does not answer it must not
-# hold up the claims: they ask only for free slots until it lands).
+# it claim ahead again. A read that failed is tried again SETTINGS_RETRY
+# later. (Not sooner when a claim comes back short: a Worker keeping up with
+# a trickle has every claim answered short, and read them once a job.) The
+# first claim waits for the first read SETTINGS_FIRST_WAIT at most (a broker
+# that does not answer it must not hold up the claims: they ask only for
+# free slots until it lands).
 SETTINGS_EVERY = 10.0
-SETTINGS_AFTER_SHORT = 1.0
+SETTINGS_RETRY = 1.0
 SETTINGS_FIRST_WAIT = 1.0
 # Seconds a failed claim keeps its place before another is sent; so does one
 # answered empty before its long poll was out, for the rest of the poll at most.
@@ -375,7 +376,6 @@ class Worker:
         # The topic has a rate or max_claimed, as last read (None: not read
         # yet): no buffer unless False.
         self.limited: bool | None = None
-        self._read_again = asyncio.Event()  # a claim answered short: read them soon
         self._settings_tried = asyncio.Event()  # read, or failed to, once this run
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.lease = lease  # None: the topic's lease setting, else the broker's --lease
@@ -670,19 +670,17 @@ class Worker:
             self._room.set()  # what to claim changed
 
     async def _follow_settings(self) -> None:
-        """Read the topic's settings now, then every SETTINGS_EVERY seconds, or
-        SETTINGS_AFTER_SHORT after the last read when a claim asks (_claim)
-        or the read failed: one request at a time, none per claim. A read
-        that fails is logged; what was read last holds until the next
-        (nothing read: no buffer)."""
+        """Read the topic's settings now, then every SETTINGS_EVERY seconds
+        (SETTINGS_RETRY after a read that failed): one request at a time,
+        none per claim. A read that fails is logged; what was read last
+        holds until the next (nothing read: no buffer)."""
         while True:
             read = time.monotonic()
             every = SETTINGS_EVERY
-            self._read_again.clear()  # a claim answered short meanwhile asks again
             try:
                 self._learn(await self.client.settings())
             except Exception as exc:
-                every = SETTINGS_AFTER_SHORT
+                every = SETTINGS_RETRY
                 log.warning(
                     "the topic's settings could not be read (%s): %s",
                     exc,
@@ -690,10 +688,7 @@ class Worker:
                     exc_info=not isinstance(exc, SimpleQueueError),
                 )
             self._settings_tried.set()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(every - (time.monotonic() - read)):
-                    await self._read_again.wait()
-                    await asyncio.sleep(SETTINGS_AFTER_SHORT - (time.monotonic() - read))
+            await asyncio.sleep(every - (time.monotonic() - read))
 
     async def _first_settings(self) -> None:
         """Return once the settings were read (or failed to be), the worker
@@ -780,10 +775,6 @@ class Worker:
                 self.ahead.claimed(took, count, len(jobs), wait)
                 # ... answered short so, it is followed by a long poll at once.
                 unwaited_short = wait < self.wait and len(jobs) < count
-                if len(jobs) < count and (jobs or wait == 0) and self.limited is False:
-                    # Maybe a limit set since the settings were read (a long
-                    # poll answered empty says only that the topic was).
-                    self._read_again.set()
                 # Only jobs held here already (a broker's fault) is an empty
                 # answer: held for nothing, the claim would be sent again at
                 # once, and answered so again, in a tight loop.
