@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,12 +19,13 @@ from typing import Any
 import pytest
 
 from simplequeue.errors import PreconditionFailed
-from simplequeue.objstore import content_etag, store_from_url
+from simplequeue.objstore import content_etag, localfs, store_from_url
 from simplequeue.objstore.localfs import LocalStore, journal_path
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.crash_writer import check
 from tests.helpers.fs_events import record_disk_events
 from tests.helpers.until import until
+from tests.reliability.test_power_loss import ShadowDisk
 
 HELPERS = Path(__file__).parent / "helpers"
 ROOT = Path(__file__).parent.parent
@@ -385,10 +387,78 @@ async def test_a_new_directory_is_made_durable_in_its_parent(
     monkeypatch.setattr(LocalStore, "_fsync_dir", staticmethod(synced.append))
     store = LocalStore(tmp_path)
     await store.put_if("topics/t/seg-p0-x.json", b"{}", if_none_match=True)
-    # topics/ and topics/t/ were created: each entry is fsynced in its parent,
-    # then the file's own entry in topics/t/.
-    assert synced == [tmp_path, tmp_path / "topics", tmp_path / "topics" / "t"]
+    # The root's entry is fsynced in its parent (once per store, whoever made
+    # it); topics/ and topics/t/ were created: each entry is fsynced in its
+    # parent, then the file's own entry in topics/t/.
+    assert synced == [tmp_path.parent, tmp_path, tmp_path / "topics", tmp_path / "topics" / "t"]
     await store.close()
+
+
+class _NothingCommittedByTheKernel(random.Random):
+    """ShadowDisk's draw for each directory: always "as of its last fsync"."""
+
+    def random(self) -> float:
+        return 0.99
+
+
+def shadow_disk(disk: Path, monkeypatch: pytest.MonkeyPatch) -> ShadowDisk:
+    """A ShadowDisk of `disk` (everything on it now durable), fed from now on
+    by every fsync and fdatasync a LocalStore makes."""
+    shadow = ShadowDisk(disk)
+    shadow.seed()
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        shadow.synced(fd)
+
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        shadow.synced(fd)
+
+    monkeypatch.setattr(localfs.os, "fsync", fsync)
+    monkeypatch.setattr(localfs.os, "fdatasync", fdatasync)
+    return shadow
+
+
+def after_power_cut(shadow: ShadowDisk, into: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The disk at `into` as a power cut now leaves it: each file as of its
+    last sync, each directory as of its last fsync (the worst case)."""
+    shadow.image(into, _NothingCommittedByTheKernel())
+    monkeypatch.undo()
+    return into
+
+
+@pytest.mark.parametrize("first", ["sample_clock", "cli_make_dir"])
+async def test_an_acknowledged_write_survives_a_power_cut_after_the_store_made_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """The store's own directory (and a folder above it, missing too) was
+    made without its entry in its parent ever being fsynced: by the store's
+    first call that needs its lock folder (sample_clock() here, as in a
+    broker's start), or by simplequeued's make_dir. Every object under it,
+    acknowledged as durable, hung on entries that a power cut may lose: an
+    answered create was gone after one, and the directory with it (review,
+    round 27). Each folder made is now fsynced in its parent, and the root's
+    parent once more by the store, whoever made the root."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    shadow = shadow_disk(disk, monkeypatch)
+    root = disk / "var" / "data"
+    store = LocalStore(root)
+    if first == "sample_clock":
+        await store.sample_clock()
+    else:
+        from simplequeue.broker.cli import make_dir
+
+        make_dir(root)
+    await store.put_if("topics/t.json", b'{"jobs": 1}', if_none_match=True)  # answered: durable
+    await store.close()
+
+    rebooted = after_power_cut(shadow, tmp_path / "rebooted", monkeypatch)
+    after = LocalStore(rebooted / "var" / "data", boot_id=b"\x01" * 16)
+    assert (await after.get("topics/t.json"))[0] == b'{"jobs": 1}'
+    await after.close()
 
 
 # --- a broker paused while it holds a lock (SPEC 4.3) -----------------------------------

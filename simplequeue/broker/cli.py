@@ -20,6 +20,7 @@ from simplequeue import __version__, api, keys
 from simplequeue.broker.settings import BrokerSettings, parse_addr
 from simplequeue.errors import InvalidRequest, SimpleQueueError
 from simplequeue.objstore import ObjectStore
+from simplequeue.objstore.localfs import make_dirs
 from simplequeue.records import MAX_LEASE_S
 from simplequeue.state import Policy
 from simplequeue.storeflags import (
@@ -256,11 +257,12 @@ def main(
 
 
 def make_dir(path: Path) -> None:
-    """Make the localfs directory if it is missing, and check that files can
-    be written there: one that cannot is refused now (exit 1), where the
-    broker would start and answer 503 to every write."""
+    """Make the localfs directory if it is missing (durably, each folder made
+    fsynced in its parent, as the store would), and check that files can be
+    written there: one that cannot is refused now (exit 1), where the broker
+    would start and answer 503 to every write."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
             pass
     except OSError as exc:

@@ -386,9 +386,22 @@ class LocalStore(ObjectStore):
         self._rewritten: dict[Path, float] = {}
 
     def _prepare(self) -> None:
-        if not self._ready:
-            self._locks.mkdir(parents=True, exist_ok=True)
-            self._ready = True
+        """Once per store, before its first write or lock: the root made if
+        missing and made durable in its parent (with each folder above it it
+        made), and the lock folder made. Every object hangs on the root's
+        entry in its parent: one that a power cut may lose loses them all.
+        A root found there may have been made a moment ago by a process that
+        has not fsynced its parent yet (another broker, or one made without
+        care), so its parent is fsynced all the same."""
+        if self._ready:
+            return
+        if not make_dirs(self.root, self._fsync_dir):
+            try:
+                self._fsync_dir(self.root.parent)
+            except PermissionError:  # a parent we may not read: the root is not ours
+                log.debug("localfs %s: cannot fsync its parent (not readable)", self.root)
+        self._locks.mkdir(parents=True, exist_ok=True)
+        self._ready = True
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -565,16 +578,8 @@ class LocalStore(ObjectStore):
         self.clock.observe(sent, received, stamp / 1e9, _mtime_resolution(stamp))
 
     def _make_dirs(self, directory: Path) -> None:
-        """Create `directory` and the parents it lacks, each made durable: a new
-        directory's entry lives in its parent, which is fsynced after it."""
-        missing = []
-        while not directory.exists():
-            missing.append(directory)
-            directory = directory.parent
-        for new in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                new.mkdir()
-            self._fsync_dir(new.parent)
+        self._prepare()  # the root first, durable in its parent
+        make_dirs(directory, self._fsync_dir)
 
     @staticmethod
     def _fsync_dir(directory: Path) -> None:
@@ -1255,6 +1260,22 @@ def _fsync(path: Path, flags: int = 0) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(directory: Path, fsync_dir: Callable[[Path], None] | None = None) -> bool:
+    """Create `directory` and the folders above it that it lacks, each made
+    durable: a new folder's entry lives in its parent, which is fsynced
+    after it is made. Whether any was missing."""
+    fsync_dir = fsync_dir or (lambda folder: _fsync(folder, os.O_DIRECTORY))
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            new.mkdir()
+        fsync_dir(new.parent)
+    return bool(missing)
 
 
 def _folder_of(prefix: str) -> tuple[str, str] | None:
