@@ -14,11 +14,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from threading import Event
 from typing import Any
 
 import pytest
 
-from simplequeue.errors import PreconditionFailed
+from simplequeue.errors import ObjectNotFound, PreconditionFailed
 from simplequeue.objstore import content_etag, localfs, store_from_url
 from simplequeue.objstore.localfs import LocalStore, journal_path
 from simplequeue.objstore.memfs import MemStore
@@ -394,6 +395,26 @@ async def test_a_new_directory_is_made_durable_in_its_parent(
     await store.close()
 
 
+async def test_a_folder_found_made_is_made_durable_once_per_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process made topics/t/ (and may not have fsynced its entry
+    yet): a store's first write into it fsyncs each folder's entry once,
+    and its writes after that cost what they did (the file's entry only)."""
+    await LocalStore(tmp_path).put("topics/t/seg-0.json", b"{}")
+    synced: list[Path] = []
+    monkeypatch.setattr(LocalStore, "_fsync_dir", staticmethod(synced.append))
+    store = LocalStore(tmp_path)
+    await store.put_if("topics/t/seg-1.json", b"{}", if_none_match=True)
+    topics = tmp_path / "topics"
+    assert synced == [tmp_path.parent, tmp_path, topics, topics / "t"]
+    synced.clear()
+    await store.put_if("topics/t/seg-2.json", b"{}", if_none_match=True)
+    await store.put_if("topics/u/seg-1.json", b"{}", if_none_match=True)
+    assert synced == [topics / "t", topics, topics / "u"]  # topics/u/ made: its entry
+    await store.close()
+
+
 class _NothingCommittedByTheKernel(random.Random):
     """ShadowDisk's draw for each directory: always "as of its last fsync"."""
 
@@ -459,6 +480,76 @@ async def test_an_acknowledged_write_survives_a_power_cut_after_the_store_made_i
     after = LocalStore(rebooted / "var" / "data", boot_id=b"\x01" * 16)
     assert (await after.get("topics/t.json"))[0] == b'{"jobs": 1}'
     await after.close()
+
+
+def paused_at_fsync_of(store: LocalStore, directory: Path) -> tuple[Event, Event]:
+    """Make `store` stop before it fsyncs `directory`: (set when it got
+    there, set it to go on)."""
+    at_fsync, go_on = Event(), Event()
+    real_fsync_dir = LocalStore._fsync_dir
+
+    def paused_fsync_dir(folder: Path) -> None:
+        if folder == directory:
+            at_fsync.set()
+            go_on.wait(10)
+        real_fsync_dir(folder)
+
+    store._fsync_dir = paused_fsync_dir  # type: ignore[method-assign]
+    return at_fsync, go_on
+
+
+async def test_a_write_into_a_folder_another_writer_just_made_survives_a_power_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writer B makes topics/ for its first topic and is about to fsync the
+    root (the folder's entry); writer A, finding topics/ there, wrote its own
+    topic's head into it, fsynced topics/ and was answered. A power cut then
+    lost topics/ and A's acknowledged head with it (review, round 27): a
+    writer made a folder durable only when it made it, and cannot tell that
+    its maker has not yet. Two topics created at once on a fresh directory
+    (two brokers, or two commit threads of one), or two brokers registering
+    at once under brokers/, are such writers. Each store now fsyncs a
+    folder's entry before its own first write into it."""
+    root = tmp_path / "disk"
+    root.mkdir()
+    shadow = shadow_disk(root, monkeypatch)
+    a, b = LocalStore(root), LocalStore(root)
+    at_fsync, go_on = paused_at_fsync_of(b, root)  # B made topics/: its entry comes next
+    b_write = asyncio.ensure_future(b.put_if("topics/a.json", b"a", if_none_match=True))
+    await until(at_fsync.is_set)
+    await a.put_if("topics/b.json", b"b", if_none_match=True)  # answered: durable
+    rebooted = after_power_cut(shadow, tmp_path / "rebooted", monkeypatch)
+    go_on.set()
+    await b_write  # B was never answered before the cut: it may be lost
+    after = LocalStore(rebooted, boot_id=b"\x01" * 16)
+    assert (await after.get("topics/b.json"))[0] == b"b"
+    for store in (a, b, after):
+        await store.close()
+
+
+async def test_a_delete_of_a_key_another_writer_just_deleted_survives_a_power_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writer B deletes topics/t.json and is about to fsync topics/; writer A
+    deletes it too, finds it gone and answered "deleted" without an fsync
+    (review, round 27, untested then): a power cut brought the key back.
+    A delete that finds the key gone fsyncs its folder all the same."""
+    root = tmp_path / "disk"
+    a, b = LocalStore(root), LocalStore(root)
+    await a.put("topics/t.json", b"t")
+    shadow = shadow_disk(root, monkeypatch)
+    at_fsync, go_on = paused_at_fsync_of(b, root / "topics")  # B unlinked: its fsync comes next
+    b_delete = asyncio.ensure_future(b.delete("topics/t.json"))
+    await until(at_fsync.is_set)
+    await a.delete("topics/t.json")  # answered: durable
+    rebooted = after_power_cut(shadow, tmp_path / "rebooted", monkeypatch)
+    go_on.set()
+    await b_delete
+    after = LocalStore(rebooted, boot_id=b"\x01" * 16)
+    with pytest.raises(ObjectNotFound):
+        await after.get("topics/t.json")
+    for store in (a, b, after):
+        await store.close()
 
 
 # --- a broker paused while it holds a lock (SPEC 4.3) -----------------------------------

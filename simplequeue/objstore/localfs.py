@@ -382,6 +382,8 @@ class LocalStore(ObjectStore):
         self._places = _Places()
         # Keys whose journal is known not to be from an earlier boot.
         self._checked: set[Path] = set()
+        # The folders under the root known durable in their parents (_make_dirs).
+        self._durable: set[str] = set()
         # When each key without a journal was last rewritten with If-Match.
         self._rewritten: dict[Path, float] = {}
 
@@ -535,12 +537,17 @@ class LocalStore(ObjectStore):
         """Write `data` to a new temp file beside `path` and (with `sync`) fsync
         it: (its path, its open descriptor, the ETag). Needs no lock: nobody
         else knows it."""
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        folder = path.parent
+        tmp = folder / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        if str(folder) not in self._durable:  # the first write into it here
+            self._make_dirs(folder)
         sent = time.monotonic()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileNotFoundError:  # the key's first object in a new directory
-            self._make_dirs(path.parent)
+        except FileNotFoundError:  # its folder was removed since (by hand): made again
+            for gone in (folder, *folder.parents):
+                self._durable.discard(str(gone))
+            self._make_dirs(folder)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
@@ -578,8 +585,26 @@ class LocalStore(ObjectStore):
         self.clock.observe(sent, received, stamp / 1e9, _mtime_resolution(stamp))
 
     def _make_dirs(self, directory: Path) -> None:
+        """Before the first write into `directory` (under the root): it and
+        the folders between it and the root made if missing, and each made
+        durable in its parent, unless this store knows it is. One found
+        there is too: the process that made it a moment ago may not have
+        fsynced its parent yet, and cannot be told from one that did (a
+        write into it, answered, would hang on an entry a power cut may
+        lose). So each folder costs one directory fsync per store, at its
+        first write (per process: after a restart, each topic's folder)."""
         self._prepare()  # the root first, durable in its parent
-        make_dirs(directory, self._fsync_dir)
+        chain = []
+        while directory != self.root and str(directory) not in self._durable:
+            chain.append(directory)
+            directory = directory.parent
+        for folder in reversed(chain):
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir()
+            self._fsync_dir(folder.parent)
+            if len(self._durable) >= _CHECKED_LIMIT:  # forgotten: fsynced again
+                self._durable.clear()
+            self._durable.add(str(folder))
 
     @staticmethod
     def _fsync_dir(directory: Path) -> None:
@@ -1015,7 +1040,13 @@ class LocalStore(ObjectStore):
             self._drop_journal(path)
             try:
                 path.unlink()
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            except FileNotFoundError:
+                # Gone already, perhaps by another process that has not
+                # fsynced its folder yet: answered "deleted" only once that
+                # unlink is durable too, by the fsync below.
+                if not path.parent.is_dir():
+                    return
+            except (NotADirectoryError, IsADirectoryError):
                 return
         finally:
             self._unlock(lock)
