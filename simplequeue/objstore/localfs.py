@@ -611,39 +611,54 @@ class LocalStore(ObjectStore):
         _fsync(directory, os.O_DIRECTORY)
 
     def _put_sync(
-        self, key: str, data: bytes, if_match: str | None, if_none_match: bool, conditional: bool
+        self,
+        key: str,
+        data: bytes,
+        if_match: str | None,
+        if_none_match: bool,
+        conditional: bool,
+        tries: _Tries | None = None,
     ) -> str:
+        """One try of a write. Made again after a busy lock (_LockBusy), it
+        takes up the temp file (and new journal) its earlier try kept in
+        `tries`: the bytes are written and fsynced once however long the
+        lock stays busy."""
         path = self._path(key)
         journaled = (
             self._boot is not None
             and if_match is not None
             and _RECORDS_START + _RECORD.size + len(data) <= JOURNAL_SIZE
         )
-        # The slow, pause-prone part (writing and fsyncing the data, or a new
-        # journal the write foresees) is done before the lock.
-        expects_journal, prepared = self._foresee(path, data) if journaled else (False, None)
-        try:
+        temp = tries.take(key) if tries is not None else None
+        if temp is None:
             try:
-                tmp, fd, etag = self._write_temp(path, data, sync=not expects_journal)
+                temp = self._stage(path, data, journaled)
             except NotADirectoryError:
                 if if_match is not None:  # a file where the key's folder would be: no such key
                     raise PreconditionFailed(f"{key} changed") from None
                 raise
+        busy = False
+        try:
             durable = self._rename(
                 key,
                 path,
-                tmp,
-                fd,
+                temp.tmp,
+                temp.fd,
                 data if journaled else None,
-                not expects_journal,
-                prepared,
+                temp.synced,
+                temp.journal,
                 if_match,
                 if_none_match,
                 conditional,
             )
+        except _LockBusy:
+            busy = True
+            _keep(tries, key, temp)
+            raise
         finally:
-            if prepared is not None and not prepared.used:
-                prepared.discard()
+            if not busy and temp.journal is not None and not temp.journal.used:
+                temp.journal.discard()
+        fd, etag = temp.fd, temp.etag
         if not durable:
             # The rename is durable only once the directory is fsynced, and that
             # is done after the lock is released. Safe: nobody has been answered
@@ -662,6 +677,19 @@ class LocalStore(ObjectStore):
                 raise
         self._written.remember(path, fd, etag)  # keeps fd open, or closes it
         return etag
+
+    def _stage(self, path: Path, data: bytes, journaled: bool) -> _Temp:
+        """The slow, pause-prone part of a write, done before the lock: the
+        data written to a temp file, fsynced unless the write foresees a
+        journal (see _foresee), and the new journal it foresees, made."""
+        expects_journal, prepared = self._foresee(path, data) if journaled else (False, None)
+        try:
+            tmp, fd, etag = self._write_temp(path, data, sync=not expects_journal)
+        except BaseException:
+            if prepared is not None:
+                prepared.discard()
+            raise
+        return _Temp(tmp, fd, etag, not expects_journal, prepared)
 
     def _foresee(self, path: Path, data: bytes) -> tuple[bool, _NewJournal | None]:
         """Whether a rewrite of `path` with `data` will most likely be
@@ -711,7 +739,8 @@ class LocalStore(ObjectStore):
         fsynced, if it is not yet. Without `journal_data`, a journal the key
         has is dropped before the rename: its records must not outlive a
         write they do not hold. Return whether the write is durable already;
-        if not, the caller fsyncs the directory."""
+        if not, the caller fsyncs the directory. A busy lock (_LockBusy)
+        leaves `tmp` and `fd` to the caller, for the call's next try."""
         try:
             lock = self._lock(key)
             try:
@@ -746,6 +775,8 @@ class LocalStore(ObjectStore):
                         os.close(journal.fd)
             finally:
                 self._unlock(lock)
+        except _LockBusy:
+            raise
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -997,38 +1028,44 @@ class LocalStore(ObjectStore):
         data: bytes,
         if_match: str | None,
         if_none_match: bool,
-        placed: _Placed | None = None,
+        tries: _Tries | None = None,
     ) -> str:
         """put_if_after in one thread trip: each object written, fsynced and
         renamed into place (one an earlier try wrote is left), their
         directories fsynced once each, then the conditional write of `key`.
         Made again after a busy lock (_LockBusy, most often the head's), it
-        skips what `placed` says its earlier tries did: rewriting and
+        skips what `tries` says its earlier tries did: rewriting and
         fsyncing a batch's segments at every 20 ms of a busy head's lock
         would write them up to 30 times."""
-        placed = placed if placed is not None else _Placed()
+        tries = tries if tries is not None else _Tries()
         for obj_key, body in objects:
-            if obj_key in placed.objects:
+            if obj_key in tries.objects:
                 continue
             path = self._path(obj_key)
-            tmp, fd, _ = self._write_temp(path, body)
+            temp = tries.take(obj_key)
+            if temp is None:
+                tmp, fd, etag = self._write_temp(path, body)
+                temp = _Temp(tmp, fd, etag, True, None)
             try:
-                self._rename(obj_key, path, tmp, fd, None, True, None, None, True, True)
+                self._rename(obj_key, path, temp.tmp, temp.fd, None, True, None, None, True, True)
             except PreconditionFailed:
                 # Ours, from an earlier call (a lost answer): immutable, so the
                 # same bytes; its directory's fsync may not have been made.
                 pass
+            except _LockBusy:
+                _keep(tries, obj_key, temp)
+                raise
             else:
                 # Not remembered: nobody compares against a new object's ETag,
                 # and it would push a head out of the descriptors kept.
-                os.close(fd)
-            placed.objects.add(obj_key)
-            placed.unsynced[path.parent] = None
+                os.close(temp.fd)
+            tries.objects.add(obj_key)
+            tries.unsynced[path.parent] = None
         # The objects are durable before the head is renamed.
-        for directory in list(placed.unsynced):
+        for directory in list(tries.unsynced):
             self._fsync_dir(directory)
-            del placed.unsynced[directory]
-        return self._put_sync(key, data, if_match, if_none_match, True)
+            del tries.unsynced[directory]
+        return self._put_sync(key, data, if_match, if_none_match, True, tries)
 
     def _delete_sync(self, key: str) -> None:
         path = self._path(key)
@@ -1165,7 +1202,9 @@ class LocalStore(ObjectStore):
         return await self._run(self._read, check_key(key))
 
     async def put(self, key: str, data: bytes) -> str:
-        return await self._run(self._put_sync, check_key(key), bytes(data), None, False, False)
+        key, data = check_key(key), bytes(data)
+        with _Tries() as tries:
+            return await self._run(self._put_sync, key, data, None, False, False, tries)
 
     async def put_if(
         self,
@@ -1176,9 +1215,9 @@ class LocalStore(ObjectStore):
         if_none_match: bool = False,
     ) -> str:
         self._check_condition(if_match, if_none_match)
-        return await self._run(
-            self._put_sync, check_key(key), bytes(data), if_match, if_none_match, True
-        )
+        key, data = check_key(key), bytes(data)
+        with _Tries() as tries:
+            return await self._run(self._put_sync, key, data, if_match, if_none_match, True, tries)
 
     async def put_if_after(
         self,
@@ -1193,15 +1232,11 @@ class LocalStore(ObjectStore):
         # One thread trip, not one per object plus the head's: a trip costs
         # about a fifth of a write.
         checked = [(check_key(k), bytes(body)) for k, body in objects.items()]
-        return await self._run(
-            self._put_if_after_sync,
-            checked,
-            check_key(key),
-            bytes(data),
-            if_match,
-            if_none_match,
-            _Placed(),
-        )
+        key, data = check_key(key), bytes(data)
+        with _Tries() as tries:
+            return await self._run(
+                self._put_if_after_sync, checked, key, data, if_match, if_none_match, tries
+            )
 
     async def delete(self, key: str) -> None:
         await self._run(self._delete_sync, check_key(key))
@@ -1228,13 +1263,69 @@ class LocalStore(ObjectStore):
 
 
 @dataclass
-class _Placed:
-    """What the tries of one put_if_after did so far (LocalStore._run makes a
-    call again after a busy lock): the objects in place, and the folders
-    holding some of them that are not fsynced since."""
+class _Temp:
+    """A write's temp file, written (and fsynced, if `synced`) before its
+    lock, open as `fd`, and the new journal it foresaw (`journal`)."""
+
+    tmp: Path
+    fd: int
+    etag: str
+    synced: bool
+    journal: _NewJournal | None
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
+        if self.journal is not None and not self.journal.used:
+            self.journal.discard()
+
+
+@dataclass
+class _Tries:
+    """What the tries of one write did so far (LocalStore._run makes a call
+    again after a busy lock): put_if_after's objects in place, the folders
+    holding some of them that are not fsynced since, and the temp files
+    (with any new journal) written for keys whose lock was busy, kept for
+    the next try. A context manager: leaving it (the call answered, failed
+    or cancelled: no try comes after) discards what is still kept, and
+    what a try still running in its thread would keep."""
 
     objects: set[str] = field(default_factory=set)
     unsynced: dict[Path, None] = field(default_factory=dict)
+    _kept: dict[str, _Temp] = field(default_factory=dict)
+    _over: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, key: str) -> _Temp | None:
+        """The temp file an earlier try kept for `key`, now the caller's."""
+        with self._lock:
+            return self._kept.pop(key, None)
+
+    def keep(self, key: str, temp: _Temp) -> None:
+        with self._lock:
+            if not self._over:
+                self._kept[key] = temp
+                return
+        temp.discard()
+
+    def __enter__(self) -> _Tries:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._over = True
+            kept, self._kept = list(self._kept.values()), {}
+        for temp in kept:
+            temp.discard()
+
+
+def _keep(tries: _Tries | None, key: str, temp: _Temp) -> None:
+    """After a busy lock: `temp` kept for the call's next try (none without
+    `tries`: a call not made through LocalStore._run, which never meets one)."""
+    if tries is not None:
+        tries.keep(key, temp)
+    else:
+        temp.discard()
 
 
 @dataclass
@@ -1272,9 +1363,10 @@ class _NewJournal:
 
 class _LockBusy(Exception):
     """A lock stayed busy LOCK_WAIT_IN_THREAD: the call gives its thread back,
-    having changed nothing (what it wrote before the lock, it removed) but
-    the new objects of a put_if_after it placed, which its next try skips
-    (_Placed), and is made again (LocalStore._run)."""
+    having changed nothing that anyone else sees but the new objects of a
+    put_if_after it placed, and is made again (LocalStore._run). What it did
+    before the lock (those objects in place, the temp files it wrote for
+    the others and its key, any new journal) its next try takes up (_Tries)."""
 
 
 # When the lock of the store call running in this thread must be had by

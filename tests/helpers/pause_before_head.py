@@ -28,13 +28,13 @@ class PausingStore(LocalStore):
     head_key = ""
     paused = False
 
-    def _put_if_after_sync(self, objects, key, data, if_match, if_none_match, placed=None):  # type: ignore[no-untyped-def]
+    def _put_if_after_sync(self, objects, key, data, if_match, if_none_match, tries=None):  # type: ignore[no-untyped-def]
         if objects and key == self.head_key and not self.paused:
             self.paused = True
             self._pause_before = key
-        return super()._put_if_after_sync(objects, key, data, if_match, if_none_match, placed)
+        return super()._put_if_after_sync(objects, key, data, if_match, if_none_match, tries)
 
-    def _put_sync(self, key, data, if_match, if_none_match, conditional):  # type: ignore[no-untyped-def]
+    def _put_sync(self, key, data, if_match, if_none_match, conditional, tries=None):  # type: ignore[no-untyped-def]
         if getattr(self, "_pause_before", None) == key:
             self._pause_before = None
             print("segments written", flush=True)
@@ -42,7 +42,7 @@ class PausingStore(LocalStore):
             # The stop is not immediate: this thread could run on into the
             # head's lock first. It waits here for the word to go on instead.
             sys.stdin.readline()
-        return super()._put_sync(key, data, if_match, if_none_match, conditional)
+        return super()._put_sync(key, data, if_match, if_none_match, conditional, tries)
 
 
 async def main(root: str, topic: str, n: int) -> None:
