@@ -1103,6 +1103,36 @@ async def test_an_xack_sent_again_for_a_claim_that_moved_on_counts_0_again(
         await second.aclose()
 
 
+async def test_a_claim_read_again_on_the_same_connection_keeps_its_token_as_the_newest(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens are dropped oldest read first past TOKENS_KEPT. A job read again
+    on the same connection (its lease ran out and it came back to this
+    consumer) had its token replaced in place, keeping its first read's
+    place: it was dropped as the oldest one read after, and its XACK counted
+    0 though this connection held its claim, read one read before; the job
+    ran again once its lease ran out. (TOKENS_KEPT is cut to 3 here.)"""
+    monkeypatch.setattr(commands, "TOKENS_KEPT", 3)
+    broker = await start_broker(
+        MemStore(), redis_addr="127.0.0.1:0", policy=Policy(default_lease=0.3)
+    )
+    r = connect(broker, protocol=2, single_connection_client=True)
+    try:
+        job_id = (await r.xadd("s", {"n": "job"})).decode()
+        assert (await r.xreadgroup("g", "c", {"s": ">"}, count=1))[0][1][0][0].decode() == job_id
+        for topic in ("o1", "o2"):  # two more reads, on topics of their own
+            await r.xadd(topic, {"n": topic})
+            assert await r.xreadgroup("g", "c", {topic: ">"}, count=1)
+        # Its lease runs out; the same consumer reads it again (a new claim).
+        again = await r.xreadgroup("g", "c", {"s": ">"}, count=1, block=10_000)
+        assert again[0][1][0][0].decode() == job_id
+        await r.xadd("o3", {"n": "o3"})
+        assert await r.xreadgroup("g", "c", {"o3": ">"}, count=1)  # one read after it
+        assert await r.xack("s", "g", job_id) == 1, "the claim read one read ago was not acked"
+    finally:
+        await r.aclose()
+
+
 async def test_xack_of_a_claim_whose_token_the_connection_forgot_counts_0(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -829,6 +829,9 @@ async def _entries(session: Session, got: dict[str, list[Any]], noack: bool) -> 
 
 def _remember(session: Session, topic: str, jobs: list[dict[str, Any]]) -> None:
     for job in jobs:
+        # A job read again (its lease ran out, and it came back here) is the
+        # newest read: kept in place, it would be forgotten as the oldest.
+        session.tokens.pop((topic, job["id"]), None)
         session.tokens[(topic, job["id"])] = job["lease_token"]
     while len(session.tokens) > TOKENS_KEPT:  # the oldest claims' XACKs will count 0
         session.forget(next(iter(session.tokens)))
