@@ -121,6 +121,54 @@ def test_heartbeats_over_many_claimed_jobs_compact_leases_in_bounded_batches() -
     assert d.largest_batch <= BATCH_MAX, f"a batch of 10 heartbeats wrote {d.largest_batch:,} B"
 
 
+def test_heartbeats_over_100000_claimed_jobs_keep_every_seals_upkeep_within_one_budget() -> None:
+    """SPEC 4.1: 100,000 jobs claimed (1 KB payloads), heartbeated in random
+    order 200 a batch: each batch writes at most 256 KB plus its own new
+    records. The seal's kinds of upkeep each kept a budget of their own, and
+    the merges of the leases' manifests at its end none: a fold, a holey
+    manifest's rewrite and a merge of two manifests in one seal made
+    batches of 478 KB (59 KB of it the heartbeats' own records). Their
+    upkeep shares one budget a seal now (upkeep_bytes less the head, past
+    its first object): 194 KB at most, the head 32 KB at most, the lease
+    segments holding 1.5 times the leases (two rounds of heartbeats).
+
+    At a quarter of the scale, so that it runs in seconds: the bounds that
+    size objects a quarter (the leases' inline bound, segments, manifests,
+    merge_bytes, holes_max, upkeep_bytes), a quarter of the jobs and of the
+    heartbeats a batch, and a quarter of 256 KB for each batch (leases
+    spill 10 records a segment, not 40: as many segments, manifests
+    of a quarter of the bytes). Before: 111 KB past the batch's own
+    records (past 64 KB from the 7th batch on, 150 batches of 500); 60 KB
+    at most now."""
+    q = 4
+    d = Driver(
+        inline_leases_bytes=12 * 1024 // q,
+        segment_bytes=128 * 1024 // q,
+        manifest_bytes=192 * 1024 // q,
+        merge_bytes=64 * 1024 // q,
+        holes_max=512 // q,
+        upkeep_bytes=192 * 1024 // q,
+    )
+    n, per_batch = 100_000 // q, 200 // q
+    tokens = _claim_all(d, n, 60)
+    ids = list(tokens)
+    random.Random(1).shuffle(ids)
+    for k in range(0, n, per_batch):
+        d.now += 0.01
+        for job_id in ids[k : k + per_batch]:
+            d.s.heartbeat(job_id, tokens[job_id], 60, d.now)
+        fresh_records = d.s.head["leases"]["in"][-per_batch:]
+        own = sum(len(orjson.dumps(r)) + 1 for r in fresh_records)
+        sealed = d.seal()
+        written = len(sealed.head) + sum(len(b) for b in sealed.new_objects.values())
+        assert written - own <= BATCH_MAX // q, (k, written, own, len(sealed.new_objects))
+        # The upkeep keeps up: the head and the space the leases take stay
+        # bounded however long the heartbeats go on.
+        assert len(sealed.head) <= 32 * 1024, (k, len(sealed.head))
+        assert _lease_records_stored(d.s) <= 2 * n, k
+    assert d.s.counts(d.now)["claimed"] == n
+
+
 def test_leases_acked_in_random_order_are_compacted_in_bounded_batches() -> None:
     """SPEC 4.1, as above, and the space of acked leases is given back as the
     acks go: 20,000 claimed jobs acked in random order, 100 a batch, all but

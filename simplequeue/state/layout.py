@@ -87,9 +87,11 @@ MOVE_COST = 2048
 RUN_REFS_MAX = 512
 # What a seal writes at most folding the runs' refs and merging their
 # manifests (past its first object): this, and a part of what it spilled into
-# lanes (so that upkeep keeps up with large batches).
+# lanes (so that upkeep keeps up with large batches). The seal's whole upkeep
+# has as much more than Bounds.upkeep_bytes (less the head) for the jobs it
+# spilled into lanes.
 RUN_UPKEEP_BYTES = 64 * 1024
-RUN_UPKEEP_PER_SPILLED = 4
+UPKEEP_PER_SPILLED = 4
 
 
 def new_head(topic: str) -> dict[str, Any]:
@@ -741,6 +743,14 @@ class _Sealer:
         self.sealed = sealed
         self.attempt = write_id[:12]
         self.bounds = state.bounds
+        # The seal's upkeep (all it writes but the batch's own spills) shares
+        # one budget: upkeep_bytes less the head (run() sets it), past its
+        # first object. `made`: bytes of the objects the seal made so far;
+        # `upkept`: of those (and records compacted), what upkeep wrote.
+        self.budget = 0
+        self.made = 0
+        self.upkeep_from = 0
+        self.compacted = 0
 
     def _new_id(self, kind: str) -> str:
         n = self.s.head["next"]
@@ -755,15 +765,33 @@ class _Sealer:
         key = keys.segment(self.s.topic, obj.id)
         self.sealed.new_objects[key] = obj.data
         self.sealed.decoded[key] = self.s._view.keep(key, obj.data, items)
+        self.made += len(obj.data)
         return len(obj.data)
+
+    @property
+    def upkept(self) -> int:
+        """What the seal's upkeep wrote so far (records compacted counted as
+        the bytes they are, inline or spilled again)."""
+        return self.made - self.upkeep_from + self.compacted
+
+    def _room(self, share: int | None = None, since: int = 0) -> int | None:
+        """What upkeep may still write in this seal: None while it wrote
+        nothing (its first object may be as large as it is, so that upkeep
+        always goes on), else what is left of the seal's budget, and of
+        `share` (a step's own part of it) when given, counted from
+        `since` (the step's start, as `upkept` was)."""
+        if not self.upkept:
+            return None
+        left = self.budget - self.upkept
+        if share is not None:
+            left = min(left, share - (self.upkept - since))
+        return left
 
     def run(self) -> None:
         h, b = self.s.head, self.bounds
         lanes = h["lanes"]
+        # The batch's own: what outgrew the head spills.
         spilled = self._spill_lanes()
-        # Compacted first: the records it takes inline go out again below
-        # when they are too many for the head.
-        self._compact_leases()
         if len(orjson.dumps(h["leases"]["in"])) > b.inline_leases_bytes:
             self._spill_leases()
         for name, bound, kind in (
@@ -774,57 +802,86 @@ class _Sealer:
             chain = self.s._chain(h[name])
             if chain.d["in"] and len(orjson.dumps(chain.d["in"])) > bound:
                 self._spill(chain, kind, self._bounds_of(name))
-        self._merge_runs(b.merge_bytes + min(MERGE_PER_SPILLED * spilled, b.merge_bytes))
+        # Upkeep, within one budget: upkeep_bytes less the head, and a part
+        # of the pending jobs the batch spilled (their manifests keep up with
+        # large batches), past the first object. What keeps the head bounded
+        # goes first: a manifest rewrite its holes call for (it may be the
+        # seal's one large object), the leases' compaction (merge_bytes at
+        # most, which takes the holes of sparse loose segments out with
+        # them), the other holes, the chains' manifests and loose refs, the
+        # runs' refs, and the runs. What does not fit waits for the next
+        # seals (docs/STORAGE.md, Upkeep).
+        self.budget = b.upkeep_bytes - len(orjson.dumps(h)) + spilled // UPKEEP_PER_SPILLED
+        self.upkeep_from = self.made
         chains = self.s._chains()
+        runs = [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
+        if self._rewrites_due(chains + runs):
+            self._take_holes(chains + runs)
+        # Compacted records come inline, and go out again when they are too
+        # many for the head.
+        self._compact_leases()
+        if len(orjson.dumps(h["leases"]["in"])) > b.inline_leases_bytes:
+            self._spill_leases()
+        self._take_holes(chains + runs)
+        for chain in chains:
+            while len(chain.d["mans"]) > b.manifests_max:
+                room = self._room()
+                if (room is not None and room <= 0) or self._merge_manifests(chain, room) is None:
+                    break
         for chain in chains:
             # A batch may spill several segments into one chain: fold until the
             # head holds no more loose refs than its bound.
             while len(chain.d["segs"]) > b.loose_max:
-                self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
-        runs = [self.s._chain(run) for lane in lanes.values() for run in lane["runs"]]
-        self._tidy_runs(runs, RUN_UPKEEP_BYTES + spilled // RUN_UPKEEP_PER_SPILLED)
-        self._take_holes(chains + runs)
-        for chain in chains:
-            while len(chain.d["mans"]) > b.manifests_max:
-                if self._merge_manifests(chain) is None:
+                room = self._room()
+                if room is not None and _fold_size(chain.d["segs"][: b.loose_max // 2]) > room:
                     break
+                self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
+        self._tidy_runs(runs, RUN_UPKEEP_BYTES + spilled // UPKEEP_PER_SPILLED)
+        self._merge_runs(b.merge_bytes + min(MERGE_PER_SPILLED * spilled, b.merge_bytes))
+
+    def _rewrites_due(self, chains: list[Chain]) -> bool:
+        """Whether the holes kept for manifested segments call for a manifest
+        rewrite (_take_holes): a chain keeps more than holes_max, or the head
+        more than HEAD_HOLES_MAX in all."""
+        kept = [holes_kept(c.d) for c in chains]
+        total = sum(kept) + sum(loose_holes(c.d) for c in chains)
+        return total > HEAD_HOLES_MAX or any(k > self.bounds.holes_max for k in kept)
 
     def _take_holes(self, chains: list[Chain]) -> None:
         """Holes the head keeps go out to manifests, the chains with most
         first: a chain's loose refs are folded (their holes go with them), its
         manifests rewritten (with the holes kept for their segments). Those of
         chains past holes_max, and while the head keeps more than
-        HEAD_HOLES_MAX in all, the others'; past the first object, only those
-        that fit in HOLES_BYTES, the rest left to the next seals."""
+        HEAD_HOLES_MAX in all, the others'; past the seal's first object of
+        upkeep, only those that fit in HOLES_BYTES and in the seal's budget,
+        the rest left to the next seals."""
         b = self.bounds
 
         def held(chain: Chain) -> int:
             return loose_holes(chain.d) + holes_kept(chain.d)
 
         total = sum(held(c) for c in chains)
-        written = 0
+        start = self.upkept
         for chain in sorted(chains, key=held, reverse=True):
             over = total > HEAD_HOLES_MAX
-            if written >= HOLES_BYTES or not held(chain) or not (over or held(chain) > b.holes_max):
+            room = self._room(HOLES_BYTES, start)
+            if room is not None and room <= 0:
+                return
+            if not held(chain) or not (over or held(chain) > b.holes_max):
                 return
             before = held(chain)
             loose = loose_holes(chain.d)
             if loose and (over or loose > b.holes_max):
                 # Past the first object of the seal, only one that fits.
-                if written and written + _fold_size(chain.d["segs"]) > HOLES_BYTES:
+                if room is not None and _fold_size(chain.d["segs"]) > room:
                     return
-                written += self._add(
-                    chain.fold(self._new_id("m"), len(chain.d["segs"]), encode_manifest)
-                )
+                self._add(chain.fold(self._new_id("m"), len(chain.d["segs"]), encode_manifest))
             while holes_kept(chain.d) and (
                 total - before + held(chain) > HEAD_HOLES_MAX or holes_kept(chain.d) > b.holes_max
             ):
-                obj = self._rewrite_holey_manifest(
-                    chain, HOLES_BYTES - written if written else None
-                )
-                if obj is None:
+                room = self._room(HOLES_BYTES, start)
+                if self._rewrite_holey_manifest(chain, room) is None:
                     break
-                written += obj
             total -= before - held(chain)
 
     @staticmethod
@@ -889,15 +946,15 @@ class _Sealer:
         keep more than RUN_REFS_MAX refs together (64 lanes of a run each
         would keep 64 x 32), the runs with most fold theirs (the oldest
         loose_max / 2, two at least) or merge two manifests, down to one ref
-        a run at best. The run with most refs goes first; past the first
-        object, only what fits in `budget` is written, and the rest waits for
-        the next seals (so that 64 lanes crossing loose_max together fold
-        over several)."""
+        a run at best. The run with most refs goes first; past the seal's
+        first object of upkeep, only what fits in `budget` and in the seal's
+        is written, and the rest waits for the next seals (so that 64 lanes
+        crossing loose_max together fold over several)."""
         b = self.bounds
         total = sum(len(c.d["segs"]) + len(c.d["mans"]) for c in runs)
-        written = 0
+        start = self.upkept
         skip: set[int] = set()  # runs whose next object does not fit, this seal
-        while written < budget:
+        while (room := self._room(budget, start)) is None or room > 0:
             # (run, whether it folds): fold first, then merge manifests
             over = total > RUN_REFS_MAX
             todo = [
@@ -913,20 +970,16 @@ class _Sealer:
                 return
             chain, folds = max(todo, key=lambda t: len(t[0].d["segs"]) + len(t[0].d["mans"]))
             before = len(chain.d["segs"]) + len(chain.d["mans"])
-            room = budget - written if written else None
             if folds:
                 half = b.loose_max // 2
                 count = half if len(chain.d["segs"]) > b.loose_max else max(2, half)
                 if room is not None and _fold_size(chain.d["segs"][:count]) > room:
                     skip.add(id(chain))
                     continue
-                written += self._add(chain.fold(self._new_id("m"), count, encode_manifest))
-            else:
-                spent = self._merge_manifests(chain, room)
-                if spent is None:
-                    skip.add(id(chain))
-                    continue
-                written += spent
+                self._add(chain.fold(self._new_id("m"), count, encode_manifest))
+            elif self._merge_manifests(chain, room) is None:
+                skip.add(id(chain))
+                continue
             total -= before - len(chain.d["segs"]) - len(chain.d["mans"])
 
     def _spill_lane(self, lane: dict[str, Any]) -> None:
@@ -1003,9 +1056,15 @@ class _Sealer:
         are looked at once half of the manifest's records are resolved. The
         sparsest first, and about merge_bytes of records a seal (one segment
         at least): a manifest may hold the leases of thousands of jobs, and
-        taking them all at once made a batch grow with the jobs claimed. The
-        holes a manifested segment is left with go when its manifest is
-        rewritten (_take_holes), the segment with them once nothing is live."""
+        taking them all at once made a batch grow with the jobs claimed
+        (and no more than is left of the seal's budget, past its first
+        object). The holes a manifested segment is left with go when its
+        manifest is rewritten (_take_holes), the segment with them once
+        nothing is live."""
+        room = self._room()
+        most = self.bounds.merge_bytes if room is None else min(room, self.bounds.merge_bytes)
+        if most <= 0:
+            return
         leases = self.s.leases
         sparse: list[tuple[float, dict[str, Any], str | None]] = []
         units = [u for u in leases.d["segs"] if u["live"] * 2 <= u["n"]]
@@ -1028,12 +1087,13 @@ class _Sealer:
                     continue
                 break
             cost = sum(len(orjson.dumps(place.item)) + 1 for place in places)
-            if size + cost > self.bounds.merge_bytes and (size or missing):
+            if size + cost > most and (size or missing or room is not None):
                 break
             chosen.append(places)
             size += cost
         if missing:
             raise SegmentMissing(missing[0], tuple(missing[1:]))
+        self.compacted += size
         for places in chosen:
             for place in places:
                 self.s._drop_lease(place)
@@ -1047,12 +1107,20 @@ class _Sealer:
         merged consumed from their fronts as claims consume them. A merge goes
         on over seals until they are empty (the head marks them "merge":
         "from", and that run "into", with the merge's "group"). The lanes
-        merging share `budget` bytes a seal, their turns rotating; within a
-        lane, the oldest merge goes first (finished, it makes runs fewer)."""
+        merging share `budget` bytes a seal (no more than is left of the
+        seal's), their turns rotating; within a lane, the oldest merge goes
+        first (finished, it makes runs fewer)."""
         lanes = self.s.head["lanes"]
         missing: list[str] = []
         for lane in lanes.values():
             self._start_merge(lane, missing)
+        room = self._room()
+        if room is not None:
+            budget = min(budget, room)
+            if budget <= 0:  # marked, to go on at the next seals
+                if missing:
+                    raise SegmentMissing(missing[0], tuple(missing[1:]))
+                return
         merging = [lane for lane in lanes.values() if _groups(lane)]
         # Every part's fronts, before any part moves a job: the objects
         # missing, whatever the lanes and merges, are fetched in one round.

@@ -32,6 +32,10 @@ class Bounds:
     lanes_max: int = 64  # distinct priorities of the jobs held at once (each may need a lane)
     runs_max: int = 8  # runs of a lane before small ones are merged
     merge_bytes: int = 64 * 1024  # the most a seal writes merging runs
+    # What a seal writes at most in upkeep (folds, compaction, merges, manifests
+    # rewritten: all but the batch's own spills) and its head together, past
+    # its first object of upkeep (docs/STORAGE.md, Upkeep).
+    upkeep_bytes: int = 192 * 1024
     writers_max: int = 64  # brokers whose latest write id the head keeps
     schedules_max: int = 100  # schedules of a topic (they live in its head)
     schedules_bytes: int = 64 * 1024  # all of a topic's schedules, as JSON
