@@ -2232,6 +2232,38 @@ async def test_a_worker_on_a_trickle_reads_the_topics_settings_every_10_s_not_pe
     assert reads <= 2, f"{reads} settings reads for 16 jobs in 2.4 s"
 
 
+async def test_a_worker_whose_settings_reads_keep_failing_backs_off_and_warns_once(
+    q: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker answering /settings with errors for an hour (a proxy's 500)
+    while claims work cost a request and a warning every second per Worker:
+    3,600 warnings an hour. The pause doubles up to SETTINGS_EVERY, and the
+    first failure of a run is the only warning."""
+    monkeypatch.setattr(worker_module, "SETTINGS_RETRY", 0.01)
+    monkeypatch.setattr(worker_module, "SETTINGS_EVERY", 0.08)
+    reads: list[float] = []
+
+    async def failing(**limits: Any) -> dict[str, Any]:
+        reads.append(asyncio.get_running_loop().time())
+        raise BrokerUnavailable("a proxy's 500")
+
+    monkeypatch.setattr(q, "settings", failing)
+    worker = Worker(q, lambda job: None, concurrency=1, wait=0.2, handle_signals=False)
+    with caplog.at_level(logging.DEBUG, logger="simplequeue.worker"):
+        running = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: len(reads) >= 7)
+        finally:
+            await worker.stop()
+            await running
+    # The pauses: 0.01, 0.02, 0.04, then 0.08 each; at least their sum.
+    assert reads[6] - reads[0] >= 0.01 + 0.02 + 0.04 + 0.08 * 3 - 0.005, reads
+    said = [r for r in caplog.records if "settings could not be read" in r.getMessage()]
+    assert [r.levelno for r in said][:1] == [logging.WARNING], said
+    assert all(r.levelno == logging.DEBUG for r in said[1:]), said
+    assert worker.limited is None  # nothing read: no buffer
+
+
 async def test_a_burst_worker_on_a_paused_topic_stops(q: Client) -> None:
     """Paused (max_claimed 0), a topic's jobs are pending and none may be
     claimed: a burst Worker stops rather than wait for ever."""

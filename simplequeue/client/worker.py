@@ -671,17 +671,23 @@ class Worker:
 
     async def _follow_settings(self) -> None:
         """Read the topic's settings now, then every SETTINGS_EVERY seconds
-        (SETTINGS_RETRY after a read that failed): one request at a time,
-        none per claim. A read that fails is logged; what was read last
-        holds until the next (nothing read: no buffer)."""
+        (SETTINGS_RETRY after a read that failed, twice that after two, up to
+        SETTINGS_EVERY): one request at a time, none per claim. The first of
+        a run of failed reads is logged as a warning, the others at debug (a
+        broker answering them with errors for an hour: not 3,600 warnings);
+        what was read last holds until the next (nothing read: no buffer)."""
+        failed = 0
         while True:
             read = time.monotonic()
             every = SETTINGS_EVERY
             try:
                 self._learn(await self.client.settings())
+                failed = 0
             except Exception as exc:
-                every = SETTINGS_RETRY
-                log.warning(
+                every = min(SETTINGS_EVERY, SETTINGS_RETRY * 2**failed)
+                failed += 1
+                log.log(
+                    logging.WARNING if failed == 1 else logging.DEBUG,
                     "the topic's settings could not be read (%s): %s",
                     exc,
                     "claiming ahead" if self.limited is False else "claiming for free slots only",
