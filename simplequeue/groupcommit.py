@@ -835,39 +835,20 @@ class GroupCommitter:
                     return _with(entries, results, failed)
                 write_id = uuid.uuid4().hex
                 sealed = state.seal(self.writer, write_id, now)
-            except (SegmentMissing, _MissingFor) as exc:
-                # The batch half-applied: undo it, fetch, and apply it again. An
-                # object that cannot be read (not JSON, gone) fails the mutation
-                # that wanted it alone, as _MetCorrupt; the seal's, the batch.
-                miss, wanting = (
-                    (exc.miss, exc.entry) if isinstance(exc, _MissingFor) else (exc, None)
-                )
-                t.state = None
-                try:
-                    await self._fetch(t, state, miss.key, also=miss.also)
-                except CorruptData as error:
-                    if wanting is None:
-                        raise
+            except (SegmentMissing, _MissingFor, _MetCorrupt) as exc:
+                # The batch half-applied: undone (what it missed fetched) and
+                # applied again. A mutation that met a corrupt object, or wanted
+                # one that cannot be read (not JSON, gone), fails alone: a claim
+                # that meets a corrupt segment of a low priority fails, not the
+                # enqueues committed with it.
+                bad = await self._undo_batch(t, state, exc)
+                if bad is not None:
+                    entry, error = bad
                     self._log_corrupt(t.name, error)
-                    failed.append((wanting, (False, error)))
-                    entries = [e for e in entries if e is not wanting]
-                if t.state is None:  # the head has not moved: the state can go on
-                    state.rollback(self._head_of(t))
-                    t.state = state
-                if not entries:
-                    return _with(entries, [], failed)
-                continue
-            except _MetCorrupt as met:
-                # The batch half-applied: undone, and applied again without the
-                # mutation that met the object (it stays corrupt), which fails
-                # alone: a claim that meets a corrupt segment of a low priority
-                # fails, not the enqueues committed with it.
-                self._log_corrupt(t.name, met.error)
-                state.rollback(self._head_of(t))
-                failed.append((met.entry, (False, met.error)))
-                entries = [e for e in entries if e is not met.entry]
-                if not entries:
-                    return _with(entries, [], failed)
+                    failed.append((entry, (False, error)))
+                    entries = [e for e in entries if e is not entry]
+                    if not entries:
+                        return _with(entries, [], failed)
                 continue
             break
         else:
@@ -917,6 +898,30 @@ class GroupCommitter:
         self._wrote(t, sealed, etag)
         t.checked_at = sent_at
         return self._landed(t, outcome, data=data)
+
+    async def _undo_batch(
+        self, t: _Topic, state: TopicState, why: SegmentMissing | _MissingFor | _MetCorrupt
+    ) -> tuple[_Entry, CorruptData] | None:
+        """Undo a batch `why` stopped half-applied, fetching the object it
+        missed: the mutation that is to fail alone, and why (a corrupt object
+        it met, or one it wanted that cannot be read), if any. A seal's missing
+        object that cannot be read fails the batch (raised)."""
+        if isinstance(why, _MetCorrupt):
+            state.rollback(self._head_of(t))
+            return why.entry, why.error
+        miss, wanting = (why.miss, why.entry) if isinstance(why, _MissingFor) else (why, None)
+        bad: tuple[_Entry, CorruptData] | None = None
+        t.state = None
+        try:
+            await self._fetch(t, state, miss.key, also=miss.also)
+        except CorruptData as error:
+            if wanting is None:
+                raise
+            bad = wanting, error
+        if t.state is None:  # the head has not moved: the state can go on
+            state.rollback(self._head_of(t))
+            t.state = state
+        return bad
 
     def _wrote(self, t: _Topic, sealed: Sealed, etag: str) -> None:
         """A seal's head and objects landed, durable: counted, the ETag kept,
