@@ -41,6 +41,7 @@ from simplequeue.broker.metrics import (
     http_families,
 )
 from simplequeue.broker.page import BrokerView, Presence, RecordView
+from simplequeue.broker.parallel import each
 from simplequeue.broker.resp import RespServer, RespSettings
 from simplequeue.broker.settings import (
     BrokerSettings,
@@ -323,16 +324,15 @@ class Broker:
         One that has not seen this broker yet sees no departure, and would
         leave the topic alone until something wrote it."""
         me = self.membership.me
-        limit = asyncio.Semaphore(HAND_OVER_PARALLEL)
 
         async def one(topic: str) -> None:
             heir = next((p for p in self.membership.order(topic) if p != me), None)
             if heir is not None:
-                async with limit:
-                    with contextlib.suppress(Exception):  # it learns of it later, or not
-                        await self._hand_over(topic, heir)
+                with contextlib.suppress(Exception):  # it learns of it later, or not
+                    await self._hand_over(topic, heir)
 
-        await asyncio.gather(*(one(t) for t in self.duties.due_topics() if self.membership.owns(t)))
+        due = [t for t in self.duties.due_topics() if self.membership.owns(t)]
+        await each(due, HAND_OVER_PARALLEL, one)
 
     async def _refresh(self, topic: str) -> None:
         await self.engine.refresh(topic)
