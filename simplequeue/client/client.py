@@ -56,7 +56,7 @@ from simplequeue import api, errors, keys
 from simplequeue.api import Job
 from simplequeue.batching import Batcher, Pending
 from simplequeue.client.discovery import find_broker
-from simplequeue.client.followups import follow_up_specs, job_spec
+from simplequeue.client.followups import follow_up_specs, job_spec, unix_time
 from simplequeue.client.lists import id_list, job_list
 from simplequeue.errors import (
     BrokerError,
@@ -632,8 +632,9 @@ class Client:
     async def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
         """Enqueue a batch in one request (none: no request, []). Items are
         payloads, or dicts with a "payload" key and optional id, priority,
-        delay (or run_at, Unix seconds) and max_attempts: any other key is InvalidRequest (a payload
-        that is itself such a dict goes as {"payload": {...}}). One str,
+        delay (or run_at, Unix seconds) and max_attempts: any other key is
+        InvalidRequest (a payload that is itself such a dict goes as
+        {"payload": {...}}). One str,
         bytes or dict in the list's place is refused (InvalidRequest)."""
         specs = [_spec_of(n, j) for n, j in enumerate(job_list(jobs))]
         if not specs:
@@ -748,8 +749,8 @@ class Client:
     ) -> None:
         """Complete a claimed job with `result` (carrying its lease token). The
         jobs in `enqueue` (payloads for this topic, or dicts with "payload" and
-        optional "topic", "id", "priority", "delay" or "run_at", "max_attempts") are
-        enqueued when, and only when, the ack commits (SPEC 9)."""
+        optional "topic", "id", "priority", "delay" or "run_at", "max_attempts")
+        are enqueued when, and only when, the ack commits (SPEC 9)."""
         job_id, token = _job_or_id(job)
         body = api.AckRequest(job_id, token, result, enqueue=follow_up_specs(enqueue))
         try:
@@ -1051,16 +1052,17 @@ def new_job_spec(
 ) -> api.JobSpec:
     """One job to enqueue, its id made here when none is given: a retry of its
     request is then a duplicate at the broker, not a second job."""
-    if run_at is not None and delay:
-        raise InvalidRequest("give a job `delay` or `run_at`, not both")
-    return api.JobSpec(
-        payload,
-        id=api.new_id() if job_id is None else job_id,
-        priority=priority,
-        delay=delay,
-        max_attempts=max_attempts,
-        run_at=run_at.timestamp() if isinstance(run_at, datetime) else run_at,
-    )
+    try:
+        return api.JobSpec(
+            payload,
+            id=api.new_id() if job_id is None else job_id,
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            run_at=unix_time(run_at),
+        )
+    except ValueError as exc:  # JobSpec's own check: `delay` or `run_at`, not both
+        raise InvalidRequest(str(exc)) from None
 
 
 def _not_served(status: int, raw: bytes) -> bool:

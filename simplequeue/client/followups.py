@@ -23,7 +23,8 @@ from simplequeue.errors import InvalidRequest
 class Done:
     """A Worker handler's return value that acks its job with `result` and
     enqueues `enqueue` (payloads, or dicts with "payload" and optional "topic",
-    "id", "priority", "delay" or "run_at", "max_attempts") with the ack, in the same commit.
+    "id", "priority", "delay" or "run_at", "max_attempts") with the ack, in the
+    same commit.
     Any other return value is the result, with nothing enqueued."""
 
     result: Any = None
@@ -59,9 +60,15 @@ def job_spec(item: Any, kind: type[S], what: str) -> S:
     job's other fields, checked strictly (InvalidRequest, naming `what`)."""
     if not (isinstance(item, dict) and "payload" in item):
         return kind(item)
-    if isinstance(when := item.get("run_at"), datetime):
-        item = {**item, "run_at": when.timestamp()}
+    if isinstance(item.get("run_at"), datetime):
+        item = {**item, "run_at": unix_time(item["run_at"])}
     try:
         return api.convert(item, kind)
     except InvalidRequest as exc:
         raise InvalidRequest(f"{what}: {exc}") from None
+
+
+def unix_time(when: float | datetime | None) -> float | None:
+    """A job's `run_at` as the API takes it: Unix seconds (a naive datetime is
+    local time, as datetime.timestamp() takes it)."""
+    return when.timestamp() if isinstance(when, datetime) else when
