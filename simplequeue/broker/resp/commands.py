@@ -167,7 +167,7 @@ def pipelined(frame: list[bytes]) -> bool:
     name = upper(frame[0])
     if name not in PIPELINED:
         return False
-    return name not in POPS or len(frame) != 3 or not _zero(frame[2])
+    return name not in POPS or _pop_count(frame) != 0
 
 
 def jobs_asked(frame: list[bytes]) -> int:
@@ -175,13 +175,15 @@ def jobs_asked(frame: list[bytes]) -> int:
     a pop's count (1 without one), none for any other."""
     if upper(frame[0]) not in POPS:
         return 0
+    return max(1, _pop_count(frame) or 0)
+
+
+def _pop_count(frame: list[bytes]) -> int | None:
+    """The count a pop `frame` gives, if it gives one that is an integer (else
+    its command refuses it, or pops one)."""
     if len(frame) == 3 and INTEGER.fullmatch(frame[2]):
-        return max(1, int(frame[2]))
-    return 1
-
-
-def _zero(arg: bytes) -> bool:
-    return INTEGER.fullmatch(arg) is not None and int(arg) == 0
+        return int(frame[2])
+    return None
 
 
 def command(
