@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -177,6 +178,17 @@ class _MissingFor(Exception):
         self.entry, self.miss = entry, miss
 
 
+class _SealMet(Exception):
+    """The seal (its upkeep) met `error`, an object that cannot be read, or
+    (`known`) one already known so, where upkeep does not look for them: the
+    batch is undone and applied again, its upkeep leaving the object alone,
+    or without upkeep."""
+
+    def __init__(self, error: CorruptData, known: bool) -> None:
+        super().__init__(str(error))
+        self.error, self.known = error, known
+
+
 class _LostRace(Exception):
     """The write did not land (the head moved under it, or the store failed
     it): re-read and re-apply. `cause`: what the store said."""
@@ -239,6 +251,10 @@ class _Topic:
         # Which ids the topic's segments surely lack, kept across its states:
         # a reloaded state would otherwise rebuild it (see state.idfilter).
         self.ids = IdFilter()
+        # Keys of its objects known corrupt or gone in this process: the
+        # seals' upkeep leaves them alone (one a mutation reads well again,
+        # mended, leaves the set).
+        self.bad: set[str] = set()
 
 
 def _with(
@@ -756,10 +772,18 @@ class GroupCommitter:
             log.exception("commit of %d mutations to %s failed", len(batch), t.name)
             raise StoreUnavailable(f"commit failed: {exc!r}") from exc
 
-    def _log_corrupt(self, topic: str, exc: CorruptData) -> None:
+    def _log_corrupt(self, topic: str, exc: CorruptData, upkeep: bool = False) -> None:
         if exc.key not in self._corrupt_logged:  # once per object, not per request
             self._corrupt_logged.add(exc.key)
-            log.error("topic %s cannot be served: %s", topic, exc)
+            if upkeep:
+                log.error(
+                    "topic %s: its upkeep leaves alone an object it cannot read "
+                    "(requests that need it fail): %s",
+                    topic,
+                    exc,
+                )
+            else:
+                log.error("topic %s cannot be served: %s", topic, exc)
 
     async def _commit_batch(self, t: _Topic, batch: list[_Entry]) -> list[Any]:
         self.stats.batches += 1
@@ -813,6 +837,7 @@ class GroupCommitter:
             self._clock_sampled = True
         # Those that met a corrupt object, each failing alone: a round apiece.
         failed: list[tuple[_Entry, tuple[bool, Any]]] = []
+        tidy = True  # False: this batch's seal does no upkeep (_SealMet.known)
         for _ in range(_MAX_FETCH_ROUNDS + len(entries)):
             if t.state is None:
                 await self._load(t)
@@ -834,7 +859,16 @@ class GroupCommitter:
                 if not changed and not t.unsynced:
                     return _with(entries, results, failed)
                 write_id = uuid.uuid4().hex
-                sealed = state.seal(self.writer, write_id, now)
+                sealed = self._seal(t, state, write_id, now, tidy)
+            except _SealMet as met:
+                # An object only the seal's upkeep wanted: it is left alone
+                # (known bad from now on), and the batch goes on without it.
+                state.rollback(self._head_of(t))
+                if met.known:
+                    tidy = False
+                else:
+                    self._learn_bad(t, met.error)
+                continue
             except (SegmentMissing, _MissingFor, _MetCorrupt) as exc:
                 # The batch half-applied: undone (what it missed fetched) and
                 # applied again. A mutation that met a corrupt object, or wanted
@@ -905,7 +939,8 @@ class GroupCommitter:
         """Undo a batch `why` stopped half-applied, fetching the object it
         missed: the mutation that is to fail alone, and why (a corrupt object
         it met, or one it wanted that cannot be read), if any. A seal's missing
-        object that cannot be read fails the batch (raised)."""
+        object that cannot be read is known bad from now on, and its upkeep
+        leaves it alone (a head that cannot be read fails the batch)."""
         if isinstance(why, _MetCorrupt):
             state.rollback(self._head_of(t))
             return why.entry, why.error
@@ -915,13 +950,36 @@ class GroupCommitter:
         try:
             await self._fetch(t, state, miss.key, also=miss.also)
         except CorruptData as error:
-            if wanting is None:
+            if wanting is not None:
+                bad = wanting, error
+            elif error.key == t.head_key:
                 raise
-            bad = wanting, error
+            else:
+                self._learn_bad(t, error)
         if t.state is None:  # the head has not moved: the state can go on
             state.rollback(self._head_of(t))
             t.state = state
         return bad
+
+    def _seal(self, t: _Topic, state: TopicState, write_id: str, now: float, tidy: bool) -> Sealed:
+        """`state` sealed, its upkeep leaving the objects known bad alone (none
+        without `tidy`). _SealMet if it meets an object that cannot be read
+        (one of those known, where upkeep does not look for them, too)."""
+        try:
+            return state.seal(self.writer, write_id, now, t.bad, tidy)
+        except SegmentMissing as miss:
+            if miss.key not in t.bad:
+                raise  # fetched, and the batch applied again
+            raise _SealMet(CorruptData(miss.key, "known bad"), known=True) from None
+        except CorruptData as exc:
+            if exc.key == t.head_key:
+                raise
+            raise _SealMet(exc, known=exc.key in t.bad) from None
+
+    def _learn_bad(self, t: _Topic, error: CorruptData) -> None:
+        """`error`'s object is known bad: the topic's upkeep leaves it alone."""
+        t.bad.add(error.key)
+        self._log_corrupt(t.name, error, upkeep=True)
 
     def _wrote(self, t: _Topic, sealed: Sealed, etag: str) -> None:
         """A seal's head and objects landed, durable: counted, the ETag kept,
@@ -943,7 +1001,7 @@ class GroupCommitter:
         its callers' retries find what landed."""
         state = t.state
         assert state is not None
-        sealed = state.seal(self.writer, uuid.uuid4().hex, self.clock())
+        sealed = state.seal(self.writer, uuid.uuid4().hex, self.clock(), t.bad)
         try:
             etag = await self.store.put_if_after(
                 sealed.new_objects, t.head_key, sealed.head, if_match=t.etag
@@ -1118,10 +1176,12 @@ class GroupCommitter:
         # (`state` may be half a batch in: it names objects not written yet).
         committed = self._from_bytes(t.name, t.committed)
         try:
-            fetched = await self._fetch_round(committed, key, also)
+            fetched = await self._fetch_round(committed, key, also, t.bad)
         except ObjectNotFound:
             pass
         else:
+            if t.bad:  # asked for, and read well: mended
+                t.bad.difference_update(fetched)
             # Prefetching may push them out of the cache: the states hold on to them.
             for got in (key, *also):
                 if (obj := fetched.get(got)) is not None:
@@ -1138,7 +1198,11 @@ class GroupCommitter:
             raise error
 
     async def _fetch_round(
-        self, names: TopicState, key: str, also: tuple[str, ...]
+        self,
+        names: TopicState,
+        key: str,
+        also: tuple[str, ...],
+        bad: AbstractSet[str] = frozenset(),
     ) -> dict[str, Segment | Manifest]:
         """One fetch round: `key`, then, together, `also` and what `names` (a
         state whose head names them, asked while they are missing) says tends
@@ -1146,9 +1210,13 @@ class GroupCommitter:
         the cache holds, each taken to be the size of `key`'s (more would push
         out what they are fetched for, and other topics' objects, before it is
         read). One of those gone (the head moved on) or unreadable spoils none
-        of the others. Every object fetched; ObjectNotFound if `key` is gone."""
+        of the others, and none of `bad` (known corrupt or gone) is read
+        with it. Every object fetched; ObjectNotFound if `key` is gone."""
         self.stats.fetch_rounds += 1
         wanted, ahead = names.prefetch(key, *also)
+        if bad:
+            wanted = [k for k in wanted if k not in bad]
+            ahead = [k for k in ahead if k not in bad]
         fetched = await self.cache.fetch([key])
         wanted += ahead[: self.cache.how_many(fetched[key].size, READ_AHEAD_SHARE)]
         fetched.update(await self.cache.fetch(wanted, lenient=True))

@@ -281,3 +281,187 @@ async def test_a_claim_meeting_an_unreadable_segment_fails_alone_and_its_batchs_
         assert (await q.status("t"))["completed"] == 2
     finally:
         await q.committer.close()
+
+
+class _CountingStore(MemStore):
+    """A MemStore that counts the GETs of each key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: dict[str, int] = {}
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        self.gets[key] = self.gets.get(key, 0) + 1
+        return await super().get(key)
+
+
+# Small bounds: every claim of 40 spills its leases, four loose lease segments
+# at most (the oldest two go under a manifest), and a seal compacts one lease
+# segment at most (merge_bytes: its first object alone).
+_TIDY_LIMITS: dict[str, Any] = {"inline_leases_bytes": 2048, "loose_max": 4, "merge_bytes": 1}
+
+
+async def _sparse_lease_segment_spoiled(
+    store: MemStore, how: str
+) -> tuple[str, dict[str, tuple[int, str]]]:
+    """Topic t, written by the state machine as a broker would: 500 jobs
+    (j000..j499), 400 claimed 40 a batch by "w" (their leases in a segment a
+    batch, the first two under one manifest), then 35 of the first batch's
+    and 30 of the second's acked in one batch. The seal of that batch
+    compacted the sparser first segment; the second, 10 of its 40 leases
+    live, waits for the next seal's lease compaction, and is spoiled (`how`:
+    its bytes garbage, the object gone, or holding 10 records, not 40). Its
+    key, and each claimed job's (batch, lease token)."""
+    import time
+
+    from simplequeue.api import JobSpec
+    from tests.helpers.states import WRITER, fresh
+
+    s = fresh(**_TIDY_LIMITS)
+    now = time.time()
+    objects: dict[str, bytes] = {}
+    writes = 0
+
+    def seal() -> bytes:
+        nonlocal writes
+        writes += 1
+        sealed = s.seal(WRITER, f"{writes:012d}", now)
+        for k, data in sealed.new_objects.items():
+            s.view.put(k, data)  # type: ignore[attr-defined]
+            objects[k] = data
+        return sealed.head
+
+    s.enqueue([JobSpec(i, id=f"j{i:03d}") for i in range(500)], now)
+    seal()
+    claimed: dict[str, tuple[int, str]] = {}
+    for b in range(10):
+        claimed.update((j["id"], (b, j["lease_token"])) for j in s.claim("w", 3600, 40, now))
+        seal()
+    first = s.leases.d["mans"][0]
+    spoiled = s.leases.manifest(first["k"]).refs[1]["k"]  # the second batch's leases
+    for b, n in ((0, 35), (1, 30)):
+        for job_id in sorted(k for k, (at, _) in claimed.items() if at == b)[:n]:
+            s.ack(job_id, claimed[job_id][1], None, now)
+    head = seal()
+    assert s.leases.d["mans"][0]["live"] == 10  # the first segment compacted, not the second
+    for k, data in objects.items():
+        await store.put(k, data)
+    await store.put(keys.head("t"), head)
+    key = keys.segment("t", spoiled)
+    if how == "garbage":
+        await store.put(key, b"\x00 not a segment")
+    elif how == "missing":
+        await store.delete(key)
+    else:
+        segment = orjson.loads(objects[key])
+        segment["items"] = segment["items"][:10]
+        await store.put(key, orjson.dumps(segment))
+    return key, claimed
+
+
+@pytest.mark.parametrize("how", ["garbage", "missing", "short"])
+async def test_a_corrupt_object_only_upkeep_wants_is_skipped_and_the_topic_takes_writes(
+    caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """A lease segment half resolved, which the next seal's lease compaction
+    reads, is corrupt: every batch of the topic met it at its seal and failed
+    whole (nothing to blame but the tidying), every enqueue, claim and ack
+    answered 500 until an operator mended it. The seal's upkeep now leaves
+    the object alone (its refs as they are), once known bad not fetched
+    again for it, and the batch lands: every job not in it is delivered
+    once, and only an ack of a lease it holds fails (alone). A segment that
+    reads but holds fewer records than its ref says is met inside the seal
+    (CorruptData, not a fetch): the same."""
+    from simplequeue.api import JobSpec
+    from simplequeue.broker.engine import Engine
+    from simplequeue.errors import CorruptData, SimpleQueueError
+    from simplequeue.groupcommit import CommitSettings, GroupCommitter
+    from simplequeue.state import Bounds
+
+    store = _CountingStore()
+    key, claimed = await _sparse_lease_segment_spoiled(store, how)
+    settings = CommitSettings(bounds=Bounds(**_TIDY_LIMITS))
+    q = Engine(GroupCommitter(store, broker_id="b2", epoch=2, settings=settings))
+    delivered: list[str] = []
+    try:
+        with caplog.at_level(logging.ERROR, logger="simplequeue.groupcommit"):
+            for n in range(30):  # each its own batch, and seal
+                await q.enqueue("t", [JobSpec(n, id=f"new{n:02d}")])
+                jobs = await q.claim("t", "w2", count=5, lease=3600)
+                delivered += [j["id"] for j in jobs]
+                for j in jobs:
+                    await q.ack("t", j["id"], j["lease_token"])
+        assert store.gets.get(key) == 1, "fetched again for the seals' upkeep"
+        assert [r.getMessage() for r in caplog.records if key in r.getMessage()] != []
+        assert len([r for r in caplog.records if key in r.getMessage()]) == 1  # logged once
+        # The leases held by "w": those in the corrupt segment cannot be
+        # found (each ack fails alone: CorruptData, or for the short one
+        # not found), every other one is acked.
+        spoiled = orjson.loads((await store.get(keys.head("t")))[0])
+        assert any(m["live"] == 10 for m in spoiled["leases"]["mans"])  # its refs as they were
+        lost = []
+        for job_id, (b, token) in sorted(claimed.items()):
+            if (b == 0 and job_id < "j035") or (b == 1 and job_id < "j070"):
+                continue  # acked before
+            try:
+                await q.ack("t", job_id, token)
+            except SimpleQueueError as exc:
+                assert how == "short" or (isinstance(exc, CorruptData) and key in str(exc))
+                lost.append(job_id)
+        assert lost == [f"j{i:03d}" for i in range(70, 80)]
+        while jobs := await q.claim("t", "w3", count=50, lease=3600):
+            delivered += [j["id"] for j in jobs]
+            for j in jobs:
+                await q.ack("t", j["id"], j["lease_token"])
+        expected = [f"j{i:03d}" for i in range(400, 500)] + [f"new{n:02d}" for n in range(30)]
+        assert sorted(delivered) == sorted(expected)  # each once
+        status = await q.status("t")
+        assert status["completed"] == 500 + 30 - 10 and status["claimed"] == 10, status
+    finally:
+        await q.committer.close()
+
+
+def test_a_run_merge_leaves_a_run_whose_front_is_unreadable_and_merges_the_others() -> None:
+    """The state machine: a lane of 8 runs (4 jobs each, one segment a run)
+    takes a ninth, and its merge marks the first eight; the first's segment
+    is known unreadable. The merge reads every source's front before it
+    moves a job: the seal raised SegmentMissing for it at every write. That
+    run now leaves the merge as it is (a "stay" no job has, so it is not
+    marked again), the others merge, and once the segment reads again every
+    job is there, once."""
+    from simplequeue.api import JobSpec
+    from tests.helpers.states import WRITER, fresh
+
+    s = fresh(inline_pending_bytes=1, merge_bytes=300)
+    now, writes = 1000.0, 0
+
+    def seal(unreadable: frozenset[str] = frozenset()) -> None:
+        nonlocal writes
+        writes += 1
+        sealed = s.seal(WRITER, f"{writes:012d}", now, unreadable)
+        for k, data in sealed.new_objects.items():
+            s.view.put(k, data)  # type: ignore[attr-defined]
+
+    def spill(i: int) -> None:  # a run of its own: its jobs come before every other run's
+        s.enqueue([JobSpec(i, id=f"r{i}-{k}", delay=1000 - i * 10 + k) for k in range(4)], now)
+
+    for i in range(8):
+        spill(i)
+        seal()
+    lane = s.head["lanes"]["0"]
+    first = lane["runs"][0]
+    ref = dict(first["segs"][0])
+    key = keys.segment("t", ref["k"])
+    held = s.view.objects.pop(key)  # type: ignore[attr-defined]
+    for i in range(8, 40):
+        spill(i)
+        seal(frozenset({key}))  # raised SegmentMissing(key) before
+        assert first in lane["runs"] and first["segs"] == [ref], "its ref changed"
+        assert "merge" not in first
+        assert s.counts(now)["pending"] + s.counts(now)["delayed"] == 4 * (i + 1)
+    assert len(lane["runs"]) <= 2 * s.bounds.runs_max + 2  # the others merged
+    s.view.objects[key] = held  # type: ignore[attr-defined]  # mended
+    seal()
+    now += 10_000
+    claimed = [j["id"] for j in s.claim("w", 60, 1000, now)]
+    assert sorted(claimed) == sorted(f"r{i}-{k}" for i in range(40) for k in range(4))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -629,15 +630,27 @@ class Layout:
                 return names[at + 1 : at + 1 + PREFETCH_FOLLOWING]
         return []
 
-    def expire(self, now: float) -> None:
-        """What the rules drop before a seal (retention): nothing, here."""
+    def expire(self, now: float, unreadable: AbstractSet[str] = frozenset()) -> None:
+        """What the rules drop before a seal (retention): nothing, here. What
+        reads an object of `unreadable` stays (see seal())."""
 
     # --- sealing a batch ---------------------------------------------------------------------
 
-    def seal(self, writer: dict[str, Any], write_id: str, now: float) -> Sealed:
+    def seal(
+        self,
+        writer: dict[str, Any],
+        write_id: str,
+        now: float,
+        unreadable: AbstractSet[str] = frozenset(),
+        tidy: bool = True,
+    ) -> Sealed:
         """Finish a batch: expire records, stamp the write, spill what outgrew
-        the head into new objects, and serialise the head (Sealed.head)."""
-        self.expire(now)
+        the head into new objects, tidy (upkeep), and serialise the head
+        (Sealed.head). The upkeep leaves alone the objects of `unreadable`
+        (keys of objects known corrupt or gone: their refs stay as they are)
+        and what it could reach only through them; without `tidy`, it does
+        nothing (only the batch's own spills are written)."""
+        self.expire(now, unreadable)
         h, bounds = self.head, self.bounds
         h["writer"] = writer
         h["write_id"] = write_id
@@ -660,23 +673,27 @@ class Layout:
         )
         # A part can outgrow its bound only if the whole head did: measure the
         # parts only then, so a small head costs one serialisation.
-        if len(data) > smallest or self._needs_upkeep():
-            _Sealer(self, sealed, write_id).run()
+        if len(data) > smallest or (tidy and self._needs_upkeep(unreadable)):
+            _Sealer(self, sealed, write_id, unreadable).run(tidy)
             data = orjson.dumps(h)
             self._inline_ids = None  # spilled ids are found through the segments now
             self._ids_covered = False  # and the filter has not seen their segments
         sealed.head = data
         return sealed
 
-    def _needs_upkeep(self) -> bool:
+    def _needs_upkeep(self, unreadable: AbstractSet[str]) -> bool:
         """Whether a chain has too many loose segments or kept holes, the runs
         of all lanes too many refs, or a lane too many runs or a merge under
         way (which a seal tidies, or takes a part further, whatever the
-        head's size)."""
+        head's size); a sparse lease segment, but one of `unreadable`, which
+        no seal compacts (so it does not call for the sealer at every write)."""
         h, b = self.head, self.bounds
         chains = [h["leases"], h["retained"], h["dead"], h["outbox"]]
         chains += [run for lane in h["lanes"].values() for run in lane["runs"]]
-        sparse = any(r["live"] * 2 <= r["n"] for r in h["leases"]["segs"])
+        sparse = any(
+            r["live"] * 2 <= r["n"] and keys.segment(self.topic, r["k"]) not in unreadable
+            for r in h["leases"]["segs"]
+        )
         crowded = any(
             len(c["segs"]) > b.loose_max
             or holes_kept(c) > b.holes_max
@@ -738,9 +755,14 @@ class _Overlay:
 class _Sealer:
     """The spilling, folding and merging of one seal."""
 
-    def __init__(self, state: Layout, sealed: Sealed, write_id: str) -> None:
+    def __init__(
+        self, state: Layout, sealed: Sealed, write_id: str, unreadable: AbstractSet[str]
+    ) -> None:
         self.s = state
         self.sealed = sealed
+        # Objects known corrupt or gone (the committer's): upkeep leaves them
+        # and their refs alone, and what it could only reach through them.
+        self.unreadable = unreadable
         self.attempt = write_id[:12]
         self.bounds = state.bounds
         # The seal's upkeep (all it writes but the batch's own spills) shares
@@ -787,7 +809,21 @@ class _Sealer:
             left = min(left, share - (self.upkept - since))
         return left
 
-    def run(self) -> None:
+    def _bad(self, obj_id: str) -> bool:
+        """Whether the object `obj_id` (an id, as refs name it) is unreadable."""
+        return bool(self.unreadable) and keys.segment(self.s.topic, obj_id) in self.unreadable
+
+    def _readable(self, refs: list[dict[str, Any]]) -> int:
+        """How many of `refs` come before the first unreadable one (a fold
+        takes segments in their order: it stops there)."""
+        return next((i for i, ref in enumerate(refs) if self._bad(ref["k"])), len(refs))
+
+    def _met_bad(self, error: SegmentMissing | CorruptData) -> bool:
+        """Whether a read failed on an unreadable object (the caller leaves
+        what it was reading alone); other misses are the committer's."""
+        return bool(self.unreadable) and error.key in self.unreadable
+
+    def run(self, tidy: bool = True) -> None:
         h, b = self.s.head, self.bounds
         lanes = h["lanes"]
         # The batch's own: what outgrew the head spills.
@@ -802,6 +838,8 @@ class _Sealer:
             chain = self.s._chain(h[name])
             if chain.d["in"] and len(orjson.dumps(chain.d["in"])) > bound:
                 self._spill(chain, kind, self._bounds_of(name))
+        if not tidy:
+            return
         # Upkeep, within one budget: upkeep_bytes less the head, and a part
         # of the pending jobs the batch spilled (their manifests keep up with
         # large batches), past the first object. What keeps the head bounded
@@ -833,9 +871,13 @@ class _Sealer:
             # head holds no more loose refs than its bound.
             while len(chain.d["segs"]) > b.loose_max:
                 room = self._room()
-                if room is not None and _fold_size(chain.d["segs"][: b.loose_max // 2]) > room:
+                half = b.loose_max // 2
+                count = self._readable(chain.d["segs"][:half])  # cut short by one unreadable
+                if count < min(2, half) or (
+                    room is not None and _fold_size(chain.d["segs"][:count]) > room
+                ):
                     break
-                self._add(chain.fold(self._new_id("m"), b.loose_max // 2, encode_manifest))
+                self._add(chain.fold(self._new_id("m"), count, encode_manifest))
         self._tidy_runs(runs, RUN_UPKEEP_BYTES + spilled // UPKEEP_PER_SPILLED)
         self._merge_runs(b.merge_bytes + min(MERGE_PER_SPILLED * spilled, b.merge_bytes))
 
@@ -873,9 +915,11 @@ class _Sealer:
             loose = loose_holes(chain.d)
             if loose and (over or loose > b.holes_max):
                 # Past the first object of the seal, only one that fits.
-                if room is not None and _fold_size(chain.d["segs"]) > room:
+                count = self._readable(chain.d["segs"])
+                if room is not None and _fold_size(chain.d["segs"][:count]) > room:
                     return
-                self._add(chain.fold(self._new_id("m"), len(chain.d["segs"]), encode_manifest))
+                if count:
+                    self._add(chain.fold(self._new_id("m"), count, encode_manifest))
             while holes_kept(chain.d) and (
                 total - before + held(chain) > HEAD_HOLES_MAX or holes_kept(chain.d) > b.holes_max
             ):
@@ -973,9 +1017,13 @@ class _Sealer:
             if folds:
                 half = b.loose_max // 2
                 count = half if len(chain.d["segs"]) > b.loose_max else max(2, half)
-                if room is not None and _fold_size(chain.d["segs"][:count]) > room:
+                readable = self._readable(chain.d["segs"][:count])  # cut short by one unreadable
+                if readable < min(2, count) or (
+                    room is not None and _fold_size(chain.d["segs"][:readable]) > room
+                ):
                     skip.add(id(chain))
                     continue
+                count = readable
                 self._add(chain.fold(self._new_id("m"), count, encode_manifest))
             elif self._merge_manifests(chain, room) is None:
                 skip.add(id(chain))
@@ -1060,19 +1108,23 @@ class _Sealer:
         (and no more than is left of the seal's budget, past its first
         object). The holes a manifested segment is left with go when its
         manifest is rewritten (_take_holes), the segment with them once
-        nothing is live."""
+        nothing is live.
+
+        An unreadable lease segment is left as it is (its resolved records
+        keep their space); an unreadable lease manifest stops it all (taking
+        records out may move the chain's front onto it, which is read)."""
         room = self._room()
         most = self.bounds.merge_bytes if room is None else min(room, self.bounds.merge_bytes)
-        if most <= 0:
-            return
         leases = self.s.leases
+        if most <= 0 or any(self._bad(m["k"]) for m in leases.d["mans"]):
+            return
         sparse: list[tuple[float, dict[str, Any], str | None]] = []
         units = [u for u in leases.d["segs"] if u["live"] * 2 <= u["n"]]
         units += [m for m in leases.d["mans"] if m["live"] * 2 <= m.get("total", 0)]
         for unit in units:
             for ref, man, start in leases.segments_of(unit["k"]):
                 live = leases.live_count(ref, start)
-                if live and live * 2 <= ref["n"]:
+                if live and live * 2 <= ref["n"] and not self._bad(ref["k"]):
                     sparse.append((live / ref["n"], ref, man))
         sparse.sort(key=lambda c: c[0])
         chosen: list[list[Place]] = []
@@ -1081,6 +1133,10 @@ class _Sealer:
         for _, ref, man in sparse:
             try:
                 places = leases.live_in(ref, man)
+            except CorruptData as exc:  # it reads, but is not the one written
+                if self._met_bad(exc):
+                    continue
+                raise
             except SegmentMissing as miss:  # fetched together, in one round
                 missing.append(miss.key)
                 if len(missing) < PREFETCH_FOLLOWING:
@@ -1124,10 +1180,13 @@ class _Sealer:
         merging = [lane for lane in lanes.values() if _groups(lane)]
         # Every part's fronts, before any part moves a job: the objects
         # missing, whatever the lanes and merges, are fetched in one round.
+        # A run whose front is unreadable, or that names an unreadable
+        # manifest (taking jobs may move its front onto it), leaves the merge.
         for lane in merging:
             for run in lane["runs"]:
-                if run.get("merge") == "from":
-                    _probe(self.s._chain(run), missing)
+                if run.get("merge") == "from" and self._unmergeable(run, missing):
+                    self._leave_merge(lane, run)
+        merging = [lane for lane in merging if _groups(lane)]
         if missing:
             raise SegmentMissing(missing[0], tuple(missing[1:]))
         if not merging:
@@ -1144,6 +1203,38 @@ class _Sealer:
                 left -= spent
                 budget -= spent
 
+    def _unmergeable(self, run: dict[str, Any], missing: list[str]) -> bool:
+        """Whether `run` is not to be merged from: it names an unreadable
+        manifest (taking jobs may move its front onto it, which is read), or
+        its front is unreadable. Else its front is read, or what that takes
+        goes to `missing`."""
+        if any(self._bad(m["k"]) for m in run["mans"]):
+            return True
+        try:
+            self.s._chain(run).first()
+        except SegmentMissing as miss:
+            if self._met_bad(miss):
+                return True
+            missing.append(miss.key)
+        except CorruptData as exc:
+            if self._met_bad(exc):
+                return True
+            raise
+        return False
+
+    @staticmethod
+    def _leave_merge(lane: dict[str, Any], run: dict[str, Any]) -> None:
+        """`run` (_unmergeable) leaves its merge, and is not marked
+        for another until its front reads as a job (a "stay" no job has); a
+        merge left with one source and nothing merged into ends too (the
+        rest would be a rewrite of that run)."""
+        group = run.get("group", 0)
+        _unmark(run)
+        run["stay"] = [0.0, -1]
+        mates = [r for r in lane["runs"] if "merge" in r and r.get("group", 0) == group]
+        if len(mates) == 1 and mates[0]["merge"] == "from":
+            _unmark(mates[0])
+
     def _start_merge(self, lane: dict[str, Any], missing: list[str]) -> None:
         """Past runs_max runs (past twice that in no merge, while merges are
         under way: runs that piled up during a long one), mark runs of like
@@ -1157,10 +1248,16 @@ class _Sealer:
         elif len(runs) <= self.bounds.runs_max:
             return
         for run in runs:
-            if "stay" in run:  # its front too large to merge: until it is claimed
+            if "stay" in run:  # its front too large to merge (or unreadable): until claimed
+                if any(self._bad(m["k"]) for m in run["mans"]):
+                    continue
                 try:
                     front = self.s._chain(run).first()
-                except SegmentMissing as miss:
+                except (SegmentMissing, CorruptData) as miss:
+                    if self._met_bad(miss):
+                        continue
+                    if isinstance(miss, CorruptData):
+                        raise
                     missing.append(miss.key)
                     continue
                 if front is None or job_key(front.item) != tuple(run["stay"]):
@@ -1197,6 +1294,10 @@ class _Sealer:
                 front = chains[i].first()
             except SegmentMissing:
                 return False
+            except CorruptData as exc:  # the next part's probe takes the run out
+                if self._met_bad(exc):
+                    return False
+                raise
             if front is not None:
                 heapq.heappush(fronts, (job_key(front.item), i, front))
             return True
@@ -1295,6 +1396,8 @@ class _Sealer:
         most = self.bounds.manifest_bytes if room is None else min(room, self.bounds.manifest_bytes)
         pairs = sorted(range(len(mans) - 1), key=lambda i: mans[i]["segs"] + mans[i + 1]["segs"])
         for i in pairs:
+            if self._bad(mans[i]["k"]) or self._bad(mans[i + 1]["k"]):
+                continue
             sizes = sum(chain.manifest(m["k"]).size for m in mans[i : i + 2])
             if sizes <= most:
                 obj = chain.merge_manifests(i, 2, self._new_id("m"), encode_manifest)
@@ -1309,6 +1412,8 @@ class _Sealer:
         holes: dict[str, list[int]] = chain.d["holes"]
         by_manifest: dict[int, int] = {}
         for m, mref in enumerate(chain.d["mans"]):
+            if self._bad(mref["k"]):
+                continue
             for ref in chain.manifest(mref["k"]).refs:
                 if ref["k"] in holes:
                     by_manifest[m] = by_manifest.get(m, 0) + len(holes[ref["k"]])

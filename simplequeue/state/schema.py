@@ -141,7 +141,8 @@ Run = TypedDict(
         "last": NotRequired[tuple[float, int]],
         "merge": NotRequired[Literal["from", "into"]],  # a merge under way (layout)
         "group": NotRequired[int],  # which one, of the lane's merges under way
-        "stay": NotRequired[tuple[float, int]],  # its front job, too large to merge
+        # Its front job, too large to merge; [0.0, -1] (no job): its front unreadable.
+        "stay": NotRequired[tuple[float, int]],
     },
 )
 Lane = TypedDict("Lane", {"in": list[PendingJob], "runs": list[Run]})

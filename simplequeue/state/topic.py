@@ -20,6 +20,7 @@ import hashlib
 import math
 from collections import Counter
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import orjson
@@ -927,16 +928,24 @@ class TopicState(Layout):
             record["last_error"] = job["last_error"]
         self.retained.append(record)
 
-    def _expire_retained(self, now: float) -> None:
+    def _expire_retained(self, now: float, unreadable: AbstractSet[str]) -> None:
+        """Retained records past retention go, the oldest first; from an
+        unreadable object on (a manifest is read as it goes), they stay."""
         horizon = now - self.policy.retention
+
+        def old(ref: dict[str, Any]) -> bool:
+            return ref.get("hi", 1e300) < horizon and (
+                not unreadable or keys.segment(self.topic, ref["k"]) not in unreadable
+            )
+
         retained = self.retained
-        retained.drop_front_while(lambda ref: ref.get("hi", 1e300) < horizon)
+        retained.drop_front_while(old)
         spilled = retained.d["segs"] or retained.d["mans"]
         if not spilled and retained.take_inline_while(lambda r: r["finished_at"] < horizon):
             self._inline_ids = None
 
-    def expire(self, now: float) -> None:
-        self._expire_retained(now)
+    def expire(self, now: float, unreadable: AbstractSet[str] = frozenset()) -> None:
+        self._expire_retained(now, unreadable)
 
     # --- cancellation (SPEC 10) ------------------------------------------------------------
 
