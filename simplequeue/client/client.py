@@ -7,7 +7,8 @@ broker or anything between them answers:
   started within `retry_budget`, by default twice `timeout`, of the call's
   start and the wait it asked for, if any); a client made by `discover` re-reads
   broker.json when its broker stops answering (or a proxy answers 502-504 in
-  its place), and while it names no live broker (a hand-over under way)
+  its place), and while it names no live broker (a hand-over under way, or
+  the broker it names refuses the connection: killed, not yet taken over)
   those tries count against the budget, not against `retries`;
 - every other failure raises an error of simplequeue.errors: the class the
   broker's status stands for (errors.for_status), or BrokerError with the
@@ -192,7 +193,8 @@ def last_call(record: LastCall) -> Iterator[None]:
 class _Retry(Exception):
     """A transient failure: the broker was unreachable or could not answer now.
     `tried`: False when there is no broker to try (broker.json names none
-    alive: a hand-over under way), which counts against the retry budget but
+    alive, or still names one no connection could be made to: a hand-over
+    under way), which counts against the retry budget but
     not as one of the `retries` tries. `sent`: False when the request surely
     did not go out (no broker to try, a connection never made), so that a
     retry of it repeats nothing. Both can be said of one try: one that went
@@ -515,13 +517,19 @@ class Client:
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, cut short
             # Refused, or never connected within the connect timeout: not sent.
             unsent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+            tried = True
             if base == self._owner and self._owner != self.url:
                 self._owner = None  # the owner went away: the broker given routes again
             else:
                 await self._rediscover(sent=not unsent)
+                # broker.json still names the broker that could not be
+                # connected to: killed, its record not yet stale to a standby
+                # (that takes its --broker-lease). No live broker, as with a
+                # stale record: the budget bounds these tries, not `retries`.
+                tried = not (unsent and self.store is not None and self.url == base)
             reason = str(exc) or type(exc).__name__
             error = BrokerUnavailable(f"{base or 'broker'}: {reason}")
-            raise _Retry(error, sent=not unsent) from exc
+            raise _Retry(error, tried=tried, sent=not unsent) from exc
         gone = status in UNANSWERED_STATUSES and _not_served(status, raw)
         if gone and self.store is not None and base == self.url:
             # A proxy's page where the broker was (a load balancer whose
