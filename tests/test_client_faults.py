@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -582,15 +585,61 @@ async def test_an_owner_behind_a_proxy_answering_502_is_left_for_the_broker_give
 
 
 @asynccontextmanager
-async def serving(handler: Any) -> AsyncIterator[str]:
+async def serving(handler: Any, tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
     runner = web.ServerRunner(web.Server(handler), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """(certificate, key) of a self-signed certificate for 127.0.0.1."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_a_client_given_https_does_not_follow_an_owner_over_plain_http(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Brokers advertising http behind a TLS proxy (as the README's
+    --advertise-url example does): a client given the https URL followed
+    Simplequeue-Owner to the owner's http URL and sent its bearer token there
+    in clear text (review finding). The broker given passes such requests on."""
+    import aiohttp.connector
+
+    cert, key = _self_signed(tmp_path)
+    trusting = ssl.create_default_context(cafile=cert)
+    monkeypatch.setattr(aiohttp.connector, "_SSL_CONTEXT_VERIFIED", trusting)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    in_clear: list[str | None] = []
+
+    async def owner(request: web.BaseRequest) -> web.StreamResponse:
+        in_clear.append(request.headers.get("Authorization"))
+        return web.json_response({"id": "owner"}, status=201)
+
+    async def front(request: web.BaseRequest) -> web.StreamResponse:
+        named = {api.OWNER_HEADER: plain}
+        return web.json_response({"id": (await request.json())["id"]}, status=201, headers=named)
+
+    async with (
+        serving(owner) as plain,
+        serving(front, tls) as url,
+        Client(url, topic="t", token="s3cret", retries=1) as q,
+    ):
+        ids = [await prompt(q.enqueue(n, id=f"j{n}")) for n in range(2)]
+        assert in_clear == []
+        assert ids == ["j0", "j1"]
 
 
 async def test_a_redirect_is_not_followed() -> None:

@@ -483,8 +483,9 @@ class Client:
         """(status, body, whether a broker passed the request on after another
         did not answer), within `timeout` (and the wait asked for) or `within`
         seconds, whichever is sooner. A topic's request goes to its owner once
-        a broker named it (the Simplequeue-Owner header); if the owner stops
-        answering, back to the broker this client was given, which routes it."""
+        a broker named it (the Simplequeue-Owner header; never from https to
+        plain http); if the owner stops answering, back to the broker this
+        client was given, which routes it."""
         if not self.url:
             await self._rediscover(sent=False)
         data = encode(body) if body is not None else None
@@ -512,7 +513,7 @@ class Client:
                     why = f"HTTP {status}: {_snippet(raw)}"
                     raise _Retry(BrokerUnavailable(f"{base}: {why}"))
                 if owner and path.startswith("/topics/"):
-                    self._owner = _broker_url_or_none(owner)
+                    self._owner = _owner_to_follow(owner, self.url)
                 replayed = response.headers.get(api.REPLAYED_HEADER) == "1"
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, cut short
             # Refused, or never connected within the connect timeout: not sent.
@@ -1100,14 +1101,19 @@ def _error_of(raw: bytes) -> api.Error | None:
         return None
 
 
-def _broker_url_or_none(url: str) -> str | None:
-    """`url` if it can name a broker, else None: an owner named by a broker
-    that says what no URL can (a port past 65535) is not followed, and every
-    request of the topic goes on through the broker given."""
+def _owner_to_follow(owner: str, given: str) -> str | None:
+    """`owner` if the topic's requests may go there, else None: every request
+    of the topic goes on through the broker `given`, which passes it on. Not
+    followed: an owner no URL can name (a port past 65535), and a plain http
+    owner of a client given https (brokers advertising http behind a TLS
+    proxy), which would get the bearer token and the payloads in clear text."""
     try:
-        return api.check_broker_url(url)
+        url = api.check_broker_url(owner)
     except ValueError:
         return None
+    if URL(url).scheme == "http" and URL(given).scheme == "https":
+        return None
+    return url
 
 
 def _snippet(raw: bytes) -> str:
