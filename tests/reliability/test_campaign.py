@@ -206,7 +206,15 @@ async def test_three_brokers_clocks_apart_one_killed_one_paused(
     flags = [*store_flags, "--retention", str(retention), "--broker-lease", "3"]
     fleet = await asyncio.to_thread(Fleet, broker_process, flags, 3, ["+60s", "-60s", None])
     history = History()
-    shape = LoadShape(jobs=200 * scale, workers=9, lease=6.0, p_hold=0.3, seconds=6, timeout=10)
+    shape = LoadShape(
+        jobs=200 * scale,
+        workers=9,
+        lease=6.0,
+        p_hold=0.3,
+        seconds=6,
+        timeout=10,
+        chaos_seconds=16 if scale == 1 else None,  # the short form: 3-4 kills and pauses
+    )
     load = Load(fleet.urls, "clocks", history, shape, describe=fleet.describe)
     rng = random.Random(15)
 
