@@ -29,6 +29,7 @@ from msgspec import Struct
 
 from simplequeue import api
 from simplequeue.broker.engine import Engine
+from simplequeue.broker.parallel import each
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ STATIC_PREFIX = "/static/"
 
 MAX_TOPICS = 200  # topics in one overview (alphabetical); the rest are counted
 MAX_LISTED = 100  # claimed and dead jobs listed per topic; the rest are counted
+# Topics an overview inspects at once (parallel.each, as the take-over reads
+# heads): the segments their listings read are held together, and 200 at once
+# pushed each other's out of the object cache until every topic was "too small
+# for this read".
+INSPECT_PARALLEL = 4
 OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
 PREVIEW_CHARS = 240  # characters of a payload shown
 ERROR_CHARS = 1000  # characters of an error shown
@@ -421,25 +427,23 @@ class StatusPage:
         newer = sorted({t for t in self.engine.known_topics() if t not in self._listed_set})
         shown = list(itertools.islice(heapq.merge(self._listed, newer), MAX_TOPICS))
         total = len(self._listed) + len(newer)
-        seen = await asyncio.gather(
-            *(
-                self.engine.inspect(
-                    t,
-                    listed=MAX_LISTED,
-                    scan=OLDEST_SCAN,
-                    max_age=self._max_age(t, fresh),
+        seen: dict[str, dict[str, Any] | Exception] = {}
+
+        async def inspect(topic: str) -> None:
+            try:
+                seen[topic] = await self.engine.inspect(
+                    topic, listed=MAX_LISTED, scan=OLDEST_SCAN, max_age=self._max_age(topic, fresh)
                 )
-                for t in shown
-            ),
-            return_exceptions=True,
-        )
+            except Exception as exc:  # one bad topic does not blank the page
+                seen[topic] = exc
+
+        await each(shown, INSPECT_PARALLEL, inspect)
         views: list[TopicView | TopicUnreadable] = []
         at = time.monotonic()
         self._record(shown, at)
-        for name, got in zip(shown, seen, strict=True):
-            if isinstance(got, BaseException):  # one bad topic does not blank the page
-                if not isinstance(got, Exception):
-                    raise got
+        for name in shown:
+            got = seen[name]
+            if isinstance(got, Exception):
                 log.warning("status page: topic %s: %s", name, got)
                 views.append(TopicUnreadable(name=name, error=str(got)))
                 continue
