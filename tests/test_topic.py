@@ -772,6 +772,18 @@ def test_counts_a_broker_of_an_earlier_version_wrote_past_are_counted_again() ->
     assert reload(s).head["prios"] == {"1": 1, "3": 1}
 
 
+def test_no_claimed_jobs_are_listed_when_none_are_asked_for() -> None:
+    """claimed_soonest(0) of a topic whose leases spilled raised IndexError
+    (the n-th found so far, of none): the status page, its listing of every
+    topic together spent, showed such a topic as unreadable."""
+    s = fresh(inline_leases_bytes=300)
+    s.enqueue([JobSpec(i) for i in range(20)], T0)
+    s.claim("w", 30, 20, T0)
+    s = reload(s)
+    assert s.head["leases"]["segs"]
+    assert s.claimed_soonest(0) == [] and len(s.claimed_soonest(3)) == 3
+
+
 def test_the_newest_dead_jobs_and_a_page_of_them_read_only_their_segments() -> None:
     """The status page's newest dead jobs read every dead segment (10,000 dead
     jobs: all of them, each refresh). Pages of dead jobs skip what comes

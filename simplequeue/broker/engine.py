@@ -841,17 +841,26 @@ class Engine:
             del self._left[next(iter(self._left))]
 
     async def inspect(
-        self, topic: str, *, listed: int, scan: int, max_age: float | None = None
+        self,
+        topic: str,
+        *,
+        listed: int,
+        scan: int,
+        max_age: float | None = None,
+        rows: int | None = None,
     ) -> dict[str, Any]:
         """What an operator sees of a topic, in bounded work whatever its size:
         counts, the enqueue time of the oldest due job (looking at `scan` jobs
         per run), the `listed` claims that run out first and the `listed`
-        newest dead jobs, with how many more of each there are. From a state
-        at most `max_age` seconds old (default: the committer's, 0)."""
+        newest dead jobs, `rows` of both at most (claims first), with how
+        many more of each there are. From a state at most `max_age` seconds
+        old (default: the committer's, 0)."""
         keys.check_topic(topic)
+        most = 2 * listed if rows is None else rows
 
         def view(s: TopicState, now: float) -> dict[str, Any]:
-            claimed, dead = s.claimed_soonest(listed), s.dead_newest(listed)
+            claimed = s.claimed_soonest(min(listed, most))
+            dead = s.dead_newest(min(listed, most - len(claimed)))
             return {
                 "now": now,
                 "counts": s.counts(now),

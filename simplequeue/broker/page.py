@@ -38,6 +38,13 @@ STATIC_PREFIX = "/static/"
 
 MAX_TOPICS = 200  # topics in one overview (alphabetical); the rest are counted
 MAX_LISTED = 100  # claimed and dead jobs listed per topic; the rest are counted
+# Of all the topics of an overview together, jobs listed (claimed and dead)
+# and characters of their payloads and errors listed, at most; the rest are
+# counted. Per topic alone, 200 troubled topics made one overview 40,000 rows,
+# 35 MB of JSON (sent to every open tab every 2 s, built on the event loop),
+# which a browser took 30-45 s to draw. Topics take them in order.
+MAX_ROWS = 2_000
+MAX_TEXT = 1_000_000
 # Topics an overview inspects at once (parallel.each, as the take-over reads
 # heads): the segments their listings read are held together, and 200 at once
 # pushed each other's out of the object cache until every topic was "too small
@@ -167,6 +174,9 @@ class TopicView(Struct, tag_field="kind", tag="topic"):
     rates: list[RatePoint]  # oldest first
     schedules: list[ScheduleView] = []  # by name
     settings: api.Settings | None = None
+    # True: fewer jobs are listed than MAX_LISTED allows, as the overview's
+    # bounds of all its topics together (MAX_ROWS, MAX_TEXT) were spent.
+    listing_cut: bool = False
 
 
 class TopicUnreadable(Struct, tag_field="kind", tag="unreadable"):
@@ -267,37 +277,82 @@ def _cut(value: Any, limit: int = ERROR_CHARS) -> str | None:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def topic_view(name: str, seen: dict[str, Any], rates: list[RatePoint]) -> TopicView:
-    """Everything the page shows of one topic, from Engine.inspect's answer."""
+@dataclass
+class Listing:
+    """What an overview may still list, of all its topics together."""
+
+    rows: int = MAX_ROWS
+    text: int = MAX_TEXT  # characters of payloads and errors
+
+    def take_rows(self, most: int) -> int:
+        """Up to `most` rows, taken out of what is left."""
+        got = max(0, min(most, self.rows))
+        self.rows -= got
+        return got
+
+    def fits(self, text: int) -> bool:
+        """Whether a row of `text` characters is listed (and if so, takes it)."""
+        if self.rows <= 0 or text > self.text:
+            self.rows = self.text = 0  # the rows after it are not listed either
+            return False
+        self.rows -= 1
+        self.text -= text
+        return True
+
+
+def topic_view(
+    name: str, seen: dict[str, Any], rates: list[RatePoint], listing: Listing | None = None
+) -> TopicView:
+    """Everything the page shows of one topic, from Engine.inspect's answer,
+    listing as many of its jobs as `listing` has left (what an overview
+    lists in all, by default)."""
     now = seen["now"]
     oldest = seen["oldest_due_created"]
-    return TopicView(
-        name=name,
-        counts=api.Counts(**seen["counts"]),
-        oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
-        claimed=[
+    listing = listing or Listing()
+    claimed: list[ClaimedView] = []
+    for j in seen["claimed"]:
+        shown = preview(j.get("payload"))
+        if not listing.fits(len(shown)):
+            break
+        claimed.append(
             ClaimedView(
                 id=j["id"],
                 worker=j.get("claimed_by"),
                 attempts=j.get("attempts"),
                 lease_left=j["lease_expires_at"] - now,
                 claimed_for=now - j.get("claimed_at", now),
-                payload=preview(j.get("payload")),
+                payload=shown,
             )
-            for j in seen["claimed"]
-        ],
-        claimed_more=seen["claimed_more"],
-        dead=[
+        )
+    dead: list[DeadView] = []
+    for j in seen["dead"]:
+        shown, error = preview(j.get("payload")), _cut(j.get("last_error"))
+        if not listing.fits(len(shown) + len(error or "")):
+            break
+        dead.append(
             DeadView(
                 id=j["id"],
-                last_error=_cut(j.get("last_error")),
+                last_error=error,
                 attempts=j.get("attempts"),
                 died_ago=now - j["died_at"] if "died_at" in j else None,
-                payload=preview(j.get("payload")),
+                payload=shown,
             )
-            for j in seen["dead"]
-        ],
-        dead_more=seen["dead_more"],
+        )
+    claimed_more = seen["claimed_more"] + len(seen["claimed"]) - len(claimed)
+    dead_more = seen["dead_more"] + len(seen["dead"]) - len(dead)
+    counts = seen["counts"]
+    return TopicView(
+        name=name,
+        counts=api.Counts(**counts),
+        oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+        claimed=claimed,
+        claimed_more=claimed_more,
+        dead=dead,
+        dead_more=dead_more,
+        listing_cut=(
+            len(claimed) < min(MAX_LISTED, counts["claimed"])
+            or len(dead) < min(MAX_LISTED, counts["dead"])
+        ),
         rates=rates,
         schedules=[schedule_view(n, s, now) for n, s in sorted(seen.get("schedules", {}).items())],
         settings=api.Settings(**seen["settings"]) if "settings" in seen else None,
@@ -428,16 +483,28 @@ class StatusPage:
         shown = list(itertools.islice(heapq.merge(self._listed, newer), MAX_TOPICS))
         total = len(self._listed) + len(newer)
         seen: dict[str, dict[str, Any] | Exception] = {}
+        # What the topics read, handed out as each starts (a few at once, in
+        # order), what one did not list given back.
+        reading = Listing()
 
         async def inspect(topic: str) -> None:
+            rows = reading.take_rows(2 * MAX_LISTED)
             try:
-                seen[topic] = await self.engine.inspect(
-                    topic, listed=MAX_LISTED, scan=OLDEST_SCAN, max_age=self._max_age(topic, fresh)
+                got = seen[topic] = await self.engine.inspect(
+                    topic,
+                    listed=MAX_LISTED,
+                    rows=rows,
+                    scan=OLDEST_SCAN,
+                    max_age=self._max_age(topic, fresh),
                 )
             except Exception as exc:  # one bad topic does not blank the page
                 seen[topic] = exc
+                reading.rows += rows
+            else:
+                reading.rows += rows - len(got["claimed"]) - len(got["dead"])
 
         await each(shown, INSPECT_PARALLEL, inspect)
+        listing = Listing()  # what the views list, in the topics' order
         views: list[TopicView | TopicUnreadable] = []
         at = time.monotonic()
         self._record(shown, at)
@@ -447,7 +514,7 @@ class StatusPage:
                 log.warning("status page: topic %s: %s", name, got)
                 views.append(TopicUnreadable(name=name, error=str(got)))
                 continue
-            views.append(topic_view(name, got, self.rates.rates(name, at)))
+            views.append(topic_view(name, got, self.rates.rates(name, at), listing))
         self._shown = set(shown)
         # Those shown no more, the page cannot act on; `fresh` was read now, so
         # a change is read once, unless another came while it was being read.

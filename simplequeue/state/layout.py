@@ -467,6 +467,8 @@ class Layout:
         """The `n` claim records whose leases run out first. Lease segments are
         read in the order of their bounds, and only while one may hold a record
         that runs out sooner than the n-th found so far."""
+        if n <= 0:
+            return []
         leases = self.leases
         found = sorted(leases.d["in"], key=lambda r: r["lease_expires_at"])[:n]
         # (bound, tie-breaker, segment ref or manifest ref, its manifest or None)

@@ -860,14 +860,21 @@
     payload.title = job.payload;
   }
 
-  function updateList(card, kind, jobs, more, create, update) {
+  // Jobs not listed are said, and why when it is the overview's bound of all
+  // its topics together (not the topic's own): none listed is not "none".
+  function updateList(card, kind, jobs, more, cut, create, update) {
     const list = card.querySelector(`[data-list="${kind}"]`);
     syncChildren(list.tBodies[0], jobs, (j) => j.id, create, update);
     list.hidden = jobs.length === 0;
-    card.querySelector(`[data-empty="${kind}"]`).hidden = jobs.length > 0;
+    card.querySelector(`[data-empty="${kind}"]`).hidden = jobs.length > 0 || more > 0;
     const moreNode = card.querySelector(`[data-more="${kind}"]`);
     moreNode.hidden = more === 0;
-    setText(moreNode, more ? `… and ${fmtCount(more)} more not listed` : "");
+    let text = "";
+    if (more) {
+      text = jobs.length ? `… and ${fmtCount(more)} more not listed` : `${fmtCount(more)} not listed`;
+      if (cut) text += " (the page lists a bounded number of jobs of all topics together: the topics before this one took them)";
+    }
+    setText(moreNode, text);
   }
 
   function updateCard(card, topic, window) {
@@ -889,8 +896,9 @@
       chart.setAttribute("viewBox", `0 0 ${width} 140`);
     }
     drawChart(chart, topic.rates, window, { width, height: 140, axes: true });
-    updateList(card, "claimed", topic.claimed, topic.claimed_more, createClaimedRow(card, topic.name), updateClaimedRow);
-    updateList(card, "dead", topic.dead, topic.dead_more, createDeadRow(topic.name), updateDeadRow);
+    const cut = Boolean(topic.listing_cut);
+    updateList(card, "claimed", topic.claimed, topic.claimed_more, cut, createClaimedRow(card, topic.name), updateClaimedRow);
+    updateList(card, "dead", topic.dead, topic.dead_more, cut, createDeadRow(topic.name), updateDeadRow);
     card.querySelector('[data-field="dead-actions"]').hidden = c.dead === 0;
     const schedules = topic.schedules || [];
     setText(card.querySelector('[data-field="schedule-count"]'), fmtCount(schedules.length));
