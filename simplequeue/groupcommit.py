@@ -399,7 +399,7 @@ class GroupCommitter:
                     return query(reader, self.clock())
                 except SegmentMissing as miss:
                     async with t.lock:
-                        await self._fetch(t, reader, miss.key, False, miss.also)
+                        await self._fetch(t, reader, miss.key, False, miss.also, miss.exact)
         finally:
             # What this read held on to goes back to the cache's budget: a
             # reader lives until the next write, which may be long in coming.
@@ -476,7 +476,7 @@ class GroupCommitter:
                     return query(state, self.clock())
                 except SegmentMissing as miss:
                     try:
-                        fetched = await self._fetch_round(state, miss.key, miss.also)
+                        fetched = await self._fetch_round(state, miss.key, miss.also, miss.exact)
                     except ObjectNotFound:
                         # The head moved on (a sweep deleted what it no longer
                         # names), or the object is lost.
@@ -948,7 +948,7 @@ class GroupCommitter:
         bad: tuple[_Entry, CorruptData] | None = None
         t.state = None
         try:
-            await self._fetch(t, state, miss.key, also=miss.also)
+            await self._fetch(t, state, miss.key, also=miss.also, exact=miss.exact)
         except CorruptData as error:
             if wanting is not None:
                 bad = wanting, error
@@ -1166,17 +1166,18 @@ class GroupCommitter:
         key: str,
         for_batch: bool = True,
         also: tuple[str, ...] = (),
+        exact: bool = False,
     ) -> None:
-        """Fetch `key` (and `also`, and what tends to be wanted with them) into
-        the cache; the caller holds the topic's lock. An object the head names that is gone
-        means the head moved on (a sweep deleted what it no longer referenced):
-        read the head again. If it has not moved, the object is lost, and the
-        topic cannot be served."""
+        """Fetch `key` (and `also`, and unless `exact`, what tends to be wanted
+        with them) into the cache; the caller holds the topic's lock. An
+        object the head names that is gone means the head moved on (a sweep
+        deleted what it no longer referenced): read the head again. If it has
+        not moved, the object is lost, and the topic cannot be served."""
         # What tends to be wanted with them as the committed head names them
         # (`state` may be half a batch in: it names objects not written yet).
         committed = self._from_bytes(t.name, t.committed)
         try:
-            fetched = await self._fetch_round(committed, key, also, t.bad)
+            fetched = await self._fetch_round(committed, key, also, exact, t.bad)
         except ObjectNotFound:
             pass
         else:
@@ -1202,6 +1203,7 @@ class GroupCommitter:
         names: TopicState,
         key: str,
         also: tuple[str, ...],
+        exact: bool = False,
         bad: AbstractSet[str] = frozenset(),
     ) -> dict[str, Segment | Manifest]:
         """One fetch round: `key`, then, together, `also` and what `names` (a
@@ -1211,9 +1213,10 @@ class GroupCommitter:
         out what they are fetched for, and other topics' objects, before it is
         read). One of those gone (the head moved on) or unreadable spoils none
         of the others, and none of `bad` (known corrupt or gone) is read
-        with it. Every object fetched; ObjectNotFound if `key` is gone."""
+        with it. Every object fetched; ObjectNotFound if `key` is gone.
+        With `exact`, `key` and `also` only."""
         self.stats.fetch_rounds += 1
-        wanted, ahead = names.prefetch(key, *also)
+        wanted, ahead = ([*also], []) if exact else names.prefetch(key, *also)
         if bad:
             wanted = [k for k in wanted if k not in bad]
             ahead = [k for k in ahead if k not in bad]

@@ -11,7 +11,7 @@ import pytest
 from simplequeue import keys
 from simplequeue.api import MAX_DELAY, FollowUpSpec, JobSpec
 from simplequeue.errors import InvalidRequest, JobNotFound, LeaseLost
-from simplequeue.state import IdFilter, Loaded, Segment, TopicState
+from simplequeue.state import IdFilter, Loaded, Segment, SegmentMissing, TopicState
 from simplequeue.state.chain import Chain, new_chain
 from tests.helpers.states import fresh, reread, seal
 
@@ -770,6 +770,60 @@ def test_counts_a_broker_of_an_earlier_version_wrote_past_are_counted_again() ->
     s.enqueue([JobSpec("c", priority=3)], T0)
     assert s.head["prios"] == {"1": 1, "3": 1}
     assert reload(s).head["prios"] == {"1": 1, "3": 1}
+
+
+class KeysRead:
+    """A view that keeps the keys read through it; `missing` ones are not at hand."""
+
+    def __init__(self, inner: Any, missing: frozenset[str] = frozenset()) -> None:
+        self.inner, self.missing = inner, missing
+        self.keys: set[str] = set()
+
+    def segment(self, key: str) -> Any:
+        if key in self.missing:
+            raise SegmentMissing(key)
+        self.keys.add(key)
+        return self.inner.segment(key)
+
+    def manifest(self, key: str) -> Any:
+        self.keys.add(key)
+        return self.inner.manifest(key)
+
+
+def test_listings_within_a_byte_budget_read_no_segment_past_it() -> None:
+    """The status page listed each topic's newest dead jobs and soonest
+    claims by count only, reading every segment they are in whatever their
+    size: under --cache-mb 16, 10 idle topics of 100 dead 50 KB jobs cost
+    5,778 GETs an overview (review of the status page, round 27). With a
+    `room`, segments are read only while those read come to less than it,
+    and those missing are asked for exactly (no read-ahead), a few a round."""
+    s = fresh(inline_dead_bytes=300, inline_leases_bytes=300, inline_pending_bytes=300)
+    for i in range(12):  # each dead job spills into a segment of its own
+        s.enqueue([JobSpec("x" * 1000, id=f"d{i:02d}", max_attempts=1)], T0)
+        [job] = s.claim("w", 30, 1, T0)
+        s.nack(job["id"], job["lease_token"], 0, None, T0)
+        s = reload(s)
+    for i in range(12):  # claimed from pending segments of their own
+        s.enqueue([JobSpec("y" * 1000, id=f"c{i:02d}")], T0 + i)
+        s = reload(s)
+    s.claim("w", 30, 12, T0 + 20)
+    s = reload(s, T0 + 20)
+    seen = KeysRead(s.view)
+    s = TopicState(s.head, seen, s.bounds, s.policy)
+    dead, spent = s.dead_listing(12, room=2_500)
+    assert ids(dead) == ["d11", "d10", "d09"] and 2_500 <= spent < 4_000
+    assert sorted(k.split("seg-")[1][:3] for k in seen.keys) == ["d10", "d11", "d9-"]
+    seen.keys.clear()
+    claimed, spent = s.claimed_listing(12, room=2_500)
+    assert ids(claimed) == ["c00", "c01", "c02"] and 2_500 <= spent < 4_000
+    assert len([k for k in seen.keys if "/seg-p" in k]) == 3  # and the leases'
+    assert s.dead_listing(12, room=0) == ([], 0) and s.claimed_listing(12, room=0) == ([], 0)
+    assert ids(s.dead_listing(12)[0]) == [f"d{i:02d}" for i in range(11, -1, -1)]
+    dead_keys = frozenset(keys.segment("t", ref["k"]) for ref in s.head["dead"]["segs"])
+    s = TopicState(s.head, KeysRead(s.view, dead_keys), s.bounds, s.policy)
+    with pytest.raises(SegmentMissing) as asked:  # 3 segments' room: 3 asked for
+        s.dead_listing(12, room=3 * s.bounds.segment_bytes)
+    assert asked.value.exact and len(asked.value.also) == 2
 
 
 def test_no_claimed_jobs_are_listed_when_none_are_asked_for() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 import zlib
 from collections import OrderedDict
@@ -848,20 +849,23 @@ class Engine:
         scan: int,
         max_age: float | None = None,
         rows: int | None = None,
+        room: float = math.inf,
     ) -> dict[str, Any]:
         """What an operator sees of a topic, in bounded work whatever its size:
         counts, the enqueue time of the oldest due job (looking at `scan` jobs
         per run), the `listed` claims that run out first and the `listed`
         newest dead jobs, `rows` of both at most (claims first), with how
-        many more of each there are. From a state at most `max_age` seconds
-        old (default: the committer's, 0)."""
+        many more of each there are, and the bytes of the segments read for
+        them ("read": no more jobs once those come to `room`). From a state
+        at most `max_age` seconds old (default: the committer's, 0)."""
         keys.check_topic(topic)
         most = 2 * listed if rows is None else rows
 
         def view(s: TopicState, now: float) -> dict[str, Any]:
-            claimed = s.claimed_soonest(min(listed, most))
-            dead = s.dead_newest(min(listed, most - len(claimed)))
+            claimed, spent = s.claimed_listing(min(listed, most), room)
+            dead, spent_dead = s.dead_listing(min(listed, most - len(claimed)), room - spent)
             return {
+                "read": spent + spent_dead,
                 "now": now,
                 "counts": s.counts(now),
                 "oldest_due_created": s.oldest_due_created(now, scan),
@@ -874,6 +878,12 @@ class Engine:
             }
 
         return await self.committer.read(topic, view, max_age)
+
+    @property
+    def claim_bytes(self) -> int:
+        """The payload bytes a batch's claims read at most (Bounds.claim_bytes,
+        16 MiB or an eighth of the object cache)."""
+        return self.committer.bounds.claim_bytes
 
     async def check_store(self) -> None:
         """Raise StoreUnavailable unless the store answers: as it did at the

@@ -45,6 +45,12 @@ MAX_LISTED = 100  # claimed and dead jobs listed per topic; the rest are counted
 # which a browser took 30-45 s to draw. Topics take them in order.
 MAX_ROWS = 2_000
 MAX_TEXT = 1_000_000
+# The segments an overview's listings read (dead jobs', claimed jobs'
+# payloads) come to what a batch's claims may read at most (Engine.claim_bytes:
+# 16 MiB, or an eighth of --cache-mb), a topic taking 1/INSPECT_PARALLEL of
+# it at most. Bounded by count only, 10 idle topics of 100 dead 50 KB jobs
+# under --cache-mb 16 cost 5,778 GETs (184 MB) an overview, one a second
+# while a tab was open: they did not fit the cache together.
 # Topics an overview inspects at once (parallel.each, as the take-over reads
 # heads): the segments their listings read are held together, and 200 at once
 # pushed each other's out of the object cache until every topic was "too small
@@ -175,7 +181,8 @@ class TopicView(Struct, tag_field="kind", tag="topic"):
     schedules: list[ScheduleView] = []  # by name
     settings: api.Settings | None = None
     # True: fewer jobs are listed than MAX_LISTED allows, as the overview's
-    # bounds of all its topics together (MAX_ROWS, MAX_TEXT) were spent.
+    # bounds of all its topics together (MAX_ROWS, MAX_TEXT, the bytes its
+    # listings read) were spent.
     listing_cut: bool = False
 
 
@@ -283,12 +290,14 @@ class Listing:
 
     rows: int = MAX_ROWS
     text: int = MAX_TEXT  # characters of payloads and errors
+    read: int = 0  # bytes of segments read
 
-    def take_rows(self, most: int) -> int:
-        """Up to `most` rows, taken out of what is left."""
-        got = max(0, min(most, self.rows))
-        self.rows -= got
-        return got
+    def take(self, rows: int, read: int) -> tuple[int, int]:
+        """Up to `rows` rows and `read` bytes, taken out of what is left."""
+        rows, read = max(0, min(rows, self.rows)), max(0, min(read, self.read))
+        self.rows -= rows
+        self.read -= read
+        return rows, read
 
     def fits(self, text: int) -> bool:
         """Whether a row of `text` characters is listed (and if so, takes it)."""
@@ -484,24 +493,28 @@ class StatusPage:
         total = len(self._listed) + len(newer)
         seen: dict[str, dict[str, Any] | Exception] = {}
         # What the topics read, handed out as each starts (a few at once, in
-        # order), what one did not list given back.
-        reading = Listing()
+        # order), what one did not use given back.
+        budget = self.engine.claim_bytes
+        reading = Listing(read=budget)
 
         async def inspect(topic: str) -> None:
-            rows = reading.take_rows(2 * MAX_LISTED)
+            rows, room = reading.take(2 * MAX_LISTED, budget // INSPECT_PARALLEL)
             try:
                 got = seen[topic] = await self.engine.inspect(
                     topic,
                     listed=MAX_LISTED,
                     rows=rows,
+                    room=room,
                     scan=OLDEST_SCAN,
                     max_age=self._max_age(topic, fresh),
                 )
             except Exception as exc:  # one bad topic does not blank the page
                 seen[topic] = exc
                 reading.rows += rows
+                reading.read += room
             else:
                 reading.rows += rows - len(got["claimed"]) - len(got["dead"])
+                reading.read += room - got["read"]
 
         await each(shown, INSPECT_PARALLEL, inspect)
         listing = Listing()  # what the views list, in the topics' order

@@ -22,6 +22,7 @@ SegmentMissing for one that is not loaded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from simplequeue.errors import CorruptData
 from simplequeue.state.segments import (
     Manifest,
     Segment,
+    SegmentMissing,
     SegmentView,
     as_ref_says,
     encode_index,
@@ -213,6 +215,79 @@ class Chain:
         inline = self.d["in"][offset : offset + limit - len(out)]
         out.extend(Place(None, 0, item) for item in inline)
         return out
+
+    def newest(self, limit: int, room: float = math.inf, ahead: int = 1) -> tuple[list[Place], int]:
+        """Up to `limit` live items, the newest first, and the bytes (as
+        stored) of the segments read for them: the inline items, then the
+        segments from the last back, each read only while those read before
+        it come to less than `room`. A segment not at hand is asked for with
+        the older ones that the items still wanted are in, `ahead` in all:
+        one fetch round for them, not one each, and nothing else (a listing
+        of some of a chain does not read ahead)."""
+        if limit <= 0:
+            return [], 0
+        out = [Place(None, 0, item) for item in reversed(self.d["in"][-limit:])]
+        spent = 0
+        units = self._units_back()
+        for ref, man, start in units:
+            if len(out) >= limit or spent >= room:
+                break
+            live = self.live_count(ref, start)
+            if not live:
+                continue
+            try:
+                spent += self.segment(ref["k"]).size
+            except SegmentMissing as miss:
+                wanted = limit - len(out) - live
+                also = self._missing_back(units, wanted, ahead - 1)
+                raise SegmentMissing(miss.key, also, exact=True) from None
+            items = self.items(ref)
+            holes = self.holes_of(ref)
+            for i in range(ref["n"] - 1, start - 1, -1):
+                if len(out) >= limit:
+                    break
+                if i not in holes:
+                    out.append(Place(ref["k"], i, items[i], man))
+        return out, spent
+
+    def _units_back(self) -> Iterator[tuple[dict[str, Any], str | None, int]]:
+        """units(), the last segment first, opening only the manifests it
+        comes to (the chain's cursor is in its first segment)."""
+        d = self.d
+        for n in range(len(d["segs"]) - 1, -1, -1):
+            yield d["segs"][n], None, d["pos"] if n == 0 and not d["mans"] else 0
+        for m in range(len(d["mans"]) - 1, -1, -1):
+            man = d["mans"][m]["k"]
+            try:
+                refs = self.manifest(man).refs[d["mpos"] if m == 0 else 0 :]
+            except SegmentMissing as miss:
+                raise SegmentMissing(miss.key, exact=True) from None
+            for n in range(len(refs) - 1, -1, -1):
+                yield refs[n], man, d["pos"] if n == 0 and m == 0 else 0
+
+    def _missing_back(
+        self, units: Iterator[tuple[dict[str, Any], str | None, int]], wanted: int, most: int
+    ) -> tuple[str, ...]:
+        """The keys of the objects not at hand, `most` at most, that the next of
+        `units` (going back) hold `wanted` more items in."""
+        found: list[str] = []
+        while wanted > 0 and len(found) < most:
+            try:
+                ref, _, start = next(units)
+            except StopIteration:
+                break
+            except SegmentMissing as miss:  # a manifest: what it names waits for it
+                found.append(miss.key)
+                break
+            live = self.live_count(ref, start)
+            if not live:
+                continue
+            wanted -= live
+            try:
+                self.segment(ref["k"])
+            except SegmentMissing as miss:
+                found.append(miss.key)
+        return tuple(found)
 
     def segments_of(self, key: str) -> list[tuple[dict[str, Any], str | None, int]]:
         """(segment ref, manifest id or None, first index not consumed) of one

@@ -312,6 +312,22 @@ class Layout:
             raise CorruptData(key, f"it holds {len(items)} items, a lease names item {index}")
         return items[index]["payload"]
 
+    def _source(self, record: Job) -> Segment:
+        """The segment a claimed job's payload is in (SegmentMissing if not at hand)."""
+        return self._chain(new_chain()).segment(record["src"][0])
+
+    def _sources_missing(self, records: list[Job], most: int) -> tuple[str, ...]:
+        """The keys of the payload segments of `records` not at hand, `most` at most."""
+        missing: list[str] = []
+        for seg_id in dict.fromkeys(r["src"][0] for r in records if "src" in r):
+            if len(missing) >= most:
+                break
+            try:
+                self._chain(new_chain()).segment(seg_id)
+            except SegmentMissing as miss:
+                missing.append(miss.key)
+        return tuple(missing)
+
     def _payload_sources(self, records: list[Job]) -> None:
         """Raise SegmentMissing naming at once every segment not at hand that
         holds a payload of `records` (claimed jobs' records): no chain names a

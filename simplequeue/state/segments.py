@@ -31,10 +31,13 @@ class SegmentMissing(Exception):
     """The state machine needs an object (segment or manifest) that the caller
     has not loaded yet."""
 
-    def __init__(self, key: str, also: tuple[str, ...] = ()) -> None:
+    def __init__(self, key: str, also: tuple[str, ...] = (), exact: bool = False) -> None:
         super().__init__(key)
         self.key = key
         self.also = also  # other objects it will need: fetched in the same round
+        # Fetch these only, nothing read ahead: the reader named all it wants
+        # (a bounded listing, which must not fill the cache with more).
+        self.exact = exact
 
 
 # --- the id index -------------------------------------------------------------------

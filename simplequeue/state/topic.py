@@ -58,7 +58,7 @@ from simplequeue.state.layout import (
     new_head,
 )
 from simplequeue.state.limits import Bounds, Policy
-from simplequeue.state.segments import Manifest, Segment, SegmentView, id_hash
+from simplequeue.state.segments import Manifest, Segment, SegmentMissing, SegmentView, id_hash
 from simplequeue.state.slots import check_definition, latest_at, next_after
 
 __all__ = ["Job", "Record", "Sealed", "TopicState", "decode_head", "new_head"]
@@ -141,25 +141,57 @@ class TopicState(Layout):
 
     def claimed_soonest(self, n: int) -> list[Job]:
         """The `n` claimed jobs whose leases run out first, with their payloads."""
-        return self._with_payloads(self.soonest_leases(n))
+        return self.claimed_listing(n)[0]
+
+    def claimed_listing(self, n: int, room: float = math.inf) -> tuple[list[Job], int]:
+        """claimed_soonest(n), and the bytes (as stored) of the segments their
+        payloads were read from: no more jobs once those come to `room` (the
+        leases' own segments are read as ever). The payloads' segments are
+        asked for together (one fetch round), as many as `room` holds, and
+        nothing else."""
+        records = self.soonest_leases(n)
+        ahead = self._ahead(len(records), room)
+        read: set[str] = set()
+        spent = 0
+        jobs: list[Job] = []
+        for i, record in enumerate(records):
+            if "src" in record and record["src"][0] not in read:
+                if spent >= room:
+                    break
+                try:
+                    spent += self._source(record).size
+                except SegmentMissing as miss:
+                    also = self._sources_missing(records[i + 1 :], ahead - 1)
+                    raise SegmentMissing(miss.key, also, exact=True) from None
+                read.add(record["src"][0])
+            jobs.append(self._with_payload(record))
+        return jobs, spent
+
+    def _ahead(self, n: int, room: float) -> int:
+        """Segments a listing of `n` jobs within `room` bytes asks for in one
+        fetch round: as many as `room` holds of the largest a spill writes,
+        one at least (all `n` jobs' without a bound)."""
+        if math.isinf(room):
+            return max(1, n)
+        return max(1, min(n, int(room // self.bounds.segment_bytes)))
 
     def _with_payload(self, record: Job) -> Job:
         job = {k: v for k, v in record.items() if k != "src"}
         job["payload"] = self._payload(record)
         return job
 
-    def _with_payloads(self, records: list[Job]) -> list[Job]:
-        """_with_payload() of each record, the segments their payloads are in
-        asked for together (one fetch round, not one each)."""
-        self._payload_sources(records)
-        return [self._with_payload(r) for r in records]
-
     def claimed_count(self) -> int:
         return self.leases.count
 
     def dead_newest(self, n: int) -> list[Job]:
         """The `n` jobs that died last, newest first (reading only their segments)."""
-        return self.dead_jobs(max(0, self.dead.count - n), n)[::-1]
+        return self.dead_listing(n)[0]
+
+    def dead_listing(self, n: int, room: float = math.inf) -> tuple[list[Job], int]:
+        """dead_newest(n), and the bytes (as stored) of the segments read for
+        them: no more jobs once those come to `room` (Chain.newest)."""
+        places, spent = self.dead.newest(n, room, self._ahead(n, room))
+        return [p.item for p in places], spent
 
     def dead_jobs(self, offset: int = 0, limit: int | None = None) -> list[Job]:
         """Dead jobs in the order they died: all, or up to `limit` from the
