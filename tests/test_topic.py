@@ -838,6 +838,25 @@ def test_no_claimed_jobs_are_listed_when_none_are_asked_for() -> None:
     assert s.claimed_soonest(0) == [] and len(s.claimed_soonest(3)) == 3
 
 
+def test_a_pending_job_has_waited_since_it_came_due_not_since_its_enqueue() -> None:
+    """The oldest pending age counted from created_at: a job delayed an hour
+    (or retried after a delay) read an hour old the moment it came due. It
+    counts from run_at, or from the enqueue if that is later (a run_at in
+    the past)."""
+    s = fresh()
+    s.enqueue([JobSpec("later", delay=3600)], T0)
+    assert s.oldest_due_since(T0 + 3599, 256) is None
+    assert s.oldest_due_since(T0 + 3600, 256) == T0 + 3600
+    s.enqueue([JobSpec("long due", run_at=T0 - 60)], T0 + 10)
+    assert s.oldest_due_since(T0 + 3600, 256) == T0 + 10
+    [job] = s.claim("w", 30, 1, T0 + 3600)
+    s.nack(job["id"], job["lease_token"], 120, None, T0 + 3600)  # retried in 2 minutes
+    assert s.oldest_due_since(T0 + 3600, 256) == T0 + 3600  # "later"
+    [job] = s.claim("w", 30, 1, T0 + 3600)
+    assert job["payload"] == "later"
+    assert s.oldest_due_since(T0 + 3720, 256) == T0 + 3720
+
+
 def test_the_newest_dead_jobs_and_a_page_of_them_read_only_their_segments() -> None:
     """The status page's newest dead jobs read every dead segment (10,000 dead
     jobs: all of them, each refresh). Pages of dead jobs skip what comes

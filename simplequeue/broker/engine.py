@@ -222,7 +222,7 @@ class _Left:
 
     counts: dict[str, int]
     totals: dict[str, int]
-    oldest_due: float | None  # when the oldest due job was enqueued
+    oldest_due: float | None  # when the job due longest came due
     outbox: int
     outbox_oldest: float | None
 
@@ -231,7 +231,7 @@ class _Left:
         return cls(
             s.counts(now),
             s.totals(),
-            s.oldest_due_created(now, OLDEST_SCAN),
+            s.oldest_due_since(now, OLDEST_SCAN),
             s.outbox_size(),
             s.outbox_oldest(),
         )
@@ -852,7 +852,7 @@ class Engine:
         room: float = math.inf,
     ) -> dict[str, Any]:
         """What an operator sees of a topic, in bounded work whatever its size:
-        counts, the enqueue time of the oldest due job (looking at `scan` jobs
+        counts, when the job due longest came due (looking at `scan` jobs
         per run), the `listed` claims that run out first and the `listed`
         newest dead jobs, `rows` of both at most (claims first), with how
         many more of each there are, and the bytes of the segments read for
@@ -868,7 +868,7 @@ class Engine:
                 "read": spent + spent_dead,
                 "now": now,
                 "counts": s.counts(now),
-                "oldest_due_created": s.oldest_due_created(now, scan),
+                "oldest_due_since": s.oldest_due_since(now, scan),
                 "claimed": claimed,
                 "claimed_more": max(0, s.claimed_count() - len(claimed)),
                 "dead": dead,

@@ -263,7 +263,8 @@ def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[A
     )
     oldest = GaugeMetricFamily(
         "simplequeue_oldest_pending_age_seconds",
-        "Seconds the oldest due job of a topic has waited (0 when none waits)",
+        "Seconds the job of a topic due longest has waited since it came due (its run_at, "
+        "or its enqueue if later: a delay is no wait; 0 when none waits)",
         labels=["topic"],
     )
     outbox = GaugeMetricFamily(

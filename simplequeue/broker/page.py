@@ -172,7 +172,7 @@ class RatePoint(Struct):
 class TopicView(Struct, tag_field="kind", tag="topic"):
     name: str
     counts: api.Counts
-    oldest_pending_age: float | None  # seconds; None: no due job
+    oldest_pending_age: float | None  # seconds since the job due longest came due; None: none
     claimed: list[ClaimedView]  # the MAX_LISTED whose leases run out first
     claimed_more: int
     dead: list[DeadView]  # the MAX_LISTED newest
@@ -316,7 +316,7 @@ def topic_view(
     listing as many of its jobs as `listing` has left (what an overview
     lists in all, by default)."""
     now = seen["now"]
-    oldest = seen["oldest_due_created"]
+    oldest = seen["oldest_due_since"]
     listing = listing or Listing()
     claimed: list[ClaimedView] = []
     for j in seen["claimed"]:

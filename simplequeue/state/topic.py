@@ -118,11 +118,12 @@ class TopicState(Layout):
                 for place in run.places():
                     yield place.item
 
-    def oldest_due_created(self, now: float, scan: int) -> float | None:
-        """The enqueue time of the oldest due pending job, looking at no more
-        than `scan` due jobs at the front of each run (runs are sorted by
-        run_at, so due jobs are a prefix; a re-queued job may be older than
-        its place)."""
+    def oldest_due_since(self, now: float, scan: int) -> float | None:
+        """When the pending job that has waited longest came due: its run_at,
+        or its enqueue if later (a job delayed an hour has not waited an hour
+        the moment it comes due), looking at no more than `scan` due jobs at
+        the front of each run (runs are sorted by run_at, so due jobs are a
+        prefix)."""
         oldest: float | None = None
 
         def look(jobs: Iterator[Job] | list[Job]) -> None:
@@ -130,8 +131,9 @@ class TopicState(Layout):
             for n, job in enumerate(jobs):
                 if n >= scan or job["run_at"] > now:
                     break
-                if oldest is None or job["created_at"] < oldest:
-                    oldest = job["created_at"]
+                since = max(job["created_at"], job["run_at"])
+                if oldest is None or since < oldest:
+                    oldest = since
 
         for lane in self.head["lanes"].values():
             look(lane["in"])
