@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import os
 import re
 import signal
 import threading
@@ -34,6 +35,7 @@ from simplequeue.errors import (
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.until import until
 
 StartBroker = Callable[..., Awaitable[Any]]
 
@@ -443,6 +445,52 @@ def test_an_interrupted_sync_call_stops_in_its_loop_too(broker_process: Any) -> 
         other.enqueue("x", id="x")
         job = other.claim("w2", wait=10)
         assert job is not None and job.id == "x"
+
+
+def enqueue_in_a_forked_child(q: SyncClient) -> int:
+    """Fork; the child enqueues job "child" through `q` and exits 0 (1 if that
+    raised). The child's pid."""
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 1
+        try:
+            q.enqueue("from the child", id="child")
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+async def test_a_sync_client_used_in_a_forked_child_does_not_hang(
+    start_broker: StartBroker,
+) -> None:
+    """gunicorn --preload, multiprocessing's fork, prefork workers: a SyncClient
+    made in the parent has its loop in a thread the child does not have, and
+    the child's calls waited on it with no timeout: for ever (review of the
+    SDK, round 28). In a child it starts a loop, a thread and connections of
+    its own, as redis-py's pool does; the parent's go on serving the parent."""
+    broker = await start_broker(MemStore())
+    q = SyncClient(broker.url, topic="fork", timeout=2)
+    ended: list[tuple[int, int]] = []
+
+    def reaped() -> bool:
+        ended.append(os.waitpid(child, os.WNOHANG))
+        return ended[-1][0] != 0
+
+    try:
+        await asyncio.to_thread(q.status)  # used in the parent first (made at import)
+        child = await asyncio.to_thread(enqueue_in_a_forked_child, q)
+        try:
+            await until(reaped, within=5)
+        finally:
+            if not ended or ended[-1][0] == 0:  # hung: not left behind
+                os.kill(child, signal.SIGKILL)
+                await asyncio.to_thread(os.waitpid, child, 0)
+        assert os.waitstatus_to_exitcode(ended[-1][1]) == 0
+        job = await asyncio.to_thread(q.job, "child")
+        assert job.payload == "from the child"
+    finally:
+        await asyncio.to_thread(q.close)
 
 
 # --- discovery ------------------------------------------------------------------------

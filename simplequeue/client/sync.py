@@ -3,13 +3,16 @@
 The loop runs in a daemon thread of its own, so a SyncClient works from any
 thread, including one that already runs an event loop of its own. A
 SyncClient dropped without close() has its client closed and its thread
-ended when it is garbage.
+ended when it is garbage. In a process forked from the one that made it
+(gunicorn --preload, multiprocessing), which has no such thread, its first
+call starts a loop, a thread and connections of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
@@ -58,17 +61,52 @@ class SyncClient:
                 store=store,
                 max_age=max_age,
             )
-        self._loop = asyncio.new_event_loop()
-        # Calls in flight, as the loop's tasks (touched in the loop's thread
-        # only); once `_closing` is set (under `_lock`), no call starts.
-        self._calls: set[asyncio.Task[Any]] = set()
         self._lock = threading.Lock()
-        self._closing = False
+        self._closing = False  # once set (under `_lock`), no call starts
+        self._start()
+        _every.add(self)
+
+    def _start(self) -> None:
+        """A loop of this process's own, run by a thread of its own."""
+        self._pid = os.getpid()  # the process whose loop and thread they are
+        self._loop = asyncio.new_event_loop()
+        # Calls in flight, as the loop's tasks (touched in the loop's thread only).
+        self._calls: set[asyncio.Task[Any]] = set()
         self._thread = threading.Thread(
             target=_run_forever, args=(self._loop,), name="simplequeue-sync-client", daemon=True
         )
         self._thread.start()
         self._finalizer = _finalizer(self, self._loop, self._client)
+
+    def _forked(self) -> None:
+        """In a child just forked (one thread, no other runs yet): its loop's
+        thread is not there. The loop and the client's connections are the
+        parent's: never used nor closed here, never collected either (their
+        finalizers would wait on a loop nobody runs). A lock another thread
+        held at the fork would stay held for ever: a new one."""
+        self._lock = threading.Lock()
+        self._finalizer.detach()
+        _inherited.append((self._loop, self._client))
+
+    def _own(self) -> None:
+        """In a forked child, before its first call (before the coroutine of
+        the call is made: the inherited client's would use the parent's
+        connections): a loop and thread of this process's own, and a client
+        like the parent's (a handle of its own on a store, connections of its
+        own)."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid != os.getpid() and not self._closing:
+                self._renew()
+
+    def _renew(self) -> None:
+        inherited = self._client
+        self._client = None
+        self._start()
+        if inherited is not None:
+            like = asyncio.run_coroutine_threadsafe(_like(inherited), self._loop)
+            self._use(like.result())
 
     def _use(self, client: Client) -> None:
         """Serve through `client` (made on this loop), closed with the loop if
@@ -108,13 +146,10 @@ class SyncClient:
     def for_topic(self, topic: str) -> SyncClient:
         """A client of another topic on the same broker (its own session and loop)."""
 
-        async def make() -> Client:  # on the new client's loop: connections of its own
-            store = self.client.store
-            return self.client._like(topic, None if store is None else store.for_another_loop())
-
-        return SyncClient._wrapping(make)
+        return SyncClient._wrapping(lambda: _like(self.client, topic))
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        self._own()
         with self._lock:
             if self._closing:
                 coro.close()  # never to run: no "never awaited" warning
@@ -155,6 +190,7 @@ class SyncClient:
 
     @property
     def client(self) -> Client:
+        self._own()
         assert self._client is not None, "SyncClient needs a URL, or SyncClient.discover()"
         return self._client
 
@@ -296,6 +332,8 @@ class SyncClient:
                 return
             self._closing = True
         self._finalizer.detach()
+        if self._pid != os.getpid():  # a forked child that never called: nothing of its own
+            return
         try:
             asyncio.run_coroutine_threadsafe(self._shut(), self._loop).result()
         finally:
@@ -312,6 +350,31 @@ class SyncClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+async def _like(client: Client, topic: str | None = None) -> Client:
+    """A client like `client` (of `topic`, if given), made on the running loop,
+    with connections of its own (and its own handle on a store)."""
+    store = client.store
+    return client._like(
+        client.topic if topic is None else topic,
+        None if store is None else store.for_another_loop(),
+    )
+
+
+# Every SyncClient alive, told when the process forks (_forked); what the
+# children they were forked into inherited, kept as it is.
+_every: weakref.WeakSet[SyncClient] = weakref.WeakSet()
+_inherited: list[tuple[asyncio.AbstractEventLoop, Client | None]] = []
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_every):
+        client._forked()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
