@@ -34,7 +34,11 @@ sent, overrunning `timeout`, or an ack the broker refuses (a follow-up it
 cannot store, a body over its --max-body) nacks the job with the error text
 (its first api.MAX_ERROR characters, all the broker keeps) and a jittered
 exponential backoff (the broker sends it dead when its attempts are spent),
-and is logged with its traceback on the `simplequeue.worker` logger.
+and is logged with its traceback on the `simplequeue.worker` logger. So
+does SystemExit or KeyboardInterrupt from the handler (a script's function
+calling sys.exit()), which then stops the Worker as a signal does and is
+raised by run() once it drained: it must not end the event loop with the
+job, the jobs claimed ahead and the acks not sent all left to their leases.
 stop() stops claiming and drains: every job already claimed, the buffered ones
 included, is run to its end. SIGTERM or SIGINT stop claiming too: the running
 jobs are run to their end, and the buffered ones given back unrun (released:
@@ -267,6 +271,16 @@ class HandlerCancelled(Exception):
     awaited, not the worker's): its job fails, as for any other error."""
 
 
+class HandlerExited(Exception):
+    """The handler raised SystemExit, KeyboardInterrupt or another exception
+    that is no Exception nor a cancellation (`raised`): its job fails, the
+    worker stops as on a signal, and run() raises `raised` once it drained."""
+
+    def __init__(self, raised: BaseException) -> None:
+        super().__init__(f"the handler raised {raised!r}")
+        self.raised = raised
+
+
 class _Claimed:
     """A job this worker holds: waiting in the buffer, then running."""
 
@@ -411,6 +425,7 @@ class Worker:
         self._taken = 0  # jobs claimed so far (max_jobs counts them)
         self._dry = False  # burst: a claim found nothing; claim again once a job ends
         self._failed: SimpleQueueError | None = None  # what no claim will get past: run() raises it
+        self._exited: BaseException | None = None  # a handler's SystemExit: run() raises it
         # Answers go into the buffer in the order their claims were sent, or
         # ORDER_GRACE after they came (_deliver): those delivered ahead of an
         # earlier one are in _ahead, until the sequence catches up with them.
@@ -478,6 +493,9 @@ class Worker:
                     self._stopping.clear()
                     self._dry, self._taken = False, 0
                     self._done.set()
+        if self._exited is not None:
+            exited, self._exited = self._exited, None
+            raise exited
         if self._failed is not None:
             raise self._failed
 
@@ -508,12 +526,13 @@ class Worker:
                     log.warning("%d jobs' handlers did not end when cancelled", len(left))
             raise
 
-    def _on_signal(self) -> None:
+    def _on_signal(self, why: str = "signal received") -> None:
         self._signalled += 1
         if self._signalled == 1:
             log.info(
-                "signal received: draining %d running jobs, giving back %d claimed ahead"
+                "%s: draining %d running jobs, giving back %d claimed ahead"
                 " (a second signal stops them now)",
+                why,
                 len(self._running),
                 len(self._ready),
             )
@@ -1047,6 +1066,13 @@ class Worker:
             # renewed until the ack is answered (below).
             if not acking:
                 await self._stop_beats(held)
+        if isinstance(failure, HandlerExited):
+            # Asked of the process, not of this job: stop as on a signal
+            # (before the nack, so that no job ahead starts meanwhile).
+            if self._exited is None:
+                self._exited = failure.raised
+            if not self._signalled:
+                self._on_signal(f"job {job.id}: {failure}")
         if failure is not None:
             if held.lost:  # the handler ended as it was being cancelled: not ours to fail
                 log.warning("job %s: %s; its handler raised %r", job.id, _why_gone(held), failure)
@@ -1118,7 +1144,16 @@ class Worker:
 
     async def _handle(self, job: Job) -> Any:
         """The handler's result for `job`. Whatever it raises, from the call on,
-        fails the job."""
+        fails the job: SystemExit and KeyboardInterrupt as HandlerExited
+        (raised as they are, they would end the event loop from this task)."""
+        try:
+            return await self._call_handler(job)
+        except (Exception, asyncio.CancelledError, GeneratorExit):
+            raise
+        except BaseException as exc:
+            raise HandlerExited(exc) from exc
+
+    async def _call_handler(self, job: Job) -> Any:
         if self._in_thread:
             result = await in_thread(self.handler, job)
             # A plain function may hand back a coroutine (a lambda around an
