@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from simplequeue.api import MAX_BATCH, MAX_ERROR
-from simplequeue.client import Backoff, Client, Done, Job, Tasks, Worker, calls_within
+from simplequeue.client import Backoff, Client, Done, Job, SyncClient, Tasks, Worker, calls_within
 from simplequeue.client import worker as worker_module
 from simplequeue.client.worker import AHEAD_MAX, TAKE_BACK_WITHIN, ClaimAhead
 from simplequeue.errors import BrokerUnavailable, PayloadTooLarge, Unauthorized
@@ -154,6 +154,18 @@ def test_a_backoff_the_broker_would_refuse_is_refused_as_it_is_made(bad: dict[st
     Worker only logged that, and its failing jobs waited out their leases."""
     with pytest.raises(ValueError, match="Backoff"):
         Backoff(**bad)
+
+
+def test_a_worker_given_a_sync_client_runs_its_jobs_or_refuses_it() -> None:
+    """Worker(SyncClient(...), h) was accepted: each claim_many() claimed its
+    jobs (blocking the loop), then awaiting its list raised TypeError, logged
+    as "claim failed", and it claimed again a second later: no job ran, each
+    attempt spent as its lease ran out, until dead (review of the SDK, round
+    28). It is refused as it is made, saying what to give instead (not the
+    SyncClient's own .client: its connections belong to its loop)."""
+    refused = pytest.raises(TypeError, match=r"needs a Client, not a SyncClient: make one")
+    with SyncClient("http://127.0.0.1:9") as sync, refused:
+        Worker(sync, lambda job: None)  # type: ignore[arg-type]
 
 
 class _OddDelays(Worker):

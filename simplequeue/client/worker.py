@@ -365,6 +365,14 @@ class Worker:
         max_jobs: int | None = None,
         handle_signals: bool = True,
     ) -> None:
+        if not isinstance(client, Client):
+            # A SyncClient's methods would block the loop and answer no
+            # awaitable: every claim claimed its jobs, then failed, for ever.
+            # (Nor its .client: its connections belong to the SyncClient's loop.)
+            raise TypeError(
+                f"Worker needs a Client, not a {type(client).__name__}: make one in the"
+                " event loop that runs the Worker (async with Client(url, topic=...) as q)"
+            )
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if prefetch is not None and prefetch < 0:
