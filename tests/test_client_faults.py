@@ -642,6 +642,38 @@ async def test_a_client_given_https_does_not_follow_an_owner_over_plain_http(
         assert ids == ["j0", "j1"]
 
 
+async def test_an_owner_that_did_not_answer_is_not_followed_again_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Brokers advertising an address the client cannot reach (an internal
+    --advertise-url, a NAT): back to the broker given once the owner did not
+    answer, the client followed that broker's next answer, which named the
+    owner again, and every call waited out a whole `timeout` there first (a
+    Worker's claims, their leases counted from that first try, came past
+    them: with timeout=3, lease=4, 3 jobs ran 7 times; review finding)."""
+    hole = socket.socket()  # accepts (the kernel's backlog), never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen()
+    owner = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    counts = dict.fromkeys(api.Counts.__struct_fields__, 0)
+
+    async def given(request: web.BaseRequest) -> web.StreamResponse:
+        return web.json_response(counts, headers={api.OWNER_HEADER: owner})
+
+    loop = asyncio.get_running_loop()
+    with hole:
+        async with serving(given) as url, Client(url, topic="t", timeout=0.5) as q:
+            await prompt(q.status())  # names the owner
+            await prompt(q.status())  # no answer there in 0.5 s: the broker given's
+            started = loop.time()
+            for _ in range(2):
+                await prompt(q.status())
+            assert loop.time() - started < 0.4, "each call waited out the owner again"
+            monkeypatch.setattr(client_module, "OWNER_LEFT_FOR", 0.0, raising=False)
+            await prompt(q.status())
+            assert q._owner == owner  # followed again once that while is over
+
+
 async def test_a_redirect_is_not_followed() -> None:
     """aiohttp followed redirects: a proxy's 302 made an enqueue's POST a GET of
     another page, whose JSON ({"id": ...}) the SDK took for the job's id, and

@@ -90,6 +90,11 @@ RETRIED_STATUSES = UNANSWERED_STATUSES | {408}
 #: long as the broker keeps it, a request sent just as the broker closes it is
 #: lost ("server disconnected"): retried, or failed with retries=1.
 KEEPALIVE = api.client_keepalive()
+#: Seconds an owner left because it did not answer (refused, timed out, cut
+#: short, or a proxy's page in its place) is not followed again, though the
+#: broker given names it: one the client cannot reach (an internal
+#: --advertise-url, a NAT) would cost every call a whole `timeout` first.
+OWNER_LEFT_FOR = 60.0
 #: What encoding a value that JSON cannot hold raises (an object of a class
 #: of the caller's, say; a list that holds itself).
 UNSENDABLE = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
@@ -271,6 +276,7 @@ class Client:
         self._lender: Client | None = None  # for_topic(): whose session this one uses
         self._closed = False  # close() was called (a for_topic client may not lend on)
         self._owner: str | None = None  # the topic's owner, as a broker named it
+        self._owners_left: dict[str, float] = {}  # owner URL: when it did not answer
         self._attempt_ids = True  # False: a broker refused them (older than they are)
         self._owns_store = False
         # claim_many's releases of jobs it was answered past `count`, under way
@@ -485,7 +491,8 @@ class Client:
         seconds, whichever is sooner. A topic's request goes to its owner once
         a broker named it (the Simplequeue-Owner header; never from https to
         plain http); if the owner stops answering, back to the broker this
-        client was given, which routes it."""
+        client was given, which routes it, and is not followed there again for
+        OWNER_LEFT_FOR seconds."""
         if not self.url:
             await self._rediscover(sent=False)
         data = encode(body) if body is not None else None
@@ -509,18 +516,18 @@ class Client:
                     # Not the owner's answer: a proxy in front of it (a load
                     # balancer with no backend answers 502 pages). The broker
                     # given routes again.
-                    self._owner = None
+                    self._leave_owner(base)
                     why = f"HTTP {status}: {_snippet(raw)}"
                     raise _Retry(BrokerUnavailable(f"{base}: {why}"))
                 if owner and path.startswith("/topics/"):
-                    self._owner = _owner_to_follow(owner, self.url)
+                    self._owner = self._owner_named(owner)
                 replayed = response.headers.get(api.REPLAYED_HEADER) == "1"
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, cut short
             # Refused, or never connected within the connect timeout: not sent.
             unsent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
             tried = True
             if base == self._owner and self._owner != self.url:
-                self._owner = None  # the owner went away: the broker given routes again
+                self._leave_owner(base)  # the owner went away: the broker given routes again
             else:
                 await self._rediscover(sent=not unsent)
                 # broker.json still names the broker that could not be
@@ -538,6 +545,23 @@ class Client:
             await self._rediscover(sent=True)
             raise _Retry(BrokerUnavailable(f"{base}: HTTP {status}: {_snippet(raw)}"))
         return status, raw, replayed
+
+    def _owner_named(self, owner: str) -> str | None:
+        """`owner` if the topic's requests may go there (_owner_to_follow), and
+        it was not left within OWNER_LEFT_FOR seconds, else None."""
+        url = _owner_to_follow(owner, self.url)
+        if url is None or url not in self._owners_left:
+            return url
+        if time.monotonic() - self._owners_left[url] < OWNER_LEFT_FOR:
+            return None
+        del self._owners_left[url]
+        return url
+
+    def _leave_owner(self, owner: str) -> None:
+        """Send the topic's requests back to the broker given, which routes
+        them, and follow no broker's word back to `owner` for a while."""
+        self._owner = None
+        self._owners_left[owner] = time.monotonic()
 
     async def _rediscover(self, *, sent: bool) -> None:
         """Follow broker.json to the active broker, if this client can. When it
