@@ -674,6 +674,34 @@ async def test_an_owner_that_did_not_answer_is_not_followed_again_for_a_while(
             assert q._owner == owner  # followed again once that while is over
 
 
+async def test_an_answer_is_not_read_past_the_largest_a_broker_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A proxy or a wrong port that streams: the client read whatever came for
+    its whole `timeout` into memory (RSS +550 MB a try in 1 s on loopback,
+    2.6 GB over five calls; review finding). Past MAX_ANSWER (made 1 MiB
+    here), the call fails, not retried, the rest of the answer left unread."""
+    monkeypatch.setattr(client_module, "MAX_ANSWER", 1 << 20, raising=False)
+    sent = 0
+
+    async def flood(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal sent
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        try:
+            for _ in range(64):
+                await response.write(b"x" * (1 << 20))
+                sent += 1 << 20
+        except ConnectionError:  # the client hung up
+            pass
+        return response
+
+    async with serving(flood) as url, Client(url, topic="t", retries=3) as q:
+        with pytest.raises(BrokerError):
+            await prompt(q.status())
+    assert sent < 16 << 20, f"the client read {sent >> 20} MiB of one answer"
+
+
 async def test_a_redirect_is_not_followed() -> None:
     """aiohttp followed redirects: a proxy's 302 made an enqueue's POST a GET of
     another page, whose JSON ({"id": ...}) the SDK took for the job's id, and

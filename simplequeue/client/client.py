@@ -14,7 +14,8 @@ broker or anything between them answers:
   broker's status stands for (errors.for_status), or BrokerError with the
   status for anything the API does not answer (a proxy's 500, an HTML page);
 - answers are decoded into the API's types (simplequeue.api): one that is not
-  what the route answers is a BrokerError, never a KeyError;
+  what the route answers is a BrokerError, never a KeyError, and so is one
+  larger than MAX_ANSWER, left unread;
 - cancellation is never caught;
 - the calls made in a `calls_within(seconds)` block end within it, their
   tries included: the bound is each try's own HTTP timeout, so it holds
@@ -95,6 +96,16 @@ KEEPALIVE = api.client_keepalive()
 #: broker given names it: one the client cannot reach (an internal
 #: --advertise-url, a NAT) would cost every call a whole `timeout` first.
 OWNER_LEFT_FOR = 60.0
+#: The most bytes of an answer the client reads: past it the call fails
+#: (BrokerError, not retried) rather than hold whatever a proxy or a wrong
+#: port streams. The largest answer the API bounds, a claim's, is under 50
+#: MiB: its payloads stop at 16 MiB, past the job that crosses the mark (1 MiB
+#: with the default --max-body, six times that as JSON for a value sent over
+#: RESP), and each of its api.MAX_BATCH jobs carries some 27 KiB more at most
+#: (a last error of api.MAX_ERROR characters, escaped). Only the list of
+#: every dead job is bounded by the broker's object cache alone: a quarter
+#: of the default --cache-mb is 64 MiB, half this; larger ones are read in pages.
+MAX_ANSWER = 128 * 1024 * 1024
 #: What encoding a value that JSON cannot hold raises (an object of a class
 #: of the caller's, say; a list that holds itself).
 UNSENDABLE = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
@@ -509,7 +520,7 @@ class Client:
             async with self._http().request(
                 method, url, data=data, timeout=timeout, headers=headers, allow_redirects=False
             ) as response:
-                raw = await response.read()
+                raw = await _body(response, base)
                 status = response.status
                 owner = response.headers.get(api.OWNER_HEADER)
                 if base == self._owner and self._owner != self.url and _not_served(status, raw):
@@ -1096,6 +1107,25 @@ def new_job_spec(
         )
     except ValueError as exc:  # JobSpec's own check: `delay` or `run_at`, not both
         raise InvalidRequest(str(exc)) from None
+
+
+async def _body(response: aiohttp.ClientResponse, where: str) -> bytes:
+    """The answer's body; BrokerError once it passes MAX_ANSWER bytes, or its
+    Content-Length says it will (the rest left unread: the connection is
+    closed)."""
+    said = response.content_length or 0
+    parts: list[bytes] = []
+    size = 0
+    while max(said, size) <= MAX_ANSWER and (part := await response.content.readany()):
+        parts.append(part)
+        size += len(part)
+    if max(said, size) > MAX_ANSWER:
+        raise BrokerError(
+            f"{where}: HTTP {response.status}: an answer over {MAX_ANSWER >> 20} MiB, more"
+            " than any the API gives (a list of dead jobs that large is read in pages)",
+            response.status,
+        )
+    return b"".join(parts)
 
 
 def _not_served(status: int, raw: bytes) -> bool:
