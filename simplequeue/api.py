@@ -20,7 +20,7 @@ import orjson
 from msgspec import UNSET, Meta, Struct, UnsetType
 from yarl import URL
 
-from simplequeue.errors import InvalidRequest
+from simplequeue.errors import WITH_REASON, InvalidRequest
 
 T = TypeVar("T")
 
@@ -492,11 +492,14 @@ class Ok(_Answer):
     ok: bool
 
 
+_REASONS = "Set where the status alone does not say which error it is: " + ", ".join(
+    f'"{cls.reason}" ({cls.http_status}: {cls.__name__})' for cls in WITH_REASON
+)
+
+
 class Error(_Answer):
     error: str
-    # Set where the status alone does not say which error it is (errors.reason):
-    # "cancelled" (409), "no_schedule" (404).
-    reason: str | None = None
+    reason: Annotated[str | None, Meta(description=_REASONS)] = None
 
 
 # --- decoding at the edge ----------------------------------------------------------

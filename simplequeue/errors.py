@@ -17,6 +17,7 @@ with the HTTP status and the RESP error code it is answered with.
     ├── JobNotFound         no such job in the topic              404   ERR       not_found
     ├── ScheduleNotFound    no such schedule in the topic         404   ERR
     ├── NothingToClaim      no job is claimable (after the wait)  404   (nil)
+    ├── RouteNotFound       no route of the API at that path      404   ERR
     ├── LeaseLost           stale token, or the job is not claimed 409  ERR       conflict
     │   └── JobCancelled    the job was cancelled (also Client.result()) 409 ERR cancelled
     ├── Contended           kept losing races for the whole budget 503  TRYAGAIN
@@ -148,6 +149,15 @@ class NothingToClaim(SimpleQueueError):
     http_status = 404
 
 
+class RouteNotFound(SimpleQueueError):
+    """No route of the API is at the request's path: a broker URL whose path
+    is wrong (a proxy's prefix that is not there, a typo). No request sent
+    there can succeed."""
+
+    http_status = 404
+    reason = "no_route"
+
+
 class LeaseLost(SimpleQueueError):
     """The caller does not hold the claim: stale lease token, or the job is not claimed."""
 
@@ -265,9 +275,8 @@ _ANSWERED = (
 )
 _BY_STATUS = {cls.http_status: cls for cls in _ANSWERED}
 #: Errors that share a status with another, told apart by the answer's reason.
-_BY_REASON: dict[tuple[int, str | None], type[SimpleQueueError]] = {
-    (cls.http_status, cls.reason): cls for cls in (JobCancelled, ScheduleNotFound)
-}
+WITH_REASON: tuple[type[SimpleQueueError], ...] = (JobCancelled, ScheduleNotFound, RouteNotFound)
+_BY_REASON = {(cls.http_status, cls.reason): cls for cls in WITH_REASON}
 
 
 def for_status(status: int, reason: str | None = None) -> type[SimpleQueueError] | None:

@@ -31,6 +31,7 @@ from simplequeue.errors import (
     LeaseLost,
     RequestTimedOut,
     ScheduleNotFound,
+    SimpleQueueError,
     StoreUnavailable,
 )
 from simplequeue.objstore.memfs import MemStore
@@ -157,6 +158,18 @@ async def test_a_proxys_404_page_on_claim_is_an_error_not_an_empty_topic(
     with pytest.raises(BrokerError):
         await prompt(q.claim_many("w", 5))
     assert await prompt(q.claim("w")) is not None  # the job was there all along
+
+
+async def test_a_claim_through_a_url_that_routes_nowhere_is_an_error_not_an_empty_topic(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """A broker URL whose path is wrong (URLs may carry one, for a proxy's
+    prefix) gets the broker's 404 for every route: claim() took it for
+    "nothing to claim" and answered None (review finding)."""
+    broker = await start_broker(MemStore())
+    async with Client(broker.url + "/queue", topic="t") as q:
+        with pytest.raises(SimpleQueueError, match="no route"):
+            await prompt(q.claim("w"))
 
 
 async def test_a_502_on_claim_is_retried_and_the_claim_succeeds(

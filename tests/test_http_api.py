@@ -833,7 +833,7 @@ async def test_a_path_no_route_has_is_404_and_needs_the_token_first(
     broker = await start_broker(MemStore(), token="s3cret")
     assert (await Api(session, broker.url).call("GET", path))[0] == 401
     status, body = await Api(session, broker.url, token="s3cret").call("GET", path)
-    assert (status, body["error"]) == (404, "Not Found")
+    assert (status, body["reason"]) == (404, "no_route")  # no job, nor "nothing to claim"
 
 
 async def test_path_parameters_are_percent_decoded_before_they_are_checked(api: Api) -> None:

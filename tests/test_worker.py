@@ -20,7 +20,7 @@ from simplequeue.api import MAX_BATCH, MAX_ERROR
 from simplequeue.client import Backoff, Client, Done, Job, SyncClient, Tasks, Worker, calls_within
 from simplequeue.client import worker as worker_module
 from simplequeue.client.worker import AHEAD_MAX, TAKE_BACK_WITHIN, ClaimAhead
-from simplequeue.errors import BrokerUnavailable, PayloadTooLarge, Unauthorized
+from simplequeue.errors import BrokerUnavailable, PayloadTooLarge, SimpleQueueError, Unauthorized
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
@@ -1022,6 +1022,25 @@ async def test_a_worker_whose_claims_are_refused_for_good_stops_and_raises_why(
             await asyncio.wait_for(worker.run(), 15)
         with pytest.raises(ValueError, match="lease"):  # the broker refuses past 12 h
             Worker(q, nothing, lease=86_400, handle_signals=False)
+
+
+async def test_a_burst_worker_on_a_url_that_routes_nowhere_does_not_say_the_topic_is_empty(
+    start_broker: StartBroker,
+) -> None:
+    """A broker URL whose path is wrong (URLs may carry one, for a proxy's
+    prefix) gets the broker's 404 for every route: a burst worker took it
+    for "nothing to claim", logged "the topic is empty: stopping" and
+    returned, its jobs untouched (a Worker without burst idled for ever;
+    review finding). It gives up as on a 400, and raises why."""
+    broker = await start_broker(MemStore())
+    async with Client(broker.url + "/queue", topic="w") as q:
+
+        async def nothing(job: Job) -> None:
+            return None
+
+        worker = Worker(q, nothing, burst=True, handle_signals=False)
+        with pytest.raises(SimpleQueueError, match="no route"):
+            await asyncio.wait_for(worker.run(), 15)
 
 
 async def test_a_burst_worker_raises_when_no_broker_answers() -> None:

@@ -49,6 +49,7 @@ from simplequeue.errors import (
     NothingToClaim,
     PayloadTooLarge,
     RequestTimedOut,
+    RouteNotFound,
     SimpleQueueError,
     Unauthorized,
 )
@@ -418,7 +419,7 @@ class HttpApi:
             if unreadable is not None:
                 response = error_of(unreadable)
             elif route is None:
-                response = _unrouted(found)
+                response = _unrouted(found, request.rel_url.raw_path)
             else:
                 response = await self._answer(Call(request, route, params, services, self.decoders))
                 if method not in _SAFE_METHODS and response.status < 300 and "topic" in params:
@@ -579,9 +580,9 @@ def _names_this_machine(host: str, advertised: str) -> bool:
     return True
 
 
-def _unrouted(found: tuple[dict[str, Route], dict[str, str]] | None) -> web.Response:
-    if found is None:
-        return error("Not Found", 404)
+def _unrouted(found: tuple[dict[str, Route], dict[str, str]] | None, path: str) -> web.Response:
+    if found is None:  # told apart from a 404 of the API's (a claim's: nothing to claim)
+        return error_of(RouteNotFound(f"no route of the API is at {path}"))
     allowed = set(found[0])
     if "GET" in allowed:
         allowed.add("HEAD")

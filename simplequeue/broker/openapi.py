@@ -28,6 +28,7 @@ from simplequeue.errors import (
     NothingToClaim,
     PayloadTooLarge,
     RequestTimedOut,
+    RouteNotFound,
     ScheduleNotFound,
     SimpleQueueError,
     StorageFull,
@@ -495,7 +496,9 @@ def spec() -> dict[str, Any]:
         "info": {
             "title": "simplequeue",
             "version": __version__,
-            "description": "A durable job queue whose only infrastructure is object storage.",
+            "description": "A durable job queue whose only infrastructure is object storage. "
+            "A path none of these routes has is answered 404 with "
+            f'{{"error", "reason": "{RouteNotFound.reason}"}}.',
         },
         "paths": _patterns_in_ecma262(paths),
         "components": {

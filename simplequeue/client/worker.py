@@ -98,6 +98,7 @@ from simplequeue.errors import (
     JobCancelled,
     JobNotFound,
     LeaseLost,
+    RouteNotFound,
     SimpleQueueError,
     Unauthorized,
 )
@@ -828,7 +829,7 @@ class Worker:
                 self._giving_back.append(asyncio.ensure_future(self._take_back(count, attempt[0])))
             raise
         except Exception as exc:  # logged, and the claim's place held a while: see below
-            if isinstance(exc, InvalidRequest | Unauthorized | Forbidden):
+            if isinstance(exc, InvalidRequest | Unauthorized | Forbidden | RouteNotFound):
                 self._give_up(exc)  # every claim would be refused so
             elif self.burst and isinstance(exc, BrokerUnavailable):
                 self._give_up(exc)  # whether the topic is empty cannot be known
