@@ -120,7 +120,8 @@ Rate = Annotated[float, Meta(gt=0, le=1_000_000)]  # claims per second
 Burst = Annotated[int, Meta(ge=1, le=1_000_000)]  # claims the bucket holds
 MaxClaimed = Annotated[int, Meta(ge=0, le=100_000_000)]  # 0: nothing is claimed (paused)
 
-TopicName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}\Z")]
+_TOPIC_NAME = r"^[A-Za-z0-9_-]{1,128}\Z"
+TopicName = Annotated[str, Meta(pattern=_TOPIC_NAME)]
 
 Status = Literal["pending", "delayed", "claimed", "completed", "dead", "cancelled"]
 
@@ -506,6 +507,20 @@ class Error(_Answer):
 
 
 TOO_DEEP = "JSON nested too deeply (a payload or result may nest 200 levels)"
+# What a pattern asks for, in words: msgspec says "Expected `str` matching
+# regex '^[A-Za-z0-9_-]{1,128}\\Z' - at `$.enqueue[0].topic`".
+_PATTERNS_SAID = {
+    _TOPIC_NAME: "of 1-128 characters of [A-Za-z0-9_-] (a topic name)",
+    _PRINTABLE: "of printable characters (no control characters)",
+}
+
+
+def _said(exc: msgspec.ValidationError) -> str:
+    """A validation error's message, its patterns said in words."""
+    text = str(exc)
+    for pattern, words in _PATTERNS_SAID.items():
+        text = text.replace(f"matching regex {pattern!r}", words)
+    return text
 
 
 def decode(raw: bytes, kind: type[T]) -> T:
@@ -513,7 +528,7 @@ def decode(raw: bytes, kind: type[T]) -> T:
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:  # first: it is a DecodeError too
-        raise InvalidRequest(str(exc)) from None
+        raise InvalidRequest(_said(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
     except RecursionError:  # ~1,000 levels: a 2 KB body
@@ -526,7 +541,7 @@ def convert(value: Any, kind: type[T]) -> T:
     try:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise InvalidRequest(_said(exc)) from None
     except RecursionError:
         raise InvalidRequest(TOO_DEEP) from None
 
@@ -542,7 +557,7 @@ def from_query(query: Mapping[str, str], kind: type[T]) -> T:
     try:
         return msgspec.convert(dict(query), kind, strict=False)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"query: {exc}") from None
+        raise InvalidRequest(f"query: {_said(exc)}") from None
 
 
 _Shape = dict[str, msgspec.Raw]

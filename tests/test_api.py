@@ -41,6 +41,28 @@ def test_depth_up_to_the_limit_is_storable_and_one_more_is_not() -> None:
         api.check_storable(nested(api.MAX_DEPTH + 1), "payload")
 
 
+@pytest.mark.parametrize(
+    ("raw", "kind", "said"),
+    [
+        (
+            b'{"job_id": "j", "enqueue": [{"topic": "a b", "payload": 1}]}',
+            api.AckRequest,
+            "topic name",
+        ),
+        (b'{"id": "a\\u0001", "payload": 1}', api.JobSpec, "no control characters"),
+    ],
+)
+def test_a_field_that_breaks_its_pattern_is_said_in_words_not_as_a_regex(
+    raw: bytes, kind: type[Any], said: str
+) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        api.decode(raw, kind)
+    assert said in str(refused.value) and "regex" not in str(refused.value)
+    with pytest.raises(InvalidRequest) as refused:
+        api.convert(orjson.loads(raw), kind)
+    assert said in str(refused.value)
+
+
 def test_integers_beyond_64_bits_are_not_storable() -> None:
     api.check_storable(2**63 - 1, "payload")
     with pytest.raises(InvalidRequest, match="cannot be stored"):
