@@ -983,7 +983,7 @@ class GroupCommitter:
 
     def _wrote(self, t: _Topic, sealed: Sealed, etag: str) -> None:
         """A seal's head and objects landed, durable: counted, the ETag kept,
-        the objects cached."""
+        the objects cached (and held by the cache alone)."""
         self.stats.writes += 1
         self.stats.segments_written += len(sealed.new_objects)
         self.stats.head_bytes_written += len(sealed.head)
@@ -992,6 +992,8 @@ class GroupCommitter:
         )
         t.etag, t.unsynced = etag, False  # it holds whatever was not durable before
         self._keep(sealed.decoded)
+        if t.state is not None:  # the state that sealed: the cache holds its objects now
+            t.state.landed()
 
     async def _rewrite(self, t: _Topic, why: NotDurable) -> None:
         """The head read back holds this batch's write, which the store could

@@ -530,6 +530,13 @@ class Layout:
 
     # --- the objects it needs ---------------------------------------------------------------------
 
+    def landed(self) -> None:
+        """The last seal's objects are written, and the committer's cache holds
+        them (or lets them go, within its budget): this state does not hold
+        on to them too (a topic's last write would stay in memory until its
+        next). One wanted again is read through the view."""
+        self._view.fresh.clear()
+
     def referenced(self) -> list[str]:
         """Keys of every object this state needs, payloads of claimed jobs
         included (opens manifests, reads lease segments)."""
