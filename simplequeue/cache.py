@@ -1,7 +1,9 @@
 """The broker's cache of immutable objects (segments and manifests), shared by
 every topic, fetched on demand and kept within a byte budget (least recently
 used first out). Objects never change once written, so what it holds is
-never stale; what it drops is fetched again when wanted.
+never stale; what it drops is fetched again when wanted. Memory held outside
+it that can be rebuilt from its objects (a topic's id filter) is charged to
+the same budget, in the same order, and let go of when it must make room.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from simplequeue.errors import CorruptData, ObjectNotFound
 from simplequeue.objstore import ObjectStore
@@ -22,6 +26,18 @@ DECODED_PER_BYTE = 4
 MAX_PARALLEL_FETCHES = 16
 
 
+@dataclass(slots=True)
+class _Charge:
+    """Bytes held outside the cache (ObjectCache.charge), and how to let go of them."""
+
+    nbytes: int
+    drop: Callable[[], None]
+
+
+def _cost(entry: Segment | Manifest | _Charge) -> int:
+    return entry.nbytes if isinstance(entry, _Charge) else entry.size * DECODED_PER_BYTE
+
+
 class ObjectCache:
     """Segments and manifests by key: the state machine's SegmentView."""
 
@@ -30,7 +46,8 @@ class ObjectCache:
         self.budget = budget_bytes
         self.used = 0
         self.fetched = 0  # objects read from the store
-        self._objects: OrderedDict[str, Segment | Manifest] = OrderedDict()
+        # Objects by key, and charges by theirs, the least recently used first.
+        self._objects: OrderedDict[str, Segment | Manifest | _Charge] = OrderedDict()
         self._limit = asyncio.Semaphore(MAX_PARALLEL_FETCHES)
 
     def __contains__(self, key: str) -> bool:
@@ -41,7 +58,7 @@ class ObjectCache:
 
     def _get(self, key: str) -> Segment | Manifest:
         obj = self._objects.get(key)
-        if obj is None:
+        if obj is None or isinstance(obj, _Charge):
             raise SegmentMissing(key)
         self._objects.move_to_end(key)
         return obj
@@ -80,11 +97,30 @@ class ObjectCache:
         self.used += obj.size * DECODED_PER_BYTE
         self._shrink()
 
+    def charge(self, key: str, nbytes: int, drop: Callable[[], None]) -> None:
+        """Count `nbytes` held outside the cache under `key` (no object's key)
+        in the budget, as its most recently used entry, instead of what was
+        charged under `key` before: when the cache must make room and it is
+        the least recently used, it is uncharged and `drop()` lets go of them."""
+        self.uncharge(key)
+        self._objects[key] = _Charge(nbytes, drop)
+        self.used += nbytes
+        self._shrink()
+
+    def uncharge(self, key: str) -> None:
+        """What was charged under `key` is no longer held (not dropped: gone)."""
+        entry = self._objects.get(key)
+        if isinstance(entry, _Charge):
+            del self._objects[key]
+            self.used -= entry.nbytes
+
     def _shrink(self) -> None:
-        # The newest object stays even alone over budget: it is wanted now.
+        # The newest entry stays even alone over budget: it is wanted now.
         while self.used > self.budget and len(self._objects) > 1:
             _, old = self._objects.popitem(last=False)
-            self.used -= old.size * DECODED_PER_BYTE
+            self.used -= _cost(old)
+            if isinstance(old, _Charge):
+                old.drop()
 
     async def fetch(self, keys: list[str], lenient: bool = False) -> dict[str, Segment | Manifest]:
         """The objects, those not held yet read in parallel: what the caller
@@ -96,7 +132,7 @@ class ObjectCache:
         wanted: list[str] = []
         for key in dict.fromkeys(keys):
             obj = self._objects.get(key)
-            if obj is None:
+            if obj is None or isinstance(obj, _Charge):
                 wanted.append(key)
             else:
                 found[key] = obj
@@ -123,6 +159,7 @@ class ObjectCache:
 
     def forget(self, keys: list[str]) -> None:
         for key in keys:
-            obj = self._objects.pop(key, None)
-            if obj is not None:
+            obj = self._objects.get(key)
+            if obj is not None and not isinstance(obj, _Charge):
+                del self._objects[key]
                 self.used -= obj.size * DECODED_PER_BYTE

@@ -250,7 +250,11 @@ class _Topic:
         self.seen: dict[str, Any] = {}
         # Which ids the topic's segments surely lack, kept across its states:
         # a reloaded state would otherwise rebuild it (see state.idfilter).
+        # Charged to the object cache's budget (_charge_ids), which drops it
+        # when it must make room: an empty one rules nothing out, and the next
+        # duplicate check covers the head again (through the cache).
         self.ids = IdFilter()
+        self.ids_key = f"ids:{name}"  # its charge's key in the cache (no object's)
         # Keys of its objects known corrupt or gone in this process: the
         # seals' upkeep leaves them alone (one a mutation reads well again,
         # mended, leaves the set).
@@ -508,7 +512,7 @@ class GroupCommitter:
         for name in topics:
             t = self._topics.get(name)
             if t is not None and self._is_idle(t):
-                del self._topics[name]
+                self._forgotten(t)
 
     async def invalidate(self, topic: str) -> None:
         """The topic's head changed in the store (another broker wrote it): its
@@ -718,13 +722,38 @@ class GroupCommitter:
                         self.on_forgotten(t.name, reader, self.clock())
                 finally:
                     reader.release()
-            del self._topics[t.name]
+            self._forgotten(t)
         # Still past topics_kept, too few idle (many new topics at once: a BLPOP
         # on 20,000 keys): a new topic does not scan every one again (that was
         # quadratic), until an eighth more have come or this is called again.
         n = len(self._topics)
         self._rescan_at = n + max(1, n // 8) if n >= s.topics_kept else 0
         return len(doomed)
+
+    def _charge_ids(self, t: _Topic) -> None:
+        """The topic's id filter, as its last batch left it, counts in the
+        cache's budget as its most recently used entry."""
+        if t.state is not None:
+            # A state restored after a fetch (_undo_batch) holds the filter it
+            # had, whether or not the cache dropped it meanwhile.
+            t.ids = t.state.ids
+        if t.ids.nbytes:
+            self.cache.charge(t.ids_key, t.ids.nbytes, functools.partial(self._drop_ids, t))
+        else:
+            self.cache.uncharge(t.ids_key)
+
+    @staticmethod
+    def _drop_ids(t: _Topic) -> None:
+        """The cache made room: the topic's id filter goes. Its states get an
+        empty one (TopicState.ids: which no head is covered by yet)."""
+        t.ids = IdFilter()
+        if t.state is not None:
+            t.state.ids = t.ids
+
+    def _forgotten(self, t: _Topic) -> None:
+        """The topic left memory: so does its filter, from the cache's count."""
+        del self._topics[t.name]
+        self.cache.uncharge(t.ids_key)
 
     @staticmethod
     def _is_idle(t: _Topic) -> bool:
@@ -754,6 +783,7 @@ class GroupCommitter:
                     return await self._commit_batch(t, batch)
                 finally:
                     t.seen.clear()
+                    self._charge_ids(t)
         except asyncio.CancelledError:
             t.state = None
             self._tell(self.on_failed, t.name)

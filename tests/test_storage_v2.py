@@ -18,10 +18,12 @@ import pytest
 from simplequeue import keys
 from simplequeue.api import AckRequest, JobSpec
 from simplequeue.broker.engine import Engine
+from simplequeue.cache import ObjectCache
 from simplequeue.errors import CorruptData, InvalidRequest
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Bounds, Policy, TopicState, decode_head
+from simplequeue.state.segments import Segment
 from tests.helpers import states
 from tests.helpers.faults import FaultyStore
 from tests.helpers.states import assert_held_as_written
@@ -485,6 +487,99 @@ async def test_a_topic_written_again_after_its_objects_left_the_cache_reads_them
         claimed += batch
     assert [j["id"] for j in claimed] == [f"j{i:05d}" for i in range(200)]
     assert [a["duplicate"] for a in await q.enqueue("t", jobs(3))] == [True] * 3
+
+
+def _retained(topic: str, *sizes: int) -> list[MemStore]:
+    """A store for each of `sizes`: `topic` holding that many records within
+    retention (each job enqueued, claimed and acked), as brokers write it."""
+    s = states.fresh(topic)
+    now, objects, stores = 1000.0, {}, []
+    for b in range(0, max(sizes), 1000):
+        s.enqueue([JobSpec(None, id=f"{i:07d}") for i in range(b, b + 1000)], now)
+        for job in s.claim("w", 300, 1000, now):
+            s.ack(job["id"], job["lease_token"], None, now)
+        sealed = s.seal(states.WRITER, f"{b:012d}", now)
+        for key, data in sealed.new_objects.items():
+            s.view.put(key, data)  # type: ignore[attr-defined]
+        objects.update(sealed.new_objects)
+        if b + 1000 in sizes:
+            store = MemStore()
+            for key in s.referenced():
+                store._objects[key] = (objects[key], key)  # as MemStore.put keeps them
+            store._objects[keys.head(topic)] = (sealed.head, "head")
+            stores.append(store)
+    return stores
+
+
+async def test_a_topics_id_filter_counts_in_the_cache_budget() -> None:
+    """SPEC 4.1: with 1,000,000 records within retention "the broker's memory
+    stays flat". A topic's id filter holds 4 bytes for every id its chains
+    hold, and --cache-mb did not count it: a broker that enqueued one job into
+    a topic of 100,000 retained records held 0.38 MB more than for one of
+    10,000 (4 MB a topic at a million records, up to 16 MB stale). It is
+    charged to the cache's budget now, which lets objects go to hold it."""
+    cache = 1024 * 1024
+
+    async def enqueue_one(store: MemStore) -> Engine:
+        settings = CommitSettings(cache_bytes=cache)
+        q = Engine(GroupCommitter(store, broker_id="b2", epoch=2, settings=settings))
+        [answer] = await q.enqueue("t", [JobSpec(None, id="fresh-id")])
+        assert answer["duplicate"] is False
+        await q.committer.close()
+        assert q.committer._topics["t"].ids.size > 0
+        assert q.committer.cache.used <= cache
+        return q
+
+    small, big = [await _held_by(enqueue_one, store) for store in _retained("t", 10_000, 100_000)]
+    assert big <= small + 128 * 1024, f"{small / 1e6:.2f} MB, then {big / 1e6:.2f} MB"
+
+
+def test_a_charge_leaves_the_cache_in_turn_with_its_objects() -> None:
+    """Memory charged to the object cache goes as its objects do, the least
+    recently used first (dropped: told so), and the newest entry stays even
+    alone over budget."""
+    cache = ObjectCache(MemStore(), budget_bytes=1000)
+    dropped: list[str] = []
+
+    def segment(name: str) -> Segment:  # counted as 4 x 50 bytes
+        return Segment(f"topics/t/seg-{name}.json", [], size=50)
+
+    cache.keep(segment("a"))
+    cache.charge("ids:t", 400, lambda: dropped.append("t"))
+    cache.keep(segment("b"))
+    assert cache.used == 800 and dropped == []
+    cache.charge("ids:t", 700, lambda: dropped.append("t"))  # grown: the newest now
+    assert "topics/t/seg-a.json" not in cache and cache.used == 900 and dropped == []
+    cache.keep(segment("c"))
+    assert "topics/t/seg-b.json" not in cache and cache.used == 900 and dropped == []
+    cache.keep(segment("d"))
+    assert dropped == ["t"] and cache.used == 400
+    cache.charge("ids:u", 2000, lambda: dropped.append("u"))
+    assert dropped == ["t"] and cache.used == 2000 and len(cache) == 1
+    cache.uncharge("ids:u")  # gone with its topic: not dropped
+    assert dropped == ["t"] and cache.used == 0
+
+
+async def test_a_duplicate_is_found_after_the_cache_dropped_its_topics_id_filter() -> None:
+    """The cache drops a topic's id filter when it needs the room. An empty
+    filter rules nothing out (the head is covered again): an id held in a
+    segment is still a duplicate, and a fresh one is not."""
+    store = MemStore()
+    q = engine_on(store, cache_bytes=16 * 1024)
+    for i in range(5):
+        await q.enqueue("t", jobs(100, prefix=f"b{i}-", size=10))
+    t = q.committer._topics["t"]
+    # A duplicate: the head covered, and nothing written (the covered head stays).
+    assert (await q.enqueue("t", [JobSpec(0, id="b4-00000")]))[0]["duplicate"] is True
+    assert t.ids.size >= 400
+    for i in range(10):
+        await q.enqueue(f"u{i}", jobs(100, size=10))  # their objects push it out
+    assert t.ids.size == 0 and t.state is not None and t.state.ids is t.ids
+    assert t.ids_key not in q.committer.cache._objects
+    answers = await q.enqueue("t", [JobSpec(1, id="b0-00007"), JobSpec(2, id="new")])
+    assert [a["duplicate"] for a in answers] == [True, False]
+    assert t.ids.size >= 500  # covered again, and charged again
+    assert t.ids_key in q.committer.cache._objects
 
 
 async def test_idle_topics_leave_the_brokers_memory() -> None:

@@ -152,9 +152,10 @@ def _token(ctx: click.Context, param: click.Parameter, value: str | None) -> str
     "--cache-mb",
     type=click.IntRange(min=1),
     default=256,
-    help="Memory for the segments and manifests topics are read from (cached, the least "
-    "recently used dropped first), in MB. The claims of one write take jobs whose payloads "
-    "come to an eighth of it at most (16 MiB at most; one job each at least).",
+    help="Memory for the segments and manifests topics are read from, and for each topic's "
+    "id filter (cached, the least recently used dropped first), in MB. The claims of one "
+    "write take jobs whose payloads come to an eighth of it at most (16 MiB at most; one job "
+    "each at least).",
 )
 @click.option(
     "--header-timeout",

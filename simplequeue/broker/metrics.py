@@ -158,8 +158,8 @@ class _Scrape(Collector):
 
 
 def cache_families(used: int, budget: int, fetched: int) -> Iterator[Any]:
-    """The object cache: bytes held (as decoded, roughly) and its budget, and
-    objects fetched from the store."""
+    """The object cache: bytes held (objects as decoded, roughly, and the id
+    filters charged to it) and its budget, and objects fetched from the store."""
     held = GaugeMetricFamily(
         "simplequeue_cache_bytes", "Object cache: bytes held and budget", labels=["kind"]
     )

@@ -39,6 +39,8 @@ from simplequeue.state.segments import SegmentView, as_ref_says, decode_index, i
 # hold in segments now (plus a floor): ids consumed or expired since are dead weight.
 STALE_FACTOR = 4
 STALE_FLOOR = 65536
+# What a covered object's key costs in memory, about (a str in a set).
+KEY_BYTES = 128
 
 
 class _Levels:
@@ -86,6 +88,11 @@ class IdFilter:
     def size(self) -> int:
         """Hashes held (4 bytes each)."""
         return self._hashes.size
+
+    @property
+    def nbytes(self) -> int:
+        """Memory it holds, about: 4 bytes a hash, and the keys of what it covered."""
+        return 4 * self._hashes.size + KEY_BYTES * (len(self._segments) + len(self._manifests))
 
     def cover(self, chains: list[dict[str, Any]], topic: str, view: SegmentView) -> None:
         """Take in every segment of `chains` (chain dicts, see state.chain),
