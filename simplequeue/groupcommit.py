@@ -650,13 +650,24 @@ class GroupCommitter:
             t = held[name]
             if t.committed is None:
                 continue
-            reader = self._reader(t)
+            reader = self._as_committed(t)
             try:
                 with contextlib.suppress(SegmentMissing, SimpleQueueError):
                     out[name] = query(reader, now)
             finally:
-                reader.release()  # a reader lives until the next write
+                reader.release()  # a state lives until the next write
         return out
+
+    def _as_committed(self, t: _Topic) -> TopicState:
+        """A state of the committed head to answer one query from, keeping no
+        second decoded head for it: the reader a read() left, else the
+        writers' state while no batch is under way (it is what landed, or
+        what was read), else one decoded for this answer alone."""
+        if t.reader is not None:
+            return t.reader
+        if t.state is not None and not t.lock.locked():
+            return t.state
+        return self._from_bytes(t.name, t.committed)
 
     async def cached_in_turns(
         self, query: Callable[[TopicState, float], T]
@@ -716,7 +727,7 @@ class GroupCommitter:
                 held -= 1
         for t in doomed:
             if self.on_forgotten is not None and t.committed is not None:
-                reader = self._reader(t)
+                reader = self._as_committed(t)
                 try:
                     with contextlib.suppress(SegmentMissing, SimpleQueueError):
                         self.on_forgotten(t.name, reader, self.clock())
