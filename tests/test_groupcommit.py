@@ -774,3 +774,31 @@ async def test_a_head_landed_between_the_sweeps_read_and_its_fence_keeps_its_seg
     assert deleted == []
     assert set(segments) <= set(await a_store.list("topics/t/"))
     assert (await a.status("t"))["pending"] == 21
+
+
+async def test_metrics_report_a_topic_whose_front_segment_left_the_cache() -> None:
+    """/metrics left out every topic whose oldest-due scan wanted a segment the
+    cache no longer held (1,000 topics under the default cache: 715 of them
+    gone from the scrape). Its counts and totals are in its head: they are
+    reported, and its age is left out (not known; 0 would say none waits)."""
+    q = engine_on(MemStore(), cache_bytes=256 * 1024)
+    await q.enqueue("t0", [JobSpec("x" * 1000) for _ in range(300)])
+    await q.enqueue("t1", [JobSpec("x" * 1000) for _ in range(300)])  # t0's pushed out
+    await q.enqueue("t2", [JobSpec("small")])  # in its head
+    t0 = q.committer._topics["t0"]
+    assert t0.state is not None
+    fronts = [
+        ref["k"]
+        for lane in t0.state.head["lanes"].values()
+        for r in lane["runs"]
+        for ref in r["segs"][:1]
+    ]
+    assert fronts and not any(keys.segment("t0", k) in q.committer.cache for k in fronts)
+    gauges = await q.cached_gauges()
+    assert {name: g["counts"]["pending"] for name, g in gauges.items()} == {
+        "t0": 300,
+        "t1": 300,
+        "t2": 1,
+    }
+    assert gauges["t2"]["oldest_pending_age"] is not None
+    assert gauges["t0"]["oldest_pending_age"] is None

@@ -218,7 +218,9 @@ GAUGES_KEPT = 20_000
 @dataclass(frozen=True, slots=True)
 class _Left:
     """A topic's figures for /metrics, as of when they were taken: its ages
-    are reported from the times, as they grow."""
+    are reported from the times, as they grow. An age whose job is in a
+    segment the cache no longer holds is not known (its counts, in the
+    head, are): _UNKNOWN."""
 
     counts: dict[str, int]
     totals: dict[str, int]
@@ -231,9 +233,9 @@ class _Left:
         return cls(
             s.counts(now),
             s.totals(),
-            s.oldest_due_since(now, OLDEST_SCAN),
+            _known(lambda: s.oldest_due_since(now, OLDEST_SCAN)),
             s.outbox_size(),
-            s.outbox_oldest(),
+            _known(s.outbox_oldest),
         )
 
     def holds_jobs(self) -> bool:
@@ -241,17 +243,35 @@ class _Left:
         return bool(c["pending"] or c["delayed"] or c["claimed"] or c["dead"] or self.outbox)
 
     def gauges(self, now: float) -> dict[str, Any]:
+        """Ages in seconds, 0.0 when none waits, None when not known."""
         return {
             "counts": self.counts,
             "totals": self.totals,
-            "oldest_pending_age": None
-            if self.oldest_due is None
-            else max(0.0, now - self.oldest_due),
+            "oldest_pending_age": _age(self.oldest_due, now),
             "outbox": self.outbox,
-            "outbox_lag": None
-            if self.outbox_oldest is None
-            else max(0.0, now - self.outbox_oldest),
+            "outbox_lag": _age(self.outbox_oldest, now),
         }
+
+
+# A time /metrics cannot know from the cache (its job is in a segment the
+# cache dropped): its age is left out of the scrape, not said to be 0.
+_UNKNOWN = math.nan
+
+
+def _known(since: Callable[[], float | None]) -> float | None:
+    """`since()`, or _UNKNOWN if it wants a segment the cache does not hold."""
+    try:
+        return since()
+    except SegmentMissing:
+        return _UNKNOWN
+
+
+def _age(since: float | None, now: float) -> float | None:
+    if since is None:
+        return 0.0
+    if math.isnan(since):
+        return None
+    return max(0.0, now - since)
 
 
 @dataclass(frozen=True, slots=True)

@@ -264,7 +264,8 @@ def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[A
     oldest = GaugeMetricFamily(
         "simplequeue_oldest_pending_age_seconds",
         "Seconds the job of a topic due longest has waited since it came due (its run_at, "
-        "or its enqueue if later: a delay is no wait; 0 when none waits)",
+        "or its enqueue if later: a delay is no wait; 0 when none waits; no sample when the job "
+        "is in a segment the broker's cache does not hold)",
         labels=["topic"],
     )
     outbox = GaugeMetricFamily(
@@ -274,7 +275,8 @@ def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[A
     )
     lag = GaugeMetricFamily(
         "simplequeue_outbox_lag_seconds",
-        "Seconds the oldest undelivered follow-up of a topic has waited (0 when none)",
+        "Seconds the oldest undelivered follow-up of a topic has waited (0 when none; no "
+        "sample when it is in a segment the broker's cache does not hold)",
         labels=["topic"],
     )
     for topic, g in sorted(topics.items()):
@@ -282,9 +284,12 @@ def commit_families(stats: Any, topics: dict[str, dict[str, Any]]) -> Iterator[A
             jobs.add_metric([topic, state], g["counts"][state])
         for outcome, value in g["totals"].items():
             ever.add_metric([topic, outcome], value)
-        oldest.add_metric([topic], g["oldest_pending_age"] or 0.0)
+        # An age not known from the cache (None) is left out, not said to be 0.
+        if g["oldest_pending_age"] is not None:
+            oldest.add_metric([topic], g["oldest_pending_age"])
         outbox.add_metric([topic], g["outbox"])
-        lag.add_metric([topic], g["outbox_lag"] or 0.0)
+        if g["outbox_lag"] is not None:
+            lag.add_metric([topic], g["outbox_lag"])
     yield jobs
     yield ever
     yield oldest
