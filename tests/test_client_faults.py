@@ -16,12 +16,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from aiohttp import web
 
 from simplequeue import api, keys
-from simplequeue.client import Client, Done, Job, Worker, calls_within
+from simplequeue.client import Client, Done, Job, SyncClient, Worker, calls_within
 from simplequeue.client import client as client_module
 from simplequeue.client.worker import TAKE_BACK_WITHIN
 from simplequeue.errors import (
@@ -687,14 +688,11 @@ async def test_an_owner_that_did_not_answer_is_not_followed_again_for_a_while(
             assert q._owner == owner  # followed again once that while is over
 
 
-async def test_an_answer_is_not_read_past_the_largest_a_broker_gives(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_an_answer_is_not_read_past_the_clients_max_answer() -> None:
     """A proxy or a wrong port that streams: the client read whatever came for
     its whole `timeout` into memory (RSS +550 MB a try in 1 s on loopback,
-    2.6 GB over five calls; review finding). Past MAX_ANSWER (made 1 MiB
+    2.6 GB over five calls; review finding). Past its max_answer (made 1 MiB
     here), the call fails, not retried, the rest of the answer left unread."""
-    monkeypatch.setattr(client_module, "MAX_ANSWER", 1 << 20, raising=False)
     sent = 0
 
     async def flood(request: web.BaseRequest) -> web.StreamResponse:
@@ -709,10 +707,66 @@ async def test_an_answer_is_not_read_past_the_largest_a_broker_gives(
             pass
         return response
 
-    async with serving(flood) as url, Client(url, topic="t", retries=3) as q:
+    async with serving(flood) as url, Client(url, topic="t", retries=3, max_answer=1 << 20) as q:
         with pytest.raises(BrokerError):
             await prompt(q.status())
     assert sent < 16 << 20, f"the client read {sent >> 20} MiB of one answer"
+
+
+async def test_a_client_reads_an_answer_up_to_its_max_answer() -> None:
+    """MAX_ANSWER (128 MiB) was the one cap of every client, though a claim of
+    a job a broker with a large --max-body took is larger (22 MiB of control
+    characters over RESP is 132 MiB as JSON): the broker claimed the job, the
+    SDK refused its answer, and the job was never run (review of round 28).
+    The cap is each client's max_answer (MAX_ANSWER, 1 GiB, by default), a
+    SyncClient's too. Here a job of 3 MiB as JSON, read under a 4 MiB cap,
+    refused under a 2 MiB one."""
+    job = api.Job("big", "pending", payload="\x01" * (512 << 10))
+
+    async def answer(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(body=msgspec.json.encode(job), content_type="application/json")
+
+    async with serving(answer) as url:
+        async with Client(url, topic="t", max_answer=4 << 20) as q:
+            assert (await prompt(q.job("big"))).payload == job.payload
+            assert q.for_topic("u").max_answer == 4 << 20
+        async with Client(url, topic="t", max_answer=2 << 20) as q:
+            with pytest.raises(BrokerError, match="max_answer"):
+                await prompt(q.job("big"))
+    assert Client("http://127.0.0.1:9").max_answer == client_module.MAX_ANSWER
+    with SyncClient("http://127.0.0.1:9", max_answer=5) as sync:
+        assert sync.client.max_answer == 5
+    with pytest.raises(ValueError, match="max_answer"):
+        Client("http://127.0.0.1:9", max_answer=0)
+
+
+def test_the_default_max_answer_holds_a_claim_from_a_broker_with_a_max_body_of_160_mib() -> None:
+    """The README: a claim's answer is 16 MiB of payloads as JSON (Bounds
+    .claim_bytes), past the job that crosses the mark, which comes whole (six
+    times --max-body as JSON at most: a RESP value of control characters),
+    and 27 KiB more a job at most, api.MAX_BATCH jobs: the default
+    max_answer holds it up to a --max-body of 160 MiB. It was 128 MiB, less
+    than one job a broker with a --max-body of 24 MiB takes over RESP
+    (review of round 28)."""
+    from simplequeue.state.limits import Bounds
+
+    MiB = 1 << 20
+    assert len(msgspec.json.encode("\x01" * 1000)) == 6 * 1000 + 2  # the worst escape
+    # A job's id and its worker's, 256 printable characters of 4 bytes each;
+    # the lease token is the broker's.
+    widest = "\U0001f600" * 256
+    at_most = api.Job(
+        widest, "claimed", payload=None, priority=-(2**31), run_at=-1.2345678901234567e300,
+        attempts=2**62, max_attempts=2**62, created_at=-1.2345678901234567e300,
+        claimed_by=widest, claimed_at=-1.2345678901234567e300,
+        heartbeat_at=-1.2345678901234567e300, lease_expires_at=-1.2345678901234567e300,
+        lease_token=api.new_id(), last_error="\x01" * api.MAX_ERROR,
+    )  # fmt: skip
+    per_job = len(msgspec.json.encode(at_most)) + 1  # and a comma
+    assert per_job <= 27 << 10
+    claim = Bounds().claim_bytes + 6 * 160 * MiB + api.MAX_BATCH * per_job + 64
+    assert Bounds().claim_bytes + api.MAX_BATCH * (27 << 10) <= 43 * MiB
+    assert claim <= client_module.MAX_ANSWER
 
 
 async def test_a_redirect_is_not_followed() -> None:

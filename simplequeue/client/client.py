@@ -15,7 +15,8 @@ broker or anything between them answers:
   status for anything the API does not answer (a proxy's 500, an HTML page);
 - answers are decoded into the API's types (simplequeue.api): one that is not
   what the route answers is a BrokerError, never a KeyError, and so is one
-  larger than MAX_ANSWER, left unread;
+  larger than the client's `max_answer` (MAX_ANSWER, 1 GiB, by default),
+  left unread;
 - cancellation is never caught;
 - the calls made in a `calls_within(seconds)` block end within it, their
   tries included: the bound is each try's own HTTP timeout, so it holds
@@ -96,16 +97,20 @@ KEEPALIVE = api.client_keepalive()
 #: broker given names it: one the client cannot reach (an internal
 #: --advertise-url, a NAT) would cost every call a whole `timeout` first.
 OWNER_LEFT_FOR = 60.0
-#: The most bytes of an answer the client reads: past it the call fails
-#: (BrokerError, not retried) rather than hold whatever a proxy or a wrong
-#: port streams. The largest answer the API bounds, a claim's, is under 50
-#: MiB: its payloads stop at 16 MiB, past the job that crosses the mark (1 MiB
-#: with the default --max-body, six times that as JSON for a value sent over
-#: RESP), and each of its api.MAX_BATCH jobs carries some 27 KiB more at most
-#: (a last error of api.MAX_ERROR characters, escaped). Only the list of
-#: every dead job is bounded by the broker's object cache alone: a quarter
-#: of the default --cache-mb is 64 MiB, half this; larger ones are read in pages.
-MAX_ANSWER = 128 * 1024 * 1024
+#: The most bytes of an answer a client reads by default (its `max_answer`):
+#: past it the call fails (BrokerError, not retried) rather than hold whatever
+#: a proxy or a wrong port streams. The largest answer the API bounds, a
+#: claim's, depends on the broker's --max-body, which has no upper limit: its
+#: payloads stop at 16 MiB as JSON, past the job that crosses the mark, which
+#: comes whole (up to six times --max-body as JSON: a RESP value of control
+#: characters, each sent as \u0001), and each of its api.MAX_BATCH jobs
+#: carries some 27 KiB more at most (a last error of api.MAX_ERROR characters,
+#: escaped): 6 x --max-body + 43 MiB, 49 MiB with the default --max-body of
+#: 1 MiB. This cap holds it up to a --max-body of 160 MiB; a broker allowing
+#: more needs a client with a larger `max_answer`. Only the list of every dead
+#: job is bounded by the broker's object cache alone (--cache-mb): one past
+#: the cap is read in pages.
+MAX_ANSWER = 1024 * 1024 * 1024
 #: What encoding a value that JSON cannot hold raises (an object of a class
 #: of the caller's, say; a list that holds itself).
 UNSENDABLE = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
@@ -267,6 +272,7 @@ class Client:
         retry_budget: float | None = None,
         store: ObjectStore | None = None,
         max_age: float = 30.0,
+        max_answer: int = MAX_ANSWER,
     ) -> None:
         if url is None and store is None:
             raise ValueError("Client needs a broker URL, or a store to discover one in")
@@ -283,6 +289,11 @@ class Client:
         self.retry_budget = api.check_seconds("retry_budget", budget)
         self.store = store
         self.max_age = api.check_seconds("max_age", max_age)
+        if isinstance(max_answer, bool) or not isinstance(max_answer, int) or max_answer < 1:
+            raise ValueError(
+                f"max_answer must be a whole number of bytes above 0, not {max_answer!r}"
+            )
+        self.max_answer = max_answer  # bytes of an answer read at most (see MAX_ANSWER)
         self._session: aiohttp.ClientSession | None = None
         self._lender: Client | None = None  # for_topic(): whose session this one uses
         self._closed = False  # close() was called (a for_topic client may not lend on)
@@ -348,6 +359,7 @@ class Client:
             retry_budget=self.retry_budget,
             store=store,
             max_age=self.max_age,
+            max_answer=self.max_answer,
         )
         other._owns_store = store is not self.store
         return other
@@ -520,7 +532,7 @@ class Client:
             async with self._http().request(
                 method, url, data=data, timeout=timeout, headers=headers, allow_redirects=False
             ) as response:
-                raw = await _body(response, base)
+                raw = await _body(response, base, self.max_answer)
                 status = response.status
                 owner = response.headers.get(api.OWNER_HEADER)
                 if base == self._owner and self._owner != self.url and _not_served(status, raw):
@@ -1109,20 +1121,21 @@ def new_job_spec(
         raise InvalidRequest(str(exc)) from None
 
 
-async def _body(response: aiohttp.ClientResponse, where: str) -> bytes:
-    """The answer's body; BrokerError once it passes MAX_ANSWER bytes, or its
-    Content-Length says it will (the rest left unread: the connection is
-    closed)."""
+async def _body(response: aiohttp.ClientResponse, where: str, cap: int) -> bytes:
+    """The answer's body; BrokerError once it passes `cap` bytes (the client's
+    max_answer), or its Content-Length says it will (the rest left unread: the
+    connection is closed)."""
     said = response.content_length or 0
     parts: list[bytes] = []
     size = 0
-    while max(said, size) <= MAX_ANSWER and (part := await response.content.readany()):
+    while max(said, size) <= cap and (part := await response.content.readany()):
         parts.append(part)
         size += len(part)
-    if max(said, size) > MAX_ANSWER:
+    if max(said, size) > cap:
         raise BrokerError(
-            f"{where}: HTTP {response.status}: an answer over {MAX_ANSWER >> 20} MiB, more"
-            " than any the API gives (a list of dead jobs that large is read in pages)",
+            f"{where}: HTTP {response.status}: an answer over this client's max_answer"
+            f" ({cap:,} bytes): a broker whose --max-body is that large needs a larger one"
+            " (a list of dead jobs that large is read in pages)",
             response.status,
         )
     return b"".join(parts)

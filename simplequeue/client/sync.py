@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from simplequeue import api
-from simplequeue.client.client import AckItem, Client
+from simplequeue.client.client import MAX_ANSWER, AckItem, Client
 from simplequeue.client.followups import follow_up_specs
 from simplequeue.client.job import Job
 from simplequeue.client.lists import id_list, job_list
@@ -47,6 +47,7 @@ class SyncClient:
         retry_budget: float | None = None,
         store: ObjectStore | None = None,
         max_age: float = 30.0,
+        max_answer: int = MAX_ANSWER,
     ) -> None:
         # The client first: arguments it refuses leave no thread running.
         self._client: Client | None = None
@@ -60,6 +61,7 @@ class SyncClient:
                 retry_budget=retry_budget,
                 store=store,
                 max_age=max_age,
+                max_answer=max_answer,
             )
         self._lock = threading.Lock()
         self._closing = False  # once set (under `_lock`), no call starts
