@@ -299,6 +299,24 @@ async def test_heartbeat_extends_the_lease(q: Client) -> None:
     assert await q.heartbeat(job, lease=100) > job.lease_expires_at + 50
 
 
+async def test_the_empty_job_id_is_no_job_not_a_wrong_path(q: Client) -> None:
+    """job("") asked for /topics/t/jobs/, which no route has: since f9b2b28
+    its 404 raised RouteNotFound, which says the broker URL's path is wrong
+    (a Worker stops on it), not JobNotFound (review of round 28). No job has
+    the empty id: the client says so without asking. The calls that send the
+    id in their body are refused as bad input."""
+    async with Client("http://127.0.0.1:9", topic="t") as nowhere:  # no request goes out
+        with pytest.raises(JobNotFound):
+            await nowhere.job("")
+        with pytest.raises(JobNotFound):
+            await nowhere.job_dict("", wait=5)
+    with pytest.raises(JobNotFound):
+        await q.job("")
+    for call in (q.ack(""), q.nack(""), q.heartbeat(""), q.cancel([""]), q.requeue([""])):
+        with pytest.raises(InvalidRequest):
+            await call
+
+
 async def test_errors_are_typed(q: Client) -> None:
     with pytest.raises(JobNotFound):
         await q.job("ghost")

@@ -926,6 +926,10 @@ class Client:
         """GET the job, long-polling (?wait=, at most WAIT_PER_REQUEST s a
         request) until it is finished or `wait` seconds passed; JobNotFound
         if it does not exist then."""
+        if not job_id:
+            # No job has it (ids are 1-256 characters), and its path,
+            # /topics/t/jobs/, no route has: a RouteNotFound, not this.
+            raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, wait)
         while True:
