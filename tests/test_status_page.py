@@ -1281,6 +1281,33 @@ async def test_a_topic_whose_jobs_the_overview_does_not_list_says_so(
     assert errors == []
 
 
+async def test_a_lone_topic_cut_short_reads_the_whole_budget_and_blames_no_other_topic(
+    start_broker: StartBroker, tab: tuple[Page, PageErrors]
+) -> None:
+    """03253e6 gave each topic a quarter of Engine.claim_bytes to read its
+    listings, whatever the other topics left, and the page said of every
+    topic cut short "the topics before this one took them": a lone topic,
+    no topic before it, nearly all of the budget unspent, was told so
+    (review of round 28: 5 of 100 dead 12 KB jobs listed, under --cache-mb
+    2, claim_bytes 256 KB). A topic read alone takes all that is left, and
+    the note says what is bounded, blaming no other topic."""
+    from playwright.async_api import expect
+
+    page, errors = tab
+    broker = await start_broker(MemStore(), cache_bytes=2 * 1024 * 1024)
+    await _dead_jobs(broker, "only", 100, 12_000)
+    [view] = (await broker.http_api.page.compute()).topics
+    assert isinstance(view, status_page.TopicView) and view.listing_cut
+    budget = broker.engine.claim_bytes
+    listed = len(view.dead)
+    assert budget // 2 < listed * 12_000 <= 2 * budget, listed
+    await page.goto(broker.url + "/")
+    more = card(page, "only").locator('[data-more="dead"]')
+    await expect(more).to_contain_text(f"{100 - listed} more not listed")
+    assert "before this one" not in await more.inner_text()
+    assert errors == []
+
+
 async def test_live_regions_stay_quiet_while_nothing_changes(
     start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
 ) -> None:

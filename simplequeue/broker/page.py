@@ -48,7 +48,8 @@ MAX_TEXT = 1_000_000
 # The segments an overview's listings read (dead jobs', claimed jobs'
 # payloads) come to what a batch's claims may read at most (Engine.claim_bytes:
 # 16 MiB, or an eighth of --cache-mb), a topic taking 1/INSPECT_PARALLEL of
-# it at most. Bounded by count only, 10 idle topics of 100 dead 50 KB jobs
+# it at most while another is read or left to read, what is left when none
+# is (a lone topic: the whole). Bounded by count only, 10 idle topics of 100 dead 50 KB jobs
 # under --cache-mb 16 cost 5,778 GETs (184 MB) an overview, one a second
 # while a tab was open: they did not fit the cache together.
 # Topics an overview inspects at once (parallel.each, as the take-over reads
@@ -181,8 +182,11 @@ class TopicView(Struct, tag_field="kind", tag="topic"):
     schedules: list[ScheduleView] = []  # by name
     settings: api.Settings | None = None
     # True: fewer jobs are listed than MAX_LISTED allows, as the overview's
-    # bounds of all its topics together (MAX_ROWS, MAX_TEXT, the bytes its
-    # listings read) were spent.
+    # bounds were spent: those of all its topics together (MAX_ROWS,
+    # MAX_TEXT, the bytes its listings read), taken by the topics before this
+    # one, or the bytes this one's listing could read (its share of them
+    # while others were read beside it, all that was left when it was read
+    # alone). Not always the other topics' doing: the page does not say so.
     listing_cut: bool = False
 
 
@@ -496,9 +500,14 @@ class StatusPage:
         # order), what one did not use given back.
         budget = self.engine.claim_bytes
         reading = Listing(read=budget)
+        unread = len(shown)  # topics not read yet, those being read included
 
         async def inspect(topic: str) -> None:
-            rows, room = reading.take(2 * MAX_LISTED, budget // INSPECT_PARALLEL)
+            nonlocal unread
+            # A topic read alone (none beside it, none after it) takes all
+            # that is left: a lone topic, the whole budget, not its share.
+            share = budget if unread == 1 else budget // INSPECT_PARALLEL
+            rows, room = reading.take(2 * MAX_LISTED, share)
             try:
                 got = seen[topic] = await self.engine.inspect(
                     topic,
@@ -515,6 +524,8 @@ class StatusPage:
             else:
                 reading.rows += rows - len(got["claimed"]) - len(got["dead"])
                 reading.read += room - got["read"]
+            finally:
+                unread -= 1
 
         await each(shown, INSPECT_PARALLEL, inspect)
         listing = Listing()  # what the views list, in the topics' order

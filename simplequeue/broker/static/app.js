@@ -872,7 +872,7 @@
     let text = "";
     if (more) {
       text = jobs.length ? `… and ${fmtCount(more)} more not listed` : `${fmtCount(more)} not listed`;
-      if (cut) text += " (the page lists a bounded number of jobs of all topics together: the topics before this one took them)";
+      if (cut) text += " (each overview reads and lists a bounded amount of jobs and bytes, of all topics together)";
     }
     setText(moreNode, text);
   }
