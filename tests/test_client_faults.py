@@ -688,6 +688,81 @@ async def test_an_owner_that_did_not_answer_is_not_followed_again_for_a_while(
             assert q._owner == owner  # followed again once that while is over
 
 
+async def test_a_call_out_of_its_own_time_does_not_leave_a_healthy_owner() -> None:
+    """8b37daf: an owner left (refused, timed out, cut short) is not followed
+    again for OWNER_LEFT_FOR (60 s). A try cut short by the caller's own
+    calls_within() bound (a Worker's heartbeats and acks run under one, as
+    short as a second) counted as the owner not answering: one slow answer
+    from a healthy owner sent every request of the topic through the broker
+    given (two hops, its load) for a minute (review of round 28)."""
+    counts = dict.fromkeys(api.Counts.__struct_fields__, 0)
+    slow = asyncio.Event()
+    at_owner: list[str] = []
+
+    async def owner_answers(request: web.BaseRequest) -> web.StreamResponse:
+        at_owner.append(request.path)
+        if slow.is_set():
+            slow.clear()
+            await asyncio.sleep(0.3)  # one slow answer (a store's hiccup)
+        return web.json_response(counts)
+
+    async with serving(owner_answers) as owner:
+
+        async def given(request: web.BaseRequest) -> web.StreamResponse:
+            return web.json_response(counts, headers={api.OWNER_HEADER: owner})
+
+        async with serving(given) as url, Client(url, topic="t", timeout=5) as q:
+            await prompt(q.status())  # names the owner
+            await prompt(q.status())
+            assert len(at_owner) == 1
+            slow.set()
+            with pytest.raises(TimeoutError):
+                async with calls_within(0.1):  # the caller's bound, not the owner's fault
+                    await q.status()
+            assert q._owner == owner and owner not in q._owners_left
+            await prompt(q.status())
+            assert len(at_owner) == 3, "a healthy owner left for a minute"
+
+
+async def test_a_kept_alive_connection_the_owner_closed_does_not_leave_it() -> None:
+    """A request sent on a kept-alive connection just as the owner closes it
+    ("server disconnected") is retried; 8b37daf also left the owner for a
+    minute, every request of the topic through the broker given (review of
+    round 28). The retry goes to the owner again, on a new connection; a new
+    connection closed unanswered still leaves it."""
+    counts = dict.fromkeys(api.Counts.__struct_fields__, 0)
+    hang_up = 0
+    at_owner: list[str] = []
+
+    async def owner_answers(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal hang_up
+        at_owner.append(request.path)
+        if hang_up:
+            hang_up -= 1
+            assert request.transport is not None
+            request.transport.close()  # no answer: the connection closed
+        return web.json_response(counts)
+
+    async with serving(owner_answers) as owner:
+
+        async def given(request: web.BaseRequest) -> web.StreamResponse:
+            return web.json_response(counts, headers={api.OWNER_HEADER: owner})
+
+        async with serving(given) as url, Client(url, topic="t", retries=3) as q:
+            await prompt(q.status())  # names the owner
+            await prompt(q.status())  # its connection kept alive
+            hang_up = 1
+            # A POST: aiohttp retries a GET on a new connection itself.
+            await prompt(q.request("POST", q._t("/status"), api.Counts, {}))
+            assert len(at_owner) == 3, "the retry went to the broker given"
+            assert q._owner == owner and owner not in q._owners_left
+        async with serving(given) as url, Client(url, topic="t", retries=3) as q:
+            await prompt(q.status())  # names the owner
+            hang_up = 1
+            await prompt(q.request("POST", q._t("/status"), api.Counts, {}))  # a new connection
+            assert q._owner is None and owner in q._owners_left
+
+
 async def test_an_answer_is_not_read_past_the_clients_max_answer() -> None:
     """A proxy or a wrong port that streams: the client read whatever came for
     its whole `timeout` into memory (RSS +550 MB a try in 1 s on loopback,

@@ -92,10 +92,13 @@ RETRIED_STATUSES = UNANSWERED_STATUSES | {408}
 #: long as the broker keeps it, a request sent just as the broker closes it is
 #: lost ("server disconnected"): retried, or failed with retries=1.
 KEEPALIVE = api.client_keepalive()
-#: Seconds an owner left because it did not answer (refused, timed out, cut
-#: short, or a proxy's page in its place) is not followed again, though the
-#: broker given names it: one the client cannot reach (an internal
-#: --advertise-url, a NAT) would cost every call a whole `timeout` first.
+#: Seconds an owner left because it did not answer (refused, not connected
+#: to or silent for a whole `timeout`, cut short, or a proxy's page in its
+#: place) is not followed again, though the broker given names it: one the
+#: client cannot reach (an internal --advertise-url, a NAT) would cost every
+#: call a whole `timeout` first. Not left so: a try cut short by the caller's
+#: own calls_within() bound, or a kept-alive connection the owner closed
+#: (its retry goes to the owner again, on a new connection).
 OWNER_LEFT_FOR = 60.0
 #: The most bytes of an answer a client reads by default (its `max_answer`):
 #: past it the call fails (BrokerError, not retried) rather than hold whatever
@@ -379,6 +382,7 @@ class Client:
             self._session = aiohttp.ClientSession(
                 headers=headers,
                 connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEPALIVE),
+                trace_configs=[_connections_traced()],
             )
         return self._session
 
@@ -515,14 +519,18 @@ class Client:
         a broker named it (the Simplequeue-Owner header; never from https to
         plain http); if the owner stops answering, back to the broker this
         client was given, which routes it, and is not followed there again for
-        OWNER_LEFT_FOR seconds."""
+        OWNER_LEFT_FOR seconds (unless the fault was not the owner's:
+        _owner_failed)."""
         if not self.url:
             await self._rediscover(sent=False)
         data = encode(body) if body is not None else None
         total = self.timeout + wait
-        timeout = aiohttp.ClientTimeout(total=total if within is None else min(total, within))
+        limit = total if within is None else min(total, within)
+        cut = limit < total  # to the time the caller's bound leaves (calls_within)
+        timeout = aiohttp.ClientTimeout(total=limit)
         headers = {"Content-Type": "application/json"} if data is not None else None
         base = self._owner if self._owner and path.startswith("/topics/") else self.url
+        connection = {"reused": False}  # set by _connections_traced()
         try:
             # `path` is %-encoded already (_segment): sent as it is, not
             # normalised (an id ".." is no step up).
@@ -530,7 +538,13 @@ class Client:
             # No redirects: a 302 would make a POST a GET of another page,
             # whose JSON could pass for an answer. A broker never sends one.
             async with self._http().request(
-                method, url, data=data, timeout=timeout, headers=headers, allow_redirects=False
+                method,
+                url,
+                data=data,
+                timeout=timeout,
+                headers=headers,
+                allow_redirects=False,
+                trace_request_ctx=connection,
             ) as response:
                 raw = await _body(response, base, self.max_answer)
                 status = response.status
@@ -550,7 +564,8 @@ class Client:
             unsent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
             tried = True
             if base == self._owner and self._owner != self.url:
-                self._leave_owner(base)  # the owner went away: the broker given routes again
+                if _owner_failed(exc, cut=cut, reused=connection["reused"]):
+                    self._leave_owner(base)  # the owner went away: the broker given routes again
             else:
                 await self._rediscover(sent=not unsent)
                 # broker.json still names the broker that could not be
@@ -1143,6 +1158,37 @@ async def _body(response: aiohttp.ClientResponse, where: str, cap: int) -> bytes
             response.status,
         )
     return b"".join(parts)
+
+
+def _connections_traced() -> aiohttp.TraceConfig:
+    """Tracing that tells a request (its trace_request_ctx, a dict) whether
+    its last try went out on a kept-alive connection ("reused")."""
+
+    async def reused(_: Any, context: Any, __: Any) -> None:
+        context.trace_request_ctx["reused"] = True
+
+    async def made(_: Any, context: Any, __: Any) -> None:
+        context.trace_request_ctx["reused"] = False
+
+    traced = aiohttp.TraceConfig()
+    traced.on_connection_reuseconn.append(reused)
+    traced.on_connection_create_end.append(made)
+    return traced
+
+
+def _owner_failed(exc: BaseException, *, cut: bool, reused: bool) -> bool:
+    """Whether a try at an owner failed by the owner's doing: not a timeout
+    cut to the caller's own bound (calls_within(): the owner may be only a
+    little slower than that), nor a kept-alive connection closed or reset
+    as the request went out (the owner closed it idle: the retry goes to it
+    again, on a new connection). Refusals, connect timeouts, silence for a
+    whole `timeout`, a new connection closed unanswered, an answer cut short
+    are."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return True
+    if isinstance(exc, TimeoutError):
+        return not cut
+    return not (reused and isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError))
 
 
 def _not_served(status: int, raw: bytes) -> bool:
