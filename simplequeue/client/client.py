@@ -93,12 +93,14 @@ RETRIED_STATUSES = UNANSWERED_STATUSES | {408}
 #: lost ("server disconnected"): retried, or failed with retries=1.
 KEEPALIVE = api.client_keepalive()
 #: Seconds an owner left because it did not answer (refused, not connected
-#: to or silent for a whole `timeout`, cut short, or a proxy's page in its
-#: place) is not followed again, though the broker given names it: one the
-#: client cannot reach (an internal --advertise-url, a NAT) would cost every
-#: call a whole `timeout` first. Not left so: a try cut short by the caller's
-#: own calls_within() bound, or a kept-alive connection the owner closed
-#: (its retry goes to the owner again, on a new connection).
+#: to or silent for a whole `timeout`, or a proxy's page in its place) is not
+#: followed again, though the broker given names it: one the client cannot
+#: reach (an internal --advertise-url, a NAT) would cost every call a whole
+#: `timeout` first. Not left so: a try cut short by the caller's own
+#: calls_within() bound (the owner stays followed), and one that failed fast
+#: (a connection closed, most often a kept-alive one the owner closed idle,
+#: or an answer cut short: its retry goes through the broker given, and the
+#: owner is followed again at once).
 OWNER_LEFT_FOR = 60.0
 #: The most bytes of an answer a client reads by default (its `max_answer`):
 #: past it the call fails (BrokerError, not retried) rather than hold whatever
@@ -382,7 +384,6 @@ class Client:
             self._session = aiohttp.ClientSession(
                 headers=headers,
                 connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEPALIVE),
-                trace_configs=[_connections_traced()],
             )
         return self._session
 
@@ -530,7 +531,6 @@ class Client:
         timeout = aiohttp.ClientTimeout(total=limit)
         headers = {"Content-Type": "application/json"} if data is not None else None
         base = self._owner if self._owner and path.startswith("/topics/") else self.url
-        connection = {"reused": False}  # set by _connections_traced()
         try:
             # `path` is %-encoded already (_segment): sent as it is, not
             # normalised (an id ".." is no step up).
@@ -544,7 +544,6 @@ class Client:
                 timeout=timeout,
                 headers=headers,
                 allow_redirects=False,
-                trace_request_ctx=connection,
             ) as response:
                 raw = await _body(response, base, self.max_answer)
                 status = response.status
@@ -564,8 +563,10 @@ class Client:
             unsent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
             tried = True
             if base == self._owner and self._owner != self.url:
-                if _owner_failed(exc, cut=cut, reused=connection["reused"]):
-                    self._leave_owner(base)  # the owner went away: the broker given routes again
+                if not (isinstance(exc, TimeoutError) and cut):  # not the caller's bound
+                    # The broker given routes again; for a while if the owner
+                    # would cost every call as much again.
+                    self._leave_owner(base, for_a_while=_owner_failed(exc))
             else:
                 await self._rediscover(sent=not unsent)
                 # broker.json still names the broker that could not be
@@ -595,11 +596,13 @@ class Client:
         del self._owners_left[url]
         return url
 
-    def _leave_owner(self, owner: str) -> None:
+    def _leave_owner(self, owner: str, for_a_while: bool = True) -> None:
         """Send the topic's requests back to the broker given, which routes
-        them, and follow no broker's word back to `owner` for a while."""
+        them, and (`for_a_while`) follow no broker's word back to `owner` for
+        OWNER_LEFT_FOR seconds."""
         self._owner = None
-        self._owners_left[owner] = time.monotonic()
+        if for_a_while:
+            self._owners_left[owner] = time.monotonic()
 
     async def _rediscover(self, *, sent: bool) -> None:
         """Follow broker.json to the active broker, if this client can. When it
@@ -1160,35 +1163,16 @@ async def _body(response: aiohttp.ClientResponse, where: str, cap: int) -> bytes
     return b"".join(parts)
 
 
-def _connections_traced() -> aiohttp.TraceConfig:
-    """Tracing that tells a request (its trace_request_ctx, a dict) whether
-    its last try went out on a kept-alive connection ("reused")."""
-
-    async def reused(_: Any, context: Any, __: Any) -> None:
-        context.trace_request_ctx["reused"] = True
-
-    async def made(_: Any, context: Any, __: Any) -> None:
-        context.trace_request_ctx["reused"] = False
-
-    traced = aiohttp.TraceConfig()
-    traced.on_connection_reuseconn.append(reused)
-    traced.on_connection_create_end.append(made)
-    return traced
-
-
-def _owner_failed(exc: BaseException, *, cut: bool, reused: bool) -> bool:
-    """Whether a try at an owner failed by the owner's doing: not a timeout
-    cut to the caller's own bound (calls_within(): the owner may be only a
-    little slower than that), nor a kept-alive connection closed or reset
-    as the request went out (the owner closed it idle: the retry goes to it
-    again, on a new connection). Refusals, connect timeouts, silence for a
-    whole `timeout`, a new connection closed unanswered, an answer cut short
-    are."""
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return True
-    if isinstance(exc, TimeoutError):
-        return not cut
-    return not (reused and isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError))
+def _owner_failed(exc: BaseException) -> bool:
+    """Whether a try at an owner failed in a way that would cost every call
+    as much again (OWNER_LEFT_FOR): refused, not connected to, or silent for
+    a whole `timeout`. A connection closed or reset, or an answer cut short,
+    fails fast (a kept-alive connection the owner closed idle, most often):
+    its retry goes to the broker given, and the owner is followed again at
+    the next answer that names it."""
+    return isinstance(
+        exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError | TimeoutError
+    )
 
 
 def _not_served(status: int, raw: bytes) -> bool:
