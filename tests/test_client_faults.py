@@ -610,6 +610,24 @@ async def serving(handler: Any, tls: ssl.SSLContext | None = None) -> AsyncItera
         await runner.cleanup()
 
 
+def naming(owner: str) -> Any:
+    """A broker's handler: zero counts, naming `owner` the topic's owner."""
+    counts = dict.fromkeys(api.Counts.__struct_fields__, 0)
+
+    async def given(request: web.BaseRequest) -> web.StreamResponse:
+        return web.json_response(counts, headers={api.OWNER_HEADER: owner})
+
+    return given
+
+
+@asynccontextmanager
+async def owner_behind_a_broker(answers: Any) -> AsyncIterator[tuple[str, str]]:
+    """(the broker's URL, the owner's): an owner serving `answers`, and a
+    broker that names it in every answer."""
+    async with serving(answers) as owner, serving(naming(owner)) as url:
+        yield url, owner
+
+
 def _self_signed(folder: Path) -> tuple[Path, Path]:
     """(certificate, key) of a self-signed certificate for 127.0.0.1."""
     cert, key = folder / "cert.pem", folder / "key.pem"
@@ -669,14 +687,9 @@ async def test_an_owner_that_did_not_answer_is_not_followed_again_for_a_while(
     hole.bind(("127.0.0.1", 0))
     hole.listen()
     owner = f"http://127.0.0.1:{hole.getsockname()[1]}"
-    counts = dict.fromkeys(api.Counts.__struct_fields__, 0)
-
-    async def given(request: web.BaseRequest) -> web.StreamResponse:
-        return web.json_response(counts, headers={api.OWNER_HEADER: owner})
-
     loop = asyncio.get_running_loop()
     with hole:
-        async with serving(given) as url, Client(url, topic="t", timeout=0.5) as q:
+        async with serving(naming(owner)) as url, Client(url, topic="t", timeout=0.5) as q:
             await prompt(q.status())  # names the owner
             await prompt(q.status())  # no answer there in 0.5 s: the broker given's
             started = loop.time()
@@ -706,22 +719,20 @@ async def test_a_call_out_of_its_own_time_does_not_leave_a_healthy_owner() -> No
             await asyncio.sleep(0.3)  # one slow answer (a store's hiccup)
         return web.json_response(counts)
 
-    async with serving(owner_answers) as owner:
-
-        async def given(request: web.BaseRequest) -> web.StreamResponse:
-            return web.json_response(counts, headers={api.OWNER_HEADER: owner})
-
-        async with serving(given) as url, Client(url, topic="t", timeout=5) as q:
-            await prompt(q.status())  # names the owner
-            await prompt(q.status())
-            assert len(at_owner) == 1
-            slow.set()
-            with pytest.raises(TimeoutError):
-                async with calls_within(0.1):  # the caller's bound, not the owner's fault
-                    await q.status()
-            assert q._owner == owner and owner not in q._owners_left
-            await prompt(q.status())
-            assert len(at_owner) == 3, "a healthy owner left for a minute"
+    async with (
+        owner_behind_a_broker(owner_answers) as (url, owner),
+        Client(url, topic="t", timeout=5) as q,
+    ):
+        await prompt(q.status())  # names the owner
+        await prompt(q.status())
+        assert len(at_owner) == 1
+        slow.set()
+        with pytest.raises(TimeoutError):
+            async with calls_within(0.1):  # the caller's bound, not the owner's fault
+                await q.status()
+        assert q._owner == owner and owner not in q._owners_left
+        await prompt(q.status())
+        assert len(at_owner) == 3, "a healthy owner left for a minute"
 
 
 async def test_a_connection_the_owner_closed_does_not_leave_it_for_a_minute() -> None:
@@ -743,21 +754,19 @@ async def test_a_connection_the_owner_closed_does_not_leave_it_for_a_minute() ->
             request.transport.close()  # no answer: the connection closed
         return web.json_response(counts)
 
-    async with serving(owner_answers) as owner:
-
-        async def given(request: web.BaseRequest) -> web.StreamResponse:
-            return web.json_response(counts, headers={api.OWNER_HEADER: owner})
-
-        async with serving(given) as url, Client(url, topic="t", retries=3) as q:
-            await prompt(q.status())  # names the owner
-            await prompt(q.status())  # its connection kept alive
-            hang_up = 1
-            # A POST: aiohttp retries a GET on a new connection itself.
-            await prompt(q.request("POST", q._t("/status"), api.Counts, {}))
-            assert len(at_owner) == 2  # the retry went through the broker given
-            assert q._owner == owner and owner not in q._owners_left
-            await prompt(q.status())
-            assert len(at_owner) == 3, "the owner was left"
+    async with (
+        owner_behind_a_broker(owner_answers) as (url, owner),
+        Client(url, topic="t", retries=3) as q,
+    ):
+        await prompt(q.status())  # names the owner
+        await prompt(q.status())  # its connection kept alive
+        hang_up = 1
+        # A POST: aiohttp retries a GET on a new connection itself.
+        await prompt(q.request("POST", q._t("/status"), api.Counts, {}))
+        assert len(at_owner) == 2  # the retry went through the broker given
+        assert q._owner == owner and owner not in q._owners_left
+        await prompt(q.status())
+        assert len(at_owner) == 3, "the owner was left"
 
 
 async def test_an_answer_is_not_read_past_the_clients_max_answer() -> None:
