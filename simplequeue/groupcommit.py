@@ -1259,7 +1259,10 @@ class GroupCommitter:
         with it. Every object fetched; ObjectNotFound if `key` is gone.
         With `exact`, `key` and `also` only."""
         self.stats.fetch_rounds += 1
-        wanted, ahead = ([*also], []) if exact else names.prefetch(key, *also)
+        try:
+            wanted, ahead = ([*also], []) if exact else names.prefetch(key, *also)
+        except CorruptData:  # what it would read ahead through is bad: not read ahead
+            wanted, ahead = [*also], []
         if bad:
             wanted = [k for k in wanted if k not in bad]
             ahead = [k for k in ahead if k not in bad]

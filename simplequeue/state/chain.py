@@ -372,13 +372,24 @@ class Chain:
                 if n >= skip:
                     start = self.d["pos"] if (m == 0 and n == skip) else 0
                     found += self._find(manifest.refs[n], job_id, start, mref["k"])
+        unread: SegmentMissing | CorruptData | None = None
         for s, ref in enumerate(self.d["segs"]):
             # Most loose segments do not hold it (an ack's lease is in one of
             # up to 16): ask the segment's index before working out places.
-            if not self.segment(ref["k"]).positions(job_id):
+            try:
+                if not self.segment(ref["k"]).positions(job_id):
+                    continue
+            except (SegmentMissing, CorruptData) as exc:
+                unread = unread or exc  # needed only if it is nowhere else
                 continue
             start = self.d["pos"] if (not self.d["mans"] and s == 0) else 0
             found += self._find(ref, job_id, start, None)
+        if (
+            unread is not None
+            and not found
+            and not (inline and any(i["id"] == job_id for i in self.d["in"]))
+        ):
+            raise unread
         if inline:
             found += [Place(None, 0, i) for i in self.d["in"] if i["id"] == job_id]
         return found
@@ -597,7 +608,7 @@ class Chain:
         refs = []
         for ref in taken:
             entry = {k: v for k, v in ref.items() if k != "live"}
-            entry["ix"] = encode_index(i["id"] for i in self.segment(ref["k"]).items)
+            entry["ix"] = encode_index(i["id"] for i in self.items(ref))
             refs.append(entry)
         del self.d["segs"][:count]
         mref: dict[str, Any] = {

@@ -968,8 +968,9 @@ class TopicState(Layout):
         horizon = now - self.policy.retention
 
         def old(ref: dict[str, Any]) -> bool:
+            # A loose segment goes unread; a manifest is read (its holes).
             return ref.get("hi", 1e300) < horizon and (
-                not unreadable or keys.segment(self.topic, ref["k"]) not in unreadable
+                "segs" not in ref or keys.segment(self.topic, ref["k"]) not in unreadable
             )
 
         retained = self.retained
