@@ -28,7 +28,7 @@ from simplequeue.errors import CorruptData, JobNotFound
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import read_record
-from simplequeue.state import Bounds, Policy
+from simplequeue.state import Bounds, Policy, TopicState
 from tests.helpers.states import WRITER, fresh
 
 StartBroker = Callable[..., Awaitable[Any]]
@@ -311,26 +311,20 @@ class _CountingStore(MemStore):
 # Small bounds: every claim of 40 spills its leases, four loose lease segments
 # at most (the oldest two go under a manifest), and a seal compacts one lease
 # segment at most (merge_bytes: its first object alone).
-_TIDY_LIMITS: dict[str, Any] = {"inline_leases_bytes": 2048, "loose_max": 4, "merge_bytes": 1}
+LIMITS: dict[str, Any] = {"inline_leases_bytes": 2048, "loose_max": 4, "merge_bytes": 1}
 
 
-async def _sparse_lease_segment_spoiled(
-    store: MemStore, how: str
-) -> tuple[str, dict[str, tuple[int, str]]]:
+def _half_resolved(
+    **limits: Any,
+) -> tuple[TopicState, dict[str, bytes], dict[str, tuple[int, str]], bytes]:
     """Topic t, written by the state machine as a broker would: 500 jobs
     (j000..j499), 400 claimed 40 a batch by "w" (their leases in a segment a
     batch, the first two under one manifest), then 35 of the first batch's
-    and 30 of the second's acked in one batch. The seal of that batch
-    compacted the sparser first segment; the second, 10 of its 40 leases
-    live, waits for the next seal's lease compaction, and is spoiled (`how`:
-    its bytes garbage, the object gone, or holding 10 records, not 40). Its
-    key, and each claimed job's (batch, lease token)."""
-    import time
-
-    from simplequeue.api import JobSpec
-    from tests.helpers.states import WRITER, fresh
-
-    s = fresh(**_TIDY_LIMITS)
+    and 30 of the second's acked in one batch: its seal compacted the sparser
+    first segment; the second, 10 of its 40 leases live, waits for the next
+    seal's lease compaction. The state, the objects written, each claimed
+    job's (batch, lease token), and the last head."""
+    s = fresh(**limits)
     now = time.time()
     objects: dict[str, bytes] = {}
     writes = 0
@@ -350,12 +344,22 @@ async def _sparse_lease_segment_spoiled(
     for b in range(10):
         claimed.update((j["id"], (b, j["lease_token"])) for j in s.claim("w", 3600, 40, now))
         seal()
-    first = s.leases.d["mans"][0]
-    spoiled = s.leases.manifest(first["k"]).refs[1]["k"]  # the second batch's leases
     for b, n in ((0, 35), (1, 30)):
         for job_id in sorted(k for k, (at, _) in claimed.items() if at == b)[:n]:
             s.ack(job_id, claimed[job_id][1], None, now)
-    head = seal()
+    return s, objects, claimed, seal()
+
+
+async def _sparse_lease_segment_spoiled(
+    store: MemStore, how: str
+) -> tuple[str, dict[str, tuple[int, str]]]:
+    """_half_resolved's topic t in `store`, its second batch's lease segment
+    (10 of 40 live, waiting for the next seal's lease compaction) spoiled
+    (`how`: its bytes garbage, the object gone, or holding 10 records, not
+    40). Its key, and each claimed job's (batch, lease token)."""
+    s, objects, claimed, head = _half_resolved(**LIMITS)
+    first = s.leases.d["mans"][0]
+    spoiled = s.leases.manifest(first["k"]).refs[1]["k"]  # the second batch's leases
     assert s.leases.d["mans"][0]["live"] == 10  # the first segment compacted, not the second
     for k, data in objects.items():
         await store.put(k, data)
@@ -393,7 +397,7 @@ async def test_a_corrupt_object_only_upkeep_wants_is_skipped_and_the_topic_takes
 
     store = _CountingStore()
     key, claimed = await _sparse_lease_segment_spoiled(store, how)
-    settings = CommitSettings(bounds=Bounds(**_TIDY_LIMITS))
+    settings = CommitSettings(bounds=Bounds(**LIMITS))
     q = Engine(GroupCommitter(store, broker_id="b2", epoch=2, settings=settings))
     delivered: list[str] = []
     try:
@@ -480,11 +484,6 @@ def test_a_run_merge_leaves_a_run_whose_front_is_unreadable_and_merges_the_other
     assert sorted(claimed) == sorted(f"r{i}-{k}" for i in range(40) for k in range(4))
 
 
-# As tests/test_bad_objects.py's: every claim of 40 spills its leases, four
-# loose lease segments at most, a seal compacts one lease segment at most.
-LIMITS: dict[str, Any] = {"inline_leases_bytes": 2048, "loose_max": 4, "merge_bytes": 1}
-
-
 FRONT: dict[str, str] = {}
 
 
@@ -497,35 +496,8 @@ def _short(data: bytes) -> bytes:
 
 
 async def _written(store: MemStore, **limits: Any) -> dict[str, tuple[int, str]]:
-    """Topic t as a broker writes it (the state machine): 500 jobs j000..j499,
-    400 claimed 40 a batch by "w", then 35 of the first batch's and 30 of
-    the second's acked: the second batch's lease segment (under a manifest,
-    10 of 40 live) waits for the next seal's lease compaction. Each claimed
-    job's (batch, lease token)."""
-    s = fresh(**{**LIMITS, **limits})
-    now = time.time()
-    objects: dict[str, bytes] = {}
-    writes = 0
-
-    def seal() -> bytes:
-        nonlocal writes
-        writes += 1
-        sealed = s.seal(WRITER, f"{writes:012d}", now)
-        for k, data in sealed.new_objects.items():
-            s.view.put(k, data)  # type: ignore[attr-defined]
-            objects[k] = data
-        return sealed.head
-
-    s.enqueue([JobSpec(i, id=f"j{i:03d}") for i in range(500)], now)
-    seal()
-    claimed: dict[str, tuple[int, str]] = {}
-    for b in range(10):
-        claimed.update((j["id"], (b, j["lease_token"])) for j in s.claim("w", 3600, 40, now))
-        seal()
-    for b, n in ((0, 35), (1, 30)):
-        for job_id in sorted(k for k, (at, _) in claimed.items() if at == b)[:n]:
-            s.ack(job_id, claimed[job_id][1], None, now)
-    head = seal()
+    """_half_resolved's topic t, in `store`. Each claimed job's (batch, lease token)."""
+    s, objects, claimed, head = _half_resolved(**{**LIMITS, **limits})
     [run] = s.head["lanes"]["0"]["runs"]
     place = s._chain(run).first()
     assert place is not None and place.seg is not None and place.item["id"] == "j400"
