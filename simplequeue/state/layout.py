@@ -276,6 +276,11 @@ class Layout:
     def _chain(self, d: dict[str, Any]) -> Chain:
         return Chain(d, self.topic, self._view)
 
+    def _among(self, obj_id: str, objects: AbstractSet[str]) -> bool:
+        """Whether the object `obj_id` (an id, as refs name it) is one of
+        `objects` (keys: those known unreadable), its key made only if any."""
+        return bool(objects) and keys.segment(self.topic, obj_id) in objects
+
     @property
     def leases(self) -> Chain:
         return self._chain(self.head["leases"])
@@ -716,7 +721,7 @@ class Layout:
         chains = [h["leases"], h["retained"], h["dead"], h["outbox"]]
         chains += [run for lane in h["lanes"].values() for run in lane["runs"]]
         sparse = any(
-            r["live"] * 2 <= r["n"] and keys.segment(self.topic, r["k"]) not in unreadable
+            r["live"] * 2 <= r["n"] and not self._among(r["k"], unreadable)
             for r in h["leases"]["segs"]
         )
         crowded = any(
@@ -836,7 +841,7 @@ class _Sealer:
 
     def _bad(self, obj_id: str) -> bool:
         """Whether the object `obj_id` (an id, as refs name it) is unreadable."""
-        return bool(self.unreadable) and keys.segment(self.s.topic, obj_id) in self.unreadable
+        return self.s._among(obj_id, self.unreadable)
 
     def _readable(self, refs: list[dict[str, Any]]) -> int:
         """How many of `refs` come before the first unreadable one (a fold

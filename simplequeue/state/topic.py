@@ -970,7 +970,7 @@ class TopicState(Layout):
         def old(ref: dict[str, Any]) -> bool:
             # A loose segment goes unread; a manifest is read (its holes).
             return ref.get("hi", 1e300) < horizon and (
-                "segs" not in ref or keys.segment(self.topic, ref["k"]) not in unreadable
+                "segs" not in ref or not self._among(ref["k"], unreadable)
             )
 
         retained = self.retained
