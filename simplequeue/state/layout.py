@@ -321,11 +321,11 @@ class Layout:
         """The segment a claimed job's payload is in (SegmentMissing if not at hand)."""
         return self._chain(new_chain()).segment(record["src"][0])
 
-    def _sources_missing(self, records: list[Job], most: int) -> tuple[str, ...]:
-        """The keys of the payload segments of `records` not at hand, `most` at most."""
+    def _sources_missing(self, records: list[Job], most: int | None = None) -> tuple[str, ...]:
+        """The keys of the payload segments of `records` not at hand (`most` at most)."""
         missing: list[str] = []
         for seg_id in dict.fromkeys(r["src"][0] for r in records if "src" in r):
-            if len(missing) >= most:
+            if most is not None and len(missing) >= most:
                 break
             try:
                 self._chain(new_chain()).segment(seg_id)
@@ -339,12 +339,7 @@ class Layout:
         payload segment (the pending segment its job was claimed from, or a
         lease spill's `x` segment), so the committer prefetches nothing with
         one, and reading them one by one would cost a fetch round each."""
-        missing: list[str] = []
-        for seg_id in dict.fromkeys(r["src"][0] for r in records if "src" in r):
-            try:
-                self._chain(new_chain()).segment(seg_id)
-            except SegmentMissing as miss:
-                missing.append(miss.key)
+        missing = self._sources_missing(records)
         if missing:
             raise SegmentMissing(missing[0], tuple(missing[1:]))
 
