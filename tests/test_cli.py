@@ -127,14 +127,17 @@ async def test_enqueue_at_a_time_given_in_seconds_or_iso_8601(cli: Cli, tmp_path
     when = datetime.fromtimestamp(soon, UTC).isoformat()
     await cli.json("enqueue", "1", "--id", "secs", "--at", f"{soon}")
     await cli.json("enqueue", "2", "--id", "iso", "--at", when)
-    for job_id in ("secs", "iso"):
+    # RFC 3339's lowercase "z" (UTC) too
+    lower = datetime.fromtimestamp(soon, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fz")
+    await cli.json("enqueue", "2", "--id", "rfc", "--at", lower)
+    for job_id in ("secs", "iso", "rfc"):
         job = await cli.json("job", job_id)
         assert (job["status"], job["run_at"]) == ("delayed", pytest.approx(soon, abs=1e-3))
     lines = tmp_path / "jobs.jsonl"
     lines.write_text("3\n4\n")
     assert (await cli.json("enqueue", "--file", str(lines), "--at", when)) == {"enqueued": 2}
     status = await cli.json("status")
-    assert (status["delayed"], status["pending"]) == (4, 0)
+    assert (status["delayed"], status["pending"]) == (5, 0)
     for args, text in [
         (("enqueue", "1", "--at", "tomorrow"), "neither Unix seconds nor an ISO 8601 time"),
         (("enqueue", "1", "--at", "-1"), "not a time after 1970"),
@@ -144,7 +147,7 @@ async def test_enqueue_at_a_time_given_in_seconds_or_iso_8601(cli: Cli, tmp_path
         done = await cli(*args)
         assert done.returncode == 2, (args, done)
         assert text in done.stderr, (args, done.stderr)
-    assert (await cli.json("status"))["total"] == 4
+    assert (await cli.json("status"))["total"] == 5
 
 
 async def test_enqueue_at_an_iso_8601_basic_date_is_that_date_not_1970(cli: Cli) -> None:

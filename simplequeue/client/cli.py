@@ -273,7 +273,8 @@ class When(click.ParamType[float]):
             return value
         try:
             # ISO first: 20261224 is a date (its basic form), not 20,261,224 s.
-            when = datetime.fromisoformat(value)
+            # RFC 3339 allows a lowercase "z" for UTC, which fromisoformat refuses.
+            when = datetime.fromisoformat(value[:-1] + "Z" if value.endswith("z") else value)
         except ValueError:
             try:
                 seconds = float(value)
