@@ -373,6 +373,64 @@ async def test_sync_client_works_from_a_plain_thread(start_broker: StartBroker) 
     assert out["status"]["completed"] == 1
 
 
+async def test_a_client_is_used_again_in_a_second_asyncio_run(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Client made once and used from two asyncio.run() calls (a module's
+    client, a script's two steps) failed in the second with "Event loop is
+    closed": its connections and its enqueue batcher belonged to the first
+    loop. Used again, whether closed in the first loop or not, it works, and
+    aiohttp finds no session or connector left unclosed."""
+    import gc
+
+    broker = await start_broker(MemStore())
+    kept = Client(broker.url, topic="loops")
+    closed = Client(broker.url, topic="loops")
+
+    async def enqueue() -> str:
+        return await kept.enqueue({"n": 1})
+
+    async def enqueue_and_close() -> str:
+        async with closed:
+            return await closed.enqueue({"n": 2})
+
+    async def claim_all() -> list[str]:
+        got = [await kept.claim("w"), await closed.claim("w")]
+        for job in got:
+            assert job is not None
+            await kept.ack(job)
+        await kept.close()
+        await closed.close()
+        return [job.id for job in got if job is not None]
+
+    def script() -> list[Any]:
+        return [asyncio.run(step()) for step in (enqueue, enqueue_and_close, claim_all)]
+
+    first, second, claimed = await asyncio.to_thread(script)
+    assert sorted(claimed) == sorted([first, second])
+    assert (await kept.status())["completed"] == 2
+    await kept.close()
+    gc.collect()
+    assert "Unclosed" not in caplog.text
+
+
+async def test_a_client_in_use_in_a_loop_of_another_thread_is_refused_in_words(
+    start_broker: StartBroker,
+) -> None:
+    """Not shared between two running loops: a clear error, not a hang or a
+    "Future attached to a different loop" from deep in aiohttp."""
+    broker = await start_broker(MemStore())
+    q = Client(broker.url, topic="loops")
+    await q.status()
+
+    def script() -> None:
+        with pytest.raises(RuntimeError, match="make one Client per event loop"):
+            asyncio.run(q.status())
+
+    await asyncio.to_thread(script)
+    await q.close()
+
+
 async def test_sync_client_raises_the_same_errors(start_broker: StartBroker) -> None:
     broker = await start_broker(MemStore())
 

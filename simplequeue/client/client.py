@@ -300,6 +300,8 @@ class Client:
             )
         self.max_answer = max_answer  # bytes of an answer read at most (see MAX_ANSWER)
         self._session: aiohttp.ClientSession | None = None
+        # The event loop the session and the enqueue batcher belong to (_bind).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lender: Client | None = None  # for_topic(): whose session this one uses
         self._closed = False  # close() was called (a for_topic client may not lend on)
         self._owner: str | None = None  # the topic's owner, as a broker named it
@@ -371,6 +373,33 @@ class Client:
 
     # --- transport ---------------------------------------------------------------
 
+    async def _bind(self) -> None:
+        """The HTTP connections and the enqueue batcher belong to the event
+        loop of this client's first call. In another loop (a second
+        `asyncio.run()`), they start afresh, unless that first loop still runs
+        (in another thread): a client is not shared between running loops."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and self._loop.is_running():
+            raise RuntimeError(
+                "this Client is in use in an event loop running in another thread: "
+                "make one Client per event loop (or SyncClient, for threads)"
+            )
+        old, self._session = self._session, None
+        if old is not None and not old.closed:
+            if self._loop is None or self._loop.is_closed():
+                # Nothing of the closed loop is touched: aiohttp only marks
+                # them closed (the sockets go with their transports).
+                await old.close()
+            else:  # a loop not running, but open: its own to close them in
+                old.detach()
+        self._enqueues = Batcher(
+            self._send_enqueues, max_batch=api.MAX_BATCH, name="client-enqueue"
+        )
+        self._releases = set()
+        self._loop = loop
+
     def _http(self) -> aiohttp.ClientSession:
         if self._lender is not None:
             if self._lender._closed:
@@ -415,6 +444,9 @@ class Client:
         a try that may repeat one that landed (a DELETE's 404), is success.
         Within a calls_within() block, it ends by the block's bound; within a
         last_call() one, it is recorded once answered."""
+        await self._bind()
+        if self._lender is not None:  # whose connections it uses
+            await self._lender._bind()
         first_sent = time.monotonic()
         attempts = untried = unsent = 0
         loop = asyncio.get_running_loop()
@@ -623,6 +655,7 @@ class Client:
         (cancelled: a SyncClient closed under them) are not waited for, their
         request cut short: nobody is owed their answer, and a broker that does
         not answer would hold the close for the whole retry budget."""
+        await self._bind()
         self._closed = True
         if self._enqueues.busy and self._enqueues.unawaited:
             await self._enqueues.abort(BrokerUnavailable("the client was closed"))
@@ -670,6 +703,7 @@ class Client:
         Calls made while another enqueue of this client is in flight go out
         together as one batch request, like the broker's own group commit."""
         spec = new_job_spec(payload, id, priority, delay, max_attempts, run_at)
+        await self._bind()
         return await self._enqueues.submit(spec)
 
     async def _send_enqueues(self, batch: list[Pending[api.JobSpec, str]]) -> list[Any]:
