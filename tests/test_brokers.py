@@ -398,6 +398,9 @@ async def test_a_broker_whose_store_stopped_answering_still_stops(
     broker = await start_broker(store, commit_budget=1.0)
     assert broker.announcer.active
     await broker.engine.enqueue("t", [JobSpec(0)])  # the topic loaded: next, a head write
+    # The start's take-over reads t's head in a task of its own: done before
+    # the store falls silent, or the enqueue's write waits behind that read.
+    await asyncio.wait_for(broker.duties.taken_over.wait(), 5)
     store.silent = True
     store.put_started.clear()
     # Straight to the engine: a request in progress would hold the listener's

@@ -108,6 +108,10 @@ class Duties:
         # that wrote 10,000 with segments lately lists each) holds back no
         # reaping.
         self._sweeping: asyncio.Task[None] | None = None
+        # So does a take-over: reading every head of 50,000 topics takes
+        # minutes on S3, and no lease was reaped meanwhile, whatever its topic.
+        # One at a time: a change of brokers meanwhile is taken over after it.
+        self._taking_over: asyncio.Task[None] | None = None
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
         # Set while no take-over is pending: the heads of the live brokers'
         # latest view that this broker had to read were read.
@@ -214,8 +218,7 @@ class Duties:
             await self._run()
         finally:
             tending = list(self._tending.values())
-            if self._sweeping is not None:
-                tending.append(self._sweeping)
+            tending += [t for t in (self._sweeping, self._taking_over) if t is not None]
             for task in tending:
                 task.cancel()
             await asyncio.gather(*tending, return_exceptions=True)
@@ -225,8 +228,12 @@ class Duties:
         swept_at = idle_at = loop.time()
         while True:
             try:
-                if self._acquire is not None:
-                    await self._take_over()
+                if self._acquire is not None and (
+                    self._taking_over is None or self._taking_over.done()
+                ):
+                    self._taking_over = asyncio.create_task(
+                        self._take_over_logged(), name="take-over"
+                    )
                 await self._reap_due()
                 if loop.time() - idle_at >= self.settings.idle_check:
                     idle_at = loop.time()
@@ -516,6 +523,15 @@ class Duties:
             for s in specs
         ]
         return await self.deliver_to.enqueue(target, relative)
+
+    async def _take_over_logged(self) -> None:
+        try:
+            await self._take_over()
+        except Exception:
+            log.exception("owner duties: take-over failed; again in a while")
+            return
+        if self._acquire is not None:  # the brokers changed meanwhile: taken over at once
+            self._wake.set()
 
     async def _take_over(self) -> None:
         assert self._acquire is not None
