@@ -2034,6 +2034,40 @@ async def test_twins_at_two_urls_do_not_make_owners_list_every_topic_each_round(
     assert store.tops - before <= 1
 
 
+async def test_two_brokers_at_one_url_do_not_make_a_third_read_every_head_each_round(
+    start_broker: StartBroker,
+) -> None:
+    """SPEC 4.1: an idle broker makes O(1) store requests per second whatever
+    the number of topics. Two brokers given one --advertise-url deleted each
+    other's record every round (a record at this broker's URL was taken for
+    a dead predecessor's, even once seen alive), and each registered again
+    at its next renewal: a third broker saw one of them leave every round,
+    and read every head it owns. 200 topics: 1,005 heads read in 5 rounds
+    (100,000 topics on S3: some 50,000 GETs every third of --broker-lease,
+    for as long as both ran). Each deletes the other's record once, before
+    it sees it alive: the third reads its topics when the twins appear, not
+    after."""
+    store = MemStore()
+    third = await start_broker(store, broker_id="c", broker_lease=60)
+    for i in range(200):
+        await third.engine.enqueue(f"t{i}", [JobSpec(1, id="j")])
+    twins = [
+        await start_broker(store, broker_id=b, broker_lease=60, advertise_url="http://127.0.0.1:9")
+        for b in ("a", "b")
+    ]
+    await third.membership.step()
+    await third.duties.taken_over.wait()
+    read = []  # heads the third read, round by round
+    for _ in range(5):
+        before = third.duties.acquired
+        for twin in twins:  # each renews its record, and looks; the third looks after each
+            await twin.membership.step()
+            await third.membership.step()
+            await third.duties.taken_over.wait()
+        read.append(third.duties.acquired - before)
+    assert sum(read) <= 200 and read[2:] == [0, 0, 0], read
+
+
 async def test_broker_json_keeps_its_five_fields_and_registrations_name_their_process() -> None:
     """SPEC 4.3 gives broker.json's shape: five fields. A registration adds its
     process's incarnation, new with each process under an id."""

@@ -256,15 +256,20 @@ class Membership:
         live = []
         for broker_id, seen in list(self._seen.items()):
             age = mono - seen.changed_at
-            if seen.record.url == self.me.url:
+            mine = seen.record.url == self.me.url
+            if mine and not self._same_address(broker_id):
                 # An earlier broker at this broker's address (it was killed and
                 # this one started in its place): it cannot be alive, and
                 # requests routed to it would come here, which would hand its
                 # topics over to itself.
-                self._same_address(broker_id)
                 await self._forget(broker_id, "it had this broker's address")
             elif age < seen.record.lease:
-                live.append(Peer(broker_id, seen.record.url, seen.restarts))
+                # One alive at this address stays out of the live set (its
+                # requests would come here), but its record stays: deleted
+                # every round, it registered again at every renewal, and each
+                # other broker saw a broker leave and read every head it owns.
+                if not mine:
+                    live.append(Peer(broker_id, seen.record.url, seen.restarts))
             elif (
                 age > FORGET_AFTER_LEASES * seen.record.lease and broker_id not in self._unreadable
             ):
@@ -297,12 +302,13 @@ class Membership:
             )
         return False
 
-    def _same_address(self, broker_id: str) -> None:
-        """A broker forgotten for having this broker's address registered again:
-        it is alive, and the two advertise one URL (a load balancer's, or a
-        copied --advertise-url). Each takes the other for dead and owns every
-        topic: correct (conditional writes), but they contend on every write.
-        Said once, as an error: the operator must give each its own URL."""
+    def _same_address(self, broker_id: str) -> bool:
+        """Whether `broker_id`, whose record has this broker's address, is
+        alive: it was forgotten for that once, and registered again. The two
+        advertise one URL (a load balancer's, or a copied --advertise-url).
+        Each takes the other for dead and owns every topic: correct
+        (conditional writes), but they contend on every write. Said once, as
+        an error: the operator must give each its own URL."""
         if broker_id not in self._at_my_address:
             self._at_my_address[broker_id] = False
         elif not self._at_my_address[broker_id]:
@@ -313,6 +319,7 @@ class Membership:
                 broker_id,
                 self.me.url,
             )
+        return self._at_my_address[broker_id]
 
     async def _renew_logged(self) -> None:
         try:
