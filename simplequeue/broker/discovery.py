@@ -7,7 +7,9 @@ lease on its own monotonic clock: the heartbeat written in the record is never
 compared with this broker's wall clock, so skewed clocks neither steal the
 record from a healthy broker nor keep a dead one's. Every broker serves
 correctly whether or not it is active; the record only tells clients where to
-go, and the epoch fences a replaced broker's topic writes.
+go. Heads name the epoch they were written under: a replaced broker that reads
+a newer one looks at broker.json at once. The epoch fences no write: each
+head's conditional write keeps brokers that disagree correct.
 """
 
 from __future__ import annotations
