@@ -519,7 +519,9 @@ async def enqueue_in_halves(client: Client, jobs: list[dict[str, Any]], ids: lis
 )
 @run
 async def claim(client: Client, worker_id: str, wait: float, lease: float | None) -> None:
-    """Claim the next job and print it (with its lease_token)."""
+    """Claim the next job and print it (with its lease_token); none claimable
+    (within --wait) exits 1 with "no job is claimable", so that a script's
+    `while simplequeue claim w > job.json` ends when the topic is empty."""
     job = await client.claim(worker_id, lease=lease, wait=wait)
     if job is None:
         raise click.ClickException("no job is claimable")
