@@ -490,6 +490,15 @@ async def test_blpop_timeouts_redis_takes_are_taken(r: redis.Redis, seconds: str
     assert await asyncio.wait_for(r.execute_command("BLPOP", "q", seconds), 5) is None
 
 
+async def test_a_blpop_timeout_below_a_doubles_range_times_out_as_redis_does(raw: Raw) -> None:
+    """Redis reads BLPOP's timeout as a long double and rounds its milliseconds
+    up: "1e-400" waits 1 ms and answers nil. Python's float("1e-400") is 0.0,
+    which was taken for 0, "wait for ever": the BLPOP never answered
+    (redis-cli BLPOP k 1e-400 hung)."""
+    await raw.send("BLPOP", "q", "1e-400")
+    assert await asyncio.wait_for(raw.reply_bytes(), 5) == b"*-1\r\n"
+
+
 async def test_blpop_times_out_with_nil(r: redis.Redis) -> None:
     started = time.monotonic()
     assert await r.blpop(["q"], timeout=0.3) is None

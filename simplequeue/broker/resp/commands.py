@@ -270,6 +270,10 @@ def timeout_of(arg: bytes) -> float:
     if not _TIMEOUT.fullmatch(arg):  # "nan", "x", " 1", "1_0"
         raise RespError("ERR", "timeout is not a float or out of range")
     seconds = float(arg)
+    if seconds == 0 and arg.lower().partition(b"e")[0].strip(b"+-.0"):
+        # Below a double's range ("1e-400"), yet not 0: Redis reads a long
+        # double and rounds its milliseconds up, so it waits 1 ms, not for ever.
+        seconds = math.copysign(0.001, seconds)
     if seconds < 0:
         raise RespError("ERR", "timeout is negative")
     if seconds * 1000 > _TIMEOUT_MS_MAX:  # "inf", "1e30"
