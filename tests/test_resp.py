@@ -33,10 +33,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
 from simplequeue import __version__, api, keys
+from simplequeue.broker.cli import event_loop_runner
 from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, commands, connection
 from simplequeue.broker.resp.connection import QUEUED_FRAMES
 from simplequeue.broker.resp.wire import Requests, RespError
 from simplequeue.broker.server import Broker
+from simplequeue.broker.settings import BrokerSettings
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.faults import FaultyStore
@@ -1753,12 +1755,28 @@ async def test_xreadgroup_whose_client_leaves_during_the_second_streams_claim_st
         await given_back(http, "a", "j1")
 
 
-def _counted_ok(broker: Any, command: str) -> int:
+def _counted(broker: Any, command: str, outcome: str = "ok") -> int:
     text = generate_latest(broker.metrics.registry).decode()
-    m = re.search(
-        rf'simplequeue_resp_commands_total\{{command="{command}",outcome="ok"\}} ([0-9.e+]+)', text
-    )
+    labels = f'command="{command}",outcome="{outcome}"'
+    m = re.search(rf"simplequeue_resp_commands_total\{{{labels}\}} ([0-9.e+]+)", text)
     return int(float(m.group(1))) if m else 0
+
+
+async def _unread(broker: Broker) -> tuple[socket.socket, connection.Connection]:
+    """A client socket that will read nothing, and its connection in the
+    broker: the kernel's buffers between them made small, so that the
+    replies wait in the broker."""
+    assert broker.redis is not None
+    server = broker.redis
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, ("127.0.0.1", port_of(broker)))
+    await until(lambda: bool(server.connections))
+    [conn] = server.connections
+    sock = conn.writer.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return client, conn
 
 
 async def test_replies_to_a_client_that_never_reads_are_buffered_past_the_output_limit(
@@ -1784,13 +1802,13 @@ async def test_replies_to_a_client_that_never_reads_are_buffered_past_the_output
 
     def buffered() -> int:
         conns = server.connections
-        return conns[0].writer.transport.get_write_buffer_size() if conns else 0
+        return conns[0].unsent if conns else 0
 
     most = 0
 
     async def observe() -> None:
         nonlocal most
-        while _counted_ok(broker, "ECHO") < n:
+        while _counted(broker, "ECHO") < n:
             most = max(most, buffered())
             await asyncio.sleep(0.005)
         most = max(most, buffered())
@@ -1801,7 +1819,7 @@ async def test_replies_to_a_client_that_never_reads_are_buffered_past_the_output
         await asyncio.wait_for(observe(), 5)
     writer.close()
     assert most <= high_water + 2 * len(value) + 64 * 1024, (
-        f"{most / 2**20:.1f} MiB of replies buffered ({_counted_ok(broker, 'ECHO')} ECHOs run)"
+        f"{most / 2**20:.1f} MiB of replies buffered ({_counted(broker, 'ECHO')} ECHOs run)"
     )
 
 
@@ -1839,7 +1857,7 @@ async def test_a_pipeline_of_pops_is_held_to_the_output_limit_of_a_client_that_n
     [conn] = server.connections
 
     def buffered() -> int:
-        return conn.writer.transport.get_write_buffer_size()
+        return conn.unsent
 
     def settled() -> bool:
         """Between groups (a group's replies are sent as it ends), every pop
@@ -1847,7 +1865,7 @@ async def test_a_pipeline_of_pops_is_held_to_the_output_limit_of_a_client_that_n
         its client reads (never): what is buffered then stays."""
         if conn.busy:
             return False
-        return _counted_ok(broker, "LPOP") == n or buffered() > high_water
+        return _counted(broker, "LPOP") == n or buffered() > high_water
 
     most = 0
 
@@ -1859,11 +1877,82 @@ async def test_a_pipeline_of_pops_is_held_to_the_output_limit_of_a_client_that_n
         most = max(most, buffered())
 
     await asyncio.wait_for(observe(), 10)
-    ran = _counted_ok(broker, "LPOP")
+    ran = _counted(broker, "LPOP")
     writer.close()
     assert most <= high_water + 2 * len(value) + 64 * 1024, (
         f"{most / 2**20:.1f} MiB of replies buffered ({ran} LPOPs run)"
     )
+
+
+def test_replies_a_client_never_reads_cost_the_broker_about_their_own_size() -> None:
+    """Under uvloop, the broker's event loop, each reply was a write() of its
+    own, which the transport keeps as an object of its own until it is sent:
+    some 400 bytes a reply (a 7-byte +PONG, a 34-byte -NOAUTH), where
+    OUTPUT_HIGH_WATER counts the replies' bytes alone. Three connections
+    that sent 33 MB of PINGs each and read nothing took a simplequeued from 49
+    MB to 3.2 GB. Here 20,000 unread PONGs (137 KiB) held 9.5 MiB; replies
+    that wait now gather in one buffer of the connection's: 0.3 MiB."""
+    pings = 20_000
+    pong = len(b"+PONG\r\n")
+
+    async def held_for_unread_replies() -> int:
+        store = MemStore()
+        settings = BrokerSettings(store.url, addr="127.0.0.1:0", redis_addr="127.0.0.1:0")
+        broker = Broker(settings, store)
+        await broker.start()
+        client, _ = await _unread(broker)
+        pinging = hiredis.pack_command(("PING",)) * pings
+        try:
+            tracemalloc.start()
+            await asyncio.get_running_loop().sock_sendall(client, pinging)
+            await until(lambda: _counted(broker, "PING") >= pings)
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            client.close()
+            await broker.stop()
+        return held
+
+    with event_loop_runner() as runner:  # simplequeued's: uvloop
+        held = runner.run(held_for_unread_replies())
+    replies = pings * pong
+    assert held < 2 * replies + 512 * 1024, (
+        f"{pings} unread replies ({replies / 2**10:.0f} KiB) held {held / 2**20:.1f} MiB"
+    )
+
+
+async def test_a_client_not_yet_authenticated_is_held_to_a_small_output_limit(
+    secured: Broker,
+) -> None:
+    """A client that never gave the token has only -NOAUTH refusals to read,
+    yet was given OUTPUT_HIGH_WATER, 64 MiB of them, some 2 million (as
+    Redis was, until 7.4.3 limited them: CVE-2025-21605). Of 20,000 PINGs
+    whose replies were never read, all were answered, 594 KiB of replies
+    buffered; it is held at UNAUTHENTICATED_OUTPUT (64 KiB) now."""
+    pings = 20_000
+    client, conn = await _unread(secured)
+    _, writer = await asyncio.open_connection(sock=client)
+    try:
+        writer.write(hiredis.pack_command(("PING",)) * pings)
+
+        def settled() -> bool:
+            """Every PING answered, or past the limit, when the connection runs
+            nothing more until its client reads (never)."""
+            if conn.busy:
+                return False
+            return (
+                _counted(secured, "PING", "error") == pings
+                or conn.unsent > connection.UNAUTHENTICATED_OUTPUT
+            )
+
+        await until(settled)
+        answered = _counted(secured, "PING", "error")
+        assert answered < pings, (
+            f"all {pings} PINGs answered, {conn.unsent / 2**10:.0f} KiB buffered"
+        )
+        assert conn.unsent < connection.UNAUTHENTICATED_OUTPUT + 64
+    finally:
+        writer.transport.abort()  # its requests are not all sent: not waited for
 
 
 async def test_xreadgroup_count_0_reads_without_limit_as_in_redis(

@@ -54,7 +54,12 @@ QUEUED_FRAMES = 128  # parsed requests waiting per connection (and one read's wo
 # waits (it ends soon) and a blocking command's is closed, as Redis closes
 # one past its client-query-buffer-limit.
 QUEUED_BYTES = 64 * 1024 * 1024
-OUTPUT_HIGH_WATER = 64 * 1024 * 1024  # replies buffered for a client that does not read
+# Replies buffered for a client that does not read: past it, the connection
+# runs nothing more until they are written. A client that has not given the
+# token yet has only refusals to read, and is held far sooner (as Redis holds
+# one since 7.4.3, CVE-2025-21605).
+OUTPUT_HIGH_WATER = 64 * 1024 * 1024
+UNAUTHENTICATED_OUTPUT = 64 * 1024
 SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
 # Seconds a connection closed by a stopping server waits for its last replies
 # to be written: a client that does not read would hold the stop for ever.
@@ -135,6 +140,8 @@ class Connection:
     # Set when the read loop may queue more: frames were taken, or a command
     # watching for a hangup started.
     room: asyncio.Event = field(default_factory=asyncio.Event)
+    out: bytearray = field(default_factory=bytearray)  # replies not handed to the transport
+    flushing: asyncio.Task[None] | None = None  # hands `out` over once the transport drains
 
     @property
     def id(self) -> int:
@@ -143,7 +150,8 @@ class Connection:
     async def run(self) -> None:
         """Execute requests in order until the client leaves or sends garbage, or a
         command closes the connection (QUIT, the last failed AUTH allowed)."""
-        self.writer.transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER)
+        # Paused while it holds anything: drain() waits until it is empty.
+        self.writer.transport.set_write_buffer_limits(high=0)
         frames = Frames()  # bounded by _read_requests
         reading = asyncio.create_task(self._read(frames), name=f"resp-read-{self.id}")
         try:
@@ -151,38 +159,89 @@ class Connection:
             while (frame := ahead.pop(0) if ahead else await frames.get()) is not None:
                 self.room.set()
                 if isinstance(frame, RespError):  # unparseable: answer, then hang up
-                    self._send(frame)
+                    self._send([frame])
                     break
                 group = _pipelined_group(frame, frames, ahead, self._room_for_jobs())
                 self.busy = True
                 try:
                     replies = await self._execute(group)
                 except Hangup as gone:
-                    for reply in gone.answered:
-                        self._send(reply)
+                    self._send(gone.answered)
                     break
                 finally:
                     self.busy = False
-                for reply in replies:
-                    self._send(reply)
+                self._send(replies)
                 if self.session.closing or self.stopping:
                     break
-                # A pipeline's replies go out together; but past the high-water
-                # mark (a client that sends and never reads) nothing more is run
-                # until they leave: drain() waits only while the buffer is full.
-                too_much = self.writer.transport.get_write_buffer_size() > OUTPUT_HIGH_WATER
-                if (frames.empty() and not ahead) or too_much:
-                    await self.writer.drain()
-            await self.writer.drain()
+                # Past the output limit (a client that sends and never reads)
+                # nothing more is run until the replies are written.
+                if self.unsent > self._output_limit():
+                    await self._drained()
         finally:
+            self._hand_over()
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes of replies not written to the socket yet: ours and the transport's."""
+        return len(self.out) + self.writer.transport.get_write_buffer_size()
+
+    def _output_limit(self) -> int:
+        return OUTPUT_HIGH_WATER if self.session.authed else UNAUTHENTICATED_OUTPUT
+
+    def _send(self, replies: list[Reply]) -> None:
+        """Encode `replies`, and write them at once if the transport has sent
+        all it was given; else they gather in `out`, handed over in one write
+        once it has. A transport keeps each write() until it is sent (uvloop
+        as an object of its own, some 400 bytes for a 34-byte reply): a client
+        that reads no reply would cost ten times their size."""
+        for reply in replies:
+            encode(reply, self.session.protocol, self.out)
+        if self.flushing is None and self.out:
+            if not self.writer.transport.get_write_buffer_size():
+                self._write_out()
+            else:
+                self.flushing = asyncio.create_task(self._flush(), name=f"resp-flush-{self.id}")
+
+    def _write_out(self) -> None:
+        # A new buffer: the transport may keep a view of the one written (uvloop does).
+        out, self.out = self.out, bytearray()
+        if not self.writer.transport.is_closing():  # else the client left: nobody reads
+            self.writer.write(out)
+
+    async def _flush(self) -> None:
+        """Hand `out` over once the transport drained, in one write."""
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            return  # the client went away: nothing more is written
+        finally:
+            self.flushing = None
+        self._write_out()
+
+    async def _drained(self) -> None:
+        """Until every reply is written to the socket."""
+        while self.flushing is not None or self.writer.transport.get_write_buffer_size():
+            if self.flushing is not None:
+                await asyncio.shield(self.flushing)
+            else:
+                await self.writer.drain()
+
+    def _hand_over(self) -> None:
+        """The connection ends: every reply gathered goes to the transport,
+        which the closing connection waits on (RespServer._closed)."""
+        if self.flushing is not None:
+            self.flushing.cancel()
+            self.flushing = None
+        if self.out:
+            self._write_out()
 
     def _room_for_jobs(self) -> int:
         """Jobs of --max-body each whose values the output buffer takes before
         it passes OUTPUT_HIGH_WATER: the pops one pipelined group may run (it
         runs one at least), whose replies go out together once it ends."""
-        room = OUTPUT_HIGH_WATER - self.writer.transport.get_write_buffer_size()
+        room = OUTPUT_HIGH_WATER - self.unsent
         return max(0, room) // self.server.settings.max_body
 
     async def _execute(self, group: list[list[bytes]]) -> list[Reply]:
@@ -298,11 +357,6 @@ class Connection:
         if frames.bytes > QUEUED_BYTES:
             return True
         return not self.watched and len(frames) >= QUEUED_FRAMES
-
-    def _send(self, reply: Reply) -> None:
-        out = bytearray()
-        encode(reply, self.session.protocol, out)
-        self.writer.write(out)
 
     async def _dispatch(self, frame: list[bytes]) -> Reply:
         name = upper(frame[0])
