@@ -581,6 +581,41 @@ async def test_close_while_the_client_opens_leaves_no_client_and_sends_nothing(
         assert fake.objects == {}, "a write was sent after close()"
 
 
+async def test_credentials_that_turn_up_after_a_refusal_are_used_by_the_next_request(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """README: credentials that cannot be had raise StoreRefused at once, "the
+    next request tries again". A handle whose first requests found none (a
+    credentials file a sidecar writes, not there yet; the metadata service
+    down at boot) kept the client it opened then, made without credentials,
+    and refused every later request "Unable to locate credentials" for good
+    (review of s3, round 29). A refusal for want of credentials drops that
+    client: the next request, with the file written, lands."""
+    credentials = tmp_path / "credentials"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no traffic off 127.0.0.1
+    async with FakeS3().running() as fake:
+        store = S3Store(quick(fake.url))
+        try:
+            # Two at once, on the one client: each refused, neither cut by the other's drop.
+            refused = await asyncio.gather(
+                store.put("k", b"v"), store.get("k"), return_exceptions=True
+            )
+            for failure in refused:
+                assert isinstance(failure, StoreRefused), failure
+                assert "credentials" in str(failure)
+            credentials.write_text(
+                "[default]\naws_access_key_id = test\naws_secret_access_key = test\n"
+            )
+            await store.put("k", b"v")
+            assert fake.objects == {"b/k": b"v"}
+        finally:
+            await store.close()
+
+
 # --- a store that takes conditional writes for plain ones ----------------------------------
 
 

@@ -296,8 +296,8 @@ class S3Store(ObjectStore):
         # Quoted, as store_from_url() unquotes: a prefix may hold "?", "#" or "%".
         self.url = f"s3://{settings.bucket}/{quote(prefix)}" + (f"?{given}" if given else "")
         self.held_descriptors = settings.max_connections
-        self._stack = AsyncExitStack()
         self._client: Any = None
+        self._opened: AsyncExitStack | None = None  # closes self._client
         self._opening = asyncio.Lock()
         self._closed = False
         self._sample_failed = False  # logged once
@@ -348,7 +348,7 @@ class S3Store(ObjectStore):
                     if self._closed:
                         await opened.aclose()
                         raise StoreUnavailable(f"{self.url}: the store was closed")
-                    self._stack.push_async_callback(opened.aclose)
+                    self._opened = opened
                     # Every call of every operation, each page of a listing and
                     # each retry, passes these two events, answered or refused;
                     # _call only sees what the operation made of the answer.
@@ -421,7 +421,16 @@ class S3Store(ObjectStore):
                     # budget (a first try gets MIN_TRY whatever the budget).
                     per_try = s.connect_timeout + s.read_timeout + 2
                     async with asyncio.timeout(min(per_try, max(left(), MIN_TRY))):
-                        return await op(await self._s3())
+                        client = await self._s3()
+                        try:
+                            return await op(client)
+                        except NoCredentialsError:
+                            # The client was made when no provider had any (a
+                            # credentials file not written yet, the metadata
+                            # service down at boot) and keeps none for good:
+                            # the next request opens one that looks again.
+                            await self._drop(client)
+                            raise
         except RetryError as exc:
             last = exc.last_attempt.exception()
             raise StoreUnavailable(f"{self.url}: {last!r}") from last
@@ -639,7 +648,18 @@ class S3Store(ObjectStore):
             )
         return StoreRefused(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
 
+    async def _drop(self, client: Any) -> None:
+        """Close `client`, if it is still this handle's, so that the next
+        request opens another. Calls still in flight on it lose nothing: it
+        has no credentials, and botocore refuses to sign, so none of them was
+        sent or ever can be; they fail as this one did."""
+        if client is self._client:  # not another call's new one
+            opened, self._opened, self._client = self._opened, None, None
+            if opened is not None:
+                await opened.aclose()
+
     async def close(self) -> None:
         self._closed = True
-        await self._stack.aclose()
-        self._client = None
+        opened, self._opened, self._client = self._opened, None, None
+        if opened is not None:
+            await opened.aclose()
