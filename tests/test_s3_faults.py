@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import sys
 import time
@@ -190,6 +191,60 @@ async def test_a_put_carries_no_checksum_an_s3_compatible_store_may_refuse() -> 
     finally:
         await store.close()
         await runner.cleanup()
+
+
+# --- a burst queued for the pool's connections ---------------------------------------------
+
+
+def pooled(endpoint: str, **overrides: Any) -> S3Settings:
+    """One connection, and tries of 2.4 s (connect + read timeout + 2 s)."""
+    settings = {"connect_timeout": 0.1, "read_timeout": 0.3, "max_connections": 1, **overrides}
+    return dataclasses.replace(quick(endpoint), **settings)
+
+
+async def test_requests_queued_for_a_pooled_connection_do_not_fail_a_healthy_store() -> None:
+    """Each try's deadline (connect + read timeout + 2 s) started before
+    aiohttp handed it one of the pool's `max_connections`: a burst over a
+    healthy store spent its tries queued and failed StoreUnavailable, never
+    sent (review of s3, round 29: 2 connections, answers in 0.1 s, 120 GETs
+    at once: 64 failed, the store saw 64 requests). A try's deadline starts
+    once it holds a connection; the queue counts against the call's budget
+    only. Here 30 GETs, one try each, 0.1 s apiece through one connection:
+    3 s of queue, past a try's 2.4 s, within the 6 s budget."""
+    async with FakeS3(delay=0.1).running() as fake:
+        fake.objects["b/k"] = b"v"
+        store = S3Store(pooled(fake.url, max_attempts=1, retry_budget=6.0))
+        try:
+            outcomes = await asyncio.gather(
+                *(store.get("k") for _ in range(30)), return_exceptions=True
+            )
+            failed = [o for o in outcomes if isinstance(o, BaseException)]
+            assert not failed, f"{len(failed)} of 30 GETs failed: {failed[0]!r}"
+        finally:
+            await store.close()
+
+
+async def test_a_conditional_put_queued_past_its_budget_is_unsent_not_ambiguous() -> None:
+    """A conditional PUT whose try ran out queued for a pooled connection was
+    never sent, yet raised AmbiguousWrite: the committer read the head back
+    (one more request into the same queue) for a write that cannot have
+    landed (review of s3, round 29). It raises StoreUnavailable, unsent. Here
+    it waits behind 30 GETs of 0.1 s through one connection, with a 2 s
+    budget: it may leave the queue until 1 s is left, and does not."""
+    async with FakeS3(delay=0.1).running() as fake:
+        fake.objects["b/k"] = b"v"
+        store = S3Store(pooled(fake.url, retry_budget=2.0))
+        store._conditions_checked = True  # the probe's writes would queue first
+        reads = [asyncio.create_task(store.get("k")) for _ in range(30)]
+        await asyncio.sleep(0)  # the GETs take their places in the queue first
+        try:
+            with pytest.raises(StoreUnavailable, match="not sent") as caught:
+                await store.put_if("new", b"v", if_none_match=True)
+            assert not isinstance(caught.value, AmbiguousWrite)
+            assert fake.puts == 0
+        finally:
+            await asyncio.gather(*reads, return_exceptions=True)
+            await store.close()
 
 
 def client_error(status: int, code: str) -> ClientError:

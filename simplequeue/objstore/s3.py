@@ -38,7 +38,7 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC
@@ -298,6 +298,9 @@ class S3Store(ObjectStore):
         self.held_descriptors = settings.max_connections
         self._client: Any = None
         self._opened: AsyncExitStack | None = None  # closes self._client
+        # One for each of the client's pooled connections, held by a try while
+        # it runs: a try queues here, never in aiohttp's pool (_connection).
+        self._connections = asyncio.Semaphore(settings.max_connections)
         self._opening = asyncio.Lock()
         self._closed = False
         self._sample_failed = False  # logged once
@@ -415,22 +418,25 @@ class S3Store(ObjectStore):
                 retry=retry_if_exception(retried), stop=stop, wait=wait, reraise=False
             ):
                 with attempt:
-                    # botocore's read timeout does not cover every wait (a PUT
-                    # waiting for its "100 Continue" hangs for ever): each try
-                    # has a deadline of its own, within what is left of the
-                    # budget (a first try gets MIN_TRY whatever the budget).
-                    per_try = s.connect_timeout + s.read_timeout + 2
-                    async with asyncio.timeout(min(per_try, max(left(), MIN_TRY))):
-                        client = await self._s3()
-                        try:
-                            return await op(client)
-                        except NoCredentialsError:
-                            # The client was made when no provider had any (a
-                            # credentials file not written yet, the metadata
-                            # service down at boot) and keeps none for good:
-                            # the next request opens one that looks again.
-                            await self._drop(client)
-                            raise
+                    async with self._connection(left() - MIN_TRY):
+                        # botocore's read timeout does not cover every wait (a PUT
+                        # waiting for its "100 Continue" hangs for ever): each try
+                        # has a deadline of its own, within what is left of the
+                        # budget (a first try gets MIN_TRY whatever the budget),
+                        # from when it holds a connection: time queued behind
+                        # other calls' requests is not the store's.
+                        per_try = s.connect_timeout + s.read_timeout + 2
+                        async with asyncio.timeout(min(per_try, max(left(), MIN_TRY))):
+                            client = await self._s3()
+                            try:
+                                return await op(client)
+                            except NoCredentialsError:
+                                # The client was made when no provider had any (a
+                                # credentials file not written yet, the metadata
+                                # service down at boot) and keeps none for good:
+                                # the next request opens one that looks again.
+                                await self._drop(client)
+                                raise
         except RetryError as exc:
             last = exc.last_attempt.exception()
             raise StoreUnavailable(f"{self.url}: {last!r}") from last
@@ -443,6 +449,27 @@ class S3Store(ObjectStore):
                 ) from exc
             raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, within: float) -> AsyncIterator[None]:
+        """One of the pool's connections for a try, waited for `within` s at
+        most: a burst over a healthy store queues, and its tries' deadlines
+        start when they are sent. The queue counts against the call's budget
+        (a request leaves it only with MIN_TRY left, as a retry starts): one
+        still there then was never sent, so StoreUnavailable, never
+        AmbiguousWrite."""
+        try:
+            async with asyncio.timeout(max(within, 0.0)):
+                await self._connections.acquire()
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"{self.url}: not sent: all {self.settings.max_connections} connections "
+                f"were busy for the retry budget ({self.settings.retry_budget:g} s)"
+            ) from None
+        try:
+            yield
+        finally:
+            self._connections.release()
 
     def _key(self, key: str) -> str:
         return self._prefix + check_key(key)

@@ -6,6 +6,7 @@ it. Path-style keys ("bucket/key"), as botocore sends them to an IP address.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,12 +17,16 @@ from aiohttp import web
 class FakeS3:
     """PUT, GET, DELETE of objects, and HEAD of any bucket; conditional PUTs
     honoured or (`honour_conditions=False`) taken as plain PUTs; every answer
-    with the Date header `date` when given. `objects` is keyed "bucket/key";
-    `puts` counts the PUTs that landed."""
+    with the Date header `date` when given, `delay` s after the request came
+    (a store's own time to answer). `objects` is keyed "bucket/key"; `puts`
+    counts the PUTs that landed."""
 
-    def __init__(self, *, honour_conditions: bool = True, date: str | None = None) -> None:
+    def __init__(
+        self, *, honour_conditions: bool = True, date: str | None = None, delay: float = 0.0
+    ) -> None:
         self.honour_conditions = honour_conditions
         self.date = date
+        self.delay = delay
         self.objects: dict[str, bytes] = {}
         self.puts = 0
         self.url = ""
@@ -39,6 +44,8 @@ class FakeS3:
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         key = request.path[1:]
         if "/" not in key.strip("/"):  # the bucket itself (HeadBucket)
             return web.Response(headers=self._headers())
