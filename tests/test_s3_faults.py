@@ -758,6 +758,45 @@ async def test_simplequeued_exits_on_a_store_that_ignores_conditional_headers() 
         assert fake.objects == {}
 
 
+@pytest.mark.parametrize("token", ["t1", None], ids=["token-ignored", "no-token"])
+async def test_a_listing_that_cannot_move_on_is_a_store_error(token: str | None) -> None:
+    """A store that ignores ContinuationToken answers the first page again,
+    its token too: list() asked for ever, the same keys appended at each
+    page (3 keys at 1 a page: 1,224 requests in 10 s, memory growing). A
+    page that says IsTruncated without a NextContinuationToken (an
+    S3-compatible store answering V2 as V1) raised KeyError, no store error,
+    out of the sweep and the listing of topics (review of s3, round 29).
+    Both are StoreUnavailable, saying why, after 2 requests and 1."""
+    requests = 0
+
+    async def first_page(request: web.Request) -> web.Response:
+        nonlocal requests
+        requests += 1
+        more = f"<NextContinuationToken>{token}</NextContinuationToken>" if token else ""
+        body = (
+            '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            "<Name>b</Name><Prefix>topics/</Prefix><KeyCount>1</KeyCount><MaxKeys>1</MaxKeys>"
+            f"<IsTruncated>true</IsTruncated>{more}"
+            "<Contents><Key>topics/a.json</Key><Size>2</Size></Contents></ListBucketResult>"
+        )
+        return web.Response(text=body, content_type="application/xml")
+
+    app = web.Application()
+    app.router.add_get("/b", first_page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    store = S3Store(quick(f"http://127.0.0.1:{runner.addresses[0][1]}"))
+    try:
+        words = "does not move on" if token else "no NextContinuationToken"
+        with pytest.raises(StoreUnavailable, match=words):
+            await asyncio.wait_for(store.list("topics/"), 5)
+        assert requests == (2 if token else 1)
+    finally:
+        await store.close()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize("moto", [False, True], ids=["localstack", "moto"])
 async def test_a_listing_of_many_pages_each_answered_in_time_completes(moto: bool) -> None:
     """A listing ran every page in one request's try, under one deadline

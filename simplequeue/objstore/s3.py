@@ -603,6 +603,7 @@ class S3Store(ObjectStore):
         came. What each page lists under `field`, each entry's `name`: its
         objects' keys, or (with a delimiter) its common prefixes."""
         keys: list[str] = []
+        tokens: set[str] = set()  # each page's, sent for the next one
         request: dict[str, Any] = {
             "Bucket": self.settings.bucket,
             "Prefix": self._prefix + prefix,
@@ -621,7 +622,23 @@ class S3Store(ObjectStore):
             keys.extend(o[name][len(self._prefix) :] for o in page.get(field, []))
             if not page.get("IsTruncated"):
                 return sorted(keys)
-            request = {**request, "ContinuationToken": page["NextContinuationToken"]}
+            # A store that ignores the token answers the same page again, its
+            # token too: a listing that would never end, a page more held at
+            # each request. A token marks a place in the listing, and the
+            # listing only moves on, so one sent before means no progress.
+            token = page.get("NextContinuationToken")
+            if not token:
+                raise StoreUnavailable(
+                    f"{self.url}: a listing page said there was more and gave no "
+                    f"NextContinuationToken to ask for it"
+                )
+            if token in tokens:
+                raise StoreUnavailable(
+                    f"{self.url}: a listing does not move on: its page {len(tokens) + 1} "
+                    f"gave the continuation token an earlier page gave"
+                )
+            tokens.add(token)
+            request = {**request, "ContinuationToken": token}
 
     async def create_bucket(self) -> None:
         """Create the bucket if it does not exist (for LocalStack, MinIO and tests),
