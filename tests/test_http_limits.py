@@ -221,10 +221,11 @@ async def test_a_broker_with_few_descriptors_serves_past_hundreds_of_idle_socket
 async def test_the_connection_cap_leaves_room_for_the_files_localfs_holds_open(
     broker_process: Any, connect: Connect, tmp_path: Path
 ) -> None:
-    """localfs keeps up to 512 files open between writes (each busy topic's
-    head and journal). The cap on connections counted none of them: at 800
-    descriptors it let 544 connections in, and with a few hundred busy topics
-    the store's writes then failed with "Too many open files"."""
+    """localfs keeps files open between writes (each busy topic's head and
+    journal: a quarter of the limit, 512 at most). The cap on connections
+    counted none of them: at 800 descriptors it let 544 connections in, and
+    with a few hundred busy topics the store's writes then failed with "Too
+    many open files"."""
     broker = broker_process("--dir", str(tmp_path), nofile=800)
     url = broker.url
     async with aiohttp.ClientSession() as s:

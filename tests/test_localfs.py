@@ -381,6 +381,101 @@ async def test_a_full_disk_is_storage_full_at_once(
     await store.close()
 
 
+# --- descriptors: what the store keeps open, under the process' limit ------------------
+
+
+async def test_a_localfs_broker_under_a_small_descriptor_limit_keeps_serving_busy_topics(
+    broker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    """localfs kept up to 512 descriptors open between writes (the 256 files it
+    wrote last, 256 busy keys' journals) whatever the process' limit. Under
+    `ulimit -n 256`, once some 100 topics had been busy every descriptor was
+    held, every write failed EMFILE (t116..t119 answered 503), broker.json was
+    no longer renewed, and nothing let one go until a restart. The store now
+    keeps a quarter of the limit (64 here) at most."""
+    import aiohttp
+
+    broker = broker_process("--dir", str(tmp_path), nofile=256)
+    connector = aiohttp.TCPConnector(limit=4)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as s:
+
+        async def busy(n: int) -> int:
+            status = 0
+            for i in range(3):  # the third write within a second makes a journal
+                url = f"{broker.url}/topics/t{n}/enqueue"
+                async with s.post(url, json={"payload": i}) as r:
+                    status = max(status, r.status)
+            return status
+
+        for start in range(0, 160, 4):
+            statuses = await asyncio.gather(*(busy(n) for n in range(start, start + 4)))
+            assert statuses == [201] * 4, f"topics t{start}..t{start + 3}: {statuses}"
+        async with s.post(f"{broker.url}/topics/fresh/enqueue", json={"payload": "last"}) as r:
+            assert r.status == 201, await r.text()
+    broker.stop()
+    assert "Too many open files" not in broker.log()
+
+
+async def test_what_localfs_keeps_open_is_sized_to_the_descriptor_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eighth of the soft limit for each of the files written last and the
+    busy keys' journals, 256 each at most: the broker's connection cap
+    (default_max_connections) leaves room for `held_descriptors`."""
+    import resource
+
+    from simplequeue.broker.listener import (
+        HEADROOM,
+        MAX_CONNECTIONS,
+        MIN_CONNECTIONS,
+        default_max_connections,
+    )
+
+    for soft, held in ((256, 64), (1024, 256), (65536, 512), (16, 8)):
+        monkeypatch.setattr(resource, "getrlimit", lambda _, soft=soft: (soft, soft))
+        store = LocalStore(tmp_path)
+        assert store.held_descriptors == held, soft
+        cap = default_max_connections(store.held_descriptors)
+        assert cap == max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, soft - HEADROOM - held))
+
+
+async def test_a_store_out_of_descriptors_lets_go_of_half_it_keeps_and_writes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors (connections took the rest), a write failed
+    StoreUnavailable and the store let none of the files it keeps go: every
+    write failed so until a restart. Now the older half of them goes and the
+    write is made once more."""
+    import errno
+
+    monkeypatch.setattr(localfs._WrittenFiles, "LIMIT", 8)
+    monkeypatch.setattr(localfs._Places, "LIMIT", 8)
+    store = LocalStore(tmp_path)
+    etags = {}
+    for n in range(10):  # busy keys: their heads and their journals kept open
+        key = f"topics/t{n}.json"
+        etags[key] = await store.put(key, b"v0")
+        for v in (b"v1", b"v2"):
+            etags[key] = await store.put_if(key, v, if_match=etags[key])
+    ceiling = len(os.listdir("/proc/self/fd"))  # every descriptor in use: the next fails
+    real_open = os.open
+
+    def short_of_descriptors(path: Any, *args: Any, **kwargs: Any) -> int:
+        if len(os.listdir("/proc/self/fd")) >= ceiling:
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(localfs.os, "open", short_of_descriptors)
+    for key in etags:
+        await store.put_if(key, b"v3", if_match=etags[key])
+    etags["topics/new.json"] = await store.put("topics/new.json", b"v3")
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) < ceiling
+    assert [(await store.get(key))[0] for key in etags] == [b"v3"] * len(etags)
+    await store.close()
+
+
 async def test_a_new_directory_is_made_durable_in_its_parent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

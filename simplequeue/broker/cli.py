@@ -219,6 +219,8 @@ def main(
     flags = StoreFlags.take(store_flags)
     if create_bucket and flags.backend != "s3":
         raise click.UsageError("--create-bucket is for --backend s3")
+    # Before the store is made: localfs sizes the files it keeps open to the limit.
+    raise_descriptor_limit()
     store = flags.open()
     if flags.backend == "localfs":
         make_dir(Path(flags.dir))
@@ -249,7 +251,6 @@ def main(
     # default 5 ms switch interval a busy event loop holds it that long each
     # time, and one write of a few system calls took 4 ms instead of 1.
     sys.setswitchinterval(0.0005)
-    raise_descriptor_limit()
     try:
         with event_loop_runner() as runner:
             runner.run(_serve(settings, store, create_bucket))

@@ -92,6 +92,14 @@ _CHECKED_LIMIT = 100_000
 # topic's, a membership record) is not worth its JOURNAL_SIZE of disk.
 JOURNAL_AFTER = 1.0
 
+# The share of the process' soft descriptor limit (RLIMIT_NOFILE) that each of
+# _WrittenFiles and _Places may keep open: an eighth each, a quarter together,
+# at most their LIMIT and at least KEPT_AT_LEAST. Under `ulimit -n 256` the 512
+# they kept left no descriptor for a write's own files once some 100 topics had
+# been busy, and every write failed until a restart.
+KEPT_SHARE = 8
+KEPT_AT_LEAST = 4
+
 # A write's temp file beside its key or journal (_write_temp, _prepare_journal):
 # what a process killed mid-write leaves. Never a key (a dot file).
 _LEFTOVER = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
@@ -116,9 +124,10 @@ class _WrittenFiles:
     and hashing the whole object.
     """
 
-    LIMIT = 256
+    LIMIT = 256  # the most, under a high descriptor limit (see KEPT_SHARE)
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self._files: OrderedDict[Path, tuple[int, str, tuple[int, ...]]] = OrderedDict()
         self._lock = threading.Lock()
         # After close(), a write still finishing in its thread keeps nothing open.
@@ -133,8 +142,16 @@ class _WrittenFiles:
             old = self._files.pop(path, None)
             self._files[path] = (fd, etag, stamp)
             evicted = [old] if old else []
-            while len(self._files) > self.LIMIT:
+            while len(self._files) > self.limit:
                 evicted.append(self._files.popitem(last=False)[1])
+        for stale_fd, _, _ in evicted:
+            os.close(stale_fd)
+
+    def let_go_of_older_half(self) -> None:
+        """Close the older half of the files kept (the process ran out of
+        descriptors): they are only a shortcut."""
+        with self._lock:
+            evicted = [self._files.popitem(last=False)[1] for _ in range(len(self._files) // 2)]
         for stale_fd, _, _ in evicted:
             os.close(stale_fd)
 
@@ -164,6 +181,19 @@ class _WrittenFiles:
             self._closed = True
         for fd, _, _ in entries:
             os.close(fd)
+
+
+def _kept_limit(most: int) -> int:
+    """How many files one of the store's caches may keep open: `most`, or
+    less under a low descriptor limit (KEPT_SHARE)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: no descriptor limit to size to
+        return most
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return most
+    return min(most, max(KEPT_AT_LEAST, soft // KEPT_SHARE))
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:
@@ -306,7 +336,8 @@ class _Places:
     # holds: keeping more would keep places no write can use.
     LIMIT = _WrittenFiles.LIMIT
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self._places: OrderedDict[Path, _Place] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False  # as _WrittenFiles._closed
@@ -335,8 +366,16 @@ class _Places:
                 if old is not None and old.fd != journal.fd:
                     evicted.append(old)
                 self._places[path] = kept
-                while len(self._places) > self.LIMIT:
+                while len(self._places) > self.limit:
                     evicted.append(self._places.popitem(last=False)[1])
+        for place in evicted:
+            os.close(place.fd)
+
+    def let_go_of_older_half(self) -> None:
+        """As _WrittenFiles': a place is only a shortcut. Those taken out
+        by a write in progress are not here, so none in use is closed."""
+        with self._lock:
+            evicted = [self._places.popitem(last=False)[1] for _ in range(len(self._places) // 2)]
         for place in evicted:
             os.close(place.fd)
 
@@ -373,13 +412,13 @@ class LocalStore(ObjectStore):
         self.root = Path(root).absolute()
         self.lock_timeout = lock_timeout
         self.url = "file://" + urllib.parse.quote(str(self.root))  # as store_from_url reads it
-        # The files last written, and the busy keys' journals.
-        self.held_descriptors = _WrittenFiles.LIMIT + _Places.LIMIT
         self._locks = self.root / _META_DIR / "locks"
         self._ready = False
-        self._written = _WrittenFiles()
+        self._written = _WrittenFiles(_kept_limit(_WrittenFiles.LIMIT))
         self._boot = (boot_id or machine_boot_id()) if journal else None
-        self._places = _Places()
+        self._places = _Places(_kept_limit(_Places.LIMIT))
+        # The files last written, and the busy keys' journals.
+        self.held_descriptors = self._written.limit + self._places.limit
         # Keys whose journal is known not to be from an earlier boot.
         self._checked: set[Path] = set()
         # The folders under the root known durable in their parents (_make_dirs).
@@ -411,9 +450,12 @@ class LocalStore(ObjectStore):
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """`fn` in a worker thread. One that meets a busy lock gives its thread
         back (_LockBusy: nothing of it is left) and is made again after a
-        pause, until the lock's deadline (then StoreUnavailable)."""
+        pause, until the lock's deadline (then StoreUnavailable). One that
+        finds the process out of descriptors is made once more, after the
+        store has let go of half of the files it keeps open."""
         token = _lock_deadline.set(time.monotonic() + self.lock_timeout)  # copied to the thread
         pause = LOCK_WAIT_IN_THREAD
+        let_go = False
         try:
             while True:
                 try:
@@ -421,6 +463,21 @@ class LocalStore(ObjectStore):
                 except _LockBusy:
                     await asyncio.sleep(pause)
                     pause = min(2 * pause, 0.2)
+                except OSError as exc:
+                    # Out of descriptors (connections took them, or the limit
+                    # was lowered since): what is kept open is only a
+                    # shortcut, so half of it goes and the call is made once
+                    # more, rather than fail every write until a restart.
+                    # Made again, a call redoes only what failed: a write
+                    # failing before its rename removes its temp file, one
+                    # failing after it is NotDurable (no OSError), and
+                    # put_if_after's objects already in place are in _Tries.
+                    if let_go or exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    let_go = True
+                    log.warning("localfs %s: out of descriptors: %s", self.root, exc)
+                    self._written.let_go_of_older_half()
+                    self._places.let_go_of_older_half()
         except (ObjectNotFound, PreconditionFailed):
             raise
         except OSError as exc:
