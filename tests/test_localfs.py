@@ -246,6 +246,31 @@ async def test_the_sweep_removes_what_writes_cut_short_left_once_it_is_old(
     assert await store.list() == ["topics/t.json"]
 
 
+async def test_the_sweep_looks_into_the_folders_below_the_roots_in_turn_and_reaches_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sweep read every folder of the store, every topic's, on every
+    broker (test_ownership: 300 idle topics, 600 folder reads in two sweeps).
+    The root's own folders (the heads, their journals and temp files) are
+    looked into at every sweep; those below them (a topic's segments, and
+    all below each) LEFTOVER_FOLDERS_PER_SWEEP at a time (4 here), after the
+    last the previous sweep looked into, wrapping around: each leftover is
+    removed within a round."""
+    monkeypatch.setattr(localfs, "LEFTOVER_FOLDERS_PER_SWEEP", 4)
+    store = LocalStore(tmp_path)
+    objects = [f"topics/t{n}/seg-1.json" for n in range(10)] + ["a/b/c/d", "topics/t.json"]
+    left = []
+    for key in objects:
+        await store.put(key, b"{}")
+        left.append(cut_short(store, key))
+    for path in left:
+        age(path, 2 * 3600)
+    # 11 folders below the root's: 4, 4 and the last 3 (and one again); the
+    # head's leftover, in topics/, at the first.
+    assert [await store.sweep_leftovers(3600) for _ in range(3)] == [5, 4, 3]
+    assert not [path for path in left if path.exists()]
+
+
 async def test_a_leftover_the_sweep_cannot_remove_stops_it_for_no_other(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -960,6 +960,45 @@ async def test_the_sweeps_after_a_broker_wrote_many_topics_cost_requests_indepen
     assert made <= 4, store.calls
 
 
+async def test_an_idle_localfs_brokers_sweep_reads_a_bounded_number_of_topic_folders(
+    start_broker: StartBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 4.1: an idle broker makes O(1) store requests per second whatever
+    the number of topics. Every sweep (each 10 minutes) ended with
+    sweep_leftovers, on localfs an os.walk of the whole store: every topic's
+    folder read, whoever owns it, on every broker. 300 idle topics with
+    segments: 600 folder reads in two sweeps (20,000 topics of 3 segments:
+    0.87 s of a thread a sweep, against 0.34 s for the sweep's own listing;
+    100,000 topics some 100,000 folder reads every 10 minutes per broker). A
+    sweep now looks into LEFTOVER_FOLDERS_PER_SWEEP topic folders (256; 5
+    here), in turn."""
+    from simplequeue.objstore import localfs
+
+    monkeypatch.setattr(localfs, "LEFTOVER_FOLDERS_PER_SWEEP", 5)
+    store = LocalStore(tmp_path)
+    for t in range(300):
+        await store.put(f"topics/t{t}/seg-p0-x.json", b'{"format": 1, "items": []}')
+        await store.put(f"topics/t{t}.json", b"{}")  # not a head it can read: never written
+    await store.close()
+    broker = await start_broker(LocalStore(tmp_path), broker_id="b0")
+    await broker.duties.taken_over.wait()
+    broker.duties._taken.clear()  # two sweeps passed: the topics taken over are not recent
+    broker.duties._written.clear()
+    read: list[str] = []
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        read.append(os.path.relpath(path, tmp_path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    await broker.duties._sweep()
+    await broker.duties._sweep()
+    monkeypatch.setattr(os, "scandir", real)
+    topic_folders = [p for p in read if p.startswith("topics/")]
+    assert len(topic_folders) <= 10, f"{len(topic_folders)} topic folders read in two sweeps"
+
+
 async def test_a_broker_that_wrote_a_few_of_many_topics_sweeps_them_without_listing_all(
     start_broker: StartBroker,
 ) -> None:

@@ -185,7 +185,9 @@ class ObjectStore(ABC):
         killed mid-write) that has not been touched for `older_than` seconds of
         the store's time; how many. A write that old is no longer in progress:
         if its process is only stopped, it fails when it resumes, unanswered.
-        Leftovers are never keys: list() does not show them. S3's and memfs'
+        Leftovers are never keys: list() does not show them. A call may look
+        into part of the store only, the calls after it into the rest (localfs:
+        the topics' folders a few hundred a call, in turn). S3's and memfs'
         writes leave none."""
         return 0
 
