@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -148,6 +149,47 @@ async def test_an_if_match_put_into_a_missing_bucket_is_not_a_lost_race(moto: bo
             await store.put_if("k", b"v", if_match='"0123456789abcdef0123456789abcdef"')
     finally:
         await store.close()
+
+
+async def test_simplequeued_on_a_bucket_that_does_not_exist_exits_at_start() -> None:
+    """The broker's start-up check took StoreRefused (a StoreUnavailable) for
+    "the store does not answer now": on a bucket that does not exist (a
+    typo, no --create-bucket; AccessDenied, no credentials alike) it logged
+    a warning, listened, and answered 503 to every request for ever. It
+    exits 1 with the store's reason before listening now, as it does for a
+    store that ignores conditional writes."""
+    from tests.conftest import s3_endpoint
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "simplequeue.broker",
+        "--addr",
+        "127.0.0.1:0",
+        "--backend",
+        "s3",
+        "--bucket",
+        f"sq-missing-{uuid.uuid4().hex[:12]}",
+        "--endpoint-url",
+        s3_endpoint(),
+        "--region",
+        "us-east-1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        # Generous: a cold interpreter importing aiobotocore, on a busy machine.
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert b"listening" not in line, f"it serves a bucket that does not exist: {line!r}"
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1, err
+    assert b"NoSuchBucket" in err, err
+    assert b"Unclosed" not in err, err  # its store closed before it exits
 
 
 # --- no credentials: a conditional write called "ambiguous" --------------------------

@@ -325,8 +325,9 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
         # not keep a signal from stopping the broker (its stop is bounded).
         started = await _unless_signalled(stop, broker.start())
     except BaseException:
-        # Refused (a store that does not honour conditional writes), or a
-        # port taken: the process exits with the reason, its store closed.
+        # Refused (a store that does not honour conditional writes, or says
+        # no: no such bucket, access denied), or a port taken: the process
+        # exits with the reason, its store closed.
         await store.close()
         raise
     if started:

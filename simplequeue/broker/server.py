@@ -353,10 +353,15 @@ class Broker:
     async def _check_store(self) -> None:
         """Refuse, before listening, a store that takes conditional writes for
         plain ones: every broker's write would win over the others', jobs lost
-        without an error (StoreRefused: simplequeued exits with its reason). A
-        store that does not answer now is checked before its first write."""
+        without an error (StoreRefused: simplequeued exits with its reason),
+        and one that refuses the check (no such bucket, access denied, no
+        credentials): it would refuse every request the broker served, 503s
+        until an operator acts. A store that does not answer now is checked
+        before its first write."""
         try:
             fault = await self.store.conditional_writes_fault()
+        except StoreRefused:
+            raise
         except StoreUnavailable as exc:  # serve anyway; the first write checks again
             log.warning("could not check the store's conditional writes at start: %s", exc)
             return

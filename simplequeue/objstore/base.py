@@ -207,7 +207,9 @@ class ObjectStore(ABC):
         S3 finds out once per handle, with a probe under the prefix, and its
         put_if raises StoreRefused with this reason rather than write; memfs
         and localfs implement the conditions themselves (None, at no cost).
-        StoreUnavailable when the store did not answer the probe."""
+        StoreUnavailable when the store did not answer the probe, its
+        StoreRefused when the store said no to it (no such bucket, access
+        denied): a broker then does not start."""
         return None
 
     async def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
