@@ -21,7 +21,7 @@ import pytest
 
 from simplequeue import keys
 from simplequeue.broker.discovery import Announcer
-from simplequeue.errors import StorageFull
+from simplequeue.errors import PreconditionFailed, StorageFull
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import read_record
@@ -379,6 +379,50 @@ async def test_the_announcer_renews_broker_json_again_after_a_full_disk() -> Non
         for waiting in (task, renewed):
             waiting.cancel()
         await asyncio.gather(task, renewed, return_exceptions=True)
+
+
+class LandedUnanswered(MemStore):
+    """Lands the next `landed` writes of broker.json and answers each
+    PreconditionFailed, as S3 does for a conditional PUT answered 500 after it
+    landed: its retry finds its own write there (412)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed = 0
+
+    async def put_if(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        etag = await super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+        if key == keys.BROKER and self.landed:
+            self.landed -= 1
+            raise PreconditionFailed(f"{key}: the retry of a write that landed")
+        return etag
+
+
+async def test_a_registration_that_landed_unseen_leaves_its_broker_active() -> None:
+    """A registration (or take-over) of broker.json that landed but was
+    answered PreconditionFailed left its broker a standby: the next round read
+    the record, its own, at epoch 1 against the broker's 0, took it for
+    another broker's, and left it unrenewed until its lease ran out (up to
+    60 s with no active broker renewing, then a take-over from itself). The
+    record this broker sent is its own now, adopted and renewed."""
+    store = LandedUnanswered()
+    announcer = Announcer(store, broker_id="b", url="http://127.0.0.1:1", lease_s=60)
+    store.landed = 1
+    await announcer.step()  # registers: landed, answered 412
+    assert not announcer.active
+    landed = await read_record(store)
+    assert landed is not None and landed[0].broker_id == "b"
+    await announcer.step()  # the next round finds its own record
+    assert announcer.active and announcer.epoch == 1
+    renewed = await read_record(store)
+    assert renewed is not None and renewed[1] != landed[1]  # renewed, not left to age
+    # A record an earlier process wrote under the same broker id is no
+    # registration of this one's: it waits for its lease as for any other's.
+    later = Announcer(store, broker_id="b", url="http://127.0.0.1:2", lease_s=60)
+    await later.step()
+    assert not later.active and later.epoch == 0
 
 
 async def test_a_broker_whose_store_stopped_answering_still_stops(

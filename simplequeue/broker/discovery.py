@@ -53,6 +53,12 @@ class Announcer:
         self.epoch = 0
         self.seen: BrokerRecord | None = None  # the record as last read or written
         self._etag: str | None = None  # of our own record, while active
+        # The registration or take-over last sent and not seen to land: an
+        # answer can say otherwise (a 5xx after it landed, its retry's 412;
+        # a write left ambiguous), and then a read finds it. Compared whole
+        # (its heartbeat a stamp of its own), not by broker id: one an
+        # earlier process under the same --broker-id wrote is not ours.
+        self._unseen: BrokerRecord | None = None
         self._sighting: tuple[str, float] | None = None  # (ETag, monotonic time first seen)
         self._corrupt_logged = False
         self._wake = asyncio.Event()
@@ -87,24 +93,26 @@ class Announcer:
                 log.error("%s; this broker replaces it", exc)
                 self._corrupt_logged = True
             with contextlib.suppress(PreconditionFailed):
-                mine = self._record(self.epoch + 1, now)
+                mine = self._unseen = self._record(self.epoch + 1, now)
                 etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=exc.etag)
                 self._became(mine, etag, "replaced an unreadable broker.json")
             return
         try:
             if current is None:
-                mine = self._record(1, now)
+                mine = self._unseen = self._record(1, now)
                 etag = await self.store.put_if(keys.BROKER, mine.encode(), if_none_match=True)
                 self._became(mine, etag, "registered")
                 return
             record, etag = current
             self.seen = record
+            if record == self._unseen:
+                self._became(record, etag, "its write landed, though not answered so")
             if record.broker_id == self.broker_id and record.epoch == self.epoch:
                 mine = self._record(self.epoch, now)
                 self._etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
                 self.seen, self.active = mine, True
             elif record.resigned or self._unchanged_for(etag) > record.lease:
-                mine = self._record(record.epoch + 1, now)
+                mine = self._unseen = self._record(record.epoch + 1, now)
                 new_etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
                 how = f"took over from {record.broker_id} (epoch {record.epoch})"
                 self._became(mine, new_etag, how)
@@ -129,7 +137,7 @@ class Announcer:
             "active broker %s at %s, epoch %d: %s", self.broker_id, self.url, record.epoch, how
         )
         self.seen, self.active, self.epoch = record, True, record.epoch
-        self._etag = etag
+        self._etag, self._unseen = etag, None
         self.on_epoch(record.epoch)
 
     def poke(self) -> None:
