@@ -519,9 +519,7 @@ async def test_a_skewed_clock_fails_at_once_with_a_message_that_says_so() -> Non
 
 
 @pytest.mark.parametrize("status", [200, 404, 429, 503])
-def test_only_answers_s3_itself_gave_set_the_store_clock(
-    monkeypatch: pytest.MonkeyPatch, status: int
-) -> None:
+def test_only_answers_s3_itself_gave_set_the_store_clock(status: int) -> None:
     """A 5xx answer's Date is not sampled: a proxy or load balancer in front of
     S3 answers those with its own clock, and a burst of them (a request's
     retries, an outage) agrees with itself. Answers a day ahead, spread over
@@ -530,12 +528,11 @@ def test_only_answers_s3_itself_gave_set_the_store_clock(
     of S3 answers it (S3 throttles with 503 SlowDown)."""
     from email.utils import formatdate
 
-    from simplequeue.objstore import s3
     from simplequeue.objstore.clock import CONFIRM_JUMP, CONFIRM_SPAN, StoreClock
 
     mono = [100.0]
-    monkeypatch.setattr(s3, "time", SimpleNamespace(monotonic=lambda: mono[0]))
     store = S3Store(quick("http://127.0.0.1:9"))
+    # The hooks time each call on the clock's own local time.
     store.clock = StoreClock(monotonic=lambda: mono[0], wall=lambda: 0.0)
     offset = 1_700_000_000.0
 

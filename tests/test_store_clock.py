@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import pytest
 
+from simplequeue.objstore import clock as clock_module
 from simplequeue.objstore.clock import CONFIRM_JUMP, CONFIRM_SPAN, StoreClock
 
 
@@ -441,3 +443,62 @@ def test_one_answer_off_after_an_hour_without_samples_does_not_take_now_outside_
     assert abs(wrong_by) <= clock.error(now), (
         f"now() is {wrong_by:.2f} s off the store's time, its error says {clock.error(now):.2f} s"
     )
+
+
+class SuspendableHost:
+    """A host's clocks, for the clock module's `time`: CLOCK_MONOTONIC
+    (time.monotonic) stops while the host is suspended, CLOCK_BOOTTIME runs on."""
+
+    def __init__(self) -> None:
+        self.mono = self.boot = 100.0
+
+    def run(self, seconds: float) -> None:
+        self.mono += seconds
+        self.boot += seconds
+
+    def suspend(self, seconds: float) -> None:
+        self.boot += seconds
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def clock_gettime(self, clock: int) -> float:
+        assert clock == time.CLOCK_BOOTTIME, clock
+        return self.boot
+
+
+@pytest.mark.skipif(
+    not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's clock that counts a suspend"
+)
+def test_a_host_suspended_for_ten_minutes_does_not_write_times_ten_minutes_old(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The clock's local base was time.monotonic, which stops while the host
+    is suspended (a laptop, EC2 hibernation) while the store's clock runs on:
+    after 600 s suspended every answer said the store had jumped 600 s ahead,
+    taken only after CONFIRM_JUMP answers over CONFIRM_SPAN, and for those 4 s
+    of answers now() was 600 s behind the store while error() said 0.135 s
+    (leases granted then already run out in the store's time). The base is
+    CLOCK_BOOTTIME now, which counts the suspend: no jump to confirm."""
+    host = SuspendableHost()
+    monkeypatch.setattr(clock_module, "time", host)
+    clock = StoreClock(wall=lambda: 0.0, spacing=0.02)  # on its own local base
+    store_ahead = 5000.0  # store time - the host's time since boot
+
+    def answer() -> None:
+        host.run(0.23)  # a broker at work: an answer every 0.25 s
+        sent = clock.local()
+        host.run(0.02)
+        stamp = float(int(host.boot - 0.01 + store_ahead))  # a Date: whole seconds
+        clock.observe(sent, clock.local(), stamp, 1.0)
+
+    for _ in range(40):
+        answer()
+    host.suspend(600.0)
+    for _ in range(16):  # 4 s of answers after the resume
+        answer()
+        now = clock.now()
+        off = now - (host.boot + store_ahead)
+        assert abs(off) <= clock.error(now), (
+            f"now() {off:+.1f} s off the store's time, error() {clock.error(now):.3f} s"
+        )

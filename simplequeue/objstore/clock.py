@@ -4,6 +4,10 @@ Brokers' wall clocks may disagree by any amount; the store's clock is the one
 they share. StoreClock keeps an interval holding (store time - local monotonic
 time) from samples (an S3 Date header, a file's mtime) and answers now() from
 it. Pure arithmetic: it never does I/O and never reads the store itself.
+
+Its local time is local_time(), which counts the time the host was suspended:
+the store's clock runs on meanwhile. Samples are timed with StoreClock.local(),
+never with time.monotonic() or the event loop's time.
 """
 
 from __future__ import annotations
@@ -19,6 +23,25 @@ from typing import NamedTuple
 # seconds: not one request's retries, a few hundred milliseconds apart.
 CONFIRM_JUMP = 3
 CONFIRM_SPAN = 5.0
+# On Linux, CLOCK_MONOTONIC stops while the host is suspended (a laptop's lid,
+# EC2 hibernation) and the store's clock does not: after a resume every answer
+# said the store had jumped the suspend's length ahead, and until CONFIRM_JUMP
+# of them agreed now() was that far behind, its error() a fraction of a second
+# (10 minutes suspended: leases granted 10 minutes short). CLOCK_BOOTTIME is
+# the same clock counting the suspend. Elsewhere time.monotonic(), whichever
+# way the platform counts a suspend (where it stops, a resume is a jump still).
+_LOCAL_CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def local_time() -> float:
+    """Seconds on the local clock samples are timed with: monotonic, and
+    running while the host is suspended where the platform offers one that
+    does (Linux's CLOCK_BOOTTIME)."""
+    if _LOCAL_CLOCK is None:
+        return time.monotonic()
+    return time.clock_gettime(_LOCAL_CLOCK)
+
+
 # How fast (s/s) our monotonic clock may be taken to drift against the store's
 # before a sample outside the estimate must wait for rivals: well beyond the
 # 0.05 % a kernel slews a clock by.
@@ -78,7 +101,7 @@ class StoreClock:
         window: int = 64,
         horizon: float = 300.0,
         spacing: float = 0.0,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = local_time,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._window = window
@@ -101,9 +124,14 @@ class StoreClock:
         self._corroborated = False
         self._lock = threading.Lock()
 
+    def local(self) -> float:
+        """The local time samples are timed with (`sent`, `received`): this
+        clock's own, local_time() unless a test gave another."""
+        return self._monotonic()
+
     def observe(self, sent: float, received: float, stamp: float, resolution: float) -> None:
         """Add a sample: the store's time was in [stamp, stamp + resolution) at
-        an instant between the local monotonic times `sent` and `received`."""
+        an instant between the local times `sent` and `received` (local())."""
         if received < sent or resolution < 0:
             raise ValueError(
                 f"a sample needs sent <= received and resolution >= 0, "

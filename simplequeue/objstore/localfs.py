@@ -620,7 +620,7 @@ class LocalStore(ObjectStore):
         tmp = folder / f".{path.name}.{uuid.uuid4().hex}.tmp"
         if str(folder) not in self._durable:  # the first write into it here
             self._make_dirs(folder)
-        sent = time.monotonic()
+        sent = self.clock.local()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError:  # its folder was removed since (by hand): made again
@@ -647,7 +647,7 @@ class LocalStore(ObjectStore):
         with no times is served from the caller's idea of now by clock shims
         such as libfaketime, a write's mtime always by the kernel."""
         self._prepare()
-        sent = time.monotonic()
+        sent = self.clock.local()
         fd = os.open(self.root / _META_DIR / "clock", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             os.pwrite(fd, b"\n", 0)
@@ -656,10 +656,10 @@ class LocalStore(ObjectStore):
             os.close(fd)
 
     def _observe_mtime(self, fd: int, sent: float) -> None:
-        """A write to `fd` since the monotonic time `sent` stamped its mtime:
-        a sample of the kernel's clock (taken now, before fstat, which is not
-        a write)."""
-        received = time.monotonic()
+        """A write to `fd` since the local time `sent` (StoreClock.local())
+        stamped its mtime: a sample of the kernel's clock (taken now, before
+        fstat, which is not a write)."""
+        received = self.clock.local()
         stamp = os.fstat(fd).st_mtime_ns
         self.clock.observe(sent, received, stamp / 1e9, _mtime_resolution(stamp))
 

@@ -99,7 +99,7 @@ log = logging.getLogger(__name__)
 MIN_TRY = 1.0
 # An HTTP Date header counts whole seconds.
 DATE_RESOLUTION = 1.0
-# Where the before-call hook leaves the monotonic time a call set out, in the
+# Where the before-call hook leaves the local time a call set out (the clock's), in the
 # request context botocore hands to both hooks of one call.
 _SENT = "simplequeue_sent"
 
@@ -360,9 +360,8 @@ class S3Store(ObjectStore):
                     self._client = client
         return self._client
 
-    @staticmethod
-    def _call_sent(context: dict[str, Any], **_: Any) -> None:
-        context[_SENT] = time.monotonic()
+    def _call_sent(self, context: dict[str, Any], **_: Any) -> None:
+        context[_SENT] = self.clock.local()
 
     def _call_answered(self, parsed: Mapping[str, Any], context: dict[str, Any], **_: Any) -> None:
         # It runs inside the operation, once its answer is in: whatever it
@@ -377,7 +376,7 @@ class S3Store(ObjectStore):
                 log.debug("%s: an answer's Date was not a clock sample", self.url, exc_info=True)
 
     def _sample(self, parsed: Mapping[str, Any], context: dict[str, Any]) -> None:
-        received = time.monotonic()
+        received = self.clock.local()
         sent = context.get(_SENT)
         stamp = date_of(parsed)
         status = parsed.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
