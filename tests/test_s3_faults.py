@@ -575,6 +575,37 @@ async def test_a_date_header_past_year_9999_fails_no_call(conditional: bool) -> 
             await store.close()
 
 
+async def test_a_store_whose_answers_carry_no_date_is_refused_not_guessed(
+    start_broker: Any,
+) -> None:
+    """S3's sample_clock() did nothing, taking every answer to carry a Date:
+    behind something that drops it, every call succeeded, no sample was ever
+    taken (0 after 2 answers), and now() was this machine's wall clock with a
+    clock_error of 0.0, on which the committer and the announcer wrote leases
+    and heartbeats (the guess the docs say is never written). sample_clock()
+    now asks once (a HEAD of the bucket) and, still without a sample, raises
+    StoreRefused saying why; a broker refuses such a store at start."""
+    async with FakeS3(date="").running() as fake:  # "": aiohttp's own Date left out too
+        fake.objects["b/k"] = b"v"
+        store = S3Store(quick(fake.url))
+        try:
+            assert (await store.get("k"))[0] == b"v"  # an answer stands, its time unknown
+            with pytest.raises(StoreRefused, match="no Date header"):
+                await store.sample_clock()
+            assert store.clock.samples == 0
+            with pytest.raises(StoreRefused, match="no Date header"):
+                await start_broker(store)
+        finally:
+            await store.close()
+    async with FakeS3().running() as fake:
+        store = S3Store(quick(fake.url))
+        try:
+            await store.sample_clock()  # a handle that sent nothing yet asks
+            assert store.clock.samples == 1
+        finally:
+            await store.close()
+
+
 def test_a_clock_sample_that_fails_never_fails_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever taking a sample raises, the answer it came with stands: the
     sample is skipped."""

@@ -356,14 +356,17 @@ class Broker:
         without an error (StoreRefused: simplequeued exits with its reason),
         and one that refuses the check (no such bucket, access denied, no
         credentials): it would refuse every request the broker served, 503s
-        until an operator acts. A store that does not answer now is checked
-        before its first write."""
+        until an operator acts; so too one whose answers carry no time (S3's
+        without a Date: sample_clock), on which no lease could be timed. A
+        store that does not answer now is checked before its first write."""
         try:
             fault = await self.store.conditional_writes_fault()
+            if fault is None:
+                await self.store.sample_clock()
         except StoreRefused:
             raise
         except StoreUnavailable as exc:  # serve anyway; the first write checks again
-            log.warning("could not check the store's conditional writes at start: %s", exc)
+            log.warning("could not check the store at start: %s", exc)
             return
         if fault is not None:
             raise StoreRefused(f"{self.store.url}: {fault}")

@@ -194,10 +194,11 @@ class ObjectStore(ABC):
     async def sample_clock(self) -> None:  # noqa: B027 - most answers carry the time
         """Make sure now() rests on at least one of the store's stamps: a handle
         that has not heard from the store yet guesses with the local wall clock,
-        which must never be written into the store. Backends whose every answer
-        carries the time (S3's Date, errors too) and the in-memory store (its time
-        is the process's) need nothing; localfs, whose reads carry no stamp,
-        touches a file."""
+        which must never be written into the store. The in-memory store (its
+        time is the process's) needs nothing; localfs, whose reads carry no
+        stamp, touches a file; S3, whose every answer carries its Date, errors
+        too, asks once if none came yet. StoreRefused when the store gives no
+        stamp it can read (S3 answers without a Date)."""
 
     async def conditional_writes_fault(self) -> str | None:
         """Why this store's conditional writes cannot be trusted, or None when

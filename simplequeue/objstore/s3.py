@@ -505,6 +505,27 @@ class S3Store(ObjectStore):
         cond = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
         return await self._put(key, data, cond)
 
+    async def sample_clock(self) -> None:
+        """Every answer of S3's carries its Date, errors too: a handle that has
+        had none (it sent nothing yet, or had only 5xx) asks for one, a HEAD of
+        the bucket whatever it answers. Something in front of the store that
+        drops the Date (or a store that never sends one) leaves none: then
+        StoreRefused, saying so, rather than leases and heartbeats written on
+        this machine's wall clock with an error of 0."""
+        if self.clock.samples:
+            return
+
+        async def op(client: Any) -> None:
+            await client.head_bucket(Bucket=self.settings.bucket)
+
+        with contextlib.suppress(ClientError):  # a 403 or 404 carries the Date too
+            await self._call(op)
+        if not self.clock.samples:
+            raise StoreRefused(
+                f"{self.url}: its answers carry no Date header (or none that can be "
+                "read): simplequeue writes times on the store's clock, and cannot tell it"
+            )
+
     async def conditional_writes_fault(self) -> str | None:
         """Found out once per handle, before its first conditional write (a
         broker asks at start): a store that did not answer is asked again."""
