@@ -22,6 +22,7 @@ from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Bounds
 from tests.helpers.faults import FaultyStore
+from tests.helpers.head_reads import HeadReads
 from tests.helpers.until import until
 
 
@@ -380,16 +381,6 @@ async def test_not_found_on_a_stale_cache_rereads_before_answering() -> None:
     assert (await a.ack("t", claimed["id"], claimed["lease_token"]))["status"] == "completed"
 
 
-class _HeadReads(MemStore):
-    """Counts the GETs of topic t's head."""
-
-    reads = 0
-
-    async def get(self, key: str) -> tuple[bytes, str]:
-        self.reads += key == keys.head("t")
-        return await super().get(key)
-
-
 @pytest.mark.parametrize("poll", ["claim", "job"])
 async def test_idle_long_polls_on_a_topic_share_their_reads_of_its_head(
     poll: str, monkeypatch: pytest.MonkeyPatch
@@ -401,7 +392,7 @@ async def test_idle_long_polls_on_a_topic_share_their_reads_of_its_head(
     topic, all billed on S3 (review of the broker's life cycle, round 25).
     They look together now, at the topic's tick, and share one read."""
     monkeypatch.setattr(engine_module, "POLL_INTERVAL", 0.2)
-    store = _HeadReads()
+    store = HeadReads()
     q = engine_on(store)
     await q.enqueue("t", [JobSpec(1)])
     assert await q.claim("t", "w")  # the topic exists, and is empty now
@@ -438,7 +429,7 @@ async def test_claims_of_an_idle_topic_share_a_read_of_its_head_a_poll_interval(
     its broker owns (its memory is current but for what a broker standing in
     for it wrote); another broker's job is still found within that."""
     monkeypatch.setattr(engine_module, "POLL_INTERVAL", 0.2)
-    store = _HeadReads()
+    store = HeadReads()
     q, other = engine_on(store, "a"), engine_on(store, "b")
     q.owns = lambda topic: True  # a's memory of t is current but for b's writes
     await q.enqueue("t", [JobSpec(1)])

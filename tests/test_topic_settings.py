@@ -9,6 +9,7 @@ import asyncio
 import bisect
 import itertools
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,11 +19,13 @@ import pytest
 
 from simplequeue.api import JobSpec, SettingsRequest
 from simplequeue.broker import engine as engine_module
-from simplequeue.client import Client
+from simplequeue.client import Client, Worker
+from simplequeue.client import worker as worker_module
 from simplequeue.errors import InvalidRequest
 from simplequeue.objstore.memfs import MemStore
+from tests.helpers.head_reads import HeadReads
 from tests.helpers.states import fresh, reread
-from tests.test_ownership import cluster
+from tests.test_ownership import cluster, owner_and_other
 
 T0 = 1_000_000.0
 StartBroker = Callable[..., Awaitable[Any]]
@@ -195,6 +198,72 @@ async def test_settings_over_http_and_the_sdk(start_broker: StartBroker) -> None
         await q.enqueue("x")
         job = await q.claim("w")
         assert job is not None and job.lease_expires_at == pytest.approx(job.claimed_at + 12.5)
+
+
+async def test_a_fleet_of_idle_workers_shares_a_read_of_the_head_a_poll_interval(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every SDK Worker reads its topic's settings every SETTINGS_EVERY (10 s),
+    and a GET of them read the head from the store each time, even on the
+    topic's owner, where the fleet's claims share one read a POLL_INTERVAL:
+    1,000 idle Workers cost 100 GETs of the head a second
+    (review of limits: 40 Workers, intervals of 0.2 s, read it 205 times in
+    1 s). On a topic its broker owns, settings are answered now from a state
+    read since the topic's last look at the store, as such claims are."""
+    interval = 0.2
+    monkeypatch.setattr(engine_module, "POLL_INTERVAL", interval)
+    monkeypatch.setattr(worker_module, "SETTINGS_EVERY", interval)
+    store = HeadReads()
+    broker = await start_broker(store)
+    async with Client(broker.url, topic="t") as q:
+        await q.enqueue("x")
+        job = await q.claim("w")
+        assert job is not None
+        await q.ack(job)  # the topic exists, and is idle
+
+        async def nothing(job: Any) -> None:
+            raise AssertionError("no job")
+
+        workers = [Worker(q, nothing, concurrency=2, handle_signals=False) for _ in range(40)]
+        runs = [asyncio.create_task(w.run()) for w in workers]
+        try:
+            await asyncio.sleep(3 * interval)  # each has read the settings once
+            before, started = store.reads, time.monotonic()
+            await asyncio.sleep(5 * interval)
+            reads, took = store.reads - before, time.monotonic() - started
+        finally:
+            for w in workers:
+                await w.stop()
+            await asyncio.gather(*runs)
+    assert reads <= took / interval + 2, f"40 idle Workers read the head {reads} times"
+
+
+async def test_status_and_settings_see_writes_through_either_broker_at_once(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner answers settings from its memory, read again a POLL_INTERVAL
+    (made 30 s here) apart: what either broker was asked to write the owner
+    committed, and so each sees it at once; and the status, from the store."""
+    monkeypatch.setattr(engine_module, "POLL_INTERVAL", 30.0)
+    owner, other = owner_and_other(await cluster(start_broker, MemStore(), 2), "t")
+    async with aiohttp.ClientSession() as s:
+
+        async def get(broker: Any, what: str) -> Any:
+            async with s.get(f"{broker.url}/topics/t/{what}") as r:
+                assert r.status == 200
+                return await r.json()
+
+        for broker in (owner, other):
+            assert (await get(broker, "status"))["pending"] == 0  # the owner holds it now
+            assert (await get(broker, "settings"))["rate"] is None
+        for n, via in enumerate((other, owner), 1):
+            async with s.post(f"{via.url}/topics/t/enqueue", json={"payload": n}) as r:
+                assert r.status == 201
+            async with s.put(f"{via.url}/topics/t/settings", json={"max_claimed": n}) as r:
+                assert r.status == 200
+            for broker in (owner, other):
+                assert (await get(broker, "status"))["pending"] == n
+                assert (await get(broker, "settings"))["max_claimed"] == n
 
 
 async def claimers(

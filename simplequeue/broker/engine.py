@@ -759,8 +759,18 @@ class Engine:
         await self.committer.submit(topic, lambda s, now: s.delete_schedule(name))
 
     async def settings(self, topic: str) -> dict[str, Any]:
+        """The topic's settings. On a topic this broker owns, from a state read
+        since the topic's last look at the store (or written since: a change
+        sent through any broker is the owner's write, but for one a broker
+        standing in for it made), as a claim that finds nothing is (_poll):
+        every SDK Worker reads them every 10 s, and a fleet of idle Workers
+        read the head once a Worker, where their claims share one read a
+        POLL_INTERVAL. Elsewhere from the store. (The status is always read
+        from the store: it is current, whichever broker wrote, README.)"""
         keys.check_topic(topic)
-        return await self.committer.read(topic, lambda s, now: shown_settings(s))
+        looked = next_look(topic) - POLL_INTERVAL if self.owns(topic) else None
+        max_age = None if looked is None else max(0.0, time.monotonic() - looked)
+        return await self.committer.read(topic, lambda s, now: shown_settings(s), max_age)
 
     async def put_settings(self, topic: str, changes: SettingsRequest) -> dict[str, Any]:
         keys.check_topic(topic)
