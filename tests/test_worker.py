@@ -24,6 +24,7 @@ from simplequeue.errors import BrokerUnavailable, PayloadTooLarge, SimpleQueueEr
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.head_reads import HeadReads
 from tests.helpers.logs import Said
 from tests.helpers.until import until
 
@@ -2330,6 +2331,47 @@ async def test_a_burst_worker_with_wait_0_does_not_spin_on_a_rate_limited_topic(
         await worker.run()
     assert worker.processed == 2
     assert asked < 20, f"{asked} status requests while waiting ~2 s for one token"
+
+
+async def test_a_burst_worker_under_a_rate_claims_in_long_polls_not_status_reads(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst Worker's claims do not long-poll: under a rate, each claim after
+    the one that took the token found nothing and went to _held_back(), which
+    read the status and the settings, then long-polled for the next token,
+    answered with one job; the next claim found nothing again. Draining 60
+    jobs at 30 a second took 63 status and 61 settings reads (each then a
+    GET of the head) and 3.1 s (review of limits). Once a held-back claim
+    got jobs, the claims long-poll for the next token themselves, and the
+    status is read again only when one finds nothing: here 30 jobs, 7 reads
+    of the status and settings, not 64."""
+    calls = {"status": 0, "settings": 0}
+    for name in calls:
+        real = getattr(Client, name)
+
+        def counted(self: Client, _real: Any = real, _name: str = name, **limits: Any) -> Any:
+            calls[_name] += 1
+            return _real(self, **limits)
+
+        monkeypatch.setattr(Client, name, counted)
+    store = HeadReads()
+    broker = await start_broker(store)
+    async with Client(broker.url, topic="t") as q:
+        await q.enqueue_many(list(range(30)))
+        await q.settings(rate=30.0, burst=1)
+        done: list[int] = []
+        before, started = store.reads, asyncio.get_running_loop().time()
+        calls.update(status=0, settings=0)
+        worker = Worker(
+            q, lambda job: done.append(job.payload), concurrency=4, burst=True, handle_signals=False
+        )
+        async with asyncio.timeout(20):
+            await worker.run()
+        reads, took = store.reads - before, asyncio.get_running_loop().time() - started
+    assert sorted(done) == list(range(30))
+    said = f"{calls} and {reads} reads of the head for 30 jobs in {took:.1f} s"
+    assert calls["status"] + calls["settings"] <= 10, said
+    assert reads <= took + 5, said
 
 
 SECOND_SIGNAL_THREAD = (

@@ -433,6 +433,9 @@ class Worker:
         self._asked = 0  # jobs asked for by claims whose answers are not in the buffer yet
         self._taken = 0  # jobs claimed so far (max_jobs counts them)
         self._dry = False  # burst: a claim found nothing; claim again once a job ends
+        # Burst: the topic's limits held a claim back and then let jobs through
+        # (_held_back): claims long-poll for the next token or slot at once.
+        self._rationed = False
         self._failed: SimpleQueueError | None = None  # what no claim will get past: run() raises it
         self._exited: BaseException | None = None  # a handler's SystemExit: run() raises it
         # Answers go into the buffer in the order their claims were sent, or
@@ -500,7 +503,7 @@ class Worker:
                         self._waiting_order.cancel()
                         self._waiting_order = None
                     self._stopping.clear()
-                    self._dry, self._taken = False, 0
+                    self._dry, self._taken, self._rationed = False, 0, False
                     self._done.set()
         if self._exited is not None:
             exited, self._exited = self._exited, None
@@ -800,6 +803,14 @@ class Worker:
         # claim answered empty besides.
         timed = self.prefetch is None and self.limited is False and self.ahead.had_jobs
         wait = 0.0 if self.burst or timed else self.wait
+        # A burst claim does not long-poll (an empty answer is how it learns
+        # the topic is empty), but on a topic whose limits ration the jobs it
+        # would find nothing after each token, and read the status and the
+        # settings a job in _held_back: it long-polls for the next token at
+        # once, and looks at the status only when that finds nothing (so a
+        # burst under a rate stops HELD_BACK_WAIT after its last job, at most).
+        if self.burst and self._rationed and self.limited:
+            wait = HELD_BACK_WAIT
         try:
             with last_call(answering):
                 jobs = await self.client.claim_many(
@@ -885,7 +896,9 @@ class Worker:
         Delayed jobs, this worker's failed jobs' retries among them, are left
         for a later run, as RQ's burst mode leaves scheduled jobs: one delayed
         an hour, or a job failing for ever, would keep it up. Each claim's
-        name goes in `attempt` (for _take_back)."""
+        name goes in `attempt` (for _take_back). Once jobs came, the claims
+        after it long-poll (_rationed), until one finds nothing."""
+        self._rationed = False
         while (await self.client.status())["pending"] > 0:
             settings = await self.client.settings()
             self._learn(settings)
@@ -899,6 +912,7 @@ class Worker:
                 self.worker_id, count, lease=self.lease, wait=HELD_BACK_WAIT, attempt_id=attempt[0]
             )
             if jobs:
+                self._rationed = True
                 return jobs
         return []
 
