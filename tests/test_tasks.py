@@ -9,6 +9,7 @@ import logging
 import textwrap
 import threading
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,40 @@ async def test_a_job_that_is_not_a_known_task_fails_clearly_and_is_logged(
     assert dead.status == "dead" and dead.last_error is not None
     assert "UnknownTask" in dead.last_error and error in dead.last_error
     assert f"job {job_id} failed" in caplog.text and error in caplog.text
+
+
+async def test_an_argument_that_is_no_json_value_is_refused_not_changed(q: Client) -> None:
+    """A task's arguments went as msgspec encodes them: a datetime as its ISO
+    text, bytes as base64, a set as a list, a dict's int keys as text. mypy
+    passes `stamp.enqueue(q, datetime(...))` for `def stamp(at: datetime)`,
+    and the task was called with "2024-01-02T03:04:05Z" (review of limits).
+    Such an argument is refused now, TypeError naming it and its type,
+    before anything is sent; tuples go as lists (JSON has one array)."""
+    tasks = Tasks()
+
+    @tasks.task
+    async def stamp(at: Any, *more: Any, **named: Any) -> None: ...
+
+    when = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    for args, named, said in [
+        ((when,), {}, r"args\[0\] is of type datetime"),
+        ((b"\x00raw",), {}, r"args\[0\] is of type bytes"),
+        ((1, [2, {"s": {3}}]), {}, r"args\[1\]\[1\]\['s'\] is of type set"),
+        ((1,), {"at": when}, r"kwargs\['at'\] is of type datetime"),
+        (({1: "a"},), {}, r"args\[0\] has a key of type int"),
+    ]:
+        with pytest.raises(TypeError, match=said):
+            await stamp.enqueue(q, *args, **named)
+        with pytest.raises(TypeError, match=said):
+            await stamp.options(id="x").enqueue(q, *args, **named)
+        with pytest.raises(TypeError, match=said):
+            stamp.payload(*args, **named)
+    assert (await q.status())["total"] == 0
+    loops: list[Any] = [1]
+    loops.append(loops)  # refused by the encoding, as before, not looked at for ever
+    with pytest.raises((TypeError, ValueError, RecursionError)):
+        await stamp.enqueue(q, loops)
+    assert stamp.payload((1, None), {"a": [True, 2.5]})["args"] == [(1, None), {"a": [True, 2.5]}]
 
 
 async def test_arguments_that_do_not_fit_the_task_fail_the_job(q: Client, broker: Any) -> None:

@@ -7,7 +7,9 @@ A task's job payload is JSON, so its arguments must be JSON values too:
     {"task": "send_email", "args": ["a@b.c"], "kwargs": {"subject": "hi"}}
 
 ("args" and "kwargs" are always there when this module makes the payload, and
-may be left out by other producers). A payload that is not of this shape, or
+may be left out by other producers). An argument that is not one (a datetime,
+bytes, a set) is refused before anything is sent: JSON would hand the task
+something else (its ISO text, base64, a list). A payload that is not of this shape, or
 names a task the registry does not have, fails its job with UnknownTask.
 """
 
@@ -39,6 +41,54 @@ class TaskPayload(msgspec.Struct, forbid_unknown_fields=True):
     kwargs: dict[str, Any] = {}
 
 
+def _payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The payload of a job that runs task `name` with these arguments.
+    TypeError for an argument that is no JSON value: a plain payload goes as
+    msgspec encodes it (a datetime as its ISO text, bytes as base64, a set as
+    a list), and the task would be called with that, not with what it was
+    given, though mypy passed the call (the task's own types say datetime)."""
+    for i, arg in enumerate(args):
+        _check_json(arg, f"args[{i}]", name)
+    for key, arg in kwargs.items():
+        _check_json(arg, f"kwargs[{key!r}]", name)
+    return {"task": name, "args": list(args), "kwargs": dict(kwargs)}
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_json(value: Any, where: str, task: str) -> None:
+    """TypeError unless `value` is a JSON value: dicts with str keys, lists and
+    tuples (an array either way), str, int, float, bool, None. `where` names
+    it in the message, as the argument and the path to it inside."""
+    left = [(value, where)]
+    seen: set[int] = set()  # containers looked at: one that holds itself is msgspec's to refuse
+    while left:
+        item, at = left.pop()
+        if isinstance(item, _JSON_SCALARS):
+            continue
+        if id(item) in seen:
+            continue
+        if isinstance(item, dict):
+            seen.add(id(item))
+            for key, inner in item.items():
+                if not isinstance(key, str):
+                    raise TypeError(
+                        f"task {task!r}: argument {at} has a key of type "
+                        f"{type(key).__name__} ({key!r}), which JSON turns into text"
+                    )
+                left.append((inner, f"{at}[{key!r}]"))
+        elif isinstance(item, list | tuple):
+            seen.add(id(item))
+            left.extend((inner, f"{at}[{i}]") for i, inner in enumerate(item))
+        else:
+            raise TypeError(
+                f"task {task!r}: argument {at} is of type {type(item).__name__}, not a JSON "
+                "value (dict, list, str, int, float, bool, None): the task would get "
+                "something else"
+            )
+
+
 class Task(Generic[P, R]):
     """A function registered as a task: called as itself (`send_email(...)`),
     or enqueued as a job (`await send_email.enqueue(q, ...)`), its arguments
@@ -59,12 +109,14 @@ class Task(Generic[P, R]):
 
     def payload(self, /, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
         """The payload of a job that runs this task with these arguments (for
-        enqueue_many, or a follow-up: `Done(..., enqueue=[task.payload(...)])`)."""
-        return {"task": self.name, "args": list(args), "kwargs": dict(kwargs)}
+        enqueue_many, or a follow-up: `Done(..., enqueue=[task.payload(...)])`).
+        TypeError for an argument that is not a JSON value."""
+        return _payload(self.name, args, kwargs)
 
     async def enqueue(self, client: Client, /, *args: P.args, **kwargs: P.kwargs) -> str:
         """Enqueue a job, into `client`'s topic, that runs this task with these
-        arguments; return its id. For an id, priority, delay or time: `options()`."""
+        arguments; return its id. For an id, priority, delay or time: `options()`.
+        TypeError, nothing sent, for an argument that is not a JSON value."""
         return await client.enqueue(self.payload(*args, **kwargs))
 
     def options(
@@ -93,7 +145,7 @@ class TaskOptions(Generic[P]):
     run_at: float | datetime | None = None
 
     async def enqueue(self, client: Client, /, *args: P.args, **kwargs: P.kwargs) -> str:
-        payload = {"task": self.name, "args": list(args), "kwargs": dict(kwargs)}
+        payload = _payload(self.name, args, kwargs)
         return await client.enqueue(
             payload, self.id, self.priority, self.delay, self.max_attempts, self.run_at
         )
