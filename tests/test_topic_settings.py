@@ -75,7 +75,9 @@ def test_a_claim_handed_to_nobody_gives_its_token_back() -> None:
     spent, so a rate of 1 a minute lost a minute to a hang-up."""
     s = fresh()
     s.enqueue(jobs(5), T0)
-    s.put_settings(SettingsRequest(rate=1 / 60, burst=2), T0)
+    # A second before the claims: one of the write that made the bucket gives
+    # no token back (it may have come before the rate).
+    s.put_settings(SettingsRequest(rate=1 / 60, burst=2), T0 - 1)
     claimed = s.claim("w", 30, 2, T0)
     assert s.claimable(T0) == 0
     assert s.unclaim(claimed[0]["id"], claimed[0]["lease_token"], T0)
@@ -87,6 +89,51 @@ def test_a_claim_handed_to_nobody_gives_its_token_back() -> None:
     assert s.claimable(T0) == 2  # never past the burst
     assert s.unclaim(claimed[1]["id"], claimed[1]["lease_token"], T0) is False
     assert s.claimable(T0) == 2
+
+
+def test_giving_back_claims_that_took_no_token_grants_no_claims_past_the_rate() -> None:
+    """unclaim() and unpop() gave a token back whether or not the claim took
+    one: worker a held 5 jobs claimed before a rate of one an hour (burst 1)
+    was set; b took the burst; then a gave its 5 back one by one, and b
+    claimed 5 more in the same instant, 6 claims where the bucket allows 1
+    (review of limits; here a popped one more, given back too: 7). The
+    bucket says when it was made (`since`), and only a claim made after that
+    gives a token back; a bucket of an older head, without it, gives them
+    back as before."""
+    s = fresh()
+    s.enqueue(jobs(20), T0)
+    *held_by_a, kept_by_a = s.claim("a", 30, 6, T0)  # no rate yet: no token taken
+    [popped] = s.pop("a", 1, T0)
+    s.put_settings(SettingsRequest(rate=1 / 3600, burst=1), T0)
+    t = T0 + 0.5
+    claimed_by_b = s.claim("b", 30, 5, t)
+    assert len(claimed_by_b) == 1  # the burst
+    for job in held_by_a:  # a's jobs go back, each in a request of its own
+        assert s.unclaim(job["id"], job["lease_token"], t)
+        claimed_by_b += s.claim("b", 30, 5, t)
+    assert s.unpop(popped, t)
+    claimed_by_b += s.claim("b", 30, 5, t)
+    assert len(claimed_by_b) == 1, f"b claimed {len(claimed_by_b)} jobs where the bucket allows 1"
+    # A claim made under the bucket gives its token back; the bucket keeps
+    # when it was made through claims and a change of rate.
+    s.put_settings(SettingsRequest(rate=1 / 1800), T0 + 1)
+    assert s.unclaim(claimed_by_b[0]["id"], claimed_by_b[0]["lease_token"], T0 + 1)
+    assert s.head["bucket"]["since"] == T0
+    [under_old] = s.claim("b", 30, 5, T0 + 1)
+    # A rate removed and set again makes a new bucket, full: a claim made
+    # under the old one gives nothing back to it.
+    s.put_settings(SettingsRequest(rate=None), T0 + 2)
+    s.put_settings(SettingsRequest(rate=1 / 3600, burst=1), T0 + 3)
+    [under_new] = s.claim("b", 30, 5, T0 + 4)
+    assert s.unclaim(under_old["id"], under_old["lease_token"], T0 + 4)
+    assert s.claimable(T0 + 4) == 0
+    assert s.unclaim(under_new["id"], under_new["lease_token"], T0 + 4)
+    assert s.claimable(T0 + 4) == 1
+    # An older head's bucket (no `since`) gives every claim's token back, as before.
+    s.claim("b", 30, 5, T0 + 4)
+    del s.head["bucket"]["since"]
+    assert s.unclaim(kept_by_a["id"], kept_by_a["lease_token"], T0 + 4)
+    assert s.claimable(T0 + 4) == 1
 
 
 def test_the_burst_defaults_to_a_seconds_worth_of_claims() -> None:

@@ -228,6 +228,11 @@ class Bucket(TypedDict):
 
     tokens: float
     at: float
+    # When the bucket was made (store time): a claim made before it took no
+    # token from it, and gives none back. A bucket made before it was written
+    # (or rewritten by a broker that does not know it) has none, and every
+    # claim given back gives its token back, as before.
+    since: NotRequired[float]
 
 
 class Head(TypedDict):

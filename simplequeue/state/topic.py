@@ -702,7 +702,7 @@ class TopicState(Layout):
         job = self._with_payload(place.item)
         self._drop_lease(place)
         self._undelivered(job, now)
-        self._spend(-1, now)  # nobody had the job: its token is not spent either
+        self._give_token_back(job["claimed_at"], now)  # nobody had the job
         return True
 
     def _held(self, job_id: str, token: str) -> Place | None:
@@ -740,7 +740,7 @@ class TopicState(Layout):
         counters["given_back"] = counters.get("given_back", 0) + 1
         self._hold(job)
         self._undelivered(job, now)
-        self._spend(-1, now)
+        self._give_token_back(job["claimed_at"], now)
         return True
 
     # --- reaper -------------------------------------------------------------------------
@@ -1171,10 +1171,14 @@ class TopicState(Layout):
         else:
             self.head.pop("settings", None)
         if "rate" in settings:
-            at = max(now, self.head.get("bucket", {}).get("at", now))
             burst = self.burst()
             assert burst is not None  # a rate is set
-            self.head["bucket"] = {"tokens": min(held, float(burst)), "at": at}
+            tokens = min(held, float(burst))
+            old = self.head.get("bucket")
+            if old is None:  # made now, full
+                self.head["bucket"] = {"tokens": tokens, "at": now, "since": now}
+            else:
+                self.head["bucket"] = {**old, "tokens": tokens, "at": max(now, old["at"])}
         self.dirty = True
         return settings
 
@@ -1222,9 +1226,19 @@ class TopicState(Layout):
         back, up to the burst: claims handed to nobody)."""
         burst = self.burst()
         if claimed and burst is not None:
-            at = max(now, self.head.get("bucket", {}).get("at", now))
             tokens = min(float(burst), self._tokens(now) - claimed)
-            self.head["bucket"] = {"tokens": tokens, "at": at}
+            old = self.head.get("bucket", {})
+            self.head["bucket"] = {**old, "tokens": tokens, "at": max(now, old.get("at", now))}
+
+    def _give_token_back(self, claimed_at: float, now: float) -> None:
+        """A claim made at `claimed_at` was handed to nobody: its token goes
+        back, if it took one. One made before the bucket (before the rate was
+        set, or set again: a new bucket starts full) took none, and giving it
+        one let a claim past the rate for each claim given back so. Ties go
+        to the limit: a claim of the write that made the bucket gives none."""
+        since = self.head.get("bucket", {}).get("since")
+        if since is None or claimed_at > since:
+            self._spend(-1, now)
 
     def ready_wait(self, now: float) -> float | None:
         """Seconds until the earliest job the last claim() found not due yet
