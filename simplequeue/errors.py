@@ -7,6 +7,7 @@ with the HTTP status and the RESP error code it is answered with.
     │   ├── ObjectNotFound      the key does not exist
     │   ├── StoreUnavailable    the store did not answer; bounded retries are spent
     │   │   ├── StoreRefused    the store said no, and would again (access denied)
+    │   │   │   └── StoreUnusable   not a store to serve from as it is (no such bucket)
     │   │   ├── AmbiguousWrite  a conditional write got no answer: it may have landed
     │   │   ├── CacheTooSmall   a read or batch needs more objects than the cache holds
     │   │   └── NotDurable      a write is in place but could not be made durable
@@ -84,6 +85,14 @@ class StoreRefused(StoreUnavailable):
     no credentials, a read-only disk, an operation it does not implement.
     Nothing was written; an operator must act (still a 503: the broker cannot
     serve until then). The committer does not try such a write again."""
+
+
+class StoreUnusable(StoreRefused):
+    """The store is not one a broker can serve from as it is, and nothing but
+    an operator changes that: no such bucket, answers without a Date header,
+    conditional writes taken for plain ones. A broker does not start on it
+    (simplequeued exits 1), where other refusals (access denied while a policy
+    propagates, no credentials yet, a clock NTP has not set) may clear up."""
 
 
 class AmbiguousWrite(StoreUnavailable):

@@ -43,6 +43,7 @@ from simplequeue.errors import (
     StoreError,
     StoreRefused,
     StoreUnavailable,
+    StoreUnusable,
     Unauthorized,
     UnknownTask,
 )
@@ -61,6 +62,7 @@ TABLE: dict[type[SimpleQueueError], tuple[int, str, type[SimpleQueueError], str 
     ObjectNotFound: (503, "TRYAGAIN", StoreUnavailable, None),
     StoreUnavailable: (503, "TRYAGAIN", StoreUnavailable, None),
     StoreRefused: (503, "TRYAGAIN", StoreUnavailable, None),
+    StoreUnusable: (503, "TRYAGAIN", StoreUnavailable, None),
     AmbiguousWrite: (503, "TRYAGAIN", StoreUnavailable, None),
     CacheTooSmall: (503, "TRYAGAIN", StoreUnavailable, None),
     NotDurable: (503, "TRYAGAIN", StoreUnavailable, None),

@@ -49,7 +49,7 @@ from simplequeue.broker.settings import (
     is_loopback,
     parse_addr,
 )
-from simplequeue.errors import StoreRefused, StoreUnavailable
+from simplequeue.errors import StoreUnavailable, StoreUnusable
 from simplequeue.groupcommit import CommitSettings, CommitStats, GroupCommitter
 from simplequeue.objstore import ObjectStore, store_from_url
 from simplequeue.state import Bounds, TopicState
@@ -353,23 +353,24 @@ class Broker:
     async def _check_store(self) -> None:
         """Refuse, before listening, a store that takes conditional writes for
         plain ones: every broker's write would win over the others', jobs lost
-        without an error (StoreRefused: simplequeued exits with its reason),
-        and one that refuses the check (no such bucket, access denied, no
-        credentials): it would refuse every request the broker served, 503s
-        until an operator acts; so too one whose answers carry no time (S3's
-        without a Date: sample_clock), on which no lease could be timed. A
-        store that does not answer now is checked before its first write."""
+        without an error (StoreUnusable: simplequeued exits with its reason);
+        so too one that is not there (no such bucket) or whose answers carry
+        no time (S3's without a Date: sample_clock), on which no lease could be
+        timed. A store that does not answer now, or refuses for a reason that
+        may clear up (access denied while a policy propagates, no credentials
+        yet, a clock NTP has not set), is served all the same and checked
+        again before its first write."""
         try:
             fault = await self.store.conditional_writes_fault()
             if fault is None:
                 await self.store.sample_clock()
-        except StoreRefused:
+        except StoreUnusable:
             raise
         except StoreUnavailable as exc:  # serve anyway; the first write checks again
             log.warning("could not check the store at start: %s", exc)
             return
         if fault is not None:
-            raise StoreRefused(f"{self.store.url}: {fault}")
+            raise StoreUnusable(f"{self.store.url}: {fault}")
 
     async def _announce_once(self) -> None:
         try:

@@ -88,6 +88,7 @@ from simplequeue.errors import (
     StoreError,
     StoreRefused,
     StoreUnavailable,
+    StoreUnusable,
 )
 from simplequeue.objstore.base import ObjectStore, check_key, content_etag
 
@@ -501,7 +502,7 @@ class S3Store(ObjectStore):
         self._check_condition(if_match, if_none_match)
         fault = await self.conditional_writes_fault()
         if fault is not None:
-            raise StoreRefused(f"{self.url}: {fault}")
+            raise StoreUnusable(f"{self.url}: {fault}")
         cond = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
         return await self._put(key, data, cond)
 
@@ -521,7 +522,7 @@ class S3Store(ObjectStore):
         with contextlib.suppress(ClientError):  # a 403 or 404 carries the Date too
             await self._call(op)
         if not self.clock.samples:
-            raise StoreRefused(
+            raise StoreUnusable(
                 f"{self.url}: its answers carry no Date header (or none that can be "
                 "read): simplequeue writes times on the store's clock, and cannot tell it"
             )
@@ -710,6 +711,8 @@ class S3Store(ObjectStore):
                 f"is more than 15 minutes off S3's (RequestTimeTooSkewed): set the "
                 f"clock right (NTP) and the broker recovers by itself"
             )
+        if _code(exc) == "NoSuchBucket":  # not one that appears by itself
+            return StoreUnusable(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
         return StoreRefused(f"{self.url}: {_code(exc)} ({_status(exc)}): {exc}")
 
     async def _drop(self, client: Any) -> None:
