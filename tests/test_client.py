@@ -766,6 +766,38 @@ async def test_a_sync_clients_client_of_another_topic_rediscovers_on_its_own_loo
         await asyncio.to_thread(first.close)
 
 
+@pytest.mark.s3
+async def test_a_discovered_client_used_again_in_a_later_loop_rediscovers_there(
+    start_broker: StartBroker,
+) -> None:
+    """A Client discovered in one asyncio.run() and used in the next started
+    its HTTP connections afresh there, but kept the S3 store handle of the
+    first loop, whose connections belonged to it: once its broker went, each
+    rediscovery failed "Event loop is closed", and the call BrokerUnavailable
+    with a live broker named in broker.json (review of this round's change).
+    The handle is one for the new loop too."""
+    from tests.conftest import open_s3, s3_url
+
+    prefix = uuid.uuid4().hex[:12]
+    brokers = [await start_broker(await open_s3(prefix)) for _ in range(2)]  # each closes its own
+
+    def first_loop() -> Client:
+        return asyncio.run(Client.discover(s3_url(prefix), topic="t", max_age=30))
+
+    client = await asyncio.to_thread(first_loop)
+    [active] = [b for b in brokers if b.url == client.url]
+    [standby] = [b for b in brokers if b is not active]
+    await active.stop()  # it resigns broker.json; the standby takes it over
+
+    async def enqueue_and_close() -> str:
+        async with client:
+            return await client.enqueue("after")
+
+    assert await asyncio.to_thread(asyncio.run, enqueue_and_close())
+    assert client.url == standby.url
+    assert (await standby.engine.status("t"))["pending"] == 1
+
+
 async def test_a_client_of_another_topic_on_the_same_loop_shares_its_store() -> None:
     """Client.for_topic() shares its lender's connections and store: a handle
     of its own (for another loop: SyncClient.for_topic) was not closed with

@@ -336,6 +336,7 @@ class Client:
         try:
             # The options checked before any I/O: a bad one costs no request.
             client = cls(None, topic=topic, store=handle, max_age=max_age, **options)
+            await client._bind()  # the store's connections belong to this loop
             client.url = api.check_broker_url(await find_broker(handle, max_age))
         except BaseException:
             if owns:  # nobody else will close it
@@ -394,6 +395,14 @@ class Client:
                 await old.close()
             else:  # a loop not running, but open: its own to close them in
                 old.detach()
+        if self._loop is not None and self.store is not None:
+            # A store handle's connections belong to a loop too (S3's): one for
+            # this loop, to find the broker again (memfs and localfs: the same).
+            store = self.store.for_another_loop()
+            if store is not self.store:
+                if self._owns_store and self._loop.is_closed():
+                    await self.store.close()  # as the session: marked closed
+                self.store, self._owns_store = store, True
         self._enqueues = Batcher(
             self._send_enqueues, max_batch=api.MAX_BATCH, name="client-enqueue"
         )
