@@ -414,6 +414,67 @@ async def test_a_client_is_used_again_in_a_second_asyncio_run(
     assert "Unclosed" not in caplog.text
 
 
+async def test_a_client_whose_first_calls_in_a_second_loop_are_concurrent_closes_all_it_opened(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Client._bind awaited the old session's close() before it recorded the
+    new loop (review of this round's change): calls that start meanwhile in the new loop each make
+    an enqueue batcher of their own (and empty _releases), the last made
+    replacing the others: here two enqueue requests in flight at once, where
+    one batcher sends one at a time. close() then waits for the last batcher
+    only: it returns with enqueues of another still under way, whose requests
+    go on, or are sent again, on a session opened after it and never closed
+    (aiohttp: "Unclosed client session")."""
+    broker = await start_broker(MemStore())
+    real_enqueue = broker.engine.enqueue
+
+    arrived = threading.Event()  # an enqueue of the second loop reached the broker
+    in_flight = [0, 0]  # now, most
+
+    async def slow_enqueue(topic: str, specs: list[Any]) -> Any:
+        if specs[0].payload == {"n": 0}:
+            return await real_enqueue(topic, specs)
+        arrived.set()
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        try:
+            # The later ones slower: close() returns before them, if it does
+            await asyncio.sleep(0.2 if specs[0].payload == {"n": 1} else 0.6)
+            return await real_enqueue(topic, specs)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(broker.engine, "enqueue", slow_enqueue)
+    q = Client(broker.url, topic="loops")
+    seen: dict[str, Any] = {}
+
+    async def first() -> None:
+        await q.enqueue({"n": 0})  # its session stays open when the loop ends
+
+    async def second() -> None:
+        tasks = [asyncio.create_task(q.enqueue({"n": i})) for i in range(1, 4)]
+        await asyncio.to_thread(arrived.wait, 5)  # each bound the client, and sent
+        await q.close()
+        seen["done at close"] = [t.done() for t in tasks]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        seen["open after close"] = q._session is not None and not q._session.closed
+        if q._session is not None:
+            await q._session.close()  # not to leave it to the test's end
+
+    def script() -> None:
+        asyncio.run(first())
+        asyncio.run(second())
+
+    await asyncio.to_thread(script)
+    # One batcher sends one batch at a time: {n: 1}, then {n: 2} and {n: 3}.
+    seen["most enqueue requests at once"] = in_flight[1]
+    assert seen == {
+        "done at close": [True, True, True],
+        "open after close": False,
+        "most enqueue requests at once": 1,
+    }, seen
+
+
 async def test_a_client_in_use_in_a_loop_of_another_thread_is_refused_in_words(
     start_broker: StartBroker,
 ) -> None:

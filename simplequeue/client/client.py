@@ -387,27 +387,30 @@ class Client:
                 "this Client is in use in an event loop running in another thread: "
                 "make one Client per event loop (or SyncClient, for threads)"
             )
+        # This loop's, before anything is awaited: calls that start meanwhile
+        # find the client bound (one batcher, one session), not bind it again.
+        was, self._loop = self._loop, loop
         old, self._session = self._session, None
+        old_store = self.store
+        self._enqueues = Batcher(
+            self._send_enqueues, max_batch=api.MAX_BATCH, name="client-enqueue"
+        )
+        self._releases = set()
+        if was is not None and old_store is not None:
+            # A store handle's connections belong to a loop too (S3's): one for
+            # this loop, to find the broker again (memfs and localfs: the same).
+            self.store = old_store.for_another_loop()
+            if self.store is not old_store:
+                owned, self._owns_store = self._owns_store, True
+                if owned and was.is_closed():
+                    await old_store.close()  # as the session: marked closed
         if old is not None and not old.closed:
-            if self._loop is None or self._loop.is_closed():
+            if was is None or was.is_closed():
                 # Nothing of the closed loop is touched: aiohttp only marks
                 # them closed (the sockets go with their transports).
                 await old.close()
             else:  # a loop not running, but open: its own to close them in
                 old.detach()
-        if self._loop is not None and self.store is not None:
-            # A store handle's connections belong to a loop too (S3's): one for
-            # this loop, to find the broker again (memfs and localfs: the same).
-            store = self.store.for_another_loop()
-            if store is not self.store:
-                if self._owns_store and self._loop.is_closed():
-                    await self.store.close()  # as the session: marked closed
-                self.store, self._owns_store = store, True
-        self._enqueues = Batcher(
-            self._send_enqueues, max_batch=api.MAX_BATCH, name="client-enqueue"
-        )
-        self._releases = set()
-        self._loop = loop
 
     def _http(self) -> aiohttp.ClientSession:
         if self._lender is not None:
