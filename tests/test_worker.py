@@ -3001,3 +3001,38 @@ async def test_a_claim_stopped_before_it_started_does_not_idle_the_next_run_for_
         await worker.stop()
         await asyncio.wait_for(task, 10)
     assert (worker._ahead, worker._asked) == (set(), 0)
+
+
+async def test_a_worker_runs_again_in_a_second_asyncio_run(start_broker: StartBroker) -> None:
+    """A Worker "may be run again once it returned" (Worker.run), and its
+    Client may be used in a later event loop (README): a burst
+    Worker run from two asyncio.run() calls (a script's two steps, a cron-like
+    loop) fails in the second with asyncio's "<asyncio.locks.Event ...> is
+    bound to a different event loop", from the Events its __init__ made
+    (review of this round's change). They are made again for a new loop."""
+    broker = await start_broker(MemStore())
+    q = Client(broker.url, topic="loops")
+    done: list[str] = []
+
+    def handle(job: Job) -> None:
+        done.append(job.id)
+
+    worker = Worker(q, handle, burst=True)
+
+    async def step(n: int) -> None:
+        await q.enqueue({"n": n})
+        await worker.run()
+
+    def script() -> BaseException | None:
+        asyncio.run(step(1))
+        try:
+            asyncio.run(step(2))
+        except RuntimeError as exc:
+            return exc
+        finally:
+            asyncio.run(q.close())
+        return None
+
+    failed = await asyncio.to_thread(script)
+    assert failed is None, f"the second run failed: {failed}"
+    assert len(done) == 2

@@ -399,7 +399,6 @@ class Worker:
         # The topic has a rate or max_claimed, as last read (None: not read
         # yet): no buffer unless False.
         self.limited: bool | None = None
-        self._settings_tried = asyncio.Event()  # read, or failed to, once this run
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.lease = lease  # None: the topic's lease setting, else the broker's --lease
         self.heartbeat_every = heartbeat_every  # None: a third of each job's lease
@@ -418,13 +417,8 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._holding: dict[asyncio.Task[None], _Claimed] = {}  # what each running task runs
         self._signalled = 0  # signals received while running: a second stops now
-        self._now = asyncio.Event()  # ... set by the second
         self._giving_back: list[asyncio.Future[None]] = []  # releases since the first signal
         self._ready: collections.deque[_Claimed] = collections.deque()  # claimed, not started
-        self._stopping = asyncio.Event()
-        self._room = asyncio.Event()  # a job started or finished: maybe time to claim
-        self._idle = asyncio.Event()  # nothing running and nothing buffered
-        self._one_finished = asyncio.Event()  # a job's task ended (stop() from a job)
         # Jobs that called stop(): no stop() waits for them; and those whose
         # handler waits in it, whose slot the jobs claimed ahead may take.
         self._parked: set[asyncio.Task[Any] | None] = set()
@@ -447,8 +441,6 @@ class Worker:
         self._answers: dict[int, tuple[int, list[Job] | None, float]] = {}
         self._ahead: set[int] = set()
         self._waiting_order: asyncio.TimerHandle | None = None
-        self._done = asyncio.Event()
-        self._done.set()  # not running: stop() returns at once
         # run()'s context, which each job's task starts from (a copy): a job
         # started by another job's end or stop() must not inherit its context
         # (a calls_within() bound, the handler's own context variables).
@@ -462,6 +454,20 @@ class Worker:
         # Acks with follow-ups not yet answered: a burst worker that found the
         # topic empty claims again once they land (they may have added jobs).
         self._follow_ups_unsettled = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the last run()
+        self._bind()
+        self._done.set()  # not running: stop() returns at once
+
+    def _bind(self) -> None:
+        """What belongs to an event loop, made afresh: a Worker may be run
+        again in another (a second asyncio.run()), as its Client may."""
+        self._settings_tried = asyncio.Event()  # read, or failed to, once this run
+        self._now = asyncio.Event()  # ... set by the second signal
+        self._stopping = asyncio.Event()
+        self._room = asyncio.Event()  # a job started or finished: maybe time to claim
+        self._idle = asyncio.Event()  # nothing running and nothing buffered
+        self._one_finished = asyncio.Event()  # a job's task ended (stop() from a job)
+        self._done = asyncio.Event()
         self._acks: Batcher[_Ack, str] = Batcher(
             self._send_acks,
             max_batch=api.MAX_BATCH,
@@ -475,11 +481,15 @@ class Worker:
         counters add up)."""
         if self._failed is not None:  # it gave up for good: a new Worker may do better
             raise self._failed
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:  # run before, in a loop now gone
+                self._bind()
+            self._loop = loop
         self._done.clear()
         self._context = contextvars.copy_context()
         self._signalled, self._giving_back = 0, []
         self._now.clear()
-        loop = asyncio.get_running_loop()
         if self.handle_signals:
             _signals.join(loop, self)
         try:
