@@ -10,6 +10,7 @@ import textwrap
 import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,8 @@ async def test_an_argument_that_is_no_json_value_is_refused_not_changed(q: Clien
         ((1, [2, {"s": {3}}]), {}, r"args\[1\]\[1\]\['s'\] is of type set"),
         ((1,), {"at": when}, r"kwargs\['at'\] is of type datetime"),
         (({1: "a"},), {}, r"args\[0\] has a key of type int"),
+        # An int the task would get as a plain int, its Enum lost.
+        ((HTTPStatus.OK,), {}, r"args\[0\] is of type HTTPStatus"),
     ]:
         with pytest.raises(TypeError, match=said):
             await stamp.enqueue(q, *args, **named)

@@ -54,26 +54,49 @@ def _payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
     return {"task": name, "args": list(args), "kwargs": dict(kwargs)}
 
 
-_JSON_SCALARS = (str, int, float, bool, type(None))
+# Exactly these: a subclass (an IntEnum, a StrEnum) would reach the task as
+# the plain value msgspec encodes it as.
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def _check_json(value: Any, where: str, task: str) -> None:
     """TypeError unless `value` is a JSON value: dicts with str keys, lists and
     tuples (an array either way), str, int, float, bool, None. `where` names
-    it in the message, as the argument and the path to it inside."""
-    left = [(value, where)]
+    it in the message, as the argument and the path to it inside. The walk
+    makes no path unless it finds one that is not (_refusal): it runs on the
+    caller's loop for every task enqueued, over payloads of up to --max-body."""
+    left = [value]
     seen: set[int] = set()  # containers looked at: one that holds itself is msgspec's to refuse
     while left:
-        item, at = left.pop()
-        if isinstance(item, _JSON_SCALARS):
+        item = left.pop()
+        if type(item) in _JSON_SCALARS or id(item) in seen:
             continue
-        if id(item) in seen:
+        if isinstance(item, dict):
+            seen.add(id(item))
+            if not all(type(key) is str for key in item):
+                raise _refusal(value, where, task)
+            left.extend(item.values())
+        elif isinstance(item, list | tuple):
+            seen.add(id(item))
+            left.extend(item)
+        else:
+            raise _refusal(value, where, task)
+
+
+def _refusal(value: Any, where: str, task: str) -> TypeError:
+    """The TypeError for the first part of `value` that is no JSON value,
+    found again with the path to it."""
+    left = [(value, where)]
+    seen: set[int] = set()
+    while left:
+        item, at = left.pop()
+        if type(item) in _JSON_SCALARS or id(item) in seen:
             continue
         if isinstance(item, dict):
             seen.add(id(item))
             for key, inner in item.items():
-                if not isinstance(key, str):
-                    raise TypeError(
+                if type(key) is not str:
+                    return TypeError(
                         f"task {task!r}: argument {at} has a key of type "
                         f"{type(key).__name__} ({key!r}), which JSON turns into text"
                     )
@@ -82,11 +105,12 @@ def _check_json(value: Any, where: str, task: str) -> None:
             seen.add(id(item))
             left.extend((inner, f"{at}[{i}]") for i, inner in enumerate(item))
         else:
-            raise TypeError(
+            return TypeError(
                 f"task {task!r}: argument {at} is of type {type(item).__name__}, not a JSON "
                 "value (dict, list, str, int, float, bool, None): the task would get "
                 "something else"
             )
+    raise AssertionError("_refusal of a JSON value")  # pragma: no cover
 
 
 class Task(Generic[P, R]):
