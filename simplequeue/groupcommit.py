@@ -516,12 +516,21 @@ class GroupCommitter:
 
     async def invalidate(self, topic: str) -> None:
         """The topic's head changed in the store (another broker wrote it): its
-        next batch, read and state-dependent answer start from a fresh GET."""
+        next batch, read and state-dependent answer start from a fresh GET,
+        and the long polls waiting on it try again now (what they wait for
+        may be there)."""
         t = self._topics.get(topic)
         if t is None:
             return
         async with t.lock:
             t.state, t.checked_at = None, _UNCHECKED
+        t.waiting.wake_all()
+
+    def wake_waiting(self) -> None:
+        """Every long poll tries again now (which topics this broker owns
+        changed: how often each must look at the store did)."""
+        for t in self._topics.values():
+            t.waiting.wake_all()
 
     async def check_store(self) -> None:
         """Raise StoreUnavailable unless the store answers."""

@@ -804,6 +804,70 @@ async def test_an_idle_broker_reads_no_heads_however_many_topics(
     assert sum(made.values()) <= 3 * 6, made  # the registry and broker.json only
 
 
+async def test_workers_waiting_on_idle_topics_read_their_heads_seldom(
+    start_broker: StartBroker,
+) -> None:
+    """SPEC 4.1: an idle broker makes O(1) store requests per second whatever
+    the number of topics. A long poll on a topic its broker owns looked at the
+    store every POLL_INTERVAL (1 s), for what a broker standing in for the
+    owner may have written: 200 empty topics with a worker waiting on each
+    cost 600 GETs of heads in 3 s (5,000 topics: 5,000 GETs a second, some
+    $5,000 a month on S3; on localfs, 3,000 took a whole core and enqueues
+    waited up to 2.5 s). The owner now looks every OWNER_LOOK_INTERVAL (30 s),
+    told at once of a stand-in's writes: 200 x 3 / 30 reads."""
+    store = Counting()
+    # A short lease: the broker trusts its memory once the others could all
+    # have seen it come (Membership.settled_owner).
+    broker = await start_broker(store, broker_id="b0", broker_lease=1.0)
+    topics = [f"t{i:04d}" for i in range(200)]
+    for topic in topics:  # each topic exists, written by its owner, and is empty
+        await broker.engine.enqueue(topic, [JobSpec("p", id="j")])
+        (job,) = await broker.engine.claim(topic, "w")
+        await broker.engine.ack(topic, "j", job["lease_token"])
+    await until(lambda: broker.membership.settled_owner(topics[0]))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def poll(topic: str) -> None:
+            body = {"worker_id": "w", "wait": 30}
+            async with s.post(f"{broker.url}/topics/{topic}/claim", json=body) as r:
+                await r.read()
+
+        polls = [asyncio.create_task(poll(t)) for t in topics]
+        try:
+            await until(lambda: all(broker.committer.waiting(t) == 1 for t in topics))
+            before = Counter(store.calls)
+            await asyncio.sleep(3)  # nothing to wait for
+            made = Counter(store.calls) - before
+        finally:
+            for p in polls:
+                p.cancel()
+            await asyncio.gather(*polls, return_exceptions=True)
+    heads = sum(n for (op, key), n in made.items() if key.startswith(keys.TOPICS_PREFIX))
+    assert heads <= 200 * 3 / 30 + 20, f"200 idle topics: {heads} GETs of heads in 3 s"
+
+
+async def test_a_job_a_stand_in_wrote_wakes_the_owners_long_poll(
+    start_broker: StartBroker,
+) -> None:
+    """The owner of a topic trusts its memory for OWNER_LOOK_INTERVAL (30 s)
+    between looks at the store: a broker that writes the topic standing in
+    for it tells it (POST /topics/{t}/refresh), and its long polls take the
+    job at once rather than at their next look."""
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, broker_lease=1.0)
+    topic = "t"
+    owner, stand_in = owner_and_other(brokers, topic)
+    await owner.engine.enqueue(topic, [JobSpec("p", id="j")])
+    (job,) = await owner.engine.claim(topic, "w")
+    await owner.engine.ack(topic, "j", job["lease_token"])
+    await until(lambda: owner.membership.settled_owner(topic))
+    poll = asyncio.create_task(owner.engine.claim(topic, "w", wait=30))
+    await until(lambda: owner.committer.waiting(topic) == 1)
+    await stand_in.engine.enqueue(topic, [JobSpec("late", id="k")])
+    (got,) = await asyncio.wait_for(poll, 2)
+    assert got["id"] == "k"
+
+
 # --- sweeping ---------------------------------------------------------------------------
 
 

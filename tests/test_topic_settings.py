@@ -25,6 +25,7 @@ from simplequeue.errors import InvalidRequest
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.head_reads import HeadReads
 from tests.helpers.states import fresh, reread
+from tests.helpers.until import until
 from tests.test_ownership import cluster, owner_and_other
 
 T0 = 1_000_000.0
@@ -258,10 +259,13 @@ async def test_a_fleet_of_idle_workers_shares_a_read_of_the_head_a_poll_interval
     1 s). On a topic its broker owns, settings are answered now from a state
     read since the topic's last look at the store, as such claims are."""
     interval = 0.2
-    monkeypatch.setattr(engine_module, "POLL_INTERVAL", interval)
+    monkeypatch.setattr(engine_module, "OWNER_LOOK_INTERVAL", interval)
     monkeypatch.setattr(worker_module, "SETTINGS_EVERY", interval)
     store = HeadReads()
-    broker = await start_broker(store)
+    # A short lease: the broker trusts its memory once the others could all
+    # have seen it come (Membership.settled_owner).
+    broker = await start_broker(store, broker_lease=1.0)
+    await until(lambda: broker.membership.settled_owner("t"))
     async with Client(broker.url, topic="t") as q:
         await q.enqueue("x")
         job = await q.claim("w")

@@ -49,6 +49,12 @@ CHECK_REUSE = 1.0
 # enqueued; jobs enqueued through this broker wake it at once. The long polls
 # of a topic look together (next_look), so that they share one read.
 POLL_INTERVAL = 1.0
+# On a topic this broker owns, what it holds is current: its own commits wake
+# its long polls, and a broker that writes the topic standing in for it tells
+# it (POST /topics/{t}/refresh). They look at the store only this often, in
+# case such a word was lost: at POLL_INTERVAL, 5,000 topics with a worker
+# waiting on each cost 5,000 GETs a second.
+OWNER_LOOK_INTERVAL = 30.0
 # Dead jobs requeued or purged per commit when all of them are, and the
 # segments they come from at most: a part reads only its own segments.
 DEAD_PART = (500, 2)
@@ -89,16 +95,18 @@ class _Polled:
     token_in: float | None = None
 
 
-def next_look(topic: str) -> float:
+def next_look(topic: str, interval: float | None = None) -> float:
     """The monotonic time at which the long polls waiting on `topic` next look
-    at the store: the topic's next tick, one every POLL_INTERVAL. Waiters that
+    at the store: the topic's next tick, one every `interval` (POLL_INTERVAL
+    if None; OWNER_LOOK_INTERVAL on a topic this broker owns). Waiters that
     came at different times look at the same moment, and so share one batch
-    and one read of the head: an idle topic costs a read a POLL_INTERVAL,
+    and one read of the head: an idle topic costs a read an interval,
     however many wait on it. Each topic ticks at a phase of its own, which
     spreads the reads of many topics over the interval."""
-    phase = zlib.crc32(topic.encode()) / 2**32 * POLL_INTERVAL
+    interval = POLL_INTERVAL if interval is None else interval
+    phase = zlib.crc32(topic.encode()) / 2**32 * interval
     now = time.monotonic()
-    return now + POLL_INTERVAL - (now - phase) % POLL_INTERVAL
+    return now + interval - (now - phase) % interval
 
 
 def _polled(
@@ -289,10 +297,13 @@ class Engine:
 
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
-        # Whether this broker owns a topic (the server's membership says):
-        # its memory of one it owns is current, but for what a broker standing
-        # in for it wrote lately (_poll).
+        # Whether this broker owns a topic (the server's membership says): its
+        # memory of one it owns is current, but for what a broker standing in
+        # for it wrote lately (_poll). `settled`: it is the topic's home, none
+        # stood in for, and has been since every broker could see it so: what
+        # another writes it tells it (OWNER_LOOK_INTERVAL).
         self.owns: Callable[[str], bool] = lambda topic: False
+        self.settled: Callable[[str], bool] = lambda topic: False
         # Claims answered lately, by topic, worker and the caller's attempt id
         # (api.ClaimRequest.attempt_id). Oldest first.
         self._answered: OrderedDict[tuple[str, str, str], _Answered] = OrderedDict()
@@ -556,9 +567,11 @@ class Engine:
         this broker owns, finding nothing is answered from a state read since
         the topic's last look (or written since), not necessarily since the
         claim came: the claims of an idle topic, however many workers send
-        them, cost one read of its head a POLL_INTERVAL, and miss at most what
-        a broker standing in for its owner wrote within it. On another's, the
-        state is read again when older than the claim (its owner writes it).
+        them, cost one read of its head an OWNER_LOOK_INTERVAL, and miss
+        what a broker standing in for its owner wrote only until it tells the
+        owner (refresh(), which wakes them), within that interval at worst.
+        On another's, the state is read again when older than the claim (its
+        owner writes it), and looked at every POLL_INTERVAL.
         `since` (monotonic, now if None) is its place among the topic's long
         polls: a caller waiting in rounds (a BLPOP for ever) keeps the place
         of its first round."""
@@ -566,17 +579,25 @@ class Engine:
         since = started if since is None else min(since, started)
         deadline = started + wait
         while True:
-            looked = next_look(topic) - POLL_INTERVAL if self.owns(topic) else None
+            owned = self.owns(topic)
+            interval = self._look_interval(topic, owned)
+            looked = next_look(topic, interval) - interval if owned else None
             got: _Polled = await self.committer.submit(topic, mutation, undo, fresh_since=looked)
             left = deadline - time.monotonic()
             if got.jobs or left <= 0 or (answered is not None and answered()):
                 return got.jobs
             if self.committer.long_polls_ended:  # the broker is stopping
                 return got.jobs
-            pause = min(left, next_look(topic) - time.monotonic())
+            pause = min(left, next_look(topic, interval) - time.monotonic())
             if got.token_in is not None:
                 pause = min(pause, got.token_in)
             await self.committer.wait_changed(topic, pause, since)
+
+    def _look_interval(self, topic: str, owned: bool) -> float:
+        """How often what waits on `topic` looks at the store: a settled owner
+        seldom (OWNER_LOOK_INTERVAL: it is told of others' writes), any other
+        broker every POLL_INTERVAL."""
+        return OWNER_LOOK_INTERVAL if owned and self.settled(topic) else POLL_INTERVAL
 
     async def ack(
         self,
@@ -764,11 +785,13 @@ class Engine:
         sent through any broker is the owner's write, but for one a broker
         standing in for it made), as a claim that finds nothing is (_poll):
         every SDK Worker reads them every 10 s, and a fleet of idle Workers
-        read the head once a Worker, where their claims share one read a
-        POLL_INTERVAL. Elsewhere from the store. (The status is always read
+        read the head once a Worker, where their claims share one read an
+        OWNER_LOOK_INTERVAL. Elsewhere from the store. (The status is always read
         from the store: it is current, whichever broker wrote, README.)"""
         keys.check_topic(topic)
-        looked = next_look(topic) - POLL_INTERVAL if self.owns(topic) else None
+        owned = self.owns(topic)
+        interval = self._look_interval(topic, owned)
+        looked = next_look(topic, interval) - interval if owned else None
         max_age = None if looked is None else max(0.0, time.monotonic() - looked)
         return await self.committer.read(topic, lambda s, now: shown_settings(s), max_age)
 
@@ -1014,7 +1037,8 @@ class Engine:
         return self.committer.forget_idle()
 
     async def refresh(self, topic: str) -> None:
-        """`topic` changed in the store behind this broker's back: read it again."""
+        """`topic` changed in the store behind this broker's back: read it
+        again, and its long polls look at once."""
         keys.check_topic(topic)
         self._left.pop(topic, None)
         await self.committer.invalidate(topic)

@@ -95,6 +95,8 @@ class Membership:
         self.clock = clock  # the store's, in a broker: what records are stamped with
         self.on_change: Callable[[tuple[Peer, ...], tuple[Peer, ...]], None] | None = None
         self.live: tuple[Peer, ...] = (self.me,)  # sorted by broker id
+        # Monotonic: when the live brokers last changed (this one came, to begin with).
+        self.changed_at = time.monotonic()
         self._seen: dict[str, _Sighting] = {}
         self._etag: str | None = None
         self._beats = 0
@@ -215,6 +217,14 @@ class Membership:
 
     def owns(self, topic: str) -> bool:
         return self.owner(topic) == self.me
+
+    def settled_owner(self, topic: str) -> bool:
+        """Whether this broker owns `topic`, standing in for no broker that did
+        not answer, and has since the others could all have seen it: the live
+        brokers have not changed for a lease (one that has not seen the change
+        yet may write the topic as its owner, and tells nobody)."""
+        settled = time.monotonic() - self.changed_at >= self.lease_s
+        return settled and self.home(topic) == self.me
 
     def suspect(self, broker_id: str, seconds: float) -> None:
         """`broker_id` did not answer: route around it for `seconds`."""
@@ -430,6 +440,7 @@ class Membership:
         old, self.live = self.live, live
         self._ranked = {}
         if old != live:
+            self.changed_at = time.monotonic()
             log.info("live brokers: %s", ", ".join(p.broker_id for p in live))
             if self.on_change is not None:
                 self.on_change(old, live)

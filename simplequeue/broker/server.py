@@ -67,6 +67,10 @@ FAREWELL_TIMEOUT = 5.0
 # something due on to read them (Broker._hand_over_due), so many at once.
 HAND_OVER_TIMEOUT = 2.0
 HAND_OVER_PARALLEL = 16
+# A topic another broker owns that this one wrote (standing in for it) is
+# told to its owner, whose long polls trust its memory (engine
+# OWNER_LOOK_INTERVAL): at once, then at most once in this many seconds.
+TELL_OWNER_EVERY = 1.0
 # The most a stopping broker waits to close the forwarder's and the store's
 # connections.
 CLOSE_TIMEOUT = 1.0
@@ -169,8 +173,9 @@ class Broker:
             hand_over=self._hand_over,
             deliver_to=Router(self.engine, self.forwarder),
         )
-        self.membership.on_change = self.duties.view_changed
+        self.membership.on_change = self._view_changed
         self.engine.owns = self.membership.owns
+        self.engine.settled = self.membership.settled_owner
         self.metrics.add_collector(
             CallbackCollector(
                 lambda: (
@@ -186,13 +191,17 @@ class Broker:
                 cluster_families,
             )
         )
-        self.committer.on_landed = lambda t, state: self.duties.wrote(t, self._next_due(state))
+        self.committer.on_landed = self._landed
         self.committer.on_loaded = lambda t, state: self.duties.loaded(t, self._next_due(state))
         self.committer.on_failed = self.duties.failed
         self.http: HttpListener | None = None  # the HTTP listener, once started
         self.http_api: HttpApi | None = None  # what it answers with
         self.redis: RespServer | None = None  # the RESP listener, with --redis-addr
         self._tasks: list[asyncio.Task[Any]] = []
+        # Topics whose owner is being told this broker wrote them (_tell_owner),
+        # and whether they were written again since it was last told.
+        self._telling: dict[str, bool] = {}
+        self._tells: set[asyncio.Task[None]] = set()
 
     def about(self) -> dict[str, Any]:
         """Who this broker is, for /healthz."""
@@ -313,6 +322,46 @@ class Broker:
         now = self.committer.clock()
         return held_due(state, now, self.committer.clock_error(now))
 
+    def _landed(self, topic: str, state: TopicState) -> None:
+        """A write of this broker's landed on `topic`. A topic another broker
+        owns (this one stood in for it) is told to its owner, in the background."""
+        self.duties.wrote(topic, self._next_due(state))
+        if self.membership.home(topic) == self.membership.me:
+            return
+        if topic in self._telling:
+            self._telling[topic] = True
+            return
+        self._telling[topic] = False
+        task = asyncio.create_task(self._tell_owner(topic), name=f"tell {topic}")
+        self._tells.add(task)
+        task.add_done_callback(self._tells.discard)
+
+    async def _tell_owner(self, topic: str) -> None:
+        """Tell `topic`'s owner to read it again, and again a while later if
+        it was written again meanwhile: its long polls see the jobs this
+        broker wrote at once, not at their next look at the store. Best
+        effort: an owner that does not answer still looks in time."""
+        try:
+            while True:
+                owner = self.membership.home(topic)
+                if owner != self.membership.me:
+                    with contextlib.suppress(Exception):
+                        await self._hand_over(topic, owner)
+                await asyncio.sleep(TELL_OWNER_EVERY)
+                if not self._telling.get(topic):
+                    return
+                self._telling[topic] = False
+        finally:
+            self._telling.pop(topic, None)
+
+    def _view_changed(self, old: tuple[Peer, ...], new: tuple[Peer, ...]) -> None:
+        """The live brokers changed: the duties take over what this broker now
+        owns, and every long poll looks at the store again, as often as a
+        topic it does not own until the others have all seen the change
+        (Membership.settled_owner)."""
+        self.duties.view_changed(old, new)
+        self.committer.wake_waiting()
+
     async def _hand_over(self, topic: str, owner: Peer) -> bool:
         """Tell `topic`'s owner to read it again (this broker wrote it while the
         owner did not answer); whether it answered."""
@@ -407,9 +456,10 @@ class Broker:
         await asyncio.gather(*(s.stop() for s in (self.redis, self.http) if s is not None))
         if self.http_api is not None:
             await self.http_api.close()
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._tells]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             # As long as a mutation is retried: a write that has not landed by
             # then is one whose answer the store keeps back. It lands whole or
