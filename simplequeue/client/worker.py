@@ -264,7 +264,8 @@ class ClaimAhead:
 
 class Interrupted(Exception):
     """The worker stopped the job's handler before it finished (a second signal
-    while draining): its job is given back at once, not failed."""
+    while draining): its job is nacked at once, its attempt spent (dead, if
+    that was its last), rather than left claimed until its lease ends."""
 
 
 class HandlerCancelled(Exception):
