@@ -24,7 +24,7 @@ from simplequeue.objstore import content_etag, localfs, store_from_url
 from simplequeue.objstore.localfs import LocalStore, journal_path
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.crash_writer import check
-from tests.helpers.fs_events import record_disk_events
+from tests.helpers.fs_events import record_disk_events, record_folder_reads
 from tests.helpers.until import until
 from tests.reliability.test_power_loss import ShadowDisk
 
@@ -157,14 +157,7 @@ async def test_listing_one_topics_segments_reads_no_other_topics_folder(
         await store.put(f"topics/t{t}/seg-1.json", b"x")
         await store.put(f"topics/t{t}.json", b"{}")
     await store.put("broker.json", b"{}")
-    read: list[str] = []
-    real = os.scandir
-
-    def scandir(path: Any = ".") -> Any:
-        read.append(os.path.relpath(path, tmp_path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    read = record_folder_reads(monkeypatch, tmp_path)
     assert await store.list("topics/t0/") == ["topics/t0/seg-1.json"]
     assert read == ["topics/t0"]
     read.clear()

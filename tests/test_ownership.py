@@ -41,6 +41,7 @@ from simplequeue.objstore import ObjectStore
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
+from tests.helpers.fs_events import record_folder_reads
 from tests.helpers.loop_turns import TopicsBetweenTurns
 from tests.helpers.until import until, until_async
 from tests.test_localfs import spawn
@@ -1048,17 +1049,9 @@ async def test_an_idle_localfs_brokers_sweep_reads_a_bounded_number_of_topic_fol
     await broker.duties.taken_over.wait()
     broker.duties._taken.clear()  # two sweeps passed: the topics taken over are not recent
     broker.duties._written.clear()
-    read: list[str] = []
-    real = os.scandir
-
-    def scandir(path: Any = ".") -> Any:
-        read.append(os.path.relpath(path, tmp_path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    read = record_folder_reads(monkeypatch, tmp_path)
     await broker.duties._sweep()
     await broker.duties._sweep()
-    monkeypatch.setattr(os, "scandir", real)
     topic_folders = [p for p in read if p.startswith("topics/")]
     assert len(topic_folders) <= 10, f"{len(topic_folders)} topic folders read in two sweeps"
 

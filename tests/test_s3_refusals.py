@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +32,7 @@ from simplequeue.errors import (
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.s3 import S3Settings, S3Store
 from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.refused_start import refused_at_start
 
 
 def s3_error(status: int, code: str) -> web.Response:
@@ -161,36 +161,8 @@ async def test_simplequeued_on_a_bucket_that_does_not_exist_exits_at_start() -> 
     store that ignores conditional writes (StoreUnusable)."""
     from tests.conftest import s3_endpoint
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "simplequeue.broker",
-        "--addr",
-        "127.0.0.1:0",
-        "--backend",
-        "s3",
-        "--bucket",
-        f"sq-missing-{uuid.uuid4().hex[:12]}",
-        "--endpoint-url",
-        s3_endpoint(),
-        "--region",
-        "us-east-1",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        # Generous: a cold interpreter importing aiobotocore, on a busy machine.
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        assert b"listening" not in line, f"it serves a bucket that does not exist: {line!r}"
-        _, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 1, err
+    _, err = await refused_at_start(f"sq-missing-{uuid.uuid4().hex[:12]}", s3_endpoint())
     assert b"NoSuchBucket" in err, err
-    assert b"Unclosed" not in err, err  # its store closed before it exits
 
 
 async def test_a_broker_started_while_s3_refuses_its_clock_serves_once_it_is_set(

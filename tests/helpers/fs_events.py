@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +46,17 @@ def record_disk_events(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(LocalStore, "_lock", lock)
     monkeypatch.setattr(LocalStore, "_unlock", staticmethod(unlock))
     return events
+
+
+def record_folder_reads(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
+    """From now on, each folder read (os.scandir, which os.walk uses too), as
+    a path relative to `root`, in order."""
+    read: list[str] = []
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        read.append(os.path.relpath(path, root))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return read
