@@ -869,6 +869,39 @@ async def test_a_job_a_stand_in_wrote_wakes_the_owners_long_poll(
     assert got["id"] == "k"
 
 
+async def test_a_stand_in_tells_the_owner_once_it_is_no_longer_suspect(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in writes a topic because its owner did not answer: telling it
+    at once, and again each second the topic is written, would send a
+    request that waits for nothing for every topic written meanwhile. It
+    tells it once its suspicion is over, and the owner's long poll takes
+    the job then."""
+    brokers = await cluster(start_broker, MemStore(), 2, broker_lease=1.0)
+    owner, stand_in = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec("p", id="j")])
+    (job,) = await owner.engine.claim("t", "w")
+    await owner.engine.ack("t", "j", job["lease_token"])
+    await until(lambda: owner.membership.settled_owner("t"))
+    told: list[float] = []
+    tell = stand_in.forwarder.tell
+
+    async def counted(peer: Any, path: str) -> bool:
+        told.append(time.monotonic())
+        return await tell(peer, path)
+
+    monkeypatch.setattr(stand_in.forwarder, "tell", counted)
+    poll = asyncio.create_task(owner.engine.claim("t", "w", wait=30))
+    await until(lambda: owner.committer.waiting("t") == 1)
+    stand_in.membership.suspect(owner.membership.me.broker_id, 1.0)
+    suspect_until = time.monotonic() + 1.0
+    for n in range(3):  # written while the owner is suspect
+        await stand_in.engine.enqueue("t", [JobSpec(n, id=f"k{n}")])
+    (got,) = await asyncio.wait_for(poll, 4)
+    assert got["id"] == "k0"
+    assert len(told) == 1 and told[0] >= suspect_until, told
+
+
 # --- sweeping ---------------------------------------------------------------------------
 
 

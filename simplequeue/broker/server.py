@@ -339,18 +339,26 @@ class Broker:
     async def _tell_owner(self, topic: str) -> None:
         """Tell `topic`'s owner to read it again, and again a while later if
         it was written again meanwhile: its long polls see the jobs this
-        broker wrote at once, not at their next look at the store. Best
-        effort: an owner that does not answer still looks in time."""
+        broker wrote at once, not at their next look at the store. Not while
+        it is suspect (this broker stood in for it because it did not
+        answer: a request to it every second for each topic written would
+        wait for nothing), but once it is not. Best effort: an owner that
+        does not answer still looks in time."""
+        untold = True
         try:
             while True:
-                owner = self.membership.home(topic)
-                if owner != self.membership.me:
-                    with contextlib.suppress(Exception):
-                        await self._hand_over(topic, owner)
-                await asyncio.sleep(TELL_OWNER_EVERY)
-                if not self._telling.get(topic):
+                home = self.membership.home(topic)
+                if home == self.membership.me:
                     return
-                self._telling[topic] = False
+                if untold and self.membership.owner(topic) == home:  # not suspect
+                    untold = False
+                    with contextlib.suppress(Exception):
+                        await self._hand_over(topic, home)
+                await asyncio.sleep(TELL_OWNER_EVERY)
+                if self._telling.get(topic):  # written again meanwhile
+                    untold, self._telling[topic] = True, False
+                elif not untold:
+                    return
         finally:
             self._telling.pop(topic, None)
 
