@@ -579,9 +579,7 @@ class Engine:
         since = started if since is None else min(since, started)
         deadline = started + wait
         while True:
-            owned = self.owns(topic)
-            interval = self._look_interval(topic, owned)
-            looked = next_look(topic, interval) - interval if owned else None
+            interval, looked = self._looks(topic)
             got: _Polled = await self.committer.submit(topic, mutation, undo, fresh_since=looked)
             left = deadline - time.monotonic()
             if got.jobs or left <= 0 or (answered is not None and answered()):
@@ -593,11 +591,15 @@ class Engine:
                 pause = min(pause, got.token_in)
             await self.committer.wait_changed(topic, pause, since)
 
-    def _look_interval(self, topic: str, owned: bool) -> float:
-        """How often what waits on `topic` looks at the store: a settled owner
-        seldom (OWNER_LOOK_INTERVAL: it is told of others' writes), any other
-        broker every POLL_INTERVAL."""
-        return OWNER_LOOK_INTERVAL if owned and self.settled(topic) else POLL_INTERVAL
+    def _looks(self, topic: str) -> tuple[float, float | None]:
+        """How often what waits on `topic` looks at the store (a settled owner
+        seldom, OWNER_LOOK_INTERVAL: it is told of others' writes; any other
+        broker every POLL_INTERVAL), and on a topic this broker owns the
+        monotonic time of its last look, which its memory is as fresh as
+        (None elsewhere: read what is older than the request)."""
+        owned = self.owns(topic)
+        interval = OWNER_LOOK_INTERVAL if owned and self.settled(topic) else POLL_INTERVAL
+        return interval, next_look(topic, interval) - interval if owned else None
 
     async def ack(
         self,
@@ -789,9 +791,7 @@ class Engine:
         OWNER_LOOK_INTERVAL. Elsewhere from the store. (The status is always read
         from the store: it is current, whichever broker wrote, README.)"""
         keys.check_topic(topic)
-        owned = self.owns(topic)
-        interval = self._look_interval(topic, owned)
-        looked = next_look(topic, interval) - interval if owned else None
+        _, looked = self._looks(topic)
         max_age = None if looked is None else max(0.0, time.monotonic() - looked)
         return await self.committer.read(topic, lambda s, now: shown_settings(s), max_age)
 
