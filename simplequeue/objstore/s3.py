@@ -721,12 +721,14 @@ class S3Store(ObjectStore):
         has no credentials, and botocore refuses to sign, so none of them was
         sent or ever can be; they fail as this one did."""
         if client is self._client:  # not another call's new one
-            opened, self._opened, self._client = self._opened, None, None
-            if opened is not None:
-                await opened.aclose()
+            await self._let_go()
 
-    async def close(self) -> None:
-        self._closed = True
+    async def _let_go(self) -> None:
+        """Close the client, if one is open: the next request opens another."""
         opened, self._opened, self._client = self._opened, None, None
         if opened is not None:
             await opened.aclose()
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._let_go()
