@@ -869,6 +869,59 @@ async def test_a_job_a_stand_in_wrote_wakes_the_owners_long_poll(
     assert got["id"] == "k"
 
 
+async def test_job_waits_on_a_settled_owner_read_their_heads_seldom(
+    start_broker: StartBroker,
+) -> None:
+    """SPEC 4.1, as for claims' long polls above: a job wait (`GET
+    .../jobs/{id}?wait=`) looked at the store every POLL_INTERVAL (1 s)
+    whoever owned the topic: 200 topics with a caller waiting for a job on
+    each cost 600 GETs of heads in 3 s (5,000 topics: 5,000 GETs a second).
+    On a settled owner it looks every OWNER_LOOK_INTERVAL (30 s), told at once
+    of a stand-in's writes (next test)."""
+    store = Counting()
+    broker = await start_broker(store, broker_id="b0", broker_lease=1.0)
+    topics = [f"t{i:04d}" for i in range(200)]
+    for topic in topics:  # each with a job nobody claims
+        await broker.engine.enqueue(topic, [JobSpec("p", id="j")])
+    await until(lambda: broker.membership.settled_owner(topics[0]))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def wait_for_job(topic: str) -> None:
+            async with s.get(f"{broker.url}/topics/{topic}/jobs/j", params={"wait": "30"}) as r:
+                await r.read()
+
+        waits = [asyncio.create_task(wait_for_job(t)) for t in topics]
+        try:
+            await until(lambda: all(broker.committer.waiting(t) == 1 for t in topics))
+            before = Counter(store.calls)
+            await asyncio.sleep(3)  # nothing to wait for
+            made = Counter(store.calls) - before
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+    heads = sum(n for (op, key), n in made.items() if key.startswith(keys.TOPICS_PREFIX))
+    assert heads <= 200 * 3 / 30 + 20, f"200 job waits: {heads} GETs of heads in 3 s"
+
+
+async def test_a_job_a_stand_in_finished_ends_the_owners_job_wait(
+    start_broker: StartBroker,
+) -> None:
+    """A job wait on a settled owner looks at the store every 30 s: a job a
+    broker standing in for the owner finished ends it at once (the stand-in
+    tells the owner, which reads the topic again)."""
+    brokers = await cluster(start_broker, MemStore(), 2, broker_lease=1.0)
+    owner, stand_in = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec("p", id="j")])
+    await until(lambda: owner.membership.settled_owner("t"))
+    waited = asyncio.create_task(owner.engine.job("t", "j", wait=30))
+    await until(lambda: owner.committer.waiting("t") == 1)
+    (job,) = await stand_in.engine.claim("t", "w")
+    await stand_in.engine.ack("t", "j", job["lease_token"], result="done")
+    got = await asyncio.wait_for(waited, 2)
+    assert got["status"] == "completed" and got["result"] == "done"
+
+
 async def test_a_stand_in_tells_the_owner_once_it_is_no_longer_suspect(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -893,13 +946,15 @@ async def test_a_stand_in_tells_the_owner_once_it_is_no_longer_suspect(
     monkeypatch.setattr(stand_in.forwarder, "tell", counted)
     poll = asyncio.create_task(owner.engine.claim("t", "w", wait=30))
     await until(lambda: owner.committer.waiting("t") == 1)
+    suspect_until = time.monotonic() + 1.0  # before suspect(): its own end is no earlier
     stand_in.membership.suspect(owner.membership.me.broker_id, 1.0)
-    suspect_until = time.monotonic() + 1.0
     for n in range(3):  # written while the owner is suspect
         await stand_in.engine.enqueue("t", [JobSpec(n, id=f"k{n}")])
     (got,) = await asyncio.wait_for(poll, 4)
     assert got["id"] == "k0"
-    assert len(told) == 1 and told[0] >= suspect_until, told
+    # Once for the three writes (twice only if a loaded machine spread them
+    # over more than a second), never while the owner was suspect.
+    assert 1 <= len(told) <= 2 and told[0] >= suspect_until, (told, suspect_until)
 
 
 # --- sweeping ---------------------------------------------------------------------------

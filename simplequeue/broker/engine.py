@@ -676,12 +676,14 @@ class Engine:
         """The job, or its record; with `wait`, once it is finished (completed,
         dead, cancelled) or `wait` seconds passed, whichever comes first: a long
         poll woken by this broker's commits to the topic (its owner makes them
-        all, in the steady state), re-reading the store every POLL_INTERVAL for
-        what other brokers wrote. A job that does not exist yet is waited for
-        too (a follow-up on its way); JobNotFound if it still does not."""
+        all, in the steady state), re-reading the store for what other brokers
+        wrote as often as a claim's long poll does (_looks(): a settled owner
+        every OWNER_LOOK_INTERVAL, told at once of a stand-in's writes). A job
+        that does not exist yet is waited for too (a follow-up on its way);
+        JobNotFound if it still does not."""
         keys.check_topic(topic)
         deadline = time.monotonic() + min(wait, MAX_WAIT)
-        max_age: float | None = None  # the first look reads the store
+        max_age: float | None = None  # the first look reads the store: lookups are current
         while True:
             found, now = await self.committer.read(
                 topic, lambda s, now: (s.find(job_id), now), max_age
@@ -693,7 +695,8 @@ class Engine:
                 break
             if left <= 0:
                 raise JobNotFound(f"no job {job_id!r} in topic {topic!r}")
-            look = min(deadline, next_look(topic))
+            interval, _ = self._looks(topic)
+            look = min(deadline, next_look(topic, interval))
             changed = await self.committer.wait_changed(topic, look - time.monotonic())
             # Woken by a commit here, the cached state is current; else it must
             # have been read since the look was due: the first waiter to look
