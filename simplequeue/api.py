@@ -397,8 +397,10 @@ class Settled(_Answer):
 class AckResult(_Answer):
     """One ack of a batch: status "completed", with the follow-ups it enqueued
     and those it did not enqueue again, as a single ack's answer (Settled);
-    or "not_found", "conflict" or "invalid" with the error (the failing error
-    class's `ack_status`)."""
+    or "not_found", "conflict", "cancelled" or "invalid" with the error (the
+    failing error class's `ack_status`); or "error" for one that failed alone
+    for a reason not its own (its lease in a corrupt segment) while others of
+    the batch landed: the job is still claimed, its lease runs out as usual."""
 
     id: str | None
     status: str

@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from simplequeue import keys
-from simplequeue.api import JobSpec
+from simplequeue.api import AckRequest, JobSpec
 from simplequeue.broker.engine import Engine
 from simplequeue.client import Client
 from simplequeue.errors import CorruptData, JobNotFound
@@ -547,6 +547,34 @@ async def test_a_short_run_front_does_not_stop_the_topics_writes() -> None:
                 failed.append(f"ack {job_id}: {type(exc).__name__}: {exc}")
         kinds = Counter(f.split(" ", 1)[0] + " " + f.split(": ")[1] for f in failed)
         assert failed == [], f"{dict(kinds)}; the first: {failed[:1]}"
+    finally:
+        await q.committer.close()
+
+
+async def test_ack_many_says_which_acks_landed_when_one_meets_a_corrupt_segment() -> None:
+    """ack_many commits each ack as its own entry: one whose lease sits in a
+    corrupt segment fails alone (CorruptData), the batch landing without it.
+    The engine raised that CorruptData for the whole request (HTTP 500): the
+    caller was told none of its acks was done though the others landed, and
+    its retry met "conflict" for each of them, as for a lease lost. The acks
+    that landed are answered completed, the other "error"."""
+    store = MemStore()
+    claimed = await _written(store)
+    head = orjson.loads((await store.get(keys.head("t")))[0])
+    bad = keys.segment("t", head["leases"]["segs"][-1]["k"])
+    in_bad = {r["id"] for r in orjson.loads((await store.get(bad))[0])["items"]}
+    await store.put(bad, b"\x00 not a segment")
+    spoiled = sorted(in_bad)[0]
+    good = sorted(j for j, (b, _) in claimed.items() if b == 8)[0]  # a good loose segment
+    q = _engine(store)
+    try:
+        acks = [AckRequest(good, claimed[good][1]), AckRequest(spoiled, claimed[spoiled][1])]
+        answers = await q.ack_many("t", acks)
+        assert (await q.status("t"))["completed"] == 65 + 1  # _half_resolved's, and the good one
+        assert [a["status"] for a in answers] == ["completed", "error"], answers
+        assert bad in answers[1]["error"]
+        with pytest.raises(CorruptData, match=bad):  # alone, nothing landed: the request fails
+            await q.ack_many("t", [AckRequest(spoiled, claimed[spoiled][1])])
     finally:
         await q.committer.close()
 

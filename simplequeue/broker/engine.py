@@ -632,15 +632,23 @@ class Engine:
             mutations.append(functools.partial(_ack, a))
         if not mutations:
             return cast(list[dict[str, Any]], answers)
-        outcomes = iter(await self.committer.submit_each(topic, mutations))
+        outcomes = await self.committer.submit_each(topic, mutations)
+        # An error that is not the ack's own refusal (the store down, a corrupt
+        # head) fails the request, unless some ack landed: one that failed alone
+        # (its lease in a corrupt segment) is answered "error" beside them, as
+        # a landed ack must never be reported failed.
+        landed = any(not isinstance(o, BaseException) for o in outcomes)
+        each = iter(outcomes)
         for i, answer in enumerate(answers):
             if answer is not None:
                 continue
-            outcome = next(outcomes)
+            outcome = next(each)
             if isinstance(outcome, SimpleQueueError) and outcome.ack_status is not None:
                 answers[i] = _ack_failed(acks[i], outcome)
-            elif isinstance(outcome, BaseException):  # not this ack's fault: the batch fails
-                raise outcome
+            elif isinstance(outcome, BaseException):
+                if not landed:
+                    raise outcome
+                answers[i] = {"id": acks[i].job_id, "status": "error", "error": str(outcome)}
             else:
                 answers[i] = outcome
         return cast(list[dict[str, Any]], answers)
