@@ -29,6 +29,7 @@ from simplequeue.errors import (
     BrokerError,
     BrokerUnavailable,
     IncompleteAnswer,
+    InvalidRequest,
     LeaseLost,
     RequestTimedOut,
     ScheduleNotFound,
@@ -215,6 +216,32 @@ async def test_a_claim_whose_answer_was_cut_short_is_retried(
     proxy.fail("/claim", "cut")
     job = await prompt(q.claim("w"))
     assert job is not None and job.lease_token  # the first claim's job waits out its lease
+
+
+async def test_a_bad_attempt_id_is_refused_and_later_claims_keep_naming_their_attempts(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """claim_many(attempt_id=...) with an id the API refuses (65 characters)
+    was answered 400 "... at `$.attempt_id`", which the client took for a
+    broker older than attempt ids: it claimed again without the id (the
+    caller's bad input taken, its name dropped) and sent no attempt id on any
+    later claim. A later claim whose answer was lost was then retried as a
+    new claim: two jobs claimed, one handed out, the other held by nobody
+    until its lease ran out, an attempt spent."""
+    proxy, q, direct = proxied
+    for i in range(3):
+        await direct.enqueue(i, id=f"j{i}")
+    refused = False
+    try:
+        await prompt(q.claim_many("w", 1, attempt_id="a" * 65))
+    except InvalidRequest:
+        refused = True
+    claimed_before = (await direct.status())["claimed"]
+    proxy.fail("/claim", "cut")  # the claim lands; its answer is lost on the way
+    job = await prompt(q.claim("w"))
+    assert job is not None
+    claimed_by_it = (await direct.status())["claimed"] - claimed_before
+    assert (refused, claimed_by_it) == (True, 1)
 
 
 @pytest.mark.parametrize("fault", ["502", "landed-502"])

@@ -783,9 +783,10 @@ class Client:
         or the topic's limits allow fewer, and no more once their payloads
         reach the broker's bound (16 MiB, or an eighth of its --cache-mb if
         less, shared by the claims it commits together; see the README).
-        `attempt_id` names the claim (by default a new name): a claim asked
-        again under the name of one whose answer was lost gets that one's
-        jobs, those its worker still holds (best effort: see the README).
+        `attempt_id` names the claim (by default a new name; 1-64 printable
+        characters, else InvalidRequest): a claim asked again under the name
+        of one whose answer was lost gets that one's jobs, those its worker
+        still holds (best effort: see the README).
 
         An answer is held to what was asked, whatever answered it: a job it
         holds twice is returned once, and jobs past `count` are released in
@@ -794,6 +795,12 @@ class Client:
         releases under way)."""
         body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
         if attempt_id is not None:
+            # Checked here: the broker's refusal of a bad one would read as
+            # that of a broker older than attempt ids (see _claim).
+            try:
+                attempt_id = api.convert(attempt_id, api.AttemptId)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"attempt_id: {exc}") from None
             body = msgspec.structs.replace(body, attempt_id=attempt_id)
         answer = await self._claim(body, api.ClaimedBatch)
         if answer is None:
@@ -848,7 +855,8 @@ class Client:
     async def _claim(self, body: api.ClaimRequest, answer: type[A]) -> A | None:
         """The claim's answer, None when nothing was claimable. Its retries name
         its attempt: one whose first try landed gets that try's jobs. A broker
-        older than attempt ids refuses the field: asked again without."""
+        older than attempt ids refuses the field as unknown: asked again
+        without. Any other refusal is the caller's to see."""
         if not self._attempt_ids:
             body = msgspec.structs.replace(body, attempt_id=None)
         elif body.attempt_id is None:
@@ -858,7 +866,7 @@ class Client:
                 "POST", self._t("/claim"), answer, body, wait=body.wait, expected=_EMPTY
             )
         except InvalidRequest as exc:
-            if body.attempt_id is None or "attempt_id" not in str(exc):
+            if body.attempt_id is None or "unknown field `attempt_id`" not in str(exc):
                 raise
             self._attempt_ids = False
             return await self._claim(msgspec.structs.replace(body, attempt_id=None), answer)
