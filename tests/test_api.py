@@ -214,6 +214,20 @@ def test_every_route_has_one_operation_id_of_its_own() -> None:
     assert all(ids) and len(set(ids)) == len(ids)
 
 
+async def test_the_routes_that_take_a_body_are_those_the_openapi_description_gives_one(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """A broker that passes a request on reads its body only if its route
+    takes one (Route.takes_body): a route marked wrong would have a body it
+    needs dropped, or one its owner ignores held to --max-body."""
+    from simplequeue.broker.http import _routes
+
+    broker = await start_broker(MemStore())
+    published = {(path, method.upper()): "requestBody" in op for path, method, op in operations()}
+    marked = {(r.path, r.method): r.takes_body for r in _routes(broker.http_api.page)}
+    assert {k: v for k, v in marked.items() if k in published} == published
+
+
 def test_every_reference_resolves() -> None:
     schemas = spec()["components"]["schemas"]
     refs = {

@@ -2353,6 +2353,50 @@ async def test_an_enqueue_under_max_body_is_taken_through_a_broker_that_does_not
                     assert r.status == 413, headers
 
 
+async def test_a_request_of_a_route_without_a_body_is_answered_alike_through_any_broker(
+    start_broker: StartBroker,
+) -> None:
+    """A route that takes no body (GET status, DELETE a schedule, POST
+    refresh) ignores one on the topic's owner, but a broker that passes the
+    request on read it first, against --max-body and --body-timeout: the same
+    request was answered 200 (404 for the schedule) by the owner and 413
+    through the other broker, a status /openapi.json does not list for those
+    routes; one whose body never came, 408 after --body-timeout."""
+    brokers = await cluster(start_broker, MemStore(), 2, max_body=10_000, body_timeout=600)
+    owner, other = owner_and_other(brokers, "t")
+    body = b"x" * 20_000
+    answers = {}
+    async with aiohttp.ClientSession() as s:
+        for method, path in (
+            ("GET", "/topics/t/status"),
+            ("DELETE", "/topics/t/schedules/nightly"),
+            ("POST", "/topics/t/refresh"),
+        ):
+            for broker in (owner, other):
+                async with s.request(method, broker.url + path, data=body) as r:
+                    answers[(method, broker is owner)] = r.status
+    assert answers == {
+        ("GET", True): 200,
+        ("GET", False): 200,
+        ("DELETE", True): 404,
+        ("DELETE", False): 404,
+        ("POST", True): 200,
+        ("POST", False): 200,
+    }
+    for broker in (owner, other):  # a body announced, never sent
+        host, port = "127.0.0.1", broker.http.port
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(
+                f"GET /topics/t/status HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                "Content-Length: 10\r\n\r\n".encode()
+            )
+            line = await asyncio.wait_for(reader.readline(), 15)
+        finally:
+            writer.close()
+        assert line.startswith(b"HTTP/1.1 200 "), (broker is owner, line)
+
+
 @pytest.mark.parametrize("value", [b'{"k": "v"}' * 80, b"\x01" * 800], ids=["json", "control"])
 async def test_an_rpush_is_taken_through_a_broker_that_does_not_own_the_key(
     start_broker: StartBroker, value: bytes

@@ -288,6 +288,9 @@ class Route:
     # the query (a link's, a cache buster's). Every other route refuses one
     # (_no_query): ignored, DELETE /dead?job_ids=a purged every dead job.
     query: bool = False
+    # Takes a body: its handler reads one (and so does a broker that passes
+    # its request on, _routed). Any other route ignores one.
+    takes_body: bool = False
 
     @property
     def name(self) -> str:
@@ -626,7 +629,9 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         response = await handler(call)  # the common case: the body is read once, there
         response.headers[OWNER] = services.url()
         return response
-    body = asked = await call.read()
+    # Another route's body is not read (nor passed on): its owner would ignore
+    # it, but reading it here held it to --max-body and --body-timeout.
+    body = asked = await call.read() if call.route.takes_body else b""
     wait = 0.0
     undo = None  # a pop's or complete's, should its answer be lost
     take_back = None  # a claim's, should the owner answer it too late
@@ -974,28 +979,28 @@ def _routes(status_page: page.StatusPage) -> list[Route]:
         return await status_page.overview(fresh)
 
     return [
-        Route("POST", f"{t}/enqueue", enqueue),
-        Route("POST", f"{t}/claim", claim),
-        Route("POST", f"{t}/pop", pop),
-        Route("POST", f"{t}/push", push),
-        Route("POST", f"{t}/release", release),
-        Route("POST", f"{t}/complete", complete),
-        Route("POST", f"{t}/unpop", unpop),
+        Route("POST", f"{t}/enqueue", enqueue, takes_body=True),
+        Route("POST", f"{t}/claim", claim, takes_body=True),
+        Route("POST", f"{t}/pop", pop, takes_body=True),
+        Route("POST", f"{t}/push", push, takes_body=True),
+        Route("POST", f"{t}/release", release, takes_body=True),
+        Route("POST", f"{t}/complete", complete, takes_body=True),
+        Route("POST", f"{t}/unpop", unpop, takes_body=True),
         Route("POST", f"{t}/refresh", refresh),
-        Route("POST", f"{t}/ack", ack),
-        Route("POST", f"{t}/nack", nack),
-        Route("POST", f"{t}/heartbeat", heartbeat),
+        Route("POST", f"{t}/ack", ack, takes_body=True),
+        Route("POST", f"{t}/nack", nack, takes_body=True),
+        Route("POST", f"{t}/heartbeat", heartbeat, takes_body=True),
         Route("GET", f"{t}/status", status),
         Route("GET", t + "/jobs/{job_id}", job, query=True),
         Route("GET", f"{t}/dead", dead, query=True),
-        Route("POST", f"{t}/requeue", requeue),
-        Route("DELETE", f"{t}/dead", purge),
-        Route("POST", f"{t}/cancel", cancel),
+        Route("POST", f"{t}/requeue", requeue, takes_body=True),
+        Route("DELETE", f"{t}/dead", purge, takes_body=True),
+        Route("POST", f"{t}/cancel", cancel, takes_body=True),
         Route("GET", f"{t}/schedules", schedules),
-        Route("PUT", t + "/schedules/{name}", put_schedule),
+        Route("PUT", t + "/schedules/{name}", put_schedule, takes_body=True),
         Route("DELETE", t + "/schedules/{name}", delete_schedule),
         Route("GET", f"{t}/settings", settings),
-        Route("PUT", f"{t}/settings", put_settings),
+        Route("PUT", f"{t}/settings", put_settings, takes_body=True),
         Route("GET", "/topics", topics),
         Route("GET", "/healthz", healthz, public=True),
         Route("GET", "/metrics", metrics),
