@@ -545,6 +545,72 @@ def test_a_schedule_whose_zone_this_broker_lacks_holds_back_no_other(
     assert "retry_at" not in s.schedules()["kyiv"]
 
 
+def almaty_by(monkeypatch: pytest.MonkeyPatch, offset: int) -> None:
+    """This host's tzdata puts Asia/Almaty at UTC+`offset` (Kazakhstan moved
+    it an hour in 2024: two releases disagree)."""
+    from zoneinfo import ZoneInfo
+
+    from simplequeue.state import slots
+
+    def zone(key: str) -> Any:
+        return ZoneInfo(f"Etc/GMT-{offset}") if key == "Asia/Almaty" else ZoneInfo(key)
+
+    monkeypatch.setattr(slots, "ZoneInfo", zone)
+
+
+def test_a_cron_schedule_fires_once_a_day_across_owners_whose_tzdata_differ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two brokers' hosts carry two tzdata releases, and the zone's rules
+    changed between them. Broker A fired "0 9 * * *" at 06:00Z (UTC+3) and
+    wrote its next slot, 06:00Z tomorrow. B, whose tzdata says UTC+2, took the
+    topic over: at 06:00Z it fired the slot A wrote, then moved next_at to its
+    own next slot, 07:00Z the same day, and fired again an hour later: two
+    jobs for one local 09:00, one more at every change of owner between the
+    two (review finding). Each local time fires once now, whichever tzdata
+    reads it."""
+
+    def fired_on(day: int) -> int:  # tended each hour (any due slot fires)
+        return sum(s.tend(utc(2024, 3, day, hour, 0, 1))["fired"] for hour in range(24))
+
+    almaty_by(monkeypatch, 3)  # broker A's host
+    s = fresh()
+    daily = ScheduleRequest("d", cron="0 9 * * *", tz="Asia/Almaty")
+    s.put_schedule("daily", daily, utc(2024, 3, 1, 12))
+    assert fired_on(2) == 1
+    s = reread(s, utc(2024, 3, 3))
+    almaty_by(monkeypatch, 2)  # broker B takes the topic over
+    assert fired_on(3) == 1
+    s = reread(s, utc(2024, 3, 4))
+    almaty_by(monkeypatch, 3)  # and A takes it back
+    assert fired_on(4) == 1
+    ids = [j["id"] for j in s.claim("w", 30, 10, utc(2024, 3, 5))]
+    slots = [utc(2024, 3, 2, 6), utc(2024, 3, 3, 7), utc(2024, 3, 4, 7)]
+    assert ids == [f"daily@{int(slot)}" for slot in slots]
+
+
+def test_a_cron_schedule_replaced_where_tzdata_differ_fires_no_local_time_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fired the local 09:00 at 06:00Z (UTC+3); B (UTC+2) replacing the
+    schedule half an hour later gave it its own next slot, 07:00Z: that 09:00
+    again (review finding)."""
+    almaty_by(monkeypatch, 3)
+    s = fresh()
+    daily = ScheduleRequest("d", cron="0 9 * * *", tz="Asia/Almaty")
+    s.put_schedule("daily", daily, utc(2024, 3, 1, 12))
+    assert s.tend(utc(2024, 3, 2, 6))["fired"] == 1
+    s = reread(s, utc(2024, 3, 2, 6, 30))
+    almaty_by(monkeypatch, 2)
+    again = s.put_schedule(
+        "daily", ScheduleRequest("e", cron="0 9 * * *", tz="Asia/Almaty"), utc(2024, 3, 2, 6, 30)
+    )
+    assert again["next_at"] == utc(2024, 3, 3, 7)
+    # In another zone, its times are another clock's: the next comes.
+    other = ScheduleRequest("e", cron="0 9 * * *", tz="Europe/Paris")
+    assert s.put_schedule("daily", other, utc(2024, 3, 2, 6, 30))["next_at"] == utc(2024, 3, 2, 8)
+
+
 async def test_a_schedule_refused_says_why_in_words(start_broker: StartBroker) -> None:
     """ "* * *" or "@daily" were answered `Expected str of length >= 9 - at
     $.cron`, a schema's words, while six fields got "a cron expression has

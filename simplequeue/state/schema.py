@@ -196,6 +196,10 @@ DeadJobs = TypedDict(
 )
 
 
+# A wall-clock time, naive ("2024-03-02T09:00"): a cron schedule's local time.
+LocalTime = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d$")]
+
+
 class Schedule(TypedDict):
     """A schedule (SPEC 11): its definition, and the next slot it fires."""
 
@@ -209,6 +213,9 @@ class Schedule(TypedDict):
     max_attempts: NotRequired[int]
     last_slot: NotRequired[int]
     last_fired_at: NotRequired[float]
+    # The last slot's local time by the tzdata of the broker that fired it (a
+    # cron's; added after format 2 was first written).
+    last_local: NotRequired[LocalTime]
     last_error: NotRequired[str]
     retry_at: NotRequired[float]  # its slots not computable by the broker that tried
 

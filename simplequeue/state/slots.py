@@ -9,7 +9,10 @@ they do not depend on when the schedule was made either. Cron is evaluated by
 cronsim (Debian cron's rules, daylight saving handled: a time that a spring
 shift skips fires once at the first time after it, a repeated one once, in
 its first pass; slots cronsim answers before the time asked are skipped, as
-it reads a time in a fall-back's second pass as the first).
+it reads a time in a fall-back's second pass as the first). Two hosts' tzdata
+may put a cron's local time at two instants (a zone's offset changed between
+releases): a schedule keeps the local time it fired last, and a slot at or
+before it is one fired already.
 """
 
 from __future__ import annotations
@@ -127,3 +130,38 @@ def latest_at(schedule: dict[str, Any], t: float) -> int | None:
             break
         latest = following
     return latest
+
+
+def local_time(schedule: dict[str, Any], slot: int) -> str:
+    """The wall-clock time a cron schedule's slot shows in its zone, by this
+    host's tzdata, as a naive ISO time ("2024-03-02T09:00"): what it keeps of
+    the last slot it fired (`last_local`)."""
+    shown = datetime.fromtimestamp(slot, _zone(schedule.get("tz")))
+    return shown.replace(tzinfo=None).isoformat(timespec="minutes")
+
+
+def fired_locally(schedule: dict[str, Any], slot: int) -> bool:
+    """Whether `slot` shows, by this host's tzdata, a local time at or before
+    the last one the schedule fired (`last_local`): fired already, perhaps by
+    a broker whose tzdata put that time at another instant."""
+    last = schedule.get("last_local")
+    if last is None:
+        return False
+    zone = _zone(schedule.get("tz"))
+    local = datetime.fromisoformat(last)
+    # Up to the first instant this clock shows it: a fall-back's second pass
+    # comes after, and fires as cronsim says. For a time this tzdata skips
+    # (fold=0: after the gap), the slots before the gap show earlier times.
+    until = local.replace(tzinfo=zone).timestamp()
+    return slot <= until and datetime.fromtimestamp(slot, zone).replace(tzinfo=None) <= local
+
+
+def next_unfired(schedule: dict[str, Any], t: float) -> int | None:
+    """The first slot strictly after `t` that is not `fired_locally` (None: a
+    cron that never comes again)."""
+    slot = next_after(schedule, t)
+    # Those skipped lie before the instant this host puts `last_local` at:
+    # within the day, as zones' offsets differ by less.
+    while slot is not None and fired_locally(schedule, slot):
+        slot = next_after(schedule, slot)
+    return slot

@@ -59,7 +59,13 @@ from simplequeue.state.layout import (
 )
 from simplequeue.state.limits import Bounds, Policy
 from simplequeue.state.segments import Manifest, Segment, SegmentMissing, SegmentView, id_hash
-from simplequeue.state.slots import check_definition, latest_at, next_after
+from simplequeue.state.slots import (
+    check_definition,
+    fired_locally,
+    latest_at,
+    local_time,
+    next_unfired,
+)
 
 __all__ = ["Job", "Record", "Sealed", "TopicState", "decode_head", "new_head"]
 
@@ -1062,14 +1068,22 @@ class TopicState(Layout):
         if old is not None and "last_slot" in old:
             for kept in ("last_slot", "last_fired_at"):
                 schedule[kept] = old[kept]
+            # A local time is one clock's: in another zone it says nothing.
+            if "last_local" in old and "cron" in schedule and old.get("tz") == spec.tz:
+                schedule["last_local"] = old["last_local"]
         after = max(now, schedule.get("last_slot", now))
-        next_at = next_after(schedule, after)
+        next_at = next_unfired(schedule, after)
         if next_at is None:
             raise InvalidRequest("the schedule has no slot left to fire")
         if old is not None and old["next_at"] <= now:
             missed = latest_at(schedule, now)
             fired = schedule.get("last_slot", -1)
-            if missed is not None and missed >= old["next_at"] and missed > fired:
+            if (
+                missed is not None
+                and missed >= old["next_at"]
+                and missed > fired
+                and not fired_locally(schedule, missed)
+            ):
                 next_at = missed  # due: the next tend fires it
         schedule["next_at"] = next_at
         changed = {**found, name: schedule}
@@ -1106,7 +1120,15 @@ class TopicState(Layout):
             if _schedule_due(schedule) > now:
                 continue
             try:
-                slot = max(latest_at(schedule, now) or 0, schedule["next_at"])
+                latest = latest_at(schedule, now)
+                if latest is not None and fired_locally(schedule, latest):
+                    # Its local time was fired by a broker whose tzdata put
+                    # it earlier (the next_at it wrote is not a slot here).
+                    schedule["next_at"] = next_unfired(schedule, now) or _NEVER
+                    schedule.pop("retry_at", None)
+                    self.dirty = True
+                    continue
+                slot = max(latest or 0, schedule["next_at"])
             except InvalidRequest as exc:
                 # Its time zone, known to the broker that took the schedule,
                 # is not in this one's tzdata (hosts differ): the others fire,
@@ -1135,7 +1157,12 @@ class TopicState(Layout):
                 fired += not answer["duplicate"]
                 schedule["last_slot"] = slot
                 schedule["last_fired_at"] = now
-            schedule["next_at"] = next_after(schedule, max(now, slot)) or _NEVER
+                if "cron" in schedule:
+                    # The local time fired is the latest come by this clock
+                    # (the slot may be a next_at another tzdata put there).
+                    occurrence = slot if latest is None else latest
+                    schedule["last_local"] = local_time(schedule, occurrence)
+            schedule["next_at"] = next_unfired(schedule, max(now, slot)) or _NEVER
         return fired
 
     # --- settings and limits (SPEC 12) -----------------------------------------------------
