@@ -22,6 +22,7 @@ with the HTTP status and the RESP error code it is answered with.
     ├── LeaseLost           stale token, or the job is not claimed 409  ERR       conflict
     │   └── JobCancelled    the job was cancelled (also Client.result()) 409 ERR cancelled
     ├── Contended           kept losing races for the whole budget 503  TRYAGAIN
+    ├── Overloaded          out of its own descriptors for now    503   TRYAGAIN
     ├── Unauthorized        missing or wrong bearer token         401   NOAUTH
     ├── CorruptData         an object in the store cannot be read 500   ERR
     └── client side only:
@@ -33,9 +34,9 @@ with the HTTP status and the RESP error code it is answered with.
 
 The HTTP layer, the RESP layer, the batch ack and the SDK derive their mappings
 from the class attributes here (`http_status`, `resp_code`, `ack_status`,
-`reason`, `for_status`): there is no other table. An error whose status others
-share (404, 409) and that a client must tell apart has a `reason`, sent beside
-the message as {"error": ..., "reason": ...}.
+`reason`, `retry_after`, `for_status`): there is no other table. An error whose
+status others share (404, 409) and that a client must tell apart has a
+`reason`, sent beside the message as {"error": ..., "reason": ...}.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class SimpleQueueError(Exception):
     #: A word that tells this error apart from the others of its status, sent
     #: in the answer beside the message ({"error", "reason"}); None: not needed.
     reason: ClassVar[str | None] = None
+    #: Seconds a client is told to wait before asking again (Retry-After), for
+    #: an error that passes by itself; None: not said.
+    retry_after: ClassVar[int | None] = None
 
     def __str__(self) -> str:
         return super().__str__() or type(self).__name__
@@ -188,6 +192,16 @@ class Contended(SimpleQueueError):
 
     http_status = 503
     resp_code = "TRYAGAIN"
+
+
+class Overloaded(SimpleQueueError):
+    """This broker ran short of something of its own for a moment: descriptors,
+    or free connections to the broker it passes a request on to. Nothing was
+    sent on; asking again shortly may succeed (Retry-After)."""
+
+    http_status = 503
+    resp_code = "TRYAGAIN"
+    retry_after = 1
 
 
 class Unauthorized(SimpleQueueError):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import orjson
 import pytest
 import yarl
 
+from simplequeue.broker.membership import rendezvous
 from simplequeue.objstore.memfs import MemStore
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -245,14 +248,69 @@ async def test_the_connection_cap_leaves_room_for_the_files_localfs_holds_open(
     assert "Too many open files" not in broker.stderr_tail
 
 
+async def test_long_polls_through_a_broker_that_does_not_own_the_topic_stay_within_its_descriptors(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    """The connection cap counted a broker's incoming connections against its
+    descriptors (soft limit less 256, less the store's); a request passed on
+    to the owner takes one more, to the owner, which nothing counted. At
+    nofile 2,000 (cap 1,244 connections), 1,400 long-poll claims through the
+    broker that does not own the topic: 626 answered by the owner, 114 by
+    the broker itself (the healthy owner taken for unreachable: "Cannot
+    connect ... Too many open files", suspect), 504 answered 503 (its own
+    store: "Too many open files"), 155 connections reset. Under the cap, every
+    long poll is passed on and answered by the owner: those past the pool's
+    share for long polls wait their turn there."""
+    owner = broker_process("--dir", str(tmp_path), "--broker-id", "a", "--broker-lease", "3")
+    other = broker_process(
+        "--dir", str(tmp_path), "--broker-id", "b", "--broker-lease", "3", nofile=2000
+    )
+    topic = next(
+        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "a") > rendezvous(t, "b")
+    )
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def passed_on() -> bool:
+            async with s.get(f"{other.url}/topics/{topic}/status") as r:
+                return r.headers.get("Simplequeue-Owner") == owner.url
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not await passed_on():  # the brokers see each other within a round
+            assert asyncio.get_running_loop().time() < deadline, "the brokers never met"
+            await asyncio.sleep(0.2)
+        cap = re.search(r"at most (\d+) HTTP connections", other.log())
+        assert cap is not None, other.log()
+
+        async def claim(i: int) -> tuple[Any, str | None]:
+            try:
+                body = {"worker_id": f"w{i}", "wait": 5}
+                async with s.post(f"{other.url}/topics/{topic}/claim", json=body) as r:
+                    await r.read()
+                    served = r.headers.get("Simplequeue-Owner")
+                    return r.status, "owner" if served == owner.url else served
+            except aiohttp.ClientError as exc:
+                return type(exc).__name__, None
+
+        claims = int(cap[1]) - 4  # room for the connection that asked for the status
+        answers = Counter(await asyncio.gather(*(claim(i) for i in range(claims))))
+    assert other.stop() == 0
+    assert answers == {(404, "owner"): claims}, answers
+    assert "Too many open files" not in other.log()
+
+
 def test_a_broker_raises_its_soft_descriptor_limit_to_the_hard_one(
     broker_process: Any, tmp_path: Path
 ) -> None:
-    """Run with the common soft limit of 1024 it would take 256 connections
-    on localfs; it raises the limit to the hard one it may reach (4096)."""
+    """Run with the common soft limit of 1024 it would take a few hundred
+    connections on localfs; it raises the limit to the hard one it may reach
+    (4096): 4096 - 256 - 512 for the store, less a quarter of the rest (832)
+    for its connections to the other brokers."""
     broker = broker_process("--dir", str(tmp_path), nofile=(1024, 4096))
     assert broker.stop() == 0
-    assert "at most 3328 HTTP connections at once (512 descriptors held" in broker.stderr_tail
+    assert (
+        "at most 2496 HTTP connections at once (512 descriptors held for the store, "
+        "832 for connections to the other brokers)"
+    ) in broker.stderr_tail
 
 
 async def test_idle_resp_sockets_leave_the_http_listener_its_descriptors(
@@ -260,8 +318,9 @@ async def test_idle_resp_sockets_leave_the_http_listener_its_descriptors(
 ) -> None:
     """The RESP listener took every connection, token or not: 400 idle sockets
     under a limit of 256 descriptors and /healthz was reset. RESP clients get
-    a quarter of what is left for connections (512 - 256: 64); past it, a new
-    one is told so and closed, as Redis does at maxclients."""
+    a quarter of what is left for connections (512 - 256, less a quarter of it
+    for the connections to the other brokers: 48); past it, a new one is told
+    so and closed, as Redis does at maxclients."""
     broker = broker_process(
         "--backend", "memfs", "--redis-addr", "127.0.0.1:0", "--token", "t0ken", nofile=512
     )
@@ -272,7 +331,7 @@ async def test_idle_resp_sockets_leave_the_http_listener_its_descriptors(
     async with aiohttp.ClientSession() as s, s.get(f"{broker.url}/healthz") as r:
         assert r.status == 200
     assert broker.stop() == 0
-    assert "RESP: 64 clients connected: refusing more" in broker.stderr_tail
+    assert "RESP: 48 clients connected: refusing more" in broker.stderr_tail
     assert "Too many open files" not in broker.stderr_tail
 
 

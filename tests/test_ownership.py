@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import itertools
 import logging
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohappyeyeballs
 import aiohttp
 import orjson
 import pytest
@@ -32,7 +34,7 @@ from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec
 from simplequeue.broker import forwarding, page
 from simplequeue.broker.duties import HEAP_SLACK, DutySettings
 from simplequeue.broker.engine import Engine
-from simplequeue.broker.forwarding import Forwarder, Here, _Unreachable
+from simplequeue.broker.forwarding import Answer, Forwarder, Here, _Unreachable
 from simplequeue.broker.membership import Membership, Peer, rendezvous
 from simplequeue.client import Client
 from simplequeue.errors import StoreRefused, StoreUnavailable
@@ -1774,6 +1776,105 @@ async def test_a_healthy_owner_is_not_taken_for_unreachable_by_a_half_second_sta
         await runner.cleanup()
 
 
+async def test_long_polls_passed_on_wait_their_turn_and_leave_short_requests_room() -> None:
+    """The pool of connections to the other brokers was unbounded: each long
+    poll passed on held one more descriptor, which the connection cap did not
+    count (test_http_limits). Bounded, a long poll past the long polls' share
+    of it (all but a quarter) waits its turn out of its wait, and is not
+    taken for an owner that cannot be reached (aiohttp's own queue is timed
+    as a connect); a short request is passed on meanwhile."""
+    waits: list[float] = []
+    polling = most = 0
+    pool_taken = asyncio.Event()
+    release = asyncio.Event()
+
+    async def claim(request: web.Request) -> web.Response:
+        nonlocal polling, most
+        waits.append((await request.json())["wait"])
+        polling += 1
+        most = max(most, polling)
+        if polling == 3:
+            pool_taken.set()
+        try:
+            await release.wait()
+        finally:
+            polling -= 1
+        return web.json_response({"error": "nothing to claim"}, status=404)
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"pending": 0})
+
+    app = web.Application()
+    app.router.add_post("/topics/{topic}/claim", claim)
+    app.router.add_get("/topics/{topic}/status", status)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    membership = Membership(MemStore(), broker_id="me", url="http://127.0.0.1:1", lease_s=15)
+    owner = Peer("owner", f"http://127.0.0.1:{port}")
+    membership.live = (owner, membership.me)
+    topic = next(
+        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "owner") > rendezvous(t, "me")
+    )
+    # Four connections: three for long polls, one kept for short requests.
+    forwarder = Forwarder(membership, token=None, answer_within=0.2, connections=4)
+    body = b'{"worker_id": "w", "wait": 5}'
+    claims = [
+        asyncio.create_task(
+            forwarder.route(topic, "POST", f"/topics/{topic}/claim", body, wait=5.0)
+        )
+        for _ in range(6)
+    ]
+    try:
+        await asyncio.wait_for(pool_taken.wait(), 5)
+        got = await asyncio.wait_for(
+            forwarder.route(topic, "GET", f"/topics/{topic}/status", None), 2
+        )
+        assert isinstance(got, Answer) and got.status == 200
+        await asyncio.sleep(0.3)  # the three queued wait past a connect's timeout (0.1 s)
+        release.set()
+        answers = await asyncio.gather(*claims)
+    finally:
+        release.set()
+        await asyncio.gather(*claims, return_exceptions=True)
+        await forwarder.close()
+        await runner.cleanup()
+    assert [(a.status, a.served_by) for a in answers if isinstance(a, Answer)] == [(404, owner)] * 6
+    assert (most, forwarder.fallbacks, membership.owner(topic)) == (3, 0, owner)
+    # Those that waited their turn were passed on with what was left of their wait.
+    assert sorted(waits)[3:] == [5.0] * 3 and max(sorted(waits)[:3]) < 4.8, waits
+
+
+async def test_a_broker_out_of_descriptors_answers_503_and_keeps_routing_to_the_owner(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection to a topic's owner that could not be made for want of
+    descriptors ("Too many open files") was taken for an owner that cannot be
+    reached: the healthy owner was routed around for 3 s, its topics served by
+    the broker short of descriptors (114 of 1,400 long polls at nofile 2,000,
+    review finding). The shortage is this broker's: answered 503 with
+    Retry-After, the owner still the owner."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    owner_port = URL(owner.url).port
+    connect = aiohappyeyeballs.start_connection
+
+    async def out_of_descriptors_for_the_owner(*args: Any, **kwargs: Any) -> Any:
+        if any(info[4][1] == owner_port for info in kwargs["addr_infos"]):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(aiohappyeyeballs, "start_connection", out_of_descriptors_for_the_owner)
+    async with aiohttp.ClientSession() as s:
+        status, body, headers = await post(s, f"{other.url}/topics/t/enqueue", {"payload": 1})
+    assert (status, headers.get("Retry-After")) == (503, "1"), body
+    assert "Too many open files" in body["error"]
+    assert owns_again(other, owner) and other.forwarder.fallbacks == 0
+    assert (await owner.engine.status("t"))["pending"] == 0  # nothing was done
+
+
 async def test_a_claim_the_owner_did_but_answered_too_late_strands_no_job(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1988,10 +2089,10 @@ async def test_a_redis_pipeline_through_a_broker_that_does_not_own_the_topic_kee
     _, other = owner_and_other(brokers, "t")
     send, sent = other.forwarder._send, itertools.count()
 
-    async def with_jitter(*args: Any) -> Any:  # every other request takes longer
+    async def with_jitter(*args: Any, **kwargs: Any) -> Any:  # every other request takes longer
         if next(sent) % 2 == 0:
             await asyncio.sleep(0.02)
-        return await send(*args)
+        return await send(*args, **kwargs)
 
     monkeypatch.setattr(other.forwarder, "_send", with_jitter)
     r = redis.Redis(host="127.0.0.1", port=other.redis.port)

@@ -185,7 +185,8 @@ def _token(ctx: click.Context, param: click.Parameter, value: str | None) -> str
     default=None,
     help="Most HTTP connections open at once; at the cap a new one closes the one idle "
     "longest [default: the descriptor limit, the soft one raised to the hard one (at most "
-    "65536), - 256 - what the store holds open, within 16..10000].",
+    "65536), - 256 - what the store holds open - the pool of connections to the other "
+    "brokers (a quarter of what is left, 8..1024), within 16..10000].",
 )
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
@@ -340,9 +341,11 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
         sys.stdout.flush()
         if broker.http is not None:
             log.info(
-                "at most %d HTTP connections at once (%d descriptors held for the store)",
+                "at most %d HTTP connections at once (%d descriptors held for the store, "
+                "%d for connections to the other brokers)",
                 broker.http.max_connections,
                 store.held_descriptors,
+                broker.forwarder.connections,
             )
         if broker.redis is not None:
             log.info("at most %d RESP clients at once", broker.redis.settings.max_clients)

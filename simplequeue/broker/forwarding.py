@@ -4,7 +4,9 @@ The Forwarder sends a topic's request to the brokers in the topic's order
 (simplequeue.broker.membership), over one keep-alive pool, until one answers:
 its owner, or when the owner does not answer within a second, the next; when
 this broker's turn comes it serves the request itself. A broker that did not
-answer is routed around for a few seconds. A forwarded request carries
+answer is routed around for a few seconds. The pool is bounded (its share of
+the descriptors, pool_size): a request waits for a free connection, which is
+this broker's own shortage, never the owner's. A forwarded request carries
 `Simplequeue-Forwarded` and is always served where it lands, so requests never
 loop. The Router gives the RESP face the same routing through the engine's
 own calls.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 from collections import OrderedDict
@@ -31,7 +34,13 @@ from simplequeue.api import AckRequest, JobSpec
 from simplequeue.broker.background import in_background
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.membership import Membership, Peer
-from simplequeue.errors import AmbiguousWrite, BrokerError, NothingToClaim, SimpleQueueError
+from simplequeue.errors import (
+    AmbiguousWrite,
+    BrokerError,
+    NothingToClaim,
+    Overloaded,
+    SimpleQueueError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,28 @@ TAKE_BACK_PATIENCE = 10.0
 # `take_back`), remembered for their retries, at most; each for as long as an
 # engine keeps a claim's answer for its retries (api.CLAIM_ATTEMPTS_KEPT_S).
 CLAIMS_SERVED_KEPT = 10_000
+# The pool's share of the descriptors left for connections
+# (listener.default_max_connections), taken from the clients' (server.py): a
+# request passed on holds a client's connection and one to the owner. Most
+# clients send to a topic's owner once an answer names it (the SDK does), so
+# a quarter, as RESP clients get, within [POOL_MIN, POOL_MAX]: a few peers
+# need no more, and past it the descriptors serve clients better.
+POOL_SHARE = 4
+POOL_MIN = 8
+POOL_MAX = 1024
+# Long polls (a claim's or pop's wait, a job's ?wait=) hold their connection
+# for as long as they wait (up to a minute): at most all but a quarter of the
+# pool, so that short requests (acks, enqueues) never queue behind them. A long
+# poll past its share waits its turn out of what it was to wait at the owner.
+SHORT_SHARE = 4
+WARN_EVERY = 60.0  # seconds between warnings that the pool, or descriptors, ran short
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)  # the process', the system's
+
+
+def pool_size(descriptors: int) -> int:
+    """The most connections a Forwarder holds open to other brokers at once,
+    of `descriptors` left for connections."""
+    return max(POOL_MIN, min(POOL_MAX, descriptors // POOL_SHARE))
 
 
 @dataclass
@@ -83,6 +114,34 @@ class _Unreachable(Exception):
         self.sent = sent  # the request went out: the broker may have done it
 
 
+class _Slots:
+    """The pool's connections, counted: at most `size` requests in flight (one
+    connection each), long polls at most all but 1/SHORT_SHARE of them. Each
+    waits its turn, first come, first served."""
+
+    def __init__(self, size: int) -> None:
+        self._any = asyncio.Semaphore(size)
+        self._long_polls = asyncio.Semaphore(max(1, size - size // SHORT_SHARE))
+
+    async def take(self, long_poll: bool) -> bool:
+        """One slot (and one of the long polls', for one); whether it had to wait."""
+        waited = self._any.locked() or (long_poll and self._long_polls.locked())
+        if long_poll:
+            await self._long_polls.acquire()
+        try:
+            await self._any.acquire()
+        except BaseException:
+            if long_poll:
+                self._long_polls.release()
+            raise
+        return waited
+
+    def give_back(self, long_poll: bool) -> None:
+        self._any.release()
+        if long_poll:
+            self._long_polls.release()
+
+
 class Forwarder:
     """Sends topic requests to the brokers that own them."""
 
@@ -94,6 +153,7 @@ class Forwarder:
         answer_within: float = ANSWER_WITHIN,
         suspect_for: float = SUSPECT_FOR,
         peers_keepalive: float = api.BROKER_KEEPALIVE,
+        connections: int = POOL_MIN,
     ) -> None:
         self.membership = membership
         # An idle connection is dropped well before its peer's server closes it
@@ -104,6 +164,9 @@ class Forwarder:
         self.token = token
         self.answer_within = answer_within
         self.suspect_for = suspect_for
+        self.connections = connections  # the pool's size (pool_size)
+        self._slots = _Slots(connections)
+        self._warned_at = -float("inf")
         self.forwarded = 0  # requests sent to another broker
         self.fallbacks = 0  # times a broker did not answer and the next one was tried
         self.undone = 0  # jobs given back by owners whose answer was lost (route's undo, take_back)
@@ -119,8 +182,16 @@ class Forwarder:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # Requests wait for a connection in _Slots, never in aiohttp's
+            # queue, whose wait is timed as a connect (ConnectionTimeoutError):
+            # a full pool would be taken for an owner that cannot be reached.
+            # The limit stands behind the slots. aiohttp counts no idle
+            # connection: those kept for one broker while others' are in use
+            # go within the keep-alive.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=self.keepalive),
+                connector=aiohttp.TCPConnector(
+                    limit=self.connections, keepalive_timeout=self.keepalive
+                ),
                 auto_decompress=False,
             )
         return self._session
@@ -182,7 +253,9 @@ class Forwarder:
                 left = max(0.0, wait - (time.monotonic() - started))
                 path_qs, body = _waiting(path_qs, body, left)
             try:
-                sending = self._send(peer, method, path_qs, body, left, content_type)
+                sending = self._send(
+                    peer, method, path_qs, body, left, content_type, long_poll=left > 0
+                )
                 answer = await (self._unless_stopping(topic, peer, sending) if left else sending)
             except (asyncio.CancelledError, AmbiguousWrite):  # AmbiguousWrite: stopping
                 if undo is not None:
@@ -267,7 +340,7 @@ class Forwarder:
                 break
             try:
                 answer = await self._send(peer, "POST", path, body, 0.0, "application/json")
-            except _Unreachable as exc:
+            except (_Unreachable, Overloaded) as exc:
                 failed = str(exc)
             else:
                 if 200 <= answer.status < 300:
@@ -333,11 +406,54 @@ class Forwarder:
         """POST `path` to `peer` (broker to broker); whether it answered 2xx."""
         try:
             answer = await self._send(peer, "POST", path, b"{}", 0.0, "application/json")
-        except _Unreachable:
+        except (_Unreachable, Overloaded):
             return False
         return 200 <= answer.status < 300
 
     async def _send(
+        self,
+        peer: Peer,
+        method: str,
+        path_qs: str,
+        body: bytes | None,
+        wait: float,
+        content_type: str,
+        *,
+        long_poll: bool = False,
+    ) -> Answer:
+        """`peer`'s answer, given `wait` seconds more than ANSWER_WITHIN, over
+        a connection of the pool once one is free (for a `long_poll`, its wait
+        being `wait`, one of their share). Overloaded when none was free in
+        that time, or this broker is out of descriptors: its own shortage,
+        which says nothing of `peer`."""
+        started = time.monotonic()
+        try:
+            # Waited for as long as the answer would be: a pool held that long
+            # by answers slower than that (long polls have their share) is
+            # one this broker cannot serve from now.
+            async with asyncio.timeout(self.answer_within + wait):
+                queued = await self._slots.take(long_poll)
+        except TimeoutError:
+            self._warn(f"all {self.connections} in use for {self.answer_within + wait:g} s")
+            raise Overloaded(
+                f"all {self.connections} of this broker's connections to the others are in "
+                f"use (passing a request on to {peer.url}): ask again"
+            ) from None
+        try:
+            if long_poll and queued:  # it waited its turn out of its wait: the owner waits the rest
+                wait = max(0.0, wait - (time.monotonic() - started))
+                path_qs, body = _waiting(path_qs, body, wait)
+            return await self._exchange(peer, method, path_qs, body, wait, content_type)
+        finally:
+            self._slots.give_back(long_poll)
+
+    def _warn(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY:
+            self._warned_at = now
+            log.warning("connections to the other brokers: %s: answering 503", what)
+
+    async def _exchange(
         self,
         peer: Peer,
         method: str,
@@ -372,6 +488,12 @@ class Forwarder:
                 # was made. An unreachable peer costs twice half the time.
                 return await self._request(peer, method, url, body, headers, limits=timeout)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) and exc.errno in OUT_OF_DESCRIPTORS:
+                # No socket could be made: this broker's shortage. Taken for
+                # the owner's, a healthy owner was routed around and its
+                # topics served here, with descriptors this broker lacks.
+                self._warn(str(exc))
+                raise Overloaded(f"cannot connect to {peer.url}: {exc.strerror}") from exc
             # Never connected: nothing was sent.
             raise _Unreachable(str(exc) or type(exc).__name__, sent=False) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:

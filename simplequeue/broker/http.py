@@ -366,11 +366,16 @@ def error(message: str, status: int, **headers: str) -> web.Response:
 
 
 def error_of(exc: SimpleQueueError) -> web.Response:
-    """Our error's answer: its message, and its reason where its status alone
-    does not tell it apart (a cancelled job's 409)."""
+    """Our error's answer: its message, its reason where its status alone
+    does not tell it apart (a cancelled job's 409), and when to ask again
+    where it passes by itself (Retry-After)."""
     if exc.reason is None:
-        return error(str(exc), exc.http_status)
-    return reply({"error": str(exc), "reason": exc.reason}, exc.http_status)
+        response = error(str(exc), exc.http_status)
+    else:
+        response = reply({"error": str(exc), "reason": exc.reason}, exc.http_status)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 # --- the one request handler -------------------------------------------------------

@@ -23,8 +23,10 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 # The default cap on open HTTP connections: the process' soft RLIMIT_NOFILE less
-# HEADROOM descriptors and those the store may hold (ObjectStore.held_descriptors:
-# s3's connection pool, the files localfs keeps open), within [MIN_CONNECTIONS,
+# HEADROOM descriptors and those reserved: what the store may hold
+# (ObjectStore.held_descriptors: s3's connection pool, the files localfs keeps
+# open) and the pool of connections to the other brokers (forwarding.pool_size:
+# a share of what the store leaves), within [MIN_CONNECTIONS,
 # MAX_CONNECTIONS]. The headroom is BACKLOG for a burst of connections the event
 # loop accepts in one go, before it can close any to make room, and 128 for the
 # rest of the process: files a store opens for one request, the RESP listener
@@ -39,7 +41,7 @@ WARN_EVERY = 60.0  # seconds between warnings that the cap is closing connection
 
 def default_max_connections(reserved: int = 0) -> int:
     """The cap on open HTTP connections for this process' descriptor limit,
-    `reserved` descriptors being the store's."""
+    `reserved` descriptors being held by others (the store, the forwarder)."""
     try:
         import resource
     except ImportError:  # not on Unix: no descriptor limit to derive it from

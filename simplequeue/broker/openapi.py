@@ -26,6 +26,7 @@ from simplequeue.errors import (
     JobNotFound,
     LeaseLost,
     NothingToClaim,
+    Overloaded,
     PayloadTooLarge,
     RequestTimedOut,
     RouteNotFound,
@@ -85,9 +86,10 @@ _TYPES: tuple[type[Any], ...] = (
 Errors = tuple[type[SimpleQueueError], ...]
 
 # What a route may meet, by what it does. Unauthorized only with --token, but a
-# client cannot tell: every route but /healthz lists it.
+# client cannot tell: every route but /healthz lists it. A topic's routes may be
+# passed on to its owner: Overloaded.
 _LISTING: Errors = (Unauthorized, StoreError)
-_READ: Errors = (Unauthorized, InvalidRequest, CorruptData, StoreError)
+_READ: Errors = (Unauthorized, InvalidRequest, CorruptData, StoreError, Overloaded)
 _WRITE: Errors = (*_READ, PayloadTooLarge, Contended, StorageFull)
 _SETTLE: Errors = (*_WRITE, JobNotFound, LeaseLost, JobCancelled)
 

@@ -21,7 +21,7 @@ from simplequeue import api
 from simplequeue.broker.discovery import Announcer
 from simplequeue.broker.duties import Duties, DutySettings
 from simplequeue.broker.engine import Engine, held_due
-from simplequeue.broker.forwarding import Forwarder, Router
+from simplequeue.broker.forwarding import Forwarder, Router, pool_size
 from simplequeue.broker.http import HttpApi, HttpServices, content_codings
 from simplequeue.broker.listener import (
     MIN_CONNECTIONS,
@@ -157,11 +157,14 @@ class Broker:
             lease_s=settings.broker_lease,
             clock=self.committer.clock,
         )
+        # Its connections to the other brokers draw on the descriptors left
+        # for connections, as clients' do (start() leaves them out of the cap).
         self.forwarder = Forwarder(
             self.membership,
             token=settings.token,
             answer_within=settings.forward_timeout,
             peers_keepalive=settings.keepalive_timeout,
+            connections=pool_size(default_max_connections(reserved=self.store.held_descriptors)),
         )
         self.duties = Duties(
             self.engine,
@@ -250,9 +253,12 @@ class Broker:
             loopback=is_loopback(host),
             body_limit=self._body_limit,
         )
-        # The descriptors left for connections: a quarter for RESP clients, if
+        # The descriptors left for connections, less the forwarder's pool: a
+        # request passed on holds one of each. A quarter for RESP clients, if
         # it listens, and the rest (or --max-connections) for HTTP.
-        sockets = default_max_connections(reserved=self.store.held_descriptors)
+        sockets = default_max_connections(
+            reserved=self.store.held_descriptors + self.forwarder.connections
+        )
         resp_clients = max(MIN_CONNECTIONS, sockets // 4) if self.settings.redis_addr else 0
         limits = Limits(
             header_timeout=self.settings.header_timeout,
