@@ -703,7 +703,10 @@ class Layout:
             data = orjson.dumps(h)
             self._inline_ids = None  # spilled ids are found through the segments now
             self._ids_covered = False  # and the filter has not seen their segments
-        sealed.head = data
+        # A copy of its length: orjson's bytes keep the buffer they were written
+        # in (4 KB at least, up to some 18 times a long head's length), and the
+        # committer holds the head of each of up to topics_max topics.
+        sealed.head = bytes(memoryview(data))
         return sealed
 
     def _needs_upkeep(self, unreadable: AbstractSet[str]) -> bool:
