@@ -214,8 +214,9 @@ class TopicOps(Protocol):
 
 
 # Claimed jobs kept for their claims' retries (api.ClaimRequest.attempt_id), at
-# most: the oldest claims' answers go first. About 450 bytes each with the
-# SDK's ids and a job a claim (130 with 100 a claim), so 23 MB at most.
+# most: the oldest claims' answers go first. About 480 bytes each with the
+# SDK's ids and a job a claim (130 with 100 a claim), so 24 MB; with the
+# longest ids the API takes, 1,045 bytes each: 52 MB at most.
 CLAIM_ATTEMPTS_KEPT = 50_000
 
 
