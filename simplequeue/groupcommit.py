@@ -461,13 +461,19 @@ class GroupCommitter:
         found = await self.store.list_folders(keys.TOPICS_PREFIX)
         return {t for t in map(keys.topic_of_folder, found) if t is not None}
 
-    async def peek(self, topic: str, query: Callable[[TopicState, float], T]) -> T:
+    async def peek(
+        self,
+        topic: str,
+        query: Callable[[TopicState, float], T],
+        unkept: Callable[[TopicState, float], None] | None = None,
+    ) -> T:
         """Answer `query` from the topic's head as the store has it now, without
         keeping anything in memory when the topic is not in use here (an owner
         looking at each of thousands of topics it took over, a listing of every
         topic). The objects a query needs beyond the head are fetched as a
         read's are (with what tends to be wanted with them), held by the state
-        until it answers, and the topic is not kept."""
+        until it answers, and the topic is not kept: `unkept` is shown the state
+        that answered before it goes (what /metrics keeps of it; it does no I/O)."""
         if topic in self._topics:
             return await self.read(topic, query)
         key = keys.head(topic)
@@ -477,7 +483,8 @@ class GroupCommitter:
         try:
             while True:
                 try:
-                    return query(state, self.clock())
+                    now = self.clock()
+                    answer = query(state, now)
                 except SegmentMissing as miss:
                     try:
                         fetched = await self._fetch_round(state, miss.key, miss.also, miss.exact)
@@ -497,6 +504,10 @@ class GroupCommitter:
                     # progress, and a head names finitely many).
                     for held_key, obj in fetched.items():
                         state.hold(held_key, obj)
+                else:
+                    if unkept is not None:
+                        unkept(state, now)
+                    return answer
         finally:
             state.release()
 

@@ -18,6 +18,7 @@ import orjson
 import pytest
 import yarl
 
+from simplequeue import keys
 from simplequeue.api import JobSpec
 from simplequeue.broker import http
 from simplequeue.broker.membership import rendezvous
@@ -532,6 +533,76 @@ async def test_an_idle_backlog_stays_in_the_metrics(
     assert samples['simplequeue_jobs{state="pending",topic="t"}'] == "3.0"
     assert float(samples['simplequeue_oldest_pending_age_seconds{topic="t"}']) > 0
     assert not any('topic="empty"' in name for name in samples)
+
+
+async def test_a_backlog_stays_in_the_metrics_of_the_broker_that_took_it_over(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    """Once a broker restarts (a deploy, a crash) or another takes its topics
+    over, the new owner reads every head it owns (simplequeue_topics_taken_over)
+    without keeping them in memory, and reported none of them: the backlog's
+    simplequeue_jobs and simplequeue_oldest_pending_age_seconds were gone,
+    their alerts silent, until something touched the topic (review of what
+    operators see, round 30). Its figures go when it stops owning the topic."""
+    store = MemStore()
+    first = await start_broker(store)
+    await Api(session, first.url).post(
+        "/topics/backlog/enqueue", {"jobs": [{"payload": n} for n in range(3)]}
+    )
+    await first.stop()
+    second = await start_broker(store)  # the restarted broker: it owns every topic
+    await until(lambda: second.duties.acquired >= 1)  # it read the backlog's head
+    api = Api(session, second.url)
+
+    async def samples() -> dict[str, str]:
+        text = (await api.get("/metrics"))[1]
+        return dict(
+            line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+        )
+
+    taken = await samples()
+    assert float(taken["simplequeue_topics_taken_over_total"]) >= 1
+    assert "backlog" not in second.engine.known_topics()  # it was read, not kept
+    assert taken['simplequeue_jobs{state="pending",topic="backlog"}'] == "3.0"
+    assert float(taken['simplequeue_oldest_pending_age_seconds{topic="backlog"}']) >= 0
+    second.engine.let_go(lambda topic: False)  # another broker owns it now
+    assert not any('topic="backlog"' in name for name in await samples())
+
+
+class HeldHeads(MemStore):
+    """A store whose GETs of a head wait, once `held` is set, until `go` is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held, self.holding, self.go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        if self.held.is_set() and key.endswith(keys.HEAD_SUFFIX):
+            self.holding.set()
+            await self.go.wait()
+        return await super().get(key)
+
+
+async def test_a_backlog_let_go_of_while_its_owner_read_it_leaves_no_metrics(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    """A take-over's read of a head may end after the brokers changed again
+    and another owns the topic: what it read is not kept for /metrics, where
+    the new owner's writes would leave it stale for good."""
+    store = HeldHeads()
+    broker = await start_broker(store)
+    api = Api(session, broker.url)
+    await api.post("/topics/backlog/enqueue", {"jobs": [{"payload": n} for n in range(3)]})
+    broker.engine.forget(["backlog"])
+    store.held.set()
+    reading = asyncio.create_task(broker.engine.next_due("backlog"))
+    await store.holding.wait()
+    broker.engine.owns = lambda topic: False  # the brokers changed: another owns it
+    broker.engine.let_go(broker.engine.owns)
+    store.go.set()
+    await reading
+    text = (await api.get("/metrics"))[1]
+    assert 'topic="backlog"' not in text
 
 
 async def test_a_delayed_job_that_just_came_due_has_not_waited_for_its_delay(

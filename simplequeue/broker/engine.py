@@ -8,6 +8,7 @@ query of the last committed state). It never touches storage itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -35,7 +36,7 @@ from simplequeue.errors import (
     StoreUnavailable,
 )
 from simplequeue.groupcommit import GroupCommitter, Mutation
-from simplequeue.state import Job, SegmentMissing, TopicState
+from simplequeue.state import TOTALS, Job, SegmentMissing, TopicState
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,11 @@ class TopicOps(Protocol):
 CLAIM_ATTEMPTS_KEPT = 50_000
 
 
-# Topics whose /metrics figures are kept once they leave memory, at most.
+# Topics whose /metrics figures are kept once they leave memory, at most
+# (some 340 B each).
 GAUGES_KEPT = 20_000
+# The job states /metrics counts per topic (simplequeue_jobs).
+SHOWN_STATES = ("pending", "delayed", "claimed", "dead")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,33 +233,33 @@ class _Left:
     """A topic's figures for /metrics, as of when they were taken: its ages
     are reported from the times, as they grow. An age whose job is in a
     segment the cache no longer holds is not known (its counts, in the
-    head, are): _UNKNOWN."""
+    head, are): _UNKNOWN. Its counts are one tuple, not two dicts (560 B):
+    every backlog a broker took over is kept."""
 
-    counts: dict[str, int]
-    totals: dict[str, int]
+    counts: tuple[int, ...]  # its jobs by SHOWN_STATES, then what it ever did by TOTALS
     oldest_due: float | None  # when the job due longest came due
     outbox: int
     outbox_oldest: float | None
 
     @classmethod
     def of(cls, s: TopicState, now: float) -> _Left:
+        jobs, totals = s.counts(now), s.totals()
         return cls(
-            s.counts(now),
-            s.totals(),
+            (*(jobs[state] for state in SHOWN_STATES), *(totals[name] for name in TOTALS)),
             _known(lambda: s.oldest_due_since(now, OLDEST_SCAN)),
             s.outbox_size(),
             _known(s.outbox_oldest),
         )
 
     def holds_jobs(self) -> bool:
-        c = self.counts
-        return bool(c["pending"] or c["delayed"] or c["claimed"] or c["dead"] or self.outbox)
+        return any(self.counts[: len(SHOWN_STATES)]) or bool(self.outbox)
 
     def gauges(self, now: float) -> dict[str, Any]:
         """Ages in seconds, 0.0 when none waits, None when not known."""
+        shown = len(SHOWN_STATES)
         return {
-            "counts": self.counts,
-            "totals": self.totals,
+            "counts": dict(zip(SHOWN_STATES, self.counts[:shown], strict=True)),
+            "totals": dict(zip(TOTALS, self.counts[shown:], strict=True)),
             "oldest_pending_age": _age(self.oldest_due, now),
             "outbox": self.outbox,
             "outbox_lag": _age(self.outbox_oldest, now),
@@ -875,10 +879,11 @@ class Engine:
             yield dues
 
     async def cached_gauges(self) -> dict[str, dict[str, Any]]:
-        """For /metrics, from the cache (no I/O): per topic its counts, what it
-        ever did (totals) and the age of its oldest due job (None if none).
+        """For /metrics, from the cache (no I/O): per topic its jobs in
+        SHOWN_STATES, what it ever did (totals) and the age of its oldest due job (None if none).
         A topic with jobs that left memory (idle: nobody asked about it for a
-        while) is reported as it was then, its ages growing (_left_memory).
+        while), or that this broker took over and read without keeping it, is
+        reported as it was then, its ages growing (_left_memory).
         Read in slices, the loop taking its turns between: a topic that left
         memory meanwhile is reported as it left."""
         live: dict[str, dict[str, Any]] = {}
@@ -895,9 +900,10 @@ class Engine:
         return live
 
     def _left_memory(self, topic: str, state: TopicState, now: float) -> None:
-        """GroupCommitter.on_forgotten: keep what /metrics says of a topic with
-        jobs (a backlog nobody consumes is what its alerts are for), at most
-        GAUGES_KEPT topics, the oldest forgotten first."""
+        """GroupCommitter.on_forgotten, and next_due() of a topic not in memory:
+        keep what /metrics says of a topic with jobs (a backlog nobody consumes
+        is what its alerts are for), at most GAUGES_KEPT topics, the oldest
+        forgotten first."""
         self._left.pop(topic, None)  # an earlier one is older than this state
         left = _Left.of(state, now)
         if not left.holds_jobs():
@@ -983,11 +989,23 @@ class Engine:
 
     async def next_due(self, topic: str, outbox: bool = True) -> float | None:
         """When `topic` next wants its owner (a lease may run out), from its head
-        as the store has it, keeping nothing in memory for an idle topic; with
-        `outbox` False, leaving out follow-ups waiting for delivery."""
+        as the store has it, keeping nothing in memory for an idle topic but its
+        figures for /metrics, as if it had just left memory: a backlog an owner
+        took over shows before anything touches it; with `outbox` False,
+        leaving out follow-ups waiting for delivery."""
         keys.check_topic(topic)
         error = self.committer.clock_error
-        return await self.committer.peek(topic, lambda s, now: s.next_due(error(now), outbox))
+
+        def unkept(s: TopicState, now: float) -> None:
+            # Not one this broker stopped owning during the read: let_go()
+            # dropped its figures, which the new owner's writes leave stale.
+            if self.owns(topic):
+                with contextlib.suppress(SegmentMissing):  # not read without I/O
+                    self._left_memory(topic, s, now)
+
+        return await self.committer.peek(
+            topic, lambda s, now: s.next_due(error(now), outbox), unkept
+        )
 
     async def outbox(
         self,

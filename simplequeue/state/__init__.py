@@ -16,9 +16,10 @@ from simplequeue.state.segments import (
     decode_object,
     decode_segment,
 )
-from simplequeue.state.topic import Job, Record, Sealed, TopicState, decode_head, new_head
+from simplequeue.state.topic import TOTALS, Job, Record, Sealed, TopicState, decode_head, new_head
 
 __all__ = [
+    "TOTALS",
     "Bounds",
     "IdFilter",
     "Job",

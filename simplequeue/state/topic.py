@@ -67,7 +67,7 @@ from simplequeue.state.slots import (
     next_unfired,
 )
 
-__all__ = ["Job", "Record", "Sealed", "TopicState", "decode_head", "new_head"]
+__all__ = ["TOTALS", "Job", "Record", "Sealed", "TopicState", "decode_head", "new_head"]
 
 _CLAIM_FIELDS = frozenset(CLAIM_FIELDS)
 # Follow-ups outbox_front() looks through for those of topics it is not told
@@ -77,6 +77,17 @@ OUTBOX_SCAN = 50_000
 # Seconds before a schedule whose slots this broker could not compute (its
 # time zone not in this host's tzdata) is tried again.
 SCHEDULE_RETRY = 60.0
+# What a topic ever did (TopicState.totals), in this order.
+TOTALS = (
+    "enqueued",
+    "completed",
+    "nacked",
+    "dead",
+    "dead_dropped",
+    "cancelled",
+    "delivered",
+    "given_back",
+)
 
 
 class TopicState(Layout):
@@ -263,17 +274,7 @@ class TopicState(Layout):
         delivered into other topics, and pops given back (completed, then not:
         their callers left before the answer). Each only ever grows."""
         c = self.head["counters"]
-        names = (
-            "enqueued",
-            "completed",
-            "nacked",
-            "dead",
-            "dead_dropped",
-            "cancelled",
-            "delivered",
-            "given_back",
-        )
-        return {name: c.get(name, 0) for name in names}
+        return {name: c.get(name, 0) for name in TOTALS}
 
     def dead_count(self) -> int:
         return self.dead.count
