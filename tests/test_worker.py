@@ -1543,6 +1543,47 @@ async def test_sigterm_stops_every_worker_of_a_process_and_an_own_handler_is_kep
     assert (code, out.strip()) == (0, "ok"), err[-2000:]
 
 
+SIGINT_AFTER_WORKERS = """
+import asyncio, os, signal, sys
+from simplequeue.client import Client, Worker
+
+async def main():
+    async with Client(sys.argv[1], topic="empty") as q:
+        workers = [Worker(q, lambda job: None, burst=True) for _ in range(2)]
+        await asyncio.gather(*(w.run() for w in workers))
+    print("handler:", signal.getsignal(signal.SIGINT), flush=True)
+    os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, after the Workers returned
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        print("main cancelled", flush=True)  # asyncio.run()'s own Ctrl-C handling
+        raise
+
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+"""
+
+
+async def test_a_worker_gives_back_asyncio_runs_ctrl_c_handler_when_it_returns(
+    broker: Any,
+) -> None:
+    """Worker.run() takes SIGINT over with loop.add_signal_handler (it leaves
+    asyncio.run()'s own handler be: _handled_already) and, as the last
+    Worker returned, loop.remove_signal_handler(SIGINT) installed
+    signal.default_int_handler, not the handler it found. asyncio.run()'s
+    Ctrl-C handling (cancel the main task, so that its `finally` and `async
+    with` blocks run, then raise KeyboardInterrupt) was gone for the rest of
+    the program: a Ctrl-C after a burst Worker raised KeyboardInterrupt
+    wherever the loop happened to be, and the main task was never cancelled
+    (review of what operators run, round 30)."""
+    code, out, err = await run_script(SIGINT_AFTER_WORKERS, broker.url)
+    assert code == 0, err[-2000:]
+    assert "Runner._on_sigint" in out, out  # the handler it found
+    assert "main cancelled" in out and "KeyboardInterrupt" in out, out
+
+
 # --- heartbeats -------------------------------------------------------------------------
 
 

@@ -1471,14 +1471,16 @@ class Worker:
 class _Signals:
     """SIGTERM and SIGINT stop every Worker running on an event loop: one
     handler per signal and loop, installed when the first Worker starts and
-    removed when the last returns. A signal the application handles already
-    (its own handler, or SIG_IGN) is left to it: it calls stop() itself."""
+    removed when the last returns, the handler found before it set back. A
+    signal the application handles already (its own handler, or SIG_IGN) is
+    left to it: it calls stop() itself."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self._workers: dict[asyncio.AbstractEventLoop, set[Worker]] = {}
-        self._installed: dict[asyncio.AbstractEventLoop, list[signal.Signals]] = {}
+        # The signals handled for a loop's Workers, with the handler each had.
+        self._installed: dict[asyncio.AbstractEventLoop, list[tuple[signal.Signals, Any]]] = {}
 
     def join(self, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
         if loop not in self._workers:
@@ -1487,9 +1489,10 @@ class _Signals:
                 if _handled_already(sig):
                     log.info("%s has a handler already: it is left to it", sig.name)
                     continue
+                found = signal.getsignal(sig)
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, self._stop_all, loop)
-                    installed.append(sig)
+                    installed.append((sig, found))
             self._workers[loop], self._installed[loop] = set(), installed
         self._workers[loop].add(worker)
 
@@ -1500,9 +1503,15 @@ class _Signals:
         workers.discard(worker)
         if not workers:
             del self._workers[loop]
-            for sig in self._installed.pop(loop):
+            for sig, found in self._installed.pop(loop):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
+                    # It leaves SIGINT to default_int_handler: asyncio.run()'s
+                    # (cancel the main task, then raise KeyboardInterrupt) would
+                    # be gone for the rest of the program. None: a handler not
+                    # set from Python, which cannot be set back.
+                    if found is not None:
+                        signal.signal(sig, found)
 
     def _stop_all(self, loop: asyncio.AbstractEventLoop) -> None:
         for worker in list(self._workers.get(loop, ())):
