@@ -1,5 +1,6 @@
 """Batching while one request is in flight: the one primitive behind the broker's
-group commit, the SDK's enqueue coalescing and the Worker's batched acks.
+group commit, the SDK's enqueue coalescing and the Worker's batched acks; and
+the ways a batch is cut into requests (runs_within, in_halves).
 
 Items submitted while a batch is being sent form the next batch; at most one
 batch is in flight. Every submitted item's future is settled, whatever `send`
@@ -225,3 +226,25 @@ def runs_within(
             run, size = [], 0
     if run:
         yield run
+
+
+async def in_halves(
+    send: Callable[[list[I]], Awaitable[Iterable[O]]],
+    items: list[I],
+    refused: Callable[[Exception], bool],
+) -> list[O | Exception]:
+    """The outcome of each of `items`, sent in one request. A request
+    `refused` as a whole (too large together, or one item bad) goes again in
+    halves, down to the items at fault, whose outcome is their refusal: one
+    bad item of n costs some 2 x log2(n) requests, where sending each alone
+    would take n, one after another. Any other failure raises."""
+    try:
+        return list(await send(items))
+    except Exception as exc:
+        if not refused(exc):
+            raise
+        if len(items) == 1:
+            return [exc]
+    half = len(items) // 2
+    first = await in_halves(send, items[:half], refused)
+    return [*first, *await in_halves(send, items[half:], refused)]

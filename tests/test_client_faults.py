@@ -562,6 +562,24 @@ async def test_a_payload_json_cannot_hold_fails_its_own_enqueue_not_its_batchs(
         assert results == [f"k{i}" for i in range(10) if i != 3]
 
 
+async def test_coalesced_enqueues_a_proxy_finds_too_large_together_are_each_enqueued(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """A proxy that bounds request bodies (nginx's client_max_body_size is
+    1 MiB by default; this one is aiohttp's, also 1 MiB) answers a request
+    of 1,000 coalesced jobs of 1.1 KB with its own 413 page, not the API's
+    error: a BrokerError, which failed every one of the 1,000 enqueue()
+    calls ("HTTP 413: Maximum request body size 1048576 exceeded."), though
+    each job alone fits. A 413 is a request too large, whoever says it: the
+    request goes again in halves."""
+    broker = await start_broker(MemStore())
+    async with FaultProxy(broker.url).running() as proxy, Client(proxy.url, topic="t") as q:
+        payloads = ["x" * 1100 for _ in range(1000)]
+        results = await asyncio.gather(*(q.enqueue(p) for p in payloads), return_exceptions=True)
+    failed = {repr(r)[:120] for r in results if not isinstance(r, str)}
+    assert not failed, f"{sum(not isinstance(r, str) for r in results)} failed: {failed}"
+
+
 @pytest.mark.parametrize("owner", ["http://127.0.0.1:99999", "http://[::1"])
 async def test_an_owner_no_url_can_name_is_not_followed(owner: str) -> None:
     """A broker (or a proxy rewriting headers) named a topic's owner with a

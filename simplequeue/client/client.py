@@ -57,7 +57,7 @@ from yarl import URL
 
 from simplequeue import api, errors, keys
 from simplequeue.api import Job
-from simplequeue.batching import Batcher, Pending
+from simplequeue.batching import Batcher, Pending, in_halves
 from simplequeue.client.discovery import find_broker
 from simplequeue.client.followups import follow_up_specs, job_spec, unix_time
 from simplequeue.client.lists import id_list, job_list
@@ -254,6 +254,17 @@ def _every_dead_unknown(done: str, ids: list[str]) -> IncompleteAnswer:
         f" {done} some too: which is not known ({len(ids)} {done} by the retry)",
         ids,
     )
+
+
+def _refused_whole(exc: Exception) -> bool:
+    """Whether a request of several jobs may have been refused for some of
+    them, or for their size together: the API's InvalidRequest (a 400: one
+    bad; a 413: over the broker's --max-body), the 413 page of a proxy that
+    bounds bodies on its own, or a payload JSON cannot hold. Sent again in
+    halves (batching.in_halves), only the jobs at fault fail."""
+    if isinstance(exc, BrokerError):
+        return exc.status == 413
+    return isinstance(exc, (InvalidRequest, *UNSENDABLE))
 
 
 def _job_or_id(job: Job | str) -> tuple[str, str | None]:
@@ -713,7 +724,10 @@ class Client:
         time), judged on the broker's clock; one past is now. Not both.
 
         Calls made while another enqueue of this client is in flight go out
-        together as one batch request, like the broker's own group commit."""
+        together as one batch request, like the broker's own group commit. A
+        request refused whole (one job bad, or the jobs too large together: a
+        413, the broker's or a proxy's) goes again in halves, down to the job
+        at fault, which alone fails."""
         spec = new_job_spec(payload, id, priority, delay, max_attempts, run_at)
         await self._bind()
         return await self._enqueues.submit(spec)
@@ -722,21 +736,16 @@ class Client:
         # The batcher's task: the jobs of every caller, not bound by the
         # calls_within() of the one whose enqueue started it.
         _deadline.set(None)
-        specs = [p.item for p in batch]
-        try:
-            return list(await self._enqueue_batch(specs))
-        except (InvalidRequest, *UNSENDABLE) as exc:
-            if len(specs) == 1:
-                return [exc]
-        # One bad job (refused, or a payload JSON cannot hold) must not fail
-        # the others: send each on its own.
-        outcomes: list[Any] = []
-        for spec in specs:
-            try:
-                outcomes += await self._enqueue_batch([spec])
-            except (SimpleQueueError, *UNSENDABLE) as exc:
-                outcomes.append(exc)
-        return outcomes
+        # One bad job, or jobs too large together, must not fail the others.
+        return await in_halves(self._enqueue_part, batch, _refused_whole)
+
+    async def _enqueue_part(self, part: list[Pending[api.JobSpec, str]]) -> list[str]:
+        """Enqueue a part of a batch, its callers answered now: a later part
+        that fails does not fail those whose jobs this one enqueued."""
+        ids = await self._enqueue_batch([pending.item for pending in part])
+        for pending, job_id in zip(part, ids, strict=True):
+            pending.settle(job_id)
+        return ids
 
     async def _enqueue_batch(self, specs: list[api.JobSpec]) -> list[str]:
         if len(specs) == 1:

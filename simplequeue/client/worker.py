@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from simplequeue import api
-from simplequeue.batching import Batcher, Pending, runs_within
+from simplequeue.batching import Batcher, Pending, in_halves, runs_within
 from simplequeue.client.client import (
     UNSENDABLE,
     Client,
@@ -1331,15 +1331,15 @@ class Worker:
         return outcomes
 
     async def _answered(
-        self, acks: list[_Ack], answers: list[dict[str, Any] | InvalidRequest]
+        self, acks: list[_Ack], answers: list[dict[str, Any] | Exception]
     ) -> list[str]:
         """Each of `acks`' outcome, as the broker answered it (`answers`)."""
         outcomes: list[str] = []
         for job, answer in zip((ack.job for ack in acks), answers, strict=True):
-            if isinstance(answer, InvalidRequest) or answer.get("status") == "invalid":
+            if isinstance(answer, Exception) or answer.get("status") == "invalid":
                 # Refused, it changed nothing: the job is still held, and
                 # failing it now says why, where waiting out its lease would not.
-                why = str(answer) if isinstance(answer, InvalidRequest) else answer.get("error")
+                why = str(answer) if isinstance(answer, Exception) else answer.get("error")
                 await self._fail(job, InvalidRequest(f"the broker refused the ack: {why}"))
                 outcomes.append("invalid")
                 continue
@@ -1354,18 +1354,16 @@ class Worker:
             outcomes.append(str(status))
         return outcomes
 
-    async def _ack_in_parts(self, acks: list[_Ack]) -> list[dict[str, Any] | InvalidRequest]:
+    async def _ack_in_parts(self, acks: list[_Ack]) -> list[dict[str, Any] | Exception]:
         """The broker's answer to each ack, sent in one request. A request it
         refuses as a whole (a 400 or 413: over a --max-body lower than its
         default, or follow-ups too large for it, say) goes again in halves, so
-        that only the ack at fault fails."""
-        try:
-            return list(await self.client.ack_many((a.job, a.result, a.follow_ups) for a in acks))
-        except InvalidRequest as exc:
-            if len(acks) == 1:
-                return [exc]
-        half = len(acks) // 2
-        return [*await self._ack_in_parts(acks[:half]), *await self._ack_in_parts(acks[half:])]
+        that only the ack at fault fails (its InvalidRequest its answer)."""
+
+        async def send(part: list[_Ack]) -> list[dict[str, Any]]:
+            return await self.client.ack_many((a.job, a.result, a.follow_ups) for a in part)
+
+        return await in_halves(send, acks, lambda exc: isinstance(exc, InvalidRequest))
 
     def _heartbeat_interval(self, job: Job) -> float:
         """`heartbeat_every`, or a third of the lease the broker gave `job`;
