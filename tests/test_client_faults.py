@@ -1189,6 +1189,35 @@ async def test_a_worker_picks_up_a_job_soon_after_its_broker_restarts() -> None:
     assert latency < 2.0, f"picked up {latency:.1f} s after it was enqueued"
 
 
+async def test_result_answered_early_by_a_stopping_broker_asks_again_soon(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """A stopping broker answers its job waits at once, the job as it is
+    (pending), so that its callers ask again elsewhere. result() took any
+    early answer for an older broker that does not long-poll, and slept out
+    the rest of its step (up to api.MAX_WAIT, 60 s) before asking again: the
+    result of a job completed a moment after a broker's restart (or a
+    hand-over behind a load balancer) came nearly a minute late. It asks
+    again a second later at most, as the Worker's claims do."""
+    store = MemStore()
+    first = await start_broker(store)
+    async with FaultProxy(first.url).running() as proxy, Client(proxy.url, topic="t") as q:
+        job_id = await q.enqueue("work")
+        waiting = asyncio.create_task(q.result(job_id, timeout=120))
+        await until(lambda: first.committer.waiting("t") == 1)  # in its long poll
+        await first.stop()  # answers that long poll now: the job, pending
+        second = await start_broker(store)
+        proxy.upstream = second.url  # the load balancer's new backend
+        async with Client(second.url, topic="t") as direct:
+            job = await direct.claim("w")
+            assert job is not None and job.id == job_id
+            await direct.ack(job, result="done")
+        try:
+            assert await asyncio.wait_for(waiting, 10) == "done"
+        finally:
+            waiting.cancel()
+
+
 async def test_a_worker_does_not_spin_on_claims_answered_only_jobs_it_holds() -> None:
     """A claim answered only jobs the Worker holds already (a broker's or a
     proxy's fault), all skipped, kept no place: it was sent again at once,

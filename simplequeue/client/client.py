@@ -151,6 +151,10 @@ FINISHED = frozenset({"completed", "dead", "cancelled"})
 #: The longest a single look-up request asks the broker to wait (the API's cap);
 #: longer waits take several requests.
 WAIT_PER_REQUEST = api.MAX_WAIT
+#: Seconds a look-up answered unfinished before its wait was out waits, at
+#: most, before it asks again (a second a request from an older broker that
+#: does not long-poll; soon after a stopping broker's early answer).
+EARLY_ANSWER_HOLD = 1.0
 
 #: One ack of Client.ack_many: (job, result) or (job, result, follow-ups).
 AckItem = tuple[Job | str, Any] | tuple[Job | str, Any, Iterable[Any] | None]
@@ -1021,9 +1025,11 @@ class Client:
             now = loop.time()
             if (got is not None and status(got) in FINISHED) or now >= deadline:
                 break
-            # The broker answers an unfinished job early only if it does not
-            # long-poll (an older one): wait out the step here, never spin.
-            await asyncio.sleep(min(deadline, started + step) - now)
+            # An unfinished job answered early: a stopping broker ends its
+            # waits so (the next request finds the broker that took over), and
+            # an older one does not long-poll. Never spin, and do not sleep out
+            # the step (a minute) either.
+            await asyncio.sleep(min(EARLY_ANSWER_HOLD, min(deadline, started + step) - now))
         if got is None:
             raise JobNotFound(f"no job {job_id!r} in topic {self.topic!r}")
         return got
