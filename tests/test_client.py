@@ -35,7 +35,7 @@ from simplequeue.errors import (
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from tests.helpers.fault_proxy import FaultProxy
-from tests.helpers.until import until
+from tests.helpers.until import until, until_async
 
 StartBroker = Callable[..., Awaitable[Any]]
 
@@ -782,6 +782,42 @@ async def test_a_client_with_default_retries_rides_out_a_clean_hand_over(
             await q.enqueue("after")
             assert q.url == standby.url
             assert (await q.status())["pending"] == 2
+
+
+async def test_a_discovered_client_goes_to_the_broker_it_rediscovers_not_the_old_owner(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """A broker names itself in Simplequeue-Owner on every answer it serves,
+    so a discovered client follows its broker as the topic's owner too. When
+    that broker was gone, broker.json was read again and named the standby,
+    but the client still followed the old broker as the owner and sent its
+    next try there (refused, a try counted): with retries=2 it raised
+    BrokerUnavailable while broker.json named a live broker it never tried."""
+    from simplequeue.client.discovery import find_broker
+    from tests.test_ownership import owner_of
+
+    async def names(store: LocalStore, url: str) -> bool:
+        try:
+            return await find_broker(store, 30) == url
+        except BrokerUnavailable:
+            return False
+
+    brokers = [await start_broker(LocalStore(tmp_path), broker_lease=1.5) for _ in range(2)]
+    async with await Client.discover(LocalStore(tmp_path), retries=2) as found:
+        [active] = [b for b in brokers if b.url == found.url]
+        [standby] = [b for b in brokers if b is not active]
+        # A topic the active broker owns: it names itself as the owner.
+        topic = next(t for t in (f"t{n}" for n in range(100)) if owner_of(brokers, t) is active)
+        async with found.for_topic(topic) as q:
+            await q.enqueue("before")
+            await active.stop()
+            store = LocalStore(tmp_path)
+            try:
+                await until_async(lambda: names(store, standby.url))  # taken over
+            finally:
+                await store.close()
+            assert (await q.status())["pending"] == 1
+            assert q.url == standby.url
 
 
 async def test_sync_discover(start_broker: StartBroker, tmp_path: Path) -> None:

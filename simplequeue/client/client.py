@@ -671,10 +671,14 @@ class Client:
         if self.store is None:
             return
         try:
-            self.url = await find_broker(self.store, self.max_age)
+            url = await find_broker(self.store, self.max_age)
         except SimpleQueueError as exc:
             error = BrokerUnavailable(f"no broker: {exc}")
             raise _Retry(error, tried=False, sent=sent) from exc
+        if url != self.url:
+            # The owner was named by the broker left (itself, most often):
+            # the next try goes to the one found, which names it anew.
+            self.url, self._owner = url, None
 
     async def close(self) -> None:
         """Close the connections, once the enqueues under way are answered and
