@@ -327,6 +327,23 @@ async def test_retried_acks_cancels_requeues_and_unschedules_whose_first_try_lan
         await prompt(through.unschedule("nightly"))
 
 
+async def test_a_retried_release_whose_first_try_landed_counts_the_jobs_it_released(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """release() answers how many jobs it gave back (a Worker adds it to
+    `given_back`). Retried after a first try that landed and whose answer
+    was lost, the retry found none of them held under their tokens and
+    answered 0: three jobs released, release() said none."""
+    proxy, through, direct = proxied
+    await direct.enqueue_many([1, 2, 3])
+    jobs = await direct.claim_many("w", 3)
+    proxy.fail("/release", "landed-502")
+    released = await prompt(through.release(jobs))
+    assert proxy.requests["/topics/t/release"] == 2  # retried
+    assert (await direct.status())["pending"] == 3
+    assert released == 3
+
+
 @pytest.mark.parametrize(("suffix", "verb"), [("/dead", "purge"), ("/requeue", "requeue")])
 async def test_a_retried_purge_or_requeue_of_every_dead_job_does_not_answer_nothing_was_done(
     proxied: tuple[FaultProxy, Client, Client], suffix: str, verb: str

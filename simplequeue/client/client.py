@@ -964,10 +964,29 @@ class Client:
         released = 0
         for part in _batches(held):
             body = api.ReleaseRequest(part)
-            released += (
-                await self.request("POST", self._t("/release"), api.Released, body)
-            ).released
+            _, answer, repeated = await self.call("POST", self._t("/release"), api.Released, body)
+            assert answer is not None
+            if repeated and answer.released < len(part):
+                # A retry whose first try may have landed: the jobs that try
+                # released were held no more, and the answer left them out.
+                released += await self._given_back(part)
+            else:
+                released += answer.released
         return released
+
+    async def _given_back(self, claims: list[api.Held]) -> int:
+        """How many of `claims` were given back by a release, as far as their
+        jobs say now: pending, or claimed again under another lease."""
+        count = 0
+        for claim in claims:
+            try:
+                job = await self.job(claim.job_id)
+            except JobNotFound:
+                continue
+            count += job.status == "pending" or (
+                job.status == "claimed" and job.lease_token != claim.lease_token
+            )
+        return count
 
     async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
         """Extend the claim; return the new lease expiry (Unix seconds)."""
