@@ -502,6 +502,16 @@ async def test_sync_client_raises_the_same_errors(start_broker: StartBroker) -> 
     await asyncio.to_thread(script)
 
 
+def test_a_sync_client_without_a_broker_is_refused_as_a_client_is() -> None:
+    """Client() with neither a URL nor a store is a ValueError at once;
+    SyncClient() was made (its thread started) and failed at its first call
+    with an AssertionError (under `python -O`, an AttributeError on None)."""
+    with pytest.raises(ValueError, match="URL"):
+        Client()
+    with pytest.raises(ValueError, match="URL"):
+        SyncClient()
+
+
 async def test_a_closed_sync_client_says_so(start_broker: StartBroker) -> None:
     """A call after close() raised "Event loop is closed" and warned of a
     coroutine never awaited."""

@@ -49,20 +49,25 @@ class SyncClient:
         max_age: float = 30.0,
         max_answer: int = MAX_ANSWER,
     ) -> None:
-        # The client first: arguments it refuses leave no thread running.
-        self._client: Client | None = None
-        if url is not None or store is not None:
-            self._client = Client(
-                url,
-                topic=topic,
-                token=token,
-                timeout=timeout,
-                retries=retries,
-                retry_budget=retry_budget,
-                store=store,
-                max_age=max_age,
-                max_answer=max_answer,
-            )
+        # The client first: arguments it refuses (no URL nor store among
+        # them) leave no thread running.
+        client = Client(
+            url,
+            topic=topic,
+            token=token,
+            timeout=timeout,
+            retries=retries,
+            retry_budget=retry_budget,
+            store=store,
+            max_age=max_age,
+            max_answer=max_answer,
+        )
+        self._serve(client)
+
+    def _serve(self, client: Client | None) -> None:
+        """Serve `client` on a loop and thread of its own (None: a client
+        made on that loop comes next, through _use)."""
+        self._client = client
         self._lock = threading.Lock()
         self._closing = False  # once set (under `_lock`), no call starts
         self._start()
@@ -121,7 +126,8 @@ class SyncClient:
     def _wrapping(cls, make: Callable[[], Coroutine[Any, Any, Client]]) -> SyncClient:
         """A SyncClient, on a loop of its own, of the Client `make` builds there
         (its loop stopped if `make` fails)."""
-        client = cls()
+        client = cls.__new__(cls)
+        client._serve(None)
         try:
             client._use(client._run(make()))
         except BaseException:
@@ -193,7 +199,7 @@ class SyncClient:
     @property
     def client(self) -> Client:
         self._own()
-        assert self._client is not None, "SyncClient needs a URL, or SyncClient.discover()"
+        assert self._client is not None  # made with it, or by _wrapping before its use
         return self._client
 
     @property
