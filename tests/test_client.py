@@ -244,6 +244,22 @@ async def test_a_requeue_or_purge_of_2500_named_jobs_goes_in_requests_of_1000(
         assert (await q.status())["dead"] == 0
 
 
+async def test_enqueue_many_or_ack_many_of_more_than_1000_is_refused_naming_the_limit(
+    q: Client,
+) -> None:
+    """One request of enqueue_many is one write, all its jobs or none, and a
+    broker takes 1,000 jobs (or acks) in one: 1,001 were sent, and refused
+    in msgspec's words ("Expected `array` of length <= 1000 - at `$.jobs`"),
+    where requeue, purge, cancel and release send more in parts. Refused
+    before any request, the error names the limit."""
+    assert len(await q.enqueue_many(range(1000))) == 1000
+    with pytest.raises(InvalidRequest, match=r"1,001 jobs .* 1,000 at most"):
+        await q.enqueue_many(range(1001))
+    with pytest.raises(InvalidRequest, match=r"1,001 acks .* 1,000 at most"):
+        await q.ack_many((f"j{i}", None) for i in range(1001))
+    assert (await q.status())["pending"] == 1000
+
+
 @pytest.mark.parametrize("method", ["requeue", "purge"])
 async def test_a_requeue_or_purge_of_one_id_given_as_a_string_touches_no_other_job(
     q: Client, method: str

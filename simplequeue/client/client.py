@@ -249,6 +249,17 @@ def _batches(items: list[T]) -> Iterator[list[T]]:
         yield items[start : start + api.MAX_BATCH]
 
 
+def _one_request(items: list[T], what: str) -> list[T]:
+    """`items`, when one request may carry them all (api.MAX_BATCH); else
+    InvalidRequest, before anything is sent: a call whose one request is one
+    write, all or nothing (enqueue_many, ack_many), is not cut in parts."""
+    if len(items) > api.MAX_BATCH:
+        raise InvalidRequest(
+            f"{len(items):,} {what} in one request: {api.MAX_BATCH:,} at most (send more in parts)"
+        )
+    return items
+
+
 def _every_dead_unknown(done: str, ids: list[str]) -> IncompleteAnswer:
     """A requeue or purge of every dead job, answered after a try that may
     have landed: that try's answer, lost, was the only word on which jobs it
@@ -767,13 +778,14 @@ class Client:
         return many.ids
 
     async def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
-        """Enqueue a batch in one request (none: no request, []). Items are
+        """Enqueue a batch in one request, one write: all of it or none (none:
+        no request, []; more than api.MAX_BATCH, 1,000: InvalidRequest). Items are
         payloads, or dicts with a "payload" key and optional id, priority,
         delay (or run_at, Unix seconds) and max_attempts: any other key is
         InvalidRequest (a payload that is itself such a dict goes as
         {"payload": {...}}). One str,
         bytes or dict in the list's place is refused (InvalidRequest)."""
-        specs = [_spec_of(n, j) for n, j in enumerate(job_list(jobs))]
+        specs = _one_request([_spec_of(n, j) for n, j in enumerate(job_list(jobs))], "jobs")
         if not specs:
             return []
         return await self._enqueue_batch(specs)
@@ -908,12 +920,13 @@ class Client:
                 raise LeaseLost(f"job {job_id!r} is no longer held by this client") from None
 
     async def ack_many(self, acks: Iterable[AckItem]) -> list[dict[str, Any]]:
-        """Complete several jobs in one request; each answer says whether it did
+        """Complete several jobs (1,000 at most, api.MAX_BATCH: more is
+        InvalidRequest) in one request; each answer says whether it did
         ({"id", "status", "error", "enqueued", "duplicates"}: None where an ack
         has none; the ids of its follow-ups as `ack` answers them). An ack is
         (job, result), or (job, result, follow-ups) with follow-ups as `ack`
         takes them."""
-        body = [_ack_request(ack) for ack in acks]
+        body = _one_request([_ack_request(ack) for ack in acks], "acks")
         _, answer, repeated = await self.call(
             "POST", self._t("/ack"), api.AckedBatch, api.AckBatch(body)
         )
