@@ -463,9 +463,15 @@ async def piped_runs(lines: BinaryIO, read: Callable[[int], None]) -> AsyncItera
     def reading() -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: the command ended
             try:
-                for line in lines_of(lines):
-                    room.acquire()
-                    hand(line)
+                # A file object of its own, on a duplicate of the input's
+                # descriptor: blocked in a read as the command ends, this
+                # thread holds the lock of the object it reads, and the
+                # interpreter's shutdown, which closes sys.stdin, aborted
+                # (SIGABRT) when that was sys.stdin's own buffer.
+                with open(os.dup(lines.fileno()), "rb") as own:
+                    for line in lines_of(own):
+                        room.acquire()
+                        hand(line)
             except Exception as exc:  # BadLine, or the input failed (OSError)
                 hand(exc)
             else:
