@@ -266,6 +266,89 @@ async def test_enqueue_file_from_an_open_pipe_that_fails_exits_1_not_aborted(cli
     assert err.strip().splitlines()[-1].startswith(b"Error: PayloadTooLarge"), err[-400:]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_enqueue_file_from_a_pipe_stopped_by_a_signal_says_what_it_enqueued(
+    cli: Cli, broker: Any, sig: signal.Signals
+) -> None:
+    """`enqueue --file -` from a pipe its producer keeps open (`tail -f log |
+    simplequeue enqueue --file -`) ends only by a signal. A bad line or a
+    failed request ends it with "(N jobs were enqueued: through line K)", so
+    that a re-run can start after line K; Ctrl-C (exit 130) or SIGTERM
+    (killed, -15) said nothing but the progress bar's label, and a re-run
+    from the start enqueued every job again (no ids: new ones) (review,
+    round 30). The lines it read are sent, and it says so, exit status
+    128 + the signal's number as a shell reports a command killed by it."""
+    proc = await asyncio.create_subprocess_exec(
+        *cli.argv("enqueue", "--file", "-"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli.env,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(b"".join(b"%d\n" % n for n in range(10)))
+        await proc.stdin.drain()
+        await until_enqueued(broker, "jobs", 10)
+        proc.stdin.write(b"".join(b"%d\n" % n for n in range(10, 15)))
+        await proc.stdin.drain()  # read, or not yet, when the signal comes: sent if read
+        proc.send_signal(sig)
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 128 + sig and out == b"", (proc.returncode, err)
+    pending = (await cli.json("status"))["pending"]
+    last = err.decode().strip().splitlines()[-1]
+    assert last == (
+        f"Error: stopped by {sig.name} ({pending} jobs were enqueued: through line {pending})"
+    ), err
+
+
+async def test_enqueue_file_stopped_by_a_second_signal_says_which_lines_may_be_enqueued(
+    broker: Any,
+) -> None:
+    """A first Ctrl-C sends the lines read; a second stops now, the request
+    under way cut short (a broker that does not answer), saying which lines
+    it carried."""
+    async with FaultProxy(broker.url).running() as proxy:
+        cli = Cli("--broker", proxy.url, "--topic", "jobs")
+        proxy.fail("/enqueue", "silent")
+        proc = await asyncio.create_subprocess_exec(
+            *cli.argv("enqueue", "--file", "-"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli.env,
+        )
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            proc.stdin.write(b"1\n2\n3\n")
+            await proc.stdin.drain()
+            await proxy.arrived.wait()  # the request is held there
+            proc.send_signal(signal.SIGINT)
+            async with asyncio.timeout(30):
+                said = b"enqueue"  # the progress bar's label
+                while said and b"a second stops now" not in said:
+                    said = await proc.stderr.readline()
+                assert said, "the first SIGINT is not told"
+                proc.send_signal(signal.SIGINT)
+                err = await proc.stderr.read()
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            proc.stdin.close()
+    assert code == 130, (code, err)
+    assert err.decode().strip().splitlines()[-1] == (
+        "Error: stopped by a second SIGINT as lines 1-3 were being sent: they may have been"
+        " enqueued too (0 jobs were enqueued: none)"
+    ), err
+
+
 async def test_enqueue_file_sizes_its_batches_by_bytes_not_lines(cli: Cli, tmp_path: Path) -> None:
     """500 lines a request whatever their size: lines of 2.5 KB made a request
     past the broker's 1 MiB --max-body, refused whole (review, round 22)."""

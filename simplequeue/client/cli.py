@@ -3,7 +3,9 @@
 Data is printed as JSON (one document per command); `status`, `topics` and
 `schedules` print a table for people when asked (--table). Any failure exits 1
 with one line on stderr, a usage error 2 with one line ("Error: ..."); `claim`
-exits 1 with "no job is claimable" when the topic is empty.
+exits 1 with "no job is claimable" when the topic is empty. Ctrl-C exits 130,
+and `enqueue --file` stopped by SIGINT or SIGTERM says how far it got, exit
+status 130 or 143.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import click
 import msgspec
@@ -318,7 +320,10 @@ class When(click.ParamType[float]):
     " (or 512 KB). A file, stdin redirected from one too, is checked whole before any is"
     " sent. Input that cannot be read twice (a pipe, <(cmd), a FIFO) is sent as its lines"
     " arrive: a batch once full, or once no line has come for 0.2 s; a bad line stops the"
-    " command there, the batches before it enqueued.",
+    " command there, the batches before it enqueued. SIGINT or SIGTERM (the way to end"
+    " `tail -f log | simplequeue enqueue --file -`) stops the reading: the lines read are"
+    " sent, the command says how many jobs were enqueued, through which line, and exits"
+    " 130 or 143; a second signal stops it at once.",
 )
 @run
 async def enqueue(
@@ -392,7 +397,8 @@ async def enqueue_file(
     that cannot be read twice) is read once, on a thread (piped_runs), each
     batch sent once it is full or no line has come for LINGER: its producer
     may keep it open, and a bad line stops the command there, the batches
-    before it enqueued."""
+    before it enqueued. SIGINT or SIGTERM stops it too (Stop), saying as a
+    bad line does how far it got."""
     total = None
     if lines.seekable():
         start = lines.tell()
@@ -407,19 +413,27 @@ async def enqueue_file(
     if max_attempts is not None:
         extra["max_attempts"] = max_attempts
     enqueued, through = 0, 0
+    cut_short: list[Line] = []  # the lines of the request a second signal stopped
+    stop = Stop()
     runs: AsyncIterator[list[Line]]
     if total is None:
         # Moved on as runs are read (an input read on a thread of its own).
         nothing: Iterator[Line] = iter(())
         read = click.progressbar(nothing, label="enqueue", file=sys.stderr, show_pos=True)
-        runs = piped_runs(lines, read.update)
+        runs = piped_runs(lines, read.update, stop)
     else:
         read = click.progressbar(
             lines_of(lines), length=total, label="enqueue", file=sys.stderr, update_min_steps=BATCH
         )
-        runs = _as_async(runs_within(read, _bytes_of, BATCH_BYTES, BATCH))
+        runs = _as_async(runs_within(read, _bytes_of, BATCH_BYTES, BATCH), stop)
+
+    def said(why: str) -> str:
+        of = "" if total is None else f" of {total}"
+        done = f"through line {through}" if enqueued else "none"
+        return f"{why} ({enqueued}{of} jobs were enqueued: {done})"
+
     try:
-        with read:
+        with read, stopped_by_signals(stop):
             async for batch in runs:
                 ids: list[str] = []
                 try:
@@ -430,32 +444,103 @@ async def enqueue_file(
                     if ids:
                         enqueued += len(ids)
                         through = batch[len(ids) - 1][0]
+                    cut_short = batch[len(ids) :]
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not stop.now or task is None or task.uncancel():
+            raise
+        assert stop.by is not None
+        why = f"stopped by a second {stop.by.name}"
+        if cut_short:
+            first, last = cut_short[0][0], cut_short[-1][0]
+            why += f" as lines {first}-{last} were being sent: they may have been enqueued too"
+        stopped(said(why), stop.by)
     except (BadLine, SimpleQueueError) as exc:
         why = str(exc) if isinstance(exc, BadLine) else f"{type(exc).__name__}: {exc}"
-        of = "" if total is None else f" of {total}"
-        done = f"through line {through}" if enqueued else "none"
-        raise click.ClickException(f"{why} ({enqueued}{of} jobs were enqueued: {done})") from None
+        raise click.ClickException(said(why)) from None
+    if stop.by is not None:
+        stopped(said(f"stopped by {stop.by.name}"), stop.by)
     return enqueued
+
+
+class Stop:
+    """What SIGINT or SIGTERM asked of `enqueue --file` (`tail -f log |
+    simplequeue enqueue --file -` ends only so): the first, to read no more
+    and send what was read (`wake` tells the reader); a second, to stop now,
+    the request being sent cut short (its task cancelled)."""
+
+    def __init__(self) -> None:
+        self.by: signal.Signals | None = None
+        self.now = False
+        self.wake: Callable[[], None] = lambda: None
+        self._task = asyncio.current_task()
+
+    def __call__(self, sig: signal.Signals) -> None:
+        if self.by is None:
+            self.by = sig
+            self.wake()
+            click.echo(
+                f"{sig.name}: reading no more, sending the lines read (a second stops now)",
+                err=True,
+            )
+        elif not self.now and self._task is not None:
+            self.now = True
+            self._task.cancel()
+
+
+def stopped(message: str, sig: signal.Signals) -> NoReturn:
+    """End a command a signal stopped, with one line saying how far it got and
+    exit status 128 plus the signal's number (130 for SIGINT, 143 for
+    SIGTERM), as a shell reports a command the signal killed."""
+    click.echo(f"Error: {message}", err=True)
+    raise click.exceptions.Exit(128 + sig)
+
+
+@contextlib.contextmanager
+def stopped_by_signals(stop: Stop) -> Iterator[None]:
+    """SIGINT and SIGTERM call `stop` while this runs, rather than end the
+    command at once, saying nothing of what was done; a signal ignored already
+    (SIGINT of a command a script started with `&`) stays ignored. The
+    handlers found are put back after (asyncio.run()'s own for SIGINT)."""
+    loop = asyncio.get_running_loop()
+    found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    taken = [sig for sig, handler in found.items() if handler is not signal.SIG_IGN]
+    for sig in taken:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        yield
+    finally:
+        for sig in taken:
+            loop.remove_signal_handler(sig)
+            if found[sig] is not None:  # None: not set from Python, nothing to put back
+                signal.signal(sig, found[sig])
 
 
 def _bytes_of(line: Line) -> int:
     return line[1]
 
 
-async def _as_async(items: Iterator[T]) -> AsyncIterator[T]:
+async def _as_async(items: Iterator[T], stop: Stop) -> AsyncIterator[T]:
     for item in items:
+        if stop.by is not None:
+            return
         yield item
 
 
-async def piped_runs(lines: BinaryIO, read: Callable[[int], None]) -> AsyncIterator[list[Line]]:
+async def piped_runs(
+    lines: BinaryIO, read: Callable[[int], None], stop: Stop
+) -> AsyncIterator[list[Line]]:
     """The lines of `lines` (input that cannot be read twice) in runs of
     BATCH lines and BATCH_BYTES at most, a run cut short once no line has come
     for LINGER; `read` is told how many lines each run holds. The input is
     read, and its lines checked, on a thread of its own (a daemon: the command
-    may end while it waits for a line), READ_AHEAD runs ahead at most."""
+    may end while it waits for a line), READ_AHEAD runs ahead at most. Once
+    `stop` is called, the lines read until then are the last."""
     loop = asyncio.get_running_loop()
     arrived: asyncio.Queue[Line | BaseException | None] = asyncio.Queue()
     room = threading.Semaphore(READ_AHEAD * BATCH)
+    # After the lines the thread handed over: they end there, as at the input's end.
+    stop.wake = functools.partial(arrived.put_nowait, None)
 
     def hand(item: Line | BaseException | None) -> None:
         loop.call_soon_threadsafe(arrived.put_nowait, item)
