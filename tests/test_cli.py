@@ -1105,7 +1105,7 @@ async def test_work_q_enqueues_each_stdout_line_into_the_output_topic_with_the_a
     [
         ("print('{\"ok\": 1}'); print('{oops')", "stdout line 2 is not JSON"),
         ("print('1\\n' * 1001, end='')", "more than 1000 lines"),
-        ("sys.stdout.write('[' + ' ' * (2 << 20) + ']')", "more than 1048576 bytes"),
+        ("sys.stdout.write('[' + ' ' * (2 << 20) + ']')", "more than 1000000 bytes"),
         ("print('{\"n\": ' + '9' * 30 + '}')", "stdout line 1 cannot be stored"),
     ],
     ids=["not-json", "too-many-lines", "too-many-bytes", "integer-past-64-bits"],
@@ -1216,7 +1216,7 @@ async def test_work_q_fails_the_job_when_a_shell_scripts_child_writes_too_much(
     `work` hung with the job claimed (review finding). The command's whole
     process group is killed now."""
     job = await flooded(cli, "-Q", "out", "--", "sh", "-c", "cat >/dev/null; yes '[1]'", within=10)
-    assert job["status"] == "dead" and "more than 1048576 bytes" in job["last_error"]
+    assert job["status"] == "dead" and "more than 1000000 bytes" in job["last_error"]
 
 
 async def test_ctrl_c_in_a_terminal_drains_the_running_command(
@@ -1491,6 +1491,34 @@ async def test_work_does_not_keep_the_pipe_and_payload_of_a_job_whose_stdin_is_h
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await asyncio.sleep(0.2)  # the pipes' ends close: their transports finish
+
+
+# A command's stdout within the default --max-output, and its ack over the
+# broker's default --max-body (1 MiB) all the same: '"' and control characters
+# grow as JSON text (2 and 6 bytes), the ack has fields of its own, and with -Q
+# each line becomes a follow-up job (its topic named in each).
+WITHIN_MAX_OUTPUT = {
+    "quotes": ((), "sys.stdout.write('\"' * 600_000)"),
+    "control characters": ((), "sys.stdout.write('\\x01' * 200_000)"),
+    "1 MiB": ((), "sys.stdout.write('x' * (1 << 20))"),
+    "-Q": (("-Q", "o" * 120), "print(*['\"' + 'x' * 988 + '\"'] * 1000, sep='\\n')"),
+}
+
+
+@pytest.mark.parametrize("options, writes", WITHIN_MAX_OUTPUT.values(), ids=WITHIN_MAX_OUTPUT)
+async def test_work_stdout_within_max_output_is_acked_or_refused_by_that_bound(
+    cli: Cli, options: tuple[str, ...], writes: str
+) -> None:
+    """`work --max-output` (default 1 MiB, "the broker's default --max-body,
+    which an ack must fit") bounded stdout's raw bytes, but the ack carries it
+    as JSON text: 600,000 bytes of '"' encode to 1.2 MB, over --max-body. The
+    command succeeded within the bound, yet its job failed "the broker refused
+    the ack: request body is larger than 1048576 bytes", and ran again on each
+    attempt until dead (review, round 30). Either the ack fits, or the job
+    fails saying which bound of `work` it is over."""
+    script = f"import sys; sys.stdin.read(); {writes}"
+    job = await flooded(cli, *options, "--", sys.executable, "-c", script)
+    assert job["status"] == "completed" or "--max-output" in job["last_error"], job["last_error"]
 
 
 async def test_work_bounds_the_stdout_it_reads_without_q(cli: Cli) -> None:

@@ -61,7 +61,10 @@ READ_AHEAD = 2
 # API's cap), and stdout read (--max-output), so that a runaway command cannot
 # exhaust the worker. Of stderr, the error of a failed job, the end is kept.
 MAX_FOLLOW_UPS = api.MAX_BATCH
-MAX_OUTPUT = 1024 * 1024  # bytes: the broker's default --max-body, which an ack must fit
+# Bytes of stdout, and of the result (or follow-ups) as the ack carries it,
+# JSON: under the broker's default --max-body (1 MiB), with room for the ack's
+# other fields (the job's id and lease token, 256 characters each at most).
+MAX_OUTPUT = 1_000_000
 STDERR_KEPT = 64 * 1024  # bytes
 
 
@@ -950,7 +953,10 @@ async def settings(client: Client, **limits: Any) -> None:
     type=click.IntRange(min=1),
     default=MAX_OUTPUT,
     show_default=True,
-    help="Bytes of stdout a command may write; past them it is killed and its job failed.",
+    help="Bytes of stdout a command may write (past them it is killed), and of its result as"
+    " the ack carries it, JSON (with -Q, of the jobs to enqueue): over either, its job fails,"
+    " to be retried as any failed job. The default leaves the ack's other fields room under"
+    " the broker's default --max-body (1 MiB).",
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @run
@@ -969,7 +975,8 @@ async def work(
     attempt in SIMPLEQUEUE_JOB_ID and SIMPLEQUEUE_ATTEMPT; exit 0 acks with
     stdout as the result (JSON if it parses, else text); non-zero nacks with
     the end of stderr as the error. A command past --timeout, or writing more
-    than --max-output bytes to stdout, fails its job. Ctrl-C, SIGTERM or
+    than --max-output bytes to stdout, fails its job; so does a result over
+    --max-output bytes as the ack carries it (JSON). Ctrl-C, SIGTERM or
     SIGHUP (the terminal closed) drains running commands (each runs in a
     session of its own: a terminal's signals reach this worker, not them); a
     second one stops them now, their jobs given back at once. A job given up
@@ -984,7 +991,8 @@ async def work(
 
     With -Q OUT, each non-empty line of stdout is a JSON payload for topic OUT,
     enqueued with the ack, in the same commit (the result is null); a line
-    that is not JSON or more than 1,000 lines fail the job instead."""
+    that is not JSON, more than 1,000 lines, or jobs over --max-output bytes
+    as the ack carries them fail the job instead."""
     check_runnable(command[0])
     cannot_start: list[CommandUnstartable] = []
 
@@ -1005,10 +1013,10 @@ async def work(
                 ) from None
             raise
         if output_topic is not None:
-            return Done(
-                None, enqueue=[{"topic": output_topic, "payload": p} for p in payloads_of(out)]
-            )
-        return result_of(out)
+            follow_ups = [{"topic": output_topic, "payload": p} for p in payloads_of(out)]
+            acked_within(follow_ups, max_output, "the jobs to enqueue (-Q)")
+            return Done(None, enqueue=follow_ups)
+        return acked_within(result_of(out), max_output, "its result")
 
     worker = CommandWorker(
         client,
@@ -1288,6 +1296,22 @@ def result_of(out: bytes) -> Any:
     except InvalidRequest:  # JSON the store cannot hold (an integer past 64 bits)
         return text  # the command succeeded: its output is kept, as text
     return result
+
+
+def acked_within(value: Any, max_output: int, what: str) -> Any:
+    """`value` if the ack carries it (as JSON) in `max_output` bytes; else
+    OutputRejected. Its stdout was within them, but JSON text can be larger:
+    a '"' takes 2 bytes, a control character up to 6, a byte that is not UTF-8 3
+    (U+FFFD), and with -Q each line takes its topic's name along. The broker
+    refused such an ack as over its --max-body, and the job failed for a
+    reason its error did not name."""
+    size = len(msgspec.json.encode(value))
+    if size > max_output:
+        raise OutputRejected(
+            f"the command succeeded, but its output is too large to ack: as JSON, {what}"
+            f" would be {size} bytes, over work --max-output ({max_output})"
+        )
+    return value
 
 
 def payloads_of(out: bytes) -> list[Any]:
