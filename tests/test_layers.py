@@ -94,9 +94,10 @@ def test_handlers_never_reach_storage_or_the_committer() -> None:
 
 
 def test_the_resp_layers_import_only_the_ones_below() -> None:
-    """wire < commands < connection: the wire knows no command, and the commands
-    know their connection only through the Session and Listener they define."""
-    order = ["wire", "commands", "connection"]
+    """wire < reads < commands < connection: the wire knows no command, and the
+    commands know their connection only through the Session and Listener they
+    define."""
+    order = ["wire", "reads", "commands", "connection"]
     offenders = {
         f"{m} imports {i}"
         for n, layer in enumerate(order)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 
 from simplequeue import __version__, api, keys
 from simplequeue.broker.cli import event_loop_runner
-from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, commands, connection
+from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, commands, connection, reads
 from simplequeue.broker.resp.connection import QUEUED_FRAMES
 from simplequeue.broker.resp.wire import Requests, RespError
 from simplequeue.broker.server import Broker
@@ -1123,7 +1124,7 @@ async def test_a_claim_read_again_on_the_same_connection_keeps_its_token_as_the_
     place: it was dropped as the oldest one read after, and its XACK counted
     0 though this connection held its claim, read one read before; the job
     ran again once its lease ran out. (TOKENS_KEPT is cut to 3 here.)"""
-    monkeypatch.setattr(commands, "TOKENS_KEPT", 3)
+    monkeypatch.setattr(reads, "TOKENS_KEPT", 3)
     broker = await start_broker(
         MemStore(), redis_addr="127.0.0.1:0", policy=Policy(default_lease=0.3)
     )
@@ -1154,7 +1155,7 @@ async def test_xack_of_a_claim_whose_token_the_connection_forgot_counts_0(
     consumer's own XACK then counted 0; review of the RESP face, round 26).
     A read whose token was dropped now counts 0. (TOKENS_KEPT is cut to 10
     here: the same with 10 reads, not 10,000.)"""
-    monkeypatch.setattr(commands, "TOKENS_KEPT", 10)
+    monkeypatch.setattr(reads, "TOKENS_KEPT", 10)
     broker = await start_broker(
         MemStore(), redis_addr="127.0.0.1:0", policy=Policy(default_lease=1.0)
     )
@@ -1187,8 +1188,8 @@ async def test_past_forgotten_kept_an_xack_without_a_token_counts_0_on_that_conn
     an id it never read, and an XACK of any id it holds no token for counts
     0. Until then, an id read on another connection is acked as Redis does,
     whoever holds it."""
-    monkeypatch.setattr(commands, "TOKENS_KEPT", 2)
-    monkeypatch.setattr(commands, "FORGOTTEN_KEPT", 3)
+    monkeypatch.setattr(reads, "TOKENS_KEPT", 2)
+    monkeypatch.setattr(reads, "FORGOTTEN_KEPT", 3)
     broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
     reader = connect(broker, protocol=2, single_connection_client=True)
     other = connect(broker, protocol=2, single_connection_client=True)
@@ -1212,6 +1213,119 @@ async def test_past_forgotten_kept_an_xack_without_a_token_counts_0_on_that_conn
     finally:
         await reader.aclose()
         await other.aclose()
+
+
+def session_of(broker: Broker, client_id: int) -> commands.Session:
+    """The Session of the connection CLIENT ID calls `client_id`."""
+    assert broker.redis is not None
+    (conn,) = [c for c in broker.redis.connections if c.id == client_id]
+    return conn.session
+
+
+async def test_stream_read_tokens_are_bounded_across_connections_not_only_per_connection(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each connection kept the tokens of up to TOKENS_KEPT (10,000) reads not
+    acked, and the hashes of up to FORGOTTEN_KEPT (50,000) more, for reads whose
+    leases ran out long ago: 7.5 MB a connection full with the SDK's ids, and
+    nothing bounded them across connections (max_clients 10,000: up to 75 GB;
+    1,000 consumers whose failed jobs are never acked, 4.6-7.5 GB; review of
+    memory). All of a listener's connections now hold READS_BYTES at most, cut
+    to 200 KB here: 4 connections of 1,000 reads each (at least 90 B a token,
+    measured) would hold over 360 KB."""
+    monkeypatch.setattr(reads, "READS_BYTES", 200_000)
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    clients = [connect(broker, protocol=2, single_connection_client=True) for _ in range(4)]
+    try:
+        for start in range(0, 4000, 1000):
+            await clients[0].rpush("s", *(str(i) for i in range(start, start + 1000)))
+        sessions = [session_of(broker, await c.client_id()) for c in clients]
+        tracemalloc.start()
+        try:
+            for client in clients:
+                got = await client.xreadgroup("g", "c", {"s": ">"}, count=1000)
+                assert len(got[0][1]) == 1000
+            del got
+            gc.collect()
+            # What they hold: what letting go of them gives back.
+            before = tracemalloc.get_traced_memory()[0]
+            for session in sessions:
+                session.reads.close()
+            gc.collect()
+            held = before - tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+    finally:
+        for client in clients:
+            await client.aclose()
+    assert 0 < held <= reads.READS_BYTES, f"4 connections' reads held {held} B"
+
+
+async def test_the_token_of_a_read_whose_lease_ran_out_long_ago_is_dropped_for_its_hash(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token was kept until its XACK succeeded or TOKENS_KEPT later reads,
+    however long ago its lease ran out (a consumer whose failed jobs are never
+    acked kept them all). Once it ran out LEASE_MARGIN ago (cut to 0 here) the
+    claim was reaped and the token can ack nothing: only the read's hash is
+    kept, and its XACK still counts 0 while another reader holds the job."""
+    monkeypatch.setattr(reads, "LEASE_MARGIN", 0.0)
+    broker = await start_broker(
+        MemStore(), redis_addr="127.0.0.1:0", policy=Policy(default_lease=0.3)
+    )
+    first, second = connect(broker, single_connection_client=True), connect(broker)
+    try:
+        job_id = (await first.xadd("s", {"f": "v"})).decode()
+        assert await first.xreadgroup("g", "slow", {"s": ">"})
+        session = session_of(broker, await first.client_id())
+        assert session.reads.token(("s", job_id)) is not None
+        # The lease runs out; the job goes to another consumer.
+        got = await second.xreadgroup("g", "fast", {"s": ">"}, block=5000)
+        assert got[0][1][0][0].decode() == job_id
+        await first.xadd("other", {"f": "v"})
+        assert await first.xreadgroup("g", "slow", {"other": ">"})  # the next read
+        assert session.reads.token(("s", job_id)) is None, "the void token is still kept"
+        assert session.reads.forgot(("s", job_id))
+        assert await first.xack("s", "g", job_id) == 0, "completed the fast consumer's claim"
+        assert await second.xack("s", "g", job_id) == 1
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_xack_of_a_read_whose_token_the_listener_bound_dropped_counts_0(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past READS_BYTES (cut here to about 20 tokens), the connection holding
+    the most drops its oldest tokens, and from then on acks no id it holds no
+    token for: its late XACK of such a read counts 0, and does not complete
+    the claim another consumer holds by then. The others keep theirs."""
+    monkeypatch.setattr(reads, "READS_BYTES", 8_000)
+    broker = await start_broker(
+        MemStore(), redis_addr="127.0.0.1:0", policy=Policy(default_lease=1.0)
+    )
+    first = connect(broker, protocol=2, single_connection_client=True)
+    second = connect(broker, protocol=2)
+    modest = connect(broker, protocol=2, single_connection_client=True)
+    try:
+        job_id = (await first.xadd("s", {"n": "first"})).decode()
+        assert (await first.xreadgroup("g", "slow", {"s": ">"}))[0][1][0][0].decode() == job_id
+        kept = (await modest.xadd("t", {"n": "kept"})).decode()
+        assert await modest.xreadgroup("g", "modest", {"t": ">"})
+        await first.rpush("more", *(str(i) for i in range(30)))
+        assert len((await first.xreadgroup("g", "slow", {"more": ">"}))[0][1]) == 30
+        session = session_of(broker, await first.client_id())
+        assert session.reads.token(("s", job_id)) is None, "no bound took the oldest token"
+        assert await modest.xack("t", "g", kept) == 1  # it took from the one holding the most
+        # The first one's lease runs out; it goes to another consumer.
+        got = await second.xreadgroup("g", "fast", {"s": ">"}, block=10_000)
+        assert got[0][1][0][0].decode() == job_id
+        assert await first.xack("s", "g", job_id) == 0, "completed the fast consumer's claim"
+        assert await second.xack("s", "g", job_id) == 1
+    finally:
+        await first.aclose()
+        await second.aclose()
+        await modest.aclose()
 
 
 async def test_xreadgroup_noack_completes_at_once(r: redis.Redis, http: Http) -> None:

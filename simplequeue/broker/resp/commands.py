@@ -26,18 +26,13 @@ import orjson
 from simplequeue import __version__, api, keys
 from simplequeue.broker.background import in_background
 from simplequeue.broker.engine import MAX_WAIT, TopicOps
+from simplequeue.broker.resp.reads import ReadBudget, Reads
 from simplequeue.broker.resp.wire import NULL_ARRAY, OK, Reply, RespError, Simple, upper
 from simplequeue.errors import InvalidRequest, SimpleQueueError
 
 log = logging.getLogger(__name__)
 
 REDIS_VERSION = "7.2.0"  # INFO's redis_version: the Redis whose commands we answer
-TOKENS_KEPT = 10_000  # stream-read lease tokens remembered per connection
-# Reads past TOKENS_KEPT whose tokens a connection forgot and that it still
-# tells from ids it never read (an XACK of one counts 0, never acks without
-# its token), kept as 64-bit hashes. Past this many, an XACK on that
-# connection of any id it holds no token for counts 0.
-FORGOTTEN_KEPT = 50_000  # about 3.7 MiB
 # Keys one BLPOP/BRPOP, or streams one XREADGROUP, may name: each is a long
 # poll of its own (store reads, memory), and one request could name 85,000.
 MAX_KEYS = 100
@@ -76,6 +71,10 @@ class Listener(Protocol):
     def client_count(self) -> int:
         """Client connections open now."""
 
+    @property
+    def read_budget(self) -> ReadBudget:
+        """What its connections may remember of their stream reads together."""
+
 
 @dataclass
 class Session:
@@ -91,17 +90,16 @@ class Session:
     closing: bool = False  # close once this reply is sent: QUIT, or AUTH failed too often
     failed_auths: int = 0  # wrong passwords so far (AUTH, HELLO AUTH)
     in_multi: bool = False  # between MULTI and EXEC/DISCARD: commands are refused
-    # (topic, job id) -> lease token of the claims XREADGROUP answered on this
-    # connection, so that XACK commits with the token (at most once).
-    tokens: dict[tuple[str, str], str] = field(default_factory=dict)
-    # hash((topic, job id)) of its reads whose tokens were dropped (TOKENS_KEPT),
-    # up to FORGOTTEN_KEPT; past that, forgot_too_many and the set is emptied.
-    forgotten: set[int] = field(default_factory=set)
-    forgot_too_many: bool = False
+    # The lease tokens of the claims XREADGROUP answered on this connection, so
+    # that XACK commits with the token (at most once).
+    reads: Reads = field(init=False)
     # While a pipelined group runs (the connection sets it): the pops that took
     # jobs, by topic and attempt id, whose replies wait for the others'. Should
     # the client leave before they go out, they are given back (unpop).
     owing: list[tuple[str, str]] | None = None
+
+    def __post_init__(self) -> None:
+        self.reads = Reads(self.listener.read_budget)
 
     @property
     def engine(self) -> TopicOps:
@@ -110,20 +108,6 @@ class Session:
     @property
     def worker_id(self) -> str:
         return self.name or f"resp-{self.id}"
-
-    def forget(self, read: tuple[str, str]) -> None:
-        """Drop the token of the read `read` (topic, job id), remembering the read."""
-        del self.tokens[read]
-        if self.forgot_too_many:
-            return
-        self.forgotten.add(hash(read))
-        if len(self.forgotten) > FORGOTTEN_KEPT:
-            self.forgot_too_many = True
-            self.forgotten = set()
-
-    def forgot(self, read: tuple[str, str]) -> bool:
-        """Whether `read` (topic, job id) may be one whose token was dropped."""
-        return self.forgot_too_many or hash(read) in self.forgotten
 
 
 # --- the command table ------------------------------------------------------------------
@@ -401,8 +385,8 @@ def _ack_of(session: Session, topic: str, job_id: str) -> api.AckRequest | None:
     without one for an id it never read. None for one whose token it forgot
     (its claim may be someone else's by now) or an id no job can have: it
     acks nothing."""
-    token = session.tokens.get((topic, job_id))
-    if token is None and session.forgot((topic, job_id)):
+    token = session.reads.token((topic, job_id))
+    if token is None and session.reads.forgot((topic, job_id)):
         return None
     try:
         return api.convert({"job_id": job_id, "lease_token": token}, api.AckRequest)
@@ -826,21 +810,11 @@ async def _entries(session: Session, got: dict[str, list[Any]], noack: bool) -> 
             done = set(await session.engine.complete(topic, jobs))
             jobs = [j for j in jobs if j["id"] in done]
         else:
-            _remember(session, topic, jobs)
+            session.reads.remember(topic, jobs)
         streams[topic] = [[j["id"], fields_of(j["payload"])] for j in jobs]
     if session.protocol == 3:
         return streams
     return [[topic, entries] for topic, entries in streams.items()]
-
-
-def _remember(session: Session, topic: str, jobs: list[dict[str, Any]]) -> None:
-    for job in jobs:
-        # A job read again (its lease ran out, and it came back here) is the
-        # newest read: kept in place, it would be forgotten as the oldest.
-        session.tokens.pop((topic, job["id"]), None)
-        session.tokens[(topic, job["id"])] = job["lease_token"]
-    while len(session.tokens) > TOKENS_KEPT:  # the oldest claims' XACKs will count 0
-        session.forget(next(iter(session.tokens)))
 
 
 @command("XACK", 3, None, flags=("write",), first_key=1)
@@ -848,9 +822,9 @@ async def xack(session: Session, args: list[bytes]) -> Reply:
     """XACK key group id [id ...]: the number of claims completed. A claim this
     connection read is acked with its lease token, so a claim whose lease ran
     out and went to someone else is not completed twice (one whose token it
-    forgot, TOKENS_KEPT reads later, counts 0); any other id is acked as
-    Redis does, by whoever holds it. A token is kept until its ack succeeds,
-    so that the XACK again of a claim that moved on counts 0 again."""
+    dropped counts 0: see reads.py); any other id is acked as Redis does, by
+    whoever holds it. A token is kept until its ack succeeds, so that the XACK
+    again of a claim that moved on counts 0 again."""
     topic = topic_of(args[0])
     ids = [text(a, "ids") for a in args[2:]]
     limit = session.listener.max_batch
@@ -864,7 +838,7 @@ async def xack(session: Session, args: list[bytes]) -> Reply:
         for ack, answer in zip(acks, answers, strict=True):
             if "error" not in answer:
                 acked += 1
-                session.tokens.pop((topic, ack.job_id), None)
+                session.reads.acked((topic, ack.job_id))
     return acked
 
 

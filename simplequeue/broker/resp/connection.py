@@ -29,6 +29,7 @@ from simplequeue.broker.resp.commands import (
     jobs_asked,
     pipelined,
 )
+from simplequeue.broker.resp.reads import ReadBudget
 from simplequeue.broker.resp.wire import (
     NULL_ARRAY,
     Reply,
@@ -478,6 +479,7 @@ class RespServer:
         self._ids = itertools.count(1)
         self._started = time.monotonic()
         self._warned_at = -CAP_WARN_EVERY
+        self.read_budget = ReadBudget()
 
     @property
     def max_batch(self) -> int:
@@ -543,6 +545,7 @@ class RespServer:
             await asyncio.wait({task})
         finally:
             del self._connections[task]
+            session.reads.close()
 
     async def _handle(self, conn: Connection) -> None:
         try:
