@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -1291,6 +1292,30 @@ async def test_the_token_of_a_read_whose_lease_ran_out_long_ago_is_dropped_for_i
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_broker_whose_wall_clock_is_ahead_keeps_its_reads_tokens(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token is void LEASE_MARGIN past its lease's end, timed on this broker's
+    monotonic clock from the read: timed by its wall clock against the owner's
+    lease_expires_at, a broker an hour ahead voided every token at the next
+    read, and each XACK counted 0 (every job ran again)."""
+    broker = await start_broker(
+        MemStore(), redis_addr="127.0.0.1:0", policy=Policy(default_lease=30)
+    )
+    real = time.time
+    ahead = types.SimpleNamespace(time=lambda: real() + 3600, monotonic=time.monotonic)
+    monkeypatch.setattr(reads, "time", ahead)  # the reads' clocks only
+    client = connect(broker, single_connection_client=True)
+    try:
+        job_id = (await client.xadd("s", {"f": "v"})).decode()
+        assert await client.xreadgroup("g", "c", {"s": ">"})
+        await client.xadd("other", {"f": "v"})
+        assert await client.xreadgroup("g", "c", {"other": ">"})  # the next read
+        assert await client.xack("s", "g", job_id) == 1
+    finally:
+        await client.aclose()
 
 
 async def test_xack_of_a_read_whose_token_the_listener_bound_dropped_counts_0(

@@ -41,10 +41,13 @@ FORGOTTEN_KEPT = 50_000  # about 3.7 MiB
 # token for), then of their oldest tokens (their XACKs count 0, and the jobs run
 # again once their leases run out), until all hold 7/8 of it.
 READS_BYTES = 64 * 1024 * 1024  # 200,000 tokens of the SDK's 32-character ids
-# Seconds past a claim's lease_expires_at after which its token acks nothing:
-# the topic's owner reaps an expired lease at once (clock error aside), so the
-# token is void unless the owner was away that long (then its late XACK counts
-# 0, and the job runs again: at-least-once, as for any lease that runs out).
+# Seconds past a claim's lease after which its token acks nothing: the topic's
+# owner reaps an expired lease at once (clock error aside), so the token is void
+# unless the owner was away that long (then its late XACK counts 0, and the job
+# runs again: at-least-once, as for any lease that runs out). The lease is
+# timed on this broker's monotonic clock from the read, its length the claim's
+# own (lease_expires_at less heartbeat_at, both the store clock's): a wall
+# clock that is off, here or at the owner, voids no token early.
 LEASE_MARGIN = 60.0
 # What a token's objects take (the key's tuple, the (token, expiry) pair, the
 # float, the strings' headers: sys.getsizeof) over the lengths of its job id
@@ -90,7 +93,8 @@ class Reads:
     def __init__(self, budget: ReadBudget) -> None:
         self.budget = budget
         self.held = 0  # bytes, as estimated: its share of budget.held
-        # (topic, job id) -> the claim's lease token and lease_expires_at.
+        # (topic, job id) -> the claim's lease token, and when (monotonic) it
+        # is void (LEASE_MARGIN past the lease's end).
         self.tokens: dict[Read, tuple[str, float]] = {}
         # hash((topic, job id)) of reads whose tokens were dropped, up to
         # FORGOTTEN_KEPT; past that, forgot_too_many and the set is emptied.
@@ -101,20 +105,20 @@ class Reads:
     def remember(self, topic: str, jobs: list[dict[str, Any]]) -> None:
         """Keep the tokens of the claims `jobs` of `topic`, just read."""
         self.budget.holders.add(self)
+        now = time.monotonic()
         for job in jobs:
             read = (topic, job["id"])
             # A job read again (its lease ran out, and it came back here) is
             # the newest read: kept in place, it would be dropped as the oldest.
             self._drop(read)
             token = job["lease_token"]
-            self.tokens[read] = (token, job["lease_expires_at"])
+            self.tokens[read] = (token, now + _lease_of(job) + LEASE_MARGIN)
             self._add(_read_bytes(read, token))
-        void = time.time() - LEASE_MARGIN
         # Past TOKENS_KEPT or void, oldest read first (so a read under a longer
         # lease holds back the void ones read after it): their XACKs count 0.
         while self.tokens:
-            read, (_, expires) = next(iter(self.tokens.items()))
-            if len(self.tokens) <= TOKENS_KEPT and expires > void:
+            read, (_, void_at) = next(iter(self.tokens.items()))
+            if len(self.tokens) <= TOKENS_KEPT and void_at > now:
                 break
             self._forget(read)
         self._measure()
@@ -188,6 +192,12 @@ class Reads:
     def _add(self, n: int) -> None:
         self.held += n
         self.budget.held += n
+
+
+def _lease_of(job: dict[str, Any]) -> float:
+    """The length of the lease `job` was claimed under, in the store's clock."""
+    start = job.get("heartbeat_at") or job["claimed_at"]
+    return max(0.0, float(job["lease_expires_at"]) - float(start))
 
 
 def _read_bytes(read: Read, token: str) -> int:
