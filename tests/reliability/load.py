@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from simplequeue.api import REPLAYED_HEADER
 from tests.reliability.history import CLOCK_TOLERANCE, Claim, History
 
 Urls = Callable[[], list[str]]
@@ -51,6 +52,11 @@ class LoadShape:
     # production). Chaos that keeps brokers stopped and restarting slows
     # production, which then keeps the chaos going: 200 jobs took 30 s of it.
     chaos_seconds: float | None = None
+
+
+def cancelled(answer: Any) -> bool:
+    """Whether a refusal says its job was cancelled (SPEC 10)."""
+    return isinstance(answer, dict) and answer.get("reason") == "cancelled"
 
 
 def superseded(job: dict[str, Any], claims: list[Claim]) -> bool:
@@ -88,6 +94,13 @@ class Load:
 
     async def call(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """POST to a random broker: (status, JSON) or (0, None) on a lost answer."""
+        status, answer, _ = await self.post(path, body)
+        return status, answer
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any, bool]:
+        """As call(), and whether the answer is of a repeat (Simplequeue-Replayed):
+        a broker that stood in for the owner served it again after a try the
+        owner may have done, so what it found nothing to do may be done."""
         assert self.session is not None
         self.h.operations += 1
         url = f"{self.rng.choice(self.urls())}/topics/{self.topic}{path}"
@@ -100,15 +113,16 @@ class Load:
                 answer = await r.json(content_type=None)
                 if r.status >= 500:
                     self.h.error(f"http-{r.status}")
-                if r.status in (404, 409) and r.headers.get("Simplequeue-Replayed") == "1":
+                replayed = r.headers.get(REPLAYED_HEADER) == "1"
+                if r.status in (404, 409) and replayed:
                     # A broker that did not answer got it first, and may have
                     # done it: the refusal is of a repeat, the outcome unknown.
                     self.h.error("replayed")
-                    return 0, None
-                return r.status, answer
+                    return 0, None, True
+                return r.status, answer, replayed
         except (aiohttp.ClientError, TimeoutError, ValueError):
             self.h.error("connection")
-            return 0, None
+            return 0, None, False
 
     async def produce(self, ids: list[str]) -> None:
         pause = self.shape.seconds / max(1, len(ids))
@@ -184,7 +198,8 @@ class Load:
             return
         await self.ack(job["id"], job["lease_token"])
 
-    async def ack(self, job_id: str, token: str) -> int:
+    async def ack(self, job_id: str, token: str) -> tuple[int, Any]:
+        """Ack a claim: its last answer (status, JSON)."""
         body: dict[str, Any] = {"job_id": job_id, "lease_token": token, "result": {"by": token[:8]}}
         follow_to = self.shape.follow_to
         if follow_to:
@@ -207,8 +222,8 @@ class Load:
                 if follow_to and tries == 1:  # refused at once: it must record nothing
                     self.h.refused_tokens[job_id].add(token)
                     self.h.refusals[job_id].append((token, status, str(answer)[:120]))
-            return status
-        return status
+            return status, answer
+        return status, answer
 
     async def hold(self, job: dict[str, Any], claimed: float) -> None:
         """Keep the claim for a while with heartbeats, then ack. A heartbeat that
@@ -229,19 +244,24 @@ class Load:
                 renewed = sent
                 leases.append((job["attempts"], answer["lease_expires_at"]))
             if status in (404, 409):
-                self._lease_refused(job["id"], time.monotonic() - renewed)
+                self._lease_refused(job["id"], time.monotonic() - renewed, answer)
                 break
-        if await self.ack(job["id"], job["lease_token"]) in (404, 409):
-            self._lease_refused(job["id"], time.monotonic() - renewed)
+        status, answer = await self.ack(job["id"], job["lease_token"])
+        if status in (404, 409):
+            self._lease_refused(job["id"], time.monotonic() - renewed, answer)
 
-    def _lease_refused(self, job_id: str, since_renewed: float) -> None:
+    def _lease_refused(self, job_id: str, since_renewed: float, answer: Any) -> None:
         """A held claim's refusal came back `since_renewed` seconds after its
         last renewal was sent. The refusal was made before it came back, and
         the lease began after the renewal was sent: sooner than the lease (less
         the margin for two brokers' estimates of the store's clock), a live
         lease was taken. Timed by when the refusal came back, not when it was
         sent: a request that waited in a SIGSTOPped broker may rightly arrive
-        after the lease it would have renewed ran out."""
+        after the lease it would have renewed ran out. A job cancelled under
+        its holder ends its lease at once (SPEC 10): such a refusal is judged
+        by the cancellation checks (control.check_cancels), not here."""
+        if cancelled(answer):
+            return
         if since_renewed < self.shape.lease - self.shape.lease_margin:
             self.h.live_taken.append((job_id, round(since_renewed, 2)))
 
@@ -308,15 +328,16 @@ class Load:
             raise
 
     async def drain(self) -> None:
-        """Wait until every enqueued job is completed (abandoned claims come back
-        after their lease)."""
+        """Wait until every enqueued job is completed or cancelled (abandoned
+        claims come back after their lease)."""
         deadline = time.monotonic() + 60 + 10 * self.shape.lease + self.shape.jobs / 10
         while time.monotonic() < deadline:
             for worker in self.workers:  # a worker that broke says why
                 if worker.done() and worker.exception() is not None:
                     raise worker.exception()  # type: ignore[misc]
             counts = await self.status()
-            if counts and counts["completed"] >= len(self.h.enqueued) and counts["claimed"] == 0:
+            finished = counts and counts["completed"] + counts.get("cancelled", 0)
+            if finished and finished >= len(self.h.enqueued) and counts["claimed"] == 0:
                 return
             await asyncio.sleep(0.2)
         raise AssertionError(

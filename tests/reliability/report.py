@@ -29,6 +29,24 @@ COLUMNS = [
     "double_committed",
 ]
 
+# Figures of campaigns that check more than the columns say (the control
+# campaign: cancellation, limits, schedules), listed under the table.
+DETAILS = [
+    "cancels_sent",
+    "cancelled",
+    "cancelled_while_held",
+    "cancel_not_found_judged",
+    "cancels_replayed",
+    "max_claimed",
+    "max_claimed_seen",
+    "held_at_once_certain",
+    "rate",
+    "rate_worst_share",
+    "slots_fired",
+    "slots_missed",
+    "longest_gap",
+]
+
 INTRO = (Path(__file__).parent / "intro.md").read_text()  # what is checked, and how
 
 
@@ -72,6 +90,13 @@ def main() -> None:
         "end, rightly: their first ack was sent longer than the retention before; "
         "bad inputs = requests or frames that had to be refused.\n"
     )
+    for r in rows.values():
+        shown = [f"{c.replace('_', ' ')} {r[c]:,}" for c in DETAILS if c in r]
+        if shown:
+            out.append(
+                f"- {r.get('scenario', r['test'])} ({r.get('backend', '')}): {', '.join(shown)}"
+            )
+    out.append("")
     (ROOT / "docs" / "RELIABILITY.md").write_text("\n".join(out))
 
 

@@ -6,6 +6,7 @@ twice, no stale lease token committed, counters match."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -21,7 +22,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from simplequeue.objstore.localfs import LocalStore
 from tests.conftest import BrokerProcess, faketime_env, open_s3, s3_broker_args, s3_endpoint
 from tests.reliability.chaos_store import ChaosStore
-from tests.reliability.history import History, check, check_follow_ups
+from tests.reliability.control import (
+    ControlLoad,
+    check_cancels,
+    check_max_claimed,
+    check_rate,
+    check_schedule,
+)
+from tests.reliability.history import History, check, check_follow_ups, check_settlements
 from tests.reliability.load import Load, LoadShape
 from tests.reliability.proxy import FaultProxy, Odds
 
@@ -186,6 +194,27 @@ async def test_kill_9_with_hundreds_of_jobs_held_claimed(
     )
 
 
+PAUSE_S = (1.5, 3.0)
+
+
+async def kill_one_pause_another(fleet: Fleet, history: History, rng: random.Random) -> None:
+    """Until cancelled, every 0.8-1.5 s: SIGSTOP one broker, SIGKILL and restart
+    another, and let the first go 1.5-3 s later (PAUSE_S: longer than a
+    forwarded request waits for its owner)."""
+    while True:
+        await asyncio.sleep(rng.uniform(0.8, 1.5))
+        victim, paused = rng.sample(range(len(fleet.brokers)), 2)
+        stopped = fleet.brokers[paused]
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            await fleet.kill_and_restart(victim)
+            history.kills += 1
+            await asyncio.sleep(rng.uniform(*PAUSE_S))
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+        history.pauses += 1
+
+
 @pytest.mark.parametrize("backend", ["localfs", pytest.param("s3", marks=pytest.mark.s3)])
 async def test_three_brokers_clocks_apart_one_killed_one_paused(
     store_flags: list[str], broker_process: Any, backend: str, scale: int, record_figures: Record
@@ -216,23 +245,7 @@ async def test_three_brokers_clocks_apart_one_killed_one_paused(
         chaos_seconds=16 if scale == 1 else None,  # the short form: 3-4 kills and pauses
     )
     load = Load(fleet.urls, "clocks", history, shape, describe=fleet.describe)
-    rng = random.Random(15)
-
-    async def chaos() -> None:
-        while True:
-            await asyncio.sleep(rng.uniform(0.8, 1.5))
-            victim, paused = rng.sample(range(3), 2)
-            stopped = fleet.brokers[paused]
-            os.kill(stopped.pid, signal.SIGSTOP)
-            try:
-                await fleet.kill_and_restart(victim)
-                history.kills += 1
-                await asyncio.sleep(rng.uniform(1.5, 3.0))
-            finally:
-                os.kill(stopped.pid, signal.SIGCONT)
-            history.pauses += 1
-
-    await load.run(chaos)
+    await load.run(lambda: kill_one_pause_another(fleet, history, random.Random(15)))
     assert history.kills >= 1 and history.pauses >= 1
     assert history.held > 0 and history.heartbeats > 0
     await finish(
@@ -242,6 +255,100 @@ async def test_three_brokers_clocks_apart_one_killed_one_paused(
         retention=retention,
         backend=backend,
         scenario="3 brokers, clocks +-60 s, kill -9 and SIGSTOP",
+    )
+
+
+@pytest.mark.parametrize("backend", ["localfs", pytest.param("s3", marks=pytest.mark.s3)])
+async def test_control_cancels_limits_schedules_clocks_apart_kills_pauses(
+    store_flags: list[str], broker_process: Any, backend: str, scale: int, record_figures: Record
+) -> None:
+    """SPEC 10-12 under the clocks campaign's chaos (three brokers a minute
+    ahead, a minute behind and right; one SIGKILLed and restarted while
+    another is SIGSTOPped), four topics at once: jobs cancelled as they are
+    pending, held and finished; a topic with max_claimed, its claims held with
+    heartbeats or abandoned by twelve workers; a topic with a rate; and a
+    schedule firing every second. The history checks of control.py judge
+    each, and the usual ones (nothing lost, nothing committed twice) every
+    topic."""
+    broker_lease, max_claimed, rate, burst, every = 3, 5, 4.0, 4, 1
+    flags = [*store_flags, "--broker-lease", str(broker_lease)]
+    fleet = await asyncio.to_thread(Fleet, broker_process, flags, 3, ["+60s", "-60s", None])
+
+    def load(topic: str, seed: int, **shape: Any) -> ControlLoad:
+        shape = {"seconds": 10 * scale, "timeout": 10, **shape}
+        return ControlLoad(
+            fleet.urls, topic, History(), LoadShape(**shape), seed, describe=fleet.describe
+        )
+
+    # Claims held (a third of the lease apart) and abandoned last their lease,
+    # 6 s: longer than the clocks' tolerance, so they still overlap once it is
+    # allowed for. Stale acks would wait for a cancelled job's next claim,
+    # which never comes (40 s).
+    cancels = load("cancel", 1, jobs=150 * scale, lease=3.0, p_hold=0.4, p_stale=0.0)
+    limited = load("limited", 2, jobs=24 * scale, workers=12, lease=6.0, p_hold=0.5, p_die=0.1)
+    # Enqueued in 2 s, as fast as twelve times the rate: claims that took them
+    # as they came would pass it whatever the clocks' tolerance.
+    rated = load("rated", 3, jobs=50 * scale, seconds=2 * scale)
+    fired = load("fired", 4, jobs=0, lease=3.0, p_stale=0.0)
+    await limited.put("/settings", {"max_claimed": max_claimed})
+    await rated.put("/settings", {"rate": rate, "burst": burst})
+    history = cancels.h  # the chaos's figures
+    rng = random.Random(17)
+
+    async def kills() -> None:
+        # 16 s in the short form (3-4 kills and pauses), as the clocks campaign:
+        # the chaos slows production, which would keep it going.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(16 if scale == 1 else None):
+                await kill_one_pause_another(fleet, history, rng)
+
+    async def chaos() -> None:  # cancels go on as long as production, three at a time
+        await asyncio.gather(kills(), *(cancels.cancel_some(seed) for seed in (18, 19, 20)))
+
+    done = asyncio.Event()
+    firing = asyncio.create_task(fired.consume_schedule("tick", every, done))
+    watching = asyncio.create_task(limited.watch_claimed())
+    try:
+        await asyncio.gather(cancels.run(chaos), limited.run(), rated.run())
+    finally:
+        done.set()
+        await asyncio.gather(firing, watching)
+    assert history.kills >= 1 and history.pauses >= 1
+
+    final = await cancels.final_records()
+    counts = final.pop("__counts__")
+    verdict = {**check_settlements(cancels.h, final)}
+    verdict.update(check_cancels(cancels.ops, cancels.h.enqueued, final))
+    assert counts["enqueued"] == len(cancels.h.enqueued), counts
+    assert counts["completed"] + counts["cancelled"] == counts["enqueued"], counts
+    assert counts["cancelled"] == verdict["cancelled"] > 0, counts
+    assert counts["pending"] == counts["claimed"] == counts["dead"] == 0, counts
+    lost = 0
+    for each in (limited, rated, fired):
+        final = await each.final_records()
+        counts = final.pop("__counts__")
+        figures = check(each.h, final, counts)
+        lost += figures["lost"]
+        verdict["double_committed"] += figures["double_committed"]
+        if each is limited:
+            verdict.update(check_max_claimed(each.ops, final, max_claimed, each.claimed_seen))
+    verdict.update(check_rate(rated.ops, rate, burst))
+    # Firing stops while no broker fires the topic's schedules: its owner
+    # paused (PAUSE_S at most; it fires the latest slot when let go), or
+    # killed, until the others see its record stale (the broker lease, seen
+    # on their own clocks in rounds a third of it apart) or it restarts.
+    gap_bound = broker_lease + broker_lease / 3 + PAUSE_S[1] + 2 * every
+    verdict.update(check_schedule(fired.ops, "tick", every, gap_bound))
+    summaries = [h.summary() for h in (cancels.h, limited.h, rated.h, fired.h)]
+    record_figures(
+        {
+            **{k: sum(s[k] for s in summaries) for k in summaries[0]},
+            **verdict,
+            "lost": lost,
+            "backend": backend,
+            "scenario": "control: cancel, limits, schedules; 3 brokers, clocks +-60 s, "
+            "kill -9 and SIGSTOP",
+        }
     )
 
 

@@ -3,10 +3,20 @@ faults behind flakes, so its rules are tested on histories built by hand."""
 
 from __future__ import annotations
 
+from dataclasses import astuple
 from typing import Any
 
 import pytest
 
+from tests.reliability.control import (
+    Op,
+    check_cancels,
+    check_max_claimed,
+    check_rate,
+    check_schedule,
+    held_intervals,
+    most_held_at_once,
+)
 from tests.reliability.history import CLOCK_TOLERANCE, History, check, claimed_early
 from tests.reliability.load import superseded
 
@@ -135,3 +145,154 @@ def test_a_record_gone_whose_job_no_ack_may_have_completed_is_lost() -> None:
     h.gone.add("a")
     with pytest.raises(AssertionError, match="never completed"):
         check(h, _completed(["b"]), _counts(2), retention=55)
+
+
+# --- the control campaign's checks (control.py) ------------------------------------------
+
+
+def _op(path: str, body: dict[str, Any], at: float, status: int = 200, answer: Any = None) -> Op:
+    """A request sent at `at` and answered 0.1 s later."""
+    return Op(path, body, at, at + 0.1, status, answer)
+
+
+def _claim(job_id: str, token: str, at: float, expires: float, sent: float = 0.0) -> Op:
+    job = {"id": job_id, "lease_token": token, "claimed_at": at, "lease_expires_at": expires}
+    return _op("/claim", {"worker_id": "w"}, sent, answer={"jobs": [job]})
+
+
+def _abandoned(n: int, start: float, length: float) -> list[Op]:
+    """`n` claims from `start`, each held for its lease of `length` s, never settled."""
+    return [_claim(f"j{i}", f"tok-{i}", start, start + length) for i in range(n)]
+
+
+def test_claims_held_past_the_limit_are_caught() -> None:
+    with pytest.raises(AssertionError, match="6 claims held their jobs at once"):
+        check_max_claimed(_abandoned(6, 100.0, 6.0), {}, 5, [])
+    assert check_max_claimed(_abandoned(5, 100.0, 6.0), {}, 5, [5])["held_at_once_certain"] == 5
+
+
+def test_claims_that_overlap_within_the_clocks_tolerance_do_not_count() -> None:
+    # Two claims of one slot, the second stamped just before the first's ack
+    # was: another broker's estimate of the store's clock may put it after.
+    ops = [_claim("a", "tok-a", 100.0, 106.0), _claim("b", "tok-b", 103.0 - 0.5, 109.0)]
+    final = {"a": {"status": "completed", "result": {"by": "tok-a"}, "finished_at": 103.0}}
+    held = held_intervals(ops, final)
+    assert most_held_at_once(held, CLOCK_TOLERANCE)[0] == 1
+    assert most_held_at_once(held, 0.0)[0] == 2
+
+
+def test_a_nacked_claim_holds_nothing_certain() -> None:
+    ops = [*_abandoned(2, 100.0, 6.0), _op("/nack", {"job_id": "j1", "lease_token": "tok-1"}, 1)]
+    assert check_max_claimed(ops, {}, 1, [])["held_at_once_certain"] == 1
+
+
+def test_a_heartbeat_extends_what_a_claim_certainly_held() -> None:
+    ops = [*_abandoned(2, 100.0, 1.4)]  # leases shorter than the clocks' tolerance
+    assert check_max_claimed(ops, {}, 1, [])["held_at_once_certain"] == 0
+    renewed = {"lease_expires_at": 110.0}
+    ops += [
+        _op("/heartbeat", {"job_id": f"j{i}", "lease_token": f"tok-{i}"}, 1, 200, renewed)
+        for i in (0, 1)
+    ]
+    with pytest.raises(AssertionError, match="2 claims held"):
+        check_max_claimed(ops, {}, 1, [])
+
+
+def test_a_status_read_past_the_limit_is_caught() -> None:
+    with pytest.raises(AssertionError, match="a status read showed 6 claimed"):
+        check_max_claimed([], {}, 5, [3, 6, 5])
+
+
+def test_claims_past_the_rate_are_caught() -> None:
+    # rate 2/s, burst 2: in a second stamped, at most 2 + 2 x (1 + 1.5) = 7.
+    ops = [_claim(f"j{i}", f"tok-{i}", 100.0 + i / 7, 200.0) for i in range(8)]
+    with pytest.raises(AssertionError, match="8 jobs claimed"):
+        check_rate(ops, 2.0, 2)
+    ops = [_claim(f"j{i}", f"tok-{i}", 100.0 + i / 6, 200.0) for i in range(7)]
+    assert check_rate(ops, 2.0, 2)["rate_worst_share"] == 1
+
+
+def _cancel(ids: list[str], at: float, cancelled: list[str], status: int = 200) -> Op:
+    answer = {"cancelled": cancelled, "not_found": [i for i in ids if i not in cancelled]}
+    return _op("/cancel", {"job_ids": ids}, at, status, answer if status == 200 else None)
+
+
+def _enqueue(job_id: str, at: float) -> Op:
+    return _op("/enqueue", {"id": job_id}, at, 201, {"id": job_id})
+
+
+def _ack(job_id: str, token: str, at: float, status: int = 200) -> Op:
+    return _op("/ack", {"job_id": job_id, "lease_token": token}, at, status, {})
+
+
+CANCELLED = {"status": "cancelled"}
+
+
+def test_a_cancelled_job_acked_is_caught_whenever_the_ack_was_sent() -> None:
+    for sent in (5.0, 15.0):  # before the cancel (it would have found it finished), after
+        ops = [_enqueue("a", 1), _claim("a", "tok-a", 0, 0, sent=2), _cancel(["a"], 10, ["a"])]
+        ops.append(_ack("a", "tok-a", sent))
+        with pytest.raises(AssertionError, match="acked and cancelled"):
+            check_cancels(ops, {"a"}, {"a": CANCELLED})
+
+
+def test_a_cancelled_job_claimed_afterwards_is_caught() -> None:
+    ops = [_enqueue("a", 1), _cancel(["a"], 10, ["a"]), _claim("a", "tok-a", 0, 0, sent=10.2)]
+    with pytest.raises(AssertionError, match="claimed after cancelled"):
+        check_cancels(ops, {"a"}, {"a": CANCELLED})
+    # A claim sent before the cancel's answer came may have landed first.
+    ops[-1] = _claim("a", "tok-a", 0, 0, sent=10.05)
+    assert check_cancels(ops, {"a"}, {"a": CANCELLED})["cancelled"] == 1
+
+
+def test_a_cancelled_job_that_ended_otherwise_is_caught() -> None:
+    ops = [_enqueue("a", 1), _cancel(["a"], 10, ["a"])]
+    with pytest.raises(AssertionError, match="cancelled, ended otherwise"):
+        check_cancels(ops, {"a"}, {"a": {"status": "pending"}})
+
+
+def test_not_found_for_a_job_still_live_is_caught() -> None:
+    completed = {"a": {"status": "completed", "result": {"by": "tok-a"}}}
+    ops = [_enqueue("a", 1), _cancel(["a"], 10, []), _ack("a", "tok-a", 12)]
+    with pytest.raises(AssertionError, match="not_found while live"):
+        check_cancels(ops, {"a"}, completed)
+    ops[-1] = _ack("a", "tok-a", 9.5)  # the ack was sent first: it may have landed first
+    assert check_cancels(ops, {"a"}, completed)["cancel_not_found_judged"] == 1
+
+
+def test_a_job_never_cancelled_must_complete() -> None:
+    ops = [_enqueue("a", 1), _enqueue("b", 1), _cancel(["b"], 10, [], status=0)]
+    with pytest.raises(AssertionError, match="lost"):
+        check_cancels(ops, {"a", "b"}, {"a": CANCELLED, "b": CANCELLED})
+    assert check_cancels(ops, {"a", "b"}, {"a": {"status": "completed"}, "b": CANCELLED})
+
+
+def _fired(slot: int, created: float, claimed: float) -> Op:
+    job = {"id": f"tick@{slot}", "lease_token": f"tok-{slot}", "created_at": created}
+    job.update(claimed_at=claimed, lease_expires_at=claimed + 3)
+    return _op("/claim", {"worker_id": "w"}, 0, answer={"jobs": [job]})
+
+
+def test_a_schedule_fired_before_its_slot_is_caught() -> None:
+    ops = [_fired(100, 100.0, 100.1), _fired(101, 99.0, 99.0)]
+    with pytest.raises(AssertionError, match="claimed before its slot"):
+        check_schedule(ops, "tick", 1, 5.0)
+
+
+def test_a_schedule_firing_missed_slots_or_stopping_is_caught() -> None:
+    storm = [_fired(100, 100.0, 100.1), _fired(101, 105.0, 105.1), _fired(105, 105.0, 105.1)]
+    with pytest.raises(AssertionError, match="a slot missed, not the latest"):
+        check_schedule(storm, "tick", 1, 5.0)
+    with pytest.raises(AssertionError, match="stopped firing"):
+        check_schedule([_fired(100, 100.0, 100.1), _fired(110, 110.0, 110.1)], "tick", 1, 5.0)
+    assert check_schedule(storm[::2], "tick", 1, 5.0)["slots_missed"] == 4
+
+
+def test_not_found_in_a_replayed_answer_may_have_cancelled_the_job() -> None:
+    # A broker standing in for the owner served the cancel again after a try
+    # the owner did without answering in time: the repeat finds it cancelled.
+    replayed = _cancel(["a"], 10, [])
+    ops = [_enqueue("a", 1), Op(*astuple(replayed)[:-1], replayed=True)]
+    assert check_cancels(ops, {"a"}, {"a": CANCELLED})["cancel_not_found_judged"] == 0
+    with pytest.raises(AssertionError, match="lost"):
+        check_cancels([_enqueue("a", 1), replayed], {"a"}, {"a": CANCELLED})
