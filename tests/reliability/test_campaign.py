@@ -285,7 +285,18 @@ async def test_control_cancels_limits_schedules_clocks_apart_kills_pauses(
     # allowed for. Stale acks would wait for a cancelled job's next claim,
     # which never comes (40 s).
     cancels = load("cancel", 1, jobs=150 * scale, lease=3.0, p_hold=0.4, p_stale=0.0)
-    limited = load("limited", 2, jobs=24 * scale, workers=12, lease=6.0, p_hold=0.5, p_die=0.1)
+    # Enqueued about as fast as five slots take them under the chaos (1/s): the
+    # long form's 240 enqueued in 100 s left more than its drain allows.
+    limited = load(
+        "limited",
+        2,
+        jobs=24 * scale,
+        seconds=24 * scale,
+        workers=12,
+        lease=6.0,
+        p_hold=0.5,
+        p_die=0.1,
+    )
     # Enqueued in 2 s, as fast as twelve times the rate: claims that took them
     # as they came would pass it whatever the clocks' tolerance.
     rated = load("rated", 3, jobs=50 * scale, seconds=2 * scale)
