@@ -991,6 +991,47 @@ async def test_a_topic_taken_over_and_never_written_is_swept_by_its_new_owner(
     assert (await broker.engine.job("t", "j"))["status"] == "pending"
 
 
+async def test_orphans_a_stand_in_left_are_swept_by_someone(
+    start_broker: StartBroker,
+) -> None:
+    """SPEC 4.1: orphan objects are deleted. A broker sweeps the topics it
+    owns and wrote or took over within two sweeps. A stand-in (it served a
+    topic while its owner did not answer) leaves orphans there, the pending
+    segments its claims and acks used up, and never sweeps them, not owning
+    the topic; the owner, told to read the topic again, neither wrote it nor
+    took it over: 6 of 6 orphans stayed for good (review of the duties)."""
+    store = MemStore()
+    brokers = await cluster(start_broker, store, 2, broker_lease=1.0)
+    owner, stand_in = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec("first", id="first")])
+    await until(lambda: owner.membership.settled_owner("t"))
+    # Its own write and its take-over at start are more than two sweeps old.
+    owner.duties._written.clear()
+    owner.duties._taken.clear()
+    # The owner does not answer for a while: the other broker serves t.
+    stand_in.membership.suspect(owner.membership.me.broker_id, 0.5)
+    pad = "x" * 1000
+    await stand_in.engine.enqueue("t", [JobSpec(pad, id=f"j{i}") for i in range(200)])
+    for _ in range(201):
+        jobs = await stand_in.engine.claim("t", "w", count=50)
+        if not jobs:
+            break
+        for job in jobs:
+            await stand_in.engine.ack("t", job["id"], job["lease_token"])
+    assert (await owner.engine.status("t"))["pending"] == 0
+    head_refs = set(await owner.committer.peek("t", lambda s, now: s.referenced()))
+    orphans = set(await store.list("topics/t/")) - head_refs
+    assert orphans, "the stand-in's claims and acks used up pending segments"
+    # The suspicion ends; the stand-in tells the owner, which reads t again.
+    await until(lambda: stand_in.membership.owner("t") == owner.membership.me)
+    await until(lambda: "t" not in stand_in._telling)  # told, and done telling
+    for _ in range(3):  # sweeps of both brokers, many minutes apart
+        await owner.duties._sweep()
+        await stand_in.duties._sweep()
+    left = orphans & set(await store.list("topics/t/"))
+    assert not left, f"{len(left)} of {len(orphans)} orphans swept by no broker"
+
+
 async def idle_topics(store: ObjectStore, n: int) -> None:
     """`n` topics in `store`, written by a broker gone since: each had a job
     enqueued, claimed and acked (one object each, nothing left in it)."""

@@ -90,8 +90,8 @@ class Duties:
         self._scheduled: dict[str, float] = {}  # topic -> its wake-up in the heap
         self._heap: list[tuple[float, str]] = []
         # topic -> monotonic time this broker last wrote it, and time it took
-        # it over: the topics its next two sweeps look at (those of them that
-        # have objects beside their head).
+        # it over (or was told another broker wrote it): the topics its next
+        # two sweeps look at (those of them that have objects beside their head).
         self._written: dict[str, float] = {}
         self._taken: dict[str, float] = {}
         self._topics_listed = 0  # the topics the last take-over listed: a listing's cost
@@ -180,7 +180,15 @@ class Duties:
 
     def refresh(self, topic: str) -> None:
         """Another broker wrote `topic` (it served it while this broker, its
-        owner, did not answer): read it again and look at its leases now."""
+        owner, did not answer): read it again and look at its leases now. Its
+        next two sweeps look at it too, as at a topic taken over: the other
+        broker's claims and acks left orphans that it, not owning the topic,
+        never sweeps. A tell is a sign of writes and counts as one: a storm of
+        them, for however many topics, costs a sweep what writes to as many
+        would (at most one listing of every topic's folders, then the topics
+        with objects beside their head), and a topic told again and again is
+        one entry."""
+        self._taken[topic] = time.monotonic()
         self.note(topic, -1e300)
 
     def _let_go(self, topic: str) -> None:
@@ -590,12 +598,13 @@ class Duties:
             log.exception("owner duties: sweep failed")
 
     async def _sweep(self) -> None:
-        """Sweep the topics this broker owns and wrote or took over within
-        two sweeps (an orphan is deleted at its second sighting; a topic nobody
-        writes makes none, but its last writer may have left some and stopped
-        owning it), and those whose last sweep saw orphans (however long ago
-        their last write was), then the store's leftovers of writes cut short
-        (whichever broker's: one killed may never come back).
+        """Sweep the topics this broker owns and wrote or took over (or was
+        told another wrote) within two sweeps (an orphan is deleted at its
+        second sighting; a topic nobody writes makes none, but its last writer
+        may have left some and stopped owning it), and those whose last sweep
+        saw orphans (however long ago their last write was), then the store's
+        leftovers of writes cut short (whichever broker's: one killed may never
+        come back).
 
         Of the topics written or taken over, only those with objects beside
         their head are swept, found in one listing of every topic: most of
