@@ -30,9 +30,9 @@ from aiohttp import web
 from yarl import URL
 
 from simplequeue import keys
-from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec
+from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec, ScheduleRequest
 from simplequeue.broker import forwarding, page
-from simplequeue.broker.duties import HEAP_SLACK, DutySettings
+from simplequeue.broker.duties import HEAP_SLACK, TEND_PARALLEL, DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Answer, Forwarder, Here, _Unreachable
 from simplequeue.broker.membership import Membership, Peer, rendezvous
@@ -431,6 +431,81 @@ async def test_a_topic_whose_tending_failed_unexpectedly_is_tended_again(
                 break
             await broker.committer.wait_changed("t", 0.1)
     assert (failed, broker.duties.reaped) == (["t"], 1)
+
+
+async def test_topics_due_at_one_instant_are_tended_by_a_bounded_number_of_tasks(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 4.1: memory follows the topics served, not the topics due. A
+    schedule's slots are the multiples of `every` since the epoch: every topic
+    with a per-minute schedule comes due in the same second. The duties made a
+    task per topic due, each then waiting for one of TEND_PARALLEL places:
+    100,000 topics due together held some 178 MB of waiting tasks (1.8 KB
+    each) and held the loop ~0.8 s making them, at every slot; 2,000 due
+    together were 2,000 tasks (review of the duties)."""
+    broker = await start_broker(MemStore())
+    await broker.duties.taken_over.wait()
+    n = 2000
+    names = [f"s{i:05d}" for i in range(n)]
+    spec = ScheduleRequest({"tick": 1}, every=5)
+    for i in range(0, n, 200):
+        await asyncio.gather(
+            *(broker.engine.put_schedule(t, "tick", spec) for t in names[i : i + 200])
+        )
+    duties = broker.duties
+    peak = 0
+    reap_due = duties._reap_due
+
+    async def counted() -> None:
+        nonlocal peak
+        await reap_due()
+        peak = max(peak, len(duties._tending))
+
+    monkeypatch.setattr(duties, "_reap_due", counted)
+    fired = duties.fired
+    await until(lambda: duties.fired >= fired + n, within=30)
+    assert peak <= TEND_PARALLEL, f"{peak} tend tasks at once for {n} topics due together"
+
+
+async def test_a_slow_tend_holds_back_the_others_by_its_one_place_and_a_stop_starts_none(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Topics due wait for TEND_PARALLEL places (here 2) in a queue: one whose
+    tend is slow (a large fan-out, a slow store) holds one place, the others
+    are tended in the other, and, due again meanwhile, it is tended again once
+    its tend ends. When the duties stop, the tends in progress are cancelled,
+    none queued starts, and those queued are still due (handed over)."""
+    monkeypatch.setattr("simplequeue.broker.duties.TEND_PARALLEL", 2)
+    broker = await start_broker(MemStore())
+    await broker.duties.taken_over.wait()
+    duties = broker.duties
+    gates = {"slow": asyncio.Event()}
+    tended: Counter[str] = Counter()
+    tend = duties.engine.tend
+
+    async def gated(topic: str) -> Any:
+        tended[topic] += 1
+        if topic in gates:
+            await gates[topic].wait()
+        return await tend(topic)
+
+    monkeypatch.setattr(duties.engine, "tend", gated)
+    spec = ScheduleRequest({"tick": 1}, every=1)
+    for topic in ["slow", "a", "b", "c"]:
+        await broker.engine.put_schedule(topic, "tick", spec)
+    await until(lambda: tended["slow"] == 1 and min(tended[t] for t in "abc") >= 2, within=10)
+    assert tended["slow"] == 1 and len(duties._tending) <= 2
+    gates["slow"].set()
+    await until(lambda: tended["slow"] >= 2)  # due again while it was tended
+    # Both places held: the others queue up.
+    gates["slow"], gates["a"] = asyncio.Event(), asyncio.Event()
+    await until(lambda: {"slow", "a"} <= duties._tending.keys() and bool(duties._queue))
+    queued = set(duties._queue)
+    (run,) = [t for t in broker._tasks if t.get_name() == "duties"]
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+    assert not duties._tending and not duties._queue
+    assert queued <= set(duties.due_topics())
 
 
 class GatedHeads(MemStore):
