@@ -374,12 +374,22 @@ class Unpopped(_Answer):
     given_back: int  # jobs pending again (0: none kept, or expired and reused)
 
 
+# What the answers that start or renew leases say of the broker's clock.
+_NOW = Meta(
+    description="The latest the store's clock may read as the broker answers (its estimate "
+    "plus its error), in Unix seconds: a lease has lease_expires_at - now left at least, "
+    "whatever the write that started it took. Absent from a broker before it."
+)
+
+
 class Claimed(_Answer):
     job: Job
+    now: Annotated[float | None, _NOW] = None
 
 
 class ClaimedBatch(_Answer):
     jobs: list[Job]
+    now: Annotated[float | None, _NOW] = None
 
 
 class Settled(_Answer):
@@ -416,6 +426,7 @@ class AckedBatch(_Answer):
 class Renewed(_Answer):
     id: str
     lease_expires_at: float
+    now: Annotated[float | None, _NOW] = None
 
 
 class DeadJobs(_Answer):

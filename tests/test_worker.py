@@ -19,11 +19,13 @@ import pytest
 from simplequeue.api import MAX_BATCH, MAX_ERROR
 from simplequeue.client import Backoff, Client, Done, Job, SyncClient, Tasks, Worker, calls_within
 from simplequeue.client import worker as worker_module
+from simplequeue.client.client import LastCall, last_call
 from simplequeue.client.worker import AHEAD_MAX, TAKE_BACK_WITHIN, ClaimAhead
 from simplequeue.errors import BrokerUnavailable, PayloadTooLarge, SimpleQueueError, Unauthorized
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.faults import FaultyStore
 from tests.helpers.head_reads import HeadReads
 from tests.helpers.logs import Said
 from tests.helpers.until import until
@@ -1802,6 +1804,73 @@ async def test_a_third_of_the_lease_is_counted_from_when_the_lease_counts(
         assert job.lease_expires_at - job.heartbeat_at == pytest.approx(lease)
         worker = Worker(q, lambda job: None, handle_signals=False)
         assert worker._heartbeat_interval(job) == pytest.approx(lease / 3)
+
+
+async def test_claims_and_heartbeats_answer_the_latest_the_stores_time_may_be(
+    start_broker: StartBroker,
+) -> None:
+    """A claim's and a heartbeat's answers say the broker's `now`, with its
+    clock's error added as to a lease's start: what a lease has left when
+    the answer came is at least lease_expires_at less it."""
+    lease = 0.9
+    broker = await start_broker(ErringClock(), policy=Policy(default_lease=lease))
+    async with Client(broker.url, topic="w") as q:
+        await q.enqueue("long")
+        claiming, renewing = LastCall(), LastCall()
+        with last_call(claiming):
+            [job] = await q.claim_many("w1", 1)
+        with last_call(renewing):
+            expires = await q.heartbeat(job)
+    assert job.lease_expires_at is not None and job.heartbeat_at is not None
+    assert claiming.now is not None and renewing.now is not None
+    assert 0 <= claiming.now - job.heartbeat_at < 0.2  # not 0.3 less: the error is in both
+    assert lease - 0.2 < expires - renewing.now <= lease
+
+
+# The store write that commits a claim takes this long (a slow S3 PUT, one
+# retried after a 503 SlowDown): the broker counts the lease from before it.
+SLOW_PUT = 1.2
+
+
+async def test_a_claim_committed_by_a_slow_write_is_renewed_before_its_lease_ends(
+    start_broker: StartBroker,
+) -> None:
+    """The broker counts a lease from its `now` as it applies the claim, before
+    the write that commits it; the Worker counted it from when the answer
+    came, its first heartbeat a third of the lease after that. Lease 1.5 s,
+    the claim's write 1.2 s: the lease ran out before the first heartbeat,
+    and another worker claimed the job 0.3 s after its handler started. The
+    answer says the broker's `now`: the lease counts from when it began."""
+    lease = 1.5
+    faulty = FaultyStore(MemStore())
+    broker = await start_broker(faulty)
+    async with Client(broker.url, topic="w") as q, Client(broker.url, topic="w") as other:
+        await q.settings(lease=lease)
+        job_id = await q.enqueue("once")
+        started = asyncio.Event()
+        release = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            started.set()
+            await release.wait()
+
+        worker = Worker(q, handler, concurrency=1, prefetch=0, wait=0.2, handle_signals=False)
+        faulty.faults = ["held"]  # the claim's commit: held until `held` is set
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(30):
+                await faulty.holding.wait()
+            await asyncio.sleep(SLOW_PUT)  # the slow write itself, not synchronisation
+            faulty.held.set()
+            async with asyncio.timeout(30):
+                await started.wait()
+            # While the handler runs, nobody else may claim the job.
+            stolen = await other.claim("thief", wait=2 * lease)
+            assert stolen is None, f"job {job_id} claimed by another worker while its handler ran"
+        finally:
+            release.set()
+            await worker.stop()
+            await task
 
 
 # --- cancellation -----------------------------------------------------------------------

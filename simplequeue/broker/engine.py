@@ -681,6 +681,15 @@ class Engine:
             topic, lambda s, now: s.heartbeat(job_id, lease_token, lease, now, error(now))
         )
 
+    def latest_now(self) -> float:
+        """The latest the store's clock may read now, by this broker's estimate
+        and its error: what an answer that starts or renews leases says
+        (api.Claimed's `now`), so that its caller counts what a lease has left
+        (lease_expires_at less it) on its own clock, from when the answer
+        came, whatever the write before it took."""
+        now = self.committer.clock()
+        return now + self.committer.clock_error(now)
+
     async def status(self, topic: str) -> dict[str, int]:
         keys.check_topic(topic)
         return await self.committer.read(topic, lambda s, now: s.counts(now))

@@ -775,7 +775,11 @@ class Router:
         return _decode(got, dict[str, list[str]])
 
 
-_Jobs = dict[str, list[dict[str, Any]]]
+class _Jobs(msgspec.Struct):
+    """A claim's or a pop's answer, as much of it as a broker passing it on
+    reads: what else it says (a claim's `now`) is for the caller."""
+
+    jobs: list[dict[str, Any]]
 
 
 def refused_attempt_id(got: Answer) -> bool:
@@ -789,7 +793,7 @@ def _jobs_of(got: Answer) -> list[dict[str, Any]]:
     its 404 (nothing to claim)."""
     if got.status == NothingToClaim.http_status:
         return []
-    return _decode(got, _Jobs)["jobs"]
+    return _decode(got, _Jobs).jobs
 
 
 def _held(jobs: list[dict[str, Any]]) -> list[api.Held]:

@@ -797,7 +797,10 @@ async def claim(call: Call) -> web.Response:
     )
     if not jobs:
         raise NothingToClaim("no job is claimable")
-    return reply({"jobs": jobs} if body.count is not None else {"job": jobs[0]})
+    now = call.engine.latest_now()  # after the write: the caller counts its leases from here
+    return reply(
+        {"jobs": jobs, "now": now} if body.count is not None else {"job": jobs[0], "now": now}
+    )
 
 
 async def pop(call: Call) -> web.Response:
@@ -872,7 +875,8 @@ async def nack(call: Call) -> web.Response:
 async def heartbeat(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.HeartbeatRequest)
-    return reply(await call.engine.heartbeat(topic, body.job_id, body.lease_token, body.lease))
+    renewed = await call.engine.heartbeat(topic, body.job_id, body.lease_token, body.lease)
+    return reply({**renewed, "now": call.engine.latest_now()})
 
 
 async def status(call: Call) -> web.Response:

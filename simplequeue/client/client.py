@@ -196,10 +196,15 @@ class LastCall:
     """What a last_call() block records of the last call made in it: when it
     was first sent (time.monotonic()), and whether it may have been carried
     out more than once (tried again, or passed on by a broker after another
-    did not answer)."""
+    did not answer); when its answer came (time.monotonic(), as its headers
+    did: the body's transfer comes after), and the store's time the broker
+    said then (api.Claimed's `now`; None from a broker before it, or for a
+    call whose answer says none)."""
 
     first_sent: float = 0.0
     repeated: bool = False
+    answered: float = 0.0
+    now: float | None = None
 
 
 #: The record of the last_call() block calls are made in.
@@ -218,6 +223,13 @@ def last_call(record: LastCall) -> Iterator[None]:
         yield
     finally:
         _last_call.reset(token)
+
+
+def _note_now(now: float | None) -> None:
+    """Record in the last_call() block (if any) the store's time the answer
+    of the call just made said (api.Claimed's `now`)."""
+    if (record := _last_call.get()) is not None:
+        record.now = now
 
 
 class _Retry(Exception):
@@ -504,7 +516,7 @@ class Client:
                 raise TimeoutError(f"{self.url}: no time left for the request")
             attempts += 1
             try:
-                status, raw, replayed = await self._send(method, path, body, wait, left)
+                status, raw, replayed, answered = await self._send(method, path, body, wait, left)
             except _Retry as retry:
                 untried += not retry.tried
                 unsent += not retry.sent
@@ -513,6 +525,7 @@ class Client:
             repeated = attempts - unsent > 1 or replayed
             if (record := _last_call.get()) is not None:
                 record.first_sent, record.repeated = first_sent, repeated
+                record.answered, record.now = answered, None  # now: the caller's to note
             try:
                 got = self._answer(status, raw, answer, expected)
             except SimpleQueueError as exc:
@@ -583,9 +596,10 @@ class Client:
 
     async def _send(
         self, method: str, path: str, body: Any, wait: float, within: float | None = None
-    ) -> tuple[int, bytes, bool]:
+    ) -> tuple[int, bytes, bool, float]:
         """(status, body, whether a broker passed the request on after another
-        did not answer), within `timeout` (and the wait asked for) or `within`
+        did not answer, when the answer's headers came: time.monotonic()),
+        within `timeout` (and the wait asked for) or `within`
         seconds, whichever is sooner. A topic's request goes to its owner once
         a broker named it (the Simplequeue-Owner header; never from https to
         plain http); if the owner stops answering, back to the broker this
@@ -615,6 +629,7 @@ class Client:
                 headers=headers,
                 allow_redirects=False,
             ) as response:
+                answered = time.monotonic()
                 raw = await _body(response, base, self.max_answer)
                 status = response.status
                 owner = response.headers.get(api.OWNER_HEADER)
@@ -653,7 +668,7 @@ class Client:
             # broker is gone): broker.json may name another by now.
             await self._rediscover(sent=True)
             raise _Retry(BrokerUnavailable(f"{base}: HTTP {status}: {_snippet(raw)}"))
-        return status, raw, replayed
+        return status, raw, replayed, answered
 
     def _owner_named(self, owner: str) -> str | None:
         """`owner` if the topic's requests may go there (_owner_to_follow), and
@@ -797,7 +812,10 @@ class Client:
         `lease=None`: the topic's `lease` setting, else the broker's --lease."""
         body = api.ClaimRequest(worker_id, lease=lease, wait=wait)
         answer = await self._claim(body, api.Claimed)
-        return None if answer is None else answer.job
+        if answer is None:
+            return None
+        _note_now(answer.now)
+        return answer.job
 
     async def claim_many(
         self,
@@ -834,6 +852,7 @@ class Client:
         answer = await self._claim(body, api.ClaimedBatch)
         if answer is None:
             return []
+        _note_now(answer.now)
         firsts: dict[str, Job] = {}
         for job in answer.jobs:
             firsts.setdefault(job.id, job)
@@ -1011,6 +1030,7 @@ class Client:
             # A retry with the same token renews a lease still held: a 409 on
             # it means the lease is gone, whether or not the first try landed.
             raise LeaseLost(f"job {job_id!r} is no longer held by this client") from None
+        _note_now(answer.now)
         return answer.lease_expires_at
 
     async def _settle(self, path: str, body: Any, answer: type[A]) -> A:

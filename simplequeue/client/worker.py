@@ -15,15 +15,19 @@ sent, unless an earlier claim is still out ORDER_GRACE after a later one's
 answer came (a long poll on a quiet topic). Each claimed job's lease (the
 topic's `lease` setting, else the broker's --lease, unless `lease` says) is
 renewed by heartbeats every third of it (`heartbeat_every`, half of it at
-most; HEARTBEAT_MIN at least), timed from when the claim's answer came (from
-when it was first sent if it was sent more than once: a retry may be
-answered the jobs of a try whose answer was lost), waiting in the buffer
-included, until its ack is answered; each heartbeat has until the next is
-due (or the lease's end, if sooner), so one left unanswered never holds back
-the next. A lease that ran out with no heartbeat landing (on this clock,
-from that time, or from when the last renewal that landed was sent) is taken
-for lost, as one the broker says is, its job neither acked nor nacked, its
-handler's end included: the broker may have given the job to another worker.
+most; HEARTBEAT_MIN at least), timed from when the lease began, on this
+clock: when the claim's answer came, less how long before answering the
+broker began it (its write included: the answer's `now` says), waiting in
+the buffer included, until its ack is answered; each heartbeat has until
+the next is due (or the lease's end, if sooner), so one left unanswered
+never holds back the next. A lease that ran out with no heartbeat landing
+(on this clock, from that time, or from when the last renewal that landed
+began) is taken for lost, as one the broker says is, its job neither acked
+nor nacked, its handler's end included: the broker may have given the job
+to another worker. From a broker that says no `now`, a lease counts from
+when the claim was sent (first sent, if it was sent more than once: a retry
+may be answered the jobs of a try whose answer was lost), or for a long
+poll from when its answer came; a renewal from when it was sent.
 
 The handler is a coroutine function, a plain function (run in a thread,
 asyncio.to_thread) or a callable that returns an awaitable. Its return value
@@ -283,6 +287,26 @@ class HandlerExited(Exception):
         self.raised = raised
 
 
+class _Answered(NamedTuple):
+    """When a claim's answer came, and what it said of the broker's clock."""
+
+    since: float  # when its jobs' leases count from if the broker says no `now`
+    came: float  # time.monotonic() the answer came (its headers)
+    now: float | None  # the latest the store's time was then (api.ClaimedBatch's `now`)
+
+    def lease_start(self, job: Job) -> float:
+        """When `job`'s lease began, on this clock: as long before the answer
+        came as the broker began it before answering (`now` less its
+        heartbeat_at, both on the broker's clock: the write that committed
+        the claim, a slow PUT retried, is in it). The answer's way back, a
+        few ms, is not: the lease may run that much past the broker's, which
+        reaps only past its own clock's error. From `since` for a broker that
+        says no `now`."""
+        if self.now is None or job.heartbeat_at is None:
+            return self.since
+        return self.came - max(0.0, self.now - job.heartbeat_at)
+
+
 class _Claimed:
     """A job this worker holds: waiting in the buffer, then running."""
 
@@ -438,8 +462,8 @@ class Worker:
         # earlier one are in _ahead, until the sequence catches up with them.
         self._sent = 0
         self._delivered = 0
-        # (jobs asked for, jobs answered, when their leases count from: _claim)
-        self._answers: dict[int, tuple[int, list[Job] | None, float]] = {}
+        # (jobs asked for, jobs answered, when the answer came: _claim)
+        self._answers: dict[int, tuple[int, list[Job] | None, _Answered | None]] = {}
         self._ahead: set[int] = set()
         self._waiting_order: asyncio.TimerHandle | None = None
         # run()'s context, which each job's task starts from (a copy): a job
@@ -822,6 +846,7 @@ class Worker:
         # burst under a rate stops HELD_BACK_WAIT after its last job, at most).
         if self.burst and self._rationed and self.limited:
             wait = HELD_BACK_WAIT
+        polled = wait > 0  # the jobs answered may have been claimed after it was sent
         try:
             with last_call(answering):
                 jobs = await self.client.claim_many(
@@ -836,6 +861,7 @@ class Worker:
                 # once, and answered so again, in a tight loop.
                 jobs = self._not_held(jobs)
                 if self.burst and not jobs:
+                    polled = True
                     jobs = await self._held_back(count, attempt)
             # Answered empty before its long poll was out (a stopping broker
             # ends its long polls, a proxy may drop `wait`): claimed again at
@@ -858,17 +884,19 @@ class Worker:
             else:
                 log.warning("claim failed: %s", exc, exc_info=not isinstance(exc, SimpleQueueError))
         finally:  # answered, failed or cancelled: later claims must not wait for it
-            # The jobs' leases count, on this clock (no clock skew enters it),
-            # from when the answer came, not from when the claim was sent: a
-            # long poll answered late would leave them none. The broker's
-            # began as it committed the claim, the answer's transit earlier at
-            # most: a few ms they may run past the broker's, which reaps only
-            # after its own clock's error margin. A claim sent more than once
-            # may be answered the jobs an earlier try claimed (its answer
-            # lost), committed up to the client's timeout before: their leases
-            # count from when it was first sent.
-            counted_from = answering.first_sent if answering.repeated else time.monotonic()
-            self._answers[seq] = (count, jobs, counted_from)
+            # The jobs' leases count on this clock (no clock skew enters it),
+            # from when the answer came less how long before it the broker
+            # began them (_Answered.lease_start). A broker that does not say
+            # began them as it applied the claim, before its write (which a
+            # slow or retried PUT may make last most of a lease): a claim that
+            # did not long-poll counts from when it was sent; a long poll, of
+            # which only the answer tells when it claimed, from when that
+            # came. So does a claim sent more than once from when it was
+            # first sent: it may be answered the jobs an earlier try claimed
+            # (its answer lost), committed up to the client's timeout before.
+            since = answering.first_sent if answering.repeated or not polled else time.monotonic()
+            came = answering.answered or time.monotonic()  # 0.0: no call answered
+            self._answers[seq] = (count, jobs, _Answered(since, came, answering.now))
             self._deliver()
         if hold > 0:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
@@ -943,7 +971,7 @@ class Worker:
             # loop that sent it), its body never ran, nor the `finally` that
             # hands its answer over: the claims after it would wait behind it
             # for good, and its count stay asked.
-            self._answers[seq] = (count, None, time.monotonic())
+            self._answers[seq] = (count, None, None)
             self._deliver()
 
     def _deliver(self, late: bool = False) -> None:
@@ -965,7 +993,7 @@ class Worker:
                 self._ahead.add(seq)
             else:
                 break
-            count, jobs, counted_from = self._answers.pop(seq)
+            count, jobs, answered = self._answers.pop(seq)
             self._asked -= count
             if jobs is None:  # a failed claim says nothing of the topic
                 self._dry = False
@@ -977,14 +1005,17 @@ class Worker:
                 continue
             found_nothing = found_nothing or not jobs
             self._taken += len(jobs)
+            assert answered is not None  # jobs come with an answer
             loop = asyncio.get_running_loop()
             for job in jobs:
                 # Heartbeats go HEARTBEAT_MIN apart at least: a shorter lease
                 # (a topic's setting may say 0.001) is kept here as long as
                 # they land, or every job would be taken for lost as it ends.
                 lease = max(self._lease_of(job), 2 * HEARTBEAT_MIN)
-                held = _Claimed(job, lease, counted_from + lease)
-                due = counted_from + self._heartbeat_interval(job) - time.monotonic()
+                start = answered.lease_start(job)
+                held = _Claimed(job, lease, start + lease)
+                # At once if a third of the lease passed before the answer came.
+                due = start + self._heartbeat_interval(job) - time.monotonic()
                 held.first_beat = loop.call_later(max(0.0, due), self._start_beats, held)
                 self._ready.append(held)
         if self._answers and self._waiting_order is None:
@@ -1399,10 +1430,9 @@ class Worker:
         goes out on time: the lease is still this worker's until it runs out,
         and a loop that ended here would let it run out while the handler runs
         on (the job then ran twice). Once it has run out unrenewed (on this
-        clock: from when the claim's answer came, or was first sent if it was
-        sent more than once, or from when the last renewal that landed was
-        sent), it is taken for lost too: the broker may have given
-        the job to another worker."""
+        clock: from when it began, _Answered.lease_start, or from when the
+        last renewal that landed began, _renewed_until), it is taken for lost
+        too: the broker may have given the job to another worker."""
         every = self._heartbeat_interval(held.job)
         while True:
             sent = time.monotonic()
@@ -1414,9 +1444,11 @@ class Worker:
             # an asyncio.timeout alone: one as long as the client's timeout
             # would be lost (calls_within).
             within = max(HEARTBEAT_MIN, min(every, held.lease_ends - sent))
+            answering = LastCall()
             try:
                 async with calls_within(within):
-                    await self.client.heartbeat(held.job, self.lease)
+                    with last_call(answering):
+                        expires = await self.client.heartbeat(held.job, self.lease)
             except (LeaseLost, JobNotFound) as exc:
                 held.cancelled = isinstance(exc, JobCancelled)
                 await self._lose(held)
@@ -1431,7 +1463,7 @@ class Worker:
                     exc_info=not isinstance(exc, SimpleQueueError | TimeoutError),
                 )
             else:
-                held.lease_ends = sent + held.lease
+                held.lease_ends = _renewed_until(held, sent, expires, answering)
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 continue
             await asyncio.sleep(max(0.0, min(due, held.lease_ends) - time.monotonic()))
@@ -1540,6 +1572,18 @@ def _cancel_beats(held: _Claimed) -> asyncio.Task[None] | None:
         return None
     held.beats.cancel()
     return held.beats
+
+
+def _renewed_until(held: _Claimed, sent: float, expires: float, answering: LastCall) -> float:
+    """When `held`'s lease, renewed by a heartbeat sent at `sent` that
+    answered `expires` (its lease_expires_at), runs out on this clock: no
+    sooner than its lease from when it was sent, before the broker renewed
+    it; and what the broker said was left of it as it answered (`expires`
+    less its `now`), from when the answer came, if it said."""
+    until = sent + held.lease
+    if answering.now is not None:
+        until = max(until, answering.answered + expires - answering.now)
+    return until
 
 
 def _why(exc: Exception, within: float | None) -> str:
