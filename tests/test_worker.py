@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from simplequeue.api import MAX_BATCH, MAX_ERROR
 from simplequeue.client import Backoff, Client, Done, Job, SyncClient, Tasks, Worker, calls_within
@@ -1656,8 +1657,8 @@ async def test_heartbeats_go_on_after_one_that_failed_or_got_no_answer(
     start_broker: StartBroker, caplog: pytest.LogCaptureFixture, client_class: type[Any]
 ) -> None:
     """After a heartbeat that failed with an error not the SDK's, or that got
-    no answer, the next ones go out on time. Each has until the next is due:
-    awaited for the client's timeout (30 s, a whole default lease), one
+    no answer, the next ones go out on time, while it waits until the lease's
+    end: awaited for the client's timeout (30 s, a whole default lease), one
     unanswered heartbeat let the lease run out while the handler ran on (the
     job ran twice)."""
     broker = await start_broker(MemStore())
@@ -1871,6 +1872,55 @@ async def test_a_claim_committed_by_a_slow_write_is_renewed_before_its_lease_end
             release.set()
             await worker.stop()
             await task
+
+
+class SlowAnswers(FaultProxy):
+    """Passes every request on at once; answers those whose path ends with
+    one of `slow`'s keys that many seconds after the broker did (a broker
+    whose writes are slow, or a slow network back)."""
+
+    slow: dict[str, float]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        answer = await super().handle(request)
+        late = next((s for suffix, s in self.slow.items() if request.path.endswith(suffix)), 0.0)
+        if late:
+            await asyncio.sleep(late)  # the slow answer itself, not synchronisation
+        return answer
+
+
+async def test_heartbeats_that_land_but_are_answered_slowly_keep_the_job(
+    start_broker: StartBroker,
+) -> None:
+    """Each heartbeat had only until the next was due, and the lease moved
+    only when one was answered within that: lease 1.5 s, every heartbeat
+    renewing it but answered 0.6 s after it landed, the Worker took the
+    lease for lost and cancelled a job of 3 s (max_attempts 1: dead), while
+    the broker kept it claimed. Each has until the lease's end now, and
+    they overlap."""
+    lease = 1.5
+    broker = await start_broker(MemStore())
+    proxy = SlowAnswers(broker.url)
+    proxy.slow = {"/heartbeat": 0.4 * lease}  # past a third of the lease, well within it
+    async with proxy.running(), Client(proxy.url, topic="w") as q:
+        await q.settings(lease=lease)
+        job_id = await q.enqueue("long", max_attempts=1)
+        runs: list[int] = []
+
+        async def longer_than_its_lease(job: Job) -> str:
+            runs.append(job.attempts or 0)
+            await asyncio.sleep(2 * lease)  # the work itself
+            return "done"
+
+        worker = Worker(q, longer_than_its_lease, prefetch=0, wait=0.2, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(30):
+                finished = await q.job(job_id, wait=20)
+        finally:
+            await worker.stop()
+            await task
+    assert (finished.status, runs) == ("completed", [1])
 
 
 # --- cancellation -----------------------------------------------------------------------

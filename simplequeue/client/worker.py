@@ -19,8 +19,9 @@ most; HEARTBEAT_MIN at least), timed from when the lease began, on this
 clock: when the claim's answer came, less how long before answering the
 broker began it (its write included: the answer's `now` says), waiting in
 the buffer included, until its ack is answered; each heartbeat has until
-the next is due (or the lease's end, if sooner), so one left unanswered
-never holds back the next. A lease that ran out with no heartbeat landing
+the lease's end, up to HEARTBEATS_IN_FLIGHT out at once, so one answered
+late still renews the lease and one left unanswered never holds back the
+next. A lease that ran out with no heartbeat landing
 (on this clock, from that time, or from when the last renewal that landed
 began) is taken for lost, as one the broker says is, its job neither acked
 nor nacked, its handler's end included: the broker may have given the job
@@ -167,6 +168,9 @@ AHEAD_JOBS_MAX = api.MAX_BATCH  # and never more jobs than this (unless 2 x conc
 # The lease assumed for a job whose claim times the broker did not send: its
 # default --lease.
 FALLBACK_LEASE = 30.0
+# Heartbeats of one job out at once, at most: each has until the lease's end,
+# and a `heartbeat_every` far shorter than the lease must not pile them up.
+HEARTBEATS_IN_FLIGHT = 3
 # Seconds between heartbeats, and each one's time to be answered, at least:
 # a lease of a millisecond (a topic's `lease` setting may say so) must not
 # make heartbeats time out before they are sent, thousands a second.
@@ -1433,44 +1437,72 @@ class Worker:
         clock: from when it began, _Answered.lease_start, or from when the
         last renewal that landed began, _renewed_until), it is taken for lost
         too: the broker may have given the job to another worker."""
+        out: set[asyncio.Task[bool]] = set()
+        try:
+            await self._beat_until_lost(held, out)
+        finally:
+            for beat in out:
+                beat.cancel()
+            if out:
+                await asyncio.wait(out)
+        await self._lose(held)
+
+    async def _beat_until_lost(self, held: _Claimed, out: set[asyncio.Task[bool]]) -> None:
+        """Send `held`'s heartbeats, each in a task of its own in `out`, until
+        one says the lease is lost or it ran out with none landing. They
+        overlap, HEARTBEATS_IN_FLIGHT at most: each has until the lease's end
+        (_heartbeat), and the next goes out when it is due all the same."""
         every = self._heartbeat_interval(held.job)
         while True:
-            sent = time.monotonic()
-            due = sent + every
-            # Each heartbeat has until the next is due, or the lease runs out if
-            # sooner: one left unanswered (a lost packet, a stuck proxy) must
-            # not hold back those after it, nor the lease's end being noticed
-            # (the client's own timeout, 30 s, is a whole default lease). Not
-            # an asyncio.timeout alone: one as long as the client's timeout
-            # would be lost (calls_within).
-            within = max(HEARTBEAT_MIN, min(every, held.lease_ends - sent))
-            answering = LastCall()
-            try:
-                async with calls_within(within):
-                    with last_call(answering):
-                        expires = await self.client.heartbeat(held.job, self.lease)
-            except (LeaseLost, JobNotFound) as exc:
-                held.cancelled = isinstance(exc, JobCancelled)
-                await self._lose(held)
-                return
-            except Exception as exc:
-                unanswered = isinstance(exc, TimeoutError) and time.monotonic() >= sent + within
-                log.warning(
-                    "job %s: heartbeat failed (%.3g s of its lease left): %s",
-                    held.job.id,
-                    max(0.0, held.lease_ends - time.monotonic()),
-                    f"no answer in {within:.3g} s" if unanswered else exc,
-                    exc_info=not isinstance(exc, SimpleQueueError | TimeoutError),
-                )
-            else:
-                held.lease_ends = _renewed_until(held, sent, expires, answering)
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-                continue
-            await asyncio.sleep(max(0.0, min(due, held.lease_ends) - time.monotonic()))
+            due = time.monotonic() + every
+            if len(out) < HEARTBEATS_IN_FLIGHT:
+                out.add(asyncio.create_task(self._heartbeat(held)))
+            # Until the next is due, or the lease's end (which those that land move).
+            while (left := min(due, held.lease_ends) - time.monotonic()) > 0:
+                if not out:
+                    await asyncio.sleep(left)
+                    continue
+                done, _ = await asyncio.wait(out, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                out.difference_update(done)
+                if not all(beat.result() for beat in done):
+                    return
             if time.monotonic() >= held.lease_ends:
                 log.warning("job %s: its lease ran out unrenewed: taken for lost", held.job.id)
-                await self._lose(held)
                 return
+
+    async def _heartbeat(self, held: _Claimed) -> bool:
+        """One heartbeat of `held`'s job: False if the broker says its lease is
+        lost (or the job cancelled). It has until the lease's end, as it is on
+        this clock when sent: one answered after the next was due (a slow
+        write, a slow way back) still renews the lease, and moves its end
+        (_renewed_until), while one left unanswered (a lost packet, a stuck
+        proxy) is given up by then, not after the client's own timeout (30 s,
+        a whole default lease). Not an asyncio.timeout alone: one as long as
+        the client's timeout would be lost (calls_within). Any other failure
+        is logged."""
+        sent = time.monotonic()
+        within = max(HEARTBEAT_MIN, held.lease_ends - sent)
+        answering = LastCall()
+        try:
+            async with calls_within(within):
+                with last_call(answering):
+                    expires = await self.client.heartbeat(held.job, self.lease)
+        except (LeaseLost, JobNotFound) as exc:
+            held.cancelled = isinstance(exc, JobCancelled)
+            return False
+        except Exception as exc:
+            unanswered = isinstance(exc, TimeoutError) and time.monotonic() >= sent + within
+            log.warning(
+                "job %s: heartbeat failed (%.3g s of its lease left): %s",
+                held.job.id,
+                max(0.0, held.lease_ends - time.monotonic()),
+                f"no answer in {within:.3g} s" if unanswered else exc,
+                exc_info=not isinstance(exc, SimpleQueueError | TimeoutError),
+            )
+            return True
+        # The latest renewal wins, whichever order their answers came in.
+        held.lease_ends = max(held.lease_ends, _renewed_until(held, sent, expires, answering))
+        return True
 
     async def _lose(self, held: _Claimed) -> None:
         """`held`'s lease is gone (lost, or run out unrenewed), or its job was
