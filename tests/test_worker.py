@@ -11,6 +11,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -803,6 +804,54 @@ async def test_a_prefetched_job_whose_lease_is_lost_is_dropped_not_run(
     await worker.stop()
     await task
     assert runs == [("first", 1), ("second", 2)]  # never run on the lease it lost
+
+
+async def test_a_buffered_job_whose_lease_ran_out_while_the_loop_was_busy_is_not_started(
+    broker_process: Any,
+) -> None:
+    """A buffered job was started whenever a slot freed, its lease checked
+    only by its heartbeats: held up past the lease (CPU work in an async
+    handler, a GC pause), the loop ran none, and the Worker started a job
+    the broker had given to another client meanwhile (lease 1 s)."""
+    # A broker of its own process: it reaps while this process's loop is busy.
+    broker = broker_process("--backend", "memfs")
+    thief_got: list[Job] = []
+    thief_done = threading.Event()
+    runs: list[str] = []
+
+    def thief() -> None:
+        with SyncClient(broker.url, topic="w") as other:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and "second" not in [j.payload for j in thief_got]:
+                thief_got.extend(other.claim_many("thief", 2, wait=1))
+        thief_done.set()
+
+    async with Client(broker.url, topic="w") as q:
+        await q.settings(lease=1.0)
+        await q.enqueue_many([{"payload": "first", "priority": 1}, {"payload": "second"}])
+
+        async def hold_the_loop(job: Job) -> None:
+            runs.append(job.payload)
+            if job.payload == "first":
+                # Once "second" waits in the buffer: the loop held (blocking
+                # work on it) until the broker gave "second" to another client.
+                await until(lambda: len(worker._ready) > 0)
+                threading.Thread(target=thief, daemon=True).start()
+                thief_done.wait(20)
+
+        worker = Worker(q, hold_the_loop, concurrency=1, prefetch=1, wait=0.2, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(30):
+                await until(thief_done.is_set)
+                # The worker goes on: "second" is dropped, or started (the fault).
+                await until(lambda: not worker._ready)
+                await until(lambda: not worker._running)
+        finally:
+            await worker.stop()
+            await task
+    assert "second" in [j.payload for j in thief_got]
+    assert runs == ["first"], f"a job whose lease ran out was started: {runs}"
 
 
 class GatedClient(Client):

@@ -1088,6 +1088,14 @@ class Worker:
 
     async def _process(self, held: _Claimed) -> None:
         job = held.job
+        if not held.lost and time.monotonic() >= held.lease_ends:
+            # Its lease ran out in the buffer unrenewed (the loop held up past
+            # it: CPU work in an async handler, a GC pause), before any
+            # heartbeat noticed: taken for lost, as they would take it,
+            # neither acked nor nacked. The broker may have given it to
+            # another worker, who may be running it now.
+            held.lost = True
+            await self._stop_beats(held)
         if held.lost:
             log.warning("job %s: %s before it started", job.id, _why_gone(held))
             return
