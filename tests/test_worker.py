@@ -23,7 +23,13 @@ from simplequeue.client import Backoff, Client, Done, Job, SyncClient, Tasks, Wo
 from simplequeue.client import worker as worker_module
 from simplequeue.client.client import LastCall, last_call
 from simplequeue.client.worker import AHEAD_MAX, TAKE_BACK_WITHIN, ClaimAhead
-from simplequeue.errors import BrokerUnavailable, PayloadTooLarge, SimpleQueueError, Unauthorized
+from simplequeue.errors import (
+    BrokerUnavailable,
+    InvalidRequest,
+    PayloadTooLarge,
+    SimpleQueueError,
+    Unauthorized,
+)
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.fault_proxy import FaultProxy
@@ -1213,6 +1219,49 @@ async def test_a_failed_ack_request_is_logged_and_the_acks_queued_behind_it_stil
         with caplog.at_level(logging.ERROR):
             await run_until(worker, broker, second_done)
         assert (await q.job(first)).status == "claimed"  # its ack was lost: redelivered later
+    assert any("1 acks failed" in r.getMessage() for r in caplog.records)
+
+
+class SecondHalfFails(Client):
+    """Refuses whole (a 400) an ack request of several acks; of the halves it
+    is then sent in, the first lands and the second fails as a broker that
+    could not be reached (its retries spent)."""
+
+    sizes: list[int]
+
+    async def ack_many(self, acks: Any) -> list[dict[str, Any]]:
+        acks = list(acks)
+        self.sizes.append(len(acks))
+        if len(acks) > 1:
+            raise InvalidRequest("injected: refused whole")
+        if len(self.sizes) > 2:
+            raise BrokerUnavailable("injected: the second half failed")
+        return await super().ack_many(acks)
+
+
+async def test_acks_that_landed_in_a_half_before_the_other_failed_count_as_landed(
+    broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request refused whole goes again in halves; when the second failed,
+    the whole run counted as failed: the first half's acks, committed, were
+    counted unacked and logged "will be redelivered"."""
+    async with SecondHalfFails(broker.url, topic="w") as q:
+        q.sizes = []
+        ids = await q.enqueue_many(["first", "second"])
+        both = asyncio.Event()
+
+        async def together(job: Job) -> None:
+            if job.payload == "second":
+                both.set()
+            await both.wait()  # they end in one turn of the loop: their acks share a request
+
+        worker = Worker(q, together, concurrency=2, prefetch=0, wait=0.2, handle_signals=False)
+        with caplog.at_level(logging.ERROR):
+            await run_until(worker, broker, lambda: _completed(q, 1))
+        statuses = sorted([(await q.job(job_id)).status for job_id in ids])
+    assert q.sizes == [2, 1, 1]
+    assert statuses == ["claimed", "completed"]  # the ack lost: its job redelivered later
+    assert (worker.processed, worker.unacked) == (1, 1)
     assert any("1 acks failed" in r.getMessage() for r in caplog.records)
 
 

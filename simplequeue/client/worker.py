@@ -1349,16 +1349,19 @@ class Worker:
         fails fails the rest of the batch with it, unsent (the broker could
         not be reached, its retries spent), and an ack the broker refused as
         invalid fails its job. Each request's acks are settled as it is
-        answered, not with the batch: their jobs are no longer held
-        (_acked), so a second signal while a later request is unanswered
-        aborts only the acks that did not land."""
+        answered (_ack_part), not with the batch: their jobs are no longer
+        held (_acked), so a second signal while a later request is unanswered
+        aborts only the acks that did not land, and a request that fails
+        fails only those (the half of a request refused whole that landed
+        before it counts as landed)."""
         outcomes: list[str | BaseException] = []
         for run in runs_within(batch, _size_of, ACK_BATCH_BYTES):
-            acks = [pending.item for pending in run]
             try:
-                answers = await self._ack_in_parts(acks)
+                outcomes += await in_halves(
+                    self._ack_part, run, lambda exc: isinstance(exc, InvalidRequest)
+                )
             except Exception as exc:
-                failed = len(batch) - len(outcomes)
+                failed = sum(not pending.future.done() for pending in batch)  # unanswered
                 log.error(
                     "%d acks failed (their jobs will be redelivered): %s",
                     failed,
@@ -1366,11 +1369,30 @@ class Worker:
                     exc_info=not isinstance(exc, SimpleQueueError),
                 )
                 self.unacked += failed
-                return [*outcomes, *[exc] * failed]
-            answered = await self._answered(acks, answers)
-            for pending, status in zip(run, answered, strict=True):
-                pending.settle(status)
-            outcomes += answered
+                # Those answered already keep their outcome (Pending.settle).
+                return [*outcomes, *[exc] * (len(batch) - len(outcomes))]
+        return outcomes
+
+    async def _ack_part(self, part: list[Pending[_Ack, str]]) -> list[str]:
+        """Send `part`'s acks in one request and settle each with its outcome
+        once it is answered: a later request that fails does not fail them. A
+        request of several that the broker refuses as a whole (a 400 or 413:
+        over a --max-body lower than its default, or follow-ups too large for
+        it, say) raises, to go again in halves (in_halves), so that only the
+        ack at fault fails, refused alone."""
+        acks = [pending.item for pending in part]
+        answers: list[dict[str, Any] | Exception]
+        try:
+            answers = list(
+                await self.client.ack_many((a.job, a.result, a.follow_ups) for a in acks)
+            )
+        except InvalidRequest as exc:
+            if len(part) > 1:
+                raise
+            answers = [exc]
+        outcomes = await self._answered(acks, answers)
+        for pending, outcome in zip(part, outcomes, strict=True):
+            pending.settle(outcome)
         return outcomes
 
     async def _answered(
@@ -1396,17 +1418,6 @@ class Worker:
                 log.warning("job %s: could not ack: %s", answer.get("id"), answer.get("error"))
             outcomes.append(str(status))
         return outcomes
-
-    async def _ack_in_parts(self, acks: list[_Ack]) -> list[dict[str, Any] | Exception]:
-        """The broker's answer to each ack, sent in one request. A request it
-        refuses as a whole (a 400 or 413: over a --max-body lower than its
-        default, or follow-ups too large for it, say) goes again in halves, so
-        that only the ack at fault fails (its InvalidRequest its answer)."""
-
-        async def send(part: list[_Ack]) -> list[dict[str, Any]]:
-            return await self.client.ack_many((a.job, a.result, a.follow_ups) for a in part)
-
-        return await in_halves(send, acks, lambda exc: isinstance(exc, InvalidRequest))
 
     def _heartbeat_interval(self, job: Job) -> float:
         """`heartbeat_every`, or a third of the lease the broker gave `job`;
