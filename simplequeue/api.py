@@ -32,6 +32,12 @@ OWNER_HEADER = "Simplequeue-Owner"
 REPLAYED_HEADER = "Simplequeue-Replayed"
 #: On a request a broker passes on to another: who passed it (it is served there).
 FORWARDED_HEADER = "Simplequeue-Forwarded"
+#: On the answer to a claim or a heartbeat: the latest the store's clock may read
+#: as the broker answers (its estimate plus its error), Unix seconds: a lease has
+#: lease_expires_at less it left at least, whatever the write that started it
+#: took. A header, not a field of the body: brokers before it decode a claim's
+#: answer they pass on (RESP, a late claim's take-back) field by field.
+NOW_HEADER = "Simplequeue-Now"
 # A request one broker passes on to another may be this many times its
 # --max-body, and MAX_BATCH ids more: the forwarder gives new jobs ids, and the
 # RESP face's values grow as JSON strings (a control byte takes six). What a
@@ -374,22 +380,12 @@ class Unpopped(_Answer):
     given_back: int  # jobs pending again (0: none kept, or expired and reused)
 
 
-# What the answers that start or renew leases say of the broker's clock.
-_NOW = Meta(
-    description="The latest the store's clock may read as the broker answers (its estimate "
-    "plus its error), in Unix seconds: a lease has lease_expires_at - now left at least, "
-    "whatever the write that started it took. Absent from a broker before it."
-)
-
-
 class Claimed(_Answer):
     job: Job
-    now: Annotated[float | None, _NOW] = None
 
 
 class ClaimedBatch(_Answer):
     jobs: list[Job]
-    now: Annotated[float | None, _NOW] = None
 
 
 class Settled(_Answer):
@@ -426,7 +422,6 @@ class AckedBatch(_Answer):
 class Renewed(_Answer):
     id: str
     lease_expires_at: float
-    now: Annotated[float | None, _NOW] = None
 
 
 class DeadJobs(_Answer):

@@ -81,6 +81,10 @@ WARN_EVERY = 60.0  # seconds between warnings that the pool, or descriptors, ran
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)  # the process', the system's
 
 
+# The headers of an owner's answer a broker passing it on passes on too.
+_PASSED_ON = frozenset({"Allow", "Retry-After", api.NOW_HEADER})
+
+
 def pool_size(descriptors: int) -> int:
     """The most connections a Forwarder holds open to other brokers at once,
     of `descriptors` left for connections."""
@@ -513,7 +517,7 @@ class Forwarder:
             method, url, data=body, headers=headers, timeout=limits
         ) as response:
             data = await response.read()
-            kept = {k: v for k, v in response.headers.items() if k in ("Allow", "Retry-After")}
+            kept = {k: v for k, v in response.headers.items() if k in _PASSED_ON}
             return Answer(
                 response.status,
                 data,

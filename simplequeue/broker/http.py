@@ -797,10 +797,8 @@ async def claim(call: Call) -> web.Response:
     )
     if not jobs:
         raise NothingToClaim("no job is claimable")
-    now = call.engine.latest_now()  # after the write: the caller counts its leases from here
-    return reply(
-        {"jobs": jobs, "now": now} if body.count is not None else {"job": jobs[0], "now": now}
-    )
+    answer = reply({"jobs": jobs} if body.count is not None else {"job": jobs[0]})
+    return _with_now(answer, call)
 
 
 async def pop(call: Call) -> web.Response:
@@ -876,7 +874,15 @@ async def heartbeat(call: Call) -> web.Response:
     topic = call.topic
     body = await body_of(call, api.HeartbeatRequest)
     renewed = await call.engine.heartbeat(topic, body.job_id, body.lease_token, body.lease)
-    return reply({**renewed, "now": call.engine.latest_now()})
+    return _with_now(reply(renewed), call)
+
+
+def _with_now(answer: web.Response, call: Call) -> web.Response:
+    """`answer` (to a claim or a heartbeat) saying the store's time as it
+    leaves, after the write (api.NOW_HEADER): its caller counts what its
+    leases have left from when it came."""
+    answer.headers[api.NOW_HEADER] = repr(call.engine.latest_now())
+    return answer
 
 
 async def status(call: Call) -> web.Response:

@@ -198,7 +198,7 @@ class LastCall:
     out more than once (tried again, or passed on by a broker after another
     did not answer); when its answer came (time.monotonic(), as its headers
     did: the body's transfer comes after), and the store's time the broker
-    said then (api.Claimed's `now`; None from a broker before it, or for a
+    said then (api.NOW_HEADER; None from a broker before it, or for a
     call whose answer says none)."""
 
     first_sent: float = 0.0
@@ -225,11 +225,15 @@ def last_call(record: LastCall) -> Iterator[None]:
         _last_call.reset(token)
 
 
-def _note_now(now: float | None) -> None:
-    """Record in the last_call() block (if any) the store's time the answer
-    of the call just made said (api.Claimed's `now`)."""
-    if (record := _last_call.get()) is not None:
-        record.now = now
+def _now_of(header: str | None) -> float | None:
+    """The store's time an answer said (api.NOW_HEADER), if it said one that reads."""
+    if header is None:
+        return None
+    try:
+        now = float(header)
+    except ValueError:
+        return None
+    return now if math.isfinite(now) else None
 
 
 class _Retry(Exception):
@@ -516,7 +520,9 @@ class Client:
                 raise TimeoutError(f"{self.url}: no time left for the request")
             attempts += 1
             try:
-                status, raw, replayed, answered = await self._send(method, path, body, wait, left)
+                status, raw, replayed, (answered, now) = await self._send(
+                    method, path, body, wait, left
+                )
             except _Retry as retry:
                 untried += not retry.tried
                 unsent += not retry.sent
@@ -525,7 +531,7 @@ class Client:
             repeated = attempts - unsent > 1 or replayed
             if (record := _last_call.get()) is not None:
                 record.first_sent, record.repeated = first_sent, repeated
-                record.answered, record.now = answered, None  # now: the caller's to note
+                record.answered, record.now = answered, now
             try:
                 got = self._answer(status, raw, answer, expected)
             except SimpleQueueError as exc:
@@ -596,9 +602,10 @@ class Client:
 
     async def _send(
         self, method: str, path: str, body: Any, wait: float, within: float | None = None
-    ) -> tuple[int, bytes, bool, float]:
+    ) -> tuple[int, bytes, bool, tuple[float, float | None]]:
         """(status, body, whether a broker passed the request on after another
-        did not answer, when the answer's headers came: time.monotonic()),
+        did not answer, (when the answer's headers came: time.monotonic(), the
+        store's time they said: api.NOW_HEADER, None if none)),
         within `timeout` (and the wait asked for) or `within`
         seconds, whichever is sooner. A topic's request goes to its owner once
         a broker named it (the Simplequeue-Owner header; never from https to
@@ -629,7 +636,7 @@ class Client:
                 headers=headers,
                 allow_redirects=False,
             ) as response:
-                answered = time.monotonic()
+                answered = time.monotonic(), _now_of(response.headers.get(api.NOW_HEADER))
                 raw = await _body(response, base, self.max_answer)
                 status = response.status
                 owner = response.headers.get(api.OWNER_HEADER)
@@ -812,10 +819,7 @@ class Client:
         `lease=None`: the topic's `lease` setting, else the broker's --lease."""
         body = api.ClaimRequest(worker_id, lease=lease, wait=wait)
         answer = await self._claim(body, api.Claimed)
-        if answer is None:
-            return None
-        _note_now(answer.now)
-        return answer.job
+        return None if answer is None else answer.job
 
     async def claim_many(
         self,
@@ -852,7 +856,6 @@ class Client:
         answer = await self._claim(body, api.ClaimedBatch)
         if answer is None:
             return []
-        _note_now(answer.now)
         firsts: dict[str, Job] = {}
         for job in answer.jobs:
             firsts.setdefault(job.id, job)
@@ -1030,7 +1033,6 @@ class Client:
             # A retry with the same token renews a lease still held: a 409 on
             # it means the lease is gone, whether or not the first try landed.
             raise LeaseLost(f"job {job_id!r} is no longer held by this client") from None
-        _note_now(answer.now)
         return answer.lease_expires_at
 
     async def _settle(self, path: str, body: Any, answer: type[A]) -> A:

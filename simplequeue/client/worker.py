@@ -17,7 +17,7 @@ topic's `lease` setting, else the broker's --lease, unless `lease` says) is
 renewed by heartbeats every third of it (`heartbeat_every`, half of it at
 most; HEARTBEAT_MIN at least), timed from when the lease began, on this
 clock: when the claim's answer came, less how long before answering the
-broker began it (its write included: the answer's `now` says), waiting in
+broker began it (its write included: the answer's Simplequeue-Now header says), waiting in
 the buffer included, until its ack is answered; each heartbeat has until
 the lease's end, up to HEARTBEATS_IN_FLIGHT out at once, so one answered
 late still renews the lease and one left unanswered never holds back the
@@ -296,7 +296,7 @@ class _Answered(NamedTuple):
 
     since: float  # when its jobs' leases count from if the broker says no `now`
     came: float  # time.monotonic() the answer came (its headers)
-    now: float | None  # the latest the store's time was then (api.ClaimedBatch's `now`)
+    now: float | None  # the latest the store's time was then (the answer's api.NOW_HEADER)
 
     def lease_start(self, job: Job) -> float:
         """When `job`'s lease began, on this clock: as long before the answer
@@ -1491,16 +1491,21 @@ class Worker:
 
     async def _heartbeat(self, held: _Claimed) -> bool:
         """One heartbeat of `held`'s job: False if the broker says its lease is
-        lost (or the job cancelled). It has until the lease's end, as it is on
-        this clock when sent: one answered after the next was due (a slow
-        write, a slow way back) still renews the lease, and moves its end
-        (_renewed_until), while one left unanswered (a lost packet, a stuck
-        proxy) is given up by then, not after the client's own timeout (30 s,
-        a whole default lease). Not an asyncio.timeout alone: one as long as
+        lost (or the job cancelled). It has a lease's length from when it is
+        sent, what a renewal it carries lasts at most: one answered after the
+        next was due (a slow write, a slow way back) still renews the lease,
+        and moves its end (_renewed_until), while one left unanswered (a lost
+        packet, a stuck proxy) is given up by then, not after the client's own
+        timeout (30 s, a whole default lease); and once the lease has run out
+        unrenewed, _heartbeats cancels those still out. Not the lease's end as
+        it is when sent: those sent before an earlier one landed would give up
+        at the end it moved, each answered late, and the lease would run out
+        renewed (from a broker that says no Simplequeue-Now, where a renewal
+        counts from its send). Not an asyncio.timeout alone: one as long as
         the client's timeout would be lost (calls_within). Any other failure
         is logged."""
         sent = time.monotonic()
-        within = max(HEARTBEAT_MIN, held.lease_ends - sent)
+        within = max(HEARTBEAT_MIN, self._lease_of(held.job))
         answering = LastCall()
         try:
             async with calls_within(within):
