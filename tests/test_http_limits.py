@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,10 +18,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as redis
 import yarl
+from redis.exceptions import ResponseError
 
 from simplequeue.broker.membership import rendezvous
 from simplequeue.objstore.memfs import MemStore
+from tests.helpers.until import until
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Connect = Callable[[str, int], Awaitable[list[Stream]]]
@@ -296,6 +300,89 @@ async def test_long_polls_through_a_broker_that_does_not_own_the_topic_stay_with
     assert other.stop() == 0
     assert answers == {(404, "owner"): claims}, answers
     assert "Too many open files" not in other.log()
+
+
+def _established_to(port: int) -> int:
+    """TCP connections on 127.0.0.1 established to `port` (this host's view)."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            remote, state = fields[2], fields[3]
+            if state == "01" and int(remote.split(":")[1], 16) == port:
+                count += 1
+    return count
+
+
+async def test_a_blpop_through_a_broker_whose_long_poll_share_is_taken_times_out_nil(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    """A long poll passed on waited for one of the long polls' share of the
+    pool for `wait` + the forward timeout, then was answered Overloaded (503,
+    -TRYAGAIN). At nofile 600 on localfs the pool is 48, its long polls'
+    share 36 (and the RESP client cap 36: 18 RESP clients in a BLPOP of two
+    keys take it as well). With the share held by 30 s claims, a RESP
+    client's `BLPOP k 1` through that broker was answered -TRYAGAIN after
+    2 s, where Redis (and this broker before the pool) answers nil after 1 s:
+    redis-py raises ResponseError out of a consumer's loop for a timeout it
+    asked for. Its wait spent in line, the owner is asked with none left."""
+    owner = broker_process("--dir", str(tmp_path), "--broker-id", "a", "--broker-lease", "3")
+    other = broker_process(
+        "--dir",
+        str(tmp_path),
+        "--broker-id",
+        "b",
+        "--broker-lease",
+        "3",
+        "--redis-addr",
+        "127.0.0.1:0",
+        nofile=600,
+    )
+    resp = other.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+    host, port = resp.rsplit(":", 1)
+    topic = next(
+        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "a") > rendezvous(t, "b")
+    )
+    owner_port = int(owner.url.rsplit(":", 1)[1])
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def passed_on() -> bool:
+            async with s.get(f"{other.url}/topics/{topic}/status") as r:
+                return r.headers.get("Simplequeue-Owner") == owner.url
+
+        deadline = time.monotonic() + 20
+        while not await passed_on():  # the brokers see each other within a round
+            assert time.monotonic() < deadline, "the brokers never met"
+            await asyncio.sleep(0.2)
+        pool = re.search(r"(\d+) for connections to the other brokers", other.log())
+        assert pool is not None, other.log()
+        share = int(pool[1]) - int(pool[1]) // 4
+
+        async def hold(i: int) -> int:
+            body = {"worker_id": f"w{i}", "wait": 30}
+            async with s.post(f"{other.url}/topics/{topic}/claim", json=body) as r:
+                await r.read()
+                return r.status
+
+        holders = [asyncio.create_task(hold(i)) for i in range(share)]
+        client = redis.Redis(host=host, port=int(port))
+        try:
+            # Each holder's long poll is at the owner: the share is taken.
+            await until(lambda: _established_to(owner_port) >= share, within=20)
+            started = time.monotonic()
+            try:
+                got: Any = await client.blpop([topic], timeout=1)
+            except ResponseError as exc:
+                got = exc
+            took = time.monotonic() - started
+        finally:
+            for h in holders:
+                h.cancel()
+            await asyncio.gather(*holders, return_exceptions=True)
+            await client.aclose()
+    assert other.stop() == 0 and owner.stop() == 0
+    assert got is None and took < 1.8, (repr(got), took)
 
 
 def test_a_broker_raises_its_soft_descriptor_limit_to_the_hard_one(

@@ -1964,6 +1964,61 @@ async def test_long_polls_passed_on_wait_their_turn_and_leave_short_requests_roo
     assert sorted(waits)[3:] == [5.0] * 3 and max(sorted(waits)[:3]) < 4.8, waits
 
 
+async def test_a_long_poll_whose_wait_runs_out_in_line_asks_the_owner_with_none_left() -> None:
+    """A long poll that could not get one of the long polls' share waited for
+    it `wait` + ANSWER_WITHIN, then was answered Overloaded (503, -TRYAGAIN):
+    an HTTP claim with wait=1 got 503 after 2 s, where its caller asked for a
+    job within 1 s or 404 (review finding). Its wait spent in line, it takes
+    a short request's slot and asks the owner with no wait left."""
+    waits: list[float] = []
+    share_taken = asyncio.Event()
+    release = asyncio.Event()
+
+    async def claim(request: web.Request) -> web.Response:
+        wait = (await request.json())["wait"]
+        waits.append(wait)
+        if wait:
+            if len(waits) == 3:
+                share_taken.set()
+            await release.wait()
+        return web.json_response({"error": "nothing to claim"}, status=404)
+
+    app = web.Application()
+    app.router.add_post("/topics/{topic}/claim", claim)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    membership = Membership(MemStore(), broker_id="me", url="http://127.0.0.1:1", lease_s=15)
+    owner = Peer("owner", f"http://127.0.0.1:{port}")
+    membership.live = (owner, membership.me)
+    topic = next(
+        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "owner") > rendezvous(t, "me")
+    )
+    # Four connections: three for long polls, one kept for short requests.
+    forwarder = Forwarder(membership, token=None, answer_within=0.5, connections=4)
+    path = f"/topics/{topic}/claim"
+    held = [
+        asyncio.create_task(
+            forwarder.route(topic, "POST", path, b'{"worker_id": "w", "wait": 30}', wait=30.0)
+        )
+        for _ in range(3)
+    ]
+    try:
+        await asyncio.wait_for(share_taken.wait(), 5)
+        got = await forwarder.route(
+            topic, "POST", path, b'{"worker_id": "w", "wait": 0.2}', wait=0.2
+        )
+    finally:
+        release.set()
+        await asyncio.gather(*held, return_exceptions=True)
+        await forwarder.close()
+        await runner.cleanup()
+    assert isinstance(got, Answer) and (got.status, got.served_by) == (404, owner)
+    assert waits == [30, 30, 30, 0], waits
+
+
 async def test_a_broker_out_of_descriptors_answers_503_and_keeps_routing_to_the_owner(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -75,7 +75,8 @@ POOL_MAX = 1024
 # Long polls (a claim's or pop's wait, a job's ?wait=) hold their connection
 # for as long as they wait (up to a minute): at most all but a quarter of the
 # pool, so that short requests (acks, enqueues) never queue behind them. A long
-# poll past its share waits its turn out of what it was to wait at the owner.
+# poll past its share waits its turn out of what it was to wait at the owner;
+# its wait spent in line, it asks the owner with none left, as a short request.
 SHORT_SHARE = 4
 WARN_EVERY = 60.0  # seconds between warnings that the pool, or descriptors, ran short
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)  # the process', the system's
@@ -427,26 +428,39 @@ class Forwarder:
     ) -> Answer:
         """`peer`'s answer, given `wait` seconds more than ANSWER_WITHIN, over
         a connection of the pool once one is free (for a `long_poll`, its wait
-        being `wait`, one of their share). Overloaded when none was free in
-        that time, or this broker is out of descriptors: its own shortage,
-        which says nothing of `peer`."""
+        being `wait`, one of their share, or when none came within `wait`, a
+        short request's with no wait). Overloaded when none was free in time,
+        or this broker is out of descriptors: its own shortage, which says
+        nothing of `peer`."""
         started = time.monotonic()
+        if long_poll:
+            try:
+                async with asyncio.timeout(wait):
+                    queued = await self._slots.take(long_poll=True)
+            except TimeoutError:
+                # Its wait ran out in line: what its caller asked for now is
+                # what the owner holds at once (a job, or nothing: 404, nil),
+                # asked as a short request, whose quarter long polls never hold.
+                long_poll, wait = False, 0.0
+                path_qs, body = _waiting(path_qs, body, 0.0)
+            else:
+                if queued:  # it waited its turn out of its wait: the owner waits the rest
+                    wait = max(0.0, wait - (time.monotonic() - started))
+                    path_qs, body = _waiting(path_qs, body, wait)
+        if not long_poll:
+            try:
+                # Waited for as long as the answer would be: a pool held that
+                # long by answers slower than that (long polls have their
+                # share) is one this broker cannot serve from now.
+                async with asyncio.timeout(self.answer_within + wait):
+                    await self._slots.take(long_poll=False)
+            except TimeoutError:
+                self._warn(f"all {self.connections} in use for {self.answer_within + wait:g} s")
+                raise Overloaded(
+                    f"all {self.connections} of this broker's connections to the others are in "
+                    f"use (passing a request on to {peer.url}): ask again"
+                ) from None
         try:
-            # Waited for as long as the answer would be: a pool held that long
-            # by answers slower than that (long polls have their share) is
-            # one this broker cannot serve from now.
-            async with asyncio.timeout(self.answer_within + wait):
-                queued = await self._slots.take(long_poll)
-        except TimeoutError:
-            self._warn(f"all {self.connections} in use for {self.answer_within + wait:g} s")
-            raise Overloaded(
-                f"all {self.connections} of this broker's connections to the others are in "
-                f"use (passing a request on to {peer.url}): ask again"
-            ) from None
-        try:
-            if long_poll and queued:  # it waited its turn out of its wait: the owner waits the rest
-                wait = max(0.0, wait - (time.monotonic() - started))
-                path_qs, body = _waiting(path_qs, body, wait)
             return await self._exchange(peer, method, path_qs, body, wait, content_type)
         finally:
             self._slots.give_back(long_poll)
