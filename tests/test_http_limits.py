@@ -385,6 +385,68 @@ async def test_a_blpop_through_a_broker_whose_long_poll_share_is_taken_times_out
     assert got is None and took < 1.8, (repr(got), took)
 
 
+async def test_the_forwarders_pool_bounds_its_descriptors_with_two_other_brokers(
+    broker_process: Any, tmp_path: Path
+) -> None:
+    """The pool of connections to the other brokers is left out of the
+    connection cap (README: "the broker keeps a pool of them, a quarter of the
+    descriptors the store leaves"), but aiohttp's limit counts connections in
+    use, not idle ones, which it keeps per broker for the keep-alive. At
+    nofile 600 (pool 48) with two other brokers: 36 long polls passed on to
+    one, then at once 36 to the other, and the broker held 72 sockets to them,
+    1.5 times the pool (with N other brokers, up to N times it; at nofile
+    2,000 and three others: 933 for a pool of 311, which with the 933 clients
+    and the store's 500 is past the limit: EMFILE)."""
+    args = ("--dir", str(tmp_path), "--broker-lease", "3")
+    a = broker_process(*args, "--broker-id", "a")
+    b = broker_process(*args, "--broker-id", "b")
+    c = broker_process(*args, "--broker-id", "c", nofile=600)
+
+    def owned_by(me: str) -> str:
+        return next(
+            t
+            for t in (f"t{i}" for i in range(200))
+            if max("abc", key=lambda x: rendezvous(t, x)) == me
+        )
+
+    ta, tb = owned_by("a"), owned_by("b")
+    ports = [int(x.url.rsplit(":", 1)[1]) for x in (a, b)]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def owner_of(topic: str) -> str | None:
+            async with s.get(f"{c.url}/topics/{topic}/status") as r:
+                return r.headers.get("Simplequeue-Owner")
+
+        deadline = time.monotonic() + 20
+        while (await owner_of(ta), await owner_of(tb)) != (a.url, b.url):
+            assert time.monotonic() < deadline, "the brokers never met"
+            await asyncio.sleep(0.2)
+        pool = re.search(r"(\d+) for connections to the other brokers", c.log())
+        assert pool is not None, c.log()
+        size = int(pool[1])
+        share = size - size // 4
+
+        async def claim(topic: str, i: int, wait: float) -> int:
+            body = {"worker_id": f"w{i}", "wait": wait}
+            async with s.post(f"{c.url}/topics/{topic}/claim", json=body) as r:
+                await r.read()
+                return r.status
+
+        first = await asyncio.gather(*(claim(ta, i, 1) for i in range(share)))
+        assert first == [404] * share
+        second = [asyncio.create_task(claim(tb, i, 5)) for i in range(share)]
+        try:
+            await until(lambda: _established_to(ports[1]) >= share, within=20)
+            held = sum(map(_established_to, ports))
+        finally:
+            for task in second:
+                task.cancel()
+            await asyncio.gather(*second, return_exceptions=True)
+    for x in (c, b, a):
+        assert x.stop() == 0
+    assert held <= size, f"{held} sockets to the other brokers for a pool of {size}"
+
+
 def test_a_broker_raises_its_soft_descriptor_limit_to_the_hard_one(
     broker_process: Any, tmp_path: Path
 ) -> None:

@@ -127,6 +127,7 @@ class _Slots:
     def __init__(self, size: int) -> None:
         self._any = asyncio.Semaphore(size)
         self._long_polls = asyncio.Semaphore(max(1, size - size // SHORT_SHARE))
+        self.taken = 0  # requests in flight
 
     async def take(self, long_poll: bool) -> bool:
         """One slot (and one of the long polls', for one); whether it had to wait."""
@@ -139,9 +140,11 @@ class _Slots:
             if long_poll:
                 self._long_polls.release()
             raise
+        self.taken += 1
         return waited
 
     def give_back(self, long_poll: bool) -> None:
+        self.taken -= 1
         self._any.release()
         if long_poll:
             self._long_polls.release()
@@ -190,9 +193,8 @@ class Forwarder:
             # Requests wait for a connection in _Slots, never in aiohttp's
             # queue, whose wait is timed as a connect (ConnectionTimeoutError):
             # a full pool would be taken for an owner that cannot be reached.
-            # The limit stands behind the slots. aiohttp counts no idle
-            # connection: those kept for one broker while others' are in use
-            # go within the keep-alive.
+            # The limit stands behind the slots. It counts no idle connection:
+            # _send closes those past the slots' room (_close_idle).
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=self.connections, keepalive_timeout=self.keepalive
@@ -461,6 +463,11 @@ class Forwarder:
                     f"use (passing a request on to {peer.url}): ask again"
                 ) from None
         try:
+            # Sockets open to the others: one for each request in flight (this
+            # one's included) and those kept idle, within the pool's size.
+            connector = self._http().connector
+            if connector is not None:  # it has one: _http() made it
+                _close_idle(connector, self.connections - self._slots.taken, URL(peer.url))
             return await self._exchange(peer, method, path_qs, body, wait, content_type)
         finally:
             self._slots.give_back(long_poll)
@@ -539,6 +546,31 @@ class Forwarder:
                 peer,
                 headers=kept,
             )
+
+
+def _close_idle(connector: aiohttp.BaseConnector, most: int, peer: URL) -> None:
+    """Close connections `connector` keeps idle past `most`, the longest idle
+    first and those to `peer` last: room for a request to it. aiohttp's limit
+    counts connections in use only, and it keeps idle ones for each broker
+    (for the keep-alive): 36 long polls to one, then 36 to another, held 72
+    sockets for a pool of 48. aiohttp has no public way to close an idle
+    connection: this trims its pool (`_conns`, for each host a queue of
+    (protocol, when released)) as its own keep-alive cleanup does."""
+    pool = connector._conns
+    if sum(map(len, pool.values())) <= most:  # most requests: no list to build
+        return
+    idle = [
+        (key.host == peer.host and key.port == peer.port, released, key, proto)
+        for key, conns in pool.items()
+        for proto, released in conns
+        if proto.is_connected()
+    ]
+    idle.sort(key=lambda i: i[:2])  # another broker's first, the longest idle first
+    for _, released, key, proto in idle[: max(0, len(idle) - most)]:
+        pool[key].remove((proto, released))
+        if not pool[key]:
+            del pool[key]
+        proto.close()
 
 
 def _attempt(topic: str, claim: api.ClaimRequest | None) -> tuple[str, str, str] | None:
