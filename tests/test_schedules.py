@@ -19,14 +19,15 @@ import orjson
 import pytest
 from yarl import URL
 
+from simplequeue import keys
 from simplequeue.api import JobSpec, ScheduleRequest
 from simplequeue.broker.engine import shown_schedule
 from simplequeue.client import Client
-from simplequeue.errors import InvalidRequest, ScheduleNotFound
+from simplequeue.errors import CorruptData, InvalidRequest, ScheduleNotFound
 from simplequeue.objstore import ObjectStore
 from simplequeue.objstore.memfs import MemStore
-from simplequeue.state import Policy
-from simplequeue.state.slots import latest_at, next_after
+from simplequeue.state import Policy, TopicState, decode_head
+from simplequeue.state.slots import latest_at, next_after, next_unfired
 from tests.helpers.states import fresh, reread, seal
 from tests.test_ownership import cluster, owner_and_other
 
@@ -609,6 +610,43 @@ def test_a_cron_schedule_replaced_where_tzdata_differ_fires_no_local_time_again(
     # In another zone, its times are another clock's: the next comes.
     other = ScheduleRequest("e", cron="0 9 * * *", tz="Europe/Paris")
     assert s.put_schedule("daily", other, utc(2024, 3, 2, 6, 30))["next_at"] == utc(2024, 3, 2, 8)
+
+
+def read_with_last_local(state: TopicState, now: float, last_local: str) -> TopicState:
+    """`state` written, its schedule "m" given `last_local` in the head's
+    bytes (by hand, or by a writer not this code), and read back."""
+    written = reread(state, now)
+    written.head["schedules"]["m"]["last_local"] = last_local
+    head = decode_head(state.topic, keys.head(state.topic), orjson.dumps(written.head))
+    return TopicState(head, written.view, written.bounds, written.policy)
+
+
+def test_a_head_whose_last_local_is_no_time_is_corrupt() -> None:
+    """The schema's pattern let "2024-13-45T99:99" by: a tend's fire() raised
+    ValueError, which the committer made StoreUnavailable ("commit failed")
+    for its whole batch, client writes with it (review finding). Read, it is
+    CorruptData, as a head's other bad fields are."""
+    start = utc(2024, 3, 1, 12)
+    s = fresh()
+    s.put_schedule("m", ScheduleRequest("m", cron="* * * * *"), start)
+    assert s.tend(start + 60)["fired"] == 1
+    read_with_last_local(s, start + 60, "2024-03-01T12:01")  # a time: read
+    with pytest.raises(CorruptData, match="not a well-formed head"):
+        read_with_last_local(s, start + 60, "2024-13-45T99:99")
+
+
+def test_a_cron_whose_last_local_lies_days_ahead_fires_as_if_it_had_none() -> None:
+    """A last_local far ahead made next_unfired step to it slot by slot,
+    holding the event loop (a year of `* * * * *`: 525,600 slots), and the
+    schedule fire nothing until then (review finding). No tzdata puts a
+    local time fired more than a day after the slot: it says nothing."""
+    start = utc(2024, 3, 1, 12)
+    s = fresh()
+    s.put_schedule("m", ScheduleRequest("m", cron="* * * * *"), start)
+    assert s.tend(start + 60)["fired"] == 1
+    s = read_with_last_local(s, start + 60, "2024-03-04T12:01")  # three days ahead
+    assert next_unfired(s.schedules()["m"], start + 60) == start + 120
+    assert s.tend(start + 120)["fired"] == 1
 
 
 async def test_a_schedule_refused_says_why_in_words(start_broker: StartBroker) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from datetime import datetime
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 import msgspec
@@ -282,6 +283,9 @@ def check_head(key: str, head: dict[str, Any]) -> None:
         msgspec.convert(head, Head)
         for name in [*head["lanes"], *head.get("prios", ())]:
             int(name)
+        for schedule in head.get("schedules", {}).values():
+            if "last_local" in schedule:  # its pattern lets "2024-13-45T99:99" by
+                datetime.fromisoformat(schedule["last_local"])
     except (msgspec.ValidationError, ValueError) as exc:
         raise CorruptData(key, f"not a well-formed head ({exc})") from None
     chains = [("leases", head["leases"]), ("retained", head["retained"])]

@@ -140,10 +140,18 @@ def local_time(schedule: dict[str, Any], slot: int) -> str:
     return shown.replace(tzinfo=None).isoformat(timespec="minutes")
 
 
+# Two tzdata releases put a zone's local time at instants less than this
+# apart (seconds): a day.
+_TZDATA_SHIFT = 86_400
+
+
 def fired_locally(schedule: dict[str, Any], slot: int) -> bool:
     """Whether `slot` shows, by this host's tzdata, a local time at or before
     the last one the schedule fired (`last_local`): fired already, perhaps by
-    a broker whose tzdata put that time at another instant."""
+    a broker whose tzdata put that time at another instant. A `last_local`
+    this host puts more than _TZDATA_SHIFT after `slot` was not fired before
+    it (a head edited by hand, or a foreign writer's): it says nothing, as if
+    absent, and next_unfired steps through at most that span of slots."""
     last = schedule.get("last_local")
     if last is None:
         return False
@@ -153,15 +161,17 @@ def fired_locally(schedule: dict[str, Any], slot: int) -> bool:
     # comes after, and fires as cronsim says. For a time this tzdata skips
     # (fold=0: after the gap), the slots before the gap show earlier times.
     until = local.replace(tzinfo=zone).timestamp()
-    return slot <= until and datetime.fromtimestamp(slot, zone).replace(tzinfo=None) <= local
+    if not slot <= until <= slot + _TZDATA_SHIFT:
+        return False
+    return datetime.fromtimestamp(slot, zone).replace(tzinfo=None) <= local
 
 
 def next_unfired(schedule: dict[str, Any], t: float) -> int | None:
     """The first slot strictly after `t` that is not `fired_locally` (None: a
     cron that never comes again)."""
     slot = next_after(schedule, t)
-    # Those skipped lie before the instant this host puts `last_local` at:
-    # within the day, as zones' offsets differ by less.
+    # Those skipped lie before the instant this host puts `last_local` at,
+    # within _TZDATA_SHIFT (fired_locally): a minute's cron, 1,440 at most.
     while slot is not None and fired_locally(schedule, slot):
         slot = next_after(schedule, slot)
     return slot
