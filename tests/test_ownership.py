@@ -1028,7 +1028,9 @@ async def test_a_stand_in_tells_the_owner_once_it_is_no_longer_suspect(
     stand_in.membership.suspect(owner.membership.me.broker_id, 1.0)
     for n in range(3):  # written while the owner is suspect
         await stand_in.engine.enqueue("t", [JobSpec(n, id=f"k{n}")])
-    (got,) = await asyncio.wait_for(poll, 4)
+    # Told within a second or two of the suspicion's end (its long poll looks
+    # at the store only every 30 s): 10 s, for a loaded machine.
+    (got,) = await asyncio.wait_for(poll, 10)
     assert got["id"] == "k0"
     # Once for the three writes (twice only if a loaded machine spread them
     # over more than a second), never while the owner was suspect.
