@@ -4,6 +4,7 @@ dead letters after max_attempts, batch claims, stop() and drain."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -32,6 +33,7 @@ from simplequeue.errors import (
 )
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
+from tests.helpers.bounding_proxy import BoundingProxy
 from tests.helpers.fault_proxy import FaultProxy
 from tests.helpers.faults import FaultyStore
 from tests.helpers.head_reads import HeadReads
@@ -2215,16 +2217,27 @@ async def test_a_done_with_a_follow_up_that_cannot_be_sent_fails_its_job(
     assert (worker.processed, worker.failed) == (0, 1)
 
 
+@pytest.mark.parametrize("bounded_by", ["broker", "proxy"])
 async def test_an_ack_the_broker_refuses_fails_its_job_and_no_other(
-    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture, bounded_by: str
 ) -> None:
-    broker = await start_broker(MemStore(), max_body=64 * 1024)
-    async with Client(broker.url, topic="w") as q:
+    """An ack too large alone, for the broker's --max-body or for a proxy
+    bounding bodies on its own (its 413 page, a BrokerError), fails its job
+    saying so: it would be as large, and refused, every time it ran again."""
+    async with contextlib.AsyncExitStack() as stack:
+        if bounded_by == "broker":
+            broker = await start_broker(MemStore(), max_body=64 * 1024)
+            url = broker.url
+        else:
+            broker = await start_broker(MemStore())
+            proxy = BoundingProxy(broker.url, 64 * 1024)
+            url = (await stack.enter_async_context(proxy.running())).url
+        q = await stack.enter_async_context(Client(url, topic="w"))
         await q.enqueue_many(
             [{"payload": {"size": n}, "id": f"j{n}", "max_attempts": 1} for n in (10, 100_000, 20)]
         )
 
-        async def echo(job: Job) -> Done:  # j100000's ack is over the broker's --max-body
+        async def echo(job: Job) -> Done:  # j100000's ack is over the bound
             return Done(job.id, enqueue=[{"payload": "x" * job.payload["size"], "topic": "o"}])
 
         worker = Worker(q, echo, concurrency=3, wait=0.2, handle_signals=False)
@@ -2236,6 +2249,46 @@ async def test_an_ack_the_broker_refuses_fails_its_job_and_no_other(
         assert "the broker refused the ack" in refused.last_error
         assert (worker.processed, worker.failed) == (2, 1)
         assert "job j100000 failed" in caplog.text
+
+
+async def test_worker_acks_a_proxy_finds_too_large_together_are_halved_not_redelivered(
+    start_broker: StartBroker,
+) -> None:
+    """Acks of up to 512 KB a request through a proxy bounding bodies at
+    256 KiB: the proxy's own 413 page (a BrokerError, not the API's
+    PayloadTooLarge) was not a refusal the Worker halved, as the SDK's
+    coalesced enqueues do, so every ack request failed, its acks dropped
+    ("will be redelivered"), and each job ran again once its lease was out,
+    though each ack alone fits: after 8 s, 0 of 40 completed."""
+    broker = await start_broker(MemStore())
+    runs: collections.Counter[str] = collections.Counter()
+    proxy = BoundingProxy(broker.url, 256 * 1024)
+    async with proxy.running(), Client(proxy.url, topic="w") as q:
+        await q.enqueue_many([{"payload": n, "id": f"j{n}"} for n in range(40)])
+
+        async def handler(job: Job) -> str:
+            runs[job.id] += 1
+            return "x" * 20_000  # 40 of them: 800 KB of acks, each 20 KB
+
+        worker = Worker(q, handler, concurrency=40, lease=2, wait=0.2, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        try:
+            # Each ack lands in well under a second; redelivered, a job
+            # waits its 2 s lease out first.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(8):
+                    while (await q.status())["completed"] < 40:
+                        await broker.committer.wait_changed("w", 1.0)
+            completed = (await q.status())["completed"]
+        finally:
+            await worker.stop()
+            await task
+    twice = sorted(job_id for job_id, n in runs.items() if n > 1)
+    assert not twice and worker.unacked == 0, (
+        f"{completed} of 40 completed, {len(twice)} jobs ran more than once,"
+        f" {worker.unacked} acks dropped,"
+        f" {proxy.refused['/topics/w/ack']} ack requests refused by the proxy"
+    )
 
 
 async def _settled(q: Client, n: int) -> bool:

@@ -287,12 +287,15 @@ def _every_dead_unknown(done: str, ids: list[str]) -> IncompleteAnswer:
     )
 
 
-def _refused_whole(exc: Exception) -> bool:
-    """Whether a request of several jobs may have been refused for some of
-    them, or for their size together: the API's InvalidRequest (a 400: one
-    bad; a 413: over the broker's --max-body), the 413 page of a proxy that
-    bounds bodies on its own, or a payload JSON cannot hold. Sent again in
-    halves (batching.in_halves), only the jobs at fault fail."""
+def refused_whole(exc: Exception) -> bool:
+    """Whether a request of several jobs (or acks) may have been refused for
+    some of them, or for their size together: the API's InvalidRequest (a
+    400: one bad; a 413: over the broker's --max-body), the 413 page of a
+    proxy that bounds bodies on its own, or a payload JSON cannot hold. Sent
+    again in halves (batching.in_halves), only the items at fault fail. The
+    one test for the Client's coalesced enqueues, the Worker's acks and the
+    CLI's enqueue --file: a refusal one of them did not halve failed the
+    whole request, though each item fit."""
     if isinstance(exc, BrokerError):
         return exc.status == 413
     return isinstance(exc, (InvalidRequest, *UNSENDABLE))
@@ -778,7 +781,7 @@ class Client:
         # calls_within() of the one whose enqueue started it.
         _deadline.set(None)
         # One bad job, or jobs too large together, must not fail the others.
-        return await in_halves(self._enqueue_part, batch, _refused_whole)
+        return await in_halves(self._enqueue_part, batch, refused_whole)
 
     async def _enqueue_part(self, part: list[Pending[api.JobSpec, str]]) -> list[str]:
         """Enqueue a part of a batch, its callers answered now: a later part

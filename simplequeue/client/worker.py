@@ -92,6 +92,7 @@ from simplequeue.client.client import (
     calls_within,
     encode,
     last_call,
+    refused_whole,
 )
 from simplequeue.client.followups import Done, follow_up_specs
 from simplequeue.client.job import Job
@@ -1357,9 +1358,7 @@ class Worker:
         outcomes: list[str | BaseException] = []
         for run in runs_within(batch, _size_of, ACK_BATCH_BYTES):
             try:
-                outcomes += await in_halves(
-                    self._ack_part, run, lambda exc: isinstance(exc, InvalidRequest)
-                )
+                outcomes += await in_halves(self._ack_part, run, refused_whole)
             except Exception as exc:
                 failed = sum(not pending.future.done() for pending in batch)  # unanswered
                 log.error(
@@ -1376,18 +1375,19 @@ class Worker:
     async def _ack_part(self, part: list[Pending[_Ack, str]]) -> list[str]:
         """Send `part`'s acks in one request and settle each with its outcome
         once it is answered: a later request that fails does not fail them. A
-        request of several that the broker refuses as a whole (a 400 or 413:
-        over a --max-body lower than its default, or follow-ups too large for
-        it, say) raises, to go again in halves (in_halves), so that only the
-        ack at fault fails, refused alone."""
+        request of several refused as a whole (refused_whole: a 400, or a 413
+        of the broker's or of a proxy's, over a --max-body lower than its
+        default, or follow-ups too large for it, say) raises, to go again in
+        halves (in_halves), so that only the ack at fault fails, refused
+        alone: sent again it would be refused again."""
         acks = [pending.item for pending in part]
         answers: list[dict[str, Any] | Exception]
         try:
             answers = list(
                 await self.client.ack_many((a.job, a.result, a.follow_ups) for a in acks)
             )
-        except InvalidRequest as exc:
-            if len(part) > 1:
+        except Exception as exc:
+            if len(part) > 1 or not refused_whole(exc):
                 raise
             answers = [exc]
         outcomes = await self._answered(acks, answers)
