@@ -25,6 +25,7 @@ from simplequeue.client import Client
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
+from tests.helpers.bounding_proxy import BoundingProxy
 from tests.helpers.fault_proxy import FaultProxy
 from tests.helpers.until import until, until_async
 
@@ -378,6 +379,26 @@ async def test_enqueue_file_halves_a_batch_a_smaller_max_body_refuses_and_says_h
     assert done.returncode == 1 and last.startswith("Error: PayloadTooLarge"), done.stderr
     assert last.endswith("(300 of 302 jobs were enqueued: through line 300)"), last
     assert (await cli.json("status", "--json"))["pending"] == 300
+
+
+async def test_cli_enqueue_file_through_a_proxy_bounding_bodies_halves_its_batches(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """enqueue --file halved a batch the broker refused as too large
+    (PayloadTooLarge: its --max-body) but not one a proxy refused with its
+    own 413 page (a BrokerError), as the SDK's coalesced enqueues do: through
+    a proxy bounding bodies at 256 KiB, 600 lines of 1 KB, each of which
+    fits, failed "BrokerError: ... HTTP 413 (0 of 600 jobs were enqueued:
+    none)"."""
+    broker = await start_broker(MemStore())
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text("".join(f'"{n:04d}{"x" * 1000}"\n' for n in range(600)))
+    async with BoundingProxy(broker.url, 256 * 1024).running() as proxy:
+        done = await Cli("--broker", proxy.url, "--topic", "t")("enqueue", "--file", str(lines))
+    assert done.returncode == 0, done.stderr[-400:]
+    assert orjson.loads(done.stdout) == {"enqueued": 600}
+    async with Client(broker.url, topic="t") as q:
+        assert (await q.status())["pending"] == 600
 
 
 async def test_enqueue_file_refuses_an_id_it_cannot_give(cli: Cli, tmp_path: Path) -> None:

@@ -31,11 +31,11 @@ import orjson
 
 from simplequeue import __version__, api
 from simplequeue.batching import runs_within
-from simplequeue.client.client import Client, new_job_spec
+from simplequeue.client.client import Client, new_job_spec, refused_whole
 from simplequeue.client.followups import Done
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
-from simplequeue.errors import InvalidRequest, PayloadTooLarge, SimpleQueueError
+from simplequeue.errors import InvalidRequest, SimpleQueueError
 from simplequeue.storeflags import (
     FiniteRange,
     OneLineGroup,
@@ -588,14 +588,16 @@ async def piped_runs(
 
 
 async def enqueue_in_halves(client: Client, jobs: list[dict[str, Any]], ids: list[str]) -> None:
-    """Enqueue `jobs` in one request, or in halves while the broker finds a
-    request too large (its --max-body may be smaller than the default); their
-    ids go into `ids` as they are enqueued."""
+    """Enqueue `jobs` in one request, or in halves while it is refused whole
+    (refused_whole: too large for the broker's --max-body, or a proxy's,
+    either may be smaller than a batch; or one job bad), down to the job at
+    fault, whose refusal is raised; their ids go into `ids`, in order, as
+    they are enqueued."""
     try:
         ids += await client.enqueue_many(jobs)
         return
-    except PayloadTooLarge:
-        if len(jobs) == 1:
+    except Exception as exc:
+        if len(jobs) == 1 or not refused_whole(exc):
             raise
     half = len(jobs) // 2
     await enqueue_in_halves(client, jobs[:half], ids)
