@@ -350,6 +350,59 @@ async def test_enqueue_file_stopped_by_a_second_signal_says_which_lines_may_be_e
     ), err
 
 
+async def test_enqueue_file_from_a_busy_pipe_does_not_lose_a_sigterm(
+    broker_process: Callable[..., Any],
+) -> None:
+    """asyncio learns of a signal (loop.add_signal_handler) from the byte its
+    C handler writes to the loop's self-pipe. The thread reading the pipe
+    handed each line over with a call_soon_threadsafe of its own, a byte into
+    that same self-pipe: while the loop was busy with a batch, the thread's
+    burst filled it, and a signal's byte was dropped ("Exception ignored when
+    trying to write to the signal wakeup fd: BlockingIOError"). `yes |
+    simplequeue enqueue --file -` ran on through SIGTERM, enqueuing, until
+    killed, in about 1 trial of 7, the lines read and not sent gone with it
+    and no word of how far it got."""
+    broker = broker_process("--backend", "memfs")  # a process of its own: a busy command
+    for trial in range(25):
+        topic = f"yes{trial}"
+        cli = Cli("--broker", broker.url, "--topic", topic)
+        read, write = os.pipe()
+        producer = await asyncio.create_subprocess_exec("yes", '{"a": 1}', stdout=write)
+        proc = await asyncio.create_subprocess_exec(
+            *cli.argv("enqueue", "--file", "-"),
+            stdin=read,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli.env,
+        )
+        os.close(read)
+        os.close(write)
+        assert proc.stderr is not None
+        try:
+            async with Client(broker.url, topic=topic) as q:
+
+                async def busy() -> bool:  # a producer that never stops: batches flow
+                    return (await q.status())["enqueued"] >= 20_000
+
+                await until_async(busy, within=30)
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            lost = proc.returncode is None
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                producer.kill()
+            await producer.wait()
+        said = (await proc.stderr.read()).decode(errors="replace")
+        assert not lost, f"trial {trial}: SIGTERM ignored for 10 s; stderr: {said[-600:]}"
+        assert proc.returncode == 143, (trial, proc.returncode, said[-600:])
+        assert said.strip().splitlines()[-1].startswith("Error: stopped by SIGTERM ("), said
+
+
 async def test_enqueue_file_sizes_its_batches_by_bytes_not_lines(cli: Cli, tmp_path: Path) -> None:
     """500 lines a request whatever their size: lines of 2.5 KB made a request
     past the broker's 1 MiB --max-body, refused whole (review, round 22)."""

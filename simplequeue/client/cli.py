@@ -11,6 +11,7 @@ status 130 or 143.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import functools
@@ -23,7 +24,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
-from typing import Any, BinaryIO, NoReturn, TypeVar
+from typing import Any, BinaryIO, Generic, NoReturn, TypeVar
 
 import click
 import msgspec
@@ -504,7 +505,14 @@ def stopped_by_signals(stop: Stop) -> Iterator[None]:
     """SIGINT and SIGTERM call `stop` while this runs, rather than end the
     command at once, saying nothing of what was done; a signal ignored already
     (SIGINT of a command a script started with `&`) stays ignored. The
-    handlers found are put back after (asyncio.run()'s own for SIGINT)."""
+    handlers found are put back after (asyncio.run()'s own for SIGINT).
+
+    loop.add_signal_handler hears of a signal through a byte written into the
+    loop's self-pipe, lost if that pipe is full. A Python handler calling
+    call_soon_threadsafe would not lose it, but runs on the main thread only:
+    delivered to the reader's, the signal would wait, unheard, for the loop
+    to wake for something else. The pipe is kept from filling instead: the
+    reader hands its lines over in bursts, one byte a burst (Handover)."""
     loop = asyncio.get_running_loop()
     found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     taken = [sig for sig, handler in found.items() if handler is not signal.SIG_IGN]
@@ -530,6 +538,48 @@ async def _as_async(items: Iterator[T], stop: Stop) -> AsyncIterator[T]:
         yield item
 
 
+class Handover(Generic[T]):
+    """Items a thread hands to the event loop, the loop woken once for every
+    item handed while it took none. Waking it (call_soon_threadsafe) writes a
+    byte into its self-pipe, where the C handler of loop.add_signal_handler
+    writes the byte that tells it of a signal: a byte a line, while the loop
+    was busy sending a batch, filled that pipe (an AF_UNIX socket pair takes
+    some 278 one-byte writes), the signal's byte was dropped ("Exception
+    ignored when trying to write to the signal wakeup fd") and `yes |
+    simplequeue enqueue --file -` ran on through SIGTERM. One byte waiting
+    at most, the pipe cannot fill."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[T] = []
+        self._ready = asyncio.Event()  # set once items wait
+
+    def hand(self, item: T) -> None:
+        """On the thread: RuntimeError once the loop is closed."""
+        with self._lock:
+            self._items.append(item)
+            first = len(self._items) == 1
+        if first:  # else the loop was woken already, and takes this one too
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    def put(self, item: T) -> None:
+        """hand(), on the loop's own thread."""
+        with self._lock:
+            self._items.append(item)
+        self._ready.set()
+
+    async def take(self) -> list[T]:
+        """Every item handed, in order, once there is one."""
+        while True:
+            await self._ready.wait()
+            with self._lock:
+                items, self._items = self._items, []
+                self._ready.clear()
+            if items:  # none: a wake for the items put() took with it
+                return items
+
+
 async def piped_runs(
     lines: BinaryIO, read: Callable[[int], None], stop: Stop
 ) -> AsyncIterator[list[Line]]:
@@ -537,16 +587,13 @@ async def piped_runs(
     BATCH lines and BATCH_BYTES at most, a run cut short once no line has come
     for LINGER; `read` is told how many lines each run holds. The input is
     read, and its lines checked, on a thread of its own (a daemon: the command
-    may end while it waits for a line), READ_AHEAD runs ahead at most. Once
-    `stop` is called, the lines read until then are the last."""
-    loop = asyncio.get_running_loop()
-    arrived: asyncio.Queue[Line | BaseException | None] = asyncio.Queue()
+    may end while it waits for a line), READ_AHEAD runs ahead at most, handed
+    over in bursts (Handover). Once `stop` is called, the lines read until
+    then are the last."""
+    handed: Handover[Line | BaseException | None] = Handover(asyncio.get_running_loop())
     room = threading.Semaphore(READ_AHEAD * BATCH)
     # After the lines the thread handed over: they end there, as at the input's end.
-    stop.wake = functools.partial(arrived.put_nowait, None)
-
-    def hand(item: Line | BaseException | None) -> None:
-        loop.call_soon_threadsafe(arrived.put_nowait, item)
+    stop.wake = functools.partial(handed.put, None)
 
     def reading() -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: the command ended
@@ -559,22 +606,25 @@ async def piped_runs(
                 with open(os.dup(lines.fileno()), "rb") as own:
                     for line in lines_of(own):
                         room.acquire()
-                        hand(line)
+                        handed.hand(line)
             except Exception as exc:  # BadLine, or the input failed (OSError)
-                hand(exc)
+                handed.hand(exc)
             else:
-                hand(None)
+                handed.hand(None)
 
     threading.Thread(target=reading, name="enqueue --file", daemon=True).start()
+    arrived: collections.deque[Line | BaseException | None] = collections.deque()
     ended = False
     while not ended:
         got: list[Line] = []
         while len(got) < BATCH:
-            try:
-                async with asyncio.timeout(LINGER if got else None):
-                    line = await arrived.get()
-            except TimeoutError:  # a quiet pipe: what came is sent
-                break
+            if not arrived:
+                try:
+                    async with asyncio.timeout(LINGER if got else None):
+                        arrived.extend(await handed.take())
+                except TimeoutError:  # a quiet pipe: what came is sent
+                    break
+            line = arrived.popleft()
             if isinstance(line, BaseException):
                 raise line
             if line is None:
