@@ -22,6 +22,7 @@ from aiohttp import web
 
 from simplequeue import __version__, keys
 from simplequeue.client import Client
+from simplequeue.client.cli import Stop, stopped_by_signals
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
@@ -348,6 +349,33 @@ async def test_enqueue_file_stopped_by_a_second_signal_says_which_lines_may_be_e
         "Error: stopped by a second SIGINT as lines 1-3 were being sent: they may have been"
         " enqueued too (0 jobs were enqueued: none)"
     ), err
+
+
+async def test_a_second_signal_heard_as_enqueue_file_ends_cancels_nothing_after_it() -> None:
+    """The loop queues a signal's handler as it reads the signal's byte; one
+    queued in the turn that answered the last batch ran after the command
+    had left stopped_by_signals: a second SIGTERM then cancelled the
+    command's task in client.close(), not in a request, and it ended in a
+    CancelledError's traceback, not "stopped by SIGTERM" and exit status 143."""
+    loop = asyncio.get_running_loop()
+
+    async def command() -> None:
+        stop = Stop()
+        with stopped_by_signals(stop):
+            stop(signal.SIGTERM)  # the first: reading no more
+            signal.raise_signal(signal.SIGTERM)  # the second: its byte in the self-pipe
+            # The last batch's answer, handled in the turn that reads that
+            # byte and before it: this task resumes before the handler runs.
+            answered = loop.create_future()
+            loop.call_soon(answered.set_result, None)
+            await answered
+        for _ in range(3):  # the client's close(), the handler queued running meanwhile
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(command())
+    await asyncio.wait([task])
+    assert not task.cancelled()
+    task.result()
 
 
 async def test_enqueue_file_from_a_busy_pipe_does_not_lose_a_sigterm(

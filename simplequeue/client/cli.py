@@ -471,15 +471,19 @@ class Stop:
     """What SIGINT or SIGTERM asked of `enqueue --file` (`tail -f log |
     simplequeue enqueue --file -` ends only so): the first, to read no more
     and send what was read (`wake` tells the reader); a second, to stop now,
-    the request being sent cut short (its task cancelled)."""
+    the request being sent cut short (its task cancelled). Once `over`, a
+    signal does nothing."""
 
     def __init__(self) -> None:
         self.by: signal.Signals | None = None
         self.now = False
+        self.over = False
         self.wake: Callable[[], None] = lambda: None
         self._task = asyncio.current_task()
 
     def __call__(self, sig: signal.Signals) -> None:
+        if self.over:
+            return
         if self.by is None:
             self.by = sig
             self.wake()
@@ -521,6 +525,10 @@ def stopped_by_signals(stop: Stop) -> Iterator[None]:
     try:
         yield
     finally:
+        # A signal's handler the loop queued before it was removed may run
+        # after: the task is past the awaits a cancel was for, and would be
+        # cancelled in what follows (client.close()), not stopped.
+        stop.over = True
         for sig in taken:
             loop.remove_signal_handler(sig)
             if found[sig] is not None:  # None: not set from Python, nothing to put back
