@@ -48,6 +48,9 @@ class LoadShape:
     follow_to: str | None = None
     timeout: float = 5.0
     seconds: float = 6.0  # production (and chaos) is spread over this long
+    # The first `at_once` jobs are enqueued as fast as they are answered, the
+    # rest spread over `seconds`: demand well above what a limit lets through.
+    at_once: int = 0
     # The chaos ends after this long even if production goes on (None: with
     # production). Chaos that keeps brokers stopped and restarting slows
     # production, which then keeps the chaos going: 200 jobs took 30 s of it.
@@ -124,8 +127,8 @@ class Load:
             self.h.error("connection")
             return 0, None, False
 
-    async def produce(self, ids: list[str]) -> None:
-        pause = self.shape.seconds / max(1, len(ids))
+    async def produce(self, ids: list[str], seconds: float) -> None:
+        pause = seconds / max(1, len(ids))
         for job_id in ids:
             await asyncio.sleep(pause * self.rng.uniform(0.5, 1.5))
             deadline = time.monotonic() + 120  # for this job: answered, or broken
@@ -301,8 +304,11 @@ class Load:
             self.workers = workers
             chaos_task = asyncio.create_task(self._guard(chaos)) if chaos else None
             try:
+                at_once, spread = ids[: s.at_once], ids[s.at_once :]
+                producers = range(s.producers)
                 await asyncio.gather(
-                    *(self.produce(ids[i :: s.producers]) for i in range(s.producers))
+                    *(self.produce(at_once[i :: s.producers], 0) for i in producers),
+                    *(self.produce(spread[i :: s.producers], s.seconds) for i in producers),
                 )
                 if chaos_task:
                     chaos_task.cancel()

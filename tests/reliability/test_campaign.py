@@ -288,16 +288,22 @@ async def test_control_cancels_limits_schedules_clocks_apart_kills_pauses(
     # allowed for. Stale acks would wait for a cancelled job's next claim,
     # which never comes (40 s).
     cancels = load("cancel", 1, jobs=150 * scale, lease=3.0, p_hold=0.4, p_stale=0.0)
-    # Enqueued about as fast as five slots take them under the chaos (1/s): the
-    # long form's 240 enqueued in 100 s left more than its drain allows.
+    # Twenty jobs at once, most of them held (heartbeats) or abandoned for
+    # their 6 s lease by twelve workers claiming up to four each: well past
+    # five claims at once but for the limit (spread out alone, about 3.6 were
+    # held at a time, and the check passed with the limit off in 1 run of 4).
+    # The rest come about as fast as five slots take them under the chaos
+    # (1/s): the long form's 240 enqueued in 100 s left more than its drain
+    # allows.
     limited = load(
         "limited",
         2,
         jobs=24 * scale,
+        at_once=20,
         seconds=24 * scale,
         workers=12,
         lease=6.0,
-        p_hold=0.5,
+        p_hold=0.7,
         p_die=0.1,
     )
     # Enqueued in 2 s, as fast as twelve times the rate: claims that took them
@@ -345,7 +351,11 @@ async def test_control_cancels_limits_schedules_clocks_apart_kills_pauses(
         lost += figures["lost"]
         verdict["double_committed"] += figures["double_committed"]
         if each is limited:
-            verdict.update(check_max_claimed(each.ops, final, max_claimed, each.claimed_seen))
+            limits = check_max_claimed(each.ops, final, max_claimed, each.claimed_seen)
+            # Reached, or the check says nothing of it: it would pass with it off.
+            reached = max(limits["max_claimed_seen"], limits["held_at_once_certain"])
+            assert reached == max_claimed, f"max_claimed {max_claimed} never reached: {limits}"
+            verdict.update(limits)
     verdict.update(check_rate(rated.ops, rate, burst))
     # Firing stops while no broker fires the topic's schedules: its owner
     # paused (PAUSE_S at most; it fires the latest slot when let go), or
