@@ -904,25 +904,33 @@ async def test_workers_waiting_on_idle_topics_read_their_heads_seldom(
         (job,) = await broker.engine.claim(topic, "w")
         await broker.engine.ack(topic, "j", job["lease_token"])
     await until(lambda: broker.membership.settled_owner(topics[0]))
+    body = {"worker_id": "w", "wait": 30}
+    heads = await heads_read_in_3_s(broker, store, topics, "POST", "/claim", json=body)
+    assert heads <= 200 * 3 / 30 + 20, f"200 idle topics: {heads} GETs of heads in 3 s"
+
+
+async def heads_read_in_3_s(
+    broker: Any, store: Counting, topics: list[str], method: str, path: str, **asked: Any
+) -> int:
+    """The GETs of heads `broker` sends in 3 s while a request (`method` on
+    /topics/{t}`path`, with `asked`) waits on each of `topics`, for nothing."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
 
-        async def poll(topic: str) -> None:
-            body = {"worker_id": "w", "wait": 30}
-            async with s.post(f"{broker.url}/topics/{topic}/claim", json=body) as r:
+        async def waiting(topic: str) -> None:
+            async with s.request(method, f"{broker.url}/topics/{topic}{path}", **asked) as r:
                 await r.read()
 
-        polls = [asyncio.create_task(poll(t)) for t in topics]
+        waits = [asyncio.create_task(waiting(t)) for t in topics]
         try:
             await until(lambda: all(broker.committer.waiting(t) == 1 for t in topics))
             before = Counter(store.calls)
             await asyncio.sleep(3)  # nothing to wait for
             made = Counter(store.calls) - before
         finally:
-            for p in polls:
-                p.cancel()
-            await asyncio.gather(*polls, return_exceptions=True)
-    heads = sum(n for (op, key), n in made.items() if key.startswith(keys.TOPICS_PREFIX))
-    assert heads <= 200 * 3 / 30 + 20, f"200 idle topics: {heads} GETs of heads in 3 s"
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+    return sum(n for (op, key), n in made.items() if key.startswith(keys.TOPICS_PREFIX))
 
 
 async def test_a_job_a_stand_in_wrote_wakes_the_owners_long_poll(
@@ -962,23 +970,7 @@ async def test_job_waits_on_a_settled_owner_read_their_heads_seldom(
     for topic in topics:  # each with a job nobody claims
         await broker.engine.enqueue(topic, [JobSpec("p", id="j")])
     await until(lambda: broker.membership.settled_owner(topics[0]))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-
-        async def wait_for_job(topic: str) -> None:
-            async with s.get(f"{broker.url}/topics/{topic}/jobs/j", params={"wait": "30"}) as r:
-                await r.read()
-
-        waits = [asyncio.create_task(wait_for_job(t)) for t in topics]
-        try:
-            await until(lambda: all(broker.committer.waiting(t) == 1 for t in topics))
-            before = Counter(store.calls)
-            await asyncio.sleep(3)  # nothing to wait for
-            made = Counter(store.calls) - before
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-    heads = sum(n for (op, key), n in made.items() if key.startswith(keys.TOPICS_PREFIX))
+    heads = await heads_read_in_3_s(broker, store, topics, "GET", "/jobs/j", params={"wait": "30"})
     assert heads <= 200 * 3 / 30 + 20, f"200 job waits: {heads} GETs of heads in 3 s"
 
 
