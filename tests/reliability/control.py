@@ -50,7 +50,15 @@ class ControlLoad(Load):
 
     async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any, bool]:
         sent = time.monotonic()
-        status, answer, replayed = await super().post(path, body)
+        try:
+            status, answer, replayed = await super().post(path, body)
+        except asyncio.CancelledError:
+            # Stopped with the request out (the chaos's cancels end with the
+            # production): it may have landed, its outcome unknown. Left out,
+            # a cancel that landed so made its job's later refusals and end
+            # ("cancelled") look like no cancel's doing.
+            self.ops.append(Op(path, body, sent, time.monotonic(), 0, None, False))
+            raise
         self.ops.append(Op(path, body, sent, time.monotonic(), status, answer, replayed))
         return status, answer, replayed
 
