@@ -1851,6 +1851,30 @@ async def test_a_pop_whose_owner_cannot_be_connected_to_goes_to_the_next_broker(
     assert forwarder.fallbacks == 1
 
 
+async def serve_owner(app: web.Application) -> tuple[Peer, web.AppRunner]:
+    """`app` served on a free port as broker "owner" (its runner: cleaned up
+    by the caller)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return Peer("owner", f"http://127.0.0.1:{port}"), runner
+
+
+def owned_by(owner: Peer) -> tuple[Membership, str]:
+    """The membership of broker "me" which sees `owner` live beside it, and a
+    topic `owner` owns."""
+    membership = Membership(MemStore(), broker_id="me", url="http://127.0.0.1:1", lease_s=15)
+    membership.live = (owner, membership.me)
+    topic = next(
+        t
+        for t in (f"t{i}" for i in range(100))
+        if rendezvous(t, owner.broker_id) > rendezvous(t, "me")
+    )
+    return membership, topic
+
+
 async def test_a_healthy_owner_is_not_taken_for_unreachable_by_a_half_second_stall() -> None:
     """A connection not made within half the forward timeout counts as nothing
     sent (b49d0c4). Its timer runs on this broker's own loop: a stall of that
@@ -1863,14 +1887,9 @@ async def test_a_healthy_owner_is_not_taken_for_unreachable_by_a_half_second_sta
 
     app = web.Application()
     app.router.add_get("/x", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    peer, runner = await serve_owner(app)
     membership = Membership(MemStore(), broker_id="me", url="http://127.0.0.1:1", lease_s=15)
     forwarder = Forwarder(membership, token=None)
-    peer = Peer("owner", f"http://127.0.0.1:{port}")
     try:
         sending = asyncio.ensure_future(
             forwarder._send(peer, "GET", "/x", None, 0.0, "application/json")
@@ -1918,17 +1937,8 @@ async def test_long_polls_passed_on_wait_their_turn_and_leave_short_requests_roo
     app = web.Application()
     app.router.add_post("/topics/{topic}/claim", claim)
     app.router.add_get("/topics/{topic}/status", status)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    membership = Membership(MemStore(), broker_id="me", url="http://127.0.0.1:1", lease_s=15)
-    owner = Peer("owner", f"http://127.0.0.1:{port}")
-    membership.live = (owner, membership.me)
-    topic = next(
-        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "owner") > rendezvous(t, "me")
-    )
+    owner, runner = await serve_owner(app)
+    membership, topic = owned_by(owner)
     # Four connections: three for long polls, one kept for short requests.
     forwarder = Forwarder(membership, token=None, answer_within=0.2, connections=4)
     body = b'{"worker_id": "w", "wait": 5}'
@@ -1979,17 +1989,8 @@ async def test_a_long_poll_whose_wait_runs_out_in_line_asks_the_owner_with_none_
 
     app = web.Application()
     app.router.add_post("/topics/{topic}/claim", claim)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    membership = Membership(MemStore(), broker_id="me", url="http://127.0.0.1:1", lease_s=15)
-    owner = Peer("owner", f"http://127.0.0.1:{port}")
-    membership.live = (owner, membership.me)
-    topic = next(
-        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "owner") > rendezvous(t, "me")
-    )
+    owner, runner = await serve_owner(app)
+    membership, topic = owned_by(owner)
     # Four connections: three for long polls, one kept for short requests.
     forwarder = Forwarder(membership, token=None, answer_within=0.5, connections=4)
     path = f"/topics/{topic}/claim"
