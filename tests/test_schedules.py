@@ -69,6 +69,18 @@ def test_cron_slots_are_computed_in_the_schedules_time_zone() -> None:
     assert next_after({"cron": "*/5 * * * *"}, utc(2026, 1, 1, 0, 4, 59)) == utc(2026, 1, 1, 0, 5)
 
 
+def test_cron_extensions_the_readme_lists_fire_where_it_says() -> None:
+    """The README says which of cronsim's extensions a schedule takes: the
+    month's last day, its last Friday, last weekday and second Monday."""
+    jan = utc(2026, 1, 1)
+    assert next_after({"cron": "0 9 L * *"}, jan) == utc(2026, 1, 31, 9)
+    assert next_after({"cron": "0 9 * * 5L"}, jan) == utc(2026, 1, 30, 9)
+    may = utc(2026, 5, 1)  # the 31st a Sunday: its last weekday the 29th
+    assert next_after({"cron": "0 9 LW * *"}, may) == utc(2026, 5, 29, 9)
+    assert next_after({"cron": "0 9 * * 1#2"}, jan) == utc(2026, 1, 12, 9)
+    assert next_after({"cron": "0 9 * JAN MON"}, jan) == utc(2026, 1, 5, 9)
+
+
 def test_a_cron_schedule_in_a_time_zone_has_its_next_slot_in_that_zone() -> None:
     s = fresh()
     spec = ScheduleRequest("report", cron="30 9 * * 1-5", tz="America/New_York")
