@@ -83,6 +83,9 @@ async def test_settings_show_change_and_remove(cli: Cli) -> None:
     removed = await cli.json("settings", "--rate", "none", "--max-attempts", "3")
     assert (removed["rate"], removed["max_claimed"], removed["max_attempts"]) == (None, 10, 3)
     assert (await cli("settings", "--rate", "fast")).returncode == 2
+    # "not a number" said of 1.5 (review finding): a count is a whole number.
+    fractional = await cli("settings", "--max-claimed", "1.5")
+    assert fractional.returncode == 2 and "'1.5' is not a whole number" in fractional.stderr
     assert failed_with(await cli("settings", "--max-claimed", "-1"), "InvalidRequest")
 
 

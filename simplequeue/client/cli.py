@@ -957,7 +957,8 @@ class OrNone(click.ParamType[Any]):
         try:
             number = self.kind(value)
         except ValueError:
-            self.fail(f"{value!r} is not a number or 'none'", param, ctx)
+            what = "a whole number" if self.kind is int else "a number"
+            self.fail(f"{value!r} is not {what} or 'none'", param, ctx)
         if not math.isfinite(number):  # sent, it is JSON null: "remove the setting"
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
