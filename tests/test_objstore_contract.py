@@ -13,6 +13,7 @@ from simplequeue.objstore import (
     ObjectNotFound,
     ObjectStore,
     PreconditionFailed,
+    StoreUnavailable,
     store_from_url,
 )
 from simplequeue.objstore.base import KEY_PART_MAX, check_key, content_etag
@@ -80,20 +81,22 @@ async def test_of_writes_sent_at_once_under_one_condition_exactly_one_lands(
     ETag (or to a missing key), one lands and every other is refused. moto's
     threaded server checked the ETag, then wrote, unlocked: several landed (a
     lost update, and a job claimed twice in three_committers on moto);
-    moto/start.sh serves its requests one at a time."""
+    moto/start.sh serves its requests one at a time. (On a loaded machine a
+    write may also time out, its outcome unknown: one of those may be the
+    one that landed, never a second.)"""
     etag = None
     body = bytes(512 * 1024)  # moto's window between check and write grew with the body
     for n in range(4):
-        writes = [
-            store.put_if("k", b"%d-%d" % (n, i) + body, if_match=etag, if_none_match=etag is None)
-            for i in range(12)
-        ]
+        bodies = [b"%d-%d" % (n, i) + body for i in range(12)]
+        writes = [store.put_if("k", b, if_match=etag, if_none_match=etag is None) for b in bodies]
         outcomes = await asyncio.gather(*writes, return_exceptions=True)
-        landed = [o for o in outcomes if isinstance(o, str)]
+        landed = [i for i, o in enumerate(outcomes) if isinstance(o, str)]
+        unknown = [i for i, o in enumerate(outcomes) if isinstance(o, StoreUnavailable)]
         refused = [o for o in outcomes if isinstance(o, PreconditionFailed)]
-        assert (len(landed), len(refused)) == (1, 11), outcomes
-        etag = landed[0]
-        assert (await store.get("k"))[1] == etag
+        assert len(landed) + len(unknown) + len(refused) == 12, outcomes
+        data, etag = await store.get("k")
+        assert len(landed) <= 1 and data in [bodies[i] for i in landed or unknown], outcomes
+        assert not landed or outcomes[landed[0]] == etag, outcomes
 
 
 async def test_put_if_needs_exactly_one_condition(store: ObjectStore) -> None:
