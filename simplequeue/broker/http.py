@@ -631,7 +631,10 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     handler = call.route.handler
     topic = call.topic
     if forwarder is None or FORWARDED in request.headers or _owned_here(call, forwarder):
-        response = await handler(call)  # the common case: the body is read once, there
+        try:
+            response = await handler(call)  # the common case: the body is read once, there
+        except SimpleQueueError as exc:  # an error names who served it too
+            response = error_of(exc)
         response.headers[OWNER] = services.url()
         return response
     # Another route's body is not read (nor passed on): its owner would ignore
@@ -689,10 +692,8 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         call.spent = time.monotonic() - started  # a long poll asked for is not waited twice
         try:
             response = await handler(call)
-        except SimpleQueueError as exc:
-            if not got.replayed:
-                raise
-            response = error_of(exc)  # answered here, to say it may be a repeat
+        except SimpleQueueError as exc:  # answered here, to name who served it
+            response = error_of(exc)  # (and, replayed, to say it may be a repeat)
         response.headers[OWNER] = services.url()
         if got.replayed:
             response.headers[REPLAYED] = "1"
