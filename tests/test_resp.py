@@ -1894,6 +1894,54 @@ async def test_xreadgroup_whose_client_leaves_during_the_second_streams_claim_st
         await given_back(http, "a", "j1")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("BLPOP", "a", "b", "20"),
+        ("XREADGROUP", "GROUP", "g", "c", "BLOCK", "20000", "STREAMS", "a", "b", ">", ">"),
+    ],
+    ids=["blpop-keys", "xreadgroup-block"],
+)
+async def test_a_wait_on_several_keys_whose_client_leaves_as_one_wins_gives_the_claim_back(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    """A wait on several keys: a's long poll wins, and _race cancels b's and
+    awaits it. A client that left then cancelled the command there, outside
+    the block that gives claims back: a's claim was dropped, held by a
+    connection that was gone until its lease ran out, an attempt spent
+    (BLPOP a b 0, LPUSH a, the client leaving a few loop turns later: 14 of
+    60 tries; with max_attempts 1 the job went dead, never delivered). Here
+    b's long poll takes its time to end, and the client leaves meanwhile."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    assert broker.redis is not None
+    server = broker.redis
+    claim = server.engine.claim
+    b_ending = asyncio.Event()
+
+    async def b_slow_to_end(topic: str, *args: Any, **kwargs: Any) -> Any:
+        if topic != "b" or not kwargs.get("wait"):
+            return await claim(topic, *args, **kwargs)
+        try:
+            await asyncio.Event().wait()  # b's long poll: nothing comes
+        except asyncio.CancelledError:
+            b_ending.set()
+            await asyncio.Event().wait()  # ending takes its time (a write, say)
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(server.engine, "claim", b_slow_to_end)
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        leaver = await Raw.open(port_of(broker))
+        await leaver.send(*command)
+        await blocked(broker)
+        code, _ = await http.call("POST", "/topics/a/enqueue", {"payload": {"n": 1}, "id": "j1"})
+        assert code == 201
+        await b_ending.wait()  # a won: b's long poll is being ended
+        await hang_up(broker, leaver)
+        await given_back(http, "a", "j1")
+        assert (await http.job("a", "j1"))["attempts"] == 0
+
+
 def _counted(broker: Any, command: str, outcome: str = "ok") -> int:
     text = generate_latest(broker.metrics.registry).decode()
     labels = f'command="{command}",outcome="{outcome}"'

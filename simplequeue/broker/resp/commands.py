@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import math
@@ -635,11 +636,13 @@ async def _race(
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if any(d.exception() is not None or d.result() for d in done):
                 break
-    except BaseException:  # cancelled: the client left; what was claimed goes back
-        got, _ = await settle()
-        _give_back_later(session, got)
+        got, failed = await settle()
+    except BaseException:  # cancelled (the client left), also while settling: claims go back
+        for topic, task in tasks.items():
+            task.cancel()
+            task.add_done_callback(functools.partial(_give_back_claimed, session, topic))
+        await asyncio.wait(tasks.values())
         raise
-    got, failed = await settle()
     if not got and failed:
         raise failed[0]
     return got
@@ -657,6 +660,12 @@ async def _keep_first(session: Session, topics: list[str], got: dict[str, list[A
 async def _give_back(session: Session, topic: str, jobs: list[dict[str, Any]]) -> None:
     with contextlib.suppress(SimpleQueueError):
         await session.engine.release(topic, jobs)
+
+
+def _give_back_claimed(session: Session, topic: str, task: asyncio.Future[Any]) -> None:
+    """A long poll of a command that is ending: what it claimed, if anything, goes back."""
+    if not task.cancelled() and task.exception() is None and task.result():
+        _give_back_later(session, {topic: task.result()})
 
 
 def _give_back_later(session: Session, got: dict[str, list[dict[str, Any]]]) -> None:
