@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import os
@@ -1547,6 +1548,71 @@ def test_a_nested_header_announcing_millions_of_elements_allocates_nothing(kind:
     finally:
         tracemalloc.stop()
     assert peak < 1024 * 1024, f"{peak / 1e9:.1f} GB allocated for a 17-byte request"
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2: ten size_t counts."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _malloced() -> int:
+    """Bytes malloc has handed out and not had back (glibc's mallinfo2): what
+    hiredis holds, which tracemalloc does not see."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except AttributeError:
+        pytest.skip("no mallinfo2 (glibc 2.33 or later) to count what hiredis holds")
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+async def test_a_connection_idle_after_a_large_request_holds_nothing_of_it(
+    start_broker: StartBroker,
+) -> None:
+    """A client that sent one 1 MB request (an LPUSH of a large payload, or
+    an unauthenticated client's refused one) and then sat idle in a pool held
+    ~2 MiB of the broker's memory for as long as it stayed connected (40
+    connections: 81 MB; here 1,970 KiB each): hiredis keeps its buffer as
+    large as a request grew it until its next feed, and the read and run
+    loops kept the request and its reply while they awaited the next one.
+    Whether the large request came alone or before others, none of it stays."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    large = hiredis.pack_command(("ECHO", b"x" * 1_000_000))
+    ping = hiredis.pack_command(("PING",))
+    answer = len(b"$1000000\r\n\r\n") + 1_000_000
+    clients = [await Raw.open(port_of(broker)) for _ in range(20)]
+    try:
+        for client in clients:  # what a connection holds anyway is not the point
+            assert await client.call("PING") == b"PONG"
+        before = _malloced()
+        for i, client in enumerate(clients):
+            sent, answered = (large, answer) if i % 2 else (large + ping, answer + 7)
+            await client.write(sent)
+            await client.reader.readexactly(answered)
+        assert broker.redis is not None
+        server = broker.redis
+        await until(lambda: not any(c.busy for c in server.connections))
+        each = (_malloced() - before) / len(clients)
+    finally:
+        for client in clients:
+            await client.close()
+    assert each < 128 * 1024, f"{each / 1024:.0f} KiB held by each idle connection"
 
 
 # --- auth ------------------------------------------------------------------------------

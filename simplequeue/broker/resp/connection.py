@@ -102,6 +102,10 @@ class Frames:
         self.bytes -= size
         return frame
 
+    def put_all(self, frames: list[list[bytes]]) -> None:
+        for frame in frames:
+            self.put(frame)
+
     def get_nowait(self) -> Frame:
         frame, size = self._queue.get_nowait()
         self.bytes -= size
@@ -172,6 +176,9 @@ class Connection:
                 finally:
                     self.busy = False
                 self._send(replies)
+                # The next request may be long in coming: an idle connection
+                # would hold this one (1 MB, say) and its reply until then.
+                del frame, group, replies
                 if self.session.closing or self.stopping:
                     break
                 # Past the output limit (a client that sends and never reads)
@@ -338,8 +345,8 @@ class Connection:
     async def _read_requests(self, frames: Frames) -> None:
         requests = Requests(self.server.settings.max_body)
         while data := await self.reader.read(READ_CHUNK):
-            for request in requests.feed(data):
-                frames.put(request)
+            frames.put_all(requests.feed(data))
+            del data  # not held while the next read is awaited, for ever when idle
             if requests.failed is not None:  # after the requests before it
                 raise requests.failed
             # Up to QUEUED_FRAMES or QUEUED_BYTES, then wait for the run loop

@@ -83,6 +83,10 @@ def encode(value: Reply, proto: int, out: bytearray) -> None:
 
 _BULK = re.compile(rb"\$([0-9]{1,19})\r\n")  # a bulk string's header: its length
 _BULK_CUT = re.compile(rb"\$[0-9]{0,19}\r?")  # the start of one, the rest to come
+# Bytes a parser may have held at once and still be kept once it holds nothing:
+# hiredis keeps its buffer as large as it grew until its next feed, so an idle
+# connection that once sent a 1 MB request kept ~1 MiB. Past this it is replaced.
+PARSER_KEPT = 64 * 1024
 
 
 def upper(arg: bytes) -> str:
@@ -102,6 +106,7 @@ class Requests:
         self.buffer = bytearray()  # from the start of the next request on
         self.parser = hiredis.Reader()
         self.fed = 0  # bytes of `buffer` the parser has been given
+        self.most_fed = 0  # the most it held at once (PARSER_KEPT)
         self.failed: RespError | None = None  # a malformed request after those fed
         # The next request's headers checked so far (_check_headers): the
         # offset of the next one in `buffer`, and the elements still to come
@@ -145,11 +150,12 @@ class Requests:
             if self.fed < len(self.buffer):
                 self.parser.feed(bytes(self.buffer[self.fed :]))
                 self.fed = len(self.buffer)
+                self.most_fed = max(self.most_fed, self.fed)
             try:
                 frame = self.parser.gets()
             except hiredis.ProtocolError as exc:
                 if self.buffer.startswith((b"\r", b"\n")):  # a blank line after a request
-                    self.parser, self.fed = hiredis.Reader(), 0
+                    self._new_parser()
                     continue
                 raise RespError("ERR", f"Protocol error: {exc}") from None
             except Exception as exc:  # MemoryError, say: the connection cannot go on
@@ -184,6 +190,9 @@ class Requests:
             self.checked = header.end() + int(header[1]) + 2
             self._check_size(self.checked)  # the request is that long at least
 
+    def _new_parser(self) -> None:
+        self.parser, self.fed, self.most_fed = hiredis.Reader(), 0, 0
+
     def _skip_blank_lines(self) -> None:
         blank = len(self.buffer) - len(self.buffer.lstrip(b"\r\n"))
         del self.buffer[:blank]
@@ -198,4 +207,6 @@ class Requests:
         del self.buffer[: len(encoded)]
         self.fed -= len(encoded)
         self.checked, self.elements = 0, None
+        if not self.buffer and self.most_fed > PARSER_KEPT:  # it holds nothing now
+            self._new_parser()
         return frame
