@@ -1263,6 +1263,59 @@ async def test_stream_read_tokens_are_bounded_across_connections_not_only_per_co
     assert 0 < held <= reads.READS_BYTES, f"4 connections' reads held {held} B"
 
 
+def _deep_size_of_reads(held: reads.Reads) -> int:
+    """What one connection's Reads holds of its reads, object by object (each
+    object once): its tables, the tokens' keys (tuple, topic, job id) and
+    values (tuple, token, float)."""
+    seen: set[int] = set()
+
+    def size(obj: object) -> int:
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return sys.getsizeof(obj)
+
+    total = sum(size(table) for table in vars(held).values() if isinstance(table, dict | set))
+    for key, value in held.tokens.items():
+        total += sum(map(size, (key, *key, value, *value)))
+    return total
+
+
+@pytest.mark.parametrize("topics", [1, 300], ids=["one-topic", "a-topic-each"])
+async def test_the_reads_budget_counts_what_a_read_holds_with_a_long_topic_name(
+    start_broker: StartBroker, topics: int
+) -> None:
+    """READ_BYTES counted a token's objects but not its topic's name: each
+    XREADGROUP decodes its keys anew, so every read of one job (COUNT 1, as
+    workers read) kept a str of its own for the topic, 177 bytes for a
+    128-character name: 1,000 reads held 512,168 bytes, 341,168 counted
+    (1.5x; 300 reads of a topic each, 1.51x), and READS_BYTES held that much
+    more. Reads of a topic now share one str for its name, counted once while
+    any of them is held."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
+    names = [f"{i:04d}".rjust(128, "t") for i in range(topics)]  # as long as names go
+    jobs = 1_000 if topics == 1 else topics
+    r = connect(broker, protocol=2, single_connection_client=True)
+    try:
+        pipe = r.pipeline(transaction=False)
+        for i in range(jobs):
+            pipe.xadd(names[i % topics], {"n": str(i)})
+        await pipe.execute()
+        pipe = r.pipeline(transaction=False)
+        for i in range(jobs):
+            pipe.xreadgroup("g", "c", {names[i % topics]: ">"}, count=1)
+        assert all(await pipe.execute())
+        held = session_of(broker, await r.client_id()).reads
+        assert len(held.tokens) == jobs
+        size = _deep_size_of_reads(held)
+    finally:
+        await r.aclose()
+    assert size <= held.held <= 1.1 * size, (
+        f"{jobs} reads of one job each on {topics} 128-character topics hold {size} "
+        f"bytes, the budget counts {held.held} ({size / held.held:.2f}x)"
+    )
+
+
 async def test_the_token_of_a_read_whose_lease_ran_out_long_ago_is_dropped_for_its_hash(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
