@@ -561,14 +561,24 @@ def test_a_schedule_whose_zone_this_broker_lacks_holds_back_no_other(
 def almaty_by(monkeypatch: pytest.MonkeyPatch, offset: int) -> None:
     """This host's tzdata puts Asia/Almaty at UTC+`offset` (Kazakhstan moved
     it an hour in 2024: two releases disagree)."""
+    almaty_as(monkeypatch, f"Etc/GMT-{offset}")
+
+
+def almaty_as(monkeypatch: pytest.MonkeyPatch, rules: str) -> None:
+    """This host's tzdata gives Asia/Almaty the rules of the zone `rules`."""
     from zoneinfo import ZoneInfo
 
     from simplequeue.state import slots
 
     def zone(key: str) -> Any:
-        return ZoneInfo(f"Etc/GMT-{offset}") if key == "Asia/Almaty" else ZoneInfo(key)
+        return ZoneInfo(rules) if key == "Asia/Almaty" else ZoneInfo(key)
 
     monkeypatch.setattr(slots, "ZoneInfo", zone)
+
+
+def fired_on(state: TopicState, day: int) -> int:
+    """Jobs fired on 2024-03-`day`, tended each hour (any due slot fires)."""
+    return sum(state.tend(utc(2024, 3, day, hour, 0, 1))["fired"] for hour in range(24))
 
 
 def test_a_cron_schedule_fires_once_a_day_across_owners_whose_tzdata_differ(
@@ -582,21 +592,17 @@ def test_a_cron_schedule_fires_once_a_day_across_owners_whose_tzdata_differ(
     jobs for one local 09:00, one more at every change of owner between the
     two (review finding). Each local time fires once now, whichever tzdata
     reads it."""
-
-    def fired_on(day: int) -> int:  # tended each hour (any due slot fires)
-        return sum(s.tend(utc(2024, 3, day, hour, 0, 1))["fired"] for hour in range(24))
-
     almaty_by(monkeypatch, 3)  # broker A's host
     s = fresh()
     daily = ScheduleRequest("d", cron="0 9 * * *", tz="Asia/Almaty")
     s.put_schedule("daily", daily, utc(2024, 3, 1, 12))
-    assert fired_on(2) == 1
+    assert fired_on(s, 2) == 1
     s = reread(s, utc(2024, 3, 3))
     almaty_by(monkeypatch, 2)  # broker B takes the topic over
-    assert fired_on(3) == 1
+    assert fired_on(s, 3) == 1
     s = reread(s, utc(2024, 3, 4))
     almaty_by(monkeypatch, 3)  # and A takes it back
-    assert fired_on(4) == 1
+    assert fired_on(s, 4) == 1
     ids = [j["id"] for j in s.claim("w", 30, 10, utc(2024, 3, 5))]
     slots = [utc(2024, 3, 2, 6), utc(2024, 3, 3, 7), utc(2024, 3, 4, 7)]
     assert ids == [f"daily@{int(slot)}" for slot in slots]
@@ -624,13 +630,131 @@ def test_a_cron_schedule_replaced_where_tzdata_differ_fires_no_local_time_again(
     assert s.put_schedule("daily", other, utc(2024, 3, 2, 6, 30))["next_at"] == utc(2024, 3, 2, 8)
 
 
-def read_with_last_local(state: TopicState, now: float, last_local: str) -> TopicState:
+def read_with_last_local(state: TopicState, now: float, last_local: str | None) -> TopicState:
     """`state` written, its schedule "m" given `last_local` in the head's
-    bytes (by hand, or by a writer not this code), and read back."""
+    bytes (by hand, or by a writer not this code; None: none, as a broker
+    from before it was kept writes), and read back."""
     written = reread(state, now)
-    written.head["schedules"]["m"]["last_local"] = last_local
+    written.head["schedules"]["m"].pop("last_local", None)
+    if last_local is not None:
+        written.head["schedules"]["m"]["last_local"] = last_local
     head = decode_head(state.topic, keys.head(state.topic), orjson.dumps(written.head))
     return TopicState(head, written.view, written.bounds, written.policy)
+
+
+def almaty_daily(monkeypatch: pytest.MonkeyPatch, offset: int) -> TopicState:
+    """A topic whose schedule "m", "0 9 * * *" in Asia/Almaty, a broker whose
+    tzdata puts the zone at UTC+`offset` made on 1 March 2024 and fired on
+    the 2nd."""
+    almaty_by(monkeypatch, offset)
+    s = fresh()
+    daily = ScheduleRequest("d", cron="0 9 * * *", tz="Asia/Almaty")
+    s.put_schedule("m", daily, utc(2024, 3, 1, 12))
+    assert fired_on(s, 2) == 1
+    return s
+
+
+def test_a_cron_an_older_broker_fired_fires_once_a_day_where_tzdata_differ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rolling upgrade in March 2024: the old image's tzdata puts Asia/Almaty
+    at UTC+6, the new one's at UTC+5 (Kazakhstan's change of 1 March). An old
+    broker (before a215f0a, which keeps `last_local`) fired "0 9 * * *"
+    at 03:00Z and wrote its next slot, 03:00Z on the 3rd, and no local time.
+    A new broker took the topic over and fired that slot, then its own,
+    04:00Z: two jobs for one local 09:00 at each hand-over from an old broker
+    (review finding). It reads the local time fired off the last slot: 03:00Z
+    on the 2nd shows 08:00 here, an hour before that day's 09:00 and
+    twenty-three after the 1st's."""
+    s = almaty_daily(monkeypatch, 6)  # the old broker's host
+    s = read_with_last_local(s, utc(2024, 3, 3), None)  # as it wrote the head
+    almaty_by(monkeypatch, 5)  # a new broker takes the topic over
+    assert fired_on(s, 3) == 1
+    assert s.schedules()["m"]["last_local"] == "2024-03-03T09:00"
+    ids = [j["id"] for j in s.claim("w", 30, 10, utc(2024, 3, 4))]
+    assert ids == [f"m@{int(utc(2024, 3, 2, 3))}", f"m@{int(utc(2024, 3, 3, 4))}"]
+
+
+def test_a_cron_an_older_broker_fired_halfway_between_two_times_fires_each_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tzdata half a gap apart: an old broker at UTC+6 fired "0 * * * *" at
+    04:00Z (its 10:00) and wrote 05:00Z next; here (UTC+5:30) 04:00Z shows
+    09:30. The new broker fired 05:00Z, then its own 11:00 at 05:30Z: three
+    jobs for local 10:00 and 11:00 (review finding, with a 30 s shift of a
+    minute's cron). Halfway, the later time counts as fired: a slot is fired
+    at most once."""
+    almaty_by(monkeypatch, 6)
+    s = fresh()
+    s.put_schedule("m", ScheduleRequest("h", cron="0 * * * *", tz="Asia/Almaty"), utc(2024, 3, 2))
+    assert s.tend(utc(2024, 3, 2, 4))["fired"] == 1
+    s = read_with_last_local(s, utc(2024, 3, 2, 4), None)
+    almaty_as(monkeypatch, "Asia/Kolkata")
+    assert s.tend(utc(2024, 3, 2, 5))["fired"] == 0
+    assert s.tend(utc(2024, 3, 2, 5, 30))["fired"] == 1
+    ids = [j["id"] for j in s.claim("w", 30, 10, utc(2024, 3, 2, 6))]
+    assert ids == [f"m@{int(utc(2024, 3, 2, 4))}", f"m@{int(utc(2024, 3, 2, 5, 30))}"]
+
+
+def test_a_cron_an_older_broker_fired_replaced_where_tzdata_differ_fires_no_time_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The old broker (UTC+6) fired 09:00 at 03:00Z; a deploy re-applying the
+    schedule on a new broker (UTC+5) half an hour later gave it 04:00Z as its
+    next slot: that 09:00 again (review finding)."""
+    s = almaty_daily(monkeypatch, 6)
+    s = read_with_last_local(s, utc(2024, 3, 2, 3, 30), None)
+    almaty_by(monkeypatch, 5)
+    daily = ScheduleRequest("d", cron="0 9 * * *", tz="Asia/Almaty")
+    again = s.put_schedule("m", daily, utc(2024, 3, 2, 3, 30))
+    assert again["next_at"] == utc(2024, 3, 3, 4)
+    assert again["last_local"] == "2024-03-02T09:00"
+
+
+def test_a_cron_an_older_broker_fired_after_a_newer_one_fires_once_a_day(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new broker (UTC+5) fired 09:00 on the 2nd at 04:00Z; an old one
+    (UTC+6), which keeps `last_local` as it finds it, fired on the 3rd and
+    moved `last_slot` on; the new one, back, read the 2nd's 09:00 as the last
+    fired, fired the old one's next slot (03:00Z on the 4th) and then its own
+    (04:00Z): two jobs for one 09:00 (review finding)."""
+    s = almaty_daily(monkeypatch, 5)  # the new broker
+    s = reread(s, utc(2024, 3, 3))
+    almaty_by(monkeypatch, 6)  # the old broker takes the topic over
+    assert fired_on(s, 3) == 1
+    s = read_with_last_local(s, utc(2024, 3, 4), "2024-03-02T09:00")  # left as it was
+    almaty_by(monkeypatch, 5)  # and the new one takes it back
+    assert fired_on(s, 4) == 1
+    assert fired_on(s, 5) == 1
+    ids = [j["id"] for j in s.claim("w", 30, 10, utc(2024, 3, 6))]
+    hours = [(2, 4), (3, 4), (4, 4), (5, 4)]
+    assert ids == [f"m@{int(utc(2024, 3, day, hour))}" for day, hour in hours]
+
+
+def test_a_cron_an_older_broker_fired_with_the_same_tzdata_fires_every_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A head from a broker before `last_local` whose tzdata agrees: the
+    local time its last slot shows is the one fired, and every later slot
+    fires as before, after downtime too (one catch-up job)."""
+    start = utc(2024, 3, 1, 12)
+    s = fresh()
+    s.put_schedule("m", ScheduleRequest("m", cron="* * * * *"), start)
+    assert s.tend(start + 60)["fired"] == 1
+    s = read_with_last_local(s, start + 60, None)
+    assert s.tend(start + 90)["fired"] == 0
+    assert s.tend(start + 120)["fired"] == 1
+    assert s.schedules()["m"]["last_local"] == "2024-03-01T12:02"
+    s = read_with_last_local(s, start + 120, None)
+    assert s.tend(start + 600)["fired"] == 1  # down for eight slots: the latest
+    s = read_with_last_local(s, start + 600, None)
+    assert s.tend(start + 660)["fired"] == 1
+    s = almaty_daily(monkeypatch, 5)
+    s = read_with_last_local(s, utc(2024, 3, 3), None)
+    assert fired_on(s, 3) == 1
+    ids = [j["id"] for j in s.claim("w", 30, 10, utc(2024, 3, 4))]
+    assert ids == [f"m@{int(utc(2024, 3, 2, 4))}", f"m@{int(utc(2024, 3, 3, 4))}"]
 
 
 def test_a_head_whose_last_local_is_no_time_is_corrupt() -> None:

@@ -12,7 +12,8 @@ its first pass; slots cronsim answers before the time asked are skipped, as
 it reads a time in a fall-back's second pass as the first). Two hosts' tzdata
 may put a cron's local time at two instants (a zone's offset changed between
 releases): a schedule keeps the local time it fired last, and a slot at or
-before it is one fired already.
+before it is one fired already (one a broker that kept none fired is read
+off its last slot).
 """
 
 from __future__ import annotations
@@ -164,6 +165,42 @@ def fired_locally(schedule: dict[str, Any], slot: int) -> bool:
     if not slot <= until <= slot + _TZDATA_SHIFT:
         return False
     return datetime.fromtimestamp(slot, zone).replace(tzinfo=None) <= local
+
+
+def last_local_known(schedule: dict[str, Any]) -> str | None:
+    """The local time a cron schedule fired last, as this host can tell: its
+    `last_local`, or the time its `last_slot` shows when that is later or
+    there is none (a broker from before `last_local` was kept fired since:
+    it moved `last_slot` on and left `last_local` as it was). A slot shows
+    the cron's occurrence nearest to it by this host's tzdata: the firing
+    broker's put that time a tzdata shift away, far less than half the gap
+    between a daily or hourly cron's times. One more than _TZDATA_SHIFT away,
+    or at or after `next_at` (the firing broker's next slot, not fired yet),
+    is none. InvalidRequest: a time zone this host does not know."""
+    kept: str | None = schedule.get("last_local")
+    last_slot: int | None = schedule.get("last_slot")
+    if last_slot is None or "cron" not in schedule:
+        return kept
+    near = [
+        occurrence
+        for occurrence in (latest_at(schedule, last_slot), next_after(schedule, last_slot))
+        if occurrence is not None
+        and abs(occurrence - last_slot) < _TZDATA_SHIFT
+        and occurrence < schedule["next_at"]
+    ]
+
+    def distance(occurrence: int) -> tuple[int, bool]:
+        # Halfway between two, the later when nothing else tells (a slot is
+        # fired at most once); the earlier beside a `last_local`, which stands
+        # unless the slot shows a later time plainly.
+        return abs(occurrence - last_slot), (occurrence > last_slot) == (kept is not None)
+
+    if not near:
+        return kept
+    shown = local_time(schedule, min(near, key=distance))
+    if kept is not None and datetime.fromisoformat(shown) <= datetime.fromisoformat(kept):
+        return kept
+    return shown
 
 
 def next_unfired(schedule: dict[str, Any], t: float) -> int | None:

@@ -62,6 +62,7 @@ from simplequeue.state.segments import Manifest, Segment, SegmentMissing, Segmen
 from simplequeue.state.slots import (
     check_definition,
     fired_locally,
+    last_local_known,
     latest_at,
     local_time,
     next_unfired,
@@ -1070,8 +1071,10 @@ class TopicState(Layout):
             for kept in ("last_slot", "last_fired_at"):
                 schedule[kept] = old[kept]
             # A local time is one clock's: in another zone it says nothing.
-            if "last_local" in old and "cron" in schedule and old.get("tz") == spec.tz:
-                schedule["last_local"] = old["last_local"]
+            if "cron" in schedule and old.get("tz") == spec.tz:
+                local = last_local_known(old)
+                if local is not None:
+                    schedule["last_local"] = local
         after = max(now, schedule.get("last_slot", now))
         next_at = next_unfired(schedule, after)
         if next_at is None:
@@ -1121,6 +1124,10 @@ class TopicState(Layout):
             if _schedule_due(schedule) > now:
                 continue
             try:
+                local = last_local_known(schedule)
+                if local is not None:
+                    # Kept from now on, as if it had been written when fired.
+                    schedule["last_local"] = local
                 latest = latest_at(schedule, now)
                 if latest is not None and fired_locally(schedule, latest):
                     # Its local time was fired by a broker whose tzdata put
