@@ -181,6 +181,8 @@ def last_local_known(schedule: dict[str, Any]) -> str | None:
     last_slot: int | None = schedule.get("last_slot")
     if last_slot is None or "cron" not in schedule:
         return kept
+    if kept is not None and kept == local_time(schedule, last_slot):
+        return kept  # written by a broker whose tzdata agrees: no walk (the common case)
     near = [
         occurrence
         for occurrence in (latest_at(schedule, last_slot), next_after(schedule, last_slot))
