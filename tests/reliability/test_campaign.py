@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -452,8 +453,16 @@ async def test_s3_faults_and_outages_lose_nothing(
 async def test_localfs_faults_and_outages_lose_nothing(
     start_broker: Callable[..., Awaitable[Any]], tmp_path: Path, scale: int, record_figures: Record
 ) -> None:
+    """Two brokers on one directory through ChaosStore: requests fail, slow
+    down, and go down together; writes land and are answered 5xx (at once, or
+    0-30 ms before they land, if their ETag still holds then) or 412 (a retry
+    refused by its own first landing). Every one of those on a topic head is
+    read back by the group committer, which must answer by what landed."""
     stores = [
-        ChaosStore(LocalStore(tmp_path), fail=0.03, lose=0.03, slow=0.05, seed=s) for s in (1, 2)
+        ChaosStore(
+            LocalStore(tmp_path), fail=0.03, lose=0.03, slow=0.05, late=0.03, refuse=0.03, seed=s
+        )
+        for s in (1, 2)
     ]
     brokers = [await start_broker(s, commit_budget=20.0) for s in stores]
     history = History()
@@ -479,14 +488,27 @@ async def test_localfs_faults_and_outages_lose_nothing(
                     s.down = False
 
     await load.run(chaos)
+    late_ends: Counter[str] = Counter()
+    on_heads: Counter[str] = Counter()
     for s in stores:
-        s.fail = s.lose = s.slow = 0.0
+        await s.calm()
         history.faults.update(s.injected)
+        late_ends.update(s.late_ends)
+        on_heads.update(s.on_heads)
     await finish(
         load,
         history,
         record_figures,
         backend="localfs",
         scenario="store faults (wrapper) + outages",
+        faults_by_kind=dict(history.faults),
+        late_ends=dict(late_ends),
+        faults_on_heads=dict(on_heads),
+        commits_read_back=await commits_read_back([b.url for b in brokers]),
     )
     assert history.faults["lose_answer"] > 0 and history.faults["outage"] > 0
+    # Head writes answered 5xx while in flight, and landed ones answered 412:
+    # each took the committer's read-back, which the faults are there for.
+    # Whether a late one lands is timing (its condition, judged as it lands,
+    # held for about one in three; in one short run none did): not asserted.
+    assert on_heads["late"] > 0 and on_heads["refuse_landed"] > 0, on_heads
