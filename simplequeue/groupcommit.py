@@ -289,17 +289,23 @@ class GroupCommitter:
         epoch: int = 0,
         settings: CommitSettings | None = None,
         clock: Callable[[], float] = time.time,
-        clock_error: Callable[[float], float] = lambda now: 0.0,
+        clock_ahead: Callable[[float], float] = lambda now: 0.0,
+        clock_behind: Callable[[float], float] = lambda now: 0.0,
         cache: ObjectCache | None = None,
     ) -> None:
         self.store = store
         self.broker_id = broker_id
         self.epoch = epoch
         self.settings = settings or CommitSettings()
-        # How far a time `clock` gave may be from the store's, either way
-        # (seconds): leases count from now + clock_error(now) and are reaped
-        # by now - clock_error(now), so that no error ends one early.
-        self.clock_error = clock_error
+        # How far the store's time may be ahead of a time `clock` gave, and
+        # behind it (seconds): leases count from now + clock_ahead(now), the
+        # latest the store's time may be, and are reaped by now -
+        # clock_behind(now), the earliest, so that no error ends one early.
+        # Two, not one error either way: after the store's clock was set
+        # back, now() stands still above the store's time, and a lease
+        # counted from now + that distance ran twice the step too long.
+        self.clock_ahead = clock_ahead
+        self.clock_behind = clock_behind
         self.clock = clock
         self._clock_sampled = False  # store.sample_clock() done once, before the first apply
         self.cache = cache or ObjectCache(store, self.settings.cache_bytes)

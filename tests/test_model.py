@@ -95,7 +95,8 @@ def committer(
             broker_id=broker_id,
             settings=settings,
             clock=clock,
-            clock_error=lambda now: error,
+            clock_ahead=lambda now: error,
+            clock_behind=lambda now: error,
         )
     )
 

@@ -347,12 +347,20 @@ async def test_a_lease_is_not_ended_early_by_two_brokers_estimates_of_the_stores
     store = MemStore()
     behind = Engine(
         GroupCommitter(
-            store, broker_id="a", clock=lambda: true[0] - 0.4, clock_error=lambda now: 0.5
+            store,
+            broker_id="a",
+            clock=lambda: true[0] - 0.4,
+            clock_ahead=lambda now: 0.5,
+            clock_behind=lambda now: 0.5,
         )
     )
     ahead = Engine(
         GroupCommitter(
-            store, broker_id="b", clock=lambda: true[0] + 0.4, clock_error=lambda now: 0.5
+            store,
+            broker_id="b",
+            clock=lambda: true[0] + 0.4,
+            clock_ahead=lambda now: 0.5,
+            clock_behind=lambda now: 0.5,
         )
     )
     await behind.enqueue("t", [JobSpec(payload=1, id="acked"), JobSpec(payload=2, id="left")])

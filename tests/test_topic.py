@@ -987,7 +987,7 @@ def test_a_nack_answers_the_status_its_lookup_and_the_counts_give() -> None:
 
 
 def test_a_reaped_job_is_due_again_from_the_earliest_the_stores_time_may_be() -> None:
-    """reap() puts an expired job back due at `now - clock_error` (the earliest
+    """reap() puts an expired job back due at `now - behind` (the earliest
     the store's time may be), so that a broker whose estimate of the store's
     clock is behind this one's claims it at once rather than seeing it delayed
     for up to twice the clock error."""
@@ -995,7 +995,7 @@ def test_a_reaped_job_is_due_again_from_the_earliest_the_stores_time_may_be() ->
     s.enqueue([JobSpec(1, id="j")], T0)
     [claimed] = s.claim("w1", 10, 1, T0)
     assert claimed["lease_expires_at"] == T0 + 10
-    assert s.reap(T0 + 20, clock_error=5) == {"pending": 1, "dead": 0}
+    assert s.reap(T0 + 20, behind=5) == {"pending": 1, "dead": 0}
     # Another broker, its estimate 5 s behind (the store's earliest time): due now.
     [again] = s.claim("w2", 10, 1, T0 + 15)
     assert again["id"] == "j" and again["attempts"] == 2

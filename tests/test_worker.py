@@ -1886,7 +1886,10 @@ class ErringClock(MemStore):
     """A store whose clock a broker knows only to within 0.3 s, as one on S3
     does after its first answer (Date headers count whole seconds)."""
 
-    def clock_error(self, now: float) -> float:
+    def clock_ahead(self, now: float) -> float:
+        return 0.3
+
+    def clock_behind(self, now: float) -> float:
         return 0.3
 
 

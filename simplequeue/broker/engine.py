@@ -364,13 +364,13 @@ class Engine:
         holds, if any, instead of claiming more (a retry whose first try's
         answer was lost)."""
         keys.check_topic(topic)
-        error = self.committer.clock_error
+        ahead = self.committer.clock_ahead
 
         async def claimed(answered: Callable[[], bool] | None = None) -> list[Job]:
             return await self._poll(
                 topic,
                 min(wait, MAX_WAIT),
-                _polled(lambda s, now: s.claim(worker_id, lease, count, now, error(now))),
+                _polled(lambda s, now: s.claim(worker_id, lease, count, now, ahead(now))),
                 # The caller went away: give the claims back rather than let
                 # them sit until their leases run out.
                 undo=lambda got: _unclaim_all(got.jobs) if got.jobs else None,
@@ -676,9 +676,9 @@ class Engine:
         self, topic: str, job_id: str, lease_token: str | None = None, lease: float | None = None
     ) -> dict[str, Any]:
         keys.check_topic(topic)
-        error = self.committer.clock_error
+        ahead = self.committer.clock_ahead
         return await self.committer.submit(
-            topic, lambda s, now: s.heartbeat(job_id, lease_token, lease, now, error(now))
+            topic, lambda s, now: s.heartbeat(job_id, lease_token, lease, now, ahead(now))
         )
 
     def latest_now(self) -> float:
@@ -688,7 +688,7 @@ class Engine:
         (lease_expires_at less it) on its own clock, from when the answer
         came, whatever the write before it took."""
         now = self.committer.clock()
-        return now + self.committer.clock_error(now)
+        return now + self.committer.clock_ahead(now)
 
     async def status(self, topic: str) -> dict[str, int]:
         keys.check_topic(topic)
@@ -881,9 +881,9 @@ class Engine:
         """When each topic this broker holds next wants its owner (as next_due()
         says), from its cache as last committed: no I/O. In slices, the loop
         taking its turns between (GroupCommitter.cached_in_turns)."""
-        error = self.committer.clock_error
+        behind = self.committer.clock_behind
         async for dues in self.committer.cached_in_turns(
-            lambda s, now: held_due(s, now, error(now))
+            lambda s, now: held_due(s, now, behind(now))
         ):
             yield dues
 
@@ -991,8 +991,8 @@ class Engine:
         keys.check_topic(topic)
 
         def tend(s: TopicState, now: float) -> tuple[dict[str, int], float | None]:
-            error = self.committer.clock_error(now)
-            return s.tend(now, error), s.next_due(error)
+            behind = self.committer.clock_behind(now)
+            return s.tend(now, behind), s.next_due(behind)
 
         return await self.committer.submit(topic, tend, verify=False)
 
@@ -1003,7 +1003,7 @@ class Engine:
         took over shows before anything touches it; with `outbox` False,
         leaving out follow-ups waiting for delivery."""
         keys.check_topic(topic)
-        error = self.committer.clock_error
+        behind = self.committer.clock_behind
 
         def unkept(s: TopicState, now: float) -> None:
             # Not one this broker stopped owning during the read: let_go()
@@ -1013,7 +1013,7 @@ class Engine:
                     self._left_memory(topic, s, now)
 
         return await self.committer.peek(
-            topic, lambda s, now: s.next_due(error(now), outbox), unkept
+            topic, lambda s, now: s.next_due(behind(now), outbox), unkept
         )
 
     async def outbox(
@@ -1050,9 +1050,9 @@ class Engine:
         """Follow-ups enqueued in their topics, as (topic, id), leave `topic`'s
         outbox; when the topic is next due."""
         keys.check_topic(topic)
-        error = self.committer.clock_error
+        behind = self.committer.clock_behind
         return await self.committer.submit(
-            topic, lambda s, now: (s.outbox_delivered(delivered), s.next_due(error(now)))[1]
+            topic, lambda s, now: (s.outbox_delivered(delivered), s.next_due(behind(now)))[1]
         )
 
     def forget(self, topics: list[str]) -> None:
@@ -1109,14 +1109,14 @@ class Engine:
         return await self.committer.sweep_leftovers(older_than)
 
 
-def held_due(state: TopicState, now: float, clock_error: float) -> float | None:
+def held_due(state: TopicState, now: float, behind: float) -> float | None:
     """When the topic `state` holds next wants its owner (TopicState.next_due),
     with no I/O: if the outbox's front segment is not in the cache, its
     follow-ups are taken to wait since `now` or before (when is not known)."""
     try:
-        return state.next_due(clock_error)
+        return state.next_due(behind)
     except SegmentMissing:
-        held = state.next_due(clock_error, outbox=False)
+        held = state.next_due(behind, outbox=False)
         return now if held is None else min(held, now)
 
 

@@ -405,5 +405,11 @@ class InstrumentedStore(ObjectStore):
     def clock_error(self, now: float) -> float:
         return self.inner.clock_error(now)
 
+    def clock_ahead(self, now: float) -> float:
+        return self.inner.clock_ahead(now)
+
+    def clock_behind(self, now: float) -> float:
+        return self.inner.clock_behind(now)
+
     async def close(self) -> None:
         await self.inner.close()

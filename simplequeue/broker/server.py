@@ -114,7 +114,8 @@ class Broker:
             broker_id=settings.broker_id,
             settings=commit_settings(settings, self.store.url),
             clock=self.store.now,
-            clock_error=self.store.clock_error,
+            clock_ahead=self.store.clock_ahead,
+            clock_behind=self.store.clock_behind,
         )
         self.committer.on_batch = self.metrics.batch_sizes.observe
         self.engine = Engine(self.committer)
@@ -326,7 +327,7 @@ class Broker:
         no I/O, so an outbox front that left the cache counts as due now (it
         raised SegmentMissing there, and the landing's due was lost)."""
         now = self.committer.clock()
-        return held_due(state, now, self.committer.clock_error(now))
+        return held_due(state, now, self.committer.clock_behind(now))
 
     def _landed(self, topic: str, state: TopicState) -> None:
         """A write of this broker's landed on `topic`. A topic another broker

@@ -102,6 +102,19 @@ class ObjectStore(ABC):
         written with (sample_clock() comes first)."""
         return self.clock.error(now)
 
+    def clock_ahead(self, now: float) -> float:
+        """How far the store's time may be ahead of `now`, a time now() returned
+        a moment ago (seconds; StoreClock.ahead: below 0 while now() stands
+        still after the store's clock was set back). Leases count from `now`
+        plus this, the latest the store's time may be."""
+        return self.clock.ahead(now)
+
+    def clock_behind(self, now: float) -> float:
+        """How far the store's time may be behind `now`, a time now() returned
+        a moment ago (seconds; StoreClock.behind). Leases are reaped by `now`
+        less this, the earliest the store's time may be."""
+        return self.clock.behind(now)
+
     @abstractmethod
     async def get(self, key: str) -> tuple[bytes, str]:
         """Return (data, etag). Raise ObjectNotFound when the key is missing."""

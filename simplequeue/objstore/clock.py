@@ -249,17 +249,37 @@ class StoreClock:
 
     def error(self, at: float) -> float:
         """How far `at`, a time now() returned a moment ago, may be from the
-        store's time at this moment, either way: its distance to the far end
-        of the interval the samples leave. Not `uncertainty`: now() does not
-        go backwards, so after a sample narrows the interval from above it
-        stays ahead of the interval's middle (by up to half the old width)
-        until time catches up. 0.0 before the first sample (now() is then a
-        guess, which is not written into the store)."""
+        store's time at this moment, either way: the larger of ahead() and
+        behind() (what /metrics shows). Not `uncertainty`: now() does not go
+        backwards, so after a sample narrows the interval from above it stays
+        ahead of the interval's middle (by up to half the old width) until
+        time catches up; after a step back of the store's clock, by the step.
+        0.0 before the first sample (now() is then a guess, which is not
+        written into the store)."""
+        return max(self.ahead(at), self.behind(at), 0.0)
+
+    def ahead(self, at: float) -> float:
+        """How far the store's time may be ahead of `at` (a time now() returned
+        a moment ago) at this moment: `at` plus this is the latest it may read,
+        the top of the interval, which leases count from. Less than 0 when
+        `at` is above the interval: now() stood still after the store's clock
+        was set back (a lease counted from `at` plus the far end's distance
+        ran twice the step too long: 1,008 s for 10 s after a 600 s step).
+        0.0 before the first sample."""
         with self._lock:
             if not self._samples:
                 return 0.0
-            mono = self._monotonic()
-            return max(at - (mono + self._low), mono + self._high - at, 0.0)
+            return self._monotonic() + self._high - at
+
+    def behind(self, at: float) -> float:
+        """How far the store's time may be behind `at` (a time now() returned a
+        moment ago) at this moment: `at` less this is the earliest it may
+        read, the bottom of the interval, which leases are reaped by. 0.0
+        before the first sample."""
+        with self._lock:
+            if not self._samples:
+                return 0.0
+            return at - (self._monotonic() + self._low)
 
     @property
     def uncertainty(self) -> float | None:

@@ -446,7 +446,7 @@ class TopicState(Layout):
     # --- claim -------------------------------------------------------------------------
 
     def claim(
-        self, worker_id: str, lease: float | None, count: int, now: float, clock_error: float = 0.0
+        self, worker_id: str, lease: float | None, count: int, now: float, ahead: float = 0.0
     ) -> list[Job]:
         """Claim up to `count` due jobs, highest priority then earliest run_at, for
         `lease` seconds (None: the topic's default, else the policy's), within
@@ -456,11 +456,12 @@ class TopicState(Layout):
         the segments read for them outgrow the broker's memory, whatever
         `count` says.
 
-        The lease counts from `now + clock_error` (its heartbeat_at): `now` is
-        an estimate of the store's clock that may be `clock_error` behind it,
-        and a lease must not end early whoever reaps it (see reap())."""
+        The lease counts from `now + ahead` (its heartbeat_at): `now` is an
+        estimate of the store's clock that may be `ahead` behind it (below 0:
+        `now` is past the latest the store's time may be), and a lease must
+        not end early whoever reaps it (see reap()), nor run long."""
         lease = self.default_lease() if lease is None else lease
-        start = now + clock_error
+        start = now + ahead
         count = min(count, self.claimable(now))
         claimed: list[Job] = []
         self.next_ready = None
@@ -666,10 +667,10 @@ class TopicState(Layout):
         token: str | None,
         lease: float | None,
         now: float,
-        clock_error: float = 0.0,
+        ahead: float = 0.0,
     ) -> dict[str, Any]:
         """Extend the lease by `lease` seconds, or by the claim's own lease,
-        counted from `now + clock_error` (as claim() does)."""
+        counted from `now + ahead` (as claim() does)."""
         place = self._holder(job_id, token)
         record = place.item
         own = record["lease_expires_at"] - record["heartbeat_at"]
@@ -679,7 +680,7 @@ class TopicState(Layout):
             self._drop_lease(place)
             record = dict(record)
             self._add_lease(record)
-        start = now + clock_error
+        start = now + ahead
         record["heartbeat_at"] = start
         record["lease_expires_at"] = start + lease_s
         return {"id": job_id, "lease_expires_at": record["lease_expires_at"]}
@@ -757,37 +758,37 @@ class TopicState(Layout):
         """Whether a lease ran out by `now` (reads what next_expiry() says may)."""
         return bool(self.due_leases(now))
 
-    def next_due(self, clock_error: float = 0.0, outbox: bool = True) -> float | None:
+    def next_due(self, behind: float = 0.0, outbox: bool = True) -> float | None:
         """When the topic next wants its owner: no lease runs out before this
-        (reaped as tend() is, with `clock_error`), no schedule's slot comes
+        (reaped as tend() is, with `behind`), no schedule's slot comes
         before it, and (with `outbox`) follow-ups wait for delivery since then
         (None: nothing to do until something changes). From the head, and the
         outbox's front segment."""
         times = [_schedule_due(s) for s in self.head.get("schedules", {}).values()]
         expiry = self.next_expiry()
         if expiry is not None:
-            times.append(expiry + clock_error)
+            times.append(expiry + behind)
         oldest = self.outbox_oldest() if outbox else None
         if oldest is not None:
             times.append(oldest)
         return min(times, default=None)
 
-    def tend(self, now: float, clock_error: float = 0.0) -> dict[str, int]:
+    def tend(self, now: float, behind: float = 0.0) -> dict[str, int]:
         """What the topic's owner does when next_due() comes: expired leases
         back to pending (or dead), and the schedules whose slot came fired.
         What it did, by kind."""
-        done = self.reap(now, clock_error)
+        done = self.reap(now, behind)
         done["fired"] = self.fire(now)
         return done
 
-    def reap(self, now: float, clock_error: float = 0.0) -> dict[str, int]:
+    def reap(self, now: float, behind: float = 0.0) -> dict[str, int]:
         """Expired leases back to pending, or dead when attempts are spent: a
         part of them, bounded (Layout.take_due_leases), so that one batch
         reads and writes a bounded amount however many ran out; while more
         are due, next_due() says so (now), and the owner tends again at once.
 
-        A lease is expired when it ran out by `now - clock_error`: `now` is an
-        estimate of the store's clock that may be `clock_error` ahead of it.
+        A lease is expired when it ran out by `now - behind`: `now` is an
+        estimate of the store's clock that may be `behind` ahead of it.
         With the lease counted from an estimate no earlier than the store's
         time (claim()), no estimate's error ends a lease early, whichever
         brokers stamped and reap it."""
@@ -795,7 +796,7 @@ class TopicState(Layout):
         # The earliest the store's time may be. A reaped job is due again from
         # it too: a broker whose estimate is behind this one's does not see it
         # as delayed for long.
-        earliest = now - clock_error
+        earliest = now - behind
         expired = self.take_due_leases(earliest)  # a bounded part: see REAP_LEASES
         jobs = [self._with_payload(p.item) for p in expired]  # reads before it changes
         for place, job in zip(expired, jobs, strict=True):
