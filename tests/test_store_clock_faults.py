@@ -4,9 +4,8 @@ fixes suggested). A test of one not fixed yet is marked xfail(strict): one
 that starts to pass fails the suite, to be unmarked.
 
 - a local clock slewed 3-8.3 % (chrony's maxslewrate; CLOCK_MONOTONIC and
-  CLOCK_BOOTTIME are slewed too) put StoreClock.now() outside its error():
-  DRIFT (0.2 %) is too small, rivals never confirm each other (fixed: error()
-  covers the newest sample the estimate does not allow, within SLEW);
+  CLOCK_BOOTTIME are slewed too) puts StoreClock.now() outside its error():
+  DRIFT (0.2 %) is too small, rivals never confirm each other;
 - a forward step of the store's clock (localfs: the host's wall clock) reaps
   live leases and lets delayed jobs out early (SPEC 4.3 says a lease is
   judged on the owner's monotonic clock);
@@ -37,6 +36,7 @@ from simplequeue.groupcommit import GroupCommitter
 from simplequeue.objstore.clock import StoreClock
 from simplequeue.objstore.memfs import MemStore
 
+SLEWED = pytest.mark.xfail(strict=True, reason="known clock fault: a slewed local clock")
 T0 = 1_700_000_000.0
 
 
@@ -112,6 +112,7 @@ class Broker:
 # --- 1. a local clock slewed faster than DRIFT ---------------------------------------
 
 
+@SLEWED
 @pytest.mark.parametrize("rate", [1.03, 1.083])
 def test_a_slewed_local_clock_keeps_now_within_its_error_on_localfs(rate: float) -> None:
     """chrony slews a host's clock by changing its frequency, up to 83,333 ppm
@@ -139,6 +140,7 @@ def test_a_slewed_local_clock_keeps_now_within_its_error_on_localfs(rate: float)
     )
 
 
+@SLEWED
 @pytest.mark.parametrize(
     ("stamper_rate", "reaper_rate"),
     [(1.0, 1.0833), (0.9167, 1.0)],

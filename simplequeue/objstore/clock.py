@@ -46,12 +46,6 @@ def local_time() -> float:
 # before a sample outside the estimate must wait for rivals: well beyond the
 # 0.05 % a kernel slews a clock by.
 DRIFT = 0.002
-# How fast (s/s) it may run against the store's while chrony slews it: up to
-# its default maxslewrate, 83,333 ppm, which moves CLOCK_MONOTONIC and
-# CLOCK_BOOTTIME too. Samples the estimate does not allow then come one after
-# another, and may be the right ones: error() covers the newest, up to what
-# SLEW could have moved the offset since the estimate's oldest sample.
-SLEW = 0.1
 
 
 def _overlap(low: float, high: float, other_low: float, other_high: float) -> bool:
@@ -275,7 +269,7 @@ class StoreClock:
         with self._lock:
             if not self._samples:
                 return 0.0
-            return self._monotonic() + self._bounds()[1] - at
+            return self._monotonic() + self._high - at
 
     def behind(self, at: float) -> float:
         """How far the store's time may be behind `at` (a time now() returned a
@@ -285,26 +279,7 @@ class StoreClock:
         with self._lock:
             if not self._samples:
                 return 0.0
-            return at - (self._monotonic() + self._bounds()[0])
-
-    def _bounds(self) -> tuple[float, float]:
-        """The interval the offset may be in: the estimate's, widened to the
-        newest sample it does not allow (a rival, not yet confirmed), as far
-        as SLEW could have moved the offset since the estimate's oldest
-        sample (counted up to the horizon, as in _drifted). A local clock
-        slewed 3 % took now() seconds off the store's time, error() saying a
-        few milliseconds: every sample disagreed with the estimate, and the
-        rivals drifted apart before they could confirm each other. A wrong
-        answer makes error() larger by as much, until a sample the estimate
-        allows comes (longer leases, never an early reap); now() stays."""
-        low, high = self._low, self._high
-        if self._rivals:
-            newest = self._rivals[-1]
-            age = min(max(newest.received - self._samples[0].received, 0.0), self._horizon)
-            slack = SLEW * age
-            low = min(low, max(newest.low, low - slack))
-            high = max(high, min(newest.high, high + slack))
-        return low, high
+            return at - (self._monotonic() + self._low)
 
     @property
     def uncertainty(self) -> float | None:
