@@ -427,8 +427,13 @@ class Engine:
         if answered is None or answered.until < time.monotonic():
             return []
         held = [tuple(h.split("\0", 1)) for h in answered.jobs]
+        behind = self.committer.clock_behind
+        # A lease runs out by the earliest the store's time may be, as reap()
+        # judges it: after a step back of the store's clock now() stands
+        # still above it, and a live lease's end read as past.
         found = await self.committer.read(
-            attempt[0], lambda s, now: [s.held(job_id, token, now) for job_id, token in held]
+            attempt[0],
+            lambda s, now: [s.held(job_id, token, now - behind(now)) for job_id, token in held],
         )
         return [public(j, "claimed") for j in found if j is not None]
 
