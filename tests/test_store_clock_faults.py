@@ -409,7 +409,7 @@ async def test_a_slewed_lease_is_not_reaped_early_whatever_the_request_rate(
     )
 
 
-# --- 3. one wrong Date: SLEW x 300 s = 30 s -------------------------------------------
+# --- 3. one wrong Date (the widening tried and reverted: 0.1 x 300 s = 30 s) --------------
 
 
 class WrongDateOnce(MemStore):
@@ -444,7 +444,7 @@ async def test_one_wrong_date_on_a_claims_write_does_not_make_the_worker_drop_th
     start_broker: Any,
 ) -> None:
     """Round 31 tried widening ahead() toward one answer the estimate does not
-    allow by SLEW (0.1) x the estimate's age, up to 30 s on a broker that
+    allow by 0.1 x the estimate's age, up to 30 s on a broker that
     sent a request every few seconds for 5 minutes (reverted). When it is
     the answer to the write that commits a claim, the lease was stamped
     before it (heartbeat_at = the top then) and the Simplequeue-Now header
@@ -478,7 +478,7 @@ async def test_one_wrong_date_on_a_claims_write_does_not_make_the_worker_drop_th
 async def test_one_wrong_date_at_a_landing_does_not_delay_a_dead_workers_reap() -> None:
     """With the widening tried in round 31 (reverted), a Date a day old (a
     proxy's cached answer) on the write that lands a claim widened behind()
-    by SLEW x the estimate's age: 30 s on a quiet broker. The landing's due
+    by 0.1 x the estimate's age: 30 s on a quiet broker. The landing's due
     (held_due, next_due: expiry + behind) is noted then, and nothing notes
     it again once the next good answer (5 s later) takes the widening back:
     a worker that died holding a 10 s lease had its job reaped ~40 s after
