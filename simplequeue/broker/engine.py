@@ -428,13 +428,15 @@ class Engine:
             return []
         held = [tuple(h.split("\0", 1)) for h in answered.jobs]
         behind = self.committer.clock_behind
-        # A lease runs out by the earliest the store's time may be, as reap()
-        # judges it: after a step back of the store's clock now() stands
-        # still above it, and a live lease's end read as past.
-        found = await self.committer.read(
-            attempt[0],
-            lambda s, now: [s.held(job_id, token, now - behind(now)) for job_id, token in held],
-        )
+
+        def still_held(s: TopicState, now: float) -> list[Job | None]:
+            # A lease runs out by the earliest the store's time may be, as
+            # reap() judges it: after a step back of the store's clock now()
+            # stands still above it, and a live lease's end read as past.
+            earliest = now - behind(now)
+            return [s.held(job_id, token, earliest) for job_id, token in held]
+
+        found = await self.committer.read(attempt[0], still_held)
         return [public(j, "claimed") for j in found if j is not None]
 
     async def pop(
