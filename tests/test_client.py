@@ -8,7 +8,9 @@ import inspect
 import math
 import os
 import re
+import select
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -608,6 +610,42 @@ def test_an_interrupted_sync_call_stops_in_its_loop_too(broker_process: Any) -> 
         other.enqueue("x", id="x")
         job = other.claim("w2", wait=10)
         assert job is not None and job.id == "x"
+
+
+def test_an_interrupted_sync_call_has_given_up_its_request_when_the_interruption_goes_on() -> None:
+    """The interruption went on at once while the call's cancellation waited
+    for the client's loop: the broker still held the long poll, and the
+    script's next enqueue (another client's, on another connection) could be
+    claimed by it for nobody (the test above, about 1 run in 20 under load).
+    Here the loop is kept busy 0.5 s as Ctrl-C comes: the connection must be
+    closed before KeyboardInterrupt reaches the script."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        accepted: list[socket.socket] = []
+        main = threading.main_thread().ident
+        assert main is not None
+        with SyncClient(f"http://127.0.0.1:{port}", topic="t", retries=0) as q:
+
+            def interrupt_while_the_loop_is_busy() -> None:
+                conn, _ = server.accept()
+                accepted.append(conn)
+                conn.recv(65536)  # the claim's request: held unanswered
+                q._loop.call_soon_threadsafe(time.sleep, 0.5)
+                signal.pthread_kill(main, signal.SIGINT)
+
+            ctrl_c = threading.Thread(target=interrupt_while_the_loop_is_busy)
+            ctrl_c.start()
+            with pytest.raises(KeyboardInterrupt):
+                q.claim("w", lease=60, wait=30)
+            ctrl_c.join()
+            [conn] = accepted
+            with conn:
+                closed = False
+                while select.select([conn], [], [], 0.2)[0]:
+                    if not conn.recv(65536):
+                        closed = True
+                        break
+                assert closed, "the interrupted claim's connection is still open"
 
 
 def enqueue_in_a_forked_child(q: SyncClient) -> int:

@@ -31,6 +31,10 @@ from simplequeue.objstore import ObjectStore
 T = TypeVar("T")
 A = TypeVar("A")
 
+# How long an interrupted call (Ctrl-C) waits for its request to be given up
+# in the loop before the interruption goes on.
+INTERRUPTED_WAIT_S = 2.0
+
 
 class SyncClient:
     """Blocking twin of Client: same methods, same arguments and defaults, same
@@ -162,7 +166,8 @@ class SyncClient:
             if self._closing:
                 coro.close()  # never to run: no "never awaited" warning
                 raise RuntimeError("this SyncClient is closed")
-            future = asyncio.run_coroutine_threadsafe(self._call(coro), self._loop)
+            started: list[asyncio.Task[Any]] = []  # the call's task, once it runs
+            future = asyncio.run_coroutine_threadsafe(self._call(coro, started), self._loop)
         try:
             return future.result()
         except concurrent.futures.CancelledError:
@@ -172,13 +177,36 @@ class SyncClient:
         except BaseException:
             # Interrupted (Ctrl-C): the call stops in the loop too, as an
             # async caller's cancelled call does, and does not go on unseen.
-            future.cancel()
+            if future.cancel():
+                self._stopped(started)
             raise
 
-    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """`coro`, counted among the calls in flight (close() cancels them)."""
+    def _stopped(self, started: list[asyncio.Task[Any]]) -> None:
+        """Wait (up to INTERRUPTED_WAIT_S) for an interrupted call to end in the
+        loop and its connection to close, so that the broker has given up its
+        request before the caller goes on: a long-polled claim still open
+        there took the next job enqueued, for a caller that was gone."""
+
+        async def ended() -> None:
+            if started:  # else it never ran, and never will: nothing was sent
+                await asyncio.wait(started)
+            await asyncio.sleep(0)  # the transport's close, scheduled as the task ended
+
+        try:
+            waited = asyncio.run_coroutine_threadsafe(ended(), self._loop)
+        except RuntimeError:  # the loop is closed (close() in another thread)
+            return
+        try:
+            waited.result(INTERRUPTED_WAIT_S)
+        except concurrent.futures.TimeoutError:
+            waited.cancel()
+
+    async def _call(self, coro: Coroutine[Any, Any, T], started: list[asyncio.Task[Any]]) -> T:
+        """`coro`, counted among the calls in flight (close() cancels them);
+        its task put in `started` as it runs."""
         task = asyncio.current_task()
         assert task is not None
+        started.append(task)
         self._calls.add(task)
         try:
             return await coro
