@@ -222,6 +222,19 @@ class _Outcome:
     results: list[tuple[bool, Any]]  # (ok, result or exception) per live entry
     entries: list[_Entry]
     new_objects: dict[str, Segment | Manifest]  # decoded, for the cache once it landed
+    # The head's ETag the write was conditioned on (None: on its absence).
+    condition: str | None = None
+    # Whether its answer said it may yet land (AmbiguousWrite: a PUT sent and
+    # unanswered lands late on S3 if the head still has `condition` then).
+    may_land_late: bool = False
+
+
+def _may_land_late(t: _Topic, outcomes: list[_Outcome]) -> bool:
+    """Whether one of a batch's tries, none of which the read-back found, may
+    land yet: unanswered (not refused, not unsent) and conditioned on the head
+    the store had when last read. One conditioned on an older head never can
+    (each head holds a new write id: its ETag is never seen again)."""
+    return any(o.may_land_late and o.condition == t.etag for o in outcomes)
 
 
 class _Topic:
@@ -877,6 +890,15 @@ class GroupCommitter:
             # Objects of failed attempts are left for the orphan sweep: a PUT
             # that timed out here might still land at S3, and must find them.
             lost = exc.last_attempt.exception()
+            if _may_land_late(t, outcomes):
+                # A try the read-back did not find may land yet: a caller that
+                # took plain StoreUnavailable for "did not land" (a pop's
+                # give-back kept for another undo) would do it twice.
+                raise AmbiguousWrite(
+                    f"topic {t.name!r}: {len(outcomes)} writes failed in "
+                    f"{self.settings.budget:.0f} s, one of them unanswered on the head "
+                    f"the store still has: it may or may not land"
+                ) from None
             if isinstance(lost, _LostRace) and isinstance(lost.cause, StoreUnavailable):
                 # Not contention: the store failed the writes (its last words said).
                 raise StoreUnavailable(
@@ -957,7 +979,7 @@ class GroupCommitter:
         data = sealed.head
         sent_at = time.monotonic()
         entries, results = _with(entries, results, failed)
-        outcome = _Outcome(write_id, results, entries, sealed.decoded)
+        outcome = _Outcome(write_id, results, entries, sealed.decoded, condition=t.etag)
         outcomes.append(outcome)
         try:
             # The new objects first (side by side), the head that names them
@@ -974,6 +996,7 @@ class GroupCommitter:
             raise  # nothing landed: the store said so before writing anything
         except (PreconditionFailed, StoreUnavailable) as exc:
             self.stats.ambiguous += isinstance(exc, StoreUnavailable)
+            outcome.may_land_late = isinstance(exc, AmbiguousWrite)
             t.state = None
             # In place but not durable: until a write lands durable, none of
             # the topic's answers may say done (a retry finding its job).

@@ -185,6 +185,36 @@ async def test_writes_the_store_fails_for_the_whole_budget_say_so_not_contention
         await q.enqueue("t", [JobSpec(2)])
 
 
+async def test_a_write_that_may_yet_land_fails_ambiguous_when_the_budget_runs_out() -> None:
+    """S3 applies a conditional PUT that was sent and never answered later, on
+    the condition it was sent with. When a batch's budget ran out on such
+    tries, the head read back unchanged each time, the committer said plain
+    StoreUnavailable, which callers take for "did not land" (Engine._give_back
+    kept a pop for another undo, which could give back a job completed
+    meanwhile: run twice); then the write landed."""
+    store = FaultyStore(MemStore())
+    q = engine_on(store, budget=0.3)
+    await q.enqueue("t", [JobSpec("seed")])
+    store.faults = ["late"] * 1000
+    with pytest.raises(AmbiguousWrite, match="may or may not land"):
+        await q.enqueue("t", [JobSpec(2, id="x")])
+    assert await store.land_late() == 1
+    assert (await head_of(store))["counters"]["enqueued"] == 2
+
+
+async def test_an_unanswered_try_cannot_land_after_a_later_one_did() -> None:
+    """The other side: a try that may land late, then a try that landed. The
+    late one was conditioned on the head before: it never lands, and the
+    batch is answered once."""
+    store = FaultyStore(MemStore())
+    q = engine_on(store)
+    await q.enqueue("t", [JobSpec("seed")])
+    store.faults = ["late"]
+    await q.enqueue("t", [JobSpec(2, id="x")])
+    assert await store.land_late() == 0
+    assert (await head_of(store))["counters"]["enqueued"] == 2
+
+
 async def test_store_outage_answers_unavailable_and_loses_nothing_acknowledged() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store, budget=0.3)

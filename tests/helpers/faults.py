@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from simplequeue.errors import PreconditionFailed, StorageFull, StoreUnavailable
+from simplequeue.errors import (
+    AmbiguousWrite,
+    PreconditionFailed,
+    StorageFull,
+    StoreUnavailable,
+)
 from simplequeue.objstore import ObjectStore
 
 # A fault runs around one put_if of a head: it gets the key and a callable that
@@ -39,6 +45,10 @@ class FaultyStore(ObjectStore):
         # Awaited after a "lose-answer" write landed, before its caller hears:
         # what other brokers do while an ambiguous write waits for its answer.
         self.meanwhile: Callable[[], Awaitable[None]] | None = None
+        # The fault "late": the PUT is answered AmbiguousWrite (sent, no answer)
+        # and kept here, to land when land_late() says (S3 applies a timed-out
+        # PUT later, on the condition it was sent with).
+        self.late: list[tuple[str, bytes, str | None, bool]] = []
 
     async def _answer(self) -> None:
         if self.silent:
@@ -77,6 +87,9 @@ class FaultyStore(ObjectStore):
         if fault == "held":
             self.holding.set()
             await self.held.wait()
+        if fault == "late":
+            self.late.append((key, data, if_match, if_none_match))
+            raise AmbiguousWrite("injected: PUT sent, no answer")
         if fault == "fail":  # the write never happens
             raise StoreUnavailable("injected: PUT failed")
         if fault == "conflict":  # someone else won the race
@@ -91,6 +104,17 @@ class FaultyStore(ObjectStore):
         if fault == "landed-412":  # landed; a retry of the same PUT then saw 412
             raise PreconditionFailed("injected: retry after a landed PUT")
         return etag
+
+    async def land_late(self) -> int:
+        """Land the "late" writes kept, oldest first, each on its condition
+        (one that no longer holds does not land): how many landed."""
+        landed = 0
+        for key, data, if_match, if_none_match in self.late:
+            with contextlib.suppress(PreconditionFailed):
+                await self.inner.put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+                landed += 1
+        self.late.clear()
+        return landed
 
     async def delete(self, key: str) -> None:
         self.calls["delete"] += 1

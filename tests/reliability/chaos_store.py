@@ -10,7 +10,7 @@ import random
 from collections import Counter
 
 from simplequeue import keys
-from simplequeue.errors import PreconditionFailed, StoreError, StoreUnavailable
+from simplequeue.errors import AmbiguousWrite, PreconditionFailed, StoreError, StoreUnavailable
 from simplequeue.objstore import ObjectStore
 
 # How long after its caller was answered 5xx a late write lands (seconds): an S3
@@ -85,9 +85,9 @@ class ChaosStore(ObjectStore):
         if keys.topic_of_head(key) is not None:
             self.on_heads[what] += 1
 
-    def _lost(self, key: str) -> StoreUnavailable:
+    def _lost(self, key: str) -> AmbiguousWrite:
         self._count(key, "lose_answer")
-        return StoreUnavailable("injected: answer lost after the write landed")
+        return AmbiguousWrite("injected: answer lost after the write landed")
 
     async def get(self, key: str) -> tuple[bytes, str]:
         await self._before()
@@ -106,7 +106,8 @@ class ChaosStore(ObjectStore):
         roll = await self._before()
         if self.lose <= roll < self.lose + self.late:
             self._land_late(key, data, if_match, if_none_match)
-            raise StoreUnavailable("injected: timed out, the write still in flight")
+            # As S3Store says of a PUT sent and not answered.
+            raise AmbiguousWrite("injected: timed out, the write still in flight")
         etag = await self.inner.put_if(key, data, if_match=if_match, if_none_match=if_none_match)
         if roll < self.lose:
             raise self._lost(key)
