@@ -902,8 +902,9 @@ class GroupCommitter:
             if isinstance(lost, _LostRace) and isinstance(lost.cause, StoreUnavailable):
                 # Not contention: the store failed the writes (its last words said).
                 raise StoreUnavailable(
-                    f"topic {t.name!r}: {len(outcomes)} writes failed in "
-                    f"{self.settings.budget:.0f} s, the last: {lost.cause}"
+                    f"topic {t.name!r}: the store failed requests for "
+                    f"{self.settings.budget:.0f} s ({len(outcomes)} writes tried), "
+                    f"the last: {lost.cause}"
                 ) from None
             raise Contended(
                 f"topic {t.name!r}: lost {len(outcomes)} races in {self.settings.budget:.0f} s"
@@ -914,7 +915,24 @@ class GroupCommitter:
         self, t: _Topic, batch: list[_Entry], outcomes: list[_Outcome], deadline: float
     ) -> tuple[list[_Entry], list[tuple[bool, Any]]]:
         """One try at writing the batch: the entries it applied and their
-        (ok, result or error), once they are final. Raises _LostRace."""
+        (ok, result or error), once they are final. Raises _LostRace, also
+        when a read on the way in failed (the head, a segment, the clock's
+        sample; nothing of this try was written): tried again within the
+        budget, as a lost race is, not answered 503 at once (a 0.3-1 s
+        outage answered 50-180 requests so in the store-fault campaign)."""
+        try:
+            return await self._try(t, batch, outcomes, deadline)
+        except (StoreRefused, AmbiguousWrite, NotDurable, CacheTooSmall):
+            raise  # said no, may have landed, landed: not a read that failed
+        except StoreUnavailable as exc:
+            t.state = None  # read afresh by the next try
+            raise _LostRace(exc) from None
+
+    async def _try(
+        self, t: _Topic, batch: list[_Entry], outcomes: list[_Outcome], deadline: float
+    ) -> tuple[list[_Entry], list[tuple[bool, Any]]]:
+        """_attempt's work: a failed write raises _LostRace (its read-back
+        found it did not land), a failed read StoreUnavailable."""
         entries = [e for e in batch if not e.abandoned]  # skip callers gone before apply
         if not entries:
             return [], []
