@@ -202,6 +202,66 @@ async def test_a_write_that_may_yet_land_fails_ambiguous_when_the_budget_runs_ou
     assert (await head_of(store))["counters"]["enqueued"] == 2
 
 
+class ObjectsTimeOut(MemStore):
+    """A store on the base class's put_if_after (as S3Store is) whose create-only
+    PUTs of a batch's objects are sent and never answered (S3Store raises
+    AmbiguousWrite for a read timeout). Counts the head PUTs sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_puts = 0
+
+    async def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        if key.count("/") > 1:  # a topic's segment, not its head
+            raise AmbiguousWrite("injected: the segment's PUT was sent, no answer came")
+        self.head_puts += 1
+        return await super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+
+
+async def test_put_if_after_whose_object_got_no_answer_says_its_key_was_not_sent() -> None:
+    # put_if_after writes `key` only once every object landed: when an object's
+    # PUT got no answer, `key` was never sent, and cannot land later. Raising
+    # the object's AmbiguousWrite says "the key's write may land".
+    store = ObjectsTimeOut()
+    await store.put("topics/t.json", b"v0")
+    with pytest.raises(StoreUnavailable) as raised:
+        await store.put_if_after(
+            {"topics/t/seg-1": b"s"},
+            "topics/t.json",
+            b"v1",
+            if_match=(await store.get("topics/t.json"))[1],
+        )
+    assert store.head_puts == 0
+    assert not isinstance(raised.value, AmbiguousWrite), (
+        "the head was never sent, yet put_if_after says it may land"
+    )
+
+
+async def test_a_batch_whose_head_was_never_sent_is_not_answered_as_one_that_may_land() -> None:
+    # The committer takes AmbiguousWrite from put_if_after for its head's: the
+    # batch's tries are marked may_land_late, and once the budget is spent it
+    # answers AmbiguousWrite ("one of them unanswered on the head the store
+    # still has"), with no head PUT sent at all. Engine._give_back then keeps
+    # no undo of a lost pop for another try (it takes AmbiguousWrite for "may
+    # have landed"): the jobs stay claimed until their lease runs out.
+    store = ObjectsTimeOut()
+    q = engine_on(store, budget=0.3)
+    await q.enqueue("t", [JobSpec(0)])
+    before = store.head_puts
+    big: Any = {"pad": "x" * 300_000}  # spilled into a segment of its own
+    with pytest.raises(StoreUnavailable) as raised:
+        await q.enqueue("t", [JobSpec(big)])
+    assert store.head_puts == before, "no head PUT was sent"
+    assert not isinstance(raised.value, AmbiguousWrite), str(raised.value)
+
+
 async def test_an_unanswered_try_cannot_land_after_a_later_one_did() -> None:
     """The other side: a try that may land late, then a try that landed. The
     late one was conditioned on the head before: it never lands, and the

@@ -1080,3 +1080,37 @@ async def test_a_localfs_url_opens_the_same_directory_again(tmp_path: Path, name
     assert isinstance(again, LocalStore)
     assert again.root == root
     assert await again.get("broker.json") == await store.get("broker.json")
+
+
+async def test_a_clock_sample_is_not_the_mtime_another_process_stamped_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _touch_clock writes a byte into `.simplequeue/clock`, a file every store
+    # on the directory shares, takes its `received` time and then fstats the
+    # file: a touch by another broker (or by another thread of this one: a
+    # sweep beside sample_clock) in between gives it the other's later mtime,
+    # taken for a stamp made before `received`. Two threads of one process
+    # touching in a loop for 5 s: 3 samples 16-54 ms past their `received`
+    # (the resolution allowed is 10 ms). Here the other touch comes 50 ms
+    # later, deterministically; the store's first sample sets its now().
+    a, b = LocalStore(tmp_path), LocalStore(tmp_path)
+    real_fstat = localfs.os.fstat
+    interleaved = []
+
+    def fstat(fd: int) -> os.stat_result:
+        if not interleaved and os.readlink(f"/proc/self/fd/{fd}").endswith("/clock"):
+            interleaved.append(fd)
+            time.sleep(0.05)  # the thread loses the GIL, or the process its CPU
+            b._touch_clock()  # meanwhile, another broker samples its clock
+        return real_fstat(fd)
+
+    monkeypatch.setattr(localfs.os, "fstat", fstat)
+    await a.sample_clock()
+    monkeypatch.undo()
+    now = a.now()
+    off = now - time.time()  # one machine: the kernel's clock is time.time()
+    assert interleaved
+    assert off <= a.clock_ahead(now) + 0.005, (
+        f"now() is {off * 1000:.0f} ms ahead of the kernel's clock, "
+        f"its error {a.clock_error(now) * 1000:.0f} ms"
+    )

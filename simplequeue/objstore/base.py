@@ -17,7 +17,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 
-from simplequeue.errors import PreconditionFailed, StoreError
+from simplequeue.errors import (
+    AmbiguousWrite,
+    NotDurable,
+    PreconditionFailed,
+    StoreError,
+    StoreUnavailable,
+)
 from simplequeue.objstore.clock import StoreClock
 
 # Keys are relative paths: no empty, "." or ".." components, no leading dot on a
@@ -158,6 +164,11 @@ class ObjectStore(ABC):
                 *(self._put_new(k, body) for k, body in objects.items()), return_exceptions=True
             )
             for outcome in outcomes:  # every PUT has ended: none is left running
+                if isinstance(outcome, (AmbiguousWrite, NotDurable)):
+                    # About the object, not `key`, which was never sent: a
+                    # caller told AmbiguousWrite takes `key`'s write for one
+                    # that may land yet. The object, if it lands, is an orphan.
+                    raise StoreUnavailable(f"{key} not sent: {outcome}") from outcome
                 if isinstance(outcome, BaseException):
                     raise outcome
         return await self.put_if(key, data, if_match=if_match, if_none_match=if_none_match)

@@ -657,10 +657,11 @@ class LocalStore(ObjectStore):
 
     def _observe_mtime(self, fd: int, sent: float) -> None:
         """A write to `fd` since the local time `sent` (StoreClock.local())
-        stamped its mtime: a sample of the kernel's clock (taken now, before
-        fstat, which is not a write)."""
-        received = self.clock.local()
+        stamped its mtime: a sample of the kernel's clock. `received` is read
+        after fstat: another writer of the file (the shared clock file) may
+        have stamped it later than our write, though never after the fstat."""
         stamp = os.fstat(fd).st_mtime_ns
+        received = self.clock.local()
         self.clock.observe(sent, received, stamp / 1e9, _mtime_resolution(stamp))
 
     def _make_dirs(self, directory: Path) -> None:
