@@ -519,7 +519,7 @@ def owner_duties(engine: Engine, clock: Skewed) -> Duties:
     membership = Membership(
         engine.committer.store, broker_id=me, url=f"http://{me}", lease_s=10.0, clock=clock
     )
-    return Duties(engine, membership, DutySettings(), clock=clock)
+    return Duties(engine, membership, DutySettings(), clock=engine.earliest_now, now=clock)
 
 
 def outbox_now(s: Any, now: float) -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ fails the suite.
   lease counted from now + error ran twice the step too long (fixed: leases
   count from the latest the store's time may be); one stamped before the
   step waits the step out (inherent while leases are judged on the store's
-  clock), and a new one is tended only when now() reaches its due (~500 s);
+  clock); a new one was tended only when now() reached its due, ~500 s late
+  (fixed: dues are on the clock leases are reaped by, Engine.earliest_now);
 - widening the interval toward unconfirmed samples (tried and reverted in
   round 31) made one wrong Date lengthen leases and reaps by up to 30 s and
   the Worker drop the job it had just claimed: two tests guard against it.
@@ -38,7 +39,7 @@ from typing import Any
 import pytest
 
 from simplequeue import keys
-from simplequeue.api import JobSpec
+from simplequeue.api import JobSpec, ScheduleRequest
 from simplequeue.broker.engine import Engine
 from simplequeue.client import Client, Job, Worker
 from simplequeue.groupcommit import GroupCommitter
@@ -118,6 +119,13 @@ class Broker:
         stamp = self.world.true + self.offset - rtt * (1 - f)
         stamp = math.floor(stamp / self.resolution) * self.resolution
         self.clock.observe(self.mono - rtt * self.rate, self.mono, stamp, self.resolution)
+
+    def earliest(self) -> float:
+        """The earliest the store's time may be by this broker's estimate: what
+        its leases are reaped by, and the clock its owner's duties wake on
+        (Engine.earliest_now)."""
+        now = self.clock.now()
+        return now - self.clock.behind(now)
 
     def off_by(self) -> tuple[float, float]:
         """(now() less the store's time, error() of that now())."""
@@ -327,33 +335,83 @@ async def test_a_retried_claim_after_a_step_back_is_answered_the_job_it_holds() 
     )
 
 
-@known("dues in now()'s terms after a step back")
 async def test_a_new_lease_after_a_step_back_is_tended_when_it_runs_out() -> None:
     """A new 10 s lease after a 600 s step back runs 10 s, not 1,008 s: its
-    lease_expires_at does. But the owner tends a topic when
-    its clock, now(), reaches the due next_due() gave (duties.py _reap_due,
-    _sleep: `due <= self.clock()`; the landing notes held_due()), and that
-    due is expiry + behind(now), in now()'s terms, while now() stands still
-    ~500 s: a worker that died holding the new lease has its job reaped
-    510 s of store time after the claim, not ~10 s."""
+    lease_expires_at does. The owner tends a topic when its clock reaches
+    the due next_due() gave (duties.py _reap_due, _sleep: `due <=
+    self.clock()`; the landing notes held_due()). That due was expiry +
+    behind(now), in now()'s terms, and the owner's clock now(), which stands
+    still ~500 s: a worker that died holding the new lease had its job
+    reaped 510 s of store time after the claim. The due is the expiry, on
+    the clock the lease is reaped by (the earliest the store's time may be),
+    which runs on."""
     world, owner = await _stepped_back()
     await owner.engine.enqueue("v", [JobSpec(payload=1, id="y")])
     [job] = await owner.engine.claim("v", "w2", lease=10)  # w2 dies
     claimed = world.true
     due = await owner.engine.next_due("v")
     assert due is not None
-    said = due - owner.clock.now()
-    while owner.clock.now() < due and world.true - claimed < 2_000:
+    said = due - owner.earliest()
+    while owner.earliest() < due and world.true - claimed < 2_000:
         world.advance(1.0, every=0.05)
     waited = world.true - claimed
     assert waited < 15, (
         f"a 10 s lease claimed 100 s after a 600 s step back of the store's clock "
         f"(lease_expires_at {job['lease_expires_at'] - (claimed + owner.offset):.1f} s past "
         f"the store's time) comes due for its owner only {waited:.0f} s later: next_due() "
-        f"said now() + {said:.0f} s, and now() stood still"
+        f"said {said:.0f} s from then on the owner's clock"
     )
     reaped, _ = await owner.engine.tend("v")  # when it is tended, it is reaped
     assert reaped["pending"] == 1
+
+
+async def test_a_schedule_after_a_step_back_is_tended_once_when_now_reaches_its_slot() -> None:
+    """While now() stands still after a step back, a schedule's next slot is
+    ahead of it (by up to its `every`) and fires when now() reaches it, ~500
+    s later. On the owner's clock, the earliest the store's time may be,
+    that is when the interval's middle (which now() runs with) reaches the
+    slot: `slot - behind` came (slot - now()) after each tend, and each
+    tend fired nothing, for 500 s (a tend every fraction of a second)."""
+    world, owner = await _stepped_back()
+    await owner.engine.put_schedule("s", "tick", ScheduleRequest(payload=1, every=1))
+    idle = 0
+    while world.true - T0 < 900:
+        due = await owner.engine.next_due("s")
+        assert due is not None
+        while owner.earliest() < due:
+            world.advance(0.1, every=0.05)
+        reaped, _ = await owner.engine.tend("s")
+        if reaped["fired"]:
+            break
+        idle += 1
+    assert idle <= 2 and reaped["fired"] == 1, (
+        f"a schedule every 1 s after a 600 s step back of the store's clock: {idle} tends "
+        f"fired nothing, {world.true - T0:.0f} s in, then fired {reaped['fired']}"
+    )
+
+
+@pytest.mark.parametrize("resolution", [1.0, 0.01], ids=["dates-1s", "mtimes-10ms"])
+async def test_a_slot_is_due_for_its_owner_when_now_reaches_it(resolution: float) -> None:
+    """Steady state (no step): a schedule's slot comes due on the owner's
+    clock (the interval's bottom, behind now() by its error) when now()
+    reaches the slot, not its error later (S3: up to half a second and a
+    round trip)."""
+    world = World()
+    owner = world.broker("a", MemStore(), resolution=resolution)
+    world.advance(30.0)
+    made = await owner.engine.put_schedule("s", "tick", ScheduleRequest(payload=1, every=5))
+    slot = made["next_at"]
+    due = await owner.engine.next_due("s")
+    assert due is not None
+    while owner.earliest() < due:
+        world.advance(0.01)
+    late = owner.clock.now() - slot
+    assert 0 <= late < 0.05, (
+        f"a slot came due for its owner when now() was {late:+.3f} s past it "
+        f"(error() {owner.clock.error(owner.clock.now()):.3f} s)"
+    )
+    reaped, _ = await owner.engine.tend("s")
+    assert reaped["fired"] == 1
 
 
 # --- 2. a slewed clock: the widening stops at the newest rival ----------------------------
@@ -479,7 +537,7 @@ async def test_one_wrong_date_at_a_landing_does_not_delay_a_dead_workers_reap() 
     """With the widening tried in round 31 (reverted), a Date a day old (a
     proxy's cached answer) on the write that lands a claim widened behind()
     by 0.1 x the estimate's age: 30 s on a quiet broker. The landing's due
-    (held_due, next_due: expiry + behind) is noted then, and nothing notes
+    (held_due, next_due: then expiry + behind) is noted then, and nothing notes
     it again once the next good answer (5 s later) takes the widening back:
     a worker that died holding a 10 s lease had its job reaped ~40 s after
     the claim. Its lease_expires_at was right; the reap 30 s late for one
@@ -495,7 +553,7 @@ async def test_one_wrong_date_at_a_landing_does_not_delay_a_dead_workers_reap() 
     owner.offset = 0.0
     due = await owner.engine.next_due("t")  # as Broker._landed() notes it
     assert due is not None
-    while owner.clock.now() < due:
+    while owner.earliest() < due:  # the owner's clock
         world.advance(0.5, every=5.0)  # good answers from here on
     reaped, _ = await owner.engine.tend("t")
     waited = world.true - claimed

@@ -10,8 +10,11 @@ that takes topics over (it started, or the live brokers changed) reads each
 head it newly owns once, and every head it owns when a broker left (one that
 had not seen it yet may have written leases there that only it knew of). An
 idle broker makes no store request here, however many topics the store
-holds. Every idle_check, the topics held in memory are looked at from the
-cache (no I/O), and one due that the duties do not know of is tended (and
+holds. Dues are on the clock leases are reaped by, the earliest the store's
+time may be (Engine.earliest_now): it runs on with the local clock where the
+store's now() stands still, after a step back of the store's clock. Every
+idle_check, the topics held in memory are looked at from the cache (no
+I/O), and one due that the duties do not know of is tended (and
 logged: its note was lost). A topic that is due but owned by another broker
 (this one served it while the owner did not answer) is handed to its owner,
 who reads it again; if the owner does not answer, this broker tends it
@@ -80,11 +83,19 @@ class Duties:
         clock: Callable[[], float],
         hand_over: Callable[[str, Peer], Awaitable[bool]] | None = None,
         deliver_to: TopicOps | None = None,
+        now: Callable[[], float] | None = None,
     ) -> None:
         self.engine = engine
         self.membership = membership
         self.settings = settings
-        self.clock = clock  # the store's: what lease expiries are written in
+        # What dues are on (TopicState.next_due): the earliest the store's time
+        # may be (Engine.earliest_now), which leases are reaped by. It runs on
+        # with the local clock: after a step back of the store's clock the
+        # store's now() stands still, and dues compared with it came the step
+        # late (a dead worker's 10 s lease reaped 510 s after its claim).
+        self.clock = clock
+        # The store's time (its now()), what follow-ups' times are in.
+        self.now = now or clock
         self.hand_over = hand_over  # tells a topic's owner to read it again
         self.deliver_to = deliver_to  # enqueues follow-ups into their topics, wherever owned
         self._due: dict[str, float] = {}  # topic -> when it next wants its owner
@@ -131,12 +142,13 @@ class Duties:
     # --- what the rest of the broker tells it ---------------------------------------
 
     def note(self, topic: str, due: float | None) -> None:
-        """`topic` next wants its owner at `due` (store time; None: not until it
-        changes). The heap holds one wake-up per topic, its earliest: a later
-        due is found when that one comes, and put back. One an earlier due
-        took the place of, or of a topic no longer due (its jobs acked), stays
-        until its time (up to a lease, 12 h) and is skipped then: past twice
-        as many as the topics waited for, the heap is rebuilt."""
+        """`topic` next wants its owner at `due` (on `clock`, as
+        TopicState.next_due gives it; None: not until it changes). The heap
+        holds one wake-up per topic, its earliest: a later due is found when
+        that one comes, and put back. One an earlier due took the place of,
+        or of a topic no longer due (its jobs acked), stays until its time (up
+        to a lease, 12 h) and is skipped then: past twice as many as the
+        topics waited for, the heap is rebuilt."""
         if due is None:
             self._due.pop(topic, None)
             # Its wake-up goes too: kept until the lease's time, it held every
@@ -419,9 +431,10 @@ class Duties:
                 by_topic.setdefault(item["topic"], []).append(item)
             done: list[tuple[str, str]] = []
             limit = asyncio.Semaphore(DELIVER_PARALLEL)
+            at = self.now()  # follow-ups' times are the store's
             async with asyncio.TaskGroup() as group:  # a fan-out's topics side by side
                 tries = {
-                    t: group.create_task(self._deliver_into(topic, t, w, now, limit))
+                    t: group.create_task(self._deliver_into(topic, t, w, at, limit))
                     for t, w in by_topic.items()
                 }
             for target, tried in tries.items():
@@ -667,7 +680,7 @@ _Delivery = tuple[list[dict[str, Any]], list[dict[str, Any]], bool]
 
 @dataclass
 class _HeldBack:
-    """What a topic's delivery holds back, and until when (store time): the
+    """What a topic's delivery holds back, and until when (on Duties.clock): the
     topics that failed, and the follow-ups, as (topic, id), refused."""
 
     targets: dict[str, float] = field(default_factory=dict)

@@ -697,6 +697,15 @@ class Engine:
         now = self.committer.clock()
         return now + self.committer.clock_ahead(now)
 
+    def earliest_now(self) -> float:
+        """The earliest the store's clock may read now, by this broker's
+        estimate and its error: the clock leases are reaped by (TopicState.reap)
+        and dues are on (next_due, tend), which the owner's duties wake by.
+        Unlike now(), which stands still after a step back of the store's
+        clock, it runs on with the local clock."""
+        now = self.committer.clock()
+        return now - self.committer.clock_behind(now)
+
     async def status(self, topic: str) -> dict[str, int]:
         keys.check_topic(topic)
         return await self.committer.read(topic, lambda s, now: s.counts(now))
@@ -888,9 +897,9 @@ class Engine:
         """When each topic this broker holds next wants its owner (as next_due()
         says), from its cache as last committed: no I/O. In slices, the loop
         taking its turns between (GroupCommitter.cached_in_turns)."""
-        behind = self.committer.clock_behind
+        ahead, behind = self.committer.clock_ahead, self.committer.clock_behind
         async for dues in self.committer.cached_in_turns(
-            lambda s, now: held_due(s, now, behind(now))
+            lambda s, now: held_due(s, now, ahead(now), behind(now))
         ):
             yield dues
 
@@ -994,23 +1003,24 @@ class Engine:
     async def tend(self, topic: str) -> tuple[dict[str, int], float | None]:
         """What `topic`'s owner does when it is due (TopicState.tend: expired
         leases back to pending or dead), in a batch; with when it is next due
-        (None: not until something changes)."""
+        (on earliest_now()'s clock; None: not until something changes)."""
         keys.check_topic(topic)
 
         def tend(s: TopicState, now: float) -> tuple[dict[str, int], float | None]:
-            behind = self.committer.clock_behind(now)
-            return s.tend(now, behind), s.next_due(behind)
+            ahead, behind = self.committer.clock_ahead(now), self.committer.clock_behind(now)
+            return s.tend(now, behind), s.next_due(now, ahead, behind)
 
         return await self.committer.submit(topic, tend, verify=False)
 
     async def next_due(self, topic: str, outbox: bool = True) -> float | None:
-        """When `topic` next wants its owner (a lease may run out), from its head
+        """When `topic` next wants its owner (a lease may run out; on
+        earliest_now()'s clock, as TopicState.next_due says), from its head
         as the store has it, keeping nothing in memory for an idle topic but its
         figures for /metrics, as if it had just left memory: a backlog an owner
         took over shows before anything touches it; with `outbox` False,
         leaving out follow-ups waiting for delivery."""
         keys.check_topic(topic)
-        behind = self.committer.clock_behind
+        ahead, behind = self.committer.clock_ahead, self.committer.clock_behind
 
         def unkept(s: TopicState, now: float) -> None:
             # Not one this broker stopped owning during the read: let_go()
@@ -1020,7 +1030,7 @@ class Engine:
                     self._left_memory(topic, s, now)
 
         return await self.committer.peek(
-            topic, lambda s, now: s.next_due(behind(now), outbox), unkept
+            topic, lambda s, now: s.next_due(now, ahead(now), behind(now), outbox), unkept
         )
 
     async def outbox(
@@ -1055,12 +1065,15 @@ class Engine:
 
     async def delivered(self, topic: str, delivered: list[tuple[str, str]]) -> float | None:
         """Follow-ups enqueued in their topics, as (topic, id), leave `topic`'s
-        outbox; when the topic is next due."""
+        outbox; when the topic is next due (on earliest_now()'s clock)."""
         keys.check_topic(topic)
-        behind = self.committer.clock_behind
-        return await self.committer.submit(
-            topic, lambda s, now: (s.outbox_delivered(delivered), s.next_due(behind(now)))[1]
-        )
+        ahead, behind = self.committer.clock_ahead, self.committer.clock_behind
+
+        def deliver(s: TopicState, now: float) -> float | None:
+            s.outbox_delivered(delivered)
+            return s.next_due(now, ahead(now), behind(now))
+
+        return await self.committer.submit(topic, deliver)
 
     def forget(self, topics: list[str]) -> None:
         """Drop what this broker holds of `topics` (another owns them now)."""
@@ -1116,15 +1129,16 @@ class Engine:
         return await self.committer.sweep_leftovers(older_than)
 
 
-def held_due(state: TopicState, now: float, behind: float) -> float | None:
-    """When the topic `state` holds next wants its owner (TopicState.next_due),
-    with no I/O: if the outbox's front segment is not in the cache, its
-    follow-ups are taken to wait since `now` or before (when is not known)."""
+def held_due(state: TopicState, now: float, ahead: float, behind: float) -> float | None:
+    """When the topic `state` holds next wants its owner (TopicState.next_due,
+    on the clock leases are reaped by: Engine.earliest_now), with no I/O: if
+    the outbox's front segment is not in the cache, its follow-ups are taken
+    to wait since `now` or before (when is not known): due at once."""
     try:
-        return state.next_due(behind)
+        return state.next_due(now, ahead, behind)
     except SegmentMissing:
-        held = state.next_due(behind, outbox=False)
-        return now if held is None else min(held, now)
+        held = state.next_due(now, ahead, behind, outbox=False)
+        return now - behind if held is None else min(held, now - behind)
 
 
 SETTINGS = ("rate", "burst", "max_claimed", "lease", "max_attempts")

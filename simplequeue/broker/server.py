@@ -173,7 +173,10 @@ class Broker:
             DutySettings(
                 sweep_interval=settings.sweep_interval, deliver_bytes=settings.max_body // 2
             ),
-            clock=self.committer.clock,
+            # Dues are on the clock leases are reaped by, which runs on while
+            # now() stands still after a step back of the store's clock.
+            clock=self.engine.earliest_now,
+            now=self.committer.clock,
             hand_over=self._hand_over,
             deliver_to=Router(self.engine, self.forwarder),
         )
@@ -323,11 +326,13 @@ class Broker:
 
     def _next_due(self, state: TopicState) -> float | None:
         """When the topic `state` holds next wants its owner (leases reaped as
-        Engine.tend reaps them, after the clock's error). A landing's listener:
-        no I/O, so an outbox front that left the cache counts as due now (it
-        raised SegmentMissing there, and the landing's due was lost)."""
-        now = self.committer.clock()
-        return held_due(state, now, self.committer.clock_behind(now))
+        Engine.tend reaps them, after the clock's error; on the duties' clock,
+        Engine.earliest_now). A landing's listener: no I/O, so an outbox front
+        that left the cache counts as due now (it raised SegmentMissing there,
+        and the landing's due was lost)."""
+        c = self.committer
+        now = c.clock()
+        return held_due(state, now, c.clock_ahead(now), c.clock_behind(now))
 
     def _landed(self, topic: str, state: TopicState) -> None:
         """A write of this broker's landed on `topic`. A topic another broker

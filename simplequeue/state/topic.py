@@ -758,19 +758,40 @@ class TopicState(Layout):
         """Whether a lease ran out by `now` (reads what next_expiry() says may)."""
         return bool(self.due_leases(now))
 
-    def next_due(self, behind: float = 0.0, outbox: bool = True) -> float | None:
+    def next_due(
+        self, now: float = 0.0, ahead: float = 0.0, behind: float = 0.0, outbox: bool = True
+    ) -> float | None:
         """When the topic next wants its owner: no lease runs out before this
         (reaped as tend() is, with `behind`), no schedule's slot comes
         before it, and (with `outbox`) follow-ups wait for delivery since then
         (None: nothing to do until something changes). From the head, and the
-        outbox's front segment."""
-        times = [_schedule_due(s) for s in self.head.get("schedules", {}).values()]
+        outbox's front segment.
+
+        The time is on the clock leases are reaped by, the earliest the
+        store's time may be, `now - behind`: `now` is an estimate of the
+        store's clock that may be `ahead` behind it and `behind` ahead of it
+        (StoreClock.now). After a step back of the store's clock now() stands
+        still above the store's time while that clock runs on: a due in
+        now()'s terms (a lease's expiry + behind) came the step late (a dead
+        worker's 10 s lease reaped 510 s after its claim). A lease is due at
+        its expiry, as reap() judges it. A slot fires, and follow-ups go,
+        when now() reaches their time: one past is due at once; a later one
+        when the middle of [now - behind, now + ahead], which now() runs
+        with, reaches it (`at - behind` came early while now() stood still,
+        and a tend that fired nothing came again every fraction of a second
+        for the step's length)."""
+
+        def comes(at: float) -> float:
+            """When now() reaches `at`, on that clock."""
+            return at - behind if at <= now else at - (ahead + behind) / 2
+
+        times = [comes(_schedule_due(s)) for s in self.head.get("schedules", {}).values()]
         expiry = self.next_expiry()
         if expiry is not None:
-            times.append(expiry + behind)
+            times.append(expiry)
         oldest = self.outbox_oldest() if outbox else None
         if oldest is not None:
-            times.append(oldest)
+            times.append(comes(oldest))
         return min(times, default=None)
 
     def tend(self, now: float, behind: float = 0.0) -> dict[str, int]:
