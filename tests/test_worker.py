@@ -1704,12 +1704,14 @@ async def test_a_heartbeat_that_meets_a_500_is_logged_and_the_next_one_goes_out(
         async def long(job: Job) -> str:
             nonlocal runs
             runs += 1
-            # Several heartbeat intervals: three leases' worth.
-            while proxy.requests["/topics/w/heartbeat"] < 9:
+            # Heartbeats past a lease's worth (2.4 s), each 0.2 s: a lease of
+            # 2 s leaves room for a loaded machine's late ones (0.6 s, three
+            # intervals, ran out beside a suite and four helpers).
+            while proxy.requests["/topics/w/heartbeat"] < 12:
                 await broker.committer.wait_changed("w", 1.0)
             return "done"
 
-        worker = Worker(q, long, lease=0.6, heartbeat_every=0.2, wait=0.2, handle_signals=False)
+        worker = Worker(q, long, lease=2, heartbeat_every=0.2, wait=0.2, handle_signals=False)
         with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
             await run_until(worker, broker, lambda: _completed(q, 1))
         job = await q.job(job_id)
