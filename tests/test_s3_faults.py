@@ -378,6 +378,28 @@ async def test_transient_errors_past_the_bound_give_store_unavailable() -> None:
     assert client.calls == 4
 
 
+@pytest.mark.parametrize(("status", "code"), [(500, "InternalError"), (504, "GatewayTimeout")])
+async def test_a_conditional_put_answered_5xx_past_the_bound_is_ambiguous(
+    status: int, code: str
+) -> None:
+    """A 500, or a gateway's 504 in front of an S3-compatible store, may have
+    been applied, or be applied later: when every try failed so, the write
+    was plain StoreUnavailable, which the committer takes for "did not land"
+    once its read-back found the head unchanged (review of the stores, round
+    32). A 503 SlowDown is S3 refusing: not ambiguous (the test below)."""
+    client = ScriptedClient(*[client_error(status, code) for _ in range(10)])
+    with pytest.raises(AmbiguousWrite, match="may have been applied"):
+        await scripted(client).put_if("k", b"v", if_match='"old"')
+    assert client.calls == 4
+
+
+async def test_a_conditional_put_refused_503_past_the_bound_is_unavailable_not_ambiguous() -> None:
+    client = ScriptedClient(*[client_error(503, "SlowDown") for _ in range(10)])
+    with pytest.raises(StoreUnavailable) as caught:
+        await scripted(client).put_if("k", b"v", if_match='"old"')
+    assert not isinstance(caught.value, AmbiguousWrite)
+
+
 async def test_permanent_errors_are_not_retried() -> None:
     client = ScriptedClient(client_error(403, "AccessDenied"))
     with pytest.raises(StoreUnavailable, match="AccessDenied"):

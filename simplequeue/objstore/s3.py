@@ -389,12 +389,21 @@ class S3Store(ObjectStore):
 
     async def _call(self, op: Callable[[Any], Awaitable[T]], conditional: bool = False) -> T:
         """Run `op(client)` with bounded, jittered retries of transient failures.
-        A `conditional` write is retried only when it surely was not applied:
-        an answer from S3, or a connection that never opened."""
+        A `conditional` write is retried only when it surely was not applied
+        (a connection that never opened) or was answered: a retry of one
+        applied meanwhile answers 412, and the committer reads the head back.
+        One whose tries all failed, one of them answered 5xx other than 503
+        (S3's SlowDown: refused), is AmbiguousWrite when the retries run out:
+        a 500, or a gateway's 502 or 504 in front of an S3-compatible store,
+        may have been applied, or be applied later."""
+        maybe_applied = False
 
         def retried(exc: BaseException) -> bool:
+            nonlocal maybe_applied
             if not is_transient(exc):
                 return False
+            if conditional and is_answered(exc) and _status(exc) >= 500 and _status(exc) != 503:
+                maybe_applied = True
             return not conditional or is_unsent(exc) or is_answered(exc)
 
         s = self.settings
@@ -439,6 +448,11 @@ class S3Store(ObjectStore):
                                 raise
         except RetryError as exc:
             last = exc.last_attempt.exception()
+            if maybe_applied:
+                raise AmbiguousWrite(
+                    f"{self.url}: a conditional write answered 5xx may have been "
+                    f"applied; the last try: {last!r}"
+                ) from last
             raise StoreUnavailable(f"{self.url}: {last!r}") from last
         except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
             if not is_transient(exc):  # refused before sending: no credentials, ...
