@@ -78,8 +78,19 @@ MTIME_RESOLUTION = 0.01
 # changes no metadata. That costs a fifth of the two fsyncs of a rename (0.1
 # against 0.5 ms on the disks measured). A write whose record does not fit any
 # more replaces the journal with a new one holding it; an object too big for
-# any journal is written the classic way.
+# the largest journal (JOURNAL_SIZE) is written the classic way.
 JOURNAL_SIZE = 256 * 1024
+# A key's first journal is small (JOURNAL_FIRST_SIZE, or 8 times its first
+# record), and each that replaces a full one twice the size of the last, up to
+# JOURNAL_SIZE (see _journal_size). Most keys that turn busy are topics that
+# ran a job or two (an enqueue, a claim and an ack within a second) and go
+# idle: a first journal of JOURNAL_SIZE kept 52.4 MB beside the 151 KB heads
+# of 200 such topics (26 GB at 100,000 topics touched within the hour, until
+# the sweep drops them), and wrote and fsynced 256 KiB for each. A hot key
+# reaches JOURNAL_SIZE within some 300 rewrites of a head of 800 bytes (four
+# more journals made than with one of JOURNAL_SIZE at once).
+JOURNAL_FIRST_SIZE = 16 * 1024
+_PAGE = 4096
 _JOURNAL_MAGIC = b"SQJRNL01"
 _HEADER = struct.Struct(">8sQ16sI")  # magic, generation, boot id, CRC-32 of the three
 _RECORD = struct.Struct(">QII")  # generation, length, CRC-32 of these two and the bytes
@@ -91,7 +102,7 @@ _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _CHECKED_LIMIT = 100_000
 # A key gets a journal when it is rewritten with If-Match twice within this
 # many seconds (a busy topic's head): one rewritten less often (an idle
-# topic's, a membership record) is not worth its JOURNAL_SIZE of disk.
+# topic's, a membership record) is not worth a journal's disk.
 JOURNAL_AFTER = 1.0
 
 # The share of the process' soft descriptor limit (RLIMIT_NOFILE) that each of
@@ -263,6 +274,9 @@ class _Journal:
     (and a full journal is replaced by one holding the write's record): the
     new journal is written and fsynced before the lock is taken when the
     write foresees it, and renamed into place, durably, before the object.
+    The first is small, each successor twice the size of the journal it
+    replaces, up to JOURNAL_SIZE (_journal_size): the size a journal was
+    made with is all it ever holds, so no append changes its metadata.
 
     Records lie end to end from _RECORDS_START, each stamped with the
     journal's generation: a random number drawn when the journal is made, so
@@ -280,6 +294,7 @@ class _Journal:
     tail: int  # where the next record goes
     inode: tuple[int, int]
     header: bytes  # its first _HEADER.size bytes
+    size: int  # how many bytes it was made with (zeros past the tail)
 
 
 @dataclass
@@ -291,13 +306,15 @@ class _Place:
     (no simplequeue process starts a journal over in place, but a failing
     disk or an operator's `cp` may write over it: a restart would then find
     no record). Held, a journal that another process unlinked or replaced
-    keeps its 256 KiB until this store writes that key again or evicts it."""
+    keeps its disk (up to JOURNAL_SIZE) until this store writes that key
+    again or evicts it."""
 
     fd: int
     inode: tuple[int, int]
     generation: int
     tail: int
     header: bytes
+    size: int
 
 
 @dataclass
@@ -329,6 +346,15 @@ def _scan_journal(blob: bytes) -> _Scanned | None:
             break
         offset, last = end, body
     return _Scanned(generation, boot, offset, last)
+
+
+def _journal_size(length: int, previous: int = 0) -> int:
+    """The size of a new journal whose first record holds `length` bytes and
+    that replaces a full one of `previous` bytes (0: the key has none): room
+    for 8 such records, twice the full one, JOURNAL_FIRST_SIZE at least, in
+    whole pages, at most JOURNAL_SIZE (a write journaled fits that)."""
+    wanted = max(JOURNAL_FIRST_SIZE, 2 * previous, _RECORDS_START + 8 * (_RECORD.size + length))
+    return min(JOURNAL_SIZE, -(-wanted // _PAGE) * _PAGE)
 
 
 def _journal_header(generation: int, boot: bytes) -> bytes:
@@ -367,16 +393,23 @@ class _Places:
         with self._lock:
             return self._places.pop(path, None)
 
-    def tail(self, path: Path) -> int | None:
-        """Where this store left the key's journal, if it holds it (a guess:
-        the place is checked again under the lock)."""
+    def tail(self, path: Path) -> tuple[int, int] | None:
+        """Where this store left the key's journal, and the journal's size, if
+        it holds it (a guess: the place is checked again under the lock)."""
         with self._lock:
             place = self._places.get(path)
-            return None if place is None else place.tail
+            return None if place is None else (place.tail, place.size)
 
     def keep(self, path: Path, journal: _Journal) -> None:
         """Keep `journal` open for the key's next write: its descriptor is now ours."""
-        kept = _Place(journal.fd, journal.inode, journal.generation, journal.tail, journal.header)
+        kept = _Place(
+            journal.fd,
+            journal.inode,
+            journal.generation,
+            journal.tail,
+            journal.header,
+            journal.size,
+        )
         evicted = []
         with self._lock:
             if self._closed:
@@ -778,9 +811,11 @@ class LocalStore(ObjectStore):
         that it will then need (the key's is full, or the key is becoming
         busy), made now. Not journaled, the temp file is fsynced now."""
         jpath = journal_path(path)
-        tail = self._places.tail(path)
-        if tail is not None:
-            fits = tail + _RECORD.size + len(data) <= JOURNAL_SIZE
+        held = self._places.tail(path)
+        previous = 0  # the size of the full journal the new one replaces
+        if held is not None:
+            tail, previous = held
+            fits = tail + _RECORD.size + len(data) <= previous
         elif jpath.exists():
             fits = True  # most likely; found out under the lock
         else:
@@ -791,7 +826,7 @@ class LocalStore(ObjectStore):
         if fits:
             return True, None
         try:
-            return True, self._prepare_journal(jpath, data)
+            return True, self._prepare_journal(jpath, data, previous)
         except OSError:  # made again under the lock, or the write goes the classic way
             return True, None
 
@@ -901,7 +936,8 @@ class LocalStore(ObjectStore):
             try:
                 if journal is None or not self._append(journal, data):
                     jpath = journal_path(path)
-                    new = (prepared or self._prepare_journal(jpath, data)).place(
+                    previous = 0 if journal is None else journal.size
+                    new = (prepared or self._prepare_journal(jpath, data, previous)).place(
                         jpath, self._fsync_dir
                     )
                     if journal is not None:
@@ -950,7 +986,12 @@ class LocalStore(ObjectStore):
                     and os.pread(place.fd, _HEADER.size, 0) == place.header
                 ):
                     return _Journal(
-                        place.fd, place.generation, place.tail, place.inode, place.header
+                        place.fd,
+                        place.generation,
+                        place.tail,
+                        place.inode,
+                        place.header,
+                        place.size,
                     )
             except BaseException:
                 os.close(place.fd)
@@ -974,7 +1015,11 @@ class LocalStore(ObjectStore):
             self._recover(key, path, jpath, scanned)
             return None
         self._remember_checked(path)
-        return _Journal(fd, scanned.generation, scanned.tail, inode, blob[: _HEADER.size])
+        # Its size is what was read of it: no journal is made bigger than
+        # JOURNAL_SIZE, and records go no further than what was scanned.
+        return _Journal(
+            fd, scanned.generation, scanned.tail, inode, blob[: _HEADER.size], len(blob)
+        )
 
     def _recover(self, key: str, path: Path, jpath: Path, scanned: _Scanned | None) -> None:
         """The machine restarted since this journal was written, or its header
@@ -1009,13 +1054,14 @@ class LocalStore(ObjectStore):
         jpath.unlink(missing_ok=True)
         self._fsync_dir(path.parent)
 
-    def _prepare_journal(self, jpath: Path, first: bytes) -> _NewJournal:
+    def _prepare_journal(self, jpath: Path, first: bytes, previous: int = 0) -> _NewJournal:
         """A new journal for `jpath` holding `first`'s record, written whole
-        (zeros included) to a temp file and fsynced; not in place yet. Needs
-        no lock: nobody else knows it."""
+        (zeros included) to a temp file and fsynced; not in place yet. It
+        replaces a full one of `previous` bytes (0: the key has none), and is
+        sized from both (_journal_size). Needs no lock: nobody else knows it."""
         assert self._boot is not None
         tmp = jpath.with_name(f"{jpath.name}.{uuid.uuid4().hex}.tmp")
-        blob = bytearray(JOURNAL_SIZE)
+        blob = bytearray(_journal_size(len(first), previous))
         generation = int.from_bytes(os.urandom(8), "big")
         header = _journal_header(generation, self._boot)
         blob[: len(header)] = header
@@ -1029,13 +1075,13 @@ class LocalStore(ObjectStore):
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        return _NewJournal(tmp, fd, generation, _RECORDS_START + len(record), header)
+        return _NewJournal(tmp, fd, generation, _RECORDS_START + len(record), header, len(blob))
 
     @staticmethod
     def _append(journal: _Journal, data: bytes) -> bool:
         """Append `data`'s record and fdatasync it; False if it does not fit."""
         head = _journal_record(journal.generation, data)
-        if journal.tail + len(head) + len(data) > JOURNAL_SIZE:
+        if journal.tail + len(head) + len(data) > journal.size:
             return False
         if os.pwritev(journal.fd, [head, data], journal.tail) != len(head) + len(data):
             _write_all(journal.fd, head + data, journal.tail)
@@ -1301,12 +1347,12 @@ class LocalStore(ObjectStore):
 
     def _drop_idle_journal(self, key: str, jpath: Path, cutoff: float) -> bool:
         """Drop the journal at `jpath` if nothing was appended to it since
-        `cutoff`: a key busy once (an enqueue, then a claim) keeps 256 KiB
-        beside a head of a few hundred bytes until it is written the classic
-        way, which an idle key may never be again. Recovered first if an
-        earlier boot wrote it; else its object is made durable before it goes
-        (_drop_journal). A key whose lock is taken is being written: it is
-        left for the next sweep."""
+        `cutoff`: a key busy once (an enqueue, then a claim) keeps its
+        journal (16 KiB at least) beside a head of a few hundred bytes until
+        it is written the classic way, which an idle key may never be again.
+        Recovered first if an earlier boot wrote it; else its object is made
+        durable before it goes (_drop_journal). A key whose lock is taken is
+        being written: it is left for the next sweep."""
         lock = self._try_lock(key)
         if lock is None:
             return False
@@ -1462,6 +1508,7 @@ class _NewJournal:
     generation: int
     tail: int
     header: bytes
+    size: int
     used: bool = False
 
     def place(self, jpath: Path, fsync_dir: Callable[[Path], None]) -> _Journal:
@@ -1477,7 +1524,9 @@ class _NewJournal:
             os.close(self.fd)
             self.tmp.unlink(missing_ok=True)
             raise
-        return _Journal(self.fd, self.generation, self.tail, (st.st_ino, st.st_dev), self.header)
+        return _Journal(
+            self.fd, self.generation, self.tail, (st.st_ino, st.st_dev), self.header, self.size
+        )
 
     def discard(self) -> None:
         """Unused: the write lost its compare, or went another way."""
