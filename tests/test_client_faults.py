@@ -1676,6 +1676,41 @@ async def test_a_job_whose_lease_ran_out_unrenewed_is_not_run_on(in_thread: bool
         assert took < 2.0, took
 
 
+async def test_a_heartbeat_answer_saying_a_far_off_now_does_not_stretch_the_lease() -> None:
+    """A heartbeat's renewal counted on the Worker's clock as `expires` less
+    the answer's Simplequeue-Now, from when the answer came, with no bound: a
+    header far behind (garbage, a proxy's, a broken broker's; "0" here) made
+    the lease end 1.8e9 s away. The later heartbeats failing (an outage), the
+    lease ran out at the broker, which may give the job to another worker,
+    while this one ran on for its three leases and acked it (review finding).
+    A renewal gives one lease at most."""
+    beats = 0
+
+    async def heartbeat(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal beats
+        await request.read()
+        beats += 1
+        if beats == 1:  # renewed for 1 s, but the header says the store's time is 0
+            return web.json_response(
+                {"id": "j1", "lease_expires_at": time.time() + 1.0}, headers={api.NOW_HEADER: "0"}
+            )
+        return web.Response(status=503, body=STORE_DOWN, content_type="application/json")
+
+    broker = OneJobBroker(1.0, heartbeat)
+    finished = asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        await asyncio.sleep(3.0)  # three leases
+        finished.set()
+
+    async with serving(broker) as url, Client(url, topic="t", timeout=0.3, retries=1) as q:
+        worker = Worker(q, handler, max_jobs=1, handle_signals=False)
+        await prompt(worker.run())
+    assert beats >= 2  # renewed once, then failing
+    assert not finished.is_set(), "the handler ran on long after its lease ran out"
+    assert not broker.acks, "a job whose lease ran out unrenewed was acked"
+
+
 @pytest.mark.parametrize("every", [0.7, 20.0])
 async def test_a_lease_runs_out_unnoticed_while_a_heartbeat_every_half_of_it_hangs(
     every: float,

@@ -1635,10 +1635,16 @@ def _renewed_until(held: _Claimed, sent: float, expires: float, answering: LastC
     answered `expires` (its lease_expires_at), runs out on this clock: no
     sooner than its lease from when it was sent, before the broker renewed
     it; and what the broker said was left of it as it answered (`expires`
-    less its `now`), from when the answer came, if it said."""
+    less its `now`), from when the answer came, if it said. No more than
+    one lease from then: a `now` far behind (garbage, a proxy's, a broken
+    broker's; "0" put the end 1.8e9 s away) would keep a job whose later
+    heartbeats fail running past the broker's lease, given to another
+    worker meanwhile. A broker's own says less than a lease: its `now` is
+    the latest the store's time may be, as the renewal's start was."""
     until = sent + held.lease
     if answering.now is not None:
-        until = max(until, answering.answered + expires - answering.now)
+        left = min(expires - answering.now, held.lease)
+        until = max(until, answering.answered + left)
     return until
 
 
