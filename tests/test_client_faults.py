@@ -1866,6 +1866,45 @@ async def test_a_retried_claims_jobs_have_their_leases_counted_from_its_first_tr
     assert held_until[0] <= first_try[0] + 30.0, held_until[0] - first_try[0]
 
 
+async def test_a_claim_answer_saying_a_far_off_now_does_not_drop_the_job() -> None:
+    """A claim's jobs' leases count from when its answer came less `now` (the
+    answer's Simplequeue-Now) less their heartbeat_at. A header far ahead
+    (garbage, a proxy's, a broken broker's) put the lease's start years
+    before the claim was even sent: every job it answered was dropped as
+    "lost its lease before it started", neither run nor given back, left
+    claimed for its whole lease (30 s here) though the broker had just given
+    it (review finding). A lease begins no sooner than its claim was sent."""
+    claims = 0
+    acks: list[Any] = []
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal claims
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            claims += 1
+            if claims == 1:
+                return web.json_response(
+                    {"jobs": [claimed_job(1)]}, headers={api.NOW_HEADER: repr(time.time() + 1e9)}
+                )
+            await asyncio.sleep(orjson.loads(body).get("wait", 0))
+            return web.Response(status=404, body=NOTHING, content_type="application/json")
+        if request.path.endswith("/ack"):
+            acks.append(orjson.loads(body))
+            return acked(body)
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    ran: list[str] = []
+
+    async def handler(job: Job) -> None:
+        ran.append(job.id)
+
+    async with serving(broker) as url, Client(url, topic="t") as q:
+        worker = Worker(q, handler, max_jobs=1, prefetch=0, handle_signals=False)
+        await prompt(worker.run())
+    assert ran == ["j1"], "a job claimed a moment ago was dropped as lost"
+    assert [a["job_id"] for a in acks[0]["acks"]] == ["j1"]
+
+
 async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:
     """A burst worker takes BrokerUnavailable for "whether the topic is empty
     cannot be known" and gives up (run() raises); StoreUnavailable it logs and

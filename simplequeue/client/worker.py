@@ -293,8 +293,10 @@ class HandlerExited(Exception):
 
 
 class _Answered(NamedTuple):
-    """When a claim's answer came, and what it said of the broker's clock."""
+    """When a claim was sent and its answer came, and what it said of the
+    broker's clock."""
 
+    sent: float  # time.monotonic() the claim was (first) sent
     since: float  # when its jobs' leases count from if the broker says no `now`
     came: float  # time.monotonic() the answer came (its headers)
     now: float | None  # the latest the store's time was then (the answer's api.NOW_HEADER)
@@ -303,13 +305,16 @@ class _Answered(NamedTuple):
         """When `job`'s lease began, on this clock: as long before the answer
         came as the broker began it before answering (`now` less its
         heartbeat_at, both on the broker's clock: the write that committed
-        the claim, a slow PUT retried, is in it). The answer's way back, a
-        few ms, is not: the lease may run that much past the broker's, which
-        reaps only past its own clock's error. From `since` for a broker that
-        says no `now`."""
+        the claim, a slow PUT retried, is in it), but not before the claim
+        was sent: a `now` far ahead (garbage, a proxy's, a broken broker's)
+        put it years back, and each job was dropped as "lost its lease before
+        it started", left claimed for its lease. The answer's way back, a
+        few ms, is not in it: the lease may run that much past the broker's,
+        which reaps only past its own clock's error. From `since` for a
+        broker that says no `now`."""
         if self.now is None or job.heartbeat_at is None:
             return self.since
-        return self.came - max(0.0, self.now - job.heartbeat_at)
+        return max(self.sent, self.came - max(0.0, self.now - job.heartbeat_at))
 
 
 class _Claimed:
@@ -901,7 +906,8 @@ class Worker:
             # (its answer lost), committed up to the client's timeout before.
             since = answering.first_sent if answering.repeated or not polled else time.monotonic()
             came = answering.answered or time.monotonic()  # 0.0: no call answered
-            self._answers[seq] = (count, jobs, _Answered(since, came, answering.now))
+            first = answering.first_sent or sent
+            self._answers[seq] = (count, jobs, _Answered(first, since, came, answering.now))
             self._deliver()
         if hold > 0:
             with contextlib.suppress(TimeoutError):  # hold this claim's place a while
