@@ -462,6 +462,30 @@ async def test_enqueue_file_halves_a_batch_a_smaller_max_body_refuses_and_says_h
     assert (await cli.json("status", "--json"))["pending"] == 300
 
 
+async def test_enqueue_file_says_a_batch_whose_answer_was_lost_may_have_been_enqueued(
+    broker: Any, tmp_path: Path
+) -> None:
+    """A batch whose every try reached the broker, each answer lost (a proxy
+    answering 502 after passing it on), failed "BrokerUnavailable: ... (0 of
+    10 jobs were enqueued: none)" though all 10 were: a user who sends the
+    file again from the line it names doubles them (no ids: new ones)
+    (review finding). The batch's outcome is unknown, and the message says
+    which lines it carried, as it does for one a second signal cut short."""
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text("".join(f"{n}\n" for n in range(10)))
+    async with FaultProxy(broker.url).running() as proxy:
+        proxy.always["/enqueue"] = "landed-502"
+        done = await Cli("--broker", proxy.url, "--topic", "jobs")("enqueue", "--file", str(lines))
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("Error: BrokerUnavailable"), done.stderr
+    assert last.endswith(
+        "; lines 1-10 were being sent: they may have been enqueued too"
+        " (0 of 10 jobs were enqueued: none)"
+    ), last
+    async with Client(broker.url, topic="jobs") as q:
+        assert (await q.status())["pending"] == 10
+
+
 async def test_cli_enqueue_file_through_a_proxy_bounding_bodies_halves_its_batches(
     start_broker: StartBroker, tmp_path: Path
 ) -> None:

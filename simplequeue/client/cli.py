@@ -36,7 +36,13 @@ from simplequeue.client.client import Client, new_job_spec, refused_whole
 from simplequeue.client.followups import Done
 from simplequeue.client.job import Job
 from simplequeue.client.worker import Worker
-from simplequeue.errors import InvalidRequest, SimpleQueueError
+from simplequeue.errors import (
+    Forbidden,
+    InvalidRequest,
+    RouteNotFound,
+    SimpleQueueError,
+    Unauthorized,
+)
 from simplequeue.storeflags import (
     FiniteRange,
     OneLineGroup,
@@ -461,6 +467,11 @@ async def enqueue_file(
         stopped(said(why), stop.by)
     except (BadLine, SimpleQueueError) as exc:
         why = str(exc) if isinstance(exc, BadLine) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SimpleQueueError) and cut_short and not refused(exc):
+            # Its outcome is unknown: a 502 after the broker took it, a
+            # timeout. Said "none", the lines were sent again, and doubled.
+            first, last = cut_short[0][0], cut_short[-1][0]
+            why += f"; lines {first}-{last} were being sent: they may have been enqueued too"
         raise click.ClickException(said(why)) from None
     if stop.by is not None:
         stopped(said(f"stopped by {stop.by.name}"), stop.by)
@@ -643,6 +654,14 @@ async def piped_runs(
         for run in runs_within(got, _bytes_of, BATCH_BYTES, BATCH):
             read(len(run))
             yield run
+
+
+def refused(exc: Exception) -> bool:
+    """Whether a failed enqueue request was refused, nothing of it done, by
+    an answer every try of it got (a job bad or too large, a token or a URL
+    wrong); else it may have landed (a 502 or a timeout after the broker took
+    it, on the last try or an earlier one)."""
+    return refused_whole(exc) or isinstance(exc, Unauthorized | Forbidden | RouteNotFound)
 
 
 async def enqueue_in_halves(client: Client, jobs: list[dict[str, Any]], ids: list[str]) -> None:
