@@ -181,6 +181,32 @@ def test_a_worker_given_a_sync_client_runs_its_jobs_or_refuses_it() -> None:
         Worker(sync, lambda job: None)  # type: ignore[arg-type]
 
 
+async def test_a_worker_given_a_sync_clients_client_fails_at_once(
+    start_broker: StartBroker,
+) -> None:
+    """Worker refuses a SyncClient (above), and not its `.client`, whose
+    connections belong to the SyncClient's loop, in another thread: every
+    claim and settings read raised RuntimeError ("in use in an event loop
+    running in another thread"), logged with its traceback twice a second,
+    for ever, run() neither returning nor raising, no job claimed (review
+    finding). run() raises that RuntimeError at once."""
+    broker = await start_broker(MemStore())
+    sync = await asyncio.to_thread(SyncClient, broker.url, topic="w")
+    try:
+        await asyncio.to_thread(sync.enqueue, 1)
+        worker = Worker(sync.client, lambda job: None, handle_signals=False)
+        run = asyncio.ensure_future(worker.run())
+        done, _ = await asyncio.wait([run], timeout=3.0)
+        if not done:
+            await worker.stop()
+            await run
+        assert done, "run() went on, failing every claim, for 3 s"
+        with pytest.raises(RuntimeError, match="another thread"):
+            run.result()
+    finally:
+        await asyncio.to_thread(sync.close)
+
+
 class _OddDelays(Worker):
     def retry_delay(self, job: Job, error: Exception) -> float:
         if job.payload == "raises":

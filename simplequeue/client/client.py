@@ -457,6 +457,14 @@ class Client:
             else:  # a loop not running, but open: its own to close them in
                 old.detach()
 
+    async def _bind_here(self) -> None:
+        """Bind this client to the running loop (_bind), and the client whose
+        connections it uses (for_topic): RuntimeError if either is in use in
+        a loop running in another thread (a SyncClient's .client)."""
+        await self._bind()
+        if self._lender is not None:
+            await self._lender._bind()
+
     def _http(self) -> aiohttp.ClientSession:
         if self._lender is not None:
             if self._lender._closed:
@@ -501,9 +509,7 @@ class Client:
         a try that may repeat one that landed (a DELETE's 404), is success.
         Within a calls_within() block, it ends by the block's bound; within a
         last_call() one, it is recorded once answered."""
-        await self._bind()
-        if self._lender is not None:  # whose connections it uses
-            await self._lender._bind()
+        await self._bind_here()
         first_sent = time.monotonic()
         attempts = untried = unsent = 0
         loop = asyncio.get_running_loop()

@@ -404,7 +404,8 @@ class Worker:
         if not isinstance(client, Client):
             # A SyncClient's methods would block the loop and answer no
             # awaitable: every claim claimed its jobs, then failed, for ever.
-            # (Nor its .client: its connections belong to the SyncClient's loop.)
+            # (Nor its .client: its connections belong to the SyncClient's
+            # loop, in another thread; run() raises RuntimeError for it.)
             raise TypeError(
                 f"Worker needs a Client, not a {type(client).__name__}: make one in the"
                 " event loop that runs the Worker (async with Client(url, topic=...) as q)"
@@ -516,6 +517,10 @@ class Worker:
         counters add up)."""
         if self._failed is not None:  # it gave up for good: a new Worker may do better
             raise self._failed
+        # RuntimeError now for a client in use in a loop running in another
+        # thread (a SyncClient's .client): every claim would raise it, logged
+        # and tried again twice a second, for ever, run() never returning.
+        await self.client._bind_here()
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._loop is not None:  # run before, in a loop now gone
