@@ -886,6 +886,15 @@ class GroupCommitter:
             answered = await first_then_retrying(
                 lambda: self._attempt(t, batch, outcomes, deadline), retrying
             )
+        except StoreUnavailable as exc:
+            # Refused, a cache too small, ...: said at once. If an earlier try
+            # may land yet, callers must not take it for "did not land".
+            if isinstance(exc, (AmbiguousWrite, NotDurable)) or not _may_land_late(t, outcomes):
+                raise
+            raise AmbiguousWrite(
+                f"topic {t.name!r}: {exc}; an earlier try, unanswered on the head the "
+                f"store still has, may or may not land"
+            ) from exc
         except RetryError as exc:
             # Objects of failed attempts are left for the orphan sweep: a PUT
             # that timed out here might still land at S3, and must find them.
@@ -950,6 +959,17 @@ class GroupCommitter:
                 await self._load(t)
             state = t.state
             assert state is not None
+            if outcomes:
+                # Read afresh after an earlier try's write went unanswered (a
+                # read on the way in failed, a segment fetched): that try may
+                # have landed since, late. Only the read-back after a write
+                # asked; applied again, a claim took its jobs twice (one held
+                # by a token nobody had, for its lease).
+                ours = state.head["writers"].get(self.broker_id)
+                landed = next((o for o in outcomes if o.write_id == ours), None)
+                if landed is not None:
+                    self._keep(landed.new_objects)
+                    return self._landed(t, landed, data=None)
             now = self.clock()
             state.begin()
             try:

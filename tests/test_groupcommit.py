@@ -20,7 +20,7 @@ from simplequeue.api import FollowUpSpec, JobSpec
 from simplequeue.batching import Batcher
 from simplequeue.broker import engine as engine_module
 from simplequeue.broker.engine import Engine
-from simplequeue.errors import AmbiguousWrite, Contended, StoreUnavailable
+from simplequeue.errors import AmbiguousWrite, Contended, StoreRefused, StoreUnavailable
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
@@ -302,6 +302,91 @@ async def test_a_head_read_failing_on_the_way_into_a_commit_is_retried_within_th
     [answer] = await enqueued
     assert answer == {"id": "after", "duplicate": False}
     assert (await head_of(store))["counters"]["enqueued"] == 2
+
+
+def engine_clocked(store: Any, broker_id: str, clock: list[float], **settings: Any) -> Engine:
+    """An engine on `store` whose clock reads clock[0]."""
+    return Engine(
+        GroupCommitter(
+            store,
+            broker_id=broker_id,
+            epoch=1,
+            clock=lambda: clock[0],
+            settings=CommitSettings(**settings),
+        )
+    )
+
+
+async def test_a_read_retried_after_an_unanswered_write_does_not_apply_the_batch_twice() -> None:
+    """A batch is tried again when a read on its way in fails, reading
+    the head afresh; that fresh read never asks whether an earlier try of the
+    same batch landed meanwhile (only the read-back after a failed write
+    does). Try 1 of a claim of 3 takes a1 (b1, b2 are due in 10 s); its PUT
+    goes unanswered (S3 lands it later, on its condition); the read-back
+    finds the head unchanged. Try 2 comes as b1 and b2 come due: it reads b2's
+    segment, not read before, and that GET fails (the store is in trouble).
+    Try 1 lands meanwhile. Try 3 reads the head with try 1 in it and claims
+    again: the caller gets b1 and b2, and a1 stays claimed by nobody for its
+    60 s lease (and is counted an attempt)."""
+    clock = [1_000_000.0]
+    store = FaultyStore(MemStore())
+    tiny = Bounds(inline_pending_bytes=10, segment_bytes=100)  # a segment a job
+    a = engine_clocked(store, "b1", clock, bounds=tiny)
+    later = [JobSpec(i * 20, id=i, delay=10) for i in ("b1", "b2", "b3", "b4", "b5")]
+    await a.enqueue("t", later)
+    await a.enqueue("t", [JobSpec("a1" * 20, id="a1")])
+    # Another broker serves the claim (its cache holds only what it read; no
+    # read-ahead in a cache this small).
+    b = engine_clocked(store, "b2", clock, bounds=tiny, budget=5.0, cache_bytes=2048)
+    get = store.get
+    phase = ["start"]
+
+    async def get_(key: str) -> tuple[bytes, str]:
+        if key == "topics/t.json" and phase[0] == "start" and store.late:
+            phase[0] = "read back"  # after try 1's unanswered PUT
+            clock[0] += 11  # the next try comes as b1 and b2 come due
+        elif key != "topics/t.json" and phase[0] == "read back":
+            phase[0] = "failed"
+            assert await store.land_late() == 1  # try 1 lands as the read fails
+            raise StoreUnavailable("injected: a segment's GET failed")
+        return await get(key)
+
+    store.get = get_  # type: ignore[method-assign]
+    store.faults = ["late"]
+    jobs = await b.claim("t", "w", lease=60, count=6)
+    assert phase[0] == "failed", "the scenario did not happen"
+    counts = await b.status("t")
+    claimed = sorted(j["id"] for j in jobs)
+    assert counts["claimed"] == len(jobs), (claimed, counts)
+
+
+async def test_a_batch_refused_after_an_unanswered_try_says_it_may_land() -> None:
+    """The committer answered AmbiguousWrite when the budget runs out on a try that
+    may yet land, but only there: a later try that the store refuses (S3's
+    403 as credentials expire, say) ends the batch at once with
+    StoreRefused, which callers take for "did not land" (Engine._give_back
+    keeps its pop for another undo), while the first try, unanswered and
+    conditioned on the head the store still has, lands later."""
+    store = FaultyStore(MemStore())
+    q = engine_clocked(store, "b1", [1_000_000.0], budget=5.0)
+    await q.enqueue("t", [JobSpec("seed", id="seed")])
+    put_if = store.put_if
+    tries = [0]
+
+    async def put_if_(key: str, data: bytes, **kw: Any) -> str:
+        if key == "topics/t.json":
+            tries[0] += 1
+            if tries[0] == 2:
+                raise StoreRefused("injected: 403 ExpiredToken")
+        return await put_if(key, data, **kw)
+
+    store.put_if = put_if_  # type: ignore[method-assign]
+    store.faults = ["late"]
+    with pytest.raises(StoreUnavailable) as raised:
+        await q.enqueue("t", [JobSpec(2, id="x")])
+    landed = await store.land_late()
+    assert landed == 1  # the first try landed after the batch was answered
+    assert isinstance(raised.value, AmbiguousWrite), repr(raised.value)
 
 
 async def test_store_outage_answers_unavailable_and_loses_nothing_acknowledged() -> None:
