@@ -886,8 +886,8 @@ class GroupCommitter:
             answered = await first_then_retrying(
                 lambda: self._attempt(t, batch, outcomes, deadline), retrying
             )
-        except StoreUnavailable as exc:
-            # Refused, a cache too small, ...: said at once. If an earlier try
+        except (StoreUnavailable, StorageFull) as exc:
+            # Refused, a cache too small, full, ...: said at once. If an earlier try
             # may land yet, callers must not take it for "did not land".
             if isinstance(exc, (AmbiguousWrite, NotDurable)) or not _may_land_late(t, outcomes):
                 raise

@@ -389,6 +389,18 @@ async def test_a_batch_refused_after_an_unanswered_try_says_it_may_land() -> Non
     assert isinstance(raised.value, AmbiguousWrite), repr(raised.value)
 
 
+async def test_a_batch_ended_by_a_full_store_after_an_unanswered_try_says_it_may_land() -> None:
+    """As above for StorageFull (a StoreError, not StoreUnavailable: "nothing
+    landed", 507), which passed by: the first try landed after the answer."""
+    store = FaultyStore(MemStore())
+    q = engine_clocked(store, "b1", [1_000_000.0], budget=5.0)
+    await q.enqueue("t", [JobSpec("seed", id="seed")])
+    store.faults = ["late", "full"]
+    with pytest.raises(AmbiguousWrite):
+        await q.enqueue("t", [JobSpec(2, id="x")])
+    assert await store.land_late() == 1
+
+
 async def test_store_outage_answers_unavailable_and_loses_nothing_acknowledged() -> None:
     store = FaultyStore(MemStore())
     q = engine_on(store, budget=0.3)

@@ -393,6 +393,23 @@ async def test_a_conditional_put_answered_5xx_past_the_bound_is_ambiguous(
     assert client.calls == 4
 
 
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [(403, "AccessDenied"), (403, "RequestTimeTooSkewed"), (400, "InvalidArgument")],
+)
+async def test_a_conditional_put_answered_500_then_refused_is_ambiguous(
+    refusal: int, code: str
+) -> None:
+    """The test above, but a later try is refused (not retried: a 403 as
+    credentials or the clock go wrong): plain StoreRefused, which the
+    committer takes for "did not land" while the 500'd try may still land
+    (review of this round's changes)."""
+    client = ScriptedClient(client_error(500, "InternalError"), client_error(refusal, code))
+    with pytest.raises(AmbiguousWrite, match="next try was refused"):
+        await scripted(client).put_if("k", b"v", if_match='"old"')
+    assert client.calls == 2
+
+
 async def test_a_conditional_put_refused_503_past_the_bound_is_unavailable_not_ambiguous() -> None:
     client = ScriptedClient(*[client_error(503, "SlowDown") for _ in range(10)])
     with pytest.raises(StoreUnavailable) as caught:

@@ -446,6 +446,16 @@ class S3Store(ObjectStore):
                                 # the next request opens one that looks again.
                                 await self._drop(client)
                                 raise
+        except ClientError as exc:
+            # Not retried (a refusal); after a try answered 5xx that may have
+            # been applied, unless this one says the condition no longer holds
+            # (412; 404 for If-Match: the 5xx'd try cannot land on it then).
+            if maybe_applied and _status(exc) not in (404, 412):
+                raise AmbiguousWrite(
+                    f"{self.url}: a conditional write answered 5xx may have been "
+                    f"applied; the next try was refused: {exc!r}"
+                ) from exc
+            raise
         except RetryError as exc:
             last = exc.last_attempt.exception()
             if maybe_applied:
