@@ -1653,11 +1653,23 @@ async def test_a_job_whose_lease_ran_out_unrenewed_is_not_run_on(in_thread: bool
         return web.Response(status=503, body=STORE_DOWN, content_type="application/json")
 
     broker = OneJobBroker(1.0, outage)
+    finished, took = await three_leases_on(broker, in_thread)
+    assert not broker.acks
+    if in_thread:  # waited for, its result dropped
+        assert took >= 3.0
+    else:
+        assert not finished, "the handler ran on after its lease ran out"
+        assert took < 2.0, took
 
+
+async def three_leases_on(broker: OneJobBroker, in_thread: bool = False) -> tuple[bool, float]:
+    """A Worker runs `broker`'s one job (lease 1 s) with a handler that takes
+    3 s, three leases (in a thread: waiting up to 3 s): whether the handler
+    finished, and how long run() took."""
     finished = threading.Event()
 
     async def handler(job: Job) -> None:
-        await asyncio.sleep(3.0)  # three leases
+        await asyncio.sleep(3.0)
         finished.set()
 
     def in_a_thread(job: Job) -> None:
@@ -1667,13 +1679,7 @@ async def test_a_job_whose_lease_ran_out_unrenewed_is_not_run_on(in_thread: bool
         worker = Worker(q, in_a_thread if in_thread else handler, max_jobs=1, handle_signals=False)
         started = time.monotonic()
         await prompt(worker.run())
-        took = time.monotonic() - started
-    assert not broker.acks
-    if in_thread:  # waited for, its result dropped
-        assert took >= 3.0
-    else:
-        assert not finished.is_set(), "the handler ran on after its lease ran out"
-        assert took < 2.0, took
+        return finished.is_set(), time.monotonic() - started
 
 
 async def test_a_heartbeat_answer_saying_a_far_off_now_does_not_stretch_the_lease() -> None:
@@ -1697,17 +1703,9 @@ async def test_a_heartbeat_answer_saying_a_far_off_now_does_not_stretch_the_leas
         return web.Response(status=503, body=STORE_DOWN, content_type="application/json")
 
     broker = OneJobBroker(1.0, heartbeat)
-    finished = asyncio.Event()
-
-    async def handler(job: Job) -> None:
-        await asyncio.sleep(3.0)  # three leases
-        finished.set()
-
-    async with serving(broker) as url, Client(url, topic="t", timeout=0.3, retries=1) as q:
-        worker = Worker(q, handler, max_jobs=1, handle_signals=False)
-        await prompt(worker.run())
+    finished, _ = await three_leases_on(broker)
     assert beats >= 2  # renewed once, then failing
-    assert not finished.is_set(), "the handler ran on long after its lease ran out"
+    assert not finished, "the handler ran on long after its lease ran out"
     assert not broker.acks, "a job whose lease ran out unrenewed was acked"
 
 
