@@ -360,20 +360,33 @@ async def test_an_undo_whose_first_try_was_slow_is_counted_once(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same, the slow undo landing: the second try answered 0, and
-    forward_undone said no job came back."""
+    forward_undone said no job came back. The first lands once the second
+    has come (not after a set time: landing 0.05 s before the second's
+    0.3 s ran out, a loop held that long made it time out, and the third
+    try found nothing left to wait for)."""
     monkeypatch.setattr(forwarding, "UNDO_PAUSE", 0.05)
     brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
     owner, other = owner_and_other(brokers, "t")
     answer_too_late(monkeypatch, owner.engine, "pop")
     committer = owner.engine.committer
-    submit = committer.submit
+    submit, unpop = committer.submit, owner.engine.unpop
+    tries = 0
+    asked_again = asyncio.Event()
+
+    async def counted(topic: str, attempt_id: str, *args: Any) -> int:
+        nonlocal tries
+        tries += 1
+        if tries == 2:
+            asked_again.set()
+        return await unpop(topic, attempt_id, *args)
 
     async def slow(topic: str, mutation: Any, *args: Any, **kwargs: Any) -> Any:
         if _is_unpop(mutation):
-            await asyncio.sleep(0.6)
+            await asyncio.wait_for(asked_again.wait(), 5)  # past the first try's 0.3 s
         return await submit(topic, mutation, *args, **kwargs)
 
     monkeypatch.setattr(committer, "submit", slow)
+    monkeypatch.setattr(owner.engine, "unpop", counted)
     await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
     async with aiohttp.ClientSession() as s:
         await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
