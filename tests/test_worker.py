@@ -1745,13 +1745,19 @@ async def test_a_heartbeat_that_meets_a_500_is_logged_and_the_next_one_goes_out(
     assert "heartbeat failed" in caplog.text and "500" in caplog.text
 
 
+# Heartbeats that land after the first, 0.1 s apart: past a lease of 1 s, which
+# leaves room for a loaded machine's late ones (0.3 s, three intervals, ran out
+# when the process was stopped 0.15 s now and then).
+ENOUGH = 12
+
+
 class OneHeartbeatBreaks(Client):
     """Its first heartbeat fails with an error that is not the SDK's; it counts
-    the heartbeats that land after it."""
+    the heartbeats that land after it, and says when ENOUGH did."""
 
     broke = False
     landed = 0
-    three_landed: asyncio.Event
+    enough_landed: asyncio.Event
 
     async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
         if not self.broke:
@@ -1759,17 +1765,18 @@ class OneHeartbeatBreaks(Client):
             raise OSError("injected: not an error of the SDK")
         expires = await super().heartbeat(job, lease)
         self.landed += 1
-        if self.landed == 3:
-            self.three_landed.set()
+        if self.landed == ENOUGH:
+            self.enough_landed.set()
         return expires
 
 
 class FirstHeartbeatHangs(Client):
-    """Its first heartbeat is never answered; it counts those that land after."""
+    """Its first heartbeat is never answered; it counts those that land after,
+    and says when ENOUGH did."""
 
     hung = False
     landed = 0
-    three_landed: asyncio.Event
+    enough_landed: asyncio.Event
 
     async def heartbeat(self, job: Job | str, lease: float | None = None) -> float:
         if not self.hung:
@@ -1777,8 +1784,8 @@ class FirstHeartbeatHangs(Client):
             await asyncio.Event().wait()  # no answer, ever (until cancelled)
         expires = await super().heartbeat(job, lease)
         self.landed += 1
-        if self.landed == 3:
-            self.three_landed.set()
+        if self.landed == ENOUGH:
+            self.enough_landed.set()
         return expires
 
 
@@ -1793,7 +1800,7 @@ async def test_heartbeats_go_on_after_one_that_failed_or_got_no_answer(
     job ran twice)."""
     broker = await start_broker(MemStore())
     async with client_class(broker.url, topic="w") as q:
-        q.three_landed = asyncio.Event()
+        q.enough_landed = asyncio.Event()
         job_id = await q.enqueue("long")
         runs = 0
 
@@ -1802,11 +1809,11 @@ async def test_heartbeats_go_on_after_one_that_failed_or_got_no_answer(
             runs += 1
             # Past the lease the first heartbeat would have renewed (bounded:
             # if no heartbeat lands again, the job fails).
-            await asyncio.wait_for(q.three_landed.wait(), 3)
+            await asyncio.wait_for(q.enough_landed.wait(), 5)
             return "done"
 
         worker = Worker(
-            q, long, lease=0.3, heartbeat_every=0.1, wait=0.2, backoff=FAST, handle_signals=False
+            q, long, lease=1, heartbeat_every=0.1, wait=0.2, backoff=FAST, handle_signals=False
         )
         with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
             await run_until(worker, broker, lambda: _completed(q, 1))
