@@ -1823,8 +1823,8 @@ async def test_heartbeats_go_on_after_one_that_failed_or_got_no_answer(
 
 
 class SlowFirstAck(Client):
-    """Holds its first ack request until three heartbeats have landed since
-    (at most 3 s, ten leases of the test), then sends it."""
+    """Holds its first ack request until ENOUGH heartbeats have landed since
+    (past the test's lease of 1 s; at most 5 s), then sends it."""
 
     acking = False
     beats_since = 0
@@ -1834,7 +1834,7 @@ class SlowFirstAck(Client):
         expires = await super().heartbeat(job, lease)
         if self.acking:
             self.beats_since += 1
-            if self.beats_since == 3:
+            if self.beats_since == ENOUGH:
                 self.renewed.set()
         return expires
 
@@ -1843,7 +1843,7 @@ class SlowFirstAck(Client):
         if not self.acking:
             self.acking = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.renewed.wait(), 3)
+                await asyncio.wait_for(self.renewed.wait(), 5)
         return await super().ack_many(acks)
 
 
@@ -1863,7 +1863,7 @@ async def test_the_lease_is_renewed_until_the_ack_is_answered(start_broker: Star
             return "done"
 
         worker = Worker(
-            q, quick, lease=0.3, heartbeat_every=0.1, prefetch=0, wait=0.2, handle_signals=False
+            q, quick, lease=1, heartbeat_every=0.1, prefetch=0, wait=0.2, handle_signals=False
         )
         await run_until(worker, broker, lambda: _completed(q, 1))
         job = await q.job(job_id)
