@@ -120,7 +120,12 @@ class ControlLoad(Load):
         until `until` is set, then delete it and work what is left. Its jobs
         are this load's enqueued ones: those it claimed."""
         async with aiohttp.ClientSession() as self.session:
-            await self.put(f"/schedules/{name}", {"every": every, "payload": {"from": name}})
+            # Unlimited attempts, as the loads' enqueues: a job whose claims
+            # all sat behind an ack sent to a paused broker (up to its 10 s
+            # timeout, the lease 3 s) went dead after 5 (a suite beside the
+            # long campaigns), and the topic never drained.
+            schedule = {"every": every, "payload": {"from": name}, "max_attempts": 0}
+            await self.put(f"/schedules/{name}", schedule)
             self.workers = [asyncio.create_task(self.work(f"s{i}")) for i in range(3)]
             try:
                 await until.wait()
