@@ -965,8 +965,7 @@ class GroupCommitter:
                 # have landed since, late. Only the read-back after a write
                 # asked; applied again, a claim took its jobs twice (one held
                 # by a token nobody had, for its lease).
-                ours = state.head["writers"].get(self.broker_id)
-                landed = next((o for o in outcomes if o.write_id == ours), None)
+                landed = self._ours(state, outcomes)
                 if landed is not None:
                     self._keep(landed.new_objects)
                     return self._landed(t, landed, data=None)
@@ -1043,8 +1042,7 @@ class GroupCommitter:
             # landed: it keeps our latest write id.
             await self._read_back(t, deadline)
             assert t.state is not None
-            ours = t.state.head["writers"].get(self.broker_id)
-            landed = next((o for o in outcomes if o.write_id == ours), None)
+            landed = self._ours(t.state, outcomes)
             if landed is None and isinstance(exc, StoreRefused):
                 # Not a race: the store said no (access denied, no such bucket).
                 # Tried again, it said the same until the budget ran out, which
@@ -1060,6 +1058,12 @@ class GroupCommitter:
         self._wrote(t, sealed, etag)
         t.checked_at = sent_at
         return self._landed(t, outcome, data=data)
+
+    def _ours(self, state: TopicState, outcomes: list[_Outcome]) -> _Outcome | None:
+        """The try of `outcomes` whose write `state`'s head holds (it keeps our
+        latest write id), if any: write ids decide, never content."""
+        ours = state.head["writers"].get(self.broker_id)
+        return next((o for o in outcomes if o.write_id == ours), None)
 
     async def _undo_batch(
         self, t: _Topic, state: TopicState, why: SegmentMissing | _MissingFor | _MetCorrupt
