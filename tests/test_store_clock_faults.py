@@ -339,7 +339,7 @@ async def test_a_new_lease_after_a_step_back_is_tended_when_it_runs_out() -> Non
     """A new 10 s lease after a 600 s step back runs 10 s, not 1,008 s: its
     lease_expires_at does. The owner tends a topic when its clock reaches
     the due next_due() gave (duties.py _reap_due, _sleep: `due <=
-    self.clock()`; the landing notes held_due()). That due was expiry +
+    self.clock()`; the landing notes Engine.cached_due()). That due was expiry +
     behind(now), in now()'s terms, and the owner's clock now(), which stands
     still ~500 s: a worker that died holding the new lease had its job
     reaped 510 s of store time after the claim. The due is the expiry, on
@@ -537,11 +537,11 @@ async def test_one_wrong_date_at_a_landing_does_not_delay_a_dead_workers_reap() 
     """With the widening tried in round 31 (reverted), a Date a day old (a
     proxy's cached answer) on the write that lands a claim widened behind()
     by 0.1 x the estimate's age: 30 s on a quiet broker. The landing's due
-    (held_due, next_due: then expiry + behind) is noted then, and nothing notes
-    it again once the next good answer (5 s later) takes the widening back:
-    a worker that died holding a 10 s lease had its job reaped ~40 s after
-    the claim. Its lease_expires_at was right; the reap 30 s late for one
-    bad answer."""
+    (Engine.cached_due, next_due: then expiry + behind) is noted then, and
+    nothing notes it again once the next good answer (5 s later) takes the
+    widening back: a worker that died holding a 10 s lease had its job
+    reaped ~40 s after the claim. Its lease_expires_at was right; the reap
+    30 s late for one bad answer."""
     world = World()
     owner = world.broker("a", MemStore())
     world.advance(320.0, every=5.0)  # a quiet broker: a request every 5 s

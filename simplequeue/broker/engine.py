@@ -897,10 +897,7 @@ class Engine:
         """When each topic this broker holds next wants its owner (as next_due()
         says), from its cache as last committed: no I/O. In slices, the loop
         taking its turns between (GroupCommitter.cached_in_turns)."""
-        ahead, behind = self.committer.clock_ahead, self.committer.clock_behind
-        async for dues in self.committer.cached_in_turns(
-            lambda s, now: held_due(s, now, ahead(now), behind(now))
-        ):
+        async for dues in self.committer.cached_in_turns(self.cached_due):
             yield dues
 
     async def cached_gauges(self) -> dict[str, dict[str, Any]]:
@@ -1007,8 +1004,7 @@ class Engine:
         keys.check_topic(topic)
 
         def tend(s: TopicState, now: float) -> tuple[dict[str, int], float | None]:
-            ahead, behind = self.committer.clock_ahead(now), self.committer.clock_behind(now)
-            return s.tend(now, behind), s.next_due(now, ahead, behind)
+            return s.tend(now, self.committer.clock_behind(now)), self._next_due(s, now)
 
         return await self.committer.submit(topic, tend, verify=False)
 
@@ -1020,7 +1016,6 @@ class Engine:
         took over shows before anything touches it; with `outbox` False,
         leaving out follow-ups waiting for delivery."""
         keys.check_topic(topic)
-        ahead, behind = self.committer.clock_ahead, self.committer.clock_behind
 
         def unkept(s: TopicState, now: float) -> None:
             # Not one this broker stopped owning during the read: let_go()
@@ -1030,7 +1025,7 @@ class Engine:
                     self._left_memory(topic, s, now)
 
         return await self.committer.peek(
-            topic, lambda s, now: s.next_due(now, ahead(now), behind(now), outbox), unkept
+            topic, lambda s, now: self._next_due(s, now, outbox), unkept
         )
 
     async def outbox(
@@ -1067,13 +1062,29 @@ class Engine:
         """Follow-ups enqueued in their topics, as (topic, id), leave `topic`'s
         outbox; when the topic is next due (on earliest_now()'s clock)."""
         keys.check_topic(topic)
-        ahead, behind = self.committer.clock_ahead, self.committer.clock_behind
 
         def deliver(s: TopicState, now: float) -> float | None:
             s.outbox_delivered(delivered)
-            return s.next_due(now, ahead(now), behind(now))
+            return self._next_due(s, now)
 
         return await self.committer.submit(topic, deliver)
+
+    def _next_due(self, s: TopicState, now: float, outbox: bool = True) -> float | None:
+        """TopicState.next_due with this broker's clock error at `now` (a time
+        its clock returned): on earliest_now()'s clock."""
+        c = self.committer
+        return s.next_due(now, c.clock_ahead(now), c.clock_behind(now), outbox)
+
+    def cached_due(self, s: TopicState, now: float) -> float | None:
+        """_next_due() with no I/O (a landing's listener, cached_dues): if the
+        outbox's front segment is not in the cache, its follow-ups are taken
+        to wait since `now` or before (when is not known): due at once."""
+        try:
+            return self._next_due(s, now)
+        except SegmentMissing:
+            at_once = now - self.committer.clock_behind(now)
+            held = self._next_due(s, now, outbox=False)
+            return at_once if held is None else min(held, at_once)
 
     def forget(self, topics: list[str]) -> None:
         """Drop what this broker holds of `topics` (another owns them now)."""
@@ -1127,18 +1138,6 @@ class Engine:
         """Remove what writes cut short left in the store (a broker killed
         mid-write on localfs), untouched for `older_than` seconds; how many."""
         return await self.committer.sweep_leftovers(older_than)
-
-
-def held_due(state: TopicState, now: float, ahead: float, behind: float) -> float | None:
-    """When the topic `state` holds next wants its owner (TopicState.next_due,
-    on the clock leases are reaped by: Engine.earliest_now), with no I/O: if
-    the outbox's front segment is not in the cache, its follow-ups are taken
-    to wait since `now` or before (when is not known): due at once."""
-    try:
-        return state.next_due(now, ahead, behind)
-    except SegmentMissing:
-        held = state.next_due(now, ahead, behind, outbox=False)
-        return now - behind if held is None else min(held, now - behind)
 
 
 SETTINGS = ("rate", "burst", "max_claimed", "lease", "max_attempts")

@@ -20,7 +20,7 @@ from typing import Any
 from simplequeue import api
 from simplequeue.broker.discovery import Announcer
 from simplequeue.broker.duties import Duties, DutySettings
-from simplequeue.broker.engine import Engine, held_due
+from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Forwarder, Router, pool_size
 from simplequeue.broker.http import HttpApi, HttpServices, content_codings
 from simplequeue.broker.listener import (
@@ -330,9 +330,7 @@ class Broker:
         Engine.earliest_now). A landing's listener: no I/O, so an outbox front
         that left the cache counts as due now (it raised SegmentMissing there,
         and the landing's due was lost)."""
-        c = self.committer
-        now = c.clock()
-        return held_due(state, now, c.clock_ahead(now), c.clock_behind(now))
+        return self.engine.cached_due(state, self.committer.clock())
 
     def _landed(self, topic: str, state: TopicState) -> None:
         """A write of this broker's landed on `topic`. A topic another broker
