@@ -393,7 +393,7 @@ class _Places:
         with self._lock:
             return self._places.pop(path, None)
 
-    def tail(self, path: Path) -> tuple[int, int] | None:
+    def tail_and_size(self, path: Path) -> tuple[int, int] | None:
         """Where this store left the key's journal, and the journal's size, if
         it holds it (a guess: the place is checked again under the lock)."""
         with self._lock:
@@ -811,7 +811,7 @@ class LocalStore(ObjectStore):
         that it will then need (the key's is full, or the key is becoming
         busy), made now. Not journaled, the temp file is fsynced now."""
         jpath = journal_path(path)
-        held = self._places.tail(path)
+        held = self._places.tail_and_size(path)
         previous = 0  # the size of the full journal the new one replaces
         if held is not None:
             tail, previous = held
