@@ -1104,14 +1104,19 @@ def acked(body: bytes) -> web.Response:
 
 class OneJobBroker:
     """A fake broker's handler: job j1 (its lease `lease`) to the first claim,
-    nothing to the others after 2 s (a long poll); heartbeats answered by
-    `heartbeat(request)`; acks answered done and kept (`acks`)."""
+    its answer with `headers`, nothing to the others after 2 s (a long poll);
+    heartbeats answered by `heartbeat(request)` (none expected without);
+    acks answered done and kept (`acks`)."""
 
     def __init__(
-        self, lease: float, heartbeat: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+        self,
+        lease: float,
+        heartbeat: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.lease = lease
         self.heartbeat = heartbeat
+        self.headers = headers
         self.answered = False
         self.acks: list[Any] = []
 
@@ -1122,8 +1127,10 @@ class OneJobBroker:
                 await asyncio.sleep(2)
                 return web.Response(status=404, body=NOTHING, content_type="application/json")
             self.answered = True
-            return web.json_response({"jobs": [claimed_job(1, lease=self.lease)]})
-        if request.path.endswith("/heartbeat"):
+            return web.json_response(
+                {"jobs": [claimed_job(1, lease=self.lease)]}, headers=self.headers
+            )
+        if request.path.endswith("/heartbeat") and self.heartbeat is not None:
             return await self.heartbeat(request)
         if request.path.endswith("/ack"):
             self.acks.append(orjson.loads(body))
@@ -1882,25 +1889,7 @@ async def test_a_claim_answer_saying_a_far_off_now_does_not_drop_the_job() -> No
     "lost its lease before it started", neither run nor given back, left
     claimed for its whole lease (30 s here) though the broker had just given
     it (review finding). A lease begins no sooner than its claim was sent."""
-    claims = 0
-    acks: list[Any] = []
-
-    async def broker(request: web.BaseRequest) -> web.StreamResponse:
-        nonlocal claims
-        body = await request.read()
-        if request.path.endswith("/claim"):
-            claims += 1
-            if claims == 1:
-                return web.json_response(
-                    {"jobs": [claimed_job(1)]}, headers={api.NOW_HEADER: repr(time.time() + 1e9)}
-                )
-            await asyncio.sleep(orjson.loads(body).get("wait", 0))
-            return web.Response(status=404, body=NOTHING, content_type="application/json")
-        if request.path.endswith("/ack"):
-            acks.append(orjson.loads(body))
-            return acked(body)
-        return web.json_response({"error": "unexpected"}, status=400)
-
+    broker = OneJobBroker(30.0, headers={api.NOW_HEADER: repr(time.time() + 1e9)})
     ran: list[str] = []
 
     async def handler(job: Job) -> None:
@@ -1910,7 +1899,7 @@ async def test_a_claim_answer_saying_a_far_off_now_does_not_drop_the_job() -> No
         worker = Worker(q, handler, max_jobs=1, prefetch=0, handle_signals=False)
         await prompt(worker.run())
     assert ran == ["j1"], "a job claimed a moment ago was dropped as lost"
-    assert [a["job_id"] for a in acks[0]["acks"]] == ["j1"]
+    assert [a["job_id"] for a in broker.acks[0]["acks"]] == ["j1"]
 
 
 async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:
