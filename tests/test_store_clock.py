@@ -51,34 +51,53 @@ def test_one_sample_bounds_the_offset_by_its_round_trip_and_resolution() -> None
     t = FakeTime(mono=100.0)
     clock = t.clock()
     clock.observe(sent=100.0, received=100.2, stamp=5000.0, resolution=1.0)
-    # offset in [5000 - 100.2, 5001 - 100.0] = [4899.8, 4901.0]
-    assert clock.uncertainty == pytest.approx(0.6)
+    # offset in [5000 - 100.2, 5001 - 100.0] = [4899.8, 4901.0] when the store
+    # stamped it; by its answer, widened at SLEW for the round trip: 0.02 a side
+    assert clock.uncertainty == pytest.approx(0.62)
     t.mono = 110.0
     assert clock.now() == pytest.approx(110.0 + 4900.4)
     assert clock.samples == 1
 
 
-def test_samples_are_intersected() -> None:
+def test_samples_are_intersected_where_two_agree() -> None:
+    """No bound of the estimate rests on one sample alone (it may be a wrong
+    answer): each is the second-tightest sample's, widened at DRIFT, or the
+    tightest's widened at SLEW, whichever is wider."""
     t = FakeTime(mono=100.0)
     clock = t.clock()
     clock.observe(sent=100.0, received=100.2, stamp=5000.0, resolution=1.0)  # [4899.8, 4901.0]
     clock.observe(sent=101.5, received=101.6, stamp=5001.0, resolution=1.0)  # [4899.4, 4900.5]
-    assert clock.uncertainty == pytest.approx(0.35)  # [4899.8, 4900.5]
-    t.mono = 102.0
+    # Each bound is one sample's: the other's (widened at DRIFT since it was
+    # sent), [4899.3998, 4901.0032], holds.
+    assert clock.uncertainty == pytest.approx(0.8017)
+    clock.observe(sent=101.5, received=101.7, stamp=5001.5, resolution=0.5)  # [4899.8, 4900.5]
+    # Both bounds said twice, the tightest widened at SLEW since it was sent
+    # (0.2 s): [4899.78, 4900.52].
+    assert clock.uncertainty == pytest.approx(0.37)
+    t.mono = 102.0  # widened at SLEW for 0.3 s more: [4899.75, 4900.55]
     assert clock.now() == pytest.approx(102.0 + 4900.15)
-    assert clock.samples == 2
+    assert clock.uncertainty == pytest.approx(0.4)
+    assert clock.samples == 3
 
 
-def test_one_second_stamps_converge_to_well_under_a_second() -> None:
+@pytest.mark.parametrize(("every", "within"), [(1.0, 0.6), (0.1, 0.2), (0.02, 0.15)])
+def test_one_second_stamps_converge_to_under_a_second(every: float, within: float) -> None:
+    """Stamps of whole seconds (S3's Dates): the samples that narrow the
+    estimate most are those stamped just after a second began (its low
+    bound) or just before it ended (its high one), and they lose their edge
+    at SLEW a second as they age. Half-widths measured over 5 seeds: median
+    0.33 s at a request a second (at most 0.51), 0.12 s at ten (0.19), 0.07
+    s at fifty (0.12)."""
     rng = random.Random(7)
     t = FakeTime(mono=100.0)
     clock = t.clock()
     offset = 1_700_000_123.456 - 100.0  # the store is ahead of local monotonic by this
-    for _ in range(64):
-        t.mono += rng.uniform(0.0, 2.0)  # requests at every phase of the store's second
+    for _ in range(300):
+        t.mono += rng.uniform(0.0, 2 * every)  # requests at every phase of the store's second
         request(clock, t, offset, rtt=rng.uniform(0.002, 0.02), resolution=1.0, at=rng.random())
-    assert clock.uncertainty is not None and clock.uncertainty < 0.05
-    assert abs(clock.now() - (t.mono + offset)) < 0.05
+        now = clock.now()
+        assert abs(now - (t.mono + offset)) <= clock.error(now)
+    assert clock.uncertainty is not None and clock.uncertainty < within
 
 
 def test_localfs_like_samples_converge_to_their_resolution() -> None:
@@ -116,7 +135,8 @@ def test_a_jump_of_the_store_clock_starts_again_from_the_newest_sample() -> None
         t.mono += rng.uniform(0.0, 2.0)
         request(clock, t, offset, rtt=0.01, resolution=1.0, at=rng.random())
     assert clock.samples == 30 + CONFIRM_JUMP
-    assert abs(clock.now() - (t.mono + offset)) < 0.05
+    now = clock.now()
+    assert abs(now - (t.mono + offset)) <= clock.error(now) < 0.6
 
 
 def answers(clock: StoreClock, t: FakeTime, n: int, every: float, off: float = 0.0) -> None:
@@ -170,16 +190,21 @@ def test_one_answer_off_among_good_ones_does_not_move_the_clock(wrong_by: float)
     assert clock.samples >= 8
 
 
-def test_a_sample_that_disagrees_only_with_old_ones_keeps_the_recent_ones() -> None:
-    # Local monotonic drifting against the store: the newest samples still agree
-    # with each other; only the oldest ones no longer fit.
+def test_samples_that_drift_apart_are_all_kept_and_all_hold() -> None:
+    """Local monotonic drifting against the store (0.6 % here): each sample,
+    widened at SLEW for its age, still holds the offset, and none is
+    dropped; the estimate leans on the newest."""
     t = FakeTime(mono=100.0)
     clock = t.clock()
     clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=0.01)  # [4900, 4900.01]
     clock.observe(sent=101.0, received=101.0, stamp=5001.005, resolution=0.01)  # [4900.005, ...]
     clock.observe(sent=102.0, received=102.0, stamp=5002.012, resolution=0.01)  # [4900.012, ...]
-    assert clock.samples == 2
-    assert clock.uncertainty == pytest.approx(0.0015)  # [4900.012, 4900.015]
+    assert clock.samples == 3
+    # Low: the tightest (the newest's 4900.012) at SLEW is 4900.012, the
+    # second-tightest (4900.005) at DRIFT 4900.003: 4900.003. High: the
+    # tightest (the oldest's 4900.01) at SLEW 4900.21, the newest's 4900.022:
+    # 4900.022; the second (4900.015) at DRIFT 4900.017: 4900.022.
+    assert clock.uncertainty == pytest.approx((4900.022 - 4900.003) / 2)
 
 
 def test_now_never_goes_backwards() -> None:
@@ -224,6 +249,7 @@ def test_a_narrowing_interval_does_not_move_now_backwards() -> None:
     clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=1.0)  # [4900, 4901]
     first = clock.now()  # 100 + 4900.5
     clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=0.1)  # [4900, 4900.1]
+    clock.observe(sent=100.0, received=100.0, stamp=5000.0, resolution=0.1)  # said twice
     assert clock.now() == first
     t.mono += 1.0
     assert clock.now() == pytest.approx(101.0 + 4900.05)
@@ -254,7 +280,7 @@ def test_the_window_is_bounded_in_count_and_age() -> None:
     assert clock.samples == 8
     t.mono += 100.0  # everything before is now older than the horizon
     request(clock, t, 5000.0, rtt=0.0, resolution=1.0, at=0.0)
-    assert clock.samples == 1
+    assert clock.samples == 2  # but the newest of them: the answer does not stand alone
 
 
 def test_a_sample_received_before_it_was_sent_is_refused() -> None:
@@ -270,13 +296,14 @@ def test_samples_closer_than_the_spacing_are_kept_only_if_they_say_something_new
     t = FakeTime(mono=100.0)
     clock = t.clock(spacing=0.02)
     clock.observe(sent=100.0, received=100.001, stamp=5000.0, resolution=0.01)
-    assert clock.uncertainty == pytest.approx(0.0055)  # [4899.999, 4900.01]
+    assert clock.uncertainty == pytest.approx(0.0056)  # [4899.999, 4900.01] + 0.1 ms a side
     for i in range(1, 16):  # a write a millisecond, each holding that interval
         received = 100.001 + i / 1000
         clock.observe(sent=received - 0.0005, received=received, stamp=5000.0, resolution=0.05)
     assert clock.samples == 1  # none was worth a pass over the window
     clock.observe(sent=100.010, received=100.011, stamp=5000.010, resolution=0.001)  # narrower
-    assert clock.samples == 2 and clock.uncertainty == pytest.approx(0.001)
+    # Kept, though one sample alone narrows no bound: about [4899.9989, 4900.0101].
+    assert clock.samples == 2 and clock.uncertainty == pytest.approx(0.0056, abs=5e-5)
     step = CONFIRM_SPAN / (CONFIRM_JUMP - 1)
     for i in range(CONFIRM_JUMP):  # set forward, as answers over CONFIRM_SPAN say
         at = 100.012 + i * step
@@ -301,16 +328,17 @@ def test_the_error_of_a_time_now_gave_covers_now_staying_ahead_of_a_narrowed_int
     clock.observe(sent=0.0, received=0.0, stamp=1000.0, resolution=1.0)  # [1000, 1001]
     t.mono = 0.89
     clock.now()  # read often, as a busy broker does: 1001.39
-    clock.observe(sent=0.9, received=0.9, stamp=1000.0, resolution=1.0)  # [999.1, 1000.1]
+    for _ in range(2):  # said twice: no bound rests on one answer
+        clock.observe(sent=0.9, received=0.9, stamp=1000.9, resolution=0.1)  # [1000, 1000.1]
     t.mono = 0.9
     now = clock.now()
     true = t.mono + offset
     assert now - true == pytest.approx(0.47)
     assert clock.uncertainty is not None and now - clock.uncertainty > true + 0.4
     assert now - clock.error(now) <= true <= now + clock.error(now)
-    t.mono = 5.0  # time caught up: the error is the interval's again
-    now = clock.now()
-    assert clock.error(now) == pytest.approx(0.05)
+    t.mono = 5.0  # time caught up: the error is the interval's again,
+    now = clock.now()  # widened at SLEW for 4.1 s: [999.59, 1000.51]
+    assert clock.error(now) == pytest.approx(0.46)
     assert now - clock.error(now) <= t.mono + offset <= now + clock.error(now)
 
 
@@ -423,8 +451,11 @@ def test_one_answer_off_after_an_hour_without_samples_does_not_take_now_outside_
     4xx page with its own Date), is taken at once as drift. now() runs 5 s
     ahead while error() says about 1 s: an owner reaps live leases 4 s early
     (a job run twice), and now() never goes back once rivals correct it.
-    Found by the review of round 25's changes (DRIFT came with them): a
-    sample's age counts up to the horizon."""
+    Found by the review of round 25's changes (DRIFT came with them). Since
+    samples widen at SLEW (round 33), an hour-old sample allows any answer
+    within 6 minutes; the newest sample past the horizon is kept, so no
+    bound rests on the answer alone, and error() covers it (about 7 s, the
+    kept sample widened at DRIFT for the hour), until answers that agree come."""
     mono = [0.0]
     clock = StoreClock(monotonic=lambda: mono[0], wall=lambda: 1.7e9)
     true_offset = 4900.0
@@ -502,3 +533,76 @@ def test_a_host_suspended_for_ten_minutes_does_not_write_times_ten_minutes_old(
         assert abs(off) <= clock.error(now), (
             f"now() {off:+.1f} s off the store's time, error() {clock.error(now):.3f} s"
         )
+
+
+def _drive(
+    seed: int,
+    resolution: float,
+    every: float,
+    rate: float,
+    wrong_by: tuple[float, float] | None,
+    n: int = 400,
+) -> tuple[float, int]:
+    """A store answering every 0-2x `every` seconds, its stamps truncated to
+    `resolution`, round trips of 2-30 ms; the local clock running at 1x for
+    30 s, then `rate`x and 2 - `rate`x in turns of 40 s (chrony slewing it);
+    one answer in 70 at most off by `wrong_by` seconds (either way), after
+    the first 70. The worst (|now() - the store's time| - error()) after
+    each answer, and at which answer."""
+    rng = random.Random(seed)
+    t = FakeTime(mono=100.0)
+    clock = t.clock()
+    true = 1_700_000_000.0
+    worst, at, last_wrong = 0.0, -1, 0
+
+    def run(seconds: float) -> None:
+        nonlocal true
+        for _ in range(max(1, int(seconds / 0.05))):
+            spent = seconds / max(1, int(seconds / 0.05))
+            slewed = true - 1_700_000_000.0 >= 30
+            speed = (rate if (true // 40) % 2 == 0 else 2 - rate) if slewed else 1.0
+            true += spent
+            t.mono += spent * speed
+
+    for i in range(n):
+        run(rng.uniform(0.0, 2 * every))
+        sent, rtt = t.mono, rng.uniform(0.002, 0.03)
+        served = true + rng.random() * rtt
+        run(rtt)
+        off = 0.0
+        if wrong_by and i - last_wrong >= 70 and rng.random() < 0.5:
+            off, last_wrong = rng.choice([-1, 1]) * rng.uniform(*wrong_by), i
+        stamp = math.floor((served + off) / resolution) * resolution
+        clock.observe(sent, t.mono, stamp, resolution)
+        now = clock.now()
+        beyond = abs(now - true) - clock.error(now)
+        if beyond > worst:
+            worst, at = beyond, i
+    return worst, at
+
+
+@pytest.mark.parametrize(
+    ("resolution", "every"),
+    [(1.0, 1.0), (1.0, 0.1), (1.0, 5.0), (0.01, 0.05), (0.01, 2.0)],
+    ids=["s3-1s", "s3-100ms", "s3-5s", "localfs-50ms", "localfs-2s"],
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_a_slewed_clock_or_one_wrong_answer_keeps_now_within_its_error(
+    resolution: float, every: float, seed: int
+) -> None:
+    """The two faults the estimate is built to hold against, apart: a local
+    clock slewed by chrony at its maxslewrate (8.3 %, one way then the
+    other), and, on a clock that is not, isolated wrong answers the estimate
+    allows in part (S3: 0.1-1 s off; localfs 5-50 ms). Before round 33, the
+    slewed clock put now() up to 3.1 s outside its error() and one wrong
+    answer up to 0.17 s (13 of these 15 cases failed); without the
+    second-tightest rule, one wrong answer did, up to 0.68 s. Both at once
+    are not held: a slew and one wrong answer took now() up to 0.9 s outside
+    (measured over 10 seeds; not tested)."""
+    slewed = _drive(seed, resolution, every, rate=1.083, wrong_by=None)
+    wrong = (0.1, 1.0) if resolution == 1.0 else (0.005, 0.05)
+    one_wrong = _drive(seed, resolution, every, rate=1.0, wrong_by=wrong)
+    assert slewed[0] <= 1e-9 and one_wrong[0] <= 1e-9, (
+        f"slewed: now() {slewed[0]:.3f} s beyond its error at answer {slewed[1]}; "
+        f"one wrong answer: {one_wrong[0]:.3f} s beyond at answer {one_wrong[1]}"
+    )

@@ -5,8 +5,10 @@ own AssertionError only): one that starts to pass, or breaks otherwise,
 fails the suite.
 
 - a local clock slewed 3-8.3 % (chrony's maxslewrate; CLOCK_MONOTONIC and
-  CLOCK_BOOTTIME are slewed too) puts StoreClock.now() outside its error():
-  DRIFT (0.2 %) is too small, rivals never confirm each other;
+  CLOCK_BOOTTIME are slewed too) put StoreClock.now() outside its error():
+  DRIFT (0.2 %) was too small, rivals never confirmed each other (fixed in
+  round 33: every sample widens at SLEW, 10 %, per second since it came,
+  and no bound of the estimate rests on one sample alone);
 - a forward step of the store's clock (localfs: the host's wall clock) reaps
   live leases and lets delayed jobs out early (SPEC 4.3 says a lease is
   judged on the owner's monotonic clock);
@@ -53,7 +55,6 @@ def known(fault: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"known: {fault}")
 
 
-SLEWED = known("a slewed local clock")
 T0 = 1_700_000_000.0
 
 
@@ -136,18 +137,18 @@ class Broker:
 # --- 1. a local clock slewed faster than DRIFT ---------------------------------------
 
 
-@SLEWED
 @pytest.mark.parametrize("rate", [1.03, 1.083])
 def test_a_slewed_local_clock_keeps_now_within_its_error_on_localfs(rate: float) -> None:
     """chrony slews a host's clock by changing its frequency, up to 83,333 ppm
     (its default maxslewrate), and that moves CLOCK_MONOTONIC and
-    CLOCK_BOOTTIME with it: only MONOTONIC_RAW is spared. DRIFT assumes 0.2 %.
+    CLOCK_BOOTTIME with it: only MONOTONIC_RAW is spared. DRIFT assumed 0.2 %.
     A broker whose store stamps on another host's clock (localfs on NFS: the
     server stamps mtimes, as localfs.py says) and whose own clock is slewed
-    3 % or 8.3 % never settles again: every sample disagrees with the
-    estimate, the rivals drift apart before CONFIRM_SPAN (5 s) and start over,
-    so the estimate stays on samples minutes old while now() runs off on the
-    slewed clock, its error() a few milliseconds."""
+    3 % or 8.3 % never settled again: every sample disagreed with the
+    estimate, the rivals drifted apart before CONFIRM_SPAN (5 s) and started
+    over, so the estimate stayed on samples minutes old while now() ran off
+    on the slewed clock, its error() a few milliseconds. Samples widen at
+    SLEW (10 %) now."""
     world = World()
     b = world.broker("b", MemStore(), resolution=0.01)
     world.advance(30.0, every=0.05)  # settled on honest samples
@@ -164,7 +165,6 @@ def test_a_slewed_local_clock_keeps_now_within_its_error_on_localfs(rate: float)
     )
 
 
-@SLEWED
 @pytest.mark.parametrize(
     ("stamper_rate", "reaper_rate"),
     [(1.0, 1.0833), (0.9167, 1.0)],
@@ -422,7 +422,6 @@ async def test_a_slot_is_due_for_its_owner_when_now_reaches_it(resolution: float
     [(1.0, 1.0833, 2.0, 0.01), (0.9167, 1.0, 0.05, 1.0), (1.0, 1.0833, 5.0, 1.0)],
     ids=["localfs-reaper-fast-2s", "s3-stamper-slow-50ms", "s3-reaper-fast-5s"],
 )
-@SLEWED
 async def test_a_slewed_lease_is_not_reaped_early_whatever_the_request_rate(
     stamper_rate: float, reaper_rate: float, every: float, resolution: float
 ) -> None:

@@ -12,10 +12,11 @@ never with time.monotonic() or the event loop's time.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import NamedTuple
 
 # Answers in a row that must agree on a store time the estimate does not allow
@@ -42,9 +43,20 @@ def local_time() -> float:
     return time.clock_gettime(_LOCAL_CLOCK)
 
 
-# How fast (s/s) our monotonic clock may be taken to drift against the store's
-# before a sample outside the estimate must wait for rivals: well beyond the
-# 0.05 % a kernel slews a clock by.
+# How fast (s/s) the offset between the store's clock and our local one may
+# move, two ways.
+# - SLEW: as fast as it may ever move. chrony slews a host's clock by up to
+#   83,333 ppm (its default maxslewrate) while it corrects an offset, and
+#   that moves CLOCK_MONOTONIC and CLOCK_BOOTTIME with it (only MONOTONIC_RAW
+#   is spared): every sample's bounds widen by this much a second since its
+#   request was sent, so a sample stays true of the offset however the local
+#   clock is slewed. Under 0.083 the estimate fell behind a slewed clock and now()
+#   ran off outside its error() (leases reaped seconds early).
+# - DRIFT: as fast as it moves when nothing slews (a kernel's own frequency
+#   error: well under 0.05 %). One wrong answer (a proxy's own Date, one node
+#   of a store with its clock set apart) that the estimate allows in part is
+#   taken in; no bound of the estimate rests on one sample alone at DRIFT.
+SLEW = 0.1
 DRIFT = 0.002
 
 
@@ -57,6 +69,55 @@ class _Sample(NamedTuple):
     received: float  # local monotonic time the answer came back
     low: float  # bounds of (store time - local monotonic time) this sample allows
     high: float
+    # The bounds as keys: at local time t, the low bound widened at SLEW since
+    # the request was sent (the store stamped it since) is `slew_low - SLEW *
+    # t`, the high one `slew_high + SLEW * t`, and the same at DRIFT. Which
+    # sample is tightest does not change as time passes, so the tightest are
+    # kept as samples come.
+    slew_low: float
+    slew_high: float
+    drift_low: float
+    drift_high: float
+
+
+def _sample(sent: float, received: float, low: float, high: float) -> _Sample:
+    return _Sample(
+        received,
+        low,
+        high,
+        low + SLEW * sent,
+        high - SLEW * sent,
+        low + DRIFT * sent,
+        high - DRIFT * sent,
+    )
+
+
+class _Tightest:
+    """The two tightest samples by one of _Sample's keys: those with the
+    largest `sign * key` (a low bound's key as it is, a high bound's negated)."""
+
+    __slots__ = ("field", "first", "first_key", "second", "second_key", "sign")
+
+    def __init__(self, field: int, sign: float) -> None:
+        self.field, self.sign = field, sign
+        self.first: _Sample | None = None
+        self.second: _Sample | None = None
+        self.first_key = self.second_key = -math.inf
+
+    def clear(self) -> None:
+        self.first = self.second = None
+        self.first_key = self.second_key = -math.inf
+
+    def add(self, sample: _Sample) -> None:
+        key = self.sign * sample[self.field]
+        if key > self.first_key:
+            self.second, self.second_key = self.first, self.first_key
+            self.first, self.first_key = sample, key
+        elif key > self.second_key:
+            self.second, self.second_key = sample, key
+
+    def holds(self, sample: _Sample) -> bool:
+        return sample is self.first or sample is self.second
 
 
 class StoreClock:
@@ -64,20 +125,28 @@ class StoreClock:
 
     Each sample says: the store stamped `stamp` (truncated to `resolution`) at
     some instant between `sent` and `received` on our monotonic clock, so the
-    offset lies in [stamp - received, stamp + resolution - sent]. The estimate
-    is the intersection of the recent samples that agree with the newest one
-    (at most `window` of them, none older than `horizon` seconds before it).
-    A new sample is judged against that estimate, not against the newest
-    sample alone: one that the estimate does not allow is taken at once only
-    as far as our monotonic clock may have drifted (DRIFT) since the samples
-    it contradicts, which are dropped. Any other (the store's clock was set,
-    or one answer is wrong) waits until CONFIRM_JUMP such samples, agreeing
-    with each other, over CONFIRM_SPAN seconds or more, say so with none
-    between that only the estimate allows: then they win. So one wrong
-    answer takes now() outside its error() by the drift allowed at most;
-    or, one that the estimate allows in part (nothing tells it from a right
-    one), by about the estimate's width (tens of milliseconds once a few
-    answers came), until answers that contradict it drop it.
+    offset lies in [stamp - received, stamp + resolution - sent] then, and
+    within SLEW per second since of it later (the local clock may be slewed).
+    The estimate rests on the recent samples (at most `window` of them, none
+    older than `horizon` seconds before the newest): each of its bounds is
+    the wider of the tightest sample's bound widened at SLEW and the
+    second-tightest's widened at DRIFT. So it holds the store's time while
+    the local clock is slewed (then every sample widened at SLEW does), and
+    while one answer among them is wrong and nothing is slewed (then the
+    second-tightest at DRIFT is a right one): a slew and a wrong answer at
+    once may take now() outside its error(). The price is width: with S3's
+    Dates (whole seconds) the half-width is about 0.07 s at 50 requests a
+    second, 0.12 s at ten, 0.33 s at one, 0.5 s at one every 5 s (it was
+    0.015-0.025 s at any rate before SLEW); with localfs's 10 ms mtimes,
+    5 ms at 50 a second to 16 ms at one every 5 s (0.4 ms before).
+
+    A sample the estimate does not allow at all (the store's clock was set,
+    or one answer is wrong) is not taken in: it waits until CONFIRM_JUMP such
+    samples, agreeing with each other, over CONFIRM_SPAN seconds or more,
+    say so with none between that only the estimate allows; then they
+    replace the samples the estimate rests on. So one wrong answer moves
+    now() by nothing then; one the estimate allows in part moves it by at
+    most about the estimate's width.
 
     now() is monotonic time plus the middle of that interval, and never goes
     backwards once two samples agree: a store whose clock is set back leaves
@@ -89,8 +158,7 @@ class StoreClock:
 
     A sample received less than `spacing` seconds after the newest one kept is
     dropped when it neither narrows the interval nor contradicts it: it would
-    change nothing now, and keeping every one costs a pass over the window
-    (a write or request each, on a busy broker).
+    change nothing now.
 
     Thread-safe: localfs observes from worker threads while the loop reads.
     """
@@ -110,13 +178,19 @@ class StoreClock:
         self._monotonic = monotonic
         self._wall = wall
         self._samples: deque[_Sample] = deque()
-        self._low = self._high = 0.0
-        # Newer samples that agree with each other, the first and
+        # The tightest of the samples kept, by each bound at SLEW and DRIFT.
+        self._slew_low = _Tightest(3, 1.0)
+        self._slew_high = _Tightest(4, -1.0)
+        self._drift_low = _Tightest(5, 1.0)
+        self._drift_high = _Tightest(6, -1.0)
+        self._tightest = (self._slew_low, self._slew_high, self._drift_low, self._drift_high)
+        # Newer samples that agree with each other (at SLEW), the first and
         # `_rivals_against` of them disagreeing with the estimate (the others
-        # allow both), their intersection, and when the first came: a jump
-        # not yet taken.
+        # allow both), the tightest of their bounds, and when the first came:
+        # a jump not yet taken.
         self._rivals: deque[_Sample] = deque(maxlen=window)
-        self._rivals_low = self._rivals_high = 0.0
+        self._rivals_low = _Tightest(3, 1.0)
+        self._rivals_high = _Tightest(4, -1.0)
         self._rivals_against = 0
         self._rivals_since = 0.0
         self._last = -float("inf")
@@ -137,39 +211,39 @@ class StoreClock:
                 f"a sample needs sent <= received and resolution >= 0, "
                 f"got sent={sent}, received={received}, resolution={resolution}"
             )
-        new = _Sample(received, stamp - received, stamp + resolution - sent)
+        new = _sample(sent, received, stamp - received, stamp + resolution - sent)
         with self._lock:
             if not self._samples:
                 self._last = -float("inf")  # the wall-clock guess gives way
-                self._take(*self._agreeing(new, ()))
+                self._take([new])
                 return
-            # Judged against the estimate, the overlap of every sample kept,
-            # not against the newest sample alone (about 1 s wide on S3): a
-            # wrong answer 0.9 s ahead overlapped the newest, won, and moved
-            # now() 0.85 s ahead while error() said 0.15 s.
-            agrees = _overlap(new.low, new.high, self._low, self._high)
+            # Judged against the estimate, not against the newest sample alone
+            # (about 1 s wide on S3): a wrong answer 0.9 s ahead overlapped the
+            # newest, won, and moved now() 0.85 s ahead while error() said 0.15 s.
+            low, high = self._bounds(received)
+            agrees = _overlap(new.low, new.high, low, high)
             # Whether it also agrees with the rivals waiting: then it says
             # nothing either way, and they wait on.
             both = bool(self._rivals) and _overlap(
-                new.low, new.high, self._rivals_low, self._rivals_high
+                new.low,
+                new.high,
+                self._rivals_low.first_key - SLEW * received,
+                -self._rivals_high.first_key + SLEW * received,
             )
-            if (
-                agrees
-                and received - self._samples[-1].received < self._spacing
-                and new.low <= self._low
-                and new.high >= self._high  # it holds the interval: no news
-            ):
-                if not both:
-                    self._rivals.clear()
-                return
-            if agrees or self._drifted(new):
-                self._take(*self._agreeing(new, reversed(self._samples)))
-                if agrees and both:
-                    self._rivals.append(new)
-                    self._rivals_low = max(self._rivals_low, new.low)
-                    self._rivals_high = min(self._rivals_high, new.high)
+            if agrees:
+                if (
+                    received - self._samples[-1].received < self._spacing
+                    and new.low <= low
+                    and new.high >= high  # it holds the interval: no news
+                ):
+                    if not both:
+                        self._clear_rivals()
+                    return
+                self._add(new)
+                if both:
+                    self._rival(new)
                 else:
-                    self._rivals.clear()
+                    self._clear_rivals()
                 return
             # It disagrees with the estimate (however old: now() still rests
             # on it): the store's clock was set, or this one answer is wrong
@@ -179,69 +253,86 @@ class StoreClock:
             # the estimate: one would move now() for good (it never goes
             # back), and retention would drop records early with it.
             if not both or new.received - self._rivals_since > self._horizon:
-                self._rivals.clear()
-                self._rivals_low, self._rivals_high = new.low, new.high
+                self._clear_rivals()
                 self._rivals_since, self._rivals_against = new.received, 0
-            self._rivals.append(new)
-            self._rivals_low = max(self._rivals_low, new.low)
-            self._rivals_high = min(self._rivals_high, new.high)
+            self._rival(new)
             self._rivals_against += 1
             span = new.received - self._rivals_since
             if self._rivals_against < CONFIRM_JUMP or span < CONFIRM_SPAN:
                 return
             if not self._corroborated:  # the lone sample was the wrong one
                 self._last = -float("inf")
-            rivals = list(self._rivals)
-            self._take(*self._agreeing(rivals[-1], reversed(rivals[:-1])))
-            self._rivals.clear()
+            self._take(list(self._rivals))
+            self._clear_rivals()
 
-    def _drifted(self, new: _Sample) -> bool:
-        """Whether `new`, which the estimate does not allow, is taken at once
-        all the same, the older samples it contradicts dropped: our monotonic
-        clock drifting against the store's carries the offset out of what old
-        samples narrowed it to. So it is when `new` meets every kept sample
-        widened by what DRIFT could have moved the offset since that one
-        came: it contradicts none of the recent ones, and the old ones by
-        little. A wrong answer so taken moves now() by as little."""
-        for old in self._samples:
-            # Its age counts up to the horizon: samples are kept until a new
-            # estimate is taken, and after an hour without one (a store down:
-            # its failures are not sampled), slack of 7 s a side would let the
-            # first answer back take now() 5 s off as drift.
-            age = min(max(new.received - old.received, 0.0), self._horizon)  # threads may race
-            slack = DRIFT * age
-            if not _overlap(new.low, new.high, old.low - slack, old.high + slack):
-                return False
-        return True
+    def _rival(self, sample: _Sample) -> None:
+        self._rivals.append(sample)
+        self._rivals_low.add(sample)
+        self._rivals_high.add(sample)
 
-    def _agreeing(
-        self, new: _Sample, older: Iterable[_Sample]
-    ) -> tuple[list[_Sample], float, float]:
-        """`new` and the samples before it (`older`, newest first) that agree
-        with it and with each other, within the window and the horizon, oldest
-        first; and the interval they leave."""
-        kept, low, high = [new], new.low, new.high
-        for old in older:
-            if len(kept) >= self._window or new.received - old.received > self._horizon:
-                break
-            if not _overlap(low, high, old.low, old.high):
-                break  # this one and all before it disagree with the newer ones
-            low, high = max(low, old.low), min(high, old.high)
-            kept.append(old)
-        kept.reverse()
-        return kept, low, high
+    def _clear_rivals(self) -> None:
+        self._rivals.clear()
+        self._rivals_low.clear()
+        self._rivals_high.clear()
 
-    def _take(self, kept: list[_Sample], low: float, high: float) -> None:
-        """Rest the estimate on `kept`, which leave [low, high]."""
+    def _add(self, new: _Sample) -> None:
+        """Keep `new` (the newest sample), and drop the samples past the
+        window, and those past the horizon but the newest of them: an answer
+        after a silence does not stand alone (one wrong answer back after an
+        hour without any, 5 s off, moved now() 5 s while error() said 0.5 s),
+        and the one kept, widened at DRIFT for the silence, bounds it."""
+        samples = self._samples
+        samples.append(new)
+        for tightest in self._tightest:
+            tightest.add(new)
+        recount = False
+        while len(samples) > self._window or (
+            new.received - samples[1].received > self._horizon  # the newest of them stays
+        ):
+            old = samples.popleft()
+            recount = recount or any(tightest.holds(old) for tightest in self._tightest)
+        if recount:
+            self._recount()
+        self._corroborated = True
+
+    def _take(self, samples: list[_Sample]) -> None:
+        """Rest the estimate on `samples` (oldest first, as rivals are kept:
+        within the window and the horizon) alone."""
+        kept = samples[-self._window :]
         self._samples = deque(kept)
-        self._low, self._high = low, high
+        self._recount()
         self._corroborated = self._corroborated or len(kept) > 1
+
+    def _recount(self) -> None:
+        for tightest in self._tightest:
+            tightest.clear()
+            for sample in self._samples:
+                tightest.add(sample)
+
+    def _bounds(self, at: float) -> tuple[float, float]:
+        """The interval (store time - local time) lies in at local time `at`,
+        by the samples kept (at least one)."""
+        at = max(at, self._samples[-1].received)  # threads may race: no sample ages below 0
+        low = self._slew_low.first_key - SLEW * at
+        high = -self._slew_high.first_key + SLEW * at
+        if self._drift_low.second is not None:  # two samples or more
+            low = min(low, self._drift_low.second_key - DRIFT * at)
+            high = max(high, -self._drift_high.second_key + DRIFT * at)
+        if low > high:
+            # Samples kept contradict each other beyond what slewing explains
+            # (the store's clock set by less than the estimate's width, or
+            # two wrong answers): the gap between the bounds they set, until
+            # the widening reconciles them.
+            low, high = high, low
+        return low, high
 
     def now(self) -> float:
         """The store's time in Unix seconds (the local wall clock before any sample)."""
         with self._lock:
             if self._samples:
-                estimate = self._monotonic() + (self._low + self._high) / 2
+                at = self._monotonic()
+                low, high = self._bounds(at)
+                estimate = at + (low + high) / 2
             else:
                 estimate = self._wall()
             self._last = max(self._last, estimate)
@@ -269,7 +360,8 @@ class StoreClock:
         with self._lock:
             if not self._samples:
                 return 0.0
-            return self._monotonic() + self._high - at
+            local = self._monotonic()
+            return local + self._bounds(local)[1] - at
 
     def behind(self, at: float) -> float:
         """How far the store's time may be behind `at` (a time now() returned a
@@ -279,14 +371,18 @@ class StoreClock:
         with self._lock:
             if not self._samples:
                 return 0.0
-            return at - (self._monotonic() + self._low)
+            local = self._monotonic()
+            return at - (local + self._bounds(local)[0])
 
     @property
     def uncertainty(self) -> float | None:
         """Half the width of the interval the offset lies in (seconds); None
         before the first sample."""
         with self._lock:
-            return (self._high - self._low) / 2 if self._samples else None
+            if not self._samples:
+                return None
+            low, high = self._bounds(self._monotonic())
+            return (high - low) / 2
 
     @property
     def samples(self) -> int:
