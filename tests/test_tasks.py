@@ -91,6 +91,21 @@ def test_an_empty_name_is_refused() -> None:
     assert len(tasks) == 0
 
 
+@pytest.mark.parametrize("name", [123, b"send", 1.5])
+def test_a_name_that_is_not_a_string_is_refused(name: object) -> None:
+    """@tasks.task(name=123) registered the task under the int 123: its jobs'
+    payloads named 123, which a Worker's `Tasks` (looking names up as the
+    JSON strings payloads carry) never finds; mypy caught it, a script
+    without it did not (review of the SDK, round 32)."""
+    tasks = Tasks()
+
+    def send() -> None: ...
+
+    with pytest.raises(TypeError, match="a task's name must be a str"):
+        tasks.task(name=name)(send)  # type: ignore[arg-type]
+    assert len(tasks) == 0
+
+
 async def test_enqueue_makes_a_job_that_names_the_task_and_carries_its_arguments(
     q: Client,
 ) -> None:

@@ -192,10 +192,13 @@ class Tasks:
     def task(self, fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
         """Register a function as a task, named `name` or as the function is:
         `@tasks.task` or `@tasks.task(name="email.send")`. A name is registered
-        once: a second task of that name is a ValueError."""
+        once: a second task of that name is a ValueError; one that is not a
+        non-empty str is refused too."""
 
         def register(f: Callable[..., Any]) -> Task[..., Any]:
             task = Task(f, f.__name__ if name is None else name)  # "" is refused, not replaced
+            if not isinstance(task.name, str):
+                raise TypeError(f"a task's name must be a str, got {task.name!r}")
             if not task.name:
                 raise ValueError("a task's name cannot be empty")
             if task.name in self._tasks:
