@@ -43,6 +43,7 @@ from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore import ObjectStore
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
+from simplequeue.records import BrokerRecord
 from simplequeue.state import Policy
 from tests.helpers.fs_events import record_folder_reads
 from tests.helpers.loop_turns import TopicsBetweenTurns
@@ -1875,6 +1876,26 @@ async def test_a_pop_whose_owner_cannot_be_connected_to_goes_to_the_next_broker(
     assert forwarder.fallbacks == 1
 
 
+@pytest.mark.parametrize("url", [":8080", "http://x:99999", "http://[::1"])
+async def test_a_pop_whose_owners_url_cannot_be_sent_to_goes_to_the_next_broker(url: str) -> None:
+    """A peer whose URL yarl refuses ("http://x:99999") raised ValueError out
+    of the Forwarder (500 "internal error"); one it takes but aiohttp refuses
+    (":8080", relative: InvalidURL, a ClientError) counted as sent, so a pop
+    was answered 503 "it may have done the request" and an undo went to a
+    broker nothing was ever sent to. Neither sends anything: the next broker
+    (here, this one) serves it (review of membership)."""
+    membership, topic = owned_by(Peer("bad", url))
+    forwarder = Forwarder(membership, token=None, answer_within=0.3)
+    try:
+        got = await forwarder.route(
+            topic, "POST", f"/topics/{topic}/pop", b'{"worker_id": "w"}', repeatable=False
+        )
+    finally:
+        await forwarder.close()
+    assert got == Here(replayed=False)
+    assert forwarder.fallbacks == 1
+
+
 async def serve_owner(app: web.Application) -> tuple[Peer, web.AppRunner]:
     """`app` served on a free port as broker "owner" (its runner: cleaned up
     by the caller)."""
@@ -2334,6 +2355,35 @@ async def test_an_earlier_broker_at_this_address_is_not_taken_for_alive() -> Non
     await me.step()
     assert [p.broker_id for p in me.live] == ["new"]
     assert await store.list(keys.BROKERS_PREFIX) == [keys.registration("new")]
+
+
+@pytest.mark.parametrize("url", ["http://x:99999", "http://[::1", ":8080"])
+async def test_a_registration_naming_no_broker_url_names_no_live_broker(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture, url: str
+) -> None:
+    """A registration was read without its url checked: one yarl cannot parse
+    ("http://x:99999", "http://[::1") entered the live set, and every request
+    for a topic it owned (1/N of them) was answered 500 "internal error"
+    (URL(peer.url) raised ValueError in Forwarder._send), never routed around,
+    for as long as the record was live (review of membership). It is corrupt
+    data: said once, and no broker of the live set."""
+    store = MemStore()
+    broker = await start_broker(store, broker_id="a")
+    bad = BrokerRecord("zz", url, 1, time.time(), 60, "inc")
+    await store.put(keys.registration("zz"), bad.encode())
+    with caplog.at_level(logging.ERROR, logger="simplequeue.broker.membership"):
+        for _ in range(3):
+            await broker.membership.step()
+    assert [p.broker_id for p in broker.membership.live] == ["a"]
+    said = [r for r in caplog.records if keys.registration("zz") in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    topic = next(
+        t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "zz") > rendezvous(t, "a")
+    )
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            status, body, _ = await post(s, f"{broker.url}/topics/{topic}/enqueue", {"payload": 1})
+            assert status == 201, body
 
 
 async def test_a_broker_paused_between_its_segments_and_its_head_lands_no_head_naming_swept_ones(

@@ -463,11 +463,6 @@ class Forwarder:
                     f"use (passing a request on to {peer.url}): ask again"
                 ) from None
         try:
-            # Sockets open to the others: one for each request in flight (this
-            # one's included) and those kept idle, within the pool's size.
-            connector = self._http().connector
-            if connector is not None:  # it has one: _http() made it
-                _close_idle(connector, self.connections - self._slots.taken, URL(peer.url))
             return await self._exchange(peer, method, path_qs, body, wait, content_type)
         finally:
             self._slots.give_back(long_poll)
@@ -499,10 +494,21 @@ class Forwarder:
         timeout = aiohttp.ClientTimeout(
             total=self.answer_within + wait, connect=self.answer_within / 2
         )
-        # As a str, aiohttp would decode it and drop its dot segments:
-        # GET /topics/t/jobs/%2E%2E asked as GET /topics/t/.
-        url = URL(peer.url + path_qs, encoded=True)
         self.forwarded += 1
+        try:
+            # Parsed whole here: an encoded URL's port is parsed when asked
+            # for, by aiohttp, whose ValueError could not tell what was sent.
+            base = URL(peer.url)
+            # As a str, aiohttp would decode it and drop its dot segments:
+            # GET /topics/t/jobs/%2E%2E asked as GET /topics/t/.
+            url = URL(peer.url + path_qs, encoded=True)
+        except ValueError as exc:  # a URL yarl cannot parse ("http://x:99999"): nothing sent
+            raise _Unreachable(f"cannot send to {peer.url!r}: {exc}", sent=False) from exc
+        # Sockets open to the others: one for each request in flight (this
+        # one's included) and those kept idle, within the pool's size.
+        connector = self._http().connector
+        if connector is not None:  # it has one: _http() made it
+            _close_idle(connector, self.connections - self._slots.taken, base)
         try:
             try:
                 return await self._request(peer, method, url, body, headers, limits=timeout)
@@ -512,6 +518,10 @@ class Forwarder:
                 # a large answer) lets fire after a healthy peer's connection
                 # was made. An unreachable peer costs twice half the time.
                 return await self._request(peer, method, url, body, headers, limits=timeout)
+        except aiohttp.InvalidURL as exc:
+            # One yarl takes and aiohttp refuses (":8080", relative): nothing
+            # was sent. (The registry drops records naming no broker URL.)
+            raise _Unreachable(f"cannot send to {peer.url!r}: {exc}", sent=False) from exc
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError) and exc.errno in OUT_OF_DESCRIPTORS:
                 # No socket could be made: this broker's shortage. Taken for

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from simplequeue import keys
+from simplequeue import api, keys
 from simplequeue.errors import (
     CorruptData,
     ObjectNotFound,
@@ -75,6 +75,18 @@ class _Sighting:
     incarnations: tuple[str, ...] = ()  # the latest INCARNATIONS_KEPT seen, newest last
 
 
+def _registration(data: bytes, key: str) -> BrokerRecord:
+    """The registration `data`, or CorruptData: not a record, or one whose
+    url names no broker (one yarl cannot parse made every request forwarded
+    to it fail with a 500, never routed around)."""
+    record = BrokerRecord.decode(data, key)
+    try:
+        api.check_broker_url(record.url)
+    except ValueError as exc:
+        raise CorruptData(key, str(exc)) from None
+    return record
+
+
 class Membership:
     """This broker's registration, and the live brokers as it sees them."""
 
@@ -115,6 +127,9 @@ class Membership:
         # Records read when asked (learn), by broker id: when, and the read.
         self._learning: dict[str, tuple[float, asyncio.Task[None]]] = {}
         self._unreadable: set[str] = set()  # broker ids whose record's last read failed
+        # Broker ids whose record names no broker (not one, or no broker URL):
+        # the ETag of the version said so, said once.
+        self._corrupt: dict[str, str] = {}
 
     def set_url(self, url: str) -> None:
         """This broker's URL, once it listens."""
@@ -261,6 +276,7 @@ class Membership:
         for gone in set(self._seen) - ids:
             del self._seen[gone]
         self._unreadable &= ids
+        self._corrupt = {b: e for b, e in self._corrupt.items() if b in ids}
         for broker_id in sorted(ids):
             await self._look_at_logged(broker_id, mono)
         live = []
@@ -396,12 +412,14 @@ class Membership:
         if seen is not None and seen.etag == etag:
             return  # unchanged: it ages
         try:
-            record = BrokerRecord.decode(data, key)
+            record = _registration(data, key)
         except CorruptData as exc:
-            if seen is None or seen.etag != etag:
+            if self._corrupt.get(broker_id) != etag:
+                self._corrupt[broker_id] = etag
                 log.error("%s; it names no live broker", exc)
             self._seen.pop(broker_id, None)
             return
+        self._corrupt.pop(broker_id, None)
         restarts, incarnations = (0, ()) if seen is None else (seen.restarts, seen.incarnations)
         new = record.incarnation
         if new and new not in incarnations:
