@@ -20,12 +20,15 @@ import aiohttp
 import pytest
 
 from simplequeue import keys
+from simplequeue.broker import discovery as discovery_module
 from simplequeue.broker.discovery import Announcer
-from simplequeue.errors import PreconditionFailed, StorageFull
+from simplequeue.errors import PreconditionFailed, StorageFull, StoreUnavailable
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import read_record
 from tests.conftest import s3_broker_args
+from tests.helpers.faults import Outage
+from tests.helpers.monotonic import moved_clock
 from tests.helpers.until import until, until_async
 
 
@@ -423,6 +426,44 @@ async def test_a_registration_that_landed_unseen_leaves_its_broker_active() -> N
     later = Announcer(store, broker_id="b", url="http://127.0.0.1:2", lease_s=60)
     await later.step()
     assert not later.active and later.epoch == 0
+
+
+async def test_a_store_outage_longer_than_the_lease_does_not_move_broker_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A standby whose reads failed for longer than the lease (the active
+    broker's renewals failed too) took over from a healthy active broker at
+    its first read after the outage, before that broker's next renewal: the
+    epoch moved, clients were sent elsewhere, and the active broker was told
+    it was replaced (review of membership). Stale is seen unchanged for a
+    lease (SPEC 4.3): an active broker dead in the outage is replaced a lease
+    after it."""
+    clock = moved_clock(monkeypatch, discovery_module)
+    store = Outage()
+    active = Announcer(store, broker_id="a", url="http://a:1", lease_s=15)
+    standby = Announcer(store, broker_id="s", url="http://s:1", lease_s=15)
+    await active.step()
+    await standby.step()
+    assert active.active and not standby.active
+    store.down = True
+    for _ in range(4):  # 20 s down: a round every 5 s, each one failing
+        clock.t += 5
+        for announcer in (active, standby):
+            with pytest.raises(StoreUnavailable):
+                await announcer.step()
+    store.down = False
+    clock.t += 0.5
+    await standby.step()  # its round comes before the active broker's
+    assert not standby.active
+    record = await read_record(store)
+    assert record is not None and record[0].broker_id == "a"
+    for _ in range(3):  # the active broker died in the outage: seen unchanged for 15 s
+        clock.t += 5
+        await standby.step()
+    assert not standby.active
+    clock.t += 0.1  # for more than its lease
+    await standby.step()
+    assert standby.active and standby.epoch == 2
 
 
 async def test_a_broker_whose_store_stopped_answering_still_stops(

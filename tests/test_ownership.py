@@ -33,6 +33,7 @@ from simplequeue import keys
 from simplequeue.api import FORWARDED_HEADER, REPLAYED_HEADER, Job, JobSpec, ScheduleRequest
 from simplequeue.broker import engine as engine_module
 from simplequeue.broker import forwarding, page
+from simplequeue.broker import membership as membership_module
 from simplequeue.broker.duties import HEAP_SLACK, TEND_PARALLEL, DutySettings
 from simplequeue.broker.engine import Engine
 from simplequeue.broker.forwarding import Answer, Forwarder, Here, _Unreachable
@@ -45,8 +46,10 @@ from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import BrokerRecord
 from simplequeue.state import Policy
+from tests.helpers.faults import Outage
 from tests.helpers.fs_events import record_folder_reads
 from tests.helpers.loop_turns import TopicsBetweenTurns
+from tests.helpers.monotonic import moved_clock
 from tests.helpers.until import until, until_async
 from tests.test_localfs import spawn
 
@@ -1471,6 +1474,42 @@ async def test_a_broker_that_leaves_is_dropped_at_the_next_round() -> None:
     assert len(a.live) == 2
     await b.leave()
     await a.step()
+    assert [p.broker_id for p in a.live] == ["a"]
+
+
+async def test_a_store_outage_longer_than_the_lease_drops_no_live_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the store is down no broker renews its record and none reads the
+    others'. A broker whose first round after the outage came before the
+    others' renewals found each record as it was before, and took it for
+    unchanged for the whole outage: it dropped every other broker and owned
+    every topic (reading every head), then took them back a round later
+    (review of membership). Stale is seen unchanged for a lease (SPEC 4.3):
+    not while unseen. A broker truly dead is dropped a lease after it."""
+    clock = moved_clock(monkeypatch, membership_module)
+    store = Outage()
+    a = Membership(store, broker_id="a", url="http://a", lease_s=15)
+    b = Membership(store, broker_id="b", url="http://b", lease_s=15)
+    for m in (a, b):
+        await m.register()
+    for m in (a, b):
+        await m.step()
+    await a.step()  # b's last renewal before the outage seen
+    assert [p.broker_id for p in a.live] == ["a", "b"]
+    store.down = True
+    for _ in range(4):  # 20 s down: a round every 5 s, each one failing
+        clock.t += 5
+        for m in (a, b):
+            with pytest.raises(StoreUnavailable):
+                await m.step()
+    store.down = False
+    clock.t += 0.5
+    await a.step()  # a's round comes first; b's is due a little later
+    assert [p.broker_id for p in a.live] == ["a", "b"]
+    for _ in range(3):  # b died in the outage: never renewed again
+        clock.t += 5
+        await a.step()
     assert [p.broker_id for p in a.live] == ["a"]
 
 

@@ -60,6 +60,9 @@ class Announcer:
         # earlier process under the same --broker-id wrote is not ours.
         self._unseen: BrokerRecord | None = None
         self._sighting: tuple[str, float] | None = None  # (ETag, monotonic time first seen)
+        # A read of broker.json failed since the last that did: the record
+        # was not watched meanwhile, and is watched from the next read.
+        self._blind = False
         self._corrupt_logged = False
         self._wake = asyncio.Event()
 
@@ -86,7 +89,7 @@ class Announcer:
             except PreconditionFailed:
                 self._etag = None  # someone else wrote it: read it, below
         try:
-            current = await read_record(self.store)
+            current = await self._read()
         except CorruptRecord as exc:
             # A record that cannot be read names no live broker: replace it.
             if not self._corrupt_logged:
@@ -123,6 +126,25 @@ class Announcer:
         except PreconditionFailed:
             self.active = False  # someone else wrote it first; look again next round
             self.poke()
+
+    async def _read(self) -> tuple[BrokerRecord, str] | None:
+        """broker.json, as read_record. A read that fails leaves this broker
+        blind: at its next, the record's sighting starts again (SPEC 4.3:
+        stale once seen unchanged for a lease). Aged through an outage of
+        the store longer than the lease, during which the active broker
+        could not renew, a healthy active broker was taken over at the
+        first read after it that came before its renewal."""
+        try:
+            current = await read_record(self.store)
+        except CorruptRecord:
+            self._blind = False  # read: there is nothing to watch
+            raise
+        except BaseException:
+            self._blind = True
+            raise
+        if self._blind:
+            self._blind, self._sighting = False, None
+        return current
 
     def _unchanged_for(self, etag: str) -> float:
         """Seconds this broker has seen broker.json as `etag`, on its own

@@ -69,7 +69,9 @@ def rendezvous(topic: str, broker_id: str) -> int:
 @dataclass
 class _Sighting:
     etag: str
-    changed_at: float  # monotonic: when this broker first saw this version
+    # Monotonic: since when this broker has watched this version, unchanged:
+    # when it first read it, or its first read after a failed listing.
+    changed_at: float
     record: BrokerRecord
     restarts: int = 0  # incarnations seen after the first
     incarnations: tuple[str, ...] = ()  # the latest INCARNATIONS_KEPT seen, newest last
@@ -127,6 +129,9 @@ class Membership:
         # Records read when asked (learn), by broker id: when, and the read.
         self._learning: dict[str, tuple[float, asyncio.Task[None]]] = {}
         self._unreadable: set[str] = set()  # broker ids whose record's last read failed
+        # The last listing failed: records could not be watched since (an
+        # outage of the store, when no broker can renew its own either).
+        self._blind = False
         # Broker ids whose record names no broker (not one, or no broker URL):
         # the ETag of the version said so, said once.
         self._corrupt: dict[str, str] = {}
@@ -269,16 +274,28 @@ class Membership:
     async def look(self) -> None:
         """Read the others' records, and see who is live. Only a failed
         listing ends the round before that: a record that cannot be read is
-        that broker's sighting left to age (_look_at_logged)."""
-        listed = await self.store.list(keys.BROKERS_PREFIX)
+        that broker's sighting left to age (_look_at_logged).
+
+        A failed listing leaves this broker blind: at its next one, the
+        records it finds unchanged are watched from then (SPEC 4.3: stale
+        once seen unchanged for a lease). Aged through an outage of the
+        store longer than the lease, during which no broker could renew its
+        own, every other broker was dropped at the first round after it that
+        came before their renewals, their topics all taken and handed back."""
+        try:
+            listed = await self.store.list(keys.BROKERS_PREFIX)
+        except BaseException:
+            self._blind = True
+            raise
         mono = time.monotonic()
+        watched_again, self._blind = self._blind, False
         ids = {b for b in (keys.broker_of(k) for k in listed) if b and b != self.me.broker_id}
         for gone in set(self._seen) - ids:
             del self._seen[gone]
         self._unreadable &= ids
         self._corrupt = {b: e for b, e in self._corrupt.items() if b in ids}
         for broker_id in sorted(ids):
-            await self._look_at_logged(broker_id, mono)
+            await self._look_at_logged(broker_id, mono, watched_again=watched_again)
         live = []
         for broker_id, seen in list(self._seen.items()):
             age = mono - seen.changed_at
@@ -370,7 +387,9 @@ class Membership:
             self._etag = await self.store.put(self.key, record)
         self._written_at = sent
 
-    async def _look_at_logged(self, broker_id: str, mono: float) -> None:
+    async def _look_at_logged(
+        self, broker_id: str, mono: float, *, watched_again: bool = False
+    ) -> None:
         """_look_at, a failed read being that record's problem only. One
         record the store refused (S3's AccessDenied on one object, a file of
         another user's) failed every round before the live set was worked
@@ -384,7 +403,7 @@ class Membership:
         correct (ownership is routing, not a lock): contention, not a
         stranded topic. Said once while it lasts, not every round."""
         try:
-            await self._look_at(broker_id, mono)
+            await self._look_at(broker_id, mono, watched_again=watched_again)
         except Exception as exc:  # CancelledError is no Exception: it goes through
             if broker_id not in self._unreadable:
                 self._unreadable.add(broker_id)
@@ -401,7 +420,9 @@ class Membership:
                 self._unreadable.discard(broker_id)
                 log.info("broker registry: %s's record reads again", broker_id)
 
-    async def _look_at(self, broker_id: str, mono: float) -> None:
+    async def _look_at(self, broker_id: str, mono: float, *, watched_again: bool = False) -> None:
+        """Read `broker_id`'s record at `mono`. Found unchanged, it ages; or,
+        `watched_again` (this broker was blind), is watched from `mono`."""
         key = keys.registration(broker_id)
         try:
             data, etag = await self.store.get(key)
@@ -410,6 +431,8 @@ class Membership:
             return
         seen = self._seen.get(broker_id)
         if seen is not None and seen.etag == etag:
+            if watched_again:
+                seen.changed_at = mono
             return  # unchanged: it ages
         try:
             record = _registration(data, key)

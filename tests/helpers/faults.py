@@ -14,6 +14,7 @@ from simplequeue.errors import (
     StoreUnavailable,
 )
 from simplequeue.objstore import ObjectStore
+from simplequeue.objstore.memfs import MemStore
 
 # A fault runs around one put_if of a head: it gets the key and a callable that
 # performs the real write, and decides what the caller sees.
@@ -131,3 +132,38 @@ class FaultyStore(ObjectStore):
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class Outage(MemStore):
+    """A memfs store that answers nothing (StoreUnavailable) while `down`: an
+    outage of the whole store, reads, writes and listings alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailable("injected: store down")
+
+    async def get(self, key: str) -> tuple[bytes, str]:
+        self._check()
+        return await super().get(key)
+
+    async def put(self, key: str, data: bytes) -> str:
+        self._check()
+        return await super().put(key, data)
+
+    async def put_if(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        self._check()
+        return await super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        self._check()
+        return await super().list(prefix)
+
+    async def delete(self, key: str) -> None:
+        self._check()
+        await super().delete(key)
