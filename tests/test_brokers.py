@@ -466,6 +466,36 @@ async def test_a_store_outage_longer_than_the_lease_does_not_move_broker_json(
     assert standby.active and standby.epoch == 2
 
 
+async def test_a_healthy_active_broker_keeps_broker_json_while_the_store_clock_stands_still(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a step back of the store's clock, StoreClock.now() answers one
+    value until the clock catches up. Nothing else in broker.json changes
+    between renewals: each wrote the same bytes, the same ETag, and a standby
+    that saw it unchanged for a lease took over from a healthy broker, which
+    did the same back a lease later for as long as the clock stood still (a
+    60 s step back at lease 15: epoch 1 -> 2 -> 3; review of membership).
+    Each renewal's heartbeat is later than the last."""
+    clock = moved_clock(monkeypatch, discovery_module)
+    store = MemStore()
+
+    def still() -> float:  # the store's now(), standing still
+        return 1_800_000_000.0
+
+    active = Announcer(store, broker_id="a", url="http://a:1", lease_s=15, clock=still)
+    standby = Announcer(store, broker_id="s", url="http://s:1", lease_s=15, clock=still)
+    await active.step()
+    await standby.step()
+    for _ in range(6):  # 30 s: the active broker renews every 5 s
+        clock.t += 5
+        await active.step()
+        await standby.step()
+        assert active.active and not standby.active and active.epoch == 1
+    await active.resign()  # a resignation is still a heartbeat of 0
+    record = await read_record(store)
+    assert record is not None and record[0].resigned
+
+
 async def test_a_broker_whose_store_stopped_answering_still_stops(
     start_broker: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -64,9 +64,17 @@ class Announcer:
         # was not watched meanwhile, and is watched from the next read.
         self._blind = False
         self._corrupt_logged = False
+        self._last_beat = 0.0  # the latest heartbeat this broker wrote
         self._wake = asyncio.Event()
 
     def _record(self, epoch: int, heartbeat_at: float) -> BrokerRecord:
+        """The record to write, its heartbeat later than this broker's last
+        (a resignation's, 0, left alone). After a step back of the store's
+        clock, now() answers one value until it catches up: each renewal
+        wrote the same bytes, the same ETag, and a standby that saw it
+        unchanged for a lease took over from a healthy broker."""
+        if heartbeat_at > 0:
+            heartbeat_at = self._last_beat = max(heartbeat_at, self._last_beat + 0.001)
         return BrokerRecord(self.broker_id, self.url, epoch, heartbeat_at, self.lease_s)
 
     async def step(self) -> None:
