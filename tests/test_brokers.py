@@ -22,7 +22,7 @@ import pytest
 from simplequeue import keys
 from simplequeue.broker import discovery as discovery_module
 from simplequeue.broker.discovery import Announcer
-from simplequeue.errors import PreconditionFailed, StorageFull, StoreUnavailable
+from simplequeue.errors import AmbiguousWrite, PreconditionFailed, StorageFull, StoreUnavailable
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.records import read_record
@@ -426,6 +426,64 @@ async def test_a_registration_that_landed_unseen_leaves_its_broker_active() -> N
     later = Announcer(store, broker_id="b", url="http://127.0.0.1:2", lease_s=60)
     await later.step()
     assert not later.active and later.epoch == 0
+
+
+class LateOnce(MemStore):
+    """The next broker.json write, once `armed`, is answered AmbiguousWrite and
+    kept: it lands (on its condition) just before the broker.json write after
+    it, as S3 applies a timed-out PUT later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.late: tuple[bytes, str | None] | None = None
+
+    async def put_if(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        if key == keys.BROKER and self.armed:
+            self.armed = False
+            self.late = (data, if_match)
+            raise AmbiguousWrite("injected: PUT sent, no answer")
+        if key == keys.BROKER and self.late is not None:
+            late, self.late = self.late, None
+            await super().put_if(key, late[0], if_match=late[1])
+        return await super().put_if(key, data, if_match=if_match, if_none_match=if_none_match)
+
+
+async def test_a_take_over_that_landed_late_is_adopted_and_renewed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A standby's take-over went unanswered (AmbiguousWrite); at its next
+    round the record was still the dead broker's, so it sent a second one,
+    which replaced the first as the write it looked for. The first landed
+    just before it (on the same condition) and the second was refused: the
+    record named this broker at epoch 2, yet matched neither that write nor
+    its epoch (0). It stood by and left its own record unrenewed for a
+    lease, then took it over from itself (epoch 3): broker.json aged ~20 s
+    under a live broker, and /healthz said active: false (review of
+    membership). Any write sent since one was last seen is its own."""
+    clock = moved_clock(monkeypatch, discovery_module)
+    store = LateOnce()
+    dead = Announcer(store, broker_id="dead", url="http://d:1", lease_s=15)
+    await dead.step()  # epoch 1, then never renewed
+    standby = Announcer(store, broker_id="s", url="http://s:1", lease_s=15)
+    await standby.step()  # first sighting
+    for _ in range(3):  # watched every 5 s: unchanged for 15 s
+        clock.t += 5
+        await standby.step()
+    clock.t += 1
+    store.armed = True
+    with pytest.raises(AmbiguousWrite):
+        await standby.step()  # a take-over sent, no answer
+    clock.t += 5
+    await standby.step()  # still the dead one's: a second take-over; the first lands
+    current = await read_record(store)
+    assert current is not None and current[0].broker_id == "s" and current[0].epoch == 2
+    await standby.step()  # the next round finds its own record
+    assert standby.active and standby.epoch == 2
+    renewed = await read_record(store)
+    assert renewed is not None and renewed[1] != current[1]  # renewed, not left to age
 
 
 async def test_a_store_outage_longer_than_the_lease_does_not_move_broker_json(

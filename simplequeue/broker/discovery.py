@@ -28,6 +28,7 @@ from simplequeue.records import BrokerRecord, CorruptRecord, read_record
 log = logging.getLogger(__name__)
 
 _RESIGN_TRIES = 5  # reads of a record still ours that another write just replaced
+_UNSEEN_KEPT = 4  # writes of broker.json sent and not seen to land, kept to be told apart
 
 
 class Announcer:
@@ -53,12 +54,15 @@ class Announcer:
         self.epoch = 0
         self.seen: BrokerRecord | None = None  # the record as last read or written
         self._etag: str | None = None  # of our own record, while active
-        # The registration or take-over last sent and not seen to land: an
-        # answer can say otherwise (a 5xx after it landed, its retry's 412;
-        # a write left ambiguous), and then a read finds it. Compared whole
-        # (its heartbeat a stamp of its own), not by broker id: one an
-        # earlier process under the same --broker-id wrote is not ours.
-        self._unseen: BrokerRecord | None = None
+        # The registrations and take-overs sent since one was last seen to
+        # land, the latest _UNSEEN_KEPT: an answer can say otherwise (a 5xx
+        # after it landed, its retry's 412; a write left ambiguous), and then
+        # a read finds it. Not only the latest: an ambiguous one can land
+        # after the next is sent, on the same condition, which refuses the
+        # next. Compared whole (its heartbeat a stamp of its own), not by
+        # broker id: one an earlier process under the same --broker-id wrote
+        # is not ours.
+        self._unseen: list[BrokerRecord] = []
         self._sighting: tuple[str, float] | None = None  # (ETag, monotonic time first seen)
         # A read of broker.json failed since the last that did: the record
         # was not watched meanwhile, and is watched from the next read.
@@ -104,26 +108,26 @@ class Announcer:
                 log.error("%s; this broker replaces it", exc)
                 self._corrupt_logged = True
             with contextlib.suppress(PreconditionFailed):
-                mine = self._unseen = self._record(self.epoch + 1, now)
+                mine = self._sent(self._record(self.epoch + 1, now))
                 etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=exc.etag)
                 self._became(mine, etag, "replaced an unreadable broker.json")
             return
         try:
             if current is None:
-                mine = self._unseen = self._record(1, now)
+                mine = self._sent(self._record(1, now))
                 etag = await self.store.put_if(keys.BROKER, mine.encode(), if_none_match=True)
                 self._became(mine, etag, "registered")
                 return
             record, etag = current
             self.seen = record
-            if record == self._unseen:
+            if record in self._unseen:
                 self._became(record, etag, "its write landed, though not answered so")
             if record.broker_id == self.broker_id and record.epoch == self.epoch:
                 mine = self._record(self.epoch, now)
                 self._etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
                 self.seen, self.active = mine, True
             elif record.resigned or self._unchanged_for(etag) > record.lease:
-                mine = self._unseen = self._record(record.epoch + 1, now)
+                mine = self._sent(self._record(record.epoch + 1, now))
                 new_etag = await self.store.put_if(keys.BROKER, mine.encode(), if_match=etag)
                 how = f"took over from {record.broker_id} (epoch {record.epoch})"
                 self._became(mine, new_etag, how)
@@ -154,6 +158,11 @@ class Announcer:
             self._blind, self._sighting = False, None
         return current
 
+    def _sent(self, record: BrokerRecord) -> BrokerRecord:
+        """`record`, about to be written: this broker's own if a read finds it."""
+        self._unseen = [*self._unseen, record][-_UNSEEN_KEPT:]
+        return record
+
     def _unchanged_for(self, etag: str) -> float:
         """Seconds this broker has seen broker.json as `etag`, on its own
         monotonic clock (0 the first time it sees it)."""
@@ -167,7 +176,7 @@ class Announcer:
             "active broker %s at %s, epoch %d: %s", self.broker_id, self.url, record.epoch, how
         )
         self.seen, self.active, self.epoch = record, True, record.epoch
-        self._etag, self._unseen = etag, None
+        self._etag, self._unseen = etag, []
         self.on_epoch(record.epoch)
 
     def poke(self) -> None:
