@@ -4,9 +4,12 @@ three brokers, failover of broker.json, restarts, graceful shutdown, reaping."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +24,7 @@ import pytest
 
 from simplequeue import keys
 from simplequeue.broker import discovery as discovery_module
+from simplequeue.broker import settings as settings_module
 from simplequeue.broker.discovery import Announcer
 from simplequeue.errors import AmbiguousWrite, PreconditionFailed, StorageFull, StoreUnavailable
 from simplequeue.objstore.localfs import LocalStore
@@ -274,6 +278,67 @@ async def test_simplequeued_flags_reach_the_running_broker(
         if line.startswith('simplequeue_cache_bytes{kind="budget"}')
     )
     assert float(budget.split()[-1]) == 3 * 1024 * 1024
+
+
+def resolving(monkeypatch: pytest.MonkeyPatch, fqdn: str, addresses: list[str]) -> None:
+    """This host's name made `fqdn`, which resolves to `addresses` (any other
+    name as the resolver says)."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != fqdn:
+            return real(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in addresses]
+
+    monkeypatch.setattr(settings_module.socket, "getfqdn", lambda *a: fqdn)
+    monkeypatch.setattr(settings_module.socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.mark.parametrize(("fqdn", "addresses"), [("localhost", []), ("vm", ["127.0.0.1"])])
+def test_a_wildcard_bind_is_not_advertised_by_a_loopback_name(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fqdn: str,
+    addresses: list[str],
+) -> None:
+    """--addr 0.0.0.0:PORT was advertised as http://<socket.getfqdn()>:PORT.
+    Where the host's name resolves to 127.0.0.1 (/etc/hosts "127.0.0.1
+    localhost" then "127.0.0.1 vm"), getfqdn() answers "localhost":
+    broker.json and the registration named http://localhost:8080, which no
+    other host reaches, and brokers on several such hosts all advertised one
+    URL (each took the others for itself). The outbound interface's address
+    is advertised instead, and the operator told to set --advertise-url
+    (review of membership)."""
+    resolving(monkeypatch, fqdn, addresses)
+    monkeypatch.setattr(settings_module, "outbound_address", lambda: "192.0.2.7", raising=False)
+    with caplog.at_level(logging.WARNING, logger="simplequeue.broker.settings"):
+        url = settings_module.default_advertise_url("0.0.0.0", 8080)
+    assert url == "http://192.0.2.7:8080"
+    assert "--advertise-url" in caplog.text
+
+
+def test_a_wildcard_bind_is_advertised_by_this_hosts_name_when_others_reach_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name that resolves to another address is advertised as it was."""
+    resolving(monkeypatch, "queue-1.internal", ["10.0.0.5"])
+    with caplog.at_level(logging.WARNING, logger="simplequeue.broker.settings"):
+        assert settings_module.default_advertise_url("::", 8080) == "http://queue-1.internal:8080"
+    assert not caplog.records
+
+
+def test_a_host_with_no_address_but_loopback_keeps_its_name_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No route out (or one through loopback): the name stays, and the
+    operator is told that no other host reaches it."""
+    found = settings_module.outbound_address()  # a route looked up: nothing is sent
+    assert found is None or ipaddress.ip_address(found).version == 4
+    resolving(monkeypatch, "localhost", [])
+    monkeypatch.setattr(settings_module, "outbound_address", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="simplequeue.broker.settings"):
+        assert settings_module.default_advertise_url("0.0.0.0", 8080) == "http://localhost:8080"
+    assert "no other host reaches; set --advertise-url" in caplog.text
 
 
 async def test_metrics_say_how_far_the_store_clock_may_be_off(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import uuid
 from dataclasses import dataclass, field
 
 from simplequeue import api
 from simplequeue.state import Policy
+
+log = logging.getLogger(__name__)
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -30,12 +33,69 @@ def is_loopback(host: str) -> bool:
 
 
 def default_advertise_url(host: str, port: int) -> str:
-    """A URL clients can use: a wildcard bind is advertised by this host's name."""
+    """A URL clients can use: a wildcard bind is advertised by this host's
+    name, or by its outbound interface's address when the name reaches this
+    machine only (SPEC 4.3: brokers advertise a URL the others reach)."""
     if host in ("0.0.0.0", "::", ""):
-        host = socket.getfqdn() or "127.0.0.1"
+        host = _this_host(port)
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
+
+
+def _this_host(port: int) -> str:
+    """This host's name, unless it resolves to a loopback address: then the
+    address of its outbound interface, said as a warning. Where /etc/hosts
+    maps the host's name to 127.0.0.1, getfqdn() answers "localhost": brokers
+    on several such hosts all advertised http://localhost:PORT, which no
+    other host reaches, and each took the others for itself."""
+    name = socket.getfqdn() or "127.0.0.1"
+    if not _names_loopback(name):
+        return name
+    address = outbound_address()
+    if address is None or is_loopback(address):
+        log.warning(
+            "this host's name %s resolves to a loopback address, and no other address was "
+            "found: advertised as http://%s:%d, which no other host reaches; set "
+            "--advertise-url",
+            name,
+            name,
+            port,
+        )
+        return name
+    log.warning(
+        "this host's name %s resolves to a loopback address: advertised as http://%s:%d, "
+        "its outbound interface's address; set --advertise-url to choose",
+        name,
+        address,
+        port,
+    )
+    return address
+
+
+def _names_loopback(name: str) -> bool:
+    """Whether `name` resolves here to loopback addresses only. One that does
+    not resolve here is left to the others to resolve."""
+    if is_loopback(name):
+        return True
+    try:
+        found = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(found) and all(is_loopback(str(info[4][0])) for info in found)
+
+
+def outbound_address() -> str | None:
+    """The IPv4 address of the interface this host's traffic to others leaves
+    by, or None when it has no route out: a UDP socket connected to a
+    non-routed address picks a route and sends nothing."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))
+            address: str = probe.getsockname()[0]
+    except OSError:
+        return None
+    return address
 
 
 @dataclass(frozen=True)
