@@ -285,7 +285,12 @@ class Broker:
             access_log=None,
         )
         await self.http.start(host, port)
-        self.url = self.settings.advertise_url or default_advertise_url(host, self.http.port)
+        # A wildcard bind's name is looked up (getfqdn, getaddrinfo: DNS may
+        # take seconds): in a thread, as the listener already takes requests.
+        advertised = self.settings.advertise_url
+        if not advertised:
+            advertised = await asyncio.to_thread(default_advertise_url, host, self.http.port)
+        self.url = advertised
         self.announcer.url = self.url
         self.membership.set_url(self.url)
         self.announcer.on_epoch = self._set_epoch
