@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 # Answers in a row that must agree on a store time the estimate does not allow
@@ -50,14 +49,22 @@ def local_time() -> float:
 #   that moves CLOCK_MONOTONIC and CLOCK_BOOTTIME with it (only MONOTONIC_RAW
 #   is spared): every sample's bounds widen by this much a second since its
 #   request was sent, so a sample stays true of the offset however the local
-#   clock is slewed. Under 0.083 the estimate fell behind a slewed clock and now()
-#   ran off outside its error() (leases reaped seconds early).
+#   clock is slewed. Under 0.083 the estimate fell behind a slewed clock and
+#   now() ran off outside its error() (leases reaped seconds early). A store
+#   that stamps on this host's own clock (localfs on a local disk: mtimes are
+#   CLOCK_REALTIME, slewed with CLOCK_BOOTTIME, one oscillator) sees the
+#   offset move only when the clock is stepped: its samples do not widen
+#   (StoreClock(slew=0.0)).
 # - DRIFT: as fast as it moves when nothing slews (a kernel's own frequency
 #   error: well under 0.05 %). One wrong answer (a proxy's own Date, one node
 #   of a store with its clock set apart) that the estimate allows in part is
 #   taken in; no bound of the estimate rests on one sample alone at DRIFT.
 SLEW = 0.1
 DRIFT = 0.002
+
+_INF = math.inf
+# The two largest of each of a sample's four keys (_Sample.keys), flat: none yet.
+_NONE: tuple[float, ...] = (-_INF,) * 8
 
 
 def _overlap(low: float, high: float, other_low: float, other_high: float) -> bool:
@@ -66,58 +73,105 @@ def _overlap(low: float, high: float, other_low: float, other_high: float) -> bo
 
 
 class _Sample(NamedTuple):
-    received: float  # local monotonic time the answer came back
+    sent: float  # local monotonic time the request went out
+    received: float  # and its answer came back
     low: float  # bounds of (store time - local monotonic time) this sample allows
     high: float
-    # The bounds as keys: at local time t, the low bound widened at SLEW since
-    # the request was sent (the store stamped it since) is `slew_low - SLEW *
-    # t`, the high one `slew_high + SLEW * t`, and the same at DRIFT. Which
-    # sample is tightest does not change as time passes, so the tightest are
-    # kept as samples come.
-    slew_low: float
-    slew_high: float
-    drift_low: float
-    drift_high: float
+    # Its bounds as keys, each with -inf beside it (as _Window's tops are):
+    # at local time t, the low bound widened at `slew` since the request was
+    # sent (the store stamped it since) is `keys[0] - slew * t`, the high one
+    # `-keys[2] + slew * t`, and at `drift` keys[4] and keys[6] likewise. So
+    # which sample is tightest does not change as time passes.
+    keys: tuple[float, ...]
 
 
-def _sample(sent: float, received: float, low: float, high: float) -> _Sample:
-    return _Sample(
-        received,
-        low,
-        high,
-        low + SLEW * sent,
-        high - SLEW * sent,
-        low + DRIFT * sent,
-        high - DRIFT * sent,
+def _sample(
+    sent: float, received: float, low: float, high: float, slew: float, drift: float
+) -> _Sample:
+    keys = (
+        low + slew * sent,
+        -_INF,
+        -(high - slew * sent),
+        -_INF,
+        low + drift * sent,
+        -_INF,
+        -(high - drift * sent),
+        -_INF,
+    )
+    return _Sample(sent, received, low, high, keys)
+
+
+def _merge(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
+    """The two largest of each key (flat pairs) among those `a` and `b` hold."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = a
+    b0, b1, b2, b3, b4, b5, b6, b7 = b
+    # Written out: this runs at every sample, and a loop over the pairs cost 2x.
+    return (
+        *((a0, a1 if a1 >= b0 else b0) if a0 >= b0 else (b0, b1 if b1 >= a0 else a0)),
+        *((a2, a3 if a3 >= b2 else b2) if a2 >= b2 else (b2, b3 if b3 >= a2 else a2)),
+        *((a4, a5 if a5 >= b4 else b4) if a4 >= b4 else (b4, b5 if b5 >= a4 else a4)),
+        *((a6, a7 if a7 >= b6 else b6) if a6 >= b6 else (b6, b7 if b7 >= a6 else a6)),
     )
 
 
-class _Tightest:
-    """The two tightest samples by one of _Sample's keys: those with the
-    largest `sign * key` (a low bound's key as it is, a high bound's negated)."""
+class _Window:
+    """Samples, oldest first, and the two largest of each of their keys, kept
+    as samples come and go: a queue of two stacks, each entry of the front
+    one holding its own and the newer ones' tops, so that taking the oldest
+    out costs nothing more on average. (Recounted when one of the tightest
+    left, a slewed clock, whose oldest sample is the tightest at DRIFT,
+    recounted the window at 80-100 % of samples: 24-30 us each.)"""
 
-    __slots__ = ("field", "first", "first_key", "second", "second_key", "sign")
+    __slots__ = ("_back", "_back_tops", "_front", "_tops")
 
-    def __init__(self, field: int, sign: float) -> None:
-        self.field, self.sign = field, sign
-        self.first: _Sample | None = None
-        self.second: _Sample | None = None
-        self.first_key = self.second_key = -math.inf
+    def __init__(self, samples: Iterable[_Sample] = ()) -> None:
+        self._front: list[tuple[_Sample, tuple[float, ...]]] = []  # the oldest last
+        self._back: list[_Sample] = []  # the newest last
+        self._back_tops = _NONE
+        self._tops: tuple[float, ...] | None = _NONE
+        for sample in samples:
+            self.append(sample)
 
-    def clear(self) -> None:
-        self.first = self.second = None
-        self.first_key = self.second_key = -math.inf
+    def __len__(self) -> int:
+        return len(self._front) + len(self._back)
 
-    def add(self, sample: _Sample) -> None:
-        key = self.sign * sample[self.field]
-        if key > self.first_key:
-            self.second, self.second_key = self.first, self.first_key
-            self.first, self.first_key = sample, key
-        elif key > self.second_key:
-            self.second, self.second_key = sample, key
+    def __bool__(self) -> bool:
+        return bool(self._front or self._back)
 
-    def holds(self, sample: _Sample) -> bool:
-        return sample is self.first or sample is self.second
+    def __iter__(self) -> Iterator[_Sample]:
+        yield from (sample for sample, _ in reversed(self._front))
+        yield from self._back
+
+    def append(self, sample: _Sample) -> None:
+        self._back.append(sample)
+        self._back_tops = _merge(self._back_tops, sample.keys)
+        self._tops = None
+
+    def popleft(self) -> None:
+        if not self._front:
+            tops = _NONE
+            while self._back:
+                sample = self._back.pop()
+                tops = _merge(tops, sample.keys)
+                self._front.append((sample, tops))
+            self._back_tops = _NONE
+        self._front.pop()
+        self._tops = None
+
+    def at(self, i: int) -> _Sample:
+        """The `i`-th oldest (0 or 1), or newest (-1)."""
+        if i < 0:
+            return self._back[-1] if self._back else self._front[0][0]
+        if i < len(self._front):
+            return self._front[-1 - i][0]
+        return self._back[i - len(self._front)]
+
+    def tops(self) -> tuple[float, ...]:
+        """The two largest of each key, flat: keys[0]'s, then keys[2]'s, and so on."""
+        if self._tops is None:
+            front = self._front[-1][1] if self._front else _NONE
+            self._tops = _merge(front, self._back_tops)
+        return self._tops
 
 
 class StoreClock:
@@ -126,19 +180,28 @@ class StoreClock:
     Each sample says: the store stamped `stamp` (truncated to `resolution`) at
     some instant between `sent` and `received` on our monotonic clock, so the
     offset lies in [stamp - received, stamp + resolution - sent] then, and
-    within SLEW per second since of it later (the local clock may be slewed).
-    The estimate rests on the recent samples (at most `window` of them, none
-    older than `horizon` seconds before the newest): each of its bounds is
-    the wider of the tightest sample's bound widened at SLEW and the
-    second-tightest's widened at DRIFT. So it holds the store's time while
-    the local clock is slewed (then every sample widened at SLEW does), and
-    while one answer among them is wrong and nothing is slewed (then the
-    second-tightest at DRIFT is a right one): a slew and a wrong answer at
-    once may take now() outside its error(). The price is width: with S3's
-    Dates (whole seconds) the half-width is about 0.07 s at 50 requests a
-    second, 0.12 s at ten, 0.33 s at one, 0.5 s at one every 5 s (it was
-    0.015-0.025 s at any rate before SLEW); with localfs's 10 ms mtimes,
-    5 ms at 50 a second to 16 ms at one every 5 s (0.4 ms before).
+    within `slew` (SLEW) per second since `sent` of it later (the local clock
+    may be slewed). The estimate rests on the recent samples (at most
+    `window` of them, none older than `horizon` seconds before the newest
+    but the newest of those): each of its bounds is the wider of the
+    tightest sample's bound widened at `slew` and the second-tightest's
+    widened at DRIFT. So it holds the store's time while the local clock is
+    slewed (then every sample widened at SLEW does), and while one answer
+    among them is wrong and nothing is slewed (then the second-tightest at
+    DRIFT is a right one). A slew and a wrong answer at once may take now()
+    outside its error(): by up to 0.9 s with answers 0.1-1 s wrong, 2.7 s
+    with answers 1-60 s wrong and S3 answering every 5-20 s (simulated).
+
+    The price is width. With S3's Dates (whole seconds), the half-width as
+    an answer comes is about 0.07 s at 50 requests a second, 0.12 s at ten,
+    0.33 s at one, 0.5 s at one every 5 s (0.015-0.025 s at any rate
+    before SLEW); and it grows by SLEW (0.1 s) a second until the next
+    answer: at one every 5 s, 0.72 s at the median instant between two,
+    0.97 s just before the next. With localfs's 10 ms mtimes stamped by
+    another host (NFS), 5-16 ms as an answer comes, growing likewise. On a
+    local disk, whose mtimes are this host's clock, slewed with ours, the
+    samples do not widen (set_slew(0.0); localfs learns which at its first
+    write): about a millisecond, as before SLEW.
 
     A sample the estimate does not allow at all (the store's clock was set,
     or one answer is wrong) is not taken in: it waits until CONFIRM_JUMP such
@@ -171,26 +234,20 @@ class StoreClock:
         spacing: float = 0.0,
         monotonic: Callable[[], float] = local_time,
         wall: Callable[[], float] = time.time,
+        slew: float = SLEW,
     ) -> None:
+        self._slew, self._drift = slew, min(DRIFT, slew)
         self._window = window
         self._horizon = horizon
         self._spacing = spacing
         self._monotonic = monotonic
         self._wall = wall
-        self._samples: deque[_Sample] = deque()
-        # The tightest of the samples kept, by each bound at SLEW and DRIFT.
-        self._slew_low = _Tightest(3, 1.0)
-        self._slew_high = _Tightest(4, -1.0)
-        self._drift_low = _Tightest(5, 1.0)
-        self._drift_high = _Tightest(6, -1.0)
-        self._tightest = (self._slew_low, self._slew_high, self._drift_low, self._drift_high)
-        # Newer samples that agree with each other (at SLEW), the first and
-        # `_rivals_against` of them disagreeing with the estimate (the others
-        # allow both), the tightest of their bounds, and when the first came:
-        # a jump not yet taken.
-        self._rivals: deque[_Sample] = deque(maxlen=window)
-        self._rivals_low = _Tightest(3, 1.0)
-        self._rivals_high = _Tightest(4, -1.0)
+        self._samples = _Window()
+        # Newer samples that agree with each other (at the slew rate), the
+        # first and `_rivals_against` of them disagreeing with the estimate
+        # (the others allow both), and when the first came: a jump not yet
+        # taken.
+        self._rivals = _Window()
         self._rivals_against = 0
         self._rivals_since = 0.0
         self._last = -float("inf")
@@ -211,7 +268,9 @@ class StoreClock:
                 f"a sample needs sent <= received and resolution >= 0, "
                 f"got sent={sent}, received={received}, resolution={resolution}"
             )
-        new = _sample(sent, received, stamp - received, stamp + resolution - sent)
+        new = _sample(
+            sent, received, stamp - received, stamp + resolution - sent, self._slew, self._drift
+        )
         with self._lock:
             if not self._samples:
                 self._last = -float("inf")  # the wall-clock guess gives way
@@ -224,15 +283,16 @@ class StoreClock:
             agrees = _overlap(new.low, new.high, low, high)
             # Whether it also agrees with the rivals waiting: then it says
             # nothing either way, and they wait on.
+            rivals = self._rivals.tops()
             both = bool(self._rivals) and _overlap(
                 new.low,
                 new.high,
-                self._rivals_low.first_key - SLEW * received,
-                -self._rivals_high.first_key + SLEW * received,
+                rivals[0] - self._slew * received,
+                -rivals[2] + self._slew * received,
             )
             if agrees:
                 if (
-                    received - self._samples[-1].received < self._spacing
+                    received - self._samples.at(-1).received < self._spacing
                     and new.low <= low
                     and new.high >= high  # it holds the interval: no news
                 ):
@@ -267,13 +327,11 @@ class StoreClock:
 
     def _rival(self, sample: _Sample) -> None:
         self._rivals.append(sample)
-        self._rivals_low.add(sample)
-        self._rivals_high.add(sample)
+        if len(self._rivals) > self._window:
+            self._rivals.popleft()
 
     def _clear_rivals(self) -> None:
-        self._rivals.clear()
-        self._rivals_low.clear()
-        self._rivals_high.clear()
+        self._rivals = _Window()
 
     def _add(self, new: _Sample) -> None:
         """Keep `new` (the newest sample), and drop the samples past the
@@ -283,41 +341,47 @@ class StoreClock:
         and the one kept, widened at DRIFT for the silence, bounds it."""
         samples = self._samples
         samples.append(new)
-        for tightest in self._tightest:
-            tightest.add(new)
-        recount = False
         while len(samples) > self._window or (
-            new.received - samples[1].received > self._horizon  # the newest of them stays
+            len(samples) > 1
+            and new.received - samples.at(1).received > self._horizon  # the newest of them stays
         ):
-            old = samples.popleft()
-            recount = recount or any(tightest.holds(old) for tightest in self._tightest)
-        if recount:
-            self._recount()
+            samples.popleft()
         self._corroborated = True
 
     def _take(self, samples: list[_Sample]) -> None:
         """Rest the estimate on `samples` (oldest first, as rivals are kept:
         within the window and the horizon) alone."""
         kept = samples[-self._window :]
-        self._samples = deque(kept)
-        self._recount()
+        self._samples = _Window(kept)
         self._corroborated = self._corroborated or len(kept) > 1
 
-    def _recount(self) -> None:
-        for tightest in self._tightest:
-            tightest.clear()
-            for sample in self._samples:
-                tightest.add(sample)
+    def set_slew(self, slew: float) -> None:
+        """Widen samples at `slew` (s/s) from now on, the kept ones too (and
+        at DRIFT, or `slew` if less, for the second-tightest): SLEW, or 0.0
+        for a store that stamps on this host's own clock (a local disk's
+        mtimes), which moves with ours however it is slewed (localfs learns
+        which at its first write)."""
+        with self._lock:
+            self._slew, self._drift = slew, min(DRIFT, slew)
+            drift = self._drift
+
+            def again(samples: Iterable[_Sample]) -> _Window:
+                return _Window(
+                    _sample(x.sent, x.received, x.low, x.high, slew, drift) for x in samples
+                )
+
+            self._samples, self._rivals = again(self._samples), again(self._rivals)
 
     def _bounds(self, at: float) -> tuple[float, float]:
         """The interval (store time - local time) lies in at local time `at`,
         by the samples kept (at least one)."""
-        at = max(at, self._samples[-1].received)  # threads may race: no sample ages below 0
-        low = self._slew_low.first_key - SLEW * at
-        high = -self._slew_high.first_key + SLEW * at
-        if self._drift_low.second is not None:  # two samples or more
-            low = min(low, self._drift_low.second_key - DRIFT * at)
-            high = max(high, -self._drift_high.second_key + DRIFT * at)
+        at = max(at, self._samples.at(-1).received)  # threads may race: none ages below 0
+        tops = self._samples.tops()
+        low = tops[0] - self._slew * at
+        high = -tops[2] + self._slew * at
+        if tops[5] > -_INF:  # two samples or more
+            low = min(low, tops[5] - self._drift * at)
+            high = max(high, -tops[7] + self._drift * at)
         if low > high:
             # Samples kept contradict each other beyond what slewing explains
             # (the store's clock set by less than the estimate's width, or
@@ -383,6 +447,11 @@ class StoreClock:
                 return None
             low, high = self._bounds(self._monotonic())
             return (high - low) / 2
+
+    @property
+    def slew(self) -> float:
+        """How fast (s/s) samples widen as they age: SLEW, or 0.0 (set_slew)."""
+        return self._slew
 
     @property
     def samples(self) -> int:
