@@ -49,6 +49,13 @@ def check_definition(every: int | None, cron: str | None, tz: str | None) -> Non
             f"time zone {tz!r} is not a zone but a host's setting (brokers may differ): "
             "name one, such as 'Europe/Paris'"
         )
+    if tz is not None and tz.startswith("right/"):
+        # tzdata's right/ zones count leap seconds, which Unix time does not:
+        # right/UTC's 09:00 fired 27 s early (at 08:59:33 UTC).
+        raise InvalidRequest(
+            f"time zone {tz!r} counts leap seconds, which the store's clock does not: "
+            f"name the zone without 'right/' ({tz.removeprefix('right/')!r})"
+        )
     zone = _zone(tz)
     try:
         CronSim(cron, datetime(2000, 1, 1, tzinfo=zone))
