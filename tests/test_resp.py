@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -717,6 +718,48 @@ async def test_a_client_that_leaves_while_its_pop_commits_loses_no_job(
         assert await staying.blpop(["q"], timeout=5) == (b"q", b"x")
     finally:
         await staying.aclose()
+
+
+@pytest.mark.parametrize(
+    "sent", [("LPOP", "q"), ("BLPOP", "q", "5")], ids=["lpop-alone", "blpop-alone"]
+)
+async def test_a_pop_whose_client_resets_as_its_commit_lands_is_given_back(
+    broker: Broker, http: Http, monkeypatch: pytest.MonkeyPatch, sent: tuple[str, ...]
+) -> None:
+    """The client resets its connection (RST) just as its pop's commit lands:
+    the broker saw it leave before the reply was handed to the transport,
+    which dropped it (nobody reads), and the job stayed completed for nobody.
+    A pop alone was given back only if its client left before the pop's
+    task ended; the same pop pipelined beside a push was given back (review
+    of the request edge). A lone pop is named and looked after as a group's."""
+    assert broker.redis is not None
+    server = broker.redis
+    real_pop = server.engine.pop
+    client: socket.socket | None = None
+    popped = asyncio.Event()
+
+    async def pop_then_reset(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        jobs: list[dict[str, Any]] = await real_pop(*args, **kwargs)
+        try:
+            if jobs and client is not None:  # the commit landed: the RST comes now
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                [conn] = server.connections
+                await conn.left.wait()  # the broker's read loop saw it
+        finally:
+            popped.set()
+        return jobs
+
+    monkeypatch.setattr(server.engine, "pop", pop_then_reset)
+    code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
+    assert code == 201
+    client = socket.create_connection(("127.0.0.1", port_of(broker)))
+    client.sendall(hiredis.pack_command(sent))
+    await popped.wait()
+    await until(lambda: not server.connections)
+    await pending_again(http, "q")
+    job = await http.job("q", "j1")
+    assert (job["status"], job["attempts"]) == ("pending", 0)
 
 
 async def test_a_broker_stopping_while_a_blpop_commits_gives_the_job_back(
@@ -2680,9 +2723,10 @@ async def test_a_client_that_leaves_after_a_malformed_request_gets_its_pop_undon
             await broker.committer.wait_changed("q", 0.2)
 
 
-async def test_a_pipelines_pops_keep_no_record_once_answered(start_broker: StartBroker) -> None:
-    """A pipeline's pops are named for their undo; answered, their records go
-    (the owner's room for them is bounded, and shared with pops passed on)."""
+async def test_pops_keep_no_record_once_answered(start_broker: StartBroker) -> None:
+    """Pops are named for their undo, a pipeline's and one alone; answered,
+    their records go (the owner's room for them is bounded, and shared with
+    pops passed on)."""
     broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
     r = redis.Redis(port=port_of(broker))
     try:
@@ -2691,6 +2735,8 @@ async def test_a_pipelines_pops_keep_no_record_once_answered(start_broker: Start
             for _ in range(5):
                 pipe.lpop("q")
             assert await pipe.execute() == [b"0", b"1", b"2", b"3", b"4"]
+        assert await r.lpop("q") == b"5"
+        assert await r.blpop(["q"], timeout=1) == (b"q", b"6")
     finally:
         await r.aclose()
     assert broker.engine.popped.kept_bytes == 0

@@ -94,9 +94,10 @@ class Session:
     # The lease tokens of the claims XREADGROUP answered on this connection, so
     # that XACK commits with the token (at most once).
     reads: Reads = field(init=False)
-    # While a pipelined group runs (the connection sets it): the pops that took
-    # jobs, by topic and attempt id, whose replies wait for the others'. Should
-    # the client leave before they go out, they are given back (unpop).
+    # While pops run (a pipelined group with some, or one alone; the connection
+    # sets it): those that took jobs, by topic and attempt id. Should the
+    # client be gone when they end, their replies reaching nobody, or the
+    # group be cut short, they are given back (unpop).
     owing: list[tuple[str, str]] | None = None
 
     def __post_init__(self) -> None:
@@ -139,9 +140,20 @@ COMMANDS: dict[str, Command] = {}
 PIPELINED = frozenset({"LPUSH", "RPUSH", "LPOP", "RPOP", "XADD", "XACK"})
 
 # Commands that hand out jobs completed in the commit that takes them, and do
-# not block: the connection cancels one whose client leaves before its answer
-# (the engine gives back a pop nobody was answered), as it does a blocking one.
+# not block: the connection names their pops (Session.owing) and gives them
+# back if their client is gone once they end, as it does a BLPOP of one key's.
 POPS = frozenset({"LPOP", "RPOP"})
+
+
+def names_its_pops(frame: list[bytes]) -> bool:
+    """Whether the request `frame` hands out jobs by pops it names in
+    Session.owing, to be given back should its reply not go out: LPOP and
+    RPOP, and BLPOP and BRPOP of one key (on several, a job is claimed, then
+    completed: see _or_given_back)."""
+    name = upper(frame[0])
+    if name in POPS:
+        return True
+    return name in ("BLPOP", "BRPOP") and len(set(frame[1:-1])) == 1
 
 
 def pipelined(frame: list[bytes]) -> bool:
@@ -544,8 +556,8 @@ async def lpop(session: Session, args: list[bytes]) -> Reply:
 async def _pop(
     session: Session, topic: str, count: int, wait: float = 0.0, since: float | None = None
 ) -> list[bytes | str]:
-    """Claim and complete in one commit: a popped job is done (in a pipelined
-    group, named, to be undone should its reply not go out: Session.owing).
+    """Claim and complete in one commit: a popped job is done (named, to be
+    undone should its reply not go out, when the connection asks: Session.owing).
     A long poll waits in line from `since` (when its command came)."""
     owing = session.owing
     attempt_id = None if owing is None else api.new_id()

@@ -22,11 +22,11 @@ from simplequeue.broker.engine import TopicOps
 from simplequeue.broker.metrics import Metrics
 from simplequeue.broker.resp.commands import (
     COMMANDS,
-    POPS,
     Handler,
     Session,
     admitted,
     jobs_asked,
+    names_its_pops,
     pipelined,
 )
 from simplequeue.broker.resp.reads import ReadBudget
@@ -253,21 +253,23 @@ class Connection:
         return max(0, room) // self.server.settings.max_body
 
     async def _execute(self, group: list[list[bytes]]) -> list[Reply]:
-        if len(group) == 1:
-            return [await self._dispatch(group[0])]
-        if not any(upper(frame[0]) in POPS for frame in group):
+        if not any(map(names_its_pops, group)):
+            if len(group) == 1:
+                return [await self._dispatch(group[0])]
             return await self._execute_group(group)
-        # A group's replies go out once all of it ends, so its pops are named
-        # (Session.owing), and given back if the client left meanwhile or the
-        # group was cut short (a stop past its grace). The group runs to its
-        # end (its pushes land, as Redis's would): reading goes on meanwhile,
-        # to see the client leave.
+        # A pop's reply may reach nobody: its client may leave as the pop
+        # lands, or, in a group, before the group's replies go out together.
+        # So pops are named (Session.owing), and given back if the client is
+        # gone once they end, or the group was cut short (a stop past its
+        # grace). A group runs to its end (its pushes land, as Redis's
+        # would), and a pop does (it does not wait): reading goes on
+        # meanwhile, to see the client leave. A BLPOP gives up on a hangup.
         if self.left.is_set():
             # Gone, or only done sending (a half-close) and reading on: a pop's
             # reply might reach nobody, but a push's must reach a client that
             # would send it again. What comes before the first pop runs, as
             # it would alone, and is answered; the rest does not.
-            first_pop = next(i for i, frame in enumerate(group) if upper(frame[0]) in POPS)
+            first_pop = next(i for i, frame in enumerate(group) if names_its_pops(frame))
             raise Hangup(await self._execute_group(group[:first_pop]) if first_pop else [])
         owing: list[tuple[str, str]] = []
         self.session.owing = owing
@@ -281,11 +283,12 @@ class Connection:
         finally:
             self.watched -= 1
             self.session.owing = None
-        if self.left.is_set() and owing:
-            # Its pops' jobs go back, and each is answered as a pop that found
-            # none; every other reply still goes out, in order (a push after
-            # a pop landed: a client only done sending must not send it
-            # again), then the connection closes.
+        if owing and (self.left.is_set() or self.writer.transport.is_closing()):
+            # (The transport closes as the client resets, before the read loop
+            # sees it leave.) Its pops' jobs go back, and each is answered as a
+            # pop that found none; every other reply still goes out, in order
+            # (a push after a pop landed: a client only done sending must not
+            # send it again), then the connection closes.
             self._give_back(owing)
             answered = zip(group, replies, strict=True)
             raise Hangup([_none_taken(f) if _took_a_job(f, r) else r for f, r in answered])
@@ -377,9 +380,9 @@ class Connection:
     async def _run(self, name: str, args: list[bytes]) -> Reply:
         try:
             spec = admitted(self.session, name, args)
-            if spec.blocking or (name in POPS and self.session.owing is None):
-                return await self._until(spec.handler, args, blocking=spec.blocking)
-            # A pop of a pipelined group: the group is watched as a whole.
+            if spec.blocking:
+                return await self._until(spec.handler, args)
+            # A pop runs to its end, given back then if its client left (_execute).
             return await spec.handler(self.session, args)
         except Hangup:
             raise
@@ -391,18 +394,17 @@ class Connection:
             log.exception("RESP %s from client %d failed", name, self.id)
             return RespError("ERR", "internal error")
 
-    async def _until(self, handler: Handler, args: list[bytes], *, blocking: bool) -> Reply:
-        """Run a command that hands out jobs, cancelling it on a hangup: the
-        engine gives back a cancelled claim, and a pop nobody was answered. A
-        blocking command gives up when the client leaves or the server stops;
-        a pop, which does not wait, when the client leaves."""
-        gone = self.hangup if blocking else self.left
-        if gone.is_set():  # nobody to answer: nothing is taken
+    async def _until(self, handler: Handler, args: list[bytes]) -> Reply:
+        """Run a blocking command, cancelling it when the client leaves or the
+        server stops: the engine gives back a cancelled claim, and a pop
+        nobody was answered. One that ended is answered (its named pops are
+        given back by _execute if the client is gone by then)."""
+        if self.hangup.is_set():  # nobody to answer: nothing is taken
             raise Hangup
         task = asyncio.ensure_future(handler(self.session, args))
-        hangup = asyncio.create_task(gone.wait())
+        hangup = asyncio.create_task(self.hangup.wait())
         self.watched += 1
-        self.blocking += blocking
+        self.blocking += 1
         self.room.set()
         try:
             await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -411,21 +413,21 @@ class Connection:
             raise Hangup
         finally:
             self.watched -= 1
-            self.blocking -= blocking
+            self.blocking -= 1
             for t in (task, hangup):
                 t.cancel()
             await asyncio.gather(task, hangup, return_exceptions=True)
 
 
 def _none_taken(pop: list[bytes]) -> Reply:
-    """The reply of the pop `pop` had it found no job: nil, or with a count the
-    nil array."""
+    """The reply of the pop `pop` had it found no job: nil, or with a count
+    (or a BLPOP's timeout) the nil array."""
     return NULL_ARRAY if len(pop) > 2 else None
 
 
 def _took_a_job(frame: list[bytes], reply: Reply) -> bool:
     """Whether `reply` answers a pop with a job: a value, or a non-empty array."""
-    if upper(frame[0]) not in POPS or isinstance(reply, RespError):
+    if not names_its_pops(frame) or isinstance(reply, RespError):
         return False
     return reply is not None and reply is not NULL_ARRAY and reply != []
 
