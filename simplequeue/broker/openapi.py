@@ -3,8 +3,9 @@
 Every schema is generated from the types in simplequeue.api, the same ones the
 handlers decode request bodies into, and every error answer from the classes of
 simplequeue.errors (status and description): the description cannot drift from
-what the broker accepts and answers. Only the routes, and which errors each may
-meet, are written here.
+what the broker accepts and answers. Only the routes, which errors each may
+meet, and the rules between a request's fields that the types' checks make
+(not their fields' types) are written here.
 """
 
 from __future__ import annotations
@@ -92,6 +93,87 @@ _LISTING: Errors = (Unauthorized, StoreError)
 _READ: Errors = (Unauthorized, InvalidRequest, CorruptData, StoreError, Overloaded)
 _WRITE: Errors = (*_READ, PayloadTooLarge, Contended, StorageFull)
 _SETTLE: Errors = (*_WRITE, JobNotFound, LeaseLost, JobCancelled)
+
+
+def _given(field: str, kind: str) -> dict[str, Any]:
+    """The schema of an object whose `field` is there, of JSON type `kind` (not null)."""
+    return {"required": [field], "properties": {field: {"type": kind}}}
+
+
+_NO_DELAY_WITH_A_RUN_AT = {  # api.JobSpec.__post_init__
+    "description": "a delay over 0 or a run_at, not both",
+    "not": {
+        "required": ["delay", "run_at"],
+        "properties": {"delay": {"exclusiveMinimum": 0}, "run_at": {"type": "number"}},
+    },
+}
+
+# The rules between a request's fields, each as the check that makes it (a
+# request that breaks one is answered 400), by the type whose schema has them.
+_BETWEEN_FIELDS: dict[type[Any], list[dict[str, Any]]] = {
+    api.JobSpec: [_NO_DELAY_WITH_A_RUN_AT],
+    api.FollowUpSpec: [_NO_DELAY_WITH_A_RUN_AT],
+    api.ScheduleRequest: [  # state.slots.check_definition
+        {
+            "description": "every (seconds) or cron, exactly one",
+            "oneOf": [_given("every", "integer"), _given("cron", "string")],
+        },
+        {
+            "description": "tz goes with cron",
+            "if": _given("tz", "string"),
+            "then": _given("cron", "string"),
+        },
+    ],
+    api.SettingsRequest: [  # TopicState.put_settings
+        {
+            "description": "a burst is the size of a rate's bucket: give it with its rate"
+            " (one given alone is taken only on a topic that has a rate already)",
+            "if": _given("burst", "integer"),
+            "then": _given("rate", "number"),
+        }
+    ],
+}
+
+# JSON Schema's integer is any number without a fractional part (2.0 is one);
+# the types decode an integer only from one written as such.
+_WHOLE = (
+    "An integer written without a fraction or exponent: 2, not 2.0 or 2e0 (refused,"
+    " 400, though JSON Schema's integer takes them)."
+)
+
+
+def _requests(paths: dict[str, Any], schemas: dict[str, Any]) -> set[str]:
+    """The names of the schemas of request bodies and of their parts."""
+    found: set[str] = set()
+    bodies = [op.get("requestBody") for ops in paths.values() for op in ops.values()]
+    todo = _refs(bodies)
+    while todo:
+        name = todo.pop().rsplit("/", 1)[1]
+        if name not in found:
+            found.add(name)
+            todo.extend(_refs(schemas[name]))
+    return found
+
+
+def _refs(node: Any) -> list[str]:
+    """Every $ref in `node`."""
+    if isinstance(node, dict):
+        return ([node["$ref"]] if "$ref" in node else []) + _refs(list(node.values()))
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def _whole_numbers_said(node: Any) -> None:
+    """Every integer field in `node`, a request's schema, says it takes no 2.0."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["description"] = " ".join(filter(None, (node.get("description"), _WHOLE)))
+        for value in node.values():
+            _whole_numbers_said(value)
+    elif isinstance(node, list):
+        for value in node:
+            _whole_numbers_said(value)
 
 
 def _ref(kind: type[Any]) -> dict[str, Any]:
@@ -493,6 +575,10 @@ def spec() -> dict[str, Any]:
             if "requestBody" in op:
                 op["responses"].update(_error_responses((RequestTimedOut,)))
             op["responses"] = dict(sorted(op["responses"].items()))
+    for kind, rules in _BETWEEN_FIELDS.items():
+        schemas[kind.__name__]["allOf"] = rules
+    for name in _requests(paths, schemas):
+        _whole_numbers_said(schemas[name]["properties"])
     return {
         "openapi": "3.1.0",
         "info": {
