@@ -961,6 +961,34 @@ async def test_a_client_that_expects_100_continue_gets_it_before_it_sends_the_bo
         await writer.wait_closed()
 
 
+async def test_an_expect_100_continue_for_a_body_over_max_body_is_answered_413_at_once(
+    start_broker: Callable[..., Awaitable[Any]],
+) -> None:
+    """A client that asks first for a body whose Content-Length is over
+    --max-body was told "Continue", sent the body, and was answered 413 only
+    once the broker had read --max-body bytes of it (review of the request
+    edge). The point of asking is to be refused before sending: RFC 9110
+    10.1.1 lets a server answer a final status instead."""
+    broker = await start_broker(MemStore(), max_body=64 * 1024)
+    address = yarl.URL(broker.url)
+    assert address.host is not None and address.port is not None
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        writer.write(
+            b"POST /topics/t/enqueue HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 5000000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 4)
+        assert head.startswith(b"HTTP/1.1 413 "), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = orjson.loads(await asyncio.wait_for(reader.readexactly(length), 4))
+        assert "larger than" in body["error"], body
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 async def test_an_expect_the_broker_does_not_know_is_answered_with_a_documented_status(
     start_broker: StartBroker, session: aiohttp.ClientSession
 ) -> None:

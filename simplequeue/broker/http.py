@@ -609,15 +609,22 @@ def _no_query(call: Call) -> None:
 
 async def _expect(request: web.BaseRequest) -> None:
     """Answer `Expect: 100-continue` (curl sends it with bodies over 1 KiB and
-    waits a second for it) before the body is read, as aiohttp's router does.
-    In an HTTP/1.0 request it is ignored (RFC 9110 10.1.1: a MUST), the body
-    read as it comes. Another expectation is InvalidRequest (RFC 9110 lets a
-    server answer it 417, a status no route of the API lists)."""
+    waits a second for it) before the body is read, as aiohttp's router does;
+    one for a body whose Content-Length is over its limit PayloadTooLarge
+    instead, before the client sends it (RFC 9110 10.1.1 lets a server answer
+    a final status at once). In an HTTP/1.0 request it is ignored (RFC 9110
+    10.1.1: a MUST), the body read as it comes. Another expectation is
+    InvalidRequest (RFC 9110 lets a server answer it 417, a status no route
+    of the API lists)."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
         raise InvalidRequest(f"Expect: {expect!r}: only 100-continue is known")
     if request.version < HttpVersion11:
         return
+    size, limit = request.content_length, request.client_max_size
+    # A peer's limit may grow once its record is read (Call._room_for_a_peer).
+    if size is not None and size > limit and FORWARDED not in request.headers:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0
 
