@@ -209,17 +209,20 @@ async def test_requests_queued_for_a_pooled_connection_do_not_fail_a_healthy_sto
     sent (review of s3, round 29: 2 connections, answers in 0.1 s, 120 GETs
     at once: 64 failed, the store saw 64 requests). A try's deadline starts
     once it holds a connection; the queue counts against the call's budget
-    only. Here 30 GETs, one try each, 0.1 s apiece through one connection:
-    3 s of queue, past a try's 2.4 s, within the 6 s budget."""
+    only. Here 40 GETs, one try each, 0.1 s apiece through one connection:
+    4 s of queue, past a try's 3.1 s, within the 12 s budget. A read timeout
+    of 1 s, not 0.3: the fake store answers from this process, and a pause of
+    it (0.2 s on a loaded machine) read as a timeout of the 0.1 s answer."""
     async with FakeS3(delay=0.1).running() as fake:
         fake.objects["b/k"] = b"v"
-        store = S3Store(pooled(fake.url, max_attempts=1, retry_budget=6.0))
+        settings = pooled(fake.url, read_timeout=1.0, max_attempts=1, retry_budget=12.0)
+        store = S3Store(settings)
         try:
             outcomes = await asyncio.gather(
-                *(store.get("k") for _ in range(30)), return_exceptions=True
+                *(store.get("k") for _ in range(40)), return_exceptions=True
             )
             failed = [o for o in outcomes if isinstance(o, BaseException)]
-            assert not failed, f"{len(failed)} of 30 GETs failed: {failed[0]!r}"
+            assert not failed, f"{len(failed)} of 40 GETs failed: {failed[0]!r}"
         finally:
             await store.close()
 
