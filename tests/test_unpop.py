@@ -324,6 +324,38 @@ async def test_two_tries_of_a_named_pop_still_polling_pop_once() -> None:
     assert [j["id"] for j in a] == [j["id"] for j in b], (a, b)
 
 
+async def test_an_undo_is_asked_again_while_the_owner_stalls_longer_than_three_tries(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner stalled (a GC pause, a loaded host) for longer than three tries
+    of an undo, each timing out and cancelled there before it did anything:
+    the forwarding broker gave up after 3 tries a second apart (~5 s; 0.75 s
+    with this test's 0.2 s timeouts), and the popped job stayed done for a
+    client that never had it. Tries go on now until UNDO_WITHIN after the
+    first (30 s; 3 s here), their pauses doubling (flake hunt, round 33)."""
+    monkeypatch.setattr(forwarding, "UNDO_PAUSE", 0.05)
+    monkeypatch.setattr(forwarding, "UNDO_WITHIN", 3.0)
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.2)
+    owner, other = owner_and_other(brokers, "t")
+    answer_too_late(monkeypatch, owner.engine, "pop")
+    unpop, loop, tries = owner.engine.unpop, asyncio.get_running_loop(), []
+    stalled_until = loop.time() + 1.2  # the owner's undos stall this long
+
+    async def stalling(*args: Any, **kwargs: Any) -> Any:
+        tries.append(loop.time())
+        if loop.time() < stalled_until:
+            await asyncio.sleep(stalled_until - loop.time())  # cancelled at 0.2 s
+        return await unpop(*args, **kwargs)
+
+    monkeypatch.setattr(owner.engine, "unpop", stalling)
+    await owner.engine.enqueue("t", [JobSpec("x", id="j1")])
+    async with aiohttp.ClientSession() as s:
+        status, _, _ = await post(s, f"{other.url}/topics/t/pop", {"worker_id": "w"})
+    assert status == 503
+    await until_status(owner.engine, "j1", "pending")
+    assert len(tries) > 3, tries
+
+
 async def test_an_undo_asked_again_while_its_first_try_is_in_flight_waits_for_it(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,7 +20,7 @@ import errno
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
@@ -52,10 +52,16 @@ REPLAYED = api.REPLAYED_HEADER
 
 ANSWER_WITHIN = 1.0  # seconds a broker has to answer a forwarded request
 SUSPECT_FOR = 3.0  # seconds a broker that did not answer is routed around
-# Tries of an undo (route's `undo`) while its broker does not answer, and the
-# pause between them.
+# An undo (route's `undo`) or take-back is tried while its broker does not
+# answer: UNDO_TRIES times at least, and on until UNDO_WITHIN seconds after the
+# first, the pauses between them doubling from UNDO_PAUSE up to UNDO_PAUSE_MAX.
+# Three tries a second apart gave up on an owner stalled ~5 s (0.75 s in a
+# test's 0.2 s timeouts): the popped job stayed done for nobody. Tries are
+# safe to repeat: an attempt id is undone once, and then spent.
 UNDO_TRIES = 3
 UNDO_PAUSE = 1.0
+UNDO_PAUSE_MAX = 5.0
+UNDO_WITHIN = 30.0
 # Seconds more than ANSWER_WITHIN a take-back (route's `take_back`) waits for
 # each answer: its broker answered the claim too late already, and no caller waits.
 TAKE_BACK_PATIENCE = 10.0
@@ -148,6 +154,20 @@ class _Slots:
         self._any.release()
         if long_poll:
             self._long_polls.release()
+
+
+async def _tries() -> AsyncIterator[int]:
+    """The tries of an undo or a take-back: UNDO_TRIES at least, then on until
+    UNDO_WITHIN seconds after the first, paused between them (UNDO_PAUSE,
+    doubling up to UNDO_PAUSE_MAX)."""
+    started, pause, tried = time.monotonic(), UNDO_PAUSE, 0
+    while True:
+        yield tried
+        tried += 1
+        if tried >= UNDO_TRIES and time.monotonic() - started >= UNDO_WITHIN:
+            return
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, UNDO_PAUSE_MAX)
 
 
 class Forwarder:
@@ -336,13 +356,13 @@ class Forwarder:
 
     async def undo(self, peer: Peer, topic: str, undo: api.UnpopRequest) -> int:
         """Ask `peer` to `undo` a pop or complete of `topic` whose answer was
-        lost (route's `undo`), or that its caller gives back (Router.unpop): a
-        few tries, a second apart, while it does not answer (and this broker is
-        not closed). How many jobs it gave back."""
+        lost (route's `undo`), or that its caller gives back (Router.unpop):
+        tried again while it does not answer (_tries), unless this broker is
+        closed. How many jobs it gave back."""
         path = f"/topics/{topic}/unpop"
         body = msgspec.json.encode(undo)
         failed = "this broker stopped"
-        for _ in range(UNDO_TRIES):
+        async for _ in _tries():
             if self._closed:
                 break
             try:
@@ -360,7 +380,6 @@ class Forwarder:
                     failed = f"HTTP {answer.status}: {answer.body[:200]!r}"
                     break
                 failed = f"HTTP {answer.status}"
-            await asyncio.sleep(UNDO_PAUSE)
         log.warning("%s did not undo a pop of %s (%s): its jobs stay done", peer.url, topic, failed)
         return 0
 
@@ -368,13 +387,13 @@ class Forwarder:
         """Give back what `peer` claimed for `claim` when its answer was lost
         (route's `take_back`): asked again under its attempt id, it answers
         the jobs it holds for it (had it claimed none, it claims what it can
-        now, which goes back just the same), released there. A few tries, as
-        an undo's, each answer waited for TAKE_BACK_PATIENCE more. How many
-        jobs went back."""
+        now, which goes back just the same), released there. Tried as an
+        undo is (_tries), each answer waited for TAKE_BACK_PATIENCE more. How
+        many jobs went back."""
         path = f"/topics/{topic}"
         again = msgspec.structs.replace(claim, wait=0.0, count=claim.count or 1)
         failed = "this broker stopped"
-        for _ in range(UNDO_TRIES):
+        async for _ in _tries():
             if self._closed:
                 break
             try:
@@ -399,7 +418,6 @@ class Forwarder:
             else:
                 self.undone += given_back
                 return given_back
-            await asyncio.sleep(UNDO_PAUSE)
         log.warning(
             "%s did not give back a claim of %s whose answer was lost (%s): "
             "its jobs are left to their leases",
