@@ -76,6 +76,15 @@ def owner_and_other(brokers: list[Any], topic: str) -> tuple[Any, Any]:
     return owner, next(b for b in brokers if b is not owner)
 
 
+def topic_won_by(winner: str, *losers: str) -> str:
+    """A topic whose rendezvous hash ranks broker id `winner` above each of `losers`."""
+    return next(
+        t
+        for t in (f"t{i}" for i in range(1000))
+        if all(rendezvous(t, winner) > rendezvous(t, loser) for loser in losers)
+    )
+
+
 async def head(store: ObjectStore, topic: str) -> dict[str, Any]:
     data, _ = await store.get(keys.head(topic))
     got: dict[str, Any] = orjson.loads(data)
@@ -1439,6 +1448,57 @@ async def test_a_broker_that_leaves_during_a_take_over_has_its_topics_read_after
     go_on.set()
     await asyncio.wait_for(a.duties.taken_over.wait(), 2)
     assert set(theirs) <= set(read)
+
+
+async def test_a_broker_that_came_and_went_during_a_take_over_has_its_leases_reaped(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes of the live brokers during a take-over are taken over as one,
+    from the view before the first to the last. A broker that joined and died
+    meanwhile is in neither: its departure was not seen, and its topics went
+    back to their old owner, which owned them in the first view too and did
+    not read them. A lease it handed out was reaped by no one, ever (0 of 1,
+    3 s after a 0.3 s lease ran out): a rolling restart makes take-overs that
+    last minutes on S3, and a broker may crash soon after it starts."""
+    clock = moved_clock(monkeypatch, membership_module)  # registrations age when moved
+    store = MemStore()
+    a = await start_broker(store, broker_id="A")
+    b = await start_broker(store, broker_id="B")
+    for broker in (a, b):
+        await broker.membership.step()
+    await a.duties.taken_over.wait()
+    slow = topic_won_by("A", "C")  # A's in every view here
+    topic = topic_won_by("C", "A")  # C's while C lives, A's otherwise
+    await a.engine.enqueue(slow, [JobSpec("p", id="s")])
+    reading, go_on = asyncio.Event(), asyncio.Event()
+    next_due = a.engine.next_due
+
+    async def held_read(name: str, outbox: bool = True) -> Any:
+        if name == slow:
+            reading.set()
+            await go_on.wait()
+        return await next_due(name, outbox)
+
+    monkeypatch.setattr(a.engine, "next_due", held_read)
+    await b.stop()
+    await a.membership.step()  # B left: A reads every head it owns, one slowly
+    await asyncio.wait_for(reading.wait(), 5)
+    c = await start_broker(store, broker_id="C")  # meanwhile C comes...
+    await a.membership.step()
+    assert a.membership.peer("C") is not None and c.membership.owns(topic)
+    await c.engine.enqueue(topic, [JobSpec("p", id="j")])
+    assert await c.engine.claim(topic, "w", lease=0.3)  # (its worker dies)
+    for task in c._tasks:  # ... and dies without a goodbye
+        task.cancel()
+    await asyncio.gather(*c._tasks, return_exceptions=True)
+    await a.membership.step()  # its last record, seen
+    clock.t += 20.0
+    await a.membership.step()  # and dropped, a lease later
+    assert a.membership.peer("C") is None and a.membership.owns(topic)
+    go_on.set()
+    await asyncio.wait_for(a.duties.taken_over.wait(), 5)
+    await until(lambda: a.duties.reaped == 1, within=5)  # A, its owner again, reaps it
+    assert (await a.engine.job(topic, "j"))["status"] == "pending"
 
 
 # --- the registry -----------------------------------------------------------------------

@@ -131,6 +131,11 @@ class Duties:
         # One at a time: a change of brokers meanwhile is taken over after it.
         self._taking_over: asyncio.Task[None] | None = None
         self._acquire: tuple[tuple[Peer, ...], tuple[Peer, ...]] | None = None
+        # The brokers that left in every change of the live set since the last
+        # take-over whose reads were done. Changes during a take-over are taken
+        # over as one, from its first view to the last: a broker that came and
+        # went meanwhile is in neither, and its leases were reaped by no one.
+        self._departed: set[tuple[str, int]] = set()
         # Set while no take-over is pending: the heads of the live brokers'
         # latest view that this broker had to read were read.
         self.taken_over = asyncio.Event()
@@ -217,12 +222,13 @@ class Duties:
 
     def view_changed(self, old: tuple[Peer, ...], new: tuple[Peer, ...]) -> None:
         """The live brokers changed: the topics this broker now owns and did not
-        before are read once, for their leases; when a broker left, every topic
-        this broker owns is."""
+        before are read once, for their leases; when a broker left (one that
+        came and went during a take-over too), every topic this broker owns is."""
         if _who(old) == _who(new):
             return  # only URLs changed (two processes under one id flip it): no owner did
         first = old if self._acquire is None else self._acquire[0]
         self._acquire = (first, new)
+        self._departed |= _who(old) - _who(new)
         self.taken_over.clear()
         me = self.membership.me
         # What this broker held of topics it no longer owns goes: the new owner
@@ -576,6 +582,9 @@ class Duties:
         assert self._acquire is not None
         old, new = self._acquire
         me = self.membership.me
+        # Cleared once this take-over's reads are done; those that leave
+        # meanwhile are the next one's.
+        departures = set(self._departed)
         names = await self.engine.topic_names()  # if it fails, the next round tries again
         self._topics_listed = len(names)
         if self._acquire == (old, new):
@@ -583,8 +592,10 @@ class Duties:
         else:  # the view changed again meanwhile: take over from `old` to the newest
             self._acquire = (old, self._acquire[1])
         # A broker gone, or restarted (a new process under its id); not one
-        # whose URL changed, as two processes under one id make it flip.
-        departed = _who(old) - _who(new)
+        # whose URL changed, as two processes under one id make it flip. One
+        # that came and went since `old` is in neither view: its departure
+        # was seen by view_changed.
+        departed = (_who(old) - _who(new)) | departures
         # Newly owned topics are read once. So, when a broker left (or came
         # back restarted), are all the others this broker owns: one that had
         # not yet seen this broker took itself for their owner, or served a
@@ -617,6 +628,7 @@ class Duties:
         # A pool of readers over the names, not a task per topic (100,000
         # of them held some 1.2 KB each, 125 MB, at each change of brokers).
         await each(mine, ACQUIRE_PARALLEL, look)
+        self._departed -= departures
         if mine:
             log.info("took over %d topics", len(mine))
         if self._acquire is None:
