@@ -707,6 +707,54 @@ async def test_a_topic_handed_back_to_its_owner_leaves_this_brokers_cache(
     await until(lambda: "t" not in other.engine.known_topics(), within=5)
 
 
+async def test_brokers_that_take_each_other_for_the_owner_do_not_hand_a_topic_back_and_forth(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker whose own record was not renewed for its lease counts itself
+    out while the others, who saw its last renewal up to a third of a lease
+    later, still count it in: for up to lease_s/3 each of two brokers takes
+    the other for the owner of the topics whose home is the first. A due
+    topic was handed over, the other's tend (its refresh) handed it back, and
+    so on as fast as requests go (some 1,650 hand-overs in 1.2 s for one
+    topic), and its 0.2 s lease was not reaped meanwhile. A tend that a tell
+    caused tends the topic where it was told."""
+    clock = moved_clock(monkeypatch, membership_module)
+    store = MemStore()
+    a = await start_broker(store, broker_id="A")
+    b = await start_broker(store, broker_id="B")
+    for broker in (a, b):
+        await broker.membership.step()
+    for broker in (a, b):  # their rounds are taken here, one at a time
+        broker._tasks[1].cancel()
+    await asyncio.gather(a._tasks[1], b._tasks[1], return_exceptions=True)
+    topic = topic_won_by("B", "A")
+    told: list[str] = []
+    for broker in (a, b):
+        tell = broker.forwarder.tell
+
+        async def counted(peer: Any, path: str, tell: Any = tell, me: str = broker.url) -> bool:
+            told.append(me)
+            return bool(await tell(peer, path))
+
+        monkeypatch.setattr(broker.forwarder, "tell", counted)
+    # B's last renewal lands, and A sees it 4 s later. B is paused: 15.5 s
+    # after that renewal it counts itself out (A renewed meanwhile: B sees it
+    # live), while A, which has not looked since, counts B in for 3.5 s more.
+    await b.membership._renew()
+    clock.t += 4.0
+    await a.membership.look()
+    clock.t += 11.5
+    await a.membership._renew()
+    await b.membership.look()
+    assert [p.broker_id for p in b.membership.live] == ["A"]
+    assert [p.broker_id for p in a.membership.live] == ["A", "B"]
+    await b.engine.enqueue(topic, [JobSpec("p", id="j")])
+    assert await b.engine.claim(topic, "w", lease=0.2)  # (its worker dies)
+    await until(lambda: a.duties.reaped + b.duties.reaped == 1, within=3)
+    assert len(told) < 10, f"{len(told)} hand-overs"
+    assert (await b.engine.job(topic, "j"))["status"] == "pending"
+
+
 async def test_a_status_page_on_another_broker_costs_the_owner_no_read_at_each_slot(
     start_broker: StartBroker,
 ) -> None:
