@@ -1114,6 +1114,46 @@ async def test_a_stand_in_tells_the_owner_once_it_is_no_longer_suspect(
     assert len(told) <= 2 and told[0] >= suspect_until, (told, suspect_until)
 
 
+async def test_an_owner_back_from_a_pause_longer_than_its_lease_sees_the_jobs_written_meanwhile(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner paused past its lease is dropped by the others, who take its
+    topics over and write them. When it resumes, its renewal may land before
+    its next look (both timers are due at once): it never counted itself
+    out, its view never changed, so it read none of its topics again and,
+    their settled owner, answered claims from memory (a look at the store
+    every OWNER_LOOK_INTERVAL, 30 s; an hour here). Nobody tells it: the
+    broker that wrote them did so as their owner. A renewal that lands more
+    than a lease after the last is a change of the live set: without this
+    broker, then with it."""
+    monkeypatch.setattr(engine_module, "OWNER_LOOK_INTERVAL", 3600.0)
+    clock = moved_clock(monkeypatch, membership_module)
+    store = MemStore()
+    a = await start_broker(store, broker_id="A")
+    b = await start_broker(store, broker_id="B")
+    for broker in (a, b):
+        await broker.membership.step()
+    for broker in (a, b):  # their rounds are taken here, one at a time
+        broker._tasks[1].cancel()
+    await asyncio.gather(a._tasks[1], b._tasks[1], return_exceptions=True)
+    topic = topic_won_by("B", "A")
+    await b.engine.enqueue(topic, [JobSpec("p", id="first")])
+    (job,) = await b.engine.claim(topic, "w")
+    await b.engine.ack(topic, job["id"], job["lease_token"])
+    await a.membership.look()  # B's last renewal, seen
+    clock.t += 16.0  # B settled, then paused past its lease
+    assert b.membership.settled_owner(topic)
+    await a.membership.step()  # A drops B and takes its topics over
+    assert a.membership.owns(topic)
+    await a.engine.enqueue(topic, [JobSpec("p", id="meanwhile")])
+    await b.membership.step()  # B resumes: its renewal lands, then it looks
+    await a.membership.step()  # A sees it back
+    assert b.membership.owns(topic) and not a.membership.owns(topic)
+    await asyncio.wait_for(b.duties.taken_over.wait(), 5)
+    got = await b.engine.claim(topic, "w")
+    assert [j["id"] for j in got] == ["meanwhile"]
+
+
 # --- sweeping ---------------------------------------------------------------------------
 
 

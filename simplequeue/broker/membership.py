@@ -6,7 +6,9 @@ seen its record change within the record's lease, on its own monotonic clock:
 the times written in records are never compared with this broker's clock, so
 brokers whose wall clocks disagree still agree on who is alive. It counts
 itself live while its own record was written within its lease, as the others
-see it, or while it sees no other broker live. A topic's owner
+see it, or while it sees no other broker live; a renewal that lands more than
+a lease after its last is a change of the live set (without it, then with
+it), as the others may have dropped it meanwhile. A topic's owner
 is the live broker with the highest rendezvous hash of (topic, broker id); the
 rest of that order says who serves the topic when those before it do not
 answer. Ownership is routing, not a lock: the head's conditional write keeps
@@ -385,7 +387,33 @@ class Membership:
             log.info("registering %s at %s", self.me.broker_id, self.me.url)
             sent = time.monotonic()
             self._etag = await self.store.put(self.key, record)
-        self._written_at = sent
+        last, self._written_at = self._written_at, sent
+        if last is not None and time.monotonic() - last >= min(self.lease_s, MAX_LEASE_S):
+            self._back_after_lease()
+
+    def _back_after_lease(self) -> None:
+        """This broker's renewal landed more than a lease after its last (it
+        was paused, or its writes failed): the others may have dropped it
+        meanwhile, and written its topics as their owners, telling it
+        nothing. Its view did not change if this renewal came before its
+        next look (both timers were due at once), and it answered claims from
+        its memory, a settled owner, for up to OWNER_LOOK_INTERVAL (30 s).
+        Taken for a change of the live set, a view without this broker and
+        then with it: the duties read every topic it owns again, as at start
+        (what it held of them goes), and its long polls look at the store as
+        an unsettled owner's do. Not when it already counts itself out: its
+        next look brings it back, a change."""
+        if self.me not in self.live:
+            return
+        log.info(
+            "this broker's record was renewed more than its lease after the last: "
+            "its topics are read again"
+        )
+        self.changed_at = time.monotonic()
+        if self.on_change is not None:
+            without = tuple(p for p in self.live if p != self.me)
+            self.on_change(self.live, without)
+            self.on_change(without, self.live)
 
     async def _look_at_logged(
         self, broker_id: str, mono: float, *, watched_again: bool = False
