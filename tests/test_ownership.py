@@ -2200,6 +2200,65 @@ async def test_long_polls_passed_on_wait_their_turn_and_leave_short_requests_roo
     assert sorted(waits)[3:] == [5.0] * 3 and max(sorted(waits)[:3]) < 4.8, waits
 
 
+async def test_tells_to_a_paused_owner_leave_the_pool_room_for_requests_to_the_others(
+    start_broker: StartBroker,
+) -> None:
+    """A stand-in tells the owner of each topic it wrote once the owner is no
+    longer suspect (Broker._tell_owner): a task a topic, all at the same
+    tick. An owner still paused (SIGSTOP past the suspicion) answers none,
+    and a tell that got no answer made nobody suspect: every topic's tell
+    went, each holding a connection of the pool for forward_timeout, at each
+    end of the suspicion while the owner stayed paused. The whole pool was
+    theirs: requests passed on to the healthy brokers waited for a connection,
+    some answered 503. Pool of 8, 40 topics, forward_timeout 0.5 s: all 8
+    connections held by tells, and of 30 enqueues for a healthy broker's
+    topic 0-1 answered 503. Tells now take a small share of the pool, and
+    one that gets no answer makes its broker suspect."""
+    a, b, c = await cluster(start_broker, MemStore(), 3, forward_timeout=0.5)
+    theirs = [t for t in (f"t{i}" for i in range(2000)) if owner_of([a, b, c], t) is c][:40]
+    healthy = next(t for t in (f"u{i}" for i in range(1000)) if owner_of([a, b, c], t) is b)
+    a.forwarder.connections = 8
+    a.forwarder._slots = forwarding._Slots(8)
+    # C is paused: its port takes connections (the kernel's backlog) and
+    # answers nothing.
+    port = c.http.port
+    await c.http.stop()
+    paused = socket.socket()
+    paused.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    paused.bind(("127.0.0.1", port))
+    paused.listen(1024)
+    try:
+        a.membership.suspect(c.settings.broker_id, 0.3)  # a request of C's timed out
+        await asyncio.gather(  # A stands in for C
+            *(a.engine.enqueue(topic, [JobSpec("p", id="j")]) for topic in theirs)
+        )
+        slots, most, answers = a.forwarder._slots, 0, Counter[int]()
+        sent = a.forwarder.forwarded
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, slots.taken)
+                await asyncio.sleep(0.005)
+
+        watching = asyncio.create_task(watch())
+        async with aiohttp.ClientSession() as s:
+            url = f"{a.url}/topics/{healthy}/enqueue"
+            for _ in range(30):  # 3 s: the suspicion ends, and the tells go
+                async with s.post(url, json={"payload": 1}) as r:
+                    answers[r.status] += 1
+                await asyncio.sleep(0.1)
+        watching.cancel()
+        # The tells' share (an eighth of 8), and the enqueue in flight.
+        assert (most <= 2, answers[503]) == (True, 0), (most, answers)
+        # The first tell that got no answer made C suspect: the others in
+        # line were not sent (a tell at each end of the suspicion, at most).
+        told = a.forwarder.forwarded - sent - sum(answers.values())
+        assert told <= 3, told
+    finally:
+        paused.close()
+
+
 async def test_a_long_poll_whose_wait_runs_out_in_line_asks_the_owner_with_none_left() -> None:
     """A long poll that could not get one of the long polls' share waited for
     it `wait` + ANSWER_WITHIN, then was answered Overloaded (503, -TRYAGAIN):

@@ -6,10 +6,10 @@ its owner, or when the owner does not answer within a second, the next; when
 this broker's turn comes it serves the request itself. A broker that did not
 answer is routed around for a few seconds. The pool is bounded (its share of
 the descriptors, pool_size): a request waits for a free connection, which is
-this broker's own shortage, never the owner's. A forwarded request carries
-`Simplequeue-Forwarded` and is always served where it lands, so requests never
-loop. The Router gives the RESP face the same routing through the engine's
-own calls.
+this broker's own shortage, never the owner's; tells (read this topic again)
+take a small share of it. A forwarded request carries `Simplequeue-Forwarded`
+and is always served where it lands, so requests never loop. The Router gives
+the RESP face the same routing through the engine's own calls.
 """
 
 from __future__ import annotations
@@ -84,6 +84,13 @@ POOL_MAX = 1024
 # poll past its share waits its turn out of what it was to wait at the owner;
 # its wait spent in line, it asks the owner with none left, as a short request.
 SHORT_SHARE = 4
+# Tells (a stand-in telling a topic's owner to read it again, the duties'
+# hand-overs) at most 1/TELL_SHARE of the pool, at least one, waiting their
+# turn: best effort, and a stand-in tells one for every topic it wrote at the
+# same tick, as its owner's suspicion ends. An owner still paused answers
+# none: every tell held a connection for answer_within, the whole pool, and
+# requests for healthy brokers were answered 503.
+TELL_SHARE = 8
 WARN_EVERY = 60.0  # seconds between warnings that the pool, or descriptors, ran short
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)  # the process', the system's
 
@@ -133,6 +140,7 @@ class _Slots:
     def __init__(self, size: int) -> None:
         self._any = asyncio.Semaphore(size)
         self._long_polls = asyncio.Semaphore(max(1, size - size // SHORT_SHARE))
+        self.tells = asyncio.Semaphore(max(1, size // TELL_SHARE))  # Forwarder.tell's share
         self.taken = 0  # requests in flight
 
     async def take(self, long_poll: bool) -> bool:
@@ -428,11 +436,23 @@ class Forwarder:
         return 0
 
     async def tell(self, peer: Peer, path: str) -> bool:
-        """POST `path` to `peer` (broker to broker); whether it answered 2xx."""
-        try:
-            answer = await self._send(peer, "POST", path, b"{}", 0.0, "application/json")
-        except (_Unreachable, Overloaded):
-            return False
+        """POST `path` to `peer` (broker to broker); whether it answered 2xx.
+        At most TELL_SHARE's part of the pool at once. A tell that gets no
+        answer makes `peer` suspect, as a request passed on does, and those
+        waiting their turn are not sent while it is (False): before, a tell
+        marked nobody, and each of a paused owner's topics' held a connection
+        for answer_within."""
+        async with self._slots.tells:
+            if self.membership.suspected(peer.broker_id):
+                return False
+            try:
+                answer = await self._send(peer, "POST", path, b"{}", 0.0, "application/json")
+            except _Unreachable as exc:
+                log.warning("%s did not answer a tell (%s)", peer.url, exc)
+                self.membership.suspect(peer.broker_id, self.suspect_for)
+                return False
+            except Overloaded:  # this broker's shortage, not the peer's
+                return False
         return 200 <= answer.status < 300
 
     async def _send(

@@ -253,6 +253,10 @@ class Membership:
         if broker_id != self.me.broker_id:
             self._suspect[broker_id] = time.monotonic() + seconds
 
+    def suspected(self, broker_id: str) -> bool:
+        """Whether `broker_id` did not answer lately (routed around: suspect())."""
+        return self._suspect.get(broker_id, 0.0) > time.monotonic()
+
     def peer(self, broker_id: str) -> Peer | None:
         return next((p for p in self.live if p.broker_id == broker_id), None)
 

@@ -357,8 +357,10 @@ class Broker:
         broker wrote at once, not at their next look at the store. Not while
         it is suspect (this broker stood in for it because it did not
         answer: a request to it every second for each topic written would
-        wait for nothing), but once it is not. Best effort: an owner that
-        does not answer still looks in time."""
+        wait for nothing), but once it is not, and again at each end of its
+        suspicion while a tell gets no answer (one tell goes then: it makes
+        the owner suspect again, and the others are not sent). Best effort:
+        an owner that does not answer still looks in time."""
         untold = True
         try:
             while True:
@@ -366,9 +368,13 @@ class Broker:
                 if home == self.membership.me:
                     return
                 if untold and self.membership.owner(topic) == home:  # not suspect
-                    untold = False
+                    told = False
                     with contextlib.suppress(Exception):
-                        await self._hand_over(topic, home)
+                        told = await self._hand_over(topic, home)
+                    # Not answered, it is suspect again (this tell made it, or
+                    # one before it in line, Forwarder.tell): told once it is
+                    # not, while it is this topic's home.
+                    untold = not told and self.membership.suspected(home.broker_id)
                 await asyncio.sleep(TELL_OWNER_EVERY)
                 if self._telling.get(topic):  # written again meanwhile
                     untold, self._telling[topic] = True, False
