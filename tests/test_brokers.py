@@ -4,6 +4,7 @@ three brokers, failover of broker.json, restarts, graceful shutdown, reaping."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -310,7 +311,7 @@ def test_a_wildcard_bind_is_not_advertised_by_a_loopback_name(
     is advertised instead, and the operator told to set --advertise-url
     (review of membership)."""
     resolving(monkeypatch, fqdn, addresses)
-    monkeypatch.setattr(settings_module, "outbound_address", lambda: "192.0.2.7", raising=False)
+    monkeypatch.setattr(settings_module, "outbound_address", lambda family: "192.0.2.7")
     with caplog.at_level(logging.WARNING, logger="simplequeue.broker.settings"):
         url = settings_module.default_advertise_url("0.0.0.0", 8080)
     assert url == "http://192.0.2.7:8080"
@@ -335,10 +336,64 @@ def test_a_host_with_no_address_but_loopback_keeps_its_name_and_says_so(
     found = settings_module.outbound_address()  # a route looked up: nothing is sent
     assert found is None or ipaddress.ip_address(found).version == 4
     resolving(monkeypatch, "localhost", [])
-    monkeypatch.setattr(settings_module, "outbound_address", lambda: None)
+    monkeypatch.setattr(settings_module, "outbound_address", lambda family: None)
     with caplog.at_level(logging.WARNING, logger="simplequeue.broker.settings"):
         assert settings_module.default_advertise_url("0.0.0.0", 8080) == "http://localhost:8080"
     assert "no other host reaches; set --advertise-url" in caplog.text
+
+
+async def test_a_dead_active_broker_is_replaced_though_one_read_in_four_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a failed read of broker.json, a standby watched it from then (its
+    sighting dropped): a store failing one read in four (a round every 5 s at
+    lease 15) kept a dead active broker's record untaken for good, its
+    heartbeat ageing past clients' max_age (review of round 33's changes:
+    not taken over in 120 s). The blind gap alone is not counted."""
+    clock = moved_clock(monkeypatch, discovery_module)
+    store = Outage()
+    active = Announcer(store, broker_id="a", url="http://a:1", lease_s=15)
+    standby = Announcer(store, broker_id="s", url="http://s:1", lease_s=15)
+    await active.step()
+    await standby.step()
+    assert active.active and not standby.active
+    took_over_at = None  # the active broker dies now
+    for round_ in range(1, 25):
+        clock.t += 5
+        store.down = round_ % 4 == 0
+        with contextlib.suppress(StoreUnavailable):
+            await standby.step()
+        if standby.active and took_over_at is None:
+            took_over_at = 5 * round_
+    assert took_over_at is not None and took_over_at <= 35, took_over_at
+
+
+async def test_a_v6_wildcard_bind_is_advertised_by_an_address_it_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asyncio's create_server sets IPV6_V6ONLY on an AF_INET6 socket: a
+    broker bound to [::] takes no IPv4 connection, and was advertised by the
+    outbound interface's IPv4 address (its host name resolving to loopback),
+    which every other broker's requests found refused. The outbound address
+    is now of the bind's family (here, loopback's own, standing in for the
+    outbound interface's; review of round 33's changes)."""
+    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "::", 0)
+    port = server.sockets[0].getsockname()[1]
+    resolving(monkeypatch, "localhost", [])
+    loopback = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+    monkeypatch.setattr(settings_module, "outbound_address", lambda family: loopback[family])
+    monkeypatch.setattr(settings_module, "is_loopback", lambda host: host == "localhost")
+    try:
+        url = settings_module.default_advertise_url("::", port)
+        host = url.split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        except OSError as exc:
+            pytest.fail(f"{url}, advertised for a bind on [::]:{port}, is refused: {exc}")
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_metrics_say_how_far_the_store_clock_may_be_off(
@@ -760,6 +815,7 @@ async def test_a_second_signal_stops_a_stopping_broker_now(
 # hung): it prints "asked" each time it waits on the store.
 _SILENT_BROKER = """
 import asyncio
+import contextlib
 from simplequeue.broker.cli import _serve
 from simplequeue.broker.settings import BrokerSettings
 from simplequeue.objstore.memfs import MemStore

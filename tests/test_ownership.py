@@ -1661,6 +1661,34 @@ async def test_a_store_outage_longer_than_the_lease_drops_no_live_broker(
     assert [p.broker_id for p in a.live] == ["a"]
 
 
+async def test_a_dead_broker_is_dropped_though_one_listing_in_four_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a failed listing, every record found unchanged was watched from
+    then (its age back to 0): a store failing one round in four (a round every
+    5 s at lease 15) kept a dead broker live for good, its leases reaped by
+    nobody, requests for its topics sent to it first (review of round 33's
+    changes: still live after 120 s). The blind gap alone is not counted."""
+    clock = moved_clock(monkeypatch, membership_module)
+    store = Outage()
+    a = Membership(store, broker_id="a", url="http://a", lease_s=15)
+    b = Membership(store, broker_id="b", url="http://b", lease_s=15)
+    for m in (a, b):
+        await m.register()
+    await a.step()
+    assert [p.broker_id for p in a.live] == ["a", "b"]
+    live_for = 0  # b dies now: never renewed again
+    for round_ in range(1, 25):
+        clock.t += 5
+        store.down = round_ % 4 == 0
+        with contextlib.suppress(StoreUnavailable):
+            await a.step()
+        if "b" in [p.broker_id for p in a.live]:
+            live_for = 5 * round_
+    # Its lease, and the rounds the failures hid (10 s of each 20).
+    assert live_for <= 35, f"b, dead, live for {live_for} s (lease 15 s)"
+
+
 class Refusing(MemStore):
     """A memfs store that refuses to write the keys in `refused` (a broker
     whose registration writes fail: a store answering 503 to them, a bucket

@@ -131,9 +131,11 @@ class Membership:
         # Records read when asked (learn), by broker id: when, and the read.
         self._learning: dict[str, tuple[float, asyncio.Task[None]]] = {}
         self._unreadable: set[str] = set()  # broker ids whose record's last read failed
-        # The last listing failed: records could not be watched since (an
-        # outage of the store, when no broker can renew its own either).
+        # The last listing failed: records could not be watched since the last
+        # that worked, at _listed_at (monotonic; an outage of the store, when
+        # no broker can renew its own either).
         self._blind = False
+        self._listed_at: float | None = None
         # Broker ids whose record names no broker (not one, or no broker URL):
         # the ETag of the version said so, said once.
         self._corrupt: dict[str, str] = {}
@@ -283,25 +285,28 @@ class Membership:
         that broker's sighting left to age (_look_at_logged).
 
         A failed listing leaves this broker blind: at its next one, the
-        records it finds unchanged are watched from then (SPEC 4.3: stale
-        once seen unchanged for a lease). Aged through an outage of the
-        store longer than the lease, during which no broker could renew its
-        own, every other broker was dropped at the first round after it that
-        came before their renewals, their topics all taken and handed back."""
+        records it finds unchanged have not aged since the last listing that
+        worked (SPEC 4.3: stale once seen unchanged for a lease). Aged
+        through an outage of the store longer than the lease, during which
+        no broker could renew its own, every other broker was dropped at the
+        first round after it that came before their renewals, their topics
+        all taken and handed back. Watched from then instead, a dead broker
+        was never dropped while one listing in four failed."""
         try:
             listed = await self.store.list(keys.BROKERS_PREFIX)
         except BaseException:
             self._blind = True
             raise
         mono = time.monotonic()
-        watched_again, self._blind = self._blind, False
+        blind_for = mono - self._listed_at if self._blind and self._listed_at is not None else 0.0
+        self._blind, self._listed_at = False, mono
         ids = {b for b in (keys.broker_of(k) for k in listed) if b and b != self.me.broker_id}
         for gone in set(self._seen) - ids:
             del self._seen[gone]
         self._unreadable &= ids
         self._corrupt = {b: e for b, e in self._corrupt.items() if b in ids}
         for broker_id in sorted(ids):
-            await self._look_at_logged(broker_id, mono, watched_again=watched_again)
+            await self._look_at_logged(broker_id, mono, blind_for=blind_for)
         live = []
         for broker_id, seen in list(self._seen.items()):
             age = mono - seen.changed_at
@@ -419,9 +424,7 @@ class Membership:
             self.on_change(self.live, without)
             self.on_change(without, self.live)
 
-    async def _look_at_logged(
-        self, broker_id: str, mono: float, *, watched_again: bool = False
-    ) -> None:
+    async def _look_at_logged(self, broker_id: str, mono: float, *, blind_for: float = 0.0) -> None:
         """_look_at, a failed read being that record's problem only. One
         record the store refused (S3's AccessDenied on one object, a file of
         another user's) failed every round before the live set was worked
@@ -435,7 +438,7 @@ class Membership:
         correct (ownership is routing, not a lock): contention, not a
         stranded topic. Said once while it lasts, not every round."""
         try:
-            await self._look_at(broker_id, mono, watched_again=watched_again)
+            await self._look_at(broker_id, mono, blind_for=blind_for)
         except Exception as exc:  # CancelledError is no Exception: it goes through
             if broker_id not in self._unreadable:
                 self._unreadable.add(broker_id)
@@ -452,9 +455,10 @@ class Membership:
                 self._unreadable.discard(broker_id)
                 log.info("broker registry: %s's record reads again", broker_id)
 
-    async def _look_at(self, broker_id: str, mono: float, *, watched_again: bool = False) -> None:
-        """Read `broker_id`'s record at `mono`. Found unchanged, it ages; or,
-        `watched_again` (this broker was blind), is watched from `mono`."""
+    async def _look_at(self, broker_id: str, mono: float, *, blind_for: float = 0.0) -> None:
+        """Read `broker_id`'s record at `mono`. Found unchanged, it ages, but
+        for the `blind_for` seconds since the last listing that worked (a
+        listing failed since)."""
         key = keys.registration(broker_id)
         try:
             data, etag = await self.store.get(key)
@@ -463,8 +467,7 @@ class Membership:
             return
         seen = self._seen.get(broker_id)
         if seen is not None and seen.etag == etag:
-            if watched_again:
-                seen.changed_at = mono
+            seen.changed_at = min(mono, seen.changed_at + blind_for)
             return  # unchanged: it ages
         try:
             record = _registration(data, key)

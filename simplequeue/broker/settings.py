@@ -37,22 +37,25 @@ def default_advertise_url(host: str, port: int) -> str:
     name, or by its outbound interface's address when the name reaches this
     machine only (SPEC 4.3: brokers advertise a URL the others reach)."""
     if host in ("0.0.0.0", "::", ""):
-        host = _this_host(port)
+        # A socket bound to :: takes IPv6 only (asyncio sets IPV6_V6ONLY).
+        host = _this_host(port, socket.AF_INET6 if host == "::" else socket.AF_INET)
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
 
 
-def _this_host(port: int) -> str:
+def _this_host(port: int, family: socket.AddressFamily) -> str:
     """This host's name, unless it resolves to a loopback address: then the
     address of its outbound interface, said as a warning. Where /etc/hosts
     maps the host's name to 127.0.0.1, getfqdn() answers "localhost": brokers
     on several such hosts all advertised http://localhost:PORT, which no
-    other host reaches, and each took the others for itself."""
+    other host reaches, and each took the others for itself. The address is
+    of the bind's `family`: a broker bound to [::] advertised an IPv4
+    address, which it refused."""
     name = socket.getfqdn() or "127.0.0.1"
     if not _names_loopback(name):
         return name
-    address = outbound_address()
+    address = outbound_address(family)
     if address is None or is_loopback(address):
         log.warning(
             "this host's name %s resolves to a loopback address, and no other address was "
@@ -85,13 +88,18 @@ def _names_loopback(name: str) -> bool:
     return bool(found) and all(is_loopback(str(info[4][0])) for info in found)
 
 
-def outbound_address() -> str | None:
-    """The IPv4 address of the interface this host's traffic to others leaves
-    by, or None when it has no route out: a UDP socket connected to a
-    non-routed address picks a route and sends nothing."""
+# Addresses no packet is sent to (a UDP socket's connect picks a route only):
+# private IPv4, and IPv6's documentation prefix.
+_PROBED = {socket.AF_INET: "10.255.255.255", socket.AF_INET6: "2001:db8::1"}
+
+
+def outbound_address(family: socket.AddressFamily = socket.AF_INET) -> str | None:
+    """The address (of `family`) of the interface this host's traffic to
+    others leaves by, or None when it has no route out: a UDP socket
+    connected to a non-routed address picks a route and sends nothing."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(("10.255.255.255", 1))
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((_PROBED[family], 1))
             address: str = probe.getsockname()[0]
     except OSError:
         return None
