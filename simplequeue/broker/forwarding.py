@@ -141,6 +141,9 @@ class _Slots:
         self._any = asyncio.Semaphore(size)
         self._long_polls = asyncio.Semaphore(max(1, size - size // SHORT_SHARE))
         self.tells = asyncio.Semaphore(max(1, size // TELL_SHARE))  # Forwarder.tell's share
+        # The share of undos' and take-backs' tries after their first (_tries):
+        # those of a burst of lost answers come again in lockstep, for 30 s.
+        self.again = asyncio.Semaphore(max(1, size // TELL_SHARE))
         self.taken = 0  # requests in flight
 
     async def take(self, long_poll: bool) -> bool:
@@ -370,11 +373,12 @@ class Forwarder:
         path = f"/topics/{topic}/unpop"
         body = msgspec.json.encode(undo)
         failed = "this broker stopped"
-        async for _ in _tries():
+        async for tried in _tries():
             if self._closed:
                 break
             try:
-                answer = await self._send(peer, "POST", path, body, 0.0, "application/json")
+                async with self._slots.again if tried else contextlib.nullcontext():
+                    answer = await self._send(peer, "POST", path, body, 0.0, "application/json")
             except (_Unreachable, Overloaded) as exc:
                 failed = str(exc)
             else:
@@ -401,22 +405,12 @@ class Forwarder:
         path = f"/topics/{topic}"
         again = msgspec.structs.replace(claim, wait=0.0, count=claim.count or 1)
         failed = "this broker stopped"
-        async for _ in _tries():
+        async for tried in _tries():
             if self._closed:
                 break
             try:
-                asked = msgspec.json.encode(again)
-                answer = await self._send(
-                    peer, "POST", f"{path}/claim", asked, TAKE_BACK_PATIENCE, "application/json"
-                )
-                jobs = _jobs_of(answer)
-                if not jobs:
-                    return 0
-                release = msgspec.json.encode(api.ReleaseRequest(_held(jobs)))
-                answer = await self._send(
-                    peer, "POST", f"{path}/release", release, TAKE_BACK_PATIENCE, "application/json"
-                )
-                given_back = _decode(answer, api.Released).released
+                async with self._slots.again if tried else contextlib.nullcontext():
+                    given_back = await self._take_back(peer, path, again)
             except _Unreachable as exc:
                 failed = str(exc)
             except SimpleQueueError as exc:
@@ -434,6 +428,21 @@ class Forwarder:
             failed,
         )
         return 0
+
+    async def _take_back(self, peer: Peer, path: str, claim: api.ClaimRequest) -> int:
+        """One try of take_back: `claim` asked again, what it answers released."""
+        asked = msgspec.json.encode(claim)
+        answer = await self._send(
+            peer, "POST", f"{path}/claim", asked, TAKE_BACK_PATIENCE, "application/json"
+        )
+        jobs = _jobs_of(answer)
+        if not jobs:
+            return 0
+        release = msgspec.json.encode(api.ReleaseRequest(_held(jobs)))
+        answer = await self._send(
+            peer, "POST", f"{path}/release", release, TAKE_BACK_PATIENCE, "application/json"
+        )
+        return _decode(answer, api.Released).released
 
     async def tell(self, peer: Peer, path: str) -> bool:
         """POST `path` to `peer` (broker to broker); whether it answered 2xx.
