@@ -444,14 +444,20 @@ class Forwarder:
         )
         return _decode(answer, api.Released).released
 
-    async def tell(self, peer: Peer, path: str) -> bool:
+    async def tell(self, peer: Peer, path: str, *, place_within: float | None = None) -> bool:
         """POST `path` to `peer` (broker to broker); whether it answered 2xx.
-        At most TELL_SHARE's part of the pool at once. A tell that gets no
-        answer makes `peer` suspect, as a request passed on does, and those
-        waiting their turn are not sent while it is (False): before, a tell
-        marked nobody, and each of a paused owner's topics' held a connection
-        for answer_within."""
-        async with self._slots.tells:
+        At most TELL_SHARE's part of the pool at once, waiting its turn (not
+        told, False, if that takes over `place_within` seconds). A tell that
+        gets no answer makes `peer` suspect, as a request passed on does,
+        and those waiting their turn are not sent while it is (False):
+        before, a tell marked nobody, and each of a paused owner's topics'
+        held a connection for answer_within."""
+        try:
+            async with asyncio.timeout(place_within):
+                await self._slots.tells.acquire()
+        except TimeoutError:
+            return False
+        try:
             if self.membership.suspected(peer.broker_id):
                 return False
             try:
@@ -462,6 +468,8 @@ class Forwarder:
                 return False
             except Overloaded:  # this broker's shortage, not the peer's
                 return False
+        finally:
+            self._slots.tells.release()
         return 200 <= answer.status < 300
 
     async def _send(

@@ -177,7 +177,7 @@ class Broker:
             # now() stands still after a step back of the store's clock.
             clock=self.engine.earliest_now,
             now=self.committer.clock,
-            hand_over=self._hand_over,
+            hand_over=self._hand_over_at_due,
             deliver_to=Router(self.engine, self.forwarder),
         )
         self.membership.on_change = self._view_changed
@@ -395,6 +395,15 @@ class Broker:
         """Tell `topic`'s owner to read it again (this broker wrote it while the
         owner did not answer); whether it answered."""
         return await self.forwarder.tell(owner, f"/topics/{topic}/refresh")
+
+    async def _hand_over_at_due(self, topic: str, owner: Peer) -> bool:
+        """_hand_over, for the duties at a topic's due: not told unless a
+        place among the tells comes within answer_within (the duties then
+        tend it here). Waiting in line behind a stand-in's tells, one for
+        each topic it wrote (one at a time at the smallest pool), held up
+        this broker's reaping for as long as they took."""
+        path = f"/topics/{topic}/refresh"
+        return await self.forwarder.tell(owner, path, place_within=self.forwarder.answer_within)
 
     async def _hand_over_due(self) -> None:
         """Before leaving: tell the broker that owns each topic after this one,
