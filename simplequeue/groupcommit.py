@@ -1132,10 +1132,23 @@ class GroupCommitter:
         not make durable (SPEC 3: durable before answered). Write the same
         state again, a new file renamed and synced: only once that lands is the
         batch answered as done. Else it fails (503: it may have landed), and
-        its callers' retries find what landed."""
+        its callers' retries find what landed.
+
+        The rewrite does no upkeep (a merge under way would read what the
+        cache may no longer hold), and whatever stops its seal (retention
+        expiry may still read a manifest) fails it NotDurable as a failed
+        write does: never plain StoreUnavailable, which callers take for
+        "did not land" (a pop's give-back kept for another undo)."""
         state = t.state
         assert state is not None
-        sealed = state.seal(self.writer, uuid.uuid4().hex, self.clock(), t.bad)
+        try:
+            sealed = state.seal(self.writer, uuid.uuid4().hex, self.clock(), t.bad, tidy=False)
+        except Exception as exc:  # no await here: nothing to cancel
+            t.state = None
+            raise NotDurable(
+                f"topic {t.name!r}: a write landed but could not be made durable ({why}), "
+                f"nor could it be sealed again ({exc!r}): it may not survive a crash"
+            ) from exc
         try:
             etag = await self.store.put_if_after(
                 sealed.new_objects, t.head_key, sealed.head, if_match=t.etag

@@ -20,7 +20,13 @@ from simplequeue.api import FollowUpSpec, JobSpec
 from simplequeue.batching import Batcher
 from simplequeue.broker import engine as engine_module
 from simplequeue.broker.engine import Engine
-from simplequeue.errors import AmbiguousWrite, Contended, StoreRefused, StoreUnavailable
+from simplequeue.errors import (
+    AmbiguousWrite,
+    Contended,
+    NotDurable,
+    StoreRefused,
+    StoreUnavailable,
+)
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
@@ -437,6 +443,28 @@ async def test_a_landed_write_whose_read_back_meets_a_blip_is_answered_as_landed
     [popped] = await q.pop("t", "w")
     assert popped["id"] == "j1"
     assert (await head_of(store))["counters"]["completed"] == 1
+
+
+async def test_a_landed_batch_whose_durable_rewrite_meets_upkeep_is_not_answered_failed() -> None:
+    """SPEC 4.2: a batch that landed is never reported as failed. Its head was
+    in place but not durable (NotDurable), and the head written again sealed
+    with upkeep: a merge of runs under way read the next front of its runs,
+    which a small cache no longer held, and SegmentMissing escaped the
+    rewrite: the landed batch was answered plain StoreUnavailable ("commit
+    failed: ..."), which Engine._give_back takes for "did not land" (a pop's
+    give-back kept for another undo: the job run twice)."""
+    store = FaultyStore(MemStore())
+    bounds = Bounds(
+        inline_pending_bytes=100, segment_bytes=150, runs_max=1, merge_bytes=200, upkeep_bytes=400
+    )
+    q = engine_on(store, bounds=bounds, cache_bytes=1)
+    for i in range(12):  # each due before the last: a run apiece, merged a part a seal
+        await q.enqueue("t", [JobSpec(i, id=f"j{i}", delay=1000 - 10 * i)])
+    store.faults = ["not-durable"]
+    with contextlib.suppress(NotDurable):  # "it landed, not durably" would be fair
+        [answer] = await q.enqueue("t", [JobSpec(0, id="x")])
+        assert answer == {"id": "x", "duplicate": False}
+    assert (await head_of(store))["counters"]["enqueued"] == 13  # it landed
 
 
 async def test_endless_lost_races_end_in_contended_within_the_budget() -> None:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from simplequeue.errors import (
     AmbiguousWrite,
+    NotDurable,
     PreconditionFailed,
     StorageFull,
     StoreUnavailable,
@@ -102,6 +103,8 @@ class FaultyStore(ObjectStore):
             if self.meanwhile is not None:
                 await self.meanwhile()
             raise StoreUnavailable("injected: answer lost")
+        if fault == "not-durable":  # in place, but the store could not make it durable
+            raise NotDurable("injected: the directory fsync failed after the rename")
         if fault == "landed-412":  # landed; a retry of the same PUT then saw 412
             raise PreconditionFailed("injected: retry after a landed PUT")
         return etag
