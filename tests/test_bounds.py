@@ -955,3 +955,33 @@ def test_a_batch_of_64_priorities_writes_at_most_256_kb_plus_its_own_jobs(pad: i
         assert written <= BATCH_MAX + 64 * (pad + 400), (
             f"write {w}: {written} bytes, {len(sealed.new_objects)} objects"
         )
+
+
+def test_the_head_stays_under_256_kb_with_due_and_delayed_jobs_of_many_priorities() -> None:
+    """SPEC 4.1: the head stays under 256 KB. A backlog building: 20 jobs of
+    1 KB a batch, each of a random priority of 64, a third delayed at random
+    up to an hour, the rest due now. Each spill cut every lane into a
+    segment of a job or two, and a due-now job comes before the last of
+    every run (they hold delayed jobs), so each lane's spill started a run;
+    merges kept up until the runs' refs passed RUN_REFS_MAX, whose folds
+    then took the seal's upkeep budget (upkeep_bytes less the head) first:
+    runs piled up, the head grew, and the budget shrank to nothing. A 263
+    KB head at write 616 (12,340 jobs, 811 runs), 753 KB at 20,000 jobs
+    (review finding)."""
+    d = Driver()
+    rng = random.Random(0)
+    for w in range(1000):  # 20,000 jobs pending at the end
+        d.now += 0.05
+        specs = [
+            JobSpec(
+                {"pad": "x" * 1000},
+                id=f"{rng.getrandbits(64):016x}",
+                priority=rng.randrange(64),
+                delay=rng.uniform(0, 3600) if rng.random() < 1 / 3 else 0,
+            )
+            for _ in range(20)
+        ]
+        d.s.enqueue(specs, d.now)
+        head = len(d.seal().head)
+        runs = sum(len(lane["runs"]) for lane in d.s.head["lanes"].values())
+        assert head < HEAD_MAX, f"write {w}: a {head:,}-byte head, {runs} runs"

@@ -9,6 +9,7 @@ records of claimed jobs are kept.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
@@ -92,6 +93,11 @@ RUN_REFS_MAX = 512
 # has as much more than Bounds.upkeep_bytes (less the head) for the jobs it
 # spilled into lanes.
 RUN_UPKEEP_BYTES = 64 * 1024
+# Once a lane keeps more than runs_max runs, merges go first and may write
+# merge_bytes a seal whatever is left of the seal's upkeep budget (upkeep_bytes
+# less the head), and the runs' folds after them this much: runs that piled up
+# made the head larger, which left merges nothing, and runs piled up faster.
+RUN_TIDY_FLOOR = 48 * 1024
 UPKEEP_PER_SPILLED = 4
 
 
@@ -699,7 +705,7 @@ class Layout:
         # A part can outgrow its bound only if the whole head did: measure the
         # parts only then, so a small head costs one serialisation.
         if len(data) > smallest or (tidy and self._needs_upkeep(unreadable)):
-            _Sealer(self, sealed, write_id, unreadable).run(tidy)
+            _Sealer(self, sealed, write_id, unreadable, now).run(tidy)
             data = orjson.dumps(h)
             self._inline_ids = None  # spilled ids are found through the segments now
             self._ids_covered = False  # and the filter has not seen their segments
@@ -784,9 +790,15 @@ class _Sealer:
     """The spilling, folding and merging of one seal."""
 
     def __init__(
-        self, state: Layout, sealed: Sealed, write_id: str, unreadable: AbstractSet[str]
+        self,
+        state: Layout,
+        sealed: Sealed,
+        write_id: str,
+        unreadable: AbstractSet[str],
+        now: float,
     ) -> None:
         self.s = state
+        self.now = now  # the seal's time: jobs due by then are "due" (_spill_lane)
         self.sealed = sealed
         # Objects known corrupt or gone (the committer's): upkeep leaves them
         # and their refs alone, and what it could only reach through them.
@@ -906,8 +918,21 @@ class _Sealer:
                 ):
                     break
                 self._add(chain.fold(self._new_id("m"), count, encode_manifest))
-        self._tidy_runs(runs, RUN_UPKEEP_BYTES + spilled // UPKEEP_PER_SPILLED)
-        self._merge_runs(b.merge_bytes + min(MERGE_PER_SPILLED * spilled, b.merge_bytes))
+        # Merges make runs fewer (and their refs with them): once a lane keeps
+        # more than runs_max, they go before the refs' folds, with a floor of
+        # budget the head does not shrink (else runs piled up as the head
+        # grew, and the head grew with them).
+        merge_budget = b.merge_bytes + min(MERGE_PER_SPILLED * spilled, b.merge_bytes)
+        crowded = any(len(lane["runs"]) > b.runs_max for lane in lanes.values())
+        if crowded:
+            self._merge_runs(merge_budget, floor=b.merge_bytes)
+        self._tidy_runs(
+            runs,
+            RUN_UPKEEP_BYTES + spilled // UPKEEP_PER_SPILLED,
+            floor=RUN_TIDY_FLOOR if crowded else 0,
+        )
+        if not crowded:
+            self._merge_runs(merge_budget)
 
     def _rewrites_due(self, chains: list[Chain]) -> bool:
         """Whether the holes kept for manifested segments call for a manifest
@@ -1011,7 +1036,7 @@ class _Sealer:
             total -= inline[name]
         return spilled
 
-    def _tidy_runs(self, runs: list[Chain], budget: int) -> None:
+    def _tidy_runs(self, runs: list[Chain], budget: int, floor: int = 0) -> None:
         """The refs of the lanes' runs, within `budget` bytes written: a run
         folds its loose refs past loose_max and merges its manifests past
         manifests_max, as every chain does; and while the runs of all lanes
@@ -1021,12 +1046,21 @@ class _Sealer:
         a run at best. The run with most refs goes first; past the seal's
         first object of upkeep, only what fits in `budget` and in the seal's
         is written, and the rest waits for the next seals (so that 64 lanes
-        crossing loose_max together fold over several)."""
+        crossing loose_max together fold over several). `floor` of it is
+        written whatever is left of the seal's (after merges that went
+        first: the refs of runs they left keep up)."""
         b = self.bounds
         total = sum(len(c.d["segs"]) + len(c.d["mans"]) for c in runs)
         start = self.upkept
+
+        def room_left() -> int | None:
+            room = self._room(budget, start)
+            if room is None or not floor:
+                return room
+            return max(room, min(budget, floor) - (self.upkept - start))
+
         skip: set[int] = set()  # runs whose next object does not fit, this seal
-        while (room := self._room(budget, start)) is None or room > 0:
+        while (room := room_left()) is None or room > 0:
             # (run, whether it folds): fold first, then merge manifests
             over = total > RUN_REFS_MAX
             todo = [
@@ -1059,24 +1093,44 @@ class _Sealer:
             total -= before - len(chain.d["segs"]) - len(chain.d["mans"])
 
     def _spill_lane(self, lane: dict[str, Any]) -> None:
-        """The lane's inline jobs become a segment at the end of the run whose last
-        job comes before the first of them, or a run of their own."""
+        """The lane's inline jobs (sorted) go to the ends of its runs: each to
+        the run whose last job is the latest at or before it, and those that
+        fit no run to a run of their own. Jobs due at the seal's time and
+        jobs not due yet are kept apart: a run whose last job is due takes
+        only due jobs, so that it stays the lane's queue of work due (a due
+        job sorts before the last of every run of delayed ones), and a spill
+        starts a run for due jobs only when no such run takes them, and one
+        for delayed jobs only when they fit no run of delayed ones. (A spill
+        of due and delayed jobs together started a run nearly every time, in
+        each lane: runs piled up faster than merges took them.)"""
         jobs: list[Job] = lane["in"]
-        first = job_key(jobs[0])
+        lane["in"] = []
         # Not runs being merged: one merged into must hold jobs no later than
         # what is left of those merged into it.
-        fits = [
-            r
-            for r in lane["runs"]
-            if "merge" not in r and tuple(r.get("last", (1e300, 0))) <= first
-        ]
-        if fits:
-            run = max(fits, key=lambda r: tuple(r["last"]))
-        else:
-            run = new_chain()
-            lane["runs"].append(run)
-        lane["in"] = []
-        self._append_to_run(run, jobs)
+        fits = sorted(
+            (tuple(r["last"]), i)
+            for i, r in enumerate(lane["runs"])
+            if "merge" not in r and "last" in r
+        )
+        lasts = [last for last, _ in fits]
+        due_before = bisect.bisect_right(lasts, (self.now, float("inf")))  # fits[:it] are due
+        pieces: dict[int, list[Job]] = {}  # run index (-1, -2: a new run) -> its jobs
+        for job in jobs:
+            at = bisect.bisect_right(lasts, job_key(job)) - 1
+            if job["run_at"] > self.now and at < due_before:
+                at = -2  # not due: not into a run of due jobs
+            elif at < 0:
+                at = -1
+            else:
+                at = fits[at][1]
+            pieces.setdefault(at, []).append(job)
+        for i, piece in sorted(pieces.items()):
+            if i < 0:
+                run = new_chain()
+                lane["runs"].append(run)
+            else:
+                run = lane["runs"][i]
+            self._append_to_run(run, piece)
 
     @staticmethod
     def _extend_run(run: dict[str, Any], jobs: list[Job]) -> tuple[float, float]:
@@ -1183,7 +1237,7 @@ class _Sealer:
                 self.s._drop_lease(place)
                 self.s._add_lease(dict(place.item))
 
-    def _merge_runs(self, budget: int) -> None:
+    def _merge_runs(self, budget: int, floor: int = 0) -> None:
         """A lane keeps few runs (runs_max) however its jobs come: past it, runs
         of like sizes are merged into one, a part each seal. A part is their
         earliest jobs, appended to the run they merge into: it holds no job
@@ -1192,15 +1246,19 @@ class _Sealer:
         on over seals until they are empty (the head marks them "merge":
         "from", and that run "into", with the merge's "group"). The lanes
         merging share `budget` bytes a seal (no more than is left of the
-        seal's), their turns rotating; within a lane, the oldest merge goes
-        first (finished, it makes runs fewer)."""
+        seal's, or `floor` at least, however large the head), their turns
+        rotating; within a lane, the oldest merge goes first (finished, it
+        makes runs fewer)."""
         lanes = self.s.head["lanes"]
         missing: list[str] = []
+        start = self.upkept
         for lane in lanes.values():
             self._start_merge(lane, missing)
         room = self._room()
+        if room is None and floor:  # gone first: within the seal's budget all the same
+            room = self.budget - self.upkept
         if room is not None:
-            budget = min(budget, room)
+            budget = min(budget, max(room, floor - (self.upkept - start)))
             if budget <= 0:  # marked, to go on at the next seals
                 if missing:
                     raise SegmentMissing(missing[0], tuple(missing[1:]))
