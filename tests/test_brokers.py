@@ -351,12 +351,7 @@ async def test_a_dead_active_broker_is_replaced_though_one_read_in_four_fails(
     heartbeat ageing past clients' max_age (review of round 33's changes:
     not taken over in 120 s). The blind gap alone is not counted."""
     clock = moved_clock(monkeypatch, discovery_module)
-    store = Outage()
-    active = Announcer(store, broker_id="a", url="http://a:1", lease_s=15)
-    standby = Announcer(store, broker_id="s", url="http://s:1", lease_s=15)
-    await active.step()
-    await standby.step()
-    assert active.active and not standby.active
+    store, _, standby = await active_and_standby()
     took_over_at = None  # the active broker dies now
     for round_ in range(1, 25):
         clock.t += 5
@@ -606,6 +601,17 @@ async def test_a_take_over_that_landed_late_is_adopted_and_renewed(
     assert renewed is not None and renewed[1] != current[1]  # renewed, not left to age
 
 
+async def active_and_standby() -> tuple[Outage, Announcer, Announcer]:
+    """An active broker "a" and a standby "s" on a store that can go down."""
+    store = Outage()
+    active = Announcer(store, broker_id="a", url="http://a:1", lease_s=15)
+    standby = Announcer(store, broker_id="s", url="http://s:1", lease_s=15)
+    await active.step()
+    await standby.step()
+    assert active.active and not standby.active
+    return store, active, standby
+
+
 async def test_a_store_outage_longer_than_the_lease_does_not_move_broker_json(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -617,12 +623,7 @@ async def test_a_store_outage_longer_than_the_lease_does_not_move_broker_json(
     lease (SPEC 4.3): an active broker dead in the outage is replaced a lease
     after it."""
     clock = moved_clock(monkeypatch, discovery_module)
-    store = Outage()
-    active = Announcer(store, broker_id="a", url="http://a:1", lease_s=15)
-    standby = Announcer(store, broker_id="s", url="http://s:1", lease_s=15)
-    await active.step()
-    await standby.step()
-    assert active.active and not standby.active
+    store, active, standby = await active_and_standby()
     store.down = True
     for _ in range(4):  # 20 s down: a round every 5 s, each one failing
         clock.t += 5

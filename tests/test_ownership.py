@@ -66,6 +66,19 @@ async def cluster(
     return brokers
 
 
+async def rounds_in_hand(start_broker: StartBroker, store: ObjectStore) -> tuple[Any, Any]:
+    """Brokers "A" and "B" on `store` that know each other, their registry
+    rounds stopped: the test takes them, one at a time."""
+    a = await start_broker(store, broker_id="A")
+    b = await start_broker(store, broker_id="B")
+    for broker in (a, b):
+        await broker.membership.step()
+    for broker in (a, b):
+        broker._tasks[1].cancel()
+    await asyncio.gather(a._tasks[1], b._tasks[1], return_exceptions=True)
+    return a, b
+
+
 def owner_of(brokers: list[Any], topic: str) -> Any:
     return max(brokers, key=lambda b: rendezvous(topic, b.settings.broker_id))
 
@@ -719,14 +732,7 @@ async def test_brokers_that_take_each_other_for_the_owner_do_not_hand_a_topic_ba
     topic), and its 0.2 s lease was not reaped meanwhile. A tend that a tell
     caused tends the topic where it was told."""
     clock = moved_clock(monkeypatch, membership_module)
-    store = MemStore()
-    a = await start_broker(store, broker_id="A")
-    b = await start_broker(store, broker_id="B")
-    for broker in (a, b):
-        await broker.membership.step()
-    for broker in (a, b):  # their rounds are taken here, one at a time
-        broker._tasks[1].cancel()
-    await asyncio.gather(a._tasks[1], b._tasks[1], return_exceptions=True)
+    a, b = await rounds_in_hand(start_broker, MemStore())
     topic = topic_won_by("B", "A")
     told: list[str] = []
     for broker in (a, b):
@@ -1128,14 +1134,7 @@ async def test_an_owner_back_from_a_pause_longer_than_its_lease_sees_the_jobs_wr
     broker, then with it."""
     monkeypatch.setattr(engine_module, "OWNER_LOOK_INTERVAL", 3600.0)
     clock = moved_clock(monkeypatch, membership_module)
-    store = MemStore()
-    a = await start_broker(store, broker_id="A")
-    b = await start_broker(store, broker_id="B")
-    for broker in (a, b):
-        await broker.membership.step()
-    for broker in (a, b):  # their rounds are taken here, one at a time
-        broker._tasks[1].cancel()
-    await asyncio.gather(a._tasks[1], b._tasks[1], return_exceptions=True)
+    a, b = await rounds_in_hand(start_broker, MemStore())
     topic = topic_won_by("B", "A")
     await b.engine.enqueue(topic, [JobSpec("p", id="first")])
     (job,) = await b.engine.claim(topic, "w")
@@ -2080,15 +2079,7 @@ async def test_a_pop_whose_owner_cannot_be_connected_to_goes_to_the_next_broker(
             t for t in (f"t{i}" for i in range(100)) if rendezvous(t, "gone") > rendezvous(t, "me")
         )
         membership.live = (gone, membership.me)
-        forwarder = Forwarder(membership, token=None, answer_within=0.3)
-        try:
-            got = await forwarder.route(
-                topic, "POST", f"/topics/{topic}/pop", b'{"worker_id": "w"}', repeatable=False
-            )
-        finally:
-            await forwarder.close()
-    assert got == Here(replayed=False)
-    assert forwarder.fallbacks == 1
+        await pop_served_here(membership, topic)
 
 
 @pytest.mark.parametrize("url", [":8080", "http://x:99999", "http://[::1"])
@@ -2099,7 +2090,12 @@ async def test_a_pop_whose_owners_url_cannot_be_sent_to_goes_to_the_next_broker(
     was answered 503 "it may have done the request" and an undo went to a
     broker nothing was ever sent to. Neither sends anything: the next broker
     (here, this one) serves it (review of membership)."""
-    membership, topic = owned_by(Peer("bad", url))
+    await pop_served_here(*owned_by(Peer("bad", url)))
+
+
+async def pop_served_here(membership: Membership, topic: str) -> None:
+    """A pop of `topic`, whose owner nothing can be sent to, is served by the
+    next broker: `membership`'s own (one fallback, nothing sent)."""
     forwarder = Forwarder(membership, token=None, answer_within=0.3)
     try:
         got = await forwarder.route(
