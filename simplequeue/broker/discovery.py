@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from simplequeue import keys
+from simplequeue.broker.membership import Unwatched
 from simplequeue.errors import ObjectNotFound, PreconditionFailed, StoreUnavailable
 from simplequeue.objstore import ObjectStore
 from simplequeue.records import BrokerRecord, CorruptRecord, read_record
@@ -64,11 +65,7 @@ class Announcer:
         # is not ours.
         self._unseen: list[BrokerRecord] = []
         self._sighting: tuple[str, float] | None = None  # (ETag, monotonic time first seen)
-        # A read of broker.json failed since the last that did, at _read_at
-        # (monotonic): the record was not watched meanwhile, and its sighting
-        # does not age for that gap.
-        self._blind = False
-        self._read_at: float | None = None
+        self._unwatched = Unwatched()  # reads of broker.json that failed
         self._corrupt_logged = False
         self._last_beat = 0.0  # the latest heartbeat this broker wrote
         self._wake = asyncio.Event()
@@ -153,16 +150,16 @@ class Announcer:
         try:
             current = await read_record(self.store)
         except CorruptRecord:
-            self._blind, self._read_at = False, time.monotonic()  # nothing to watch
+            self._unwatched.read(time.monotonic())  # read: there is nothing to watch
             raise
         except BaseException:
-            self._blind = True
+            self._unwatched.failed()
             raise
         mono = time.monotonic()
-        if self._blind and self._read_at is not None and self._sighting is not None:
+        unwatched = self._unwatched.read(mono)
+        if unwatched and self._sighting is not None:
             etag, since = self._sighting
-            self._sighting = (etag, min(mono, since + mono - self._read_at))
-        self._blind, self._read_at = False, mono
+            self._sighting = (etag, min(mono, since + unwatched))
         return current
 
     def _sent(self, record: BrokerRecord) -> BrokerRecord:

@@ -68,11 +68,34 @@ def rendezvous(topic: str, broker_id: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+class Unwatched:
+    """Reads of records that failed since the last that worked (an outage of
+    the store, when no broker can renew its own either): the time a record
+    could not be watched, which SPEC 4.3's "seen unchanged for a lease"
+    does not count (Membership's registrations, Announcer's broker.json)."""
+
+    def __init__(self) -> None:
+        self._failed = False
+        self._read_at: float | None = None  # monotonic: the last read that worked
+
+    def failed(self) -> None:
+        self._failed = True
+
+    def read(self, mono: float) -> float:
+        """A read worked at `mono` (monotonic): the seconds since the last
+        that did if one failed between, unwatched; else 0."""
+        unwatched = 0.0
+        if self._failed and self._read_at is not None:
+            unwatched = mono - self._read_at
+        self._failed, self._read_at = False, mono
+        return unwatched
+
+
 @dataclass
 class _Sighting:
     etag: str
-    # Monotonic: since when this broker has watched this version, unchanged:
-    # when it first read it, or its first read after a failed listing.
+    # Monotonic: since when this broker has watched this version, unchanged
+    # (the time it could not watch it left out: Unwatched).
     changed_at: float
     record: BrokerRecord
     restarts: int = 0  # incarnations seen after the first
@@ -131,11 +154,7 @@ class Membership:
         # Records read when asked (learn), by broker id: when, and the read.
         self._learning: dict[str, tuple[float, asyncio.Task[None]]] = {}
         self._unreadable: set[str] = set()  # broker ids whose record's last read failed
-        # The last listing failed: records could not be watched since the last
-        # that worked, at _listed_at (monotonic; an outage of the store, when
-        # no broker can renew its own either).
-        self._blind = False
-        self._listed_at: float | None = None
+        self._unwatched = Unwatched()  # listings of brokers/ that failed
         # Broker ids whose record names no broker (not one, or no broker URL):
         # the ETag of the version said so, said once.
         self._corrupt: dict[str, str] = {}
@@ -295,11 +314,10 @@ class Membership:
         try:
             listed = await self.store.list(keys.BROKERS_PREFIX)
         except BaseException:
-            self._blind = True
+            self._unwatched.failed()
             raise
         mono = time.monotonic()
-        blind_for = mono - self._listed_at if self._blind and self._listed_at is not None else 0.0
-        self._blind, self._listed_at = False, mono
+        blind_for = self._unwatched.read(mono)
         ids = {b for b in (keys.broker_of(k) for k in listed) if b and b != self.me.broker_id}
         for gone in set(self._seen) - ids:
             del self._seen[gone]
