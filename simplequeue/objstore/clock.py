@@ -135,9 +135,6 @@ class _Window:
     def __len__(self) -> int:
         return len(self._front) + len(self._back)
 
-    def __bool__(self) -> bool:
-        return bool(self._front or self._back)
-
     def __iter__(self) -> Iterator[_Sample]:
         yield from (sample for sample, _ in reversed(self._front))
         yield from self._back
