@@ -721,25 +721,39 @@ async def test_a_client_that_leaves_while_its_pop_commits_loses_no_job(
 
 
 @pytest.mark.parametrize(
-    "sent", [("LPOP", "q"), ("BLPOP", "q", "5")], ids=["lpop-alone", "blpop-alone"]
+    ("sent", "landing"),
+    [
+        (("LPOP", "q"), "pop"),
+        (("BLPOP", "q", "5"), "pop"),
+        (("BLPOP", "other", "q", "5"), "complete"),
+        (("XREADGROUP", "GROUP", "g", "c", "NOACK", "STREAMS", "q", ">"), "complete"),
+    ],
+    ids=["lpop-alone", "blpop-alone", "blpop-keys", "xreadgroup-noack"],
 )
 async def test_a_pop_whose_client_resets_as_its_commit_lands_is_given_back(
-    broker: Broker, http: Http, monkeypatch: pytest.MonkeyPatch, sent: tuple[str, ...]
+    broker: Broker,
+    http: Http,
+    monkeypatch: pytest.MonkeyPatch,
+    sent: tuple[str, ...],
+    landing: str,
 ) -> None:
     """The client resets its connection (RST) just as its pop's commit lands:
     the broker saw it leave before the reply was handed to the transport,
     which dropped it (nobody reads), and the job stayed completed for nobody.
     A pop alone was given back only if its client left before the pop's
     task ended; the same pop pipelined beside a push was given back (review
-    of the request edge). A lone pop is named and looked after as a group's."""
+    of the request edge). A lone pop is named and looked after as a group's.
+    So is the completion of a BLPOP of several keys and of XREADGROUP NOACK
+    (a claim, then a commit that completes it): it was not named, and stayed
+    done for nobody (round 32's review, left alone until round 34)."""
     assert broker.redis is not None
     server = broker.redis
-    real_pop = server.engine.pop
+    real_pop = getattr(server.engine, landing)
     client: socket.socket | None = None
     popped = asyncio.Event()
 
-    async def pop_then_reset(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        jobs: list[dict[str, Any]] = await real_pop(*args, **kwargs)
+    async def pop_then_reset(*args: Any, **kwargs: Any) -> list[Any]:
+        jobs: list[Any] = await real_pop(*args, **kwargs)
         try:
             if jobs and client is not None:  # the commit landed: the RST comes now
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -750,7 +764,7 @@ async def test_a_pop_whose_client_resets_as_its_commit_lands_is_given_back(
             popped.set()
         return jobs
 
-    monkeypatch.setattr(server.engine, "pop", pop_then_reset)
+    monkeypatch.setattr(server.engine, landing, pop_then_reset)
     code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
     assert code == 201
     client = socket.create_connection(("127.0.0.1", port_of(broker)))
@@ -847,7 +861,7 @@ async def test_a_claim_whose_client_leaves_before_its_completion_commits_goes_ba
     server = broker.redis
     waiting = asyncio.Event()
 
-    async def queued(topic: str, jobs: list[dict[str, Any]]) -> list[str]:
+    async def queued(topic: str, jobs: list[dict[str, Any]], **named: Any) -> list[str]:
         waiting.set()
         await asyncio.Event().wait()  # behind a batch that never ends
         raise AssertionError("unreachable")
@@ -2726,9 +2740,10 @@ async def test_a_client_that_leaves_after_a_malformed_request_gets_its_pop_undon
 
 
 async def test_pops_keep_no_record_once_answered(start_broker: StartBroker) -> None:
-    """Pops are named for their undo, a pipeline's and one alone; answered,
-    their records go (the owner's room for them is bounded, and shared with
-    pops passed on)."""
+    """Pops are named for their undo, a pipeline's and one alone, and so are
+    the completions of a BLPOP of several keys and of XREADGROUP NOACK;
+    answered, their records go (the owner's room for them is bounded, and
+    shared with pops passed on)."""
     broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0")
     r = redis.Redis(port=port_of(broker))
     try:
@@ -2739,6 +2754,10 @@ async def test_pops_keep_no_record_once_answered(start_broker: StartBroker) -> N
             assert await pipe.execute() == [b"0", b"1", b"2", b"3", b"4"]
         assert await r.lpop("q") == b"5"
         assert await r.blpop(["q"], timeout=1) == (b"q", b"6")
+        assert await r.blpop(["empty", "q"], timeout=1) == (b"q", b"7")  # claimed, completed
+        await r.xadd("s", {"f": "v"})
+        [[_, [[_, fields]]]] = await r.xreadgroup("g", "c", {"s": ">"}, noack=True)
+        assert fields == {b"f": b"v"}
     finally:
         await r.aclose()
     assert broker.engine.popped.kept_bytes == 0

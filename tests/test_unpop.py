@@ -696,3 +696,23 @@ async def test_a_named_pop_is_undone_by_the_broker_that_served_it_after_ownershi
     monkeypatch.setattr(other.forwarder.membership, "owns", lambda topic: True)
     assert await router.unpop("t", "named", "w") == 1
     assert (await owner.engine.job("t", "j"))["status"] == "pending"
+
+
+async def test_a_completion_named_through_a_broker_that_passes_it_on_is_undone_by_its_name(
+    start_broker: StartBroker,
+) -> None:
+    """Router.complete keeps the attempt id its caller names (a RESP BLPOP of
+    several keys, XREADGROUP NOACK: a claim, then its completion, whose
+    reply may never go out), as Router.pop does: Router.unpop gives the job
+    back at the owner that completed it. It named none of its own before,
+    so the connection could not undo it."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec("x", id="j")])
+    router = Router(other.engine, other.forwarder)
+    [job] = await router.claim("t", "w")
+    assert await router.complete("t", [job], attempt_id="named") == ["j"]
+    assert (await owner.engine.job("t", "j"))["status"] == "completed"
+    assert await router.unpop("t", "named") == 1
+    assert (await owner.engine.job("t", "j"))["status"] == "pending"
+    assert await router.unpop("t", "named") == 0  # once

@@ -825,10 +825,15 @@ class Router:
             )
         jobs = _jobs_of(got)
         if named is not None and jobs:
-            self._served_by[(topic, worker_id, named)] = got.served_by
-            while len(self._served_by) > NAMED_POPS_KEPT:
-                self._served_by.popitem(last=False)
+            self._served((topic, worker_id, named), got.served_by)
         return jobs
+
+    def _served(self, attempt: tuple[str, str, str], peer: Peer) -> None:
+        """The named pop or completion `attempt` (topic, worker id, attempt id)
+        was served by `peer`: its unpop() is asked of it."""
+        self._served_by[attempt] = peer
+        while len(self._served_by) > NAMED_POPS_KEPT:
+            self._served_by.popitem(last=False)
 
     def forget_pop(self, topic: str, attempt_id: str, worker_id: str) -> None:
         # Kept here if it was served here; an owner's record runs out by itself.
@@ -850,10 +855,14 @@ class Router:
             return await self.engine.release(topic, jobs)
         return _decode(got, api.Released).released
 
-    async def complete(self, topic: str, jobs: list[dict[str, Any]]) -> list[str]:
+    async def complete(
+        self, topic: str, jobs: list[dict[str, Any]], attempt_id: str | None = None
+    ) -> list[str]:
         # Not repeated: done here after an owner that did it, it completes nothing.
-        # Undone at the owner should its answer be lost, as a pop's is.
-        attempt_id = api.new_id()
+        # Undone at the owner should its answer be lost, as a pop's is. One
+        # the caller names is kept for its unpop(), wherever it is served.
+        named = attempt_id
+        attempt_id = attempt_id or api.new_id()
         body = api.CompleteRequest(_held(jobs), attempt_id=attempt_id)
         undo = api.UnpopRequest(attempt_id)
         got = await self._route(topic, "POST", "/complete", body, repeatable=False, undo=undo)
@@ -863,11 +872,14 @@ class Router:
             body = api.CompleteRequest(_held(jobs))
             got = await self._route(topic, "POST", "/complete", body, repeatable=False)
         if got is None:
-            return await self.engine.complete(topic, jobs)
+            return await self.engine.complete(topic, jobs, attempt_id=named)
         if got.status == 404:  # an owner older than /complete (during an upgrade): ack
             acks = [AckRequest(j["id"], j["lease_token"]) for j in jobs]
             return [a["id"] for a in await self.ack_many(topic, acks) if "error" not in a]
-        return _decode(got, api.Completed).completed
+        done = _decode(got, api.Completed).completed
+        if named is not None and done and body.attempt_id is not None:
+            self._served((topic, "", named), got.served_by)
+        return done
 
     async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]:
         # Not repeated: done here after an owner that did it, an ack answers

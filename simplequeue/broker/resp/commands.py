@@ -95,10 +95,11 @@ class Session:
     # that XACK commits with the token (at most once).
     reads: Reads = field(init=False)
     # While pops run (a pipelined group with some, or one alone; the connection
-    # sets it): those that took jobs, by topic and attempt id. Should the
-    # client be gone when they end, their replies reaching nobody, or the
-    # group be cut short, they are given back (unpop).
-    owing: list[tuple[str, str]] | None = None
+    # sets it): those that took jobs, by topic, attempt id and worker id ("":
+    # a completion of claims, engine.complete). Should the client be gone when
+    # they end, their replies reaching nobody, or the group be cut short, they
+    # are given back (unpop).
+    owing: list[tuple[str, str, str]] | None = None
 
     def __post_init__(self) -> None:
         self.reads = Reads(self.listener.read_budget)
@@ -146,14 +147,23 @@ POPS = frozenset({"LPOP", "RPOP"})
 
 
 def names_its_pops(frame: list[bytes]) -> bool:
-    """Whether the request `frame` hands out jobs by pops it names in
-    Session.owing, to be given back should its reply not go out: LPOP and
-    RPOP, and BLPOP and BRPOP of one key (on several, a job is claimed, then
-    completed: see _or_given_back)."""
+    """Whether the request `frame` hands out jobs it completes by commits it
+    names in Session.owing, to be given back should its reply not go out:
+    LPOP and RPOP, BLPOP and BRPOP (of one key a pop; of several a claim,
+    then its completion), and XREADGROUP NOACK (a claim, then its
+    completion)."""
     name = upper(frame[0])
-    if name in POPS:
+    if name in POPS or name in ("BLPOP", "BRPOP"):
         return True
-    return name in ("BLPOP", "BRPOP") and len(set(frame[1:-1])) == 1
+    if name != "XREADGROUP":
+        return False
+    for arg in frame[1:]:  # its options, up to STREAMS (a stream may be named NOACK)
+        option = upper(arg)
+        if option == "STREAMS":
+            return False
+        if option == "NOACK":
+            return True
+    return False
 
 
 def pipelined(frame: list[bytes]) -> bool:
@@ -565,17 +575,24 @@ async def _pop(
         topic, session.worker_id, count=count, wait=wait, attempt_id=attempt_id, since=since
     )
     if owing is not None and attempt_id is not None and jobs:
-        owing.append((topic, attempt_id))
+        owing.append((topic, attempt_id, session.worker_id))
     return [value_of(j["payload"]) for j in jobs]
 
 
-async def _complete(session: Session, topic: str, jobs: list[dict[str, Any]]) -> list[bytes | str]:
-    """Pop semantics: a job is completed as it is handed out (and given back
-    if the client leaves first). A claim no longer held is not handed out."""
+async def _complete(
+    session: Session, topic: str, jobs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Pop semantics: claimed jobs are completed as they are handed out (and
+    given back if the client leaves first: named, as a pop is, in
+    Session.owing). Those still held, which are handed out."""
     if not jobs:
         return []
-    done = set(await session.engine.complete(topic, jobs))
-    return [value_of(j["payload"]) for j in jobs if j["id"] in done]
+    owing = session.owing
+    attempt_id = None if owing is None else api.new_id()
+    done = set(await session.engine.complete(topic, jobs, attempt_id=attempt_id))
+    if owing is not None and attempt_id is not None and done:
+        owing.append((topic, attempt_id, ""))
+    return [j for j in jobs if j["id"] in done]
 
 
 @command(("BLPOP", "BRPOP"), 2, None, flags=("write", "blocking"), first_key=1)
@@ -598,9 +615,9 @@ async def blpop(session: Session, args: list[bytes]) -> Reply:
             return NULL_ARRAY
         topic, job = found
         with _or_given_back(session, {topic: [job]}):
-            values = await _complete(session, topic, [job])
-        if values:
-            return [topic, values[0]]
+            done = await _complete(session, topic, [job])
+        if done:
+            return [topic, value_of(done[0]["payload"])]
 
 
 async def _claim_one(
@@ -828,8 +845,7 @@ async def _entries(session: Session, got: dict[str, list[Any]], noack: bool) -> 
     streams: dict[str, Reply] = {}
     for topic, jobs in got.items():
         if noack:  # NOACK: nothing to acknowledge later, so complete now
-            done = set(await session.engine.complete(topic, jobs))
-            jobs = [j for j in jobs if j["id"] in done]
+            jobs = await _complete(session, topic, jobs)
         else:
             session.reads.remember(topic, jobs)
         streams[topic] = [[j["id"], fields_of(j["payload"])] for j in jobs]

@@ -271,7 +271,7 @@ class Connection:
             # it would alone, and is answered; the rest does not.
             first_pop = next(i for i, frame in enumerate(group) if names_its_pops(frame))
             raise Hangup(await self._execute_group(group[:first_pop]) if first_pop else [])
-        owing: list[tuple[str, str]] = []
+        owing: list[tuple[str, str, str]] = []
         self.session.owing = owing
         self.watched += 1
         self.room.set()
@@ -292,17 +292,17 @@ class Connection:
             self._give_back(owing)
             answered = zip(group, replies, strict=True)
             raise Hangup([_none_taken(f) if _took_a_job(f, r) else r for f, r in answered])
-        for topic, attempt_id in owing:  # answered now: no undo will come
-            self.session.engine.forget_pop(topic, attempt_id, self.session.worker_id)
+        for topic, attempt_id, worker_id in owing:  # answered now: no undo will come
+            self.session.engine.forget_pop(topic, attempt_id, worker_id)
         return replies
 
-    def _give_back(self, owing: list[tuple[str, str]]) -> None:
-        for topic, attempt_id in owing:
-            in_background(self._unpop(topic, attempt_id))
+    def _give_back(self, owing: list[tuple[str, str, str]]) -> None:
+        for topic, attempt_id, worker_id in owing:
+            in_background(self._unpop(topic, attempt_id, worker_id))
 
-    async def _unpop(self, topic: str, attempt_id: str) -> None:
+    async def _unpop(self, topic: str, attempt_id: str, worker_id: str) -> None:
         try:
-            await self.session.engine.unpop(topic, attempt_id, self.session.worker_id)
+            await self.session.engine.unpop(topic, attempt_id, worker_id or None)
         except SimpleQueueError as exc:
             log.warning("RESP client %d left: a pop of %s stays done (%s)", self.id, topic, exc)
 
