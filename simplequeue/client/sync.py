@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from simplequeue import api
 from simplequeue.client.client import MAX_ANSWER, AckItem, Client
@@ -34,6 +34,18 @@ A = TypeVar("A")
 # How long an interrupted call (Ctrl-C) waits for its request to be given up
 # in the loop before the interruption goes on.
 INTERRUPTED_WAIT_S = 2.0
+
+
+class _Call(Generic[T]):
+    """One call of a SyncClient: its coroutine, the coroutine that runs it in
+    the loop (SyncClient._call), and that one's task once it runs."""
+
+    __slots__ = ("coro", "task", "wrapper")
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self.coro = coro
+        self.wrapper: Coroutine[Any, Any, T] | None = None
+        self.task: asyncio.Task[Any] | None = None
 
 
 class SyncClient:
@@ -162,13 +174,15 @@ class SyncClient:
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         self._own()
-        with self._lock:
-            if self._closing:
-                coro.close()  # never to run: no "never awaited" warning
-                raise RuntimeError("this SyncClient is closed")
-            started: list[asyncio.Task[Any]] = []  # the call's task, once it runs
-            future = asyncio.run_coroutine_threadsafe(self._call(coro, started), self._loop)
+        call = _Call(coro)
+        future: concurrent.futures.Future[T] | None = None
         try:
+            with self._lock:
+                if self._closing:
+                    coro.close()  # never to run: no "never awaited" warning
+                    raise RuntimeError("this SyncClient is closed")
+                call.wrapper = self._call(call)
+                future = asyncio.run_coroutine_threadsafe(call.wrapper, self._loop)
             return future.result()
         except concurrent.futures.CancelledError:
             if self._closing:
@@ -176,40 +190,54 @@ class SyncClient:
             raise
         except BaseException:
             # Interrupted (Ctrl-C): the call stops in the loop too, as an
-            # async caller's cancelled call does, and does not go on unseen.
-            if future.cancel():
-                self._stopped(started)
+            # async caller's cancelled call does, and does not go on unseen;
+            # also when the interruption came as the call was handed to the
+            # loop, before `future` was there to cancel.
+            if call.wrapper is None:  # nothing handed over
+                coro.close()
+            elif future is None or future.cancel():
+                self._stopped(call)
             raise
 
-    def _stopped(self, started: list[asyncio.Task[Any]]) -> None:
+    def _stopped(self, call: _Call[Any]) -> None:
         """Wait (up to INTERRUPTED_WAIT_S) for an interrupted call to end in the
         loop and its connection to close, so that the broker has given up its
         request before the caller goes on: a long-polled claim still open
         there took the next job enqueued, for a caller that was gone."""
 
         async def ended() -> None:
-            if started:  # else it never ran, and never will: nothing was sent
-                await asyncio.wait(started)
+            # The loop runs callbacks in their order: the call's task, if it
+            # was handed over, started before this (and ran up to its first
+            # wait); if it has not, it never will.
+            if call.task is None:
+                for never in (call.wrapper, call.coro):  # no "never awaited" warnings
+                    if never is not None:
+                        never.close()
+                return
+            call.task.cancel()
+            await asyncio.wait([call.task])
             await asyncio.sleep(0)  # the transport's close, scheduled as the task ended
 
+        waiting = ended()
         try:
-            waited = asyncio.run_coroutine_threadsafe(ended(), self._loop)
+            waited = asyncio.run_coroutine_threadsafe(waiting, self._loop)
         except RuntimeError:  # the loop is closed (close() in another thread)
+            waiting.close()
             return
         try:
             waited.result(INTERRUPTED_WAIT_S)
         except concurrent.futures.TimeoutError:
             waited.cancel()
 
-    async def _call(self, coro: Coroutine[Any, Any, T], started: list[asyncio.Task[Any]]) -> T:
-        """`coro`, counted among the calls in flight (close() cancels them);
-        its task put in `started` as it runs."""
+    async def _call(self, call: _Call[T]) -> T:
+        """The call's coroutine, counted among the calls in flight (close()
+        cancels them); its task kept in `call` as it runs."""
         task = asyncio.current_task()
         assert task is not None
-        started.append(task)
+        call.task = task
         self._calls.add(task)
         try:
-            return await coro
+            return await call.coro
         finally:
             self._calls.discard(task)
 
