@@ -20,6 +20,7 @@ import pytest
 from simplequeue.client import Client, Done, Job, Task, Tasks, Worker
 from simplequeue.errors import UnknownTask
 from simplequeue.objstore.memfs import MemStore
+from tests.helpers.bounded_run import run_bounded
 
 StartBroker = Callable[..., Awaitable[Any]]
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,6 +247,30 @@ async def test_arguments_that_do_not_fit_the_task_fail_the_job(q: Client, broker
     await run_until_settled(Worker(q, tasks, wait=0.2, handle_signals=False), broker, q, 1)
     last_error = (await q.job(job_id)).last_error
     assert last_error is not None and "TypeError" in last_error
+
+
+async def test_a_plain_def_task_raising_stop_iteration_fails_its_job_and_stop_returns(
+    q: Client,
+) -> None:
+    """A plain-def task runs in the Worker's pool: StopIteration raised there
+    (`next()` on an empty iterator) left its job running for ever, and stop()
+    with it (review of the Worker, round 34). It fails the job as a RuntimeError."""
+    tasks = Tasks()
+
+    @tasks.task
+    def first_row() -> Any:
+        return next(iter([]))
+
+    job_id = await first_row.options(max_attempts=1).enqueue(q)
+    worker = Worker(q, tasks, wait=0.2, lease=1.0, handle_signals=False)
+
+    async def dead() -> bool:
+        return (await q.status())["dead"] >= 1
+
+    await run_bounded(worker, dead, within=5.0)
+    [job] = await q.dead()
+    assert job.id == job_id and job.last_error is not None
+    assert job.last_error.endswith(".first_row raised StopIteration"), job.last_error
 
 
 async def test_a_task_with_a_parameter_named_client_can_be_enqueued(q: Client) -> None:

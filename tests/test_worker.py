@@ -33,6 +33,7 @@ from simplequeue.errors import (
 )
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
+from tests.helpers.bounded_run import run_bounded
 from tests.helpers.bounding_proxy import BoundingProxy
 from tests.helpers.fault_proxy import FaultProxy
 from tests.helpers.faults import FaultyStore
@@ -1443,6 +1444,35 @@ async def test_a_plain_function_that_raises_fails_the_job_with_its_error(
     [job] = await q.dead()
     assert (job.id, job.last_error) == (job_id, "PermissionError: not today")
     assert failures_logged(caplog, job_id)
+
+
+@pytest.mark.parametrize("in_pool", [True, False])
+async def test_a_plain_function_raising_stop_iteration_fails_its_job_and_stop_returns(
+    q: Client, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, in_pool: bool
+) -> None:
+    """`next(iter(rows))` on an empty result raised StopIteration in the
+    handler's thread, which asyncio cannot set on a future ("StopIteration
+    interacts badly with generators"): the future was never done, the job's
+    heartbeats renewed its lease for ever, its slot stayed taken and stop()
+    never returned (review of the Worker, round 34). It fails its job as a
+    RuntimeError, as PEP 479 has a generator's StopIteration, from the
+    Worker's pool or from asyncio.to_thread's (in_thread without a Worker's)."""
+    if not in_pool:
+        monkeypatch.setattr(worker_module, "run_jobs_on", lambda pool, held: None)
+    job_id = await q.enqueue("x", max_attempts=1)
+
+    def first_row(job: Job) -> Any:
+        return next(iter([]))
+
+    worker = Worker(q, first_row, wait=0.2, lease=1.0, backoff=FAST, handle_signals=False)
+    with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+        await run_bounded(worker, lambda: _dead(q, 1), within=5.0)
+    [job] = await q.dead()
+    assert job.id == job_id
+    assert job.last_error is not None and job.last_error.startswith("RuntimeError: ")
+    assert job.last_error.endswith(".first_row raised StopIteration"), job.last_error
+    assert failures_logged(caplog, job_id)
+    assert (worker.failed, worker.processed) == (1, 0)
 
 
 async def test_a_handler_that_cannot_be_called_fails_the_job_at_once(

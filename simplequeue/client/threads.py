@@ -6,7 +6,11 @@ its other jobs waiting in the pool's queue with their leases renewed.
 
 The job tells the Worker while its thread runs: a thread cannot be stopped, so
 a timeout or a lost lease waits for it, and cancels what runs on the event
-loop after it (an awaitable it handed back) as a coroutine handler's."""
+loop after it (an awaitable it handed back) as a coroutine handler's.
+
+A function that raises StopIteration raises RuntimeError from it instead, as
+PEP 479 has a generator's: asyncio cannot set StopIteration on a future, and
+the call would never return (its job held, heartbeated, for ever)."""
 
 from __future__ import annotations
 
@@ -40,13 +44,15 @@ _running: contextvars.ContextVar[tuple[ThreadPoolExecutor, InThread] | None] = (
 async def in_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     """asyncio.to_thread(fn, ...), on the pool of the Worker running this job,
     which is told while the thread runs (until it ends: cancelled, the call
-    returns at once, and a thread that started runs on)."""
+    returns at once, and a thread that started runs on). A StopIteration of
+    fn's is raised as a RuntimeError from it (_no_stop_iteration)."""
     running = _running.get()
     if running is None:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await asyncio.to_thread(_no_stop_iteration, fn, *args, **kwargs)
     pool, job = running
     loop = asyncio.get_running_loop()
-    thread = pool.submit(functools.partial(contextvars.copy_context().run, fn, *args, **kwargs))
+    run = contextvars.copy_context().run
+    thread = pool.submit(functools.partial(run, _no_stop_iteration, fn, *args, **kwargs))
     job.thread_started()
     try:
         result = await asyncio.wrap_future(thread, loop=loop)
@@ -68,6 +74,18 @@ async def in_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) ->
     # same step, before anyone told it ended can cancel what runs after it.
     job.thread_ended()
     return result
+
+
+def _no_stop_iteration(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    """fn(...), in the thread; its StopIteration a RuntimeError: set on the
+    future that carries the call back to the loop, StopIteration is a
+    TypeError in a loop callback ("cannot be raised into a Future"), and the
+    future is never done."""
+    try:
+        return fn(*args, **kwargs)
+    except StopIteration as exc:
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        raise RuntimeError(f"{name} raised StopIteration") from exc
 
 
 def run_jobs_on(pool: ThreadPoolExecutor, job: InThread) -> None:
