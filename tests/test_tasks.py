@@ -107,6 +107,22 @@ def test_a_name_that_is_not_a_string_is_refused(name: object) -> None:
     assert len(tasks) == 0
 
 
+@pytest.mark.parametrize("fn", [None, "send_email", 42])
+def test_a_task_that_is_not_callable_is_refused_as_it_is_registered(fn: Any) -> None:
+    """tasks.task(name="send")(None) registered None, and `@tasks.task("send")`
+    (a name where `name=` was meant) met an AttributeError: a Worker given the
+    registry failed each such job ("'NoneType' object is not callable") until
+    it was dead (review of the Worker, round 34). TypeError as it is
+    registered, as Worker(q, None) is refused."""
+    tasks = Tasks()
+    with pytest.raises(TypeError, match=r"a task must be callable, not (NoneType|str|int)"):
+        tasks.task(name="send")(fn)
+    if fn is not None:  # tasks.task(None) is tasks.task(): the decorator
+        with pytest.raises(TypeError, match=r"a task must be callable"):
+            tasks.task(fn)
+    assert len(tasks) == 0
+
+
 async def test_enqueue_makes_a_job_that_names_the_task_and_carries_its_arguments(
     q: Client,
 ) -> None:

@@ -182,6 +182,20 @@ def test_a_worker_given_a_sync_client_runs_its_jobs_or_refuses_it() -> None:
         Worker(sync, lambda job: None)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("handler", [None, "send_email", 42])
+async def test_a_handler_that_is_not_callable_is_refused_as_the_worker_is_made(
+    q: Client, handler: Any
+) -> None:
+    """Worker(q, None) (a handler looked up in a dict that had no such name, a
+    string where a function was meant) was accepted, and every job it
+    claimed failed ("'NoneType' object is not callable"), nacked until its
+    attempts were spent: one such Worker sent the whole topic to the dead
+    jobs (review of the Worker, round 34). TypeError as it is made, before
+    any job is claimed, as a SyncClient in the client's place is refused."""
+    with pytest.raises(TypeError, match=r"handler must be callable, not (NoneType|str|int)"):
+        Worker(q, handler, handle_signals=False)
+
+
 async def test_a_worker_given_a_sync_clients_client_fails_at_once(
     start_broker: StartBroker,
 ) -> None:

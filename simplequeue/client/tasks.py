@@ -193,9 +193,15 @@ class Tasks:
         """Register a function as a task, named `name` or as the function is:
         `@tasks.task` or `@tasks.task(name="email.send")`. A name is registered
         once: a second task of that name is a ValueError; one that is not a
-        non-empty str is refused too."""
+        non-empty str is refused too; and so is, TypeError, a task that is
+        not callable (`@tasks.task("email.send")`: a name goes as `name=`)."""
 
         def register(f: Callable[..., Any]) -> Task[..., Any]:
+            if not callable(f):  # accepted, a Worker would fail each of its jobs
+                raise TypeError(
+                    f"a task must be callable, not {type(f).__name__} {f!r:.80}"
+                    " (a task's name goes as name=...)"
+                )
             task = Task(f, f.__name__ if name is None else name)  # "" is refused, not replaced
             if not isinstance(task.name, str):
                 raise TypeError(f"a task's name must be a str, got {task.name!r}")

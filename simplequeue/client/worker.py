@@ -382,7 +382,8 @@ class Worker:
     unless the topic is paused; delayed jobs, retries included, are left for
     a later run; other burst claims do not long-poll); with
     `max_jobs`, once that many jobs were claimed, whatever their outcome.
-    Either way it drains first."""
+    Either way it drains first. A `handler` that is not callable is a
+    TypeError as the Worker is made."""
 
     def __init__(
         self,
@@ -409,6 +410,13 @@ class Worker:
             raise TypeError(
                 f"Worker needs a Client, not a {type(client).__name__}: make one in the"
                 " event loop that runs the Worker (async with Client(url, topic=...) as q)"
+            )
+        if not callable(handler):
+            # Accepted, it failed every job it claimed, until each was dead.
+            raise TypeError(
+                f"a Worker's handler must be callable, not {type(handler).__name__}"
+                f" {handler!r:.80}: an async def, a plain def, or a callable that"
+                " returns an awaitable (a Tasks registry is one)"
             )
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
