@@ -2911,6 +2911,46 @@ async def test_a_handler_that_raises_system_exit_fails_its_job_and_leaves_none_c
     assert (counts["claimed"], counts["pending"] + counts["delayed"]) == (0, 10), counts
 
 
+@pytest.mark.parametrize("plain", [False, True])
+async def test_a_handler_that_raises_generator_exit_fails_its_job_and_the_worker_goes_on(
+    q: Client, caplog: pytest.LogCaptureFixture, plain: bool
+) -> None:
+    """A handler's GeneratorExit (a generator's, leaked) was raised on by the
+    Worker, neither nacked nor logged: its job waited out its lease, the
+    attempt spent (review of the Worker, round 34). It is no request of the
+    process's, as SystemExit is: the job fails as a RuntimeError raised from
+    it, logged, and the Worker runs the next job."""
+    bad, good = await q.enqueue_many(
+        [{"payload": "bad", "max_attempts": 1}, {"payload": "good", "priority": -1}]
+    )
+
+    async def coroutine(job: Job) -> str:
+        if job.payload == "bad":
+            raise GeneratorExit
+        return "ok"
+
+    def function(job: Job) -> str:
+        if job.payload == "bad":
+            raise GeneratorExit
+        return "ok"
+
+    handler = function if plain else coroutine
+    worker = Worker(q, handler, concurrency=1, wait=0.2, backoff=FAST, handle_signals=False)
+
+    async def settled() -> bool:
+        counts = await q.status()
+        return counts["dead"] + counts["completed"] >= 2
+
+    with caplog.at_level(logging.WARNING, logger="simplequeue.worker"):
+        await run_bounded(worker, settled, within=5.0)
+    failed = await q.job(bad)
+    assert failed.status == "dead"
+    assert failed.last_error == "RuntimeError: the handler raised GeneratorExit", failed.last_error
+    assert failures_logged(caplog, bad)
+    assert (await q.job(good)).status == "completed"
+    assert (worker.failed, worker.processed) == (1, 1)
+
+
 async def test_given_back_counts_only_the_jobs_the_broker_released(q: Client, broker: Any) -> None:
     """Worker.given_back (and `work`'s summary) counted every job it asked to
     release, though the broker leaves one no longer held (cancelled, its

@@ -44,6 +44,9 @@ does SystemExit or KeyboardInterrupt from the handler (a script's function
 calling sys.exit()), which then stops the Worker as a signal does and is
 raised by run() once it drained: it must not end the event loop with the
 job, the jobs claimed ahead and the acks not sent all left to their leases.
+A handler's StopIteration (from its thread) or GeneratorExit, which asks
+nothing of the process, fails its job as a RuntimeError raised from it, and
+the Worker goes on.
 stop() stops claiming and drains: every job already claimed, the buffered ones
 included, is run to its end. SIGTERM or SIGINT stop claiming too: the running
 jobs are run to their end, and the buffered ones given back unrun (released:
@@ -285,7 +288,9 @@ class HandlerCancelled(Exception):
 class HandlerExited(Exception):
     """The handler raised SystemExit, KeyboardInterrupt or another exception
     that is no Exception nor a cancellation (`raised`): its job fails, the
-    worker stops as on a signal, and run() raises `raised` once it drained."""
+    worker stops as on a signal, and run() raises `raised` once it drained.
+    Not GeneratorExit, which asks nothing of the process (a generator's,
+    leaked): its job fails as a RuntimeError raised from it (Worker._handle)."""
 
     def __init__(self, raised: BaseException) -> None:
         super().__init__(f"the handler raised {raised!r}")
@@ -1242,11 +1247,21 @@ class Worker:
     async def _handle(self, job: Job) -> Any:
         """The handler's result for `job`. Whatever it raises, from the call on,
         fails the job: SystemExit and KeyboardInterrupt as HandlerExited
-        (raised as they are, they would end the event loop from this task)."""
+        (raised as they are, they would end the event loop from this task);
+        GeneratorExit as a RuntimeError from it (raised on, the job was
+        neither nacked nor logged, left to its lease). That is no request of
+        the process's: a generator's, leaked; the Worker goes on. But one
+        thrown in by close() (this coroutine dropped unfinished, not run by
+        its task) is raised on, as a closed coroutine must."""
+        task = asyncio.current_task()
         try:
             return await self._call_handler(job)
-        except (Exception, asyncio.CancelledError, GeneratorExit):
+        except (Exception, asyncio.CancelledError):
             raise
+        except GeneratorExit as exc:
+            if _current_task() is not task:
+                raise
+            raise RuntimeError("the handler raised GeneratorExit") from exc
         except BaseException as exc:
             raise HandlerExited(exc) from exc
 
@@ -1676,6 +1691,15 @@ def _why(exc: Exception, within: float | None) -> str:
 
 def _why_gone(held: _Claimed) -> str:
     return "was cancelled" if held.cancelled else "lost its lease"
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    """The task running now; None outside one, or with no loop running (a
+    coroutine closed as it is collected)."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
 
 
 def _is_plain_function(handler: Handler) -> bool:
