@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from simplequeue.api import MAX_BATCH, MAX_ERROR
+from simplequeue.api import MAX_BATCH, MAX_ERROR, MAX_LEASE
 from simplequeue.client import Backoff, Client, Done, Job, SyncClient, Tasks, Worker, calls_within
 from simplequeue.client import worker as worker_module
 from simplequeue.client.client import LastCall, last_call
@@ -1989,6 +1989,25 @@ async def test_a_third_of_the_lease_is_counted_from_when_the_lease_counts(
         assert job.lease_expires_at - job.heartbeat_at == pytest.approx(lease)
         worker = Worker(q, lambda job: None, handle_signals=False)
         assert worker._heartbeat_interval(job) == pytest.approx(lease / 3)
+
+
+@pytest.mark.parametrize("expires", [1e300, 1e12])
+async def test_a_claims_lease_past_the_apis_longest_is_taken_for_the_longest(
+    q: Client, expires: float
+) -> None:
+    """The Worker took a job's lease from its claim's answer unbounded
+    (lease_expires_at less heartbeat_at, any finite span): a garbage 1e300
+    (a proxy's, a broken broker's) made it beat once in 1e300/3 s, never,
+    and never take the lease for lost (review of the Worker, round 34). No
+    lease is longer than the API's MAX_LEASE (12 h): a longer one is taken
+    for that."""
+    worker = Worker(q, lambda job: None, handle_signals=False)
+    job = Job(
+        "j", "claimed", attempts=1, claimed_at=1000.0, heartbeat_at=1000.0,
+        lease_expires_at=expires, lease_token="t",
+    )  # fmt: skip
+    assert worker._lease_of(job) == MAX_LEASE
+    assert worker._heartbeat_interval(job) == pytest.approx(MAX_LEASE / 3)
 
 
 async def test_claims_and_heartbeats_answer_the_latest_the_stores_time_may_be(

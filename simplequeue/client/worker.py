@@ -1467,12 +1467,14 @@ class Worker:
         the broker's own clock (so that no clock skew enters it): from when the
         lease counts (heartbeat_at, which a broker sets a little after
         claimed_at, by its clock's error) to when it ends; without those
-        times, `lease` or the broker's default."""
+        times, `lease` or the broker's default. api.MAX_LEASE at most, the
+        longest a broker gives: a garbage span (1e300) would mean no
+        heartbeat, and no lease ever taken for lost, while the job runs."""
         lease = self.lease or FALLBACK_LEASE
         expires = job.lease_expires_at
         start = job.heartbeat_at if job.heartbeat_at is not None else job.claimed_at
         if expires is not None and start is not None and expires > start:
-            lease = expires - start
+            lease = min(expires - start, api.MAX_LEASE)
         return lease
 
     def _start_beats(self, held: _Claimed) -> None:
