@@ -913,6 +913,23 @@ def test_the_default_max_answer_holds_a_claim_from_a_broker_with_a_max_body_of_1
     assert claim <= client_module.MAX_ANSWER
 
 
+@pytest.mark.parametrize("answered", [["b", "a"], ["a", "a"], ["a", None]])
+async def test_ack_many_answered_for_other_jobs_than_it_acked_raises(answered: list[Any]) -> None:
+    """ack_many matched each answer to its ack by position only: a broker (or
+    a proxy) answering out of order had the Worker take one job's "conflict"
+    for another's, and count a job completed that was not, or nack one that
+    was (review of the Worker, round 34). The answers must name the acks'
+    jobs in their order, as there must be as many: else BrokerError."""
+
+    async def answer(request: web.BaseRequest) -> web.StreamResponse:
+        results = [{"id": job_id, "status": "completed"} for job_id in answered]
+        return web.json_response({"results": results})
+
+    async with serving(answer) as url, Client(url, topic="t", retries=1) as q:
+        with pytest.raises(BrokerError, match=r"answer \d is for job .*, its ack for '[ab]'"):
+            await prompt(q.ack_many([("a", 1), ("b", 2)]))
+
+
 async def test_a_redirect_is_not_followed() -> None:
     """aiohttp followed redirects: a proxy's 302 made an enqueue's POST a GET of
     another page, whose JSON ({"id": ...}) the SDK took for the job's id, and

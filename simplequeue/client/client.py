@@ -954,9 +954,10 @@ class Client:
         """Complete several jobs (1,000 at most, api.MAX_BATCH: more is
         InvalidRequest) in one request; each answer says whether it did
         ({"id", "status", "error", "enqueued", "duplicates"}: None where an ack
-        has none; the ids of its follow-ups as `ack` answers them). An ack is
-        (job, result), or (job, result, follow-ups) with follow-ups as `ack`
-        takes them."""
+        has none; the ids of its follow-ups as `ack` answers them), in the
+        acks' order: an answer that is not one for each ack, naming its job,
+        is a BrokerError. An ack is (job, result), or (job, result,
+        follow-ups) with follow-ups as `ack` takes them."""
         body = _one_request([_ack_request(ack) for ack in acks], "acks")
         _, answer, repeated = await self.call(
             "POST", self._t("/ack"), api.AckedBatch, api.AckBatch(body)
@@ -964,6 +965,9 @@ class Client:
         assert answer is not None  # nothing is `expected`: a 2xx, or raised
         if len(answer.results) != len(body):
             raise BrokerError(f"{len(answer.results)} answers for {len(body)} acks")
+        for i, (ack, said) in enumerate(zip(body, answer.results, strict=True)):
+            if said.id != ack.job_id:  # matched by position: one job's answer taken for another's
+                raise BrokerError(f"answer {i} is for job {said.id!r}, its ack for {ack.job_id!r}")
         results = [msgspec.structs.asdict(r) for r in answer.results]
         if repeated:  # a retry whose first try may have landed: as ack() does
             for result in results:
