@@ -13,13 +13,14 @@ import orjson
 import pytest
 
 from simplequeue import keys
-from simplequeue.api import JobSpec
+from simplequeue.api import FollowUpSpec, JobSpec
 from simplequeue.broker.engine import DEAD_PART, Engine
 from simplequeue.groupcommit import CommitSettings, GroupCommitter
 from simplequeue.objstore.memfs import MemStore
-from simplequeue.state import Bounds, Sealed, SegmentMissing, TopicState
+from simplequeue.state import Bounds, Sealed, Segment, SegmentMissing, TopicState
+from simplequeue.state import topic as topic_rules
 from simplequeue.state.layout import REAP_LEASES, holes_kept
-from tests.helpers.states import WRITER, View, fresh
+from tests.helpers.states import WRITER, View, fresh, reread
 
 HEAD_MAX = 256 * 1024  # SPEC 4.1: the head stays under 256 KB
 BATCH_MAX = 256 * 1024  # and a batch writes at most that, plus its own new payloads
@@ -634,6 +635,55 @@ async def test_claims_of_many_large_jobs_in_one_batch_fit_a_small_cache() -> Non
         assert min(claimed) >= 1 and sum(claimed) * 60_000 <= room + 30 * 60_000
     finally:
         await q.committer.close()
+
+
+class Asked(View):
+    """A View that notes the segments asked of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def segment(self, key: str) -> Segment:
+        self.asked.add(key)
+        return super().segment(key)
+
+
+def test_a_read_of_the_outbox_front_is_bounded_in_bytes() -> None:
+    """Follow-ups for a topic that is down pile up in the outbox. Its front
+    was read through windows of 1,000 follow-ups, 500 kept, whatever their
+    size: 200 of 100 KB were 20 MB read at once, more than an object cache
+    of 8 MiB holds (a 503 every round, review finding). No segments are read
+    once those read come to `room` (held back ones too), a window past it
+    at most; the next read goes on from where the front held back ends."""
+    view = Asked()
+    s = fresh(view=view)
+    now = 1000.0
+    for b in range(0, 200, 20):
+        s.enqueue([JobSpec(i, id=f"j{i}") for i in range(b, b + 20)], now)
+        for job in s.claim("w", 30.0, 20, now):
+            follow = [FollowUpSpec(job["id"] + "x" * 100_000, topic="dst")]
+            s.ack(job["id"], job["lease_token"], None, now, follow)
+        s = reread(s, now, b)
+    order = [f"j{i}:0" for i in range(200)]
+    big = max(obj.size for obj in view.objects.values() if isinstance(obj, Segment))
+    room = 1 << 20
+    most = room + topic_rules.OUTBOX_WINDOW_SEGMENTS * 110_000
+
+    def read(call: Callable[[], Any]) -> tuple[Any, int]:
+        view.asked.clear()
+        got = call()
+        return got, sum(view.objects[k].size for k in view.asked)
+
+    (front, held), spent = read(lambda: s.outbox_after(0, 500, room=room))
+    assert big > 100_000 and 0 < len(front) < 20 and held == 0 and spent <= most
+    assert [f["id"] for f in front] == order[: len(front)]
+    skip = frozenset({"dst"})
+    (front, held), spent = read(lambda: s.outbox_after(0, 500, skip, room=room))
+    assert front == [] and 0 < held < 20 and spent <= most
+    (front, later), spent = read(lambda: s.outbox_after(held, 500, skip, room=room))
+    assert front == [] and held < later < 2 * held + 20 and spent <= most
+    assert [f["id"] for f in s.outbox_after(held, 1, room=room)[0]] == [order[held]]
 
 
 def test_lanes_merging_together_write_no_more_than_the_seals_budget() -> None:

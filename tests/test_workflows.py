@@ -837,6 +837,80 @@ async def test_follow_ups_behind_50000_held_back_ones_are_still_delivered(
     assert len(await engine.outbox("src", 10**6)) == n * 1000  # those wait for "bad"
 
 
+async def _acked_with_large_follow_ups(engine: Engine, n: int, topic: str) -> None:
+    """`n` jobs of topic src acked, each with a follow-up of 100 KB for `topic`."""
+    await engine.enqueue("src", [JobSpec(i, id=f"j{i}") for i in range(n)])
+    jobs = await engine.claim("src", "w", count=n)
+    acks = [
+        AckRequest(
+            j["id"], j["lease_token"], enqueue=[FollowUpSpec(j["id"] + "x" * 100_000, topic=topic)]
+        )
+        for j in jobs
+    ]
+    assert all(a["status"] == "completed" for a in await engine.ack_many("src", acks))
+
+
+async def test_a_backlog_of_follow_ups_larger_than_the_cache_is_still_delivered(
+    start_broker: StartBroker,
+) -> None:
+    """Follow-ups for a topic that was down pile up in the source's outbox
+    (50 MB here: 500 of 100 KB). Once it was back, each delivery round read
+    the outbox's front through windows of 1,000 follow-ups and kept up to
+    500, bounded in number, not in bytes: more than the object cache holds
+    (8 MiB here; the default 256 MiB was passed by 1,000 of 300 KB), so the
+    read failed "the object cache is too small" every round, for ever, and
+    not one was delivered (review finding). A round now reads the outbox a
+    few segments at a time, no more once those come to what its requests
+    carry (bounded by the cache, as claims are)."""
+    store = MemStore()
+    await store.put(keys.head("dst"), b"this is not a head")  # the target, down
+    broker = await start_broker(store, cache_bytes=8 << 20)
+    engine = broker.engine
+    n = 500
+    await _acked_with_large_follow_ups(engine, n, "dst")
+    await store.delete(keys.head("dst"))  # the target is back
+    engine.forget(["dst"])
+    await until_true(broker, "dst", lambda: _pending_at_least(engine, "dst", n), within=30)
+
+
+async def _pending_at_least(engine: Engine, topic: str, k: int) -> bool:
+    return await pending(engine, topic) >= k
+
+
+class Tried(Unreachable):
+    """Unreachable, counting the tries."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        self.tries += 1
+        return await super().enqueue(topic, specs)
+
+
+async def test_a_backlog_for_a_topic_that_stays_down_is_not_read_again_at_each_try(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 follow-ups of 100 KB wait for a topic that is down, through an 8
+    MiB cache. Each try of that topic read the outbox's front for it, then,
+    the topic failing again, read the whole backlog behind it again from the
+    front, to find where the follow-ups held back end: 20 MB a try (4,830
+    GETs in 20 s, review finding). Where the front held back ended before
+    the try is known again once the topic fails again."""
+    from tests.test_bounds import CountingStore
+
+    store = CountingStore()
+    broker = await start_broker(store, cache_bytes=8 << 20)
+    monkeypatch.setattr(broker.duties, "settings", DutySettings(retry_failed=0.2))
+    tried = broker.duties.deliver_to = Tried()
+    await _acked_with_large_follow_ups(broker.engine, 200, "dst")
+    await until(lambda: tried.tries >= 3, within=10)  # past the first read through
+    read, tries = store.read, tried.tries
+    await until(lambda: tried.tries >= tries + 5, within=10)
+    per_try = (store.read - read) / (tried.tries - tries)
+    assert per_try < 10_000_000, f"{per_try / 1e6:.1f} MB read a try, for a 20 MB backlog"
+
+
 class Held:
     """Where follow-ups go when each enqueue waits until `go` is set (a slow
     store, a slow owner); `waiting` counts those in flight."""

@@ -55,6 +55,7 @@ ACQUIRE_PARALLEL = 16  # heads read at once when topics are taken over
 DELIVER_BATCH = 500  # follow-ups delivered per round
 DELIVER_ROUNDS = 8  # rounds per wake-up, before other topics get their turn
 DELIVER_PARALLEL = 8  # topics a round delivers into at once
+FRONTS_KEPT = 4  # reads of a topic's held-back outbox front remembered (_HeldBack)
 TEND_PARALLEL = 32  # topics tended at once
 HEAP_SLACK = 64  # wake-ups in the heap beyond two per topic, before it is rebuilt
 FOLLOW_UP_FIELDS = 512  # bytes of a follow-up's JSON besides its payload, at most (id, ...)
@@ -444,14 +445,21 @@ class Duties:
             now = self.clock()
             targets, items = back.now(now)
             # The follow-ups in front known to be held back are not read again
-            # while the same are held back (a topic down behind 50,000 of its own).
-            start = back.front if back.front_of == (targets, items) else 0
-            front, back.front = await self.engine.outbox_after(
-                topic, start, DELIVER_BATCH, targets, items
+            # while they are held back (a topic down behind 50,000 of its own).
+            start = back.front(targets, items)
+            # A round's follow-ups, read at once, come to what its requests
+            # carry side by side, about: bounded in bytes, as in number.
+            front, held = await self.engine.outbox_after(
+                topic,
+                start,
+                DELIVER_BATCH,
+                targets,
+                items,
+                DELIVER_PARALLEL * self.settings.deliver_bytes,
             )
-            back.front_of = (targets, items)
+            back.read(held, targets, items)
             if not front:
-                if back.front > start:  # what it read is held back: on past it
+                if held > start:  # what it read is held back: on past it
                     progressed = True
                     continue
                 break
@@ -476,6 +484,7 @@ class Duties:
                 if failed:
                     back.targets[target] = until
             if done:
+                back.delivered(targets, items)
                 due = await self.engine.delivered(topic, done)
                 self.delivered += len(done)
             progressed = progressed or bool(done)
@@ -720,16 +729,37 @@ class _HeldBack:
 
     targets: dict[str, float] = field(default_factory=dict)
     items: dict[tuple[str, str], float] = field(default_factory=dict)
-    # How many follow-ups from the outbox's front are held back, as last read,
-    # while what is held back is `front_of`.
-    front: int = 0
-    front_of: tuple[frozenset[str], frozenset[tuple[str, str]]] | None = None
+    # How many follow-ups from the outbox's front were held back as read, and
+    # the topics and follow-ups held back then: a few such reads, the latest
+    # last. One of a topic retried stays: the topic failing again, the
+    # backlog behind it is not read through again for every try.
+    fronts: list[tuple[int, frozenset[str], frozenset[tuple[str, str]]]] = field(
+        default_factory=list
+    )
 
     def now(self, now: float) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
         """What is held back at `now` (what is no longer is forgotten)."""
         self.targets = {k: t for k, t in self.targets.items() if t > now}
         self.items = {k: t for k, t in self.items.items() if t > now}
         return frozenset(self.targets), frozenset(self.items)
+
+    def front(self, targets: frozenset[str], items: frozenset[tuple[str, str]]) -> int:
+        """How many follow-ups from the outbox's front are known to be held back
+        while `targets` and `items` are: the most a read found held back under
+        no more than those."""
+        return max((n for n, t, i in self.fronts if t <= targets and i <= items), default=0)
+
+    def read(self, held: int, targets: frozenset[str], items: frozenset[tuple[str, str]]) -> None:
+        """A read found the first `held` follow-ups held back under `targets`
+        and `items`."""
+        kept = [f for f in self.fronts if not (f[0] <= held and targets <= f[1] and items <= f[2])]
+        self.fronts = [*kept, (held, targets, items)][-FRONTS_KEPT:]
+
+    def delivered(self, targets: frozenset[str], items: frozenset[tuple[str, str]]) -> None:
+        """Follow-ups not held back under `targets` and `items` left the outbox:
+        a read under more than those may have counted them among its held
+        back ones, and no longer says where the front ends."""
+        self.fronts = [f for f in self.fronts if f[1] <= targets and f[2] <= items]
 
     def next(self, now: float) -> float | None:
         """When the first thing held back at `now` may go again (None: nothing)."""

@@ -1050,13 +1050,17 @@ class Engine:
         n: int,
         skip_topics: frozenset[str] = frozenset(),
         skip: frozenset[tuple[str, str]] = frozenset(),
+        room: float = math.inf,
     ) -> tuple[list[dict[str, Any]], int]:
         """outbox() from the `start`-th follow-up on, and how many from the
-        front are held back (TopicState.outbox_after)."""
+        front are held back (TopicState.outbox_after), from segments of
+        `room` bytes or so, and no more than a batch's claims may read
+        (claim_bytes: what fits the object cache)."""
         keys.check_topic(topic)
+        room = min(room, self.claim_bytes)
         return await self.committer.read(
             topic,
-            lambda s, now: s.outbox_after(start, n, skip_topics, skip),
+            lambda s, now: s.outbox_after(start, n, skip_topics, skip, room=room),
             READ_AFTER_COMMIT,
         )
 

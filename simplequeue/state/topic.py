@@ -75,6 +75,9 @@ _CLAIM_FIELDS = frozenset(CLAIM_FIELDS)
 # to skip: bounds what one delivery round reads behind a topic that does not
 # take its follow-ups (a corrupt head).
 OUTBOX_SCAN = 50_000
+# Outbox segments outbox_after() reads at a time before it weighs what it read
+# against its `room`.
+OUTBOX_WINDOW_SEGMENTS = 4
 # Seconds before a schedule whose slots this broker could not compute (its
 # time zone not in this host's tzdata) is tried again.
 SCHEDULE_RETRY = 60.0
@@ -833,12 +836,13 @@ class TopicState(Layout):
         skip_topics: frozenset[str] = frozenset(),
         skip: frozenset[tuple[str, str]] = frozenset(),
         scan: int = OUTBOX_SCAN,
+        room: float = math.inf,
     ) -> list[dict[str, Any]]:
         """The first `n` follow-ups waiting for delivery, oldest first, leaving
         out those for the topics in `skip_topics` and those in `skip`, as
         (topic, id), held back for now (they hold back no others), among the
-        first `scan`."""
-        return self.outbox_after(0, n, skip_topics, skip, scan)[0]
+        first `scan`, from segments of `room` bytes or so (outbox_after)."""
+        return self.outbox_after(0, n, skip_topics, skip, scan, room)[0]
 
     def outbox_after(
         self,
@@ -847,21 +851,34 @@ class TopicState(Layout):
         skip_topics: frozenset[str] = frozenset(),
         skip: frozenset[tuple[str, str]] = frozenset(),
         scan: int = OUTBOX_SCAN,
+        room: float = math.inf,
     ) -> tuple[list[dict[str, Any]], int]:
         """outbox_front() from the `start`-th follow-up on (those before it are
         known to be held back: skipped by the segments' counts, unread), and
         how many from the front are held back as far as it looked: where the
         next call may start while the same are held back. Behind a topic that
         does not take its follow-ups (a corrupt head) `scan` bounds what one
-        call reads, and the next goes on from there."""
+        call reads, and the next goes on from there.
+
+        No more segments are read once those read (held back ones too) come
+        to `room` bytes as stored, OUTBOX_WINDOW_SEGMENTS at most past it:
+        what a call reads is held at once, and must fit the object cache
+        however large the follow-ups (a backlog of 300 KB ones, counted in
+        items alone, was a read the cache could never hold)."""
         front: list[dict[str, Any]] = []
         held = start  # the follow-ups before it are all held back
         looked = 0
-        while len(front) < n and looked < scan:
-            places = self.outbox.window(start + looked, min(1000, scan - looked))
+        spent = 0
+        weighed: set[str] = set()
+        outbox = self.outbox
+        while len(front) < n and looked < scan and spent < room:
+            places = outbox.window(start + looked, min(1000, scan - looked), OUTBOX_WINDOW_SEGMENTS)
             if not places:
                 break
             for place in places:
+                if place.seg is not None and place.seg not in weighed:
+                    weighed.add(place.seg)
+                    spent += outbox.segment(place.seg).size
                 looked += 1
                 item = place.item
                 if item["topic"] in skip_topics or (item["topic"], item["id"]) in skip:
