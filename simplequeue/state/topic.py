@@ -45,7 +45,7 @@ from simplequeue.errors import (
     RefusedByTopic,
     ScheduleNotFound,
 )
-from simplequeue.state.chain import Chain, Place
+from simplequeue.state.chain import Chain, Place, locate_each
 from simplequeue.state.idfilter import IdFilter
 from simplequeue.state.layout import (
     CLAIM_FIELDS,
@@ -894,18 +894,17 @@ class TopicState(Layout):
         """Follow-ups enqueued in their topics, as (topic, id), leave the
         outbox, the oldest first: one id may go to several topics, and one
         (topic, id) be there twice (two acks named it: the second delivery
-        is a duplicate). How many left (one already gone is not counted)."""
+        is a duplicate). How many left (one already gone is not counted).
+        Each is found by its id (the manifests' id indexes, the loose
+        segments), never by reading the outbox from its front: follow-ups
+        held back there (50,000 for a topic down) are not walked through
+        at every delivery."""
         wanted = Counter(delivered)
+        [located] = locate_each([self.outbox], (job_id for _, job_id in wanted))
         places = []
-        for place in self.outbox.places():
-            if not wanted:
-                break
-            key = (place.item["topic"], place.item["id"])
-            if wanted[key] > 0:
-                wanted[key] -= 1
-                if not wanted[key]:
-                    del wanted[key]
-                places.append(place)
+        for (topic, job_id), count in wanted.items():
+            same = [p for p in located[job_id] if p.item["topic"] == topic]
+            places += same[:count]
         for place in places:
             self.outbox.remove(place)
         counters = self.head["counters"]
