@@ -47,6 +47,7 @@ from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.faults import FaultyStore
 from tests.helpers.until import until, until_async
+from tests.test_ownership import cluster, owner_and_other
 
 StartBroker = Callable[..., Awaitable[Broker]]
 TOKEN = "s3cret-token"
@@ -727,8 +728,17 @@ async def test_a_client_that_leaves_while_its_pop_commits_loses_no_job(
         (("BLPOP", "q", "5"), "pop"),
         (("BLPOP", "other", "q", "5"), "complete"),
         (("XREADGROUP", "GROUP", "g", "c", "NOACK", "STREAMS", "q", ">"), "complete"),
+        (("XREADGROUP", "GROUP", "streams", "c", "NOACK", "STREAMS", "q", ">"), "complete"),
+        (("XREADGROUP", "GROUP", "g", "Streams", "NOACK", "STREAMS", "q", ">"), "complete"),
     ],
-    ids=["lpop-alone", "blpop-alone", "blpop-keys", "xreadgroup-noack"],
+    ids=[
+        "lpop-alone",
+        "blpop-alone",
+        "blpop-keys",
+        "xreadgroup-noack",
+        "group-named-streams",
+        "consumer-named-streams",
+    ],
 )
 async def test_a_pop_whose_client_resets_as_its_commit_lands_is_given_back(
     broker: Broker,
@@ -745,15 +755,33 @@ async def test_a_pop_whose_client_resets_as_its_commit_lands_is_given_back(
     of the request edge). A lone pop is named and looked after as a group's.
     So is the completion of a BLPOP of several keys and of XREADGROUP NOACK
     (a claim, then a commit that completes it): it was not named, and stayed
-    done for nobody (round 32's review, left alone until round 34)."""
+    done for nobody (round 32's review, left alone until round 34); nor was
+    NOACK seen after a group or consumer named "streams" (review of round
+    34's change: options are read after GROUP g c)."""
+    code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
+    assert code == 201
+    await reset_as_it_lands(broker, http, monkeypatch, sent, landing, "q")
+
+
+async def reset_as_it_lands(
+    broker: Broker,
+    http: Http,
+    monkeypatch: pytest.MonkeyPatch,
+    sent: tuple[str, ...],
+    landing: str,
+    topic: str,
+) -> None:
+    """A client sends `sent` to `broker` and resets its connection (RST) once
+    the engine's `landing` ("pop" or "complete") landed with a job: job
+    "j1" of `topic` (answered by `http`) is pending again, uncounted."""
     assert broker.redis is not None
     server = broker.redis
-    real_pop = getattr(server.engine, landing)
+    real = getattr(server.engine, landing)
     client: socket.socket | None = None
-    popped = asyncio.Event()
+    landed = asyncio.Event()
 
-    async def pop_then_reset(*args: Any, **kwargs: Any) -> list[Any]:
-        jobs: list[Any] = await real_pop(*args, **kwargs)
+    async def land_then_reset(*args: Any, **kwargs: Any) -> list[Any]:
+        jobs: list[Any] = await real(*args, **kwargs)
         try:
             if jobs and client is not None:  # the commit landed: the RST comes now
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -761,19 +789,38 @@ async def test_a_pop_whose_client_resets_as_its_commit_lands_is_given_back(
                 [conn] = server.connections
                 await conn.left.wait()  # the broker's read loop saw it
         finally:
-            popped.set()
+            landed.set()
         return jobs
 
-    monkeypatch.setattr(server.engine, landing, pop_then_reset)
-    code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
-    assert code == 201
+    monkeypatch.setattr(server.engine, landing, land_then_reset)
     client = socket.create_connection(("127.0.0.1", port_of(broker)))
     client.sendall(hiredis.pack_command(sent))
-    await popped.wait()
+    await asyncio.wait_for(landed.wait(), 10)
     await until(lambda: not server.connections)
-    await pending_again(http, "q")
-    job = await http.job("q", "j1")
+    await pending_again(http, topic)
+    job = await http.job(topic, "j1")
     assert (job["status"], job["attempts"]) == ("pending", 0)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [("BLPOP", "other", "t", "5"), ("XREADGROUP", "GROUP", "g", "c", "NOACK", "STREAMS", "t", ">")],
+    ids=["blpop-keys", "xreadgroup-noack"],
+)
+async def test_a_completion_passed_on_to_the_owner_is_given_back_on_a_reset(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, sent: tuple[str, ...]
+) -> None:
+    """Two brokers: the client talks to the one that does not own the topic,
+    which passes the claim and its completion on (Router.complete, under
+    the attempt id the connection named). The client resets as the
+    completion lands: the job is given back at the owner."""
+    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
+    owner, other = owner_and_other(brokers, "t")
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, owner.url)
+        code, _ = await http.call("POST", "/topics/t/enqueue", {"payload": "x", "id": "j1"})
+        assert code == 201
+        await reset_as_it_lands(other, http, monkeypatch, sent, "complete", "t")
 
 
 async def test_a_broker_stopping_while_a_blpop_commits_gives_the_job_back(

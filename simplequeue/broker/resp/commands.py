@@ -157,7 +157,10 @@ def names_its_pops(frame: list[bytes]) -> bool:
         return True
     if name != "XREADGROUP":
         return False
-    for arg in frame[1:]:  # its options, up to STREAMS (a stream may be named NOACK)
+    # Its options, after GROUP group consumer (either may be named STREAMS or
+    # NOACK) and up to STREAMS (a stream may be named NOACK), as
+    # StreamRead.parse reads them.
+    for arg in frame[4:]:
         option = upper(arg)
         if option == "STREAMS":
             return False
