@@ -4,6 +4,7 @@ errors, the sync client, discovery and re-discovery."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import math
 import os
@@ -25,6 +26,7 @@ import pytest
 from simplequeue.api import JobSpec
 from simplequeue.client import Client, Job, SyncClient
 from simplequeue.client import client as client_module
+from simplequeue.client import sync as sync_module
 from simplequeue.errors import (
     BrokerUnavailable,
     InvalidRequest,
@@ -684,6 +686,69 @@ def test_an_interruption_as_a_sync_call_is_handed_to_its_loop_gives_up_its_reque
             monkeypatch.undo()
             [conn] = accepted
             assert_closed(conn)
+
+
+def test_an_interruption_as_another_thread_closes_the_sync_client_neither_waits_nor_warns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C reaches a SyncClient call as another thread closes the client:
+    close() cancelled the call's future (cancel() still answers True), so
+    the interrupted call scheduled its wait on the loop, which close() had
+    stopped, its thread about to close it (held there, as a descheduled
+    thread would be): the caller waited INTERRUPTED_WAIT_S (2 s) for
+    nothing, and loop.close() dropped the wait, "never awaited" (review of
+    round 34's change). close() waits for the calls it cancels: an
+    interrupted call waits for nothing more then."""
+    loop_stopped, let_it_close = threading.Event(), threading.Event()
+
+    def run_forever(loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.run_forever()
+        finally:
+            loop_stopped.set()
+            let_it_close.wait(10)  # the loop's thread descheduled, for a while
+            loop.close()
+
+    monkeypatch.setattr(sync_module, "_run_forever", run_forever)
+    real_stopped = SyncClient._stopped
+    took: list[float] = []
+
+    def stopped_as_closed(self: SyncClient, call: Any) -> None:
+        closer = threading.Thread(target=self.close)
+        closer.start()  # the other thread's close(), done as Ctrl-C came
+        assert loop_stopped.wait(10)
+        started = time.monotonic()
+        try:
+            real_stopped(self, call)
+        finally:
+            took.append(time.monotonic() - started)
+            let_it_close.set()
+            closer.join()
+
+    monkeypatch.setattr(SyncClient, "_stopped", stopped_as_closed)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        main = threading.main_thread().ident
+        assert main is not None
+        q = SyncClient(f"http://127.0.0.1:{port}", topic="t", retries=0)
+
+        def interrupt() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)  # the claim's request: held unanswered
+                signal.pthread_kill(main, signal.SIGINT)
+                time.sleep(0.5)
+
+        ctrl_c = threading.Thread(target=interrupt)
+        ctrl_c.start()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(KeyboardInterrupt):
+                q.claim("w", lease=60, wait=30)
+            ctrl_c.join()
+            gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert took[0] < 1.0, f"the interrupted call waited {took[0]:.1f} s on a stopped loop"
 
 
 def enqueue_in_a_forked_child(q: SyncClient) -> int:

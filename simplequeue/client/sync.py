@@ -218,12 +218,13 @@ class SyncClient:
             await asyncio.wait([call.task])
             await asyncio.sleep(0)  # the transport's close, scheduled as the task ended
 
-        waiting = ended()
-        try:
-            waited = asyncio.run_coroutine_threadsafe(waiting, self._loop)
-        except RuntimeError:  # the loop is closed (close() in another thread)
-            waiting.close()
-            return
+        with self._lock:
+            if self._closing:
+                # close() in another thread cancels the calls in flight and
+                # waits for them (_shut), and stops the loop, which might
+                # never run this wait: nothing to wait for here.
+                return
+            waited = asyncio.run_coroutine_threadsafe(ended(), self._loop)
         try:
             waited.result(INTERRUPTED_WAIT_S)
         except concurrent.futures.TimeoutError:
