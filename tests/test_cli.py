@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -826,6 +828,51 @@ async def test_claim_whose_output_cannot_be_written_says_so_and_gives_the_job_ba
         assert (await cli.json("job", "a"))["attempts"] == 0
     done = await cli.redirected("> /dev/full", "status", "--json")
     assert failed_with(done, "cannot write the output"), done.stderr
+
+
+def claim_read_by_a_reader_that_leaves(cli: Cli) -> subprocess.CompletedProcess[bytes]:
+    """`simplequeue claim w | head -c 1`, the reader leaving once the pipe is
+    full (the command blocked writing the rest)."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        cli.argv("claim", "w"), stdout=write_end, stderr=subprocess.PIPE, env=cli.env
+    )
+    os.close(write_end)
+    try:
+        waiting = bytearray(4)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            fcntl.ioctl(read_end, termios.FIONREAD, waiting)
+            if int.from_bytes(waiting, sys.byteorder) >= 65536:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the command never filled the pipe")
+        os.read(read_end, 1)
+    finally:
+        os.close(read_end)
+    _, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, b"", err)
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+async def test_claim_whose_reader_leaves_mid_output_says_so_and_gives_the_job_back(
+    broker: Any, unbuffered: bool
+) -> None:
+    """`claim w | head -c 1`, the job 300 KB of JSON: with PYTHONUNBUFFERED=1
+    (container images set it) the write into the pipe was cut short at 64 KiB,
+    Python's text stream dropped the rest without an error, and claim exited 0
+    with the job kept claimed under a token nobody read (review of the edge).
+    Either way it fails and gives the job back, as for a closed pipe."""
+    cli = Cli("--broker", broker.url, "--topic", "big")
+    cli.env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        cli.env["PYTHONUNBUFFERED"] = "1"
+    async with Client(broker.url, topic="big") as client:
+        await client.enqueue({"blob": "x" * 300_000}, id="a")
+    done = await asyncio.to_thread(claim_read_by_a_reader_that_leaves, cli)
+    assert (done.returncode, b"cannot write the output" in done.stderr) == (1, True), done
+    assert (await cli.json("job", "a"))["status"] == "pending"
 
 
 async def test_unreachable_broker_fails_with_one_line() -> None:

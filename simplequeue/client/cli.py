@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import os
+import select
 import shutil
 import signal
 import sys
@@ -126,15 +127,32 @@ def output(text: str) -> None:
     exit 1, not an OSError's traceback (nor exit 0 with stdout closed, where
     click.echo prints nothing and says nothing)."""
     try:
-        if sys.stdout is None:
+        stream = sys.stdout
+        if stream is None:
             raise OSError(errno.EBADF, "stdout is closed")
-        click.echo(text)
+        stream.flush()
+        write_all(stream.buffer, f"{text}\n".encode(stream.encoding, stream.errors or "strict"))
     except OSError as exc:
         # What is still buffered would fail again as Python exits, with a
         # second message and exit status 120: it goes nowhere instead.
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise OutputFailed(f"cannot write the output: {exc.strerror or exc}") from None
+
+
+def write_all(out: BinaryIO, data: bytes) -> None:
+    """Write all of `data`, or raise OSError. Unbuffered (PYTHONUNBUFFERED=1,
+    `python -u`), stdout's binary layer is the file itself, whose write may
+    take only part (64 KiB into a pipe whose reader left): the text layer
+    drops the rest without an error. The write after a short one says why."""
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        if written is None:  # a non-blocking stdout, full for now
+            select.select([], [out.fileno()], [])
+            continue
+        view = view[written:]
+    out.flush()
 
 
 def job_json(job: Job) -> dict[str, Any]:
