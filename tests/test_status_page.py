@@ -733,6 +733,67 @@ async def test_a_page_left_open_on_idle_topics_does_not_list_the_store_at_every_
     assert store_requests(broker, "list") == before + 1
 
 
+async def test_an_overview_during_a_store_outage_shows_the_topics_it_knew_and_says_so(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the listing of topics was due again (LIST_EVERY, a minute) during
+    a store outage, it failed, and the whole overview with it: 503 "injected:
+    store down" at every poll until the store listed again, the page "broker
+    unreachable" exactly when the operator looks (review of the edge). The
+    last listing is kept, merged with the topics this broker holds as ever,
+    its failure said; it is tried again within LIST_RETRY, not a minute."""
+    from tests.helpers.faults import Outage
+
+    store = Outage()
+    broker = await start_broker(store)
+    page = broker.http_api.page
+    await broker.engine.enqueue("a", [JobSpec(1)])
+    assert [t.name for t in (await page.compute()).topics] == ["a"]
+    store.down = True
+    due = status_page.LIST_EVERY + 1
+    monkeypatch.setattr(status_page, "time", LaterClock(due))
+    overview = await page.compute()
+    assert [t.name for t in overview.topics] == ["a"]
+    assert overview.listing_failed is not None and "injected: store down" in overview.listing_failed
+    with monkeypatch.context() as held:  # the listing kept, not only the topics held
+        held.setattr(broker.engine, "known_topics", list)
+        assert [t.name for t in (await page.compute()).topics] == ["a"]
+    store.down = False
+    before = store_requests(broker, "list")
+    monkeypatch.setattr(status_page, "time", LaterClock(due + status_page.LIST_RETRY + 1))
+    await broker.engine.enqueue("b", [JobSpec(1)])
+    overview = await page.compute()
+    assert (store_requests(broker, "list"), overview.listing_failed) == (before + 1, None)
+    assert [t.name for t in overview.topics] == ["a", "b"]
+
+
+async def test_the_page_says_when_the_store_s_topics_could_not_be_listed(
+    start_broker: StartBroker, tab: tuple[Page, PageErrors], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The overview's listing_failed is said under the topics, which still show."""
+    from playwright.async_api import expect
+
+    from tests.helpers.faults import Outage
+
+    store = Outage()
+    broker = await start_broker(store)
+    await broker.engine.enqueue("a", [JobSpec(1)])
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    await expect(row(page, "a")).to_have_count(1)
+    failed = page.locator("#listing-failed")
+    await expect(failed).to_be_hidden()
+    store.down = True
+    monkeypatch.setattr(status_page, "time", LaterClock(status_page.LIST_EVERY + 1))
+    await expect(failed).to_contain_text("could not be listed (StoreUnavailable: injected")
+    await expect(page.locator("#status")).to_have_class("status ok")
+    await expect(row(page, "a")).to_have_count(1)
+    store.down = False
+    monkeypatch.setattr(status_page, "time", LaterClock(2 * status_page.LIST_EVERY))
+    await expect(failed).to_be_hidden()
+    assert errors == []
+
+
 async def test_metrics_report_only_the_topics_this_broker_owns(
     start_broker: StartBroker,
 ) -> None:

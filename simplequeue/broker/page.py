@@ -65,6 +65,11 @@ ERROR_CHARS = 1000  # characters of an error shown
 # shows at once without it (known_topics); only one created through another
 # broker waits for the next listing.
 LIST_EVERY = 60.0
+# Seconds before a listing that failed (the store down) is tried again. The
+# overview meanwhile shows the last listing and the topics this broker holds,
+# and says the listing failed: failing whole, it answered 503 at every poll
+# until the store listed again, when the operator looks.
+LIST_RETRY = 5.0
 # Seconds the head of a topic another broker owns is taken as read, at most:
 # each refresh (every 2 s) read every topic shown (200 at most) again, 100 GETs
 # a second for one tab. One this broker owns is current in its memory (its
@@ -210,6 +215,9 @@ class Overview(Struct):
     record: RecordView | None
     topics: list[TopicView | TopicUnreadable]  # the first MAX_TOPICS, by name
     topics_total: int
+    # Why the last listing of the store's topics failed, if it did: the topics
+    # shown are then the listing before it and those this broker holds.
+    listing_failed: str | None
     sample_every: float  # seconds between rate samples
     window: float  # seconds of rates kept
 
@@ -416,6 +424,7 @@ class StatusPage:
         self._listed: list[str] = []  # the store's topics, sorted, as last listed
         self._listed_set: frozenset[str] = frozenset()
         self._listed_at = -1e18
+        self._listing_failed: str | None = None  # why the last listing failed
         self._sampler: asyncio.Task[None] | None = None
         self._shown: set[str] = set()  # the topics the last overview showed
         self._computing = asyncio.Lock()
@@ -486,9 +495,7 @@ class StatusPage:
         self._start_sampler()
         change = self._touched.get(fresh or "")  # the last change before `fresh` is read
         if time.monotonic() - self._listed_at >= LIST_EVERY:
-            self._listed = await self.engine.topic_names()
-            self._listed_set = frozenset(self._listed)
-            self._listed_at = time.monotonic()
+            await self._list_topics()
         # Topics this broker wrote since the last listing show at once. Merged
         # into the listing (sorted once, when listed), only as far as shown:
         # not every name sorted again at each refresh.
@@ -554,9 +561,30 @@ class StatusPage:
             record=presence.record,
             topics=views,
             topics_total=total,
+            listing_failed=self._listing_failed,
             sample_every=self.rates.every,
             window=self.rates.window,
         )
+
+    async def _list_topics(self) -> None:
+        """List the store's topics; failing, keep the last listing (merged with
+        those this broker holds, as always) and try again in LIST_RETRY."""
+        try:
+            listed = await self.engine.topic_names()
+        except Exception as exc:  # the topics known still show
+            self._listing_failed = f"{type(exc).__name__}: {exc}"
+            self._listed_at = time.monotonic() - LIST_EVERY + LIST_RETRY
+            log.warning(
+                "status page: listing the topics failed (%s); showing the last listing"
+                " and the topics this broker holds, again in %.0f s",
+                self._listing_failed,
+                LIST_RETRY,
+            )
+            return
+        self._listed = listed
+        self._listed_set = frozenset(listed)
+        self._listed_at = time.monotonic()
+        self._listing_failed = None
 
     def _max_age(self, topic: str, fresh: str | None) -> float:
         """How old a state of `topic` an overview takes, in seconds."""

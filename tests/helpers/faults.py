@@ -167,6 +167,10 @@ class Outage(MemStore):
         self._check()
         return await super().list(prefix)
 
+    async def list_top(self, prefix: str) -> list[str]:
+        self._check()
+        return await super().list_top(prefix)
+
     async def delete(self, key: str) -> None:
         self._check()
         await super().delete(key)

@@ -925,6 +925,11 @@
     const hiddenTopics = data.topics_total - data.topics.length;
     $("more-topics").hidden = hiddenTopics <= 0;
     setText($("more-topics"), hiddenTopics > 0 ? `… and ${fmtCount(hiddenTopics)} more topics not shown` : "");
+    // The store's topics could not be listed (an outage): those shown are the
+    // last listing's and those this broker holds.
+    const failed = data.listing_failed;
+    $("listing-failed").hidden = !failed;
+    setText($("listing-failed"), failed ? `The store's topics could not be listed (${failed}): showing those listed before and those this broker holds.` : "");
     syncChildren($("details"), data.topics, (t) => t.name, createCard, (card, t) => updateCard(card, t, window));
   }
 
