@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from simplequeue import keys
@@ -810,6 +811,51 @@ async def test_a_second_signal_stops_a_stopping_broker_now(
         writer.close()
     assert code == 0
     assert "second signal: stopping now" in broker.log()
+
+
+async def goodbyes_said(folder: Path) -> bool:
+    """Whether the broker that ran on `folder` left the registry and handed
+    broker.json over (its heartbeat 0: stale at once), as a stopped one does."""
+    store = LocalStore(folder)
+    try:
+        registered = await store.list(keys.BROKERS_PREFIX)
+        record = orjson.loads((await store.get(keys.BROKER))[0])
+    finally:
+        await store.close()
+    return registered == [] and record["heartbeat_at"] == 0
+
+
+@pytest.mark.parametrize("stdout", ["/dev/full", "a pipe whose reader left"])
+async def test_a_broker_that_cannot_print_where_it_listens_stops_as_on_a_signal(
+    tmp_path: Path, stdout: str
+) -> None:
+    """`simplequeued > /dev/full` (or into a pipe whose reader died): printing
+    "listening on" failed after the broker had started, registered and taken
+    broker.json, and the process exited 1 at once, past its stop: broker.json
+    named a dead broker active and its registration counted it live for a
+    lease (15 s), --discover sent clients to it and a broker started next
+    waited as a standby (review of the edge). It stops as on a signal, then
+    fails with one line."""
+    if stdout == "/dev/full":
+        out = os.open("/dev/full", os.O_WRONLY)
+    else:
+        reader, out = os.pipe()
+        os.close(reader)
+    argv = [sys.executable, "-m", "simplequeue.broker", "--addr", "127.0.0.1:0"]
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [*argv, "--backend", "localfs", "--dir", str(tmp_path)],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(out)
+    last = done.stderr.strip().splitlines()[-1]
+    assert (done.returncode, last.startswith("Error: cannot write to stdout")) == (1, True), last
+    assert await goodbyes_said(tmp_path), done.stderr
 
 
 # A broker whose store never answers (an S3 endpoint black-holed, an NFS mount

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -307,6 +308,10 @@ def event_loop_runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
+# The signals that stop the broker (a second one stops it now).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bool) -> None:
     from simplequeue.broker.server import Broker
 
@@ -318,7 +323,7 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
     broker = Broker(settings, store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     log = logging.getLogger(__name__)
     try:
@@ -331,35 +336,58 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
         # exits with the reason, its store closed.
         await store.close()
         raise
-    if started:
-        click.echo(
-            f"simplequeued {settings.broker_id} listening on {broker.url} "
-            f"(store {settings.store_url}, pid {os.getpid()})"
-        )
-        if broker.redis is not None:
-            click.echo(f"simplequeued resp listening on {broker.redis.addr}")
+    try:
+        if started:
+            lines = [
+                f"simplequeued {settings.broker_id} listening on {broker.url} "
+                f"(store {settings.store_url}, pid {os.getpid()})"
+            ]
+            if broker.redis is not None:
+                lines.append(f"simplequeued resp listening on {broker.redis.addr}")
+            announce(lines)
+            if broker.http is not None:
+                log.info(
+                    "at most %d HTTP connections at once (%d descriptors held for the store, "
+                    "%d for connections to the other brokers)",
+                    broker.http.max_connections,
+                    store.held_descriptors,
+                    broker.forwarder.connections,
+                )
+            if broker.redis is not None:
+                log.info("at most %d RESP clients at once", broker.redis.settings.max_clients)
+            await stop.wait()
+        else:
+            log.warning("a signal while starting: starting no further")
+    finally:
+        # However it ends once started (a signal, or the lines above failing),
+        # the broker stops: it leaves the registry and hands broker.json over,
+        # where exiting without would leave both naming a dead broker live
+        # for a lease.
+        log.info("stopping: finishing in-flight writes (a second signal stops now)")
+        now = asyncio.Event()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, now.set)
+        if not await _unless_signalled(now, broker.stop()):
+            # A write cut short lands whole or not at all; its caller, cut off,
+            # retries. The other brokers take over within --broker-lease.
+            log.warning("second signal: stopping now, without waiting for what is in flight")
+
+
+def announce(lines: list[str]) -> None:
+    """Print where the broker listens on stdout (a supervisor may wait for it),
+    or raise ClickException: stdout a full disk, a pipe whose reader died,
+    closed. What is still buffered would fail again as Python exits (a second
+    message, exit status 120): it goes nowhere instead."""
+    try:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "stdout is closed")
+        for line in lines:
+            click.echo(line)
         sys.stdout.flush()
-        if broker.http is not None:
-            log.info(
-                "at most %d HTTP connections at once (%d descriptors held for the store, "
-                "%d for connections to the other brokers)",
-                broker.http.max_connections,
-                store.held_descriptors,
-                broker.forwarder.connections,
-            )
-        if broker.redis is not None:
-            log.info("at most %d RESP clients at once", broker.redis.settings.max_clients)
-        await stop.wait()
-    else:
-        log.warning("a signal while starting: starting no further")
-    log.info("stopping: finishing in-flight writes (a second signal stops now)")
-    now = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, now.set)
-    if not await _unless_signalled(now, broker.stop()):
-        # A write cut short lands whole or not at all; its caller, cut off,
-        # retries. The other brokers take over within --broker-lease.
-        log.warning("second signal: stopping now, without waiting for what is in flight")
+    except OSError as exc:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise click.ClickException(f"cannot write to stdout: {exc.strerror or exc}") from None
 
 
 async def _unless_signalled(told: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:
