@@ -858,6 +858,42 @@ async def test_a_broker_that_cannot_print_where_it_listens_stops_as_on_a_signal(
     assert await goodbyes_said(tmp_path), done.stderr
 
 
+async def test_a_hung_up_broker_stops_as_on_sigterm(broker_process: Any, tmp_path: Path) -> None:
+    """A broker in a terminal or an ssh session that closes gets SIGHUP, which
+    it left at its default: killed at once, writes in flight and long polls
+    cut, no goodbyes (broker.json naming it active, its registration live,
+    for another lease) (review of the edge). It stops as on SIGTERM."""
+    broker = broker_process("--dir", str(tmp_path))
+    broker.proc.send_signal(signal.SIGHUP)
+    assert await asyncio.to_thread(broker.proc.wait, 30) == 0
+    assert await goodbyes_said(tmp_path)
+
+
+def test_a_broker_started_under_nohup_runs_on_through_sighup(tmp_path: Path) -> None:
+    """A SIGHUP ignored already (nohup) stays ignored."""
+    import urllib.request
+
+    argv = [sys.executable, "-m", "simplequeue.broker", "--addr", "127.0.0.1:0"]
+    proc = subprocess.Popen(
+        [*argv, "--dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split("listening on ")[1].split()[0]
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as answer:
+            assert answer.status == 200
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 # A broker whose store never answers (an S3 endpoint black-holed, an NFS mount
 # hung): it prints "asked" each time it waits on the store.
 _SILENT_BROKER = """

@@ -214,7 +214,7 @@ def main(
     log_level: str,
     **store_flags: Any,
 ) -> None:
-    """Run a simplequeue broker until SIGTERM or Ctrl-C."""
+    """Run a simplequeue broker until SIGTERM, Ctrl-C or SIGHUP."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -308,8 +308,22 @@ def event_loop_runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-# The signals that stop the broker (a second one stops it now).
+# The signals that stop the broker, and that, once it is stopping, stop it
+# now. SIGHUP stops it too (stop_signals()), but is no second signal: a
+# terminal that closes sends it twice (the kernel and the shell).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop the broker: SIGTERM, Ctrl-C's SIGINT, and SIGHUP
+    (its terminal closed, an ssh session dropped), which killed it at once,
+    writes in flight cut and no goodbyes (broker.json and its registration
+    naming it live for another lease). A SIGHUP ignored already (nohup)
+    stays ignored."""
+    stopping = list(STOP_SIGNALS)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        stopping.append(signal.SIGHUP)
+    return stopping
 
 
 async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bool) -> None:
@@ -323,7 +337,7 @@ async def _serve(settings: BrokerSettings, store: ObjectStore, create_bucket: bo
     broker = Broker(settings, store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
+    for sig in stop_signals():
         loop.add_signal_handler(sig, stop.set)
     log = logging.getLogger(__name__)
     try:
