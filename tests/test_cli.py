@@ -311,6 +311,48 @@ async def test_enqueue_file_from_a_pipe_stopped_by_a_signal_says_what_it_enqueue
     ), err
 
 
+def reading_at(pid: int, path: Path) -> int | None:
+    """How far process `pid` has read `path`, or None while it has it not open."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(path):
+                info = (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text()
+                return int(info.split("pos:")[1].split()[0])
+    return None
+
+
+async def test_ctrl_c_stops_enqueue_file_while_it_checks_a_large_file(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A regular file's lines are all checked before the first is sent, on
+    the event loop's thread with no await: asyncio.run()'s Ctrl-C, a cancel,
+    landed once the whole file was checked (12 million lines: exit 10.3 s
+    after Ctrl-C) (review of the edge). The check awaits every 10,000 lines,
+    where it lands. 20 million lines take some 12 s to check here."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_bytes(b"1\n" * 20_000_000)
+    proc = subprocess.Popen(  # noqa: ASYNC220 (started, then waited for on a thread)
+        cli.argv("enqueue", "--file", str(jobs)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=cli.env,
+        # As a terminal's Ctrl-C finds it (a background job's SIGINT is ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        await until(lambda: (reading_at(proc.pid, jobs) or 0) > 0, within=60)
+        proc.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        await asyncio.to_thread(proc.wait, 120)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
+    assert (proc.returncode, took < 3) == (130, True), (took, err[-400:])
+    assert (await cli.json("status"))["pending"] == 0
+
+
 async def test_enqueue_file_stopped_by_a_second_signal_says_which_lines_may_be_enqueued(
     broker: Any,
 ) -> None:
