@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -1312,6 +1312,7 @@ class RepeatingClaims(Client):
         wait: float = 0,
         *,
         attempt_id: str | None = None,
+        held: Container[tuple[str, str | None]] | None = None,
     ) -> list[Job]:
         if self.answers:
             return [Job(**claimed_job(n)) for n in self.answers.pop(0)]
@@ -1969,6 +1970,34 @@ async def test_a_claim_answer_is_held_to_what_was_asked(count: int) -> None:
         jobs = await prompt(q.claim_many("w", count))
     assert [j.id for j in jobs] == [f"j{n}" for n in range(1, count + 1)]
     assert released == [{"job_id": f"j{n}", "lease_token": f"tok{n}"} for n in range(count + 1, 5)]
+
+
+async def test_a_claim_answer_naming_jobs_the_caller_holds_neither_returns_nor_releases_them() -> (
+    None
+):
+    """An answer past `count` that names jobs its caller holds (an earlier
+    answer replayed) had those past `count` released: the caller's running
+    jobs, pending again for any worker (review finding). Those `held` names
+    under their lease are left out, neither returned nor released; the rest
+    is held to `count` as before. One held under another lease is not the
+    caller's job any more: it counts as any other."""
+    released: list[Any] = []
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            return web.json_response({"jobs": [claimed_job(n) for n in (1, 2, 3, 4, 5)]})
+        if request.path.endswith("/release"):
+            claims = orjson.loads(body)["claims"]
+            released.extend(claims)
+            return web.json_response({"released": len(claims)})
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    held = {("j1", "tok1"), ("j2", "tok2"), ("j4", "an older lease")}
+    async with serving(broker) as url, Client(url, topic="t") as q:
+        jobs = await prompt(q.claim_many("w", 2, held=held))
+    assert [j.id for j in jobs] == ["j3", "j4"]
+    assert released == [{"job_id": "j5", "lease_token": "tok5"}]
 
 
 async def test_claim_many_does_not_sit_on_the_jobs_it_keeps_while_a_release_stalls() -> None:

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 import pytest
@@ -567,8 +567,11 @@ class CountingClient(Client):
         wait: float = 0,
         *,
         attempt_id: str | None = None,
+        held: Container[tuple[str, str | None]] | None = None,
     ) -> list[Job]:
-        jobs = await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
+        jobs = await super().claim_many(
+            worker_id, count, lease, wait, attempt_id=attempt_id, held=held
+        )
         self.batches.append(len(jobs))
         return jobs
 
@@ -922,6 +925,7 @@ class GatedClient(Client):
         wait: float = 0,
         *,
         attempt_id: str | None = None,
+        held: Container[tuple[str, str | None]] | None = None,
     ) -> list[Job]:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -930,7 +934,9 @@ class GatedClient(Client):
         self.asked.append(count)
         try:
             await self.gate.wait()
-            return await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
+            return await super().claim_many(
+                worker_id, count, lease, wait, attempt_id=attempt_id, held=held
+            )
         finally:
             self.in_flight -= 1
 
@@ -974,19 +980,26 @@ class LateFirstAnswerClient(Client):
         wait: float = 0,
         *,
         attempt_id: str | None = None,
+        held: Container[tuple[str, str | None]] | None = None,
     ) -> list[Job]:
         self.calls += 1
         if self.calls == 1:
-            jobs = await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
+            jobs = await super().claim_many(
+                worker_id, count, lease, wait, attempt_id=attempt_id, held=held
+            )
             self.first_answered.set()
             await self.second_returned.wait()
             return jobs
         if self.calls == 2:
             await self.first_answered.wait()
-            jobs = await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
+            jobs = await super().claim_many(
+                worker_id, count, lease, wait, attempt_id=attempt_id, held=held
+            )
             self.second_returned.set()
             return jobs
-        return await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
+        return await super().claim_many(
+            worker_id, count, lease, wait, attempt_id=attempt_id, held=held
+        )
 
 
 async def test_claims_in_flight_hand_their_jobs_over_in_the_order_they_were_sent(
@@ -1049,11 +1062,14 @@ class FailingFirstClient(Client):
         wait: float = 0,
         *,
         attempt_id: str | None = None,
+        held: Container[tuple[str, str | None]] | None = None,
     ) -> list[Job]:
         if self.failures > 0:
             self.failures -= 1
             raise BrokerUnavailable("injected: no broker")
-        return await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
+        return await super().claim_many(
+            worker_id, count, lease, wait, attempt_id=attempt_id, held=held
+        )
 
 
 async def test_the_worker_claims_again_after_both_claims_in_flight_failed(broker: Any) -> None:
@@ -1082,11 +1098,14 @@ class FirstClaimBreaks(Client):
         wait: float = 0,
         *,
         attempt_id: str | None = None,
+        held: Container[tuple[str, str | None]] | None = None,
     ) -> list[Job]:
         if not self.broke:
             self.broke = True
             raise RuntimeError("injected: not an error of the SDK")
-        return await super().claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
+        return await super().claim_many(
+            worker_id, count, lease, wait, attempt_id=attempt_id, held=held
+        )
 
 
 async def test_a_claim_failing_with_an_error_not_the_sdks_is_logged_and_claiming_goes_on(
@@ -1160,6 +1179,43 @@ async def test_a_burst_worker_raises_when_no_broker_answers() -> None:
         worker = Worker(q, nothing, burst=True, handle_signals=False)
         with pytest.raises(BrokerUnavailable):
             await asyncio.wait_for(worker.run(), 15)
+
+
+async def test_a_claim_answered_again_with_the_jobs_the_worker_runs_gives_none_back(
+    q: Client, broker: Any
+) -> None:
+    """A proxy (or a broker at fault) answering a claim with an earlier, larger
+    claim's answer again: the first claim got three jobs, the next asked for
+    the one free slot and was answered those three. claim_many held the
+    answer to one job, releasing the other two at the broker, before the
+    Worker dropped the jobs it holds: another client claimed them while their
+    handlers ran here (review finding). The claim is told what the Worker
+    holds (`held`): none of it is returned, nor released."""
+    await q.enqueue_many(["a", "b", "c"])
+    running: set[str] = set()
+    finish = asyncio.Event()
+
+    async def slow(job: Job) -> None:
+        running.add(job.id)
+        await finish.wait()
+
+    async with FaultProxy(broker.url).running() as proxy, Client(proxy.url, topic="w") as via:
+        proxy.fail("/claim", "pass", "replay")  # no settings read first: prefetch 0
+        worker = Worker(via, slow, concurrency=4, prefetch=0, wait=0.2, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        try:
+            # The third claim goes out once the replayed second one was handled.
+            await until(lambda: len(running) == 3 and proxy.requests["/topics/w/claim"] >= 3)
+            await asyncio.gather(*via._releases)  # any release of "extras" claim_many started
+            stolen = await q.claim_many("thief", 3)
+            assert stolen == [], f"jobs running here were given back: {[j.id for j in stolen]}"
+            assert proxy.requests["/topics/w/release"] == 0
+        finally:
+            finish.set()
+            await worker.stop()
+            await run
+    assert worker.processed == 3
+    assert (await q.status())["completed"] == 3
 
 
 # --- acks -------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import contextvars
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -838,6 +838,7 @@ class Client:
         wait: float = 0,
         *,
         attempt_id: str | None = None,
+        held: Container[tuple[str, str | None]] | None = None,
     ) -> list[Job]:
         """Claim up to `count` jobs in one request: fewer when fewer are due
         or the topic's limits allow fewer, and no more once their payloads
@@ -852,7 +853,12 @@ class Client:
         holds twice is returned once, and jobs past `count` are released in
         the background, the jobs kept returned at once (best effort: one not
         released comes back when its lease runs out; close() waits for the
-        releases under way)."""
+        releases under way). `held` has the (id, lease_token) pairs of the
+        jobs the caller holds already (looked up once the answer came): an
+        answer naming one of them under its lease (an earlier answer
+        replayed, by a proxy or a broker at fault) is not this claim's, and
+        the job is neither returned nor released: released, it would be
+        claimed by another worker while the caller runs it."""
         body = api.ClaimRequest(worker_id, lease=lease, wait=wait, count=count)
         if attempt_id is not None:
             # Checked here: the broker's refusal of a bad one would read as
@@ -869,7 +875,17 @@ class Client:
         for job in answer.jobs:
             firsts.setdefault(job.id, job)
         distinct = list(firsts.values())
-        if len(distinct) < len(answer.jobs) or len(distinct) > count:
+        twice = len(distinct) < len(answer.jobs)
+        if held is not None:
+            ours = [job for job in distinct if (job.id, job.lease_token) not in held]
+            if len(ours) < len(distinct):
+                log.warning(
+                    "%s: a claim answered %d jobs its caller holds already: left to it",
+                    self.url,
+                    len(distinct) - len(ours),
+                )
+                distinct = ours
+        if twice or len(distinct) > count:
             # Not a broker's answer (a broker claims each job once, at most
             # `count`): run twice at once, or past a Worker's max_jobs.
             log.warning(

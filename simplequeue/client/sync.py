@@ -15,7 +15,7 @@ import concurrent.futures
 import os
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Container, Coroutine, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -316,9 +316,10 @@ class SyncClient:
         wait: float = 0,
         *,
         attempt_id: str | None = None,
+        held: Container[tuple[str, str | None]] | None = None,
     ) -> list[Job]:
         return self._run(
-            self.client.claim_many(worker_id, count, lease, wait, attempt_id=attempt_id)
+            self.client.claim_many(worker_id, count, lease, wait, attempt_id=attempt_id, held=held)
         )
 
     def ack(self, job: Job | str, result: Any = None, enqueue: Iterable[Any] | None = None) -> None:

@@ -363,6 +363,22 @@ class _Claimed:
                 back.cancel()
 
 
+class _HeldNow:
+    """What a Worker holds (Worker._held_pairs), as a claim's `held`
+    (Client.claim_many): read when first asked, as the claim's answer came,
+    not when it was sent: the jobs of another claim answered meanwhile are
+    held too, and an answer replaying them must not release them."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._pairs: set[tuple[str, str | None]] | None = None
+
+    def __contains__(self, pair: object) -> bool:
+        if self._pairs is None:
+            self._pairs = self._worker._held_pairs()
+        return pair in self._pairs
+
+
 class Worker:
     """Runs `handler` on the client's topic's jobs, `concurrency` at a time,
     holding up to `prefetch` more claimed (default: sized as jobs go, see
@@ -878,7 +894,12 @@ class Worker:
         try:
             with last_call(answering):
                 jobs = await self.client.claim_many(
-                    self.worker_id, count, lease=self.lease, wait=wait, attempt_id=attempt[0]
+                    self.worker_id,
+                    count,
+                    lease=self.lease,
+                    wait=wait,
+                    attempt_id=attempt[0],
+                    held=_HeldNow(self),
                 )
                 took = time.monotonic() - sent
                 self.ahead.claimed(took, count, len(jobs), wait)
@@ -946,7 +967,11 @@ class Worker:
         try:
             async with calls_within(TAKE_BACK_WITHIN):
                 jobs = await self.client.claim_many(
-                    self.worker_id, count, lease=self.lease, attempt_id=attempt_id
+                    self.worker_id,
+                    count,
+                    lease=self.lease,
+                    attempt_id=attempt_id,
+                    held=_HeldNow(self),
                 )
         except Exception as exc:  # TimeoutError too
             log.warning(
@@ -977,7 +1002,12 @@ class Worker:
             # there; another claim of this worker may take the jobs meanwhile).
             attempt[0] = api.new_id()
             jobs = await self.client.claim_many(
-                self.worker_id, count, lease=self.lease, wait=HELD_BACK_WAIT, attempt_id=attempt[0]
+                self.worker_id,
+                count,
+                lease=self.lease,
+                wait=HELD_BACK_WAIT,
+                attempt_id=attempt[0],
+                held=_HeldNow(self),
             )
             if jobs:
                 self._rationed = True
@@ -1084,6 +1114,16 @@ class Worker:
             held.add((job.id, job.lease_token))
             kept.append(job)
         return kept
+
+    def _held_pairs(self) -> set[tuple[str, str | None]]:
+        """The (id, lease_token) pairs of the jobs this worker holds: buffered,
+        running or acking, and those of claims answered that wait for an
+        earlier claim's answer (_deliver)."""
+        holding = (*self._ready, *self._holding.values(), *self._acking)
+        pairs = {(h.job.id, h.job.lease_token) for h in holding}
+        for _, jobs, _ in self._answers.values():
+            pairs.update((job.id, job.lease_token) for job in jobs or ())
+        return pairs
 
     def _start_ready(self) -> None:
         # A handler that took back the slot it lent (stop() cut short) counts

@@ -19,9 +19,12 @@ HTML = "<html><body><h1>Bad Gateway</h1></body></html>"
 # (forwarded, then 502); "html" (200, HTML); "cut" (forwarded, then half the
 # body and the connection closed); "silent" (never answered, never forwarded:
 # held until the proxy stops); "landed-held" (forwarded, then its answer held
-# until the proxy stops: on its way when the client gives up; sets `held`).
+# until the proxy stops: on its way when the client gives up; sets `held`);
+# "replay" (never forwarded: answered what the last request of its path
+# passed on was answered, as a cache or a broker at fault may answer again);
+# "pass" (forwarded as it is: a place in the plan, for a fault after it).
 PAGES = {"404", "409", "500", "502", "503", "504"}
-FAULTS = {*PAGES, "landed-502", "html", "cut", "silent", "landed-held"}
+FAULTS = {*PAGES, "landed-502", "html", "cut", "silent", "landed-held", "replay", "pass"}
 
 
 class FaultProxy:
@@ -36,6 +39,8 @@ class FaultProxy:
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()  # releases the requests held "silent"
         self.delay = 0.0  # seconds every request waits before it is passed on
+        # The last answer of each path's requests passed on (for "replay").
+        self._answered: dict[str, tuple[int, bytes, str]] = {}
 
     def fail(self, suffix: str, *faults: str) -> None:
         """The next requests whose path ends with `suffix` meet `faults`, in order."""
@@ -59,6 +64,9 @@ class FaultProxy:
         if fault == "silent":
             await self._stopping.wait()
             return web.Response(status=504, text=HTML, content_type="text/html")
+        if fault == "replay":
+            status, body, content_type = self._answered[request.path]
+            return web.Response(status=status, body=body, content_type=content_type)
         assert self._session is not None
         if self.delay:
             await asyncio.sleep(self.delay)  # a slow network, not synchronisation
@@ -71,6 +79,7 @@ class FaultProxy:
         ) as upstream:
             data = await upstream.read()
             status, content_type = upstream.status, upstream.content_type
+        self._answered[request.path] = (status, data, content_type)
         if fault == "landed-502":
             return web.Response(status=502, text=HTML, content_type="text/html")
         if fault == "landed-held":
