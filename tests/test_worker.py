@@ -613,6 +613,46 @@ async def test_short_jobs_are_claimed_far_ahead(broker: Any) -> None:
     assert max(q.batches) <= (4 + AHEAD_MAX * 4 + 1) // 2  # never past the cap
 
 
+async def test_jobs_held_ahead_past_the_buffers_size_once_jobs_slow_down_are_given_back(
+    broker: Any,
+) -> None:
+    """Short jobs grow the buffer to hundreds (ClaimAhead); when jobs slow
+    down, its size shrinks, but the jobs held ahead stayed, each heartbeated
+    every third of its lease while it waited its turn, none given back for
+    idle workers: 2,576 heartbeats in 15 s for 1,120 jobs of 0.2 s whose own
+    run needed none (concurrency 16, lease 3 s; review finding). A buffered
+    job whose heartbeat comes due while the buffer is over its size has the
+    jobs past it given back (one release for many, the attempt uncounted)."""
+    async with FaultProxy(broker.url).running() as proxy, Client(proxy.url, topic="w") as q:
+        for start in range(0, 6000, 1000):
+            await q.enqueue_many(list(range(start, start + 1000)))
+        slow = False
+
+        async def handler(job: Job) -> None:
+            if slow:
+                await asyncio.sleep(0.1)  # 80 jobs a second: a buffer of 16 (the floor)
+
+        # Heartbeats every second; a job's own run needs none.
+        worker = Worker(q, handler, concurrency=8, lease=3.0, handle_signals=False)
+        run = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: len(worker._ready) >= 150, within=30)
+            slow = True
+            held = len(worker._ready)
+            before = proxy.requests["/topics/w/heartbeat"]
+            await asyncio.sleep(4.0)  # each job held ahead would be renewed three times
+            beats = proxy.requests["/topics/w/heartbeat"] - before
+            releases = proxy.requests["/topics/w/release"]
+            given_back = worker.given_back
+        finally:
+            worker.request_stop()
+            worker._on_signal()  # give back what is still held: no need to run it all
+            await run
+    assert given_back >= held // 4, f"{given_back} of {held} jobs held ahead given back"
+    assert releases <= 5, f"{releases} release requests for {given_back} jobs"
+    assert beats < held // 2, f"{beats} heartbeats for {held} jobs held ahead"
+
+
 def test_claim_ahead_sizes_the_buffer_from_the_rate_and_the_round_trip() -> None:
     now = [0.0]
     ahead = ClaimAhead(concurrency=4, clock=lambda: now[0])

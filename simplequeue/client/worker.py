@@ -3,10 +3,13 @@
 Batch claims fill free slots and, ahead of need, a prefetch buffer of up to
 `prefetch` more jobs (by default sized to the rate jobs end at: ClaimAhead),
 so that the next jobs are at hand when a slot frees rather than one claim
-round trip away. Not on a topic with a `rate` or `max_claimed` setting:
-those count claimed jobs, and a job held ahead would take a place (or a
-token) without running, while another worker idles; there the Worker
-claims only for its free slots, whatever its `prefetch`, and so it does
+round trip away. A buffer over its size (jobs slowed down, or the topic
+has limits now) gives back the jobs past it, the last to run, when a
+heartbeat of one waiting there comes due, rather than renew them while
+other workers may idle (_trim_buffer). Not on a topic with a `rate` or
+`max_claimed` setting: those count claimed jobs, and a job held ahead would
+take a place (or a token) without running, while another worker idles;
+there the Worker claims only for its free slots, whatever its `prefetch`, and so it does
 until it has read them (before its first claim, SETTINGS_FIRST_WAIT at
 most; then every SETTINGS_EVERY seconds in the background:
 _follow_settings). With a buffer, each claim asks for half the capacity and
@@ -229,7 +232,8 @@ class ClaimAhead:
     waits (an idle worker, then a burst), and its wait, taken for a round
     trip, would size the buffer to claim the burst. A rate sample spans at
     least WINDOW and one job, so when jobs slow down (or stop) the rate falls
-    with them and the buffer shrinks back."""
+    with them and the buffer shrinks back: the jobs held past its size are
+    given back as their heartbeats come due (Worker._trim_buffer)."""
 
     WINDOW = 0.02  # seconds of completions per rate sample, at least
     WEIGHT = 0.3  # of a new sample in the moving averages
@@ -478,7 +482,9 @@ class Worker:
         # Jobs whose handler returned but whose ack did not land (the lease was
         # lost meanwhile, or the broker could not be reached): they run again.
         self.unacked = 0
-        self.given_back = 0  # by a signal: claimed ahead and released, or interrupted
+        # Released unrun: claimed ahead (at a signal, or past the buffer's size
+        # as jobs slowed down: _trim_buffer), or interrupted by a second signal.
+        self.given_back = 0
         self._running: set[asyncio.Task[None]] = set()
         self._holding: dict[asyncio.Task[None], _Claimed] = {}  # what each running task runs
         self._signalled = 0  # signals received while running: a second stops now
@@ -690,6 +696,8 @@ class Worker:
     def _give_back_later(self, jobs: list[Job]) -> None:
         """_give_back() in a task of its own, which the drain waits for."""
         if jobs:
+            # Those done dropped: a Worker that runs for weeks gives back now and then.
+            self._giving_back = [f for f in self._giving_back if not f.done()]
             self._giving_back.append(asyncio.ensure_future(self._give_back(jobs)))
 
     async def _give_back(self, jobs: list[Job]) -> None:
@@ -1522,6 +1530,37 @@ class Worker:
         held.first_beat = None
         held.beats = asyncio.create_task(self._heartbeats(held))
 
+    def _trim_buffer(self, due: _Claimed) -> bool:
+        """A heartbeat of `due` is due: if it waits in the buffer and the buffer
+        holds more than its size now (ClaimAhead shrank it as jobs slowed
+        down, or the topic has a rate or max_claimed now), the jobs past the
+        size, the last to run, are given back (one request for them all:
+        pending at once, the attempt uncounted) rather than renewed while
+        they wait their turn, every third of their lease, with idle workers
+        elsewhere. Not while stopping: stop() runs the jobs claimed. Whether
+        `due` was among them (its heartbeats end: its caller's task)."""
+        excess = len(self._ready) - self.buffer_size
+        if excess <= 0 or due.work is not None or self._stopping.is_set():
+            return False
+        if due not in self._ready:  # started: its task is about to run it
+            return False
+        extra = [self._ready.pop() for _ in range(excess)]
+        extra.reverse()
+        for held in extra:
+            if held is not due:  # `due`'s heartbeats are its caller's, which ends them
+                _cancel_beats(held)
+        self._taken -= len(extra)  # not run: max_jobs does not count them
+        log.info(
+            "giving back %d jobs claimed ahead: the buffer holds %d at most now",
+            len(extra),
+            self.buffer_size,
+        )
+        self._give_back_later([held.job for held in extra])
+        self._room.set()
+        if not self._running and not self._ready:
+            self._idle.set()
+        return any(held is due for held in extra)
+
     async def _heartbeats(self, held: _Claimed) -> None:
         """Renew the lease now (the first heartbeat is due), then every interval,
         waiting in the buffer included; if the lease is lost, drop the job or
@@ -1534,21 +1573,25 @@ class Worker:
         too: the broker may have given the job to another worker."""
         out: set[asyncio.Task[bool]] = set()
         try:
-            await self._beat_until_lost(held, out)
+            lost = await self._beat_until_lost(held, out)
         finally:
             for beat in out:
                 beat.cancel()
             if out:
                 await asyncio.wait(out)
-        await self._lose(held)
+        if lost:
+            await self._lose(held)
 
-    async def _beat_until_lost(self, held: _Claimed, out: set[asyncio.Task[bool]]) -> None:
+    async def _beat_until_lost(self, held: _Claimed, out: set[asyncio.Task[bool]]) -> bool:
         """Send `held`'s heartbeats, each in a task of its own in `out`, until
-        one says the lease is lost or it ran out with none landing. They
-        overlap, HEARTBEATS_IN_FLIGHT at most: each has until the lease's end
-        (_heartbeat), and the next goes out when it is due all the same."""
+        one says the lease is lost or it ran out with none landing (True), or
+        the job, waiting in the buffer, was given back (_trim_buffer: False).
+        They overlap, HEARTBEATS_IN_FLIGHT at most: each has until the lease's
+        end (_heartbeat), and the next goes out when it is due all the same."""
         every = self._heartbeat_interval(held.job)
         while True:
+            if self._trim_buffer(held):
+                return False
             due = time.monotonic() + every
             if len(out) < HEARTBEATS_IN_FLIGHT:
                 out.add(asyncio.create_task(self._heartbeat(held)))
@@ -1560,10 +1603,10 @@ class Worker:
                 done, _ = await asyncio.wait(out, timeout=left, return_when=asyncio.FIRST_COMPLETED)
                 out.difference_update(done)
                 if not all(beat.result() for beat in done):
-                    return
+                    return True
             if time.monotonic() >= held.lease_ends:
                 log.warning("job %s: its lease ran out unrenewed: taken for lost", held.job.id)
-                return
+                return True
 
     async def _heartbeat(self, held: _Claimed) -> bool:
         """One heartbeat of `held`'s job: False if the broker says its lease is
