@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import io
 import os
 import select
 import signal
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,7 +26,7 @@ from aiohttp import web
 
 from simplequeue import __version__, keys
 from simplequeue.client import Client
-from simplequeue.client.cli import Stop, stopped_by_signals
+from simplequeue.client.cli import Stop, output, stopped_by_signals
 from simplequeue.objstore.localfs import LocalStore
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
@@ -915,6 +917,39 @@ async def test_claim_whose_reader_leaves_mid_output_says_so_and_gives_the_job_ba
     done = await asyncio.to_thread(claim_read_by_a_reader_that_leaves, cli)
     assert (done.returncode, b"cannot write the output" in done.stderr) == (1, True), done
     assert (await cli.json("job", "a"))["status"] == "pending"
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_output_into_a_non_blocking_pipe_waits_for_its_reader(
+    monkeypatch: pytest.MonkeyPatch, buffered: bool
+) -> None:
+    """stdout a pipe whose write end is non-blocking (O_NONBLOCK set by a
+    parent sharing it: node's child_process, some CI runners), its reader a
+    little slow. Unbuffered (PYTHONUNBUFFERED=1) a full pipe's write returns
+    None and output waited; buffered, the default, BufferedWriter raises
+    BlockingIOError instead, and 1 MB of output failed with "cannot write the
+    output: write could not complete without blocking", exit 1 (a claim gave
+    its job back) (review round 34b). Both wait for the reader now."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)
+    got = bytearray()
+
+    def reader() -> None:
+        while data := os.read(r, 65536):
+            got.extend(data)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        binary = open(w, "wb", buffering=-1 if buffered else 0, closefd=False)  # noqa: SIM115
+        monkeypatch.setattr("sys.stdout", io.TextIOWrapper(binary, encoding="utf-8"))
+        output("x" * 1_000_000)
+    finally:
+        os.close(w)
+        thread.join()
+        os.close(r)
+    assert bytes(got) == b"x" * 1_000_000 + b"\n"
 
 
 async def test_unreachable_broker_fails_with_one_line() -> None:

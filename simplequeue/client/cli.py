@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
-from typing import Any, BinaryIO, Generic, NoReturn, TypeVar
+from typing import IO, Any, BinaryIO, Generic, NoReturn, TypeVar
 
 import click
 import msgspec
@@ -135,7 +135,7 @@ def output(text: str) -> None:
         stream = sys.stdout
         if stream is None:
             raise OSError(errno.EBADF, "stdout is closed")
-        stream.flush()
+        flush_all(stream)
         write_all(stream.buffer, f"{text}\n".encode(stream.encoding, stream.errors or "strict"))
     except OSError as exc:
         # What is still buffered would fail again as Python exits, with a
@@ -149,15 +149,38 @@ def write_all(out: BinaryIO, data: bytes) -> None:
     """Write all of `data`, or raise OSError. Unbuffered (PYTHONUNBUFFERED=1,
     `python -u`), stdout's binary layer is the file itself, whose write may
     take only part (64 KiB into a pipe whose reader left): the text layer
-    drops the rest without an error. The write after a short one says why."""
+    drops the rest without an error. The write after a short one says why.
+    A non-blocking stdout (O_NONBLOCK set by a parent sharing it), full for
+    now, is waited for: the file's write returns None, a BufferedWriter's
+    (the default) raises BlockingIOError, having taken characters_written."""
     view = memoryview(data)
     while view:
-        written = out.write(view)
-        if written is None:  # a non-blocking stdout, full for now
-            select.select([], [out.fileno()], [])
+        try:
+            written = out.write(view)
+        except BlockingIOError as exc:
+            view = view[exc.characters_written :]
+            writable(out)
+            continue
+        if written is None:
+            writable(out)
             continue
         view = view[written:]
-    out.flush()
+    flush_all(out)
+
+
+def flush_all(out: IO[Any]) -> None:
+    """Flush `out`, waiting for a non-blocking stdout that is full for now
+    (a BufferedWriter keeps what it could not write, and raises)."""
+    while True:
+        try:
+            out.flush()
+            return
+        except BlockingIOError:
+            writable(out)
+
+
+def writable(out: IO[Any]) -> None:
+    select.select([], [out.fileno()], [])
 
 
 def job_json(job: Job) -> dict[str, Any]:
