@@ -1987,6 +1987,28 @@ class SlowFirstAck(Client):
         return await super().ack_many(acks)
 
 
+def test_a_renewal_read_late_counts_from_when_its_heartbeat_was_sent() -> None:
+    """A heartbeat's answer read long after it came (the loop held up by
+    blocking work in a handler) moved the lease's end to when it was read
+    plus what the broker said was left: a buffered job whose lease ran out
+    meanwhile, given to another client, was started all the same
+    (test_a_buffered_job_whose_lease_ran_out_while_the_loop_was_busy_is_not_started
+    failed so about 1 run in 12 under load). The renewal counts from when
+    the heartbeat was sent, the earliest the broker can have made it."""
+    job = Job(id="j", status="claimed", lease_token="k")
+    held = worker_module._Claimed(job, 1.0, 100.0)
+    read_late = LastCall()
+    read_late.answered, read_late.now = 110.0, 5_000.0  # read 10 s after it was sent
+    until = worker_module._renewed_until(held, 100.0, 5_000.9, read_late)
+    assert until == pytest.approx(100.9), until
+    no_now = LastCall()
+    no_now.answered = 110.0
+    assert worker_module._renewed_until(held, 100.0, 5_000.9, no_now) == 101.0
+    garbage = LastCall()
+    garbage.answered, garbage.now = 100.01, 0.0  # a `now` far behind: one lease at most
+    assert worker_module._renewed_until(held, 100.0, 5_000.9, garbage) == 101.0
+
+
 async def test_the_lease_is_renewed_until_the_ack_is_answered(start_broker: StartBroker) -> None:
     """The heartbeats stopped when the handler returned, before its ack was
     sent: an ack queued or slow past the lease let the job be claimed again

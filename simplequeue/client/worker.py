@@ -1751,20 +1751,20 @@ def _cancel_beats(held: _Claimed) -> asyncio.Task[None] | None:
 
 def _renewed_until(held: _Claimed, sent: float, expires: float, answering: LastCall) -> float:
     """When `held`'s lease, renewed by a heartbeat sent at `sent` that
-    answered `expires` (its lease_expires_at), runs out on this clock: no
-    sooner than its lease from when it was sent, before the broker renewed
-    it; and what the broker said was left of it as it answered (`expires`
-    less its `now`), from when the answer came, if it said. No more than
-    one lease from then: a `now` far behind (garbage, a proxy's, a broken
-    broker's; "0" put the end 1.8e9 s away) would keep a job whose later
-    heartbeats fail running past the broker's lease, given to another
-    worker meanwhile. A broker's own says less than a lease: its `now` is
-    the latest the store's time may be, as the renewal's start was."""
-    until = sent + held.lease
-    if answering.now is not None:
-        left = min(expires - answering.now, held.lease)
-        until = max(until, answering.answered + left)
-    return until
+    answered `expires` (its lease_expires_at), runs out on this clock, at the
+    earliest: the broker renewed it after `sent`, so what it said was left of
+    it as it answered (`expires` less its `now`) counts from `sent`; without
+    a `now`, its lease does. Not from when the answer was read: that may be
+    long after it came (the loop held up by blocking work in a handler), and
+    a buffered job whose lease had run out meanwhile was started, given to
+    another worker already. No more than one lease from then: a `now` far
+    behind (garbage, a proxy's, a broken broker's; "0" put the end 1.8e9 s
+    away) would keep a job whose later heartbeats fail running past the
+    broker's lease. A broker's own says less than a lease: its `now` is the
+    latest the store's time may be, as the renewal's start was."""
+    if answering.now is None:
+        return sent + held.lease
+    return sent + max(0.0, min(expires - answering.now, held.lease))
 
 
 def _why(exc: Exception, within: float | None) -> str:
