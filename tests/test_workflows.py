@@ -99,8 +99,8 @@ async def test_follow_ups_for_other_topics_wait_in_the_outbox_of_the_same_write(
     [item] = written["outbox"]["in"]
     assert item["id"] == "src:0" and item["topic"] == "other" and item["payload"] == "o"
     assert await q.outbox("t", 10) == [item]
-    assert await q.delivered("t", [("other", "src:0")]) is None  # nothing else due
-    assert await q.delivered("t", [("other", "src:0")]) is None  # twice: nothing more taken
+    assert await q.delivered("t", [("other", "src:0")]) == (1, None)  # nothing else due
+    assert await q.delivered("t", [("other", "src:0")]) == (0, None)  # twice: nothing taken
     assert (await head(store, "t"))["outbox"]["n"] == 0
     assert (await head(store, "t"))["counters"]["delivered"] == 1
 
@@ -949,6 +949,65 @@ async def test_a_backlog_for_a_topic_that_stays_down_is_not_read_again_at_each_t
     await until(lambda: tried.tries >= tries + 5, within=10)
     per_try = (store.read - read) / (tried.tries - tries)
     assert per_try < 10_000_000, f"{per_try / 1e6:.1f} MB read a try, for a 20 MB backlog"
+
+
+class DownFor:
+    """Where follow-ups go (`inner`), except into topic `down`, whose owner
+    cannot be reached; counting its tries."""
+
+    def __init__(self, inner: Any, down: str) -> None:
+        self.inner, self.down, self.tries = inner, down, 0
+
+    async def enqueue(self, topic: str, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        if topic == self.down:
+            self.tries += 1
+            raise StoreUnavailable(f"{topic}'s owner does not answer")
+        got: list[dict[str, Any]] = await self.inner.enqueue(topic, specs)
+        return got
+
+
+async def _acked_for(engine: Engine, n: int, topic: str, prefix: str) -> list[str]:
+    """`n` jobs of topic src acked, each with a follow-up for `topic`; their ids."""
+    await engine.enqueue("src", [JobSpec(i, id=f"{prefix}{i}") for i in range(n)])
+    jobs = await engine.claim("src", "w", count=n)
+    acks = [
+        AckRequest(j["id"], j["lease_token"], enqueue=[FollowUpSpec(1, topic=topic)]) for j in jobs
+    ]
+    assert all(a["status"] == "completed" for a in await engine.ack_many("src", acks))
+    return [f"{j['id']}:0" for j in jobs]
+
+
+async def test_follow_ups_another_broker_took_out_in_front_do_not_hide_those_behind(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 follow-ups wait for topic `down`, which this broker cannot reach:
+    it remembers that the outbox's first 600 are held back. Another broker
+    (a stand-in, say) delivers the first 100 and takes them out; 3 follow-ups
+    for a healthy topic, acked then, stand at 500-502. Every round started at
+    the remembered 600, past them, for as long as `down` stayed down (none
+    delivered in 5 s and 24 tries; review finding). Positions from the front
+    hold while no one else takes follow-ups out (counters.delivered)."""
+    store = MemStore()
+    broker = await start_broker(store)
+    monkeypatch.setattr(broker.duties, "settings", DutySettings(retry_failed=0.2))
+    deliver = broker.duties.deliver_to = DownFor(broker.duties.deliver_to, "down")
+    engine = broker.engine
+    down = await _acked_for(engine, 600, "down", "d")
+    await until(lambda: deliver.tries >= 3, within=10)  # its front remembered
+    other = Engine(GroupCommitter(store, broker_id="other"))
+    try:
+        await other.enqueue("down", [JobSpec(1, id=i) for i in down[:100]])
+        await other.delivered("src", [("down", i) for i in down[:100]])
+        assert len(await other.outbox("src", 10**4)) == 500
+    finally:
+        await other.committer.close()
+    await _acked_for(engine, 3, "up", "u")
+    await until_true(broker, "up", lambda: _pending_at_least(engine, "up", 3), within=5)
+
+    async def taken_out() -> bool:
+        return len(await engine.outbox("src", 10**4)) == 500  # those wait for `down`
+
+    await until_true(broker, "src", taken_out)
 
 
 class Held:

@@ -445,19 +445,23 @@ class Duties:
             now = self.clock()
             targets, items = back.now(now)
             # The follow-ups in front known to be held back are not read again
-            # while they are held back (a topic down behind 50,000 of its own).
+            # while they are held back (a topic down behind 50,000 of its own)
+            # and no one else took any out (the read starts at 0 if they did).
             start = back.front(targets, items)
             # A round's follow-ups, read at once, come to what its requests
             # carry side by side, about: bounded in bytes, as in number.
-            front, held = await self.engine.outbox_after(
+            front, held, removed = await self.engine.outbox_after(
                 topic,
                 start,
                 DELIVER_BATCH,
                 targets,
                 items,
                 DELIVER_PARALLEL * self.settings.deliver_bytes,
+                back.removed,
             )
-            back.read(held, targets, items)
+            if removed != back.removed:
+                start = 0
+            back.read(held, targets, items, removed)
             if not front:
                 if held > start:  # what it read is held back: on past it
                     progressed = True
@@ -484,8 +488,8 @@ class Duties:
                 if failed:
                     back.targets[target] = until
             if done:
-                back.delivered(targets, items)
-                due = await self.engine.delivered(topic, done)
+                gone, due = await self.engine.delivered(topic, done)
+                back.delivered(targets, items, gone)
                 self.delivered += len(done)
             progressed = progressed or bool(done)
         else:
@@ -736,6 +740,10 @@ class _HeldBack:
     fronts: list[tuple[int, frozenset[str], frozenset[tuple[str, str]]]] = field(
         default_factory=list
     )
+    # How many follow-ups had ever left the outbox (counters.delivered) when
+    # `fronts` were read, with this delivery's own since: positions from the
+    # front hold while no one else takes any out (acks only append).
+    removed: int | None = None
 
     def now(self, now: float) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
         """What is held back at `now` (what is no longer is forgotten)."""
@@ -749,17 +757,32 @@ class _HeldBack:
         no more than those."""
         return max((n for n, t, i in self.fronts if t <= targets and i <= items), default=0)
 
-    def read(self, held: int, targets: frozenset[str], items: frozenset[tuple[str, str]]) -> None:
+    def read(
+        self,
+        held: int,
+        targets: frozenset[str],
+        items: frozenset[tuple[str, str]],
+        removed: int,
+    ) -> None:
         """A read found the first `held` follow-ups held back under `targets`
-        and `items`."""
+        and `items`, when `removed` had ever left the outbox. If that is not
+        what this delivery counts, others took some out (another broker
+        delivered them, as a stand-in or a former owner): the fronts read
+        before may count follow-ups gone, and overshoot those behind them."""
+        if removed != self.removed:
+            self.fronts, self.removed = [], removed
         kept = [f for f in self.fronts if not (f[0] <= held and targets <= f[1] and items <= f[2])]
         self.fronts = [*kept, (held, targets, items)][-FRONTS_KEPT:]
 
-    def delivered(self, targets: frozenset[str], items: frozenset[tuple[str, str]]) -> None:
-        """Follow-ups not held back under `targets` and `items` left the outbox:
-        a read under more than those may have counted them among its held
-        back ones, and no longer says where the front ends."""
+    def delivered(
+        self, targets: frozenset[str], items: frozenset[tuple[str, str]], taken: int
+    ) -> None:
+        """Follow-ups not held back under `targets` and `items` left the outbox,
+        `taken` of them: a read under more than those may have counted them
+        among its held back ones, and no longer says where the front ends."""
         self.fronts = [f for f in self.fronts if f[1] <= targets and f[2] <= items]
+        if self.removed is not None:
+            self.removed += taken
 
     def next(self, now: float) -> float | None:
         """When the first thing held back at `now` may go again (None: nothing)."""

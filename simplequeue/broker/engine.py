@@ -1051,27 +1051,35 @@ class Engine:
         skip_topics: frozenset[str] = frozenset(),
         skip: frozenset[tuple[str, str]] = frozenset(),
         room: float = math.inf,
-    ) -> tuple[list[dict[str, Any]], int]:
-        """outbox() from the `start`-th follow-up on, and how many from the
-        front are held back (TopicState.outbox_after), from segments of
-        `room` bytes or so, and no more than a batch's claims may read
-        (claim_bytes: what fits the object cache)."""
+        removed: int | None = None,
+    ) -> tuple[list[dict[str, Any]], int, int]:
+        """outbox() from the `start`-th follow-up on, how many from the front
+        are held back (TopicState.outbox_after), from segments of `room`
+        bytes or so, and no more than a batch's claims may read (claim_bytes:
+        what fits the object cache); and how many follow-ups ever left the
+        outbox (counters.delivered). `start` counts from the front as it was
+        when `removed` had left it: if more have since (another broker
+        delivered some), the positions moved, and the read starts at 0."""
         keys.check_topic(topic)
         room = min(room, self.claim_bytes)
-        return await self.committer.read(
-            topic,
-            lambda s, now: s.outbox_after(start, n, skip_topics, skip, room=room),
-            READ_AFTER_COMMIT,
-        )
 
-    async def delivered(self, topic: str, delivered: list[tuple[str, str]]) -> float | None:
+        def read(s: TopicState, now: float) -> tuple[list[dict[str, Any]], int, int]:
+            gone = s.totals()["delivered"]
+            begin = start if gone == removed else 0
+            return (*s.outbox_after(begin, n, skip_topics, skip, room=room), gone)
+
+        return await self.committer.read(topic, read, READ_AFTER_COMMIT)
+
+    async def delivered(
+        self, topic: str, delivered: list[tuple[str, str]]
+    ) -> tuple[int, float | None]:
         """Follow-ups enqueued in their topics, as (topic, id), leave `topic`'s
-        outbox; when the topic is next due (on earliest_now()'s clock)."""
+        outbox: how many left (one already gone is not counted), and when the
+        topic is next due (on earliest_now()'s clock)."""
         keys.check_topic(topic)
 
-        def deliver(s: TopicState, now: float) -> float | None:
-            s.outbox_delivered(delivered)
-            return self._next_due(s, now)
+        def deliver(s: TopicState, now: float) -> tuple[int, float | None]:
+            return s.outbox_delivered(delivered), self._next_due(s, now)
 
         return await self.committer.submit(topic, deliver)
 
