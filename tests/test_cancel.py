@@ -140,6 +140,47 @@ async def test_a_thousand_jobs_spread_over_a_deep_topic_are_cancelled_from_a_col
         await cold.committer.close()
 
 
+async def test_jobs_found_before_a_corrupt_segment_of_another_run_are_cancelled() -> None:
+    """A claimed job (its lease spilled into a segment) and a pending one
+    inline in the first lane (delayed), while a segment of a later lane's run, which
+    holds neither, is corrupt (a bad restore, a bit flip). The cancel looked
+    every id up in the leases and in every run first (so that what all of
+    them lack is fetched at once): the corrupt segment failed the whole
+    cancel, 500 "topic t cannot be served" (review finding). Each is looked
+    for as far as where it is found, in the order it is taken; an id that
+    may be in the corrupt segment still fails."""
+    from simplequeue import keys
+    from simplequeue.broker.engine import Engine
+    from simplequeue.errors import CorruptData
+    from simplequeue.groupcommit import GroupCommitter
+
+    store = MemStore()
+    writer = Engine(GroupCommitter(store, broker_id="writer"))
+    await writer.enqueue("t", [JobSpec("early", id="early", priority=9, delay=3600)])
+    for b in range(4):
+        specs = [JobSpec("x" * 1000, id=f"a{b * 50 + i}", priority=5) for i in range(50)]
+        await writer.enqueue("t", specs)
+    for b in range(4):
+        await writer.enqueue("t", [JobSpec("x" * 1000, id=f"b{b * 50 + i}") for i in range(50)])
+    claimed = []
+    for _ in range(4):
+        claimed += await writer.claim("t", "w", count=50, lease=3000)
+    await writer.committer.close()
+    head = orjson.loads((await store.get(keys.head("t")))[0])
+    assert head["leases"]["segs"] and not head["leases"]["in"]  # spilled
+    assert [j["id"] for j in head["lanes"]["9"]["in"]] == ["early"]
+    [run] = head["lanes"]["0"]["runs"]  # the b jobs, pending
+    await store.put(keys.segment("t", run["segs"][-1]["k"]), b"garbage")
+    cold = Engine(GroupCommitter(store, broker_id="cold"))
+    try:
+        ids = [claimed[-1]["id"], "early"]
+        assert await cold.cancel("t", ids) == {"cancelled": ids, "not_found": []}
+        with pytest.raises(CorruptData):  # it may be in the corrupt segment
+            await cold.cancel("t", ["unknown"])
+    finally:
+        await cold.committer.close()
+
+
 # --- through a broker -----------------------------------------------------------------------
 
 

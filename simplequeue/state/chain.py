@@ -23,7 +23,7 @@ SegmentMissing for one that is not loaded.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
@@ -687,25 +687,45 @@ class Chain:
         return NewObject(man_id, encode(refs)) if refs else None
 
 
-def locate_each(
-    chains: Sequence[Chain], job_ids: Iterable[str], inline: bool = True
-) -> list[dict[str, list[Place]]]:
-    """Chain.locate() of each of `job_ids` in each of `chains`: for each chain,
-    its live items by id. The objects any of those look-ups lacks are asked
-    for at once, one SegmentMissing naming them all (exact: those, nothing
-    read ahead), so that many ids cost a fetch round or two, not one each
-    (1,000 ids spread over a deep topic took past the committer's 64)."""
-    ids = list(dict.fromkeys(job_ids))
-    found: list[dict[str, list[Place]]] = []
+def locate_first(
+    chains: Sequence[Chain],
+    job_ids: Iterable[str],
+    inline: bool = True,
+    ends: Mapping[str, int] | None = None,
+) -> dict[str, list[Place]]:
+    """Each of `job_ids` looked for (Chain.locate) in `chains` in turn, as far
+    as the first that holds it: its live items there by id ([]: none holds
+    it). An id in `ends` is looked for in the chains before chains[ends[id]]
+    only (the caller finds it there, out of any chain: a lane's inline jobs).
+
+    The objects those look-ups lack, in every chain up to where each id is
+    found, are asked for at once, one SegmentMissing naming them all (exact:
+    those, nothing read ahead), so that many ids cost a fetch round or two,
+    not one each (1,000 ids spread over a deep topic took past the
+    committer's 64). A chain past where an id is found is not looked in:
+    a bad object there fails no look-up that does not reach it (SPEC 4.1; a
+    corrupt segment of a pending run failed the cancel of a claimed job)."""
+    found: dict[str, list[Place]] = {}
     missing: dict[str, None] = {}
-    for chain in chains:
-        here: dict[str, list[Place]] = {}
-        for job_id in ids:
+    for job_id in job_ids:
+        if job_id in found:
+            continue
+        found[job_id] = []
+        lacking = False  # an earlier chain may hold it: known once its objects are read
+        for chain in chains[: len(chains) if ends is None else ends.get(job_id, len(chains))]:
             try:
-                here[job_id] = chain.locate(job_id, inline)
+                places = chain.locate(job_id, inline)
             except SegmentMissing as miss:
                 missing.update(dict.fromkeys((miss.key, *miss.also)))
-        found.append(here)
+                lacking = True
+                continue
+            except CorruptData:
+                if lacking:
+                    break
+                raise
+            if places:
+                found[job_id] = places
+                break
     if missing:
         first, *rest = missing
         raise SegmentMissing(first, tuple(rest), exact=True)

@@ -45,7 +45,7 @@ from simplequeue.errors import (
     RefusedByTopic,
     ScheduleNotFound,
 )
-from simplequeue.state.chain import Chain, Place, locate_each
+from simplequeue.state.chain import Chain, Place, locate_first
 from simplequeue.state.idfilter import IdFilter
 from simplequeue.state.layout import (
     CLAIM_FIELDS,
@@ -900,7 +900,7 @@ class TopicState(Layout):
         held back there (50,000 for a topic down) are not walked through
         at every delivery."""
         wanted = Counter(delivered)
-        [located] = locate_each([self.outbox], (job_id for _, job_id in wanted))
+        located = locate_first([self.outbox], (job_id for _, job_id in wanted))
         places = []
         for (topic, job_id), count in wanted.items():
             same = [p for p in located[job_id] if p.item["topic"] == topic]
@@ -942,7 +942,7 @@ class TopicState(Layout):
         gone = set(taken)
         # The others left the dead queue without coming back if their record
         # says "dead" (a requeued job keeps none, and its id stays taken).
-        [records] = locate_each([self.retained], (i for i in job_ids if i not in gone))
+        records = locate_first([self.retained], (i for i in job_ids if i not in gone))
         return [
             i
             for i in dict.fromkeys(job_ids)
@@ -957,7 +957,7 @@ class TopicState(Layout):
         if job_ids is None:
             places = list(dead.places() if part is None else dead.window(0, *part))
         else:
-            [located] = locate_each([dead], job_ids)  # what they lack, in one round
+            located = locate_first([dead], job_ids)  # what they lack, in one round
             places = [p for found in located.values() for p in found]
         # The others keep their order (death order): taking leaves holes.
         for place in places:
@@ -1040,12 +1040,20 @@ class TopicState(Layout):
 
         What the look-ups of all of them lack is asked for at once, first:
         found one at a time, 1,000 ids spread over 100,000 pending jobs cost
-        a fetch round each, past the committer's bound (a 503, every time)."""
+        a fetch round each, past the committer's bound (a 503, every time).
+        Each is looked for where _take_live() looks, in its order, as far as
+        where it is found: a bad object further on (a corrupt segment of
+        another run) fails no cancel of a job found before it."""
         out: dict[str, list[str]] = {"cancelled": [], "not_found": []}
         ids = list(dict.fromkeys(job_ids))
         leased = self._inline_index()
-        runs = [run for lane in self.head["lanes"].values() for run in self._runs(lane)]
-        locate_each([self.leases, *runs], [i for i in ids if i not in leased], inline=False)
+        chains = [self.leases]
+        ends: dict[str, int] = {}  # a lane's inline job: found before its lane's runs
+        for lane in self.head["lanes"].values():
+            for job in lane["in"]:
+                ends.setdefault(job["id"], len(chains))
+            chains += self._runs(lane)
+        locate_first(chains, [i for i in ids if i not in leased], inline=False, ends=ends)
         for job_id in ids:
             job = self._take_live(job_id)
             if job is None:
