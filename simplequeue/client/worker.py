@@ -1625,11 +1625,9 @@ class Worker:
         is logged."""
         sent = time.monotonic()
         within = max(HEARTBEAT_MIN, self._lease_of(held.job))
-        answering = LastCall()
         try:
             async with calls_within(within):
-                with last_call(answering):
-                    expires = await self.client.heartbeat(held.job, self.lease)
+                await self.client.heartbeat(held.job, self.lease)
         except (LeaseLost, JobNotFound) as exc:
             held.cancelled = isinstance(exc, JobCancelled)
             return False
@@ -1644,7 +1642,7 @@ class Worker:
             )
             return True
         # The latest renewal wins, whichever order their answers came in.
-        held.lease_ends = max(held.lease_ends, _renewed_until(held, sent, expires, answering))
+        held.lease_ends = max(held.lease_ends, _renewed_until(held, sent))
         return True
 
     async def _lose(self, held: _Claimed) -> None:
@@ -1749,22 +1747,19 @@ def _cancel_beats(held: _Claimed) -> asyncio.Task[None] | None:
     return held.beats
 
 
-def _renewed_until(held: _Claimed, sent: float, expires: float, answering: LastCall) -> float:
-    """When `held`'s lease, renewed by a heartbeat sent at `sent` that
-    answered `expires` (its lease_expires_at), runs out on this clock, at the
-    earliest: the broker renewed it after `sent`, so what it said was left of
-    it as it answered (`expires` less its `now`) counts from `sent`; without
-    a `now`, its lease does. Not from when the answer was read: that may be
-    long after it came (the loop held up by blocking work in a handler), and
-    a buffered job whose lease had run out meanwhile was started, given to
-    another worker already. No more than one lease from then: a `now` far
-    behind (garbage, a proxy's, a broken broker's; "0" put the end 1.8e9 s
-    away) would keep a job whose later heartbeats fail running past the
-    broker's lease. A broker's own says less than a lease: its `now` is the
-    latest the store's time may be, as the renewal's start was."""
-    if answering.now is None:
-        return sent + held.lease
-    return sent + max(0.0, min(expires - answering.now, held.lease))
+def _renewed_until(held: _Claimed, sent: float) -> float:
+    """When `held`'s lease, renewed by a heartbeat sent at `sent`, runs out on
+    this clock at the earliest: a lease from `sent` (the broker renewed it
+    after that, and reaps only past its end on the earliest its clock may
+    say). Not from when the answer was read, less what the broker said was
+    left: read long after it came (the loop held up by blocking work in a
+    handler), that put the end seconds past the broker's, and a buffered
+    job whose lease had run out meanwhile could be started. Nor from `sent`
+    less what the broker said was left: its `now` comes after its write of
+    the renewal, which the lease counts from, so each slow write (0.36 of
+    the lease) cut the lease short until a live one was taken for lost
+    (review of round 34's change)."""
+    return sent + held.lease
 
 
 def _why(exc: Exception, within: float | None) -> str:
