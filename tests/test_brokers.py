@@ -858,6 +858,20 @@ async def test_a_broker_that_cannot_print_where_it_listens_stops_as_on_a_signal(
     assert await goodbyes_said(tmp_path), done.stderr
 
 
+def broker_with_sighup(data: Path, disposition: signal.Handlers) -> subprocess.Popen[str]:
+    """`simplequeued` on `data`, started with SIGHUP at `disposition` (SIG_DFL,
+    as a terminal's child has it; SIG_IGN, as nohup leaves it), whatever the
+    suite's own; its first line on its stdout."""
+    argv = [sys.executable, "-m", "simplequeue.broker", "--addr", "127.0.0.1:0"]
+    return subprocess.Popen(
+        [*argv, "--dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, disposition),
+    )
+
+
 async def test_a_hung_up_broker_stops_as_on_sigterm(tmp_path: Path) -> None:
     """A broker in a terminal or an ssh session that closes gets SIGHUP, which
     it left at its default: killed at once, writes in flight and long polls
@@ -865,14 +879,7 @@ async def test_a_hung_up_broker_stops_as_on_sigterm(tmp_path: Path) -> None:
     for another lease) (review of the edge). It stops as on SIGTERM. (Started
     with SIGHUP at its default, as a terminal's child has it: the suite may
     run under nohup, and a SIGHUP ignored already stays ignored.)"""
-    argv = [sys.executable, "-m", "simplequeue.broker", "--addr", "127.0.0.1:0"]
-    proc = subprocess.Popen(  # noqa: ASYNC220 (its first line read on a thread)
-        [*argv, "--dir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
-    )
+    proc = broker_with_sighup(tmp_path, signal.SIG_DFL)
     try:
         assert proc.stdout is not None
         assert "listening on" in await asyncio.to_thread(proc.stdout.readline)
@@ -891,14 +898,7 @@ def test_a_broker_started_under_nohup_runs_on_through_sighup(tmp_path: Path) -> 
     """A SIGHUP ignored already (nohup) stays ignored."""
     import urllib.request
 
-    argv = [sys.executable, "-m", "simplequeue.broker", "--addr", "127.0.0.1:0"]
-    proc = subprocess.Popen(
-        [*argv, "--dir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-    )
+    proc = broker_with_sighup(tmp_path, signal.SIG_IGN)
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().split("listening on ")[1].split()[0]

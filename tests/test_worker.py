@@ -2029,23 +2029,30 @@ async def test_a_slow_commit_of_each_heartbeat_keeps_the_job(start_broker: Start
     async with Client(broker.url, topic="w") as q:
         await q.settings(lease=lease)
         store.slow = 0.4 * lease
-        job_id = await q.enqueue("long", max_attempts=1)
-        runs: list[int] = []
+        status, runs = await _one_job_longer_than_its_lease(q, lease)
+    assert (status, runs) == ("completed", [1])
 
-        async def longer_than_its_lease(job: Job) -> str:
-            runs.append(job.attempts or 0)
-            await asyncio.sleep(2 * lease)
-            return "done"
 
-        worker = Worker(q, longer_than_its_lease, prefetch=0, wait=0.2, handle_signals=False)
-        task = asyncio.create_task(worker.run())
-        try:
-            async with asyncio.timeout(30):
-                finished = await q.job(job_id, wait=20)
-        finally:
-            await worker.stop()
-            await task
-    assert (finished.status, runs) == ("completed", [1])
+async def _one_job_longer_than_its_lease(q: Client, lease: float) -> tuple[str, list[int]]:
+    """A Worker runs one job (max_attempts 1) that takes two leases: its
+    status once finished, and the attempts its handler ran at."""
+    job_id = await q.enqueue("long", max_attempts=1)
+    runs: list[int] = []
+
+    async def longer_than_its_lease(job: Job) -> str:
+        runs.append(job.attempts or 0)
+        await asyncio.sleep(2 * lease)  # the work itself
+        return "done"
+
+    worker = Worker(q, longer_than_its_lease, prefetch=0, wait=0.2, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(30):
+            finished = await q.job(job_id, wait=20)
+    finally:
+        await worker.stop()
+        await task
+    return finished.status, runs
 
 
 async def test_the_lease_is_renewed_until_the_ack_is_answered(start_broker: StartBroker) -> None:
@@ -2264,23 +2271,8 @@ async def test_heartbeats_that_land_but_are_answered_slowly_keep_the_job(
     proxy.slow = {"/heartbeat": 0.4 * lease}  # past a third of the lease, well within it
     async with proxy.running(), Client(proxy.url, topic="w") as q:
         await q.settings(lease=lease)
-        job_id = await q.enqueue("long", max_attempts=1)
-        runs: list[int] = []
-
-        async def longer_than_its_lease(job: Job) -> str:
-            runs.append(job.attempts or 0)
-            await asyncio.sleep(2 * lease)  # the work itself
-            return "done"
-
-        worker = Worker(q, longer_than_its_lease, prefetch=0, wait=0.2, handle_signals=False)
-        task = asyncio.create_task(worker.run())
-        try:
-            async with asyncio.timeout(30):
-                finished = await q.job(job_id, wait=20)
-        finally:
-            await worker.stop()
-            await task
-    assert (finished.status, runs) == ("completed", [1])
+        status, runs = await _one_job_longer_than_its_lease(q, lease)
+    assert (status, runs) == ("completed", [1])
 
 
 # --- cancellation -----------------------------------------------------------------------
