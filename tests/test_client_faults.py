@@ -1996,6 +1996,25 @@ async def test_a_burst_worker_survives_its_owners_brief_store_outage() -> None:
 # --- answers no broker gives --------------------------------------------------------------
 
 
+def claims_answered(
+    numbers: tuple[int, ...], released: list[Any]
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """A broker that answers every claim jobs j<n> for `numbers` (claimed_job),
+    and keeps the claims released to it in `released`."""
+
+    async def broker(request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        if request.path.endswith("/claim"):
+            return web.json_response({"jobs": [claimed_job(n) for n in numbers]})
+        if request.path.endswith("/release"):
+            claims = orjson.loads(body)["claims"]
+            released.extend(claims)
+            return web.json_response({"released": len(claims)})
+        return web.json_response({"error": "unexpected"}, status=400)
+
+    return broker
+
+
 @pytest.mark.parametrize("count", [1, 3])
 async def test_a_claim_answer_is_held_to_what_was_asked(count: int) -> None:
     """claim_many(count=1) answered five jobs, one of them twice: the client
@@ -2005,17 +2024,7 @@ async def test_a_claim_answer_is_held_to_what_was_asked(count: int) -> None:
     of them, and those past `count` are released (in the background, which
     close() waits for), not left to their leases."""
     released: list[Any] = []
-
-    async def broker(request: web.BaseRequest) -> web.StreamResponse:
-        body = await request.read()
-        if request.path.endswith("/claim"):
-            return web.json_response({"jobs": [claimed_job(n) for n in (1, 1, 2, 3, 4)]})
-        if request.path.endswith("/release"):
-            claims = orjson.loads(body)["claims"]
-            released.extend(claims)
-            return web.json_response({"released": len(claims)})
-        return web.json_response({"error": "unexpected"}, status=400)
-
+    broker = claims_answered((1, 1, 2, 3, 4), released)
     async with serving(broker) as url, Client(url, topic="t") as q:
         jobs = await prompt(q.claim_many("w", count))
     assert [j.id for j in jobs] == [f"j{n}" for n in range(1, count + 1)]
@@ -2032,18 +2041,8 @@ async def test_a_claim_answer_naming_jobs_the_caller_holds_neither_returns_nor_r
     is held to `count` as before. One held under another lease is not the
     caller's job any more: it counts as any other."""
     released: list[Any] = []
-
-    async def broker(request: web.BaseRequest) -> web.StreamResponse:
-        body = await request.read()
-        if request.path.endswith("/claim"):
-            return web.json_response({"jobs": [claimed_job(n) for n in (1, 2, 3, 4, 5)]})
-        if request.path.endswith("/release"):
-            claims = orjson.loads(body)["claims"]
-            released.extend(claims)
-            return web.json_response({"released": len(claims)})
-        return web.json_response({"error": "unexpected"}, status=400)
-
     held = {("j1", "tok1"), ("j2", "tok2"), ("j4", "an older lease")}
+    broker = claims_answered((1, 2, 3, 4, 5), released)
     async with serving(broker) as url, Client(url, topic="t") as q:
         jobs = await prompt(q.claim_many("w", 2, held=held))
     assert [j.id for j in jobs] == ["j3", "j4"]
