@@ -901,14 +901,7 @@ class Worker:
         polled = wait > 0  # the jobs answered may have been claimed after it was sent
         try:
             with last_call(answering):
-                jobs = await self.client.claim_many(
-                    self.worker_id,
-                    count,
-                    lease=self.lease,
-                    wait=wait,
-                    attempt_id=attempt[0],
-                    held=_HeldNow(self),
-                )
+                jobs = await self._claim_many(count, attempt[0], wait)
                 took = time.monotonic() - sent
                 self.ahead.claimed(took, count, len(jobs), wait)
                 # ... answered short so, it is followed by a long poll at once.
@@ -974,13 +967,7 @@ class Worker:
         The jobs it gets are given back as any others (_give_back)."""
         try:
             async with calls_within(TAKE_BACK_WITHIN):
-                jobs = await self.client.claim_many(
-                    self.worker_id,
-                    count,
-                    lease=self.lease,
-                    attempt_id=attempt_id,
-                    held=_HeldNow(self),
-                )
+                jobs = await self._claim_many(count, attempt_id)
         except Exception as exc:  # TimeoutError too
             log.warning(
                 "a claim cut short by the stop: its jobs are left to their leases (%s)",
@@ -1009,14 +996,7 @@ class Worker:
             # A second (the long poll answers as soon as a token or a slot is
             # there; another claim of this worker may take the jobs meanwhile).
             attempt[0] = api.new_id()
-            jobs = await self.client.claim_many(
-                self.worker_id,
-                count,
-                lease=self.lease,
-                wait=HELD_BACK_WAIT,
-                attempt_id=attempt[0],
-                held=_HeldNow(self),
-            )
+            jobs = await self._claim_many(count, attempt[0], HELD_BACK_WAIT)
             if jobs:
                 self._rationed = True
                 return jobs
@@ -1122,6 +1102,19 @@ class Worker:
             held.add((job.id, job.lease_token))
             kept.append(job)
         return kept
+
+    async def _claim_many(self, count: int, attempt_id: str, wait: float = 0.0) -> list[Job]:
+        """This worker's claim of up to `count` jobs, named `attempt_id`: under
+        its id and lease, and never answered (nor releasing) the jobs it holds
+        as the answer comes (_HeldNow)."""
+        return await self.client.claim_many(
+            self.worker_id,
+            count,
+            lease=self.lease,
+            wait=wait,
+            attempt_id=attempt_id,
+            held=_HeldNow(self),
+        )
 
     def _held_pairs(self) -> set[tuple[str, str | None]]:
         """The (id, lease_token) pairs of the jobs this worker holds: buffered,
