@@ -5,6 +5,7 @@ dispatches on the name."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import textwrap
 import threading
@@ -121,6 +122,26 @@ def test_a_task_that_is_not_callable_is_refused_as_it_is_registered(fn: Any) -> 
         with pytest.raises(TypeError, match=r"a task must be callable"):
             tasks.task(fn)
     assert len(tasks) == 0
+
+
+def test_a_callable_with_no_name_needs_one_as_it_is_registered() -> None:
+    """`tasks.task(functools.partial(send, "x"))` and an object with __call__
+    have no __name__: registering one met an AttributeError about
+    'functools.partial' (left alone in round 34). A TypeError that says to
+    pass name=, and with a name it is registered."""
+    tasks = Tasks()
+
+    def send(to: str, subject: str) -> None: ...
+
+    class Sender:
+        def __call__(self, to: str) -> None: ...
+
+    for fn in (functools.partial(send, "a@b.c"), Sender()):
+        with pytest.raises(TypeError, match=r"has no __name__: register it with name="):
+            tasks.task(fn)
+    assert len(tasks) == 0
+    assert tasks.task(name="email.send")(functools.partial(send, "a@b.c")).name == "email.send"
+    assert "email.send" in tasks
 
 
 async def test_enqueue_makes_a_job_that_names_the_task_and_carries_its_arguments(

@@ -194,13 +194,18 @@ class Tasks:
         `@tasks.task` or `@tasks.task(name="email.send")`. A name is registered
         once: a second task of that name is a ValueError; one that is not a
         non-empty str is refused too; and so is, TypeError, a task that is
-        not callable (`@tasks.task("email.send")`: a name goes as `name=`)."""
+        not callable (`@tasks.task("email.send")`: a name goes as `name=`), and
+        one with no `__name__` (a functools.partial) given no `name=`."""
 
         def register(f: Callable[..., Any]) -> Task[..., Any]:
             if not callable(f):  # accepted, a Worker would fail each of its jobs
                 raise TypeError(
                     f"a task must be callable, not {type(f).__name__} {f!r:.80}"
                     " (a task's name goes as name=...)"
+                )
+            if name is None and not isinstance(getattr(f, "__name__", None), str):
+                raise TypeError(  # a functools.partial, an object with __call__
+                    f"{type(f).__name__} {f!r:.80} has no __name__: register it with name=..."
                 )
             task = Task(f, f.__name__ if name is None else name)  # "" is refused, not replaced
             if not isinstance(task.name, str):
