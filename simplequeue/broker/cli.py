@@ -215,6 +215,7 @@ def main(
     **store_flags: Any,
 ) -> None:
     """Run a simplequeue broker until SIGTERM, Ctrl-C or SIGHUP."""
+    hold_standard_descriptors()
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -258,6 +259,24 @@ def main(
             runner.run(_serve(settings, store, create_bucket))
     except (OSError, SimpleQueueError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def hold_standard_descriptors() -> None:
+    """Open /dev/null on standard descriptors closed at launch (`simplequeued
+    >&-`), before anything else opens one: a socket took fd 1 and uvloop,
+    which refuses to close one of 0-2, aborted the process as it stopped
+    (`uv__close: Assertion fd > STDERR_FILENO`, exit 134, no goodbyes said);
+    on fd 2 what is written to stderr below Python would go to a peer.
+    Python still sees such a stream as closed (sys.stdout None): announce()
+    then fails as on /dev/full."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def make_dir(path: Path) -> None:
