@@ -1550,7 +1550,10 @@ async def test_work_hung_up_drains_rather_than_leave_its_command_running_with_it
     ssh session dropped) killed `work` at once (status 129), its command
     running on, orphaned, and its job claimed: once the lease ran out it was
     run again while the orphan still ran it (review of the CLI, round 26).
-    SIGHUP drains now, as SIGTERM does."""
+    SIGHUP drains now, as SIGTERM does. A terminal that closes sends it twice
+    (the kernel, and the shell to its jobs): the second was raised as a
+    second SIGTERM and stopped the command now, its job given back (left
+    alone in round 34). A second SIGHUP is no second signal."""
     await cli.json("enqueue", '"job"', "--id", "h")
     pid_file = tmp_path / "pid"
     script = pid_then_sleep(pid_file, 3, "print('ok')\n")
@@ -1558,6 +1561,7 @@ async def test_work_hung_up_drains_rather_than_leave_its_command_running_with_it
     async with reaped(proc) as children:
         pid = int(await wait_for_file(pid_file))
         children.append(pid)
+        proc.send_signal(signal.SIGHUP)
         proc.send_signal(signal.SIGHUP)
         async with asyncio.timeout(20):
             code = await proc.wait()

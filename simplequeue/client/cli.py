@@ -1131,7 +1131,8 @@ async def work(
     --max-output bytes as the ack carries it (JSON). Ctrl-C, SIGTERM or
     SIGHUP (the terminal closed) drains running commands (each runs in a
     session of its own: a terminal's signals reach this worker, not them); a
-    second one stops them now, their jobs given back at once. A job given up
+    second Ctrl-C or SIGTERM (not a second SIGHUP: a closing terminal sends
+    two) stops them now, their jobs given back at once. A job given up
     (cancelled, its lease lost, its time or output over the bound, stopped
     now) has its command's whole process group killed, and is let go then
     (nacked or given back; one cancelled or whose lease was lost is left as
@@ -1205,14 +1206,21 @@ def hangup_drains() -> Iterator[None]:
     run in sessions of their own, so a hangup reaches `work` alone: it killed
     `work` at once, its commands running on, orphaned, their jobs claimed
     until their leases ran out and then run again beside them. A SIGHUP
-    ignored already (nohup) stays ignored. On the loop, around worker.run(),
-    which installs its own handlers before its first await and removes them
-    after its last."""
+    ignored already (nohup) stays ignored. A terminal that closes sends it
+    twice (the kernel, and the shell to its jobs): only the first is raised,
+    a second SIGHUP is no second signal (it stopped the commands now, as the
+    broker's does not). On the loop, around worker.run(), which installs its
+    own handlers before its first await and removes them after its last."""
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
         yield
         return
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, signal.raise_signal, signal.SIGTERM)
+
+    def hung_up() -> None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the next ones: ignored
+        signal.raise_signal(signal.SIGTERM)
+
+    loop.add_signal_handler(signal.SIGHUP, hung_up)
     try:
         yield
     finally:
