@@ -303,6 +303,56 @@ async def test_page_updates_by_itself_when_jobs_are_enqueued_claimed_and_acked(
     assert errors == []
 
 
+async def test_an_operator_filters_the_topics_by_the_start_of_their_names(
+    start_broker: StartBroker,
+    session: aiohttp.ClientSession,
+    tab: tuple[Page, PageErrors],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past MAX_TOPICS the page said "… and N more topics not shown" and
+    nothing reached them. Typing the start of a name shows those topics (and
+    says how many more start so); the address keeps it for a reload; what no
+    name could start with is said, and not sent."""
+    from playwright.async_api import expect
+
+    monkeypatch.setattr(status_page, "MAX_TOPICS", 2)
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    for name in ("billing", "emails", "orders-eu", "orders-us", "orders-za"):
+        await api.enqueue(name)
+    page, errors = tab
+    await page.goto(broker.url + "/")
+    topics = page.locator("#topics tbody tr")
+    await expect(topics).to_have_count(2)
+    await expect(page.locator("#more-topics")).to_have_text(
+        "… and 3 more topics not shown: type more of a name above"
+    )
+
+    await page.locator("#topic-filter").fill("orders-")
+    await expect_counts(page, "orders-eu", pending=1)
+    await expect(topics).to_have_count(2)
+    await expect(row(page, "billing")).to_have_count(0)
+    await expect(page.locator("#more-topics")).to_contain_text(
+        "1 more topic starting with “orders-”"
+    )
+    assert page.url.endswith("/?prefix=orders-")
+
+    await page.reload()  # the filter stays
+    await expect(page.locator("#topic-filter")).to_have_value("orders-")
+    await expect_counts(page, "orders-us", pending=1)
+    await expect(row(page, "billing")).to_have_count(0)
+
+    await page.locator("#topic-filter").fill("orders/")
+    await expect(page.locator("#filter-error")).to_be_visible()
+    await expect(page.locator("#topic-filter")).to_have_attribute("aria-invalid", "true")
+    await page.locator("#topic-filter").fill("x")
+    await expect(page.locator("#no-topics")).to_have_text("No topic's name starts with “x”.")
+    await expect(page.locator("#filter-error")).to_be_hidden()
+    await page.locator("#topic-filter").fill("")
+    await expect(row(page, "billing")).to_have_count(1)
+    assert errors == []
+
+
 async def test_requeue_button_moves_a_dead_job_back_to_pending(
     start_broker: StartBroker, session: aiohttp.ClientSession, tab: tuple[Page, PageErrors]
 ) -> None:
@@ -837,6 +887,68 @@ async def test_the_sampler_keeps_rate_history_only_for_the_topics_a_page_shows(
     await page.compute()
     page.sample()
     assert set(page.rates._rings) == set(firsts + names[: shows - 100])
+
+
+async def test_an_overview_shows_only_the_topics_starting_with_its_prefix(
+    start_broker: StartBroker, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With thousands of topics the page showed the first MAX_TOPICS by name
+    and counted the rest, and an operator could not reach any other (left
+    alone in round 34). ?prefix= shows those whose names start with it (the
+    listing's and those this broker wrote since), topics_total counting
+    them; a prefix no name could start with is refused and changes nothing."""
+    monkeypatch.setattr(status_page, "MAX_TOPICS", 3)
+    broker = await start_broker(MemStore())
+    api = Api(session, broker.url)
+    names = ["billing", "orders-eu", "orders-us", "orders_old", "ordersx", "zeta"]
+    for name in names:
+        await api.enqueue(name)
+    await broker.http_api.page.compute()  # listed: the next ones are written since
+    for name in ("orders-asia", "orders-za", "order"):
+        await api.enqueue(name)
+
+    def shown(overview: Any) -> tuple[list[str], int]:
+        return [t["name"] for t in overview["topics"]], overview["topics_total"]
+
+    everything = await api.call("GET", "/ui/overview")
+    assert shown(everything) == (["billing", "order", "orders-asia"], 9)
+    orders = await api.call("GET", "/ui/overview?prefix=orders-")
+    assert shown(orders) == (["orders-asia", "orders-eu", "orders-us"], 4)
+    assert orders["prefix"] == "orders-"
+    assert shown(await api.call("GET", "/ui/overview?prefix=orders")) == (
+        ["orders-asia", "orders-eu", "orders-us"],
+        6,
+    )
+    assert shown(await api.call("GET", "/ui/overview?prefix=orders_")) == (["orders_old"], 1)
+    assert shown(await api.call("GET", "/ui/overview?prefix=nothing")) == ([], 0)
+    for bad in ("orders%2F", "a%20b", "x" * 129):
+        async with session.get(f"{broker.url}/ui/overview?prefix={bad}") as r:
+            status, body = r.status, orjson.loads(await r.read())
+        assert (status, "prefix" in body["error"]) == (400, True), (bad, body)
+    assert shown(await api.call("GET", "/ui/overview")) == shown(everything)
+
+
+async def test_two_pages_filtering_on_two_prefixes_keep_both_rate_histories(
+    start_broker: StartBroker,
+) -> None:
+    """Each overview replaced the topics shown, whose rate history alone is
+    kept: two tabs filtering on "a" and "b" would each forget the other's
+    at every poll, and neither ever drew a rate. The topics shown by the
+    overviews of the last SHOWN_FOR seconds are kept; a prefix no overview
+    asked for since, and its topics' history, go after it."""
+    broker = await start_broker(MemStore())
+    page = broker.http_api.page
+    for name in ("a1", "a2", "b1", "b2"):
+        await broker.engine.enqueue(name, [JobSpec(1)])
+    await page.compute(prefix="a")
+    await page.compute(prefix="b")
+    page.sample()
+    assert set(page.rates._rings) == {"a1", "a2", "b1", "b2"}
+    shown_at, topics = page._shown_by["a"]
+    page._shown_by["a"] = (shown_at - status_page.SHOWN_FOR, topics)  # "a" not asked since
+    await page.compute(prefix="b")
+    page.sample()
+    assert set(page.rates._rings) == {"b1", "b2"}
 
 
 def test_rate_book_turns_counter_samples_into_rates() -> None:

@@ -996,10 +996,17 @@ def _routes(status_page: page.StatusPage) -> list[Route]:
         return status_page.asset(call.request, call.params["name"])
 
     async def overview(call: Call) -> web.Response:
-        fresh = api.from_query(call.request.query, page.OverviewQuery).fresh
-        if fresh is not None:
-            keys.check_topic(fresh)
-        return await status_page.overview(fresh)
+        query = api.from_query(call.request.query, page.OverviewQuery)
+        if query.fresh is not None:
+            keys.check_topic(query.fresh)
+        if query.prefix:
+            try:
+                keys.check_topic(query.prefix)
+            except InvalidRequest:
+                raise InvalidRequest(
+                    "a topic prefix is up to 128 characters of [A-Za-z0-9_-]"
+                ) from None
+        return await status_page.overview(query.fresh, query.prefix)
 
     return [
         Route("POST", f"{t}/enqueue", enqueue, takes_body=True),

@@ -550,7 +550,15 @@ def spec() -> dict[str, Any]:
                         "overview computed now rather than shared with one made up "
                         "to a second before; refused (403) from another site's page",
                         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
-                    }
+                    },
+                    {
+                        "name": "prefix",
+                        "in": "query",
+                        "required": False,
+                        "description": "only the topics whose names start with it "
+                        "(topics_total counts them): the page's filter",
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{0,128}$"},
+                    },
                 ],
             }
         },

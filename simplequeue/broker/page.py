@@ -9,6 +9,7 @@ except through the Engine's reads.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import heapq
@@ -79,6 +80,11 @@ READ_EVERY = 10.0
 # Open tabs poll every 2 s; overviews asked within this many seconds of each
 # other share one computation, so ten tabs cost the store what one does.
 REUSE_FOR = 1.0
+# Seconds the topics an overview of one prefix showed count as shown (their
+# rate history kept, the sampler sampling them, actions on them read fresh)
+# after it: two tabs filtering on different prefixes poll their own overviews,
+# and each one's showing forgot the other's history (no rate ever drawn).
+SHOWN_FOR = 30.0
 
 # Rates: counters are sampled at most every SAMPLE_EVERY seconds, by the
 # overview itself and by a background sampler that the first overview starts
@@ -203,18 +209,22 @@ class TopicUnreadable(Struct, tag_field="kind", tag="unreadable"):
 
 
 class OverviewQuery(Struct, forbid_unknown_fields=True):
-    """GET /ui/overview?fresh=T: a topic the page just acted on (read again)."""
+    """GET /ui/overview?fresh=T&prefix=P: a topic the page just acted on (read
+    again); only the topics whose names start with P (all of them: "")."""
 
     fresh: str | None = None
+    prefix: str = ""
 
 
 class Overview(Struct):
-    """Everything the page shows: broker.json, this broker, and every topic."""
+    """Everything the page shows: broker.json, this broker, and every topic
+    (whose name starts with `prefix`)."""
 
     broker: BrokerView
     record: RecordView | None
     topics: list[TopicView | TopicUnreadable]  # the first MAX_TOPICS, by name
-    topics_total: int
+    topics_total: int  # those whose names start with the prefix
+    prefix: str
     # Why the last listing of the store's topics failed, if it did: the topics
     # shown are then the listing before it and those this broker holds.
     listing_failed: str | None
@@ -278,6 +288,17 @@ class RateBook:
 
 
 # --- what one topic shows ---------------------------------------------------------------
+
+
+def starting_with(names: list[str], prefix: str) -> list[str]:
+    """The names of sorted `names` that start with `prefix`: a slice found by
+    bisection, not a scan of 100,000 names at each refresh."""
+    if not prefix:
+        return names
+    start = bisect.bisect_left(names, prefix)
+    # The first name past them all: the prefix with its last character the next.
+    end = bisect.bisect_left(names, prefix[:-1] + chr(ord(prefix[-1]) + 1), start)
+    return names[start:end]
 
 
 def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
@@ -426,9 +447,14 @@ class StatusPage:
         self._listed_at = -1e18
         self._listing_failed: str | None = None  # why the last listing failed
         self._sampler: asyncio.Task[None] | None = None
-        self._shown: set[str] = set()  # the topics the last overview showed
+        # The topics the last overview of each prefix showed, and when; those
+        # of the last SHOWN_FOR seconds (the last one's always) are shown.
+        self._shown_by: dict[str, tuple[float, frozenset[str]]] = {}
+        self._shown: set[str] = set()
         self._computing = asyncio.Lock()
-        self._last: tuple[float, bytes] | None = None
+        # The last overview of each prefix, and when it was made (those of the
+        # last REUSE_FOR seconds).
+        self._last: dict[str, tuple[float, bytes]] = {}
         # Topics the last overview showed that a request through this broker
         # changed since an overview read them fresh, each with the number of
         # its last change: an overview asked `fresh` for one reads it again (no
@@ -466,8 +492,9 @@ class StatusPage:
 
     # --- data ------------------------------------------------------------------------
 
-    async def overview(self, fresh: str | None = None) -> web.Response:
-        """The overview; with `fresh`, a topic just acted on, one computed now
+    async def overview(self, fresh: str | None = None, prefix: str = "") -> web.Response:
+        """The overview of the topics whose names start with `prefix` (every
+        one: ""); with `fresh`, a topic just acted on, one computed now
         with that topic read again: the refresh an action makes shows it,
         not what was read up to REUSE_FOR (or, from another broker's topic,
         READ_EVERY) seconds before it. Only if a request through this broker
@@ -476,22 +503,22 @@ class StatusPage:
         async with self._computing:
             if fresh is not None and fresh not in self._touched:
                 fresh = None
-            if (
-                fresh is not None
-                or self._last is None
-                or (time.monotonic() - self._last[0] >= REUSE_FOR)
-            ):
-                self._last = (time.monotonic(), msgspec.json.encode(await self.compute(fresh)))
-            body = self._last[1]
+            at = time.monotonic()
+            self._last = {p: last for p, last in self._last.items() if at - last[0] < REUSE_FOR}
+            if fresh is not None or prefix not in self._last:
+                overview = await self.compute(fresh, prefix)
+                self._last[prefix] = (time.monotonic(), msgspec.json.encode(overview))
+            body = self._last[prefix][1]
         return web.Response(
             body=body,
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )
 
-    async def compute(self, fresh: str | None = None) -> Overview:
-        """The whole overview: broker.json, this broker, and every topic (the
-        topic `fresh` read again, however recently it was)."""
+    async def compute(self, fresh: str | None = None, prefix: str = "") -> Overview:
+        """The whole overview: broker.json, this broker, and every topic whose
+        name starts with `prefix` (the topic `fresh` read again, however
+        recently it was)."""
         self._start_sampler()
         change = self._touched.get(fresh or "")  # the last change before `fresh` is read
         if time.monotonic() - self._listed_at >= LIST_EVERY:
@@ -499,9 +526,14 @@ class StatusPage:
         # Topics this broker wrote since the last listing show at once. Merged
         # into the listing (sorted once, when listed), only as far as shown:
         # not every name sorted again at each refresh.
-        newer = sorted({t for t in self.engine.known_topics() if t not in self._listed_set})
-        shown = list(itertools.islice(heapq.merge(self._listed, newer), MAX_TOPICS))
-        total = len(self._listed) + len(newer)
+        newer = sorted(
+            t
+            for t in self.engine.known_topics()
+            if t.startswith(prefix) and t not in self._listed_set
+        )
+        listed = starting_with(self._listed, prefix)
+        shown = list(itertools.islice(heapq.merge(listed, newer), MAX_TOPICS))
+        total = len(listed) + len(newer)
         seen: dict[str, dict[str, Any] | Exception] = {}
         # What the topics read, handed out as each starts (a few at once, in
         # order), what one did not use given back.
@@ -546,7 +578,7 @@ class StatusPage:
                 views.append(TopicUnreadable(name=name, error=str(got)))
                 continue
             views.append(topic_view(name, got, self.rates.rates(name, at), listing))
-        self._shown = set(shown)
+        self._showing(prefix, shown)
         # Those shown no more, the page cannot act on; `fresh` was read now, so
         # a change is read once, unless another came while it was being read.
         self._touched = {
@@ -561,6 +593,7 @@ class StatusPage:
             record=presence.record,
             topics=views,
             topics_total=total,
+            prefix=prefix,
             listing_failed=self._listing_failed,
             sample_every=self.rates.every,
             window=self.rates.window,
@@ -585,6 +618,19 @@ class StatusPage:
         self._listed_set = frozenset(listed)
         self._listed_at = time.monotonic()
         self._listing_failed = None
+
+    def _showing(self, prefix: str, shown: list[str]) -> None:
+        """An overview of `prefix` shows `shown` now: the topics shown are
+        those, and those of the other prefixes' overviews of the last
+        SHOWN_FOR seconds."""
+        at = time.monotonic()
+        self._shown_by[prefix] = (at, frozenset(shown))
+        self._shown_by = {
+            p: (when, topics)
+            for p, (when, topics) in self._shown_by.items()
+            if at - when < SHOWN_FOR or p == prefix
+        }
+        self._shown = set().union(*(topics for _, topics in self._shown_by.values()))
 
     def _max_age(self, topic: str, fresh: str | None) -> float:
         """How old a state of `topic` an overview takes, in seconds."""

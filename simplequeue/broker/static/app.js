@@ -227,10 +227,14 @@
   async function poll(fresh) {
     const hadToken = Boolean(token());
     try {
-      const query = fresh ? `?fresh=${encodeURIComponent(fresh)}` : "";
+      const params = new URLSearchParams();
+      if (fresh) params.set("fresh", fresh);
+      if (prefix) params.set("prefix", prefix);
+      const query = params.toString() ? `?${params}` : "";
       const data = await api("GET", `ui/overview${query}`);
       $("content").hidden = false;
-      render(data);
+      // Asked before the filter changed: the refresh the change asked for follows.
+      if (data.prefix === prefix) render(data);
       lastOk = new Date();
       setStatus("ok", "live", `· updated ${fmtClock(lastOk)}`);
     } catch (error) {
@@ -244,6 +248,27 @@
       schedule();
     }
   }
+
+  // --- the topic filter: the topics whose names start with what is typed ------------------
+  // Kept in the page's address (?prefix=), so that a reload or a link keeps it.
+
+  const PREFIX_RE = /^[A-Za-z0-9_-]{0,128}$/;
+  let prefix = new URLSearchParams(location.search).get("prefix") || "";
+  if (!PREFIX_RE.test(prefix)) prefix = "";
+  $("topic-filter").value = prefix;
+
+  $("topic-filter").addEventListener("input", () => {
+    const typed = $("topic-filter").value.trim();
+    const valid = PREFIX_RE.test(typed);
+    $("topic-filter").setAttribute("aria-invalid", String(!valid));
+    $("filter-error").hidden = valid;
+    setText($("filter-error"), valid ? "" : "A topic's name has only letters, digits, _ and -: no topic starts with that.");
+    if (!valid || typed === prefix) return;
+    prefix = typed;
+    const search = prefix ? `?prefix=${encodeURIComponent(prefix)}` : "";
+    history.replaceState(null, "", `${location.pathname}${search}`);
+    refresh();
+  });
 
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden && $("login").hidden) refresh();
@@ -922,9 +947,11 @@
       (row, t) => updateTopicRow(row, t, window),
     );
     $("no-topics").hidden = data.topics.length > 0;
+    setText($("no-topics"), data.prefix ? `No topic's name starts with “${data.prefix}”.` : "No topics yet: enqueue a job to create one.");
     const hiddenTopics = data.topics_total - data.topics.length;
     $("more-topics").hidden = hiddenTopics <= 0;
-    setText($("more-topics"), hiddenTopics > 0 ? `… and ${fmtCount(hiddenTopics)} more topics not shown` : "");
+    const which = data.prefix ? ` starting with “${data.prefix}”` : "";
+    setText($("more-topics"), hiddenTopics > 0 ? `… and ${fmtCount(hiddenTopics)} more ${hiddenTopics === 1 ? "topic" : "topics"}${which} not shown: type more of a name above` : "");
     // The store's topics could not be listed (an outage): those shown are the
     // last listing's and those this broker holds.
     const failed = data.listing_failed;
