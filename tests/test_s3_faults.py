@@ -23,6 +23,7 @@ from aiohttp import web
 from botocore.exceptions import (
     ClientError,
     CredentialRetrievalError,
+    NoCredentialsError,
     SSOTokenLoadError,
     TokenRetrievalError,
     UnauthorizedSSOTokenError,
@@ -413,6 +414,59 @@ async def test_a_conditional_put_answered_500_then_refused_is_ambiguous(
     assert client.calls == 2
 
 
+@pytest.mark.parametrize(
+    "then",
+    [NoCredentialsError(), CredentialRetrievalError(provider="process", error_msg="exited 1")],
+    ids=lambda e: type(e).__name__,
+)
+async def test_a_conditional_put_answered_500_then_without_credentials_is_ambiguous(
+    then: Exception,
+) -> None:
+    """As above, the next try refused by botocore before sending (temporary
+    credentials expired and their refresh failed): it came out of _call's
+    other branch as plain StoreRefused, "did not land", while the 500'd
+    try may land yet (review of the store adapters, round 35)."""
+    client = ScriptedClient(client_error(500, "InternalError"), then)
+    with pytest.raises(AmbiguousWrite, match="may have been applied"):
+        await scripted(client).put_if("k", b"v", if_match='"old"')
+    assert client.calls == 2
+
+
+async def test_a_conditional_put_answered_500_then_queued_past_its_budget_is_ambiguous() -> None:
+    """As above, the next try never leaving the connection queue (every
+    pooled connection busy, an incident that answers 500s slowly):
+    _connection's StoreUnavailable "not sent" went up as it was, forgetting
+    that the first try may have been applied (review of the store adapters,
+    round 35)."""
+    hogs: list[asyncio.Task[None]] = []
+
+    class FirstAnswered500(ScriptedClient):
+        async def put_object(self, **kwargs: Any) -> dict[str, str]:
+            self.calls += 1
+            if self.calls == 1:
+
+                async def hog() -> None:  # another call takes the one connection
+                    await store._connections.acquire()
+                    await asyncio.sleep(30)
+
+                hogs.append(asyncio.get_running_loop().create_task(hog()))
+                raise client_error(500, "InternalError")
+            return {"ETag": '"new"'}
+
+    client = FirstAnswered500()
+    settings = quick("http://127.0.0.1:1")
+    store = S3Store(dataclasses.replace(settings, max_connections=1, retry_budget=3.0))
+    store._client = client
+    store._conditions_checked = True
+    try:
+        with pytest.raises(AmbiguousWrite, match="not sent"):
+            await store.put_if("k", b"v", if_match='"old"')
+        assert client.calls == 1
+    finally:
+        for hog in hogs:
+            hog.cancel()
+
+
 async def test_a_conditional_put_refused_503_past_the_bound_is_unavailable_not_ambiguous() -> None:
     client = ScriptedClient(*[client_error(503, "SlowDown") for _ in range(10)])
     with pytest.raises(StoreUnavailable) as caught:
@@ -800,6 +854,18 @@ async def test_simplequeued_exits_on_a_store_that_ignores_conditional_headers() 
         _, err = await refused_at_start("b", fake.url)
         assert b"does not honour conditional writes (If-None-Match/If-Match)" in err, err
         assert fake.objects == {}
+
+
+async def test_simplequeued_on_a_bucket_name_botocore_refuses_exits_at_start() -> None:
+    """`--bucket bad/name`, a name botocore never sends (ParamValidationError,
+    before any request): every call was StoreRefused, "may clear up", and
+    simplequeued listened and answered 503 to everything for ever, writing a
+    traceback a second (36 KB in 25 s), where a bucket that does not exist
+    exits 1 at start (review of the store adapters, round 35)."""
+    async with FakeS3().running() as fake:
+        _, err = await refused_at_start("bad/name", fake.url)
+    assert b"Invalid bucket name" in err, err
+    assert fake.objects == {}
 
 
 @pytest.mark.parametrize("token", ["t1", None], ids=["token-ignored", "no-token"])

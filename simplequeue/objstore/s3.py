@@ -464,7 +464,23 @@ class S3Store(ObjectStore):
                     f"applied; the last try: {last!r}"
                 ) from last
             raise StoreUnavailable(f"{self.url}: {last!r}") from last
-        except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError, StoreUnavailable) as exc:
+            if maybe_applied and not isinstance(exc, AmbiguousWrite):
+                # A try answered 5xx may land yet, however the next failed: not
+                # sent (credentials that could not be refreshed, StoreRefused
+                # "did not land" before) or never given a connection within the
+                # budget (StoreUnavailable "not sent").
+                raise AmbiguousWrite(
+                    f"{self.url}: a conditional write answered 5xx may have been "
+                    f"applied; the next try: {exc!r}"
+                ) from exc
+            if isinstance(exc, StoreUnavailable):  # _connection's: not sent
+                raise
+            if isinstance(exc, ParamValidationError):
+                # A request botocore never sends (`--bucket bad/name`): every one
+                # would be refused so, and nothing but an operator changes that:
+                # simplequeued exits at start (it served 503 for ever).
+                raise StoreUnusable(f"{self.url}: {exc}") from exc
             if not is_transient(exc):  # refused before sending: no credentials, ...
                 raise StoreRefused(f"{self.url}: {exc}") from exc
             if conditional:
