@@ -62,7 +62,7 @@ OLDEST_SCAN = 256  # due jobs looked at per run when finding the oldest one
 PREVIEW_CHARS = 240  # characters of a payload shown
 ERROR_CHARS = 1000  # characters of an error shown
 # Seconds an overview reuses the store's topic listing: a listing costs a
-# request per 1,000 topics on S3, and a topic written through this broker
+# request per 500-1,000 topics on S3, and a topic written through this broker
 # shows at once without it (known_topics); only one created through another
 # broker waits for the next listing.
 LIST_EVERY = 60.0

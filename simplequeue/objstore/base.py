@@ -189,15 +189,18 @@ class ObjectStore(ABC):
         """The keys that start with `prefix` and have no "/" after it, sorted: a
         folder's own objects, not its subfolders' (S3's listing with a
         delimiter). Every topic's head is one, and none of its segments: a
-        listing of topics costs a request per 1,000 topics, not per 1,000
-        objects. Backends list only those; this default filters list()."""
+        listing of topics costs a request per 500-1,000 topics, not per
+        1,000 objects (on S3 a page's 1,000 entries count its common
+        prefixes too: a topic with segments has its folder there beside its
+        head). Backends list only those; this default filters list()."""
         return [k for k in await self.list(prefix) if "/" not in k[len(prefix) :]]
 
     async def list_folders(self, prefix: str) -> builtins.list[str]:
         """The folders right under `prefix`, each as the prefix its keys start
         with ("topics/a/" for "topics/"), sorted: S3's common prefixes of a
         listing with a "/" delimiter, so that finding which topics have
-        segments costs a request per 1,000 topics, not a listing per topic.
+        segments costs a request per 500-1,000 topics (their heads share the
+        pages), not a listing per topic.
         Every folder holding a key is listed; localfs also lists one whose
         keys were all deleted (it leaves the directory), so take it as the
         folders that may hold keys. Backends list only those; this default
