@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gzip
 import os
+import re
 import threading
 import time
 import zlib
@@ -1508,3 +1509,44 @@ async def test_bodies_decoded_off_the_loop_leave_the_store_its_threads(
             assert r.status == 201, await r.text()
         took = time.monotonic() - started
     assert took < 1.0, f"a one-job enqueue took {took:.1f} s"
+
+
+def _claims_counted(text: str, status: str = "[0-9]+") -> float:
+    """The claim route's requests in a /metrics text, of `status` (a pattern)."""
+    return sum(
+        float(v)
+        for v in re.findall(
+            r'simplequeue_http_requests_total\{method="POST",route="/topics/\{topic\}/claim",'
+            rf'status="{status}"\}} ([0-9.e+]+)',
+            text,
+        )
+    )
+
+
+async def test_a_request_whose_client_went_away_is_counted_in_the_metrics(
+    start_broker: Callable[..., Awaitable[Any]], session: aiohttp.ClientSession
+) -> None:
+    """A request whose client leaves before its answer (a long poll the SDK
+    gives up, Ctrl-C, a proxy's timeout) is cancelled in the broker, and was
+    counted nowhere: three long polls abandoned left the claim route's
+    counters unchanged, as would an enqueue that landed after its client
+    left (SPEC 4.2: not undone) (review of the HTTP edge, round 35). Counted
+    as 499, as nginx does."""
+    broker = await start_broker(MemStore())
+    async with session.get(f"{broker.url}/metrics") as r:
+        before = _claims_counted(await r.text(), "499")
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await session.post(
+                    f"{broker.url}/topics/gone/claim", json={"worker_id": "w", "wait": 5}
+                )
+
+    async def counted() -> float:
+        async with session.get(f"{broker.url}/metrics") as r:
+            return _claims_counted(await r.text(), "499") - before
+
+    async def all_three() -> bool:
+        return await counted() == 3
+
+    await until_async(all_three)

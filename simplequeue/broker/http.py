@@ -174,6 +174,9 @@ class Call:
 # and writes on (bodies decoding there held a one-job enqueue for 42 s).
 DECODE_ON_LOOP = 1024 * 1024
 DECODERS = 2
+# The status a request whose client went away before its answer is counted
+# under in the metrics (nginx's; none is sent).
+CLIENT_GONE = 499
 
 # The gzip members a body may be in (RFC 1952 lets a body be several, but a
 # client gzips its body in one): each costs a decoder, and 1 MiB of empty
@@ -429,15 +432,28 @@ class HttpApi:
             elif route is None:
                 response = _unrouted(found, request.rel_url.raw_path)
             else:
-                response = await self._answer(Call(request, route, params, services, self.decoders))
+                try:
+                    call = Call(request, route, params, services, self.decoders)
+                    response = await self._answer(call)
+                except asyncio.CancelledError:
+                    # The client went away first (a long poll given up, Ctrl-C,
+                    # a proxy's timeout): aiohttp cancels the handler. Counted
+                    # as nginx does (499): it was not counted at all, an enqueue
+                    # that landed after its client left included.
+                    self._count(route, method, CLIENT_GONE, started)
+                    raise
                 if method not in _SAFE_METHODS and response.status < 300 and "topic" in params:
                     self.page.touched(params["topic"])  # done (or nothing to do)
+        self._count(route, method, response.status, started)
+        return response
+
+    def _count(self, route: Route | None, method: str, status: int, started: float) -> None:
+        """A request in the HTTP metrics: its route, method and status, and its time."""
         label = "unmatched" if route is None else route.path
         known = method if method in self.routes.methods else "other"
-        counter, timer = services.metrics.http_children(label, known, response.status)
+        counter, timer = self.services.metrics.http_children(label, known, status)
         counter.inc()
         timer.observe(time.perf_counter() - started)
-        return response
 
     async def close(self) -> None:
         await self.page.close()
