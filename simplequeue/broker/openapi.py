@@ -502,7 +502,8 @@ def spec() -> dict[str, Any]:
         "/topics": {
             "get": _op(
                 "listTopics",
-                "Every topic in the store with its counts",
+                "Every topic in the store with its counts (a listing asked while "
+                "another runs, or within 1 s of its end, is its answer)",
                 _ref(api.Topics),
                 _LISTING,
                 topic=False,
