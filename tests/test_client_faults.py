@@ -5,7 +5,9 @@ case here hung, returned a wrong answer or raised KeyError before."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import select
 import socket
 import ssl
 import subprocess
@@ -812,6 +814,50 @@ async def test_an_owner_that_did_not_answer_is_not_followed_again_for_a_while(
             monkeypatch.setattr(client_module, "OWNER_LEFT_FOR", 0.0, raising=False)
             await prompt(q.status())
             assert q._owner == owner  # followed again once that while is over
+
+
+def _unreachable() -> tuple[list[socket.socket], str]:
+    """A listening socket whose accept queue is full, and its URL: the kernel
+    drops the SYNs of further connections (as a firewall does), and a
+    connect to it hangs until its timeout. The sockets are the caller's."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    address = hole.getsockname()
+    held = [hole]
+    while True:  # fill the queue: until a connect no longer completes
+        filler = socket.socket()
+        filler.setblocking(False)
+        held.append(filler)
+        if filler.connect_ex(address) not in (0, errno.EINPROGRESS):
+            break
+        _, ready, _ = select.select([], [filler], [], 0.2)
+        if not ready:
+            break
+    return held, f"http://127.0.0.1:{address[1]}"
+
+
+async def test_an_owner_whose_address_drops_connections_costs_a_connect_timeout_not_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An owner advertised at an address whose packets are dropped (a
+    firewall, a private --advertise-url across networks): the client had no
+    connect timeout, and the call that followed the owner waited out its
+    whole `timeout` (30 s by default) connecting, once every OWNER_LEFT_FOR
+    (review of ownership, round 35). A connect that takes CONNECT_TIMEOUT
+    sends the call back to the broker given, as one refused does."""
+    monkeypatch.setattr(client_module, "CONNECT_TIMEOUT", 0.5)
+    held, owner = _unreachable()
+    try:
+        async with serving(naming(owner)) as url, Client(url, topic="t", timeout=30) as q:
+            await prompt(q.status())  # names the owner
+            assert q._owner == owner
+            async with asyncio.timeout(10):  # not the 30 s timeout
+                await q.status()
+            assert q._owner is None and owner in q._owners_left
+    finally:
+        for sock in held:
+            sock.close()
 
 
 async def test_a_call_out_of_its_own_time_does_not_leave_a_healthy_owner() -> None:

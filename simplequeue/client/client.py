@@ -102,6 +102,12 @@ KEEPALIVE = api.client_keepalive()
 #: or an answer cut short: its retry goes through the broker given, and the
 #: owner is followed again at once).
 OWNER_LEFT_FOR = 60.0
+#: Seconds a request waits for its TCP connection at most (three SYNs: sent at
+#: 0, 1 and 3 s), within its timeout: an address whose packets are dropped (a
+#: firewall, an owner's --advertise-url not reachable from here) cost the
+#: whole timeout (30 s) of the call that followed the owner there, once every
+#: OWNER_LEFT_FOR. Past it the try was not sent: the call goes on elsewhere.
+CONNECT_TIMEOUT = 5.0
 #: The most bytes of an answer a client reads by default (its `max_answer`):
 #: past it the call fails (BrokerError, not retried) rather than hold whatever
 #: a proxy or a wrong port streams. The largest answer the API bounds, a
@@ -656,7 +662,7 @@ class Client:
         total = self.timeout + wait
         limit = total if within is None else min(total, within)
         cut = limit < total  # to the time the caller's bound leaves (calls_within)
-        timeout = aiohttp.ClientTimeout(total=limit)
+        timeout = aiohttp.ClientTimeout(total=limit, sock_connect=min(CONNECT_TIMEOUT, limit))
         headers = {"Content-Type": "application/json"} if data is not None else None
         base = self._owner if self._owner and path.startswith("/topics/") else self.url
         try:
