@@ -1164,6 +1164,80 @@ async def test_an_owner_back_from_a_pause_longer_than_its_lease_sees_the_jobs_wr
     assert [j["id"] for j in got] == ["meanwhile"]
 
 
+async def test_a_settled_owner_sees_jobs_a_broker_with_a_longer_lease_wrote_before_seeing_it(
+    start_broker: StartBroker,
+) -> None:
+    """A broker took itself for settled once its own lease had passed since
+    its live set changed: "the others could all have seen it". They look
+    every third of *their* lease: A, with a --broker-lease of 30 s, looks
+    every 10 s, and until then takes itself for the owner of B's topics,
+    writes them and tells nobody. B (1.5 s) settled 1.5 s after it came and
+    answered claims from memory: "nothing" while a job was pending, until
+    the topic's next look at the store (up to OWNER_LOOK_INTERVAL, 30 s;
+    review finding, 24.7 s). It settles now once the longest lease among the
+    live brokers has passed, A's: until then its long polls look every
+    POLL_INTERVAL."""
+    store = MemStore()
+    a = await start_broker(store, broker_id="A", broker_lease=30.0)  # looks every 10 s
+    b = await start_broker(store, broker_id="B", broker_lease=1.5)
+    topic = topic_won_by("B", "A")
+    assert b.membership.home(topic) == b.membership.me
+    assert [p.broker_id for p in a.membership.live] == ["A"]  # A has not looked since B came
+    assert await b.engine.claim(topic, "w") == []  # B reads the topic (empty)
+    await asyncio.sleep(2.0)  # B's own lease passed: it took itself for settled then
+    assert not b.membership.settled_owner(topic)  # A may not have seen it: its lease is 30 s
+    assert await b.engine.claim(topic, "w") == []  # a read since B's own lease passed
+    assert [p.broker_id for p in a.membership.live] == ["A"], "A looked meanwhile: no window"
+    await a.engine.enqueue(topic, [JobSpec("p", id="j")])  # A writes it as its owner
+    got = await b.engine.claim(topic, "w", wait=5)
+    assert [j["id"] for j in got] == ["j"], "a pending job answered as nothing to claim"
+
+
+async def test_a_new_owner_once_settled_sees_what_a_broker_wrote_before_it_saw_the_newcomer(
+    start_broker: StartBroker,
+) -> None:
+    """Equal leases. A new broker N reads the topics it owns as it joins; A,
+    until its next look (up to a third of a lease later), still takes itself
+    for their owner and writes them, telling nobody. A lease on, N was
+    settled and trusted a state read since the topic's last 30 s tick
+    (Engine._looks): its take-over read was such a state, from before A's
+    write, so claims answered "nothing" while a job was pending until the
+    topic's next tick (up to OWNER_LOOK_INTERVAL, 30 s; review finding). A
+    settled owner now trusts only a state read since it settled. A's round
+    is held here to make the window (a third of a lease at most, A's look)
+    certain."""
+    store = MemStore()
+    a = await start_broker(store, broker_id="A", broker_lease=1.5)
+    a._tasks[1].cancel()  # A's registry rounds: taken by the test, its renewals kept
+    await asyncio.gather(a._tasks[1], return_exceptions=True)
+    renewing = asyncio.create_task(a.membership._renewing())
+    try:
+        # A topic N owns whose 30 s tick has just passed (not looked at again soon).
+        now = time.monotonic()
+        topic = next(
+            t
+            for t in (f"t{i}" for i in range(5000))
+            if rendezvous(t, "N") > rendezvous(t, "A")
+            and 28.0 < engine_module.next_look(t, engine_module.OWNER_LOOK_INTERVAL) - now < 29.5
+        )
+        await a.engine.enqueue(topic, [JobSpec("old", id="old")])  # the topic exists...
+        (old,) = await a.engine.claim(topic, "w")
+        await a.engine.ack(topic, "old", old["lease_token"])  # ...and is empty
+        n = await start_broker(store, broker_id="N", broker_lease=1.5)
+        await asyncio.wait_for(n.duties.taken_over.wait(), 5)
+        assert await n.engine.claim(topic, "w") == []  # a worker at N: N reads it, empty
+        await a.engine.enqueue(topic, [JobSpec("p", id="j")])  # A, not knowing N yet
+        await a.membership.look()  # A's round: it sees N now
+        assert a.membership.owner(topic).broker_id == "N"
+        await until(lambda: n.membership.settled_owner(topic), within=5)
+        assert [p.broker_id for p in n.membership.live] == ["A", "N"]
+        got = await n.engine.claim(topic, "w")
+    finally:
+        renewing.cancel()
+        await asyncio.gather(renewing, return_exceptions=True)
+    assert [j["id"] for j in got] == ["j"], "a pending job answered as nothing to claim"
+
+
 # --- sweeping ---------------------------------------------------------------------------
 
 

@@ -315,11 +315,11 @@ class Engine:
         self.committer = committer
         # Whether this broker owns a topic (the server's membership says): its
         # memory of one it owns is current, but for what a broker standing in
-        # for it wrote lately (_poll). `settled`: it is the topic's home, none
-        # stood in for, and has been since every broker could see it so: what
-        # another writes it tells it (OWNER_LOOK_INTERVAL).
+        # for it wrote lately (_poll). `settled`: since when (monotonic) it is
+        # the topic's home, none stood in for, and every broker could see it
+        # so, None if not: what another writes it tells it (OWNER_LOOK_INTERVAL).
         self.owns: Callable[[str], bool] = lambda topic: False
-        self.settled: Callable[[str], bool] = lambda topic: False
+        self.settled: Callable[[str], float | None] = lambda topic: None
         # Claims answered lately, by topic, worker and the caller's attempt id
         # (api.ClaimRequest.attempt_id). Oldest first.
         self._answered: OrderedDict[tuple[str, str, str], _Answered] = OrderedDict()
@@ -621,10 +621,18 @@ class Engine:
         seldom, OWNER_LOOK_INTERVAL: it is told of others' writes; any other
         broker every POLL_INTERVAL), and on a topic this broker owns the
         monotonic time of its last look, which its memory is as fresh as
-        (None elsewhere: read what is older than the request)."""
-        owned = self.owns(topic)
-        interval = OWNER_LOOK_INTERVAL if owned and self.settled(topic) else POLL_INTERVAL
-        return interval, next_look(topic, interval) - interval if owned else None
+        (None elsewhere: read what is older than the request). A settled
+        owner's last look is no earlier than when it settled: what others
+        wrote before they saw it (they told nobody) is in a state read after
+        that only, and a state read as it took the topic over, before, was
+        trusted for up to OWNER_LOOK_INTERVAL, a job pending answered as
+        nothing to claim."""
+        if not self.owns(topic):
+            return POLL_INTERVAL, None
+        since = self.settled(topic)
+        interval = POLL_INTERVAL if since is None else OWNER_LOOK_INTERVAL
+        looked = next_look(topic, interval) - interval
+        return interval, looked if since is None else max(looked, since)
 
     async def ack(
         self,

@@ -136,6 +136,9 @@ class Membership:
         self.live: tuple[Peer, ...] = (self.me,)  # sorted by broker id
         # Monotonic: when the live brokers last changed (this one came, to begin with).
         self.changed_at = time.monotonic()
+        # The longest lease among the live brokers (this one's, the others'
+        # records'): each sees a change within a third of its own lease.
+        self.settle_s = lease_s
         self._seen: dict[str, _Sighting] = {}
         self._etag: str | None = None
         self._beats = 0
@@ -263,11 +266,27 @@ class Membership:
 
     def settled_owner(self, topic: str) -> bool:
         """Whether this broker owns `topic`, standing in for no broker that did
-        not answer, and has since the others could all have seen it: the live
-        brokers have not changed for a lease (one that has not seen the change
-        yet may write the topic as its owner, and tells nobody)."""
-        settled = time.monotonic() - self.changed_at >= self.lease_s
-        return settled and self.home(topic) == self.me
+        not answer, and has since the others could all have seen it
+        (settled_since)."""
+        return self.settled_since(topic) is not None
+
+    def settled_since(self, topic: str) -> float | None:
+        """The monotonic time since which this broker is `topic`'s settled
+        owner, None if it is not: it owns the topic, standing in for no
+        broker that did not answer, and the live brokers have not changed
+        for the longest lease among them (settle_s). A broker that has not
+        seen the change yet may write the topic as its owner, and tells
+        nobody; each looks every third of its own lease, so a lease leaves
+        two of its looks to a slow one. This broker's own lease was not
+        enough: one with a longer --broker-lease looks later (lease 30 s,
+        every 10 s, while one of 1.5 s settled after 1.5 s and answered
+        claims "nothing to claim" from memory, a job pending, for 24.7 s).
+        What was written before then reached this broker's memory only if
+        read after it (Engine._looks)."""
+        if self.home(topic) != self.me:
+            return None
+        since = self.changed_at + self.settle_s
+        return since if time.monotonic() >= since else None
 
     def suspect(self, broker_id: str, seconds: float) -> None:
         """`broker_id` did not answer: route around it for `seconds`."""
@@ -326,6 +345,7 @@ class Membership:
         for broker_id in sorted(ids):
             await self._look_at_logged(broker_id, mono, blind_for=blind_for)
         live = []
+        settle_s = self.lease_s
         for broker_id, seen in list(self._seen.items()):
             age = mono - seen.changed_at
             mine = seen.record.url == self.me.url
@@ -342,6 +362,7 @@ class Membership:
                 # other broker saw a broker leave and read every head it owns.
                 if not mine:
                     live.append(Peer(broker_id, seen.record.url, seen.restarts))
+                    settle_s = max(settle_s, seen.record.lease)
             elif (
                 age > FORGET_AFTER_LEASES * seen.record.lease and broker_id not in self._unreadable
             ):
@@ -350,6 +371,7 @@ class Membership:
                 await self._forget(broker_id, "its record was not renewed for long")
         if self._counts_itself(bool(live)):
             live.append(self.me)
+        self.settle_s = settle_s
         self._set_live(tuple(sorted(live, key=lambda p: p.broker_id)))
 
     def _counts_itself(self, others: bool) -> bool:

@@ -182,7 +182,7 @@ class Broker:
         )
         self.membership.on_change = self._view_changed
         self.engine.owns = self.membership.owns
-        self.engine.settled = self.membership.settled_owner
+        self.engine.settled = self.membership.settled_since
         self.metrics.add_collector(
             CallbackCollector(
                 lambda: (
