@@ -1184,7 +1184,7 @@ async def work(
     log_worker_to_stderr()
     into = f" into {output_topic}" if output_topic is not None else ""
     click.echo(f"working on {client.topic}{into} with {' '.join(command)}", err=True)
-    with hangup_drains():
+    with hangup_drains(worker):
         await worker.run()
     given_back = f", {worker.given_back} given back" if worker.given_back else ""
     unacked = f", {worker.unacked} not acked" if worker.unacked else ""
@@ -1200,27 +1200,19 @@ async def work(
 
 
 @contextlib.contextmanager
-def hangup_drains() -> Iterator[None]:
+def hangup_drains(worker: CommandWorker) -> Iterator[None]:
     """SIGHUP (the terminal closed, an ssh session dropped) drains `work` as
-    SIGTERM does: it is raised as SIGTERM, which the Worker handles. Commands
-    run in sessions of their own, so a hangup reaches `work` alone: it killed
-    `work` at once, its commands running on, orphaned, their jobs claimed
-    until their leases ran out and then run again beside them. A SIGHUP
-    ignored already (nohup) stays ignored. A terminal that closes sends it
-    twice (the kernel, and the shell to its jobs): only the first is raised,
-    a second SIGHUP is no second signal (it stopped the commands now, as the
-    broker's does not). On the loop, around worker.run(), which installs its
-    own handlers before its first await and removes them after its last."""
+    a first SIGTERM does (CommandWorker.hung_up). Commands run in sessions of
+    their own, so a hangup reaches `work` alone: it killed `work` at once,
+    its commands running on, orphaned, their jobs claimed until their leases
+    ran out and then run again beside them. A SIGHUP ignored already (nohup)
+    stays ignored. On the loop, around worker.run(), which installs its own
+    handlers before its first await and removes them after its last."""
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
         yield
         return
     loop = asyncio.get_running_loop()
-
-    def hung_up() -> None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the next ones: ignored
-        signal.raise_signal(signal.SIGTERM)
-
-    loop.add_signal_handler(signal.SIGHUP, hung_up)
+    loop.add_signal_handler(signal.SIGHUP, worker.hung_up)
     try:
         yield
     finally:
@@ -1267,6 +1259,15 @@ class CommandWorker(Worker):
         if isinstance(error, CommandUnstartable):
             return 0.0
         return super().retry_delay(job, error)
+
+    def hung_up(self) -> None:
+        """SIGHUP: drain as on a first signal, and never count as a second one.
+        A closing terminal sends two (the kernel, and the shell to its jobs),
+        often read from the loop's self-pipe together: each was raised as a
+        SIGTERM, the second stopping the commands now, their jobs nacked
+        (the attempt spent); so was the first after a Ctrl-C."""
+        if not self._signalled:
+            self._on_signal("SIGHUP (the terminal closed)")
 
 
 class OneLine(logging.Formatter):
