@@ -1131,8 +1131,8 @@ async def work(
     --max-output bytes as the ack carries it (JSON). Ctrl-C, SIGTERM or
     SIGHUP (the terminal closed) drains running commands (each runs in a
     session of its own: a terminal's signals reach this worker, not them); a
-    second Ctrl-C or SIGTERM (not a second SIGHUP: a closing terminal sends
-    two) stops them now, their jobs given back at once. A job given up
+    second Ctrl-C or SIGTERM (a SIGHUP is never the second: a closing
+    terminal sends two) stops them now, their jobs given back at once. A job given up
     (cancelled, its lease lost, its time or output over the bound, stopped
     now) has its command's whole process group killed, and is let go then
     (nacked or given back; one cancelled or whose lease was lost is left as
