@@ -47,6 +47,11 @@ class Driver:
         self.largest_head = max(self.largest_head, len(sealed.head))
         written = len(sealed.head) + sum(len(d) for d in sealed.new_objects.values())
         self.largest_batch = max(self.largest_batch, written)
+        # The next batch starts, as the committer starts each: its claims may
+        # read claim_bytes again. Without it, once 16 MiB of payloads had been
+        # claimed every claim took one job (_claim_all's "500 a batch" made
+        # 8,439 writes for 25,000 jobs; review of the storage engine).
+        self.s.begin()
         return sealed
 
 
@@ -176,8 +181,12 @@ def test_leases_acked_in_random_order_are_compacted_in_bounded_batches() -> None
     1,000. A half-acked lease manifest was taken inline and spilled again in
     one write of 864 KB (110 KB now). The lease segments hold no more than
     twice the records of the leases left after every batch, but for those of
-    segments emptied under a manifest, let go when it is rewritten (655 at
-    most here); and at the end, twice the 1,000 left."""
+    segments emptied under a manifest, let go when it is rewritten, and those
+    of the manifest being emptied (its live records taken out merge_bytes a
+    seal, it goes once none is left: here one of 2,492 records with 285 live
+    for a few seals); and at the end, twice the 1,000 left. (Claimed 500 a
+    batch: before the Driver began each batch, every claim past 16 MiB of
+    payloads took one job, and the lease segments were of a few records.)"""
     d = Driver()
     n = 20_000
     tokens = _claim_all(d, n, 600)
@@ -188,8 +197,10 @@ def test_leases_acked_in_random_order_are_compacted_in_bounded_batches() -> None
             assert d.s.ack(job_id, tokens[job_id], None, d.now)["status"] == "completed"
         d.seal()
         # Segments emptied under a manifest go when it is rewritten, past
-        # holes_max holes kept in the head (their records are counted until).
-        slack = 2 * d.s.bounds.holes_max
+        # holes_max holes kept in the head (their records are counted until),
+        # and the manifest being emptied when it is.
+        emptying = max((m.get("total", 0) for m in d.s.leases.d["mans"]), default=0)
+        slack = 2 * d.s.bounds.holes_max + emptying
         assert _lease_records_stored(d.s) <= 2 * d.s.leases.count + slack, k
     assert d.s.counts(d.now)["claimed"] == 1000
     assert _lease_records_stored(d.s) <= 2 * 1000
