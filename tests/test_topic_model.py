@@ -21,7 +21,7 @@ from simplequeue.api import JobSpec
 from simplequeue.errors import JobCancelled, JobNotFound, LeaseLost
 from simplequeue.state import IdFilter, SegmentMissing, TopicState, decode_head
 from tests.helpers.states import WRITER, fresh
-from tests.test_topic_properties import Forgetful
+from tests.test_topic_properties import Forgetful, applied_forgetting
 
 T = TypeVar("T")
 POOL = [f"k{i}" for i in range(40)]
@@ -66,23 +66,7 @@ class EngineModel(RuleBasedStateMachine):
     # --- helpers -------------------------------------------------------------------------
 
     def apply(self, mutation: Callable[[TopicState], T]) -> T:
-        state = self.state
-        began = orjson.dumps(state.head)
-        self.seen.clear()
-        self.view.forgetting = True
-        try:
-            for _ in range(10_000):
-                state.begin()
-                try:
-                    return mutation(state)
-                except SegmentMissing as miss:
-                    self.view.granted.add(miss.key)
-                    for k in miss.also:
-                        self.view.granted.add(k)
-                    state.rollback(orjson.loads(began))
-        finally:
-            self.view.forgetting = False
-        raise AssertionError("no progress")
+        return applied_forgetting(self.state, self.view, self.seen, mutation)
 
     def certain_record(self, job_id: str) -> bool:
         r = self.records.get(job_id)

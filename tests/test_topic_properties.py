@@ -46,6 +46,28 @@ FORMAT_1 = Path(__file__).parent / "data" / "format1-store"
 T = TypeVar("T")
 
 
+def applied_forgetting(
+    state: TopicState, view: Forgetful, seen: dict[str, Any], mutation: Callable[[TopicState], T]
+) -> T:
+    """Apply a mutation as the committer does: the view forgets objects now and
+    then (as a cache under its budget), and a mutation that finds one missing
+    (or several) is rolled back to the head it began from and applied again."""
+    began = orjson.dumps(state.head)
+    seen.clear()  # a new batch: what the last one read may be gone
+    view.forgetting = True
+    try:
+        for _ in range(10_000):
+            state.begin()
+            try:
+                return mutation(state)
+            except SegmentMissing as miss:
+                view.granted.update((miss.key, *miss.also))
+                state.rollback(orjson.loads(began))
+    finally:
+        view.forgetting = False
+    raise AssertionError("no progress")
+
+
 class Forgetful:
     """A view that, while `forgetting`, answers SegmentMissing for every third
     object it is asked for and has not granted since the last seal: a cache under
@@ -349,24 +371,7 @@ class TopicMachine(RuleBasedStateMachine):
         self._seal()
 
     def apply(self, mutation: Callable[[TopicState], T]) -> T:
-        """Apply a mutation as the committer does: the view forgets objects now and
-        then (as a cache under its budget), and a mutation that finds one missing
-        is rolled back to the head it began from and applied again."""
-        state = self.state
-        began = orjson.dumps(state.head)
-        self.seen.clear()  # a new batch: what the last one read may be gone
-        self.view.forgetting = True
-        try:
-            for _ in range(10_000):
-                state.begin()
-                try:
-                    return mutation(state)
-                except SegmentMissing as miss:
-                    self.view.granted.add(miss.key)
-                    state.rollback(orjson.loads(began))
-        finally:
-            self.view.forgetting = False
-        raise AssertionError("no progress")
+        return applied_forgetting(self.state, self.view, self.seen, mutation)
 
     def claimed(self) -> set[str]:
         return {j["id"] for j in self.state.claimed_soonest(10**6)}
