@@ -2553,6 +2553,87 @@ async def test_a_claim_served_while_its_owner_was_suspect_is_retried_where_it_wa
     assert (await owner.engine.status("t"))["claimed"] == 1
 
 
+async def test_a_named_pop_the_owner_did_but_answered_too_late_is_retried_where_it_was_done(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: an HTTP client may name its pops; "a retry whose first try
+    landed gets that try's jobs". Through a broker that does not own the
+    topic, an owner that popped but answered too late makes the answer 503
+    "may have done" (no undo: the pop is the client's). The client's retry
+    under its id at once found the owner suspect, and the broker passing it
+    on popped here: another job, the owner's done for nobody (review
+    finding). It goes to the owner, suspect or not: answered 503 again while
+    the owner does not answer, then the first try's job."""
+    brokers = await cluster(start_broker, MemStore(), 2, forward_timeout=0.3)
+    owner, other = owner_and_other(brokers, "t")
+    real_pop = owner.engine.pop
+    answer_too_late(monkeypatch, owner.engine, "pop")
+    async with aiohttp.ClientSession() as s:
+        for job_id in ("j1", "j2", "j3"):
+            await post(s, f"{owner.url}/topics/t/enqueue", {"id": job_id, "payload": job_id})
+        popping = {"worker_id": "w", "attempt_id": "a1"}
+        status, body, _ = await post(s, f"{other.url}/topics/t/pop", popping)
+        assert status == 503 and "may have done" in body["error"], body
+        status, body, _ = await post(s, f"{other.url}/topics/t/pop", popping)
+        assert status == 503 and "may have done" in body["error"], body
+        monkeypatch.setattr(owner.engine, "pop", real_pop)  # it answers in time again
+        status, again, headers = await post(s, f"{other.url}/topics/t/pop", popping)
+    assert status == 200 and headers["Simplequeue-Owner"] == owner.url, again
+    assert [j["id"] for j in again["jobs"]] == ["j1"], again
+    counts = await owner.engine.status("t")
+    assert (counts["completed"], counts["pending"]) == (1, 2), "two jobs popped for one pop"
+
+
+async def test_a_named_pop_served_while_its_owner_was_suspect_is_retried_where_it_was_served(
+    start_broker: StartBroker,
+) -> None:
+    """As a claim's (above): a named pop served by the next broker while the
+    owner was suspect, retried under its id once the owner was not, went to
+    the owner, which popped another job; the first, its answer lost, was done
+    for nobody. An /unpop of the id went to the owner too, and gave nothing
+    back (review finding). Both go where the pop was served."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    async with aiohttp.ClientSession() as s:
+        for job_id in ("j1", "j2"):
+            await post(s, f"{owner.url}/topics/t/enqueue", {"id": job_id, "payload": 1})
+        other.membership.suspect(owner.settings.broker_id, 0.3)
+        popping = {"worker_id": "w", "attempt_id": "a1"}
+        status, first, headers = await post(s, f"{other.url}/topics/t/pop", popping)
+        assert status == 200 and headers["Simplequeue-Owner"] == other.url, first
+        await until(lambda: owns_again(other, owner))  # the owner is no longer suspect
+        status, again, _ = await post(s, f"{other.url}/topics/t/pop", popping)
+        assert status == 200, again
+        status, undone, _ = await post(s, f"{other.url}/topics/t/unpop", popping)
+        assert status == 200, undone
+    assert again["jobs"] == first["jobs"], (first, again)
+    assert undone["given_back"] == 1, undone
+    counts = await owner.engine.status("t")
+    assert (counts["completed"], counts["pending"]) == (0, 2)
+
+
+async def test_a_named_complete_served_while_its_owner_was_suspect_is_retried_where_it_was_served(
+    start_broker: StartBroker,
+) -> None:
+    """The same for a complete its client named: retried through the owner,
+    back, it answered "none completed" for the job its first try completed."""
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    async with Client(owner.url, topic="t") as q:
+        await q.enqueue("x", id="j1")
+        claimed = await q.claim("w")
+    assert claimed is not None
+    held = [{"job_id": "j1", "lease_token": claimed.lease_token}]
+    completing = {"claims": held, "attempt_id": "c1"}
+    async with aiohttp.ClientSession() as s:
+        other.membership.suspect(owner.settings.broker_id, 0.3)
+        status, first, headers = await post(s, f"{other.url}/topics/t/complete", completing)
+        assert status == 200 and headers["Simplequeue-Owner"] == other.url, first
+        await until(lambda: owns_again(other, owner))
+        status, again, _ = await post(s, f"{other.url}/topics/t/complete", completing)
+    assert status == 200 and again["completed"] == first["completed"] == ["j1"], again
+
+
 async def test_a_redis_claim_the_owner_did_but_answered_too_late_strands_no_job(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

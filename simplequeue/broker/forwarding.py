@@ -66,9 +66,11 @@ UNDO_WITHIN = 30.0
 # each answer: its broker answered the claim too late already, and no caller waits.
 TAKE_BACK_PATIENCE = 10.0
 # Claims served by a broker other than their topic's owner (route's
-# `take_back`), remembered for their retries, at most; each for as long as an
-# engine keeps a claim's answer for its retries (api.CLAIM_ATTEMPTS_KEPT_S).
-CLAIMS_SERVED_KEPT = 10_000
+# `take_back`), and pops and completes a client named sent to another broker
+# (route's `named`), remembered for their retries, at most; each for as long
+# as an engine keeps a claim's or pop's answer for its retries
+# (api.CLAIM_ATTEMPTS_KEPT_S).
+ATTEMPTS_SERVED_KEPT = 10_000
 # The pool's share of the descriptors left for connections
 # (listener.default_max_connections), taken from the clients' (server.py): a
 # request passed on holds a client's connection and one to the owner. Most
@@ -97,6 +99,10 @@ OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)  # the process', the system's
 
 # The headers of an owner's answer a broker passing it on passes on too.
 _PASSED_ON = frozenset({"Allow", "Retry-After", api.NOW_HEADER})
+
+# A request remembered for its retries (Forwarder._served): "claim" or "pop"
+# (a pop's, a complete's, their unpop's), its topic, worker id, attempt id.
+Attempt = tuple[str, str, str, str]
 
 
 def pool_size(descriptors: int) -> int:
@@ -212,12 +218,14 @@ class Forwarder:
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()  # end_long_polls(): this broker is stopping
         self._closed = False
-        # The broker that served each claim its topic's owner did not (topic,
-        # worker id, attempt id): a retry under its attempt id goes there
-        # first, whose engine answers it the jobs it holds. The owner, back,
-        # would claim others, and those the first try was answered would be
-        # held by nobody until their leases ran out. At most CLAIMS_SERVED_KEPT.
-        self._claims_served: OrderedDict[tuple[str, str, str], tuple[float, Peer]] = OrderedDict()
+        # The broker that served each claim its topic's owner did not, and
+        # each pop or complete its client named (_attempt): a retry under its
+        # attempt id goes there first, whose engine answers it the jobs it
+        # holds, or popped. The owner, back, would claim others, and those the
+        # first try was answered would be held by nobody until their leases
+        # ran out; it would pop others, and those would be done for nobody.
+        # At most ATTEMPTS_SERVED_KEPT, each until when it is kept.
+        self._served: OrderedDict[Attempt, tuple[float, Peer]] = OrderedDict()
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -260,6 +268,7 @@ class Forwarder:
         repeatable: bool = True,
         undo: api.UnpopRequest | None = None,
         take_back: api.ClaimRequest | None = None,
+        named: api.UnpopRequest | None = None,
     ) -> Answer | Here:
         """The answer of the first broker in `topic`'s order that answers, or
         Here when this broker's turn comes first (it serves the request).
@@ -273,17 +282,22 @@ class Forwarder:
         (`take_back`, named by its attempt id) is served by the next broker
         under the same id: the one that got it without answering is asked
         again under it in the background, and what it answers goes back
-        (take_back); its retries go first to the broker that served it."""
+        (take_back); its retries go first to the broker that served it. A
+        pop or complete its client `named` (or its unpop, by the same name)
+        goes to the broker its first try was sent to, suspect or not, while
+        that one is live: it keeps what the try did. If that one does not
+        answer, AmbiguousWrite again: done anywhere else, a retry would pop
+        other jobs, an unpop give back none."""
         replayed = False
         started = time.monotonic()
         order = self.membership.order(topic)
-        claim = _attempt(topic, take_back)
-        served = None if claim is None else self._claim_served_by(claim, order)
+        attempt = _attempt(topic, take_back, named)
+        served = None if attempt is None else self._served_by(attempt, order)
         if served is not None:
             order = [served, *(p for p in order if p != served)]
         for tried, peer in enumerate(order):
-            if claim is not None:
-                self._remember_claim(claim, peer)
+            if attempt is not None:
+                self._remember(attempt, peer)
             if peer == self.me:
                 return Here(replayed)
             left = wait
@@ -304,6 +318,13 @@ class Forwarder:
                 self.membership.suspect(peer.broker_id, self.suspect_for)
                 if exc.sent and take_back is not None:
                     in_background(self.take_back(peer, topic, take_back))
+                if named is not None and peer == served:
+                    log.warning("%s did not answer for %s (%s)", peer.url, topic, exc)
+                    raise AmbiguousWrite(
+                        f"topic {topic!r}: {peer.url}, where attempt {named.attempt_id!r} "
+                        f"was sent before, did not answer ({exc}); it may have done the "
+                        "request, which is not done anywhere else: ask again"
+                    ) from None
                 if exc.sent and not repeatable:
                     log.warning("%s did not answer for %s (%s)", peer.url, topic, exc)
                     if undo is not None:
@@ -319,27 +340,29 @@ class Forwarder:
             return answer
         return Here(replayed)
 
-    def _claim_served_by(self, claim: tuple[str, str, str], order: list[Peer]) -> Peer | None:
-        """The live broker that served `claim` (topic, worker id, attempt id)
-        in its owner's place lately, if any."""
-        kept = self._claims_served.get(claim)
+    def _served_by(self, attempt: Attempt, order: list[Peer]) -> Peer | None:
+        """The live broker (in `order`, suspect or not) `attempt` was served
+        by or sent to lately, if one is remembered."""
+        kept = self._served.get(attempt)
         if kept is None or kept[0] < time.monotonic() or kept[1] not in order:
             return None
         return kept[1]
 
-    def _remember_claim(self, claim: tuple[str, str, str], peer: Peer) -> None:
-        """`claim` (topic, worker id, attempt id) is served by `peer`, or sent
-        to it: remembered unless `peer` is the topic's owner (suspect or not:
-        its retries go there anyway), forgotten if it is."""
-        kept = self._claims_served
-        if peer == self.membership.home(claim[0]):
-            kept.pop(claim, None)
+    def _remember(self, attempt: Attempt, peer: Peer) -> None:
+        """`attempt` is served by `peer`, or sent to it: remembered. A claim's
+        is not when `peer` is the topic's owner (suspect or not: its retries
+        go there anyway, and one the owner does not answer is served by the
+        next broker, the owner's claim taken back), and is forgotten; a named
+        pop's is, as only the broker that did it can answer its retry."""
+        kept = self._served
+        if attempt[0] == "claim" and peer == self.membership.home(attempt[1]):
+            kept.pop(attempt, None)
             return
         now = time.monotonic()
-        if claim not in kept or kept[claim][1] != peer:  # a retry served there keeps its time
-            kept.pop(claim, None)
-            kept[claim] = (now + api.CLAIM_ATTEMPTS_KEPT_S, peer)
-        while kept and (len(kept) > CLAIMS_SERVED_KEPT or next(iter(kept.values()))[0] < now):
+        if attempt not in kept or kept[attempt][1] != peer:  # a retry served there keeps its time
+            kept.pop(attempt, None)
+            kept[attempt] = (now + api.CLAIM_ATTEMPTS_KEPT_S, peer)
+        while kept and (len(kept) > ATTEMPTS_SERVED_KEPT or next(iter(kept.values()))[0] < now):
             kept.popitem(last=False)
 
     async def _unless_stopping(
@@ -638,12 +661,18 @@ def _close_idle(connector: aiohttp.BaseConnector, most: int, peer: URL) -> None:
         proto.close()
 
 
-def _attempt(topic: str, claim: api.ClaimRequest | None) -> tuple[str, str, str] | None:
-    """A claim's key among those served in its owner's place: its topic, its
-    worker and its attempt id."""
+def _attempt(
+    topic: str, claim: api.ClaimRequest | None, named: api.UnpopRequest | None
+) -> Attempt | None:
+    """A request's key among those remembered for their retries (route's
+    `take_back`, `named`): a claim's, or a named pop's, complete's or unpop's
+    (the worker id "" for a complete's, as the engine keys them), with its
+    topic, its worker and its attempt id."""
+    if named is not None:
+        return "pop", topic, named.worker_id or "", named.attempt_id
     if claim is None or claim.attempt_id is None:
         return None
-    return topic, claim.worker_id, claim.attempt_id
+    return "claim", topic, claim.worker_id, claim.attempt_id
 
 
 def _waiting(path_qs: str, body: bytes | None, left: float) -> tuple[str, bytes | None]:

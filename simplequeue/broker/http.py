@@ -666,6 +666,7 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     wait = 0.0
     undo = None  # a pop's or complete's, should its answer be lost
     take_back = None  # a claim's, should the owner answer it too late
+    named = None  # a pop or complete its client named, or its unpop
     name = call.route.name
     if name == "claim":
         take_back, body = _attempted(call, api.decode(body, api.ClaimRequest))
@@ -673,9 +674,14 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     elif name == "pop":
         popping = api.decode(body, api.ClaimRequest)
         wait = popping.wait
+        named = _name_of(popping, popping.worker_id)
         undo, body = _named(call, popping, popping.worker_id)
     elif name == "complete":
-        undo, body = _named(call, api.decode(body, api.CompleteRequest), None)
+        completing = api.decode(body, api.CompleteRequest)
+        named = _name_of(completing, None)
+        undo, body = _named(call, completing, None)
+    elif name == "unpop":
+        named = api.decode(body, api.UnpopRequest)
     elif name == "job":
         wait = wait_of(call)
     elif name in ("enqueue", "push"):
@@ -697,6 +703,7 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         repeatable=repeatable,
         undo=undo,
         take_back=take_back,
+        named=named,
     )
     named_here = undo is not None or (take_back is not None and body is not asked)
     if named_here and isinstance(got, Answer) and refused_attempt_id(got):
@@ -713,6 +720,8 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
         )
     if isinstance(got, Here):  # its owner, or the next when those before did not answer
         call.spent = time.monotonic() - started  # a long poll asked for is not waited twice
+        if undo is not None:  # the id named it for an owner elsewhere: the engine here
+            call.body = asked  # needs none, nor to keep what it did under one
         try:
             response = await handler(call)
         except SimpleQueueError as exc:  # answered here, to name who served it
@@ -729,15 +738,31 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     return answered
 
 
+# Requests a broker serving in place of an owner that did not answer lately
+# routes all the same (to here first), so that their retries under their
+# attempt id come back here (Forwarder.route's take_back, named): the owner,
+# back, would claim or pop other jobs. An unpop, so that it comes where its
+# pop was done.
+_ROUTED_IN_PLACE = frozenset({"claim", "pop", "complete", "unpop"})
+
+
 def _owned_here(call: Call, forwarder: Forwarder) -> bool:
-    """Whether this broker serves `call` as its topic's owner, unrouted. A
-    claim it serves in place of an owner that did not answer lately is routed
-    all the same (to here first), so that its retries come back here
-    (Forwarder.route's take_back): the owner, back, would claim other jobs."""
+    """Whether this broker serves `call` as its topic's owner, unrouted."""
     membership = forwarder.membership
-    if call.route.name == "claim":
+    if call.route.name in _ROUTED_IN_PLACE:
         return membership.home(call.topic) == membership.me
     return membership.owns(call.topic)
+
+
+def _name_of(
+    request: api.ClaimRequest | api.CompleteRequest, worker_id: str | None
+) -> api.UnpopRequest | None:
+    """The name a client gave a pop or complete (its attempt id), as its
+    unpop names it: its retries and unpop go where its first try went
+    (Forwarder.route's named)."""
+    if request.attempt_id is None:
+        return None
+    return api.UnpopRequest(request.attempt_id, worker_id)
 
 
 def _named(
