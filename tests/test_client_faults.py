@@ -860,6 +860,28 @@ async def test_an_owner_whose_address_drops_connections_costs_a_connect_timeout_
             sock.close()
 
 
+async def test_a_connect_timeout_inside_a_calls_within_bound_leaves_the_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, inside a calls_within() bound shorter than the call's timeout
+    (a Worker's heartbeats with a lease under the client's timeout): the
+    connect timeout, a TimeoutError, was taken for the caller's own bound, the
+    owner not left, and every retry went to it again until the bound ran out
+    (12 s of a 12 s bound, then TimeoutError), though the broker given would
+    have answered at once (review of this round's changes)."""
+    monkeypatch.setattr(client_module, "CONNECT_TIMEOUT", 0.5)
+    held, owner = _unreachable()
+    try:
+        async with serving(naming(owner)) as url, Client(url, topic="t", timeout=30) as q:
+            await prompt(q.status())  # names the owner
+            async with asyncio.timeout(5), calls_within(10):  # under the timeout: cut
+                await q.status()
+            assert q._owner is None and owner in q._owners_left
+    finally:
+        for sock in held:
+            sock.close()
+
+
 async def test_a_call_out_of_its_own_time_does_not_leave_a_healthy_owner() -> None:
     """8b37daf: an owner left (refused, timed out, cut short) is not followed
     again for OWNER_LEFT_FOR (60 s). A try cut short by the caller's own

@@ -697,8 +697,17 @@ class Client:
             # Refused, or never connected within the connect timeout: not sent.
             unsent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
             tried = True
+            # A connect that took CONNECT_TIMEOUT, shorter than the try's limit,
+            # is the owner's fault, not the caller's bound (a Worker's
+            # heartbeats run under one: each went to the owner again, until
+            # the bound ran out, though the broker given would have answered).
+            unreachable = isinstance(exc, aiohttp.ConnectionTimeoutError) and (
+                timeout.sock_connect is not None and timeout.sock_connect < limit
+            )
             if base == self._owner and self._owner != self.url:
-                if not (isinstance(exc, TimeoutError) and cut):  # not the caller's bound
+                if unreachable or not (
+                    isinstance(exc, TimeoutError) and cut
+                ):  # not the caller's bound
                     # The broker given routes again; for a while if the owner
                     # would cost every call as much again.
                     self._leave_owner(base, for_a_while=_owner_failed(exc))
