@@ -502,8 +502,8 @@ def spec() -> dict[str, Any]:
         "/topics": {
             "get": _op(
                 "listTopics",
-                "Every topic in the store with its counts (a listing asked while "
-                "another runs, or within 1 s of its end, is its answer)",
+                "Every topic in the store with its counts (listings asked while "
+                "one runs share the next, which starts once it ended)",
                 _ref(api.Topics),
                 _LISTING,
                 topic=False,
