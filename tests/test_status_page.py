@@ -9,6 +9,7 @@ it), in which case they fail. The screenshot lands in test-artifacts/.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import time
@@ -22,6 +23,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from simplequeue.api import JobSpec
+from simplequeue.broker import http
 from simplequeue.broker import page as status_page
 from simplequeue.broker.page import RateBook, RatePoint
 from simplequeue.objstore.memfs import MemStore
@@ -950,6 +952,61 @@ async def test_two_pages_filtering_on_two_prefixes_keep_both_rate_histories(
     await page.compute(prefix="b")
     page.sample()
     assert set(page.rates._rings) == {"b1", "b2"}
+
+
+async def test_a_large_overview_is_sent_gzipped_to_a_client_that_takes_it(
+    start_broker: StartBroker, session: aiohttp.ClientSession
+) -> None:
+    """200 topics with their 10 minutes of rates made an overview of 1.5 MB,
+    sent to each open tab every 2 s (left alone in round 34). Gzipped once a
+    computation (220 KB) and sent so to a client that takes gzip (every
+    browser); as it is to one that does not, or refuses it (q=0)."""
+    broker = await start_broker(MemStore())
+    page = broker.http_api.page
+    names = [f"t{i:03d}" for i in range(200)]
+    for name in names:
+        await broker.engine.enqueue(name, [JobSpec(1)])
+    await page.compute()
+    page.rates._rings.clear()  # that overview's own samples: these come first
+    now = time.monotonic()
+    for name in names:  # 10 minutes of samples, as an open page gathers them
+        for k in range(121):
+            page.rates.record(name, now - 600 + k * 5, 417 * k, 400 * k)
+    url = f"{broker.url}/ui/overview"
+    sizes: dict[str, tuple[str | None, int, Any]] = {}
+    for accept in ("gzip, deflate, br", "identity", "gzip;q=0"):
+        async with session.get(
+            url, headers={"Accept-Encoding": accept}, auto_decompress=False
+        ) as r:
+            raw = await r.read()
+            coding = r.headers.get("Content-Encoding")
+            body = gzip.decompress(raw) if coding == "gzip" else raw
+            sizes[accept] = (coding, len(raw), orjson.loads(body))
+    coding, packed, overview = sizes["gzip, deflate, br"]
+    assert (coding, sizes["identity"][0], sizes["gzip;q=0"][0]) == ("gzip", None, None)
+    assert overview == sizes["identity"][2]  # the same overview
+    assert len(overview["topics"]) == 200 and len(overview["topics"][0]["rates"]) >= 100
+    assert packed * 4 < sizes["identity"][1], (packed, sizes["identity"][1])
+
+
+@pytest.mark.parametrize(
+    ("header", "takes"),
+    [
+        ("gzip", True),
+        ("deflate, gzip;q=1.0, *;q=0.5", True),
+        ("x-gzip", True),
+        ("*", True),
+        ("GZIP;Q=0.001", True),
+        ("", False),
+        ("identity", False),
+        ("br, deflate", False),
+        ("gzip;q=0", False),
+        ("gzip;q=0.000", False),
+        ("gzip;q=x", False),
+    ],
+)
+def test_which_accept_encodings_take_gzip(header: str, takes: bool) -> None:
+    assert http.takes_gzip(header) is takes
 
 
 def test_rate_book_turns_counter_samples_into_rates() -> None:

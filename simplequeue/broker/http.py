@@ -196,6 +196,23 @@ def _coding_of(request: web.BaseRequest) -> str | None:
     return applied[0] if applied else None
 
 
+def takes_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip: `gzip` (or `x-gzip`, or
+    `*`) among its codings, not with q=0 (RFC 9110 12.5.3)."""
+    for part in accept_encoding.split(","):
+        coding, _, params = part.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        q = params.strip().lower()
+        if not q.startswith("q="):
+            return True
+        try:
+            return float(q[2:]) > 0
+        except ValueError:
+            return False
+    return False
+
+
 def content_codings(headers: Mapping[str, str]) -> list[str]:
     """The codings a request's Content-Encoding names, lowercase: every
     header, and every coding in each; empty ones ("gzip,") are none (RFC 9110
@@ -1047,7 +1064,8 @@ def _routes(status_page: page.StatusPage) -> list[Route]:
                 raise InvalidRequest(
                     "a topic prefix is up to 128 characters of [A-Za-z0-9_-]"
                 ) from None
-        return await status_page.overview(query.fresh, query.prefix)
+        gzipped = takes_gzip(call.request.headers.get("Accept-Encoding", ""))
+        return await status_page.overview(query.fresh, query.prefix, gzipped)
 
     return [
         Route("POST", f"{t}/enqueue", enqueue, takes_body=True),
