@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import hiredis
 import msgspec
 import pytest
 
@@ -168,6 +169,66 @@ def test_what_is_kept_for_undos_takes_the_memory_it_is_bounded_by(
         tracemalloc.stop()
     assert kept.kept_bytes <= room
     assert taken <= room * 1.25, f"{taken:,} bytes for a bound of {room:,}"
+
+
+def test_a_record_its_caller_holds_is_never_forgotten_to_make_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A RESP connection holds its pops' records until it answers them or
+    gives their jobs back: other records, however many and large, leave
+    them alone, and are bounded without them."""
+    room = 64 * 1024
+    monkeypatch.setattr(popped, "POPS_KEPT_BYTES", room)
+    kept = popped.Popped()
+    job = {"id": "j", "payload": "x" * 10_000, "status": "completed"}
+    kept.keep(("t", "w", "held"), [job], held=True)
+    kept.keep(("t", "w", "larger-than-the-room"), [job] * 10, held=True)
+    for n in range(100):
+        kept.keep(("t", "http", f"a{n}"), [job])
+    kept.forget_expired()
+    assert kept.kept_bytes <= room and kept.get(("t", "http", "a0")) is None
+    assert kept.get(("t", "w", "held")) is not None
+    assert kept.take(("t", "w", "larger-than-the-room")) is not None
+    assert kept.take(("t", "w", "held")) is not None
+    assert kept.held_bytes == 0
+
+
+async def test_a_pipeline_of_large_pops_whose_client_leaves_gives_every_job_back(
+    start_broker: StartBroker,
+) -> None:
+    """A pipeline of 48 LPOPs of ~1 MB jobs (the output limit lets 64 run
+    together) whose client leaves while their commit is written: every pop
+    goes back. Each pop's record for its undo was kept with the others, 32
+    MB at most, the oldest dropped first: the group's first records were
+    gone by the time it ended, their unpops found nothing, and 15 of the 48
+    jobs stayed completed for nobody (review of the RESP face)."""
+    from simplequeue.broker import background
+    from tests.helpers.faults import FaultyStore
+    from tests.test_resp import Http, Raw, port_of
+
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    n, value = 48, "v" * 1_000_000
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        pusher = await Raw.open(port_of(broker))
+        for _ in range(n):
+            assert isinstance(await pusher.call("RPUSH", "q", value), int)
+        await pusher.close()
+        store.gate = asyncio.Event()
+        store.put_started.clear()
+        leaver = await Raw.open(port_of(broker))
+        await leaver.write(b"".join(hiredis.pack_command(("LPOP", "q")) for _ in range(n)))
+        await store.put_started.wait()  # the pops' commit is being written
+        server = broker.redis
+        [conn] = server.connections
+        await leaver.close()
+        await conn.left.wait()
+        store.gate.set()
+        await until(lambda: not server.connections and not background._running, 20)
+        status = await http.status("q")
+    assert (status["pending"], status["completed"]) == (n, 0), status
+    assert (broker.engine.popped.held_bytes, broker.engine.popped.kept_bytes) == (0, 0)
 
 
 async def test_an_http_pop_answered_too_late_is_given_back_by_the_broker_that_passed_it_on(
@@ -683,6 +744,25 @@ async def test_a_pop_named_through_a_broker_that_passes_it_on_is_undone_by_its_n
     [again] = await mine.pop("t", "w", attempt_id="second")
     assert await mine.unpop("t", "second", "w") == 1
     assert (await owner.engine.job("t", again["id"]))["status"] == "pending"
+
+
+async def test_pops_held_through_a_broker_that_passes_them_on_are_undone_past_its_bound(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Router remembered the broker that served each named pop,
+    NAMED_POPS_KEPT (10,000) at most, the oldest dropped: past it, the
+    unpop of a pop a RESP connection still held (its pipelined group not
+    answered yet) asked this broker's engine, which found nothing, and the
+    job stayed done for nobody. Those their caller holds are never dropped."""
+    monkeypatch.setattr(forwarding, "NAMED_POPS_KEPT", 1)
+    brokers = await cluster(start_broker, MemStore(), 2)
+    owner, other = owner_and_other(brokers, "t")
+    await owner.engine.enqueue("t", [JobSpec(i, id=f"j{i}") for i in range(3)])
+    router = Router(other.engine, other.forwarder)
+    for i in range(3):
+        assert len(await router.pop("t", "w", attempt_id=f"a{i}", held=True)) == 1
+    assert [await router.unpop("t", f"a{i}", "w") for i in range(3)] == [1, 1, 1]
+    assert await statuses(owner.engine, "j0", "j1", "j2") == ["pending"] * 3
 
 
 async def test_a_named_pop_is_undone_by_the_broker_that_served_it_after_ownership_moved(

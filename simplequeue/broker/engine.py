@@ -190,7 +190,12 @@ class TopicOps(Protocol):
         wait: float = 0.0,
         attempt_id: str | None = None,
         since: float | None = None,
-    ) -> list[dict[str, Any]]: ...
+        held: bool = False,
+    ) -> list[dict[str, Any]]:
+        """`held`: the caller holds what the pop named `attempt_id` did until
+        it answers it (forget_pop) or gives it back (unpop), and calls one of
+        them: kept for that undo whatever else is kept meanwhile."""
+        ...
 
     async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int: ...
 
@@ -201,8 +206,14 @@ class TopicOps(Protocol):
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int: ...
 
     async def complete(
-        self, topic: str, jobs: list[dict[str, Any]], attempt_id: str | None = None
-    ) -> list[str]: ...
+        self,
+        topic: str,
+        jobs: list[dict[str, Any]],
+        attempt_id: str | None = None,
+        held: bool = False,
+    ) -> list[str]:
+        """`held`: as pop's."""
+        ...
 
     async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]: ...
 
@@ -465,12 +476,15 @@ class Engine:
         wait: float = 0.0,
         attempt_id: str | None = None,
         since: float | None = None,
+        held: bool = False,
     ) -> list[dict[str, Any]]:
         """Claim and complete up to `count` jobs in one commit (Redis pop
         semantics), long-polling up to `wait` seconds for one (in the line
         from `since`, as claim()). With
         `attempt_id`, what it did is kept a while for unpop(), and for its
-        retries: one whose first try landed is answered that try's jobs."""
+        retries: one whose first try landed is answered that try's jobs.
+        `held`: kept until forget_pop() or unpop(), which the caller calls
+        (Popped's bound forgets the oldest of the others)."""
         keys.check_topic(topic)
         attempt = None if attempt_id is None else (topic, worker_id, attempt_id)
         before = None if attempt is None else self.popped.get(attempt)
@@ -486,7 +500,7 @@ class Engine:
             since=since,
         )
         if attempt is not None and jobs:
-            jobs = await self._popped_now(attempt, jobs)
+            jobs = await self._popped_now(attempt, jobs, held)
         return [public(j, "completed") for j in jobs]
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int:
@@ -497,14 +511,19 @@ class Engine:
         return await self.committer.submit(topic, _unclaim_all(jobs))
 
     async def complete(
-        self, topic: str, jobs: list[dict[str, Any]], attempt_id: str | None = None
+        self,
+        topic: str,
+        jobs: list[dict[str, Any]],
+        attempt_id: str | None = None,
+        held: bool = False,
     ) -> list[str]:
         """Complete claims as a pop does, for a caller that has no ack to send
         (a BLPOP on several keys, XREADGROUP NOACK); the ids completed, the
         others not held any more. Undone, as a pop is, when the caller goes
         away before the answer: it was never handed the jobs. With
         `attempt_id`, what it did is kept a while for unpop(), and for its
-        retries: one whose first try landed is answered that try's ids."""
+        retries: one whose first try landed is answered that try's ids;
+        `held`, as pop()'s."""
         keys.check_topic(topic)
         attempt = None if attempt_id is None else (topic, "", attempt_id)
         before = None if attempt is None else self.popped.get(attempt)
@@ -519,7 +538,7 @@ class Engine:
             topic, complete, undo=lambda done: _unpop_all(done) if done else None
         )
         if attempt is not None and done:
-            done = await self._popped_now(attempt, done)
+            done = await self._popped_now(attempt, done, held)
         return [job["id"] for job in done]
 
     async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int:
@@ -543,7 +562,7 @@ class Engine:
 
     def forget_pop(self, topic: str, attempt_id: str, worker_id: str) -> None:
         """The pop named `attempt_id` was answered (a RESP pipeline's): its
-        record leaves room for others' (Popped is bounded)."""
+        record, held until now, goes."""
         self.popped.take((topic, worker_id, attempt_id))
 
     def _undone(self, attempt: Attempt, undoing: asyncio.Future[int]) -> None:
@@ -565,16 +584,16 @@ class Engine:
         log.info("%s: gave back %d jobs of a pop whose answer was lost", attempt[0], given_back)
         return given_back
 
-    async def _popped_now(self, attempt: Attempt, jobs: list[Job]) -> list[Job]:
+    async def _popped_now(self, attempt: Attempt, jobs: list[Job], held: bool) -> list[Job]:
         """`jobs`, just popped or completed by `attempt`, kept for its retries
-        and undo; what its caller is answered. When its undo came first they
-        go back, and it is answered none; when another try of it landed
-        meanwhile (still polling, its caller gone unseen), they go back and
-        it is answered that try's."""
+        and undo (`held`: until its caller ends it); what its caller is
+        answered. When its undo came first they go back, and it is answered
+        none; when another try of it landed meanwhile (still polling, its
+        caller gone unseen), they go back and it is answered that try's."""
         undone = self.popped.withdrawn(attempt)
         other = self.popped.get(attempt)
         if not undone and other is None:
-            self.popped.keep(attempt, jobs)
+            self.popped.keep(attempt, jobs, held=held)
             return jobs
         # Shielded: the caller (a connection the forwarding broker dropped) may
         # be cancelled now, and then the committer would skip the give-back.

@@ -693,7 +693,8 @@ def _waiting(path_qs: str, body: bytes | None, left: float) -> tuple[str, bytes 
 
 
 # Pops named by their caller and served by another broker, remembered for
-# their unpop until answered (Router._served_by), at most.
+# their unpop until answered (Router._served_by), at most: those their caller
+# holds (Router._held_by) are not counted, never dropped.
 NAMED_POPS_KEPT = 10_000
 
 
@@ -705,9 +706,12 @@ class Router:
         self.engine = engine
         self.forwarder = forwarder
         # The broker that served each pop its caller named, of those not
-        # answered yet (a RESP pipeline's): unpop() asks that one, whoever
-        # owns the topic by then. At most NAMED_POPS_KEPT, the oldest dropped.
+        # answered yet: unpop() asks that one, whoever owns the topic by then.
+        # At most NAMED_POPS_KEPT, the oldest dropped; those the caller holds
+        # (a RESP pipeline's, until it answers them or gives them back) are
+        # never dropped: its connection bounds them.
         self._served_by: OrderedDict[tuple[str, str, str], Peer] = OrderedDict()
+        self._held_by: dict[tuple[str, str, str], Peer] = {}
 
     def served_here(self, topic: str) -> bool:
         return self.forwarder.membership.owns(topic)
@@ -834,6 +838,7 @@ class Router:
         wait: float = 0.0,
         attempt_id: str | None = None,
         since: float | None = None,
+        held: bool = False,
     ) -> list[dict[str, Any]]:
         # `since`: as claim's. An attempt id: should the owner's answer be
         # lost (this broker's caller went away, or the owner answered too
@@ -850,29 +855,45 @@ class Router:
             wait = max(0.0, wait - (time.monotonic() - started))  # waited at an owner already
             since = started if since is None else since
             return await self.engine.pop(
-                topic, worker_id, count=count, wait=wait, attempt_id=named, since=since
+                topic,
+                worker_id,
+                count=count,
+                wait=wait,
+                attempt_id=named,
+                since=since,
+                held=held,
             )
         jobs = _jobs_of(got)
         if named is not None and jobs:
-            self._served((topic, worker_id, named), got.served_by)
+            self._served((topic, worker_id, named), got.served_by, held)
         return jobs
 
-    def _served(self, attempt: tuple[str, str, str], peer: Peer) -> None:
+    def _served(self, attempt: tuple[str, str, str], peer: Peer, held: bool) -> None:
         """The named pop or completion `attempt` (topic, worker id, attempt id)
-        was served by `peer`: its unpop() is asked of it."""
+        was served by `peer`: its unpop() is asked of it. The owner keeps
+        what it did for its undo as it keeps an HTTP client's named pops,
+        within its bound (POPS_KEPT_BYTES): `held` is only kept to here."""
+        if held:
+            self._held_by[attempt] = peer
+            return
         self._served_by[attempt] = peer
         while len(self._served_by) > NAMED_POPS_KEPT:
             self._served_by.popitem(last=False)
 
+    def _served_at(self, attempt: tuple[str, str, str]) -> Peer | None:
+        """The broker that served `attempt`, forgotten now; None: this one."""
+        peer = self._held_by.pop(attempt, None)
+        return self._served_by.pop(attempt, None) if peer is None else peer
+
     def forget_pop(self, topic: str, attempt_id: str, worker_id: str) -> None:
         # Kept here if it was served here; an owner's record runs out by itself.
-        self._served_by.pop((topic, worker_id, attempt_id), None)
+        self._served_at((topic, worker_id, attempt_id))
         self.engine.forget_pop(topic, attempt_id, worker_id)
 
     async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int:
         # Asked of the broker that served the pop (it keeps what the pop did),
         # whoever owns the topic now; served here, this broker's engine.
-        peer = self._served_by.pop((topic, worker_id or "", attempt_id), None)
+        peer = self._served_at((topic, worker_id or "", attempt_id))
         if peer is None:
             return await self.engine.unpop(topic, attempt_id, worker_id)
         return await self.forwarder.undo(peer, topic, api.UnpopRequest(attempt_id, worker_id))
@@ -885,7 +906,11 @@ class Router:
         return _decode(got, api.Released).released
 
     async def complete(
-        self, topic: str, jobs: list[dict[str, Any]], attempt_id: str | None = None
+        self,
+        topic: str,
+        jobs: list[dict[str, Any]],
+        attempt_id: str | None = None,
+        held: bool = False,
     ) -> list[str]:
         # Not repeated: done here after an owner that did it, it completes nothing.
         # Undone at the owner should its answer be lost, as a pop's is. One
@@ -901,13 +926,13 @@ class Router:
             body = api.CompleteRequest(_held(jobs))
             got = await self._route(topic, "POST", "/complete", body, repeatable=False)
         if got is None:
-            return await self.engine.complete(topic, jobs, attempt_id=named)
+            return await self.engine.complete(topic, jobs, attempt_id=named, held=held)
         if got.status == 404:  # an owner older than /complete (during an upgrade): ack
             acks = [AckRequest(j["id"], j["lease_token"]) for j in jobs]
             return [a["id"] for a in await self.ack_many(topic, acks) if "error" not in a]
         done = _decode(got, api.Completed).completed
         if named is not None and done and body.attempt_id is not None:
-            self._served((topic, "", named), got.served_by)
+            self._served((topic, "", named), got.served_by, held)
         return done
 
     async def ack_many(self, topic: str, acks: list[AckRequest]) -> list[dict[str, Any]]:

@@ -7,7 +7,9 @@ An attempt is (topic, worker id, attempt id), the worker id "" for a complete
 (it names none; no worker id is empty): as a claim's, one worker's ids are its
 own. Best effort, bounded: POPS_KEPT_BYTES of memory (the jobs as JSON,
 and each record's keys and bookkeeping), each kept api.CLAIM_ATTEMPTS_KEPT_S,
-the oldest forgotten first.
+the oldest forgotten first. A record its caller holds (a RESP connection's
+pop, until its reply goes out or its jobs go back) is never forgotten, nor
+counted in that bound: its caller bounds it, and ends it (take()).
 """
 
 from __future__ import annotations
@@ -53,24 +55,39 @@ class Popped:
     def __init__(self) -> None:
         self._kept: OrderedDict[Attempt, Kept] = OrderedDict()  # oldest first
         self.kept_bytes = 0  # the size of all of them
+        # Those their callers hold, until they take them: never forgotten.
+        # A RESP connection holds its pipelined group's pops until the group
+        # ends (64 of 1 MB fit in its output limit): kept with the others,
+        # the group's first records were forgotten by the time it ended, and
+        # the undo of a client gone found nothing.
+        self._held: dict[Attempt, Kept] = {}
+        self.held_bytes = 0
         self._withdrawn: OrderedDict[Attempt, float] = OrderedDict()  # until when
 
     def get(self, attempt: Attempt) -> Kept | None:
         """What `attempt` did, unless it was undone or forgotten."""
-        kept = self._kept.get(attempt)
-        if kept is None or kept.until < time.monotonic() or self.withdrawn(attempt):
+        if self.withdrawn(attempt):
             return None
-        return kept
+        kept = self._held.get(attempt)
+        if kept is not None:
+            return kept
+        kept = self._kept.get(attempt)
+        return None if kept is None or kept.until < time.monotonic() else kept
 
-    def keep(self, attempt: Attempt, jobs: list[Job]) -> None:
+    def keep(self, attempt: Attempt, jobs: list[Job], *, held: bool = False) -> None:
         """Keep what `attempt` did (it just landed), making room for it first:
-        a record larger than all the room is not kept."""
+        a record larger than all the room is not kept. `held`: its caller
+        holds it until it takes it (forget or undo), whatever its size."""
         # msgspec's bytes are about their length: orjson's keep the buffer
         # they were written in (4 KB at least, some 10 times a long one's length).
         data = msgspec.json.encode(jobs)
         size = len(data) + sum(map(len, attempt)) + ENTRY_BYTES
         kept = Kept(time.monotonic() + api.CLAIM_ATTEMPTS_KEPT_S, data, size)
         self.take(attempt)
+        if held:
+            self._held[attempt] = kept
+            self.held_bytes += kept.size
+            return
         if kept.size > POPS_KEPT_BYTES:
             return
         self._make_room(POPS_KEPT_BYTES - kept.size)
@@ -78,13 +95,19 @@ class Popped:
         self.kept_bytes += kept.size
 
     def restore(self, attempt: Attempt, kept: Kept) -> None:
-        """Keep again what take() handed out (its undo did not land)."""
+        """Keep again what take() handed out (its undo did not land), held
+        or not, as records nobody holds are: for another undo, if one comes."""
         self.take(attempt)
         self._kept[attempt] = kept
         self.kept_bytes += kept.size
 
     def take(self, attempt: Attempt) -> Kept | None:
-        """What `attempt` did, no longer kept (None: nothing, or forgotten)."""
+        """What `attempt` did, no longer kept nor held (None: nothing, or
+        forgotten)."""
+        kept = self._held.pop(attempt, None)
+        if kept is not None:
+            self.held_bytes -= kept.size
+            return kept
         kept = self._kept.pop(attempt, None)
         if kept is None:
             return None

@@ -98,7 +98,8 @@ class Session:
     # sets it): those that took jobs, by topic, attempt id and worker id ("":
     # a completion of claims, engine.complete). Should the client be gone when
     # they end, their replies reaching nobody, or the group be cut short, they
-    # are given back (unpop).
+    # are given back (unpop); else forgotten (forget_pop). Their records are
+    # held for that until then (the engine's pop and complete, `held`).
     owing: list[tuple[str, str, str]] | None = None
 
     def __post_init__(self) -> None:
@@ -575,7 +576,13 @@ async def _pop(
     owing = session.owing
     attempt_id = None if owing is None else api.new_id()
     jobs = await session.engine.pop(
-        topic, session.worker_id, count=count, wait=wait, attempt_id=attempt_id, since=since
+        topic,
+        session.worker_id,
+        count=count,
+        wait=wait,
+        attempt_id=attempt_id,
+        since=since,
+        held=attempt_id is not None,
     )
     if owing is not None and attempt_id is not None and jobs:
         owing.append((topic, attempt_id, session.worker_id))
@@ -592,7 +599,8 @@ async def _complete(
         return []
     owing = session.owing
     attempt_id = None if owing is None else api.new_id()
-    done = set(await session.engine.complete(topic, jobs, attempt_id=attempt_id))
+    held = attempt_id is not None
+    done = set(await session.engine.complete(topic, jobs, attempt_id=attempt_id, held=held))
     if owing is not None and attempt_id is not None and done:
         owing.append((topic, attempt_id, ""))
     return [j for j in jobs if j["id"] in done]

@@ -248,7 +248,9 @@ class Connection:
     def _room_for_jobs(self) -> int:
         """Jobs of --max-body each whose values the output buffer takes before
         it passes OUTPUT_HIGH_WATER: the pops one pipelined group may run (it
-        runs one at least), whose replies go out together once it ends."""
+        runs one at least), whose replies go out together once it ends.
+        What they did is held for their undo until then (engine.pop's
+        `held`): as much again, bounded by the same."""
         room = OUTPUT_HIGH_WATER - self.unsent
         return max(0, room) // self.server.settings.max_body
 
