@@ -2372,6 +2372,129 @@ async def test_a_client_not_yet_authenticated_is_held_to_a_small_output_limit(
         writer.transport.abort()  # its requests are not all sent: not waited for
 
 
+async def test_a_client_that_never_gave_the_token_is_held_to_little_memory(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --token, a client that never authenticates can hold no more than a
+    request or so: it may run nothing but AUTH, HELLO and QUIT. It could
+    queue QUEUED_BYTES (64 MiB) of --max-body requests behind replies it did
+    not read: a HELLO with a 1 MB option was answered with that option in
+    its error (1 MB a reply), which passed UNAUTHENTICATED_OUTPUT at once.
+    With simplequeued, 10 such connections took its RSS from 98 to 785 MB
+    (review of the RESP face). Redis refuses an unauthenticated client's
+    bulk string over 16 KB (CVE-2021-32675): so does the broker, and it reads
+    nothing behind a request before it has run."""
+    made: list[connection.Frames] = []
+    peak = 0
+
+    class Measured(connection.Frames):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+        def put(self, frame: connection.Frame) -> None:
+            nonlocal peak
+            super().put(frame)
+            peak = max(peak, self.bytes)
+
+    monkeypatch.setattr(connection, "Frames", Measured)
+    secured = await start_broker(MemStore(), redis_addr="127.0.0.1:0", token=TOKEN)
+    client, conn = await _unread(secured)
+    _, writer = await asyncio.open_connection(sock=client)
+    try:
+        big = "x" * 1_000_000
+        writer.write(hiredis.pack_command(("HELLO", "2", big)) * 20)
+        writer.write(hiredis.pack_command(("PING", big)) * 100)
+        server = secured.redis
+
+        def settled() -> bool:  # refused and closed, or reading stopped
+            return not server.connections or (not conn.busy and not conn.room.is_set())
+
+        with contextlib.suppress(AssertionError):
+            await until(settled, 20)
+        await asyncio.sleep(0.5)
+        assert peak + conn.unsent <= 64 * 1024, (
+            f"{peak / 2**20:.1f} MiB of requests queued, {conn.unsent / 2**20:.1f} MiB of "
+            "replies, by a client that never authenticated"
+        )
+    finally:
+        writer.transport.abort()
+
+
+async def test_a_client_without_the_token_has_one_request_read_at_a_time(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests under the 16 KiB limit, pipelined by a client that never
+    authenticates and reads nothing: one is read, run, then the next, so the
+    broker holds one request, and UNAUTHENTICATED_OUTPUT of replies once its
+    refusals pass it. It queued requests behind them: 462 KiB here in 0.2 s,
+    up to QUEUED_FRAMES (128) of them."""
+    peak = 0
+
+    class Measured(connection.Frames):
+        def put(self, frame: connection.Frame) -> None:
+            nonlocal peak
+            super().put(frame)
+            peak = max(peak, self.bytes)
+
+    monkeypatch.setattr(connection, "Frames", Measured)
+    secured = await start_broker(MemStore(), redis_addr="127.0.0.1:0", token=TOKEN)
+    client, conn = await _unread(secured)
+    _, writer = await asyncio.open_connection(sock=client)
+    try:
+        writer.write(hiredis.pack_command(("PING",)) * 20_000)  # 680 KB of refusals
+        writer.write(hiredis.pack_command(("PING", "x" * 15_000)) * 200)
+        await until(lambda: conn.unsent > connection.UNAUTHENTICATED_OUTPUT and not conn.busy)
+        await asyncio.sleep(0.2)  # what else it would read, it reads meanwhile
+        assert peak <= 2 * 16 * 1024, f"{peak / 2**10:.0f} KiB of requests queued"
+    finally:
+        writer.transport.abort()
+
+
+async def test_requests_sent_with_auth_are_read_to_the_full_limit_once_it_has_run(
+    secured: Broker,
+) -> None:
+    """AUTH and what follows it in one write (a client that pipelines its
+    commands after AUTH): the rest is read once AUTH has run, with
+    --max-body's limit, not the 16 KiB of a client without the token."""
+    value = "v" * 500_000
+    conn = await Raw.open(port_of(secured))
+    try:
+        await conn.write(
+            hiredis.pack_command(("AUTH", TOKEN))
+            + hiredis.pack_command(("RPUSH", "q", value))
+            + hiredis.pack_command(("LPOP", "q"))
+        )
+        parser, replies = hiredis.Reader(), []
+        while len(replies) < 3:
+            chunk = await asyncio.wait_for(conn.reader.read(2**20), 10)
+            assert chunk, f"closed after {replies}"
+            parser.feed(chunk)
+            while (reply := parser.gets()) is not False:
+                replies.append(reply)
+        assert replies == [b"OK", 1, value.encode()]
+    finally:
+        await conn.close()
+    before = await Raw.open(port_of(secured))
+    try:
+        await before.send("RPUSH", "q", "v" * 20_000)  # read whole: no reset
+        said = await before.rest()
+        assert said.startswith(b"-ERR Protocol error: request larger than 16384 bytes before AUTH")
+    finally:
+        await before.close()
+
+
+async def test_an_error_repeats_64_characters_of_an_argument_at_most(secured: Broker) -> None:
+    """HELLO's refusal of an option it does not know repeated it whole: a
+    client without the token had a 1 MB reply for a 1 MB request."""
+    conn = await Raw.open(port_of(secured))
+    try:
+        said = str(await conn.call("HELLO", "2", "y" * 10_000))
+        assert said == f"ERR Syntax error in HELLO option '{'y' * 64}...'"
+    finally:
+        await conn.close()
+
+
 async def test_xreadgroup_count_0_reads_without_limit_as_in_redis(
     start_broker: StartBroker,
 ) -> None:

@@ -220,8 +220,7 @@ def admitted(session: Session, name: str, args: list[bytes]) -> Command:
     """The command `name`, if the session may run it now with `args`; else RespError."""
     spec = COMMANDS.get(name)
     if spec is None:
-        shown = name if len(name) <= 64 else name[:64] + "..."
-        raise RespError("ERR", f"unknown command '{shown}'")
+        raise RespError("ERR", f"unknown command '{shown(name)}'")
     if not session.authed and "no_auth" not in spec.flags:
         raise RespError("NOAUTH", "Authentication required.")
     if session.in_multi and name not in ("EXEC", "DISCARD", "MULTI", "QUIT"):
@@ -243,6 +242,17 @@ def command_info(name: str, spec: Command) -> list[Reply]:
 
 
 # --- arguments -----------------------------------------------------------------------------
+
+
+# Characters of an argument an error message repeats, at most: a client's
+# request may take --max-body, its refusal need not (nor its buffered replies).
+SHOWN = 64
+
+
+def shown(arg: bytes | str) -> str:
+    """An argument as an error message repeats it: cut to SHOWN characters."""
+    said = arg if isinstance(arg, str) else arg.decode("utf-8", "replace")
+    return said if len(said) <= SHOWN else said[:SHOWN] + "..."
 
 
 def text(arg: bytes, what: str = "arguments") -> str:
@@ -433,7 +443,7 @@ def _hello_options(args: list[bytes]) -> tuple[bytes | None, str | None]:
         elif option == "SETNAME" and i + 1 < len(args):
             name, i = client_name(args[i + 1]), i + 2
         else:
-            raise RespError("ERR", f"Syntax error in HELLO option '{text(args[i])}'")
+            raise RespError("ERR", f"Syntax error in HELLO option '{shown(args[i])}'")
     return password, name
 
 
@@ -442,7 +452,7 @@ async def client(session: Session, args: list[bytes]) -> Reply:
     sub = upper(args[0])
     if sub == "SETINFO" and len(args) == 3:
         if upper(args[1]) not in ("LIB-NAME", "LIB-VER"):
-            raise RespError("ERR", f"Unrecognized option '{text(args[1])}'")
+            raise RespError("ERR", f"Unrecognized option '{shown(args[1])}'")
         return OK
     if sub == "SETNAME" and len(args) == 2:
         session.name = client_name(args[1]) or None
@@ -451,7 +461,7 @@ async def client(session: Session, args: list[bytes]) -> Reply:
         return session.name
     if sub == "ID" and len(args) == 1:
         return session.id
-    raise RespError("ERR", f"unknown subcommand or wrong number of arguments for '{sub}'")
+    raise RespError("ERR", f"unknown subcommand or wrong number of arguments for '{shown(sub)}'")
 
 
 @command("COMMAND", 0, None)
@@ -469,7 +479,7 @@ async def command_(session: Session, args: list[bytes]) -> Reply:
     if sub == "DOCS":
         # No docs: redis-cli then builds its hints from its own table.
         return {}
-    raise RespError("ERR", f"unknown subcommand '{sub}'. Try COMMAND HELP.")
+    raise RespError("ERR", f"unknown subcommand '{shown(sub)}'. Try COMMAND HELP.")
 
 
 @command("INFO", 0, None)
@@ -824,7 +834,7 @@ class StreamRead:
             elif option == "NOACK":
                 noack, i = True, i + 1
             else:
-                raise RespError("ERR", f"syntax error near '{text(args[i])}'")
+                raise RespError("ERR", f"syntax error near '{shown(args[i])}'")
         streams = args[i + 1 :]
         if i >= len(args) or not streams or len(streams) % 2:
             raise RespError(
@@ -919,7 +929,7 @@ async def xlen(session: Session, args: list[bytes]) -> Reply:
 async def xinfo(session: Session, args: list[bytes]) -> Reply:
     sub = upper(args[0])
     if sub != "STREAM":
-        raise RespError("ERR", f"XINFO {sub} is not supported (XINFO STREAM key is)")
+        raise RespError("ERR", f"XINFO {shown(sub)} is not supported (XINFO STREAM key is)")
     if len(args) != 2:
         raise RespError("ERR", "XINFO STREAM takes one key (FULL is not supported)")
     counts: dict[str, int] = await session.engine.status(topic_of(args[1]))
@@ -939,6 +949,6 @@ async def xgroup(session: Session, args: list[bytes]) -> Reply:
     """XGROUP CREATE succeeds so that programs written for Redis run: groups
     need no creating here, every group reads the one queue."""
     if upper(args[0]) != "CREATE" or len(args) < 4:
-        raise RespError("ERR", f"XGROUP {upper(args[0])} is not supported (CREATE is)")
+        raise RespError("ERR", f"XGROUP {shown(upper(args[0]))} is not supported (CREATE is)")
     topic_of(args[1])
     return OK

@@ -61,6 +61,12 @@ QUEUED_BYTES = 64 * 1024 * 1024
 # one since 7.4.3, CVE-2025-21605).
 OUTPUT_HIGH_WATER = 64 * 1024 * 1024
 UNAUTHENTICATED_OUTPUT = 64 * 1024
+# Bytes a request may take before the token is given (as Redis refuses, since
+# CVE-2021-32675, a bulk string over 16 KB from such a client): AUTH or HELLO
+# fit, and --max-body would let a client that has no token hold 1 MiB a
+# request. Nor is anything read behind a request before it has run: its
+# requests queued (QUEUED_BYTES) held 64 MiB.
+UNAUTHENTICATED_REQUEST = 16 * 1024
 SHUTDOWN_GRACE = 5.0  # seconds a stopping server lets commands in flight finish
 # Seconds a connection closed by a stopping server waits for its last replies
 # to be written: a client that does not read would hold the stop for ever.
@@ -175,6 +181,7 @@ class Connection:
                     break
                 finally:
                     self.busy = False
+                    self.room.set()  # a client without the token has the next one read
                 self._send(replies)
                 # The next request may be long in coming: an idle connection
                 # would hold this one (1 MB, say) and its reply until then.
@@ -349,9 +356,21 @@ class Connection:
 
     async def _read_requests(self, frames: Frames) -> None:
         requests = Requests(self.server.settings.max_body)
-        while data := await self.reader.read(READ_CHUNK):
-            frames.put_all(requests.feed(data))
-            del data  # not held while the next read is awaited, for ever when idle
+        data = b""
+        while True:
+            # Before AUTH, a request of UNAUTHENTICATED_REQUEST at most, one
+            # at a time (_full): the rest of what was read waits, unparsed,
+            # until it has run, when it may have authenticated the client.
+            authed = self.session.authed
+            if not authed:
+                requests.limit, requests.limit_note = UNAUTHENTICATED_REQUEST, " before AUTH"
+            elif requests.limit_note:
+                requests.limit, requests.limit_note = self.server.settings.max_body, ""
+            parsed = requests.feed(data, None if authed else 1)
+            more = bool(parsed) and not authed  # it may have left whole requests unparsed
+            frames.put_all(parsed)
+            # Not held while the next read is awaited, for ever when idle.
+            data, parsed = b"", []
             if requests.failed is not None:  # after the requests before it
                 raise requests.failed
             # Up to QUEUED_FRAMES or QUEUED_BYTES, then wait for the run loop
@@ -363,8 +382,12 @@ class Connection:
                 await self.room.wait()
             if self.blocking and frames.bytes > QUEUED_BYTES:
                 raise RespError("ERR", "too many requests queued behind a blocking one")
+            if not more and not (data := await self.reader.read(READ_CHUNK)):
+                return  # the client is done sending
 
     def _full(self, frames: Frames) -> bool:
+        if not self.session.authed:
+            return self.busy or not frames.empty()  # until the one read has run
         if self.blocking:
             return False  # closed past QUEUED_BYTES
         if frames.bytes > QUEUED_BYTES:

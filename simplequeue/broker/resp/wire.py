@@ -102,7 +102,8 @@ class Requests:
     Anything else raises RespError: the connection is beyond repair."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit  # bytes a request may take (--max-body)
+        self.limit = limit  # bytes a request may take (--max-body, or less: its reader's)
+        self.limit_note = ""  # what its refusal adds, to say why the limit is what it is
         self.buffer = bytearray()  # from the start of the next request on
         self.parser = hiredis.Reader()
         self.fed = 0  # bytes of `buffer` the parser has been given
@@ -114,17 +115,22 @@ class Requests:
         self.checked = 0
         self.elements: int | None = None
 
-    def feed(self, data: bytes) -> list[list[bytes]]:
-        """The whole requests `data` completes. When a malformed one follows
-        some, those come first and the error is kept in `failed` (Redis runs
-        them, then answers the error); alone, it raises."""
+    def feed(self, data: bytes, most: int | None = None) -> list[list[bytes]]:
+        """The whole requests `data` completes, `most` of them at most: the
+        rest stays unparsed until the next feed (of b"" to parse it alone).
+        When a malformed one follows some, those come first and the error is
+        kept in `failed` (Redis runs them, then answers the error); alone, it
+        raises."""
         self.buffer += data
         requests: list[list[bytes]] = []
         try:
-            while (request := self._next()) is not None:
+            while most is None or len(requests) < most:
+                if (request := self._next()) is None:
+                    # What is left is one unfinished request.
+                    self._check_size(len(self.buffer))
+                    break
                 if request:  # an empty array is ignored, as Redis does
                     requests.append(request)
-            self._check_size(len(self.buffer))  # what is left is one unfinished request
         except RespError as exc:
             if not requests:
                 raise
@@ -133,7 +139,9 @@ class Requests:
 
     def _check_size(self, size: int) -> None:
         if size > self.limit:
-            raise RespError("ERR", f"Protocol error: request larger than {self.limit} bytes")
+            raise RespError(
+                "ERR", f"Protocol error: request larger than {self.limit} bytes{self.limit_note}"
+            )
 
     def _next(self) -> list[bytes] | None:
         while True:
