@@ -956,6 +956,97 @@ async def test_xreadgroup_noack_on_several_streams_answers_one_so_a_hangup_loses
         assert (b["pending"], b["claimed"], b["completed"]) == (3, 0, 0)
 
 
+async def _reply_size(client: Raw) -> int:
+    """The bytes of the next whole reply, read in large chunks."""
+    parser, size = hiredis.Reader(), 0
+    while True:
+        chunk = await asyncio.wait_for(client.reader.read(2**20), 30)
+        assert chunk
+        size += len(chunk)
+        parser.feed(chunk)
+        if parser.gets() is not False:
+            return size
+
+
+async def test_an_xreadgroup_of_many_streams_holds_no_more_than_a_claims_bytes(
+    start_broker: StartBroker,
+) -> None:
+    """A claim's answer is bounded in bytes (Bounds.claim_bytes: "so that
+    neither the answers nor the segments read for them outgrow the broker's
+    memory, whatever count says"), but XREADGROUP claimed each of its streams
+    in turn (up to MAX_KEYS, 100) and answered them all at once: one request
+    held streams x claim_bytes, 100 x 16 MiB = 1.6 GiB with the defaults,
+    far past OUTPUT_HIGH_WATER (64 MiB); here, with claim_bytes of 1 MiB (an
+    8 MiB cache), 10 streams of 100 KB jobs answered 10.5 MiB at once (review
+    of the RESP face). It claims no further stream once it holds
+    claim_bytes: they stay pending for the next read."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0", cache_bytes=8 * 2**20)
+    claim_bytes = broker.engine.claim_bytes
+    streams = [f"s{i}" for i in range(10)]
+    value = "v" * 100_000
+    client = await Raw.open(port_of(broker))
+    try:
+        for stream in streams:
+            for _ in range(12):
+                assert isinstance(await client.call("XADD", stream, "*", "f", value), bytes)
+        await client.send(
+            "XREADGROUP", "GROUP", "g", "c", "COUNT", "1000", "STREAMS", *streams, *[">"] * 10
+        )
+        size = await _reply_size(client)
+    finally:
+        await client.close()
+    assert size <= claim_bytes + 2 * len(value), (
+        f"one XREADGROUP answered {size / 2**20:.1f} MiB at once "
+        f"(a claim may answer {claim_bytes / 2**20:.1f} MiB)"
+    )
+    counts = [await broker.engine.status(s) for s in streams]
+    assert 0 < counts[0]["claimed"] < 12
+    assert [(c["pending"], c["claimed"]) for c in counts[1:]] == [(12, 0)] * 9
+
+
+async def test_streams_that_win_a_blocked_xreadgroup_together_answer_a_claims_bytes(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blocked XREADGROUP's long polls that win together were all
+    answered, each up to claim_bytes: 10 streams of 100 KB jobs, 10.5 MiB
+    with claim_bytes of 1 MiB. Those first in key order are kept up to
+    claim_bytes; the other streams' claims go back, uncounted."""
+    broker = await start_broker(MemStore(), redis_addr="127.0.0.1:0", cache_bytes=8 * 2**20)
+    assert broker.redis is not None
+    server = broker.redis
+    claim_bytes = broker.engine.claim_bytes
+    streams = [f"s{i}" for i in range(10)]
+    value = "v" * 100_000
+    claim, won, all_won = server.engine.claim, {}, asyncio.Event()
+
+    async def all_win_at_once(topic: str, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("wait"):  # the look before blocking: nothing yet
+            return await claim(topic, *args, **kwargs)
+        await all_won.wait()
+        return won[topic]
+
+    monkeypatch.setattr(server.engine, "claim", all_win_at_once)
+    client, pusher = await Raw.open(port_of(broker)), await Raw.open(port_of(broker))
+    try:
+        await client.send(
+            "XREADGROUP", "GROUP", "g", "c", "BLOCK", "20000", "STREAMS", *streams, *[">"] * 10
+        )
+        await blocked(broker)
+        for stream in streams:
+            for _ in range(12):
+                assert isinstance(await pusher.call("XADD", stream, "*", "f", value), bytes)
+            won[stream] = await claim(stream, "c", count=1000)  # each a whole claim's bytes
+        all_won.set()
+        size = await _reply_size(client)
+    finally:
+        await client.close()
+        await pusher.close()
+    assert size <= claim_bytes + 2 * len(value), f"{size / 2**20:.1f} MiB answered at once"
+    counts = [await broker.engine.status(s) for s in streams]
+    assert 0 < counts[0]["claimed"] < 12
+    assert [(c["pending"], c["claimed"]) for c in counts[1:]] == [(12, 0)] * 9
+
+
 async def test_a_client_queuing_too_much_behind_a_blocking_command_is_closed(
     broker: Broker, raw: Raw, monkeypatch: pytest.MonkeyPatch
 ) -> None:

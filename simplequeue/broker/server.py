@@ -303,6 +303,7 @@ class Broker:
                     token=self.settings.token,
                     max_body=self.settings.max_body,
                     max_clients=resp_clients,
+                    claim_bytes=self.engine.claim_bytes,
                 ),
             )
             try:

@@ -61,6 +61,11 @@ class Listener(Protocol):
         """Jobs one engine call may take."""
 
     @property
+    def claim_bytes(self) -> int:
+        """Payload bytes one command claims for its answer (an XREADGROUP of
+        many streams): past them, it claims no further stream."""
+
+    @property
     def port(self) -> int:
         """The TCP port it listens on."""
 
@@ -777,13 +782,23 @@ async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
     read = StreamRead.parse(args, session.listener.max_batch)
     since = time.monotonic()
     deadline = since + read.block
+    # One answer holds a claim's bytes or so (Listener.claim_bytes), whatever
+    # the number of streams: each claim answers that much at most, and 100
+    # streams answered together held 100 times it (1.6 GiB), far past the
+    # connection's output limit. Streams past it are not claimed: they wait
+    # for the next read.
+    budget = session.listener.claim_bytes
     got: dict[str, list[Any]] = {}
     try:
+        held = 0  # payload bytes claimed so far
         for topic in read.topics:  # what is there now
             jobs = await session.engine.claim(topic, read.consumer, count=read.count)
             if jobs:
                 got[topic] = jobs
                 if read.noack:  # one stream per NOACK reply: see below
+                    break
+                held += _payload_bytes(jobs)
+                if held >= budget:
                     break
     except BaseException:  # a later stream failed, or the client left: none is answered
         _give_back_later(session, got)
@@ -798,7 +813,28 @@ async def xreadgroup(session: Session, args: list[bytes]) -> Reply:
             # that is undone if the client leaves first. Streams completed one
             # after another could not all be undone: one stream is answered.
             await _keep_first(session, read.topics, got)
+        else:
+            await _keep_within(session, read.topics, got, budget)
         return await _entries(session, got, read.noack)
+
+
+def _payload_bytes(jobs: list[dict[str, Any]]) -> int:
+    """What the payloads of `jobs` take as JSON, as a claim measures them."""
+    return sum(len(orjson.dumps(job["payload"])) for job in jobs)
+
+
+async def _keep_within(
+    session: Session, topics: list[str], got: dict[str, list[Any]], budget: int
+) -> None:
+    """Several streams won at once: those first in `topics` in `got` are
+    kept while the payloads kept are under `budget` bytes (the first, however
+    large); the others' claims are taken out of `got` and go back uncounted."""
+    held = 0
+    for topic in [t for t in topics if t in got]:
+        if held >= budget:
+            await _give_back(session, topic, got.pop(topic))
+        else:
+            held += _payload_bytes(got[topic])
 
 
 @dataclass(frozen=True)

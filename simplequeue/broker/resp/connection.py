@@ -491,6 +491,9 @@ class RespSettings:
     token: str | None = None  # with one, AUTH first
     max_body: int = 1024 * 1024  # bytes a request may take
     max_batch: int = api.MAX_BATCH  # jobs per engine call
+    # Payload bytes one command's claims answer, past the first stream's
+    # (the engine's Bounds.claim_bytes: what one claim answers at most).
+    claim_bytes: int = 16 * 1024 * 1024
     # Clients connected at once, at most (Redis' maxclients): past it a new one
     # is told so and closed, so that RESP sockets never take the descriptors
     # the HTTP listener and the store need.
@@ -518,6 +521,10 @@ class RespServer:
     @property
     def max_batch(self) -> int:
         return self.settings.max_batch
+
+    @property
+    def claim_bytes(self) -> int:
+        return self.settings.claim_bytes
 
     @property
     def uptime(self) -> float:
