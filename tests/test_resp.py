@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import logging
 import os
 import re
 import shutil
@@ -719,6 +720,37 @@ async def test_a_client_that_leaves_while_its_pop_commits_loses_no_job(
         assert await staying.blpop(["q"], timeout=5) == (b"q", b"x")
     finally:
         await staying.aclose()
+
+
+async def test_a_pop_whose_give_back_fails_past_a_commits_budget_is_given_back_later(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client leaves as its pop lands, and the store fails every write for
+    longer than a commit's budget: the give-back was tried once, and the job
+    stayed done for nobody (review of the RESP face, round 35). It is tried
+    again while the pop's record is kept, and lands once the store is back."""
+    monkeypatch.setattr(connection, "UNPOP_RETRY_FIRST", 0.05)
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store, redis_addr="127.0.0.1:0", commit_budget=0.5)
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
+        assert code == 201
+        store.gate = asyncio.Event()
+        store.put_started.clear()
+        client = await Raw.open(port_of(broker))
+        await client.write(hiredis.pack_command(("LPOP", "q")))
+        await store.put_started.wait()
+        [conn] = broker.redis.connections if broker.redis else []
+        await client.close()
+        await conn.hangup.wait()  # the broker saw the client go, the pop in flight
+        store.faults = ["ok"] + ["fail"] * 100_000  # the pop lands, then every write fails
+        with caplog.at_level(logging.WARNING, "simplequeue.broker.resp.connection"):
+            store.gate.set()
+            await until(lambda: "a pop of q" in caplog.text)  # its give-back failed
+        store.faults = []  # the store is back
+        await pending_again(http, "q")
+        assert (await http.job("q", "j1"))["status"] == "pending"
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
 from simplequeue import api
 from simplequeue.broker.background import in_background
 from simplequeue.broker.engine import TopicOps
@@ -40,7 +48,7 @@ from simplequeue.broker.resp.wire import (
     upper,
 )
 from simplequeue.broker.settings import parse_addr
-from simplequeue.errors import SimpleQueueError
+from simplequeue.errors import Contended, SimpleQueueError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,10 @@ CLOSE_GRACE = 1.0
 # and buffer freed. A stopping server waits CLOSE_GRACE in all.
 STALLED_CLOSE = 30.0
 MAX_GROUP = 256  # pipelined writes run together at most
+# Seconds before a pop's give-back that failed (the store down past a commit's
+# budget) is tried again, at random up to twice as long at each try, and at most.
+UNPOP_RETRY_FIRST = 1.0
+UNPOP_RETRY_MAX = 30.0
 
 Frame = list[bytes] | RespError | None  # a request, an unparseable one, or the end
 
@@ -310,8 +322,30 @@ class Connection:
             in_background(self._unpop(topic, attempt_id, worker_id))
 
     async def _unpop(self, topic: str, attempt_id: str, worker_id: str) -> None:
+        """Give back what a pop of a client gone did; through a store that
+        fails for longer than a commit's budget, again and again while its
+        record is kept (api.CLAIM_ATTEMPTS_KEPT_S): tried once, its jobs
+        stayed done for nobody."""
+
+        def failed(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "RESP client %d left: a pop of %s could not be given back yet (%s): trying again",
+                self.id,
+                topic,
+                exc,
+            )
+
         try:
-            await self.session.engine.unpop(topic, attempt_id, worker_id or None)
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((StoreUnavailable, Contended)),
+                stop=stop_after_delay(api.CLAIM_ATTEMPTS_KEPT_S),
+                wait=wait_random_exponential(multiplier=UNPOP_RETRY_FIRST, max=UNPOP_RETRY_MAX),
+                before_sleep=failed,
+                reraise=True,
+            ):
+                with attempt:
+                    await self.session.engine.unpop(topic, attempt_id, worker_id or None)
         except SimpleQueueError as exc:
             log.warning("RESP client %d left: a pop of %s stays done (%s)", self.id, topic, exc)
 
