@@ -5,7 +5,8 @@ the ways a batch is cut into requests (runs_within, in_halves).
 Items submitted while a batch is being sent form the next batch; at most one
 batch is in flight. Every submitted item's future is settled, whatever `send`
 does (answers, raises, returns the wrong number of outcomes, is cancelled), and
-a caller that stops waiting never cancels the batch its item is in.
+a caller that stops waiting never cancels the batch its item is in; an item
+whose caller stopped waiting before its batch was cut is left out of it.
 """
 
 from __future__ import annotations
@@ -146,7 +147,13 @@ class Batcher(Generic[I, O]):
         while self._queue:
             if self._before is not None:
                 await self._before()
+            # An item whose caller went away while it was queued is not sent:
+            # nobody waits for it (an enqueue whose caller timed out, and may
+            # enqueue it again).
+            self._queue = [pending for pending in self._queue if not pending.abandoned]
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            if not batch:
+                continue
             started = loop.time()
             self._sending = batch
             try:

@@ -100,9 +100,10 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_batch() -> None:
 
 async def test_send_sees_which_callers_went_away() -> None:
     seen: list[bool] = []
-    gate = asyncio.Event()
+    started, gate = asyncio.Event(), asyncio.Event()
 
     async def send(batch: list[Pending[int, int]]) -> list[int | BaseException]:
+        started.set()
         await gate.wait()
         seen.extend(p.abandoned for p in batch)
         return [p.item for p in batch]
@@ -110,7 +111,7 @@ async def test_send_sees_which_callers_went_away() -> None:
     batcher: Batcher[int, int] = Batcher(send)
     leaving = asyncio.ensure_future(batcher.submit(1))
     staying = asyncio.ensure_future(batcher.submit(2))
-    await asyncio.sleep(0)
+    await started.wait()  # their batch was cut: the caller leaves while it is sent
     leaving.cancel()
     await asyncio.sleep(0)
     gate.set()
@@ -231,3 +232,39 @@ async def test_abort_while_lingering_fails_what_is_queued() -> None:
     with pytest.raises(TimeoutError, match="gave up"):
         await queued
     assert not batcher.busy
+
+
+async def test_an_item_whose_caller_went_away_while_queued_is_not_sent() -> None:
+    """Nobody awaits it: sent, it would land for nobody (an enqueue whose
+    caller timed out, and may enqueue again)."""
+    send = Recorder()
+    batcher: Batcher[int, int] = Batcher(send)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await send.started.wait()
+    leaving = asyncio.ensure_future(batcher.submit(2))
+    staying = asyncio.ensure_future(batcher.submit(3))
+    gone = asyncio.ensure_future(batcher.submit(4))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    gone.cancel()
+    send.release.set()
+    assert await asyncio.gather(first, staying) == [2, 6]
+    assert send.batches == [[1], [3]]
+
+
+async def test_a_batch_whose_callers_all_went_away_while_queued_is_not_sent() -> None:
+    send = Recorder()
+    send.release.set()
+    gate = asyncio.Event()
+
+    async def gated() -> None:
+        await gate.wait()
+
+    batcher: Batcher[int, int] = Batcher(send, before=gated)
+    gone = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    for caller in gone:
+        caller.cancel()
+    gate.set()
+    await asyncio.wait_for(batcher.flush(), 5)
+    assert send.batches == []

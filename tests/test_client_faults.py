@@ -559,6 +559,68 @@ async def test_cancelling_a_call_cancels_it_and_nothing_else(
     assert await prompt(q.enqueue(1))
 
 
+async def test_an_enqueue_whose_caller_gave_up_is_not_tried_again_for_nobody(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """A caller's own timeout around enqueue() (asyncio.timeout, wait_for: a
+    web handler's) ended its wait, not its batch: the batcher went on trying
+    for nobody, for the whole retry budget, and the job landed after its
+    caller was told TimeoutError. Measured: one try answered 503 (a proxy's
+    page) before the caller's timeout (0.05 s), four after it, the last of
+    which enqueued the job; a caller that enqueues again after its timeout
+    (with a new id: none was given) gets two jobs (review of the SDK). No
+    try starts once every caller of the batch went away."""
+    proxy, _, direct = proxied
+    async with Client(proxy.url, topic="t", retries=5) as q:
+        proxy.fail("/enqueue", "503", "503", "503", "503")  # the fifth try would land
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await q.enqueue("x")
+        tries_then = proxy.requests["/topics/t/enqueue"]
+        await asyncio.sleep(2)  # past the retries' backoff: 0.1, 0.2, 0.4, 0.8 s at most
+        tries_after = proxy.requests["/topics/t/enqueue"] - tries_then
+        assert (tries_after, (await direct.status())["enqueued"]) == (0, 0)
+        assert await prompt(q.enqueue("y"))  # the client goes on working
+
+
+async def test_an_enqueue_batch_is_tried_again_for_the_callers_still_waiting(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """A batch some of whose callers went away is tried on for the others:
+    their jobs land, and the job of the one gone with them, once."""
+    proxy, q, direct = proxied
+    proxy.fail("/enqueue", "503", "503")
+    leaving = asyncio.create_task(q.enqueue("leaving", id="gone"))
+    staying = asyncio.create_task(q.enqueue("staying", id="kept"))
+    await until(lambda: proxy.requests["/topics/t/enqueue"] >= 1)  # their batch failed once
+    leaving.cancel()
+    assert await prompt(staying) == "kept"
+    assert (await direct.status())["enqueued"] == 2
+    assert proxy.requests["/topics/t/enqueue"] == 3
+
+
+async def test_a_refused_batch_sends_no_half_whose_callers_went_away_and_the_others_go_on(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """A batch refused whole goes again in halves: a half whose callers all
+    went away meanwhile is sent no more, and the rest of the batch is sent
+    for the callers still waiting, not failed with it."""
+    proxy, q, direct = proxied
+    proxy.delay = 0.2  # the batch's first request is in flight as two callers leave
+    leaving = [asyncio.create_task(q.enqueue(i, id=f"gone{i}")) for i in range(2)]
+    bad = asyncio.create_task(q.enqueue(10**30, id="bad"))  # no store holds it: refused
+    staying = asyncio.create_task(q.enqueue("kept", id="kept"))
+    await prompt(proxy.arrived.wait())
+    for caller in leaving:
+        caller.cancel()
+    assert await prompt(staying) == "kept"
+    with pytest.raises(InvalidRequest):
+        await prompt(bad)
+    # All four, then [bad, kept], then each alone: [gone0, gone1] no more.
+    assert proxy.requests["/topics/t/enqueue"] == 4
+    assert (await direct.status())["enqueued"] == 1
+
+
 async def test_the_sdk_lets_an_idle_connection_go_before_the_broker_would(
     start_broker: Callable[..., Awaitable[Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

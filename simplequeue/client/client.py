@@ -178,6 +178,13 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 
 
+#: Whether anybody still waits for the calls made here (an enqueue batch's
+#: part: its callers may all have gone away): no try starts once nobody does.
+_wanted: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "simplequeue_wanted", default=None
+)
+
+
 @contextlib.asynccontextmanager
 async def calls_within(seconds: float | None) -> AsyncIterator[None]:
     """The block ends within `seconds`, TimeoutError if it has not. An
@@ -561,6 +568,8 @@ class Client:
             left = time_left()
             if left is not None and left <= 0:  # not a _Retry: the call ends
                 raise TimeoutError(f"{self.url}: no time left for the request")
+            if (wanted := _wanted.get()) is not None and not wanted():
+                raise BrokerUnavailable(f"{self.url}: nobody waits for the request any more")
             attempts += 1
             try:
                 status, raw, replayed, (answered, now) = await self._send(
@@ -820,7 +829,9 @@ class Client:
         together as one batch request, like the broker's own group commit. A
         request refused whole (one job bad, or the jobs too large together: a
         413, the broker's or a proxy's) goes again in halves, down to the job
-        at fault, which alone fails."""
+        at fault, which alone fails. A caller that stops waiting (its own
+        timeout) has its job sent no more: a request of nobody's jobs is not
+        tried again (one sent may have landed: the job may be in)."""
         spec = new_job_spec(payload, id, priority, delay, max_attempts, run_at)
         await self._bind()
         return await self._enqueues.submit(spec)
@@ -832,10 +843,27 @@ class Client:
         # One bad job, or jobs too large together, must not fail the others.
         return await in_halves(self._enqueue_part, batch, refused_whole)
 
-    async def _enqueue_part(self, part: list[Pending[api.JobSpec, str]]) -> list[str]:
+    async def _enqueue_part(
+        self, part: list[Pending[api.JobSpec, str]]
+    ) -> list[str] | list[Exception]:
         """Enqueue a part of a batch, its callers answered now: a later part
-        that fails does not fail those whose jobs this one enqueued."""
-        ids = await self._enqueue_batch([pending.item for pending in part])
+        that fails does not fail those whose jobs this one enqueued. No try
+        of it starts once its callers all went away (their own timeouts):
+        tried on for nobody, the jobs would land after their callers were
+        told they failed, and twice if they enqueued them again."""
+
+        def wanted() -> bool:
+            return not all(pending.abandoned for pending in part)
+
+        token = _wanted.set(wanted)
+        try:
+            ids = await self._enqueue_batch([pending.item for pending in part])
+        except Exception as exc:
+            if wanted():
+                raise
+            return [exc] * len(part)  # nobody's: the batch's other parts go on
+        finally:
+            _wanted.reset(token)
         for pending, job_id in zip(part, ids, strict=True):
             pending.settle(job_id)
         return ids
