@@ -495,6 +495,37 @@ async def test_a_client_whose_first_calls_in_a_second_loop_are_concurrent_closes
     }, seen
 
 
+async def test_a_call_in_flight_as_the_client_closes_opens_no_session_after_it(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() closed the session under a call another task had in flight (a
+    long-polled claim): the call took the closed connection for a transient
+    failure and tried again on a session _http() opened anew after close():
+    the claim ran on for its whole wait (3.1 s after close()), and that
+    session was never closed (aiohttp: "Unclosed connector") (review of the
+    SDK). The call ends with the client, and nothing is left open; a call
+    made after close() opens nothing either."""
+    broker = await start_broker(MemStore())
+    q = Client(broker.url, topic="t")
+    await q.status()
+    claim = asyncio.create_task(q.claim("w", wait=3))
+    await asyncio.sleep(0.3)  # the long poll is at the broker
+    await q.close()
+    closed_at = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="closed"):
+        await asyncio.wait_for(claim, 30)
+    ended_after = time.monotonic() - closed_at
+    with pytest.raises(BrokerUnavailable, match="closed"):
+        await q.status()
+    left_open = q._session is not None and not q._session.closed
+    if left_open:
+        assert q._session is not None
+        await q._session.close()  # not to leave it to the test's end
+    assert (left_open, ended_after < 1.5) == (False, True), ended_after
+    gc.collect()
+    assert "Unclosed" not in caplog.text
+
+
 async def test_a_client_in_use_in_a_loop_of_another_thread_is_refused_in_words(
     start_broker: StartBroker,
 ) -> None:

@@ -390,6 +390,9 @@ class Client:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lender: Client | None = None  # for_topic(): whose session this one uses
         self._closed = False  # close() was called (a for_topic client may not lend on)
+        # close() closed the session: none is opened again in its loop (a call
+        # still in flight would leave it open); in the next loop, one is (_bind).
+        self._shut = False
         self._owner: str | None = None  # the topic's owner, as a broker named it
         self._owners_left: dict[str, float] = {}  # owner URL: when it did not answer
         self._attempt_ids = True  # False: a broker refused them (older than they are)
@@ -477,6 +480,7 @@ class Client:
         # find the client bound (one batcher, one session), not bind it again.
         was, self._loop = self._loop, loop
         old, self._session = self._session, None
+        self._shut = False
         old_store = self.store
         self._enqueues = Batcher(
             self._send_enqueues, max_batch=api.MAX_BATCH, name="client-enqueue"
@@ -515,6 +519,8 @@ class Client:
                 )
             return self._lender._http()
         if self._session is None or self._session.closed:
+            if self._shut:
+                raise BrokerUnavailable("the client was closed")
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
             self._session = aiohttp.ClientSession(
                 headers=headers,
@@ -779,7 +785,11 @@ class Client:
         claim_many's releases done. Enqueues whose callers all went away
         (cancelled: a SyncClient closed under them) are not waited for, their
         request cut short: nobody is owed their answer, and a broker that does
-        not answer would hold the close for the whole retry budget."""
+        not answer would hold the close for the whole retry budget. A call
+        still in flight then, or made after, in this event loop, fails
+        (BrokerUnavailable) rather than open connections again that nobody
+        would close; in another loop (a second asyncio.run()) the client
+        opens them afresh."""
         await self._bind()
         self._closed = True
         if self._enqueues.busy and self._enqueues.unawaited:
@@ -788,6 +798,7 @@ class Client:
             await self._enqueues.close()
         if self._releases:  # each bounded: within one `timeout` of its start
             await asyncio.wait(self._releases)
+        self._shut = True  # a call still in flight ends with its try
         if self._session is not None:
             await self._session.close()
         if self._owns_store and self.store is not None:
