@@ -834,7 +834,8 @@ class Client:
         """Enqueue one job; return its id (the existing one for a duplicate).
         It is not claimable before `delay` seconds from now, or before
         `run_at`: a time (Unix seconds, or a datetime; a naive one is local
-        time), judged on the broker's clock; one past is now. Not both.
+        time), judged on the broker's clock; one past is now. Not both. A
+        job the broker would refuse for its fields is InvalidRequest at once.
 
         Calls made while another enqueue of this client is in flight go out
         together as one batch request, like the broker's own group commit. A
@@ -1373,18 +1374,19 @@ def new_job_spec(
     run_at: float | datetime | None = None,
 ) -> api.JobSpec:
     """One job to enqueue, its id made here when none is given: a retry of its
-    request is then a duplicate at the broker, not a second job."""
-    try:
-        return api.JobSpec(
-            payload,
-            id=api.new_id() if job_id is None else job_id,
-            priority=priority,
-            delay=delay,
-            max_attempts=max_attempts,
-            run_at=unix_time(run_at),
-        )
-    except ValueError as exc:  # JobSpec's own check: `delay` or `run_at`, not both
-        raise InvalidRequest(str(exc)) from None
+    request is then a duplicate at the broker, not a second job. Checked as
+    the broker checks it (InvalidRequest, in its words): a job it would
+    refuse costs no request (coalesced with others, found by halving: two
+    requests or so each)."""
+    fields = {
+        "payload": payload,  # taken as it is (Any), not copied
+        "id": api.new_id() if job_id is None else job_id,
+        "priority": priority,
+        "delay": delay,
+        "max_attempts": max_attempts,
+        "run_at": unix_time(run_at),
+    }
+    return api.convert(fields, api.JobSpec)
 
 
 async def _body(response: aiohttp.ClientResponse, where: str, cap: int) -> bytes:
