@@ -1110,6 +1110,58 @@ async def test_ack_many_answered_for_other_jobs_than_it_acked_raises(answered: l
             await prompt(q.ack_many([("a", 1), ("b", 2)]))
 
 
+@pytest.mark.parametrize(
+    "call", ["enqueue", "enqueue_many", "ack", "nack", "heartbeat", "cancel", "requeue", "purge"]
+)
+async def test_an_answer_naming_other_jobs_than_the_request_is_not_taken_for_success(
+    proxied: tuple[FaultProxy, Client, Client], call: str
+) -> None:
+    """Every job the client enqueues carries its id (client-made when not
+    given), and the broker answers exactly those ids (a duplicate too); an
+    ack's, a nack's and a heartbeat's answer names its job. The client read
+    none of them: an answer replayed (FaultProxy "replay", as a cache or a
+    broker at fault answers again; claims and ack_many were hardened against
+    it before) was taken for success. The second enqueue was answered the
+    first one's id and never enqueued (a lost job, its caller told it is
+    in); the second ack, nack or heartbeat was answered for the first job,
+    its own left claimed (run again once its lease runs out), or its lease
+    not renewed; a cancel, requeue or purge answered ids it did not name
+    (review of the SDK, round 35). Such an answer is a BrokerError."""
+    proxy, through, direct = proxied
+    suffix = {"purge": "/dead", "enqueue_many": "/enqueue"}.get(call, "/" + call)
+    if call in ("enqueue", "enqueue_many"):
+        many = call == "enqueue_many"
+        await (through.enqueue_many(["a", "b"]) if many else through.enqueue("a"))
+        proxy.fail(suffix, "replay")
+        with pytest.raises(BrokerError, match="answered for"):
+            await prompt(through.enqueue_many(["c", "d"]) if many else through.enqueue("c"))
+        assert (await direct.status())["enqueued"] == (2 if many else 1)  # not enqueued
+        return
+    if call in ("ack", "nack", "heartbeat", "cancel"):
+        await direct.enqueue_many(["a", "b"])
+        a, b = await direct.claim_many("w", 2)
+    else:
+        await direct.enqueue_many([{"payload": p, "max_attempts": 1} for p in "ab"])
+        a, b = await direct.claim_many("w", 2)
+        for job in (a, b):
+            assert await direct.nack(job) == "dead"
+    settle: dict[str, Callable[[Job], Awaitable[Any]]] = {
+        "ack": lambda job: through.ack(job, "done"),
+        "nack": lambda job: through.nack(job),
+        "heartbeat": lambda job: through.heartbeat(job),
+        "cancel": lambda job: through.cancel([job.id]),
+        "requeue": lambda job: through.requeue([job.id]),
+        "purge": lambda job: through.purge([job.id]),
+    }
+    await prompt(settle[call](a))
+    before = await direct.job(b.id)
+    proxy.fail(suffix, "replay")
+    with pytest.raises(BrokerError, match="answered for"):
+        await prompt(settle[call](b))
+    assert proxy.requests["/topics/t" + suffix] == 2  # not tried again
+    assert await direct.job(b.id) == before  # left as it was
+
+
 async def test_a_redirect_is_not_followed() -> None:
     """aiohttp followed redirects: a proxy's 302 made an enqueue's POST a GET of
     another page, whose JSON ({"id": ...}) the SDK took for the job's id, and

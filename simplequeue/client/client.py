@@ -15,7 +15,8 @@ broker or anything between them answers:
   status for anything the API does not answer (a proxy's 500, an HTML page);
 - answers are decoded into the API's types (simplequeue.api): one that is not
   what the route answers is a BrokerError, never a KeyError, and so is one
-  larger than the client's `max_answer` (MAX_ANSWER, 1 GiB, by default),
+  naming other jobs than the request did (an earlier answer, replayed), and
+  one larger than the client's `max_answer` (MAX_ANSWER, 1 GiB, by default),
   left unread;
 - cancellation is never caught;
 - the calls made in a `calls_within(seconds)` block end within it, their
@@ -78,6 +79,8 @@ from simplequeue.retrying import first_then_retrying
 
 A = TypeVar("A")
 T = TypeVar("T")
+#: The answers that name the job they settle (ack, nack; heartbeat).
+S = TypeVar("S", api.Settled, api.Renewed)
 
 log = logging.getLogger("simplequeue.client")
 
@@ -340,6 +343,25 @@ def refused_whole(exc: Exception) -> bool:
     if isinstance(exc, BrokerError):
         return exc.status == 413
     return isinstance(exc, (InvalidRequest, *UNSENDABLE))
+
+
+def _among(answered: list[str], asked: list[str] | None, what: str) -> list[str]:
+    """`answered` (a copy), when every id in it is one of those `asked` about
+    (None: every dead job), else BrokerError: an answer naming jobs the
+    request did not (another request's, replayed by a proxy or a cache)."""
+    named = set(answered) if asked is None else set(asked)
+    others = [i for i in answered if i not in named]
+    if others:
+        raise BrokerError(f"a {what} of {_ids(asked or [])} answered for {_ids(others)} too")
+    return list(answered)
+
+
+def _ids(ids: list[Any]) -> str:
+    """A few ids, for a message: "job 'a'", "3 jobs ('a', 'b', ...)"."""
+    if len(ids) == 1:
+        return f"job {ids[0]!r}"
+    shown = ", ".join(repr(i) for i in ids[:3]) + (", ..." if len(ids) > 3 else "")
+    return f"{len(ids)} jobs ({shown})"
 
 
 def _job_or_id(job: Job | str) -> tuple[str, str | None]:
@@ -881,15 +903,21 @@ class Client:
         return ids
 
     async def _enqueue_batch(self, specs: list[api.JobSpec]) -> list[str]:
+        """The ids of `specs`, each of which carries its id, once the broker
+        answered them: a duplicate's answer names that id too, so an answer
+        naming others (another request's, replayed) is a BrokerError."""
         if len(specs) == 1:
             one = await self.request("POST", self._t("/enqueue"), api.Enqueued, specs[0])
-            return [one.id]
-        many = await self.request(
-            "POST", self._t("/enqueue"), api.EnqueuedBatch, api.EnqueueBatch(specs)
-        )
-        if len(many.ids) != len(specs):
-            raise BrokerError(f"{len(many.ids)} ids for {len(specs)} jobs")
-        return many.ids
+            ids = [one.id]
+        else:
+            many = await self.request(
+                "POST", self._t("/enqueue"), api.EnqueuedBatch, api.EnqueueBatch(specs)
+            )
+            ids = many.ids
+        asked = [spec.id for spec in specs]
+        if ids != asked:
+            raise BrokerError(f"an enqueue of {_ids(asked)} answered for {_ids(ids)}")
+        return ids
 
     async def enqueue_many(self, jobs: Iterable[Any]) -> list[str]:
         """Enqueue a batch in one request, one write: all of it or none (none:
@@ -1153,11 +1181,17 @@ class Client:
             raise LeaseLost(f"job {job_id!r} is no longer held by this client") from None
         return answer.lease_expires_at
 
-    async def _settle(self, path: str, body: Any, answer: type[A]) -> A:
+    async def _settle(self, path: str, body: Any, answer: type[S]) -> S:
+        """The answer, which names the job settled: one naming another (an
+        earlier answer replayed) is a BrokerError, the job left as it was."""
         status, got, repeated = await self.call(
             "POST", self._t(path), answer, body, expected=_SETTLE_FAILURES
         )
         if got is not None:
+            if got.id != body.job_id:
+                raise BrokerError(
+                    f"{path[1:]} of job {body.job_id!r} answered for job {got.id!r}", status
+                )
             return got
         if status == 409 and repeated:
             raise _Replayed()
@@ -1248,7 +1282,7 @@ class Client:
         body = api.JobIdsRequest(job_ids)
         _, answer, repeated = await self.call("POST", self._t("/requeue"), api.Requeued, body)
         assert answer is not None
-        requeued = list(answer.requeued)
+        requeued = _among(answer.requeued, job_ids, "requeue")
         if repeated:  # a retry whose first try may have landed
             if job_ids is None:
                 raise _every_dead_unknown("requeued", requeued)
@@ -1274,7 +1308,7 @@ class Client:
         assert answer is not None
         if repeated and job_ids is None:
             raise _every_dead_unknown("purged", answer.purged)
-        return answer.purged
+        return _among(answer.purged, job_ids, "purge")
 
     async def topics(self) -> dict[str, dict[str, int]]:
         """Every readable topic's counts. The broker names those it cannot read
@@ -1298,6 +1332,7 @@ class Client:
             body = api.CancelRequest(part)
             _, answer, repeated = await self.call("POST", self._t("/cancel"), api.Cancelled, body)
             assert answer is not None
+            _among(answer.cancelled + answer.not_found, part, "cancel")
             cancelled += answer.cancelled
             for job_id in answer.not_found:
                 # A retry whose first try landed finds its jobs cancelled already.
