@@ -167,9 +167,10 @@ EARLY_ANSWER_HOLD = 1.0
 
 #: Look-ups one call has in flight at once, at most, to learn what a batch
 #: request retried after its first try may have landed did (ack_many's
-#: "conflict" answers, release's): one after another, 1,000 of them took
-#: 12.6 s at 10 ms a request and 33 s at 30 ms (a Worker's ack batcher waits
-#: for them), and all at once they would be 1,000 connections.
+#: "conflict" answers, release's, cancel's "not_found", requeue's missing
+#: ids): one after another, 1,000 of them took 12.6 s at 10 ms a request and
+#: 33 s at 30 ms (a Worker's ack batcher waits for them), and all at once
+#: they would be 1,000 connections.
 LOOKUPS_IN_FLIGHT = 16
 
 #: One ack of Client.ack_many: (job, result) or (job, result, follow-ups).
@@ -1270,9 +1271,10 @@ class Client:
 
     async def requeue(self, job_ids: list[str] | None = None) -> list[str]:
         """Dead jobs (those named, in requests of at most 1,000 ids, or all)
-        back to pending; the ids requeued. All of them, tried again after a
-        try that may have landed, raises IncompleteAnswer: that try's ids
-        cannot be known."""
+        back to pending; the ids requeued. Named ones, tried again after a try
+        that may have landed, have those the retry did not requeue looked up
+        (LOOKUPS_IN_FLIGHT at once). All of them, tried again so, raises
+        IncompleteAnswer: that try's ids cannot be known."""
         if job_ids is None:
             return await self._requeue(None)
         ids = list(dict.fromkeys(id_list(job_ids)))  # an id named twice: one job, one request
@@ -1288,7 +1290,8 @@ class Client:
                 raise _every_dead_unknown("requeued", requeued)
             done = set(requeued)
             missing = [i for i in job_ids if i not in done]
-            requeued += [i for i in missing if await self._is(i, "pending")]
+            found = await _each(missing, lambda i: self._is(i, "pending"))
+            requeued += [i for i, now in zip(missing, found, strict=True) if now]
         return requeued
 
     async def purge(self, job_ids: list[str] | None = None) -> list[str]:
@@ -1324,7 +1327,9 @@ class Client:
         {"cancelled": [...], "not_found": [...]} (finished or unknown), an id
         named twice once, in requests of at most 1,000 ids. The ids are a
         list, ["17"] for one: a str is refused (InvalidRequest), as by
-        requeue() and purge()."""
+        requeue() and purge(). Tried again after a try that may have landed,
+        the jobs answered "not_found" are looked up (LOOKUPS_IN_FLIGHT at
+        once): those cancelled, by that try, say so."""
         ids = list(dict.fromkeys(id_list(job_ids)))  # an id named twice: one job, one request
         cancelled: list[str] = []
         not_found: list[str] = []
@@ -1334,12 +1339,12 @@ class Client:
             assert answer is not None
             _among(answer.cancelled + answer.not_found, part, "cancel")
             cancelled += answer.cancelled
-            for job_id in answer.not_found:
-                # A retry whose first try landed finds its jobs cancelled already.
-                if repeated and await self._is(job_id, "cancelled"):
-                    cancelled.append(job_id)
-                else:
-                    not_found.append(job_id)
+            landed: set[str] = set()
+            if repeated:  # a retry whose first try landed finds its jobs cancelled already
+                found = await _each(answer.not_found, lambda i: self._is(i, "cancelled"))
+                landed = {i for i, now in zip(answer.not_found, found, strict=True) if now}
+            cancelled += [i for i in answer.not_found if i in landed]
+            not_found += [i for i in answer.not_found if i not in landed]
         return {"cancelled": cancelled, "not_found": not_found}
 
     async def schedule(
