@@ -412,6 +412,79 @@ async def test_a_retried_batch_whose_first_try_landed_looks_its_jobs_up_several_
     assert 1 < proxy.most_looking <= 8
 
 
+class SlowLookups(FaultProxy):
+    """Job look-ups (GET /topics/t/jobs/...) wait `lookup_delay` first."""
+
+    lookup_delay = 0.5
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if "/jobs/" in request.path:
+            await asyncio.sleep(self.lookup_delay)  # a slow network, not synchronisation
+        return await super().handle(request)
+
+
+@pytest.mark.parametrize("then", ["claimed", "completed", "failed"])
+async def test_a_retried_requeue_counts_a_job_a_worker_took_at_once_as_requeued(
+    start_broker: Callable[..., Awaitable[Any]], then: str
+) -> None:
+    """requeue() retried after a first try that landed looked up each id the
+    retry did not requeue and counted it requeued only if it was "pending"
+    then. A Worker long-polling the topic (the usual case: dead jobs are
+    requeued for the workers waiting) claims it the moment it is back, and
+    may have run it by the look-up: found "claimed" (or completed, or failed
+    again), requeue() answered [] for a job it requeued (the CLI: "0
+    requeued"; review of the SDK, round 35). Requeue resets a job's
+    attempts: one found with one at most, neither dead nor cancelled, was
+    requeued."""
+    broker = await start_broker(MemStore())
+    async with (
+        SlowLookups(broker.url).running() as proxy,
+        Client(proxy.url, topic="t", retries=4, retry_budget=5) as through,
+        Client(broker.url, topic="t") as direct,
+    ):
+        [dead] = await direct.enqueue_many([{"payload": "d", "max_attempts": 2}])
+        for status in ("pending", "dead"):
+            job = await direct.claim("w")
+            assert job is not None and await direct.nack(job) == status
+
+        async def worker() -> Job | None:
+            job = await direct.claim("worker", wait=10)
+            if job is not None and then == "completed":
+                await direct.ack(job, "done")
+            elif job is not None and then == "failed":
+                assert await direct.nack(job, delay=60) == "delayed"
+            return job
+
+        waiting = asyncio.create_task(worker())
+        await asyncio.sleep(0.2)  # the worker's long poll is at the broker (or soon is)
+        proxy.fail("/requeue", "landed-502")
+        requeued = await prompt(through.requeue([dead]))
+        taken = await prompt(waiting)
+        assert taken is not None and taken.id == dead  # it was requeued
+        assert proxy.requests["/topics/t/requeue"] == 2  # retried
+        found = await direct.job(dead)
+        assert (found.status, found.attempts) == ({"failed": "delayed"}.get(then, then), 1)
+        assert requeued == [dead]
+
+
+async def test_a_retried_requeue_does_not_count_a_job_that_was_not_dead_as_requeued(
+    proxied: tuple[FaultProxy, Client, Client],
+) -> None:
+    """A job named in a requeue retried after a first try that landed, which
+    neither try requeued, was counted requeued if it was "pending": one
+    that never died, failed twice and waiting for its third attempt, too
+    (review of the SDK, round 35). Requeue resets a job's attempts: one
+    with two or more was not requeued by that call."""
+    proxy, through, direct = proxied
+    [live] = await direct.enqueue_many([{"payload": "l", "max_attempts": 5}])
+    for _ in range(2):
+        job = await direct.claim("w")
+        assert job is not None and await direct.nack(job) == "pending"
+    proxy.fail("/requeue", "landed-502")
+    assert await prompt(through.requeue([live])) == []
+    assert proxy.requests["/topics/t/requeue"] == 2  # retried
+
+
 @pytest.mark.parametrize(("suffix", "verb"), [("/dead", "purge"), ("/requeue", "requeue")])
 async def test_a_retried_purge_or_requeue_of_every_dead_job_does_not_answer_nothing_was_done(
     proxied: tuple[FaultProxy, Client, Client], suffix: str, verb: str

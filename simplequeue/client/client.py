@@ -1273,7 +1273,9 @@ class Client:
         """Dead jobs (those named, in requests of at most 1,000 ids, or all)
         back to pending; the ids requeued. Named ones, tried again after a try
         that may have landed, have those the retry did not requeue looked up
-        (LOOKUPS_IN_FLIGHT at once). All of them, tried again so, raises
+        (LOOKUPS_IN_FLIGHT at once): each counts as requeued if its job has an
+        attempt at most (requeue reset them) and is neither dead nor cancelled
+        (_requeued_before). All of them, tried again so, raises
         IncompleteAnswer: that try's ids cannot be known."""
         if job_ids is None:
             return await self._requeue(None)
@@ -1290,9 +1292,26 @@ class Client:
                 raise _every_dead_unknown("requeued", requeued)
             done = set(requeued)
             missing = [i for i in job_ids if i not in done]
-            found = await _each(missing, lambda i: self._is(i, "pending"))
+            found = await _each(missing, self._requeued_before)
             requeued += [i for i, now in zip(missing, found, strict=True) if now]
         return requeued
+
+    async def _requeued_before(self, job_id: str) -> bool:
+        """Whether job `job_id`, named in a requeue whose retry did not requeue
+        it, was requeued by a first try that may have landed, as far as the
+        job says now. A requeue resets its attempts to 0, and a Worker
+        waiting on the topic claims it at once (1), and may have run it by
+        now, failed or done: one found with an attempt at most that is
+        neither dead nor cancelled (a purged job's record says dead) is
+        taken for requeued, whatever its status. The broker keeps no mark of
+        a requeue, as a purged job's record is of a purge: a job named that
+        never died, with an attempt at most, is taken for requeued too, and
+        one requeued that ran twice (or died again) since is not."""
+        try:
+            job = await self.job(job_id)
+        except JobNotFound:
+            return False
+        return job.status not in ("dead", "cancelled") and (job.attempts or 0) <= 1
 
     async def purge(self, job_ids: list[str] | None = None) -> list[str]:
         """Forget dead jobs (those named, in requests of at most 1,000 ids, or
