@@ -1003,6 +1003,8 @@ async def test_a_large_overview_is_sent_gzipped_to_a_client_that_takes_it(
         ("gzip;q=0", False),
         ("gzip;q=0.000", False),
         ("gzip;q=x", False),
+        ("*;q=0, gzip", True),
+        ("gzip;q=0, *", False),
     ],
 )
 def test_which_accept_encodings_take_gzip(header: str, takes: bool) -> None:

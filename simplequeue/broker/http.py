@@ -197,20 +197,29 @@ def _coding_of(request: web.BaseRequest) -> str | None:
 
 
 def takes_gzip(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding header takes gzip: `gzip` (or `x-gzip`, or
-    `*`) among its codings, not with q=0 (RFC 9110 12.5.3)."""
+    """Whether an Accept-Encoding header takes gzip: `gzip` (or `x-gzip`),
+    else `*`, among its codings, not with q=0 (RFC 9110 12.5.3: a coding
+    named is taken at its own q, whatever `*` says)."""
+    named: float | None = None
+    anything: float | None = None
     for part in accept_encoding.split(","):
         coding, _, params = part.partition(";")
-        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+        coding = coding.strip().lower()
+        if coding not in ("gzip", "x-gzip", "*"):
             continue
-        q = params.strip().lower()
-        if not q.startswith("q="):
-            return True
-        try:
-            return float(q[2:]) > 0
-        except ValueError:
-            return False
-    return False
+        q = 1.0
+        param = params.strip().lower()
+        if param.startswith("q="):
+            try:
+                q = float(param[2:])
+            except ValueError:
+                q = 0.0
+        if coding == "*":
+            anything = q
+        else:
+            named = q
+    taken = named if named is not None else anything
+    return taken is not None and taken > 0
 
 
 def content_codings(headers: Mapping[str, str]) -> list[str]:
