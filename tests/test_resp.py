@@ -38,12 +38,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
 from simplequeue import __version__, api, keys
+from simplequeue.broker import forwarding
 from simplequeue.broker.cli import event_loop_runner
 from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, commands, connection, reads
 from simplequeue.broker.resp.connection import QUEUED_FRAMES
 from simplequeue.broker.resp.wire import Requests, RespError
 from simplequeue.broker.server import Broker
 from simplequeue.broker.settings import BrokerSettings
+from simplequeue.errors import StoreUnavailable
 from simplequeue.objstore.memfs import MemStore
 from simplequeue.state import Policy
 from tests.helpers.faults import FaultyStore
@@ -751,6 +753,48 @@ async def test_a_pop_whose_give_back_fails_past_a_commits_budget_is_given_back_l
         store.faults = []  # the store is back
         await pending_again(http, "q")
         assert (await http.job("q", "j1"))["status"] == "pending"
+
+
+async def test_a_pop_passed_on_whose_give_back_fails_at_the_owner_is_given_back_later(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, the pop passed on to the topic's owner, whose store fails
+    the give-back past UNDO_WITHIN (30 s; 0.5 s here, the outage 2 s): the
+    Forwarder gave up, said "its jobs stay done", answered 0, and the
+    connection's retry took that for done, the owner never asked again,
+    though it kept the pop's record for 5 minutes (review of this round's
+    changes). The owner is asked again while the connection tries."""
+    monkeypatch.setattr(connection, "UNPOP_RETRY_FIRST", 0.05)
+    monkeypatch.setattr(forwarding, "UNDO_WITHIN", 0.5)
+    monkeypatch.setattr(forwarding, "UNDO_TRIES", 2)
+    monkeypatch.setattr(forwarding, "UNDO_PAUSE", 0.05)
+    brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
+    owner, other = owner_and_other(brokers, "t")
+    down_until = [0.0]
+    real_unpop = owner.engine.unpop
+
+    async def unpop(*args: Any, **kwargs: Any) -> int:
+        if time.monotonic() < down_until[0]:  # the owner's store is down
+            raise StoreUnavailable("injected: the store is down")
+        given_back: int = await real_unpop(*args, **kwargs)
+        return given_back
+
+    monkeypatch.setattr(owner.engine, "unpop", unpop)
+    assert other.redis is not None
+    real_pop = other.redis.engine.pop
+
+    async def pop(*args: Any, **kwargs: Any) -> Any:
+        popped = await real_pop(*args, **kwargs)
+        down_until[0] = time.monotonic() + 2.0  # down for 2 s from the pop on
+        return popped
+
+    monkeypatch.setattr(other.redis.engine, "pop", pop)
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, owner.url)
+        code, _ = await http.call("POST", "/topics/t/enqueue", {"payload": "x", "id": "j1"})
+        assert code == 201
+        await reset_as_it_lands(other, http, monkeypatch, ("LPOP", "t"), "pop", "t")
+        assert (await http.job("t", "j1"))["status"] == "pending"
 
 
 @pytest.mark.parametrize(

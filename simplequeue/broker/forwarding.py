@@ -40,6 +40,7 @@ from simplequeue.errors import (
     NothingToClaim,
     Overloaded,
     SimpleQueueError,
+    StoreUnavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -388,14 +389,19 @@ class Forwarder:
             )
         return sending.result()
 
-    async def undo(self, peer: Peer, topic: str, undo: api.UnpopRequest) -> int:
+    async def undo(
+        self, peer: Peer, topic: str, undo: api.UnpopRequest, raising: bool = False
+    ) -> int:
         """Ask `peer` to `undo` a pop or complete of `topic` whose answer was
         lost (route's `undo`), or that its caller gives back (Router.unpop):
         tried again while it does not answer (_tries), unless this broker is
-        closed. How many jobs it gave back."""
+        closed. How many jobs it gave back. `raising`: StoreUnavailable if
+        `peer` did not answer all that while (it may yet, and its caller asks
+        again), rather than 0 and a warning that its jobs stay done."""
         path = f"/topics/{topic}/unpop"
         body = msgspec.json.encode(undo)
         failed = "this broker stopped"
+        unanswered = False
         async for tried in _tries():
             if self._closed:
                 break
@@ -403,7 +409,7 @@ class Forwarder:
                 async with self._slots.again if tried else contextlib.nullcontext():
                     answer = await self._send(peer, "POST", path, body, 0.0, "application/json")
             except (_Unreachable, Overloaded) as exc:
-                failed = str(exc)
+                failed, unanswered = str(exc), True
             else:
                 if 200 <= answer.status < 300:
                     with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
@@ -412,9 +418,11 @@ class Forwarder:
                         return given_back.given_back
                     return 0
                 if answer.status < 500:  # refused: asking again gets the same
-                    failed = f"HTTP {answer.status}: {answer.body[:200]!r}"
+                    failed, unanswered = f"HTTP {answer.status}: {answer.body[:200]!r}", False
                     break
-                failed = f"HTTP {answer.status}"
+                failed, unanswered = f"HTTP {answer.status}", True
+        if raising and unanswered and not self._closed:
+            raise StoreUnavailable(f"{peer.url} did not undo a pop of {topic} ({failed})")
         log.warning("%s did not undo a pop of %s (%s): its jobs stay done", peer.url, topic, failed)
         return 0
 
@@ -892,11 +900,21 @@ class Router:
 
     async def unpop(self, topic: str, attempt_id: str, worker_id: str | None = None) -> int:
         # Asked of the broker that served the pop (it keeps what the pop did),
-        # whoever owns the topic now; served here, this broker's engine.
-        peer = self._served_at((topic, worker_id or "", attempt_id))
+        # whoever owns the topic now; served here, this broker's engine. One
+        # that did not answer (its store down past UNDO_WITHIN) is asked again
+        # when its caller asks again (a RESP connection's give-back, tried on
+        # while the pop's record is kept there): StoreUnavailable, the broker
+        # kept. It was forgotten, and the job stayed done for nobody.
+        attempt = (topic, worker_id or "", attempt_id)
+        peer = self._served_at(attempt)
         if peer is None:
             return await self.engine.unpop(topic, attempt_id, worker_id)
-        return await self.forwarder.undo(peer, topic, api.UnpopRequest(attempt_id, worker_id))
+        undo = api.UnpopRequest(attempt_id, worker_id)
+        try:
+            return await self.forwarder.undo(peer, topic, undo, raising=True)
+        except StoreUnavailable:
+            self._served(attempt, peer, held=False)
+            raise
 
     async def release(self, topic: str, jobs: list[dict[str, Any]]) -> int:
         body = api.ReleaseRequest(_held(jobs))

@@ -19,7 +19,7 @@ from typing import Any
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_delay,
     wait_random_exponential,
 )
@@ -338,7 +338,10 @@ class Connection:
 
         try:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((StoreUnavailable, Contended)),
+                # Not once the server is stopping (its committer refuses all).
+                retry=retry_if_exception(
+                    lambda exc: isinstance(exc, StoreUnavailable | Contended) and not self.stopping
+                ),
                 stop=stop_after_delay(api.CLAIM_ATTEMPTS_KEPT_S),
                 wait=wait_random_exponential(multiplier=UNPOP_RETRY_FIRST, max=UNPOP_RETRY_MAX),
                 before_sleep=failed,
