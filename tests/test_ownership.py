@@ -2531,6 +2531,20 @@ async def test_a_claims_retry_after_the_owner_recovered_gets_the_job_it_was_answ
     assert (await owner.engine.status("t"))["claimed"] == 1
 
 
+async def served_while_the_owner_is_suspect(
+    s: aiohttp.ClientSession, owner: Any, other: Any, route: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """`body` posted to topic t's `route` at `other` while it takes t's owner
+    for suspect, served there (not the owner's answer); once the owner is
+    no longer suspect: that answer."""
+    other.membership.suspect(owner.settings.broker_id, 0.3)
+    status, first, headers = await post(s, f"{other.url}/topics/t/{route}", body)
+    assert status == 200 and headers["Simplequeue-Owner"] == other.url, first
+    await until(lambda: owns_again(other, owner))  # the owner is no longer suspect
+    answer: dict[str, Any] = first
+    return answer
+
+
 async def test_a_claim_served_while_its_owner_was_suspect_is_retried_where_it_was_served(
     start_broker: StartBroker,
 ) -> None:
@@ -2543,11 +2557,8 @@ async def test_a_claim_served_while_its_owner_was_suspect_is_retried_where_it_wa
     async with aiohttp.ClientSession() as s:
         for job_id in ("j1", "j2"):
             await post(s, f"{owner.url}/topics/t/enqueue", {"id": job_id, "payload": 1})
-        other.membership.suspect(owner.settings.broker_id, 0.3)
         claiming = {"worker_id": "w", "attempt_id": "a1"}
-        status, first, headers = await post(s, f"{other.url}/topics/t/claim", claiming)
-        assert status == 200 and headers["Simplequeue-Owner"] == other.url, first
-        await until(lambda: owns_again(other, owner))  # the owner is no longer suspect
+        first = await served_while_the_owner_is_suspect(s, owner, other, "claim", claiming)
         status, again, _ = await post(s, f"{other.url}/topics/t/claim", claiming)
     assert status == 200 and again["job"]["id"] == first["job"]["id"], (first, again)
     assert (await owner.engine.status("t"))["claimed"] == 1
@@ -2597,11 +2608,8 @@ async def test_a_named_pop_served_while_its_owner_was_suspect_is_retried_where_i
     async with aiohttp.ClientSession() as s:
         for job_id in ("j1", "j2"):
             await post(s, f"{owner.url}/topics/t/enqueue", {"id": job_id, "payload": 1})
-        other.membership.suspect(owner.settings.broker_id, 0.3)
         popping = {"worker_id": "w", "attempt_id": "a1"}
-        status, first, headers = await post(s, f"{other.url}/topics/t/pop", popping)
-        assert status == 200 and headers["Simplequeue-Owner"] == other.url, first
-        await until(lambda: owns_again(other, owner))  # the owner is no longer suspect
+        first = await served_while_the_owner_is_suspect(s, owner, other, "pop", popping)
         status, again, _ = await post(s, f"{other.url}/topics/t/pop", popping)
         assert status == 200, again
         status, undone, _ = await post(s, f"{other.url}/topics/t/unpop", popping)
@@ -2626,10 +2634,7 @@ async def test_a_named_complete_served_while_its_owner_was_suspect_is_retried_wh
     held = [{"job_id": "j1", "lease_token": claimed.lease_token}]
     completing = {"claims": held, "attempt_id": "c1"}
     async with aiohttp.ClientSession() as s:
-        other.membership.suspect(owner.settings.broker_id, 0.3)
-        status, first, headers = await post(s, f"{other.url}/topics/t/complete", completing)
-        assert status == 200 and headers["Simplequeue-Owner"] == other.url, first
-        await until(lambda: owns_again(other, owner))
+        first = await served_while_the_owner_is_suspect(s, owner, other, "complete", completing)
         status, again, _ = await post(s, f"{other.url}/topics/t/complete", completing)
     assert status == 200 and again["completed"] == first["completed"] == ["j1"], again
 

@@ -186,6 +186,27 @@ async def hang_up(broker: Broker, client: Raw) -> None:
     await until(lambda: not server.connections)
 
 
+class QueuedPeak:
+    """Every RESP connection's queue of requests (Frames) measured: those
+    made, and the most bytes one held queued at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.made: list[connection.Frames] = []
+        self.peak = 0
+        measure = self
+
+        class Measured(connection.Frames):
+            def __init__(self) -> None:
+                super().__init__()
+                measure.made.append(self)
+
+            def put(self, frame: connection.Frame) -> None:
+                super().put(frame)
+                measure.peak = max(measure.peak, self.bytes)
+
+        monkeypatch.setattr(connection, "Frames", Measured)
+
+
 async def pending_again(http: Http, topic: str, count: int = 1) -> None:
     """Until `topic` has `count` pending jobs: what a client that left took,
     given back (by a commit of its own, after the one that took it)."""
@@ -1171,20 +1192,7 @@ async def test_requests_queued_behind_a_command_are_bounded_by_their_bytes(
     ends."""
     budget = 128 * 1024
     monkeypatch.setattr(connection, "QUEUED_BYTES", budget)
-    made: list[connection.Frames] = []
-    peak = 0
-
-    class Measured(connection.Frames):
-        def __init__(self) -> None:
-            super().__init__()
-            made.append(self)
-
-        def put(self, frame: connection.Frame) -> None:
-            nonlocal peak
-            super().put(frame)
-            peak = max(peak, self.bytes)
-
-    monkeypatch.setattr(connection, "Frames", Measured)
+    queued = QueuedPeak(monkeypatch)
     store = FaultyStore(MemStore(), target="topics/p")
     broker = await start_broker(store, redis_addr="127.0.0.1:0")
     store.gate = asyncio.Event()
@@ -1195,9 +1203,9 @@ async def test_requests_queued_behind_a_command_are_bounded_by_their_bytes(
     await until(lambda: conn.busy)  # held by the store: the requests below queue
     value, n = "x" * 16 * 1024, 60  # some 1 MiB in all, fewer than QUEUED_FRAMES
     client.writer.write(hiredis.pack_command(("ECHO", value)) * n)  # no drain: it may stall
-    [frames] = made
+    [frames] = queued.made
     await until(lambda: not conn.room.is_set() or len(frames) == n)  # reading stopped, or all read
-    assert peak <= budget + 2 * connection.READ_CHUNK, f"{peak} bytes queued"
+    assert queued.peak <= budget + 2 * connection.READ_CHUNK, f"{queued.peak} bytes queued"
     store.gate.set()
     echo = f"${len(value)}\r\n{value}\r\n".encode()
     got = await asyncio.wait_for(client.reader.readexactly(4 + len(echo) * n), 10)
@@ -2551,20 +2559,7 @@ async def test_a_client_that_never_gave_the_token_is_held_to_little_memory(
     (review of the RESP face). Redis refuses an unauthenticated client's
     bulk string over 16 KB (CVE-2021-32675): so does the broker, and it reads
     nothing behind a request before it has run."""
-    made: list[connection.Frames] = []
-    peak = 0
-
-    class Measured(connection.Frames):
-        def __init__(self) -> None:
-            super().__init__()
-            made.append(self)
-
-        def put(self, frame: connection.Frame) -> None:
-            nonlocal peak
-            super().put(frame)
-            peak = max(peak, self.bytes)
-
-    monkeypatch.setattr(connection, "Frames", Measured)
+    queued = QueuedPeak(monkeypatch)
     secured = await start_broker(MemStore(), redis_addr="127.0.0.1:0", token=TOKEN)
     client, conn = await _unread(secured)
     _, writer = await asyncio.open_connection(sock=client)
@@ -2580,8 +2575,8 @@ async def test_a_client_that_never_gave_the_token_is_held_to_little_memory(
         with contextlib.suppress(AssertionError):
             await until(settled, 20)
         await asyncio.sleep(0.5)
-        assert peak + conn.unsent <= 64 * 1024, (
-            f"{peak / 2**20:.1f} MiB of requests queued, {conn.unsent / 2**20:.1f} MiB of "
+        assert queued.peak + conn.unsent <= 64 * 1024, (
+            f"{queued.peak / 2**20:.1f} MiB of requests queued, {conn.unsent / 2**20:.1f} MiB of "
             "replies, by a client that never authenticated"
         )
     finally:
@@ -2596,15 +2591,7 @@ async def test_a_client_without_the_token_has_one_request_read_at_a_time(
     broker holds one request, and UNAUTHENTICATED_OUTPUT of replies once its
     refusals pass it. It queued requests behind them: 462 KiB here in 0.2 s,
     up to QUEUED_FRAMES (128) of them."""
-    peak = 0
-
-    class Measured(connection.Frames):
-        def put(self, frame: connection.Frame) -> None:
-            nonlocal peak
-            super().put(frame)
-            peak = max(peak, self.bytes)
-
-    monkeypatch.setattr(connection, "Frames", Measured)
+    queued = QueuedPeak(monkeypatch)
     secured = await start_broker(MemStore(), redis_addr="127.0.0.1:0", token=TOKEN)
     client, conn = await _unread(secured)
     _, writer = await asyncio.open_connection(sock=client)
@@ -2613,7 +2600,7 @@ async def test_a_client_without_the_token_has_one_request_read_at_a_time(
         writer.write(hiredis.pack_command(("PING", "x" * 15_000)) * 200)
         await until(lambda: conn.unsent > connection.UNAUTHENTICATED_OUTPUT and not conn.busy)
         await asyncio.sleep(0.2)  # what else it would read, it reads meanwhile
-        assert peak <= 2 * 16 * 1024, f"{peak / 2**10:.0f} KiB of requests queued"
+        assert queued.peak <= 2 * 16 * 1024, f"{queued.peak / 2**10:.0f} KiB of requests queued"
     finally:
         writer.transport.abort()
 
