@@ -38,7 +38,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
 from simplequeue import __version__, api, keys
-from simplequeue.broker import forwarding
+from simplequeue.broker import background, forwarding
 from simplequeue.broker.cli import event_loop_runner
 from simplequeue.broker.resp import COMMANDS, RespServer, RespSettings, commands, connection, reads
 from simplequeue.broker.resp.connection import QUEUED_FRAMES
@@ -815,6 +815,98 @@ async def test_a_pop_passed_on_whose_give_back_fails_at_the_owner_is_given_back_
         code, _ = await http.call("POST", "/topics/t/enqueue", {"payload": "x", "id": "j1"})
         assert code == 201
         await reset_as_it_lands(other, http, monkeypatch, ("LPOP", "t"), "pop", "t")
+        assert (await http.job("t", "j1"))["status"] == "pending"
+
+
+def _give_backs() -> list[asyncio.Task[Any]]:
+    """The RESP connections' give-backs running in the background."""
+    return [
+        task
+        for task in background._running
+        if not task.done() and getattr(task.get_coro(), "__qualname__", "") == "Connection._unpop"
+    ]
+
+
+async def test_a_give_back_of_a_connection_gone_before_the_stop_ends_with_the_stop(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A give-back tried again while the store fails went on after the broker
+    stopped, against its closed committer ("broker is shutting down"), for up
+    to 5 minutes, when its client had left before the stop: only connections
+    still open were told the server stops (review of this round's changes).
+    The server's own flag ends them all."""
+    monkeypatch.setattr(connection, "UNPOP_RETRY_FIRST", 0.05)
+    monkeypatch.setattr(connection, "UNPOP_RETRY_MAX", 0.2)
+    store = FaultyStore(MemStore())
+    broker = await start_broker(store, redis_addr="127.0.0.1:0", commit_budget=0.5)
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, broker.url)
+        code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
+        assert code == 201
+        store.gate = asyncio.Event()
+        store.put_started.clear()
+        client = await Raw.open(port_of(broker))
+        await client.write(hiredis.pack_command(("LPOP", "q")))
+        await store.put_started.wait()
+        [conn] = broker.redis.connections if broker.redis else []
+        await client.close()
+        await conn.hangup.wait()
+        store.faults = ["ok"] + ["fail"] * 100_000  # the pop lands, then every write fails
+        with caplog.at_level(logging.WARNING, "simplequeue.broker.resp.connection"):
+            store.gate.set()
+            await until(lambda: "could not be given back yet" in caplog.text)
+        await until(lambda: broker.redis is not None and not broker.redis.connections)
+        [giving_back] = _give_backs()  # its connection ended; its give-back goes on
+    await broker.stop()
+    try:
+        await asyncio.wait_for(asyncio.shield(giving_back), 5)
+    finally:
+        giving_back.cancel()
+
+
+async def test_a_pop_whose_answer_the_owner_lost_is_undone_once_its_store_is_back(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pop passed on whose answer the owner gave too late (AmbiguousWrite to
+    the client) is undone by the broker that passed it on: it gave up after
+    UNDO_WITHIN (30 s; 0.5 s here, the owner's store down 2 s from the pop),
+    "its jobs stay done", though the owner keeps the pop's record for 5
+    minutes (review of this round's changes). It asks for as long."""
+    monkeypatch.setattr(forwarding, "UNDO_WITHIN", 0.5)
+    monkeypatch.setattr(forwarding, "UNDO_TRIES", 2)
+    monkeypatch.setattr(forwarding, "UNDO_PAUSE", 0.05)
+    monkeypatch.setattr(forwarding, "UNDO_PAUSE_MAX", 0.2)
+    brokers = await cluster(
+        start_broker, MemStore(), 2, redis_addr="127.0.0.1:0", forward_timeout=0.5
+    )
+    owner, other = owner_and_other(brokers, "t")
+    down_until = [0.0]
+    real_unpop, real_pop = owner.engine.unpop, owner.engine.pop
+
+    async def unpop(*args: Any, **kwargs: Any) -> int:
+        if time.monotonic() < down_until[0]:  # the owner's store is down
+            raise StoreUnavailable("injected: the store is down")
+        given_back: int = await real_unpop(*args, **kwargs)
+        return given_back
+
+    async def pop(*args: Any, **kwargs: Any) -> Any:
+        popped = await real_pop(*args, **kwargs)
+        down_until[0] = time.monotonic() + 2.0  # down for 2 s from the pop on
+        await asyncio.sleep(1.0)  # answered past forward_timeout: the answer is lost
+        return popped
+
+    monkeypatch.setattr(owner.engine, "unpop", unpop)
+    monkeypatch.setattr(owner.engine, "pop", pop)
+    async with aiohttp.ClientSession() as session:
+        http = Http(session, owner.url)
+        code, _ = await http.call("POST", "/topics/t/enqueue", {"payload": "x", "id": "j1"})
+        assert code == 201
+        client = await Raw.open(port_of(other))
+        await client.send("LPOP", "t")
+        reply = await client.reply_bytes()
+        assert reply.startswith(b"-"), reply  # AmbiguousWrite: ask again
+        await client.close()
+        await pending_again(http, "t")  # once the owner's store is back
         assert (await http.job("t", "j1"))["status"] == "pending"
 
 

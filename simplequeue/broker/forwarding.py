@@ -63,6 +63,11 @@ UNDO_TRIES = 3
 UNDO_PAUSE = 1.0
 UNDO_PAUSE_MAX = 5.0
 UNDO_WITHIN = 30.0
+# ... and a pop's undo whose answer was lost (route's `undo`), as long as its
+# broker keeps the pop's record for it: an owner whose store was down past
+# UNDO_WITHIN, and would have undone it once back, was asked no more, and
+# the job stayed done for nobody.
+UNDO_PATIENCE = api.CLAIM_ATTEMPTS_KEPT_S
 # Seconds more than ANSWER_WITHIN a take-back (route's `take_back`) waits for
 # each answer: its broker answered the claim too late already, and no caller waits.
 TAKE_BACK_PATIENCE = 10.0
@@ -174,15 +179,16 @@ class _Slots:
             self._long_polls.release()
 
 
-async def _tries() -> AsyncIterator[int]:
+async def _tries(within: float | None = None) -> AsyncIterator[int]:
     """The tries of an undo or a take-back: UNDO_TRIES at least, then on until
-    UNDO_WITHIN seconds after the first, paused between them (UNDO_PAUSE,
-    doubling up to UNDO_PAUSE_MAX)."""
+    `within` (UNDO_WITHIN) seconds after the first, paused between them
+    (UNDO_PAUSE, doubling up to UNDO_PAUSE_MAX)."""
     started, pause, tried = time.monotonic(), UNDO_PAUSE, 0
+    within = UNDO_WITHIN if within is None else within
     while True:
         yield tried
         tried += 1
-        if tried >= UNDO_TRIES and time.monotonic() - started >= UNDO_WITHIN:
+        if tried >= UNDO_TRIES and time.monotonic() - started >= within:
             return
         await asyncio.sleep(pause)
         pause = min(2 * pause, UNDO_PAUSE_MAX)
@@ -312,7 +318,7 @@ class Forwarder:
                 answer = await (self._unless_stopping(topic, peer, sending) if left else sending)
             except (asyncio.CancelledError, AmbiguousWrite):  # AmbiguousWrite: stopping
                 if undo is not None:
-                    in_background(self.undo(peer, topic, undo))
+                    in_background(self.undo(peer, topic, undo, within=UNDO_PATIENCE))
                 raise
             except _Unreachable as exc:
                 self.fallbacks += 1
@@ -329,7 +335,7 @@ class Forwarder:
                 if exc.sent and not repeatable:
                     log.warning("%s did not answer for %s (%s)", peer.url, topic, exc)
                     if undo is not None:
-                        in_background(self.undo(peer, topic, undo))
+                        in_background(self.undo(peer, topic, undo, within=UNDO_PATIENCE))
                     raise AmbiguousWrite(
                         f"topic {topic!r}: its owner {peer.url} did not answer ({exc}); "
                         "it may have done the request, which is not done again here"
@@ -390,19 +396,25 @@ class Forwarder:
         return sending.result()
 
     async def undo(
-        self, peer: Peer, topic: str, undo: api.UnpopRequest, raising: bool = False
+        self,
+        peer: Peer,
+        topic: str,
+        undo: api.UnpopRequest,
+        raising: bool = False,
+        within: float | None = None,
     ) -> int:
         """Ask `peer` to `undo` a pop or complete of `topic` whose answer was
         lost (route's `undo`), or that its caller gives back (Router.unpop):
-        tried again while it does not answer (_tries), unless this broker is
-        closed. How many jobs it gave back. `raising`: StoreUnavailable if
-        `peer` did not answer all that while (it may yet, and its caller asks
-        again), rather than 0 and a warning that its jobs stay done."""
+        tried again while it does not answer, `within` seconds (UNDO_WITHIN;
+        _tries), unless this broker is closed. How many jobs it gave back.
+        `raising`: StoreUnavailable if `peer` did not answer all that while
+        (it may yet, and its caller asks again), rather than 0 and a warning
+        that its jobs stay done."""
         path = f"/topics/{topic}/unpop"
         body = msgspec.json.encode(undo)
         failed = "this broker stopped"
         unanswered = False
-        async for tried in _tries():
+        async for tried in _tries(within):
             if self._closed:
                 break
             try:

@@ -338,9 +338,12 @@ class Connection:
 
         try:
             async for attempt in AsyncRetrying(
-                # Not once the server is stopping (its committer refuses all).
+                # Not once the server is stopping (its committer refuses all),
+                # whether this connection was still open then or not.
                 retry=retry_if_exception(
-                    lambda exc: isinstance(exc, StoreUnavailable | Contended) and not self.stopping
+                    lambda exc: (
+                        isinstance(exc, StoreUnavailable | Contended) and not self.server.stopping
+                    )
                 ),
                 stop=stop_after_delay(api.CLAIM_ATTEMPTS_KEPT_S),
                 wait=wait_random_exponential(multiplier=UNPOP_RETRY_FIRST, max=UNPOP_RETRY_MAX),
@@ -550,6 +553,9 @@ class RespServer:
         self.addr = ""
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], Connection] = {}
+        # The server stops (stop()): give-backs of connections gone before it
+        # (Connection._unpop) are tried no more.
+        self.stopping = False
         self._ids = itertools.count(1)
         self._started = time.monotonic()
         self._warned_at = -CAP_WARN_EVERY
@@ -586,6 +592,7 @@ class RespServer:
     async def stop(self) -> None:
         """Stop listening and close every connection: idle and blocked ones at once,
         a command in flight once it is answered (or after SHUTDOWN_GRACE)."""
+        self.stopping = True
         if self._server is not None:
             self._server.close()
         handlers = dict(self._connections)
