@@ -1437,13 +1437,16 @@ def new_job_spec(
     the broker checks it (InvalidRequest, in its words): a job it would
     refuse costs no request (coalesced with others, found by halving: two
     requests or so each)."""
+    at = unix_time(run_at)
+    if _non_finite([delay, at]):  # as encode() says, not as a bound crossed
+        raise ValueError("nan and infinity cannot be sent as JSON")
     fields = {
         "payload": payload,  # taken as it is (Any), not copied
         "id": api.new_id() if job_id is None else job_id,
         "priority": priority,
         "delay": delay,
         "max_attempts": max_attempts,
-        "run_at": unix_time(run_at),
+        "run_at": at,
     }
     return api.convert(fields, api.JobSpec)
 
