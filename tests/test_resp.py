@@ -689,12 +689,13 @@ BLPOP = hiredis.pack_command(("BLPOP", "q", "20"))
 
 
 async def pop_being_written(
-    start_broker: StartBroker, request: bytes = BLPOP
+    start_broker: StartBroker, request: bytes = BLPOP, **settings: Any
 ) -> tuple[Broker, FaultyStore, Raw]:
-    """A broker whose topic q holds job j1 ("x"), and a client whose `request`
-    (a BLPOP of q) is being written (held until store.gate is set)."""
+    """A broker (with `settings`) whose topic q holds job j1 ("x"), and a
+    client whose `request` (a BLPOP of q) is being written (held until
+    store.gate is set)."""
     store = FaultyStore(MemStore())
-    broker = await start_broker(store, redis_addr="127.0.0.1:0")
+    broker = await start_broker(store, redis_addr="127.0.0.1:0", **settings)
     async with aiohttp.ClientSession() as session:
         code, _ = await Http(session, broker.url).call(
             "POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"}
@@ -745,6 +746,26 @@ async def test_a_client_that_leaves_while_its_pop_commits_loses_no_job(
         await staying.aclose()
 
 
+async def give_back_failing(
+    start_broker: StartBroker, caplog: pytest.LogCaptureFixture, logged: str
+) -> tuple[Broker, FaultyStore]:
+    """A broker whose client left as its LPOP of job j1 (topic q) landed, its
+    store failing every write since, past a commit's budget (0.5 s): the
+    give-back has failed (it logged `logged`). Clearing store.faults brings
+    the store back."""
+    broker, store, client = await pop_being_written(
+        start_broker, hiredis.pack_command(("LPOP", "q")), commit_budget=0.5
+    )
+    [conn] = broker.redis.connections if broker.redis else []
+    await client.close()
+    await conn.hangup.wait()  # the broker saw the client go, the pop in flight
+    store.faults = ["ok"] + ["fail"] * 100_000  # the pop lands, then every write fails
+    with caplog.at_level(logging.WARNING, "simplequeue.broker.resp.connection"):
+        store.gate.set()
+        await until(lambda: logged in caplog.text)
+    return broker, store
+
+
 async def test_a_pop_whose_give_back_fails_past_a_commits_budget_is_given_back_later(
     start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -753,27 +774,28 @@ async def test_a_pop_whose_give_back_fails_past_a_commits_budget_is_given_back_l
     stayed done for nobody (review of the RESP face, round 35). It is tried
     again while the pop's record is kept, and lands once the store is back."""
     monkeypatch.setattr(connection, "UNPOP_RETRY_FIRST", 0.05)
-    store = FaultyStore(MemStore())
-    broker = await start_broker(store, redis_addr="127.0.0.1:0", commit_budget=0.5)
+    broker, store = await give_back_failing(start_broker, caplog, "a pop of q")
+    store.faults = []  # the store is back
     async with aiohttp.ClientSession() as session:
         http = Http(session, broker.url)
-        code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
-        assert code == 201
-        store.gate = asyncio.Event()
-        store.put_started.clear()
-        client = await Raw.open(port_of(broker))
-        await client.write(hiredis.pack_command(("LPOP", "q")))
-        await store.put_started.wait()
-        [conn] = broker.redis.connections if broker.redis else []
-        await client.close()
-        await conn.hangup.wait()  # the broker saw the client go, the pop in flight
-        store.faults = ["ok"] + ["fail"] * 100_000  # the pop lands, then every write fails
-        with caplog.at_level(logging.WARNING, "simplequeue.broker.resp.connection"):
-            store.gate.set()
-            await until(lambda: "a pop of q" in caplog.text)  # its give-back failed
-        store.faults = []  # the store is back
         await pending_again(http, "q")
         assert (await http.job("q", "j1"))["status"] == "pending"
+
+
+def unpops_failing(monkeypatch: pytest.MonkeyPatch, owner: Broker) -> list[float]:
+    """`owner`'s unpops fail (its store down) until the monotonic time its
+    one item says (none to begin with): set it to start the outage."""
+    down_until = [0.0]
+    real_unpop = owner.engine.unpop
+
+    async def unpop(*args: Any, **kwargs: Any) -> int:
+        if time.monotonic() < down_until[0]:
+            raise StoreUnavailable("injected: the store is down")
+        given_back: int = await real_unpop(*args, **kwargs)
+        return given_back
+
+    monkeypatch.setattr(owner.engine, "unpop", unpop)
+    return down_until
 
 
 async def test_a_pop_passed_on_whose_give_back_fails_at_the_owner_is_given_back_later(
@@ -791,16 +813,7 @@ async def test_a_pop_passed_on_whose_give_back_fails_at_the_owner_is_given_back_
     monkeypatch.setattr(forwarding, "UNDO_PAUSE", 0.05)
     brokers = await cluster(start_broker, MemStore(), 2, redis_addr="127.0.0.1:0")
     owner, other = owner_and_other(brokers, "t")
-    down_until = [0.0]
-    real_unpop = owner.engine.unpop
-
-    async def unpop(*args: Any, **kwargs: Any) -> int:
-        if time.monotonic() < down_until[0]:  # the owner's store is down
-            raise StoreUnavailable("injected: the store is down")
-        given_back: int = await real_unpop(*args, **kwargs)
-        return given_back
-
-    monkeypatch.setattr(owner.engine, "unpop", unpop)
+    down_until = unpops_failing(monkeypatch, owner)
     assert other.redis is not None
     real_pop = other.redis.engine.pop
 
@@ -837,26 +850,9 @@ async def test_a_give_back_of_a_connection_gone_before_the_stop_ends_with_the_st
     The server's own flag ends them all."""
     monkeypatch.setattr(connection, "UNPOP_RETRY_FIRST", 0.05)
     monkeypatch.setattr(connection, "UNPOP_RETRY_MAX", 0.2)
-    store = FaultyStore(MemStore())
-    broker = await start_broker(store, redis_addr="127.0.0.1:0", commit_budget=0.5)
-    async with aiohttp.ClientSession() as session:
-        http = Http(session, broker.url)
-        code, _ = await http.call("POST", "/topics/q/enqueue", {"payload": "x", "id": "j1"})
-        assert code == 201
-        store.gate = asyncio.Event()
-        store.put_started.clear()
-        client = await Raw.open(port_of(broker))
-        await client.write(hiredis.pack_command(("LPOP", "q")))
-        await store.put_started.wait()
-        [conn] = broker.redis.connections if broker.redis else []
-        await client.close()
-        await conn.hangup.wait()
-        store.faults = ["ok"] + ["fail"] * 100_000  # the pop lands, then every write fails
-        with caplog.at_level(logging.WARNING, "simplequeue.broker.resp.connection"):
-            store.gate.set()
-            await until(lambda: "could not be given back yet" in caplog.text)
-        await until(lambda: broker.redis is not None and not broker.redis.connections)
-        [giving_back] = _give_backs()  # its connection ended; its give-back goes on
+    broker, _ = await give_back_failing(start_broker, caplog, "could not be given back yet")
+    await until(lambda: broker.redis is not None and not broker.redis.connections)
+    [giving_back] = _give_backs()  # its connection ended; its give-back goes on
     await broker.stop()
     try:
         await asyncio.wait_for(asyncio.shield(giving_back), 5)
@@ -880,14 +876,8 @@ async def test_a_pop_whose_answer_the_owner_lost_is_undone_once_its_store_is_bac
         start_broker, MemStore(), 2, redis_addr="127.0.0.1:0", forward_timeout=0.5
     )
     owner, other = owner_and_other(brokers, "t")
-    down_until = [0.0]
-    real_unpop, real_pop = owner.engine.unpop, owner.engine.pop
-
-    async def unpop(*args: Any, **kwargs: Any) -> int:
-        if time.monotonic() < down_until[0]:  # the owner's store is down
-            raise StoreUnavailable("injected: the store is down")
-        given_back: int = await real_unpop(*args, **kwargs)
-        return given_back
+    down_until = unpops_failing(monkeypatch, owner)
+    real_pop = owner.engine.pop
 
     async def pop(*args: Any, **kwargs: Any) -> Any:
         popped = await real_pop(*args, **kwargs)
@@ -895,7 +885,6 @@ async def test_a_pop_whose_answer_the_owner_lost_is_undone_once_its_store_is_bac
         await asyncio.sleep(1.0)  # answered past forward_timeout: the answer is lost
         return popped
 
-    monkeypatch.setattr(owner.engine, "unpop", unpop)
     monkeypatch.setattr(owner.engine, "pop", pop)
     async with aiohttp.ClientSession() as session:
         http = Http(session, owner.url)
