@@ -15,9 +15,9 @@ import math
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import orjson
 
@@ -234,15 +234,19 @@ class TopicOps(Protocol):
 CLAIM_ATTEMPTS_KEPT = 50_000
 
 
+T = TypeVar("T")
+
 # Every topic's counts by name, and the error of each that cannot be read.
 _Listing = tuple[dict[str, dict[str, int]], dict[str, str]]
 
 
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    """A shared task's failure retrieved: no "never retrieved" when its callers
-    all went away."""
-    if not task.cancelled():
-        task.exception()
+def _shared(work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """`work` in a task its callers share (each awaits it shielded), its
+    failure retrieved once it ends: no "never retrieved" when they all went
+    away."""
+    task = asyncio.create_task(work)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
 
 
 # Topics whose /metrics figures are kept once they leave memory, at most
@@ -902,12 +906,11 @@ class Engine:
         one. It runs on when its callers go (a client that left)."""
         running = self._listing
         if running is None or running.done():
-            listing = self._listing = asyncio.create_task(self._list_topics())
+            listing = self._listing = _shared(self._list_topics())
         else:
             if self._next_listing is None:
-                self._next_listing = asyncio.create_task(self._list_after(running))
+                self._next_listing = _shared(self._list_after(running))
             listing = self._next_listing
-        listing.add_done_callback(_retrieved)
         counts, errors = await asyncio.shield(listing)
         return dict(counts), dict(errors)
 
