@@ -700,12 +700,9 @@ async def _routed(call: Call, services: HttpServices) -> web.StreamResponse:
     elif name == "pop":
         popping = api.decode(body, api.ClaimRequest)
         wait = popping.wait
-        named = _name_of(popping, popping.worker_id)
-        undo, body = _named(call, popping, popping.worker_id)
+        undo, named, body = _named(call, popping, popping.worker_id)
     elif name == "complete":
-        completing = api.decode(body, api.CompleteRequest)
-        named = _name_of(completing, None)
-        undo, body = _named(call, completing, None)
+        undo, named, body = _named(call, api.decode(body, api.CompleteRequest), None)
     elif name == "unpop":
         named = api.decode(body, api.UnpopRequest)
     elif name == "job":
@@ -780,29 +777,21 @@ def _owned_here(call: Call, forwarder: Forwarder) -> bool:
     return membership.owns(call.topic)
 
 
-def _name_of(
-    request: api.ClaimRequest | api.CompleteRequest, worker_id: str | None
-) -> api.UnpopRequest | None:
-    """The name a client gave a pop or complete (its attempt id), as its
-    unpop names it: its retries and unpop go where its first try went
-    (Forwarder.route's named)."""
-    if request.attempt_id is None:
-        return None
-    return api.UnpopRequest(request.attempt_id, worker_id)
-
-
 def _named(
     call: Call, request: api.ClaimRequest | api.CompleteRequest, worker_id: str | None
-) -> tuple[api.UnpopRequest | None, bytes]:
-    """A pop's or complete's undo, should its answer be lost, and its body as
-    passed on, named by the attempt id the undo names. One the client named
-    is its own to retry or undo: passed on as it came, with no undo."""
+) -> tuple[api.UnpopRequest | None, api.UnpopRequest | None, bytes]:
+    """A pop's or complete's undo, should its answer be lost, the name its
+    client gave it (its attempt id, as its unpop names it), and its body as
+    passed on. One the client named is its own to retry or undo: passed on
+    as it came, with no undo, and its retries and unpop go where its first
+    try went (Forwarder.route's `named`); one it did not is named here, by
+    the attempt id the undo names."""
     assert call.body is not None  # read by _routed
     if request.attempt_id is not None:
-        return None, call.body
+        return None, api.UnpopRequest(request.attempt_id, worker_id), call.body
     undo = api.UnpopRequest(api.new_id(), worker_id)
     call.body = msgspec.json.encode(msgspec.structs.replace(request, attempt_id=undo.attempt_id))
-    return undo, call.body
+    return undo, None, call.body
 
 
 def _attempted(call: Call, request: api.ClaimRequest) -> tuple[api.ClaimRequest, bytes]:
