@@ -155,7 +155,6 @@ class Connection:
     busy: bool = False  # a command is being executed
     watched: int = 0  # commands in flight watching for a hangup: keep reading
     blocking: int = 0  # ... of them blocking ones, which may wait for ever
-    stopping: bool = False  # the server is stopping: no command after this one
     # Set when the client leaves or the server stops: blocking commands give up.
     hangup: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when the client leaves: pops give up (a stop lets them finish).
@@ -169,6 +168,11 @@ class Connection:
     @property
     def id(self) -> int:
         return self.session.id
+
+    @property
+    def stopping(self) -> bool:
+        """The server is stopping: no command after this one."""
+        return self.server.stopping
 
     async def run(self) -> None:
         """Execute requests in order until the client leaves or sends garbage, or a
@@ -341,9 +345,7 @@ class Connection:
                 # Not once the server is stopping (its committer refuses all),
                 # whether this connection was still open then or not.
                 retry=retry_if_exception(
-                    lambda exc: (
-                        isinstance(exc, StoreUnavailable | Contended) and not self.server.stopping
-                    )
+                    lambda exc: isinstance(exc, StoreUnavailable | Contended) and not self.stopping
                 ),
                 stop=stop_after_delay(api.CLAIM_ATTEMPTS_KEPT_S),
                 wait=wait_random_exponential(multiplier=UNPOP_RETRY_FIRST, max=UNPOP_RETRY_MAX),
@@ -553,8 +555,9 @@ class RespServer:
         self.addr = ""
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], Connection] = {}
-        # The server stops (stop()): give-backs of connections gone before it
-        # (Connection._unpop) are tried no more.
+        # The server stops (stop()): no command after the one each connection
+        # runs, and give-backs, of connections gone before it too
+        # (Connection._unpop), are tried no more.
         self.stopping = False
         self._ids = itertools.count(1)
         self._started = time.monotonic()
@@ -597,7 +600,6 @@ class RespServer:
             self._server.close()
         handlers = dict(self._connections)
         for task, conn in handlers.items():
-            conn.stopping = True
             conn.hangup.set()
             if not conn.busy:
                 task.cancel()
